@@ -1,0 +1,1 @@
+"""chibichat.data"""

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+
+from chibichat.cli import build_parser, main
+from chibichat.common import ChibiError, Home, atomic_directory, atomic_write_json, read_json
+
+
+def test_help_lists_registered_stages(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: chibichat")
+
+
+def test_every_registered_subcommand_has_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert capsys.readouterr().out.strip(), f"{name} --help printed nothing"
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "chibichat", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "chibichat" in r.stdout
+
+
+def test_home_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIBICHAT_HOME", str(tmp_path / "h"))
+    h = Home.resolve(None)
+    assert h.root == (tmp_path / "h").resolve()
+    assert h.checkpoints_dir("base", "d4") == h.root / "checkpoints" / "base" / "d4"
+    assert Home.resolve(str(tmp_path / "x")).root == (tmp_path / "x").resolve()
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final) as d:
+            (d / "a").write_text("half")
+            raise RuntimeError("crash")
+    assert not final.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(final) as d:
+        (d / "a").write_text("whole")
+    assert (final / "a").read_text() == "whole"
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    p = tmp_path / "meta.json"
+    with pytest.raises(ChibiError, match="not found"):
+        read_json(p, "checkpoint metadata")
+    p.write_text("{not json")
+    with pytest.raises(ChibiError, match="corrupt.*meta.json"):
+        read_json(p, "checkpoint metadata")
+    atomic_write_json(p, {"a": 1})
+    assert read_json(p, "x") == {"a": 1}
