@@ -1,0 +1,45 @@
+"""`chibichat bench <what>`: benchmarks, each in its own module under chibichat/bench/.
+
+A benchmark module exposes `HELP` (one line), `add_args(parser)` and `run(args) -> int`. To add one,
+append a (name, module) pair to BENCHES. A module that does not exist yet is simply not registered,
+so a half-written benchmark never breaks the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from chibichat.common import add_home_arg
+
+BENCHES = [
+    ("tokenizer", "chibichat.bench.tokenizer"),
+]
+
+
+def _available():
+    for name, modname in BENCHES:
+        try:
+            yield name, importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:  # a real missing dependency inside an existing module must surface
+                raise
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks (tokenizer, ...): speed and quality figures measured side by side",
+        description="Run a benchmark. Timings on a shared machine are noisy: compare figures from one run.",
+    )
+    benches = p.add_subparsers(dest="bench", metavar="<benchmark>")
+    for name, mod in _available():
+        bp = benches.add_parser(name, help=mod.HELP, description=mod.HELP)
+        add_home_arg(bp)
+        mod.add_args(bp)
+        bp.set_defaults(func=mod.run)
+    p.set_defaults(func=lambda args: _no_bench(p))
+
+
+def _no_bench(parser) -> int:
+    parser.print_help()
+    return 2

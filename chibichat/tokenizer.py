@@ -1,0 +1,286 @@
+"""Byte-level BPE tokenizer: trained with rustbpe, run with tiktoken, saved without pickle.
+
+Layout of ids: 0..255 are the raw bytes, then the learned merges in the order they were learned,
+then the 9 special tokens (ids V-9..V-1). Ordinary text is encoded with tiktoken's
+`encode_ordinary`, so a document that literally contains "<|bos|>" is encoded as the bytes of
+that string and can never smuggle a special token into a training row.
+
+Two pre-split patterns are available (`split`):
+  gpt4  GPT-4's cl100k pattern with nanochat's digit rule (runs of 1-2 digits, which nanochat
+        measured as the best of 1/2/3).
+  ja    the same, but Han, Hiragana and Katakana(+ー) runs are separate, capped alternatives. Under
+        the gpt4 pattern a Japanese clause is one `\\p{L}+` chunk (mean ~16 bytes, often >100), and
+        long unique chunks are what make BPE training slow and memory-hungry on Japanese.
+        Breaking at script changes gives chunks close to morphemes; the caps bound the worst case.
+        Caps were picked by measurement (`chibichat bench tokenizer`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from chibichat.common import ChibiError, atomic_directory, atomic_write_bytes, read_json
+
+SPECIAL_TOKENS = [
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+]
+
+# The smallest vocabulary that still holds every byte and every special token.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+FORMAT = "chibichat-tokenizer-v1"
+META_FILE = "tokenizer.json"
+RANKS_FILE = "tokenizer.tiktoken"
+
+# Pieces of the GPT-4 pattern. LETTERS is parameterised so the Japanese variant can exclude
+# Japanese scripts from the generic letter run (otherwise `\p{L}+` would swallow them first).
+_CONTRACTIONS = r"(?i:[sdmt]|ll|ve|re)"
+_DIGITS = r"\p{N}{1,2}"
+_PUNCT = r" ?[^\s\p{L}\p{N}]++[\r\n]*"
+_SPACES = r"\s*[\r\n]|\s+(?!\S)|\s+"
+
+GPT4_PATTERN = "|".join(
+    [_CONTRACTIONS, r"[^\r\n\p{L}\p{N}]?+\p{L}+", _DIGITS, _PUNCT, _SPACES]
+)
+
+# Letters that are not Japanese script: "a letter, and not Han/Hiragana/Katakana".
+_NON_JA_LETTER = r"[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}]"
+# Japanese runs. 々 and 〆 are Han-ish iteration/abbreviation marks; ー (U+30FC, script Common)
+# lengthens katakana words, so it belongs to katakana runs.
+JA_RUN_CAP = 6
+_JA_RUNS = [
+    r"[\p{Han}々〆]{1,%d}" % JA_RUN_CAP,
+    r"\p{Hiragana}{1,%d}" % JA_RUN_CAP,
+    r"[\p{Katakana}ー]{1,%d}" % JA_RUN_CAP,
+]
+JA_PATTERN = "|".join(
+    [_CONTRACTIONS, r"[^\r\n\p{L}\p{N}]?+" + _NON_JA_LETTER + "+", *_JA_RUNS, _DIGITS, _PUNCT, _SPACES]
+)
+
+SPLIT_PATTERNS = {"gpt4": GPT4_PATTERN, "ja": JA_PATTERN}
+
+
+def _ranks_hash(pattern: str, ranks: list[bytes], specials: dict[str, int]) -> str:
+    """sha256 over everything that decides which ids a text gets: pattern, merges, specials."""
+    h = hashlib.sha256()
+    h.update(pattern.encode("utf-8") + b"\n")
+    for token in ranks:
+        h.update(base64.b64encode(token) + b"\n")
+    for name, i in specials.items():
+        h.update(f"{name} {i}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """A trained tokenizer. Build with `train_tokenizer` or `Tokenizer.load`."""
+
+    def __init__(self, ranks: list[bytes], split: str, pattern: str | None = None):
+        """`ranks[i]` is the byte string of token id i (i < number of merges + 256)."""
+        import tiktoken
+
+        if split not in SPLIT_PATTERNS:
+            raise ChibiError(f"unknown tokenizer split {split!r}; choose one of {sorted(SPLIT_PATTERNS)}")
+        self.split = split
+        self.pattern = SPLIT_PATTERNS[split] if pattern is None else pattern
+        self._ranks = list(ranks)
+        n = len(self._ranks)
+        self.vocab_size = n + len(SPECIAL_TOKENS)
+        self._specials = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        try:
+            self._enc = tiktoken.Encoding(
+                name=f"chibichat-{split}-{self.vocab_size}",
+                pat_str=self.pattern,
+                mergeable_ranks={tok: i for i, tok in enumerate(self._ranks)},
+                special_tokens=self._specials,
+            )
+        except ValueError as e:  # tiktoken rejects a bad regex or duplicate ranks
+            raise ChibiError(f"tokenizer cannot be built: {e}. Retrain it with `chibichat tokenizer train`.") from None
+        self.bos_id = self._specials["<|bos|>"]
+        self.hash = _ranks_hash(self.pattern, self._ranks, self._specials)
+
+    # -- ids ---------------------------------------------------------------------------------
+
+    def special_id(self, name: str) -> int:
+        try:
+            return self._specials[name]
+        except KeyError:
+            raise ChibiError(f"{name!r} is not a special token; the specials are {SPECIAL_TOKENS}") from None
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._specials.values())
+
+    def is_special(self, i: int) -> bool:
+        return i >= len(self._ranks)
+
+    def encode(self, text: str) -> list[int]:
+        """Ordinary text to ids. Special-token strings in `text` are encoded as plain bytes."""
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 4) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        """Ids to text; a byte sequence that is not valid UTF-8 becomes U+FFFD (never an exception)."""
+        return self._enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids) -> bytes:
+        """Ids to raw bytes: a streamer can hold back an incomplete UTF-8 tail."""
+        return self._enc.decode_bytes(list(ids))
+
+    def id_to_bytes(self, i: int) -> bytes:
+        return self._enc.decode_single_token_bytes(i)
+
+    def token_byte_lengths(self) -> list[int]:
+        """Byte length of every id, counted from the raw token bytes; 0 for specials (bpb skips them)."""
+        return [len(t) for t in self._ranks] + [0] * len(SPECIAL_TOKENS)
+
+    def token_bytes(self):
+        """int32 tensor (V,) of `token_byte_lengths()`, the denominator of bits-per-byte."""
+        import torch
+
+        return torch.tensor(self.token_byte_lengths(), dtype=torch.int32)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        return {
+            "format": FORMAT,
+            "split": self.split,
+            "pattern": self.pattern,
+            "vocab_size": self.vocab_size,
+            "num_merges": len(self._ranks) - 256,
+            "specials": dict(self._specials),
+            "hash": self.hash,
+        }
+
+    def save(self, directory) -> None:
+        """Write tokenizer.json + tokenizer.tiktoken as one atomic directory replacement.
+
+        Replacing the directory as a whole also discards files that described an older tokenizer
+        (e.g. its eval.json), which would otherwise sit beside a tokenizer they do not describe.
+        """
+        import json
+
+        lines = b"".join(base64.b64encode(tok) + b" %d\n" % i for i, tok in enumerate(self._ranks))
+        with atomic_directory(directory) as tmp:
+            atomic_write_bytes(Path(tmp) / RANKS_FILE, lines)
+            atomic_write_bytes(
+                Path(tmp) / META_FILE, (json.dumps(self.meta(), indent=2, ensure_ascii=False) + "\n").encode()
+            )
+
+    @classmethod
+    def load(cls, directory) -> "Tokenizer":
+        directory = Path(directory)
+        fix = "Re-create it with `chibichat tokenizer train`."
+        if not directory.is_dir():
+            raise ChibiError(f"no tokenizer at {directory}. Train one with `chibichat tokenizer train`.")
+        meta = read_json(directory / META_FILE, "tokenizer metadata")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ChibiError(f"{directory / META_FILE} is not a {FORMAT} file. {fix}")
+        for key, typ in (("split", str), ("pattern", str), ("vocab_size", int), ("specials", dict), ("hash", str)):
+            if not isinstance(meta.get(key), typ):
+                raise ChibiError(f"{directory / META_FILE}: field {key!r} missing or not a {typ.__name__}. {fix}")
+        ranks = _read_ranks(directory / RANKS_FILE, fix)
+        if meta["vocab_size"] != len(ranks) + len(SPECIAL_TOKENS):
+            raise ChibiError(
+                f"{directory}: tokenizer.json says vocab_size {meta['vocab_size']} but tokenizer.tiktoken holds "
+                f"{len(ranks)} tokens + {len(SPECIAL_TOKENS)} specials. The two files do not belong together. {fix}"
+            )
+        expected_specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        if meta["specials"] != expected_specials:
+            raise ChibiError(f"{directory / META_FILE}: special tokens do not match {SPECIAL_TOKENS} at ids V-9..V-1. {fix}")
+        tok = cls(ranks, split=meta["split"], pattern=meta["pattern"])
+        if tok.hash != meta["hash"]:
+            raise ChibiError(f"{directory}: tokenizer hash mismatch (files edited or mixed from two runs). {fix}")
+        return tok
+
+
+def _read_ranks(path: Path, fix: str) -> list[bytes]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ChibiError(f"tokenizer ranks not found: {path}. {fix}") from None
+    ranks: list[bytes] = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError("expected '<base64 token> <rank>'")
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except ValueError as e:
+            raise ChibiError(f"{path} line {lineno} is corrupt ({e}). {fix}") from None
+        if rank != len(ranks):
+            raise ChibiError(f"{path} line {lineno}: rank {rank}, expected {len(ranks)} (ranks must be 0,1,2,...). {fix}")
+        ranks.append(token)
+    if sorted(ranks[:256]) != [bytes([b]) for b in range(256)]:
+        raise ChibiError(f"{path}: the first 256 ranks must be the 256 single bytes. {fix}")
+    if len(set(ranks)) != len(ranks):
+        raise ChibiError(f"{path}: duplicate tokens. {fix}")
+    return ranks
+
+
+class _Counted:
+    """Iterator wrapper that counts documents and characters, and rejects non-strings loudly."""
+
+    def __init__(self, texts: Iterable[str]):
+        self._it = iter(texts)
+        self.docs = 0
+        self.chars = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        text = next(self._it)
+        if not isinstance(text, str):
+            raise ChibiError(f"tokenizer training text #{self.docs} is a {type(text).__name__}, not a str")
+        self.docs += 1
+        self.chars += len(text)
+        return text
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") -> Tokenizer:
+    """Learn `vocab_size - 256 - 9` merges from `texts` with rustbpe and return the tokenizer.
+
+    Raises ChibiError for a vocabulary too small to hold bytes + specials, an unknown split, an
+    empty corpus, or a corpus too small to yield the requested number of merges (rustbpe would
+    silently stop early, leaving a smaller vocabulary than the model was sized for).
+    """
+    import rustbpe
+
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ChibiError(
+            f"vocab size {vocab_size} is too small: it must hold 256 bytes + {len(SPECIAL_TOKENS)} special "
+            f"tokens, i.e. be at least {MIN_VOCAB_SIZE} (8192 or more is typical)"
+        )
+    if split not in SPLIT_PATTERNS:
+        raise ChibiError(f"unknown tokenizer split {split!r}; choose one of {sorted(SPLIT_PATTERNS)}")
+    counted = _Counted(texts)
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(counted, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERNS[split])
+    if counted.chars == 0:
+        raise ChibiError(
+            f"tokenizer training text is empty ({counted.docs} documents, 0 characters); "
+            "check the corpus (`chibichat data list`) or --max-chars"
+        )
+    by_rank = sorted(trainer.get_mergeable_ranks(), key=lambda kv: kv[1])
+    ranks = [bytes(tok) for tok, _ in by_rank]
+    want = vocab_size - len(SPECIAL_TOKENS)
+    if len(ranks) != want:
+        raise ChibiError(
+            f"the training text ({counted.chars:,} chars) only supports {len(ranks) - 256} merges but vocab size "
+            f"{vocab_size} needs {want - 256}; give more text (--max-chars) or a smaller --vocab-size"
+        )
+    return Tokenizer(ranks, split=split)
