@@ -1,0 +1,235 @@
+"""Corpus registry, shard reading and bad inputs (no network, no build)."""
+
+import json
+import lzma
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from chibichat.common import ChibiError, Home
+from chibichat.data import corpora
+from chibichat.data.corpora import (
+    DOC_MAX_CHARS,
+    EmbeddedCorpus,
+    get_corpus,
+    list_corpora,
+    pack_paragraphs,
+    split_paragraphs,
+)
+
+
+def write_parquet(path, texts, row_group_size, column="text"):
+    pq.write_table(pa.table({column: texts}), path, row_group_size=row_group_size)
+
+
+def all_docs(shards):
+    return [d for s in shards for g in range(s.num_groups()) for d in s.read_group(g)]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_names_and_unknown_name():
+    names = [c.name for c in list_corpora()]
+    assert names == ["embedded-en", "embedded-ja", "fineweb-edu", "climbmix", "abeja-ja"]
+    for c in list_corpora():
+        assert c.lang in ("en", "ja", "mixed") and c.description and c.source and c.licence
+    with pytest.raises(ChibiError) as e:
+        get_corpus("fineweb")
+    for n in names:
+        assert n in str(e.value)
+    assert "local:" in str(e.value)
+    with pytest.raises(ChibiError, match="folder"):
+        get_corpus("local:")
+
+
+def test_online_urls_and_pinned_val(monkeypatch):
+    fw = get_corpus("fineweb-edu")
+    monkeypatch.delenv(corpora.HF_ENDPOINT_ENV, raising=False)
+    assert fw.online.url(7) == "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00007.parquet"
+    cm = get_corpus("climbmix")
+    assert cm.online.val_shard == 6542 and cm.online.num_shards == 6543
+    ja = get_corpus("abeja-ja")
+    assert ja.online.url(3, "http://127.0.0.1:9/") == (
+        "http://127.0.0.1:9/datasets/kajuma/ABEJA-CC-JA-edu/resolve/main/10%25/train-00003-of-00378.parquet"
+    )
+    assert ja.online.filename(3) == "train-00003-of-00378.parquet"
+    monkeypatch.setenv(corpora.HF_ENDPOINT_ENV, "http://127.0.0.1:1234")
+    assert fw.online.url(0).startswith("http://127.0.0.1:1234/datasets/")
+    with pytest.raises(ChibiError, match="http"):
+        fw.online.url(0, "ftp://x")
+
+
+def test_online_corpus_reads_downloaded_shards(tmp_path):
+    home = Home(tmp_path)
+    fw = get_corpus("fineweb-edu")
+    with pytest.raises(ChibiError, match="data download fineweb-edu"):
+        fw.shards("train", home)
+    d = fw.data_dir(home)
+    d.mkdir(parents=True)
+    write_parquet(d / "shard_00000.parquet", [f"doc {i}" for i in range(10)], 4)
+    write_parquet(d / "shard_01822.parquet", ["val a", "val b"], 4)
+    (d / "shard_00001.parquet.part").write_bytes(b"half")  # unfinished download: ignored
+    train = fw.shards("train", home)
+    assert [s.name for s in train] == ["fineweb-edu/shard_00000.parquet"]
+    assert train[0].num_groups() == 3
+    assert train[0].read_group(2) == ["doc 8", "doc 9"]
+    assert all_docs(fw.shards("val", home)) == ["val a", "val b"]
+    st = fw.status(home)
+    assert st["train_shards"] == 1 and st["val_shard"] is True and st["bytes"] > 0
+    with pytest.raises(ChibiError, match="split"):
+        fw.shards("test", home)
+
+
+# ---------------------------------------------------------------------------------------------- text helpers
+
+
+def test_paragraph_packing_never_cuts():
+    text = "a b\nc\n\n\n" + "x" * 50 + "\n\n" + "y" * 30 + "\n   \n" + "z" * 120
+    paras = split_paragraphs(text)
+    assert paras == ["a b\nc", "x" * 50, "y" * 30, "z" * 120]
+    docs = pack_paragraphs(paras, max_chars=80)
+    assert docs == ["a b\nc\n\n" + "x" * 50, "y" * 30, "z" * 120]  # 5+2+50=57; +2+30 > 80; 120 > 80 stays whole
+    assert pack_paragraphs([], 10) == []
+
+
+# ---------------------------------------------------------------------------------------------- local corpora
+
+
+def test_local_corpus_mixed_files_last_is_val(tmp_path):
+    write_parquet(tmp_path / "a.parquet", [f"p{i}" for i in range(5)], 2)
+    (tmp_path / "b.jsonl").write_text('{"text": "j1"}\n\n{"text": "j2", "id": 3}\n', encoding="utf-8")
+    para = "word " * 100  # 500 chars
+    (tmp_path / "c.txt").write_text("\n\n".join([para.strip()] * 20), encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored")
+    c = get_corpus(f"local:{tmp_path}")
+    train = c.shards("train", None)
+    assert [s.name for s in train] == ["a.parquet", "b.jsonl"]
+    assert all_docs(train) == ["p0", "p1", "p2", "p3", "p4", "j1", "j2"]
+    assert train[0].num_groups() == 3
+    val = all_docs(c.shards("val", None))
+    assert all(len(d) <= DOC_MAX_CHARS for d in val)
+    assert "\n\n".join(val) == "\n\n".join([para.strip()] * 20)  # nothing lost
+    assert list(c.iter_documents("train", None)) == ["p0", "p1", "p2", "p3", "p4", "j1", "j2"]
+    # ranks stride over (shard, group): a.parquet has groups 0,1,2, b.jsonl group 3
+    assert list(c.iter_documents("train", None, rank=1, world_size=2)) == ["p2", "p3", "j1", "j2"]
+    st = c.status(None)
+    assert st["on_disk"] and st["train_files"] == 2 and st["val_files"] == 1
+
+
+def test_local_corpus_train_val_subfolders_and_groups(tmp_path):
+    (tmp_path / "train" / "deep").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    lines = [json.dumps({"text": f"d{i}"}) for i in range(corpora.GROUP_DOCS + 5)]
+    (tmp_path / "train" / "deep" / "x.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    (tmp_path / "val" / "v.txt").write_text("only val", encoding="utf-8")
+    c = get_corpus(f"local:{tmp_path}")
+    (s,) = c.shards("train", None)
+    assert s.name == "train/deep/x.jsonl"
+    assert s.num_groups() == 2 and len(s.read_group(0)) == corpora.GROUP_DOCS and s.read_group(1)[-1] == f"d{corpora.GROUP_DOCS + 4}"
+    with pytest.raises(ChibiError, match="out of range"):
+        s.read_group(2)
+    assert all_docs(c.shards("val", None)) == ["only val"]
+
+
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda d: None, "at least two"),
+        (lambda d: (d / "a.txt").write_text("x"), "at least two"),
+        (lambda d: [(d / n).write_bytes(b"") for n in ("a.txt", "b.txt")], "empty"),
+        (lambda d: [(d / n).write_text("\n \n\n") for n in ("a.txt", "b.txt")], "no documents"),
+        (lambda d: [(d / "train").mkdir(), (d / "val").mkdir(), (d / "train" / "a.txt").write_text("x")], "val has no"),
+    ],
+    ids=["empty-folder", "one-file", "empty-files", "blank-files", "empty-val-subfolder"],
+)
+def test_local_corpus_empty_inputs(tmp_path, setup, match):
+    setup(tmp_path)
+    c = get_corpus(f"local:{tmp_path}")
+    with pytest.raises(ChibiError, match=match):
+        all_docs(c.shards("train", None)) + all_docs(c.shards("val", None))
+
+
+def test_local_corpus_missing_folder(tmp_path):
+    with pytest.raises(ChibiError, match="does not exist"):
+        get_corpus(f"local:{tmp_path / 'nope'}").shards("train", None)
+    st = get_corpus(f"local:{tmp_path / 'nope'}").status(None)
+    assert st["on_disk"] is False
+
+
+def test_non_utf8_txt_names_file_and_offset(tmp_path):
+    (tmp_path / "a.txt").write_bytes("ok text\n".encode() + "日本".encode("shift_jis"))
+    (tmp_path / "b.txt").write_text("fine")
+    (s,) = get_corpus(f"local:{tmp_path}").shards("train", None)
+    with pytest.raises(ChibiError) as e:
+        s.num_groups()
+    assert str(tmp_path / "a.txt") in str(e.value) and "byte offset 8" in str(e.value)
+
+
+def test_bad_jsonl_lines(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": 5}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    (tmp_path / "c.jsonl").write_text('{"text": "v"}\n')
+    a, b = get_corpus(f"local:{tmp_path}").shards("train", None)
+    with pytest.raises(ChibiError, match=r"a\.jsonl:2 .*\"text\""):
+        a.read_group(0)
+    with pytest.raises(ChibiError, match=r"b\.jsonl:2 is not valid JSON"):
+        b.read_group(0)
+
+
+def test_corrupt_and_odd_parquet(tmp_path):
+    write_parquet(tmp_path / "good.parquet", ["a"] * 100, 10)
+    data = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "a_trunc.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "b_garbage.parquet").write_bytes(b"PAR1" + b"\x00" * 100)
+    write_parquet(tmp_path / "c_nocol.parquet", ["a"], 10, column="body")
+    pq.write_table(pa.table({"text": pa.array([1, 2], pa.int64())}), tmp_path / "d_ints.parquet")
+    shards = {s.name: s for s in get_corpus(f"local:{tmp_path}").shards("train", None)}
+    for name in ("a_trunc.parquet", "b_garbage.parquet"):
+        with pytest.raises(ChibiError) as e:
+            shards[name].num_groups()
+        assert str(tmp_path / name) in str(e.value) and "data download" in str(e.value)
+    with pytest.raises(ChibiError, match="no text column"):
+        shards["c_nocol.parquet"].num_groups()
+    with pytest.raises(ChibiError, match="not text"):
+        shards["d_ints.parquet"].read_group(0)
+
+
+def test_content_column_accepted(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["日本語の文書"], 10, column="content")
+    write_parquet(tmp_path / "b.parquet", ["v"], 10)
+    (s,) = get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert s.read_group(0) == ["日本語の文書"]
+
+
+# ---------------------------------------------------------------------------------------------- embedded format
+
+
+def make_embedded(root, train_docs, val_docs, group_docs=3):
+    root.mkdir(parents=True)
+    splits = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        name = f"{split}-000.jsonl.xz"
+        blob = lzma.compress("".join(json.dumps({"id": f"t/{i}", "text": d}) + "\n" for i, d in enumerate(docs)).encode())
+        (root / name).write_bytes(blob)
+        splits[split] = {"files": [{"name": name, "bytes": len(blob)}], "docs": len(docs), "chars": sum(map(len, docs))}
+    manifest = {"group_docs": group_docs, "split_rule": "test", "splits": splits}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_embedded_corpus_reader(tmp_path):
+    c = EmbeddedCorpus("embedded-x", "en", "d", "s", "l", root=tmp_path / "x")
+    with pytest.raises(ChibiError, match="data build"):
+        c.shards("train")
+    assert c.status()["on_disk"] is False
+    train = [f"doc {i}" for i in range(7)]
+    make_embedded(tmp_path / "x", train, ["v"])
+    (s,) = c.shards("train")
+    assert s.num_groups() == 3 and s.read_group(2) == ["doc 6"]
+    assert all_docs(c.shards("train")) == train
+    st = c.status()
+    assert st["train_docs"] == 7 and st["val_chars"] == 1
+    (tmp_path / "x" / "val-000.jsonl.xz").write_bytes(b"not xz")
+    with pytest.raises(ChibiError, match="corrupt"):
+        c.shards("val")[0].num_groups()
