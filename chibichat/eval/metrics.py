@@ -1,0 +1,131 @@
+"""The numbers every evaluation reports, written once and tested against hand-computed values.
+
+Pure Python on purpose: these run on a few thousand items at most, and keeping torch/numpy out
+makes them trivially checkable and importable anywhere (the report reads summaries with them too).
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections import Counter
+from typing import Sequence
+
+from chibichat.common import ChibiError
+
+
+def accuracy(correct: Sequence[bool | float]) -> float:
+    """Mean of per-item scores (bools count 1/0; floats such as pass@1 estimates are averaged)."""
+    if len(correct) == 0:
+        raise ChibiError("accuracy of zero items is undefined: the task produced no scorable items")
+    return sum(float(c) for c in correct) / len(correct)
+
+
+def centered(acc: float, baseline: float) -> float:
+    """Centered accuracy (acc - b) / (1 - b): 0 at chance, 1 at perfect, negative below chance.
+
+    This is how CORE and ChatCORE put tasks with different numbers of choices on one scale.
+    """
+    if not 0.0 <= baseline < 1.0:
+        raise ChibiError(f"random baseline must be in [0, 1), got {baseline}")
+    return (acc - baseline) / (1.0 - baseline)
+
+
+def _check_pair(x: Sequence[float], y: Sequence[float], what: str) -> None:
+    if len(x) != len(y):
+        raise ChibiError(f"{what}: the two series differ in length ({len(x)} vs {len(y)})")
+    if len(x) < 2:
+        raise ChibiError(f"{what} needs at least 2 items, got {len(x)}")
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation. NaN when either series is constant: correlation is then undefined
+    (a model that predicts one similarity for every pair), and reporting 0 would be a made-up value."""
+    _check_pair(x, y, "Pearson correlation")
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0.0 or syy == 0.0:
+        return math.nan
+    return sxy / math.sqrt(sxx * syy)
+
+
+def ranks(x: Sequence[float]) -> list[float]:
+    """1-based ranks with ties given the mean of the ranks they span (the standard for Spearman)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        mean_rank = (i + j) / 2.0 + 1.0
+        for k in range(i, j + 1):
+            r[order[k]] = mean_rank
+        i = j + 1
+    return r
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation = Pearson correlation of the (tie-averaged) ranks."""
+    _check_pair(x, y, "Spearman correlation")
+    return pearson(ranks(x), ranks(y))
+
+
+def normalize_answer_ja(text: str) -> str:
+    """JSQuAD answer normalisation: NFKC (full-width -> half-width, compatibility forms), then drop
+    every whitespace, punctuation and symbol character. Japanese has no word boundaries, so this is
+    the character-level analogue of SQuAD's lowercase/strip-articles/strip-punctuation."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch)[0] in "PSZ"))
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer."""
+    if not golds:
+        raise ChibiError("exact match needs at least one gold answer; the item has none")
+    p = normalize_answer_ja(prediction)
+    return float(any(p == normalize_answer_ja(g) for g in golds))
+
+
+def char_f1(prediction: str, golds: Sequence[str]) -> float:
+    """Character-level F1 (multiset overlap of normalised characters), max over gold answers."""
+    if not golds:
+        raise ChibiError("F1 needs at least one gold answer; the item has none")
+    p = normalize_answer_ja(prediction)
+    best = 0.0
+    for g in golds:
+        gn = normalize_answer_ja(g)
+        if not p or not gn:
+            best = max(best, float(p == gn))
+            continue
+        common = sum((Counter(p) & Counter(gn)).values())
+        if common == 0:
+            continue
+        precision, recall = common / len(p), common / len(gn)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), computed as a stable product."""
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ChibiError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def mean_finite(values: Sequence[float]) -> float:
+    """Mean that refuses NaN rather than propagating it silently into an aggregate."""
+    if not values:
+        raise ChibiError("mean of zero values is undefined")
+    if any(math.isnan(v) for v in values):
+        raise ChibiError("cannot average: one of the values is NaN (undefined metric)")
+    return sum(values) / len(values)
