@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from chibichat.cli import main
+from chibichat.common import ChibiError, Home
+from chibichat.stages.report import build_report
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _fake_home(root):
+    h = Home(root)
+    _write(h.tokenizer_dir / "tokenizer.json", {"vocab_size": 8192, "train_chars": 2000000, "chars_per_s": 1.5e6, "pattern": "x"})
+    for stage, bpb in [("base", 1.9), ("mid", 1.7), ("sft", 1.6), ("rl", 1.6)]:
+        d = h.checkpoints_dir(stage, "d4")
+        d.mkdir(parents=True)
+        rows = [{"step": i, "loss": 5.0 - i * 0.1, "lr": 1.0, "tok_per_s": 1000.0, "elapsed_s": i} for i in range(10)]
+        if stage == "rl":
+            for r in rows:
+                r["reward"] = 0.1 * r["step"]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{partial")
+        summary = {"steps": 10, "final_val_bpb": bpb}
+        if stage == "sft":
+            summary["render_counts"] = {"identity": {"ok": 90, "shortened": 7, "dropped": 3}}
+        _write(d / "summary.json", summary)
+        ev = {"val_bpb": bpb} if stage == "base" else {"arc_easy": 0.3, "gsm8k": 0.05, "chatcore": 0.1}
+        if stage == "base":
+            ev.update(core=0.12, core_label="CORE-lite")
+        _write(h.eval_dir(stage, "d4") / "summary.json", ev)
+    return h
+
+
+def test_report_has_every_section_table_and_plots(tmp_path):
+    h = _fake_home(tmp_path / "home")
+    path = build_report(h, wall_s=754.0)
+    text = path.read_text()
+    for title in ["Tokenizer training", "Base training", "Base evaluation", "Midtraining", "SFT", "RL",
+                  "Chat evaluation (SFT)", "Data counts", "Summary", "estimated cost", "12m34s"]:
+        assert title in text, title
+    # summary table: CORE-lite label and the base bpb in the BASE column
+    row = next(l for l in text.splitlines() if l.startswith("| CORE-lite"))
+    assert row.split("|")[2].strip() == "0.1200"
+    bpb = next(l for l in text.splitlines() if l.startswith("| val bpb"))
+    assert bpb.split("|")[2].strip() == "1.9000"
+    assert "| identity | 90 | 7 | 3 |" in text
+    for png in ["loss.png", "lr.png", "reward.png"]:
+        assert (h.report_dir / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({png})" in text
+
+
+def test_report_marks_missing_stages_not_run(tmp_path):
+    h = Home(tmp_path / "home")
+    (h.root / "checkpoints").mkdir(parents=True)
+    text = build_report(h).read_text()
+    assert text.count("not run") >= 8
+
+
+def test_report_missing_home_is_clear_error(tmp_path, capsys):
+    with pytest.raises(ChibiError, match="does not exist"):
+        build_report(Home(tmp_path / "nope"))
+    assert main(["report", "--home", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
