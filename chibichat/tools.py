@@ -1,0 +1,140 @@
+"""The calculator tool the model calls between <|python_start|> and <|python_end|>.
+
+Upstream evaluated the model's text with `eval` behind a character whitelist and a substring
+blacklist, which was escaped more than once (REFERENCE §13, §20 #10). Here the expression is parsed
+with `ast.parse(mode="eval")` and walked by a tiny interpreter that knows only a whitelist of node
+types: numbers, + - * / // % ** (bounded), unary +/-, parentheses, and the one string method form
+the letter-counting task uses, `"strawberry".count("r")`. Anything else -- names, calls, attributes,
+subscripts, lambdas, comprehensions -- raises ToolError before anything is evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+
+# Bounds that keep one tool call cheap whatever the model writes. They are about the tool, not the
+# model's context: the result is tokenized and forced into the context afterwards, and the engine
+# checks that fit against the row's remaining budget.
+MAX_EXPR_CHARS = 1000
+MAX_ABS_EXPONENT = 64  # x ** y with |y| > 64 is refused (2 ** 10**9 would hang the process)
+MAX_INT_DIGITS = 100  # results and intermediates with more digits are refused
+MAX_STR_CHARS = 1000  # string literals (the haystack of .count)
+
+
+class ToolError(ValueError):
+    """The expression is not something the calculator evaluates (or it overflows a bound)."""
+
+
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+def _check_number(x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ToolError(f"result {x!r} is not a number")
+    if isinstance(x, int) and x != 0 and math.log10(abs(x)) >= MAX_INT_DIGITS:
+        raise ToolError(f"integer result exceeds {MAX_INT_DIGITS} digits")
+    if isinstance(x, float) and not math.isfinite(x):
+        raise ToolError("result is not finite")
+    return x
+
+
+def _eval(node):
+    if isinstance(node, ast.Expression):
+        return _eval(node.body)
+    if isinstance(node, ast.Constant):
+        v = node.value
+        if isinstance(v, bool) or v is None or isinstance(v, (complex, bytes)):
+            raise ToolError(f"constant {v!r} is not allowed")
+        if isinstance(v, str):
+            if len(v) > MAX_STR_CHARS:
+                raise ToolError(f"string literal longer than {MAX_STR_CHARS} characters")
+            return v
+        return _check_number(v)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        operand = _eval(node.operand)
+        if isinstance(operand, str):
+            raise ToolError("unary operator on a string")
+        return _check_number(_UNARY[type(node.op)](operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(left, str) or isinstance(right, str):
+            raise ToolError("arithmetic on strings is not allowed")
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > MAX_ABS_EXPONENT:
+                raise ToolError(f"exponent {right!r} exceeds the bound {MAX_ABS_EXPONENT}")
+            if abs(left) >= 10 ** (MAX_INT_DIGITS // 4) and abs(right) > 4:
+                raise ToolError("power result would be too large")
+        try:
+            return _check_number(_BINOPS[type(node.op)](left, right))
+        except ZeroDivisionError:
+            raise ToolError("division by zero") from None
+        except OverflowError:
+            raise ToolError("numeric overflow") from None
+    if isinstance(node, ast.Call):
+        # Only the literal form "<string>".count("<string>") -- no names, no other methods.
+        f = node.func
+        if (
+            isinstance(f, ast.Attribute)
+            and f.attr == "count"
+            and isinstance(f.value, ast.Constant)
+            and isinstance(f.value.value, str)
+            and len(node.args) == 1
+            and not node.keywords
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            hay, needle = _eval(f.value), _eval(node.args[0])
+            if needle == "":
+                raise ToolError('.count("") is not meaningful')
+            return hay.count(needle)
+        raise ToolError("only the form \"text\".count(\"x\") may be called")
+    raise ToolError(f"{type(node).__name__} is not allowed in a calculator expression")
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(round(value, 10))
+    return str(value)
+
+
+def calculate(expr: str) -> str:
+    """Evaluate a calculator expression and return its result as text.
+
+    Thousands separators ("1,234") are stripped as upstream did, because models write them; a comma
+    inside a string literal is kept. Raises ToolError on anything outside the whitelist.
+    """
+    if not isinstance(expr, str):
+        raise ToolError("expression must be a string")
+    if len(expr) > MAX_EXPR_CHARS:
+        raise ToolError(f"expression longer than {MAX_EXPR_CHARS} characters")
+    if '"' not in expr and "'" not in expr:
+        expr = expr.replace(",", "")
+    expr = expr.strip()
+    if not expr:
+        raise ToolError("empty expression")
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+        raise ToolError(f"not a valid expression: {e}") from None
+    except (RecursionError, MemoryError):
+        raise ToolError("expression is nested too deeply") from None
+    try:
+        value = _eval(tree)
+    except RecursionError:
+        raise ToolError("expression is nested too deeply") from None
+    if isinstance(value, str):
+        raise ToolError("result is a string, not a number")
+    return _format(value)
