@@ -1,0 +1,165 @@
+import base64
+import json
+
+import pytest
+
+from chibichat.common import ChibiError
+from chibichat.tokenizer import (
+    GPT4_PATTERN,
+    JA_PATTERN,
+    JA_RUN_CAP,
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    train_tokenizer,
+)
+
+EN = "The quick brown fox jumps over the lazy dog. It's 2025 and we've 12345 tokens!\n"
+JA = "東京都に住んでいる私は、毎朝コーヒーを飲みながらニュースを読みます。「ゲーム」が好きです！\n"
+MIXED = "emoji 🎉👩‍👩‍👧 and 日本語のテキスト, tabs\tand  spaces, ünïcödé 𝔘\n"
+
+
+def corpus(n=60):
+    """Varied text: Python's own help topics (English), the shipped Japanese sample, and the strings above."""
+    from importlib.resources import files
+
+    import pydoc_data.topics
+
+    english = sorted(pydoc_data.topics.topics.values())
+    japanese = (files("chibichat.data.assets") / "tokenizer_eval" / "ja_prose.txt").read_text("utf-8").split("\n\n")
+    docs = [english[i % len(english)][:1500] + japanese[i % len(japanese)] for i in range(n)]
+    return docs + [EN + JA + MIXED]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(corpus(), vocab_size=700, split="ja")
+
+
+def test_vocab_layout_and_specials_at_the_end(tok):
+    assert tok.vocab_size == 700
+    ids = [tok.special_id(s) for s in SPECIAL_TOKENS]
+    assert ids == list(range(700 - 9, 700))
+    assert tok.bos_id == 691
+    with pytest.raises(ChibiError, match="not a special token"):
+        tok.special_id("<|eos|>")
+
+
+def test_special_strings_in_text_are_ordinary_bytes(tok):
+    text = "<|bos|>hi<|assistant_end|><|user_start|>"
+    ids = tok.encode(text)
+    assert not set(ids) & {tok.special_id(s) for s in SPECIAL_TOKENS}
+    assert tok.decode(ids) == text
+    assert all(not set(row) & tok.special_ids for row in tok.encode_batch([text, text * 2]))
+
+
+@pytest.mark.parametrize("text", [EN, JA, MIXED, "🎉" * 7, "", "\n\n  \t", EN + JA + MIXED])
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode_bytes(tok.encode(text)) == text.encode("utf-8")
+
+
+def test_token_bytes_sum_to_utf8_length(tok):
+    tb = tok.token_bytes()
+    assert tb.dtype.is_floating_point is False and tb.shape == (700,)
+    assert tb[-9:].tolist() == [0] * 9 and int(tb[:256].min()) == 1
+    for text in (EN, JA, MIXED):
+        ids = tok.encode(text)
+        assert int(tb[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_ja_split_merges_stay_within_one_script(tok):
+    import regex
+
+    # frequent kana became whole-character tokens ...
+    for ch in "のはをに":
+        assert len(tok.encode(ch)) == 1, ch
+    # ... and no learned token spans a Han/Hiragana boundary (the ja split forbids it)
+    pieces = [tok.id_to_bytes(i).decode("utf-8", "ignore") for i in range(256, tok.vocab_size - 9)]
+    assert any(regex.fullmatch(r"\p{Hiragana}{2,}", p) for p in pieces)
+    assert not any(regex.search(r"\p{Han}\p{Hiragana}|\p{Hiragana}\p{Han}", p) for p in pieces)
+
+
+def test_ja_split_breaks_at_scripts_and_caps_runs():
+    import regex
+
+    chunks = regex.findall(JA_PATTERN, "東京都に住んでいるコーヒー" + "漢" * 20 + "abcの")
+    assert chunks[:4] == ["東京都", "に", "住", "んでいる"]
+    assert "コーヒー" in chunks
+    assert max(len(c) for c in chunks) <= max(JA_RUN_CAP, 4)
+    assert "abc" in chunks  # latin letters are not glued to the following kana
+    # gpt4 leaves the whole clause in one chunk: the problem the ja split fixes
+    assert regex.findall(GPT4_PATTERN, "東京都に住んでいる")[0] == "東京都に住んでいる"
+    # nanochat digit rule: runs of at most 2 digits, in both patterns
+    for pat in (GPT4_PATTERN, JA_PATTERN):
+        assert regex.findall(pat, "12345") == ["12", "34", "5"]
+
+
+def test_save_load_identical(tok, tmp_path):
+    d = tmp_path / "tok"
+    tok.save(d)
+    assert sorted(p.name for p in d.iterdir()) == ["tokenizer.json", "tokenizer.tiktoken"]
+    meta = json.loads((d / "tokenizer.json").read_text())
+    assert meta["vocab_size"] == 700 and meta["split"] == "ja" and meta["hash"] == tok.hash
+    back = Tokenizer.load(d)
+    assert back.hash == tok.hash and back.split == "ja" and back.vocab_size == 700
+    for text in (EN, JA, MIXED):
+        assert back.encode(text) == tok.encode(text)
+    assert back.token_byte_lengths() == tok.token_byte_lengths()
+
+
+def test_hash_depends_on_split():
+    a = train_tokenizer(corpus(20), 400, split="gpt4")
+    b = train_tokenizer(corpus(20), 400, split="ja")
+    assert a.hash != b.hash
+    assert train_tokenizer(corpus(20), 400, split="gpt4").hash == a.hash  # deterministic
+
+
+def test_load_errors(tok, tmp_path):
+    with pytest.raises(ChibiError, match="no tokenizer"):
+        Tokenizer.load(tmp_path / "missing")
+    d = tmp_path / "tok"
+    tok.save(d)
+    ranks = (d / "tokenizer.tiktoken").read_bytes()
+
+    (d / "tokenizer.tiktoken").write_bytes(ranks + b"@@notbase64 700\n")
+    with pytest.raises(ChibiError, match="line 692 is corrupt"):
+        Tokenizer.load(d)
+
+    (d / "tokenizer.tiktoken").write_bytes(ranks + base64.b64encode(b"zzzq") + b" 691\n")
+    with pytest.raises(ChibiError, match="vocab_size 700"):
+        Tokenizer.load(d)
+
+    # swap two merges: same sizes, different ids -> hash check catches it
+    lines = ranks.splitlines()
+    a, b = lines[300].split(), lines[301].split()
+    lines[300], lines[301] = b[0] + b" " + a[1], a[0] + b" " + b[1]
+    (d / "tokenizer.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ChibiError, match="hash mismatch"):
+        Tokenizer.load(d)
+
+    (d / "tokenizer.tiktoken").unlink()
+    with pytest.raises(ChibiError, match="ranks not found"):
+        Tokenizer.load(d)
+    (d / "tokenizer.tiktoken").write_bytes(ranks)
+    (d / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ChibiError, match="corrupt"):
+        Tokenizer.load(d)
+    (d / "tokenizer.json").write_text(json.dumps({"format": "chibichat-tokenizer-v1", "split": "ja"}))
+    with pytest.raises(ChibiError, match="'pattern' missing"):
+        Tokenizer.load(d)
+
+
+def test_training_errors():
+    with pytest.raises(ChibiError, match="empty"):
+        train_tokenizer(iter([]), 1000)
+    with pytest.raises(ChibiError, match="empty"):
+        train_tokenizer(["", ""], 1000)
+    with pytest.raises(ChibiError, match="too small.*265"):
+        train_tokenizer(corpus(5), MIN_VOCAB_SIZE - 1)
+    with pytest.raises(ChibiError, match="only supports .* merges"):
+        train_tokenizer(["abab"], 5000)
+    with pytest.raises(ChibiError, match="unknown tokenizer split"):
+        train_tokenizer(corpus(5), 1000, split="zh")
+    with pytest.raises(ChibiError, match="not a str"):
+        train_tokenizer(["ok", b"bytes"], 1000)
