@@ -129,3 +129,38 @@ def mean_finite(values: Sequence[float]) -> float:
     if any(math.isnan(v) for v in values):
         raise ChibiError("cannot average: one of the values is NaN (undefined metric)")
     return sum(values) / len(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Result files: every eval writes its per-item rows and a summary the report reads.
+
+
+def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict) -> dict:
+    """Write `<name>.jsonl` (one row per item), `<name>.csv` (the scalar columns) and merge `summary`
+    into `<out_dir>/summary.json` under key `name`. Returns the paths written."""
+    import csv
+    import io
+    import json
+    from pathlib import Path
+
+    from chibichat.common import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir)
+    jsonl = out_dir / f"{name}.jsonl"
+    atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    cols = [k for k in (rows[0] if rows else {}) if all(not isinstance(r.get(k), (list, dict)) for r in rows)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    csv_path = out_dir / f"{name}.csv"
+    atomic_write_text(csv_path, buf.getvalue())
+    summary_path = out_dir / "summary.json"
+    merged = {}
+    if summary_path.exists():
+        from chibichat.common import read_json
+
+        merged = read_json(summary_path, "eval summary")
+    merged[name] = summary
+    atomic_write_json(summary_path, merged)
+    return {"jsonl": str(jsonl), "csv": str(csv_path), "summary": str(summary_path)}

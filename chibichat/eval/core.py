@@ -1,0 +1,308 @@
+"""CORE-style in-context evaluation of a base model (the three DCLM task kinds).
+
+  multiple_choice    one context, several continuations: predict the continuation with the lowest
+                     mean loss per continuation token.
+  schema             several contexts, one shared continuation: predict the context under which the
+                     continuation has the lowest mean loss.
+  language_modeling  correct only if greedy argmax reproduces every continuation token.
+
+Each task reports accuracy and centered accuracy (acc - b) / (1 - b); CORE is the mean centered
+accuracy over tasks. The score is labelled "CORE" only when the full DCLM bundle was evaluated and
+"CORE-lite" otherwise (the shipped subsets are a different, smaller test and must not be confused
+with published CORE numbers).
+
+Scoring goes through a small `Scorer` interface (`continuation_scores`, `next_token_logprobs`) so
+that fake models (always-first, oracle) can test the logic exactly; `ModelScorer` implements it for
+a GPT with batched forward passes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from chibichat.common import ChibiError
+from chibichat.eval.metrics import accuracy, centered
+
+CORE_KINDS = ("multiple_choice", "schema", "language_modeling")
+FEWSHOT_SEED = 1234  # few-shot examples of item i are drawn with Random(FEWSHOT_SEED + i)
+SHOT_SEPARATOR = "\n\n"
+
+
+class Scorer(Protocol):
+    max_len: int  # the longest token sequence it can score (the model's context)
+
+    def continuation_scores(self, requests: Sequence[tuple[list[int], int]]) -> list[tuple[list[float], list[int]]]:
+        """For each (ids, start): per continuation token ids[start:], its loss in nats given all earlier
+        tokens, and the model's greedy (argmax) prediction for that position."""
+        ...
+
+    def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[list[int]]) -> list[list[float]]:
+        """For each prompt, log p(next token = c) over the full vocabulary, for each candidate id c."""
+        ...
+
+
+@dataclass
+class CoreTask:
+    """One in-context task. Items use the DCLM field names:
+    multiple_choice: {"query", "choices", "gold"}; schema: {"context_options", "continuation", "gold"};
+    language_modeling: {"context", "continuation"}."""
+
+    name: str
+    kind: str
+    items: list[dict]
+    num_fewshot: int = 0
+    delimiter: str = " "
+    baseline: float | None = None  # random baseline in [0, 1); None -> 1/#options (0 for language_modeling)
+
+    def __post_init__(self):
+        if self.kind not in CORE_KINDS:
+            raise ChibiError(f"CORE task {self.name!r}: kind {self.kind!r} is not one of {CORE_KINDS}")
+        if not self.items:
+            raise ChibiError(f"CORE task {self.name!r} has no items")
+        if self.num_fewshot < 0 or self.num_fewshot >= len(self.items):
+            raise ChibiError(
+                f"CORE task {self.name!r}: num_fewshot={self.num_fewshot} needs at least num_fewshot+1 items "
+                f"(has {len(self.items)}); lower the shots or add items"
+            )
+        for i, it in enumerate(self.items):
+            _validate_item(self, i, it)
+
+
+def _validate_item(task: CoreTask, i: int, it: dict) -> None:
+    where = f"CORE task {task.name!r} item {i}"
+    need = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+            "language_modeling": ("context", "continuation")}[task.kind]
+    missing = [k for k in need if k not in it]
+    if missing:
+        raise ChibiError(f"{where} lacks field(s) {missing} required by kind {task.kind!r}")
+    options = it.get("choices") if task.kind == "multiple_choice" else it.get("context_options")
+    if options is not None:
+        if not isinstance(options, list) or len(options) < 2:
+            raise ChibiError(f"{where}: needs a list of at least 2 options, got {options!r:.80}")
+        if not isinstance(it["gold"], int) or not 0 <= it["gold"] < len(options):
+            raise ChibiError(f"{where}: gold {it['gold']!r} is not an index into its {len(options)} options")
+
+
+@dataclass
+class ItemResult:
+    task: str
+    index: int
+    status: str  # "ok" | "skipped_too_long"
+    correct: bool | None = None
+    pred: int | None = None
+    gold: int | None = None
+    n_tokens: int = 0  # longest scored sequence (with few-shot prompt), for the over-length report
+    losses: list[float] = field(default_factory=list)  # mean continuation loss per option (MC/schema)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _split_delimiter(delimiter: str) -> tuple[str, str]:
+    """Trailing spaces of the delimiter belong to the continuation: BPE with a GPT-4 split glues a
+    leading space to the next word (" Paris"), so cutting the text before the space gives the same
+    tokens a natural reading of the full string would."""
+    stripped = delimiter.rstrip(" ")
+    return stripped, delimiter[len(stripped):]
+
+
+def _shot_text(task: CoreTask, it: dict) -> str:
+    if task.kind == "multiple_choice":
+        return f"{it['query']}{task.delimiter}{it['choices'][it['gold']]}"
+    if task.kind == "schema":
+        return f"{it['context_options'][it['gold']]}{task.delimiter}{it['continuation']}"
+    return f"{it['context']}{task.delimiter}{it['continuation']}"
+
+
+def fewshot_indices(n_items: int, index: int, k: int) -> list[int]:
+    """k distinct other items, drawn deterministically per item; never the item itself."""
+    rng = random.Random(FEWSHOT_SEED + index)
+    others = [j for j in range(n_items) if j != index]
+    return rng.sample(others, k)
+
+
+def item_texts(task: CoreTask, index: int) -> list[tuple[str, str]]:
+    """(context, continuation) text pairs to score for one item, few-shot prefix included."""
+    it = task.items[index]
+    shots = [_shot_text(task, task.items[j]) for j in fewshot_indices(len(task.items), index, task.num_fewshot)]
+    prefix = "".join(s + SHOT_SEPARATOR for s in shots)
+    delim_ctx, delim_cont = _split_delimiter(task.delimiter)
+    if task.kind == "multiple_choice":
+        return [(prefix + it["query"] + delim_ctx, delim_cont + c) for c in it["choices"]]
+    if task.kind == "schema":
+        return [(prefix + c + delim_ctx, delim_cont + it["continuation"]) for c in it["context_options"]]
+    return [(prefix + it["context"] + delim_ctx, delim_cont + it["continuation"])]
+
+
+def item_requests(tok, task: CoreTask, index: int) -> list[tuple[list[int], int]]:
+    """Token requests (ids, start) for one item: BOS + context, then the continuation tokens."""
+    reqs = []
+    for ctx, cont in item_texts(task, index):
+        ctx_ids = [tok.bos_id, *tok.encode(ctx)]
+        cont_ids = tok.encode(cont)
+        if not cont_ids:
+            raise ChibiError(f"CORE task {task.name!r} item {index}: the continuation is empty; fix the data")
+        reqs.append((ctx_ids + cont_ids, len(ctx_ids)))
+    return reqs
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _baseline(task: CoreTask) -> float:
+    if task.baseline is not None:
+        return task.baseline
+    if task.kind == "language_modeling":
+        return 0.0
+    key = "choices" if task.kind == "multiple_choice" else "context_options"
+    return sum(1.0 / len(it[key]) for it in task.items) / len(task.items)
+
+
+def score_items(scorer: Scorer, tok, task: CoreTask, indices: Sequence[int]) -> list[ItemResult]:
+    """Score the given items with one flat, batched list of requests (the scorer batches them)."""
+    results: list[ItemResult] = []
+    flat: list[tuple[list[int], int]] = []
+    owners: list[tuple[int, int]] = []  # (position in results, option index)
+    for i in indices:
+        reqs = item_requests(tok, task, i)
+        longest = max(len(ids) for ids, _ in reqs)
+        gold = task.items[i].get("gold")
+        if longest > scorer.max_len:
+            # Over the model's context: counted and reported, never silently cut.
+            results.append(ItemResult(task.name, i, "skipped_too_long", gold=gold, n_tokens=longest))
+            continue
+        results.append(ItemResult(task.name, i, "ok", gold=gold, n_tokens=longest))
+        for k, r in enumerate(reqs):
+            flat.append(r)
+            owners.append((len(results) - 1, k))
+    scores = scorer.continuation_scores(flat) if flat else []
+    per_item: dict[int, list] = {}
+    for (pos, k), (ids_start, sc) in zip(owners, zip(flat, scores)):
+        per_item.setdefault(pos, []).append((ids_start, sc))
+    for pos, opts in per_item.items():
+        res = results[pos]
+        if task.kind == "language_modeling":
+            (ids, start), (losses, argmax) = opts[0]
+            res.correct = list(argmax) == ids[start:]
+            res.losses = [sum(losses) / len(losses)]
+        else:
+            res.losses = [sum(losses) / len(losses) for _, (losses, _) in opts]
+            res.pred = min(range(len(res.losses)), key=lambda j: res.losses[j])  # ties -> first option
+            res.correct = res.pred == res.gold
+    return results
+
+
+@dataclass
+class TaskSummary:
+    name: str
+    kind: str
+    accuracy: float
+    baseline: float
+    centered: float
+    n_scored: int
+    n_skipped_too_long: int
+    num_fewshot: int
+
+
+def summarize_task(task: CoreTask, results: list[ItemResult]) -> TaskSummary:
+    scored = [r for r in results if r.status == "ok"]
+    skipped = len(results) - len(scored)
+    if not scored:
+        raise ChibiError(
+            f"CORE task {task.name!r}: all {len(results)} items are longer than the model's context "
+            f"({max(r.n_tokens for r in results)} tokens or more); use fewer shots or a longer-context model"
+        )
+    acc = accuracy([bool(r.correct) for r in scored])
+    b = _baseline(task)
+    return TaskSummary(task.name, task.kind, acc, b, centered(acc, b), len(scored), skipped, task.num_fewshot)
+
+
+def evaluate_core(scorer: Scorer, tok, tasks: list[CoreTask], *, full_bundle: bool,
+                  max_items: int | None = None, rank: int = 0, world_size: int = 1, gather=None) -> dict:
+    """Evaluate every task; returns {"label", "score", "tasks": [summaries], "items": [per-item rows]}.
+
+    Ranks stride over items; `gather(list) -> list of lists` (all ranks' results) merges them.
+    """
+    if not tasks:
+        raise ChibiError("no CORE tasks to evaluate")
+    all_rows, summaries = [], []
+    for task in tasks:
+        n = len(task.items) if max_items is None else min(max_items, len(task.items))
+        mine = list(range(rank, n, world_size))
+        results = score_items(scorer, tok, task, mine)
+        if gather is not None:
+            results = [r for part in gather(results) for r in part]
+            results.sort(key=lambda r: r.index)
+        s = summarize_task(task, results)
+        summaries.append(s.__dict__)
+        all_rows += [r.__dict__ for r in results]
+    score = sum(s["centered"] for s in summaries) / len(summaries)
+    return {"label": "CORE" if full_bundle else "CORE-lite", "score": score, "tasks": summaries, "items": all_rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model behind the Scorer interface
+
+
+class ModelScorer:
+    """Batched scoring with a GPT. Rows of a batch are right-padded: the model is causal (attention
+    and SLC2 convolutions only look left), so padding after a row's end cannot change its scores."""
+
+    def __init__(self, model, rt, batch_size: int = 8):
+        if batch_size < 1:
+            raise ChibiError(f"--eval-batch-size must be >= 1, got {batch_size}")
+        self.model, self.rt, self.batch_size = model, rt, batch_size
+        self.max_len = model.config.seq_len
+
+    def _logits(self, rows: list[list[int]]):
+        import torch
+
+        for r in rows:
+            if not r or len(r) > self.max_len:
+                raise ChibiError(f"cannot score a sequence of {len(r)} tokens with a {self.max_len}-token model")
+        width = max(len(r) for r in rows)
+        idx = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        idx = idx.to(self.rt.device)
+        use_amp = self.rt.compute_dtype != torch.float32
+        with torch.no_grad(), torch.autocast(self.rt.device_type, dtype=self.rt.compute_dtype, enabled=use_amp):
+            return self.model(idx).float()
+
+    def _batches(self, lengths: list[int]):
+        # Sort by length so each batch pads little; yield index lists.
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        for s in range(0, len(order), self.batch_size):
+            yield order[s : s + self.batch_size]
+
+    def continuation_scores(self, requests):
+        import torch
+
+        out: list = [None] * len(requests)
+        for batch in self._batches([len(ids) for ids, _ in requests]):
+            logits = self._logits([requests[i][0] for i in batch])
+            for row, i in enumerate(batch):
+                ids, start = requests[i]
+                if not 1 <= start < len(ids):
+                    raise ChibiError(f"bad scoring request: continuation start {start} for {len(ids)} tokens")
+                # position p predicts token p+1
+                lg = logits[row, start - 1 : len(ids) - 1]
+                target = torch.tensor(ids[start:], device=lg.device)
+                losses = torch.nn.functional.cross_entropy(lg, target, reduction="none")
+                out[i] = (losses.tolist(), lg.argmax(dim=-1).tolist())
+        return out
+
+    def next_token_logprobs(self, prompts, candidates):
+        import torch
+
+        out: list = [None] * len(prompts)
+        for batch in self._batches([len(p) for p in prompts]):
+            logits = self._logits([prompts[i] for i in batch])
+            for row, i in enumerate(batch):
+                logp = torch.log_softmax(logits[row, len(prompts[i]) - 1], dim=-1)
+                out[i] = logp[torch.tensor(candidates[i], device=logp.device)].tolist()
+        return out
