@@ -1,0 +1,594 @@
+"""The GPT: a small modern decoder in the nanochat family, with attention or SLC2 token mixers.
+
+Architecture (REFERENCE §4, §18): token embedding -> parameter-free RMSNorm -> blocks -> RMSNorm ->
+untied lm_head -> logit softcap 15*tanh(z/15). Each block is pre-norm:
+    x <- x + mixer(norm(x));  x <- x + MLP(norm(x))
+with mixer = causal self-attention (RoPE, QK-norm, GQA, optional sliding window; SDPA) or SLC2
+(chibichat/model/slc2.py), and MLP = W_2 relu(W_1 u)^2 with hidden width 4E. No biases anywhere,
+no learned norm gains, so the parameter count is exactly the published one.
+
+Precision: parameters are fp32 masters. `GPT.compute_dtype` (a plain attribute; the stage sets it from
+Runtime.compute_dtype) is the dtype of every matmul: weights are cast to it inside forward, so
+gradients still land on the fp32 masters. The residual stream stays fp32; logits and the loss are
+fp32 per chunk only (see `_HeadLoss`), so no fp32 (B, T, V) tensor is ever materialised in training.
+
+Compile: the stage calls `torch.compile(model, dynamic=False)` itself for training. Only `forward`
+is compiled that way; `forward_step` (inference, variable shapes) always runs eagerly, also when
+called through the compiled wrapper, which forwards attribute access to the original module.
+
+Inference: `new_state` allocates per-layer state (KV cache for attention, last k-1 conv inputs for
+SLC2) and `forward_step` advances it; logits equal those of the full forward (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chibichat.common import ChibiError
+from chibichat.model.slc2 import SLC2
+
+LAYOUT_NAMES = ("dense", "iberis")
+
+# Rows of the loss are processed in chunks of about this many logits (fp32: 16 MiB per temporary), so
+# the loss needs O(chunk * V) memory whatever B*T is (REFERENCE §20 #7).
+LOSS_CHUNK_ELEMENTS = 1 << 22
+
+
+def layer_pattern(spec: str, n_layer: int) -> str:
+    """Mixer per layer as a string of "A" (attention) / "S" (SLC2).
+
+    "dense": all attention. "iberis": attention where layer % 3 == 1 and on the last layer, SLC2
+    elsewhere (Saint Iberis placement; d20 -> attention at 1, 4, ..., 19). Anything else must be an
+    explicit string of n_layer characters from {A, S}.
+    """
+    if n_layer < 1:
+        raise ChibiError(f"n_layer must be >= 1, got {n_layer}")
+    if spec == "dense":
+        return "A" * n_layer
+    if spec == "iberis":
+        return "".join("A" if (i % 3 == 1 or i == n_layer - 1) else "S" for i in range(n_layer))
+    pattern = spec.upper()
+    if len(pattern) != n_layer or set(pattern) - {"A", "S"}:
+        raise ChibiError(
+            f"layer layout {spec!r} is not valid for {n_layer} layers: use 'dense', 'iberis', or a string of "
+            f"exactly {n_layer} characters from A (attention) and S (SLC2), e.g. {'AS' * (n_layer // 2) + 'A' * (n_layer % 2)!r}"
+        )
+    return pattern
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a model. `layers` accepts "dense"/"iberis" and is stored expanded ("ASSA..")."""
+
+    vocab_size: int
+    seq_len: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    layers: str = "dense"
+    windows: list[int] | None = field(default=None)  # per layer sliding window in tokens, 0 = full causal
+    conv_kernel: int = 3
+    softcap: float = 15.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "n_kv_head", "conv_kernel"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ChibiError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ChibiError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}; pick a width that is")
+        if self.head_dim % 2:
+            raise ChibiError(f"head dim {self.head_dim} (n_embd / n_head) must be even for RoPE")
+        if self.n_head % self.n_kv_head:
+            raise ChibiError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head} (GQA groups)")
+        self.layers = layer_pattern(self.layers, self.n_layer)
+        if self.windows is None:
+            self.windows = [0] * self.n_layer
+        self.windows = [int(w) for w in self.windows]
+        if len(self.windows) != self.n_layer or any(w < 0 for w in self.windows):
+            raise ChibiError(f"windows must be {self.n_layer} non-negative ints (0 = full causal), got {self.windows}")
+        for i, (kind, w) in enumerate(zip(self.layers, self.windows)):
+            if kind == "S" and w:
+                raise ChibiError(f"layer {i} is SLC2 but has window {w}: windows apply to attention layers only; set 0")
+        if not self.softcap > 0:
+            raise ChibiError(f"softcap must be > 0, got {self.softcap}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ChibiError(f"model config has unknown keys {sorted(unknown)}: written by a newer chibichat?")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ChibiError(f"model config is incomplete ({e}); the checkpoint's meta.json is corrupt") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def norm(x):
+    """Parameter-free RMSNorm over the last dim."""
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+def rope_table(length: int, head_dim: int, base: float, device=None):
+    """cos, sin of shape (length, head_dim / 2), fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Half-split rotation. x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def linear_init_(w):
+    """nanochat OLD init: N(0, s) with s = 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in))."""
+    fan_out, fan_in = w.shape
+    std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+    torch.nn.init.normal_(w, mean=0.0, std=std)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, window: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim, self.window = cfg.n_head, cfg.n_kv_head, cfg.head_dim, window
+        E, kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
+        self.w_q = nn.Parameter(torch.empty(E, E))
+        self.w_k = nn.Parameter(torch.empty(kv, E))
+        self.w_v = nn.Parameter(torch.empty(kv, E))
+        self.w_o = nn.Parameter(torch.empty(E, E))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> list:
+        for w in (self.w_q, self.w_k, self.w_v):
+            linear_init_(w)
+        self.w_o.zero_()
+        return [self.w_q, self.w_k, self.w_v, self.w_o]
+
+    def matrix_params(self) -> list:
+        return [self.w_q, self.w_k, self.w_v, self.w_o]
+
+    def _qkv(self, u, cos, sin, dtype):
+        B, T, _ = u.shape
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        # Fused QKV: one matmul over the concatenated (separately stored, separately Muon'd) weights.
+        w = torch.cat([self.w_q, self.w_k, self.w_v], dim=0).to(dtype)
+        q, k, v = F.linear(u.to(dtype), w).split([H * D, Hk * D, Hk * D], dim=-1)
+        q = norm(apply_rope(q.view(B, T, H, D), cos, sin))
+        k = norm(apply_rope(k.view(B, T, Hk, D), cos, sin))
+        return q, k, v.view(B, T, Hk, D)
+
+    def _attend(self, q, k, v, mask=None, causal=False):
+        # q: (B, H, t, D); k, v: (B, Hk, L, D)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    def forward(self, u, cos, sin, dtype):
+        B, T, E = u.shape
+        q, k, v = self._qkv(u, cos, sin, dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.window and self.window < T:
+            i = torch.arange(T, device=u.device)
+            d = i[:, None] - i[None, :]
+            y = self._attend(q, k, v, mask=(d >= 0) & (d < self.window))
+        else:
+            y = self._attend(q, k, v, causal=True)
+        return F.linear(y.transpose(1, 2).reshape(B, T, E), self.w_o.to(dtype))
+
+    def step(self, u, cos, sin, dtype, cache, pos):
+        """Append t tokens per row to the (k, v) cache at row positions `pos` (B,), attend, return y."""
+        B, t, E = u.shape
+        ck, cv = cache
+        q, k, v = self._qkv(u, cos, sin, dtype)
+        if t == 1:
+            rows = torch.arange(B, device=u.device)
+            ck[rows, :, pos] = k[:, 0]
+            cv[rows, :, pos] = v[:, 0]
+        else:  # the caller guarantees equal pos across rows
+            p = int(pos[0])
+            ck[:, :, p : p + t] = k.transpose(1, 2)
+            cv[:, :, p : p + t] = v.transpose(1, 2)
+        L = int(pos.max()) + t
+        qpos = pos[:, None] + torch.arange(t, device=u.device)  # (B, t)
+        d = qpos[:, :, None] - torch.arange(L, device=u.device)  # (B, t, L): query pos - key pos
+        mask = d >= 0
+        if self.window:
+            mask = mask & (d < self.window)
+        y = self._attend(q.transpose(1, 2), ck[:, :, :L], cv[:, :, :L], mask=mask[:, None])
+        return F.linear(y.transpose(1, 2).reshape(B, t, E), self.w_o.to(dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.w_fc = nn.Parameter(torch.empty(4 * n_embd, n_embd))
+        self.w_proj = nn.Parameter(torch.empty(n_embd, 4 * n_embd))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> list:
+        linear_init_(self.w_fc)
+        self.w_proj.zero_()
+        return [self.w_fc, self.w_proj]
+
+    def forward(self, u, dtype):
+        return F.linear(F.relu(F.linear(u.to(dtype), self.w_fc.to(dtype))).square(), self.w_proj.to(dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, i: int):
+        super().__init__()
+        self.kind = cfg.layers[i]
+        if self.kind == "A":
+            self.mixer = Attention(cfg, cfg.windows[i])
+        else:
+            self.mixer = SLC2(cfg.n_embd, cfg.n_head, cfg.conv_kernel)
+        self.mlp = MLP(cfg.n_embd)
+
+    def forward(self, x, cos, sin, dtype):
+        u = norm(x)
+        if self.kind == "A":
+            x = x + self.mixer(u, cos, sin, dtype)
+        else:
+            x = x + self.mixer(u, dtype)[0]
+        return x + self.mlp(norm(x), dtype)
+
+    def step(self, x, cos, sin, dtype, layer_state, pos):
+        u = norm(x)
+        if self.kind == "A":
+            x = x + self.mixer.step(u, cos, sin, dtype, layer_state, pos)
+        else:
+            y, history = self.mixer(u, dtype, layer_state[0])
+            layer_state = (history,)
+            x = x + y
+        return x + self.mlp(norm(x), dtype), layer_state
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss: lm_head + softcap + cross-entropy, chunked over rows.
+
+
+def _chunk_loss(h, w, targets, softcap):
+    """Per-row loss (fp32) and the fp32 tanh, for one chunk. h (n, E), w (V, E) both in compute dtype."""
+    th = torch.tanh(F.linear(h, w).float() / softcap)
+    logits = softcap * th
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = targets >= 0
+    tgt = targets.clamp(min=0)
+    picked = logits.gather(1, tgt[:, None]).squeeze(1)
+    return torch.where(valid, lse - picked, 0.0), logits, lse, th, valid, tgt
+
+
+class _HeadLossSum(torch.autograd.Function):
+    """Sum of token losses over valid targets, with the gradient computed chunk by chunk in forward.
+
+    Backpropagating through a plain chunked loss would keep every chunk's logits alive until backward
+    (= the full (N, V) tensor). Instead each chunk's d(loss)/d(logits) is folded straight into
+    d/dh and d/dW and dropped, so memory stays at one chunk; backward only scales by the incoming
+    (scalar) gradient. Same FLOPs as an unfused head: one forward and two backward matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, dtype, chunk):
+        w = weight.to(dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            loss, logits, lse, th, valid, tgt = _chunk_loss(hc, w, tc, softcap)
+            total = total + loss.sum()
+            # d loss / d z = (softmax - onehot) * (1 - tanh^2), zero on ignored rows.
+            p = torch.exp(logits - lse[:, None])
+            p.scatter_add_(1, tgt[:, None], -valid[:, None].to(p.dtype))
+            p = p * valid[:, None]
+            dz = (p * (1.0 - th * th)).to(dtype)
+            if need_h:
+                grad_h[s : s + chunk] = dz @ w
+            if need_w:
+                grad_w += (dz.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * g.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * g if grad_w is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _per_token_loss(h, weight, targets, softcap, dtype, chunk):
+    """(N,) losses, 0 on ignored targets. With grad, each chunk is recomputed in backward (checkpoint),
+    because a per-token upstream gradient cannot be folded in ahead of time."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(hc, wt, tc):
+        return _chunk_loss(hc, wt.to(dtype), tc, softcap)[0]
+
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    outs = []
+    for s in range(0, h.shape[0], chunk):
+        args = (h[s : s + chunk], weight, targets[s : s + chunk])
+        outs.append(checkpoint(one, *args, use_reentrant=False) if grad else one(*args))
+    return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference state
+
+
+class InferenceState:
+    """Per-row decoding state: `pos` (B,) tokens consumed per row, and per layer a tuple of tensors
+    with the batch in dim 0: (k_cache, v_cache) each (B, n_kv_head, max_len, head_dim) for attention,
+    (history,) of shape (B, k-1, E) (the last k-1 conv inputs) for SLC2. All in the compute dtype.
+
+    `forward_step` mutates a state in place; `clone`, `expand`, `select` and `stack` return new ones.
+    """
+
+    def __init__(self, pos, max_len: int, layers: list):
+        self.pos = pos
+        self.max_len = max_len
+        self.layers = layers
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    def _map(self, fn) -> "InferenceState":
+        return InferenceState(fn(self.pos), self.max_len, [tuple(fn(t) for t in layer) for layer in self.layers])
+
+    def clone(self) -> "InferenceState":
+        return self._map(lambda t: t.clone())
+
+    def expand(self, n: int) -> "InferenceState":
+        """Batch-1 state (e.g. after a prefill) -> n independent rows (e.g. n samples)."""
+        if self.batch_size != 1:
+            raise ChibiError(f"expand needs a batch-1 state, this one has {self.batch_size} rows; use select/stack")
+        if n < 1:
+            raise ChibiError(f"expand(n) needs n >= 1, got {n}")
+        return self._map(lambda t: t.expand(n, *t.shape[1:]).clone())
+
+    def select(self, rows) -> "InferenceState":
+        """Keep the given rows (list of ints or LongTensor), in that order."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device).reshape(-1)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.batch_size:
+            raise ChibiError(f"select rows {idx.tolist()} out of range for a state of {self.batch_size} rows")
+        return self._map(lambda t: t.index_select(0, idx))
+
+    @staticmethod
+    def stack(states: list["InferenceState"]) -> "InferenceState":
+        """Merge states (e.g. batch-1 prefills of different lengths) into one batch, rows in order."""
+        if not states:
+            raise ChibiError("InferenceState.stack needs at least one state")
+        first = states[0]
+        for s in states[1:]:
+            if s.max_len != first.max_len or len(s.layers) != len(first.layers):
+                raise ChibiError(
+                    f"cannot stack states of different models or max_len ({s.max_len} vs {first.max_len}); "
+                    "create them all with the same model.new_state(..., max_len)"
+                )
+        layers = [tuple(torch.cat(ts, dim=0) for ts in zip(*group)) for group in zip(*(s.layers for s in states))]
+        return InferenceState(torch.cat([s.pos for s in states]), first.max_len, layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    """See the module docstring. Public API (docs/architecture.md "Model"):
+
+    forward(idx, targets=None, reduction="mean"), new_state(batch_size, max_len),
+    forward_step(idx, state), num_params(), flops_per_token(), param_groups(); attribute compute_dtype.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = torch.float32
+        E, V = config.n_embd, config.vocab_size
+        self.wte = nn.Parameter(torch.empty(V, E))
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Parameter(torch.empty(V, E))
+        cos, sin = rope_table(config.seq_len, config.head_dim, config.rope_base, device=self.wte.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Explicitly initialise every parameter, and check that none was missed (REFERENCE §18: the
+        uninitialised conv of Saint Iberis)."""
+        torch.nn.init.normal_(self.wte, mean=0.0, std=1.0)
+        self.lm_head.zero_()  # nanochat OLD: a zero head starts at the uniform distribution
+        done = [self.wte, self.lm_head]
+        for block in self.blocks:
+            if block.kind == "A":
+                done += block.mixer.reset_parameters()
+            else:
+                done += block.mixer.reset_parameters(linear_init_)
+            done += block.mlp.reset_parameters()
+        seen = {id(p) for p in done}
+        missed = [n for n, p in self.named_parameters() if id(p) not in seen]
+        assert not missed, f"init_weights skipped {missed}"
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward).
+
+        6 per parameter for every parameter used as a matmul/conv weight (all but the embedding table,
+        which is a lookup), plus attention scores and values, 12 * n_head * head_dim * span per
+        attention layer with span = min(window, seq_len) (nanochat convention, not halved for causality).
+        SLC2 layers are charged only for what they compute: their projections and conv taps, no attention.
+        """
+        cfg = self.config
+        flops = 6 * (self.num_params() - self.wte.numel())
+        for kind, w in zip(cfg.layers, cfg.windows):
+            if kind == "A":
+                span = min(w, cfg.seq_len) if w else cfg.seq_len
+                flops += 12 * cfg.n_head * cfg.head_dim * span
+        return float(flops)
+
+    def param_groups(self) -> dict:
+        """Parameters by optimizer role; every parameter appears exactly once.
+
+        "matrix": 2-D weights inside blocks (attention q/k/v/o, MLP, SLC2 x/b/alpha/A/o) -> Muon;
+        "embedding": [wte]; "head": [lm_head]; "other": SLC2 conv taps (E, 1, k) -> AdamW.
+        """
+        groups = {"matrix": [], "embedding": [self.wte], "head": [self.lm_head], "other": []}
+        for block in self.blocks:
+            groups["matrix"] += block.mixer.matrix_params()
+            groups["matrix"] += [block.mlp.w_fc, block.mlp.w_proj]
+            if block.kind == "S":
+                groups["other"].append(block.mixer.conv)
+        return groups
+
+    def _ensure_rope(self, length: int) -> None:
+        """Grow the RoPE table to cover positions < length (inference past seq_len, REFERENCE §20 #6)."""
+        if self.rope_cos.shape[0] < length:
+            cos, sin = rope_table(length, self.config.head_dim, self.config.rope_base, device=self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos, sin
+
+    def _check_ids(self, idx, what: str) -> None:
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ChibiError(f"{what} must be a (B, T) LongTensor, got {tuple(idx.shape)} {idx.dtype}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise ChibiError(
+                f"{what} has token ids outside [0, {self.config.vocab_size}): tokenizer and model vocab do not match"
+            )
+
+    # -- training / scoring -----------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, reduction: str = "mean"):
+        """idx (B, T) token ids, T <= seq_len.
+
+        targets None -> logits (B, T, V) fp32, softcapped.
+        targets (B, T) with -1 = ignore -> loss: "mean" over valid targets (scalar), "sum" (scalar),
+        or "none" -> (B, T) per-token losses with 0 where the target is -1.
+        """
+        B, T = idx.shape
+        cfg = self.config
+        dtype = self.compute_dtype
+        if reduction not in ("mean", "sum", "none"):
+            raise ChibiError(f"reduction must be mean, sum or none, got {reduction!r}")
+        if T > cfg.seq_len:
+            raise ChibiError(f"input of {T} tokens exceeds the model context seq_len={cfg.seq_len}; crop or split it")
+        checks = not torch.compiler.is_compiling()  # data-dependent checks would break the graph
+        if checks:
+            self._check_ids(idx, "input")
+        cos = self.rope_cos[None, :T, None, :].to(dtype)
+        sin = self.rope_sin[None, :T, None, :].to(dtype)
+        x = norm(F.embedding(idx, self.wte))
+        for block in self.blocks:
+            x = block(x, cos, sin, dtype)
+        h = norm(x).to(dtype)
+        if targets is None:
+            return cfg.softcap * torch.tanh(F.linear(h, self.lm_head.to(dtype)).float() / cfg.softcap)
+
+        if targets.shape != idx.shape:
+            raise ChibiError(f"targets shape {tuple(targets.shape)} != input shape {tuple(idx.shape)}")
+        flat_t = targets.reshape(-1)
+        if checks and flat_t.numel():
+            lo, hi = int(flat_t.min()), int(flat_t.max())
+            if lo < -1 or hi >= cfg.vocab_size:
+                raise ChibiError(f"targets must be in [0, {cfg.vocab_size}) or -1 (ignore), got range [{lo}, {hi}]")
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)
+        h = h.reshape(B * T, -1)
+        if reduction == "none":
+            return _per_token_loss(h, self.lm_head, flat_t, cfg.softcap, dtype, chunk).view(B, T)
+        total = _HeadLossSum.apply(h, self.lm_head, flat_t, cfg.softcap, dtype, chunk)
+        if reduction == "sum":
+            return total
+        n_valid = (flat_t >= 0).sum()
+        if checks and int(n_valid) == 0:
+            raise ChibiError("every target is -1 (ignored): a mean loss over zero tokens is undefined")
+        return total / n_valid
+
+    # -- inference --------------------------------------------------------------------------------
+
+    def new_state(self, batch_size: int, max_len: int) -> InferenceState:
+        """Fresh state for `batch_size` rows of up to `max_len` tokens each (KV caches preallocated)."""
+        cfg = self.config
+        if batch_size < 1 or max_len < 1:
+            raise ChibiError(f"new_state needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        self._ensure_rope(max_len)
+        dev, dt = self.wte.device, self.compute_dtype
+        layers = []
+        for block in self.blocks:
+            if block.kind == "A":
+                shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+                layers.append((torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev)))
+            else:
+                layers.append((torch.zeros(batch_size, cfg.conv_kernel - 1, cfg.n_embd, dtype=dt, device=dev),))
+        return InferenceState(torch.zeros(batch_size, dtype=torch.long, device=dev), max_len, layers)
+
+    @torch.no_grad()
+    def forward_step(self, idx, state: InferenceState):
+        """Feed t new tokens per row (idx (B, t)); returns logits (B, t, V) fp32 and advances `state`.
+
+        t > 1 (prefill) needs every row at the same position; t == 1 works with per-row positions.
+        Raises ChibiError if a row would pass state.max_len. Runs without autograd.
+        """
+        self._check_ids(idx, "forward_step input")
+        B, t = idx.shape
+        cfg, dtype = self.config, self.compute_dtype
+        if B != state.batch_size:
+            raise ChibiError(f"forward_step got {B} rows for a state of {state.batch_size} rows")
+        if len(state.layers) != cfg.n_layer:
+            raise ChibiError("inference state was made by a different model (layer count differs)")
+        pos = state.pos
+        if t > 1 and B > 1 and bool((pos != pos[0]).any()):
+            raise ChibiError(
+                "forward_step with several tokens per row needs all rows at the same position; "
+                "prefill rows one by one (batch 1) and merge with InferenceState.stack, then decode 1 token at a time"
+            )
+        if int(pos.max()) + t > state.max_len:
+            raise ChibiError(
+                f"decoding would reach {int(pos.max()) + t} tokens, past the state's max_len={state.max_len}; "
+                "allocate a larger state or stop generating earlier"
+            )
+        self._ensure_rope(state.max_len)
+        positions = pos[:, None] + torch.arange(t, device=idx.device)  # (B, t)
+        cos = self.rope_cos[positions][:, :, None, :].to(dtype)
+        sin = self.rope_sin[positions][:, :, None, :].to(dtype)
+        x = norm(F.embedding(idx, self.wte))
+        for i, block in enumerate(self.blocks):
+            x, state.layers[i] = block.step(x, cos, sin, dtype, state.layers[i], pos)
+        h = norm(x).to(dtype)
+        logits = cfg.softcap * torch.tanh(F.linear(h, self.lm_head.to(dtype)).float() / cfg.softcap)
+        state.pos = pos + t
+        return logits
