@@ -1,0 +1,292 @@
+"""Training batches: BOS-aligned best-fit pretraining rows and conversation rows, with exact resume.
+
+Both loaders yield `(inputs, targets)`, CPU int64 tensors of shape (B, T), cut from rows of T+1
+tokens (inputs = row[:-1], targets = row[1:]); targets are -1 where nothing is learned.
+
+Exact resume. A state dict never stores tokens. It stores the read cursor and, for every item that
+sits in a packing buffer, a reference (epoch, position, index) plus its length; `load_state_dict`
+re-reads and re-tokenizes (or re-renders) exactly those items and checks that their lengths still
+match. Given the same corpus, tokenizer and settings, the batches after a resume are identical to
+those of an uninterrupted run. Ties in best-fit packing are broken by that reference, so the
+order is a pure function of the data, never of dict or heap internals.
+
+Distributed: rank r of W reads units r, r+W, r+2W, ... of one fixed global order (a unit is a
+(shard, group) pair for pretraining, one conversation for the conversation loader), so the ranks'
+streams are disjoint and together cover the data once per epoch. Every rank keeps its own state.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from itertools import islice
+
+from chibichat.common import ChibiError
+from chibichat.render import RenderStats, render_conversation
+
+STATE_VERSION = 1
+
+# Sorts after every reference tuple: bisect with (space, _AFTER) finds the last key of length <= space.
+_AFTER = (float("inf"),)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ChibiError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_rank(rt) -> tuple[int, int]:
+    rank, world = getattr(rt, "rank", None), getattr(rt, "world_size", None)
+    if not isinstance(world, int) or world < 1 or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ChibiError(f"bad runtime rank/world_size {rank}/{world}: rank must be in [0, world_size)")
+    return rank, world
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+class _BestFitBuffer:
+    """Token sequences kept sorted by (length, reference), for best-fit packing.
+
+    A sorted list + bisect makes "the longest item that fits in `space`" O(log n) to find; removal is
+    a memmove of a few thousand pointers, far cheaper than scanning the buffer in Python per pick.
+    """
+
+    def __init__(self):
+        self._keys: list[tuple[int, tuple]] = []
+        self._items: dict[tuple, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, ref: tuple, length: int, item) -> None:
+        bisect.insort(self._keys, (length, ref))
+        self._items[ref] = item
+
+    def pop_best_fit(self, space: int):
+        """The longest item of length <= space (ties: the latest reference), or None."""
+        i = bisect.bisect_right(self._keys, (space, _AFTER)) - 1
+        return None if i < 0 else self._pop(i)
+
+    def pop_shortest(self):
+        return self._pop(0)
+
+    def _pop(self, i: int):
+        _, ref = self._keys.pop(i)
+        return self._items.pop(ref)
+
+    def refs(self) -> list[tuple[tuple, int]]:
+        return [(ref, length) for length, ref in self._keys]
+
+
+def _check_state(d, kind: str, fingerprint: dict) -> None:
+    """Reject a state saved by another kind of loader or under other settings, naming the difference."""
+    if not isinstance(d, dict) or d.get("kind") != kind or d.get("version") != STATE_VERSION:
+        got = d.get("kind") if isinstance(d, dict) else type(d).__name__
+        raise ChibiError(
+            f"loader state is not a version-{STATE_VERSION} {kind} loader state (got {got!r}); "
+            "resume from a checkpoint written by this stage, or start fresh"
+        )
+    saved = d.get("fingerprint")
+    if not isinstance(saved, dict):
+        raise ChibiError(f"{kind} loader state has no fingerprint; the checkpoint is corrupt, start fresh")
+    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+    if diff:
+        raise ChibiError(
+            f"{kind} loader state was saved under other settings ({'; '.join(diff)}); resume with the same "
+            "corpus/data, tokenizer, seq_len, buffer size and number of ranks, or start fresh"
+        )
+
+
+def _corrupt_state(kind: str, e: Exception) -> ChibiError:
+    return ChibiError(f"{kind} loader state is corrupt ({type(e).__name__}: {e}); the checkpoint is damaged, start fresh")
+
+
+# ==============================================================================================
+# Pretraining
+
+
+class PretrainLoader:
+    """BOS-aligned best-fit-crop packing of a corpus split into (B, T) batches, forever (epochs loop).
+
+    Every document is tokenized with BOS prepended and kept in a buffer of at least `buffer_docs`
+    documents. A row of T+1 tokens is filled by repeatedly taking the longest buffered document that
+    still fits; when none fits, the shortest one is cropped to fill the row exactly and its tail is
+    discarded. So every row starts with BOS at a document boundary and holds no padding; the price
+    is the cropped tails, reported as `stats["crop_fraction"]` (tokens discarded / tokens taken).
+    """
+
+    def __init__(self, corpus, split, home, tokenizer, batch_size: int, seq_len: int, rt,
+                 buffer_docs: int = 1000, tokenizer_threads: int = 4):
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seq_len = _check_int("seq_len", seq_len, 1)
+        self.buffer_docs = _check_int("buffer_docs", buffer_docs, 1)
+        self.tokenizer_threads = _check_int("tokenizer_threads", tokenizer_threads, 1)
+        self.rank, self.world_size = _check_rank(rt)
+        self.tokenizer = tokenizer
+        self.row_len = seq_len + 1
+        self._shards = corpus.shards(split, home)
+        everything = [(s, g) for s, shard in enumerate(self._shards) for g in range(shard.num_groups())]
+        where = f"corpus {corpus.name!r} split {split!r}"
+        if not everything:
+            raise ChibiError(f"{where} has no document groups; check it with `chibichat data list` or pick another corpus")
+        # Fixed global order, strided over ranks: disjoint per-rank streams that together cover it all.
+        self.units = everything[self.rank :: self.world_size]
+        if not self.units:
+            raise ChibiError(
+                f"{where} has {len(everything)} document groups but {self.world_size} ranks, so rank {self.rank} "
+                f"gets none; run with at most {len(everything)} ranks or use a larger corpus"
+            )
+        self._where = where
+        self._fingerprint = {
+            "corpus": corpus.name,
+            "split": split,
+            "units": _digest([[s.name for s in self._shards], everything]),
+            "tokenizer": getattr(tokenizer, "hash", None),
+            "seq_len": seq_len,
+            "buffer_docs": buffer_docs,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+        self._reset()
+
+    def _reset(self) -> None:
+        self._epoch = 0
+        self._next_unit = 0  # position in self.units of the next group to read (== len: epoch done)
+        self._buffer = _BestFitBuffer()
+        self._docs_read = 0
+        self._tokens_read = 0
+        self._tokens_packed = 0  # tokens placed in rows
+        self._tokens_cropped = 0  # tokens of cropped tails, never trained on
+        self._rows = 0
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _tokenize(self, unit_pos: int, doc_indices=None) -> list[list[int]]:
+        s, g = self.units[unit_pos]
+        docs = self._shards[s].read_group(g)
+        if doc_indices is not None:
+            docs = [docs[i] for i in doc_indices]
+        bos = self.tokenizer.bos_id
+        return [[bos, *ids] for ids in self.tokenizer.encode_batch(docs, num_threads=self.tokenizer_threads)]
+
+    def _refill(self) -> None:
+        """Read whole groups until the buffer holds at least buffer_docs documents."""
+        empty_reads = 0
+        while len(self._buffer) < self.buffer_docs:
+            if self._next_unit == len(self.units):  # wrap lazily: `epoch` is that of the last group read
+                self._epoch, self._next_unit = self._epoch + 1, 0
+            epoch, pos = self._epoch, self._next_unit
+            docs = self._tokenize(pos)
+            for d, ids in enumerate(docs):
+                self._buffer.add((epoch, pos, d), len(ids), ids)
+                self._tokens_read += len(ids)
+            self._docs_read += len(docs)
+            self._next_unit += 1
+            empty_reads = 0 if docs else empty_reads + 1
+            if empty_reads >= len(self.units):
+                raise ChibiError(
+                    f"{self._where}: the {len(self.units)} document groups of rank {self.rank} hold no documents; "
+                    "use a corpus with text in it"
+                )
+
+    def _fill_row(self, out: list[int]) -> None:
+        space = self.row_len
+        while space:
+            if len(self._buffer) < self.buffer_docs:
+                self._refill()
+            doc = self._buffer.pop_best_fit(space)
+            if doc is None:  # nothing fits: crop the shortest so the row ends exactly full
+                doc = self._buffer.pop_shortest()
+                out += doc[:space]
+                self._tokens_cropped += len(doc) - space
+                self._tokens_packed += space
+                space = 0
+            else:
+                out += doc
+                self._tokens_packed += len(doc)
+                space -= len(doc)
+        self._rows += 1
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+
+        flat: list[int] = []
+        for _ in range(self.batch_size):
+            self._fill_row(flat)
+        rows = torch.tensor(flat, dtype=torch.long).view(self.batch_size, self.row_len)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    @property
+    def stats(self) -> dict:
+        taken = self._tokens_packed + self._tokens_cropped
+        return {
+            "epoch": self._epoch,
+            "docs_read": self._docs_read,
+            "tokens_read": self._tokens_read,
+            "rows_served": self._rows,
+            "tokens_served": self._rows * self.seq_len,  # target tokens: what the model trains on
+            "tokens_cropped": self._tokens_cropped,
+            "crop_fraction": self._tokens_cropped / taken if taken else 0.0,
+            "buffered_docs": len(self._buffer),
+        }
+
+    # -- exact resume ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "pretrain",
+            "version": STATE_VERSION,
+            "fingerprint": dict(self._fingerprint),
+            "epoch": self._epoch,
+            "next_unit": self._next_unit,
+            # [epoch, unit position, doc index in the group, length incl. BOS]; tokens are re-read on load
+            "buffer": [[*ref, length] for ref, length in self._buffer.refs()],
+            "counters": {
+                "docs_read": self._docs_read,
+                "tokens_read": self._tokens_read,
+                "tokens_packed": self._tokens_packed,
+                "tokens_cropped": self._tokens_cropped,
+                "rows": self._rows,
+            },
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        _check_state(d, "pretrain", self._fingerprint)
+        try:
+            epoch, next_unit, counters = int(d["epoch"]), int(d["next_unit"]), d["counters"]
+            refs = [(int(e), int(u), int(i), int(n)) for e, u, i, n in d["buffer"]]
+            counts = {k: int(counters[k]) for k in ("docs_read", "tokens_read", "tokens_packed", "tokens_cropped", "rows")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise _corrupt_state("pretrain", e) from None
+        if not 0 <= next_unit <= len(self.units) or any(not 0 <= u < len(self.units) for _, u, _, _ in refs):
+            raise ChibiError("pretrain loader state points past this rank's document groups; the corpus changed, start fresh")
+        buffer = _BestFitBuffer()
+        by_unit: dict[int, list[tuple[int, int, int, int]]] = {}
+        for ref in refs:
+            by_unit.setdefault(ref[1], []).append(ref)
+        for u, unit_refs in by_unit.items():
+            s, g = self.units[u]
+            n_docs = len(self._shards[s].read_group(g))
+            wanted = sorted({i for _, _, i, _ in unit_refs})
+            if wanted[0] < 0 or wanted[-1] >= n_docs:
+                raise ChibiError(f"pretrain loader state refers to document {wanted[-1]} of a group with {n_docs}; the corpus changed, start fresh")
+            tokens = dict(zip(wanted, self._tokenize(u, wanted)))
+            for e, _, i, n in unit_refs:
+                if len(tokens[i]) != n:
+                    raise ChibiError(
+                        f"pretrain loader state: document {i} of group {self.units[u]} now has {len(tokens[i])} tokens, "
+                        f"saved {n}; the corpus or tokenizer changed since the checkpoint, start fresh"
+                    )
+                buffer.add((e, u, i), n, tokens[i])
+        self._epoch, self._next_unit, self._buffer = epoch, next_unit, buffer
+        self._docs_read, self._tokens_read = counts["docs_read"], counts["tokens_read"]
+        self._tokens_packed, self._tokens_cropped, self._rows = counts["tokens_packed"], counts["tokens_cropped"], counts["rows"]

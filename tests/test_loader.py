@@ -1,0 +1,278 @@
+"""Loaders: BOS-aligned best-fit pretraining rows and conversation rows, masks, exact resume, ranks."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from chibichat.common import ChibiError, Runtime
+from chibichat.data.loader import PretrainLoader
+from chibichat.tokenizer import SPECIAL_TOKENS
+
+# ----------------------------------------------------------------------------------------------
+# Small fakes that follow the corpus and tokenizer contracts (docs/architecture.md)
+
+
+class ByteTokenizer:
+    """One id per UTF-8 byte; the specials follow at 256.. (as in the real tokenizer's layout)."""
+
+    hash = "byte-tokenizer"
+
+    def __init__(self):
+        self._specials = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.bos_id = self._specials["<|bos|>"]
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+
+    def special_id(self, name):
+        return self._specials[name]
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts, num_threads=4):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class FakeShard:
+    def __init__(self, name, groups):
+        self.name = name
+        self._groups = groups
+
+    def num_groups(self):
+        return len(self._groups)
+
+    def read_group(self, i):
+        return list(self._groups[i])
+
+
+class FakeCorpus:
+    def __init__(self, name, shards):
+        self.name = name
+        self._shards = shards
+
+    def shards(self, split, home):
+        return self._shards
+
+
+def rt(rank=0, world_size=1):
+    return Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=rank, world_size=world_size)
+
+
+def make_corpus(n_shards=3, groups=4, docs=5, seed=0, max_len=40):
+    """Documents 'd<shard>.<group>.<doc>|' + letters of random length: each one recognisable in a row."""
+    rng = random.Random(seed)
+    shards = []
+    for s in range(n_shards):
+        gs = []
+        for g in range(groups):
+            gs.append([f"d{s}.{g}.{d}|" + "".join(rng.choice("abcdefgh") for _ in range(rng.randint(0, max_len))) for d in range(docs)])
+        shards.append(FakeShard(f"shard{s}", gs))
+    return FakeCorpus("fake", shards)
+
+
+def all_docs(corpus):
+    return [doc for sh in corpus._shards for g in range(sh.num_groups()) for doc in sh.read_group(g)]
+
+
+def rows_of(batch):
+    """Rebuild full rows of T+1 tokens from (inputs, targets); asserts the shift relation first."""
+    x, y = batch
+    assert x.dtype == torch.long and y.dtype == torch.long and x.shape == y.shape
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    return torch.cat([x, y[:, -1:]], dim=1)
+
+
+def split_at_bos(row, bos):
+    """A row's documents: maximal runs that start at a BOS."""
+    row = row.tolist()
+    assert row[0] == bos
+    starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+    return [row[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def test_pretrain_rows_bos_aligned_no_padding_docs_intact_except_cropped_tail():
+    tok = ByteTokenizer()
+    corpus = make_corpus()
+    full = {tuple([tok.bos_id] + tok.encode(d)) for d in all_docs(corpus)}
+    loader = PretrainLoader(corpus, "train", None, tok, batch_size=3, seq_len=31, rt=rt(), buffer_docs=8)
+    cropped_rows = 0
+    for batch in take(loader, 6):
+        x, y = batch
+        assert x.shape == (3, 31)
+        for row in rows_of(batch):
+            docs = split_at_bos(row, tok.bos_id)
+            assert sum(len(d) for d in docs) == 32  # exactly full: no padding anywhere
+            for d in docs[:-1]:
+                assert tuple(d) in full  # every document but the last is whole
+            last = tuple(docs[-1])
+            if last not in full:  # the last may be a cropped prefix of a document
+                cropped_rows += 1
+                assert any(f[: len(last)] == last for f in full)
+    assert cropped_rows > 0  # docs up to 44 tokens in rows of 32: cropping must have happened
+    s = loader.stats
+    assert s["rows_served"] == 18 and s["tokens_served"] == 18 * 31
+    assert 0 < s["crop_fraction"] < 1
+    assert s["tokens_cropped"] > 0
+
+
+def test_pretrain_best_fit_order_and_crop_by_hand():
+    """Lengths incl. BOS: a 6, b 4, c 9, d 3, e 12; rows of 10; one group read at a time.
+
+    row 1: longest that fits 10 is c (9) -> space 1 -> nothing fits -> crop the shortest (d) to 1.
+    row 2: longest that fits is a (6) -> space 4 -> b (4) fits exactly.
+    row 3: only e (12) is left: cropped to 10. row 4: the next epoch starts like row 1.
+    """
+    tok = ByteTokenizer()
+    docs = ["aaaaa", "bbb", "cccccccc", "dd", "eeeeeeeeeee"]
+    corpus = FakeCorpus("hand", [FakeShard("s", [docs])])
+    loader = PretrainLoader(corpus, "train", None, tok, batch_size=1, seq_len=9, rt=rt(), buffer_docs=1)
+    a, b, c, d, e = ([tok.bos_id] + tok.encode(t) for t in docs)
+    assert rows_of(next(loader))[0].tolist() == c + d[:1]
+    assert loader.stats["tokens_cropped"] == 2
+    assert loader.stats["crop_fraction"] == pytest.approx(2 / 12)
+    assert rows_of(next(loader))[0].tolist() == a + b
+    assert rows_of(next(loader))[0].tolist() == e[:10]
+    assert loader.stats["epoch"] == 0
+    assert rows_of(next(loader))[0].tolist() == c + d[:1]
+    assert loader.stats["epoch"] == 1
+    assert loader.stats["crop_fraction"] == pytest.approx(6 / 46)
+
+
+def test_pretrain_state_is_small_json_and_resume_is_exact_across_epochs():
+    tok = ByteTokenizer()
+    corpus = make_corpus()  # 60 docs of ~25 tokens: one epoch is ~47 rows of 32
+    make = lambda: PretrainLoader(corpus, "train", None, tok, batch_size=4, seq_len=31, rt=rt(), buffer_docs=10)
+    for k in (0, 3, 11, 13):  # 11..13 batches of 4 rows straddle the first epoch boundary
+        ref = make()
+        take(ref, k)
+        state = json.loads(json.dumps(ref.state_dict()))  # must survive a JSON round trip
+        assert all(isinstance(e, list) and len(e) == 4 for e in state["buffer"])
+        expected = take(ref, 6)
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert_same_batches(take(resumed, 6), expected)
+        assert resumed.stats == ref.stats
+    assert ref.stats["epoch"] >= 1
+
+
+def test_pretrain_two_ranks_disjoint_and_cover_every_group():
+    tok = ByteTokenizer()
+    corpus = make_corpus(n_shards=3, groups=3)  # 9 units: rank 0 gets 5, rank 1 gets 4
+    loaders = [PretrainLoader(corpus, "train", None, tok, 2, 31, rt(r, 2), buffer_docs=4) for r in range(2)]
+    u0, u1 = set(loaders[0].units), set(loaders[1].units)
+    assert not u0 & u1 and len(u0 | u1) == 9
+    for r, loader in enumerate(loaders):
+        mine = {f"d{s}.{g}." for s, g in loader.units}
+        for batch in take(loader, 5):
+            for row in rows_of(batch):
+                for d in split_at_bos(row, tok.bos_id):
+                    text = tok.decode(d)
+                    if "|" in text:  # the doc's name survived any crop: it must be one of this rank's
+                        assert text[: text.index(".", 3) + 1] in mine
+    # per-rank exact resume too
+    ref = PretrainLoader(corpus, "train", None, tok, 2, 31, rt(1, 2), buffer_docs=4)
+    take(ref, 4)
+    state = ref.state_dict()
+    again = PretrainLoader(corpus, "train", None, tok, 2, 31, rt(1, 2), buffer_docs=4)
+    again.load_state_dict(state)
+    assert_same_batches(take(again, 5), take(ref, 5))
+
+
+def test_pretrain_bad_inputs_raise_chibierror():
+    tok = ByteTokenizer()
+    corpus = make_corpus(n_shards=1, groups=2)
+    with pytest.raises(ChibiError, match="ranks"):
+        PretrainLoader(corpus, "train", None, tok, 1, 8, rt(2, 3))
+    with pytest.raises(ChibiError, match="no document groups"):
+        PretrainLoader(FakeCorpus("empty", []), "train", None, tok, 1, 8, rt())
+    with pytest.raises(ChibiError, match="batch_size"):
+        PretrainLoader(corpus, "train", None, tok, 0, 8, rt())
+    with pytest.raises(ChibiError, match="seq_len"):
+        PretrainLoader(corpus, "train", None, tok, 1, "8", rt())
+    hollow = FakeCorpus("hollow", [FakeShard("s", [[], []])])
+    with pytest.raises(ChibiError, match="hold no documents"):
+        next(PretrainLoader(hollow, "train", None, tok, 1, 8, rt()))
+
+
+def test_pretrain_state_mismatch_and_corruption_raise_chibierror():
+    tok = ByteTokenizer()
+    corpus = make_corpus()
+    a = PretrainLoader(corpus, "train", None, tok, 2, 31, rt(), buffer_docs=8)
+    take(a, 2)
+    state = a.state_dict()
+    with pytest.raises(ChibiError, match="seq_len"):
+        PretrainLoader(corpus, "train", None, tok, 2, 15, rt(), buffer_docs=8).load_state_dict(state)
+    with pytest.raises(ChibiError, match="world_size"):
+        PretrainLoader(corpus, "train", None, tok, 2, 31, rt(0, 2), buffer_docs=8).load_state_dict(state)
+    with pytest.raises(ChibiError, match="pretrain loader state"):
+        PretrainLoader(corpus, "train", None, tok, 2, 31, rt(), buffer_docs=8).load_state_dict({"kind": "conversation"})
+    broken = json.loads(json.dumps(state))
+    broken["buffer"][0] = ["x"]
+    with pytest.raises(ChibiError, match="corrupt"):
+        PretrainLoader(corpus, "train", None, tok, 2, 31, rt(), buffer_docs=8).load_state_dict(broken)
+    # same names and group counts, but a document's text changed: the length check catches it
+    edited = make_corpus()
+    s, g = a.units[state["buffer"][0][1]]
+    d = state["buffer"][0][2]
+    edited._shards[s]._groups[g][d] += "more"
+    with pytest.raises(ChibiError, match="changed"):
+        PretrainLoader(edited, "train", None, tok, 2, 31, rt(), buffer_docs=8).load_state_dict(state)
+
+
+def _local_corpus(tmp_path, n_files=3, docs_per_file=40):
+    """A local:/folder corpus of .jsonl files (the last is val), English and Japanese text."""
+    from chibichat.data.corpora import get_corpus
+
+    rng = random.Random(1)
+    words = ["the", "loader", "packs", "documents", "into", "rows", "日本語", "の", "文書", "です", "42", "tokens"]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    texts = []
+    for f in range(n_files):
+        lines = []
+        for d in range(docs_per_file):
+            text = f"doc {f}-{d}: " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 60)))
+            texts.append(text)
+            lines.append(json.dumps({"text": text}, ensure_ascii=False))
+        (folder / f"part{f}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return get_corpus(f"local:{folder}"), texts
+
+
+def test_pretrain_with_real_tokenizer_and_local_corpus_resumes_exactly(tmp_path):
+    from chibichat.tokenizer import train_tokenizer
+
+    corpus, texts = _local_corpus(tmp_path)
+    tok = train_tokenizer(texts, vocab_size=300)
+    make = lambda: PretrainLoader(corpus, "train", None, tok, batch_size=4, seq_len=63, rt=rt(), buffer_docs=50)
+    ref = make()
+    first = take(ref, 3)  # epoch 0; the 8 batches after the save cross into epoch 1
+    for batch in first:
+        for row in rows_of(batch):
+            assert row[0].item() == tok.bos_id
+            assert tok.decode(row[1:12].tolist()).startswith("doc ")
+    state = json.loads(json.dumps(ref.state_dict()))
+    expected = take(ref, 8)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert_same_batches(take(resumed, 8), expected)
+    assert ref.stats["epoch"] >= 1
