@@ -1,6 +1,7 @@
 """CORE scoring against hand-computed results, with fake scorers whose choices are known exactly."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -41,9 +42,29 @@ class FakeScorer:
         return out
 
 
+class FakeCoreTask:
+    """The task protocol eval/core.py reads (tasks.base.CoreTask has the same shape)."""
+
+    def __init__(self, name, items, num_fewshot=0, random_baseline=0.0, self_shot=False):
+        self.name, self.items, self.num_fewshot, self.random_baseline = name, items, num_fewshot, random_baseline
+        self.self_shot = self_shot
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def fewshot_indices(self, i):
+        if self.self_shot:
+            return [i]
+        return random.Random(1234 + i).sample([j for j in range(len(self.items)) if j != i], self.num_fewshot)
+
+
 def mc_task(golds, shots=0):
-    items = [{"query": f"Q{i}:", "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"], "gold": g} for i, g in enumerate(golds)]
-    return C.CoreTask("mc", "multiple_choice", items, num_fewshot=shots, delimiter=" ")
+    items = [{"type": "multiple_choice", "context": f"Q{i}:", "continuations": [f" a{i}", f" b{i}", f" c{i}", f" d{i}"],
+              "gold": g} for i, g in enumerate(golds)]
+    return FakeCoreTask("mc", items, num_fewshot=shots, random_baseline=0.25)
 
 
 GOLDS = [0, 1, 2, 3, 0, 0, 1, 2]  # 3 of 8 have gold 0
@@ -79,15 +100,15 @@ def test_ties_go_to_the_first_option_and_losses_are_means():
 
 
 def test_schema_and_language_modeling():
-    items = [{"context_options": [f"x{i}", f"y{i}"], "continuation": "end", "gold": i % 2} for i in range(6)]
-    schema = C.CoreTask("wino", "schema", items, num_fewshot=1)
+    items = [{"type": "schema", "contexts": [f"x{i}", f"y{i}"], "continuation": " end", "gold": i % 2} for i in range(6)]
+    schema = FakeCoreTask("wino", items, num_fewshot=1, random_baseline=0.5)
     # prefer the context whose option starts with "y": correct for odd items (3 of 6)
     sc = FakeScorer(lambda ctx, cont: 0.0 if ctx.split("\n\n")[-1].startswith("y") else 1.0)
     s = C.evaluate_core(sc, CharTok(), [schema], full_bundle=False)["tasks"][0]
     assert s["accuracy"] == 0.5 and s["baseline"] == 0.5 and s["centered"] == 0.0
 
-    lm_items = [{"context": f"c{i}", "continuation": f"w{i}"} for i in range(5)]
-    lm = C.CoreTask("lambada", "language_modeling", lm_items, num_fewshot=0)
+    lm_items = [{"type": "language_modeling", "context": f"c{i}", "continuation": f" w{i}"} for i in range(5)]
+    lm = FakeCoreTask("lambada", lm_items, num_fewshot=0, random_baseline=0.0)
     ok = FakeScorer(lambda c, x: 0.1, lm_ok=lambda ctx, cont: cont.strip() in ("w1", "w3"))
     s = C.evaluate_core(ok, CharTok(), [lm], full_bundle=False)["tasks"][0]
     assert s["accuracy"] == 2 / 5 and s["baseline"] == 0.0 and s["centered"] == 2 / 5
@@ -96,31 +117,31 @@ def test_schema_and_language_modeling():
     assert out["score"] == pytest.approx((0.0 + 0.4) / 2)
 
 
-def test_fewshot_is_deterministic_and_never_the_item():
+def test_fewshot_prompt_layout_and_self_shot_refused():
     task = mc_task(GOLDS, shots=3)
-    for i in range(len(GOLDS)):
-        idx = C.fewshot_indices(len(GOLDS), i, 3)
-        assert i not in idx and len(set(idx)) == 3
-        assert idx == C.fewshot_indices(len(GOLDS), i, 3)
     ctx, cont = C.item_texts(task, 5)[1]
     shots = ctx.split("\n\n")
     assert len(shots) == 4 and shots[-1] == "Q5:" and cont == " b5"
-    # a shot shows its gold answer
-    j = C.fewshot_indices(len(GOLDS), 5, 3)[0]
+    # a demonstration shows its gold continuation
+    j = task.fewshot_indices(5)[0]
     assert shots[0] == f"Q{j}: " + ["a", "b", "c", "d"][GOLDS[j]] + str(j)
+    bad = FakeCoreTask("leaky", task.items, num_fewshot=1, self_shot=True)
+    with pytest.raises(ChibiError, match="own demonstration"):
+        C.item_texts(bad, 0)
 
 
-def test_delimiter_trailing_space_moves_to_the_continuation():
-    task = C.CoreTask("t", "multiple_choice", [{"query": "Q", "choices": ["x", "y"], "gold": 0}] * 2,
-                      delimiter="\nAnswer: ")
+def test_context_trailing_space_moves_to_the_continuation():
+    task = FakeCoreTask("t", [{"type": "multiple_choice", "context": "Q\nAnswer: ", "continuations": ["x", "y"],
+                               "gold": 0}] * 2)
     assert C.item_texts(task, 0)[0] == ("Q\nAnswer:", " x")
     ids, start = C.item_requests(CharTok(), task, 0)[0]
     assert ids[0] == 0 and CharTok().decode(ids[start:]) == " x"
 
 
 def test_over_length_items_are_skipped_and_counted():
-    items = [{"query": "Q" * (50 if i == 2 else 3), "choices": ["a", "b"], "gold": 0} for i in range(4)]
-    task = C.CoreTask("long", "multiple_choice", items)
+    items = [{"type": "multiple_choice", "context": "Q" * (50 if i == 2 else 3), "continuations": [" a", " b"],
+              "gold": 0} for i in range(4)]
+    task = FakeCoreTask("long", items, random_baseline=0.5)
     out = C.evaluate_core(FakeScorer(lambda c, x: 0.0, max_len=20), CharTok(), [task], full_bundle=False)
     s = out["tasks"][0]
     assert s["n_scored"] == 3 and s["n_skipped_too_long"] == 1 and s["accuracy"] == 1.0
@@ -129,17 +150,24 @@ def test_over_length_items_are_skipped_and_counted():
         C.evaluate_core(FakeScorer(lambda c, x: 0.0, max_len=5), CharTok(), [task], full_bundle=False)
 
 
-def test_bad_tasks_raise():
-    with pytest.raises(ChibiError, match="kind"):
-        C.CoreTask("t", "cloze", [{"x": 1}])
+@pytest.mark.parametrize("item,msg", [
+    ({"type": "cloze"}, "type"),
+    ({"type": "multiple_choice", "context": "q", "continuations": [" a", " b"], "gold": 2}, "gold"),
+    ({"type": "multiple_choice", "context": "q", "continuations": [" a"], "gold": 0}, "at least 2"),
+    ({"type": "language_modeling", "context": "q"}, "lacks"),
+])
+def test_bad_items_raise(item, msg):
+    with pytest.raises(ChibiError, match=msg):
+        C.evaluate_core(FakeScorer(lambda c, x: 0.0), CharTok(), [FakeCoreTask("t", [item])], full_bundle=False)
+
+
+def test_mixed_or_empty_tasks_raise():
+    items = [{"type": "language_modeling", "context": "q", "continuation": " a"},
+             {"type": "schema", "contexts": ["a", "b"], "continuation": " c", "gold": 0}]
+    with pytest.raises(ChibiError, match="mixes"):
+        C.task_kind(FakeCoreTask("t", items))
     with pytest.raises(ChibiError, match="no items"):
-        C.CoreTask("t", "schema", [])
-    with pytest.raises(ChibiError, match="gold"):
-        C.CoreTask("t", "multiple_choice", [{"query": "q", "choices": ["a", "b"], "gold": 2}])
-    with pytest.raises(ChibiError, match="lacks"):
-        C.CoreTask("t", "language_modeling", [{"context": "q"}])
-    with pytest.raises(ChibiError, match="num_fewshot"):
-        C.CoreTask("t", "language_modeling", [{"context": "q", "continuation": "a"}], num_fewshot=1)
+        C.task_kind(FakeCoreTask("t", []))
 
 
 def test_ranks_stride_and_gather_equal_single_process():
@@ -193,10 +221,10 @@ def test_model_scorer_batched_equals_one_by_one():
 def test_write_eval_outputs(tmp_path):
     task = mc_task(GOLDS)
     out = C.evaluate_core(FakeScorer(lambda c, x: 0.0), CharTok(), [task], full_bundle=False)
-    write_eval_outputs(tmp_path, "core", out["items"], {"label": out["label"], "score": out["score"]})
+    write_eval_outputs(tmp_path, "core", out["items"], {"core_label": out["label"], "core": out["score"]})
     write_eval_outputs(tmp_path, "other", [{"a": 1}], {"x": 2})
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["core"]["label"] == "CORE-lite" and summary["other"] == {"x": 2}
+    assert summary == {"core_label": "CORE-lite", "core": 1 / 3 * 0 + out["score"], "x": 2}
     lines = (tmp_path / "core.jsonl").read_text().splitlines()
     assert len(lines) == len(GOLDS) and json.loads(lines[1])["gold"] == 1
     header = (tmp_path / "core.csv").read_text().splitlines()[0]

@@ -18,7 +18,6 @@ a GPT with batched forward passes.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -26,8 +25,7 @@ from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered
 
 CORE_KINDS = ("multiple_choice", "schema", "language_modeling")
-FEWSHOT_SEED = 1234  # few-shot examples of item i are drawn with Random(FEWSHOT_SEED + i)
-SHOT_SEPARATOR = "\n\n"
+SHOT_SEPARATOR = "\n\n"  # demonstrations are separated by a blank line (tasks/base.py "core" schema)
 
 
 class Scorer(Protocol):
@@ -43,42 +41,41 @@ class Scorer(Protocol):
         ...
 
 
-@dataclass
-class CoreTask:
-    """One in-context task. Items use the DCLM field names:
-    multiple_choice: {"query", "choices", "gold"}; schema: {"context_options", "continuation", "gold"};
-    language_modeling: {"context", "continuation"}."""
+# ----------------------------------------------------------------------------------------------
+# Tasks: any object with name, len, [i], num_fewshot, random_baseline and fewshot_indices(i)
+# (chibichat.tasks.base.CoreTask and its views). Items follow the "core" schema of tasks/base.py:
+#   {"type": "multiple_choice", "context", "continuations", "gold"}
+#   {"type": "schema", "contexts", "continuation", "gold"}
+#   {"type": "language_modeling", "context", "continuation"}
+# The scored text is exactly context + continuation; continuations carry their own separator.
 
-    name: str
-    kind: str
-    items: list[dict]
-    num_fewshot: int = 0
-    delimiter: str = " "
-    baseline: float | None = None  # random baseline in [0, 1); None -> 1/#options (0 for language_modeling)
-
-    def __post_init__(self):
-        if self.kind not in CORE_KINDS:
-            raise ChibiError(f"CORE task {self.name!r}: kind {self.kind!r} is not one of {CORE_KINDS}")
-        if not self.items:
-            raise ChibiError(f"CORE task {self.name!r} has no items")
-        if self.num_fewshot < 0 or self.num_fewshot >= len(self.items):
-            raise ChibiError(
-                f"CORE task {self.name!r}: num_fewshot={self.num_fewshot} needs at least num_fewshot+1 items "
-                f"(has {len(self.items)}); lower the shots or add items"
-            )
-        for i, it in enumerate(self.items):
-            _validate_item(self, i, it)
+_FIELDS = {"multiple_choice": ("context", "continuations", "gold"), "schema": ("contexts", "continuation", "gold"),
+           "language_modeling": ("context", "continuation")}
 
 
-def _validate_item(task: CoreTask, i: int, it: dict) -> None:
-    where = f"CORE task {task.name!r} item {i}"
-    need = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
-            "language_modeling": ("context", "continuation")}[task.kind]
-    missing = [k for k in need if k not in it]
+def task_kind(task) -> str:
+    """The one item type a CORE task holds; every item is validated so a bad file fails by name."""
+    if len(task) == 0:
+        raise ChibiError(f"CORE task {task.name!r} has no items")
+    kinds = set()
+    for i in range(len(task)):
+        _validate_item(task.name, i, task[i])
+        kinds.add(task[i]["type"])
+    if len(kinds) != 1:
+        raise ChibiError(f"CORE task {task.name!r} mixes item types {sorted(kinds)}; one task holds one type")
+    return kinds.pop()
+
+
+def _validate_item(name: str, i: int, it: dict) -> None:
+    where = f"CORE task {name!r} item {i}"
+    kind = it.get("type") if isinstance(it, dict) else None
+    if kind not in CORE_KINDS:
+        raise ChibiError(f"{where}: 'type' must be one of {CORE_KINDS}, got {kind!r}")
+    missing = [k for k in _FIELDS[kind] if k not in it]
     if missing:
-        raise ChibiError(f"{where} lacks field(s) {missing} required by kind {task.kind!r}")
-    options = it.get("choices") if task.kind == "multiple_choice" else it.get("context_options")
-    if options is not None:
+        raise ChibiError(f"{where} lacks field(s) {missing} required by type {kind!r}")
+    options = {"multiple_choice": it.get("continuations"), "schema": it.get("contexts")}.get(kind)
+    if kind != "language_modeling":
         if not isinstance(options, list) or len(options) < 2:
             raise ChibiError(f"{where}: needs a list of at least 2 options, got {options!r:.80}")
         if not isinstance(it["gold"], int) or not 0 <= it["gold"] < len(options):
@@ -101,43 +98,41 @@ class ItemResult:
 # Prompts
 
 
-def _split_delimiter(delimiter: str) -> tuple[str, str]:
-    """Trailing spaces of the delimiter belong to the continuation: BPE with a GPT-4 split glues a
-    leading space to the next word (" Paris"), so cutting the text before the space gives the same
-    tokens a natural reading of the full string would."""
-    stripped = delimiter.rstrip(" ")
-    return stripped, delimiter[len(stripped):]
+def _shot_text(it: dict) -> str:
+    """A demonstration: the item's context followed by its gold continuation."""
+    if it["type"] == "multiple_choice":
+        return it["context"] + it["continuations"][it["gold"]]
+    if it["type"] == "schema":
+        return it["contexts"][it["gold"]] + it["continuation"]
+    return it["context"] + it["continuation"]
 
 
-def _shot_text(task: CoreTask, it: dict) -> str:
-    if task.kind == "multiple_choice":
-        return f"{it['query']}{task.delimiter}{it['choices'][it['gold']]}"
-    if task.kind == "schema":
-        return f"{it['context_options'][it['gold']]}{task.delimiter}{it['continuation']}"
-    return f"{it['context']}{task.delimiter}{it['continuation']}"
+def _move_trailing_spaces(ctx: str, cont: str) -> tuple[str, str]:
+    """Spaces at the end of a context belong to the continuation: BPE with a GPT-4 split glues a
+    leading space to the next word (" Paris"), so cutting before the space gives the tokens a natural
+    reading of the full string would."""
+    stripped = ctx.rstrip(" ")
+    return stripped, ctx[len(stripped):] + cont
 
 
-def fewshot_indices(n_items: int, index: int, k: int) -> list[int]:
-    """k distinct other items, drawn deterministically per item; never the item itself."""
-    rng = random.Random(FEWSHOT_SEED + index)
-    others = [j for j in range(n_items) if j != index]
-    return rng.sample(others, k)
-
-
-def item_texts(task: CoreTask, index: int) -> list[tuple[str, str]]:
+def item_texts(task, index: int) -> list[tuple[str, str]]:
     """(context, continuation) text pairs to score for one item, few-shot prefix included."""
-    it = task.items[index]
-    shots = [_shot_text(task, task.items[j]) for j in fewshot_indices(len(task.items), index, task.num_fewshot)]
+    it = task[index]
+    demo = task.fewshot_indices(index)
+    if index in demo:  # would leak the answer into the prompt
+        raise ChibiError(f"CORE task {task.name!r}: item {index} was drawn as its own demonstration")
+    shots = [_shot_text(task[j]) for j in demo]
     prefix = "".join(s + SHOT_SEPARATOR for s in shots)
-    delim_ctx, delim_cont = _split_delimiter(task.delimiter)
-    if task.kind == "multiple_choice":
-        return [(prefix + it["query"] + delim_ctx, delim_cont + c) for c in it["choices"]]
-    if task.kind == "schema":
-        return [(prefix + c + delim_ctx, delim_cont + it["continuation"]) for c in it["context_options"]]
-    return [(prefix + it["context"] + delim_ctx, delim_cont + it["continuation"])]
+    if it["type"] == "multiple_choice":
+        pairs = [(prefix + it["context"], c) for c in it["continuations"]]
+    elif it["type"] == "schema":
+        pairs = [(prefix + c, it["continuation"]) for c in it["contexts"]]
+    else:
+        pairs = [(prefix + it["context"], it["continuation"])]
+    return [_move_trailing_spaces(c, x) for c, x in pairs]
 
 
-def item_requests(tok, task: CoreTask, index: int) -> list[tuple[list[int], int]]:
+def item_requests(tok, task, index: int) -> list[tuple[list[int], int]]:
     """Token requests (ids, start) for one item: BOS + context, then the continuation tokens."""
     reqs = []
     for ctx, cont in item_texts(task, index):
@@ -153,24 +148,16 @@ def item_requests(tok, task: CoreTask, index: int) -> list[tuple[list[int], int]
 # Scoring
 
 
-def _baseline(task: CoreTask) -> float:
-    if task.baseline is not None:
-        return task.baseline
-    if task.kind == "language_modeling":
-        return 0.0
-    key = "choices" if task.kind == "multiple_choice" else "context_options"
-    return sum(1.0 / len(it[key]) for it in task.items) / len(task.items)
-
-
-def score_items(scorer: Scorer, tok, task: CoreTask, indices: Sequence[int]) -> list[ItemResult]:
+def score_items(scorer: Scorer, tok, task, indices: Sequence[int], kind: str | None = None) -> list[ItemResult]:
     """Score the given items with one flat, batched list of requests (the scorer batches them)."""
+    kind = kind or task_kind(task)
     results: list[ItemResult] = []
     flat: list[tuple[list[int], int]] = []
     owners: list[tuple[int, int]] = []  # (position in results, option index)
     for i in indices:
         reqs = item_requests(tok, task, i)
         longest = max(len(ids) for ids, _ in reqs)
-        gold = task.items[i].get("gold")
+        gold = task[i].get("gold")
         if longest > scorer.max_len:
             # Over the model's context: counted and reported, never silently cut.
             results.append(ItemResult(task.name, i, "skipped_too_long", gold=gold, n_tokens=longest))
@@ -185,7 +172,7 @@ def score_items(scorer: Scorer, tok, task: CoreTask, indices: Sequence[int]) -> 
         per_item.setdefault(pos, []).append((ids_start, sc))
     for pos, opts in per_item.items():
         res = results[pos]
-        if task.kind == "language_modeling":
+        if kind == "language_modeling":
             (ids, start), (losses, argmax) = opts[0]
             res.correct = list(argmax) == ids[start:]
             res.losses = [sum(losses) / len(losses)]
@@ -208,7 +195,7 @@ class TaskSummary:
     num_fewshot: int
 
 
-def summarize_task(task: CoreTask, results: list[ItemResult]) -> TaskSummary:
+def summarize_task(task, kind: str, results: list[ItemResult]) -> TaskSummary:
     scored = [r for r in results if r.status == "ok"]
     skipped = len(results) - len(scored)
     if not scored:
@@ -217,27 +204,27 @@ def summarize_task(task: CoreTask, results: list[ItemResult]) -> TaskSummary:
             f"({max(r.n_tokens for r in results)} tokens or more); use fewer shots or a longer-context model"
         )
     acc = accuracy([bool(r.correct) for r in scored])
-    b = _baseline(task)
-    return TaskSummary(task.name, task.kind, acc, b, centered(acc, b), len(scored), skipped, task.num_fewshot)
+    b = task.random_baseline
+    return TaskSummary(task.name, kind, acc, b, centered(acc, b), len(scored), skipped, task.num_fewshot)
 
 
-def evaluate_core(scorer: Scorer, tok, tasks: list[CoreTask], *, full_bundle: bool,
-                  max_items: int | None = None, rank: int = 0, world_size: int = 1, gather=None) -> dict:
+def evaluate_core(scorer: Scorer, tok, tasks: list, *, full_bundle: bool,
+                  rank: int = 0, world_size: int = 1, gather=None) -> dict:
     """Evaluate every task; returns {"label", "score", "tasks": [summaries], "items": [per-item rows]}.
 
     Ranks stride over items; `gather(list) -> list of lists` (all ranks' results) merges them.
+    To evaluate a subset, pass views (e.g. `task.shuffled(1337).slice(0, n)`).
     """
     if not tasks:
         raise ChibiError("no CORE tasks to evaluate")
     all_rows, summaries = [], []
     for task in tasks:
-        n = len(task.items) if max_items is None else min(max_items, len(task.items))
-        mine = list(range(rank, n, world_size))
-        results = score_items(scorer, tok, task, mine)
+        kind = task_kind(task)
+        results = score_items(scorer, tok, task, range(rank, len(task), world_size), kind)
         if gather is not None:
             results = [r for part in gather(results) for r in part]
             results.sort(key=lambda r: r.index)
-        s = summarize_task(task, results)
+        s = summarize_task(task, kind, results)
         summaries.append(s.__dict__)
         all_rows += [r.__dict__ for r in results]
     score = sum(s["centered"] for s in summaries) / len(summaries)

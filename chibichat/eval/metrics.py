@@ -136,8 +136,9 @@ def mean_finite(values: Sequence[float]) -> float:
 
 
 def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict) -> dict:
-    """Write `<name>.jsonl` (one row per item), `<name>.csv` (the scalar columns) and merge `summary`
-    into `<out_dir>/summary.json` under key `name`. Returns the paths written."""
+    """Write `<name>.jsonl` (one row per item), `<name>.csv` (the scalar columns) and merge the flat
+    `summary` keys (e.g. "core", "core_label", "arc_easy") into `<out_dir>/summary.json`, which the
+    report reads; other evals' keys already there are kept. Returns the paths written."""
     import csv
     import io
     import json
@@ -161,6 +162,6 @@ def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict) -> d
         from chibichat.common import read_json
 
         merged = read_json(summary_path, "eval summary")
-    merged[name] = summary
+    merged.update(summary)
     atomic_write_json(summary_path, merged)
     return {"jsonl": str(jsonl), "csv": str(csv_path), "summary": str(summary_path)}
