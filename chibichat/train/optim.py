@@ -1,0 +1,244 @@
+"""MuonAdamW: one optimizer for the whole model, on one device and across ranks.
+
+Muon (momentum orthogonalised by a Newton-Schulz iteration) updates the 2-D block matrices; AdamW
+updates everything else (embeddings, the head, conv taps, scalars). Each parameter group says which
+rule it uses with `kind="muon"` or `kind="adamw"`.
+
+Distributed: there is no DDP wrapper and no second "distributed" copy of this class. When
+torch.distributed is initialised with world_size > 1, `step()` first all-reduces the gradients itself
+(coalesced into a few flat buffers), then every rank applies the same update to its replica. The
+training loop scales each rank's loss by the *global* token count of the step, so the reduction is a
+SUM by default (`grad_reduce="sum"`); a caller whose per-rank losses are already means can ask for
+"mean". Because the state is identical on every rank, one saved state resumes any world size.
+
+Gradient clipping (off by default, as in nanochat) happens after the reduction, on the global
+gradient, never on a rank's local piece (REFERENCE §20 #17).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+# Quintic Newton-Schulz coefficients (Keller Jordan's Muon): chosen to push every singular value of
+# the normalised matrix towards 1 quickly, trading exact convergence for speed; 5 steps leave the
+# singular values roughly in [0.7, 1.2], which is all Muon needs.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0)
+ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T for a batch of matrices (..., rows, cols), in `dtype`.
+
+    The iteration is run on the wide orientation (rows <= cols) so the Gram matrix X X^T is the
+    smaller one. Returns a tensor of g's dtype.
+    """
+    a, b, c = NS_COEFFS
+    x = g.to(dtype)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    # Spectral norm <= Frobenius norm, so this puts every singular value in [0, 1].
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    if transposed:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """param_groups: dicts with "params" and "kind" ("muon" | "adamw") plus that rule's settings.
+
+    muon:  lr, momentum, nesterov, weight_decay          (params must be 2-D)
+    adamw: lr, betas, eps, weight_decay                  (any shape)
+    Every group also gets "initial_lr" (the LR schedule multiplies it) unless given.
+    """
+
+    def __init__(self, param_groups, grad_reduce: str = "sum", grad_clip: float = 0.0,
+                 ns_dtype: torch.dtype = torch.bfloat16):
+        if grad_reduce not in ("sum", "mean"):
+            raise ValueError(f"grad_reduce must be 'sum' or 'mean', got {grad_reduce!r}")
+        groups = []
+        for g in param_groups:
+            g = dict(g)
+            kind = g.get("kind")
+            if kind == "muon":
+                g = {**MUON_DEFAULTS, **g}
+                for p in g["params"]:
+                    if p.ndim != 2:
+                        raise ValueError(f"Muon only takes 2-D matrices; got a parameter of shape {tuple(p.shape)}")
+            elif kind == "adamw":
+                g = {**ADAMW_DEFAULTS, **g}
+                g["betas"] = tuple(g["betas"])
+            else:
+                raise ValueError(f"each param group needs kind='muon' or 'adamw', got {kind!r}")
+            g.setdefault("initial_lr", g["lr"])
+            g["params"] = [p for p in g["params"]]
+            if g["params"]:
+                groups.append(g)
+        if not groups:
+            raise ValueError("MuonAdamW got no parameters")
+        super().__init__(groups, defaults={})
+        self.grad_reduce = grad_reduce
+        self.grad_clip = float(grad_clip)
+        self.ns_dtype = ns_dtype
+
+    # ------------------------------------------------------------------------------------------
+    def _all_params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Sum (or average) every gradient over ranks: one flat all-reduce per dtype/device.
+
+        Coalescing matters: a small model has dozens of tensors and one collective per tensor
+        would be latency-bound. Parameters without a gradient get zeros so all ranks send the same
+        layout (a rank whose micro-batch skipped a parameter must still take part).
+        """
+        world = self._world_size()
+        if world == 1:
+            return
+        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in self._all_params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            buckets[(p.grad.dtype, p.grad.device)].append(p.grad)
+        for grads in buckets.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            if self.grad_reduce == "mean":
+                flat.div_(world)
+            offset = 0
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset:offset + n].view_as(g))
+                offset += n
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Reduce gradients across ranks, clip (if asked), then update. Returns the global grad
+        norm when clipping is on, else None."""
+        if closure is not None:
+            raise ValueError("MuonAdamW.step does not take a closure")
+        self.reduce_gradients()
+        norm = None
+        if self.grad_clip > 0:
+            params = [p for p in self._all_params() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_group(group)
+            else:
+                self._adamw_group(group)
+        return norm
+
+    # ------------------------------------------------------------------------------------------
+    def _muon_group(self, group) -> None:
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        # Same-shaped matrices are stacked so Newton-Schulz runs as one batched matmul chain:
+        # far fewer kernel launches / Python round-trips than one chain per matrix.
+        by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is not None:
+                by_shape[tuple(p.shape)].append(p)
+        for (rows, cols), params in by_shape.items():
+            grads = [p.grad for p in params]
+            bufs = []
+            for p, g in zip(params, grads):
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(g)
+                bufs.append(st["momentum_buffer"])
+            torch._foreach_lerp_(bufs, grads, 1 - mom)            # buf = mom*buf + (1-mom)*g
+            if group["nesterov"]:
+                upd = torch._foreach_lerp(grads, bufs, mom)        # g + mom*(buf - g)
+            else:
+                upd = bufs
+            ortho = orthogonalize(torch.stack(upd), dtype=self.ns_dtype)
+            # An orthogonal matrix has unit singular values whatever its shape; tall matrices get
+            # a larger step so the per-element RMS of the update is comparable across shapes.
+            scale = math.sqrt(max(1.0, rows / cols))
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, list(ortho.unbind(0)), alpha=-lr * scale)
+
+    def _adamw_group(self, group) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        params, grads, m1, m2 = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            params.append(p)
+            grads.append(p.grad)
+            m1.append(st["exp_avg"])
+            m2.append(st["exp_avg_sq"])
+        if not params:
+            return
+        # The step count lives in the group (a plain int, saved in the checkpoint's JSON) so all
+        # parameters of a group share it; groups only ever step together.
+        group["step"] = t = group.get("step", 0) + 1
+        torch._foreach_lerp_(m1, grads, 1 - b1)
+        torch._foreach_mul_(m2, b2)
+        torch._foreach_addcmul_(m2, grads, grads, value=1 - b2)
+        bc1 = 1 - b1 ** t
+        bc2 = 1 - b2 ** t
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        denom = torch._foreach_sqrt(m2)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m1, denom, value=-lr / bc1)
+
+
+def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, warmup_steps: int = 300) -> float:
+    """Muon momentum warms up linearly from `start` to `end` over the first `warmup_steps` optimizer
+    steps (nanochat): a low momentum early lets the fast-changing early gradients through."""
+    if warmup_steps <= 0:
+        return end
+    frac = min(step / warmup_steps, 1.0)
+    return start + (end - start) * frac
+
+
+def set_muon_momentum(optimizer: MuonAdamW, momentum: float) -> None:
+    for g in optimizer.param_groups:
+        if g["kind"] == "muon":
+            g["momentum"] = momentum
+
+
+def build_optimizer(groups: dict, *, matrix_lr: float, embedding_lr: float, unembedding_lr: float,
+                    other_lr: float, weight_decay: float = 0.0, grad_clip: float = 0.0,
+                    ns_dtype: torch.dtype = torch.bfloat16) -> MuonAdamW:
+    """The optimizer from a model's `param_groups()` dict ("matrix", "embedding", "head", "other").
+
+    matrix -> Muon; embedding, head, other -> AdamW with betas (0.8, 0.95), eps 1e-10 (nanochat).
+    Weight decay applies to the matrices only (embeddings/head/scalars decay would fight the
+    softcapped logits and the gates). Unknown group names are an error, not silently dropped.
+    """
+    known = {"matrix", "embedding", "head", "other"}
+    unknown = set(groups) - known
+    if unknown:
+        raise ValueError(f"unknown parameter groups {sorted(unknown)}; expected {sorted(known)}")
+    spec = [
+        dict(params=list(groups.get("matrix", [])), kind="muon", lr=matrix_lr, weight_decay=weight_decay,
+             name="matrix"),
+        dict(params=list(groups.get("embedding", [])), kind="adamw", lr=embedding_lr, name="embedding"),
+        dict(params=list(groups.get("head", [])), kind="adamw", lr=unembedding_lr, name="head"),
+        dict(params=list(groups.get("other", [])), kind="adamw", lr=other_lr, name="other"),
+    ]
+    return MuonAdamW(spec, grad_clip=grad_clip, ns_dtype=ns_dtype)
