@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -108,6 +109,9 @@ class Tokenizer:
             raise ChibiError(f"tokenizer cannot be built: {e}. Retrain it with `chibichat tokenizer train`.") from None
         self.bos_id = self._specials["<|bos|>"]
         self.hash = _ranks_hash(self.pattern, self._ranks, self._specials)
+        # How it was trained (text size, time, corpus): saved in tokenizer.json for the report,
+        # not part of the hash (two trainings that learn the same merges are the same tokenizer).
+        self.training: dict = {}
 
     # -- ids ---------------------------------------------------------------------------------
 
@@ -161,8 +165,9 @@ class Tokenizer:
             "pattern": self.pattern,
             "vocab_size": self.vocab_size,
             "num_merges": len(self._ranks) - 256,
-            "specials": dict(self._specials),
+            "special_tokens": dict(self._specials),
             "hash": self.hash,
+            "training": dict(self.training),
         }
 
     def save(self, directory) -> None:
@@ -189,7 +194,7 @@ class Tokenizer:
         meta = read_json(directory / META_FILE, "tokenizer metadata")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ChibiError(f"{directory / META_FILE} is not a {FORMAT} file. {fix}")
-        for key, typ in (("split", str), ("pattern", str), ("vocab_size", int), ("specials", dict), ("hash", str)):
+        for key, typ in (("split", str), ("pattern", str), ("vocab_size", int), ("special_tokens", dict), ("hash", str)):
             if not isinstance(meta.get(key), typ):
                 raise ChibiError(f"{directory / META_FILE}: field {key!r} missing or not a {typ.__name__}. {fix}")
         ranks = _read_ranks(directory / RANKS_FILE, fix)
@@ -199,11 +204,12 @@ class Tokenizer:
                 f"{len(ranks)} tokens + {len(SPECIAL_TOKENS)} specials. The two files do not belong together. {fix}"
             )
         expected_specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        if meta["specials"] != expected_specials:
+        if meta["special_tokens"] != expected_specials:
             raise ChibiError(f"{directory / META_FILE}: special tokens do not match {SPECIAL_TOKENS} at ids V-9..V-1. {fix}")
         tok = cls(ranks, split=meta["split"], pattern=meta["pattern"])
         if tok.hash != meta["hash"]:
             raise ChibiError(f"{directory}: tokenizer hash mismatch (files edited or mixed from two runs). {fix}")
+        tok.training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
         return tok
 
 
@@ -269,7 +275,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
         raise ChibiError(f"unknown tokenizer split {split!r}; choose one of {sorted(SPLIT_PATTERNS)}")
     counted = _Counted(texts)
     trainer = rustbpe.Tokenizer()
+    t0 = time.perf_counter()
     trainer.train_from_iterator(counted, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERNS[split])
+    seconds = time.perf_counter() - t0
     if counted.chars == 0:
         raise ChibiError(
             f"tokenizer training text is empty ({counted.docs} documents, 0 characters); "
@@ -283,4 +291,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
             f"the training text ({counted.chars:,} chars) only supports {len(ranks) - 256} merges but vocab size "
             f"{vocab_size} needs {want - 256}; give more text (--max-chars) or a smaller --vocab-size"
         )
-    return Tokenizer(ranks, split=split)
+    tok = Tokenizer(ranks, split=split)
+    # seconds include pulling the text from `texts` (e.g. decompressing a corpus): the rate a user sees
+    tok.training = {
+        "docs": counted.docs,
+        "chars": counted.chars,
+        "seconds": round(seconds, 3),
+        "chars_per_s": round(counted.chars / max(seconds, 1e-9)),
+    }
+    return tok

@@ -163,3 +163,98 @@ def test_training_errors():
         train_tokenizer(corpus(5), 1000, split="zh")
     with pytest.raises(ChibiError, match="not a str"):
         train_tokenizer(["ok", b"bytes"], 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# `chibichat tokenizer train|eval`
+
+
+@pytest.fixture
+def local_corpus(tmp_path):
+    d = tmp_path / "corp"
+    d.mkdir()
+    docs = corpus(40)
+    (d / "a_train.txt").write_text("\n\n".join(docs[:30]), encoding="utf-8")
+    (d / "b_val.txt").write_text("\n\n".join(docs[30:]), encoding="utf-8")
+    return d
+
+
+def test_cli_train_and_eval(local_corpus, home, monkeypatch, capsys, tmp_path):
+    from chibichat.cli import main
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    rc = main(["tokenizer", "train", "--corpus", f"local:{local_corpus}", "--vocab-size", "600", "--max-chars", "20000"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "trained 600-token tokenizer (ja split)" in out and "M chars/s" in out  # auto: local corpora are 'mixed'
+    tok = Tokenizer.load(home / "tokenizer")
+    tr = tok.training
+    assert tr["corpus"] == f"local:{local_corpus}" and tr["max_chars"] == 20000
+    # whole documents until the slice is reached: at least 20000 chars, overshooting by at most one document
+    assert 20000 <= tr["chars"] < 30000
+    assert tr["corpus_exhausted"] is False and tr["chars_per_s"] > 0
+
+    assert main(["tokenizer", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert "Japanese prose" in out and "unavailable" in out
+    ev = json.loads((home / "tokenizer" / "eval.json").read_text())
+    assert ev["tokenizer_hash"] == tok.hash
+    assert set(ev["kinds"]) == {"English prose", "Python code", "LaTeX math", "Japanese prose", f"local:{local_corpus} val"}
+    from chibichat.stages.tokenizer import shipped_samples
+
+    ja = shipped_samples()["Japanese prose"]
+    row = ev["kinds"]["Japanese prose"]
+    assert row["tokens"] == len(tok.encode(ja)) and row["bytes"] == len(ja.encode())
+    assert row["bytes_per_token"] == round(row["bytes"] / row["tokens"], 3)
+    assert row["GPT-2"] == row["GPT-4"] == "unavailable"
+    assert ev["references"]["GPT-4"].startswith("unavailable: not in the tiktoken cache")
+
+    # retraining replaces the directory: the old eval.json (describing another tokenizer) is gone
+    assert main(["tokenizer", "train", "--corpus", f"local:{local_corpus}", "--vocab-size", "500",
+                 "--max-chars", "20000", "--split", "gpt4"]) == 0
+    assert not (home / "tokenizer" / "eval.json").exists()
+    assert Tokenizer.load(home / "tokenizer").split == "gpt4"
+
+
+def test_cli_train_errors(local_corpus, home, tmp_path, capsys):
+    from chibichat.cli import main
+
+    assert main(["tokenizer", "train", "--corpus", f"local:{local_corpus}", "--max-chars", "0"]) == 2
+    assert "--max-chars must be a positive" in capsys.readouterr().err
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("\n\n\n")
+    (blank / "b.txt").write_text("\n\n")
+    assert main(["tokenizer", "train", "--corpus", f"local:{blank}"]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--corpus", f"local:{local_corpus}", "--vocab-size", "100"]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert main(["tokenizer", "eval"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert not (home / "tokenizer").exists()
+
+
+def test_doc_cap_is_counted(tmp_path):
+    from chibichat.stages.tokenizer import corpus_slice
+
+    class Fake:
+        def iter_documents(self, split, home):
+            yield from ["x" * 50, "y" * 10, "z" * 70, "w"]
+
+    stats = {}
+    docs = list(corpus_slice(Fake(), "train", None, max_chars=60, doc_cap=40, stats=stats))
+    assert docs == ["x" * 40, "y" * 10, "z" * 40]  # whole (capped) documents until >= 60 chars
+    assert stats == {"docs": 3, "chars": 90, "capped": 2, "exhausted": False}
+    stats = {}
+    assert len(list(corpus_slice(Fake(), "train", None, max_chars=10**6, doc_cap=None, stats=stats))) == 4
+    assert stats == {"docs": 4, "chars": 131, "capped": 0, "exhausted": True}
+
+
+def test_reference_encodings_never_download(tmp_path, monkeypatch):
+    from chibichat.stages.tokenizer import REFERENCES, reference_encoding
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    for enc, files in REFERENCES.values():
+        assert reference_encoding(enc, files).startswith("not in the tiktoken cache")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert "disabled" in reference_encoding(*REFERENCES["GPT-4"])
