@@ -1,0 +1,282 @@
+"""Checkpoints: safetensors weights + JSON metadata, written whole or not at all.
+
+Layout (Home.checkpoints_dir(stage, tag) = home/checkpoints/<stage>/<tag>/):
+
+    step_000500/
+        model.safetensors        fp32 weights, keys without `_orig_mod.` / `module.` prefixes
+        meta.json                {"format", "step", "world_size", "model_config", "tokenizer": {hash, vocab_size},
+                                  ... whatever the caller adds: loader states, loop state, RNG, flags}
+        optim_rank0.safetensors  optimizer tensors (Muon momentum, Adam moments), keys "<param idx>.<name>"
+        optim_rank0.json         the optimizer's param_groups and non-tensor state (e.g. Adam step count)
+
+MuonAdamW keeps an identical replica of its state on every rank (gradients are all-reduced before
+the update), so only rank 0's optimizer state is written, and every rank loads it on resume.
+The `_rank0` suffix keeps room for a sharded optimizer later.
+
+Atomicity: rank 0 builds the directory under a temporary name and renames it into place
+(common.atomic_directory), so a crash leaves either the whole `step_XXXXXX/` or nothing; readers
+ignore `.tmp-*`. Other ranks only contribute through collectives (gather of their loader/RNG state),
+which the caller does before calling `save_checkpoint`.
+
+No pickle anywhere: a checkpoint from an untrusted source cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from chibichat.common import ChibiError, Home, Runtime, atomic_directory, read_json
+
+FORMAT = "chibichat-checkpoint-1"
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+STAGE_COMMANDS = {"base": "chibichat pretrain", "mid": "chibichat midtrain", "sft": "chibichat sft",
+                  "rl": "chibichat rl"}
+# Wrappers that prefix parameter names: torch.compile and DDP.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def step_dir(tag_dir: str | os.PathLike, step: int) -> Path:
+    return Path(tag_dir) / f"step_{step:06d}"
+
+
+def list_steps(tag_dir: str | os.PathLike) -> list[int]:
+    """Complete saved steps under a tag directory, ascending. Temporary/partial dirs are skipped:
+    a step directory only exists after its atomic rename, and must hold meta.json."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        return []
+    steps = []
+    for d in tag_dir.iterdir():
+        m = STEP_RE.match(d.name)
+        if m and (d / "meta.json").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def unwrap(model):
+    """The plain nn.Module behind torch.compile / DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def strip_prefixes(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def _model_tensors(model) -> dict:
+    import torch
+
+    state = strip_prefixes(unwrap(model).state_dict())
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def _optimizer_payload(optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and everything else (JSON)."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalar_state": scalars}
+
+
+def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, meta: dict,
+                    rt: Runtime | None = None, keep_last: int = 0) -> Path:
+    """Write step_XXXXXX/ under tag_dir (rank 0 only; other ranks return the path untouched).
+
+    `meta` is the caller's JSON-serialisable metadata (model_config, tokenizer, loader, loop, flags);
+    `format`, `step` and `world_size` are added here. `keep_last` > 0 deletes all but the newest N
+    steps after a successful save. Returns the step directory.
+    """
+    import json
+
+    from safetensors.torch import save as st_save
+
+    final = step_dir(tag_dir, step)
+    if rt is not None and not rt.is_master:
+        return final
+    full_meta = {"format": FORMAT, "step": int(step), "world_size": rt.world_size if rt else 1, **meta}
+    meta_text = json.dumps(full_meta, indent=2, ensure_ascii=False) + "\n"  # fails early if not JSON-able
+    with atomic_directory(final) as tmp:
+        (tmp / "model.safetensors").write_bytes(st_save(_model_tensors(model), metadata={"format": FORMAT}))
+        if optimizer is not None:
+            tensors, rest = _optimizer_payload(optimizer)
+            (tmp / "optim_rank0.safetensors").write_bytes(st_save(tensors, metadata={"format": FORMAT}))
+            (tmp / "optim_rank0.json").write_text(json.dumps(rest, indent=1) + "\n", encoding="utf-8")
+        # meta.json last: list_steps() treats a directory without it as incomplete.
+        (tmp / "meta.json").write_text(meta_text, encoding="utf-8")
+        for f in tmp.iterdir():  # durable before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if keep_last > 0:
+        for old in list_steps(tag_dir)[:-keep_last]:
+            shutil.rmtree(step_dir(tag_dir, old), ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_meta(sdir: str | os.PathLike) -> dict:
+    sdir = Path(sdir)
+    meta = read_json(sdir / "meta.json", "checkpoint metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ChibiError(f"{sdir / 'meta.json'} is not a {FORMAT} checkpoint; it was not written by this chibichat")
+    return meta
+
+
+def _read_tensors(path: Path, what: str) -> dict:
+    from safetensors.torch import load as st_load
+
+    try:
+        return st_load(path.read_bytes())
+    except FileNotFoundError:
+        raise ChibiError(f"{what} missing: {path}. The checkpoint is incomplete; delete {path.parent} "
+                         f"and use an earlier step") from None
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ChibiError(f"{what} is corrupt ({path}): {e}. Delete {path.parent} and use an earlier step") from None
+
+
+def load_weights(sdir: str | os.PathLike, model) -> None:
+    """Load model.safetensors into `model` (strict: every key present, every shape equal)."""
+    import torch
+
+    sdir = Path(sdir)
+    state = strip_prefixes(_read_tensors(sdir / "model.safetensors", "checkpoint weights"))
+    target = unwrap(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ChibiError(f"checkpoint {sdir} does not fit this model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}. It was saved for a different model config")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ChibiError(f"checkpoint {sdir}: tensor {k} has shape {tuple(v.shape)} but the model expects "
+                             f"{tuple(own[k].shape)}; it was saved for a different model config")
+    with torch.no_grad():
+        target.load_state_dict(state, strict=True)
+
+
+def load_optimizer(sdir: str | os.PathLike, optimizer) -> None:
+    import json
+
+    sdir = Path(sdir)
+    tensors = _read_tensors(sdir / "optim_rank0.safetensors", "optimizer state")
+    rest_path = sdir / "optim_rank0.json"
+    try:
+        rest = json.loads(rest_path.read_text(encoding="utf-8"))
+        groups, scalars = rest["param_groups"], rest["scalar_state"]
+    except FileNotFoundError:
+        raise ChibiError(f"optimizer state missing: {rest_path}; delete {sdir} and use an earlier step") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ChibiError(f"optimizer state is corrupt ({rest_path}): {e}; delete {sdir} and use an earlier step") from None
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    for idx, d in scalars.items():
+        state.setdefault(int(idx), {}).update(d)
+    mine = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:
+        raise ChibiError(f"optimizer state in {sdir} has groups of sizes {[len(g['params']) for g in groups]}, "
+                         f"this model's optimizer {[len(g['params']) for g in mine]}: different model config")
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ChibiError(f"optimizer state in {sdir} does not fit this optimizer: {e}") from None
+
+
+def check_tokenizer(meta: dict, tokenizer, where) -> None:
+    """Refuse a tokenizer other than the one the checkpoint was trained with."""
+    saved = meta.get("tokenizer") or {}
+    if saved.get("vocab_size") != tokenizer.vocab_size or saved.get("hash") != tokenizer.hash:
+        raise ChibiError(
+            f"checkpoint {where} was trained with tokenizer {str(saved.get('hash'))[:12]} (vocab "
+            f"{saved.get('vocab_size')}), but the loaded tokenizer is {tokenizer.hash[:12]} (vocab "
+            f"{tokenizer.vocab_size}). Token ids would mean different things: use the tokenizer it was "
+            f"trained with (restore home/tokenizer/), or train a new model with this tokenizer"
+        )
+
+
+def resolve_checkpoint(home: Home, stage: str, tag: str | None = None, step: int | None = None) -> Path:
+    """The step directory for (stage, tag, step). tag None -> the tag with the most recently
+    written checkpoint; step None -> its newest step."""
+    stage_dir = home.root / "checkpoints" / stage
+    make = STAGE_COMMANDS.get(stage, f"the {stage} stage")
+    if tag is None:
+        tags = [d for d in stage_dir.iterdir() if d.is_dir() and list_steps(d)] if stage_dir.is_dir() else []
+        if not tags:
+            raise ChibiError(f"no {stage} checkpoint under {stage_dir}; create one with `{make}`")
+        newest = max(tags, key=lambda d: (step_dir(d, list_steps(d)[-1]) / "meta.json").stat().st_mtime)
+        tag = newest.name
+    tag_dir = stage_dir / tag
+    steps = list_steps(tag_dir)
+    if not steps:
+        others = sorted(d.name for d in stage_dir.iterdir() if d.is_dir() and list_steps(d)) if stage_dir.is_dir() else []
+        hint = f" (tags that exist: {', '.join(others)})" if others else f"; create one with `{make}`"
+        raise ChibiError(f"no {stage} checkpoint with tag {tag!r} under {stage_dir}{hint}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ChibiError(f"{stage}/{tag} has no step {step}; saved steps: {steps}")
+    return step_dir(tag_dir, step)
+
+
+def build_model(meta: dict, where):
+    from chibichat.model.gpt import GPT, GPTConfig
+
+    cfg = meta.get("model_config")
+    if not isinstance(cfg, dict):
+        raise ChibiError(f"checkpoint {where} has no model_config in meta.json; it is corrupt")
+    return GPT(GPTConfig.from_dict(cfg))
+
+
+def load_model(home: Home, stage: str, tag: str | None = None, step: int | None = None,
+               rt: Runtime | None = None, tokenizer=None):
+    """(model, meta) for a saved checkpoint, on rt.device with rt.compute_dtype, in eval mode.
+
+    Every later stage uses this (`--from base|mid|sft|rl`). With `tokenizer` given, a checkpoint
+    trained with another tokenizer is refused before any weights are read.
+    """
+    import torch
+
+    sdir = resolve_checkpoint(home, stage, tag, step)
+    meta = read_meta(sdir)
+    if tokenizer is not None:
+        check_tokenizer(meta, tokenizer, sdir)
+    model = build_model(meta, sdir)
+    load_weights(sdir, model)
+    if rt is not None:
+        model.to(rt.device)
+        model.compute_dtype = rt.compute_dtype
+    else:
+        model.compute_dtype = torch.float32
+    model.eval()
+    meta["checkpoint_dir"] = str(sdir)
+    return model, meta

@@ -1,0 +1,159 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from chibichat.common import ChibiError, Home
+from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.train.checkpoint import (
+    check_tokenizer, list_steps, load_model, load_optimizer, load_weights, read_meta, resolve_checkpoint,
+    save_checkpoint, step_dir, strip_prefixes,
+)
+from chibichat.train.optim import build_optimizer
+
+TOK = SimpleNamespace(hash="a" * 64, vocab_size=64)
+
+
+def _model(layers="dense", seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=64, seq_len=16, n_layer=3, n_embd=32, n_head=2, n_kv_head=2, layers=layers)
+    return GPT(cfg)
+
+
+def _opt(model):
+    return build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.1, unembedding_lr=0.01,
+                           other_lr=0.01, ns_dtype=torch.float32)
+
+
+def _meta(model):
+    return {"model_config": model.config.to_dict(), "tokenizer": {"hash": TOK.hash, "vocab_size": TOK.vocab_size}}
+
+
+def _train(model, opt, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 64, (2, 17), generator=g)
+        loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def test_round_trip_model_and_optimizer_resumes_exactly(tmp_path):
+    m, o = _model("iberis"), None
+    o = _opt(m)
+    _train(m, o, 2)
+    sdir = save_checkpoint(tmp_path / "d2", 2, m, o, _meta(m))
+    assert sdir == tmp_path / "d2" / "step_000002"
+    assert sorted(p.name for p in sdir.iterdir()) == [
+        "meta.json", "model.safetensors", "optim_rank0.json", "optim_rank0.safetensors"]
+    meta = read_meta(sdir)
+    assert meta["step"] == 2 and meta["world_size"] == 1 and meta["model_config"]["layers"] == m.config.layers
+
+    m2 = _model("iberis", seed=1)
+    o2 = _opt(m2)
+    load_weights(sdir, m2)
+    load_optimizer(sdir, o2)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    _train(m, o, 2, seed=5)
+    _train(m2, o2, 2, seed=5)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_compiled_prefix_is_stripped(tmp_path):
+    m = _model()
+    sdir = save_checkpoint(tmp_path / "t", 1, m, None, _meta(m))
+    # A checkpoint written by another tool from a compiled/DDP module: keys carry wrapper prefixes.
+    from safetensors.torch import load_file, save_file
+    state = load_file(sdir / "model.safetensors")
+    save_file({"_orig_mod." + k: v for k, v in state.items()}, sdir / "model.safetensors")
+    m2 = _model(seed=3)
+    load_weights(sdir, m2)
+    assert torch.equal(m2.wte, m.wte)
+    assert strip_prefixes({"module._orig_mod.a": 1, "b": 2}) == {"a": 1, "b": 2}
+
+
+def test_keep_last_and_latest(tmp_path):
+    m = _model()
+    tag = tmp_path / "d3"
+    for s in (1, 2, 3, 4):
+        save_checkpoint(tag, s, m, None, _meta(m), keep_last=2)
+    assert list_steps(tag) == [3, 4]
+    # A leftover temp dir from a crashed save is ignored.
+    (tag / ".tmp-step_000009-xyz").mkdir()
+    (tag / "step_000010").mkdir()  # no meta.json: incomplete, ignored
+    assert list_steps(tag) == [3, 4]
+
+
+def test_load_model_picks_newest_tag_and_checks_tokenizer(tmp_path):
+    home = Home(tmp_path)
+    m = _model()
+    save_checkpoint(home.checkpoints_dir("base", "d3"), 5, m, None, _meta(m))
+    model, meta = load_model(home, "base", tokenizer=TOK)
+    assert meta["step"] == 5 and not model.training
+    assert torch.equal(model.wte, m.wte)
+    other = SimpleNamespace(hash="b" * 64, vocab_size=64)
+    with pytest.raises(ChibiError, match="trained with tokenizer"):
+        load_model(home, "base", tokenizer=other)
+    with pytest.raises(ChibiError, match="vocab 80"):
+        check_tokenizer(meta, SimpleNamespace(hash="a" * 64, vocab_size=80), "x")
+
+
+def test_missing_checkpoint_names_the_command(tmp_path):
+    home = Home(tmp_path)
+    with pytest.raises(ChibiError, match="chibichat pretrain"):
+        resolve_checkpoint(home, "base")
+    with pytest.raises(ChibiError, match="chibichat sft"):
+        load_model(home, "sft")
+    m = _model()
+    save_checkpoint(home.checkpoints_dir("base", "d3"), 5, m, None, _meta(m))
+    with pytest.raises(ChibiError, match="tags that exist: d3"):
+        resolve_checkpoint(home, "base", tag="d9")
+    with pytest.raises(ChibiError, match=r"no step 7; saved steps: \[5\]"):
+        resolve_checkpoint(home, "base", tag="d3", step=7)
+
+
+def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
+    m = _model()
+    o = _opt(m)
+    _train(m, o, 1)
+    sdir = save_checkpoint(tmp_path / "t", 1, m, o, _meta(m))
+    # Truncated weights.
+    data = (sdir / "model.safetensors").read_bytes()
+    (sdir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ChibiError, match="checkpoint weights is corrupt"):
+        load_weights(sdir, _model())
+    # Weights for a different shape.
+    sdir2 = save_checkpoint(tmp_path / "t", 2, m, o, _meta(m))
+    big = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=3, n_embd=64, n_head=2, n_kv_head=2))
+    with pytest.raises(ChibiError, match="different model config"):
+        load_weights(sdir2, big)
+    # Optimizer of a different layout (iberis has an extra AdamW group of conv taps).
+    with pytest.raises(ChibiError, match="different model config|does not fit"):
+        load_optimizer(sdir2, _opt(_model("iberis")))
+    # Corrupt meta.json.
+    (sdir2 / "meta.json").write_text("{not json")
+    with pytest.raises(ChibiError, match="corrupt"):
+        read_meta(sdir2)
+    (sdir2 / "meta.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ChibiError, match="not a chibichat-checkpoint"):
+        read_meta(sdir2)
+
+
+def test_failed_save_leaves_no_step_dir(tmp_path):
+    m = _model()
+    with pytest.raises(TypeError):  # meta that is not JSON: refused before anything is written
+        save_checkpoint(tmp_path / "t", 1, m, None, {"flags": {"bad": object()}})
+
+    class Crashing:  # the optimizer fails after model.safetensors is already in the temp dir
+        def state_dict(self):
+            raise RuntimeError("disk full")
+
+    save_checkpoint(tmp_path / "t", 1, m, None, _meta(m))
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path / "t", 2, m, Crashing(), _meta(m))
+    assert list_steps(tmp_path / "t") == [1]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["step_000001"]
