@@ -1,0 +1,269 @@
+"""The task framework: what a task is, deterministic views of it, and mixtures of tasks.
+
+A task is an indexable, finite sequence of *items*. Every item is a conversation dict (see
+docs/architecture.md "Conversations and rendering") plus the fields its kind needs:
+
+kind "conversation"  training data only; the item is just `{"messages": [...]}`.
+kind "categorical"   multiple choice answered by one letter. Extra fields:
+                     "letters" (list of choice letters, e.g. ["A","B","C","D"]), "answer" (the correct
+                     letter), "choices" (choice texts), "question". The user message lists every choice as
+                     "- <choice>=<letter>" (no space before the letter, so the letter token an evaluator
+                     compares equals the bare-letter answer) and the assistant message is the letter.
+kind "generative"    answered by free text; `evaluate(item, completion_text)` scores it. Extra fields
+                     depend on the family and are documented in its module ("answer" for numeric tasks,
+                     "prompt"/"test"/"entry_point" for HumanEval, ...).
+kind "core"          in-context items for base-model evaluation (DCLM CORE style, no chat format):
+                       {"type": "multiple_choice", "context": str, "continuations": [str], "gold": int}
+                       {"type": "schema", "contexts": [str], "continuation": str, "gold": int}
+                       {"type": "language_modeling", "context": str, "continuation": str}
+                     The scored text is exactly context + continuation (continuations carry their own
+                     leading separator, usually a space). The task carries `num_fewshot` (K) and
+                     `random_baseline` (a fraction in [0, 1)); `fewshot_indices(i)` picks the K
+                     demonstration items for item i (never i itself). A demonstration is rendered as
+                     its context + its gold continuation, demonstrations separated by a blank line.
+                     CORE items have no "messages".
+
+Views (`slice`, `shuffled`) never copy items; they hold an index array into the base task, so a view of
+a 460K-row task costs one integer array. Shuffling uses numpy's PCG64 permutation, the same order the
+Hugging Face `datasets` library produces for `shuffle(seed)`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from chibichat.common import ChibiError
+
+KINDS = ("conversation", "categorical", "generative", "core")
+
+
+class Task:
+    """Base class. Subclasses set `name`, `kind`, `lang` and implement `__len__` and `get(i)`."""
+
+    name: str = ""
+    kind: str = ""
+    lang: str = "en"
+    description: str = ""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, i: int) -> dict:
+        """Item i of this task, 0 <= i < len(self) (already bounds-checked by __getitem__)."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if not isinstance(i, int):
+            raise TypeError(f"task index must be an int, got {type(i).__name__}; use .slice() for ranges")
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"task {self.name!r} has {n} items; index {i} is out of range")
+        return self.get(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def evaluate(self, item: dict, completion_text: str) -> bool | float:
+        raise ChibiError(
+            f"task {self.name!r} is of kind {self.kind!r} and has no evaluate(); only generative tasks are "
+            "scored from a completion (categorical tasks compare the letter, core tasks compare losses)"
+        )
+
+    # -- views -------------------------------------------------------------------------------
+    def slice(self, start: int | None = None, stop: int | None = None) -> "TaskView":
+        r = range(len(self))[slice(start, stop)]
+        return TaskView(self, r)
+
+    def shuffled(self, seed: int) -> "TaskView":
+        import numpy as np
+
+        perm = np.random.default_rng(seed).permutation(len(self))
+        return TaskView(self, perm)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} kind={self.kind} lang={self.lang} n={len(self)}>"
+
+
+class TaskView(Task):
+    """A deterministic re-indexing of a base task (slice or shuffle); evaluate() delegates to the base."""
+
+    def __init__(self, base: Task, indices: Sequence[int]):
+        self.base = base
+        self.indices = indices
+        self.name = base.name
+        self.kind = base.kind
+        self.lang = base.lang
+        self.description = base.description
+        # CORE metadata travels with the view so a shuffled CORE task is still a CORE task.
+        for attr in ("num_fewshot", "random_baseline"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, i: int) -> dict:
+        return self.base[int(self.indices[i])]
+
+    def evaluate(self, item: dict, completion_text: str) -> bool | float:
+        return self.base.evaluate(item, completion_text)
+
+    def fewshot_indices(self, i: int, k: int | None = None) -> list[int]:
+        # Demonstrations are chosen within the view, so they never include the item itself.
+        return _fewshot_indices(len(self), i, self.num_fewshot if k is None else k)
+
+
+class ListTask(Task):
+    """A task over an in-memory list of items (shipped subsets, parsed downloads, generated data)."""
+
+    def __init__(self, name: str, kind: str, items: list[dict], lang: str = "en", description: str = ""):
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
+        self.name, self.kind, self.lang, self.description = name, kind, lang, description
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _fewshot_indices(n: int, i: int, k: int, seed: int = 1234) -> list[int]:
+    """K distinct demonstration indices for item i, never i, from a generator seeded by seed + i
+    (so the choice is the same on every rank and every run, independent of evaluation order)."""
+    import random
+
+    if k <= 0:
+        return []
+    if k > n - 1:
+        raise ChibiError(f"{k}-shot evaluation needs at least {k + 1} items but the task has {n}; lower K")
+    rng = random.Random(seed + i)
+    pool = [j for j in range(n) if j != i] if n < 4096 else None
+    if pool is not None:
+        return rng.sample(pool, k)
+    out: list[int] = []
+    while len(out) < k:  # large task: rejection-sample instead of materialising the pool
+        j = rng.randrange(n)
+        if j != i and j not in out:
+            out.append(j)
+    return out
+
+
+class CoreTask(ListTask):
+    """A base-model in-context task (see the module docstring for the item schema)."""
+
+    def __init__(self, name: str, items: list[dict], num_fewshot: int, random_baseline: float,
+                 lang: str = "en", description: str = ""):
+        super().__init__(name, "core", items, lang, description)
+        if not 0.0 <= random_baseline < 1.0:
+            raise ValueError(f"random_baseline of {name} must be a fraction in [0, 1), got {random_baseline}")
+        self.num_fewshot = num_fewshot
+        self.random_baseline = random_baseline
+
+    def fewshot_indices(self, i: int, k: int | None = None) -> list[int]:
+        return _fewshot_indices(len(self), i, self.num_fewshot if k is None else k)
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """The task called `name` (see chibichat.tasks.registry for the list)."""
+    from chibichat.tasks.registry import get_task as _get
+
+    return _get(name, **kwargs)
+
+
+def list_tasks() -> list[str]:
+    from chibichat.tasks.registry import list_tasks as _list
+
+    return _list()
+
+
+class Mixture:
+    """A deterministic interleaving of tasks, indexable -> (task_name, item).
+
+    Per-task counts come either from `epochs` (one float per task: 2.0 = every item twice, 0.5 = the
+    first half of the task's order) or from `weights` + `length` (counts proportional to the weights,
+    largest-remainder rounding so they sum exactly to `length`; a task smaller than its count is cycled).
+    Occurrence j of task t is item j mod len(t). The whole list of (task, occurrence) pairs is then
+    shuffled once with `seed`. Position i depends only on (tasks, counts, seed), so a loader can store
+    its index and resume exactly.
+    """
+
+    def __init__(self, tasks: Sequence[Task], epochs: Sequence[float] | None = None,
+                 weights: Sequence[float] | None = None, length: int | None = None, seed: int = 0,
+                 shuffle: bool = True):
+        import numpy as np
+
+        tasks = list(tasks)
+        if not tasks:
+            raise ChibiError("a task mixture needs at least one task")
+        for t in tasks:
+            if len(t) == 0:
+                raise ChibiError(f"task {t.name!r} has no items; remove it from the mixture or fix its data")
+        if epochs is not None and weights is not None:
+            raise ChibiError("give a mixture either per-task epochs or weights (+ length), not both")
+        if weights is not None:
+            counts = _apportion(weights, length, [t.name for t in tasks])
+        else:
+            epochs = [1.0] * len(tasks) if epochs is None else list(epochs)
+            if len(epochs) != len(tasks):
+                raise ChibiError(f"got {len(epochs)} epochs values for {len(tasks)} tasks; give one per task")
+            counts = []
+            for t, e in zip(tasks, epochs):
+                if not e >= 0:
+                    raise ChibiError(f"epochs for task {t.name!r} must be >= 0, got {e}")
+                counts.append(int(round(e * len(t))))
+        if sum(counts) == 0:
+            raise ChibiError("the task mixture is empty (all counts are 0); raise epochs/weights/length")
+        self.tasks = tasks
+        self.counts = counts
+        self.seed = seed
+        task_ids = np.concatenate([np.full(c, k, dtype=np.int32) for k, c in enumerate(counts)])
+        occ = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+        if shuffle:
+            perm = np.random.default_rng(seed).permutation(len(task_ids))
+            task_ids, occ = task_ids[perm], occ[perm]
+        self._task_ids, self._occ = task_ids, occ
+
+    def __len__(self) -> int:
+        return len(self._task_ids)
+
+    def __getitem__(self, i: int) -> tuple[str, dict]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"mixture has {n} items; index {i} is out of range")
+        t = self.tasks[int(self._task_ids[i])]
+        return t.name, t[int(self._occ[i]) % len(t)]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def summary(self) -> dict:
+        """{task name: rows in the mixture} for logs and reports."""
+        out: dict[str, int] = {}
+        for t, c in zip(self.tasks, self.counts):
+            out[t.name] = out.get(t.name, 0) + c
+        return out
+
+
+def _apportion(weights: Sequence[float], length: int | None, names: list[str]) -> list[int]:
+    if length is None or length <= 0:
+        raise ChibiError("a weighted mixture needs length > 0 (total rows); give length or use epochs")
+    if len(weights) != len(names):
+        raise ChibiError(f"got {len(weights)} weights for {len(names)} tasks; give one per task")
+    if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ChibiError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+    total = float(sum(weights))
+    exact = [w / total * length for w in weights]
+    counts = [int(x) for x in exact]
+    # Largest remainder, ties broken by task order: deterministic and sums exactly to length.
+    order = sorted(range(len(exact)), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in order[: length - sum(counts)]:
+        counts[k] += 1
+    return counts

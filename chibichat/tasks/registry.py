@@ -1,0 +1,99 @@
+"""The task registry: every task name, what it is, and the function that builds it.
+
+`get_task(name, **options)` builds a task. Options by family:
+    generated (identity, spelling, letter-count, arithmetic; "-ja" variants):
+        split="train"|"test", size=<items>, seed=<int>
+    shipped conversations (chitchat, chatterbot, chatterbot-ja): no options
+    shipped evaluation subsets (arc-easy, arc-challenge, mmlu, gsm8k, humaneval, core-*):
+        source="shipped" (default) needs nothing; source="online" downloads the full set and takes
+        home=<Home>, split=<split name of the source>
+    online-only (smoltalk, mmlu-aux, gsm8k-train, JGLUE): home=<Home>, split=<split>
+An option a family does not take is a ChibiError, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+from chibichat.common import ChibiError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str
+    lang: str
+    target: str  # "module:function" building the task from keyword options
+    fixed: tuple = ()  # keyword arguments always passed (e.g. lang="ja")
+    description: str = ""
+
+
+def _g(spec_name, kind, spec_lang, target, desc, **fixed):
+    return TaskSpec(spec_name, kind, spec_lang, target, tuple(sorted(fixed.items())), desc)
+
+
+def _specs() -> list[TaskSpec]:
+    gen = "chibichat.tasks"
+    specs = [
+        _g("identity", "conversation", "en", f"{gen}.identity:Identity", "who the assistant is", lang="en"),
+        _g("identity-ja", "conversation", "ja", f"{gen}.identity:Identity", "who the assistant is (JA)", lang="ja"),
+        _g("spelling", "generative", "en", f"{gen}.spelling:Spelling", "spell a word", lang="en"),
+        _g("spelling-ja", "generative", "ja", f"{gen}.spelling:Spelling", "spell a katakana word", lang="ja"),
+        _g("letter-count", "generative", "en", f"{gen}.spelling:LetterCount",
+           "count a letter with a python call", lang="en"),
+        _g("letter-count-ja", "generative", "ja", f"{gen}.spelling:LetterCount",
+           "count a character with a python call (JA)", lang="ja"),
+        _g("arithmetic", "generative", "en", f"{gen}.arithmetic:Arithmetic",
+           "word problems answered with a calculator call", lang="en"),
+        _g("arithmetic-ja", "generative", "ja", f"{gen}.arithmetic:Arithmetic",
+           "word problems answered with a calculator call (JA)", lang="ja"),
+        _g("chitchat", "conversation", "en", f"{gen}.conversations:shipped_conversations",
+           "human small-talk chats (shipped)", name="chitchat"),
+        _g("chatterbot", "conversation", "en", f"{gen}.conversations:shipped_conversations",
+           "chatterbot-corpus EN (shipped)", name="chatterbot"),
+        _g("chatterbot-ja", "conversation", "ja", f"{gen}.conversations:shipped_conversations",
+           "chatterbot-corpus JA (shipped)", name="chatterbot-ja"),
+    ]
+    specs += _optional_specs()
+    return specs
+
+
+def _optional_specs() -> list[TaskSpec]:
+    """Families whose modules define their own specs (evaluation subsets, online loaders, JGLUE)."""
+    out: list[TaskSpec] = []
+    for mod in ("chibichat.tasks.evalsets", "chibichat.tasks.core", "chibichat.tasks.online",
+                "chibichat.tasks.jglue"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        out += m.task_specs()
+    return out
+
+
+def specs() -> dict[str, TaskSpec]:
+    return {s.name: s for s in _specs()}
+
+
+def list_tasks() -> list[str]:
+    return sorted(specs())
+
+
+def get_task(name: str, **options):
+    table = specs()
+    if name not in table:
+        raise ChibiError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(table))}")
+    spec = table[name]
+    module, func = spec.target.split(":")
+    factory = getattr(importlib.import_module(module), func)
+    kwargs = dict(spec.fixed)
+    accepted = set(inspect.signature(factory).parameters) - set(kwargs)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ChibiError(f"task {name!r} does not take option(s) {unknown}; it takes {sorted(accepted) or 'none'}")
+    kwargs.update(options)
+    return factory(**kwargs)

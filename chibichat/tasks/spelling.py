@@ -1,0 +1,113 @@
+"""Generated spelling and letter-counting tasks (EN and JA) from the shipped word lists.
+
+Words come from assets/words-en.txt.gz (Debian wamerican, lower-case ASCII words of 3-10 letters) and
+assets/words-ja.txt.gz (katakana words found in the chatterbot-corpus Japanese conversations). Every
+word is a train word or a test word by its hash (generated.key_split), so test words never occur in
+training items.
+
+spelling / spelling-ja (kind "generative"):
+    user "Spell the word "apple"."  ->  assistant "a-p-p-l-e"
+    item["answer"] = "a-p-p-l-e"; evaluate: the completion's last line equals the answer (an optional
+    "apple:" prefix and a trailing full stop are tolerated).
+letter-count / letter-count-ja (kind "generative"):
+    user 'How many times does "r" appear in "strawberry"?' -> assistant parts
+        text, python '"strawberry".count("r")', python_output "3", text '... 3 times ...\n#### 3'
+    item["answer"] = "3"; evaluate: the number after "####" equals it. About one question in five asks
+    for a letter the word does not contain (answer 0), so "always some" is not a shortcut.
+"""
+
+from __future__ import annotations
+
+import random
+
+from chibichat.tasks.answers import extract_final_number, final_line, numbers_equal
+from chibichat.tasks.generated import GeneratedTask
+
+EN_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def load_words(lang: str) -> list[str]:
+    from chibichat.tasks.shipped import read_lines_gz
+
+    return read_lines_gz(f"words-{lang}.txt.gz")
+
+
+class _WordTask(GeneratedTask):
+    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
+        self.lang = lang
+        super().__init__(split, size, seed)
+        self.words = load_words(lang)
+
+
+class Spelling(_WordTask):
+    kind = "generative"
+    default_size = {"train": 2000, "test": 200}
+    description = "spell a word letter by letter"
+
+    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
+        self.name = "spelling" if lang == "en" else "spelling-ja"
+        super().__init__(lang, split, size, seed)
+
+    def sample(self, rng: random.Random) -> tuple[str, dict]:
+        word = rng.choice(self.words)
+        spelled = "-".join(word)
+        if self.lang == "en":
+            question = rng.choice([f'Spell the word "{word}".', f"How do you spell {word}?",
+                                   f'Spell "{word}" letter by letter.', f"spell {word}"])
+        else:
+            question = rng.choice([f"「{word}」を一文字ずつ区切って書いてください。", f"「{word}」を一文字ずつ書いて。",
+                                   f"{word}を一文字ずつ区切ってください。"])
+        item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": spelled}],
+                "word": word, "answer": spelled}
+        return word, item
+
+    def evaluate(self, item: dict, completion_text: str) -> bool:
+        line = final_line(completion_text)
+        word = item["word"]
+        for prefix in (f"{word}:", f"{word}："):
+            if line.startswith(prefix):
+                line = line[len(prefix):].strip()
+        return line == item["answer"]
+
+
+class LetterCount(_WordTask):
+    kind = "generative"
+    default_size = {"train": 2000, "test": 200}
+    description = "count a letter in a word with a python str.count call, answer '#### n'"
+
+    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
+        self.name = "letter-count" if lang == "en" else "letter-count-ja"
+        super().__init__(lang, split, size, seed)
+
+    def sample(self, rng: random.Random) -> tuple[str, dict]:
+        word = rng.choice(self.words)
+        if rng.random() < 0.2:
+            pool = EN_ALPHABET if self.lang == "en" else "".join(sorted({c for w in self.words for c in w}))
+            absent = [c for c in pool if c not in word]
+            letter = rng.choice(absent)
+        else:
+            letter = rng.choice(word)
+        n = word.count(letter)
+        call = f'"{word}".count("{letter}")'
+        if self.lang == "en":
+            question = rng.choice([f'How many times does the letter "{letter}" appear in "{word}"?',
+                                   f"How many {letter}'s are in the word {word}?",
+                                   f'Count the letter "{letter}" in "{word}".'])
+            lead = f'I will count "{letter}" in "{word}" with Python.'
+            times = "time" if n == 1 else "times"
+            final = f'The letter "{letter}" appears {n} {times} in "{word}".\n#### {n}'
+        else:
+            question = rng.choice([f"「{word}」に「{letter}」は何回出てきますか？",
+                                   f"「{word}」の中に「{letter}」はいくつありますか？",
+                                   f"{word}に含まれる「{letter}」の数を数えてください。"])
+            lead = f"Pythonで「{word}」の中の「{letter}」を数えます。"
+            final = f"「{letter}」は「{word}」に{n}回出てきます。\n#### {n}"
+        parts = [{"type": "text", "text": lead}, {"type": "python", "text": call},
+                 {"type": "python_output", "text": str(n)}, {"type": "text", "text": final}]
+        item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
+                "word": word, "letter": letter, "answer": str(n)}
+        # The key is the word: a test word is never counted (or spelled) in training.
+        return word, item
+
+    def evaluate(self, item: dict, completion_text: str) -> bool:
+        return numbers_equal(extract_final_number(completion_text), item["answer"])

@@ -1,0 +1,247 @@
+"""Task framework, generated tasks and shipped task data."""
+
+import gzip
+import json
+
+import pytest
+
+from chibichat.common import ChibiError
+from chibichat.tasks import ListTask, Mixture, get_task, list_tasks
+from chibichat.tasks.answers import extract_final_number, numbers_equal
+from chibichat.tasks.arithmetic import int_value
+from chibichat.tasks.generated import key_split
+
+GENERATED = ["identity", "identity-ja", "spelling", "spelling-ja", "letter-count", "letter-count-ja",
+             "arithmetic", "arithmetic-ja"]
+
+
+def _toy(n=10, name="toy"):
+    return ListTask(name, "conversation", [{"messages": [{"role": "user", "content": str(i)},
+                                                         {"role": "assistant", "content": f"a{i}"}]}
+                                           for i in range(n)])
+
+
+def _check_conversation(conv):
+    msgs = conv["messages"]
+    assert msgs and msgs[-1]["role"] == "assistant"
+    for k, m in enumerate(msgs):
+        assert m["role"] == ("user" if k % 2 == 0 else "assistant")
+        if m["role"] == "user":
+            assert isinstance(m["content"], str) and m["content"]
+        elif isinstance(m["content"], list):
+            assert all(p["type"] in ("text", "python", "python_output") and isinstance(p["text"], str)
+                       for p in m["content"])
+        else:
+            assert isinstance(m["content"], str) and m["content"]
+
+
+# ---------------------------------------------------------------------------------------- framework
+
+def test_slice_and_shuffle_are_deterministic_views():
+    t = _toy(10)
+    assert [x["messages"][0]["content"] for x in t.slice(2, 5)] == ["2", "3", "4"]
+    a = [x["messages"][0]["content"] for x in t.shuffled(7)]
+    b = [x["messages"][0]["content"] for x in t.shuffled(7)]
+    c = [x["messages"][0]["content"] for x in t.shuffled(8)]
+    assert a == b and a != c and sorted(a, key=int) == [str(i) for i in range(10)]
+    assert t[-1]["messages"][0]["content"] == "9"
+    with pytest.raises(IndexError):
+        t[10]
+    # a view of a view
+    assert len(t.shuffled(1).slice(0, 3)) == 3
+
+
+def test_shuffle_matches_numpy_permutation():
+    import numpy as np
+
+    t = _toy(50)
+    perm = np.random.default_rng(3).permutation(50)
+    assert [x["messages"][0]["content"] for x in t.shuffled(3)] == [str(i) for i in perm]
+
+
+def test_mixture_epochs_counts_and_determinism():
+    a, b = _toy(10, "a"), _toy(4, "b")
+    m = Mixture([a, b], epochs=[1, 2.5], seed=5)
+    assert len(m) == 10 + 10
+    assert m.summary() == {"a": 10, "b": 10}
+    names = [m[i][0] for i in range(len(m))]
+    assert names.count("a") == 10 and names.count("b") == 10
+    m2 = Mixture([a, b], epochs=[1, 2.5], seed=5)
+    assert [m2[i] for i in range(len(m2))] == [m[i] for i in range(len(m))]
+    assert [x[0] for x in Mixture([a, b], epochs=[1, 2.5], seed=6)] != names
+    # b cycled 2.5 times: items 0..3 twice, then 0,1
+    b_items = sorted(int(conv["messages"][0]["content"]) for n, conv in m if n == "b")
+    assert b_items == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+
+
+def test_mixture_weights_apportion_exactly():
+    a, b, c = _toy(3, "a"), _toy(3, "b"), _toy(3, "c")
+    m = Mixture([a, b, c], weights=[1, 1, 2], length=10, seed=0)
+    assert len(m) == 10 and m.summary() == {"a": 3, "b": 2, "c": 5} or m.summary() == {"a": 2, "b": 3, "c": 5}
+    assert sum(m.summary().values()) == 10
+    assert m.summary()["c"] == 5
+
+
+@pytest.mark.parametrize("kwargs", [dict(epochs=[1]), dict(weights=[1, 1]), dict(epochs=[-1, 1]),
+                                    dict(epochs=[0, 0]), dict(epochs=[1, 1], weights=[1, 1], length=3)])
+def test_mixture_bad_arguments(kwargs):
+    with pytest.raises(ChibiError):
+        Mixture([_toy(3, "a"), _toy(3, "b")], **kwargs)
+
+
+def test_mixture_rejects_empty_task():
+    with pytest.raises(ChibiError, match="no items"):
+        Mixture([_toy(0, "empty")])
+
+
+def test_get_task_errors():
+    with pytest.raises(ChibiError, match="valid tasks"):
+        get_task("no-such-task")
+    with pytest.raises(ChibiError, match="does not take"):
+        get_task("identity", colour="red")
+    with pytest.raises(ChibiError, match="split"):
+        get_task("spelling", split="validation")
+    with pytest.raises(ChibiError, match="size"):
+        get_task("arithmetic", size=0)
+    assert set(GENERATED) <= set(list_tasks())
+
+
+# ---------------------------------------------------------------------------------------- answers
+
+def test_extract_final_number():
+    assert extract_final_number("so 3+4 = 7.\n#### 7") == "7"
+    assert extract_final_number("#### 1,234") == "1234"
+    assert extract_final_number("#### -5.5 apples") == "-5.5"
+    assert extract_final_number("#### 1\n#### 2") == "2"
+    assert extract_final_number("the answer is 7") is None
+    assert extract_final_number("#### maybe 7") is None
+    assert numbers_equal("72", "72.0") and not numbers_equal("72", None) and not numbers_equal("7", "8")
+
+
+# ---------------------------------------------------------------------------------------- generated
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_generated_tasks_are_deterministic_and_well_formed(name):
+    t = get_task(name, size=60, seed=3)
+    assert len(t) == 60
+    items = [t[i] for i in range(60)]
+    again = get_task(name, size=60, seed=3)
+    assert [again[i] for i in range(60)] == items
+    other = get_task(name, size=60, seed=4)
+    assert [other[i] for i in range(60)] != items
+    for it in items:
+        _check_conversation(it)
+        assert key_split(it["key"]) == "train"
+    assert len({json.dumps(it, sort_keys=True) for it in items}) > 20  # varied
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_generated_train_and_test_are_disjoint(name):
+    train = get_task(name, split="train", size=400)
+    test = get_task(name, split="test", size=100)
+    train_keys = {train[i]["key"] for i in range(len(train))}
+    test_keys = {test[i]["key"] for i in range(len(test))}
+    assert all(key_split(k) == "test" for k in test_keys)
+    assert not train_keys & test_keys
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "arithmetic-ja"])
+def test_arithmetic_answers_are_correct_and_evaluate(name):
+    t = get_task(name, size=300, seed=1)
+    for i in range(len(t)):
+        it = t[i]
+        parts = it["messages"][1]["content"]
+        assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+        expr, out = parts[1]["text"], parts[2]["text"]
+        assert expr == it["expr"] and out == it["answer"] == str(int_value(expr))
+        assert parts[3]["text"].endswith(f"#### {out}")
+        assert int(out) >= 0
+        # evaluate() accepts the reference answer and rejects a wrong one
+        full = "".join(p["text"] for p in parts)
+        assert t.evaluate(it, full) is True
+        assert t.evaluate(it, f"#### {int(out) + 1}") is False
+        assert t.evaluate(it, "I don't know") is False
+
+
+def test_int_value_precedence():
+    assert int_value("100-7*4") == 72 and int_value("3*4+5") == 17 and int_value("10-3-2") == 5
+
+
+def test_tool_outputs_equal_the_real_calculator():
+    tools = pytest.importorskip("chibichat.tools", reason="chibichat/tools.py not written yet")
+    for name in ["arithmetic", "arithmetic-ja", "letter-count", "letter-count-ja"]:
+        t = get_task(name, size=100, seed=2)
+        for i in range(len(t)):
+            parts = t[i]["messages"][1]["content"]
+            call = next(p["text"] for p in parts if p["type"] == "python")
+            out = next(p["text"] for p in parts if p["type"] == "python_output")
+            assert tools.calculate(call) == out, (name, call)
+
+
+@pytest.mark.parametrize("name", ["letter-count", "letter-count-ja"])
+def test_letter_count_items(name):
+    t = get_task(name, size=200)
+    zeros = 0
+    for i in range(len(t)):
+        it = t[i]
+        parts = it["messages"][1]["content"]
+        assert parts[1]["text"] == f'"{it["word"]}".count("{it["letter"]}")'
+        assert parts[2]["text"] == it["answer"] == str(it["word"].count(it["letter"]))
+        zeros += it["answer"] == "0"
+        assert t.evaluate(it, parts[3]["text"]) and not t.evaluate(it, "#### 99")
+    assert 10 < zeros < 80  # about one in five asks for an absent letter
+
+
+@pytest.mark.parametrize("name", ["spelling", "spelling-ja"])
+def test_spelling_items_and_evaluate(name):
+    t = get_task(name, size=100)
+    for i in range(len(t)):
+        it = t[i]
+        assert it["answer"] == "-".join(it["word"]) == it["messages"][1]["content"]
+        assert t.evaluate(it, it["answer"]) and t.evaluate(it, f"{it['word']}: {it['answer']}.")
+        assert not t.evaluate(it, it["answer"] + "-x")
+
+
+def test_identity_mentions_the_name():
+    for name, needle in [("identity", "chibichat"), ("identity-ja", "chibichat")]:
+        t = get_task(name, size=200)
+        texts = [m["content"] for i in range(len(t)) for m in t[i]["messages"] if m["role"] == "assistant"]
+        assert any(needle in x for x in texts)
+        assert len(set(texts)) >= 15
+
+
+# ---------------------------------------------------------------------------------------- shipped
+
+@pytest.mark.parametrize("name,lang,minimum", [("chitchat", "en", 4000), ("chatterbot", "en", 2000),
+                                               ("chatterbot-ja", "ja", 500)])
+def test_shipped_conversations(name, lang, minimum):
+    t = get_task(name)
+    assert t.kind == "conversation" and t.lang == lang and len(t) >= minimum
+    for i in range(0, len(t), max(1, len(t) // 300)):
+        _check_conversation(t[i])
+
+
+def test_shipped_counts_match_manifest():
+    from chibichat.tasks.shipped import ASSETS, manifest
+
+    man = manifest()
+    for key, entry in man["files"].items():
+        path = ASSETS / entry["file"]
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            n = sum(1 for line in f if line.strip())
+        assert n == entry["count"], key
+
+
+def test_corrupt_shipped_file_is_a_clear_error(tmp_path):
+    from chibichat.tasks.shipped import read_jsonl_gz
+
+    bad = tmp_path / "x.jsonl.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(ChibiError, match="corrupt"):
+        read_jsonl_gz(bad, "x")
+    with pytest.raises(ChibiError, match="missing"):
+        read_jsonl_gz(tmp_path / "nope.jsonl.gz", "x")
+    empty = tmp_path / "e.jsonl.gz"
+    empty.write_bytes(gzip.compress(b""))
+    with pytest.raises(ChibiError, match="no items"):
+        read_jsonl_gz(empty, "x")
