@@ -256,8 +256,9 @@ class ModelScorer:
         for i, r in enumerate(rows):
             idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         idx = idx.to(self.rt.device)
-        use_amp = self.rt.compute_dtype != torch.float32
-        with torch.no_grad(), torch.autocast(self.rt.device_type, dtype=self.rt.compute_dtype, enabled=use_amp):
+        # The GPT casts to its own compute_dtype inside forward (set by the stage from the Runtime)
+        # and returns fp32 logits, so no autocast here.
+        with torch.no_grad():
             return self.model(idx).float()
 
     def _batches(self, lengths: list[int]):

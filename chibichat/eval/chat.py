@@ -1,0 +1,203 @@
+"""Chat-model evaluation: categorical tasks by restricted letter logits, generative tasks by sampling
+and checking, and ChatCORE.
+
+Categorical (ARC-Easy/Challenge, MMLU): the prompt is rendered with the chat template up to
+<|assistant_start|>; the prediction is the argmax of the next-token log-probabilities restricted to
+the item's choice letters (each letter must be one token). No sampling, so the score is exact.
+
+Generative (GSM8K with the calculator, HumanEval in the sandbox, spelling): `num_samples` completions
+per prompt from the batched engine; each is checked by the task's own `evaluate`. The item score is
+the unbiased pass@1 estimate c/n (with greedy decoding and n = 1 that is simply right/wrong), and
+pass@n (any sample right) is recorded beside it.
+
+Length: a categorical prompt must fit the context; a generative prompt must leave `max_tokens` free
+for the answer (every item gets the same budget). Items that do not fit are skipped and counted,
+never cut.
+
+ChatCORE = mean over tasks of centered accuracy, baseline 1/#letters for categorical tasks and 0
+for generative ones. It is labelled "chatcore" only when every task of CHATCORE_TASKS ran; scores
+over other task sets are not comparable and are stored as "chatcore_partial".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from chibichat.common import ChibiError
+from chibichat.eval.metrics import accuracy, centered, pass_at_k
+
+CHATCORE_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling")
+UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check
+
+
+class Generator(Protocol):
+    def generate_texts(self, prompts: Sequence[list[int]], num_samples: int, max_tokens: int,
+                       temperature: float, top_k: int | None, seed: int) -> list[list[str]]:
+        """num_samples completion texts per prompt."""
+        ...
+
+
+class EngineGenerator:
+    """The engine behind the Generator interface (tools on: GSM8K uses the calculator)."""
+
+    def __init__(self, engine, batch_size: int = 8, tools: bool = True):
+        if batch_size < 1:
+            raise ChibiError(f"--eval-batch-size must be >= 1, got {batch_size}")
+        self.engine, self.batch_size, self.tools = engine, batch_size, tools
+
+    def generate_texts(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[s : s + self.batch_size])
+            res = self.engine.generate(chunk, num_samples=num_samples, max_tokens=max_tokens,
+                                       temperature=temperature, top_k=top_k, seed=seed + s, tools=self.tools)
+            out += [[smp.text for smp in row] for row in res]
+        return out
+
+
+@dataclass
+class GenSettings:
+    num_samples: int = 1
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ChibiError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.max_tokens < 1:
+            raise ChibiError(f"--max-new-tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ChibiError(f"--temperature must be >= 0, got {self.temperature}")
+
+
+def _full_prompt(tok, item) -> list[int]:
+    from chibichat.render import render_for_completion
+
+    return render_for_completion(tok, item, UNBOUNDED)
+
+
+def letter_ids(tok, letters: Sequence[str], where: str) -> list[int]:
+    ids = []
+    for letter in letters:
+        enc = tok.encode(letter)
+        if len(enc) != 1:
+            raise ChibiError(
+                f"{where}: choice letter {letter!r} encodes to {len(enc)} tokens; restricted-letter scoring "
+                "needs single-token letters (every byte-level tokenizer has them for A-Z)"
+            )
+        ids.append(enc[0])
+    return ids
+
+
+def eval_categorical(scorer, tok, task, indices: Sequence[int], max_len: int) -> list[dict]:
+    """Per-item rows {task, index, status, pred, answer, correct, n_choices}; scorer batches the prompts."""
+    rows, prompts, cands, owners = [], [], [], []
+    for i in indices:
+        item = task[i]
+        where = f"task {task.name!r} item {i}"
+        letters = item.get("letters")
+        if not letters or item.get("answer") not in letters:
+            raise ChibiError(f"{where}: a categorical item needs 'letters' and an 'answer' among them")
+        prompt = _full_prompt(tok, item)
+        row = {"task": task.name, "index": i, "status": "ok", "pred": None, "answer": item["answer"],
+               "correct": None, "n_choices": len(letters), "prompt_tokens": len(prompt)}
+        rows.append(row)
+        if len(prompt) > max_len:
+            row["status"] = "skipped_too_long"
+            continue
+        prompts.append(prompt)
+        cands.append(letter_ids(tok, letters, where))
+        owners.append(row)
+    logps = scorer.next_token_logprobs(prompts, cands) if prompts else []
+    for row, lp in zip(owners, logps):
+        letters = task[row["index"]]["letters"]
+        row["pred"] = letters[max(range(len(lp)), key=lambda j: lp[j])]  # ties -> first letter
+        row["correct"] = row["pred"] == row["answer"]
+    return rows
+
+
+def eval_generative(gen: Generator, tok, task, indices: Sequence[int], max_len: int, cfg: GenSettings) -> list[dict]:
+    """Per-item rows {task, index, status, n_correct, n_samples, pass1, passn, completion}."""
+    rows, prompts, owners = [], [], []
+    budget = max_len - cfg.max_tokens
+    if budget < 2:
+        raise ChibiError(
+            f"--max-new-tokens {cfg.max_tokens} leaves no room for a prompt in the model's {max_len}-token "
+            "context; lower it"
+        )
+    for i in indices:
+        prompt = _full_prompt(tok, task[i])
+        row = {"task": task.name, "index": i, "status": "ok", "n_correct": None, "n_samples": cfg.num_samples,
+               "pass1": None, "passn": None, "prompt_tokens": len(prompt), "completion": None}
+        rows.append(row)
+        if len(prompt) > budget:
+            row["status"] = "skipped_too_long"
+            continue
+        prompts.append(prompt)
+        owners.append(row)
+    texts = gen.generate_texts(prompts, cfg.num_samples, cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.seed) \
+        if prompts else []
+    for row, samples in zip(owners, texts):
+        item = task[row["index"]]
+        c = sum(bool(task.evaluate(item, t)) for t in samples)
+        row["n_correct"] = c
+        row["pass1"] = pass_at_k(len(samples), c, 1)
+        row["passn"] = float(c > 0)
+        row["completion"] = samples[0]
+    return rows
+
+
+def summarize(task_kind: str, rows: list[dict]) -> dict:
+    scored = [r for r in rows if r["status"] == "ok"]
+    skipped = len(rows) - len(scored)
+    name = rows[0]["task"] if rows else "?"
+    if not scored:
+        raise ChibiError(
+            f"task {name!r}: none of its {len(rows)} items fits the model's context; use a longer-context model "
+            "or (for generative tasks) a smaller --max-new-tokens"
+        )
+    if task_kind == "categorical":
+        acc = accuracy([r["correct"] for r in scored])
+        base = sum(1.0 / r["n_choices"] for r in scored) / len(scored)
+        extra = {}
+    else:
+        acc = accuracy([r["pass1"] for r in scored])
+        base = 0.0
+        extra = {"passn": accuracy([r["passn"] for r in scored])}
+    return {"task": name, "kind": task_kind, "accuracy": acc, "baseline": base, "centered": centered(acc, base),
+            "n_scored": len(scored), "n_skipped_too_long": skipped, **extra}
+
+
+def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: int, cfg: GenSettings,
+                  max_items: int | None = None) -> dict:
+    """Run every task; returns {"summary": flat keys for summary.json, "tasks": [...], "items": {name: rows}}."""
+    if not tasks:
+        raise ChibiError("no chat tasks to evaluate")
+    per_task, items = [], {}
+    for task in tasks:
+        n = len(task) if max_items is None else min(max_items, len(task))
+        if task.kind == "categorical":
+            rows = eval_categorical(scorer, tok, task, range(n), max_len)
+        elif task.kind == "generative":
+            if gen is None:
+                raise ChibiError(f"task {task.name!r} is generative but no generator was given")
+            rows = eval_generative(gen, tok, task, range(n), max_len, cfg)
+        else:
+            raise ChibiError(f"task {task.name!r} is of kind {task.kind!r}; chat eval takes categorical or generative")
+        per_task.append(summarize(task.kind, rows))
+        items[task.name] = rows
+    flat: dict = {}
+    for s in per_task:
+        flat[s["task"]] = s["accuracy"]
+        flat[f"{s['task']}_centered"] = s["centered"]
+        flat[f"{s['task']}_n"] = s["n_scored"]
+        flat[f"{s['task']}_skipped_too_long"] = s["n_skipped_too_long"]
+    score = sum(s["centered"] for s in per_task) / len(per_task)
+    names = [s["task"] for s in per_task]
+    complete = set(CHATCORE_TASKS) <= set(names) and len(names) == len(CHATCORE_TASKS)
+    flat["chatcore" if complete else "chatcore_partial"] = score
+    flat["chatcore_tasks"] = names
+    return {"summary": flat, "tasks": per_task, "items": items}

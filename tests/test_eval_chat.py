@@ -1,0 +1,199 @@
+"""Chat eval against hand-computed results: always-first and oracle scorers, scripted generators."""
+
+import pytest
+
+from chibichat.common import ChibiError
+from chibichat.eval import chat as E
+from chibichat.tokenizer import SPECIAL_TOKENS
+
+LETTERS = ["A", "B", "C", "D"]
+ANSWERS = ["A", "C", "B", "A", "D", "A", "B", "C"]  # 3 of 8 are "A"
+
+
+class CharTok:
+    """Code points for text, 1000+k for special k."""
+
+    def __init__(self):
+        self.bos_id = 1000
+
+    def special_id(self, name):
+        return 1000 + SPECIAL_TOKENS.index(name)
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+class ListTask:
+    def __init__(self, name, kind, items, evaluate=None):
+        self.name, self.kind, self.items, self._evaluate = name, kind, items, evaluate
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def evaluate(self, item, text):
+        return self._evaluate(item, text)
+
+
+def mc_items(answers=ANSWERS, question_len=5):
+    return [{"messages": [{"role": "user", "content": f"q{i}" + "x" * question_len + " - a=A - b=B - c=C - d=D"},
+                          {"role": "assistant", "content": a}], "letters": LETTERS, "answer": a}
+            for i, a in enumerate(answers)]
+
+
+class FirstScorer:
+    def __init__(self):
+        self.prompts = []
+
+    def next_token_logprobs(self, prompts, candidates):
+        self.prompts += prompts
+        return [[-1.0] + [-2.0] * (len(c) - 1) for c in candidates]
+
+
+class OracleScorer:
+    """Knows the answers: puts its mass on the answer letter's token id."""
+
+    def __init__(self, items):
+        self.answer_by_prompt = {}
+        self.items = items
+
+    def next_token_logprobs(self, prompts, candidates):
+        out = []
+        for p, c in zip(prompts, candidates):
+            q = "".join(chr(t) for t in p if t < 1000)
+            item = next(it for it in self.items if q.startswith(it["messages"][0]["content"]))
+            want = ord(item["answer"])
+            out.append([0.0 if cid == want else -5.0 for cid in c])
+        return out
+
+
+def test_categorical_always_first_and_oracle():
+    items = mc_items()
+    task = ListTask("arc_easy", "categorical", items)
+    scorer = FirstScorer()
+    out = E.evaluate_chat([task], scorer=scorer, gen=None, tok=CharTok(), max_len=200, cfg=E.GenSettings())
+    s = out["tasks"][0]
+    assert s["accuracy"] == 3 / 8 and s["baseline"] == 0.25
+    assert s["centered"] == pytest.approx((3 / 8 - 0.25) / 0.75)
+    assert out["summary"]["chatcore_partial"] == pytest.approx(s["centered"])
+    assert "chatcore" not in out["summary"]
+    # the prompt stops right after <|assistant_start|>: the letter is the next token
+    tok = CharTok()
+    assert all(p[-1] == tok.special_id("<|assistant_start|>") and p[0] == tok.bos_id for p in scorer.prompts)
+    assert all(tok.special_id("<|assistant_end|>") not in p for p in scorer.prompts)  # answer turn left out
+
+    out = E.evaluate_chat([task], scorer=OracleScorer(items), gen=None, tok=CharTok(), max_len=200, cfg=E.GenSettings())
+    assert out["summary"]["arc_easy"] == 1.0 and out["summary"]["arc_easy_centered"] == 1.0
+    assert [r["pred"] for r in out["items"]["arc_easy"]] == ANSWERS
+
+
+def test_over_length_prompts_are_skipped_and_counted():
+    items = mc_items()
+    items[3]["messages"][0]["content"] += "y" * 200
+    out = E.evaluate_chat([ListTask("mmlu", "categorical", items)], scorer=FirstScorer(), gen=None, tok=CharTok(),
+                          max_len=100, cfg=E.GenSettings())
+    assert out["summary"]["mmlu_n"] == 7 and out["summary"]["mmlu_skipped_too_long"] == 1
+    assert out["summary"]["mmlu"] == pytest.approx(2 / 7)  # item 3 (an "A") is out
+    with pytest.raises(ChibiError, match="fits the model's context"):
+        E.evaluate_chat([ListTask("mmlu", "categorical", items)], scorer=FirstScorer(), gen=None, tok=CharTok(),
+                        max_len=10, cfg=E.GenSettings())
+
+
+def test_multi_token_letters_are_refused():
+    class PairTok(CharTok):
+        def encode(self, text):
+            return [ord(c) for c in text] * (2 if text == "B" else 1)
+
+    with pytest.raises(ChibiError, match="'B' encodes to 2 tokens"):
+        E.eval_categorical(FirstScorer(), PairTok(), ListTask("arc", "categorical", mc_items()), range(2), 500)
+
+
+class ScriptedGen:
+    """Sample j of prompt i is right iff right(i, j); records what it was asked."""
+
+    def __init__(self, items, right):
+        self.items, self.right, self.calls = items, right, []
+
+    def generate_texts(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
+        self.calls.append((len(prompts), num_samples, max_tokens))
+        out = []
+        for p in prompts:
+            q = "".join(chr(t) for t in p if t < 1000)
+            i = next(k for k, it in enumerate(self.items) if q.startswith(it["messages"][0]["content"]))
+            ans = self.items[i]["answer"]
+            out.append([f"so #### {ans if self.right(i, j) else ans + '1'}" for j in range(num_samples)])
+        return out
+
+
+def gsm_items(n=6):
+    return [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                          {"role": "assistant", "content": f"#### {2 * i}"}], "answer": str(2 * i)} for i in range(n)]
+
+
+def _check(item, text):
+    return text.rsplit("#### ", 1)[-1] == item["answer"]
+
+
+def test_generative_pass1_and_passn():
+    items = gsm_items()
+    task = ListTask("gsm8k", "generative", items, _check)
+    gen = ScriptedGen(items, lambda i, j: i % 2 == 0)
+    out = E.evaluate_chat([task], scorer=None, gen=gen, tok=CharTok(), max_len=100,
+                          cfg=E.GenSettings(max_tokens=32))
+    assert out["summary"]["gsm8k"] == 0.5 and out["tasks"][0]["baseline"] == 0.0
+    assert gen.calls == [(6, 1, 32)]  # one batched call
+
+    # 4 samples, only sample 0 right for every item: pass@1 = 1/4, pass@4 = 1
+    gen = ScriptedGen(items, lambda i, j: j == 0)
+    out = E.evaluate_chat([task], scorer=None, gen=gen, tok=CharTok(), max_len=100,
+                          cfg=E.GenSettings(num_samples=4, max_tokens=32, temperature=1.0))
+    assert out["summary"]["gsm8k"] == 0.25 and out["tasks"][0]["passn"] == 1.0
+    row = out["items"]["gsm8k"][0]
+    assert row["n_correct"] == 1 and row["completion"] == f"so #### {items[0]['answer']}"
+
+
+def test_generative_budget_comes_from_the_context():
+    items = gsm_items(3)
+    task = ListTask("gsm8k", "generative", items, _check)
+    gen = ScriptedGen(items, lambda i, j: True)
+    # prompt is ~20 tokens: with 90 new tokens in a 100-token context nothing fits
+    with pytest.raises(ChibiError, match="fits"):
+        E.evaluate_chat([task], scorer=None, gen=gen, tok=CharTok(), max_len=100, cfg=E.GenSettings(max_tokens=90))
+    with pytest.raises(ChibiError, match="max-new-tokens"):
+        E.evaluate_chat([task], scorer=None, gen=gen, tok=CharTok(), max_len=100, cfg=E.GenSettings(max_tokens=99))
+    with pytest.raises(ChibiError, match="num-samples"):
+        E.GenSettings(num_samples=0)
+
+
+def test_chatcore_over_the_full_task_set():
+    items = mc_items()
+    tasks = [ListTask(n, "categorical", items) for n in ("arc_easy", "arc_challenge", "mmlu")]
+    g = gsm_items()
+    tasks += [ListTask(n, "generative", g, _check) for n in ("gsm8k", "humaneval", "spelling")]
+    gen = ScriptedGen(g, lambda i, j: i < 3)  # 3 of 6 right
+    out = E.evaluate_chat(tasks, scorer=OracleScorer(items), gen=gen, tok=CharTok(), max_len=200,
+                          cfg=E.GenSettings(max_tokens=16))
+    # three categorical tasks at centered 1.0, three generative at 0.5
+    assert out["summary"]["chatcore"] == pytest.approx(0.75)
+    assert out["summary"]["chatcore_tasks"] == list(E.CHATCORE_TASKS)
+
+
+def test_engine_generator_batches_and_reads_text():
+    class Smp:
+        def __init__(self, text):
+            self.text = text
+
+    class FakeEngine:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, num_samples, max_tokens, temperature, top_k, seed, tools):
+            self.calls.append((len(prompts), seed, tools))
+            return [[Smp(f"{len(p)}:{k}") for k in range(num_samples)] for p in prompts]
+
+    eng = FakeEngine()
+    texts = E.EngineGenerator(eng, batch_size=2).generate_texts([[1], [1, 2], [1, 2, 3]], 2, 8, 0.0, None, 7)
+    assert texts == [["1:0", "1:1"], ["2:0", "2:1"], ["3:0", "3:1"]]
+    assert eng.calls == [(2, 7, True), (1, 9, True)]
