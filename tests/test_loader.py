@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from chibichat.common import ChibiError, Runtime
-from chibichat.data.loader import PretrainLoader
+from chibichat.data.loader import ConversationLoader, PretrainLoader
+from chibichat.render import render_conversation
 from chibichat.tokenizer import SPECIAL_TOKENS
 
 # ----------------------------------------------------------------------------------------------
@@ -276,3 +277,214 @@ def test_pretrain_with_real_tokenizer_and_local_corpus_resumes_exactly(tmp_path)
     resumed.load_state_dict(state)
     assert_same_batches(take(resumed, 8), expected)
     assert ref.stats["epoch"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations
+
+
+def make_conversations(n=30, seed=0):
+    """Conversations whose turns are recognisable ('q<i>.<t>|', 'a<i>.<t>|'), some with tool calls, some
+    longer than a row of 128 byte tokens (multi-turn ones can be shortened, single-turn ones cannot)."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        msgs = [] if i % 5 else [{"role": "system", "content": f"sys{i}"}]
+        for t in range(rng.randint(1, 3)):
+            q = f"q{i}.{t}|" + "x" * rng.randint(0, 20) + ("z" * 120 if i % 7 == 3 and t == 0 else "")
+            a = f"a{i}.{t}|" + "y" * rng.randint(1, 20)
+            if t % 2:
+                a = [{"type": "text", "text": a}, {"type": "python", "text": "1+1"},
+                     {"type": "python_output", "text": "2"}, {"type": "text", "text": "ok"}]
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        items.append(("alpha" if i % 2 else "beta", {"messages": msgs}))
+    return items
+
+
+def expected_renders(tok, items, row_len, overflow="shorten"):
+    return [render_conversation(tok, conv, row_len, overflow) for _, conv in items]
+
+
+def parse_packed_row(inputs, renders, bos, row_len):
+    """Explain a pad/pack row (its T inputs) as whole rendered conversations + trailing BOS padding.
+
+    Returns (indices of the conversations in order, the expected full row of T+1 tokens, its mask)."""
+    row = inputs.tolist()
+    found, tokens, mask = [], [], []
+    while len(tokens) < len(row):
+        p = len(tokens)
+        match = next(
+            (j for j, r in enumerate(renders)
+             if r.ids and p + len(r.ids) <= row_len and row[p : p + len(r.ids)] == r.ids[: len(row) - p]),
+            None,
+        )
+        if match is None:  # the rest must be padding, and a row is never all padding
+            assert p > 0 and all(t == bos for t in row[p:]), "row holds something that is not a whole conversation"
+            break
+        found.append(match)
+        tokens += renders[match].ids
+        mask += renders[match].mask
+    pad = row_len - len(tokens)
+    return found, tokens + [bos] * pad, mask + [0] * pad
+
+
+def expected_targets(tokens, mask):
+    return [t if m else -1 for t, m in zip(tokens[1:], mask[1:])]
+
+
+def drain(loader):
+    return list(loader)
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_conversation_rows_hold_whole_conversations_and_masks_survive(mode):
+    tok = ByteTokenizer()
+    items = make_conversations()
+    renders = expected_renders(tok, items, 128)
+    loader = ConversationLoader(items, tok, batch_size=4, seq_len=127, rt=rt(), mode=mode, epochs=1, buffer_size=8)
+    seen, multi = [], 0
+    for x, y in drain(loader):
+        assert x.shape[1] == 127 and 1 <= x.shape[0] <= 4
+        for i in range(x.shape[0]):
+            found, tokens, mask = parse_packed_row(x[i], renders, tok.bos_id, 128)
+            assert x[i].tolist() == tokens[:-1]
+            assert y[i].tolist() == expected_targets(tokens, mask)  # -1 exactly at mask-0 and padding
+            if mode == "pad":
+                assert len(found) == 1
+            multi += len(found) > 1
+            seen += found
+    assert (multi > 0) == (mode == "pack")  # packing really puts several conversations in a row
+    kept = [j for j, r in enumerate(renders) if r.status != "dropped"]
+    assert sorted(seen) == kept  # every kept conversation exactly once, none cropped, dropped ones absent
+    assert len(kept) < len(items)  # the fixture really has over-length conversations
+    counts = {}
+    for (task, _), r in zip(items, renders):
+        counts.setdefault(task, {"ok": 0, "shortened": 0, "dropped": 0})[r.status] += 1
+    assert loader.render_stats.as_dict() == counts
+    assert counts["alpha"]["shortened"] + counts["beta"]["shortened"] > 0
+    assert loader.stats["conversations"] == len(kept) and loader.stats["progress"] == 1.0
+
+
+@pytest.mark.parametrize("train_all", [False, True])
+def test_conversation_stream_is_the_concatenation_with_masked_targets(train_all):
+    tok = ByteTokenizer()
+    items = make_conversations()
+    renders = expected_renders(tok, items, 64)
+    loader = ConversationLoader(items, tok, 3, 63, rt(), mode="stream", epochs=1, train_all_tokens=train_all)
+    stream_ids = [t for r in renders for t in r.ids]
+    stream_mask = [m for r in renders for m in ([1] * len(r.ids) if train_all else r.mask)]
+    batches = drain(loader)
+    rows = [(x[i], y[i]) for x, y in batches for i in range(x.shape[0])]
+    pos = 0  # row k covers stream[k*63 : k*63 + 64]: consecutive rows share one token
+    for x, y in rows:
+        tokens = stream_ids[pos : pos + 64]
+        mask = stream_mask[pos : pos + 64]
+        pad = 64 - len(tokens)
+        tokens, mask = tokens + [tok.bos_id] * pad, mask + [0] * pad
+        assert x.tolist() == tokens[:-1]
+        assert y.tolist() == expected_targets(tokens, mask)
+        pos += 63
+    assert pos >= len(stream_ids) - 1  # the whole stream was served, the last row padded
+    assert loader.stats["rows_without_targets"] == 0
+    assert loader.stats["targets"] == sum(stream_mask) - stream_mask[0]  # every supervised token once
+
+
+def test_conversation_overflow_drop_is_counted_and_never_served():
+    tok = ByteTokenizer()
+    items = make_conversations()
+    renders = expected_renders(tok, items, 128, overflow="drop")
+    loader = ConversationLoader(items, tok, 4, 127, rt(), mode="pack", overflow="drop", epochs=1)
+    seen = []
+    for x, y in drain(loader):
+        for i in range(x.shape[0]):
+            seen += parse_packed_row(x[i], renders, tok.bos_id, 128)[0]
+    dropped = [j for j, r in enumerate(renders) if r.status == "dropped"]
+    assert dropped and not set(dropped) & set(seen)
+    counts = loader.render_stats.as_dict()
+    assert sum(c["dropped"] for c in counts.values()) == len(dropped)
+    assert sum(c["shortened"] for c in counts.values()) == 0
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack", "stream"])
+def test_conversation_resume_is_exact_across_epochs(mode):
+    tok = ByteTokenizer()
+    items = make_conversations(n=12)
+    make = lambda: ConversationLoader(items, tok, 3, 127, rt(), mode=mode, buffer_size=5)
+    for k in (0, 2, 5):  # a dozen conversations: 5 batches of 3 rows cross an epoch boundary
+        ref = make()
+        take(ref, k)
+        state = json.loads(json.dumps(ref.state_dict()))
+        expected = take(ref, 6)
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert_same_batches(take(resumed, 6), expected)
+        assert resumed.stats == ref.stats
+    assert ref.stats["epoch"] >= 1
+
+
+def test_conversation_finite_epochs_and_two_disjoint_ranks():
+    tok = ByteTokenizer()
+    items = make_conversations(n=20)
+    renders = expected_renders(tok, items, 128)
+    kept = [j for j, r in enumerate(renders) if r.status != "dropped"]
+    per_rank = []
+    for r in range(2):
+        loader = ConversationLoader(items, tok, 4, 127, rt(r, 2), mode="pad", epochs=2)
+        seen = [parse_packed_row(x[i], renders, tok.bos_id, 128)[0][0] for x, _ in drain(loader) for i in range(x.shape[0])]
+        assert sorted(seen) == sorted([j for j in kept if j % 2 == r] * 2)  # each of its items twice, then stop
+        with pytest.raises(StopIteration):
+            next(loader)
+        per_rank.append(set(seen))
+    assert not per_rank[0] & per_rank[1] and per_rank[0] | per_rank[1] == set(kept)
+
+
+def test_stream_rows_without_a_target_are_counted_not_emitted():
+    """Rows of 32. A renders to exactly 32 tokens, so row 2 starts at A's last token and its targets
+    are B's first 31 tokens; B (32 tokens, empty answer) supervises only its final <|assistant_end|>,
+    which falls in row 3. Row 2 has nothing to learn: it is skipped and counted, and no supervised
+    token is lost by skipping it."""
+    tok = ByteTokenizer()
+    a = {"messages": [{"role": "user", "content": "q" * 10}, {"role": "assistant", "content": "a" * 17}]}
+    b = {"messages": [{"role": "user", "content": "q" * 27}, {"role": "assistant", "content": ""}]}
+    items = [("t", a), ("t", b)]
+    ra, rb = expected_renders(tok, items, 32)
+    assert len(ra.ids) == len(rb.ids) == 32 and sum(rb.mask) == 1
+    loader = ConversationLoader(items, tok, 4, 31, rt(), mode="stream", epochs=1)
+    (x, y), = drain(loader)
+    assert x.shape[0] == 2 and ((y != -1).sum(dim=1) > 0).all()
+    assert loader.stats["rows_without_targets"] == 1
+    assert loader.stats["targets"] == sum(ra.mask) + sum(rb.mask)
+
+
+def test_conversation_bad_inputs_raise_chibierror():
+    tok = ByteTokenizer()
+    items = make_conversations(n=4)
+    with pytest.raises(ChibiError, match="mode"):
+        ConversationLoader(items, tok, 2, 127, rt(), mode="crop")
+    with pytest.raises(ChibiError, match="overflow"):
+        ConversationLoader(items, tok, 2, 127, rt(), overflow="truncate")
+    with pytest.raises(ChibiError, match="empty"):
+        ConversationLoader([], tok, 2, 127, rt())
+    with pytest.raises(ChibiError, match="len"):
+        ConversationLoader((it for it in items), tok, 2, 127, rt())
+    with pytest.raises(ChibiError, match="rank 5 gets none"):
+        ConversationLoader(items, tok, 2, 127, rt(5, 6))
+    with pytest.raises(ChibiError, match="epochs"):
+        ConversationLoader(items, tok, 2, 127, rt(), epochs=0)
+    with pytest.raises(ChibiError, match="item 0 must be"):
+        next(ConversationLoader([items[0][1]], tok, 2, 127, rt()))
+    bad = [("t", {"messages": [{"role": "assistant", "content": "hi"}]})]
+    with pytest.raises(ChibiError, match="conversation 0"):
+        next(ConversationLoader(bad, tok, 2, 127, rt()))
+    with pytest.raises(ChibiError, match="dropped"):
+        next(ConversationLoader(items, tok, 2, 8, rt(), overflow="drop"))
+    a = ConversationLoader(items, tok, 2, 127, rt(), mode="pack")
+    next(a)
+    with pytest.raises(ChibiError, match="mode"):
+        ConversationLoader(items, tok, 2, 127, rt(), mode="pad").load_state_dict(a.state_dict())
+    with pytest.raises(ChibiError, match="conversation loader state"):
+        ConversationLoader(items, tok, 2, 127, rt(), mode="pack").load_state_dict({"kind": "pretrain"})
+    broken = a.state_dict()
+    broken["counters"] = None
+    with pytest.raises(ChibiError, match="corrupt"):
+        ConversationLoader(items, tok, 2, 127, rt(), mode="pack").load_state_dict(broken)

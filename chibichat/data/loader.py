@@ -20,10 +20,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from itertools import islice
 
 from chibichat.common import ChibiError
-from chibichat.render import RenderStats, render_conversation
 
 STATE_VERSION = 1
 
@@ -290,3 +288,291 @@ class PretrainLoader:
         self._epoch, self._next_unit, self._buffer = epoch, next_unit, buffer
         self._docs_read, self._tokens_read = counts["docs_read"], counts["tokens_read"]
         self._tokens_packed, self._tokens_cropped, self._rows = counts["tokens_packed"], counts["tokens_cropped"], counts["rows"]
+
+
+# ==============================================================================================
+# Conversations
+
+CONVERSATION_MODES = ("pad", "pack", "stream")
+
+
+class ConversationLoader:
+    """Rows of rendered conversations for midtraining and SFT, as (B, T) inputs and targets.
+
+    Modes:
+      pad     one conversation per row, the rest of the row padded with BOS.
+      pack    best-fit-pad: whole conversations packed into a row, the longest that still fits first;
+              when none fits, the remainder is padded with BOS. A conversation is never cropped.
+      stream  conversations concatenated into one token stream and cut into rows (midtraining):
+              row k+1 starts with the last token of row k, so every token is a target exactly once.
+    Targets are -1 at padding and wherever the render mask is 0; with train_all_tokens=True every
+    real token is a target (only padding is -1).
+
+    Every conversation is rendered with max_len = T+1, so each one fits in an empty row: nothing can
+    clog the packing buffer. Over-length conversations follow the renderer's `overflow` policy
+    ("shorten" drops whole earlier turns, "drop" drops the conversation); `render_stats` counts
+    ok/shortened/dropped per task over this rank's first epoch (sum over ranks for a report).
+    A row without a single target is never emitted: it can only arise in stream mode (a window
+    inside a long prompt) and is counted in stats["rows_without_targets"] instead.
+
+    `source` is indexable: len(source) and source[i] -> (task_name, conversation), e.g. a Mixture.
+    epochs=None loops forever; epochs=N stops with StopIteration after N passes (the last batch
+    may have fewer than B rows). Ranks stop at different batches: the caller must agree when to stop.
+    """
+
+    def __init__(self, source, tokenizer, batch_size: int, seq_len: int, rt, mode: str = "pack",
+                 overflow: str = "shorten", epochs: int | None = None, buffer_size: int = 100,
+                 train_all_tokens: bool = False):
+        from chibichat.render import OVERFLOW_POLICIES, RenderStats, render_conversation
+
+        if mode not in CONVERSATION_MODES:
+            raise ChibiError(f"conversation loader mode {mode!r} is not one of {CONVERSATION_MODES}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ChibiError(f"overflow policy {overflow!r} is not one of {OVERFLOW_POLICIES}")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seq_len = _check_int("seq_len", seq_len, 1)
+        self.buffer_size = _check_int("buffer_size", buffer_size, 1)
+        self.epochs = None if epochs is None else _check_int("epochs", epochs, 1)
+        self.rank, self.world_size = _check_rank(rt)
+        self.mode, self.overflow, self.train_all_tokens = mode, overflow, bool(train_all_tokens)
+        self.tokenizer, self.source = tokenizer, source
+        self.row_len = seq_len + 1
+        self._render_fn, self._stats_cls = render_conversation, RenderStats
+        try:
+            n = len(source)
+            source.__getitem__
+        except (TypeError, AttributeError):
+            raise ChibiError(
+                f"conversation source must support len() and indexing (a Mixture or a list of "
+                f"(task_name, conversation)), got {type(source).__name__}"
+            ) from None
+        if n == 0:
+            raise ChibiError("conversation source is empty; check the task mixture")
+        self._positions = range(self.rank, n, self.world_size)
+        if len(self._positions) == 0:
+            raise ChibiError(
+                f"conversation source has {n} items but {self.world_size} ranks, so rank {self.rank} gets none; "
+                f"run with at most {n} ranks"
+            )
+        self._fingerprint = {
+            "items": n,
+            "mode": mode,
+            "seq_len": seq_len,
+            "overflow": overflow,
+            "train_all_tokens": self.train_all_tokens,
+            "buffer_size": buffer_size if mode == "pack" else None,
+            "tokenizer": getattr(tokenizer, "hash", None),
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+        self._reset()
+
+    def _reset(self) -> None:
+        self._epoch = 0
+        self._next = 0  # index into this rank's positions of the next item to render (== len: epoch done)
+        self._buffer = _BestFitBuffer()  # pack mode
+        self._cur = None  # stream mode: (ref, ids, mask) of the conversation being cut into rows
+        self._cur_off = 0  # ... and how many of its tokens are consumed
+        self.render_stats = self._stats_cls()
+        self._counters = dict.fromkeys(
+            ("conversations", "rows", "tokens", "targets", "pad_tokens", "rows_without_targets"), 0
+        )
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _render(self, k: int):
+        """Render this rank's k-th item: (task, ids, mask, status), with the loss mask already applied."""
+        i = self._positions[k]
+        item = self.source[i]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ChibiError(f"conversation source item {i} must be a (task_name, conversation) pair, got {item!r:.80}")
+        task, conv = item
+        try:
+            r = self._render_fn(self.tokenizer, conv, self.row_len, self.overflow)
+        except ChibiError as e:
+            raise ChibiError(f"conversation {i} (task {task!r}): {e}") from None
+        if len(r.ids) != len(r.mask) or len(r.ids) > self.row_len:
+            raise ChibiError(
+                f"conversation {i} (task {task!r}) rendered to {len(r.ids)} ids / {len(r.mask)} mask values for rows "
+                f"of {self.row_len}: the renderer broke its max_len contract"
+            )
+        mask = [1] * len(r.ids) if self.train_all_tokens else r.mask
+        return task, r.ids, mask, r.status
+
+    def _fetch(self):
+        """The next conversation that was not dropped, as (ref, ids, mask); None after the last epoch."""
+        dropped_in_a_row = 0
+        while True:
+            if self._next == len(self._positions):
+                if self.epochs is not None and self._epoch + 1 >= self.epochs:
+                    return None
+                self._epoch, self._next = self._epoch + 1, 0
+            ref = (self._epoch, self._next)
+            self._next += 1
+            task, ids, mask, status = self._render(ref[1])
+            if ref[0] == 0:  # count each conversation once: the counts describe the data, not the epochs
+                self.render_stats.add(task, status)
+            if status != "dropped":
+                return ref, ids, mask
+            dropped_in_a_row += 1
+            if dropped_in_a_row >= len(self._positions):
+                raise ChibiError(
+                    f"all {len(self._positions)} conversations of rank {self.rank} are longer than the rows of "
+                    f"{self.row_len} tokens and were dropped; use a longer seq_len or overflow='shorten'"
+                )
+
+    def _pad(self, ids: list[int], mask: list[int]):
+        pad = self.row_len - len(ids)
+        self._counters["pad_tokens"] += pad
+        return ids + [self.tokenizer.bos_id] * pad, mask + [0] * pad
+
+    def _row_pad(self):
+        got = self._fetch()
+        if got is None:
+            return None
+        self._counters["conversations"] += 1
+        return self._pad(list(got[1]), list(got[2]))
+
+    def _row_pack(self):
+        ids: list[int] = []
+        mask: list[int] = []
+        while len(ids) < self.row_len:
+            while len(self._buffer) < self.buffer_size:
+                got = self._fetch()
+                if got is None:
+                    break
+                ref, c_ids, c_mask = got
+                self._buffer.add(ref, len(c_ids), (c_ids, c_mask))
+            item = self._buffer.pop_best_fit(self.row_len - len(ids))
+            if item is None:
+                break
+            ids += item[0]
+            mask += item[1]
+            self._counters["conversations"] += 1
+        return self._pad(ids, mask) if ids else None
+
+    def _row_stream(self):
+        ids: list[int] = []
+        mask: list[int] = []
+        while len(ids) < self.row_len:
+            if self._cur is None or self._cur_off == len(self._cur[1]):
+                got = self._fetch()
+                if got is None:
+                    break
+                self._cur, self._cur_off = got, 0
+                self._counters["conversations"] += 1
+            _, c_ids, c_mask = self._cur
+            end = min(len(c_ids), self._cur_off + self.row_len - len(ids))
+            ids += c_ids[self._cur_off : end]
+            mask += c_mask[self._cur_off : end]
+            self._cur_off = end
+        if len(ids) == self.row_len:
+            self._cur_off -= 1  # the row's last token is the next row's first input
+        elif len(ids) <= 1:  # the end of the data; a lone carried-over token has nothing to predict
+            return None
+        return self._pad(ids, mask)
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+
+        next_row = {"pad": self._row_pad, "pack": self._row_pack, "stream": self._row_stream}[self.mode]
+        rows_ids, rows_mask = [], []
+        while len(rows_ids) < self.batch_size:
+            row = next_row()
+            if row is None:
+                break
+            ids, mask = row
+            n_targets = sum(mask) - mask[0]
+            if n_targets == 0:
+                self._counters["rows_without_targets"] += 1
+                continue
+            self._counters["targets"] += n_targets
+            rows_ids.append(ids)
+            rows_mask.append(mask)
+        if not rows_ids:
+            raise StopIteration
+        self._counters["rows"] += len(rows_ids)
+        self._counters["tokens"] += len(rows_ids) * self.seq_len
+        x = torch.tensor(rows_ids, dtype=torch.long)
+        m = torch.tensor(rows_mask, dtype=torch.bool)
+        targets = torch.where(m[:, 1:], x[:, 1:], torch.full_like(x[:, 1:], -1))
+        return x[:, :-1].contiguous(), targets
+
+    @property
+    def stats(self) -> dict:
+        """Counters of this rank. `progress` is the read cursor's share of the planned epochs (None when
+        looping forever); in pack mode the cursor runs up to buffer_size conversations ahead."""
+        n = len(self._positions)
+        at = self._epoch + self._next / n
+        return {
+            "epoch": self._epoch,
+            **self._counters,
+            "progress": min(1.0, at / self.epochs) if self.epochs else None,
+            "render": self.render_stats.as_dict(),
+        }
+
+    # -- exact resume ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        stream = None
+        if self._cur is not None:
+            (e, k), ids, _ = self._cur
+            stream = [e, k, len(ids), self._cur_off]
+        return {
+            "kind": "conversation",
+            "version": STATE_VERSION,
+            "fingerprint": dict(self._fingerprint),
+            "epoch": self._epoch,
+            "next": self._next,
+            # [epoch, item index on this rank, length]; conversations are re-rendered on load
+            "buffer": [[*ref, length] for ref, length in self._buffer.refs()],
+            "stream": stream,
+            "counters": dict(self._counters),
+            "render_counts": self.render_stats.as_dict(),
+        }
+
+    def _rerender(self, e: int, k: int, n: int):
+        if not 0 <= k < len(self._positions):
+            raise ChibiError("conversation loader state points past this rank's items; the data changed, start fresh")
+        task, ids, mask, status = self._render(k)
+        if status == "dropped" or len(ids) != n:
+            raise ChibiError(
+                f"conversation loader state: item {self._positions[k]} (task {task!r}) now renders to {len(ids)} "
+                f"tokens ({status}), saved {n}; the data or tokenizer changed since the checkpoint, start fresh"
+            )
+        return (e, k), ids, mask
+
+    def load_state_dict(self, d: dict) -> None:
+        _check_state(d, "conversation", self._fingerprint)
+        try:
+            epoch, nxt = int(d["epoch"]), int(d["next"])
+            refs = [(int(e), int(k), int(n)) for e, k, n in d["buffer"]]
+            stream = None if d["stream"] is None else [int(v) for v in d["stream"]]
+            counters = {k: int(d["counters"][k]) for k in self._counters}
+            render_counts = {
+                str(task): {s: int(c[s]) for s in ("ok", "shortened", "dropped")} for task, c in d["render_counts"].items()
+            }
+            if stream is not None and len(stream) != 4:
+                raise ValueError(f"stream cursor {stream}")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise _corrupt_state("conversation", e) from None
+        if not 0 <= nxt <= len(self._positions):
+            raise ChibiError("conversation loader state points past this rank's items; the data changed, start fresh")
+        buffer = _BestFitBuffer()
+        for e, k, n in refs:
+            ref, ids, mask = self._rerender(e, k, n)
+            buffer.add(ref, n, (ids, mask))
+        cur, off = None, 0
+        if stream is not None:
+            e, k, n, off = stream
+            cur = self._rerender(e, k, n)
+            if not 0 <= off <= n:
+                raise ChibiError("conversation loader state has a stream offset outside its conversation; start fresh")
+        self._epoch, self._next, self._buffer, self._cur, self._cur_off = epoch, nxt, buffer, cur, off
+        self._counters = counters
+        self.render_stats = self._stats_cls(counts=render_counts)
