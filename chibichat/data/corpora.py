@@ -35,7 +35,7 @@ from chibichat.common import ChibiError, Home
 DOC_MAX_CHARS = 4000
 
 # Documents per group for corpora whose files are not parquet (embedded, .jsonl, .txt).
-GROUP_DOCS = 64
+GROUP_DOCS = 16
 
 # Default Hugging Face endpoint for the online corpora; tests and mirrors override it.
 HF_ENDPOINT = "https://huggingface.co"
