@@ -1,6 +1,7 @@
 """CORE scoring against hand-computed results, with fake scorers whose choices are known exactly."""
 
 import json
+import math
 import random
 
 import pytest
@@ -229,3 +230,159 @@ def test_write_eval_outputs(tmp_path):
     assert len(lines) == len(GOLDS) and json.loads(lines[1])["gold"] == 1
     header = (tmp_path / "core.csv").read_text().splitlines()[0]
     assert "correct" in header and "losses" not in header
+
+
+# ----------------------------------------------------------------------------------------------
+# JGLUE (tests use hand-written records in the official formats; JGLUE itself is never shipped)
+
+from chibichat.eval import jglue as J  # noqa: E402
+
+JCQA_LABELS = [0, 1, 0, 2, 4]
+NLI = ["entailment", "neutral", "contradiction", "entailment", "neutral", "neutral"]
+STS = [0.0, 1.2, 2.5, 3.8, 5.0, 4.4]
+
+
+def _write_jglue(root):
+    d = root / "jcommonsenseqa-v1.1"
+    d.mkdir(parents=True)
+    recs = [{"q_id": i, "question": f"問{i}は？", **{f"choice{k}": f"答{i}{k}" for k in range(5)}, "label": lab}
+            for i, lab in enumerate(JCQA_LABELS)]
+    (d / "valid-v1.1.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
+    (d / "train-v1.1.json").write_text("not read\n", "utf-8")
+    nli = [{"sentence_pair_id": str(i), "yjcaptions_id": "x", "sentence1": f"猫{i}がいる。", "sentence2": f"動物{i}がいる。",
+            "label": lab} for i, lab in enumerate(NLI)]
+    (root / "jnli.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in nli), "utf-8")
+    sts = [{"sentence_pair_id": str(i), "yjcaptions_id": "x", "sentence1": f"犬{i}が走る。", "sentence2": f"犬{i}が歩く。",
+            "label": lab} for i, lab in enumerate(STS)]
+    (root / "jsts.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in sts), "utf-8")
+    squad = {"version": "v1.1", "data": [{"title": "東京", "paragraphs": [
+        {"context": f"東京[SEP]段落{p}。", "qas": [
+            {"id": f"q{p}{k}", "question": f"問{p}{k}？", "answers": [{"text": f"東京都{p}{k}", "answer_start": 0}],
+             "is_impossible": False} for k in range(2)]} for p in range(2)]}]}
+    d = root / "jsquad-v1.1"
+    d.mkdir()
+    (d / "valid-v1.1.json").write_text(json.dumps(squad, ensure_ascii=False, indent=2), "utf-8")
+
+
+class JScorer(FakeScorer):
+    """Continuation scoring as FakeScorer; next-token log-probs from `digits(prompt_text) -> 6 logps`."""
+
+    def __init__(self, judge, digits=None, max_len=10_000):
+        super().__init__(judge, max_len=max_len)
+        self.digits = digits
+
+    def next_token_logprobs(self, prompts, candidates):
+        assert all(c == [ord(str(d)) for d in range(6)] for c in candidates)
+        return [self.digits(CharTok().decode(p[1:])) for p in prompts]
+
+
+def _sts_index(prompt_text):
+    last = prompt_text.split("\n\n")[-1]
+    return int(last.split("犬")[1][0])
+
+
+def test_jglue_files_found_in_both_layouts(tmp_path):
+    _write_jglue(tmp_path)
+    f = J.find_files(tmp_path)
+    assert f["jcommonsenseqa"].name == "valid-v1.1.json" and f["jnli"].name == "jnli.jsonl"
+    assert len(J.read_records(f["jsquad"], "jsquad")) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ChibiError, match="no JGLUE dev file"):
+        J.find_files(tmp_path / "empty")
+    with pytest.raises(ChibiError, match="not a directory"):
+        J.find_files(tmp_path / "missing")
+
+
+def test_jcqa_and_jnli_always_first(tmp_path):
+    _write_jglue(tmp_path)
+    files = {k: v for k, v in J.find_files(tmp_path).items() if k in ("jcommonsenseqa", "jnli")}
+    first = JScorer(lambda ctx, cont: 0.0 if cont in ("含意",) or cont.endswith("0") else 1.0)
+    out = J.evaluate_jglue(files, scorer=first, gen=None, tok=CharTok(), max_len=10_000,
+                           shots={"jcommonsenseqa": 2, "jnli": 1})
+    s = out["summary"]
+    assert s["jcommonsenseqa"] == 2 / 5 and s["jcommonsenseqa_centered"] == pytest.approx((0.4 - 0.2) / 0.8)
+    assert s["jnli"] == 2 / 6  # "含意" (entailment) is right for 2 of 6
+    # the 5 choices are listed in the prompt, and a demonstration carries its gold choice
+    ctx, cont = J.core.item_texts(J.build_task("jcommonsenseqa", J.read_records(files["jcommonsenseqa"], "x"), 1), 0)[0]
+    assert "選択肢：答00 / 答01 / 答02 / 答03 / 答04\n答え：" in ctx and cont == "答00"
+
+
+def test_jsts_expected_value_pearson_spearman(tmp_path):
+    _write_jglue(tmp_path)
+    files = {"jsts": J.find_files(tmp_path)["jsts"]}
+
+    def exact(prompt_text):
+        # put the mass on floor(g) and ceil(g) so that the expectation is exactly the gold score
+        g = STS[_sts_index(prompt_text)]
+        lo = int(g)
+        hi = min(lo + 1, 5)
+        w = [0.0] * 6
+        w[lo] += 1 - (g - lo)
+        w[hi] += g - lo
+        return [math.log(x) if x > 0 else -1e9 for x in w]
+
+    out = J.evaluate_jglue(files, scorer=JScorer(None, exact), gen=None, tok=CharTok(), max_len=10_000,
+                           shots={"jsts": 2})
+    assert [r["pred"] for r in out["items"]["jsts"]] == pytest.approx(STS)
+    assert out["summary"]["jsts_pearson"] == pytest.approx(1.0)
+    assert out["summary"]["jsts_spearman"] == pytest.approx(1.0)
+
+    # uniform over the six digits: every prediction is 2.5 -> correlation undefined, said so
+    out = J.evaluate_jglue(files, scorer=JScorer(None, lambda t: [0.0] * 6), gen=None, tok=CharTok(),
+                           max_len=10_000, shots={"jsts": 0})
+    assert out["items"]["jsts"][0]["pred"] == pytest.approx(2.5)
+    assert out["summary"]["jsts_pearson"] is None and "undefined" in out["summary"]["jsts_note"]
+
+    # mass 1 on the digit 5 - round(gold): predictions 5,4,2,1,0,1 against gold 0,1.2,2.5,3.8,5,4.4
+    def flipped(t):
+        d = 5 - int(STS[_sts_index(t)] + 0.5)
+        return [0.0 if k == d else -1e9 for k in range(6)]
+
+    out = J.evaluate_jglue(files, scorer=JScorer(None, flipped), gen=None, tok=CharTok(), max_len=10_000,
+                           shots={"jsts": 0})
+    pred = [5, 4, 2, 1, 0, 1]
+    assert [r["pred"] for r in out["items"]["jsts"]] == pytest.approx(pred)
+    assert out["summary"]["jsts_pearson"] == pytest.approx(J.pearson(pred, STS))
+    assert out["summary"]["jsts_spearman"] == pytest.approx(J.spearman(pred, STS))
+
+
+def test_jsquad_em_and_char_f1(tmp_path):
+    _write_jglue(tmp_path)
+    files = {"jsquad": J.find_files(tmp_path)["jsquad"]}
+    # q00: exact (then a newline and rambling), q01: full-width digits + punctuation (EM after NFKC),
+    # q10: half the answer ("東京" of "東京都10": P=1, R=2/5 -> F1=4/7), q11: wrong
+    replies = {"問00？": "東京都00\n質問：次", "問01？": "東京都０１。", "問10？": "東京", "問11？": "大阪"}
+
+    class Gen:
+        def generate_texts(self, prompts, n, max_tokens, temperature, top_k, seed):
+            assert n == 1 and temperature == 0.0 and max_tokens == 16
+            out = []
+            for p in prompts:
+                q = CharTok().decode(p[1:]).split("質問：")[-1].split("\n")[0]
+                out.append([replies[q]])
+            return out
+
+    out = J.evaluate_jglue(files, scorer=None, gen=Gen(), tok=CharTok(), max_len=10_000, shots={"jsquad": 1},
+                           jsquad_max_tokens=16)
+    s = out["summary"]
+    assert s["jsquad_em"] == pytest.approx(2 / 4)
+    assert s["jsquad_f1"] == pytest.approx((1 + 1 + 4 / 7 + 0) / 4)
+    assert out["items"]["jsquad"][0]["pred"] == "東京都00"
+
+
+def test_jglue_bad_records_and_over_length(tmp_path):
+    p = tmp_path / "jnli.jsonl"
+    p.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "label": "maybe"}) + "\n", "utf-8")
+    with pytest.raises(ChibiError, match="not one of"):
+        J.evaluate_jglue({"jnli": p}, scorer=None, gen=None, tok=CharTok(), max_len=100, shots={"jnli": 0})
+    p.write_text('{"sentence1": "a"\n', "utf-8")
+    with pytest.raises(ChibiError, match="line 1 is not valid JSON"):
+        J.read_records(p, "jnli")
+    _write_jglue(tmp_path / "j")
+    files = {"jcommonsenseqa": J.find_files(tmp_path / "j")["jcommonsenseqa"]}
+    # 3 shots make every prompt far longer than 60 characters -> all skipped -> an error naming the context
+    with pytest.raises(ChibiError, match="longer than the model's context"):
+        J.evaluate_jglue(files, scorer=JScorer(lambda c, x: 0.0, max_len=60), gen=None, tok=CharTok(), max_len=60,
+                         shots={"jcommonsenseqa": 3})
+    with pytest.raises(ChibiError, match="needs more than"):
+        J.evaluate_jglue(files, scorer=None, gen=None, tok=CharTok(), max_len=60, shots={"jcommonsenseqa": 5})

@@ -1,0 +1,274 @@
+"""JGLUE for base models, few-shot, on the official files (yahoojapan/JGLUE, CC BY-SA 4.0: never shipped).
+
+  JCommonsenseQA  5-way multiple choice by lowest mean continuation loss; accuracy, centered at 0.2.
+  JNLI            3-way loss scoring over the Japanese label words 含意 / 矛盾 / 中立; accuracy.
+  JSTS            similarity = expected value of the next-token distribution restricted to the digits
+                  0..5 after "類似度："; Pearson and Spearman against the gold scores.
+  JSQuAD          greedy generation up to the first newline; exact match and character-level F1
+                  after NFKC and whitespace/punctuation removal (metrics.py).
+
+JCQA/JNLI/JSTS files are JSON lines (one record per line, official field names); JSQuAD is the
+SQuAD-format JSON of the official repo, or JSON lines of flattened records (Hub copies). Public dev
+sets are what everyone reports (test sets are not distributed). Demonstrations come from the same
+file, drawn per item with the tasks' seeded rule and never the item itself. Over-length items are
+skipped and counted, as in CORE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from chibichat.common import ChibiError
+from chibichat.eval import core
+from chibichat.eval.metrics import accuracy, char_f1, exact_match, pearson, spearman
+
+JGLUE_TASKS = ("jcommonsenseqa", "jnli", "jsts", "jsquad")
+NLI_LABELS = {"entailment": "含意", "contradiction": "矛盾", "neutral": "中立"}
+STS_DIGITS = [str(d) for d in range(6)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def read_records(path, what: str) -> list[dict]:
+    """Records of a JSON-lines file, or of a SQuAD-format JSON document (flattened to one per question)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChibiError(f"{what} file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ChibiError(f"{what} file {path} is not UTF-8 ({e}); use the official JGLUE files") from None
+    try:  # a whole-file JSON document with "data" is SQuAD format; anything else is JSON lines
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict) and "data" in doc:
+        return _flatten_squad(doc, path)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ChibiError(f"{what} file {path} line {n} is not valid JSON ({e}); fix or re-download it") from None
+    if not rows:
+        raise ChibiError(f"{what} file {path} holds no records")
+    return rows
+
+
+def _flatten_squad(doc: dict, path: Path) -> list[dict]:
+    try:
+        rows = []
+        for article in doc["data"]:
+            for para in article["paragraphs"]:
+                for qa in para["qas"]:
+                    rows.append({"id": qa["id"], "title": article.get("title", ""), "context": para["context"],
+                                 "question": qa["question"], "answers": {"text": [a["text"] for a in qa["answers"]]},
+                                 "is_impossible": qa.get("is_impossible", False)})
+    except (KeyError, TypeError) as e:
+        raise ChibiError(f"JSQuAD file {path} is not in SQuAD format (missing {e})") from None
+    if not rows:
+        raise ChibiError(f"JSQuAD file {path} holds no questions")
+    return rows
+
+
+def find_files(root) -> dict[str, Path]:
+    """The dev file of each JGLUE task under root: the official layout
+    `<task>-v1.1/valid-v1.1.json` or a file named `<task>*.json[l]` directly in root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ChibiError(f"--jglue {root} is not a directory; point it at a clone of yahoojapan/JGLUE's datasets/")
+    found = {}
+    for t in JGLUE_TASKS:
+        hits = sorted(root.glob(f"{t}-v*/valid-v*.json")) + sorted(root.glob(f"{t}*.json")) + \
+            sorted(root.glob(f"{t}*.jsonl"))
+        if hits:
+            found[t] = hits[-1] if "valid" in hits[-1].name else hits[0]
+    if not found:
+        raise ChibiError(
+            f"no JGLUE dev file under {root}: expected e.g. {root}/jcommonsenseqa-v1.1/valid-v1.1.json "
+            "(the official repo's datasets/ folder) or jcommonsenseqa.jsonl"
+        )
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> CORE-schema items (so the CORE scorer and few-shot rule are reused, not re-written)
+
+
+def _field(rec: dict, key: str, i: int, what: str):
+    if key not in rec:
+        raise ChibiError(f"{what} record {i} lacks field {key!r} (official JGLUE field names are expected)")
+    return rec[key]
+
+
+def jcqa_items(records: list[dict]) -> list[dict]:
+    items = []
+    for i, r in enumerate(records):
+        choices = [str(_field(r, f"choice{k}", i, "JCommonsenseQA")) for k in range(5)]
+        label = _field(r, "label", i, "JCommonsenseQA")
+        if not isinstance(label, int) or not 0 <= label < 5:
+            raise ChibiError(f"JCommonsenseQA record {i}: label {label!r} is not 0..4")
+        ctx = f"質問：{_field(r, 'question', i, 'JCommonsenseQA')}\n選択肢：{' / '.join(choices)}\n答え："
+        items.append({"type": "multiple_choice", "context": ctx, "continuations": choices, "gold": label})
+    return items
+
+
+def jnli_items(records: list[dict]) -> list[dict]:
+    words = list(NLI_LABELS.values())
+    items = []
+    for i, r in enumerate(records):
+        label = _field(r, "label", i, "JNLI")
+        if label not in NLI_LABELS:
+            raise ChibiError(f"JNLI record {i}: label {label!r} is not one of {list(NLI_LABELS)}")
+        ctx = f"前提：{_field(r, 'sentence1', i, 'JNLI')}\n仮説：{_field(r, 'sentence2', i, 'JNLI')}\n関係："
+        items.append({"type": "multiple_choice", "context": ctx, "continuations": words,
+                      "gold": words.index(NLI_LABELS[label])})
+    return items
+
+
+def jsts_items(records: list[dict]) -> list[dict]:
+    items = []
+    for i, r in enumerate(records):
+        label = _field(r, "label", i, "JSTS")
+        try:
+            score = float(label)
+        except (TypeError, ValueError):
+            raise ChibiError(f"JSTS record {i}: label {label!r} is not a number") from None
+        if not 0.0 <= score <= 5.0:
+            raise ChibiError(f"JSTS record {i}: similarity {score} is outside 0..5")
+        ctx = f"文1：{_field(r, 'sentence1', i, 'JSTS')}\n文2：{_field(r, 'sentence2', i, 'JSTS')}\n類似度："
+        # a demonstration shows the rounded score: the model answers with one digit
+        items.append({"type": "language_modeling", "context": ctx, "continuation": str(int(score + 0.5)),
+                      "score": score})
+    return items
+
+
+def jsquad_items(records: list[dict]) -> list[dict]:
+    items = []
+    for i, r in enumerate(records):
+        answers = _field(r, "answers", i, "JSQuAD")
+        texts = answers.get("text") if isinstance(answers, dict) else [a.get("text") for a in answers]
+        if r.get("is_impossible") or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise ChibiError(f"JSQuAD record {i} has no answer text; JSQuAD v1.1 dev questions are all answerable")
+        ctx = f"文脈：{_field(r, 'context', i, 'JSQuAD')}\n質問：{_field(r, 'question', i, 'JSQuAD')}\n答え："
+        items.append({"type": "language_modeling", "context": ctx, "continuation": texts[0], "answers": texts})
+    return items
+
+
+def build_task(name: str, records: list[dict], num_fewshot: int):
+    from chibichat.tasks.base import CoreTask
+
+    items = {"jcommonsenseqa": jcqa_items, "jnli": jnli_items, "jsts": jsts_items, "jsquad": jsquad_items}[name](records)
+    baseline = {"jcommonsenseqa": 0.2, "jnli": 1 / 3}.get(name, 0.0)
+    if num_fewshot >= len(items):
+        raise ChibiError(f"{name}: {num_fewshot}-shot needs more than {num_fewshot} records, the file has {len(items)}")
+    return CoreTask(name, items, num_fewshot=num_fewshot, random_baseline=baseline, lang="ja")
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def eval_choice_task(scorer, tok, task) -> tuple[dict, list[dict]]:
+    """JCQA / JNLI: CORE multiple_choice scoring."""
+    results = core.score_items(scorer, tok, task, range(len(task)), "multiple_choice")
+    s = core.summarize_task(task, "multiple_choice", results)
+    summary = {task.name: s.accuracy, f"{task.name}_centered": s.centered, f"{task.name}_n": s.n_scored,
+               f"{task.name}_skipped_too_long": s.n_skipped_too_long}
+    return summary, [r.__dict__ for r in results]
+
+
+def eval_jsts(scorer, tok, task) -> tuple[dict, list[dict]]:
+    digit_ids = single_token_ids(tok, STS_DIGITS)
+    rows, prompts = [], []
+    for i in range(len(task)):
+        ctx, _ = core.item_texts(task, i)[0]
+        ids = [tok.bos_id, *tok.encode(ctx)]
+        row = {"task": "jsts", "index": i, "status": "ok", "gold": task[i]["score"], "pred": None,
+               "prompt_tokens": len(ids)}
+        rows.append(row)
+        if len(ids) > scorer.max_len:
+            row["status"] = "skipped_too_long"
+        else:
+            prompts.append((row, ids))
+    logps = scorer.next_token_logprobs([p for _, p in prompts], [digit_ids] * len(prompts)) if prompts else []
+    for (row, _), lp in zip(prompts, logps):
+        # renormalise over the six digits: the expected similarity under the model's digit distribution
+        m = max(lp)
+        w = [math.exp(x - m) for x in lp]
+        row["pred"] = sum(d * wd for d, wd in enumerate(w)) / sum(w)
+    scored = [r for r in rows if r["status"] == "ok"]
+    if len(scored) < 2:
+        raise ChibiError(f"JSTS: only {len(scored)} item(s) fit the model's context; correlation needs 2 or more")
+    pr = pearson([r["pred"] for r in scored], [r["gold"] for r in scored])
+    sr = spearman([r["pred"] for r in scored], [r["gold"] for r in scored])
+    summary = {"jsts_pearson": None if math.isnan(pr) else pr, "jsts_spearman": None if math.isnan(sr) else sr,
+               "jsts_n": len(scored), "jsts_skipped_too_long": len(rows) - len(scored)}
+    if math.isnan(pr):
+        summary["jsts_note"] = "the model predicted one similarity for every pair: correlation undefined"
+    return summary, rows
+
+
+def single_token_ids(tok, symbols: list[str]) -> list[int]:
+    ids = []
+    for s in symbols:
+        enc = tok.encode(s)
+        if len(enc) != 1:
+            raise ChibiError(f"JSTS needs each digit to be one token; {s!r} encodes to {len(enc)} tokens")
+        ids.append(enc[0])
+    return ids
+
+
+def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, list[dict]]:
+    """Greedy answers cut at the first newline; EM and char-F1 against every gold answer."""
+    if max_tokens < 1 or max_len - max_tokens < 2:
+        raise ChibiError(f"JSQuAD: --jsquad-max-tokens {max_tokens} does not fit a {max_len}-token context")
+    rows, prompts = [], []
+    for i in range(len(task)):
+        ctx, _ = core.item_texts(task, i)[0]
+        ids = [tok.bos_id, *tok.encode(ctx)]
+        row = {"task": "jsquad", "index": i, "status": "ok", "answers": task[i]["answers"], "pred": None,
+               "em": None, "f1": None, "prompt_tokens": len(ids)}
+        rows.append(row)
+        if len(ids) + max_tokens > max_len:
+            row["status"] = "skipped_too_long"
+        else:
+            prompts.append((row, ids))
+    texts = gen.generate_texts([p for _, p in prompts], 1, max_tokens, 0.0, None, 0) if prompts else []
+    for (row, _), samples in zip(prompts, texts):
+        pred = samples[0].split("\n", 1)[0].strip()
+        row["pred"], row["em"], row["f1"] = pred, exact_match(pred, row["answers"]), char_f1(pred, row["answers"])
+    scored = [r for r in rows if r["status"] == "ok"]
+    if not scored:
+        raise ChibiError("JSQuAD: no question fits the model's context with its passage; use fewer shots (--jglue-shots)")
+    summary = {"jsquad_em": accuracy([r["em"] for r in scored]), "jsquad_f1": accuracy([r["f1"] for r in scored]),
+               "jsquad_n": len(scored), "jsquad_skipped_too_long": len(rows) - len(scored)}
+    return summary, rows
+
+
+def evaluate_jglue(files: dict, *, scorer, gen, tok, max_len: int, shots: dict, max_items: int | None = None,
+                   jsquad_max_tokens: int = 32) -> dict:
+    """Evaluate the tasks whose files were found; returns {"summary": flat keys, "items": {task: rows}}."""
+    summary, items = {}, {}
+    for name, path in files.items():
+        if name not in JGLUE_TASKS:
+            raise ChibiError(f"unknown JGLUE task {name!r}; expected one of {JGLUE_TASKS}")
+        records = read_records(path, name)
+        if max_items is not None:
+            records = records[:max_items]
+        task = build_task(name, records, shots[name])
+        if name in ("jcommonsenseqa", "jnli"):
+            s, rows = eval_choice_task(scorer, tok, task)
+        elif name == "jsts":
+            s, rows = eval_jsts(scorer, tok, task)
+        else:
+            s, rows = eval_jsquad(gen, tok, task, max_len, jsquad_max_tokens)
+        summary.update(s)
+        items[name] = rows
+    return {"summary": summary, "items": items}
