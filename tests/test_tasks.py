@@ -245,3 +245,167 @@ def test_corrupt_shipped_file_is_a_clear_error(tmp_path):
     empty.write_bytes(gzip.compress(b""))
     with pytest.raises(ChibiError, match="no items"):
         read_jsonl_gz(empty, "x")
+
+
+# ---------------------------------------------------------------------------------------- eval sets
+
+@pytest.mark.parametrize("name,count", [("arc-easy", 500), ("arc-challenge", 500), ("mmlu", 600)])
+def test_shipped_categorical_sets(name, count):
+    t = get_task(name)
+    assert t.kind == "categorical" and len(t) == count
+    for i in range(len(t)):
+        it = t[i]
+        _check_conversation(it)
+        assert it["answer"] in it["letters"] and it["messages"][1]["content"] == it["answer"]
+        assert len(it["letters"]) == len(it["choices"])
+        user = it["messages"][0]["content"]
+        for c, letter in zip(it["choices"], it["letters"]):
+            assert f"- {c}={letter}" in user
+    # answers are not all the same letter (a broken gold index would collapse them)
+    assert len({t[i]["answer"] for i in range(len(t))}) >= 3
+
+
+def test_categorical_item_rejects_bad_input():
+    from chibichat.tasks.multiple_choice import categorical_item
+
+    with pytest.raises(ChibiError):
+        categorical_item("q", ["only one"], 0)
+    with pytest.raises(ChibiError):
+        categorical_item("q", ["a", "b"], 2)
+
+
+def test_gsm8k_annotations_become_tool_calls():
+    from chibichat.tasks.gsm8k import gsm8k_item, solution_to_parts
+
+    sol = "She has 16 - 3 = <<16-3=13>>13 eggs.\nShe makes 13 * 2 = $<<13*2=26>>26.\n#### 26"
+    parts = solution_to_parts(sol)
+    assert parts == [
+        {"type": "text", "text": "She has 16 - 3 = "},
+        {"type": "python", "text": "16-3"}, {"type": "python_output", "text": "13"},
+        {"type": "text", "text": "13 eggs.\nShe makes 13 * 2 = $"},
+        {"type": "python", "text": "13*2"}, {"type": "python_output", "text": "26"},
+        {"type": "text", "text": "26.\n#### 26"},
+    ]
+    assert "".join(p["text"] for p in parts if p["type"] == "text").endswith("#### 26")
+    item = gsm8k_item("q?", "2 + 2 = <<2+2=4>>4\n#### 1,004")
+    assert item["answer"] == "1004"
+    with pytest.raises(ChibiError, match="####"):
+        gsm8k_item("q?", "no final answer")
+    with pytest.raises(ChibiError, match="annotation"):
+        solution_to_parts("bad <<16-3>> annotation\n#### 1")
+
+
+def test_shipped_gsm8k():
+    t = get_task("gsm8k")
+    assert t.kind == "generative" and len(t) == 500
+    for i in range(len(t)):
+        it = t[i]
+        parts = it["messages"][1]["content"]
+        text = "".join(p["text"] for p in parts if p["type"] == "text")
+        assert t.evaluate(it, text)
+        assert not t.evaluate(it, f"#### {it['answer']}1")
+        assert all("<<" not in p["text"] for p in parts)
+
+
+def test_humaneval_shipped_all_164_and_canonical_solutions_pass():
+    t = get_task("humaneval")
+    assert len(t) == 164 and len({t[i]["task_id"] for i in range(164)}) == 164
+    it = t[0]
+    # the canonical body passes; a fenced full function passes; a wrong one fails
+    assert t.evaluate(it, it["canonical_solution"])
+    fenced = "Here you go:\n```python\n" + it["prompt"] + it["canonical_solution"] + "```\n"
+    assert t.evaluate(it, fenced)
+    assert not t.evaluate(it, "    return None\n")
+
+
+def test_humaneval_program_assembly():
+    from chibichat.tasks.humaneval import build_program
+
+    item = {"prompt": "from typing import List\n\ndef f(x: List[int]) -> int:\n", "entry_point": "f",
+            "test": "def check(c):\n    assert c([1]) == 1\n"}
+    body = build_program(item, "    return x[0]\n")
+    assert body.startswith(item["prompt"]) and body.rstrip().endswith("check(f)")
+    full = build_program(item, "```python\ndef f(x):\n    return x[0]\n```")
+    assert full.startswith("from typing import List\n") and "def f(x):" in full
+
+
+CORE = ["core-hellaswag", "core-arc-easy", "core-arc-challenge", "core-piqa", "core-winogrande", "core-copa",
+        "core-boolq", "core-openbookqa", "core-commonsenseqa", "core-lambada"]
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core_lite_tasks(name):
+    t = get_task(name)
+    assert t.kind == "core" and len(t) >= 100 and 0 <= t.random_baseline < 1 and t.num_fewshot in (0, 10)
+    types = {t[i]["type"] for i in range(len(t))}
+    assert len(types) == 1
+    golds = []
+    for i in range(len(t)):
+        it = t[i]
+        if it["type"] == "multiple_choice":
+            assert 0 <= it["gold"] < len(it["continuations"]) and all(c.startswith(" ") for c in it["continuations"])
+            golds.append(it["gold"])
+        elif it["type"] == "schema":
+            assert 0 <= it["gold"] < len(it["contexts"]) and it["continuation"].startswith(" ")
+            golds.append(it["gold"])
+        else:
+            assert it["context"] and it["continuation"].strip()
+    if golds:
+        assert len(set(golds)) > 1
+    if t.num_fewshot:
+        for i in (0, 5, len(t) - 1):
+            shots = t.fewshot_indices(i)
+            assert len(shots) == t.num_fewshot == len(set(shots)) and i not in shots
+            assert shots == t.fewshot_indices(i)
+
+
+def test_core_views_keep_metadata():
+    t = get_task("core-piqa").shuffled(1).slice(0, 50)
+    assert t.num_fewshot == 10 and t.random_baseline == 0.5 and len(t) == 50
+    assert 7 not in t.fewshot_indices(7) and max(t.fewshot_indices(7)) < 50
+
+
+def test_core_conversions_on_hand_rows():
+    from chibichat.tasks.build_eval import core_copa, core_winogrande
+
+    w = core_winogrande({"sentence": "Ann beat Bea so _ won.", "option1": "Ann", "option2": "Bea", "answer": "1"})
+    assert w == {"type": "schema", "contexts": ["Ann beat Bea so Ann", "Ann beat Bea so Bea"],
+                 "continuation": " won.", "gold": 0}
+    c = core_copa({"premise": "The man fell.", "question": "cause", "choice1": "He slipped.",
+                   "choice2": "He sang.", "label": "0"})
+    assert c["context"] == "The man fell because" and c["continuations"] == [" he slipped.", " he sang."]
+
+
+def test_shipped_training_is_disjoint_from_shipped_eval():
+    from chibichat.tasks.build_eval import overlapping_train_messages
+    from chibichat.tasks.shipped import read_shipped
+
+    assert overlapping_train_messages(read_shipped) == []
+
+
+def test_overlap_check_detects_a_leak():
+    from chibichat.tasks.build_eval import overlapping_train_messages
+
+    data = {"chitchat": [{"messages": [{"role": "user", "content": "What is  2+2?"},
+                                       {"role": "assistant", "content": "4"}]}],
+            "chatterbot": [], "chatterbot-ja": [], "arc-easy": [{"question": "what is 2+2?"}],
+            "arc-challenge": [], "mmlu": [], "gsm8k": [], "humaneval": []}
+    assert overlapping_train_messages(lambda n: data[n]) == [("chitchat", "What is  2+2?")]
+
+
+def test_builder_writes_deterministic_files(tmp_path):
+    from chibichat.tasks.build import _turns_to_messages, write_jsonl_gz
+
+    rows = [{"b": 1, "a": "日本"}]
+    e1 = write_jsonl_gz("x", rows, tmp_path)
+    b1 = (tmp_path / "x.jsonl.gz").read_bytes()
+    e2 = write_jsonl_gz("x", rows, tmp_path)
+    assert e1 == e2 and b1 == (tmp_path / "x.jsonl.gz").read_bytes() and e1["count"] == 1
+    assert [m["role"] for m in _turns_to_messages(["a", "b", "c"])] == ["user", "assistant"]
+
+
+def test_shipped_assets_are_small():
+    from chibichat.tasks.shipped import ASSETS
+
+    total = sum(p.stat().st_size for p in ASSETS.iterdir())
+    assert total < 10 * 1024 * 1024

@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     files.update(build_words(archives["wamerican"], archives["chatterbot-corpus"], assets))
     files.update(build_chatterbot(archives["chatterbot-corpus"], assets))
     files.update(build_chitchat(archives["chitchat-dataset"], assets))
+    from chibichat.tasks import build_eval
+
+    files.update(build_eval.build_all(archives, assets, SEED))
+    build_eval.check_disjoint(assets, files)
     manifest = {
         "seed": SEED,
         "sources": {k: {"registry": s.registry, "spec": s.spec, "archive": archives[k].name,

@@ -1,0 +1,109 @@
+"""Chat evaluation sets: ARC-Easy, ARC-Challenge, MMLU (categorical), GSM8K, HumanEval (generative).
+
+source="shipped" (default): the fixed-seed subsets in assets/ (no download; see assets/manifest.json):
+    arc-easy, arc-challenge  500 items each from the ARC test sets
+    mmlu                     600 items from the MMLU test set (all subjects)
+    gsm8k                    500 items from the GSM8K test set
+    humaneval                all 164 problems
+source="online": the full set from the Hugging Face hub (tasks/online.py), cached under
+    home/data/tasks/; takes home= and split= (the source's split names: ARC train/validation/test,
+    MMLU test/validation/dev, GSM8K train/test, HumanEval test).
+
+Shipped files store the source fields ({"question","choices","gold"} / {"question","solution"} / the
+HumanEval row); items are built from them at load time by the same code the online loaders use.
+"""
+
+from __future__ import annotations
+
+from chibichat.common import ChibiError
+from chibichat.tasks.base import ListTask
+from chibichat.tasks.gsm8k import evaluate_gsm8k, gsm8k_item
+from chibichat.tasks.humaneval import evaluate_humaneval, humaneval_item
+from chibichat.tasks.multiple_choice import categorical_item
+from chibichat.tasks.registry import TaskSpec
+from chibichat.tasks.shipped import read_shipped
+
+SOURCES = ("shipped", "online")
+
+
+class GSM8K(ListTask):
+    def evaluate(self, item, completion_text):
+        return evaluate_gsm8k(item, completion_text)
+
+
+class HumanEval(ListTask):
+    def evaluate(self, item, completion_text):
+        return evaluate_humaneval(item, completion_text)
+
+
+def _check_source(name, source, home, split):
+    if source not in SOURCES:
+        raise ChibiError(f"task {name!r}: source must be one of {SOURCES}, got {source!r}")
+    if source == "shipped" and (home is not None or split is not None):
+        raise ChibiError(f"task {name!r}: the shipped subset has one fixed split and needs no home; "
+                         "pass source='online' to choose a split of the full data set")
+    if source == "online" and (home is None or split is None):
+        raise ChibiError(f"task {name!r}: source='online' needs home= and split=")
+
+
+def mc_items(rows: list[dict]) -> list[dict]:
+    return [categorical_item(r["question"], r["choices"], r["gold"], id=r["id"], **({"subject": r["subject"]}
+                             if "subject" in r else {})) for r in rows]
+
+
+def arc(subset: str, source: str = "shipped", home=None, split: str | None = None) -> ListTask:
+    name = "arc-easy" if subset == "ARC-Easy" else "arc-challenge"
+    _check_source(name, source, home, split)
+    if source == "shipped":
+        rows = read_shipped(name)
+    else:
+        from chibichat.tasks.online import arc_rows
+
+        rows = arc_rows(home, subset, split)
+    return ListTask(name, "categorical", mc_items(rows), description=f"AI2 {subset} ({source})")
+
+
+def mmlu(source: str = "shipped", home=None, split: str | None = None) -> ListTask:
+    _check_source("mmlu", source, home, split)
+    if source == "shipped":
+        rows = read_shipped("mmlu")
+    else:
+        from chibichat.tasks.online import mmlu_rows
+
+        rows = mmlu_rows(home, "all", split)
+    return ListTask("mmlu", "categorical", mc_items(rows), description=f"MMLU ({source})")
+
+
+def gsm8k(source: str = "shipped", home=None, split: str | None = None) -> GSM8K:
+    _check_source("gsm8k", source, home, split)
+    if source == "shipped":
+        rows = read_shipped("gsm8k")
+    else:
+        from chibichat.tasks.online import gsm8k_rows
+
+        rows = gsm8k_rows(home, split)
+    items = [gsm8k_item(r["question"], r["solution"]) for r in rows]
+    return GSM8K("gsm8k", "generative", items, description=f"GSM8K ({source})")
+
+
+def humaneval(source: str = "shipped", home=None, split: str | None = None) -> HumanEval:
+    _check_source("humaneval", source, home, split)
+    if source == "shipped":
+        rows = read_shipped("humaneval")
+    else:
+        from chibichat.tasks.online import humaneval_rows
+
+        rows = humaneval_rows(home, split)
+    return HumanEval("humaneval", "generative", [humaneval_item(r) for r in rows], description=f"HumanEval ({source})")
+
+
+def task_specs() -> list[TaskSpec]:
+    m = "chibichat.tasks.evalsets"
+    return [
+        TaskSpec("arc-easy", "categorical", "en", f"{m}:arc", (("subset", "ARC-Easy"),), "ARC-Easy (4-way MC)"),
+        TaskSpec("arc-challenge", "categorical", "en", f"{m}:arc", (("subset", "ARC-Challenge"),),
+                 "ARC-Challenge (4-way MC)"),
+        TaskSpec("mmlu", "categorical", "en", f"{m}:mmlu", (), "MMLU (57 subjects, 4-way MC)"),
+        TaskSpec("gsm8k", "generative", "en", f"{m}:gsm8k", (), "GSM8K math word problems, '#### n'"),
+        TaskSpec("humaneval", "generative", "en", f"{m}:humaneval", (), "HumanEval Python functions"),
+    ]
