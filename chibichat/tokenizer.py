@@ -58,16 +58,16 @@ GPT4_PATTERN = "|".join(
 # Letters that are not Japanese script: "a letter, and not Han/Hiragana/Katakana".
 _NON_JA_LETTER = r"[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}]"
 # Japanese runs. 々 and 〆 are Han-ish iteration/abbreviation marks; ー (U+30FC, script Common)
-# lengthens katakana words, so it belongs to katakana runs.
+# lengthens katakana words, so it belongs to katakana runs. Every run is capped at `cap` characters.
 JA_RUN_CAP = 6
-_JA_RUNS = [
-    r"[\p{Han}々〆]{1,%d}" % JA_RUN_CAP,
-    r"\p{Hiragana}{1,%d}" % JA_RUN_CAP,
-    r"[\p{Katakana}ー]{1,%d}" % JA_RUN_CAP,
-]
-JA_PATTERN = "|".join(
-    [_CONTRACTIONS, r"[^\r\n\p{L}\p{N}]?+" + _NON_JA_LETTER + "+", *_JA_RUNS, _DIGITS, _PUNCT, _SPACES]
-)
+
+
+def ja_pattern(cap: int = JA_RUN_CAP) -> str:
+    runs = [r"[\p{Han}々〆]{1,%d}" % cap, r"\p{Hiragana}{1,%d}" % cap, r"[\p{Katakana}ー]{1,%d}" % cap]
+    return "|".join([_CONTRACTIONS, r"[^\r\n\p{L}\p{N}]?+" + _NON_JA_LETTER + "+", *runs, _DIGITS, _PUNCT, _SPACES])
+
+
+JA_PATTERN = ja_pattern()
 
 SPLIT_PATTERNS = {"gpt4": GPT4_PATTERN, "ja": JA_PATTERN}
 
@@ -257,6 +257,15 @@ class _Counted:
         return text
 
 
+def train_ranks(texts: Iterable[str], vocab_size: int, pattern: str) -> list[bytes]:
+    """The raw rustbpe call: token bytes by rank for `vocab_size - 9` ids. No validation (see train_tokenizer)."""
+    import rustbpe
+
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
+    return [bytes(tok) for tok, _ in sorted(trainer.get_mergeable_ranks(), key=lambda kv: kv[1])]
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") -> Tokenizer:
     """Learn `vocab_size - 256 - 9` merges from `texts` with rustbpe and return the tokenizer.
 
@@ -264,8 +273,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
     empty corpus, or a corpus too small to yield the requested number of merges (rustbpe would
     silently stop early, leaving a smaller vocabulary than the model was sized for).
     """
-    import rustbpe
-
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise ChibiError(
             f"vocab size {vocab_size} is too small: it must hold 256 bytes + {len(SPECIAL_TOKENS)} special "
@@ -274,17 +281,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
     if split not in SPLIT_PATTERNS:
         raise ChibiError(f"unknown tokenizer split {split!r}; choose one of {sorted(SPLIT_PATTERNS)}")
     counted = _Counted(texts)
-    trainer = rustbpe.Tokenizer()
     t0 = time.perf_counter()
-    trainer.train_from_iterator(counted, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERNS[split])
+    ranks = train_ranks(counted, vocab_size, SPLIT_PATTERNS[split])
     seconds = time.perf_counter() - t0
     if counted.chars == 0:
         raise ChibiError(
             f"tokenizer training text is empty ({counted.docs} documents, 0 characters); "
             "check the corpus (`chibichat data list`) or --max-chars"
         )
-    by_rank = sorted(trainer.get_mergeable_ranks(), key=lambda kv: kv[1])
-    ranks = [bytes(tok) for tok, _ in by_rank]
     want = vocab_size - len(SPECIAL_TOKENS)
     if len(ranks) != want:
         raise ChibiError(
@@ -300,3 +304,43 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
         "chars_per_s": round(counted.chars / max(seconds, 1e-9)),
     }
     return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Text for training and evaluating tokenizers (used by `tokenizer train|eval` and `bench tokenizer`)
+
+# Shipped eval samples (chibichat/data/assets/tokenizer_eval/, written for this package).
+SAMPLES = [
+    ("English prose", "en_prose.txt"),
+    ("Python code", "code.txt"),
+    ("LaTeX math", "math.txt"),
+    ("Japanese prose", "ja_prose.txt"),
+]
+
+
+def shipped_samples() -> dict[str, str]:
+    from importlib.resources import files
+
+    root = files("chibichat.data.assets") / "tokenizer_eval"
+    return {kind: (root / fname).read_text(encoding="utf-8") for kind, fname in SAMPLES}
+
+
+def corpus_slice(corpus, split: str, home, max_chars: int, doc_cap: int | None, stats: dict, progress=None):
+    """Whole documents of `split` until `max_chars` characters; each document capped at `doc_cap`.
+
+    `stats` is filled in as it goes (docs, chars, capped, exhausted) so the caller can report exactly
+    what was used. A generator, so rustbpe can pull text while it counts.
+    """
+    stats.update(docs=0, chars=0, capped=0, exhausted=True)
+    for doc in corpus.iter_documents(split, home):
+        if stats["chars"] >= max_chars:
+            stats["exhausted"] = False
+            break
+        if doc_cap is not None and len(doc) > doc_cap:
+            doc = doc[:doc_cap]
+            stats["capped"] += 1
+        stats["docs"] += 1
+        stats["chars"] += len(doc)
+        if progress is not None:
+            progress.update(len(doc))
+        yield doc

@@ -200,7 +200,7 @@ def test_cli_train_and_eval(local_corpus, home, monkeypatch, capsys, tmp_path):
     ev = json.loads((home / "tokenizer" / "eval.json").read_text())
     assert ev["tokenizer_hash"] == tok.hash
     assert set(ev["kinds"]) == {"English prose", "Python code", "LaTeX math", "Japanese prose", f"local:{local_corpus} val"}
-    from chibichat.stages.tokenizer import shipped_samples
+    from chibichat.tokenizer import shipped_samples
 
     ja = shipped_samples()["Japanese prose"]
     row = ev["kinds"]["Japanese prose"]
@@ -235,7 +235,7 @@ def test_cli_train_errors(local_corpus, home, tmp_path, capsys):
 
 
 def test_doc_cap_is_counted(tmp_path):
-    from chibichat.stages.tokenizer import corpus_slice
+    from chibichat.tokenizer import corpus_slice
 
     class Fake:
         def iter_documents(self, split, home):
@@ -258,3 +258,57 @@ def test_reference_encodings_never_download(tmp_path, monkeypatch):
         assert reference_encoding(enc, files).startswith("not in the tiktoken cache")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     assert "disabled" in reference_encoding(*REFERENCES["GPT-4"])
+
+
+# ---------------------------------------------------------------------------------------------
+# `chibichat bench tokenizer`
+
+
+def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
+    from chibichat.bench.tokenizer import chunk_stats
+    from chibichat.cli import main
+    from chibichat.data.corpora import get_corpus
+    from chibichat.tokenizer import corpus_slice, shipped_samples
+
+    out_json = tmp_path / "bench.json"
+    src = f"local:{local_corpus}"
+    argv = ["bench", "tokenizer", "--en-corpus", src, "--ja-corpus", src, "--chars", "20000", "--heldout-chars",
+            "5000", "--vocab-size", "500", "--repeats", "1", "--ja-caps", "3", "--json", str(out_json)]
+    try:
+        import tokenizers  # noqa: F401
+        has_hf = True
+    except ImportError:
+        has_hf = False
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Japanese: ja split trains" in out and "held-out bytes/token" in out
+    res = json.loads(out_json.read_text())
+    rows = {(r["lang"], r["split"], r["trainer"]): r for r in res["rows"]}
+    expect = {(lang, s, "rustbpe") for lang in ("en", "ja") for s in ("gpt4", "ja", "ja/cap3")}
+    if has_hf:
+        expect |= {(lang, s, "hf-tokenizers") for lang in ("en", "ja") for s in ("gpt4", "ja")}
+    assert set(rows) == expect
+
+    # the figures are recomputable from the same text
+    st: dict = {}
+    docs = list(corpus_slice(get_corpus(src), "train", None, 20000, None, st))
+    held = "\n".join(list(corpus_slice(get_corpus(src), "val", None, 5000, None, {})) + [shipped_samples()["Japanese prose"]])
+    r = rows[("ja", "gpt4", "rustbpe")]
+    assert r["train_chars"] == st["chars"]
+    assert {k: r[k] for k in ("chunks", "mean_chunk_bytes", "max_chunk_bytes", "unique_chunks")} == chunk_stats(docs, GPT4_PATTERN)
+    tok = train_tokenizer(docs, 500, split="gpt4")
+    assert r["heldout_bytes_per_token"] == round(len(held.encode()) / len(tok.encode(held)), 3)
+    # the Japanese-aware split makes shorter chunks on the same text
+    assert rows[("ja", "ja", "rustbpe")]["mean_chunk_bytes"] < r["mean_chunk_bytes"]
+    assert rows[("ja", "ja", "rustbpe")]["max_chunk_bytes"] < r["max_chunk_bytes"]
+    if has_hf:  # HF learned the same number of merges, from the same pre-split, on the same text
+        assert rows[("ja", "gpt4", "hf-tokenizers")]["chunks"] == r["chunks"]
+
+
+def test_bench_tokenizer_bad_flags(local_corpus, home, capsys):
+    from chibichat.cli import main
+
+    assert main(["bench", "tokenizer", "--ja-caps", "3,x"]) == 2
+    assert "--ja-caps" in capsys.readouterr().err
+    assert main(["bench", "tokenizer", "--repeats", "0"]) == 2
+    assert "--repeats must be positive" in capsys.readouterr().err

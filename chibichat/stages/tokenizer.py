@@ -19,14 +19,6 @@ DEFAULT_MAX_CHARS = 2_000_000
 DEFAULT_DOC_CAP = 10_000
 DEFAULT_VAL_CHARS = 500_000
 
-# Shipped eval samples (chibichat/data/assets/tokenizer_eval/, written for this package).
-SAMPLES = [
-    ("English prose", "en_prose.txt"),
-    ("Python code", "code.txt"),
-    ("LaTeX math", "math.txt"),
-    ("Japanese prose", "ja_prose.txt"),
-]
-
 # Reference encodings: tiktoken name and the files it needs (tiktoken caches them under the sha1
 # of the URL). They are used only when already cached: eval never downloads.
 _BLOB = "https://openaipublic.blob.core.windows.net"
@@ -79,27 +71,6 @@ def _positive(name: str, value: int) -> None:
         raise ChibiError(f"{name} must be a positive number, got {value}")
 
 
-def corpus_slice(corpus, split: str, home, max_chars: int, doc_cap: int | None, stats: dict, progress=None):
-    """Whole documents of `split` until `max_chars` characters; each document capped at `doc_cap`.
-
-    `stats` is filled in as it goes (docs, chars, capped, exhausted) so the caller can report exactly
-    what was used. A generator, so rustbpe can pull text while it counts.
-    """
-    stats.update(docs=0, chars=0, capped=0, exhausted=True)
-    for doc in corpus.iter_documents(split, home):
-        if stats["chars"] >= max_chars:
-            stats["exhausted"] = False
-            break
-        if doc_cap is not None and len(doc) > doc_cap:
-            doc = doc[:doc_cap]
-            stats["capped"] += 1
-        stats["docs"] += 1
-        stats["chars"] += len(doc)
-        if progress is not None:
-            progress.update(len(doc))
-        yield doc
-
-
 def resolve_split(split: str, lang: str) -> str:
     if split != "auto":
         return split
@@ -111,7 +82,7 @@ def run_train(args) -> int:
 
     from chibichat.common import Home
     from chibichat.data.corpora import get_corpus
-    from chibichat.tokenizer import train_tokenizer
+    from chibichat.tokenizer import corpus_slice, train_tokenizer
 
     _positive("--max-chars", args.max_chars)
     _positive("--doc-cap", args.doc_cap)
@@ -149,7 +120,7 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     from chibichat.common import Home, atomic_write_json
     from chibichat.data.corpora import get_corpus
-    from chibichat.tokenizer import Tokenizer
+    from chibichat.tokenizer import Tokenizer, corpus_slice, shipped_samples
 
     _positive("--val-chars", args.val_chars)
     home = Home.resolve(args.home)
@@ -181,13 +152,6 @@ def run_eval(args) -> int:
     atomic_write_json(home.tokenizer_dir / "eval.json", result)
     print(f"wrote {home.tokenizer_dir / 'eval.json'}")
     return 0
-
-
-def shipped_samples() -> dict[str, str]:
-    from importlib.resources import files
-
-    root = files("chibichat.data.assets") / "tokenizer_eval"
-    return {kind: (root / fname).read_text(encoding="utf-8") for kind, fname in SAMPLES}
 
 
 def tiktoken_cache_dir():
