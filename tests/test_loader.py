@@ -159,15 +159,51 @@ def test_pretrain_best_fit_order_and_crop_by_hand():
     assert loader.stats["crop_fraction"] == pytest.approx(6 / 46)
 
 
-def test_pretrain_state_is_small_json_and_resume_is_exact_across_epochs():
+def test_pretrain_split_long_docs_by_hand():
+    """T=9. "a"*20 becomes pieces [BOS a*9] [BOS a*9] [BOS a*2]; "bb" stays [BOS b b]. Rows of 10:
+    the two full pieces fill rows 1 and 2 (ties: oldest first); row 3 packs the short ones, refills
+    (epoch 1) and crops the shortest, the last [BOS b b], to its BOS."""
+    tok = ByteTokenizer()
+    corpus = FakeCorpus("hand", [FakeShard("s", [["a" * 20, "bb"]])])
+    loader = PretrainLoader(corpus, "train", None, tok, 1, 9, rt(), buffer_docs=1, split_long_docs=True)
+    B, a, b = tok.bos_id, ord("a"), ord("b")
+    assert rows_of(next(loader))[0].tolist() == [B] + [a] * 9
+    assert rows_of(next(loader))[0].tolist() == [B] + [a] * 9
+    assert rows_of(next(loader))[0].tolist() == [B, a, a, B, b, b, B, a, a, B]
+    assert loader.stats["tokens_cropped"] == 2 and loader.stats["epoch"] == 1
+
+
+def test_pretrain_split_long_docs_keeps_tails_and_crops_less():
+    tok = ByteTokenizer()
+    corpus = make_corpus(max_len=90)  # docs up to ~100 tokens, rows of 24
+    pieces = set()
+    for doc in all_docs(corpus):
+        ids = tok.encode(doc)
+        pieces |= {tuple([tok.bos_id] + ids[k : k + 23]) for k in range(0, len(ids), 23)} if len(ids) > 23 else {tuple([tok.bos_id] + ids)}
+    fractions = {}
+    for split in (False, True):
+        loader = PretrainLoader(corpus, "train", None, tok, 4, 23, rt(), buffer_docs=16, split_long_docs=split)
+        for batch in take(loader, 20):
+            for row in rows_of(batch):
+                segs = split_at_bos(row, tok.bos_id)
+                if split:  # every piece whole but the row's last, which may be a cropped prefix
+                    assert all(tuple(sg) in pieces for sg in segs[:-1])
+                    assert any(p[: len(segs[-1])] == tuple(segs[-1]) for p in pieces)
+        fractions[split] = loader.stats["crop_fraction"]
+    assert fractions[True] < fractions[False] / 2
+
+
+@pytest.mark.parametrize("split_long_docs", [False, True])
+def test_pretrain_state_is_small_json_and_resume_is_exact_across_epochs(split_long_docs):
     tok = ByteTokenizer()
     corpus = make_corpus()  # 60 docs of ~25 tokens: one epoch is ~47 rows of 32
-    make = lambda: PretrainLoader(corpus, "train", None, tok, batch_size=4, seq_len=31, rt=rt(), buffer_docs=10)
+    make = lambda: PretrainLoader(corpus, "train", None, tok, batch_size=4, seq_len=31, rt=rt(), buffer_docs=10,
+                                  split_long_docs=split_long_docs)
     for k in (0, 3, 11, 13):  # 11..13 batches of 4 rows straddle the first epoch boundary
         ref = make()
         take(ref, k)
         state = json.loads(json.dumps(ref.state_dict()))  # must survive a JSON round trip
-        assert all(isinstance(e, list) and len(e) == 4 for e in state["buffer"])
+        assert all(isinstance(e, list) and len(e) == 5 for e in state["buffer"])
         expected = take(ref, 6)
         resumed = make()
         resumed.load_state_dict(state)
@@ -234,7 +270,7 @@ def test_pretrain_state_mismatch_and_corruption_raise_chibierror():
     # same names and group counts, but a document's text changed: the length check catches it
     edited = make_corpus()
     s, g = a.units[state["buffer"][0][1]]
-    d = state["buffer"][0][2]
+    d = state["buffer"][0][2]  # [epoch, unit, doc, piece, length]
     edited._shards[s]._groups[g][d] += "more"
     with pytest.raises(ChibiError, match="changed"):
         PretrainLoader(edited, "train", None, tok, 2, 31, rt(), buffer_docs=8).load_state_dict(state)
