@@ -1,0 +1,421 @@
+"""The one training loop every stage reuses (pretrain, midtrain, SFT, RL).
+
+A stage provides only what is specific to it:
+
+    batches   an iterator of micro-batches with state_dict()/load_state_dict() (exact resume); each
+              micro-batch is a tuple whose element 1 is the targets tensor (-1 = not trained on), e.g.
+              PretrainLoader's (inputs, targets) or ConversationLoader's; extra elements (RL advantages)
+              are carried along untouched. Tensors are moved to rt.device here.
+    loss_fn   loss_fn(model, batch) -> (loss_sum, n_tokens): the SUM of per-token losses and how many
+              target tokens it covers. e.g. `lambda m, b: (m(b[0], b[1], reduction="sum"), int((b[1] >= 0).sum()))`
+    count_fn  optional count_fn(batch) -> int, the target tokens of a micro-batch *before* the forward
+              (default: (batch[1] >= 0).sum()). RL, whose denominator is not the target count, passes
+              its own. The loop checks that loss_fn reports the same count.
+    eval_fn   optional eval_fn(model, step) -> {"val_bpb": ..., ...}: runs on every rank (it may
+              all-reduce), model in eval mode; keys go to metrics.jsonl, "val_bpb" is tracked (min/final).
+    sample_fn optional sample_fn(model, step) -> list[str]: rank 0 only (no collectives), printed and
+              appended to samples.jsonl.
+    meta      JSON-serialisable dict stored in every checkpoint (model_config, tokenizer, flags, ...).
+
+What the loop does, per optimizer step s (s = 0 .. num_steps-1; one "step" = one optimizer step,
+never a micro-batch, REFERENCE §20 #3):
+  1. set each group's lr = initial_lr * lr_multiplier(s) and the Muon momentum for s;
+  2. prefetch the step's `grad_accum` micro-batches, count their target tokens, all-reduce the count
+     (one tiny collective) -> N, the global target-token total of the step;
+  3. for each micro-batch, backward(loss_sum / N): the gradient is then the per-token mean over the
+     whole step on every rank and micro-batch (REFERENCE §20 #4: not a mean of micro-batch means);
+  4. optimizer.step(), which sums gradients over ranks itself (MuonAdamW), then zero_grad;
+  5. log loss (Σ loss_sum / N, all-reduced), lr multiplier, tok/s, MFU, elapsed, ETA.
+Evaluation/samples run at step 0, every eval_every / sample_every steps and at the end; checkpoints
+every save_every steps and at the end (rank 0 writes; loader and RNG states of all ranks are gathered).
+
+Exact resume (`resume=True`): weights, optimizer, every rank's loader state, loop counters and RNG
+states come back from the newest checkpoint in tag_dir, and metrics.jsonl is cut back to that step,
+so a killed-and-resumed run computes exactly what an uninterrupted one does.
+
+Files in tag_dir (rank 0): step_XXXXXX/ checkpoints, metrics.jsonl (one JSON object per step and
+per eval), samples.jsonl. Console: one compact line every log_every steps. wandb only when
+cfg.wandb_project is set (imported here, then).
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from chibichat.common import ChibiError, Runtime, atomic_write_text, print0
+from chibichat.train.checkpoint import (
+    list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
+)
+from chibichat.train.optim import muon_momentum, set_muon_momentum
+from chibichat.train.schedule import lr_multiplier
+
+# Dense bf16 peak of one accelerator, for MFU. Unknown devices (CPUs included) report no MFU
+# rather than a made-up one; --peak-tflops supplies the figure by hand.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+                   "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+GC_EVERY = 1000  # steps between manual collections once automatic GC is off
+
+
+@dataclass
+class LoopConfig:
+    tag_dir: Path
+    num_steps: int
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    warmdown_frac: float = 0.2
+    final_lr_frac: float = 0.0
+    momentum_warmup_steps: int = 300
+    eval_every: int = 0          # 0: evaluate only at the start and the end
+    sample_every: int = 0        # 0: sample only at the end
+    save_every: int = 0          # 0: save only at the end
+    keep_last: int = 2           # 0 keeps every checkpoint
+    log_every: int = 1
+    resume: bool = False
+    overwrite: bool = False      # a fresh run into a tag_dir that already holds checkpoints
+    wandb_project: str | None = None
+    run_name: str | None = None
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None   # per device; None = look up PEAK_BF16_FLOPS
+
+    def __post_init__(self):
+        self.tag_dir = Path(self.tag_dir)
+        for name in ("num_steps", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ChibiError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "keep_last",
+                     "momentum_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ChibiError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmdown_frac", "final_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ChibiError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_steps + round(self.warmdown_frac * self.num_steps) > self.num_steps:
+            raise ChibiError(f"warmup ({self.warmup_steps} steps) + warmdown ({self.warmdown_frac} x "
+                             f"{self.num_steps} steps) exceed the run's {self.num_steps} steps; shorten one")
+
+
+@dataclass
+class LoopState:
+    """Counters that survive a resume (saved in meta.json under "loop")."""
+    step: int = 0
+    tokens: int = 0              # target tokens trained on, all ranks
+    train_time_s: float = 0.0    # wall time inside optimizer steps (excludes eval/sample/save)
+    min_val_bpb: float | None = None
+    last_eval: dict = field(default_factory=dict)
+    last_loss: float | None = None
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    tokens: int
+    train_time_s: float
+    wall_time_s: float
+    final_loss: float | None
+    final_eval: dict
+    min_val_bpb: float | None
+    checkpoint: str | None
+
+
+def count_targets(batch) -> int:
+    return int((batch[1] >= 0).sum())
+
+
+def _to_device(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+def _all_sum(rt: Runtime, values: list[float]) -> list[float]:
+    """Sum a few numbers over ranks in one collective (float64 so token counts stay exact)."""
+    if not rt.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather(rt: Runtime, obj) -> list:
+    if not rt.distributed:
+        return [obj]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rng_state(rt: Runtime) -> dict:
+    st = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if rt.device.type == "cuda":
+        st["cuda"] = base64.b64encode(torch.cuda.get_rng_state(rt.device).numpy().tobytes()).decode()
+    return st
+
+
+def _set_rng_state(rt: Runtime, st: dict) -> None:
+    def decode(s):
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(st["cpu"]))
+    if rt.device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(decode(st["cuda"]), rt.device)
+
+
+def peak_flops(rt: Runtime, override: float | None) -> float | None:
+    if override:
+        return override
+    if rt.device.type != "cuda" or rt.compute_dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class _Metrics:
+    """metrics.jsonl / samples.jsonl on rank 0, plus wandb when asked."""
+
+    def __init__(self, rt: Runtime, cfg: LoopConfig, resume_step: int | None, meta: dict):
+        self.on = rt.is_master
+        self.wandb = None
+        if not self.on:
+            return
+        cfg.tag_dir.mkdir(parents=True, exist_ok=True)
+        self.path = cfg.tag_dir / "metrics.jsonl"
+        self.samples_path = cfg.tag_dir / "samples.jsonl"
+        for p in (self.path, self.samples_path):
+            self._cut(p, resume_step)
+        self.f = open(self.path, "a", encoding="utf-8")
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ChibiError("--wandb needs the wandb package: pip install 'chibichat[wandb]'") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=meta.get("flags", {}),
+                                    resume="allow")
+
+    @staticmethod
+    def _cut(path: Path, resume_step: int | None) -> None:
+        """Fresh run: start empty. Resume from step n: keep records of steps <= n (what the saved
+        state had already logged), so the file reads as one uninterrupted run."""
+        if not path.exists():
+            return
+        if resume_step is None:
+            path.unlink()
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= resume_step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                break  # a torn last line from the kill: drop it and everything after
+        atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.on:
+            return
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def samples(self, step: int, texts: list[str]) -> None:
+        if not self.on:
+            return
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "samples": texts}, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.on:
+            self.f.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict) -> LoopState:
+    steps = list_steps(cfg.tag_dir)
+    if not steps:
+        raise ChibiError(f"--resume: no checkpoint in {cfg.tag_dir} to resume from; run without --resume")
+    sdir = step_dir(cfg.tag_dir, steps[-1])
+    saved = read_meta(sdir)
+    if saved.get("world_size") != rt.world_size:
+        raise ChibiError(f"--resume: {sdir} was saved by {saved.get('world_size')} ranks, this run has "
+                         f"{rt.world_size}; the data order is per rank, so resume with the same number of ranks")
+    if "model_config" in meta and saved.get("model_config") != meta["model_config"]:
+        diff = sorted(k for k in meta["model_config"] if saved.get("model_config", {}).get(k) != meta["model_config"][k])
+        raise ChibiError(f"--resume: {sdir} holds a model with different {diff}; use the flags it was trained "
+                         f"with (see its meta.json) or a new --tag")
+    if "tokenizer" in meta and saved.get("tokenizer") != meta["tokenizer"]:
+        raise ChibiError(f"--resume: {sdir} was trained with another tokenizer ({saved.get('tokenizer')}); "
+                         f"restore that tokenizer or start a new --tag")
+    try:
+        loader_state, loop, rng = saved["loader"][rt.rank], saved["loop"], saved["rng"][rt.rank]
+        state = LoopState(**loop)
+    except (KeyError, IndexError, TypeError) as e:
+        raise ChibiError(f"--resume: {sdir}/meta.json lacks the loop state ({e}); it was not written by "
+                         f"the training loop, so it cannot be resumed") from None
+    load_weights(sdir, model)
+    load_optimizer(sdir, optimizer)
+    batches.load_state_dict(loader_state)
+    _set_rng_state(rt, rng)
+    print0(rt, f"resumed from {sdir} (step {state.step})")
+    return state
+
+
+def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopConfig, *, meta: dict,
+          train_model=None, count_fn: Callable | None = None, eval_fn: Callable | None = None,
+          sample_fn: Callable | None = None) -> LoopResult:
+    """Run (or resume) the loop described in the module docstring. `model` is the plain module
+    (checkpoints, callbacks); `train_model` an optional compiled wrapper used for the training forward."""
+    count_fn = count_fn or count_targets
+    train_model = train_model if train_model is not None else model
+    raw = unwrap(model)
+    wall0 = time.perf_counter()
+
+    existing = list_steps(cfg.tag_dir)
+    if cfg.resume:
+        state = _resume(raw, optimizer, batches, rt, cfg, meta)
+    else:
+        if existing and not cfg.overwrite:
+            raise ChibiError(f"{cfg.tag_dir} already holds checkpoints (steps {existing}); pass --resume to "
+                             f"continue that run, --overwrite to replace it, or choose another --tag")
+        if existing and rt.is_master:
+            import shutil
+            for s in existing:
+                shutil.rmtree(step_dir(cfg.tag_dir, s))
+        state = LoopState()
+    if state.step > cfg.num_steps:
+        raise ChibiError(f"the checkpoint is at step {state.step}, past --num-steps {cfg.num_steps}")
+    metrics = _Metrics(rt, cfg, state.step if cfg.resume else None, meta)
+    peak = peak_flops(rt, cfg.peak_flops)
+    resumed_at = state.step if cfg.resume else None
+    last_ckpt = None
+    recent: list[float] = []  # recent step times for the ETA
+    first_step = state.step
+    model.train()
+    try:
+        for step in range(state.step, cfg.num_steps + 1):
+            last = step == cfg.num_steps
+            # -- callbacks at "after `step` steps"; skipped at the step we resumed at (already done)
+            if step != resumed_at:
+                if eval_fn is not None and (last or step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    model.eval()
+                    vals = {k: float(v) for k, v in eval_fn(raw, step).items()}
+                    model.train()
+                    state.last_eval = vals
+                    if "val_bpb" in vals:
+                        state.min_val_bpb = min(vals["val_bpb"], state.min_val_bpb or float("inf"))
+                    metrics.log({"step": step, **vals})
+                    print0(rt, f"step {step:06d} | " + " | ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+                if sample_fn is not None and rt.is_master and (last or (cfg.sample_every and step % cfg.sample_every == 0)):
+                    model.eval()
+                    texts = list(sample_fn(raw, step))
+                    model.train()
+                    metrics.samples(step, texts)
+                    for t in texts:
+                        print0(rt, f"  sample: {t!r}")
+                if step > 0 and (last or (cfg.save_every and step % cfg.save_every == 0)):
+                    last_ckpt = _save(raw, optimizer, batches, rt, cfg, meta, state)
+            if last:
+                break
+            dt, loss, n_tokens = _train_step(train_model, optimizer, batches, loss_fn, count_fn, rt, cfg, step)
+            state.step = step + 1
+            state.tokens += n_tokens
+            state.train_time_s += dt
+            state.last_loss = loss
+            if step == first_step:
+                # Python's cyclic GC pauses for hundreds of ms on big heaps; the objects alive after
+                # the first step live for the whole run, so freeze them and collect by hand.
+                gc.collect()
+                gc.freeze()
+                gc.disable()
+            elif step % GC_EVERY == 0:
+                gc.collect()
+            recent = (recent + [dt])[-20:]
+            tok_s = n_tokens / dt
+            mfu = cfg.flops_per_token * tok_s / (peak * rt.world_size) if peak and cfg.flops_per_token else None
+            lrm = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+            rec = {"step": state.step, "loss": loss, "lr": lrm, "tok_per_s": tok_s, "dt_s": dt,
+                   "elapsed_s": state.train_time_s, "tokens": state.tokens}
+            if mfu is not None:
+                rec["mfu"] = mfu
+            metrics.log(rec)
+            if state.step % cfg.log_every == 0 or state.step == cfg.num_steps:
+                eta = sum(recent) / len(recent) * (cfg.num_steps - state.step)
+                print0(rt, f"step {state.step:06d}/{cfg.num_steps:06d} ({100 * state.step / cfg.num_steps:5.1f}%) | "
+                           f"loss {loss:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | "
+                           f"mfu {'-' if mfu is None else f'{100 * mfu:.2f}%'} | "
+                           f"elapsed {_fmt_time(state.train_time_s)} | eta {_fmt_time(eta)}")
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        metrics.close()
+    return LoopResult(steps=state.step, tokens=state.tokens, train_time_s=state.train_time_s,
+                      wall_time_s=time.perf_counter() - wall0, final_loss=state.last_loss,
+                      final_eval=state.last_eval, min_val_bpb=state.min_val_bpb,
+                      checkpoint=str(last_ckpt) if last_ckpt else None)
+
+
+def _sync(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: LoopConfig, step: int):
+    _sync(rt)
+    t0 = time.perf_counter()
+    lrm = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * lrm
+    set_muon_momentum(optimizer, muon_momentum(step, warmup_steps=cfg.momentum_warmup_steps))
+
+    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    counts = [int(count_fn(b)) for b in micro]
+    (total,) = _all_sum(rt, [float(sum(counts))])
+    total = int(total)
+    if total <= 0:
+        raise ChibiError(f"step {step}: the step's micro-batches hold no target tokens (all -1); the data "
+                         f"source yields nothing to train on")
+    loss_acc = torch.zeros((), dtype=torch.float32, device=rt.device)
+    for b, expected in zip(micro, counts):
+        b = _to_device(b, rt.device)
+        loss_sum, n = loss_fn(model, b)
+        if int(n) != expected:
+            raise ChibiError(f"loss_fn covered {int(n)} target tokens but the micro-batch holds {expected}: "
+                             f"the loss mask and count_fn disagree")
+        (loss_sum / total).backward()
+        loss_acc += loss_sum.detach().float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    (loss_total,) = _all_sum(rt, [loss_acc.item()])
+    _sync(rt)
+    return time.perf_counter() - t0, loss_total / total, total
+
+
+def _save(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict, state: LoopState) -> Path:
+    # Collectives first (every rank), then rank 0 writes the whole directory.
+    loaders = _gather(rt, batches.state_dict())
+    rngs = _gather(rt, _rng_state(rt))
+    full = {**meta, "loader": loaders, "loop": asdict(state), "rng": rngs}
+    path = save_checkpoint(cfg.tag_dir, state.step, model, optimizer, full, rt=rt, keep_last=cfg.keep_last)
+    if rt.distributed:
+        dist.barrier()  # nobody races ahead (and maybe dies) before the checkpoint exists
+    print0(rt, f"saved {path}")
+    return path

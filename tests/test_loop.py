@@ -1,0 +1,200 @@
+"""The shared training loop on a tiny real GPT and a toy batch source."""
+
+import json
+
+import pytest
+import torch
+
+from chibichat.common import ChibiError, Runtime
+from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.train.checkpoint import list_steps, read_meta
+from chibichat.train.loop import LoopConfig, train
+from chibichat.train.optim import build_optimizer
+
+V, T = 48, 16
+
+
+class ToySource:
+    """Deterministic micro-batches: batch k of rank r is drawn from seed (k * world + r), so a 2-rank
+    run sees the same batches as a 1-rank run with 2 micro-steps. Learnable: each row starts at a
+    random token and follows a fixed permutation (a bigram table to learn). `holes` masks a varying
+    number of targets (-1) per batch."""
+
+    def __init__(self, batch_size=2, rank=0, world=1, holes=False):
+        self.b, self.rank, self.world, self.holes = batch_size, rank, world, holes
+        self.k = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(1000 + self.k * self.world + self.rank)
+        self.k += 1
+        perm = torch.randperm(V, generator=torch.Generator().manual_seed(7))
+        cols = [torch.randint(0, V, (self.b,), generator=g)]
+        for _ in range(T):
+            cols.append(perm[cols[-1]])
+        rows = torch.stack(cols, 1)
+        x, y = rows[:, :-1].clone(), rows[:, 1:].clone()
+        if self.holes:
+            n = int(torch.randint(1, T, (1,), generator=g))
+            y[0, :n] = -1
+        return x, y
+
+    def state_dict(self):
+        return {"k": self.k}
+
+    def load_state_dict(self, d):
+        self.k = d["k"]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return model(x, y, reduction="sum"), int((y >= 0).sum())
+
+
+def make(seed=0, layers="dense"):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, layers=layers))
+    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02,
+                          other_lr=0.02, ns_dtype=torch.float32)
+    return model, opt
+
+
+def cpu_rt(rank=0, world=1):
+    return Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=rank, local_rank=rank,
+                   world_size=world)
+
+
+def meta_for(model):
+    return {"model_config": model.config.to_dict(), "tokenizer": {"hash": "toy", "vocab_size": V}}
+
+
+def val_loss_fn(source_seed=99):
+    def fn(model, step):
+        g = torch.Generator().manual_seed(source_seed)
+        src = ToySource(batch_size=4)
+        src.k = 10_000
+        x, y = next(src)
+        with torch.no_grad():
+            return {"val_loss": float(model(x, y))}
+    return fn
+
+
+def run(tag_dir, steps, accum=1, batch=2, resume=False, save_every=0, holes=False, **kw):
+    model, opt = make()
+    src = ToySource(batch_size=batch, holes=holes)
+    cfg = LoopConfig(tag_dir=tag_dir, num_steps=steps, grad_accum=accum, save_every=save_every,
+                     resume=resume, keep_last=0, momentum_warmup_steps=5, **kw)
+    res = train(model, opt, src, loss_fn, cpu_rt(), cfg, meta=meta_for(model), eval_fn=val_loss_fn(),
+                sample_fn=lambda m, s: [f"sample at {s}"])
+    return model, res
+
+
+def test_loss_falls_and_files_are_written(tmp_path, capsys):
+    model, res = run(tmp_path / "t", 20, eval_every=10, warmdown_frac=0.3)
+    recs = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in train_recs] == list(range(1, 21))
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+    assert all(r["tok_per_s"] > 0 and 0 <= r["lr"] <= 1 for r in train_recs)
+    assert train_recs[-1]["tokens"] == 20 * 2 * T == res.tokens
+    assert list_steps(tmp_path / "t") == [20] and res.checkpoint.endswith("step_000020")
+    assert res.final_eval == {"val_loss": evals[-1]["val_loss"]}
+    samples = [json.loads(l) for l in (tmp_path / "t" / "samples.jsonl").read_text().splitlines()]
+    assert samples == [{"step": 20, "samples": ["sample at 20"]}]
+    out = capsys.readouterr().out
+    assert "step 000020/000020" in out and "eta" in out and "tok/s" in out
+
+
+def test_grad_accumulation_is_per_token_not_per_microbatch(tmp_path):
+    # One micro-batch of 4 rows == two micro-batches of 2 rows, even though the micro-batches hold
+    # different numbers of target tokens (holes): the loss is divided by the step's token total.
+    class Joined(ToySource):
+        def __next__(self):
+            a, b = ToySource.__next__(self), ToySource.__next__(self)
+            return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
+
+    m1, o1 = make()
+    m2, o2 = make()
+    cfg = dict(num_steps=4, keep_last=0, momentum_warmup_steps=2)
+    train(m1, o1, ToySource(2, holes=True), loss_fn, cpu_rt(), LoopConfig(tmp_path / "a", grad_accum=2, **cfg),
+          meta=meta_for(m1))
+    train(m2, o2, Joined(2, holes=True), loss_fn, cpu_rt(), LoopConfig(tmp_path / "b", grad_accum=1, **cfg),
+          meta=meta_for(m2))
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5, msg=n)
+    a = [json.loads(l)["loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l)["loss"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_resume_in_process_is_exact(tmp_path):
+    full, _ = run(tmp_path / "full", 8, save_every=4)
+    # Interrupted run: the same 8-step plan, stopped right after the step-4 checkpoint.
+    model, opt = make()
+    src = ToySource()
+    cfg = LoopConfig(tag_dir=tmp_path / "part", num_steps=8, save_every=4, keep_last=0, momentum_warmup_steps=5)
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def stopping_loss(m, b):
+        calls["n"] += 1
+        if calls["n"] > 5:  # dies during step 5, after step_000004 was written
+            raise Stop
+        return loss_fn(m, b)
+
+    with pytest.raises(Stop):
+        train(model, opt, src, stopping_loss, cpu_rt(), cfg, meta=meta_for(model), eval_fn=val_loss_fn())
+    assert list_steps(tmp_path / "part") == [4]
+    resumed, res = run(tmp_path / "part", 8, save_every=4, resume=True)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert res.steps == 8
+    # metrics.jsonl reads as one run: no duplicate steps, same losses as the uninterrupted run.
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    meta = read_meta(tmp_path / "part" / "step_000008")
+    assert meta["loader"] == [{"k": 8}] and meta["loop"]["step"] == 8
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    run(tmp_path / "t", 2)
+    with pytest.raises(ChibiError, match="--resume to continue"):
+        run(tmp_path / "t", 2)
+    run(tmp_path / "t", 3, overwrite=True)
+    assert list_steps(tmp_path / "t") == [3]
+    with pytest.raises(ChibiError, match="no checkpoint"):
+        run(tmp_path / "empty", 2, resume=True)
+
+
+def test_resume_with_other_model_config_is_refused(tmp_path):
+    run(tmp_path / "t", 2)
+    model, opt = make(layers="ASA"[:2] if False else "SA")
+    cfg = LoopConfig(tag_dir=tmp_path / "t", num_steps=4, resume=True)
+    with pytest.raises(ChibiError, match="different"):
+        train(model, opt, ToySource(), loss_fn, cpu_rt(), cfg, meta=meta_for(model))
+
+
+def test_loss_fn_count_mismatch_is_caught(tmp_path):
+    model, opt = make()
+    bad = lambda m, b: (m(b[0], b[1], reduction="sum"), b[1].numel() - 1)  # noqa: E731
+    with pytest.raises(ChibiError, match="disagree"):
+        train(model, opt, ToySource(), bad, cpu_rt(), LoopConfig(tmp_path / "t", num_steps=1), meta=meta_for(model))
+
+
+def test_bad_loop_config():
+    with pytest.raises(ChibiError, match="num_steps"):
+        LoopConfig("x", num_steps=0)
+    with pytest.raises(ChibiError, match="exceed"):
+        LoopConfig("x", num_steps=10, warmup_steps=5, warmdown_frac=0.6)
+    with pytest.raises(ChibiError, match="warmdown_frac"):
+        LoopConfig("x", num_steps=10, warmdown_frac=1.5)
