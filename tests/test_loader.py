@@ -524,3 +524,33 @@ def test_conversation_bad_inputs_raise_chibierror():
     broken["counters"] = None
     with pytest.raises(ChibiError, match="corrupt"):
         ConversationLoader(items, tok, 2, 127, rt(), mode="pack").load_state_dict(broken)
+
+
+def test_conversation_loader_with_real_tokenizer_and_task_mixture():
+    """The hand-off the SFT stage relies on: a Mixture of real tasks, the real tokenizer and renderer."""
+    from chibichat.tasks.base import Mixture
+    from chibichat.tasks.identity import Identity
+    from chibichat.tasks.spelling import Spelling
+    from chibichat.tokenizer import train_tokenizer
+
+    mix = Mixture([Identity(size=16), Spelling(size=16, lang="ja")], seed=3)
+    items = [mix[i] for i in range(len(mix))]
+    tok = train_tokenizer([m["content"] for _, c in items for m in c["messages"]], vocab_size=300)
+    renders = expected_renders(tok, items, 96)
+    make = lambda: ConversationLoader(mix, tok, 4, 95, rt(), mode="pack", epochs=2, buffer_size=6)
+    loader = make()
+    seen = []
+    batches = drain(loader)
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            found, tokens, mask = parse_packed_row(x[i], renders, tok.bos_id, 96)
+            assert y[i].tolist() == expected_targets(tokens, mask)
+            seen += [tuple(renders[j].ids) for j in found]  # generated tasks may repeat a conversation
+    kept = [tuple(r.ids) for r in renders if r.status != "dropped"]
+    assert sorted(seen) == sorted(kept * 2)
+    assert set(loader.render_stats.as_dict()) == {"identity", "spelling-ja"}
+    resumed = make()
+    ref = make()
+    take(ref, 3)
+    resumed.load_state_dict(json.loads(json.dumps(ref.state_dict())))
+    assert_same_batches(drain(resumed), batches[3:])
