@@ -520,6 +520,9 @@ def test_conversation_bad_inputs_raise_chibierror():
         ConversationLoader(items, tok, 2, 127, rt(), mode="pad").load_state_dict(a.state_dict())
     with pytest.raises(ChibiError, match="conversation loader state"):
         ConversationLoader(items, tok, 2, 127, rt(), mode="pack").load_state_dict({"kind": "pretrain"})
+    reordered = items[::-1]
+    with pytest.raises(ChibiError, match="sample"):
+        ConversationLoader(reordered, tok, 2, 127, rt(), mode="pack").load_state_dict(a.state_dict())
     broken = a.state_dict()
     broken["counters"] = None
     with pytest.raises(ChibiError, match="corrupt"):

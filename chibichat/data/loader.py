@@ -43,7 +43,8 @@ def _check_rank(rt) -> tuple[int, int]:
 
 
 def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class _BestFitBuffer:
@@ -333,8 +334,10 @@ class ConversationLoader:
     clog the packing buffer. Over-length conversations follow the renderer's `overflow` policy
     ("shorten" drops whole earlier turns, "drop" drops the conversation); `render_stats` counts
     ok/shortened/dropped per task over this rank's first epoch (sum over ranks for a report).
-    A row without a single target is never emitted: it can only arise in stream mode (a window
-    inside a long prompt) and is counted in stats["rows_without_targets"] instead.
+    A row without a single target is never emitted. It can only arise in stream mode (a window that
+    stops just short of a conversation's supervised tokens, or the last few tokens of the data); it is
+    skipped and counted in stats["rows_without_targets"]. Skipping it loses no supervised token,
+    because every token is the target of exactly one row.
 
     `source` is indexable: len(source) and source[i] -> (task_name, conversation), e.g. a Mixture.
     epochs=None loops forever; epochs=N stops with StopIteration after N passes (the last batch
@@ -377,6 +380,9 @@ class ConversationLoader:
             )
         self._fingerprint = {
             "items": n,
+            # A few items, so that a reshuffled or edited source of the same length is caught on resume
+            # without reading all of it.
+            "sample": _digest([source[i] for i in sorted({0, n // 2, n - 1})]),
             "mode": mode,
             "seq_len": seq_len,
             "overflow": overflow,
