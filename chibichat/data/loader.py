@@ -183,12 +183,12 @@ class PretrainLoader:
         T = self.seq_len
         return [[bos, *ids[k : k + T]] for k in range(0, len(ids), T)]
 
-    def _tokenize(self, unit_pos: int, doc_indices=None) -> list[list[list[int]]]:
-        """Per document of the unit (or of doc_indices), its list of pieces."""
+    def _read(self, unit_pos: int) -> list[str]:
         s, g = self.units[unit_pos]
-        docs = self._shards[s].read_group(g)
-        if doc_indices is not None:
-            docs = [docs[i] for i in doc_indices]
+        return self._shards[s].read_group(g)
+
+    def _tokenize(self, docs: list[str]) -> list[list[list[int]]]:
+        """Per document, its list of buffer entries (see _pieces)."""
         return [self._pieces(ids) for ids in self.tokenizer.encode_batch(docs, num_threads=self.tokenizer_threads)]
 
     def _refill(self) -> None:
@@ -198,7 +198,7 @@ class PretrainLoader:
             if self._next_unit == len(self.units):  # wrap lazily: `epoch` is that of the last group read
                 self._epoch, self._next_unit = self._epoch + 1, 0
             epoch, pos = self._epoch, self._next_unit
-            docs = self._tokenize(pos)
+            docs = self._tokenize(self._read(pos))
             for d, pieces in enumerate(docs):
                 for k, ids in enumerate(pieces):
                     self._buffer.add((epoch, pos, d, k), len(ids), ids)
@@ -293,12 +293,14 @@ class PretrainLoader:
         for ref in refs:
             by_unit.setdefault(ref[1], []).append(ref)
         for u, unit_refs in by_unit.items():
-            s, g = self.units[u]
-            n_docs = len(self._shards[s].read_group(g))
+            docs = self._read(u)
             wanted = sorted({r[2] for r in unit_refs})
-            if wanted[0] < 0 or wanted[-1] >= n_docs:
-                raise ChibiError(f"pretrain loader state refers to document {wanted[-1]} of a group with {n_docs}; the corpus changed, start fresh")
-            pieces = dict(zip(wanted, self._tokenize(u, wanted)))
+            if wanted[0] < 0 or wanted[-1] >= len(docs):
+                raise ChibiError(
+                    f"pretrain loader state refers to document {wanted[-1]} of a group with {len(docs)}; "
+                    "the corpus changed, start fresh"
+                )
+            pieces = dict(zip(wanted, self._tokenize([docs[i] for i in wanted])))
             for e, _, i, k, n in unit_refs:
                 ids = pieces[i][k] if 0 <= k < len(pieces[i]) else []
                 if len(ids) != n:
