@@ -1,0 +1,111 @@
+"""Online task data from the Hugging Face hub's parquet export, cached under home/data/tasks/.
+
+The hub lists the parquet files of every (subset, split) of a dataset at
+    {endpoint}/api/datasets/{repo}/parquet/{subset}/{split}   ->  JSON list of file URLs
+The endpoint is $CHIBICHAT_HF_ENDPOINT or https://huggingface.co (the same setting the online corpora
+use), so tests and mirrors can point it at another server. Files land in
+    home/data/tasks/{owner}--{name}/{subset}/{split}/0000.parquet ...  + manifest.json
+written through a temporary folder and renamed, so a folder with a manifest is always complete;
+later calls read the cache without touching the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from chibichat.common import ChibiError, Home, atomic_directory, atomic_write_json, read_json
+
+TIMEOUT_S = 60
+
+
+def cache_dir(home: Home, repo: str, subset: str, split: str) -> Path:
+    return home.data_dir / "tasks" / repo.replace("/", "--") / subset / split
+
+
+def listing_url(endpoint: str, repo: str, subset: str, split: str) -> str:
+    return f"{endpoint}/api/datasets/{repo}/parquet/{subset}/{split}"
+
+
+def _get(url: str, what: str, stream: bool = False):
+    import requests
+
+    try:
+        r = requests.get(url, timeout=TIMEOUT_S, stream=stream)
+    except requests.RequestException as e:
+        raise ChibiError(f"could not fetch {what} from {url}: {e}. Check the network or "
+                         "$CHIBICHAT_HF_ENDPOINT, or use the shipped offline task data") from None
+    if r.status_code != 200:
+        raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}; check the dataset, "
+                         "subset and split names (or $CHIBICHAT_HF_ENDPOINT)")
+    return r
+
+
+def download_to(url: str, dest: Path, what: str) -> str:
+    """Stream url into dest (inside a temporary folder being built); return its sha256."""
+    h = hashlib.sha256()
+    r = _get(url, what, stream=True)
+    with open(dest, "wb") as f:
+        for block in r.iter_content(1 << 20):
+            h.update(block)
+            f.write(block)
+    return h.hexdigest()
+
+
+def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | None = None) -> list[Path]:
+    """Local parquet files of (repo, subset, split), downloading them once."""
+    from chibichat.data.corpora import hf_endpoint
+
+    final = cache_dir(home, repo, subset, split)
+    manifest = final / "manifest.json"
+    if manifest.exists():
+        files = [final / f["file"] for f in read_json(manifest, f"task cache manifest of {repo}")["files"]]
+        missing = [p for p in files if not p.exists()]
+        if missing:
+            raise ChibiError(f"task cache {final} lacks {missing[0].name}; delete the folder to re-download it")
+        return files
+    base = hf_endpoint(endpoint)
+    what = f"{repo} [{subset}/{split}]"
+    r = _get(listing_url(base, repo, subset, split), f"the parquet listing of {what}")
+    try:
+        urls = r.json()
+    except json.JSONDecodeError:
+        raise ChibiError(f"the parquet listing of {what} is not JSON; is $CHIBICHAT_HF_ENDPOINT a hub?") from None
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ChibiError(f"the hub lists no parquet files for {what}; check the subset and split names")
+    with atomic_directory(final) as tmp:
+        entries = []
+        for k, url in enumerate(urls):
+            name = f"{k:04d}.parquet"
+            sha = download_to(url, tmp / name, f"{what} file {k}")
+            entries.append({"file": name, "url": url, "sha256": sha})
+        atomic_write_json(tmp / "manifest.json", {"repo": repo, "subset": subset, "split": split, "files": entries})
+    return [final / e["file"] for e in entries]
+
+
+def read_rows(files: list[Path], what: str) -> list[dict]:
+    """All rows of the parquet files, in order, as dicts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    for path in files:
+        try:
+            rows += pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise ChibiError(f"{what}: {path} is not a readable parquet file ({e}); delete {path.parent} "
+                             "to re-download it") from None
+    if not rows:
+        raise ChibiError(f"{what} has no rows; delete its cache folder and check the split name")
+    return rows
+
+
+def hub_rows(home: Home, repo: str, subset: str, split: str, columns: tuple[str, ...]) -> list[dict]:
+    """Rows of a hub split, checked to carry the expected columns."""
+    what = f"{repo} [{subset}/{split}]"
+    rows = read_rows(fetch_split(home, repo, subset, split), what)
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ChibiError(f"{what} lacks column(s) {missing} (has {sorted(rows[0])}); the dataset format changed?")
+    return rows

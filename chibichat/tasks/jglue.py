@@ -1,0 +1,209 @@
+"""JGLUE (yahoojapan/JGLUE, CC BY-SA 4.0): fetch the official files and read them into chat tasks.
+
+The data is in no package registry and is never shipped: `fetch_jglue` downloads the official files
+of the v1.3.0 release (pinned commit) into home/data/tasks/jglue/ keeping the repository's own layout
+    <task>-v1.3/<split>-v1.3.json      task in jcommonsenseqa | jnli | jsts | jsquad, split train | valid
+so `chibichat evaluate --jglue home/data/tasks/jglue` (chibichat/eval/jglue.py, base-model few-shot
+scoring) reads the same files. The base URL is overridable with $CHIBICHAT_JGLUE_BASE (tests use a
+local server). Test sets are not distributed; "valid" (dev) is what everyone reports.
+
+Formats: JCommonsenseQA/JNLI/JSTS are JSON lines (despite .json); JSQuAD is SQuAD-format JSON.
+Records (official field names, validated by `read_records`):
+    jcommonsenseqa  q_id, question, choice0..choice4, label (0-4)
+    jnli            sentence_pair_id, sentence1 (premise), sentence2 (hypothesis),
+                    label in entailment | contradiction | neutral
+    jsts            sentence_pair_id, sentence1, sentence2, label (similarity 0-5, float)
+    jsquad          flattened to one record per question: id, title, context, question,
+                    answers (list of answer texts)
+
+Chat tasks (for SFT on train and chat evaluation on valid), all lang "ja":
+    jcommonsenseqa  categorical, 5 letters A-E
+    jnli            categorical, choices 含意 / 矛盾 / 中立 (A/B/C)
+    jsts            generative: assistant answers the similarity with one decimal ("3.4");
+                    item["score"] is the gold float; evaluate() = |prediction - gold| <= 0.5
+                    (correlations are computed by the evaluator from item["score"])
+    jsquad          generative: assistant answers with the first gold answer; item["answers"] holds
+                    all; evaluate() = exact match after NFKC and whitespace removal
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from chibichat.common import ChibiError, Home, atomic_write_bytes
+from chibichat.tasks.base import ListTask
+from chibichat.tasks.multiple_choice import categorical_item
+from chibichat.tasks.registry import TaskSpec
+
+JGLUE_COMMIT = "6f071c09316baae89c3d083a90985b4b1cb9968c"  # release v1.3.0
+JGLUE_BASE = f"https://raw.githubusercontent.com/yahoojapan/JGLUE/{JGLUE_COMMIT}/datasets"
+JGLUE_BASE_ENV = "CHIBICHAT_JGLUE_BASE"
+VERSION = "v1.3"
+TASKS = ("jcommonsenseqa", "jnli", "jsts", "jsquad")
+SPLITS = ("train", "valid")
+NLI_WORDS = {"entailment": "含意", "contradiction": "矛盾", "neutral": "中立"}
+
+
+def relative_path(task: str, split: str) -> str:
+    return f"{task}-{VERSION}/{split}-{VERSION}.json"
+
+
+def jglue_dir(home: Home) -> Path:
+    return home.data_dir / "tasks" / "jglue"
+
+
+def fetch_jglue(home: Home, task: str, split: str = "valid", base: str | None = None) -> Path:
+    """The local official file of (task, split), downloaded once."""
+    from chibichat.tasks.hub import _get
+
+    if task not in TASKS:
+        raise ChibiError(f"unknown JGLUE task {task!r}; use one of {TASKS}")
+    if split not in SPLITS:
+        raise ChibiError(f"JGLUE split must be one of {SPLITS} (test sets are not distributed), got {split!r}")
+    dest = jglue_dir(home) / relative_path(task, split)
+    if dest.exists():
+        return dest
+    base = (base or os.environ.get(JGLUE_BASE_ENV) or JGLUE_BASE).rstrip("/")
+    url = f"{base}/{relative_path(task, split)}"
+    data = _get(url, f"JGLUE {task} {split}").content
+    atomic_write_bytes(dest, data)  # whole file at once: a few MB at most
+    return dest
+
+
+def _need(rec: dict, key: str, where: str):
+    if key not in rec:
+        raise ChibiError(f"{where} lacks field {key!r}; expected the official JGLUE {VERSION} format")
+    return rec[key]
+
+
+def read_records(task: str, path: Path) -> list[dict]:
+    """Validated records of an official JGLUE file (see the module docstring)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChibiError(f"JGLUE {task} file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ChibiError(f"JGLUE {task} file {path} is not UTF-8 ({e}); delete it to re-download") from None
+    if task == "jsquad":
+        return _squad_records(text, path)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ChibiError(f"JGLUE {task} file {path} line {n} is not JSON ({e}); delete it to re-download") from None
+        where = f"JGLUE {task} {path.name} line {n}"
+        if task == "jcommonsenseqa":
+            for k in range(5):
+                _need(r, f"choice{k}", where)
+            label = _need(r, "label", where)
+            if not isinstance(label, int) or not 0 <= label < 5:
+                raise ChibiError(f"{where}: label {label!r} is not 0-4")
+            _need(r, "question", where)
+        elif task == "jnli":
+            if _need(r, "label", where) not in NLI_WORDS:
+                raise ChibiError(f"{where}: label {r['label']!r} is not one of {list(NLI_WORDS)}")
+            _need(r, "sentence1", where), _need(r, "sentence2", where)
+        else:  # jsts
+            label = _need(r, "label", where)
+            if not isinstance(label, (int, float)) or not 0 <= label <= 5:
+                raise ChibiError(f"{where}: similarity {label!r} is not a number in 0-5")
+            _need(r, "sentence1", where), _need(r, "sentence2", where)
+        rows.append(r)
+    if not rows:
+        raise ChibiError(f"JGLUE {task} file {path} holds no records; delete it to re-download")
+    return rows
+
+
+def _squad_records(text: str, path: Path) -> list[dict]:
+    try:
+        doc = json.loads(text)
+        rows = []
+        for article in doc["data"]:
+            for para in article["paragraphs"]:
+                for qa in para["qas"]:
+                    answers = [a["text"] for a in qa["answers"]]
+                    if qa.get("is_impossible") or not answers or not all(answers):
+                        raise ChibiError(f"JSQuAD {path} question {qa['id']} has no answer; JSQuAD has none such")
+                    rows.append({"id": qa["id"], "title": article.get("title", ""), "context": para["context"],
+                                 "question": qa["question"], "answers": answers})
+    except json.JSONDecodeError as e:
+        raise ChibiError(f"JSQuAD file {path} is not JSON ({e}); delete it to re-download") from None
+    except (KeyError, TypeError) as e:
+        raise ChibiError(f"JSQuAD file {path} is not in SQuAD format (missing {e})") from None
+    if not rows:
+        raise ChibiError(f"JSQuAD file {path} holds no questions")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> chat items
+
+
+def jcqa_item(r: dict) -> dict:
+    return categorical_item(r["question"], [r[f"choice{k}"] for k in range(5)], r["label"], lang="ja", id=r.get("q_id"))
+
+
+def jnli_item(r: dict) -> dict:
+    words = list(NLI_WORDS.values())
+    question = f"前提：{r['sentence1']}\n仮説：{r['sentence2']}\n前提に対して仮説は含意・矛盾・中立のどれですか？"
+    return categorical_item(question, words, words.index(NLI_WORDS[r["label"]]), lang="ja",
+                            id=r.get("sentence_pair_id"), label=r["label"])
+
+
+def jsts_item(r: dict) -> dict:
+    score = float(r["label"])
+    user = f"次の二つの文の意味がどれくらい似ているかを0から5の数で答えてください。\n文1：{r['sentence1']}\n文2：{r['sentence2']}"
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": f"{score:.1f}"}],
+            "score": score, "id": r.get("sentence_pair_id")}
+
+
+def jsquad_item(r: dict) -> dict:
+    user = f"{r['context']}\n\n質問：{r['question']}\n本文から抜き出して答えてください。"
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["answers"][0]}],
+            "answers": r["answers"], "id": r["id"]}
+
+
+def normalize_answer(text: str) -> str:
+    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text)).rstrip("。.")
+
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+class JSTS(ListTask):
+    def evaluate(self, item, completion_text):
+        m = _NUM.search(unicodedata.normalize("NFKC", completion_text))
+        return m is not None and abs(float(m.group(0)) - item["score"]) <= 0.5
+
+
+class JSQuAD(ListTask):
+    def evaluate(self, item, completion_text):
+        lines = [ln for ln in completion_text.strip().splitlines() if ln.strip()]
+        pred = normalize_answer(lines[0]) if lines else ""
+        return any(pred == normalize_answer(a) for a in item["answers"])
+
+
+def jglue_task(task: str, home=None, split: str = "valid") -> ListTask:
+    home = home if isinstance(home, Home) else Home.resolve(home)
+    records = read_records(task, fetch_jglue(home, task, split))
+    desc = f"JGLUE {task} {VERSION} {split}"
+    if task == "jcommonsenseqa":
+        return ListTask(task, "categorical", [jcqa_item(r) for r in records], lang="ja", description=desc)
+    if task == "jnli":
+        return ListTask(task, "categorical", [jnli_item(r) for r in records], lang="ja", description=desc)
+    if task == "jsts":
+        return JSTS(task, "generative", [jsts_item(r) for r in records], lang="ja", description=desc)
+    return JSQuAD(task, "generative", [jsquad_item(r) for r in records], lang="ja", description=desc)
+
+
+def task_specs() -> list[TaskSpec]:
+    kinds = {"jcommonsenseqa": "categorical", "jnli": "categorical", "jsts": "generative", "jsquad": "generative"}
+    return [TaskSpec(t, kinds[t], "ja", "chibichat.tasks.jglue:jglue_task", (("task", t),), f"JGLUE {t} (online)")
+            for t in TASKS]

@@ -1,0 +1,202 @@
+"""Online task loaders (hub parquet export, JGLUE official files) against a local HTTP server."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from chibichat.common import ChibiError, Home
+from chibichat.tasks import get_task
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves the hub listing API, the parquet files it lists, and JGLUE raw files."""
+
+    def do_GET(self):
+        srv = self.server
+        srv.hits.append(self.path)
+        parts = self.path.strip("/").split("/")
+        if parts[:2] == ["api", "datasets"] and len(parts) == 7 and parts[4] == "parquet":
+            repo, subset, split = f"{parts[2]}/{parts[3]}", parts[5], parts[6]
+            f = FIXTURES / "hub" / repo.replace("/", "--") / subset / f"{split}.parquet"
+            if not f.exists():
+                return self._send(404, b'{"error": "not found"}')
+            url = f"http://127.0.0.1:{srv.server_port}/files/{repo}/{subset}/{split}/0.parquet"
+            return self._send(200, json.dumps([url]).encode())
+        if parts[0] == "files":
+            repo, subset, split = f"{parts[1]}/{parts[2]}", parts[3], parts[4]
+            f = FIXTURES / "hub" / repo.replace("/", "--") / subset / f"{split}.parquet"
+            data = srv.corrupt.get(self.path) or (f.read_bytes() if f.exists() else None)
+            return self._send(200, data) if data else self._send(404, b"")
+        if parts[0] == "jglue":
+            f = FIXTURES / "jglue" / "/".join(parts[1:])
+            return self._send(200, f.read_bytes()) if f.exists() else self._send(404, b"")
+        self._send(404, b"")
+
+    def _send(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.hits, srv.corrupt = [], {}
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    base = f"http://127.0.0.1:{srv.server_port}"
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", base)
+    monkeypatch.setenv("CHIBICHAT_JGLUE_BASE", base + "/jglue")
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_arc_online_converts_labels_and_caches(server, home):
+    t = get_task("arc-easy", source="online", home=Home(home), split="train")
+    assert t.kind == "categorical" and len(t) == 3
+    assert [t[i]["answer"] for i in range(3)] == ["B", "A", "B"]  # "2" of labels 1-4 is the 2nd choice
+    assert t[1]["letters"] == ["A", "B", "C"] and "- salt=A" in t[1]["messages"][0]["content"]
+    cache = home / "data" / "tasks" / "allenai--ai2_arc" / "ARC-Easy" / "train"
+    assert (cache / "0000.parquet").exists()
+    man = json.loads((cache / "manifest.json").read_text())
+    assert man["files"][0]["url"].endswith("/0.parquet") and len(man["files"][0]["sha256"]) == 64
+    n = len(server.hits)
+    again = get_task("arc-easy", source="online", home=Home(home), split="train")
+    assert len(server.hits) == n and again[0] == t[0]  # served from the cache
+
+
+def test_mmlu_and_aux(server, home):
+    t = get_task("mmlu", source="online", home=Home(home), split="test")
+    assert len(t) == 2 and t[0]["answer"] == "B" and t[1]["subject"] == "astronomy"
+    aux = get_task("mmlu-aux", home=Home(home))
+    assert len(aux) == 2 and aux[0]["answer"] == "A" and aux[1]["answer"] == "D"
+    assert aux[1]["messages"][1]["content"] == "D"
+
+
+def test_gsm8k_train_online_has_tool_calls(server, home):
+    t = get_task("gsm8k", source="online", home=Home(home), split="train")
+    assert len(t) == 2
+    parts = t[0]["messages"][1]["content"]
+    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text", "python", "python_output", "text"]
+    assert parts[1]["text"] == "3*4" and parts[2]["text"] == "12" and parts[-1]["text"].endswith("#### 10")
+    assert t[1]["answer"] == "2000" and t.evaluate(t[1], "so #### 2,000")
+
+
+def test_humaneval_online_runs_in_sandbox(server, home):
+    t = get_task("humaneval", source="online", home=Home(home), split="test")
+    assert len(t) == 1 and t[0]["entry_point"] == "add"
+    assert t.evaluate(t[0], "    return a + b\n") and not t.evaluate(t[0], "    return a - b\n")
+
+
+def test_smoltalk(server, home):
+    t = get_task("smoltalk", home=Home(home), split="train")
+    assert t.kind == "conversation" and len(t) == 2
+    assert [m["role"] for m in t[1]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_online_errors(server, home):
+    with pytest.raises(ChibiError, match="HTTP 404"):
+        get_task("arc-easy", source="online", home=Home(home), split="nonexistent")
+    with pytest.raises(ChibiError, match="home= and split="):
+        get_task("arc-easy", source="online")
+    with pytest.raises(ChibiError, match="source"):
+        get_task("mmlu", source="ftp")
+    with pytest.raises(ChibiError, match="shipped subset"):
+        get_task("gsm8k", split="train")
+    assert not (home / "data" / "tasks" / "allenai--ai2_arc" / "ARC-Easy" / "nonexistent").exists()
+
+
+def test_corrupt_download_is_reported(server, home):
+    server.corrupt["/files/openai/gsm8k/main/train/0.parquet"] = b"this is not parquet"
+    with pytest.raises(ChibiError, match="not a readable parquet"):
+        get_task("gsm8k", source="online", home=Home(home), split="train")
+
+
+def test_unreachable_endpoint(home, monkeypatch):
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
+    with pytest.raises(ChibiError, match="could not fetch"):
+        get_task("smoltalk", home=Home(home))
+
+
+def test_smoltalk_rejects_malformed_conversation():
+    from chibichat.tasks.online import check_messages
+
+    with pytest.raises(ChibiError, match="end with an assistant"):
+        check_messages([{"role": "user", "content": "hi"}], "row 0")
+    with pytest.raises(ChibiError, match="message 1"):
+        check_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "row 0")
+
+
+# ---------------------------------------------------------------------------------------- JGLUE
+
+def test_jglue_download_layout_and_tasks(server, home):
+    h = Home(home)
+    jc = get_task("jcommonsenseqa", home=h)
+    assert jc.kind == "categorical" and jc.lang == "ja" and len(jc) == 2
+    assert jc[0]["answer"] == "C" and jc[0]["letters"] == list("ABCDE") and "- マザーボード=C" in jc[0]["messages"][0]["content"]
+    # official layout, so the base-model JGLUE evaluator finds the same files
+    assert (home / "data" / "tasks" / "jglue" / "jcommonsenseqa-v1.3" / "valid-v1.3.json").exists()
+
+    nli = get_task("jnli", home=h)
+    assert [nli[i]["answer"] for i in range(3)] == ["C", "A", "B"]
+    assert nli[0]["choices"] == ["含意", "矛盾", "中立"]
+
+    sts = get_task("jsts", home=h)
+    assert sts[1]["score"] == 4.2 and sts[1]["messages"][1]["content"] == "4.2"
+    assert sts.evaluate(sts[1], "４") and not sts.evaluate(sts[1], "2.0") and not sts.evaluate(sts[1], "わからない")
+
+    qa = get_task("jsquad", home=h)
+    assert len(qa) == 2 and qa[1]["answers"] == ["1400万人", "約1400万人"]
+    assert qa.evaluate(qa[0], "東京都") and qa.evaluate(qa[1], "約１４００万人。") and not qa.evaluate(qa[0], "大阪")
+
+
+def test_jglue_files_match_the_evaluator(server, home):
+    jglue_eval = pytest.importorskip("chibichat.eval.jglue")
+    from chibichat.tasks.jglue import fetch_jglue, jglue_dir
+
+    for t in ("jcommonsenseqa", "jnli", "jsts", "jsquad"):
+        fetch_jglue(Home(home), t)
+    found = jglue_eval.find_files(jglue_dir(Home(home)))
+    assert sorted(found) == ["jcommonsenseqa", "jnli", "jsquad", "jsts"]
+
+
+def test_jglue_parsers_reject_bad_records(tmp_path):
+    from chibichat.tasks.jglue import read_records
+
+    p = tmp_path / "x.json"
+    p.write_text('{"q_id": 1, "question": "q", "choice0": "a", "choice1": "b", "choice2": "c", "choice3": "d", '
+                 '"choice4": "e", "label": 7}\n', encoding="utf-8")
+    with pytest.raises(ChibiError, match="label 7"):
+        read_records("jcommonsenseqa", p)
+    p.write_text('{"sentence1": "a", "sentence2": "b", "label": "yes"}\n', encoding="utf-8")
+    with pytest.raises(ChibiError, match="not one of"):
+        read_records("jnli", p)
+    p.write_text('{"sentence1": "a", "sentence2": "b", "label": 7.5}\n', encoding="utf-8")
+    with pytest.raises(ChibiError, match="0-5"):
+        read_records("jsts", p)
+    p.write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(ChibiError, match="line 1"):
+        read_records("jsts", p)
+    p.write_text('{"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "1", "question": "q", '
+                 '"answers": [], "is_impossible": false}]}]}]}', encoding="utf-8")
+    with pytest.raises(ChibiError, match="no answer"):
+        read_records("jsquad", p)
+
+
+def test_jglue_bad_arguments(home):
+    from chibichat.tasks.jglue import fetch_jglue
+
+    with pytest.raises(ChibiError, match="test sets are not distributed"):
+        fetch_jglue(Home(home), "jnli", "test")
+    with pytest.raises(ChibiError, match="unknown JGLUE task"):
+        fetch_jglue(Home(home), "marc-ja")
