@@ -1,0 +1,370 @@
+"""Generation: prefill once, decode incrementally, sample, use tools, stream text.
+
+Flow of one `generate` call:
+1. Prefill: prompts of equal length are prefilled together (forward_step with t > 1 needs equal
+   positions); each prompt's last-position logits are kept. The per-prompt states are then laid out
+   as rows [prompt0 x num_samples, prompt1 x num_samples, ...] with `select` (a row copy, like
+   `expand`) and merged with `InferenceState.stack`. Rows of different lengths decode together
+   because forward_step takes per-row positions for one-token steps.
+2. Decode: every step samples one token per row from that row's own logits (the first token too:
+   upstream once broadcast the first sample to every row, REFERENCE §20 #16), runs the per-row tool
+   state machine, and feeds all live rows one token. Finished rows are dropped from the batch.
+3. Tools: `<|python_start|>` expr `<|python_end|>` -> the expression is evaluated and
+   `<|output_start|>` result `<|output_end|>` is queued; queued tokens are fed one per step instead of
+   sampling and flagged forced=1 (RL leaves them out of the loss). A failed tool call injects nothing.
+
+Per-step host work is kept small (one device->host copy of the sampled ids per step, plain Python
+lists for row bookkeeping) because on small models that overhead, not arithmetic, bounds tokens/s.
+"""
+
+from __future__ import annotations
+
+import ast
+import codecs
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from chibichat.common import ChibiError
+from chibichat.tools import ToolError, calculate
+
+TOOL_CHOICES = ("calculator", "python")
+
+
+@dataclass
+class Sample:
+    tokens: list[int]  # generated ids only; ends with the stop token when finish_reason == "stop"
+    forced: list[int]  # 1 where the token was forced by a tool (not sampled), same length as tokens
+    finish_reason: str  # "stop" | "length"
+    text: str  # decoded tokens without the final stop token; special tokens appear as their names
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> "SamplingParams":
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
+            raise ChibiError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ChibiError(f"top_k must be a positive integer or None (off), got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ChibiError(f"top_p must be in (0, 1] or None (off), got {self.top_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            raise ChibiError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: pure functions of a (N, V) float logits tensor.
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """CTRL-style penalty on tokens already generated in the row (`seen`, bool (N, V)): a positive
+    logit is divided by `penalty`, a negative one multiplied, so the token always gets less likely."""
+    import torch
+
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sampling_probs(logits, temperature: float, top_k: int | None = None, top_p: float | None = None):
+    """The distribution a row is sampled from: softmax(logits / T) restricted to the top-k tokens and
+    then to the smallest set of most likely tokens whose mass reaches top_p, renormalised.
+    temperature must be > 0 here (0 is greedy: see `sample_next`)."""
+    import torch
+
+    logits = logits.float() / temperature
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep a token if the mass strictly before it is still below top_p: the most likely token
+        # is always kept, and the set stops at the first token that reaches top_p.
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        keep_sorted = before < top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_next(logits, params: SamplingParams, generator, seen=None):
+    """One token id per row (LongTensor (N,)). temperature 0 -> argmax (deterministic)."""
+    import torch
+
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tools
+
+
+def run_tool(kind: str, source: str) -> str | None:
+    """Result text of one tool call, or None when the call fails (then nothing is injected)."""
+    try:
+        return calculate(source)
+    except ToolError:
+        if kind != "python":
+            return None
+    from chibichat.sandbox import run_python
+
+    code = source
+    try:
+        ast.parse(source, mode="eval")
+        code = f"print({source})"  # a bare expression: show its value, like a REPL would
+    except SyntaxError:
+        pass
+    result = run_python(code, timeout_s=2.0, memory_mb=256)
+    return result.stdout.strip() if result.ok else None
+
+
+@dataclass
+class _Row:
+    """Bookkeeping of one generated sequence."""
+
+    tokens: list[int] = field(default_factory=list)
+    forced: list[int] = field(default_factory=list)
+    queue: deque = field(default_factory=deque)  # tokens to force before sampling again
+    expr: list[int] | None = None  # collecting a tool call when not None
+    finish: str | None = None
+
+
+class Engine:
+    """Generation for one model + tokenizer on one device (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, rt):
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise ChibiError(
+                f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.vocab_size}: "
+                "the checkpoint was trained with a different tokenizer"
+            )
+        self.model, self.tokenizer, self.rt = model, tokenizer, rt
+        sid = tokenizer.special_id
+        self.bos = sid("<|bos|>")
+        self.assistant_end = sid("<|assistant_end|>")
+        self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
+        self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
+        self.stop_ids = frozenset((self.bos, self.assistant_end))
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.config.seq_len
+
+    # -- argument checks ----------------------------------------------------------------------
+
+    def _check(self, prompts, num_samples, max_tokens, tools):
+        if not prompts:
+            raise ChibiError("generate needs at least one prompt")
+        V = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ChibiError(f"prompt {i} is empty; start it with <|bos|>")
+            if min(p) < 0 or max(p) >= V:
+                raise ChibiError(f"prompt {i} has token ids outside [0, {V}): wrong tokenizer for this model")
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ChibiError(f"num_samples must be a positive integer, got {num_samples!r}")
+        longest = max(len(p) for p in prompts)
+        if max_tokens is None:
+            max_tokens = self.seq_len - longest
+        if not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise ChibiError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if longest + max_tokens > self.seq_len:
+            raise ChibiError(
+                f"prompt of {longest} tokens + max_tokens {max_tokens} exceeds the model's context seq_len="
+                f"{self.seq_len}; lower max_tokens to at most {max(self.seq_len - longest, 0)} or shorten the prompt"
+            )
+        if tools is True:
+            tools = "calculator"
+        if tools not in (False, None) and tools not in TOOL_CHOICES:
+            raise ChibiError(f"tools must be False, True/'calculator' or 'python', got {tools!r}")
+        return max_tokens, (tools or None)
+
+    # -- the decode core ----------------------------------------------------------------------
+
+    def _prefill(self, prompts, num_samples, max_len):
+        """Returns (state with rows prompt-major x num_samples, last logits (rows, V))."""
+        import torch
+
+        model, dev = self.model, self.rt.device
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        parts = {}  # prompt index -> (state of that group, row in the group, logits row)
+        for length, idxs in by_len.items():
+            ids = torch.tensor([prompts[i] for i in idxs], dtype=torch.long, device=dev)
+            state = model.new_state(len(idxs), max_len)
+            logits = model.forward_step(ids, state)[:, -1]
+            for r, i in enumerate(idxs):
+                parts[i] = (state, r, logits[r])
+        states, last = [], []
+        for i in range(len(prompts)):
+            state, r, logit = parts[i]
+            states.append(state.select([r] * num_samples))
+            last.append(logit.expand(num_samples, -1))
+        state = states[0] if len(states) == 1 else type(states[0]).stack(states)
+        return state, torch.cat(last, dim=0)
+
+    def _decode(self, prompts, num_samples, max_tokens, params: SamplingParams, seed, tools) -> Iterator[list]:
+        """Yields after every step the list of (row_index, token, forced) emitted in that step;
+        returns (via StopIteration.value) the list of _Row, prompt-major."""
+        import torch
+
+        model, dev = self.model, self.rt.device
+        state, logits = self._prefill(prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
+        n = logits.shape[0]
+        rows = [_Row() for _ in range(n)]
+        live = list(range(n))  # row index of each batch position
+        generator = torch.Generator(device=dev).manual_seed(seed)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev)
+        for step in range(max_tokens):
+            sampled = sample_next(logits, params, generator, seen).tolist()
+            emitted, feed, keep = [], [], []
+            for b, r in enumerate(live):
+                row = rows[r]
+                if row.queue:
+                    tok, forced = row.queue.popleft(), 1
+                else:
+                    tok, forced = sampled[b], 0
+                row.tokens.append(tok)
+                row.forced.append(forced)
+                emitted.append((r, tok, forced))
+                if not forced:
+                    self._advance_tools(row, tok, tools)
+                if row.finish is None and len(row.tokens) >= max_tokens:
+                    row.finish = "length"
+                if row.finish is None:
+                    keep.append(b)
+                    feed.append(tok)
+            yield emitted
+            if not keep:
+                break
+            if seen is not None:  # every token the row has produced so far (forced ones too)
+                seen[torch.arange(len(live), device=dev), torch.tensor([t for (_, t, _) in emitted], device=dev)] = True
+            if len(keep) < len(live):
+                idx = torch.tensor(keep, device=dev)
+                state = state.select(idx)
+                if seen is not None:
+                    seen = seen.index_select(0, idx)
+                live = [live[b] for b in keep]
+            logits = model.forward_step(torch.tensor(feed, dtype=torch.long, device=dev)[:, None], state)[:, -1]
+        return rows
+
+    def _advance_tools(self, row: _Row, tok: int, tools) -> None:
+        """Per-row state machine on a sampled token: stop tokens end the row; python_start ...
+        python_end is a tool call whose result is queued as forced tokens."""
+        if tok in self.stop_ids:
+            row.finish = "stop"
+        elif tools is None:
+            return
+        elif tok == self.python_start:
+            row.expr = []
+        elif tok == self.python_end and row.expr is not None:
+            result = run_tool(tools, self.tokenizer.decode(row.expr))
+            row.expr = None
+            if result is not None:
+                row.queue.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.expr is not None:
+            row.expr.append(tok)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        num_samples: int = 1,
+        max_tokens: int | None = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        tools=True,
+    ) -> list[list[Sample]]:
+        """For each prompt, `num_samples` independent samples. max_tokens None = up to the context.
+        Reproducible: the same arguments give the same samples."""
+        max_tokens, tools = self._check(prompts, num_samples, max_tokens, tools)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty).validate()
+        gen = self._decode(prompts, num_samples, max_tokens, params, seed, tools)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                rows = done.value
+                break
+        out = []
+        for i in range(len(prompts)):
+            samples = []
+            for row in rows[i * num_samples : (i + 1) * num_samples]:
+                body = row.tokens[:-1] if row.finish == "stop" else row.tokens
+                samples.append(Sample(row.tokens, row.forced, row.finish or "length", self.tokenizer.decode(body)))
+            out.append(samples)
+        return out
+
+    def stream(
+        self,
+        prompt: list[int],
+        max_tokens: int | None = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        tools=True,
+        result: dict | None = None,
+    ) -> Iterator[str]:
+        """Text pieces of one sample as they are generated, never splitting a UTF-8 character.
+
+        Tool calls are shown in the GSM8K annotation style: <<expr=result>>. If `result` is a dict,
+        it receives "finish_reason", "tokens" and "completion_tokens" when the stream ends.
+        """
+        max_tokens, tools = self._check([prompt], 1, max_tokens, tools)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty).validate()
+        shown = {self.python_start: b"<<", self.python_end: b"=", self.output_start: b"", self.output_end: b">>"}
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        gen = self._decode([prompt], 1, max_tokens, params, seed, tools)
+        rows = None
+        while True:
+            try:
+                emitted = next(gen)
+            except StopIteration as done:
+                rows = done.value
+                break
+            for _, tok, _ in emitted:
+                if tok in self.stop_ids:
+                    continue
+                piece = shown.get(tok) if tok in shown else self.tokenizer.id_to_bytes(tok)
+                text = decoder.decode(piece)
+                if text:
+                    yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+        if result is not None:
+            row = rows[0]
+            result.update(finish_reason=row.finish or "length", tokens=row.tokens, completion_tokens=len(row.tokens))
+
+
+def prepare_for_inference(model, dtype):
+    """Make a model that will only run inference fast in `dtype`: store its weights in that dtype,
+    so forward's per-step `weight.to(compute_dtype)` is a no-op instead of a full weight copy (which
+    made bf16 decoding slower than fp32). Only for models that are not trained afterwards (chat,
+    serve, bench); RL keeps fp32 masters. Returns the model (modified in place), in eval mode."""
+    model.to(dtype=dtype)
+    model.compute_dtype = dtype
+    return model.eval()

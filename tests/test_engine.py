@@ -1,0 +1,275 @@
+"""Engine: sampling against hand-computed distributions, incremental == full-forward greedy decoding,
+independent samples, reproducibility, the tool state machine, stop reasons and UTF-8-safe streaming."""
+
+import math
+
+import pytest
+import torch
+
+from chibichat.common import ChibiError, init_runtime
+from chibichat.engine import Engine, SamplingParams, apply_repetition_penalty, sample_next, sampling_probs
+from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: intra-op threads only add synchronisation, which on a loaded 2-core machine
+    # costs 50x. Restored afterwards so other test modules see the default.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer([bytes([i]) for i in range(256)], split="gpt4")  # byte-level: no training needed
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return init_runtime("cpu", "float32")
+
+
+def random_model(tok, layers, seq_len=48, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=seq_len, n_layer=len(layers), n_embd=32, n_head=4,
+                    n_kv_head=2, layers=layers)  # fmt: skip
+    model = GPT(cfg)
+    with torch.no_grad():  # fresh init zeroes the output projections and head: make every layer matter
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    return model.eval()
+
+
+# -- sampling -------------------------------------------------------------------------------------
+
+
+def logits_of(probs):
+    return torch.log(torch.tensor([probs], dtype=torch.float32))
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    p = sampling_probs(logits_of([0.5, 0.3, 0.2]), 1.0, top_p=0.7)
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0]]), atol=1e-6)
+    # unsorted input: the kept set is found by probability, not position
+    p = sampling_probs(logits_of([0.2, 0.5, 0.3]), 1.0, top_p=0.7)
+    assert torch.allclose(p, torch.tensor([[0.0, 0.625, 0.375]]), atol=1e-6)
+    # the most likely token is always kept
+    p = sampling_probs(logits_of([0.2, 0.5, 0.3]), 1.0, top_p=0.01)
+    assert torch.allclose(p, torch.tensor([[0.0, 1.0, 0.0]]))
+    assert torch.allclose(sampling_probs(logits_of([0.5, 0.3, 0.2]), 1.0, top_p=1.0), torch.tensor([[0.5, 0.3, 0.2]]))
+
+
+def test_top_k_and_temperature():
+    p = sampling_probs(logits_of([0.1, 0.5, 0.15, 0.25]), 1.0, top_k=2)
+    assert torch.allclose(p, torch.tensor([[0.0, 0.5 / 0.75, 0.0, 0.25 / 0.75]]), atol=1e-6)
+    # T = 2 on log-probs: p_i^(1/2) renormalised
+    q = torch.tensor([0.5, 0.3, 0.2]).sqrt()
+    p = sampling_probs(logits_of([0.5, 0.3, 0.2]), 2.0)
+    assert torch.allclose(p, (q / q.sum())[None], atol=1e-6)
+    # top-k then top-p: top-2 of [.4,.3,.2,.1] = [4/7, 3/7]; top_p .5 keeps only the first
+    p = sampling_probs(logits_of([0.4, 0.3, 0.2, 0.1]), 1.0, top_k=2, top_p=0.5)
+    assert torch.allclose(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_repetition_penalty_values():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    seen = torch.tensor([[True, True, False]])
+    assert torch.equal(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5]]))
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_sampled_frequencies_match_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = logits_of([0.5, 0.3, 0.2]).expand(20000, -1)
+    got = sample_next(logits, SamplingParams(1.0, None, 0.7), g)
+    freq = torch.bincount(got, minlength=3).float() / got.numel()
+    assert freq[2] == 0
+    assert abs(freq[0] - 0.625) < 0.02 and abs(freq[1] - 0.375) < 0.02
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, 0.0, 1.0]])
+    assert sample_next(logits, SamplingParams(0.0), None).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5},
+                                {"repetition_penalty": 0}])  # fmt: skip
+def test_bad_sampling_params(kw):
+    with pytest.raises(ChibiError):
+        SamplingParams(**kw).validate()
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+def full_forward_greedy(model, prompt, max_tokens, stop_ids):
+    ids = list(prompt)
+    out = []
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, -1]
+        t = int(torch.argmax(logits))
+        out.append(t)
+        if t in stop_ids:
+            break
+        ids.append(t)
+    return out
+
+
+@pytest.mark.parametrize("layers", ["AAAA", "SSSS", "ASSA"])
+def test_incremental_greedy_equals_full_forward(tok, rt, layers):
+    model = random_model(tok, layers)
+    engine = Engine(model, tok, rt)
+    prompts = [[tok.bos_id, 72, 105], [tok.bos_id, 7], [tok.bos_id, 72, 105, 33, 10, 200], [tok.bos_id, 5, 9]]
+    out = engine.generate(prompts, num_samples=2, max_tokens=20, temperature=0.0, tools=False)
+    total = 0
+    for prompt, samples in zip(prompts, out):
+        want = full_forward_greedy(model, prompt, 20, engine.stop_ids)
+        total += len(want)
+        for s in samples:
+            assert s.tokens == want
+            assert s.forced == [0] * len(want)
+    assert total >= 30  # most rows ran long enough to exercise many decode steps
+
+
+def test_samples_are_independent_from_the_first_token(tok, rt):
+    model = random_model(tok, "AS")
+    with torch.no_grad():
+        model.lm_head.mul_(0.01)  # near-uniform next-token distribution
+    engine = Engine(model, tok, rt)
+    samples = engine.generate([[tok.bos_id, 1]], num_samples=8, max_tokens=3, temperature=1.0, seed=3, tools=False)[0]
+    firsts = [s.tokens[0] for s in samples]
+    assert len(set(firsts)) > 1, firsts  # REFERENCE §20 #16: the first token was broadcast upstream
+
+
+def test_reproducible_per_seed(tok, rt):
+    engine = Engine(random_model(tok, "AS"), tok, rt)
+    kw = dict(num_samples=3, max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, tools=False)
+    a = engine.generate([[tok.bos_id, 1], [tok.bos_id]], seed=7, **kw)
+    b = engine.generate([[tok.bos_id, 1], [tok.bos_id]], seed=7, **kw)
+    c = engine.generate([[tok.bos_id, 1], [tok.bos_id]], seed=8, **kw)
+    assert [[s.tokens for s in x] for x in a] == [[s.tokens for s in x] for x in b]
+    assert [[s.tokens for s in x] for x in a] != [[s.tokens for s in x] for x in c]
+
+
+def test_length_and_argument_errors(tok, rt):
+    model = random_model(tok, "A", seq_len=16)
+    engine = Engine(model, tok, rt)
+    s = engine.generate([[tok.bos_id]], max_tokens=5, temperature=0, tools=False)[0][0]
+    if s.finish_reason == "length":
+        assert len(s.tokens) == 5
+    with pytest.raises(ChibiError, match="seq_len"):
+        engine.generate([[tok.bos_id] * 10], max_tokens=7)
+    long_prompt = [tok.bos_id] * 10
+    assert len(engine.generate([long_prompt], max_tokens=None, temperature=0, tools=False)[0][0].tokens) <= 6
+    for bad in (dict(prompts=[]), dict(prompts=[[]]), dict(prompts=[[99999]]), dict(prompts=[[1]], num_samples=0),
+                dict(prompts=[[1]], max_tokens=0), dict(prompts=[[1]], tools="shell")):  # fmt: skip
+        with pytest.raises(ChibiError):
+            engine.generate(**{"prompts": [[1]], **bad})
+    other = Tokenizer([bytes([i]) for i in range(256)] + [b"ab"], split="gpt4")
+    with pytest.raises(ChibiError, match="vocab"):
+        Engine(model, other, rt)
+
+
+# -- tools and stop tokens with a scripted model --------------------------------------------------
+
+
+class Scripted(torch.nn.Module):
+    """A real GPT's state machinery with scripted logits: next token = table[last token fed], or
+    with `script`, next token = script[position - 1] (position of the token fed, prompt included)."""
+
+    def __init__(self, model, table, default, script=None):
+        super().__init__()
+        self.inner, self.config, self.table, self.default, self.script = model, model.config, table, default, script
+
+    def new_state(self, batch_size, max_len):
+        return self.inner.new_state(batch_size, max_len)
+
+    def forward_step(self, idx, state):
+        pos = state.pos.clone()
+        self.inner.forward_step(idx, state)
+        B, t = idx.shape
+        logits = torch.zeros(B, t, self.config.vocab_size)
+        for b in range(B):
+            for j in range(t):
+                if self.script is not None:
+                    p = int(pos[b]) + j - 1
+                    nxt = self.script[p] if 0 <= p < len(self.script) else self.default
+                else:
+                    nxt = self.table.get(int(idx[b, j]), self.default)
+                logits[b, j, nxt] = 10.0
+        return logits
+
+
+def chain(pairs):
+    return {a: b for a, b in zip(pairs, pairs[1:])}
+
+
+def test_calculator_tool_forces_output(tok, rt):
+    sid = tok.special_id
+    ps, pe, os_, oe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
+                                             "<|output_end|>", "<|assistant_end|>"))  # fmt: skip
+    table = chain([65, ps, *tok.encode("12*3"), pe])
+    table[oe] = ae
+    engine = Engine(Scripted(random_model(tok, "AS"), table, default=88), tok, rt)
+    plain = dict(chain([66, 67, ae]))  # a second prompt that never calls the tool
+    engine.model.table.update(plain)
+    out = engine.generate([[tok.bos_id, 65], [tok.bos_id, 66]], max_tokens=30, temperature=0)
+    s = out[0][0]
+    want = [ps, *tok.encode("12*3"), pe, os_, *tok.encode("36"), oe, ae]
+    assert s.tokens == want
+    assert s.forced == [0] * 6 + [1] * 4 + [0]
+    assert s.finish_reason == "stop"
+    assert s.text == "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>"
+    assert out[1][0].tokens == [67, ae] and out[1][0].forced == [0, 0]
+    pieces = list(engine.stream([tok.bos_id, 65], max_tokens=30, temperature=0))
+    assert "".join(pieces) == "<<12*3=36>>"
+    # without tools nothing is forced: the model's own (scripted) token follows python_end
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=8, temperature=0, tools=False)[0][0]
+    assert s.forced == [0] * len(s.tokens) and os_ not in s.tokens
+
+
+def test_failed_tool_call_injects_nothing(tok, rt):
+    sid = tok.special_id
+    ps, pe, ae = sid("<|python_start|>"), sid("<|python_end|>"), sid("<|assistant_end|>")
+    table = chain([65, ps, *tok.encode("__import__('os')"), pe, ae])
+    engine = Engine(Scripted(random_model(tok, "A"), table, default=88), tok, rt)
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=40, temperature=0)[0][0]
+    assert s.tokens[-2:] == [pe, ae] and sum(s.forced) == 0
+
+
+def test_python_tool_runs_in_sandbox(tok, rt):
+    sid = tok.special_id
+    ps, pe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|assistant_end|>"))
+    result = "['a', 'b', 'c']"
+    script = [ps, *tok.encode("sorted('cab')"), pe] + [88] * (len(result) + 2) + [ae]
+    engine = Engine(Scripted(random_model(tok, "A", seq_len=96), {}, default=88, script=script), tok, rt)
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=60, temperature=0, tools="python")[0][0]
+    assert s.text.endswith(f"<|python_end|><|output_start|>{result}<|output_end|>") and s.finish_reason == "stop"
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=60, temperature=0, tools="calculator")[0][0]
+    assert "output_start" not in s.text
+
+
+def test_stop_on_bos_and_length(tok, rt):
+    table = chain([65, 66, tok.bos_id])
+    engine = Engine(Scripted(random_model(tok, "A"), table, default=70), tok, rt)
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=10, temperature=0)[0][0]
+    assert s.tokens == [66, tok.bos_id] and s.finish_reason == "stop" and s.text == "B"
+    s = engine.generate([[tok.bos_id, 70]], max_tokens=4, temperature=0)[0][0]
+    assert s.tokens == [70] * 4 and s.finish_reason == "length"
+
+
+def test_stream_never_splits_utf8(tok, rt):
+    text = "日本語です、ok"
+    data = list(text.encode("utf-8"))
+    ae = tok.special_id("<|assistant_end|>")
+    engine = Engine(Scripted(random_model(tok, "A", seq_len=64), {}, default=ae, script=data + [ae]), tok, rt)
+    result = {}
+    pieces = list(engine.stream([tok.bos_id, 65], max_tokens=40, temperature=0, result=result))
+    assert "".join(pieces) == text
+    assert all(p and "\ufffd" not in p for p in pieces)
+    assert pieces[:3] == ["日", "本", "語"]
+    assert result["finish_reason"] == "stop" and result["completion_tokens"] == len(data) + 1
