@@ -190,7 +190,7 @@ class JSQuAD(ListTask):
         return any(pred == normalize_answer(a) for a in item["answers"])
 
 
-def jglue_task(task: str, home=None, split: str = "valid") -> ListTask:
+def jglue_task(task: str, home, split: str = "valid") -> ListTask:
     home = home if isinstance(home, Home) else Home.resolve(home)
     records = read_records(task, fetch_jglue(home, task, split))
     desc = f"JGLUE {task} {VERSION} {split}"

@@ -71,13 +71,13 @@ def check_messages(messages, where: str) -> list[dict]:
     return out
 
 
-def smoltalk(home=None, split: str = "train") -> ListTask:
+def smoltalk(home, split: str = "train") -> ListTask:
     rows = hub_rows(_home(home), "HuggingFaceTB/smol-smoltalk", "default", split, ("messages",))
     items = [{"messages": check_messages(r["messages"], f"smol-smoltalk {split} row {k}")} for k, r in enumerate(rows)]
     return ListTask("smoltalk", "conversation", items, description=f"SmolTalk ({split})")
 
 
-def mmlu_aux(home=None, split: str = "train") -> ListTask:
+def mmlu_aux(home, split: str = "train") -> ListTask:
     from chibichat.tasks.evalsets import mc_items
 
     return ListTask("mmlu-aux", "categorical", mc_items(mmlu_rows(home, "auxiliary_train", split)),

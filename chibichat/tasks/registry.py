@@ -91,9 +91,13 @@ def get_task(name: str, **options):
     module, func = spec.target.split(":")
     factory = getattr(importlib.import_module(module), func)
     kwargs = dict(spec.fixed)
-    accepted = set(inspect.signature(factory).parameters) - set(kwargs)
+    params = inspect.signature(factory).parameters
+    accepted = set(params) - set(kwargs)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ChibiError(f"task {name!r} does not take option(s) {unknown}; it takes {sorted(accepted) or 'none'}")
+    required = sorted(k for k in accepted if params[k].default is inspect.Parameter.empty and k not in options)
+    if required:
+        raise ChibiError(f"task {name!r} needs option(s) {required} (online tasks download into home=<Home>)")
     kwargs.update(options)
     return factory(**kwargs)
