@@ -1,0 +1,125 @@
+"""Multi-process behaviour of the shared loop: 2 gloo ranks == 1 rank with gradient accumulation 2,
+and a training process killed with SIGKILL resumes to the same parameters as an uninterrupted run.
+
+Both run real subprocesses: this file doubles as the worker script (`python test_distributed.py ...`).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _weights(tag_dir: Path, step: int):
+    from safetensors.torch import load_file
+
+    return load_file(tag_dir / f"step_{step:06d}" / "model.safetensors")
+
+
+def worker(tag_dir: str, steps: int, accum: int, save_every: int, resume: bool, sleep: float) -> None:
+    """One training process (one rank under torchrun): the toy GPT on ToySource via the real loop."""
+    import torch
+
+    from chibichat.common import init_runtime, shutdown_runtime
+    from chibichat.train.loop import LoopConfig, train
+    from test_loop import ToySource, loss_fn, make, meta_for
+
+    rt = init_runtime("cpu", "float32")
+    model, opt = make()
+
+    def slow_loss(m, b):
+        if sleep:
+            time.sleep(sleep)  # gives the test time to kill us between checkpoints; no effect on numerics
+        return loss_fn(m, b)
+
+    cfg = LoopConfig(tag_dir=Path(tag_dir), num_steps=steps, grad_accum=accum, save_every=save_every,
+                     keep_last=0, resume=resume, momentum_warmup_steps=4)
+    train(model, opt, ToySource(batch_size=2, rank=rt.rank, world=rt.world_size), slow_loss, rt, cfg,
+          meta=meta_for(model))
+    # Every rank must hold the same replica: rank r dumps its own copy for the test to compare.
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(tag_dir) / f"rank{rt.rank}.pt")
+    shutdown_runtime(rt)
+
+
+def _run_single(tag_dir, steps, accum, save_every=0, resume=False, sleep=0.0, **popen):
+    args = [sys.executable, str(Path(__file__)), str(tag_dir), str(steps), str(accum), str(save_every),
+            str(int(resume)), str(sleep)]
+    return subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_rank_with_accumulation(tmp_path):
+    import torch
+
+    steps = 4
+    one = _run_single(tmp_path / "one", steps, accum=2)
+    out1, _ = one.communicate(timeout=240)
+    assert one.returncode == 0, out1
+    two = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(Path(__file__)), str(tmp_path / "two"),
+         str(steps), "1", "0", "0", "0"],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = _weights(tmp_path / "one", steps), _weights(tmp_path / "two", steps)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    assert any(not torch.equal(a[k], _weights_init()[k]) for k in a)  # it did train
+    r0 = torch.load(tmp_path / "two" / "rank0.pt")
+    r1 = torch.load(tmp_path / "two" / "rank1.pt")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks diverged on {k}"
+
+
+def _weights_init():
+    from test_loop import make
+
+    return make()[0].state_dict()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    import torch
+
+    steps, save_every = 8, 2
+    full = _run_single(tmp_path / "full", steps, accum=2, save_every=save_every)
+    victim = _run_single(tmp_path / "killed", steps, accum=2, save_every=save_every, sleep=0.3)
+    ckpt = tmp_path / "killed" / "step_000004" / "meta.json"
+    deadline = time.time() + 180
+    while not ckpt.exists():
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.time() < deadline, "no checkpoint at step 4 in time"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    saved = sorted(p.name for p in (tmp_path / "killed").glob("step_*"))
+    assert "step_000008" not in saved and "step_000004" in saved
+    resumed = _run_single(tmp_path / "killed", steps, accum=2, save_every=save_every, resume=True)
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    out_full, _ = full.communicate(timeout=240)
+    assert full.returncode == 0, out_full
+    a, b = _weights(tmp_path / "full", steps), _weights(tmp_path / "killed", steps)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill+resume"
+
+
+if __name__ == "__main__":
+    tag, steps, accum, save_every, resume, sleep = sys.argv[1:7]
+    worker(tag, int(steps), int(accum), int(save_every), bool(int(resume)), float(sleep))
