@@ -282,6 +282,29 @@ class Engine:
         elif row.expr is not None:
             row.expr.append(tok)
 
+    def to_parts(self, tokens: list[int]) -> list[dict]:
+        """Generated ids -> assistant content parts (render.py's format): text, python (the call),
+        python_output (the forced result). The final stop token, if any, is not part of the content."""
+        if tokens and tokens[-1] in self.stop_ids:
+            tokens = tokens[:-1]
+        parts, kind, buf = [], "text", []
+        markers = {self.python_start: ("text", "python"), self.python_end: ("python", "text"),
+                   self.output_start: ("text", "python_output"), self.output_end: ("python_output", "text")}  # fmt: skip
+
+        def flush():
+            if buf:
+                parts.append({"type": kind, "text": self.tokenizer.decode(buf)})
+                buf.clear()
+
+        for t in tokens:
+            if t in markers:
+                flush()
+                kind = markers[t][1]
+            else:
+                buf.append(t)
+        flush()
+        return parts
+
     # -- public API ---------------------------------------------------------------------------
 
     def generate(

@@ -1,0 +1,213 @@
+"""`chibichat chat`: talk to a trained model in the terminal (streaming REPL), or one-shot with -p.
+
+The history is re-rendered for every reply with the model's context minus the reply budget as the
+limit; when it no longer fits, the oldest exchanges are dropped from the history with a notice
+(upstream crashed there, REFERENCE §20 #5). The system prompt is never dropped. Notices and errors go
+to stderr, so stdout carries only the model's words (one-shot output is script-friendly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+
+STAGES = ("base", "mid", "sft", "rl")
+HELP_TEXT = """commands:
+  /clear        forget the conversation (the system prompt stays)
+  /temp X       sampling temperature (0 = greedy)
+  /topk K       top-k sampling (0 = off)
+  /help         this text
+  /quit         leave (Ctrl-D works too)"""
+
+
+def add_model_args(p) -> None:
+    """--from/--tag/--step: which checkpoint (shared with `chibichat serve`)."""
+    p.add_argument("--from", dest="source", default="sft", choices=STAGES, help="checkpoint stage (default: sft)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written one)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+
+def add_sampling_args(p, temperature: float = 0.6, top_k: int = 50) -> None:
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"0 = off (default: {top_k})")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="reply budget in tokens (default: min(256, context/2)); the history gets the rest")  # fmt: skip
+    p.add_argument("--tools", default="calculator", choices=("none", "calculator", "python"),
+                   help="tool the model may call: calculator (default), python (sandboxed subprocess), none")  # fmt: skip
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a trained model in the terminal (streaming; -p for one shot)",
+        description="Interactive chat with a checkpoint. Type /help inside for commands.",
+    )
+    add_home_arg(p)
+    add_runtime_args(p)
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="one-shot: answer this message, print the reply, exit")
+    p.add_argument("--system", default=None, help="system prompt (kept when old turns are dropped)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
+    p.set_defaults(func=run)
+
+
+def reply_budget(requested: int | None, seq_len: int) -> int:
+    """Tokens reserved for the reply; the prompt may use seq_len minus this."""
+    budget = min(256, seq_len // 2) if requested is None else requested
+    if not 1 <= budget < seq_len:
+        raise ChibiError(f"--max-tokens {budget} must be in [1, {seq_len - 1}] (the model's context is {seq_len})")
+    return budget
+
+
+def load_engine(args):
+    """Tokenizer + checkpoint -> (Engine, meta), weights stored in the compute dtype for speed."""
+    from chibichat.common import Home, init_runtime
+    from chibichat.engine import Engine, prepare_for_inference
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import load_model
+
+    home = Home.resolve(args.home)
+    rt = init_runtime(args.device, args.dtype)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
+    prepare_for_inference(model, rt.compute_dtype)
+    return Engine(model, tok, rt), meta
+
+
+@dataclass
+class ChatSession:
+    engine: object
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    tools: str | None
+    system: str | None = None
+    seed: int | None = None
+    history: list = field(default_factory=list)  # user/assistant messages (assistant content as parts)
+    replies: int = 0
+
+    def reply(self, text: str, out, err) -> str:
+        """Stream the reply to `text` into `out`; returns the reply text. Drops old turns if needed."""
+        from chibichat.render import render_prompt
+
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages.append({"role": "user", "content": text})
+        tok = self.engine.tokenizer
+        limit = self.engine.seq_len - self.max_tokens
+        prompt = render_prompt(tok, {"messages": messages}, max_len=limit)  # ChibiError if `text` alone is too long
+        if prompt.dropped_turns:
+            self.history = self.history[prompt.dropped_turns :]
+            err.write(
+                f"[context full: dropped the {prompt.dropped_turns} oldest messages to fit the model's "
+                f"{self.engine.seq_len}-token context]\n"
+            )
+            err.flush()
+        seed = self.seed + self.replies if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        result: dict = {}
+        pieces = []
+        for piece in self.engine.stream(prompt.ids, max_tokens=self.max_tokens, temperature=self.temperature,
+                                        top_k=self.top_k, top_p=self.top_p, seed=seed, tools=self.tools,
+                                        result=result):  # fmt: skip
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        if result["finish_reason"] == "length":
+            err.write(f"[reply cut at --max-tokens {self.max_tokens}]\n")
+        self.history.append({"role": "user", "content": text})
+        self.history.append({"role": "assistant", "content": self.engine.to_parts(result["tokens"]) or ""})
+        self.replies += 1
+        return "".join(pieces)
+
+    def command(self, line: str, out) -> bool:
+        """Handle a /command; returns False when the REPL should end."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/quit", "/exit"):
+                return False
+            if name == "/clear":
+                self.history.clear()
+                out.write("[conversation cleared]\n")
+            elif name == "/temp":
+                value = float(arg)
+                if not 0 <= value <= 100:
+                    raise ValueError
+                self.temperature = value
+                out.write(f"[temperature {value:g}]\n")
+            elif name == "/topk":
+                k = int(arg)
+                if k < 0:
+                    raise ValueError
+                self.top_k = k or None
+                out.write(f"[top-k {k or 'off'}]\n")
+            elif name == "/help":
+                out.write(HELP_TEXT + "\n")
+            else:
+                out.write(f"[unknown command {name}; /help lists them]\n")
+        except ValueError:
+            out.write(f"[{name} needs a number: /temp 0.7 (0..100), /topk 50 (0 = off)]\n")
+        return True
+
+
+def make_session(args, engine) -> ChatSession:
+    if args.top_k < 0:
+        raise ChibiError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 <= args.temperature <= 100:
+        raise ChibiError(f"--temperature must be in [0, 100], got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ChibiError(f"--top-p must be in (0, 1], got {args.top_p}")
+    return ChatSession(
+        engine=engine,
+        max_tokens=reply_budget(args.max_tokens, engine.seq_len),
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        tools=None if args.tools == "none" else args.tools,
+        system=args.system,
+        seed=getattr(args, "seed", None),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    engine, meta = load_engine(args)
+    session = make_session(args, engine)
+    out, err, inp = sys.stdout, sys.stderr, sys.stdin
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ChibiError("-p needs a non-empty message")
+        session.reply(args.prompt, out, err)
+        return 0
+    interactive = inp.isatty()
+    err.write(f"chibichat chat: {args.source} checkpoint {meta['checkpoint_dir']} (context {engine.seq_len} tokens). "
+              "/help for commands, /quit or Ctrl-D to leave.\n")  # fmt: skip
+    while True:
+        if interactive:
+            out.write("you> ")
+            out.flush()
+        line = inp.readline()
+        if not line:  # EOF
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not session.command(line, out):
+                break
+            out.flush()
+            continue
+        if interactive:
+            out.write("assistant> ")
+        try:
+            session.reply(line, out, err)
+        except ChibiError as e:  # e.g. a message longer than the context: say so, keep the session
+            err.write(f"[error: {e}]\n")
+            err.flush()
+    return 0
