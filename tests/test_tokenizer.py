@@ -273,7 +273,7 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     src = f"local:{local_corpus}"
     argv = ["bench", "tokenizer", "--en-corpus", src, "--ja-corpus", src, "--chars", "20000", "--heldout-chars",
-            "5000", "--vocab-size", "500", "--repeats", "1", "--ja-caps", "3", "--json", str(out_json)]
+            "5000", "--vocab-size", "500", "--repeats", "1", "--ja-caps", "3", "--no-rss", "--json", str(out_json)]
     try:
         import tokenizers  # noqa: F401
         has_hf = True
@@ -301,6 +301,7 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
     # the Japanese-aware split makes shorter chunks on the same text
     assert rows[("ja", "ja", "rustbpe")]["mean_chunk_bytes"] < r["mean_chunk_bytes"]
     assert rows[("ja", "ja", "rustbpe")]["max_chunk_bytes"] < r["max_chunk_bytes"]
+    assert r["train_peak_mb"] is None  # --no-rss
     if has_hf:  # HF learned the same number of merges, from the same pre-split, on the same text
         assert rows[("ja", "gpt4", "hf-tokenizers")]["chunks"] == r["chunks"]
 
@@ -312,3 +313,13 @@ def test_bench_tokenizer_bad_flags(local_corpus, home, capsys):
     assert "--ja-caps" in capsys.readouterr().err
     assert main(["bench", "tokenizer", "--repeats", "0"]) == 2
     assert "--repeats must be positive" in capsys.readouterr().err
+
+
+def test_bench_training_peak_memory_is_measured():
+    import sys
+
+    from chibichat.bench.tokenizer import training_peak_mb
+
+    mb = training_peak_mb(corpus(30), 600, GPT4_PATTERN)
+    if sys.platform.startswith("linux"):
+        assert mb is not None and 0 <= mb < 500

@@ -28,6 +28,8 @@ def add_args(p) -> None:
     p.add_argument("--repeats", type=int, default=2, help="training runs per cell; the fastest is reported")
     p.add_argument("--ja-caps", default="", help="also try the ja split with these run caps, e.g. 3,4,8,12 (cap sweep)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face tokenizers comparison")
+    p.add_argument("--no-rss", dest="rss", action="store_false",
+                   help="skip measuring training peak memory (one extra rustbpe run per cell in a fresh process)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -67,6 +69,49 @@ def chunk_stats(docs: list[str], pattern: str) -> dict:
             unique.add(b)
     return {"chunks": count, "mean_chunk_bytes": round(sizes / max(count, 1), 2), "max_chunk_bytes": biggest,
             "unique_chunks": len(unique)}
+
+
+def _rss_child(docs: list[str], vocab_size: int, pattern: str) -> float | None:
+    """Peak RSS growth during training, sampled every millisecond (rustbpe releases the GIL while it works).
+
+    Runs in a fresh process: in a process that trained before, the allocator reuses freed memory and
+    the growth reads near zero.
+    """
+    import os
+    import threading
+
+    from chibichat.tokenizer import train_ranks
+
+    if not os.path.exists("/proc/self/statm"):
+        return None  # Linux only
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            done.wait(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    train_ranks(docs, vocab_size, pattern)
+    done.set()
+    sampler.join()
+    return max(peak[0], rss()) / 2**20 - base / 2**20
+
+
+def training_peak_mb(docs: list[str], vocab_size: int, pattern: str) -> float | None:
+    """How far training raises the peak RSS of a fresh process that already holds the text (MiB)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        mb = pool.apply(_rss_child, (docs, vocab_size, pattern))
+    return None if mb is None else round(mb, 1)
 
 
 def _best_of(repeats: int, fn):
@@ -129,12 +174,14 @@ def run(args) -> int:
             if len(ranks) != args.vocab_size - 9:
                 raise ChibiError(f"{lang} text too small for --vocab-size {args.vocab_size}; raise --chars")
             tok = Tokenizer(ranks, split="ja" if split.startswith("ja") else "gpt4", pattern=pattern)
+            stats["train_peak_mb"] = training_peak_mb(docs, args.vocab_size, pattern) if args.rss else None
             rows.append(_row(lang, split, "rustbpe", docs, held, secs, len(tok.encode(held)), stats))
             print(_fmt_row(rows[-1]), flush=True)
             if hf_ok and split in SPLIT_PATTERNS:
                 secs, hf = _best_of(args.repeats, lambda: _hf_train(docs, args.vocab_size, pattern))
                 if hf.get_vocab_size() != args.vocab_size - 9:
                     raise ChibiError(f"HF tokenizers learned {hf.get_vocab_size()} ids, not {args.vocab_size - 9}")
+                stats["train_peak_mb"] = None  # measured for rustbpe only (the trainer we ship)
                 rows.append(_row(lang, split, "hf-tokenizers", docs, held, secs, len(hf.encode(held).ids), stats))
                 print(_fmt_row(rows[-1]), flush=True)
 
@@ -155,13 +202,17 @@ def _row(lang, split, trainer, docs, held, secs, n_tokens, stats) -> dict:
 
 
 _HEADER = (f"{'lang':4} {'split':9} {'trainer':13} {'chars':>10} {'s':>7} {'M chars/s':>9} "
-           f"{'chunk B':>7} {'max B':>6} {'unique':>8} {'held-out B/tok':>14}")
+           f"{'chunk B':>7} {'max B':>6} {'unique':>8} {'peak MiB':>8} {'held-out B/tok':>14}")
 
 
 def _fmt_row(r: dict) -> str:
     return (f"{r['lang']:4} {r['split']:9} {r['trainer']:13} {r['train_chars']:>10,} {r['seconds']:>7.2f} "
             f"{r['chars_per_s'] / 1e6:>9.2f} {r['mean_chunk_bytes']:>7.1f} {r['max_chunk_bytes']:>6} "
-            f"{r['unique_chunks']:>8,} {r['heldout_bytes_per_token']:>14.3f}")
+            f"{r['unique_chunks']:>8,} {_mb(r['train_peak_mb']):>8} {r['heldout_bytes_per_token']:>14.3f}")
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def _summary(rows: list[dict]) -> list[str]:
