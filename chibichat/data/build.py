@@ -31,12 +31,17 @@ from pathlib import Path
 from chibichat.common import ChibiError, atomic_directory, eprint
 from chibichat.data.corpora import DOC_MAX_CHARS, GROUP_DOCS, pack_paragraphs, split_paragraphs
 
-VAL_PER_10000 = 200  # 2% of documents are val
+# Val share per corpus, in 1/10000 of documents: enough for a few hundred KB of val text each
+# (embedded-ja is smaller, so it gives a larger share).
+VAL_PER_10000 = {"embedded-en": 200, "embedded-ja": 500}
 SHARD_CHARS = 2_500_000  # characters per train file: small enough to decompress in ~0.1 s
-SPLIT_RULE = (
-    f"a document is val when int(sha256(id)[:8], 16) % 10000 < {VAL_PER_10000} (~{VAL_PER_10000 / 100:g}%); "
-    "within each split documents are ordered by sha256(id), which mixes the sources"
-)
+
+
+def split_rule(val_per_10000: int) -> str:
+    return (
+        f"a document is val when int(sha256(id)[:8], 16) % 10000 < {val_per_10000} (~{val_per_10000 / 100:g}%); "
+        "within each split documents are ordered by sha256(id), which mixes the sources"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,8 +388,10 @@ class _ProseHTML(html.parser.HTMLParser):
     """HTML -> lines of text: block elements end lines; code, navigation and hidden parts are skipped."""
 
     BLOCK = {"p", "div", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "td", "th", "tr", "br", "title", "table", "ul", "ol", "section", "blockquote"}
-    SKIP = {"pre", "script", "style", "code", "header", "footer", "nav", "aside", "noscript", "head", "kbd", "samp"}
-    SKIP_CLASSES = {"navheader", "navfooter", "toc", "programlisting", "screen", "synopsis", "literallayout", "howtoget", "howtogetbody", "howtogetheader", "code", "bascode", "example"}
+    # Block-level code and page chrome are skipped; inline <code>/<kbd> stay (they are words of the sentence).
+    SKIP = {"pre", "script", "style", "header", "footer", "nav", "aside", "noscript", "head"}
+    SKIP_CLASSES = {"navheader", "navfooter", "toc", "programlisting", "screen", "synopsis", "literallayout",
+                    "howtoget", "howtogetbody", "howtogetheader", "bascode", "debug", "relatedtopics"}
     VOID = {"br", "img", "meta", "link", "input", "hr", "area", "base", "col", "embed", "source", "wbr"}
 
     def __init__(self):
@@ -440,21 +447,33 @@ def html_prose_lines(markup: str) -> list[str]:
     return [line for line in lines if is_japanese_prose(line)]
 
 
-def handbook_docs(root: Path) -> list[Doc]:
+BOILERPLATE_MIN_WORKS = 5
+
+
+def drop_boilerplate(works: list[tuple[str, list[str]]], min_works: int = BOILERPLATE_MIN_WORKS) -> list[tuple[str, list[str]]]:
+    """Drop lines that recur in >= min_works works of one source (page titles, translation credits,
+    "see also" footers): repeated boilerplate would only teach the model to recite it."""
+    from collections import Counter
+
+    seen = Counter(line for _, lines in works for line in set(lines))
+    return [(w, [line for line in lines if seen[line] < min_works]) for w, lines in works]
+
+
+def works_to_docs(source: str, works: list[tuple[str, list[str]]]) -> list[Doc]:
+    out = []
+    for work, lines in drop_boilerplate(works):
+        out += docs_from(source, work, chunk(lines))
+    return out
+
+
+def handbook_works(root: Path) -> list[tuple[str, list[str]]]:
     html_dir = root / "usr/share/doc/debian-handbook/html/ja-JP"
-    out = []
-    for f in sorted(html_dir.glob("*.html")):
-        out += docs_from("debian-handbook", f.stem, chunk(html_prose_lines(f.read_text(encoding="utf-8"))))
-    return out
+    return [(f.stem, html_prose_lines(f.read_text(encoding="utf-8"))) for f in sorted(html_dir.glob("*.html"))]
 
 
-def libreoffice_docs(root: Path) -> list[Doc]:
+def libreoffice_works(root: Path) -> list[tuple[str, list[str]]]:
     base = root / "usr/share/libreoffice/help/ja/text"
-    out = []
-    for f in sorted(base.rglob("*.html")):
-        lines = html_prose_lines(f.read_text(encoding="utf-8"))
-        out += docs_from("libreoffice-help", str(f.relative_to(base).with_suffix("")), chunk(lines))
-    return out
+    return [(str(f.relative_to(base).with_suffix("")), html_prose_lines(f.read_text(encoding="utf-8"))) for f in sorted(base.rglob("*.html"))]
 
 
 def render_manpage(source: str, groff: str = "groff") -> str:
@@ -481,8 +500,8 @@ def roff_notice(source: str) -> str:
     return "\n".join(lines).strip()
 
 
-def manpage_docs(root: Path, notices: dict[str, list[str]]) -> list[Doc]:
-    """Japanese manual pages -> prose; records each used page's notice in `notices` (notice -> pages)."""
+def manpage_works(root: Path, notices: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """Japanese manual pages -> prose lines; records each used page's notice in `notices` (notice -> pages)."""
     base = root / "usr/share/man/ja"
     out = []
     for f in sorted(base.rglob("*.gz")):
@@ -493,10 +512,9 @@ def manpage_docs(root: Path, notices: dict[str, list[str]]) -> list[Doc]:
             continue  # a redirect to another page
         lines = [tidy_japanese_line(line) for line in render_manpage(source).splitlines()]
         lines = [line for line in lines if is_japanese_prose(line)]
-        docs = chunk(lines)
-        if docs:
+        if lines:
             page = str(f.relative_to(base))[: -len(".gz")]
-            out += docs_from("manpages-ja", page, docs)
+            out.append((page, lines))
             notices.setdefault(roff_notice(source) or "(no notice in the page source)", []).append(page)
     return out
 
@@ -509,8 +527,8 @@ def groff_version() -> str:
 # Writing a corpus
 
 
-def is_val(doc_id: str) -> bool:
-    return int(hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:8], 16) % 10000 < VAL_PER_10000
+def is_val(doc_id: str, val_per_10000: int) -> bool:
+    return int(hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:8], 16) % 10000 < val_per_10000
 
 
 def _order(doc: Doc) -> str:
@@ -521,7 +539,8 @@ def _xz(data: bytes) -> bytes:
     return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9)
 
 
-def write_corpus(out: Path, name: str, docs: list[Doc], packages: list[dict], notice: str, licence_files: dict[str, bytes], extra: dict | None = None) -> dict:
+def write_corpus(out: Path, name: str, docs: list[Doc], val_per_10000: int, packages: list[dict], notice: str,
+                 licence_files: dict[str, bytes], extra: dict | None = None) -> dict:
     """Split, order, shard, compress and write one corpus atomically; returns its manifest."""
     ids = [d.id for d in docs]
     if len(set(ids)) != len(ids):
@@ -531,7 +550,7 @@ def write_corpus(out: Path, name: str, docs: list[Doc], packages: list[dict], no
         raise ChibiError(f"{name}: documents over {DOC_MAX_CHARS} chars: {too_long[:3]}; the builder has a bug")
     splits = {"train": [], "val": []}
     for d in sorted(docs, key=_order):
-        splits["val" if is_val(d.id) else "train"].append(d)
+        splits["val" if is_val(d.id, val_per_10000) else "train"].append(d)
     if not splits["val"] or not splits["train"]:
         raise ChibiError(f"{name}: a split is empty ({len(docs)} documents in all); the sources gave too little text")
 
@@ -540,7 +559,7 @@ def write_corpus(out: Path, name: str, docs: list[Doc], packages: list[dict], no
         "format": 1,
         "doc_max_chars": DOC_MAX_CHARS,
         "group_docs": GROUP_DOCS,
-        "split_rule": SPLIT_RULE,
+        "split_rule": split_rule(val_per_10000),
         "packages": packages,
         **(extra or {}),
         "sources": {},
@@ -582,7 +601,7 @@ def _notice(name: str, intro: str, packages: list[Package], fetched: dict[str, s
     lines = [f"{name}: {intro}", "", "Built by chibichat/data/build.py (`chibichat data build`) from these registry packages:", ""]
     for p in packages:
         lines += [f"- {p.registry} {p.name} {p.version} (sha256 {fetched[p.key]})", f"  licence: {p.licence}"]
-    lines += ["", f"Split: {SPLIT_RULE}.", "The licence files copied from each package are in LICENSES/.", ""]
+    lines += ["", f"Split: {split_rule(VAL_PER_10000[name])}.", "The licence files copied from each package are in LICENSES/.", ""]
     return "\n".join(lines)
 
 
@@ -625,13 +644,17 @@ def build_en(ctx: BuildContext, out: Path) -> dict:
         "and the King James Bible.",
         EN_PACKAGES, ctx.fetched,
     )
-    return write_corpus(out, "embedded-en", docs, ctx.package_records(EN_PACKAGES), notice, licences)
+    return write_corpus(out, "embedded-en", docs, VAL_PER_10000["embedded-en"], ctx.package_records(EN_PACKAGES), notice, licences)
 
 
 def build_ja(ctx: BuildContext, out: Path) -> dict:
     handbook, manpages, lohelp = (ctx.unpack(p) for p in JA_PACKAGES)
     notices: dict[str, list[str]] = {}
-    docs = handbook_docs(handbook) + manpage_docs(manpages, notices) + libreoffice_docs(lohelp)
+    docs = (
+        works_to_docs("debian-handbook", handbook_works(handbook))
+        + works_to_docs("manpages-ja", manpage_works(manpages, notices))
+        + works_to_docs("libreoffice-help", libreoffice_works(lohelp))
+    )
     notice_text = ["Copyright and permission notices of the manpages-ja pages used in embedded-ja,",
                    "copied verbatim from the roff comments of each page (pages grouped by identical notice).", ""]
     for text, pages in sorted(notices.items(), key=lambda kv: kv[1][0]):
@@ -654,7 +677,7 @@ def build_ja(ctx: BuildContext, out: Path) -> dict:
         JA_PACKAGES, ctx.fetched,
     )
     extra = {"tools": {"groff": groff_version()}}
-    return write_corpus(out, "embedded-ja", docs, ctx.package_records(JA_PACKAGES), notice, licences, extra)
+    return write_corpus(out, "embedded-ja", docs, VAL_PER_10000["embedded-ja"], ctx.package_records(JA_PACKAGES), notice, licences, extra)
 
 
 BUILDERS = {"embedded-en": build_en, "embedded-ja": build_ja}
