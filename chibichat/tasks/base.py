@@ -30,6 +30,7 @@ Hugging Face `datasets` library produces for `shuffle(seed)`.
 
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 from chibichat.common import ChibiError
@@ -54,8 +55,10 @@ class Task:
 
     def __getitem__(self, i: int) -> dict:
         n = len(self)
-        if not isinstance(i, int):
-            raise TypeError(f"task index must be an int, got {type(i).__name__}; use .slice() for ranges")
+        try:
+            i = operator.index(i)  # ints and numpy integers
+        except TypeError:
+            raise TypeError(f"task index must be an integer, got {type(i).__name__}; use .slice() for ranges") from None
         if i < 0:
             i += n
         if not 0 <= i < n:

