@@ -1,0 +1,216 @@
+"""Downloads against a local HTTP server on 127.0.0.1: Range resume after a dropped connection,
+re-fetch of a corrupt shard, permanent failures, and the `data download` command end to end."""
+
+import http.server
+import io
+import threading
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from chibichat.common import ChibiError, Home
+from chibichat.data.corpora import get_corpus
+from chibichat.data.download import download_corpus, download_file, shard_indices, validate_parquet
+
+
+def parquet_bytes(n_docs, seed, row_group_size=64):
+    texts = [f"document {seed}-{i} " + "lorem ipsum " * (i % 7) for i in range(n_docs)]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts}), buf, row_group_size=row_group_size, compression="zstd")
+    return buf.getvalue(), texts
+
+
+class Server:
+    """Serves `files` (path -> bytes). `faults` (path -> list of modes) applies one mode per request
+    in order, then serves normally: "drop" sends the headers and half the body then closes,
+    "corrupt" serves garbage of the same length, "500" answers 500; "broken" in `always` is forever."""
+
+    def __init__(self):
+        self.files, self.faults, self.always = {}, defaultdict(list), {}
+        self.requests = defaultdict(list)  # path -> [Range header or None]
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                path = self.path
+                server.requests[path].append(self.headers.get("Range"))
+                if path not in server.files:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = server.files[path]
+                mode = server.always.get(path) or (server.faults[path].pop(0) if server.faults[path] else None)
+                if mode == "500":
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if mode in ("corrupt", "broken"):
+                    data = bytes((b * 7 + 13) % 256 for b in data)
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and mode is None:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode == "drop":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with Server() as s:
+        yield s
+
+
+FAST = dict(retries=4, backoff=0.01, timeout=10, log=None, chunk_size=256)  # small reads: a drop keeps the bytes before it
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    data, _ = parquet_bytes(500, 0)
+    server.files["/a.parquet"] = data
+    server.faults["/a.parquet"] = ["drop"]
+    dest = download_file(server.base + "/a.parquet", tmp_path / "a.parquet", validate=validate_parquet, **FAST)
+    assert dest.read_bytes() == data
+    reqs = server.requests["/a.parquet"]
+    # The second request resumed where the first broke off (minus the unfinished last read).
+    assert reqs[0] is None and len(reqs) == 2 and reqs[1].startswith("bytes=")
+    assert len(data) // 2 - 256 < int(reqs[1][6:-1]) <= len(data) // 2
+    assert not (tmp_path / "a.parquet.part").exists()
+
+
+def test_corrupt_download_is_refetched_from_scratch(server, tmp_path):
+    data, _ = parquet_bytes(300, 1)
+    server.files["/b.parquet"] = data
+    server.faults["/b.parquet"] = ["corrupt", "500"]
+    dest = download_file(server.base + "/b.parquet", tmp_path / "b.parquet", validate=validate_parquet, **FAST)
+    assert dest.read_bytes() == data
+    assert server.requests["/b.parquet"] == [None, None, None]  # no Range after a corrupt file
+
+
+def test_partial_part_file_from_earlier_run_is_resumed(server, tmp_path):
+    data, _ = parquet_bytes(300, 2)
+    server.files["/c.parquet"] = data
+    (tmp_path / "c.parquet.part").write_bytes(data[:1000])
+    download_file(server.base + "/c.parquet", tmp_path / "c.parquet", validate=validate_parquet, **FAST)
+    assert (tmp_path / "c.parquet").read_bytes() == data
+    assert server.requests["/c.parquet"] == ["bytes=1000-"]
+
+
+def test_existing_valid_file_is_kept_and_invalid_one_replaced(server, tmp_path):
+    data, _ = parquet_bytes(50, 3)
+    server.files["/d.parquet"] = data
+    (tmp_path / "d.parquet").write_bytes(data)
+    download_file(server.base + "/d.parquet", tmp_path / "d.parquet", validate=validate_parquet, **FAST)
+    assert server.requests["/d.parquet"] == []
+    (tmp_path / "d.parquet").write_bytes(data[: len(data) // 3])  # truncated on disk
+    download_file(server.base + "/d.parquet", tmp_path / "d.parquet", validate=validate_parquet, **FAST)
+    assert (tmp_path / "d.parquet").read_bytes() == data and len(server.requests["/d.parquet"]) == 1
+
+
+def test_permanent_failures_raise_clear_errors(server, tmp_path):
+    data, _ = parquet_bytes(50, 4)
+    server.files["/bad.parquet"] = data
+    server.always["/bad.parquet"] = "broken"
+    with pytest.raises(ChibiError) as e:
+        download_file(server.base + "/bad.parquet", tmp_path / "bad.parquet", validate=validate_parquet, **FAST)
+    assert "bad.parquet" in str(e.value) and "4 attempts" in str(e.value) and "not a valid parquet" in str(e.value)
+    assert len(server.requests["/bad.parquet"]) == 4 and not (tmp_path / "bad.parquet").exists()
+    with pytest.raises(ChibiError, match="HTTP 404"):
+        download_file(server.base + "/missing.parquet", tmp_path / "m.parquet", **FAST)
+    assert len(server.requests["/missing.parquet"]) == 1  # a 404 is not retried
+    with pytest.raises(ChibiError, match="could not download"):  # nothing listens on this port
+        download_file("http://127.0.0.1:9/x", tmp_path / "x", retries=2, backoff=0.01, timeout=2, log=None)
+
+
+def test_validate_parquet(tmp_path):
+    data, _ = parquet_bytes(200, 5)
+    (tmp_path / "ok.parquet").write_bytes(data)
+    validate_parquet(tmp_path / "ok.parquet")
+    mid = bytearray(data)
+    mid[len(data) // 2 : len(data) // 2 + 200] = b"\x00" * 200  # damage inside a data page, footer intact
+    (tmp_path / "mid.parquet").write_bytes(bytes(mid))
+    validate_parquet(tmp_path / "mid.parquet", full=False)  # the cheap check reads only metadata
+    with pytest.raises(ChibiError, match="mid.parquet"):
+        validate_parquet(tmp_path / "mid.parquet")
+    (tmp_path / "html.parquet").write_text("<html>rate limited</html>")
+    with pytest.raises(ChibiError, match="html.parquet"):
+        validate_parquet(tmp_path / "html.parquet", full=False)
+
+
+def test_shard_indices_pin_val():
+    fw = get_corpus("fineweb-edu")
+    assert shard_indices(fw, 3) == [0, 1, 2, 1822]
+    assert shard_indices(fw, 0) == [1822]
+    assert len(shard_indices(fw, -1)) == 1823
+    for bad in (-2, 1823):
+        with pytest.raises(ChibiError, match="-n must be"):
+            shard_indices(fw, bad)
+
+
+def test_download_corpus_end_to_end(server, tmp_path, monkeypatch):
+    """Three train shards + pinned val through the parallel downloader, with faults; then read back."""
+    corpus = get_corpus("fineweb-edu")
+    texts = {}
+    for i in (0, 1, 2, 1822):
+        data, texts[i] = parquet_bytes(130, i)
+        server.files[f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet"] = data
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    server.faults[p.format(0)] = ["drop"]
+    server.faults[p.format(1)] = ["corrupt"]
+    home = Home(tmp_path)
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", server.base)
+    paths = download_corpus(corpus, home, 3, workers=3, retries=3, backoff=0.01, timeout=10, progress=False)
+    assert [x.name for x in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_01822.parquet"]
+    train = corpus.shards("train", home)
+    assert [d for s in train for g in range(s.num_groups()) for d in s.read_group(g)] == texts[0] + texts[1] + texts[2]
+    assert train[0].num_groups() == 3  # 130 docs in row groups of 64
+    assert list(corpus.iter_documents("val", home)) == texts[1822]
+    assert sorted(f.name for f in corpus.data_dir(home).iterdir() if not f.name.startswith(".")) == [x.name for x in paths]
+
+    # A shard that stays broken: the rest is kept and the error names the shard.
+    server.always[p.format(3)] = "broken"
+    server.files[p.format(3)] = parquet_bytes(10, 3)[0]
+    with pytest.raises(ChibiError) as e:
+        download_corpus(corpus, home, 4, workers=2, retries=2, backoff=0.01, timeout=10, progress=False)
+    assert "1 of 5 shards" in str(e.value) and "shard 3" in str(e.value)
+    assert len(server.requests[p.format(0)]) == 2  # shard 0 was not fetched again
+
+
+def test_download_rejects_non_online_corpora(tmp_path):
+    for name in ("embedded-en", f"local:{tmp_path}"):
+        with pytest.raises(ChibiError, match="nothing to download"):
+            download_corpus(get_corpus(name), Home(tmp_path), 1, progress=False)
+    with pytest.raises(ChibiError, match="--workers"):
+        download_corpus(get_corpus("climbmix"), Home(tmp_path), 1, workers=0, progress=False)
+    with pytest.raises(ChibiError, match="http"):
+        download_corpus(get_corpus("climbmix"), Home(tmp_path), 1, base_url="file:///tmp", progress=False)
