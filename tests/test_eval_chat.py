@@ -71,7 +71,7 @@ class OracleScorer:
 
 def test_categorical_always_first_and_oracle():
     items = mc_items()
-    task = ListTask("arc_easy", "categorical", items)
+    task = ListTask("arc-easy", "categorical", items)
     scorer = FirstScorer()
     out = E.evaluate_chat([task], scorer=scorer, gen=None, tok=CharTok(), max_len=200, cfg=E.GenSettings())
     s = out["tasks"][0]
@@ -86,7 +86,7 @@ def test_categorical_always_first_and_oracle():
 
     out = E.evaluate_chat([task], scorer=OracleScorer(items), gen=None, tok=CharTok(), max_len=200, cfg=E.GenSettings())
     assert out["summary"]["arc_easy"] == 1.0 and out["summary"]["arc_easy_centered"] == 1.0
-    assert [r["pred"] for r in out["items"]["arc_easy"]] == ANSWERS
+    assert [r["pred"] for r in out["items"]["arc-easy"]] == ANSWERS
 
 
 def test_over_length_prompts_are_skipped_and_counted():
@@ -169,7 +169,7 @@ def test_generative_budget_comes_from_the_context():
 
 def test_chatcore_over_the_full_task_set():
     items = mc_items()
-    tasks = [ListTask(n, "categorical", items) for n in ("arc_easy", "arc_challenge", "mmlu")]
+    tasks = [ListTask(n, "categorical", items) for n in ("arc-easy", "arc-challenge", "mmlu")]
     g = gsm_items()
     tasks += [ListTask(n, "generative", g, _check) for n in ("gsm8k", "humaneval", "spelling")]
     gen = ScriptedGen(g, lambda i, j: i < 3)  # 3 of 6 right

@@ -27,7 +27,7 @@ from typing import Protocol, Sequence
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
 
-CHATCORE_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling")
+CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")  # registry names
 UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check
 
 
@@ -150,6 +150,11 @@ def eval_generative(gen: Generator, tok, task, indices: Sequence[int], max_len: 
     return rows
 
 
+def summary_key(task_name: str) -> str:
+    """summary.json keys are lower-case with underscores ("arc-easy" -> "arc_easy"; docs/architecture.md)."""
+    return task_name.lower().replace("-", "_")
+
+
 def summarize(task_kind: str, rows: list[dict]) -> dict:
     scored = [r for r in rows if r["status"] == "ok"]
     skipped = len(rows) - len(scored)
@@ -191,10 +196,11 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
         items[task.name] = rows
     flat: dict = {}
     for s in per_task:
-        flat[s["task"]] = s["accuracy"]
-        flat[f"{s['task']}_centered"] = s["centered"]
-        flat[f"{s['task']}_n"] = s["n_scored"]
-        flat[f"{s['task']}_skipped_too_long"] = s["n_skipped_too_long"]
+        key = summary_key(s["task"])
+        flat[key] = s["accuracy"]
+        flat[f"{key}_centered"] = s["centered"]
+        flat[f"{key}_n"] = s["n_scored"]
+        flat[f"{key}_skipped_too_long"] = s["n_skipped_too_long"]
     score = sum(s["centered"] for s in per_task) / len(per_task)
     names = [s["task"] for s in per_task]
     complete = set(CHATCORE_TASKS) <= set(names) and len(names) == len(CHATCORE_TASKS)

@@ -1,0 +1,31 @@
+"""`chibichat midtrain`: teach a base model the chat format, tool calls and multiple-choice answers.
+
+nanochat's older recipe: conversations from a task mixture are rendered with the chat template and
+streamed like pretraining text (`--mode stream`: concatenated and cut into rows of seq_len + 1, so
+no token is padding), and the loss is on every token, not only the assistant's. The model thereby
+learns what the special tokens mean and where a turn ends, before SFT narrows the loss to the
+assistant's tokens. Runs from `--from base` by default and writes checkpoints under
+home/checkpoints/mid/<tag>/ with metrics.jsonl and summary.json (same machinery as `sft`).
+"""
+
+from __future__ import annotations
+
+MID_MIX_EN = "chitchat=0.5,chatterbot=1,identity=1,arithmetic=2,spelling=1,letter-count=1"
+MID_MIX_JA = "chatterbot-ja=1,identity-ja=1,arithmetic-ja=2,spelling-ja=1,letter-count-ja=1"
+
+
+def register(sub):
+    from chibichat.stages.sft import add_conversation_args
+
+    p = sub.add_parser(
+        "midtrain", help="midtraining: chat format, tool calls and MC answers, streamed like pretraining",
+        description=__doc__.split("\n\n")[0] + " Conversations are streamed like pretraining text (--mode "
+                    "stream) and the loss covers every token.")
+    add_conversation_args(p, default_from="base", steps=80, batch=8, lr_frac=1.0, mode="stream")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from chibichat.stages.sft import run_conversation_stage
+
+    return run_conversation_stage(args, stage="mid", train_all_tokens=True, mix_en=MID_MIX_EN, mix_ja=MID_MIX_JA)

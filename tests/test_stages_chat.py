@@ -1,0 +1,232 @@
+"""The chat stages (midtrain, sft, rl) and their hand-offs, on a tiny model built here."""
+
+import json
+
+import pytest
+import torch
+
+from chibichat.cli import main
+from chibichat.common import ChibiError, Home, Runtime
+
+SEQ = 160
+
+
+def _texts():
+    from chibichat.tasks.base import get_task
+
+    out = []
+    for name in ("chitchat", "chatterbot", "arithmetic", "spelling", "identity", "letter-count"):
+        t = get_task(name)
+        for i in range(min(len(t), 300)):
+            for m in t[i]["messages"]:
+                c = m["content"]
+                out.append(c if isinstance(c, str) else " ".join(p["text"] for p in c))
+    return out
+
+
+def make_base(root, vocab=512, seed=0):
+    """A tokenizer and an untrained tiny base checkpoint (with optimizer groups, as pretraining saves)."""
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.tokenizer import train_tokenizer
+    from chibichat.train.checkpoint import save_checkpoint
+    from chibichat.train.optim import build_optimizer
+
+    home = Home.resolve(root)
+    tok = train_tokenizer(_texts(), vocab_size=vocab)
+    tok.save(home.tokenizer_dir)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=SEQ, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
+    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
+                          other_lr=0.02, ns_dtype=torch.float32)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size}}
+    save_checkpoint(home.checkpoints_dir("base", "d2"), 5, model, opt, meta)
+    return home, tok
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("chat") / "home")
+
+
+FAST = ["--device", "cpu", "--dtype", "float32", "--device-batch-size", "2", "--val-items", "4",
+        "--val-batches", "1", "--no-samples"]
+
+
+def run_cli(*argv):
+    rc = main([str(a) for a in argv])
+    assert rc == 0, argv
+    return rc
+
+
+def cpu_rt():
+    return Runtime(device=torch.device("cpu"), compute_dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# midtrain -> sft
+
+
+def test_midtrain_then_sft_end_to_end(base):
+    home, tok = base
+    run_cli("midtrain", "--home", home.root, "--num-steps", 2, "--tag", "e2e", "--from-tag", "d2", *FAST)
+    mid = json.loads((home.checkpoints_dir("mid", "e2e") / "summary.json").read_text())
+    assert mid["steps"] == 2 and mid["mode"] == "stream" and mid["loss_on"] == "all tokens"
+    assert mid["source"].endswith("base/d2/step_000005")
+
+    run_cli("sft", "--home", home.root, "--from", "mid", "--from-tag", "e2e", "--num-steps", 2, *FAST,
+            "--mix", "chitchat=0.05,arithmetic=0.1")
+    s = json.loads((home.checkpoints_dir("sft", "e2e") / "summary.json").read_text())  # tag inherited
+    assert s["steps"] == 2 and s["loss_on"] == "assistant tokens (mask 1)" and s["mode"] == "pack"
+    assert set(s["mixture"]) == {"chitchat", "arithmetic"}
+    # per-task render counts; long chitchat conversations in a 96-token context must show up as shortened
+    assert set(s["render_counts"]) <= {"chitchat", "arithmetic"}
+    assert s["render_counts"]["chitchat"]["shortened"] + s["render_counts"]["chitchat"]["dropped"] > 0
+    assert s["over_length"]["shortened"] == sum(c["shortened"] for c in s["render_counts"].values())
+    lines = (home.checkpoints_dir("sft", "e2e") / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines if "loss" in json.loads(l)] == [1, 2]
+    assert any("val_loss" in json.loads(l) for l in lines)
+
+
+def test_sft_resume_continues_the_run(base):
+    home, _ = base
+    common = ["sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "res", *FAST,
+              "--mix", "arithmetic=0.1", "--save-every", 1]
+    run_cli(*common, "--num-steps", 2)
+    run_cli(*common, "--num-steps", 3, "--resume")
+    s = json.loads((home.checkpoints_dir("sft", "res") / "summary.json").read_text())
+    assert s["steps"] == 3
+    with pytest.raises(ChibiError, match="already holds checkpoints"):
+        from chibichat.stages import sft
+
+        args = _parse(common + ["--num-steps", "3"])
+        sft.run(args)
+
+
+def _parse(argv):
+    from chibichat.cli import build_parser
+
+    return build_parser().parse_args([str(a) for a in argv])
+
+
+def test_stage_refuses_a_checkpoint_of_another_tokenizer(tmp_path):
+    home, tok = make_base(tmp_path / "h", vocab=512)
+    from chibichat.tokenizer import train_tokenizer
+
+    other = train_tokenizer(_texts()[:2000], vocab_size=480)
+    other.save(home.tokenizer_dir)
+    rc = main(["sft", "--home", str(home.root), "--from", "base", "--num-steps", "1", *FAST])
+    assert rc == 2  # ChibiError, printed without a traceback
+    with pytest.raises(ChibiError, match="trained with tokenizer"):
+        from chibichat.stages import sft
+
+        sft.run(_parse(["sft", "--home", home.root, "--from", "base", "--num-steps", 1, *FAST]))
+
+
+def test_mix_flag_errors():
+    from chibichat.stages.sft import parse_mix
+
+    assert parse_mix("a=1, b=0.5,c") == [("a", 1.0), ("b", 0.5), ("c", 1.0)]
+    with pytest.raises(ChibiError, match="evaluation set"):
+        parse_mix("chitchat=1,gsm8k=1")
+    with pytest.raises(ChibiError, match="not a number"):
+        parse_mix("chitchat=x")
+    with pytest.raises(ChibiError, match="> 0"):
+        parse_mix("chitchat=0")
+    with pytest.raises(ChibiError, match="names no task"):
+        parse_mix(" , ")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-offs: masks survive packing, loss per supervised token, stop token
+
+
+def test_sft_loss_covers_exactly_the_mask1_tokens(base):
+    from chibichat.data.loader import ConversationLoader
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.render import render_conversation
+    from chibichat.stages.sft import token_loss_sum
+    from chibichat.tasks.base import get_task
+
+    home, tok = base
+    convs = [("arithmetic", get_task("arithmetic")[i]) for i in range(6)]
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=SEQ, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))
+    loader = ConversationLoader(convs, tok, 3, SEQ, cpu_rt(), mode="pack", epochs=1)
+    x, y = next(loader)
+    # every supervised token of every packed conversation is a target, and nothing else is
+    rendered = [render_conversation(tok, c, SEQ + 1) for _, c in convs]
+    want = sum(sum(r.mask[1:]) for r in rendered)
+    packed_targets = 0
+    for xb, yb in [(x, y)] + [b for b in loader]:
+        packed_targets += int((yb >= 0).sum())
+        for row_x, row_y in zip(xb.tolist(), yb.tolist()):
+            for t, target in enumerate(row_y):
+                if target >= 0:
+                    assert target != tok.bos_id
+    assert packed_targets == want
+
+    # the stage's loss equals cross-entropy over the mask-1 positions computed from full logits,
+    # and the gradient w.r.t. the logits vanishes at every mask-0 position
+    loss_sum, n = token_loss_sum(model, (x, y))
+    logits = model(x).detach().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                           reduction="sum")
+    assert n == int((y >= 0).sum())
+    assert loss_sum.item() == pytest.approx(ce.item(), rel=1e-4)
+    ce.backward()
+    assert logits.grad[y < 0].abs().max() == 0
+    assert logits.grad[y >= 0].abs().sum() > 0
+
+
+def test_grad_accum_averages_per_supervised_token(base, tmp_path):
+    """One step of batch 2 equals one step of 2 micro-batches of 1 row (rows of unequal target
+    counts): only true when the loss is a per-token mean over the whole step."""
+    import shutil
+
+    home, _ = base
+    h2 = tmp_path / "copy"
+    shutil.copytree(home.root, h2)
+    common = ["sft", "--home", h2, "--from", "base", "--from-tag", "d2", "--num-steps", 1, "--device", "cpu",
+              "--dtype", "float32", "--val-items", "4", "--val-batches", "1", "--mix", "chitchat=0.02,arithmetic=0.02",
+              "--mode", "pad", "--warmdown-frac", "0"]
+    run_cli(*common, "--tag", "one", "--device-batch-size", 2, "--grad-accum", 1)
+    run_cli(*common, "--tag", "two", "--device-batch-size", 1, "--grad-accum", 2)
+    from safetensors.torch import load_file
+
+    a = load_file(str(Home.resolve(h2).checkpoints_dir("sft", "one") / "step_000001" / "model.safetensors"))
+    b = load_file(str(Home.resolve(h2).checkpoints_dir("sft", "two") / "step_000001" / "model.safetensors"))
+    base_w = load_file(str(Home.resolve(h2).checkpoints_dir("base", "d2") / "step_000005" / "model.safetensors"))
+    assert any(not torch.equal(a[k], base_w[k]) for k in a)  # the step did change the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_engine_stops_on_the_token_the_renderer_ends_turns_with(base):
+    from chibichat.engine import Engine
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.render import render_conversation, render_for_completion
+
+    home, tok = base
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    r = render_conversation(tok, conv, SEQ + 1)
+    end = tok.special_id("<|assistant_end|>")
+    assert r.ids[-1] == end and r.mask[-1] == 1  # the model is trained to emit it
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=SEQ, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))
+    eng = Engine(model, tok, cpu_rt())
+    assert end in eng.stop_ids
+
+    hello = tok.encode("hello")
+    real_step = model.forward_step
+
+    def scripted(idx, state):  # a model that says "hello" then ends its turn
+        logits = real_step(idx, state)
+        k = int(state.pos[0]) - len(prompt)
+        want = (hello + [end])[min(k, len(hello))]
+        out = torch.full_like(logits, -1e4)
+        out[..., want] = 1e4
+        return out
+
+    prompt = render_for_completion(tok, conv, SEQ)
+    model.forward_step = scripted
+    s = eng.generate([prompt], max_tokens=20, temperature=0.0)[0][0]
+    assert s.finish_reason == "stop" and s.tokens == hello + [end] and s.text == "hello"
