@@ -1,0 +1,193 @@
+// The chat page: a conversation kept in the browser, sent whole to the OpenAI-compatible endpoint
+// on every turn, with the reply streamed (SSE) into its bubble. No framework, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const chat = { model: null, messages: [], busy: false, abort: null };
+
+function settings() {
+  const temperature = Math.min(2, Math.max(0, parseFloat($("temperature").value) || 0));
+  const top_k = Math.min(200, Math.max(0, parseInt($("topk").value, 10) || 0));
+  localStorage.setItem("chibichat-settings", JSON.stringify({ temperature, top_k }));
+  return { temperature, top_k };
+}
+
+function loadSettings() {
+  try {
+    const s = JSON.parse(localStorage.getItem("chibichat-settings") || "{}");
+    if (typeof s.temperature === "number") $("temperature").value = s.temperature;
+    if (typeof s.top_k === "number") $("topk").value = s.top_k;
+  } catch (e) { /* corrupt settings: keep the defaults in the page */ }
+}
+
+function notice(text) {
+  $("notice").textContent = text;
+  $("notice").hidden = !text;
+}
+
+function button(label, onClick) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.onclick = onClick;
+  b.disabled = chat.busy;
+  return b;
+}
+
+// Rebuild the whole list: conversations are short and this keeps the DOM and the state in step.
+function render() {
+  const box = $("messages");
+  box.textContent = "";
+  chat.messages.forEach((m, i) => {
+    const div = document.createElement("div");
+    div.className = "msg " + m.role + (m.streaming ? " streaming" : "");
+    const text = document.createElement("div");
+    text.className = "text";
+    text.textContent = m.content;
+    div.appendChild(text);
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    if (m.role === "user") actions.appendChild(button("Edit", () => edit(i, div)));
+    if (m.role === "assistant" && i === chat.messages.length - 1 && !m.streaming) {
+      actions.appendChild(button("Regenerate", regenerate));
+    }
+    if (actions.childNodes.length) div.appendChild(actions);
+    box.appendChild(div);
+  });
+  if (chat.error) {
+    const e = document.createElement("div");
+    e.className = "error";
+    e.textContent = chat.error;
+    box.appendChild(e);
+  }
+  box.scrollTop = box.scrollHeight;
+  $("send").hidden = chat.busy;
+  $("stop").hidden = !chat.busy;
+}
+
+function edit(i, div) {
+  if (chat.busy) return;
+  const area = document.createElement("textarea");
+  area.value = chat.messages[i].content;
+  area.rows = 3;
+  div.textContent = "";
+  div.appendChild(area);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  actions.appendChild(button("Send", () => {
+    const text = area.value.trim();
+    if (!text) return;
+    chat.messages = chat.messages.slice(0, i);  // everything after the edited message is replaced
+    chat.messages.push({ role: "user", content: text });
+    complete();
+  }));
+  actions.appendChild(button("Cancel", render));
+  div.appendChild(actions);
+  area.focus();
+}
+
+function regenerate() {
+  if (chat.busy) return;
+  if (chat.messages.length && chat.messages[chat.messages.length - 1].role === "assistant") chat.messages.pop();
+  complete();
+}
+
+function send() {
+  const text = $("input").value.trim();
+  if (!text || chat.busy || !chat.model) return;
+  $("input").value = "";
+  chat.messages.push({ role: "user", content: text });
+  complete();
+}
+
+// Read an SSE body: events are separated by a blank line; TextDecoder(stream) keeps multi-byte
+// characters that straddle two network chunks intact.
+async function* events(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      if (event.startsWith("data: ")) yield event.slice(6);
+    }
+  }
+}
+
+async function complete() {
+  chat.error = null;
+  notice("");
+  const history = chat.messages.map(({ role, content }) => ({ role, content }));
+  const reply = { role: "assistant", content: "", streaming: true };
+  chat.messages.push(reply);
+  chat.busy = true;
+  chat.abort = new AbortController();
+  render();
+  const bubble = () => $("messages").querySelector(".msg.assistant.streaming .text");
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: chat.model, messages: history, stream: true, truncate_history: true, ...settings() }),
+      signal: chat.abort.signal,
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error((body.error && body.error.message) || "HTTP " + response.status);
+    }
+    for await (const data of events(response)) {
+      if (data === "[DONE]") break;
+      const obj = JSON.parse(data);
+      if (obj.error) throw new Error(obj.error.message);
+      if (obj.chibichat && obj.chibichat.dropped_messages) {
+        notice(`The conversation outgrew the model's context: the ${obj.chibichat.dropped_messages} oldest messages were left out.`);
+      }
+      const choice = obj.choices && obj.choices[0];
+      if (choice && choice.delta && choice.delta.content) {
+        reply.content += choice.delta.content;
+        const el = bubble();
+        if (el) el.textContent = reply.content;
+        $("messages").scrollTop = $("messages").scrollHeight;
+      }
+      if (choice && choice.finish_reason === "length") notice("The reply reached its length limit.");
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") chat.error = "Error: " + e.message;
+    if (!reply.content) chat.messages.pop();
+  } finally {
+    reply.streaming = false;
+    chat.busy = false;
+    chat.abort = null;
+    render();
+  }
+}
+
+async function init() {
+  loadSettings();
+  $("send").onclick = send;
+  $("stop").onclick = () => chat.abort && chat.abort.abort();
+  $("new-chat").onclick = () => { if (!chat.busy) { chat.messages = []; chat.error = null; notice(""); render(); $("input").focus(); } };
+  $("input").addEventListener("keydown", (e) => {
+    // isComposing: Enter that confirms a Japanese IME conversion must not send the message.
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
+      e.preventDefault();
+      send();
+    }
+  });
+  try {
+    const health = await (await fetch("/health")).json();
+    const models = await (await fetch("/v1/models")).json();
+    chat.model = models.data[0].id;
+    $("model").textContent = `${chat.model} · context ${health.context} tokens · ${health.workers} worker(s)`;
+  } catch (e) {
+    $("model").textContent = "server unreachable";
+  }
+  render();
+  $("input").focus();
+}
+
+init();

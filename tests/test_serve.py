@@ -1,0 +1,215 @@
+"""`chibichat serve`: the OpenAI client (unmodified) against uvicorn on 127.0.0.1, error bodies,
+malformed input, 32 concurrent streaming clients, and the page driven in headless Chromium."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from chibichat.serve.protocol import Limits
+
+
+def make_home(root, layers="AS", seq_len=96):
+    """A home with a byte-level tokenizer and one random-weight sft checkpoint."""
+    from chibichat.common import Home
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import save_checkpoint
+
+    home = Home.resolve(root)
+    tok = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
+    tok.save(home.tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=seq_len, n_layer=len(layers), n_embd=32, n_head=4,
+                    n_kv_head=4, layers=layers)  # fmt: skip
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        model.lm_head[ord("a") : ord("z") + 1] += 0.5  # readable replies
+        model.lm_head[tok.special_id("<|assistant_end|>")] -= 5.0  # replies long enough to stream
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"vocab_size": tok.vocab_size, "hash": tok.hash}}
+    save_checkpoint(home.checkpoints_dir("sft", "d2"), 1, model, None, meta)
+    return home
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a background thread of this process, stopped at teardown."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from chibichat.serve.app import create_app
+    from chibichat.stages.serve import build_pool
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    home = make_home(tmp_path_factory.mktemp("serve") / "home")
+    args = SimpleNamespace(home=str(home.root), device="cpu", dtype="float32", source="sft", tag=None, step=None,
+                           workers=2, max_queue=64)  # fmt: skip
+    pool, model_id, _ = build_pool(args)
+    app = create_app(pool, model_id, Limits(max_messages=8, max_message_chars=200, max_total_chars=600,
+                                            default_max_tokens=24))  # fmt: skip
+    with Server(app) as url:
+        yield SimpleNamespace(url=url, model=model_id, pool=pool, home=home)
+    pool.shutdown()
+    torch.set_num_threads(before)
+
+
+def test_openai_client_non_stream_and_stream(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [served.model]
+    r = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "こんにちは"}],
+                                       max_tokens=10, temperature=0.7, seed=1)  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens >= 1 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    r2 = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "こんにちは"}],
+                                        max_tokens=10, temperature=0.7, seed=1)  # fmt: skip
+    assert r2.choices[0].message.content == r.choices[0].message.content  # seeded = reproducible
+    stream = client.chat.completions.create(model=served.model, stream=True, max_tokens=10, temperature=0.7, seed=1,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "system", "content": "Be brief."},
+                                                      {"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "hello"},
+                                                      {"role": "user", "content": "again"}])  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish in (["stop"], ["length"])
+    assert chunks[-1].usage.completion_tokens >= 1 and text
+
+
+def test_stream_equals_non_stream_with_same_seed(served):
+    body = {"model": served.model, "messages": [{"role": "user", "content": "abc"}], "max_tokens": 12, "seed": 5}
+    full = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60).json()
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    deltas = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(d["choices"][0]["delta"].get("content", "") for d in deltas)
+    assert text == full["choices"][0]["message"]["content"]
+    assert deltas[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_json"),
+        (b"\xff\xfe", 400, "invalid_json"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 422, "invalid_type"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+        ({"model": "M", "messages": []}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "tool", "content": "hi"}]}, 422, "invalid_role"),
+        ({"model": "M", "messages": [{"role": "user", "content": 5}]}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "x" * 201}]}, 400, "message_too_long"),
+        ({"model": "M", "messages": [{"role": "user", "content": "x"}] * 9}, 400, "too_many_messages"),
+        ({"model": "M", "messages": [{"role": "user", "content": "x" * 150}] * 5}, 400, "conversation_too_long"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "top_k": 500}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 96}, 400, "context_length_exceeded"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 91}, 400, "context_length_exceeded"),
+        ({"model": "M", "messages": [{"role": "user", "content": "x" * 120}]}, 400, "invalid_messages"),
+        ({"model": "M", "messages": [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
+                                     {"role": "user", "content": "c"}]}, 400, "context_length_exceeded"),
+        ({"model": "M", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_messages"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 422, "invalid_type"),
+    ],
+)
+def test_bad_requests_get_openai_errors(served, body, status, code):
+    if isinstance(body, dict):
+        if body.get("model") == "M":
+            body = {**body, "model": served.model}
+        body = json.dumps(body).encode()
+    r = httpx.post(served.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_truncate_history_drops_oldest_and_says_so(served):
+    msgs = [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
+            {"role": "user", "content": "c"}]  # fmt: skip
+    r = httpx.post(served.url + "/v1/chat/completions", timeout=60,
+                   json={"model": served.model, "messages": msgs, "truncate_history": True, "max_tokens": 8})  # fmt: skip
+    assert r.status_code == 200 and r.json()["chibichat"]["dropped_messages"] == 2
+
+
+def test_health_models_page_and_404(served):
+    h = httpx.get(served.url + "/health").json()
+    assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96
+    page = httpx.get(served.url + "/")
+    assert page.status_code == 200 and "chat.js" in page.text
+    js = httpx.get(served.url + "/static/chat.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    r = httpx.get(served.url + "/static/../../etc/passwd")
+    assert r.status_code == 404
+    r = httpx.get(served.url + "/nope")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+@pytest.mark.slow
+def test_32_concurrent_streaming_clients_all_complete(served):
+    async def one(client, i):
+        body = {"model": served.model, "stream": True, "max_tokens": 16, "seed": i,
+                "messages": [{"role": "user", "content": f"client {i}"}]}  # fmt: skip
+        text, finish, done = "", None, False
+        async with client.stream("POST", served.url + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    c = json.loads(line[6:])["choices"][0]
+                    text += c["delta"].get("content", "")
+                    finish = c["finish_reason"] or finish
+        return text, finish, done
+
+    async def main():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(120)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(asyncio.wait_for(main(), timeout=240))
+    assert len(results) == 32
+    assert all(done and finish in ("stop", "length") for _, finish, done in results)
+    assert sum(bool(text) for text, _, _ in results) >= 28  # a reply may legitimately be empty (immediate stop)
+    assert httpx.get(served.url + "/health").json()["available_workers"] == 2
