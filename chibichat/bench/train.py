@@ -1,0 +1,335 @@
+"""`chibichat bench train`: training throughput of the model as tokens/s, FLOP/s and MFU.
+
+For every combination of --layers x --dtype x --compile (a cartesian product), a fresh process builds
+the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
+AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-batch tokens each
+(gradient accumulation over micro-batches of --batch rows of --seq-len tokens). After --warmup steps
+(which include torch.compile's compilation), --steps steps are timed; the median step time gives:
+
+  tokens/s    = total_batch / median step time
+  FLOP/s      = model.flops_per_token() * tokens/s   (SLC2 layers charged as SLC2, not attention)
+  MFU         = FLOP/s / peak, where peak is *measured* in the same process, dtype and thread count
+                by a square matmul calibration (best of several), not a datasheet number
+  peak RSS    = the process's maximum resident memory (ru_maxrss), torch runtime included; the RSS
+                before the model was built is reported as the baseline
+
+Each configuration runs in its own spawned process so that peak memory, compile caches and thread
+pools of one configuration cannot leak into the next. The training data is a fixed random Markov
+chain (4 successors per token), identical for every configuration, so the final-loss column shows
+whether a faster setting learns the same (it can fall from ln V towards ln 4).
+
+Timings on a shared machine are noisy: compare configurations from one run, and rerun when quiet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from chibichat.common import ChibiError
+
+HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile"
+
+DTYPES = ("float32", "bfloat16")
+COMPILE = {"off": False, "on": True}
+
+
+@dataclass(frozen=True)
+class TrainBenchConfig:
+    depth: int
+    width: int
+    heads: int
+    kv_heads: int
+    seq_len: int
+    vocab: int
+    batch: int
+    layers: str
+    dtype: str
+    compile: bool
+    steps: int
+    warmup: int
+    total_batch: int
+    threads: int
+    seed: int = 0
+
+    @property
+    def grad_accum(self) -> int:
+        return self.total_batch // (self.batch * self.seq_len)
+
+
+def add_args(p) -> None:
+    p.add_argument("--depth", type=int, default=4, help="number of layers")
+    p.add_argument("--width", type=int, default=256, help="model width n_embd")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (also SLC2 gate heads)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads for GQA (default: --heads)")
+    p.add_argument("--seq-len", type=int, default=256, help="context length of a training row")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
+    p.add_argument("--batch", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--total-batch", type=int, default=2048,
+                   help="tokens per optimizer step; a multiple of batch * seq-len (gradient accumulation)")
+    p.add_argument("--layers", default="dense", help="comma list of layouts: dense, iberis or strings like ASSA")
+    p.add_argument("--dtype", default="float32,bfloat16", help="comma list of compute dtypes: float32, bfloat16")
+    p.add_argument("--compile", default="off", help="comma list of off, on (torch.compile of the model)")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation happens here)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _split(value: str, allowed, flag: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ChibiError(f"{flag} is empty; give a comma-separated list")
+    if allowed is not None:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise ChibiError(f"{flag} has unknown values {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+def configs_from_args(args) -> list[TrainBenchConfig]:
+    """The cartesian product of the list flags, validated before any process is started."""
+    from chibichat.model.gpt import layer_pattern
+
+    for name in ("depth", "width", "heads", "seq_len", "vocab", "batch", "total_batch", "steps"):
+        if getattr(args, name) < 1:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.threads < 0:
+        raise ChibiError("--warmup and --threads must be >= 0")
+    row = args.batch * args.seq_len
+    if args.total_batch % row:
+        raise ChibiError(
+            f"--total-batch {args.total_batch} is not a multiple of --batch x --seq-len = {row}; "
+            f"use e.g. --total-batch {row * max(1, round(args.total_batch / row))}"
+        )
+    layouts = _split(args.layers, None, "--layers")
+    for lay in layouts:
+        layer_pattern(lay, args.depth)  # raises ChibiError naming the problem
+    dtypes = _split(args.dtype, DTYPES, "--dtype")
+    compiles = _split(args.compile, tuple(COMPILE), "--compile")
+    return [
+        TrainBenchConfig(
+            depth=args.depth, width=args.width, heads=args.heads, kv_heads=args.kv_heads or args.heads,
+            seq_len=args.seq_len, vocab=args.vocab, batch=args.batch, layers=lay, dtype=dt, compile=COMPILE[c],
+            steps=args.steps, warmup=args.warmup, total_batch=args.total_batch, threads=args.threads,
+        )
+        for lay, dt, c in itertools.product(layouts, dtypes, compiles)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# One configuration (runs inside its own process)
+
+
+def markov_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int):
+    """n (inputs, targets) pairs from a fixed random Markov chain with 4 successors per token."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    succ = torch.randint(0, vocab, (vocab, 4), generator=g)
+    out = []
+    for _ in range(n):
+        rows = torch.empty(batch, seq_len + 1, dtype=torch.long)
+        rows[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+        choice = torch.randint(0, 4, (batch, seq_len), generator=g)
+        for t in range(seq_len):
+            rows[:, t + 1] = succ[rows[:, t], choice[:, t]]
+        out.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
+    return out
+
+
+def calibrate_peak(dtype, device, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n x n matmul in `dtype`: the measured peak MFU is quoted against."""
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) -> dict:
+    """Build, warm up and time one configuration in this process; returns the figures as a dict."""
+    import resource
+
+    import torch
+
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.train.optim import build_optimizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = torch.device(device)
+    dtype = getattr(torch, cfg.dtype)
+    baseline_rss = _rss_mb()
+    torch.manual_seed(cfg.seed)
+    with dev:
+        model = GPT(GPTConfig(vocab_size=cfg.vocab, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.width,
+                              n_head=cfg.heads, n_kv_head=cfg.kv_heads, layers=cfg.layers))
+    model.compute_dtype = dtype
+    # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
+    s = (cfg.width / 768) ** -0.5
+    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
+                          other_lr=0.02 * s)
+    train_model = torch.compile(model, dynamic=False) if cfg.compile else model
+    batches = markov_batches(cfg.grad_accum * (cfg.warmup + cfg.steps), cfg.batch, cfg.seq_len, cfg.vocab, cfg.seed)
+    batches = [(x.to(dev), y.to(dev)) for x, y in batches]
+
+    times, losses = [], []
+    warmup_s = 0.0
+    it = iter(batches)
+    for step in range(cfg.warmup + cfg.steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = next(it)
+            loss = train_model(x, y) / cfg.grad_accum
+            loss.backward()
+            total += loss.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(total))  # also synchronises, so the step is complete
+        dt = time.perf_counter() - t0
+        if step < cfg.warmup:
+            warmup_s += dt
+        else:
+            times.append(dt)
+    if not all(math.isfinite(v) for v in losses):
+        raise ChibiError(f"{cfg.layers}/{cfg.dtype}: the loss became non-finite ({losses}); this setting is unsafe")
+
+    median = statistics.median(times)
+    tok_s = cfg.total_batch / median
+    flops = model.flops_per_token() * tok_s
+    peak = calibrate_peak(dtype, dev, n=calib_n)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        peak_rss = torch.cuda.max_memory_allocated(dev) / 2**20
+    return dict(
+        config=asdict(cfg), params=model.num_params(), flops_per_token=model.flops_per_token(),
+        step_ms=median * 1000, step_ms_min=min(times) * 1000, step_ms_max=max(times) * 1000,
+        tokens_per_s=tok_s, flops_per_s=flops, peak_flops_per_s=peak, mfu=flops / peak,
+        peak_mem_mb=peak_rss, baseline_rss_mb=baseline_rss, warmup_s=warmup_s,
+        first_loss=losses[0], final_loss=statistics.mean(losses[-min(3, len(losses)):]),
+        threads=torch.get_num_threads(), device=str(dev),
+    )
+
+
+def child_main() -> int:
+    """Entry point of the per-configuration process: a JSON request on stdin, a JSON reply on stdout."""
+    import json
+    import sys
+
+    req = json.loads(sys.stdin.read())
+    try:
+        reply = {"status": "ok", "result": run_config(TrainBenchConfig(**req["config"]), req["device"])}
+    except ChibiError as e:
+        reply = {"status": "error", "message": str(e)}
+    sys.stdout.write("\n" + RESULT_MARK + json.dumps(reply) + "\n")
+    return 0
+
+
+RESULT_MARK = "@@chibichat-bench-result@@"
+
+
+def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
+    """run_config in a fresh interpreter (clean peak memory, thread pool and compile cache).
+
+    A plain subprocess rather than multiprocessing: it does not depend on how the parent's __main__
+    was started (console script, python -m, pytest)."""
+    import json
+    import subprocess
+    import sys
+
+    name = f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}"
+    code = "import sys; from chibichat.bench.train import child_main; sys.exit(child_main())"
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps({"config": asdict(cfg), "device": device}),
+                          capture_output=True, text=True)
+    marked = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not marked:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise ChibiError(f"bench process for {name} failed (exit code {proc.returncode}):\n{tail}")
+    reply = json.loads(marked[-1][len(RESULT_MARK):])
+    if reply["status"] != "ok":
+        raise ChibiError(f"bench {name}: {reply['message']}")
+    return reply["result"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(results: list[dict]) -> str:
+    head = ["layers", "dtype", "compile", "ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
+            "warmup s", "loss first->last"]
+    rows = []
+    for r in results:
+        c = r["config"]
+        rows.append([
+            c["layers"], c["dtype"], "on" if c["compile"] else "off",
+            f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
+            f"{r['peak_flops_per_s'] / 1e9:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_mb']:.0f}",
+            f"{r['warmup_s']:.1f}", f"{r['first_loss']:.3f}->{r['final_loss']:.3f}",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from chibichat.common import atomic_write_json
+
+    configs = configs_from_args(args)
+    c0 = configs[0]
+    print(
+        f"bench train: depth {c0.depth}, width {c0.width}, heads {c0.heads}/{c0.kv_heads} kv, seq {c0.seq_len}, "
+        f"vocab {c0.vocab}, batch {c0.batch} x {c0.grad_accum} micro-steps = {c0.total_batch} tokens/step, "
+        f"{c0.warmup} warmup + {c0.steps} timed steps (median), device {args.device}",
+        flush=True,
+    )
+    results = []
+    for cfg in configs:
+        r = run_isolated(cfg, args.device)
+        results.append(r)
+        print(f"  done {cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}: "
+              f"{r['tokens_per_s']:,.0f} tok/s", flush=True)
+    print()
+    print(format_table(results))
+    r0 = results[0]
+    print(
+        f"\n* peak = best-of-5 {2048}^3 matmul measured in each process in its dtype with {r0['threads']} threads "
+        f"(MFU is relative to what this machine delivered, not a datasheet). FLOPs/token = 6 x matmul params + "
+        f"attention (SLC2 charged as SLC2). peak MB = max RSS of the process incl. the torch runtime "
+        f"(baseline before building the model: {r0['baseline_rss_mb']:.0f} MB). Optimizer: MuonAdamW. "
+        "Shared machines give noisy timings: compare within one run."
+    )
+    if args.json:
+        atomic_write_json(args.json, results)
+    return 0

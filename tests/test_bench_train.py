@@ -1,0 +1,89 @@
+"""`chibichat bench train`: flag validation, the figures of one run, the table, the CLI wiring."""
+
+import argparse
+import json
+
+import pytest
+
+from chibichat.bench import train as bt
+from chibichat.common import ChibiError
+
+TINY = ["--depth", "2", "--width", "32", "--heads", "2", "--seq-len", "16", "--vocab", "64", "--batch", "2",
+        "--total-batch", "64", "--steps", "2", "--warmup", "1", "--threads", "1"]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    bt.add_args(p)
+    return p.parse_args(argv)
+
+
+def test_cartesian_configs_and_grad_accum():
+    cfgs = bt.configs_from_args(parse(TINY + ["--layers", "dense,SA", "--dtype", "float32,bfloat16",
+                                               "--compile", "off,on"]))
+    assert len(cfgs) == 8
+    assert {(c.layers, c.dtype, c.compile) for c in cfgs} == {
+        (lay, dt, comp) for lay in ("dense", "SA") for dt in ("float32", "bfloat16") for comp in (False, True)}
+    assert all(c.grad_accum == 2 for c in cfgs)  # 64 tokens / (2 rows x 16)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--total-batch", "48"], "multiple of"),
+    (["--dtype", "float64"], "unknown values"),
+    (["--compile", "maybe"], "unknown values"),
+    (["--layers", "ASA"], "layer layout"),
+    (["--layers", ","], "empty"),
+    (["--steps", "0"], "--steps"),
+])
+def test_bad_flags_raise(extra, match):
+    with pytest.raises(ChibiError, match=match):
+        bt.configs_from_args(parse(TINY + extra))
+
+
+def test_markov_batches_are_deterministic_and_follow_the_chain():
+    a = bt.markov_batches(2, 3, 10, 50, seed=7)
+    b = bt.markov_batches(2, 3, 10, 50, seed=7)
+    assert all((x1 == x2).all() and (y1 == y2).all() for (x1, y1), (x2, y2) in zip(a, b))
+    x, y = a[0]
+    assert x.shape == y.shape == (3, 10)
+    assert (x[:, 1:] == y[:, :-1]).all()  # targets are inputs shifted by one
+    # every transition is one of the 4 successors of its token
+    pairs = {}
+    for xx, yy in a:
+        for s, t in zip(xx.flatten().tolist(), yy.flatten().tolist()):
+            pairs.setdefault(s, set()).add(t)
+    assert max(len(v) for v in pairs.values()) <= 4
+
+
+def test_run_config_figures_are_consistent():
+    cfg = bt.configs_from_args(parse(TINY + ["--layers", "SA", "--dtype", "float32"]))[0]
+    r = bt.run_config(cfg, calib_n=128)
+    assert r["tokens_per_s"] == pytest.approx(64 / (r["step_ms"] / 1000))
+    assert r["flops_per_s"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"])
+    assert r["mfu"] == pytest.approx(r["flops_per_s"] / r["peak_flops_per_s"])
+    assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+    assert r["peak_mem_mb"] >= r["baseline_rss_mb"] > 0
+    assert r["final_loss"] < r["first_loss"]  # three optimizer steps on a 64-token chain do learn
+
+
+def test_table_lists_every_config():
+    cfg = bt.configs_from_args(parse(TINY))[0]
+    fake = dict(config=bt.asdict(cfg), step_ms=10.0, tokens_per_s=6400.0, flops_per_s=2e9, peak_flops_per_s=1e11,
+                mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2)
+    table = bt.format_table([fake, {**fake, "config": {**fake["config"], "dtype": "bfloat16"}}])
+    lines = table.splitlines()
+    assert len(lines) == 3 and "tok/s" in lines[0] and "MFU" in lines[0]
+    assert "6,400" in lines[1] and "2.0%" in lines[1] and "bfloat16" in lines[2]
+
+
+@pytest.mark.slow
+def test_cli_runs_isolated_configs_and_writes_json(tmp_path, capsys):
+    from chibichat.cli import main
+
+    out = tmp_path / "r.json"
+    rc = main(["bench", "train", *TINY, "--layers", "iberis", "--dtype", "float32", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "MFU" in printed and "iberis" in printed
+    results = json.loads(out.read_text())
+    assert len(results) == 1 and results[0]["config"]["layers"] == "iberis" and results[0]["tokens_per_s"] > 0
