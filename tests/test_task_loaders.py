@@ -32,8 +32,9 @@ class _Handler(BaseHTTPRequestHandler):
             f = FIXTURES / "hub" / repo.replace("/", "--") / subset / f"{split}.parquet"
             data = srv.corrupt.get(self.path) or (f.read_bytes() if f.exists() else None)
             return self._send(200, data) if data else self._send(404, b"")
-        if parts[0] == "jglue":
-            f = FIXTURES / "jglue" / "/".join(parts[1:])
+        if parts[0] in ("jglue", "badjglue"):
+            root = FIXTURES / "jglue" if parts[0] == "jglue" else type(self).jglue_root
+            f = root / "/".join(parts[1:])
             return self._send(200, f.read_bytes()) if f.exists() else self._send(404, b"")
         self._send(404, b"")
 
@@ -56,6 +57,8 @@ def server(monkeypatch):
     base = f"http://127.0.0.1:{srv.server_port}"
     monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", base)
     monkeypatch.setenv("CHIBICHAT_JGLUE_BASE", base + "/jglue")
+    monkeypatch.setattr("chibichat.tasks.hub.BACKOFF_S", 0.0)  # retries without sleeping
+    monkeypatch.setattr("chibichat.tasks.hub.RETRIES", 2)
     yield srv
     srv.shutdown()
     srv.server_close()
@@ -66,6 +69,7 @@ def test_arc_online_converts_labels_and_caches(server, home):
     assert t.kind == "categorical" and len(t) == 3
     assert [t[i]["answer"] for i in range(3)] == ["B", "A", "B"]  # "2" of labels 1-4 is the 2nd choice
     assert t[1]["letters"] == ["A", "B", "C"] and "- salt=A" in t[1]["messages"][0]["content"]
+    assert not t.eval_only  # an online train split is training data
     cache = home / "data" / "tasks" / "allenai--ai2_arc" / "ARC-Easy" / "train"
     assert (cache / "0000.parquet").exists()
     man = json.loads((cache / "manifest.json").read_text())
@@ -77,6 +81,7 @@ def test_arc_online_converts_labels_and_caches(server, home):
 
 def test_mmlu_and_aux(server, home):
     t = get_task("mmlu", source="online", home=Home(home), split="test")
+    assert t.eval_only
     assert len(t) == 2 and t[0]["answer"] == "B" and t[1]["subject"] == "astronomy"
     aux = get_task("mmlu-aux", home=Home(home))
     assert len(aux) == 2 and aux[0]["answer"] == "A" and aux[1]["answer"] == "D"
@@ -118,8 +123,13 @@ def test_online_errors(server, home):
 
 def test_corrupt_download_is_reported(server, home):
     server.corrupt["/files/openai/gsm8k/main/train/0.parquet"] = b"this is not parquet"
-    with pytest.raises(ChibiError, match="not a readable parquet"):
+    with pytest.raises(ChibiError, match="not a valid parquet"):
         get_task("gsm8k", source="online", home=Home(home), split="train")
+    cache = home / "data" / "tasks" / "openai--gsm8k" / "main" / "train"
+    assert not (cache / "0000.parquet").exists() and not (cache / "manifest.json").exists()
+    assert server.hits.count("/files/openai/gsm8k/main/train/0.parquet") == 2  # retried once
+    del server.corrupt["/files/openai/gsm8k/main/train/0.parquet"]
+    assert len(get_task("gsm8k", source="online", home=Home(home), split="train")) == 2  # recovers
 
 
 def test_unreachable_endpoint(home, monkeypatch):
@@ -142,6 +152,7 @@ def test_smoltalk_rejects_malformed_conversation():
 def test_jglue_download_layout_and_tasks(server, home):
     h = Home(home)
     jc = get_task("jcommonsenseqa", home=h)
+    assert jc.eval_only  # the dev set
     assert jc.kind == "categorical" and jc.lang == "ja" and len(jc) == 2
     assert jc[0]["answer"] == "C" and jc[0]["letters"] == list("ABCDE") and "- マザーボード=C" in jc[0]["messages"][0]["content"]
     # official layout, so the base-model JGLUE evaluator finds the same files
@@ -191,6 +202,19 @@ def test_jglue_parsers_reject_bad_records(tmp_path):
                  '"answers": [], "is_impossible": false}]}]}]}', encoding="utf-8")
     with pytest.raises(ChibiError, match="no answer"):
         read_records("jsquad", p)
+
+
+def test_jglue_corrupt_download_never_lands(server, home, tmp_path, monkeypatch):
+    from chibichat.tasks.jglue import fetch_jglue, jglue_dir
+
+    bad = tmp_path / "jglue" / "jnli-v1.3"
+    bad.mkdir(parents=True)
+    (bad / "valid-v1.3.json").write_text("<html>rate limited</html>\n", encoding="utf-8")
+    monkeypatch.setattr(_Handler, "jglue_root", tmp_path / "jglue", raising=False)
+    monkeypatch.setenv("CHIBICHAT_JGLUE_BASE", f"http://127.0.0.1:{server.server_port}/badjglue")
+    with pytest.raises(ChibiError, match="could not download"):
+        fetch_jglue(Home(home), "jnli")
+    assert not (jglue_dir(Home(home)) / "jnli-v1.3" / "valid-v1.3.json").exists()
 
 
 def test_jglue_bad_arguments(home):

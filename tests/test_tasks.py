@@ -440,3 +440,11 @@ def test_every_task_item_renders():
         for i in range(0, len(t), max(1, len(t) // 100)):
             r = render.render_conversation(tok, t[i], max_len=100_000, overflow="drop")
             assert r.status == "ok" and sum(r.mask) > 0, (t.name, i)
+
+
+def test_eval_only_marks_data_that_must_not_be_trained_on():
+    for name in ["arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "core-piqa"]:
+        assert get_task(name).eval_only and get_task(name).shuffled(0).slice(0, 3).eval_only, name
+    for name in ["chitchat", "chatterbot-ja", "identity", "arithmetic-ja"]:
+        assert not get_task(name).eval_only, name
+    assert get_task("spelling", split="test").eval_only and not get_task("spelling", split="train").eval_only

@@ -45,6 +45,9 @@ class Task:
     kind: str = ""
     lang: str = "en"
     description: str = ""
+    # True for evaluation data (test/validation splits, shipped eval subsets, CORE): a training stage
+    # must not put it in a training mixture (it may use it for validation loss).
+    eval_only: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -100,6 +103,7 @@ class TaskView(Task):
         self.kind = base.kind
         self.lang = base.lang
         self.description = base.description
+        self.eval_only = base.eval_only
         # CORE metadata travels with the view so a shuffled CORE task is still a CORE task.
         for attr in ("num_fewshot", "random_baseline"):
             if hasattr(base, attr):
@@ -122,11 +126,13 @@ class TaskView(Task):
 class ListTask(Task):
     """A task over an in-memory list of items (shipped subsets, parsed downloads, generated data)."""
 
-    def __init__(self, name: str, kind: str, items: list[dict], lang: str = "en", description: str = ""):
+    def __init__(self, name: str, kind: str, items: list[dict], lang: str = "en", description: str = "",
+                 eval_only: bool = False):
         if kind not in KINDS:
             raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
         self.name, self.kind, self.lang, self.description = name, kind, lang, description
         self.items = items
+        self.eval_only = eval_only
 
     def __len__(self) -> int:
         return len(self.items)
@@ -161,7 +167,7 @@ class CoreTask(ListTask):
 
     def __init__(self, name: str, items: list[dict], num_fewshot: int, random_baseline: float,
                  lang: str = "en", description: str = ""):
-        super().__init__(name, "core", items, lang, description)
+        super().__init__(name, "core", items, lang, description, eval_only=True)
         if not 0.0 <= random_baseline < 1.0:
             raise ValueError(f"random_baseline of {name} must be a fraction in [0, 1), got {random_baseline}")
         self.num_fewshot = num_fewshot

@@ -46,6 +46,11 @@ def _check_source(name, source, home, split):
         raise ChibiError(f"task {name!r}: source='online' needs home= and split=")
 
 
+def _eval_only(source: str, split: str | None) -> bool:
+    """Shipped subsets are test/validation data; online, only a "train" split is training data."""
+    return source == "shipped" or split != "train"
+
+
 def mc_items(rows: list[dict]) -> list[dict]:
     return [categorical_item(r["question"], r["choices"], r["gold"], id=r["id"], **({"subject": r["subject"]}
                              if "subject" in r else {})) for r in rows]
@@ -60,7 +65,8 @@ def arc(subset: str, source: str = "shipped", home=None, split: str | None = Non
         from chibichat.tasks.online import arc_rows
 
         rows = arc_rows(home, subset, split)
-    return ListTask(name, "categorical", mc_items(rows), description=f"AI2 {subset} ({source})")
+    return ListTask(name, "categorical", mc_items(rows), description=f"AI2 {subset} ({source})",
+                    eval_only=_eval_only(source, split))
 
 
 def mmlu(source: str = "shipped", home=None, split: str | None = None) -> ListTask:
@@ -71,7 +77,8 @@ def mmlu(source: str = "shipped", home=None, split: str | None = None) -> ListTa
         from chibichat.tasks.online import mmlu_rows
 
         rows = mmlu_rows(home, "all", split)
-    return ListTask("mmlu", "categorical", mc_items(rows), description=f"MMLU ({source})")
+    return ListTask("mmlu", "categorical", mc_items(rows), description=f"MMLU ({source})",
+                    eval_only=_eval_only(source, split))
 
 
 def gsm8k(source: str = "shipped", home=None, split: str | None = None) -> GSM8K:
@@ -83,7 +90,7 @@ def gsm8k(source: str = "shipped", home=None, split: str | None = None) -> GSM8K
 
         rows = gsm8k_rows(home, split)
     items = [gsm8k_item(r["question"], r["solution"]) for r in rows]
-    return GSM8K("gsm8k", "generative", items, description=f"GSM8K ({source})")
+    return GSM8K("gsm8k", "generative", items, description=f"GSM8K ({source})", eval_only=_eval_only(source, split))
 
 
 def humaneval(source: str = "shipped", home=None, split: str | None = None) -> HumanEval:
@@ -94,7 +101,8 @@ def humaneval(source: str = "shipped", home=None, split: str | None = None) -> H
         from chibichat.tasks.online import humaneval_rows
 
         rows = humaneval_rows(home, split)
-    return HumanEval("humaneval", "generative", [humaneval_item(r) for r in rows], description=f"HumanEval ({source})")
+    return HumanEval("humaneval", "generative", [humaneval_item(r) for r in rows], description=f"HumanEval ({source})",
+                     eval_only=True)  # HumanEval has only a test split
 
 
 def task_specs() -> list[TaskSpec]:

@@ -35,6 +35,7 @@ class GeneratedTask(Task):
         if not isinstance(size, int) or size <= 0:
             raise ChibiError(f"task {self.name!r}: size must be a positive integer, got {size!r}")
         self.split, self.size, self.seed = split, size, seed
+        self.eval_only = split == "test"
 
     def __len__(self) -> int:
         return self.size

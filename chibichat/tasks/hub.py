@@ -5,8 +5,8 @@ The hub lists the parquet files of every (subset, split) of a dataset at
 The endpoint is $CHIBICHAT_HF_ENDPOINT or https://huggingface.co (the same setting the online corpora
 use), so tests and mirrors can point it at another server. Files land in
     home/data/tasks/{owner}--{name}/{subset}/{split}/0000.parquet ...  + manifest.json
-written through a temporary folder and renamed, so a folder with a manifest is always complete;
-later calls read the cache without touching the network.
+each file complete before it gets its name and the manifest written last, so a folder with a
+manifest is always complete; later calls read the cache without touching the network.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_directory, atomic_write_json, read_json
+from chibichat.common import ChibiError, Home, atomic_write_json, read_json
 
 TIMEOUT_S = 60
+RETRIES = 5
+BACKOFF_S = 1.0  # seconds before the 2nd attempt, doubling after (tests set 0)
 
 
 def cache_dir(home: Home, repo: str, subset: str, split: str) -> Path:
@@ -28,11 +30,12 @@ def listing_url(endpoint: str, repo: str, subset: str, split: str) -> str:
     return f"{endpoint}/api/datasets/{repo}/parquet/{subset}/{split}"
 
 
-def _get(url: str, what: str, stream: bool = False):
+def _get(url: str, what: str):
+    """A small JSON listing (not a file download: files go through data.download.download_file)."""
     import requests
 
     try:
-        r = requests.get(url, timeout=TIMEOUT_S, stream=stream)
+        r = requests.get(url, timeout=TIMEOUT_S)
     except requests.RequestException as e:
         raise ChibiError(f"could not fetch {what} from {url}: {e}. Check the network or "
                          "$CHIBICHAT_HF_ENDPOINT, or use the shipped offline task data") from None
@@ -42,20 +45,15 @@ def _get(url: str, what: str, stream: bool = False):
     return r
 
 
-def download_to(url: str, dest: Path, what: str) -> str:
-    """Stream url into dest (inside a temporary folder being built); return its sha256."""
-    h = hashlib.sha256()
-    r = _get(url, what, stream=True)
-    with open(dest, "wb") as f:
-        for block in r.iter_content(1 << 20):
-            h.update(block)
-            f.write(block)
-    return h.hexdigest()
-
-
 def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | None = None) -> list[Path]:
-    """Local parquet files of (repo, subset, split), downloading them once."""
+    """Local parquet files of (repo, subset, split), downloading them once.
+
+    Files are fetched with chibichat.data.download.download_file (resumable, retried, validated as
+    parquet, renamed into place only when complete); manifest.json is written last, so its presence
+    marks a complete split and later calls read the cache without touching the network.
+    """
     from chibichat.data.corpora import hf_endpoint
+    from chibichat.data.download import download_file, validate_parquet
 
     final = cache_dir(home, repo, subset, split)
     manifest = final / "manifest.json"
@@ -74,14 +72,21 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
         raise ChibiError(f"the parquet listing of {what} is not JSON; is $CHIBICHAT_HF_ENDPOINT a hub?") from None
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
         raise ChibiError(f"the hub lists no parquet files for {what}; check the subset and split names")
-    with atomic_directory(final) as tmp:
-        entries = []
-        for k, url in enumerate(urls):
-            name = f"{k:04d}.parquet"
-            sha = download_to(url, tmp / name, f"{what} file {k}")
-            entries.append({"file": name, "url": url, "sha256": sha})
-        atomic_write_json(tmp / "manifest.json", {"repo": repo, "subset": subset, "split": split, "files": entries})
+    entries = []
+    for k, url in enumerate(urls):
+        dest = final / f"{k:04d}.parquet"
+        download_file(url, dest, validate=validate_parquet, retries=RETRIES, backoff=BACKOFF_S, timeout=TIMEOUT_S)
+        entries.append({"file": dest.name, "url": url, "sha256": _sha256(dest)})
+    atomic_write_json(manifest, {"repo": repo, "subset": subset, "split": split, "files": entries})
     return [final / e["file"] for e in entries]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_rows(files: list[Path], what: str) -> list[dict]:

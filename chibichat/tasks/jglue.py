@@ -34,7 +34,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_write_bytes
+from chibichat.common import ChibiError, Home
 from chibichat.tasks.base import ListTask
 from chibichat.tasks.multiple_choice import categorical_item
 from chibichat.tasks.registry import TaskSpec
@@ -57,8 +57,10 @@ def jglue_dir(home: Home) -> Path:
 
 
 def fetch_jglue(home: Home, task: str, split: str = "valid", base: str | None = None) -> Path:
-    """The local official file of (task, split), downloaded once."""
-    from chibichat.tasks.hub import _get
+    """The local official file of (task, split), downloaded once (resumable, retried, and parsed by
+    read_records before it gets its final name, so a truncated or HTML error page never lands)."""
+    from chibichat.data.download import download_file
+    from chibichat.tasks import hub
 
     if task not in TASKS:
         raise ChibiError(f"unknown JGLUE task {task!r}; use one of {TASKS}")
@@ -69,9 +71,8 @@ def fetch_jglue(home: Home, task: str, split: str = "valid", base: str | None = 
         return dest
     base = (base or os.environ.get(JGLUE_BASE_ENV) or JGLUE_BASE).rstrip("/")
     url = f"{base}/{relative_path(task, split)}"
-    data = _get(url, f"JGLUE {task} {split}").content
-    atomic_write_bytes(dest, data)  # whole file at once: a few MB at most
-    return dest
+    return download_file(url, dest, validate=lambda p: read_records(task, p), retries=hub.RETRIES,
+                         backoff=hub.BACKOFF_S, timeout=hub.TIMEOUT_S)
 
 
 def _need(rec: dict, key: str, where: str):
@@ -193,14 +194,14 @@ class JSQuAD(ListTask):
 def jglue_task(task: str, home, split: str = "valid") -> ListTask:
     home = home if isinstance(home, Home) else Home.resolve(home)
     records = read_records(task, fetch_jglue(home, task, split))
-    desc = f"JGLUE {task} {VERSION} {split}"
+    kw = {"lang": "ja", "description": f"JGLUE {task} {VERSION} {split}", "eval_only": split == "valid"}
     if task == "jcommonsenseqa":
-        return ListTask(task, "categorical", [jcqa_item(r) for r in records], lang="ja", description=desc)
+        return ListTask(task, "categorical", [jcqa_item(r) for r in records], **kw)
     if task == "jnli":
-        return ListTask(task, "categorical", [jnli_item(r) for r in records], lang="ja", description=desc)
+        return ListTask(task, "categorical", [jnli_item(r) for r in records], **kw)
     if task == "jsts":
-        return JSTS(task, "generative", [jsts_item(r) for r in records], lang="ja", description=desc)
-    return JSQuAD(task, "generative", [jsquad_item(r) for r in records], lang="ja", description=desc)
+        return JSTS(task, "generative", [jsts_item(r) for r in records], **kw)
+    return JSQuAD(task, "generative", [jsquad_item(r) for r in records], **kw)
 
 
 def task_specs() -> list[TaskSpec]:
