@@ -32,8 +32,10 @@ def make_home(root, layers="AS", seq_len=96):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
-        model.lm_head[ord("a") : ord("z") + 1] += 0.5  # readable replies
-        model.lm_head[tok.special_id("<|assistant_end|>")] -= 5.0  # replies long enough to stream
+        model.lm_head[ord("a") : ord("z") + 1] += 1.5  # readable replies
+        model.lm_head[ord(" ")] += 1.5
+        for stop in ("<|assistant_end|>", "<|bos|>"):  # replies long enough to watch them stream
+            model.lm_head[tok.special_id(stop)] -= 5.0
     meta = {"model_config": cfg.to_dict(), "tokenizer": {"vocab_size": tok.vocab_size, "hash": tok.hash}}
     save_checkpoint(home.checkpoints_dir("sft", "d2"), 1, model, None, meta)
     return home
@@ -213,3 +215,169 @@ def test_32_concurrent_streaming_clients_all_complete(served):
     assert all(done and finish in ("stop", "length") for _, finish, done in results)
     assert sum(bool(text) for text, _, _ in results) >= 28  # a reply may legitimately be empty (immediate stop)
     assert httpx.get(served.url + "/health").json()["available_workers"] == 2
+
+
+# -- the page in headless Chromium, driven over the DevTools protocol (pipe transport) -------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over --remote-debugging-pipe (fd 3 in, fd 4 out;
+    NUL-terminated JSON messages): no websocket library and no browser download needed."""
+
+    def __init__(self, profile_dir):
+        import os
+        import subprocess
+
+        self.os = os
+        to_chrome_r, self.to_chrome = os.pipe()
+        self.from_chrome, from_chrome_w = os.pipe()
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--remote-debugging-pipe", f"--user-data-dir={profile_dir}",
+                 "--window-size=1000,700", "about:blank"]  # fmt: skip
+        # bash moves the pipe ends onto fds 3 and 4 before exec'ing the browser (no preexec_fn in a
+        # process that already runs server threads).
+        cmd = f'exec 3<&{to_chrome_r} 4>&{from_chrome_w}; exec "$0" "$@"'
+        self.proc = subprocess.Popen(["bash", "-c", cmd, CHROMIUM, *flags], pass_fds=(to_chrome_r, from_chrome_w),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self.buf, self.next_id, self.session = b"", 0, None
+
+    def call(self, method, params=None, timeout=30.0, session=True):
+        import select
+
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session and self.session:
+            msg["sessionId"] = self.session
+        self.os.write(self.to_chrome, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + timeout
+        while True:
+            while b"\0" in self.buf:
+                raw, self.buf = self.buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+            left = deadline - time.time()
+            if left <= 0 or not select.select([self.from_chrome], [], [], left)[0]:
+                raise TimeoutError(f"no DevTools reply to {method}")
+            chunk = self.os.read(self.from_chrome, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self.buf += chunk
+
+    def open(self, url):
+        target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
+        self.call("Page.enable")
+        self.call("Page.navigate", {"url": url})
+
+    def js(self, expr):
+        r = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"page error in {expr!r}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expr, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.js(expr)
+            if value:
+                return value
+            time.sleep(0.03)
+        raise TimeoutError(f"page never satisfied {expr!r}")
+
+    def press_enter(self):
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
+                                                 "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13})  # fmt: skip
+
+    def close(self):
+        try:
+            self.call("Browser.close", session=False, timeout=5)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.os.close(self.to_chrome)
+        self.os.close(self.from_chrome)
+
+
+class SlowEngine:
+    """An engine whose text arrives at a human-visible pace, so the page can be seen streaming."""
+
+    def __init__(self, engine, delay_s):
+        self.inner, self.delay = engine, delay_s
+        self.tokenizer, self.seq_len = engine.tokenizer, engine.seq_len
+
+    def stream(self, *args, **kwargs):
+        for piece in self.inner.stream(*args, **kwargs):
+            time.sleep(self.delay)
+            yield piece
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="Debian chromium not installed (apt-get install chromium)")
+def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
+    import base64
+    import os
+
+    from chibichat.serve.app import create_app
+    from chibichat.serve.pool import WorkerPool
+
+    pool = WorkerPool([SlowEngine(e, 0.05) for e in served.pool.engines[:1]])
+    app = create_app(pool, served.model, Limits(default_max_tokens=40))
+    browser = DevTools(tmp_path / "profile")
+    try:
+        with Server(app) as url:
+            browser.open(url + "/")
+            browser.wait_for("document.readyState === 'complete' && chat.model !== null")
+            assert served.model in browser.js("document.getElementById('model').textContent")
+            browser.js("document.getElementById('input').focus()")
+            browser.call("Input.insertText", {"text": "こんにちは、元気ですか？"})
+            browser.press_enter()
+            browser.wait_for("document.querySelector('.msg.user') !== null")
+            assert browser.js("document.querySelector('.msg.user .text').textContent") == "こんにちは、元気ですか？"
+            # Watch the assistant bubble grow while it is still streaming.
+            seen, deadline = [], time.time() + 60
+            while time.time() < deadline:
+                state = browser.js("(() => { const b = document.querySelector('.msg.assistant');"
+                                   " return b ? [b.classList.contains('streaming'), b.querySelector('.text').textContent] : null })()")  # fmt: skip
+                if state and state[0] and state[1] and (not seen or seen[-1] != state[1]):
+                    seen.append(state[1])
+                if state and not state[0]:
+                    break
+                time.sleep(0.02)
+            final = browser.js("document.querySelector('.msg.assistant .text').textContent")
+            assert len(seen) >= 3, seen  # several partial texts were shown before the reply finished
+            assert all(final.startswith(s) for s in seen) and final
+            png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png"})["data"])
+            assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+            shot = tmp_path / "chat_page.png"
+            shot.write_bytes(png)
+            if os.environ.get("CHIBICHAT_SCREENSHOT"):
+                with open(os.environ["CHIBICHAT_SCREENSHOT"], "wb") as f:
+                    f.write(png)
+            # Regenerate replaces the reply; New chat empties the page.
+            browser.js("[...document.querySelectorAll('.msg.assistant button')].find(b => b.textContent === 'Regenerate').click()")
+            browser.wait_for("document.querySelector('.msg.assistant.streaming') === null && "
+                             "document.querySelectorAll('.msg').length === 2 && !chat.busy")  # fmt: skip
+            # Edit and resend: the edited message replaces the old one and gets a fresh reply.
+            browser.js("[...document.querySelectorAll('.msg.user button')].find(b => b.textContent === 'Edit').click()")
+            browser.js("document.querySelector('.msg.user textarea').value = '日本語で答えて'")
+            browser.js("[...document.querySelectorAll('.msg.user button')].find(b => b.textContent === 'Send').click()")
+            browser.wait_for("!chat.busy && document.querySelectorAll('.msg').length === 2")
+            assert browser.js("document.querySelector('.msg.user .text').textContent") == "日本語で答えて"
+            browser.js("document.getElementById('new-chat').click()")
+            assert browser.js("document.querySelectorAll('.msg').length") == 0
+    finally:
+        browser.close()
+        pool.shutdown()
