@@ -172,6 +172,9 @@ def test_arithmetic_answers_are_correct_and_evaluate(name):
 
 def test_int_value_precedence():
     assert int_value("100-7*4") == 72 and int_value("3*4+5") == 17 and int_value("10-3-2") == 5
+    assert int_value("84/7") == 12 and int_value("2*12/3+1") == 9
+    with pytest.raises(ValueError):
+        int_value("7/2")
 
 
 def test_tool_outputs_equal_the_real_calculator():

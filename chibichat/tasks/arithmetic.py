@@ -9,8 +9,8 @@ Item (kind "generative"):
     answer: "87"   (the number evaluate() compares with the one after "####" in a completion)
     expr:   "12*7+3"
 
-Every template uses only +, - and * on small non-negative integers and never produces a negative
-result, so the problems stay short and regular enough for a tiny model to learn the pattern
+Every template uses +, -, * and exact / on small non-negative integers and never produces a negative
+or fractional result, so the problems stay short and regular enough for a tiny model to learn the pattern
 "read numbers -> write expression -> copy tool output -> #### answer".
 """
 
@@ -23,19 +23,23 @@ from chibichat.tasks.answers import extract_final_number, numbers_equal
 from chibichat.tasks.generated import GeneratedTask
 
 EN_NAMES = ["Tom", "Sara", "Ben", "Mia", "Leo", "Ana", "Sam", "Emma", "Noah", "Lily", "Omar", "Yuki"]
-EN_THINGS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "cards", "shells", "coins"]
-EN_GROUPS = [("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "baskets"), ("shelf", "shelves")]
+# (thing, container, containers): each thing with a container it plausibly comes in
+EN_THINGS = [("apples", "basket", "baskets"), ("pencils", "box", "boxes"), ("stickers", "sheet", "sheets"),
+             ("marbles", "bag", "bags"), ("books", "shelf", "shelves"), ("cookies", "jar", "jars"),
+             ("stamps", "album", "albums"), ("cards", "pack", "packs"), ("shells", "bucket", "buckets"),
+             ("coins", "purse", "purses"), ("eggs", "carton", "cartons"), ("crayons", "box", "boxes")]
 JA_NAMES = ["たろう", "はなこ", "けんた", "さくら", "ゆうき", "あおい", "そうた", "みお", "れん", "ひなた"]
-JA_THINGS = [("りんご", "個"), ("えんぴつ", "本"), ("シール", "枚"), ("ビー玉", "個"), ("本", "冊"),
-             ("クッキー", "枚"), ("切手", "枚"), ("カード", "枚"), ("貝がら", "個"), ("コイン", "枚")]
-JA_GROUPS = ["箱", "袋", "びん", "かご", "たな"]
+# (thing, counter, container)
+JA_THINGS = [("りんご", "個", "かご"), ("えんぴつ", "本", "箱"), ("シール", "枚", "シート"), ("ビー玉", "個", "袋"),
+             ("本", "冊", "たな"), ("クッキー", "枚", "びん"), ("切手", "枚", "アルバム"), ("カード", "枚", "パック"),
+             ("貝がら", "個", "バケツ"), ("たまご", "個", "パック"), ("クレヨン", "本", "箱")]
 
 
 def _en(rng: random.Random) -> tuple[str, str, str, str]:
     """(question, reasoning sentence, expression, answer sentence template with {r})."""
-    name, thing = rng.choice(EN_NAMES), rng.choice(EN_THINGS)
-    g1, gs = rng.choice(EN_GROUPS)
-    kind = rng.randrange(6)
+    name = rng.choice(EN_NAMES)
+    thing, g1, gs = rng.choice(EN_THINGS)
+    kind = rng.randrange(8)
     if kind == 0:
         a, b = rng.randint(2, 60), rng.randint(2, 40)
         return (f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
@@ -61,6 +65,16 @@ def _en(rng: random.Random) -> tuple[str, str, str, str]:
         return (f"{name} has {a} {gs} of {b} {thing} and uses {c} of them. How many {thing} are left?",
                 f"We count all the {thing}, then subtract the ones used.", f"{a}*{b}-{c}",
                 f"{name} has {{r}} {thing} left.")
+    if kind == 6:
+        each, k = rng.randint(2, 12), rng.randint(2, 9)
+        return (f"{name} shares {each * k} {thing} equally among {k} friends. How many {thing} does each friend get?",
+                "We divide the total by the number of friends.", f"{each * k}/{k}",
+                f"Each friend gets {{r}} {thing}.")
+    if kind == 7:
+        per, k = rng.randint(2, 12), rng.randint(2, 9)
+        return (f"{name} packs {per * k} {thing} into {gs} of {per}. How many {gs} are needed?",
+                f"We divide the {thing} by the number that fit in one {g1}.", f"{per * k}/{per}",
+                f"{name} needs {{r}} {gs}.")
     price, n = rng.randint(2, 15), rng.randint(2, 6)
     paid = rng.choice([p for p in (20, 50, 100) if p >= price * n] or [100])
     return (f"A pack of {thing} costs {price} dollars. {name} buys {n} packs and pays with {paid} dollars. "
@@ -71,9 +85,8 @@ def _en(rng: random.Random) -> tuple[str, str, str, str]:
 
 def _ja(rng: random.Random) -> tuple[str, str, str, str]:
     name = rng.choice(JA_NAMES)
-    thing, unit = rng.choice(JA_THINGS)
-    group = rng.choice(JA_GROUPS)
-    kind = rng.randrange(6)
+    thing, unit, group = rng.choice(JA_THINGS)
+    kind = rng.randrange(8)
     if kind == 0:
         a, b = rng.randint(2, 60), rng.randint(2, 40)
         return (f"{name}さんは{thing}を{a}{unit}持っています。{b}{unit}もらいました。{thing}は全部で何{unit}ですか？",
@@ -97,6 +110,14 @@ def _ja(rng: random.Random) -> tuple[str, str, str, str]:
         c = rng.randint(1, a * b)
         return (f"{name}さんは{thing}が{b}{unit}ずつ入った{group}を{a}つ持っていて、{c}{unit}使いました。残りは何{unit}ですか？",
                 "全部の数を求めてから、使った分を引きます。", f"{a}*{b}-{c}", f"残りは{{r}}{unit}です。")
+    if kind == 6:
+        each, k = rng.randint(2, 12), rng.randint(2, 9)
+        return (f"{thing}{each * k}{unit}を{k}人で同じ数ずつ分けます。1人何{unit}になりますか？",
+                "全部の数を人数でわります。", f"{each * k}/{k}", f"1人{{r}}{unit}です。")
+    if kind == 7:
+        per, k = rng.randint(2, 12), rng.randint(2, 9)
+        return (f"{thing}{per * k}{unit}を1つの{group}に{per}{unit}ずつ入れます。{group}はいくつ必要ですか？",
+                f"全部の数を1つの{group}に入る数でわります。", f"{per * k}/{per}", f"{group}は{{r}}つ必要です。")
     price, n = rng.randint(20, 150) * 10, rng.randint(2, 6)
     paid = rng.choice([p for p in (1000, 5000, 10000) if p >= price * n] or [10000])
     return (f"{thing}1つは{price}円です。{name}さんは{n}つ買って{paid}円はらいました。おつりはいくらですか？",
@@ -104,16 +125,23 @@ def _ja(rng: random.Random) -> tuple[str, str, str, str]:
 
 
 def int_value(expr: str) -> int:
-    """Value of a template expression (non-negative integers joined by +, - and *, usual precedence).
+    """Value of a template expression: non-negative integers joined by +, -, * and exact /, with the
+    usual precedence.
 
     Computed here, independently of chibichat.tools.calculate, so that the test comparing every
     generated tool output with the real calculator is a genuine cross-check.
     """
     total = 0
-    for sign, term in re.findall(r"([+-]?)([0-9*]+)", expr):
-        value = 1
-        for factor in term.split("*"):
-            value *= int(factor)
+    for sign, term in re.findall(r"([+-]?)([0-9*/]+)", expr):
+        tokens = re.findall(r"[*/]|\d+", term)
+        value = int(tokens[0])
+        for op, num in zip(tokens[1::2], tokens[2::2]):
+            if op == "*":
+                value *= int(num)
+            else:
+                if value % int(num):
+                    raise ValueError(f"{expr}: templates must divide exactly")
+                value //= int(num)
         total += -value if sign == "-" else value
     return total
 
