@@ -82,9 +82,11 @@ def test_mixture_epochs_counts_and_determinism():
 def test_mixture_weights_apportion_exactly():
     a, b, c = _toy(3, "a"), _toy(3, "b"), _toy(3, "c")
     m = Mixture([a, b, c], weights=[1, 1, 2], length=10, seed=0)
-    assert len(m) == 10 and m.summary() == {"a": 3, "b": 2, "c": 5} or m.summary() == {"a": 2, "b": 3, "c": 5}
-    assert sum(m.summary().values()) == 10
-    assert m.summary()["c"] == 5
+    # exact shares 2.5 / 2.5 / 5: the one leftover row goes to the first of the tied remainders
+    assert len(m) == 10 and m.summary() == {"a": 3, "b": 2, "c": 5}
+    assert [n for n, _ in m].count("c") == 5
+    m = Mixture([a, b], weights=[0.7, 0.3], length=7, seed=0)  # a: 4.9 -> 5 (cycled past its 3 items)
+    assert m.summary() == {"a": 5, "b": 2}
 
 
 @pytest.mark.parametrize("kwargs", [dict(epochs=[1]), dict(weights=[1, 1]), dict(epochs=[-1, 1]),
@@ -111,6 +113,11 @@ def test_get_task_errors():
     with pytest.raises(ChibiError, match="needs option"):
         get_task("smoltalk")
     assert set(GENERATED) <= set(list_tasks())
+    from chibichat.tasks.registry import describe_tasks
+
+    rows = {r["name"]: r for r in describe_tasks()}
+    assert rows["gsm8k"]["kind"] == "generative" and rows["jnli"]["lang"] == "ja" and rows["jnli"]["online_only"]
+    assert not rows["chitchat"]["online_only"] and set(rows) == set(list_tasks())
 
 
 # ---------------------------------------------------------------------------------------- answers

@@ -83,6 +83,18 @@ def list_tasks() -> list[str]:
     return sorted(specs())
 
 
+def describe_tasks() -> list[dict]:
+    """One row per task for listings: name, kind, lang, description, online_only (needs home=)."""
+    rows = []
+    for spec in sorted(specs().values(), key=lambda s: s.name):
+        module, func = spec.target.split(":")
+        params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+        online_only = "home" in params and params["home"].default is inspect.Parameter.empty
+        rows.append({"name": spec.name, "kind": spec.kind, "lang": spec.lang, "description": spec.description,
+                     "online_only": online_only})
+    return rows
+
+
 def get_task(name: str, **options):
     table = specs()
     if name not in table:
