@@ -487,6 +487,12 @@ def render_manpage(source: str, groff: str = "groff") -> str:
     return r.stdout.decode("utf-8", errors="strict")
 
 
+def manpage_prose_lines(rendered: str) -> list[str]:
+    """Prose lines of a rendered page, without its running header ("LS(1) ユーザーコマンド LS(1)") and footer."""
+    lines = [line for line in rendered.splitlines() if line.strip()]
+    return [t for t in (tidy_japanese_line(line) for line in lines[1:-1]) if is_japanese_prose(t)]
+
+
 def roff_notice(source: str) -> str:
     """The leading comment block of a man page (where its copyright and permission notice live)."""
     lines = []
@@ -510,8 +516,7 @@ def manpage_works(root: Path, notices: dict[str, list[str]]) -> list[tuple[str, 
         source = gzip.decompress(f.read_bytes()).decode("utf-8")
         if source.lstrip().startswith(".so "):
             continue  # a redirect to another page
-        lines = [tidy_japanese_line(line) for line in render_manpage(source).splitlines()]
-        lines = [line for line in lines if is_japanese_prose(line)]
+        lines = manpage_prose_lines(render_manpage(source))
         if lines:
             page = str(f.relative_to(base))[: -len(".gz")]
             out.append((page, lines))
