@@ -1,0 +1,258 @@
+"""chibichat checkpoints <-> Hugging Face folders: the NanoChat model type, or remote code for hybrids.
+
+Conventions, checked against transformers' own NanoChat implementation (models/nanochat/):
+
+| | chibichat GPT | transformers NanoChat | conversion |
+|---|---|---|---|
+| RoPE | half-split, rotation (x1 c + x2 s, x2 c - x1 s) | rotate_half = (x2, -x1): the same formula | none |
+| RoPE base | GPTConfig.rope_base | rope_parameters.rope_theta | copied |
+| QK norm | parameter-free RMSNorm after RoPE | RMSNorm after RoPE, no weight | none |
+| RMSNorm eps | F.rms_norm default = float32 machine eps | rms_norm_eps | written as float32 eps |
+| norms | after embedding, pre-block, final; no gains | the same (extra norm before the layers) | none |
+| MLP | relu(W1 x)^2, 4E hidden, no bias | fc1 -> relu2 -> fc2 | names only |
+| logits | softcap 15 tanh(z/15) | final_logit_softcapping | copied |
+| GQA | n_kv_head | num_key_value_heads | copied |
+| vocab | exactly the tokenizer's | vocab_size (nanochat may pad) | export: none; import: padding rows dropped (reported) |
+| sliding windows | per layer | not supported | export refused |
+
+A model with SLC2 layers is not a NanoChat model: it is exported with `remote_iberis.py` (a
+self-contained transformers modeling file) and loads with trust_remote_code=True.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from chibichat.common import ChibiError
+
+WEIGHTS = "model.safetensors"
+REMOTE_FILE = "modeling_chibichat_iberis.py"
+IBERIS_TYPE = "chibichat_iberis"
+
+
+def rms_eps() -> float:
+    """The eps F.rms_norm uses for float32 when none is given (what our model runs with)."""
+    import torch
+
+    return float(torch.finfo(torch.float32).eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: our parameter -> the HF parameter
+
+
+def _layer_names(kind: str) -> dict[str, str]:
+    """Parameter-name suffix map within one block: ours -> HF."""
+    mlp = {"mlp.w_fc": "mlp.fc1.weight", "mlp.w_proj": "mlp.fc2.weight"}
+    if kind == "A":
+        return {"mixer.w_q": "self_attn.q_proj.weight", "mixer.w_k": "self_attn.k_proj.weight",
+                "mixer.w_v": "self_attn.v_proj.weight", "mixer.w_o": "self_attn.o_proj.weight", **mlp}
+    return {"mixer.w_x": "mixer.x_proj.weight", "mixer.w_b": "mixer.b_proj.weight",
+            "mixer.w_alpha": "mixer.alpha_proj.weight", "mixer.w_a": "mixer.a_proj.weight",
+            "mixer.conv": "mixer.conv.weight", "mixer.w_o": "mixer.o_proj.weight", **mlp}
+
+
+def name_map(layers: str) -> dict[str, str]:
+    """Every chibichat state-dict key -> its HF key, for a model with this layer layout."""
+    out = {"wte": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+    for i, kind in enumerate(layers):
+        for ours, theirs in _layer_names(kind).items():
+            out[f"blocks.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+    return out
+
+
+def to_hf_state(state: dict, layers: str) -> dict:
+    """Our state dict -> HF state dict (same tensors, contiguous fp32). Every key must map."""
+    names = name_map(layers)
+    if set(state) != set(names):
+        raise ChibiError(f"checkpoint keys do not match a {layers!r} model: unexpected {sorted(set(state) - set(names))[:5]}, "
+                         f"missing {sorted(set(names) - set(state))[:5]}")
+    return {names[k]: v.float().contiguous() for k, v in state.items()}
+
+
+def from_hf_state(hf_state: dict, layers: str, where) -> dict:
+    """HF state dict -> our state dict; every tensor must be used and every parameter found."""
+    back = {v: k for k, v in name_map(layers).items()}
+    extra = sorted(set(hf_state) - set(back))
+    missing = sorted(set(back) - set(hf_state))
+    if extra or missing:
+        raise ChibiError(f"{where}: weights do not match a {layers!r} NanoChat model: unexpected {extra[:5]}, "
+                         f"missing {missing[:5]}. Biases, norm gains or extra modules have no chibichat equivalent")
+    return {back[k]: v.float().contiguous() for k, v in hf_state.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def check_exportable(cfg) -> None:
+    """Refuse what the HF side cannot run the same way."""
+    if any(cfg.windows):
+        raise ChibiError(
+            f"this model uses sliding-window attention (windows {cfg.windows}); the NanoChat model type and the "
+            "exported remote code only do full causal attention, so the logits would differ. Export a model "
+            "trained without --windows"
+        )
+
+
+def hf_config(cfg, tok) -> dict:
+    """config.json for our GPTConfig: NanoChat for all-attention models, remote code for hybrids."""
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": 4 * cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": rms_eps(),
+        "final_logit_softcapping": float(cfg.softcap),
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.special_id("<|assistant_end|>"),
+        "pad_token_id": tok.bos_id,
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+    }
+    if set(cfg.layers) == {"A"}:
+        return {
+            "architectures": ["NanoChatForCausalLM"],
+            "model_type": "nanochat",
+            **common,
+            "hidden_act": "relu2",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_base)},
+            "use_cache": True,
+        }
+    module = REMOTE_FILE[:-3]
+    return {
+        "architectures": ["ChibiIberisForCausalLM"],
+        "model_type": IBERIS_TYPE,
+        "auto_map": {"AutoConfig": f"{module}.ChibiIberisConfig",
+                     "AutoModelForCausalLM": f"{module}.ChibiIberisForCausalLM"},
+        **common,
+        "mixer_pattern": cfg.layers,
+        "conv_kernel": cfg.conv_kernel,
+        "rope_theta": float(cfg.rope_base),
+        "use_cache": True,
+    }
+
+
+def gpt_config_from_hf(config: dict, vocab_size: int, where):
+    """Our GPTConfig from a NanoChat (or exported iberis) config.json, refusing what we cannot run."""
+    from chibichat.model.gpt import GPTConfig
+
+    mtype = config.get("model_type")
+    if mtype not in ("nanochat", IBERIS_TYPE):
+        raise ChibiError(f"{where}: model_type {mtype!r} is not 'nanochat' (or {IBERIS_TYPE!r}); chibichat imports "
+                         "only NanoChat-format checkpoints")
+
+    def get(key, default=None):
+        v = config.get(key, default)
+        if v is None:
+            raise ChibiError(f"{where}: config.json lacks {key!r}")
+        return v
+
+    E, H = get("hidden_size"), get("num_attention_heads")
+    problems = []
+    if get("intermediate_size") != 4 * E:
+        problems.append(f"intermediate_size {config['intermediate_size']} != 4 x hidden_size ({4 * E})")
+    if mtype == "nanochat":
+        if config.get("hidden_act", "relu2") != "relu2":
+            problems.append(f"hidden_act {config['hidden_act']!r} is not relu2")
+        if config.get("attention_bias"):
+            problems.append("attention_bias is true (chibichat has no biases)")
+        rope = config.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            problems.append(f"rope_type {rope.get('rope_type')!r} (only plain RoPE is supported)")
+        theta = rope.get("rope_theta", config.get("rope_theta"))
+        layers = "dense"
+    else:
+        theta, layers = config.get("rope_theta"), get("mixer_pattern")
+    if config.get("head_dim") not in (None, E // H):
+        problems.append(f"head_dim {config['head_dim']} != hidden_size / heads ({E // H})")
+    if config.get("tie_word_embeddings"):
+        problems.append("tied embeddings (chibichat's are untied)")
+    if config.get("final_logit_softcapping") is None:
+        problems.append("no final_logit_softcapping (chibichat always caps logits)")
+    if theta is None:
+        problems.append("no rope_theta")
+    if problems:
+        raise ChibiError(f"{where}: this model differs from the chibichat architecture: {'; '.join(problems)}")
+    eps = config.get("rms_norm_eps", 1e-6)
+    if abs(eps - rms_eps()) > 1e-6:
+        raise ChibiError(f"{where}: rms_norm_eps {eps} is far from float32 eps; logits would differ")
+    return GPTConfig(
+        vocab_size=vocab_size, seq_len=int(get("max_position_embeddings")), n_layer=int(get("num_hidden_layers")),
+        n_embd=int(E), n_head=int(H), n_kv_head=int(config.get("num_key_value_heads") or H), layers=layers,
+        conv_kernel=int(config.get("conv_kernel", 3)), softcap=float(config["final_logit_softcapping"]),
+        rope_base=float(theta),
+    )
+
+
+def generation_config(tok, iberis: bool) -> dict:
+    """Defaults of `chibichat chat` (temperature 0.6, top-k 50); stops where our engine stops."""
+    return {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": [tok.special_id("<|assistant_end|>"), tok.bos_id],
+        "pad_token_id": tok.bos_id,
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_k": 50,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def export_folder(model, meta: dict, tok, out: Path, card: str, overwrite: bool = False) -> Path:
+    """Write the HF folder for `model` (a chibichat GPT, weights as trained) to `out`, atomically."""
+    from importlib.resources import files
+
+    from safetensors.torch import save as st_save
+
+    from chibichat.common import atomic_directory
+    from chibichat.export.hf_tokenizer import tokenizer_files
+
+    cfg = model.config
+    check_exportable(cfg)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ChibiError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ChibiError(f"{out} exists and is not a directory; choose another --out")
+    iberis = set(cfg.layers) != {"A"}
+    tensors = to_hf_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg.layers)
+    files_text = tokenizer_files(tok, cfg.seq_len)  # checks the HF tokenizer before anything is written
+    files_text["config.json"] = json.dumps(hf_config(cfg, tok), indent=2) + "\n"
+    files_text["generation_config.json"] = json.dumps(generation_config(tok, iberis), indent=2) + "\n"
+    files_text["README.md"] = card
+    if iberis:
+        files_text[REMOTE_FILE] = (files("chibichat.export") / "remote_iberis.py").read_text(encoding="utf-8")
+    with atomic_directory(out) as tmp:
+        (tmp / WEIGHTS).write_bytes(st_save(tensors, metadata={"format": "pt"}))
+        for name, text in files_text.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return out
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an export folder to the hub (huggingface_hub; endpoint from HF_ENDPOINT). Returns the repo URL."""
+    from chibichat.export.hf_tokenizer import need
+
+    hub = need("huggingface_hub")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise ChibiError(f"--push {repo_id!r} is not a hub repo id of the form owner/name")
+    api = hub.HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message="Upload chibichat export")
+    except Exception as e:  # network, auth and hub errors all come here with their own message
+        raise ChibiError(f"uploading {folder} to {repo_id} failed: {e}. The folder is complete; retry with "
+                         "`huggingface-cli upload` or `chibichat export hf ... --push` once online and logged in "
+                         "(`hf auth login` or HF_TOKEN)") from None
+    return str(url)
