@@ -95,6 +95,10 @@ def test_gsm8k_train_online_has_tool_calls(server, home):
     assert [p["type"] for p in parts] == ["text", "python", "python_output", "text", "python", "python_output", "text"]
     assert parts[1]["text"] == "3*4" and parts[2]["text"] == "12" and parts[-1]["text"].endswith("#### 10")
     assert t[1]["answer"] == "2000" and t.evaluate(t[1], "so #### 2,000")
+    alias = get_task("gsm8k-train", home=Home(home))
+    assert alias.name == "gsm8k-train" and not alias.eval_only and alias[0] == t[0]
+    arc = get_task("arc-easy-train", home=Home(home))
+    assert arc.name == "arc-easy-train" and len(arc) == 3 and not arc.eval_only
 
 
 def test_humaneval_online_runs_in_sandbox(server, home):

@@ -8,6 +8,8 @@ source="shipped" (default): the fixed-seed subsets in assets/ (no download; see 
 source="online": the full set from the Hugging Face hub (tasks/online.py), cached under
     home/data/tasks/; takes home= and split= (the source's split names: ARC train/validation/test,
     MMLU test/validation/dev, GSM8K train/test, HumanEval test).
+Training splits also have their own names (online only, home= required): gsm8k-train,
+arc-easy-train, arc-challenge-train.
 
 Shipped files store the source fields ({"question","choices","gold"} / {"question","solution"} / the
 HumanEval row); items are built from them at load time by the same code the online loaders use.
@@ -105,9 +107,28 @@ def humaneval(source: str = "shipped", home=None, split: str | None = None) -> H
                      eval_only=True)  # HumanEval has only a test split
 
 
+def gsm8k_train(home) -> GSM8K:
+    """GSM8K train (online only: no registry package has it); for SFT/RL."""
+    task = gsm8k(source="online", home=home, split="train")
+    task.name = "gsm8k-train"
+    return task
+
+
+def arc_train(subset: str, home) -> ListTask:
+    """ARC train split (online only); for SFT."""
+    task = arc(subset, source="online", home=home, split="train")
+    task.name += "-train"
+    return task
+
+
 def task_specs() -> list[TaskSpec]:
     m = "chibichat.tasks.evalsets"
     return [
+        TaskSpec("gsm8k-train", "generative", "en", f"{m}:gsm8k_train", (), "GSM8K train split (online)"),
+        TaskSpec("arc-easy-train", "categorical", "en", f"{m}:arc_train", (("subset", "ARC-Easy"),),
+                 "ARC-Easy train split (online)"),
+        TaskSpec("arc-challenge-train", "categorical", "en", f"{m}:arc_train", (("subset", "ARC-Challenge"),),
+                 "ARC-Challenge train split (online)"),
         TaskSpec("arc-easy", "categorical", "en", f"{m}:arc", (("subset", "ARC-Easy"),), "ARC-Easy (4-way MC)"),
         TaskSpec("arc-challenge", "categorical", "en", f"{m}:arc", (("subset", "ARC-Challenge"),),
                  "ARC-Challenge (4-way MC)"),
