@@ -30,6 +30,7 @@ STAGES = [
     "chibichat.stages.report",
     "chibichat.stages.bench",
     "chibichat.stages.export",
+    "chibichat.stages.import_hf",
 ]
 
 
