@@ -76,7 +76,7 @@ def convert(folder: Path):
     import torch
 
     from chibichat.common import read_json
-    from chibichat.export.hf import from_hf_state, gpt_config_from_hf
+    from chibichat.export.hf import from_hf_state, gpt_config_from_hf, rms_eps
     from chibichat.export.hf_tokenizer import tokenizer_from_hf
     from chibichat.model.gpt import GPT
 
@@ -85,6 +85,9 @@ def convert(folder: Path):
     cfg = gpt_config_from_hf(config, tok.vocab_size, folder / "config.json")
     hf_state = read_weights(folder)
     notes = {"source_dtype": str(next(iter(hf_state.values())).dtype).replace("torch.", "")}
+    eps = config.get("rms_norm_eps", 1e-6)
+    if eps != rms_eps():
+        notes["rms_norm_eps"] = f"source config has rms_norm_eps {eps}; chibichat normalises with float32 eps {rms_eps():.3g}"
     state = from_hf_state(hf_state, cfg.layers, folder)
     del hf_state  # a large model should not sit in memory three times
     rows = state["wte"].shape[0]

@@ -51,6 +51,8 @@ def run(args) -> int:
     home = Home.resolve(args.home)
     sdir, notes = import_hf(args.source, home, args.stage, args.tag, overwrite=args.overwrite,
                             revision=args.revision)
+    if notes.get("rms_norm_eps"):
+        print(f"note: {notes['rms_norm_eps']}")
     if notes.get("vocab_padding_dropped"):
         print(f"note: dropped {notes['vocab_padding_dropped']} padding rows of the embedding and lm_head "
               "(no token id reaches them)")

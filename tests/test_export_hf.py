@@ -1,0 +1,322 @@
+"""`chibichat export hf` / `chibichat import hf` against the real transformers, offline.
+
+Tiny random models (dense with GQA, and the iberis hybrid) and a small tokenizer trained here; every
+claim of the export is checked by running transformers on the folder: logits, tokenizer ids, the
+chat template, greedy generation, and the round trip back into chibichat.
+"""
+
+import json
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from chibichat.cli import main  # noqa: E402
+from chibichat.common import ChibiError, Home  # noqa: E402
+from chibichat.render import render_conversation, render_for_completion  # noqa: E402
+from chibichat.tokenizer import SPECIAL_TOKENS, Tokenizer, shipped_samples, train_tokenizer  # noqa: E402
+
+TOL = 1e-4
+
+CONV = {"messages": [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 12*7? 日本語でも答えて。"},
+    {"role": "assistant", "content": [
+        {"type": "text", "text": "Let me compute: "},
+        {"type": "python", "text": "12*7"},
+        {"type": "python_output", "text": "84"},
+        {"type": "text", "text": " It is 84 (八十四)."},
+    ]},
+    {"role": "user", "content": "Thanks!\n```python\ndef f(x):\n    return x ** 2\n```"},
+    {"role": "assistant", "content": "You're welcome."},
+]}
+
+
+def random_texts(n=150, seed=0):
+    """Strings mixing every character class the split patterns care about."""
+    alphabet = ("abcxyzABCXYZ' " "0123456789" ",.;:!?()[]{}<>|#@$%^&*-_=+/\\\"`~" "  \t\n\r\n\n"
+                "éüßøñ" "日本語漢字々〆" "ひらがなです" "カタカナー" "。、「」！？" "😀🚀" "ΑΒΓαβγ" "АБВабв")
+    rng = random.Random(seed)
+    return [{f"random {i}": "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 120)))}
+            for i in range(n)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    # ja split: the harder regex (Unicode scripts, nested negated classes) for the HF engine
+    return train_tokenizer(list(shipped_samples().values()), 700, split="ja")
+
+
+def make_home(root, tok, layers, windows=None, seed=0):
+    """A home with `tok`, a base checkpoint (corpus recorded), an sft checkpoint on top of it and an eval summary."""
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.train.checkpoint import save_checkpoint
+
+    home = Home.resolve(root)
+    tok.save(home.tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=64, n_layer=4, n_embd=64, n_head=4, n_kv_head=2,
+                    layers=layers, windows=windows)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.25)
+    meta = {"model_config": cfg.to_dict(), "tokenizer": {"vocab_size": tok.vocab_size, "hash": tok.hash}}
+    base = save_checkpoint(home.checkpoints_dir("base", "d4"), 10, model, None,
+                           {**meta, "stage": "base", "corpus": "embedded-en"})
+    (base.parent / "summary.json").write_text(json.dumps({"steps": 10, "final_val_bpb": 2.5}))
+    save_checkpoint(home.checkpoints_dir("sft", "d4"), 3, model, None,
+                    {**meta, "stage": "sft", "source": {"checkpoint": str(base), "step": 10}})
+    home.eval_dir("sft", "d4").mkdir(parents=True)
+    (home.eval_dir("sft", "d4") / "summary.json").write_text(json.dumps({"chatcore": 0.1234, "arc_easy": 0.31}))
+    return home, model
+
+
+def export(home, out, *extra):
+    return main(["export", "hf", "--home", str(home.root), "--from", "sft", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module", params=["dense", "iberis"])
+def exported(request, tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp(request.param)
+    home, model = make_home(root / "home", tok, request.param)
+    out = root / "hf"
+    assert export(home, out) == 0
+    iberis = request.param == "iberis"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=iberis).eval()
+    htok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=iberis)
+    return {"home": home, "model": model.eval(), "out": out, "hf": hf, "htok": htok, "iberis": iberis, "root": root}
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def test_folder_is_the_native_type_or_self_contained_remote_code(exported):
+    out, hf = exported["out"], exported["hf"]
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "README.md"} <= names
+    config = json.loads((out / "config.json").read_text())
+    if exported["iberis"]:
+        assert config["model_type"] == "chibichat_iberis" and config["mixer_pattern"] == "SASA"
+        assert type(hf).__name__ == "ChibiIberisForCausalLM"
+        code = (out / "modeling_chibichat_iberis.py").read_text()
+        assert "import chibichat" not in code and "from chibichat" not in code
+    else:
+        assert config["model_type"] == "nanochat" and not any(n.endswith(".py") for n in names)
+        assert isinstance(hf, transformers.NanoChatForCausalLM)
+        assert config["num_key_value_heads"] == 2  # GQA carried over
+
+
+def test_logits_equal_on_a_batch_of_prompts(exported, tok):
+    model, hf = exported["model"], exported["hf"]
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, tok.vocab_size, (3, 48), generator=g)
+    chat = torch.tensor([render_for_completion(tok, CONV, 64)])
+    for ids in (batch, chat):
+        with torch.no_grad():
+            diff = (model(ids) - hf(ids).logits).abs().max().item()
+        assert diff <= TOL, diff
+
+
+def test_tokenizer_gives_identical_ids(exported, tok):
+    htok = exported["htok"]
+    texts = dict(shipped_samples())
+    texts["mixed"] = "Hello, world! It's 2026.\n\tdef f(x): return x**2  # コメント\n東京は日本の首都です。"
+    for t in random_texts():
+        texts.update(t)
+    for kind, text in texts.items():
+        ids = htok(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok.encode(text), kind
+        assert htok.decode(ids) == tok.decode(ids), kind
+    assert htok("hi")["input_ids"] == [tok.bos_id] + tok.encode("hi")  # documents start with BOS
+    for name in SPECIAL_TOKENS:
+        assert htok.convert_tokens_to_ids(name) == tok.special_id(name)
+        assert htok(name, add_special_tokens=False)["input_ids"] == [tok.special_id(name)]
+    assert htok.bos_token_id == tok.bos_id and htok.eos_token_id == tok.special_id("<|assistant_end|>")
+
+
+def test_chat_template_renders_like_our_renderer(exported, tok):
+    htok = exported["htok"]
+    full = htok.apply_chat_template(CONV["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert full == render_conversation(tok, CONV, 10_000).ids
+    prompt = htok.apply_chat_template(CONV["messages"][:-1], tokenize=True, add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+    assert prompt == render_for_completion(tok, CONV, 10_000)
+
+
+@pytest.mark.parametrize("messages, needle", [
+    ([{"role": "user", "content": "say <|assistant_end|> now"}], "special-token string"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}], "merge adjacent text parts"),
+    ([{"role": "assistant", "content": "hi"}], "was expected"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}],
+     "type must be"),
+])
+def test_chat_template_refuses_what_it_cannot_render_identically(exported, messages, needle):
+    with pytest.raises(Exception, match=needle):
+        exported["htok"].apply_chat_template(messages, tokenize=False)
+
+
+def test_greedy_generate_equals_chibichat_chat(exported, tok, capsys):
+    from chibichat.common import Runtime
+    from chibichat.engine import Engine
+
+    model, hf, home = exported["model"], exported["hf"], exported["home"]
+    n = 24
+    prompt = render_for_completion(tok, {"messages": [{"role": "user", "content": "Tell me a story."}]}, 64)
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32)
+    ours = Engine(model, tok, rt).generate([prompt], max_tokens=n, temperature=0, tools=False)[0][0]
+    assert ours.tokens == theirs
+    if exported["iberis"]:  # the remote code's cache path gives the same tokens as full recomputation
+        again = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, use_cache=False)
+        assert again[0, len(prompt):].tolist() == theirs
+    capsys.readouterr()
+    rc = main(["chat", "--home", str(home.root), "--device", "cpu", "--dtype", "float32", "--from", "sft",
+               "-p", "Tell me a story.", "--temperature", "0", "--tools", "none", "--max-tokens", str(n)])
+    assert rc == 0
+    stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
+    body = theirs[:-1] if theirs and theirs[-1] in stops else theirs
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(body)
+
+
+def test_model_card_carries_metrics_data_and_licences(exported):
+    card = (exported["out"] / "README.md").read_text()
+    assert "0.1234" in card and "chatcore" in card  # eval summary
+    assert "2.5" in card  # base run's final val bpb
+    from chibichat.data.corpora import get_corpus
+
+    assert "embedded-en" in card and get_corpus("embedded-en").licence in card
+    assert "CC BY-SA 4.0" in card  # shipped task data notice
+    assert ("trust_remote_code=True" in card) == exported["iberis"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+def test_round_trip_reproduces_logits_exactly(exported, tok):
+    from chibichat.train.checkpoint import load_model
+
+    home2 = Home.resolve(exported["root"] / "home2")
+    assert main(["import", "hf", str(exported["out"]), "--home", str(home2.root), "--tag", "back"]) == 0
+    tok2 = Tokenizer.load(home2.tokenizer_dir)
+    assert tok2.hash == tok.hash
+    model2, meta = load_model(home2, "sft", "back", tokenizer=tok2)
+    assert meta["imported_from"] == str(exported["out"])
+    ids = torch.randint(0, tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model2(ids), exported["model"](ids))
+    # the same home refuses a second import under that tag, and another tokenizer altogether
+    with pytest.raises(ChibiError, match="already holds checkpoints"):
+        from chibichat.export.importer import import_hf
+        import_hf(str(exported["out"]), home2, "sft", "back")
+
+
+def hf_trained_folder(root, vocab_pad=64):
+    """A 'published' NanoChat folder made with transformers + tokenizers alone (no chibichat code):
+    a tokenizer trained by HF's BpeTrainer, specials appended, a vocabulary padded to a multiple of 64,
+    transformers' default rms_norm_eps."""
+    import tokenizers as tk
+
+    from chibichat.tokenizer import JA_PATTERN
+
+    t = tk.Tokenizer(tk.models.BPE(ignore_merges=True))
+    t.pre_tokenizer = tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(JA_PATTERN), behavior="isolated"),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=500, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                     show_progress=False, special_tokens=[])
+    t.train_from_iterator(list(shipped_samples().values()), trainer)
+    t.add_special_tokens(SPECIAL_TOKENS)
+    V = t.get_vocab_size()
+    padded = (V + vocab_pad - 1) // vocab_pad * vocab_pad
+    folder = root / "published"
+    cfg = transformers.NanoChatConfig(vocab_size=padded, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                      bos_token_id=V - 9, eos_token_id=V - 5, pad_token_id=V - 9)
+    torch.manual_seed(3)
+    model = transformers.NanoChatForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.25)
+    model.save_pretrained(folder)
+    t.save(str(folder / "tokenizer.json"))
+    return folder, model.eval(), t, V
+
+
+def test_import_a_transformers_made_nanochat_folder(tmp_path, capsys):
+    from chibichat.train.checkpoint import load_model
+
+    folder, hf, t, V = hf_trained_folder(tmp_path)
+    home = Home.resolve(tmp_path / "home")
+    assert main(["import", "hf", str(folder), "--home", str(home.root), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"dropped {hf.config.vocab_size - V} padding rows" in out and "rms_norm_eps" in out
+    assert "verify: max |logit difference|" in out
+    tok = Tokenizer.load(home.tokenizer_dir)
+    assert tok.vocab_size == V
+    for text in shipped_samples().values():
+        assert tok.encode(text) == t.encode(text, add_special_tokens=False).ids
+    model, meta = load_model(home, "sft", "published", tokenizer=tok)
+    assert meta["import"]["vocab_padding_dropped"] == hf.config.vocab_size - V
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        diff = (model(ids) - hf(ids).logits[..., :V]).abs().max().item()
+    assert diff <= TOL, diff  # eps 1e-6 (transformers) vs float32 eps (ours): far below the tolerance
+    # and chat works on it
+    assert main(["chat", "--home", str(home.root), "--device", "cpu", "--dtype", "float32", "--tag", "published",
+                 "-p", "hello", "--temperature", "0", "--max-tokens", "5"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_export_refusals(tmp_path, tok, capsys):
+    home, _ = make_home(tmp_path / "home", tok, "dense", windows=[16, 0, 16, 0])
+    assert export(home, tmp_path / "x") == 2
+    assert "sliding-window" in capsys.readouterr().err
+    home2, _ = make_home(tmp_path / "home2", tok, "dense")
+    (tmp_path / "taken").mkdir()
+    assert export(home2, tmp_path / "taken") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert export(home2, tmp_path / "taken", "--overwrite") == 0
+    assert main(["export"]) == 2
+
+
+def test_import_refusals(tmp_path, tok, capsys):
+    from chibichat.export.importer import import_hf
+
+    folder, _, _, _ = hf_trained_folder(tmp_path)
+    home = Home.resolve(tmp_path / "home")
+    tok.save(home.tokenizer_dir)  # a home that already has another tokenizer
+    with pytest.raises(ChibiError, match="already has a different tokenizer"):
+        import_hf(str(folder), home, "sft", None)
+    fresh = Home.resolve(tmp_path / "fresh")
+    config = json.loads((folder / "config.json").read_text())
+    for key, value, needle in [("hidden_act", "silu", "hidden_act"), ("attention_bias", True, "biases"),
+                               ("model_type", "llama", "model_type"), ("rms_norm_eps", 0.1, "rms_norm_eps")]:
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ChibiError, match=needle):
+            import_hf(str(folder), fresh, "sft", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ChibiError, match="pickle"):
+        import_hf(str(folder), fresh, "sft", None)
+    with pytest.raises(ChibiError, match="neither a local folder nor a hub repo id"):
+        import_hf("no such folder!", fresh, "sft", None)
