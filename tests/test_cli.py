@@ -60,3 +60,13 @@ def test_read_json_errors_name_the_file(tmp_path):
         read_json(p, "checkpoint metadata")
     atomic_write_json(p, {"a": 1})
     assert read_json(p, "x") == {"a": 1}
+
+
+def test_atomic_write_gives_normal_file_mode(tmp_path):
+    import os
+
+    p = tmp_path / "f.txt"
+    atomic_write_json(p, {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)
