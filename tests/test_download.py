@@ -25,7 +25,8 @@ def parquet_bytes(n_docs, seed, row_group_size=64):
 class Server:
     """Serves `files` (path -> bytes). `faults` (path -> list of modes) applies one mode per request
     in order, then serves normally: "drop" sends the headers and half the body then closes,
-    "corrupt" serves garbage of the same length, "500" answers 500; "broken" in `always` is forever."""
+    "corrupt" serves garbage of the same length, "500" answers 500, "full" ignores Range and sends
+    the whole file with 200; "broken" in `always` is forever."""
 
     def __init__(self):
         self.files, self.faults, self.always = {}, defaultdict(list), {}
@@ -106,6 +107,15 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     assert reqs[0] is None and len(reqs) == 2 and reqs[1].startswith("bytes=")
     assert len(data) // 2 - 256 < int(reqs[1][6:-1]) <= len(data) // 2
     assert not (tmp_path / "a.parquet.part").exists()
+
+
+def test_server_ignoring_range_restarts_the_file(server, tmp_path):
+    data, _ = parquet_bytes(500, 6)
+    server.files["/r.parquet"] = data
+    server.faults["/r.parquet"] = ["drop", "full"]
+    download_file(server.base + "/r.parquet", tmp_path / "r.parquet", validate=validate_parquet, **FAST)
+    assert (tmp_path / "r.parquet").read_bytes() == data  # the 200 body replaced the partial bytes
+    assert len(server.requests["/r.parquet"]) == 2 and server.requests["/r.parquet"][1].startswith("bytes=")
 
 
 def test_corrupt_download_is_refetched_from_scratch(server, tmp_path):

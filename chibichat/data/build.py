@@ -498,12 +498,13 @@ def roff_notice(source: str) -> str:
     lines = []
     for line in source.splitlines():
         if line.startswith(('.\\"', "'\\\"")):
-            lines.append(line[3:].rstrip())
+            body = line[3:].rstrip()
+            lines.append(body[1:] if body.startswith(" ") else body)  # the one space after the comment mark
         elif line.strip() in ("", "."):
             continue
         else:
             break
-    return "\n".join(lines).strip()
+    return "\n".join(lines).strip("\n")
 
 
 def manpage_works(root: Path, notices: dict[str, list[str]]) -> list[tuple[str, list[str]]]:

@@ -22,7 +22,6 @@ import lzma
 import math
 import os
 import threading
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
