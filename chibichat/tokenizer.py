@@ -5,14 +5,21 @@ then the 9 special tokens (ids V-9..V-1). Ordinary text is encoded with tiktoken
 `encode_ordinary`, so a document that literally contains "<|bos|>" is encoded as the bytes of
 that string and can never smuggle a special token into a training row.
 
-Two pre-split patterns are available (`split`):
-  gpt4  GPT-4's cl100k pattern with nanochat's digit rule (runs of 1-2 digits, which nanochat
-        measured as the best of 1/2/3).
-  ja    the same, but Han, Hiragana and Katakana(+ー) runs are separate, capped alternatives. Under
-        the gpt4 pattern a Japanese clause is one `\\p{L}+` chunk (mean ~16 bytes, often >100), and
-        long unique chunks are what make BPE training slow and memory-hungry on Japanese.
-        Breaking at script changes gives chunks close to morphemes; the caps bound the worst case.
-        Caps were picked by measurement (`chibichat bench tokenizer`).
+Three pre-split patterns are available (`split`):
+  gpt4       GPT-4's cl100k pattern with nanochat's digit rule (runs of 1-2 digits, which nanochat
+             measured as the best of 1/2/3). Under it a Japanese clause is one `\\p{L}+` chunk
+             (mean ~17 bytes, max ~300 on embedded-ja); long, mostly unique chunks are what make BPE
+             training slow and memory-hungry on Japanese.
+  ja         (default for ja/mixed corpora) bunsetsu-like chunks: a Han or Katakana(+ー) run with the
+             hiragana that follows it (particles, okurigana: 東京都に / 住んでいる / コーヒーを), or a
+             hiragana run, each optionally led by one punctuation character as in GPT-4's letter
+             runs, every run capped at JA_RUN_CAP characters. Splitting where a new content word
+             starts keeps the merges that pay (word + particle) and drops the clause-long chunks.
+  ja-script  break at every script change (Han | Hiragana | Katakana), runs capped at
+             JA_SCRIPT_CAP: the fastest and lightest to train, but it forbids word+particle tokens,
+             so it compresses in-domain Japanese noticeably worse. For corpora too big for `ja`.
+English text is split identically by all three. Figures behind the choice of split and caps:
+`chibichat bench tokenizer` (and its --ja-caps sweep).
 """
 
 from __future__ import annotations
@@ -55,21 +62,39 @@ GPT4_PATTERN = "|".join(
     [_CONTRACTIONS, r"[^\r\n\p{L}\p{N}]?+\p{L}+", _DIGITS, _PUNCT, _SPACES]
 )
 
-# Letters that are not Japanese script: "a letter, and not Han/Hiragana/Katakana".
-_NON_JA_LETTER = r"[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}]"
-# Japanese runs. 々 and 〆 are Han-ish iteration/abbreviation marks; ー (U+30FC, script Common)
-# lengthens katakana words, so it belongs to katakana runs. Every run is capped at `cap` characters.
-JA_RUN_CAP = 6
+# Japanese script classes. 々 and 〆 are Han-like marks; ー (U+30FC, script Common) lengthens
+# katakana words, so it belongs to katakana (and hiragana) runs.
+_HAN = r"[\p{Han}々〆]"
+_KANA = r"[\p{Katakana}ー]"
+_HIRA = r"[\p{Hiragana}ー]"  # ー also lengthens hiragana (すごーい)
+# Letters that are not Japanese: "a letter, and not Han/Hiragana/Katakana". Without this the generic
+# letter run `\p{L}+` would swallow Japanese before the Japanese alternatives are tried.
+_NON_JA_LETTER = r"[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}ー々〆]"
+_LEAD = r"[^\r\n\p{L}\p{N}]?+"  # one optional leading non-letter, as in GPT-4's letter runs
+JA_RUN_CAP = 12
+JA_SCRIPT_CAP = 6
+
+
+def _with_japanese(runs: list[str]) -> str:
+    return "|".join([_CONTRACTIONS, _LEAD + _NON_JA_LETTER + "+", *runs, _DIGITS, _PUNCT, _SPACES])
 
 
 def ja_pattern(cap: int = JA_RUN_CAP) -> str:
-    runs = [r"[\p{Han}々〆]{1,%d}" % cap, r"\p{Hiragana}{1,%d}" % cap, r"[\p{Katakana}ー]{1,%d}" % cap]
-    return "|".join([_CONTRACTIONS, r"[^\r\n\p{L}\p{N}]?+" + _NON_JA_LETTER + "+", *runs, _DIGITS, _PUNCT, _SPACES])
+    """The `ja` split: content run + trailing hiragana, or a hiragana run; every run at most `cap` chars."""
+    tail = f"{_HIRA}{{0,{cap}}}"
+    return _with_japanese(
+        [f"{_LEAD}{_HAN}{{1,{cap}}}{tail}", f"{_LEAD}{_KANA}{{1,{cap}}}{tail}", f"{_LEAD}{_HIRA}{{1,{cap}}}"]
+    )
+
+
+def ja_script_pattern(cap: int = JA_SCRIPT_CAP) -> str:
+    """The `ja-script` split: one chunk per script run, each at most `cap` chars."""
+    return _with_japanese([f"{_HAN}{{1,{cap}}}", f"{_HIRA}{{1,{cap}}}", f"{_KANA}{{1,{cap}}}"])
 
 
 JA_PATTERN = ja_pattern()
 
-SPLIT_PATTERNS = {"gpt4": GPT4_PATTERN, "ja": JA_PATTERN}
+SPLIT_PATTERNS = {"gpt4": GPT4_PATTERN, "ja": JA_PATTERN, "ja-script": ja_script_pattern()}
 
 
 def _ranks_hash(pattern: str, ranks: list[bytes], specials: dict[str, int]) -> str:

@@ -68,31 +68,48 @@ def test_token_bytes_sum_to_utf8_length(tok):
         assert int(tb[ids].sum()) == len(text.encode("utf-8"))
 
 
-def test_ja_split_merges_stay_within_one_script(tok):
-    import regex
-
-    # frequent kana became whole-character tokens ...
+def test_frequent_kana_are_single_tokens(tok):
     for ch in "のはをに":
         assert len(tok.encode(ch)) == 1, ch
-    # ... and no learned token spans a Han/Hiragana boundary (the ja split forbids it)
-    pieces = [tok.id_to_bytes(i).decode("utf-8", "ignore") for i in range(256, tok.vocab_size - 9)]
-    assert any(regex.fullmatch(r"\p{Hiragana}{2,}", p) for p in pieces)
-    assert not any(regex.search(r"\p{Han}\p{Hiragana}|\p{Hiragana}\p{Han}", p) for p in pieces)
 
 
-def test_ja_split_breaks_at_scripts_and_caps_runs():
+@pytest.mark.parametrize("split", ["gpt4", "ja", "ja-script"])
+def test_which_merges_each_split_allows(split):
     import regex
 
-    chunks = regex.findall(JA_PATTERN, "東京都に住んでいるコーヒー" + "漢" * 20 + "abcの")
-    assert chunks[:4] == ["東京都", "に", "住", "んでいる"]
-    assert "コーヒー" in chunks
-    assert max(len(c) for c in chunks) <= max(JA_RUN_CAP, 4)
-    assert "abc" in chunks  # latin letters are not glued to the following kana
-    # gpt4 leaves the whole clause in one chunk: the problem the ja split fixes
-    assert regex.findall(GPT4_PATTERN, "東京都に住んでいる")[0] == "東京都に住んでいる"
-    # nanochat digit rule: runs of at most 2 digits, in both patterns
-    for pat in (GPT4_PATTERN, JA_PATTERN):
+    from chibichat.tokenizer import shipped_samples
+
+    tok = train_tokenizer(shipped_samples()["Japanese prose"].split("\n\n"), 700, split=split)
+    pieces = [tok.id_to_bytes(i).decode("utf-8", "ignore") for i in range(256, tok.vocab_size - 9)]
+    word_particle = any(regex.fullmatch(r"[\p{Han}\p{Katakana}]+\p{Hiragana}+", p) for p in pieces)
+    across_words = any(regex.search(r"\p{Hiragana}[\p{Han}\p{Katakana}]", p) for p in pieces)
+    # ja keeps content word + particle tokens but never runs from hiragana into the next content word;
+    # ja-script forbids both; gpt4 allows both (its chunks are whole clauses)
+    assert (word_particle, across_words) == {"ja": (True, False), "ja-script": (False, False), "gpt4": (True, True)}[split]
+
+
+def test_japanese_split_patterns():
+    import regex
+
+    from chibichat.tokenizer import SPLIT_PATTERNS
+
+    text = "東京都に住んでいる私は、毎朝コーヒーを飲みながら" + "漢" * 20 + "すごーい"
+    ja = regex.findall(SPLIT_PATTERNS["ja"], text)
+    assert ja[:6] == ["東京都に", "住んでいる", "私は", "、毎朝", "コーヒーを", "飲みながら"]
+    assert ja[-2:] == ["漢" * 12, "漢" * 8 + "すごーい"]  # runs capped at JA_RUN_CAP; ー lengthens kana
+    script = regex.findall(SPLIT_PATTERNS["ja-script"], text)
+    assert script[:6] == ["東京都", "に", "住", "んでいる", "私", "は"]
+    assert max(map(len, script)) <= 6
+    # gpt4 leaves the whole clause in one chunk: the problem the Japanese splits fix
+    assert regex.findall(GPT4_PATTERN, text)[0] == "東京都に住んでいる私は"
+    # English is split identically by every pattern, and latin letters never glue onto kana
+    en = EN + "It's 12345 tokens, don't   worry.\n\n  x"
+    assert len({tuple(regex.findall(p, en)) for p in SPLIT_PATTERNS.values()}) == 1
+    assert regex.findall(JA_PATTERN, "abcの") == ["abc", "の"]
+    # nanochat digit rule: runs of at most 2 digits, in every pattern
+    for pat in SPLIT_PATTERNS.values():
         assert regex.findall(pat, "12345") == ["12", "34", "5"]
+    assert JA_RUN_CAP == 12
 
 
 def test_save_load_identical(tok, tmp_path):
@@ -284,9 +301,9 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
     assert "Japanese: ja split trains" in out and "held-out bytes/token" in out
     res = json.loads(out_json.read_text())
     rows = {(r["lang"], r["split"], r["trainer"]): r for r in res["rows"]}
-    expect = {(lang, s, "rustbpe") for lang in ("en", "ja") for s in ("gpt4", "ja", "ja/cap3")}
+    expect = {(lang, s, "rustbpe") for lang in ("en", "ja") for s in ("gpt4", "ja", "ja-script", "ja/cap3")}
     if has_hf:
-        expect |= {(lang, s, "hf-tokenizers") for lang in ("en", "ja") for s in ("gpt4", "ja")}
+        expect |= {(lang, s, "hf-tokenizers") for lang in ("en", "ja") for s in ("gpt4", "ja", "ja-script")}
     assert set(rows) == expect
 
     # the figures are recomputable from the same text
@@ -298,9 +315,11 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
     assert {k: r[k] for k in ("chunks", "mean_chunk_bytes", "max_chunk_bytes", "unique_chunks")} == chunk_stats(docs, GPT4_PATTERN)
     tok = train_tokenizer(docs, 500, split="gpt4")
     assert r["heldout_bytes_per_token"] == round(len(held.encode()) / len(tok.encode(held)), 3)
-    # the Japanese-aware split makes shorter chunks on the same text
-    assert rows[("ja", "ja", "rustbpe")]["mean_chunk_bytes"] < r["mean_chunk_bytes"]
-    assert rows[("ja", "ja", "rustbpe")]["max_chunk_bytes"] < r["max_chunk_bytes"]
+    # the Japanese-aware splits make shorter chunks on the same text, ja-script the shortest
+    for split in ("ja", "ja-script"):
+        assert rows[("ja", split, "rustbpe")]["mean_chunk_bytes"] < r["mean_chunk_bytes"]
+        assert rows[("ja", split, "rustbpe")]["max_chunk_bytes"] < r["max_chunk_bytes"]
+    assert rows[("ja", "ja-script", "rustbpe")]["mean_chunk_bytes"] < rows[("ja", "ja", "rustbpe")]["mean_chunk_bytes"]
     assert r["train_peak_mb"] is None  # --no-rss
     if has_hf:  # HF learned the same number of merges, from the same pre-split, on the same text
         assert rows[("ja", "gpt4", "hf-tokenizers")]["chunks"] == r["chunks"]

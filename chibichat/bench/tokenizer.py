@@ -173,7 +173,7 @@ def run(args) -> int:
             secs, ranks = _best_of(args.repeats, lambda: train_ranks(docs, args.vocab_size, pattern))
             if len(ranks) != args.vocab_size - 9:
                 raise ChibiError(f"{lang} text too small for --vocab-size {args.vocab_size}; raise --chars")
-            tok = Tokenizer(ranks, split="ja" if split.startswith("ja") else "gpt4", pattern=pattern)
+            tok = Tokenizer(ranks, split=split if split in SPLIT_PATTERNS else "ja", pattern=pattern)
             stats["train_peak_mb"] = training_peak_mb(docs, args.vocab_size, pattern) if args.rss else None
             rows.append(_row(lang, split, "rustbpe", docs, held, secs, len(tok.encode(held)), stats))
             print(_fmt_row(rows[-1]), flush=True)
@@ -221,13 +221,16 @@ def _summary(rows: list[dict]) -> list[str]:
 
     out = []
     for lang, name in (("ja", "Japanese"), ("en", "English")):
-        g, j = get(lang, "gpt4"), get(lang, "ja")
-        out.append(
-            f"{name}: ja split trains {j['chars_per_s'] / g['chars_per_s']:.2f}x the chars/s of the gpt4 split; "
-            f"held-out bytes/token {j['heldout_bytes_per_token']:.3f} (ja) vs {g['heldout_bytes_per_token']:.3f} (gpt4)"
-        )
+        g = get(lang, "gpt4")
+        for split in ("ja", "ja-script"):
+            j = get(lang, split)
+            out.append(
+                f"{name}: {split} split trains {j['chars_per_s'] / g['chars_per_s']:.2f}x the chars/s of the gpt4 "
+                f"split; held-out bytes/token {j['heldout_bytes_per_token']:.3f} ({split}) vs "
+                f"{g['heldout_bytes_per_token']:.3f} (gpt4)"
+            )
     for lang in ("en", "ja"):
-        for split in ("gpt4", "ja"):
+        for split in ("gpt4", "ja", "ja-script"):
             r, h = get(lang, split), get(lang, split, "hf-tokenizers")
             if h:
                 out.append(f"trainer ({lang}, {split}): rustbpe {r['chars_per_s'] / h['chars_per_s']:.2f}x the chars/s "

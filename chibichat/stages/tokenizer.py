@@ -51,8 +51,9 @@ def register(sub) -> None:
         help=f"use at most this many leading characters of each document (default {DEFAULT_DOC_CAP:,}; counted)",
     )
     t.add_argument(
-        "--split", choices=("auto", "gpt4", "ja"), default="auto",
-        help="pre-split regex: gpt4, ja (Japanese-aware), auto = ja when the corpus is ja/mixed, else gpt4",
+        "--split", choices=("auto", "gpt4", "ja", "ja-script"), default="auto",
+        help="pre-split regex: gpt4; ja (Japanese-aware: content word + particles); ja-script (break at every "
+             "Japanese script change: fastest, compresses worse); auto = ja when the corpus is ja/mixed, else gpt4",
     )
     t.set_defaults(func=run_train)
 
