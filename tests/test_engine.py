@@ -273,3 +273,31 @@ def test_stream_never_splits_utf8(tok, rt):
     assert all(p and "\ufffd" not in p for p in pieces)
     assert pieces[:3] == ["日", "本", "語"]
     assert result["finish_reason"] == "stop" and result["completion_tokens"] == len(data) + 1
+
+
+# -- bench infer ----------------------------------------------------------------------------------
+
+
+def test_bench_infer_measures_a_tiny_model():
+    from chibichat.bench.infer import format_table, measure
+
+    cfg = dict(layout="iberis", dtype="float32", device="cpu", depth=3, width=64, vocab=300, prompt=8, decode=4,
+               batches=[1, 2], repeats=1, threads=1)  # fmt: skip
+    r = measure(cfg)
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b2", "weights_mib", "peak_mib"):
+        assert r[key] > 0, key
+    # exact bytes: fp32 weights; state for batch 2 of 13 tokens. iberis at depth 3 = "SAA":
+    # 2 attention layers x (k, v) x 2 rows x 1 head x 13 x 64, plus 1 conv history of 2 rows x (k-1=2) x 64
+    assert r["weights_mib"] * 2**20 == r["params"] * 4
+    assert r["state_mib"] * 2**20 == 4 * (2 * 2 * 2 * 1 * 13 * 64 + 1 * 2 * 2 * 64)
+    table = format_table([r], [1, 2])
+    assert "decode tok/s b2" in table and "iberis" in table
+
+
+def test_bench_infer_cli_rejects_bad_flags(capsys):
+    from chibichat.cli import main
+
+    assert main(["bench", "infer", "--layouts", "dense,XYZ"]) == 2
+    assert "layout" in capsys.readouterr().err
+    assert main(["bench", "infer", "--width", "100"]) == 2
+    assert main(["bench", "infer", "--dtypes", "float64"]) == 2

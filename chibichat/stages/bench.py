@@ -14,6 +14,7 @@ from chibichat.common import add_home_arg
 BENCHES = [
     ("tokenizer", "chibichat.bench.tokenizer"),
     ("train", "chibichat.bench.train"),
+    ("infer", "chibichat.bench.infer"),
 ]
 
 

@@ -1,0 +1,195 @@
+"""`chibichat bench infer`: inference speed of the Engine on a random-init model, one table.
+
+For each layout (dense, iberis) x dtype (fp32, bf16), in a fresh process (so peak memory is that
+configuration's own):
+  - TTFT: generate(max_tokens=1) on one prompt of --prompt tokens (prefill + first sample);
+  - prefill tok/s: the batch-1 prompt forward alone;
+  - decode tok/s at each batch size: (generate(max_tokens=1+N) - generate(max_tokens=1)) / (B*N),
+    i.e. the per-step cost of decoding including sampling and the engine's bookkeeping;
+  - memory: weights + inference state (exact tensor bytes) and the process's peak RSS (CPU) or
+    peak allocated CUDA memory.
+Decoding is greedy on a zero-initialised lm_head (all logits equal, argmax = token 0), so no row
+stops early and every run decodes exactly N tokens; the arithmetic is the same as for any weights.
+Each figure is the best of --repeats runs (the machine may be shared: compare within one run).
+bf16 models are prepared with engine.prepare_for_inference (weights stored in bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from chibichat.common import ChibiError, add_runtime_args
+
+HELP = "inference TTFT, prefill and decode tokens/s (batch 1 and 8), memory: dense vs iberis, fp32 vs bf16"
+
+
+def add_args(p) -> None:
+    p.add_argument("--depth", type=int, default=4, help="layers (default: 4)")
+    p.add_argument("--width", type=int, default=256, help="model width n_embd (default: 256); heads of 64")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default: 128)")
+    p.add_argument("--decode", type=int, default=64, help="decode steps measured (default: 64)")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes (default: 1,8)")
+    p.add_argument("--layouts", default="dense,iberis", help="layer layouts (default: dense,iberis)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes (default: float32,bfloat16)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is reported (default: 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_runtime_args(p)  # --device (auto/cpu/cuda); --dtype is unused here (see --dtypes)
+
+
+def _parse_list(text: str, what: str, conv=str) -> list:
+    try:
+        items = [conv(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ChibiError(f"--{what} must be a comma-separated list, got {text!r}") from None
+    if not items:
+        raise ChibiError(f"--{what} is empty")
+    return items
+
+
+def measure(cfg: dict) -> dict:
+    """One configuration, in this process. Returns the figures as a dict."""
+    import torch
+
+    from chibichat.common import init_runtime
+    from chibichat.engine import Engine, prepare_for_inference
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.tokenizer import SPECIAL_TOKENS
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    rt = init_runtime(cfg["device"], cfg["dtype"])
+    width, depth = cfg["width"], cfg["depth"]
+    gcfg = GPTConfig(vocab_size=cfg["vocab"], seq_len=cfg["prompt"] + cfg["decode"] + 1, n_layer=depth,
+                     n_embd=width, n_head=max(1, width // 64), n_kv_head=max(1, width // 64), layers=cfg["layout"])  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(gcfg).to(rt.device)
+    prepare_for_inference(model, rt.compute_dtype)
+
+    class _Tok:  # the engine only needs special ids and decoding; byte-ish ids are fine for timing
+        vocab_size = cfg["vocab"]
+
+        def special_id(self, name):
+            return cfg["vocab"] - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(name)
+
+        def decode(self, ids):
+            return ""
+
+    engine = Engine(model, _Tok(), rt)
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(1)
+    prompt_of = lambda: torch.randint(0, cfg["vocab"] - len(SPECIAL_TOKENS), (cfg["prompt"],), generator=g).tolist()  # noqa: E731
+
+    def best(fn):
+        times = []
+        for _ in range(cfg["repeats"]):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def gen(prompts, n):
+        out = engine.generate(prompts, max_tokens=n, temperature=0.0, tools=False)
+        assert all(len(s[0].tokens) == n for s in out), "a row stopped early; the timing would be wrong"
+
+    one = [prompt_of()]
+    gen(one, 2)  # warm-up (allocator, kernels)
+    ids = torch.tensor(one, device=rt.device)
+
+    def prefill():
+        model.forward_step(ids, model.new_state(1, cfg["prompt"]))
+
+    res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device)}
+    res["prefill_tok_s"] = cfg["prompt"] / best(prefill)
+    res["ttft_ms"] = 1000 * best(lambda: gen(one, 1))
+    n = cfg["decode"]
+    for B in cfg["batches"]:
+        prompts = [prompt_of() for _ in range(B)]
+        gen(prompts, 2)
+        t1 = best(lambda: gen(prompts, 1))
+        tn = best(lambda: gen(prompts, 1 + n))
+        res[f"decode_tok_s_b{B}"] = B * n / max(tn - t1, 1e-9)
+    state = model.new_state(max(cfg["batches"]), gcfg.seq_len)
+    state_bytes = sum(t.numel() * t.element_size() for layer in state.layers for t in layer)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    res["weights_mib"] = weight_bytes / 2**20
+    res["state_mib"] = state_bytes / 2**20
+    if rt.device.type == "cuda":
+        res["peak_mib"] = torch.cuda.max_memory_allocated(rt.device) / 2**20
+        res["peak_kind"] = "cuda allocated"
+    else:
+        import resource
+
+        res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        res["peak_kind"] = "process RSS"
+    res["params"] = model.num_params()
+    return res
+
+
+def _worker() -> None:
+    """Entry point of the per-configuration subprocess: config JSON in argv[1], result JSON out."""
+    print("RESULT " + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)
+
+
+def run(args) -> int:
+    layouts = _parse_list(args.layouts, "layouts")
+    dtypes = _parse_list(args.dtypes, "dtypes")
+    batches = _parse_list(args.batches, "batches", int)
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            raise ChibiError(f"--dtypes: {d!r} is not one of float32, bfloat16, float16")
+    for name, v, lo in (("depth", args.depth, 1), ("width", args.width, 64), ("vocab", args.vocab, 300),
+                        ("prompt", args.prompt, 1), ("decode", args.decode, 2), ("repeats", args.repeats, 1)):  # fmt: skip
+        if v < lo:
+            raise ChibiError(f"--{name} must be >= {lo}, got {v}")
+    if any(b < 1 for b in batches):
+        raise ChibiError(f"--batches must be positive, got {batches}")
+    if args.width % 64:
+        raise ChibiError(f"--width {args.width} must be a multiple of 64 (heads of 64)")
+
+    from chibichat.model.gpt import layer_pattern
+
+    for layout in layouts:
+        layer_pattern(layout, args.depth)  # ChibiError on a bad layout, before any process starts
+    results = []
+    print(f"bench infer: depth {args.depth}, width {args.width}, vocab {args.vocab}, prompt {args.prompt}, "
+          f"{args.decode} decode steps, best of {args.repeats}; each configuration in a fresh process", flush=True)  # fmt: skip
+    for layout in layouts:
+        for dtype in dtypes:
+            cfg = dict(layout=layout, dtype=dtype, device=args.device, depth=args.depth, width=args.width,
+                       vocab=args.vocab, prompt=args.prompt, decode=args.decode, batches=batches,
+                       repeats=args.repeats, threads=args.threads)  # fmt: skip
+            code = "from chibichat.bench.infer import _worker; _worker()"
+            proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                raise ChibiError(f"bench infer {layout}/{dtype} failed: " + " | ".join(tail))
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+            print(f"  done {layout} {dtype}", flush=True)
+    print(format_table(results, batches))
+    if args.json:
+        from chibichat.common import atomic_write_json
+
+        atomic_write_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results})
+    return 0
+
+
+def format_table(results: list[dict], batches: list[int]) -> str:
+    head = ["layout", "dtype", "TTFT ms", "prefill tok/s"] + [f"decode tok/s b{b}" for b in batches]
+    head += ["weights+state MiB", "peak MiB"]
+    rows = []
+    for r in results:
+        rows.append([r["layout"], r["dtype"], f"{r['ttft_ms']:.1f}", f"{r['prefill_tok_s']:,.0f}"]
+                    + [f"{r[f'decode_tok_s_b{b}']:,.0f}" for b in batches]
+                    + [f"{r['weights_mib'] + r['state_mib']:.1f}", f"{r['peak_mib']:.0f} ({r['peak_kind']})"])  # fmt: skip
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    lines = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
+    return "\n".join(lines)
