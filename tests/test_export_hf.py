@@ -320,3 +320,77 @@ def test_import_refusals(tmp_path, tok, capsys):
         import_hf(str(folder), fresh, "sft", None)
     with pytest.raises(ChibiError, match="neither a local folder nor a hub repo id"):
         import_hf("no such folder!", fresh, "sft", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# --push, against a local stand-in for the hub's HTTP API (create repo, preupload, commit)
+
+
+@pytest.fixture
+def fake_hub():
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"created": [], "files": {}, "auth": set()}
+
+    class Hub(BaseHTTPRequestHandler):
+        def _reply(self, obj, code=200):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            state["auth"].add(self.headers.get("Authorization"))
+            base = f"http://127.0.0.1:{self.server.server_port}"
+            if self.path == "/api/repos/create":
+                req = json.loads(body)
+                state["created"].append(f"{req['organization']}/{req['name']}")
+                self._reply({"url": f"{base}/{req['organization']}/{req['name']}"})
+            elif self.path == "/api/validate-yaml":  # the client checks the card's front matter first
+                state["card_yaml"] = json.loads(body)["content"]
+                self._reply({})
+            elif "/preupload/" in self.path:  # every file inline ("regular"), no LFS round trip
+                self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                       for f in json.loads(body)["files"]]})
+            elif "/commit/" in self.path:
+                for line in body.decode().splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "file":
+                        state["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+                self._reply({"commitUrl": f"{base}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
+            else:
+                self._reply({"error": "unknown"}, 404)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_port}"
+    yield state
+    server.shutdown()
+
+
+def test_push_uploads_the_whole_folder(tmp_path, tok, fake_hub, monkeypatch, capsys):
+    import huggingface_hub
+
+    home, _ = make_home(tmp_path / "home", tok, "dense")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake_hub["url"])
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    out = tmp_path / "hf"
+    assert export(home, out, "--push", "me/tiny-chat") == 0
+    assert "pushed to" in capsys.readouterr().out
+    assert fake_hub["created"] == ["me/tiny-chat"]
+    assert fake_hub["auth"] == {"Bearer hf_test_token"}
+    assert fake_hub["files"] == {p.name: p.read_bytes() for p in out.iterdir()}
+    assert 'from_pretrained("me/tiny-chat")' in fake_hub["files"]["README.md"].decode()
+    assert fake_hub["card_yaml"].startswith("---\nlibrary_name: transformers")
+    with pytest.raises(ChibiError, match="owner/name"):
+        from chibichat.export.hf import push_folder
+        push_folder(out, "not a repo id")

@@ -107,7 +107,8 @@ def model_card(home: Home, meta: dict, tok, model, repo_hint: str = "DIR") -> st
     lines = [
         "---",
         "library_name: transformers",
-        "license: mit",
+        "license: other",
+        "license_name: training-data-terms",
         "pipeline_tag: text-generation",
         "tags: [chibichat, nanochat" + (", iberis" if iberis else "") + "]",
         "---",
@@ -142,6 +143,8 @@ def model_card(home: Home, meta: dict, tok, model, repo_hint: str = "DIR") -> st
         f"| checkpoint | {stage}/{tag} step {meta.get('step')} |",
         "",
         "## Training data",
+        "The weights carry the terms of the data they were trained on (below); chibichat's code is MIT.",
+        "",
         "| stage | data | source | licence |",
         "|---|---|---|---|",
         *_data_rows(chain),

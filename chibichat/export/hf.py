@@ -244,14 +244,17 @@ def export_folder(model, meta: dict, tok, out: Path, card: str, overwrite: bool 
     return out
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload an export folder to the hub (huggingface_hub; endpoint from HF_ENDPOINT). Returns the repo URL."""
+def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None,
+                endpoint: str | None = None) -> str:
+    """Upload an export folder to the hub with huggingface_hub (create the repo if needed, one commit with
+    every file). Token: `token`, else the login / HF_TOKEN; endpoint: `endpoint`, else HF_ENDPOINT / the
+    public hub. Returns the repo URL."""
     from chibichat.export.hf_tokenizer import need
 
     hub = need("huggingface_hub")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise ChibiError(f"--push {repo_id!r} is not a hub repo id of the form owner/name")
-    api = hub.HfApi(token=token)
+    api = hub.HfApi(token=token, endpoint=endpoint)
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
