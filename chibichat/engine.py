@@ -224,7 +224,13 @@ class Engine:
         import torch
 
         model, dev = self.model, self.rt.device
-        state, logits = self._prefill(prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
+        # inference_mode (lighter than no_grad: no view/version tracking) is entered around each
+        # piece of tensor work rather than across `yield`, so it never leaks into the consumer's code.
+        # It cannot create inference tensors the model keeps: _check caps every row at seq_len, so
+        # the model never grows its RoPE buffer here.
+        inference = torch.inference_mode
+        with inference():
+            state, logits = self._prefill(prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
         n = logits.shape[0]
         rows = [_Row() for _ in range(n)]
         live = list(range(n))  # row index of each batch position
@@ -233,7 +239,8 @@ class Engine:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev)
         for step in range(max_tokens):
-            sampled = sample_next(logits, params, generator, seen).tolist()
+            with inference():
+                sampled = sample_next(logits, params, generator, seen).tolist()
             emitted, feed, keep = [], [], []
             for b, r in enumerate(live):
                 row = rows[r]
@@ -254,15 +261,17 @@ class Engine:
             yield emitted
             if not keep:
                 break
-            if seen is not None:  # every token the row has produced so far (forced ones too)
-                seen[torch.arange(len(live), device=dev), torch.tensor([t for (_, t, _) in emitted], device=dev)] = True
-            if len(keep) < len(live):
-                idx = torch.tensor(keep, device=dev)
-                state = state.select(idx)
-                if seen is not None:
-                    seen = seen.index_select(0, idx)
-                live = [live[b] for b in keep]
-            logits = model.forward_step(torch.tensor(feed, dtype=torch.long, device=dev)[:, None], state)[:, -1]
+            with inference():
+                if seen is not None:  # every token the row has produced so far (forced ones too)
+                    rows_idx = torch.arange(len(live), device=dev)
+                    seen[rows_idx, torch.tensor([t for (_, t, _) in emitted], device=dev)] = True
+                if len(keep) < len(live):  # finished rows leave the batch
+                    idx = torch.tensor(keep, device=dev)
+                    state = state.select(idx)
+                    if seen is not None:
+                        seen = seen.index_select(0, idx)
+                    live = [live[b] for b in keep]
+                logits = model.forward_step(torch.tensor(feed, dtype=torch.long, device=dev)[:, None], state)[:, -1]
         return rows
 
     def _advance_tools(self, row: _Row, tok: int, tools) -> None:
