@@ -10,8 +10,9 @@ Layers, each of which stops its threat on its own where the platform allows it:
   tool often runs as root in containers. So on Linux the bootstrap installs a seccomp filter that
   makes fork/vfork/clone-without-CLONE_THREAD fail with EPERM (threads still work; clone3 answers
   ENOSYS so libc falls back to clone). Elsewhere RLIMIT_NPROC is used; root without seccomp is refused;
-- network: as root the interpreter runs under `unshare --net` (an empty network namespace), and the
-  audit hook refuses socket creation everywhere;
+- network: as root the interpreter runs under `unshare --net` (an empty network namespace) where the
+  kernel allows it (not in a container without CAP_SYS_ADMIN), and the audit hook refuses socket
+  creation everywhere;
 - files: a `sys.addaudithook` hook refuses opening for write, creating, renaming, linking or removing
   any path that does not resolve inside the temp dir, and refuses ctypes, resource.setrlimit,
   os.kill of other processes, and os.system/exec/spawn. ctypes is imported by the bootstrap for
@@ -171,6 +172,28 @@ def _describe_failure(rc: int, timed_out: bool, timeout_s: float, stderr: str) -
     return f"exit status {rc}" + (f": {last}" if last else "")
 
 
+def _launch(argv, env, root: Path, work: Path, timeout_s: float):
+    """Run argv with files for stdin/stdout/stderr; returns (returncode, stdout, stderr, timed_out)."""
+    with open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout, open(root / "stderr", "wb") as ferr:
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdin=fin, stdout=fout, stderr=ferr,
+                                start_new_session=True, close_fds=True)  # fmt: skip
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # Kill the whole group: on timeout, and in case something survived a normal exit.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+    stdout = (root / "stdout").read_bytes().decode("utf-8", errors="replace")
+    stderr = (root / "stderr").read_bytes().decode("utf-8", errors="replace")
+    return proc.returncode, stdout, stderr, timed_out
+
+
 def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: str = "") -> SandboxResult:
     """Run `code` as a script in a confined fresh interpreter and report what happened.
 
@@ -195,32 +218,19 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: s
             str(memory_mb * 1024 * 1024), str(math.ceil(timeout_s) + 1), str(FSIZE_BYTES),
             str(NOFILE), str(NPROC_NON_ROOT), str(_SETUP_FAILED),
         ]  # fmt: skip
-        unshare = shutil.which("unshare")
-        if os.geteuid() == 0 and sys.platform == "linux" and unshare:
-            argv = [unshare, "--net", "--"] + argv
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
-        with open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout, open(root / "stderr", "wb") as ferr:
-            proc = subprocess.Popen(argv, cwd=work, env=env, stdin=fin, stdout=fout, stderr=ferr,
-                                    start_new_session=True, close_fds=True)  # fmt: skip
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                # Kill the whole group: on timeout, and in case something survived a normal exit.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
-        stdout = (root / "stdout").read_bytes().decode("utf-8", errors="replace")
-        stderr = (root / "stderr").read_bytes().decode("utf-8", errors="replace")
-        rc = proc.returncode
+        unshare = shutil.which("unshare")
+        rc = None
+        if os.geteuid() == 0 and sys.platform == "linux" and unshare:
+            rc, stdout, stderr, timed_out = _launch([unshare, "--net", "--"] + argv, env, root, work, timeout_s)
+            # A container without CAP_SYS_ADMIN cannot make namespaces; the code never ran then, and
+            # runs again without one (the audit hook still refuses sockets).
+            if rc == 1 and stderr.startswith("unshare: unshare failed"):
+                rc = None
+        if rc is None:
+            rc, stdout, stderr, timed_out = _launch(argv, env, root, work, timeout_s)
         if rc == _SETUP_FAILED and stderr.startswith("sandbox setup failed:"):
             raise ChibiError(stderr.strip())
-        if rc == 1 and stderr.startswith("unshare:"):
-            raise ChibiError(f"sandbox could not create a network namespace: {stderr.strip()}")
         error = _describe_failure(rc, timed_out, timeout_s, stderr)
         return SandboxResult(ok=error is None, returncode=rc, stdout=stdout, stderr=stderr, timed_out=timed_out, error=error)
     finally:
