@@ -226,14 +226,26 @@ def test_round_trip_reproduces_logits_exactly(exported, tok):
         import_hf(str(exported["out"]), home2, "sft", "back")
 
 
-def hf_trained_folder(root, vocab_pad=64):
-    """A 'published' NanoChat folder made with transformers + tokenizers alone (no chibichat code):
-    a tokenizer trained by HF's BpeTrainer, specials appended, a vocabulary padded to a multiple of 64,
-    transformers' default rms_norm_eps."""
+def published_tokenizer(kind, folder):
+    """tokenizer.json the ways published nanochat checkpoints get one, without chibichat code:
+    "tiktoken": transformers' own tiktoken converter (how the hub's karpathy/nanochat-d32 got its file);
+    "bpe-trainer": trained by HF tokenizers' BpeTrainer (nanochat's HuggingFaceTokenizer), specials appended."""
     import tokenizers as tk
 
-    from chibichat.tokenizer import JA_PATTERN
+    from chibichat.tokenizer import GPT4_PATTERN, JA_PATTERN
 
+    texts = list(shipped_samples().values())
+    if kind == "tiktoken":
+        # what transformers.integrations.tiktoken.convert_tiktoken_to_fast does, minus its blobfile dependency
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        ours = train_tokenizer(texts, 520, split="gpt4")
+        ours.save(folder / "tiktoken")  # tokenizer.tiktoken is the tiktoken BPE file format
+        n = ours.vocab_size - 9
+        t = TikTokenConverter(vocab_file=str(folder / "tiktoken" / "tokenizer.tiktoken"), pattern=GPT4_PATTERN,
+                              extra_special_tokens={s: n + k for k, s in enumerate(SPECIAL_TOKENS)}).converted()
+        t.save(str(folder / "tokenizer.json"))
+        return t
     t = tk.Tokenizer(tk.models.BPE(ignore_merges=True))
     t.pre_tokenizer = tk.pre_tokenizers.Sequence([
         tk.pre_tokenizers.Split(tk.Regex(JA_PATTERN), behavior="isolated"),
@@ -241,11 +253,20 @@ def hf_trained_folder(root, vocab_pad=64):
     t.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(vocab_size=500, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
                                      show_progress=False, special_tokens=[])
-    t.train_from_iterator(list(shipped_samples().values()), trainer)
+    t.train_from_iterator(texts, trainer)
     t.add_special_tokens(SPECIAL_TOKENS)
+    t.save(str(folder / "tokenizer.json"))
+    return t
+
+
+def hf_trained_folder(root, kind="bpe-trainer", dtype=torch.float32, vocab_pad=64):
+    """A 'published' NanoChat folder made with transformers + tokenizers alone: a vocabulary padded to a
+    multiple of 64, transformers' default rms_norm_eps (1e-6), weights in `dtype`."""
+    folder = root / "published"
+    folder.mkdir()
+    t = published_tokenizer(kind, folder)
     V = t.get_vocab_size()
     padded = (V + vocab_pad - 1) // vocab_pad * vocab_pad
-    folder = root / "published"
     cfg = transformers.NanoChatConfig(vocab_size=padded, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                                       bos_token_id=V - 9, eos_token_id=V - 5, pad_token_id=V - 9)
@@ -254,15 +275,17 @@ def hf_trained_folder(root, vocab_pad=64):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.25)
-    model.save_pretrained(folder)
-    t.save(str(folder / "tokenizer.json"))
-    return folder, model.eval(), t, V
+    model.to(dtype).save_pretrained(folder)
+    # reloaded in fp32 (casting the module itself would also round its RoPE inv_freq buffer)
+    reloaded = transformers.NanoChatForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return folder, reloaded.eval(), t, V
 
 
-def test_import_a_transformers_made_nanochat_folder(tmp_path, capsys):
+@pytest.mark.parametrize("kind, dtype", [("tiktoken", torch.bfloat16), ("bpe-trainer", torch.float32)])
+def test_import_a_transformers_made_nanochat_folder(tmp_path, capsys, kind, dtype):
     from chibichat.train.checkpoint import load_model
 
-    folder, hf, t, V = hf_trained_folder(tmp_path)
+    folder, hf, t, V = hf_trained_folder(tmp_path, kind, dtype)
     home = Home.resolve(tmp_path / "home")
     assert main(["import", "hf", str(folder), "--home", str(home.root), "--verify"]) == 0
     out = capsys.readouterr().out
@@ -270,10 +293,11 @@ def test_import_a_transformers_made_nanochat_folder(tmp_path, capsys):
     assert "verify: max |logit difference|" in out
     tok = Tokenizer.load(home.tokenizer_dir)
     assert tok.vocab_size == V
-    for text in shipped_samples().values():
+    for text in [*shipped_samples().values(), *(next(iter(d.values())) for d in random_texts(50))]:
         assert tok.encode(text) == t.encode(text, add_special_tokens=False).ids
     model, meta = load_model(home, "sft", "published", tokenizer=tok)
     assert meta["import"]["vocab_padding_dropped"] == hf.config.vocab_size - V
+    assert meta["import"]["source_dtype"] == str(dtype).replace("torch.", "")
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         diff = (model(ids) - hf(ids).logits[..., :V]).abs().max().item()
