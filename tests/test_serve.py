@@ -381,3 +381,29 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
     finally:
         browser.close()
         pool.shutdown()
+
+
+def test_busy_pool_answers_503_and_recovers(served):
+    import httpx as _httpx
+
+    from chibichat.serve.app import create_app
+    from chibichat.serve.pool import WorkerPool
+
+    pool = WorkerPool([SlowEngine(served.pool.engines[0], 0.3)], max_queue=0)  # one worker, nobody may wait
+    app = create_app(pool, served.model, Limits(default_max_tokens=20))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True,
+            "temperature": 0}  # greedy: a known reply of several tokens, each 0.3 s apart
+    try:
+        with Server(app) as url:
+            with _httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
+                assert first.status_code == 200
+                second = _httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+                assert second.status_code == 503 and second.json()["error"]["code"] == "server_busy"
+                assert [ln for ln in first.iter_lines() if ln][-1] == "data: [DONE]"
+            deadline = time.time() + 30
+            while _httpx.get(url + "/health").json()["available_workers"] != 1 and time.time() < deadline:
+                time.sleep(0.05)
+            again = _httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+            assert again.status_code == 200
+    finally:
+        pool.shutdown()
