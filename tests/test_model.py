@@ -326,3 +326,26 @@ def test_decoding_past_seq_len_grows_rope():
     assert out.shape == (1, 20, V) and torch.isfinite(out).all()
     # the first seq_len positions still equal the full forward
     assert torch.allclose(out[:, :8], m(torch.arange(8)[None]), atol=1e-5)
+
+
+def test_explicit_and_sdpa_attention_agree(monkeypatch):
+    m = tiny("AASA", windows=[0, 5, 0, 0], n_kv_head=2)
+    idx = torch.randint(0, V, (2, 20))
+    explicit = m(idx)
+    monkeypatch.setattr(gpt_mod, "EXPLICIT_ATTENTION_MAX_SCORES", 0)  # force SDPA
+    assert torch.allclose(m(idx), explicit, atol=1e-5)
+    st = m.new_state(2, 24)  # and the incremental path through SDPA with a mask
+    steps = torch.cat([m.forward_step(idx[:, i : i + 1], st) for i in range(20)], dim=1)
+    assert torch.allclose(steps, explicit, atol=1e-5)
+
+
+def test_large_softcap_uses_max_shift():
+    cfg = GPTConfig(vocab_size=V, seq_len=16, n_layer=2, n_embd=32, n_head=4, n_kv_head=4, softcap=200.0)
+    m = GPT(cfg)
+    perturb(m)
+    with torch.no_grad():
+        m.lm_head.mul_(300)  # logits far from 0 so exp(logit - softcap) would underflow without the max shift
+    idx = torch.randint(0, V, (2, 10))
+    logits = m(idx)
+    ref = F.cross_entropy(logits.view(-1, V), idx.view(-1))
+    assert torch.isfinite(ref) and torch.allclose(m(idx, idx), ref, rtol=1e-5)
