@@ -54,9 +54,10 @@ def add_optim_args(p, lr_frac: float) -> None:
     p.add_argument("--warmdown-frac", type=float, default=0.5, help="fraction of steps of linear LR decay to 0")
 
 
-def add_loop_args(p, steps: int, batch: int) -> None:
+def add_loop_args(p, steps: int, batch: int | None) -> None:
     p.add_argument("--num-steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
-    p.add_argument("--device-batch-size", type=int, default=batch, help=f"rows per micro-batch (default: {batch})")
+    if batch is not None:  # RL sizes its micro-batches in prompts x samples instead
+        p.add_argument("--device-batch-size", type=int, default=batch, help=f"rows per micro-batch (default: {batch})")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validation runs (0: start and end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: end only)")

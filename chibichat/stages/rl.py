@@ -1,0 +1,307 @@
+"""`chibichat rl`: on-policy policy gradient with group-relative advantages on verifiable rewards.
+
+nanochat's simplified GRPO (REFERENCE §11), which is REINFORCE with a per-group mean baseline:
+each step takes P training prompts, samples G completions of each with the engine (tools on: the
+calculator runs and its output is forced into the sequence), scores every completion with the
+task's own checker (reward 0/1), and sets the advantage A = r - mean(r over the prompt's group) (no
+std normalisation, no KL, no ratio clipping: one update per batch, so the samples are exactly
+on-policy). The loss is -sum(log p(token) * A) over the *sampled* generated tokens, divided by their
+number (token-level mean across the whole step): prompt tokens and tool-forced tokens are not the
+policy's choices and carry no gradient.
+
+Offline the tasks are the generated ones (arithmetic with the calculator, spelling, letter
+counting; their test splits are disjoint from train); online, GSM8K's train split (`--task
+gsm8k-train --eval-task gsm8k`). Before and after training, pass@k (k = 1..K, unbiased estimator)
+is measured on held-out prompts; the per-step training reward is logged in metrics.jsonl ("reward"),
+and summary.json holds the curve and pass@k before/after.
+"""
+
+from __future__ import annotations
+
+import time
+
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages and rows (pure functions: tested directly)
+
+
+def group_advantages(rewards: list[list[float]]) -> list[list[float]]:
+    """A = r - mean(r) within each prompt's group of samples."""
+    out = []
+    for group in rewards:
+        if not group:
+            raise ChibiError("a prompt got no samples; --num-samples must be >= 1")
+        m = sum(group) / len(group)
+        out.append([r - m for r in group])
+    return out
+
+
+def sample_rows(prompt: list[int], tokens: list[int], forced: list[int], advantage: float, pad_id: int, width: int):
+    """(inputs, targets, weights) of one prompt+completion, padded to `width` + 1 tokens.
+
+    Targets are the completion's sampled tokens; prompt tokens, tool-forced tokens and padding are -1.
+    Weights hold the advantage at every target position (0 elsewhere)."""
+    ids = prompt + tokens
+    if len(ids) > width + 1:
+        raise ChibiError(f"a prompt+completion of {len(ids)} tokens exceeds the row of {width + 1}")
+    targets = [-1] * (len(prompt) - 1) + [t if not f else -1 for t, f in zip(tokens, forced)]
+    ids = ids + [pad_id] * (width + 1 - len(ids))
+    targets = targets + [-1] * (width - len(targets))
+    weights = [advantage if t >= 0 else 0.0 for t in targets]
+    return ids[:-1], targets, weights
+
+
+def pg_loss_sum(model, batch):
+    """The loop's loss_fn: sum over sampled tokens of -log p(token) * A, and how many tokens."""
+    x, y, w = batch
+    nll = model(x, y, reduction="none")  # (B, T), 0 where y == -1
+    return (nll * w).sum(), int((y >= 0).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# The on-policy batch source
+
+
+class RolloutBatches:
+    """Each micro-batch: P prompts (this rank's stride of a shuffled task) x G engine samples, as
+    (inputs, targets, advantage weights). Sampling happens when the loop asks for the batch, i.e.
+    with the weights of the current step. The sampling seed is a function of (seed, batch index,
+    rank), so a resumed run draws what the uninterrupted one would have."""
+
+    def __init__(self, engine, tok, task, rt, *, prompts: int, samples: int, max_tokens: int,
+                 temperature: float, top_k: int | None, seed: int):
+        from chibichat.render import render_for_completion
+
+        self.engine, self.tok, self.task, self.rt = engine, tok, task, rt
+        self.prompts, self.samples, self.max_tokens = prompts, samples, max_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        seq_len = engine.seq_len
+        self.width = seq_len
+        # Prompts that leave no room for max_tokens are skipped and counted, never cut.
+        self.items, self.skipped_too_long = [], 0
+        order = task.shuffled(seed)
+        for i in range(rt.rank, len(order), rt.world_size):
+            item = order[i]
+            ids = render_for_completion(tok, item, 1 << 30)
+            if len(ids) + max_tokens > seq_len:
+                self.skipped_too_long += 1
+                continue
+            self.items.append((item, ids))
+        if not self.items:
+            raise ChibiError(f"no prompt of task {task.name!r} leaves room for --max-new-tokens {max_tokens} in the "
+                             f"{seq_len}-token context; lower --max-new-tokens")
+        self.cursor, self.batches = 0, 0
+        self.history: list[dict] = []  # per batch: mean reward, mean completion length
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+
+        picked = [self.items[(self.cursor + k) % len(self.items)] for k in range(self.prompts)]
+        self.cursor = (self.cursor + self.prompts) % len(self.items)
+        seed = self.seed * 1_000_003 + self.batches * 1009 + self.rt.rank
+        self.batches += 1
+        outs = self.engine.generate([ids for _, ids in picked], num_samples=self.samples, max_tokens=self.max_tokens,
+                                    temperature=self.temperature, top_k=self.top_k, seed=seed, tools=True)
+        rewards = [[float(self.task.evaluate(item, s.text)) for s in group] for (item, _), group in zip(picked, outs)]
+        adv = group_advantages(rewards)
+        xs, ys, ws = [], [], []
+        for (item, ids), group, a_group in zip(picked, outs, adv):
+            for s, a in zip(group, a_group):
+                x, y, w = sample_rows(ids, s.tokens, s.forced, a, self.tok.bos_id, self.width)
+                xs.append(x), ys.append(y), ws.append(w)
+        flat = [r for g in rewards for r in g]
+        lengths = [len(s.tokens) for g in outs for s in g]
+        self.history.append({"reward": sum(flat) / len(flat), "length": sum(lengths) / len(lengths)})
+        # Trim the common right padding: rows are padded to the context, most of it unused.
+        y = torch.tensor(ys, dtype=torch.long)
+        used = int((y >= 0).any(0).nonzero().max()) + 1 if bool((y >= 0).any()) else 1
+        return (torch.tensor(xs, dtype=torch.long)[:, :used], y[:, :used],
+                torch.tensor(ws, dtype=torch.float32)[:, :used])
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "batches": self.batches, "history": self.history}
+
+    def load_state_dict(self, d: dict) -> None:
+        try:
+            self.cursor, self.batches, self.history = int(d["cursor"]), int(d["batches"]), list(d["history"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ChibiError(f"--resume: the saved RL sampler state is malformed ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# pass@k on held-out prompts
+
+
+def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int, temperature: float,
+                   top_k: int | None, seed: int, batch: int = 8) -> dict:
+    """{"pass@1": .., ..., "pass@k": .., "n": items scored, "skipped_too_long": n} over this task's
+    first `items` prompts, k samples each; ranks stride over prompts and the counts are gathered."""
+    from chibichat.eval.metrics import pass_at_k
+    from chibichat.render import render_for_completion
+
+    n = min(items, len(task))
+    mine, skipped = [], 0
+    for i in range(rt.rank, n, rt.world_size):
+        ids = render_for_completion(tok, task[i], 1 << 30)
+        if len(ids) + max_tokens > engine.seq_len:
+            skipped += 1
+        else:
+            mine.append((i, ids))
+    counts = []
+    for s in range(0, len(mine), batch):
+        chunk = mine[s : s + batch]
+        outs = engine.generate([ids for _, ids in chunk], num_samples=k, max_tokens=max_tokens,
+                               temperature=temperature, top_k=top_k, seed=seed + s, tools=True)
+        for (i, _), group in zip(chunk, outs):
+            counts.append(sum(bool(task.evaluate(task[i], smp.text)) for smp in group))
+    if rt.distributed:
+        import torch.distributed as dist
+
+        parts = [None] * rt.world_size
+        dist.all_gather_object(parts, (counts, skipped))
+        counts = [c for p in parts for c in p[0]]
+        skipped = sum(p[1] for p in parts)
+    if not counts:
+        raise ChibiError(f"pass@k: no prompt of {task.name!r} fits the context with --max-new-tokens {max_tokens}")
+    out = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in range(1, k + 1)}
+    out.update(n=len(counts), skipped_too_long=skipped)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def register(sub):
+    from chibichat.stages.sft import add_loop_args, add_optim_args, add_source_args
+
+    p = sub.add_parser(
+        "rl", help="RL with group-relative advantages on verifiable rewards (pass@k before/after)",
+        description=__doc__.split("\n\n")[0] + " Samples with the engine (tools on), reward from the task's "
+                    "checker, A = r - mean(group), loss over sampled tokens only.")
+    add_home_arg(p)
+    add_runtime_args(p)
+    add_source_args(p, "sft")
+    p.add_argument("--task", default="arithmetic",
+                   help="generative training task with a checker (default: arithmetic; offline also spelling, "
+                        "letter-count and the -ja variants; online gsm8k-train)")
+    p.add_argument("--eval-task", default=None,
+                   help="held-out task for pass@k (default: the test split of a generated --task)")
+    p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per micro-batch (default: 4)")
+    p.add_argument("--num-samples", type=int, default=8, help="samples per prompt, the group size (default: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default: 50; 0 = off)")
+    p.add_argument("--train-items", type=int, default=2000, help="generated training prompts (default: 2000)")
+    p.add_argument("--passk-items", type=int, default=48, help="held-out prompts for pass@k (default: 48)")
+    p.add_argument("--passk-k", type=int, default=4, help="largest k of pass@k, = samples per prompt (default: 4)")
+    add_optim_args(p, lr_frac=0.2)
+    add_loop_args(p, steps=40, batch=None)
+    p.set_defaults(func=run, warmdown_frac=1.0)  # linear decay to 0 over the run (nanochat)
+
+
+def _tasks(args):
+    from chibichat.stages.sft import EVAL_ONLY_TASKS
+    from chibichat.tasks.base import get_task
+    from chibichat.tasks.generated import GeneratedTask
+
+    if args.task in EVAL_ONLY_TASKS:
+        raise ChibiError(f"--task {args.task} is an evaluation set; RL on it would contaminate its score. "
+                         f"Use its training split (e.g. gsm8k-train) or a generated task")
+    task = get_task(args.task)
+    if task.kind != "generative":
+        raise ChibiError(f"--task {args.task} is of kind {task.kind!r}; RL needs a generative task with a checker")
+    if isinstance(task, GeneratedTask):
+        task = get_task(args.task, split="train", size=args.train_items, seed=args.seed)
+        eval_task = get_task(args.eval_task or args.task, split="test", size=args.passk_items)
+    elif args.eval_task is None:
+        raise ChibiError(f"--task {args.task} has no generated test split; name the held-out task with --eval-task")
+    else:
+        eval_task = get_task(args.eval_task)
+    return task, eval_task
+
+
+def run(args) -> int:
+    import torch
+
+    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.engine import Engine
+    from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.loop import LoopConfig, train
+
+    for name in ("prompts_per_step", "num_samples", "max_new_tokens", "passk_items", "passk_k", "train_items"):
+        if getattr(args, name) < 1:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_samples < 2:
+        raise ChibiError("--num-samples must be >= 2: the advantage compares samples of the same prompt")
+    top_k = args.top_k or None
+    rt = init_runtime(args.device, args.dtype)
+    try:
+        home = Home.resolve(args.home)
+        tok = Tokenizer.load(home.tokenizer_dir)
+        torch.manual_seed(args.seed)
+        model, src_meta, tag = load_source(args, home, tok, rt)
+        task, eval_task = _tasks(args)
+        engine = Engine(model, tok, rt)
+        passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=top_k, seed=12345)
+        t0 = time.time()
+        model.eval()
+        before = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
+        print0(rt, f"rl: pass@k before {before}")
+
+        batches = RolloutBatches(engine, tok, task, rt, prompts=args.prompts_per_step, samples=args.num_samples,
+                                 max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
+                                 seed=args.seed)
+        lrs = source_lrs(src_meta, args, model)
+        optimizer = make_optimizer(model, lrs)
+        tag_dir = home.checkpoints_dir("rl", tag)
+        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
+                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
+                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                         flops_per_token=model.flops_per_token())
+        meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
+
+        def reward_fn(m, step):
+            """Logged after every step: the mean reward of the samples that step trained on (all ranks)."""
+            if step == 0 or not batches.history:
+                return {}
+            recent = batches.history[-args.grad_accum:]
+            vals = torch.tensor([sum(h["reward"] for h in recent) / len(recent),
+                                 sum(h["length"] for h in recent) / len(recent)], dtype=torch.float64)
+            if rt.distributed:
+                import torch.distributed as dist
+
+                vals = vals.to(rt.device)
+                dist.all_reduce(vals)
+                vals = vals / rt.world_size
+            return {"reward": float(vals[0]), "completion_tokens": float(vals[1])}
+
+        res = train(model, optimizer, batches, pg_loss_sum, rt, cfg, meta=meta, eval_fn=reward_fn)
+        model.eval()
+        after = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
+        print0(rt, f"rl: pass@k after {after}")
+        curve = [h["reward"] for h in batches.history]
+        q = max(1, len(curve) // 5)
+        summary = {
+            "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
+            "eval_task": eval_task.name, "steps": res.steps, "tokens": res.tokens,
+            "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0, "checkpoint": res.checkpoint,
+            "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
+            "reward_first": sum(curve[:q]) / q, "reward_last": sum(curve[-q:]) / q,
+            "reward_curve": curve,  # this rank's per-micro-batch mean reward, in order
+            "pass_at_k_before": before, "pass_at_k_after": after,
+            "train_prompts_skipped_too_long": batches.skipped_too_long,
+        }
+        write_summary(tag_dir, rt, summary)
+        print0(rt, f"rl: reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f} | "
+                   f"pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}")
+        return 0
+    finally:
+        shutdown_runtime(rt)
