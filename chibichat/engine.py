@@ -179,6 +179,8 @@ class Engine:
             raise ChibiError(f"num_samples must be a positive integer, got {num_samples!r}")
         longest = max(len(p) for p in prompts)
         if max_tokens is None:
+            if longest >= self.seq_len:
+                raise ChibiError(f"prompt of {longest} tokens fills the model's context seq_len={self.seq_len}; shorten it")
             max_tokens = self.seq_len - longest
         if not (isinstance(max_tokens, int) and max_tokens >= 1):
             raise ChibiError(f"max_tokens must be a positive integer, got {max_tokens!r}")
