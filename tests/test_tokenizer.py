@@ -298,7 +298,7 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
         has_hf = False
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "Japanese: ja split trains" in out and "held-out bytes/token" in out
+    assert "Japanese: ja split vs gpt4:" in out and "held-out bytes/token" in out
     res = json.loads(out_json.read_text())
     rows = {(r["lang"], r["split"], r["trainer"]): r for r in res["rows"]}
     expect = {(lang, s, "rustbpe") for lang in ("en", "ja") for s in ("gpt4", "ja", "ja-script", "ja/cap3")}
