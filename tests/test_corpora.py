@@ -256,6 +256,7 @@ def test_shipped_embedded_corpus_matches_manifest(name, min_chars, min_val_chars
             assert len(rows) == f["docs"] and sum(len(r["text"]) for r in rows) == f["chars"]
             for r in rows:
                 assert 0 < len(r["text"]) <= m["doc_max_chars"] == DOC_MAX_CHARS
+                assert not any(unicodedata.category(ch) == "Cc" and ch not in "\n\t" for ch in r["text"]), r["id"]
                 ids[r["id"]] = split
             n_docs += len(rows)
             n_chars += f["chars"]

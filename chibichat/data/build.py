@@ -490,7 +490,9 @@ def render_manpage(source: str, groff: str = "groff") -> str:
 def manpage_prose_lines(rendered: str) -> list[str]:
     """Prose lines of a rendered page, without its running header ("LS(1) ユーザーコマンド LS(1)") and footer."""
     lines = [line for line in rendered.splitlines() if line.strip()]
-    return [t for t in (tidy_japanese_line(line) for line in lines[1:-1]) if is_japanese_prose(t)]
+    # A backspace means groff overstruck characters (\z, \h tricks): the line is garbled, drop it whole.
+    lines = [normalise(line) for line in lines[1:-1] if "\b" not in line]
+    return [t for t in (tidy_japanese_line(line) for line in lines) if is_japanese_prose(t)]
 
 
 def roff_notice(source: str) -> str:
@@ -525,8 +527,16 @@ def manpage_works(root: Path, notices: dict[str, list[str]]) -> list[tuple[str, 
     return out
 
 
+# The groff that rendered the shipped embedded-ja; another version may wrap or escape differently.
+SHIPPED_GROFF = "GNU groff version 1.22.4"
+
+
 def groff_version() -> str:
-    return _run(["groff", "--version"], Path("."), "checking groff").splitlines()[0].strip()
+    version = _run(["groff", "--version"], Path("."), "checking groff").splitlines()[0].strip()
+    if version != SHIPPED_GROFF:
+        eprint(f"warning: {version} differs from the {SHIPPED_GROFF} that built the shipped embedded-ja; "
+               "the manual-page text may not be byte-identical")
+    return version
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,6 +664,7 @@ def build_en(ctx: BuildContext, out: Path) -> dict:
 
 
 def build_ja(ctx: BuildContext, out: Path) -> dict:
+    tools = {"groff": groff_version()}  # checked first: no point unpacking 40 MB without groff
     handbook, manpages, lohelp = (ctx.unpack(p) for p in JA_PACKAGES)
     notices: dict[str, list[str]] = {}
     docs = (
@@ -682,8 +693,8 @@ def build_ja(ctx: BuildContext, out: Path) -> dict:
         "(LICENSES/manpages-ja-notices.txt).",
         JA_PACKAGES, ctx.fetched,
     )
-    extra = {"tools": {"groff": groff_version()}}
-    return write_corpus(out, "embedded-ja", docs, VAL_PER_10000["embedded-ja"], ctx.package_records(JA_PACKAGES), notice, licences, extra)
+    return write_corpus(out, "embedded-ja", docs, VAL_PER_10000["embedded-ja"], ctx.package_records(JA_PACKAGES), notice, licences,
+                        {"tools": tools})
 
 
 BUILDERS = {"embedded-en": build_en, "embedded-ja": build_ja}
