@@ -161,12 +161,20 @@ class Tokenizer:
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids) -> str:
-        """Ids to text; a byte sequence that is not valid UTF-8 becomes U+FFFD (never an exception)."""
-        return self._enc.decode(list(ids), errors="replace")
+        """Ids to text; a byte sequence that is not valid UTF-8 becomes U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids) -> bytes:
         """Ids to raw bytes: a streamer can hold back an incomplete UTF-8 tail."""
-        return self._enc.decode_bytes(list(ids))
+        ids = list(ids)
+        try:
+            return self._enc.decode_bytes(ids)
+        except KeyError:
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ChibiError(
+                f"token id {bad} is outside this tokenizer's vocabulary of {self.vocab_size}: the model and the "
+                "tokenizer do not belong together (retrain or load the tokenizer the model was trained with)"
+            ) from None
 
     def id_to_bytes(self, i: int) -> bytes:
         return self._enc.decode_single_token_bytes(i)

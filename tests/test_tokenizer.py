@@ -59,6 +59,13 @@ def test_round_trip(tok, text):
     assert tok.decode_bytes(tok.encode(text)) == text.encode("utf-8")
 
 
+def test_decode_rejects_ids_outside_the_vocab(tok):
+    with pytest.raises(ChibiError, match="token id 700 is outside"):
+        tok.decode([1, 700])
+    assert tok.decode(list("é".encode())[:1]) == "\ufffd"  # half a UTF-8 character: replaced, not raised
+    assert tok.decode([tok.bos_id]) == "<|bos|>"
+
+
 def test_token_bytes_sum_to_utf8_length(tok):
     tb = tok.token_bytes()
     assert tb.dtype.is_floating_point is False and tb.shape == (700,)
@@ -248,6 +255,8 @@ def test_cli_train_errors(local_corpus, home, tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
     assert main(["tokenizer", "eval"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+    assert main(["tokenizer", "eval", "--no-corpus", "--corpus", "embedded-en"]) == 2
+    assert "contradict" in capsys.readouterr().err
     assert not (home / "tokenizer").exists()
 
 

@@ -124,6 +124,8 @@ def run_eval(args) -> int:
     from chibichat.tokenizer import Tokenizer, corpus_slice, shipped_samples
 
     _positive("--val-chars", args.val_chars)
+    if args.no_corpus and args.corpus:
+        raise ChibiError("--corpus and --no-corpus contradict each other; pass one of them")
     home = Home.resolve(args.home)
     tok = Tokenizer.load(home.tokenizer_dir)
     texts = shipped_samples()
