@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -26,6 +27,10 @@ CHUNK = 1 << 18
 
 class _Retry(Exception):
     """A failed attempt that may succeed if tried again."""
+
+
+class _Stopped(BaseException):
+    """Raised inside a running download when the whole batch is being interrupted (not retried)."""
 
 
 @contextlib.contextmanager
@@ -211,10 +216,15 @@ def download_corpus(
 
     bar = tqdm(total=len(indices), unit="shard", desc=f"{corpus.name}", disable=not progress, dynamic_ncols=True)
     got = [0]
+    lock = threading.Lock()
+    stop = threading.Event()  # set on Ctrl-C: running downloads stop at their next chunk, .part files stay
 
     def on_bytes(n: int) -> None:
-        got[0] += n
-        bar.set_postfix_str(f"{got[0] / 1e6:.1f} MB fetched", refresh=False)
+        if stop.is_set():
+            raise _Stopped()
+        with lock:
+            got[0] += n
+            bar.set_postfix_str(f"{got[0] / 1e6:.1f} MB fetched", refresh=False)
 
     def one(i: int) -> Path:
         return download_file(
@@ -223,15 +233,22 @@ def download_corpus(
         )
 
     done, failed = [], {}
-    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(one, i): i for i in indices}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                done.append(fut.result())
-            except ChibiError as e:
-                failed[i] = str(e)
-            bar.update(1)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with bar:
+            futures = {pool.submit(one, i): i for i in indices}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                try:
+                    done.append(fut.result())
+                except ChibiError as e:
+                    failed[i] = str(e)
+                bar.update(1)
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     if failed:
         lines = "\n".join(f"  shard {i}: {msg}" for i, msg in sorted(failed.items()))
         raise ChibiError(f"{len(failed)} of {len(indices)} shards of {corpus.name} failed:\n{lines}")
