@@ -418,3 +418,21 @@ def test_push_uploads_the_whole_folder(tmp_path, tok, fake_hub, monkeypatch, cap
     with pytest.raises(ChibiError, match="owner/name"):
         from chibichat.export.hf import push_folder
         push_folder(out, "not a repo id")
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone(exported, tok):
+    hf, htok = exported["hf"], exported["htok"]
+    convs = [[{"role": "user", "content": "Hi"}],
+             [{"role": "user", "content": "Tell me about 東京 and 12 numbers, please."}]]
+    htok.padding_side = "left"
+    batch = htok.apply_chat_template(convs, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                     return_dict=True)
+    assert batch["attention_mask"].min() == 0  # really padded
+    out = hf.generate(**batch, max_new_tokens=12, do_sample=False, eos_token_id=[], pad_token_id=tok.bos_id)
+    T = batch["input_ids"].shape[1]
+    for row, conv in enumerate(convs):
+        alone = torch.tensor([render_for_completion(tok, {"messages": conv}, 64)])
+        # explicit mask: with no stop tokens, generate would take every BOS (= pad) for padding
+        want = hf.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=12, do_sample=False,
+                           eos_token_id=[], pad_token_id=tok.bos_id)[0, alone.shape[1]:]
+        assert out[row, T:].tolist() == want.tolist()

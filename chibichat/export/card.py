@@ -129,7 +129,7 @@ def model_card(home: Home, meta: dict, tok, model, repo_hint: str = "DIR") -> st
         "`<|user_start|>…<|user_end|><|assistant_start|>…<|assistant_end|>`; a system message is merged into "
         "the first user message after a blank line; assistant tool calls are parts "
         '`{"type": "python"|"python_output", "text": ...}`. Generation stops at `<|assistant_end|>` or `<|bos|>`.'
-        + (" The remote code does not support padded batches." if iberis else ""),
+        + (" Batches of prompts of different lengths: pad on the left (`tok.padding_side = \"left\"`)." if iberis else ""),
         "",
         "## Model",
         "| | |",

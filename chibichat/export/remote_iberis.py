@@ -16,7 +16,9 @@ SLC2 on u (E channels, H heads of Dh):
     y = Wo (b * SiLU(c))
 
 Generation keeps a per-layer cache (keys/values for attention, the last k-1 values v for SLC2) in
-`IberisCache`. Padding inside a batch is not supported: pass prompts of equal length, or one at a time.
+`IberisCache`. Batches may be left-padded (tokenizer padding_side="left", attention_mask 0 on pads):
+pads get no RoPE position, are never attended to, and feed zeros into the convolution, so each row
+computes exactly what it would alone.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class IberisAttention(nn.Module):
         x1, x2 = x[..., :d], x[..., d:]
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
-    def forward(self, u, cos, sin, state):
+    def forward(self, u, cos, sin, state, mask):
+        """mask: None (plain causal, no cache, no padding) or bool (B, 1, T, past + T) of allowed keys."""
         B, T, E = u.shape
         D = self.head_dim
         q = _norm(self.rope(self.q_proj(u).view(B, T, self.n_head, D), cos, sin), self.eps).transpose(1, 2)
@@ -110,11 +113,11 @@ class IberisAttention(nn.Module):
             kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         else:
             kk, vv = k, v
-        if past == 0:
+        if mask is None:
+            if past:
+                raise ValueError("a cached attention step needs the key mask")
             y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
-        else:  # query i (absolute position past + i) sees keys 0..past + i
-            qpos = past + torch.arange(T, device=u.device)
-            mask = qpos[:, None] >= torch.arange(past + T, device=u.device)[None, :]
+        else:
             y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, E)), (k, v)
 
@@ -131,11 +134,14 @@ class IberisSLC2(nn.Module):
         self.conv = nn.Conv1d(E, E, self.k, groups=E, bias=False)  # weight (E, 1, k); applied by hand below
         self.o_proj = nn.Linear(E, E, bias=False)
 
-    def forward(self, u, state):
+    def forward(self, u, state, keep):
+        """keep: None, or (B, T, 1) with 0 on padding so that pads enter the convolution as zeros."""
         B, T, E = u.shape
         x, b = self.x_proj(u), self.b_proj(u)
         gate = F.silu(F.silu(self.alpha_proj(u)).unsqueeze(-1) * self.a_proj(u).unsqueeze(-2))  # (B, T, H, Dh)
         v = gate.reshape(B, T, E) * x
+        if keep is not None:
+            v = v * keep
         history = v.new_zeros(B, self.k - 1, E) if state is None else state[0]
         buf = torch.cat([history, v], dim=1)
         taps = self.conv.weight[:, 0, :]  # (E, k), the last tap weights the current token
@@ -166,12 +172,12 @@ class IberisLayer(nn.Module):
         self.mlp = IberisMLP(config)
         self.eps = config.rms_norm_eps
 
-    def forward(self, x, cos, sin, state):
+    def forward(self, x, cos, sin, state, mask, keep):
         u = _norm(x, self.eps)
         if self.kind == "A":
-            y, state = self.self_attn(u, cos, sin, state)
+            y, state = self.self_attn(u, cos, sin, state, mask)
         else:
-            y, state = self.mixer(u, state)
+            y, state = self.mixer(u, state, keep)
         x = x + y
         return x + self.mlp(_norm(x, self.eps)), state
 
@@ -195,19 +201,42 @@ class ChibiIberisModel(ChibiIberisPreTrainedModel):
         self.post_init()
 
     def rope(self, positions, dtype):
+        """positions (B, T) -> cos, sin of shape (B, T, 1, D/2)."""
         D = self.config.hidden_size // self.config.num_attention_heads
         inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=positions.device) / D))
-        freqs = positions.float()[:, None] * inv[None, :]
-        return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
+        freqs = positions.float()[..., None] * inv
+        return freqs.cos().to(dtype)[:, :, None, :], freqs.sin().to(dtype)[:, :, None, :]
 
-    def forward(self, input_ids, cache=None):
+    def forward(self, input_ids, cache=None, attention_mask=None):
+        """attention_mask: None or (B, past + T), 1 on real tokens, 0 on (left) padding."""
         eps = self.config.rms_norm_eps
+        B, T = input_ids.shape
+        dev = input_ids.device
+        past = cache.seen if cache is not None else 0
         x = _norm(self.embed_tokens(input_ids), eps)
-        start = cache.seen if cache is not None else 0
-        cos, sin = self.rope(torch.arange(start, start + input_ids.shape[1], device=input_ids.device), x.dtype)
+        if attention_mask is None:
+            real = torch.ones(B, past + T, dtype=torch.bool, device=dev)
+        else:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+            real = attention_mask.to(dev).bool()
+        # A token's position counts the real tokens before it, so a left-padded row is positioned as if alone.
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        cos, sin = self.rope(positions, x.dtype)
+        padded = not bool(real.all())
+        if past == 0 and not padded:
+            mask, keep = None, None
+        else:
+            qpos = past + torch.arange(T, device=dev)
+            kpos = torch.arange(past + T, device=dev)
+            causal = qpos[:, None] >= kpos[None, :]
+            # keys must be real; a pad query may see itself so that no softmax row is empty
+            mask = (causal[None] & real[:, None, :]) | (qpos[:, None] == kpos[None, :])[None]
+            mask = mask[:, None]
+            keep = real[:, past:, None].to(x.dtype) if padded else None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            x, state = layer(x, cos, sin, state)
+            x, state = layer(x, cos, sin, state, mask, keep)
             if cache is not None:
                 cache.layers[i] = state
         if cache is not None:
@@ -243,13 +272,11 @@ class ChibiIberisForCausalLM(ChibiIberisPreTrainedModel, GenerationMixin):
                 logits_to_keep=0, **kwargs):
         if input_ids is None:
             raise ValueError("ChibiIberisForCausalLM needs input_ids")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding is not supported by this model: pass prompts of equal length (no padding)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is None and use_cache:
             cache = IberisCache(self.config.num_hidden_layers)
-        h = self.model(input_ids, cache)
+        h = self.model(input_ids, cache, attention_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         cap = self.config.final_logit_softcapping
