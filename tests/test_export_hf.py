@@ -220,10 +220,15 @@ def test_round_trip_reproduces_logits_exactly(exported, tok):
     ids = torch.randint(0, tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(model2(ids), exported["model"](ids))
-    # the same home refuses a second import under that tag, and another tokenizer altogether
+    # the same home refuses a second import under that tag; the exporting home takes it (same tokenizer)
+    from chibichat.export.importer import import_hf
+
     with pytest.raises(ChibiError, match="already holds checkpoints"):
-        from chibichat.export.importer import import_hf
         import_hf(str(exported["out"]), home2, "sft", "back")
+    sdir, _ = import_hf(str(exported["out"]), exported["home"], "rl", "again")
+    model3, _ = load_model(exported["home"], "rl", "again", tokenizer=tok)
+    with torch.no_grad():
+        assert torch.equal(model3(ids), exported["model"](ids))
 
 
 def published_tokenizer(kind, folder):
@@ -339,6 +344,16 @@ def test_import_refusals(tmp_path, tok, capsys):
         with pytest.raises(ChibiError, match=needle):
             import_hf(str(folder), fresh, "sft", None)
     (folder / "config.json").write_text(json.dumps(config))
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    for edit, needle in [(lambda d: d["added_tokens"].pop(), "nine chibichat/nanochat specials"),
+                         (lambda d: d.update(normalizer={"type": "NFC"}), "normalizer"),
+                         (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "not a byte-level BPE pre-tokenizer")]:
+        broken = json.loads(json.dumps(tj))
+        edit(broken)
+        (folder / "tokenizer.json").write_text(json.dumps(broken))
+        with pytest.raises(ChibiError, match=needle):
+            import_hf(str(folder), fresh, "sft", None)
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(ChibiError, match="pickle"):
         import_hf(str(folder), fresh, "sft", None)

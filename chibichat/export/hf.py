@@ -197,7 +197,7 @@ def gpt_config_from_hf(config: dict, vocab_size: int, where):
     )
 
 
-def generation_config(tok, iberis: bool) -> dict:
+def generation_config(tok) -> dict:
     """Defaults of `chibichat chat` (temperature 0.6, top-k 50); stops where our engine stops."""
     return {
         "bos_token_id": tok.bos_id,
@@ -213,7 +213,7 @@ def generation_config(tok, iberis: bool) -> dict:
 # Export
 
 
-def export_folder(model, meta: dict, tok, out: Path, card: str, overwrite: bool = False) -> Path:
+def export_folder(model, tok, out: Path, card: str, overwrite: bool = False) -> Path:
     """Write the HF folder for `model` (a chibichat GPT, weights as trained) to `out`, atomically."""
     from importlib.resources import files
 
@@ -233,7 +233,7 @@ def export_folder(model, meta: dict, tok, out: Path, card: str, overwrite: bool 
     tensors = to_hf_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg.layers)
     files_text = tokenizer_files(tok, cfg.seq_len)  # checks the HF tokenizer before anything is written
     files_text["config.json"] = json.dumps(hf_config(cfg, tok), indent=2) + "\n"
-    files_text["generation_config.json"] = json.dumps(generation_config(tok, iberis), indent=2) + "\n"
+    files_text["generation_config.json"] = json.dumps(generation_config(tok), indent=2) + "\n"
     files_text["README.md"] = card
     if iberis:
         files_text[REMOTE_FILE] = (files("chibichat.export") / "remote_iberis.py").read_text(encoding="utf-8")

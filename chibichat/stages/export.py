@@ -58,7 +58,7 @@ def run(args) -> int:
     tok = Tokenizer.load(home.tokenizer_dir)
     model, meta = load_model(home, args.source, args.tag, args.step, rt=None, tokenizer=tok)
     card = model_card(home, meta, tok, model, repo_hint=args.push or str(Path(args.out)))
-    out = export_folder(model, meta, tok, Path(args.out).expanduser(), card, overwrite=args.overwrite)
+    out = export_folder(model, tok, Path(args.out).expanduser(), card, overwrite=args.overwrite)
     kind = "nanochat" if set(model.config.layers) == {"A"} else "chibichat_iberis (trust_remote_code=True)"
     print(f"exported {meta['checkpoint_dir']} -> {out} ({kind}, {model.num_params():,} parameters)")
     if args.push:
