@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 from chibichat.cli import main  # noqa: E402
 from chibichat.common import ChibiError, Home  # noqa: E402
 from chibichat.render import render_conversation, render_for_completion  # noqa: E402
-from chibichat.tokenizer import SPECIAL_TOKENS, Tokenizer, shipped_samples, train_tokenizer  # noqa: E402
+from chibichat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer, shipped_samples, train_tokenizer  # noqa: E402
 
 TOL = 1e-4
 
@@ -146,6 +146,18 @@ def test_tokenizer_gives_identical_ids(exported, tok):
         assert htok.convert_tokens_to_ids(name) == tok.special_id(name)
         assert htok(name, add_special_tokens=False)["input_ids"] == [tok.special_id(name)]
     assert htok.bos_token_id == tok.bos_id and htok.eos_token_id == tok.special_id("<|assistant_end|>")
+
+
+@pytest.mark.parametrize("split", sorted(SPLIT_PATTERNS))
+def test_every_split_pattern_converts(split):
+    """Each of our split regexes means the same in tiktoken's engine and in HF's (Oniguruma)."""
+    from chibichat.export.hf_tokenizer import build_hf_tokenizer, check_same_ids
+
+    ours = train_tokenizer(list(shipped_samples().values()), 1200, split=split)
+    texts = {}
+    for t in random_texts(300, seed=7):
+        texts.update(t)
+    check_same_ids(ours, build_hf_tokenizer(ours), {**shipped_samples(), **texts})
 
 
 def test_chat_template_renders_like_our_renderer(exported, tok):
