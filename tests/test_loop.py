@@ -11,6 +11,19 @@ from chibichat.train.checkpoint import list_steps, read_meta
 from chibichat.train.loop import LoopConfig, train
 from chibichat.train.optim import build_optimizer
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two, and far faster when the 2 cores are shared
+    (OpenMP workers spin-wait for a core). Restored after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 V, T = 48, 16
 
 

@@ -7,6 +7,19 @@ from chibichat.train.optim import MuonAdamW, build_optimizer, muon_momentum, ort
 from chibichat.train.schedule import lr_multiplier
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two, and far faster when the 2 cores are shared
+    (OpenMP workers spin-wait for a core). Restored after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _with_spectrum(shape, smin, smax, seed=0):
     """A batch of matrices U diag(s) V^T with singular values spread over [smin, smax]."""
     g = torch.Generator().manual_seed(seed)

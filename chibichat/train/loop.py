@@ -323,7 +323,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     if "val_bpb" in vals:
                         state.min_val_bpb = min(vals["val_bpb"], state.min_val_bpb or float("inf"))
                     metrics.log({"step": step, **vals})
-                    print0(rt, f"step {step:06d} | " + " | ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+                    print0(rt, f"step {step:06d} | " + " | ".join(
+                        f"{k} {v:,.0f}" if float(v).is_integer() else f"{k} {v:.4f}" for k, v in vals.items()))
                 if sample_fn is not None and rt.is_master and (last or (cfg.sample_every and step % cfg.sample_every == 0)):
                     model.eval()
                     texts = list(sample_fn(raw, step))

@@ -1,0 +1,85 @@
+"""Base-model evaluation: val bpb on a fixed slice of a corpus's val split, and greedy samples.
+
+Used by `chibichat pretrain` (periodic eval and samples) and `chibichat eval base` (a saved
+checkpoint), so both report the same number for the same model and settings.
+
+The val slice is fixed: a fresh PretrainLoader over the val split, read from its start, the first
+`steps` micro-batches. Its packing settings (seq_len, rows, split_long_docs) come from the caller;
+a val split too small for the requested tokens is an error rather than a silent second pass over
+the same text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chibichat.common import ChibiError, Runtime
+from chibichat.eval.bpb import evaluate_bpb
+
+# Fixed prompts (nanochat-style factual/arithmetic probes), per corpus language.
+SAMPLE_PROMPTS = {
+    "en": ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+           "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
+           "If 5*x + 3 = 13, then x is"],
+    "ja": ["日本の首都は", "富士山の高さは", "昨日が金曜日なら、明日は", "暑いの反対は", "太陽系の惑星は", "私の好きな色は",
+           "5*x + 3 = 13 ならば x は"],
+}
+# Buffer only one document group when reading val: a large read-ahead buffer would pull documents
+# from a second pass over a small val split into the rows.
+VAL_BUFFER_DOCS = 16
+
+
+def eval_steps(eval_tokens: int, device_batch: int, seq_len: int, world_size: int) -> int:
+    """Micro-batches per rank that cover `eval_tokens` (rounded down to whole micro-batches)."""
+    unit = device_batch * seq_len * world_size
+    if eval_tokens < unit:
+        raise ChibiError(f"--eval-tokens {eval_tokens} is less than one val micro-batch ({device_batch} rows x "
+                         f"{seq_len} tokens x {world_size} ranks = {unit}); raise it or lower --device-batch")
+    return eval_tokens // unit
+
+
+def val_batches(corpus, home, tokenizer, rt: Runtime, device_batch: int, seq_len: int, steps: int,
+                split_long_docs: bool) -> list:
+    """The fixed val slice as a list of CPU (inputs, targets) batches (this rank's share)."""
+    from chibichat.data.loader import PretrainLoader
+
+    loader = PretrainLoader(corpus, "val", home, tokenizer, device_batch, seq_len, rt,
+                            buffer_docs=VAL_BUFFER_DOCS, split_long_docs=split_long_docs)
+    out = [next(loader) for _ in range(steps)]
+    if loader.stats["epoch"] > 0:
+        served = loader.stats["tokens_served"] * rt.world_size
+        raise ChibiError(f"the val split of {corpus.name} ran out after about {served:,} tokens, short of the "
+                         f"{steps * device_batch * seq_len * rt.world_size:,} asked for; lower --eval-tokens "
+                         f"(or use a corpus with a larger val split)")
+    return out
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompt: str, max_tokens: int) -> str:
+    """Greedy continuation of one prompt, BOS-prefixed, never past the model's context."""
+    cfg = model.config
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    if len(ids) >= cfg.seq_len:
+        raise ChibiError(f"sample prompt of {len(ids)} tokens does not fit the context ({cfg.seq_len})")
+    budget = min(max_tokens, cfg.seq_len - len(ids))
+    device = next(model.parameters()).device
+    state = model.new_state(1, len(ids) + budget)
+    logits = model.forward_step(torch.tensor([ids], device=device), state)[:, -1]
+    out: list[int] = []
+    for _ in range(budget):
+        nxt = int(logits.argmax(-1))
+        if nxt == tokenizer.bos_id:
+            break
+        out.append(nxt)
+        logits = model.forward_step(torch.tensor([[nxt]], device=device), state)[:, -1]
+    return prompt + tokenizer.decode(out)
+
+
+def samples(model, tokenizer, lang: str, max_tokens: int) -> list[str]:
+    prompts = SAMPLE_PROMPTS["ja" if lang == "ja" else "en"]
+    return [greedy(model, tokenizer, p, max_tokens) for p in prompts]
+
+
+def evaluate_base(model, tokenizer, batches: list, rt: Runtime) -> dict:
+    """val bpb/loss of `model` on precomputed val batches (see val_batches)."""
+    return evaluate_bpb(model, batches, tokenizer.token_bytes(), rt)

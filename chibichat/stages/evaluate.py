@@ -1,0 +1,110 @@
+"""`chibichat eval <what>`: evaluations of saved checkpoints.
+
+One parser, one sub-subcommand per evaluation; each dispatches to a module in chibichat/eval/.
+    base   val bpb on a fixed slice of a val split + greedy samples   (chibichat/eval/base.py)
+Results go to home/eval/<stage>/<tag>/summary.json (flat metric keys, see docs/architecture.md)
+with per-item files beside it. To add an evaluation: write `_add_<name>(actions)` + `run_<name>(args)`
+here and list it in `register`.
+"""
+
+from __future__ import annotations
+
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+
+STAGES = ("base", "mid", "sft", "rl")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (base: val bpb + samples)",
+                       description="Evaluate a saved checkpoint. Pick an evaluation: " + ", ".join(["base"]))
+    actions = p.add_subparsers(dest="evaluation", metavar="<evaluation>")
+    _add_base(actions)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _add_checkpoint_args(p) -> None:
+    add_home_arg(p)
+    add_runtime_args(p)
+    p.add_argument("--from", dest="source", choices=STAGES, default="base", help="which stage's checkpoint")
+    p.add_argument("--tag", default=None, help="run tag (default: the most recently written)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+
+def _add_base(actions) -> None:
+    p = actions.add_parser(
+        "base", help="val bits-per-byte and greedy samples",
+        description="Val bits-per-byte (tokenizer-independent) on a fixed number of val tokens of a corpus, "
+                    "and greedy samples from fixed prompts. Writes home/eval/<stage>/<tag>/summary.json and "
+                    "samples.json.")
+    _add_checkpoint_args(p)
+    p.add_argument("--corpus", default=None, help="corpus whose val split is scored (default: the one it was trained on)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="val tokens (default: what pretraining used, 4 x its total batch)")
+    p.add_argument("--device-batch", type=int, default=None, help="rows per forward (default: as in training)")
+    p.add_argument("--long-docs", choices=("split", "crop"), default=None,
+                   help="val packing of long documents (default: as in training)")
+    p.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
+    p.set_defaults(func=run_base)
+
+
+def run_base(args) -> int:
+    import time
+
+    from chibichat.common import Home, atomic_write_json, init_runtime, print0, read_json, shutdown_runtime
+    from chibichat.data.corpora import get_corpus
+    from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import load_model
+
+    for name in ("eval_tokens", "device_batch", "sample_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ChibiError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    home = Home.resolve(args.home)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    rt = init_runtime(args.device, args.dtype)
+    try:
+        t0 = time.time()
+        model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
+        flags, plan = meta.get("flags", {}), meta.get("plan", {})
+        corpus_name = args.corpus or meta.get("corpus")
+        if not corpus_name:
+            raise ChibiError(f"{meta['checkpoint_dir']} records no corpus; pass --corpus")
+        corpus = get_corpus(corpus_name)
+        seq_len = model.config.seq_len
+        device_batch = args.device_batch or plan.get("device_batch") or max(1, 2 ** 14 // seq_len)
+        eval_tokens = args.eval_tokens or flags.get("eval_tokens") or 4 * plan.get("total_batch", device_batch * seq_len)
+        long_docs = args.long_docs or flags.get("long_docs", "split")
+        n = eval_steps(eval_tokens, device_batch, seq_len, rt.world_size)
+        batches = val_batches(corpus, home, tok, rt, device_batch, seq_len, n, long_docs == "split")
+        result = evaluate_base(model, tok, batches, rt)
+        texts = samples(model, tok, corpus.lang, args.sample_tokens) if rt.is_master else []
+        tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
+        out_dir = home.eval_dir(args.source, tag)
+        # Flat metric keys (shared with the other evaluations of this checkpoint) + this eval's details.
+        summary = {
+            "val_bpb": result["val_bpb"], "val_loss": result["val_loss"],
+            "base_eval": {
+                "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
+                "corpus": corpus.name, "val_tokens": result["val_tokens"], "val_bytes": result["val_bytes"],
+                "seq_len": seq_len, "device_batch": device_batch, "long_docs": long_docs,
+                "seconds": time.time() - t0,
+            },
+        }
+        print0(rt, f"{args.source}/{tag} step {meta['step']}: val bpb {result['val_bpb']:.4f} "
+                   f"(loss {result['val_loss']:.4f}) on {result['val_tokens']:,} tokens of {corpus.name} val")
+        for t in texts:
+            print0(rt, f"  {t!r}")
+        if rt.is_master:
+            atomic_write_json(out_dir / "samples.json", [{"text": t} for t in texts])
+            # One summary.json per (stage, tag) is shared by every evaluation: keep the others' keys.
+            path = out_dir / "summary.json"
+            merged = read_json(path, "eval summary") if path.exists() else {}
+            if not isinstance(merged, dict):
+                raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
+            merged.update(summary)
+            atomic_write_json(path, merged)
+            print0(rt, f"wrote {out_dir / 'summary.json'}")
+    finally:
+        shutdown_runtime(rt)
+    return 0

@@ -1,0 +1,194 @@
+"""`chibichat pretrain`: train a base GPT on a corpus from `--depth` (and any overrides).
+
+Writes home/checkpoints/base/<tag>/ (step dirs, metrics.jsonl, samples.jsonl, summary.json).
+Distributed: `torchrun --nproc_per_node=N -m chibichat pretrain ...` (gloo on CPU, NCCL on CUDA);
+several nodes: `torchrun --nnodes=M --nproc_per_node=N --rdzv-backend=c10d --rdzv-endpoint=HOST:29500
+-m chibichat pretrain ...` on every node (torchrun's own rendezvous; nothing else to configure).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+
+DEFAULT_DEPTH = 4  # CPU-sized; GPU runs pass --depth 20 and up
+
+
+def register(sub) -> None:
+    from chibichat.train.scaling import add_plan_args, add_shape_args
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a base model on a corpus (depth dial, Muon+AdamW, checkpoints, val bpb)",
+        description=(
+            "Pretrain a GPT on a corpus. --depth alone derives width, heads, context, learning rates, batch "
+            "and horizon (printed at start); every derived value has a flag to override it. Checkpoints, "
+            "metrics.jsonl, samples.jsonl and summary.json go to HOME/checkpoints/base/<tag>/. "
+            "Multi-GPU/CPU: torchrun --nproc_per_node=N -m chibichat pretrain ...; multi-node: add "
+            "--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT on every node."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_home_arg(p)
+    add_runtime_args(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (static shapes)")
+    p.add_argument("--corpus", default="embedded-en", help="corpus name (see `chibichat data list`) or local:/folder")
+    p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="number of layers: the one dial")
+    p.add_argument("--layers", default="dense",
+                   help="token mixers: dense (all attention), iberis (SLC2 with attention every 3rd layer and last), "
+                        "or a string of A/S per layer, e.g. ASSA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weight init")
+    add_shape_args(p)
+    add_plan_args(p)
+    s = p.add_argument_group("schedule and regularisation")
+    s.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps")
+    s.add_argument("--warmdown-frac", type=float, default=0.2, help="fraction of steps of linear LR warmdown at the end")
+    s.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier reached at the end of warmdown")
+    s.add_argument("--momentum-warmup-steps", type=int, default=300, help="steps over which Muon momentum goes 0.85->0.95")
+    s.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the Muon matrices")
+    s.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0 = off), after the rank reduction")
+    d = p.add_argument_group("data")
+    d.add_argument("--long-docs", choices=("split", "crop"), default="split",
+                   help="documents longer than a row: split into BOS-led pieces (no text lost on small looped "
+                        "corpora) or crop to the row (nanochat)")
+    r = p.add_argument_group("run, evaluation and checkpoints")
+    r.add_argument("--tag", default=None, help="run name under checkpoints/base/ (default d<depth>)")
+    r.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint of --tag")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run of the same --tag")
+    r.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0 = only at the end)")
+    r.add_argument("--keep-last", type=int, default=2, help="keep the newest N checkpoints (0 = all)")
+    r.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (0 = only first and last)")
+    r.add_argument("--eval-tokens", type=int, default=None,
+                   help="val tokens per evaluation (default 4 x total batch), rounded down to whole micro-batches")
+    r.add_argument("--sample-every", type=int, default=500, help="greedy samples every N steps (0 = only at the end)")
+    r.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
+    r.add_argument("--log-every", type=int, default=1, help="console line every N steps")
+    r.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    r.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak TFLOP/s for MFU where the device is not in the built-in table (CPUs)")
+    p.set_defaults(func=run)
+
+
+def _flags(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func" and not callable(v)}
+
+
+def run(args) -> int:
+    import time
+
+    import torch
+
+    from chibichat.common import Home, atomic_write_json, init_runtime, print0, shutdown_runtime
+    from chibichat.data.corpora import get_corpus
+    from chibichat.data.loader import PretrainLoader
+    from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.loop import LoopConfig, train
+    from chibichat.train.optim import build_optimizer
+    from chibichat.train.scaling import derive_plan, derive_shape, overrides_from_args
+
+    for name in ("save_every", "keep_last", "eval_every", "sample_every", "warmup_steps", "momentum_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("sample_tokens", "log_every"):
+        if getattr(args, name) < 1:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.weight_decay < 0 or args.grad_clip < 0:
+        raise ChibiError("--weight-decay and --grad-clip must be >= 0")
+    if args.eval_tokens is not None and args.eval_tokens < 1:
+        raise ChibiError(f"--eval-tokens must be positive, got {args.eval_tokens}")
+
+    t_start = time.time()
+    home = Home.resolve(args.home)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    corpus = get_corpus(args.corpus)
+    rt = init_runtime(args.device, args.dtype)
+    try:
+        overrides = overrides_from_args(args)
+        plan = derive_shape(args.depth, overrides)
+        cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=plan.seq_len, n_layer=args.depth, n_embd=plan.width,
+                        n_head=plan.heads, n_kv_head=plan.kv_heads, layers=args.layers)
+        torch.manual_seed(args.seed)
+        model = GPT(cfg)  # built on CPU so the init is the same on every device, then moved
+        groups = model.param_groups()
+        scaling_params = sum(p.numel() for name in ("matrix", "head", "other") for p in groups[name])
+        derive_plan(plan, overrides, vocab_size=tok.vocab_size, scaling_params=scaling_params,
+                    device_type=rt.device.type, world_size=rt.world_size)
+        model.to(rt.device)
+        model.compute_dtype = rt.compute_dtype
+        tag = args.tag or f"d{args.depth}"
+        tag_dir = home.checkpoints_dir("base", tag)
+        if rt.is_master:  # summary.json marks a finished run; this one is not finished yet
+            (tag_dir / "summary.json").unlink(missing_ok=True)
+        print0(rt, plan.describe())
+        print0(rt, f"model: {cfg.layers} ({cfg.layers.count('A')} attention, {cfg.layers.count('S')} SLC2), "
+                   f"vocab {cfg.vocab_size:,}, {model.num_params():,} params, {model.flops_per_token():.3e} FLOPs/token; "
+                   f"device {rt.device}, compute {str(rt.compute_dtype).replace('torch.', '')}, world {rt.world_size}; "
+                   f"corpus {corpus.name}; run dir {tag_dir}")
+
+        optimizer = build_optimizer(groups, matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr,
+                                    unembedding_lr=plan.unembedding_lr, other_lr=plan.other_lr,
+                                    weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+        split_long = args.long_docs == "split"
+        loader = PretrainLoader(corpus, "train", home, tok, plan.device_batch, plan.seq_len, rt,
+                                split_long_docs=split_long)
+        eval_tokens = args.eval_tokens or 4 * plan.total_batch
+        n_eval = eval_steps(eval_tokens, plan.device_batch, plan.seq_len, rt.world_size)
+        val = val_batches(corpus, home, tok, rt, plan.device_batch, plan.seq_len, n_eval, split_long)
+        print0(rt, f"val: {n_eval * plan.device_batch * plan.seq_len * rt.world_size:,} tokens of {corpus.name} val "
+                   f"per evaluation")
+
+        train_model = model
+        if args.compile:
+            train_model = torch.compile(model, dynamic=False)
+
+        def loss_fn(m, batch):
+            x, y = batch
+            return m(x, y, reduction="sum"), y.numel()  # packed pretraining rows: every target counts
+
+        loop_cfg = LoopConfig(
+            tag_dir=tag_dir, num_steps=plan.num_steps, grad_accum=plan.grad_accum,
+            warmup_steps=args.warmup_steps, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
+            momentum_warmup_steps=args.momentum_warmup_steps, eval_every=args.eval_every,
+            sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
+            log_every=args.log_every, resume=args.resume, overwrite=args.overwrite, wandb_project=args.wandb,
+            run_name=f"base-{tag}", flops_per_token=model.flops_per_token(),
+            peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+        )
+        meta = {
+            "stage": "base",
+            "model_config": cfg.to_dict(),
+            "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size},
+            "corpus": corpus.name,
+            "corpus_lang": corpus.lang,
+            "plan": plan.as_dict(),
+            "flags": _flags(args),
+        }
+        result = train(
+            model, optimizer, loader, loss_fn, rt, loop_cfg, meta=meta, train_model=train_model,
+            eval_fn=lambda m, step: evaluate_base(m, tok, val, rt),
+            sample_fn=lambda m, step: samples(m, tok, corpus.lang, args.sample_tokens),
+        )
+        summary = {
+            "stage": "base", "tag": tag, "corpus": corpus.name, "depth": args.depth, "layers": cfg.layers,
+            "params": model.num_params(), "scaling_params": scaling_params,
+            "flops_per_token": model.flops_per_token(), "steps": result.steps, "tokens": result.tokens,
+            "total_batch": plan.total_batch, "seq_len": plan.seq_len, "world_size": rt.world_size,
+            "device": str(rt.device), "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
+            "train_time_s": result.train_time_s, "wall_time_s": time.time() - t_start,
+            "tok_per_s": result.tokens / result.train_time_s if result.train_time_s else None,
+            "final_loss": result.final_loss,
+            "final_val_bpb": result.final_eval.get("val_bpb"), "final_val_loss": result.final_eval.get("val_loss"),
+            "min_val_bpb": result.min_val_bpb, "val_tokens": result.final_eval.get("val_tokens"),
+            "crop_fraction": loader.stats.get("crop_fraction"), "epoch": loader.stats.get("epoch"),
+            "checkpoint": result.checkpoint,
+        }
+        if rt.is_master:
+            atomic_write_json(tag_dir / "summary.json", summary)
+        print0(rt, f"done: {result.steps} steps, {result.tokens:,} tokens in {result.train_time_s:.1f}s; "
+                   f"val bpb {summary['final_val_bpb']} (min {result.min_val_bpb}); summary {tag_dir / 'summary.json'}")
+    finally:
+        shutdown_runtime(rt)
+    return 0

@@ -1,0 +1,190 @@
+"""The depth dial, `chibichat pretrain` end to end on the embedded corpus, and `chibichat eval base`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chibichat.cli import build_parser, main
+from chibichat.common import ChibiError
+from chibichat.train.scaling import Overrides, derive_plan, derive_shape, reference_params
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two, and far faster when the 2 cores are shared
+    (OpenMP workers spin-wait for a core). Restored after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A model small enough to train for tens of steps in seconds on a busy 2-core CPU.
+TINY = ["--depth", "2", "--width", "64", "--heads", "2", "--seq-len", "64", "--device-batch", "4",
+        "--total-batch", "256", "--eval-tokens", "1024", "--sample-tokens", "4", "--device", "cpu",
+        "--dtype", "float32", "--log-every", "10"]
+
+
+# -- the depth dial ---------------------------------------------------------------------------
+
+def test_depth_dial_shapes():
+    d4 = derive_shape(4, Overrides())
+    assert (d4.width, d4.heads, d4.kv_heads, d4.seq_len) == (256, 4, 4, 1024)
+    d20 = derive_shape(20, Overrides())
+    assert (d20.width, d20.heads, d20.kv_heads, d20.seq_len) == (1280, 10, 10, 2048)
+    d12 = derive_shape(12, Overrides())
+    assert (d12.width, d12.heads) == (768, 12)
+    o = derive_shape(4, Overrides(width=320, heads=5, kv_heads=1, seq_len=256))
+    assert (o.width, o.heads, o.kv_heads, o.seq_len) == (320, 5, 1, 256)
+    with pytest.raises(ChibiError, match="not divisible"):
+        derive_shape(4, Overrides(width=300, heads=7))
+    with pytest.raises(ChibiError, match="kv-heads"):
+        derive_shape(4, Overrides(kv_heads=3))
+    with pytest.raises(ChibiError, match="depth"):
+        derive_shape(0, Overrides())
+
+
+def test_depth_dial_lrs_batch_and_horizon():
+    p = derive_plan(derive_shape(4, Overrides()), Overrides(), vocab_size=8192, scaling_params=5_000_000,
+                    device_type="cpu", world_size=1)
+    s = (256 / 768) ** -0.5
+    assert p.matrix_lr == 0.02 and p.embedding_lr == pytest.approx(0.2 * s)
+    assert p.unembedding_lr == pytest.approx(0.004 * s) and p.other_lr == pytest.approx(0.02 * s)
+    assert p.horizon_tokens == 100_000_000
+    assert p.total_batch == 2 ** 14 and p.device_batch == 16 and p.grad_accum == 1  # CPU cap
+    assert p.num_steps == round(100_000_000 / 2 ** 14)
+    # GPU d12 with the reference vocab is the anchor: exactly 2^19 tokens per step.
+    q = derive_plan(derive_shape(12, Overrides()), Overrides(), vocab_size=65536,
+                    scaling_params=reference_params(65536), device_type="cuda", world_size=8)
+    assert q.total_batch == 2 ** 19 and q.grad_accum == 2 ** 19 // (32 * 2048 * 8)
+    # Overrides win, and a total batch that is not whole micro-batches is refused.
+    r = derive_plan(derive_shape(4, Overrides()), Overrides(matrix_lr=0.01, num_steps=7, total_batch=2 ** 15),
+                    vocab_size=8192, scaling_params=5_000_000, device_type="cpu", world_size=1)
+    assert (r.matrix_lr, r.num_steps, r.grad_accum) == (0.01, 7, 2)
+    assert "set by --matrix-lr" in r.describe() and "64 * depth" in r.describe()
+    with pytest.raises(ChibiError, match="not a multiple"):
+        derive_plan(derive_shape(4, Overrides()), Overrides(total_batch=1000), vocab_size=8192,
+                    scaling_params=5_000_000, device_type="cpu", world_size=1)
+
+
+def test_help_documents_every_flag():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    pre = sub.choices["pretrain"]
+    for action in pre._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and action.help.strip(), f"pretrain {action.option_strings} has no help"
+    for flag in ("--depth", "--layers", "--resume", "--total-batch", "--matrix-lr", "--ratio", "--num-steps",
+                 "--warmup-steps", "--warmdown-frac", "--save-every", "--keep-last", "--eval-tokens", "--wandb",
+                 "--compile", "--kv-heads", "--device-batch"):
+        assert flag in pre.format_help(), flag
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok_home(tmp_path_factory):
+    """A home with a small tokenizer trained on the embedded English corpus."""
+    home = tmp_path_factory.mktemp("home")
+    assert main(["tokenizer", "train", "--home", str(home), "--vocab-size", "512", "--max-chars", "200000"]) == 0
+    return home
+
+
+def _records(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("layers", ["dense", "iberis"])
+def test_pretrain_val_bpb_falls_and_eval_base_agrees(tok_home, layers, capsys):
+    tag = f"t-{layers}"
+    args = ["pretrain", "--home", str(tok_home), *TINY, "--layers", layers, "--num-steps", "40",
+            "--eval-every", "20", "--sample-every", "0", "--save-every", "20", "--tag", tag, "--overwrite"]
+    assert main(args) == 0
+    run_dir = tok_home / "checkpoints" / "base" / tag
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [r for r in _records(run_dir / "metrics.jsonl") if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 0.3, evals
+    assert summary["steps"] == 40 and summary["tokens"] == 40 * 256
+    assert summary["final_val_bpb"] == evals[-1]["val_bpb"] and summary["min_val_bpb"] <= summary["final_val_bpb"]
+    assert summary["layers"] == ("AA" if layers == "dense" else "SA")
+    out = capsys.readouterr().out
+    assert "depth dial: --depth 2" in out and "sample:" in out
+
+    # The saved checkpoint, re-scored by `eval base` with the same val settings, gives the same bpb.
+    assert main(["eval", "base", "--home", str(tok_home), "--tag", tag, "--device", "cpu", "--dtype", "float32",
+                 "--sample-tokens", "4"]) == 0
+    ev = json.loads((tok_home / "eval" / "base" / tag / "summary.json").read_text())
+    assert ev["val_bpb"] == pytest.approx(summary["final_val_bpb"], rel=1e-6)
+    assert ev["base_eval"]["step"] == 40 and ev["base_eval"]["val_tokens"] == 1024
+    samples = json.loads((tok_home / "eval" / "base" / tag / "samples.json").read_text())
+    assert len(samples) == 7 and samples[0]["text"].startswith("The capital of France is")
+
+
+def test_missing_tokenizer_and_bad_flags(tmp_path, tok_home, capsys):
+    assert main(["pretrain", "--home", str(tmp_path), *TINY, "--num-steps", "1"]) == 2
+    assert "chibichat tokenizer train" in capsys.readouterr().err
+    assert main(["pretrain", "--home", str(tok_home), *TINY, "--num-steps", "1", "--layers", "AXA"]) == 2
+    assert "layer layout" in capsys.readouterr().err
+    assert main(["pretrain", "--home", str(tok_home), *TINY, "--num-steps", "1", "--total-batch", "300"]) == 2
+    assert "not a multiple" in capsys.readouterr().err
+    assert main(["pretrain", "--home", str(tok_home), *TINY, "--num-steps", "1", "--eval-tokens", "100"]) == 2
+    assert "less than one val micro-batch" in capsys.readouterr().err
+    assert main(["eval", "base", "--home", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
+
+
+def test_eval_refuses_a_checkpoint_of_another_tokenizer(tok_home, tmp_path, capsys):
+    import shutil
+
+    home = tmp_path / "h"
+    shutil.copytree(tok_home / "tokenizer", home / "tokenizer")
+    assert main(["pretrain", "--home", str(home), *TINY, "--num-steps", "2", "--eval-every", "0"]) == 0
+    assert main(["tokenizer", "train", "--home", str(home), "--vocab-size", "400", "--max-chars", "100000"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "base", "--home", str(home), "--device", "cpu"]) == 2
+    assert "trained with tokenizer" in capsys.readouterr().err
+    # Resuming that run with the new tokenizer is refused too.
+    assert main(["pretrain", "--home", str(home), *TINY, "--num-steps", "4", "--resume"]) == 2
+
+
+@pytest.mark.slow
+def test_pretrain_sigkill_and_resume_is_exact(tok_home, tmp_path):
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "chibichat", "pretrain", "--home", str(tok_home), *TINY, "--layers", "iberis",
+            "--num-steps", "12", "--save-every", "4", "--eval-every", "0", "--keep-last", "0", "--overwrite"]
+    full = subprocess.Popen(base + ["--tag", "kfull"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    victim = subprocess.Popen(base + ["--tag", "kvictim"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    run_dir = tok_home / "checkpoints" / "base" / "kvictim"
+    deadline = time.time() + 300
+    while not (run_dir / "step_000004" / "meta.json").exists():
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    steps_left = sorted(p.name for p in run_dir.glob("step_*"))
+    assert "step_000012" not in steps_left, "the run finished before it was killed: make it longer"
+    resume = [a for a in base if a != "--overwrite"] + ["--tag", "kvictim", "--resume"]
+    r = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out, _ = full.communicate(timeout=300)
+    assert full.returncode == 0, out
+    a = load_file(tok_home / "checkpoints" / "base" / "kfull" / "step_000012" / "model.safetensors")
+    b = load_file(run_dir / "step_000012" / "model.safetensors")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    la = [r["loss"] for r in _records(tok_home / "checkpoints/base/kfull/metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in _records(run_dir / "metrics.jsonl") if "loss" in r]
+    assert len(lb) == 12 and la == pytest.approx(lb, abs=1e-6)
