@@ -34,9 +34,9 @@ from chibichat.model.slc2 import SLC2
 
 LAYOUT_NAMES = ("dense", "iberis")
 
-# Rows of the loss are processed in chunks of about this many logits (fp32: 16 MiB per temporary), so
-# the loss needs O(chunk * V) memory whatever B*T is (REFERENCE §20 #7).
-LOSS_CHUNK_ELEMENTS = 1 << 22
+# Rows of the loss are processed in chunks of about this many logits, so
+# the loss needs O(chunk * V) memory whatever B*T is (REFERENCE §20 #7). fp32: 8 MiB per temporary.
+LOSS_CHUNK_ELEMENTS = 1 << 21
 
 # On CPU, attention over at most this many scores (B * H * t * L) per layer is computed with explicit
 # matmuls (faster there for short contexts); longer contexts use SDPA, which never stores the scores.
@@ -195,12 +195,14 @@ class Attention(nn.Module):
             # Short contexts on CPU: two batched matmuls in the compute dtype with an fp32 softmax
             # between them beat the CPU SDPA kernels (measured ~1.5x on fwd+bwd at T=256, Dh=64,
             # bf16), which are tuned for long sequences. The score tensor is bounded above.
+            # The softmax accumulates in fp32 internally but returns the compute dtype, like a flash
+            # kernel's P: one (B, H, t, L) tensor is kept for backward, not an fp32 copy as well.
             if causal:
                 i = torch.arange(t, device=q.device)
                 mask = i[:, None] >= i[None, :]
-            scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
             scores = scores.masked_fill(~mask, float("-inf"))
-            return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+            return torch.softmax(scores, dim=-1) @ v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
     def forward(self, u, cos, sin, dtype):
