@@ -188,3 +188,29 @@ def test_pretrain_sigkill_and_resume_is_exact(tok_home, tmp_path):
     la = [r["loss"] for r in _records(tok_home / "checkpoints/base/kfull/metrics.jsonl") if "loss" in r]
     lb = [r["loss"] for r in _records(run_dir / "metrics.jsonl") if "loss" in r]
     assert len(lb) == 12 and la == pytest.approx(lb, abs=1e-6)
+
+
+def test_bpb_counts_only_byte_bearing_targets():
+    import math
+
+    import torch
+
+    from chibichat.common import Runtime
+    from chibichat.eval.bpb import evaluate_bpb
+
+    class Fixed(torch.nn.Module):  # per-token loss = target id / 10, 0 where ignored (like GPT)
+        def forward(self, x, y, reduction):
+            assert reduction == "none"
+            return torch.where(y >= 0, y.float() / 10, 0.0)
+
+    token_bytes = torch.tensor([1, 2, 3, 0], dtype=torch.int32)  # id 3 is a special: 0 bytes
+    y = torch.tensor([[0, 1, 2, 3, -1], [2, 2, 3, 1, 0]])
+    rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32)
+    r = evaluate_bpb(Fixed(), [(torch.zeros_like(y), y)], token_bytes, rt)
+    nats = (0 + .1 + .2) + (.2 + .2 + .1 + 0)          # targets with bytes > 0
+    nbytes = (1 + 2 + 3) + (3 + 3 + 2 + 1)
+    assert r["val_bpb"] == pytest.approx(nats / (math.log(2) * nbytes))
+    assert r["val_loss"] == pytest.approx((nats + .3 + .3) / 9)  # every valid target, specials included
+    assert (r["val_tokens"], r["val_bytes"]) == (9, nbytes)
+    with pytest.raises(ChibiError, match="no target bytes"):
+        evaluate_bpb(Fixed(), [], token_bytes, rt)

@@ -325,7 +325,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     metrics.log({"step": step, **vals})
                     print0(rt, f"step {step:06d} | " + " | ".join(
                         f"{k} {v:,.0f}" if float(v).is_integer() else f"{k} {v:.4f}" for k, v in vals.items()))
-                if sample_fn is not None and rt.is_master and (last or (cfg.sample_every and step % cfg.sample_every == 0)):
+                if sample_fn is not None and rt.is_master and step > 0 and (
+                        last or (cfg.sample_every and step % cfg.sample_every == 0)):
                     model.eval()
                     texts = list(sample_fn(raw, step))
                     model.train()
