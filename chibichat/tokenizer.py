@@ -19,7 +19,11 @@ Three pre-split patterns are available (`split`):
              JA_SCRIPT_CAP: the fastest and lightest to train, but it forbids word+particle tokens,
              so it compresses in-domain Japanese noticeably worse. For corpora too big for `ja`.
 English text is split identically by all three. Figures behind the choice of split and caps:
-`chibichat bench tokenizer` (and its --ja-caps sweep).
+`chibichat bench tokenizer` (and its --ja-caps sweep). Measured on 2M chars of embedded-ja, vocab
+8192, 2-core shared CPU: ja vs gpt4 = 3.2x less CPU time, 1.8x less peak memory, held-out
+bytes/token 6.41 vs 6.36; ja-script = 4.8x less CPU, 3.9x less memory, but 5.12 bytes/token.
+Trainer: rustbpe over Hugging Face `tokenizers` because, for an equal number of merges on the same
+text and pre-split, it used 2.3-3x less CPU time and gave the same bytes/token.
 """
 
 from __future__ import annotations
