@@ -211,3 +211,26 @@ def test_bad_loop_config():
         LoopConfig("x", num_steps=10, warmup_steps=5, warmdown_frac=0.6)
     with pytest.raises(ChibiError, match="warmdown_frac"):
         LoopConfig("x", num_steps=10, warmdown_frac=1.5)
+
+
+def test_wandb_only_when_asked(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or fake_run,
+    )
+    fake_run = types.SimpleNamespace(log=lambda rec, step: calls.append(("log", step, rec)),
+                                     finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(tmp_path / "a", 2)
+    assert calls == []  # not asked: never touched
+    run(tmp_path / "b", 2, wandb_project="proj", run_name="r")
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "proj" and calls[0][1]["name"] == "r"
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged] == [0, 1, 2, 2] and "loss" in logged[1][2] and "val_loss" in logged[0][2]
+    assert calls[-1] == ("finish",)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ChibiError, match="pip install"):
+        run(tmp_path / "c", 2, wandb_project="proj")

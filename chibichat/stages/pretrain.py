@@ -106,6 +106,9 @@ def run(args) -> int:
     corpus = get_corpus(args.corpus)
     rt = init_runtime(args.device, args.dtype)
     try:
+        if rt.compute_dtype == torch.float16:
+            raise ChibiError("--dtype float16 training would need loss scaling, which chibichat does not do; "
+                             "use --dtype bfloat16 (GPUs from Ampere on) or float32")
         overrides = overrides_from_args(args)
         plan = derive_shape(args.depth, overrides)
         cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=plan.seq_len, n_layer=args.depth, n_embd=plan.width,

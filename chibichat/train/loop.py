@@ -199,14 +199,16 @@ class _Metrics:
         cfg.tag_dir.mkdir(parents=True, exist_ok=True)
         self.path = cfg.tag_dir / "metrics.jsonl"
         self.samples_path = cfg.tag_dir / "samples.jsonl"
-        for p in (self.path, self.samples_path):
-            self._cut(p, resume_step)
-        self.f = open(self.path, "a", encoding="utf-8")
+        wandb = None
         if cfg.wandb_project:
             try:
                 import wandb
             except ImportError:
                 raise ChibiError("--wandb needs the wandb package: pip install 'chibichat[wandb]'") from None
+        for p in (self.path, self.samples_path):
+            self._cut(p, resume_step)
+        self.f = open(self.path, "a", encoding="utf-8")
+        if wandb is not None:
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=meta.get("flags", {}),
                                     resume="allow")
 
