@@ -364,15 +364,18 @@ class Engine:
     ) -> Iterator[str]:
         """Text pieces of one sample as they are generated, never splitting a UTF-8 character.
 
-        Tool calls are shown in the GSM8K annotation style: <<expr=result>>. If `result` is a dict,
+        Tool calls are shown in the GSM8K annotation style: <<expr=result>> (<<expr>> if the call failed). If `result` is a dict,
         it receives "finish_reason", "tokens" and "completion_tokens" when the stream ends.
         """
         max_tokens, tools = self._check([prompt], 1, max_tokens, tools)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty).validate()
-        shown = {self.python_start: b"<<", self.python_end: b"=", self.output_start: b"", self.output_end: b">>"}
+        # <|python_start|> -> "<<", <|output_start|> -> "=", <|output_end|> -> ">>"; <|python_end|> shows
+        # nothing until the next token tells whether a result follows ("<<expr=result>>") or the call
+        # failed and nothing was injected ("<<expr>>").
+        shown = {self.python_start: b"<<", self.python_end: b"", self.output_start: b"=", self.output_end: b">>"}
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         gen = self._decode([prompt], 1, max_tokens, params, seed, tools)
-        rows = None
+        rows, unclosed = None, False
         while True:
             try:
                 emitted = next(gen)
@@ -380,12 +383,17 @@ class Engine:
                 rows = done.value
                 break
             for _, tok, _ in emitted:
-                if tok in self.stop_ids:
-                    continue
-                piece = shown.get(tok) if tok in shown else self.tokenizer.id_to_bytes(tok)
+                piece = b""
+                if unclosed and tok != self.output_start:
+                    piece = b">>"
+                unclosed = tok == self.python_end
+                if tok not in self.stop_ids:
+                    piece += shown[tok] if tok in shown else self.tokenizer.id_to_bytes(tok)
                 text = decoder.decode(piece)
                 if text:
                     yield text
+        if unclosed:
+            yield decoder.decode(b">>")
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail

@@ -235,10 +235,14 @@ def test_calculator_tool_forces_output(tok, rt):
 def test_failed_tool_call_injects_nothing(tok, rt):
     sid = tok.special_id
     ps, pe, ae = sid("<|python_start|>"), sid("<|python_end|>"), sid("<|assistant_end|>")
-    table = chain([65, ps, *tok.encode("__import__('os')"), pe, ae])
-    engine = Engine(Scripted(random_model(tok, "A"), table, default=88), tok, rt)
+    script = [ps, *tok.encode("__import__('os')"), pe, ae]
+    engine = Engine(Scripted(random_model(tok, "A"), {}, default=88, script=script), tok, rt)
     s = engine.generate([[tok.bos_id, 65]], max_tokens=40, temperature=0)[0][0]
     assert s.tokens[-2:] == [pe, ae] and sum(s.forced) == 0
+    assert "".join(engine.stream([tok.bos_id, 65], max_tokens=40, temperature=0)) == "<<__import__('os')>>"
+    # cut right after python_end by max_tokens: the annotation is still closed
+    n = len(tok.encode("__import__('os')")) + 2
+    assert "".join(engine.stream([tok.bos_id, 65], max_tokens=n, temperature=0)) == "<<__import__('os')>>"
 
 
 def test_python_tool_runs_in_sandbox(tok, rt):
