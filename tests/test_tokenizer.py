@@ -351,3 +351,12 @@ def test_bench_training_peak_memory_is_measured():
     mb = training_peak_mb(corpus(30), 600, GPT4_PATTERN)
     if sys.platform.startswith("linux"):
         assert mb is not None and 0 <= mb < 500
+
+
+def test_cli_without_action_prints_help(capsys):
+    from chibichat.cli import main
+
+    assert main(["tokenizer"]) == 2
+    assert "train" in capsys.readouterr().out
+    assert main(["bench"]) == 2
+    assert "tokenizer" in capsys.readouterr().out
