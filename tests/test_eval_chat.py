@@ -96,7 +96,13 @@ def test_over_length_prompts_are_skipped_and_counted():
                           max_len=100, cfg=E.GenSettings())
     assert out["summary"]["mmlu_n"] == 7 and out["summary"]["mmlu_skipped_too_long"] == 1
     assert out["summary"]["mmlu"] == pytest.approx(2 / 7)  # item 3 (an "A") is out
-    with pytest.raises(ChibiError, match="fits the model's context"):
+    # a task none of whose items fits is reported unscored and ChatCORE becomes partial; nothing at all -> error
+    both = [ListTask("mmlu", "categorical", items), ListTask("arc-easy", "categorical", mc_items(question_len=300))]
+    out = E.evaluate_chat(both, scorer=FirstScorer(), gen=None, tok=CharTok(), max_len=100, cfg=E.GenSettings())
+    assert out["summary"]["arc_easy"] is None and out["summary"]["arc_easy_skipped_too_long"] == 8
+    assert out["summary"]["chatcore_tasks"] == ["mmlu"]
+    assert out["summary"]["chatcore_partial"] == pytest.approx((2 / 7 - 0.25) / 0.75)
+    with pytest.raises(ChibiError, match="nothing was evaluated"):
         E.evaluate_chat([ListTask("mmlu", "categorical", items)], scorer=FirstScorer(), gen=None, tok=CharTok(),
                         max_len=10, cfg=E.GenSettings())
 
@@ -159,7 +165,7 @@ def test_generative_budget_comes_from_the_context():
     task = ListTask("gsm8k", "generative", items, _check)
     gen = ScriptedGen(items, lambda i, j: True)
     # prompt is ~20 tokens: with 90 new tokens in a 100-token context nothing fits
-    with pytest.raises(ChibiError, match="fits"):
+    with pytest.raises(ChibiError, match="nothing was evaluated"):
         E.evaluate_chat([task], scorer=None, gen=gen, tok=CharTok(), max_len=100, cfg=E.GenSettings(max_tokens=90))
     with pytest.raises(ChibiError, match="max-new-tokens"):
         E.evaluate_chat([task], scorer=None, gen=gen, tok=CharTok(), max_len=100, cfg=E.GenSettings(max_tokens=99))

@@ -147,8 +147,14 @@ def test_over_length_items_are_skipped_and_counted():
     s = out["tasks"][0]
     assert s["n_scored"] == 3 and s["n_skipped_too_long"] == 1 and s["accuracy"] == 1.0
     assert [r["status"] for r in out["items"]] == ["ok", "ok", "skipped_too_long", "ok"]
-    with pytest.raises(ChibiError, match="longer than the model's context"):
+    with pytest.raises(ChibiError, match="fits the model's context"):
         C.evaluate_core(FakeScorer(lambda c, x: 0.0, max_len=5), CharTok(), [task], full_bundle=False)
+    # a task with no fitting item is reported unscored and left out of the mean; the label drops to CORE-lite
+    short = FakeCoreTask("short", [{"type": "language_modeling", "context": "c", "continuation": " w"}] * 2)
+    out = C.evaluate_core(FakeScorer(lambda c, x: 0.0, lm_ok=lambda c, x: True, max_len=4), CharTok(),
+                          [task, short], full_bundle=True)
+    assert out["unscored"] == ["long"] and out["score"] == 1.0 and out["label"] == "CORE-lite"
+    assert out["tasks"][0]["accuracy"] is None and out["tasks"][0]["n_skipped_too_long"] == 4
 
 
 @pytest.mark.parametrize("item,msg", [
@@ -380,9 +386,10 @@ def test_jglue_bad_records_and_over_length(tmp_path):
         J.read_records(p, "jnli")
     _write_jglue(tmp_path / "j")
     files = {"jcommonsenseqa": J.find_files(tmp_path / "j")["jcommonsenseqa"]}
-    # 3 shots make every prompt far longer than 60 characters -> all skipped -> an error naming the context
-    with pytest.raises(ChibiError, match="longer than the model's context"):
-        J.evaluate_jglue(files, scorer=JScorer(lambda c, x: 0.0, max_len=60), gen=None, tok=CharTok(), max_len=60,
-                         shots={"jcommonsenseqa": 3})
+    # 3 shots make every prompt far longer than 60 characters -> all skipped, reported with a note
+    out = J.evaluate_jglue(files, scorer=JScorer(lambda c, x: 0.0, max_len=60), gen=None, tok=CharTok(), max_len=60,
+                           shots={"jcommonsenseqa": 3})
+    assert out["summary"]["jcommonsenseqa"] is None and out["summary"]["jcommonsenseqa_skipped_too_long"] == 5
+    assert "fewer --shots" in out["summary"]["jcommonsenseqa_note"]
     with pytest.raises(ChibiError, match="needs more than"):
         J.evaluate_jglue(files, scorer=None, gen=None, tok=CharTok(), max_len=60, shots={"jcommonsenseqa": 5})

@@ -181,6 +181,8 @@ def eval_choice_task(scorer, tok, task) -> tuple[dict, list[dict]]:
     s = core.summarize_task(task, "multiple_choice", results)
     summary = {task.name: s.accuracy, f"{task.name}_centered": s.centered, f"{task.name}_n": s.n_scored,
                f"{task.name}_skipped_too_long": s.n_skipped_too_long}
+    if s.n_scored == 0:
+        summary[f"{task.name}_note"] = "no item fits the model's context with its few-shot prompt; use fewer --shots"
     return summary, [r.__dict__ for r in results]
 
 
@@ -205,7 +207,9 @@ def eval_jsts(scorer, tok, task) -> tuple[dict, list[dict]]:
         row["pred"] = sum(d * wd for d, wd in enumerate(w)) / sum(w)
     scored = [r for r in rows if r["status"] == "ok"]
     if len(scored) < 2:
-        raise ChibiError(f"JSTS: only {len(scored)} item(s) fit the model's context; correlation needs 2 or more")
+        return {"jsts_pearson": None, "jsts_spearman": None, "jsts_n": len(scored),
+                "jsts_skipped_too_long": len(rows) - len(scored),
+                "jsts_note": "fewer than 2 items fit the model's context: correlation undefined"}, rows
     pr = pearson([r["pred"] for r in scored], [r["gold"] for r in scored])
     sr = spearman([r["pred"] for r in scored], [r["gold"] for r in scored])
     summary = {"jsts_pearson": None if math.isnan(pr) else pr, "jsts_spearman": None if math.isnan(sr) else sr,
@@ -246,7 +250,8 @@ def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, li
         row["pred"], row["em"], row["f1"] = pred, exact_match(pred, row["answers"]), char_f1(pred, row["answers"])
     scored = [r for r in rows if r["status"] == "ok"]
     if not scored:
-        raise ChibiError("JSQuAD: no question fits the model's context with its passage; use fewer shots (--jglue-shots)")
+        return {"jsquad_em": None, "jsquad_f1": None, "jsquad_n": 0, "jsquad_skipped_too_long": len(rows),
+                "jsquad_note": "no question fits the model's context with its passage; use fewer --jsquad-shots"}, rows
     summary = {"jsquad_em": accuracy([r["em"] for r in scored]), "jsquad_f1": accuracy([r["f1"] for r in scored]),
                "jsquad_n": len(scored), "jsquad_skipped_too_long": len(rows) - len(scored)}
     return summary, rows
@@ -272,3 +277,73 @@ def evaluate_jglue(files: dict, *, scorer, gen, tok, max_len: int, shots: dict, 
         summary.update(s)
         items[name] = rows
     return {"summary": summary, "items": items}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point for `chibichat eval jglue` (registered in stages/evaluate.py)
+
+
+def add_jglue_args(p) -> None:
+    p.add_argument("--jglue-dir", required=True,
+                   help="folder with the JGLUE dev files (a clone of yahoojapan/JGLUE's datasets/, or "
+                        "<task>.jsonl files); the data is CC BY-SA 4.0 and not shipped")
+    p.add_argument("--tasks", default=",".join(JGLUE_TASKS), help=f"subset of {','.join(JGLUE_TASKS)}")
+    p.add_argument("--shots", type=int, default=3, help="demonstrations for JCQA, JNLI and JSTS (default: 3)")
+    p.add_argument("--jsquad-shots", type=int, default=1,
+                   help="demonstrations for JSQuAD, whose passages are long (default: 1)")
+    p.add_argument("--jsquad-max-tokens", type=int, default=32, help="tokens per generated answer (default: 32)")
+    p.add_argument("--max-items", type=int, default=None, help="first N records per task (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+
+
+def run_jglue(args) -> int:
+    import time
+
+    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.engine import Engine, prepare_for_inference
+    from chibichat.eval.chat import EngineGenerator
+    from chibichat.eval.core import ModelScorer
+    from chibichat.eval.metrics import merge_summary, write_eval_outputs
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import load_model
+
+    for name in ("shots", "jsquad_shots"):
+        if getattr(args, name) < 0:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.max_items is not None and args.max_items < 1:
+        raise ChibiError(f"--max-items must be >= 1, got {args.max_items}")
+    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = sorted(set(wanted) - set(JGLUE_TASKS))
+    if bad:
+        raise ChibiError(f"--tasks names unknown JGLUE task(s) {bad}; choose from {','.join(JGLUE_TASKS)}")
+    found = find_files(args.jglue_dir)
+    missing = [t for t in wanted if t not in found]
+    if missing:
+        raise ChibiError(f"no dev file for {missing} under {args.jglue_dir} (found: {sorted(found)}); "
+                         "fetch them or narrow --tasks")
+    rt = init_runtime(args.device, args.dtype)
+    try:
+        if rt.distributed:
+            raise ChibiError("eval jglue runs on one process; launch it without torchrun")
+        t0 = time.time()
+        home = Home.resolve(args.home)
+        tok = Tokenizer.load(home.tokenizer_dir)
+        model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
+        prepare_for_inference(model, rt.compute_dtype)
+        shots = {t: args.shots for t in JGLUE_TASKS} | {"jsquad": args.jsquad_shots}
+        out = evaluate_jglue({t: found[t] for t in wanted}, scorer=ModelScorer(model, rt, args.eval_batch_size),
+                             gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size, tools=False), tok=tok,
+                             max_len=model.config.seq_len, shots=shots, max_items=args.max_items,
+                             jsquad_max_tokens=args.jsquad_max_tokens)
+        tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
+        out_dir = home.eval_dir(args.source, tag)
+        for name, rows in out["items"].items():
+            write_eval_outputs(out_dir, name, rows, None)
+        merge_summary(out_dir, {**out["summary"], "jglue_eval": {
+            "stage": args.source, "tag": tag, "step": meta["step"], "files": {t: str(found[t]) for t in wanted},
+            "shots": {t: shots[t] for t in wanted}, "seconds": time.time() - t0}})
+        for k, v in out["summary"].items():
+            print0(rt, f"{k}: {v}")
+        return 0
+    finally:
+        shutdown_runtime(rt)

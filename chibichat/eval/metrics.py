@@ -135,16 +135,17 @@ def mean_finite(values: Sequence[float]) -> float:
 # Result files: every eval writes its per-item rows and a summary the report reads.
 
 
-def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict) -> dict:
+def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict | None) -> dict:
     """Write `<name>.jsonl` (one row per item), `<name>.csv` (the scalar columns) and merge the flat
     `summary` keys (e.g. "core", "core_label", "arc_easy") into `<out_dir>/summary.json`, which the
-    report reads; other evals' keys already there are kept. Returns the paths written."""
+    report reads; other evals' keys already there are kept. summary=None writes only the per-item
+    files (for a caller that writes summary.json itself). Returns the paths written."""
     import csv
     import io
     import json
     from pathlib import Path
 
-    from chibichat.common import atomic_write_json, atomic_write_text
+    from chibichat.common import atomic_write_text
 
     out_dir = Path(out_dir)
     jsonl = out_dir / f"{name}.jsonl"
@@ -156,12 +157,22 @@ def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict) -> d
     w.writerows(rows)
     csv_path = out_dir / f"{name}.csv"
     atomic_write_text(csv_path, buf.getvalue())
-    summary_path = out_dir / "summary.json"
-    merged = {}
-    if summary_path.exists():
-        from chibichat.common import read_json
+    paths = {"jsonl": str(jsonl), "csv": str(csv_path)}
+    if summary is not None:
+        paths["summary"] = str(merge_summary(out_dir, summary))
+    return paths
 
-        merged = read_json(summary_path, "eval summary")
+
+def merge_summary(out_dir, summary: dict):
+    """Merge flat keys into `<out_dir>/summary.json` (shared by every eval of one checkpoint)."""
+    from pathlib import Path
+
+    from chibichat.common import atomic_write_json, read_json
+
+    path = Path(out_dir) / "summary.json"
+    merged = read_json(path, "eval summary") if path.exists() else {}
+    if not isinstance(merged, dict):
+        raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
     merged.update(summary)
-    atomic_write_json(summary_path, merged)
-    return {"jsonl": str(jsonl), "csv": str(csv_path), "summary": str(summary_path)}
+    atomic_write_json(path, merged)
+    return path
