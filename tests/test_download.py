@@ -4,6 +4,7 @@ re-fetch of a corrupt shard, permanent failures, and the `data download` command
 import http.server
 import io
 import threading
+import time
 from collections import defaultdict
 
 import pyarrow as pa
@@ -67,6 +68,13 @@ class Server:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if mode == "slow":  # a quarter quickly, then a trickle
+                    q = len(body) // 4
+                    self.wfile.write(body[:q])
+                    for k in range(q, len(body), 16384):
+                        time.sleep(0.05)
+                        self.wfile.write(body[k : k + 16384])
+                    return
                 if mode == "drop":
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -243,3 +251,25 @@ def test_cli_data_download(server, tmp_path, capsys):
     assert "HTTP 404" in capsys.readouterr().err
     assert main(argv + ["--retries", "0"]) == 2
     assert "--retries" in capsys.readouterr().err
+
+
+def test_interrupt_stops_running_downloads_and_keeps_part(server, tmp_path, monkeypatch):
+    from chibichat.data import download
+
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    for i in (0, 1822):
+        server.files[p.format(i)] = bytes(range(256)) * 8192  # 2 MB: ~5 s at the trickle
+        server.always[p.format(i)] = "slow"
+
+    def interrupted(futures):
+        time.sleep(0.5)  # let both downloads start and write their first chunks
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "as_completed", interrupted)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        download_corpus(get_corpus("fineweb-edu"), Home(tmp_path), 1, workers=2, base_url=server.base, progress=False)
+    assert time.monotonic() - t0 < 3.5  # stopped at the next 256 KB chunk, did not wait for the trickle
+    d = tmp_path / "data" / "fineweb-edu"
+    assert (d / "shard_00000.parquet.part").stat().st_size >= download.CHUNK  # kept for a resume
+    assert not (d / "shard_00000.parquet").exists()
