@@ -18,8 +18,8 @@ from pathlib import Path
 
 from chibichat.common import ChibiError, Home
 
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "*.safetensors", "model.safetensors.index.json", "README.md"]
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "*.safetensors", "model.safetensors.index.json", "README.md")
 
 
 def fetch(source: str, revision: str | None = None) -> tuple[Path, str]:
@@ -36,7 +36,7 @@ def fetch(source: str, revision: str | None = None) -> tuple[Path, str]:
 
     hub = need("huggingface_hub")
     try:
-        folder = hub.snapshot_download(repo_id=source, revision=revision, allow_patterns=HUB_FILES)
+        folder = hub.snapshot_download(repo_id=source, revision=revision, allow_patterns=list(HUB_FILES))
     except Exception as e:  # offline, unknown repo, gated repo: all with the hub's own message
         raise ChibiError(f"cannot download {source} from the hub: {e}. Check the repo id and that you are online "
                          "(or download it yourself and pass the folder)") from None
