@@ -135,6 +135,27 @@ def test_incremental_greedy_equals_full_forward(tok, rt, layers):
     assert total >= 30  # most rows ran long enough to exercise many decode steps
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layers", ["AAAA", "ASSA"])
+def test_cuda_incremental_greedy_equals_full_forward(tok, layers):
+    rt = init_runtime("cuda", "float32")
+    model = random_model(tok, layers).to(rt.device)
+    engine = Engine(model, tok, rt)
+    prompts = [[tok.bos_id, 72, 105], [tok.bos_id, 7, 9, 11, 13]]
+    out = engine.generate(prompts, num_samples=2, max_tokens=16, temperature=0.0, tools=False)
+    for prompt, samples in zip(prompts, out):
+        ids, want = list(prompt), []
+        for _ in range(16):
+            with torch.no_grad():
+                t = int(torch.argmax(model(torch.tensor([ids], device=rt.device))[0, -1]))
+            want.append(t)
+            if t in engine.stop_ids:
+                break
+            ids.append(t)
+        assert all(s.tokens == want for s in samples)
+
+
 def test_samples_are_independent_from_the_first_token(tok, rt):
     model = random_model(tok, "AS")
     with torch.no_grad():

@@ -189,7 +189,6 @@ def test_health_models_page_and_404(served):
     assert r.status_code == 404 and "error" in r.json()
 
 
-@pytest.mark.slow
 def test_32_concurrent_streaming_clients_all_complete(served):
     async def one(client, i):
         body = {"model": served.model, "stream": True, "max_tokens": 16, "seed": i,
