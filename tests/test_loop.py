@@ -234,3 +234,16 @@ def test_wandb_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ChibiError, match="pip install"):
         run(tmp_path / "c", 2, wandb_project="proj")
+
+
+def test_exhausted_batch_source_is_a_clear_error(tmp_path):
+    class Finite(ToySource):
+        def __next__(self):
+            if self.k >= 3:
+                raise StopIteration
+            return super().__next__()
+
+    model, opt = make()
+    with pytest.raises(ChibiError, match="ran out during step 1"):
+        train(model, opt, Finite(), loss_fn, cpu_rt(), LoopConfig(tmp_path / "t", num_steps=5, grad_accum=2),
+              meta=meta_for(model))

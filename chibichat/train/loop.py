@@ -390,7 +390,11 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
         g["lr"] = g["initial_lr"] * lrm
     set_muon_momentum(optimizer, muon_momentum(step, warmup_steps=cfg.momentum_warmup_steps))
 
-    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    try:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+    except StopIteration:
+        raise ChibiError(f"the batch source ran out during step {step}; the run needs {cfg.num_steps} steps x "
+                         f"{cfg.grad_accum} micro-batches per rank: lower --num-steps or loop the data") from None
     counts = [int(count_fn(b)) for b in micro]
     (total,) = _all_sum(rt, [float(sum(counts))])
     total = int(total)
