@@ -341,6 +341,8 @@ def test_bench_tokenizer_bad_flags(local_corpus, home, capsys):
     assert "--ja-caps" in capsys.readouterr().err
     assert main(["bench", "tokenizer", "--repeats", "0"]) == 2
     assert "--repeats must be positive" in capsys.readouterr().err
+    assert main(["bench", "tokenizer", "--vocab-size", "265"]) == 2
+    assert "--vocab-size must be above 265" in capsys.readouterr().err
 
 
 def test_bench_training_peak_memory_is_measured():
