@@ -374,7 +374,8 @@ def test_import_refusals(tmp_path, tok, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# --push, against a local stand-in for the hub's HTTP API (create repo, preupload, commit)
+# --push and hub import, against a local stand-in for the hub's HTTP API: uploads (create repo,
+# validate-yaml, preupload, commit) land in state["files"], which downloads (revision, tree, resolve) serve.
 
 
 @pytest.fixture
@@ -383,9 +384,41 @@ def fake_hub():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    state = {"created": [], "files": {}, "auth": set()}
+    import hashlib
+
+    state = {"created": [], "files": {}, "auth": set(), "downloads": []}
+    sha = "1" * 40
 
     class Hub(BaseHTTPRequestHandler):
+        def _get(self, head):
+            path = self.path.split("?")[0]
+            files = state["files"]
+            if path.startswith("/api/models/") and "/revision/" in path:
+                repo = path[len("/api/models/"):].split("/revision/")[0]
+                return self._reply({"id": repo, "sha": sha, "siblings": [{"rfilename": f} for f in files]})
+            if path.startswith("/api/models/") and "/tree/" in path:
+                return self._reply([{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                                    for f, b in files.items()])
+            if "/resolve/" in path and path.split("/resolve/")[1].split("/", 1)[1] in files:
+                name = path.split("/resolve/")[1].split("/", 1)[1]
+                state["downloads"].append(name)
+                body = files[name]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", f'"{hashlib.sha1(body).hexdigest()}"')
+                self.send_header("X-Repo-Commit", sha)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+                return
+            self._reply({"error": "unknown"}, 404)
+
+        def do_GET(self):
+            self._get(head=False)
+
+        def do_HEAD(self):
+            self._get(head=True)
+
         def _reply(self, obj, code=200):
             body = json.dumps(obj).encode()
             self.send_response(code)
@@ -463,3 +496,33 @@ def test_left_padded_batch_generates_like_each_prompt_alone(exported, tok):
         want = hf.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=12, do_sample=False,
                            eos_token_id=[], pad_token_id=tok.bos_id)[0, alone.shape[1]:]
         assert out[row, T:].tolist() == want.tolist()
+
+
+def test_import_from_the_hub_by_repo_id(tmp_path, tok, fake_hub, monkeypatch):
+    """Push an export, then `chibichat import hf owner/name` in a fresh process pointed at the hub by
+    HF_ENDPOINT (as a user would): config, tokenizer and safetensors are downloaded, a pickle is not."""
+    import os
+    import subprocess
+    import sys
+
+    import huggingface_hub
+
+    from chibichat.train.checkpoint import load_model
+
+    home, model = make_home(tmp_path / "home", tok, "iberis")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake_hub["url"])
+    assert export(home, tmp_path / "hf", "--push", "me/tiny-chat") == 0
+    fake_hub["files"]["pytorch_model.bin"] = b"not for us"
+    env = {**os.environ, "HF_ENDPOINT": fake_hub["url"], "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "CHIBICHAT_HOME": str(tmp_path / "home2")}
+    env.pop("HF_HUB_OFFLINE", None)
+    run = subprocess.run([sys.executable, "-m", "chibichat", "import", "hf", "me/tiny-chat"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "pytorch_model.bin" not in fake_hub["downloads"] and "model.safetensors" in fake_hub["downloads"]
+    home2 = Home.resolve(tmp_path / "home2")
+    model2, meta = load_model(home2, "sft", "tiny-chat", tokenizer=Tokenizer.load(home2.tokenizer_dir))
+    assert meta["imported_from"] == f"{fake_hub['url']}/me/tiny-chat"
+    ids = torch.randint(0, tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model2(ids), model.eval()(ids))

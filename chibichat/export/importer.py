@@ -40,7 +40,7 @@ def fetch(source: str, revision: str | None = None) -> tuple[Path, str]:
     except Exception as e:  # offline, unknown repo, gated repo: all with the hub's own message
         raise ChibiError(f"cannot download {source} from the hub: {e}. Check the repo id and that you are online "
                          "(or download it yourself and pass the folder)") from None
-    return Path(folder), f"https://huggingface.co/{source}" + (f" @ {revision}" if revision else "")
+    return Path(folder), f"{hub.constants.ENDPOINT}/{source}" + (f" @ {revision}" if revision else "")
 
 
 def read_weights(folder: Path) -> dict:
