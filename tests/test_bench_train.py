@@ -68,7 +68,7 @@ def test_run_config_figures_are_consistent():
 
 def test_table_lists_every_config():
     cfg = bt.configs_from_args(parse(TINY))[0]
-    fake = dict(config=bt.asdict(cfg), step_ms=10.0, tokens_per_s=6400.0, flops_per_s=2e9, peak_flops_per_s=1e11,
+    fake = dict(config=bt.asdict(cfg), step_ms=10.0, cpu_ms=9.0, tokens_per_s=6400.0, flops_per_s=2e9, peak_flops_per_s=1e11,
                 mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2)
     table = bt.format_table([fake, {**fake, "config": {**fake["config"], "dtype": "bfloat16"}}])
     lines = table.splitlines()

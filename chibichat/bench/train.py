@@ -201,12 +201,12 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     batches = markov_batches(cfg.grad_accum * (cfg.warmup + cfg.steps), cfg.batch, cfg.seq_len, cfg.vocab, cfg.seed)
     batches = [(x.to(dev), y.to(dev)) for x, y in batches]
 
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     warmup_s = 0.0
     it = iter(batches)
     for step in range(cfg.warmup + cfg.steps):
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         total = 0.0
         for _ in range(cfg.grad_accum):
             x, y = next(it)
@@ -216,11 +216,12 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(total))  # also synchronises, so the step is complete
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         if step < cfg.warmup:
             warmup_s += dt
         else:
             times.append(dt)
+            cpu_times.append(cpu)
     if not all(math.isfinite(v) for v in losses):
         raise ChibiError(f"{cfg.layers}/{cfg.dtype}: the loss became non-finite ({losses}); this setting is unsafe")
 
@@ -234,6 +235,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     return dict(
         config=asdict(cfg), params=model.num_params(), flops_per_token=model.flops_per_token(),
         step_ms=median * 1000, step_ms_min=min(times) * 1000, step_ms_max=max(times) * 1000,
+        cpu_ms=statistics.median(cpu_times) * 1000,
         tokens_per_s=tok_s, flops_per_s=flops, peak_flops_per_s=peak, mfu=flops / peak,
         peak_mem_mb=peak_rss, baseline_rss_mb=baseline_rss, warmup_s=warmup_s,
         first_loss=losses[0], final_loss=statistics.mean(losses[-min(3, len(losses)):]),
@@ -286,14 +288,14 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["layers", "dtype", "compile", "ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
+    head = ["layers", "dtype", "compile", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
             "warmup s", "loss first->last"]
     rows = []
     for r in results:
         c = r["config"]
         rows.append([
             c["layers"], c["dtype"], "on" if c["compile"] else "off",
-            f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
+            f"{r['step_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
             f"{r['peak_flops_per_s'] / 1e9:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_mb']:.0f}",
             f"{r['warmup_s']:.1f}", f"{r['first_loss']:.3f}->{r['final_loss']:.3f}",
         ])
@@ -328,6 +330,8 @@ def run(args) -> int:
         f"(MFU is relative to what this machine delivered, not a datasheet). FLOPs/token = 6 x matmul params + "
         f"attention (SLC2 charged as SLC2). peak MB = max RSS of the process incl. the torch runtime "
         f"(baseline before building the model: {r0['baseline_rss_mb']:.0f} MB). Optimizer: MuonAdamW. "
+        "cpu ms/step = process CPU time per step (all threads; with --threads 1 it shows what one core "
+        "does even when the machine is shared, as wall time then includes waiting for a core). "
         "Shared machines give noisy timings: compare within one run."
     )
     if args.json:
