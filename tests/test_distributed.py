@@ -38,8 +38,14 @@ def worker(tag_dir: str, steps: int, accum: int, save_every: int, resume: bool, 
     from chibichat.train.loop import LoopConfig, train
     from test_loop import ToySource, loss_fn, make, meta_for
 
+    import chibichat.train.optim as optim
+
+    # Tiny buckets, so the toy model's gradients travel in many buckets launched during backward.
+    optim.BUCKET_BYTES = 4096
     rt = init_runtime("cpu", "float32")
     model, opt = make()
+    if rt.distributed:
+        assert len(opt._buckets) > 3, len(opt._buckets)
 
     def slow_loss(m, b):
         if sleep:
@@ -65,13 +71,15 @@ def _run_single(tag_dir, steps, accum, save_every=0, resume=False, sleep=0.0, **
 def test_two_gloo_ranks_match_one_rank_with_accumulation(tmp_path):
     import torch
 
+    # 2 ranks x 2 micro-steps (the first under no_sync, the second overlapping its all-reduce with
+    # backward) against 1 rank x 4 micro-steps over the same 4 micro-batches per step.
     steps = 4
-    one = _run_single(tmp_path / "one", steps, accum=2)
+    one = _run_single(tmp_path / "one", steps, accum=4)
     out1, _ = one.communicate(timeout=240)
     assert one.returncode == 0, out1
     two = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(Path(__file__)), str(tmp_path / "two"),
-         str(steps), "1", "0", "0", "0"],
+         str(steps), "2", "0", "0", "0"],
         env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = _weights(tmp_path / "one", steps), _weights(tmp_path / "two", steps)

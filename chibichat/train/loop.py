@@ -24,7 +24,8 @@ never a micro-batch, REFERENCE §20 #3):
      (one tiny collective) -> N, the global target-token total of the step;
   3. for each micro-batch, backward(loss_sum / N): the gradient is then the per-token mean over the
      whole step on every rank and micro-batch (REFERENCE §20 #4: not a mean of micro-batch means);
-  4. optimizer.step(), which sums gradients over ranks itself (MuonAdamW), then zero_grad;
+  4. optimizer.step(), which sums gradients over ranks itself (MuonAdamW: bucketed all-reduces launched
+     from gradient hooks during the last micro-step's backward; earlier ones run under no_sync()), then zero_grad;
   5. log loss (Σ loss_sum / N, all-reduced), lr multiplier, tok/s, MFU, elapsed, ETA.
 Evaluation/samples run at step 0, every eval_every / sample_every steps and at the end; checkpoints
 every save_every steps and at the end (rank 0 writes; loader and RNG states of all ranks are gathered).
@@ -41,6 +42,7 @@ cfg.wandb_project is set (imported here, then).
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import json
 import time
@@ -402,13 +404,16 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
         raise ChibiError(f"step {step}: the step's micro-batches hold no target tokens (all -1); the data "
                          f"source yields nothing to train on")
     loss_acc = torch.zeros((), dtype=torch.float32, device=rt.device)
-    for b, expected in zip(micro, counts):
+    no_sync = getattr(optimizer, "no_sync", contextlib.nullcontext)
+    for i, (b, expected) in enumerate(zip(micro, counts)):
         b = _to_device(b, rt.device)
-        loss_sum, n = loss_fn(model, b)
-        if int(n) != expected:
-            raise ChibiError(f"loss_fn covered {int(n)} target tokens but the micro-batch holds {expected}: "
-                             f"the loss mask and count_fn disagree")
-        (loss_sum / total).backward()
+        # Only the last micro-step's backward launches the gradient all-reduce (overlapped with it).
+        with no_sync() if i < len(micro) - 1 else contextlib.nullcontext():
+            loss_sum, n = loss_fn(model, b)
+            if int(n) != expected:
+                raise ChibiError(f"loss_fn covered {int(n)} target tokens but the micro-batch holds {expected}: "
+                                 f"the loss mask and count_fn disagree")
+            (loss_sum / total).backward()
         loss_acc += loss_sum.detach().float()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -5,8 +5,10 @@ updates everything else (embeddings, the head, conv taps, scalars). Each paramet
 rule it uses with `kind="muon"` or `kind="adamw"`.
 
 Distributed: there is no DDP wrapper and no second "distributed" copy of this class. When
-torch.distributed is initialised with world_size > 1, `step()` first all-reduces the gradients itself
-(coalesced into a few flat buffers), then every rank applies the same update to its replica. The
+torch.distributed is initialised with world_size > 1, the optimizer all-reduces the gradients itself,
+in buckets launched from gradient hooks during backward (overlapping communication with compute;
+`no_sync()` for all but the last micro-step), and `step()` waits for them before every rank applies
+the same update to its replica. The
 training loop scales each rank's loss by the *global* token count of the step, so the reduction is a
 SUM by default (`grad_reduce="sum"`); a caller whose per-rank losses are already means can ask for
 "mean". Because the state is identical on every rank, one saved state resumes any world size.
@@ -17,6 +19,7 @@ gradient, never on a rank's local piece (REFERENCE §20 #17).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -28,6 +31,9 @@ import torch.distributed as dist
 # singular values roughly in [0.7, 1.2], which is all Muon needs.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
+# Gradient all-reduce bucket size: large enough to amortise a collective's latency, small enough
+# that the first buckets are on the wire while backward is still running (DDP uses 25 MiB).
+BUCKET_BYTES = 25 * 2 ** 20
 
 MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0)
 ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
@@ -91,6 +97,11 @@ class MuonAdamW(torch.optim.Optimizer):
         self.grad_reduce = grad_reduce
         self.grad_clip = float(grad_clip)
         self.ns_dtype = ns_dtype
+        # Distributed: build the optimizer after torch.distributed is initialised (init_runtime).
+        self._sync = True
+        self._buckets = None
+        if self._world_size() > 1:
+            self._build_buckets()
 
     # ------------------------------------------------------------------------------------------
     def _all_params(self):
@@ -99,32 +110,76 @@ class MuonAdamW(torch.optim.Optimizer):
     def _world_size(self) -> int:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    @torch.no_grad()
-    def reduce_gradients(self) -> None:
-        """Sum (or average) every gradient over ranks: one flat all-reduce per dtype/device.
+    # Gradient reduction, overlapped with the backward pass (REFERENCE §20 #9).
+    #
+    # Parameters are cut into ~BUCKET_BYTES buckets in reverse order (the order backward produces
+    # their gradients). A post-accumulate-grad hook counts the gradients of a bucket as they land;
+    # when the bucket is complete its flat copy is all-reduced asynchronously while backward goes on
+    # with earlier layers. step() launches whatever did not complete (a parameter without a gradient
+    # gets zeros: every rank must send the same layout), waits for all, and copies the sums back.
+    # With gradient accumulation, the caller runs all but the last micro-step under `no_sync()` so
+    # only the final backward communicates. On one rank none of this exists (no hooks, no buckets).
 
-        Coalescing matters: a small model has dozens of tensors and one collective per tensor
-        would be latency-bound. Parameters without a gradient get zeros so all ranks send the same
-        layout (a rank whose micro-batch skipped a parameter must still take part).
-        """
-        world = self._world_size()
-        if world == 1:
+    def _build_buckets(self) -> None:
+        buckets, cur, size = [], [], 0
+        for p in reversed(self._all_params()):
+            if cur and (p.dtype != cur[-1].dtype or p.device != cur[-1].device or size >= BUCKET_BYTES):
+                buckets.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += p.numel() * p.element_size()
+        if cur:
+            buckets.append(cur)
+        self._buckets = [{"params": b, "ready": 0, "flat": None, "handle": None} for b in buckets]
+        self._bucket_of = {p: b for b in self._buckets for p in b["params"]}
+        for p in self._bucket_of:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _grad_ready(self, p) -> None:
+        if not self._sync:
             return
-        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        for p in self._all_params():
+        b = self._bucket_of[p]
+        b["ready"] += 1
+        if b["ready"] == len(b["params"]):
+            self._launch(b)
+
+    @torch.no_grad()
+    def _launch(self, b) -> None:
+        for p in b["params"]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            buckets[(p.grad.dtype, p.grad.device)].append(p.grad)
-        for grads in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        b["flat"] = torch.cat([p.grad.reshape(-1) for p in b["params"]])
+        b["handle"] = dist.all_reduce(b["flat"], op=dist.ReduceOp.SUM, async_op=True)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate local gradients (earlier micro-steps)."""
+        prev, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Sum (or average) every gradient over ranks; no-op on one rank."""
+        if self._buckets is None:
+            return
+        world = self._world_size()
+        for b in self._buckets:
+            if b["handle"] is None:
+                self._launch(b)
+        for b in self._buckets:
+            b["handle"].wait()
+            flat = b["flat"]
             if self.grad_reduce == "mean":
                 flat.div_(world)
             offset = 0
-            for g in grads:
-                n = g.numel()
-                g.copy_(flat[offset:offset + n].view_as(g))
+            for p in b["params"]:
+                n = p.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p))
                 offset += n
+            b.update(ready=0, flat=None, handle=None)
 
     @torch.no_grad()
     def step(self, closure=None):
