@@ -22,6 +22,7 @@ self-contained transformers modeling file) and loads with trust_remote_code=True
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def export_folder(model, tok, out: Path, card: str, overwrite: bool = False) -> 
     """Write the HF folder for `model` (a chibichat GPT, weights as trained) to `out`, atomically."""
     from importlib.resources import files
 
-    from safetensors.torch import save as st_save
+    from safetensors.torch import save_file
 
     from chibichat.common import atomic_directory
     from chibichat.export.hf_tokenizer import tokenizer_files
@@ -238,9 +239,13 @@ def export_folder(model, tok, out: Path, card: str, overwrite: bool = False) -> 
     if iberis:
         files_text[REMOTE_FILE] = (files("chibichat.export") / "remote_iberis.py").read_text(encoding="utf-8")
     with atomic_directory(out) as tmp:
-        (tmp / WEIGHTS).write_bytes(st_save(tensors, metadata={"format": "pt"}))
+        # straight to the file (no second in-memory copy of a large model); "pt" is what transformers expects
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         for name, text in files_text.items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for f in tmp.iterdir():  # durable before the rename makes the folder visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     return out
 
 
