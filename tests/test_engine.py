@@ -309,7 +309,8 @@ def test_bench_infer_measures_a_tiny_model():
     cfg = dict(layout="iberis", dtype="float32", device="cpu", depth=3, width=64, vocab=300, prompt=8, decode=4,
                batches=[1, 2], repeats=1, threads=1)  # fmt: skip
     r = measure(cfg)
-    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b2", "weights_mib", "peak_mib"):
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b2", "weights_mib", "peak_mib",
+                "ops_per_step"):
         assert r[key] > 0, key
     # exact bytes: fp32 weights; state for batch 2 of 13 tokens. iberis at depth 3 = "SAA":
     # 2 attention layers x (k, v) x 2 rows x 1 head x 13 x 64, plus 1 conv history of 2 rows x (k-1=2) x 64

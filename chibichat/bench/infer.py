@@ -7,7 +7,8 @@ configuration's own):
   - decode tok/s at each batch size: (generate(max_tokens=1+N) - generate(max_tokens=1)) / (B*N),
     i.e. the per-step cost of decoding including sampling and the engine's bookkeeping;
   - memory: weights + inference state (exact tensor bytes) and the process's peak RSS (CPU) or
-    peak allocated CUDA memory.
+    peak allocated CUDA memory;
+  - aten ops/step: operations one batch-1 decode step dispatches (machine-independent overhead).
 Decoding is greedy on a zero-initialised lm_head (all logits equal, argmax = token 0), so no row
 stops early and every run decodes exactly N tokens; the arithmetic is the same as for any weights.
 Each figure is the best of --repeats runs (the machine may be shared: compare within one run).
@@ -115,6 +116,7 @@ def measure(cfg: dict) -> dict:
         t1 = best(lambda: gen(prompts, 1))
         tn = best(lambda: gen(prompts, 1 + n))
         res[f"decode_tok_s_b{B}"] = B * n / max(tn - t1, 1e-9)
+    res["ops_per_step"] = _count_ops(model, engine, cfg["prompt"])
     state = model.new_state(max(cfg["batches"]), gcfg.seq_len)
     state_bytes = sum(t.numel() * t.element_size() for layer in state.layers for t in layer)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -130,6 +132,31 @@ def measure(cfg: dict) -> dict:
         res["peak_kind"] = "process RSS"
     res["params"] = model.num_params()
     return res
+
+
+def _count_ops(model, engine, prompt_len: int) -> int:
+    """aten operations dispatched by one batch-1 decode step (model step + greedy pick): a
+    machine-independent measure of the per-step overhead that bounds small-model decoding."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chibichat.engine import SamplingParams, sample_next
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    dev = engine.rt.device
+    with torch.inference_mode():
+        state = model.new_state(1, prompt_len + 1)
+        model.forward_step(torch.zeros(1, prompt_len, dtype=torch.long, device=dev), state)
+        with Count() as count:
+            logits = model.forward_step(torch.zeros(1, 1, dtype=torch.long, device=dev), state)
+            sample_next(logits[:, -1], SamplingParams(0.0), None).tolist()
+    return count.n
 
 
 def _worker() -> None:
@@ -183,12 +210,13 @@ def run(args) -> int:
 
 def format_table(results: list[dict], batches: list[int]) -> str:
     head = ["layout", "dtype", "TTFT ms", "prefill tok/s"] + [f"decode tok/s b{b}" for b in batches]
-    head += ["weights+state MiB", "peak MiB"]
+    head += ["aten ops/step", "weights+state MiB", "peak MiB"]
     rows = []
     for r in results:
         rows.append([r["layout"], r["dtype"], f"{r['ttft_ms']:.1f}", f"{r['prefill_tok_s']:,.0f}"]
                     + [f"{r[f'decode_tok_s_b{b}']:,.0f}" for b in batches]
-                    + [f"{r['weights_mib'] + r['state_mib']:.1f}", f"{r['peak_mib']:.0f} ({r['peak_kind']})"])  # fmt: skip
+                    + [str(r["ops_per_step"]), f"{r['weights_mib'] + r['state_mib']:.1f}",
+                       f"{r['peak_mib']:.0f} ({r['peak_kind']})"])  # fmt: skip
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     lines = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
