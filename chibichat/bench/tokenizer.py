@@ -23,9 +23,9 @@ HELP = "tokenizer training chars/s and bytes/token: GPT-4 split vs Japanese-awar
 def add_args(p) -> None:
     p.add_argument("--en-corpus", default="embedded-en", help="English corpus (name or local:/folder)")
     p.add_argument("--ja-corpus", default="embedded-ja", help="Japanese corpus (name or local:/folder)")
-    p.add_argument("--chars", type=int, default=2_000_000, help="training characters per language (whole documents)")
-    p.add_argument("--heldout-chars", type=int, default=300_000, help="characters of the val split used as held-out text")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--chars", type=int, default=2_000_000, help="training characters per language, whole documents (default 2,000,000)")
+    p.add_argument("--heldout-chars", type=int, default=300_000, help="characters of the val split used as held-out text (default 300,000)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary incl. 256 bytes and 9 specials (default 8192)")
     p.add_argument("--repeats", type=int, default=2, help="training runs per cell; the fastest is reported")
     p.add_argument("--ja-caps", default="", help="also try the ja split with these run caps, e.g. 3,4,8,12 (cap sweep)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face tokenizers comparison")
