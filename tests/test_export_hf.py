@@ -526,3 +526,17 @@ def test_import_from_the_hub_by_repo_id(tmp_path, tok, fake_hub, monkeypatch):
     ids = torch.randint(0, tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(model2(ids), model.eval()(ids))
+
+
+def test_export_refuses_a_config_field_it_does_not_know(tok):
+    from chibichat.export.hf import check_exportable
+    from chibichat.model.gpt import GPTConfig
+
+    class Future(GPTConfig):  # a GPTConfig that grew a field the exporter has not learnt
+        def to_dict(self):
+            return {**super().to_dict(), "value_embeddings": True}
+
+    cfg = Future(vocab_size=tok.vocab_size, seq_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=2)
+    with pytest.raises(ChibiError, match="value_embeddings"):
+        check_exportable(cfg)
+    check_exportable(GPTConfig(vocab_size=tok.vocab_size, seq_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))

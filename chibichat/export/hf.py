@@ -92,8 +92,18 @@ def from_hf_state(hf_state: dict, layers: str, where) -> dict:
 # Configs
 
 
+# GPTConfig fields whose meaning the exporter (and the remote code) reproduces. A field added to GPTConfig
+# later changes the network in a way this file does not know, so exporting refuses until it is handled.
+KNOWN_FIELDS = frozenset({"vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "n_kv_head", "layers", "windows",
+                          "conv_kernel", "softcap", "rope_base"})
+
+
 def check_exportable(cfg) -> None:
     """Refuse what the HF side cannot run the same way."""
+    unknown = sorted(set(cfg.to_dict()) - KNOWN_FIELDS)
+    if unknown:
+        raise ChibiError(f"model config fields {unknown} are unknown to the HF exporter, so transformers could not be "
+                         "made to compute the same logits; teach chibichat/export/hf.py about them first")
     if any(cfg.windows):
         raise ChibiError(
             f"this model uses sliding-window attention (windows {cfg.windows}); the NanoChat model type and the "
