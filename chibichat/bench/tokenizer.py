@@ -91,7 +91,8 @@ def _rss_child(docs: list[str], vocab_size: int, pattern: str) -> float | None:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * page
 
-    base, peak, done = rss(), [0], threading.Event()
+    base = rss()
+    peak, done = [base], threading.Event()
 
     def sample():
         while not done.is_set():
