@@ -351,7 +351,8 @@ def test_import_refusals(tmp_path, tok, capsys):
     fresh = Home.resolve(tmp_path / "fresh")
     config = json.loads((folder / "config.json").read_text())
     for key, value, needle in [("hidden_act", "silu", "hidden_act"), ("attention_bias", True, "biases"),
-                               ("model_type", "llama", "model_type"), ("rms_norm_eps", 0.1, "rms_norm_eps")]:
+                               ("model_type", "llama", "model_type"), ("rms_norm_eps", 0.1, "rms_norm_eps"),
+                               ("sliding_window", 128, "sliding_window"), ("tie_word_embeddings", True, "tied")]:
         (folder / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ChibiError, match=needle):
             import_hf(str(folder), fresh, "sft", None)

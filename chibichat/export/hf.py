@@ -188,6 +188,9 @@ def gpt_config_from_hf(config: dict, vocab_size: int, where):
         theta, layers = config.get("rope_theta"), get("mixer_pattern")
     if config.get("head_dim") not in (None, E // H):
         problems.append(f"head_dim {config['head_dim']} != hidden_size / heads ({E // H})")
+    for key in ("sliding_window", "layer_types", "rope_scaling", "attn_logit_softcapping"):
+        if config.get(key):
+            problems.append(f"{key} = {config[key]!r} (chibichat runs full causal attention with plain RoPE)")
     if config.get("tie_word_embeddings"):
         problems.append("tied embeddings (chibichat's are untied)")
     if config.get("final_logit_softcapping") is None:
