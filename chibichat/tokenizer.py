@@ -32,6 +32,7 @@ import base64
 import hashlib
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Iterable, Iterator
 
 from chibichat.common import ChibiError, atomic_directory, atomic_write_bytes, read_json
@@ -98,7 +99,8 @@ def ja_script_pattern(cap: int = JA_SCRIPT_CAP) -> str:
 
 JA_PATTERN = ja_pattern()
 
-SPLIT_PATTERNS = {"gpt4": GPT4_PATTERN, "ja": JA_PATTERN, "ja-script": ja_script_pattern()}
+# Read-only: a split name must always mean the same regex (the hash and saved tokenizers rely on it).
+SPLIT_PATTERNS = MappingProxyType({"gpt4": GPT4_PATTERN, "ja": JA_PATTERN, "ja-script": ja_script_pattern()})
 
 
 def _ranks_hash(pattern: str, ranks: list[bytes], specials: dict[str, int]) -> str:
