@@ -520,13 +520,31 @@ class GPT(nn.Module):
             cos, sin = rope_table(length, self.config.head_dim, self.config.rope_base, device=self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos, sin
 
-    def _check_ids(self, idx, what: str) -> None:
+    def _check_ids(self, idx, what: str, sync: bool = True) -> None:
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ChibiError(f"{what} must be a (B, T) LongTensor, got {tuple(idx.shape)} {idx.dtype}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        if sync and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             raise ChibiError(
                 f"{what} has token ids outside [0, {self.config.vocab_size}): tokenizer and model vocab do not match"
             )
+
+    def _check_batch(self, idx, targets, reduction) -> None:
+        """Token-id and target ranges, read back in one host sync (it stalls a GPU queue once, not 5x)."""
+        self._check_ids(idx, "input", sync=False)
+        if not idx.numel():
+            return
+        stats = [idx.min(), idx.max()]
+        if targets is not None:
+            stats += [targets.min(), targets.max(), (targets >= 0).sum()]
+        vals = torch.stack([v.to(torch.long) for v in stats]).tolist()
+        V = self.config.vocab_size
+        if vals[0] < 0 or vals[1] >= V:
+            raise ChibiError(f"input has token ids outside [0, {V}): tokenizer and model vocab do not match")
+        if targets is not None:
+            if vals[2] < -1 or vals[3] >= V:
+                raise ChibiError(f"targets must be in [0, {V}) or -1 (ignore), got range [{vals[2]}, {vals[3]}]")
+            if reduction == "mean" and vals[4] == 0:
+                raise ChibiError("every target is -1 (ignored): a mean loss over zero tokens is undefined")
 
     # -- training / scoring -----------------------------------------------------------------------
 
@@ -544,9 +562,10 @@ class GPT(nn.Module):
             raise ChibiError(f"reduction must be mean, sum or none, got {reduction!r}")
         if T > cfg.seq_len:
             raise ChibiError(f"input of {T} tokens exceeds the model context seq_len={cfg.seq_len}; crop or split it")
-        checks = not torch.compiler.is_compiling()  # data-dependent checks would break the graph
-        if checks:
-            self._check_ids(idx, "input")
+        if targets is not None and targets.shape != idx.shape:
+            raise ChibiError(f"targets shape {tuple(targets.shape)} != input shape {tuple(idx.shape)}")
+        if not torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph
+            self._check_batch(idx, targets, reduction)
         cos = self.rope_cos[None, :T, None, :].to(dtype)
         sin = self.rope_sin[None, :T, None, :].to(dtype)
         x = norm(F.embedding(idx, self.wte))
@@ -556,13 +575,7 @@ class GPT(nn.Module):
         if targets is None:
             return cfg.softcap * torch.tanh(F.linear(h, self.lm_head.to(dtype)).float() / cfg.softcap)
 
-        if targets.shape != idx.shape:
-            raise ChibiError(f"targets shape {tuple(targets.shape)} != input shape {tuple(idx.shape)}")
         flat_t = targets.reshape(-1)
-        if checks and flat_t.numel():
-            lo, hi = int(flat_t.min()), int(flat_t.max())
-            if lo < -1 or hi >= cfg.vocab_size:
-                raise ChibiError(f"targets must be in [0, {cfg.vocab_size}) or -1 (ignore), got range [{lo}, {hi}]")
         chunk = max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)
         h = h.reshape(B * T, -1)
         if reduction == "none":
@@ -570,10 +583,7 @@ class GPT(nn.Module):
         total = _HeadLossSum.apply(h, self.lm_head, flat_t, cfg.softcap, dtype, chunk)
         if reduction == "sum":
             return total
-        n_valid = (flat_t >= 0).sum()
-        if checks and int(n_valid) == 0:
-            raise ChibiError("every target is -1 (ignored): a mean loss over zero tokens is undefined")
-        return total / n_valid
+        return total / (flat_t >= 0).sum()
 
     # -- inference --------------------------------------------------------------------------------
 
