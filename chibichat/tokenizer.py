@@ -58,7 +58,7 @@ RANKS_FILE = "tokenizer.tiktoken"
 
 # Pieces of the GPT-4 pattern. LETTERS is parameterised so the Japanese variant can exclude
 # Japanese scripts from the generic letter run (otherwise `\p{L}+` would swallow them first).
-_CONTRACTIONS = r"(?i:[sdmt]|ll|ve|re)"
+_CONTRACTIONS = r"'(?i:[sdmt]|ll|ve|re)"
 _DIGITS = r"\p{N}{1,2}"
 _PUNCT = r" ?[^\s\p{L}\p{N}]++[\r\n]*"
 _SPACES = r"\s*[\r\n]|\s+(?!\S)|\s+"

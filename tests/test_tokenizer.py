@@ -362,3 +362,15 @@ def test_cli_without_action_prints_help(capsys):
     assert "train" in capsys.readouterr().out
     assert main(["bench"]) == 2
     assert "tokenizer" in capsys.readouterr().out
+
+
+def test_split_patterns_keep_words_whole_and_split_contractions():
+    # Regression: the contraction branch once lacked its apostrophe, so any word starting with
+    # s/d/m/t/ll/ve/re lost its first letter(s) to a separate chunk ("s" + "omething").
+    import regex
+
+    from chibichat.tokenizer import SPLIT_PATTERNS
+
+    for name, pattern in SPLIT_PATTERNS.items():
+        chunks = regex.findall(pattern, "something I'm doing that's mine; we'll reread it")
+        assert chunks == ["something", " I", "'m", " doing", " that", "'s", " mine", ";", " we", "'ll", " reread", " it"], name
