@@ -354,7 +354,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                 gc.disable()
             elif step % GC_EVERY == 0:
                 gc.collect()
-            recent = (recent + [dt])[-20:]
+            # Step times for the ETA; the run's first step (compile, warm-up) is dropped once another exists.
+            recent = [dt] if step <= first_step + 1 else (recent + [dt])[-20:]
             tok_s = n_tokens / dt
             mfu = cfg.flops_per_token * tok_s / (peak * rt.world_size) if peak and cfg.flops_per_token else None
             lrm = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
