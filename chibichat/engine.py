@@ -97,16 +97,53 @@ def sampling_probs(logits, temperature: float, top_k: int | None = None, top_p: 
     return probs
 
 
+# Nucleus candidates tried before a full sort: if the top NUCLEUS_PROBE tokens of every row already
+# hold top_p of the mass, the nucleus lies among them and sorting all V logits is unnecessary.
+NUCLEUS_PROBE = 64
+
+
+def _exponential_race(probs, generator):
+    """Index of argmax(p_i / E_i) with E_i ~ Exp(1): exactly a draw from p (the smallest of independent
+    exponentials with rates p_i is i with probability p_i / sum p). On CPU this is several times
+    faster than torch.multinomial over a large vocabulary."""
+    import torch
+
+    # E = -log(U) with U ~ U[0, 1) from torch.rand (vectorised, ~5x faster than exponential_ on CPU).
+    # U < 1 always, so E > 0 and no token can win by a division by zero; U == 0 (chance 2^-24 per
+    # entry in fp32) gives E = inf, i.e. that entry just loses this one race.
+    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float32)
+    return torch.argmax(probs / -torch.log(uniform), dim=-1)
+
+
 def sample_next(logits, params: SamplingParams, generator, seen=None):
-    """One token id per row (LongTensor (N,)). temperature 0 -> argmax (deterministic)."""
+    """One token id per row (LongTensor (N,)), drawn from `sampling_probs(...)`'s distribution
+    (tested by frequency), computed on as few candidates as possible. temperature 0 -> argmax."""
     import torch
 
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return torch.argmax(logits, dim=-1)
-    probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float() / params.temperature
+    V = logits.shape[-1]
+    top_k = params.top_k if params.top_k is not None and params.top_k < V else None
+    top_p = params.top_p if params.top_p is not None and params.top_p < 1.0 else None
+    if top_k is None and top_p is None:
+        return _exponential_race(torch.softmax(logits, dim=-1), generator)
+    if top_k is not None:  # candidates = the top-k, renormalised among themselves
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        probs = torch.softmax(vals, dim=-1)
+    else:  # candidates = a probe of the most likely tokens, with their mass in the full distribution
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        vals, idx = torch.topk(logits, min(NUCLEUS_PROBE, V), dim=-1)
+        probs = torch.exp(vals - lse)
+        if bool((probs.sum(dim=-1) < top_p).any()):
+            vals, idx = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.exp(vals - lse)
+    if top_p is not None:  # candidates are sorted by probability: keep the prefix reaching top_p
+        before = torch.cumsum(probs, dim=-1) - probs
+        probs = torch.where(before < top_p, probs, 0.0)
+    return idx.gather(-1, _exponential_race(probs, generator)[:, None]).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------

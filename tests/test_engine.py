@@ -90,6 +90,38 @@ def test_sampled_frequencies_match_distribution():
     assert abs(freq[0] - 0.625) < 0.02 and abs(freq[1] - 0.375) < 0.02
 
 
+@pytest.mark.parametrize(
+    "probs, params",
+    [
+        ([0.5, 0.3, 0.2], SamplingParams(1.0)),
+        ([0.1, 0.5, 0.15, 0.25], SamplingParams(1.0, top_k=2)),
+        ([0.5, 0.3, 0.2], SamplingParams(2.0)),
+        ([0.4, 0.3, 0.2, 0.1], SamplingParams(1.0, top_k=3, top_p=0.6)),
+        ([0.2, 0.5, 0.3], SamplingParams(0.5, top_p=0.9)),
+    ],
+)
+def test_sampler_follows_sampling_probs(probs, params):
+    """sample_next takes shortcuts (top-k subsets, a nucleus probe, an exponential race instead of
+    multinomial): its draws must still follow sampling_probs' distribution."""
+    g = torch.Generator().manual_seed(1)
+    logits = logits_of(probs)
+    want = sampling_probs(logits, params.temperature, params.top_k, params.top_p)[0]
+    got = sample_next(logits.expand(20000, -1), params, g)
+    freq = torch.bincount(got, minlength=len(probs)).float() / got.numel()
+    assert torch.allclose(freq, want, atol=0.015), (freq, want)
+    assert (freq[want == 0] == 0).all()
+
+
+def test_nucleus_probe_falls_back_to_full_sort():
+    # 1000 near-equal tokens: the top NUCLEUS_PROBE hold far less than top_p, so the full sort is used
+    g = torch.Generator().manual_seed(2)
+    logits = torch.zeros(4000, 1000)
+    logits[:, :10] = -50.0  # ten tokens that the nucleus (0.95 of the mass) must exclude
+    got = sample_next(logits, SamplingParams(1.0, top_p=0.95), g)
+    assert int(got.min()) >= 10
+    assert len(torch.unique(got)) > 600  # spread over the whole nucleus, not just the probe
+
+
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, 0.0, 1.0]])
     assert sample_next(logits, SamplingParams(0.0), None).tolist() == [1, 0]
