@@ -56,8 +56,8 @@ FORMAT = "chibichat-tokenizer-v1"
 META_FILE = "tokenizer.json"
 RANKS_FILE = "tokenizer.tiktoken"
 
-# Pieces of the GPT-4 pattern. LETTERS is parameterised so the Japanese variant can exclude
-# Japanese scripts from the generic letter run (otherwise `\p{L}+` would swallow them first).
+# Pieces of the GPT-4 pattern, shared by every split; only the letter-run branch differs (the
+# Japanese splits keep Japanese scripts out of it, see _NON_JA_LETTER).
 _CONTRACTIONS = r"'(?i:[sdmt]|ll|ve|re)"
 _DIGITS = r"\p{N}{1,2}"
 _PUNCT = r" ?[^\s\p{L}\p{N}]++[\r\n]*"
