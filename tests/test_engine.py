@@ -341,15 +341,15 @@ def test_bench_infer_measures_a_tiny_model():
     cfg = dict(layout="iberis", dtype="float32", device="cpu", depth=3, width=64, vocab=300, prompt=8, decode=4,
                batches=[1, 2], repeats=1, threads=1)  # fmt: skip
     r = measure(cfg)
-    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b2", "weights_mib", "peak_mib",
-                "ops_per_step"):
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b2", "sampled_tok_s_b1",
+                "sampled_tok_s_b2", "weights_mib", "peak_mib", "ops_per_step"):
         assert r[key] > 0, key
     # exact bytes: fp32 weights; state for batch 2 of 13 tokens. iberis at depth 3 = "SAA":
     # 2 attention layers x (k, v) x 2 rows x 1 head x 13 x 64, plus 1 conv history of 2 rows x (k-1=2) x 64
     assert r["weights_mib"] * 2**20 == r["params"] * 4
     assert r["state_mib"] * 2**20 == 4 * (2 * 2 * 2 * 1 * 13 * 64 + 1 * 2 * 2 * 64)
     table = format_table([r], [1, 2])
-    assert "decode tok/s b2" in table and "iberis" in table
+    assert "greedy tok/s b2" in table and "sampled tok/s b1" in table and "iberis" in table
 
 
 def test_bench_infer_cli_rejects_bad_flags(capsys):
