@@ -247,3 +247,13 @@ def test_exhausted_batch_source_is_a_clear_error(tmp_path):
     with pytest.raises(ChibiError, match="ran out during step 1"):
         train(model, opt, Finite(), loss_fn, cpu_rt(), LoopConfig(tmp_path / "t", num_steps=5, grad_accum=2),
               meta=meta_for(model))
+
+
+def test_resuming_a_finished_run_is_a_no_op(tmp_path):
+    done, res1 = run(tmp_path / "t", 3)
+    again, res2 = run(tmp_path / "t", 3, resume=True)
+    for a, b in zip(done.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    assert res2.steps == 3 and res2.checkpoint == res1.checkpoint and res2.final_eval == res1.final_eval
+    with pytest.raises(ChibiError, match="past --num-steps"):
+        run(tmp_path / "t", 2, resume=True)

@@ -310,7 +310,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
     metrics = _Metrics(rt, cfg, state.step if cfg.resume else None, meta)
     peak = peak_flops(rt, cfg.peak_flops)
     resumed_at = state.step if cfg.resume else None
-    last_ckpt = None
+    last_ckpt = step_dir(cfg.tag_dir, state.step) if cfg.resume else None
     recent: list[float] = []  # recent step times for the ETA
     first_step = state.step
     model.train()
