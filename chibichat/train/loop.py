@@ -323,12 +323,13 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     model.eval()
                     vals = {k: float(v) for k, v in eval_fn(raw, step).items()}
                     model.train()
-                    state.last_eval = vals
-                    if "val_bpb" in vals:
-                        state.min_val_bpb = min(vals["val_bpb"], state.min_val_bpb or float("inf"))
-                    metrics.log({"step": step, **vals})
-                    print0(rt, f"step {step:06d} | " + " | ".join(
-                        f"{k} {v:,.0f}" if float(v).is_integer() else f"{k} {v:.4f}" for k, v in vals.items()))
+                    if vals:  # an eval_fn may have nothing to report at some steps
+                        state.last_eval = vals
+                        if "val_bpb" in vals:
+                            state.min_val_bpb = min(vals["val_bpb"], state.min_val_bpb or float("inf"))
+                        metrics.log({"step": step, **vals})
+                        print0(rt, f"step {step:06d} | " + " | ".join(
+                            f"{k} {v:,.0f}" if float(v).is_integer() else f"{k} {v:.4f}" for k, v in vals.items()))
                 if sample_fn is not None and rt.is_master and step > 0 and (
                         last or (cfg.sample_every and step % cfg.sample_every == 0)):
                     model.eval()
