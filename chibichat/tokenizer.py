@@ -20,8 +20,9 @@ Three pre-split patterns are available (`split`):
              so it compresses in-domain Japanese noticeably worse. For corpora too big for `ja`.
 English text is split identically by all three. Figures behind the choice of split and caps:
 `chibichat bench tokenizer` (and its --ja-caps sweep). Measured on 2M chars of embedded-ja, vocab
-8192, 2-core shared CPU: ja vs gpt4 = 3.2x less CPU time, 1.8x less peak memory, held-out
-bytes/token 6.41 vs 6.36; ja-script = 4.8x less CPU, 3.9x less memory, but 5.12 bytes/token.
+8192, a heavily shared 2-core CPU (several runs): ja vs gpt4 = 2.0-3.2x less CPU time, 1.6-2.0x
+less peak memory, held-out bytes/token 6.42 vs 6.38; ja-script = 3.9-4.8x less CPU, 3.5-4x less
+memory, but only 5.13 bytes/token. At 4M chars the gpt4 split's peak memory doubles (~290 MiB).
 Trainer: rustbpe over Hugging Face `tokenizers` because, for an equal number of merges on the same
 text and pre-split, it used 2.3-3x less CPU time and gave the same bytes/token.
 """
