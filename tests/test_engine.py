@@ -359,3 +359,5 @@ def test_bench_infer_cli_rejects_bad_flags(capsys):
     assert "layout" in capsys.readouterr().err
     assert main(["bench", "infer", "--width", "100"]) == 2
     assert main(["bench", "infer", "--dtypes", "float64"]) == 2
+    assert main(["bench", "infer", "--clock", "cpu", "--threads", "2", "--device", "cpu"]) == 2
+    assert "--threads 1" in capsys.readouterr().err

@@ -39,6 +39,9 @@ def add_args(p) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes (default: float32,bfloat16)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is reported (default: 3)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's choice)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: elapsed time (default); cpu: this process's CPU time, a steadier estimate of a quiet "
+                        "machine's figures when the machine is shared (CPU device with --threads 1 only)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_runtime_args(p)  # --device (auto/cpu/cuda); --dtype is unused here (see --dtypes)
 
@@ -83,6 +86,9 @@ def measure(cfg: dict) -> dict:
 
     engine = Engine(model, _Tok(), rt)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    clock = time.process_time if cfg.get("clock") == "cpu" else time.perf_counter
+    if cfg.get("clock") == "cpu" and (rt.device.type != "cpu" or cfg["threads"] != 1):
+        raise ChibiError("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
     g = torch.Generator().manual_seed(1)
     prompt_of = lambda: torch.randint(0, cfg["vocab"] - len(SPECIAL_TOKENS), (cfg["prompt"],), generator=g).tolist()  # noqa: E731
 
@@ -90,10 +96,10 @@ def measure(cfg: dict) -> dict:
         times = []
         for _ in range(cfg["repeats"]):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         return min(times)
 
     def gen(prompts, n, temperature=0.0):
@@ -179,6 +185,8 @@ def run(args) -> int:
             raise ChibiError(f"--{name} must be >= {lo}, got {v}")
     if any(b < 1 for b in batches):
         raise ChibiError(f"--batches must be positive, got {batches}")
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        raise ChibiError("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
     if args.width % 64:
         raise ChibiError(f"--width {args.width} must be a multiple of 64 (heads of 64)")
 
@@ -188,12 +196,13 @@ def run(args) -> int:
         layer_pattern(layout, args.depth)  # ChibiError on a bad layout, before any process starts
     results = []
     print(f"bench infer: depth {args.depth}, width {args.width}, vocab {args.vocab}, prompt {args.prompt}, "
-          f"{args.decode} decode steps, best of {args.repeats}; each configuration in a fresh process", flush=True)  # fmt: skip
+          f"{args.decode} decode steps, best of {args.repeats}, {args.clock} clock; each configuration in a fresh process",
+          flush=True)  # fmt: skip
     for layout in layouts:
         for dtype in dtypes:
             cfg = dict(layout=layout, dtype=dtype, device=args.device, depth=args.depth, width=args.width,
                        vocab=args.vocab, prompt=args.prompt, decode=args.decode, batches=batches,
-                       repeats=args.repeats, threads=args.threads)  # fmt: skip
+                       repeats=args.repeats, threads=args.threads, clock=args.clock)  # fmt: skip
             code = "from chibichat.bench.infer import _worker; _worker()"
             proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
