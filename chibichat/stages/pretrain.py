@@ -184,7 +184,7 @@ def run(args) -> int:
             "tok_per_s": result.tokens / result.train_time_s if result.train_time_s else None,
             "final_loss": result.final_loss,
             "final_val_bpb": result.final_eval.get("val_bpb"), "final_val_loss": result.final_eval.get("val_loss"),
-            "min_val_bpb": result.min_val_bpb, "val_tokens": result.final_eval.get("val_tokens"),
+            "min_val_bpb": result.min_val_bpb, "val_tokens": int(result.final_eval.get("val_tokens", 0)),
             "crop_fraction": loader.stats.get("crop_fraction"), "epoch": loader.stats.get("epoch"),
             "checkpoint": result.checkpoint,
         }
