@@ -170,3 +170,15 @@ def test_failed_save_leaves_no_step_dir(tmp_path):
         save_checkpoint(tmp_path / "t", 2, m, Crashing(), _meta(m))
     assert list_steps(tmp_path / "t") == [1]
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["step_000001"]
+
+
+def test_only_rank_zero_writes(tmp_path):
+    from chibichat.common import Runtime
+
+    m = _model()
+    rt1 = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=1, local_rank=1, world_size=2)
+    path = save_checkpoint(tmp_path / "t", 3, m, None, _meta(m), rt=rt1)
+    assert path == step_dir(tmp_path / "t", 3) and not path.exists()
+    rt0 = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=0, local_rank=0, world_size=2)
+    save_checkpoint(tmp_path / "t", 3, m, None, _meta(m), rt=rt0)
+    assert read_meta(path)["world_size"] == 2

@@ -211,6 +211,8 @@ def test_bad_loop_config():
         LoopConfig("x", num_steps=10, warmup_steps=5, warmdown_frac=0.6)
     with pytest.raises(ChibiError, match="warmdown_frac"):
         LoopConfig("x", num_steps=10, warmdown_frac=1.5)
+    with pytest.raises(ChibiError, match="one of them"):
+        LoopConfig("x", num_steps=10, resume=True, overwrite=True)
 
 
 def test_wandb_only_when_asked(tmp_path, monkeypatch):

@@ -100,6 +100,8 @@ class LoopConfig:
         for name in ("warmdown_frac", "final_lr_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ChibiError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ChibiError("--resume continues a run and --overwrite replaces it: pass one of them")
         if self.warmup_steps + round(self.warmdown_frac * self.num_steps) > self.num_steps:
             raise ChibiError(f"warmup ({self.warmup_steps} steps) + warmdown ({self.warmdown_frac} x "
                              f"{self.num_steps} steps) exceed the run's {self.num_steps} steps; shorten one")
