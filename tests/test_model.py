@@ -349,3 +349,13 @@ def test_large_softcap_uses_max_shift():
     logits = m(idx)
     ref = F.cross_entropy(logits.view(-1, V), idx.view(-1))
     assert torch.isfinite(ref) and torch.allclose(m(idx, idx), ref, rtol=1e-5)
+
+
+def test_rmsnorm_matches_reference_and_gradcheck():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + gpt_mod.NORM_EPS)
+    assert torch.allclose(gpt_mod.norm(x.float()).double(), ref, atol=1e-6)
+    assert torch.autograd.gradcheck(gpt_mod.norm, (x,))
+    xb = x.detach().to(torch.bfloat16)
+    assert gpt_mod.norm(xb).dtype == torch.bfloat16
+    assert torch.allclose(gpt_mod.norm(xb).double(), gpt_mod.norm(xb.double()), atol=1e-2)

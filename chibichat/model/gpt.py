@@ -127,9 +127,37 @@ class GPTConfig:
 # Small pieces
 
 
+NORM_EPS = torch.finfo(torch.float32).eps
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Parameter-free RMSNorm computed in fp32 whatever the input dtype, returning the input dtype.
+
+    Why not F.rms_norm: for a bf16 input it keeps an fp32 copy of the input for backward (measured:
+    16 MB of the 124 MB saved per d4 step) and uses eps = finfo(bf16).eps = 0.0078 instead of fp32's,
+    so bf16 and fp32 runs would normalise differently. Here only the input itself (shared with the
+    caller) and one fp32 scalar per row are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + NORM_EPS)
+        ctx.save_for_backward(x, rstd)
+        return (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        gf = g.to(rstd.dtype)
+        dx = rstd * (gf - xhat * (gf * xhat).mean(dim=-1, keepdim=True))
+        return dx.to(x.dtype)
+
+
 def norm(x):
-    """Parameter-free RMSNorm over the last dim."""
-    return F.rms_norm(x, (x.shape[-1],))
+    """Parameter-free RMSNorm over the last dim (fp32 statistics, output in x's dtype)."""
+    return _RMSNorm.apply(x)
 
 
 def rope_table(length: int, head_dim: int, base: float, device=None):
