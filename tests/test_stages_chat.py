@@ -369,3 +369,55 @@ def test_rl_stage_end_to_end(base):
         from chibichat.stages import rl
 
         rl.run(_parse(["rl", "--home", home.root, "--from", "base", "--task", "gsm8k"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluations of real (tiny) checkpoints through the CLI
+
+
+def test_eval_chat_cli_writes_items_and_summary(base):
+    home, _ = base
+    run_cli("sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "ev", "--num-steps", 1,
+            *FAST, "--mix", "arithmetic=0.05")
+    run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
+            "float32", "--tasks", "arc-easy,spelling", "--max-items", 3, "--max-new-tokens", 8)
+    out = home.eval_dir("sft", "ev")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["arc_easy_n"] + s["arc_easy_skipped_too_long"] == 3 and s["spelling_n"] == 3
+    assert "chatcore_partial" in s and "spelling" in s["chatcore_tasks"]  # not the full ChatCORE set
+    rows = [json.loads(l) for l in (out / "chat_spelling.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["n_samples"] == 1 for r in rows)
+    assert (out / "chat_arc_easy.csv").read_text().startswith("task,index,status")
+
+
+def test_core_on_shipped_tasks_with_a_real_model(base, tmp_path):
+    import argparse
+
+    from chibichat.eval.core import run_core
+    from chibichat.train.checkpoint import load_model
+
+    home, tok = base
+    model, _ = load_model(home, "base", "d2", None, cpu_rt(), tokenizer=tok)
+    args = argparse.Namespace(core_tasks="core-copa,core-lambada", core_items=4, eval_batch_size=4)
+    out = run_core(model, tok, cpu_rt(), tmp_path, args)
+    assert out["core_label"] == "CORE-lite" and {t["name"] for t in out["core_tasks"]} == {"core-copa", "core-lambada"}
+    scored = [t for t in out["core_tasks"] if t["n_scored"]]
+    assert out["core"] == pytest.approx(sum(t["centered"] for t in scored) / len(scored))
+    assert all(t["n_scored"] + t["n_skipped_too_long"] == 4 for t in out["core_tasks"])
+    assert len((tmp_path / "core.jsonl").read_text().splitlines()) == 8
+
+
+def test_eval_jglue_cli(base, tmp_path):
+    from test_eval_core import _write_jglue
+
+    home, _ = base
+    _write_jglue(tmp_path / "jglue")
+    run_cli("eval", "jglue", "--home", home.root, "--from", "base", "--tag", "d2", "--device", "cpu", "--dtype",
+            "float32", "--jglue-dir", tmp_path / "jglue", "--shots", 1, "--jsquad-shots", 0, "--jsquad-max-tokens", 4)
+    s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
+    for k in ("jcommonsenseqa", "jnli", "jsts_pearson", "jsts_spearman", "jsquad_em", "jsquad_f1"):
+        assert k in s
+    assert s["jcommonsenseqa_n"] + s["jcommonsenseqa_skipped_too_long"] == 5
+    assert 0.0 <= s["jsquad_f1"] <= 1.0
+    rc = main(["eval", "jglue", "--home", str(home.root), "--from", "base", "--jglue-dir", str(tmp_path / "nope")])
+    assert rc == 2

@@ -155,9 +155,15 @@ def score_items(scorer: Scorer, tok, task, indices: Sequence[int], kind: str | N
     flat: list[tuple[list[int], int]] = []
     owners: list[tuple[int, int]] = []  # (position in results, option index)
     for i in indices:
+        gold = task[i].get("gold")
+        # Cheap first: the longest context alone (+ BOS + one continuation token) already over the
+        # context means the item is skipped without tokenizing every option.
+        bound = 2 + max(len(tok.encode(ctx)) for ctx, _ in item_texts(task, i)[:2])
+        if bound > scorer.max_len:
+            results.append(ItemResult(task.name, i, "skipped_too_long", gold=gold, n_tokens=bound))
+            continue
         reqs = item_requests(tok, task, i)
         longest = max(len(ids) for ids, _ in reqs)
-        gold = task[i].get("gold")
         if longest > scorer.max_len:
             # Over the model's context: counted and reported, never silently cut.
             results.append(ItemResult(task.name, i, "skipped_too_long", gold=gold, n_tokens=longest))
@@ -312,8 +318,9 @@ def add_core_args(p) -> None:
     p.add_argument("--no-core", dest="core", action="store_false", help="skip the CORE-style tasks")
     p.add_argument("--core-tasks", default=None,
                    help="comma-separated core-* task names (default: every shipped CORE-lite task)")
-    p.add_argument("--core-items", type=int, default=None,
-                   help="items per task, the first N of a fixed shuffle (default: all shipped items)")
+    p.add_argument("--core-items", type=int, default=100,
+                   help="items per task, the first N of a fixed shuffle (default: 100, as a CPU-sized check; "
+                        "0 = every item; the counts scored/skipped are in the summary)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
 
 
@@ -323,8 +330,8 @@ def run_core(model, tok, rt, out_dir, args) -> dict:
     from chibichat.eval.metrics import write_eval_outputs
     from chibichat.tasks.base import get_task, list_tasks
 
-    if args.core_items is not None and args.core_items < 1:
-        raise ChibiError(f"--core-items must be >= 1, got {args.core_items}")
+    if args.core_items is not None and args.core_items < 0:
+        raise ChibiError(f"--core-items must be >= 0 (0 = every item), got {args.core_items}")
     names = [n.strip() for n in args.core_tasks.split(",")] if args.core_tasks else \
         [n for n in list_tasks() if n.startswith("core-")]
     tasks = []
@@ -332,7 +339,7 @@ def run_core(model, tok, rt, out_dir, args) -> dict:
         t = get_task(n)
         if t.kind != "core":
             raise ChibiError(f"--core-tasks names {n!r}, a task of kind {t.kind!r}; CORE takes core-* tasks")
-        if args.core_items is not None and args.core_items < len(t):
+        if args.core_items and args.core_items < len(t):
             t = t.shuffled(SHUFFLE_SEED).slice(0, args.core_items)
         tasks.append(t)
     gather = None
@@ -356,4 +363,5 @@ def run_core(model, tok, rt, out_dir, args) -> dict:
     flat["core_skipped_too_long"] = sum(s["n_skipped_too_long"] for s in out["tasks"])
     flat["core_unscored_tasks"] = out["unscored"]  # no item fit the context: left out of the mean
     flat["core_tasks"] = out["tasks"]
+    flat["core_items_per_task"] = args.core_items or "all"
     return flat

@@ -2,6 +2,9 @@
 
 One parser, one sub-subcommand per evaluation; each dispatches to a module in chibichat/eval/.
     base   val bpb on a fixed slice of a val split + greedy samples   (chibichat/eval/base.py)
+           + CORE-style in-context tasks (CORE-lite offline)          (chibichat/eval/core.py)
+    chat   categorical by letter logits, generative by sampling, ChatCORE   (chibichat/eval/chat.py)
+    jglue  JCommonsenseQA, JNLI, JSTS, JSQuAD on the official dev files    (chibichat/eval/jglue.py)
 Results go to home/eval/<stage>/<tag>/summary.json (flat metric keys, see docs/architecture.md)
 with per-item files beside it. To add an evaluation: write `_add_<name>(actions)` + `run_<name>(args)`
 here and list it in `register`.
@@ -15,10 +18,12 @@ STAGES = ("base", "mid", "sft", "rl")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint (base: val bpb + samples)",
-                       description="Evaluate a saved checkpoint. Pick an evaluation: " + ", ".join(["base"]))
+    p = sub.add_parser("eval", help="evaluate a checkpoint (base: val bpb + CORE; chat: ChatCORE; jglue)",
+                       description="Evaluate a saved checkpoint. Pick an evaluation: " + ", ".join(["base", "chat", "jglue"]))
     actions = p.add_subparsers(dest="evaluation", metavar="<evaluation>")
     _add_base(actions)
+    _add_chat(actions)
+    _add_jglue(actions)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -32,7 +37,7 @@ def _add_checkpoint_args(p) -> None:
 
 def _add_base(actions) -> None:
     p = actions.add_parser(
-        "base", help="val bits-per-byte and greedy samples",
+        "base", help="val bits-per-byte, CORE-style tasks (CORE-lite offline) and greedy samples",
         description="Val bits-per-byte (tokenizer-independent) on a fixed number of val tokens of a corpus, "
                     "and greedy samples from fixed prompts. Writes home/eval/<stage>/<tag>/summary.json and "
                     "samples.json.")
@@ -44,7 +49,50 @@ def _add_base(actions) -> None:
     p.add_argument("--long-docs", choices=("split", "crop"), default=None,
                    help="val packing of long documents (default: as in training)")
     p.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
+    from chibichat.eval.core import add_core_args
+
+    add_core_args(p)
     p.set_defaults(func=run_base)
+
+
+def _add_chat(actions) -> None:
+    from chibichat.eval.chat import add_chat_args
+
+    p = actions.add_parser(
+        "chat", help="ChatCORE: ARC-E/C and MMLU by letter logits, GSM8K/HumanEval/spelling by generation",
+        description="Chat-model evaluation: categorical tasks by the argmax of the choice-letter logits, generative "
+                    "tasks by sampling with the engine and checking (GSM8K with the calculator, HumanEval in the "
+                    "sandbox), ChatCORE = mean centered accuracy. Per-item chat_<task>.jsonl/.csv and "
+                    "summary.json under home/eval/<stage>/<tag>/.")
+    _add_checkpoint_args(p)
+    p.set_defaults(source="sft")
+    add_chat_args(p)
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(args) -> int:
+    from chibichat.eval.chat import run_chat as run
+
+    return run(args)
+
+
+def _add_jglue(actions) -> None:
+    from chibichat.eval.jglue import add_jglue_args
+
+    p = actions.add_parser(
+        "jglue", help="JGLUE few-shot: JCommonsenseQA, JNLI, JSTS, JSQuAD (dev files given by --jglue-dir)",
+        description="JGLUE on the official dev files: JCQA and JNLI by lowest continuation loss (accuracy), JSTS by "
+                    "the expected digit 0-5 (Pearson, Spearman), JSQuAD by greedy generation (EM, character F1 "
+                    "after NFKC). Per-item files and summary.json under home/eval/<stage>/<tag>/.")
+    _add_checkpoint_args(p)
+    add_jglue_args(p)
+    p.set_defaults(func=run_jglue)
+
+
+def run_jglue(args) -> int:
+    from chibichat.eval.jglue import run_jglue as run
+
+    return run(args)
 
 
 def run_base(args) -> int:
@@ -81,6 +129,12 @@ def run_base(args) -> int:
         texts = samples(model, tok, corpus.lang, args.sample_tokens) if rt.is_master else []
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
+        if args.core:
+            from chibichat.eval.core import run_core
+
+            core = run_core(model, tok, rt, out_dir, args)
+            print0(rt, f"{core['core_label']}: {core['core']:.4f} over {len(core['core_tasks'])} tasks "
+                       f"({core['core_skipped_too_long']} items longer than the context skipped)")
         # Flat metric keys (shared with the other evaluations of this checkpoint) + this eval's details.
         summary = {
             "val_bpb": result["val_bpb"], "val_loss": result["val_loss"],
@@ -91,6 +145,8 @@ def run_base(args) -> int:
                 "seconds": time.time() - t0,
             },
         }
+        if args.core:
+            summary.update(core)
         print0(rt, f"{args.source}/{tag} step {meta['step']}: val bpb {result['val_bpb']:.4f} "
                    f"(loss {result['val_loss']:.4f}) on {result['val_tokens']:,} tokens of {corpus.name} val")
         for t in texts:
