@@ -205,15 +205,15 @@ def register(sub):
     p.set_defaults(func=run, warmdown_frac=1.0)  # linear decay to 0 over the run (nanochat)
 
 
-def _tasks(args):
-    from chibichat.stages.sft import EVAL_ONLY_TASKS
+def _tasks(args, home):
+    from chibichat.stages.sft import EVAL_ONLY_TASKS, task_options
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
 
     if args.task in EVAL_ONLY_TASKS:
         raise ChibiError(f"--task {args.task} is an evaluation set; RL on it would contaminate its score. "
                          f"Use its training split (e.g. gsm8k-train) or a generated task")
-    task = get_task(args.task)
+    task = get_task(args.task, **task_options(args.task, home))
     if task.kind != "generative":
         raise ChibiError(f"--task {args.task} is of kind {task.kind!r}; RL needs a generative task with a checker")
     if isinstance(task, GeneratedTask):
@@ -222,7 +222,7 @@ def _tasks(args):
     elif args.eval_task is None:
         raise ChibiError(f"--task {args.task} has no generated test split; name the held-out task with --eval-task")
     else:
-        eval_task = get_task(args.eval_task)
+        eval_task = get_task(args.eval_task, **task_options(args.eval_task, home))
     return task, eval_task
 
 
@@ -247,7 +247,7 @@ def run(args) -> int:
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
-        task, eval_task = _tasks(args)
+        task, eval_task = _tasks(args, home)
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)

@@ -155,13 +155,28 @@ def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | No
 # Mixture with a held-out split
 
 
-def split_task(name: str, val_items: int, seed: int):
+def task_options(name: str, home) -> dict:
+    """Online tasks (smoltalk, mmlu-aux, gsm8k-train, ...) read their download cache from the home."""
+    import importlib
+    import inspect
+
+    from chibichat.tasks.registry import specs
+
+    spec = specs().get(name)
+    if spec is None:
+        return {}  # get_task reports the unknown name with the valid ones
+    module, func = spec.target.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+    return {"home": home} if "home" in params else {}
+
+
+def split_task(name: str, val_items: int, seed: int, home=None):
     """(train view, val view) of a task. Generated tasks have disjoint train/test splits by
-    construction; a shipped conversation task gives its last items (up to 5%) to validation."""
+    construction; a shipped or downloaded task gives its last items (up to 5%) to validation."""
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
 
-    task = get_task(name)
+    task = get_task(name, **task_options(name, home))
     if task.kind == "core":
         raise ChibiError(f"--mix names {name!r}, a base-model evaluation task; it has no conversations")
     if isinstance(task, GeneratedTask):
@@ -172,13 +187,13 @@ def split_task(name: str, val_items: int, seed: int):
     return task.slice(0, len(task) - n_val), task.slice(len(task) - n_val, None)
 
 
-def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int):
+def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None):
     """(train Mixture, val Mixture)."""
     from chibichat.tasks.base import Mixture
 
     trains, vals, epochs = [], [], []
     for name, e in mix:
-        tr, va = split_task(name, val_items, seed)
+        tr, va = split_task(name, val_items, seed, home)
         trains.append(tr)
         vals.append(va)
         epochs.append(e)
@@ -274,7 +289,8 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
     add_source_args(p, default_from)
     p.add_argument("--mix", default=None,
                    help=f"task mixture as name=epochs,... (default EN: {SFT_MIX_EN}; a Japanese tokenizer adds "
-                        f"{SFT_MIX_JA})")
+                        f"{SFT_MIX_JA}). Online tasks (smoltalk, mmlu-aux, arc-easy-train, arc-challenge-train, "
+                        "gsm8k-train) can be named once downloaded into the home")
     p.add_argument("--mode", default=mode, choices=("pack", "pad", "stream"),
                    help=f"how conversations fill rows (default: {mode})")
     p.add_argument("--overflow", default="shorten", choices=("shorten", "drop"),
@@ -304,7 +320,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         model, src_meta, tag = load_source(args, home, tok, rt)
         seq_len = model.config.seq_len
         mix = parse_mix(args.mix or default_mix(tok, mix_en, mix_ja))
-        train_mix, val_mix = build_mixtures(mix, args.val_items, args.seed)
+        train_mix, val_mix = build_mixtures(mix, args.val_items, args.seed, home)
         loader = ConversationLoader(train_mix, tok, args.device_batch_size, seq_len, rt, mode=args.mode,
                                     overflow=args.overflow, epochs=None, train_all_tokens=train_all_tokens)
         lrs = source_lrs(src_meta, args, model)
