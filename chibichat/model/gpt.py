@@ -3,14 +3,15 @@
 Architecture (REFERENCE §4, §18): token embedding -> parameter-free RMSNorm -> blocks -> RMSNorm ->
 untied lm_head -> logit softcap 15*tanh(z/15). Each block is pre-norm:
     x <- x + mixer(norm(x));  x <- x + MLP(norm(x))
-with mixer = causal self-attention (RoPE, QK-norm, GQA, optional sliding window; SDPA) or SLC2
+with mixer = causal self-attention (RoPE, QK-norm, GQA, optional sliding window; SDPA, or explicit
+matmuls on CPU for short contexts) or SLC2
 (chibichat/model/slc2.py), and MLP = W_2 relu(W_1 u)^2 with hidden width 4E. No biases anywhere,
 no learned norm gains, so the parameter count is exactly the published one.
 
 Precision: parameters are fp32 masters. `GPT.compute_dtype` (a plain attribute; the stage sets it from
 Runtime.compute_dtype) is the dtype of every matmul: weights are cast to it inside forward, so
 gradients still land on the fp32 masters. The residual stream stays fp32; logits and the loss are
-fp32 per chunk only (see `_HeadLoss`), so no fp32 (B, T, V) tensor is ever materialised in training.
+fp32 per chunk only (see `_HeadLossSum`), so no fp32 (B, T, V) tensor is ever materialised in training.
 
 Compile: the stage calls `torch.compile(model, dynamic=False)` itself for training. Only `forward`
 is compiled that way; `forward_step` (inference, variable shapes) always runs eagerly, also when
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from chibichat.common import ChibiError
 from chibichat.model.slc2 import SLC2
 
-LAYOUT_NAMES = ("dense", "iberis")
+LAYOUT_NAMES = ("dense", "iberis")  # named layouts accepted by layer_pattern (for CLI help/choices)
 
 # Rows of the loss are processed in chunks of about this many logits, so
 # the loss needs O(chunk * V) memory whatever B*T is (REFERENCE §20 #7). fp32: 8 MiB per temporary.
