@@ -166,10 +166,12 @@ def test_resume_in_process_is_exact(tmp_path):
     with pytest.raises(Stop):
         train(model, opt, src, stopping_loss, cpu_rt(), cfg, meta=meta_for(model), eval_fn=val_loss_fn())
     assert list_steps(tmp_path / "part") == [4]
+    (tmp_path / "part" / ".tmp-step_000006-abc").mkdir()  # as if a save had been killed midway
     resumed, res = run(tmp_path / "part", 8, save_every=4, resume=True)
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert res.steps == 8
+    assert not list((tmp_path / "part").glob(".tmp-*"))
     # metrics.jsonl reads as one run: no duplicate steps, same losses as the uninterrupted run.
     def losses(d):
         return [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())

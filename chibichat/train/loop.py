@@ -45,6 +45,7 @@ import base64
 import contextlib
 import gc
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,6 +297,10 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
     wall0 = time.perf_counter()
 
     existing = list_steps(cfg.tag_dir)
+    if rt.is_master and cfg.tag_dir.is_dir():
+        # Leftovers of a save that was killed midway (never visible as a step): safe to drop.
+        for junk in [*cfg.tag_dir.glob(".tmp-step_*"), *cfg.tag_dir.glob(".old-step_*")]:
+            shutil.rmtree(junk, ignore_errors=True)
     if cfg.resume:
         state = _resume(raw, optimizer, batches, rt, cfg, meta)
     else:
@@ -303,7 +308,6 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             raise ChibiError(f"{cfg.tag_dir} already holds checkpoints (steps {existing}); pass --resume to "
                              f"continue that run, --overwrite to replace it, or choose another --tag")
         if existing and rt.is_master:
-            import shutil
             for s in existing:
                 shutil.rmtree(step_dir(cfg.tag_dir, s))
         state = LoopState()
