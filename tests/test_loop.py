@@ -261,3 +261,19 @@ def test_resuming_a_finished_run_is_a_no_op(tmp_path):
     assert res2.steps == 3 and res2.checkpoint == res1.checkpoint and res2.final_eval == res1.final_eval
     with pytest.raises(ChibiError, match="past --num-steps"):
         run(tmp_path / "t", 2, resume=True)
+
+
+def test_resume_applies_this_runs_learning_rates(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run(tmp_path / "t", 2, save_every=2, warmdown_frac=0.0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
+    frozen = build_optimizer(model.param_groups(), matrix_lr=0.0, embedding_lr=0.0, unembedding_lr=0.0,
+                             other_lr=0.0, ns_dtype=torch.float32)
+    cfg = LoopConfig(tag_dir=tmp_path / "t", num_steps=4, resume=True, keep_last=0, warmdown_frac=0.0)
+    train(model, frozen, ToySource(), loss_fn, cpu_rt(), cfg, meta=meta_for(model))
+    assert "lr 0.02 -> 0.0" in capsys.readouterr().out
+    saved = load_file(tmp_path / "t" / "step_000002" / "model.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k  # LR 0 after the resume: nothing moved

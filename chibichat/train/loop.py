@@ -279,7 +279,15 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
         raise ChibiError(f"--resume: {sdir}/meta.json lacks the loop state ({e}); it was not written by "
                          f"the training loop, so it cannot be resumed") from None
     load_weights(sdir, model)
+    # The optimizer state brings back its saved hyperparameters; the LRs and weight decay of *this*
+    # invocation win (identical flags -> identical values, so resume stays exact; changed flags apply).
+    wanted = [(g["initial_lr"], g.get("weight_decay")) for g in optimizer.param_groups]
     load_optimizer(sdir, optimizer)
+    for g, (lr, wd) in zip(optimizer.param_groups, wanted):
+        if (g["initial_lr"], g.get("weight_decay")) != (lr, wd):
+            print0(rt, f"note: group {g.get('name', g['kind'])}: lr {g['initial_lr']} -> {lr}, weight decay "
+                       f"{g.get('weight_decay')} -> {wd} (flags of this run)")
+        g["initial_lr"], g["weight_decay"] = lr, wd
     batches.load_state_dict(loader_state)
     _set_rng_state(rt, rng)
     print0(rt, f"resumed from {sdir} (step {state.step})")
