@@ -38,7 +38,8 @@ def make_base(root, vocab=512, seed=0):
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=SEQ, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
                           other_lr=0.02, ns_dtype=torch.float32)
-    meta = {"model_config": model.config.to_dict(), "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size}}
+    meta = {"model_config": model.config.to_dict(), "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size},
+            "corpus": "embedded-en"}
     save_checkpoint(home.checkpoints_dir("base", "d2"), 5, model, opt, meta)
     return home, tok
 
@@ -421,3 +422,15 @@ def test_eval_jglue_cli(base, tmp_path):
     assert 0.0 <= s["jsquad_f1"] <= 1.0
     rc = main(["eval", "jglue", "--home", str(home.root), "--from", "base", "--jglue-dir", str(tmp_path / "nope")])
     assert rc == 2
+
+
+def test_eval_base_cli_adds_core_lite(base):
+    home, _ = base
+    run_cli("eval", "base", "--home", home.root, "--from", "base", "--tag", "d2", "--device", "cpu", "--dtype",
+            "float32", "--eval-tokens", 320, "--device-batch", 2, "--sample-tokens", 2, "--core-tasks", "core-copa,core-winogrande",
+            "--core-items", 5)
+    s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
+    assert "val_bpb" in s and s["core_label"] == "CORE-lite" and s["core_items_per_task"] == 5
+    assert {t["name"] for t in s["core_tasks"]} == {"core-copa", "core-winogrande"}
+    assert s["core"] == pytest.approx(sum(t["centered"] for t in s["core_tasks"]) / 2)
+    assert len((home.eval_dir("base", "d2") / "core.jsonl").read_text().splitlines()) == 10
