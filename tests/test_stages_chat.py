@@ -135,6 +135,14 @@ def test_mix_flag_errors():
         parse_mix("chitchat=0")
     with pytest.raises(ChibiError, match="names no task"):
         parse_mix(" , ")
+    from chibichat.stages.sft import default_mix
+
+    class Tok:
+        def __init__(self, split):
+            self.split = split
+
+    assert default_mix(Tok("gpt4"), "a=1", "b=1") == "a=1"
+    assert default_mix(Tok("ja"), "a=1", "b=1") == default_mix(Tok("ja-script"), "a=1", "b=1") == "a=1,b=1"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
 
 def default_mix(tok, en: str, ja: str) -> str:
     """English tasks, plus the Japanese ones when the tokenizer was trained for Japanese."""
-    return en + "," + ja if getattr(tok, "split", "gpt4") == "ja" else en
+    return en + "," + ja if str(getattr(tok, "split", "gpt4")).startswith("ja") else en
 
 
 # ----------------------------------------------------------------------------------------------
