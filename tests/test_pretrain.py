@@ -214,3 +214,14 @@ def test_bpb_counts_only_byte_bearing_targets():
     assert (r["val_tokens"], r["val_bytes"]) == (9, nbytes)
     with pytest.raises(ChibiError, match="no target bytes"):
         evaluate_bpb(Fixed(), [], token_bytes, rt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_pretrain_on_cuda_bf16(tok_home):
+    args = [a for a in TINY if a not in ("cpu", "float32", "--device", "--dtype")]
+    assert main(["pretrain", "--home", str(tok_home), *args, "--device", "cuda", "--dtype", "bfloat16",
+                 "--num-steps", "10", "--eval-every", "0", "--tag", "gpu", "--overwrite"]) == 0
+    summary = json.loads((tok_home / "checkpoints" / "base" / "gpu" / "summary.json").read_text())
+    assert summary["compute_dtype"] == "bfloat16" and summary["device"].startswith("cuda")
+    assert summary["final_val_bpb"] < 10
