@@ -1,0 +1,303 @@
+"""`chibichat speedrun`: one command, start to finish.
+
+tokenizer -> pretrain -> base eval -> midtrain -> chat eval -> SFT -> chat eval -> RL -> chat eval -> report,
+then it tells the user how to talk to the model.
+
+Each step runs as its own `python -m chibichat <stage> ...` process (under torchrun when several GPUs are
+visible), so a crash or Ctrl-C in one stage cannot corrupt the orchestrator's view, and every step is exactly
+what a user could type by hand (they are printed before they run).
+
+Resumability comes from the artifacts, not from a separate state file: a step is done when its completion
+marker exists (each stage writes its summary.json atomically and last). A training step that was interrupted
+has checkpoints but no summary, so it is re-run with --resume. `--force STAGE` deletes that step's outputs and
+redoes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chibichat.common import ChibiError, Home, add_home_arg, atomic_write_json, read_json
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that differs between hardware classes. Flags are passed verbatim to the stages."""
+
+    name: str
+    description: str
+    expected_minutes: float
+    depth: int
+    tokenizer: list[str]
+    pretrain: list[str]
+    eval_base: list[str]
+    midtrain: list[str]
+    sft: list[str]
+    rl: list[str]
+    eval_chat: list[str]
+    gpu: bool = False
+    online: bool = False
+
+
+# Presets. CPU presets use only the data the package ships; GPU presets use the real online corpora.
+PRESETS: dict[str, Preset] = {
+    "micro": Preset(
+        name="micro",
+        description="smoke run for tests/CI: every stage at toy size, ~2 minutes on 2 CPU cores",
+        expected_minutes=2,
+        depth=2,
+        tokenizer=["--vocab-size", "1024", "--max-chars", "300000"],
+        pretrain=["--depth", "2", "--seq-len", "128", "--device-batch", "8", "--total-batch", "1024",
+                  "--num-steps", "24", "--eval-every", "12", "--eval-tokens", "4096", "--save-every", "12",
+                  "--sample-every", "0"],
+        eval_base=["--eval-tokens", "4096", "--core-items", "12", "--sample-tokens", "8"],
+        midtrain=["--num-steps", "6", "--device-batch-size", "8", "--eval-every", "3", "--val-batches", "1", "--no-samples"],
+        sft=["--num-steps", "6", "--device-batch-size", "8", "--eval-every", "3", "--val-batches", "1", "--no-samples"],
+        rl=["--num-steps", "2", "--prompts-per-step", "2", "--num-samples", "4", "--max-new-tokens", "24",
+            "--train-items", "64", "--passk-items", "4", "--no-samples"],
+        eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
+    ),
+    "cpu": Preset(
+        name="cpu",
+        description="the offline default: embedded data, <= 15 minutes on 2 CPU cores",
+        expected_minutes=15,
+        depth=4,
+        tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
+        pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
+                  "--num-steps", "600", "--eval-every", "150", "--eval-tokens", "65536", "--save-every", "150"],
+        eval_base=["--eval-tokens", "65536", "--core-items", "50"],
+        midtrain=["--num-steps", "150", "--eval-every", "50"],
+        sft=["--num-steps", "100", "--eval-every", "50"],
+        rl=["--num-steps", "25", "--max-new-tokens", "48"],
+        eval_chat=["--max-items", "50", "--max-new-tokens", "64"],
+    ),
+    "d12": Preset(
+        name="d12",
+        description="GPU: d12 on FineWeb-edu (32K vocab), ~1 h on 8xH100 (~$25), ~8 h on 1 GPU",
+        expected_minutes=60,
+        depth=12,
+        tokenizer=["--vocab-size", "32768", "--max-chars", "2000000000"],
+        pretrain=["--depth", "12", "--seq-len", "2048"],
+        eval_base=[],
+        midtrain=[],
+        sft=[],
+        rl=[],
+        eval_chat=[],
+        gpu=True,
+        online=True,
+    ),
+    "d20": Preset(
+        name="d20",
+        description="GPU: the $100 nanochat-class run, d20 on FineWeb-edu (65K vocab), ~4 h on 8xH100",
+        expected_minutes=240,
+        depth=20,
+        tokenizer=["--vocab-size", "65536", "--max-chars", "2000000000"],
+        pretrain=["--depth", "20", "--seq-len", "2048"],
+        eval_base=[],
+        midtrain=[],
+        sft=[],
+        rl=[],
+        eval_chat=[],
+        gpu=True,
+        online=True,
+    ),
+    "d26": Preset(
+        name="d26",
+        description="GPU: d26 (GPT-2-class CORE), ~12 h on 8xH100 (~$300)",
+        expected_minutes=720,
+        depth=26,
+        tokenizer=["--vocab-size", "65536", "--max-chars", "2000000000"],
+        pretrain=["--depth", "26", "--seq-len", "2048"],
+        eval_base=[],
+        midtrain=[],
+        sft=[],
+        rl=[],
+        eval_chat=[],
+        gpu=True,
+        online=True,
+    ),
+}
+
+
+@dataclass
+class Step:
+    name: str  # what --force names
+    title: str
+    argv: list[str]  # arguments after `chibichat`
+    marker: Path  # exists <=> step done
+    outputs: list[Path]  # deleted by --force
+    resumable_dir: Path | None = None  # checkpoints here + no marker => pass --resume
+    distributed: bool = False  # run under torchrun when several GPUs are visible
+    weight: float = 1.0  # share of the expected time, for the ETA
+    extra: list[str] = field(default_factory=list)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "speedrun",
+        help="run the whole pipeline: tokenizer -> pretrain -> mid -> SFT -> RL with evals and a report",
+        description=(
+            "Run every stage in order into one home directory, then write the report card. "
+            "Re-running skips finished stages and resumes an interrupted one from its last checkpoint. "
+            "Presets: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+        ),
+    )
+    add_home_arg(p)
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="hardware preset (auto: cpu without a GPU, d20 with GPUs)")
+    p.add_argument("--lang", default="en", choices=["en", "ja"], help="language of corpus, tokenizer split, chat data and evals")
+    p.add_argument("--layers", default="dense", help="layer layout: dense | iberis | explicit pattern like ASSA")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE even if finished (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped, run nothing")
+    p.add_argument("--device", default="auto", help="passed to every stage")
+    p.set_defaults(func=run)
+
+
+def pick_preset(name: str) -> Preset:
+    if name != "auto":
+        return PRESETS[name]
+    import torch
+
+    return PRESETS["d20"] if torch.cuda.is_available() else PRESETS["cpu"]
+
+
+def plan(home: Home, preset: Preset, lang: str, layers: str, device: str) -> list[Step]:
+    tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
+    corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
+              ("en", True): "fineweb-edu", ("ja", True): "abeja-cc-ja-edu"}[(lang, preset.online)]
+    rl_task = "arithmetic" if lang == "en" else "arithmetic-ja"
+    if preset.online and lang == "en":
+        rl_task = "gsm8k-train"
+    split = ["--split", "ja"] if lang == "ja" else []
+    # Chat evals: the ChatCORE set in English; offline Japanese has only the generated JA tasks (JGLUE
+    # needs its dev files: `chibichat eval jglue --jglue-dir DIR` when online).
+    chat_tasks = [] if lang == "en" else ["--tasks", "spelling-ja,arithmetic-ja,letter-count-ja"]
+    common = ["--home", str(home.root)]
+    dev = ["--device", device]
+    ck = home.checkpoints_dir
+    ev = home.eval_dir
+    steps = [
+        Step("tokenizer", "train the tokenizer",
+             ["tokenizer", "train", "--corpus", corpus, *split, *common, *preset.tokenizer],
+             home.tokenizer_dir / "tokenizer.json", [home.tokenizer_dir], weight=0.02),
+        Step("tokenizer-eval", "evaluate the tokenizer",
+             ["tokenizer", "eval", "--corpus", corpus, *common],
+             home.tokenizer_dir / "eval.json", [home.tokenizer_dir / "eval.json"], weight=0.01),
+        Step("pretrain", "pretrain the base model",
+             ["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *preset.pretrain],
+             ck("base", tag) / "summary.json", [ck("base", tag)], resumable_dir=ck("base", tag), distributed=True, weight=0.5),
+        Step("eval-base", "evaluate the base model (bpb, CORE)",
+             ["eval", "base", "--from", "base", "--tag", tag, *common, *dev, *preset.eval_base],
+             ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04),
+        Step("midtrain", "midtrain: chat format, tools, multiple choice",
+             ["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *preset.midtrain],
+             ck("mid", tag) / "summary.json", [ck("mid", tag)], resumable_dir=ck("mid", tag), distributed=True, weight=0.1),
+        Step("eval-mid", "evaluate the midtrained model",
+             ["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
+             ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04),
+        Step("sft", "supervised fine-tuning",
+             ["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *preset.sft],
+             ck("sft", tag) / "summary.json", [ck("sft", tag)], resumable_dir=ck("sft", tag), distributed=True, weight=0.1),
+        Step("eval-sft", "evaluate the SFT model",
+             ["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
+             ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),
+        Step("rl", "reinforcement learning on verifiable rewards",
+             ["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, "--task", rl_task, *common, *dev, *preset.rl],
+             ck("rl", tag) / "summary.json", [ck("rl", tag)], resumable_dir=ck("rl", tag), distributed=True, weight=0.1),
+        Step("eval-rl", "evaluate the RL model",
+             ["eval", "chat", "--from", "rl", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
+             ev("rl", tag) / "summary.json", [ev("rl", tag)], distributed=True, weight=0.04),
+    ]
+    return steps
+
+
+def _has_checkpoint(d: Path | None) -> bool:
+    return bool(d and d.is_dir() and any(p.name.startswith("step_") for p in d.iterdir()))
+
+
+def _launcher(step: Step) -> list[str]:
+    """`python -m chibichat` or, with several GPUs and a distributed step, torchrun over all of them."""
+    if step.distributed:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "chibichat"]
+    return [sys.executable, "-m", "chibichat"]
+
+
+def run(args) -> int:
+    home = Home.resolve(args.home)
+    preset = pick_preset(args.preset)
+    steps = plan(home, preset, args.lang, args.layers, args.device)
+    names = {s.name for s in steps}
+    for f in args.force:
+        if f not in names:
+            raise ChibiError(f"--force {f!r} is not a speedrun stage; choose from: {', '.join(s.name for s in steps)}")
+
+    print(f"chibichat speedrun: preset {preset.name} ({preset.description}); lang {args.lang}; layers {args.layers}")
+    print(f"home: {home.root}")
+    timing_path = home.report_dir / "timing.json"
+    timing = read_json(timing_path, "speedrun timing") if timing_path.exists() else {"stages": {}}
+    total_weight = sum(s.weight for s in steps)
+    t_start = time.time()
+    done_weight = 0.0
+    for i, step in enumerate(steps, 1):
+        prefix = f"[{i}/{len(steps)}] {step.name}"
+        if step.name in args.force and not args.dry_run:
+            for out in step.outputs:
+                if out.is_dir():
+                    shutil.rmtree(out)
+                elif out.exists():
+                    out.unlink()
+            timing["stages"].pop(step.name, None)
+        if step.marker.exists():
+            print(f"{prefix}: done already ({step.marker.relative_to(home.root)}), skipping")
+            done_weight += step.weight
+            continue
+        argv = list(step.argv)
+        if _has_checkpoint(step.resumable_dir):
+            argv.append("--resume")
+            print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
+        cmd = _launcher(step) + argv
+        elapsed = time.time() - t_start
+        eta = ""
+        if done_weight > 0 and elapsed > 5:
+            eta = f", ETA ~{(elapsed / done_weight) * (total_weight - done_weight) / 60:.1f} min"
+        print(f"{prefix}: {step.title}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.time()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        rc = subprocess.run(cmd, env=env).returncode
+        if rc != 0:
+            raise ChibiError(
+                f"stage {step.name} failed (exit {rc}); fix the error above and re-run the same speedrun "
+                f"command: finished stages are skipped and {step.name} resumes where it can"
+            )
+        if not step.marker.exists():
+            raise ChibiError(f"stage {step.name} exited 0 but did not write {step.marker}; this is a bug in that stage")
+        timing["stages"][step.name] = round(time.time() - t0, 1)
+        timing["wall_s"] = round(sum(timing["stages"].values()), 1)
+        atomic_write_json(timing_path, timing)
+        done_weight += step.weight
+
+    if args.dry_run:
+        return 0
+    from chibichat.stages.report import build_report
+
+    path = build_report(home, wall_s=timing.get("wall_s"))
+    print(f"\nreport: {path}")
+    summary = path.read_text(encoding="utf-8").split("## Summary", 1)[-1].split("\n## ", 1)[0]
+    print("## Summary" + summary)
+    home_flag = "" if args.home is None else f" --home {shlex.quote(str(home.root))}"
+    print("Talk to your model:")
+    print(f"  chibichat chat{home_flag}                 # streaming REPL (or -p 'question' for one shot)")
+    print(f"  chibichat serve{home_flag}                # web page + OpenAI-compatible API on http://127.0.0.1:8000")
+    return 0

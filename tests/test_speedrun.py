@@ -1,0 +1,95 @@
+"""End to end: `chibichat speedrun --preset micro` into a temp home, killed mid-pretrain, re-run to the end,
+then run a third time (everything skipped)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chibichat.stages.speedrun import PRESETS, plan
+from chibichat.common import Home
+
+
+def _speedrun(home, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "chibichat", "speedrun", "--preset", "micro", "--home", str(home)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, **kw,
+    )
+
+
+def test_plan_covers_every_stage_in_order(tmp_path):
+    steps = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")
+    assert [s.name for s in steps] == ["tokenizer", "tokenizer-eval", "pretrain", "eval-base", "midtrain", "eval-mid",
+                                      "sft", "eval-sft", "rl", "eval-rl"]
+    # each training stage starts from the previous stage's checkpoint of the same tag
+    argv = {s.name: s.argv for s in steps}
+    assert argv["midtrain"][argv["midtrain"].index("--from") + 1] == "base"
+    assert argv["sft"][argv["sft"].index("--from") + 1] == "mid"
+    assert argv["rl"][argv["rl"].index("--from") + 1] == "sft"
+    ja = plan(Home(tmp_path), PRESETS["cpu"], "ja", "iberis", "cpu")
+    assert "embedded-ja" in ja[0].argv and ["--split", "ja"] == ja[0].argv[4:6]
+    assert "--layers" in ja[2].argv and "iberis" in ja[2].argv
+    assert ja[2].marker.parent.name == "d4-iberis"
+
+
+def test_unknown_force_stage_is_a_clear_error(tmp_path, capsys):
+    from chibichat.cli import main
+
+    assert main(["speedrun", "--preset", "micro", "--home", str(tmp_path), "--force", "nope", "--dry-run"]) == 2
+    assert "not a speedrun stage" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
+    home = tmp_path / "home"
+    base = home / "checkpoints" / "base" / "d2"
+
+    # 1) start, and SIGKILL the whole process group once pretraining has saved its first checkpoint
+    p = _speedrun(home)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (base / "step_000012").exists():
+        if p.poll() is not None:
+            pytest.fail("speedrun ended before the first pretraining checkpoint:\n" + p.stdout.read())
+        time.sleep(0.2)
+    assert (base / "step_000012").exists(), "no checkpoint within the time limit"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (base / "summary.json").exists()
+    tok_mtime = (home / "tokenizer" / "tokenizer.json").stat().st_mtime
+
+    # 2) re-run: finished stages skipped, pretraining resumed, everything else run
+    p = _speedrun(home)
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out
+    assert "tokenizer: done already" in out
+    assert "pretrain: interrupted earlier, resuming" in out
+    assert (home / "tokenizer" / "tokenizer.json").stat().st_mtime == tok_mtime  # not redone
+    for stage in ["base", "mid", "sft", "rl"]:
+        d = home / "checkpoints" / stage / "d2"
+        assert (d / "summary.json").exists(), stage
+        assert any(x.name.startswith("step_") for x in d.iterdir()), stage
+        assert (d / "metrics.jsonl").read_text().strip(), stage
+        assert json.loads((home / "eval" / stage / "d2" / "summary.json").read_text()), stage
+    # resumed pretraining logged each step once
+    steps = [json.loads(l)["step"] for l in (base / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == sorted(set(steps))
+    report = (home / "report" / "report.md").read_text()
+    for section in ["## Summary", "## Tokenizer training", "## Tokenizer evaluation", "## Base training",
+                    "## Base evaluation", "## Midtraining", "## Chat evaluation (MID)", "## SFT",
+                    "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)", "## Data counts", "## Plots"]:
+        assert section in report, section
+    assert "not run" not in report
+    assert (home / "report" / "loss.png").exists()
+    assert "chibichat chat" in out
+
+    # 3) a third run redoes nothing
+    p = _speedrun(home)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert out.count("done already") == 10, out
