@@ -93,3 +93,16 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     assert out.count("done already") == 10, out
+
+
+def test_online_presets_download_their_corpus_first(tmp_path):
+    steps = plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda")
+    assert steps[0].name == "download"
+    assert steps[0].argv[:4] == ["data", "download", "fineweb-edu", "-n"]
+    assert steps[1].argv[:4] == ["tokenizer", "train", "--corpus", "fineweb-edu"]
+    ja = plan(Home(tmp_path), PRESETS["d12"], "ja", "dense", "cuda")
+    assert ja[0].argv[2] == "abeja-ja"
+    from chibichat.data.corpora import get_corpus
+
+    for p in (steps, ja):
+        get_corpus(p[0].argv[2])  # a real registry name
