@@ -64,3 +64,16 @@ def test_report_missing_home_is_clear_error(tmp_path, capsys):
         build_report(Home(tmp_path / "nope"))
     assert main(["report", "--home", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_table_shows_extra_tasks_and_partial_chatcore(tmp_path):
+    h = Home(tmp_path / "home")
+    d = h.checkpoints_dir("sft", "d2")
+    d.mkdir(parents=True)
+    _write(d / "summary.json", {"steps": 3})
+    _write(h.eval_dir("sft", "d2") / "summary.json",
+           {"spelling_ja": 0.25, "spelling_ja_n": 4, "arithmetic_ja": 0.5, "arithmetic_ja_n": 4, "chatcore_partial": 0.375})
+    text = build_report(h).read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| arithmetic_ja"))
+    assert row.split("|")[4].strip() == "0.5000"  # the SFT column
+    assert any(l.startswith("| ChatCORE (partial") and "0.3750" in l for l in text.splitlines())

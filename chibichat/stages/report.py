@@ -163,8 +163,22 @@ def section(title: str, data: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _extra_task_rows(stages: list[StageArtifacts], known: set[str]) -> list[tuple[str, str]]:
+    """Tasks an eval scored beyond the standard rows (e.g. the Japanese generated tasks): a key X with X_n."""
+    extra = []
+    for st in stages:
+        for key in (st.evals or {}):
+            task = key[: -len("_n")] if key.endswith("_n") else None
+            if task and task not in known and task in st.evals and (task, task) not in extra:
+                extra.append((task, task))
+    return extra
+
+
 def summary_table(stages: list[StageArtifacts], with_jglue: bool) -> str:
     rows = METRIC_ROWS + (JGLUE_ROWS if with_jglue else [])
+    rows = rows + _extra_task_rows(stages, {k for _, k in rows})
+    if any((st.evals or {}).get("chatcore") is None and (st.evals or {}).get("chatcore_partial") is not None for st in stages):
+        rows.append(("ChatCORE (partial: the tasks above that ran)", "chatcore_partial"))
     header = "| Metric | " + " | ".join(name for _, name in TRAIN_STAGES) + " |"
     sep = "|---|" + "---|" * len(TRAIN_STAGES)
     lines = [header, sep]
