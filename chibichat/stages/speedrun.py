@@ -76,17 +76,17 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="the offline default: embedded data, ~13 minutes on 2 CPU cores",
-        expected_minutes=13,
+        description="the offline default: embedded data, ~12 minutes on 2 CPU cores",
+        expected_minutes=12,
         depth=4,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
-        # ~7k tok/s on 2 cores in bf16: 500 x 4,096 tokens ~ 5 minutes, the bulk of the budget.
+        # ~6.5k tok/s on 2 cores in bf16: 700 x 4,096 tokens ~ 7.5 minutes, the bulk of the budget.
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "500", "--eval-every", "125", "--eval-tokens", "32768", "--save-every", "125"],
+                  "--num-steps", "700", "--eval-every", "175", "--eval-tokens", "32768", "--save-every", "175"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
-        midtrain=["--num-steps", "200", "--eval-every", "100"],
-        sft=["--num-steps", "150", "--eval-every", "75"],
+        midtrain=["--num-steps", "300", "--eval-every", "100"],
+        sft=["--num-steps", "200", "--eval-every", "100"],
         # RL is the most expensive step per update on CPU (sampling); a short run shows the reward curve.
         rl=["--num-steps", "20"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
