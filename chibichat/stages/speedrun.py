@@ -76,17 +76,18 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="the offline default: embedded data, ~12 minutes on 2 CPU cores",
-        expected_minutes=12,
+        description="the offline default: embedded data, ~11 minutes on 2 CPU cores",
+        expected_minutes=11,
         depth=4,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
-        # ~6.5k tok/s on 2 cores in bf16: 700 x 4,096 tokens ~ 7.5 minutes, the bulk of the budget.
+        # ~0.65-0.72 s per 4,096-token step on 2 cores in bf16: 550 steps ~ 6.5 minutes, the bulk of the
+        # budget (measured: 700 pretraining + 300 mid + 200 SFT steps ran over 15 minutes in total).
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "700", "--eval-every", "175", "--eval-tokens", "32768", "--save-every", "175"],
+                  "--num-steps", "550", "--eval-every", "275", "--eval-tokens", "32768", "--save-every", "275"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
-        midtrain=["--num-steps", "300", "--eval-every", "100"],
-        sft=["--num-steps", "200", "--eval-every", "100"],
+        midtrain=["--num-steps", "250", "--eval-every", "125"],
+        sft=["--num-steps", "150", "--eval-every", "75"],
         # RL is the most expensive step per update on CPU (sampling); a short run shows the reward curve.
         rl=["--num-steps", "20"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
