@@ -28,7 +28,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chibichat.common import ChibiError, atomic_directory, eprint
+from chibichat.common import ChibiError, sha256_file, atomic_directory, eprint
 from chibichat.data.corpora import DOC_MAX_CHARS, GROUP_DOCS, pack_paragraphs, split_paragraphs
 
 # Val share per corpus, in 1/10000 of documents: enough for a few hundred KB of val text each
@@ -79,14 +79,6 @@ JA_PACKAGES = [
     Package("apt", "libreoffice-help-ja", "4:7.4.7-1+deb12u14", "7799ace9bfe0845771ed2499913e7f7e521318cf3727c007672e3b020f8eb7b9",
             "MPL-2.0 (source: Debian source package libreoffice)"),
 ]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> str:

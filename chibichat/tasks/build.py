@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from chibichat.common import ChibiError, atomic_write_bytes, atomic_write_json
+from chibichat.common import ChibiError, sha256_file, atomic_write_bytes, atomic_write_json
 from chibichat.tasks.shipped import ASSETS
 
 SEED = 20240601  # one seed for every subset drawn here
@@ -98,14 +98,6 @@ def _run(cmd: list[str], src: Source, cwd: Path | None = None) -> None:
     if r.returncode != 0:
         raise ChibiError(f"fetching {src.key} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}\n"
                          "Check network access to the package registry (for Debian: run apt-get update).")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def deb_member(deb: Path, member: str) -> bytes:
