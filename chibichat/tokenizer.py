@@ -10,19 +10,23 @@ Three pre-split patterns are available (`split`):
              measured as the best of 1/2/3). Under it a Japanese clause is one `\\p{L}+` chunk
              (mean ~17 bytes, max ~300 on embedded-ja); long, mostly unique chunks are what make BPE
              training slow and memory-hungry on Japanese.
-  ja         (default for ja/mixed corpora) bunsetsu-like chunks: a Han or Katakana(+ー) run with the
-             hiragana that follows it (particles, okurigana: 東京都に / 住んでいる / コーヒーを), or a
-             hiragana run, each optionally led by one punctuation character as in GPT-4's letter
-             runs, every run capped at JA_RUN_CAP characters. Splitting where a new content word
-             starts keeps the merges that pay (word + particle) and drops the clause-long chunks.
+  ja         (default for ja/mixed corpora) bunsetsu-like chunks: a Han or Katakana(+ー) run with up
+             to 4 hiragana after it (particles, okurigana: 東京都に / 住んでいる / コーヒーを), or a
+             hiragana run; optionally led by one non-letter (space, 「) and ended by up to two closing
+             marks and their line breaks (私は、 / ます。\\n); each part capped (JA_*_CAP). Splitting where
+             a new content word starts keeps the merges that pay (word + particle + punctuation) and
+             drops the clause-long chunks.
   ja-script  break at every script change (Han | Hiragana | Katakana), runs capped at
              JA_SCRIPT_CAP: the fastest and lightest to train, but it forbids word+particle tokens,
              so it compresses in-domain Japanese noticeably worse. For corpora too big for `ja`.
-English text is split identically by all three. Figures behind the choice of split and caps:
-`chibichat bench tokenizer` (and its --ja-caps sweep). Measured on 2M chars of embedded-ja, vocab
-8192, a heavily shared 2-core CPU (several runs): ja vs gpt4 = 2.0-3.2x less CPU time, 1.6-2.0x
-less peak memory, held-out bytes/token 6.42 vs 6.38; ja-script = 3.9-4.8x less CPU, 3.5-4x less
-memory, but only 5.13 bytes/token. At 4M chars the gpt4 split's peak memory doubles (~290 MiB).
+English text is split identically by all three. Figures behind the choice (`chibichat bench
+tokenizer`; 2M chars of embedded-ja, vocab 8192, held-out = embedded-ja val + the shipped sample,
+CPU time, median of 5 interleaved runs on a shared 2-core machine):
+  gpt4 2.3-2.8 s, 6.38 B/tok | ja 0.80-1.04 s = 3.0x faster, 6.49 B/tok (+1.7%) |
+  ja-script 0.53-0.61 s = 4.7x faster, 5.13 B/tok (-20%) | the first `ja` (lead-only, caps 12,
+  possessive) 2.4x faster, 6.42 B/tok.
+Shorter caps (content 6, tail 2-3, kana tail 1-2) reached 3.2-3.6x but fell to 6.26-6.35 B/tok;
+attaching closing punctuation and line breaks bought +0.15 B/tok for ~2% more distinct chunks.
 Trainer: rustbpe over Hugging Face `tokenizers` because, for an equal number of merges on the same
 text and pre-split, it used 2.3-3x less CPU time and gave the same bytes/token.
 """
@@ -77,20 +81,47 @@ _HIRA = r"[\p{Hiragana}ー]"  # ー also lengthens hiragana (すごーい)
 # letter run `\p{L}+` would swallow Japanese before the Japanese alternatives are tried.
 _NON_JA_LETTER = r"[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}ー々〆]"
 _LEAD = r"[^\r\n\p{L}\p{N}]?+"  # one optional leading non-letter, as in GPT-4's letter runs
-JA_RUN_CAP = 12
 JA_SCRIPT_CAP = 6
+
+# The `ja` split's caps (characters). Chosen by a sweep on 2M chars of embedded-ja, vocab 8192
+# (numbers in the module docstring): shorter caps train faster but cost compression, longer ones the
+# reverse; these are the knee of that curve.
+JA_CONTENT_CAP = 8  # a Han or Katakana run (most words are 1-6; longer runs are compounds)
+JA_TAIL_CAP = 4  # hiragana kept after a content run: particles and okurigana (東京では / 食べる)
+JA_HIRA_CAP = 8  # a run of hiragana on its own (ことができる)
+JA_CLOSE_CAP = 2  # closing punctuation kept at the end of a chunk (です。 / 」。)
+# Punctuation that ends a Japanese phrase: it follows the word (は、 / ます。) rather than leading the
+# next one, so it joins the end of the chunk. ASCII forms included for mixed-width text.
+_JA_CLOSE = r"[、。，．！？」』）)】〉》”’!?,.]"
 
 
 def _with_japanese(runs: list[str]) -> str:
     return "|".join([_CONTRACTIONS, _LEAD + _NON_JA_LETTER + "+", *runs, _DIGITS, _PUNCT, _SPACES])
 
 
-def ja_pattern(cap: int = JA_RUN_CAP) -> str:
-    """The `ja` split: content run + trailing hiragana, or a hiragana run; every run at most `cap` chars."""
-    tail = f"{_HIRA}{{0,{cap}}}"
-    return _with_japanese(
-        [f"{_LEAD}{_HAN}{{1,{cap}}}{tail}", f"{_LEAD}{_KANA}{{1,{cap}}}{tail}", f"{_LEAD}{_HIRA}{{1,{cap}}}"]
-    )
+def ja_pattern(content: int = JA_CONTENT_CAP, tail: int = JA_TAIL_CAP, hira: int = JA_HIRA_CAP,
+               close: int = JA_CLOSE_CAP) -> str:
+    """The `ja` split: bunsetsu-like chunks, every part capped.
+
+    A chunk is [one leading non-letter] + (Han run | Katakana run) + up to `tail` hiragana, or a
+    hiragana run, then up to `close` closing punctuation marks and the line breaks after them.
+    Three choices are about training speed, not just compression:
+      - the Japanese runs come first in the alternation: most chunks of Japanese text are Japanese,
+        so the regex engine stops trying alternatives sooner;
+      - leads and runs are greedy, not possessive (`?` rather than GPT-4's `?+`): the classes that
+        follow are disjoint from the lead, so the matches are the same, but without possessive
+        quantifiers fancy-regex hands these branches to the fast regex engine (~25% less split time);
+      - every part is capped, which bounds chunk length and the number of distinct chunks.
+    """
+    lead = r"[^\r\n\p{L}\p{N}]?"
+    end = f"(?:{_JA_CLOSE}{{1,{close}}}[\\r\\n]*)?"
+    tail_run = f"{_HIRA}{{0,{tail}}}"
+    return "|".join([
+        f"{lead}{_HAN}{{1,{content}}}{tail_run}{end}",
+        f"{lead}{_KANA}{{1,{content}}}{tail_run}{end}",
+        f"{lead}{_HIRA}{{1,{hira}}}{end}",
+        _CONTRACTIONS, lead + _NON_JA_LETTER + "+", _DIGITS, r" ?[^\s\p{L}\p{N}]+[\r\n]*", _SPACES,
+    ])
 
 
 def ja_script_pattern(cap: int = JA_SCRIPT_CAP) -> str:
@@ -100,7 +131,9 @@ def ja_script_pattern(cap: int = JA_SCRIPT_CAP) -> str:
 
 JA_PATTERN = ja_pattern()
 
-# Read-only: a split name must always mean the same regex (the hash and saved tokenizers rely on it).
+# Read-only: a split name must always mean the same regex for newly trained tokenizers. A saved
+# tokenizer records its own pattern (and hashes it), so one trained under an earlier definition of a
+# name (e.g. the first `ja`, see tests) still loads and encodes exactly as it was trained.
 SPLIT_PATTERNS = MappingProxyType({"gpt4": GPT4_PATTERN, "ja": JA_PATTERN, "ja-script": ja_script_pattern()})
 
 
@@ -278,12 +311,25 @@ def _read_ranks(path: Path, fix: str) -> list[bytes]:
 
 
 class _Counted:
-    """Iterator wrapper that counts documents and characters, and rejects non-strings loudly."""
+    """Iterator wrapper that counts documents, characters and pre-split chunks; rejects non-strings loudly.
 
-    def __init__(self, texts: Iterable[str]):
+    The chunk statistics (how many chunks, how many distinct, their bytes) are what BPE training
+    cost depends on, so `tokenizer train` reports them. rustbpe does not expose its chunk map, so the
+    text is split a second time here with the same pattern; that time is kept apart (`stats_seconds`)
+    so the training rate is the trainer's own.
+    """
+
+    def __init__(self, texts: Iterable[str], pattern: str):
+        import regex
+
         self._it = iter(texts)
+        self._rx = regex.compile(pattern)
         self.docs = 0
         self.chars = 0
+        self.bytes = 0
+        self.chunks = 0
+        self.unique: set[str] = set()
+        self.stats_seconds = 0.0
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -292,9 +338,37 @@ class _Counted:
         text = next(self._it)
         if not isinstance(text, str):
             raise ChibiError(f"tokenizer training text #{self.docs} is a {type(text).__name__}, not a str")
+        t0 = time.perf_counter()
+        chunks = self._rx.findall(text)
+        self.chunks += len(chunks)
+        self.unique.update(chunks)
+        self.bytes += len(text.encode("utf-8", "surrogatepass"))
+        self.stats_seconds += time.perf_counter() - t0
         self.docs += 1
         self.chars += len(text)
         return text
+
+    def chunk_stats(self) -> dict:
+        return {
+            "chunks": self.chunks,
+            "unique_chunks": len(self.unique),
+            # every character lands in exactly one chunk, so total bytes / chunks is the mean
+            "mean_chunk_bytes": round(self.bytes / max(self.chunks, 1), 2),
+            "max_chunk_bytes": max((len(c.encode("utf-8", "surrogatepass")) for c in self.unique), default=0),
+        }
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where `resource` is missing, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)
 
 
 def train_ranks(texts: Iterable[str], vocab_size: int, pattern: str) -> list[bytes]:
@@ -320,10 +394,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
         )
     if split not in SPLIT_PATTERNS:
         raise ChibiError(f"unknown tokenizer split {split!r}; choose one of {sorted(SPLIT_PATTERNS)}")
-    counted = _Counted(texts)
+    counted = _Counted(texts, SPLIT_PATTERNS[split])
     t0 = time.perf_counter()
     ranks = train_ranks(counted, vocab_size, SPLIT_PATTERNS[split])
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - counted.stats_seconds
     if counted.chars == 0:
         raise ChibiError(
             f"tokenizer training text is empty ({counted.docs} documents, 0 characters); "
@@ -336,12 +410,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
             f"{vocab_size} needs {want - 256}; give more text (--max-chars) or a smaller --vocab-size"
         )
     tok = Tokenizer(ranks, split=split)
-    # seconds include pulling the text from `texts` (e.g. decompressing a corpus): the rate a user sees
+    # seconds include pulling the text from `texts` (e.g. decompressing a corpus): the rate a user sees;
+    # they exclude the second split that measures the chunks (stats_seconds)
     tok.training = {
         "docs": counted.docs,
         "chars": counted.chars,
+        "bytes": counted.bytes,
         "seconds": round(seconds, 3),
         "chars_per_s": round(counted.chars / max(seconds, 1e-9)),
+        **counted.chunk_stats(),
+        "stats_seconds": round(counted.stats_seconds, 3),
+        # the whole process's peak (Python, the text, rustbpe's chunk map and pair index), not training alone
+        "peak_rss_mb": peak_rss_mb(),
     }
     return tok
 

@@ -114,6 +114,11 @@ def run_train(args) -> int:
               f"{args.doc_cap:,} chars; only their first {args.doc_cap:,} chars were used")
     print(f"trained {tok.vocab_size:,}-token tokenizer ({tok.split} split) on {tr['chars']:,} chars / {tr['docs']:,} docs "
           f"in {tr['seconds']:.2f} s = {tr['chars_per_s'] / 1e6:.2f} M chars/s")
+    # what training cost depends on: the distinct pre-split chunks and their length
+    rss = "n/a" if tr["peak_rss_mb"] is None else f"{tr['peak_rss_mb']:,.0f} MiB"
+    print(f"pre-split: {tr['chunks']:,} chunks, {tr['unique_chunks']:,} unique, mean {tr['mean_chunk_bytes']:.1f} B, "
+          f"max {tr['max_chunk_bytes']:,} B (counted in {tr['stats_seconds']:.2f} s, not in the rate); "
+          f"peak RSS of this process {rss}")
     print(f"saved to {home.tokenizer_dir} (hash {tok.hash[:12]})")
     return 0
 
