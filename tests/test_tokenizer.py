@@ -6,8 +6,10 @@ import pytest
 from chibichat.common import ChibiError
 from chibichat.tokenizer import (
     GPT4_PATTERN,
+    JA_CONTENT_CAP,
+    JA_HIRA_CAP,
     JA_PATTERN,
-    JA_RUN_CAP,
+    JA_TAIL_CAP,
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
     Tokenizer,
@@ -100,23 +102,120 @@ def test_japanese_split_patterns():
 
     from chibichat.tokenizer import SPLIT_PATTERNS
 
-    text = "東京都に住んでいる私は、毎朝コーヒーを飲みながら" + "漢" * 20 + "すごーい"
+    text = "東京都に住んでいる私は、毎朝コーヒーを飲みながら" + "漢" * 20 + "すごーい。」\n\n「はい」と言った。"
     ja = regex.findall(SPLIT_PATTERNS["ja"], text)
-    assert ja[:6] == ["東京都に", "住んでいる", "私は", "、毎朝", "コーヒーを", "飲みながら"]
-    assert ja[-2:] == ["漢" * 12, "漢" * 8 + "すごーい"]  # runs capped at JA_RUN_CAP; ー lengthens kana
+    # content word + particles, closing punctuation kept at the end of the phrase
+    assert ja[:6] == ["東京都に", "住んでいる", "私は、", "毎朝", "コーヒーを", "飲みながら"]
+    # Han runs capped at JA_CONTENT_CAP; ー lengthens kana; closing marks and the line breaks after them
+    assert ja[6:9] == ["漢" * 8, "漢" * 8, "漢" * 4 + "すごーい。」\n\n"]
+    assert ja[9:] == ["「はい」", "と", "言った。"]  # an opening bracket leads the word it opens
     script = regex.findall(SPLIT_PATTERNS["ja-script"], text)
     assert script[:6] == ["東京都", "に", "住", "んでいる", "私", "は"]
     assert max(map(len, script)) <= 6
     # gpt4 leaves the whole clause in one chunk: the problem the Japanese splits fix
     assert regex.findall(GPT4_PATTERN, text)[0] == "東京都に住んでいる私は"
     # English is split identically by every pattern, and latin letters never glue onto kana
-    en = EN + "It's 12345 tokens, don't   worry.\n\n  x"
+    en = EN + "It's 12345 tokens, don't   worry.\n\n  x (a) [b]. ok?!\r\n"
     assert len({tuple(regex.findall(p, en)) for p in SPLIT_PATTERNS.values()}) == 1
     assert regex.findall(JA_PATTERN, "abcの") == ["abc", "の"]
     # nanochat digit rule: runs of at most 2 digits, in every pattern
     for pat in SPLIT_PATTERNS.values():
         assert regex.findall(pat, "12345") == ["12", "34", "5"]
-    assert JA_RUN_CAP == 12
+        assert regex.findall(pat, "第12345回") != []
+
+
+@pytest.mark.parametrize("text", [
+    JA * 3,
+    MIXED,
+    EN,
+    "カタカナだけのとてもながいことばファイルシステムシンボリックリンク" * 3 + "ーーー",
+    "漢" * 50 + "ひ" * 50 + "、" * 7 + "\r\n" * 3 + "ア" * 30,
+    "絵文字🎉と👩‍👩‍👧、半角ｶﾀｶﾅ、全角ＡＢＣ１２３、記号※☆→。\tタブ\u3000全角空白",
+    "",
+])
+def test_ja_split_properties(text):
+    """No text lost, every chunk within its caps, breaks where the script changes."""
+    import regex
+
+    chunks = regex.findall(JA_PATTERN, text)
+    assert "".join(chunks) == text
+    assert all(chunks)
+    for c in chunks:
+        assert len(regex.findall(r"\p{Han}", c)) <= JA_CONTENT_CAP, c
+        assert len(regex.findall(r"\p{Katakana}", c)) <= JA_CONTENT_CAP, c
+        # hiragana either follows a content run (at most JA_TAIL_CAP) or forms its own run (JA_HIRA_CAP)
+        assert len(regex.findall(r"\p{Hiragana}", c)) <= max(JA_TAIL_CAP, JA_HIRA_CAP), c
+        # script changes break chunks: Han and Katakana never share one, hiragana never runs into a new
+        # content word, latin never glues onto Japanese
+        assert not (regex.search(r"\p{Han}", c) and regex.search(r"\p{Katakana}", c)), c
+        assert not regex.search(r"\p{Hiragana}ー*[\p{Han}\p{Katakana}]", c), c
+        assert not (regex.search(r"\p{Latin}", c) and regex.search(r"[\p{Han}\p{Hiragana}\p{Katakana}]", c)), c
+
+
+def test_ja_split_caps_are_what_the_pattern_uses():
+    import regex
+
+    assert regex.findall(JA_PATTERN, "漢" * (JA_CONTENT_CAP + 1)) == ["漢" * JA_CONTENT_CAP, "漢"]
+    assert regex.findall(JA_PATTERN, "ア" * (JA_CONTENT_CAP + 1)) == ["ア" * JA_CONTENT_CAP, "ア"]
+    assert regex.findall(JA_PATTERN, "漢" + "ひ" * (JA_TAIL_CAP + 1)) == ["漢" + "ひ" * JA_TAIL_CAP, "ひ"]
+    assert regex.findall(JA_PATTERN, "ひ" * (JA_HIRA_CAP + 1)) == ["ひ" * JA_HIRA_CAP, "ひ"]
+    assert regex.findall(JA_PATTERN, "です。。。") == ["です。。", "。"]
+
+
+# The first `ja` split (lead-only, runs capped at 12, possessive), as saved by tokenizers trained before
+# the v2 split. Kept verbatim: such a tokenizer must still load and encode exactly as it was trained.
+_OLD_JA_PATTERN = (
+    "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+[^\\P{L}\\p{Han}\\p{Hiragana}\\p{Katakana}ー々〆]+|"
+    "[^\\r\\n\\p{L}\\p{N}]?+[\\p{Han}々〆]{1,12}[\\p{Hiragana}ー]{0,12}|"
+    "[^\\r\\n\\p{L}\\p{N}]?+[\\p{Katakana}ー]{1,12}[\\p{Hiragana}ー]{0,12}|"
+    "[^\\r\\n\\p{L}\\p{N}]?+[\\p{Hiragana}ー]{1,12}|\\p{N}{1,2}| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*|"
+    "\\s*[\\r\\n]|\\s+(?!\\S)|\\s+"
+)
+
+
+def test_tokenizer_saved_under_the_first_ja_split_still_loads(tmp_path):
+    import regex
+
+    from chibichat.tokenizer import train_ranks
+
+    assert _OLD_JA_PATTERN != JA_PATTERN
+    ranks = train_ranks(corpus(20), 500, _OLD_JA_PATTERN)
+    old = Tokenizer(ranks, split="ja", pattern=_OLD_JA_PATTERN)
+    old.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "tokenizer.json").read_text())
+    assert meta["split"] == "ja" and meta["pattern"] == _OLD_JA_PATTERN
+    back = Tokenizer.load(tmp_path / "old")
+    assert back.pattern == _OLD_JA_PATTERN and back.hash == old.hash
+    text = JA + "漢" * 20 + "すごーい"
+    assert back.encode(text) == old.encode(text)
+    # it splits as it was trained (12-char runs), not with today's `ja`
+    assert "漢" * 12 in regex.findall(back.pattern, text)
+    assert back.decode(back.encode(text)) == text
+
+
+def test_training_reports_chunk_statistics_and_memory():
+    import sys
+
+    import regex
+
+    from chibichat.tokenizer import SPLIT_PATTERNS
+
+    docs = corpus(30)
+    report = {}
+    for split in ("gpt4", "ja"):
+        tr = report[split] = train_tokenizer(docs, 600, split=split).training
+        chunks = [c for d in docs for c in regex.findall(SPLIT_PATTERNS[split], d)]
+        assert tr["chunks"] == len(chunks) and tr["unique_chunks"] == len(set(chunks))
+        assert tr["max_chunk_bytes"] == max(len(c.encode()) for c in chunks)
+        assert tr["mean_chunk_bytes"] == round(sum(len(c.encode()) for c in chunks) / len(chunks), 2)
+        assert tr["bytes"] == sum(len(d.encode()) for d in docs) and tr["chars"] == sum(map(len, docs))
+        assert tr["seconds"] > 0 and tr["stats_seconds"] >= 0
+        assert tr["chars_per_s"] == pytest.approx(tr["chars"] / tr["seconds"], rel=0.05)
+        if sys.platform != "win32":  # the process holds at least the interpreter and the text
+            assert 10 < tr["peak_rss_mb"] < 100_000
+    # the same text, split the Japanese-aware way: shorter chunks, the longest far shorter
+    assert report["ja"]["mean_chunk_bytes"] < report["gpt4"]["mean_chunk_bytes"]
+    assert report["ja"]["max_chunk_bytes"] < report["gpt4"]["max_chunk_bytes"]
 
 
 def test_save_load_identical(tok, tmp_path):
@@ -217,6 +316,9 @@ def test_cli_train_and_eval(local_corpus, home, monkeypatch, capsys, tmp_path):
     # whole documents until the slice is reached: at least 20000 chars, overshooting by at most one document
     assert 20000 <= tr["chars"] < 30000
     assert tr["corpus_exhausted"] is False and tr["chars_per_s"] > 0
+    # the training report: chunk statistics and peak memory, printed and saved
+    assert f"{tr['unique_chunks']:,} unique" in out and "peak RSS" in out
+    assert 0 < tr["unique_chunks"] <= tr["chunks"] and tr["mean_chunk_bytes"] <= tr["max_chunk_bytes"]
 
     assert main(["tokenizer", "eval"]) == 0
     out = capsys.readouterr().out
