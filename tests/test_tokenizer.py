@@ -410,6 +410,8 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Japanese: ja split vs gpt4:" in out and "held-out bytes/token" in out
+    assert "target (ja on Japanese: >= 3x faster than gpt4, bytes/token >= gpt4): " in out
+    assert "x gpt4 (cpu, range)" in out and "vs gpt4" in out
     res = json.loads(out_json.read_text())
     rows = {(r["lang"], r["split"], r["trainer"]): r for r in res["rows"]}
     expect = {(lang, s, "rustbpe") for lang in ("en", "ja") for s in ("gpt4", "ja", "ja-script", "ja/cap3")}
@@ -432,6 +434,12 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
         assert rows[("ja", split, "rustbpe")]["max_chunk_bytes"] < r["max_chunk_bytes"]
     assert rows[("ja", "ja-script", "rustbpe")]["mean_chunk_bytes"] < rows[("ja", "ja", "rustbpe")]["mean_chunk_bytes"]
     assert r["train_peak_mb"] is None  # --no-rss
+    # speedups and bytes/token changes are computed against gpt4 of the same language and trainer
+    assert r["speedup_cpu"] == 1.0 and r["bytes_per_token_change"] == 0.0
+    j = rows[("ja", "ja", "rustbpe")]
+    assert len(j["cpu_seconds_runs"]) == 1 and j["speedup_cpu_range"] == [j["speedup_cpu"]] * 2
+    assert j["speedup_cpu"] == round(r["cpu_seconds_runs"][0] / j["cpu_seconds_runs"][0], 2)
+    assert j["bytes_per_token_change"] == round(j["heldout_bytes_per_token"] / r["heldout_bytes_per_token"] - 1, 4)
     if has_hf:  # HF learned the same number of merges, from the same pre-split, on the same text
         assert rows[("ja", "gpt4", "hf-tokenizers")]["chunks"] == r["chunks"]
 
@@ -445,6 +453,19 @@ def test_bench_tokenizer_bad_flags(local_corpus, home, capsys):
     assert "--repeats must be positive" in capsys.readouterr().err
     assert main(["bench", "tokenizer", "--vocab-size", "265"]) == 2
     assert "--vocab-size must be above 265" in capsys.readouterr().err
+
+
+def test_bench_verdict():
+    from chibichat.bench.tokenizer import verdict
+
+    row = {"split": "ja", "speedup_cpu": 3.4, "speedup_cpu_range": [3.1, 3.9], "speedup_wall": 3.2,
+           "bytes_per_token_change": 0.012}
+    assert ": MET (every round)" in verdict(row)
+    assert "NOT MET" in verdict(row | {"bytes_per_token_change": -0.01})
+    assert "MET (not every round: 2.80x worst)" in verdict(row | {"speedup_cpu_range": [2.8, 3.9]})
+    slow = verdict(row | {"speedup_cpu": 2.5})
+    assert "NOT MET: speedup 2.50x < 3x" in slow
+    assert "stretch 5x met" in verdict(row | {"speedup_cpu": 5.5, "speedup_cpu_range": [5.1, 6.0]})
 
 
 def test_bench_training_peak_memory_is_measured():
