@@ -32,7 +32,7 @@ def all_docs(shards):
 
 def test_registry_names_and_unknown_name():
     names = [c.name for c in list_corpora()]
-    assert names == ["embedded-en", "embedded-ja", "fineweb-edu", "climbmix", "abeja-ja"]
+    assert names == ["embedded-en", "embedded-ja", "fineweb-edu", "climbmix", "abeja-ja", "fineweb-2-edu-japanese"]
     for c in list_corpora():
         assert c.lang in ("en", "ja", "mixed") and c.description and c.source and c.licence
     with pytest.raises(ChibiError) as e:
@@ -55,6 +55,12 @@ def test_online_urls_and_pinned_val(monkeypatch):
         "http://127.0.0.1:9/datasets/kajuma/ABEJA-CC-JA-edu/resolve/main/10%25/train-00003-of-00378.parquet"
     )
     assert ja.online.filename(3) == "train-00003-of-00378.parquet"
+    fw2 = get_corpus("fineweb-2-edu-japanese")
+    assert (fw2.lang, fw2.online.num_shards, fw2.online.val_shard, fw2.online.column) == ("ja", 1239, 1238, "text")
+    assert fw2.online.url(1238, "http://127.0.0.1:9") == (
+        "http://127.0.0.1:9/datasets/hotchpotch/fineweb-2-edu-japanese/resolve/main/data/train-01238-of-01239.parquet"
+    )
+    assert fw2.online.filename(0) == "train-00000-of-01239.parquet"
     monkeypatch.setenv(corpora.HF_ENDPOINT_ENV, "http://127.0.0.1:1234")
     assert fw.online.url(0).startswith("http://127.0.0.1:1234/datasets/")
     with pytest.raises(ChibiError, match="http"):
@@ -386,7 +392,7 @@ def test_cli_data_list(capsys, home, tmp_path):
 
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
-    for name in ("embedded-en", "embedded-ja", "fineweb-edu", "climbmix", "abeja-ja", "local:"):
+    for name in ("embedded-en", "embedded-ja", "fineweb-edu", "climbmix", "abeja-ja", "fineweb-2-edu-japanese", "local:"):
         assert name in out
     assert "not downloaded" in out and "split:" in out
     (tmp_path / "f").mkdir()

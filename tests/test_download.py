@@ -5,6 +5,7 @@ import http.server
 import io
 import threading
 import time
+from pathlib import Path
 from collections import defaultdict
 
 import pyarrow as pa
@@ -254,6 +255,54 @@ def test_cli_data_download(server, tmp_path, capsys):
     assert "HTTP 404" in capsys.readouterr().err
     assert main(argv + ["--retries", "0"]) == 2
     assert "--retries" in capsys.readouterr().err
+
+
+def japanese_parquet_bytes(n_docs, seed):
+    """A shard shaped like fineweb-2-edu-japanese's: Japanese `text` plus the metadata columns."""
+    texts = [f"文書{seed}-{i}：東京都に住んでいる私は、毎朝コーヒーを飲みます。" * (1 + i % 5) for i in range(n_docs)]
+    table = pa.table({"text": texts, "id": [f"<urn:{seed}:{i}>" for i in range(n_docs)],
+                      "score": [2.5 + (i % 10) / 10 for i in range(n_docs)], "token_count": [len(t) for t in texts]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=32, compression="zstd")
+    return buf.getvalue(), texts
+
+
+def test_fineweb2_japanese_download_validates_and_reads(server, tmp_path, capsys):
+    """The Japanese online corpus through the same machinery: a corrupt shard is detected and fetched
+    again, a dropped one retried; `data list` shows it; a tokenizer trains on it with the ja split."""
+    from chibichat.cli import main
+
+    p = "/datasets/hotchpotch/fineweb-2-edu-japanese/resolve/main/data/train-{:05d}-of-01239.parquet"
+    texts = {}
+    for i in (0, 1, 1238):
+        server.files[p.format(i)], texts[i] = japanese_parquet_bytes(40 + i % 7, i)
+    server.faults[p.format(0)] = ["corrupt"]  # same length, garbage: only validation can tell
+    server.faults[p.format(1)] = ["drop"]
+    home = str(tmp_path / "home")
+    argv = ["data", "download", "fineweb-2-edu-japanese", "-n", "2", "--workers", "2", "--base-url", server.base,
+            "--no-progress", "--home", home, "--retries", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 shard(s) ready" in out and "2 of 1238 train shards, val shard present" in out
+    assert len(server.requests[p.format(0)]) == 2  # the corrupt copy was rejected and fetched again
+    assert len(server.requests[p.format(1)]) == 2  # the dropped connection was retried
+    corpus = get_corpus("fineweb-2-edu-japanese")
+    assert list(corpus.iter_documents("train", Home(Path(home)))) == texts[0] + texts[1]
+    assert list(corpus.iter_documents("val", Home(Path(home)))) == texts[1238]
+    assert main(["data", "list", "fineweb-2-edu-japanese", "--home", home]) == 0
+    assert "2 of 1238 train shards" in capsys.readouterr().out
+
+    # a shard damaged on disk after the download is found by the next run and replaced
+    shard0 = corpus.shard_path(Home(Path(home)), 0)
+    shard0.write_bytes(shard0.read_bytes()[:-100])
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert len(server.requests[p.format(0)]) == 3
+    assert list(corpus.iter_documents("train", Home(Path(home))))[: len(texts[0])] == texts[0]
+
+    # ja corpus -> the Japanese-aware split by default
+    assert main(["tokenizer", "train", "--corpus", "fineweb-2-edu-japanese", "--vocab-size", "300", "--home", home]) == 0
+    assert "(ja split)" in capsys.readouterr().out
 
 
 def test_interrupt_stops_running_downloads_and_keeps_part(server, tmp_path, monkeypatch):

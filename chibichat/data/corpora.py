@@ -8,7 +8,7 @@ Three kinds of corpus:
   embedded-en / embedded-ja   ship inside the package (data/assets/<name>/*.jsonl.xz), built by
                               `chibichat data build` from registry packages; a group is a fixed number
                               of documents (GROUP_DOCS in the manifest).
-  fineweb-edu / climbmix / abeja-ja
+  fineweb-edu / climbmix / abeja-ja / fineweb-2-edu-japanese
                               online parquet shards downloaded by `chibichat data download` into
                               <home>/data/<corpus>/; a group is one parquet row group; one shard is
                               pinned as val so the val set never changes during a run.
@@ -542,6 +542,18 @@ def list_corpora() -> list[Corpus]:
             "PDDL",
             # Layout as used by nanochat-jp (webbigdata): "10%/train-NNNNN-of-00378.parquet", column "content".
             OnlineSource("kajuma/ABEJA-CC-JA-edu", "10%/train-{i:05d}-of-00378.parquet", 378, 377, "content"),
+        ),
+        OnlineCorpus(
+            "fineweb-2-edu-japanese",
+            "ja",
+            "FineWeb2 Edu Japanese, default config (Japanese FineWeb2 texts scored >= 2.5 by an educational-value "
+            "classifier; ~120M texts, ~89B tokens, ~265 MB per shard)",
+            "ODC-By 1.0 (and the CommonCrawl terms of use)",
+            # Layout of the hub repo's default config ("data/train-*", column "text"): 1239 shards
+            # train-00000-of-01239 .. train-01238-of-01239, as the dataset card and two nanochat forks'
+            # download configs give it. The repo's own test split is 7.7K texts; pinning the last train
+            # shard as val keeps every online corpus on the same rule.
+            OnlineSource("hotchpotch/fineweb-2-edu-japanese", "data/train-{i:05d}-of-01239.parquet", 1239, 1238, "text"),
         ),
     ]
 

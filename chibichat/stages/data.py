@@ -40,7 +40,7 @@ def register(sub) -> None:
         ),
     )
     add_home_arg(dl)
-    dl.add_argument("corpus", help="fineweb-edu | climbmix | abeja-ja")
+    dl.add_argument("corpus", help="fineweb-edu | climbmix | abeja-ja | fineweb-2-edu-japanese")
     dl.add_argument("-n", "--num-shards", type=int, default=8, help="train shards to fetch (default 8; -1 = all); the val shard always comes too")
     dl.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
     dl.add_argument("--base-url", default=None, help="hub endpoint (default $CHIBICHAT_HF_ENDPOINT or https://huggingface.co)")
