@@ -460,11 +460,12 @@ def test_bench_verdict():
 
     row = {"split": "ja", "speedup_cpu": 3.4, "speedup_cpu_range": [3.1, 3.9], "speedup_wall": 3.2,
            "bytes_per_token_change": 0.012}
-    assert ": MET (every round)" in verdict(row)
-    assert "NOT MET" in verdict(row | {"bytes_per_token_change": -0.01})
-    assert "MET (not every round: 2.80x worst)" in verdict(row | {"speedup_cpu_range": [2.8, 3.9]})
-    slow = verdict(row | {"speedup_cpu": 2.5})
-    assert "NOT MET: speedup 2.50x < 3x" in slow
+    assert ": MET | 3.40x less CPU (rounds 3.10-3.90, every round >= 3x)" in verdict(row)
+    assert "NOT MET: bytes/token -1.0% < gpt4 |" in verdict(row | {"bytes_per_token_change": -0.01})
+    assert ": MET | 3.40x less CPU (rounds 2.80-3.90, worst round 2.80x)" in verdict(row | {"speedup_cpu_range": [2.8, 3.9]})
+    assert "NOT MET: speedup 2.50x < 3x |" in verdict(row | {"speedup_cpu": 2.5})
+    assert "NOT MET: speedup 2.50x < 3x, bytes/token -1.0% < gpt4" in verdict(row | {"speedup_cpu": 2.5, "bytes_per_token_change": -0.01})
+    assert "stretch" not in verdict(row)
     assert "stretch 5x met" in verdict(row | {"speedup_cpu": 5.5, "speedup_cpu_range": [5.1, 6.0]})
 
 

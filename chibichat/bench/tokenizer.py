@@ -277,18 +277,21 @@ STRETCH_SPEEDUP = 5.0
 
 
 def verdict(row: dict) -> str:
-    """MET / NOT MET for one Japanese row: >= 3x less CPU than gpt4 and held-out bytes/token >= gpt4's."""
+    """MET / NOT MET for one Japanese row: >= 3x less CPU than gpt4 and held-out bytes/token >= gpt4's.
+
+    The speedup judged is the median over rounds; the worst and best rounds are printed beside it so
+    a verdict that rests on noise is visible as such.
+    """
     lo, hi = row["speedup_cpu_range"]
     fast, compact = row["speedup_cpu"] >= TARGET_SPEEDUP, row["bytes_per_token_change"] >= 0
-    word = "MET" if fast and compact else "NOT MET"
     why = [] if fast else [f"speedup {row['speedup_cpu']:.2f}x < {TARGET_SPEEDUP:.0f}x"]
-    why += [] if compact else [f"bytes/token {row['bytes_per_token_change']:+.1%}"]
-    margin = "" if not fast else (" (every round)" if lo >= TARGET_SPEEDUP else f" (not every round: {lo:.2f}x worst)")
+    why += [] if compact else [f"bytes/token {row['bytes_per_token_change']:+.1%} < gpt4"]
+    head = "MET" if not why else "NOT MET: " + ", ".join(why)
+    rounds = "every round >= 3x" if lo >= TARGET_SPEEDUP else f"worst round {lo:.2f}x"
     stretch = "; stretch 5x met" if row["speedup_cpu"] >= STRETCH_SPEEDUP else ""
     return (f"target ({row['split']} on Japanese: >= {TARGET_SPEEDUP:.0f}x faster than gpt4, bytes/token >= gpt4): "
-            f"{word}{margin}{': ' + ', '.join(why) if why else ''}{stretch} - {row['speedup_cpu']:.2f}x less CPU "
-            f"(rounds {lo:.2f}-{hi:.2f}), {row['speedup_wall']:.2f}x wall, held-out bytes/token "
-            f"{row['bytes_per_token_change']:+.1%}")
+            f"{head}{stretch} | {row['speedup_cpu']:.2f}x less CPU (rounds {lo:.2f}-{hi:.2f}, {rounds}), "
+            f"{row['speedup_wall']:.2f}x wall, held-out bytes/token {row['bytes_per_token_change']:+.1%}")
 
 
 def _summary(rows: list[dict]) -> list[str]:
