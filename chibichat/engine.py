@@ -196,6 +196,17 @@ class Engine:
         self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
         self.stop_ids = frozenset((self.bos, self.assistant_end))
+        self._decoder = None  # chibichat.model.decode.Decoder, rebuilt when the model's weights change
+
+    def decoder(self):
+        """The lean decode path for the model's current weights (built once, rebuilt after the
+        weights change, e.g. between RL steps: a cheap fingerprint check per generate call)."""
+        from chibichat.model.decode import decoder_for
+
+        if self._decoder is None or not self._decoder.matches(self.model):
+            self._decoder = None  # free the old copy before making the new one
+            self._decoder = decoder_for(self.model)
+        return self._decoder
 
     @property
     def seq_len(self) -> int:
@@ -234,19 +245,19 @@ class Engine:
 
     # -- the decode core ----------------------------------------------------------------------
 
-    def _prefill(self, prompts, num_samples, max_len):
+    def _prefill(self, decoder, prompts, num_samples, max_len):
         """Returns (state with rows prompt-major x num_samples, last logits (rows, V))."""
         import torch
 
-        model, dev = self.model, self.rt.device
+        dev = self.rt.device
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
         parts = {}  # prompt index -> (state of that group, row in the group, logits row)
         for length, idxs in by_len.items():
             ids = torch.tensor([prompts[i] for i in idxs], dtype=torch.long, device=dev)
-            state = model.new_state(len(idxs), max_len)
-            logits = model.forward_step(ids, state)[:, -1]
+            state = decoder.new_state(len(idxs), max_len)
+            logits = decoder.forward(ids, state, last_only=True, check_ids=False)[:, -1]  # ids checked in _check
             for r, i in enumerate(idxs):
                 parts[i] = (state, r, logits[r])
         states, last = [], []
@@ -262,14 +273,15 @@ class Engine:
         returns (via StopIteration.value) the list of _Row, prompt-major."""
         import torch
 
-        model, dev = self.model, self.rt.device
+        dev = self.rt.device
+        decoder = self.decoder()
         # inference_mode (lighter than no_grad: no view/version tracking) is entered around each
         # piece of tensor work rather than across `yield`, so it never leaks into the consumer's code.
         # It cannot create inference tensors the model keeps: _check caps every row at seq_len, so
         # the model never grows its RoPE buffer here.
         inference = torch.inference_mode
         with inference():
-            state, logits = self._prefill(prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
+            state, logits = self._prefill(decoder, prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
         n = logits.shape[0]
         rows = [_Row() for _ in range(n)]
         live = list(range(n))  # row index of each batch position
@@ -305,12 +317,14 @@ class Engine:
                     rows_idx = torch.arange(len(live), device=dev)
                     seen[rows_idx, torch.tensor([t for (_, t, _) in emitted], device=dev)] = True
                 if len(keep) < len(live):  # finished rows leave the batch
-                    idx = torch.tensor(keep, device=dev)
-                    state = state.select(idx)
+                    state = state.select(keep)
                     if seen is not None:
-                        seen = seen.index_select(0, idx)
+                        seen = seen.index_select(0, torch.tensor(keep, device=dev))
                     live = [live[b] for b in keep]
-                logits = model.forward_step(torch.tensor(feed, dtype=torch.long, device=dev)[:, None], state)[:, -1]
+                # Sampled ids are < vocab by construction and forced ones come from the tokenizer, whose
+                # vocab equals the model's (checked in __init__): no per-step range check (a host sync).
+                feed_ids = torch.tensor(feed, dtype=torch.long, device=dev)[:, None]
+                logits = decoder.forward(feed_ids, state, check_ids=False)[:, -1]
         return rows
 
     def _advance_tools(self, row: _Row, tok: int, tools) -> None:
