@@ -7,7 +7,7 @@ weights to the compute dtype, rebuilds the attention mask in every layer, repeat
 syncs the host to find the context length. `Decoder` does all of that once, when it is built:
 
 - weights are laid out once in the compute dtype: fused QKV per attention layer, fused input
-  projection per SLC2 layer, lm_head transposed for fp32 on CPU (a faster MKL product, see __init__);
+  projection per SLC2 layer, wide weights stored transposed for fp32 on CPU (a faster MKL product, see _Proj);
 - RoPE is one full-width cos table and one signed sin table indexed by position, so the rotation
   is x * cos + roll(x, D/2) * sin (no split/cat);
 - QK-norm and every RMSNorm are single fused `rms_norm` calls (fp32 statistics whatever the input
@@ -21,7 +21,7 @@ syncs the host to find the context length. `Decoder` does all of that once, when
   saves the (t, V) head matmul.
 
 Memory: tensors already in the compute dtype are shared with the model, not copied; the copies are
-the fused QKV / SLC2 input weights and, in fp32, the transposed head.
+the fused QKV / SLC2 input weights and, in fp32 on CPU, the transposed wide weights (head, MLP up).
 
 The state is the ordinary `InferenceState` of gpt.py (same tensors, same layout), so clone/expand/
 select/stack and `GPT.forward_step` interoperate with it. The weights are copies taken when the
@@ -49,22 +49,40 @@ def weights_fingerprint(model) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()) + (model.compute_dtype,)
 
 
+class _Proj:
+    """y = x W^T for an (out, in) weight W, stored the way this device multiplies it fastest.
+
+    fp32 on CPU: with the weights read from memory (as in a decode step, where the whole model passes
+    through the cache once), MKL's x (in, out) product beats F.linear's x (out, in)^T by 1.8-2.7x when
+    out > in (measured at E=256: QKV, MLP up-projection, the head), and loses when out < in (MLP down-
+    projection), so only wide weights are stored transposed (a copy). bf16 (oneDNN): F.linear throughout.
+    """
+
+    def __init__(self, w, dtype):
+        w = w.detach().to(dtype)
+        self.transposed = w.device.type == "cpu" and dtype == torch.float32 and w.shape[0] > w.shape[1]
+        self.w = w.t().contiguous() if self.transposed else w.contiguous()
+
+    def __call__(self, x):
+        return torch.matmul(x, self.w) if self.transposed else F.linear(x, self.w)
+
+
 class _AttnLayer:
     def __init__(self, mixer, dtype):
         self.kind = "A"
         self.H, self.Hk, self.D, self.window = mixer.n_head, mixer.n_kv_head, mixer.head_dim, mixer.window
-        self.w_qkv = torch.cat([mixer.w_q, mixer.w_k, mixer.w_v], dim=0).detach().to(dtype).contiguous()
-        self.w_o = mixer.w_o.detach().to(dtype).contiguous()
+        self.qkv = _Proj(torch.cat([mixer.w_q, mixer.w_k, mixer.w_v], dim=0), dtype)
+        self.o = _Proj(mixer.w_o, dtype)
 
 
 class _SLC2Layer:
     def __init__(self, mixer, dtype):
         self.kind = "S"
         self.E, self.H, self.Dh = mixer.n_embd, mixer.n_head, mixer.head_dim
-        self.w_in = torch.cat([mixer.w_x, mixer.w_b, mixer.w_alpha, mixer.w_a], dim=0).detach().to(dtype).contiguous()
+        self.proj_in = _Proj(torch.cat([mixer.w_x, mixer.w_b, mixer.w_alpha, mixer.w_a], dim=0), dtype)
         # taps (k, E): row w weights the input w steps before the newest one + (k-1), as in slc2.
         self.taps = mixer.conv.detach().to(dtype).squeeze(1).t().contiguous()
-        self.w_o = mixer.w_o.detach().to(dtype).contiguous()
+        self.o = _Proj(mixer.w_o, dtype)
 
 
 class Decoder:
@@ -78,18 +96,13 @@ class Decoder:
         dt = self.dtype
         self.device = model.wte.device
         self.wte = model.wte.detach().clone()  # the residual stream's dtype is the table's, as in GPT.forward
-        w_head = model.lm_head.detach().to(dt)
-        # fp32 on CPU: MKL's (1, E) x (E, V) product is ~2.5x faster than F.linear's (1, E) x (V, E)^T
-        # for the wide head (measured 167 vs 452 us at E=256, V=8192), worth one transposed copy of
-        # the head; in bf16 (oneDNN) F.linear is the faster one and the model's own tensor is used.
-        self.head_transposed = dt == torch.float32 and self.device.type == "cpu"
-        self.w_head = w_head.t().contiguous() if self.head_transposed else w_head.contiguous()
+        self.head = _Proj(model.lm_head, dt)
         self.layers = []
         self.mlp = []
         for block in model.blocks:
             layer = _AttnLayer(block.mixer, dt) if block.kind == "A" else _SLC2Layer(block.mixer, dt)
             self.layers.append(layer)
-            self.mlp.append((block.mlp.w_fc.detach().to(dt).contiguous(), block.mlp.w_proj.detach().to(dt).contiguous()))
+            self.mlp.append((_Proj(block.mlp.w_fc, dt), _Proj(block.mlp.w_proj, dt)))
         self._rope_len = 0
         self._grow_rope(cfg.seq_len)
 
@@ -101,8 +114,9 @@ class Decoder:
         if length <= self._rope_len:
             return
         cos, sin = rope_table(length, self.config.head_dim, self.config.rope_base, device=self.device)
-        self.cos = torch.cat([cos, cos], dim=-1).to(self.dtype)  # (length, D)
-        self.sin = torch.cat([sin, -sin], dim=-1).to(self.dtype)
+        # (length, 1, D): a slice [p : p + t] broadcasts over (B, t, heads, D) as it is
+        self.cos = torch.cat([cos, cos], dim=-1).to(self.dtype)[:, None]
+        self.sin = torch.cat([sin, -sin], dim=-1).to(self.dtype)[:, None]
         self.key_pos = torch.arange(length, device=self.device)
         self._rope_len = length
 
@@ -153,12 +167,11 @@ class Decoder:
         self._grow_rope(state.max_len)
         L = longest + t  # keys attended: every row's valid keys lie in [0, L)
         if uniform:  # positions are host ints: slices, no gathers
-            cos, sin = self.cos[first : first + t], self.sin[first : first + t]
-            cos, sin = cos[None, :, None], sin[None, :, None]  # (1, t, 1, D)
+            cos, sin = self.cos.narrow(0, first, t), self.sin.narrow(0, first, t)  # (t, 1, D)
             pos = None
         else:  # t == 1, rows at different positions
             pos = state.pos
-            cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, D)
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, 1, D)
         masks: dict[int, torch.Tensor | None] = {}  # window -> additive mask (B|1, 1, 1, t, L) or None
 
         def mask_for(window: int):
@@ -183,15 +196,14 @@ class Decoder:
             u = _rms(x)
             if u.dtype != dt:
                 u = u.to(dt)
-            w_fc, w_proj = self.mlp[i]
-            x = x + F.linear(torch.relu_(F.linear(u, w_fc)).square_(), w_proj)
+            fc, proj = self.mlp[i]
+            x = x + proj(torch.relu_(fc(u)).square_())
         if last_only and t > 1:
             x = x[:, -1:]
         h = _rms(x)
         if h.dtype != dt:
             h = h.to(dt)
-        z = torch.matmul(h, self.w_head) if self.head_transposed else F.linear(h, self.w_head)
-        logits = z.float().div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+        logits = self.head(h).float().div_(cfg.softcap).tanh_().mul_(cfg.softcap)
         state.pos = state.pos + t
         state.lengths = [n + t for n in lengths]
         return logits
@@ -217,46 +229,50 @@ class Decoder:
         B, t, _ = u.shape
         H, Hk, D = layer.H, layer.Hk, layer.D
         rep = H // Hk
-        qkv = F.linear(u, layer.w_qkv).view(B, t, H + 2 * Hk, D)
-        qk = qkv[:, :, : H + Hk]
+        qk, v = layer.qkv(u).view(B, t, H + 2 * Hk, D).split([H + Hk, Hk], dim=2)
         # Half-split RoPE: [x1, x2] -> [x1 c + x2 s, x2 c - x1 s] = x * [c, c] + roll(x) * [s, -s].
         qk = _rms(torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin))
-        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hk :]
+        q, k = qk.split([H, Hk], dim=2)
         ck, cv = cache
         if pos is None:
-            ck[:, :, first : first + t] = k.transpose(1, 2)
-            cv[:, :, first : first + t] = v.transpose(1, 2)
+            ck.narrow(2, first, t).copy_(k.transpose(1, 2))
+            cv.narrow(2, first, t).copy_(v.transpose(1, 2))
         else:
             rows = torch.arange(B, device=u.device)
             ck[rows, :, pos] = k[:, 0]
             cv[rows, :, pos] = v[:, 0]
-        keys, values = ck[:, :, :L], cv[:, :, :L]  # (B, Hk, L, D) views of the cache
+        keys, values = ck.narrow(2, 0, L), cv.narrow(2, 0, L)  # (B, Hk, L, D) views of the cache
         if B * H * t * L > EXPLICIT_ATTENTION_MAX_SCORES or u.device.type != "cpu":
             # Long prefills (and GPUs): SDPA never stores the score matrix.
             if rep > 1:
                 keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
             bool_mask = None if mask is None else (mask.view(mask.shape[0], 1, t, L) == 0)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=bool_mask)
-            return F.linear(y.transpose(1, 2).reshape(B, t, H * D), layer.w_o)
+            return layer.o(y.transpose(1, 2).reshape(B, t, H * D))
         # Query head h = g * rep + r reads K/V head g: group the queries as (B, Hk, rep * t, D).
         if t == 1:
             qg = q.reshape(B, Hk, rep, D)
         else:
             qg = q.reshape(B, t, Hk, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, rep * t, D)
+        if qg.dtype != torch.float32:
+            # Reduced precision: the CPU's bf16 batched matmuls are 3-4x slower than fp32 ones at these
+            # shapes (measured 77 vs 19 us per layer at L=160), so the small attention products run in
+            # fp32 on an upcast of the cache (exact) and only their result is rounded back.
+            qg, keys, values = qg.float(), keys.float(), values.float()
         scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(D**-0.5)
         if mask is not None:
             scores = scores.view(B, Hk, rep, t, L).add_(mask).view(B, Hk, rep * t, L)
-        y = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B, Hk, rep * t, D)
+        y = torch.matmul(torch.softmax(scores, dim=-1), values).to(u.dtype)  # (B, Hk, rep * t, D)
         if t == 1:
             y = y.reshape(B, 1, H * D)
         else:
             y = y.view(B, Hk, rep, t, D).permute(0, 3, 1, 2, 4).reshape(B, t, H * D)
-        return F.linear(y, layer.w_o)
+        return layer.o(y)
 
     def _slc2(self, layer: _SLC2Layer, u, history):
         """One SLC2 mixer on t new inputs (the math of slc2.SLC2.forward, weights pre-fused)."""
         B, t, E = u.shape
-        x, b, alpha, a = F.linear(u, layer.w_in).split([E, E, layer.H, layer.Dh], dim=-1)
+        x, b, alpha, a = layer.proj_in(u).split([E, E, layer.H, layer.Dh], dim=-1)
         gate = F.silu(F.silu(alpha).unsqueeze(-1) * a.unsqueeze(-2))  # (B, t, H, Dh)
         v = gate.view(B, t, E) * x
         buf = torch.cat([history, v], dim=1)  # (B, k-1+t, E)
@@ -264,7 +280,7 @@ class Decoder:
         c = buf[:, 0:t] * layer.taps[0]
         for w in range(1, k):
             c = torch.addcmul(c, buf[:, w : w + t], layer.taps[w])
-        return F.linear(b * F.silu(c), layer.w_o), buf[:, t:]
+        return layer.o(b * F.silu(c)), buf[:, t:]
 
 
 class StepDecoder:
