@@ -95,7 +95,7 @@ class Decoder:
         self.fingerprint = weights_fingerprint(model)
         dt = self.dtype
         self.device = model.wte.device
-        self.wte = model.wte.detach().clone()  # the residual stream's dtype is the table's, as in GPT.forward
+        self.wte = model.wte.detach()  # shared, not copied; the residual stream's dtype is the table's, as in GPT.forward
         self.head = _Proj(model.lm_head, dt)
         self.layers = []
         self.mlp = []
@@ -105,6 +105,14 @@ class Decoder:
             self.mlp.append((_Proj(block.mlp.w_fc, dt), _Proj(block.mlp.w_proj, dt)))
         self._rope_len = 0
         self._grow_rope(cfg.seq_len)
+
+    def extra_bytes(self, model) -> int:
+        """Bytes of the weight copies this Decoder holds beyond the model's own tensors."""
+        own = {p.data_ptr() for p in model.parameters()}
+        tensors = [self.wte, self.head.w] + [w.w for fc, proj in self.mlp for w in (fc, proj)]
+        for layer in self.layers:
+            tensors += [layer.qkv.w, layer.o.w] if layer.kind == "A" else [layer.proj_in.w, layer.o.w, layer.taps]
+        return sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in own)
 
     def matches(self, model) -> bool:
         """True while the model's weights (and compute dtype) are those this Decoder copied."""
