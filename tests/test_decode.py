@@ -194,6 +194,23 @@ def test_decoder_follows_weight_changes():
     assert after != before
 
 
+def test_optimizer_step_invalidates_the_decoder():
+    """RL trains the model the Engine samples from: a real MuonAdamW step must be seen by `matches`
+    (it updates parameters in place through the dispatcher, which bumps their version counters)."""
+    from chibichat.train.optim import build_optimizer
+
+    m = tiny("iberis")
+    m.train()
+    d = Decoder(m)
+    opt = build_optimizer(m.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, other_lr=0.02,
+                          ns_dtype=torch.float32)  # fmt: skip
+    m(torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))).backward()
+    assert d.matches(m)
+    opt.step()
+    assert not d.matches(m)
+    assert Decoder(m).matches(m)
+
+
 def test_decoder_for_picks_the_fast_path_for_gpts_only():
     m = tiny("dense")
     assert isinstance(decoder_for(m), Decoder)

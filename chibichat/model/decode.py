@@ -115,7 +115,9 @@ class Decoder:
         return sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in own)
 
     def matches(self, model) -> bool:
-        """True while the model's weights (and compute dtype) are those this Decoder copied."""
+        """True while the model's weights (and compute dtype) are those this Decoder copied. Detects
+        any in-place update made through torch ops (optimizer steps, load_state_dict, copy_ under
+        no_grad); writes through `param.data` bypass version counters and are not seen."""
         return weights_fingerprint(model) == self.fingerprint
 
     def _grow_rope(self, length: int) -> None:
