@@ -7,7 +7,7 @@ weights to the compute dtype, rebuilds the attention mask in every layer, repeat
 syncs the host to find the context length. `Decoder` does all of that once, when it is built:
 
 - weights are laid out once in the compute dtype: fused QKV per attention layer, fused input
-  projection per SLC2 layer, wide weights stored transposed for fp32 on CPU (a faster MKL product, see _Proj);
+  projection per SLC2 layer, wide weights stored transposed for fp32 on CPU, and packed once for oneDNN in bf16 (see _Proj);
 - RoPE is one full-width cos table and one signed sin table indexed by position, so the rotation
   is x * cos + roll(x, D/2) * sin (no split/cat);
 - QK-norm and every RMSNorm are single fused `rms_norm` calls (fp32 statistics whatever the input
@@ -21,7 +21,8 @@ syncs the host to find the context length. `Decoder` does all of that once, when
   saves the (t, V) head matmul.
 
 Memory: tensors already in the compute dtype are shared with the model, not copied; the copies are
-the fused QKV / SLC2 input weights and, in fp32 on CPU, the transposed wide weights (head, MLP up).
+the fused QKV / SLC2 input weights and, on CPU, the transposed wide weights (fp32: head, MLP up) or
+the packed weights (bf16: all of them, about one more copy of the model).
 
 The state is the ordinary `InferenceState` of gpt.py (same tensors, same layout), so clone/expand/
 select/stack and `GPT.forward_step` interoperate with it. The weights are copies taken when the
@@ -49,40 +50,65 @@ def weights_fingerprint(model) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()) + (model.compute_dtype,)
 
 
+def _packed_linear_works() -> bool:
+    """Whether oneDNN's pre-packed linear (the kernels torch.compile's CPU backend uses) is available
+    here and computes F.linear exactly; checked once per Decoder, so a torch without it falls back."""
+    try:
+        w = torch.randn(24, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(3, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
+        return torch.allclose(got.float(), F.linear(x, w).float(), atol=1e-2)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 class _Proj:
     """y = x W^T for an (out, in) weight W, stored the way this device multiplies it fastest.
 
-    fp32 on CPU: with the weights read from memory (as in a decode step, where the whole model passes
-    through the cache once), MKL's x (in, out) product beats F.linear's x (out, in)^T by 1.8-2.7x when
-    out > in (measured at E=256: QKV, MLP up-projection, the head), and loses when out < in (MLP down-
-    projection), so only wide weights are stored transposed (a copy). bf16 (oneDNN): F.linear throughout.
+    Measured on this project's 2-core CPU with the weights read from memory (as in a decode step,
+    where the whole model passes through the cache once):
+    - fp32: MKL's x (in, out) product beats F.linear's x (out, in)^T by 1.8-2.7x when out > in (QKV,
+      MLP up-projection, the head at E=256) and loses when out < in (MLP down-projection), so only wide
+      weights are stored transposed (a copy);
+    - bf16: F.linear re-lays the weight out for oneDNN on every call; a weight packed once for oneDNN
+      is 1.3-1.8x faster (e.g. the 8192 x 256 head: 377 vs 578 us) with identical results.
     """
 
-    def __init__(self, w, dtype):
+    def __init__(self, w, dtype, packed: bool):
         w = w.detach().to(dtype)
-        self.transposed = w.device.type == "cpu" and dtype == torch.float32 and w.shape[0] > w.shape[1]
-        self.w = w.t().contiguous() if self.transposed else w.contiguous()
+        cpu = w.device.type == "cpu"
+        self.kind = "linear"
+        if cpu and dtype == torch.bfloat16 and packed:
+            self.kind, self.w = "packed", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        elif cpu and dtype == torch.float32 and w.shape[0] > w.shape[1]:
+            self.kind, self.w = "transposed", w.t().contiguous()
+        else:
+            self.w = w.contiguous()
 
     def __call__(self, x):
-        return torch.matmul(x, self.w) if self.transposed else F.linear(x, self.w)
+        if self.kind == "transposed":
+            return torch.matmul(x, self.w)
+        if self.kind == "packed":
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
+        return F.linear(x, self.w)
 
 
 class _AttnLayer:
-    def __init__(self, mixer, dtype):
+    def __init__(self, mixer, dtype, packed):
         self.kind = "A"
         self.H, self.Hk, self.D, self.window = mixer.n_head, mixer.n_kv_head, mixer.head_dim, mixer.window
-        self.qkv = _Proj(torch.cat([mixer.w_q, mixer.w_k, mixer.w_v], dim=0), dtype)
-        self.o = _Proj(mixer.w_o, dtype)
+        self.qkv = _Proj(torch.cat([mixer.w_q, mixer.w_k, mixer.w_v], dim=0), dtype, packed)
+        self.o = _Proj(mixer.w_o, dtype, packed)
 
 
 class _SLC2Layer:
-    def __init__(self, mixer, dtype):
+    def __init__(self, mixer, dtype, packed):
         self.kind = "S"
         self.E, self.H, self.Dh = mixer.n_embd, mixer.n_head, mixer.head_dim
-        self.proj_in = _Proj(torch.cat([mixer.w_x, mixer.w_b, mixer.w_alpha, mixer.w_a], dim=0), dtype)
+        self.proj_in = _Proj(torch.cat([mixer.w_x, mixer.w_b, mixer.w_alpha, mixer.w_a], dim=0), dtype, packed)
         # taps (k, E): row w weights the input w steps before the newest one + (k-1), as in slc2.
         self.taps = mixer.conv.detach().to(dtype).squeeze(1).t().contiguous()
-        self.o = _Proj(mixer.w_o, dtype)
+        self.o = _Proj(mixer.w_o, dtype, packed)
 
 
 class Decoder:
@@ -96,13 +122,14 @@ class Decoder:
         dt = self.dtype
         self.device = model.wte.device
         self.wte = model.wte.detach()  # shared, not copied; the residual stream's dtype is the table's, as in GPT.forward
-        self.head = _Proj(model.lm_head, dt)
+        packed = dt == torch.bfloat16 and self.device.type == "cpu" and _packed_linear_works()
+        self.head = _Proj(model.lm_head, dt, packed)
         self.layers = []
         self.mlp = []
         for block in model.blocks:
-            layer = _AttnLayer(block.mixer, dt) if block.kind == "A" else _SLC2Layer(block.mixer, dt)
+            layer = _AttnLayer(block.mixer, dt, packed) if block.kind == "A" else _SLC2Layer(block.mixer, dt, packed)
             self.layers.append(layer)
-            self.mlp.append((_Proj(block.mlp.w_fc, dt), _Proj(block.mlp.w_proj, dt)))
+            self.mlp.append((_Proj(block.mlp.w_fc, dt, packed), _Proj(block.mlp.w_proj, dt, packed)))
         self._rope_len = 0
         self._grow_rope(cfg.seq_len)
 
@@ -112,7 +139,8 @@ class Decoder:
         tensors = [self.wte, self.head.w] + [w.w for fc, proj in self.mlp for w in (fc, proj)]
         for layer in self.layers:
             tensors += [layer.qkv.w, layer.o.w] if layer.kind == "A" else [layer.proj_in.w, layer.o.w, layer.taps]
-        return sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in own)
+        # packed (oneDNN) weights have no plain storage: always copies
+        return sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn or t.data_ptr() not in own)
 
     def matches(self, model) -> bool:
         """True while the model's weights (and compute dtype) are those this Decoder copied. Detects
@@ -124,9 +152,10 @@ class Decoder:
         if length <= self._rope_len:
             return
         cos, sin = rope_table(length, self.config.head_dim, self.config.rope_base, device=self.device)
-        # (length, 1, D): a slice [p : p + t] broadcasts over (B, t, heads, D) as it is
-        self.cos = torch.cat([cos, cos], dim=-1).to(self.dtype)[:, None]
-        self.sin = torch.cat([sin, -sin], dim=-1).to(self.dtype)[:, None]
+        # (length, 1, D) fp32 (RoPE runs in fp32, see forward): a slice [p : p + t] broadcasts over
+        # (B, t, heads, D) as it is
+        self.cos = torch.cat([cos, cos], dim=-1)[:, None]
+        self.sin = torch.cat([sin, -sin], dim=-1)[:, None]
         self.key_pos = torch.arange(length, device=self.device)
         self._rope_len = length
 
@@ -191,7 +220,11 @@ class Decoder:
 
         if check_ids and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
             raise ChibiError(f"decoder input has token ids outside [0, {cfg.vocab_size}): wrong tokenizer for this model")
-        x = _rms(F.embedding(idx, self.wte))
+        # The residual stream, norms, RoPE/QK-norm and attention run in fp32 whatever the compute dtype,
+        # as in training (fp32 residual, bf16 matmuls): only the projections' inputs are cast. In bf16
+        # this replaces the many per-op up/down casts of bf16 norms and attention products (measured:
+        # ~80 copies per step) with ~5 per layer, and is at least as precise as forward_step.
+        x = _rms(F.embedding(idx, self.wte).float())
         dt = self.dtype
         for i, layer in enumerate(self.layers):
             u = _rms(x)
@@ -210,7 +243,7 @@ class Decoder:
             x = x + proj(torch.relu_(fc(u)).square_())
         if last_only and t > 1:
             x = x[:, -1:]
-        h = _rms(x)
+        h = _rms(x)  # fp32
         if h.dtype != dt:
             h = h.to(dt)
         logits = self.head(h).float().div_(cfg.softcap).tanh_().mul_(cfg.softcap)
@@ -232,7 +265,7 @@ class Decoder:
         ok = d >= 0
         if window:
             ok = ok & (d < window)
-        m = torch.zeros(ok.shape, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))
+        m = torch.zeros(ok.shape, dtype=torch.float32, device=self.device).masked_fill_(~ok, float("-inf"))
         return m.view(-1, 1, 1, t, L)
 
     def _attend(self, layer: _AttnLayer, u, cos, sin, cache, pos, first: int, L: int, mask):
@@ -240,9 +273,11 @@ class Decoder:
         H, Hk, D = layer.H, layer.Hk, layer.D
         rep = H // Hk
         qk, v = layer.qkv(u).view(B, t, H + 2 * Hk, D).split([H + Hk, Hk], dim=2)
+        if qk.dtype != torch.float32:
+            qk = qk.float()
         # Half-split RoPE: [x1, x2] -> [x1 c + x2 s, x2 c - x1 s] = x * [c, c] + roll(x) * [s, -s].
         qk = _rms(torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin))
-        q, k = qk.split([H, Hk], dim=2)
+        q, k = qk.split([H, Hk], dim=2)  # fp32; copy_ into the cache rounds k to its dtype
         ck, cv = cache
         if pos is None:
             ck.narrow(2, first, t).copy_(k.transpose(1, 2))
@@ -257,18 +292,18 @@ class Decoder:
             if rep > 1:
                 keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
             bool_mask = None if mask is None else (mask.view(mask.shape[0], 1, t, L) == 0)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=bool_mask)
-            return layer.o(y.transpose(1, 2).reshape(B, t, H * D))
+            y = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=bool_mask)
+            return layer.o(y.transpose(1, 2).reshape(B, t, H * D).to(u.dtype))
         # Query head h = g * rep + r reads K/V head g: group the queries as (B, Hk, rep * t, D).
         if t == 1:
             qg = q.reshape(B, Hk, rep, D)
         else:
             qg = q.reshape(B, t, Hk, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, rep * t, D)
-        if qg.dtype != torch.float32:
+        if keys.dtype != torch.float32:
             # Reduced precision: the CPU's bf16 batched matmuls are 3-4x slower than fp32 ones at these
             # shapes (measured 77 vs 19 us per layer at L=160), so the small attention products run in
             # fp32 on an upcast of the cache (exact) and only their result is rounded back.
-            qg, keys, values = qg.float(), keys.float(), values.float()
+            keys, values = keys.float(), values.float()
         scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(D**-0.5)
         if mask is not None:
             scores = scores.view(B, Hk, rep, t, L).add_(mask).view(B, Hk, rep * t, L)
