@@ -141,6 +141,18 @@ def test_decoder_bf16_matches_forward_step(name):
     assert got.dtype == torch.float32
     assert torch.allclose(got, ref, atol=0.1), (got - ref).abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # rows at different positions (the per-row cache write) in bf16 too
+    states = []
+    for n in (3, 7):
+        s = d.new_state(1, 24)
+        d.forward(idx[:1, :n], s)
+        states.append(s)
+    st = InferenceState.stack(states)
+    step = d.forward(torch.tensor([[4], [9]]), st)
+    for r, n in enumerate((3, 7)):
+        s = m.new_state(1, 24)
+        alone = m.forward_step(torch.cat([idx[:1, :n], torch.tensor([[(4, 9)[r]]])], dim=1), s)[0, -1]
+        assert torch.allclose(step[r, 0], alone, atol=0.1), (step[r, 0] - alone).abs().max()
 
 
 def test_decoder_errors():

@@ -284,8 +284,8 @@ class Decoder:
             cv.narrow(2, first, t).copy_(v.transpose(1, 2))
         else:
             rows = torch.arange(B, device=u.device)
-            ck[rows, :, pos] = k[:, 0]
-            cv[rows, :, pos] = v[:, 0]
+            ck[rows, :, pos] = k[:, 0].to(ck.dtype)  # index_put does not cast, copy_ does
+            cv[rows, :, pos] = v[:, 0].to(cv.dtype)
         keys, values = ck.narrow(2, 0, L), cv.narrow(2, 0, L)  # (B, Hk, L, D) views of the cache
         if B * H * t * L > EXPLICIT_ATTENTION_MAX_SCORES or u.device.type != "cpu":
             # Long prefills (and GPUs): SDPA never stores the score matrix.
