@@ -237,6 +237,9 @@ def test_decoder_for_picks_the_fast_path_for_gpts_only():
         def forward_step(self, idx, state):
             return self.inner.forward_step(idx, state)
 
+    patched = tiny("dense")
+    patched.forward_step = lambda idx, state: torch.zeros(idx.shape[0], idx.shape[1], V)  # a scripted double
+    assert isinstance(decoder_for(patched), StepDecoder)
     w = Wrapped(m)
     sd = decoder_for(w)
     assert isinstance(sd, StepDecoder) and sd.matches(w)

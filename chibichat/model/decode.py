@@ -347,7 +347,12 @@ class StepDecoder:
 
 
 def decoder_for(model):
-    """Decoder for a GPT (also behind a torch.compile wrapper), StepDecoder for anything else."""
+    """Decoder for a GPT (also behind a torch.compile wrapper), StepDecoder for anything else, and
+    for a GPT whose forward_step was replaced on the instance (a test double scripting its logits):
+    that replacement is what the caller wants to decode with."""
     from chibichat.model.gpt import GPT
 
-    return Decoder(model) if isinstance(getattr(model, "_orig_mod", model), GPT) else StepDecoder(model)
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, GPT) and "forward_step" not in vars(inner) and "forward_step" not in vars(model):
+        return Decoder(model)
+    return StepDecoder(model)
