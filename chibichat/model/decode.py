@@ -1,13 +1,16 @@
 """A lean inference path for GPT: the same function as `GPT.forward_step`, with less work per step.
 
-On a small model one decode step is ~10 MFLOP, so its time is spent dispatching operations, not
-computing them (REFERENCE: per-step overhead bounds small-model decoding). `GPT.forward_step` is
+On a small model one decode step is ~10 MFLOP: its time goes to dispatching ~100s of tiny operations
+and to streaming the weights through the cache once per step, not to arithmetic. `GPT.forward_step` is
 written for clarity and shares code with training: every step it concatenates the QKV weights, casts
 weights to the compute dtype, rebuilds the attention mask in every layer, repeats K/V for GQA and
 syncs the host to find the context length. `Decoder` does all of that once, when it is built:
 
 - weights are laid out once in the compute dtype: fused QKV per attention layer, fused input
-  projection per SLC2 layer, wide weights stored transposed for fp32 on CPU, and packed once for oneDNN in bf16 (see _Proj);
+  projection per SLC2 layer; on CPU wide fp32 weights stored transposed, bf16 ones packed for oneDNN
+  (the faster kernels, see _Proj);
+- the residual stream, norms, RoPE, QK-norm and attention products run in fp32 in every compute dtype
+  (as in training); only projection inputs are cast, which in bf16 saves ~80 casts per step;
 - RoPE is one full-width cos table and one signed sin table indexed by position, so the rotation
   is x * cos + roll(x, D/2) * sin (no split/cat);
 - QK-norm and every RMSNorm are single fused `rms_norm` calls (fp32 statistics whatever the input
