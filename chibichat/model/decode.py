@@ -53,12 +53,12 @@ def weights_fingerprint(model) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()) + (model.compute_dtype,)
 
 
-def _packed_linear_works() -> bool:
+def _packed_linear_works(dtype) -> bool:
     """Whether oneDNN's pre-packed linear (the kernels torch.compile's CPU backend uses) is available
-    here and computes F.linear exactly; checked once per Decoder, so a torch without it falls back."""
+    here and computes F.linear; checked once per Decoder, so a torch without it falls back."""
     try:
-        w = torch.randn(24, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
-        x = torch.randn(3, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+        w = torch.randn(24, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+        x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
         got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
         return torch.allclose(got.float(), F.linear(x, w).float(), atol=1e-2)
     except (AttributeError, RuntimeError, NotImplementedError):
@@ -74,25 +74,31 @@ class _Proj:
       MLP up-projection, the head at E=256) and loses when out < in (MLP down-projection), so only wide
       weights are stored transposed (a copy);
     - bf16: F.linear re-lays the weight out for oneDNN on every call; a weight packed once for oneDNN
-      is 1.3-1.8x faster (e.g. the 8192 x 256 head: 377 vs 578 us) with identical results.
+      is 1.3-1.8x faster (e.g. the 8192 x 256 head: 377 vs 578 us) with identical results;
+    - fp32 with several rows (batched decode, prefill): the packed oneDNN weight beats both MKL forms
+      (head at 8 rows: 741 vs 1298 us), but loses at one row (884 vs 397 us), so fp32 keeps both a
+      one-row layout and a packed copy (one more copy of the model, for up to 1.8x at batch 8).
     """
 
     def __init__(self, w, dtype, packed: bool):
         w = w.detach().to(dtype)
         cpu = w.device.type == "cpu"
-        self.kind = "linear"
+        self.packed = None  # used when x has more than one row
+        if cpu and packed:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 8)
+        self.kind = "linear"  # the one-row layout
         if cpu and dtype == torch.bfloat16 and packed:
-            self.kind, self.w = "packed", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+            self.kind, self.w = "packed", self.packed
         elif cpu and dtype == torch.float32 and w.shape[0] > w.shape[1]:
             self.kind, self.w = "transposed", w.t().contiguous()
         else:
             self.w = w.contiguous()
 
     def __call__(self, x):
+        if self.packed is not None and (self.kind == "packed" or x.numel() > x.shape[-1]):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         if self.kind == "transposed":
             return torch.matmul(x, self.w)
-        if self.kind == "packed":
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
         return F.linear(x, self.w)
 
 
@@ -125,7 +131,7 @@ class Decoder:
         dt = self.dtype
         self.device = model.wte.device
         self.wte = model.wte.detach()  # shared, not copied; the residual stream's dtype is the table's, as in GPT.forward
-        packed = dt == torch.bfloat16 and self.device.type == "cpu" and _packed_linear_works()
+        packed = dt in (torch.bfloat16, torch.float32) and self.device.type == "cpu" and _packed_linear_works(dt)
         self.head = _Proj(model.lm_head, dt, packed)
         self.layers = []
         self.mlp = []
@@ -139,9 +145,13 @@ class Decoder:
     def extra_bytes(self, model) -> int:
         """Bytes of the weight copies this Decoder holds beyond the model's own tensors."""
         own = {p.data_ptr() for p in model.parameters()}
-        tensors = [self.wte, self.head.w] + [w.w for fc, proj in self.mlp for w in (fc, proj)]
+        projs = [self.head] + [w for fc, proj in self.mlp for w in (fc, proj)]
+        tensors = [self.wte]
         for layer in self.layers:
-            tensors += [layer.qkv.w, layer.o.w] if layer.kind == "A" else [layer.proj_in.w, layer.o.w, layer.taps]
+            projs += [layer.qkv, layer.o] if layer.kind == "A" else [layer.proj_in, layer.o]
+            tensors += [layer.taps] if layer.kind == "S" else []
+        for p in projs:
+            tensors += [p.w] + ([p.packed] if p.packed is not None and p.packed is not p.w else [])
         # packed (oneDNN) weights have no plain storage: always copies
         return sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn or t.data_ptr() not in own)
 
