@@ -24,8 +24,9 @@ syncs the host to find the context length. `Decoder` does all of that once, when
   saves the (t, V) head matmul.
 
 Memory: tensors already in the compute dtype are shared with the model, not copied; the copies are
-the fused QKV / SLC2 input weights and, on CPU, the transposed wide weights (fp32: head, MLP up) or
-the packed weights (bf16: all of them, about one more copy of the model).
+the fused QKV / SLC2 input weights and, on CPU, one oneDNN-packed copy of every projection (about one
+more copy of the model) plus, in fp32, the transposed wide weights (head, MLP up) for one-row steps.
+`extra_bytes` counts them (bench infer reports it).
 
 The state is the ordinary `InferenceState` of gpt.py (same tensors, same layout), so clone/expand/
 select/stack and `GPT.forward_step` interoperate with it. The weights are copies taken when the
