@@ -196,6 +196,17 @@ class Engine:
         self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
         self.stop_ids = frozenset((self.bos, self.assistant_end))
+        self._decoder = None  # chibichat.model.decode.Decoder, rebuilt when the model's weights change
+
+    def decoder(self):
+        """The lean decode path for the model's current weights (built once, rebuilt after the
+        weights change, e.g. between RL steps: a cheap fingerprint check per generate call)."""
+        from chibichat.model.decode import decoder_for
+
+        if self._decoder is None or not self._decoder.matches(self.model):
+            self._decoder = None  # free the old copy before making the new one
+            self._decoder = decoder_for(self.model)
+        return self._decoder
 
     @property
     def seq_len(self) -> int:
@@ -234,19 +245,19 @@ class Engine:
 
     # -- the decode core ----------------------------------------------------------------------
 
-    def _prefill(self, prompts, num_samples, max_len):
+    def _prefill(self, decoder, prompts, num_samples, max_len):
         """Returns (state with rows prompt-major x num_samples, last logits (rows, V))."""
         import torch
 
-        model, dev = self.model, self.rt.device
+        dev = self.rt.device
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
         parts = {}  # prompt index -> (state of that group, row in the group, logits row)
         for length, idxs in by_len.items():
             ids = torch.tensor([prompts[i] for i in idxs], dtype=torch.long, device=dev)
-            state = model.new_state(len(idxs), max_len)
-            logits = model.forward_step(ids, state)[:, -1]
+            state = decoder.new_state(len(idxs), max_len)
+            logits = decoder.forward(ids, state, last_only=True, check_ids=False)[:, -1]  # ids checked in _check
             for r, i in enumerate(idxs):
                 parts[i] = (state, r, logits[r])
         states, last = [], []
@@ -258,18 +269,20 @@ class Engine:
         return state, torch.cat(last, dim=0)
 
     def _decode(self, prompts, num_samples, max_tokens, params: SamplingParams, seed, tools) -> Iterator[list]:
-        """Yields after every step the list of (row_index, token, forced) emitted in that step;
-        returns (via StopIteration.value) the list of _Row, prompt-major."""
+        """Yields after every step the list of (row_index, token, forced, finished) emitted in that step;
+        returns (via StopIteration.value) the list of _Row, prompt-major. The consumer may `send` a
+        collection of row indices to end with finish_reason "stop" (e.g. a stop string was found)."""
         import torch
 
-        model, dev = self.model, self.rt.device
+        dev = self.rt.device
+        decoder = self.decoder()
         # inference_mode (lighter than no_grad: no view/version tracking) is entered around each
         # piece of tensor work rather than across `yield`, so it never leaks into the consumer's code.
-        # It cannot create inference tensors the model keeps: _check caps every row at seq_len, so
-        # the model never grows its RoPE buffer here.
+        # The decoder's tensors are made outside it (decoder() above), and _check caps every row at
+        # seq_len, so its RoPE table never grows here.
         inference = torch.inference_mode
         with inference():
-            state, logits = self._prefill(prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
+            state, logits = self._prefill(decoder, prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
         n = logits.shape[0]
         rows = [_Row() for _ in range(n)]
         live = list(range(n))  # row index of each batch position
@@ -280,7 +293,7 @@ class Engine:
         for step in range(max_tokens):
             with inference():
                 sampled = sample_next(logits, params, generator, seen).tolist()
-            emitted, feed, keep = [], [], []
+            emitted = []
             for b, r in enumerate(live):
                 row = rows[r]
                 if row.queue:
@@ -289,28 +302,31 @@ class Engine:
                     tok, forced = sampled[b], 0
                 row.tokens.append(tok)
                 row.forced.append(forced)
-                emitted.append((r, tok, forced))
                 if not forced:
                     self._advance_tools(row, tok, tools)
                 if row.finish is None and len(row.tokens) >= max_tokens:
                     row.finish = "length"
-                if row.finish is None:
-                    keep.append(b)
-                    feed.append(tok)
-            yield emitted
+                emitted.append((r, tok, forced, row.finish is not None))
+            for r in (yield emitted) or ():  # rows the consumer ended
+                if rows[r].finish is None:
+                    rows[r].finish = "stop"
+            keep = [b for b, r in enumerate(live) if rows[r].finish is None]
             if not keep:
                 break
+            feed = [rows[live[b]].tokens[-1] for b in keep]
             with inference():
                 if seen is not None:  # every token the row has produced so far (forced ones too)
                     rows_idx = torch.arange(len(live), device=dev)
-                    seen[rows_idx, torch.tensor([t for (_, t, _) in emitted], device=dev)] = True
+                    seen[rows_idx, torch.tensor([e[1] for e in emitted], device=dev)] = True
                 if len(keep) < len(live):  # finished rows leave the batch
-                    idx = torch.tensor(keep, device=dev)
-                    state = state.select(idx)
+                    state = state.select(keep)
                     if seen is not None:
-                        seen = seen.index_select(0, idx)
+                        seen = seen.index_select(0, torch.tensor(keep, device=dev))
                     live = [live[b] for b in keep]
-                logits = model.forward_step(torch.tensor(feed, dtype=torch.long, device=dev)[:, None], state)[:, -1]
+                # Sampled ids are < vocab by construction and forced ones come from the tokenizer, whose
+                # vocab equals the model's (checked in __init__): no per-step range check (a host sync).
+                feed_ids = torch.tensor(feed, dtype=torch.long, device=dev)[:, None]
+                logits = decoder.forward(feed_ids, state, check_ids=False)[:, -1]
         return rows
 
     def _advance_tools(self, row: _Row, tok: int, tools) -> None:
@@ -398,45 +414,124 @@ class Engine:
         seed: int = 0,
         tools=True,
         result: dict | None = None,
+        stop: list[str] | None = None,
     ) -> Iterator[str]:
         """Text pieces of one sample as they are generated, never splitting a UTF-8 character.
 
-        Tool calls are shown in the GSM8K annotation style: <<expr=result>> (<<expr>> if the call failed). If `result` is a dict,
-        it receives "finish_reason", "tokens" and "completion_tokens" when the stream ends.
+        Tool calls are shown in the GSM8K annotation style: <<expr=result>> (<<expr>> if the call failed).
+        `stop`: see stream_choices. If `result` is a dict, it receives "finish_reason", "tokens" and
+        "completion_tokens" when the stream ends.
         """
-        max_tokens, tools = self._check([prompt], 1, max_tokens, tools)
+        inner: dict = {}
+        for _, text in self.stream_choices(prompt, 1, max_tokens, temperature, top_k, top_p, repetition_penalty,
+                                           seed, tools, inner, stop):  # fmt: skip
+            yield text
+        if result is not None:
+            choice = inner["choices"][0]
+            result.update(finish_reason=choice["finish_reason"], tokens=choice["tokens"],
+                          completion_tokens=choice["completion_tokens"])  # fmt: skip
+
+    def stream_choices(
+        self,
+        prompt: list[int],
+        num_samples: int = 1,
+        max_tokens: int | None = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        tools=True,
+        result: dict | None = None,
+        stop: list[str] | None = None,
+    ) -> Iterator[tuple[int, str]]:
+        """(choice index, text piece) for `num_samples` samples of one prompt, decoded together from
+        one prefill, as they are generated; pieces never split a UTF-8 character.
+
+        `stop`: strings that end a sample (finish_reason "stop") before they appear: the stop string
+        and anything after it are never shown, and text that might still turn out to be the start of a
+        stop string is held back until the next tokens settle it. If `result` is a dict, it receives
+        "choices" (per sample: finish_reason, tokens, completion_tokens) and "completion_tokens" (total).
+        """
+        stops = list(stop or [])
+        if not all(isinstance(x, str) and x for x in stops):
+            raise ChibiError(f"stop must be a list of non-empty strings, got {stop!r}")
+        max_tokens, tools = self._check([prompt], num_samples, max_tokens, tools)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty).validate()
         # <|python_start|> -> "<<", <|output_start|> -> "=", <|output_end|> -> ">>"; <|python_end|> shows
         # nothing until the next token tells whether a result follows ("<<expr=result>>") or the call
         # failed and nothing was injected ("<<expr>>").
         shown = {self.python_start: b"<<", self.python_end: b"", self.output_start: b"=", self.output_end: b">>"}
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        gen = self._decode([prompt], 1, max_tokens, params, seed, tools)
-        rows, unclosed = None, False
+        utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
+        matchers = [StopMatcher(stops) for _ in range(num_samples)]
+        unclosed = [False] * num_samples
+        gen = self._decode([prompt], num_samples, max_tokens, params, seed, tools)
+        ended: list[int] = []  # rows a stop string ended in this step, sent back to the decode loop
         while True:
             try:
-                emitted = next(gen)
+                emitted = gen.send(ended or None)
             except StopIteration as done:
                 rows = done.value
                 break
-            for _, tok, _ in emitted:
+            ended = []
+            for r, tok, _, finished in emitted:
                 piece = b""
-                if unclosed and tok != self.output_start:
+                if unclosed[r] and tok != self.output_start:
                     piece = b">>"
-                unclosed = tok == self.python_end
+                unclosed[r] = tok == self.python_end
                 if tok not in self.stop_ids:
                     piece += shown[tok] if tok in shown else self.tokenizer.id_to_bytes(tok)
-                text = decoder.decode(piece)
+                text = matchers[r].feed(utf8[r].decode(piece))
+                if finished and not matchers[r].stopped:  # the row's last token: flush what it holds
+                    text += matchers[r].feed((utf8[r].decode(b">>") if unclosed[r] else "") + utf8[r].decode(b"", final=True))
+                    text += matchers[r].flush()
+                if matchers[r].stopped and not finished:
+                    ended.append(r)
                 if text:
-                    yield text
-        if unclosed:
-            yield decoder.decode(b">>")
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
+                    yield r, text
         if result is not None:
-            row = rows[0]
-            result.update(finish_reason=row.finish or "length", tokens=row.tokens, completion_tokens=len(row.tokens))
+            choices = []
+            for r, row in enumerate(rows):
+                reason = "stop" if matchers[r].stopped else (row.finish or "length")
+                choices.append({"finish_reason": reason, "tokens": row.tokens, "completion_tokens": len(row.tokens)})
+            result.update(choices=choices, completion_tokens=sum(c["completion_tokens"] for c in choices))
+
+
+class StopMatcher:
+    """Cuts a text stream at the first occurrence of any stop string, emitting only text that can no
+    longer become part of one: a suffix that is a prefix of some stop string is held back."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Append `text`; return what is safe to show now (sets `stopped` at a stop string)."""
+        if self.stopped:
+            return ""
+        buf = self.pending + text
+        if not self.stops:
+            self.pending = ""
+            return buf
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.pending = True, ""
+            return buf[: min(hits)]
+        # No stop string is complete in buf, so one could only start in its last longest-1 chars.
+        hold = len(buf)
+        for i in range(max(0, len(buf) - self.longest + 1), len(buf)):
+            if any(s.startswith(buf[i:]) for s in self.stops):
+                hold = i
+                break
+        self.pending = buf[hold:]
+        return buf[:hold]
+
+    def flush(self) -> str:
+        """End of the text: what was held back is not a stop string after all."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
 
 
 def prepare_for_inference(model, dtype):

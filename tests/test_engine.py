@@ -332,6 +332,58 @@ def test_stream_never_splits_utf8(tok, rt):
     assert result["finish_reason"] == "stop" and result["completion_tokens"] == len(data) + 1
 
 
+def test_stop_matcher_holds_back_possible_starts():
+    from chibichat.engine import StopMatcher
+
+    m = StopMatcher(["cd", "xyz"])
+    assert [m.feed(p) for p in ("ab", "c", "x", "y", "q", "c")] == ["ab", "", "c", "", "xyq", ""]
+    assert not m.stopped
+    assert m.feed("d") == "" and m.stopped and m.feed("more") == "" and m.flush() == ""
+    m = StopMatcher(["ab"])
+    assert m.feed("xxa") == "xx" and m.feed("bc") == "" and m.stopped  # stop split across pieces
+    m = StopMatcher(["ab", "b"])  # the earliest match wins, whichever string it is
+    assert m.feed("zab") == "z" and m.stopped
+    m = StopMatcher(["。"])
+    assert m.feed("こんにちは。さよなら") == "こんにちは" and m.stopped
+    m = StopMatcher(["xy"])
+    assert m.feed("abx") == "ab" and m.flush() == "x"  # the text ended: the held-back "x" was not a stop
+    m = StopMatcher([])
+    assert m.feed("abc") == "abc" and m.flush() == ""
+
+
+def test_stream_choices_with_stop_strings(tok, rt):
+    text = "one two three four"
+    data = list(text.encode("utf-8"))
+    ae = tok.special_id("<|assistant_end|>")
+    engine = Engine(Scripted(random_model(tok, "AS", seq_len=64), {}, default=ae, script=data + [ae]), tok, rt)
+    prompt = [tok.bos_id, 65]
+    result = {}
+    pieces = list(engine.stream_choices(prompt, 3, max_tokens=40, temperature=0, stop=["thr", "ou"], result=result))
+    assert {i for i, _ in pieces} == {0, 1, 2}
+    for i in range(3):
+        assert "".join(p for j, p in pieces if j == i) == "one two "
+    # generation ended at the token completing "thr": 11 tokens, not the full 19
+    assert [c["finish_reason"] for c in result["choices"]] == ["stop"] * 3
+    assert [c["completion_tokens"] for c in result["choices"]] == [len("one two thr")] * 3
+    assert result["completion_tokens"] == 3 * len("one two thr")
+    # no stop string: the whole text, finish "stop" from <|assistant_end|>; a non-matching one: the same
+    for stop in (None, ["zzz"], ["four"]):
+        r = {}
+        out = "".join(engine.stream(prompt, max_tokens=40, temperature=0, stop=stop, result=r))
+        if stop == ["four"]:
+            assert out == "one two three " and r["finish_reason"] == "stop"
+        else:
+            assert out == text and r["finish_reason"] == "stop" and r["completion_tokens"] == len(data) + 1
+    r = {}
+    assert "".join(engine.stream(prompt, max_tokens=5, temperature=0, stop=["e t"], result=r)) == "on"
+    assert r["finish_reason"] == "stop"  # the stop string completed exactly at the last allowed token
+    r = {}
+    assert "".join(engine.stream(prompt, max_tokens=4, temperature=0, stop=["e t"], result=r)) == "one "
+    assert r["finish_reason"] == "length"  # "e " could still have been a stop string, but the budget ended
+    with pytest.raises(ChibiError, match="stop"):
+        list(engine.stream(prompt, stop=[""]))
+
+
 # -- bench infer ----------------------------------------------------------------------------------
 
 
@@ -347,6 +399,12 @@ def test_bench_infer_measures_a_tiny_model():
     # exact bytes: fp32 weights; state for batch 2 of 13 tokens. iberis at depth 3 = "SAA":
     # 2 attention layers x (k, v) x 2 rows x 1 head x 13 x 64, plus 1 conv history of 2 rows x (k-1=2) x 64
     assert r["weights_mib"] * 2**20 == r["params"] * 4
+    # decode copies: fused QKV (2 layers x 3 x 64 x 64), SLC2 input (64 + 64 + 1 + 64 rows x 64) and
+    # conv taps (3 x 64), fp32; transposed wide weights (fp32 CPU): MLP up (3 x 256 x 64), head (300 x 64)
+    fused = 2 * 3 * 64 * 64 + (64 + 64 + 1 + 64) * 64 + 3 * 64
+    # and, for batched rows, a oneDNN-packed copy of every projection (params minus embedding and taps)
+    packed = r["params"] - 300 * 64 - 3 * 64
+    assert r["decoder_copies_mib"] * 2**20 == 4 * (fused + 3 * 256 * 64 + 300 * 64 + packed)
     assert r["state_mib"] * 2**20 == 4 * (2 * 2 * 2 * 1 * 13 * 64 + 1 * 2 * 2 * 64)
     table = format_table([r], [1, 2])
     assert "greedy tok/s b2" in table and "sampled tok/s b1" in table and "iberis" in table

@@ -115,6 +115,69 @@ def test_openai_client_non_stream_and_stream(served):
     assert chunks[-1].usage.completion_tokens >= 1 and text
 
 
+def _sse_deltas(url, body):
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_n_choices_from_one_request(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "tell me"}]
+    one = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=12, temperature=0)
+    three = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=12, temperature=0, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    # greedy: every choice is the n=1 reply; usage counts the tokens of all three
+    assert all(c.message.content == one.choices[0].message.content for c in three.choices)
+    assert all(c.finish_reason == one.choices[0].finish_reason for c in three.choices)
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    # sampled: independent choices, reproducible per seed, and streaming carries each choice's index
+    body = {"model": served.model, "messages": msgs, "max_tokens": 16, "temperature": 1.0, "seed": 3, "n": 4}
+    full = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60).json()
+    texts = [c["message"]["content"] for c in full["choices"]]
+    assert len(set(texts)) > 1
+    deltas = _sse_deltas(served.url, {**body, "stream_options": {"include_usage": True}})
+    streamed, finish = [""] * 4, [None] * 4
+    for d in deltas:
+        for c in d["choices"]:
+            streamed[c["index"]] += c["delta"].get("content") or ""
+            finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
+    assert streamed == texts and finish == [c["finish_reason"] for c in full["choices"]]
+    assert deltas[-1]["usage"]["completion_tokens"] == full["usage"]["completion_tokens"]
+
+
+def test_stop_strings_end_choices_before_the_stop_text(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "go on"}]
+    base = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0)
+    text = base.choices[0].message.content
+    assert len(text) >= 8, text  # the fixture's model writes lowercase replies of several characters
+    stop = text[3:6]  # three characters = three byte-level tokens: the stop string spans token boundaries
+    cut = text[: text.find(stop)]
+    r = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0,
+                                       stop=[stop, "\u0000never"])  # fmt: skip
+    assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < base.usage.completion_tokens  # generation really ended early
+    stream = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0,
+                                            stop=stop, stream=True, n=2)  # fmt: skip
+    streamed, finish = ["", ""], [None, None]
+    for chunk in stream:
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert streamed == [cut, cut] and finish == ["stop", "stop"]
+    # a stop string that never appears changes nothing
+    same = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0,
+                                          stop="\u0000")  # fmt: skip
+    assert same.choices[0].message.content == text and same.choices[0].finish_reason == base.choices[0].finish_reason
+
+
 def test_stream_equals_non_stream_with_same_seed(served):
     body = {"model": served.model, "messages": [{"role": "user", "content": "abc"}], "max_tokens": 12, "seed": 5}
     full = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60).json()
@@ -152,7 +215,15 @@ def test_stream_equals_non_stream_with_same_seed(served):
         ({"model": "M", "messages": [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
                                      {"role": "user", "content": "c"}]}, 400, "context_length_exceeded"),
         ({"model": "M", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_messages"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": "2"}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
+         "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": "x" * 65}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", 1]}, 422, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 422, "invalid_type"),
     ],
 )
@@ -317,8 +388,8 @@ class SlowEngine:
         self.inner, self.delay = engine, delay_s
         self.tokenizer, self.seq_len = engine.tokenizer, engine.seq_len
 
-    def stream(self, *args, **kwargs):
-        for piece in self.inner.stream(*args, **kwargs):
+    def stream_choices(self, *args, **kwargs):
+        for piece in self.inner.stream_choices(*args, **kwargs):
             time.sleep(self.delay)
             yield piece
 

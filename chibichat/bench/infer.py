@@ -3,12 +3,14 @@
 For each layout (dense, iberis) x dtype (fp32, bf16), in a fresh process (so peak memory is that
 configuration's own):
   - TTFT: generate(max_tokens=1) on one prompt of --prompt tokens (prefill + first sample);
-  - prefill tok/s: the batch-1 prompt forward alone;
+  - prefill tok/s: the batch-1 prompt forward alone, as the engine runs it (its decode path, logits of
+    the last position only);
   - decode tok/s at each batch size: (generate(max_tokens=1+N) - generate(max_tokens=1)) / (B*N),
     i.e. the per-step cost of decoding including sampling and the engine's bookkeeping;
-  - memory: weights + inference state (exact tensor bytes) and the process's peak RSS (CPU) or
-    peak allocated CUDA memory;
-  - aten ops/step: operations one batch-1 decode step dispatches (machine-independent overhead).
+  - memory: weights + inference state (exact tensor bytes), the weight copies the decode path keeps
+    (fused / transposed layouts), and the process's peak RSS (CPU) or peak allocated CUDA memory;
+  - aten ops/step: operations one batch-1 decode step of the engine's decode path dispatches
+    (machine-independent overhead).
 Decode is measured greedy ("greedy") and sampled at temperature 0.8, top-k 50 ("sampled", what chat
 uses). The benchmark's tokenizer stand-in gives the special tokens ids outside the vocabulary, so no
 row ever samples a stop token and every run decodes exactly N tokens.
@@ -110,8 +112,11 @@ def measure(cfg: dict) -> dict:
     gen(one, 2)  # warm-up (allocator, kernels)
     ids = torch.tensor(one, device=rt.device)
 
+    decoder = engine.decoder()
+
     def prefill():
-        model.forward_step(ids, model.new_state(1, cfg["prompt"]))
+        with torch.inference_mode():
+            decoder.forward(ids, decoder.new_state(1, cfg["prompt"]), last_only=True)
 
     res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device)}
     res["prefill_tok_s"] = cfg["prompt"] / best(prefill)
@@ -124,11 +129,12 @@ def measure(cfg: dict) -> dict:
             t1 = best(lambda: gen(prompts, 1, temperature))
             tn = best(lambda: gen(prompts, 1 + n, temperature))
             res[f"{name}_tok_s_b{B}"] = B * n / max(tn - t1, 1e-9)
-    res["ops_per_step"] = _count_ops(model, engine, cfg["prompt"])
+    res["ops_per_step"] = _count_ops(decoder, engine, cfg["prompt"])
     state = model.new_state(max(cfg["batches"]), gcfg.seq_len)
     state_bytes = sum(t.numel() * t.element_size() for layer in state.layers for t in layer)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     res["weights_mib"] = weight_bytes / 2**20
+    res["decoder_copies_mib"] = decoder.extra_bytes(model) / 2**20 if hasattr(decoder, "extra_bytes") else 0.0
     res["state_mib"] = state_bytes / 2**20
     if rt.device.type == "cuda":
         res["peak_mib"] = torch.cuda.max_memory_allocated(rt.device) / 2**20
@@ -142,8 +148,8 @@ def measure(cfg: dict) -> dict:
     return res
 
 
-def _count_ops(model, engine, prompt_len: int) -> int:
-    """aten operations dispatched by one batch-1 decode step (model step + greedy pick): a
+def _count_ops(decoder, engine, prompt_len: int) -> int:
+    """aten operations dispatched by one batch-1 decode step (decode step + greedy pick): a
     machine-independent measure of the per-step overhead that bounds small-model decoding."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -159,10 +165,10 @@ def _count_ops(model, engine, prompt_len: int) -> int:
 
     dev = engine.rt.device
     with torch.inference_mode():
-        state = model.new_state(1, prompt_len + 1)
-        model.forward_step(torch.zeros(1, prompt_len, dtype=torch.long, device=dev), state)
+        state = decoder.new_state(1, prompt_len + 1)
+        decoder.forward(torch.zeros(1, prompt_len, dtype=torch.long, device=dev), state)
         with Count() as count:
-            logits = model.forward_step(torch.zeros(1, 1, dtype=torch.long, device=dev), state)
+            logits = decoder.forward(torch.zeros(1, 1, dtype=torch.long, device=dev), state, check_ids=False)
             sample_next(logits[:, -1], SamplingParams(0.0), None).tolist()
     return count.n
 
@@ -222,13 +228,13 @@ def run(args) -> int:
 def format_table(results: list[dict], batches: list[int]) -> str:
     head = ["layout", "dtype", "TTFT ms", "prefill tok/s"] + [f"greedy tok/s b{b}" for b in batches]
     head += [f"sampled tok/s b{b}" for b in batches]
-    head += ["aten ops/step", "weights+state MiB", "peak MiB"]
+    head += ["aten ops/step", "weights+state MiB", "decode copies MiB", "peak MiB"]
     rows = []
     for r in results:
         rows.append([r["layout"], r["dtype"], f"{r['ttft_ms']:.1f}", f"{r['prefill_tok_s']:,.0f}"]
                     + [f"{r[f'decode_tok_s_b{b}']:,.0f}" for b in batches]
                     + [f"{r[f'sampled_tok_s_b{b}']:,.0f}" for b in batches]
-                    + [str(r["ops_per_step"]), f"{r['weights_mib'] + r['state_mib']:.1f}",
+                    + [str(r["ops_per_step"]), f"{r['weights_mib'] + r['state_mib']:.1f}", f"{r['decoder_copies_mib']:.1f}",
                        f"{r['peak_mib']:.0f} ({r['peak_kind']})"])  # fmt: skip
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

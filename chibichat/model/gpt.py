@@ -417,24 +417,26 @@ class InferenceState:
     """Per-row decoding state: `pos` (B,) tokens consumed per row, and per layer a tuple of tensors
     with the batch in dim 0: (k_cache, v_cache) each (B, n_kv_head, max_len, head_dim) for attention,
     (history,) of shape (B, k-1, E) (the last k-1 conv inputs) for SLC2. All in the compute dtype.
+    `lengths` mirrors `pos` as a host list, so decoders know every row's length without a device sync.
 
     `forward_step` mutates a state in place; `clone`, `expand`, `select` and `stack` return new ones.
     """
 
-    def __init__(self, pos, max_len: int, layers: list):
+    def __init__(self, pos, max_len: int, layers: list, lengths: list[int] | None = None):
         self.pos = pos
         self.max_len = max_len
         self.layers = layers
+        self.lengths = pos.tolist() if lengths is None else list(lengths)
 
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]
 
-    def _map(self, fn) -> "InferenceState":
-        return InferenceState(fn(self.pos), self.max_len, [tuple(fn(t) for t in layer) for layer in self.layers])
+    def _map(self, fn, lengths) -> "InferenceState":
+        return InferenceState(fn(self.pos), self.max_len, [tuple(fn(t) for t in layer) for layer in self.layers], lengths)
 
     def clone(self) -> "InferenceState":
-        return self._map(lambda t: t.clone())
+        return self._map(lambda t: t.clone(), self.lengths)
 
     def expand(self, n: int) -> "InferenceState":
         """Batch-1 state (e.g. after a prefill) -> n independent rows (e.g. n samples)."""
@@ -442,14 +444,16 @@ class InferenceState:
             raise ChibiError(f"expand needs a batch-1 state, this one has {self.batch_size} rows; use select/stack")
         if n < 1:
             raise ChibiError(f"expand(n) needs n >= 1, got {n}")
-        return self._map(lambda t: t.expand(n, *t.shape[1:]).clone())
+        return self._map(lambda t: t.expand(n, *t.shape[1:]).clone(), self.lengths * n)
 
     def select(self, rows) -> "InferenceState":
         """Keep the given rows (list of ints or LongTensor), in that order."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device).reshape(-1)
-        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.batch_size:
-            raise ChibiError(f"select rows {idx.tolist()} out of range for a state of {self.batch_size} rows")
-        return self._map(lambda t: t.index_select(0, idx))
+        keep = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        keep = [int(r) for r in (keep if isinstance(keep, list) else [keep])]
+        if not keep or min(keep) < 0 or max(keep) >= self.batch_size:
+            raise ChibiError(f"select rows {keep} out of range for a state of {self.batch_size} rows")
+        idx = torch.tensor(keep, dtype=torch.long, device=self.pos.device)
+        return self._map(lambda t: t.index_select(0, idx), [self.lengths[r] for r in keep])
 
     @staticmethod
     def stack(states: list["InferenceState"]) -> "InferenceState":
@@ -464,7 +468,8 @@ class InferenceState:
                     "create them all with the same model.new_state(..., max_len)"
                 )
         layers = [tuple(torch.cat(ts, dim=0) for ts in zip(*group)) for group in zip(*(s.layers for s in states))]
-        return InferenceState(torch.cat([s.pos for s in states]), first.max_len, layers)
+        lengths = [n for s in states for n in s.lengths]
+        return InferenceState(torch.cat([s.pos for s in states]), first.max_len, layers, lengths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,7 +635,7 @@ class GPT(nn.Module):
                 layers.append((torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev)))
             else:
                 layers.append((torch.zeros(batch_size, cfg.conv_kernel - 1, cfg.n_embd, dtype=dt, device=dev),))
-        return InferenceState(torch.zeros(batch_size, dtype=torch.long, device=dev), max_len, layers)
+        return InferenceState(torch.zeros(batch_size, dtype=torch.long, device=dev), max_len, layers, [0] * batch_size)
 
     @torch.no_grad()
     def forward_step(self, idx, state: InferenceState):
@@ -667,4 +672,5 @@ class GPT(nn.Module):
         h = norm(x).to(dtype)
         logits = cfg.softcap * torch.tanh(F.linear(h, self.lm_head.to(dtype)).float() / cfg.softcap)
         state.pos = pos + t
+        state.lengths = [n + t for n in state.lengths]
         return logits

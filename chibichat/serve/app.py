@@ -109,22 +109,28 @@ def create_app(pool: WorkerPool, model_id: str, limits: "Limits | None" = None, 
         except ApiError as e:
             return error(e)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
-        gen = GenerationRequest(prompt, max_tokens, req.temperature, req.top_k, req.top_p, seed, tools)
+        gen = GenerationRequest(prompt, max_tokens, req.temperature, req.top_k, req.top_p, seed, tools, req.n, req.stop)
         result: dict = {}
         cid, now = new_id(), int(time.time())
         extra = {"dropped_messages": dropped} if dropped else None
 
-        def usage():
+        def usage():  # completion tokens of all n choices, as OpenAI counts them
             n = result.get("completion_tokens", 0)
             return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
 
+        def finish(i):
+            choices = result.get("choices") or []
+            return choices[i]["finish_reason"] if i < len(choices) else "stop"
+
         pieces = pool.generate(gen, result)
         if not req.stream:
+            texts = [""] * req.n
             try:
-                text = "".join([p async for p in pieces])
+                async for i, piece in pieces:
+                    texts[i] += piece
             except PoolBusy as e:
                 return error(ApiError(503, f"server busy: {e}; retry later", None, "server_busy", "server_error"))
-            return completion_body(cid, model_id, text, result["finish_reason"], usage(), extra)
+            return completion_body(cid, model_id, [(texts[i], finish(i)) for i in range(req.n)], usage(), extra)
 
         # Wait for a worker before answering 200, so that "busy" can still be a proper error status.
         try:
@@ -135,17 +141,20 @@ def create_app(pool: WorkerPool, model_id: str, limits: "Limits | None" = None, 
         async def events():
             head = {"role": "assistant", "content": ""}
             yield sse({**chunk_body(cid, now, model_id, head), **({"chibichat": extra} if extra else {})})
+            for i in range(1, req.n):
+                yield sse(chunk_body(cid, now, model_id, head, index=i))
             try:
                 if first is not None:
-                    yield sse(chunk_body(cid, now, model_id, {"content": first}))
-                async for piece in pieces:
-                    yield sse(chunk_body(cid, now, model_id, {"content": piece}))
+                    yield sse(chunk_body(cid, now, model_id, {"content": first[1]}, index=first[0]))
+                async for i, piece in pieces:
+                    yield sse(chunk_body(cid, now, model_id, {"content": piece}, index=i))
             except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
                 yield sse({"error": {"message": f"generation failed: {e}", "type": "server_error"}})
                 return
             finally:  # also on client disconnect: stops the generation thread
                 await pieces.aclose()
-            yield sse(chunk_body(cid, now, model_id, {}, result.get("finish_reason", "stop")))
+            for i in range(req.n):
+                yield sse(chunk_body(cid, now, model_id, {}, finish(i), index=i))
             if req.include_usage:
                 yield sse(chunk_body(cid, now, model_id, {}, usage=usage(), choices=False))
             yield sse("[DONE]")

@@ -29,6 +29,8 @@ class GenerationRequest:
     top_p: float | None
     seed: int
     tools: str | None
+    n: int = 1  # choices, decoded together from one prefill
+    stop: tuple[str, ...] = ()  # strings that end a choice (not included in its text)
 
 
 class WorkerPool:
@@ -55,8 +57,9 @@ class WorkerPool:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def generate(self, req: GenerationRequest, result: dict) -> AsyncIterator[str]:
-        """Text pieces of one completion; `result` gets finish_reason/completion_tokens at the end."""
+    async def generate(self, req: GenerationRequest, result: dict) -> AsyncIterator[tuple[int, str]]:
+        """(choice index, text piece) of one completion's req.n choices; `result` gets the engine's
+        per-choice "choices" (finish_reason, completion_tokens) and the total "completion_tokens"."""
         free = self._queue()
         if free.empty() and self.waiting >= self.max_queue:
             raise PoolBusy(f"{self.waiting} requests are already waiting for a model worker")
@@ -71,9 +74,10 @@ class WorkerPool:
 
         def work():
             try:
-                for piece in engine.stream(req.prompt, max_tokens=req.max_tokens, temperature=req.temperature,
-                                           top_k=req.top_k, top_p=req.top_p, seed=req.seed, tools=req.tools,
-                                           result=result):  # fmt: skip
+                for piece in engine.stream_choices(req.prompt, req.n, max_tokens=req.max_tokens,
+                                                   temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                                   seed=req.seed, tools=req.tools, result=result,
+                                                   stop=list(req.stop)):  # fmt: skip
                     if cancel.is_set():
                         result["finish_reason"] = "cancelled"
                         break

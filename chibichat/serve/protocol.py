@@ -22,6 +22,9 @@ class Limits:
     max_temperature: float = 2.0
     max_top_k: int = 200
     default_max_tokens: int = 512  # reply budget when the client gives none (capped by the context)
+    max_n: int = 8  # choices per request (all decoded together in one batch)
+    max_stop: int = 4  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 64  # characters per stop string
 
 
 class ApiError(Exception):
@@ -45,6 +48,8 @@ class ChatRequest:
     top_p: float | None
     seed: int | None
     truncate_history: bool  # chibichat extension: drop oldest turns instead of failing on overflow
+    n: int = 1  # choices, sampled from one prefill
+    stop: tuple[str, ...] = ()  # generation ends before any of these strings
 
 
 def _number(body, name, lo, hi, default, integer=False):
@@ -106,11 +111,8 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
     if total > limits.max_total_chars:
         raise ApiError(400, f"messages hold {total} characters, more than {limits.max_total_chars}", "messages",
                        "conversation_too_long")  # fmt: skip
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n", "unsupported")
-    if body.get("stop") not in (None, [], ""):
-        raise ApiError(400, "stop sequences are not supported; the model stops at its end-of-turn token", "stop",
-                       "unsupported")  # fmt: skip
+    n = _number(body, "n", 1, limits.max_n, 1, integer=True)
+    stop = _stop(body.get("stop"), limits)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(422, "'stream' must be a boolean", "stream", "invalid_type")
@@ -137,21 +139,41 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
         top_p=None if top_p >= 1 else float(top_p),
         seed=_number(body, "seed", -(2**63), 2**63 - 1, None, integer=True),
         truncate_history=truncate,
+        n=n,
+        stop=stop,
     )
+
+
+def _stop(value, limits: Limits) -> tuple[str, ...]:
+    """OpenAI `stop`: null, a string, or a list of up to max_stop strings."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ApiError(422, "'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(items) > limits.max_stop:
+        raise ApiError(400, f"'stop' holds {len(items)} strings, at most {limits.max_stop} are allowed", "stop",
+                       "out_of_range")  # fmt: skip
+    for x in items:
+        if not x or len(x) > limits.max_stop_chars:
+            raise ApiError(400, f"stop strings must have 1 to {limits.max_stop_chars} characters, got {x!r}", "stop",
+                           "out_of_range")  # fmt: skip
+    return tuple(dict.fromkeys(items))  # duplicates change nothing
 
 
 def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_body(cid, model, text, finish_reason, usage, extra=None) -> dict:
+def completion_body(cid, model, choices: list[tuple[str, str]], usage, extra=None) -> dict:
+    """choices: (text, finish_reason) per choice, in index order."""
     body = {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                     "logprobs": None}],  # fmt: skip
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                     "logprobs": None} for i, (text, finish_reason) in enumerate(choices)],  # fmt: skip
         "usage": usage,
     }
     if extra:
@@ -159,9 +181,9 @@ def completion_body(cid, model, text, finish_reason, usage, extra=None) -> dict:
     return body
 
 
-def chunk_body(cid, created, model, delta: dict, finish_reason=None, usage=None, choices=True) -> dict:
+def chunk_body(cid, created, model, delta: dict, finish_reason=None, usage=None, choices=True, index=0) -> dict:
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if choices else []}  # fmt: skip
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if choices else []}  # fmt: skip
     if usage is not None:
         body["usage"] = usage
     return body
