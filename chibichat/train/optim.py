@@ -46,7 +46,8 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     smaller one. Returns a tensor of g's dtype.
     """
     a, b, c = NS_COEFFS
-    x = g.to(dtype)
+    shape = g.shape
+    x = g.to(dtype).reshape(-1, *shape[-2:])  # always a (batch, rows, cols) stack: baddbmm below wants 3-D
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
@@ -54,10 +55,13 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         gram = x @ x.mT
-        poly = b * gram + c * (gram @ gram)
-        x = a * x + poly @ x
+        # baddbmm folds the scalar multiply-adds into the matmuls: b*G + c*G@G and a*X + P@X without
+        # separate elementwise passes (4 fewer passes over each stack per iteration).
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
     if transposed:
         x = x.mT
+    x = x.reshape(shape)
     return x.to(g.dtype)
 
 
