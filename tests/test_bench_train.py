@@ -34,6 +34,7 @@ def test_cartesian_configs_and_grad_accum():
     (["--layers", "ASA"], "layer layout"),
     (["--layers", ","], "empty"),
     (["--steps", "0"], "--steps"),
+    (["--window", "abc"], "expected 0, N or N:PATTERN"),
 ])
 def test_bad_flags_raise(extra, match):
     with pytest.raises(ChibiError, match=match):

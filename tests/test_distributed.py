@@ -128,6 +128,67 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after kill+resume"
 
 
+def _muon_shard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of test_sharded_muon_step_equals_one_rank (torch.multiprocessing target)."""
+    import torch
+    import torch.distributed as dist
+
+    import chibichat.train.optim as optim
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+    real = optim.orthogonalize
+
+    def counting(g, *a, **kw):
+        calls.append(g.shape[0])
+        return real(g, *a, **kw)
+
+    optim.orthogonalize = counting
+    try:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(16, 24)] * 5 + [(24, 16)] * 2 + [(8, 8)]
+        mats = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+        other = torch.nn.Parameter(torch.randn(7, generator=g))
+        opt = optim.MuonAdamW([dict(params=mats, kind="muon", lr=0.02), dict(params=[other], kind="adamw")],
+                              grad_reduce="mean")
+        for step in range(3):
+            # Same gradients on every rank: with a mean reduction the reduced gradient is that one, so
+            # any difference from the 1-rank run comes from the sharded Newton-Schulz and the gather.
+            gs = torch.Generator().manual_seed(100 + step)
+            for p in mats + [other]:
+                p.grad = torch.randn(p.shape, generator=gs)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.save({"params": [p.detach() for p in mats + [other]], "calls": calls},
+                   f"{out_dir}/rank{rank}_of{world}.pt")
+    finally:
+        optim.orthogonalize = real
+        if world > 1:
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_muon_step_equals_one_rank(tmp_path):
+    """2 gloo ranks split the Newton-Schulz work (each orthogonalises ceil(k/2) of every stack of k
+    same-shaped matrices) and end with the same parameters as one rank doing all of it."""
+    import torch
+    import torch.multiprocessing as mp
+
+    _muon_shard_worker(0, 1, "", str(tmp_path))
+    mp.spawn(_muon_shard_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    one = torch.load(tmp_path / "rank0_of1.pt")
+    r0, r1 = torch.load(tmp_path / "rank0_of2.pt"), torch.load(tmp_path / "rank1_of2.pt")
+    # Stacks per step: 5 x (16, 24), 2 x (24, 16), 1 x (8, 8) -> one rank runs batches of 5, 2, 1;
+    # each of two ranks runs 3, 1, 1 (padded), never the whole stack.
+    assert one["calls"] == [5, 2, 1] * 3
+    assert r0["calls"] == r1["calls"] == [3, 1, 1] * 3
+    for a, b, c in zip(one["params"], r0["params"], r1["params"]):
+        assert torch.equal(b, c), "ranks diverged"
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
 if __name__ == "__main__":
     tag, steps, accum, save_every, resume, sleep = sys.argv[1:7]
     worker(tag, int(steps), int(accum), int(save_every), bool(int(resume)), float(sleep))

@@ -359,3 +359,44 @@ def test_rmsnorm_matches_reference_and_gradcheck():
     xb = x.detach().to(torch.bfloat16)
     assert gpt_mod.norm(xb).dtype == torch.bfloat16
     assert torch.allclose(gpt_mod.norm(xb).double(), gpt_mod.norm(xb.double()), atol=1e-2)
+
+
+@pytest.mark.parametrize("layers", ["dense", "SA"])
+def test_bf16_training_tracks_fp32(layers):
+    """The same model, data and optimizer trained in bf16 and in fp32 compute follow the same loss
+    curve: the per-step gap stays far below the ~2.5 nats the loss falls (a Markov chain with 4
+    successors per token, from ln 256 towards ln 4), and the final losses agree closely.
+    Newton-Schulz runs in bf16 in both runs (the optimizer's default), so only the compute dtype differs."""
+    from chibichat.bench.train import markov_batches
+    from chibichat.train.optim import build_optimizer
+
+    data = markov_batches(40, 8, 32, 256, seed=0)
+
+    def curve(dtype):
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, layers=layers)
+        model = GPT(cfg)
+        model.compute_dtype = dtype
+        s = (64 / 768) ** -0.5
+        opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s,
+                              unembedding_lr=0.004 * s, other_lr=0.02 * s)
+        out = []
+        for x, y in data:
+            loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster on a shared 2-core machine
+    try:
+        f32, bf16 = curve(torch.float32), curve(torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    assert f32[0] == pytest.approx(math.log(256), abs=0.01) and bf16[0] == pytest.approx(math.log(256), abs=0.01)
+    assert f32[-5:].mean() < f32[0] - 1.5, f32  # it learns
+    gap = (bf16 - f32).abs()
+    assert gap.max() < 0.02, gap  # measured: 0.003 (dense), 0.002 (SA)
+    assert (bf16[-5:].mean() - f32[-5:].mean()).abs() < 0.01, (bf16[-5:], f32[-5:])

@@ -155,6 +155,58 @@ def test_eval_refuses_a_checkpoint_of_another_tokenizer(tok_home, tmp_path, caps
     assert main(["pretrain", "--home", str(home), *TINY, "--num-steps", "4", "--resume"]) == 2
 
 
+def test_window_schedule():
+    from chibichat.train.scaling import window_schedule
+
+    assert window_schedule("0", "AAAA", 64) == [0, 0, 0, 0]
+    assert window_schedule(None, "AAAA", 64) == [0, 0, 0, 0]
+    assert window_schedule("16", "AAAA", 64) == [16, 16, 16, 0]  # the last layer stays global
+    assert window_schedule("16:SL", "AAAAA", 64) == [16, 0, 16, 0, 0]
+    assert window_schedule("8:ssl", "ASSAAA", 64) == [8, 0, 0, 8, 0, 0]  # tiled over attention layers only
+    for spec, match in [("64", r"\[1, seq_len=64\)"), ("-3", "seq_len"), ("x", "expected 0, N or N:PATTERN"),
+                        ("8:SXL", "only use S"), ("8:L", "windows no layer")]:
+        with pytest.raises(ChibiError, match=match):
+            window_schedule(spec, "AAAA", 64)
+    with pytest.raises(ChibiError, match="windows no layer"):
+        window_schedule("8", "SSSA", 64)  # only the (always full) last layer has attention
+
+
+def test_window_is_honoured_by_attention():
+    """A windowed layer's output at position t depends on inputs t-w+1 .. t only."""
+    import torch
+
+    from chibichat.model.gpt import GPTConfig, rope_table
+    from chibichat.model.gpt import Attention
+
+    cfg = GPTConfig(vocab_size=16, seq_len=32, n_layer=1, n_embd=32, n_head=2, n_kv_head=2)
+    torch.manual_seed(0)
+    att = Attention(cfg, window=5)
+    att.reset_parameters()
+    torch.nn.init.normal_(att.w_o, std=0.2)  # w_o starts at zero: give the output something to show
+    cos, sin = rope_table(32, cfg.head_dim, cfg.rope_base)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    u = torch.randn(1, 32, 32)
+    u2 = u.clone()
+    u2[0, 10] += 1.0  # change one input position
+    y, y2 = att(u, cos, sin, torch.float32), att(u2, cos, sin, torch.float32)
+    changed = (y - y2).abs().amax(dim=-1)[0] > 1e-6
+    assert changed.nonzero().flatten().tolist() == [10, 11, 12, 13, 14]
+
+
+def test_pretrain_with_window_trains_and_saves_it(tok_home):
+    tag = "t-window"
+    assert main(["pretrain", "--home", str(tok_home), *TINY, "--depth", "3", "--window", "16", "--num-steps", "12",
+                 "--eval-every", "0", "--sample-every", "0", "--tag", tag, "--overwrite"]) == 0
+    run_dir = tok_home / "checkpoints" / "base" / tag
+    meta = json.loads((run_dir / "step_000012" / "meta.json").read_text())
+    assert meta["model_config"]["windows"] == [16, 16, 0] and meta["flags"]["window"] == "16"
+    losses = [r["loss"] for r in _records(run_dir / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses
+    # A resume with another window is refused: the saved model config names the difference.
+    assert main(["pretrain", "--home", str(tok_home), *TINY, "--depth", "3", "--window", "8", "--num-steps", "14",
+                 "--tag", tag, "--resume"]) == 2
+
+
 @pytest.mark.slow
 def test_pretrain_sigkill_and_resume_is_exact(tok_home, tmp_path):
     from safetensors.torch import load_file

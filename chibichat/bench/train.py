@@ -53,6 +53,7 @@ class TrainBenchConfig:
     warmup: int
     total_batch: int
     threads: int
+    window: str = "0"
     seed: int = 0
 
     @property
@@ -71,6 +72,8 @@ def add_args(p) -> None:
     p.add_argument("--total-batch", type=int, default=2048,
                    help="tokens per optimizer step; a multiple of batch * seq-len (gradient accumulation)")
     p.add_argument("--layers", default="dense", help="comma list of layouts: dense, iberis or strings like ASSA")
+    p.add_argument("--window", default="0", metavar="N[:PATTERN]",
+                   help="sliding-window attention, as `pretrain --window` (0 = full causal everywhere)")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma list of compute dtypes: float32, bfloat16")
     p.add_argument("--compile", default="off", help="comma list of off, on (torch.compile of the model)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
@@ -94,6 +97,7 @@ def _split(value: str, allowed, flag: str) -> list[str]:
 def configs_from_args(args) -> list[TrainBenchConfig]:
     """The cartesian product of the list flags, validated before any process is started."""
     from chibichat.model.gpt import layer_pattern
+    from chibichat.train.scaling import window_schedule
 
     for name in ("depth", "width", "heads", "seq_len", "vocab", "batch", "total_batch", "steps"):
         if getattr(args, name) < 1:
@@ -108,7 +112,7 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
         )
     layouts = _split(args.layers, None, "--layers")
     for lay in layouts:
-        layer_pattern(lay, args.depth)  # raises ChibiError naming the problem
+        window_schedule(args.window, layer_pattern(lay, args.depth), args.seq_len)  # raise ChibiError naming the problem
     dtypes = _split(args.dtype, DTYPES, "--dtype")
     compiles = _split(args.compile, tuple(COMPILE), "--compile")
     return [
@@ -116,6 +120,7 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
             depth=args.depth, width=args.width, heads=args.heads, kv_heads=args.kv_heads or args.heads,
             seq_len=args.seq_len, vocab=args.vocab, batch=args.batch, layers=lay, dtype=dt, compile=COMPILE[c],
             steps=args.steps, warmup=args.warmup, total_batch=args.total_batch, threads=args.threads,
+            window=args.window,
         )
         for lay, dt, c in itertools.product(layouts, dtypes, compiles)
     ]
@@ -180,8 +185,9 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
 
     import torch
 
-    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
     from chibichat.train.optim import build_optimizer
+    from chibichat.train.scaling import window_schedule
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -191,7 +197,8 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     torch.manual_seed(cfg.seed)
     with dev:
         model = GPT(GPTConfig(vocab_size=cfg.vocab, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.width,
-                              n_head=cfg.heads, n_kv_head=cfg.kv_heads, layers=cfg.layers))
+                              n_head=cfg.heads, n_kv_head=cfg.kv_heads, layers=cfg.layers,
+                              windows=window_schedule(cfg.window, layer_pattern(cfg.layers, cfg.depth), cfg.seq_len)))
     model.compute_dtype = dtype
     # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
@@ -313,7 +320,7 @@ def run(args) -> int:
     print(
         f"bench train: depth {c0.depth}, width {c0.width}, heads {c0.heads}/{c0.kv_heads} kv, seq {c0.seq_len}, "
         f"vocab {c0.vocab}, batch {c0.batch} x {c0.grad_accum} micro-steps = {c0.total_batch} tokens/step, "
-        f"{c0.warmup} warmup + {c0.steps} timed steps (median), device {args.device}",
+        f"{c0.warmup} warmup + {c0.steps} timed steps (median), window {c0.window}, device {args.device}",
         flush=True,
     )
     results = []

@@ -83,11 +83,11 @@ def run(args) -> int:
     from chibichat.data.corpora import get_corpus
     from chibichat.data.loader import PretrainLoader
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
-    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import LoopConfig, train
     from chibichat.train.optim import build_optimizer
-    from chibichat.train.scaling import derive_plan, derive_shape, overrides_from_args
+    from chibichat.train.scaling import derive_plan, derive_shape, overrides_from_args, window_schedule
 
     for name in ("save_every", "keep_last", "eval_every", "sample_every", "warmup_steps", "momentum_warmup_steps"):
         if getattr(args, name) < 0:
@@ -111,8 +111,10 @@ def run(args) -> int:
                              "use --dtype bfloat16 (GPUs from Ampere on) or float32")
         overrides = overrides_from_args(args)
         plan = derive_shape(args.depth, overrides)
+        layers = layer_pattern(args.layers, args.depth)
         cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=plan.seq_len, n_layer=args.depth, n_embd=plan.width,
-                        n_head=plan.heads, n_kv_head=plan.kv_heads, layers=args.layers)
+                        n_head=plan.heads, n_kv_head=plan.kv_heads, layers=layers,
+                        windows=window_schedule(args.window, layers, plan.seq_len))
         torch.manual_seed(args.seed)
         model = GPT(cfg)  # built on CPU so the init is the same on every device, then moved
         groups = model.param_groups()
@@ -127,6 +129,7 @@ def run(args) -> int:
             (tag_dir / "summary.json").unlink(missing_ok=True)
         print0(rt, plan.describe())
         print0(rt, f"model: {cfg.layers} ({cfg.layers.count('A')} attention, {cfg.layers.count('S')} SLC2), "
+                   f"{'windows ' + str(cfg.windows) + ', ' if any(cfg.windows) else ''}"
                    f"vocab {cfg.vocab_size:,}, {model.num_params():,} params, {model.flops_per_token():.3e} FLOPs/token; "
                    f"device {rt.device}, compute {str(rt.compute_dtype).replace('torch.', '')}, world {rt.world_size}; "
                    f"corpus {corpus.name}; run dir {tag_dir}")

@@ -180,12 +180,56 @@ def derive_plan(p: Plan, o: Overrides, *, vocab_size: int, scaling_params: int, 
     return p
 
 
+WINDOW_HELP = (
+    "sliding-window attention: 0 = full causal attention everywhere; N = a window of N tokens on every "
+    "attention layer but the last, which stays full (local layers + one global layer, nanochat style); "
+    "N:PATTERN = PATTERN of S (window N) and L (full) tiled over the attention layers, the last layer "
+    "still full, e.g. 128:SSSL. SLC2 layers are never windowed. Saved in the checkpoint's model config"
+)
+
+
+def window_schedule(spec, layers: str, seq_len: int) -> list[int]:
+    """Per-layer windows (GPTConfig.windows) from a --window value and the expanded layer string.
+
+    "0" (or None) -> all full. "N" -> N on every attention layer except the last. "N:PATTERN" -> the S/L
+    pattern tiled over the attention layers (k-th attention layer gets PATTERN[k % len]); the final
+    layer is always full, so the last mixer sees the whole context. A spec that windows no layer, or a
+    window that could not bind (N >= seq_len), is an error rather than a silent no-op.
+    """
+    if spec is None or str(spec).strip() == "0":
+        return [0] * len(layers)
+    size_text, _, pattern = str(spec).strip().partition(":")
+    try:
+        size = int(size_text)
+    except ValueError:
+        raise ChibiError(f"--window {spec!r}: expected 0, N or N:PATTERN (e.g. 128 or 128:SSSL)") from None
+    if not 1 <= size < seq_len:
+        raise ChibiError(f"--window {size} must be in [1, seq_len={seq_len}): a window of the whole context is "
+                         f"full attention; use --window 0 for that")
+    pattern = (pattern or "S").upper()
+    if set(pattern) - {"S", "L"}:
+        raise ChibiError(f"--window pattern {pattern!r} may only use S (windowed) and L (full), e.g. {size}:SSSL")
+    windows, k = [], 0
+    for i, kind in enumerate(layers):
+        if kind != "A":
+            windows.append(0)
+            continue
+        short = pattern[k % len(pattern)] == "S" and i != len(layers) - 1
+        windows.append(size if short else 0)
+        k += 1
+    if not any(windows):
+        raise ChibiError(f"--window {spec} windows no layer of {layers!r}: the last layer is always full and "
+                         f"SLC2 layers have no attention; use more attention layers or put S in the pattern")
+    return windows
+
+
 def add_shape_args(parser) -> None:
     g = parser.add_argument_group("model shape (derived from --depth unless given)")
     g.add_argument("--width", type=int, default=None, help="model width n_embd (default 64*depth)")
     g.add_argument("--heads", type=int, default=None, help="attention heads (default width/64, or width/128 from width 1024)")
     g.add_argument("--kv-heads", type=int, default=None, help="key/value heads for GQA (default = heads)")
     g.add_argument("--seq-len", type=int, default=None, help="context length in tokens (default min(2048, 256*depth))")
+    g.add_argument("--window", default="0", metavar="N[:PATTERN]", help=WINDOW_HELP)
 
 
 def add_plan_args(parser) -> None:
