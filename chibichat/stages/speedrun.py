@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
         midtrain=["--num-steps", "250", "--eval-every", "125"],
         sft=["--num-steps", "150", "--eval-every", "75"],
         # RL is the most expensive step per update on CPU (sampling); a short run shows the reward curve.
-        rl=["--num-steps", "20"],
+        rl=["--num-steps", "30"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
     ),
     # GPU presets: real online data; stage flags beyond the depth dial keep each stage's defaults.
@@ -144,7 +144,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str) -> lis
     tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
-    rl_task = "arithmetic" if lang == "en" else "arithmetic-ja"
+    # Offline RL trains on the two-step problems: SFT nearly saturates the one-step ones (no room to learn).
+    rl_task = "arithmetic-multi" if lang == "en" else "arithmetic-multi-ja"
     if preset.online and lang == "en":
         rl_task = "gsm8k-train"
     split = ["--split", "ja"] if lang == "ja" else []
