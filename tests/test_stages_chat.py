@@ -479,3 +479,29 @@ def test_eval_base_cli_adds_core_lite(base):
     assert {t["name"] for t in s["core_tasks"]} == {"core-copa", "core-winogrande"}
     assert s["core"] == pytest.approx(sum(t["centered"] for t in s["core_tasks"]) / 2)
     assert len((home.eval_dir("base", "d2") / "core.jsonl").read_text().splitlines()) == 10
+
+
+def test_eval_base_cli_core_full_uses_the_dclm_bundle(base, tmp_path):
+    """`eval base --core full`: the bundle from a local server, scored with the real model, labelled CORE."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from test_dclm_bundle import _Handler, bundle_zip
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.hits, srv.files = [], {"/b.zip": bundle_zip()}
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    home, _ = base
+    try:
+        run_cli("eval", "base", "--home", home.root, "--from", "base", "--tag", "d2", "--device", "cpu", "--dtype",
+                "float32", "--eval-tokens", 320, "--device-batch", 2, "--sample-tokens", 2, "--core", "full",
+                "--core-bundle-url", f"http://127.0.0.1:{srv.server_port}/b.zip")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
+    assert s["core_label"] == "CORE" and s["core_source"] == "dclm-bundle" and s["core_items_per_task"] == "all"
+    names = ["mc_plain", "mc_colon", "schema_plain", "schema_shots", "lm_plain", "lm_qa"]
+    assert [t["name"] for t in s["core_tasks"]] == names and all(f"core_{n}" in s for n in names)
+    assert s["core"] == pytest.approx(sum(s[f"core_{n}"] for n in names) / 6)
+    assert (home.root / "data" / "core" / "eval_bundle.zip").exists()
