@@ -88,7 +88,9 @@ PRESETS: dict[str, Preset] = {
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
         midtrain=["--num-steps", "250", "--eval-every", "125"],
         sft=["--num-steps", "150", "--eval-every", "75"],
-        # RL is the most expensive step per update on CPU (sampling); a short run shows the reward curve.
+        # RL is the most expensive step per update on CPU (sampling). On arithmetic-multi, which SFT leaves
+        # ~58% solved, 30 steps raised the training reward by fifths 0.53 -> 0.55 -> 0.60 -> 0.67 -> 0.58 and
+        # held-out pass@1 0.58 -> 0.67 (one run, measured on a loaded machine).
         rl=["--num-steps", "30"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
     ),
