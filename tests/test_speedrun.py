@@ -36,6 +36,10 @@ def test_plan_covers_every_stage_in_order(tmp_path):
     assert "embedded-ja" in ja[0].argv and ["--split", "ja"] == ja[0].argv[4:6]
     assert "--layers" in ja[2].argv and "iberis" in ja[2].argv
     assert ja[2].marker.parent.name == "d4-iberis"
+    # offline RL trains on the two-step problems (SFT nearly saturates the one-step ones)
+    for p, want in ((steps, "arithmetic-multi"), (ja, "arithmetic-multi-ja")):
+        rl = next(s.argv for s in p if s.name == "rl")
+        assert rl[rl.index("--task") + 1] == want
 
 
 def test_unknown_force_stage_is_a_clear_error(tmp_path, capsys):

@@ -258,6 +258,19 @@ def test_group_advantages_and_rows_by_hand():
         sample_rows([1] * 8, [2] * 4, [0] * 4, 1.0, 0, width=10)
 
 
+def test_flat_groups_are_dropped_and_reward_windows_by_hand():
+    from chibichat.stages.rl import group_advantages, informative_groups, reward_windows
+
+    adv = group_advantages([[1, 1, 1], [0, 1, 0], [0, 0, 0], [0.5, 0.25, 0.25]])
+    assert informative_groups(adv) == [1, 3]
+    assert informative_groups(group_advantages([[1, 1], [0, 0]])) == [0]  # all flat: one zero-weight group
+    assert reward_windows([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 0.0]) == pytest.approx([0.1, 0.5, 0.9, 1.0, 0.5])
+    assert reward_windows([0.25, 0.75]) == [0.25, 0.75]  # fewer batches than windows: one per batch
+    assert reward_windows([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], windows=3) == pytest.approx([0.5, 2 / 3, 1.0])  # slices 2, 3, 2
+    with pytest.raises(ChibiError, match="no reward"):
+        reward_windows([])
+
+
 def _tiny(vocab, seed=0, seq=SEQ):
     from chibichat.model.gpt import GPT, GPTConfig
 
@@ -340,6 +353,28 @@ def test_rollouts_are_seeded_per_batch_and_resume_exactly(base):
     assert len(a.history) == 2 and 0 <= a.history[0]["reward"] <= 1
 
 
+class _HalfFlatTask(_VowelTask):
+    """Item 0 always earns 1 (a flat group: nothing to learn); the others earn the vowel fraction."""
+
+    def evaluate(self, item, text):
+        return 1.0 if item is self.items[0] else super().evaluate(item, text)
+
+
+def test_rollouts_leave_out_groups_with_equal_rewards(base):
+    from chibichat.engine import Engine
+    from chibichat.stages.rl import RolloutBatches
+
+    _, tok = base
+    eng = Engine(_tiny(tok.vocab_size), tok, cpu_rt())
+    src = RolloutBatches(eng, tok, _HalfFlatTask(2), cpu_rt(), prompts=2, samples=3, max_tokens=6,
+                         temperature=1.0, top_k=None, seed=3)
+    x, y, w = next(src)
+    assert x.shape[0] == 3  # only the second prompt's group of 3 samples is trained on
+    assert src.history[0]["groups_used"] == 0.5
+    # its own mean reward still counts the flat group: (1 + mean vowel share of the other group) / 2
+    assert 0.5 <= src.history[0]["reward"] <= 1.0
+
+
 @pytest.mark.slow
 def test_rl_raises_the_reward_of_a_toy_task(base, tmp_path):
     """The whole RL path (engine rollouts, advantages, loss, shared loop) raises a verifiable reward."""
@@ -370,6 +405,8 @@ def test_rl_stage_end_to_end(base):
     d = home.checkpoints_dir("rl", "rl1")
     s = json.loads((d / "summary.json").read_text())
     assert s["steps"] == 2 and len(s["reward_curve"]) == 2 and s["task"] == "spelling"
+    assert s["reward_windows"] == s["reward_curve"] and s["reward_last"] == s["reward_curve"][-1]
+    assert 0.0 <= s["groups_used"] <= 1.0
     assert set(s["pass_at_k_before"]) == {"pass@1", "pass@2", "n", "skipped_too_long"}
     assert s["pass_at_k_after"]["n"] == 2
     rewards = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
@@ -442,3 +479,29 @@ def test_eval_base_cli_adds_core_lite(base):
     assert {t["name"] for t in s["core_tasks"]} == {"core-copa", "core-winogrande"}
     assert s["core"] == pytest.approx(sum(t["centered"] for t in s["core_tasks"]) / 2)
     assert len((home.eval_dir("base", "d2") / "core.jsonl").read_text().splitlines()) == 10
+
+
+def test_eval_base_cli_core_full_uses_the_dclm_bundle(base, tmp_path):
+    """`eval base --core full`: the bundle from a local server, scored with the real model, labelled CORE."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from test_dclm_bundle import _Handler, bundle_zip
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.hits, srv.files = [], {"/b.zip": bundle_zip()}
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    home, _ = base
+    try:
+        run_cli("eval", "base", "--home", home.root, "--from", "base", "--tag", "d2", "--device", "cpu", "--dtype",
+                "float32", "--eval-tokens", 320, "--device-batch", 2, "--sample-tokens", 2, "--core", "full",
+                "--core-bundle-url", f"http://127.0.0.1:{srv.server_port}/b.zip")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
+    assert s["core_label"] == "CORE" and s["core_source"] == "dclm-bundle" and s["core_items_per_task"] == "all"
+    names = ["mc_plain", "mc_colon", "schema_plain", "schema_shots", "lm_plain", "lm_qa"]
+    assert [t["name"] for t in s["core_tasks"]] == names and all(f"core_{n}" in s for n in names)
+    assert s["core"] == pytest.approx(sum(s[f"core_{n}"] for n in names) / 6)
+    assert (home.root / "data" / "core" / "eval_bundle.zip").exists()

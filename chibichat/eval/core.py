@@ -312,36 +312,65 @@ class ModelScorer:
 SHUFFLE_SEED = 1337  # a --core-items subset is the first N of this fixed shuffle, so it is stable
 
 
+CORE_ITEMS_LITE = 100  # default --core-items for the shipped subsets (a CPU-sized check)
+
+
 def add_core_args(p) -> None:
-    p.add_argument("--core", dest="core", action="store_true", default=True,
-                   help="run the CORE-style in-context tasks (default: on)")
+    p.add_argument("--core", dest="core", nargs="?", const="lite", default="lite", choices=["lite", "full"],
+                   help="CORE-style in-context tasks: lite = the shipped subsets (offline, labelled CORE-lite; "
+                        "the default), full = the real DCLM eval bundle (downloaded once into the home, "
+                        "labelled CORE when every task and item is scored)")
     p.add_argument("--no-core", dest="core", action="store_false", help="skip the CORE-style tasks")
+    p.add_argument("--core-bundle-url", default=None,
+                   help="where --core full downloads eval_bundle.zip (default: nanochat's copy, "
+                        "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip)")
     p.add_argument("--core-tasks", default=None,
-                   help="comma-separated core-* task names (default: every shipped CORE-lite task)")
-    p.add_argument("--core-items", type=int, default=100,
-                   help="items per task, the first N of a fixed shuffle (default: 100, as a CPU-sized check; "
-                        "0 = every item; the counts scored/skipped are in the summary)")
+                   help="comma-separated task names (default: every task: the shipped core-* tasks, or with "
+                        "--core full every label of the bundle's core.yaml)")
+    p.add_argument("--core-items", type=int, default=None,
+                   help=f"items per task, the first N of a fixed shuffle (default: {CORE_ITEMS_LITE} for lite as a "
+                        "CPU-sized check, every item for full; 0 = every item; the counts are in the summary)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
 
 
-def run_core(model, tok, rt, out_dir, args) -> dict:
+def core_tasks(args, home=None) -> tuple[list, bool]:
+    """(tasks to score, whether together they are the complete DCLM CORE test)."""
+    from chibichat.tasks.base import get_task, list_tasks
+
+    mode = getattr(args, "core", "lite") or "lite"
+    items = args.core_items if args.core_items is not None else (CORE_ITEMS_LITE if mode == "lite" else 0)
+    if items < 0:
+        raise ChibiError(f"--core-items must be >= 0 (0 = every item), got {items}")
+    wanted = [n.strip() for n in args.core_tasks.split(",") if n.strip()] if args.core_tasks else None
+    if mode == "full":
+        from chibichat.tasks.dclm import BUNDLE_URL, fetch_bundle, load_bundle
+
+        if home is None:
+            raise ChibiError("--core full needs a home to cache the DCLM bundle in")
+        bundle = {t.name: t for t in load_bundle(fetch_bundle(home, args.core_bundle_url or BUNDLE_URL))}
+        unknown = [n for n in wanted or [] if n not in bundle]
+        if unknown:
+            raise ChibiError(f"--core-tasks names {unknown}, not in the DCLM bundle; its tasks: {', '.join(bundle)}")
+        base = [bundle[n] for n in wanted] if wanted else list(bundle.values())
+    else:
+        base = []
+        for n in wanted or [n for n in list_tasks() if n.startswith("core-")]:
+            t = get_task(n)
+            if t.kind != "core":
+                raise ChibiError(f"--core-tasks names {n!r}, a task of kind {t.kind!r}; CORE takes core-* tasks")
+            base.append(t)
+    tasks = [t.shuffled(SHUFFLE_SEED).slice(0, items) if items and items < len(t) else t for t in base]
+    # "CORE" is DCLM's number: every task of the bundle, every item. Anything less is CORE-lite.
+    complete = mode == "full" and wanted is None and all(len(t) == len(b) for t, b in zip(tasks, base))
+    return tasks, complete, items
+
+
+def run_core(model, tok, rt, out_dir, args, home=None) -> dict:
     """Score the CORE tasks with `model`; write core.jsonl/core.csv (rank 0); return flat summary keys:
     core, core_label, core_<task> (centered) and the per-task details under core_tasks."""
     from chibichat.eval.metrics import write_eval_outputs
-    from chibichat.tasks.base import get_task, list_tasks
 
-    if args.core_items is not None and args.core_items < 0:
-        raise ChibiError(f"--core-items must be >= 0 (0 = every item), got {args.core_items}")
-    names = [n.strip() for n in args.core_tasks.split(",")] if args.core_tasks else \
-        [n for n in list_tasks() if n.startswith("core-")]
-    tasks = []
-    for n in names:
-        t = get_task(n)
-        if t.kind != "core":
-            raise ChibiError(f"--core-tasks names {n!r}, a task of kind {t.kind!r}; CORE takes core-* tasks")
-        if args.core_items and args.core_items < len(t):
-            t = t.shuffled(SHUFFLE_SEED).slice(0, args.core_items)
-        tasks.append(t)
+    tasks, complete, items = core_tasks(args, home)
     gather = None
     if rt.distributed:
         import torch.distributed as dist
@@ -351,17 +380,17 @@ def run_core(model, tok, rt, out_dir, args) -> dict:
             dist.all_gather_object(parts, obj)
             return parts
 
-    # "CORE" is reserved for DCLM's full 22-task bundle; the shipped tasks are 16 of them (subsets), and
-    # no online loader of the full bundle exists yet, so this score is always labelled CORE-lite.
-    out = evaluate_core(ModelScorer(model, rt, args.eval_batch_size), tok, tasks, full_bundle=False,
+    out = evaluate_core(ModelScorer(model, rt, args.eval_batch_size), tok, tasks, full_bundle=complete,
                         rank=rt.rank, world_size=rt.world_size, gather=gather)
     if rt.is_master:
         write_eval_outputs(out_dir, "core", out["items"], None)
     flat = {"core": out["score"], "core_label": out["label"]}
     for s in out["tasks"]:
-        flat[s["name"].replace("-", "_")] = s["centered"]
+        key = s["name"].replace("-", "_")  # bundle labels (arc_easy, ...) get the core_ prefix of the
+        flat[key if key.startswith("core_") else f"core_{key}"] = s["centered"]  # lite names: no clash with chat keys
     flat["core_skipped_too_long"] = sum(s["n_skipped_too_long"] for s in out["tasks"])
     flat["core_unscored_tasks"] = out["unscored"]  # no item fit the context: left out of the mean
     flat["core_tasks"] = out["tasks"]
-    flat["core_items_per_task"] = args.core_items or "all"
+    flat["core_items_per_task"] = items or "all"
+    flat["core_source"] = "dclm-bundle" if getattr(args, "core", "lite") == "full" else "shipped"
     return flat

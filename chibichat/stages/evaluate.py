@@ -132,7 +132,7 @@ def run_base(args) -> int:
         if args.core:
             from chibichat.eval.core import run_core
 
-            core = run_core(model, tok, rt, out_dir, args)
+            core = run_core(model, tok, rt, out_dir, args, home)
             print0(rt, f"{core['core_label']}: {core['core']:.4f} over {len(core['core_tasks'])} tasks "
                        f"({core['core_skipped_too_long']} items longer than the context skipped)")
         # Flat metric keys (shared with the other evaluations of this checkpoint) + this eval's details.

@@ -88,8 +88,10 @@ PRESETS: dict[str, Preset] = {
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
         midtrain=["--num-steps", "250", "--eval-every", "125"],
         sft=["--num-steps", "150", "--eval-every", "75"],
-        # RL is the most expensive step per update on CPU (sampling); a short run shows the reward curve.
-        rl=["--num-steps", "20"],
+        # RL is the most expensive step per update on CPU (sampling). On arithmetic-multi, which SFT leaves
+        # ~58% solved, 30 steps raised the training reward by fifths 0.53 -> 0.55 -> 0.60 -> 0.67 -> 0.58 and
+        # held-out pass@1 0.58 -> 0.67 (one run, measured on a loaded machine).
+        rl=["--num-steps", "30"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
     ),
     # GPU presets: real online data; stage flags beyond the depth dial keep each stage's defaults.
@@ -144,7 +146,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str) -> lis
     tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
-    rl_task = "arithmetic" if lang == "en" else "arithmetic-ja"
+    # Offline RL trains on the two-step problems: SFT nearly saturates the one-step ones (no room to learn).
+    rl_task = "arithmetic-multi" if lang == "en" else "arithmetic-multi-ja"
     if preset.online and lang == "en":
         rl_task = "gsm8k-train"
     split = ["--split", "ja"] if lang == "ja" else []

@@ -12,6 +12,10 @@ Item (kind "generative"):
 Every template uses +, -, * and exact / on small non-negative integers and never produces a negative
 or fractional result, so the problems stay short and regular enough for a tiny model to learn the pattern
 "read numbers -> write expression -> copy tool output -> #### answer".
+
+arithmetic-multi(-ja) uses the same item format with two-step templates (three or four numbers, some of
+three digits, one calculator call such as "4*12+3*15"): the RL stage's default task, because SFT on the
+one-step problems nearly saturates those but leaves the longer expressions only partly right.
 """
 
 from __future__ import annotations
@@ -124,6 +128,74 @@ def _ja(rng: random.Random) -> tuple[str, str, str, str]:
             "はらったお金から代金を引きます。", f"{paid}-{price}*{n}", f"おつりは{{r}}円です。")
 
 
+def _en_multi(rng: random.Random) -> tuple[str, str, str, str]:
+    """Two-step problems (three or four numbers, some with three digits): harder than `_en`, so SFT does
+    not saturate them and RL has room to improve the expression the model writes."""
+    name, other = rng.sample(EN_NAMES, 2)
+    thing, g1, gs = rng.choice(EN_THINGS)
+    kind = rng.randrange(6)
+    if kind == 0:
+        a, b, c = rng.randint(100, 900), rng.randint(10, 99), rng.randint(10, 99)
+        return (f"{name} has {a} {thing}. {other} gives {name} {b} more, and then {name} finds {c} more. "
+                f"How many {thing} does {name} have now?",
+                "We add both new amounts to the first one.", f"{a}+{b}+{c}", f"{name} has {{r}} {thing} now.")
+    if kind == 1:
+        a, b, c, d = rng.randint(2, 9), rng.randint(10, 30), rng.randint(2, 9), rng.randint(10, 30)
+        return (f"{name} has {a} {gs} of {b} {thing} and {c} {gs} of {d} {thing}. How many {thing} is that in all?",
+                f"We multiply for each kind of {g1}, then add.", f"{a}*{b}+{c}*{d}", f"That is {{r}} {thing} in all.")
+    if kind == 2:
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 12)
+        return (f"There are {a} rooms. Each room has {b} {gs}, and each {g1} holds {c} {thing}. "
+                f"How many {thing} are there?", "We multiply the three numbers.", f"{a}*{b}*{c}",
+                f"There are {{r}} {thing}.")
+    if kind == 3:
+        a = rng.randint(200, 999)
+        b, c = rng.randint(10, a // 3), rng.randint(10, a // 3)
+        return (f"{name} had {a} {thing}, gave {b} to {other} and sold {c}. How many {thing} are left?",
+                "We subtract both amounts from the start.", f"{a}-{b}-{c}", f"{name} has {{r}} {thing} left.")
+    if kind == 4:
+        a, b = rng.randint(2, 9), rng.randint(10, 40)
+        c, d = rng.randint(1, 50), rng.randint(1, a * b)
+        return (f"{name} has {a} {gs} of {b} {thing}, gets {c} more and then uses {d}. How many {thing} are left?",
+                "We count the full ones, add the new ones and subtract the used ones.", f"{a}*{b}+{c}-{d}",
+                f"{name} has {{r}} {thing} left.")
+    p1, n1, p2, n2 = rng.randint(2, 15), rng.randint(2, 6), rng.randint(2, 15), rng.randint(2, 6)
+    paid = next(p for p in (50, 100, 200, 500) if p >= p1 * n1 + p2 * n2)
+    return (f"A pack of {thing} costs {p1} dollars and a {g1} costs {p2} dollars. {name} buys {n1} packs and "
+            f"{n2} {gs} and pays with {paid} dollars. How much change does {name} get?",
+            "We subtract both costs from the money paid.", f"{paid}-{p1}*{n1}-{p2}*{n2}",
+            f"{name} gets {{r}} dollars in change.")
+
+
+def _ja_multi(rng: random.Random) -> tuple[str, str, str, str]:
+    name, other = rng.sample(JA_NAMES, 2)
+    thing, unit, group = rng.choice(JA_THINGS)
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b, c = rng.randint(100, 900), rng.randint(10, 99), rng.randint(10, 99)
+        return (f"{name}さんは{thing}を{a}{unit}持っています。{other}さんから{b}{unit}もらい、さらに{c}{unit}見つけました。"
+                f"{thing}は全部で何{unit}ですか？", "もらった分と見つけた分を足します。", f"{a}+{b}+{c}",
+                f"{thing}は全部で{{r}}{unit}です。")
+    if kind == 1:
+        a, b, c, d = rng.randint(2, 9), rng.randint(10, 30), rng.randint(2, 9), rng.randint(10, 30)
+        return (f"{thing}が{b}{unit}入った{group}が{a}つと、{d}{unit}入った{group}が{c}つあります。全部で何{unit}ですか？",
+                "それぞれかけ算をしてから足します。", f"{a}*{b}+{c}*{d}", f"全部で{{r}}{unit}です。")
+    if kind == 2:
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 12)
+        return (f"部屋が{a}つあり、1つの部屋に{group}が{b}つ、1つの{group}に{thing}が{c}{unit}あります。"
+                f"{thing}は全部で何{unit}ですか？", "3つの数をかけます。", f"{a}*{b}*{c}", f"全部で{{r}}{unit}です。")
+    if kind == 3:
+        a = rng.randint(200, 999)
+        b, c = rng.randint(10, a // 3), rng.randint(10, a // 3)
+        return (f"{name}さんは{thing}を{a}{unit}持っていて、{other}さんに{b}{unit}あげ、{c}{unit}売りました。"
+                f"残りは何{unit}ですか？", "あげた分と売った分を引きます。", f"{a}-{b}-{c}", f"残りは{{r}}{unit}です。")
+    a, b = rng.randint(2, 9), rng.randint(10, 40)
+    c, d = rng.randint(1, 50), rng.randint(1, a * b)
+    return (f"{name}さんは{thing}が{b}{unit}ずつ入った{group}を{a}つ持っていて、{c}{unit}もらい、{d}{unit}使いました。"
+            f"残りは何{unit}ですか？", "全部の数を求め、もらった分を足して使った分を引きます。", f"{a}*{b}+{c}-{d}",
+            f"残りは{{r}}{unit}です。")
+
+
 def int_value(expr: str) -> int:
     """Value of a template expression: non-negative integers joined by +, -, * and exact /, with the
     usual precedence.
@@ -150,14 +222,19 @@ class Arithmetic(GeneratedTask):
     kind = "generative"
     default_size = {"train": 2000, "test": 200}
 
-    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
-        self.lang = lang
-        self.name = "arithmetic" if lang == "en" else "arithmetic-ja"
-        self.description = "generated arithmetic word problems answered with a calculator call and '#### n'"
+    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0,
+                 multi: bool = False):
+        self.lang, self.multi = lang, multi
+        self.name = ("arithmetic" if lang == "en" else "arithmetic-ja") if not multi else \
+            ("arithmetic-multi" if lang == "en" else "arithmetic-multi-ja")
+        self.description = ("generated two-step arithmetic word problems (3-4 numbers) answered with one calculator "
+                            "call and '#### n'" if multi else
+                            "generated arithmetic word problems answered with a calculator call and '#### n'")
         super().__init__(split, size, seed)
 
     def sample(self, rng: random.Random) -> tuple[str, dict]:
-        question, reasoning, expr, final = (_en if self.lang == "en" else _ja)(rng)
+        gen = {(False, "en"): _en, (False, "ja"): _ja, (True, "en"): _en_multi, (True, "ja"): _ja_multi}
+        question, reasoning, expr, final = gen[self.multi, self.lang](rng)
         result = str(int_value(expr))
         parts = [
             {"type": "text", "text": reasoning},

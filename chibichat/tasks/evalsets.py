@@ -5,6 +5,8 @@ source="shipped" (default): the fixed-seed subsets in assets/ (no download; see 
     mmlu                     600 items from the MMLU test set (all subjects)
     gsm8k                    500 items from the GSM8K test set
     humaneval                all 164 problems
+    mmlu-dev                 training data, not an evaluation set: MMLU dev + validation (1,773 items,
+                             disjoint from the MMLU test questions)
 source="online": the full set from the Hugging Face hub (tasks/online.py), cached under
     home/data/tasks/; takes home= and split= (the source's split names: ARC train/validation/test,
     MMLU test/validation/dev, GSM8K train/test, HumanEval test).
@@ -83,6 +85,14 @@ def mmlu(source: str = "shipped", home=None, split: str | None = None) -> ListTa
                     eval_only=_eval_only(source, split))
 
 
+def mmlu_dev() -> ListTask:
+    """MMLU's dev + validation splits (shipped, all of them): offline multiple-choice *training* data
+    for midtraining/SFT. The builder drops any row whose question is an MMLU test question, so it is
+    disjoint from the `mmlu` evaluation subset (tested)."""
+    return ListTask("mmlu-dev", "categorical", mc_items(read_shipped("mmlu-dev")),
+                    description="MMLU dev+validation (shipped training MC data)", eval_only=False)
+
+
 def gsm8k(source: str = "shipped", home=None, split: str | None = None) -> GSM8K:
     _check_source("gsm8k", source, home, split)
     if source == "shipped":
@@ -133,6 +143,8 @@ def task_specs() -> list[TaskSpec]:
         TaskSpec("arc-challenge", "categorical", "en", f"{m}:arc", (("subset", "ARC-Challenge"),),
                  "ARC-Challenge (4-way MC)"),
         TaskSpec("mmlu", "categorical", "en", f"{m}:mmlu", (), "MMLU (57 subjects, 4-way MC)"),
+        TaskSpec("mmlu-dev", "categorical", "en", f"{m}:mmlu_dev", (),
+                 "MMLU dev+validation splits, shipped training data (4-way MC)"),
         TaskSpec("gsm8k", "generative", "en", f"{m}:gsm8k", (), "GSM8K math word problems, '#### n'"),
         TaskSpec("humaneval", "generative", "en", f"{m}:humaneval", (), "HumanEval Python functions"),
     ]
