@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from chibichat.common import ChibiError
-from chibichat.model.gpt import EXPLICIT_ATTENTION_MAX_SCORES, NORM_EPS, InferenceState, rope_table
+from chibichat.model.gpt import EXPLICIT_ATTENTION_MAX_SCORES, NORM_EPS, InferenceState, empty_state, rope_table
 
 
 def _rms(x):
@@ -175,19 +175,9 @@ class Decoder:
 
     def new_state(self, batch_size: int, max_len: int) -> InferenceState:
         """An empty state (same layout as GPT.new_state)."""
-        cfg = self.config
-        if batch_size < 1 or max_len < 1:
-            raise ChibiError(f"new_state needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        state = empty_state(self.config, batch_size, max_len, self.dtype, self.device)  # validates the sizes first
         self._grow_rope(max_len)
-        dev, dt = self.device, self.dtype
-        layers = []
-        for layer in self.layers:
-            if layer.kind == "A":
-                shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-                layers.append((torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev)))
-            else:
-                layers.append((torch.zeros(batch_size, cfg.conv_kernel - 1, cfg.n_embd, dtype=dt, device=dev),))
-        return InferenceState(torch.zeros(batch_size, dtype=torch.long, device=dev), max_len, layers, [0] * batch_size)
+        return state
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -484,6 +484,21 @@ class InferenceState:
 # The model
 
 
+def empty_state(cfg: GPTConfig, batch_size: int, max_len: int, dtype, device) -> InferenceState:
+    """Zeroed per-layer decoding state: preallocated (K, V) caches of `max_len` positions for attention
+    layers, the last k-1 inputs for SLC2 layers. Shared by GPT.new_state and the lean Decoder."""
+    if batch_size < 1 or max_len < 1:
+        raise ChibiError(f"new_state needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+    layers = []
+    for kind in cfg.layers:
+        if kind == "A":
+            shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+            layers.append((torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)))
+        else:
+            layers.append((torch.zeros(batch_size, cfg.conv_kernel - 1, cfg.n_embd, dtype=dtype, device=device),))
+    return InferenceState(torch.zeros(batch_size, dtype=torch.long, device=device), max_len, layers, [0] * batch_size)
+
+
 class GPT(nn.Module):
     """See the module docstring. Public API (docs/architecture.md "Model"):
 
@@ -631,19 +646,9 @@ class GPT(nn.Module):
 
     def new_state(self, batch_size: int, max_len: int) -> InferenceState:
         """Fresh state for `batch_size` rows of up to `max_len` tokens each (KV caches preallocated)."""
-        cfg = self.config
-        if batch_size < 1 or max_len < 1:
-            raise ChibiError(f"new_state needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        state = empty_state(self.config, batch_size, max_len, self.compute_dtype, self.wte.device)  # validates first
         self._ensure_rope(max_len)
-        dev, dt = self.wte.device, self.compute_dtype
-        layers = []
-        for block in self.blocks:
-            if block.kind == "A":
-                shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-                layers.append((torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev)))
-            else:
-                layers.append((torch.zeros(batch_size, cfg.conv_kernel - 1, cfg.n_embd, dtype=dt, device=dev),))
-        return InferenceState(torch.zeros(batch_size, dtype=torch.long, device=dev), max_len, layers, [0] * batch_size)
+        return state
 
     @torch.no_grad()
     def forward_step(self, idx, state: InferenceState):
