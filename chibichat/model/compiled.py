@@ -115,7 +115,7 @@ class StepModule(nn.Module):
                 v = gate.reshape(B, 1, E) * xs
                 buf = torch.cat([hist, v], dim=1)  # (B, k, E)
                 c = (buf * getattr(self, f"taps{i}")).sum(dim=1, keepdim=True)
-                hists.append(buf[:, 1:])
+                hists.append(buf[:, 1:].contiguous())
                 y = self._lin(b * F.silu(c), f"o{i}")
             x = x + y
             u = _rms(x).to(dt)
@@ -151,8 +151,16 @@ class CompiledSteps:
             # recompiles between steps; a new (batch, max_len) is a new entry here.
             fn = self.graphs[key] = torch.compile(self.module, dynamic=False, fullgraph=True, options=self.options)
         n = state.max_len
+        # The graph is specialised to its inputs' strides and dispatch keys too (a tensor made in
+        # inference mode has different ones): an SLC2 history left by an eager prefill is a strided
+        # view, and pos / histories made outside inference mode differ from those the steps return.
+        # So pass copies of these small tensors, always made here (in the Decoder's inference mode),
+        # and contiguous K/V caches (a no-op for the engine's, written in place through the state's
+        # own tensors).
+        state.layers = [tuple(t.contiguous() if len(layer) == 2 else t.clone(memory_format=torch.contiguous_format)
+                              for t in layer) for layer in state.layers]  # fmt: skip
         flat = [t for layer in state.layers for t in layer]
-        logits, hists = fn(idx, state.pos, cos[:n], sin[:n], key_pos[:n], *flat)
+        logits, hists = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
         it = iter(hists)
         state.layers = [(next(it),) if len(layer) == 1 else layer for layer in state.layers]
         return logits
