@@ -132,11 +132,13 @@ class CompiledSteps:
     def __init__(self, model, dtype):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ChibiError(f"compiled decoding supports float32 and bfloat16, not {dtype}")
+        import torch._inductor.config  # noqa: F401  (config.patch below; imported here, not at module import)
+
         bf16 = dtype == torch.bfloat16
         # bf16: freezing lets inductor pack the constant weights for oneDNN (1.3-1.8x the plain
         # kernels); fp32: oneDNN loses to MKL at one row, so keep MKL's transposed layout instead.
         self.module = StepModule(model, dtype, transpose_wide=not bf16).eval()
-        self.options = {"freezing": bf16}
+        self.freezing = bf16
         self.graphs: dict[tuple[int, int], object] = {}
 
     def step(self, idx, state, cos, sin, key_pos):
@@ -149,7 +151,7 @@ class CompiledSteps:
                 return None
             # dynamic=False: every shape is static (see the module docstring), so the graph never
             # recompiles between steps; a new (batch, max_len) is a new entry here.
-            fn = self.graphs[key] = torch.compile(self.module, dynamic=False, fullgraph=True, options=self.options)
+            fn = self.graphs[key] = torch.compile(self.module, dynamic=False, fullgraph=True)
         n = state.max_len
         # The graph is specialised to its inputs' strides and dispatch keys too (a tensor made in
         # inference mode has different ones): an SLC2 history left by an eager prefill is a strided
@@ -160,7 +162,10 @@ class CompiledSteps:
         state.layers = [tuple(t.contiguous() if len(layer) == 2 else t.clone(memory_format=torch.contiguous_format)
                               for t in layer) for layer in state.layers]  # fmt: skip
         flat = [t for layer in state.layers for t in layer]
-        logits, hists = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
+        # Inductor reads `freezing` when it compiles, i.e. inside the call (measured: passing it as
+        # torch.compile(options=...) does not reach the freezing pass on this torch), so set it here.
+        with torch._inductor.config.patch(freezing=self.freezing):
+            logits, hists = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
         it = iter(hists)
         state.layers = [(next(it),) if len(layer) == 1 else layer for layer in state.layers]
         return logits
