@@ -132,8 +132,9 @@ class CompiledSteps:
     def __init__(self, model, dtype):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ChibiError(f"compiled decoding supports float32 and bfloat16, not {dtype}")
-        import torch._inductor.config  # noqa: F401  (config.patch below; imported here, not at module import)
+        from torch._inductor import config as inductor_config  # imported on use, not at module import
 
+        self.inductor_config = inductor_config
         bf16 = dtype == torch.bfloat16
         # bf16: freezing lets inductor pack the constant weights for oneDNN (1.3-1.8x the plain
         # kernels); fp32: oneDNN loses to MKL at one row, so keep MKL's transposed layout instead.
@@ -164,7 +165,7 @@ class CompiledSteps:
         flat = [t for layer in state.layers for t in layer]
         # Inductor reads `freezing` when it compiles, i.e. inside the call (measured: passing it as
         # torch.compile(options=...) does not reach the freezing pass on this torch), so set it here.
-        with torch._inductor.config.patch(freezing=self.freezing):
+        with self.inductor_config.patch(freezing=self.freezing):
             logits, hists = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
         it = iter(hists)
         state.layers = [(next(it),) if len(layer) == 1 else layer for layer in state.layers]
