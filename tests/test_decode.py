@@ -251,8 +251,17 @@ def test_decoder_for_picks_the_fast_path_for_gpts_only():
 # -- opt-in compiled one-token steps (chibichat/model/compiled.py) ---------------------------------
 
 
+@pytest.fixture
+def fp32_rows_compiled(monkeypatch):
+    # fp32 compiles one-row steps only (speed); tests compile several rows too, where fp32's tight
+    # tolerance checks the per-row masks and cache writes.
+    from chibichat.model import compiled as compiled_mod
+
+    monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 64)
+
+
 @pytest.mark.parametrize("name", ["iberis", "gqa-window"])
-def test_compiled_step_equals_eager_decoder(name):
+def test_compiled_step_equals_eager_decoder(name, fp32_rows_compiled):
     """The compiled step (whole-cache attention under a per-row mask) computes the eager Decoder's
     logits, for rows at different positions, and compiles once for all the steps of one shape."""
     from torch._dynamo.utils import counters
@@ -284,7 +293,7 @@ def test_compiled_step_equals_eager_decoder(name):
     assert torch.allclose(m.forward_step(nxt, states["comp"]), eager.forward(nxt, states["eager"]), atol=1e-5)
 
 
-def test_compiled_engine_generates_the_same_tokens(monkeypatch):
+def test_compiled_engine_generates_the_same_tokens(monkeypatch, fp32_rows_compiled):
     """Greedy generation through the Engine is identical with compile on (fp32 dense), and a shape
     past the compile cap runs eager with the same result."""
     from chibichat.model import compiled as compiled_mod
@@ -300,6 +309,10 @@ def test_compiled_engine_generates_the_same_tokens(monkeypatch):
     monkeypatch.setattr(compiled_mod, "MAX_COMPILED_SHAPES", 1)
     assert gen(comp, prompts[:1]) == gen(plain, prompts[:1])  # batch 1: a new shape, eager
     assert len(comp.decoder().compiled.graphs) == 1
+    monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 1)  # the default: fp32 batches run eager
+    d = Decoder(m, compile=True)
+    st = d.new_state(2, 8)
+    assert d.compiled.step(torch.zeros(2, 1, dtype=torch.long), st, d.cos[:, 0], d.sin[:, 0], d.key_pos) is None
 
 
 def test_compiled_bf16_agrees_and_rejects_fp16():

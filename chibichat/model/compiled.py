@@ -7,12 +7,15 @@ directly. It needs static shapes to compile once: the step attends over the whol
 (max_len keys) with a mask built from each row's position tensor, so neither the number of keys nor a
 host-side position enters the graph, and one compiled graph serves every step of a (batch, max_len).
 
-Measured on this project's 2-core CPU (depth 4, width 256, vocab 8192, one thread, CPU time per step):
-bf16 1.8x faster at batch 1 and ~1.4x at batch 8 (inductor "freezing" folds the weights in as
-constants and packs them for oneDNN); fp32 ~1.3x at batch 1 with the wide weights stored transposed
-(MKL's faster one-row layout, see _Proj in decode.py) but ~0.75x at batch 8, where eager's packed
-oneDNN weights win. The price is compile time: several seconds of CPU for each new (batch, max_len),
-paid by the first step that needs it, so it is opt-in (Decoder(model, compile=True)).
+Measured with `chibichat bench infer --compile on|off` (depth 4, width 256, vocab 8192, prompt 128,
+one thread, CPU clock, engine decode tok/s, on a loaded 2-core CPU): bf16 batch 1 1.9-2.1x (dense 446
+-> 846, iberis 401 -> 847), batch 8 1.2-1.5x (2,086 -> 2,503, 2,218 -> 3,296); inductor's "freezing"
+folds the weights in as constants and packs them for oneDNN. fp32 gains less at batch 1 (1.0-1.2x,
+wide weights stored transposed: MKL's faster one-row layout, see _Proj in decode.py) and loses at
+batch 8 (1,629 -> 1,133), where eager's packed oneDNN weights win, so fp32 compiles one-row steps
+only (FP32_MAX_ROWS). The price is compile time: seconds of CPU for each new (batch, max_len), paid by
+the first step that needs it (inductor caches compiled code on disk, so a later process pays less):
+hence opt-in (Decoder(model, compile=True)).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from chibichat.model.gpt import NORM_EPS
 # Distinct (batch, max_len) shapes compiled per Decoder; later shapes run eager. Bounds the compile
 # time one session can spend (a batch that shrinks row by row would otherwise compile each size).
 MAX_COMPILED_SHAPES = 4
+# fp32 steps with more rows than this run eager (faster there, see above).
+FP32_MAX_ROWS = 1
 
 
 def _rms(x):
@@ -127,7 +132,8 @@ class StepModule(nn.Module):
 
 class CompiledSteps:
     """Compiled single-token steps of one Decoder, one graph per (batch, max_len) seen, at most
-    MAX_COMPILED_SHAPES of them (`step` returns None for a shape past the cap: run it eager)."""
+    MAX_COMPILED_SHAPES of them. `step` returns None where the caller should run the step eager: a
+    shape past the cap, or fp32 with more than one row (where eager is faster)."""
 
     def __init__(self, model, dtype):
         if dtype not in (torch.float32, torch.bfloat16):
@@ -146,6 +152,8 @@ class CompiledSteps:
         """Logits (B, 1, V) of one token per row, state advanced in place; None if this shape is
         past the cap. cos/sin (>= max_len, D) fp32 RoPE tables, key_pos (>= max_len,) arange."""
         key = (idx.shape[0], state.max_len)
+        if not self.freezing and key[0] > FP32_MAX_ROWS:
+            return None  # fp32 with several rows: eager's pre-packed oneDNN weights are faster
         fn = self.graphs.get(key)
         if fn is None:
             if len(self.graphs) >= MAX_COMPILED_SHAPES:
