@@ -45,8 +45,8 @@ def add_args(p) -> None:
                    help="wall: elapsed time (default); cpu: this process's CPU time, a steadier estimate of a quiet "
                         "machine's figures when the machine is shared (CPU device with --threads 1 only)")  # fmt: skip
     p.add_argument("--compile", default="off", choices=("off", "on"),
-                   help="on: torch.compile the one-token decode steps (Decoder(compile=True)); the first "
-                        "decode call of each batch size includes the compile (shown in the compile column)")  # fmt: skip
+                   help="on: torch.compile the one-token decode steps (Decoder(compile=True)); the first decode "
+                        "call of each batch size includes the compile (shown in the compile column)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_runtime_args(p)  # --device (auto/cpu/cuda); --dtype is unused here (see --dtypes)
 
@@ -113,7 +113,8 @@ def measure(cfg: dict) -> dict:
         assert all(len(s[0].tokens) == n for s in out), "a row stopped early; the timing would be wrong"
 
     one = [prompt_of()]
-    res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device), "compile": cfg.get("compile", "off")}
+    res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device),
+           "compile": cfg.get("compile", "off")}  # fmt: skip
     t0 = time.perf_counter()
     gen(one, 2)  # warm-up (allocator, kernels; the batch-1 compile with --compile on)
     res["first_call_s_b1"] = time.perf_counter() - t0
