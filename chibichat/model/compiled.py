@@ -39,10 +39,10 @@ def _rms(x):
 
 
 class StepModule(nn.Module):
-    """forward(idx (B, 1), pos (B,), *state tensors) -> (logits (B, 1, V) fp32, new SLC2 histories,
-    new keys/values [(B, Hk, 1, D) x 2 per attention layer]).
+    """forward(idx (B, 1), pos (B,), *state tensors) -> (logits (B, 1, V) fp32, new SLC2 histories).
 
-    The inputs are not modified: the caller stores the new keys/values at each row's position. Weights are buffers so inductor's freezing can treat them as constants
+    K/V caches are written in place at each row's position; SLC2 histories are returned (their shift
+    is a new tensor anyway). Weights are buffers so inductor's freezing can treat them as constants
     (and pre-pack them for oneDNN)."""
 
     def __init__(self, model, dtype, transpose_wide: bool = False):
@@ -88,7 +88,7 @@ class StepModule(nn.Module):
         x = _rms(F.embedding(idx, self.wte).float())  # (B, 1, E)
         cos, sin = cos_tab[pos][:, None, None], sin_tab[pos][:, None, None]  # (B, 1, 1, D)
         d = pos[:, None] - key_pos  # (B, max_len): how far back each key is
-        hists, new_kv = [], []
+        hists = []
         si = 0
         for i, kind in enumerate(self.kinds):
             u = _rms(x).to(dt)
@@ -99,24 +99,16 @@ class StepModule(nn.Module):
                 qk = qk.float()
                 qk = _rms(qk * cos + qk.roll(D // 2, dims=-1) * sin)
                 q, k = qk.split([H, Hk], dim=2)
-                # The caches are read-only here: a graph that writes into an input makes inductor copy
-                # the whole cache and write it back (measured: 2 x B x 64 KiB per layer per step, the
-                # batch-8 bottleneck), so the new key/value are attended to separately and returned for
-                # the caller to store. Both are rounded to the cache dtype first, as stored values are.
-                k = k.transpose(1, 2).to(ck.dtype)  # (B, Hk, 1, D)
-                v = v.transpose(1, 2).to(cv.dtype)
-                new_kv += [k, v]
-                ok = d > 0  # earlier keys only: the cache's slot at pos is stale until the caller writes it
+                at = pos.view(B, 1, 1, 1).expand(B, Hk, 1, D)
+                ck.scatter_(2, at, k.transpose(1, 2).to(ck.dtype))
+                cv.scatter_(2, at, v.transpose(1, 2).to(cv.dtype))
+                ok = d >= 0
                 if self.windows[i]:
                     ok = ok & (d < self.windows[i])
                 mask = torch.zeros(ok.shape, dtype=torch.float32, device=ok.device).masked_fill(~ok, float("-inf"))
                 qg = q.reshape(B, Hk, rep, D)
-                old = torch.matmul(qg, ck.float().transpose(-1, -2)) + mask[:, None, None]  # (B, Hk, rep, max_len)
-                new = (qg * k.float()).sum(-1, keepdim=True)  # (B, Hk, rep, 1): the token itself
-                p = torch.softmax(torch.cat([old, new], dim=-1) * D**-0.5, dim=-1)
-                n = ck.shape[2]
-                y = torch.matmul(p[..., :n], cv.float()) + p[..., n:] * v.float()
-                y = y.reshape(B, 1, H * D)
+                scores = torch.matmul(qg, ck.float().transpose(-1, -2)) * D**-0.5 + mask[:, None, None]
+                y = torch.matmul(torch.softmax(scores, dim=-1), cv.float()).reshape(B, 1, H * D)
                 y = self._lin(y.to(dt), f"o{i}")
             else:
                 hist = states[si]
@@ -135,7 +127,7 @@ class StepModule(nn.Module):
             x = x + self._lin(torch.relu(self._lin(u, f"fc{i}")).square(), f"proj{i}")
         h = _rms(x).to(dt)
         logits = torch.tanh(self._lin(h, "head").float() / cfg.softcap) * cfg.softcap
-        return logits, hists, new_kv
+        return logits, hists
 
 
 class CompiledSteps:
@@ -182,12 +174,7 @@ class CompiledSteps:
         # Inductor reads `freezing` when it compiles, i.e. inside the call (measured: passing it as
         # torch.compile(options=...) does not reach the freezing pass on this torch), so set it here.
         with self.inductor_config.patch(freezing=self.freezing):
-            logits, hists, new_kv = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
-        it, kv = iter(hists), iter(new_kv)
-        B, at = idx.shape[0], state.pos.view(-1, 1, 1, 1)
-        for layer in state.layers:
-            if len(layer) == 2:
-                for cache in layer:  # (B, Hk, max_len, D) <- (B, Hk, 1, D) at each row's position
-                    cache.scatter_(2, at.expand(B, cache.shape[1], 1, cache.shape[3]), next(kv))
+            logits, hists = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
+        it = iter(hists)
         state.layers = [(next(it),) if len(layer) == 1 else layer for layer in state.layers]
         return logits
