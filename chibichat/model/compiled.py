@@ -8,8 +8,9 @@ directly. It needs static shapes to compile once: the step attends over the whol
 host-side position enters the graph, and one compiled graph serves every step of a (batch, max_len).
 
 Measured with `chibichat bench infer --compile on|off` (depth 4, width 256, vocab 8192, prompt 128,
-one thread, CPU clock, engine decode tok/s, on a loaded 2-core CPU): bf16 batch 1 1.9-2.1x (dense 446
--> 846, iberis 401 -> 847), batch 8 1.2-1.5x (2,086 -> 2,503, 2,218 -> 3,296); inductor's "freezing"
+one thread, engine decode tok/s, on a loaded 2-core CPU, so ranges over interleaved runs): bf16 batch 1
+1.5-2.1x on the CPU clock (dense 446-502 -> 736-894, iberis 401-589 -> 811-847), 1.3-1.6x wall; batch
+8 1.0-1.2x for dense (four attention layers) and 1.1-1.5x for iberis. Inductor's "freezing"
 folds the weights in as constants and packs them for oneDNN. fp32 gains less at batch 1 (1.0-1.2x,
 wide weights stored transposed: MKL's faster one-row layout, see _Proj in decode.py) and loses at
 batch 8 (1,629 -> 1,133), where eager's packed oneDNN weights win, so fp32 compiles one-row steps
