@@ -183,7 +183,7 @@ class _Row:
 class Engine:
     """Generation for one model + tokenizer on one device (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, rt):
+    def __init__(self, model, tokenizer, rt, compile: bool = False):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ChibiError(
                 f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.vocab_size}: "
@@ -197,6 +197,7 @@ class Engine:
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
         self.stop_ids = frozenset((self.bos, self.assistant_end))
         self._decoder = None  # chibichat.model.decode.Decoder, rebuilt when the model's weights change
+        self.compile = compile  # torch.compile the decoder's one-token steps (opt-in, see model/compiled.py)
 
     def decoder(self):
         """The lean decode path for the model's current weights (built once, rebuilt after the
@@ -205,7 +206,7 @@ class Engine:
 
         if self._decoder is None or not self._decoder.matches(self.model):
             self._decoder = None  # free the old copy before making the new one
-            self._decoder = decoder_for(self.model)
+            self._decoder = decoder_for(self.model, compile=self.compile)
         return self._decoder
 
     @property

@@ -246,3 +246,84 @@ def test_decoder_for_picks_the_fast_path_for_gpts_only():
     st = sd.new_state(1, 24)
     out = sd.forward(torch.randint(0, V, (1, 5)), st, last_only=True)
     assert out.shape == (1, 1, V)
+
+
+# -- opt-in compiled one-token steps (chibichat/model/compiled.py) ---------------------------------
+
+
+@pytest.fixture
+def fp32_rows_compiled(monkeypatch):
+    # fp32 compiles one-row steps only (speed); tests compile several rows too, where fp32's tight
+    # tolerance checks the per-row masks and cache writes.
+    from chibichat.model import compiled as compiled_mod
+
+    monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 64)
+
+
+@pytest.mark.parametrize("name", ["iberis", "gqa-window"])
+def test_compiled_step_equals_eager_decoder(name, fp32_rows_compiled):
+    """The compiled step (whole-cache attention under a per-row mask) computes the eager Decoder's
+    logits, for rows at different positions, and compiles once for all the steps of one shape."""
+    from torch._dynamo.utils import counters
+
+    m = tiny(**LAYOUTS[name])
+    eager, comp = Decoder(m), Decoder(m, compile=True)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, V, (1, n), generator=g) for n in (3, 11, 6)]
+    cont = torch.randint(0, V, (3, 6), generator=g)
+    states = {}
+    for key, d in (("eager", eager), ("comp", comp)):
+        parts = []
+        for p in prompts:
+            s = d.new_state(1, 24)
+            d.forward(p, s, last_only=True)
+            parts.append(s)
+        states[key] = InferenceState.stack(parts)
+    assert states["comp"].max_len == 64  # rounded up so different requests share a graph
+    graphs_before = counters["stats"]["unique_graphs"]
+    for i in range(cont.shape[1]):
+        a = eager.forward(cont[:, i : i + 1], states["eager"])
+        b = comp.forward(cont[:, i : i + 1], states["comp"])
+        assert torch.allclose(a, b, atol=1e-5), (i, (a - b).abs().max())
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # no recompiles between steps
+    assert list(comp.compiled.graphs) == [(3, 64)]
+    assert states["comp"].lengths == states["eager"].lengths == [9, 17, 12]
+    # the compiled decoder's state is an ordinary InferenceState: the model's own step continues it
+    nxt = torch.tensor([[1], [2], [3]])
+    assert torch.allclose(m.forward_step(nxt, states["comp"]), eager.forward(nxt, states["eager"]), atol=1e-5)
+
+
+def test_compiled_engine_generates_the_same_tokens(monkeypatch, fp32_rows_compiled):
+    """Greedy generation through the Engine is identical with compile on (fp32 dense), and a shape
+    past the compile cap runs eager with the same result."""
+    from chibichat.model import compiled as compiled_mod
+
+    tok = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
+    m = tiny("dense", vocab=tok.vocab_size, seq_len=48)
+    rt = init_runtime("cpu", "float32")
+    prompts = [[tok.bos_id, 65, 66, 67], [tok.bos_id, 70]]
+    gen = lambda e, ps: [s[0].tokens for s in e.generate(ps, max_tokens=12, temperature=0, tools=False)]  # noqa: E731
+    plain, comp = Engine(m, tok, rt), Engine(m, tok, rt, compile=True)
+    assert gen(comp, prompts) == gen(plain, prompts)
+    assert len(comp.decoder().compiled.graphs) == 1
+    monkeypatch.setattr(compiled_mod, "MAX_COMPILED_SHAPES", 1)
+    assert gen(comp, prompts[:1]) == gen(plain, prompts[:1])  # batch 1: a new shape, eager
+    assert len(comp.decoder().compiled.graphs) == 1
+    monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 1)  # the default: fp32 batches run eager
+    d = Decoder(m, compile=True)
+    st = d.new_state(2, 8)
+    assert d.compiled.step(torch.zeros(2, 1, dtype=torch.long), st, d.cos[:, 0], d.sin[:, 0], d.key_pos) is None
+
+
+def test_compiled_bf16_agrees_and_rejects_fp16():
+    m = prepare_for_inference(tiny("iberis"), torch.bfloat16)
+    eager, comp = Decoder(m), Decoder(m, compile=True)
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    a, b = eager.new_state(2, 24), comp.new_state(2, 24)
+    eager.forward(idx[:, :8], a)
+    comp.forward(idx[:, :8], b)
+    for i in range(8, 12):
+        x, y = eager.forward(idx[:, i : i + 1], a), comp.forward(idx[:, i : i + 1], b)
+        assert torch.allclose(x, y, atol=0.1), (x - y).abs().max()
+    with pytest.raises(ChibiError, match="float32 and bfloat16"):
+        Decoder(prepare_for_inference(tiny("dense"), torch.float16), compile=True)

@@ -44,6 +44,9 @@ def add_args(p) -> None:
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="wall: elapsed time (default); cpu: this process's CPU time, a steadier estimate of a quiet "
                         "machine's figures when the machine is shared (CPU device with --threads 1 only)")  # fmt: skip
+    p.add_argument("--compile", default="off", choices=("off", "on"),
+                   help="on: torch.compile the one-token decode steps (Decoder(compile=True)); the first decode "
+                        "call of each batch size includes the compile (shown in the compile column)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_runtime_args(p)  # --device (auto/cpu/cuda); --dtype is unused here (see --dtypes)
 
@@ -86,7 +89,8 @@ def measure(cfg: dict) -> dict:
         def decode(self, ids):
             return ""
 
-    engine = Engine(model, _Tok(), rt)
+    compiled = cfg.get("compile") == "on"
+    engine = Engine(model, _Tok(), rt, compile=compiled)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     clock = time.process_time if cfg.get("clock") == "cpu" else time.perf_counter
     if cfg.get("clock") == "cpu" and (rt.device.type != "cpu" or cfg["threads"] != 1):
@@ -109,7 +113,11 @@ def measure(cfg: dict) -> dict:
         assert all(len(s[0].tokens) == n for s in out), "a row stopped early; the timing would be wrong"
 
     one = [prompt_of()]
-    gen(one, 2)  # warm-up (allocator, kernels)
+    res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device),
+           "compile": cfg.get("compile", "off")}  # fmt: skip
+    t0 = time.perf_counter()
+    gen(one, 2)  # warm-up (allocator, kernels; the batch-1 compile with --compile on)
+    res["first_call_s_b1"] = time.perf_counter() - t0
     ids = torch.tensor(one, device=rt.device)
 
     decoder = engine.decoder()
@@ -118,18 +126,20 @@ def measure(cfg: dict) -> dict:
         with torch.inference_mode():
             decoder.forward(ids, decoder.new_state(1, cfg["prompt"]), last_only=True)
 
-    res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device)}
     res["prefill_tok_s"] = cfg["prompt"] / best(prefill)
     res["ttft_ms"] = 1000 * best(lambda: gen(one, 1))
     n = cfg["decode"]
     for B in cfg["batches"]:
         prompts = [prompt_of() for _ in range(B)]
+        t0 = time.perf_counter()
         gen(prompts, 2)
+        res[f"first_call_s_b{B}"] = res.get(f"first_call_s_b{B}", time.perf_counter() - t0)
         for name, temperature in (("decode", 0.0), ("sampled", 0.8)):
             t1 = best(lambda: gen(prompts, 1, temperature))
             tn = best(lambda: gen(prompts, 1 + n, temperature))
             res[f"{name}_tok_s_b{B}"] = B * n / max(tn - t1, 1e-9)
-    res["ops_per_step"] = _count_ops(decoder, engine, cfg["prompt"])
+    # A compiled step is a few fused kernels, not aten ops a dispatch mode can count.
+    res["ops_per_step"] = None if compiled else _count_ops(decoder, engine, cfg["prompt"])
     state = model.new_state(max(cfg["batches"]), gcfg.seq_len)
     state_bytes = sum(t.numel() * t.element_size() for layer in state.layers for t in layer)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -208,7 +218,7 @@ def run(args) -> int:
         for dtype in dtypes:
             cfg = dict(layout=layout, dtype=dtype, device=args.device, depth=args.depth, width=args.width,
                        vocab=args.vocab, prompt=args.prompt, decode=args.decode, batches=batches,
-                       repeats=args.repeats, threads=args.threads, clock=args.clock)  # fmt: skip
+                       repeats=args.repeats, threads=args.threads, clock=args.clock, compile=args.compile)  # fmt: skip
             code = "from chibichat.bench.infer import _worker; _worker()"
             proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -226,15 +236,17 @@ def run(args) -> int:
 
 
 def format_table(results: list[dict], batches: list[int]) -> str:
-    head = ["layout", "dtype", "TTFT ms", "prefill tok/s"] + [f"greedy tok/s b{b}" for b in batches]
+    head = ["layout", "dtype", "compile", "TTFT ms", "prefill tok/s"] + [f"greedy tok/s b{b}" for b in batches]
     head += [f"sampled tok/s b{b}" for b in batches]
     head += ["aten ops/step", "weights+state MiB", "decode copies MiB", "peak MiB"]
     rows = []
     for r in results:
-        rows.append([r["layout"], r["dtype"], f"{r['ttft_ms']:.1f}", f"{r['prefill_tok_s']:,.0f}"]
+        first = max(r.get(f"first_call_s_b{b}", 0.0) for b in batches)
+        compile_cell = f"on ({first:.0f} s first call)" if r.get("compile") == "on" else "off"
+        rows.append([r["layout"], r["dtype"], compile_cell, f"{r['ttft_ms']:.1f}", f"{r['prefill_tok_s']:,.0f}"]
                     + [f"{r[f'decode_tok_s_b{b}']:,.0f}" for b in batches]
                     + [f"{r[f'sampled_tok_s_b{b}']:,.0f}" for b in batches]
-                    + [str(r["ops_per_step"]), f"{r['weights_mib'] + r['state_mib']:.1f}", f"{r['decoder_copies_mib']:.1f}",
+                    + ["-" if r["ops_per_step"] is None else str(r["ops_per_step"]), f"{r['weights_mib'] + r['state_mib']:.1f}", f"{r['decoder_copies_mib']:.1f}",
                        f"{r['peak_mib']:.0f} ({r['peak_kind']})"])  # fmt: skip
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

@@ -125,7 +125,7 @@ class Decoder:
     """Inference-only copy of a GPT's weights with a fast `forward(idx, state)` (see module docstring)."""
 
     @torch.no_grad()
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         cfg = model.config
         self.config, self.dtype = cfg, model.compute_dtype
         self.fingerprint = weights_fingerprint(model)
@@ -142,6 +142,12 @@ class Decoder:
             self.mlp.append((_Proj(block.mlp.w_fc, dt, packed), _Proj(block.mlp.w_proj, dt, packed)))
         self._rope_len = 0
         self._grow_rope(cfg.seq_len)
+        # Opt-in torch.compile'd one-token steps (chibichat/model/compiled.py); prefills stay eager.
+        self.compiled = None
+        if compile:
+            from chibichat.model.compiled import CompiledSteps
+
+            self.compiled = CompiledSteps(model, dt)
 
     def extra_bytes(self, model) -> int:
         """Bytes of the weight copies this Decoder holds beyond the model's own tensors."""
@@ -175,7 +181,13 @@ class Decoder:
 
     def new_state(self, batch_size: int, max_len: int) -> InferenceState:
         """An empty state (same layout as GPT.new_state)."""
-        state = empty_state(self.config, batch_size, max_len, self.dtype, self.device)  # validates the sizes first
+        if batch_size < 1 or max_len < 1:
+            raise ChibiError(f"new_state needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        if self.compiled is not None:
+            # Compiled steps are specialised to max_len: round it up to a power of two (>= 64) so a
+            # chat's turns of different lengths share a few graphs; the extra keys are masked out.
+            max_len = max(64, 1 << (max_len - 1).bit_length())
+        state = empty_state(self.config, batch_size, max_len, self.dtype, self.device)
         self._grow_rope(max_len)
         return state
 
@@ -228,6 +240,12 @@ class Decoder:
         # as in training (fp32 residual, bf16 matmuls): only the projections' inputs are cast. In bf16
         # this replaces the many per-op up/down casts of bf16 norms and attention products (measured:
         # ~80 copies per step) with ~5 per layer, and is at least as precise as forward_step.
+        if self.compiled is not None and t == 1:
+            logits = self.compiled.step(idx, state, self.cos[:, 0], self.sin[:, 0], self.key_pos)
+            if logits is not None:
+                state.pos = state.pos + 1
+                state.lengths = [n + 1 for n in lengths]
+                return logits
         x = _rms(F.embedding(idx, self.wte).float())
         dt = self.dtype
         for i, layer in enumerate(self.layers):
@@ -350,13 +368,13 @@ class StepDecoder:
         return logits[:, -1:] if last_only else logits
 
 
-def decoder_for(model):
-    """Decoder for a GPT (also behind a torch.compile wrapper), StepDecoder for anything else, and
+def decoder_for(model, compile: bool = False):
+    """Decoder for a GPT (compiled one-token steps with compile=True) (also behind a torch.compile wrapper), StepDecoder for anything else, and
     for a GPT whose forward_step was replaced on the instance (a test double scripting its logits):
     that replacement is what the caller wants to decode with."""
     from chibichat.model.gpt import GPT
 
     inner = getattr(model, "_orig_mod", model)
     if isinstance(inner, GPT) and "forward_step" not in vars(inner) and "forward_step" not in vars(model):
-        return Decoder(model)
+        return Decoder(model, compile=compile)
     return StepDecoder(model)

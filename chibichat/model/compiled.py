@@ -1,0 +1,181 @@
+"""A torch.compile'd single-token decode step (opt-in; see Decoder(compile=True)).
+
+Eager decoding of a small model is bound by per-op overhead (~150 aten ops per step, each a few
+microseconds of dispatch) more than by arithmetic. Inductor fuses the elementwise work (norms, RoPE,
+softmax, residual adds, the logit softcap) into a few generated C++ loops and calls the matmuls
+directly. It needs static shapes to compile once: the step attends over the whole preallocated cache
+(max_len keys) with a mask built from each row's position tensor, so neither the number of keys nor a
+host-side position enters the graph, and one compiled graph serves every step of a (batch, max_len).
+
+Measured with `chibichat bench infer --compile on|off` (depth 4, width 256, vocab 8192, prompt 128,
+one thread, engine decode tok/s, on a loaded 2-core CPU, so ranges over interleaved runs): bf16 batch 1
+1.5-2.1x on the CPU clock (dense 446-502 -> 736-894, iberis 401-589 -> 811-847), 1.3-1.6x wall; batch
+8 1.0-1.2x for dense (four attention layers) and 1.1-1.5x for iberis. Inductor's "freezing"
+folds the weights in as constants and packs them for oneDNN. fp32 gains less at batch 1 (1.0-1.2x,
+wide weights stored transposed: MKL's faster one-row layout, see _Proj in decode.py) and loses at
+batch 8 (1,629 -> 1,133), where eager's packed oneDNN weights win, so fp32 compiles one-row steps
+only (FP32_MAX_ROWS). The price is compile time: seconds of CPU for each new (batch, max_len), paid by
+the first step that needs it (inductor caches compiled code on disk, so a later process pays less):
+hence opt-in (Decoder(model, compile=True)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chibichat.common import ChibiError
+from chibichat.model.gpt import NORM_EPS
+
+# Distinct (batch, max_len) shapes compiled per Decoder; later shapes run eager. Bounds the compile
+# time one session can spend (a batch that shrinks row by row would otherwise compile each size).
+MAX_COMPILED_SHAPES = 4
+# fp32 steps with more rows than this run eager (faster there, see above).
+FP32_MAX_ROWS = 1
+
+
+def _rms(x):
+    return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+
+
+class StepModule(nn.Module):
+    """forward(idx (B, 1), pos (B,), *state tensors) -> (logits (B, 1, V) fp32, new SLC2 histories).
+
+    K/V caches are written in place at each row's position; SLC2 histories are returned (their shift
+    is a new tensor anyway). Weights are buffers so inductor's freezing can treat them as constants
+    (and pre-pack them for oneDNN)."""
+
+    def __init__(self, model, dtype, transpose_wide: bool = False):
+        super().__init__()
+        cfg = model.config
+        self.cfg, self.dtype = cfg, dtype
+        self.kinds = []
+        self.slc2_heads = {}  # layer -> (heads, head size) of an SLC2 mixer
+        self.windows = list(cfg.windows)
+        self.transposed = set()  # fp32 wide weights stored (in, out): see _Proj in decode.py
+
+        def own(name, w):
+            w = w.detach().to(dtype)
+            if transpose_wide and dtype == torch.float32 and w.dim() == 2 and w.shape[0] > w.shape[1]:
+                self.transposed.add(name)
+                w = w.t()
+            self.register_buffer(name, w.contiguous(), persistent=False)
+
+        self.register_buffer("wte", model.wte.detach(), persistent=False)
+        own("head", model.lm_head)
+        for i, block in enumerate(model.blocks):
+            mx = block.mixer
+            self.kinds.append(block.kind)
+            if block.kind == "A":
+                own(f"qkv{i}", torch.cat([mx.w_q, mx.w_k, mx.w_v], dim=0))
+            else:
+                self.slc2_heads[i] = (mx.n_head, mx.head_dim)
+                own(f"in{i}", torch.cat([mx.w_x, mx.w_b, mx.w_alpha, mx.w_a], dim=0))
+                own(f"taps{i}", mx.conv.squeeze(1).t())
+            own(f"o{i}", mx.w_o)
+            own(f"fc{i}", block.mlp.w_fc)
+            own(f"proj{i}", block.mlp.w_proj)
+
+    def _lin(self, x, name):
+        w = getattr(self, name)
+        return torch.matmul(x, w) if name in self.transposed else F.linear(x, w)
+
+    def forward(self, idx, pos, cos_tab, sin_tab, key_pos, *states):
+        cfg, dt = self.cfg, self.dtype
+        B = idx.shape[0]
+        H, Hk, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        rep = H // Hk
+        x = _rms(F.embedding(idx, self.wte).float())  # (B, 1, E)
+        cos, sin = cos_tab[pos][:, None, None], sin_tab[pos][:, None, None]  # (B, 1, 1, D)
+        d = pos[:, None] - key_pos  # (B, max_len): how far back each key is
+        hists = []
+        si = 0
+        for i, kind in enumerate(self.kinds):
+            u = _rms(x).to(dt)
+            if kind == "A":
+                ck, cv = states[si], states[si + 1]
+                si += 2
+                qk, v = self._lin(u, f"qkv{i}").view(B, 1, H + 2 * Hk, D).split([H + Hk, Hk], dim=2)
+                qk = qk.float()
+                qk = _rms(qk * cos + qk.roll(D // 2, dims=-1) * sin)
+                q, k = qk.split([H, Hk], dim=2)
+                at = pos.view(B, 1, 1, 1).expand(B, Hk, 1, D)
+                ck.scatter_(2, at, k.transpose(1, 2).to(ck.dtype))
+                cv.scatter_(2, at, v.transpose(1, 2).to(cv.dtype))
+                ok = d >= 0
+                if self.windows[i]:
+                    ok = ok & (d < self.windows[i])
+                mask = torch.zeros(ok.shape, dtype=torch.float32, device=ok.device).masked_fill(~ok, float("-inf"))
+                qg = q.reshape(B, Hk, rep, D)
+                scores = torch.matmul(qg, ck.float().transpose(-1, -2)) * D**-0.5 + mask[:, None, None]
+                y = torch.matmul(torch.softmax(scores, dim=-1), cv.float()).reshape(B, 1, H * D)
+                y = self._lin(y.to(dt), f"o{i}")
+            else:
+                hist = states[si]
+                si += 1
+                E = cfg.n_embd
+                Hs, Dh = self.slc2_heads[i]
+                xs, b, alpha, a = self._lin(u, f"in{i}").split([E, E, Hs, Dh], dim=-1)
+                gate = F.silu(F.silu(alpha).unsqueeze(-1) * a.unsqueeze(-2))
+                v = gate.reshape(B, 1, E) * xs
+                buf = torch.cat([hist, v], dim=1)  # (B, k, E)
+                c = (buf * getattr(self, f"taps{i}")).sum(dim=1, keepdim=True)
+                hists.append(buf[:, 1:].contiguous())
+                y = self._lin(b * F.silu(c), f"o{i}")
+            x = x + y
+            u = _rms(x).to(dt)
+            x = x + self._lin(torch.relu(self._lin(u, f"fc{i}")).square(), f"proj{i}")
+        h = _rms(x).to(dt)
+        logits = torch.tanh(self._lin(h, "head").float() / cfg.softcap) * cfg.softcap
+        return logits, hists
+
+
+class CompiledSteps:
+    """Compiled single-token steps of one Decoder, one graph per (batch, max_len) seen, at most
+    MAX_COMPILED_SHAPES of them. `step` returns None where the caller should run the step eager: a
+    shape past the cap, or fp32 with more than one row (where eager is faster)."""
+
+    def __init__(self, model, dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ChibiError(f"compiled decoding supports float32 and bfloat16, not {dtype}")
+        from torch._inductor import config as inductor_config  # imported on use, not at module import
+
+        self.inductor_config = inductor_config
+        bf16 = dtype == torch.bfloat16
+        # bf16: freezing lets inductor pack the constant weights for oneDNN (1.3-1.8x the plain
+        # kernels); fp32: oneDNN loses to MKL at one row, so keep MKL's transposed layout instead.
+        self.module = StepModule(model, dtype, transpose_wide=not bf16).eval()
+        self.freezing = bf16
+        self.graphs: dict[tuple[int, int], object] = {}
+
+    def step(self, idx, state, cos, sin, key_pos):
+        """Logits (B, 1, V) of one token per row, state advanced in place; None if this shape is
+        past the cap. cos/sin (>= max_len, D) fp32 RoPE tables, key_pos (>= max_len,) arange."""
+        key = (idx.shape[0], state.max_len)
+        if not self.freezing and key[0] > FP32_MAX_ROWS:
+            return None  # fp32 with several rows: eager's pre-packed oneDNN weights are faster
+        fn = self.graphs.get(key)
+        if fn is None:
+            if len(self.graphs) >= MAX_COMPILED_SHAPES:
+                return None
+            # dynamic=False: every shape is static (see the module docstring), so the graph never
+            # recompiles between steps; a new (batch, max_len) is a new entry here.
+            fn = self.graphs[key] = torch.compile(self.module, dynamic=False, fullgraph=True)
+        n = state.max_len
+        # The graph is specialised to its inputs' strides and dispatch keys too (a tensor made in
+        # inference mode has different ones): an SLC2 history left by an eager prefill is a strided
+        # view, and pos / histories made outside inference mode differ from those the steps return.
+        # So pass copies of these small tensors, always made here (in the Decoder's inference mode),
+        # and contiguous K/V caches (a no-op for the engine's, written in place through the state's
+        # own tensors).
+        state.layers = [tuple(t.contiguous() if len(layer) == 2 else t.clone(memory_format=torch.contiguous_format)
+                              for t in layer) for layer in state.layers]  # fmt: skip
+        flat = [t for layer in state.layers for t in layer]
+        # Inductor reads `freezing` when it compiles, i.e. inside the call (measured: passing it as
+        # torch.compile(options=...) does not reach the freezing pass on this torch), so set it here.
+        with self.inductor_config.patch(freezing=self.freezing):
+            logits, hists = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
+        it = iter(hists)
+        state.layers = [(next(it),) if len(layer) == 1 else layer for layer in state.layers]
+        return logits
