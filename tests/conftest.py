@@ -12,6 +12,18 @@ def home(tmp_path, monkeypatch):
     return h
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (use with pytest.mark.usefixtures): on a loaded
+    2-core machine extra threads only add synchronisation, which can cost 50x. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     # Keep tests deterministic and polite on a 2-core machine.
     os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -14,13 +14,7 @@ from chibichat.tokenizer import Tokenizer
 V = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: intra-op threads only add synchronisation on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYOUTS = {
     "dense": dict(layers="dense"),

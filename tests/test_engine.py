@@ -12,14 +12,7 @@ from chibichat.model.gpt import GPT, GPTConfig
 from chibichat.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: intra-op threads only add synchronisation, which on a loaded 2-core machine
-    # costs 50x. Restored afterwards so other test modules see the default.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
