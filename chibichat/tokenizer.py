@@ -10,26 +10,30 @@ Three pre-split patterns are available (`split`):
              measured as the best of 1/2/3). Under it a Japanese clause is one `\\p{L}+` chunk
              (mean ~17 bytes, max ~300 on embedded-ja); long, mostly unique chunks are what make BPE
              training slow and memory-hungry on Japanese.
-  ja         (default for ja/mixed corpora) bunsetsu-like chunks: a Han or Katakana(+ー) run with up
-             to 4 hiragana after it (particles, okurigana: 東京都に / 住んでいる / コーヒーを), or a
-             hiragana run; optionally led by one non-letter (space, 「) and ended by up to two closing
-             marks and their line breaks (私は、 / ます。\\n); each part capped (JA_*_CAP). Splitting where
-             a new content word starts keeps the merges that pay (word + particle + punctuation) and
-             drops the clause-long chunks.
+  ja         (default for ja/mixed corpora) bunsetsu-like chunks: a Han or Katakana(+ー) run (up to
+             10) with up to 3 hiragana after it (particles, okurigana: 東京都に / 住んでい|る / コーヒーを),
+             or a hiragana run (up to 6); optionally led by one non-letter (space, 「) and ended by up to
+             two closing marks and their line breaks (私は、 / ます。\\n); each part capped (JA_*_CAP).
+             Splitting where a new content word starts keeps the merges that pay (word + particle +
+             punctuation) and drops the clause-long chunks.
   ja-script  break at every script change (Han | Hiragana | Katakana), runs capped at
              JA_SCRIPT_CAP: the fastest and lightest to train, but it forbids word+particle tokens,
              so it compresses in-domain Japanese noticeably worse. For corpora too big for `ja`.
 English text is split identically by all three. Figures behind the choice (`chibichat bench
-tokenizer` and a sweep of ~40 variants; 2M chars of embedded-ja, vocab 8192, held-out = embedded-ja
+tokenizer` and sweeps of ~50 variants; 2M chars of embedded-ja, vocab 8192, held-out = embedded-ja
 val + the shipped sample; CPU-time ratios, medians of 3-7 interleaved runs on a shared 2-core machine):
-  gpt4 2.3-3.0 s, 6.38 B/tok | ja 2.65-3.0x faster (single rounds 2.25-3.2x), 6.49 B/tok (+1.7%) |
-  ja-script 4.3-4.7x faster, 5.13 B/tok (-20%) | the first `ja` (lead only, caps 12, possessive)
-  2.2-2.4x faster, 6.42 B/tok. The gap widens with more text: at 4M chars ja is 3.3x faster
-  (gpt4 5.5 s) and ja-script 5.2x. On a 1M en + 1M ja mix, English held-out B/tok 3.64 vs gpt4 3.62.
-Shorter caps (content 6, tail 2-3, kana tail 1-2) reached 3.2-3.6x but fell to 6.26-6.35 B/tok;
-dropping the lead cost 0.26 B/tok; attaching closing punctuation and line breaks bought +0.15 B/tok
-for ~2% more distinct chunks. So at 2M chars the issue's ">= 3x with equal or better bytes/token" sits
-at the edge of what a pre-split alone buys: the floor is the regex pass and rustbpe's per-chunk setup.
+  gpt4 2.3-3.0 s, 6.38 B/tok | ja (caps 10/3/6, one grouped branch) 3.1-3.5x faster, 6.44 B/tok (+0.9%)
+  | the previous ja (caps 8/4/8, three branches) 2.7-3.1x, 6.49 B/tok | ja-script 4.3-4.8x faster,
+  5.13 B/tok (-20%) | the first `ja` (lead only, caps 12, possessive) 2.2-2.4x, 6.42 B/tok. The gap
+  widens with more text (at 4M chars the previous ja was 3.3x faster, ja-script 5.2x). On a 1M en +
+  1M ja mix, English held-out B/tok 3.64 vs gpt4 3.62.
+Shorter caps (content 6-8, tail 2-3, kana tail 1-2) reached 3.2-3.6x but fell to 6.26-6.40 B/tok;
+longer ones (content 12, tail 4) gave 6.45-6.54 B/tok at 2.7-3.1x; dropping the lead cost 0.26 B/tok;
+attaching closing punctuation and line breaks bought +0.15 B/tok for ~2% more distinct chunks. The
+floor under all of them is the split itself: rustbpe with a no-merge vocabulary (split and count only)
+already takes ~0.47 s of ja's ~0.85 s, of which ~0.2 s is fancy-regex's backtracking VM (which GPT-4's
+`\\s+(?!\\S)` lookahead requires; removing the lookahead sends the whole pattern to the regex crate,
+whose lazy DFA thrashes on these Unicode classes and runs 4x slower).
 Trainer: rustbpe over Hugging Face `tokenizers` because, for an equal number of merges on the same
 text and pre-split, it used 2.3-3x less CPU time and gave the same bytes/token.
 """
@@ -89,9 +93,9 @@ JA_SCRIPT_CAP = 6
 # The `ja` split's caps (characters). Chosen by a sweep on 2M chars of embedded-ja, vocab 8192
 # (numbers in the module docstring): shorter caps train faster but cost compression, longer ones the
 # reverse; these are the knee of that curve.
-JA_CONTENT_CAP = 8  # a Han or Katakana run (most words are 1-6; longer runs are compounds)
-JA_TAIL_CAP = 4  # hiragana kept after a content run: particles and okurigana (東京では / 食べる)
-JA_HIRA_CAP = 8  # a run of hiragana on its own (ことができる)
+JA_CONTENT_CAP = 10  # a Han or Katakana run (most words are 1-6; longer runs are compounds)
+JA_TAIL_CAP = 3  # hiragana kept after a content run: particles and okurigana (東京で / 食べる)
+JA_HIRA_CAP = 6  # a run of hiragana on its own (ことがで|きる)
 JA_CLOSE_CAP = 2  # closing punctuation kept at the end of a chunk (です。 / 」。)
 # Punctuation that ends a Japanese phrase: it follows the word (は、 / ます。) rather than leading the
 # next one, so it joins the end of the chunk. ASCII forms included for mixed-width text.
@@ -108,21 +112,24 @@ def ja_pattern(content: int = JA_CONTENT_CAP, tail: int = JA_TAIL_CAP, hira: int
 
     A chunk is [one leading non-letter] + (Han run | Katakana run) + up to `tail` hiragana, or a
     hiragana run, then up to `close` closing punctuation marks and the line breaks after them.
-    Three choices are about training speed, not just compression:
+    Four choices are about training speed, not just compression:
       - the Japanese runs come first in the alternation: most chunks of Japanese text are Japanese,
         so the regex engine stops trying alternatives sooner;
+      - the three Japanese runs share one lead and one ending inside a single group, so the
+        backtracking VM (fancy-regex, needed for GPT-4's one lookahead) hands them to the fast
+        regex engine as one sub-match instead of trying three branches (-10% training CPU; the
+        chunks are identical: leftmost-first alternation order is kept, tested);
       - leads and runs are greedy, not possessive (`?` rather than GPT-4's `?+`): the classes that
         follow are disjoint from the lead, so the matches are the same, but without possessive
-        quantifiers fancy-regex hands these branches to the fast regex engine (~25% less split time);
+        quantifiers fancy-regex delegates these branches to the fast engine (~25% less split time);
       - every part is capped, which bounds chunk length and the number of distinct chunks.
     """
     lead = r"[^\r\n\p{L}\p{N}]?"
     end = f"(?:{_JA_CLOSE}{{1,{close}}}[\\r\\n]*)?"
     tail_run = f"{_HIRA}{{0,{tail}}}"
+    runs = f"{_HAN}{{1,{content}}}{tail_run}|{_KANA}{{1,{content}}}{tail_run}|{_HIRA}{{1,{hira}}}"
     return "|".join([
-        f"{lead}{_HAN}{{1,{content}}}{tail_run}{end}",
-        f"{lead}{_KANA}{{1,{content}}}{tail_run}{end}",
-        f"{lead}{_HIRA}{{1,{hira}}}{end}",
+        f"{lead}(?:{runs}){end}",
         _CONTRACTIONS, lead + _NON_JA_LETTER + "+", _DIGITS, r" ?[^\s\p{L}\p{N}]+[\r\n]*", _SPACES,
     ])
 

@@ -6,6 +6,7 @@ import pytest
 from chibichat.common import ChibiError
 from chibichat.tokenizer import (
     GPT4_PATTERN,
+    JA_CLOSE_CAP,
     JA_CONTENT_CAP,
     JA_HIRA_CAP,
     JA_PATTERN,
@@ -102,13 +103,13 @@ def test_japanese_split_patterns():
 
     from chibichat.tokenizer import SPLIT_PATTERNS
 
-    text = "東京都に住んでいる私は、毎朝コーヒーを飲みながら" + "漢" * 20 + "すごーい。」\n\n「はい」と言った。"
+    text = "東京都に住んでいる私は、毎朝コーヒーを飲みます" + "漢" * 25 + "すごーい。」\n\n「はい」と言った。"
     ja = regex.findall(SPLIT_PATTERNS["ja"], text)
-    # content word + particles, closing punctuation kept at the end of the phrase
-    assert ja[:6] == ["東京都に", "住んでいる", "私は、", "毎朝", "コーヒーを", "飲みながら"]
+    # content word + particles (at most JA_TAIL_CAP hiragana), closing punctuation kept at the end
+    assert ja[:7] == ["東京都に", "住んでい", "る", "私は、", "毎朝", "コーヒーを", "飲みます"]
     # Han runs capped at JA_CONTENT_CAP; ー lengthens kana; closing marks and the line breaks after them
-    assert ja[6:9] == ["漢" * 8, "漢" * 8, "漢" * 4 + "すごーい。」\n\n"]
-    assert ja[9:] == ["「はい」", "と", "言った。"]  # an opening bracket leads the word it opens
+    assert ja[7:11] == ["漢" * 10, "漢" * 10, "漢" * 5 + "すごー", "い。」\n\n"]
+    assert ja[11:] == ["「はい」", "と", "言った。"]  # an opening bracket leads the word it opens
     script = regex.findall(SPLIT_PATTERNS["ja-script"], text)
     assert script[:6] == ["東京都", "に", "住", "んでいる", "私", "は"]
     assert max(map(len, script)) <= 6
@@ -160,6 +161,29 @@ def test_ja_split_caps_are_what_the_pattern_uses():
     assert regex.findall(JA_PATTERN, "漢" + "ひ" * (JA_TAIL_CAP + 1)) == ["漢" + "ひ" * JA_TAIL_CAP, "ひ"]
     assert regex.findall(JA_PATTERN, "ひ" * (JA_HIRA_CAP + 1)) == ["ひ" * JA_HIRA_CAP, "ひ"]
     assert regex.findall(JA_PATTERN, "です。。。") == ["です。。", "。"]
+
+
+def test_ja_split_grouped_branch_splits_like_three_branches():
+    """ja_pattern puts its three Japanese runs in one group (a speed choice, see its docstring); the
+    chunks must be exactly those of the plain alternation of three branches."""
+    import regex
+
+    from chibichat.tokenizer import shipped_samples
+    from chibichat.tokenizer import _CONTRACTIONS, _DIGITS, _HAN, _HIRA, _JA_CLOSE, _KANA, _NON_JA_LETTER, _SPACES
+
+    lead = r"[^\r\n\p{L}\p{N}]?"
+    end = f"(?:{_JA_CLOSE}{{1,{JA_CLOSE_CAP}}}[\\r\\n]*)?"
+    tail = f"{_HIRA}{{0,{JA_TAIL_CAP}}}"
+    flat = "|".join([
+        f"{lead}{_HAN}{{1,{JA_CONTENT_CAP}}}{tail}{end}", f"{lead}{_KANA}{{1,{JA_CONTENT_CAP}}}{tail}{end}",
+        f"{lead}{_HIRA}{{1,{JA_HIRA_CAP}}}{end}",
+        _CONTRACTIONS, lead + _NON_JA_LETTER + "+", _DIGITS, r" ?[^\s\p{L}\p{N}]+[\r\n]*", _SPACES,
+    ])
+    assert flat != JA_PATTERN
+    texts = [JA * 3, MIXED, EN, "「ア」、ひ。\n漢ーア・イ（123）ａｂｃ　ひらがなカタカナ漢字。。。\r\n", "ー々〆ゝゞヽヾ"]
+    texts += corpus(20) + list(shipped_samples().values())
+    for t in texts:
+        assert regex.findall(JA_PATTERN, t) == regex.findall(flat, t)
 
 
 # The first `ja` split (lead-only, runs capped at 12, possessive), as saved by tokenizers trained before
