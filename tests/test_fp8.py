@@ -117,6 +117,23 @@ def test_fp8_linear_is_close_to_the_bf16_linear():
     assert rel(y8, yr) > rel(yb, yr)  # it really ran in fp8
 
 
+def test_only_fp8_copies_are_saved_for_backward():
+    """x (M, K) and W (N, K) are kept as 1-byte fp8 (W padded to 16 rows) plus two fp32 scales."""
+    M, K, N = 64, 32, 40
+    x = torch.randn(M, K, requires_grad=True)
+    w = torch.randn(N, K, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fp8.fp8_linear(x, w)
+    assert sorted(saved, key=str) == sorted([(torch.float8_e4m3fn, M * K), (torch.float8_e4m3fn, 48 * K),
+                                             (torch.float32, 1), (torch.float32, 1)], key=str)
+
+
 def test_input_features_must_be_a_multiple_of_16():
     with pytest.raises(ChibiError, match="multiple of 16"):
         fp8.fp8_linear(torch.randn(4, 40), torch.randn(32, 40))

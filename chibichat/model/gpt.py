@@ -12,6 +12,8 @@ Precision: parameters are fp32 masters. `GPT.compute_dtype` (a plain attribute; 
 Runtime.compute_dtype) is the dtype of every matmul: weights are cast to it inside forward, so
 gradients still land on the fp32 masters. The residual stream stays fp32; logits and the loss are
 fp32 per chunk only (see `_HeadLossSum`), so no fp32 (B, T, V) tensor is ever materialised in training.
+With `--fp8` (chibichat/model/fp8.py) the block projections of training forwards multiply in fp8 instead;
+every projection goes through `project()` for that.
 
 Compile: the stage calls `torch.compile(model, dynamic=False)` itself for training. Only `forward`
 is compiled that way; `forward_step` (inference, variable shapes) always runs eagerly, also when
