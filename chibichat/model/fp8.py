@@ -111,9 +111,9 @@ class _Fp8Linear(torch.autograd.Function):
             else:
                 # bf16 fallback: M (tokens in this micro-batch) is the contraction dim here, and _scaled_mm
                 # needs it to be a multiple of 16 on CUDA. Odd M happens only with odd batch shapes (e.g. RL
-                # rows cut to the longest rollout). The saved fp8 x is dequantised (exact in bf16 before the
-                # scale) and g is used unquantised.
-                xd = x8.to(out_dtype) * x_inv.to(out_dtype)
+                # rows cut to the longest rollout). The saved fp8 x is dequantised in fp32 (one rounding to
+                # bf16 at the end) and g is used unquantised.
+                xd = (x8.float() * x_inv).to(out_dtype)
                 grad_w = (g2.to(out_dtype).t() @ xd).float()
             grad_w = grad_w.to(w_dtype)
         return grad_x, grad_w, None
