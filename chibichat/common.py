@@ -197,6 +197,18 @@ def add_runtime_args(parser) -> None:
     )
 
 
+def add_fp8_arg(parser) -> None:
+    """--fp8 for the training stages (pretrain, midtrain, sft, rl); checked by model.fp8.enable_fp8."""
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="run the block matmuls (attention, MLP, SLC2 projections; not embedding or lm head) of training "
+        "in fp8 with dynamic per-tensor scales, master weights fp32. For H100-class GPUs (SM 8.9+); needs the "
+        "bfloat16 compute dtype. Allowed on CPU for testing, where it is slower than bf16 (no fp8 units). "
+        "Evaluation and sampling stay in the compute dtype",
+    )
+
+
 def default_compute_dtype(device) -> Any:
     """The fastest safe compute dtype for a device.
 

@@ -35,10 +35,20 @@ def test_cartesian_configs_and_grad_accum():
     (["--layers", ","], "empty"),
     (["--steps", "0"], "--steps"),
     (["--window", "abc"], "expected 0, N or N:PATTERN"),
+    (["--fp8", "on"], "--fp8 on needs --dtype bfloat16"),  # the default --dtype list includes float32
+    (["--dtype", "bfloat16", "--fp8", "yes"], "unknown values"),
 ])
 def test_bad_flags_raise(extra, match):
     with pytest.raises(ChibiError, match=match):
         bt.configs_from_args(parse(TINY + extra))
+
+
+def test_fp8_axis_runs_fp8_matmuls():
+    cfgs = bt.configs_from_args(parse(TINY + ["--dtype", "bfloat16", "--fp8", "off,on"]))
+    assert [c.fp8 for c in cfgs] == [False, True] and bt._name(cfgs[1]).endswith("/fp8")
+    r = bt.run_config(cfgs[1], calib_n=128)
+    assert r["config"]["fp8"] is True and r["final_loss"] < r["first_loss"]
+    assert "fp8" in bt.format_table([r]).splitlines()[0]
 
 
 def test_markov_batches_are_deterministic_and_follow_the_chain():

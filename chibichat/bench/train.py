@@ -1,6 +1,6 @@
 """`chibichat bench train`: training throughput of the model as tokens/s, FLOP/s and MFU.
 
-For every combination of --layers x --dtype x --compile (a cartesian product), a fresh process builds
+For every combination of --layers x --dtype x --compile x --fp8 (a cartesian product), a fresh process builds
 the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
 AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-batch tokens each
 (gradient accumulation over micro-batches of --batch rows of --seq-len tokens). After --warmup steps
@@ -31,10 +31,11 @@ from dataclasses import asdict, dataclass
 
 from chibichat.common import ChibiError
 
-HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile"
+HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x fp8"
 
 DTYPES = ("float32", "bfloat16")
 COMPILE = {"off": False, "on": True}
+FP8 = {"off": False, "on": True}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TrainBenchConfig:
     threads: int
     window: str = "0"
     seed: int = 0
+    fp8: bool = False  # block matmuls in fp8 (model/fp8.py); bfloat16 only
 
     @property
     def grad_accum(self) -> int:
@@ -76,6 +78,9 @@ def add_args(p) -> None:
                    help="sliding-window attention, as `pretrain --window` (0 = full causal everywhere)")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma list of compute dtypes: float32, bfloat16")
     p.add_argument("--compile", default="off", help="comma list of off, on (torch.compile of the model)")
+    p.add_argument("--fp8", default="off",
+                   help="comma list of off, on: block matmuls in fp8 (bfloat16 dtype only; meant for H100-class "
+                        "GPUs, slower than bf16 on CPU, which has no fp8 units)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -115,14 +120,18 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
         window_schedule(args.window, layer_pattern(lay, args.depth), args.seq_len)  # raise ChibiError naming the problem
     dtypes = _split(args.dtype, DTYPES, "--dtype")
     compiles = _split(args.compile, tuple(COMPILE), "--compile")
+    fp8s = _split(args.fp8, tuple(FP8), "--fp8")
+    if "on" in fp8s and dtypes != ["bfloat16"]:
+        raise ChibiError("--fp8 on needs --dtype bfloat16 (fp8 matmuls return bf16 activations); "
+                         "pass --dtype bfloat16 or --fp8 off")
     return [
         TrainBenchConfig(
             depth=args.depth, width=args.width, heads=args.heads, kv_heads=args.kv_heads or args.heads,
             seq_len=args.seq_len, vocab=args.vocab, batch=args.batch, layers=lay, dtype=dt, compile=COMPILE[c],
             steps=args.steps, warmup=args.warmup, total_batch=args.total_batch, threads=args.threads,
-            window=args.window,
+            window=args.window, fp8=FP8[f],
         )
-        for lay, dt, c in itertools.product(layouts, dtypes, compiles)
+        for lay, dt, c, f in itertools.product(layouts, dtypes, compiles, fp8s)
     ]
 
 
@@ -185,6 +194,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
 
     import torch
 
+    from chibichat.model.fp8 import enable_fp8
     from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
     from chibichat.train.optim import build_optimizer
     from chibichat.train.scaling import window_schedule
@@ -200,6 +210,8 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
                               n_head=cfg.heads, n_kv_head=cfg.kv_heads, layers=cfg.layers,
                               windows=window_schedule(cfg.window, layer_pattern(cfg.layers, cfg.depth), cfg.seq_len)))
     model.compute_dtype = dtype
+    if cfg.fp8:
+        enable_fp8(model, dev, dtype)
     # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
@@ -267,6 +279,10 @@ def child_main() -> int:
 RESULT_MARK = "@@chibichat-bench-result@@"
 
 
+def _name(cfg: TrainBenchConfig) -> str:
+    return f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}" + ("/fp8" if cfg.fp8 else "")
+
+
 def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
     """run_config in a fresh interpreter (clean peak memory, thread pool and compile cache).
 
@@ -276,7 +292,7 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
     import subprocess
     import sys
 
-    name = f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}"
+    name = _name(cfg)
     code = "import sys; from chibichat.bench.train import child_main; sys.exit(child_main())"
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps({"config": asdict(cfg), "device": device}),
                           capture_output=True, text=True)
@@ -295,13 +311,13 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["layers", "dtype", "compile", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
+    head = ["layers", "dtype", "compile", "fp8", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
             "warmup s", "loss first->last"]
     rows = []
     for r in results:
         c = r["config"]
         rows.append([
-            c["layers"], c["dtype"], "on" if c["compile"] else "off",
+            c["layers"], c["dtype"], "on" if c["compile"] else "off", "on" if c["fp8"] else "off",
             f"{r['step_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
             f"{r['peak_flops_per_s'] / 1e9:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_mb']:.0f}",
             f"{r['warmup_s']:.1f}", f"{r['first_loss']:.3f}->{r['final_loss']:.3f}",
@@ -327,14 +343,13 @@ def run(args) -> int:
     for cfg in configs:
         r = run_isolated(cfg, args.device)
         results.append(r)
-        print(f"  done {cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}: "
-              f"{r['tokens_per_s']:,.0f} tok/s", flush=True)
+        print(f"  done {_name(cfg)}: {r['tokens_per_s']:,.0f} tok/s", flush=True)
     print()
     print(format_table(results))
     r0 = results[0]
     print(
         f"\n* peak = best-of-5 {2048}^3 matmul measured in each process in its dtype with {r0['threads']} threads "
-        f"(MFU is relative to what this machine delivered, not a datasheet). FLOPs/token = 6 x matmul params + "
+        f"(MFU is relative to what this machine delivered, not a datasheet; fp8 rows against the bf16 peak). FLOPs/token = 6 x matmul params + "
         f"attention (SLC2 charged as SLC2). peak MB = max RSS of the process incl. the torch runtime "
         f"(baseline before building the model: {r0['baseline_rss_mb']:.0f} MB). Optimizer: MuonAdamW. "
         "cpu ms/step = process CPU time per step (all threads; with --threads 1 it shows what one core "

@@ -12,6 +12,8 @@ Precision: parameters are fp32 masters. `GPT.compute_dtype` (a plain attribute; 
 Runtime.compute_dtype) is the dtype of every matmul: weights are cast to it inside forward, so
 gradients still land on the fp32 masters. The residual stream stays fp32; logits and the loss are
 fp32 per chunk only (see `_HeadLossSum`), so no fp32 (B, T, V) tensor is ever materialised in training.
+With `--fp8` (chibichat/model/fp8.py) the block projections of training forwards multiply in fp8 instead;
+every projection goes through `project()` for that.
 
 Compile: the stage calls `torch.compile(model, dynamic=False)` itself for training. Only `forward`
 is compiled that way; `forward_step` (inference, variable shapes) always runs eagerly, also when
@@ -31,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chibichat.common import ChibiError
+from chibichat.model.fp8 import project
 from chibichat.model.slc2 import SLC2
 
 LAYOUT_NAMES = ("dense", "iberis")  # named layouts accepted by layer_pattern (for CLI help/choices)
@@ -192,6 +195,7 @@ class Attention(nn.Module):
         self.w_k = nn.Parameter(torch.empty(kv, E))
         self.w_v = nn.Parameter(torch.empty(kv, E))
         self.w_o = nn.Parameter(torch.empty(E, E))
+        self.fp8 = False  # training projections in fp8 (model/fp8.py enable_fp8); inference never
 
     @torch.no_grad()
     def reset_parameters(self) -> list:
@@ -207,8 +211,8 @@ class Attention(nn.Module):
         B, T, _ = u.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         # Fused QKV: one matmul over the concatenated (separately stored, separately Muon'd) weights.
-        w = torch.cat([self.w_q, self.w_k, self.w_v], dim=0).to(dtype)
-        q, k, v = F.linear(u.to(dtype), w).split([H * D, Hk * D, Hk * D], dim=-1)
+        w = torch.cat([self.w_q, self.w_k, self.w_v], dim=0)
+        q, k, v = project(u, w, dtype, self.fp8).split([H * D, Hk * D, Hk * D], dim=-1)
         q = norm(apply_rope(q.view(B, T, H, D), cos, sin))
         k = norm(apply_rope(k.view(B, T, Hk, D), cos, sin))
         return q, k, v.view(B, T, Hk, D)
@@ -244,7 +248,7 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, mask=(d >= 0) & (d < self.window))
         else:
             y = self._attend(q, k, v, causal=True)
-        return F.linear(y.transpose(1, 2).reshape(B, T, E), self.w_o.to(dtype))
+        return project(y.transpose(1, 2).reshape(B, T, E), self.w_o, dtype, self.fp8)
 
     def step(self, u, cos, sin, dtype, cache, pos):
         """Append t tokens per row to the (k, v) cache at row positions `pos` (B,), attend, return y."""
@@ -274,6 +278,7 @@ class MLP(nn.Module):
         super().__init__()
         self.w_fc = nn.Parameter(torch.empty(4 * n_embd, n_embd))
         self.w_proj = nn.Parameter(torch.empty(n_embd, 4 * n_embd))
+        self.fp8 = False  # training projections in fp8 (model/fp8.py enable_fp8); inference never
 
     @torch.no_grad()
     def reset_parameters(self) -> list:
@@ -282,7 +287,7 @@ class MLP(nn.Module):
         return [self.w_fc, self.w_proj]
 
     def forward(self, u, dtype):
-        return F.linear(F.relu(F.linear(u.to(dtype), self.w_fc.to(dtype))).square(), self.w_proj.to(dtype))
+        return project(F.relu(project(u, self.w_fc, dtype, self.fp8)).square(), self.w_proj, dtype, self.fp8)
 
 
 class Block(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_runtime_args
 
 DEFAULT_DEPTH = 4  # CPU-sized; GPU runs pass --depth 20 and up
 
@@ -33,6 +33,7 @@ def register(sub) -> None:
     add_home_arg(p)
     add_runtime_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (static shapes)")
+    add_fp8_arg(p)
     p.add_argument("--corpus", default="embedded-en", help="corpus name (see `chibichat data list`) or local:/folder")
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="number of layers: the one dial")
     p.add_argument("--layers", default="dense",
@@ -83,6 +84,7 @@ def run(args) -> int:
     from chibichat.data.corpora import get_corpus
     from chibichat.data.loader import PretrainLoader
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
+    from chibichat.model.fp8 import enable_fp8
     from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import LoopConfig, train
@@ -123,6 +125,8 @@ def run(args) -> int:
                     device_type=rt.device.type, world_size=rt.world_size)
         model.to(rt.device)
         model.compute_dtype = rt.compute_dtype
+        if args.fp8:
+            enable_fp8(model, rt.device, rt.compute_dtype)
         tag = args.tag or f"d{args.depth}"
         tag_dir = home.checkpoints_dir("base", tag)
         if rt.is_master:  # summary.json marks a finished run; this one is not finished yet
@@ -131,7 +135,7 @@ def run(args) -> int:
         print0(rt, f"model: {cfg.layers} ({cfg.layers.count('A')} attention, {cfg.layers.count('S')} SLC2), "
                    f"{'windows ' + str(cfg.windows) + ', ' if any(cfg.windows) else ''}"
                    f"vocab {cfg.vocab_size:,}, {model.num_params():,} params, {model.flops_per_token():.3e} FLOPs/token; "
-                   f"device {rt.device}, compute {str(rt.compute_dtype).replace('torch.', '')}, world {rt.world_size}; "
+                   f"device {rt.device}, compute {str(rt.compute_dtype).replace('torch.', '')}{' + fp8 matmuls' if args.fp8 else ''}, world {rt.world_size}; "
                    f"corpus {corpus.name}; run dir {tag_dir}")
 
         optimizer = build_optimizer(groups, matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr,
@@ -182,7 +186,7 @@ def run(args) -> int:
             "params": model.num_params(), "scaling_params": scaling_params,
             "flops_per_token": model.flops_per_token(), "steps": result.steps, "tokens": result.tokens,
             "total_batch": plan.total_batch, "seq_len": plan.seq_len, "world_size": rt.world_size,
-            "device": str(rt.device), "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
+            "device": str(rt.device), "compute_dtype": str(rt.compute_dtype).replace("torch.", ""), "fp8": args.fp8,
             "train_time_s": result.train_time_s, "wall_time_s": time.time() - t_start,
             "tok_per_s": result.tokens / result.train_time_s if result.train_time_s else None,
             "final_loss": result.final_loss,

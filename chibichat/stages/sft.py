@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_runtime_args
 
 # Evaluation sets are never training data: a mixture that names one is refused.
 EVAL_ONLY_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
@@ -67,6 +67,7 @@ def add_loop_args(p, steps: int, batch: int | None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing checkpoints under --tag")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixture order and initialisation")
     p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
+    add_fp8_arg(p)
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
@@ -99,10 +100,14 @@ def default_mix(tok, en: str, ja: str) -> str:
 
 
 def load_source(args, home, tok, rt):
-    """(model, meta, tag) from `--from`, refusing a checkpoint trained with another tokenizer."""
+    """(model, meta, tag) from `--from`, refusing a checkpoint trained with another tokenizer; with --fp8
+    the block matmuls of training switch to fp8 (each stage chooses, like --dtype; not read from the source)."""
+    from chibichat.model.fp8 import enable_fp8
     from chibichat.train.checkpoint import load_model
 
     model, meta = load_model(home, args.from_stage, args.from_tag, args.from_step, rt=rt, tokenizer=tok)
+    if args.fp8:
+        enable_fp8(model, rt.device, rt.compute_dtype)
     tag = args.tag or Path(meta["checkpoint_dir"]).parent.name
     return model, meta, tag
 
