@@ -55,6 +55,7 @@ class TrainBenchConfig:
     threads: int
     window: str = "0"
     seed: int = 0
+    recompute: str = "none"
 
     @property
     def grad_accum(self) -> int:
@@ -76,6 +77,8 @@ def add_args(p) -> None:
                    help="sliding-window attention, as `pretrain --window` (0 = full causal everywhere)")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma list of compute dtypes: float32, bfloat16")
     p.add_argument("--compile", default="off", help="comma list of off, on (torch.compile of the model)")
+    p.add_argument("--recompute", default="none",
+                   help="comma list of activation recomputation settings: none, mlp, block (GPT.recompute)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -96,7 +99,7 @@ def _split(value: str, allowed, flag: str) -> list[str]:
 
 def configs_from_args(args) -> list[TrainBenchConfig]:
     """The cartesian product of the list flags, validated before any process is started."""
-    from chibichat.model.gpt import layer_pattern
+    from chibichat.model.gpt import RECOMPUTE, layer_pattern
     from chibichat.train.scaling import window_schedule
 
     for name in ("depth", "width", "heads", "seq_len", "vocab", "batch", "total_batch", "steps"):
@@ -115,14 +118,15 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
         window_schedule(args.window, layer_pattern(lay, args.depth), args.seq_len)  # raise ChibiError naming the problem
     dtypes = _split(args.dtype, DTYPES, "--dtype")
     compiles = _split(args.compile, tuple(COMPILE), "--compile")
+    recomputes = _split(args.recompute, RECOMPUTE, "--recompute")
     return [
         TrainBenchConfig(
             depth=args.depth, width=args.width, heads=args.heads, kv_heads=args.kv_heads or args.heads,
             seq_len=args.seq_len, vocab=args.vocab, batch=args.batch, layers=lay, dtype=dt, compile=COMPILE[c],
             steps=args.steps, warmup=args.warmup, total_batch=args.total_batch, threads=args.threads,
-            window=args.window,
+            window=args.window, recompute=rc,
         )
-        for lay, dt, c in itertools.product(layouts, dtypes, compiles)
+        for lay, dt, c, rc in itertools.product(layouts, dtypes, compiles, recomputes)
     ]
 
 
@@ -200,6 +204,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
                               n_head=cfg.heads, n_kv_head=cfg.kv_heads, layers=cfg.layers,
                               windows=window_schedule(cfg.window, layer_pattern(cfg.layers, cfg.depth), cfg.seq_len)))
     model.compute_dtype = dtype
+    model.recompute = cfg.recompute
     # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
@@ -232,13 +237,14 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     if not all(math.isfinite(v) for v in losses):
         raise ChibiError(f"{cfg.layers}/{cfg.dtype}: the loss became non-finite ({losses}); this setting is unsafe")
 
+    # Read before the matmul calibration below, whose own operands would otherwise count as training memory.
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        peak_rss = torch.cuda.max_memory_allocated(dev) / 2**20
     median = statistics.median(times)
     tok_s = cfg.total_batch / median
     flops = model.flops_per_token() * tok_s
     peak = calibrate_peak(dtype, dev, n=calib_n)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if dev.type == "cuda":
-        peak_rss = torch.cuda.max_memory_allocated(dev) / 2**20
     return dict(
         config=asdict(cfg), params=model.num_params(), flops_per_token=model.flops_per_token(),
         step_ms=median * 1000, step_ms_min=min(times) * 1000, step_ms_max=max(times) * 1000,
