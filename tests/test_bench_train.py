@@ -31,6 +31,7 @@ def test_cartesian_configs_and_grad_accum():
     (["--total-batch", "48"], "multiple of"),
     (["--dtype", "float64"], "unknown values"),
     (["--compile", "maybe"], "unknown values"),
+    (["--recompute", "none,all"], "unknown values"),
     (["--layers", "ASA"], "layer layout"),
     (["--layers", ","], "empty"),
     (["--steps", "0"], "--steps"),
@@ -39,6 +40,17 @@ def test_cartesian_configs_and_grad_accum():
 def test_bad_flags_raise(extra, match):
     with pytest.raises(ChibiError, match=match):
         bt.configs_from_args(parse(TINY + extra))
+
+
+def test_recompute_is_an_axis_of_the_product_and_a_table_column():
+    cfgs = bt.configs_from_args(parse(TINY + ["--layers", "dense,SA", "--recompute", "none,block"]))
+    assert [(c.layers, c.recompute) for c in cfgs if c.dtype == "float32"] == [
+        ("dense", "none"), ("dense", "block"), ("SA", "none"), ("SA", "block")]
+    assert bt.configs_from_args(parse(TINY))[0].recompute == "none"
+    fake = dict(config=bt.asdict(cfgs[1]), step_ms=10.0, cpu_ms=9.0, tokens_per_s=6400.0, flops_per_s=2e9,
+                peak_flops_per_s=1e11, mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2)
+    head, row = bt.format_table([fake]).splitlines()
+    assert head.split()[3] == "recompute" and row.split()[3] == "block"
 
 
 def test_markov_batches_are_deterministic_and_follow_the_chain():
@@ -88,3 +100,10 @@ def test_cli_runs_isolated_configs_and_writes_json(tmp_path, capsys):
     assert "MFU" in printed and "iberis" in printed
     results = json.loads(out.read_text())
     assert len(results) == 1 and results[0]["config"]["layers"] == "iberis" and results[0]["tokens_per_s"] > 0
+
+
+def test_recompute_learns_exactly_the_same():
+    none, block = bt.configs_from_args(parse(TINY + ["--layers", "SA", "--dtype", "bfloat16",
+                                                     "--recompute", "none,block"]))
+    a, b = bt.run_config(none, calib_n=64), bt.run_config(block, calib_n=64)
+    assert (a["first_loss"], a["final_loss"]) == (b["first_loss"], b["final_loss"])

@@ -1,6 +1,6 @@
 """`chibichat bench train`: training throughput of the model as tokens/s, FLOP/s and MFU.
 
-For every combination of --layers x --dtype x --compile (a cartesian product), a fresh process builds
+For every combination of --layers x --dtype x --compile x --recompute (a cartesian product), a fresh process builds
 the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
 AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-batch tokens each
 (gradient accumulation over micro-batches of --batch rows of --seq-len tokens). After --warmup steps
@@ -10,8 +10,17 @@ AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-bat
   FLOP/s      = model.flops_per_token() * tokens/s   (SLC2 layers charged as SLC2, not attention)
   MFU         = FLOP/s / peak, where peak is *measured* in the same process, dtype and thread count
                 by a square matmul calibration (best of several), not a datasheet number
-  peak RSS    = the process's maximum resident memory (ru_maxrss), torch runtime included; the RSS
-                before the model was built is reported as the baseline
+  peak RSS    = the process's maximum resident memory (ru_maxrss) over the training steps (read before
+                the calibration), torch runtime included; the RSS before the model was built is
+                reported as the baseline
+
+--recompute (GPT.recompute) trades compute for activation memory. Measured at the default shape
+(bf16, eager, 1 thread, 2-core Zen 4 under load 2-3): none ~630-690 MB at ~770-830 CPU ms/step,
+mlp ~600-670 MB, block ~530-570 MB at ~860-930 CPU ms/step (+10-15%). What is left is mostly not
+tensors: importing torch alone is ~220 MB RSS; at the step's peak glibc malloc has only ~225 MB in
+use (87 MB of it there before the model), and 70-100 MB of freed heap is still resident. Fixing
+glibc's mmap threshold (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) returns that to the
+OS (block: ~480 MB) but every large tensor then costs fresh page faults: 1.6-1.9x the CPU time.
 
 Each configuration runs in its own spawned process so that peak memory, compile caches and thread
 pools of one configuration cannot leak into the next. The training data is a fixed random Markov
@@ -31,7 +40,7 @@ from dataclasses import asdict, dataclass
 
 from chibichat.common import ChibiError
 
-HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile"
+HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x recompute"
 
 DTYPES = ("float32", "bfloat16")
 COMPILE = {"off": False, "on": True}
@@ -273,6 +282,10 @@ def child_main() -> int:
 RESULT_MARK = "@@chibichat-bench-result@@"
 
 
+def _name(cfg: TrainBenchConfig) -> str:
+    return f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}/recompute={cfg.recompute}"
+
+
 def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
     """run_config in a fresh interpreter (clean peak memory, thread pool and compile cache).
 
@@ -282,7 +295,7 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
     import subprocess
     import sys
 
-    name = f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}"
+    name = _name(cfg)
     code = "import sys; from chibichat.bench.train import child_main; sys.exit(child_main())"
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps({"config": asdict(cfg), "device": device}),
                           capture_output=True, text=True)
@@ -301,13 +314,13 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["layers", "dtype", "compile", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
+    head = ["layers", "dtype", "compile", "recompute", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
             "warmup s", "loss first->last"]
     rows = []
     for r in results:
         c = r["config"]
         rows.append([
-            c["layers"], c["dtype"], "on" if c["compile"] else "off",
+            c["layers"], c["dtype"], "on" if c["compile"] else "off", c["recompute"],
             f"{r['step_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
             f"{r['peak_flops_per_s'] / 1e9:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_mb']:.0f}",
             f"{r['warmup_s']:.1f}", f"{r['first_loss']:.3f}->{r['final_loss']:.3f}",
@@ -333,7 +346,7 @@ def run(args) -> int:
     for cfg in configs:
         r = run_isolated(cfg, args.device)
         results.append(r)
-        print(f"  done {cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}: "
+        print(f"  done {_name(cfg)}: "
               f"{r['tokens_per_s']:,.0f} tok/s", flush=True)
     print()
     print(format_table(results))
