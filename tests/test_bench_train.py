@@ -32,6 +32,7 @@ def test_cartesian_configs_and_grad_accum():
     (["--dtype", "float64"], "unknown values"),
     (["--compile", "maybe"], "unknown values"),
     (["--recompute", "none,all"], "unknown values"),
+    (["--trim-heap", "yes"], "unknown values"),
     (["--layers", "ASA"], "layer layout"),
     (["--layers", ","], "empty"),
     (["--steps", "0"], "--steps"),
@@ -50,7 +51,10 @@ def test_recompute_is_an_axis_of_the_product_and_a_table_column():
     fake = dict(config=bt.asdict(cfgs[1]), step_ms=10.0, cpu_ms=9.0, tokens_per_s=6400.0, flops_per_s=2e9,
                 peak_flops_per_s=1e11, mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2)
     head, row = bt.format_table([fake]).splitlines()
-    assert head.split()[3] == "recompute" and row.split()[3] == "block"
+    assert head.split()[3:5] == ["recompute", "trim"] and row.split()[3:5] == ["block", "off"]
+    trims = bt.configs_from_args(parse(TINY + ["--trim-heap", "off,on"]))
+    assert [(c.dtype, c.trim_heap) for c in trims] == [
+        ("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
 
 
 def test_markov_batches_are_deterministic_and_follow_the_chain():
@@ -102,8 +106,8 @@ def test_cli_runs_isolated_configs_and_writes_json(tmp_path, capsys):
     assert len(results) == 1 and results[0]["config"]["layers"] == "iberis" and results[0]["tokens_per_s"] > 0
 
 
-def test_recompute_learns_exactly_the_same():
-    none, block = bt.configs_from_args(parse(TINY + ["--layers", "SA", "--dtype", "bfloat16",
-                                                     "--recompute", "none,block"]))
-    a, b = bt.run_config(none, calib_n=64), bt.run_config(block, calib_n=64)
-    assert (a["first_loss"], a["final_loss"]) == (b["first_loss"], b["final_loss"])
+def test_recompute_and_trim_learn_exactly_the_same():
+    cfgs = bt.configs_from_args(parse(TINY + ["--layers", "SA", "--dtype", "bfloat16", "--recompute", "none,block",
+                                              "--trim-heap", "off,on"]))
+    runs = [bt.run_config(c, calib_n=64) for c in cfgs]
+    assert len({(r["first_loss"], r["final_loss"]) for r in runs}) == 1  # recompute and trim change no number

@@ -1,6 +1,6 @@
 """`chibichat bench train`: training throughput of the model as tokens/s, FLOP/s and MFU.
 
-For every combination of --layers x --dtype x --compile x --recompute (a cartesian product), a fresh process builds
+For every combination of --layers x --dtype x --compile x --recompute x --trim-heap (a cartesian product), a fresh process builds
 the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
 AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-batch tokens each
 (gradient accumulation over micro-batches of --batch rows of --seq-len tokens). After --warmup steps
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 
 from chibichat.common import ChibiError
 
-HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x recompute"
+HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x recompute x trim"
 
 DTYPES = ("float32", "bfloat16")
 COMPILE = {"off": False, "on": True}
@@ -65,6 +65,7 @@ class TrainBenchConfig:
     window: str = "0"
     seed: int = 0
     recompute: str = "none"
+    trim_heap: bool = False
 
     @property
     def grad_accum(self) -> int:
@@ -88,6 +89,9 @@ def add_args(p) -> None:
     p.add_argument("--compile", default="off", help="comma list of off, on (torch.compile of the model)")
     p.add_argument("--recompute", default="none",
                    help="comma list of activation recomputation settings: none, mlp, block (GPT.recompute)")
+    p.add_argument("--trim-heap", default="off",
+                   help="comma list of off, on: return freed heap to the OS after every optimizer step "
+                        "(malloc_trim, glibc; as `pretrain --trim-heap`)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -128,14 +132,15 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
     dtypes = _split(args.dtype, DTYPES, "--dtype")
     compiles = _split(args.compile, tuple(COMPILE), "--compile")
     recomputes = _split(args.recompute, RECOMPUTE, "--recompute")
+    trims = _split(args.trim_heap, tuple(COMPILE), "--trim-heap")
     return [
         TrainBenchConfig(
             depth=args.depth, width=args.width, heads=args.heads, kv_heads=args.kv_heads or args.heads,
             seq_len=args.seq_len, vocab=args.vocab, batch=args.batch, layers=lay, dtype=dt, compile=COMPILE[c],
             steps=args.steps, warmup=args.warmup, total_batch=args.total_batch, threads=args.threads,
-            window=args.window, recompute=rc,
+            window=args.window, recompute=rc, trim_heap=COMPILE[tr],
         )
-        for lay, dt, c, rc in itertools.product(layouts, dtypes, compiles, recomputes)
+        for lay, dt, c, rc, tr in itertools.product(layouts, dtypes, compiles, recomputes, trims)
     ]
 
 
@@ -199,6 +204,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     import torch
 
     from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
+    from chibichat.train.loop import release_free_heap
     from chibichat.train.optim import build_optimizer
     from chibichat.train.scaling import window_schedule
 
@@ -236,6 +242,8 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
             total += loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cfg.trim_heap:
+            release_free_heap()
         losses.append(float(total))  # also synchronises, so the step is complete
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         if step < cfg.warmup:
@@ -283,7 +291,8 @@ RESULT_MARK = "@@chibichat-bench-result@@"
 
 
 def _name(cfg: TrainBenchConfig) -> str:
-    return f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}/recompute={cfg.recompute}"
+    return (f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}/recompute={cfg.recompute}"
+            f"/trim={'on' if cfg.trim_heap else 'off'}")
 
 
 def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
@@ -314,13 +323,13 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["layers", "dtype", "compile", "recompute", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
+    head = ["layers", "dtype", "compile", "recompute", "trim", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
             "warmup s", "loss first->last"]
     rows = []
     for r in results:
         c = r["config"]
         rows.append([
-            c["layers"], c["dtype"], "on" if c["compile"] else "off", c["recompute"],
+            c["layers"], c["dtype"], "on" if c["compile"] else "off", c["recompute"], "on" if c["trim_heap"] else "off",
             f"{r['step_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
             f"{r['peak_flops_per_s'] / 1e9:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_mb']:.0f}",
             f"{r['warmup_s']:.1f}", f"{r['first_loss']:.3f}->{r['final_loss']:.3f}",

@@ -515,7 +515,8 @@ class GPT(nn.Module):
     """See the module docstring. Public API (docs/architecture.md "Model"):
 
     forward(idx, targets=None, reduction="mean"), new_state(batch_size, max_len),
-    forward_step(idx, state), num_params(), flops_per_token(), param_groups(); attribute compute_dtype.
+    forward_step(idx, state), num_params(), flops_per_token(), param_groups(); attributes compute_dtype
+    and recompute (activation recomputation in training, see RECOMPUTE).
     """
 
     def __init__(self, config: GPTConfig):
