@@ -1,7 +1,7 @@
 """`chibichat bench train`: training throughput of the model as tokens/s, FLOP/s and MFU.
 
-For every combination of --layers x --dtype x --compile x --recompute x --trim-heap (a cartesian product), a fresh process builds
-the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
+For every combination of --layers x --dtype x --compile x --recompute x --trim-heap (a cartesian
+product), a fresh process builds the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
 AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-batch tokens each
 (gradient accumulation over micro-batches of --batch rows of --seq-len tokens). After --warmup steps
 (which include torch.compile's compilation), --steps steps are timed; the median step time gives:
@@ -14,13 +14,18 @@ AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-bat
                 the calibration), torch runtime included; the RSS before the model was built is
                 reported as the baseline
 
---recompute (GPT.recompute) trades compute for activation memory. Measured at the default shape
-(bf16, eager, 1 thread, 2-core Zen 4 under load 2-3): none ~630-690 MB at ~770-830 CPU ms/step,
-mlp ~600-670 MB, block ~530-570 MB at ~860-930 CPU ms/step (+10-15%). What is left is mostly not
-tensors: importing torch alone is ~220 MB RSS; at the step's peak glibc malloc has only ~225 MB in
-use (87 MB of it there before the model), and 70-100 MB of freed heap is still resident. Fixing
-glibc's mmap threshold (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) returns that to the
-OS (block: ~480 MB) but every large tensor then costs fresh page faults: 1.6-1.9x the CPU time.
+--recompute (GPT.recompute) trades compute for activation memory; --trim-heap returns freed heap to
+the OS after every step (glibc malloc_trim). Measured at the default shape (bf16, eager, --threads 1,
+6 timed steps, 2-core Zen 4 shared with other jobs, load 2-3), peak MB / CPU ms per step:
+  dense   none 677-693 / 680-690   mlp 633 / 750   block 583-589 / 790-795   block+trim 540 / 955
+  iberis  none 658-670 / 650-720   mlp 632 / 675   block 573-576 / 730-760   block+trim 553 / 760
+(compile on, same shape: dense none/mlp/block 716/663/611 MB at 590/615/710 CPU ms). Losses are
+identical in every setting. What is left is mostly not tensors: importing torch is ~220 MB RSS and
+torch._dynamo (imported by torch.optim.Optimizer's methods and by non-reentrant checkpointing) ~70 MB
+more; at the step's peak glibc malloc has ~225 MB in use (87 MB of it there before the model), and
+70-100 MB of freed heap is still resident. Fixing glibc's mmap threshold
+(GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) returns that at once (block: ~480 MB) but
+every large tensor then costs fresh page faults: 1.6-1.9x the CPU time.
 
 Each configuration runs in its own spawned process so that peak memory, compile caches and thread
 pools of one configuration cannot leak into the next. The training data is a fixed random Markov

@@ -403,8 +403,8 @@ def release_free_heap() -> bool:
     Why: glibc keeps freed chunks of its heap resident for reuse. In a CPU training step the freed
     activations leave 70-100 MB of such pages, which the next step's differently-sized tensors only
     partly reuse, so peak RSS sits well above the live tensors. Trimming between steps releases them;
-    the pages that are reused are faulted back in (measured at bench train's d4 bf16 shape: ~35 MB less
-    peak RSS for ~2-5% CPU time per step)."""
+    the pages that are reused are faulted back in (measured at bench train's d4 bf16 shape: 20-50 MB
+    less peak RSS for 5-20% more CPU time per step, hence opt-in)."""
     import ctypes
 
     try:
