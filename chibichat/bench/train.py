@@ -16,9 +16,11 @@ AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-bat
 
 --recompute (GPT.recompute) trades compute for activation memory; --trim-heap returns freed heap to
 the OS after every step (glibc malloc_trim). Measured at the default shape (bf16, eager, --threads 1,
-6 timed steps, 2-core Zen 4 shared with other jobs, load 2-3), peak MB / CPU ms per step:
-  dense   none 677-693 / 680-690   mlp 633 / 750   block 583-589 / 790-795   block+trim 540 / 955
-  iberis  none 658-670 / 650-720   mlp 632 / 675   block 573-576 / 730-760   block+trim 553 / 760
+6 timed steps, 2-core Zen 4 shared with other jobs, load 1.5-3; 2-3 runs each), peak MB / CPU ms per step:
+  dense   none 677-703 / 680-765   mlp 633 / 750   block 583-589 / 790-1035   block+trim 532-540 / 950
+  iberis  none 658-670 / 650-720   mlp 632 / 675   block 558-576 / 730-800    block+trim 532-553 / 760-770
+(the CPU clock is noisy too: the other core's jobs compete for cache and memory bandwidth; in
+interleaved pairs block cost 10-17% and trim 0-20% over the same setting without it)
 (compile on, same shape: dense none/mlp/block 716/663/611 MB at 590/615/710 CPU ms). Losses are
 identical in every setting. What is left is mostly not tensors: importing torch is ~220 MB RSS and
 torch._dynamo (imported by torch.optim.Optimizer's methods and by non-reentrant checkpointing) ~70 MB
