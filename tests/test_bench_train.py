@@ -31,6 +31,8 @@ def test_cartesian_configs_and_grad_accum():
     (["--total-batch", "48"], "multiple of"),
     (["--dtype", "float64"], "unknown values"),
     (["--compile", "maybe"], "unknown values"),
+    (["--recompute", "none,all"], "unknown values"),
+    (["--trim-heap", "yes"], "unknown values"),
     (["--layers", "ASA"], "layer layout"),
     (["--layers", ","], "empty"),
     (["--steps", "0"], "--steps"),
@@ -45,10 +47,24 @@ def test_bad_flags_raise(extra, match):
 
 def test_fp8_axis_runs_fp8_matmuls():
     cfgs = bt.configs_from_args(parse(TINY + ["--dtype", "bfloat16", "--fp8", "off,on"]))
-    assert [c.fp8 for c in cfgs] == [False, True] and bt._name(cfgs[1]).endswith("/fp8")
+    assert [c.fp8 for c in cfgs] == [False, True] and "/fp8/" in bt._name(cfgs[1])
     r = bt.run_config(cfgs[1], calib_n=128)
     assert r["config"]["fp8"] is True and r["final_loss"] < r["first_loss"]
     assert "fp8" in bt.format_table([r]).splitlines()[0]
+
+
+def test_recompute_is_an_axis_of_the_product_and_a_table_column():
+    cfgs = bt.configs_from_args(parse(TINY + ["--layers", "dense,SA", "--recompute", "none,block"]))
+    assert [(c.layers, c.recompute) for c in cfgs if c.dtype == "float32"] == [
+        ("dense", "none"), ("dense", "block"), ("SA", "none"), ("SA", "block")]
+    assert bt.configs_from_args(parse(TINY))[0].recompute == "none"
+    fake = dict(config=bt.asdict(cfgs[1]), step_ms=10.0, cpu_ms=9.0, tokens_per_s=6400.0, flops_per_s=2e9,
+                peak_flops_per_s=1e11, mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2)
+    head, row = bt.format_table([fake]).splitlines()
+    assert head.split()[4:6] == ["recompute", "trim"] and row.split()[4:6] == ["block", "off"]
+    trims = bt.configs_from_args(parse(TINY + ["--trim-heap", "off,on"]))
+    assert [(c.dtype, c.trim_heap) for c in trims] == [
+        ("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
 
 
 def test_markov_batches_are_deterministic_and_follow_the_chain():
@@ -98,3 +114,10 @@ def test_cli_runs_isolated_configs_and_writes_json(tmp_path, capsys):
     assert "MFU" in printed and "iberis" in printed
     results = json.loads(out.read_text())
     assert len(results) == 1 and results[0]["config"]["layers"] == "iberis" and results[0]["tokens_per_s"] > 0
+
+
+def test_recompute_and_trim_learn_exactly_the_same():
+    cfgs = bt.configs_from_args(parse(TINY + ["--layers", "SA", "--dtype", "bfloat16", "--recompute", "none,block",
+                                              "--trim-heap", "off,on"]))
+    runs = [bt.run_config(c, calib_n=64) for c in cfgs]
+    assert len({(r["first_loss"], r["final_loss"]) for r in runs}) == 1  # recompute and trim change no number

@@ -277,3 +277,19 @@ def test_resume_applies_this_runs_learning_rates(tmp_path, capsys):
     saved = load_file(tmp_path / "t" / "step_000002" / "model.safetensors")
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k]), k  # LR 0 after the resume: nothing moved
+
+
+def test_trim_heap_runs_once_per_step_and_changes_nothing(tmp_path, monkeypatch):
+    import platform
+
+    import chibichat.train.loop as loop_mod
+
+    assert loop_mod.release_free_heap() is (platform.libc_ver()[0] == "glibc")  # False = a no-op elsewhere
+    calls = []
+    monkeypatch.setattr(loop_mod, "release_free_heap", lambda: calls.append(1) or True)
+    trimmed, _ = run(tmp_path / "a", 3, trim_heap=True)
+    assert len(calls) == 3
+    plain, _ = run(tmp_path / "b", 3)
+    assert len(calls) == 3
+    for (n, a), b in zip(trimmed.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), n

@@ -1,7 +1,7 @@
 """`chibichat bench train`: training throughput of the model as tokens/s, FLOP/s and MFU.
 
-For every combination of --layers x --dtype x --compile x --fp8 (a cartesian product), a fresh process builds
-the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
+For every combination of --layers x --dtype x --compile x --fp8 x --recompute x --trim-heap (a
+cartesian product), a fresh process builds the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
 AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-batch tokens each
 (gradient accumulation over micro-batches of --batch rows of --seq-len tokens). After --warmup steps
 (which include torch.compile's compilation), --steps steps are timed; the median step time gives:
@@ -10,8 +10,24 @@ AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-bat
   FLOP/s      = model.flops_per_token() * tokens/s   (SLC2 layers charged as SLC2, not attention)
   MFU         = FLOP/s / peak, where peak is *measured* in the same process, dtype and thread count
                 by a square matmul calibration (best of several), not a datasheet number
-  peak RSS    = the process's maximum resident memory (ru_maxrss), torch runtime included; the RSS
-                before the model was built is reported as the baseline
+  peak RSS    = the process's maximum resident memory (ru_maxrss) over the training steps (read before
+                the calibration), torch runtime included; the RSS before the model was built is
+                reported as the baseline
+
+--recompute (GPT.recompute) trades compute for activation memory; --trim-heap returns freed heap to
+the OS after every step (glibc malloc_trim). Measured at the default shape (bf16, eager, --threads 1,
+6 timed steps, 2-core Zen 4 shared with other jobs, load 1.5-3; 2-3 runs each), peak MB / CPU ms per step:
+  dense   none 677-703 / 680-765   mlp 633 / 750   block 583-589 / 790-1035   block+trim 532-540 / 950
+  iberis  none 658-670 / 650-720   mlp 632 / 675   block 558-576 / 730-800    block+trim 532-553 / 760-770
+(the CPU clock is noisy too: the other core's jobs compete for cache and memory bandwidth; in
+interleaved pairs block cost 10-17% and trim 0-20% over the same setting without it)
+(compile on, same shape: dense none/mlp/block 716/663/611 MB at 590/615/710 CPU ms). Losses are
+identical in every setting. What is left is mostly not tensors: importing torch is ~220 MB RSS and
+torch._dynamo (imported by torch.optim.Optimizer's methods and by non-reentrant checkpointing) ~70 MB
+more; at the step's peak glibc malloc has ~225 MB in use (87 MB of it there before the model), and
+70-100 MB of freed heap is still resident. Fixing glibc's mmap threshold
+(GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) returns that at once (block: ~480 MB) but
+every large tensor then costs fresh page faults: 1.6-1.9x the CPU time.
 
 Each configuration runs in its own spawned process so that peak memory, compile caches and thread
 pools of one configuration cannot leak into the next. The training data is a fixed random Markov
@@ -31,7 +47,7 @@ from dataclasses import asdict, dataclass
 
 from chibichat.common import ChibiError
 
-HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x fp8"
+HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x fp8 x recompute x trim"
 
 DTYPES = ("float32", "bfloat16")
 COMPILE = {"off": False, "on": True}
@@ -57,6 +73,8 @@ class TrainBenchConfig:
     window: str = "0"
     seed: int = 0
     fp8: bool = False  # block matmuls in fp8 (model/fp8.py); bfloat16 only
+    recompute: str = "none"
+    trim_heap: bool = False
 
     @property
     def grad_accum(self) -> int:
@@ -81,6 +99,11 @@ def add_args(p) -> None:
     p.add_argument("--fp8", default="off",
                    help="comma list of off, on: block matmuls in fp8 (bfloat16 dtype only; meant for H100-class "
                         "GPUs, slower than bf16 on CPU, which has no fp8 units)")
+    p.add_argument("--recompute", default="none",
+                   help="comma list of activation recomputation settings: none, mlp, block (GPT.recompute)")
+    p.add_argument("--trim-heap", default="off",
+                   help="comma list of off, on: return freed heap to the OS after every optimizer step "
+                        "(malloc_trim, glibc; as `pretrain --trim-heap`)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -101,7 +124,7 @@ def _split(value: str, allowed, flag: str) -> list[str]:
 
 def configs_from_args(args) -> list[TrainBenchConfig]:
     """The cartesian product of the list flags, validated before any process is started."""
-    from chibichat.model.gpt import layer_pattern
+    from chibichat.model.gpt import RECOMPUTE, layer_pattern
     from chibichat.train.scaling import window_schedule
 
     for name in ("depth", "width", "heads", "seq_len", "vocab", "batch", "total_batch", "steps"):
@@ -124,14 +147,16 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
     if "on" in fp8s and dtypes != ["bfloat16"]:
         raise ChibiError("--fp8 on needs --dtype bfloat16 (fp8 matmuls return bf16 activations); "
                          "pass --dtype bfloat16 or --fp8 off")
+    recomputes = _split(args.recompute, RECOMPUTE, "--recompute")
+    trims = _split(args.trim_heap, tuple(COMPILE), "--trim-heap")
     return [
         TrainBenchConfig(
             depth=args.depth, width=args.width, heads=args.heads, kv_heads=args.kv_heads or args.heads,
             seq_len=args.seq_len, vocab=args.vocab, batch=args.batch, layers=lay, dtype=dt, compile=COMPILE[c],
             steps=args.steps, warmup=args.warmup, total_batch=args.total_batch, threads=args.threads,
-            window=args.window, fp8=FP8[f],
+            window=args.window, fp8=FP8[f], recompute=rc, trim_heap=COMPILE[tr],
         )
-        for lay, dt, c, f in itertools.product(layouts, dtypes, compiles, fp8s)
+        for lay, dt, c, f, rc, tr in itertools.product(layouts, dtypes, compiles, fp8s, recomputes, trims)
     ]
 
 
@@ -196,6 +221,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
 
     from chibichat.model.fp8 import enable_fp8
     from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
+    from chibichat.train.loop import release_free_heap
     from chibichat.train.optim import build_optimizer
     from chibichat.train.scaling import window_schedule
 
@@ -212,6 +238,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     model.compute_dtype = dtype
     if cfg.fp8:
         enable_fp8(model, dev, dtype)
+    model.recompute = cfg.recompute
     # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
@@ -234,6 +261,8 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
             total += loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cfg.trim_heap:
+            release_free_heap()
         losses.append(float(total))  # also synchronises, so the step is complete
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         if step < cfg.warmup:
@@ -244,13 +273,14 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     if not all(math.isfinite(v) for v in losses):
         raise ChibiError(f"{cfg.layers}/{cfg.dtype}: the loss became non-finite ({losses}); this setting is unsafe")
 
+    # Read before the matmul calibration below, whose own operands would otherwise count as training memory.
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        peak_rss = torch.cuda.max_memory_allocated(dev) / 2**20
     median = statistics.median(times)
     tok_s = cfg.total_batch / median
     flops = model.flops_per_token() * tok_s
     peak = calibrate_peak(dtype, dev, n=calib_n)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if dev.type == "cuda":
-        peak_rss = torch.cuda.max_memory_allocated(dev) / 2**20
     return dict(
         config=asdict(cfg), params=model.num_params(), flops_per_token=model.flops_per_token(),
         step_ms=median * 1000, step_ms_min=min(times) * 1000, step_ms_max=max(times) * 1000,
@@ -280,7 +310,8 @@ RESULT_MARK = "@@chibichat-bench-result@@"
 
 
 def _name(cfg: TrainBenchConfig) -> str:
-    return f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}" + ("/fp8" if cfg.fp8 else "")
+    return (f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}" + ("/fp8" if cfg.fp8 else "")
+            + f"/recompute={cfg.recompute}/trim={'on' if cfg.trim_heap else 'off'}")
 
 
 def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
@@ -311,13 +342,15 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["layers", "dtype", "compile", "fp8", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s", "peak GFLOP/s*", "MFU", "peak MB",
+    head = ["layers", "dtype", "compile", "fp8", "recompute", "trim", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s",
+            "peak GFLOP/s*", "MFU", "peak MB",
             "warmup s", "loss first->last"]
     rows = []
     for r in results:
         c = r["config"]
         rows.append([
-            c["layers"], c["dtype"], "on" if c["compile"] else "off", "on" if c["fp8"] else "off",
+            c["layers"], c["dtype"], "on" if c["compile"] else "off", "on" if c["fp8"] else "off", c["recompute"],
+            "on" if c["trim_heap"] else "off",
             f"{r['step_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
             f"{r['peak_flops_per_s'] / 1e9:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_mb']:.0f}",
             f"{r['warmup_s']:.1f}", f"{r['first_loss']:.3f}->{r['final_loss']:.3f}",

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from chibichat.common import ChibiError
 from chibichat.model.fp8 import project
@@ -45,6 +46,13 @@ LOSS_CHUNK_ELEMENTS = 1 << 21
 # On CPU, attention over at most this many scores (B * H * t * L) per layer is computed with explicit
 # matmuls (faster there for short contexts); longer contexts use SDPA, which never stores the scores.
 EXPLICIT_ATTENTION_MAX_SCORES = 1 << 23
+
+
+# Activation recomputation in training (GPT.recompute): which activations are dropped after the
+# forward and rebuilt during backward, trading compute for memory. "none" keeps everything; "mlp"
+# keeps only the MLP input of each block (drops its norm, 4E-wide hidden and square); "block" keeps
+# only each block's input (a second forward of every block in backward). Gradients are unchanged.
+RECOMPUTE = ("none", "mlp", "block")
 
 
 def layer_pattern(spec: str, n_layer: int) -> str:
@@ -300,13 +308,19 @@ class Block(nn.Module):
             self.mixer = SLC2(cfg.n_embd, cfg.n_head, cfg.conv_kernel)
         self.mlp = MLP(cfg.n_embd)
 
-    def forward(self, x, cos, sin, dtype):
+    def forward(self, x, cos, sin, dtype, recompute: str = "none"):
         u = norm(x)
         if self.kind == "A":
             x = x + self.mixer(u, cos, sin, dtype)
         else:
             x = x + self.mixer(u, dtype)[0]
-        return x + self.mlp(norm(x), dtype)
+        if recompute == "mlp":
+            # Only x is kept; norm(x), the 4E-wide hidden and its square are rebuilt in backward.
+            return x + checkpoint(self._mlp_branch, x, dtype, use_reentrant=False)
+        return x + self._mlp_branch(x, dtype)
+
+    def _mlp_branch(self, x, dtype):
+        return self.mlp(norm(x), dtype)
 
     def step(self, x, cos, sin, dtype, layer_state, pos):
         u = norm(x)
@@ -409,8 +423,6 @@ class _HeadLossSum(torch.autograd.Function):
 def _per_token_loss(h, weight, targets, softcap, dtype, chunk):
     """(N,) losses, 0 on ignored targets. With grad, each chunk is recomputed in backward (checkpoint),
     because a per-token upstream gradient cannot be folded in ahead of time."""
-    from torch.utils.checkpoint import checkpoint
-
     def one(hc, wt, tc):
         return _head_chunk(hc, (wt * (2.0 / softcap)).to(dtype), tc, softcap, need_grad=False)[0]
 
@@ -508,13 +520,15 @@ class GPT(nn.Module):
     """See the module docstring. Public API (docs/architecture.md "Model"):
 
     forward(idx, targets=None, reduction="mean"), new_state(batch_size, max_len),
-    forward_step(idx, state), num_params(), flops_per_token(), param_groups(); attribute compute_dtype.
+    forward_step(idx, state), num_params(), flops_per_token(), param_groups(); attributes compute_dtype
+    and recompute (activation recomputation in training, see RECOMPUTE).
     """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.compute_dtype = torch.float32
+        self.recompute = "none"  # see RECOMPUTE; a runtime setting like compute_dtype, not part of the config
         E, V = config.n_embd, config.vocab_size
         self.wte = nn.Parameter(torch.empty(V, E))
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
@@ -622,6 +636,8 @@ class GPT(nn.Module):
         dtype = self.compute_dtype
         if reduction not in ("mean", "sum", "none"):
             raise ChibiError(f"reduction must be mean, sum or none, got {reduction!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ChibiError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if T > cfg.seq_len:
             raise ChibiError(f"input of {T} tokens exceeds the model context seq_len={cfg.seq_len}; crop or split it")
         if targets is not None and targets.shape != idx.shape:
@@ -631,8 +647,13 @@ class GPT(nn.Module):
         cos = self.rope_cos[None, :T, None, :].to(dtype)
         sin = self.rope_sin[None, :T, None, :].to(dtype)
         x = norm(F.embedding(idx, self.wte))
+        recompute = self.recompute if torch.is_grad_enabled() else "none"
         for block in self.blocks:
-            x = block(x, cos, sin, dtype)
+            if recompute == "block":
+                # Only each block's input is kept; everything inside is rebuilt during backward.
+                x = checkpoint(block, x, cos, sin, dtype, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, dtype, recompute)
         h = norm(x).to(dtype)
         if targets is None:
             return cfg.softcap * torch.tanh(F.linear(h, self.lm_head.to(dtype)).float() / cfg.softcap)

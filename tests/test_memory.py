@@ -1,0 +1,115 @@
+"""Training memory: activation recomputation (GPT.recompute) changes what is stored, never the numbers."""
+
+import pytest
+import torch
+
+from chibichat.common import ChibiError
+from chibichat.model.gpt import GPT, RECOMPUTE, GPTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 61
+LAYOUTS = {
+    "dense": dict(layers="dense"),
+    "iberis": dict(layers="iberis"),
+    "gqa-window": dict(layers="ASAA", n_kv_head=2, windows=[0, 0, 5, 3]),
+}
+
+
+def tiny(layers="dense", n_kv_head=4, windows=None):
+    cfg = GPTConfig(vocab_size=V, seq_len=24, n_layer=4, n_embd=32, n_head=4, n_kv_head=n_kv_head,
+                    layers=layers, windows=windows)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    # Zero-initialised out-projections and head would leave most block gradients at 0: perturb all.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def batch(B=3, T=24, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, T), generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[0, :5] = -1  # ignored targets take the same path with and without recomputation
+    return x, y
+
+
+def loss_and_grads(model, recompute, reduction, x, y):
+    model.recompute = recompute
+    model.zero_grad(set_to_none=True)
+    out = model(x, y, reduction=reduction)
+    loss = out if reduction != "none" else (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_recompute_gives_identical_loss_and_gradients(layout, dtype, reduction):
+    model = tiny(**LAYOUTS[layout])
+    model.compute_dtype = dtype
+    x, y = batch()
+    ref_loss, ref = loss_and_grads(model, "none", reduction, x, y)
+    assert all(g.abs().sum() > 0 for g in ref.values())  # every parameter really gets a gradient
+    for recompute in ("mlp", "block"):
+        loss, grads = loss_and_grads(model, recompute, reduction, x, y)
+        # The recomputed forward runs the same kernels on the same inputs: bitwise equal.
+        assert torch.equal(loss, ref_loss), recompute
+        for name, g in grads.items():
+            assert torch.equal(g, ref[name]), f"{recompute}: gradient of {name} differs"
+
+
+def saved_bytes(model, recompute, x, y):
+    """Bytes autograd keeps for backward after the forward (what recomputation is meant to cut)."""
+    model.recompute = recompute
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, y)
+    loss.backward()
+    return total
+
+
+def test_recompute_stores_less():
+    model = tiny()
+    model.compute_dtype = torch.bfloat16
+    x, y = batch(B=4)
+    none, mlp, block = (saved_bytes(model, r, x, y) for r in ("none", "mlp", "block"))
+    assert none > mlp > block > 0
+    # "block" keeps each block's fp32 input (B, T, E) plus the head's inputs: a small fraction of "none".
+    assert block < none / 4
+
+
+def test_recompute_is_off_without_grad_and_matches_logits():
+    model = tiny(layers="iberis")
+    x, _ = batch()
+    with torch.no_grad():
+        ref = model(x)
+        model.recompute = "block"
+        assert torch.equal(model(x), ref)
+
+
+def test_bad_recompute_value_raises():
+    model = tiny()
+    model.recompute = "all"
+    x, y = batch()
+    with pytest.raises(ChibiError, match="recompute must be one of none, mlp, block"):
+        model(x, y)
+
+
+def test_pretrain_flag_offers_every_setting():
+    from chibichat.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    action = next(a for a in sub.choices["pretrain"]._actions if a.dest == "recompute")
+    assert tuple(action.choices) == RECOMPUTE and action.default == "none"
