@@ -113,3 +113,33 @@ def test_pretrain_flag_offers_every_setting():
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     action = next(a for a in sub.choices["pretrain"]._actions if a.dest == "recompute")
     assert tuple(action.choices) == RECOMPUTE and action.default == "none"
+
+
+def test_eager_training_never_imports_dynamo(tmp_path):
+    """Importing torch._dynamo costs ~70 MB of resident memory; eager training (every recompute setting,
+    optimizer step, zero_grad, optimizer state_dict save and load) must not pull it in. A fresh
+    interpreter, since another test in this process may have compiled something."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.train.optim import build_optimizer
+cfg = GPTConfig(vocab_size=61, seq_len=16, n_layer=3, n_embd=32, n_head=2, n_kv_head=2, layers="iberis")
+model = GPT(cfg)
+model.init_weights()
+opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02, other_lr=0.02)
+x = torch.randint(0, 61, (2, 16))
+for recompute in ("none", "mlp", "block"):
+    model.recompute = recompute
+    model(x, x).backward()
+    model(x, x, reduction="none").sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+opt.load_state_dict(opt.state_dict())
+print("dynamo" if "torch._dynamo" in sys.modules else "clean")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clean"

@@ -15,19 +15,19 @@ AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-bat
                 reported as the baseline
 
 --recompute (GPT.recompute) trades compute for activation memory; --trim-heap returns freed heap to
-the OS after every step (glibc malloc_trim). Measured at the default shape (bf16, eager, --threads 1,
-6 timed steps, 2-core Zen 4 shared with other jobs, load 1.5-3; 2-3 runs each), peak MB / CPU ms per step:
-  dense   none 677-703 / 680-765   mlp 633 / 750   block 583-589 / 790-1035   block+trim 532-540 / 950
-  iberis  none 658-670 / 650-720   mlp 632 / 675   block 558-576 / 730-800    block+trim 532-553 / 760-770
-(the CPU clock is noisy too: the other core's jobs compete for cache and memory bandwidth; in
-interleaved pairs block cost 10-17% and trim 0-20% over the same setting without it)
-(compile on, same shape: dense none/mlp/block 716/663/611 MB at 590/615/710 CPU ms). Losses are
-identical in every setting. What is left is mostly not tensors: importing torch is ~220 MB RSS and
-torch._dynamo (imported by torch.optim.Optimizer's methods and by non-reentrant checkpointing) ~70 MB
-more; at the step's peak glibc malloc has ~225 MB in use (87 MB of it there before the model), and
-70-100 MB of freed heap is still resident. Fixing glibc's mmap threshold
-(GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) returns that at once (block: ~480 MB) but
-every large tensor then costs fresh page faults: 1.6-1.9x the CPU time.
+the OS after every step (glibc malloc_trim). Peak MB at the default shape (bf16, eager, 2 threads,
+2-core Zen 4 shared with another job):
+  dense   none 618   mlp 592   block 506   block+trim 479
+  iberis  none 602   mlp 594   block 500   block+trim 484
+block costs 10-17% more CPU time than none and trim another 0-20% (interleaved pairs; the figures of
+one shared-machine run are too noisy to quote). Losses are identical in every setting. Before
+MuonAdamW and recompute_in_backward stopped importing torch._dynamo (torch.optim.Optimizer's
+decorated methods and non-reentrant checkpointing load it even when nothing is compiled) every
+figure was 60-75 MB higher (dense none 677-703, block 583-589). What is left is mostly not tensors:
+importing torch is ~220 MB RSS; at the step's peak glibc malloc has ~225 MB in use (87 MB of it
+there before the model), and 70-100 MB of freed heap is still resident. Fixing glibc's mmap
+threshold (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) returns that at once, but every
+large tensor then costs fresh page faults: 1.6-1.9x the CPU time.
 
 Each configuration runs in its own spawned process so that peak memory, compile caches and thread
 pools of one configuration cannot leak into the next. The training data is a fixed random Markov

@@ -138,6 +138,22 @@ class MuonAdamW(torch.optim.Optimizer):
         if self._world_size() > 1:
             self._build_buckets()
 
+    # torch.optim.Optimizer wraps these four in torch._disable_dynamo, which imports torch._dynamo on
+    # their first call, compiled or not: ~60-70 MB of resident memory (measured at d4) for nothing when
+    # no optimizer code is compiled (it never is here). Calling the wrapped functions directly keeps
+    # the behaviour and leaves dynamo unloaded unless torch.compile is really used.
+    def add_param_group(self, param_group) -> None:
+        _undecorated(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _undecorated(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self):
+        return _undecorated(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict) -> None:
+        _undecorated(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
     # ------------------------------------------------------------------------------------------
     def _all_params(self):
         return [p for g in self.param_groups for p in g["params"]]
@@ -299,6 +315,11 @@ class MuonAdamW(torch.optim.Optimizer):
         steps = [torch.tensor(float(t), device=params[0].device)] * len(params)
         torch._fused_adamw_(params, grads, m1, m2, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
                             eps=eps, amsgrad=False, maximize=False)
+
+
+def _undecorated(fn):
+    """The function under a functools.wraps decorator (itself when there is none)."""
+    return getattr(fn, "__wrapped__", fn)
 
 
 def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, warmup_steps: int = 300) -> float:
