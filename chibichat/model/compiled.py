@@ -21,12 +21,17 @@ hence opt-in (Decoder(model, compile=True)).
 
 from __future__ import annotations
 
+import logging
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from chibichat.common import ChibiError
 from chibichat.model.gpt import NORM_EPS
+
+log = logging.getLogger(__name__)
 
 # Distinct (batch, max_len) shapes compiled per Decoder; later shapes run eager. Bounds the compile
 # time one session can spend (a batch that shrinks row by row would otherwise compile each size).
@@ -40,10 +45,11 @@ def _rms(x):
 
 
 class StepModule(nn.Module):
-    """forward(idx (B, 1), pos (B,), *state tensors) -> (logits (B, 1, V) fp32, new SLC2 histories).
+    """forward(idx (B, 1), pos (B,), *state tensors) -> (logits (B, 1, V) fp32, [new K, new V per
+    attention layer] (B, Hk, 1, D) in the cache dtype, [new SLC2 histories]).
 
-    K/V caches are written in place at each row's position; SLC2 histories are returned (their shift
-    is a new tensor anyway). Weights are buffers so inductor's freezing can treat them as constants
+    The graph only reads the caches (the caller stores the new K/V, see the attention comment);
+    SLC2 histories are returned (their shift is a new tensor anyway). Weights are buffers so inductor's freezing can treat them as constants
     (and pre-pack them for oneDNN)."""
 
     def __init__(self, model, dtype, transpose_wide: bool = False):
@@ -89,7 +95,7 @@ class StepModule(nn.Module):
         x = _rms(F.embedding(idx, self.wte).float())  # (B, 1, E)
         cos, sin = cos_tab[pos][:, None, None], sin_tab[pos][:, None, None]  # (B, 1, 1, D)
         d = pos[:, None] - key_pos  # (B, max_len): how far back each key is
-        hists = []
+        hists, new_kv = [], []
         si = 0
         for i, kind in enumerate(self.kinds):
             u = _rms(x).to(dt)
@@ -100,16 +106,25 @@ class StepModule(nn.Module):
                 qk = qk.float()
                 qk = _rms(qk * cos + qk.roll(D // 2, dims=-1) * sin)
                 q, k = qk.split([H, Hk], dim=2)
-                at = pos.view(B, 1, 1, 1).expand(B, Hk, 1, D)
-                ck.scatter_(2, at, k.transpose(1, 2).to(ck.dtype))
-                cv.scatter_(2, at, v.transpose(1, 2).to(cv.dtype))
-                ok = d >= 0
+                # The new key/value are rounded to the cache dtype, as the eager Decoder reads them
+                # back from the cache. The graph never writes the caches: it attends over the cached
+                # keys (those before each row's position) plus the new key on its own, and returns the
+                # new K/V for `CompiledSteps.step` to store. Written in the graph (scatter_ into an
+                # input), the functionalised update copied the whole cache every step (measured: the
+                # reason batch 8 gained nothing).
+                kn = k.transpose(1, 2).to(ck.dtype)  # (B, Hk, 1, D)
+                vn = v.transpose(1, 2).to(cv.dtype)
+                new_kv += [kn, vn]
+                ok = d > 0
                 if self.windows[i]:
                     ok = ok & (d < self.windows[i])
                 mask = torch.zeros(ok.shape, dtype=torch.float32, device=ok.device).masked_fill(~ok, float("-inf"))
                 qg = q.reshape(B, Hk, rep, D)
-                scores = torch.matmul(qg, ck.float().transpose(-1, -2)) * D**-0.5 + mask[:, None, None]
-                y = torch.matmul(torch.softmax(scores, dim=-1), cv.float()).reshape(B, 1, H * D)
+                old = torch.matmul(qg, ck.float().transpose(-1, -2)) * D**-0.5 + mask[:, None, None]
+                own = (qg * kn.float()).sum(dim=-1, keepdim=True) * D**-0.5  # (B, Hk, rep, 1)
+                p = torch.softmax(torch.cat([old, own], dim=-1), dim=-1)
+                y = torch.matmul(p[..., :-1], cv.float()) + p[..., -1:] * vn.float()
+                y = y.reshape(B, 1, H * D)
                 y = self._lin(y.to(dt), f"o{i}")
             else:
                 hist = states[si]
@@ -127,8 +142,10 @@ class StepModule(nn.Module):
             u = _rms(x).to(dt)
             x = x + self._lin(torch.relu(self._lin(u, f"fc{i}")).square(), f"proj{i}")
         h = _rms(x).to(dt)
-        logits = torch.tanh(self._lin(h, "head").float() / cfg.softcap) * cfg.softcap
-        return logits, hists
+        # softcap c * tanh(z / c) as c * (2 sigmoid(2 z / c) - 1): see decode._softcap_
+        c = cfg.softcap
+        logits = (torch.sigmoid(self._lin(h, "head").float() * (2.0 / c)) * (2.0 * c)) - c
+        return logits, new_kv, hists
 
 
 class CompiledSteps:
@@ -147,22 +164,42 @@ class CompiledSteps:
         # kernels); fp32: oneDNN loses to MKL at one row, so keep MKL's transposed layout instead.
         self.module = StepModule(model, dtype, transpose_wide=not bf16).eval()
         self.freezing = bf16
-        self.graphs: dict[tuple[int, int], object] = {}
+        # (batch, max_len) -> (compiled step, its RoPE / key-position tables)
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.eager_shapes: set[tuple[int, int]] = set()  # shapes past the cap (logged once each)
+
+    def _compile(self):
+        """A compiled callable of the step module with its own dynamo cache. Dynamo keeps compiled
+        graphs per *code object*, and its recompile limit (torch._dynamo.config.recompile_limit, 8)
+        counts per code object too: had every (batch, max_len) of every Decoder compiled the one
+        StepModule.forward, an RL run (a new Decoder, hence new frozen weights, per update) would
+        reach the limit after a few updates and dynamo would silently run the step eager from then
+        on (and every call would first check the guards of all the earlier graphs). A copy of the
+        function with a fresh code object gives each graph its own cache, freed with this object."""
+        f = StepModule.forward
+        fresh = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        # dynamic=False: every shape is static (see the module docstring), so the graph never
+        # recompiles between steps; a new (batch, max_len) is a new entry in self.graphs.
+        return torch.compile(types.MethodType(fresh, self.module), dynamic=False, fullgraph=True)
 
     def step(self, idx, state, cos, sin, key_pos):
         """Logits (B, 1, V) of one token per row, state advanced in place; None if this shape is
         past the cap. cos/sin (>= max_len, D) fp32 RoPE tables, key_pos (>= max_len,) arange."""
-        key = (idx.shape[0], state.max_len)
-        if not self.freezing and key[0] > FP32_MAX_ROWS:
+        B, n = idx.shape[0], state.max_len
+        key = (B, n)
+        if not self.freezing and B > FP32_MAX_ROWS:
             return None  # fp32 with several rows: eager's pre-packed oneDNN weights are faster
-        fn = self.graphs.get(key)
-        if fn is None:
+        entry = self.graphs.get(key)
+        if entry is None:
             if len(self.graphs) >= MAX_COMPILED_SHAPES:
+                if key not in self.eager_shapes:
+                    self.eager_shapes.add(key)
+                    log.info("compiled decoding: %d shapes compiled already (MAX_COMPILED_SHAPES), so steps of "
+                             "batch %d, max_len %d run eager", MAX_COMPILED_SHAPES, B, n)  # fmt: skip
                 return None
-            # dynamic=False: every shape is static (see the module docstring), so the graph never
-            # recompiles between steps; a new (batch, max_len) is a new entry here.
-            fn = self.graphs[key] = torch.compile(self.module, dynamic=False, fullgraph=True)
-        n = state.max_len
+            # The tables' first n rows never change (they only grow): slice them once per graph.
+            entry = self.graphs[key] = (self._compile(), cos[:n], sin[:n], key_pos[:n])
+        fn, cos_n, sin_n, keys_n = entry
         # The graph is specialised to its inputs' strides and dispatch keys too (a tensor made in
         # inference mode has different ones): an SLC2 history left by an eager prefill is a strided
         # view, and pos / histories made outside inference mode differ from those the steps return.
@@ -172,10 +209,24 @@ class CompiledSteps:
         state.layers = [tuple(t.contiguous() if len(layer) == 2 else t.clone(memory_format=torch.contiguous_format)
                               for t in layer) for layer in state.layers]  # fmt: skip
         flat = [t for layer in state.layers for t in layer]
+        pos = state.pos.clone()
         # Inductor reads `freezing` when it compiles, i.e. inside the call (measured: passing it as
         # torch.compile(options=...) does not reach the freezing pass on this torch), so set it here.
         with self.inductor_config.patch(freezing=self.freezing):
-            logits, hists = fn(idx.clone(), state.pos.clone(), cos[:n], sin[:n], key_pos[:n], *flat)
-        it = iter(hists)
+            logits, new_kv, hists = fn(idx.clone(), pos, cos_n, sin_n, keys_n, *flat)
+        lengths = state.lengths
+        at = None
+        if min(lengths) != max(lengths):  # rows at different positions: one index for every layer
+            at = pos.view(B, 1, 1, 1).expand(B, new_kv[0].shape[1], 1, new_kv[0].shape[3]) if new_kv else None
+        kv, it = iter(new_kv), iter(hists)
+        for layer in state.layers:
+            if len(layer) == 1:
+                continue
+            for cache in layer:
+                new = next(kv)
+                if at is None:
+                    cache.narrow(2, lengths[0], 1).copy_(new)
+                else:
+                    cache.scatter_(2, at, new)
         state.layers = [(next(it),) if len(layer) == 1 else layer for layer in state.layers]
         return logits
