@@ -256,7 +256,7 @@ def fp32_rows_compiled(monkeypatch):
     monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 64)
 
 
-@pytest.mark.parametrize("name", ["iberis", "gqa-window"])
+@pytest.mark.parametrize("name", ["iberis", "gqa-window", "slc2-only"])
 def test_compiled_step_equals_eager_decoder(name, fp32_rows_compiled):
     """The compiled step (whole-cache attention under a per-row mask) computes the eager Decoder's
     logits, for rows at different positions, and compiles once for all the steps of one shape."""

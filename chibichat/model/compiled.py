@@ -7,16 +7,18 @@ directly. It needs static shapes to compile once: the step attends over the whol
 (max_len keys) with a mask built from each row's position tensor, so neither the number of keys nor a
 host-side position enters the graph, and one compiled graph serves every step of a (batch, max_len).
 
-Measured with `chibichat bench infer --compile on|off` (depth 4, width 256, vocab 8192, prompt 128,
-one thread, engine decode tok/s, on a loaded 2-core CPU, so ranges over interleaved runs): bf16 batch 1
-1.5-2.1x on the CPU clock (dense 446-502 -> 736-894, iberis 401-589 -> 811-847), 1.3-1.6x wall; batch
-8 1.0-1.2x for dense (four attention layers) and 1.1-1.5x for iberis. Inductor's "freezing"
-folds the weights in as constants and packs them for oneDNN. fp32 gains less at batch 1 (1.0-1.2x,
-wide weights stored transposed: MKL's faster one-row layout, see _Proj in decode.py) and loses at
-batch 8 (1,629 -> 1,133), where eager's packed oneDNN weights win, so fp32 compiles one-row steps
-only (FP32_MAX_ROWS). The price is compile time: seconds of CPU for each new (batch, max_len), paid by
-the first step that needs it (inductor caches compiled code on disk, so a later process pays less):
-hence opt-in (Decoder(model, compile=True)).
+Measured with `chibichat bench infer --threads 1 --clock cpu --repeats 5` (depth 4, width 256, vocab
+8192, prompt 128; engine greedy decode tok/s, 2-core CPU shared with other jobs, load 2-3, so +-15%):
+compile on, bf16, batch 1 / batch 8: dense 1,234 / 3,984, iberis 1,368 / 4,854 (eager: ~570-620 /
+2,560-2,660); fp32 batch 1: dense 758, iberis 746 (eager ~610-630). Before the graph stopped writing
+the caches and used the C++ wrapper, the same runs gave bf16 dense 948 / 2,591, iberis 940 / 3,770.
+Inductor's "freezing" folds the weights in as constants and packs them for oneDNN. fp32 gains less
+(wide weights stored transposed: MKL's faster one-row layout, see _Proj in decode.py) and loses at
+batch 8, where eager's packed oneDNN weights win (measured again with freezing and with the C++
+wrapper: 1,400-1,500 vs 1,630), so fp32 compiles one-row steps only (FP32_MAX_ROWS). The price is
+compile time: ~10-15 s of CPU for each new (batch, max_len) in bf16 (~4 s in fp32), paid by the first
+step that needs it (inductor caches compiled code on disk, so a later process pays less): hence
+opt-in (Decoder(model, compile=True)).
 """
 
 from __future__ import annotations
