@@ -55,9 +55,9 @@ class StepModule(nn.Module):
     """forward(idx (B, 1), pos (B,), *state tensors) -> (logits (B, 1, V) fp32, [new K, new V per
     attention layer] (B, Hk, 1, D) in the cache dtype, [new SLC2 histories]).
 
-    The graph only reads the caches (the caller stores the new K/V, see the attention comment);
-    SLC2 histories are returned (their shift is a new tensor anyway). Weights are buffers so inductor's freezing can treat them as constants
-    (and pre-pack them for oneDNN)."""
+    The graph only reads the caches (the caller stores the new K/V, see the attention comment); SLC2
+    histories are returned (their shift is a new tensor anyway). Weights are buffers so inductor's
+    freezing can treat them as constants (and pre-pack them for oneDNN)."""
 
     def __init__(self, model, dtype, transpose_wide: bool = False):
         super().__init__()
@@ -181,9 +181,10 @@ class CompiledSteps:
         graphs per *code object*, and its recompile limit (torch._dynamo.config.recompile_limit, 8)
         counts per code object too: had every (batch, max_len) of every Decoder compiled the one
         StepModule.forward, an RL run (a new Decoder, hence new frozen weights, per update) would
-        reach the limit after a few updates and dynamo would silently run the step eager from then
-        on (and every call would first check the guards of all the earlier graphs). A copy of the
-        function with a fresh code object gives each graph its own cache, freed with this object."""
+        reach the limit after 8 updates, where fullgraph=True makes dynamo raise (measured:
+        FailOnRecompileLimitHit at the 9th compiled bf16 Decoder), and every call would first check
+        the guards of the earlier graphs. A copy of the function with a fresh code object gives each
+        graph its own cache, freed with this object."""
         f = StepModule.forward
         fresh = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
         # dynamic=False: every shape is static (see the module docstring), so the graph never
@@ -191,8 +192,9 @@ class CompiledSteps:
         return torch.compile(types.MethodType(fresh, self.module), dynamic=False, fullgraph=True)
 
     def step(self, idx, state, cos, sin, key_pos):
-        """Logits (B, 1, V) of one token per row, state advanced in place; None if this shape is
-        past the cap. cos/sin (>= max_len, D) fp32 RoPE tables, key_pos (>= max_len,) arange."""
+        """Logits (B, 1, V) of one token per row, the new K/V stored at each row's position and the
+        SLC2 histories replaced (the caller advances pos / lengths); None if this shape is past the
+        cap or fp32 with several rows (the caller runs the step eager). cos/sin (>= max_len, D) fp32 RoPE tables, key_pos (>= max_len,) arange."""
         B, n = idx.shape[0], state.max_len
         key = (B, n)
         if not self.freezing and B > FP32_MAX_ROWS:
