@@ -1,6 +1,8 @@
 """The lean decode path (chibichat/model/decode.py): same logits as the full forward and as
 GPT.forward_step for every layout, state interplay (expand/select/stack), errors, weight changes."""
 
+import logging
+
 import pytest
 import torch
 
@@ -254,7 +256,7 @@ def fp32_rows_compiled(monkeypatch):
     monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 64)
 
 
-@pytest.mark.parametrize("name", ["iberis", "gqa-window"])
+@pytest.mark.parametrize("name", ["iberis", "gqa-window", "slc2-only"])
 def test_compiled_step_equals_eager_decoder(name, fp32_rows_compiled):
     """The compiled step (whole-cache attention under a per-row mask) computes the eager Decoder's
     logits, for rows at different positions, and compiles once for all the steps of one shape."""
@@ -287,7 +289,7 @@ def test_compiled_step_equals_eager_decoder(name, fp32_rows_compiled):
     assert torch.allclose(m.forward_step(nxt, states["comp"]), eager.forward(nxt, states["eager"]), atol=1e-5)
 
 
-def test_compiled_engine_generates_the_same_tokens(monkeypatch, fp32_rows_compiled):
+def test_compiled_engine_generates_the_same_tokens(monkeypatch, caplog, fp32_rows_compiled):
     """Greedy generation through the Engine is identical with compile on (fp32 dense), and a shape
     past the compile cap runs eager with the same result."""
     from chibichat.model import compiled as compiled_mod
@@ -301,8 +303,10 @@ def test_compiled_engine_generates_the_same_tokens(monkeypatch, fp32_rows_compil
     assert gen(comp, prompts) == gen(plain, prompts)
     assert len(comp.decoder().compiled.graphs) == 1
     monkeypatch.setattr(compiled_mod, "MAX_COMPILED_SHAPES", 1)
-    assert gen(comp, prompts[:1]) == gen(plain, prompts[:1])  # batch 1: a new shape, eager
+    with caplog.at_level(logging.INFO, logger="chibichat.model.compiled"):
+        assert gen(comp, prompts[:1]) == gen(plain, prompts[:1])  # batch 1: a new shape, eager
     assert len(comp.decoder().compiled.graphs) == 1
+    assert "batch 1, max_len 64 run eager" in caplog.text  # said once, not silently
     monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 1)  # the default: fp32 batches run eager
     d = Decoder(m, compile=True)
     st = d.new_state(2, 8)
@@ -321,3 +325,28 @@ def test_compiled_bf16_agrees_and_rejects_fp16():
         assert torch.allclose(x, y, atol=0.1), (x - y).abs().max()
     with pytest.raises(ChibiError, match="float32 and bfloat16"):
         Decoder(prepare_for_inference(tiny("dense"), torch.float16), compile=True)
+
+
+@pytest.mark.slow  # two compiles: ~10-20 s on 2 cores
+def test_compiled_graphs_have_their_own_recompile_limit(monkeypatch):
+    """Dynamo's recompile limit counts compiled graphs per code object: each (batch, max_len) graph of
+    each Decoder has its own, so compiling more shapes (or more Decoders: RL builds one per update)
+    never reaches the limit and fails (fullgraph=True) or falls back to eager."""
+    import torch._dynamo
+
+    from chibichat.model import compiled as compiled_mod
+
+    monkeypatch.setattr(compiled_mod, "CPP_WRAPPER", False)  # irrelevant here; saves a C++ build per graph
+    m = tiny("dense")
+    eager = Decoder(m)
+    idx = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for d in (Decoder(m, compile=True),):
+            for max_len in (24, 100):  # rounded to 64 and 128: two graphs per Decoder
+                a, b = eager.new_state(1, max_len), d.new_state(1, max_len)
+                eager.forward(idx[:, :4], a)
+                d.forward(idx[:, :4], b)
+                for i in (4, 5):
+                    x, y = eager.forward(idx[:, i : i + 1], a), d.forward(idx[:, i : i + 1], b)
+                    assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()
+            assert list(d.compiled.graphs) == [(1, 64), (1, 128)]

@@ -48,6 +48,14 @@ def _rms(x):
     return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
 
 
+def _softcap_(logits, c: float):
+    """c * tanh(logits / c), in place on fp32 logits, written as c * (2 * sigmoid(2 logits / c) - 1):
+    torch's CPU tanh is 3-4x slower than these four passes (measured on (8, 8192): 218 vs 64 us, one
+    thread; 32 vs 16 us at one row), a step's largest elementwise cost at batch 8. Within a few fp32
+    ulps of tanh (the training loss uses the same form, gpt._head_chunk)."""
+    return logits.mul_(2.0 / c).sigmoid_().mul_(2.0 * c).sub_(c)
+
+
 def weights_fingerprint(model) -> tuple:
     """Identity of the model's current weights: storage and in-place version of every parameter.
     An optimizer step bumps the versions, so a Decoder built before it no longer matches."""
@@ -268,7 +276,7 @@ class Decoder:
         h = _rms(x)  # fp32
         if h.dtype != dt:
             h = h.to(dt)
-        logits = self.head(h).float().div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+        logits = _softcap_(self.head(h).float(), cfg.softcap)
         state.pos = state.pos + t
         state.lengths = [n + t for n in lengths]
         return logits
