@@ -90,6 +90,12 @@ def served(tmp_path_factory):
     torch.set_num_threads(before)
 
 
+def test_cpu_workers_share_one_decoder(served):
+    engines = served.pool.engines
+    assert len(engines) == 2 and engines[0] is not engines[1]
+    assert engines[0].decoder() is engines[1].decoder()
+
+
 def test_openai_client_non_stream_and_stream(served):
     import openai
 

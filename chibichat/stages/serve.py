@@ -60,7 +60,9 @@ def build_pool(args):
             raise ChibiError(f"--workers must be >= 1, got {n}")
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
         prepare_for_inference(model, rt.compute_dtype)
-        engines = [Engine(model, tok, rt) for _ in range(n)]  # threads share the read-only weights
+        first = Engine(model, tok, rt)
+        # threads share the read-only weights and one decoder (its weight copies built once, not per worker)
+        engines = [first] + [first.sibling() for _ in range(n - 1)]
     tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
     return WorkerPool(engines, max_queue=args.max_queue), f"chibichat-{args.source}-{tag}", meta
 
