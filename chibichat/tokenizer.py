@@ -22,7 +22,8 @@ Three pre-split patterns are available (`split`):
 English text is split identically by all three. Figures behind the choice (`chibichat bench
 tokenizer` and sweeps of ~50 variants; 2M chars of embedded-ja, vocab 8192, held-out = embedded-ja
 val + the shipped sample; CPU-time ratios, medians of 3-7 interleaved runs on a shared 2-core machine):
-  gpt4 2.3-3.0 s, 6.38 B/tok | ja (caps 10/3/6, one grouped branch) 3.1-3.5x faster, 6.44 B/tok (+0.9%)
+  gpt4 2.2-3.0 s, 6.38 B/tok | ja (caps 10/3/6, one grouped branch) 3.0-3.5x less CPU (quiet machine:
+  3.0x CPU, 3.2x wall), 6.44 B/tok (+0.9%)
   | the previous ja (caps 8/4/8, three branches) 2.7-3.1x, 6.49 B/tok | ja-script 4.3-4.8x faster,
   5.13 B/tok (-20%) | the first `ja` (lead only, caps 12, possessive) 2.2-2.4x, 6.42 B/tok. The gap
   widens with more text (at 4M chars the previous ja was 3.3x faster, ja-script 5.2x). On a 1M en +
