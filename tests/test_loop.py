@@ -1,6 +1,7 @@
 """The shared training loop on a tiny real GPT and a toy batch source."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -293,3 +294,19 @@ def test_trim_heap_runs_once_per_step_and_changes_nothing(tmp_path, monkeypatch)
     assert len(calls) == 3
     for (n, a), b in zip(trimmed.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_cpu_mfu_is_against_a_measured_peak_or_the_given_one(tmp_path, capsys):
+    _, _ = run(tmp_path / "m", 3, flops_per_token=1e6)
+    recs = [r for r in map(json.loads, (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(recs) == 3
+    out = capsys.readouterr().out
+    m = re.search(r"measured CPU matmul peak of (\d+) GFLOP/s \(float32", out)
+    assert m and int(m.group(1)) > 0
+    for r in recs:
+        # MFU = achieved / measured peak; the rounded peak printed reproduces it to the rounding
+        assert r["mfu"] == pytest.approx(1e6 * r["tok_per_s"] / (int(m.group(1)) * 1e9), rel=0.02)
+    _, _ = run(tmp_path / "g", 2, flops_per_token=1e6, peak_flops=1e9)
+    recs = [r for r in map(json.loads, (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert "measured CPU matmul peak" not in capsys.readouterr().out
+    assert len(recs) == 2 and all(r["mfu"] == pytest.approx(1e6 * r["tok_per_s"] / 1e9, rel=1e-2) for r in recs)

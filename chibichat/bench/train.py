@@ -181,23 +181,6 @@ def markov_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int):
     return out
 
 
-def calibrate_peak(dtype, device, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n x n matmul in `dtype`: the measured peak MFU is quoted against."""
-    import torch
-
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def _sync(device) -> None:
     import torch
 
@@ -221,7 +204,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
 
     from chibichat.model.fp8 import enable_fp8
     from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
-    from chibichat.train.loop import release_free_heap
+    from chibichat.train.loop import measure_matmul_peak, release_free_heap
     from chibichat.train.optim import build_optimizer
     from chibichat.train.scaling import window_schedule
 
@@ -280,7 +263,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     median = statistics.median(times)
     tok_s = cfg.total_batch / median
     flops = model.flops_per_token() * tok_s
-    peak = calibrate_peak(dtype, dev, n=calib_n)
+    peak = measure_matmul_peak(dtype, dev, n=calib_n)
     return dict(
         config=asdict(cfg), params=model.num_params(), flops_per_token=model.flops_per_token(),
         step_ms=median * 1000, step_ms_min=min(times) * 1000, step_ms_max=max(times) * 1000,

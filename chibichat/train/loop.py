@@ -45,6 +45,7 @@ import base64
 import contextlib
 import gc
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,8 +62,8 @@ from chibichat.train.checkpoint import (
 from chibichat.train.optim import muon_momentum, set_muon_momentum
 from chibichat.train.schedule import lr_multiplier
 
-# Dense bf16 peak of one accelerator, for MFU. Unknown devices (CPUs included) report no MFU
-# rather than a made-up one; --peak-tflops supplies the figure by hand.
+# Dense bf16 peak of one accelerator, for MFU. A GPU not in the table reports no MFU rather than a
+# made-up one (--peak-tflops supplies the figure by hand); a CPU's peak is measured (peak_flops).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
                    "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 GC_EVERY = 1000  # steps between manual collections once automatic GC is off
@@ -177,9 +178,36 @@ def _set_rng_state(rt: Runtime, st: dict) -> None:
         torch.cuda.set_rng_state(decode(st["cuda"]), rt.device)
 
 
+def measure_matmul_peak(dtype, device, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n x n matmul in `dtype` on `device`, with the current thread count."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # first call: kernel selection, weight packing
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
 def peak_flops(rt: Runtime, override: float | None) -> float | None:
+    """Per-device FLOP/s that MFU is quoted against: --peak-tflops, else the GPU's datasheet bf16
+    figure, else (CPU) a measured one. No datasheet number fits a CPU (cores, clocks, SIMD width,
+    AMX or not: the 2-core Zen 4 this was developed on does ~410 GFLOP/s in bf16, not the ~1,300 its
+    instruction tables suggest), so a CPU's MFU is against what a 1024^3 matmul in the compute dtype
+    achieves on it at start-up (~0.1 s)."""
     if override:
         return override
+    if rt.device.type == "cpu":
+        return measure_matmul_peak(rt.compute_dtype, rt.device, n=1024)
     if rt.device.type != "cuda" or rt.compute_dtype != torch.bfloat16:
         return None
     name = torch.cuda.get_device_name(rt.device)
@@ -324,6 +352,10 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
         raise ChibiError(f"the checkpoint is at step {state.step}, past --num-steps {cfg.num_steps}")
     metrics = _Metrics(rt, cfg, state.step if cfg.resume else None, meta)
     peak = peak_flops(rt, cfg.peak_flops)
+    if peak and not cfg.peak_flops and rt.device.type == "cpu":
+        print0(rt, f"MFU is against a measured CPU matmul peak of {peak / 1e9:.0f} GFLOP/s "
+              f"({str(rt.compute_dtype).replace('torch.', '')}, {torch.get_num_threads()} threads; "
+              "--peak-tflops overrides)")
     resumed_at = state.step if cfg.resume else None
     last_ckpt = step_dir(cfg.tag_dir, state.step) if cfg.resume else None
     recent: list[float] = []  # recent step times for the ETA
