@@ -209,6 +209,22 @@ def add_fp8_arg(parser) -> None:
     )
 
 
+def add_memory_args(parser) -> None:
+    """--recompute and --trim-heap for the training stages (pretrain, midtrain, sft, rl): less peak memory
+    for more compute, the same numbers (GPT.recompute, train.loop.release_free_heap)."""
+    parser.add_argument(
+        "--recompute", choices=("none", "mlp", "block"), default="none",
+        help="activation recomputation: keep every activation (none), drop each MLP's hidden (mlp) or "
+        "everything inside a block (block) and rebuild it in backward; same gradients, less memory, more "
+        "compute (bench train d4 bf16 CPU: block 618 -> 506 MB peak RSS for 10-17%% more CPU time)",
+    )
+    parser.add_argument(
+        "--trim-heap", action="store_true",
+        help="return freed heap memory to the OS after every optimizer step (glibc malloc_trim; bench train d4 "
+        "bf16 CPU: 15-40 MB less peak RSS for 0-20%% more CPU time; a no-op without glibc)",
+    )
+
+
 def default_compute_dtype(device) -> Any:
     """The fastest safe compute dtype for a device.
 

@@ -106,13 +106,17 @@ def test_bad_recompute_value_raises():
         model(x, y)
 
 
-def test_pretrain_flag_offers_every_setting():
+def test_every_training_stage_offers_every_setting():
     from chibichat.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    action = next(a for a in sub.choices["pretrain"]._actions if a.dest == "recompute")
-    assert tuple(action.choices) == RECOMPUTE and action.default == "none"
+    for stage in ("pretrain", "midtrain", "sft", "rl"):
+        action = next(a for a in sub.choices[stage]._actions if a.dest == "recompute")
+        assert tuple(action.choices) == RECOMPUTE and action.default == "none", stage
+        args = parser.parse_args([stage, "--recompute", "block", "--trim-heap"])
+        assert args.recompute == "block" and args.trim_heap is True, stage
+        assert parser.parse_args([stage]).trim_heap is False, stage
 
 
 def test_eager_training_never_imports_dynamo(tmp_path):

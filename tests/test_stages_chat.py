@@ -200,6 +200,8 @@ def test_grad_accum_averages_per_supervised_token(base, tmp_path):
               "--mode", "pad", "--warmdown-frac", "0"]
     run_cli(*common, "--tag", "one", "--device-batch-size", 2, "--grad-accum", 1)
     run_cli(*common, "--tag", "two", "--device-batch-size", 1, "--grad-accum", 2)
+    # the memory flags reach the stage and change what is stored, never the numbers
+    run_cli(*common, "--tag", "rec", "--device-batch-size", 2, "--grad-accum", 1, "--recompute", "block", "--trim-heap")
     from safetensors.torch import load_file
 
     a = load_file(str(Home.resolve(h2).checkpoints_dir("sft", "one") / "step_000001" / "model.safetensors"))
@@ -208,6 +210,10 @@ def test_grad_accum_averages_per_supervised_token(base, tmp_path):
     assert any(not torch.equal(a[k], base_w[k]) for k in a)  # the step did change the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    rec = load_file(str(Home.resolve(h2).checkpoints_dir("sft", "rec") / "step_000001" / "model.safetensors"))
+    assert all(torch.equal(a[k], rec[k]) for k in a)
+    meta = json.loads((Home.resolve(h2).checkpoints_dir("sft", "rec") / "step_000001" / "meta.json").read_text())
+    assert meta["flags"]["recompute"] == "block" and meta["flags"]["trim_heap"] is True  # recorded with the run
 
 
 def test_engine_stops_on_the_token_the_renderer_ends_turns_with(base):

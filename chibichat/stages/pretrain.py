@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_args, add_runtime_args
 
 DEFAULT_DEPTH = 4  # CPU-sized; GPU runs pass --depth 20 and up
 
@@ -34,13 +34,7 @@ def register(sub) -> None:
     add_runtime_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (static shapes)")
     add_fp8_arg(p)
-    p.add_argument("--recompute", choices=("none", "mlp", "block"), default="none",
-                   help="activation recomputation: keep every activation (none), drop each MLP's hidden (mlp) or "
-                        "everything inside a block (block) and rebuild it in backward; same gradients, less memory, "
-                        "more compute (bench train d4 bf16 CPU: block 618 -> 506 MB peak RSS for 10-17%% more CPU time)")
-    p.add_argument("--trim-heap", action="store_true",
-                   help="return freed heap memory to the OS after every optimizer step (glibc malloc_trim; "
-                        "bench train d4 bf16 CPU: 15-40 MB less peak RSS for 0-20%% more CPU time; a no-op without glibc)")
+    add_memory_args(p)
     p.add_argument("--corpus", default="embedded-en", help="corpus name (see `chibichat data list`) or local:/folder")
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="number of layers: the one dial")
     p.add_argument("--layers", default="dense",

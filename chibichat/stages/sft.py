@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_args, add_runtime_args
 
 # Evaluation sets are never training data: a mixture that names one is refused.
 EVAL_ONLY_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
@@ -68,6 +68,7 @@ def add_loop_args(p, steps: int, batch: int | None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the mixture order and initialisation")
     p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
     add_fp8_arg(p)
+    add_memory_args(p)
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
@@ -101,13 +102,15 @@ def default_mix(tok, en: str, ja: str) -> str:
 
 def load_source(args, home, tok, rt):
     """(model, meta, tag) from `--from`, refusing a checkpoint trained with another tokenizer; with --fp8
-    the block matmuls of training switch to fp8 (each stage chooses, like --dtype; not read from the source)."""
+    the block matmuls of training switch to fp8, and --recompute sets activation recomputation (each stage
+    chooses both, like --dtype; neither is read from the source)."""
     from chibichat.model.fp8 import enable_fp8
     from chibichat.train.checkpoint import load_model
 
     model, meta = load_model(home, args.from_stage, args.from_tag, args.from_step, rt=rt, tokenizer=tok)
     if args.fp8:
         enable_fp8(model, rt.device, rt.compute_dtype)
+    model.recompute = args.recompute
     tag = args.tag or Path(meta["checkpoint_dir"]).parent.name
     return model, meta, tag
 
@@ -336,7 +339,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
                          warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=args.eval_every,
                          save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token())
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
         meta = stage_meta(model, tok, args, src_meta, stage, {"mixture": train_mix.summary(), "lrs": lrs})
         print0(rt, f"{stage}: from {src_meta['checkpoint_dir']} -> {tag_dir} | seq_len {seq_len} | "
                    f"mixture {train_mix.summary()} | mode {args.mode} | lrs {lrs}")
