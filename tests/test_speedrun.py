@@ -42,6 +42,33 @@ def test_plan_covers_every_stage_in_order(tmp_path):
         assert rl[rl.index("--task") + 1] == want
 
 
+def test_precision_and_memory_flags_reach_the_stages_that_take_them(tmp_path):
+    from chibichat.cli import build_parser
+    from chibichat.stages.speedrun import training_flags
+
+    parser = build_parser()
+    args = parser.parse_args(["speedrun", "--dtype", "float32", "--compile", "--fp8", "--recompute", "block",
+                              "--trim-heap"])
+    assert training_flags(args) == ["--fp8", "--recompute", "block", "--trim-heap"]
+    steps = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", args.dtype, training_flags(args), ["--compile"])
+    for step in steps:
+        # every step's command line is one its stage's own parser accepts, with the values given
+        parsed = parser.parse_args(step.argv)
+        training = step.name in ("pretrain", "midtrain", "sft", "rl")
+        if step.name.startswith("tokenizer"):
+            assert "--dtype" not in step.argv
+            continue
+        assert parsed.dtype == "float32", step.name
+        assert getattr(parsed, "fp8", False) is training and getattr(parsed, "trim_heap", False) is training
+        assert getattr(parsed, "recompute", "none") == ("block" if training else "none"), step.name
+        assert getattr(parsed, "compile", False) is (step.name == "pretrain"), step.name
+    # defaults add nothing
+    default = parser.parse_args(["speedrun"])
+    assert training_flags(default) == []
+    plain = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")
+    assert all("--dtype" not in s.argv and "--fp8" not in s.argv for s in plain)
+
+
 def test_unknown_force_stage_is_a_clear_error(tmp_path, capsys):
     from chibichat.cli import main
 

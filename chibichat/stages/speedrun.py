@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, add_home_arg, atomic_write_json, read_json
+from chibichat.common import (DTYPE_CHOICES, ChibiError, Home, add_fp8_arg, add_home_arg, add_memory_args,
+                              atomic_write_json, read_json)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,20 @@ def register(sub) -> None:
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE even if finished (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped, run nothing")
     p.add_argument("--device", default="auto", help="passed to every stage")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the pretraining forward (pretrain --compile)")
+    # precision and memory flags of the training stages, passed to pretrain, midtrain, sft and rl
+    add_fp8_arg(p)
+    add_memory_args(p)
     p.set_defaults(func=run)
+
+
+def training_flags(args) -> list[str]:
+    """The speedrun's --fp8 / --recompute / --trim-heap as flags for every training stage (none when default)."""
+    out = ["--fp8"] if args.fp8 else []
+    if args.recompute != "none":
+        out += ["--recompute", args.recompute]
+    return out + (["--trim-heap"] if args.trim_heap else [])
 
 
 def pick_preset(name: str) -> Preset:
@@ -142,7 +156,10 @@ def pick_preset(name: str) -> Preset:
     return PRESETS["d20"] if torch.cuda.is_available() else PRESETS["cpu"]
 
 
-def plan(home: Home, preset: Preset, lang: str, layers: str, device: str) -> list[Step]:
+def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
+         train: list[str] = (), pretrain: list[str] = ()) -> list[Step]:
+    """The steps of a speedrun. `train`: extra flags for every training stage (training_flags);
+    `pretrain`: extra flags for pretraining only (--compile)."""
     tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
@@ -155,7 +172,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str) -> lis
     # needs its dev files: `chibichat eval jglue --jglue-dir DIR` when online).
     chat_tasks = [] if lang == "en" else ["--tasks", "spelling-ja,arithmetic-ja,letter-count-ja"]
     common = ["--home", str(home.root)]
-    dev = ["--device", device]
+    dev = ["--device", device] + (["--dtype", dtype] if dtype != "auto" else [])
+    train, pretrain = list(train), list(pretrain)
     ck = home.checkpoints_dir
     ev = home.eval_dir
     steps = []
@@ -173,25 +191,25 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str) -> lis
              ["tokenizer", "eval", "--corpus", corpus, *common],
              home.tokenizer_dir / "eval.json", [home.tokenizer_dir / "eval.json"], weight=0.01),
         Step("pretrain", "pretrain the base model",
-             ["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *preset.pretrain],
+             ["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *train, *pretrain, *preset.pretrain],
              ck("base", tag) / "summary.json", [ck("base", tag)], resumable_dir=ck("base", tag), distributed=True, weight=0.5),
         Step("eval-base", "evaluate the base model (bpb, CORE)",
              ["eval", "base", "--from", "base", "--tag", tag, *common, *dev, *preset.eval_base],
              ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04),
         Step("midtrain", "midtrain: chat format, tools, multiple choice",
-             ["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *preset.midtrain],
+             ["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *preset.midtrain],
              ck("mid", tag) / "summary.json", [ck("mid", tag)], resumable_dir=ck("mid", tag), distributed=True, weight=0.1),
         Step("eval-mid", "evaluate the midtrained model",
              ["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
              ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04),
         Step("sft", "supervised fine-tuning",
-             ["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *preset.sft],
+             ["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *preset.sft],
              ck("sft", tag) / "summary.json", [ck("sft", tag)], resumable_dir=ck("sft", tag), distributed=True, weight=0.1),
         Step("eval-sft", "evaluate the SFT model",
              ["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
              ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),
         Step("rl", "reinforcement learning on verifiable rewards",
-             ["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, "--task", rl_task, *common, *dev, *preset.rl],
+             ["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, "--task", rl_task, *common, *dev, *train, *preset.rl],
              ck("rl", tag) / "summary.json", [ck("rl", tag)], resumable_dir=ck("rl", tag), distributed=True, weight=0.1),
         Step("eval-rl", "evaluate the RL model",
              ["eval", "chat", "--from", "rl", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
@@ -218,7 +236,8 @@ def _launcher(step: Step) -> list[str]:
 def run(args) -> int:
     home = Home.resolve(args.home)
     preset = pick_preset(args.preset)
-    steps = plan(home, preset, args.lang, args.layers, args.device)
+    steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
+                 ["--compile"] if args.compile else [])
     names = {s.name for s in steps}
     for f in args.force:
         if f not in names:
