@@ -12,21 +12,15 @@ from chibichat.model import decode as decode_mod
 from chibichat.model.decode import Decoder, StepDecoder, decoder_for
 from chibichat.model.gpt import GPT, GPTConfig, InferenceState
 from chibichat.tokenizer import Tokenizer
+from test_model import LAYOUTS as MODEL_LAYOUTS
 
 V = 61
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LAYOUTS = {
-    "dense": dict(layers="dense"),
-    "slc2-only": dict(layers="SSSS"),
-    "iberis": dict(layers="iberis"),
-    "gqa": dict(layers="ASAA", n_kv_head=2),
-    "window": dict(layers="AASA", windows=[0, 5, 0, 3]),
-    "slc2-k4": dict(layers="SASA", k=4),
-    "gqa-window": dict(layers="AAAA", n_kv_head=1, windows=[4, 0, 2, 0]),
-}
+# every layout the model's own tests cover, plus grouped-query attention under sliding windows
+LAYOUTS = {**MODEL_LAYOUTS, "gqa-window": dict(layers="AAAA", n_kv_head=1, windows=[4, 0, 2, 0])}
 
 
 def tiny(layers="dense", n_head=4, n_kv_head=4, windows=None, n_layer=4, seq_len=24, n_embd=32, k=3, vocab=V):
