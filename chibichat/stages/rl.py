@@ -17,6 +17,12 @@ disjoint from train); online, GSM8K's train split (`--task
 gsm8k-train --eval-task gsm8k`). Before and after training, pass@k (k = 1..K, unbiased estimator)
 is measured on held-out prompts; the per-step training reward is logged in metrics.jsonl ("reward"),
 and summary.json holds the curve and pass@k before/after.
+
+Under torchrun every rank samples its own prompts (rank r takes prompts r, r+W, ... of the task's
+seeded shuffle, with a sampling seed that includes r) and scores its own groups; advantages never mix
+ranks. The loop divides every rank's loss sum by the step's global token count and the optimizer
+sums gradients over ranks, so the update is the per-token mean over the global batch. Logged and
+summarised rewards are means over all ranks' samples (each rank draws the same number per batch).
 """
 
 from __future__ import annotations
@@ -156,6 +162,29 @@ class RolloutBatches:
             self.cursor, self.batches, self.history = int(d["cursor"]), int(d["batches"]), list(d["history"])
         except (KeyError, TypeError, ValueError) as e:
             raise ChibiError(f"--resume: the saved RL sampler state is malformed ({e})") from None
+
+
+def rank_mean(rt, vals):
+    """Element-wise mean of a float64 CPU tensor over ranks (the tensor itself on one process)."""
+    if not rt.distributed:
+        return vals
+    import torch.distributed as dist
+
+    out = vals.to(rt.device)
+    dist.all_reduce(out)
+    return (out / rt.world_size).cpu()
+
+
+def rank_sum_int(rt, n: int) -> int:
+    """An integer count summed over ranks."""
+    if not rt.distributed:
+        return n
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device=rt.device)
+    dist.all_reduce(t)
+    return int(t[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,19 +335,20 @@ def run(args) -> int:
             vals = torch.tensor([sum(h["reward"] for h in recent) / len(recent),
                                  sum(h["length"] for h in recent) / len(recent),
                                  sum(h.get("groups_used", 1.0) for h in recent) / len(recent)], dtype=torch.float64)
-            if rt.distributed:
-                import torch.distributed as dist
-
-                vals = vals.to(rt.device)
-                dist.all_reduce(vals)
-                vals = vals / rt.world_size
+            # Every rank drew prompts_per_step x num_samples samples per batch, so the mean of the
+            # ranks' means is the mean over the global batch.
+            vals = rank_mean(rt, vals)
             return {"reward": float(vals[0]), "completion_tokens": float(vals[1]), "groups_used": float(vals[2])}
 
         res = train(model, optimizer, batches, pg_loss_sum, rt, cfg, meta=meta, eval_fn=reward_fn)
         model.eval()
         after = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
         print0(rt, f"rl: pass@k after {after}")
-        curve = [h["reward"] for h in batches.history]
+        # The curve over all ranks' samples, batch by batch (every rank ran the same number of batches).
+        curve = rank_mean(rt, torch.tensor([h["reward"] for h in batches.history], dtype=torch.float64)).tolist()
+        groups_used = float(rank_mean(rt, torch.tensor(
+            [sum(h.get("groups_used", 1.0) for h in batches.history) / len(batches.history)], dtype=torch.float64))[0])
+        skipped = rank_sum_int(rt, batches.skipped_too_long)
         windows = reward_windows(curve)
         summary = {
             "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
@@ -327,10 +357,10 @@ def run(args) -> int:
             "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             # The compact curve: mean reward over 5 consecutive slices of the run (first -> last).
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,
-            "reward_curve": curve,  # this rank's per-micro-batch mean reward, in order
-            "groups_used": sum(h.get("groups_used", 1.0) for h in batches.history) / len(batches.history),
+            "reward_curve": curve,  # per micro-batch: mean reward over every rank's samples, in order
+            "groups_used": groups_used, "world_size": rt.world_size,
             "pass_at_k_before": before, "pass_at_k_after": after,
-            "train_prompts_skipped_too_long": batches.skipped_too_long,
+            "train_prompts_skipped_too_long": skipped,
         }
         write_summary(tag_dir, rt, summary)
         print0(rt, f"rl: reward by fifths of the run {' -> '.join(f'{w:.3f}' for w in windows)} | "

@@ -1,0 +1,282 @@
+"""The stages a speedrun runs under torchrun, run under torchrun (2 gloo ranks on CPU) and compared with
+one process: `eval base` (val bpb and CORE-lite), `eval chat`, `rl`, and a two-"node" pretraining run
+(`torchrun --nnodes 2` with c10d rendezvous on 127.0.0.1) that is killed and resumed.
+
+This file doubles as the RL worker script (`torchrun ... test_distributed_stages.py rl-worker ...`).
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+CPU = ["--device", "cpu", "--dtype", "float32"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CHIBICHAT_HOME"):
+        env.pop(k, None)
+    return env
+
+
+def _run(argv, timeout=300):
+    r = subprocess.run([str(a) for a in argv], env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def _one(*argv):
+    return _run([sys.executable, "-m", "chibichat", *argv])
+
+
+def _two(*argv):
+    return _run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "chibichat", *argv])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A tokenizer and one tiny model with a random (not zero) head, saved as a base and an SFT checkpoint:
+    a zero head scores every token alike, which would make any two evaluations agree."""
+    import torch
+
+    from chibichat.common import Home
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.tokenizer import train_tokenizer
+    from chibichat.train.checkpoint import save_checkpoint
+    from chibichat.train.optim import build_optimizer
+    from test_stages_chat import _texts
+
+    home = Home.resolve(tmp_path_factory.mktemp("dist") / "home")
+    tok = train_tokenizer(_texts(), vocab_size=512)
+    tok.save(home.tokenizer_dir)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=160, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))
+    with torch.no_grad():
+        model.lm_head.normal_(0.0, 0.5)
+    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
+                          other_lr=0.02, ns_dtype=torch.float32)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size},
+            "corpus": "embedded-en"}
+    for stage in ("base", "sft"):
+        save_checkpoint(home.checkpoints_dir(stage, "d1"), 5, model, opt, meta)
+    return home
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# eval base / eval chat: 2 ranks == 1 process
+
+
+@pytest.mark.slow
+def test_eval_base_two_ranks_score_what_one_process_scores(home):
+    # 7 micro-batches of 2 x 160 tokens: rank 0 scores 4, rank 1 scores 3.
+    argv = ["eval", "base", "--home", home.root, "--from", "base", "--tag", "d1", *CPU, "--eval-tokens", 7 * 320,
+            "--device-batch", 2, "--sample-tokens", 2, "--core-tasks", "core-copa,core-hellaswag", "--core-items", 7,
+            "--eval-batch-size", 3]
+    out_dir = home.eval_dir("base", "d1")
+    _one(*argv)
+    one, one_items = json.loads((out_dir / "summary.json").read_text()), _jsonl(out_dir / "core.jsonl")
+    (out_dir / "summary.json").unlink()
+    _two(*argv)
+    two, two_items = json.loads((out_dir / "summary.json").read_text()), _jsonl(out_dir / "core.jsonl")
+    assert one["base_eval"]["val_tokens"] == two["base_eval"]["val_tokens"] == 7 * 320
+    assert one["base_eval"]["val_bytes"] == two["base_eval"]["val_bytes"]
+    # The same per-micro-batch sums, added in the same order in float64: bitwise equal.
+    assert two["val_bpb"] == one["val_bpb"] and two["val_loss"] == one["val_loss"]
+    assert two["core"] == one["core"] and two["core_tasks"] == one["core_tasks"]
+    assert [(r["task"], r["index"], r["status"], r["pred"], r["correct"]) for r in two_items] == \
+           [(r["task"], r["index"], r["status"], r["pred"], r["correct"]) for r in one_items]
+    assert len(one_items) == 14 and {r["pred"] for r in one_items if r["task"] == "core-hellaswag"} != {0}
+    for a, b in zip(one_items, two_items):
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_chat_two_ranks_give_one_process_results(home):
+    argv = ["eval", "chat", "--home", home.root, "--from", "sft", "--tag", "d1", *CPU, "--tasks",
+            "arc-easy,spelling", "--max-items", 5, "--max-new-tokens", 6, "--eval-batch-size", 2]
+    out_dir = home.eval_dir("sft", "d1")
+    files = ("chat_arc_easy.jsonl", "chat_spelling.jsonl")
+    _one(*argv)
+    one = json.loads((out_dir / "summary.json").read_text())
+    one_items = {f: _jsonl(out_dir / f) for f in files}
+    for f in out_dir.iterdir():
+        f.unlink()
+    _two(*argv)
+    two = json.loads((out_dir / "summary.json").read_text())
+    two_items = {f: _jsonl(out_dir / f) for f in files}
+    assert two_items == one_items  # every item: index, prediction, greedy completion, correctness
+    assert [r["index"] for r in one_items["chat_spelling.jsonl"]] == [0, 1, 2, 3, 4]
+    assert any(r["completion"] for r in one_items["chat_spelling.jsonl"])
+    assert one["chat_eval"]["world_size"] == 1 and two["chat_eval"]["world_size"] == 2
+    for s in (one, two):
+        s["chat_eval"].pop("seconds"), s["chat_eval"].pop("world_size")
+    assert two == one
+
+
+# ----------------------------------------------------------------------------------------------
+# RL: every rank samples its own prompts; one update over the global batch
+
+
+class VowelTask:
+    """Generative toy task with a graded reward (share of vowels in the completion), so that a random
+    model's samples get different rewards and the policy gradient is not zero. `log` collects
+    (prompt, reward) for every completion scored."""
+
+    name, kind, lang = "vowels", "generative", "en"
+
+    def __init__(self, items=None, log=None):
+        self.items = items or [{"messages": [{"role": "user", "content": f"say vowels {i}"}]} for i in range(24)]
+        self.log = log
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def shuffled(self, seed):
+        items = list(self.items)
+        random.Random(seed).shuffle(items)
+        return VowelTask(items, self.log)
+
+    def evaluate(self, item, text):
+        r = sum(c in "aeiou" for c in text) / max(len(text), 1)
+        if self.log is not None:
+            self.log.append((item["messages"][0]["content"], r))
+        return r
+
+
+def rl_worker(home: str, out: str) -> None:
+    """One rank of `chibichat rl` on VowelTask; dumps the prompts/rewards it scored and its final weights."""
+    import torch
+
+    import chibichat.stages.rl as rl
+    import chibichat.train.loop as loop
+    from chibichat.cli import main
+
+    log: list = []
+    rl._tasks = lambda args, h: (VowelTask(log=log), VowelTask())
+    real_train = loop.train
+
+    def train(model, *a, **kw):
+        res = real_train(model, *a, **kw)
+        rank = int(os.environ.get("RANK", "0"))
+        torch.save({"log": log, "weights": {k: v.clone() for k, v in model.state_dict().items()}},
+                   Path(out) / f"rank{rank}.pt")
+        return res
+
+    loop.train = train
+    rc = main(["rl", "--home", home, "--from", "sft", "--from-tag", "d1", "--tag", "rl2", *CPU, "--num-steps", "2",
+               "--prompts-per-step", "2", "--num-samples", "4", "--max-new-tokens", "6", "--passk-items", "2",
+               "--passk-k", "2", "--seed", "3", "--save-every", "0"])
+    assert rc == 0
+
+
+@pytest.mark.slow
+def test_rl_two_ranks_sample_their_own_prompts_and_stay_in_sync(home, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    _run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__)), "rl-worker", home.root, tmp_path])
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    per_step = 2 * 4  # prompts x samples per micro-batch, one micro-batch per step
+    assert len(r0["log"]) == len(r1["log"]) == 2 * per_step
+    # Rank r takes prompts r, r+2, ... of the seeded shuffle: disjoint, and the same on every run.
+    order = [it["messages"][0]["content"] for it in VowelTask().shuffled(3).items]
+    assert [p for p, _ in r0["log"][::4]] == [order[0], order[2], order[4], order[6]]
+    assert [p for p, _ in r1["log"][::4]] == [order[1], order[3], order[5], order[7]]
+    # One update over the global batch: the replicas are identical, and they did move.
+    init = load_file(home.checkpoints_dir("sft", "d1") / "step_000005" / "model.safetensors")
+    for k, v in r0["weights"].items():
+        assert torch.equal(v, r1["weights"][k]), f"ranks diverged on {k}"
+    assert any(not torch.equal(r0["weights"][k], init[k]) for k in init)
+    # The logged reward of each step is the mean over both ranks' samples of that step.
+    run_dir = home.checkpoints_dir("rl", "rl2")
+    logged = {m["step"]: m["reward"] for m in _jsonl(run_dir / "metrics.jsonl") if "reward" in m}
+    for step in (1, 2):
+        both = [r for log in (r0["log"], r1["log"]) for _, r in log[(step - 1) * per_step: step * per_step]]
+        assert logged[step] == pytest.approx(sum(both) / len(both), rel=1e-12, abs=1e-12)
+    mine = [r for _, r in r0["log"][:per_step]]
+    assert logged[1] != pytest.approx(sum(mine) / len(mine))  # not rank 0's own mean
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["reward_curve"] == pytest.approx([logged[1], logged[2]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Two "nodes" on one machine: train, kill, resume == uninterrupted
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PRETRAIN = ["--depth", "1", "--width", "32", "--heads", "2", "--seq-len", "64", "--device-batch", "2",
+            "--total-batch", "256", "--eval-tokens", "128", "--sample-tokens", "2", "--eval-every", "0",
+            "--sample-every", "0", "--save-every", "2", "--keep-last", "0", "--num-steps", "16", *CPU]
+
+
+def _two_nodes(home, tag, *extra):
+    """Two torchrun agents (one process each) meeting at a c10d rendezvous on 127.0.0.1, each in its own
+    session so the test can kill a whole "node"."""
+    port = _free_port()
+    cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"t{port}", "-m", "chibichat", "pretrain",
+           "--home", str(home.root), "--tag", tag, *PRETRAIN, *extra]
+    return [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True) for _ in range(2)]
+
+
+def _wait(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    return outs
+
+
+@pytest.mark.slow
+def test_two_node_pretrain_killed_and_resumed_matches_uninterrupted(home):
+    from safetensors.torch import load_file
+
+    victim = _two_nodes(home, "n-killed")
+    run_dir = home.checkpoints_dir("base", "n-killed")
+    deadline = time.time() + 300
+    while not (run_dir / "step_000002" / "meta.json").exists():
+        assert all(p.poll() is None for p in victim), [p.communicate()[0] for p in victim]
+        assert time.time() < deadline, "no checkpoint at step 2 in time"
+        time.sleep(0.05)
+    for p in victim:  # both "nodes" go down at once, agents and workers
+        os.killpg(p.pid, signal.SIGKILL)
+    for p in victim:
+        p.wait(timeout=30)
+    assert "step_000016" not in {d.name for d in run_dir.glob("step_*")}, "finished before the kill: lengthen it"
+    outs = _wait(_two_nodes(home, "n-killed", "--resume"))
+    assert any("resumed from" in o for o in outs), outs
+    _wait(_two_nodes(home, "n-full"))
+    full = json.loads((home.checkpoints_dir("base", "n-full") / "summary.json").read_text())
+    assert full["world_size"] == 2 and full["steps"] == 16
+    a = load_file(home.checkpoints_dir("base", "n-full") / "step_000016" / "model.safetensors")
+    b = load_file(run_dir / "step_000016" / "model.safetensors")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() == 0, f"{k} differs after kill + resume"
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "rl-worker":
+        rl_worker(sys.argv[2], sys.argv[3])
+    else:
+        raise SystemExit(f"unknown worker {sys.argv[1]!r}")
