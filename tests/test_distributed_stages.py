@@ -2,7 +2,7 @@
 one process: `eval base` (val bpb and CORE-lite), `eval chat`, `rl`, and a two-"node" pretraining run
 (`torchrun --nnodes 2` with c10d rendezvous on 127.0.0.1) that is killed and resumed.
 
-This file doubles as the RL worker script (`torchrun ... test_distributed_stages.py rl-worker ...`).
+This file doubles as the worker script (`torchrun ... test_distributed_stages.py stages-worker HOME OUT`).
 """
 
 import json
@@ -33,14 +33,6 @@ def _run(argv, timeout=300):
     r = subprocess.run([str(a) for a in argv], env=_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
-
-
-def _one(*argv):
-    return _run([sys.executable, "-m", "chibichat", *argv])
-
-
-def _two(*argv):
-    return _run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "chibichat", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -77,58 +69,7 @@ def _jsonl(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# eval base / eval chat: 2 ranks == 1 process
-
-
-@pytest.mark.slow
-def test_eval_base_two_ranks_score_what_one_process_scores(home):
-    # 7 micro-batches of 2 x 160 tokens: rank 0 scores 4, rank 1 scores 3.
-    argv = ["eval", "base", "--home", home.root, "--from", "base", "--tag", "d1", *CPU, "--eval-tokens", 7 * 320,
-            "--device-batch", 2, "--sample-tokens", 2, "--core-tasks", "core-copa,core-hellaswag", "--core-items", 7,
-            "--eval-batch-size", 3]
-    out_dir = home.eval_dir("base", "d1")
-    _one(*argv)
-    one, one_items = json.loads((out_dir / "summary.json").read_text()), _jsonl(out_dir / "core.jsonl")
-    (out_dir / "summary.json").unlink()
-    _two(*argv)
-    two, two_items = json.loads((out_dir / "summary.json").read_text()), _jsonl(out_dir / "core.jsonl")
-    assert one["base_eval"]["val_tokens"] == two["base_eval"]["val_tokens"] == 7 * 320
-    assert one["base_eval"]["val_bytes"] == two["base_eval"]["val_bytes"]
-    # The same per-micro-batch sums, added in the same order in float64: bitwise equal.
-    assert two["val_bpb"] == one["val_bpb"] and two["val_loss"] == one["val_loss"]
-    assert two["core"] == one["core"] and two["core_tasks"] == one["core_tasks"]
-    assert [(r["task"], r["index"], r["status"], r["pred"], r["correct"]) for r in two_items] == \
-           [(r["task"], r["index"], r["status"], r["pred"], r["correct"]) for r in one_items]
-    assert len(one_items) == 14 and {r["pred"] for r in one_items if r["task"] == "core-hellaswag"} != {0}
-    for a, b in zip(one_items, two_items):
-        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_eval_chat_two_ranks_give_one_process_results(home):
-    argv = ["eval", "chat", "--home", home.root, "--from", "sft", "--tag", "d1", *CPU, "--tasks",
-            "arc-easy,spelling", "--max-items", 5, "--max-new-tokens", 6, "--eval-batch-size", 2]
-    out_dir = home.eval_dir("sft", "d1")
-    files = ("chat_arc_easy.jsonl", "chat_spelling.jsonl")
-    _one(*argv)
-    one = json.loads((out_dir / "summary.json").read_text())
-    one_items = {f: _jsonl(out_dir / f) for f in files}
-    for f in out_dir.iterdir():
-        f.unlink()
-    _two(*argv)
-    two = json.loads((out_dir / "summary.json").read_text())
-    two_items = {f: _jsonl(out_dir / f) for f in files}
-    assert two_items == one_items  # every item: index, prediction, greedy completion, correctness
-    assert [r["index"] for r in one_items["chat_spelling.jsonl"]] == [0, 1, 2, 3, 4]
-    assert any(r["completion"] for r in one_items["chat_spelling.jsonl"])
-    assert one["chat_eval"]["world_size"] == 1 and two["chat_eval"]["world_size"] == 2
-    for s in (one, two):
-        s["chat_eval"].pop("seconds"), s["chat_eval"].pop("world_size")
-    assert two == one
-
-
-# ----------------------------------------------------------------------------------------------
-# RL: every rank samples its own prompts; one update over the global batch
+# RL on a toy task: every rank samples its own prompts; one update over the global batch
 
 
 class VowelTask:
@@ -160,14 +101,36 @@ class VowelTask:
         return r
 
 
-def rl_worker(home: str, out: str) -> None:
-    """One rank of `chibichat rl` on VowelTask; dumps the prompts/rewards it scored and its final weights."""
-    import torch
+# ----------------------------------------------------------------------------------------------
+# eval base, eval chat and rl: one process vs 2 gloo ranks
 
+# eval base: 7 micro-batches of 2 x 160 tokens (rank 0 scores 4, rank 1 scores 3) and two CORE-lite tasks.
+EVAL_BASE = ["eval", "base", "--from", "base", "--tag", "d1", *CPU, "--eval-tokens", str(7 * 320), "--device-batch",
+             "2", "--sample-tokens", "2", "--core-tasks", "core-copa,core-hellaswag", "--core-items", "7",
+             "--eval-batch-size", "3"]
+EVAL_CHAT = ["eval", "chat", "--from", "sft", "--tag", "d1", *CPU, "--tasks", "arc-easy,spelling", "--max-items", "5",
+             "--max-new-tokens", "6", "--eval-batch-size", "2"]
+RL = ["rl", "--from", "sft", "--from-tag", "d1", "--tag", "rl2", *CPU, "--num-steps", "2", "--prompts-per-step", "2",
+      "--num-samples", "4", "--max-new-tokens", "6", "--passk-items", "2", "--passk-k", "2", "--seed", "3",
+      "--save-every", "0"]
+
+
+def stages_worker(home: str, out: str) -> None:
+    """One rank under torchrun: eval base, eval chat, then rl on VowelTask. Dumps the prompts/rewards this
+    rank scored in rl and its final weights. The stages share one process group: each would leave it at its
+    end (shutdown_runtime), and rejoining a group in the same process can race on the rendezvous store's old
+    keys, so leaving is deferred to the end of the worker (each CLI run is its own process in real use)."""
+    import torch
+    import torch.distributed as dist
+
+    import chibichat.common as common
     import chibichat.stages.rl as rl
     import chibichat.train.loop as loop
     from chibichat.cli import main
 
+    common.shutdown_runtime = lambda rt: None
+    for argv in (EVAL_BASE, EVAL_CHAT):
+        assert main([*argv, "--home", home]) == 0
     log: list = []
     rl._tasks = lambda args, h: (VowelTask(log=log), VowelTask())
     real_train = loop.train
@@ -180,19 +143,77 @@ def rl_worker(home: str, out: str) -> None:
         return res
 
     loop.train = train
-    rc = main(["rl", "--home", home, "--from", "sft", "--from-tag", "d1", "--tag", "rl2", *CPU, "--num-steps", "2",
-               "--prompts-per-step", "2", "--num-samples", "4", "--max-new-tokens", "6", "--passk-items", "2",
-               "--passk-k", "2", "--seed", "3", "--save-every", "0"])
-    assert rc == 0
+    assert main([*RL, "--home", home]) == 0
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(home, tmp_path_factory):
+    """The evaluations once in this process (one thread, as every torchrun rank here has) with their
+    outputs moved to one/, then eval base, eval chat and rl under torchrun with 2 ranks (outputs in the home).
+    Returns (home, one, rl_dumps)."""
+    import shutil
+
+    import torch
+
+    from chibichat.cli import main
+
+    one = tmp_path_factory.mktemp("one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for argv, stage in ((EVAL_BASE, "base"), (EVAL_CHAT, "sft")):
+            assert main([*argv, "--home", str(home.root)]) == 0
+            shutil.move(home.eval_dir(stage, "d1"), one / stage)
+    finally:
+        torch.set_num_threads(threads)
+    dumps = tmp_path_factory.mktemp("rl")
+    _run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__)), "stages-worker", home.root, dumps])
+    return home, one, dumps
 
 
 @pytest.mark.slow
-def test_rl_two_ranks_sample_their_own_prompts_and_stay_in_sync(home, tmp_path):
+def test_eval_base_two_ranks_score_what_one_process_scores(runs):
+    home, one_dir, _ = runs
+    out_dir = home.eval_dir("base", "d1")
+    one, one_items = json.loads((one_dir / "base" / "summary.json").read_text()), _jsonl(one_dir / "base" / "core.jsonl")
+    two, two_items = json.loads((out_dir / "summary.json").read_text()), _jsonl(out_dir / "core.jsonl")
+    assert one["base_eval"]["val_tokens"] == two["base_eval"]["val_tokens"] == 7 * 320
+    assert one["base_eval"]["val_bytes"] == two["base_eval"]["val_bytes"]
+    # The same per-micro-batch sums, added in the same order in float64: bitwise equal.
+    assert two["val_bpb"] == one["val_bpb"] and two["val_loss"] == one["val_loss"]
+    assert two["core"] == one["core"] and two["core_tasks"] == one["core_tasks"]
+    assert [(r["task"], r["index"], r["status"], r["pred"], r["correct"]) for r in two_items] == \
+           [(r["task"], r["index"], r["status"], r["pred"], r["correct"]) for r in one_items]
+    assert len(one_items) == 14 and {r["pred"] for r in one_items if r["task"] == "core-hellaswag"} != {0}
+    for a, b in zip(one_items, two_items):
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_chat_two_ranks_give_one_process_results(runs):
+    home, one_dir, _ = runs
+    out_dir = home.eval_dir("sft", "d1")
+    files = ("chat_arc_easy.jsonl", "chat_spelling.jsonl")
+    one = json.loads((one_dir / "sft" / "summary.json").read_text())
+    one_items = {f: _jsonl(one_dir / "sft" / f) for f in files}
+    two = json.loads((out_dir / "summary.json").read_text())
+    two_items = {f: _jsonl(out_dir / f) for f in files}
+    assert two_items == one_items  # every item: index, prediction, greedy completion, correctness
+    assert [r["index"] for r in one_items["chat_spelling.jsonl"]] == [0, 1, 2, 3, 4]
+    assert one["chat_eval"]["world_size"] == 1 and two["chat_eval"]["world_size"] == 2
+    for s in (one, two):
+        s["chat_eval"].pop("seconds"), s["chat_eval"].pop("world_size")
+    assert two == one
+
+
+@pytest.mark.slow
+def test_rl_two_ranks_sample_their_own_prompts_and_stay_in_sync(runs):
     import torch
     from safetensors.torch import load_file
 
-    _run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__)), "rl-worker", home.root, tmp_path])
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    home, _, dumps = runs
+    r0, r1 = torch.load(dumps / "rank0.pt"), torch.load(dumps / "rank1.pt")
     per_step = 2 * 4  # prompts x samples per micro-batch, one micro-batch per step
     assert len(r0["log"]) == len(r1["log"]) == 2 * per_step
     # Rank r takes prompts r, r+2, ... of the seeded shuffle: disjoint, and the same on every run.
@@ -231,15 +252,20 @@ PRETRAIN = ["--depth", "1", "--width", "32", "--heads", "2", "--seq-len", "64", 
             "--sample-every", "0", "--save-every", "2", "--keep-last", "0", "--num-steps", "16", *CPU]
 
 
-def _two_nodes(home, tag, *extra):
-    """Two torchrun agents (one process each) meeting at a c10d rendezvous on 127.0.0.1, each in its own
-    session so the test can kill a whole "node"."""
-    port = _free_port()
-    cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"t{port}", "-m", "chibichat", "pretrain",
-           "--home", str(home.root), "--tag", tag, *PRETRAIN, *extra]
+def _pretrain(home, tag, launcher, agents, *extra):
+    """`agents` torchrun agents with the same command line, each in its own session so that the test can
+    kill a whole "node" (agent and worker)."""
+    cmd = [str(TORCHRUN), *launcher, "-m", "chibichat", "pretrain", "--home", str(home.root), "--tag", tag,
+           *PRETRAIN, *extra]
     return [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True) for _ in range(2)]
+                             start_new_session=True) for _ in range(agents)]
+
+
+def _two_nodes(home, tag, *extra):
+    """Two torchrun agents (one process each) meeting at a c10d rendezvous on 127.0.0.1."""
+    port = _free_port()
+    return _pretrain(home, tag, ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                                 "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"t{port}"], 2, *extra)
 
 
 def _wait(procs, timeout=300):
@@ -252,6 +278,9 @@ def _wait(procs, timeout=300):
 def test_two_node_pretrain_killed_and_resumed_matches_uninterrupted(home):
     from safetensors.torch import load_file
 
+    # The uninterrupted reference, alongside: the same 2 ranks from one agent (fewer processes on a small CI
+    # machine; rank r reads the same data and the all-reduces add the same two operands).
+    full = _pretrain(home, "n-full", ["--standalone", "--nproc_per_node", "2"], 1)
     victim = _two_nodes(home, "n-killed")
     run_dir = home.checkpoints_dir("base", "n-killed")
     deadline = time.time() + 300
@@ -266,7 +295,7 @@ def test_two_node_pretrain_killed_and_resumed_matches_uninterrupted(home):
     assert "step_000016" not in {d.name for d in run_dir.glob("step_*")}, "finished before the kill: lengthen it"
     outs = _wait(_two_nodes(home, "n-killed", "--resume"))
     assert any("resumed from" in o for o in outs), outs
-    _wait(_two_nodes(home, "n-full"))
+    _wait(full)
     full = json.loads((home.checkpoints_dir("base", "n-full") / "summary.json").read_text())
     assert full["world_size"] == 2 and full["steps"] == 16
     a = load_file(home.checkpoints_dir("base", "n-full") / "step_000016" / "model.safetensors")
@@ -276,7 +305,7 @@ def test_two_node_pretrain_killed_and_resumed_matches_uninterrupted(home):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "rl-worker":
-        rl_worker(sys.argv[2], sys.argv[3])
+    if sys.argv[1] == "stages-worker":
+        stages_worker(sys.argv[2], sys.argv[3])
     else:
         raise SystemExit(f"unknown worker {sys.argv[1]!r}")
