@@ -1,8 +1,8 @@
 """The stages a speedrun runs under torchrun, run under torchrun (2 gloo ranks on CPU) and compared with
-one process: `eval base` (val bpb and CORE-lite), `eval chat`, `rl`, and a two-"node" pretraining run
+one process: `eval base` (val bpb and CORE-lite), `eval chat`, `eval jglue`, `rl`, and a two-"node" pretraining run
 (`torchrun --nnodes 2` with c10d rendezvous on 127.0.0.1) that is killed and resumed.
 
-This file doubles as the worker script (`torchrun ... test_distributed_stages.py stages-worker HOME OUT`).
+This file doubles as the worker script (`torchrun ... test_distributed_stages.py stages-worker HOME OUT JGLUE_DIR`).
 """
 
 import json
@@ -110,13 +110,15 @@ EVAL_BASE = ["eval", "base", "--from", "base", "--tag", "d1", *CPU, "--eval-toke
              "--eval-batch-size", "3"]
 EVAL_CHAT = ["eval", "chat", "--from", "sft", "--tag", "d1", *CPU, "--tasks", "arc-easy,spelling", "--max-items", "5",
              "--max-new-tokens", "6", "--eval-batch-size", "2"]
+EVAL_JGLUE = ["eval", "jglue", "--from", "base", "--tag", "d1", *CPU, "--shots", "1", "--jsquad-shots", "0",
+              "--jsquad-max-tokens", "4", "--eval-batch-size", "2"]
 RL = ["rl", "--from", "sft", "--from-tag", "d1", "--tag", "rl2", *CPU, "--num-steps", "2", "--prompts-per-step", "2",
       "--num-samples", "4", "--max-new-tokens", "6", "--passk-items", "2", "--passk-k", "2", "--seed", "3",
       "--save-every", "0"]
 
 
-def stages_worker(home: str, out: str) -> None:
-    """One rank under torchrun: eval base, eval chat, then rl on VowelTask. Dumps the prompts/rewards this
+def stages_worker(home: str, out: str, jglue: str) -> None:
+    """One rank under torchrun: eval base, eval chat, eval jglue, then rl on VowelTask. Dumps the prompts/rewards this
     rank scored in rl and its final weights. The stages share one process group: each would leave it at its
     end (shutdown_runtime), and rejoining a group in the same process can race on the rendezvous store's old
     keys, so leaving is deferred to the end of the worker (each CLI run is its own process in real use)."""
@@ -129,7 +131,7 @@ def stages_worker(home: str, out: str) -> None:
     from chibichat.cli import main
 
     common.shutdown_runtime = lambda rt: None
-    for argv in (EVAL_BASE, EVAL_CHAT):
+    for argv in (EVAL_BASE, EVAL_CHAT, [*EVAL_JGLUE, "--jglue-dir", jglue]):
         assert main([*argv, "--home", home]) == 0
     log: list = []
     rl._tasks = lambda args, h: (VowelTask(log=log), VowelTask())
@@ -158,17 +160,23 @@ def runs(home, tmp_path_factory):
 
     from chibichat.cli import main
 
+    from test_eval_core import _write_jglue
+
     one = tmp_path_factory.mktemp("one")
+    jglue = tmp_path_factory.mktemp("jglue")
+    _write_jglue(jglue)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for argv, stage in ((EVAL_BASE, "base"), (EVAL_CHAT, "sft")):
+        for argv, stage, name in ((EVAL_BASE, "base", "base"), (EVAL_CHAT, "sft", "sft"),
+                                  ([*EVAL_JGLUE, "--jglue-dir", str(jglue)], "base", "jglue")):
             assert main([*argv, "--home", str(home.root)]) == 0
-            shutil.move(home.eval_dir(stage, "d1"), one / stage)
+            shutil.move(home.eval_dir(stage, "d1"), one / name)
     finally:
         torch.set_num_threads(threads)
     dumps = tmp_path_factory.mktemp("rl")
-    _run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__)), "stages-worker", home.root, dumps])
+    _run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(__file__)), "stages-worker", home.root, dumps,
+          jglue])
     return home, one, dumps
 
 
@@ -205,6 +213,27 @@ def test_eval_chat_two_ranks_give_one_process_results(runs):
     for s in (one, two):
         s["chat_eval"].pop("seconds"), s["chat_eval"].pop("world_size")
     assert two == one
+
+
+@pytest.mark.slow
+def test_eval_jglue_two_ranks_give_one_process_results(runs):
+    home, one_dir, _ = runs
+    out_dir = home.eval_dir("base", "d1")  # shared with eval base's keys in the 2-rank run
+    one = json.loads((one_dir / "jglue" / "summary.json").read_text())
+    two = json.loads((out_dir / "summary.json").read_text())
+    keys = [k for k in one if k != "jglue_eval"]
+    assert {"jcommonsenseqa", "jnli", "jsts_pearson", "jsquad_f1"} <= set(keys)
+    assert {k: two[k] for k in keys} == {k: one[k] for k in keys}
+    assert one["jcommonsenseqa_n"] + one["jcommonsenseqa_skipped_too_long"] == 5
+    for name in ("jcommonsenseqa", "jnli", "jsts", "jsquad"):
+        a, b = _jsonl(one_dir / "jglue" / f"{name}.jsonl"), _jsonl(out_dir / f"{name}.jsonl")
+        assert [r["index"] for r in b] == list(range(len(a))), name
+        # Continuation losses come from batches of other compositions: equal up to float rounding.
+        for ra, rb in zip(a, b):
+            la, lb = ra.pop("losses", None), rb.pop("losses", None)
+            assert rb == ra and (la is None) == (lb is None), (name, ra, rb)
+            if la is not None:
+                assert lb == pytest.approx(la, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -306,6 +335,6 @@ def test_two_node_pretrain_killed_and_resumed_matches_uninterrupted(home):
 
 if __name__ == "__main__":
     if sys.argv[1] == "stages-worker":
-        stages_worker(sys.argv[2], sys.argv[3])
+        stages_worker(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         raise SystemExit(f"unknown worker {sys.argv[1]!r}")
