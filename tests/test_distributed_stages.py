@@ -112,13 +112,16 @@ EVAL_CHAT = ["eval", "chat", "--from", "sft", "--tag", "d1", *CPU, "--tasks", "a
              "--max-new-tokens", "6", "--eval-batch-size", "2"]
 EVAL_JGLUE = ["eval", "jglue", "--from", "base", "--tag", "d1", *CPU, "--shots", "1", "--jsquad-shots", "0",
               "--jsquad-max-tokens", "4", "--eval-batch-size", "2"]
+# sft: its val loss at step 0 (before any update) over 3 val batches (rank 0 scores 2, rank 1 scores 1).
+SFT = ["sft", "--from", "base", "--from-tag", "d1", "--tag", "s1", *CPU, "--num-steps", "1", "--device-batch-size", "2",
+       "--val-items", "4", "--val-batches", "3", "--no-samples", "--mix", "arithmetic=0.05"]
 RL = ["rl", "--from", "sft", "--from-tag", "d1", "--tag", "rl2", *CPU, "--num-steps", "2", "--prompts-per-step", "2",
       "--num-samples", "4", "--max-new-tokens", "6", "--passk-items", "2", "--passk-k", "2", "--seed", "3",
       "--save-every", "0"]
 
 
 def stages_worker(home: str, out: str, jglue: str) -> None:
-    """One rank under torchrun: eval base, eval chat, eval jglue, then rl on VowelTask. Dumps the prompts/rewards this
+    """One rank under torchrun: eval base, eval chat, eval jglue, sft, then rl on VowelTask. Dumps the prompts/rewards this
     rank scored in rl and its final weights. The stages share one process group: each would leave it at its
     end (shutdown_runtime), and rejoining a group in the same process can race on the rendezvous store's old
     keys, so leaving is deferred to the end of the worker (each CLI run is its own process in real use)."""
@@ -131,7 +134,7 @@ def stages_worker(home: str, out: str, jglue: str) -> None:
     from chibichat.cli import main
 
     common.shutdown_runtime = lambda rt: None
-    for argv in (EVAL_BASE, EVAL_CHAT, [*EVAL_JGLUE, "--jglue-dir", jglue]):
+    for argv in (EVAL_BASE, EVAL_CHAT, [*EVAL_JGLUE, "--jglue-dir", jglue], SFT):
         assert main([*argv, "--home", home]) == 0
     log: list = []
     rl._tasks = lambda args, h: (VowelTask(log=log), VowelTask())
@@ -172,6 +175,8 @@ def runs(home, tmp_path_factory):
                                   ([*EVAL_JGLUE, "--jglue-dir", str(jglue)], "base", "jglue")):
             assert main([*argv, "--home", str(home.root)]) == 0
             shutil.move(home.eval_dir(stage, "d1"), one / name)
+        assert main([*SFT, "--home", str(home.root)]) == 0
+        shutil.move(home.checkpoints_dir("sft", "s1"), one / "sft-run")
     finally:
         torch.set_num_threads(threads)
     dumps = tmp_path_factory.mktemp("rl")
@@ -234,6 +239,15 @@ def test_eval_jglue_two_ranks_give_one_process_results(runs):
             assert rb == ra and (la is None) == (lb is None), (name, ra, rb)
             if la is not None:
                 assert lb == pytest.approx(la, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sft_val_loss_two_ranks_equal_one_process(runs):
+    home, one_dir, _ = runs
+    one = [m for m in _jsonl(one_dir / "sft-run" / "metrics.jsonl") if "val_loss" in m]
+    two = [m for m in _jsonl(home.checkpoints_dir("sft", "s1") / "metrics.jsonl") if "val_loss" in m]
+    assert one[0]["step"] == two[0]["step"] == 0
+    assert two[0]["val_loss"] == one[0]["val_loss"]  # same val batches, same sums in the same order
 
 
 @pytest.mark.slow

@@ -22,6 +22,23 @@ import torch.distributed as dist
 from chibichat.common import ChibiError, Runtime
 
 
+def strided_sums(rt: Runtime, mine: list[list[float]], width: int) -> list[float]:
+    """Column sums of per-batch rows over every rank, where rank r of W holds the rows of batches r, r+W,
+    r+2W, ... of one sequence: the rows are gathered and added in sequence order in float64 (Python
+    floats), so the sums are bitwise those of one process holding every row, for any W."""
+    ordered = mine
+    if rt.distributed:
+        parts: list = [None] * rt.world_size
+        dist.all_gather_object(parts, mine)
+        # Sequence position i lives on rank i % W at local position i // W.
+        total = sum(len(p) for p in parts)
+        ordered = [parts[i % rt.world_size][i // rt.world_size] for i in range(total)]
+    sums = [0.0] * width
+    for row in ordered:
+        sums = [a + b for a, b in zip(sums, row)]
+    return sums
+
+
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes: torch.Tensor, rt: Runtime) -> dict:
     """Score every (inputs, targets) batch in `batches` (an iterable, already limited to the val
@@ -37,16 +54,7 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, rt: Runtime) -> dict
         counted = nbytes > 0
         mine.append(torch.stack([(loss * counted).sum(), nbytes.sum().double(), (loss * valid).sum(),
                                  valid.sum().double()]).tolist())
-    ordered = mine
-    if rt.distributed:
-        parts: list = [None] * rt.world_size
-        dist.all_gather_object(parts, mine)
-        # Slice position i lives on rank i % W at local position i // W.
-        total = sum(len(p) for p in parts)
-        ordered = [parts[i % rt.world_size][i // rt.world_size] for i in range(total)]
-    nats_b = nbytes = nats_all = ntok = 0.0
-    for a, b, c, d in ordered:  # Python floats are float64: the same additions in the same order
-        nats_b, nbytes, nats_all, ntok = nats_b + a, nbytes + b, nats_all + c, ntok + d
+    nats_b, nbytes, nats_all, ntok = strided_sums(rt, mine, 4)
     if nbytes == 0:
         raise ChibiError("the val batches hold no target bytes (empty val set or only special tokens); "
                          "check the corpus val split and --eval-tokens")
