@@ -116,7 +116,7 @@ EVAL_JGLUE = ["eval", "jglue", "--from", "base", "--tag", "d1", *CPU, "--shots",
 SFT = ["sft", "--from", "base", "--from-tag", "d1", "--tag", "s1", *CPU, "--num-steps", "1", "--device-batch-size", "2",
        "--val-items", "4", "--val-batches", "3", "--no-samples", "--mix", "arithmetic=0.05"]
 RL = ["rl", "--from", "sft", "--from-tag", "d1", "--tag", "rl2", *CPU, "--num-steps", "2", "--prompts-per-step", "2",
-      "--num-samples", "4", "--max-new-tokens", "6", "--passk-items", "2", "--passk-k", "2", "--seed", "3",
+      "--num-samples", "4", "--max-new-tokens", "6", "--passk-items", "10", "--passk-k", "2", "--seed", "3",
       "--save-every", "0"]
 
 
@@ -278,6 +278,25 @@ def test_rl_two_ranks_sample_their_own_prompts_and_stay_in_sync(runs):
     assert logged[1] != pytest.approx(sum(mine) / len(mine))  # not rank 0's own mean
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["reward_curve"] == pytest.approx([logged[1], logged[2]])
+    # pass@k before training: rank 0 sampled the first batch of 8 held-out prompts, rank 1 the last 2; one
+    # process drawing both batches with the same seeds gets the same counts.
+    from chibichat.common import Runtime
+    from chibichat.engine import Engine
+    from chibichat.stages.rl import pass_at_k_eval
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import load_model
+
+    rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    model, _ = load_model(home, "sft", "d1", None, rt, tokenizer=tok)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = pass_at_k_eval(Engine(model, tok, rt), tok, VowelTask(), rt, items=10, k=2, max_tokens=6,
+                             temperature=1.0, top_k=50, seed=12345)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["pass_at_k_before"] == one and one["n"] == 10
 
 
 # ----------------------------------------------------------------------------------------------

@@ -194,32 +194,36 @@ def rank_sum_int(rt, n: int) -> int:
 def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int, temperature: float,
                    top_k: int | None, seed: int, batch: int = 8) -> dict:
     """{"pass@1": .., ..., "pass@k": .., "n": items scored, "skipped_too_long": n} over this task's
-    first `items` prompts, k samples each; ranks stride over prompts and the counts are gathered."""
+    first `items` prompts, k samples each. The prompts that fit are cut into batches of `batch` with
+    seed + offset each; ranks take whole batches (r, r+W, ...) and the counts are gathered in prompt
+    order, so W ranks draw exactly the samples one process draws."""
     from chibichat.eval.metrics import pass_at_k
     from chibichat.render import render_for_completion
 
     n = min(items, len(task))
-    mine, skipped = [], 0
-    for i in range(rt.rank, n, rt.world_size):
+    fitting, skipped = [], 0
+    for i in range(n):  # every rank checks every prompt (cheap), so all agree on the batches
         ids = render_for_completion(tok, task[i], 1 << 30)
         if len(ids) + max_tokens > engine.seq_len:
             skipped += 1
         else:
-            mine.append((i, ids))
-    counts = []
-    for s in range(0, len(mine), batch):
-        chunk = mine[s : s + batch]
+            fitting.append((i, ids))
+    counts = []  # (prompt index, samples right)
+    for c, s in enumerate(range(0, len(fitting), batch)):
+        if c % rt.world_size != rt.rank:
+            continue
+        chunk = fitting[s : s + batch]
         outs = engine.generate([ids for _, ids in chunk], num_samples=k, max_tokens=max_tokens,
                                temperature=temperature, top_k=top_k, seed=seed + s, tools=True)
         for (i, _), group in zip(chunk, outs):
-            counts.append(sum(bool(task.evaluate(task[i], smp.text)) for smp in group))
+            counts.append((i, sum(bool(task.evaluate(task[i], smp.text)) for smp in group)))
     if rt.distributed:
         import torch.distributed as dist
 
         parts = [None] * rt.world_size
-        dist.all_gather_object(parts, (counts, skipped))
-        counts = [c for p in parts for c in p[0]]
-        skipped = sum(p[1] for p in parts)
+        dist.all_gather_object(parts, counts)
+        counts = sorted(x for p in parts for x in p)
+    counts = [c for _, c in counts]
     if not counts:
         raise ChibiError(f"pass@k: no prompt of {task.name!r} fits the context with --max-new-tokens {max_tokens}")
     out = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in range(1, k + 1)}
