@@ -12,6 +12,9 @@ SQuAD-format JSON of the official repo, or JSON lines of flattened records (Hub 
 sets are what everyone reports (test sets are not distributed). Demonstrations come from the same
 file, drawn per item with the tasks' seeded rule and never the item itself. Over-length items are
 skipped and counted, as in CORE.
+
+Distributed (torchrun): rank r of W scores items r, r+W, ... of every task; the per-item rows are
+gathered and put back in item order before any metric is computed, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -175,9 +178,18 @@ def build_task(name: str, records: list[dict], num_fewshot: int):
 # Scoring
 
 
-def eval_choice_task(scorer, tok, task) -> tuple[dict, list[dict]]:
+def _merge(rows: list, gather, key) -> list:
+    """Every rank's rows in item order (`gather` as in evaluate_jglue); the rows themselves on one process."""
+    if gather is None:
+        return rows
+    return sorted((r for part in gather(rows) for r in part), key=key)
+
+
+def eval_choice_task(scorer, tok, task, indices=None, gather=None) -> tuple[dict, list[dict]]:
     """JCQA / JNLI: CORE multiple_choice scoring."""
-    results = core.score_items(scorer, tok, task, range(len(task)), "multiple_choice")
+    results = core.score_items(scorer, tok, task, range(len(task)) if indices is None else indices,
+                               "multiple_choice")
+    results = _merge(results, gather, lambda r: r.index)
     s = core.summarize_task(task, "multiple_choice", results)
     summary = {task.name: s.accuracy, f"{task.name}_centered": s.centered, f"{task.name}_n": s.n_scored,
                f"{task.name}_skipped_too_long": s.n_skipped_too_long}
@@ -186,10 +198,10 @@ def eval_choice_task(scorer, tok, task) -> tuple[dict, list[dict]]:
     return summary, [r.__dict__ for r in results]
 
 
-def eval_jsts(scorer, tok, task) -> tuple[dict, list[dict]]:
+def eval_jsts(scorer, tok, task, indices=None, gather=None) -> tuple[dict, list[dict]]:
     digit_ids = single_token_ids(tok, STS_DIGITS)
     rows, prompts = [], []
-    for i in range(len(task)):
+    for i in range(len(task)) if indices is None else indices:
         ctx, _ = core.item_texts(task, i)[0]
         ids = [tok.bos_id, *tok.encode(ctx)]
         row = {"task": "jsts", "index": i, "status": "ok", "gold": task[i]["score"], "pred": None,
@@ -205,6 +217,7 @@ def eval_jsts(scorer, tok, task) -> tuple[dict, list[dict]]:
         m = max(lp)
         w = [math.exp(x - m) for x in lp]
         row["pred"] = sum(d * wd for d, wd in enumerate(w)) / sum(w)
+    rows = _merge(rows, gather, lambda r: r["index"])
     scored = [r for r in rows if r["status"] == "ok"]
     if len(scored) < 2:
         return {"jsts_pearson": None, "jsts_spearman": None, "jsts_n": len(scored),
@@ -229,12 +242,12 @@ def single_token_ids(tok, symbols: list[str]) -> list[int]:
     return ids
 
 
-def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, list[dict]]:
+def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int, indices=None, gather=None) -> tuple[dict, list[dict]]:
     """Greedy answers cut at the first newline; EM and char-F1 against every gold answer."""
     if max_tokens < 1 or max_len - max_tokens < 2:
         raise ChibiError(f"JSQuAD: --jsquad-max-tokens {max_tokens} does not fit a {max_len}-token context")
     rows, prompts = [], []
-    for i in range(len(task)):
+    for i in range(len(task)) if indices is None else indices:
         ctx, _ = core.item_texts(task, i)[0]
         ids = [tok.bos_id, *tok.encode(ctx)]
         row = {"task": "jsquad", "index": i, "status": "ok", "answers": task[i]["answers"], "pred": None,
@@ -248,6 +261,7 @@ def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, li
     for (row, _), samples in zip(prompts, texts):
         pred = samples[0].split("\n", 1)[0].strip()
         row["pred"], row["em"], row["f1"] = pred, exact_match(pred, row["answers"]), char_f1(pred, row["answers"])
+    rows = _merge(rows, gather, lambda r: r["index"])
     scored = [r for r in rows if r["status"] == "ok"]
     if not scored:
         return {"jsquad_em": None, "jsquad_f1": None, "jsquad_n": 0, "jsquad_skipped_too_long": len(rows),
@@ -258,8 +272,13 @@ def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, li
 
 
 def evaluate_jglue(files: dict, *, scorer, gen, tok, max_len: int, shots: dict, max_items: int | None = None,
-                   jsquad_max_tokens: int = 32) -> dict:
-    """Evaluate the tasks whose files were found; returns {"summary": flat keys, "items": {task: rows}}."""
+                   jsquad_max_tokens: int = 32, rank: int = 0, world_size: int = 1, gather=None) -> dict:
+    """Evaluate the tasks whose files were found; returns {"summary": flat keys, "items": {task: rows}}.
+
+    Ranks stride over items; `gather(list) -> list of lists` (every rank's rows, in rank order) is
+    required when world_size > 1."""
+    if world_size > 1 and gather is None:
+        raise ChibiError("evaluate_jglue over several ranks needs a gather function to merge their items")
     summary, items = {}, {}
     for name, path in files.items():
         if name not in JGLUE_TASKS:
@@ -268,12 +287,13 @@ def evaluate_jglue(files: dict, *, scorer, gen, tok, max_len: int, shots: dict, 
         if max_items is not None:
             records = records[:max_items]
         task = build_task(name, records, shots[name])
+        mine = range(rank, len(task), world_size)
         if name in ("jcommonsenseqa", "jnli"):
-            s, rows = eval_choice_task(scorer, tok, task)
+            s, rows = eval_choice_task(scorer, tok, task, mine, gather)
         elif name == "jsts":
-            s, rows = eval_jsts(scorer, tok, task)
+            s, rows = eval_jsts(scorer, tok, task, mine, gather)
         else:
-            s, rows = eval_jsquad(gen, tok, task, max_len, jsquad_max_tokens)
+            s, rows = eval_jsquad(gen, tok, task, max_len, jsquad_max_tokens, mine, gather)
         summary.update(s)
         items[name] = rows
     return {"summary": summary, "items": items}
@@ -301,7 +321,7 @@ def run_jglue(args) -> int:
 
     from chibichat.common import Home, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
-    from chibichat.eval.chat import EngineGenerator
+    from chibichat.eval.chat import EngineGenerator, rank_gather
     from chibichat.eval.core import ModelScorer
     from chibichat.eval.metrics import merge_summary, write_eval_outputs
     from chibichat.tokenizer import Tokenizer
@@ -323,8 +343,6 @@ def run_jglue(args) -> int:
                          "fetch them or narrow --tasks")
     rt = init_runtime(args.device, args.dtype)
     try:
-        if rt.distributed:
-            raise ChibiError("eval jglue runs on one process; launch it without torchrun")
         t0 = time.time()
         home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
@@ -334,14 +352,16 @@ def run_jglue(args) -> int:
         out = evaluate_jglue({t: found[t] for t in wanted}, scorer=ModelScorer(model, rt, args.eval_batch_size),
                              gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size, tools=False), tok=tok,
                              max_len=model.config.seq_len, shots=shots, max_items=args.max_items,
-                             jsquad_max_tokens=args.jsquad_max_tokens)
+                             jsquad_max_tokens=args.jsquad_max_tokens, rank=rt.rank, world_size=rt.world_size,
+                             gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
-        for name, rows in out["items"].items():
-            write_eval_outputs(out_dir, name, rows, None)
-        merge_summary(out_dir, {**out["summary"], "jglue_eval": {
-            "stage": args.source, "tag": tag, "step": meta["step"], "files": {t: str(found[t]) for t in wanted},
-            "shots": {t: shots[t] for t in wanted}, "seconds": time.time() - t0}})
+        if rt.is_master:
+            for name, rows in out["items"].items():
+                write_eval_outputs(out_dir, name, rows, None)
+            merge_summary(out_dir, {**out["summary"], "jglue_eval": {
+                "stage": args.source, "tag": tag, "step": meta["step"], "files": {t: str(found[t]) for t in wanted},
+                "shots": {t: shots[t] for t in wanted}, "world_size": rt.world_size, "seconds": time.time() - t0}})
         for k, v in out["summary"].items():
             print0(rt, f"{k}: {v}")
         return 0

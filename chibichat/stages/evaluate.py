@@ -123,7 +123,7 @@ def run_base(args) -> int:
         device_batch = args.device_batch or plan.get("device_batch") or max(1, 2 ** 14 // seq_len)
         eval_tokens = args.eval_tokens or flags.get("eval_tokens") or 4 * plan.get("total_batch", device_batch * seq_len)
         long_docs = args.long_docs or flags.get("long_docs", "split")
-        n = eval_steps(eval_tokens, device_batch, seq_len, rt.world_size)
+        n = eval_steps(eval_tokens, device_batch, seq_len)
         batches = val_batches(corpus, home, tok, rt, device_batch, seq_len, n, long_docs == "split")
         result = evaluate_base(model, tok, batches, rt)
         texts = samples(model, tok, corpus.lang, args.sample_tokens) if rt.is_master else []

@@ -147,9 +147,9 @@ def run(args) -> int:
         loader = PretrainLoader(corpus, "train", home, tok, plan.device_batch, plan.seq_len, rt,
                                 split_long_docs=split_long)
         eval_tokens = args.eval_tokens or 4 * plan.total_batch
-        n_eval = eval_steps(eval_tokens, plan.device_batch, plan.seq_len, rt.world_size)
+        n_eval = eval_steps(eval_tokens, plan.device_batch, plan.seq_len)
         val = val_batches(corpus, home, tok, rt, plan.device_batch, plan.seq_len, n_eval, split_long)
-        print0(rt, f"val: {n_eval * plan.device_batch * plan.seq_len * rt.world_size:,} tokens of {corpus.name} val "
+        print0(rt, f"val: {n_eval * plan.device_batch * plan.seq_len:,} tokens of {corpus.name} val "
                    f"per evaluation")
 
         train_model = model

@@ -17,6 +17,12 @@ disjoint from train); online, GSM8K's train split (`--task
 gsm8k-train --eval-task gsm8k`). Before and after training, pass@k (k = 1..K, unbiased estimator)
 is measured on held-out prompts; the per-step training reward is logged in metrics.jsonl ("reward"),
 and summary.json holds the curve and pass@k before/after.
+
+Under torchrun every rank samples its own prompts (rank r takes prompts r, r+W, ... of the task's
+seeded shuffle, with a sampling seed that includes r) and scores its own groups; advantages never mix
+ranks. The loop divides every rank's loss sum by the step's global token count and the optimizer
+sums gradients over ranks, so the update is the per-token mean over the global batch. Logged and
+summarised rewards are means over all ranks' samples (each rank draws the same number per batch).
 """
 
 from __future__ import annotations
@@ -158,6 +164,29 @@ class RolloutBatches:
             raise ChibiError(f"--resume: the saved RL sampler state is malformed ({e})") from None
 
 
+def rank_mean(rt, vals):
+    """Element-wise mean of a float64 CPU tensor over ranks (the tensor itself on one process)."""
+    if not rt.distributed:
+        return vals
+    import torch.distributed as dist
+
+    out = vals.to(rt.device)
+    dist.all_reduce(out)
+    return (out / rt.world_size).cpu()
+
+
+def rank_sum_int(rt, n: int) -> int:
+    """An integer count summed over ranks."""
+    if not rt.distributed:
+        return n
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device=rt.device)
+    dist.all_reduce(t)
+    return int(t[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # pass@k on held-out prompts
 
@@ -165,32 +194,36 @@ class RolloutBatches:
 def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int, temperature: float,
                    top_k: int | None, seed: int, batch: int = 8) -> dict:
     """{"pass@1": .., ..., "pass@k": .., "n": items scored, "skipped_too_long": n} over this task's
-    first `items` prompts, k samples each; ranks stride over prompts and the counts are gathered."""
+    first `items` prompts, k samples each. The prompts that fit are cut into batches of `batch` with
+    seed + offset each; ranks take whole batches (r, r+W, ...) and the counts are gathered in prompt
+    order, so W ranks draw exactly the samples one process draws."""
     from chibichat.eval.metrics import pass_at_k
     from chibichat.render import render_for_completion
 
     n = min(items, len(task))
-    mine, skipped = [], 0
-    for i in range(rt.rank, n, rt.world_size):
+    fitting, skipped = [], 0
+    for i in range(n):  # every rank checks every prompt (cheap), so all agree on the batches
         ids = render_for_completion(tok, task[i], 1 << 30)
         if len(ids) + max_tokens > engine.seq_len:
             skipped += 1
         else:
-            mine.append((i, ids))
-    counts = []
-    for s in range(0, len(mine), batch):
-        chunk = mine[s : s + batch]
+            fitting.append((i, ids))
+    counts = []  # (prompt index, samples right)
+    for c, s in enumerate(range(0, len(fitting), batch)):
+        if c % rt.world_size != rt.rank:
+            continue
+        chunk = fitting[s : s + batch]
         outs = engine.generate([ids for _, ids in chunk], num_samples=k, max_tokens=max_tokens,
                                temperature=temperature, top_k=top_k, seed=seed + s, tools=True)
         for (i, _), group in zip(chunk, outs):
-            counts.append(sum(bool(task.evaluate(task[i], smp.text)) for smp in group))
+            counts.append((i, sum(bool(task.evaluate(task[i], smp.text)) for smp in group)))
     if rt.distributed:
         import torch.distributed as dist
 
         parts = [None] * rt.world_size
-        dist.all_gather_object(parts, (counts, skipped))
-        counts = [c for p in parts for c in p[0]]
-        skipped = sum(p[1] for p in parts)
+        dist.all_gather_object(parts, counts)
+        counts = sorted(x for p in parts for x in p)
+    counts = [c for _, c in counts]
     if not counts:
         raise ChibiError(f"pass@k: no prompt of {task.name!r} fits the context with --max-new-tokens {max_tokens}")
     out = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in range(1, k + 1)}
@@ -306,19 +339,20 @@ def run(args) -> int:
             vals = torch.tensor([sum(h["reward"] for h in recent) / len(recent),
                                  sum(h["length"] for h in recent) / len(recent),
                                  sum(h.get("groups_used", 1.0) for h in recent) / len(recent)], dtype=torch.float64)
-            if rt.distributed:
-                import torch.distributed as dist
-
-                vals = vals.to(rt.device)
-                dist.all_reduce(vals)
-                vals = vals / rt.world_size
+            # Every rank drew prompts_per_step x num_samples samples per batch, so the mean of the
+            # ranks' means is the mean over the global batch.
+            vals = rank_mean(rt, vals)
             return {"reward": float(vals[0]), "completion_tokens": float(vals[1]), "groups_used": float(vals[2])}
 
         res = train(model, optimizer, batches, pg_loss_sum, rt, cfg, meta=meta, eval_fn=reward_fn)
         model.eval()
         after = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
         print0(rt, f"rl: pass@k after {after}")
-        curve = [h["reward"] for h in batches.history]
+        # The curve over all ranks' samples, batch by batch (every rank ran the same number of batches).
+        curve = rank_mean(rt, torch.tensor([h["reward"] for h in batches.history], dtype=torch.float64)).tolist()
+        groups_used = float(rank_mean(rt, torch.tensor(
+            [sum(h.get("groups_used", 1.0) for h in batches.history) / len(batches.history)], dtype=torch.float64))[0])
+        skipped = rank_sum_int(rt, batches.skipped_too_long)
         windows = reward_windows(curve)
         summary = {
             "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
@@ -327,10 +361,10 @@ def run(args) -> int:
             "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             # The compact curve: mean reward over 5 consecutive slices of the run (first -> last).
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,
-            "reward_curve": curve,  # this rank's per-micro-batch mean reward, in order
-            "groups_used": sum(h.get("groups_used", 1.0) for h in batches.history) / len(batches.history),
+            "reward_curve": curve,  # per micro-batch: mean reward over every rank's samples, in order
+            "groups_used": groups_used, "world_size": rt.world_size,
             "pass_at_k_before": before, "pass_at_k_after": after,
-            "train_prompts_skipped_too_long": batches.skipped_too_long,
+            "train_prompts_skipped_too_long": skipped,
         }
         write_summary(tag_dir, rt, summary)
         print0(rt, f"rl: reward by fifths of the run {' -> '.join(f'{w:.3f}' for w in windows)} | "

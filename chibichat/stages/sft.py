@@ -218,30 +218,35 @@ def token_loss_sum(model, batch):
 
 
 def val_loss_fn(val_source, tok, args, rt, train_all_tokens: bool, mode: str):
-    """eval_fn for the loop: mean loss per target token over up to --val-batches batches of the
-    held-out mixture (summed over ranks before dividing)."""
+    """eval_fn for the loop: mean loss per target token over the first --val-batches batches of the
+    held-out mixture. The batches are packed as by one reader whatever the world size; under torchrun
+    rank r scores batches r, r+W, ... and the per-batch sums are added in batch order
+    (eval.bpb.strided_sums), so W ranks report what one process does."""
+    import dataclasses
+
     import torch
 
     from chibichat.data.loader import ConversationLoader
+    from chibichat.eval.bpb import strided_sums
+
+    one_reader = dataclasses.replace(rt, rank=0, local_rank=0, world_size=1)
 
     def fn(model, step):
-        loader = ConversationLoader(val_source, tok, args.device_batch_size, model.config.seq_len, rt, mode=mode,
-                                    overflow=args.overflow, epochs=1, train_all_tokens=train_all_tokens)
-        total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        loader = ConversationLoader(val_source, tok, args.device_batch_size, model.config.seq_len, one_reader,
+                                    mode=mode, overflow=args.overflow, epochs=1, train_all_tokens=train_all_tokens)
+        mine = []
         with torch.no_grad():
             for k, (x, y) in enumerate(loader):
                 if k >= args.val_batches:
                     break
+                if k % rt.world_size != rt.rank:
+                    continue
                 x, y = x.to(rt.device), y.to(rt.device)
-                total[0] += model(x, y, reduction="sum").double()
-                total[1] += (y >= 0).sum()
-        if rt.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(total)
-        if total[1] == 0:
+                mine.append([float(model(x, y, reduction="sum").double()), float((y >= 0).sum())])
+        loss_sum, count = strided_sums(rt, mine, 2)
+        if count == 0:
             raise ChibiError("the validation mixture produced no target tokens; check --mix")
-        return {"val_loss": float(total[0] / total[1])}
+        return {"val_loss": loss_sum / count}
 
     return fn
 
