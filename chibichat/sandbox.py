@@ -1,60 +1,64 @@
 """Run untrusted Python (model-written code, HumanEval completions) in a confined subprocess.
 
-What is guaranteed, and by whom. On Linux >= 5.13 with Landlock enabled (ABI >= 1) and seccomp
-(x86_64 or aarch64), the limits below are enforced by the KERNEL on the child process, installed by a
-trusted bootstrap before the first line of user code and irrevocable afterwards (no_new_privs is set;
-neither a Landlock domain nor a seccomp filter can be removed by the process that carries it):
+What is guaranteed, and by whom. On Linux >= 5.13 with Landlock enabled (ABI >= 1) and seccomp (x86_64
+or aarch64), the limits below are enforced by the KERNEL on the child process, installed by a trusted
+bootstrap before the first line of user code and irrevocable afterwards (no_new_privs is set; neither a
+Landlock domain nor a seccomp filter can be removed by the process that carries it):
 
 - files (Landlock): the only writable place is the private temp dir (the cwd, also HOME and TMPDIR),
-  plus /dev/null. Readable: that dir, the interpreter's own files (sys.prefix, sys.base_prefix and
-  their exec_ counterparts: stdlib, lib-dynload, the venv's site-packages), the system library dirs
-  (/lib, /lib64, /usr/lib, /usr/lib64: shared objects that extension modules load), /etc/ld.so.cache,
-  the time-zone files and /dev/{null,zero,random,urandom}. Everything else -- /etc/shadow, ~/.ssh,
-  /proc (so /proc/self/mem and /proc/<ppid>/environ), other users' files, the project tree -- fails
-  with EACCES. Executing any file fails with EACCES. Creating device nodes or sockets in the temp dir
-  is refused. Rights a kernel's Landlock ABI lacks are dropped, with what that costs: ABI 1 (5.13)
-  refuses renaming/linking across directories outright, ABI < 3 does not cover truncate(2) (seccomp
-  below then refuses the path form), ABI < 5 does not cover device ioctls, ABI >= 4 also refuses
-  TCP bind/connect, ABI >= 6 also refuses signals to processes outside the sandbox and connecting to
-  abstract unix sockets outside it.
+  plus /dev/null. Readable: that dir, the interpreter's own files (sys.prefix, sys.base_prefix and their
+  exec_ counterparts: stdlib, lib-dynload, the venv's site-packages), the system library dirs (/lib,
+  /lib64, /usr/lib, /usr/lib64: shared objects that extension modules load), /etc/ld.so.cache, the
+  time-zone files and /dev/{null,zero,random,urandom}. Everything else -- /etc/shadow, ~/.ssh, /proc (so
+  /proc/self/mem and /proc/<ppid>/environ), other users' files, the project tree -- fails with EACCES.
+  No file may be executed (no execute right anywhere; seccomp below refuses execve first). Creating
+  device nodes or sockets, even in the temp dir, fails with EACCES. Rights a kernel's Landlock ABI lacks
+  are dropped, with what that costs: ABI 1 (5.13) refuses renaming/linking across directories outright,
+  ABI < 3 does not cover truncate(2) (seccomp below then refuses the path form), ABI < 5 does not cover
+  device ioctls, ABI >= 4 also refuses TCP bind/connect, ABI >= 6 also refuses signals to processes
+  outside the sandbox and connecting to abstract unix sockets outside it.
 - processes and network (seccomp, default allow with a deny list; foreign syscall ABIs kill):
-  fork/vfork/clone without CLONE_THREAD, execve/execveat, socket() of EVERY family (AF_UNIX
-  included; socketpair() stays allowed: it connects nothing outside), io_uring (it would issue
-  socket/open operations past this filter), ptrace, process_vm_readv/writev, pidfd_getfd,
-  unshare/setns, bpf, perf_event_open, open_by_handle_at, chmod/chown (every form) and truncate by
-  path answer EPERM; setting or removing xattrs answers EOPNOTSUPP. Threads work (clone3 answers
-  ENOSYS so libc falls back to clone, whose flags the filter can read). So shutil.copy, which copies
-  the mode, fails even inside the temp dir; shutil.copyfile works.
+  fork/vfork/clone without CLONE_THREAD, execve/execveat, socket() of EVERY family (AF_UNIX included;
+  socketpair() stays allowed: it connects nothing outside), io_uring (it would issue socket/open
+  operations past this filter), ptrace, process_vm_readv/writev, pidfd_getfd, unshare/setns, bpf,
+  perf_event_open, open_by_handle_at, chmod/chown/utime (every form) and, below Landlock ABI 3, truncate
+  by path answer EPERM; setting or removing xattrs answers EOPNOTSUPP. Threads work (clone3 answers
+  ENOSYS so libc falls back to clone, whose flags the filter can read). So shutil.copy, which copies the
+  mode, fails even inside the temp dir; shutil.copyfile works.
 - capabilities: the bootstrap drops every capability (relevant when run as root: no CAP_SYS_BOOT,
   CAP_MKNOD, CAP_DAC_OVERRIDE, ...); as root, `unshare --net` also puts the child in an empty network
   namespace where the kernel allows it.
 - resources (rlimits, any POSIX): CPU seconds, address space (memory), file size (which also caps
   stdout/stderr: they are files, not pipes), open files, no core dumps; a wall-clock timeout kills the
-  whole process group. The child gets a fresh `python -I` (no site-customisation from the user's env)
-  in a new session with a scrubbed environment (PATH, LANG, LC_ALL, HOME and TMPDIR only).
+  whole process group. The child gets a fresh `python -I` (no site-customisation from the user's env) in
+  a new session with a scrubbed environment (PATH, LANG, LC_ALL, HOME and TMPDIR only).
 
 A second, in-process layer: a `sys.addaudithook` hook refuses writes, removals, renames and links
-outside the temp dir, sockets, ctypes, subprocess/exec/system, signals to other processes and
-setrlimit. Its state lives in its default arguments (immutable tuples), not in globals that user code
-could rebind through `import __main__` (which names the user's own module); replacing its defaults or
-code object is itself refused. It is NOT a security boundary -- it runs in the same interpreter as the
-code it watches (realpath's helpers, for one, are plain module globals) -- it turns most mistakes into
-a readable PermissionError naming the sandbox. The guarantee above comes from the kernel layer alone;
+outside the temp dir, sockets, ctypes, subprocess/exec/system, signals to other processes and setrlimit.
+Its state lives in its default arguments (immutable tuples), not in globals that user code could rebind
+through `import __main__` (which names the user's own module); replacing its defaults or code object is
+itself refused. It is NOT a security boundary -- it runs in the same interpreter as the code it watches
+(realpath's helpers, for one, are plain module globals) -- it turns most mistakes into a readable
+PermissionError naming the sandbox. The guarantee above comes from the kernel layer alone;
 tests/test_sandbox.py proves every refusal with the hook switched off.
 
-Comparison with HumanEval's own `execution.py`: its `reliability_guard` disables os/shutil/subprocess
-functions by setting them to None inside the same process and states that it is not a security
-sandbox; any code that re-imports a module, uses `open`, or walks `__subclasses__` gets around it,
-and it confines no reads and no network. Ours does not depend on the code's cooperation on kernels
-that offer Landlock and seccomp.
+Comparison with HumanEval's own `execution.py`: its `reliability_guard` sets memory rlimits and then
+replaces destructive functions (os.system, os.fork, os.remove, shutil.rmtree, subprocess.Popen, ...)
+with None in the very interpreter that runs the completion, and its docstring warns that it is NOT a
+security sandbox. Code reaches the same operations another way (the `posix` module behind `os`,
+`importlib.reload(os)`, plain `open` for writing anywhere), and nothing confines reads or the network.
+Ours does not depend on what the code does in its own interpreter, on kernels that offer Landlock and
+seccomp.
 
 Elsewhere (no Landlock: Linux < 5.13, Landlock not in the LSM list, or not Linux; no seccomp: another
 architecture or OS), only the audit hook and rlimits (plus RLIMIT_NPROC against fork bombs when not
-root) remain: `run_python` then refuses with a ChibiError naming what is missing, unless the caller
-accepted the weaker sandbox (`allow_weak=True`, or CHIBICHAT_ALLOW_WEAK_SANDBOX=1 in the environment,
-which the stages' --allow-weak-sandbox flag sets). `sandbox_support()` reports what this kernel
-offers; CHIBICHAT_SANDBOX_SIMULATE=no-landlock,no-seccomp makes it report a layer as missing (and the
-child then runs without it), to test that path on a kernel that has both.
+root; as root without seccomp the bootstrap refuses to run at all) remain: `run_python` then refuses
+with a ChibiError naming what is missing, unless the caller accepted the weaker sandbox
+(`allow_weak=True`, or CHIBICHAT_ALLOW_WEAK_SANDBOX=1 in the environment, which the stages'
+--allow-weak-sandbox flag sets). `sandbox_support()` reports what this kernel offers;
+CHIBICHAT_SANDBOX_SIMULATE=no-landlock,no-seccomp makes it report a layer as missing (and the child then
+runs without it), and landlock-abi=N makes it use at most Landlock ABI N, to test those paths on a
+kernel that has everything.
 
 The threat model is our own small model's code and benchmark completions; kernel exploits are out of
 scope, and so is reading the metadata (stat, directory existence) of files, which Landlock does not
@@ -81,9 +85,8 @@ NOFILE = 256
 NPROC_NON_ROOT = 64  # used only where seccomp is unavailable (counts all processes of the user)
 _SETUP_FAILED = 125  # bootstrap exit status when it could not confine the process
 ALLOW_WEAK_ENV = "CHIBICHAT_ALLOW_WEAK_SANDBOX"  # "1" = the user accepted a sandbox without the kernel layer
-SIMULATE_ENV = "CHIBICHAT_SANDBOX_SIMULATE"  # comma list of no-landlock / no-seccomp (tests)
+SIMULATE_ENV = "CHIBICHAT_SANDBOX_SIMULATE"  # comma list of no-landlock, no-seccomp, landlock-abi=N (tests)
 LAYERS = ("landlock", "seccomp", "netns", "audit")  # what run_python(layers=...) may switch
-_SIMULATIONS = {"no-landlock", "no-seccomp"}
 _SECCOMP_ARCHES = ("x86_64", "aarch64")  # the machines the bootstrap's filter knows syscall numbers for
 _SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on x86_64 and aarch64
 
@@ -113,21 +116,30 @@ class SandboxSupport:
         return "WEAK sandbox, missing " + "; ".join(self.missing())
 
 
-def _simulated(env) -> set[str]:
+def _simulated(env) -> tuple[int | None, bool]:
+    """(Landlock ABI cap or None, hide seccomp) from CHIBICHAT_SANDBOX_SIMULATE."""
     raw = env.get(SIMULATE_ENV, "")
-    names = {s.strip() for s in raw.split(",") if s.strip()}
-    bad = names - _SIMULATIONS
-    if bad:
-        raise ChibiError(f"{SIMULATE_ENV}={raw!r}: unknown {sorted(bad)}; use a comma list of {sorted(_SIMULATIONS)}")
-    return names
+    cap, no_seccomp = None, False
+    for item in (s.strip() for s in raw.split(",") if s.strip()):
+        if item == "no-landlock":
+            cap = 0
+        elif item == "no-seccomp":
+            no_seccomp = True
+        elif item.startswith("landlock-abi=") and item.partition("=")[2].isdigit() and int(item.partition("=")[2]) >= 1:
+            cap = int(item.partition("=")[2])
+        else:
+            raise ChibiError(f"{SIMULATE_ENV}={raw!r}: unknown item {item!r}; use a comma list of no-landlock, "
+                             "no-seccomp, landlock-abi=N (N >= 1: use at most that Landlock ABI)")
+    return cap, no_seccomp
 
 
 def sandbox_support(env=None) -> SandboxSupport:
     """Probe the running kernel (Landlock ABI version, seccomp filter support) without confining anything.
 
-    `env` (default os.environ) may simulate missing layers through CHIBICHAT_SANDBOX_SIMULATE.
+    `env` (default os.environ) may simulate missing layers, or an older Landlock ABI, through
+    CHIBICHAT_SANDBOX_SIMULATE; the sandbox then runs with what is reported.
     """
-    sim = _simulated(os.environ if env is None else env)
+    cap, no_seccomp = _simulated(os.environ if env is None else env)
     abi, seccomp = 0, False
     if sys.platform == "linux":
         import ctypes
@@ -140,9 +152,9 @@ def sandbox_support(env=None) -> SandboxSupport:
         # PR_GET_SECCOMP answers 0 (not in seccomp mode) or 2 (already filtered: filters stack); -1/EINVAL
         # = a kernel without seccomp.
         seccomp = platform.machine() in _SECCOMP_ARCHES and libc.prctl(21, 0, 0, 0, 0) in (0, 2)
-    if "no-landlock" in sim:
-        abi = 0
-    if "no-seccomp" in sim:
+    if cap is not None:
+        abi = min(abi, cap)
+    if no_seccomp:
         seccomp = False
     return SandboxSupport(landlock_abi=abi, seccomp=seccomp)
 
@@ -181,8 +193,11 @@ for res, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resourc
     resource.setrlimit(res, (val, val))
 
 def confine(work, use_landlock, use_seccomp, fail):
-    """no_new_privs, then Landlock, drop capabilities, then seccomp. Any failure ends the process."""
-    import ctypes, platform, struct
+    """no_new_privs, then Landlock, drop capabilities, then seccomp. Any failure ends the process.
+    Returns whether the seccomp filter is in place (False: not Linux, or not asked for)."""
+    if sys.platform != "linux":
+        return False
+    import ctypes, platform, stat, struct
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     L = ctypes.c_long
@@ -197,7 +212,8 @@ def confine(work, use_landlock, use_seccomp, fail):
     machine = platform.machine()
     abi = 0
     if use_landlock:
-        abi = check(libc.syscall(L(444), None, L(0), L(1)), "Landlock ABI query")
+        # use_landlock is the highest ABI to use (the kernel's, or lower to test older kernels' rules)
+        abi = min(use_landlock, check(libc.syscall(L(444), None, L(0), L(1)), "Landlock ABI query"))
         # Filesystem access rights, in the order of the kernel's bit numbers; later ABIs add bits.
         EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
         MAKE_CHAR, MAKE_SOCK, MAKE_BLOCK = 1 << 6, 1 << 9, 1 << 11
@@ -226,7 +242,6 @@ def confine(work, use_landlock, use_seccomp, fail):
                 if required:
                     fail(f"{path} does not exist")
                 continue
-            import stat
             if not stat.S_ISDIR(os.fstat(fd).st_mode):
                 rights &= file_only
             rule = ctypes.create_string_buffer(struct.pack("=Qi", rights & handled, fd), 12)
@@ -271,7 +286,8 @@ def confine(work, use_landlock, use_seccomp, fail):
     prog += [(JEQ, 0, 3, nrs["clone"]), (LD, 0, 0, 16), (JSET, 1, 0, CLONE_THREAD),
              (RET, 0, 0, ERRNO | EPERM), (RET, 0, 0, ALLOW)]
     buf = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in prog), 8 * len(prog))
-    fprog = ctypes.create_string_buffer(struct.pack("@HP", len(prog), ctypes.addressof(buf)), ctypes.sizeof(ctypes.c_void_p) * 2)
+    fprog = ctypes.create_string_buffer(struct.pack("@HP", len(prog), ctypes.addressof(buf)),
+                                        struct.calcsize("@HP"))  # struct sock_fprog
     check(libc.prctl(22, L(2), fprog, L(0), L(0)), "prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)")
     return True
 
@@ -456,7 +472,8 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: s
             sys.executable, "-I", "-c", _BOOTSTRAP, str(code_path), str(work),
             str(memory_mb * 1024 * 1024), str(math.ceil(timeout_s) + 1), str(FSIZE_BYTES),
             str(NOFILE), str(NPROC_NON_ROOT), str(_SETUP_FAILED),
-            str(int(use_landlock)), str(1 if use_seccomp else 2 if "seccomp" in wanted else 0),
+            str(support.landlock_abi if use_landlock else 0),
+            str(1 if use_seccomp else 2 if "seccomp" in wanted else 0),
             str(int("audit" in wanted)),
         ]  # fmt: skip
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
@@ -473,6 +490,7 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: s
         if rc == _SETUP_FAILED and stderr.startswith("sandbox setup failed:"):
             raise ChibiError(stderr.strip())
         error = _describe_failure(rc, timed_out, timeout_s, stderr)
-        return SandboxResult(ok=error is None, returncode=rc, stdout=stdout, stderr=stderr, timed_out=timed_out, error=error)
+        return SandboxResult(ok=error is None, returncode=rc, stdout=stdout, stderr=stderr, timed_out=timed_out,
+                             error=error)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -180,6 +180,30 @@ def test_escape_is_refused(escape_outcomes, layers, name, code, kernel_refusal, 
     assert no_escape_file and victim_untouched
 
 
+@needs_kernel
+@pytest.mark.parametrize("abi", range(1, SUPPORT.landlock_abi + 1))
+def test_each_landlock_abi_confines_files_and_keeps_the_temp_dir_usable(monkeypatch, outside, abi):
+    # Older kernels' rule sets, built on this one: the struct size and the rights of ABI `abi` only.
+    monkeypatch.setenv(SIMULATE_ENV, f"landlock-abi={abi}")
+    code = REPORT + (
+        "report(lambda: open({T!r}, 'w'))\n"
+        "report(lambda: open({SSH!r}).read())\n"
+        "os.mkdir('sub'); open('sub/a', 'w').write('abc')\n"
+        "report(lambda: os.rename('sub/a', 'b'))\n"  # across directories: needs the REFER right (ABI 2)
+        "report(lambda: os.truncate('sub/a' if os.path.exists('sub/a') else 'b', 1))\n"  # ABI 3 covers truncate
+        "report(lambda: os.kill(os.getppid(), 0))\n"  # ABI 6 scopes signals
+    )
+    r = run_python(code.format(**outside), layers=KERNEL_ONLY)
+    assert r.stdout.splitlines() == [
+        "refused EACCES",
+        "refused EACCES",
+        "refused EXDEV" if abi == 1 else "returned None",
+        "refused EPERM" if abi < 3 else "returned None",
+        "returned None" if abi < 6 else "refused EPERM",
+    ], r.stderr
+    assert not os.path.exists(outside["T"])
+
+
 # ---- the same attempts succeed when the layer that stops them is off (so the table can fail)
 
 
@@ -207,7 +231,8 @@ def listener():
     server.close()
 
 
-CONNECT = REPORT + "import socket\nreport(lambda: socket.create_connection(('127.0.0.1', {port}), timeout=2) and 'connected')"
+CONNECT = REPORT + ("import socket\n"
+                    "report(lambda: socket.create_connection(('127.0.0.1', {port}), timeout=2) and 'connected')")
 
 
 @needs_kernel
@@ -232,7 +257,8 @@ def test_connect_to_a_listening_port_is_refused(listener, layers, expected):
 
 @needs_kernel
 def test_without_seccomp_fork_succeeds():
-    code = REPORT + "def f():\n    pid = os.fork()\n    if pid == 0:\n        os._exit(7)\n    return os.waitpid(pid, 0)[1] >> 8\nreport(f)"
+    code = REPORT + ("def f():\n    pid = os.fork()\n    if pid == 0:\n        os._exit(7)\n"
+                     "    return os.waitpid(pid, 0)[1] >> 8\nreport(f)")
     r = run_python(code, layers=("landlock", "netns"), allow_weak=True)
     assert r.stdout == "returned 7\n", r.stderr
 
@@ -268,7 +294,8 @@ def test_stdlib_threads_socketpair_and_asyncio_work():
 
 
 def test_user_code_is_its_own_main_module():
-    r = run("import __main__\nx = 41\nprint(__main__.x + 1, [n for n in ('source', 'work', 'hook', 'make_hook') if hasattr(__main__, n)])")
+    r = run("import __main__\nx = 41\n"
+            "print(__main__.x + 1, [n for n in ('source', 'work', 'hook', 'make_hook') if hasattr(__main__, n)])")
     assert r.stdout == "42 []\n", r.stderr
 
 
@@ -304,7 +331,8 @@ def test_sleeping_thread_is_killed_with_the_group_at_the_timeout():
         os.kill(int(r.stdout), 0)
 
 
-@pytest.mark.parametrize("layers", [pytest.param(KERNEL_ONLY, marks=needs_kernel), ALL], ids=["kernel-only", "all-layers"])
+@pytest.mark.parametrize("layers", [pytest.param(KERNEL_ONLY, marks=needs_kernel), ALL],
+                         ids=["kernel-only", "all-layers"])
 def test_bounded_fork_bomb_is_stopped(layers):
     # Bounded so that a broken sandbox cannot take the machine down: at most 30 children.
     code = REPORT + (
@@ -358,14 +386,16 @@ def test_support_probe_and_simulation():
     assert sandbox_support(env={SIMULATE_ENV: "no-seccomp"}).seccomp is False
     weak = SandboxSupport(landlock_abi=0, seccomp=False)
     assert not weak.strong and len(weak.missing()) == 2 and weak.describe().startswith("WEAK sandbox, missing Landlock")
-    with pytest.raises(ChibiError, match=r"CHIBICHAT_SANDBOX_SIMULATE='no-apparmor': unknown \['no-apparmor'\]"):
-        sandbox_support(env={SIMULATE_ENV: "no-apparmor"})
+    assert sandbox_support(env={SIMULATE_ENV: "landlock-abi=1"}).landlock_abi == min(1, SUPPORT.landlock_abi)
+    for bad in ("no-apparmor", "landlock-abi=0", "landlock-abi=x"):
+        with pytest.raises(ChibiError, match=rf"CHIBICHAT_SANDBOX_SIMULATE='{bad}': unknown item '{bad}'"):
+            sandbox_support(env={SIMULATE_ENV: bad})
 
 
 @needs_kernel
 def test_weak_sandbox_is_refused_unless_accepted(monkeypatch, outside):
     monkeypatch.setenv(SIMULATE_ENV, "no-landlock")
-    monkeypatch.delenv(ALLOW_WEAK_ENV, raising=False)
+    monkeypatch.setenv(ALLOW_WEAK_ENV, "0")  # restored after the test, unlike a delenv of an unset name
     with pytest.raises(ChibiError, match=r"missing Landlock .*--allow-weak-sandbox"):
         run_python("print(1)")
     # accepted: it runs, the hook still refuses the write, and reads are no longer confined
@@ -378,7 +408,7 @@ def test_weak_sandbox_is_refused_unless_accepted(monkeypatch, outside):
 
 @needs_kernel
 def test_check_sandbox_refuses_then_records_the_acceptance(monkeypatch, capsys):
-    monkeypatch.delenv(ALLOW_WEAK_ENV, raising=False)
+    monkeypatch.setenv(ALLOW_WEAK_ENV, "0")  # restored after the test, unlike a delenv of an unset name
     assert check_sandbox(False, "chat --tools python").strong and capsys.readouterr().err == ""
     monkeypatch.setenv(SIMULATE_ENV, "no-landlock")
     with pytest.raises(ChibiError, match=r"^chat --tools python runs model-written code, but this kernel cannot"):
@@ -408,7 +438,7 @@ def test_stages_refuse_a_weak_sandbox_before_loading_anything(monkeypatch, tmp_p
     from chibichat.cli import main
 
     monkeypatch.setenv(SIMULATE_ENV, "no-landlock,no-seccomp")
-    monkeypatch.delenv(ALLOW_WEAK_ENV, raising=False)
+    monkeypatch.setenv(ALLOW_WEAK_ENV, "0")  # restored after the test, unlike a delenv of an unset name
     rc = main(argv + ["--home", str(tmp_path / "empty-home")])
     err = capsys.readouterr().err
     assert rc != 0 and "runs model-written code, but this kernel cannot confine it" in err
