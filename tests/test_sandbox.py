@@ -449,6 +449,20 @@ def test_stages_refuse_a_weak_sandbox_before_loading_anything(monkeypatch, tmp_p
     assert "--allow-weak-sandbox" in err and not (tmp_path / "empty-home").exists()
 
 
+def test_speedrun_checks_the_sandbox_when_its_evals_run_humaneval(monkeypatch, tmp_path, capsys):
+    from chibichat.cli import main
+    from chibichat.common import Home
+    from chibichat.stages.speedrun import PRESETS, plan, runs_code
+
+    en = [s.name for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu") if runs_code(s)]
+    assert en == ["eval-mid", "eval-sft", "eval-rl"]
+    assert not any(runs_code(s) for s in plan(Home(tmp_path), PRESETS["cpu"], "ja", "dense", "cpu"))
+    monkeypatch.setenv(SIMULATE_ENV, "no-landlock")
+    monkeypatch.setenv(ALLOW_WEAK_ENV, "0")
+    assert main(["speedrun", "--preset", "micro", "--home", str(tmp_path / "h")]) == 2
+    assert "speedrun (eval chat runs HumanEval completions) runs model-written code" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "kw,message",
     [
