@@ -21,8 +21,8 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   fork/vfork/clone without CLONE_THREAD, execve/execveat, socket() of EVERY family (AF_UNIX included;
   socketpair() stays allowed: it connects nothing outside), io_uring (it would issue socket/open
   operations past this filter), ptrace, process_vm_readv/writev, pidfd_getfd, unshare/setns, bpf,
-  perf_event_open, open_by_handle_at, chmod/chown/utime (every form) and, below Landlock ABI 3, truncate
-  by path answer EPERM; setting or removing xattrs answers EOPNOTSUPP. Threads work (clone3 answers
+  perf_event_open, open_by_handle_at, chmod/chown/utime/file_setattr (every form) and, below Landlock
+  ABI 3, truncate by path answer EPERM; setting or removing xattrs answers EOPNOTSUPP. Threads work (clone3 answers
   ENOSYS so libc falls back to clone, whose flags the filter can read). So shutil.copy, which copies the
   mode, fails even inside the temp dir; shutil.copyfile works.
 - capabilities: the bootstrap drops every capability (relevant when run as root: no CAP_SYS_BOOT,
@@ -256,7 +256,7 @@ def confine(work, use_landlock, use_seccomp, fail):
         return False
     EPERM, ENOSYS, EOPNOTSUPP = 1, 38, 95
     common = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438,
-              "fchmodat2": 452}
+              "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466, "file_setattr": 469}
     table = {
         "x86_64": (0xC000003E, dict(common, clone=56, clone3=435, fork=57, vfork=58, execve=59, execveat=322,
                    socket=41, ptrace=101, process_vm_readv=310, process_vm_writev=311, unshare=272, setns=308,
