@@ -34,6 +34,7 @@ from typing import Protocol, Sequence
 
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
+from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")  # registry names
 UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check
@@ -236,6 +237,7 @@ def add_chat_args(p) -> None:
     p.add_argument("--tasks", default=",".join(CHATCORE_TASKS),
                    help=f"comma-separated tasks (default: the ChatCORE set {','.join(CHATCORE_TASKS)})")
     p.add_argument("--max-items", type=int, default=None, help="first N items per task (default: all)")
+    add_allow_weak_arg(p)
     p.add_argument("--num-samples", type=int, default=1, help="samples per generative prompt (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens per generated answer (default: min(256, half the model's context))")
@@ -288,6 +290,10 @@ def run_chat(args) -> int:
     if args.source == "base":
         raise ChibiError("eval chat needs a chat model (--from mid, sft or rl); a base model has no chat format. "
                          "Use `chibichat eval base` for base models")
+    tasks = [eval_task(n.strip()) for n in args.tasks.split(",") if n.strip()]
+    for task in tasks:
+        if task.runs_code:
+            check_sandbox(args.allow_weak_sandbox, f"eval chat --tasks {task.name}")
     rt = init_runtime(args.device, args.dtype)
     try:
         t0 = time.time()
@@ -299,7 +305,6 @@ def run_chat(args) -> int:
         cfg = GenSettings(num_samples=args.num_samples,
                           max_tokens=args.max_new_tokens or min(256, seq_len // 2),
                           temperature=args.temperature, top_k=args.top_k or None)
-        tasks = [eval_task(n.strip()) for n in args.tasks.split(",") if n.strip()]
         out = evaluate_chat(tasks, scorer=ModelScorer(model, rt, args.eval_batch_size),
                             gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size), tok=tok,
                             max_len=seq_len, cfg=cfg, max_items=args.max_items, rank=rt.rank,

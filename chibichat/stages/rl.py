@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +258,7 @@ def register(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default: 50; 0 = off)")
     p.add_argument("--train-items", type=int, default=2000, help="generated training prompts (default: 2000)")
     p.add_argument("--passk-items", type=int, default=48, help="held-out prompts for pass@k (default: 48)")
+    add_allow_weak_arg(p)
     p.add_argument("--passk-k", type=int, default=4, help="largest k of pass@k, = samples per prompt (default: 4)")
     # Measured on a 0.4M-parameter model (arithmetic, from mid): lr-frac 0.15 with a short warmdown raised
     # pass@1 0.52 -> 0.61 in 60 steps; 0.4 drifted down and 1.0 collapsed the reward (Muon takes a
@@ -311,6 +313,9 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
         task, eval_task = _tasks(args, home)
+        for t in {task.name: task, eval_task.name: eval_task}.values():
+            if t.runs_code:
+                check_sandbox(args.allow_weak_sandbox, f"rl with task {t.name}")
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)

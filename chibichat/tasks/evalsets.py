@@ -36,6 +36,8 @@ class GSM8K(ListTask):
 
 
 class HumanEval(ListTask):
+    runs_code = True
+
     def evaluate(self, item, completion_text):
         return evaluate_humaneval(item, completion_text)
 
