@@ -229,12 +229,14 @@ def add_chat_args(p) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
 
 
-def eval_task(name: str):
-    """A task for evaluation: generated tasks use their held-out test split."""
+def eval_task(name: str, home=None):
+    """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
+    (JGLUE, online sets) read them from `home`."""
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.registry import needs_home
 
-    task = get_task(name)
+    task = get_task(name, **({"home": home} if home is not None and needs_home(name) else {}))
     if isinstance(task, GeneratedTask):
         task = get_task(name, split="test")
     if task.kind not in ("categorical", "generative"):
@@ -271,7 +273,7 @@ def run_chat(args) -> int:
         cfg = GenSettings(num_samples=args.num_samples,
                           max_tokens=args.max_new_tokens or min(256, seq_len // 2),
                           temperature=args.temperature, top_k=args.top_k or None)
-        tasks = [eval_task(n.strip()) for n in args.tasks.split(",") if n.strip()]
+        tasks = [eval_task(n.strip(), home) for n in args.tasks.split(",") if n.strip()]
         out = evaluate_chat(tasks, scorer=ModelScorer(model, rt, args.eval_batch_size),
                             gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size), tok=tok,
                             max_len=seq_len, cfg=cfg, max_items=args.max_items)
