@@ -126,9 +126,11 @@ def test_stage_refuses_a_checkpoint_of_another_tokenizer(tmp_path):
 def test_mix_flag_errors():
     from chibichat.stages.sft import parse_mix
 
-    assert parse_mix("a=1, b=0.5,c") == [("a", 1.0), ("b", 0.5), ("c", 1.0)]
-    with pytest.raises(ChibiError, match="evaluation set"):
+    assert parse_mix("chitchat=1, spelling=0.5,identity") == [("chitchat", 1.0), ("spelling", 0.5), ("identity", 1.0)]
+    with pytest.raises(ChibiError, match="^--mix names 'gsm8k', an evaluation-only task"):
         parse_mix("chitchat=1,gsm8k=1")
+    with pytest.raises(ChibiError, match="^unknown task 'a'"):
+        parse_mix("a=1")
     with pytest.raises(ChibiError, match="not a number"):
         parse_mix("chitchat=x")
     with pytest.raises(ChibiError, match="> 0"):
@@ -417,7 +419,7 @@ def test_rl_stage_end_to_end(base):
     assert s["pass_at_k_after"]["n"] == 2
     rewards = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rewards if "reward" in r] == [1, 2]
-    with pytest.raises(ChibiError, match="evaluation set"):
+    with pytest.raises(ChibiError, match="^--task names 'gsm8k', an evaluation-only task"):
         from chibichat.stages import rl
 
         rl.run(_parse(["rl", "--home", home.root, "--from", "base", "--task", "gsm8k"]))

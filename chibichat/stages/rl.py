@@ -235,15 +235,27 @@ def register(sub):
     p.set_defaults(func=run, warmdown_frac=0.2)
 
 
+def check_task_names(args) -> None:
+    """Before anything loads: --task must be a known task that is not evaluation-only, --eval-task a
+    known task."""
+    from chibichat.tasks.leakage import refuse_eval_only
+    from chibichat.tasks.registry import get_spec
+
+    refuse_eval_only([args.task], "--task")
+    if args.eval_task is not None:
+        get_spec(args.eval_task)
+
+
 def _tasks(args, home):
-    from chibichat.stages.sft import EVAL_ONLY_TASKS, task_options
+    """(training task, held-out task), checked disjoint by content from each other and from the
+    evaluation sets the chat evaluations report against."""
+    from chibichat.stages.sft import task_options
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.leakage import check_disjoint, refuse_eval_only_task, reported_eval_sets
 
-    if args.task in EVAL_ONLY_TASKS:
-        raise ChibiError(f"--task {args.task} is an evaluation set; RL on it would contaminate its score. "
-                         f"Use its training split (e.g. gsm8k-train) or a generated task")
     task = get_task(args.task, **task_options(args.task, home))
+    refuse_eval_only_task(task, "--task")
     if task.kind != "generative":
         raise ChibiError(f"--task {args.task} is of kind {task.kind!r}; RL needs a generative task with a checker")
     if isinstance(task, GeneratedTask):
@@ -253,6 +265,10 @@ def _tasks(args, home):
         raise ChibiError(f"--task {args.task} has no generated test split; name the held-out task with --eval-task")
     else:
         eval_task = get_task(args.eval_task, **task_options(args.eval_task, home))
+    generated = [args.task] if isinstance(task, GeneratedTask) else []
+    check_disjoint([task], [eval_task, *reported_eval_sets(home, generated)],
+                   fix="Train and evaluate on disjoint sets: a training split as --task and its held-out split as "
+                       "--eval-task (a generated --task uses its own test split when --eval-task is not given).")
     return task, eval_task
 
 
@@ -270,6 +286,7 @@ def run(args) -> int:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_samples < 2:
         raise ChibiError("--num-samples must be >= 2: the advantage compares samples of the same prompt")
+    check_task_names(args)
     top_k = args.top_k or None
     rt = init_runtime(args.device, args.dtype)
     try:
