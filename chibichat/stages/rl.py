@@ -9,7 +9,15 @@ on-policy). The loss is -sum(log p(token) * A) over the *sampled* generated toke
 number (token-level mean across the whole step): prompt tokens and tool-forced tokens are not the
 policy's choices and carry no gradient. A group whose samples all got the same reward has A = 0
 everywhere: it teaches nothing, so it is left out of the batch (and out of the token count that
-normalises the loss, which would otherwise shrink the step by the share of such groups).
+normalises the loss, which would otherwise shrink the step by the share of such groups). A micro-batch
+whose groups are all flat carries no targets, and an optimizer step none of whose micro-batches (on any
+rank) has a target is skipped whole (LoopConfig.skip_empty_steps): with zero advantages the gradient is
+zero, but Muon's momentum and AdamW's moments would still move the weights. Skipped steps are logged
+and counted in summary.json ("skipped_steps").
+
+A resumed run continues the rollout cursor only under the settings that produced it: the sampler state
+carries a fingerprint of the prompt stream (task, its prompts, order seed, prompts per micro-batch,
+ranks) and a mismatch is refused.
 
 Offline the tasks are the generated ones (two-step arithmetic with the calculator by default, which
 SFT leaves only partly solved; one-step arithmetic, spelling, letter counting; their test splits are
@@ -43,8 +51,8 @@ def group_advantages(rewards: list[list[float]]) -> list[list[float]]:
 
 def informative_groups(advantages: list[list[float]]) -> list[int]:
     """Indices of the groups with some non-zero advantage (their rewards differ); at least one index
-    (the first group) so that a step whose groups are all flat still yields a well-formed batch whose
-    zero weights give a zero gradient."""
+    (the first group) so that a micro-batch whose groups are all flat is still well-formed (it then
+    carries no targets: see RolloutBatches)."""
     keep = [g for g, a in enumerate(advantages) if any(x != 0.0 for x in a)]
     return keep or [0]
 
@@ -115,6 +123,12 @@ class RolloutBatches:
                              f"{seq_len}-token context; lower --max-new-tokens")
         self.cursor, self.batches = 0, 0
         self.history: list[dict] = []  # per batch: mean reward, mean completion length
+        from chibichat.data.loader import _digest
+
+        n = len(self.items)
+        self.fingerprint = {"task": task.name, "items": n, "prompts": _digest([self.items[i][1] for i in
+                                                                               sorted({0, n // 2, n - 1})]),
+                            "seed": seed, "prompts_per_step": prompts, "rank": rt.rank, "world_size": rt.world_size}
 
     def __iter__(self):
         return self
@@ -140,6 +154,8 @@ class RolloutBatches:
         flat = [r for g in rewards for r in g]
         lengths = [len(s.tokens) for g in outs for s in g]
         informative = len(keep) if any(x != 0.0 for x in adv[keep[0]]) else 0
+        if not informative:  # every group flat: no targets, so the loop skips the step if no rank has any
+            ys = [[-1] * len(y) for y in ys]
         self.history.append({"reward": sum(flat) / len(flat), "length": sum(lengths) / len(lengths),
                              "groups_used": informative / len(adv)})
         # Trim the common right padding: rows are padded to the context, most of it unused.
@@ -149,9 +165,20 @@ class RolloutBatches:
                 torch.tensor(ws, dtype=torch.float32)[:, :used])
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "batches": self.batches, "history": self.history}
+        return {"cursor": self.cursor, "batches": self.batches, "history": self.history,
+                "fingerprint": dict(self.fingerprint)}
 
     def load_state_dict(self, d: dict) -> None:
+        saved = d.get("fingerprint") if isinstance(d, dict) else None
+        if not isinstance(saved, dict):
+            raise ChibiError("--resume: the saved RL sampler state has no fingerprint of its prompt stream (an "
+                             "older or foreign checkpoint), so its cursor cannot be trusted; start a new --tag "
+                             "or pass --overwrite")
+        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.fingerprint.items() if saved.get(k) != v]
+        if diff:
+            raise ChibiError(f"--resume: the saved RL run sampled another prompt stream ({'; '.join(diff)}); resume "
+                             "with the same --task, --train-items, --seed, --prompts-per-step, --max-new-tokens "
+                             "and number of ranks, or start a new --tag")
         try:
             self.cursor, self.batches, self.history = int(d["cursor"]), int(d["batches"]), list(d["history"])
         except (KeyError, TypeError, ValueError) as e:
@@ -312,7 +339,7 @@ def run(args) -> int:
         cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
                          warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
                          save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
 
         def reward_fn(m, step):
@@ -346,6 +373,7 @@ def run(args) -> int:
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,
             "reward_curve": curve,  # this rank's per-micro-batch mean reward, in order
             "groups_used": sum(h.get("groups_used", 1.0) for h in batches.history) / len(batches.history),
+            "skipped_steps": res.skipped_steps,  # steps without signal (all groups flat on every rank)
             "pass_at_k_before": before, "pass_at_k_after": after,
             "train_prompts_skipped_too_long": batches.skipped_too_long,
         }
