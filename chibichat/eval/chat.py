@@ -261,12 +261,14 @@ def rank_gather(rt):
     return gather
 
 
-def eval_task(name: str):
-    """A task for evaluation: generated tasks use their held-out test split."""
+def eval_task(name: str, home=None):
+    """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
+    (JGLUE, online sets) read them from `home`."""
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.registry import needs_home
 
-    task = get_task(name)
+    task = get_task(name, **({"home": home} if home is not None and needs_home(name) else {}))
     if isinstance(task, GeneratedTask):
         task = get_task(name, split="test")
     if task.kind not in ("categorical", "generative"):
@@ -290,14 +292,14 @@ def run_chat(args) -> int:
     if args.source == "base":
         raise ChibiError("eval chat needs a chat model (--from mid, sft or rl); a base model has no chat format. "
                          "Use `chibichat eval base` for base models")
-    tasks = [eval_task(n.strip()) for n in args.tasks.split(",") if n.strip()]
+    home = Home.resolve(args.home)  # a path only: nothing is created
+    tasks = [eval_task(n.strip(), home) for n in args.tasks.split(",") if n.strip()]
     for task in tasks:
         if task.runs_code:
             check_sandbox(args.allow_weak_sandbox, f"eval chat --tasks {task.name}")
     rt = init_runtime(args.device, args.dtype)
     try:
         t0 = time.time()
-        home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
         prepare_for_inference(model, rt.compute_dtype)

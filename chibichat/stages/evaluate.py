@@ -83,7 +83,8 @@ def _add_jglue(actions) -> None:
         "jglue", help="JGLUE few-shot: JCommonsenseQA, JNLI, JSTS, JSQuAD (dev files given by --jglue-dir)",
         description="JGLUE on the official dev files: JCQA and JNLI by lowest continuation loss (accuracy), JSTS by "
                     "the expected digit 0-5 (Pearson, Spearman), JSQuAD by greedy generation (EM, character F1 "
-                    "after NFKC). Per-item files and summary.json under home/eval/<stage>/<tag>/.")
+                    "with JGLUE's own normalisation). Prompts are base-model few-shot text; `eval chat --tasks "
+                    "jsquad` scores the same records in the chat format. Per-item files and summary.json under home/eval/<stage>/<tag>/.")
     _add_checkpoint_args(p)
     add_jglue_args(p)
     p.set_defaults(func=run_jglue)

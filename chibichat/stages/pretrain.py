@@ -139,6 +139,8 @@ def run(args) -> int:
                    f"vocab {cfg.vocab_size:,}, {model.num_params():,} params, {model.flops_per_token():.3e} FLOPs/token; "
                    f"device {rt.device}, compute {str(rt.compute_dtype).replace('torch.', '')}{' + fp8 matmuls' if args.fp8 else ''}, world {rt.world_size}; "
                    f"corpus {corpus.name}; run dir {tag_dir}")
+        for note in corpus.notes():
+            print0(rt, note)
 
         optimizer = build_optimizer(groups, matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr,
                                     unembedding_lr=plan.unembedding_lr, other_lr=plan.other_lr,

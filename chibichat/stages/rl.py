@@ -9,7 +9,15 @@ on-policy). The loss is -sum(log p(token) * A) over the *sampled* generated toke
 number (token-level mean across the whole step): prompt tokens and tool-forced tokens are not the
 policy's choices and carry no gradient. A group whose samples all got the same reward has A = 0
 everywhere: it teaches nothing, so it is left out of the batch (and out of the token count that
-normalises the loss, which would otherwise shrink the step by the share of such groups).
+normalises the loss, which would otherwise shrink the step by the share of such groups). A micro-batch
+whose groups are all flat carries no targets, and an optimizer step none of whose micro-batches (on any
+rank) has a target is skipped whole (LoopConfig.skip_empty_steps): with zero advantages the gradient is
+zero, but Muon's momentum and AdamW's moments would still move the weights. Skipped steps are logged
+and counted in summary.json ("skipped_steps").
+
+A resumed run continues the rollout cursor only under the settings that produced it: the sampler state
+carries a fingerprint of the prompt stream (task, its prompts, order seed, prompts per micro-batch,
+ranks) and a mismatch is refused.
 
 Offline the tasks are the generated ones (two-step arithmetic with the calculator by default, which
 SFT leaves only partly solved; one-step arithmetic, spelling, letter counting; their test splits are
@@ -50,8 +58,8 @@ def group_advantages(rewards: list[list[float]]) -> list[list[float]]:
 
 def informative_groups(advantages: list[list[float]]) -> list[int]:
     """Indices of the groups with some non-zero advantage (their rewards differ); at least one index
-    (the first group) so that a step whose groups are all flat still yields a well-formed batch whose
-    zero weights give a zero gradient."""
+    (the first group) so that a micro-batch whose groups are all flat is still well-formed (it then
+    carries no targets: see RolloutBatches)."""
     keep = [g for g, a in enumerate(advantages) if any(x != 0.0 for x in a)]
     return keep or [0]
 
@@ -122,6 +130,12 @@ class RolloutBatches:
                              f"{seq_len}-token context; lower --max-new-tokens")
         self.cursor, self.batches = 0, 0
         self.history: list[dict] = []  # per batch: mean reward, mean completion length
+        from chibichat.data.loader import _digest
+
+        n = len(self.items)
+        self.fingerprint = {"task": task.name, "items": n, "prompts": _digest([self.items[i][1] for i in
+                                                                               sorted({0, n // 2, n - 1})]),
+                            "seed": seed, "prompts_per_step": prompts, "rank": rt.rank, "world_size": rt.world_size}
 
     def __iter__(self):
         return self
@@ -147,6 +161,8 @@ class RolloutBatches:
         flat = [r for g in rewards for r in g]
         lengths = [len(s.tokens) for g in outs for s in g]
         informative = len(keep) if any(x != 0.0 for x in adv[keep[0]]) else 0
+        if not informative:  # every group flat: no targets, so the loop skips the step if no rank has any
+            ys = [[-1] * len(y) for y in ys]
         self.history.append({"reward": sum(flat) / len(flat), "length": sum(lengths) / len(lengths),
                              "groups_used": informative / len(adv)})
         # Trim the common right padding: rows are padded to the context, most of it unused.
@@ -156,9 +172,20 @@ class RolloutBatches:
                 torch.tensor(ws, dtype=torch.float32)[:, :used])
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "batches": self.batches, "history": self.history}
+        return {"cursor": self.cursor, "batches": self.batches, "history": self.history,
+                "fingerprint": dict(self.fingerprint)}
 
     def load_state_dict(self, d: dict) -> None:
+        saved = d.get("fingerprint") if isinstance(d, dict) else None
+        if not isinstance(saved, dict):
+            raise ChibiError("--resume: the saved RL sampler state has no fingerprint of its prompt stream (an "
+                             "older or foreign checkpoint), so its cursor cannot be trusted; start a new --tag "
+                             "or pass --overwrite")
+        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.fingerprint.items() if saved.get(k) != v]
+        if diff:
+            raise ChibiError(f"--resume: the saved RL run sampled another prompt stream ({'; '.join(diff)}); resume "
+                             "with the same --task, --train-items, --seed, --prompts-per-step, --max-new-tokens "
+                             "and number of ranks, or start a new --tag")
         try:
             self.cursor, self.batches, self.history = int(d["cursor"]), int(d["batches"]), list(d["history"])
         except (KeyError, TypeError, ValueError) as e:
@@ -270,15 +297,27 @@ def register(sub):
     p.set_defaults(func=run, warmdown_frac=0.2)
 
 
+def check_task_names(args) -> None:
+    """Before anything loads: --task must be a known task that is not evaluation-only, --eval-task a
+    known task."""
+    from chibichat.tasks.leakage import refuse_eval_only
+    from chibichat.tasks.registry import get_spec
+
+    refuse_eval_only([args.task], "--task")
+    if args.eval_task is not None:
+        get_spec(args.eval_task)
+
+
 def _tasks(args, home):
-    from chibichat.stages.sft import EVAL_ONLY_TASKS, task_options
+    """(training task, held-out task), checked disjoint by content from each other and from the
+    evaluation sets the chat evaluations report against."""
+    from chibichat.stages.sft import task_options
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.leakage import check_disjoint, refuse_eval_only_task, reported_eval_sets
 
-    if args.task in EVAL_ONLY_TASKS:
-        raise ChibiError(f"--task {args.task} is an evaluation set; RL on it would contaminate its score. "
-                         f"Use its training split (e.g. gsm8k-train) or a generated task")
     task = get_task(args.task, **task_options(args.task, home))
+    refuse_eval_only_task(task, "--task")
     if task.kind != "generative":
         raise ChibiError(f"--task {args.task} is of kind {task.kind!r}; RL needs a generative task with a checker")
     if isinstance(task, GeneratedTask):
@@ -288,6 +327,10 @@ def _tasks(args, home):
         raise ChibiError(f"--task {args.task} has no generated test split; name the held-out task with --eval-task")
     else:
         eval_task = get_task(args.eval_task, **task_options(args.eval_task, home))
+    generated = [args.task] if isinstance(task, GeneratedTask) else []
+    check_disjoint([task], [eval_task, *reported_eval_sets(home, generated)],
+                   fix="Train and evaluate on disjoint sets: a training split as --task and its held-out split as "
+                       "--eval-task (a generated --task uses its own test split when --eval-task is not given).")
     return task, eval_task
 
 
@@ -305,17 +348,19 @@ def run(args) -> int:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_samples < 2:
         raise ChibiError("--num-samples must be >= 2: the advantage compares samples of the same prompt")
+    check_task_names(args)
     top_k = args.top_k or None
+    home = Home.resolve(args.home)
+    # Tasks (and the sandbox they may need) are settled before any model is loaded.
+    task, eval_task = _tasks(args, home)
+    for t in {task.name: task, eval_task.name: eval_task}.values():
+        if t.runs_code:
+            check_sandbox(args.allow_weak_sandbox, f"rl with task {t.name}")
     rt = init_runtime(args.device, args.dtype)
     try:
-        home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
-        task, eval_task = _tasks(args, home)
-        for t in {task.name: task, eval_task.name: eval_task}.values():
-            if t.runs_code:
-                check_sandbox(args.allow_weak_sandbox, f"rl with task {t.name}")
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)
@@ -333,7 +378,7 @@ def run(args) -> int:
         cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
                          warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
                          save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
 
         def reward_fn(m, step):
@@ -368,6 +413,7 @@ def run(args) -> int:
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,
             "reward_curve": curve,  # per micro-batch: mean reward over every rank's samples, in order
             "groups_used": groups_used, "world_size": rt.world_size,
+            "skipped_steps": res.skipped_steps,  # steps without signal (all groups flat on every rank)
             "pass_at_k_before": before, "pass_at_k_after": after,
             "train_prompts_skipped_too_long": skipped,
         }
