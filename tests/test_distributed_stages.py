@@ -77,7 +77,7 @@ class VowelTask:
     model's samples get different rewards and the policy gradient is not zero. `log` collects
     (prompt, reward) for every completion scored."""
 
-    name, kind, lang = "vowels", "generative", "en"
+    name, kind, lang, runs_code = "vowels", "generative", "en", False
 
     def __init__(self, items=None, log=None):
         self.items = items or [{"messages": [{"role": "user", "content": f"say vowels {i}"}]} for i in range(24)]
