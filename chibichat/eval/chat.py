@@ -35,8 +35,8 @@ from typing import Protocol, Sequence
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
+from chibichat.tasks.evalsets import CHATCORE_TASKS, eval_task
 
-CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")  # registry names
 UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check
 
 
@@ -259,22 +259,6 @@ def rank_gather(rt):
         return parts
 
     return gather
-
-
-def eval_task(name: str, home=None):
-    """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
-    (JGLUE, online sets) read them from `home`."""
-    from chibichat.tasks.base import get_task
-    from chibichat.tasks.generated import GeneratedTask
-    from chibichat.tasks.registry import needs_home
-
-    task = get_task(name, **({"home": home} if home is not None and needs_home(name) else {}))
-    if isinstance(task, GeneratedTask):
-        task = get_task(name, split="test")
-    if task.kind not in ("categorical", "generative"):
-        raise ChibiError(f"--tasks names {name!r}, a task of kind {task.kind!r}; chat eval takes categorical "
-                         "or generative tasks")
-    return task
 
 
 def run_chat(args) -> int:

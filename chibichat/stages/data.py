@@ -144,9 +144,26 @@ def run_download(args) -> int:
     return 0
 
 
+def _checkout_builder():
+    """dev/build_corpora.py of the source checkout this package runs from (the builder is not installed)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "dev" / "build_corpora.py"
+    if not path.is_file():
+        raise ChibiError(f"`chibichat data build` runs from a source checkout of chibichat ({path} is missing: "
+                         "this is an installed copy); clone the repository and run it there")
+    spec = importlib.util.spec_from_file_location("chibichat_dev_build_corpora", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_build(args) -> int:
-    from chibichat.data.build import build
     from chibichat.data.corpora import assets_dir
+
+    build = _checkout_builder().build
 
     home = Home.resolve(args.home)
     out = Path(args.out).expanduser() if args.out else assets_dir()

@@ -23,7 +23,7 @@ from chibichat.common import ChibiError
 from chibichat.tasks.base import ListTask
 from chibichat.tasks.gsm8k import evaluate_gsm8k, gsm8k_item
 from chibichat.tasks.humaneval import evaluate_humaneval, humaneval_item
-from chibichat.tasks.multiple_choice import categorical_item
+from chibichat.tasks.multiple_choice import mc_items
 from chibichat.tasks.registry import TaskSpec
 from chibichat.tasks.shipped import read_shipped
 
@@ -55,11 +55,6 @@ def _check_source(name, source, home, split):
 def _eval_only(source: str, split: str | None) -> bool:
     """Shipped subsets are test/validation data; online, only a "train" split is training data."""
     return source == "shipped" or split != "train"
-
-
-def mc_items(rows: list[dict]) -> list[dict]:
-    return [categorical_item(r["question"], r["choices"], r["gold"], id=r["id"], **({"subject": r["subject"]}
-                             if "subject" in r else {})) for r in rows]
 
 
 def arc(subset: str, source: str = "shipped", home=None, split: str | None = None) -> ListTask:
@@ -150,3 +145,23 @@ def task_specs() -> list[TaskSpec]:
         TaskSpec("gsm8k", "generative", "en", f"{m}:gsm8k", (), "GSM8K math word problems, '#### n'", eval_only=True),
         TaskSpec("humaneval", "generative", "en", f"{m}:humaneval", (), "HumanEval Python functions", eval_only=True),
     ]
+
+
+# The ChatCORE set of `eval chat` (registry names); also what training data is checked disjoint from.
+CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")
+
+
+def eval_task(name: str, home=None):
+    """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
+    (JGLUE, online sets) read them from `home`."""
+    from chibichat.tasks.base import get_task
+    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.registry import needs_home
+
+    task = get_task(name, **({"home": home} if home is not None and needs_home(name) else {}))
+    if isinstance(task, GeneratedTask):
+        task = get_task(name, split="test")
+    if task.kind not in ("categorical", "generative"):
+        raise ChibiError(f"--tasks names {name!r}, a task of kind {task.kind!r}; chat eval takes categorical "
+                         "or generative tasks")
+    return task

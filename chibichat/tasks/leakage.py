@@ -107,7 +107,7 @@ def reported_eval_sets(home=None, generated: Iterable[str] = ()) -> list:
     them, the test splits of the named generated tasks that it can score (not conversation-only ones such
     as identity, whose few questions recur in both splits by design), and the JGLUE dev sets present in `home`
     (never downloaded here)."""
-    from chibichat.eval.chat import CHATCORE_TASKS, eval_task
+    from chibichat.tasks.evalsets import CHATCORE_TASKS, eval_task
     from chibichat.tasks.base import get_task
 
     out = [eval_task(n) for n in CHATCORE_TASKS]

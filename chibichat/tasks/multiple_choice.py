@@ -32,3 +32,8 @@ def categorical_item(question: str, choices: list[str], gold: int, lang: str = "
             "letters": letters, "answer": letters[gold], "choices": list(choices), "question": question}
     item.update(extra)
     return item
+
+
+def mc_items(rows: list[dict]) -> list[dict]:
+    return [categorical_item(r["question"], r["choices"], r["gold"], id=r["id"], **({"subject": r["subject"]}
+                             if "subject" in r else {})) for r in rows]

@@ -78,7 +78,7 @@ def smoltalk(home, split: str = "train") -> ListTask:
 
 
 def mmlu_aux(home, split: str = "train") -> ListTask:
-    from chibichat.tasks.evalsets import mc_items
+    from chibichat.tasks.multiple_choice import mc_items
 
     return ListTask("mmlu-aux", "categorical", mc_items(mmlu_rows(home, "auxiliary_train", split)),
                     description="MMLU auxiliary_train (ARC, OBQA, RACE, MCTest as 4-way MC)")

