@@ -72,10 +72,11 @@ def add_loop_args(p, steps: int, batch: int | None) -> None:
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
-    """"name=epochs,name=epochs" -> [(name, epochs)]. Epochs may be fractional (0.5 = half the task)."""
+    """"name=epochs,name=epochs" -> [(name, epochs)]. Epochs may be fractional (0.5 = half the task).
+    A name may be a local file, `file:/path/data.jsonl=3` (chibichat/tasks/local.py): epochs follow the last '='."""
     out = []
     for part in [s.strip() for s in spec.split(",") if s.strip()]:
-        name, sep, val = part.partition("=")
+        name, sep, val = part.rpartition("=") if "=" in part else (part, "", "")
         try:
             epochs = float(val) if sep else 1.0
         except ValueError:
@@ -299,8 +300,9 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
     add_source_args(p, default_from)
     p.add_argument("--mix", default=None,
                    help=f"task mixture as name=epochs,... (default EN: {SFT_MIX_EN}; a Japanese tokenizer adds "
-                        f"{SFT_MIX_JA}). Online tasks (smoltalk, mmlu-aux, arc-easy-train, arc-challenge-train, "
-                        "gsm8k-train) can be named once downloaded into the home")
+                        f"{SFT_MIX_JA}). Your own data: file:/path.jsonl=epochs (OpenAI chat, ShareGPT, Alpaca "
+                        "JSONL or parquet; check it first with `chibichat data check`). Online tasks (smoltalk, "
+                        "mmlu-aux, arc-easy-train, arc-challenge-train, gsm8k-train) can be named once downloaded into the home")
     p.add_argument("--mode", default=mode, choices=("pack", "pad", "stream"),
                    help=f"how conversations fill rows (default: {mode})")
     p.add_argument("--overflow", default="shorten", choices=("shorten", "drop"),

@@ -100,6 +100,10 @@ def describe_tasks() -> list[dict]:
 
 
 def get_task(name: str, **options):
+    from chibichat.tasks.local import file_task, is_file_task
+
+    if is_file_task(name):  # "file:PATH": the user's own data (chibichat/tasks/local.py)
+        return file_task(name, **options)
     table = specs()
     if name not in table:
         raise ChibiError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(table))}")
