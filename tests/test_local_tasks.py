@@ -159,3 +159,25 @@ def test_data_check_lists_every_error_with_its_line(tmp_path, capsys):
         else:
             assert expect in got[n], (n, got.get(n))
     assert report["rows"] == 7 and report["valid"] == 2 and report["duplicates"] == [(7, 1)]
+
+
+def test_data_check_cli_reports_fit_and_plan(tmp_path, capsys):
+    from test_stages_chat import make_base
+
+    from chibichat.cli import main
+
+    home, tok = make_base(tmp_path / "home")
+    long = {"messages": [{"role": "user", "content": "tell me a story " * 30}, {"role": "assistant", "content": "no"},
+                         {"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}
+    huge = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 400}]}
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\n".join(l for l, _ in BAD_LINES[:3]) + b"\n" + json.dumps(long).encode() + b"\n"
+                  + json.dumps(huge).encode() + b"\n")
+    rc = main(["data", "check", str(p), "--home", str(home.root), "--from", "base", "--num-steps", "10",
+               "--device-batch-size", "2"])
+    out = capsys.readouterr().out
+    assert rc == 1  # problems found
+    assert "5 lines, 3 valid (chat), 2 problem(s), 0 duplicate(s)" in out
+    assert "line 2: bad JSON" in out and "line 3: message 0: unknown role 'robot'" in out
+    assert "fit: 1 whole, 1 shortened (whole early turns left out), 1 dropped" in out
+    assert "epochs of this file" in out and "time: unknown" in out
