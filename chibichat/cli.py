@@ -23,6 +23,7 @@ STAGES = [
     "chibichat.stages.midtrain",
     "chibichat.stages.sft",
     "chibichat.stages.rl",
+    "chibichat.stages.lora",
     "chibichat.stages.evaluate",
     "chibichat.stages.chat",
     "chibichat.stages.serve",

@@ -69,6 +69,38 @@ def add_loop_args(p, steps: int, batch: int | None) -> None:
     p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
     add_fp8_arg(p)
     add_memory_args(p)
+    add_lora_args(p)
+
+
+def add_lora_args(p) -> None:
+    """LoRA flags (chibichat/model/lora.py), shared by every fine-tuning stage."""
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="train rank-RANK LoRA adapters on a frozen base instead of every weight; checkpoints "
+                        "then hold the adapters alone (default: 0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="adapter scale numerator: updates are (alpha/rank) B@A (default: alpha = rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="probability of dropping a whole rank component per forward in training (default: 0)")
+    p.add_argument("--lora-targets", default="attn,mlp,slc2",
+                   help="weights that get adapters: attn (q/k/v/o), mlp (fc/proj), slc2 (x/b/alpha/A/o); "
+                        "default: all three")
+    p.add_argument("--lora-lr", type=float, default=2e-3, help="AdamW learning rate of the adapters (default: 2e-3)")
+
+
+def lora_config(args):
+    """The LoRAConfig of --lora*, or None without --lora."""
+    from chibichat.model.lora import LoRAConfig, parse_targets
+
+    if not getattr(args, "lora", 0):
+        if getattr(args, "lora_alpha", None) is not None:
+            raise ChibiError("--lora-alpha needs --lora RANK")
+        return None
+    if args.lora < 0:
+        raise ChibiError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {args.lora}")
+    if args.fp8:
+        raise ChibiError("--lora with --fp8 is not supported (the adapted weight is rebuilt each forward); drop one")
+    return LoRAConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else float(args.lora),
+                      dropout=args.lora_dropout, targets=parse_targets(args.lora_targets))
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
@@ -104,7 +136,8 @@ def default_mix(tok, en: str, ja: str) -> str:
 def load_source(args, home, tok, rt):
     """(model, meta, tag) from `--from`, refusing a checkpoint trained with another tokenizer; with --fp8
     the block matmuls of training switch to fp8, and --recompute sets activation recomputation (each stage
-    chooses both, like --dtype; neither is read from the source)."""
+    chooses both, like --dtype; neither is read from the source). With --lora the model gets frozen base
+    weights and trainable adapters (a source that is itself an adapter checkpoint arrives merged)."""
     from chibichat.model.fp8 import enable_fp8
     from chibichat.train.checkpoint import load_model
 
@@ -112,6 +145,11 @@ def load_source(args, home, tok, rt):
     if args.fp8:
         enable_fp8(model, rt.device, rt.compute_dtype)
     model.recompute = args.recompute
+    lcfg = lora_config(args)
+    if lcfg is not None:  # the base is frozen; only the adapters train (and are saved)
+        from chibichat.model.lora import apply_lora
+
+        apply_lora(model, lcfg)
     tag = args.tag or Path(meta["checkpoint_dir"]).parent.name
     return model, meta, tag
 
@@ -130,6 +168,8 @@ def source_lrs(meta: dict, args, model) -> dict[str, float]:
                 saved[g.get("name")] = float(g["initial_lr"])
         except (ValueError, KeyError, TypeError) as e:
             raise ChibiError(f"{path} is corrupt ({e}); pass every --<group>-lr explicitly") from None
+    if lora_config(args) is not None:  # only the adapters train
+        return {"lora": args.lora_lr}
     lrs = {}
     present = model.param_groups()
     for g in LR_GROUPS:
@@ -149,6 +189,11 @@ def make_optimizer(model, lrs: dict):
 
     from chibichat.train.optim import build_optimizer
 
+    if "lora" in lrs:
+        from chibichat.model.lora import build_lora_optimizer, lora_parameters
+
+        return build_lora_optimizer(lora_parameters(model), lrs["lora"])
+
     return build_optimizer(model.param_groups(), matrix_lr=lrs["matrix"], embedding_lr=lrs["embedding"],
                            unembedding_lr=lrs["head"], other_lr=lrs["other"],
                            ns_dtype=torch.bfloat16 if model.compute_dtype == torch.bfloat16 else torch.float32)
@@ -156,6 +201,11 @@ def make_optimizer(model, lrs: dict):
 
 def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | None = None) -> dict:
     flags = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
+    lcfg = lora_config(args)
+    if lcfg is not None:  # the checkpoint holds adapters on top of the source (train/checkpoint.py)
+        from chibichat.train.checkpoint import relative_to_checkpoints
+
+        extra = {**(extra or {}), "lora": {**lcfg.to_dict(), "base": relative_to_checkpoints(source_meta["checkpoint_dir"])}}
     return {"stage": stage, "model_config": model.config.to_dict(),
             "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size}, "flags": flags,
             "source": {"checkpoint": source_meta["checkpoint_dir"], "step": source_meta.get("step")},

@@ -1,0 +1,159 @@
+"""LoRA adapters (chibichat/model/lora.py), their checkpoints and the --lora flag of the chat stages."""
+
+import json
+
+import pytest
+import torch
+
+from chibichat.common import ChibiError
+from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.model.lora import LoRAConfig, apply_lora, count_parameters, has_lora, lora_parameters, merge_lora
+
+
+def tiny(layers="AS", seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, layers=layers))
+    with torch.no_grad():  # every weight random (a fresh model's head and output projections are zero)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+    return model
+
+
+def randomize_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
+
+
+def test_rank_r_trains_only_the_adapters():
+    model = tiny()
+    base_logits = model(IDS).detach()
+    total = model.num_params()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    # per weight r*(in+out): attention q,k,v,o 4x(32+32); SLC2 x,b,o 3x(32+32) + alpha (2x32) + A (16x32);
+    # MLP fc/proj 2x(32+128) in each of the 2 layers
+    expect = 4 * (4 * 64 + (3 * 64 + 34 + 48) + 2 * 2 * 160)
+    counts = count_parameters(model)
+    assert counts == {"trainable": expect, "adapter": expect, "frozen": total}
+    assert torch.equal(model(IDS), base_logits)  # B starts at zero: a fresh adapter changes nothing
+    model(IDS, IDS).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(n.endswith(("lora_A", "lora_B")) for n in grads)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in grads) == expect
+
+
+def test_targets_select_weights_and_refuse_what_is_absent():
+    model = tiny(layers="AA")
+    apply_lora(model, LoRAConfig(rank=2, alpha=2.0, targets=("mlp",)))
+    assert count_parameters(model)["adapter"] == 2 * 2 * 2 * 160
+    with pytest.raises(ChibiError, match="selects no weight in this model"):
+        apply_lora(tiny(layers="AA"), LoRAConfig(rank=2, alpha=2.0, targets=("slc2",)))
+    with pytest.raises(ChibiError, match="--lora-targets 'attn,ffn': each must be one of attn,mlp,slc2"):
+        LoRAConfig(rank=2, alpha=2.0, targets=("attn", "ffn"))
+
+
+@pytest.mark.parametrize("layers", ["AS", "SA"])
+def test_merge_gives_the_adapted_logits(layers):
+    model = tiny(layers)
+    apply_lora(model, LoRAConfig(rank=4, alpha=4.0))
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        on = model(IDS)
+        assert not torch.allclose(on, tiny(layers)(IDS), atol=1e-3)  # the adapters do change the model
+        state = model.new_state(1, 16)
+        stepped = torch.cat([model.forward_step(IDS[:, i:i + 1], state) for i in range(IDS.shape[1])], dim=1)
+    assert torch.allclose(stepped, on, atol=1e-5)  # token-by-token decoding sees the adapted weights too
+    assert merge_lora(model) == 4 + 5 + 2 * 2  # weights merged: attention q/k/v/o, SLC2 x/b/alpha/A/o, 2 MLPs
+    assert not has_lora(model) and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(IDS), on, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny(layers).state_dict())  # plain names again
+
+
+def test_rank_dropout_only_in_training():
+    model = tiny()
+    apply_lora(model, LoRAConfig(rank=8, alpha=8.0, dropout=0.5))
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(IDS), model(IDS)
+        model.train()
+        torch.manual_seed(0)
+        c = model(IDS)
+    assert torch.equal(a, b) and not torch.allclose(a, c, atol=1e-4)
+
+
+def test_adapter_checkpoint_saves_alone_and_reloads_to_equal_logits(tmp_path):
+    from chibichat.common import Home
+    from chibichat.train.checkpoint import ADAPTER_FILE, load_model, save_checkpoint
+
+    home = Home.resolve(tmp_path / "home")
+    base = tiny()
+    meta = {"model_config": base.config.to_dict(), "tokenizer": {"hash": "h", "vocab_size": 64}}
+    base_dir = save_checkpoint(home.checkpoints_dir("base", "d2"), 3, base, None, meta)
+    apply_lora(base, LoRAConfig(rank=4, alpha=4.0, targets=("attn", "mlp")))
+    randomize_adapters(base)
+    base.eval()
+    with torch.no_grad():
+        on = base(IDS)
+    lora_meta = {**meta, "lora": {**LoRAConfig(4, 4.0, 0.0, ("attn", "mlp")).to_dict(), "base": "base/d2/step_000003"}}
+    sdir = save_checkpoint(home.checkpoints_dir("sft", "d2"), 7, base, None, lora_meta)
+    assert (sdir / ADAPTER_FILE).is_file() and not (sdir / "model.safetensors").exists()
+    assert (sdir / ADAPTER_FILE).stat().st_size < (base_dir / "model.safetensors").stat().st_size / 4
+    model, m = load_model(home, "sft")
+    assert not has_lora(model) and m["lora"]["rank"] == 4
+    with torch.no_grad():
+        assert torch.allclose(model(IDS), on, atol=1e-5)
+    # the adapter sits on its base: a missing base is named
+    (base_dir / "meta.json").unlink()
+    with pytest.raises(ChibiError, match=r"sits on .*base/d2/step_000003, which is missing"):
+        load_model(home, "sft")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
+    from test_stages_chat import FAST, make_base, run_cli
+
+    from chibichat.train.checkpoint import ADAPTER_FILE, load_model, read_meta, save_checkpoint
+
+    home, tok = make_base(tmp_path / "home")
+    model, meta = load_model(home, "base")  # its zero head would pass no gradient to the blocks' adapters
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.1)
+    keep = {k: meta[k] for k in ("model_config", "tokenizer")}
+    save_checkpoint(home.checkpoints_dir("base", "rand"), 5, model, None, keep)
+    common = ["sft", "--home", home.root, "--from", "base", "--from-tag", "rand", "--tag", "lo", *FAST, "--mix", "arithmetic=0.1",
+              "--lora", 4, "--lora-targets", "attn,mlp", "--save-every", 1]
+    run_cli(*common, "--num-steps", 2)
+    run_cli(*common, "--num-steps", 3, "--resume")
+    tag_dir = home.checkpoints_dir("sft", "lo")
+    sdir = tag_dir / "step_000003"
+    assert (sdir / ADAPTER_FILE).is_file() and not (sdir / "model.safetensors").exists()
+    meta = read_meta(sdir)
+    assert meta["lora"] == {"rank": 4, "alpha": 4.0, "dropout": 0.0, "targets": ["attn", "mlp"],
+                            "base": "base/rand/step_000005"}
+    summary = json.loads((tag_dir / "summary.json").read_text())
+    first_val = json.loads((tag_dir / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
+    assert summary["steps"] == 3 and summary["val_loss"] < first_val - 0.005  # the adapters learn
+    base, _ = load_model(home, "base", "rand")
+    tuned, _ = load_model(home, "sft", "lo")
+    assert torch.equal(base.wte, tuned.wte) and torch.equal(base.lm_head, tuned.lm_head)  # frozen
+    assert not torch.equal(base.blocks[0].mixer.w_q, tuned.blocks[0].mixer.w_q)  # adapted
+    run_cli("lora", "merge", "--home", home.root, "--from", "sft", "--tag", "lo")
+    merged, mmeta = load_model(home, "sft", "lo-merged")
+    assert (home.checkpoints_dir("sft", "lo-merged") / "step_000003" / "model.safetensors").is_file()
+    assert "lora" not in mmeta and mmeta["merged_from"]["lora"]["rank"] == 4
+    x = torch.tensor([[tok.bos_id, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(x), tuned(x), atol=1e-5)
+    with pytest.raises(ChibiError, match="holds full weights, not a LoRA adapter"):
+        from chibichat.stages.lora import run_merge
+        from test_stages_chat import _parse
+
+        run_merge(_parse(["lora", "merge", "--home", home.root, "--from", "sft", "--tag", "lo-merged"]))
