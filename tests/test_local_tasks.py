@@ -181,3 +181,26 @@ def test_data_check_cli_reports_fit_and_plan(tmp_path, capsys):
     assert "line 2: bad JSON" in out and "line 3: message 0: unknown role 'robot'" in out
     assert "fit: 1 whole, 1 shortened (whole early turns left out), 1 dropped" in out
     assert "epochs of this file" in out and "time: unknown" in out
+
+
+def test_identity_persona_replaces_name_and_creator_in_en_and_ja(tmp_path):
+    from chibichat.stages.sft import build_mixtures
+    from chibichat.tasks.identity import parse_persona
+
+    persona = parse_persona(" name=Kiku , creator=Acme Inc.")
+    assert persona == {"name": "Kiku", "creator": "Acme Inc."}
+    (tmp_path / "p.json").write_text(json.dumps({"name": "Kiku"}), encoding="utf-8")
+    assert parse_persona(str(tmp_path / "p.json")) == {"name": "Kiku"}
+    for bad, match in [("nick=K", r"unknown key\(s\) \['nick'\]"), ("Kiku", "write key=value"),
+                       ("name=", "must be one line"), (str(tmp_path / "none.json"), "does not exist")]:
+        with pytest.raises(ChibiError, match=match):
+            parse_persona(bad)
+    train, val = build_mixtures([("identity", 1.0), ("identity-ja", 1.0)], val_items=20, seed=0, persona=persona)
+    replies = {task: " ".join(m["content"] for t, it in train if t == task for m in it["messages"]
+                              if m["role"] == "assistant") for task in ("identity", "identity-ja")}
+    assert "Kiku" in replies["identity"] and "Acme Inc." in replies["identity"]
+    assert "Kikuです" in replies["identity-ja"] and "Acme Inc.が作りました" in replies["identity-ja"]
+    assert "chibichat" not in replies["identity"] + replies["identity-ja"]  # the shipped persona is gone
+    assert any("Kiku" in m["content"] for _, it in val for m in it["messages"])  # the held-out split too
+    with pytest.raises(ChibiError, match="--mix names none; add identity=1"):
+        build_mixtures([("chitchat", 0.1)], val_items=5, seed=0, persona=persona)

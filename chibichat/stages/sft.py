@@ -231,30 +231,38 @@ def task_options(name: str, home) -> dict:
     return {"home": home} if "home" in params else {}
 
 
-def split_task(name: str, val_items: int, seed: int, home=None):
+IDENTITY_TASKS = ("identity", "identity-ja")
+
+
+def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | None = None):
     """(train view, val view) of a task. Generated tasks have disjoint train/test splits by
-    construction; a shipped or downloaded task gives its last items (up to 5%) to validation."""
+    construction; a shipped or downloaded task gives its last items (up to 5%) to validation.
+    `persona` (--identity) goes to the identity tasks."""
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
 
-    task = get_task(name, **task_options(name, home))
+    extra = {"persona": persona} if persona and name in IDENTITY_TASKS else {}
+    task = get_task(name, **task_options(name, home), **extra)
     if task.kind == "core":
         raise ChibiError(f"--mix names {name!r}, a base-model evaluation task; it has no conversations")
     if isinstance(task, GeneratedTask):
-        return task, get_task(name, split="test", size=val_items, seed=seed)
+        return task, get_task(name, split="test", size=val_items, seed=seed, **extra)
     n_val = max(1, min(val_items, len(task) // 20))
     if len(task) - n_val < 1:
         raise ChibiError(f"task {name!r} has only {len(task)} items: too few to hold out validation data")
     return task.slice(0, len(task) - n_val), task.slice(len(task) - n_val, None)
 
 
-def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None):
-    """(train Mixture, val Mixture)."""
+def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None, persona: dict | None = None):
+    """(train Mixture, val Mixture). With `persona`, the mix must name an identity task."""
     from chibichat.tasks.base import Mixture
 
+    if persona and not any(name in IDENTITY_TASKS for name, _ in mix):
+        raise ChibiError("--identity replaces the persona of the identity tasks, but --mix names none; add "
+                         "identity=1 (and identity-ja=1 for Japanese) to --mix")
     trains, vals, epochs = [], [], []
     for name, e in mix:
-        tr, va = split_task(name, val_items, seed, home)
+        tr, va = split_task(name, val_items, seed, home, persona)
         trains.append(tr)
         vals.append(va)
         epochs.append(e)
@@ -353,6 +361,9 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
                         f"{SFT_MIX_JA}). Your own data: file:/path.jsonl=epochs (OpenAI chat, ShareGPT, Alpaca "
                         "JSONL or parquet; check it first with `chibichat data check`). Online tasks (smoltalk, "
                         "mmlu-aux, arc-easy-train, arc-challenge-train, gsm8k-train) can be named once downloaded into the home")
+    p.add_argument("--identity", default=None, metavar="name=...,creator=...|FILE.json",
+                   help="your assistant's persona: the identity tasks (EN and JA) answer with this name and "
+                        "creator instead of the shipped chibichat persona")
     p.add_argument("--mode", default=mode, choices=("pack", "pad", "stream"),
                    help=f"how conversations fill rows (default: {mode})")
     p.add_argument("--overflow", default="shorten", choices=("shorten", "drop"),
@@ -382,7 +393,12 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         model, src_meta, tag = load_source(args, home, tok, rt)
         seq_len = model.config.seq_len
         mix = parse_mix(args.mix or default_mix(tok, mix_en, mix_ja))
-        train_mix, val_mix = build_mixtures(mix, args.val_items, args.seed, home)
+        persona = None
+        if args.identity is not None:
+            from chibichat.tasks.identity import parse_persona
+
+            persona = parse_persona(args.identity)
+        train_mix, val_mix = build_mixtures(mix, args.val_items, args.seed, home, persona)
         loader = ConversationLoader(train_mix, tok, args.device_batch_size, seq_len, rt, mode=args.mode,
                                     overflow=args.overflow, epochs=None, train_all_tokens=train_all_tokens)
         lrs = source_lrs(src_meta, args, model)
