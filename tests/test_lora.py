@@ -115,6 +115,7 @@ def test_adapter_checkpoint_saves_alone_and_reloads_to_equal_logits(tmp_path):
         load_model(home, "sft")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
     from test_stages_chat import FAST, make_base, run_cli
@@ -157,3 +158,39 @@ def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
         from test_stages_chat import _parse
 
         run_merge(_parse(["lora", "merge", "--home", home.root, "--from", "sft", "--tag", "lo-merged"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers", ["dense", "iberis"])
+def test_hf_export_writes_a_peft_adapter_that_peft_loads_with_equal_logits(tmp_path, layers):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from test_export_hf import make_home
+
+    from chibichat.cli import main
+    from chibichat.tokenizer import shipped_samples, train_tokenizer
+    from chibichat.train.checkpoint import load_model, save_checkpoint
+
+    tok = train_tokenizer(list(shipped_samples().values()), 700, split="gpt4")
+    home, model = make_home(tmp_path / "home", tok, layers)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    randomize_adapters(model)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": {"vocab_size": tok.vocab_size, "hash": tok.hash},
+            "stage": "sft", "lora": {**LoRAConfig(4, 8.0).to_dict(), "base": "base/d4/step_000010"}}
+    save_checkpoint(home.checkpoints_dir("sft", "lo"), 2, model, None, meta)
+    iberis = layers == "iberis"
+    assert main(["export", "hf", "--home", str(home.root), "--from", "base", "--out", str(tmp_path / "base")]) == 0
+    assert main(["export", "hf", "--home", str(home.root), "--from", "sft", "--tag", "lo",
+                 "--out", str(tmp_path / "tuned")]) == 0
+    cfg = json.loads((tmp_path / "tuned" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["peft_type"] == "LORA"
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", trust_remote_code=iberis)
+    with_adapter = peft.PeftModel.from_pretrained(base_hf, tmp_path / "tuned" / "adapter").eval()
+    merged_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned", trust_remote_code=iberis).eval()
+    ours, _ = load_model(home, "sft", "lo")
+    x = torch.tensor([[tok.bos_id, *tok.encode("Hello there, friend.")]])
+    with torch.no_grad():
+        want = ours(x)
+        assert not torch.allclose(want, load_model(home, "base")[0](x), atol=1e-3)
+        assert torch.allclose(with_adapter(x).logits, want, atol=1e-4)
+        assert torch.allclose(merged_hf(x).logits, want, atol=1e-4)
