@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
 
-STAGES = ("base", "mid", "sft", "rl")
+STAGES = ("base", "mid", "sft", "rl", "dpo")
 HELP_TEXT = """commands:
   /clear        forget the conversation (the system prompt stays)
   /temp X       sampling temperature (0 = greedy)

@@ -81,7 +81,7 @@ def register(sub) -> None:
     )
     add_home_arg(ck)
     ck.add_argument("file", help="the .jsonl or .parquet file")
-    ck.add_argument("--from", dest="from_stage", default="sft", choices=("base", "mid", "sft", "rl"),
+    ck.add_argument("--from", dest="from_stage", default="sft", choices=("base", "mid", "sft", "rl", "dpo"),
                     help="checkpoint whose context and throughput to measure against (default: sft)")
     ck.add_argument("--from-tag", default=None, help="tag of that checkpoint (default: the newest)")
     ck.add_argument("--from-step", type=int, default=None, help="step of that checkpoint (default: the last)")

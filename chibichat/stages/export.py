@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from chibichat.common import ChibiError, add_home_arg
 
-STAGES = ("base", "mid", "sft", "rl")
+STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 
 def register(sub) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from chibichat.common import ChibiError, add_home_arg
 
-STAGES = ("mid", "sft", "rl")
+STAGES = ("mid", "sft", "rl", "dpo")
 
 
 def register(sub) -> None:

@@ -25,7 +25,7 @@ from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_a
 
 # Evaluation sets are never training data: a mixture that names one is refused.
 EVAL_ONLY_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
-SOURCE_STAGES = ("base", "mid", "sft", "rl")
+SOURCE_STAGES = ("base", "mid", "sft", "rl", "dpo")
 LR_GROUPS = ("matrix", "embedding", "head", "other")
 
 SAMPLE_PROMPTS = ["Hello!", "What is 12+7?"]

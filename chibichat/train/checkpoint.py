@@ -41,7 +41,7 @@ FORMAT = "chibichat-checkpoint-1"
 ADAPTER_FILE = "adapter.safetensors"
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 STAGE_COMMANDS = {"base": "chibichat pretrain", "mid": "chibichat midtrain", "sft": "chibichat sft",
-                  "rl": "chibichat rl"}
+                  "rl": "chibichat rl", "dpo": "chibichat dpo"}
 # Wrappers that prefix parameter names: torch.compile and DDP.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
