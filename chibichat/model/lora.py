@@ -13,7 +13,7 @@ and B at zero, so a fresh adapter leaves the model's outputs unchanged.
 
 Dropout (`dropout` > 0): because the update is folded into the weight, a dropped unit is a whole rank
 component (row k of A and column k of B, kept ones scaled by 1/(1-p)), drawn once per forward in
-training mode. This is not PEFT's input dropout; at inference both are the identity.
+training mode with autograd on (a no-grad read, e.g. the Decoder's weight copy during RL, sees no dropout). This is not PEFT's input dropout; at inference both are the identity.
 
 Adapter tensors are named `<weight path>.lora_A` / `.lora_B` (e.g. `blocks.0.mixer.w_q.lora_A`), the
 layout `adapter.safetensors` holds (chibichat/train/checkpoint.py). `merge_lora` folds the adapters into
@@ -90,7 +90,7 @@ class LoRADelta(nn.Module):
 
     def forward(self, W):
         A = self.lora_A
-        if self.training and self.dropout > 0:
+        if self.training and self.dropout > 0 and torch.is_grad_enabled():  # never in a no-grad weight copy
             keep = (torch.rand(self.rank, 1, device=A.device) >= self.dropout).to(A.dtype) / (1.0 - self.dropout)
             A = A * keep
         return W + (self.scale * (self.lora_B @ A)).to(W.dtype)
