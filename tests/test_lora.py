@@ -194,3 +194,26 @@ def test_hf_export_writes_a_peft_adapter_that_peft_loads_with_equal_logits(tmp_p
         assert not torch.allclose(want, load_model(home, "base")[0](x), atol=1e-3)
         assert torch.allclose(with_adapter(x).logits, want, atol=1e-4)
         assert torch.allclose(merged_hf(x).logits, want, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_rl_with_lora_on_a_verifiable_file_task(tmp_path):
+    from test_stages_chat import make_base, run_cli
+
+    from chibichat.train.checkpoint import ADAPTER_FILE, load_model, read_meta
+
+    home, _ = make_base(tmp_path / "home")
+    rows = [{"prompt": f"What is {a} plus {b}?", "answer": a + b, "match": "numeric"} for a in range(6) for b in range(6)]
+    train, test = tmp_path / "qa.jsonl", tmp_path / "qa-test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:30]), encoding="utf-8")
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[30:]), encoding="utf-8")
+    run_cli("rl", "--home", home.root, "--from", "base", "--tag", "rlo", "--device", "cpu", "--dtype", "float32",
+            "--num-steps", 2, "--prompts-per-step", 2, "--num-samples", 2, "--max-new-tokens", 6, "--passk-items", 2,
+            "--passk-k", 2, "--task", f"file:{train}", "--eval-task", f"file:{test}", "--lora", 2)
+    d = home.checkpoints_dir("rl", "rlo")
+    s = json.loads((d / "summary.json").read_text())
+    assert s["steps"] == 2 and s["task"] == f"file:{train}" and s["pass_at_k_after"]["n"] == 2
+    assert (d / "step_000002" / ADAPTER_FILE).is_file() and read_meta(d / "step_000002")["lora"]["rank"] == 2
+    model, _ = load_model(home, "rl", "rlo")
+    assert not has_lora(model)
