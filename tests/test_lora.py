@@ -217,3 +217,16 @@ def test_rl_with_lora_on_a_verifiable_file_task(tmp_path):
     assert (d / "step_000002" / ADAPTER_FILE).is_file() and read_meta(d / "step_000002")["lora"]["rank"] == 2
     model, _ = load_model(home, "rl", "rlo")
     assert not has_lora(model)
+
+
+def test_lora_flags_without_lora_are_refused():
+    from test_stages_chat import _parse
+
+    from chibichat.stages.sft import lora_config
+
+    assert lora_config(_parse(["sft", "--lora", "4"])) == LoRAConfig(4, 4.0, 0.0, ("attn", "mlp", "slc2"))
+    assert lora_config(_parse(["sft"])) is None
+    with pytest.raises(ChibiError, match="--lora-targets, --lora-lr only apply with --lora RANK"):
+        lora_config(_parse(["sft", "--lora-targets", "mlp", "--lora-lr", "0.01"]))
+    with pytest.raises(ChibiError, match="--lora with --fp8 is not supported"):
+        lora_config(_parse(["dpo", "--data", "prefs-language", "--lora", "4", "--fp8"]))

@@ -29,6 +29,8 @@ SOURCE_STAGES = ("base", "mid", "sft", "rl", "dpo")
 LR_GROUPS = ("matrix", "embedding", "head", "other")
 
 SAMPLE_PROMPTS = ["Hello!", "What is 12+7?"]
+LORA_LR = 2e-3
+LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
 SFT_MIX_EN = ("chitchat=0.1,chatterbot=0.5,identity=0.5,arithmetic=1,arithmetic-multi=0.5,spelling=0.5,"
               "letter-count=0.5,mmlu-dev=0.5")
 SFT_MIX_JA = ("chatterbot-ja=0.5,identity-ja=0.5,arithmetic-ja=1,arithmetic-multi-ja=0.5,spelling-ja=0.5,"
@@ -79,12 +81,13 @@ def add_lora_args(p) -> None:
                         "then hold the adapters alone (default: 0 = full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=None,
                    help="adapter scale numerator: updates are (alpha/rank) B@A (default: alpha = rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.0,
+    p.add_argument("--lora-dropout", type=float, default=None,
                    help="probability of dropping a whole rank component per forward in training (default: 0)")
-    p.add_argument("--lora-targets", default="attn,mlp,slc2",
+    p.add_argument("--lora-targets", default=None,
                    help="weights that get adapters: attn (q/k/v/o), mlp (fc/proj), slc2 (x/b/alpha/A/o); "
-                        "default: all three")
-    p.add_argument("--lora-lr", type=float, default=2e-3, help="AdamW learning rate of the adapters (default: 2e-3)")
+                        "default: attn,mlp,slc2")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help=f"AdamW learning rate of the adapters (default: {LORA_LR})")
 
 
 def lora_config(args):
@@ -92,15 +95,16 @@ def lora_config(args):
     from chibichat.model.lora import LoRAConfig, parse_targets
 
     if not getattr(args, "lora", 0):
-        if getattr(args, "lora_alpha", None) is not None:
-            raise ChibiError("--lora-alpha needs --lora RANK")
+        given = [f"--{f.replace('_', '-')}" for f in LORA_FLAGS if getattr(args, f, None) is not None]
+        if given:
+            raise ChibiError(f"{', '.join(given)} only apply with --lora RANK; add --lora or drop them")
         return None
     if args.lora < 0:
         raise ChibiError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {args.lora}")
     if args.fp8:
         raise ChibiError("--lora with --fp8 is not supported (the adapted weight is rebuilt each forward); drop one")
     return LoRAConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else float(args.lora),
-                      dropout=args.lora_dropout, targets=parse_targets(args.lora_targets))
+                      dropout=args.lora_dropout or 0.0, targets=parse_targets(args.lora_targets or "attn,mlp,slc2"))
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
@@ -169,7 +173,7 @@ def source_lrs(meta: dict, args, model) -> dict[str, float]:
         except (ValueError, KeyError, TypeError) as e:
             raise ChibiError(f"{path} is corrupt ({e}); pass every --<group>-lr explicitly") from None
     if lora_config(args) is not None:  # only the adapters train
-        return {"lora": args.lora_lr}
+        return {"lora": LORA_LR if args.lora_lr is None else args.lora_lr}
     lrs = {}
     present = model.param_groups()
     for g in LR_GROUPS:
@@ -205,7 +209,8 @@ def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | No
     if lcfg is not None:  # the checkpoint holds adapters on top of the source (train/checkpoint.py)
         from chibichat.train.checkpoint import relative_to_checkpoints
 
-        extra = {**(extra or {}), "lora": {**lcfg.to_dict(), "base": relative_to_checkpoints(source_meta["checkpoint_dir"])}}
+        base = relative_to_checkpoints(source_meta["checkpoint_dir"])
+        extra = {**(extra or {}), "lora": {**lcfg.to_dict(), "base": base}}
     return {"stage": stage, "model_config": model.config.to_dict(),
             "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size}, "flags": flags,
             "source": {"checkpoint": source_meta["checkpoint_dir"], "step": source_meta.get("step")},
