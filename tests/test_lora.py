@@ -148,6 +148,8 @@ def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
     tuned, _ = load_model(home, "sft", "lo")
     assert torch.equal(base.wte, tuned.wte) and torch.equal(base.lm_head, tuned.lm_head)  # frozen
     assert not torch.equal(base.blocks[0].mixer.w_q, tuned.blocks[0].mixer.w_q)  # adapted
+    run_cli("chat", "--home", home.root, "--from", "sft", "--tag", "lo", "--device", "cpu", "-p", "Hi",
+            "--max-tokens", 4, "--system", "You are Kiku.")  # chat loads the adapter on its base
     run_cli("lora", "merge", "--home", home.root, "--from", "sft", "--tag", "lo")
     merged, mmeta = load_model(home, "sft", "lo-merged")
     assert (home.checkpoints_dir("sft", "lo-merged") / "step_000003" / "model.safetensors").is_file()
