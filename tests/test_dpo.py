@@ -85,3 +85,59 @@ def test_thirty_cpu_steps_raise_held_out_reward_accuracy(tmp_path):
     lines = [json.loads(line) for line in (home.checkpoints_dir("dpo", "d2") / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "reward_accuracy" in r] == [0, 10, 20, 30]
     assert all("train_reward_margin" in r for r in lines if "reward_accuracy" in r and r["step"] > 0)
+
+
+def test_ultrafeedback_pairs_through_the_hub_loader(tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chibichat.common import Home
+    from chibichat.tasks.preferences import hub_pairs
+
+    def chat(q, a):
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    files = {}
+    for split, n in (("train_prefs", 5), ("test_prefs", 3)):
+        rows = [{"prompt": f"q{k}", "chosen": chat(f"q{k}", f"good {k}"),
+                 "rejected": chat(f"q{k}", "same" if k == 1 else f"bad {k}")} for k in range(n)]
+        rows[1]["chosen"] = chat("q1", "same")  # a tie: left out and counted
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}.parquet")
+        files[split] = (tmp_path / f"{split}.parquet").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            parts = self.path.strip("/").split("/")
+            port = self.server.server_port
+            if parts[:4] == ["api", "datasets", "HuggingFaceH4", "ultrafeedback_binarized"] and parts[6] in files:
+                body = json.dumps([f"http://127.0.0.1:{port}/files/{parts[6]}/0.parquet"]).encode()
+            elif parts[0] == "files" and parts[1] in files:
+                body = files[parts[1]]
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", f"http://127.0.0.1:{srv.server_port}")
+    try:
+        home = Home.resolve(tmp_path / "home")
+        pairs, ties = hub_pairs(home, "ultrafeedback", "train", 4)
+        assert ties == 1 and [p["chosen"] for p in pairs] == ["good 0", "good 2", "good 3"]
+        assert pairs[0] == {"messages": [{"role": "user", "content": "q0"}], "chosen": "good 0", "rejected": "bad 0"}
+        test, _ = hub_pairs(home, "ultrafeedback", "test", 10)
+        assert [p["rejected"] for p in test] == ["bad 0", "bad 2"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

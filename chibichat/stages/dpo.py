@@ -14,7 +14,8 @@ adapters sit on, and the adapters start at zero. Logged: `reward_accuracy` (frac
 reward(c) > reward(r)) and `reward_margin` (mean reward(c) - reward(r)) on the held-out pairs at
 every evaluation, and the same over the training pairs since the previous evaluation
 (`train_reward_accuracy`, `train_reward_margin`). Data: `--data FILE` (.jsonl/.parquet, see
-chibichat/tasks/preferences.py) or a generated task (prefs-arithmetic, prefs-spelling, prefs-language).
+chibichat/tasks/preferences.py), a generated task (prefs-arithmetic, prefs-spelling, prefs-language) or
+the online UltraFeedback binarized set (`ultrafeedback`, first --train-items / --val-items rows).
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def register(sub):
     add_runtime_args(p)
     add_source_args(p, "sft")
     p.add_argument("--data", required=True,
-                   help="preference pairs: a .jsonl/.parquet file ({prompt|messages, chosen, rejected}) or a "
-                        "generated task: prefs-arithmetic, prefs-spelling, prefs-language")
+                   help="preference pairs: a .jsonl/.parquet file ({prompt|messages, chosen, rejected}), a "
+                        "generated task (prefs-arithmetic, prefs-spelling, prefs-language) or the online "
+                        "ultrafeedback (UltraFeedback binarized, downloaded into the home)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default: 0.1)")
     p.add_argument("--train-items", type=int, default=500, help="pairs of a generated task to train on (default: 500)")
     p.add_argument("--val-items", type=int, default=100,
@@ -157,16 +159,24 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _data(args):
+def _data(args, home):
     from pathlib import Path
 
-    from chibichat.tasks.preferences import GENERATED, generated_pairs, load_pairs
+    from chibichat.tasks.preferences import GENERATED, ONLINE, generated_pairs, hub_pairs, load_pairs
 
     if args.data in GENERATED:
         return (generated_pairs(args.data, "train", args.train_items, args.seed),
                 generated_pairs(args.data, "test", args.val_items, args.seed))
+    if args.data in ONLINE:
+        (train, same_t), (val, same_v) = (hub_pairs(home, args.data, "train", args.train_items),
+                                          hub_pairs(home, args.data, "test", args.val_items))
+        if same_t or same_v:
+            print(f"dpo: {same_t} training and {same_v} held-out {args.data} rows have identical chosen and rejected "
+                  "replies and are left out")
+        return train, val
     if Path(args.data).suffix not in (".jsonl", ".parquet"):
-        raise ChibiError(f"--data {args.data!r} is neither a .jsonl/.parquet file nor one of {', '.join(GENERATED)}")
+        raise ChibiError(f"--data {args.data!r} is neither a .jsonl/.parquet file nor one of "
+                         f"{', '.join(GENERATED + tuple(ONLINE))}")
     pairs = load_pairs(args.data)
     n_val = min(args.val_items, len(pairs) // 10)
     if n_val < 1:
@@ -197,7 +207,7 @@ def run(args) -> int:
         model, src_meta, tag = load_source(args, home, tok, rt)
         max_len = model.config.seq_len + 1
         pad = tok.bos_id
-        train_pairs, val_pairs = _data(args)
+        train_pairs, val_pairs = _data(args, home)
         train_r, train_dropped = render_pairs(tok, train_pairs, max_len)
         val_r, val_dropped = render_pairs(tok, val_pairs, max_len)
         if not train_r or not val_r:

@@ -16,6 +16,11 @@ Generated from the verifiable tasks (`generated_pairs`), so that DPO has somethi
     prefs-spelling     a right spelling vs one with two letters swapped or one replaced
     prefs-language     an identity question answered in the asked language vs the other language (EN/JA)
 Train/test splits are disjoint by construction (the underlying generated tasks' key split).
+
+Online (`hub_pairs`, through the same hub loader as the online tasks, chibichat/tasks/hub.py):
+    ultrafeedback      HuggingFaceH4/ultrafeedback_binarized, train_prefs / test_prefs (the first N rows);
+                       a row whose chosen and rejected replies are identical teaches nothing: it is left out
+                       and counted
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import random
 from chibichat.common import ChibiError
 
 GENERATED = ("prefs-arithmetic", "prefs-spelling", "prefs-language")
+# name -> (repo, subset, train split, test split)
+ONLINE = {"ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", "default", "train_prefs", "test_prefs")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,3 +175,26 @@ def generated_pairs(name: str, split: str = "train", size: int = 500, seed: int 
         item = base[i]
         out.append(make(item, random.Random(f"{name}:{seed}:{i}")))
     return out
+
+
+def hub_pairs(home, name: str, split: str, size: int) -> tuple[list[dict], int]:
+    """(pairs, identical pairs left out) from the first `size` rows of an online preference set's split
+    ("train" | "test"); downloads and caches it under home/data/tasks/ like the online tasks."""
+    from chibichat.tasks.hub import hub_rows
+
+    if name not in ONLINE:
+        raise ChibiError(f"unknown online preference set {name!r}; known: {', '.join(ONLINE)}")
+    if split not in ("train", "test"):
+        raise ChibiError(f"split must be train or test, got {split!r}")
+    repo, subset, train_split, test_split = ONLINE[name]
+    hub_split = train_split if split == "train" else test_split
+    rows = hub_rows(home, repo, subset, hub_split, ("prompt", "chosen", "rejected"))
+    pairs, identical = [], 0
+    for k, row in enumerate(rows[:size]):
+        try:
+            pairs.append(row_to_pair(row, f"{repo} {hub_split} row {k}"))
+        except ChibiError as e:
+            if "identical" not in str(e):
+                raise
+            identical += 1
+    return pairs, identical
