@@ -7,13 +7,14 @@ replaced, everywhere the model reads it, by
 
 through torch's parametrizations: `module.w_q` returns W' while the frozen W lives on as
 `parametrizations.w_q.original`. Nothing in the model's code changes, so training forward, the
-token-by-token `forward_step`, the Decoder's weight copy, fp8 and recompute all see the adapted
-weight and the model's math stays in gpt.py / slc2.py. A starts like PEFT's (Kaiming-uniform, a=sqrt(5))
+token-by-token `forward_step`, the Decoder's weight copy and recompute all see the adapted weight
+(the stages refuse --lora with --fp8) and the model's math stays in gpt.py / slc2.py. A starts like PEFT's (Kaiming-uniform, a=sqrt(5))
 and B at zero, so a fresh adapter leaves the model's outputs unchanged.
 
 Dropout (`dropout` > 0): because the update is folded into the weight, a dropped unit is a whole rank
 component (row k of A and column k of B, kept ones scaled by 1/(1-p)), drawn once per forward in
-training mode with autograd on (a no-grad read, e.g. the Decoder's weight copy during RL, sees no dropout). This is not PEFT's input dropout; at inference both are the identity.
+training mode with autograd on (a no-grad read, e.g. the Decoder's weight copy during RL, sees no
+dropout). This is not PEFT's input dropout; at inference both are the identity.
 
 Adapter tensors are named `<weight path>.lora_A` / `.lora_B` (e.g. `blocks.0.mixer.w_q.lora_A`), the
 layout `adapter.safetensors` holds (chibichat/train/checkpoint.py). `merge_lora` folds the adapters into
