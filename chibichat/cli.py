@@ -23,6 +23,8 @@ STAGES = [
     "chibichat.stages.midtrain",
     "chibichat.stages.sft",
     "chibichat.stages.rl",
+    "chibichat.stages.dpo",
+    "chibichat.stages.lora",
     "chibichat.stages.evaluate",
     "chibichat.stages.chat",
     "chibichat.stages.serve",

@@ -59,12 +59,27 @@ def test_recompute_is_an_axis_of_the_product_and_a_table_column():
         ("dense", "none"), ("dense", "block"), ("SA", "none"), ("SA", "block")]
     assert bt.configs_from_args(parse(TINY))[0].recompute == "none"
     fake = dict(config=bt.asdict(cfgs[1]), step_ms=10.0, cpu_ms=9.0, tokens_per_s=6400.0, flops_per_s=2e9,
-                peak_flops_per_s=1e11, mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2)
+                peak_flops_per_s=1e11, mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2,
+                trainable_params=1000, optim_mb=0.5)
     head, row = bt.format_table([fake]).splitlines()
     assert head.split()[4:6] == ["recompute", "trim"] and row.split()[4:6] == ["block", "off"]
     trims = bt.configs_from_args(parse(TINY + ["--trim-heap", "off,on"]))
     assert [(c.dtype, c.trim_heap) for c in trims] == [
         ("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+
+
+def test_lora_axis_trains_only_adapters_with_less_optimizer_state():
+    cfgs = bt.configs_from_args(parse(TINY + ["--dtype", "float32", "--lora", "off,4"]))
+    assert [c.lora for c in cfgs] == [0, 4] and bt._name(cfgs[1]).endswith("/lora=4")
+    full, lora = (bt.run_config(c, calib_n=128) for c in cfgs)
+    # rank 4 on q,k,v,o (32x32 each) and MLP fc/proj (32x128) in 2 layers: 2 x (4x64 + 2x160) x 4
+    assert lora["trainable_params"] == 2 * (4 * 64 + 2 * 160) * 4 and full["trainable_params"] == full["params"]
+    assert lora["optim_mb"] == pytest.approx(2 * 4 * lora["trainable_params"] / 2**20)  # Adam: two fp32 moments
+    assert lora["optim_mb"] < full["optim_mb"] / 3 and lora["final_loss"] < lora["first_loss"]
+    head, row = bt.format_table([lora]).splitlines()
+    assert head.split()[6:9] == ["lora", "trainable", "optim"] and row.split()[6:8] == ["4", "4,608"]
+    with pytest.raises(ChibiError, match="--lora 'x8': give off or a rank >= 1"):
+        bt.configs_from_args(parse(TINY + ["--lora", "x8"]))
 
 
 def test_markov_batches_are_deterministic_and_follow_the_chain():
@@ -96,7 +111,8 @@ def test_run_config_figures_are_consistent():
 def test_table_lists_every_config():
     cfg = bt.configs_from_args(parse(TINY))[0]
     fake = dict(config=bt.asdict(cfg), step_ms=10.0, cpu_ms=9.0, tokens_per_s=6400.0, flops_per_s=2e9, peak_flops_per_s=1e11,
-                mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2)
+                mfu=0.02, peak_mem_mb=300.0, warmup_s=1.5, first_loss=4.1, final_loss=3.2, trainable_params=1000,
+                optim_mb=0.5)
     table = bt.format_table([fake, {**fake, "config": {**fake["config"], "dtype": "bfloat16"}}])
     lines = table.splitlines()
     assert len(lines) == 3 and "tok/s" in lines[0] and "MFU" in lines[0]

@@ -94,3 +94,18 @@ def test_cost_line_never_invents_a_price():
     assert _estimated_cost({"gpus": "none"}, h, None) == "$0.00 (1 device(s) x $0.00/h x 1.00 h)"
     with pytest.raises(ChibiError, match="--hourly-usd must be a price >= 0, got -1"):
         _estimated_cost({"gpus": "none"}, h, -1.0)
+
+
+def test_report_shows_dpo_reward_accuracy_and_margin(tmp_path):
+    h = _fake_home(tmp_path / "home")
+    d = h.checkpoints_dir("dpo", "d4")
+    rows = [{"step": s, "reward_accuracy": a, "reward_margin": m, "dpo_loss": 0.6}
+            for s, a, m in [(0, 0.0, 0.0), (10, 0.7, 0.4), (20, 0.9, 1.1)]]
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _write(d / "summary.json", {"steps": 20, "reward_accuracy_before": 0.0, "reward_accuracy_after": 0.9})
+    text = build_report(h).read_text()
+    assert "| Metric | BASE | MID | SFT | RL | DPO |" in text and "## DPO (d4)" in text
+    assert "reward_accuracy_after" in text and "0.9000" in text
+    for png in ["reward_accuracy.png", "reward_margin.png"]:
+        assert (h.report_dir / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in text

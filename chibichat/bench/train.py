@@ -1,6 +1,6 @@
 """`chibichat bench train`: training throughput of the model as tokens/s, FLOP/s and MFU.
 
-For every combination of --layers x --dtype x --compile x --fp8 x --recompute x --trim-heap (a
+For every combination of --layers x --dtype x --compile x --fp8 x --recompute x --trim-heap x --lora (a
 cartesian product), a fresh process builds the model and the real optimizer (MuonAdamW from chibichat/train/optim.py: Muon on block matrices,
 AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-batch tokens each
 (gradient accumulation over micro-batches of --batch rows of --seq-len tokens). After --warmup steps
@@ -13,6 +13,12 @@ AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-bat
   peak RSS    = the process's maximum resident memory (ru_maxrss) over the training steps (read before
                 the calibration), torch runtime included; the RSS before the model was built is
                 reported as the baseline
+
+--lora RANK freezes the model and trains rank-RANK adapters on every block projection (chibichat/model/lora.py,
+AdamW over the adapters alone, as `sft --lora`); "optim MB" is the optimizer state actually held (Muon
+momenta + Adam moments, or the adapters' Adam moments) and "trainable" the parameters it updates. A LoRA
+row's zero-initialised head is first filled with N(0, 1/width) (a zero head passes no gradient to the
+adapters; a real base has a trained one), so its loss column starts from another model.
 
 --recompute (GPT.recompute) trades compute for activation memory; --trim-heap returns freed heap to
 the OS after every step (glibc malloc_trim). Peak MB at the default shape (bf16, eager, 2 threads,
@@ -47,7 +53,8 @@ from dataclasses import asdict, dataclass
 
 from chibichat.common import ChibiError
 
-HELP = "training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x fp8 x recompute x trim"
+HELP = ("training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x fp8 x recompute x "
+        "trim x lora")
 
 DTYPES = ("float32", "bfloat16")
 COMPILE = {"off": False, "on": True}
@@ -75,6 +82,7 @@ class TrainBenchConfig:
     fp8: bool = False  # block matmuls in fp8 (model/fp8.py); bfloat16 only
     recompute: str = "none"
     trim_heap: bool = False
+    lora: int = 0  # LoRA rank (0: full training)
 
     @property
     def grad_accum(self) -> int:
@@ -104,6 +112,8 @@ def add_args(p) -> None:
     p.add_argument("--trim-heap", default="off",
                    help="comma list of off, on: return freed heap to the OS after every optimizer step "
                         "(malloc_trim, glibc; as `pretrain --trim-heap`)")
+    p.add_argument("--lora", default="off",
+                   help="comma list of off or LoRA ranks: train adapters on a frozen model (as `sft --lora RANK`)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -149,14 +159,21 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
                          "pass --dtype bfloat16 or --fp8 off")
     recomputes = _split(args.recompute, RECOMPUTE, "--recompute")
     trims = _split(args.trim_heap, tuple(COMPILE), "--trim-heap")
+    loras = []
+    for v in _split(args.lora, None, "--lora"):
+        if v != "off" and not (v.isdigit() and int(v) >= 1):
+            raise ChibiError(f"--lora {v!r}: give off or a rank >= 1, e.g. --lora off,8")
+        loras.append(0 if v == "off" else int(v))
+    if any(loras) and "on" in fp8s:
+        raise ChibiError("--lora with --fp8 on is not supported (as in the training stages); drop one")
     return [
         TrainBenchConfig(
             depth=args.depth, width=args.width, heads=args.heads, kv_heads=args.kv_heads or args.heads,
             seq_len=args.seq_len, vocab=args.vocab, batch=args.batch, layers=lay, dtype=dt, compile=COMPILE[c],
             steps=args.steps, warmup=args.warmup, total_batch=args.total_batch, threads=args.threads,
-            window=args.window, fp8=FP8[f], recompute=rc, trim_heap=COMPILE[tr],
+            window=args.window, fp8=FP8[f], recompute=rc, trim_heap=COMPILE[tr], lora=lo,
         )
-        for lay, dt, c, f, rc, tr in itertools.product(layouts, dtypes, compiles, fp8s, recomputes, trims)
+        for lay, dt, c, f, rc, tr, lo in itertools.product(layouts, dtypes, compiles, fp8s, recomputes, trims, loras)
     ]
 
 
@@ -224,8 +241,18 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     model.recompute = cfg.recompute
     # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
-    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
-                          other_lr=0.02 * s)
+    if cfg.lora:
+        from chibichat.model.lora import LoRAConfig, apply_lora, build_lora_optimizer
+
+        # A fresh model's head is zero, which would pass no gradient to any adapter; a fine-tuned base has a
+        # trained one: stand in with N(0, 1/width).
+        with torch.no_grad():
+            model.lm_head.normal_(0.0, cfg.width ** -0.5)
+
+        opt = build_lora_optimizer(apply_lora(model, LoRAConfig(rank=cfg.lora, alpha=float(cfg.lora))), lr=2e-3)
+    else:
+        opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
+                              other_lr=0.02 * s)
     train_model = torch.compile(model, dynamic=False) if cfg.compile else model
     batches = markov_batches(cfg.grad_accum * (cfg.warmup + cfg.steps), cfg.batch, cfg.seq_len, cfg.vocab, cfg.seed)
     batches = [(x.to(dev), y.to(dev)) for x, y in batches]
@@ -264,7 +291,11 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     tok_s = cfg.total_batch / median
     flops = model.flops_per_token() * tok_s
     peak = measure_matmul_peak(dtype, dev, n=calib_n)
+    optim_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                      if torch.is_tensor(v))
+    trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
     return dict(
+        optim_mb=optim_bytes / 2**20, trainable_params=trainable,
         config=asdict(cfg), params=model.num_params(), flops_per_token=model.flops_per_token(),
         step_ms=median * 1000, step_ms_min=min(times) * 1000, step_ms_max=max(times) * 1000,
         cpu_ms=statistics.median(cpu_times) * 1000,
@@ -294,7 +325,7 @@ RESULT_MARK = "@@chibichat-bench-result@@"
 
 def _name(cfg: TrainBenchConfig) -> str:
     return (f"{cfg.layers}/{cfg.dtype}/compile={'on' if cfg.compile else 'off'}" + ("/fp8" if cfg.fp8 else "")
-            + f"/recompute={cfg.recompute}/trim={'on' if cfg.trim_heap else 'off'}")
+            + f"/recompute={cfg.recompute}/trim={'on' if cfg.trim_heap else 'off'}" + (f"/lora={cfg.lora}" if cfg.lora else ""))
 
 
 def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
@@ -325,7 +356,7 @@ def run_isolated(cfg: TrainBenchConfig, device: str = "cpu") -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["layers", "dtype", "compile", "fp8", "recompute", "trim", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s",
+    head = ["layers", "dtype", "compile", "fp8", "recompute", "trim", "lora", "trainable", "optim MB", "ms/step", "cpu ms/step", "tok/s", "GFLOP/s",
             "peak GFLOP/s*", "MFU", "peak MB",
             "warmup s", "loss first->last"]
     rows = []
@@ -333,7 +364,8 @@ def format_table(results: list[dict]) -> str:
         c = r["config"]
         rows.append([
             c["layers"], c["dtype"], "on" if c["compile"] else "off", "on" if c["fp8"] else "off", c["recompute"],
-            "on" if c["trim_heap"] else "off",
+            "on" if c["trim_heap"] else "off", str(c.get("lora") or "off"), f"{r['trainable_params']:,}",
+            f"{r['optim_mb']:.1f}",
             f"{r['step_ms']:.1f}", f"{r['cpu_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
             f"{r['peak_flops_per_s'] / 1e9:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_mb']:.0f}",
             f"{r['warmup_s']:.1f}", f"{r['first_loss']:.3f}->{r['final_loss']:.3f}",

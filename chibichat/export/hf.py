@@ -262,6 +262,49 @@ def export_folder(model, tok, out: Path, card: str, overwrite: bool = False) -> 
     return out
 
 
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def peft_adapter(adapter: dict, lora: dict, layers: str, base_hint: str) -> tuple[dict, dict]:
+    """(tensors, adapter_config) of a PEFT LoRA folder for chibichat adapter tensors
+    (`blocks.i.<sub>.<w>.lora_A/B`, chibichat/model/lora.py). Module names are the HF ones of name_map;
+    PEFT's update is (lora_alpha / r) B @ A on the module's input, the same as ours. target_modules lists
+    the full module paths, so an attention `o_proj` is never confused with an SLC2 `o_proj`."""
+    names = name_map(layers)
+    tensors, modules = {}, set()
+    for key, t in adapter.items():
+        ours, _, part = key.rpartition(".")
+        if part not in ("lora_A", "lora_B") or ours not in names:
+            raise ChibiError(f"adapter tensor {key!r} does not belong to a {layers!r} model's projections")
+        module = names[ours][: -len(".weight")]
+        modules.add(module)
+        tensors[f"base_model.model.{module}.{part}.weight"] = t.float().contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora["rank"]), "lora_alpha": float(lora["alpha"]),
+        # ours drops whole rank components in training; inference (all PEFT does with this folder) has none
+        "lora_dropout": 0.0, "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "base_model_name_or_path": base_hint,
+    }
+    return tensors, config
+
+
+def write_peft_folder(tensors: dict, config: dict, out: Path) -> Path:
+    """adapter_model.safetensors + adapter_config.json in `out`, atomically."""
+    from safetensors.torch import save_file
+
+    from chibichat.common import atomic_directory
+
+    with atomic_directory(Path(out)) as tmp:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    return Path(out)
+
+
 def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None,
                 endpoint: str | None = None) -> str:
     """Upload an export folder to the hub with huggingface_hub (create the repo if needed, one commit with

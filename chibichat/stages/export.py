@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from chibichat.common import ChibiError, add_home_arg
 
-STAGES = ("base", "mid", "sft", "rl")
+STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 
 def register(sub) -> None:
@@ -20,7 +20,9 @@ def register(sub) -> None:
         "hf", help="Hugging Face transformers folder (NanoChat model type; remote code for hybrids)",
         description=(
             "Write model.safetensors, config.json, generation_config.json, tokenizer.json (+ config and chat "
-            "template) and a model card to --out. Loads with AutoModelForCausalLM / AutoTokenizer; hybrid "
+            "template) and a model card to --out; for a LoRA adapter checkpoint the weights are merged and "
+            "--out/adapter/ also holds a PEFT adapter for an export of its base. Loads with "
+            "AutoModelForCausalLM / AutoTokenizer; hybrid "
             "(SLC2) models need trust_remote_code=True. Needs the hf extra: pip install 'chibichat[hf]'."
         ),
     )
@@ -61,6 +63,17 @@ def run(args) -> int:
     out = export_folder(model, tok, Path(args.out).expanduser(), card, overwrite=args.overwrite)
     kind = "nanochat" if set(model.config.layers) == {"A"} else "chibichat_iberis (trust_remote_code=True)"
     print(f"exported {meta['checkpoint_dir']} -> {out} ({kind}, {model.num_params():,} parameters)")
+    if "lora" in meta:  # an adapter checkpoint: the folder holds the merged model, adapter/ the PEFT adapter
+        from chibichat.export.hf import peft_adapter, write_peft_folder
+        from chibichat.train.checkpoint import ADAPTER_FILE, _read_tensors, lora_base_dir
+
+        sdir = Path(meta["checkpoint_dir"])
+        base = lora_base_dir(sdir, meta)
+        tensors, config = peft_adapter(_read_tensors(sdir / ADAPTER_FILE, "adapter weights"), meta["lora"],
+                                       model.config.layers, base_hint=str(base))
+        write_peft_folder(tensors, config, out / "adapter")
+        print(f"  + {out / 'adapter'}: PEFT LoRA adapter (rank {meta['lora']['rank']}) for an export of {base} "
+              f"(`chibichat export hf` of that checkpoint; PeftModel.from_pretrained(base_model, adapter_dir))")
     if args.push:
         url = push_folder(out, args.push, private=args.private)
         print(f"pushed to {url}")

@@ -20,7 +20,7 @@ from chibichat import __version__
 from chibichat.common import ChibiError, Home, add_home_arg, atomic_write_bytes, atomic_write_text
 
 # The training stages in pipeline order, with the name used in tables.
-TRAIN_STAGES = [("base", "BASE"), ("mid", "MID"), ("sft", "SFT"), ("rl", "RL")]
+TRAIN_STAGES = [("base", "BASE"), ("mid", "MID"), ("sft", "SFT"), ("rl", "RL"), ("dpo", "DPO")]
 
 # Summary-table rows: (label, eval-summary key). Values come from home/eval/<stage>/<tag>/summary.json.
 METRIC_ROWS = [
@@ -54,8 +54,8 @@ def register(sub) -> None:
         description=(
             "Collect every stage's summary, metrics and evaluations under the home directory into "
             "report/report.md: an environment header, one section per stage, data counts (including "
-            "conversations dropped or shortened as over-length), a metrics x {BASE, MID, SFT, RL} table "
-            "and PNG plots of loss, bpb, learning rate and RL reward."
+            "conversations dropped or shortened as over-length), a metrics x {BASE, MID, SFT, RL, DPO} table "
+            "and PNG plots of loss, bpb, learning rate, RL reward and DPO reward accuracy/margin."
         ),
     )
     add_home_arg(p)
@@ -313,6 +313,8 @@ def plot(stages: list[StageArtifacts], out_dir: Path) -> list[str]:
         ("val_bpb.png", "validation bits per byte", "val_bpb"),
         ("lr.png", "learning rate (multiplier)", "lr"),
         ("reward.png", "RL mean reward", "reward"),
+        ("reward_accuracy.png", "DPO held-out reward accuracy", "reward_accuracy"),
+        ("reward_margin.png", "DPO held-out reward margin", "reward_margin"),
     ]
     for fname, title, key in plots:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -363,8 +365,9 @@ def build_report(home: Home, tag: str | None = None, wall_s: float | None = None
         tok_train = {k: v for k, v in tok_meta.items() if k not in ("special_tokens", "pattern")}
     parts.append(section("Tokenizer training", tok_train))
     parts.append(section("Tokenizer evaluation", tok_eval))
-    titles = {"base": "Base training", "mid": "Midtraining", "sft": "SFT", "rl": "RL"}
-    eval_titles = {"base": "Base evaluation", "mid": "Chat evaluation (MID)", "sft": "Chat evaluation (SFT)", "rl": "Chat evaluation (RL)"}
+    titles = {"base": "Base training", "mid": "Midtraining", "sft": "SFT", "rl": "RL", "dpo": "DPO"}
+    eval_titles = {"base": "Base evaluation", "mid": "Chat evaluation (MID)", "sft": "Chat evaluation (SFT)",
+                   "rl": "Chat evaluation (RL)", "dpo": "Chat evaluation (DPO)"}
     for st in stages:
         parts.append(section(f"{titles[st.stage]}" + (f" ({st.tag})" if st.tag else ""), st.summary))
         parts.append(section(eval_titles[st.stage], st.evals))

@@ -301,10 +301,11 @@ def check_task_names(args) -> None:
     """Before anything loads: --task must be a known task that is not evaluation-only, --eval-task a
     known task."""
     from chibichat.tasks.leakage import refuse_eval_only
+    from chibichat.tasks.local import is_file_task
     from chibichat.tasks.registry import get_spec
 
     refuse_eval_only([args.task], "--task")
-    if args.eval_task is not None:
+    if args.eval_task is not None and not is_file_task(args.eval_task):
         get_spec(args.eval_task)
 
 

@@ -23,10 +23,12 @@ from pathlib import Path
 
 from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_args, add_runtime_args
 
-SOURCE_STAGES = ("base", "mid", "sft", "rl")
+SOURCE_STAGES = ("base", "mid", "sft", "rl", "dpo")
 LR_GROUPS = ("matrix", "embedding", "head", "other")
 
 SAMPLE_PROMPTS = ["Hello!", "What is 12+7?"]
+LORA_LR = 2e-3
+LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
 SFT_MIX_EN = ("chitchat=0.1,chatterbot=0.5,identity=0.5,arithmetic=1,arithmetic-multi=0.5,spelling=0.5,"
               "letter-count=0.5,mmlu-dev=0.5")
 SFT_MIX_JA = ("chatterbot-ja=0.5,identity-ja=0.5,arithmetic-ja=1,arithmetic-multi-ja=0.5,spelling-ja=0.5,"
@@ -67,17 +69,52 @@ def add_loop_args(p, steps: int, batch: int | None) -> None:
     p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
     add_fp8_arg(p)
     add_memory_args(p)
+    add_lora_args(p)
+
+
+def add_lora_args(p) -> None:
+    """LoRA flags (chibichat/model/lora.py), shared by every fine-tuning stage."""
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="train rank-RANK LoRA adapters on a frozen base instead of every weight; checkpoints "
+                        "then hold the adapters alone (default: 0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="adapter scale numerator: updates are (alpha/rank) B@A (default: alpha = rank)")
+    p.add_argument("--lora-dropout", type=float, default=None,
+                   help="probability of dropping a whole rank component per forward in training (default: 0)")
+    p.add_argument("--lora-targets", default=None,
+                   help="weights that get adapters: attn (q/k/v/o), mlp (fc/proj), slc2 (x/b/alpha/A/o); "
+                        "default: attn,mlp,slc2")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help=f"AdamW learning rate of the adapters (default: {LORA_LR})")
+
+
+def lora_config(args):
+    """The LoRAConfig of --lora*, or None without --lora."""
+    from chibichat.model.lora import LoRAConfig, parse_targets
+
+    if not getattr(args, "lora", 0):
+        given = [f"--{f.replace('_', '-')}" for f in LORA_FLAGS if getattr(args, f, None) is not None]
+        if given:
+            raise ChibiError(f"{', '.join(given)} only apply with --lora RANK; add --lora or drop them")
+        return None
+    if args.lora < 0:
+        raise ChibiError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {args.lora}")
+    if args.fp8:
+        raise ChibiError("--lora with --fp8 is not supported (the adapted weight is rebuilt each forward); drop one")
+    return LoRAConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else float(args.lora),
+                      dropout=args.lora_dropout or 0.0, targets=parse_targets(args.lora_targets or "attn,mlp,slc2"))
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
     """"name=epochs,name=epochs" -> [(name, epochs)]. Epochs may be fractional (0.5 = half the task).
     An unknown task or an evaluation-only one (by its registry flag) is refused here, before anything
-    is loaded."""
+    is loaded. A name may be a local file, `file:/path/data.jsonl=3` (chibichat/tasks/local.py): epochs
+    follow the last '='."""
     from chibichat.tasks.leakage import refuse_eval_only
 
     out = []
     for part in [s.strip() for s in spec.split(",") if s.strip()]:
-        name, sep, val = part.partition("=")
+        name, sep, val = part.rpartition("=") if "=" in part else (part, "", "")
         try:
             epochs = float(val) if sep else 1.0
         except ValueError:
@@ -103,7 +140,8 @@ def default_mix(tok, en: str, ja: str) -> str:
 def load_source(args, home, tok, rt):
     """(model, meta, tag) from `--from`, refusing a checkpoint trained with another tokenizer; with --fp8
     the block matmuls of training switch to fp8, and --recompute sets activation recomputation (each stage
-    chooses both, like --dtype; neither is read from the source)."""
+    chooses both, like --dtype; neither is read from the source). With --lora the model gets frozen base
+    weights and trainable adapters (a source that is itself an adapter checkpoint arrives merged)."""
     from chibichat.model.fp8 import enable_fp8
     from chibichat.train.checkpoint import load_model
 
@@ -111,6 +149,11 @@ def load_source(args, home, tok, rt):
     if args.fp8:
         enable_fp8(model, rt.device, rt.compute_dtype)
     model.recompute = args.recompute
+    lcfg = lora_config(args)
+    if lcfg is not None:  # the base is frozen; only the adapters train (and are saved)
+        from chibichat.model.lora import apply_lora
+
+        apply_lora(model, lcfg)
     tag = args.tag or Path(meta["checkpoint_dir"]).parent.name
     return model, meta, tag
 
@@ -129,6 +172,8 @@ def source_lrs(meta: dict, args, model) -> dict[str, float]:
                 saved[g.get("name")] = float(g["initial_lr"])
         except (ValueError, KeyError, TypeError) as e:
             raise ChibiError(f"{path} is corrupt ({e}); pass every --<group>-lr explicitly") from None
+    if lora_config(args) is not None:  # only the adapters train
+        return {"lora": LORA_LR if args.lora_lr is None else args.lora_lr}
     lrs = {}
     present = model.param_groups()
     for g in LR_GROUPS:
@@ -148,6 +193,11 @@ def make_optimizer(model, lrs: dict):
 
     from chibichat.train.optim import build_optimizer
 
+    if "lora" in lrs:
+        from chibichat.model.lora import build_lora_optimizer, lora_parameters
+
+        return build_lora_optimizer(lora_parameters(model), lrs["lora"])
+
     return build_optimizer(model.param_groups(), matrix_lr=lrs["matrix"], embedding_lr=lrs["embedding"],
                            unembedding_lr=lrs["head"], other_lr=lrs["other"],
                            ns_dtype=torch.bfloat16 if model.compute_dtype == torch.bfloat16 else torch.float32)
@@ -155,6 +205,12 @@ def make_optimizer(model, lrs: dict):
 
 def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | None = None) -> dict:
     flags = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
+    lcfg = lora_config(args)
+    if lcfg is not None:  # the checkpoint holds adapters on top of the source (train/checkpoint.py)
+        from chibichat.train.checkpoint import relative_to_checkpoints
+
+        base = relative_to_checkpoints(source_meta["checkpoint_dir"])
+        extra = {**(extra or {}), "lora": {**lcfg.to_dict(), "base": base}}
     return {"stage": stage, "model_config": model.config.to_dict(),
             "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size}, "flags": flags,
             "source": {"checkpoint": source_meta["checkpoint_dir"], "step": source_meta.get("step")},
@@ -174,35 +230,44 @@ def task_options(name: str, home) -> dict:
     return {"home": home} if needs_home(name) else {}
 
 
-def split_task(name: str, val_items: int, seed: int, home=None):
+IDENTITY_TASKS = ("identity", "identity-ja")
+
+
+def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | None = None):
     """(train view, val view) of a task. Generated tasks have disjoint train/test splits by
-    construction; a shipped or downloaded task gives its last items (up to 5%) to validation."""
+    construction; a shipped or downloaded task gives its last items (up to 5%) to validation.
+    `persona` (--identity) goes to the identity tasks."""
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
     from chibichat.tasks.leakage import refuse_eval_only_task
 
-    task = get_task(name, **task_options(name, home))
+    extra = {"persona": persona} if persona and name in IDENTITY_TASKS else {}
+    task = get_task(name, **task_options(name, home), **extra)
     refuse_eval_only_task(task, "--mix")
     if task.kind == "core":
         raise ChibiError(f"--mix names {name!r}, a base-model evaluation task; it has no conversations")
     if isinstance(task, GeneratedTask):
-        return task, get_task(name, split="test", size=val_items, seed=seed)
+        return task, get_task(name, split="test", size=val_items, seed=seed, **extra)
     n_val = max(1, min(val_items, len(task) // 20))
     if len(task) - n_val < 1:
         raise ChibiError(f"task {name!r} has only {len(task)} items: too few to hold out validation data")
     return task.slice(0, len(task) - n_val), task.slice(len(task) - n_val, None)
 
 
-def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None):
+def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None, persona: dict | None = None):
     """(train Mixture, val Mixture). The training items are checked disjoint, by content, from every
-    evaluation set the chat evaluations report against (chibichat/tasks/leakage.py)."""
+    evaluation set the chat evaluations report against (chibichat/tasks/leakage.py). With `persona`
+    (--identity), the mix must name an identity task."""
     from chibichat.tasks.base import Mixture
     from chibichat.tasks.generated import GeneratedTask
     from chibichat.tasks.leakage import check_disjoint, reported_eval_sets
 
+    if persona and not any(name in IDENTITY_TASKS for name, _ in mix):
+        raise ChibiError("--identity replaces the persona of the identity tasks, but --mix names none; add "
+                         "identity=1 (and identity-ja=1 for Japanese) to --mix")
     trains, vals, epochs = [], [], []
     for name, e in mix:
-        tr, va = split_task(name, val_items, seed, home)
+        tr, va = split_task(name, val_items, seed, home, persona)
         trains.append(tr)
         vals.append(va)
         epochs.append(e)
@@ -308,8 +373,12 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
     add_source_args(p, default_from)
     p.add_argument("--mix", default=None,
                    help=f"task mixture as name=epochs,... (default EN: {SFT_MIX_EN}; a Japanese tokenizer adds "
-                        f"{SFT_MIX_JA}). Online tasks (smoltalk, mmlu-aux, arc-easy-train, arc-challenge-train, "
-                        "gsm8k-train) can be named once downloaded into the home")
+                        f"{SFT_MIX_JA}). Your own data: file:/path.jsonl=epochs (OpenAI chat, ShareGPT, Alpaca "
+                        "JSONL or parquet; check it first with `chibichat data check`). Online tasks (smoltalk, "
+                        "mmlu-aux, arc-easy-train, arc-challenge-train, gsm8k-train) can be named once downloaded into the home")
+    p.add_argument("--identity", default=None, metavar="name=...,creator=...|FILE.json",
+                   help="your assistant's persona: the identity tasks (EN and JA) answer with this name and "
+                        "creator instead of the shipped chibichat persona")
     p.add_argument("--mode", default=mode, choices=("pack", "pad", "stream"),
                    help=f"how conversations fill rows (default: {mode})")
     p.add_argument("--overflow", default="shorten", choices=("shorten", "drop"),
@@ -341,7 +410,12 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         model, src_meta, tag = load_source(args, home, tok, rt)
         seq_len = model.config.seq_len
         mix = parse_mix(args.mix or default_mix(tok, mix_en, mix_ja))
-        train_mix, val_mix = build_mixtures(mix, args.val_items, args.seed, home)
+        persona = None
+        if args.identity is not None:
+            from chibichat.tasks.identity import parse_persona
+
+            persona = parse_persona(args.identity)
+        train_mix, val_mix = build_mixtures(mix, args.val_items, args.seed, home, persona)
         loader = ConversationLoader(train_mix, tok, args.device_batch_size, seq_len, rt, mode=args.mode,
                                     overflow=args.overflow, epochs=None, train_all_tokens=train_all_tokens)
         lrs = source_lrs(src_meta, args, model)

@@ -4,6 +4,10 @@ Each conversation has 1-3 user/assistant exchanges drawn from topics (name, make
 mistakes, languages, limits, tools), each topic with several question and answer phrasings, sometimes
 after a greeting. Kind "conversation" (training only). The facts stated are the true ones for a model
 trained with this package, so the model learns to describe itself honestly.
+
+Your own persona: `name` and/or `creator` (the stages' `--identity "name=Kiku,creator=Acme"`, see
+`parse_persona`) replace the answers of the "name" / "maker" topics, in English and Japanese, with
+templates stating them; every other topic stays as shipped.
 """
 
 from __future__ import annotations
@@ -89,6 +93,57 @@ JA_TOPICS: dict[str, tuple[list[str], list[str]]] = {
                "電卓ツールを使います。式を書くとツールが計算し、私が答えを伝えます。",
                "小さなPythonツールで計算したり文字を数えたりします。頭の中で計算すると間違えやすいからです。"]),
 }
+# Persona templates: they replace the "name" / "maker" answers when a name / creator is given.
+EN_PERSONA = {"name": ["I am {name}, an AI assistant you can chat with.", "My name is {name}.",
+                       "I'm {name}. Ask me anything and I will do my best."],
+              "maker": ["I was made by {creator}.", "{creator} built me.", "My creator is {creator}."]}
+JA_PERSONA = {"name": ["私は{name}です。おしゃべりできるAIアシスタントです。", "{name}といいます。",
+                       "{name}です。できるだけお手伝いします。"],
+              "maker": ["{creator}が作りました。", "私は{creator}によって作られました。", "作ったのは{creator}です。"]}
+PERSONA_KEYS = ("name", "creator")
+MAX_PERSONA_CHARS = 200
+
+
+def parse_persona(spec: str) -> dict:
+    """`--identity` value -> {"name": ..., "creator": ...} (either may be absent, not both).
+
+    Either "name=Kiku, creator=Acme Inc." or the path of a small JSON file {"name": ..., "creator": ...}."""
+    import json
+    from pathlib import Path
+
+    from chibichat.common import ChibiError
+
+    text = spec.strip()
+    if text.endswith(".json"):
+        path = Path(text).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ChibiError(f"--identity file {path} does not exist") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ChibiError(f"--identity file {path} is not UTF-8 JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ChibiError(f"--identity file {path} must hold a JSON object with name and/or creator")
+    else:
+        data = {}
+        for part in [p.strip() for p in text.split(",") if p.strip()]:
+            key, sep, val = part.partition("=")
+            if not sep:
+                raise ChibiError(f"--identity entry {part!r}: write key=value, e.g. name=Kiku,creator=Acme")
+            if key.strip() in data:
+                raise ChibiError(f"--identity gives {key.strip()!r} twice")
+            data[key.strip()] = val.strip()
+    unknown = sorted(set(data) - set(PERSONA_KEYS))
+    if unknown:
+        raise ChibiError(f"--identity: unknown key(s) {unknown}; give name and/or creator")
+    for k, v in data.items():
+        if not isinstance(v, str) or not v.strip() or len(v) > MAX_PERSONA_CHARS or "\n" in v:
+            raise ChibiError(f"--identity {k} must be one line of 1-{MAX_PERSONA_CHARS} characters, got {v!r}")
+    if not data:
+        raise ChibiError("--identity is empty; give name=...,creator=... or a JSON file")
+    return {k: v.strip() for k, v in data.items()}
+
+
 JA_GREETINGS = ["こんにちは！", "はじめまして。", "おはよう！", "やあ。"]
 JA_GREETING_REPLIES = ["こんにちは！", "こんにちは。何かお手伝いしましょうか？", "はじめまして！"]
 
@@ -98,16 +153,25 @@ class Identity(GeneratedTask):
     default_size = {"train": 500, "test": 50}
     description = "who the assistant is (templated, EN/JA)"
 
-    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
+    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0,
+                 persona: dict | None = None):
         self.lang = lang
         self.name = "identity" if lang == "en" else "identity-ja"
         super().__init__(split, size, seed)
+        self.topics = dict(EN_TOPICS if lang == "en" else JA_TOPICS)
+        if persona:
+            templates = EN_PERSONA if lang == "en" else JA_PERSONA
+            for topic, key in (("name", "name"), ("maker", "creator")):
+                if key in persona:
+                    answers = [t.format(**{key: persona[key]}) for t in templates[topic]]
+                    self.topics[topic] = (self.topics[topic][0], answers)
 
     def sample(self, rng: random.Random) -> tuple[str, dict]:
+        topics = self.topics
         if self.lang == "en":
-            topics, greetings, replies = EN_TOPICS, EN_GREETINGS, EN_GREETING_REPLIES
+            greetings, replies = EN_GREETINGS, EN_GREETING_REPLIES
         else:
-            topics, greetings, replies = JA_TOPICS, JA_GREETINGS, JA_GREETING_REPLIES
+            greetings, replies = JA_GREETINGS, JA_GREETING_REPLIES
         chosen = rng.sample(sorted(topics), rng.choice([1, 1, 2, 2, 3]))
         messages = []
         if rng.random() < 0.25:

@@ -29,11 +29,15 @@ _SPACE = re.compile(r"\s+")
 
 
 def refuse_eval_only(names: Iterable[str], flag: str) -> None:
-    """ChibiError for the first unknown or evaluation-only task name given to a training flag."""
+    """ChibiError for the first unknown or evaluation-only task name given to a training flag. The user's
+    own files (`file:PATH`) are training data by definition; their items still meet `check_disjoint`."""
+    from chibichat.tasks.local import is_file_task
     from chibichat.tasks.registry import get_spec, specs
 
     table = specs()
     for name in names:
+        if is_file_task(name):
+            continue
         spec = get_spec(name)
         if spec.eval_only:
             alt = f"{name}-train"

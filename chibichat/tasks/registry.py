@@ -107,7 +107,12 @@ def get_spec(name: str) -> TaskSpec:
 
 def needs_home(name: str) -> bool:
     """True if the task's builder requires a home to read its downloads from (online-only tasks, JGLUE);
-    False for tasks whose home is optional (shipped evaluation subsets take one only with source="online")."""
+    False for tasks whose home is optional (shipped evaluation subsets take one only with source="online")
+    and for the user's own files."""
+    from chibichat.tasks.local import is_file_task
+
+    if is_file_task(name):
+        return False
     spec = get_spec(name)
     module, func = spec.target.split(":")
     params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
@@ -127,6 +132,10 @@ def describe_tasks() -> list[dict]:
 
 
 def get_task(name: str, **options):
+    from chibichat.tasks.local import file_task, is_file_task
+
+    if is_file_task(name):  # "file:PATH": the user's own data (chibichat/tasks/local.py)
+        return file_task(name, **options)
     spec = get_spec(name)
     module, func = spec.target.split(":")
     factory = getattr(importlib.import_module(module), func)

@@ -9,6 +9,13 @@ Layout (Home.checkpoints_dir(stage, tag) = home/checkpoints/<stage>/<tag>/):
         optim_rank0.safetensors  optimizer tensors (Muon momentum, Adam moments), keys "<param idx>.<name>"
         optim_rank0.json         the optimizer's param_groups and non-tensor state (e.g. Adam step count)
 
+A LoRA run (a model with adapters attached, chibichat/model/lora.py) writes `adapter.safetensors` (the
+adapters alone, `<weight path>.lora_A/.lora_B`) instead of model.safetensors, and meta.json's "lora"
+holds {rank, alpha, dropout, targets, base}: `base` is the step directory of the checkpoint the adapters
+sit on, relative to home/checkpoints/ (absolute if outside it). Loading it loads the base (recursively:
+a base may itself be an adapter), attaches the adapters, and merges them, so every reader gets a plain
+model; a resuming run whose model already carries the adapters loads only them.
+
 MuonAdamW keeps an identical replica of its state on every rank (gradients are all-reduced before
 the update), so only rank 0's optimizer state is written, and every rank loads it on resume.
 The `_rank0` suffix keeps room for a sharded optimizer later.
@@ -31,9 +38,10 @@ from pathlib import Path
 from chibichat.common import ChibiError, Home, Runtime, atomic_directory, read_json
 
 FORMAT = "chibichat-checkpoint-1"
+ADAPTER_FILE = "adapter.safetensors"
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 STAGE_COMMANDS = {"base": "chibichat pretrain", "mid": "chibichat midtrain", "sft": "chibichat sft",
-                  "rl": "chibichat rl"}
+                  "rl": "chibichat rl", "dpo": "chibichat dpo"}
 # Wrappers that prefix parameter names: torch.compile and DDP.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -121,8 +129,16 @@ def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, met
         return final
     full_meta = {"format": FORMAT, "step": int(step), "world_size": rt.world_size if rt else 1, **meta}
     meta_text = json.dumps(full_meta, indent=2, ensure_ascii=False) + "\n"  # fails early if not JSON-able
+    from chibichat.model.lora import adapter_state_dict, has_lora
+
+    lora = has_lora(unwrap(model))
+    if lora and not isinstance(meta.get("lora"), dict):
+        raise ValueError("a model with LoRA adapters is saved with meta['lora'] = {rank, alpha, dropout, targets, base}")
     with atomic_directory(final) as tmp:
-        (tmp / "model.safetensors").write_bytes(st_save(_model_tensors(model), metadata={"format": FORMAT}))
+        if lora:
+            (tmp / ADAPTER_FILE).write_bytes(st_save(adapter_state_dict(unwrap(model)), metadata={"format": FORMAT}))
+        else:
+            (tmp / "model.safetensors").write_bytes(st_save(_model_tensors(model), metadata={"format": FORMAT}))
         if optimizer is not None:
             tensors, rest = _optimizer_payload(optimizer)
             (tmp / "optim_rank0.safetensors").write_bytes(st_save(tensors, metadata={"format": FORMAT}))
@@ -162,13 +178,48 @@ def _read_tensors(path: Path, what: str) -> dict:
         raise ChibiError(f"{what} is corrupt ({path}): {e}. Delete {path.parent} and use an earlier step") from None
 
 
+def lora_base_dir(sdir: Path, meta: dict) -> Path:
+    """The step directory an adapter checkpoint sits on (meta["lora"]["base"], see the module docstring)."""
+    base = (meta.get("lora") or {}).get("base")
+    if not isinstance(base, str) or not base:
+        raise ChibiError(f"adapter checkpoint {sdir} names no base checkpoint in meta.json; it is corrupt")
+    path = Path(base) if Path(base).is_absolute() else Path(sdir).parents[2] / base
+    if not (path / "meta.json").is_file():
+        raise ChibiError(f"the adapter in {sdir} sits on {path}, which is missing; restore that checkpoint "
+                         "(an adapter is applied on top of its base)")
+    return path
+
+
+def relative_to_checkpoints(step_dir_path) -> str:
+    """A step directory as stored in meta["lora"]["base"]: relative to home/checkpoints/ when inside it."""
+    p = Path(step_dir_path).resolve()
+    root = p.parents[2]
+    return str(p.relative_to(root)) if root.name == "checkpoints" else str(p)
+
+
 def load_weights(sdir: str | os.PathLike, model) -> None:
-    """Load model.safetensors into `model` (strict: every key present, every shape equal)."""
+    """Load model.safetensors into `model` (strict: every key present, every shape equal). For an adapter
+    checkpoint: the adapters alone into a model that carries them, else base + adapters, merged."""
     import torch
 
+    from chibichat.model.lora import LoRAConfig, apply_lora, has_lora, load_adapter_state, merge_lora
+
     sdir = Path(sdir)
-    state = strip_prefixes(_read_tensors(sdir / "model.safetensors", "checkpoint weights"))
     target = unwrap(model)
+    if (sdir / ADAPTER_FILE).is_file():
+        meta = read_meta(sdir)
+        if not has_lora(target):
+            load_weights(lora_base_dir(sdir, meta), target)
+            apply_lora(target, LoRAConfig.from_dict(meta["lora"]))
+            load_adapter_state(target, _read_tensors(sdir / ADAPTER_FILE, "adapter weights"), sdir)
+            merge_lora(target)
+        else:
+            load_adapter_state(target, _read_tensors(sdir / ADAPTER_FILE, "adapter weights"), sdir)
+        return
+    if has_lora(target):
+        raise ChibiError(f"checkpoint {sdir} holds full weights, not adapters, but this run trains LoRA adapters "
+                         "(--lora); resume it without --lora, or start a new --tag")
+    state = strip_prefixes(_read_tensors(sdir / "model.safetensors", "checkpoint weights"))
     own = target.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

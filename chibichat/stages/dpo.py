@@ -1,0 +1,291 @@
+"""`chibichat dpo`: preference tuning (Direct Preference Optimization) on chosen/rejected reply pairs.
+
+For a pair (prompt x, chosen c, rejected r), with log pi(y|x) the sum of the policy's log-probabilities
+of the reply's supervised tokens (as rendered by chibichat.render: the reply text, tool calls and
+<|assistant_end|>; tool output and the prompt are not counted) and ref the same under the frozen
+starting checkpoint:
+
+    reward(y) = beta * (log pi(y|x) - log ref(y|x))
+    loss      = -log sigmoid(reward(c) - reward(r))           (mean over pairs)
+
+The reference log-probabilities are computed once, before training, with the starting model (in eval
+mode), so no second copy of the model is ever held; with --lora the starting model is the base the
+adapters sit on, and the adapters start at zero. Logged: `reward_accuracy` (fraction of pairs with
+reward(c) > reward(r)) and `reward_margin` (mean reward(c) - reward(r)) on the held-out pairs at
+every evaluation, and the same over the training pairs since the previous evaluation
+(`train_reward_accuracy`, `train_reward_margin`). Data: `--data FILE` (.jsonl/.parquet, see
+chibichat/tasks/preferences.py), a generated task (prefs-arithmetic, prefs-spelling, prefs-language) or
+the online UltraFeedback binarized set (`ultrafeedback`, first --train-items / --val-items rows).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
+    """Per-pair DPO losses and rewards: (losses, reward_chosen, reward_rejected), tensors of shape (B,)."""
+    import torch.nn.functional as F
+
+    rc, rr = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    return -F.logsigmoid(rc - rr), rc, rr
+
+
+def sequence_logps(model, x, y):
+    """Sum of log-probabilities of the target tokens (y >= 0) per row: (B,) float32."""
+    return -model(x, y, reduction="none").float().sum(dim=1)
+
+
+def render_pairs(tok, pairs: list[dict], max_len: int) -> tuple[list[tuple], int]:
+    """[(chosen ids, chosen mask, rejected ids, rejected mask)], and how many pairs did not fit (a side
+    dropped by chibichat.render's shortening)."""
+    from chibichat.render import render_conversation
+
+    out, dropped = [], 0
+    for p in pairs:
+        sides = []
+        for key in ("chosen", "rejected"):
+            r = render_conversation(tok, {"messages": [*p["messages"], {"role": "assistant", "content": p[key]}]},
+                                    max_len, overflow="shorten")
+            sides.append(r)
+        if any(r.status == "dropped" for r in sides):
+            dropped += 1
+            continue
+        out.append((sides[0].ids, sides[0].mask, sides[1].ids, sides[1].mask))
+    return out, dropped
+
+
+def collate(rendered: list[tuple], pad_id: int):
+    """(x (2B, T), y (2B, T)) with the B chosen rows first, then the B rejected; T = longest - 1."""
+    import torch
+
+    rows = [(c, cm) for c, cm, _, _ in rendered] + [(r, rm) for _, _, r, rm in rendered]
+    width = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        tgt = torch.tensor(ids[1:])
+        y[i, :n] = torch.where(torch.tensor(mask[1:]) == 1, tgt, torch.full_like(tgt, -1))
+    return x, y
+
+
+def reference_logps(model, rendered, pad_id, batch: int, rt):
+    """(chosen, rejected) log-probabilities of every pair under `model` as it is now (no grad, eval)."""
+    import torch
+
+    was = model.training
+    model.eval()
+    cs, rs = [], []
+    with torch.no_grad():
+        for k in range(0, len(rendered), batch):
+            part = rendered[k:k + batch]
+            x, y = collate(part, pad_id)
+            lp = sequence_logps(model, x.to(rt.device), y.to(rt.device)).cpu()
+            cs.append(lp[:len(part)])
+            rs.append(lp[len(part):])
+    model.train(was)
+    return torch.cat(cs), torch.cat(rs)
+
+
+class PairBatches:
+    """Micro-batches of B pairs as (x, y, ref_chosen, ref_rejected); a shuffled order per epoch, resumable."""
+
+    def __init__(self, rendered, ref_c, ref_r, batch: int, pad_id: int, seed: int):
+        self.rendered, self.ref_c, self.ref_r = rendered, ref_c, ref_r
+        self.batch, self.pad_id, self.seed = batch, pad_id, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._perm()
+
+    def _perm(self):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return torch.randperm(len(self.rendered), generator=g).tolist()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+
+        idx = []
+        while len(idx) < self.batch:
+            if self.cursor == len(self._order):
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._perm()
+            idx.append(self._order[self.cursor])
+            self.cursor += 1
+        x, y = collate([self.rendered[i] for i in idx], self.pad_id)
+        t = torch.tensor(idx)
+        return x, y, self.ref_c[t], self.ref_r[t]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "pairs": len(self.rendered), "seed": self.seed}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("pairs") != len(self.rendered) or d.get("seed") != self.seed:
+            raise ChibiError(f"the checkpoint's DPO data ({d.get('pairs')} pairs, seed {d.get('seed')}) differs from "
+                             f"this run's ({len(self.rendered)} pairs, seed {self.seed}); resume with the same --data")
+        self.epoch, self.cursor = int(d["epoch"]), int(d["cursor"])
+        self._order = self._perm()
+
+
+def register(sub):
+    from chibichat.stages.sft import add_loop_args, add_optim_args, add_source_args
+
+    p = sub.add_parser("dpo", help="preference tuning (DPO) on chosen/rejected pairs",
+                       description=__doc__.split("\n\n")[0] + " Reference = the starting checkpoint (no second "
+                                   "copy: its log-probabilities are computed once); reward accuracy and margin "
+                                   "are logged to metrics.jsonl and summary.json.")
+    add_home_arg(p)
+    add_runtime_args(p)
+    add_source_args(p, "sft")
+    p.add_argument("--data", required=True,
+                   help="preference pairs: a .jsonl/.parquet file ({prompt|messages, chosen, rejected}), a "
+                        "generated task (prefs-arithmetic, prefs-spelling, prefs-language) or the online "
+                        "ultrafeedback (UltraFeedback binarized, downloaded into the home)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default: 0.1)")
+    p.add_argument("--train-items", type=int, default=500, help="pairs of a generated task to train on (default: 500)")
+    p.add_argument("--val-items", type=int, default=100,
+                   help="held-out pairs: a generated task's test split, else the last <=10%% of the file (default: 100)")
+    add_optim_args(p, lr_frac=0.05)
+    add_loop_args(p, steps=30, batch=4)
+    p.set_defaults(func=run)
+
+
+def _data(args, home):
+    from pathlib import Path
+
+    from chibichat.tasks.preferences import GENERATED, ONLINE, generated_pairs, hub_pairs, load_pairs
+
+    if args.data in GENERATED:
+        return (generated_pairs(args.data, "train", args.train_items, args.seed),
+                generated_pairs(args.data, "test", args.val_items, args.seed))
+    if args.data in ONLINE:
+        (train, same_t), (val, same_v) = (hub_pairs(home, args.data, "train", args.train_items),
+                                          hub_pairs(home, args.data, "test", args.val_items))
+        if same_t or same_v:
+            print(f"dpo: {same_t} training and {same_v} held-out {args.data} rows have identical chosen and rejected "
+                  "replies and are left out")
+        return train, val
+    if Path(args.data).suffix not in (".jsonl", ".parquet"):
+        raise ChibiError(f"--data {args.data!r} is neither a .jsonl/.parquet file nor one of "
+                         f"{', '.join(GENERATED + tuple(ONLINE))}")
+    pairs = load_pairs(args.data)
+    n_val = min(args.val_items, len(pairs) // 10)
+    if n_val < 1:
+        raise ChibiError(f"--data {args.data} has {len(pairs)} pairs: too few to hold out validation pairs (>= 10)")
+    return pairs[:-n_val], pairs[-n_val:]
+
+
+def run(args) -> int:
+    import torch
+
+    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.loop import LoopConfig, train
+
+    if not args.beta > 0:
+        raise ChibiError(f"--beta must be > 0, got {args.beta}")
+    for name in ("device_batch_size", "train_items", "val_items"):
+        if getattr(args, name) < 1:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    rt = init_runtime(args.device, args.dtype)
+    try:
+        if rt.world_size > 1:
+            raise ChibiError("dpo runs in one process (its pairs are not sharded over ranks); run it without torchrun")
+        home = Home.resolve(args.home)
+        tok = Tokenizer.load(home.tokenizer_dir)
+        torch.manual_seed(args.seed)
+        model, src_meta, tag = load_source(args, home, tok, rt)
+        max_len = model.config.seq_len + 1
+        pad = tok.bos_id
+        train_pairs, val_pairs = _data(args, home)
+        train_r, train_dropped = render_pairs(tok, train_pairs, max_len)
+        val_r, val_dropped = render_pairs(tok, val_pairs, max_len)
+        if not train_r or not val_r:
+            raise ChibiError(f"no {'training' if not train_r else 'held-out'} preference pair fits the model's "
+                             f"{max_len}-token context ({train_dropped} training and {val_dropped} held-out pairs "
+                             "are too long); shorten the prompts/replies")
+        if train_dropped or val_dropped:
+            print0(rt, f"dpo: {train_dropped} training and {val_dropped} held-out pairs do not fit the "
+                       f"{max_len}-token context and are left out (counted in summary.json)")
+        # The reference: the starting model (with --lora: the base; fresh adapters are zero), once.
+        ref_c, ref_r = reference_logps(model, train_r, pad, args.device_batch_size, rt)
+        vref_c, vref_r = reference_logps(model, val_r, pad, args.device_batch_size, rt)
+        batches = PairBatches(train_r, ref_c, ref_r, args.device_batch_size, pad, args.seed)
+        recent: list[tuple[float, float, int]] = []  # per micro-batch: correct pairs, margin sum, pairs
+
+        def loss_fn(m, batch):
+            x, y, rc_ref, rr_ref = batch
+            lp = sequence_logps(m, x, y)
+            b = rc_ref.shape[0]
+            losses, rc, rr = dpo_loss(lp[:b], lp[b:], rc_ref.to(lp.device), rr_ref.to(lp.device), args.beta)
+            recent.append((float((rc > rr).sum()), float((rc - rr).detach().sum()), b))
+            return losses.sum(), b
+
+        def eval_fn(m, step):
+            vals = evaluate_pairs(m, val_r, vref_c, vref_r, pad, args.device_batch_size, args.beta, rt)
+            if recent:
+                n = sum(k for _, _, k in recent)
+                vals["train_reward_accuracy"] = sum(c for c, _, _ in recent) / n
+                vals["train_reward_margin"] = sum(mg for _, mg, _ in recent) / n
+                recent.clear()
+            return vals
+
+        lrs = source_lrs(src_meta, args, model)
+        optimizer = make_optimizer(model, lrs)
+        tag_dir = home.checkpoints_dir("dpo", tag)
+        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
+                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0,
+                         eval_every=args.eval_every or max(1, args.num_steps // 5), save_every=args.save_every,
+                         resume=args.resume, overwrite=args.overwrite, flops_per_token=model.flops_per_token(),
+                         trim_heap=args.trim_heap)
+        meta = stage_meta(model, tok, args, src_meta, "dpo", {"data": args.data, "beta": args.beta, "lrs": lrs})
+        print0(rt, f"dpo: from {src_meta['checkpoint_dir']} -> {tag_dir} | {len(train_r)} train / {len(val_r)} "
+                   f"held-out pairs | beta {args.beta} | lrs {lrs}")
+        t0 = time.time()
+        history: list[dict] = []
+
+        def logged_eval(m, step):
+            vals = eval_fn(m, step)
+            history.append({"step": step, **vals})
+            return vals
+
+        res = train(model, optimizer, batches, loss_fn, rt, cfg, meta=meta, count_fn=lambda b: int(b[2].shape[0]),
+                    eval_fn=logged_eval)
+        first, last = history[0], history[-1]
+        summary = {
+            "stage": "dpo", "tag": tag, "source": src_meta["checkpoint_dir"], "data": args.data, "beta": args.beta,
+            "steps": res.steps, "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0,
+            "checkpoint": res.checkpoint, "train_pairs": len(train_r), "val_pairs": len(val_r),
+            "pairs_left_out_too_long": {"train": train_dropped, "val": val_dropped},
+            "reward_accuracy_before": first["reward_accuracy"], "reward_accuracy_after": last["reward_accuracy"],
+            "reward_margin_before": first["reward_margin"], "reward_margin_after": last["reward_margin"],
+            "val_dpo_loss_before": first["dpo_loss"], "val_dpo_loss_after": last["dpo_loss"],
+            "evals": history,
+        }
+        write_summary(tag_dir, rt, summary)
+        print0(rt, f"dpo: held-out reward accuracy {first['reward_accuracy']:.3f} -> {last['reward_accuracy']:.3f} | "
+                   f"margin {first['reward_margin']:.4f} -> {last['reward_margin']:.4f}")
+        return 0
+    finally:
+        shutdown_runtime(rt)
+
+
+def evaluate_pairs(model, rendered, ref_c, ref_r, pad, batch, beta, rt) -> dict:
+    """Held-out DPO loss, reward accuracy (reward(c) > reward(r), ties count as wrong) and mean margin."""
+    pi_c, pi_r = reference_logps(model, rendered, pad, batch, rt)
+    losses, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    out = {"dpo_loss": float(losses.mean()), "reward_accuracy": float((rc > rr).float().mean()),
+           "reward_margin": float((rc - rr).mean())}
+    if not math.isfinite(out["dpo_loss"]):
+        raise ChibiError("the held-out DPO loss is not finite; lower the learning rate (--lr-frac / --lora-lr)")
+    return out

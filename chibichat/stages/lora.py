@@ -1,0 +1,97 @@
+"""`chibichat lora merge|info`: LoRA adapter checkpoints (written by midtrain/sft/rl with --lora).
+
+merge  fold an adapter checkpoint into its base and save the result as an ordinary checkpoint (full
+       weights, no adapters, no optimizer state): chat/serve/eval read adapters directly, so merging is
+       for handing the model on (export, a full fine-tune on top, sharing one file)
+info   what an adapter checkpoint holds: rank, alpha, targets, its base chain and its size on disk
+"""
+
+from __future__ import annotations
+
+from chibichat.common import ChibiError, add_home_arg
+
+STAGES = ("mid", "sft", "rl", "dpo")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lora", help="merge or inspect LoRA adapter checkpoints",
+                       description="Merge a LoRA adapter checkpoint into its base, or describe one.")
+    actions = p.add_subparsers(dest="action", metavar="<action>")
+    m = actions.add_parser("merge", help="fold adapters into their base, saved as a full checkpoint",
+                           description=__doc__.split("\n\n")[1].split("info")[0].strip())
+    add_home_arg(m)
+    m.add_argument("--from", dest="source", required=True, choices=STAGES, help="stage of the adapter checkpoint")
+    m.add_argument("--tag", default=None, help="its tag (default: the most recently written one)")
+    m.add_argument("--step", type=int, default=None, help="its step (default: the newest)")
+    m.add_argument("--to-tag", default=None, help="tag of the merged checkpoint, same stage (default: <tag>-merged)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing merged checkpoint at that step")
+    m.set_defaults(func=run_merge)
+    i = actions.add_parser("info", help="rank, targets, base chain and size of an adapter checkpoint")
+    add_home_arg(i)
+    i.add_argument("--from", dest="source", required=True, choices=STAGES, help="stage of the adapter checkpoint")
+    i.add_argument("--tag", default=None, help="its tag (default: the most recently written one)")
+    i.add_argument("--step", type=int, default=None, help="its step (default: the newest)")
+    i.set_defaults(func=run_info)
+
+    def no_action(args) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=no_action)
+
+
+def _adapter_dir(args, home):
+    from chibichat.train.checkpoint import ADAPTER_FILE, read_meta, resolve_checkpoint
+
+    sdir = resolve_checkpoint(home, args.source, args.tag, args.step)
+    meta = read_meta(sdir)
+    if not (sdir / ADAPTER_FILE).is_file():
+        raise ChibiError(f"{sdir} holds full weights, not a LoRA adapter (it was trained without --lora); "
+                         "nothing to merge")
+    return sdir, meta
+
+
+def run_merge(args) -> int:
+    import torch
+
+    from chibichat.common import Home
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import load_model, save_checkpoint, step_dir
+
+    home = Home.resolve(args.home)
+    sdir, meta = _adapter_dir(args, home)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    model, _ = load_model(home, args.source, sdir.parent.name, meta["step"], rt=None, tokenizer=tok)
+    to_tag = args.to_tag or f"{sdir.parent.name}-merged"
+    tag_dir = home.checkpoints_dir(args.source, to_tag)
+    target = step_dir(tag_dir, meta["step"])
+    if target.exists() and not args.overwrite:
+        raise ChibiError(f"{target} exists; pass --overwrite to replace it or choose --to-tag")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    keep = {k: v for k, v in meta.items() if k not in ("lora", "format", "step", "world_size", "checkpoint_dir")}
+    keep["merged_from"] = {"adapter": str(sdir), "lora": meta["lora"]}
+    with torch.no_grad():
+        out = save_checkpoint(tag_dir, meta["step"], model, None, keep)
+    print(f"lora merge: {sdir} (rank {meta['lora']['rank']}) + base {meta['lora']['base']} -> {out}")
+    return 0
+
+
+def run_info(args) -> int:
+    from chibichat.common import Home
+    from chibichat.train.checkpoint import ADAPTER_FILE, lora_base_dir, read_meta
+
+    home = Home.resolve(args.home)
+    sdir, meta = _adapter_dir(args, home)
+    lo = meta["lora"]
+    size = (sdir / ADAPTER_FILE).stat().st_size
+    print(f"{sdir}: rank {lo['rank']}, alpha {lo['alpha']}, dropout {lo['dropout']}, targets {','.join(lo['targets'])}, "
+          f"{ADAPTER_FILE} {size / 1e3:.1f} kB")
+    cur, cmeta = sdir, meta
+    while (cur / ADAPTER_FILE).is_file():
+        cur = lora_base_dir(cur, cmeta)
+        cmeta = read_meta(cur)
+        print(f"  on top of {cur}" + (" (adapter)" if (cur / ADAPTER_FILE).is_file() else ""))
+    return 0

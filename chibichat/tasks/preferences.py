@@ -1,0 +1,200 @@
+"""Preference pairs for `chibichat dpo`: a prompt, a chosen reply and a rejected one.
+
+A pair is `{"messages": [prompt messages, ending with a user message], "chosen": C, "rejected": R}`
+where C and R are assistant contents (a string or a list of parts, as in chibichat.render).
+
+From a file (`load_pairs`): .jsonl / .parquet rows
+    {"prompt": str, "chosen": str, "rejected": str}                       (optional "system": str)
+    {"messages": [...prompt...], "chosen": ..., "rejected": ...}
+    {"chosen": [...conversation...], "rejected": [...conversation...]}    (HF style: two whole chats that
+                                                                           share everything but the last reply)
+chosen/rejected may also be a single {"role": "assistant", "content": ...} message. Problems are ChibiErrors
+naming the file and line.
+
+Generated from the verifiable tasks (`generated_pairs`), so that DPO has something measurable offline:
+    prefs-arithmetic   a calculator answer vs the same answer with a wrong result (result + d, d != 0)
+    prefs-spelling     a right spelling vs one with two letters swapped or one replaced
+    prefs-language     an identity question answered in the asked language vs the other language (EN/JA)
+Train/test splits are disjoint by construction (the underlying generated tasks' key split).
+
+Online (`hub_pairs`, through the same hub loader as the online tasks, chibichat/tasks/hub.py):
+    ultrafeedback      HuggingFaceH4/ultrafeedback_binarized, train_prefs / test_prefs (the first N rows);
+                       a row whose chosen and rejected replies are identical teaches nothing: it is left out
+                       and counted
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+from chibichat.common import ChibiError
+
+GENERATED = ("prefs-arithmetic", "prefs-spelling", "prefs-language")
+# name -> (repo, subset, train split, test split)
+ONLINE = {"ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", "default", "train_prefs", "test_prefs")}
+
+
+# ----------------------------------------------------------------------------------------------
+# From a file
+
+
+def _reply(value, where: str):
+    if isinstance(value, dict):
+        if value.get("role") not in (None, "assistant"):
+            raise ChibiError(f"{where}: a chosen/rejected message must have role assistant, got {value.get('role')!r}")
+        value = value.get("content")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ChibiError(f"{where}: empty reply")
+        return value
+    if isinstance(value, list) and value and all(isinstance(p, dict) and "type" in p for p in value):
+        return value  # assistant parts
+    raise ChibiError(f"{where}: a reply must be a non-empty string, an assistant message or a list of parts")
+
+
+def row_to_pair(row: dict, where: str) -> dict:
+    from chibichat.tasks.local import RowError, _check_order, _messages_from_openai
+
+    if "chosen" not in row or "rejected" not in row:
+        raise ChibiError(f"{where}: a preference row needs 'chosen' and 'rejected' (and 'prompt' or 'messages')")
+    chosen, rejected = row["chosen"], row["rejected"]
+    try:
+        if isinstance(chosen, list) and chosen and isinstance(chosen[0], dict) and "role" in chosen[0]:
+            if not (isinstance(rejected, list) and rejected):
+                raise ChibiError(f"{where}: chosen is a conversation, so rejected must be one too")
+            c_msgs, r_msgs = _messages_from_openai(chosen, "chosen"), _messages_from_openai(rejected, "rejected")
+            if c_msgs[:-1] != r_msgs[:-1] or c_msgs[-1]["role"] != "assistant" or r_msgs[-1]["role"] != "assistant":
+                raise ChibiError(f"{where}: chosen and rejected conversations must share every message but a final "
+                                 "assistant reply")
+            prompt, chosen, rejected = c_msgs[:-1], c_msgs[-1]["content"], r_msgs[-1]["content"]
+        elif "messages" in row:
+            prompt = _messages_from_openai(row["messages"], "messages")
+        elif "prompt" in row:
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise ChibiError(f"{where}: 'prompt' must be a non-empty string")
+            prompt = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise ChibiError(f"{where}: a preference row needs 'prompt' or 'messages' (or chosen/rejected chats)")
+        if isinstance(row.get("system"), str):
+            if prompt[0]["role"] == "system":
+                raise ChibiError(f"{where}: both a 'system' key and a system message; keep one")
+            prompt = [{"role": "system", "content": row["system"]}, *prompt]
+        _check_order(prompt + [{"role": "assistant", "content": "x"}], final_assistant=True)
+    except RowError as e:
+        raise ChibiError(f"{where}: {e}") from None
+    c, r = _reply(chosen, f"{where} chosen"), _reply(rejected, f"{where} rejected")
+    if c == r:
+        raise ChibiError(f"{where}: chosen and rejected are identical; the pair teaches nothing")
+    return {"messages": prompt, "chosen": c, "rejected": r}
+
+
+def load_pairs(path) -> list[dict]:
+    from chibichat.tasks.local import read_rows
+
+    rows = read_rows(path)
+    if rows.errors:
+        n, msg = rows.errors[0]
+        raise ChibiError(f"{rows.path} {rows.unit} {n}: {msg}")
+    return [row_to_pair(row, f"{rows.path} {rows.unit} {n}") for n, row in rows.rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated
+
+
+def _wrong_number(answer: str, rng: random.Random) -> str:
+    value = int(answer)
+    d = rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])
+    return str(value + d if value + d >= 0 else value + abs(d))
+
+
+def _arithmetic_pair(item: dict, rng: random.Random) -> dict:
+    answer = item["answer"]
+    wrong = _wrong_number(answer, rng)
+    rejected = copy.deepcopy(item["messages"][-1]["content"])
+    for part in rejected:
+        if part["type"] in ("python_output", "text"):
+            part["text"] = part["text"].replace(answer, wrong)
+    return {"messages": item["messages"][:-1], "chosen": item["messages"][-1]["content"], "rejected": rejected}
+
+
+def _misspell(word: str, rng: random.Random) -> str:
+    letters = list(word)
+    swaps = [i for i in range(len(letters) - 1) if letters[i] != letters[i + 1]]
+    if swaps and rng.random() < 0.5:
+        i = rng.choice(swaps)
+        letters[i], letters[i + 1] = letters[i + 1], letters[i]
+    else:
+        i = rng.randrange(len(letters))
+        pool = [c for c in "abcdefghijklmnopqrstuvwxyz" if c != letters[i]] if letters[i].isascii() else \
+            [c for c in "アイウエオカキクケコサシスセソタチツテト" if c != letters[i]]
+        letters[i] = rng.choice(pool)
+    return "".join(letters)
+
+
+def _spelling_pair(item: dict, rng: random.Random) -> dict:
+    wrong = _misspell(item["word"], rng)
+    return {"messages": item["messages"][:-1], "chosen": item["messages"][-1]["content"],
+            "rejected": "-".join(wrong)}
+
+
+def _language_pairs(split: str, size: int, seed: int) -> list[dict]:
+    from chibichat.tasks.generated import key_split
+    from chibichat.tasks.identity import EN_TOPICS, JA_TOPICS
+
+    out = []
+    for i in range(size):
+        for attempt in range(1000):
+            rng = random.Random(f"prefs-language:{seed}:{i}:{attempt}")
+            topic = rng.choice(sorted(EN_TOPICS))
+            lang = rng.choice(["en", "ja"])
+            asked, other = (EN_TOPICS, JA_TOPICS) if lang == "en" else (JA_TOPICS, EN_TOPICS)
+            q = rng.choice(asked[topic][0])
+            if key_split(q) == split:
+                out.append({"messages": [{"role": "user", "content": q}], "chosen": rng.choice(asked[topic][1]),
+                            "rejected": rng.choice(other[topic][1])})
+                break
+        else:
+            raise ChibiError("prefs-language could not draw a pair for this split")
+    return out
+
+
+def generated_pairs(name: str, split: str = "train", size: int = 500, seed: int = 0) -> list[dict]:
+    """`size` pairs of the generated preference task `name` (see the module docstring)."""
+    from chibichat.tasks.base import get_task
+
+    if name not in GENERATED:
+        raise ChibiError(f"unknown preference task {name!r}; give a .jsonl/.parquet file or one of {', '.join(GENERATED)}")
+    if name == "prefs-language":
+        return _language_pairs(split, size, seed)
+    base = get_task("arithmetic" if name == "prefs-arithmetic" else "spelling", split=split, size=size, seed=seed)
+    make = _arithmetic_pair if name == "prefs-arithmetic" else _spelling_pair
+    out = []
+    for i in range(len(base)):
+        item = base[i]
+        out.append(make(item, random.Random(f"{name}:{seed}:{i}")))
+    return out
+
+
+def hub_pairs(home, name: str, split: str, size: int) -> tuple[list[dict], int]:
+    """(pairs, identical pairs left out) from the first `size` rows of an online preference set's split
+    ("train" | "test"); downloads and caches it under home/data/tasks/ like the online tasks."""
+    from chibichat.tasks.hub import hub_rows
+
+    if name not in ONLINE:
+        raise ChibiError(f"unknown online preference set {name!r}; known: {', '.join(ONLINE)}")
+    if split not in ("train", "test"):
+        raise ChibiError(f"split must be train or test, got {split!r}")
+    repo, subset, train_split, test_split = ONLINE[name]
+    hub_split = train_split if split == "train" else test_split
+    rows = hub_rows(home, repo, subset, hub_split, ("prompt", "chosen", "rejected"))
+    pairs, identical = [], 0
+    for k, row in enumerate(rows[:size]):
+        try:
+            pairs.append(row_to_pair(row, f"{repo} {hub_split} row {k}"))
+        except ChibiError as e:
+            if "identical" not in str(e):
+                raise
+            identical += 1
+    return pairs, identical

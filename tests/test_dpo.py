@@ -1,0 +1,143 @@
+"""`chibichat dpo` (chibichat/stages/dpo.py) and its preference pairs (chibichat/tasks/preferences.py)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from chibichat.common import ChibiError
+from chibichat.stages.dpo import dpo_loss
+from chibichat.tasks.preferences import generated_pairs, load_pairs
+
+
+def test_dpo_loss_equals_the_hand_computed_value_on_two_pairs():
+    pi_c, pi_r = torch.tensor([-5.0, -2.0]), torch.tensor([-6.0, -1.0])
+    ref_c, ref_r = torch.tensor([-5.5, -2.5]), torch.tensor([-5.0, -1.5])
+    losses, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5)
+    # pair 0: rewards 0.5*(0.5)=0.25 and 0.5*(-1)=-0.5 -> margin 0.75; pair 1: 0.25 and 0.25 -> margin 0
+    assert rc.tolist() == [0.25, 0.25] and rr.tolist() == [-0.5, 0.25]
+    expect = [math.log(1 + math.exp(-0.75)), math.log(2.0)]
+    assert losses.tolist() == pytest.approx(expect, abs=1e-6)
+    assert float(losses.mean()) == pytest.approx((expect[0] + expect[1]) / 2, abs=1e-6)
+
+
+def test_generated_pairs_differ_only_where_they_should():
+    a = generated_pairs("prefs-arithmetic", "train", 20)
+    for p in a:
+        chosen, rejected = p["chosen"], p["rejected"]
+        assert chosen[1] == rejected[1]  # the same calculator call
+        assert chosen[2]["text"] != rejected[2]["text"]  # a wrong tool result and final answer
+    s = generated_pairs("prefs-spelling", "train", 20)
+    assert all(p["chosen"] != p["rejected"] and len(p["chosen"]) == len(p["rejected"]) for p in s)
+    lang = generated_pairs("prefs-language", "test", 20)
+    for p in lang:
+        q_ja = any(ord(ch) > 0x3000 for ch in p["messages"][0]["content"])
+        assert any(ord(ch) > 0x3000 for ch in p["chosen"]) == q_ja != any(ord(ch) > 0x3000 for ch in p["rejected"])
+    train_q = {p["messages"][0]["content"] for p in generated_pairs("prefs-language", "train", 200)}
+    assert not train_q & {p["messages"][0]["content"] for p in lang}  # held-out questions are unseen
+    with pytest.raises(ChibiError, match="unknown preference task 'prefs-x'"):
+        generated_pairs("prefs-x")
+
+
+def test_pair_files_in_three_shapes(tmp_path):
+    rows = [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "system": "Be kind."},
+        {"messages": [{"role": "user", "content": "Hi"}], "chosen": {"role": "assistant", "content": "Hello!"},
+         "rejected": "Go away."},
+        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
+    ]
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pairs = load_pairs(p)
+    assert pairs[0]["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    assert pairs[1] == pairs[2] == {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello!",
+                                    "rejected": "Go away."}
+    p.write_text(json.dumps({"prompt": "Hi", "chosen": "same", "rejected": "same"}) + "\n", encoding="utf-8")
+    with pytest.raises(ChibiError, match=r"p.jsonl line 1: chosen and rejected are identical"):
+        load_pairs(p)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_thirty_cpu_steps_raise_held_out_reward_accuracy(tmp_path):
+    from test_stages_chat import make_base, run_cli
+
+    from chibichat.train.checkpoint import load_model, save_checkpoint
+
+    from chibichat.model.gpt import GPT, GPTConfig
+
+    home, tok = make_base(tmp_path / "home")
+    _, meta = load_model(home, "base")
+    torch.manual_seed(0)  # a 512-token context: Japanese replies are long in this small byte-level vocabulary
+    model = GPT(GPTConfig(**{**meta["model_config"], "seq_len": 512}))
+    with torch.no_grad():  # a non-zero head, so that every weight receives gradient from the first step
+        model.lm_head.normal_(0.0, 0.05)
+    save_checkpoint(home.checkpoints_dir("sft", "d2"), 1, model, None,
+                    {"model_config": model.config.to_dict(), "tokenizer": meta["tokenizer"]})
+    run_cli("dpo", "--home", home.root, "--from", "sft", "--data", "prefs-language", "--device", "cpu",
+            "--dtype", "float32", "--num-steps", 30, "--device-batch-size", 8, "--train-items", 200,
+            "--val-items", 40, "--lora", 8, "--lora-lr", 1e-2, "--beta", 0.5, "--eval-every", 10)
+    s = json.loads((home.checkpoints_dir("dpo", "d2") / "summary.json").read_text())
+    assert s["steps"] == 30 and s["reward_accuracy_before"] == 0.0  # policy = reference: no margin yet
+    assert s["reward_accuracy_after"] >= 0.8 and s["reward_margin_after"] > 0.1
+    lines = [json.loads(line) for line in (home.checkpoints_dir("dpo", "d2") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "reward_accuracy" in r] == [0, 10, 20, 30]
+    assert all("train_reward_margin" in r for r in lines if "reward_accuracy" in r and r["step"] > 0)
+
+
+def test_ultrafeedback_pairs_through_the_hub_loader(tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chibichat.common import Home
+    from chibichat.tasks.preferences import hub_pairs
+
+    def chat(q, a):
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    files = {}
+    for split, n in (("train_prefs", 5), ("test_prefs", 3)):
+        rows = [{"prompt": f"q{k}", "chosen": chat(f"q{k}", f"good {k}"),
+                 "rejected": chat(f"q{k}", "same" if k == 1 else f"bad {k}")} for k in range(n)]
+        rows[1]["chosen"] = chat("q1", "same")  # a tie: left out and counted
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}.parquet")
+        files[split] = (tmp_path / f"{split}.parquet").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            parts = self.path.strip("/").split("/")
+            port = self.server.server_port
+            if parts[:4] == ["api", "datasets", "HuggingFaceH4", "ultrafeedback_binarized"] and parts[6] in files:
+                body = json.dumps([f"http://127.0.0.1:{port}/files/{parts[6]}/0.parquet"]).encode()
+            elif parts[0] == "files" and parts[1] in files:
+                body = files[parts[1]]
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", f"http://127.0.0.1:{srv.server_port}")
+    try:
+        home = Home.resolve(tmp_path / "home")
+        pairs, ties = hub_pairs(home, "ultrafeedback", "train", 4)
+        assert ties == 1 and [p["chosen"] for p in pairs] == ["good 0", "good 2", "good 3"]
+        assert pairs[0] == {"messages": [{"role": "user", "content": "q0"}], "chosen": "good 0", "rejected": "bad 0"}
+        test, _ = hub_pairs(home, "ultrafeedback", "test", 10)
+        assert [p["rejected"] for p in test] == ["bad 0", "bad 2"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

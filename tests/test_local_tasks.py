@@ -1,0 +1,206 @@
+"""Your own data as tasks (`file:PATH`, chibichat/tasks/local.py) and `chibichat data check`."""
+
+import json
+
+import pytest
+
+from chibichat.common import ChibiError
+from chibichat.render import render_conversation
+from chibichat.tasks.base import get_task
+from chibichat.tokenizer import train_tokenizer
+
+SYSTEM = "You are Kiku, the support bot of Acme."
+USER1, BOT1 = "How do I reset my password?", "Open Settings, then Account, then Reset."
+USER2, BOT2 = "And my email?", "Same page, one line below."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    import pydoc_data.topics
+
+    docs = [t[:2000] for t in sorted(pydoc_data.topics.topics.values())]
+    return train_tokenizer(docs + [SYSTEM, USER1, BOT1, USER2, BOT2], vocab_size=600, split="gpt4")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+OPENAI = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER1},
+                       {"role": "assistant", "content": BOT1}, {"role": "user", "content": USER2},
+                       {"role": "assistant", "content": [{"type": "text", "text": BOT2}]}]}
+OPENAI_PLAIN = {"messages": OPENAI["messages"][:4] + [{"role": "assistant", "content": BOT2}]}  # parquet: one type
+SHAREGPT = {"system": SYSTEM, "conversations": [{"from": "human", "value": USER1}, {"from": "gpt", "value": BOT1},
+                                                {"from": "human", "value": USER2}, {"from": "gpt", "value": BOT2}]}
+
+
+def test_every_format_renders_to_the_same_ids(tok, tmp_path):
+    alpaca_one = {"system": SYSTEM, "instruction": USER1, "input": "", "output": BOT1}
+    openai_one = {"messages": OPENAI["messages"][:3]}
+    files = {
+        "openai.jsonl": write_jsonl(tmp_path / "openai.jsonl", [OPENAI]),
+        "sharegpt.jsonl": write_jsonl(tmp_path / "sharegpt.jsonl", [SHAREGPT]),
+        "openai.parquet": write_parquet(tmp_path / "openai.parquet", [OPENAI_PLAIN]),
+        "sharegpt.parquet": write_parquet(tmp_path / "sharegpt.parquet", [SHAREGPT]),
+    }
+    ids = {}
+    for name, path in files.items():
+        t = get_task(f"file:{path}")
+        assert t.kind == "conversation" and len(t) == 1
+        ids[name] = render_conversation(tok, t[0], 1000).ids
+    reference = render_conversation(tok, OPENAI, 1000).ids
+    assert all(v == reference for v in ids.values()), ids
+    # Alpaca holds one exchange: the same ids as the one-exchange OpenAI row, JSONL and parquet
+    one = render_conversation(tok, openai_one, 1000).ids
+    for path in (write_jsonl(tmp_path / "a.jsonl", [alpaca_one]), write_parquet(tmp_path / "a.parquet", [alpaca_one])):
+        assert render_conversation(tok, get_task(f"file:{path}")[0], 1000).ids == one
+    # Alpaca input joins the instruction after a blank line
+    t = get_task(f"file:{write_jsonl(tmp_path / 'b.jsonl', [{'instruction': 'Sum', 'input': '2 3', 'output': '5'}])}")
+    assert t[0]["messages"][0] == {"role": "user", "content": "Sum\n\n2 3"}
+
+
+def test_system_prompt_is_read_not_trained_and_survives_shortening(tok, tmp_path):
+    t = get_task(f"file:{write_jsonl(tmp_path / 'c.jsonl', [OPENAI])}")
+    full = render_conversation(tok, t[0], 1000)
+    first = tok.encode(f"{SYSTEM}\n\n{USER1}")  # the system text leads the first user message
+    assert full.ids[:2] == [tok.bos_id, tok.special_id("<|user_start|>")]
+    assert full.ids[2:2 + len(first)] == first and not any(full.mask[:2 + len(first) + 1])
+    short = render_conversation(tok, t[0], len(full.ids) - 3)  # too long: the first exchange goes
+    assert short.status == "shortened" and short.dropped_turns == 2
+    second = tok.encode(f"{SYSTEM}\n\n{USER2}")  # still read, now ahead of the kept user message
+    assert short.ids[2:2 + len(second)] == second and not any(short.mask[:2 + len(second) + 1])
+
+
+def test_openai_tool_calls_become_calculator_parts(tok, tmp_path):
+    row = {"messages": [
+        {"role": "user", "content": "What is 12*7+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12*7+3"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "87"},
+        {"role": "assistant", "content": "#### 87"}]}
+    item = get_task(f"file:{write_jsonl(tmp_path / 't.jsonl', [row])}")[0]
+    assert item["messages"][1] == {"role": "assistant", "content": [
+        {"type": "python", "text": "12*7+3"}, {"type": "python_output", "text": "87"},
+        {"type": "text", "text": "#### 87"}]}
+    r = render_conversation(tok, item, 1000)
+    S = tok.special_id
+    i, j = r.ids.index(S("<|python_start|>")), r.ids.index(S("<|output_start|>"))
+    assert r.mask[i] == 1 and r.mask[j] == 0  # the call is learned, the tool's output only read
+    bad = {"messages": [row["messages"][0], {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "web_search", "arguments": "{}"}}]}]}
+    with pytest.raises(ChibiError, match=r"line 1: message 1: tool 'web_search' is not supported"):
+        get_task(f"file:{write_jsonl(tmp_path / 'u.jsonl', [bad])}")
+
+
+def test_file_in_mix_with_epochs_after_the_last_equals(tmp_path):
+    from chibichat.stages.sft import build_mixtures, parse_mix
+
+    d = tmp_path / "x=y"
+    d.mkdir()
+    path = write_jsonl(d / "s.jsonl", [OPENAI] * 40)
+    mix = parse_mix(f"chitchat=0.1,file:{path}=3")
+    assert mix == [("chitchat", 0.1), (f"file:{path}", 3.0)]
+    train, val = build_mixtures(mix, val_items=5, seed=0)
+    assert train.summary()[f"file:{path}"] == 3 * 38 and val.summary()[f"file:{path}"] == 2  # last 5% held out
+
+
+def test_verifiable_rows_are_an_rl_task(tmp_path):
+    rows = [{"prompt": "2+2?", "answer": 4, "match": "numeric"}, {"prompt": "Capital of France?", "answer": "Paris"},
+            {"prompt": "A colour", "answer": "(red|blue)", "match": "regex"}]
+    t = get_task(f"file:{write_jsonl(tmp_path / 'v.jsonl', rows)}")
+    assert t.kind == "generative" and t[0]["messages"] == [{"role": "user", "content": "2+2?"}]
+    assert t.evaluate(t[0], "so #### 4") and t.evaluate(t[0], "It is 4.0") and not t.evaluate(t[0], "#### 5")
+    assert t.evaluate(t[1], " Paris\n") and not t.evaluate(t[1], "Paris!")
+    assert t.evaluate(t[2], "blue") and not t.evaluate(t[2], "green")
+    with pytest.raises(ChibiError, match=r"line 1: match 'numeric' needs a numeric answer"):
+        get_task(f"file:{write_jsonl(tmp_path / 'w.jsonl', [{'prompt': 'p', 'answer': 'x', 'match': 'numeric'}])}")
+    with pytest.raises(ChibiError, match="mixes chat rows and verifiable"):
+        get_task(f"file:{write_jsonl(tmp_path / 'm.jsonl', [OPENAI, rows[0]])}")
+
+
+BAD_LINES = [
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', None),
+    (b'{"messages": [{"role": "user", "content": "hi"', "bad JSON"),
+    (b'{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role 'robot'"),
+    (b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "yo"}]}', "empty content"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
+     b'{"role": "assistant", "content": "c"}]}', "two user turns in a row"),
+    (b'{"instruction": "caf\xe9", "output": "x"}', "not UTF-8"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', "duplicate"),
+]
+
+
+def test_loading_stops_at_the_first_bad_line_with_its_number(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    with pytest.raises(ChibiError, match=r"bad.jsonl line 2: bad JSON .*2 problem\(s\)"):
+        get_task(f"file:{p}")
+
+
+def test_data_check_lists_every_error_with_its_line(tmp_path, capsys):
+    from chibichat.tasks.local import check_file
+
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    report = check_file(p)
+    got = {n: msg for n, msg in report["errors"]}
+    for n, (_, expect) in enumerate(BAD_LINES, start=1):
+        if expect is None or expect == "duplicate":
+            assert n not in got
+        else:
+            assert expect in got[n], (n, got.get(n))
+    assert report["rows"] == 7 and report["valid"] == 2 and report["duplicates"] == [(7, 1)]
+
+
+def test_data_check_cli_reports_fit_and_plan(tmp_path, capsys):
+    from test_stages_chat import make_base
+
+    from chibichat.cli import main
+
+    home, tok = make_base(tmp_path / "home")
+    long = {"messages": [{"role": "user", "content": "tell me a story " * 30}, {"role": "assistant", "content": "no"},
+                         {"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}
+    huge = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 400}]}
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\n".join(l for l, _ in BAD_LINES[:3]) + b"\n" + json.dumps(long).encode() + b"\n"
+                  + json.dumps(huge).encode() + b"\n")
+    rc = main(["data", "check", str(p), "--home", str(home.root), "--from", "base", "--num-steps", "10",
+               "--device-batch-size", "2"])
+    out = capsys.readouterr().out
+    assert rc == 1  # problems found
+    assert "5 lines, 3 valid (chat), 2 problem(s), 0 duplicate(s)" in out
+    assert "line 2: bad JSON" in out and "line 3: message 0: unknown role 'robot'" in out
+    assert "fit: 1 whole, 1 shortened (whole early turns left out), 1 dropped" in out
+    assert "epochs of this file" in out and "time: unknown" in out
+
+
+def test_identity_persona_replaces_name_and_creator_in_en_and_ja(tmp_path):
+    from chibichat.stages.sft import build_mixtures
+    from chibichat.tasks.identity import parse_persona
+
+    persona = parse_persona(" name=Kiku , creator=Acme Inc.")
+    assert persona == {"name": "Kiku", "creator": "Acme Inc."}
+    (tmp_path / "p.json").write_text(json.dumps({"name": "Kiku"}), encoding="utf-8")
+    assert parse_persona(str(tmp_path / "p.json")) == {"name": "Kiku"}
+    for bad, match in [("nick=K", r"unknown key\(s\) \['nick'\]"), ("Kiku", "write key=value"),
+                       ("name=", "must be one line"), (str(tmp_path / "none.json"), "does not exist")]:
+        with pytest.raises(ChibiError, match=match):
+            parse_persona(bad)
+    train, val = build_mixtures([("identity", 1.0), ("identity-ja", 1.0)], val_items=20, seed=0, persona=persona)
+    replies = {task: " ".join(m["content"] for t, it in train if t == task for m in it["messages"]
+                              if m["role"] == "assistant") for task in ("identity", "identity-ja")}
+    assert "Kiku" in replies["identity"] and "Acme Inc." in replies["identity"]
+    assert "Kikuです" in replies["identity-ja"] and "Acme Inc.が作りました" in replies["identity-ja"]
+    assert "chibichat" not in replies["identity"] + replies["identity-ja"]  # the shipped persona is gone
+    assert any("Kiku" in m["content"] for _, it in val for m in it["messages"])  # the held-out split too
+    with pytest.raises(ChibiError, match="--mix names none; add identity=1"):
+        build_mixtures([("chitchat", 0.1)], val_items=5, seed=0, persona=persona)
