@@ -52,7 +52,7 @@ def home(tmp_path):
 def test_every_spec_declares_the_eval_only_flag_its_task_has(home):
     """The registry's flag (checked before loading) equals the built task's own flag, for every task."""
     from chibichat.stages.sft import task_options
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
     from chibichat.tasks.registry import specs
 
     _fake_hub(home, "openai/gsm8k", "main", "train", GSM_ROWS)
@@ -98,7 +98,7 @@ def test_training_paths_refuse_evaluation_tasks_before_loading_anything(tmp_path
 
 
 def test_built_task_flag_is_checked_too():
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
     from chibichat.tasks.leakage import refuse_eval_only_task
 
     refuse_eval_only_task(get_task("spelling"), "--mix")  # the train split: fine
@@ -138,7 +138,7 @@ def test_a_copy_of_an_evaluation_item_under_another_name_is_found_by_content(hom
     re-cased) is refused, in SFT's mixture and in RL alike."""
     from chibichat.stages.rl import _tasks
     from chibichat.stages.sft import build_mixtures
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
 
     q = get_task("gsm8k")[7]["messages"][0]["content"]
     leaked = {"question": "  " + q.upper().replace(" ", "   ") + " ", "answer": "#### 1"}

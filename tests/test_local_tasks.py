@@ -6,7 +6,7 @@ import pytest
 
 from chibichat.common import ChibiError
 from chibichat.render import render_conversation
-from chibichat.tasks.base import get_task
+from chibichat.tasks.registry import get_task
 from chibichat.tokenizer import train_tokenizer
 
 SYSTEM = "You are Kiku, the support bot of Acme."

@@ -12,7 +12,7 @@ SEQ = 160
 
 
 def _texts():
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
 
     out = []
     for name in ("chitchat", "chatterbot", "arithmetic", "spelling", "identity", "letter-count"):
@@ -156,7 +156,7 @@ def test_sft_loss_covers_exactly_the_mask1_tokens(base):
     from chibichat.model.gpt import GPT, GPTConfig
     from chibichat.render import render_conversation
     from chibichat.stages.sft import token_loss_sum
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
 
     home, tok = base
     convs = [("arithmetic", get_task("arithmetic")[i]) for i in range(6)]

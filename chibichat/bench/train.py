@@ -242,7 +242,8 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
     if cfg.lora:
-        from chibichat.model.lora import LoRAConfig, apply_lora, build_lora_optimizer
+        from chibichat.model.lora import LoRAConfig, apply_lora
+        from chibichat.train.optim import build_lora_optimizer
 
         # A fresh model's head is zero, which would pass no gradient to any adapter; a fine-tuned base has a
         # trained one: stand in with N(0, 1/width).

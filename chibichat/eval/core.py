@@ -335,7 +335,7 @@ def add_core_args(p) -> None:
 
 def core_tasks(args, home=None) -> tuple[list, bool]:
     """(tasks to score, whether together they are the complete DCLM CORE test)."""
-    from chibichat.tasks.base import get_task, list_tasks
+    from chibichat.tasks.registry import get_task, list_tasks
 
     mode = getattr(args, "core", "lite") or "lite"
     items = args.core_items if args.core_items is not None else (CORE_ITEMS_LITE if mode == "lite" else 0)

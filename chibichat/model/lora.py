@@ -199,17 +199,6 @@ def merge_lora(model) -> int:
     return n
 
 
-def build_lora_optimizer(params, lr: float):
-    """AdamW (betas 0.9/0.99, eps 1e-8, no weight decay) over the adapters, through MuonAdamW so that the
-    loop's LR schedule, gradient all-reduce and checkpointing apply unchanged."""
-    from chibichat.train.optim import MuonAdamW
-
-    if not lr > 0:
-        raise ChibiError(f"--lora-lr must be > 0, got {lr}")
-    return MuonAdamW([dict(params=list(params), kind="adamw", lr=lr, betas=(0.9, 0.99), eps=1e-8,
-                           weight_decay=0.0, name="lora")])
-
-
 def count_parameters(model) -> dict:
     """{"trainable", "frozen", "adapter"} parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -313,7 +313,7 @@ def _tasks(args, home):
     """(training task, held-out task), checked disjoint by content from each other and from the
     evaluation sets the chat evaluations report against."""
     from chibichat.stages.sft import task_options
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
     from chibichat.tasks.generated import GeneratedTask
     from chibichat.tasks.leakage import check_disjoint, refuse_eval_only_task, reported_eval_sets
 

@@ -194,7 +194,8 @@ def make_optimizer(model, lrs: dict):
     from chibichat.train.optim import build_optimizer
 
     if "lora" in lrs:
-        from chibichat.model.lora import build_lora_optimizer, lora_parameters
+        from chibichat.model.lora import lora_parameters
+        from chibichat.train.optim import build_lora_optimizer
 
         return build_lora_optimizer(lora_parameters(model), lrs["lora"])
 
@@ -237,7 +238,7 @@ def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | 
     """(train view, val view) of a task. Generated tasks have disjoint train/test splits by
     construction; a shipped or downloaded task gives its last items (up to 5%) to validation.
     `persona` (--identity) goes to the identity tasks."""
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
     from chibichat.tasks.generated import GeneratedTask
     from chibichat.tasks.leakage import refuse_eval_only_task
 

@@ -146,7 +146,7 @@ def runs_code(step: Step) -> bool:
     """Whether the step executes model-written code: an eval chat whose tasks (default: ChatCORE) include
     one that runs its completions, i.e. HumanEval."""
     from chibichat.tasks.evalsets import CHATCORE_TASKS
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
 
     if step.argv[:2] != ["eval", "chat"]:
         return False

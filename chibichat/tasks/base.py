@@ -179,19 +179,6 @@ class CoreTask(ListTask):
         return _fewshot_indices(len(self), i, self.num_fewshot if k is None else k)
 
 
-def get_task(name: str, **kwargs) -> Task:
-    """The task called `name` (see chibichat.tasks.registry for the list)."""
-    from chibichat.tasks.registry import get_task as _get
-
-    return _get(name, **kwargs)
-
-
-def list_tasks() -> list[str]:
-    from chibichat.tasks.registry import list_tasks as _list
-
-    return _list()
-
-
 class Mixture:
     """A deterministic interleaving of tasks, indexable -> (task_name, item).
 

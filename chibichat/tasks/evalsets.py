@@ -154,7 +154,7 @@ CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "sp
 def eval_task(name: str, home=None):
     """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
     (JGLUE, online sets) read them from `home`."""
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
     from chibichat.tasks.generated import GeneratedTask
     from chibichat.tasks.registry import needs_home
 

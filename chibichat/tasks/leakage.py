@@ -112,7 +112,7 @@ def reported_eval_sets(home=None, generated: Iterable[str] = ()) -> list:
     as identity, whose few questions recur in both splits by design), and the JGLUE dev sets present in `home`
     (never downloaded here)."""
     from chibichat.tasks.evalsets import CHATCORE_TASKS, eval_task
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
 
     out = [eval_task(n) for n in CHATCORE_TASKS]
     have = {t.name for t in out}

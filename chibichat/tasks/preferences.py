@@ -162,7 +162,7 @@ def _language_pairs(split: str, size: int, seed: int) -> list[dict]:
 
 def generated_pairs(name: str, split: str = "train", size: int = 500, seed: int = 0) -> list[dict]:
     """`size` pairs of the generated preference task `name` (see the module docstring)."""
-    from chibichat.tasks.base import get_task
+    from chibichat.tasks.registry import get_task
 
     if name not in GENERATED:
         raise ChibiError(f"unknown preference task {name!r}; give a .jsonl/.parquet file or one of {', '.join(GENERATED)}")

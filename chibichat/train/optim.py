@@ -28,6 +28,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from chibichat.common import ChibiError
+
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): chosen to push every singular value of
 # the normalised matrix towards 1 quickly, trading exact convergence for speed; 5 steps leave the
 # singular values roughly in [0.7, 1.2], which is all Muon needs.
@@ -358,3 +360,12 @@ def build_optimizer(groups: dict, *, matrix_lr: float, embedding_lr: float, unem
         dict(params=list(groups.get("other", [])), kind="adamw", lr=other_lr, name="other"),
     ]
     return MuonAdamW(spec, grad_clip=grad_clip, ns_dtype=ns_dtype)
+
+
+def build_lora_optimizer(params, lr: float):
+    """AdamW (betas 0.9/0.99, eps 1e-8, no weight decay) over the adapters, through MuonAdamW so that the
+    loop's LR schedule, gradient all-reduce and checkpointing apply unchanged."""
+    if not lr > 0:
+        raise ChibiError(f"--lora-lr must be > 0, got {lr}")
+    return MuonAdamW([dict(params=list(params), kind="adamw", lr=lr, betas=(0.9, 0.99), eps=1e-8,
+                           weight_decay=0.0, name="lora")])
