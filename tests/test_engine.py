@@ -412,3 +412,124 @@ def test_bench_infer_cli_rejects_bad_flags(capsys):
     assert main(["bench", "infer", "--dtypes", "float64"]) == 2
     assert main(["bench", "infer", "--clock", "cpu", "--threads", "2", "--device", "cpu"]) == 2
     assert "--threads 1" in capsys.readouterr().err
+
+
+# -- continuous batching ----------------------------------------------------------------------------
+
+
+def run_batcher(engine, specs, max_rows=16, join_after=3):
+    """Submit the first job, then the others once it has streamed `join_after` steps (so they join a
+    running batch at other positions); returns per job (texts per choice, result)."""
+    import threading
+
+    from chibichat.engine import Batcher, Job
+
+    batcher = Batcher(engine, max_rows=max_rows)
+    outs = [{"texts": [""] * s["n"], "result": None, "steps": 0, "done": threading.Event()} for s in specs]
+    started = threading.Event()
+
+    def emitter(out):
+        def emit(events):
+            out["steps"] += 1
+            if out["steps"] >= join_after:
+                started.set()
+            for kind, value in events:
+                if kind == "piece":
+                    out["texts"][value[0]] += value[1]
+                elif kind == "done":
+                    out["result"] = value
+                    out["done"].set()
+                    started.set()
+                else:
+                    out["result"] = value
+                    out["done"].set()
+        return emit
+
+    try:
+        for i, s in enumerate(specs):
+            job = Job(s["prompt"], s["n"], s["max_tokens"], SamplingParams(**s["params"]), s["seed"], s.get("tools"),
+                      emitter(outs[i]), tuple(s.get("stop", ())), s.get("top_logprobs"))  # fmt: skip
+            batcher.submit(job)
+            if i == 0:
+                assert started.wait(60)
+        for out in outs:
+            assert out["done"].wait(60)
+    finally:
+        batcher.stop(timeout=10)
+    assert batcher.rows == 0
+    return [(o["texts"], o["result"]) for o in outs]
+
+
+@pytest.mark.parametrize("layers", ["AA", "SA"])
+def test_batcher_output_equals_single_request_output(tok, rt, layers):
+    """Requests decoded together (joining a running batch at different positions, rows leaving as they
+    finish) give exactly the text, tokens and finish reasons each gives alone with the same seed."""
+    engine = Engine(random_model(tok, layers, seq_len=64), tok, rt)
+    specs = [
+        {"prompt": [tok.bos_id, *tok.encode("hello")], "n": 2, "max_tokens": 20, "seed": 1,
+         "params": {"temperature": 1.0, "top_k": 40}},
+        {"prompt": [tok.bos_id, *tok.encode("a longer prompt here")], "n": 1, "max_tokens": 9, "seed": 2,
+         "params": {"temperature": 0.0}, "top_logprobs": 2},
+        {"prompt": [tok.bos_id, 70], "n": 3, "max_tokens": 14, "seed": 3,
+         "params": {"temperature": 0.8, "top_p": 0.9, "presence_penalty": 1.5, "frequency_penalty": 0.5}},
+        {"prompt": [tok.bos_id, *tok.encode("xy")], "n": 1, "max_tokens": 16, "seed": 4,
+         "params": {"temperature": 1.2, "repetition_penalty": 1.3}, "stop": ("e",)},
+    ]  # fmt: skip
+    batched = run_batcher(engine, specs)
+    for s, (texts, result) in zip(specs, batched):
+        alone: dict = {}
+        p = s["params"]
+        pieces = list(engine.stream_choices(s["prompt"], s["n"], s["max_tokens"], p["temperature"], p.get("top_k"),
+                                            p.get("top_p"), p.get("repetition_penalty", 1.0), s["seed"], None, alone,
+                                            list(s.get("stop", ())), p.get("presence_penalty", 0.0),
+                                            p.get("frequency_penalty", 0.0), s.get("top_logprobs")))  # fmt: skip
+        want = [""] * s["n"]
+        for i, t in pieces:
+            want[i] += t
+        assert texts == want
+        assert [c["tokens"] for c in result["choices"]] == [c["tokens"] for c in alone["choices"]]
+        assert [c["finish_reason"] for c in result["choices"]] == [c["finish_reason"] for c in alone["choices"]]
+        if s.get("top_logprobs"):
+            got, ref = result["choices"][0]["logprobs"], alone["choices"][0]["logprobs"]
+            assert len(got) == len(ref) == len(result["choices"][0]["tokens"])
+            assert all(abs(a[0] - b[0]) < 1e-4 and [i for i, _ in a[1]] == [i for i, _ in b[1]] for a, b in zip(got, ref))
+    assert any(len(set(t)) > 1 for t, _ in batched[:1])  # sampled choices differ from each other
+
+
+def test_batcher_cancel_frees_rows_and_full_batch_waits(tok, rt):
+    """A cancelled job leaves at the next step; a job that does not fit the free rows waits for them."""
+    import threading
+    import time
+
+    from chibichat.engine import Batcher, Job
+
+    engine = Engine(random_model(tok, "A", seq_len=64), tok, rt)
+    batcher = Batcher(engine, max_rows=2)
+    events = {"a": [], "b": []}
+    seen_a = threading.Event()
+
+    def emit_a(ev):
+        events["a"].extend(ev)
+        seen_a.set()
+
+    try:
+        a = Job([tok.bos_id, 65], 2, 60, SamplingParams(1.0), 0, None, emit_a)
+        batcher.submit(a)
+        assert seen_a.wait(30)
+        b = Job([tok.bos_id, 66], 1, 3, SamplingParams(0.0), 0, None, events["b"].extend)
+        batcher.submit(b)
+        time.sleep(0.2)
+        assert batcher.rows == 2 and batcher.waiting == 1 and not events["b"]  # no free row for b yet
+        steps = batcher.steps
+        a.cancelled = True
+        deadline = time.time() + 30
+        while not any(k == "done" for k, _ in events["b"]) and time.time() < deadline:
+            time.sleep(0.01)
+        done_a = [v for k, v in events["a"] if k == "done"]
+        assert done_a and [c["finish_reason"] for c in done_a[0]["choices"]] == ["cancelled", "cancelled"]
+        # a's rows left within a step of the cancel: at most one more token each
+        assert all(c["completion_tokens"] <= steps + 2 for c in done_a[0]["choices"])
+        assert [v for k, v in events["b"] if k == "done"][0]["choices"][0]["completion_tokens"] == 3
+        assert batcher.rows == 0
+    finally:
+        batcher.stop(timeout=10)
