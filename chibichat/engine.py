@@ -948,6 +948,8 @@ class Batcher:
             self._send(job, pieces)
         if not keep:
             self._live.remove(live)
+            if self.metrics is not None:
+                self.metrics.observe_ended("done")
             self._send(job, [("done", choice_results(group.rows, live.texts, job.top_logprobs is not None))])
 
     def _free(self, live: _Live, r: int) -> None:

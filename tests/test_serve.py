@@ -1,5 +1,7 @@
-"""`chibichat serve`: the OpenAI client (unmodified) against uvicorn on 127.0.0.1, error bodies,
-malformed input, 32 concurrent streaming clients, and the page driven in headless Chromium."""
+"""`chibichat serve`: the OpenAI client (unmodified) against uvicorn on 127.0.0.1 on both routes and
+every parameter, refusals by name, error bodies, malformed input, API keys, /health and /metrics,
+cancellation on disconnect, timeouts, graceful shutdown, 32 concurrent streaming clients, and the page
+(with an API key) driven in headless Chromium."""
 
 import asyncio
 import json
@@ -12,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+from chibichat.serve.metrics import parse_metrics
 from chibichat.serve.protocol import Limits
 
 
@@ -80,7 +83,7 @@ def served(tmp_path_factory):
     torch.set_num_threads(1)
     home = make_home(tmp_path_factory.mktemp("serve") / "home")
     args = SimpleNamespace(home=str(home.root), device="cpu", dtype="float32", source="sft", tag=None, step=None,
-                           workers=2, max_queue=64)  # fmt: skip
+                           workers=2, max_queue=64, max_batch=32)  # fmt: skip
     pool, model_id, _ = build_pool(args)
     app = create_app(pool, model_id, Limits(max_messages=8, max_message_chars=200, max_total_chars=600,
                                             default_max_tokens=24))  # fmt: skip
@@ -255,7 +258,7 @@ def test_truncate_history_drops_oldest_and_says_so(served):
 
 def test_health_models_page_and_404(served):
     h = httpx.get(served.url + "/health").json()
-    assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96
+    assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96 and h["max_batch_rows"] == 32
     page = httpx.get(served.url + "/")
     assert page.status_code == 200 and "chat.js" in page.text
     js = httpx.get(served.url + "/static/chat.js")
@@ -290,7 +293,8 @@ def test_32_concurrent_streaming_clients_all_complete(served):
     assert len(results) == 32
     assert all(done and finish in ("stop", "length") for _, finish, done in results)
     assert sum(bool(text) for text, _, _ in results) >= 28  # a reply may legitimately be empty (immediate stop)
-    assert httpx.get(served.url + "/health").json()["available_workers"] == 2
+    h = httpx.get(served.url + "/health").json()
+    assert h["batch_rows"] == 0 and h["available_rows"] == 2 * 32 and h["waiting"] == 0
 
 
 # -- the page in headless Chromium, driven over the DevTools protocol (pipe transport) -------------
@@ -387,21 +391,40 @@ class DevTools:
         self.os.close(self.from_chrome)
 
 
-class SlowEngine:
-    """An engine whose text arrives at a human-visible pace, so the page can be seen streaming."""
+class SlowDecoder:
+    """A decoder whose steps take at least `delay_s`, so text arrives at a human-visible pace."""
 
-    def __init__(self, engine, delay_s):
-        self.inner, self.delay = engine, delay_s
-        self.tokenizer, self.seq_len = engine.tokenizer, engine.seq_len
+    def __init__(self, inner, delay_s):
+        self.inner, self.delay = inner, delay_s
 
-    def stream_choices(self, *args, **kwargs):
-        # The page sends no seed, so the server would draw a random one, and now and then the tiny test
-        # model ends its reply after a token or two: nothing left to watch stream. A fixed seed makes the
-        # reply (and the test) the same on every run.
-        kwargs["seed"] = 3
-        for piece in self.inner.stream_choices(*args, **kwargs):
-            time.sleep(self.delay)
-            yield piece
+    def new_state(self, *args):
+        return self.inner.new_state(*args)
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner.forward(*args, **kwargs)
+
+
+def slow_engine(engine, delay_s):
+    twin = engine.sibling()
+    slow = SlowDecoder(engine.decoder(), delay_s)
+    twin.decoder = lambda: slow
+    return twin
+
+
+def slow_pool(served, delay_s, seed=None, **kw):
+    """A one-replica pool over the fixture's model with slowed steps; `seed` fixes every request's seed
+    (the page sends none, and now and then the tiny test model ends a randomly seeded reply after a
+    token or two: nothing left to watch stream)."""
+    from chibichat.serve.pool import WorkerPool
+
+    class Pool(WorkerPool):
+        def submit(self, req):
+            if seed is not None:
+                req.seed = seed
+            return super().submit(req)
+
+    return Pool([slow_engine(served.pool.engines[0], delay_s)], **kw)
 
 
 @pytest.mark.slow
@@ -411,15 +434,19 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
     import os
 
     from chibichat.serve.app import create_app
-    from chibichat.serve.pool import WorkerPool
 
-    pool = WorkerPool([SlowEngine(e, 0.05) for e in served.pool.engines[:1]])
-    app = create_app(pool, served.model, Limits(default_max_tokens=40))
+    pool = slow_pool(served, 0.05, seed=3)
+    app = create_app(pool, served.model, Limits(default_max_tokens=40), api_key="page-key")
     browser = DevTools(tmp_path / "profile")
     try:
         with Server(app) as url:
             browser.open(url + "/")
-            browser.wait_for("document.readyState === 'complete' && chat.model !== null")
+            # the server wants a key: the page asks for it, then connects with it
+            browser.wait_for("document.readyState === 'complete' && !document.getElementById('auth').hidden")
+            assert browser.js("chat.model") is None
+            browser.js("document.getElementById('api-key').value = 'page-key'")
+            browser.js("document.getElementById('use-key').click()")
+            browser.wait_for("chat.model !== null")
             assert served.model in browser.js("document.getElementById('model').textContent")
             browser.js("document.getElementById('input').focus()")
             browser.call("Input.insertText", {"text": "こんにちは、元気ですか？"})
@@ -464,26 +491,26 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
 
 
 def test_busy_pool_answers_503_and_recovers(served):
-    import httpx as _httpx
-
     from chibichat.serve.app import create_app
-    from chibichat.serve.pool import WorkerPool
 
-    pool = WorkerPool([SlowEngine(served.pool.engines[0], 0.3)], max_queue=0)  # one worker, nobody may wait
+    pool = slow_pool(served, 0.1, max_queue=0, max_rows=8)  # one replica of 8 rows, nobody may wait
     app = create_app(pool, served.model, Limits(default_max_tokens=20))
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True,
-            "temperature": 0}  # greedy: a known reply of several tokens, each 0.3 s apart
+            "temperature": 0, "n": 8}  # greedy: a known reply of several tokens, 8 rows fill the batch
     try:
         with Server(app) as url:
-            with _httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
                 assert first.status_code == 200
-                second = _httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+                second = httpx.post(url + "/v1/chat/completions", json={**body, "n": 1}, timeout=60)
                 assert second.status_code == 503 and second.json()["error"]["code"] == "server_busy"
                 assert [ln for ln in first.iter_lines() if ln][-1] == "data: [DONE]"
             deadline = time.time() + 30
-            while _httpx.get(url + "/health").json()["available_workers"] != 1 and time.time() < deadline:
+            while httpx.get(url + "/health").json()["available_rows"] != 8 and time.time() < deadline:
                 time.sleep(0.05)
-            again = _httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+            again = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
             assert again.status_code == 200
+            m = parse_metrics(httpx.get(url + "/metrics").text)
+            assert m["chibichat_requests_rejected_total"] == 1
+            assert m['chibichat_requests_total{route="/v1/chat/completions",status="503"}'] == 1
     finally:
         pool.shutdown()
