@@ -930,8 +930,8 @@ class Batcher:
             text = live.texts[r].feed(tok, finished)
             if live.texts[r].stopped and not finished:
                 group.end(r)
-            if job.top_logprobs is not None:
-                live.pending_lp[r].append((tok, *group.rows[r].logprobs[-1]))
+            if job.top_logprobs is not None and not (finished and tok in self.engine.stop_ids):
+                live.pending_lp[r].append((tok, *group.rows[r].logprobs[-1]))  # the end token is not shown
             if text or (finished or live.texts[r].stopped) and live.pending_lp[r]:
                 pieces.append(("piece", (r, text, live.pending_lp[r])))
                 live.pending_lp[r] = []

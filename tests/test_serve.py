@@ -234,6 +234,15 @@ def test_stream_equals_non_stream_with_same_seed(served):
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 422, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", 1]}, 422, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "invalid_value"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400,
+         "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
+         "invalid_value"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "user": 7}, 422, "invalid_type"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, code):
@@ -514,3 +523,319 @@ def test_busy_pool_answers_503_and_recovers(served):
             assert m['chibichat_requests_total{route="/v1/chat/completions",status="503"}'] == 1
     finally:
         pool.shutdown()
+
+
+# -- the rest of the OpenAI surface ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "route, extra, param",
+    [
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ("chat", {"tool_choice": "auto"}, "tool_choice"),
+        ("chat", {"functions": [{"name": "f"}]}, "functions"),
+        ("chat", {"logit_bias": {"65": 5}}, "logit_bias"),
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"frobnicate": 1}, "frobnicate"),
+        ("chat", {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+         "stream_options.continuous_usage_stats"),
+        ("chat", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"suffix": "end"}, "suffix"),
+        ("completions", {"best_of": 3}, "best_of"),
+        ("completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("completions", {"messages": []}, "messages"),
+    ],
+)
+def test_unsupported_parameters_are_refused_by_name(served, route, extra, param):
+    body = {"model": served.model, "max_tokens": 4}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if route == "chat" else {"prompt": "hi"})
+    body.update(extra)
+    r = httpx.post(f"{served.url}/v1/{'chat/completions' if route == 'chat' else 'completions'}", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_parameter" and err["param"] == param and param in err["message"]
+
+
+def test_openai_client_tools_and_response_format_get_400_naming_them(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "what is 2+2"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=served.model, messages=msgs, tools=tools)
+    assert e.value.status_code == 400 and "'tools' is not supported" in str(e.value) and "built-in tool" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=served.model, messages=msgs, response_format={"type": "json_object"})
+    assert "'response_format'" in str(e.value)
+    # {"type": "text"} is what the server does anyway: accepted, like `user`
+    r = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=3, response_format={"type": "text"},
+                                       user="user-1234")  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_client_completions_route(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    r = client.completions.create(model=served.model, prompt="the cat", max_tokens=12, temperature=0, logprobs=2)
+    c = r.choices[0]
+    assert r.object == "text_completion" and c.finish_reason in ("stop", "length") and c.text
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens - (c.finish_reason == "stop")
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    # greedy: each chosen token is the most likely one
+    assert all(abs(v - max(t.values())) < 1e-5 for v, t in zip(lp.token_logprobs, lp.top_logprobs))
+    assert lp.text_offset[0] == 0 and all(a <= b for a, b in zip(lp.text_offset, lp.text_offset[1:]))
+    if c.text.isascii():
+        assert "".join(lp.tokens) == c.text
+    assert r.usage.prompt_tokens == 1 + len("the cat")  # <|bos|> + one byte-level token per character
+    # streaming: the same text, n choices with their indices, usage at the end
+    stream = client.completions.create(model=served.model, prompt="the cat", max_tokens=12, temperature=0, n=2,
+                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    texts, finish, usage = ["", ""], [None, None], None
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+        usage = chunk.usage or usage
+    assert texts == [c.text, c.text] and finish == [c.finish_reason] * 2
+    assert usage.completion_tokens == 2 * r.usage.completion_tokens
+    # seed: reproducible sampled completions; stop strings; max_tokens
+    a = client.completions.create(model=served.model, prompt="x", max_tokens=10, seed=11, temperature=1.0)
+    b = client.completions.create(model=served.model, prompt="x", max_tokens=10, seed=11, temperature=1.0)
+    assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens <= 10
+    text = c.text
+    if len(text) >= 6:
+        cut = client.completions.create(model=served.model, prompt="the cat", max_tokens=12, temperature=0, stop=text[3:5])
+        assert cut.choices[0].text == text[: text.find(text[3:5])] and cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs_and_max_completion_tokens(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, logprobs=True, top_logprobs=3,
+                                       max_completion_tokens=7)  # fmt: skip
+    c = r.choices[0]
+    assert r.usage.completion_tokens <= 7
+    content = c.logprobs.content
+    assert len(content) == r.usage.completion_tokens - (c.finish_reason == "stop")
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert abs(entry.logprob - entry.top_logprobs[0].logprob) < 1e-5  # greedy = the most likely token
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    # streamed logprobs: the same entries, spread over the chunks
+    stream = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, logprobs=True,
+                                            top_logprobs=3, max_completion_tokens=7, stream=True)  # fmt: skip
+    streamed = [e for ch in stream for x in ch.choices if x.logprobs for e in x.logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, max_tokens=7)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == c.message.content
+
+
+def test_presence_and_frequency_penalties_are_applied(served):
+    """The server's penalised reply is the engine's with the same penalties, and differs from the plain one."""
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    engine = served.pool.engines[0]
+    prompt = [engine.tokenizer.bos_id, *engine.tokenizer.encode("aaaa")]
+    got, want = {}, {}
+    for name, pp, fp in (("plain", 0.0, 0.0), ("presence", 2.0, 0.0), ("frequency", 0.0, 1.5)):
+        r = client.completions.create(model=served.model, prompt="aaaa", max_tokens=30, temperature=0,
+                                      presence_penalty=pp, frequency_penalty=fp)  # fmt: skip
+        got[name] = r.choices[0].text
+        want[name] = "".join(t for _, t in engine.stream_choices(prompt, 1, 30, 0.0, None, None, 1.0, 0, None, None, None,
+                                                                 presence_penalty=pp, frequency_penalty=fp))
+    assert got == want
+    assert got["presence"] != got["plain"] and got["frequency"] != got["plain"]
+    assert len(set(got["presence"])) >= len(set(got["plain"]))  # a presence penalty spreads the reply over more characters
+
+
+def test_builtin_tool_call_visible_in_the_response(served):
+    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls."""
+    from chibichat.serve.app import create_app
+    from chibichat.serve.pool import WorkerPool
+
+    eng = served.pool.engines[0]
+    tok = eng.tokenizer
+    script = [tok.special_id("<|python_start|>"), *tok.encode("6*7"), tok.special_id("<|python_end|>")]
+
+    class Scripted:  # the fixture model's decoder, but the reply opens with a calculator call
+        def __init__(self, inner):
+            self.inner = inner
+
+        def new_state(self, *a):
+            return self.inner.new_state(*a)
+
+        def forward(self, ids, state, **kw):
+            logits = self.inner.forward(ids, state, **kw)
+            for b, n in enumerate(state.lengths):
+                k = n - prompt_len
+                if 0 <= k < len(script):
+                    logits[b, -1, script[k]] = 1e4
+            return logits
+
+    twin = eng.sibling()
+    dec = Scripted(eng.decoder())
+    twin.decoder = lambda: dec
+    pool = WorkerPool([twin])
+    app = create_app(pool, served.model, Limits(default_max_tokens=16))
+    msgs = [{"role": "user", "content": "6*7?"}]
+    from chibichat.render import render_prompt
+
+    prompt_len = len(render_prompt(tok, {"messages": msgs}, max_len=95).ids)
+    try:
+        with Server(app) as url:
+            body = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": msgs,
+                              "temperature": 0, "max_tokens": 16}, timeout=60).json()  # fmt: skip
+    finally:
+        pool.shutdown()
+    assert body["choices"][0]["message"]["content"].startswith("<<6*7=42>>")
+    assert body["chibichat"]["tool_calls"] == [[{"expression": "6*7", "output": "42"}]]
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+
+def test_api_key_required_on_the_api_and_metrics(served):
+    import openai
+
+    from chibichat.serve.app import create_app
+
+    app = create_app(served.pool, served.model, Limits(default_max_tokens=8), api_key="s3cret-key")
+    with Server(app) as url:
+        with pytest.raises(openai.AuthenticationError) as e:
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+        assert e.value.status_code == 401 and "API key" in str(e.value)
+        assert httpx.post(url + "/v1/completions", json={"model": served.model, "prompt": "x"}).status_code == 401
+        assert httpx.get(url + "/metrics").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret-key")
+        assert [m.id for m in client.models.list().data] == [served.model]
+        r = client.completions.create(model=served.model, prompt="x", max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        # the page and /health stay open (the page asks for the key itself)
+        assert httpx.get(url + "/").status_code == 200 and httpx.get(url + "/health").json()["auth"] is True
+
+
+def test_api_key_flags(tmp_path):
+    from chibichat.common import ChibiError
+    from chibichat.stages.serve import api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert api_key(SimpleNamespace(api_key=None, api_key_file=str(key_file))) == "from-file"
+    assert api_key(SimpleNamespace(api_key="k", api_key_file=None)) == "k"
+    with pytest.raises(ChibiError, match="not both"):
+        api_key(SimpleNamespace(api_key="k", api_key_file=str(key_file)))
+    key_file.write_text("\n")
+    with pytest.raises(ChibiError, match="non-empty"):
+        api_key(SimpleNamespace(api_key=None, api_key_file=str(key_file)))
+    with pytest.raises(ChibiError, match="cannot read --api-key-file"):
+        api_key(SimpleNamespace(api_key=None, api_key_file=str(tmp_path / "missing")))
+
+
+def test_disconnect_cancels_generation_and_frees_its_rows(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.05)
+    app = create_app(pool, served.model, Limits(default_max_tokens=80))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "stream": True,
+            "temperature": 0}  # fmt: skip
+    try:
+        with Server(app) as url:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                got = 0
+                for line in r.iter_lines():
+                    got += line.startswith("data: ")
+                    if got == 4:
+                        break
+                assert pool.rows == 1
+            # the connection is closed: the request ends as cancelled and its row leaves the batch
+            deadline, m = time.time() + 20, {}
+            while time.time() < deadline:
+                m = parse_metrics(httpx.get(url + "/metrics").text)
+                if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
+                    break
+                time.sleep(0.02)
+            assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
+            assert m["chibichat_batch_rows"] == 0 and m["chibichat_queue_depth"] == 0 and pool.rows == 0
+            assert m["chibichat_completion_tokens_total"] < 40  # far from the 80 asked for: generation stopped
+            assert m["chibichat_time_to_first_token_seconds_count"] == 1
+            assert m["chibichat_inter_token_latency_seconds_count"] >= 2
+            assert m["chibichat_decode_rows_total"] == m["chibichat_decode_steps_total"]  # one row per step
+            assert m["chibichat_ready"] == 1 and m["chibichat_batch_max_rows"] == 32
+    finally:
+        pool.shutdown()
+
+
+def test_request_timeout(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.05)
+    app = create_app(pool, served.model, Limits(default_max_tokens=60, timeout_s=0.3))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 0}
+    try:
+        with Server(app) as url:
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout" and "0.3 s" in r.json()["error"]["message"]
+            deltas = []
+            with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+                assert s.status_code == 200
+                deltas = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ")]
+            assert deltas[-1]["error"]["code"] == "timeout"  # in-band, after some text
+            m = parse_metrics(httpx.get(url + "/metrics").text)
+            assert m['chibichat_requests_finished_total{reason="timeout"}'] == 2 and pool.rows == 0
+    finally:
+        pool.shutdown()
+
+
+def test_graceful_shutdown_finishes_in_flight_streams(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.03)
+    app = create_app(pool, served.model, Limits(default_max_tokens=30))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "stream": True,
+            "temperature": 0}  # fmt: skip
+    server = Server(app)
+    try:
+        with server as url:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                lines = iter(r.iter_lines())
+                first = next(ln for ln in lines if ln.startswith("data: "))
+                server.server.should_exit = True  # what SIGINT/SIGTERM do
+                rest = [ln for ln in lines if ln.startswith("data: ")]
+            assert first and rest[-1] == "data: [DONE]"
+            server.thread.join(timeout=30)
+            assert not server.thread.is_alive()
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(url + "/health")
+    finally:
+        pool.shutdown()
+
+
+def test_health_says_loading_until_the_model_is_ready(served):
+    from chibichat.serve.app import create_app
+
+    release = threading.Event()
+
+    def load():
+        assert release.wait(30)
+        return served.pool
+
+    app = create_app(None, served.model, Limits(default_max_tokens=8), load=load)
+    with Server(app) as url:
+        h = httpx.get(url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        r = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert parse_metrics(httpx.get(url + "/metrics").text)["chibichat_ready"] == 0
+        release.set()
+        deadline = time.time() + 10
+        while httpx.get(url + "/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(url + "/health").json()["status"] == "ok"
