@@ -839,3 +839,49 @@ def test_health_says_loading_until_the_model_is_ready(served):
         while httpx.get(url + "/health").status_code != 200 and time.time() < deadline:
             time.sleep(0.02)
         assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+# -- bench serve -------------------------------------------------------------------------------------
+
+
+def test_percentile():
+    from chibichat.bench.serve import percentile
+
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([float(i) for i in range(101)], 95) == 95.0
+
+
+def test_bench_serve_against_a_running_server(served, tmp_path, capsys):
+    from chibichat.bench.serve import run
+
+    out = tmp_path / "bench.json"
+    args = SimpleNamespace(clients="1,3", rounds=1, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
+                           url=served.url, api_key=None, json=str(out))  # fmt: skip
+    assert run(args) == 0
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [1, 3]
+    assert all(lv["ok"] == lv["requests"] and lv["failed"] == 0 and lv["busy_503"] == 0 for lv in levels)
+    assert all(0 < lv["completion_tokens"] <= 5 * lv["requests"] and lv["ttft_ms_p50"] > 0 for lv in levels)
+    assert "| clients |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_serve_starts_the_real_server_with_a_key(served, tmp_path):
+    """`chibichat bench serve` starts `chibichat serve` (a subprocess: loading in the background, --api-key,
+    --max-batch, --max-queue) and drives it: every request is served or answered 503, none fails (how many
+    503s depends on how fast the 8 rows free up; the 503 itself is tested in test_busy_pool_...)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "chibichat", "bench", "serve", "--home", str(served.home.root), "--device", "cpu",
+           "--dtype", "float32", "--clients", "12", "--rounds", "1", "--max-tokens", "40", "--max-batch", "8",
+           "--max-queue", "1", "--api-key", "k3y", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    (level,) = json.loads(out.read_text())["levels"]
+    assert level["requests"] == 12 and level["failed"] == 0, level
+    assert level["ok"] >= 8 and level["ok"] + level["busy_503"] == 12 and level["completion_tokens"] > 0
