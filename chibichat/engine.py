@@ -13,6 +13,10 @@ Flow of one `generate` call:
    `<|output_start|>` result `<|output_end|>` is queued; queued tokens are fed one per step instead of
    sampling and flagged forced=1 (RL leaves them out of the loss). A failed tool call injects nothing.
 
+Continuous batching (`Batcher`, used by the server): one decode loop per model replica keeps a batch
+of rows from many requests; requests join and leave between steps, each sampled by its own `_Group`
+(the same class the loop above uses), so a request's output does not depend on its batch-mates.
+
 Per-step host work is kept small (one device->host copy of the sampled ids per step, plain Python
 lists for row bookkeeping) because on small models that overhead, not arithmetic, bounds tokens/s.
 """
@@ -721,11 +725,13 @@ class Batcher:
     """Continuous batching for one model replica: one decode loop (a thread) owns a batch of live rows.
 
     Each step: jobs that were cancelled or ran past their timeout leave; waiting jobs are admitted
-    while free rows remain (each prefilled alone, batch 1, and its n rows join); every job draws the
-    next token of each of its rows from those rows' logits with its own `_Group` (own seeded generator,
-    sampling settings, penalty counts, tool calls, stop strings, logprobs); rows that finished leave;
-    then one forward step feeds every remaining row its token. A job's output is therefore the one
-    `Engine.stream_choices` gives for the same arguments (tested), whatever else shares the batch.
+    while free rows remain (prompts of one length prefilled together, like `generate` does, and each
+    job's n rows join); every job draws the next token of each of its rows from those rows' logits with
+    its own `_Group` (own seeded generator, sampling settings, penalty counts, tool calls, stop strings,
+    logprobs); rows that finished leave; then one forward step feeds every remaining row its token. A
+    job's output is therefore the one `Engine.stream_choices` gives for the same arguments (tested),
+    whatever else shares the batch (up to float rounding of matmuls over a different number of rows,
+    which can only matter where two tokens' logits tie to the last bits).
 
     State layout: slot-based. One `InferenceState` of `capacity` rows x seq_len positions (grown by
     doubling up to `max_rows`) holds every row's KV cache and SLC2 conv history; live rows occupy
@@ -834,13 +840,22 @@ class Batcher:
                 self._finish(live, "cancelled")
             elif job.timeout_s is not None and now - job.submitted > job.timeout_s:
                 self._finish(live, "timeout")
+        by_len: dict[int, list] = {}  # prompts of one length are prefilled together
         for job in admit:
             if job.cancelled:
                 continue
             try:
-                self._admit(job)
+                checked = self._check(job)
             except Exception as e:
                 self._send(job, [("error", e)])
+                continue
+            by_len.setdefault(len(job.prompt), []).append((job, *checked))
+        for group in by_len.values():
+            try:
+                self._admit(group)
+            except Exception as e:
+                for job, *_ in group:
+                    self._send(job, [("error", e)])
         if not self._live:
             return
         stamp = time.monotonic()
@@ -872,36 +887,42 @@ class Batcher:
             else:
                 live.logits = logits.index_select(0, torch.tensor(slots, device=logits.device))
 
-    def _admit(self, job: Job) -> None:
-        """Prefill the job's prompt (batch 1) into free slots; its first draw comes from the prefill."""
+    def _check(self, job: Job):
+        """(max_tokens, tools, stop strings) of a job, or the ChibiError that refuses it."""
+        max_tokens, tools = self.engine._check([job.prompt], job.n, job.max_tokens, job.tools)
+        job.params.validate()
+        return max_tokens, tools, self.engine._check_stops(job.stop)
+
+    def _admit(self, jobs: list) -> None:
+        """Prefill prompts of one length together into free slots; each job's first draw comes from
+        its row of that prefill. jobs: [(job, max_tokens, tools, stops)]."""
         import torch
 
         eng = self.engine
-        max_tokens, tools = eng._check([job.prompt], job.n, job.max_tokens, job.tools)
-        job.params.validate()
-        stops = eng._check_stops(job.stop)
         decoder = eng.decoder()
-        P = len(job.prompt)
+        P = len(jobs[0][0].prompt)
         with torch.inference_mode():
-            pre = decoder.new_state(1, P)
-            ids = torch.tensor([job.prompt], dtype=torch.long, device=eng.rt.device)
+            pre = decoder.new_state(len(jobs), P)
+            ids = torch.tensor([job.prompt for job, *_ in jobs], dtype=torch.long, device=eng.rt.device)
             logits = decoder.forward(ids, pre, last_only=True, check_ids=False)[:, -1]
-            self._ensure_capacity(len(self._slots) + job.n)
-            group = _Group(eng, job.n, max_tokens, job.params, job.seed, tools, job.top_logprobs)
-            live = _Live(job, group, [_ChoiceText(eng, stops) for _ in range(job.n)], logits.expand(job.n, -1))
-            for r in range(job.n):
-                slot = len(self._slots)
-                for dst, src in zip(self._state.layers, pre.layers):
-                    for d, s_ in zip(dst, src):
-                        if d.dim() == 4:  # attention cache (rows, kv heads, positions, head dim)
-                            d[slot, :, :P].copy_(s_[0, :, :P])
-                        else:  # SLC2 history
-                            d[slot].copy_(s_[0])
-                self._state.pos[slot] = P
-                self._slots.append((live, r))
-                self._lengths.append(P)
-                live.slot[r] = slot
-        self._live.append(live)
+            self._ensure_capacity(len(self._slots) + sum(job.n for job, *_ in jobs))
+            for j, (job, max_tokens, tools, stops) in enumerate(jobs):
+                group = _Group(eng, job.n, max_tokens, job.params, job.seed, tools, job.top_logprobs)
+                texts = [_ChoiceText(eng, stops) for _ in range(job.n)]
+                live = _Live(job, group, texts, logits[j : j + 1].expand(job.n, -1))
+                for r in range(job.n):
+                    slot = len(self._slots)
+                    for dst, src in zip(self._state.layers, pre.layers):
+                        for d, s_ in zip(dst, src):
+                            if d.dim() == 4:  # attention cache (rows, kv heads, positions, head dim)
+                                d[slot, :, :P].copy_(s_[j, :, :P])
+                            else:  # SLC2 history
+                                d[slot].copy_(s_[j])
+                    self._state.pos[slot] = P
+                    self._slots.append((live, r))
+                    self._lengths.append(P)
+                    live.slot[r] = slot
+                self._live.append(live)
 
     def _ensure_capacity(self, rows: int) -> None:
         import torch

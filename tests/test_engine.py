@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from chibichat.common import ChibiError, init_runtime
-from chibichat.engine import Engine, SamplingParams, apply_repetition_penalty, sample_next, sampling_probs
+from chibichat.engine import (Engine, SamplingParams, apply_penalties, apply_repetition_penalty, sample_next,
+                              sampling_probs)
 from chibichat.model.gpt import GPT, GPTConfig
 from chibichat.tokenizer import Tokenizer
 
@@ -474,6 +475,8 @@ def test_batcher_output_equals_single_request_output(tok, rt, layers):
          "params": {"temperature": 0.8, "top_p": 0.9, "presence_penalty": 1.5, "frequency_penalty": 0.5}},
         {"prompt": [tok.bos_id, *tok.encode("xy")], "n": 1, "max_tokens": 16, "seed": 4,
          "params": {"temperature": 1.2, "repetition_penalty": 1.3}, "stop": ("e",)},
+        {"prompt": [tok.bos_id, *tok.encode("zw")], "n": 2, "max_tokens": 12, "seed": 5,
+         "params": {"temperature": 0.9}},  # as long as the previous prompt: both are prefilled together
     ]  # fmt: skip
     batched = run_batcher(engine, specs)
     for s, (texts, result) in zip(specs, batched):
@@ -533,3 +536,18 @@ def test_batcher_cancel_frees_rows_and_full_batch_waits(tok, rt):
         assert batcher.rows == 0
     finally:
         batcher.stop(timeout=10)
+
+
+def test_presence_and_frequency_penalties_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    counts = torch.tensor([[3.0, 1.0, 0.0, 0.0]])
+    got = apply_penalties(logits, counts, SamplingParams(1.0, presence_penalty=0.5, frequency_penalty=0.25))
+    assert torch.allclose(got, torch.tensor([[2.0 - 0.5 - 0.75, -1.0 - 0.5 - 0.25, 0.5, 1.0]]))
+    # negative values encourage repeats; the repetition penalty composes (applied first)
+    got = apply_penalties(logits, counts, SamplingParams(1.0, repetition_penalty=2.0, presence_penalty=-1.0))
+    assert torch.allclose(got, torch.tensor([[1.0 + 1.0, -2.0 + 1.0, 0.5, 1.0]]))
+    # greedy with a frequency penalty picks the best token the row has used least
+    assert sample_next(logits, SamplingParams(0.0, frequency_penalty=1.0), None, counts=counts).tolist() == [3]
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"presence_penalty": "1"}):
+        with pytest.raises(ChibiError, match=next(iter(bad))):
+            SamplingParams(1.0, **bad).validate()

@@ -653,6 +653,10 @@ def test_presence_and_frequency_penalties_are_applied(served):
     assert got == want
     assert got["presence"] != got["plain"] and got["frequency"] != got["plain"]
     assert len(set(got["presence"])) >= len(set(got["plain"]))  # a presence penalty spreads the reply over more characters
+    msgs = [{"role": "user", "content": "aaaa"}]
+    chat = [client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0,
+                                           frequency_penalty=fp).choices[0].message.content for fp in (0.0, 1.5)]  # fmt: skip
+    assert chat[0] != chat[1]
 
 
 def test_builtin_tool_call_visible_in_the_response(served):
