@@ -798,17 +798,31 @@ class Batcher:
     # -- the loop (its own thread) --------------------------------------------------------------
 
     def _run(self) -> None:
+        import time
+
         while True:
             with self._cond:
                 while not self._live and not self._waiting and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     break
-                admit, free = [], self.max_rows - len(self._slots)
-                while self._waiting and self._waiting[0].n <= free:
-                    job = self._waiting.popleft()
-                    free -= job.n
-                    admit.append(job)
+                admit, dropped, free = [], [], self.max_rows - len(self._slots)
+                now = time.monotonic()
+                while self._waiting:
+                    job = self._waiting[0]
+                    if job.cancelled or (job.timeout_s is not None and now - job.submitted > job.timeout_s):
+                        dropped.append(self._waiting.popleft())  # gone or too late before it got rows
+                    elif job.n <= free:
+                        free -= job.n
+                        admit.append(self._waiting.popleft())
+                    else:
+                        break
+            for job in dropped:
+                reason = "cancelled" if job.cancelled else "timeout"
+                if self.metrics is not None:
+                    self.metrics.observe_ended(reason)
+                if reason == "timeout":
+                    self._send(job, [("error", TimeoutError(f"the request waited past its time limit of {job.timeout_s} s"))])
             try:
                 self._step(admit)
             except BaseException as e:  # a failing step fails its jobs, never the loop
@@ -842,8 +856,6 @@ class Batcher:
                 self._finish(live, "timeout")
         by_len: dict[int, list] = {}  # prompts of one length are prefilled together
         for job in admit:
-            if job.cancelled:
-                continue
             try:
                 checked = self._check(job)
             except Exception as e:

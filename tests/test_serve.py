@@ -401,27 +401,32 @@ class DevTools:
 
 
 class SlowDecoder:
-    """A decoder whose steps take at least `delay_s`, so text arrives at a human-visible pace."""
+    """A decoder whose steps take at least `delay_s`, so text arrives at a human-visible pace; with
+    `endless`, the end tokens are never sampled, so every reply runs to its max_tokens (the fixture's
+    greedy chat replies end after a few tokens)."""
 
-    def __init__(self, inner, delay_s):
-        self.inner, self.delay = inner, delay_s
+    def __init__(self, inner, delay_s, endless=()):
+        self.inner, self.delay, self.endless = inner, delay_s, list(endless)
 
     def new_state(self, *args):
         return self.inner.new_state(*args)
 
     def forward(self, *args, **kwargs):
         time.sleep(self.delay)
-        return self.inner.forward(*args, **kwargs)
+        logits = self.inner.forward(*args, **kwargs)
+        if self.endless:
+            logits[..., self.endless] = float("-inf")
+        return logits
 
 
-def slow_engine(engine, delay_s):
+def slow_engine(engine, delay_s, endless=False):
     twin = engine.sibling()
-    slow = SlowDecoder(engine.decoder(), delay_s)
+    slow = SlowDecoder(engine.decoder(), delay_s, sorted(engine.stop_ids) if endless else ())
     twin.decoder = lambda: slow
     return twin
 
 
-def slow_pool(served, delay_s, seed=None, **kw):
+def slow_pool(served, delay_s, seed=None, endless=False, **kw):
     """A one-replica pool over the fixture's model with slowed steps; `seed` fixes every request's seed
     (the page sends none, and now and then the tiny test model ends a randomly seeded reply after a
     token or two: nothing left to watch stream)."""
@@ -433,7 +438,7 @@ def slow_pool(served, delay_s, seed=None, **kw):
                 req.seed = seed
             return super().submit(req)
 
-    return Pool([slow_engine(served.pool.engines[0], delay_s)], **kw)
+    return Pool([slow_engine(served.pool.engines[0], delay_s, endless)], **kw)
 
 
 @pytest.mark.slow
@@ -502,10 +507,10 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
 def test_busy_pool_answers_503_and_recovers(served):
     from chibichat.serve.app import create_app
 
-    pool = slow_pool(served, 0.1, max_queue=0, max_rows=8)  # one replica of 8 rows, nobody may wait
+    pool = slow_pool(served, 0.1, endless=True, max_queue=0, max_rows=8)  # one replica of 8 rows, nobody may wait
     app = create_app(pool, served.model, Limits(default_max_tokens=20))
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True,
-            "temperature": 0, "n": 8}  # greedy: a known reply of several tokens, 8 rows fill the batch
+            "temperature": 0, "n": 8}  # 8 rows of 20 tokens, 0.1 s apart, fill the batch for 2 s
     try:
         with Server(app) as url:
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
@@ -653,10 +658,16 @@ def test_presence_and_frequency_penalties_are_applied(served):
     assert got == want
     assert got["presence"] != got["plain"] and got["frequency"] != got["plain"]
     assert len(set(got["presence"])) >= len(set(got["plain"]))  # a presence penalty spreads the reply over more characters
-    msgs = [{"role": "user", "content": "aaaa"}]
-    chat = [client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0,
-                                           frequency_penalty=fp).choices[0].message.content for fp in (0.0, 1.5)]  # fmt: skip
-    assert chat[0] != chat[1]
+    # the chat route passes them on too: its reply is the engine's on the rendered prompt
+    from chibichat.render import render_prompt
+
+    msgs = [{"role": "user", "content": "go on"}]
+    ids = render_prompt(engine.tokenizer, {"messages": msgs}, max_len=engine.seq_len - 1).ids
+    r = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0,
+                                       presence_penalty=1.0, frequency_penalty=1.5)  # fmt: skip
+    want = "".join(t for _, t in engine.stream_choices(ids, 1, 30, 0.0, None, None, 1.0, 0, "calculator", None, None,
+                                                       presence_penalty=1.0, frequency_penalty=1.5))  # fmt: skip
+    assert r.choices[0].message.content == want
 
 
 def test_builtin_tool_call_visible_in_the_response(served):
@@ -746,7 +757,7 @@ def test_api_key_flags(tmp_path):
 def test_disconnect_cancels_generation_and_frees_its_rows(served):
     from chibichat.serve.app import create_app
 
-    pool = slow_pool(served, 0.05)
+    pool = slow_pool(served, 0.05, endless=True)
     app = create_app(pool, served.model, Limits(default_max_tokens=80))
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "stream": True,
             "temperature": 0}  # fmt: skip
@@ -780,7 +791,7 @@ def test_disconnect_cancels_generation_and_frees_its_rows(served):
 def test_request_timeout(served):
     from chibichat.serve.app import create_app
 
-    pool = slow_pool(served, 0.05)
+    pool = slow_pool(served, 0.05, endless=True)
     app = create_app(pool, served.model, Limits(default_max_tokens=60, timeout_s=0.3))
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 0}
     try:
@@ -790,7 +801,9 @@ def test_request_timeout(served):
             deltas = []
             with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
                 assert s.status_code == 200
-                deltas = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ")]
+                lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+            assert lines[-1] != "data: [DONE]", lines
+            deltas = [json.loads(ln[6:]) for ln in lines]
             assert deltas[-1]["error"]["code"] == "timeout"  # in-band, after some text
             m = parse_metrics(httpx.get(url + "/metrics").text)
             assert m['chibichat_requests_finished_total{reason="timeout"}'] == 2 and pool.rows == 0
@@ -801,7 +814,7 @@ def test_request_timeout(served):
 def test_graceful_shutdown_finishes_in_flight_streams(served):
     from chibichat.serve.app import create_app
 
-    pool = slow_pool(served, 0.03)
+    pool = slow_pool(served, 0.03, endless=True)
     app = create_app(pool, served.model, Limits(default_max_tokens=30))
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "stream": True,
             "temperature": 0}  # fmt: skip
