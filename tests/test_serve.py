@@ -754,6 +754,22 @@ def test_api_key_flags(tmp_path):
         api_key(SimpleNamespace(api_key=None, api_key_file=str(tmp_path / "missing")))
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("max_batch", 4, "--max-batch must be >= 8"), ("timeout", -1.0, "--timeout must be >= 0"),
+     ("shutdown_grace", -2.0, "--shutdown-grace must be >= 0"), ("workers", 0, "--workers must be >= 1"),
+     ("max_queue", -1, "--max-queue must be >= 0"), ("port", 70000, "--port must be in 1..65535")],
+)
+def test_serve_flags_are_checked_before_loading(flag, value, message):
+    from chibichat.common import ChibiError
+    from chibichat.stages.serve import check_args
+
+    ok = dict(port=8000, max_queue=64, max_tokens=512, max_batch=32, timeout=300.0, shutdown_grace=30.0, workers=None)
+    check_args(SimpleNamespace(**ok))
+    with pytest.raises(ChibiError, match=message):
+        check_args(SimpleNamespace(**{**ok, flag: value}))
+
+
 def test_disconnect_cancels_generation_and_frees_its_rows(served):
     from chibichat.serve.app import create_app
 

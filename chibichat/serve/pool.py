@@ -11,6 +11,7 @@ step and request); a client that goes away cancels its request, whose rows leave
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -81,6 +82,10 @@ class WorkerPool:
         self.max_queue, self.max_rows = max_queue, max_rows
         self.metrics = metrics or Metrics()
         self.batchers = [Batcher(e, max_rows, self.metrics, name=f"replica{i}") for i, e in enumerate(self.engines)]
+        # Events from the decode threads are handed to the event loop in one callback per batch of
+        # emits (not one wake-up per request and step): with 32 streams that is 1 loop wake-up per step.
+        self._outbox: list = []
+        self._outbox_lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
@@ -104,6 +109,13 @@ class WorkerPool:
         for b in self.batchers:
             b.stop(timeout)
 
+    def _deliver(self) -> None:
+        """On the event loop: hand every buffered batch of events to its request's queue."""
+        with self._outbox_lock:
+            box, self._outbox = self._outbox, []
+        for queue, events in box:
+            queue.put_nowait(events)
+
     def submit(self, req: GenerationRequest) -> Stream:
         """Start a generation (call on the event loop). PoolBusy when no replica has free rows for it
         and max_queue requests are already waiting."""
@@ -117,7 +129,11 @@ class WorkerPool:
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(events):  # decode thread -> event loop
-            loop.call_soon_threadsafe(queue.put_nowait, events)
+            with self._outbox_lock:
+                wake = not self._outbox
+                self._outbox.append((queue, events))
+            if wake:
+                loop.call_soon_threadsafe(self._deliver)
 
         params = SamplingParams(req.temperature, req.top_k, req.top_p, 1.0, req.presence_penalty, req.frequency_penalty)
         job = Job(req.prompt, req.n, req.max_tokens, params, req.seed, req.tools, emit, tuple(req.stop),
