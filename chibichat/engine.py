@@ -233,15 +233,16 @@ class _Group:
         self.counts = None  # (live, V) tokens produced per row, when a penalty needs them
         self.top_logprobs = top_logprobs
 
-    def sample(self, logits) -> list[tuple[int, int, int, bool]]:
-        """Next token of every live row -> [(row, token, forced, finished)]."""
+    def sample(self, logits, drawn: list[int] | None = None) -> list[tuple[int, int, int, bool]]:
+        """Next token of every live row -> [(row, token, forced, finished)]. `drawn`: the draws already
+        made for these rows by `draw_together` (same values as sample_next would give)."""
         import torch
 
         dev = logits.device
         with torch.inference_mode():
             if self.counts is None and self.params.penalised:
                 self.counts = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
-            sampled = sample_next(logits, self.params, self.generator, counts=self.counts).tolist()
+            sampled = drawn if drawn is not None else sample_next(logits, self.params, self.generator, counts=self.counts).tolist()
         emitted = []
         for b, r in enumerate(self.live):
             row = self.rows[r]
@@ -298,6 +299,50 @@ class _Group:
     def feed(self) -> list[int]:
         """The token each live row feeds to the next step."""
         return [self.rows[r].tokens[-1] for r in self.live]
+
+
+def draw_together(groups: list) -> list:
+    """sample_next for many row groups at once, where that gives the same values: groups [(group,
+    logits)] with the same temperature and top-k, no top-p and no penalty are drawn in one batched
+    computation; each group still takes its uniforms from its own generator with the shape sample_next
+    uses, and every other operation is row-wise, so each row's draw is the one sample_next makes.
+    Returns, per group, the drawn ids, or None where the group must call sample_next itself."""
+    import torch
+
+    out: list = [None] * len(groups)
+    buckets: dict = {}
+    for i, (group, logits) in enumerate(groups):
+        p = group.params
+        V = logits.shape[-1]
+        if p.penalised or (p.top_p is not None and p.top_p < 1.0):
+            continue
+        k = p.top_k if p.top_k is not None and p.top_k < V else None
+        buckets.setdefault((p.temperature, k), []).append(i)
+    for (temperature, k), idx in buckets.items():
+        if len(idx) < 2:
+            continue
+        with torch.inference_mode():
+            logits = torch.cat([groups[i][1] for i in idx])
+            if temperature == 0:
+                ids = torch.argmax(logits, dim=-1)
+            else:
+                logits = logits.float() / temperature
+                if k is not None:
+                    vals, top = torch.topk(logits, k, dim=-1)
+                    probs = torch.softmax(vals, dim=-1)
+                else:
+                    probs = torch.softmax(logits, dim=-1)
+                uniform = torch.cat([torch.rand((groups[i][1].shape[0], probs.shape[-1]), generator=groups[i][0].generator,
+                                                device=probs.device, dtype=torch.float32) for i in idx])  # fmt: skip
+                ids = torch.argmax(probs / -torch.log(uniform), dim=-1)
+                if k is not None:
+                    ids = top.gather(-1, ids[:, None]).squeeze(-1)
+            ids = ids.tolist()
+        at = 0
+        for i in idx:
+            n = groups[i][1].shape[0]
+            out[i], at = ids[at : at + n], at + n
+    return out
 
 
 class _ChoiceText:
@@ -871,8 +916,9 @@ class Batcher:
         if not self._live:
             return
         stamp = time.monotonic()
-        for live in list(self._live):
-            self._sample(live, stamp)
+        drawn = draw_together([(live.group, live.logits) for live in self._live])
+        for live, d in zip(list(self._live), drawn):
+            self._sample(live, stamp, d)
         if not self._slots:
             return
         n = len(self._slots)
@@ -954,10 +1000,10 @@ class Batcher:
                 new.pos[:n] = state.pos[:n]
         self._state = new
 
-    def _sample(self, live: _Live, stamp: float) -> None:
+    def _sample(self, live: _Live, stamp: float, drawn: list[int] | None = None) -> None:
         """One draw for every row of a job; stream its text; rows that end leave the batch."""
         group, job = live.group, live.job
-        emitted = group.sample(live.logits)
+        emitted = group.sample(live.logits, drawn)
         pieces = []
         for r, tok, _, finished in emitted:
             text = live.texts[r].feed(tok, finished)

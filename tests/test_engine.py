@@ -477,6 +477,11 @@ def test_batcher_output_equals_single_request_output(tok, rt, layers):
          "params": {"temperature": 1.2, "repetition_penalty": 1.3}, "stop": ("e",)},
         {"prompt": [tok.bos_id, *tok.encode("zw")], "n": 2, "max_tokens": 12, "seed": 5,
          "params": {"temperature": 0.9}},  # as long as the previous prompt: both are prefilled together
+        # settings shared with another job: drawn together with it (engine.draw_together)
+        {"prompt": [tok.bos_id, 71, 72], "n": 2, "max_tokens": 18, "seed": 6,
+         "params": {"temperature": 1.0, "top_k": 40}},
+        {"prompt": [tok.bos_id, 73], "n": 1, "max_tokens": 10, "seed": 7, "params": {"temperature": 0.0}},
+        {"prompt": [tok.bos_id, 74, 75, 76], "n": 1, "max_tokens": 15, "seed": 8, "params": {"temperature": 0.9}},
     ]  # fmt: skip
     batched = run_batcher(engine, specs)
     for s, (texts, result) in zip(specs, batched):
@@ -551,3 +556,24 @@ def test_presence_and_frequency_penalties_by_hand():
     for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"presence_penalty": "1"}):
         with pytest.raises(ChibiError, match=next(iter(bad))):
             SamplingParams(1.0, **bad).validate()
+
+
+def test_draw_together_equals_sample_next(tok, rt):
+    from chibichat.engine import _Group, draw_together
+
+    engine = Engine(random_model(tok, "A"), tok, rt)
+    V = tok.vocab_size
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(n, V, generator=g) * 3 for n in (1, 3, 2)]
+    for params in (SamplingParams(0.0), SamplingParams(0.8), SamplingParams(1.0, top_k=5)):
+        together = [_Group(engine, len(x), 10, params, seed, None) for seed, x in enumerate(logits)]
+        alone = [_Group(engine, len(x), 10, params, seed, None) for seed, x in enumerate(logits)]
+        for _ in range(3):  # the generators advance identically too
+            got = draw_together(list(zip(together, logits)))
+            want = [sample_next(x, params, grp.generator).tolist() for grp, x in zip(alone, logits)]
+            assert got == want
+    # top-p and penalties need sample_next's own path; a lone group gains nothing from batching
+    for params in (SamplingParams(1.0, top_p=0.9), SamplingParams(1.0, presence_penalty=0.5)):
+        groups = [_Group(engine, len(x), 10, params, 0, None) for x in logits]
+        assert draw_together(list(zip(groups, logits))) == [None, None, None]
+    assert draw_together([(_Group(engine, 1, 10, SamplingParams(0.8), 0, None), logits[0])]) == [None]
