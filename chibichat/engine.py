@@ -13,6 +13,10 @@ Flow of one `generate` call:
    `<|output_start|>` result `<|output_end|>` is queued; queued tokens are fed one per step instead of
    sampling and flagged forced=1 (RL leaves them out of the loss). A failed tool call injects nothing.
 
+Continuous batching (`Batcher`, used by the server): one decode loop per model replica keeps a batch
+of rows from many requests; requests join and leave between steps, each sampled by its own `_Group`
+(the same class the loop above uses), so a request's output does not depend on its batch-mates.
+
 Per-step host work is kept small (one device->host copy of the sampled ids per step, plain Python
 lists for row bookkeeping) because on small models that overhead, not arithmetic, bounds tokens/s.
 """
@@ -45,6 +49,8 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token the row has produced
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the row has produced the token
 
     def validate(self) -> "SamplingParams":
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
@@ -55,7 +61,16 @@ class SamplingParams:
             raise ChibiError(f"top_p must be in (0, 1] or None (off), got {self.top_p!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             raise ChibiError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and -2 <= v <= 2):
+                raise ChibiError(f"{name} must be in [-2, 2] (0 = off), got {v!r}")
         return self
+
+    @property
+    def penalised(self) -> bool:
+        """Whether sampling needs each row's counts of the tokens it produced."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +130,29 @@ def _exponential_race(probs, generator):
     return torch.argmax(probs / -torch.log(uniform), dim=-1)
 
 
-def sample_next(logits, params: SamplingParams, generator, seen=None):
+def apply_penalties(logits, counts, params: SamplingParams):
+    """Every penalty of `params` on (N, V) logits, given `counts` (N, V): how many times each row has
+    produced each token so far. Repetition (CTRL-style, on tokens with a count), then OpenAI's
+    presence (minus presence_penalty once a token appeared) and frequency (minus frequency_penalty per
+    occurrence) penalties."""
+    seen = counts > 0
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.presence_penalty:
+        logits = logits - seen.to(logits.dtype) * params.presence_penalty
+    if params.frequency_penalty:
+        logits = logits - counts.to(logits.dtype) * params.frequency_penalty
+    return logits
+
+
+def sample_next(logits, params: SamplingParams, generator, seen=None, counts=None):
     """One token id per row (LongTensor (N,)), drawn from `sampling_probs(...)`'s distribution
-    (tested by frequency), computed on as few candidates as possible. temperature 0 -> argmax."""
+    (tested by frequency), computed on as few candidates as possible. temperature 0 -> argmax.
+    `seen` (bool (N, V)) applies the repetition penalty only; `counts` (N, V) every penalty."""
     import torch
 
-    if seen is not None:
+    if counts is not None:
+        logits = apply_penalties(logits, counts, params)
+    elif seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return torch.argmax(logits, dim=-1)
@@ -178,6 +210,169 @@ class _Row:
     queue: deque = field(default_factory=deque)  # tokens to force before sampling again
     expr: list[int] | None = None  # collecting a tool call when not None
     finish: str | None = None
+    # with logprobs on: per token (logprob, [(id, logprob) of the most likely tokens]) of the model's
+    # own distribution (log-softmax of the logits before temperature, top-k/p and penalties)
+    logprobs: list = field(default_factory=list)
+
+
+class _Group:
+    """The rows one seeded generator samples together: the samples of one `generate` call, or one
+    request of the continuous batcher. Each step it draws the next token of every live row from that
+    row's logits (given in `live` order), runs the per-row tool state machine and keeps the penalty
+    counts. The single-call decode loop and `Batcher` both drive this class, so a request decodes the
+    same tokens in both (the same draws from the same generator in the same order)."""
+
+    def __init__(self, engine: "Engine", n: int, max_tokens: int, params: SamplingParams, seed: int, tools,
+                 top_logprobs: int | None = None):  # fmt: skip
+        import torch
+
+        self.engine, self.max_tokens, self.params, self.tools = engine, max_tokens, params, tools
+        self.rows = [_Row() for _ in range(n)]
+        self.live = list(range(n))  # row index of each logits row, in order
+        self.generator = torch.Generator(device=engine.rt.device).manual_seed(seed)
+        self.counts = None  # (live, V) tokens produced per row, when a penalty needs them
+        self.top_logprobs = top_logprobs
+
+    def sample(self, logits, drawn: list[int] | None = None) -> list[tuple[int, int, int, bool]]:
+        """Next token of every live row -> [(row, token, forced, finished)]. `drawn`: the draws already
+        made for these rows by `draw_together` (same values as sample_next would give)."""
+        import torch
+
+        dev = logits.device
+        with torch.inference_mode():
+            if self.counts is None and self.params.penalised:
+                self.counts = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
+            sampled = drawn if drawn is not None else sample_next(logits, self.params, self.generator, counts=self.counts).tolist()
+        emitted = []
+        for b, r in enumerate(self.live):
+            row = self.rows[r]
+            if row.queue:
+                tok, forced = row.queue.popleft(), 1
+            else:
+                tok, forced = sampled[b], 0
+            row.tokens.append(tok)
+            row.forced.append(forced)
+            if not forced:
+                self.engine._advance_tools(row, tok, self.tools)
+            if row.finish is None and len(row.tokens) >= self.max_tokens:
+                row.finish = "length"
+            emitted.append((r, tok, forced, row.finish is not None))
+        if self.counts is not None or self.top_logprobs is not None:
+            with torch.inference_mode():
+                toks = torch.tensor([e[1] for e in emitted], device=dev)
+                if self.counts is not None:  # every token the row has produced so far (forced ones too)
+                    self.counts[torch.arange(len(emitted), device=dev), toks] += 1
+                if self.top_logprobs is not None:
+                    self._logprobs(logits, toks)
+        return emitted
+
+    def _logprobs(self, logits, toks) -> None:
+        import torch
+
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp.gather(1, toks[:, None])[:, 0].tolist()
+        top = [[]] * len(self.live)
+        if self.top_logprobs:
+            vals, ids = torch.topk(lp, min(self.top_logprobs, lp.shape[-1]), dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        for b, r in enumerate(self.live):
+            self.rows[r].logprobs.append((chosen[b], top[b]))
+
+    def end(self, r: int, reason: str = "stop") -> None:
+        if self.rows[r].finish is None:
+            self.rows[r].finish = reason
+
+    def keep(self) -> list[int]:
+        """Positions (in `live`) of the rows that go on."""
+        return [b for b, r in enumerate(self.live) if self.rows[r].finish is None]
+
+    def compact(self, keep: list[int]) -> None:
+        """Only the rows at positions `keep` stay live (finished rows leave the batch)."""
+        import torch
+
+        if len(keep) == len(self.live):
+            return
+        self.live = [self.live[b] for b in keep]
+        if self.counts is not None and keep:
+            self.counts = self.counts.index_select(0, torch.tensor(keep, device=self.counts.device))
+
+    def feed(self) -> list[int]:
+        """The token each live row feeds to the next step."""
+        return [self.rows[r].tokens[-1] for r in self.live]
+
+
+def draw_together(groups: list) -> list:
+    """sample_next for many row groups at once, where that gives the same values: groups [(group,
+    logits)] with the same temperature and top-k, no top-p and no penalty are drawn in one batched
+    computation; each group still takes its uniforms from its own generator with the shape sample_next
+    uses, and every other operation is row-wise, so each row's draw is the one sample_next makes.
+    Returns, per group, the drawn ids, or None where the group must call sample_next itself."""
+    import torch
+
+    out: list = [None] * len(groups)
+    buckets: dict = {}
+    for i, (group, logits) in enumerate(groups):
+        p = group.params
+        V = logits.shape[-1]
+        if p.penalised or (p.top_p is not None and p.top_p < 1.0):
+            continue
+        k = p.top_k if p.top_k is not None and p.top_k < V else None
+        buckets.setdefault((p.temperature, k), []).append(i)
+    for (temperature, k), idx in buckets.items():
+        if len(idx) < 2:
+            continue
+        with torch.inference_mode():
+            logits = torch.cat([groups[i][1] for i in idx])
+            if temperature == 0:
+                ids = torch.argmax(logits, dim=-1)
+            else:
+                logits = logits.float() / temperature
+                if k is not None:
+                    vals, top = torch.topk(logits, k, dim=-1)
+                    probs = torch.softmax(vals, dim=-1)
+                else:
+                    probs = torch.softmax(logits, dim=-1)
+                uniform = torch.cat([torch.rand((groups[i][1].shape[0], probs.shape[-1]), generator=groups[i][0].generator,
+                                                device=probs.device, dtype=torch.float32) for i in idx])  # fmt: skip
+                ids = torch.argmax(probs / -torch.log(uniform), dim=-1)
+                if k is not None:
+                    ids = top.gather(-1, ids[:, None]).squeeze(-1)
+            ids = ids.tolist()
+        at = 0
+        for i in idx:
+            n = groups[i][1].shape[0]
+            out[i], at = ids[at : at + n], at + n
+    return out
+
+
+class _ChoiceText:
+    """One sample's tokens -> the text pieces shown: UTF-8 never split, tool calls in the GSM8K style
+    <<expr=result>> (<<expr>> when the call failed), stop strings cut with what may still become one
+    held back (StopMatcher)."""
+
+    def __init__(self, engine: "Engine", stops: list[str]):
+        self.engine = engine
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.matcher = StopMatcher(stops)
+        self.unclosed = False  # a <|python_end|> whose result (or absence) is not known yet
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    def feed(self, tok: int, finished: bool) -> str:
+        e = self.engine
+        piece = b""
+        if self.unclosed and tok != e.output_start:
+            piece = b">>"
+        self.unclosed = tok == e.python_end
+        if tok not in e.stop_ids:
+            piece += e._shown[tok] if tok in e._shown else e.tokenizer.id_to_bytes(tok)
+        text = self.matcher.feed(self.utf8.decode(piece))
+        if finished and not self.matcher.stopped:  # the row's last token: flush what it holds
+            text += self.matcher.feed((self.utf8.decode(b">>") if self.unclosed else "") + self.utf8.decode(b"", final=True))
+            text += self.matcher.flush()
+        return text
 
 
 class Engine:
@@ -196,6 +391,10 @@ class Engine:
         self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
         self.stop_ids = frozenset((self.bos, self.assistant_end))
+        # How streamed text shows tool calls: <|python_start|> -> "<<", <|output_start|> -> "=",
+        # <|output_end|> -> ">>"; <|python_end|> shows nothing until the next token tells whether a result
+        # follows ("<<expr=result>>") or the call failed and nothing was injected ("<<expr>>").
+        self._shown = {self.python_start: b"<<", self.python_end: b"", self.output_start: b"=", self.output_end: b">>"}
         self._decoder = None  # chibichat.model.decode.Decoder, rebuilt when the model's weights change
         self.compile = compile  # torch.compile the decoder's one-token steps (opt-in, see model/compiled.py)
 
@@ -278,7 +477,8 @@ class Engine:
         state = states[0] if len(states) == 1 else type(states[0]).stack(states)
         return state, torch.cat(last, dim=0)
 
-    def _decode(self, prompts, num_samples, max_tokens, params: SamplingParams, seed, tools) -> Iterator[list]:
+    def _decode(self, prompts, num_samples, max_tokens, params: SamplingParams, seed, tools,
+                top_logprobs: int | None = None) -> Iterator[list]:  # fmt: skip
         """Yields after every step the list of (row_index, token, forced, finished) emitted in that step;
         returns (via StopIteration.value) the list of _Row, prompt-major. The consumer may `send` a
         collection of row indices to end with finish_reason "stop" (e.g. a stop string was found)."""
@@ -293,51 +493,23 @@ class Engine:
         inference = torch.inference_mode
         with inference():
             state, logits = self._prefill(decoder, prompts, num_samples, max(len(p) for p in prompts) + max_tokens)
-        n = logits.shape[0]
-        rows = [_Row() for _ in range(n)]
-        live = list(range(n))  # row index of each batch position
-        generator = torch.Generator(device=dev).manual_seed(seed)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev)
+        group = _Group(self, logits.shape[0], max_tokens, params, seed, tools, top_logprobs)
         for step in range(max_tokens):
-            with inference():
-                sampled = sample_next(logits, params, generator, seen).tolist()
-            emitted = []
-            for b, r in enumerate(live):
-                row = rows[r]
-                if row.queue:
-                    tok, forced = row.queue.popleft(), 1
-                else:
-                    tok, forced = sampled[b], 0
-                row.tokens.append(tok)
-                row.forced.append(forced)
-                if not forced:
-                    self._advance_tools(row, tok, tools)
-                if row.finish is None and len(row.tokens) >= max_tokens:
-                    row.finish = "length"
-                emitted.append((r, tok, forced, row.finish is not None))
+            emitted = group.sample(logits)
             for r in (yield emitted) or ():  # rows the consumer ended
-                if rows[r].finish is None:
-                    rows[r].finish = "stop"
-            keep = [b for b, r in enumerate(live) if rows[r].finish is None]
+                group.end(r)
+            keep = group.keep()
             if not keep:
                 break
-            feed = [rows[live[b]].tokens[-1] for b in keep]
             with inference():
-                if seen is not None:  # every token the row has produced so far (forced ones too)
-                    rows_idx = torch.arange(len(live), device=dev)
-                    seen[rows_idx, torch.tensor([e[1] for e in emitted], device=dev)] = True
-                if len(keep) < len(live):  # finished rows leave the batch
+                if len(keep) < len(group.live):  # finished rows leave the batch
                     state = state.select(keep)
-                    if seen is not None:
-                        seen = seen.index_select(0, torch.tensor(keep, device=dev))
-                    live = [live[b] for b in keep]
+                group.compact(keep)
                 # Sampled ids are < vocab by construction and forced ones come from the tokenizer, whose
                 # vocab equals the model's (checked in __init__): no per-step range check (a host sync).
-                feed_ids = torch.tensor(feed, dtype=torch.long, device=dev)[:, None]
+                feed_ids = torch.tensor(group.feed(), dtype=torch.long, device=dev)[:, None]
                 logits = decoder.forward(feed_ids, state, check_ids=False)[:, -1]
-        return rows
+        return group.rows
 
     def _advance_tools(self, row: _Row, tok: int, tools) -> None:
         """Per-row state machine on a sampled token: stop tokens end the row; python_start ...
@@ -454,6 +626,9 @@ class Engine:
         tools=True,
         result: dict | None = None,
         stop: list[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        top_logprobs: int | None = None,
     ) -> Iterator[tuple[int, str]]:
         """(choice index, text piece) for `num_samples` samples of one prompt, decoded together from
         one prefill, as they are generated; pieces never split a UTF-8 character.
@@ -461,21 +636,15 @@ class Engine:
         `stop`: strings that end a sample (finish_reason "stop") before they appear: the stop string
         and anything after it are never shown, and text that might still turn out to be the start of a
         stop string is held back until the next tokens settle it. If `result` is a dict, it receives
-        "choices" (per sample: finish_reason, tokens, completion_tokens) and "completion_tokens" (total).
+        "choices" (per sample: finish_reason, tokens, completion_tokens, and with top_logprobs not None
+        "logprobs": per token (logprob, [(id, logprob)] x top_logprobs)) and "completion_tokens" (total).
         """
-        stops = list(stop or [])
-        if not all(isinstance(x, str) and x for x in stops):
-            raise ChibiError(f"stop must be a list of non-empty strings, got {stop!r}")
+        stops = self._check_stops(stop)
         max_tokens, tools = self._check([prompt], num_samples, max_tokens, tools)
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty).validate()
-        # <|python_start|> -> "<<", <|output_start|> -> "=", <|output_end|> -> ">>"; <|python_end|> shows
-        # nothing until the next token tells whether a result follows ("<<expr=result>>") or the call
-        # failed and nothing was injected ("<<expr>>").
-        shown = {self.python_start: b"<<", self.python_end: b"", self.output_start: b"=", self.output_end: b">>"}
-        utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
-        matchers = [StopMatcher(stops) for _ in range(num_samples)]
-        unclosed = [False] * num_samples
-        gen = self._decode([prompt], num_samples, max_tokens, params, seed, tools)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty,
+                                frequency_penalty).validate()  # fmt: skip
+        texts = [_ChoiceText(self, stops) for _ in range(num_samples)]
+        gen = self._decode([prompt], num_samples, max_tokens, params, seed, tools, top_logprobs)
         ended: list[int] = []  # rows a stop string ended in this step, sent back to the decode loop
         while True:
             try:
@@ -485,26 +654,32 @@ class Engine:
                 break
             ended = []
             for r, tok, _, finished in emitted:
-                piece = b""
-                if unclosed[r] and tok != self.output_start:
-                    piece = b">>"
-                unclosed[r] = tok == self.python_end
-                if tok not in self.stop_ids:
-                    piece += shown[tok] if tok in shown else self.tokenizer.id_to_bytes(tok)
-                text = matchers[r].feed(utf8[r].decode(piece))
-                if finished and not matchers[r].stopped:  # the row's last token: flush what it holds
-                    text += matchers[r].feed((utf8[r].decode(b">>") if unclosed[r] else "") + utf8[r].decode(b"", final=True))
-                    text += matchers[r].flush()
-                if matchers[r].stopped and not finished:
+                text = texts[r].feed(tok, finished)
+                if texts[r].stopped and not finished:
                     ended.append(r)
                 if text:
                     yield r, text
         if result is not None:
-            choices = []
-            for r, row in enumerate(rows):
-                reason = "stop" if matchers[r].stopped else (row.finish or "length")
-                choices.append({"finish_reason": reason, "tokens": row.tokens, "completion_tokens": len(row.tokens)})
-            result.update(choices=choices, completion_tokens=sum(c["completion_tokens"] for c in choices))
+            result.update(choice_results(rows, texts, top_logprobs is not None))
+
+    @staticmethod
+    def _check_stops(stop) -> list[str]:
+        stops = list(stop or [])
+        if not all(isinstance(x, str) and x for x in stops):
+            raise ChibiError(f"stop must be a list of non-empty strings, got {stop!r}")
+        return stops
+
+
+def choice_results(rows: list[_Row], texts: list[_ChoiceText], logprobs: bool) -> dict:
+    """The `result` dict of stream_choices (and of a Batcher job) from the rows and their text streams."""
+    choices = []
+    for row, text in zip(rows, texts):
+        reason = "stop" if text.stopped else (row.finish or "length")
+        choice = {"finish_reason": reason, "tokens": row.tokens, "completion_tokens": len(row.tokens)}
+        if logprobs:
+            choice["logprobs"] = row.logprobs
+        choices.append(choice)
+    return {"choices": choices, "completion_tokens": sum(c["completion_tokens"] for c in choices)}
 
 
 class StopMatcher:
@@ -552,3 +727,344 @@ def prepare_for_inference(model, dtype):
     model.to(dtype=dtype)
     model.compute_dtype = dtype
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+@dataclass
+class Job:
+    """One request for a `Batcher`: `n` samples of `prompt`. `emit(events)` is called from the batcher's
+    thread once per step with that step's events for this job, in order: ("piece", (choice, text,
+    [logprob entries of the tokens since the previous piece])), then at the end ("done", result) with
+    stream_choices' result dict, or ("error", exception). Set `cancelled` (from any thread) to end it:
+    its rows leave the batch at the start of the next step."""
+
+    prompt: list[int]
+    n: int
+    max_tokens: int
+    params: SamplingParams
+    seed: int
+    tools: str | None
+    emit: object  # Callable[[list[tuple[str, object]]], None]
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+    timeout_s: float | None = None  # from submission; past it the job ends with a TimeoutError event
+    cancelled: bool = False
+    submitted: float = 0.0  # time.monotonic() at submit
+
+
+class _Live:
+    """A job inside the batch: its row group, text streams, logits for the next draw and slots."""
+
+    def __init__(self, job: Job, group: _Group, texts: list, logits):
+        self.job, self.group, self.texts, self.logits = job, group, texts, logits
+        self.slot: dict[int, int] = {}  # row -> slot of the batch state
+        self.pending_lp: list[list] = [[] for _ in range(job.n)]  # logprob entries not yet sent with a piece
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+
+
+class Batcher:
+    """Continuous batching for one model replica: one decode loop (a thread) owns a batch of live rows.
+
+    Each step: jobs that were cancelled or ran past their timeout leave; waiting jobs are admitted
+    while free rows remain (prompts of one length prefilled together, like `generate` does, and each
+    job's n rows join); every job draws the next token of each of its rows from those rows' logits with
+    its own `_Group` (own seeded generator, sampling settings, penalty counts, tool calls, stop strings,
+    logprobs); rows that finished leave; then one forward step feeds every remaining row its token. A
+    job's output is therefore the one `Engine.stream_choices` gives for the same arguments (tested),
+    whatever else shares the batch (up to float rounding of matmuls over a different number of rows,
+    which can only matter where two tokens' logits tie to the last bits).
+
+    State layout: slot-based. One `InferenceState` of `capacity` rows x seq_len positions (grown by
+    doubling up to `max_rows`) holds every row's KV cache and SLC2 conv history; live rows occupy
+    slots 0..n-1, so each step runs the decoder on views of the first n slots (no copy, no padding
+    rows). A row that leaves is replaced by the last slot's row (one row copy, only the positions that
+    row has filled), which keeps the live slots contiguous. Chosen over paged KV because the decoder's
+    attention reads contiguous per-row caches (paging would need a gather per layer per step), and
+    over re-stacking the batch on every join/leave (a copy of every row's whole cache each time).
+    Memory is capacity x seq_len per layer, paid up front for the rows in use.
+    """
+
+    def __init__(self, engine: "Engine", max_rows: int = 32, metrics=None, name: str = "batcher"):
+        import threading
+
+        if not (isinstance(max_rows, int) and max_rows >= 1):
+            raise ChibiError(f"max_rows must be a positive integer, got {max_rows!r}")
+        self.engine, self.max_rows, self.metrics = engine, max_rows, metrics
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._live: list[_Live] = []
+        self._slots: list[tuple[_Live, int]] = []  # (job, row) in slot order
+        self._state = None  # the slot InferenceState (capacity rows), made on first use
+        self._lengths: list[int] = []  # tokens held per slot (host copy of state.pos)
+        self._stopping = False
+        self.steps = 0  # forward steps run
+        self._thread = threading.Thread(target=self._run, name=f"chibichat-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the public side (any thread) ---------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def rows(self) -> int:
+        """Rows in the batch now (occupancy)."""
+        return len(self._slots)
+
+    @property
+    def reserved(self) -> int:
+        """Rows in the batch plus rows the waiting jobs will take."""
+        return len(self._slots) + sum(j.n for j in list(self._waiting))
+
+    def submit(self, job: Job) -> None:
+        import time
+
+        if job.n > self.max_rows:
+            raise ChibiError(f"a job of {job.n} samples cannot fit a batch of {self.max_rows} rows")
+        job.submitted = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                raise ChibiError("the batcher is shutting down")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel every job (waiting ones get an error event, live ones end as cancelled) and end the loop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # -- the loop (its own thread) --------------------------------------------------------------
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            with self._cond:
+                while not self._live and not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admit, dropped, free = [], [], self.max_rows - len(self._slots)
+                now = time.monotonic()
+                while self._waiting:
+                    job = self._waiting[0]
+                    if job.cancelled or (job.timeout_s is not None and now - job.submitted > job.timeout_s):
+                        dropped.append(self._waiting.popleft())  # gone or too late before it got rows
+                    elif job.n <= free:
+                        free -= job.n
+                        admit.append(self._waiting.popleft())
+                    else:
+                        break
+            for job in dropped:
+                reason = "cancelled" if job.cancelled else "timeout"
+                if self.metrics is not None:
+                    self.metrics.observe_ended(reason)
+                if reason == "timeout":
+                    self._send(job, [("error", TimeoutError(f"the request waited past its time limit of {job.timeout_s} s"))])
+            try:
+                self._step(admit)
+            except BaseException as e:  # a failing step fails its jobs, never the loop
+                for live in self._live:
+                    self._send(live.job, [("error", e)])
+                self._live, self._slots, self._lengths = [], [], []
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            self._send(job, [("error", ChibiError("the server is shutting down"))])
+        for live in list(self._live):
+            self._finish(live, "cancelled")
+
+    def _send(self, job: Job, events: list) -> None:
+        try:
+            job.emit(events)
+        except Exception:  # a consumer that went away must not stop the loop
+            job.cancelled = True
+
+    def _step(self, admit: list[Job]) -> None:
+        import time
+
+        import torch
+
+        now = time.monotonic()
+        for live in list(self._live):
+            job = live.job
+            if job.cancelled:
+                self._finish(live, "cancelled")
+            elif job.timeout_s is not None and now - job.submitted > job.timeout_s:
+                self._finish(live, "timeout")
+        by_len: dict[int, list] = {}  # prompts of one length are prefilled together
+        for job in admit:
+            try:
+                checked = self._check(job)
+            except Exception as e:
+                self._send(job, [("error", e)])
+                continue
+            by_len.setdefault(len(job.prompt), []).append((job, *checked))
+        for group in by_len.values():
+            try:
+                self._admit(group)
+            except Exception as e:
+                for job, *_ in group:
+                    self._send(job, [("error", e)])
+        if not self._live:
+            return
+        stamp = time.monotonic()
+        drawn = draw_together([(live.group, live.logits) for live in self._live])
+        for live, d in zip(list(self._live), drawn):
+            self._sample(live, stamp, d)
+        if not self._slots:
+            return
+        n = len(self._slots)
+        state = self._state
+        view = type(state)(state.pos[:n], state.max_len, [tuple(t[:n] for t in layer) for layer in state.layers],
+                           self._lengths[:n])  # fmt: skip
+        feed = [live.group.rows[r].tokens[-1] for live, r in self._slots]
+        with torch.inference_mode():
+            ids = torch.tensor(feed, dtype=torch.long, device=self.engine.rt.device)[:, None]
+            logits = self.engine.decoder().forward(ids, view, check_ids=False)[:, -1]
+            state.pos[:n] += 1
+            for i, layer in enumerate(view.layers):  # SLC2 histories are new tensors: store them
+                if len(layer) == 1:
+                    state.layers[i][0][:n].copy_(layer[0])
+        self._lengths = [x + 1 for x in self._lengths]
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.observe_step(n)
+        for live in self._live:
+            slots = [live.slot[r] for r in live.group.live]
+            first = slots[0]
+            if slots == list(range(first, first + len(slots))):
+                live.logits = logits[first : first + len(slots)]
+            else:
+                live.logits = logits.index_select(0, torch.tensor(slots, device=logits.device))
+
+    def _check(self, job: Job):
+        """(max_tokens, tools, stop strings) of a job, or the ChibiError that refuses it."""
+        max_tokens, tools = self.engine._check([job.prompt], job.n, job.max_tokens, job.tools)
+        job.params.validate()
+        return max_tokens, tools, self.engine._check_stops(job.stop)
+
+    def _admit(self, jobs: list) -> None:
+        """Prefill prompts of one length together into free slots; each job's first draw comes from
+        its row of that prefill. jobs: [(job, max_tokens, tools, stops)]."""
+        import torch
+
+        eng = self.engine
+        decoder = eng.decoder()
+        P = len(jobs[0][0].prompt)
+        with torch.inference_mode():
+            pre = decoder.new_state(len(jobs), P)
+            ids = torch.tensor([job.prompt for job, *_ in jobs], dtype=torch.long, device=eng.rt.device)
+            logits = decoder.forward(ids, pre, last_only=True, check_ids=False)[:, -1]
+            self._ensure_capacity(len(self._slots) + sum(job.n for job, *_ in jobs))
+            for j, (job, max_tokens, tools, stops) in enumerate(jobs):
+                group = _Group(eng, job.n, max_tokens, job.params, job.seed, tools, job.top_logprobs)
+                texts = [_ChoiceText(eng, stops) for _ in range(job.n)]
+                live = _Live(job, group, texts, logits[j : j + 1].expand(job.n, -1))
+                for r in range(job.n):
+                    slot = len(self._slots)
+                    for dst, src in zip(self._state.layers, pre.layers):
+                        for d, s_ in zip(dst, src):
+                            if d.dim() == 4:  # attention cache (rows, kv heads, positions, head dim)
+                                d[slot, :, :P].copy_(s_[j, :, :P])
+                            else:  # SLC2 history
+                                d[slot].copy_(s_[j])
+                    self._state.pos[slot] = P
+                    self._slots.append((live, r))
+                    self._lengths.append(P)
+                    live.slot[r] = slot
+                self._live.append(live)
+
+    def _ensure_capacity(self, rows: int) -> None:
+        import torch
+
+        state = self._state
+        cap = 0 if state is None else state.batch_size
+        if rows <= cap:
+            return
+        new_cap = min(self.max_rows, max(rows, 2 * cap, 4))
+        new = self.engine.decoder().new_state(new_cap, self.engine.seq_len)
+        n = len(self._slots)
+        if state is not None and n:
+            with torch.inference_mode():
+                for dst, src in zip(new.layers, state.layers):
+                    for d, s_ in zip(dst, src):
+                        d[:n].copy_(s_[:n])
+                new.pos[:n] = state.pos[:n]
+        self._state = new
+
+    def _sample(self, live: _Live, stamp: float, drawn: list[int] | None = None) -> None:
+        """One draw for every row of a job; stream its text; rows that end leave the batch."""
+        group, job = live.group, live.job
+        emitted = group.sample(live.logits, drawn)
+        pieces = []
+        for r, tok, _, finished in emitted:
+            text = live.texts[r].feed(tok, finished)
+            if live.texts[r].stopped and not finished:
+                group.end(r)
+            if job.top_logprobs is not None and not (finished and tok in self.engine.stop_ids):
+                live.pending_lp[r].append((tok, *group.rows[r].logprobs[-1]))  # the end token is not shown
+            if text or (finished or live.texts[r].stopped) and live.pending_lp[r]:
+                pieces.append(("piece", (r, text, live.pending_lp[r])))
+                live.pending_lp[r] = []
+        if self.metrics is not None:
+            self.metrics.observe_tokens(len(emitted), stamp - (live.last_token_at or job.submitted),
+                                        first=live.last_token_at is None)  # fmt: skip
+        live.last_token_at = stamp
+        keep = group.keep()
+        leaving = [r for b, r in enumerate(group.live) if b not in set(keep)]
+        for r in leaving:
+            self._free(live, r)
+        group.compact(keep)
+        if pieces:
+            self._send(job, pieces)
+        if not keep:
+            self._live.remove(live)
+            if self.metrics is not None:
+                self.metrics.observe_ended("done")
+            self._send(job, [("done", choice_results(group.rows, live.texts, job.top_logprobs is not None))])
+
+    def _free(self, live: _Live, r: int) -> None:
+        """Slot of (live, r) is released: the last slot's row moves into it."""
+        import torch
+
+        slot = live.slot.pop(r)
+        last = len(self._slots) - 1
+        if slot != last:
+            other, orow = self._slots[last]
+            n = self._lengths[last]
+            with torch.inference_mode():
+                for layer in self._state.layers:
+                    for t in layer:
+                        if t.dim() == 4:
+                            t[slot, :, :n].copy_(t[last, :, :n])
+                        else:
+                            t[slot].copy_(t[last])
+                self._state.pos[slot] = self._state.pos[last]
+            self._slots[slot] = (other, orow)
+            self._lengths[slot] = n
+            other.slot[orow] = slot
+        self._slots.pop()
+        self._lengths.pop()
+
+    def _finish(self, live: _Live, reason: str) -> None:
+        """End a job early (cancelled / timeout): its rows leave the batch now."""
+        for r in list(live.group.live):
+            live.group.end(r, reason)
+            self._free(live, r)
+        live.group.compact([])
+        if live in self._live:
+            self._live.remove(live)
+        if self.metrics is not None:
+            self.metrics.observe_ended(reason)
+        if reason == "timeout":
+            self._send(live.job, [("error", TimeoutError(f"generation ran past its time limit of {live.job.timeout_s} s"))])
+        else:
+            self._send(live.job, [("done", choice_results(live.group.rows, live.texts, live.job.top_logprobs is not None))])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from chibichat.common import ChibiError, init_runtime
-from chibichat.engine import Engine, SamplingParams, apply_repetition_penalty, sample_next, sampling_probs
+from chibichat.engine import (Engine, SamplingParams, apply_penalties, apply_repetition_penalty, sample_next,
+                              sampling_probs)
 from chibichat.model.gpt import GPT, GPTConfig
 from chibichat.tokenizer import Tokenizer
 
@@ -412,3 +413,167 @@ def test_bench_infer_cli_rejects_bad_flags(capsys):
     assert main(["bench", "infer", "--dtypes", "float64"]) == 2
     assert main(["bench", "infer", "--clock", "cpu", "--threads", "2", "--device", "cpu"]) == 2
     assert "--threads 1" in capsys.readouterr().err
+
+
+# -- continuous batching ----------------------------------------------------------------------------
+
+
+def run_batcher(engine, specs, max_rows=16, join_after=3):
+    """Submit the first job, then the others once it has streamed `join_after` steps (so they join a
+    running batch at other positions); returns per job (texts per choice, result)."""
+    import threading
+
+    from chibichat.engine import Batcher, Job
+
+    batcher = Batcher(engine, max_rows=max_rows)
+    outs = [{"texts": [""] * s["n"], "result": None, "steps": 0, "done": threading.Event()} for s in specs]
+    started = threading.Event()
+
+    def emitter(out):
+        def emit(events):
+            out["steps"] += 1
+            if out["steps"] >= join_after:
+                started.set()
+            for kind, value in events:
+                if kind == "piece":
+                    out["texts"][value[0]] += value[1]
+                elif kind == "done":
+                    out["result"] = value
+                    out["done"].set()
+                    started.set()
+                else:
+                    out["result"] = value
+                    out["done"].set()
+        return emit
+
+    try:
+        for i, s in enumerate(specs):
+            job = Job(s["prompt"], s["n"], s["max_tokens"], SamplingParams(**s["params"]), s["seed"], s.get("tools"),
+                      emitter(outs[i]), tuple(s.get("stop", ())), s.get("top_logprobs"))  # fmt: skip
+            batcher.submit(job)
+            if i == 0:
+                assert started.wait(60)
+        for out in outs:
+            assert out["done"].wait(60)
+    finally:
+        batcher.stop(timeout=10)
+    assert batcher.rows == 0
+    return [(o["texts"], o["result"]) for o in outs]
+
+
+@pytest.mark.parametrize("layers", ["AA", "SA"])
+def test_batcher_output_equals_single_request_output(tok, rt, layers):
+    """Requests decoded together (joining a running batch at different positions, rows leaving as they
+    finish) give exactly the text, tokens and finish reasons each gives alone with the same seed."""
+    engine = Engine(random_model(tok, layers, seq_len=64), tok, rt)
+    specs = [
+        {"prompt": [tok.bos_id, *tok.encode("hello")], "n": 2, "max_tokens": 20, "seed": 1,
+         "params": {"temperature": 1.0, "top_k": 40}},
+        {"prompt": [tok.bos_id, *tok.encode("a longer prompt here")], "n": 1, "max_tokens": 9, "seed": 2,
+         "params": {"temperature": 0.0}, "top_logprobs": 2},
+        {"prompt": [tok.bos_id, 70], "n": 3, "max_tokens": 14, "seed": 3,
+         "params": {"temperature": 0.8, "top_p": 0.9, "presence_penalty": 1.5, "frequency_penalty": 0.5}},
+        {"prompt": [tok.bos_id, *tok.encode("xy")], "n": 1, "max_tokens": 16, "seed": 4,
+         "params": {"temperature": 1.2, "repetition_penalty": 1.3}, "stop": ("e",)},
+        {"prompt": [tok.bos_id, *tok.encode("zw")], "n": 2, "max_tokens": 12, "seed": 5,
+         "params": {"temperature": 0.9}},  # as long as the previous prompt: both are prefilled together
+        # settings shared with another job: drawn together with it (engine.draw_together)
+        {"prompt": [tok.bos_id, 71, 72], "n": 2, "max_tokens": 18, "seed": 6,
+         "params": {"temperature": 1.0, "top_k": 40}},
+        {"prompt": [tok.bos_id, 73], "n": 1, "max_tokens": 10, "seed": 7, "params": {"temperature": 0.0}},
+        {"prompt": [tok.bos_id, 74, 75, 76], "n": 1, "max_tokens": 15, "seed": 8, "params": {"temperature": 0.9}},
+    ]  # fmt: skip
+    batched = run_batcher(engine, specs)
+    for s, (texts, result) in zip(specs, batched):
+        alone: dict = {}
+        p = s["params"]
+        pieces = list(engine.stream_choices(s["prompt"], s["n"], s["max_tokens"], p["temperature"], p.get("top_k"),
+                                            p.get("top_p"), p.get("repetition_penalty", 1.0), s["seed"], None, alone,
+                                            list(s.get("stop", ())), p.get("presence_penalty", 0.0),
+                                            p.get("frequency_penalty", 0.0), s.get("top_logprobs")))  # fmt: skip
+        want = [""] * s["n"]
+        for i, t in pieces:
+            want[i] += t
+        assert texts == want
+        assert [c["tokens"] for c in result["choices"]] == [c["tokens"] for c in alone["choices"]]
+        assert [c["finish_reason"] for c in result["choices"]] == [c["finish_reason"] for c in alone["choices"]]
+        if s.get("top_logprobs"):
+            got, ref = result["choices"][0]["logprobs"], alone["choices"][0]["logprobs"]
+            assert len(got) == len(ref) == len(result["choices"][0]["tokens"])
+            assert all(abs(a[0] - b[0]) < 1e-4 and [i for i, _ in a[1]] == [i for i, _ in b[1]] for a, b in zip(got, ref))
+    assert any(len(set(t)) > 1 for t, _ in batched[:1])  # sampled choices differ from each other
+
+
+def test_batcher_cancel_frees_rows_and_full_batch_waits(tok, rt):
+    """A cancelled job leaves at the next step; a job that does not fit the free rows waits for them."""
+    import threading
+    import time
+
+    from chibichat.engine import Batcher, Job
+
+    engine = Engine(random_model(tok, "A", seq_len=64), tok, rt)
+    batcher = Batcher(engine, max_rows=2)
+    events = {"a": [], "b": []}
+    seen_a = threading.Event()
+
+    def emit_a(ev):
+        events["a"].extend(ev)
+        seen_a.set()
+
+    try:
+        a = Job([tok.bos_id, 65], 2, 60, SamplingParams(1.0), 0, None, emit_a)
+        batcher.submit(a)
+        assert seen_a.wait(30)
+        b = Job([tok.bos_id, 66], 1, 3, SamplingParams(0.0), 0, None, events["b"].extend)
+        batcher.submit(b)
+        time.sleep(0.2)
+        assert batcher.rows == 2 and batcher.waiting == 1 and not events["b"]  # no free row for b yet
+        steps = batcher.steps
+        a.cancelled = True
+        deadline = time.time() + 30
+        while not any(k == "done" for k, _ in events["b"]) and time.time() < deadline:
+            time.sleep(0.01)
+        done_a = [v for k, v in events["a"] if k == "done"]
+        assert done_a and [c["finish_reason"] for c in done_a[0]["choices"]] == ["cancelled", "cancelled"]
+        # a's rows left within a step of the cancel: at most one more token each
+        assert all(c["completion_tokens"] <= steps + 2 for c in done_a[0]["choices"])
+        assert [v for k, v in events["b"] if k == "done"][0]["choices"][0]["completion_tokens"] == 3
+        assert batcher.rows == 0
+    finally:
+        batcher.stop(timeout=10)
+
+
+def test_presence_and_frequency_penalties_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    counts = torch.tensor([[3.0, 1.0, 0.0, 0.0]])
+    got = apply_penalties(logits, counts, SamplingParams(1.0, presence_penalty=0.5, frequency_penalty=0.25))
+    assert torch.allclose(got, torch.tensor([[2.0 - 0.5 - 0.75, -1.0 - 0.5 - 0.25, 0.5, 1.0]]))
+    # negative values encourage repeats; the repetition penalty composes (applied first)
+    got = apply_penalties(logits, counts, SamplingParams(1.0, repetition_penalty=2.0, presence_penalty=-1.0))
+    assert torch.allclose(got, torch.tensor([[1.0 + 1.0, -2.0 + 1.0, 0.5, 1.0]]))
+    # greedy with a frequency penalty picks the best token the row has used least
+    assert sample_next(logits, SamplingParams(0.0, frequency_penalty=1.0), None, counts=counts).tolist() == [3]
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"presence_penalty": "1"}):
+        with pytest.raises(ChibiError, match=next(iter(bad))):
+            SamplingParams(1.0, **bad).validate()
+
+
+def test_draw_together_equals_sample_next(tok, rt):
+    from chibichat.engine import _Group, draw_together
+
+    engine = Engine(random_model(tok, "A"), tok, rt)
+    V = tok.vocab_size
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(n, V, generator=g) * 3 for n in (1, 3, 2)]
+    for params in (SamplingParams(0.0), SamplingParams(0.8), SamplingParams(1.0, top_k=5)):
+        together = [_Group(engine, len(x), 10, params, seed, None) for seed, x in enumerate(logits)]
+        alone = [_Group(engine, len(x), 10, params, seed, None) for seed, x in enumerate(logits)]
+        for _ in range(3):  # the generators advance identically too
+            got = draw_together(list(zip(together, logits)))
+            want = [sample_next(x, params, grp.generator).tolist() for grp, x in zip(alone, logits)]
+            assert got == want
+    # top-p and penalties need sample_next's own path; a lone group gains nothing from batching
+    for params in (SamplingParams(1.0, top_p=0.9), SamplingParams(1.0, presence_penalty=0.5)):
+        groups = [_Group(engine, len(x), 10, params, 0, None) for x in logits]
+        assert draw_together(list(zip(groups, logits))) == [None, None, None]
+    assert draw_together([(_Group(engine, 1, 10, SamplingParams(0.8), 0, None), logits[0])]) == [None]

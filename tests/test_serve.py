@@ -1,5 +1,7 @@
-"""`chibichat serve`: the OpenAI client (unmodified) against uvicorn on 127.0.0.1, error bodies,
-malformed input, 32 concurrent streaming clients, and the page driven in headless Chromium."""
+"""`chibichat serve`: the OpenAI client (unmodified) against uvicorn on 127.0.0.1 on both routes and
+every parameter, refusals by name, error bodies, malformed input, API keys, /health and /metrics,
+cancellation on disconnect, timeouts, graceful shutdown, 32 concurrent streaming clients, and the page
+(with an API key) driven in headless Chromium."""
 
 import asyncio
 import json
@@ -12,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+from chibichat.serve.metrics import parse_metrics
 from chibichat.serve.protocol import Limits
 
 
@@ -80,7 +83,7 @@ def served(tmp_path_factory):
     torch.set_num_threads(1)
     home = make_home(tmp_path_factory.mktemp("serve") / "home")
     args = SimpleNamespace(home=str(home.root), device="cpu", dtype="float32", source="sft", tag=None, step=None,
-                           workers=2, max_queue=64)  # fmt: skip
+                           workers=2, max_queue=64, max_batch=32)  # fmt: skip
     pool, model_id, _ = build_pool(args)
     app = create_app(pool, model_id, Limits(max_messages=8, max_message_chars=200, max_total_chars=600,
                                             default_max_tokens=24))  # fmt: skip
@@ -231,6 +234,15 @@ def test_stream_equals_non_stream_with_same_seed(served):
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 422, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", 1]}, 422, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}, 400, "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "invalid_value"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400,
+         "out_of_range"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
+         "invalid_value"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "user": 7}, 422, "invalid_type"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, code):
@@ -255,7 +267,7 @@ def test_truncate_history_drops_oldest_and_says_so(served):
 
 def test_health_models_page_and_404(served):
     h = httpx.get(served.url + "/health").json()
-    assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96
+    assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96 and h["max_batch_rows"] == 32
     page = httpx.get(served.url + "/")
     assert page.status_code == 200 and "chat.js" in page.text
     js = httpx.get(served.url + "/static/chat.js")
@@ -290,7 +302,8 @@ def test_32_concurrent_streaming_clients_all_complete(served):
     assert len(results) == 32
     assert all(done and finish in ("stop", "length") for _, finish, done in results)
     assert sum(bool(text) for text, _, _ in results) >= 28  # a reply may legitimately be empty (immediate stop)
-    assert httpx.get(served.url + "/health").json()["available_workers"] == 2
+    h = httpx.get(served.url + "/health").json()
+    assert h["batch_rows"] == 0 and h["available_rows"] == 2 * 32 and h["waiting"] == 0
 
 
 # -- the page in headless Chromium, driven over the DevTools protocol (pipe transport) -------------
@@ -387,21 +400,45 @@ class DevTools:
         self.os.close(self.from_chrome)
 
 
-class SlowEngine:
-    """An engine whose text arrives at a human-visible pace, so the page can be seen streaming."""
+class SlowDecoder:
+    """A decoder whose steps take at least `delay_s`, so text arrives at a human-visible pace; with
+    `endless`, the end tokens are never sampled, so every reply runs to its max_tokens (the fixture's
+    greedy chat replies end after a few tokens)."""
 
-    def __init__(self, engine, delay_s):
-        self.inner, self.delay = engine, delay_s
-        self.tokenizer, self.seq_len = engine.tokenizer, engine.seq_len
+    def __init__(self, inner, delay_s, endless=()):
+        self.inner, self.delay, self.endless = inner, delay_s, list(endless)
 
-    def stream_choices(self, *args, **kwargs):
-        # The page sends no seed, so the server would draw a random one, and now and then the tiny test
-        # model ends its reply after a token or two: nothing left to watch stream. A fixed seed makes the
-        # reply (and the test) the same on every run.
-        kwargs["seed"] = 3
-        for piece in self.inner.stream_choices(*args, **kwargs):
-            time.sleep(self.delay)
-            yield piece
+    def new_state(self, *args):
+        return self.inner.new_state(*args)
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        logits = self.inner.forward(*args, **kwargs)
+        if self.endless:
+            logits[..., self.endless] = float("-inf")
+        return logits
+
+
+def slow_engine(engine, delay_s, endless=False):
+    twin = engine.sibling()
+    slow = SlowDecoder(engine.decoder(), delay_s, sorted(engine.stop_ids) if endless else ())
+    twin.decoder = lambda: slow
+    return twin
+
+
+def slow_pool(served, delay_s, seed=None, endless=False, **kw):
+    """A one-replica pool over the fixture's model with slowed steps; `seed` fixes every request's seed
+    (the page sends none, and now and then the tiny test model ends a randomly seeded reply after a
+    token or two: nothing left to watch stream)."""
+    from chibichat.serve.pool import WorkerPool
+
+    class Pool(WorkerPool):
+        def submit(self, req):
+            if seed is not None:
+                req.seed = seed
+            return super().submit(req)
+
+    return Pool([slow_engine(served.pool.engines[0], delay_s, endless)], **kw)
 
 
 @pytest.mark.slow
@@ -411,15 +448,19 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
     import os
 
     from chibichat.serve.app import create_app
-    from chibichat.serve.pool import WorkerPool
 
-    pool = WorkerPool([SlowEngine(e, 0.05) for e in served.pool.engines[:1]])
-    app = create_app(pool, served.model, Limits(default_max_tokens=40))
+    pool = slow_pool(served, 0.05, seed=3)
+    app = create_app(pool, served.model, Limits(default_max_tokens=40), api_key="page-key")
     browser = DevTools(tmp_path / "profile")
     try:
         with Server(app) as url:
             browser.open(url + "/")
-            browser.wait_for("document.readyState === 'complete' && chat.model !== null")
+            # the server wants a key: the page asks for it, then connects with it
+            browser.wait_for("document.readyState === 'complete' && !document.getElementById('auth').hidden")
+            assert browser.js("chat.model") is None
+            browser.js("document.getElementById('api-key').value = 'page-key'")
+            browser.js("document.getElementById('use-key').click()")
+            browser.wait_for("chat.model !== null")
             assert served.model in browser.js("document.getElementById('model').textContent")
             browser.js("document.getElementById('input').focus()")
             browser.call("Input.insertText", {"text": "こんにちは、元気ですか？"})
@@ -464,26 +505,416 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
 
 
 def test_busy_pool_answers_503_and_recovers(served):
-    import httpx as _httpx
-
     from chibichat.serve.app import create_app
-    from chibichat.serve.pool import WorkerPool
 
-    pool = WorkerPool([SlowEngine(served.pool.engines[0], 0.3)], max_queue=0)  # one worker, nobody may wait
+    pool = slow_pool(served, 0.1, endless=True, max_queue=0, max_rows=8)  # one replica of 8 rows, nobody may wait
     app = create_app(pool, served.model, Limits(default_max_tokens=20))
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True,
-            "temperature": 0}  # greedy: a known reply of several tokens, each 0.3 s apart
+            "temperature": 0, "n": 8}  # 8 rows of 20 tokens, 0.1 s apart, fill the batch for 2 s
     try:
         with Server(app) as url:
-            with _httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
                 assert first.status_code == 200
-                second = _httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+                second = httpx.post(url + "/v1/chat/completions", json={**body, "n": 1}, timeout=60)
                 assert second.status_code == 503 and second.json()["error"]["code"] == "server_busy"
                 assert [ln for ln in first.iter_lines() if ln][-1] == "data: [DONE]"
             deadline = time.time() + 30
-            while _httpx.get(url + "/health").json()["available_workers"] != 1 and time.time() < deadline:
+            while httpx.get(url + "/health").json()["available_rows"] != 8 and time.time() < deadline:
                 time.sleep(0.05)
-            again = _httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+            again = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
             assert again.status_code == 200
+            m = parse_metrics(httpx.get(url + "/metrics").text)
+            assert m["chibichat_requests_rejected_total"] == 1
+            assert m['chibichat_requests_total{route="/v1/chat/completions",status="503"}'] == 1
     finally:
         pool.shutdown()
+
+
+# -- the rest of the OpenAI surface ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "route, extra, param",
+    [
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ("chat", {"tool_choice": "auto"}, "tool_choice"),
+        ("chat", {"functions": [{"name": "f"}]}, "functions"),
+        ("chat", {"logit_bias": {"65": 5}}, "logit_bias"),
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"frobnicate": 1}, "frobnicate"),
+        ("chat", {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+         "stream_options.continuous_usage_stats"),
+        ("chat", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"suffix": "end"}, "suffix"),
+        ("completions", {"best_of": 3}, "best_of"),
+        ("completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("completions", {"messages": []}, "messages"),
+    ],
+)
+def test_unsupported_parameters_are_refused_by_name(served, route, extra, param):
+    body = {"model": served.model, "max_tokens": 4}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if route == "chat" else {"prompt": "hi"})
+    body.update(extra)
+    r = httpx.post(f"{served.url}/v1/{'chat/completions' if route == 'chat' else 'completions'}", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_parameter" and err["param"] == param and param in err["message"]
+
+
+def test_openai_client_tools_and_response_format_get_400_naming_them(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "what is 2+2"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=served.model, messages=msgs, tools=tools)
+    assert e.value.status_code == 400 and "'tools' is not supported" in str(e.value) and "built-in tool" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=served.model, messages=msgs, response_format={"type": "json_object"})
+    assert "'response_format'" in str(e.value)
+    # {"type": "text"} is what the server does anyway: accepted, like `user`
+    r = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=3, response_format={"type": "text"},
+                                       user="user-1234")  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_client_completions_route(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    r = client.completions.create(model=served.model, prompt="the cat", max_tokens=12, temperature=0, logprobs=2)
+    c = r.choices[0]
+    assert r.object == "text_completion" and c.finish_reason in ("stop", "length") and c.text
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens - (c.finish_reason == "stop")
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    # greedy: each chosen token is the most likely one
+    assert all(abs(v - max(t.values())) < 1e-5 for v, t in zip(lp.token_logprobs, lp.top_logprobs))
+    assert lp.text_offset[0] == 0 and all(a <= b for a, b in zip(lp.text_offset, lp.text_offset[1:]))
+    if c.text.isascii():
+        assert "".join(lp.tokens) == c.text
+    assert r.usage.prompt_tokens == 1 + len("the cat")  # <|bos|> + one byte-level token per character
+    # streaming: the same text, n choices with their indices, usage at the end
+    stream = client.completions.create(model=served.model, prompt="the cat", max_tokens=12, temperature=0, n=2,
+                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    texts, finish, usage = ["", ""], [None, None], None
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+        usage = chunk.usage or usage
+    assert texts == [c.text, c.text] and finish == [c.finish_reason] * 2
+    assert usage.completion_tokens == 2 * r.usage.completion_tokens
+    # seed: reproducible sampled completions; stop strings; max_tokens
+    a = client.completions.create(model=served.model, prompt="x", max_tokens=10, seed=11, temperature=1.0)
+    b = client.completions.create(model=served.model, prompt="x", max_tokens=10, seed=11, temperature=1.0)
+    assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens <= 10
+    text = c.text
+    if len(text) >= 6:
+        cut = client.completions.create(model=served.model, prompt="the cat", max_tokens=12, temperature=0, stop=text[3:5])
+        assert cut.choices[0].text == text[: text.find(text[3:5])] and cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs_and_max_completion_tokens(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, logprobs=True, top_logprobs=3,
+                                       max_completion_tokens=7)  # fmt: skip
+    c = r.choices[0]
+    assert r.usage.completion_tokens <= 7
+    content = c.logprobs.content
+    assert len(content) == r.usage.completion_tokens - (c.finish_reason == "stop")
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert abs(entry.logprob - entry.top_logprobs[0].logprob) < 1e-5  # greedy = the most likely token
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    # streamed logprobs: the same entries, spread over the chunks
+    stream = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, logprobs=True,
+                                            top_logprobs=3, max_completion_tokens=7, stream=True)  # fmt: skip
+    streamed = [e for ch in stream for x in ch.choices if x.logprobs for e in x.logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, max_tokens=7)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == c.message.content
+
+
+def test_presence_and_frequency_penalties_are_applied(served):
+    """The server's penalised reply is the engine's with the same penalties, and differs from the plain one."""
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    engine = served.pool.engines[0]
+    prompt = [engine.tokenizer.bos_id, *engine.tokenizer.encode("aaaa")]
+    got, want = {}, {}
+    for name, pp, fp in (("plain", 0.0, 0.0), ("presence", 2.0, 0.0), ("frequency", 0.0, 1.5)):
+        r = client.completions.create(model=served.model, prompt="aaaa", max_tokens=30, temperature=0,
+                                      presence_penalty=pp, frequency_penalty=fp)  # fmt: skip
+        got[name] = r.choices[0].text
+        want[name] = "".join(t for _, t in engine.stream_choices(prompt, 1, 30, 0.0, None, None, 1.0, 0, None, None, None,
+                                                                 presence_penalty=pp, frequency_penalty=fp))
+    assert got == want
+    assert got["presence"] != got["plain"] and got["frequency"] != got["plain"]
+    assert len(set(got["presence"])) >= len(set(got["plain"]))  # a presence penalty spreads the reply over more characters
+    # the chat route passes them on too: its reply is the engine's on the rendered prompt
+    from chibichat.render import render_prompt
+
+    msgs = [{"role": "user", "content": "go on"}]
+    ids = render_prompt(engine.tokenizer, {"messages": msgs}, max_len=engine.seq_len - 1).ids
+    r = client.chat.completions.create(model=served.model, messages=msgs, max_tokens=30, temperature=0,
+                                       presence_penalty=1.0, frequency_penalty=1.5)  # fmt: skip
+    want = "".join(t for _, t in engine.stream_choices(ids, 1, 30, 0.0, None, None, 1.0, 0, "calculator", None, None,
+                                                       presence_penalty=1.0, frequency_penalty=1.5))  # fmt: skip
+    assert r.choices[0].message.content == want
+
+
+def test_builtin_tool_call_visible_in_the_response(served):
+    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls."""
+    from chibichat.serve.app import create_app
+    from chibichat.serve.pool import WorkerPool
+
+    eng = served.pool.engines[0]
+    tok = eng.tokenizer
+    script = [tok.special_id("<|python_start|>"), *tok.encode("6*7"), tok.special_id("<|python_end|>")]
+
+    class Scripted:  # the fixture model's decoder, but the reply opens with a calculator call
+        def __init__(self, inner):
+            self.inner = inner
+
+        def new_state(self, *a):
+            return self.inner.new_state(*a)
+
+        def forward(self, ids, state, **kw):
+            logits = self.inner.forward(ids, state, **kw)
+            for b, n in enumerate(state.lengths):
+                k = n - prompt_len
+                if 0 <= k < len(script):
+                    logits[b, -1, script[k]] = 1e4
+            return logits
+
+    twin = eng.sibling()
+    dec = Scripted(eng.decoder())
+    twin.decoder = lambda: dec
+    pool = WorkerPool([twin])
+    app = create_app(pool, served.model, Limits(default_max_tokens=16))
+    msgs = [{"role": "user", "content": "6*7?"}]
+    from chibichat.render import render_prompt
+
+    prompt_len = len(render_prompt(tok, {"messages": msgs}, max_len=95).ids)
+    try:
+        with Server(app) as url:
+            body = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": msgs,
+                              "temperature": 0, "max_tokens": 16}, timeout=60).json()  # fmt: skip
+    finally:
+        pool.shutdown()
+    assert body["choices"][0]["message"]["content"].startswith("<<6*7=42>>")
+    assert body["chibichat"]["tool_calls"] == [[{"expression": "6*7", "output": "42"}]]
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+
+def test_api_key_required_on_the_api_and_metrics(served):
+    import openai
+
+    from chibichat.serve.app import create_app
+
+    app = create_app(served.pool, served.model, Limits(default_max_tokens=8), api_key="s3cret-key")
+    with Server(app) as url:
+        with pytest.raises(openai.AuthenticationError) as e:
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+        assert e.value.status_code == 401 and "API key" in str(e.value)
+        assert httpx.post(url + "/v1/completions", json={"model": served.model, "prompt": "x"}).status_code == 401
+        assert httpx.get(url + "/metrics").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret-key")
+        assert [m.id for m in client.models.list().data] == [served.model]
+        r = client.completions.create(model=served.model, prompt="x", max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        # the page and /health stay open (the page asks for the key itself)
+        assert httpx.get(url + "/").status_code == 200 and httpx.get(url + "/health").json()["auth"] is True
+
+
+def test_api_key_flags(tmp_path):
+    from chibichat.common import ChibiError
+    from chibichat.stages.serve import api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert api_key(SimpleNamespace(api_key=None, api_key_file=str(key_file))) == "from-file"
+    assert api_key(SimpleNamespace(api_key="k", api_key_file=None)) == "k"
+    with pytest.raises(ChibiError, match="not both"):
+        api_key(SimpleNamespace(api_key="k", api_key_file=str(key_file)))
+    key_file.write_text("\n")
+    with pytest.raises(ChibiError, match="non-empty"):
+        api_key(SimpleNamespace(api_key=None, api_key_file=str(key_file)))
+    with pytest.raises(ChibiError, match="cannot read --api-key-file"):
+        api_key(SimpleNamespace(api_key=None, api_key_file=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("max_batch", 4, "--max-batch must be >= 8"), ("timeout", -1.0, "--timeout must be >= 0"),
+     ("shutdown_grace", -2.0, "--shutdown-grace must be >= 0"), ("workers", 0, "--workers must be >= 1"),
+     ("max_queue", -1, "--max-queue must be >= 0"), ("port", 70000, "--port must be in 1..65535")],
+)
+def test_serve_flags_are_checked_before_loading(flag, value, message):
+    from chibichat.common import ChibiError
+    from chibichat.stages.serve import check_args
+
+    ok = dict(port=8000, max_queue=64, max_tokens=512, max_batch=32, timeout=300.0, shutdown_grace=30.0, workers=None)
+    check_args(SimpleNamespace(**ok))
+    with pytest.raises(ChibiError, match=message):
+        check_args(SimpleNamespace(**{**ok, flag: value}))
+
+
+def test_disconnect_cancels_generation_and_frees_its_rows(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.05, endless=True)
+    app = create_app(pool, served.model, Limits(default_max_tokens=80))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "stream": True,
+            "temperature": 0}  # fmt: skip
+    try:
+        with Server(app) as url:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                got = 0
+                for line in r.iter_lines():
+                    got += line.startswith("data: ")
+                    if got == 4:
+                        break
+                assert pool.rows == 1
+            # the connection is closed: the request ends as cancelled and its row leaves the batch
+            deadline, m = time.time() + 20, {}
+            while time.time() < deadline:
+                m = parse_metrics(httpx.get(url + "/metrics").text)
+                if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
+                    break
+                time.sleep(0.02)
+            assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
+            assert m["chibichat_batch_rows"] == 0 and m["chibichat_queue_depth"] == 0 and pool.rows == 0
+            assert m["chibichat_completion_tokens_total"] < 40  # far from the 80 asked for: generation stopped
+            assert m["chibichat_time_to_first_token_seconds_count"] == 1
+            assert m["chibichat_inter_token_latency_seconds_count"] >= 2
+            assert m["chibichat_decode_rows_total"] == m["chibichat_decode_steps_total"]  # one row per step
+            assert m["chibichat_ready"] == 1 and m["chibichat_batch_max_rows"] == 32
+    finally:
+        pool.shutdown()
+
+
+def test_request_timeout(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.05, endless=True)
+    app = create_app(pool, served.model, Limits(default_max_tokens=60, timeout_s=0.3))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 0}
+    try:
+        with Server(app) as url:
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout" and "0.3 s" in r.json()["error"]["message"]
+            deltas = []
+            with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+                assert s.status_code == 200
+                lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+            assert lines[-1] != "data: [DONE]", lines
+            deltas = [json.loads(ln[6:]) for ln in lines]
+            assert deltas[-1]["error"]["code"] == "timeout"  # in-band, after some text
+            m = parse_metrics(httpx.get(url + "/metrics").text)
+            assert m['chibichat_requests_finished_total{reason="timeout"}'] == 2 and pool.rows == 0
+    finally:
+        pool.shutdown()
+
+
+def test_graceful_shutdown_finishes_in_flight_streams(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.03, endless=True)
+    app = create_app(pool, served.model, Limits(default_max_tokens=30))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "stream": True,
+            "temperature": 0}  # fmt: skip
+    server = Server(app)
+    try:
+        with server as url:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                lines = iter(r.iter_lines())
+                first = next(ln for ln in lines if ln.startswith("data: "))
+                server.server.should_exit = True  # what SIGINT/SIGTERM do
+                rest = [ln for ln in lines if ln.startswith("data: ")]
+            assert first and rest[-1] == "data: [DONE]"
+            server.thread.join(timeout=30)
+            assert not server.thread.is_alive()
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(url + "/health")
+    finally:
+        pool.shutdown()
+
+
+def test_health_says_loading_until_the_model_is_ready(served):
+    from chibichat.serve.app import create_app
+
+    release = threading.Event()
+
+    def load():
+        assert release.wait(30)
+        return served.pool
+
+    app = create_app(None, served.model, Limits(default_max_tokens=8), load=load)
+    with Server(app) as url:
+        h = httpx.get(url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        r = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert parse_metrics(httpx.get(url + "/metrics").text)["chibichat_ready"] == 0
+        release.set()
+        deadline = time.time() + 10
+        while httpx.get(url + "/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+# -- bench serve -------------------------------------------------------------------------------------
+
+
+def test_percentile():
+    from chibichat.bench.serve import percentile
+
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([float(i) for i in range(101)], 95) == 95.0
+
+
+def test_bench_serve_against_a_running_server(served, tmp_path, capsys):
+    from chibichat.bench.serve import run
+
+    out = tmp_path / "bench.json"
+    args = SimpleNamespace(clients="1,3", rounds=1, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
+                           url=served.url, api_key=None, json=str(out))  # fmt: skip
+    assert run(args) == 0
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [1, 3]
+    assert all(lv["ok"] == lv["requests"] and lv["failed"] == 0 and lv["busy_503"] == 0 for lv in levels)
+    assert all(0 < lv["completion_tokens"] <= 5 * lv["requests"] and lv["ttft_ms_p50"] > 0 for lv in levels)
+    assert "| clients |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_serve_starts_the_real_server_with_a_key(served, tmp_path):
+    """`chibichat bench serve` starts `chibichat serve` (a subprocess: loading in the background, --api-key,
+    --max-batch, --max-queue) and drives it: every request is served or answered 503, none fails (how many
+    503s depends on how fast the 8 rows free up; the 503 itself is tested in test_busy_pool_...)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "chibichat", "bench", "serve", "--home", str(served.home.root), "--device", "cpu",
+           "--dtype", "float32", "--clients", "12", "--rounds", "1", "--max-tokens", "40", "--max-batch", "8",
+           "--max-queue", "1", "--api-key", "k3y", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    (level,) = json.loads(out.read_text())["levels"]
+    assert level["requests"] == 12 and level["failed"] == 0, level
+    assert level["ok"] >= 8 and level["ok"] + level["busy_503"] == 12 and level["completion_tokens"] > 0

@@ -1,26 +1,25 @@
-"""The FastAPI app: the chat page at /, OpenAI-compatible /v1/chat/completions and /v1/models, /health.
+"""The FastAPI app: the chat page at /, OpenAI-compatible /v1/chat/completions, /v1/completions and
+/v1/models, /health and Prometheus /metrics.
 
 `create_app` builds everything from its arguments (no module-level app or state), so tests and the
-`serve` stage can create as many independent apps as they like.
+`serve` stage can create as many independent apps as they like. With `load` the model loads in a
+background thread after the server starts: /health answers 503 {"status": "loading"} and the API 503
+until it is ready. With `api_key`, /v1/* and /metrics need `Authorization: Bearer <key>` (401
+otherwise); the page and /health stay open (the page asks for the key and sends it).
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the route parameter annotations
 # (Request) at runtime, and they are imported inside create_app.
+import hmac
+import json
 import os
+import threading
 import time
 from importlib import resources
 
 from chibichat.common import ChibiError
 from chibichat.serve.pool import GenerationRequest, PoolBusy, WorkerPool
-from chibichat.serve.protocol import (
-    ApiError,
-    Limits,
-    chunk_body,
-    completion_body,
-    new_id,
-    parse_chat_request,
-    sse,
-)
+from chibichat.serve.protocol import ApiError, Limits, new_id, parse_chat_request, parse_completion_request, sse
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
                 "chat.css": "text/css; charset=utf-8"}  # fmt: skip
@@ -30,20 +29,85 @@ def _static(name: str) -> bytes:
     return resources.files("chibichat.serve").joinpath("static", name).read_bytes()
 
 
-def create_app(pool: WorkerPool, model_id: str, limits: "Limits | None" = None, tools: "str | None" = "calculator"):
+class _Auth:
+    """ASGI middleware: the API key check on protected paths, and the request counter by route and
+    status (read from the response start, so streamed responses count too)."""
+
+    def __init__(self, app, api_key, metrics_of):
+        self.app, self.key, self.metrics_of = app, api_key, metrics_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        counted = path.startswith("/v1/")
+        if self.key is not None and (counted or path == "/metrics"):
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(sent, b"Bearer " + self.key.encode()):
+                body = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                                "(the key given to `chibichat serve --api-key/--api-key-file`)", None,
+                                "invalid_api_key").body()  # fmt: skip
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})  # fmt: skip
+                await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+                self._count(path, 401)
+                return None
+        if not counted:
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self._count(path, message["status"])
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)
+
+    def _count(self, path, status):
+        metrics = self.metrics_of()
+        if metrics is not None and path.startswith("/v1/"):
+            metrics.count_request(path, status)
+
+
+def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None" = None,
+               tools: "str | None" = "calculator", api_key: "str | None" = None, load=None):  # fmt: skip
+    """pool: the WorkerPool, or None with `load` (a callable returning it, run in a thread at startup)."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    if (pool is None) == (load is None):
+        raise ValueError("create_app needs exactly one of pool and load")
     limits = limits or Limits()
-    engine0 = pool.engines[0]
-    tok, seq_len = engine0.tokenizer, engine0.seq_len
     created = int(time.time())
-    app = FastAPI(title="chibichat", docs_url=None, redoc_url=None, openapi_url=None)
+    holder = {"pool": pool, "error": None}  # this app's own state (the loaded pool, or why loading failed)
+
+    def load_in_background():
+        try:
+            holder["pool"] = load()
+        except BaseException as e:  # reported by /health and every API call
+            holder["error"] = f"{type(e).__name__}: {e}"
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if load is not None:
+            threading.Thread(target=load_in_background, name="chibichat-load", daemon=True).start()
+        yield
+
+    app = FastAPI(title="chibichat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(_Auth, api_key=api_key, metrics_of=lambda: holder["pool"] and holder["pool"].metrics)
 
     def error(e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
+
+    def ready_pool() -> WorkerPool:
+        if holder["pool"] is None:
+            if holder["error"]:
+                raise ApiError(500, f"the model failed to load: {holder['error']}", None, "load_failed", "server_error")
+            raise ApiError(503, "the model is still loading; retry shortly", None, "loading", "server_error")
+        return holder["pool"]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404/405 etc. in the OpenAI error shape too
@@ -69,24 +133,51 @@ def create_app(pool: WorkerPool, model_id: str, limits: "Limits | None" = None, 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "context": seq_len, "workers": len(pool.engines),
-                "available_workers": pool.available, "waiting": pool.waiting}  # fmt: skip
+        p = holder["pool"]
+        if p is None:
+            body = {"status": "failed", "error": holder["error"]} if holder["error"] else {"status": "loading"}
+            return JSONResponse({**body, "model": model_id}, status_code=503 if not holder["error"] else 500)
+        seq_len = p.engines[0].seq_len
+        return {"status": "ok", "model": model_id, "context": seq_len, "workers": len(p.engines),
+                "max_batch_rows": p.max_rows, "batch_rows": p.rows, "available_rows": p.available,
+                "waiting": p.waiting, "auth": api_key is not None}  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics():
+        p = holder["pool"]
+        if p is None:
+            from chibichat.serve.metrics import Metrics
+
+            return PlainTextResponse(Metrics().render({"ready": 0}), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(p.metrics.render({**p.gauges(), "ready": 1}), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "chibichat"}]}
 
-    def prepare(req):
+    def budget(req, used: int, seq_len: int) -> int:
+        """The reply budget for a prompt of `used` tokens: max_tokens (checked against the room left), or
+        the server's default capped by the room."""
+        room = seq_len - used
+        if req.max_tokens is not None and req.max_tokens > room:
+            raise ApiError(400, f"this model's context is {seq_len} tokens; the prompt uses {used}, so max_tokens "
+                           f"must be at most {room} (got {req.max_tokens})", "max_tokens", "context_length_exceeded")  # fmt: skip
+        if room < 1:
+            raise ApiError(400, f"the prompt of {used} tokens fills the model's context of {seq_len} tokens; shorten it",
+                           "prompt", "context_length_exceeded")  # fmt: skip
+        return min(req.max_tokens or min(limits.default_max_tokens, seq_len // 2), room)
+
+    def prepare_chat(req, tok, seq_len):
         """Render the prompt and pick the reply budget: (prompt ids, max_tokens, dropped messages)."""
         from chibichat.render import render_prompt
 
         if req.max_tokens is not None and req.max_tokens >= seq_len:
             raise ApiError(400, f"max_tokens {req.max_tokens} must be less than the model's context of {seq_len} tokens",
                            "max_tokens", "context_length_exceeded")  # fmt: skip
-        budget = req.max_tokens or min(limits.default_max_tokens, seq_len // 2)
+        want = req.max_tokens or min(limits.default_max_tokens, seq_len // 2)
         try:
             if req.truncate_history:
-                prompt = render_prompt(tok, {"messages": req.messages}, max_len=seq_len - budget)
+                prompt = render_prompt(tok, {"messages": req.messages}, max_len=seq_len - want)
             else:
                 prompt = render_prompt(tok, {"messages": req.messages}, max_len=seq_len - 1)
                 if prompt.dropped_turns:
@@ -94,25 +185,58 @@ def create_app(pool: WorkerPool, model_id: str, limits: "Limits | None" = None, 
                                    "(or set truncate_history: true)", "messages", "context_length_exceeded")  # fmt: skip
         except ChibiError as e:
             raise ApiError(400, str(e), "messages", "invalid_messages") from None
-        room = seq_len - len(prompt.ids)
-        if req.max_tokens is not None and req.max_tokens > room:
-            raise ApiError(400, f"this model's context is {seq_len} tokens; the messages use {len(prompt.ids)}, "
-                           f"so max_tokens must be at most {room} (got {req.max_tokens})", "max_tokens",
-                           "context_length_exceeded")  # fmt: skip
-        return prompt.ids, min(budget, room), prompt.dropped_turns
+        return prompt.ids, budget(req, len(prompt.ids), seq_len), prompt.dropped_turns
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        try:
-            req = parse_chat_request(await request.body(), limits, [model_id])
-            prompt, max_tokens, dropped = prepare(req)
-        except ApiError as e:
-            return error(e)
+    def token_text(tok, i: int) -> tuple[str, list[int]]:
+        raw = tok.id_to_bytes(i)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def chat_logprobs(tok, entries):
+        """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+        content = []
+        for t, lp, top in entries:
+            text, raw = token_text(tok, t)
+            alts = [{"token": token_text(tok, i)[0], "logprob": v, "bytes": token_text(tok, i)[1]} for i, v in top]
+            content.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": alts})
+        return {"content": content, "refusal": None}
+
+    def legacy_logprobs(tok, entries, offset: int):
+        """OpenAI completions logprobs: parallel lists; top_logprobs as {token: logprob} per position."""
+        tokens, lps, tops, offsets = [], [], [], []
+        for t, lp, top in entries:
+            text = token_text(tok, t)[0]
+            tokens.append(text)
+            lps.append(lp)
+            tops.append({token_text(tok, i)[0]: v for i, v in top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
+
+    def tool_calls(engine, tokens):
+        """The built-in tool's calls in one choice: [{"expression", "output"}] (output None: it failed)."""
+        calls = []
+        for part in engine.to_parts(tokens):
+            if part["type"] == "python":
+                calls.append({"expression": part["text"], "output": None})
+            elif part["type"] == "python_output" and calls:
+                calls[-1]["output"] = part["text"]
+        return calls
+
+    async def respond(chat: bool, req, prompt, max_tokens, use_tools, extra):
+        pool = ready_pool()
+        engine0, tok = pool.engines[0], pool.engines[0].tokenizer
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
-        gen = GenerationRequest(prompt, max_tokens, req.temperature, req.top_k, req.top_p, seed, tools, req.n, req.stop)
-        result: dict = {}
-        cid, now = new_id(), int(time.time())
-        extra = {"dropped_messages": dropped} if dropped else None
+        gen = GenerationRequest(prompt, max_tokens, req.temperature, req.top_k, req.top_p, seed, use_tools, req.n,
+                                req.stop, req.presence_penalty, req.frequency_penalty, req.top_logprobs,
+                                limits.timeout_s)  # fmt: skip
+        try:
+            stream = pool.submit(gen)
+        except PoolBusy as e:
+            return error(ApiError(503, f"server busy: {e}; retry later", None, "server_busy", "server_error"))
+        cid, now = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        result = stream.result
+        want_lp = req.top_logprobs is not None
 
         def usage():  # completion tokens of all n choices, as OpenAI counts them
             n = result.get("completion_tokens", 0)
@@ -122,44 +246,115 @@ def create_app(pool: WorkerPool, model_id: str, limits: "Limits | None" = None, 
             choices = result.get("choices") or []
             return choices[i]["finish_reason"] if i < len(choices) else "stop"
 
-        pieces = pool.generate(gen, result)
-        if not req.stream:
-            texts = [""] * req.n
-            try:
-                async for i, piece in pieces:
-                    texts[i] += piece
-            except PoolBusy as e:
-                return error(ApiError(503, f"server busy: {e}; retry later", None, "server_busy", "server_error"))
-            return completion_body(cid, model_id, [(texts[i], finish(i)) for i in range(req.n)], usage(), extra)
+        def failure(e):
+            if isinstance(e, TimeoutError):
+                return ApiError(504, f"{e} (serve --timeout); ask for fewer max_tokens", None, "timeout", "server_error")
+            return ApiError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_failed", "server_error")
 
-        # Wait for a worker before answering 200, so that "busy" can still be a proper error status.
+        if not req.stream:
+            texts, lps = [""] * req.n, [[] for _ in range(req.n)]
+            try:
+                async for i, piece, entries in stream:
+                    texts[i] += piece
+                    lps[i] += entries
+            except Exception as e:
+                return error(failure(e))
+            finally:
+                stream.cancel()  # a no-op once finished; ends the generation if this handler was cancelled
+            choices = []
+            for i in range(req.n):
+                if chat:
+                    c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish(i),
+                         "logprobs": chat_logprobs(tok, lps[i]) if want_lp else None}  # fmt: skip
+                else:
+                    c = {"index": i, "text": texts[i], "finish_reason": finish(i),
+                         "logprobs": legacy_logprobs(tok, lps[i], 0)[0] if want_lp else None}  # fmt: skip
+                choices.append(c)
+            body = {"id": cid, "object": obj, "created": now, "model": model_id, "choices": choices, "usage": usage()}
+            ext = dict(extra or {})
+            if chat and use_tools:
+                calls = [tool_calls(engine0, c["tokens"]) for c in result.get("choices", [])]
+                if any(calls):
+                    ext["tool_calls"] = calls
+            if ext:
+                body["chibichat"] = ext
+            return body
+
+        # Wait for the first piece before answering 200, so that a failure can still be an error status.
         try:
-            first = await anext(pieces, None)
-        except PoolBusy as e:
-            return error(ApiError(503, f"server busy: {e}; retry later", None, "server_busy", "server_error"))
+            first = await anext(stream, None)
+        except Exception as e:
+            stream.cancel()
+            return error(failure(e))
+
+        def chunk(choices, usage_=None):
+            body = {"id": cid, "object": obj + (".chunk" if chat else ""), "created": now, "model": model_id,
+                    "choices": choices}  # fmt: skip
+            if usage_ is not None:
+                body["usage"] = usage_
+            return body
+
+        offsets = [0] * req.n
+
+        def piece_choice(i, text, entries=(), finish_reason=None):
+            if chat:
+                delta = {"content": text} if text or finish_reason is None else {}
+                lp = chat_logprobs(tok, entries) if want_lp and entries else None
+                return {"index": i, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}
+            lp = None
+            if want_lp and entries:
+                lp, offsets[i] = legacy_logprobs(tok, entries, offsets[i])
+            return {"index": i, "text": text, "finish_reason": finish_reason, "logprobs": lp}
 
         async def events():
-            head = {"role": "assistant", "content": ""}
-            yield sse({**chunk_body(cid, now, model_id, head), **({"chibichat": extra} if extra else {})})
-            for i in range(1, req.n):
-                yield sse(chunk_body(cid, now, model_id, head, index=i))
             try:
-                if first is not None:
-                    yield sse(chunk_body(cid, now, model_id, {"content": first[1]}, index=first[0]))
-                async for i, piece in pieces:
-                    yield sse(chunk_body(cid, now, model_id, {"content": piece}, index=i))
-            except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
-                yield sse({"error": {"message": f"generation failed: {e}", "type": "server_error"}})
-                return
-            finally:  # also on client disconnect: stops the generation thread
-                await pieces.aclose()
-            for i in range(req.n):
-                yield sse(chunk_body(cid, now, model_id, {}, finish(i), index=i))
-            if req.include_usage:
-                yield sse(chunk_body(cid, now, model_id, {}, usage=usage(), choices=False))
-            yield sse("[DONE]")
+                if chat:
+                    head = {"role": "assistant", "content": ""}
+                    for i in range(req.n):
+                        c = {"index": i, "delta": head, "finish_reason": None, "logprobs": None}
+                        yield sse({**chunk([c]), **({"chibichat": extra} if extra and i == 0 else {})})
+                try:
+                    if first is not None:
+                        yield sse(chunk([piece_choice(*first)]))
+                    async for i, text, entries in stream:
+                        yield sse(chunk([piece_choice(i, text, entries)]))
+                except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
+                    err = failure(e)
+                    yield sse({"error": err.body()["error"]})
+                    return
+                for i in range(req.n):
+                    yield sse(chunk([piece_choice(i, "", (), finish(i))]))
+                if req.include_usage:
+                    yield sse(chunk([], usage()))
+                yield sse("[DONE]")
+            finally:  # also when the client went away (the response task is cancelled): free the rows
+                stream.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            pool = ready_pool()
+            engine0 = pool.engines[0]
+            req = parse_chat_request(await request.body(), limits, [model_id])
+            prompt, max_tokens, dropped = prepare_chat(req, engine0.tokenizer, engine0.seq_len)
+            return await respond(True, req, prompt, max_tokens, tools, {"dropped_messages": dropped} if dropped else None)
+        except ApiError as e:
+            return error(e)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        """Plain text continuation: <|bos|> + the prompt's tokens, no chat template, no tool."""
+        try:
+            pool = ready_pool()
+            engine0 = pool.engines[0]
+            req = parse_completion_request(await request.body(), limits, [model_id])
+            tok, seq_len = engine0.tokenizer, engine0.seq_len
+            prompt = [tok.bos_id, *tok.encode(req.prompt)]
+            return await respond(False, req, prompt, budget(req, len(prompt), seq_len), None, None)
+        except ApiError as e:
+            return error(e)
 
     return app

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions wire format: request validation and response/chunk bodies.
+"""The OpenAI wire format: request validation for /v1/chat/completions and /v1/completions.
 
 Validation is written out by hand rather than with pydantic models so that every failure maps to
 an OpenAI-style error body {"error": {"message", "type", "param", "code"}} with a status the
@@ -9,7 +9,6 @@ fields of the wrong type or shape, 404 for an unknown model.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,6 +24,8 @@ class Limits:
     max_n: int = 8  # choices per request (all decoded together in one batch)
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
     max_stop_chars: int = 64  # characters per stop string
+    max_user_chars: int = 256  # the `user` id
+    timeout_s: float | None = 300.0  # per request, from arrival to the last token (None: no limit)
 
 
 class ApiError(Exception):
@@ -38,8 +39,9 @@ class ApiError(Exception):
 
 
 @dataclass
-class ChatRequest:
-    messages: list[dict]  # render.py conversation messages
+class Sampling:
+    """Settings shared by /v1/chat/completions and /v1/completions."""
+
     stream: bool
     include_usage: bool
     max_tokens: int | None
@@ -47,9 +49,55 @@ class ChatRequest:
     top_k: int | None
     top_p: float | None
     seed: int | None
-    truncate_history: bool  # chibichat extension: drop oldest turns instead of failing on overflow
     n: int = 1  # choices, sampled from one prefill
     stop: tuple[str, ...] = ()  # generation ends before any of these strings
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+    user: str | None = None  # the caller's end-user id (OpenAI's abuse-monitoring field): checked, not stored
+
+
+@dataclass
+class ChatRequest(Sampling):
+    messages: list[dict] = None  # render.py conversation messages
+    truncate_history: bool = False  # chibichat extension: drop oldest turns instead of failing on overflow
+
+
+@dataclass
+class CompletionRequest(Sampling):
+    prompt: str = ""
+
+
+# Parameters each route implements (anything else is refused by name, never ignored). A parameter
+# sent as null counts as not sent, as in the OpenAI API.
+SAMPLING_PARAMS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "n", "stop",
+                   "seed", "logprobs", "presence_penalty", "frequency_penalty", "user"}  # fmt: skip
+CHAT_PARAMS = SAMPLING_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "truncate_history",
+                                 "response_format"}  # fmt: skip
+COMPLETION_PARAMS = SAMPLING_PARAMS | {"prompt", "echo", "best_of", "suffix"}
+MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); /v1/completions takes logprobs 0..5 like the OpenAI API
+_TOOLS = ("this server's model has one built-in tool (the calculator, or python under `serve --tools python`) that "
+          "the server runs itself: its calls and results appear in the reply as <<expr=result>> and in "
+          "chibichat.tool_calls. Client-defined tools are not supported; leave out")  # fmt: skip
+WHY_UNSUPPORTED = {
+    "tools": f"{_TOOLS} 'tools'",
+    "tool_choice": f"{_TOOLS} 'tool_choice'",
+    "functions": f"{_TOOLS} 'functions'",
+    "function_call": f"{_TOOLS} 'function_call'",
+    "parallel_tool_calls": f"{_TOOLS} 'parallel_tool_calls'",
+    "logit_bias": "per-token logit biases are not implemented; leave out 'logit_bias'",
+    "audio": "this is a text-only model; leave out 'audio'",
+    "modalities": "this is a text-only model; leave out 'modalities'",
+    "prediction": "predicted outputs are not implemented; leave out 'prediction'",
+}
+
+
+def _refuse_unknown(body: dict, allowed: set[str]) -> None:
+    for key, value in body.items():
+        if key in allowed or value is None:
+            continue
+        why = WHY_UNSUPPORTED.get(key, f"it is not implemented; the parameters this route takes are {sorted(allowed)}")
+        raise ApiError(400, f"'{key}' is not supported by this server: {why}", key, "unsupported_parameter")
 
 
 def _number(body, name, lo, hi, default, integer=False):
@@ -79,7 +127,7 @@ def _content_text(content, i: int) -> str:
                    "invalid_type")  # fmt: skip
 
 
-def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> ChatRequest:
+def _body(raw: bytes, model_ids: list[str]) -> dict:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -92,6 +140,70 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
     if model not in model_ids:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {model_ids}", "model",
                        "model_not_found")  # fmt: skip
+    return body
+
+
+def _sampling(body: dict, limits: Limits, max_tokens_keys: tuple[str, ...]) -> dict:
+    """The Sampling fields of a request body (validated)."""
+    n = _number(body, "n", 1, limits.max_n, 1, integer=True)
+    stop = _stop(body.get("stop"), limits)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(422, "'stream' must be a boolean", "stream", "invalid_type")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(422, "'stream_options' must be an object", "stream_options", "invalid_type")
+    for key in opts:
+        if key != "include_usage":
+            raise ApiError(400, f"'stream_options.{key}' is not supported (only include_usage is)",
+                           f"stream_options.{key}", "unsupported_parameter")  # fmt: skip
+    include_usage = opts.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(422, "'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
+                       "invalid_type")  # fmt: skip
+    if opts and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with stream: true", "stream_options", "invalid_value")
+    max_tokens = None
+    for key in max_tokens_keys:
+        if body.get(key) is not None:
+            max_tokens = _number(body, key, 1, 10**9, None, integer=True)
+            break
+    top_k = _number(body, "top_k", 0, limits.max_top_k, 0, integer=True)
+    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
+    if top_p == 0:
+        raise ApiError(400, "'top_p' must be greater than 0", "top_p", "out_of_range")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(422, "'user' must be a string", "user", "invalid_type")
+    if user is not None and len(user) > limits.max_user_chars:
+        raise ApiError(400, f"'user' has {len(user)} characters, more than {limits.max_user_chars}", "user",
+                       "out_of_range")  # fmt: skip
+    return dict(
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        temperature=float(_number(body, "temperature", 0.0, limits.max_temperature, 1.0)),
+        top_k=top_k or None,
+        top_p=None if top_p >= 1 else float(top_p),
+        seed=_number(body, "seed", -(2**63), 2**63 - 1, None, integer=True),
+        n=n,
+        stop=stop,
+        presence_penalty=float(_number(body, "presence_penalty", -2.0, 2.0, 0.0)),
+        frequency_penalty=float(_number(body, "frequency_penalty", -2.0, 2.0, 0.0)),
+        user=user,
+    )
+
+
+def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> ChatRequest:
+    body = _body(raw, model_ids)
+    _refuse_unknown(body, CHAT_PARAMS)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, f"'response_format' {json.dumps(fmt)[:100]} is not supported: this model has no JSON or "
+                       "schema-constrained mode; leave it out or send {\"type\": \"text\"}", "response_format",
+                       "unsupported_parameter")  # fmt: skip
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(422, "'messages' must be a non-empty list", "messages", "invalid_type")
@@ -102,6 +214,10 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ApiError(422, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role",
                            "invalid_role")  # fmt: skip
+        for key, value in m.items():
+            if key not in ("role", "content") and value is not None:
+                raise ApiError(400, f"messages[{i}].{key} is not supported (messages take role and content only)",
+                               f"messages[{i}].{key}", "unsupported_parameter")  # fmt: skip
         text = _content_text(m.get("content"), i)
         if len(text) > limits.max_message_chars:
             raise ApiError(400, f"messages[{i}] has {len(text)} characters, more than {limits.max_message_chars}",
@@ -111,37 +227,47 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
     if total > limits.max_total_chars:
         raise ApiError(400, f"messages hold {total} characters, more than {limits.max_total_chars}", "messages",
                        "conversation_too_long")  # fmt: skip
-    n = _number(body, "n", 1, limits.max_n, 1, integer=True)
-    stop = _stop(body.get("stop"), limits)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(422, "'stream' must be a boolean", "stream", "invalid_type")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(422, "'stream_options' must be an object", "stream_options", "invalid_type")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, 10**9, None, integer=True)
+    sampling = _sampling(body, limits, ("max_completion_tokens", "max_tokens"))
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ApiError(422, "'logprobs' must be a boolean", "logprobs", "invalid_type")
+    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    if top is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     truncate = body.get("truncate_history", False)
     if not isinstance(truncate, bool):
         raise ApiError(422, "'truncate_history' must be a boolean", "truncate_history", "invalid_type")
-    top_k = _number(body, "top_k", 0, limits.max_top_k, 0, integer=True)
-    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
-    if top_p == 0:
-        raise ApiError(400, "'top_p' must be greater than 0", "top_p", "out_of_range")
-    return ChatRequest(
-        messages=messages,
-        stream=stream,
-        include_usage=bool(opts.get("include_usage", False)),
-        max_tokens=max_tokens,
-        temperature=float(_number(body, "temperature", 0.0, limits.max_temperature, 1.0)),
-        top_k=top_k or None,
-        top_p=None if top_p >= 1 else float(top_p),
-        seed=_number(body, "seed", -(2**63), 2**63 - 1, None, integer=True),
-        truncate_history=truncate,
-        n=n,
-        stop=stop,
-    )
+    return ChatRequest(**sampling, top_logprobs=(top or 0) if logprobs else None, messages=messages,
+                       truncate_history=truncate)  # fmt: skip
+
+
+def parse_completion_request(raw: bytes, limits: Limits, model_ids: list[str]) -> CompletionRequest:
+    body = _body(raw, model_ids)
+    _refuse_unknown(body, COMPLETION_PARAMS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        raise ApiError(400, "'prompt' must be one string (or a list of one string): batches of prompts and token-id "
+                       "prompts are not supported; send one request per prompt", "prompt", "unsupported_parameter")  # fmt: skip
+    if not isinstance(prompt, str):
+        raise ApiError(422, "'prompt' must be a string", "prompt", "invalid_type")
+    if len(prompt) > limits.max_total_chars:
+        raise ApiError(400, f"'prompt' has {len(prompt)} characters, more than {limits.max_total_chars}", "prompt",
+                       "conversation_too_long")  # fmt: skip
+    if body.get("echo") not in (None, False):
+        raise ApiError(400, "'echo' is not supported: the reply never repeats the prompt; leave it out", "echo",
+                       "unsupported_parameter")  # fmt: skip
+    if body.get("suffix") is not None:
+        raise ApiError(400, "'suffix' (fill-in-the-middle) is not supported by this model; leave it out", "suffix",
+                       "unsupported_parameter")  # fmt: skip
+    sampling = _sampling(body, limits, ("max_tokens",))
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != sampling["n"]:
+        raise ApiError(400, f"'best_of' {best_of!r} is not supported: choices are never ranked server-side; leave it "
+                       "out (or equal to n)", "best_of", "unsupported_parameter")  # fmt: skip
+    logprobs = _number(body, "logprobs", 0, 5, None, integer=True)
+    return CompletionRequest(**sampling, top_logprobs=logprobs, prompt=prompt)
 
 
 def _stop(value, limits: Limits) -> tuple[str, ...]:
@@ -161,32 +287,8 @@ def _stop(value, limits: Limits) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))  # duplicates change nothing
 
 
-def new_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
-
-
-def completion_body(cid, model, choices: list[tuple[str, str]], usage, extra=None) -> dict:
-    """choices: (text, finish_reason) per choice, in index order."""
-    body = {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                     "logprobs": None} for i, (text, finish_reason) in enumerate(choices)],  # fmt: skip
-        "usage": usage,
-    }
-    if extra:
-        body["chibichat"] = extra
-    return body
-
-
-def chunk_body(cid, created, model, delta: dict, finish_reason=None, usage=None, choices=True, index=0) -> dict:
-    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if choices else []}  # fmt: skip
-    if usage is not None:
-        body["usage"] = usage
-    return body
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-" + uuid.uuid4().hex[:24]
 
 
 def sse(obj) -> bytes:

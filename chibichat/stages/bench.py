@@ -15,6 +15,7 @@ BENCHES = [
     ("tokenizer", "chibichat.bench.tokenizer"),
     ("train", "chibichat.bench.train"),
     ("infer", "chibichat.bench.infer"),
+    ("serve", "chibichat.bench.serve"),
 ]
 
 

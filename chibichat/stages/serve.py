@@ -1,7 +1,11 @@
 """`chibichat serve`: the chat page and an OpenAI-compatible API over a checkpoint (FastAPI + uvicorn).
 
-Binds 127.0.0.1 by default (no auth: expose it deliberately with --host). Conversations are not
-logged. Workers: one model replica per CUDA GPU, or --workers N threads sharing one model on CPU.
+Binds 127.0.0.1 by default; --api-key / --api-key-file require a bearer key on /v1/* and /metrics
+(expose the server beyond this machine with --host only with a key). Conversations are not logged.
+Workers = model replicas: one per CUDA GPU, or --workers N decode loops sharing one model on CPU;
+each runs a continuous batch of up to --max-batch rows (engine.Batcher). The server listens at once
+and loads the model in the background (/health says "loading" until it is ready). SIGINT/SIGTERM:
+no new connections; in-flight streams get --shutdown-grace seconds to finish, then are cancelled.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="web chat page + OpenAI-compatible API (/v1/chat/completions) over a checkpoint",
-        description="Serve a checkpoint: the chat page at /, POST /v1/chat/completions, GET /v1/models, GET /health.",
+        description="Serve a checkpoint: the chat page at /, POST /v1/chat/completions and /v1/completions, "
+        "GET /v1/models, /health and /metrics (Prometheus).",
     )
     add_home_arg(p)
     add_runtime_args(p)
@@ -25,8 +30,19 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--workers", type=int, default=None,
-                   help="model workers: default one per CUDA GPU, or 1 on CPU (CPU workers share one model)")  # fmt: skip
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before 503 (default: 64)")
+                   help="model replicas: default one per CUDA GPU, or 1 on CPU (CPU replicas share one model's weights)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="rows (sequences) each replica decodes together; a request of n choices takes n (default: 32)")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for free batch rows before the server answers 503 (default: 64)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a request may take from arrival to its last token; past it: 504 / an error event "
+                        "(default: 300; 0 = no limit)")  # fmt: skip
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    p.add_argument("--api-key-file", default=None, help="like --api-key, the key read from this file (first line)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled "
+                        "(default: 30)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=512, help="reply budget when a request gives none (default: 512)")
     p.add_argument("--tools", default="calculator", choices=("none", "calculator", "python"),
                    help="tool the model may call (default: calculator)")  # fmt: skip
@@ -66,30 +82,74 @@ def build_pool(args):
         # threads share the read-only weights and one decoder (its weight copies built once, not per worker)
         engines = [first] + [first.sibling() for _ in range(n - 1)]
     tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
-    return WorkerPool(engines, max_queue=args.max_queue), f"chibichat-{args.source}-{tag}", meta
+    return WorkerPool(engines, max_queue=args.max_queue, max_rows=args.max_batch), f"chibichat-{args.source}-{tag}", meta
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def api_key(args) -> str | None:
+    """The key from --api-key or --api-key-file (not both); ChibiError for an empty or unreadable one."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ChibiError("give --api-key or --api-key-file, not both")
+    key = args.api_key
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChibiError(f"cannot read --api-key-file {args.api_key_file}: {e}") from None
+    if key is not None and (not key or any(c.isspace() for c in key) or not key.isprintable()):
+        raise ChibiError("the API key must be non-empty printable text without spaces (--api-key / --api-key-file)")
+    return key
 
-    from chibichat.serve.app import create_app
-    from chibichat.serve.protocol import Limits
 
+def check_args(args) -> None:
     if not 0 < args.port < 65536:
         raise ChibiError(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue < 0:
         raise ChibiError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_tokens < 1:
         raise ChibiError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_batch < 8:
+        raise ChibiError(f"--max-batch must be >= 8 (a request may ask for n = 8 choices), got {args.max_batch}")
+    if args.timeout < 0:
+        raise ChibiError(f"--timeout must be >= 0 seconds (0 = no limit), got {args.timeout}")
+    if args.shutdown_grace < 0:
+        raise ChibiError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
+    if args.workers is not None and args.workers < 1:
+        raise ChibiError(f"--workers must be >= 1, got {args.workers}")
     if args.tools == "python":
         check_sandbox(args.allow_weak_sandbox, "serve --tools python")
-    pool, model_id, meta = build_pool(args)
-    app = create_app(pool, model_id, Limits(default_max_tokens=args.max_tokens),
-                     tools=None if args.tools == "none" else args.tools)  # fmt: skip
-    print(f"chibichat serve: {model_id} from {meta['checkpoint_dir']} with {len(pool.engines)} worker(s) "
-          f"at http://{args.host}:{args.port}/", flush=True)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from chibichat.common import Home
+    from chibichat.serve.app import create_app
+    from chibichat.serve.protocol import Limits
+    from chibichat.train.checkpoint import resolve_checkpoint
+
+    check_args(args)
+    key = api_key(args)
+    step_dir = resolve_checkpoint(Home.resolve(args.home), args.source, args.tag, args.step)  # fails fast, before listening
+    model_id = f"chibichat-{args.source}-{step_dir.parent.name}"
+    pools = []
+
+    def load():
+        pool, _, meta = build_pool(args)
+        pools.append(pool)
+        print(f"chibichat serve: {model_id} from {meta['checkpoint_dir']} ready: {len(pool.engines)} replica(s) "
+              f"x {args.max_batch} batch rows", flush=True)  # fmt: skip
+        return pool
+
+    limits = Limits(default_max_tokens=args.max_tokens, timeout_s=args.timeout or None)
+    app = create_app(None, model_id, limits, tools=None if args.tools == "none" else args.tools, api_key=key, load=load)
+    print(f"chibichat serve: loading {model_id}; listening at http://{args.host}:{args.port}/"
+          f"{' (API key required)' if key else ''}", flush=True)  # fmt: skip
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_grace)  # fmt: skip
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(config).run()
     finally:
-        pool.shutdown()
+        for pool in pools:
+            pool.shutdown()
     return 0

@@ -20,6 +20,19 @@ function loadSettings() {
   } catch (e) { /* corrupt settings: keep the defaults in the page */ }
 }
 
+// The API key (servers started with --api-key) is asked for when the server answers 401, kept for
+// this browser tab only (sessionStorage) and sent as a bearer token with every API call.
+function headers(extra) {
+  const key = sessionStorage.getItem("chibichat-api-key");
+  return key ? { ...extra, Authorization: "Bearer " + key } : { ...extra };
+}
+
+function askForKey(message) {
+  $("auth").hidden = false;
+  $("model").textContent = message;
+  $("api-key").focus();
+}
+
 function notice(text) {
   $("notice").textContent = text;
   $("notice").hidden = !text;
@@ -131,10 +144,11 @@ async function complete() {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify({ model: chat.model, messages: history, stream: true, truncate_history: true, ...settings() }),
       signal: chat.abort.signal,
     });
+    if (response.status === 401) askForKey("API key required");
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
       throw new Error((body.error && body.error.message) || "HTTP " + response.status);
@@ -178,16 +192,36 @@ async function init() {
       send();
     }
   });
+  $("auth").onsubmit = (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("chibichat-api-key", $("api-key").value.trim());
+    $("auth").hidden = true;
+    connect();
+  };
+  await connect();
+  render();
+  $("input").focus();
+}
+
+async function connect() {
   try {
     const health = await (await fetch("/health")).json();
-    const models = await (await fetch("/v1/models")).json();
+    if (health.status !== "ok") {
+      $("model").textContent = `model ${health.status}…`;
+      setTimeout(connect, 1000);
+      return;
+    }
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401) {
+      askForKey(sessionStorage.getItem("chibichat-api-key") ? "wrong API key" : "API key required");
+      return;
+    }
+    const models = await response.json();
     chat.model = models.data[0].id;
-    $("model").textContent = `${chat.model} · context ${health.context} tokens · ${health.workers} worker(s)`;
+    $("model").textContent = `${chat.model} · context ${health.context} tokens · ${health.workers} replica(s)`;
   } catch (e) {
     $("model").textContent = "server unreachable";
   }
-  render();
-  $("input").focus();
 }
 
 init();
