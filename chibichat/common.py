@@ -187,6 +187,18 @@ class Runtime:
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
+# Stages that write checkpoints, in pipeline order: what `--from` may name.
+CHECKPOINT_STAGES = ("base", "mid", "sft", "rl", "dpo")
+
+
+def add_model_args(p) -> None:
+    """--from/--tag/--step: which checkpoint to load (chat, serve, bench serve)."""
+    p.add_argument("--from", dest="source", default="sft", choices=CHECKPOINT_STAGES,
+                   help="checkpoint stage (default: sft)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written one)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+
 def add_runtime_args(parser) -> None:
     parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | mps | auto (default: auto)")
     parser.add_argument(

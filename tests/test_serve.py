@@ -764,7 +764,8 @@ def test_serve_flags_are_checked_before_loading(flag, value, message):
     from chibichat.common import ChibiError
     from chibichat.stages.serve import check_args
 
-    ok = dict(port=8000, max_queue=64, max_tokens=512, max_batch=32, timeout=300.0, shutdown_grace=30.0, workers=None)
+    ok = dict(port=8000, max_queue=64, max_tokens=512, max_batch=32, timeout=300.0, shutdown_grace=30.0, workers=None,
+              tools="calculator", allow_weak_sandbox=False)
     check_args(SimpleNamespace(**ok))
     with pytest.raises(ChibiError, match=message):
         check_args(SimpleNamespace(**{**ok, flag: value}))

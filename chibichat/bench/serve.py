@@ -27,7 +27,7 @@ HELP = "serve under load: N concurrent streaming clients -> aggregate tok/s, TTF
 
 
 def add_args(p) -> None:
-    from chibichat.stages.chat import add_model_args
+    from chibichat.common import add_model_args
 
     add_model_args(p)
     add_runtime_args(p)

@@ -13,23 +13,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
-STAGES = ("base", "mid", "sft", "rl", "dpo")
 HELP_TEXT = """commands:
   /clear        forget the conversation (the system prompt stays)
   /temp X       sampling temperature (0 = greedy)
   /topk K       top-k sampling (0 = off)
   /help         this text
   /quit         leave (Ctrl-D works too)"""
-
-
-def add_model_args(p) -> None:
-    """--from/--tag/--step: which checkpoint (shared with `chibichat serve`)."""
-    p.add_argument("--from", dest="source", default="sft", choices=STAGES, help="checkpoint stage (default: sft)")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written one)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 
 
 def add_sampling_args(p, temperature: float = 0.6, top_k: int = 50) -> None:

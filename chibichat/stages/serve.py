@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
-from chibichat.stages.chat import add_model_args
 
 
 def register(sub) -> None:
