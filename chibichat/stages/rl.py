@@ -259,7 +259,7 @@ def _tasks(args, home):
 def run(args) -> int:
     import torch
 
-    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine
     from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
     from chibichat.tokenizer import Tokenizer
@@ -271,13 +271,23 @@ def run(args) -> int:
     if args.num_samples < 2:
         raise ChibiError("--num-samples must be >= 2: the advantage compares samples of the same prompt")
     top_k = args.top_k or None
+    home = Home.resolve(args.home)
+    check_home(home)
     rt = init_runtime(args.device, args.dtype)
     try:
-        home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
         task, eval_task = _tasks(args, home)
+        # The loop's flags (and the home's free space) are checked before the pass@k evaluation, not after it.
+        tag_dir = home.checkpoints_dir("rl", tag)
+        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
+                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
+                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
+        saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
+        check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), "this rl run")
+        lrs = source_lrs(src_meta, args, model)
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)
@@ -289,13 +299,7 @@ def run(args) -> int:
         batches = RolloutBatches(engine, tok, task, rt, prompts=args.prompts_per_step, samples=args.num_samples,
                                  max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
                                  seed=args.seed)
-        lrs = source_lrs(src_meta, args, model)
         optimizer = make_optimizer(model, lrs)
-        tag_dir = home.checkpoints_dir("rl", tag)
-        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
-                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
-                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
 
         def reward_fn(m, step):

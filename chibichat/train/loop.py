@@ -35,7 +35,9 @@ states come back from the newest checkpoint in tag_dir, and metrics.jsonl is cut
 so a killed-and-resumed run computes exactly what an uninterrupted one does.
 
 Files in tag_dir (rank 0): step_XXXXXX/ checkpoints, metrics.jsonl (one JSON object per step and
-per eval), samples.jsonl. Console: one compact line every log_every steps. wandb only when
+per eval), samples.jsonl. A stage's summary.json (written by the stage when it finishes) is removed
+once the run is known to start (its resume/overwrite checks passed), so a refused run leaves it and a
+running one never shows a stale one. Console: one compact line every log_every steps. wandb only when
 cfg.wandb_project is set (imported here, then).
 """
 
@@ -350,6 +352,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
         state = LoopState()
     if state.step > cfg.num_steps:
         raise ChibiError(f"the checkpoint is at step {state.step}, past --num-steps {cfg.num_steps}")
+    if rt.is_master:  # summary.json marks a finished run; this one is not finished yet
+        (cfg.tag_dir / "summary.json").unlink(missing_ok=True)
     metrics = _Metrics(rt, cfg, state.step if cfg.resume else None, meta)
     peak = peak_flops(rt, cfg.peak_flops)
     if peak and not cfg.peak_flops and rt.device.type == "cpu":
