@@ -179,6 +179,12 @@ def _current_umask() -> int:
     return mask
 
 
+def plain_file_mode() -> int:
+    """The mode a plain open() gives a new file (0666 & ~umask): for files written by a library that
+    creates them 0600 but are meant to be shared like any other tool's output."""
+    return 0o666 & ~_current_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -569,9 +569,11 @@ def test_tokenizer_overwrite_keeps_the_old_one(world, tmp_path, capsys):
 
 
 def test_artifacts_honour_the_umask(tmp_path):
-    """Checkpoint and tokenizer directories (built in mkdtemp, 0700) and their files get the modes a plain
-    mkdir/open would: 0755/0644 under umask 022, 0750/0640 under 027."""
+    """Checkpoint, tokenizer and HF export directories (built in mkdtemp, 0700) and their files get the modes
+    a plain mkdir/open would: 0755/0644 under umask 022, 0750/0640 under 027."""
     from chibichat.common import Home
+    from chibichat.export.hf import export_folder
+    from chibichat.train.checkpoint import load_model
 
     for umask, dmode, fmode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
         old = os.umask(umask)
@@ -580,9 +582,11 @@ def test_artifacts_honour_the_umask(tmp_path):
             tok = byte_tokenizer()
             tok.save(Home.resolve(root).tokenizer_dir)
             step = save_sft(root, tok)
+            model, _ = load_model(Home.resolve(root), "sft")
+            hf = export_folder(model, tok, root / "hf", "card\n")
         finally:
             os.umask(old)
-        for d in (root / "tokenizer", step):
+        for d in (root / "tokenizer", step, hf):
             assert d.stat().st_mode & 0o777 == dmode, d
             for f in d.iterdir():
                 assert f.stat().st_mode & 0o777 == fmode, f
