@@ -57,7 +57,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from chibichat.common import ChibiError, Runtime, atomic_write_text, print0
+from chibichat.common import ChibiError, Runtime, atomic_write_text, print0, write_error
 from chibichat.train.checkpoint import (
     list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
 )
@@ -269,16 +269,22 @@ class _Metrics:
     def log(self, record: dict) -> None:
         if not self.on:
             return
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def samples(self, step: int, texts: list[str]) -> None:
         if not self.on:
             return
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "samples": texts}, ensure_ascii=False) + "\n")
+        try:
+            with open(self.samples_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "samples": texts}, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise write_error(self.samples_path, e) from None
 
     def close(self) -> None:
         if self.on:
