@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:
         # A write the stage did not route through the atomic writers (a log file, a cache) that failed
-        # because of where it writes: the same clear message, not a traceback. Other OS errors are bugs
-        # or unexpected conditions and keep their traceback.
+        # because of where it writes (full disk, read-only): the same clear message, not a traceback.
+        # Other OS errors may come from reads or bugs and keep their traceback.
         if e.errno not in WRITE_ERRNOS:
             raise
         eprint(f"chibichat {args.command}: error: {write_error(e.filename, e)}")

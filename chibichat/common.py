@@ -128,10 +128,10 @@ def checkpoint_bytes(num_params: int, saves: int, keep_last: int) -> int:
 # Atomic writes: nothing written is ever left half-written.
 
 
-# The errors a write can hit because of where it writes (not because of a bug): turned into
-# ChibiError by the atomic writers, and by the CLI for any other write.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                errno.EEXIST)
+# OS errors that only a write can raise, and only because of where it writes (full disk, quota,
+# read-only file system): the CLI turns them into a ChibiError wherever they come from. The atomic
+# writers turn every OS error into one, since everything they do is a write.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def write_error(path: str | os.PathLike | None, e: OSError) -> ChibiError:
