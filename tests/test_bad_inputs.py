@@ -387,6 +387,26 @@ def h_sft_warmdown_too_long(world, tmp):
             "--device", "cpu"], ["warmdown_frac must be in [0, 1], got 1.5"]
 
 
+def h_sft_samples_do_not_fit(world, tmp):
+    """A source model whose context cannot hold the sample prompts: refused before step 0, not after the last."""
+    import torch
+
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.train.checkpoint import save_checkpoint
+
+    home = _copy(world, tmp)
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=12, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, layers="A")
+    save_checkpoint(home / "checkpoints/base/short", 1, GPT(cfg), None,
+                    {"model_config": cfg.to_dict(), "tokenizer": {"vocab_size": tok.vocab_size, "hash": tok.hash}})
+    return ["sft", "--home", str(home), "--from", "base", "--from-tag", "short", "--mix", "arithmetic=0.01",
+            "--device", "cpu", "--dtype", "float32", "--num-steps", "2",
+            *[f"--{g}-lr=0.01" for g in ("matrix", "embedding", "head", "other")]], [
+        "the sample prompt 'Hello!' does not fit this model's context of 12 tokens",
+        "pass --no-samples, or start from a model with a longer context"]
+
+
 def h_rl_one_sample(world, tmp):
     home, _ = world
     return ["rl", "--home", str(home), "--num-samples", "1", "--device", "cpu"], [
@@ -427,7 +447,7 @@ HOME_CASES = [h_home_is_a_file, h_home_under_a_file, h_home_under_proc, h_home_u
               h_step_without_meta, h_corrupt_meta, h_half_written_weights, h_no_checkpoint,
               h_seq_len_too_short_for_samples, h_seq_len_3, h_resume_and_overwrite, h_existing_run,
               h_eval_tokens_too_few, h_bad_layers, h_negative_save_every, h_sft_stream, h_sft_bad_mix,
-              h_sft_warmdown_too_long, h_rl_one_sample, h_tokenizer_eval_contradiction, h_unknown_corpus,
+              h_sft_warmdown_too_long, h_sft_samples_do_not_fit, h_rl_one_sample, h_tokenizer_eval_contradiction, h_unknown_corpus,
               h_pretrain_on_non_utf8, h_float16_on_cpu]
 
 
