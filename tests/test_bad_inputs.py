@@ -714,7 +714,6 @@ def test_64_clients_beyond_max_queue_get_503_and_the_server_keeps_serving(world)
     """One slow worker, --max-queue 2, 64 concurrent clients: 3 are served (1 working + 2 waiting), the
     other 61 get 503 server_busy at once; afterwards the server answers normally."""
     import asyncio
-    import threading
     import time
     from types import SimpleNamespace
 
@@ -727,14 +726,12 @@ def test_64_clients_beyond_max_queue_get_503_and_the_server_keeps_serving(world)
     args = SimpleNamespace(home=str(world[0]), device="cpu", dtype="float32", source="sft", tag=None, step=None,
                            workers=1, max_queue=2)
     pool, model_id, _ = build_pool(args)
-    started = threading.Event()
 
     class Slow:  # the one worker holds each request long enough for the crowd to arrive
         def __init__(self, inner):
             self.inner, self.tokenizer, self.seq_len = inner, inner.tokenizer, inner.seq_len
 
         def stream_choices(self, *a, **k):
-            started.set()
             time.sleep(0.5)
             yield from self.inner.stream_choices(*a, **k)
 
