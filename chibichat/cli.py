@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from chibichat import __version__
-from chibichat.common import ChibiError, eprint
+from chibichat.common import WRITE_ERRNOS, ChibiError, eprint, write_error
 
 # Order here is the order in `chibichat --help`: the flow of a run.
 STAGES = [
@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except ChibiError as e:
         eprint(f"chibichat {args.command}: error: {e}")
+        return 2
+    except OSError as e:
+        # A write the stage did not route through the atomic writers (a log file, a cache) that failed
+        # because of where it writes (full disk, read-only): the same clear message, not a traceback.
+        # Other OS errors may come from reads or bugs and keep their traceback.
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        eprint(f"chibichat {args.command}: error: {write_error(e.filename, e)}")
         return 2
     except KeyboardInterrupt:
         eprint("interrupted")

@@ -8,6 +8,7 @@ Nothing here runs at import time; torch is imported inside the functions that ne
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ class Home:
     """Where every artifact lives. Layout (documented in the README):
 
     tokenizer/                     the trained tokenizer (tokenizer.json + tokenizer.tiktoken)
+    tokenizer.bak-<hash12>/        a tokenizer that checkpoints use, replaced by `tokenizer train --overwrite`
     data/<corpus>/                 downloaded corpus shards
     checkpoints/<stage>/<tag>/     step_XXXXXX/ directories, one per saved step
     eval/<stage>/<tag>/            per-item results and summaries of evaluations
@@ -79,15 +81,82 @@ def add_home_arg(parser) -> None:
     )
 
 
+def check_home(home: Home, need_bytes: int = 0, what: str = "this stage") -> None:
+    """Refuse, before any work is done, a home the stage could not write its artifacts to: a path
+    that is a file or lies under one, a directory that is not writable (read-only file system,
+    /proc, no permission), or one whose disk has less free space than `need_bytes` (the caller's
+    estimate of what it writes).
+
+    Nothing is left behind: a missing home is not created here (the stage creates it when it first
+    writes); writability is probed by creating and removing a temp file in the home or, when it
+    does not exist yet, in its nearest existing parent (where mkdir would have to write). The probe
+    is an actual write, so it holds for root too, who passes every permission-bit check.
+    """
+    root = home.root
+    if root.exists() and not root.is_dir():
+        raise ChibiError(f"--home {root} is a file, not a directory; pass a directory (it is created when missing)")
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ChibiError(f"--home {root} cannot be created: {probe} is a file, not a directory; pass another --home")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".chibichat-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        where = "" if probe == root else f" (it does not exist and {probe} cannot be written to)"
+        raise ChibiError(f"--home {root} is not writable{where}: {e.strerror} (errno {e.errno}); pass a directory "
+                         f"you can write to (--home or $CHIBICHAT_HOME)") from None
+    if need_bytes > 0:
+        free = shutil.disk_usage(probe).free
+        if free < need_bytes:
+            raise ChibiError(f"--home {root} has {free / 1e6:,.1f} MB free, but {what} writes about "
+                             f"{need_bytes / 1e6:,.1f} MB; free some space on that disk or pass another --home")
+
+
+def checkpoint_bytes(num_params: int, saves: int, keep_last: int) -> int:
+    """An upper estimate of the disk a training run's checkpoints take at their peak: fp32 weights
+    plus optimizer state (at most two fp32 moments per parameter) per step directory, for the steps
+    kept at once (keep_last, plus the new one written before the oldest is deleted; 0 keeps all)."""
+    per = 4 * num_params * 3 + (1 << 16)  # + the JSON files
+    kept = saves if keep_last <= 0 else min(saves, keep_last + 1)
+    return per * max(1, kept)
+
+
 # ----------------------------------------------------------------------------------------------
 # Atomic writes: nothing written is ever left half-written.
 
 
+# OS errors that only a write can raise, and only because of where it writes (full disk, quota,
+# read-only file system): the CLI turns them into a ChibiError wherever they come from. The atomic
+# writers turn every OS error into one, since everything they do is a write.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def write_error(path: str | os.PathLike | None, e: OSError) -> ChibiError:
+    """A failed write as a ChibiError naming the path, the OS's reason and what to do about it."""
+    reason = e.strerror or str(e)
+    fix = {
+        errno.ENOSPC: "free some space on that disk or pass another --home",
+        errno.EDQUOT: "free some of your disk quota or pass another --home",
+        errno.EROFS: "that file system is read-only; pass a writable --home",
+        errno.EACCES: "you may not write there; fix its permissions or pass another --home",
+        errno.EPERM: "you may not write there; fix its permissions or pass another --home",
+    }.get(e.errno, "check the path (and --home)")
+    where = f" {path}" if path is not None else ""
+    return ChibiError(f"cannot write{where}: {reason} (errno {e.errno}); {fix}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file whole or not at all (temp file + fsync + rename), with the mode a plain open()
+    would give it. An OS error (full disk, read-only, no permission) is a ChibiError naming the path;
+    the previous content of `path`, if any, is left untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         # mkstemp creates 0600; give the file the mode a plain open() would have (0666 & ~umask).
         os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -95,9 +164,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
 
 
@@ -105,6 +177,12 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def plain_file_mode() -> int:
+    """The mode a plain open() gives a new file (0666 & ~umask): for files written by a library that
+    creates them 0600 but are meant to be shared like any other tool's output."""
+    return 0o666 & ~_current_umask()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -120,11 +198,18 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to `final` (replacing an old one).
 
     A crash inside the block leaves only a `.tmp-*` directory that readers ignore, never a
-    half-written `final`.
+    half-written `final`; an old `final` stays as it was until the rename. The directory gets the
+    mode a plain mkdir would (umask honoured). An OS error while creating, filling or renaming it
+    (full disk, read-only file system) is a ChibiError naming `final`.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        # mkdtemp creates 0700; give the directory the mode a plain mkdir would have (0777 & ~umask).
+        tmp.chmod(0o777 & ~_current_umask())
+    except OSError as e:
+        raise write_error(final, e) from None
     try:
         yield tmp
         if final.exists():
@@ -134,8 +219,10 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(final, e) from None
         raise
 
 

@@ -235,7 +235,9 @@ def test_corrupt_and_odd_parquet(tmp_path):
     for name in ("a_trunc.parquet", "b_garbage.parquet"):
         with pytest.raises(ChibiError) as e:
             shards[name].num_groups()
-        assert str(tmp_path / name) in str(e.value) and "data download" in str(e.value)
+        # a local file cannot be re-downloaded: the advice is the owner's repair, never `data download`
+        assert str(tmp_path / name) in str(e.value) and "re-export it as parquet" in str(e.value)
+        assert "data download" not in str(e.value)
     with pytest.raises(ChibiError, match="no text column"):
         shards["c_nocol.parquet"].num_groups()
     with pytest.raises(ChibiError, match="not text"):

@@ -149,7 +149,8 @@ def test_eval_refuses_a_checkpoint_of_another_tokenizer(tok_home, tmp_path, caps
     home = tmp_path / "h"
     shutil.copytree(tok_home / "tokenizer", home / "tokenizer")
     assert main(["pretrain", "--home", str(home), *TINY, "--num-steps", "2", "--eval-every", "0"]) == 0
-    assert main(["tokenizer", "train", "--home", str(home), "--vocab-size", "400", "--max-chars", "100000"]) == 0
+    assert main(["tokenizer", "train", "--home", str(home), "--vocab-size", "400", "--max-chars", "100000",
+                 "--overwrite"]) == 0
     capsys.readouterr()
     assert main(["eval", "base", "--home", str(home), "--device", "cpu"]) == 2
     assert "trained with tokenizer" in capsys.readouterr().err

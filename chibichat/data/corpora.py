@@ -221,18 +221,24 @@ TEXT_COLUMNS = ("text", "content")  # FineWeb/ClimbMix use "text", ABEJA-CC-JA u
 class ParquetShard(Shard):
     """A parquet file; one group = one row group (nanochat's shards have 1,024 documents per group)."""
 
-    def __init__(self, path: Path, name: str, column: str | None = None):
+    def __init__(self, path: Path, name: str, column: str | None = None, corpus: str | None = None):
+        """`corpus`: the online corpus the file was downloaded for (its repair is a re-download), or
+        None for a user's own file (a local: folder), which only its owner can repair."""
         self.path = Path(path)
         self.name = name
         self._column = column
+        self._corpus = corpus
         self._num_groups: int | None = None
         self._lock = threading.Lock()
 
+    def _fix(self) -> str:
+        if self._corpus is not None:
+            return (f"delete it and run `chibichat data download {self._corpus}` (it re-downloads missing shards)")
+        return ("it is a file of your local corpus: re-export it as parquet (or as .jsonl/.txt), or move it out of "
+                "the folder")
+
     def _corrupt(self, e: Exception) -> ChibiError:
-        return ChibiError(
-            f"{self.path} is not a readable parquet file ({type(e).__name__}: {e}); delete it and re-fetch it "
-            "(`chibichat data download <corpus>` re-downloads missing shards) or fix the file"
-        )
+        return ChibiError(f"{self.path} is not a readable parquet file ({type(e).__name__}: {e}); {self._fix()}")
 
     def _open(self):
         import pyarrow.parquet as pq
@@ -240,7 +246,7 @@ class ParquetShard(Shard):
         try:
             return pq.ParquetFile(self.path)
         except FileNotFoundError:
-            raise ChibiError(f"{self.path} does not exist; run `chibichat data download` again") from None
+            raise ChibiError(f"{self.path} does not exist (it was listed a moment ago); {self._fix()}") from None
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated or garbage files
             raise self._corrupt(e) from None
 
@@ -422,7 +428,8 @@ class OnlineCorpus(Corpus):
             raise ChibiError(
                 f"no {split} shards of {self.name!r} in {self.data_dir(home)}; run `chibichat data download {self.name} -n 8`"
             )
-        return [ParquetShard(self.shard_path(home, i), f"{self.name}/{self.online.filename(i)}", self.online.column) for i in idx]
+        return [ParquetShard(self.shard_path(home, i), f"{self.name}/{self.online.filename(i)}", self.online.column,
+                             corpus=self.name) for i in idx]
 
     def status(self, home: Home) -> dict:
         d = self.data_dir(home)

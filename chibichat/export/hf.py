@@ -233,7 +233,7 @@ def export_folder(model, tok, out: Path, card: str, overwrite: bool = False) -> 
 
     from safetensors.torch import save_file
 
-    from chibichat.common import atomic_directory
+    from chibichat.common import atomic_directory, plain_file_mode
     from chibichat.export.hf_tokenizer import tokenizer_files
 
     cfg = model.config
@@ -258,6 +258,7 @@ def export_folder(model, tok, out: Path, card: str, overwrite: bool = False) -> 
             (tmp / name).write_text(text, encoding="utf-8")
         for f in tmp.iterdir():  # durable before the rename makes the folder visible
             with open(f, "rb") as fh:
+                os.fchmod(fh.fileno(), plain_file_mode())  # safetensors' save_file creates 0600
                 os.fsync(fh.fileno())
     return out
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, add_home_arg
+from chibichat.common import ChibiError, Home, add_home_arg, check_home
 
 
 def register(sub) -> None:
@@ -163,6 +163,7 @@ def run_download(args) -> int:
     corpus = get_corpus(args.corpus)
     if args.retries < 1:
         raise ChibiError(f"--retries must be >= 1, got {args.retries}")
+    check_home(home)
     paths = download_corpus(
         corpus, home, args.num_shards, workers=args.workers, base_url=args.base_url,
         retries=args.retries, progress=not args.no_progress,

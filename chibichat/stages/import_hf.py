@@ -43,12 +43,13 @@ def _no_format(args) -> int:
 
 
 def run(args) -> int:
-    from chibichat.common import Home
+    from chibichat.common import Home, check_home
     from chibichat.export.hf_tokenizer import need
     from chibichat.export.importer import import_hf
 
     need("tokenizers")
     home = Home.resolve(args.home)
+    check_home(home)
     sdir, notes = import_hf(args.source, home, args.stage, args.tag, overwrite=args.overwrite,
                             revision=args.revision)
     if notes.get("rms_norm_eps"):

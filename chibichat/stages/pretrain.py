@@ -76,12 +76,26 @@ def _flags(args) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func" and not callable(v)}
 
 
+def check_sample_prompts(tok, lang: str, seq_len: int) -> None:
+    """The greedy samples taken during and at the end of the run must fit the context: refuse a
+    --seq-len too short for the longest sample prompt before any step is trained."""
+    from chibichat.eval.base import SAMPLE_PROMPTS
+
+    prompts = SAMPLE_PROMPTS["ja" if lang == "ja" else "en"]
+    need, longest = max((1 + len(tok.encode(p)), p) for p in prompts)  # BOS + the prompt
+    if need >= seq_len:
+        raise ChibiError(f"--seq-len {seq_len} is too short for the greedy sample prompts: {longest!r} is {need} "
+                         f"tokens with BOS and a sample needs room for at least one more; pass --seq-len "
+                         f"{need + 1} or more")
+
+
 def run(args) -> int:
     import time
 
     import torch
 
-    from chibichat.common import Home, atomic_write_json, init_runtime, print0, shutdown_runtime
+    from chibichat.common import (Home, atomic_write_json, check_home, checkpoint_bytes, init_runtime, print0,
+                                  shutdown_runtime)
     from chibichat.data.corpora import get_corpus
     from chibichat.data.loader import PretrainLoader
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
@@ -105,6 +119,7 @@ def run(args) -> int:
 
     t_start = time.time()
     home = Home.resolve(args.home)
+    check_home(home)
     tok = Tokenizer.load(home.tokenizer_dir)
     corpus = get_corpus(args.corpus)
     rt = init_runtime(args.device, args.dtype)
@@ -124,6 +139,10 @@ def run(args) -> int:
         scaling_params = sum(p.numel() for name in ("matrix", "head", "other") for p in groups[name])
         derive_plan(plan, overrides, vocab_size=tok.vocab_size, scaling_params=scaling_params,
                     device_type=rt.device.type, world_size=rt.world_size)
+        # Everything the run needs at its end is checked before its first step.
+        check_sample_prompts(tok, corpus.lang, plan.seq_len)
+        saves = (plan.num_steps // args.save_every if args.save_every else 0) + 1
+        check_home(home, checkpoint_bytes(model.num_params(), saves, args.keep_last), "this pretraining run")
         model.to(rt.device)
         model.compute_dtype = rt.compute_dtype
         if args.fp8:
@@ -131,8 +150,6 @@ def run(args) -> int:
         model.recompute = args.recompute
         tag = args.tag or f"d{args.depth}"
         tag_dir = home.checkpoints_dir("base", tag)
-        if rt.is_master:  # summary.json marks a finished run; this one is not finished yet
-            (tag_dir / "summary.json").unlink(missing_ok=True)
         print0(rt, plan.describe())
         print0(rt, f"model: {cfg.layers} ({cfg.layers.count('A')} attention, {cfg.layers.count('S')} SLC2), "
                    f"{'windows ' + str(cfg.windows) + ', ' if any(cfg.windows) else ''}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chibichat import __version__
-from chibichat.common import ChibiError, Home, add_home_arg, atomic_write_bytes, atomic_write_text
+from chibichat.common import ChibiError, Home, add_home_arg, atomic_write_bytes, atomic_write_text, check_home
 
 # The training stages in pipeline order, with the name used in tables.
 TRAIN_STAGES = [("base", "BASE"), ("mid", "MID"), ("sft", "SFT"), ("rl", "RL"), ("dpo", "DPO")]
@@ -385,6 +385,7 @@ def build_report(home: Home, tag: str | None = None, wall_s: float | None = None
 
 def run(args) -> int:
     home = Home.resolve(args.home)
+    check_home(home)
     path = build_report(home, args.tag, args.wall_time, args.hourly_usd)
     if args.print_report:
         print(path.read_text(encoding="utf-8"))

@@ -338,7 +338,7 @@ def _tasks(args, home):
 def run(args) -> int:
     import torch
 
-    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine
     from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
     from chibichat.tokenizer import Tokenizer
@@ -357,11 +357,21 @@ def run(args) -> int:
     for t in {task.name: task, eval_task.name: eval_task}.values():
         if t.runs_code:
             check_sandbox(args.allow_weak_sandbox, f"rl with task {t.name}")
+    check_home(home)
     rt = init_runtime(args.device, args.dtype)
     try:
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
+        # The loop's flags (and the home's free space) are checked before the pass@k evaluation, not after it.
+        tag_dir = home.checkpoints_dir("rl", tag)
+        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
+                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
+                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True)
+        saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
+        check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), "this rl run")
+        lrs = source_lrs(src_meta, args, model)
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)
@@ -373,13 +383,7 @@ def run(args) -> int:
         batches = RolloutBatches(engine, tok, task, rt, prompts=args.prompts_per_step, samples=args.num_samples,
                                  max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
                                  seed=args.seed)
-        lrs = source_lrs(src_meta, args, model)
         optimizer = make_optimizer(model, lrs)
-        tag_dir = home.checkpoints_dir("rl", tag)
-        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
-                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
-                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
 
         def reward_fn(m, step):

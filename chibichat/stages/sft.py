@@ -321,18 +321,26 @@ def val_loss_fn(val_source, tok, args, rt, train_all_tokens: bool, mode: str):
     return fn
 
 
-def sample_fn(tok, rt, prompts: list[str]):
+def sample_fn(tok, rt, prompts: list[str], seq_len: int):
     """sample_fn for the loop: greedy replies to a few fixed questions, to watch the chat format form.
-    Replies get up to half the context (at most 48 tokens); the prompt gets the rest."""
+    Replies get up to half the context (at most 48 tokens); the prompt gets the rest. The prompts are
+    rendered here, before training, so a context too short for them is refused before step 0."""
+    from chibichat.render import render_for_completion
+
+    max_tokens = min(48, seq_len // 2)
+    budget = seq_len - max_tokens
+    ids = []
+    for q in prompts:
+        try:
+            ids.append(render_for_completion(tok, {"messages": [{"role": "user", "content": q}]}, budget))
+        except ChibiError as e:
+            raise ChibiError(f"the sample prompt {q!r} does not fit this model's context of {seq_len} tokens "
+                             f"({e}); pass --no-samples, or start from a model with a longer context") from None
 
     def fn(model, step):
         from chibichat.engine import Engine
-        from chibichat.render import render_for_completion
 
         eng = Engine(model, tok, rt)
-        max_tokens = min(48, model.config.seq_len // 2)
-        budget = model.config.seq_len - max_tokens
-        ids = [render_for_completion(tok, {"messages": [{"role": "user", "content": q}]}, budget) for q in prompts]
         outs = eng.generate(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0)
         return [f"{q} -> {o[0].text}" for q, o in zip(prompts, outs)]
 
@@ -393,7 +401,7 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
 def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
     import torch
 
-    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
     from chibichat.data.loader import ConversationLoader
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import LoopConfig, train
@@ -403,9 +411,10 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.mix:  # the default mixture depends on the tokenizer; a given one is checked before anything loads
         parse_mix(args.mix)
+    home = Home.resolve(args.home)
+    check_home(home)
     rt = init_runtime(args.device, args.dtype)
     try:
-        home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
@@ -431,9 +440,12 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
                    f"mixture {train_mix.summary()} | mode {args.mode} | lrs {lrs}")
 
         t0 = time.time()
+        samples = None if args.no_samples else sample_fn(tok, rt, SAMPLE_PROMPTS, seq_len)
+        saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
+        check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), f"this {stage} run")
         res = train(model, optimizer, loader, token_loss_sum, rt, cfg, meta=meta,
                     eval_fn=val_loss_fn(val_mix, tok, args, rt, train_all_tokens, args.mode),
-                    sample_fn=None if args.no_samples else sample_fn(tok, rt, SAMPLE_PROMPTS))
+                    sample_fn=samples)
         counts = gather_render_counts(loader, rt)
         summary = {
             "stage": stage, "tag": tag, "source": src_meta["checkpoint_dir"], "steps": res.steps,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chibichat.common import (DTYPE_CHOICES, ChibiError, Home, add_fp8_arg, add_home_arg, add_memory_args,
-                              atomic_write_json, read_json)
+                              atomic_write_json, check_home, read_json)
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
@@ -249,6 +249,7 @@ def _launcher(step: Step) -> list[str]:
 
 def run(args) -> int:
     home = Home.resolve(args.home)
+    check_home(home)
     preset = pick_preset(args.preset)
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
                  ["--compile"] if args.compile else [])

@@ -55,6 +55,11 @@ def register(sub) -> None:
         help="pre-split regex: gpt4; ja (Japanese-aware: content word + particles); ja-script (break at every "
              "Japanese script change: fastest, compresses worse); auto = ja when the corpus is ja/mixed, else gpt4",
     )
+    t.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a tokenizer that existing checkpoints were trained with; the old one is moved to "
+             "HOME/tokenizer.bak-<hash>/ (without this flag such a replacement is refused)",
+    )
     t.set_defaults(func=run_train)
 
     e = actions.add_parser("eval", help="bytes/token per text kind vs GPT-2/GPT-4; writes home/tokenizer/eval.json")
@@ -83,13 +88,15 @@ def resolve_split(split: str, lang: str) -> str:
 def run_train(args) -> int:
     from tqdm import tqdm
 
-    from chibichat.common import Home
+    from chibichat.common import Home, check_home
     from chibichat.data.corpora import get_corpus
     from chibichat.tokenizer import corpus_slice, train_tokenizer
 
     _positive("--max-chars", args.max_chars)
     _positive("--doc-cap", args.doc_cap)
     home = Home.resolve(args.home)
+    check_home(home, TOKENIZER_BYTES_PER_TOKEN * args.vocab_size, "tokenizer train")
+    old_hash = replaceable_tokenizer(home, args.overwrite)
     corpus = get_corpus(args.corpus)
     for note in corpus.notes():
         print(note, flush=True)
@@ -114,6 +121,10 @@ def run_train(args) -> int:
         docs_capped=stats["capped"],
         corpus_exhausted=stats["exhausted"],
     )
+    if old_hash is not None and old_hash != tok.hash:
+        backup = keep_old_tokenizer(home, old_hash)
+        print(f"the replaced tokenizer {old_hash[:12]} (its checkpoints need it) is kept in {backup}; move it back "
+              f"to {home.tokenizer_dir} to use those checkpoints again", flush=True)
     tok.save(home.tokenizer_dir)
     tr = tok.training
     if stats["exhausted"] and stats["chars"] < args.max_chars:
@@ -130,6 +141,57 @@ def run_train(args) -> int:
           f"peak RSS of this process {rss}")
     print(f"saved to {home.tokenizer_dir} (hash {tok.hash[:12]})")
     return 0
+
+
+# An upper estimate of tokenizer.json + tokenizer.tiktoken per vocabulary entry, for the free-space check.
+TOKENIZER_BYTES_PER_TOKEN = 256
+
+
+def replaceable_tokenizer(home, overwrite: bool) -> str | None:
+    """Before training: the hash of home/tokenizer/ when checkpoints were trained with it (it will be
+    kept as a backup when replaced), else None. Without --overwrite such a tokenizer is refused, since
+    replacing it would make every one of those checkpoints unloadable."""
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import TOKENIZER_BACKUP_PREFIX, checkpoints_using_tokenizer
+
+    if not home.tokenizer_dir.is_dir():
+        return None
+    try:
+        old = Tokenizer.load(home.tokenizer_dir)
+    except ChibiError:
+        return None  # unreadable: no checkpoint can use it either
+    users = checkpoints_using_tokenizer(home, old.hash)
+    if not users:
+        return None
+    if not overwrite:
+        names = ", ".join(str(p.relative_to(home.root / "checkpoints")) for p in users[:3])
+        more = f" and {len(users) - 3} more" if len(users) > 3 else ""
+        raise ChibiError(
+            f"{home.tokenizer_dir} (tokenizer {old.hash[:12]}) is the tokenizer {len(users)} checkpoint(s) were "
+            f"trained with ({names}{more}); a new one would make them unusable. Pass --overwrite to replace it "
+            f"(the old one is kept as {home.root / (TOKENIZER_BACKUP_PREFIX + old.hash[:12])}/), or use another --home"
+        )
+    return old.hash
+
+
+def keep_old_tokenizer(home, old_hash: str):
+    """Move home/tokenizer/ to home/tokenizer.bak-<hash[:12]>/ (one rename, so it is never half-moved);
+    returns the backup path. A backup of the same hash already there holds the same tokenizer."""
+    import os
+    import shutil
+
+    from chibichat.common import write_error
+    from chibichat.train.checkpoint import TOKENIZER_BACKUP_PREFIX
+
+    backup = home.root / (TOKENIZER_BACKUP_PREFIX + old_hash[:12])
+    try:
+        if backup.exists():
+            shutil.rmtree(home.tokenizer_dir)
+        else:
+            os.replace(home.tokenizer_dir, backup)
+    except OSError as e:
+        raise write_error(backup, e) from None
+    return backup
 
 
 def run_eval(args) -> int:

@@ -134,20 +134,29 @@ def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, met
     lora = has_lora(unwrap(model))
     if lora and not isinstance(meta.get("lora"), dict):
         raise ValueError("a model with LoRA adapters is saved with meta['lora'] = {rank, alpha, dropout, targets, base}")
-    with atomic_directory(final) as tmp:
-        if lora:
-            (tmp / ADAPTER_FILE).write_bytes(st_save(adapter_state_dict(unwrap(model)), metadata={"format": FORMAT}))
+    try:
+        with atomic_directory(final) as tmp:
+            if lora:
+                (tmp / ADAPTER_FILE).write_bytes(st_save(adapter_state_dict(unwrap(model)), metadata={"format": FORMAT}))
+            else:
+                (tmp / "model.safetensors").write_bytes(st_save(_model_tensors(model), metadata={"format": FORMAT}))
+            if optimizer is not None:
+                tensors, rest = _optimizer_payload(optimizer)
+                (tmp / "optim_rank0.safetensors").write_bytes(st_save(tensors, metadata={"format": FORMAT}))
+                (tmp / "optim_rank0.json").write_text(json.dumps(rest, indent=1) + "\n", encoding="utf-8")
+            # meta.json last: list_steps() treats a directory without it as incomplete.
+            (tmp / "meta.json").write_text(meta_text, encoding="utf-8")
+            for f in tmp.iterdir():  # durable before the rename makes it visible
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except ChibiError as e:  # atomic_directory's write error (full disk, read-only): say what survives
+        earlier = [s for s in list_steps(tag_dir) if s != step]
+        if earlier:
+            kept = (f"the previous checkpoint {step_dir(tag_dir, earlier[-1])} is intact and usable "
+                    f"(--resume continues from it)")
         else:
-            (tmp / "model.safetensors").write_bytes(st_save(_model_tensors(model), metadata={"format": FORMAT}))
-        if optimizer is not None:
-            tensors, rest = _optimizer_payload(optimizer)
-            (tmp / "optim_rank0.safetensors").write_bytes(st_save(tensors, metadata={"format": FORMAT}))
-            (tmp / "optim_rank0.json").write_text(json.dumps(rest, indent=1) + "\n", encoding="utf-8")
-        # meta.json last: list_steps() treats a directory without it as incomplete.
-        (tmp / "meta.json").write_text(meta_text, encoding="utf-8")
-        for f in tmp.iterdir():  # durable before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            kept = "no earlier checkpoint of this run exists"
+        raise ChibiError(f"saving step {step} failed, nothing of it was kept: {e}. {kept}") from None
     if keep_last > 0:
         for old in list_steps(tag_dir)[:-keep_last]:
             shutil.rmtree(step_dir(tag_dir, old), ignore_errors=True)
@@ -267,12 +276,39 @@ def check_tokenizer(meta: dict, tokenizer, where) -> None:
     """Refuse a tokenizer other than the one the checkpoint was trained with."""
     saved = meta.get("tokenizer") or {}
     if saved.get("vocab_size") != tokenizer.vocab_size or saved.get("hash") != tokenizer.hash:
+        short = str(saved.get("hash"))[:12]
         raise ChibiError(
-            f"checkpoint {where} was trained with tokenizer {str(saved.get('hash'))[:12]} (vocab "
+            f"checkpoint {where} was trained with tokenizer {short} (vocab "
             f"{saved.get('vocab_size')}), but the loaded tokenizer is {tokenizer.hash[:12]} (vocab "
             f"{tokenizer.vocab_size}). Token ids would mean different things: use the tokenizer it was "
-            f"trained with (restore home/tokenizer/), or train a new model with this tokenizer"
+            f"trained with (restore home/tokenizer/; one replaced by `chibichat tokenizer train --overwrite` "
+            f"was kept as home/{TOKENIZER_BACKUP_PREFIX}{short}/), or train a new model with this tokenizer"
         )
+
+
+# `tokenizer train --overwrite` moves a tokenizer that checkpoints depend on to home/<prefix><hash[:12]>/.
+TOKENIZER_BACKUP_PREFIX = "tokenizer.bak-"
+
+
+def checkpoints_using_tokenizer(home: Home, tokenizer_hash: str) -> list[Path]:
+    """Every complete step directory under home/checkpoints/ whose meta.json records this tokenizer
+    hash (unreadable metadata counts as not depending on it: such a checkpoint cannot be loaded)."""
+    import json
+
+    root = home.root / "checkpoints"
+    out = []
+    if not root.is_dir():
+        return out
+    for stage in sorted(d for d in root.iterdir() if d.is_dir()):
+        for tag in sorted(d for d in stage.iterdir() if d.is_dir()):
+            for s in list_steps(tag):
+                try:
+                    meta = json.loads((step_dir(tag, s) / "meta.json").read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if isinstance(meta, dict) and (meta.get("tokenizer") or {}).get("hash") == tokenizer_hash:
+                    out.append(step_dir(tag, s))
+    return out
 
 
 def resolve_checkpoint(home: Home, stage: str, tag: str | None = None, step: int | None = None) -> Path:
@@ -288,6 +324,11 @@ def resolve_checkpoint(home: Home, stage: str, tag: str | None = None, step: int
         tag = newest.name
     tag_dir = stage_dir / tag
     steps = list_steps(tag_dir)
+    if not steps and tag_dir.is_dir():
+        broken = sorted(d.name for d in tag_dir.iterdir() if STEP_RE.match(d.name) and d.is_dir())
+        if broken:
+            raise ChibiError(f"{tag_dir} holds {', '.join(broken)} but no complete checkpoint: a step directory "
+                             f"without meta.json is an incomplete save. Delete {tag_dir} and train it again")
     if not steps:
         others = sorted(d.name for d in stage_dir.iterdir() if d.is_dir() and list_steps(d)) if stage_dir.is_dir() else []
         hint = f" (tags that exist: {', '.join(others)})" if others else f"; create one with `{make}`"

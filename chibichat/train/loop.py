@@ -41,7 +41,9 @@ states come back from the newest checkpoint in tag_dir, and metrics.jsonl is cut
 so a killed-and-resumed run computes exactly what an uninterrupted one does.
 
 Files in tag_dir (rank 0): step_XXXXXX/ checkpoints, metrics.jsonl (one JSON object per step and
-per eval), samples.jsonl. Console: one compact line every log_every steps. wandb only when
+per eval), samples.jsonl. A stage's summary.json (written by the stage when it finishes) is removed
+once the run is known to start (its resume/overwrite checks passed), so a refused run leaves it and a
+running one never shows a stale one. Console: one compact line every log_every steps. wandb only when
 cfg.wandb_project is set (imported here, then).
 """
 
@@ -61,7 +63,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from chibichat.common import ChibiError, Runtime, atomic_write_text, print0
+from chibichat.common import ChibiError, Runtime, atomic_write_text, print0, write_error
 from chibichat.train.checkpoint import (
     list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
 )
@@ -276,16 +278,22 @@ class _Metrics:
     def log(self, record: dict) -> None:
         if not self.on:
             return
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def samples(self, step: int, texts: list[str]) -> None:
         if not self.on:
             return
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "samples": texts}, ensure_ascii=False) + "\n")
+        try:
+            with open(self.samples_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "samples": texts}, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise write_error(self.samples_path, e) from None
 
     def close(self) -> None:
         if self.on:
@@ -359,6 +367,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
         state = LoopState()
     if state.step > cfg.num_steps:
         raise ChibiError(f"the checkpoint is at step {state.step}, past --num-steps {cfg.num_steps}")
+    if rt.is_master:  # summary.json marks a finished run; this one is not finished yet
+        (cfg.tag_dir / "summary.json").unlink(missing_ok=True)
     metrics = _Metrics(rt, cfg, state.step if cfg.resume else None, meta)
     peak = peak_flops(rt, cfg.peak_flops)
     if peak and not cfg.peak_flops and rt.device.type == "cpu":
