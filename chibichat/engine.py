@@ -798,6 +798,7 @@ class Batcher:
         self._waiting: deque[Job] = deque()
         self._live: list[_Live] = []
         self._slots: list[tuple[_Live, int]] = []  # (job, row) in slot order
+        self._admitting = 0  # rows of jobs taken off the queue whose prefill has not placed them in slots yet
         self._state = None  # the slot InferenceState (capacity rows), made on first use
         self._lengths: list[int] = []  # tokens held per slot (host copy of state.pos)
         self._stopping = False
@@ -809,7 +810,16 @@ class Batcher:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Jobs queued for rows: submitted jobs that the free rows cannot take at the next step (a job
+        that has rows free for it is about to be admitted, not waiting)."""
+        free = self.max_rows - len(self._slots) - self._admitting
+        queued = 0
+        for job in list(self._waiting):
+            if job.n <= free:
+                free -= job.n
+            else:
+                free, queued = 0, queued + 1
+        return queued
 
     @property
     def rows(self) -> int:
@@ -818,8 +828,8 @@ class Batcher:
 
     @property
     def reserved(self) -> int:
-        """Rows in the batch plus rows the waiting jobs will take."""
-        return len(self._slots) + sum(j.n for j in list(self._waiting))
+        """Rows in the batch, rows being prefilled into it, and rows the waiting jobs will take."""
+        return len(self._slots) + self._admitting + sum(j.n for j in list(self._waiting))
 
     def submit(self, job: Job) -> None:
         import time
@@ -862,6 +872,7 @@ class Batcher:
                         admit.append(self._waiting.popleft())
                     else:
                         break
+                self._admitting = sum(job.n for job in admit)
             for job in dropped:
                 reason = "cancelled" if job.cancelled else "timeout"
                 if self.metrics is not None:
@@ -874,6 +885,8 @@ class Batcher:
                 for live in self._live:
                     self._send(live.job, [("error", e)])
                 self._live, self._slots, self._lengths = [], [], []
+            finally:
+                self._admitting = 0  # every admitted job is in a slot, finished or failed by now
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
@@ -978,6 +991,7 @@ class Batcher:
                                 d[slot].copy_(s_[j])
                     self._state.pos[slot] = P
                     self._slots.append((live, r))
+                    self._admitting -= 1
                     self._lengths.append(P)
                     live.slot[r] = slot
                 self._live.append(live)

@@ -509,9 +509,12 @@ def test_batcher_cancel_frees_rows_and_full_batch_waits(tok, rt):
     import threading
     import time
 
+    from test_serve import slow_engine
+
     from chibichat.engine import Batcher, Job
 
-    engine = Engine(random_model(tok, "A", seq_len=64), tok, rt)
+    # steps of >= 20 ms that never sample an end token: job a is still live when b arrives, on any machine
+    engine = slow_engine(Engine(random_model(tok, "A", seq_len=64), tok, rt), 0.02, endless=True)
     batcher = Batcher(engine, max_rows=2)
     events = {"a": [], "b": []}
     seen_a = threading.Event()
