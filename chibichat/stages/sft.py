@@ -166,7 +166,9 @@ def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | No
 
 
 def task_options(name: str, home) -> dict:
-    """Online tasks (smoltalk, mmlu-aux, gsm8k-train, ...) read their download cache from the home."""
+    """Online-only tasks (smoltalk, mmlu-aux, gsm8k-train, ...: `home` has no default) read their download
+    cache from the home; a task whose `home` is optional (gsm8k, arc-easy, ...: the shipped subset unless
+    asked for the online source) is built as shipped, so `rl --eval-task gsm8k` scores the shipped test items."""
     import importlib
     import inspect
 
@@ -177,7 +179,8 @@ def task_options(name: str, home) -> dict:
         return {}  # get_task reports the unknown name with the valid ones
     module, func = spec.target.split(":")
     params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
-    return {"home": home} if "home" in params else {}
+    online_only = "home" in params and params["home"].default is inspect.Parameter.empty
+    return {"home": home} if online_only else {}
 
 
 def split_task(name: str, val_items: int, seed: int, home=None):

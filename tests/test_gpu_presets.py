@@ -1,0 +1,208 @@
+"""The GPU presets as plans (every step parsed by its own stage's parser), their FLOP-count estimates,
+the toy scale knob, `--device-batch auto`'s selection, and `data tasks` against a stand-in hub."""
+
+import math
+
+import pytest
+
+from chibichat.cli import build_parser, main
+from chibichat.common import ChibiError, Home
+from chibichat.stages import speedrun
+from chibichat.stages.speedrun import GPU_RECIPES, PRESETS, TOY_SIZES, plan
+
+LANGS = ("en", "ja")
+LAYERS = ("dense", "iberis")
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return build_parser()
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("layers", LAYERS)
+def test_every_step_of_every_preset_parses(tmp_path, parser, preset, lang, layers):
+    for scale in ("full", "toy") if PRESETS[preset].gpu else ("full",):
+        steps = plan(Home(tmp_path), PRESETS[preset], lang, layers, "cuda", world_size=8, scale=scale)
+        for step in steps:
+            args = parser.parse_args(step.argv)  # argparse exits (SystemExit) on a flag it does not take
+            assert callable(args.func), step.name
+        if PRESETS[preset].gpu:
+            names = [s.name for s in steps]
+            assert names[:2] == ["download", "download-tasks"] and names[-1] == "eval-rl"
+
+
+def test_dry_run_prints_the_plan_and_the_estimate(tmp_path, capsys):
+    assert main(["speedrun", "--preset", "d20", "--dry-run", "--home", str(tmp_path), "--nproc-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "560,988,160 params" in out  # nanochat's d20 count (65,536 vocab)
+    for hw in ("8xH100", "1xH100", "1x24GB (RTX 4090)"):
+        assert hw in out
+    assert "--task gsm8k-train --eval-task gsm8k" in out
+    assert not (tmp_path / "checkpoints").exists()  # nothing ran
+
+
+def test_gpu_recipe_names_the_data_of_every_stage(tmp_path):
+    steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda", world_size=8)}
+    assert steps["download"][:4] == ["data", "download", "fineweb-edu", "-n"]
+    assert steps["download-tasks"][:3] == ["data", "tasks", "smoltalk,mmlu-aux,gsm8k-train,arc-easy-train,arc-challenge-train"]
+    assert _flag(steps["midtrain"], "--mix").startswith("smoltalk=1,mmlu-aux=1,gsm8k-train=1,identity=2")
+    sft_mix = _flag(steps["sft"], "--mix")
+    assert sft_mix.startswith("arc-easy-train=1,arc-challenge-train=1,gsm8k-train=1,smoltalk=0.022")
+    assert _flag(steps["rl"], "--task") == "gsm8k-train" and _flag(steps["rl"], "--eval-task") == "gsm8k"
+    assert _flag(steps["eval-base"], "--core") == "full" and _flag(steps["eval-base"], "--core-items") == "0"
+    for ev in ("eval-mid", "eval-sft", "eval-rl"):  # every item of every ChatCORE task
+        assert "--max-items" not in steps[ev] and "--tasks" not in steps[ev]
+    assert _flag(steps["pretrain"], "--device-batch") == "auto"
+    assert _flag(steps["pretrain"], "--total-batch") == str(2 ** 20)
+    ja = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d12"], "ja", "iberis", "cuda")}
+    assert ja["download"][2] == "abeja-ja" and "chatterbot-ja=2" in _flag(ja["midtrain"], "--mix")
+    assert "spelling-ja" in _flag(ja["eval-rl"], "--tasks") and "gsm8k" in _flag(ja["eval-rl"], "--tasks")
+    assert ja["pretrain"][ja["pretrain"].index("--layers") + 1] == "iberis"
+
+
+def test_fewer_gpus_keep_the_batch_by_accumulating(tmp_path):
+    for world, accum in ((8, "1"), (4, "2"), (1, "8")):
+        steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d12"], "en", "dense", "cuda", world_size=world)}
+        for stage in ("midtrain", "sft", "rl"):
+            assert _flag(steps[stage], "--grad-accum") == accum, (world, stage)
+    with pytest.raises(ChibiError, match="3 GPUs do not divide 8"):
+        plan(Home(tmp_path), PRESETS["d12"], "en", "dense", "cuda", world_size=3)
+
+
+def test_toy_scale_rewrites_only_sizes(tmp_path):
+    full = plan(Home(tmp_path), PRESETS["d20"], "ja", "iberis", "cpu", world_size=2)
+    toy = plan(Home(tmp_path), PRESETS["d20"], "ja", "iberis", "cpu", world_size=2, scale="toy")
+    assert [s.name for s in full] == [s.name for s in toy]
+    size_flags = {f for sizes in TOY_SIZES.values() for f in sizes} | {"--tag", "--from-tag"}
+
+    def masked(argv):
+        out, skip = [], False
+        for a in argv:
+            if skip:
+                skip = False
+                continue
+            if a in size_flags:
+                skip = True
+                continue
+            out.append(a)
+        return out
+
+    for f, t in zip(full, toy):
+        assert masked(f.argv) == masked(t.argv), f.name
+    tp = {s.name: s.argv for s in toy}
+    assert _flag(tp["pretrain"], "--depth") == "2" and _flag(tp["pretrain"], "--tag") == "toy-d20-iberis"
+    assert _flag(tp["eval-sft"], "--max-items") == "2"
+    with pytest.raises(ChibiError, match="already CPU-sized"):
+        plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", scale="toy")
+
+
+def test_recipe_figures_are_the_models_flop_count():
+    import torch
+
+    from chibichat.model.gpt import GPT, GPTConfig
+
+    fig = speedrun.recipe_figures(GPU_RECIPES["d12"], "en", "dense")
+    cfg = GPTConfig(vocab_size=32768, seq_len=2048, n_layer=12, n_embd=768, n_head=12, n_kv_head=12,
+                    layers="dense", windows=[0] * 12)
+    with torch.device("meta"):
+        m = GPT(cfg)
+    assert fig.params == m.num_params()
+    # 6 x (params - embedding) + 12 x heads x head_dim x seq per attention layer
+    assert fig.flops_per_token == 6 * (m.num_params() - 32768 * 768) + 12 * 12 * 12 * 64 * 2048
+    assert fig.pretrain_tokens == fig.pretrain_steps * 2 ** 19
+    assert abs(fig.pretrain_tokens - 20 * fig.scaling_params) <= 2 ** 18  # 20 tokens per scaling param
+    assert fig.stage_flops["pretrain"] == fig.flops_per_token * fig.pretrain_tokens
+    assert fig.shards == math.ceil(1.1 * fig.pretrain_tokens * 4.8 / 250e6)
+    lines = speedrun.estimate_lines(fig)
+    h100x8 = fig.total_flops / (8 * 989e12 * 0.40) / 3600
+    assert f"~{h100x8:,.1f} h" in lines[2] and "8xH100" in lines[2]
+    iberis = speedrun.recipe_figures(GPU_RECIPES["d12"], "en", "iberis")
+    assert iberis.flops_per_token < fig.flops_per_token  # SLC2 layers charged without attention
+
+
+# ---- --device-batch auto
+
+
+def test_device_batch_candidates_divide_the_step():
+    from chibichat.train.batchprobe import candidates
+
+    assert candidates(2 ** 20, 2048, 8) == [64, 32, 16, 8, 4, 2, 1]
+    assert candidates(2 ** 19, 2048, 1) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert candidates(3 * 2048, 2048, 1) == [1]  # 3 rows: only 1 is a power of two dividing it
+    with pytest.raises(ChibiError, match="not a multiple of seq_len 2048 x world_size 2"):
+        candidates(2048, 2048, 2)
+
+
+def test_device_batch_probe_picks_the_largest_that_fits():
+    from chibichat.train.batchprobe import pick, within_budget
+
+    total = 24 * 2 ** 30  # a 24 GB card
+    state = 2 * 2 ** 30
+    per_row = 700 * 2 ** 20  # measured-like peak of one 2048-token row
+    tried = []
+
+    def fits(d):
+        tried.append(d)
+        return within_budget(d * per_row + 3 * 2 ** 30, state, total)
+
+    assert pick([64, 32, 16, 8, 4, 2, 1], fits) == 16  # 16 x 0.7 + 3 + 2 = 16.2 GB <= 21.6; 32 does not fit
+    assert tried == [64, 32, 16]
+    with pytest.raises(ChibiError, match=r"not even 1 row\(s\) per device fit.*tried \[4, 2, 1\]"):
+        pick([4, 2, 1], lambda d: False)
+    assert within_budget(90, 0, 100) and not within_budget(91, 0, 100)  # 10% margin
+
+
+def test_device_batch_auto_on_cpu_is_the_cpu_rule():
+    import torch
+
+    from chibichat.train.batchprobe import auto_device_batch
+
+    rows, how = auto_device_batch(None, 2 ** 15, 256, 1, torch.device("cpu"))
+    assert rows == 64 and "no memory probe" in how  # 64 x 256 = 2^14 tokens
+    assert auto_device_batch(None, 512, 64, 2, torch.device("cpu"))[0] == 4
+
+
+def test_device_batch_flag(parser):
+    assert parser.parse_args(["pretrain", "--device-batch", "auto"]).device_batch == "auto"
+    assert parser.parse_args(["pretrain", "--device-batch", "8"]).device_batch == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--device-batch", "lots"])
+
+
+# ---- data tasks
+
+
+def test_data_tasks_downloads_and_verifies(server, home, capsys):
+    assert main(["data", "tasks", "smoltalk,gsm8k-train", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "smoltalk:" in out and "gsm8k-train:" in out and "verified 2 cached file(s)" in out
+    hits = len(server.hits)
+    assert main(["data", "tasks", "smoltalk,gsm8k-train", "--home", str(home)]) == 0
+    assert len(server.hits) == hits  # resumed from the cache: no request
+    f = next((home / "data" / "tasks").rglob("0000.parquet"))
+    f.write_bytes(f.read_bytes()[:-1] + b"\x00")
+    assert main(["data", "tasks", "smoltalk", "--home", str(home)]) == 2
+    assert "does not match the sha256" in capsys.readouterr().err
+
+
+def test_data_tasks_refuses_what_does_not_download(home, capsys):
+    assert main(["data", "tasks", "identity", "--home", str(home)]) == 2
+    assert "nothing to download" in capsys.readouterr().err
+    assert main(["data", "tasks", "nope", "--home", str(home)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_rl_eval_task_gsm8k_is_the_shipped_test_subset(home):
+    from chibichat.stages.sft import task_options
+
+    assert task_options("gsm8k", Home(home)) == {}
+    assert task_options("gsm8k-train", Home(home)) == {"home": Home(home)}
+
+
+from tests.test_task_loaders import server  # noqa: E402,F401  (the stand-in hub fixture)
