@@ -130,7 +130,8 @@ def test_online_presets_download_their_corpus_first(tmp_path):
     steps = plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda")
     assert steps[0].name == "download"
     assert steps[0].argv[:4] == ["data", "download", "fineweb-edu", "-n"]
-    assert steps[1].argv[:4] == ["tokenizer", "train", "--corpus", "fineweb-edu"]
+    assert steps[1].argv[:2] == ["data", "tasks"]  # the online chat task sets next
+    assert steps[2].argv[:4] == ["tokenizer", "train", "--corpus", "fineweb-edu"]
     ja = plan(Home(tmp_path), PRESETS["d12"], "ja", "dense", "cuda")
     assert ja[0].argv[2] == "abeja-ja"
     from chibichat.data.corpora import get_corpus
