@@ -194,13 +194,14 @@ def estimate_lines(fig: RecipeFigures) -> list[str]:
 TOY_SIZES = {
     "data download": {"-n": "1"},
     "tokenizer train": {"--vocab-size": "512", "--max-chars": "200000"},
-    "pretrain": {"--depth": "2", "--seq-len": "64", "--total-batch": "512", "--num-steps": "6", "--eval-every": "3",
-                 "--eval-tokens": "512", "--save-every": "3", "--sample-every": "0"},
-    "eval base": {"--eval-tokens": "512", "--core-items": "2"},
-    "midtrain": {"--num-steps": "4", "--device-batch-size": "2", "--eval-every": "2", "--val-batches": "1",
-                 "--val-items": "4"},
-    "sft": {"--num-steps": "4", "--device-batch-size": "2", "--eval-every": "2", "--val-batches": "1",
-            "--val-items": "4"},
+    # a 512-token context so GSM8K and chat prompts fit at a 512-token vocabulary (~2 chars per token)
+    "pretrain": {"--depth": "2", "--seq-len": "512", "--total-batch": "1024", "--num-steps": "2", "--eval-every": "2",
+                 "--eval-tokens": "1024", "--save-every": "2", "--sample-every": "0"},
+    "eval base": {"--eval-tokens": "1024"},  # --core-items stays 0: every item of the (stand-in) bundle
+    "midtrain": {"--num-steps": "2", "--device-batch-size": "2", "--eval-every": "2", "--val-batches": "1",
+                 "--val-items": "4", "--save-every": "2"},
+    "sft": {"--num-steps": "2", "--device-batch-size": "2", "--eval-every": "2", "--val-batches": "1",
+            "--val-items": "4", "--save-every": "2"},
     "rl": {"--num-steps": "2", "--prompts-per-step": "1", "--num-samples": "4", "--max-new-tokens": "8",
            "--passk-items": "2", "--passk-k": "2", "--save-every": "0"},
     "eval chat": {"--max-new-tokens": "8", "--max-items": "2"},
