@@ -107,6 +107,17 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
         assert any(x.name.startswith("step_") for x in d.iterdir()), stage
         assert (d / "metrics.jsonl").read_text().strip(), stage
         assert json.loads((home / "eval" / stage / "d2" / "summary.json").read_text()), stage
+    # RL moved the weights (its rewards varied): the RL checkpoint is not SFT's
+    from safetensors.torch import load_file
+
+    from chibichat.train.checkpoint import list_steps, step_dir
+
+    def weights(stage):
+        d = home / "checkpoints" / stage / "d2"
+        return load_file(step_dir(d, list_steps(d)[-1]) / "model.safetensors")
+
+    sft_w, rl_w = weights("sft"), weights("rl")
+    assert any(not (sft_w[k] == rl_w[k]).all() for k in sft_w), "RL left the SFT weights unchanged"
     # resumed pretraining logged each step once
     steps = [json.loads(l)["step"] for l in (base / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == sorted(set(steps))
