@@ -289,15 +289,6 @@ def stand_in_hub(monkeypatch):
     srv.server_close()
 
 
-def _weights(stage_dir):
-    from safetensors.torch import load_file
-
-    from chibichat.train.checkpoint import list_steps, step_dir
-
-    d = step_dir(stage_dir, list_steps(stage_dir)[-1])
-    return load_file(d / "model.safetensors")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,lang,layers", [("d12", "en", "dense"), ("d20", "ja", "iberis")])
 def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset, lang, layers):
@@ -308,7 +299,7 @@ def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset,
     home = tmp_path / "home"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **stand_in_hub)
     cmd = [sys.executable, "-m", "chibichat", "speedrun", "--preset", preset, "--lang", lang, "--layers", layers,
-           "--scale", "toy", "--nproc-per-node", os.environ.get("NPROC_DEBUG", "2"), "--device", "cpu", "--home", str(home)]
+           "--scale", "toy", "--nproc-per-node", "2", "--device", "cpu", "--home", str(home)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = p.stdout + p.stderr
     if p.returncode != 0 and "eval chat runs on one process" in out:
@@ -321,9 +312,12 @@ def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset,
         assert section in report, section
     assert "not run" not in report
     rl = __import__("json").loads((home / "checkpoints" / "rl" / tag / "summary.json").read_text())
-    assert rl["task"] == "gsm8k-train" and rl["eval_task"] == "gsm8k"
-    sft_w, rl_w = _weights(home / "checkpoints" / "sft" / tag), _weights(home / "checkpoints" / "rl" / tag)
-    assert any(not (sft_w[k] == rl_w[k]).all() for k in sft_w), "RL left the SFT weights unchanged"
+    # (a toy model never solves GSM8K, so its RL step has no reward to follow: the micro speedrun's
+    # end-to-end test is the one that asserts RL moves the weights)
+    assert rl["task"] == "gsm8k-train" and rl["eval_task"] == "gsm8k" and rl["steps"] == 2
+    assert rl["pass_at_k_before"]["n"] == rl["pass_at_k_after"]["n"] == 2
+    mid = __import__("json").loads((home / "checkpoints" / "mid" / tag / "summary.json").read_text())
+    assert set(mid["mixture"]) >= {"smoltalk", "mmlu-aux", "gsm8k-train"}
 
 
 # ---- scripts/gpu_check.sh

@@ -199,12 +199,12 @@ TOY_SIZES = {
     "pretrain": {"--depth": "2", "--seq-len": "512", "--total-batch": "1024", "--num-steps": "2", "--eval-every": "2",
                  "--eval-tokens": "1024", "--save-every": "2", "--sample-every": "0"},
     "eval base": {"--eval-tokens": "1024"},  # --core-items stays 0: every item of the (stand-in) bundle
-    "midtrain": {"--num-steps": "2", "--device-batch-size": "2", "--eval-every": "2", "--val-batches": "1",
-                 "--val-items": "4", "--save-every": "2"},
-    "sft": {"--num-steps": "2", "--device-batch-size": "2", "--eval-every": "2", "--val-batches": "1",
-            "--val-items": "4", "--save-every": "2"},
-    "rl": {"--num-steps": "2", "--prompts-per-step": "1", "--num-samples": "4", "--max-new-tokens": "8",
-           "--passk-items": "2", "--passk-k": "2", "--save-every": "0"},
+    "midtrain": {"--num-steps": "2", "--device-batch-size": "2", "--grad-accum": "1", "--eval-every": "2",
+                 "--val-batches": "1", "--val-items": "4", "--save-every": "2"},
+    "sft": {"--num-steps": "2", "--device-batch-size": "2", "--grad-accum": "1", "--eval-every": "2",
+            "--val-batches": "1", "--val-items": "4", "--save-every": "2"},
+    "rl": {"--num-steps": "2", "--prompts-per-step": "1", "--grad-accum": "1", "--num-samples": "4",
+           "--max-new-tokens": "8", "--passk-items": "2", "--passk-k": "2", "--save-every": "0"},
     "eval chat": {"--max-new-tokens": "8", "--max-items": "2"},
 }
 
