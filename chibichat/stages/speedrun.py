@@ -62,7 +62,7 @@ class GpuRecipe:
 # nanochat's batches by depth: 2^19 tokens for d10-16, 2^20 for d18-26 (the Power Lines rule in
 # train/scaling.py gives the same). Shard counts follow from the horizon (recipe_figures).
 GPU_RECIPES = {
-    "d12": GpuRecipe(12, 32768, 2 ** 19, "d12, 32K vocab: a few hours on one GPU, the 24 GB card class"),
+    "d12": GpuRecipe(12, 32768, 2 ** 19, "d12, 32K vocab: the one-GPU run (fits a 24 GB card)"),
     "d20": GpuRecipe(20, 65536, 2 ** 20, "d20, the $100 nanochat-class run on 8xH100"),
     "d26": GpuRecipe(26, 65536, 2 ** 20, "d26, GPT-2-class CORE on 8xH100"),
 }
@@ -459,7 +459,7 @@ def _has_checkpoint(d: Path | None) -> bool:
     return bool(d and d.is_dir() and any(p.name.startswith("step_") for p in d.iterdir()))
 
 
-def world_size(nproc: int | None) -> int:
+def process_count(nproc: int | None) -> int:
     """Processes of the distributed steps: --nproc-per-node, else every visible GPU (1 without CUDA)."""
     if nproc is not None:
         if nproc < 1:
@@ -481,7 +481,7 @@ def _launcher(step: Step, nproc: int) -> list[str]:
 def run(args) -> int:
     home = Home.resolve(args.home)
     preset = pick_preset(args.preset)
-    nproc = world_size(args.nproc_per_node)
+    nproc = process_count(args.nproc_per_node)
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
                  ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale)
     names = {s.name for s in steps}
