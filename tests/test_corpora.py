@@ -122,6 +122,10 @@ def test_local_corpus_mixed_files_last_is_val(tmp_path):
     assert list(c.iter_documents("train", None, rank=1, world_size=2)) == ["p2", "p3", "j1", "j2"]
     st = c.status(None)
     assert st["on_disk"] and st["train_files"] == 2 and st["val_files"] == 1
+    # the file of another suffix is listed, never silently dropped
+    assert st["skipped_files"] == ["notes.md"]
+    assert c.notes() == [f"local corpus {tmp_path}: 1 file(s) not read (only non-hidden .parquet/.jsonl/.txt files "
+                         "are): notes.md"]
 
 
 def test_local_corpus_train_val_subfolders_and_groups(tmp_path):
@@ -155,6 +159,42 @@ def test_local_corpus_empty_inputs(tmp_path, setup, match):
     c = get_corpus(f"local:{tmp_path}")
     with pytest.raises(ChibiError, match=match):
         all_docs(c.shards("train", None)) + all_docs(c.shards("val", None))
+
+
+def test_local_corpus_with_no_usable_file_names_the_skipped_ones(tmp_path):
+    (tmp_path / "a.csv").write_text("x")
+    (tmp_path / "b.md").write_text("y")
+    (tmp_path / "c.txt").write_text("z")
+    with pytest.raises(ChibiError) as e:
+        get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert str(e.value).endswith("found 1 (2 file(s) not read (only non-hidden .parquet/.jsonl/.txt files are): "
+                                 "a.csv, b.md)")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    (tmp_path / "train" / "t.txt").write_text("t")
+    (tmp_path / "val" / "v.TSV").write_text("v")
+    c = get_corpus(f"local:{tmp_path}")
+    with pytest.raises(ChibiError, match=r"val has no .parquet/.jsonl/.txt files; add some \(4 file\(s\) not read"):
+        c.shards("val", None)
+    assert [str(p.relative_to(tmp_path)) for p in c.skipped_files()] == ["a.csv", "b.md", "c.txt", "val/v.TSV"]
+
+
+@pytest.mark.parametrize("texts, lang, share", [
+    (["The quick brown fox jumps over the lazy dog. 123 " * 50], "en", "0.0%"),
+    (["吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。" * 50], "ja", "100.0%"),
+    # per repeat 28 Latin letters and 15 Japanese ones (東京は日本の首都です, 東京タワー): 15/43
+    (["Tokyo is the capital city of Japan. 東京は日本の首都です。東京タワー" * 50], "mixed", "34.9%"),
+])
+def test_local_corpus_language_is_detected_from_a_sample(tmp_path, texts, lang, share):
+    from chibichat.data.corpora import japanese_letter_share
+
+    (tmp_path / "a.txt").write_text("\n\n".join(texts), encoding="utf-8")
+    (tmp_path / "b.txt").write_text("val", encoding="utf-8")
+    c = get_corpus(f"local:{tmp_path}")
+    assert c.lang == lang
+    assert c.lang_reason.startswith("detected: ") and f"Japanese script ({share}; ja from 50%" in c.lang_reason
+    assert japanese_letter_share("ab 東京、タワーです 12") == (7, 9)
+    assert get_corpus(f"local:{tmp_path / 'missing'}").lang == "unknown"
 
 
 def test_local_corpus_missing_folder(tmp_path):

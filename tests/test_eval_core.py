@@ -291,7 +291,7 @@ def test_jglue_files_found_in_both_layouts(tmp_path):
     _write_jglue(tmp_path)
     f = J.find_files(tmp_path)
     assert f["jcommonsenseqa"].name == "valid-v1.1.json" and f["jnli"].name == "jnli.jsonl"
-    assert len(J.read_records(f["jsquad"], "jsquad")) == 4
+    assert len(J.read_records("jsquad", f["jsquad"])) == 4
     (tmp_path / "empty").mkdir()
     with pytest.raises(ChibiError, match="no JGLUE dev file"):
         J.find_files(tmp_path / "empty")
@@ -309,7 +309,7 @@ def test_jcqa_and_jnli_always_first(tmp_path):
     assert s["jcommonsenseqa"] == 2 / 5 and s["jcommonsenseqa_centered"] == pytest.approx((0.4 - 0.2) / 0.8)
     assert s["jnli"] == 2 / 6  # "含意" (entailment) is right for 2 of 6
     # the 5 choices are listed in the prompt, and a demonstration carries its gold choice
-    ctx, cont = J.core.item_texts(J.build_task("jcommonsenseqa", J.read_records(files["jcommonsenseqa"], "x"), 1), 0)[0]
+    ctx, cont = J.core.item_texts(J.build_task("jcommonsenseqa", J.read_records("jcommonsenseqa", files["jcommonsenseqa"]), 1), 0)[0]
     assert "選択肢：答00 / 答01 / 答02 / 答03 / 答04\n答え：" in ctx and cont == "答00"
 
 
@@ -355,9 +355,11 @@ def test_jsts_expected_value_pearson_spearman(tmp_path):
 def test_jsquad_em_and_char_f1(tmp_path):
     _write_jglue(tmp_path)
     files = {"jsquad": J.find_files(tmp_path)["jsquad"]}
-    # q00: exact (then a newline and rambling), q01: full-width digits + punctuation (EM after NFKC),
+    # Hand-computed with JGLUE's normalisation (lower-case, trailing "。" stripped, whitespace collapsed):
+    # q00: exact, after a blank first line and before rambling -> EM 1, F1 1
+    # q01: full-width digits are not folded: 東京都０１ vs 東京都01 share 3 of 5 chars -> EM 0, F1 0.6
     # q10: half the answer ("東京" of "東京都10": P=1, R=2/5 -> F1=4/7), q11: wrong
-    replies = {"問00？": "東京都00\n質問：次", "問01？": "東京都０１。", "問10？": "東京", "問11？": "大阪"}
+    replies = {"問00？": "\n東京都00。\n質問：次", "問01？": "東京都０１。", "問10？": "東京", "問11？": "大阪"}
 
     class Gen:
         def generate_texts(self, prompts, n, max_tokens, temperature, top_k, seed):
@@ -371,9 +373,9 @@ def test_jsquad_em_and_char_f1(tmp_path):
     out = J.evaluate_jglue(files, scorer=None, gen=Gen(), tok=CharTok(), max_len=10_000, shots={"jsquad": 1},
                            jsquad_max_tokens=16)
     s = out["summary"]
-    assert s["jsquad_em"] == pytest.approx(2 / 4)
-    assert s["jsquad_f1"] == pytest.approx((1 + 1 + 4 / 7 + 0) / 4)
-    assert out["items"]["jsquad"][0]["pred"] == "東京都00"
+    assert s["jsquad_em"] == pytest.approx(1 / 4)
+    assert s["jsquad_f1"] == pytest.approx((1 + 0.6 + 4 / 7 + 0) / 4)
+    assert out["items"]["jsquad"][0]["pred"] == "東京都00。"
 
 
 def test_jglue_bad_records_and_over_length(tmp_path):
@@ -383,7 +385,7 @@ def test_jglue_bad_records_and_over_length(tmp_path):
         J.evaluate_jglue({"jnli": p}, scorer=None, gen=None, tok=CharTok(), max_len=100, shots={"jnli": 0})
     p.write_text('{"sentence1": "a"\n', "utf-8")
     with pytest.raises(ChibiError, match="line 1 is not valid JSON"):
-        J.read_records(p, "jnli")
+        J.read_records("jnli", p)
     _write_jglue(tmp_path / "j")
     files = {"jcommonsenseqa": J.find_files(tmp_path / "j")["jcommonsenseqa"]}
     # 3 shots make every prompt far longer than 60 characters -> all skipped, reported with a note
@@ -393,3 +395,42 @@ def test_jglue_bad_records_and_over_length(tmp_path):
     assert "fewer --shots" in out["summary"]["jcommonsenseqa_note"]
     with pytest.raises(ChibiError, match="needs more than"):
         J.evaluate_jglue(files, scorer=None, gen=None, tok=CharTok(), max_len=60, shots={"jcommonsenseqa": 5})
+
+
+def test_eval_jglue_and_eval_chat_agree_on_jsquad_exact_match(tmp_path):
+    """The same completions get the same per-item exact match from `eval jglue` (base few-shot prompts)
+    and `eval chat --tasks jsquad` (chat prompts): one parser, one normaliser, one scoring."""
+    from chibichat.common import Home
+    from chibichat.eval import chat as E
+    from chibichat.tasks.jglue import jglue_dir, relative_path
+    from chibichat.tokenizer import SPECIAL_TOKENS
+
+    class ChatCharTok(CharTok):
+        def special_id(self, name):
+            return 0x110000 + SPECIAL_TOKENS.index(name)
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids if i < 0x110000)
+
+    _write_jglue(tmp_path / "j")
+    # EM by hand (JGLUE normalisation): q00 yes (trailing 。 stripped), q01 no (full-width digits),
+    # q10 no (part of the answer), q11 yes (after a blank first line)
+    replies = {"問00？": "東京都00。", "問01？": "東京都０１", "問10？": "東京", "問11？": "\n 東京都11 \n続き"}
+
+    class Gen:
+        def generate_texts(self, prompts, n, max_tokens, temperature, top_k, seed):
+            return [[replies[ChatCharTok().decode(p).split("質問：")[-1].split("\n")[0]]] for p in prompts]
+
+    src = J.find_files(tmp_path / "j")["jsquad"]
+    base = J.evaluate_jglue({"jsquad": src}, scorer=None, gen=Gen(), tok=ChatCharTok(), max_len=10_000,
+                            shots={"jsquad": 1}, jsquad_max_tokens=16)
+    home = Home.resolve(tmp_path / "home")
+    dest = jglue_dir(home) / relative_path("jsquad", "valid")
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(src.read_bytes())
+    task = E.eval_task("jsquad", home)
+    chat = E.evaluate_chat([task], scorer=None, gen=Gen(), tok=ChatCharTok(), max_len=10_000,
+                           cfg=E.GenSettings(max_tokens=16))
+    assert [r["em"] for r in base["items"]["jsquad"]] == [1.0, 0.0, 0.0, 1.0]
+    assert [float(r["n_correct"]) for r in chat["items"]["jsquad"]] == [1.0, 0.0, 0.0, 1.0]
+    assert chat["summary"]["jsquad"] == base["summary"]["jsquad_em"] == 0.5

@@ -54,18 +54,26 @@ def test_spearman_ties_and_monotone():
 
 
 def test_japanese_normalisation_em_f1():
-    # NFKC folds full-width digits/letters; punctuation and spaces disappear.
-    assert M.normalize_answer_ja("ＡＢＣ　１２３。") == "abc123"
+    # JGLUE's own JSQuAD normalisation: lower-case, trailing "。" stripped, whitespace runs -> one space;
+    # no Unicode folding and no punctuation removal.
+    assert M.normalize_answer_ja("ＡＢＣ　１２３。") == "ａｂｃ １２３"
+    assert M.normalize_answer_ja("  東京\t 都。。") == "東京 都"
     assert M.exact_match("東京都。", ["東京都"]) == 1.0
+    assert M.exact_match("「東京都」", ["東京都"]) == 0.0  # brackets are kept
+    assert M.exact_match("東京都０１", ["東京都01"]) == 0.0  # full-width digits are not folded
     assert M.exact_match("東京", ["東京都"]) == 0.0
     # pred 東京 (2 chars), gold 東京都 (3 chars): common 2 -> P=1, R=2/3, F1=0.8
     assert M.char_f1("東京", ["東京都"]) == pytest.approx(0.8)
+    # the kept space is a character: pred 東,京,' ',都 vs gold 東京都 -> P=3/4, R=1 -> F1=6/7
+    assert M.char_f1("東京 都", ["東京都"]) == pytest.approx(6 / 7)
     # max over golds
     assert M.char_f1("東京", ["大阪", "東京都"]) == pytest.approx(0.8)
     assert M.char_f1("京都", ["大阪"]) == 0.0
     # repeated characters count as a multiset: pred ああい, gold あい -> common 2, P=2/3, R=1 -> 0.8
     assert M.char_f1("ああい", ["あい"]) == pytest.approx(0.8)
     assert M.char_f1("", [""]) == 1.0
+    # a gold that normalises to "" is dropped; with nothing left the item is scored against ""
+    assert M.exact_match("x", ["。"]) == 0.0 and M.exact_match("", ["。"]) == 1.0
 
 
 def _pass_at_k_bruteforce(n, c, k):

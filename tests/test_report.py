@@ -77,3 +77,20 @@ def test_report_table_shows_extra_tasks_and_partial_chatcore(tmp_path):
     row = next(l for l in text.splitlines() if l.startswith("| arithmetic_ja"))
     assert row.split("|")[4].strip() == "0.5000"  # the SFT column
     assert any(l.startswith("| ChatCORE (partial") and "0.3750" in l for l in text.splitlines())
+
+
+def test_cost_line_never_invents_a_price():
+    from chibichat.common import ChibiError
+    from chibichat.stages.report import _estimated_cost
+
+    h = 3600.0
+    assert _estimated_cost({"gpus": "8 x NVIDIA H100 80GB HBM3"}, h, None) == "$24.00 (8 device(s) x $3.00/h x 1.00 h)"
+    assert _estimated_cost({"gpus": "1 x NVIDIA A100-SXM4-80GB"}, h, None) == "$1.79 (1 device(s) x $1.79/h x 1.00 h)"
+    # L40S is not L4, and an unknown GPU gets no made-up rate: it says so and names the flag
+    assert _estimated_cost({"gpus": "2 x NVIDIA L40S"}, h, None) == (
+        "unknown (no price on file for NVIDIA L40S; pass --hourly-usd with its price per device-hour, known: H100, "
+        "H200, A100, V100, L4, A10)")
+    assert _estimated_cost({"gpus": "2 x NVIDIA L40S"}, h, 1.5) == "$3.00 (2 device(s) x $1.50/h x 1.00 h)"
+    assert _estimated_cost({"gpus": "none"}, h, None) == "$0.00 (1 device(s) x $0.00/h x 1.00 h)"
+    with pytest.raises(ChibiError, match="--hourly-usd must be a price >= 0, got -1"):
+        _estimated_cost({"gpus": "none"}, h, -1.0)

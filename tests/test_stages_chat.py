@@ -126,9 +126,11 @@ def test_stage_refuses_a_checkpoint_of_another_tokenizer(tmp_path):
 def test_mix_flag_errors():
     from chibichat.stages.sft import parse_mix
 
-    assert parse_mix("a=1, b=0.5,c") == [("a", 1.0), ("b", 0.5), ("c", 1.0)]
-    with pytest.raises(ChibiError, match="evaluation set"):
+    assert parse_mix("chitchat=1, spelling=0.5,identity") == [("chitchat", 1.0), ("spelling", 0.5), ("identity", 1.0)]
+    with pytest.raises(ChibiError, match="^--mix names 'gsm8k', an evaluation-only task"):
         parse_mix("chitchat=1,gsm8k=1")
+    with pytest.raises(ChibiError, match="^unknown task 'a'"):
+        parse_mix("a=1")
     with pytest.raises(ChibiError, match="not a number"):
         parse_mix("chitchat=x")
     with pytest.raises(ChibiError, match="> 0"):
@@ -417,7 +419,7 @@ def test_rl_stage_end_to_end(base):
     assert s["pass_at_k_after"]["n"] == 2
     rewards = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rewards if "reward" in r] == [1, 2]
-    with pytest.raises(ChibiError, match="evaluation set"):
+    with pytest.raises(ChibiError, match="^--task names 'gsm8k', an evaluation-only task"):
         from chibichat.stages import rl
 
         rl.run(_parse(["rl", "--home", home.root, "--from", "base", "--task", "gsm8k"]))
@@ -511,3 +513,91 @@ def test_eval_base_cli_core_full_uses_the_dclm_bundle(base, tmp_path):
     assert [t["name"] for t in s["core_tasks"]] == names and all(f"core_{n}" in s for n in names)
     assert s["core"] == pytest.approx(sum(s[f"core_{n}"] for n in names) / 6)
     assert (home.root / "data" / "core" / "eval_bundle.zip").exists()
+
+
+class _ConstTask(_VowelTask):
+    """Every sample earns 1: every group is flat, no learning signal."""
+
+    def evaluate(self, item, text):
+        return 1.0
+
+
+def test_an_all_flat_rl_step_leaves_weights_and_optimizer_bitwise_unchanged(base, tmp_path):
+    from chibichat.engine import Engine
+    from chibichat.stages.rl import RolloutBatches, pg_loss_sum, sample_rows
+    from chibichat.train.loop import LoopConfig, _train_step, train
+    from chibichat.train.optim import build_optimizer
+
+    _, tok = base
+    rt = cpu_rt()
+    model = _tiny(tok.vocab_size, seed=1)
+    opt = build_optimizer(model.param_groups(), matrix_lr=0.05, embedding_lr=0.05, unembedding_lr=0.05,
+                          other_lr=0.05, ns_dtype=torch.float32)
+    rows = [sample_rows([1, 2, 3], [10, 11], [0, 0], 0.5, 0, 8), sample_rows([1, 2, 3], [20, 21], [0, 0], -0.5, 0, 8)]
+    signal = tuple(torch.tensor([r[k] for r in rows], dtype=torch.float32 if k == 2 else torch.long) for k in range(3))
+    cfg = LoopConfig(tag_dir=tmp_path / "x", num_steps=4, momentum_warmup_steps=0, warmdown_frac=0.0,
+                     skip_empty_steps=True)
+    _train_step(model, opt, iter([signal]), pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 0)
+
+    def snapshot():
+        opt_state = [t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        return [p.detach().clone() for p in model.parameters()], opt_state
+
+    w0, s0 = snapshot()
+    assert any(bool(t.abs().sum() > 0) for t in s0)  # the first step left momentum behind
+    # Control: zero advantages on real targets give a zero gradient, yet momentum still moves the weights.
+    zero_adv = (signal[0], signal[1], torch.zeros_like(signal[2]))
+    _train_step(model, opt, iter([zero_adv]), pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 1)
+    assert any(not torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+    w1, s1 = snapshot()
+
+    # A rollout micro-batch whose groups are all flat carries no targets, and the step is skipped.
+    src = RolloutBatches(Engine(model, tok, rt), tok, _ConstTask(4), rt, prompts=2, samples=3, max_tokens=4,
+                         temperature=1.0, top_k=None, seed=0)
+    dt, loss, n = _train_step(model, opt, src, pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 2)
+    assert (loss, n) == (None, 0) and src.history[-1]["groups_used"] == 0.0
+    w2, s2 = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2)) and all(torch.equal(a, b) for a, b in zip(s1, s2))
+    # Without skip_empty_steps such a step is an error, never a silent no-op.
+    cfg_strict = LoopConfig(tag_dir=tmp_path / "y", num_steps=4, momentum_warmup_steps=0, warmdown_frac=0.0)
+    with pytest.raises(ChibiError, match="hold no target tokens"):
+        _train_step(model, opt, src, pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg_strict, 3)
+
+    # Through the loop: both steps skipped, logged and counted; the weights end where they began.
+    cfg = LoopConfig(tag_dir=tmp_path / "rl", num_steps=2, momentum_warmup_steps=0, warmdown_frac=0.0,
+                     skip_empty_steps=True)
+    res = train(model, opt, src, pg_loss_sum, rt, cfg, meta={"model_config": model.config.to_dict()})
+    assert res.skipped_steps == 2 and all(torch.equal(a, p) for a, p in zip(w2, model.parameters()))
+    logged = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r.get("skipped")] == [1, 2] and not any("loss" in r for r in logged)
+
+
+def test_rl_resume_refuses_another_prompt_stream(base):
+    from chibichat.engine import Engine
+    from chibichat.stages.rl import RolloutBatches
+
+    _, tok = base
+    eng = Engine(_tiny(tok.vocab_size), tok, cpu_rt())
+    mk = lambda task, seed=3, prompts=2: RolloutBatches(eng, tok, task, cpu_rt(), prompts=prompts, samples=2,
+                                                         max_tokens=4, temperature=1.0, top_k=None, seed=seed)
+    a = mk(_VowelTask(8))
+    next(a)
+    state = json.loads(json.dumps(a.state_dict()))
+    mk(_VowelTask(8)).load_state_dict(state)  # same stream: accepted
+
+    class Other(_VowelTask):
+        name = "other"
+
+    with pytest.raises(ChibiError) as e:
+        mk(Other(8)).load_state_dict(state)
+    assert str(e.value) == (
+        "--resume: the saved RL run sampled another prompt stream (task: saved 'vowels', now 'other'); resume with "
+        "the same --task, --train-items, --seed, --prompts-per-step, --max-new-tokens and number of ranks, or start "
+        "a new --tag")
+    with pytest.raises(ChibiError, match=r"^--resume: the saved RL run sampled another prompt stream \(items: saved 8, "
+                                         r"now 6; prompts: saved '[0-9a-f]+', now '[0-9a-f]+'\)"):
+        mk(_VowelTask(6)).load_state_dict(state)
+    with pytest.raises(ChibiError, match=r"\(prompts_per_step: saved 2, now 4\)"):
+        mk(_VowelTask(8), prompts=4).load_state_dict(state)
+    with pytest.raises(ChibiError, match="has no fingerprint of its prompt stream"):
+        mk(_VowelTask(8)).load_state_dict({"cursor": 2, "batches": 1, "history": []})

@@ -172,7 +172,8 @@ def test_jglue_download_layout_and_tasks(server, home):
 
     qa = get_task("jsquad", home=h)
     assert len(qa) == 2 and qa[1]["answers"] == ["1400万人", "約1400万人"]
-    assert qa.evaluate(qa[0], "東京都") and qa.evaluate(qa[1], "約１４００万人。") and not qa.evaluate(qa[0], "大阪")
+    assert qa.evaluate(qa[0], "東京都") and qa.evaluate(qa[1], "約1400万人。") and not qa.evaluate(qa[0], "大阪")
+    assert not qa.evaluate(qa[1], "約１４００万人")  # JGLUE's exact match does not fold full-width digits
 
 
 def test_jglue_files_match_the_evaluator(server, home):

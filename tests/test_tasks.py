@@ -429,7 +429,7 @@ def test_mmlu_dev_is_training_mc_data_disjoint_from_the_eval_sets():
     from chibichat.stages.sft import parse_mix
 
     assert parse_mix("mmlu-dev=1") == [("mmlu-dev", 1.0)]
-    with pytest.raises(ChibiError, match="evaluation set"):
+    with pytest.raises(ChibiError, match="^--mix names .mmlu., an evaluation-only task"):
         parse_mix("mmlu=1")
 
 

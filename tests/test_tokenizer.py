@@ -1,5 +1,6 @@
 import base64
 import json
+import re
 
 import pytest
 
@@ -333,7 +334,11 @@ def test_cli_train_and_eval(local_corpus, home, monkeypatch, capsys, tmp_path):
     rc = main(["tokenizer", "train", "--corpus", f"local:{local_corpus}", "--vocab-size", "600", "--max-chars", "20000"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "trained 600-token tokenizer (ja split)" in out and "M chars/s" in out  # auto: local corpora are 'mixed'
+    assert "trained 600-token tokenizer (ja split)" in out and "M chars/s" in out
+    # auto: the folder's train split is English with Japanese paragraphs -> "mixed" -> the ja split, and says why
+    assert re.search(rf"--split auto: ja, because corpus local:{re.escape(str(local_corpus))} is mixed \(detected: "
+                     r"[\d,]+ of [\d,]+ letters in the first [\d,]+ characters of its train split are Japanese script "
+                     r"\(11\.\d%; ja from 50%, en below 5%, mixed between\)\); pass --split to choose", out)
     tok = Tokenizer.load(home / "tokenizer")
     tr = tok.training
     assert tr["corpus"] == f"local:{local_corpus}" and tr["max_chars"] == 20000
@@ -364,6 +369,28 @@ def test_cli_train_and_eval(local_corpus, home, monkeypatch, capsys, tmp_path):
                  "--max-chars", "20000", "--split", "gpt4"]) == 0
     assert not (home / "tokenizer" / "eval.json").exists()
     assert Tokenizer.load(home / "tokenizer").split == "gpt4"
+
+
+@pytest.mark.parametrize("lang, split", [("en", "gpt4"), ("ja", "ja")])
+def test_cli_train_split_auto_follows_the_detected_language_of_a_local_folder(lang, split, home, tmp_path, capsys):
+    from importlib.resources import files
+
+    import pydoc_data.topics
+
+    from chibichat.cli import main
+
+    if lang == "en":
+        docs = sorted(pydoc_data.topics.topics.values())[:40]
+    else:
+        docs = (files("chibichat.data.assets") / "tokenizer_eval" / "ja_prose.txt").read_text("utf-8").split("\n\n")
+    d = tmp_path / lang
+    d.mkdir()
+    (d / "a.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    (d / "b.txt").write_text(docs[0], encoding="utf-8")
+    assert main(["tokenizer", "train", "--corpus", f"local:{d}", "--vocab-size", "300", "--max-chars", "5000"]) == 0
+    out = capsys.readouterr().out
+    assert f"--split auto: {split}, because corpus local:{d} is {lang} (detected: " in out
+    assert Tokenizer.load(home / "tokenizer").split == split
 
 
 def test_cli_train_errors(local_corpus, home, tmp_path, capsys):

@@ -305,6 +305,15 @@ class Corpus:
     def status(self, home: Home) -> dict:
         raise NotImplementedError
 
+    @property
+    def lang_reason(self) -> str:
+        """Why `lang` is what it is (printed where a stage chooses by it, e.g. `tokenizer train --split auto`)."""
+        return "the corpus catalogue's language"
+
+    def notes(self) -> list[str]:
+        """Lines a stage reading this corpus prints once (e.g. files a local folder leaves out)."""
+        return []
+
     def iter_documents(self, split: str, home: Home, rank: int = 0, world_size: int = 1) -> Iterator[str]:
         """Every document of a split once, in order; rank r takes the (shard, group) pairs r, r+W, ..."""
         if world_size < 1 or not 0 <= rank < world_size:
@@ -431,6 +440,28 @@ class OnlineCorpus(Corpus):
 
 
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".txt")
+# A local folder's language is detected from the first LANG_SAMPLE_CHARS characters of its train split:
+# the share of its letters (Unicode category L*) written in Japanese script (hiragana, katakana, kanji).
+LANG_SAMPLE_CHARS = 200_000
+JA_SHARE_JA = 0.5    # at least this share: "ja"
+JA_SHARE_EN = 0.05   # below this share: "en"; in between: "mixed"
+_JA_RANGES = ((0x3005, 0x3007), (0x3040, 0x30FF), (0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF),
+              (0xF900, 0xFAFF), (0xFF66, 0xFF9F))
+
+
+def japanese_letter_share(text: str) -> tuple[int, int]:
+    """(letters in Japanese script, all letters) of text; digits, punctuation and spaces are not letters."""
+    import unicodedata
+
+    ja = letters = 0
+    for ch in text:
+        if not unicodedata.category(ch).startswith("L"):
+            continue
+        letters += 1
+        o = ord(ch)
+        if any(a <= o <= b for a, b in _JA_RANGES):
+            ja += 1
+    return ja, letters
 
 
 class LocalCorpus(Corpus):
@@ -444,7 +475,6 @@ class LocalCorpus(Corpus):
     (a longer paragraph stays whole). Non-parquet files are groups of GROUP_DOCS documents.
     """
 
-    lang = "mixed"
     licence = "whatever the files' own licences are"
 
     def __init__(self, folder: str):
@@ -452,10 +482,68 @@ class LocalCorpus(Corpus):
         self.name = f"local:{folder}"
         self.description = f"local folder {self.folder}"
         self.source = str(self.folder)
+        self._language: tuple[str, str] | None = None
+
+    @property
+    def lang(self) -> str:
+        """"en", "ja" or "mixed", detected from a sample of the train split (see LANG_SAMPLE_CHARS);
+        "unknown" when the folder cannot be read (reading it for training reports why)."""
+        try:
+            return self.language()[0]
+        except ChibiError:
+            return "unknown"
+
+    @property
+    def lang_reason(self) -> str:
+        return self.language()[1]
+
+    def language(self) -> tuple[str, str]:
+        """(lang, reason) from the first LANG_SAMPLE_CHARS characters of the train split, read once."""
+        if self._language is None:
+            sample, size = [], 0
+            for doc in self.iter_documents("train", None):
+                sample.append(doc[: LANG_SAMPLE_CHARS - size])
+                size += len(sample[-1])
+                if size >= LANG_SAMPLE_CHARS:
+                    break
+            ja, letters = japanese_letter_share("".join(sample))
+            share = ja / letters if letters else 0.0
+            lang = "ja" if share >= JA_SHARE_JA else "en" if share < JA_SHARE_EN else "mixed"
+            rule = f"ja from {JA_SHARE_JA:.0%}, en below {JA_SHARE_EN:.0%}, mixed between"
+            self._language = (lang, f"detected: {ja:,} of {letters:,} letters in the first {size:,} characters of "
+                                    f"its train split are Japanese script ({share:.1%}; {rule})")
+        return self._language
 
     def _files(self, where: Path, recursive: bool) -> list[Path]:
         it = where.rglob("*") if recursive else where.iterdir()
         return sorted(p for p in it if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES and not p.name.startswith("."))
+
+    def skipped_files(self) -> list[Path]:
+        """Files under the folder that no split reads: other suffixes, hidden files, and files beside
+        train/ and val/ when those subfolders are the splits."""
+        if not self.folder.is_dir():
+            return []
+        subfolders = (self.folder / "train").is_dir() and (self.folder / "val").is_dir()
+        found = [p for p in self.folder.iterdir() if p.is_file()]
+        if subfolders:
+            found += [p for s in SPLITS for p in (self.folder / s).rglob("*") if p.is_file()]
+            used = {p for s in SPLITS for p in self._files(self.folder / s, recursive=True)}
+        else:
+            used = set(self._files(self.folder, recursive=False))
+        return sorted(p for p in found if p not in used)
+
+    def _skipped_note(self) -> str:
+        skipped = self.skipped_files()
+        if not skipped:
+            return ""
+        names = ", ".join(str(p.relative_to(self.folder)) for p in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        return (f"{len(skipped)} file(s) not read (only non-hidden {'/'.join(LOCAL_SUFFIXES)} files are): "
+                f"{names}{more}")
+
+    def notes(self) -> list[str]:
+        note = self._skipped_note()
+        return [f"local corpus {self.folder}: {note}"] if note else []
 
     def split_files(self) -> dict[str, list[Path]]:
         if not self.folder.is_dir():
@@ -464,13 +552,16 @@ class LocalCorpus(Corpus):
             out = {s: self._files(self.folder / s, recursive=True) for s in SPLITS}
             for s, files in out.items():
                 if not files:
-                    raise ChibiError(f"{self.folder / s} has no {'/'.join(LOCAL_SUFFIXES)} files; add some")
+                    note = self._skipped_note()
+                    raise ChibiError(f"{self.folder / s} has no {'/'.join(LOCAL_SUFFIXES)} files; add some"
+                                     + (f" ({note})" if note else ""))
             return out
         files = self._files(self.folder, recursive=False)
         if len(files) < 2:
             raise ChibiError(
                 f"local corpus {self.folder} needs at least two {'/'.join(LOCAL_SUFFIXES)} files (the last, sorted "
                 f"by name, is val) or train/ and val/ subfolders; found {len(files)}"
+                + (f" ({self._skipped_note()})" if self.skipped_files() else "")
             )
         return {"train": files[:-1], "val": files[-1:]}
 
@@ -496,6 +587,7 @@ class LocalCorpus(Corpus):
             "train_files": len(files["train"]),
             "val_files": len(files["val"]),
             "bytes": sum(p.stat().st_size for s in SPLITS for p in files[s]),
+            "skipped_files": [str(p.relative_to(self.folder)) for p in self.skipped_files()],
         }
 
 

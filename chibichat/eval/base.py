@@ -3,13 +3,17 @@
 Used by `chibichat pretrain` (periodic eval and samples) and `chibichat eval base` (a saved
 checkpoint), so both report the same number for the same model and settings.
 
-The val slice is fixed: a fresh PretrainLoader over the val split, read from its start, the first
-`steps` micro-batches. Its packing settings (seq_len, rows, split_long_docs) come from the caller;
-a val split too small for the requested tokens is an error rather than a silent second pass over
-the same text.
+The val slice is fixed: a fresh PretrainLoader over the val split, read from its start as one
+reader, the first `steps` micro-batches. Its packing settings (seq_len, rows, split_long_docs) come
+from the caller; a val split too small for the requested tokens is an error rather than a silent
+second pass over the same text. The slice does not depend on the number of ranks: under torchrun
+rank r scores micro-batches r, r+W, r+2W, ... of it, and evaluate_bpb puts the per-micro-batch sums
+back in slice order, so W ranks report exactly the number one process does.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -29,27 +33,34 @@ SAMPLE_PROMPTS = {
 VAL_BUFFER_DOCS = 16
 
 
-def eval_steps(eval_tokens: int, device_batch: int, seq_len: int, world_size: int) -> int:
-    """Micro-batches per rank that cover `eval_tokens` (rounded down to whole micro-batches)."""
-    unit = device_batch * seq_len * world_size
+def eval_steps(eval_tokens: int, device_batch: int, seq_len: int) -> int:
+    """Micro-batches of the val slice that cover `eval_tokens` (rounded down to whole micro-batches),
+    all ranks together: the slice is the same for any number of ranks."""
+    unit = device_batch * seq_len
     if eval_tokens < unit:
         raise ChibiError(f"--eval-tokens {eval_tokens} is less than one val micro-batch ({device_batch} rows x "
-                         f"{seq_len} tokens x {world_size} ranks = {unit}); raise it or lower --device-batch")
+                         f"{seq_len} tokens = {unit}); raise it or lower --device-batch")
     return eval_tokens // unit
 
 
 def val_batches(corpus, home, tokenizer, rt: Runtime, device_batch: int, seq_len: int, steps: int,
                 split_long_docs: bool) -> list:
-    """The fixed val slice as a list of CPU (inputs, targets) batches (this rank's share)."""
+    """This rank's share of the fixed val slice of `steps` micro-batches: CPU (inputs, targets) batches
+    r, r+W, r+2W, ... of it for rank r of W (the order evaluate_bpb expects). Every rank packs the
+    whole slice as a single reader would, so the slice is the same for any W."""
     from chibichat.data.loader import PretrainLoader
 
-    loader = PretrainLoader(corpus, "val", home, tokenizer, device_batch, seq_len, rt,
+    one_reader = dataclasses.replace(rt, rank=0, local_rank=0, world_size=1)
+    loader = PretrainLoader(corpus, "val", home, tokenizer, device_batch, seq_len, one_reader,
                             buffer_docs=VAL_BUFFER_DOCS, split_long_docs=split_long_docs)
-    out = [next(loader) for _ in range(steps)]
+    out = []
+    for i in range(steps):
+        batch = next(loader)
+        if i % rt.world_size == rt.rank:
+            out.append(batch)
     if loader.stats["epoch"] > 0:
-        served = loader.stats["tokens_served"] * rt.world_size
-        raise ChibiError(f"the val split of {corpus.name} ran out after about {served:,} tokens, short of the "
-                         f"{steps * device_batch * seq_len * rt.world_size:,} asked for; lower --eval-tokens "
+        raise ChibiError(f"the val split of {corpus.name} ran out after about {loader.stats['tokens_served']:,} "
+                         f"tokens, short of the {steps * device_batch * seq_len:,} asked for; lower --eval-tokens "
                          f"(or use a corpus with a larger val split)")
     return out
 

@@ -14,6 +14,13 @@ Length: a categorical prompt must fit the context; a generative prompt must leav
 for the answer (every item gets the same budget). Items that do not fit are skipped and counted,
 never cut.
 
+Distributed (torchrun): rank r of W evaluates items r, r+W, r+2W, ... of every task; the per-item rows
+are gathered to every rank and put back in item order before anything is summarised, and rank 0
+alone writes the files. Categorical scores and greedy generations do not depend on which other
+items share a batch beyond float rounding, so W ranks report what one process does; sampled
+generations (temperature > 0) draw from seeds per batch and so depend on the batching, as they do
+on --eval-batch-size.
+
 ChatCORE = mean over tasks of centered accuracy, baseline 1/#letters for categorical tasks and 0
 for generative ones. It is labelled "chatcore" only when every task of CHATCORE_TASKS was scored;
 scores over other task sets are not comparable and are stored as "chatcore_partial". A task none of
@@ -27,6 +34,7 @@ from typing import Protocol, Sequence
 
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
+from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")  # registry names
 UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check
@@ -178,21 +186,29 @@ def summarize(task_kind: str, rows: list[dict]) -> dict:
 
 
 def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: int, cfg: GenSettings,
-                  max_items: int | None = None) -> dict:
-    """Run every task; returns {"summary": flat keys for summary.json, "tasks": [...], "items": {name: rows}}."""
+                  max_items: int | None = None, rank: int = 0, world_size: int = 1, gather=None) -> dict:
+    """Run every task; returns {"summary": flat keys for summary.json, "tasks": [...], "items": {name: rows}}.
+
+    Ranks stride over items (rank, rank + world_size, ...); `gather(list) -> list of lists` (every
+    rank's rows, one list per rank) is required when world_size > 1 and merges them in item order."""
     if not tasks:
         raise ChibiError("no chat tasks to evaluate")
+    if world_size > 1 and gather is None:
+        raise ChibiError("evaluate_chat over several ranks needs a gather function to merge their items")
     per_task, items = [], {}
     for task in tasks:
         n = len(task) if max_items is None else min(max_items, len(task))
+        mine = range(rank, n, world_size)
         if task.kind == "categorical":
-            rows = eval_categorical(scorer, tok, task, range(n), max_len)
+            rows = eval_categorical(scorer, tok, task, mine, max_len)
         elif task.kind == "generative":
             if gen is None:
                 raise ChibiError(f"task {task.name!r} is generative but no generator was given")
-            rows = eval_generative(gen, tok, task, range(n), max_len, cfg)
+            rows = eval_generative(gen, tok, task, mine, max_len, cfg)
         else:
             raise ChibiError(f"task {task.name!r} is of kind {task.kind!r}; chat eval takes categorical or generative")
+        if world_size > 1:
+            rows = sorted((r for part in gather(rows) for r in part), key=lambda r: r["index"])
         per_task.append(summarize(task.kind, rows))
         items[task.name] = rows
     flat: dict = {}
@@ -221,6 +237,7 @@ def add_chat_args(p) -> None:
     p.add_argument("--tasks", default=",".join(CHATCORE_TASKS),
                    help=f"comma-separated tasks (default: the ChatCORE set {','.join(CHATCORE_TASKS)})")
     p.add_argument("--max-items", type=int, default=None, help="first N items per task (default: all)")
+    add_allow_weak_arg(p)
     p.add_argument("--num-samples", type=int, default=1, help="samples per generative prompt (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens per generated answer (default: min(256, half the model's context))")
@@ -229,12 +246,29 @@ def add_chat_args(p) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
 
 
-def eval_task(name: str):
-    """A task for evaluation: generated tasks use their held-out test split."""
+def rank_gather(rt):
+    """A gather for evaluate_chat/evaluate_jglue under torchrun (every rank's list, in rank order);
+    None on one process."""
+    if not rt.distributed:
+        return None
+    import torch.distributed as dist
+
+    def gather(obj):
+        parts: list = [None] * rt.world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    return gather
+
+
+def eval_task(name: str, home=None):
+    """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
+    (JGLUE, online sets) read them from `home`."""
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.registry import needs_home
 
-    task = get_task(name)
+    task = get_task(name, **({"home": home} if home is not None and needs_home(name) else {}))
     if isinstance(task, GeneratedTask):
         task = get_task(name, split="test")
     if task.kind not in ("categorical", "generative"):
@@ -258,12 +292,14 @@ def run_chat(args) -> int:
     if args.source == "base":
         raise ChibiError("eval chat needs a chat model (--from mid, sft or rl); a base model has no chat format. "
                          "Use `chibichat eval base` for base models")
+    home = Home.resolve(args.home)  # a path only: nothing is created
+    tasks = [eval_task(n.strip(), home) for n in args.tasks.split(",") if n.strip()]
+    for task in tasks:
+        if task.runs_code:
+            check_sandbox(args.allow_weak_sandbox, f"eval chat --tasks {task.name}")
     rt = init_runtime(args.device, args.dtype)
     try:
-        if rt.distributed:
-            raise ChibiError("eval chat runs on one process; launch it without torchrun")
         t0 = time.time()
-        home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
         prepare_for_inference(model, rt.compute_dtype)
@@ -271,19 +307,20 @@ def run_chat(args) -> int:
         cfg = GenSettings(num_samples=args.num_samples,
                           max_tokens=args.max_new_tokens or min(256, seq_len // 2),
                           temperature=args.temperature, top_k=args.top_k or None)
-        tasks = [eval_task(n.strip()) for n in args.tasks.split(",") if n.strip()]
         out = evaluate_chat(tasks, scorer=ModelScorer(model, rt, args.eval_batch_size),
                             gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size), tok=tok,
-                            max_len=seq_len, cfg=cfg, max_items=args.max_items)
+                            max_len=seq_len, cfg=cfg, max_items=args.max_items, rank=rt.rank,
+                            world_size=rt.world_size, gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
-        for name, rows in out["items"].items():
-            write_eval_outputs(out_dir, f"chat_{summary_key(name)}", rows, None)
         summary = {**out["summary"], "chat_eval": {
             "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
             "tasks": out["tasks"], "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
-            "temperature": cfg.temperature, "seconds": time.time() - t0}}
-        merge_summary(out_dir, summary)
+            "temperature": cfg.temperature, "world_size": rt.world_size, "seconds": time.time() - t0}}
+        if rt.is_master:
+            for name, rows in out["items"].items():
+                write_eval_outputs(out_dir, f"chat_{summary_key(name)}", rows, None)
+            merge_summary(out_dir, summary)
         for s in out["tasks"]:
             if s["n_scored"] == 0:
                 print0(rt, f"{s['task']:>14}: not scored: {s['note']} ({s['n_skipped_too_long']} items)")

@@ -4,77 +4,39 @@
   JNLI            3-way loss scoring over the Japanese label words 含意 / 矛盾 / 中立; accuracy.
   JSTS            similarity = expected value of the next-token distribution restricted to the digits
                   0..5 after "類似度："; Pearson and Spearman against the gold scores.
-  JSQuAD          greedy generation up to the first newline; exact match and character-level F1
-                  after NFKC and whitespace/punctuation removal (metrics.py).
+  JSQuAD          greedy generation; the first non-empty line is the answer; exact match and
+                  character-level F1 with JGLUE's own normalisation (chibichat.tasks.jglue.jsquad_scores,
+                  the same scoring `eval chat --tasks jsquad` uses).
 
-JCQA/JNLI/JSTS files are JSON lines (one record per line, official field names); JSQuAD is the
-SQuAD-format JSON of the official repo, or JSON lines of flattened records (Hub copies). Public dev
-sets are what everyone reports (test sets are not distributed). Demonstrations come from the same
+Prompts are base-model few-shot text ("質問：...\n答え："), not the chat format: `eval chat --tasks
+jcommonsenseqa,jnli,jsts,jsquad` scores chat models on the same records in the chat format instead.
+Files are read by chibichat.tasks.jglue.read_records (the one JGLUE parser, which validates every
+record): JCQA/JNLI/JSTS are JSON lines with the official field names; JSQuAD is the SQuAD-format JSON
+of the official repo, or JSON lines of flattened records (Hub copies). Public dev sets are what
+everyone reports (test sets are not distributed). Demonstrations come from the same
 file, drawn per item with the tasks' seeded rule and never the item itself. Over-length items are
 skipped and counted, as in CORE.
+
+Distributed (torchrun): rank r of W scores items r, r+W, ... of every task; the per-item rows are
+gathered and put back in item order before any metric is computed, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from chibichat.common import ChibiError
 from chibichat.eval import core
-from chibichat.eval.metrics import accuracy, char_f1, exact_match, pearson, spearman
-
-JGLUE_TASKS = ("jcommonsenseqa", "jnli", "jsts", "jsquad")
-NLI_LABELS = {"entailment": "含意", "contradiction": "矛盾", "neutral": "中立"}
+from chibichat.eval.metrics import accuracy, pearson, spearman
+from chibichat.tasks.jglue import NLI_WORDS as NLI_LABELS
+from chibichat.tasks.jglue import TASKS as JGLUE_TASKS
+from chibichat.tasks.jglue import jsquad_scores, read_records
 STS_DIGITS = [str(d) for d in range(6)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Files
-
-
-def read_records(path, what: str) -> list[dict]:
-    """Records of a JSON-lines file, or of a SQuAD-format JSON document (flattened to one per question)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ChibiError(f"{what} file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise ChibiError(f"{what} file {path} is not UTF-8 ({e}); use the official JGLUE files") from None
-    try:  # a whole-file JSON document with "data" is SQuAD format; anything else is JSON lines
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        doc = None
-    if isinstance(doc, dict) and "data" in doc:
-        return _flatten_squad(doc, path)
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ChibiError(f"{what} file {path} line {n} is not valid JSON ({e}); fix or re-download it") from None
-    if not rows:
-        raise ChibiError(f"{what} file {path} holds no records")
-    return rows
-
-
-def _flatten_squad(doc: dict, path: Path) -> list[dict]:
-    try:
-        rows = []
-        for article in doc["data"]:
-            for para in article["paragraphs"]:
-                for qa in para["qas"]:
-                    rows.append({"id": qa["id"], "title": article.get("title", ""), "context": para["context"],
-                                 "question": qa["question"], "answers": {"text": [a["text"] for a in qa["answers"]]},
-                                 "is_impossible": qa.get("is_impossible", False)})
-    except (KeyError, TypeError) as e:
-        raise ChibiError(f"JSQuAD file {path} is not in SQuAD format (missing {e})") from None
-    if not rows:
-        raise ChibiError(f"JSQuAD file {path} holds no questions")
-    return rows
 
 
 def find_files(root) -> dict[str, Path]:
@@ -101,48 +63,26 @@ def find_files(root) -> dict[str, Path]:
 # Records -> CORE-schema items (so the CORE scorer and few-shot rule are reused, not re-written)
 
 
-def _field(rec: dict, key: str, i: int, what: str):
-    if key not in rec:
-        raise ChibiError(f"{what} record {i} lacks field {key!r} (official JGLUE field names are expected)")
-    return rec[key]
-
-
 def jcqa_items(records: list[dict]) -> list[dict]:
     items = []
-    for i, r in enumerate(records):
-        choices = [str(_field(r, f"choice{k}", i, "JCommonsenseQA")) for k in range(5)]
-        label = _field(r, "label", i, "JCommonsenseQA")
-        if not isinstance(label, int) or not 0 <= label < 5:
-            raise ChibiError(f"JCommonsenseQA record {i}: label {label!r} is not 0..4")
-        ctx = f"質問：{_field(r, 'question', i, 'JCommonsenseQA')}\n選択肢：{' / '.join(choices)}\n答え："
-        items.append({"type": "multiple_choice", "context": ctx, "continuations": choices, "gold": label})
+    for r in records:
+        choices = [str(r[f"choice{k}"]) for k in range(5)]
+        ctx = f"質問：{r['question']}\n選択肢：{' / '.join(choices)}\n答え："
+        items.append({"type": "multiple_choice", "context": ctx, "continuations": choices, "gold": r["label"]})
     return items
 
 
 def jnli_items(records: list[dict]) -> list[dict]:
     words = list(NLI_LABELS.values())
-    items = []
-    for i, r in enumerate(records):
-        label = _field(r, "label", i, "JNLI")
-        if label not in NLI_LABELS:
-            raise ChibiError(f"JNLI record {i}: label {label!r} is not one of {list(NLI_LABELS)}")
-        ctx = f"前提：{_field(r, 'sentence1', i, 'JNLI')}\n仮説：{_field(r, 'sentence2', i, 'JNLI')}\n関係："
-        items.append({"type": "multiple_choice", "context": ctx, "continuations": words,
-                      "gold": words.index(NLI_LABELS[label])})
-    return items
+    return [{"type": "multiple_choice", "context": f"前提：{r['sentence1']}\n仮説：{r['sentence2']}\n関係：",
+             "continuations": words, "gold": words.index(NLI_LABELS[r["label"]])} for r in records]
 
 
 def jsts_items(records: list[dict]) -> list[dict]:
     items = []
-    for i, r in enumerate(records):
-        label = _field(r, "label", i, "JSTS")
-        try:
-            score = float(label)
-        except (TypeError, ValueError):
-            raise ChibiError(f"JSTS record {i}: label {label!r} is not a number") from None
-        if not 0.0 <= score <= 5.0:
-            raise ChibiError(f"JSTS record {i}: similarity {score} is outside 0..5")
-        ctx = f"文1：{_field(r, 'sentence1', i, 'JSTS')}\n文2：{_field(r, 'sentence2', i, 'JSTS')}\n類似度："
+    for r in records:
+        score = float(r["label"])
+        ctx = f"文1：{r['sentence1']}\n文2：{r['sentence2']}\n類似度："
         # a demonstration shows the rounded score: the model answers with one digit
         items.append({"type": "language_modeling", "context": ctx, "continuation": str(int(score + 0.5)),
                       "score": score})
@@ -150,15 +90,8 @@ def jsts_items(records: list[dict]) -> list[dict]:
 
 
 def jsquad_items(records: list[dict]) -> list[dict]:
-    items = []
-    for i, r in enumerate(records):
-        answers = _field(r, "answers", i, "JSQuAD")
-        texts = answers.get("text") if isinstance(answers, dict) else [a.get("text") for a in answers]
-        if r.get("is_impossible") or not texts or not all(isinstance(t, str) and t for t in texts):
-            raise ChibiError(f"JSQuAD record {i} has no answer text; JSQuAD v1.1 dev questions are all answerable")
-        ctx = f"文脈：{_field(r, 'context', i, 'JSQuAD')}\n質問：{_field(r, 'question', i, 'JSQuAD')}\n答え："
-        items.append({"type": "language_modeling", "context": ctx, "continuation": texts[0], "answers": texts})
-    return items
+    return [{"type": "language_modeling", "context": f"文脈：{r['context']}\n質問：{r['question']}\n答え：",
+             "continuation": r["answers"][0], "answers": r["answers"]} for r in records]
 
 
 def build_task(name: str, records: list[dict], num_fewshot: int):
@@ -175,9 +108,18 @@ def build_task(name: str, records: list[dict], num_fewshot: int):
 # Scoring
 
 
-def eval_choice_task(scorer, tok, task) -> tuple[dict, list[dict]]:
+def _merge(rows: list, gather, key) -> list:
+    """Every rank's rows in item order (`gather` as in evaluate_jglue); the rows themselves on one process."""
+    if gather is None:
+        return rows
+    return sorted((r for part in gather(rows) for r in part), key=key)
+
+
+def eval_choice_task(scorer, tok, task, indices=None, gather=None) -> tuple[dict, list[dict]]:
     """JCQA / JNLI: CORE multiple_choice scoring."""
-    results = core.score_items(scorer, tok, task, range(len(task)), "multiple_choice")
+    results = core.score_items(scorer, tok, task, range(len(task)) if indices is None else indices,
+                               "multiple_choice")
+    results = _merge(results, gather, lambda r: r.index)
     s = core.summarize_task(task, "multiple_choice", results)
     summary = {task.name: s.accuracy, f"{task.name}_centered": s.centered, f"{task.name}_n": s.n_scored,
                f"{task.name}_skipped_too_long": s.n_skipped_too_long}
@@ -186,10 +128,10 @@ def eval_choice_task(scorer, tok, task) -> tuple[dict, list[dict]]:
     return summary, [r.__dict__ for r in results]
 
 
-def eval_jsts(scorer, tok, task) -> tuple[dict, list[dict]]:
+def eval_jsts(scorer, tok, task, indices=None, gather=None) -> tuple[dict, list[dict]]:
     digit_ids = single_token_ids(tok, STS_DIGITS)
     rows, prompts = [], []
-    for i in range(len(task)):
+    for i in range(len(task)) if indices is None else indices:
         ctx, _ = core.item_texts(task, i)[0]
         ids = [tok.bos_id, *tok.encode(ctx)]
         row = {"task": "jsts", "index": i, "status": "ok", "gold": task[i]["score"], "pred": None,
@@ -205,6 +147,7 @@ def eval_jsts(scorer, tok, task) -> tuple[dict, list[dict]]:
         m = max(lp)
         w = [math.exp(x - m) for x in lp]
         row["pred"] = sum(d * wd for d, wd in enumerate(w)) / sum(w)
+    rows = _merge(rows, gather, lambda r: r["index"])
     scored = [r for r in rows if r["status"] == "ok"]
     if len(scored) < 2:
         return {"jsts_pearson": None, "jsts_spearman": None, "jsts_n": len(scored),
@@ -229,12 +172,12 @@ def single_token_ids(tok, symbols: list[str]) -> list[int]:
     return ids
 
 
-def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, list[dict]]:
-    """Greedy answers cut at the first newline; EM and char-F1 against every gold answer."""
+def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int, indices=None, gather=None) -> tuple[dict, list[dict]]:
+    """Greedy answers (the first non-empty line); EM and char-F1 against every gold answer."""
     if max_tokens < 1 or max_len - max_tokens < 2:
         raise ChibiError(f"JSQuAD: --jsquad-max-tokens {max_tokens} does not fit a {max_len}-token context")
     rows, prompts = [], []
-    for i in range(len(task)):
+    for i in range(len(task)) if indices is None else indices:
         ctx, _ = core.item_texts(task, i)[0]
         ids = [tok.bos_id, *tok.encode(ctx)]
         row = {"task": "jsquad", "index": i, "status": "ok", "answers": task[i]["answers"], "pred": None,
@@ -246,8 +189,8 @@ def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, li
             prompts.append((row, ids))
     texts = gen.generate_texts([p for _, p in prompts], 1, max_tokens, 0.0, None, 0) if prompts else []
     for (row, _), samples in zip(prompts, texts):
-        pred = samples[0].split("\n", 1)[0].strip()
-        row["pred"], row["em"], row["f1"] = pred, exact_match(pred, row["answers"]), char_f1(pred, row["answers"])
+        row["pred"], row["em"], row["f1"] = jsquad_scores(samples[0], row["answers"])
+    rows = _merge(rows, gather, lambda r: r["index"])
     scored = [r for r in rows if r["status"] == "ok"]
     if not scored:
         return {"jsquad_em": None, "jsquad_f1": None, "jsquad_n": 0, "jsquad_skipped_too_long": len(rows),
@@ -258,22 +201,28 @@ def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int) -> tuple[dict, li
 
 
 def evaluate_jglue(files: dict, *, scorer, gen, tok, max_len: int, shots: dict, max_items: int | None = None,
-                   jsquad_max_tokens: int = 32) -> dict:
-    """Evaluate the tasks whose files were found; returns {"summary": flat keys, "items": {task: rows}}."""
+                   jsquad_max_tokens: int = 32, rank: int = 0, world_size: int = 1, gather=None) -> dict:
+    """Evaluate the tasks whose files were found; returns {"summary": flat keys, "items": {task: rows}}.
+
+    Ranks stride over items; `gather(list) -> list of lists` (every rank's rows, in rank order) is
+    required when world_size > 1."""
+    if world_size > 1 and gather is None:
+        raise ChibiError("evaluate_jglue over several ranks needs a gather function to merge their items")
     summary, items = {}, {}
     for name, path in files.items():
         if name not in JGLUE_TASKS:
             raise ChibiError(f"unknown JGLUE task {name!r}; expected one of {JGLUE_TASKS}")
-        records = read_records(path, name)
+        records = read_records(name, path)
         if max_items is not None:
             records = records[:max_items]
         task = build_task(name, records, shots[name])
+        mine = range(rank, len(task), world_size)
         if name in ("jcommonsenseqa", "jnli"):
-            s, rows = eval_choice_task(scorer, tok, task)
+            s, rows = eval_choice_task(scorer, tok, task, mine, gather)
         elif name == "jsts":
-            s, rows = eval_jsts(scorer, tok, task)
+            s, rows = eval_jsts(scorer, tok, task, mine, gather)
         else:
-            s, rows = eval_jsquad(gen, tok, task, max_len, jsquad_max_tokens)
+            s, rows = eval_jsquad(gen, tok, task, max_len, jsquad_max_tokens, mine, gather)
         summary.update(s)
         items[name] = rows
     return {"summary": summary, "items": items}
@@ -301,7 +250,7 @@ def run_jglue(args) -> int:
 
     from chibichat.common import Home, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
-    from chibichat.eval.chat import EngineGenerator
+    from chibichat.eval.chat import EngineGenerator, rank_gather
     from chibichat.eval.core import ModelScorer
     from chibichat.eval.metrics import merge_summary, write_eval_outputs
     from chibichat.tokenizer import Tokenizer
@@ -323,8 +272,6 @@ def run_jglue(args) -> int:
                          "fetch them or narrow --tasks")
     rt = init_runtime(args.device, args.dtype)
     try:
-        if rt.distributed:
-            raise ChibiError("eval jglue runs on one process; launch it without torchrun")
         t0 = time.time()
         home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
@@ -334,14 +281,16 @@ def run_jglue(args) -> int:
         out = evaluate_jglue({t: found[t] for t in wanted}, scorer=ModelScorer(model, rt, args.eval_batch_size),
                              gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size, tools=False), tok=tok,
                              max_len=model.config.seq_len, shots=shots, max_items=args.max_items,
-                             jsquad_max_tokens=args.jsquad_max_tokens)
+                             jsquad_max_tokens=args.jsquad_max_tokens, rank=rt.rank, world_size=rt.world_size,
+                             gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
-        for name, rows in out["items"].items():
-            write_eval_outputs(out_dir, name, rows, None)
-        merge_summary(out_dir, {**out["summary"], "jglue_eval": {
-            "stage": args.source, "tag": tag, "step": meta["step"], "files": {t: str(found[t]) for t in wanted},
-            "shots": {t: shots[t] for t in wanted}, "seconds": time.time() - t0}})
+        if rt.is_master:
+            for name, rows in out["items"].items():
+                write_eval_outputs(out_dir, name, rows, None)
+            merge_summary(out_dir, {**out["summary"], "jglue_eval": {
+                "stage": args.source, "tag": tag, "step": meta["step"], "files": {t: str(found[t]) for t in wanted},
+                "shots": {t: shots[t] for t in wanted}, "world_size": rt.world_size, "seconds": time.time() - t0}})
         for k, v in out["summary"].items():
             print0(rt, f"{k}: {v}")
         return 0

@@ -7,7 +7,6 @@ makes them trivially checkable and importable anywhere (the report reads summari
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections import Counter
 from typing import Sequence
 
@@ -75,29 +74,36 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def normalize_answer_ja(text: str) -> str:
-    """JSQuAD answer normalisation: NFKC (full-width -> half-width, compatibility forms), then drop
-    every whitespace, punctuation and symbol character. Japanese has no word boundaries, so this is
-    the character-level analogue of SQuAD's lowercase/strip-articles/strip-punctuation."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch)[0] in "PSZ"))
+    """JSQuAD answer normalisation exactly as JGLUE's own evaluation does it (its patch to the SQuAD
+    v1.1 metric of transformers' squad_metrics.py): lower-case; strip trailing "。"; split on
+    whitespace and re-join with single spaces. Nothing else: no Unicode folding (full-width "１" and
+    "1" differ), no punctuation removal (that step is disabled for Japanese), no English articles."""
+    return " ".join(text.lower().rstrip("。").split())
+
+
+def _golds(golds: Sequence[str], what: str) -> list[str]:
+    """The gold answers as the SQuAD metric uses them: those that normalise to empty are left out, and
+    an item with no other answer is scored against the empty string."""
+    if not golds:
+        raise ChibiError(f"{what} needs at least one gold answer; the item has none")
+    kept = [g for g in golds if normalize_answer_ja(g)]
+    return kept or [""]
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer."""
-    if not golds:
-        raise ChibiError("exact match needs at least one gold answer; the item has none")
+    """1.0 if the normalised prediction equals any normalised gold answer (max over golds)."""
     p = normalize_answer_ja(prediction)
-    return float(any(p == normalize_answer_ja(g) for g in golds))
+    return float(any(p == normalize_answer_ja(g) for g in _golds(golds, "exact match")))
 
 
 def char_f1(prediction: str, golds: Sequence[str]) -> float:
-    """Character-level F1 (multiset overlap of normalised characters), max over gold answers."""
-    if not golds:
-        raise ChibiError("F1 needs at least one gold answer; the item has none")
-    p = normalize_answer_ja(prediction)
+    """Character-level F1 of the normalised strings (characters as a multiset; a kept single space
+    counts as a character, as in JGLUE's metric), max over gold answers. An empty side scores 1.0
+    if both are empty, else 0.0."""
+    p = list(normalize_answer_ja(prediction))
     best = 0.0
-    for g in golds:
-        gn = normalize_answer_ja(g)
+    for g in _golds(golds, "F1"):
+        gn = list(normalize_answer_ja(g))
         if not p or not gn:
             best = max(best, float(p == gn))
             continue

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 STAGES = ("base", "mid", "sft", "rl")
 HELP_TEXT = """commands:
@@ -52,6 +53,7 @@ def register(sub) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("-p", "--prompt", default=None, help="one-shot: answer this message, print the reply, exit")
+    add_allow_weak_arg(p)
     p.add_argument("--system", default=None, help="system prompt (kept when old turns are dropped)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
     p.add_argument("--compile", action="store_true",
@@ -180,6 +182,8 @@ def make_session(args, engine) -> ChatSession:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tools == "python":
+        check_sandbox(args.allow_weak_sandbox, "chat --tools python")
     engine, meta = load_engine(args)
     session = make_session(args, engine)
     out, err, inp = sys.stdout, sys.stderr, sys.stdin

@@ -83,7 +83,8 @@ def _add_jglue(actions) -> None:
         "jglue", help="JGLUE few-shot: JCommonsenseQA, JNLI, JSTS, JSQuAD (dev files given by --jglue-dir)",
         description="JGLUE on the official dev files: JCQA and JNLI by lowest continuation loss (accuracy), JSTS by "
                     "the expected digit 0-5 (Pearson, Spearman), JSQuAD by greedy generation (EM, character F1 "
-                    "after NFKC). Per-item files and summary.json under home/eval/<stage>/<tag>/.")
+                    "with JGLUE's own normalisation). Prompts are base-model few-shot text; `eval chat --tasks "
+                    "jsquad` scores the same records in the chat format. Per-item files and summary.json under home/eval/<stage>/<tag>/.")
     _add_checkpoint_args(p)
     add_jglue_args(p)
     p.set_defaults(func=run_jglue)
@@ -123,7 +124,7 @@ def run_base(args) -> int:
         device_batch = args.device_batch or plan.get("device_batch") or max(1, 2 ** 14 // seq_len)
         eval_tokens = args.eval_tokens or flags.get("eval_tokens") or 4 * plan.get("total_batch", device_batch * seq_len)
         long_docs = args.long_docs or flags.get("long_docs", "split")
-        n = eval_steps(eval_tokens, device_batch, seq_len, rt.world_size)
+        n = eval_steps(eval_tokens, device_batch, seq_len)
         batches = val_batches(corpus, home, tok, rt, device_batch, seq_len, n, long_docs == "split")
         result = evaluate_base(model, tok, batches, rt)
         texts = samples(model, tok, corpus.lang, args.sample_tokens) if rt.is_master else []

@@ -177,6 +177,8 @@ def run(args) -> int:
                    f"vocab {cfg.vocab_size:,}, {model.num_params():,} params, {model.flops_per_token():.3e} FLOPs/token; "
                    f"device {rt.device}, compute {str(rt.compute_dtype).replace('torch.', '')}{' + fp8 matmuls' if args.fp8 else ''}, world {rt.world_size}; "
                    f"corpus {corpus.name}; run dir {tag_dir}")
+        for note in corpus.notes():
+            print0(rt, note)
 
         optimizer = build_optimizer(groups, matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr,
                                     unembedding_lr=plan.unembedding_lr, other_lr=plan.other_lr,
@@ -185,9 +187,9 @@ def run(args) -> int:
         loader = PretrainLoader(corpus, "train", home, tok, plan.device_batch, plan.seq_len, rt,
                                 split_long_docs=split_long)
         eval_tokens = args.eval_tokens or 4 * plan.total_batch
-        n_eval = eval_steps(eval_tokens, plan.device_batch, plan.seq_len, rt.world_size)
+        n_eval = eval_steps(eval_tokens, plan.device_batch, plan.seq_len)
         val = val_batches(corpus, home, tok, rt, plan.device_batch, plan.seq_len, n_eval, split_long)
-        print0(rt, f"val: {n_eval * plan.device_batch * plan.seq_len * rt.world_size:,} tokens of {corpus.name} val "
+        print0(rt, f"val: {n_eval * plan.device_batch * plan.seq_len:,} tokens of {corpus.name} val "
                    f"per evaluation")
 
         train_model = model

@@ -61,7 +61,9 @@ def register(sub) -> None:
     add_home_arg(p)
     p.add_argument("--tag", default=None, help="model tag to report on (default: the newest base tag)")
     p.add_argument("--wall-time", type=float, default=None, help="total wall-clock seconds to state in the header")
-    p.add_argument("--hourly-usd", type=float, default=None, help="price per device-hour for the cost estimate")
+    p.add_argument("--hourly-usd", type=float, default=None,
+                   help="price per device-hour for the cost estimate (default: the table's price for a known GPU; "
+                        "an unknown GPU's cost is reported as unknown, a CPU run as $0)")
     p.add_argument("--print", dest="print_report", action="store_true", help="also print the report to stdout")
     p.set_defaults(func=run)
 
@@ -251,7 +253,18 @@ def _hardware() -> dict:
     return info
 
 
+def _hourly_rate(gpu_name: str) -> float | None:
+    """The table's price for a GPU whose name holds a table key as a whole word ("NVIDIA A100-SXM4-80GB" ->
+    A100; "NVIDIA L40S" matches no key, not L4), else None: an unknown GPU has no invented price."""
+    import re
+
+    words = set(re.split(r"[\s\-_/]+", gpu_name.upper()))
+    return next((r for k, r in HOURLY_USD.items() if k in words), None)
+
+
 def _estimated_cost(hw: dict, wall_s: float | None, hourly: float | None) -> str:
+    if hourly is not None and not hourly >= 0:
+        raise ChibiError(f"--hourly-usd must be a price >= 0, got {hourly}")
     if wall_s is None:
         return "unknown (no wall time recorded)"
     if hw.get("gpus", "none") == "none":
@@ -259,7 +272,10 @@ def _estimated_cost(hw: dict, wall_s: float | None, hourly: float | None) -> str
     else:
         count = int(hw["gpus"].split(" x ")[0])
         name = hw["gpus"].split(" x ")[1]
-        rate = hourly if hourly is not None else next((r for k, r in HOURLY_USD.items() if k in name), 2.0)
+        rate = hourly if hourly is not None else _hourly_rate(name)
+        if rate is None:
+            return (f"unknown (no price on file for {name}; pass --hourly-usd with its price per device-hour, "
+                    f"known: {', '.join(HOURLY_USD)})")
     return f"${rate * count * wall_s / 3600:.2f} ({count} device(s) x ${rate:.2f}/h x {wall_s / 3600:.2f} h)"
 
 

@@ -9,7 +9,15 @@ on-policy). The loss is -sum(log p(token) * A) over the *sampled* generated toke
 number (token-level mean across the whole step): prompt tokens and tool-forced tokens are not the
 policy's choices and carry no gradient. A group whose samples all got the same reward has A = 0
 everywhere: it teaches nothing, so it is left out of the batch (and out of the token count that
-normalises the loss, which would otherwise shrink the step by the share of such groups).
+normalises the loss, which would otherwise shrink the step by the share of such groups). A micro-batch
+whose groups are all flat carries no targets, and an optimizer step none of whose micro-batches (on any
+rank) has a target is skipped whole (LoopConfig.skip_empty_steps): with zero advantages the gradient is
+zero, but Muon's momentum and AdamW's moments would still move the weights. Skipped steps are logged
+and counted in summary.json ("skipped_steps").
+
+A resumed run continues the rollout cursor only under the settings that produced it: the sampler state
+carries a fingerprint of the prompt stream (task, its prompts, order seed, prompts per micro-batch,
+ranks) and a mismatch is refused.
 
 Offline the tasks are the generated ones (two-step arithmetic with the calculator by default, which
 SFT leaves only partly solved; one-step arithmetic, spelling, letter counting; their test splits are
@@ -17,6 +25,12 @@ disjoint from train); online, GSM8K's train split (`--task
 gsm8k-train --eval-task gsm8k`). Before and after training, pass@k (k = 1..K, unbiased estimator)
 is measured on held-out prompts; the per-step training reward is logged in metrics.jsonl ("reward"),
 and summary.json holds the curve and pass@k before/after.
+
+Under torchrun every rank samples its own prompts (rank r takes prompts r, r+W, ... of the task's
+seeded shuffle, with a sampling seed that includes r) and scores its own groups; advantages never mix
+ranks. The loop divides every rank's loss sum by the step's global token count and the optimizer
+sums gradients over ranks, so the update is the per-token mean over the global batch. Logged and
+summarised rewards are means over all ranks' samples (each rank draws the same number per batch).
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import time
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,8 +58,8 @@ def group_advantages(rewards: list[list[float]]) -> list[list[float]]:
 
 def informative_groups(advantages: list[list[float]]) -> list[int]:
     """Indices of the groups with some non-zero advantage (their rewards differ); at least one index
-    (the first group) so that a step whose groups are all flat still yields a well-formed batch whose
-    zero weights give a zero gradient."""
+    (the first group) so that a micro-batch whose groups are all flat is still well-formed (it then
+    carries no targets: see RolloutBatches)."""
     keep = [g for g, a in enumerate(advantages) if any(x != 0.0 for x in a)]
     return keep or [0]
 
@@ -115,6 +130,12 @@ class RolloutBatches:
                              f"{seq_len}-token context; lower --max-new-tokens")
         self.cursor, self.batches = 0, 0
         self.history: list[dict] = []  # per batch: mean reward, mean completion length
+        from chibichat.data.loader import _digest
+
+        n = len(self.items)
+        self.fingerprint = {"task": task.name, "items": n, "prompts": _digest([self.items[i][1] for i in
+                                                                               sorted({0, n // 2, n - 1})]),
+                            "seed": seed, "prompts_per_step": prompts, "rank": rt.rank, "world_size": rt.world_size}
 
     def __iter__(self):
         return self
@@ -140,6 +161,8 @@ class RolloutBatches:
         flat = [r for g in rewards for r in g]
         lengths = [len(s.tokens) for g in outs for s in g]
         informative = len(keep) if any(x != 0.0 for x in adv[keep[0]]) else 0
+        if not informative:  # every group flat: no targets, so the loop skips the step if no rank has any
+            ys = [[-1] * len(y) for y in ys]
         self.history.append({"reward": sum(flat) / len(flat), "length": sum(lengths) / len(lengths),
                              "groups_used": informative / len(adv)})
         # Trim the common right padding: rows are padded to the context, most of it unused.
@@ -149,13 +172,47 @@ class RolloutBatches:
                 torch.tensor(ws, dtype=torch.float32)[:, :used])
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "batches": self.batches, "history": self.history}
+        return {"cursor": self.cursor, "batches": self.batches, "history": self.history,
+                "fingerprint": dict(self.fingerprint)}
 
     def load_state_dict(self, d: dict) -> None:
+        saved = d.get("fingerprint") if isinstance(d, dict) else None
+        if not isinstance(saved, dict):
+            raise ChibiError("--resume: the saved RL sampler state has no fingerprint of its prompt stream (an "
+                             "older or foreign checkpoint), so its cursor cannot be trusted; start a new --tag "
+                             "or pass --overwrite")
+        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.fingerprint.items() if saved.get(k) != v]
+        if diff:
+            raise ChibiError(f"--resume: the saved RL run sampled another prompt stream ({'; '.join(diff)}); resume "
+                             "with the same --task, --train-items, --seed, --prompts-per-step, --max-new-tokens "
+                             "and number of ranks, or start a new --tag")
         try:
             self.cursor, self.batches, self.history = int(d["cursor"]), int(d["batches"]), list(d["history"])
         except (KeyError, TypeError, ValueError) as e:
             raise ChibiError(f"--resume: the saved RL sampler state is malformed ({e})") from None
+
+
+def rank_mean(rt, vals):
+    """Element-wise mean of a float64 CPU tensor over ranks (the tensor itself on one process)."""
+    if not rt.distributed:
+        return vals
+    import torch.distributed as dist
+
+    out = vals.to(rt.device)
+    dist.all_reduce(out)
+    return (out / rt.world_size).cpu()
+
+
+def rank_sum_int(rt, n: int) -> int:
+    """An integer count summed over ranks."""
+    if not rt.distributed:
+        return n
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device=rt.device)
+    dist.all_reduce(t)
+    return int(t[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,32 +222,36 @@ class RolloutBatches:
 def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int, temperature: float,
                    top_k: int | None, seed: int, batch: int = 8) -> dict:
     """{"pass@1": .., ..., "pass@k": .., "n": items scored, "skipped_too_long": n} over this task's
-    first `items` prompts, k samples each; ranks stride over prompts and the counts are gathered."""
+    first `items` prompts, k samples each. The prompts that fit are cut into batches of `batch` with
+    seed + offset each; ranks take whole batches (r, r+W, ...) and the counts are gathered in prompt
+    order, so W ranks draw exactly the samples one process draws."""
     from chibichat.eval.metrics import pass_at_k
     from chibichat.render import render_for_completion
 
     n = min(items, len(task))
-    mine, skipped = [], 0
-    for i in range(rt.rank, n, rt.world_size):
+    fitting, skipped = [], 0
+    for i in range(n):  # every rank checks every prompt (cheap), so all agree on the batches
         ids = render_for_completion(tok, task[i], 1 << 30)
         if len(ids) + max_tokens > engine.seq_len:
             skipped += 1
         else:
-            mine.append((i, ids))
-    counts = []
-    for s in range(0, len(mine), batch):
-        chunk = mine[s : s + batch]
+            fitting.append((i, ids))
+    counts = []  # (prompt index, samples right)
+    for c, s in enumerate(range(0, len(fitting), batch)):
+        if c % rt.world_size != rt.rank:
+            continue
+        chunk = fitting[s : s + batch]
         outs = engine.generate([ids for _, ids in chunk], num_samples=k, max_tokens=max_tokens,
                                temperature=temperature, top_k=top_k, seed=seed + s, tools=True)
         for (i, _), group in zip(chunk, outs):
-            counts.append(sum(bool(task.evaluate(task[i], smp.text)) for smp in group))
+            counts.append((i, sum(bool(task.evaluate(task[i], smp.text)) for smp in group)))
     if rt.distributed:
         import torch.distributed as dist
 
         parts = [None] * rt.world_size
-        dist.all_gather_object(parts, (counts, skipped))
-        counts = [c for p in parts for c in p[0]]
-        skipped = sum(p[1] for p in parts)
+        dist.all_gather_object(parts, counts)
+        counts = sorted(x for p in parts for x in p)
+    counts = [c for _, c in counts]
     if not counts:
         raise ChibiError(f"pass@k: no prompt of {task.name!r} fits the context with --max-new-tokens {max_tokens}")
     out = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in range(1, k + 1)}
@@ -224,6 +285,7 @@ def register(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default: 50; 0 = off)")
     p.add_argument("--train-items", type=int, default=2000, help="generated training prompts (default: 2000)")
     p.add_argument("--passk-items", type=int, default=48, help="held-out prompts for pass@k (default: 48)")
+    add_allow_weak_arg(p)
     p.add_argument("--passk-k", type=int, default=4, help="largest k of pass@k, = samples per prompt (default: 4)")
     # Measured on a 0.4M-parameter model (arithmetic, from mid): lr-frac 0.15 with a short warmdown raised
     # pass@1 0.52 -> 0.61 in 60 steps; 0.4 drifted down and 1.0 collapsed the reward (Muon takes a
@@ -235,15 +297,27 @@ def register(sub):
     p.set_defaults(func=run, warmdown_frac=0.2)
 
 
+def check_task_names(args) -> None:
+    """Before anything loads: --task must be a known task that is not evaluation-only, --eval-task a
+    known task."""
+    from chibichat.tasks.leakage import refuse_eval_only
+    from chibichat.tasks.registry import get_spec
+
+    refuse_eval_only([args.task], "--task")
+    if args.eval_task is not None:
+        get_spec(args.eval_task)
+
+
 def _tasks(args, home):
-    from chibichat.stages.sft import EVAL_ONLY_TASKS, task_options
+    """(training task, held-out task), checked disjoint by content from each other and from the
+    evaluation sets the chat evaluations report against."""
+    from chibichat.stages.sft import task_options
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.leakage import check_disjoint, refuse_eval_only_task, reported_eval_sets
 
-    if args.task in EVAL_ONLY_TASKS:
-        raise ChibiError(f"--task {args.task} is an evaluation set; RL on it would contaminate its score. "
-                         f"Use its training split (e.g. gsm8k-train) or a generated task")
     task = get_task(args.task, **task_options(args.task, home))
+    refuse_eval_only_task(task, "--task")
     if task.kind != "generative":
         raise ChibiError(f"--task {args.task} is of kind {task.kind!r}; RL needs a generative task with a checker")
     if isinstance(task, GeneratedTask):
@@ -253,6 +327,10 @@ def _tasks(args, home):
         raise ChibiError(f"--task {args.task} has no generated test split; name the held-out task with --eval-task")
     else:
         eval_task = get_task(args.eval_task, **task_options(args.eval_task, home))
+    generated = [args.task] if isinstance(task, GeneratedTask) else []
+    check_disjoint([task], [eval_task, *reported_eval_sets(home, generated)],
+                   fix="Train and evaluate on disjoint sets: a training split as --task and its held-out split as "
+                       "--eval-task (a generated --task uses its own test split when --eval-task is not given).")
     return task, eval_task
 
 
@@ -270,14 +348,19 @@ def run(args) -> int:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_samples < 2:
         raise ChibiError("--num-samples must be >= 2: the advantage compares samples of the same prompt")
+    check_task_names(args)
     top_k = args.top_k or None
+    home = Home.resolve(args.home)
+    # Tasks (and the sandbox they may need) are settled before any model is loaded.
+    task, eval_task = _tasks(args, home)
+    for t in {task.name: task, eval_task.name: eval_task}.values():
+        if t.runs_code:
+            check_sandbox(args.allow_weak_sandbox, f"rl with task {t.name}")
     rt = init_runtime(args.device, args.dtype)
     try:
-        home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
-        task, eval_task = _tasks(args, home)
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)
@@ -295,7 +378,7 @@ def run(args) -> int:
         cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
                          warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
                          save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
 
         def reward_fn(m, step):
@@ -306,19 +389,20 @@ def run(args) -> int:
             vals = torch.tensor([sum(h["reward"] for h in recent) / len(recent),
                                  sum(h["length"] for h in recent) / len(recent),
                                  sum(h.get("groups_used", 1.0) for h in recent) / len(recent)], dtype=torch.float64)
-            if rt.distributed:
-                import torch.distributed as dist
-
-                vals = vals.to(rt.device)
-                dist.all_reduce(vals)
-                vals = vals / rt.world_size
+            # Every rank drew prompts_per_step x num_samples samples per batch, so the mean of the
+            # ranks' means is the mean over the global batch.
+            vals = rank_mean(rt, vals)
             return {"reward": float(vals[0]), "completion_tokens": float(vals[1]), "groups_used": float(vals[2])}
 
         res = train(model, optimizer, batches, pg_loss_sum, rt, cfg, meta=meta, eval_fn=reward_fn)
         model.eval()
         after = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
         print0(rt, f"rl: pass@k after {after}")
-        curve = [h["reward"] for h in batches.history]
+        # The curve over all ranks' samples, batch by batch (every rank ran the same number of batches).
+        curve = rank_mean(rt, torch.tensor([h["reward"] for h in batches.history], dtype=torch.float64)).tolist()
+        groups_used = float(rank_mean(rt, torch.tensor(
+            [sum(h.get("groups_used", 1.0) for h in batches.history) / len(batches.history)], dtype=torch.float64))[0])
+        skipped = rank_sum_int(rt, batches.skipped_too_long)
         windows = reward_windows(curve)
         summary = {
             "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
@@ -327,10 +411,11 @@ def run(args) -> int:
             "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             # The compact curve: mean reward over 5 consecutive slices of the run (first -> last).
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,
-            "reward_curve": curve,  # this rank's per-micro-batch mean reward, in order
-            "groups_used": sum(h.get("groups_used", 1.0) for h in batches.history) / len(batches.history),
+            "reward_curve": curve,  # per micro-batch: mean reward over every rank's samples, in order
+            "groups_used": groups_used, "world_size": rt.world_size,
+            "skipped_steps": res.skipped_steps,  # steps without signal (all groups flat on every rank)
             "pass_at_k_before": before, "pass_at_k_after": after,
-            "train_prompts_skipped_too_long": batches.skipped_too_long,
+            "train_prompts_skipped_too_long": skipped,
         }
         write_summary(tag_dir, rt, summary)
         print0(rt, f"rl: reward by fifths of the run {' -> '.join(f'{w:.3f}' for w in windows)} | "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 from chibichat.stages.chat import add_model_args
 
 
@@ -29,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="reply budget when a request gives none (default: 512)")
     p.add_argument("--tools", default="calculator", choices=("none", "calculator", "python"),
                    help="tool the model may call (default: calculator)")  # fmt: skip
+    add_allow_weak_arg(p)
     p.set_defaults(func=run)
 
 
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ChibiError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_tokens < 1:
         raise ChibiError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.tools == "python":
+        check_sandbox(args.allow_weak_sandbox, "serve --tools python")
     pool, model_id, meta = build_pool(args)
     app = create_app(pool, model_id, Limits(default_max_tokens=args.max_tokens),
                      tools=None if args.tools == "none" else args.tools)  # fmt: skip

@@ -23,8 +23,6 @@ from pathlib import Path
 
 from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_args, add_runtime_args
 
-# Evaluation sets are never training data: a mixture that names one is refused.
-EVAL_ONLY_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 SOURCE_STAGES = ("base", "mid", "sft", "rl")
 LR_GROUPS = ("matrix", "embedding", "head", "other")
 
@@ -72,7 +70,11 @@ def add_loop_args(p, steps: int, batch: int | None) -> None:
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
-    """"name=epochs,name=epochs" -> [(name, epochs)]. Epochs may be fractional (0.5 = half the task)."""
+    """"name=epochs,name=epochs" -> [(name, epochs)]. Epochs may be fractional (0.5 = half the task).
+    An unknown task or an evaluation-only one (by its registry flag) is refused here, before anything
+    is loaded."""
+    from chibichat.tasks.leakage import refuse_eval_only
+
     out = []
     for part in [s.strip() for s in spec.split(",") if s.strip()]:
         name, sep, val = part.partition("=")
@@ -82,9 +84,7 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
             raise ChibiError(f"--mix entry {part!r}: epochs {val!r} is not a number (write name=epochs)") from None
         if not epochs > 0:
             raise ChibiError(f"--mix entry {part!r}: epochs must be > 0")
-        if name in EVAL_ONLY_TASKS:
-            raise ChibiError(f"--mix names {name!r}, an evaluation set; training on it would contaminate "
-                             f"its scores. Remove it from --mix")
+        refuse_eval_only([name.strip()], "--mix")
         out.append((name.strip(), epochs))
     if not out:
         raise ChibiError(f"--mix {spec!r} names no task; write e.g. chitchat=1,arithmetic=0.5")
@@ -166,21 +166,12 @@ def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | No
 
 
 def task_options(name: str, home) -> dict:
-    """Online-only tasks (smoltalk, mmlu-aux, gsm8k-train, ...: `home` has no default) read their download
-    cache from the home; a task whose `home` is optional (gsm8k, arc-easy, ...: the shipped subset unless
-    asked for the online source) is built as shipped, so `rl --eval-task gsm8k` scores the shipped test items."""
-    import importlib
-    import inspect
+    """Online tasks (smoltalk, mmlu-aux, gsm8k-train, ...) read their download cache from the home."""
+    from chibichat.tasks.registry import needs_home, specs
 
-    from chibichat.tasks.registry import specs
-
-    spec = specs().get(name)
-    if spec is None:
+    if name not in specs():
         return {}  # get_task reports the unknown name with the valid ones
-    module, func = spec.target.split(":")
-    params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
-    online_only = "home" in params and params["home"].default is inspect.Parameter.empty
-    return {"home": home} if online_only else {}
+    return {"home": home} if needs_home(name) else {}
 
 
 def split_task(name: str, val_items: int, seed: int, home=None):
@@ -188,8 +179,10 @@ def split_task(name: str, val_items: int, seed: int, home=None):
     construction; a shipped or downloaded task gives its last items (up to 5%) to validation."""
     from chibichat.tasks.base import get_task
     from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.leakage import refuse_eval_only_task
 
     task = get_task(name, **task_options(name, home))
+    refuse_eval_only_task(task, "--mix")
     if task.kind == "core":
         raise ChibiError(f"--mix names {name!r}, a base-model evaluation task; it has no conversations")
     if isinstance(task, GeneratedTask):
@@ -201,8 +194,11 @@ def split_task(name: str, val_items: int, seed: int, home=None):
 
 
 def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None):
-    """(train Mixture, val Mixture)."""
+    """(train Mixture, val Mixture). The training items are checked disjoint, by content, from every
+    evaluation set the chat evaluations report against (chibichat/tasks/leakage.py)."""
     from chibichat.tasks.base import Mixture
+    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.leakage import check_disjoint, reported_eval_sets
 
     trains, vals, epochs = [], [], []
     for name, e in mix:
@@ -210,7 +206,12 @@ def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home
         trains.append(tr)
         vals.append(va)
         epochs.append(e)
-    return Mixture(trains, epochs=epochs, seed=seed), Mixture(vals, epochs=[1.0] * len(vals), seed=seed + 1)
+    train_mix = Mixture(trains, epochs=epochs, seed=seed)
+    # The items the mixture uses: occurrence j of a task is its item j mod len.
+    used = [t.slice(0, min(c, len(t))) for t, c in zip(trains, train_mix.counts)]
+    generated = [t.name for t in trains if isinstance(t, GeneratedTask)]
+    check_disjoint(used, reported_eval_sets(home, generated), fix="Remove that task from --mix.")
+    return train_mix, Mixture(vals, epochs=[1.0] * len(vals), seed=seed + 1)
 
 
 def token_loss_sum(model, batch):
@@ -221,30 +222,35 @@ def token_loss_sum(model, batch):
 
 
 def val_loss_fn(val_source, tok, args, rt, train_all_tokens: bool, mode: str):
-    """eval_fn for the loop: mean loss per target token over up to --val-batches batches of the
-    held-out mixture (summed over ranks before dividing)."""
+    """eval_fn for the loop: mean loss per target token over the first --val-batches batches of the
+    held-out mixture. The batches are packed as by one reader whatever the world size; under torchrun
+    rank r scores batches r, r+W, ... and the per-batch sums are added in batch order
+    (eval.bpb.strided_sums), so W ranks report what one process does."""
+    import dataclasses
+
     import torch
 
     from chibichat.data.loader import ConversationLoader
+    from chibichat.eval.bpb import strided_sums
+
+    one_reader = dataclasses.replace(rt, rank=0, local_rank=0, world_size=1)
 
     def fn(model, step):
-        loader = ConversationLoader(val_source, tok, args.device_batch_size, model.config.seq_len, rt, mode=mode,
-                                    overflow=args.overflow, epochs=1, train_all_tokens=train_all_tokens)
-        total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        loader = ConversationLoader(val_source, tok, args.device_batch_size, model.config.seq_len, one_reader,
+                                    mode=mode, overflow=args.overflow, epochs=1, train_all_tokens=train_all_tokens)
+        mine = []
         with torch.no_grad():
             for k, (x, y) in enumerate(loader):
                 if k >= args.val_batches:
                     break
+                if k % rt.world_size != rt.rank:
+                    continue
                 x, y = x.to(rt.device), y.to(rt.device)
-                total[0] += model(x, y, reduction="sum").double()
-                total[1] += (y >= 0).sum()
-        if rt.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(total)
-        if total[1] == 0:
+                mine.append([float(model(x, y, reduction="sum").double()), float((y >= 0).sum())])
+        loss_sum, count = strided_sums(rt, mine, 2)
+        if count == 0:
             raise ChibiError("the validation mixture produced no target tokens; check --mix")
-        return {"val_loss": float(total[0] / total[1])}
+        return {"val_loss": loss_sum / count}
 
     return fn
 
@@ -325,6 +331,8 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
     for name in ("device_batch_size", "val_items", "val_batches"):
         if getattr(args, name) < 1:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.mix:  # the default mixture depends on the tokenizer; a given one is checked before anything loads
+        parse_mix(args.mix)
     rt = init_runtime(args.device, args.dtype)
     try:
         home = Home.resolve(args.home)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from chibichat.common import (DTYPE_CHOICES, ChibiError, Home, add_fp8_arg, add_home_arg, add_memory_args,
                               atomic_write_json, read_json)
+from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,20 @@ def register(sub) -> None:
     # precision and memory flags of the training stages, passed to pretrain, midtrain, sft and rl
     add_fp8_arg(p)
     add_memory_args(p)
+    add_allow_weak_arg(p)  # checked once up front; the acceptance reaches the stages through the environment
     p.set_defaults(func=run)
+
+
+def runs_code(step: Step) -> bool:
+    """Whether the step executes model-written code: an eval chat whose tasks (default: ChatCORE) include
+    one that runs its completions, i.e. HumanEval."""
+    from chibichat.eval.chat import CHATCORE_TASKS
+    from chibichat.tasks.base import get_task
+
+    if step.argv[:2] != ["eval", "chat"]:
+        return False
+    names = step.argv[step.argv.index("--tasks") + 1].split(",") if "--tasks" in step.argv else CHATCORE_TASKS
+    return any(get_task(n).runs_code for n in names)
 
 
 def training_flags(args) -> list[str]:
@@ -488,6 +502,8 @@ def run(args) -> int:
     for f in args.force:
         if f not in names:
             raise ChibiError(f"--force {f!r} is not a speedrun stage; choose from: {', '.join(s.name for s in steps)}")
+    if not args.dry_run and any(runs_code(s) for s in steps):
+        check_sandbox(args.allow_weak_sandbox, "speedrun (eval chat runs HumanEval completions)")
 
     print(f"chibichat speedrun: preset {preset.name} ({preset.description}); lang {args.lang}; layers {args.layers}")
     print(f"home: {home.root}")

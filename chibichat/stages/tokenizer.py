@@ -75,6 +75,8 @@ def _positive(name: str, value: int) -> None:
 def resolve_split(split: str, lang: str) -> str:
     if split != "auto":
         return split
+    if lang not in ("en", "ja", "mixed"):
+        raise ChibiError(f"--split auto needs the corpus language, which is {lang!r}; pass --split gpt4|ja|ja-script")
     return "ja" if lang in ("ja", "mixed") else "gpt4"
 
 
@@ -89,7 +91,14 @@ def run_train(args) -> int:
     _positive("--doc-cap", args.doc_cap)
     home = Home.resolve(args.home)
     corpus = get_corpus(args.corpus)
+    for note in corpus.notes():
+        print(note, flush=True)
+    if args.split == "auto":
+        reason = corpus.lang_reason  # a local folder is sampled here: an unreadable one fails with its own error
     split = resolve_split(args.split, corpus.lang)
+    if args.split == "auto":
+        print(f"--split auto: {split}, because corpus {corpus.name} is {corpus.lang} ({reason}); "
+              "pass --split to choose", flush=True)
     print(f"training tokenizer: corpus {corpus.name} ({corpus.lang}), split {split}, vocab {args.vocab_size:,}, "
           f"up to {args.max_chars:,} chars, doc cap {args.doc_cap:,}", flush=True)
     stats: dict = {}

@@ -45,6 +45,7 @@ class Task:
     kind: str = ""
     lang: str = "en"
     description: str = ""
+    runs_code: bool = False  # True when evaluate() executes the completion (in chibichat.sandbox)
     # True for evaluation data (test/validation splits, shipped eval subsets, CORE): a training stage
     # must not put it in a training mixture (it may use it for validation loss).
     eval_only: bool = False
@@ -103,6 +104,7 @@ class TaskView(Task):
         self.kind = base.kind
         self.lang = base.lang
         self.description = base.description
+        self.runs_code = base.runs_code
         self.eval_only = base.eval_only
         # CORE metadata travels with the view so a shuffled CORE task is still a CORE task.
         for attr in ("num_fewshot", "random_baseline"):

@@ -47,5 +47,5 @@ def core_lite_names() -> list[str]:
 
 
 def task_specs() -> list[TaskSpec]:
-    return [TaskSpec(n, "core", "en", "chibichat.tasks.core:core_task", (("name", n),), d)
+    return [TaskSpec(n, "core", "en", "chibichat.tasks.core:core_task", (("name", n),), d, eval_only=True)
             for n, (_, _, d) in CORE_TASKS.items()]

@@ -36,6 +36,8 @@ class GSM8K(ListTask):
 
 
 class HumanEval(ListTask):
+    runs_code = True
+
     def evaluate(self, item, completion_text):
         return evaluate_humaneval(item, completion_text)
 
@@ -139,12 +141,12 @@ def task_specs() -> list[TaskSpec]:
                  "ARC-Easy train split (online)"),
         TaskSpec("arc-challenge-train", "categorical", "en", f"{m}:arc_train", (("subset", "ARC-Challenge"),),
                  "ARC-Challenge train split (online)"),
-        TaskSpec("arc-easy", "categorical", "en", f"{m}:arc", (("subset", "ARC-Easy"),), "ARC-Easy (4-way MC)"),
+        TaskSpec("arc-easy", "categorical", "en", f"{m}:arc", (("subset", "ARC-Easy"),), "ARC-Easy (4-way MC)", eval_only=True),
         TaskSpec("arc-challenge", "categorical", "en", f"{m}:arc", (("subset", "ARC-Challenge"),),
-                 "ARC-Challenge (4-way MC)"),
-        TaskSpec("mmlu", "categorical", "en", f"{m}:mmlu", (), "MMLU (57 subjects, 4-way MC)"),
+                 "ARC-Challenge (4-way MC)", eval_only=True),
+        TaskSpec("mmlu", "categorical", "en", f"{m}:mmlu", (), "MMLU (57 subjects, 4-way MC)", eval_only=True),
         TaskSpec("mmlu-dev", "categorical", "en", f"{m}:mmlu_dev", (),
                  "MMLU dev+validation splits, shipped training data (4-way MC)"),
-        TaskSpec("gsm8k", "generative", "en", f"{m}:gsm8k", (), "GSM8K math word problems, '#### n'"),
-        TaskSpec("humaneval", "generative", "en", f"{m}:humaneval", (), "HumanEval Python functions"),
+        TaskSpec("gsm8k", "generative", "en", f"{m}:gsm8k", (), "GSM8K math word problems, '#### n'", eval_only=True),
+        TaskSpec("humaneval", "generative", "en", f"{m}:humaneval", (), "HumanEval Python functions", eval_only=True),
     ]

@@ -7,7 +7,12 @@ so `chibichat evaluate --jglue home/data/tasks/jglue` (chibichat/eval/jglue.py, 
 scoring) reads the same files. The base URL is overridable with $CHIBICHAT_JGLUE_BASE (tests use a
 local server). Test sets are not distributed; "valid" (dev) is what everyone reports.
 
-Formats: JCommonsenseQA/JNLI/JSTS are JSON lines (despite .json); JSQuAD is SQuAD-format JSON.
+This module is the one reader of JGLUE files and the one JSQuAD scorer: `chibichat eval jglue`
+(chibichat/eval/jglue.py: base-model few-shot prompts) builds its items from `read_records` too, and
+scores JSQuAD with `jsquad_scores`, so the two evaluations agree on the same outputs.
+
+Formats: JCommonsenseQA/JNLI/JSTS are JSON lines (despite .json); JSQuAD is SQuAD-format JSON, or JSON
+lines of already flattened records (Hub copies; answers as ["..."], [{"text": ...}] or {"text": [...]}).
 Records (official field names, validated by `read_records`):
     jcommonsenseqa  q_id, question, choice0..choice4, label (0-4)
     jnli            sentence_pair_id, sentence1 (premise), sentence2 (hypothesis),
@@ -16,14 +21,16 @@ Records (official field names, validated by `read_records`):
     jsquad          flattened to one record per question: id, title, context, question,
                     answers (list of answer texts)
 
-Chat tasks (for SFT on train and chat evaluation on valid), all lang "ja":
+Chat tasks (for chat evaluation on valid; `eval chat --tasks jsquad`), all lang "ja":
     jcommonsenseqa  categorical, 5 letters A-E
     jnli            categorical, choices 含意 / 矛盾 / 中立 (A/B/C)
     jsts            generative: assistant answers the similarity with one decimal ("3.4");
                     item["score"] is the gold float; evaluate() = |prediction - gold| <= 0.5
                     (correlations are computed by the evaluator from item["score"])
     jsquad          generative: assistant answers with the first gold answer; item["answers"] holds
-                    all; evaluate() = exact match after NFKC and whitespace removal
+                    all; evaluate() = JGLUE's exact match (`jsquad_scores`: the first non-empty line
+                    of the completion against every gold answer, normalised as JGLUE's own JSQuAD
+                    evaluation does, chibichat.eval.metrics.normalize_answer_ja)
 """
 
 from __future__ import annotations
@@ -82,15 +89,23 @@ def _need(rec: dict, key: str, where: str):
 
 
 def read_records(task: str, path: Path) -> list[dict]:
-    """Validated records of an official JGLUE file (see the module docstring)."""
+    """Validated records of a JGLUE file (see the module docstring): the one parser of JGLUE data."""
+    path = Path(path)
+    if task not in TASKS:
+        raise ChibiError(f"unknown JGLUE task {task!r}; use one of {TASKS}")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ChibiError(f"JGLUE {task} file not found: {path}") from None
     except UnicodeDecodeError as e:
-        raise ChibiError(f"JGLUE {task} file {path} is not UTF-8 ({e}); delete it to re-download") from None
+        raise ChibiError(f"JGLUE {task} file {path} is not UTF-8 ({e}); replace it with the official file") from None
     if task == "jsquad":
-        return _squad_records(text, path)
+        try:  # a whole-file JSON document with "data" is SQuAD format; anything else is JSON lines
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and "data" in doc:
+            return _squad_records(doc, path)
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -98,8 +113,11 @@ def read_records(task: str, path: Path) -> list[dict]:
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ChibiError(f"JGLUE {task} file {path} line {n} is not JSON ({e}); delete it to re-download") from None
+            raise ChibiError(f"JGLUE {task} file {path} line {n} is not valid JSON ({e}); replace it with the "
+                             "official file (delete a downloaded one to re-download it)") from None
         where = f"JGLUE {task} {path.name} line {n}"
+        if not isinstance(r, dict):
+            raise ChibiError(f"{where} is not a JSON object; expected the official JGLUE {VERSION} format")
         if task == "jcommonsenseqa":
             for k in range(5):
                 _need(r, f"choice{k}", where)
@@ -111,32 +129,43 @@ def read_records(task: str, path: Path) -> list[dict]:
             if _need(r, "label", where) not in NLI_WORDS:
                 raise ChibiError(f"{where}: label {r['label']!r} is not one of {list(NLI_WORDS)}")
             _need(r, "sentence1", where), _need(r, "sentence2", where)
-        else:  # jsts
+        elif task == "jsts":
             label = _need(r, "label", where)
-            if not isinstance(label, (int, float)) or not 0 <= label <= 5:
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 5:
                 raise ChibiError(f"{where}: similarity {label!r} is not a number in 0-5")
             _need(r, "sentence1", where), _need(r, "sentence2", where)
+        else:  # jsquad, already flattened
+            r = _squad_record(r.get("id"), r.get("title", ""), _need(r, "context", where), _need(r, "question", where),
+                              _answer_texts(_need(r, "answers", where)), r.get("is_impossible", False), where)
         rows.append(r)
     if not rows:
-        raise ChibiError(f"JGLUE {task} file {path} holds no records; delete it to re-download")
+        raise ChibiError(f"JGLUE {task} file {path} holds no records; replace it with the official file")
     return rows
 
 
-def _squad_records(text: str, path: Path) -> list[dict]:
+def _answer_texts(answers) -> list:
+    if isinstance(answers, dict):
+        return list(answers.get("text") or [])
+    if isinstance(answers, list):
+        return [a.get("text") if isinstance(a, dict) else a for a in answers]
+    return []
+
+
+def _squad_record(qid, title, context, question, answers: list, impossible, where: str) -> dict:
+    if impossible or not answers or not all(isinstance(a, str) and a for a in answers):
+        raise ChibiError(f"{where}: question {qid} has no answer text; every JSQuAD question is answerable")
+    return {"id": qid, "title": title, "context": context, "question": question, "answers": answers}
+
+
+def _squad_records(doc: dict, path: Path) -> list[dict]:
     try:
-        doc = json.loads(text)
         rows = []
         for article in doc["data"]:
             for para in article["paragraphs"]:
                 for qa in para["qas"]:
-                    answers = [a["text"] for a in qa["answers"]]
-                    if qa.get("is_impossible") or not answers or not all(answers):
-                        raise ChibiError(f"JSQuAD {path} question {qa['id']} has no answer; JSQuAD has none such")
-                    rows.append({"id": qa["id"], "title": article.get("title", ""), "context": para["context"],
-                                 "question": qa["question"], "answers": answers})
-    except json.JSONDecodeError as e:
-        raise ChibiError(f"JSQuAD file {path} is not JSON ({e}); delete it to re-download") from None
-    except (KeyError, TypeError) as e:
+                    rows.append(_squad_record(qa["id"], article.get("title", ""), para["context"], qa["question"],
+                                              _answer_texts(qa["answers"]), qa.get("is_impossible"), f"JSQuAD {path}"))
+    except (KeyError, TypeError, AttributeError) as e:
         raise ChibiError(f"JSQuAD file {path} is not in SQuAD format (missing {e})") from None
     if not rows:
         raise ChibiError(f"JSQuAD file {path} holds no questions")
@@ -171,8 +200,19 @@ def jsquad_item(r: dict) -> dict:
             "answers": r["answers"], "id": r["id"]}
 
 
-def normalize_answer(text: str) -> str:
-    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text)).rstrip("。.")
+def jsquad_prediction(completion: str) -> str:
+    """The answer a completion gives: its first non-empty line, stripped (base and chat models alike)."""
+    lines = [ln.strip() for ln in completion.splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def jsquad_scores(completion: str, answers: list[str]) -> tuple[str, float, float]:
+    """(prediction, exact match, character F1) of a completion against the gold answers, with JGLUE's
+    normalisation: the single JSQuAD scoring of `eval jglue` and `eval chat`."""
+    from chibichat.eval.metrics import char_f1, exact_match
+
+    pred = jsquad_prediction(completion)
+    return pred, exact_match(pred, answers), char_f1(pred, answers)
 
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -186,9 +226,7 @@ class JSTS(ListTask):
 
 class JSQuAD(ListTask):
     def evaluate(self, item, completion_text):
-        lines = [ln for ln in completion_text.strip().splitlines() if ln.strip()]
-        pred = normalize_answer(lines[0]) if lines else ""
-        return any(pred == normalize_answer(a) for a in item["answers"])
+        return jsquad_scores(completion_text, item["answers"])[1] == 1.0
 
 
 def jglue_task(task: str, home, split: str = "valid") -> ListTask:
@@ -206,5 +244,6 @@ def jglue_task(task: str, home, split: str = "valid") -> ListTask:
 
 def task_specs() -> list[TaskSpec]:
     kinds = {"jcommonsenseqa": "categorical", "jnli": "categorical", "jsts": "generative", "jsquad": "generative"}
-    return [TaskSpec(t, kinds[t], "ja", "chibichat.tasks.jglue:jglue_task", (("task", t),), f"JGLUE {t} (online)")
+    return [TaskSpec(t, kinds[t], "ja", "chibichat.tasks.jglue:jglue_task", (("task", t),),
+                     f"JGLUE {t} (online; dev set by default)", eval_only=True)
             for t in TASKS]

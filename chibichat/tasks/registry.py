@@ -28,6 +28,11 @@ class TaskSpec:
     target: str  # "module:function" building the task from keyword options
     fixed: tuple = ()  # keyword arguments always passed (e.g. lang="ja")
     description: str = ""
+    # What the built task's own `eval_only` is under the default options (the only ones a training
+    # mixture or `rl --task` can name): declared here so a training stage can refuse an evaluation
+    # set while it checks its arguments, before anything is loaded or downloaded. A test builds every
+    # task and checks that the two agree.
+    eval_only: bool = False
 
 
 def _g(spec_name, kind, spec_lang, target, desc, **fixed):
@@ -64,17 +69,23 @@ def _specs() -> list[TaskSpec]:
     return specs
 
 
-def _optional_specs() -> list[TaskSpec]:
-    """Families whose modules define their own specs (evaluation subsets, online loaders, JGLUE)."""
+# Families whose modules define their own specs (evaluation subsets, CORE-lite, online loaders, JGLUE).
+FAMILY_MODULES = ("chibichat.tasks.evalsets", "chibichat.tasks.core", "chibichat.tasks.online",
+                  "chibichat.tasks.jglue")
+
+
+def _optional_specs(modules: tuple[str, ...] = FAMILY_MODULES) -> list[TaskSpec]:
+    """The specs of every family module. All of them ship with chibichat, so a missing one is a broken
+    installation, reported as such (never a registry that silently lacks a family's tasks)."""
     out: list[TaskSpec] = []
-    for mod in ("chibichat.tasks.evalsets", "chibichat.tasks.core", "chibichat.tasks.online",
-                "chibichat.tasks.jglue"):
+    for mod in modules:
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if e.name != mod:
                 raise
-            continue
+            raise ChibiError(f"task family module {mod} is missing from this chibichat installation, so its "
+                             f"tasks cannot be listed; reinstall chibichat (pip install -e . in a checkout)") from None
         out += m.task_specs()
     return out
 
@@ -85,6 +96,22 @@ def specs() -> dict[str, TaskSpec]:
 
 def list_tasks() -> list[str]:
     return sorted(specs())
+
+
+def get_spec(name: str) -> TaskSpec:
+    table = specs()
+    if name not in table:
+        raise ChibiError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def needs_home(name: str) -> bool:
+    """True if the task's builder requires a home to read its downloads from (online-only tasks, JGLUE);
+    False for tasks whose home is optional (shipped evaluation subsets take one only with source="online")."""
+    spec = get_spec(name)
+    module, func = spec.target.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+    return "home" in params and params["home"].default is inspect.Parameter.empty
 
 
 def describe_tasks() -> list[dict]:
@@ -100,10 +127,7 @@ def describe_tasks() -> list[dict]:
 
 
 def get_task(name: str, **options):
-    table = specs()
-    if name not in table:
-        raise ChibiError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(table))}")
-    spec = table[name]
+    spec = get_spec(name)
     module, func = spec.target.split(":")
     factory = getattr(importlib.import_module(module), func)
     kwargs = dict(spec.fixed)

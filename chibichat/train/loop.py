@@ -9,8 +9,10 @@ A stage provides only what is specific to it:
     loss_fn   loss_fn(model, batch) -> (loss_sum, n_tokens): the SUM of per-token losses and how many
               target tokens it covers. e.g. `lambda m, b: (m(b[0], b[1], reduction="sum"), int((b[1] >= 0).sum()))`
     count_fn  optional count_fn(batch) -> int, the target tokens of a micro-batch *before* the forward
-              (default: (batch[1] >= 0).sum()). RL, whose denominator is not the target count, passes
-              its own. The loop checks that loss_fn reports the same count.
+              (default: (batch[1] >= 0).sum()), for a stage whose loss is normalised by another count.
+              Every stage uses the default: RL's batches hold as targets exactly the sampled tokens it
+              normalises by (groups without signal are left out of the batch). The loop checks that
+              loss_fn reports the same count.
     eval_fn   optional eval_fn(model, step) -> {"val_bpb": ..., ...}: runs on every rank (it may
               all-reduce), model in eval mode; keys go to metrics.jsonl, "val_bpb" is tracked (min/final).
     sample_fn optional sample_fn(model, step) -> list[str]: rank 0 only (no collectives), printed and
@@ -21,7 +23,11 @@ What the loop does, per optimizer step s (s = 0 .. num_steps-1; one "step" = one
 never a micro-batch, REFERENCE §20 #3):
   1. set each group's lr = initial_lr * lr_multiplier(s) and the Muon momentum for s;
   2. prefetch the step's `grad_accum` micro-batches, count their target tokens, all-reduce the count
-     (one tiny collective) -> N, the global target-token total of the step;
+     (one tiny collective) -> N, the global target-token total of the step. N = 0 is an error, unless
+     cfg.skip_empty_steps (RL: every group of the step had equal rewards, so there is no learning
+     signal): then the step is skipped whole, on every rank (no forward/backward and no optimizer step,
+     so weights, moments and momentum buffers stay bitwise unchanged; the LR schedule still advances),
+     logged as {"step", "skipped": true} and counted in skipped_steps;
   3. for each micro-batch, backward(loss_sum / N): the gradient is then the per-token mean over the
      whole step on every rank and micro-batch (REFERENCE §20 #4: not a mean of micro-batch means);
   4. optimizer.step(), which sums gradients over ranks itself (MuonAdamW: bucketed all-reduces launched
@@ -90,6 +96,7 @@ class LoopConfig:
     flops_per_token: float = 0.0
     peak_flops: float | None = None   # per device; None = look up PEAK_BF16_FLOPS
     trim_heap: bool = False      # release_free_heap() after every optimizer step (host memory, glibc only)
+    skip_empty_steps: bool = False  # a step with no target tokens on any rank is skipped (see above), not an error
 
     def __post_init__(self):
         self.tag_dir = Path(self.tag_dir)
@@ -119,6 +126,7 @@ class LoopState:
     min_val_bpb: float | None = None
     last_eval: dict = field(default_factory=dict)
     last_loss: float | None = None
+    skipped_steps: int = 0       # steps without target tokens, skipped under cfg.skip_empty_steps
 
 
 @dataclass
@@ -131,6 +139,7 @@ class LoopResult:
     final_eval: dict
     min_val_bpb: float | None
     checkpoint: str | None
+    skipped_steps: int = 0
 
 
 def count_targets(batch) -> int:
@@ -393,6 +402,13 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             state.step = step + 1
             state.tokens += n_tokens
             state.train_time_s += dt
+            if loss is None:  # skipped: no target tokens on any rank (cfg.skip_empty_steps)
+                state.skipped_steps += 1
+                metrics.log({"step": state.step, "skipped": True, "dt_s": dt, "elapsed_s": state.train_time_s,
+                             "tokens": state.tokens})
+                print0(rt, f"step {state.step:06d}/{cfg.num_steps:06d} | skipped: no target tokens in any "
+                           f"micro-batch (no learning signal), weights and optimizer state unchanged")
+                continue
             state.last_loss = loss
             if step == first_step:
                 # Python's cyclic GC pauses for hundreds of ms on big heaps; the objects alive after
@@ -425,7 +441,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
     return LoopResult(steps=state.step, tokens=state.tokens, train_time_s=state.train_time_s,
                       wall_time_s=time.perf_counter() - wall0, final_loss=state.last_loss,
                       final_eval=state.last_eval, min_val_bpb=state.min_val_bpb,
-                      checkpoint=str(last_ckpt) if last_ckpt else None)
+                      checkpoint=str(last_ckpt) if last_ckpt else None, skipped_steps=state.skipped_steps)
 
 
 def release_free_heap() -> bool:
@@ -471,6 +487,9 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
     (total,) = _all_sum(rt, [float(sum(counts))])
     total = int(total)
     if total <= 0:
+        if cfg.skip_empty_steps:  # the same decision on every rank: `total` is global
+            _sync(rt)
+            return time.perf_counter() - t0, None, 0
         raise ChibiError(f"step {step}: the step's micro-batches hold no target tokens (all -1); the data "
                          f"source yields nothing to train on")
     loss_acc = torch.zeros((), dtype=torch.float32, device=rt.device)
