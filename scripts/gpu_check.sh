@@ -35,7 +35,7 @@ FAILED=0
 
 # Imported modules -> pip names of what `--no-deps -e .` does not install (torch is the machine's own).
 NEEDED="numpy:numpy tiktoken:tiktoken regex:regex rustbpe:rustbpe pyarrow:pyarrow safetensors:safetensors tqdm:tqdm
-requests:requests fastapi:fastapi uvicorn:uvicorn matplotlib:matplotlib pytest:pytest yaml:pyyaml"
+requests:requests fastapi:fastapi uvicorn:uvicorn matplotlib:matplotlib pytest:pytest yaml:pyyaml setuptools:setuptools"
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, record the outcome
     local name=$1 limit=$2
