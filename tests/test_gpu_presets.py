@@ -302,8 +302,6 @@ def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset,
            "--scale", "toy", "--nproc-per-node", "2", "--device", "cpu", "--home", str(home)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = p.stdout + p.stderr
-    if p.returncode != 0 and "eval chat runs on one process" in out:
-        pytest.xfail("eval chat refuses torchrun on this branch (made distributed on another branch)")
     assert p.returncode == 0, out[-6000:]
     tag = "toy-" + preset + ("" if layers == "dense" else f"-{layers}")
     report = (home / "report" / "report.md").read_text()
