@@ -31,6 +31,7 @@ STAGES = [
     "chibichat.stages.speedrun",
     "chibichat.stages.report",
     "chibichat.stages.bench",
+    "chibichat.stages.doctor",
     "chibichat.stages.export",
     "chibichat.stages.import_hf",
 ]

@@ -280,3 +280,19 @@ def test_pretrain_on_cuda_bf16(tok_home):
     summary = json.loads((tok_home / "checkpoints" / "base" / "gpu" / "summary.json").read_text())
     assert summary["compute_dtype"] == "bfloat16" and summary["device"].startswith("cuda")
     assert summary["final_val_bpb"] < 10
+
+
+def test_device_batch_auto_picks_rows_and_a_resume_keeps_them(tok_home, capsys):
+    from chibichat.train.checkpoint import list_steps, read_meta, step_dir
+
+    auto = [a if a != "4" or TINY[i - 1] != "--device-batch" else "auto" for i, a in enumerate(TINY)]
+    args = ["pretrain", "--home", str(tok_home), *auto, "--total-batch", "512", "--tag", "autob", "--eval-every", "0",
+            "--save-every", "1", "--sample-every", "0"]
+    assert main(args + ["--num-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    # CPU: no probe; the largest power of two dividing 512 / 64 = 8 rows with <= 2^14 tokens per micro-batch
+    assert "--device-batch auto: 8 rows per device (cpu: no memory probe" in out
+    tdir = tok_home / "checkpoints" / "base" / "autob"
+    assert read_meta(step_dir(tdir, list_steps(tdir)[-1]))["plan"]["device_batch"] == 8
+    assert main(args + ["--num-steps", "2", "--resume"]) == 0
+    assert "--device-batch auto: 8 rows per device (kept from the checkpoint being resumed)" in capsys.readouterr().out

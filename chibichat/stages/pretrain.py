@@ -89,6 +89,40 @@ def check_sample_prompts(tok, lang: str, seq_len: int) -> None:
                          f"{need + 1} or more")
 
 
+def _probe_device_batch(model, plan, overrides, args, rt, vocab_size: int, scaling_params: int):
+    """--device-batch auto: the plan re-derived with the probed rows per device (the smallest over ranks;
+    a resumed run keeps the rows of its checkpoint, so the data order continues exactly)."""
+    from chibichat.common import print0
+    from chibichat.train.batchprobe import auto_device_batch
+    from chibichat.train.checkpoint import list_steps, read_meta, step_dir
+    from chibichat.train.scaling import derive_plan, derive_shape
+
+    saved = None
+    if args.resume:
+        from chibichat.common import Home
+
+        tdir = Home.resolve(args.home).checkpoints_dir("base", args.tag or f"d{args.depth}")
+        steps = list_steps(tdir)
+        if steps:
+            saved = read_meta(step_dir(tdir, steps[-1])).get("plan", {}).get("device_batch")
+    if saved:
+        rows, how = int(saved), "kept from the checkpoint being resumed"
+    else:
+        rows, how = auto_device_batch(model, plan.total_batch, plan.seq_len, rt.world_size, rt.device)
+        if rt.distributed:
+            import torch
+            import torch.distributed as dist
+
+            t = torch.tensor([rows], device=rt.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            rows = int(t.item())
+    print0(rt, f"--device-batch auto: {rows} rows per device ({how})")
+    overrides.device_batch, overrides.total_batch = rows, plan.total_batch
+    fresh = derive_shape(args.depth, overrides)
+    return derive_plan(fresh, overrides, vocab_size=vocab_size, scaling_params=scaling_params,
+                       device_type=rt.device.type, world_size=rt.world_size)
+
+
 def run(args) -> int:
     import time
 
@@ -128,6 +162,8 @@ def run(args) -> int:
             raise ChibiError("--dtype float16 training would need loss scaling, which chibichat does not do; "
                              "use --dtype bfloat16 (GPUs from Ampere on) or float32")
         overrides = overrides_from_args(args)
+        if args.device_batch == "auto":
+            overrides.device_batch = 1  # any divisor derives the total batch; the probe sets the real rows
         plan = derive_shape(args.depth, overrides)
         layers = layer_pattern(args.layers, args.depth)
         cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=plan.seq_len, n_layer=args.depth, n_embd=plan.width,
@@ -148,6 +184,8 @@ def run(args) -> int:
         if args.fp8:
             enable_fp8(model, rt.device, rt.compute_dtype)
         model.recompute = args.recompute
+        if args.device_batch == "auto":
+            plan = _probe_device_batch(model, plan, overrides, args, rt, tok.vocab_size, scaling_params)
         tag = args.tag or f"d{args.depth}"
         tag_dir = home.checkpoints_dir("base", tag)
         print0(rt, plan.describe())

@@ -15,6 +15,7 @@ redoes it.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import shutil
@@ -46,16 +47,192 @@ class Preset:
     eval_chat: list[str]
     gpu: bool = False
     online: bool = False
-    shards: int = 0  # online presets: training shards to download first (the val shard always comes too)
+    rl_task: tuple[str, str] = ("arithmetic-multi", "arithmetic-multi-ja")  # CPU presets' RL task (en, ja)
 
 
-def _gpu_preset(name: str, description: str, minutes: float, depth: int, vocab: int, shards: int) -> Preset:
-    return Preset(
-        name=name, description="GPU: " + description, expected_minutes=minutes, depth=depth, shards=shards,
-        tokenizer=["--vocab-size", str(vocab), "--max-chars", "2000000000"],
-        pretrain=["--depth", str(depth), "--seq-len", "2048"],
-        eval_base=[], midtrain=[], sft=[], rl=[], eval_chat=[], gpu=True, online=True,
-    )
+@dataclass(frozen=True)
+class GpuRecipe:
+    """The sizes of one GPU preset; every other flag of the recipe is the same for all depths."""
+
+    depth: int
+    vocab: int
+    total_batch: int  # pretraining tokens per optimizer step, the same on any number of GPUs
+    description: str
+
+
+# nanochat's batches by depth: 2^19 tokens for d10-16, 2^20 for d18-26 (the Power Lines rule in
+# train/scaling.py gives the same). Shard counts follow from the horizon (recipe_figures).
+GPU_RECIPES = {
+    "d12": GpuRecipe(12, 32768, 2 ** 19, "d12, 32K vocab: the one-GPU run (fits a 24 GB card)"),
+    "d20": GpuRecipe(20, 65536, 2 ** 20, "d20, the $100 nanochat-class run on 8xH100"),
+    "d26": GpuRecipe(26, 65536, 2 ** 20, "d26, GPT-2-class CORE on 8xH100"),
+}
+
+# ----------------------------------------------------------------------------------------------
+# The GPU recipe: every stage's data and length, and what it costs
+
+# Online chat data: what the recipe downloads before training (tasks/online.py, tasks/evalsets.py).
+ONLINE_TASKS = ("smoltalk", "mmlu-aux", "gsm8k-train", "arc-easy-train", "arc-challenge-train")
+# Midtraining, one pass over nanochat's mixture: SmolTalk ~460K chats, MMLU auxiliary-train ~100K, GSM8K train
+# with its calculator annotations as tool calls, identity; spelling and letter counting are our generated sets
+# of 2,000 items (nanochat's 200K + 80K spelling rows would repeat them 40-100 times, so 5 passes each).
+MID_MIX = {"en": "smoltalk=1,mmlu-aux=1,gsm8k-train=1,identity=2,spelling=5,letter-count=5",
+           # No Japanese instruction corpus has a loader here (llm-jp/magpie-sft-v1.0, Ego/jpflan and
+           # izumi-lab/llm-japanese-dataset exist online): the Japanese chat data are the shipped and generated
+           # sets, next to the English online ones the Japanese tokenizer also covers.
+           "ja": "smoltalk=1,mmlu-aux=1,gsm8k-train=1,chatterbot-ja=2,identity-ja=2,arithmetic-ja=2,"
+                 "arithmetic-multi-ja=1,spelling-ja=5,letter-count-ja=5"}
+# SFT, nanochat's older recipe: ARC-Easy/Challenge train, GSM8K train, SmolTalk's first ~10K chats
+# (0.022 of an epoch), identity, a few hundred spelling items.
+SFT_MIX = {"en": "arc-easy-train=1,arc-challenge-train=1,gsm8k-train=1,smoltalk=0.022,identity=1,spelling=0.15,"
+                 "letter-count=0.15",
+           "ja": "arc-easy-train=1,arc-challenge-train=1,gsm8k-train=1,smoltalk=0.022,chatterbot-ja=1,identity-ja=1,"
+                 "arithmetic-ja=0.5,spelling-ja=0.15,letter-count-ja=0.15"}
+# Counted for the estimate: mean tokens per conversation and rows per pass (nanochat's mixture sizes).
+MID_ROWS, SFT_ROWS, CONV_TOKENS = 848_000, 23_000, 450
+RECIPE_GPUS = 8  # the per-step batches below are for 8 GPUs; fewer GPUs accumulate gradients to the same batch
+CHAT_ROWS = 32  # rows of 2,048 tokens per GPU per micro-batch in midtraining (x 8 GPUs = 524,288 tokens)
+SFT_CONVS = 4  # padded conversations per GPU per micro-batch in SFT (x 8 = 32 per step)
+RL_PROMPTS = 2  # GSM8K questions per GPU per micro-batch in RL (x 8 = 16 per step, 16 samples each)
+CHARS_PER_TOKEN = {"en": 4.8, "ja": 1.6}  # assumed for a 32-65K BPE vocabulary on that corpus
+CHARS_PER_SHARD = {"en": 250e6, "ja": 250e6}  # FineWeb-EDU reshard: ~250M; ABEJA-CC-JA-edu assumed alike
+SCALES = ("full", "toy")
+
+
+@dataclass(frozen=True)
+class HardwareClass:
+    name: str
+    gpus: int
+    peak_bf16: float  # dense bf16 FLOP/s of one GPU (datasheet)
+    mfu: float  # assumed model FLOP utilisation of the training FLOPs
+    usd_per_gpu_hour: float  # assumed rental price
+    memory_gb: int
+
+
+HARDWARE = (
+    HardwareClass("8xH100", 8, 989e12, 0.40, 3.00, 80),
+    HardwareClass("1xH100", 1, 989e12, 0.40, 3.00, 80),
+    HardwareClass("1x24GB (RTX 4090)", 1, 165e12, 0.30, 0.50, 24),
+)
+
+
+@dataclass
+class RecipeFigures:
+    """The sizes a GPU preset derives from its model: computed from the model's own FLOP count."""
+
+    params: int
+    scaling_params: int
+    flops_per_token: float  # 6 x matmul params + attention (GPT.flops_per_token)
+    pretrain_tokens: int
+    pretrain_steps: int
+    shards: int
+    mid_steps: int
+    sft_steps: int
+    rl_steps: int
+    stage_flops: dict  # stage -> FLOPs
+
+    @property
+    def total_flops(self) -> float:
+        return sum(self.stage_flops.values())
+
+
+def recipe_figures(recipe: GpuRecipe, lang: str, layers: str) -> RecipeFigures:
+    """Params, horizon and FLOPs of a GPU preset. The model is built on the meta device (no memory), so
+    the count is the one training reports, SLC2 layers included."""
+    import torch
+
+    from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
+    from chibichat.train.scaling import Overrides, derive_plan, derive_shape
+
+    o = Overrides(total_batch=recipe.total_batch, device_batch=1)
+    shape = derive_shape(recipe.depth, o)
+    pattern = layer_pattern(layers, recipe.depth)
+    cfg = GPTConfig(vocab_size=recipe.vocab, seq_len=shape.seq_len, n_layer=recipe.depth, n_embd=shape.width,
+                    n_head=shape.heads, n_kv_head=shape.kv_heads, layers=pattern, windows=[0] * recipe.depth)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    groups = model.param_groups()
+    scaling = sum(p.numel() for g in ("matrix", "head", "other") for p in groups[g])
+    plan = derive_plan(shape, o, vocab_size=recipe.vocab, scaling_params=scaling, device_type="cuda", world_size=1)
+    fpt = model.flops_per_token()
+    tokens = plan.num_steps * plan.total_batch
+    shards = math.ceil(1.1 * tokens * CHARS_PER_TOKEN[lang] / CHARS_PER_SHARD[lang])
+    seq = shape.seq_len
+    mid_steps = math.ceil(MID_ROWS * CONV_TOKENS / (CHAT_ROWS * RECIPE_GPUS * seq))
+    sft_steps = math.ceil(SFT_ROWS / (SFT_CONVS * RECIPE_GPUS))
+    rl_steps = 7473 // (RL_PROMPTS * RECIPE_GPUS)  # one pass over GSM8K train
+    # RL: each step samples 16 x 16 completions of <= 256 tokens after a ~200-token prompt (a forward pass,
+    # 2 FLOPs per param-token, charged at the full prompt+completion length) and trains on them (6 per token).
+    rl_tokens = rl_steps * RL_PROMPTS * RECIPE_GPUS * 16 * (200 + 256)
+    stage_flops = {
+        "pretrain": fpt * tokens,
+        "midtrain": fpt * mid_steps * CHAT_ROWS * RECIPE_GPUS * seq,
+        "sft": fpt * sft_steps * SFT_CONVS * RECIPE_GPUS * seq,  # padded rows: the pad tokens are computed too
+        "rl": fpt * rl_tokens * (1 + 2 / 6),
+    }
+    return RecipeFigures(model.num_params(), scaling, fpt, tokens, plan.num_steps, shards, mid_steps, sft_steps,
+                         rl_steps, stage_flops)
+
+
+def estimate_lines(fig: RecipeFigures) -> list[str]:
+    """Expected training time and cost per hardware class: FLOPs / (GPUs x bf16 peak x assumed MFU).
+    Evaluation and data loading are not counted (a few percent of a full run)."""
+    out = [f"  model: {fig.params:,} params ({fig.scaling_params:,} scaling), {fig.flops_per_token:.3e} FLOPs/token "
+           f"(6 x matmul params + attention); pretraining {fig.pretrain_tokens / 1e9:.2f}B tokens in "
+           f"{fig.pretrain_steps:,} steps",
+           "  training FLOPs: " + ", ".join(f"{k} {v:.2e}" for k, v in fig.stage_flops.items())
+           + f"; total {fig.total_flops:.2e}"]
+    for hw in HARDWARE:
+        hours = fig.total_flops / (hw.gpus * hw.peak_bf16 * hw.mfu) / 3600
+        out.append(f"  {hw.name:<18} ~{hours:,.1f} h, ~${hours * hw.gpus * hw.usd_per_gpu_hour:,.0f}  "
+                   f"[{hw.gpus} x {hw.peak_bf16 / 1e12:.0f} TFLOP/s bf16 peak x {hw.mfu:.0%} assumed MFU, "
+                   f"${hw.usd_per_gpu_hour:.2f}/GPU-hour assumed]")
+    return out
+
+
+# Toy scale: the flags whose values are sizes, and the values that shrink a GPU preset to seconds on CPU.
+# Only these are rewritten (or, for a size whose full value is "everything", added); stages, tasks,
+# mixtures and every other flag stay as in the full recipe.
+TOY_SIZES = {
+    "data download": {"-n": "1"},
+    "tokenizer train": {"--vocab-size": "512", "--max-chars": "200000"},
+    # a 512-token context so GSM8K and chat prompts fit at a 512-token vocabulary (~2 chars per token)
+    "pretrain": {"--depth": "2", "--seq-len": "512", "--total-batch": "1024", "--num-steps": "2", "--eval-every": "2",
+                 "--eval-tokens": "1024", "--save-every": "2", "--sample-every": "0"},
+    "eval base": {"--eval-tokens": "1024"},  # --core-items stays 0: every item of the (stand-in) bundle
+    "midtrain": {"--num-steps": "2", "--device-batch-size": "2", "--grad-accum": "1", "--eval-every": "2",
+                 "--val-batches": "1", "--val-items": "4", "--save-every": "2"},
+    "sft": {"--num-steps": "2", "--device-batch-size": "2", "--grad-accum": "1", "--eval-every": "2",
+            "--val-batches": "1", "--val-items": "4", "--save-every": "2"},
+    "rl": {"--num-steps": "2", "--prompts-per-step": "1", "--grad-accum": "1", "--num-samples": "4",
+           "--max-new-tokens": "8", "--passk-items": "2", "--passk-k": "2", "--save-every": "0"},
+    "eval chat": {"--max-new-tokens": "8", "--max-items": "2"},
+}
+
+
+def scale_argv(argv: list[str], scale: str) -> list[str]:
+    """argv with its size flags set to `scale`'s values (full: unchanged)."""
+    if scale == "full":
+        return list(argv)
+    if scale not in SCALES:
+        raise ChibiError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")
+    key = " ".join(argv[:2]) if argv[0] in ("data", "tokenizer", "eval") else argv[0]
+    sizes = TOY_SIZES.get(key, {})
+    out = list(argv)
+    for flag, value in sizes.items():
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
+def gpu_world(world_size: int) -> int:
+    """Gradient accumulation that keeps the 8-GPU batch on `world_size` GPUs (which must divide 8)."""
+    if world_size < 1 or RECIPE_GPUS % world_size:
+        raise ChibiError(f"the GPU presets' batches are sized for 8 GPUs and accumulate gradients on fewer; "
+                         f"{world_size} GPUs do not divide 8: use 1, 2, 4 or 8 (CUDA_VISIBLE_DEVICES)")
+    return RECIPE_GPUS // world_size
 
 
 # Presets. CPU presets use only the data the package ships; GPU presets use the real online corpora.
@@ -72,9 +249,13 @@ PRESETS: dict[str, Preset] = {
         eval_base=["--eval-tokens", "4096", "--core-items", "12", "--sample-tokens", "8"],
         midtrain=["--num-steps", "6", "--device-batch-size", "8", "--eval-every", "3", "--val-batches", "1", "--no-samples"],
         sft=["--num-steps", "6", "--device-batch-size", "8", "--eval-every", "3", "--val-batches", "1", "--no-samples"],
-        rl=["--num-steps", "2", "--prompts-per-step", "2", "--num-samples", "4", "--max-new-tokens", "24",
+        # Letter counting: the micro model answers a few of 32 samples right (its python call or a guess of a
+        # small count: measured reward 0.03 per step), so groups differ and RL moves the weights; on the
+        # two-step arithmetic it never scored, every advantage was 0 and RL left SFT's weights unchanged.
+        rl=["--num-steps", "2", "--prompts-per-step", "4", "--num-samples", "8", "--max-new-tokens", "24",
             "--train-items", "64", "--passk-items", "4", "--no-samples"],
         eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
+        rl_task=("letter-count", "letter-count-ja"),
     ),
     "cpu": Preset(
         name="cpu",
@@ -96,10 +277,10 @@ PRESETS: dict[str, Preset] = {
         rl=["--num-steps", "30"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
     ),
-    # GPU presets: real online data; stage flags beyond the depth dial keep each stage's defaults.
-    "d12": _gpu_preset("d12", "d12 on FineWeb-edu (32K vocab), ~1 h on 8xH100 (~$25), ~8 h on 1 GPU", 60, 12, 32768, 120),
-    "d20": _gpu_preset("d20", "the $100 nanochat-class run, d20 on FineWeb-edu (65K vocab), ~4 h on 8xH100", 240, 20, 65536, 240),
-    "d26": _gpu_preset("d26", "d26 (GPT-2-class CORE), ~12 h on 8xH100 (~$300)", 720, 26, 65536, 450),
+    # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
+    **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
+                    pretrain=[], eval_base=[], midtrain=[], sft=[], rl=[], eval_chat=[], gpu=True, online=True)
+       for name, r in GPU_RECIPES.items()},
 }
 
 
@@ -135,6 +316,11 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="passed to every stage")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the pretraining forward (pretrain --compile)")
+    p.add_argument("--scale", default="full", choices=SCALES,
+                   help="full: the preset as named; toy: a GPU preset's exact plan (stages, tasks, mixtures, flags) "
+                        "with only its sizes shrunk to seconds on a CPU (the size flags in TOY_SIZES), for tests")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes for the distributed steps, under torchrun (default: every visible GPU; 1 on CPU)")
     # precision and memory flags of the training stages, passed to pretrain, midtrain, sft and rl
     add_fp8_arg(p)
     add_memory_args(p)
@@ -170,63 +356,114 @@ def pick_preset(name: str) -> Preset:
     return PRESETS["d20"] if torch.cuda.is_available() else PRESETS["cpu"]
 
 
+def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size: int) -> dict[str, list[str]]:
+    """Each stage's flags in the full GPU recipe (before --scale). `world_size`: GPUs the run uses; the
+    micro-batch per GPU is fixed and fewer GPUs accumulate more micro-batches, so every optimizer step
+    sees the 8-GPU batch (pretraining does the same from --total-batch)."""
+    accum = str(gpu_world(world_size))
+    return {
+        "tokenizer": ["--vocab-size", str(recipe.vocab), "--max-chars", "2000000000"],
+        # --device-batch auto: the largest per-GPU batch that fits, probed on the card (train/memory.py)
+        "pretrain": ["--depth", str(recipe.depth), "--seq-len", "2048", "--total-batch", str(recipe.total_batch),
+                     "--device-batch", "auto", "--num-steps", str(fig.pretrain_steps), "--eval-every", "250",
+                     "--eval-tokens", str(20 * 2 ** 19), "--save-every", "1000", "--sample-every", "2000"],
+        # full CORE (the DCLM bundle, every item) and bpb on nanochat's 20 x 2^19 val tokens
+        "eval_base": ["--eval-tokens", str(20 * 2 ** 19), "--core", "full", "--core-items", "0"],
+        # nanochat: LR x 1.0, constant to 80% then linear to 0; eval every 150 steps
+        "midtrain": ["--mix", MID_MIX[lang], "--num-steps", str(fig.mid_steps), "--device-batch-size", str(CHAT_ROWS),
+                     "--grad-accum", accum, "--lr-frac", "1.0", "--warmdown-frac", "0.2", "--eval-every", "150",
+                     "--val-batches", "16", "--val-items", "500", "--save-every", "200"],
+        # nanochat's older SFT: padded single conversations, 32 per step, LR x 0.02 decayed linearly to 0
+        "sft": ["--mix", SFT_MIX[lang], "--mode", "pad", "--num-steps", str(fig.sft_steps), "--device-batch-size",
+                str(SFT_CONVS), "--grad-accum", accum, "--lr-frac", "0.02", "--warmdown-frac", "1.0",
+                "--eval-every", "100", "--val-batches", "16", "--val-items", "100", "--save-every", "200"],
+        # nanochat's RL: 16 GSM8K train questions x 16 samples at T 1.0, top-k 50, <= 256 new tokens, LR x 0.05
+        # decayed to 0 over one pass; pass@1..8 on 400 held-out GSM8K test questions (the shipped test subset)
+        "rl": ["--task", "gsm8k-train", "--eval-task", "gsm8k", "--prompts-per-step", str(RL_PROMPTS),
+               "--grad-accum", accum, "--num-samples", "16", "--max-new-tokens", "256", "--temperature", "1.0",
+               "--top-k", "50", "--lr-frac", "0.05", "--warmdown-frac", "1.0", "--num-steps", str(fig.rl_steps),
+               "--passk-items", "400", "--passk-k", "8", "--save-every", "60"],
+        # every item of every ChatCORE task, greedy, up to 512 new tokens
+        "eval_chat": ["--max-new-tokens", "512"],
+    }
+
+
 def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
-         train: list[str] = (), pretrain: list[str] = ()) -> list[Step]:
+         train: list[str] = (), pretrain: list[str] = (), world_size: int = 1, scale: str = "full") -> list[Step]:
     """The steps of a speedrun. `train`: extra flags for every training stage (training_flags);
-    `pretrain`: extra flags for pretraining only (--compile)."""
+    `pretrain`: extra flags for pretraining only (--compile); `world_size`: processes the distributed
+    steps run on (GPU presets keep their batch on any count by gradient accumulation); `scale`: "toy"
+    shrinks a GPU preset's sizes and nothing else (TOY_SIZES)."""
+    if scale != "full" and not preset.gpu:
+        raise ChibiError(f"--scale {scale} shrinks a GPU preset; preset {preset.name} is already CPU-sized")
     tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
     # Offline RL trains on the two-step problems: SFT nearly saturates the one-step ones (no room to learn).
-    rl_task = "arithmetic-multi" if lang == "en" else "arithmetic-multi-ja"
-    if preset.online and lang == "en":
-        rl_task = "gsm8k-train"
+    rl_task = ["--task", preset.rl_task[0] if lang == "en" else preset.rl_task[1]]
+    flags = {k: getattr(preset, k) for k in ("tokenizer", "pretrain", "eval_base", "midtrain", "sft", "rl", "eval_chat")}
+    shards = 0
+    if preset.gpu:
+        recipe = GPU_RECIPES[preset.name]
+        fig = recipe_figures(recipe, lang, layers)
+        flags, rl_task, shards = gpu_stage_flags(recipe, fig, lang, world_size), [], fig.shards
+        if scale != "full":
+            tag = scale + "-" + tag
     split = ["--split", "ja"] if lang == "ja" else []
-    # Chat evals: the ChatCORE set in English; offline Japanese has only the generated JA tasks (JGLUE
-    # needs its dev files: `chibichat eval jglue --jglue-dir DIR` when online).
-    chat_tasks = [] if lang == "en" else ["--tasks", "spelling-ja,arithmetic-ja,letter-count-ja"]
+    # Chat evals: the ChatCORE set in English; Japanese adds nothing online (JGLUE is `chibichat eval jglue`
+    # with its dev files), so it scores the generated JA tasks, and the GPU presets the English set too.
+    ja_tasks = "spelling-ja,arithmetic-ja,letter-count-ja"
+    chat_tasks = [] if lang == "en" else ["--tasks", ja_tasks if not preset.gpu else
+                                          "arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spelling," + ja_tasks]
     common = ["--home", str(home.root)]
     dev = ["--device", device] + (["--dtype", dtype] if dtype != "auto" else [])
     train, pretrain = list(train), list(pretrain)
     ck = home.checkpoints_dir
     ev = home.eval_dir
+    sc = (lambda argv: scale_argv(argv, scale)) if preset.gpu else list
     steps = []
     if preset.online:
+        n = sc(["data", "download", corpus, "-n", str(shards)])[4]
         steps.append(Step(
-            "download", f"download {preset.shards} shards of {corpus}",
-            ["data", "download", corpus, "-n", str(preset.shards), *common],
-            home.data_dir / corpus / f".speedrun-{preset.shards}-shards.done", [], weight=0.05,
+            "download", f"download {n} shards of {corpus}",
+            ["data", "download", corpus, "-n", n, *common],
+            home.data_dir / corpus / f".speedrun-{n}-shards.done", [], weight=0.05,
             speedrun_marks_done=True))
+        steps.append(Step(
+            "download-tasks", "download and verify the online chat task sets",
+            ["data", "tasks", ",".join(ONLINE_TASKS), *common],
+            home.data_dir / "tasks" / ".speedrun-tasks.done", [], weight=0.01, speedrun_marks_done=True))
     steps += [
         Step("tokenizer", "train the tokenizer",
-             ["tokenizer", "train", "--corpus", corpus, *split, *common, *preset.tokenizer],
+             sc(["tokenizer", "train", "--corpus", corpus, *split, *common, *flags["tokenizer"]]),
              home.tokenizer_dir / "tokenizer.json", [home.tokenizer_dir], weight=0.02),
         Step("tokenizer-eval", "evaluate the tokenizer",
              ["tokenizer", "eval", "--corpus", corpus, *common],
              home.tokenizer_dir / "eval.json", [home.tokenizer_dir / "eval.json"], weight=0.01),
         Step("pretrain", "pretrain the base model",
-             ["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *train, *pretrain, *preset.pretrain],
+             sc(["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *train, *pretrain,
+                 *flags["pretrain"]]),
              ck("base", tag) / "summary.json", [ck("base", tag)], resumable_dir=ck("base", tag), distributed=True, weight=0.5),
         Step("eval-base", "evaluate the base model (bpb, CORE)",
-             ["eval", "base", "--from", "base", "--tag", tag, *common, *dev, *preset.eval_base],
+             sc(["eval", "base", "--from", "base", "--tag", tag, *common, *dev, *flags["eval_base"]]),
              ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04),
         Step("midtrain", "midtrain: chat format, tools, multiple choice",
-             ["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *preset.midtrain],
+             sc(["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["midtrain"]]),
              ck("mid", tag) / "summary.json", [ck("mid", tag)], resumable_dir=ck("mid", tag), distributed=True, weight=0.1),
         Step("eval-mid", "evaluate the midtrained model",
-             ["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
+             sc(["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04),
         Step("sft", "supervised fine-tuning",
-             ["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *preset.sft],
+             sc(["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["sft"]]),
              ck("sft", tag) / "summary.json", [ck("sft", tag)], resumable_dir=ck("sft", tag), distributed=True, weight=0.1),
         Step("eval-sft", "evaluate the SFT model",
-             ["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
+             sc(["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),
         Step("rl", "reinforcement learning on verifiable rewards",
-             ["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, "--task", rl_task, *common, *dev, *train, *preset.rl],
+             sc(["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, *rl_task, *common, *dev, *train, *flags["rl"]]),
              ck("rl", tag) / "summary.json", [ck("rl", tag)], resumable_dir=ck("rl", tag), distributed=True, weight=0.1),
         Step("eval-rl", "evaluate the RL model",
-             ["eval", "chat", "--from", "rl", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
+             sc(["eval", "chat", "--from", "rl", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("rl", tag) / "summary.json", [ev("rl", tag)], distributed=True, weight=0.04),
     ]
     return steps
@@ -236,14 +473,22 @@ def _has_checkpoint(d: Path | None) -> bool:
     return bool(d and d.is_dir() and any(p.name.startswith("step_") for p in d.iterdir()))
 
 
-def _launcher(step: Step) -> list[str]:
-    """`python -m chibichat` or, with several GPUs and a distributed step, torchrun over all of them."""
-    if step.distributed:
-        import torch
+def process_count(nproc: int | None) -> int:
+    """Processes of the distributed steps: --nproc-per-node, else every visible GPU (1 without CUDA)."""
+    if nproc is not None:
+        if nproc < 1:
+            raise ChibiError(f"--nproc-per-node must be >= 1, got {nproc}")
+        return nproc
+    import torch
 
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n > 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "chibichat"]
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def _launcher(step: Step, nproc: int) -> list[str]:
+    """`python -m chibichat` or, for a distributed step on several processes, torchrun over them."""
+    if step.distributed and nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                "chibichat"]
     return [sys.executable, "-m", "chibichat"]
 
 
@@ -251,8 +496,9 @@ def run(args) -> int:
     home = Home.resolve(args.home)
     check_home(home)
     preset = pick_preset(args.preset)
+    nproc = process_count(args.nproc_per_node)
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
-                 ["--compile"] if args.compile else [])
+                 ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale)
     names = {s.name for s in steps}
     for f in args.force:
         if f not in names:
@@ -262,6 +508,15 @@ def run(args) -> int:
 
     print(f"chibichat speedrun: preset {preset.name} ({preset.description}); lang {args.lang}; layers {args.layers}")
     print(f"home: {home.root}")
+    if preset.gpu:
+        fig = recipe_figures(GPU_RECIPES[preset.name], args.lang, args.layers)
+        print(f"expected time and cost of the full recipe ({len(steps)} steps on {nproc} process(es)"
+              f"{', run at toy scale' if args.scale != 'full' else ''}):")
+        print("\n".join(estimate_lines(fig)))
+        if args.lang == "ja":
+            print("  Japanese chat data: no Japanese instruction corpus has a loader (llm-jp/magpie-sft-v1.0, "
+                  "Ego/jpflan exist online); midtraining/SFT use the English online sets plus the shipped and "
+                  "generated Japanese ones, RL uses GSM8K (English). JGLUE: `chibichat eval jglue`.")
     timing_path = home.report_dir / "timing.json"
     timing = read_json(timing_path, "speedrun timing") if timing_path.exists() else {"stages": {}}
     total_weight = sum(s.weight for s in steps)
@@ -284,7 +539,7 @@ def run(args) -> int:
         if _has_checkpoint(step.resumable_dir):
             argv.append("--resume")
             print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
-        cmd = _launcher(step) + argv
+        cmd = _launcher(step, nproc) + argv
         elapsed = time.time() - t_start
         eta = ""
         if done_weight > 0 and elapsed > 5:

@@ -236,8 +236,9 @@ def add_plan_args(parser) -> None:
     g = parser.add_argument_group("optimisation (derived from the model unless given)")
     g.add_argument("--total-batch", type=int, default=None,
                    help="tokens per optimizer step over all ranks (default: Power Lines rule, CPU cap 16384)")
-    g.add_argument("--device-batch", type=int, default=None,
-                   help="rows per rank per micro-step (default 65536/seq_len on CUDA, 16384/seq_len on CPU)")
+    g.add_argument("--device-batch", type=device_batch_arg, default=None,
+                   help="rows per rank per micro-step (default 65536/seq_len on CUDA, 16384/seq_len on CPU); auto = "
+                        "the largest that fits the card's memory, probed with a forward+backward (train/batchprobe.py)")
     g.add_argument("--matrix-lr", type=float, default=None, help="Muon LR for block matrices (default 0.02)")
     g.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embedding (default 0.2*(width/768)^-0.5)")
     g.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of the head (default 0.004*(width/768)^-0.5)")
@@ -246,5 +247,21 @@ def add_plan_args(parser) -> None:
     g.add_argument("--num-steps", type=int, default=None, help="optimizer steps (default: ratio*params/total_batch)")
 
 
+def device_batch_arg(value: str):
+    """--device-batch: a positive integer or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}") from None
+
+
 def overrides_from_args(args) -> Overrides:
-    return Overrides(**{k: getattr(args, k, None) for k in Overrides.__dataclass_fields__})
+    """Flag values as Overrides; --device-batch auto is None here (the caller probes it)."""
+    o = Overrides(**{k: getattr(args, k, None) for k in Overrides.__dataclass_fields__})
+    if o.device_batch == "auto":
+        o.device_batch = None
+    return o
