@@ -26,7 +26,7 @@ def _speedrun(home, **kw):
 def test_plan_covers_every_stage_in_order(tmp_path):
     steps = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")
     assert [s.name for s in steps] == ["tokenizer", "tokenizer-eval", "pretrain", "eval-base", "midtrain", "eval-mid",
-                                      "sft", "eval-sft", "rl", "eval-rl"]
+                                      "skills-mid", "sft", "eval-sft", "skills-sft", "rl", "eval-rl", "skills-rl"]
     # each training stage starts from the previous stage's checkpoint of the same tag
     argv = {s.name: s.argv for s in steps}
     assert argv["midtrain"][argv["midtrain"].index("--from") + 1] == "base"
@@ -123,7 +123,7 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
     p = _speedrun(home)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    assert out.count("done already") == 10, out
+    assert out.count("done already") == 13, out
 
 
 def test_online_presets_download_their_corpus_first(tmp_path):

@@ -44,6 +44,7 @@ class Preset:
     rl: list[str]
     eval_chat: list[str]
     gpu: bool = False
+    eval_skills: tuple = ()  # flags of `eval skills`, run after every chat stage's eval
     online: bool = False
     shards: int = 0  # online presets: training shards to download first (the val shard always comes too)
 
@@ -74,6 +75,7 @@ PRESETS: dict[str, Preset] = {
         rl=["--num-steps", "2", "--prompts-per-step", "2", "--num-samples", "4", "--max-new-tokens", "24",
             "--train-items", "64", "--passk-items", "4", "--no-samples"],
         eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
+        eval_skills=("--max-new-tokens", "24"),
     ),
     "cpu": Preset(
         name="cpu",
@@ -94,6 +96,7 @@ PRESETS: dict[str, Preset] = {
         # held-out pass@1 0.58 -> 0.67 (one run, measured on a loaded machine).
         rl=["--num-steps", "30"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
+        eval_skills=("--max-new-tokens", "64"),
     ),
     # GPU presets: real online data; stage flags beyond the depth dial keep each stage's defaults.
     "d12": _gpu_preset("d12", "d12 on FineWeb-edu (32K vocab), ~1 h on 8xH100 (~$25), ~8 h on 1 GPU", 60, 12, 32768, 120),
@@ -202,20 +205,33 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
         Step("eval-mid", "evaluate the midtrained model",
              ["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
              ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04),
+        skills_step(home, "mid", tag, lang, common + dev, preset),
         Step("sft", "supervised fine-tuning",
              ["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *preset.sft],
              ck("sft", tag) / "summary.json", [ck("sft", tag)], resumable_dir=ck("sft", tag), distributed=True, weight=0.1),
         Step("eval-sft", "evaluate the SFT model",
              ["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
              ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),
+        skills_step(home, "sft", tag, lang, common + dev, preset),
         Step("rl", "reinforcement learning on verifiable rewards",
              ["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, "--task", rl_task, *common, *dev, *train, *preset.rl],
              ck("rl", tag) / "summary.json", [ck("rl", tag)], resumable_dir=ck("rl", tag), distributed=True, weight=0.1),
         Step("eval-rl", "evaluate the RL model",
              ["eval", "chat", "--from", "rl", "--tag", tag, *chat_tasks, *common, *dev, *preset.eval_chat],
              ev("rl", tag) / "summary.json", [ev("rl", tag)], distributed=True, weight=0.04),
+        skills_step(home, "rl", tag, lang, common + dev, preset),
     ]
     return steps
+
+
+def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], preset: Preset) -> Step:
+    """`eval skills` of one chat stage; done when its per-item file (written last) exists."""
+    from chibichat.eval.skills import summary_prefix
+
+    out = home.eval_dir(stage, tag) / summary_prefix(lang)
+    return Step(f"skills-{stage}", f"held-out skills prompts on the {stage} model",
+                ["eval", "skills", "--from", stage, "--tag", tag, "--lang", lang, *flags, *preset.eval_skills],
+                out.with_suffix(".jsonl"), [out.with_suffix(".jsonl"), out.with_suffix(".csv")], weight=0.02)
 
 
 def _has_checkpoint(d: Path | None) -> bool:
