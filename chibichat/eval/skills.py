@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 from chibichat.common import ChibiError
-from chibichat.tasks.skills import OPEN, SKILLS, check_reply, reply_quality
+from chibichat.tasks.skills import LANGS, OPEN, SKILLS, check_reply, reply_quality
 
 
 class ReplyGenerator(Protocol):
@@ -99,17 +99,20 @@ def add_skills_args(p) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
 
 
-def checkpoint_lang(meta: dict) -> str:
-    """The language a checkpoint was trained for: its flags' --lang, else its corpus's language."""
+def checkpoint_lang(meta: dict, tok) -> str:
+    """The language a checkpoint was trained for: its flags' --lang, else its corpus's language, else
+    the language of the corpus its tokenizer was trained on (chat stages record no corpus)."""
     flags = meta.get("flags", {})
-    if flags.get("lang") in ("en", "ja"):
+    if flags.get("lang") in LANGS:
         return flags["lang"]
-    corpus = meta.get("corpus") or flags.get("corpus")
-    if corpus:
+    if meta.get("corpus"):
         from chibichat.data.corpora import get_corpus
 
-        return get_corpus(corpus).lang
-    raise ChibiError(f"{meta.get('checkpoint_dir')} records neither a language nor a corpus; pass --lang")
+        return get_corpus(meta["corpus"]).lang
+    lang = (getattr(tok, "training", None) or {}).get("corpus_lang")
+    if lang in LANGS:
+        return lang
+    raise ChibiError(f"{meta.get('checkpoint_dir')} records no language, and neither does its tokenizer; pass --lang")
 
 
 def run_skills(args) -> int:
@@ -136,7 +139,7 @@ def run_skills(args) -> int:
         tok = Tokenizer.load(home.tokenizer_dir)
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
         prepare_for_inference(model, rt.compute_dtype)
-        lang = args.lang or checkpoint_lang(meta)
+        lang = args.lang or checkpoint_lang(meta, tok)
         items = load_items(lang)
         seq_len = model.config.seq_len
         max_tokens = args.max_new_tokens or min(128, seq_len // 2)

@@ -328,7 +328,8 @@ def run(args) -> int:
         cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
                          warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
                          save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap,
+                         minutes=args.minutes, fit_after=args.fit_steps)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
 
         def reward_fn(m, step):
@@ -358,6 +359,7 @@ def run(args) -> int:
             "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
             "eval_task": eval_task.name, "steps": res.steps, "tokens": res.tokens,
             "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0, "checkpoint": res.checkpoint,
+            "minutes_fit": res.fit or None,
             "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             # The compact curve: mean reward over 5 consecutive slices of the run (first -> last).
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,
