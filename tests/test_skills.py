@@ -287,3 +287,12 @@ def test_report_shows_skills_per_chat_stage():
     assert "| open prompts: proxy score | - | 0.1250 | - |" in lines
     assert not any("(JA)" in l for l in lines)
     assert skills_table([stage("sft", {"chatcore": 0.1})]) is None
+
+
+def test_first_per_skill_keeps_file_order():
+    items = [{"skill": s, "id": str(i)} for i, s in enumerate(["a", "b", "a", "a", "open", "b", "open"])]
+    assert [it["id"] for it in ES.first_per_skill(items, 1)] == ["0", "1", "4"]
+    assert [it["id"] for it in ES.first_per_skill(items, 2)] == ["0", "1", "2", "4", "5", "6"]
+    assert ES.first_per_skill(items, None) == items
+    with pytest.raises(ChibiError, match="--max-per-skill must be >= 1, got 0"):
+        ES.first_per_skill(items, 0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chibichat.stages.speedrun import PRESETS, plan
-from chibichat.common import Home
+from chibichat.common import ChibiError, Home
 
 
 def _speedrun(home, **kw):
@@ -137,3 +137,20 @@ def test_online_presets_download_their_corpus_first(tmp_path):
 
     for p in (steps, ja):
         get_corpus(p[0].argv[2])  # a real registry name
+
+
+def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
+    steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=12)}
+
+    def flag(argv, name):
+        assert argv.count(name) == 1, argv
+        return argv[argv.index(name) + 1]
+
+    # weights pretrain 0.5, midtrain/sft/rl 0.1 each: 12 min -> 7.5 + 3 x 1.5
+    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["7.5", "1.5", "1.5", "1.5"]
+    # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
+    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2200", "1000", "600", "120"]
+    assert "--minutes" not in steps["eval-base"] and "--minutes" not in steps["skills-sft"]
+    assert "--minutes" not in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")[2].argv
+    with pytest.raises(ChibiError, match="--minutes must be a positive number, got 0"):
+        plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=0)

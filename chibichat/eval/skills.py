@@ -97,6 +97,23 @@ def add_skills_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens per reply (default: min(128, half the model's context))")
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    p.add_argument("--max-per-skill", type=int, default=None,
+                   help="first N prompts of each skill and of the open prompts (smoke runs; default: all)")
+
+
+def first_per_skill(items: list[dict], n: int | None) -> list[dict]:
+    """The first n items of every skill (open prompts included), in file order; all when n is None."""
+    if n is None:
+        return list(items)
+    if n < 1:
+        raise ChibiError(f"--max-per-skill must be >= 1, got {n}")
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        seen[it["skill"]] = seen.get(it["skill"], 0) + 1
+        if seen[it["skill"]] <= n:
+            out.append(it)
+    return out
 
 
 def checkpoint_lang(meta: dict, tok) -> str:
@@ -140,7 +157,7 @@ def run_skills(args) -> int:
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
         prepare_for_inference(model, rt.compute_dtype)
         lang = args.lang or checkpoint_lang(meta, tok)
-        items = load_items(lang)
+        items = first_per_skill(load_items(lang), args.max_per_skill)
         seq_len = model.config.seq_len
         max_tokens = args.max_new_tokens or min(128, seq_len // 2)
         out = evaluate_skills(items, lang, EngineReplies(Engine(model, tok, rt), args.eval_batch_size), tok,
@@ -151,6 +168,7 @@ def run_skills(args) -> int:
         summary = {**out["summary"], f"{prefix}_eval": {
             "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
             "lang": lang, "skills": out["skills"], "open": out["open"], "max_new_tokens": max_tokens,
+            "max_per_skill": args.max_per_skill,
             "decoding": "greedy", "seconds": time.time() - t0}}
         merge_summary(out_dir, summary)
         # The per-item file comes last: the speedrun takes it as this evaluation's completion marker.

@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {
         rl=["--num-steps", "2", "--prompts-per-step", "2", "--num-samples", "4", "--max-new-tokens", "24",
             "--train-items", "64", "--passk-items", "4", "--no-samples"],
         eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
-        eval_skills=("--max-new-tokens", "24"),
+        eval_skills=("--max-new-tokens", "24", "--max-per-skill", "2"),
     ),
     "cpu": Preset(
         name="cpu",
@@ -137,6 +137,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="passed to every stage")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the pretraining forward (pretrain --compile)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget of the four training loops together, split in proportion to their "
+                        "share of the run; each fits its step count to its minutes (tokenizer, evals and "
+                        "start-up come on top)")
     # precision and memory flags of the training stages, passed to pretrain, midtrain, sft and rl
     add_fp8_arg(p)
     add_memory_args(p)
@@ -160,9 +164,9 @@ def pick_preset(name: str) -> Preset:
 
 
 def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
-         train: list[str] = (), pretrain: list[str] = ()) -> list[Step]:
+         train: list[str] = (), pretrain: list[str] = (), minutes: float | None = None) -> list[Step]:
     """The steps of a speedrun. `train`: extra flags for every training stage (training_flags);
-    `pretrain`: extra flags for pretraining only (--compile)."""
+    `pretrain`: extra flags for pretraining only (--compile); `minutes`: budget_flags."""
     tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
@@ -221,7 +225,28 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
              ev("rl", tag) / "summary.json", [ev("rl", tag)], distributed=True, weight=0.04),
         skills_step(home, "rl", tag, lang, common + dev, preset),
     ]
+    if minutes is not None:
+        budget_flags(steps, minutes)
     return steps
+
+
+TRAINING_STEPS = ("pretrain", "midtrain", "sft", "rl")
+BUDGET_HEADROOM = 4  # with --minutes, a stage may take up to this many times its preset's --num-steps
+
+
+def budget_flags(steps: list[Step], minutes: float) -> None:
+    """Give each training step its share of `minutes` (by step weight) as --minutes, and raise its
+    --num-steps cap BUDGET_HEADROOM-fold so a machine faster than the one the preset was sized on
+    spends its minutes learning instead of stopping at the preset's count."""
+    if not (minutes > 0 and minutes < float("inf")):
+        raise ChibiError(f"--minutes must be a positive number, got {minutes}")
+    training = [s for s in steps if s.name in TRAINING_STEPS]
+    total = sum(s.weight for s in training)
+    for s in training:
+        s.argv += ["--minutes", f"{minutes * s.weight / total:.4g}"]
+        if "--num-steps" in s.argv:
+            i = len(s.argv) - s.argv[::-1].index("--num-steps")  # the value after the last --num-steps
+            s.argv[i] = str(BUDGET_HEADROOM * int(s.argv[i]))
 
 
 def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], preset: Preset) -> Step:
@@ -253,7 +278,7 @@ def run(args) -> int:
     home = Home.resolve(args.home)
     preset = pick_preset(args.preset)
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
-                 ["--compile"] if args.compile else [])
+                 ["--compile"] if args.compile else [], args.minutes)
     names = {s.name for s in steps}
     for f in args.force:
         if f not in names:
