@@ -1,7 +1,8 @@
 """`chibichat speedrun`: one command, start to finish.
 
-tokenizer -> pretrain -> base eval -> midtrain -> chat eval -> SFT -> chat eval -> RL -> chat eval -> report,
-then it tells the user how to talk to the model.
+tokenizer -> pretrain -> base eval -> midtrain -> chat + skills evals -> SFT -> chat + skills evals -> RL ->
+chat + skills evals -> report, then it tells the user how to talk to the model. `--minutes M` splits a
+wall-clock budget over the four training stages (budget_flags).
 
 Each step runs as its own `python -m chibichat <stage> ...` process (under torchrun when several GPUs are
 visible), so a crash or Ctrl-C in one stage cannot corrupt the orchestrator's view, and every step is exactly
