@@ -296,3 +296,30 @@ def test_first_per_skill_keeps_file_order():
     assert ES.first_per_skill(items, None) == items
     with pytest.raises(ChibiError, match="--max-per-skill must be >= 1, got 0"):
         ES.first_per_skill(items, 0)
+
+
+def test_simple_text_bpb_counts_bytes_and_skips_long_lines():
+    import math
+
+    import torch
+
+    from chibichat.common import Runtime
+
+    class ByteTok:
+        bos_id = 256
+
+        def encode(self, text):
+            return list(text.encode("utf-8"))
+
+        def token_bytes(self):
+            return torch.tensor([1] * 256 + [0])
+
+    def model(x, y, reduction="none"):  # one bit per predicted token
+        assert reduction == "none"
+        return torch.where(y >= 0, math.log(2), 0.0).double()
+
+    rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=0, local_rank=0, world_size=1)
+    r = ES.simple_text_bpb(model, ByteTok(), rt, ["The sea.", "x" * 40, "Hi"], max_len=20)
+    assert r == {"bpb": 1.0, "bytes": 10, "n": 2, "skipped_too_long": 1}
+    assert ES.simple_text_bpb(model, ByteTok(), rt, ["x" * 40], max_len=20)["bpb"] is None
+    assert len(ES.load_simple_text("en")) == 30 and len(ES.load_simple_text("ja")) == 30

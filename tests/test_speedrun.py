@@ -107,13 +107,16 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
         assert any(x.name.startswith("step_") for x in d.iterdir()), stage
         assert (d / "metrics.jsonl").read_text().strip(), stage
         assert json.loads((home / "eval" / stage / "d2" / "summary.json").read_text()), stage
+        if stage != "base":  # the held-out skills prompts ran after every chat stage (2 per skill in micro)
+            assert json.loads((home / "eval" / stage / "d2" / "summary.json").read_text())["skills_n"] == 14, stage
     # resumed pretraining logged each step once
     steps = [json.loads(l)["step"] for l in (base / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == sorted(set(steps))
     report = (home / "report" / "report.md").read_text()
     for section in ["## Summary", "## Tokenizer training", "## Tokenizer evaluation", "## Base training",
                     "## Base evaluation", "## Midtraining", "## Chat evaluation (MID)", "## SFT",
-                    "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)", "## Data counts", "## Plots"]:
+                    "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)", "## Data counts", "## Plots",
+                    "## Held-out skills"]:
         assert section in report, section
     assert "not run" not in report
     assert (home / "report" / "loss.png").exists()

@@ -9,7 +9,10 @@ leave `max_tokens` free in the context is counted as skipped, never cut.
 
 summary.json keys (prefix "skills" for en, "skills_ja" for ja): <prefix> (mean per-skill accuracy),
 <prefix>_<skill> (underscored skill names), <prefix>_n, <prefix>_skipped_too_long, and
-<prefix>_open_score / _open_ended_share / _open_distinct_2 / _open_repeat_free / _open_tool_free.
+<prefix>_open_score / _open_ended_share / _open_distinct_2 / _open_repeat_free / _open_tool_free, and
+<prefix>_simple_bpb: the model's bits per byte on assets/simple-<lang>.txt, 30 hand-written simple
+sentences (one document each, after <|bos|>): how well it still predicts plain grammatical text, the
+third part of the open-prompt proxy (lower is better; comparable across tokenizers, being per byte).
 """
 
 from __future__ import annotations
@@ -91,6 +94,39 @@ def evaluate_skills(items: list[dict], lang: str, gen: ReplyGenerator, tok, max_
     return {"summary": flat, "skills": per_skill, "open": quality, "rows": rows}
 
 
+def load_simple_text(lang: str) -> list[str]:
+    from chibichat.tasks.shipped import asset_path
+
+    if lang not in LANGS:
+        raise ChibiError(f"simple text: --lang must be one of {LANGS}, got {lang!r}")
+    path = asset_path(f"simple-{lang}.txt")
+    if not path.exists():
+        raise ChibiError(f"simple-text set {path} is missing; reinstall chibichat")
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def simple_text_bpb(model, tok, rt, lines: list[str], max_len: int) -> dict:
+    """{"bpb", "bytes", "n", "skipped_too_long"}: bits per byte of `model` over `lines`, each scored as
+    one document ([bos] + its tokens, every next token predicted); a line longer than the context is
+    skipped and counted, never cut."""
+    import torch
+
+    from chibichat.eval.bpb import evaluate_bpb
+
+    batches, skipped = [], 0
+    for line in lines:
+        ids = [tok.bos_id] + tok.encode(line)
+        if len(ids) - 1 > max_len:
+            skipped += 1
+            continue
+        batches.append((torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])))
+    if not batches:
+        return {"bpb": None, "bytes": 0, "n": 0, "skipped_too_long": skipped}
+    with torch.no_grad():
+        r = evaluate_bpb(model, batches, tok.token_bytes(), rt)
+    return {"bpb": r["val_bpb"], "bytes": r["val_bytes"], "n": len(batches), "skipped_too_long": skipped}
+
+
 def add_skills_args(p) -> None:
     p.add_argument("--lang", choices=("en", "ja"), default=None,
                    help="which prompt set (default: the language of the checkpoint's training corpus)")
@@ -165,7 +201,9 @@ def run_skills(args) -> int:
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
         prefix = summary_prefix(lang)
-        summary = {**out["summary"], f"{prefix}_eval": {
+        simple = simple_text_bpb(model, tok, rt, load_simple_text(lang), seq_len)
+        out["summary"][f"{prefix}_simple_bpb"] = simple["bpb"]
+        summary = {**out["summary"], f"{prefix}_eval": {"simple_text": simple,
             "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
             "lang": lang, "skills": out["skills"], "open": out["open"], "max_new_tokens": max_tokens,
             "max_per_skill": args.max_per_skill,
@@ -180,6 +218,8 @@ def run_skills(args) -> int:
             d2 = "-" if q["distinct_2"] is None else f"{q['distinct_2']:.3f}"
             print0(rt, f"{'open prompts':>20}: score {q['score']:.3f} | ended {q['ended_share']:.3f} | "
                        f"distinct-2 {d2} | repeat-free {q['repeat_free']:.3f} (n={q['n']})")
+        if simple["bpb"] is not None:
+            print0(rt, f"{'simple-text bpb':>20}: {simple['bpb']:.4f} ({simple['n']} sentences, {simple['bytes']} bytes)")
         print0(rt, f"{prefix}: {out['summary'][prefix]:.4f} (mean over {len(out['skills'])} skills, "
                    f"{out['summary'][prefix + '_skipped_too_long']} prompts skipped as too long) | wrote "
                    f"{out_dir / 'summary.json'}")

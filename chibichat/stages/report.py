@@ -211,7 +211,8 @@ def skills_table(stages: list[StageArtifacts]) -> str | None:
         rows = [("all skills (mean)", prefix)] + [(s, f"{prefix}_{s.replace('-', '_')}") for s in SKILLS]
         rows += [("open prompts: proxy score", f"{prefix}_open_score"),
                  ("open prompts: ended in budget", f"{prefix}_open_ended_share"),
-                 ("open prompts: distinct-2", f"{prefix}_open_distinct_2")]
+                 ("open prompts: distinct-2", f"{prefix}_open_distinct_2"),
+                 ("simple-text bpb", f"{prefix}_simple_bpb")]
         lang = "EN" if prefix == "skills" else "JA"
         lines = [f"| Held-out skills ({lang}) | " + " | ".join(dict(TRAIN_STAGES)[st.stage] for st in chat) + " |",
                  "|---|" + "---|" * len(chat)]
