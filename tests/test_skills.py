@@ -316,7 +316,7 @@ def test_simple_text_bpb_counts_bytes_and_skips_long_lines():
 
     def model(x, y, reduction="none"):  # one bit per predicted token
         assert reduction == "none"
-        return torch.where(y >= 0, math.log(2), 0.0).double()
+        return torch.where(y >= 0, torch.tensor(math.log(2), dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
 
     rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=0, local_rank=0, world_size=1)
     r = ES.simple_text_bpb(model, ByteTok(), rt, ["The sea.", "x" * 40, "Hi"], max_len=20)
