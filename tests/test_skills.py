@@ -127,6 +127,9 @@ TOOL = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
     ("#### 84.0", True),
     ("#### 48", False),
     ("I think #### 84 or maybe 85", True),       # the number after #### wins
+    ("How many 84<|python_end|><|output_start|>84<|python_end|>", False),  # a broken tool call is no answer
+    (f"{TOOL} so 84", True),                     # after a well-formed call, clean prose counts
+    ("<|python_start|>12*7", False),             # an unfinished call
 ])
 def test_number_checker(reply, ok):
     assert S.check_reply({"check": "number", "answer": "84"}, reply, "en") is ok

@@ -13,7 +13,8 @@ appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output
     arithmetic,          "number": the reply's final answer equals the expected number. The final
     arithmetic-two-step,  answer is the number after the last "####" (the trained format); a reply
     letter-count          without "####" is read by its last number outside tool segments, which is
-                          what a reader takes as the answer.
+                          what a reader takes as the answer, but only when it is clean prose (a
+                          stray special token, i.e. a broken tool call, gives no answer).
     spelling             "spelling": the final line, after an optional "word:" prefix, is the word's
                           letters in order, each letter separated by "-", ",", "・", "、" or spaces
                           (the word written whole is not spelled).
@@ -42,8 +43,7 @@ OPEN = "open"
 CHECKS = {"identity": "identity", "arithmetic": "number", "arithmetic-two-step": "number", "spelling": "spelling",
           "letter-count": "number", "greeting": "greeting", "refusal": "refusal", OPEN: "open"}
 
-_TOOL_SEGMENT = re.compile(r"<\|python_start\|>.*?(<\|python_end\|>|$)|<\|output_start\|>.*?(<\|output_end\|>|$)",
-                           re.S)
+_TOOL_SEGMENT = re.compile(r"<\|python_start\|>.*?<\|python_end\|>|<\|output_start\|>.*?<\|output_end\|>", re.S)
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _SPELL_SEPARATORS = re.compile(r"[-,、・\s]+")
@@ -101,15 +101,19 @@ def load_items(lang: str) -> list[dict]:
 
 
 def visible_text(reply: str) -> str:
-    """The reply without tool segments and special-token names: the prose a reader goes by."""
+    """The reply without its well-formed tool segments and special-token names: the prose a reader goes by."""
     return _SPECIAL.sub(" ", _TOOL_SEGMENT.sub(" ", reply))
 
 
 def reply_number(reply: str) -> str | None:
-    """The reply's final answer: the number after the last '####', else the last number of the prose."""
+    """The reply's final answer: the number after the last '####', else the last number of the prose
+    when the reply is clean prose (no stray special token left once well-formed tool segments are
+    removed: a broken tool call is not an answer, whatever digits it happens to contain)."""
     n = extract_final_number(reply)
     if n is not None:
         return n
+    if _SPECIAL.search(_TOOL_SEGMENT.sub(" ", reply)):
+        return None
     found = _NUMBER.findall(visible_text(reply))
     return found[-1].replace(",", "") if found else None
 
