@@ -310,3 +310,92 @@ def test_cpu_mfu_is_against_a_measured_peak_or_the_given_one(tmp_path, capsys):
     recs = [r for r in map(json.loads, (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert "measured CPU matmul peak" not in capsys.readouterr().out
     assert len(recs) == 2 and all(r["mfu"] == pytest.approx(1e6 * r["tok_per_s"] / 1e9, rel=1e-2) for r in recs)
+
+
+class FakeClock:
+    """Seconds that advance only when told: every training forward costs `step_s` (the run's first one
+    `first_s`, as compilation would) and every evaluation `eval_s`, so --minutes fits are exact."""
+
+    def __init__(self, first_s=3.0, step_s=0.5, eval_s=2.0):
+        self.t, self.first_s, self.step_s, self.eval_s, self.calls = 0.0, first_s, step_s, eval_s, 0
+
+    def __call__(self):
+        return self.t
+
+    def loss(self, stop_after=None):
+        def fn(m, b):
+            self.calls += 1
+            if stop_after is not None and self.calls > stop_after:
+                raise KeyboardInterrupt
+            self.t += self.first_s if self.calls == 1 else self.step_s
+            return loss_fn(m, b)
+        return fn
+
+    def evaluate(self, model, step):
+        self.t += self.eval_s
+        return val_loss_fn()(model, step)
+
+
+def budget_run(tag_dir, clock, minutes=0.25, cap=100, stop_after=None, **kw):
+    model, opt = make()
+    cfg = LoopConfig(tag_dir=tag_dir, num_steps=cap, keep_last=0, momentum_warmup_steps=5, minutes=minutes,
+                     fit_after=4, warmdown_frac=0.2, **kw)
+    res = train(model, opt, ToySource(), clock.loss(stop_after), cpu_rt(), cfg, meta=meta_for(model),
+                eval_fn=clock.evaluate, clock=clock)
+    return model, res
+
+
+def test_minutes_fits_the_step_count_and_schedule_to_the_measured_throughput(tmp_path, capsys):
+    from chibichat.train.schedule import lr_multiplier
+
+    clock = FakeClock()
+    _, res = budget_run(tmp_path / "b", clock)
+    # 2 s step-0 eval + 3 s untimed first step + 4 timed steps of 0.5 s: fitted after 5 steps at 7 s.
+    # 15 s budget - 7 s - 2 s for the final eval = 6 s = 12 more steps of 0.5 s -> 17 steps.
+    assert res.fit == {"minutes": 0.25, "num_steps": 17, "capped": False, "cap": 100, "sec_per_step": 0.5,
+                       "tok_per_s": 64.0, "timed_steps": 4, "eval_s": 2.0, "fitted_after_s": 7.0}
+    assert res.steps == 17
+    assert res.wall_time_s == 15.0  # the run ends exactly on budget
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs == [lr_multiplier(s, 17, 0, 0.2, 0.0) for s in range(17)]  # the 17-step schedule throughout
+    assert "--minutes 0.25: 0.500 s/step (64 tok/s) over 4 timed steps -> 17 steps" in capsys.readouterr().out
+    assert read_meta(tmp_path / "b" / "step_000017")["loop"]["fit"]["num_steps"] == 17
+
+
+def test_minutes_resume_keeps_the_fitted_count(tmp_path):
+    full, _ = budget_run(tmp_path / "full", FakeClock())
+    with pytest.raises(KeyboardInterrupt):
+        budget_run(tmp_path / "part", FakeClock(), save_every=10, stop_after=12)  # dies in step 12
+    assert list_steps(tmp_path / "part") == [10]
+    # The resumed process runs on a 10x slower clock: a new fit would choose fewer steps; it must not refit.
+    resumed, res = budget_run(tmp_path / "part", FakeClock(first_s=30.0, step_s=5.0), save_every=10, resume=True)
+    assert res.steps == 17 and res.fit["num_steps"] == 17 and res.fit["sec_per_step"] == 0.5
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_minutes_capped_by_num_steps_and_too_short_budgets(tmp_path):
+    _, res = budget_run(tmp_path / "cap", FakeClock(), minutes=10, cap=12)
+    assert res.steps == 12 and res.fit["capped"] is True and res.fit["num_steps"] == 12
+    _, res = budget_run(tmp_path / "tiny", FakeClock(), minutes=10, cap=4)  # the cap ends it before any fit
+    assert res.steps == 4 and res.fit["num_steps"] == 4 and "ends the run before 4 steps were timed" in res.fit["note"]
+    with pytest.raises(ChibiError, match=r"--minutes 0.1 is too short: after 5 steps \(7 s, 0.500 s per step\) it "
+                                         r"leaves room for 5 steps in all"):
+        budget_run(tmp_path / "short", FakeClock(), minutes=0.1)
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(ChibiError, match="--minutes must be a positive number"):
+            LoopConfig(tag_dir=tmp_path, num_steps=10, minutes=bad)
+
+
+def test_fit_num_steps_costs_periodic_evaluations():
+    from chibichat.train.loop import fit_num_steps
+
+    # 30 s budget, 7 s spent after 5 steps, 0.5 s/step + a 2 s eval every 8 steps (0.25 s/step amortised),
+    # 2 s kept for the final eval: (30 - 7 - 2) / 0.75 = 28 more steps.
+    fit = fit_num_steps(0.5, 7.0, 5, [0.5] * 4, 128, 2.0, 8, 1000, 0, 0.2)
+    assert fit["num_steps"] == 33 and fit["tok_per_s"] == 64.0
+    assert fit_num_steps(0.5, 7.0, 5, [0.5] * 4, 128, 2.0, 0, 1000, 0, 0.2)["num_steps"] == 47
+    # warmup steps must also fit before the warmdown of the fitted count
+    with pytest.raises(ChibiError, match="and the 40 warmup steps"):
+        fit_num_steps(0.5, 7.0, 5, [0.5] * 4, 128, 2.0, 0, 1000, 40, 0.2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chibichat.stages.speedrun import PRESETS, plan
-from chibichat.common import Home
+from chibichat.common import ChibiError, Home
 
 
 def _speedrun(home, **kw):
@@ -26,7 +26,7 @@ def _speedrun(home, **kw):
 def test_plan_covers_every_stage_in_order(tmp_path):
     steps = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")
     assert [s.name for s in steps] == ["tokenizer", "tokenizer-eval", "pretrain", "eval-base", "midtrain", "eval-mid",
-                                      "sft", "eval-sft", "rl", "eval-rl"]
+                                      "skills-mid", "sft", "eval-sft", "skills-sft", "rl", "eval-rl", "skills-rl"]
     # each training stage starts from the previous stage's checkpoint of the same tag
     argv = {s.name: s.argv for s in steps}
     assert argv["midtrain"][argv["midtrain"].index("--from") + 1] == "base"
@@ -107,6 +107,8 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
         assert any(x.name.startswith("step_") for x in d.iterdir()), stage
         assert (d / "metrics.jsonl").read_text().strip(), stage
         assert json.loads((home / "eval" / stage / "d2" / "summary.json").read_text()), stage
+        if stage != "base":  # the held-out skills prompts ran after every chat stage (2 per skill in micro)
+            assert json.loads((home / "eval" / stage / "d2" / "summary.json").read_text())["skills_n"] == 14, stage
     # RL moved the weights (its rewards varied): the RL checkpoint is not SFT's
     from safetensors.torch import load_file
 
@@ -124,7 +126,8 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
     report = (home / "report" / "report.md").read_text()
     for section in ["## Summary", "## Tokenizer training", "## Tokenizer evaluation", "## Base training",
                     "## Base evaluation", "## Midtraining", "## Chat evaluation (MID)", "## SFT",
-                    "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)", "## Data counts", "## Plots"]:
+                    "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)", "## Data counts", "## Plots",
+                    "## Held-out skills"]:
         assert section in report, section
     assert "not run" not in report
     assert (home / "report" / "loss.png").exists()
@@ -134,7 +137,7 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
     p = _speedrun(home)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    assert out.count("done already") == 10, out
+    assert out.count("done already") == 13, out
 
 
 def test_online_presets_download_their_corpus_first(tmp_path):
@@ -149,3 +152,20 @@ def test_online_presets_download_their_corpus_first(tmp_path):
 
     for p in (steps, ja):
         get_corpus(p[0].argv[2])  # a real registry name
+
+
+def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
+    steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=12)}
+
+    def flag(argv, name):
+        assert argv.count(name) == 1, argv
+        return argv[argv.index(name) + 1]
+
+    # weights pretrain 0.5, midtrain/sft/rl 0.1 each: 12 min -> 7.5 + 3 x 1.5
+    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["7.5", "1.5", "1.5", "1.5"]
+    # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
+    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2200", "1000", "600", "120"]
+    assert "--minutes" not in steps["eval-base"] and "--minutes" not in steps["skills-sft"]
+    assert "--minutes" not in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")[2].argv
+    with pytest.raises(ChibiError, match="--minutes must be a positive number, got 0"):
+        plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=0)

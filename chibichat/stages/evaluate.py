@@ -5,6 +5,7 @@ One parser, one sub-subcommand per evaluation; each dispatches to a module in ch
            + CORE-style in-context tasks (CORE-lite offline)          (chibichat/eval/core.py)
     chat   categorical by letter logits, generative by sampling, ChatCORE   (chibichat/eval/chat.py)
     jglue  JCommonsenseQA, JNLI, JSTS, JSQuAD on the official dev files    (chibichat/eval/jglue.py)
+    skills held-out skills prompts (EN/JA), greedy, per-skill accuracy  (chibichat/eval/skills.py)
 Results go to home/eval/<stage>/<tag>/summary.json (flat metric keys, see docs/architecture.md)
 with per-item files beside it. To add an evaluation: write `_add_<name>(actions)` + `run_<name>(args)`
 here and list it in `register`.
@@ -19,11 +20,12 @@ STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (base: val bpb + CORE; chat: ChatCORE; jglue)",
-                       description="Evaluate a saved checkpoint. Pick an evaluation: " + ", ".join(["base", "chat", "jglue"]))
+                       description="Evaluate a saved checkpoint. Pick an evaluation: " + ", ".join(["base", "chat", "jglue", "skills"]))
     actions = p.add_subparsers(dest="evaluation", metavar="<evaluation>")
     _add_base(actions)
     _add_chat(actions)
     _add_jglue(actions)
+    _add_skills(actions)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -92,6 +94,27 @@ def _add_jglue(actions) -> None:
 
 def run_jglue(args) -> int:
     from chibichat.eval.jglue import run_jglue as run
+
+    return run(args)
+
+
+def _add_skills(actions) -> None:
+    from chibichat.eval.skills import add_skills_args
+
+    p = actions.add_parser(
+        "skills", help="held-out prompts for every taught skill (identity, arithmetic, spelling, ...), greedy",
+        description="The held-out skills prompt set (identity, one- and two-step arithmetic, spelling, letter "
+                    "counting, greeting, refusal to invent facts; EN or JA), answered greedily and checked per "
+                    "item; prints per-skill accuracy and the open-prompt reply-quality proxy. Per-item "
+                    "skills.jsonl/.csv and summary.json under home/eval/<stage>/<tag>/.")
+    _add_checkpoint_args(p)
+    p.set_defaults(source="sft")
+    add_skills_args(p)
+    p.set_defaults(func=run_skills)
+
+
+def run_skills(args) -> int:
+    from chibichat.eval.skills import run_skills as run
 
     return run(args)
 

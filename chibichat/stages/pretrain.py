@@ -58,6 +58,9 @@ def register(sub) -> None:
     r.add_argument("--tag", default=None, help="run name under checkpoints/base/ (default d<depth>)")
     r.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint of --tag")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run of the same --tag")
+    from chibichat.train.schedule import add_budget_args
+
+    add_budget_args(r)
     r.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0 = only at the end)")
     r.add_argument("--keep-last", type=int, default=2, help="keep the newest N checkpoints (0 = all)")
     r.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (0 = only first and last)")
@@ -225,7 +228,7 @@ def run(args) -> int:
             log_every=args.log_every, resume=args.resume, overwrite=args.overwrite, wandb_project=args.wandb,
             run_name=f"base-{tag}", flops_per_token=model.flops_per_token(),
             peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
-            trim_heap=args.trim_heap,
+            trim_heap=args.trim_heap, minutes=args.minutes, fit_after=args.fit_steps,
         )
         meta = {
             "stage": "base",
@@ -249,7 +252,7 @@ def run(args) -> int:
             "device": str(rt.device), "compute_dtype": str(rt.compute_dtype).replace("torch.", ""), "fp8": args.fp8,
             "train_time_s": result.train_time_s, "wall_time_s": time.time() - t_start,
             "tok_per_s": result.tokens / result.train_time_s if result.train_time_s else None,
-            "final_loss": result.final_loss,
+            "final_loss": result.final_loss, "minutes_fit": result.fit or None,
             "final_val_bpb": result.final_eval.get("val_bpb"), "final_val_loss": result.final_eval.get("val_loss"),
             "min_val_bpb": result.min_val_bpb, "val_tokens": int(result.final_eval.get("val_tokens", 0)),
             "crop_fraction": loader.stats.get("crop_fraction"), "epoch": loader.stats.get("epoch"),

@@ -178,7 +178,7 @@ def _extra_task_rows(stages: list[StageArtifacts], known: set[str]) -> list[tupl
 
 def summary_table(stages: list[StageArtifacts], with_jglue: bool) -> str:
     rows = METRIC_ROWS + (JGLUE_ROWS if with_jglue else [])
-    rows = rows + _extra_task_rows(stages, {k for _, k in rows})
+    rows = rows + _extra_task_rows(stages, {k for _, k in rows} | {"skills", "skills_ja"})
     if any((st.evals or {}).get("chatcore") is None and (st.evals or {}).get("chatcore_partial") is not None for st in stages):
         rows.append(("ChatCORE (partial: the tasks above that ran)", "chatcore_partial"))
     header = "| Metric | " + " | ".join(name for _, name in TRAIN_STAGES) + " |"
@@ -197,6 +197,32 @@ def summary_table(stages: list[StageArtifacts], with_jglue: bool) -> str:
                 label = "CORE-lite"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def skills_table(stages: list[StageArtifacts]) -> str | None:
+    """Per-skill accuracy on the held-out skills prompts (`eval skills`) for each chat stage, with the
+    open-prompt reply-quality proxy; None when no stage was evaluated on them."""
+    from chibichat.tasks.skills import SKILLS
+
+    chat = [st for st in stages if st.stage != "base"]
+    prefixes = [p for p in ("skills", "skills_ja") if any((st.evals or {}).get(p) is not None for st in chat)]
+    if not prefixes:
+        return None
+    out = []
+    for prefix in prefixes:
+        rows = [("all skills (mean)", prefix)] + [(s, f"{prefix}_{s.replace('-', '_')}") for s in SKILLS]
+        rows += [("open prompts: proxy score", f"{prefix}_open_score"),
+                 ("open prompts: ended in budget", f"{prefix}_open_ended_share"),
+                 ("open prompts: distinct-2", f"{prefix}_open_distinct_2"),
+                 ("simple-text bpb", f"{prefix}_simple_bpb")]
+        lang = "EN" if prefix == "skills" else "JA"
+        lines = [f"| Held-out skills ({lang}) | " + " | ".join(dict(TRAIN_STAGES)[st.stage] for st in chat) + " |",
+                 "|---|" + "---|" * len(chat)]
+        for label, key in rows:
+            lines.append(f"| {label} | " + " | ".join(fmt((st.evals or {}).get(key)) for st in chat) + " |")
+        out.append("\n".join(lines))
+    return "## Held-out skills\n\nGreedy replies to prompts worded unlike the training templates (`chibichat eval " \
+           "skills`).\n\n" + "\n\n".join(out) + "\n"
 
 
 def data_counts(stages: list[StageArtifacts]) -> str:
@@ -360,6 +386,9 @@ def build_report(home: Home, tag: str | None = None, wall_s: float | None = None
 
     parts = [header(home, wall_s, hourly)]
     parts.append("## Summary\n\n" + summary_table(stages, with_jglue))
+    skills = skills_table(stages)
+    if skills:
+        parts.append(skills)
     tok_train = None
     if tok_meta:
         tok_train = {k: v for k, v in tok_meta.items() if k not in ("special_tokens", "pattern")}

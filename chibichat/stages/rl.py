@@ -368,7 +368,8 @@ def run(args) -> int:
         cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
                          warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
                          save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True)
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True,
+                         minutes=args.minutes, fit_after=args.fit_steps)
         saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
         check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), "this rl run")
         lrs = source_lrs(src_meta, args, model)
@@ -413,6 +414,7 @@ def run(args) -> int:
             "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
             "eval_task": eval_task.name, "steps": res.steps, "tokens": res.tokens,
             "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0, "checkpoint": res.checkpoint,
+            "minutes_fit": res.fit or None,
             "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             # The compact curve: mean reward over 5 consecutive slices of the run (first -> last).
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,

@@ -67,6 +67,9 @@ def add_loop_args(p, steps: int, batch: int | None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing checkpoints under --tag")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixture order and initialisation")
     p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
+    from chibichat.train.schedule import add_budget_args
+
+    add_budget_args(p)
     add_fp8_arg(p)
     add_memory_args(p)
     add_lora_args(p)
@@ -434,7 +437,8 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
                          warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=args.eval_every,
                          save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap)
+                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap,
+                         minutes=args.minutes, fit_after=args.fit_steps)
         meta = stage_meta(model, tok, args, src_meta, stage, {"mixture": train_mix.summary(), "lrs": lrs})
         print0(rt, f"{stage}: from {src_meta['checkpoint_dir']} -> {tag_dir} | seq_len {seq_len} | "
                    f"mixture {train_mix.summary()} | mode {args.mode} | lrs {lrs}")
@@ -451,7 +455,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
             "stage": stage, "tag": tag, "source": src_meta["checkpoint_dir"], "steps": res.steps,
             "tokens": res.tokens, "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0,
             "final_loss": res.final_loss, "val_loss": res.final_eval.get("val_loss"),
-            "checkpoint": res.checkpoint, "mode": args.mode, "overflow": args.overflow,
+            "checkpoint": res.checkpoint, "mode": args.mode, "overflow": args.overflow, "minutes_fit": res.fit or None,
             "loss_on": "all tokens" if train_all_tokens else "assistant tokens (mask 1)",
             "mixture": train_mix.summary(),
             "render_counts": counts,  # ok/shortened/dropped per task, over the conversations this run rendered

@@ -1,7 +1,8 @@
 """`chibichat speedrun`: one command, start to finish.
 
-tokenizer -> pretrain -> base eval -> midtrain -> chat eval -> SFT -> chat eval -> RL -> chat eval -> report,
-then it tells the user how to talk to the model.
+tokenizer -> pretrain -> base eval -> midtrain -> chat + skills evals -> SFT -> chat + skills evals -> RL ->
+chat + skills evals -> report, then it tells the user how to talk to the model. `--minutes M` splits a
+wall-clock budget over the four training stages (budget_flags).
 
 Each step runs as its own `python -m chibichat <stage> ...` process (under torchrun when several GPUs are
 visible), so a crash or Ctrl-C in one stage cannot corrupt the orchestrator's view, and every step is exactly
@@ -46,6 +47,7 @@ class Preset:
     rl: list[str]
     eval_chat: list[str]
     gpu: bool = False
+    eval_skills: tuple = ()  # flags of `eval skills`, run after every chat stage's eval
     online: bool = False
     rl_task: tuple[str, str] = ("arithmetic-multi", "arithmetic-multi-ja")  # CPU presets' RL task (en, ja)
 
@@ -207,6 +209,7 @@ TOY_SIZES = {
     "rl": {"--num-steps": "2", "--prompts-per-step": "1", "--grad-accum": "1", "--num-samples": "4",
            "--max-new-tokens": "8", "--passk-items": "2", "--passk-k": "2", "--save-every": "0"},
     "eval chat": {"--max-new-tokens": "8", "--max-items": "2"},
+    "eval skills": {"--max-new-tokens": "8", "--max-per-skill": "1"},
 }
 
 
@@ -256,6 +259,7 @@ PRESETS: dict[str, Preset] = {
             "--train-items", "64", "--passk-items", "4", "--no-samples"],
         eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
         rl_task=("letter-count", "letter-count-ja"),
+        eval_skills=("--max-new-tokens", "24", "--max-per-skill", "2"),
     ),
     "cpu": Preset(
         name="cpu",
@@ -276,6 +280,7 @@ PRESETS: dict[str, Preset] = {
         # held-out pass@1 0.58 -> 0.67 (one run, measured on a loaded machine).
         rl=["--num-steps", "30"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
+        eval_skills=("--max-new-tokens", "64"),
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
@@ -321,6 +326,10 @@ def register(sub) -> None:
                         "with only its sizes shrunk to seconds on a CPU (the size flags in TOY_SIZES), for tests")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes for the distributed steps, under torchrun (default: every visible GPU; 1 on CPU)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget of the four training loops together, split in proportion to their "
+                        "share of the run; each fits its step count to its minutes (tokenizer, evals and "
+                        "start-up come on top)")
     # precision and memory flags of the training stages, passed to pretrain, midtrain, sft and rl
     add_fp8_arg(p)
     add_memory_args(p)
@@ -389,11 +398,12 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
 
 
 def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
-         train: list[str] = (), pretrain: list[str] = (), world_size: int = 1, scale: str = "full") -> list[Step]:
+         train: list[str] = (), pretrain: list[str] = (), world_size: int = 1, scale: str = "full",
+         minutes: float | None = None) -> list[Step]:
     """The steps of a speedrun. `train`: extra flags for every training stage (training_flags);
     `pretrain`: extra flags for pretraining only (--compile); `world_size`: processes the distributed
     steps run on (GPU presets keep their batch on any count by gradient accumulation); `scale`: "toy"
-    shrinks a GPU preset's sizes and nothing else (TOY_SIZES)."""
+    shrinks a GPU preset's sizes and nothing else (TOY_SIZES); `minutes`: budget_flags."""
     if scale != "full" and not preset.gpu:
         raise ChibiError(f"--scale {scale} shrinks a GPU preset; preset {preset.name} is already CPU-sized")
     tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
@@ -453,20 +463,57 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
         Step("eval-mid", "evaluate the midtrained model",
              sc(["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04),
+        skills_step(home, "mid", tag, lang, common + dev, preset),
         Step("sft", "supervised fine-tuning",
              sc(["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["sft"]]),
              ck("sft", tag) / "summary.json", [ck("sft", tag)], resumable_dir=ck("sft", tag), distributed=True, weight=0.1),
         Step("eval-sft", "evaluate the SFT model",
              sc(["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),
+        skills_step(home, "sft", tag, lang, common + dev, preset),
         Step("rl", "reinforcement learning on verifiable rewards",
              sc(["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, *rl_task, *common, *dev, *train, *flags["rl"]]),
              ck("rl", tag) / "summary.json", [ck("rl", tag)], resumable_dir=ck("rl", tag), distributed=True, weight=0.1),
         Step("eval-rl", "evaluate the RL model",
              sc(["eval", "chat", "--from", "rl", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("rl", tag) / "summary.json", [ev("rl", tag)], distributed=True, weight=0.04),
+        skills_step(home, "rl", tag, lang, common + dev, preset),
     ]
+    for step in steps:
+        if step.name.startswith("skills-"):
+            step.argv = sc(step.argv)
+    if minutes is not None:
+        budget_flags(steps, minutes)
     return steps
+
+
+TRAINING_STEPS = ("pretrain", "midtrain", "sft", "rl")
+BUDGET_HEADROOM = 4  # with --minutes, a stage may take up to this many times its preset's --num-steps
+
+
+def budget_flags(steps: list[Step], minutes: float) -> None:
+    """Give each training step its share of `minutes` (by step weight) as --minutes, and raise its
+    --num-steps cap BUDGET_HEADROOM-fold so a machine faster than the one the preset was sized on
+    spends its minutes learning instead of stopping at the preset's count."""
+    if not (minutes > 0 and minutes < float("inf")):
+        raise ChibiError(f"--minutes must be a positive number, got {minutes}")
+    training = [s for s in steps if s.name in TRAINING_STEPS]
+    total = sum(s.weight for s in training)
+    for s in training:
+        s.argv += ["--minutes", f"{minutes * s.weight / total:.4g}"]
+        if "--num-steps" in s.argv:
+            i = len(s.argv) - s.argv[::-1].index("--num-steps")  # the value after the last --num-steps
+            s.argv[i] = str(BUDGET_HEADROOM * int(s.argv[i]))
+
+
+def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], preset: Preset) -> Step:
+    """`eval skills` of one chat stage; done when its per-item file (written last) exists."""
+    from chibichat.eval.skills import summary_prefix
+
+    out = home.eval_dir(stage, tag) / summary_prefix(lang)
+    return Step(f"skills-{stage}", f"held-out skills prompts on the {stage} model",
+                ["eval", "skills", "--from", stage, "--tag", tag, "--lang", lang, *flags, *preset.eval_skills],
+                out.with_suffix(".jsonl"), [out.with_suffix(".jsonl"), out.with_suffix(".csv")], weight=0.02)
 
 
 def _has_checkpoint(d: Path | None) -> bool:
@@ -498,7 +545,7 @@ def run(args) -> int:
     preset = pick_preset(args.preset)
     nproc = process_count(args.nproc_per_node)
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
-                 ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale)
+                 ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale, minutes=args.minutes)
     names = {s.name for s in steps}
     for f in args.force:
         if f not in names:

@@ -36,6 +36,17 @@ never a micro-batch, REFERENCE §20 #3):
 Evaluation/samples run at step 0, every eval_every / sample_every steps and at the end; checkpoints
 every save_every steps and at the end (rank 0 writes; loader and RNG states of all ranks are gathered).
 
+Wall-clock budget (`minutes`): num_steps is then the most steps the run may take. The first step
+(compile, warm-up) is not timed; the next `fit_after` steps are, and after them the run's step count is
+fixed once (fit_num_steps): as many steps as fit in what is left of the budget at the measured seconds
+per step (evaluations every eval_every steps and the final one costed at what the step-0 evaluation
+took), at most num_steps. Until then the LR schedule is that of num_steps steps, which equals the
+fitted schedule on every step taken so far as long as those steps come before its warmdown (warmup
+is in steps, warmdown a fraction of the fitted count); a budget too short for that is refused. The
+fitted count, the measured seconds per step and tok/s go into the loop state (so a resume keeps the
+count) and LoopResult.fit. The budget covers the loop (from the call to train() to the final
+checkpoint), not the stage's start-up; checkpoint writes and sampling are not costed.
+
 Exact resume (`resume=True`): weights, optimizer, every rank's loader state, loop counters and RNG
 states come back from the newest checkpoint in tag_dir, and metrics.jsonl is cut back to that step,
 so a killed-and-resumed run computes exactly what an uninterrupted one does.
@@ -99,6 +110,8 @@ class LoopConfig:
     peak_flops: float | None = None   # per device; None = look up PEAK_BF16_FLOPS
     trim_heap: bool = False      # release_free_heap() after every optimizer step (host memory, glibc only)
     skip_empty_steps: bool = False  # a step with no target tokens on any rank is skipped (see above), not an error
+    minutes: float | None = None  # wall-clock budget: fit the step count (num_steps is then the cap)
+    fit_after: int = 5           # steps timed (after the untimed first one) before the count is fitted
 
     def __post_init__(self):
         self.tag_dir = Path(self.tag_dir)
@@ -112,6 +125,10 @@ class LoopConfig:
         for name in ("warmdown_frac", "final_lr_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ChibiError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise ChibiError(f"--minutes must be a positive number, got {self.minutes}")
+        if self.fit_after < 1:
+            raise ChibiError(f"fit_after (steps timed before fitting --minutes) must be >= 1, got {self.fit_after}")
         if self.resume and self.overwrite:
             raise ChibiError("--resume continues a run and --overwrite replaces it: pass one of them")
         if self.warmup_steps + round(self.warmdown_frac * self.num_steps) > self.num_steps:
@@ -129,6 +146,7 @@ class LoopState:
     last_eval: dict = field(default_factory=dict)
     last_loss: float | None = None
     skipped_steps: int = 0       # steps without target tokens, skipped under cfg.skip_empty_steps
+    fit: dict = field(default_factory=dict)  # --minutes: the fitted step count and what it was fitted to
 
 
 @dataclass
@@ -142,6 +160,30 @@ class LoopResult:
     min_val_bpb: float | None
     checkpoint: str | None
     skipped_steps: int = 0
+    fit: dict = field(default_factory=dict)
+
+
+def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times: list[float], tokens_timed: int,
+                  eval_s: float, eval_every: int, cap: int, warmup_steps: int, warmdown_frac: float) -> dict:
+    """The step count that ends a run within `minutes` (module docstring), with what it was fitted to.
+
+    elapsed_s: wall time of the run so far; steps_done: steps taken; step_times: seconds of the timed
+    steps, which trained on tokens_timed target tokens; eval_s: seconds of one evaluation (0: none)."""
+    if not step_times:
+        raise ChibiError("fitting --minutes needs at least one timed step")
+    sec_per_step = sum(step_times) / len(step_times)
+    per_step = sec_per_step + (eval_s / eval_every if eval_every else 0.0)
+    left = minutes * 60.0 - elapsed_s - eval_s  # the final evaluation is still to come
+    fitted = steps_done + max(0, math.floor(left / per_step))
+    num_steps = min(fitted, cap)
+    if num_steps < cap and num_steps - round(warmdown_frac * num_steps) < max(steps_done, warmup_steps):
+        raise ChibiError(
+            f"--minutes {minutes:g} is too short: after {steps_done} steps ({elapsed_s:.0f} s, {sec_per_step:.3f} s "
+            f"per step) it leaves room for {num_steps} steps in all, too few to keep the steps taken and the "
+            f"{warmup_steps} warmup steps before the final {warmdown_frac:g} warmdown; give more minutes")
+    return {"minutes": minutes, "num_steps": num_steps, "capped": fitted > cap, "cap": cap,
+            "sec_per_step": sec_per_step, "tok_per_s": tokens_timed / sum(step_times),
+            "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s}
 
 
 def count_targets(batch) -> int:
@@ -162,6 +204,15 @@ def _all_sum(rt: Runtime, values: list[float]) -> list[float]:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast0(rt: Runtime, values: list[float]) -> list[float]:
+    """Rank 0's numbers on every rank (float64)."""
+    if not rt.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.broadcast(t, 0)
     return t.tolist()
 
 
@@ -342,13 +393,14 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
 
 def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopConfig, *, meta: dict,
           train_model=None, count_fn: Callable | None = None, eval_fn: Callable | None = None,
-          sample_fn: Callable | None = None) -> LoopResult:
+          sample_fn: Callable | None = None, clock: Callable[[], float] = time.perf_counter) -> LoopResult:
     """Run (or resume) the loop described in the module docstring. `model` is the plain module
-    (checkpoints, callbacks); `train_model` an optional compiled wrapper used for the training forward."""
+    (checkpoints, callbacks); `train_model` an optional compiled wrapper used for the training forward;
+    `clock` the seconds clock of step times and the --minutes budget (injectable for tests)."""
     count_fn = count_fn or count_targets
     train_model = train_model if train_model is not None else model
     raw = unwrap(model)
-    wall0 = time.perf_counter()
+    wall0 = clock()
 
     existing = list_steps(cfg.tag_dir)
     if rt.is_master and cfg.tag_dir.is_dir():
@@ -365,8 +417,18 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             for s in existing:
                 shutil.rmtree(step_dir(cfg.tag_dir, s))
         state = LoopState()
-    if state.step > cfg.num_steps:
-        raise ChibiError(f"the checkpoint is at step {state.step}, past --num-steps {cfg.num_steps}")
+    # The step count of this run: fixed, fitted earlier (resume), or fitted after the timed steps.
+    num_steps = state.fit.get("num_steps", cfg.num_steps)
+    fit_at = None
+    if cfg.minutes is not None and not state.fit:
+        fit_at = state.step + 1 + cfg.fit_after
+        if fit_at >= cfg.num_steps:  # the cap comes before any fit could: nothing to fit
+            fit_at = None
+            state.fit = {"minutes": cfg.minutes, "num_steps": cfg.num_steps, "capped": True, "cap": cfg.num_steps,
+                         "note": f"--num-steps {cfg.num_steps} ends the run before {cfg.fit_after} steps were timed"}
+    if state.step > num_steps:
+        what = f"the {num_steps} steps fitted to --minutes" if state.fit else f"--num-steps {num_steps}"
+        raise ChibiError(f"the checkpoint is at step {state.step}, past {what}")
     if rt.is_master:  # summary.json marks a finished run; this one is not finished yet
         (cfg.tag_dir / "summary.json").unlink(missing_ok=True)
     metrics = _Metrics(rt, cfg, state.step if cfg.resume else None, meta)
@@ -378,16 +440,23 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
     resumed_at = state.step if cfg.resume else None
     last_ckpt = step_dir(cfg.tag_dir, state.step) if cfg.resume else None
     recent: list[float] = []  # recent step times for the ETA
+    timed: list[float] = []   # --minutes: times of the timed steps
+    timed_tokens = 0
+    eval_s = 0.0               # --minutes: seconds of the first evaluation of this process
     first_step = state.step
     model.train()
     try:
-        for step in range(state.step, cfg.num_steps + 1):
-            last = step == cfg.num_steps
+        step = state.step
+        while True:
+            last = step == num_steps
             # -- callbacks at "after `step` steps"; skipped at the step we resumed at (already done)
             if step != resumed_at:
                 if eval_fn is not None and (last or step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
                     model.eval()
+                    t_eval = clock()
                     vals = {k: float(v) for k, v in eval_fn(raw, step).items()}
+                    if step == first_step:
+                        eval_s = clock() - t_eval
                     model.train()
                     if vals:  # an eval_fn may have nothing to report at some steps
                         state.last_eval = vals
@@ -408,7 +477,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     last_ckpt = _save(raw, optimizer, batches, rt, cfg, meta, state)
             if last:
                 break
-            dt, loss, n_tokens = _train_step(train_model, optimizer, batches, loss_fn, count_fn, rt, cfg, step)
+            dt, loss, n_tokens = _train_step(train_model, optimizer, batches, loss_fn, count_fn, rt, cfg, step,
+                                             num_steps, clock)
             state.step = step + 1
             state.tokens += n_tokens
             state.train_time_s += dt
@@ -432,26 +502,41 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             recent = [dt] if step <= first_step + 1 else (recent + [dt])[-20:]
             tok_s = n_tokens / dt
             mfu = cfg.flops_per_token * tok_s / (peak * rt.world_size) if peak and cfg.flops_per_token else None
-            lrm = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+            lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
             rec = {"step": state.step, "loss": loss, "lr": lrm, "tok_per_s": tok_s, "dt_s": dt,
                    "elapsed_s": state.train_time_s, "tokens": state.tokens}
             if mfu is not None:
                 rec["mfu"] = mfu
             metrics.log(rec)
-            if state.step % cfg.log_every == 0 or state.step == cfg.num_steps:
-                eta = sum(recent) / len(recent) * (cfg.num_steps - state.step)
-                print0(rt, f"step {state.step:06d}/{cfg.num_steps:06d} ({100 * state.step / cfg.num_steps:5.1f}%) | "
+            if fit_at is not None and step > first_step:
+                timed.append(dt)
+                timed_tokens += n_tokens
+                if state.step == fit_at:
+                    # Every rank fits from rank 0's timings, so all take the same number of steps.
+                    (elapsed,) = _broadcast0(rt, [clock() - wall0])
+                    times = _broadcast0(rt, timed)
+                    state.fit = fit_num_steps(cfg.minutes, elapsed, state.step, times, timed_tokens, eval_s,
+                                              cfg.eval_every, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
+                    num_steps, fit_at = state.fit["num_steps"], None
+                    print0(rt, f"--minutes {cfg.minutes:g}: {state.fit['sec_per_step']:.3f} s/step "
+                               f"({state.fit['tok_per_s']:,.0f} tok/s) over {len(times)} timed steps -> {num_steps} "
+                               f"steps{' (the --num-steps cap)' if state.fit['capped'] else ''}")
+            if state.step % cfg.log_every == 0 or state.step == num_steps:
+                eta = sum(recent) / len(recent) * (num_steps - state.step)
+                print0(rt, f"step {state.step:06d}/{num_steps:06d} ({100 * state.step / num_steps:5.1f}%) | "
                            f"loss {loss:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | "
                            f"mfu {'-' if mfu is None else f'{100 * mfu:.2f}%'} | "
                            f"elapsed {_fmt_time(state.train_time_s)} | eta {_fmt_time(eta)}")
+            step += 1
     finally:
         gc.enable()
         gc.unfreeze()
         metrics.close()
     return LoopResult(steps=state.step, tokens=state.tokens, train_time_s=state.train_time_s,
-                      wall_time_s=time.perf_counter() - wall0, final_loss=state.last_loss,
+                      wall_time_s=clock() - wall0, final_loss=state.last_loss,
                       final_eval=state.last_eval, min_val_bpb=state.min_val_bpb,
-                      checkpoint=str(last_ckpt) if last_ckpt else None, skipped_steps=state.skipped_steps)
+                      checkpoint=str(last_ckpt) if last_ckpt else None, skipped_steps=state.skipped_steps,
+                      fit=dict(state.fit))
 
 
 def release_free_heap() -> bool:
@@ -480,10 +565,11 @@ def _sync(rt: Runtime) -> None:
         torch.cuda.synchronize(rt.device)
 
 
-def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: LoopConfig, step: int):
+def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: LoopConfig, step: int,
+                num_steps: int, clock: Callable[[], float]):
     _sync(rt)
-    t0 = time.perf_counter()
-    lrm = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+    t0 = clock()
+    lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
     for g in optimizer.param_groups:
         g["lr"] = g["initial_lr"] * lrm
     set_muon_momentum(optimizer, muon_momentum(step, warmup_steps=cfg.momentum_warmup_steps))
@@ -491,7 +577,7 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
     try:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
     except StopIteration:
-        raise ChibiError(f"the batch source ran out during step {step}; the run needs {cfg.num_steps} steps x "
+        raise ChibiError(f"the batch source ran out during step {step}; the run needs {num_steps} steps x "
                          f"{cfg.grad_accum} micro-batches per rank: lower --num-steps or loop the data") from None
     counts = [int(count_fn(b)) for b in micro]
     (total,) = _all_sum(rt, [float(sum(counts))])
@@ -520,7 +606,7 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
         release_free_heap()
     (loss_total,) = _all_sum(rt, [loss_acc.item()])
     _sync(rt)
-    return time.perf_counter() - t0, loss_total / total, total
+    return clock() - t0, loss_total / total, total
 
 
 def _save(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict, state: LoopState) -> Path:

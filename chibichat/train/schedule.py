@@ -43,3 +43,12 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmdown_frac:
         mult = min((step + 1) / warmup_steps, final_frac + (1.0 - final_frac) * (total_steps - step) / warmdown_steps)
     assert 0.0 <= mult <= 1.0, mult
     return mult
+
+
+def add_budget_args(p) -> None:
+    """--minutes / --fit-steps of every training stage (LoopConfig.minutes / fit_after)."""
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget of the training loop: time the first steps, then fit the step count (at "
+                        "most --num-steps) and its LR schedule so the stage ends within this many minutes")
+    p.add_argument("--fit-steps", type=int, default=5,
+                   help="with --minutes: steps timed (after the untimed first one) before fitting (default: 5)")

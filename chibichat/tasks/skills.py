@@ -1,0 +1,217 @@
+"""The held-out skills prompt set (EN and JA) and its checkers.
+
+assets/skills-<lang>.jsonl holds hand-written prompts, one JSON object per line:
+    {"id": "en-arithmetic-01", "skill": "arithmetic", "prompt": "...", "check": "number", "answer": "84"}
+They test what the quickstart's chat data teaches, phrased in words the training generators
+(identity, arithmetic, spelling, letter counting) never use; tests/test_skills.py checks that no prompt
+is a near-duplicate of a generated training prompt. Spelled and counted words are test-split words of
+the generated tasks, so they never occur in training items either.
+
+Skills (SKILLS) and their checkers (`check_reply`, each on the reply text the user sees; tool calls
+appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output_end|>):
+    identity             "identity": the reply names the assistant ("chibichat", any case).
+    arithmetic,          "number": the reply's final answer equals the expected number. The final
+    arithmetic-two-step,  answer is the number after the last "####" (the trained format); a reply
+    letter-count          without "####" is read by its last number outside tool segments, which is
+                          what a reader takes as the answer, but only when it is clean prose (a
+                          stray special token, i.e. a broken tool call, gives no answer).
+    spelling             "spelling": the final line, after an optional "word:" prefix, is the word's
+                          letters in order, each letter separated by "-", ",", "・", "、" or spaces
+                          (the word written whole is not spelled).
+    greeting             "greeting": the reply opens (first 60 characters) with a greeting word and
+                          calls no tool and gives no "####" answer: a greeting is answered in kind,
+                          not treated as a task.
+    refusal              "refusal": asked for a fact it cannot know (the user's private life, the
+                          future), the reply says so (a marker of not knowing or not being able to)
+                          and states no number: an honest reply, not an invented fact.
+Items of skill "open" (simple open prompts: one sentence about the sea) have no right answer; they
+are scored by the reply-quality proxy (`reply_quality`), not by a checker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from chibichat.common import ChibiError
+from chibichat.tasks.answers import extract_final_number, final_line, numbers_equal
+
+LANGS = ("en", "ja")
+SKILLS = ("identity", "arithmetic", "arithmetic-two-step", "spelling", "letter-count", "greeting", "refusal")
+OPEN = "open"
+CHECKS = {"identity": "identity", "arithmetic": "number", "arithmetic-two-step": "number", "spelling": "spelling",
+          "letter-count": "number", "greeting": "greeting", "refusal": "refusal", OPEN: "open"}
+
+_TOOL_SEGMENT = re.compile(r"<\|python_start\|>.*?<\|python_end\|>|<\|output_start\|>.*?<\|output_end\|>", re.S)
+_SPECIAL = re.compile(r"<\|[a-z_]+\|>")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_SPELL_SEPARATORS = re.compile(r"[-,、・\s]+")
+
+GREETING_WORDS = {
+    "en": ("hello", "hi", "hey", "good morning", "good afternoon", "good evening", "greetings", "howdy",
+           "nice to meet", "welcome", "hiya", "yo"),
+    "ja": ("こんにちは", "こんばんは", "おはよう", "はじめまして", "やあ", "どうも", "よろしく", "もしもし",
+           "お疲れさま", "おつかれさま", "ようこそ", "ごきげんよう"),
+}
+REFUSAL_MARKERS = {
+    "en": ("don't know", "do not know", "can't know", "cannot know", "no way to know", "not sure", "can't tell",
+           "cannot tell", "can't see", "cannot see", "can't access", "cannot access", "no access", "don't have",
+           "do not have", "unable", "i'm sorry", "i am sorry", "can't predict", "cannot predict", "i can't",
+           "i cannot", "no idea"),
+    "ja": ("わかりません", "分かりません", "知りません", "わからない", "分からない", "知らない", "できません", "見られません",
+           "予測できません", "答えられません", "ごめんなさい", "すみません", "申し訳"),
+}
+
+
+def asset_file(lang: str) -> Path:
+    from chibichat.tasks.shipped import asset_path
+
+    return asset_path(f"skills-{lang}.jsonl")
+
+
+def load_items(lang: str) -> list[dict]:
+    """Every item of the prompt set of `lang`, validated (a malformed line is a ChibiError naming it)."""
+    if lang not in LANGS:
+        raise ChibiError(f"skills prompt set: --lang must be one of {LANGS}, got {lang!r}")
+    path = asset_file(lang)
+    if not path.exists():
+        raise ChibiError(f"skills prompt set {path} is missing; reinstall chibichat")
+    items, seen = [], set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise ChibiError(f"{where}: not JSON ({e})") from None
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("id", "skill", "prompt", "check")):
+            raise ChibiError(f"{where}: an item needs string fields id, skill, prompt and check")
+        if item["skill"] not in CHECKS or CHECKS[item["skill"]] != item["check"]:
+            raise ChibiError(f"{where}: skill {item['skill']!r} with check {item['check']!r}; skills and their "
+                             f"checks are {CHECKS}")
+        if item["check"] in ("identity", "number", "spelling") and not isinstance(item.get("answer"), str):
+            raise ChibiError(f"{where}: a {item['check']!r} item needs a string 'answer'")
+        if item["id"] in seen:
+            raise ChibiError(f"{where}: duplicate id {item['id']!r}")
+        seen.add(item["id"])
+        items.append(item)
+    return items
+
+
+def visible_text(reply: str) -> str:
+    """The reply without its well-formed tool segments and special-token names: the prose a reader goes by."""
+    return _SPECIAL.sub(" ", _TOOL_SEGMENT.sub(" ", reply))
+
+
+def reply_number(reply: str) -> str | None:
+    """The reply's final answer: the number after the last '####', else the last number of the prose
+    when the reply is clean prose (no stray special token left once well-formed tool segments are
+    removed: a broken tool call is not an answer, whatever digits it happens to contain)."""
+    n = extract_final_number(reply)
+    if n is not None:
+        return n
+    if _SPECIAL.search(_TOOL_SEGMENT.sub(" ", reply)):
+        return None
+    found = _NUMBER.findall(visible_text(reply))
+    return found[-1].replace(",", "") if found else None
+
+
+def spelled_letters(reply: str, word: str) -> list[str] | None:
+    """The letters spelled on the reply's final line (an optional "word:" prefix dropped), or None when
+    the line is not written letter by letter."""
+    line = final_line(visible_text(reply))
+    for prefix in (f"{word}:", f"{word}：", f'"{word}":', f"「{word}」："):
+        if line.startswith(prefix):
+            line = line[len(prefix):].strip()
+    line = line.strip().strip("\"'「」")
+    parts = [p for p in _SPELL_SEPARATORS.split(line) if p]
+    if len(parts) < 2 or any(len(p) != 1 for p in parts):
+        return None
+    return parts
+
+
+def is_greeting(reply: str, lang: str) -> bool:
+    if "####" in reply or "<|python_start|>" in reply:
+        return False
+    head = visible_text(reply).strip().lower()[:60]
+    if lang == "ja":
+        return any(w in head for w in GREETING_WORDS["ja"])
+    return any(re.search(rf"\b{re.escape(w)}\b", head) for w in GREETING_WORDS["en"])
+
+
+def is_refusal(reply: str, lang: str) -> bool:
+    text = visible_text(reply).lower().replace("’", "'")
+    if "####" in reply or re.search(r"\d", text):
+        return False
+    return any(m in text for m in REFUSAL_MARKERS[lang])
+
+
+def check_reply(item: dict, reply: str, lang: str) -> bool:
+    """Whether `reply` does what `item` asks (see the module docstring for each check)."""
+    check = item["check"]
+    if check == "identity":
+        return item["answer"].lower() in visible_text(reply).lower()
+    if check == "number":
+        return numbers_equal(reply_number(reply), item["answer"])
+    if check == "spelling":
+        return spelled_letters(reply, item["answer"]) == list(item["answer"])
+    if check == "greeting":
+        return is_greeting(reply, lang)
+    if check == "refusal":
+        return is_refusal(reply, lang)
+    raise ChibiError(f"item {item.get('id')!r}: check {check!r} has no checker (open prompts are scored by "
+                     "reply_quality)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reply-quality proxy for open prompts
+
+
+def reply_units(text: str, lang: str) -> list[str]:
+    """Words (EN: lower-case runs of letters/digits/apostrophes) or characters (JA, no spaces to split on)."""
+    prose = visible_text(text)
+    if lang == "ja":
+        return [c for c in prose if not c.isspace()]
+    return re.findall(r"[a-z0-9']+", prose.lower())
+
+
+def distinct_n(units: list[str], n: int) -> float | None:
+    """Share of distinct n-grams among a reply's n-grams (1.0: no repetition); None if it has none."""
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def reply_quality(replies: list[tuple[str, str]], lang: str) -> dict:
+    """Proxy for "writes grammatical, on-topic sentences" over (text, finish_reason) pairs of open prompts.
+
+    ended_share   replies that end with <|assistant_end|> inside the token budget (finish_reason "stop")
+                  and are not empty: the model finishes what it starts instead of rambling on.
+    distinct_2    mean over replies of distinct 2-grams / 2-grams (EN words, JA characters): loops such
+                  as "s-e-r-e-r-e-r" or a repeated clause score low.
+    repeat_free   replies none of whose 3-grams occurs twice (a degenerate loop fails it).
+    tool_free     replies with no tool call or "####": an open prompt is not a calculator task.
+    score         mean over replies of (ended and non-empty and repeat-free and tool-free): the share of
+                  open replies that pass every check.
+    The third part of the proxy, how well the base model predicts simple English, is its val bpb
+    (`chibichat eval base`), reported beside these on the report card."""
+    if not replies:
+        raise ChibiError("reply_quality needs at least one reply")
+    ended, d2, rep_free, tool_free, good = 0, [], 0, 0, 0
+    for text, finish in replies:
+        units = reply_units(text, lang)
+        is_ended = finish == "stop" and bool(units)
+        d = distinct_n(units, 2)
+        if d is not None:
+            d2.append(d)
+        tri = distinct_n(units, 3)
+        no_repeat = tri is None or tri == 1.0
+        no_tool = "####" not in text and "<|python_start|>" not in text
+        ended += is_ended
+        rep_free += no_repeat
+        tool_free += no_tool
+        good += is_ended and no_repeat and no_tool
+    n = len(replies)
+    return {"ended_share": ended / n, "distinct_2": sum(d2) / len(d2) if d2 else None,
+            "repeat_free": rep_free / n, "tool_free": tool_free / n, "score": good / n, "n": n}

@@ -1,0 +1,328 @@
+import json
+import re
+import unicodedata
+
+import pytest
+
+from chibichat.common import ChibiError, Home
+from chibichat.eval import skills as ES
+from chibichat.tasks import skills as S
+from chibichat.tokenizer import SPECIAL_TOKENS
+
+# Near-duplicate rule of the disjointness test. Text is normalised (NFKC, lower case, every number
+# replaced by "#", punctuation dropped, whitespace collapsed), so a held-out prompt that only swaps the
+# numbers or names of a training template still counts as that template. Two prompts are near-duplicates
+# when their normalised texts are equal or the Jaccard similarity of their n-gram sets (EN: word 3-grams,
+# JA: character 4-grams) is >= NEAR_DUP.
+NEAR_DUP = 0.5
+SAMPLE = 1500  # train items drawn from each generated task
+
+
+def normalise(text: str) -> str:
+    t = unicodedata.normalize("NFKC", text).lower()
+    t = re.sub(r"\d+", "#", t)
+    t = re.sub(r"[^\w#\s]", " ", t)
+    return " ".join(t.split())
+
+
+def grams(text: str, lang: str) -> frozenset:
+    if lang == "en":
+        w = text.split()
+        return frozenset(tuple(w[i:i + 3]) for i in range(max(1, len(w) - 2)))
+    c = text.replace(" ", "")
+    return frozenset(c[i:i + 4] for i in range(max(1, len(c) - 3)))
+
+
+def jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def training_prompts(lang: str) -> set[str]:
+    """Every user turn of the chat data's generators (a sample of SAMPLE train items per generated task,
+    every phrasing of the identity topics and greetings) and of the shipped conversations."""
+    from chibichat.tasks import identity
+    from chibichat.tasks.registry import get_task
+
+    sfx = "" if lang == "en" else "-ja"
+    topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
+    greetings = identity.EN_GREETINGS if lang == "en" else identity.JA_GREETINGS
+    out = {q for qs, _ in topics.values() for q in qs} | set(greetings)
+    for name in ("arithmetic", "arithmetic-multi", "spelling", "letter-count"):
+        task = get_task(name + sfx, split="train", size=SAMPLE)
+        out |= {task[i]["messages"][0]["content"] for i in range(SAMPLE)}
+    for name in (("chitchat", "chatterbot") if lang == "en" else ("chatterbot-ja",)):
+        task = get_task(name)
+        out |= {m["content"] for i in range(len(task)) for m in task[i]["messages"]
+                if m["role"] == "user" and isinstance(m["content"], str)}
+    return out
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_heldout_prompts_are_disjoint_from_training_prompts(lang):
+    train = {normalise(t) for t in training_prompts(lang)}
+    by_gram: dict = {}  # n-gram -> training texts holding it (only those can have Jaccard > 0)
+    train_grams = {}
+    for t in train:
+        train_grams[t] = grams(t, lang)
+        for g in train_grams[t]:
+            by_gram.setdefault(g, []).append(t)
+    worst = (0.0, None, None)
+    for item in S.load_items(lang):
+        p = normalise(item["prompt"])
+        assert p not in train, f"{item['id']} {item['prompt']!r} equals a training prompt after normalisation"
+        g = grams(p, lang)
+        for t in {t for x in g for t in by_gram.get(x, ())}:
+            j = jaccard(g, train_grams[t])
+            if j > worst[0]:
+                worst = (j, item["prompt"], t)
+    assert worst[0] < NEAR_DUP, f"near-duplicate (Jaccard {worst[0]:.2f}): {worst[1]!r} ~ {worst[2]!r}"
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_prompt_set_covers_every_skill_with_heldout_words(lang):
+    from chibichat.tasks.generated import key_split
+
+    items = S.load_items(lang)
+    scored = [it for it in items if it["skill"] != S.OPEN]
+    assert len(scored) >= 100
+    assert {it["skill"] for it in scored} == set(S.SKILLS)
+    assert min(sum(it["skill"] == s for it in scored) for s in S.SKILLS) >= 10
+    assert sum(it["skill"] == S.OPEN for it in items) == 8
+    for it in items:
+        if it["skill"] == "spelling":
+            assert key_split(it["answer"]) == "test", it  # never spelled in training
+            assert it["answer"] in it["prompt"]
+        if it["skill"] == "letter-count":
+            assert key_split(it["word"]) == "test", it  # never counted in training
+            assert it["word"] in it["prompt"] and it["letter"] in it["prompt"]
+            assert it["answer"] == str(it["word"].count(it["letter"])), it
+    assert {it["answer"] for it in items if it["skill"] == "letter-count"} >= {"0", "1", "2"}
+
+
+def test_load_items_refuses_bad_language_and_malformed_lines(tmp_path, monkeypatch):
+    with pytest.raises(ChibiError, match="--lang must be one of"):
+        S.load_items("fr")
+    bad = tmp_path / "skills-en.jsonl"
+    monkeypatch.setattr(S, "asset_file", lambda lang: bad)
+    bad.write_text(json.dumps({"id": "a", "skill": "spelling", "prompt": "p", "check": "number", "answer": "x"}) + "\n")
+    with pytest.raises(ChibiError, match="skill 'spelling' with check 'number'"):
+        S.load_items("en")
+    bad.write_text(json.dumps({"id": "a", "skill": "arithmetic", "prompt": "p", "check": "number"}) + "\n")
+    with pytest.raises(ChibiError, match="needs a string 'answer'"):
+        S.load_items("en")
+    row = json.dumps({"id": "a", "skill": "greeting", "prompt": "hi", "check": "greeting"})
+    bad.write_text(row + "\n" + row + "\n")
+    with pytest.raises(ChibiError, match=r"skills-en.jsonl:2: duplicate id 'a'"):
+        S.load_items("en")
+
+
+TOOL = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
+
+
+@pytest.mark.parametrize("reply,ok", [
+    (f"We multiply. {TOOL}12 times 7 is 84.\n#### 84", True),
+    ("It is 84.", True),                        # no '####': the last number of the prose
+    ("84 is wrong, it is 85", False),
+    (f"{TOOL}", False),                          # only the tool's output, no answer given
+    ("#### 84.0", True),
+    ("#### 48", False),
+    ("I think #### 84 or maybe 85", True),       # the number after #### wins
+    ("How many 84<|python_end|><|output_start|>84<|python_end|>", False),  # a broken tool call is no answer
+    (f"{TOOL} so 84", True),                     # after a well-formed call, clean prose counts
+    ("<|python_start|>12*7", False),             # an unfinished call
+])
+def test_number_checker(reply, ok):
+    assert S.check_reply({"check": "number", "answer": "84"}, reply, "en") is ok
+
+
+@pytest.mark.parametrize("reply,ok", [
+    ("b-a-c-o-n", True), ("bacon: b-a-c-o-n.", True), ("b a c o n", True), ("B-A-C-O-N", False),
+    ("bacon", False), ("b-a-c-n", False), ("Here it is:\nb, a, c, o, n", True), ("ba-con", False),
+])
+def test_spelling_checker(reply, ok):
+    assert S.check_reply({"check": "spelling", "answer": "bacon"}, reply, "en") is ok
+
+
+def test_spelling_checker_japanese():
+    item = {"check": "spelling", "answer": "キック"}
+    assert S.check_reply(item, "キ-ッ-ク", "ja") is True
+    assert S.check_reply(item, "キ・ッ・ク", "ja") is True
+    assert S.check_reply(item, "キ-ク", "ja") is False
+
+
+@pytest.mark.parametrize("reply,ok", [
+    ("I am chibichat, a small language model.", True), ("My name is ChibiChat.", True),
+    ("I am a small AI assistant.", False), ("chibi", False),
+])
+def test_identity_checker(reply, ok):
+    assert S.check_reply({"check": "identity", "answer": "chibichat"}, reply, "en") is ok
+
+
+@pytest.mark.parametrize("reply,lang,ok", [
+    ("Hello! How can I help?", "en", True), ("Hi there.", "en", True), ("Good evening to you too!", "en", True),
+    ("This is a nice thing.", "en", False), ("Which is the highest mountain?", "en", False),
+    ("Hello! #### 5", "en", False),              # a greeting that then answers a sum is not answered in kind
+    ("Shiny things are nice. " * 4 + "Hello", "en", False),  # the greeting must open the reply
+    ("こんにちは！何かお手伝いしましょうか？", "ja", True), ("りんごは3個です。", "ja", False),
+])
+def test_greeting_checker(reply, lang, ok):
+    assert S.check_reply({"check": "greeting"}, reply, lang) is ok
+
+
+@pytest.mark.parametrize("reply,lang,ok", [
+    ("I don't know what you ate: I cannot see your life.", "en", True),
+    ("I’m sorry, I have no way to know that.", "en", True),
+    ("You ate eggs and toast.", "en", False),
+    ("I don't know, maybe 42.", "en", False),    # hedged, but still invents a number
+    ("わかりません。私はあなたの生活を見られません。", "ja", True),
+    ("あなたの妹の名前はさくらです。", "ja", False),
+])
+def test_refusal_checker(reply, lang, ok):
+    assert S.check_reply({"check": "refusal"}, reply, lang) is ok
+
+
+def test_open_items_have_no_checker():
+    with pytest.raises(ChibiError, match="scored by reply_quality"):
+        S.check_reply({"id": "x", "check": "open"}, "The sea is blue.", "en")
+
+
+def test_reply_quality_on_hand_built_replies():
+    replies = [
+        ("The sea is big and blue.", "stop"),                       # passes everything
+        ("The sea is blue and the sea is blue and the sea", "length"),  # runs out of budget, loops
+        ("Hello!", "stop"),                                         # ends, no repetition: passes
+        (f"We add. {TOOL}\n#### 84", "stop"),                       # a calculator answer to an open prompt
+    ]
+    q = S.reply_quality(replies, "en")
+    assert q["n"] == 4
+    assert q["ended_share"] == 0.75
+    assert q["repeat_free"] == 0.75
+    assert q["tool_free"] == 0.75
+    assert q["score"] == 0.5
+    # distinct-2 per reply: 5 of 5; 5 of 11 (the loop); "hello" has no 2-gram (left out); tool segments
+    # are dropped, leaving "we add 84": 2 of 2
+    assert q["distinct_2"] == pytest.approx((1.0 + 5 / 11 + 1.0) / 3)
+    assert S.reply_quality([("", "stop")], "en")["ended_share"] == 0.0  # an empty reply did not answer
+    ja = S.reply_quality([("海は広くて青い。", "stop"), ("ああああああ", "stop")], "ja")
+    assert ja["repeat_free"] == 0.5 and ja["score"] == 0.5
+    with pytest.raises(ChibiError, match="at least one reply"):
+        S.reply_quality([], "en")
+
+
+class CharTok:
+    """Code points for text, 1000+k for special k (enough for render_for_completion)."""
+
+    def __init__(self):
+        self.bos_id = 1000
+
+    def special_id(self, name):
+        return 1000 + SPECIAL_TOKENS.index(name)
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+class ScriptedGen:
+    """Replies by prompt text; records the budget it was given."""
+
+    def __init__(self, by_prompt):
+        self.by_prompt, self.calls = by_prompt, []
+
+    def replies(self, prompts, max_tokens):
+        self.calls.append((len(prompts), max_tokens))
+        out = []
+        for ids in prompts:
+            text = "".join(chr(i) for i in ids if i < 1000)
+            out.append(next(v for k, v in self.by_prompt.items() if k in text))
+        return out
+
+
+def test_evaluate_skills_scores_per_skill_and_skips_long_prompts():
+    items = [
+        {"id": "1", "skill": "identity", "prompt": "Your name?", "check": "identity", "answer": "chibichat"},
+        {"id": "2", "skill": "identity", "prompt": "Who speaks?", "check": "identity", "answer": "chibichat"},
+        {"id": "3", "skill": "arithmetic", "prompt": "6 times 7", "check": "number", "answer": "42"},
+        {"id": "4", "skill": "greeting", "prompt": "Howdy", "check": "greeting"},
+        {"id": "5", "skill": "refusal", "prompt": "x" * 200, "check": "refusal"},   # too long for the context
+        {"id": "6", "skill": "open", "prompt": "Sea sentence", "check": "open"},
+    ]
+    gen = ScriptedGen({"Your name?": ("I am chibichat.", "stop"), "Who speaks?": ("A model.", "stop"),
+                       "6 times 7": ("#### 42", "stop"), "Howdy": ("Hello!", "stop"),
+                       "Sea sentence": ("The sea is calm.", "stop")})
+    out = ES.evaluate_skills(items, "en", gen, CharTok(), max_len=100, max_tokens=20)
+    assert gen.calls == [(5, 20)]
+    assert out["skills"] == {"identity": {"accuracy": 0.5, "n": 2}, "arithmetic": {"accuracy": 1.0, "n": 1},
+                             "greeting": {"accuracy": 1.0, "n": 1}}
+    s = out["summary"]
+    assert s["skills"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    assert s["skills_identity"] == 0.5 and s["skills_n"] == 4 and s["skills_skipped_too_long"] == 1
+    assert "skills_refusal" not in s  # nothing scored: absent, not 0
+    assert s["skills_open_score"] == 1.0 and s["skills_open_ended_share"] == 1.0
+    assert [r["status"] for r in out["rows"]][4] == "skipped_too_long"
+    ja = ES.evaluate_skills(items[:1], "ja", ScriptedGen({"Your name?": ("chibichatです。", "stop")}), CharTok(), 100, 20)
+    assert ja["summary"] == {"skills_ja": 1.0, "skills_ja_n": 1, "skills_ja_skipped_too_long": 0,
+                             "skills_ja_identity": 1.0}
+    with pytest.raises(ChibiError, match="--max-new-tokens 99 leaves no room"):
+        ES.evaluate_skills(items, "en", gen, CharTok(), max_len=100, max_tokens=99)
+
+
+def test_eval_skills_cli_refuses_a_base_model(tmp_path):
+    from chibichat.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "skills", "--from", "base", "--home", str(tmp_path)])
+    with pytest.raises(ChibiError, match="eval skills needs a chat model"):
+        args.func(args)
+
+
+def test_report_shows_skills_per_chat_stage():
+    from chibichat.stages.report import StageArtifacts, skills_table
+
+    def stage(name, evals):
+        return StageArtifacts(name, "d2", {"steps": 3}, [], evals)
+
+    stages = [stage("base", {"val_bpb": 1.5}), stage("mid", {"skills": 0.25, "skills_spelling": 0.125}),
+              stage("sft", {"skills": 0.5, "skills_spelling": 0.25, "skills_open_score": 0.125}), stage("rl", None)]
+    lines = skills_table(stages).splitlines()
+    assert lines[0] == "## Held-out skills"
+    assert "| Held-out skills (EN) | MID | SFT | RL |" in lines
+    assert "| spelling | 0.1250 | 0.2500 | - |" in lines
+    assert "| all skills (mean) | 0.2500 | 0.5000 | - |" in lines
+    assert "| open prompts: proxy score | - | 0.1250 | - |" in lines
+    assert not any("(JA)" in l for l in lines)
+    assert skills_table([stage("sft", {"chatcore": 0.1})]) is None
+
+
+def test_first_per_skill_keeps_file_order():
+    items = [{"skill": s, "id": str(i)} for i, s in enumerate(["a", "b", "a", "a", "open", "b", "open"])]
+    assert [it["id"] for it in ES.first_per_skill(items, 1)] == ["0", "1", "4"]
+    assert [it["id"] for it in ES.first_per_skill(items, 2)] == ["0", "1", "2", "4", "5", "6"]
+    assert ES.first_per_skill(items, None) == items
+    with pytest.raises(ChibiError, match="--max-per-skill must be >= 1, got 0"):
+        ES.first_per_skill(items, 0)
+
+
+def test_simple_text_bpb_counts_bytes_and_skips_long_lines():
+    import math
+
+    import torch
+
+    from chibichat.common import Runtime
+
+    class ByteTok:
+        bos_id = 256
+
+        def encode(self, text):
+            return list(text.encode("utf-8"))
+
+        def token_bytes(self):
+            return torch.tensor([1] * 256 + [0])
+
+    def model(x, y, reduction="none"):  # one bit per predicted token
+        assert reduction == "none"
+        return torch.where(y >= 0, torch.tensor(math.log(2), dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+
+    rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=0, local_rank=0, world_size=1)
+    r = ES.simple_text_bpb(model, ByteTok(), rt, ["The sea.", "x" * 40, "Hi"], max_len=20)
+    assert r == {"bpb": 1.0, "bytes": 10, "n": 2, "skipped_too_long": 1}
+    assert ES.simple_text_bpb(model, ByteTok(), rt, ["x" * 40], max_len=20)["bpb"] is None
+    assert len(ES.load_simple_text("en")) == 30 and len(ES.load_simple_text("ja")) == 30
