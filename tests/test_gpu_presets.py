@@ -34,7 +34,7 @@ def test_every_step_of_every_preset_parses(tmp_path, parser, preset, lang, layer
             assert callable(args.func), step.name
         if PRESETS[preset].gpu:
             names = [s.name for s in steps]
-            assert names[:2] == ["download", "download-tasks"] and names[-1] == "eval-rl"
+            assert names[:2] == ["download", "download-tasks"] and names[-2:] == ["eval-rl", "skills-rl"]
 
 
 def test_dry_run_prints_the_plan_and_the_estimate(tmp_path, capsys):
