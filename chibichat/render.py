@@ -47,6 +47,16 @@ class _Exchange:
     assistant: object  # str | list[part] | None (None: the prompt's final user message)
 
 
+def reply_budget(seq_len: int, requested: int | None = None, cap: int = 256, what: str = "--max-tokens") -> int:
+    """Tokens a generated reply may take in a context of `seq_len`; the prompt gets the rest. The one rule
+    for every generation budget: the requested count, else half the context, at most `cap` (the caller's
+    default reply length). A request that leaves no room for a prompt is refused, naming `what`."""
+    budget = min(cap, seq_len // 2) if requested is None else requested
+    if not 1 <= budget < seq_len:
+        raise ChibiError(f"{what} {budget} must be in [1, {seq_len - 1}] (the model's context is {seq_len})")
+    return budget
+
+
 def _parse(conv, *, need_final_assistant: bool) -> tuple[str | None, list[_Exchange]]:
     """Validate a conversation dict; return (system text, exchanges). Errors name the bad turn."""
     if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):

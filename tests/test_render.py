@@ -175,3 +175,15 @@ def test_render_prompt_drops_oldest_and_reports(tok):
     assert "question 0" not in tok.decode(p.ids) and "question 2" in tok.decode(p.ids)
     with pytest.raises(ChibiError, match="too long for the model's context"):
         render_prompt(tok, conv("word " * 300), max_len=64)
+
+
+def test_reply_budget_is_the_one_rule_for_generation_lengths():
+    from chibichat.common import ChibiError
+    from chibichat.render import reply_budget
+
+    assert reply_budget(2048) == 256 and reply_budget(256) == 128 and reply_budget(100) == 50
+    assert reply_budget(256, cap=48) == 48 and reply_budget(64, cap=48) == 32
+    assert reply_budget(256, 200) == 200  # a request is taken as it is while it leaves room for a prompt
+    for bad in (0, 256, 300):
+        with pytest.raises(ChibiError, match=rf"--max-new-tokens {bad} must be in \[1, 255\] \(the model's context is 256\)"):
+            reply_budget(256, bad, what="--max-new-tokens")

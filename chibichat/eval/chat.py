@@ -36,6 +36,7 @@ from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 from chibichat.tasks.evalsets import CHATCORE_TASKS, eval_task
+from chibichat.render import reply_budget
 
 UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check
 
@@ -289,7 +290,7 @@ def run_chat(args) -> int:
         prepare_for_inference(model, rt.compute_dtype)
         seq_len = model.config.seq_len
         cfg = GenSettings(num_samples=args.num_samples,
-                          max_tokens=args.max_new_tokens or min(256, seq_len // 2),
+                          max_tokens=reply_budget(seq_len, args.max_new_tokens, what="--max-new-tokens"),
                           temperature=args.temperature, top_k=args.top_k or None)
         out = evaluate_chat(tasks, scorer=ModelScorer(model, rt, args.eval_batch_size),
                             gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size), tok=tok,

@@ -20,6 +20,7 @@ from importlib import resources
 from chibichat.common import ChibiError
 from chibichat.serve.pool import GenerationRequest, PoolBusy, WorkerPool
 from chibichat.serve.protocol import ApiError, Limits, new_id, parse_chat_request, parse_completion_request, sse
+from chibichat.render import reply_budget
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
                 "chat.css": "text/css; charset=utf-8"}  # fmt: skip
@@ -165,7 +166,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         if room < 1:
             raise ApiError(400, f"the prompt of {used} tokens fills the model's context of {seq_len} tokens; shorten it",
                            "prompt", "context_length_exceeded")  # fmt: skip
-        return min(req.max_tokens or min(limits.default_max_tokens, seq_len // 2), room)
+        return min(req.max_tokens or reply_budget(seq_len, cap=limits.default_max_tokens), room)
 
     def prepare_chat(req, tok, seq_len):
         """Render the prompt and pick the reply budget: (prompt ids, max_tokens, dropped messages)."""
@@ -174,7 +175,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         if req.max_tokens is not None and req.max_tokens >= seq_len:
             raise ApiError(400, f"max_tokens {req.max_tokens} must be less than the model's context of {seq_len} tokens",
                            "max_tokens", "context_length_exceeded")  # fmt: skip
-        want = req.max_tokens or min(limits.default_max_tokens, seq_len // 2)
+        want = req.max_tokens or reply_budget(seq_len, cap=limits.default_max_tokens)
         try:
             if req.truncate_history:
                 prompt = render_prompt(tok, {"messages": req.messages}, max_len=seq_len - want)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
+from chibichat.render import reply_budget
 
 HELP_TEXT = """commands:
   /clear        forget the conversation (the system prompt stays)
@@ -52,14 +53,6 @@ def register(sub) -> None:
                    help="torch.compile the decode steps (CPU bf16, d4: ~2x tokens/s at batch 1, ~1.3x at batch 8; the first reply of "
                         "each new length bucket waits seconds for the compile; needs a C++ compiler)")  # fmt: skip
     p.set_defaults(func=run)
-
-
-def reply_budget(requested: int | None, seq_len: int) -> int:
-    """Tokens reserved for the reply; the prompt may use seq_len minus this."""
-    budget = min(256, seq_len // 2) if requested is None else requested
-    if not 1 <= budget < seq_len:
-        raise ChibiError(f"--max-tokens {budget} must be in [1, {seq_len - 1}] (the model's context is {seq_len})")
-    return budget
 
 
 def load_engine(args):
@@ -163,7 +156,7 @@ def make_session(args, engine) -> ChatSession:
         raise ChibiError(f"--top-p must be in (0, 1], got {args.top_p}")
     return ChatSession(
         engine=engine,
-        max_tokens=reply_budget(args.max_tokens, engine.seq_len),
+        max_tokens=reply_budget(engine.seq_len, args.max_tokens),
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,

@@ -328,9 +328,9 @@ def sample_fn(tok, rt, prompts: list[str], seq_len: int):
     """sample_fn for the loop: greedy replies to a few fixed questions, to watch the chat format form.
     Replies get up to half the context (at most 48 tokens); the prompt gets the rest. The prompts are
     rendered here, before training, so a context too short for them is refused before step 0."""
-    from chibichat.render import render_for_completion
+    from chibichat.render import render_for_completion, reply_budget
 
-    max_tokens = min(48, seq_len // 2)
+    max_tokens = reply_budget(seq_len, cap=48)
     budget = seq_len - max_tokens
     ids = []
     for q in prompts:
