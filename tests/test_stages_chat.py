@@ -523,6 +523,8 @@ class _ConstTask(_VowelTask):
 
 
 def test_an_all_flat_rl_step_leaves_weights_and_optimizer_bitwise_unchanged(base, tmp_path):
+    import time
+
     from chibichat.engine import Engine
     from chibichat.stages.rl import RolloutBatches, pg_loss_sum, sample_rows
     from chibichat.train.loop import LoopConfig, _train_step, train
@@ -537,7 +539,7 @@ def test_an_all_flat_rl_step_leaves_weights_and_optimizer_bitwise_unchanged(base
     signal = tuple(torch.tensor([r[k] for r in rows], dtype=torch.float32 if k == 2 else torch.long) for k in range(3))
     cfg = LoopConfig(tag_dir=tmp_path / "x", num_steps=4, momentum_warmup_steps=0, warmdown_frac=0.0,
                      skip_empty_steps=True)
-    _train_step(model, opt, iter([signal]), pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 0)
+    _train_step(model, opt, iter([signal]), pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 0, 4, time.perf_counter)
 
     def snapshot():
         opt_state = [t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
@@ -547,21 +549,21 @@ def test_an_all_flat_rl_step_leaves_weights_and_optimizer_bitwise_unchanged(base
     assert any(bool(t.abs().sum() > 0) for t in s0)  # the first step left momentum behind
     # Control: zero advantages on real targets give a zero gradient, yet momentum still moves the weights.
     zero_adv = (signal[0], signal[1], torch.zeros_like(signal[2]))
-    _train_step(model, opt, iter([zero_adv]), pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 1)
+    _train_step(model, opt, iter([zero_adv]), pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 1, 4, time.perf_counter)
     assert any(not torch.equal(a, p) for a, p in zip(w0, model.parameters()))
     w1, s1 = snapshot()
 
     # A rollout micro-batch whose groups are all flat carries no targets, and the step is skipped.
     src = RolloutBatches(Engine(model, tok, rt), tok, _ConstTask(4), rt, prompts=2, samples=3, max_tokens=4,
                          temperature=1.0, top_k=None, seed=0)
-    dt, loss, n = _train_step(model, opt, src, pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 2)
+    dt, loss, n = _train_step(model, opt, src, pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg, 2, 4, time.perf_counter)
     assert (loss, n) == (None, 0) and src.history[-1]["groups_used"] == 0.0
     w2, s2 = snapshot()
     assert all(torch.equal(a, b) for a, b in zip(w1, w2)) and all(torch.equal(a, b) for a, b in zip(s1, s2))
     # Without skip_empty_steps such a step is an error, never a silent no-op.
     cfg_strict = LoopConfig(tag_dir=tmp_path / "y", num_steps=4, momentum_warmup_steps=0, warmdown_frac=0.0)
     with pytest.raises(ChibiError, match="hold no target tokens"):
-        _train_step(model, opt, src, pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg_strict, 3)
+        _train_step(model, opt, src, pg_loss_sum, lambda b: int((b[1] >= 0).sum()), rt, cfg_strict, 3, 4, time.perf_counter)
 
     # Through the loop: both steps skipped, logged and counted; the weights end where they began.
     cfg = LoopConfig(tag_dir=tmp_path / "rl", num_steps=2, momentum_warmup_steps=0, warmdown_frac=0.0,

@@ -486,8 +486,9 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                 state.skipped_steps += 1
                 metrics.log({"step": state.step, "skipped": True, "dt_s": dt, "elapsed_s": state.train_time_s,
                              "tokens": state.tokens})
-                print0(rt, f"step {state.step:06d}/{cfg.num_steps:06d} | skipped: no target tokens in any "
+                print0(rt, f"step {state.step:06d}/{num_steps:06d} | skipped: no target tokens in any "
                            f"micro-batch (no learning signal), weights and optimizer state unchanged")
+                step += 1
                 continue
             state.last_loss = loss
             if step == first_step:
