@@ -47,6 +47,8 @@ def test_report_has_every_section_table_and_plots(tmp_path):
     bpb = next(l for l in text.splitlines() if l.startswith("| val bpb"))
     assert bpb.split("|")[2].strip() == "1.9000"
     assert "| identity | 90 | 7 | 3 |" in text
+    # DPO is not a pipeline stage: without a DPO run it has no column and no section (never "not run")
+    assert "| Metric | BASE | MID | SFT | RL |" in text and "DPO" not in text
     for png in ["loss.png", "lr.png", "reward.png"]:
         assert (h.report_dir / png).read_bytes()[:4] == b"\x89PNG"
         assert f"]({png})" in text

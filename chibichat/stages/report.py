@@ -21,6 +21,9 @@ from chibichat.common import ChibiError, Home, add_home_arg, atomic_write_bytes,
 
 # The training stages in pipeline order, with the name used in tables.
 TRAIN_STAGES = [("base", "BASE"), ("mid", "MID"), ("sft", "SFT"), ("rl", "RL"), ("dpo", "DPO")]
+# Stages outside the speedrun's pipeline: shown only when they ran (a pipeline stage that did not run
+# is listed as "not run").
+OPTIONAL_STAGES = ("dpo",)
 
 # Summary-table rows: (label, eval-summary key). Values come from home/eval/<stage>/<tag>/summary.json.
 METRIC_ROWS = [
@@ -124,6 +127,8 @@ def collect(home: Home, tag: str | None) -> list[StageArtifacts]:
         summary = _read_json(run_dir / "summary.json") if run_dir else None
         metrics = _read_jsonl(run_dir / "metrics.jsonl") if run_dir else []
         evals = _read_json(home.eval_dir(stage, t) / "summary.json") if t else None
+        if stage in OPTIONAL_STAGES and not (summary or metrics or evals):
+            continue
         out.append(StageArtifacts(stage, t, summary, metrics, evals))
     return out
 
@@ -181,8 +186,9 @@ def summary_table(stages: list[StageArtifacts], with_jglue: bool) -> str:
     rows = rows + _extra_task_rows(stages, {k for _, k in rows} | {"skills", "skills_ja"})
     if any((st.evals or {}).get("chatcore") is None and (st.evals or {}).get("chatcore_partial") is not None for st in stages):
         rows.append(("ChatCORE (partial: the tasks above that ran)", "chatcore_partial"))
-    header = "| Metric | " + " | ".join(name for _, name in TRAIN_STAGES) + " |"
-    sep = "|---|" + "---|" * len(TRAIN_STAGES)
+    names = dict(TRAIN_STAGES)
+    header = "| Metric | " + " | ".join(names[st.stage] for st in stages) + " |"
+    sep = "|---|" + "---|" * len(stages)
     lines = [header, sep]
     for label, key in rows:
         cells = []
