@@ -70,3 +70,18 @@ def test_atomic_write_gives_normal_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16_kernels(monkeypatch):
+    """Without native bf16 kernels (an AVX2-only CPU) bf16 matmuls are ~50x slower than fp32: auto is fp32."""
+    import torch
+
+    from chibichat import common
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)
+    assert common.default_compute_dtype(cpu) == torch.bfloat16
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: False)
+    assert common.default_compute_dtype(cpu) == torch.float32
+    assert common.init_runtime("cpu", "auto").compute_dtype == torch.float32
+    assert common.init_runtime("cpu", "bfloat16").compute_dtype == torch.bfloat16  # asked for: kept
