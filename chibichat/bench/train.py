@@ -285,7 +285,8 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
         raise ChibiError(f"{cfg.layers}/{cfg.dtype}: the loss became non-finite ({losses}); this setting is unsafe")
 
     # Read before the matmul calibration below, whose own operands would otherwise count as training memory.
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss and /proc VmRSS are accounted slightly differently; the peak is at least the current RSS
+    peak_rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb())
     if dev.type == "cuda":
         peak_rss = torch.cuda.max_memory_allocated(dev) / 2**20
     median = statistics.median(times)
