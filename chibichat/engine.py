@@ -7,7 +7,7 @@ Flow of one `generate` call:
    `expand`) and merged with `InferenceState.stack`. Rows of different lengths decode together
    because forward_step takes per-row positions for one-token steps.
 2. Decode: every step samples one token per row from that row's own logits (the first token too:
-   upstream once broadcast the first sample to every row, REFERENCE §20 #16), runs the per-row tool
+   upstream once broadcast the first sample to every row), runs the per-row tool
    state machine, and feeds all live rows one token. Finished rows are dropped from the batch.
 3. Tools: `<|python_start|>` expr `<|python_end|>` -> the expression is evaluated and
    `<|output_start|>` result `<|output_end|>` is queued; queued tokens are fed one per step instead of

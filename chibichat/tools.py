@@ -1,7 +1,7 @@
 """The calculator tool the model calls between <|python_start|> and <|python_end|>.
 
 Upstream evaluated the model's text with `eval` behind a character whitelist and a substring
-blacklist, which was escaped more than once (REFERENCE §13, §20 #10). Here the expression is parsed
+blacklist, which was escaped more than once. Here the expression is parsed
 with `ast.parse(mode="eval")` and walked by a tiny interpreter that knows only a whitelist of node
 types: numbers, + - * / // % ** (bounded), unary +/-, parentheses, and the one string method form
 the letter-counting task uses, `"strawberry".count("r")`. Anything else -- names, calls, attributes,

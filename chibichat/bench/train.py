@@ -239,7 +239,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     if cfg.fp8:
         enable_fp8(model, dev, dtype)
     model.recompute = cfg.recompute
-    # nanochat OLD learning rates (REFERENCE §6), AdamW ones scaled by (E/768)^-0.5.
+    # nanochat OLD learning rates, AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
     if cfg.lora:
         from chibichat.model.lora import LoRAConfig, apply_lora

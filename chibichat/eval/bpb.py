@@ -1,4 +1,4 @@
-"""Bits per byte: a loss that does not depend on the tokenizer (REFERENCE §9).
+"""Bits per byte: a loss that does not depend on the tokenizer.
 
     bpb = Σ nats over targets whose token has > 0 bytes  /  (ln 2 · Σ bytes of those targets)
 

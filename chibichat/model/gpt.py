@@ -1,6 +1,6 @@
 """The GPT: a small modern decoder in the nanochat family, with attention or SLC2 token mixers.
 
-Architecture (REFERENCE §4, §18): token embedding -> parameter-free RMSNorm -> blocks -> RMSNorm ->
+Architecture: token embedding -> parameter-free RMSNorm -> blocks -> RMSNorm ->
 untied lm_head -> logit softcap 15*tanh(z/15). Each block is pre-norm:
     x <- x + mixer(norm(x));  x <- x + MLP(norm(x))
 with mixer = causal self-attention (RoPE, QK-norm, GQA, optional sliding window; SDPA, or explicit
@@ -40,7 +40,7 @@ from chibichat.model.slc2 import SLC2
 LAYOUT_NAMES = ("dense", "iberis")  # named layouts accepted by layer_pattern (for CLI help/choices)
 
 # Rows of the loss are processed in chunks of about this many logits, so
-# the loss needs O(chunk * V) memory whatever B*T is (REFERENCE §20 #7). fp32: 8 MiB per temporary.
+# the loss needs O(chunk * V) memory whatever B*T is. fp32: 8 MiB per temporary.
 LOSS_CHUNK_ELEMENTS = 1 << 21
 
 # On CPU, attention over at most this many scores (B * H * t * L) per layer is computed with explicit
@@ -557,7 +557,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Explicitly initialise every parameter, and check that none was missed (REFERENCE §18: the
+        """Explicitly initialise every parameter, and check that none was missed (the
         uninitialised conv of Saint Iberis)."""
         torch.nn.init.normal_(self.wte, mean=0.0, std=1.0)
         self.lm_head.zero_()  # nanochat OLD: a zero head starts at the uniform distribution
@@ -608,7 +608,7 @@ class GPT(nn.Module):
         return groups
 
     def _ensure_rope(self, length: int) -> None:
-        """Grow the RoPE table to cover positions < length (inference past seq_len, REFERENCE §20 #6)."""
+        """Grow the RoPE table to cover positions < length (inference past seq_len)."""
         if self.rope_cos.shape[0] < length:
             cos, sin = rope_table(length, self.config.head_dim, self.config.rope_base, device=self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos, sin

@@ -1,4 +1,4 @@
-"""SLC2: the gated short-convolution token mixer of Saint Iberis (REFERENCE §18), written afresh.
+"""SLC2: the gated short-convolution token mixer of Saint Iberis, written afresh.
 
 On the pre-normed input u (B, T, E) of one layer, with H heads of size Dh = E / H and kernel k:
 
@@ -13,7 +13,7 @@ On the pre-normed input u (B, T, E) of one layer, with H heads of size Dh = E / 
 
 The only state needed to decode incrementally is the last k - 1 values of v per row (no KV cache),
 and the full forward is literally the incremental path started from an all-zero history, so the two
-cannot drift apart (the fork's decode bug, REFERENCE §18, came from two separate code paths).
+cannot drift apart (the fork's decode bug came from two separate code paths).
 
 Parameters: 3E^2 (W_x, W_b, W_o) + E*(H + Dh) (W_alpha, W_A) + E*k (conv taps): no biases.
 """

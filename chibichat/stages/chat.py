@@ -2,7 +2,7 @@
 
 The history is re-rendered for every reply with the model's context minus the reply budget as the
 limit; when it no longer fits, the oldest exchanges are dropped from the history with a notice
-(upstream crashed there, REFERENCE §20 #5). The system prompt is never dropped. Notices and errors go
+(upstream crashed there). The system prompt is never dropped. Notices and errors go
 to stderr, so stdout carries only the model's words (one-shot output is script-friendly).
 """
 

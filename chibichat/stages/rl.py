@@ -1,6 +1,6 @@
 """`chibichat rl`: on-policy policy gradient with group-relative advantages on verifiable rewards.
 
-nanochat's simplified GRPO (REFERENCE §11), which is REINFORCE with a per-group mean baseline:
+nanochat's simplified GRPO, which is REINFORCE with a per-group mean baseline:
 each step takes P training prompts, samples G completions of each with the engine (tools on: the
 calculator runs and its output is forced into the sequence), scores every completion with the
 task's own checker (reward 0/1), and sets the advantage A = r - mean(r over the prompt's group) (no

@@ -20,7 +20,7 @@ A stage provides only what is specific to it:
     meta      JSON-serialisable dict stored in every checkpoint (model_config, tokenizer, flags, ...).
 
 What the loop does, per optimizer step s (s = 0 .. num_steps-1; one "step" = one optimizer step,
-never a micro-batch, REFERENCE §20 #3):
+never a micro-batch):
   1. set each group's lr = initial_lr * lr_multiplier(s) and the Muon momentum for s;
   2. prefetch the step's `grad_accum` micro-batches, count their target tokens, all-reduce the count
      (one tiny collective) -> N, the global target-token total of the step. N = 0 is an error, unless
@@ -29,7 +29,7 @@ never a micro-batch, REFERENCE §20 #3):
      so weights, moments and momentum buffers stay bitwise unchanged; the LR schedule still advances),
      logged as {"step", "skipped": true} and counted in skipped_steps;
   3. for each micro-batch, backward(loss_sum / N): the gradient is then the per-token mean over the
-     whole step on every rank and micro-batch (REFERENCE §20 #4: not a mean of micro-batch means);
+     whole step on every rank and micro-batch (not a mean of micro-batch means);
   4. optimizer.step(), which sums gradients over ranks itself (MuonAdamW: bucketed all-reduces launched
      from gradient hooks during the last micro-step's backward; earlier ones run under no_sync()), then zero_grad;
   5. log loss (Σ loss_sum / N, all-reduced), lr multiplier, tok/s, MFU, elapsed, ETA.

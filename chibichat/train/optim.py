@@ -16,7 +16,7 @@ SUM by default (`grad_reduce="sum"`); a caller whose per-rank losses are already
 "mean". Because the state is identical on every rank, one saved state resumes any world size.
 
 Gradient clipping (off by default, as in nanochat) happens after the reduction, on the global
-gradient, never on a rank's local piece (REFERENCE §20 #17).
+gradient, never on a rank's local piece.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _world_size(self) -> int:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    # Gradient reduction, overlapped with the backward pass (REFERENCE §20 #9).
+    # Gradient reduction, overlapped with the backward pass.
     #
     # Parameters are cut into ~BUCKET_BYTES buckets in reverse order (the order backward produces
     # their gradients). A post-accumulate-grad hook counts the gradients of a bucket as they land;
@@ -253,7 +253,7 @@ class MuonAdamW(torch.optim.Optimizer):
         return norm
 
     # ------------------------------------------------------------------------------------------
-    # Muon, sharded over ranks (REFERENCE §20 #9 spirit: no rank repeats another's work).
+    # Muon, sharded over ranks (no rank repeats another rank's work).
     #
     # After the gradient reduction every rank holds the same gradients, so every rank updates its own
     # momentum buffers (cheap, elementwise; keeps the state identical everywhere, so a checkpoint
