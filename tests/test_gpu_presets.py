@@ -199,10 +199,10 @@ def test_data_tasks_refuses_what_does_not_download(home, capsys):
 
 
 def test_rl_eval_task_gsm8k_is_the_shipped_test_subset(home):
-    from chibichat.stages.sft import task_options
+    from chibichat.tasks.registry import home_option
 
-    assert task_options("gsm8k", Home(home)) == {}
-    assert task_options("gsm8k-train", Home(home)) == {"home": Home(home)}
+    assert home_option("gsm8k", Home(home)) == {}
+    assert home_option("gsm8k-train", Home(home)) == {"home": Home(home)}
 
 
 from tests.test_task_loaders import server  # noqa: E402,F401  (the stand-in hub fixture)

@@ -80,7 +80,7 @@ def test_heldout_prompts_are_disjoint_from_training_prompts(lang):
 
 @pytest.mark.parametrize("lang", ["en", "ja"])
 def test_prompt_set_covers_every_skill_with_heldout_words(lang):
-    from chibichat.tasks.generated import key_split
+    from chibichat.tasks.base import key_split
 
     items = S.load_items(lang)
     scored = [it for it in items if it["skill"] != S.OPEN]

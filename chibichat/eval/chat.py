@@ -35,7 +35,8 @@ from typing import Protocol, Sequence
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
-from chibichat.tasks.evalsets import CHATCORE_TASKS, eval_task
+from chibichat.tasks.evalsets import CHATCORE_TASKS
+from chibichat.tasks.registry import eval_task
 from chibichat.render import reply_budget
 
 UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check

@@ -238,14 +238,13 @@ def verify_task_cache(home: Home) -> int:
 
 
 def run_tasks(args) -> int:
-    from chibichat.stages.sft import task_options
-    from chibichat.tasks.registry import get_task
+    from chibichat.tasks.registry import get_task, home_option
 
     home = Home.resolve(args.home)
     names = online_task_names(args.names)
     verify_task_cache(home)  # what an earlier run cached, before anything reads it
     for name in names:
-        task = get_task(name, **task_options(name, home))
+        task = get_task(name, **home_option(name, home))
         print(f"{name}: {len(task):,} items ({task.kind})")
     print(f"verified {verify_task_cache(home)} cached file(s) against their manifests in {home.data_dir / 'tasks'}")
     return 0

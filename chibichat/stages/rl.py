@@ -312,12 +312,11 @@ def check_task_names(args) -> None:
 def _tasks(args, home):
     """(training task, held-out task), checked disjoint by content from each other and from the
     evaluation sets the chat evaluations report against."""
-    from chibichat.stages.sft import task_options
-    from chibichat.tasks.registry import get_task
-    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.registry import get_task, home_option
+    from chibichat.tasks.base import GeneratedTask
     from chibichat.tasks.leakage import check_disjoint, refuse_eval_only_task, reported_eval_sets
 
-    task = get_task(args.task, **task_options(args.task, home))
+    task = get_task(args.task, **home_option(args.task, home))
     refuse_eval_only_task(task, "--task")
     if task.kind != "generative":
         raise ChibiError(f"--task {args.task} is of kind {task.kind!r}; RL needs a generative task with a checker")
@@ -327,7 +326,7 @@ def _tasks(args, home):
     elif args.eval_task is None:
         raise ChibiError(f"--task {args.task} has no generated test split; name the held-out task with --eval-task")
     else:
-        eval_task = get_task(args.eval_task, **task_options(args.eval_task, home))
+        eval_task = get_task(args.eval_task, **home_option(args.eval_task, home))
     generated = [args.task] if isinstance(task, GeneratedTask) else []
     check_disjoint([task], [eval_task, *reported_eval_sets(home, generated)],
                    fix="Train and evaluate on disjoint sets: a training split as --task and its held-out split as "

@@ -225,15 +225,6 @@ def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | No
 # Mixture with a held-out split
 
 
-def task_options(name: str, home) -> dict:
-    """Online tasks (smoltalk, mmlu-aux, gsm8k-train, ...) read their download cache from the home."""
-    from chibichat.tasks.registry import needs_home, specs
-
-    if name not in specs():
-        return {}  # get_task reports the unknown name with the valid ones
-    return {"home": home} if needs_home(name) else {}
-
-
 IDENTITY_TASKS = ("identity", "identity-ja")
 
 
@@ -241,12 +232,12 @@ def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | 
     """(train view, val view) of a task. Generated tasks have disjoint train/test splits by
     construction; a shipped or downloaded task gives its last items (up to 5%) to validation.
     `persona` (--identity) goes to the identity tasks."""
-    from chibichat.tasks.registry import get_task
-    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.base import GeneratedTask
+    from chibichat.tasks.registry import get_task, home_option
     from chibichat.tasks.leakage import refuse_eval_only_task
 
     extra = {"persona": persona} if persona and name in IDENTITY_TASKS else {}
-    task = get_task(name, **task_options(name, home), **extra)
+    task = get_task(name, **home_option(name, home), **extra)
     refuse_eval_only_task(task, "--mix")
     if task.kind == "core":
         raise ChibiError(f"--mix names {name!r}, a base-model evaluation task; it has no conversations")
@@ -263,7 +254,7 @@ def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home
     evaluation set the chat evaluations report against (chibichat/tasks/leakage.py). With `persona`
     (--identity), the mix must name an identity task."""
     from chibichat.tasks.base import Mixture
-    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.base import GeneratedTask
     from chibichat.tasks.leakage import check_disjoint, reported_eval_sets
 
     if persona and not any(name in IDENTITY_TASKS for name, _ in mix):

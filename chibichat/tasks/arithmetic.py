@@ -23,8 +23,8 @@ from __future__ import annotations
 import random
 import re
 
-from chibichat.tasks.answers import extract_final_number, numbers_equal
-from chibichat.tasks.generated import GeneratedTask
+from chibichat.eval.metrics import extract_final_number, numbers_equal
+from chibichat.tasks.base import GeneratedTask
 
 EN_NAMES = ["Tom", "Sara", "Ben", "Mia", "Leo", "Ana", "Sam", "Emma", "Noah", "Lily", "Omar", "Yuki"]
 # (thing, container, containers): each thing with a container it plausibly comes in

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 from chibichat.common import ChibiError
 from chibichat.tasks.base import ListTask
-from chibichat.tasks.gsm8k import evaluate_gsm8k, gsm8k_item
-from chibichat.tasks.humaneval import evaluate_humaneval, humaneval_item
-from chibichat.tasks.multiple_choice import mc_items
-from chibichat.tasks.registry import TaskSpec
+from chibichat.tasks.items import evaluate_gsm8k, evaluate_humaneval, gsm8k_item, humaneval_item, mc_items
 from chibichat.tasks.shipped import read_shipped
 
 SOURCES = ("shipped", "online")
@@ -128,40 +125,5 @@ def arc_train(subset: str, home) -> ListTask:
     return task
 
 
-def task_specs() -> list[TaskSpec]:
-    m = "chibichat.tasks.evalsets"
-    return [
-        TaskSpec("gsm8k-train", "generative", "en", f"{m}:gsm8k_train", (), "GSM8K train split (online)"),
-        TaskSpec("arc-easy-train", "categorical", "en", f"{m}:arc_train", (("subset", "ARC-Easy"),),
-                 "ARC-Easy train split (online)"),
-        TaskSpec("arc-challenge-train", "categorical", "en", f"{m}:arc_train", (("subset", "ARC-Challenge"),),
-                 "ARC-Challenge train split (online)"),
-        TaskSpec("arc-easy", "categorical", "en", f"{m}:arc", (("subset", "ARC-Easy"),), "ARC-Easy (4-way MC)", eval_only=True),
-        TaskSpec("arc-challenge", "categorical", "en", f"{m}:arc", (("subset", "ARC-Challenge"),),
-                 "ARC-Challenge (4-way MC)", eval_only=True),
-        TaskSpec("mmlu", "categorical", "en", f"{m}:mmlu", (), "MMLU (57 subjects, 4-way MC)", eval_only=True),
-        TaskSpec("mmlu-dev", "categorical", "en", f"{m}:mmlu_dev", (),
-                 "MMLU dev+validation splits, shipped training data (4-way MC)"),
-        TaskSpec("gsm8k", "generative", "en", f"{m}:gsm8k", (), "GSM8K math word problems, '#### n'", eval_only=True),
-        TaskSpec("humaneval", "generative", "en", f"{m}:humaneval", (), "HumanEval Python functions", eval_only=True),
-    ]
-
-
 # The ChatCORE set of `eval chat` (registry names); also what training data is checked disjoint from.
 CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")
-
-
-def eval_task(name: str, home=None):
-    """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
-    (JGLUE, online sets) read them from `home`."""
-    from chibichat.tasks.registry import get_task
-    from chibichat.tasks.generated import GeneratedTask
-    from chibichat.tasks.registry import needs_home
-
-    task = get_task(name, **({"home": home} if home is not None and needs_home(name) else {}))
-    if isinstance(task, GeneratedTask):
-        task = get_task(name, split="test")
-    if task.kind not in ("categorical", "generative"):
-        raise ChibiError(f"--tasks names {name!r}, a task of kind {task.kind!r}; chat eval takes categorical "
-                         "or generative tasks")
-    return task

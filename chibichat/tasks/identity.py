@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from chibichat.tasks.generated import GeneratedTask
+from chibichat.tasks.base import GeneratedTask
 
 # topic -> (question phrasings, answer phrasings)
 EN_TOPICS: dict[str, tuple[list[str], list[str]]] = {

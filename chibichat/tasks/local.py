@@ -362,7 +362,7 @@ def match_answer(mode: str, answer: str, completion: str) -> bool:
     """exact: the stripped completion equals the stripped answer. numeric: the number after the last
     "####" (or, without one, the last number in the completion) equals the answer as a number. regex: the
     answer pattern matches the whole stripped completion."""
-    from chibichat.tasks.answers import extract_final_number
+    from chibichat.eval.metrics import extract_final_number
 
     text = completion.strip()
     if mode == "exact":

@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 
 from chibichat.common import ChibiError
-from chibichat.tasks.answers import extract_final_number, final_line, numbers_equal
+from chibichat.eval.metrics import extract_final_number, final_line, numbers_equal
 
 LANGS = ("en", "ja")
 SKILLS = ("identity", "arithmetic", "arithmetic-two-step", "spelling", "letter-count", "greeting", "refusal")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import random
 
-from chibichat.tasks.answers import extract_final_number, final_line, numbers_equal
-from chibichat.tasks.generated import GeneratedTask
+from chibichat.eval.metrics import extract_final_number, final_line, numbers_equal
+from chibichat.tasks.base import GeneratedTask
 
 EN_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
