@@ -137,7 +137,7 @@ class PairBatches:
 
 
 def register(sub):
-    from chibichat.stages.sft import add_loop_args, add_optim_args, add_source_args
+    from chibichat.train.finetune import add_loop_args, add_optim_args, add_source_args
 
     p = sub.add_parser("dpo", help="preference tuning (DPO) on chosen/rejected pairs",
                        description=__doc__.split("\n\n")[0] + " Reference = the starting checkpoint (no second "
@@ -188,7 +188,7 @@ def run(args) -> int:
     import torch
 
     from chibichat.common import Home, init_runtime, print0, shutdown_runtime
-    from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
+    from chibichat.train.finetune import load_source, make_optimizer, source_lrs, stage_meta, write_summary
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import LoopConfig, train
 

@@ -264,7 +264,7 @@ def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int
 
 
 def register(sub):
-    from chibichat.stages.sft import add_loop_args, add_optim_args, add_source_args
+    from chibichat.train.finetune import add_loop_args, add_optim_args, add_source_args
 
     p = sub.add_parser(
         "rl", help="RL with group-relative advantages on verifiable rewards (pass@k before/after)",
@@ -339,7 +339,7 @@ def run(args) -> int:
 
     from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine
-    from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
+    from chibichat.train.finetune import load_source, make_optimizer, source_lrs, stage_meta, write_summary
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import LoopConfig, train
 
