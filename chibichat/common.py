@@ -315,12 +315,12 @@ def add_memory_args(parser) -> None:
         "--recompute", choices=("none", "mlp", "block"), default="none",
         help="activation recomputation: keep every activation (none), drop each MLP's hidden (mlp) or "
         "everything inside a block (block) and rebuild it in backward; same gradients, less memory, more "
-        "compute (bench train d4 bf16 CPU: block 618 -> 506 MB peak RSS for 10-17%% more CPU time)",
+        "compute (figures: `bench train --recompute none,block`)",
     )
     parser.add_argument(
         "--trim-heap", action="store_true",
-        help="return freed heap memory to the OS after every optimizer step (glibc malloc_trim; bench train d4 "
-        "bf16 CPU: 15-40 MB less peak RSS for 0-20%% more CPU time; a no-op without glibc)",
+        help="return freed heap memory to the OS after every optimizer step (glibc malloc_trim; less peak "
+        "memory for some CPU time; a no-op without glibc)",
     )
 
 
@@ -329,8 +329,8 @@ def default_compute_dtype(device) -> Any:
 
     CUDA SM >= 80: bf16. CPU: bf16 where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX: there bf16
     matrices multiply several times faster than fp32 and the loss curve matches fp32 within noise), else
-    fp32: without them bf16 matmuls take a scalar fallback that is ~50x slower than fp32 (an AVX2-only
-    AMD EPYC measured 0.8 GFLOP/s bf16 against 40 fp32). Others: fp32.
+    fp32: without them bf16 matmuls take a scalar fallback that is far slower than fp32 (figures of an
+    AVX2-only CPU in docs/benchmarks.md). Others: fp32.
     """
     import torch
 

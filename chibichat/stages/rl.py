@@ -287,11 +287,8 @@ def register(sub):
     p.add_argument("--passk-items", type=int, default=48, help="held-out prompts for pass@k (default: 48)")
     add_allow_weak_arg(p)
     p.add_argument("--passk-k", type=int, default=4, help="largest k of pass@k, = samples per prompt (default: 4)")
-    # Measured on a 0.4M-parameter model (arithmetic, from mid): lr-frac 0.15 with a short warmdown raised
-    # pass@1 0.52 -> 0.61 in 60 steps; 0.4 drifted down and 1.0 collapsed the reward (Muon takes a
-    # full-size step even when the advantage-weighted gradient is mostly noise). Again on the cpu
-    # speedrun's d4 SFT model (arithmetic-multi, 30 steps): 0.15 raised held-out pass@1 0.58 -> 0.67,
-    # 0.3 ended lower (0.56) after its reward fell in the last fifth of the run.
+    # A small --lr-frac: Muon takes a full-size step even when the advantage-weighted gradient is mostly
+    # noise, and larger fractions drifted down or collapsed the reward (docs/benchmarks.md).
     add_optim_args(p, lr_frac=0.15)
     add_loop_args(p, steps=60, batch=None)
     p.set_defaults(func=run, warmdown_frac=0.2)

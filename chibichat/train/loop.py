@@ -545,10 +545,10 @@ def release_free_heap() -> bool:
     nothing, where the C library has no malloc_trim (macOS, musl).
 
     Why: glibc keeps freed chunks of its heap resident for reuse. In a CPU training step the freed
-    activations leave 70-100 MB of such pages, which the next step's differently-sized tensors only
+    activations leave tens of MB of such pages, which the next step's differently-sized tensors only
     partly reuse, so peak RSS sits well above the live tensors. Trimming between steps releases them;
-    the pages that are reused are faulted back in (measured at bench train's d4 bf16 shape: 20-50 MB
-    less peak RSS for 5-20% more CPU time per step, hence opt-in)."""
+    the pages that are reused are faulted back in, so it costs CPU time (figures in docs/benchmarks.md),
+    hence opt-in."""
     import ctypes
 
     try:
