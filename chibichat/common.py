@@ -271,6 +271,23 @@ class Runtime:
         return self.device.type
 
 
+def gather_objects(rt: Runtime, obj) -> list:
+    """Every rank's `obj`, in rank order (torch.distributed.all_gather_object); [obj] on one process."""
+    if not rt.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list = [None] * rt.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def rank_gather(rt: Runtime):
+    """The `gather` argument of the rank-strided evaluations (`evaluate_core/chat/jglue`): gather_objects
+    over `rt` under torchrun, None on one process."""
+    return (lambda obj: gather_objects(rt, obj)) if rt.distributed else None
+
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -248,25 +248,10 @@ def add_chat_args(p) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
 
 
-def rank_gather(rt):
-    """A gather for evaluate_chat/evaluate_jglue under torchrun (every rank's list, in rank order);
-    None on one process."""
-    if not rt.distributed:
-        return None
-    import torch.distributed as dist
-
-    def gather(obj):
-        parts: list = [None] * rt.world_size
-        dist.all_gather_object(parts, obj)
-        return parts
-
-    return gather
-
-
 def run_chat(args) -> int:
     import time
 
-    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, init_runtime, print0, rank_gather, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
     from chibichat.eval.core import ModelScorer
     from chibichat.eval.metrics import merge_summary, write_eval_outputs

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args, gather_objects
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
@@ -154,7 +154,7 @@ class RolloutBatches:
         keep = informative_groups(adv)
         xs, ys, ws = [], [], []
         for g in keep:
-            (item, ids), group, a_group = picked[g], outs[g], adv[g]
+            (_, ids), group, a_group = picked[g], outs[g], adv[g]
             for s, a in zip(group, a_group):
                 x, y, w = sample_rows(ids, s.tokens, s.forced, a, self.tok.bos_id, self.width)
                 xs.append(x), ys.append(y), ws.append(w)
@@ -245,13 +245,7 @@ def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int
                                temperature=temperature, top_k=top_k, seed=seed + s, tools=True)
         for (i, _), group in zip(chunk, outs):
             counts.append((i, sum(bool(task.evaluate(task[i], smp.text)) for smp in group)))
-    if rt.distributed:
-        import torch.distributed as dist
-
-        parts = [None] * rt.world_size
-        dist.all_gather_object(parts, counts)
-        counts = sorted(x for p in parts for x in p)
-    counts = [c for _, c in counts]
+    counts = [c for _, c in sorted(x for p in gather_objects(rt, counts) for x in p)]
     if not counts:
         raise ChibiError(f"pass@k: no prompt of {task.name!r} fits the context with --max-new-tokens {max_tokens}")
     out = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in range(1, k + 1)}
@@ -334,11 +328,12 @@ def _tasks(args, home):
 def run(args) -> int:
     import torch
 
-    from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_home, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine
-    from chibichat.train.finetune import load_source, make_optimizer, source_lrs, stage_meta, write_summary
     from chibichat.tokenizer import Tokenizer
-    from chibichat.train.loop import LoopConfig, train
+    from chibichat.train.finetune import (check_room, load_source, loop_config, make_optimizer, source_lrs,
+                                          stage_meta, summary_head, write_summary)
+    from chibichat.train.loop import train
 
     for name in ("prompts_per_step", "num_samples", "max_new_tokens", "passk_items", "passk_k", "train_items"):
         if getattr(args, name) < 1:
@@ -361,13 +356,8 @@ def run(args) -> int:
         model, src_meta, tag = load_source(args, home, tok, rt)
         # The loop's flags (and the home's free space) are checked before the pass@k evaluation, not after it.
         tag_dir = home.checkpoints_dir("rl", tag)
-        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
-                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
-                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True,
-                         minutes=args.minutes, fit_after=args.fit_steps)
-        saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
-        check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), "this rl run")
+        cfg = loop_config(args, model, tag_dir, eval_every=1, skip_empty_steps=True)  # the reward is logged every step
+        check_room(home, model, args, cfg, "rl")
         lrs = source_lrs(src_meta, args, model)
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
@@ -407,10 +397,7 @@ def run(args) -> int:
         skipped = rank_sum_int(rt, batches.skipped_too_long)
         windows = reward_windows(curve)
         summary = {
-            "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
-            "eval_task": eval_task.name, "steps": res.steps, "tokens": res.tokens,
-            "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0, "checkpoint": res.checkpoint,
-            "minutes_fit": res.fit or None,
+            **summary_head("rl", tag, src_meta, res, t0), "task": task.name, "eval_task": eval_task.name,
             "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             # The compact curve: mean reward over 5 consecutive slices of the run (first -> last).
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import time
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args
-from chibichat.train.finetune import (add_loop_args, add_optim_args, add_source_args, load_source, make_optimizer,
-                                      source_lrs, stage_meta, write_summary)
+from chibichat.train.finetune import (add_loop_args, add_optim_args, add_source_args, check_room, load_source,
+                                      loop_config, make_optimizer, source_lrs, stage_meta, summary_head, write_summary)
 
 SAMPLE_PROMPTS = ["Hello!", "What is 12+7?"]
 SFT_MIX_EN = ("chitchat=0.1,chatterbot=0.5,identity=0.5,arithmetic=1,arithmetic-multi=0.5,spelling=0.5,"
@@ -180,18 +180,14 @@ def sample_fn(tok, rt, prompts: list[str], seq_len: int):
 
 def gather_render_counts(loader, rt) -> dict:
     """Per-task ok/shortened/dropped counts summed over ranks."""
-    counts = loader.render_stats.as_dict()
-    if rt.distributed:
-        import torch.distributed as dist
+    from chibichat.common import gather_objects
 
-        parts = [None] * rt.world_size
-        dist.all_gather_object(parts, counts)
-        counts = {}
-        for part in parts:
-            for task, c in part.items():
-                acc = counts.setdefault(task, {"ok": 0, "shortened": 0, "dropped": 0})
-                for k, v in c.items():
-                    acc[k] += v
+    counts: dict = {}
+    for part in gather_objects(rt, loader.render_stats.as_dict()):
+        for task, c in part.items():
+            acc = counts.setdefault(task, {"ok": 0, "shortened": 0, "dropped": 0})
+            for k, v in c.items():
+                acc[k] += v
     return counts
 
 
@@ -224,10 +220,10 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
 def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
     import torch
 
-    from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_home, init_runtime, print0, shutdown_runtime
     from chibichat.data.loader import ConversationLoader
     from chibichat.tokenizer import Tokenizer
-    from chibichat.train.loop import LoopConfig, train
+    from chibichat.train.loop import train
 
     for name in ("device_batch_size", "val_items", "val_batches"):
         if getattr(args, name) < 1:
@@ -254,28 +250,22 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         lrs = source_lrs(src_meta, args, model)
         optimizer = make_optimizer(model, lrs)
         tag_dir = home.checkpoints_dir(stage, tag)
-        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
-                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=args.eval_every,
-                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap,
-                         minutes=args.minutes, fit_after=args.fit_steps)
+        cfg = loop_config(args, model, tag_dir)
         meta = stage_meta(model, tok, args, src_meta, stage, {"mixture": train_mix.summary(), "lrs": lrs})
         print0(rt, f"{stage}: from {src_meta['checkpoint_dir']} -> {tag_dir} | seq_len {seq_len} | "
                    f"mixture {train_mix.summary()} | mode {args.mode} | lrs {lrs}")
 
         t0 = time.time()
         samples = None if args.no_samples else sample_fn(tok, rt, SAMPLE_PROMPTS, seq_len)
-        saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
-        check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), f"this {stage} run")
+        check_room(home, model, args, cfg, stage)
         res = train(model, optimizer, loader, token_loss_sum, rt, cfg, meta=meta,
                     eval_fn=val_loss_fn(val_mix, tok, args, rt, train_all_tokens, args.mode),
                     sample_fn=samples)
         counts = gather_render_counts(loader, rt)
         summary = {
-            "stage": stage, "tag": tag, "source": src_meta["checkpoint_dir"], "steps": res.steps,
-            "tokens": res.tokens, "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0,
+            **summary_head(stage, tag, src_meta, res, t0),
             "final_loss": res.final_loss, "val_loss": res.final_eval.get("val_loss"),
-            "checkpoint": res.checkpoint, "mode": args.mode, "overflow": args.overflow, "minutes_fit": res.fit or None,
+            "mode": args.mode, "overflow": args.overflow,
             "loss_on": "all tokens" if train_all_tokens else "assistant tokens (mask 1)",
             "mixture": train_mix.summary(),
             "render_counts": counts,  # ok/shortened/dropped per task, over the conversations this run rendered

@@ -5,6 +5,7 @@ learning rates, the optimizer, the checkpoint meta and the summary file."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from chibichat.common import ChibiError, add_fp8_arg, add_memory_args
@@ -179,3 +180,33 @@ def write_summary(tag_dir: Path, rt, summary: dict) -> None:
 
     if rt.is_master:
         atomic_write_json(Path(tag_dir) / "summary.json", summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def loop_config(args, model, tag_dir, **overrides):
+    """The LoopConfig of the shared flags (add_loop_args, add_optim_args); `overrides` are the stage's own."""
+    from chibichat.train.loop import LoopConfig
+
+    kw = dict(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum, warmdown_frac=args.warmdown_frac,
+              momentum_warmup_steps=0, eval_every=args.eval_every, save_every=args.save_every, resume=args.resume,
+              overwrite=args.overwrite, flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap,
+              minutes=args.minutes, fit_after=args.fit_steps)
+    return LoopConfig(**{**kw, **overrides})
+
+
+def check_room(home, model, args, cfg, stage: str) -> None:
+    """Before step 0: the home has room for every checkpoint this run keeps (common.checkpoint_bytes)."""
+    from chibichat.common import check_home, checkpoint_bytes
+
+    saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
+    check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), f"this {stage} run")
+
+
+def summary_head(stage: str, tag: str, source_meta: dict, res, t0: float) -> dict:
+    """The keys every fine-tuning stage's summary.json starts with (LoopResult `res`, wall clock from t0)."""
+    return {"stage": stage, "tag": tag, "source": source_meta["checkpoint_dir"], "steps": res.steps,
+            "tokens": res.tokens, "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0,
+            "checkpoint": res.checkpoint, "minutes_fit": res.fit or None}

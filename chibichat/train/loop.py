@@ -74,7 +74,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from chibichat.common import ChibiError, Runtime, atomic_write_text, print0, write_error
+from chibichat.common import ChibiError, Runtime, atomic_write_text, gather_objects, print0, write_error
 from chibichat.train.checkpoint import (
     list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
 )
@@ -214,14 +214,6 @@ def _broadcast0(rt: Runtime, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=rt.device)
     dist.broadcast(t, 0)
     return t.tolist()
-
-
-def _gather(rt: Runtime, obj) -> list:
-    if not rt.distributed:
-        return [obj]
-    out = [None] * rt.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _rng_state(rt: Runtime) -> dict:
@@ -612,8 +604,8 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
 
 def _save(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict, state: LoopState) -> Path:
     # Collectives first (every rank), then rank 0 writes the whole directory.
-    loaders = _gather(rt, batches.state_dict())
-    rngs = _gather(rt, _rng_state(rt))
+    loaders = gather_objects(rt, batches.state_dict())
+    rngs = gather_objects(rt, _rng_state(rt))
     full = {**meta, "loader": loaders, "loop": asdict(state), "rng": rngs}
     path = save_checkpoint(cfg.tag_dir, state.step, model, optimizer, full, rt=rt, keep_last=cfg.keep_last)
     if rt.distributed:
