@@ -295,10 +295,10 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINT_STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 
-def add_model_args(p) -> None:
-    """--from/--tag/--step: which checkpoint to load (chat, serve, bench serve)."""
-    p.add_argument("--from", dest="source", default="sft", choices=CHECKPOINT_STAGES,
-                   help="checkpoint stage (default: sft)")
+def add_model_args(p, default: str = "sft") -> None:
+    """--from/--tag/--step: which checkpoint to load (chat, serve, eval, bench serve)."""
+    p.add_argument("--from", dest="source", default=default, choices=CHECKPOINT_STAGES,
+                   help=f"checkpoint stage (default: {default})")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written one)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 

@@ -187,9 +187,6 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return set(self._specials.values())
 
-    def is_special(self, i: int) -> bool:
-        return i >= len(self._ranks)
-
     def encode(self, text: str) -> list[int]:
         """Ordinary text to ids. Special-token strings in `text` are encoded as plain bytes."""
         return self._enc.encode_ordinary(text)

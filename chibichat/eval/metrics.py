@@ -130,15 +130,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
-def mean_finite(values: Sequence[float]) -> float:
-    """Mean that refuses NaN rather than propagating it silently into an aggregate."""
-    if not values:
-        raise ChibiError("mean of zero values is undefined")
-    if any(math.isnan(v) for v in values):
-        raise ChibiError("cannot average: one of the values is NaN (undefined metric)")
-    return sum(values) / len(values)
-
-
 # ----------------------------------------------------------------------------------------------
 # Result files: every eval writes its per-item rows and a summary the report reads.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, add_home_arg, check_home
+from chibichat.common import CHECKPOINT_STAGES, ChibiError, Home, add_home_arg, check_home
 
 
 def register(sub) -> None:
@@ -95,7 +95,7 @@ def register(sub) -> None:
     )
     add_home_arg(ck)
     ck.add_argument("file", help="the .jsonl or .parquet file")
-    ck.add_argument("--from", dest="from_stage", default="sft", choices=("base", "mid", "sft", "rl", "dpo"),
+    ck.add_argument("--from", dest="from_stage", default="sft", choices=CHECKPOINT_STAGES,
                     help="checkpoint whose context and throughput to measure against (default: sft)")
     ck.add_argument("--from-tag", default=None, help="tag of that checkpoint (default: the newest)")
     ck.add_argument("--from-step", type=int, default=None, help="step of that checkpoint (default: the last)")

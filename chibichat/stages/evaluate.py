@@ -13,9 +13,7 @@ with per-item files beside it. To add an evaluation: a module chibichat/eval/<na
 
 from __future__ import annotations
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
-
-STAGES = ("base", "mid", "sft", "rl", "dpo")
+from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
 
 
 def register(sub) -> None:
@@ -23,19 +21,20 @@ def register(sub) -> None:
                        description="Evaluate a saved checkpoint. Pick an evaluation: " + ", ".join(["base", "chat", "jglue", "skills"]))
     actions = p.add_subparsers(dest="evaluation", metavar="<evaluation>")
     _add_base(actions)
-    from chibichat.eval import chat, jglue, skills
+    from chibichat.eval.chat import add_chat_args, run_chat
+    from chibichat.eval.jglue import add_jglue_args, run_jglue
+    from chibichat.eval.skills import add_skills_args, run_skills
 
-    for name, module in (("chat", chat), ("jglue", jglue), ("skills", skills)):
-        _add_delegated(actions, name, module)
+    _add_delegated(actions, "chat", add_chat_args, run_chat)
+    _add_delegated(actions, "jglue", add_jglue_args, run_jglue)
+    _add_delegated(actions, "skills", add_skills_args, run_skills)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _add_checkpoint_args(p) -> None:
+def _add_checkpoint_args(p, source: str) -> None:
     add_home_arg(p)
     add_runtime_args(p)
-    p.add_argument("--from", dest="source", choices=STAGES, default="base", help="which stage's checkpoint")
-    p.add_argument("--tag", default=None, help="run tag (default: the most recently written)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_model_args(p, source)
 
 
 def _add_base(actions) -> None:
@@ -44,7 +43,7 @@ def _add_base(actions) -> None:
         description="Val bits-per-byte (tokenizer-independent) on a fixed number of val tokens of a corpus, "
                     "and greedy samples from fixed prompts. Writes home/eval/<stage>/<tag>/summary.json and "
                     "samples.json.")
-    _add_checkpoint_args(p)
+    _add_checkpoint_args(p, "base")
     p.add_argument("--corpus", default=None, help="corpus whose val split is scored (default: the one it was trained on)")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help="val tokens (default: what pretraining used, 4 x its total batch)")
@@ -58,8 +57,8 @@ def _add_base(actions) -> None:
     p.set_defaults(func=run_base)
 
 
-# name -> (help, description, default --from) of the evaluations that live wholly in chibichat/eval/<name>.py,
-# which exposes add_<name>_args(parser) and run_<name>(args) (register lists the modules).
+# name -> (help, description, default --from) of the evaluations that live wholly in chibichat/eval/<name>.py
+# (its add_<name>_args(parser) and run_<name>(args), passed in by register).
 DELEGATED = {
     "chat": ("ChatCORE: ARC-E/C and MMLU by letter logits, GSM8K/HumanEval/spelling by generation",
              "Chat-model evaluation: categorical tasks by the argmax of the choice-letter logits, generative "
@@ -80,13 +79,12 @@ DELEGATED = {
 }
 
 
-def _add_delegated(actions, name: str, module) -> None:
+def _add_delegated(actions, name: str, add_args, run) -> None:
     help_text, description, source = DELEGATED[name]
     p = actions.add_parser(name, help=help_text, description=description)
-    _add_checkpoint_args(p)
-    p.set_defaults(source=source)
-    getattr(module, f"add_{name}_args")(p)
-    p.set_defaults(func=getattr(module, f"run_{name}"))
+    _add_checkpoint_args(p, source)
+    add_args(p)
+    p.set_defaults(func=run)
 
 
 def run_base(args) -> int:

@@ -8,9 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from chibichat.common import ChibiError, add_fp8_arg, add_memory_args
+from chibichat.common import CHECKPOINT_STAGES, ChibiError, add_fp8_arg, add_memory_args
 
-SOURCE_STAGES = ("base", "mid", "sft", "rl", "dpo")
 LR_GROUPS = ("matrix", "embedding", "head", "other")
 LORA_LR = 2e-3
 LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
@@ -21,7 +20,7 @@ LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
 
 
 def add_source_args(p, default_from: str) -> None:
-    p.add_argument("--from", dest="from_stage", default=default_from, choices=SOURCE_STAGES,
+    p.add_argument("--from", dest="from_stage", default=default_from, choices=CHECKPOINT_STAGES,
                    help=f"stage whose checkpoint to start from (default: {default_from})")
     p.add_argument("--from-tag", default=None, help="tag of the source checkpoint (default: the newest)")
     p.add_argument("--from-step", type=int, default=None, help="step of the source checkpoint (default: the last)")
