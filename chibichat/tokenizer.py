@@ -78,7 +78,7 @@ _LEAD = r"[^\r\n\p{L}\p{N}]?+"  # one optional leading non-letter, as in GPT-4's
 JA_SCRIPT_CAP = 6
 
 # The `ja` split's caps (characters). Chosen by a sweep on 2M chars of embedded-ja, vocab 8192
-# (numbers in the module docstring): shorter caps train faster but cost compression, longer ones the
+# (figures in docs/benchmarks.md): shorter caps train faster but cost compression, longer ones the
 # reverse; these are the knee of that curve.
 JA_CONTENT_CAP = 10  # a Han or Katakana run (most words are 1-6; longer runs are compounds)
 JA_TAIL_CAP = 3  # hiragana kept after a content run: particles and okurigana (東京で / 食べる)

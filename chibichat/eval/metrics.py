@@ -194,6 +194,12 @@ def extract_final_number(text: str) -> str | None:
     return m.group(0).replace(",", "")
 
 
+def last_number(text: str) -> str | None:
+    """The last number anywhere in text (commas removed), or None: the fallback of replies without "####"."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
 def numbers_equal(a: str | None, b: str | None) -> bool:
     """True if both parse as the same decimal number ("72" == "72.0"); False if either is missing."""
     if a is None or b is None:

@@ -125,7 +125,7 @@ def _ja(rng: random.Random) -> tuple[str, str, str, str]:
     price, n = rng.randint(20, 150) * 10, rng.randint(2, 6)
     paid = rng.choice([p for p in (1000, 5000, 10000) if p >= price * n] or [10000])
     return (f"{thing}1つは{price}円です。{name}さんは{n}つ買って{paid}円はらいました。おつりはいくらですか？",
-            "はらったお金から代金を引きます。", f"{paid}-{price}*{n}", f"おつりは{{r}}円です。")
+            "はらったお金から代金を引きます。", f"{paid}-{price}*{n}", "おつりは{r}円です。")
 
 
 def _en_multi(rng: random.Random) -> tuple[str, str, str, str]:
