@@ -295,6 +295,14 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINT_STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 
+def check_at_least(args, minimum: int, *names: str) -> None:
+    """ChibiError naming the first flag among `names` (argparse dests) below `minimum`; None (not given) passes."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 def add_model_args(p, default: str = "sft") -> None:
     """--from/--tag/--step: which checkpoint to load (chat, serve, eval, bench serve)."""
     p.add_argument("--from", dest="source", default=default, choices=CHECKPOINT_STAGES,

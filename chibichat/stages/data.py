@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chibichat.common import CHECKPOINT_STAGES, ChibiError, Home, add_home_arg, check_home
+from chibichat.common import CHECKPOINT_STAGES, ChibiError, Home, add_home_arg, check_at_least, check_home
 
 
 def register(sub) -> None:
@@ -224,13 +224,13 @@ def verify_task_cache(home: Home) -> int:
     """Re-hash every file of every complete task split under home/data/tasks/ against its manifest;
     returns how many files were checked. A mismatch is an error naming the folder to delete."""
     from chibichat.common import read_json
-    from chibichat.tasks.hub import _sha256
+    from chibichat.common import sha256_file
 
     n = 0
     for manifest in sorted((home.data_dir / "tasks").rglob("manifest.json")):
         for entry in read_json(manifest, "task cache manifest")["files"]:
             path = manifest.parent / entry["file"]
-            if not path.is_file() or _sha256(path) != entry["sha256"]:
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
                 raise ChibiError(f"task cache file {path} is missing or does not match the sha256 its manifest "
                                  f"recorded; delete {manifest.parent} and re-run `chibichat data tasks`")
             n += 1
@@ -297,9 +297,7 @@ def check_report(args) -> dict:
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import check_tokenizer, read_meta, resolve_checkpoint
 
-    for name in ("num_steps", "device_batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "num_steps", "device_batch_size", "grad_accum")
     home = Home.resolve(args.home)
     tok = Tokenizer.load(home.tokenizer_dir)
     sdir = resolve_checkpoint(home, args.from_stage, args.from_tag, args.from_step)

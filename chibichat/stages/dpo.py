@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -195,9 +195,7 @@ def run(args) -> int:
 
     if not args.beta > 0:
         raise ChibiError(f"--beta must be > 0, got {args.beta}")
-    for name in ("device_batch_size", "train_items", "val_items"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "device_batch_size", "train_items", "val_items")
     rt = init_runtime(args.device, args.dtype)
     try:
         if rt.world_size > 1:

@@ -13,7 +13,7 @@ with per-item files beside it. To add an evaluation: a module chibichat/eval/<na
 
 from __future__ import annotations
 
-from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args, check_at_least
 
 
 def register(sub) -> None:
@@ -97,10 +97,7 @@ def run_base(args) -> int:
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
-    for name in ("eval_tokens", "device_batch", "sample_tokens"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    check_at_least(args, 1, "eval_tokens", "device_batch", "sample_tokens")
     home = Home.resolve(args.home)
     tok = Tokenizer.load(home.tokenizer_dir)
     rt = init_runtime(args.device, args.dtype)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args, gather_objects
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least, gather_objects
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
@@ -335,9 +335,7 @@ def run(args) -> int:
                                           stage_meta, summary_head, write_summary)
     from chibichat.train.loop import train
 
-    for name in ("prompts_per_step", "num_samples", "max_new_tokens", "passk_items", "passk_k", "train_items"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "prompts_per_step", "num_samples", "max_new_tokens", "passk_items", "passk_k", "train_items")
     if args.num_samples < 2:
         raise ChibiError("--num-samples must be >= 2: the advantage compares samples of the same prompt")
     check_task_names(args)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
 from chibichat.train.finetune import (add_loop_args, add_optim_args, add_source_args, check_room, load_source,
                                       loop_config, make_optimizer, source_lrs, stage_meta, summary_head, write_summary)
 
@@ -225,9 +225,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import train
 
-    for name in ("device_batch_size", "val_items", "val_batches"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "device_batch_size", "val_items", "val_batches")
     if args.mix:  # the default mixture depends on the tokenizer; a given one is checked before anything loads
         parse_mix(args.mix)
     home = Home.resolve(args.home)
