@@ -326,10 +326,8 @@ def add_fp8_arg(parser) -> None:
     parser.add_argument(
         "--fp8",
         action="store_true",
-        help="run the block matmuls (attention, MLP, SLC2 projections; not embedding or lm head) of training "
-        "in fp8 with dynamic per-tensor scales, master weights fp32. For H100-class GPUs (SM 8.9+); needs the "
-        "bfloat16 compute dtype. Allowed on CPU for testing, where it is slower than bf16 (no fp8 units). "
-        "Evaluation and sampling stay in the compute dtype",
+        help="train the block matmuls in fp8 (dynamic per-tensor scales, fp32 master weights; not embedding or "
+        "head). Needs --dtype bfloat16 and an SM 8.9+ GPU (CPU only for testing); eval and sampling stay bf16",
     )
 
 
@@ -338,9 +336,8 @@ def add_memory_args(parser) -> None:
     for more compute, the same numbers (GPT.recompute, train.loop.release_free_heap)."""
     parser.add_argument(
         "--recompute", choices=("none", "mlp", "block"), default="none",
-        help="activation recomputation: keep every activation (none), drop each MLP's hidden (mlp) or "
-        "everything inside a block (block) and rebuild it in backward; same gradients, less memory, more "
-        "compute (figures: `bench train --recompute none,block`)",
+        help="activation recomputation in backward: none, each MLP's hidden (mlp) or everything inside a "
+        "block (block); same gradients, less memory, more compute",
     )
     parser.add_argument(
         "--trim-heap", action="store_true",

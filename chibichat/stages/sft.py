@@ -195,15 +195,15 @@ def gather_render_counts(loader, rt) -> dict:
 # The conversation stages (midtrain and sft share this)
 
 
-def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_frac: float, mode: str) -> None:
+def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_frac: float, mode: str,
+                          mix_en: str, mix_ja: str) -> None:
     add_home_arg(p)
     add_runtime_args(p)
     add_source_args(p, default_from)
     p.add_argument("--mix", default=None,
-                   help=f"task mixture as name=epochs,... (default EN: {SFT_MIX_EN}; a Japanese tokenizer adds "
-                        f"{SFT_MIX_JA}). Your own data: file:/path.jsonl=epochs (OpenAI chat, ShareGPT, Alpaca "
-                        "JSONL or parquet; check it first with `chibichat data check`). Online tasks (smoltalk, "
-                        "mmlu-aux, arc-easy-train, arc-challenge-train, gsm8k-train) can be named once downloaded into the home")
+                   help=f"task mixture name=epochs,... (default: {mix_en}; a Japanese tokenizer adds {mix_ja}); "
+                        "your own data as file:PATH=epochs (check it with `chibichat data check`); online tasks "
+                        "once `chibichat data tasks` has downloaded them")
     p.add_argument("--identity", default=None, metavar="name=...,creator=...|FILE.json",
                    help="your assistant's persona: the identity tasks (EN and JA) answer with this name and "
                         "creator instead of the shipped chibichat persona")
@@ -284,7 +284,8 @@ def register(sub):
         "sft", help="supervised fine-tuning on conversations (assistant-token loss)",
         description=__doc__.split("\n\n")[0] + " Loss on assistant tokens only, conversations packed or padded, "
                     "over-length policy counted per task in summary.json.")
-    add_conversation_args(p, default_from="mid", steps=60, batch=8, lr_frac=0.5, mode="pack")
+    add_conversation_args(p, default_from="mid", steps=60, batch=8, lr_frac=0.5, mode="pack", mix_en=SFT_MIX_EN,
+                          mix_ja=SFT_MIX_JA)
     p.set_defaults(func=run)
 
 
