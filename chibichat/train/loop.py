@@ -42,7 +42,9 @@ fixed once (fit_num_steps): as many steps as fit in what is left of the budget a
 per step (evaluations every eval_every steps and the final one costed at what the step-0 evaluation
 took), at most num_steps. Until then the LR schedule is that of num_steps steps, which equals the
 fitted schedule on every step taken so far as long as those steps come before its warmdown (warmup
-is in steps, warmdown a fraction of the fitted count); a budget too short for that is refused. The
+is in steps, warmdown a fraction of the fitted count). A budget too short even for that runs the
+fewest steps that keep it (the steps taken stay before the warmdown) and says by how much it overruns:
+the work done is kept rather than thrown away by an error late in a run. The
 fitted count, the measured seconds per step and tok/s go into the loop state (so a resume keeps the
 count) and LoopResult.fit. The budget covers the loop (from the call to train() to the final
 checkpoint), not the stage's start-up; checkpoint writes and sampling are not costed.
@@ -176,14 +178,19 @@ def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times:
     left = minutes * 60.0 - elapsed_s - eval_s  # the final evaluation is still to come
     fitted = steps_done + max(0, math.floor(left / per_step))
     num_steps = min(fitted, cap)
-    if num_steps < cap and num_steps - round(warmdown_frac * num_steps) < max(steps_done, warmup_steps):
-        raise ChibiError(
-            f"--minutes {minutes:g} is too short: after {steps_done} steps ({elapsed_s:.0f} s, {sec_per_step:.3f} s "
-            f"per step) it leaves room for {num_steps} steps in all, too few to keep the steps taken and the "
-            f"{warmup_steps} warmup steps before the final {warmdown_frac:g} warmdown; give more minutes")
-    return {"minutes": minutes, "num_steps": num_steps, "capped": fitted > cap, "cap": cap,
-            "sec_per_step": sec_per_step, "tok_per_s": tokens_timed / sum(step_times),
-            "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s}
+    fit = {"minutes": minutes, "num_steps": num_steps, "capped": fitted > cap, "cap": cap,
+           "sec_per_step": sec_per_step, "tok_per_s": tokens_timed / sum(step_times),
+           "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s}
+    need = max(steps_done, warmup_steps)
+    if num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need:
+        fewest = next(n for n in range(num_steps, cap + 1) if n - round(warmdown_frac * n) >= need or n == cap)
+        over_s = (fewest - fitted) * per_step
+        fit.update(num_steps=fewest, over_budget_s=over_s,
+                   note=f"--minutes {minutes:g} is too short: after {steps_done} steps ({elapsed_s:.0f} s, "
+                        f"{sec_per_step:.3f} s per step) it leaves room for {fitted} steps in all, too few to keep "
+                        f"the steps taken and the {warmup_steps} warmup steps before the final {warmdown_frac:g} "
+                        f"warmdown; running {fewest} steps, ~{over_s:.0f} s over the budget")
+    return fit
 
 
 def count_targets(batch) -> int:
@@ -514,6 +521,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     print0(rt, f"--minutes {cfg.minutes:g}: {state.fit['sec_per_step']:.3f} s/step "
                                f"({state.fit['tok_per_s']:,.0f} tok/s) over {len(times)} timed steps -> {num_steps} "
                                f"steps{' (the --num-steps cap)' if state.fit['capped'] else ''}")
+                    if "over_budget_s" in state.fit:
+                        print0(rt, f"warning: {state.fit['note']}")
             if state.step % cfg.log_every == 0 or state.step == num_steps:
                 eta = sum(recent) / len(recent) * (num_steps - state.step)
                 print0(rt, f"step {state.step:06d}/{num_steps:06d} ({100 * state.step / num_steps:5.1f}%) | "
