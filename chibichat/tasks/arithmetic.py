@@ -13,6 +13,9 @@ Every template uses +, -, * and exact / on small non-negative integers and never
 or fractional result, so the problems stay short and regular enough for a tiny model to learn the pattern
 "read numbers -> write expression -> copy tool output -> #### answer".
 
+About BARE_SHARE of the one-step items are bare calculations ("Calculate 12 x 7.", "12かける7の答えを
+教えてください。") in the phrasings of tasks/paraphrase.py, keyed by their expression.
+
 arithmetic-multi(-ja) uses the same item format with two-step templates (three or four numbers, some of
 three digits, one calculator call such as "4*12+3*15"): the RL stage's default task, because SFT on the
 one-step problems nearly saturates those but leaves the longer expressions only partly right.
@@ -196,6 +199,33 @@ def _ja_multi(rng: random.Random) -> tuple[str, str, str, str]:
             f"残りは{{r}}{unit}です。")
 
 
+BARE_SHARE = 0.3  # of the one-step items: a bare calculation ("Calculate 12 x 7.") instead of a story
+_OP_WORDS = {"en": {"+": "plus", "-": "minus", "*": "times", "/": "divided by"},
+             "ja": {"+": "たす", "-": "ひく", "*": "かける", "/": "わる"}}
+
+
+def _bare(rng: random.Random, lang: str) -> tuple[str, str, str, str]:
+    """A bare calculation in one of many phrasings (tasks/paraphrase.py); same 4-tuple as `_en`."""
+    from chibichat.tasks.paraphrase import expression, phrase
+
+    op = rng.choice("+-*/")
+    if op == "+":
+        a, b = rng.randint(2, 500), rng.randint(2, 500)
+    elif op == "-":
+        a = rng.randint(10, 500)
+        b = rng.randint(1, a)
+    elif op == "*":
+        a, b = rng.randint(2, 30), rng.randint(2, 20)
+    else:
+        b = rng.randint(2, 12)
+        a = b * rng.randint(2, 40)
+    question = phrase(rng, lang, "arithmetic", x=expression(rng, lang, op, a, b))
+    said = f"{a} {_OP_WORDS['en'][op]} {b}" if lang == "en" else f"{a}{_OP_WORDS['ja'][op]}{b}"
+    if lang == "en":
+        return question, "I will compute it with the calculator.", f"{a}{op}{b}", f"{said} is {{r}}."
+    return question, "電卓で計算します。", f"{a}{op}{b}", f"{said}は{{r}}です。"
+
+
 def int_value(expr: str) -> int:
     """Value of a template expression: non-negative integers joined by +, -, * and exact /, with the
     usual precedence.
@@ -234,7 +264,8 @@ class Arithmetic(GeneratedTask):
 
     def sample(self, rng: random.Random) -> tuple[str, dict]:
         gen = {(False, "en"): _en, (False, "ja"): _ja, (True, "en"): _en_multi, (True, "ja"): _ja_multi}
-        question, reasoning, expr, final = gen[self.multi, self.lang](rng)
+        bare = not self.multi and rng.random() < BARE_SHARE
+        question, reasoning, expr, final = _bare(rng, self.lang) if bare else gen[self.multi, self.lang](rng)
         result = str(int_value(expr))
         parts = [
             {"type": "text", "text": reasoning},
@@ -244,7 +275,8 @@ class Arithmetic(GeneratedTask):
         ]
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "answer": result, "expr": expr}
-        return question, item
+        # A bare calculation's key is its expression: however it is phrased, a test problem never trains.
+        return (expr if bare else question), item
 
     def evaluate(self, item: dict, completion_text: str) -> bool:
         return numbers_equal(extract_final_number(completion_text), item["answer"])
