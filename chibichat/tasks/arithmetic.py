@@ -14,7 +14,9 @@ or fractional result, so the problems stay short and regular enough for a tiny m
 "read numbers -> write expression -> copy tool output -> #### answer".
 
 About BARE_SHARE of the one-step items are bare calculations ("Calculate 12 x 7.", "12かける7の答えを
-教えてください。") in the phrasings of tasks/paraphrase.py, keyed by their expression.
+教えてください。") in the phrasings of tasks/paraphrase.py, keyed by their expression. Word problems keep
+one canonical question per kind (their key); `paraphrase.vary_question` rewords its closing question and
+sometimes adds an opener.
 
 arithmetic-multi(-ja) uses the same item format with two-step templates (three or four numbers, some of
 three digits, one calculator call such as "4*12+3*15"): the RL stage's default task, because SFT on the
@@ -28,6 +30,7 @@ import re
 
 from chibichat.tasks.answers import extract_final_number, numbers_equal
 from chibichat.tasks.generated import GeneratedTask
+from chibichat.tasks.paraphrase import vary_question
 
 EN_NAMES = ["Tom", "Sara", "Ben", "Mia", "Leo", "Ana", "Sam", "Emma", "Noah", "Lily", "Omar", "Yuki"]
 # (thing, container, containers): each thing with a container it plausibly comes in
@@ -266,6 +269,9 @@ class Arithmetic(GeneratedTask):
         gen = {(False, "en"): _en, (False, "ja"): _ja, (True, "en"): _en_multi, (True, "ja"): _ja_multi}
         bare = not self.multi and rng.random() < BARE_SHARE
         question, reasoning, expr, final = _bare(rng, self.lang) if bare else gen[self.multi, self.lang](rng)
+        key = expr if bare else question  # the canonical question: its rewordings below share its split
+        if not bare:
+            question = vary_question(rng, self.lang, question)
         result = str(int_value(expr))
         parts = [
             {"type": "text", "text": reasoning},
@@ -276,7 +282,7 @@ class Arithmetic(GeneratedTask):
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "answer": result, "expr": expr}
         # A bare calculation's key is its expression: however it is phrased, a test problem never trains.
-        return (expr if bare else question), item
+        return key, item
 
     def evaluate(self, item: dict, completion_text: str) -> bool:
         return numbers_equal(extract_final_number(completion_text), item["answer"])
