@@ -100,3 +100,11 @@ def test_every_word_problem_kind_has_rewordings_and_keeps_its_canonical_key(name
     for it in word:  # every closing question of every kind of problem has rewordings
         assert any(re.search(p + "$", it["key"]) for p, _ in P._QUESTION_REWRITES[lang]), it["key"]
     assert sum(it["messages"][0]["content"] != it["key"] for it in word) > len(word) / 2
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_name_phrasings_include_the_identity_topic_questions(lang):
+    from chibichat.tasks import identity
+
+    topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
+    assert set(topics["name"][0]) <= set(P.phrasings(lang, "identity"))

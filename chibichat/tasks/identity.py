@@ -20,7 +20,8 @@ from chibichat.tasks.generated import GeneratedTask
 
 # topic -> (question phrasings, answer phrasings)
 EN_TOPICS: dict[str, tuple[list[str], list[str]]] = {
-    "name": ([],  # the questions: paraphrase.phrasings("en", "identity")
+    "name": (["What is your name?", "Who are you?", "What should I call you?", "What are you?",
+              "Introduce yourself.", "Tell me about yourself."],
              ["I am chibichat, a small language model that you can chat with.",
               "My name is chibichat. I am a small AI assistant.",
               "I'm chibichat, a tiny chat model. Ask me anything and I will do my best."]),
@@ -59,7 +60,8 @@ EN_TOPICS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 JA_TOPICS: dict[str, tuple[list[str], list[str]]] = {
-    "name": ([],  # the questions: paraphrase.phrasings("ja", "identity")
+    "name": (["あなたの名前は何ですか？", "あなたは誰ですか？", "何と呼べばいいですか？", "自己紹介してください。",
+              "あなたについて教えて。"],
              ["私はchibichatです。おしゃべりできる小さな言語モデルです。",
               "chibichatといいます。小さなAIアシスタントです。",
               "chibichatです。小さなチャットモデルですが、できるだけお手伝いします。"]),
@@ -155,8 +157,9 @@ class Identity(GeneratedTask):
         self.name = "identity" if lang == "en" else "identity-ja"
         super().__init__(split, size, seed)
         self.topics = dict(EN_TOPICS if lang == "en" else JA_TOPICS)
-        # The name question and the greetings in many phrasings, and questions it cannot answer
-        # (the user's private life, the future) with an honest "I don't know" (tasks/paraphrase.py).
+        # The name question (a superset of the topic's own questions, which prefs-language uses) and the
+        # greetings in many phrasings, and questions it cannot answer (the user's private life, the
+        # future) with an honest "I don't know" (tasks/paraphrase.py).
         self.topics["name"] = (paraphrase.phrasings(lang, "identity"), self.topics["name"][1])
         self.topics["unknowable"] = (paraphrase.phrasings(lang, "refusal"), paraphrase.REFUSAL_ANSWERS[lang])
         self.greetings = (paraphrase.phrasings(lang, "greeting"), paraphrase.GREETING_REPLIES[lang])
