@@ -437,7 +437,7 @@ def base_section(st: StageArtifacts, written: set[str]) -> str:
     params = None
     if s.get("params") is not None:
         params = fmt_int(s["params"]) + (f" ({fmt_int(s['scaling_params'])} for scaling)" if s.get("scaling_params") else "")
-    rows = [("model", f"{s.get('layers', '?')}, depth {s.get('depth', '?')}" if "depth" in s else None),
+    rows = [("model", f"depth {s['depth']}, layers {s.get('layers', '?')}" if "depth" in s else None),
             ("parameters", params),
             ("data", s.get("corpus", "?") + (f" (pass {s['epoch'] + 1} over it" if isinstance(s.get("epoch"), int) else " (")
              + (f"; packing cropped {fmt_pct(s['crop_fraction'])} of the tokens taken)"
@@ -469,8 +469,8 @@ def base_eval_section(st: StageArtifacts) -> str:
     tasks = ev.get("core_tasks")
     if isinstance(tasks, list) and tasks:
         body = [[t.get("name", "?"), fmt(t.get("accuracy")), fmt(t.get("centered")), fmt(t.get("n_scored")),
-                 fmt(t.get("num_fewshot"))] for t in tasks if isinstance(t, dict)]
-        out += "\n" + table(["CORE task", "accuracy", "centered", "items", "shots"], body)
+                 fmt(t.get("n_skipped_too_long")), fmt(t.get("num_fewshot"))] for t in tasks if isinstance(t, dict)]
+        out += "\n" + table(["CORE task", "accuracy", "centered", "items", "too long", "shots"], body)
     return out
 
 
@@ -489,7 +489,8 @@ def chat_stage_section(st: StageArtifacts, written: set[str]) -> str:
         body = [[task, fmt(mixture.get(task)), *(fmt(counts.get(task, {}).get(k, 0) if task in counts else None)
                                                  for k in ("ok", "shortened", "dropped"))]
                 for task in list(mixture) + [t for t in sorted(counts) if t not in mixture]]
-        out += ("\nMixture (rows per task) and conversations kept whole, shortened or dropped as over-length:\n\n"
+        out += ("\nMixture: rows per task; of the conversations this run rendered, those kept whole, shortened or "
+                "dropped as over-length:\n\n"
                 + table(["task", "rows", "ok", "shortened", "dropped"], body))
     return out + chat_eval_section(st)
 
