@@ -97,6 +97,14 @@ def test_appendix_keeps_every_recorded_value_reachable(fixture_report):
                 assert f"- {key}: " in block, (path, key)
 
 
+def test_base_evaluation_lists_jglue_scores(tmp_path):
+    from chibichat.stages.report import StageArtifacts, base_eval_section
+
+    st = StageArtifacts("base", "d2", {"steps": 3}, [], {"val_bpb": 1.25, "jnli": 0.5, "jsquad_f1": 0.125})
+    assert base_eval_section(st).splitlines()[5:] == ["| val bpb | 1.2500 |", "| JNLI (few-shot) | 0.5000 |",
+                                                      "| JSQuAD F1 (few-shot) | 0.1250 |"]
+
+
 def test_report_marks_missing_stages_not_run(tmp_path):
     h = Home(tmp_path / "home")
     (h.root / "checkpoints").mkdir(parents=True)

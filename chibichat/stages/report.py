@@ -461,10 +461,11 @@ def base_eval_section(st: StageArtifacts) -> str:
     if not ev:
         return "\n### BASE evaluation\n\nnot run\n"
     be = ev.get("base_eval", {})
-    rows = [("val bpb", f"{fmt(ev.get('val_bpb'))} on {fmt_int(be.get('val_tokens'))} tokens of {be.get('corpus', '?')}"
-             if "val_bpb" in ev else None),
+    on = f" on {fmt_int(be['val_tokens'])} tokens of {be.get('corpus', '?')}" if be.get("val_tokens") else ""
+    rows = [("val bpb", fmt(ev.get("val_bpb")) + on if "val_bpb" in ev else None),
             (ev.get("core_label", "CORE"), fmt(ev["core"]) if ev.get("core") is not None else None),
             ("items longer than the context", fmt(ev.get("core_skipped_too_long")) if "core_skipped_too_long" in ev else None)]
+    rows += [(f"{name} (few-shot)", fmt(ev[key])) for name, key in JGLUE_ROWS if ev.get(key) is not None]
     out = "\n### BASE evaluation\n\n" + kv_table(rows)
     tasks = ev.get("core_tasks")
     if isinstance(tasks, list) and tasks:
