@@ -593,6 +593,8 @@ def appendix(run: RunArtifacts) -> str:
             lines.append("- (not repeated here: " + "; ".join(f"{k}: {APPENDIX_SHOWN_ELSEWHERE[k]}"
                                                              for k in sorted(dropped)) + ")")
         parts.append("\n".join(lines + ["", "</details>", ""]))
+    if len(parts) == 1:
+        parts.append("nothing recorded yet\n")
     return "\n".join(parts)
 
 
