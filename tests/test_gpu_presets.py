@@ -305,8 +305,9 @@ def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset,
     assert p.returncode == 0, out[-6000:]
     tag = "toy-" + preset + ("" if layers == "dense" else f"-{layers}")
     report = (home / "report" / "report.md").read_text()
-    for section in ["## Summary", "## Tokenizer training", "## Base training", "## Base evaluation", "## Midtraining",
-                    "## Chat evaluation (MID)", "## SFT", "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)"]:
+    for section in ["## Summary", "## Tokenizer", f"## BASE: pretraining ({tag})", "### BASE evaluation",
+                    f"## MID: midtraining ({tag})", "### MID evaluation", f"## SFT: supervised fine-tuning ({tag})",
+                    "### SFT evaluation", f"## RL: reinforcement learning ({tag})", "### RL evaluation"]:
         assert section in report, section
     assert "not run" not in report
     rl = __import__("json").loads((home / "checkpoints" / "rl" / tag / "summary.json").read_text())

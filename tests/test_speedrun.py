@@ -124,10 +124,10 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
     steps = [json.loads(l)["step"] for l in (base / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == sorted(set(steps))
     report = (home / "report" / "report.md").read_text()
-    for section in ["## Summary", "## Tokenizer training", "## Tokenizer evaluation", "## Base training",
-                    "## Base evaluation", "## Midtraining", "## Chat evaluation (MID)", "## SFT",
-                    "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)", "## Data counts", "## Plots",
-                    "## Held-out skills"]:
+    for section in ["## Summary", "## Evaluations by stage", "## Held-out skills", "## Tokenizer",
+                    "## BASE: pretraining (d2)", "### BASE evaluation", "## MID: midtraining (d2)", "### MID evaluation",
+                    "## SFT: supervised fine-tuning (d2)", "### SFT evaluation", "## RL: reinforcement learning (d2)",
+                    "### RL evaluation", "## Timings", "## Appendix: every recorded value"]:
         assert section in report, section
     assert "not run" not in report
     assert (home / "report" / "loss.png").exists()
