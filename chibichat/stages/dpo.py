@@ -155,7 +155,7 @@ def register(sub):
     p.add_argument("--val-items", type=int, default=100,
                    help="held-out pairs: a generated task's test split, else the last <=10%% of the file (default: 100)")
     add_optim_args(p, lr_frac=0.05)
-    add_loop_args(p, steps=30, batch=4)
+    add_loop_args(p, steps=30, batch=4, samples=False)
     p.set_defaults(func=run)
 
 

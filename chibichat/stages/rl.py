@@ -284,7 +284,7 @@ def register(sub):
     # A small --lr-frac: Muon takes a full-size step even when the advantage-weighted gradient is mostly
     # noise, and larger fractions drifted down or collapsed the reward (docs/benchmarks.md).
     add_optim_args(p, lr_frac=0.15)
-    add_loop_args(p, steps=60, batch=None)
+    add_loop_args(p, steps=60, batch=None, evals=False, samples=False)  # the reward is logged every step
     p.set_defaults(func=run, warmdown_frac=0.2)
 
 

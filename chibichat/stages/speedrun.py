@@ -259,7 +259,7 @@ PRESETS: dict[str, Preset] = {
         # small count: measured reward 0.03 per step), so groups differ and RL moves the weights; on the
         # two-step arithmetic it never scored, every advantage was 0 and RL left SFT's weights unchanged.
         rl=["--num-steps", "2", "--prompts-per-step", "4", "--num-samples", "8", "--max-new-tokens", "24",
-            "--train-items", "64", "--passk-items", "4", "--no-samples"],
+            "--train-items", "64", "--passk-items", "4"],
         eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
         rl_task=("letter-count", "letter-count-ja"),
         eval_skills=("--max-new-tokens", "24", "--max-per-skill", "2"),

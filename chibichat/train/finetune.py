@@ -36,17 +36,21 @@ def add_optim_args(p, lr_frac: float) -> None:
     p.add_argument("--warmdown-frac", type=float, default=0.5, help="fraction of steps of linear LR decay to 0")
 
 
-def add_loop_args(p, steps: int, batch: int | None) -> None:
+def add_loop_args(p, steps: int, batch: int | None, evals: bool = True, samples: bool = True) -> None:
+    """The loop flags of a fine-tuning stage. A stage that sets its own evaluation cadence (evals=False) or
+    writes no sample replies (samples=False) does not take those flags, so passing one is an error, not a no-op."""
     p.add_argument("--num-steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
     if batch is not None:  # RL sizes its micro-batches in prompts x samples instead
         p.add_argument("--device-batch-size", type=int, default=batch, help=f"rows per micro-batch (default: {batch})")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validation runs (0: start and end)")
+    if evals:
+        p.add_argument("--eval-every", type=int, default=0, help="steps between validation runs (0: start and end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: end only)")
     p.add_argument("--resume", action="store_true", help="continue the run saved under --tag")
     p.add_argument("--overwrite", action="store_true", help="replace existing checkpoints under --tag")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixture order and initialisation")
-    p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
+    if samples:
+        p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
     from chibichat.train.schedule import add_budget_args
 
     add_budget_args(p)
