@@ -223,11 +223,12 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
     scored = [s for s in per_task if s["n_scored"] > 0]
     if not scored:
         raise ChibiError("no item of any task fits the model's context; nothing was evaluated")
-    score = sum(s["centered"] for s in scored) / len(scored)
-    names = [s["task"] for s in scored]
-    complete = sorted(names) == sorted(CHATCORE_TASKS)
-    flat["chatcore" if complete else "chatcore_partial"] = score
-    flat["chatcore_tasks"] = names
+    core = [s for s in scored if s["task"] in CHATCORE_TASKS]  # other tasks (your files) are not part of it
+    if core:
+        names = [s["task"] for s in core]
+        complete = sorted(names) == sorted(CHATCORE_TASKS)
+        flat["chatcore" if complete else "chatcore_partial"] = sum(s["centered"] for s in core) / len(core)
+        flat["chatcore_tasks"] = names
     return {"summary": flat, "tasks": per_task, "items": items}
 
 
@@ -251,7 +252,7 @@ def add_chat_args(p) -> None:
 def run_chat(args) -> int:
     import time
 
-    from chibichat.common import Home, init_runtime, print0, rank_gather, shutdown_runtime
+    from chibichat.common import Home, init_runtime, print0, rank_gather, read_json, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
     from chibichat.eval.core import ModelScorer
     from chibichat.eval.metrics import merge_summary, write_eval_outputs
@@ -284,9 +285,16 @@ def run_chat(args) -> int:
                             world_size=rt.world_size, gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
+        # Another eval of the same checkpoint (your own file after the speedrun's ChatCORE) adds its tasks
+        # to the record instead of replacing it; a task evaluated again replaces its own entry.
+        earlier = read_json(out_dir / "summary.json", "eval summary").get("chat_eval", {}) \
+            if (out_dir / "summary.json").exists() else {}
+        now = {t["task"] for t in out["tasks"]}
+        kept = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and t.get("task") not in now] \
+            if earlier.get("step") == meta["step"] else []
         summary = {**out["summary"], "chat_eval": {
             "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
-            "tasks": out["tasks"], "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
+            "tasks": kept + out["tasks"], "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
             "temperature": cfg.temperature, "world_size": rt.world_size, "seconds": time.time() - t0}}
         if rt.is_master:
             for name, rows in out["items"].items():
@@ -298,8 +306,8 @@ def run_chat(args) -> int:
                 continue
             print0(rt, f"{s['task']:>14}: {s['accuracy']:.4f} (centered {s['centered']:+.4f}, n={s['n_scored']}, "
                        f"skipped too long {s['n_skipped_too_long']})")
-        key = "chatcore" if "chatcore" in out["summary"] else "chatcore_partial"
-        print0(rt, f"{key}: {out['summary'][key]:.4f} | wrote {out_dir / 'summary.json'}")
+        key = next((k for k in ("chatcore", "chatcore_partial") if k in out["summary"]), None)
+        print0(rt, (f"{key}: {out['summary'][key]:.4f} | " if key else "") + f"wrote {out_dir / 'summary.json'}")
         return 0
     finally:
         shutdown_runtime(rt)
