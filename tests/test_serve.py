@@ -805,6 +805,32 @@ def test_disconnect_cancels_generation_and_frees_its_rows(served):
         pool.shutdown()
 
 
+def test_disconnect_cancels_a_non_streaming_generation(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.05, endless=True)
+    app = create_app(pool, served.model, Limits(default_max_tokens=80))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "temperature": 0}
+    try:
+        with Server(app) as url:
+            # the client gives up after 0.4 s (8 of the 80 slowed steps) and closes its connection
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.4))
+            deadline, m = time.time() + 20, {}
+            while time.time() < deadline:
+                m = parse_metrics(httpx.get(url + "/metrics").text)
+                if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
+                    break
+                time.sleep(0.02)
+            assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
+            assert m['chibichat_requests_finished_total{reason="done"}'] == 0
+            assert m["chibichat_batch_rows"] == 0 and pool.rows == 0
+            assert m["chibichat_completion_tokens_total"] < 40  # far from the 80 asked for: generation stopped
+            assert m['chibichat_requests_total{route="/v1/chat/completions",status="499"}'] == 1
+    finally:
+        pool.shutdown()
+
+
 def test_request_timeout(served):
     from chibichat.serve.app import create_app
 

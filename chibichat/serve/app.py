@@ -10,6 +10,7 @@ otherwise); the page and /health stay open (the page asks for the key and sends 
 
 # No `from __future__ import annotations` here: FastAPI resolves the route parameter annotations
 # (Request) at runtime, and they are imported inside create_app.
+import asyncio
 import hmac
 import json
 import os
@@ -223,7 +224,18 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                 calls[-1]["output"] = part["text"]
         return calls
 
-    async def respond(chat: bool, req, prompt, max_tokens, use_tools, extra):
+    async def cancel_on_disconnect(request, stream):
+        """Wait for the client of a non-streaming request to go away, then end its generation. Servers
+        do not cancel a plain response's handler when its client disconnects (a streaming response
+        notices when a write fails), so the handler watches the connection itself: once the body has
+        been read, the next ASGI message is http.disconnect, sent when the client closes."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                stream.cancel()
+                return
+
+    async def respond(request, chat: bool, req, prompt, max_tokens, use_tools, extra):
         pool = ready_pool()
         engine0, tok = pool.engines[0], pool.engines[0].tokenizer
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -254,6 +266,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
         if not req.stream:
             texts, lps = [""] * req.n, [[] for _ in range(req.n)]
+            watch = asyncio.ensure_future(cancel_on_disconnect(request, stream))
             try:
                 async for i, piece, entries in stream:
                     texts[i] += piece
@@ -261,7 +274,10 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             except Exception as e:
                 return error(failure(e))
             finally:
+                watch.cancel()
                 stream.cancel()  # a no-op once finished; ends the generation if this handler was cancelled
+            if stream.job.cancelled:  # the client went away: nobody reads this answer
+                return Response(status_code=499)
             choices = []
             for i in range(req.n):
                 if chat:
@@ -341,7 +357,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             engine0 = pool.engines[0]
             req = parse_chat_request(await request.body(), limits, [model_id])
             prompt, max_tokens, dropped = prepare_chat(req, engine0.tokenizer, engine0.seq_len)
-            return await respond(True, req, prompt, max_tokens, tools, {"dropped_messages": dropped} if dropped else None)
+            return await respond(request, True, req, prompt, max_tokens, tools, {"dropped_messages": dropped} if dropped else None)
         except ApiError as e:
             return error(e)
 
@@ -354,7 +370,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             req = parse_completion_request(await request.body(), limits, [model_id])
             tok, seq_len = engine0.tokenizer, engine0.seq_len
             prompt = [tok.bos_id, *tok.encode(req.prompt)]
-            return await respond(False, req, prompt, budget(req, len(prompt), seq_len), None, None)
+            return await respond(request, False, req, prompt, budget(req, len(prompt), seq_len), None, None)
         except ApiError as e:
             return error(e)
 
