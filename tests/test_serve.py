@@ -93,6 +93,22 @@ def served(tmp_path_factory):
     torch.set_num_threads(before)
 
 
+def test_stream_ready_takes_only_the_pieces_that_have_arrived():
+    from chibichat.serve.pool import Stream
+
+    async def main():
+        queue = asyncio.Queue()
+        stream = Stream(SimpleNamespace(cancelled=False), queue, {})
+        assert stream.ready() == []
+        queue.put_nowait([("piece", (0, "a", [])), ("piece", (1, "b", []))])
+        queue.put_nowait([("piece", (0, "c", [])), ("done", {"completion_tokens": 3})])
+        assert stream.ready() == [(0, "a", []), (1, "b", []), (0, "c", [])]
+        assert stream.ready() == [] and not stream.finished  # the end stays for the iteration
+        assert [p async for p in stream] == [] and stream.result == {"completion_tokens": 3}
+
+    asyncio.run(main())
+
+
 def test_cpu_workers_share_one_decoder(served):
     engines = served.pool.engines
     assert len(engines) == 2 and engines[0] is not engines[1]

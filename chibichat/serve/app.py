@@ -214,6 +214,14 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
+    def merge_pieces(pieces):
+        """(choice, text, logprob entries) pieces in order -> one piece per choice, in order of first appearance."""
+        merged: dict = {}
+        for i, text, entries in pieces:
+            t, e = merged.get(i, ("", []))
+            merged[i] = (t + text, e + list(entries))
+        return [(i, t, e) for i, (t, e) in merged.items()]
+
     def tool_calls(engine, tokens):
         """The built-in tool's calls in one choice: [{"expression", "output"}] (output None: it failed)."""
         calls = []
@@ -324,26 +332,35 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             return {"index": i, "text": text, "finish_reason": finish_reason, "logprobs": lp}
 
         async def events():
+            # Pieces that are already waiting when the client's connection gets its turn (the event loop
+            # fell behind the decode loop) go out merged, one chunk per choice in one write: the HTTP
+            # work then grows with the steps, not the tokens, when the server is loaded.
             try:
+                out = b""
                 if chat:
                     head = {"role": "assistant", "content": ""}
                     for i in range(req.n):
                         c = {"index": i, "delta": head, "finish_reason": None, "logprobs": None}
-                        yield sse({**chunk([c]), **({"chibichat": extra} if extra and i == 0 else {})})
+                        out += sse({**chunk([c]), **({"chibichat": extra} if extra and i == 0 else {})})
+                pending = [] if first is None else [first]
                 try:
-                    if first is not None:
-                        yield sse(chunk([piece_choice(*first)]))
-                    async for i, text, entries in stream:
-                        yield sse(chunk([piece_choice(i, text, entries)]))
+                    while True:
+                        pending += stream.ready()
+                        if pending:
+                            yield out + b"".join(sse(chunk([piece_choice(*p)])) for p in merge_pieces(pending))
+                            out, pending = b"", []
+                        piece = await anext(stream, None)
+                        if piece is None:
+                            break
+                        pending.append(piece)
                 except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
-                    err = failure(e)
-                    yield sse({"error": err.body()["error"]})
+                    yield out + sse({"error": failure(e).body()["error"]})
                     return
                 for i in range(req.n):
-                    yield sse(chunk([piece_choice(i, "", (), finish(i))]))
+                    out += sse(chunk([piece_choice(i, "", (), finish(i))]))
                 if req.include_usage:
-                    yield sse(chunk([], usage()))
-                yield sse("[DONE]")
+                    out += sse(chunk([], usage()))
+                yield out + sse("[DONE]")
             finally:  # also when the client went away (the response task is cancelled): free the rows
                 stream.cancel()
 
