@@ -284,6 +284,7 @@ def test_truncate_history_drops_oldest_and_says_so(served):
 def test_health_models_page_and_404(served):
     h = httpx.get(served.url + "/health").json()
     assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96 and h["max_batch_rows"] == 32
+    assert h["max_queue"] == 64
     page = httpx.get(served.url + "/")
     assert page.status_code == 200 and "chat.js" in page.text
     js = httpx.get(served.url + "/static/chat.js")
@@ -927,6 +928,20 @@ def test_percentile():
     assert percentile([3.0], 95) == 3.0
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
     assert percentile([float(i) for i in range(101)], 95) == 95.0
+
+
+def test_bench_serve_summary():
+    from chibichat.bench.serve import summary
+
+    level = lambda n, tok_s, ttft95, failed=0, busy=0: {"clients": n, "requests": 2 * n, "tok_s": tok_s,  # noqa: E731
+                                                        "ttft_ms_p95": ttft95, "failed": failed, "busy_503": busy}
+    results = [level(1, 50.0, 80.0), level(8, 200.0, 300.0, failed=1), level(32, 325.0, 812.5),
+               level(64, 330.0, 9000.0, busy=21)]  # fmt: skip
+    assert summary(results) == [
+        "32 clients: 6.5x the 1-client tok/s (target >= 6), p95 TTFT 812.5 ms (target < 1000)",
+        "failed requests: 1 of 210 (target 0); 64 clients: 21 answered 503",
+    ]
+    assert summary([level(8, 200.0, 300.0)]) == ["failed requests: 0 of 16 (target 0)"]
 
 
 def test_bench_serve_against_a_running_server(served, tmp_path, capsys):

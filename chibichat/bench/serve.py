@@ -155,6 +155,21 @@ def run_level(url: str, model: str, clients: int, rounds: int, max_tokens: int, 
     }  # fmt: skip
 
 
+def summary(results: list[dict]) -> list[str]:
+    """The load test's headline figures: the 32-client level against the 1-client one (aggregate
+    tok/s ratio, p95 TTFT; targets: >= 6x, < 1 s), failed requests of every level (target: none) and
+    the 503s of the levels that had any."""
+    by = {r["clients"]: r for r in results}
+    lines = []
+    if 1 in by and 32 in by and by[1]["tok_s"] and by[32]["tok_s"] is not None:
+        lines.append(f"32 clients: {by[32]['tok_s'] / by[1]['tok_s']:.1f}x the 1-client tok/s (target >= 6), "
+                     f"p95 TTFT {by[32]['ttft_ms_p95']} ms (target < 1000)")  # fmt: skip
+    failed = sum(r["failed"] for r in results)
+    lines.append(f"failed requests: {failed} of {sum(r['requests'] for r in results)} (target 0)"
+                 + "".join(f"; {r['clients']} clients: {r['busy_503']} answered 503" for r in results if r["busy_503"]))
+    return lines
+
+
 def _scrape(url: str, headers: dict) -> dict:
     import httpx
 
@@ -223,9 +238,11 @@ def run(args) -> int:
             raise ChibiError(f"{url}/v1/models answered {r.status_code}: {r.text[:200]} (--api-key?)")
         model = r.json()["data"][0]["id"]
         health = httpx.get(url + "/health", timeout=30).json()
+        rows = (health.get("workers") or 0) * (health.get("max_batch_rows") or 0)
         print(f"bench serve: {model} at {url}, context {health.get('context')}, {health.get('workers')} replica(s) x "
-              f"{health.get('max_batch_rows')} rows; {args.rounds} request(s) per client, max_tokens {args.max_tokens}, "
-              f"temperature {args.temperature}", flush=True)  # fmt: skip
+              f"{health.get('max_batch_rows')} rows, max queue {health.get('max_queue')}: {rows} requests decode at "
+              f"once, {health.get('max_queue')} more wait, the rest get 503; {args.rounds} request(s) per client, "
+              f"max_tokens {args.max_tokens}, temperature {args.temperature}", flush=True)  # fmt: skip
         run_level(url, model, 1, 1, 8, args.temperature, args.api_key)  # warm-up (first-call costs)
         results = []
         for n in levels:
@@ -248,6 +265,8 @@ def run(args) -> int:
     for res in results:
         speedup = f"{res['tok_s'] / base:.1f}" if base and res["tok_s"] else "-"
         print("| " + " | ".join("-" if res[c] is None else str(res[c]) for c in cols) + f" | {speedup} |")
+    for line in summary(results):
+        print(line)
     if args.json:
         atomic_write_json(args.json, {"model": model, "url": url, "rounds": args.rounds, "max_tokens": args.max_tokens,
                                       "max_batch": args.max_batch, "max_queue": args.max_queue, "levels": results})  # fmt: skip

@@ -142,7 +142,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         seq_len = p.engines[0].seq_len
         return {"status": "ok", "model": model_id, "context": seq_len, "workers": len(p.engines),
                 "max_batch_rows": p.max_rows, "batch_rows": p.rows, "available_rows": p.available,
-                "waiting": p.waiting, "auth": api_key is not None}  # fmt: skip
+                "waiting": p.waiting, "max_queue": p.max_queue, "auth": api_key is not None}  # fmt: skip
 
     @app.get("/metrics")
     async def metrics():
