@@ -475,6 +475,12 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
             # the server wants a key: the page asks for it, then connects with it
             browser.wait_for("document.readyState === 'complete' && !document.getElementById('auth').hidden")
             assert browser.js("chat.model") is None
+            assert browser.js("document.getElementById('model').textContent") == "API key required"
+            browser.js("document.getElementById('api-key').value = 'not-the-key'")  # a wrong key: asked again
+            browser.js("document.getElementById('use-key').click()")
+            browser.wait_for("document.getElementById('model').textContent === 'wrong API key' && "
+                             "!document.getElementById('auth').hidden")  # fmt: skip
+            assert browser.js("chat.model") is None
             browser.js("document.getElementById('api-key').value = 'page-key'")
             browser.js("document.getElementById('use-key').click()")
             browser.wait_for("chat.model !== null")
