@@ -954,11 +954,11 @@ def test_bench_serve_against_a_running_server(served, tmp_path, capsys):
     from chibichat.bench.serve import run
 
     out = tmp_path / "bench.json"
-    args = SimpleNamespace(clients="1,3", rounds=1, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
+    args = SimpleNamespace(clients="1,3", rounds=1, min_requests=2, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
                            url=served.url, api_key=None, json=str(out))  # fmt: skip
     assert run(args) == 0
     levels = json.loads(out.read_text())["levels"]
-    assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [1, 3]
+    assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [2, 3]  # >= min_requests
     assert all(lv["ok"] == lv["requests"] and lv["failed"] == 0 and lv["busy_503"] == 0 for lv in levels)
     assert all(0 < lv["completion_tokens"] <= 5 * lv["requests"] and lv["ttft_ms_p50"] > 0 for lv in levels)
     assert "| clients |" in capsys.readouterr().out
