@@ -794,6 +794,17 @@ def test_serve_flags_are_checked_before_loading(flag, value, message):
         check_args(SimpleNamespace(**{**ok, flag: value}))
 
 
+def metrics_once_cancelled(url, timeout=20.0):
+    """The server's metrics as soon as one request has ended as cancelled (or when `timeout` runs out)."""
+    deadline, m = time.time() + timeout, {}
+    while time.time() < deadline:
+        m = parse_metrics(httpx.get(url + "/metrics").text)
+        if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
+            break
+        time.sleep(0.02)
+    return m
+
+
 def test_disconnect_cancels_generation_and_frees_its_rows(served):
     from chibichat.serve.app import create_app
 
@@ -811,12 +822,7 @@ def test_disconnect_cancels_generation_and_frees_its_rows(served):
                         break
                 assert pool.rows == 1
             # the connection is closed: the request ends as cancelled and its row leaves the batch
-            deadline, m = time.time() + 20, {}
-            while time.time() < deadline:
-                m = parse_metrics(httpx.get(url + "/metrics").text)
-                if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
-                    break
-                time.sleep(0.02)
+            m = metrics_once_cancelled(url)
             assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
             assert m["chibichat_batch_rows"] == 0 and m["chibichat_queue_depth"] == 0 and pool.rows == 0
             assert m["chibichat_completion_tokens_total"] < 40  # far from the 80 asked for: generation stopped
@@ -839,12 +845,7 @@ def test_disconnect_cancels_a_non_streaming_generation(served):
             # the client gives up after 0.4 s (8 of the 80 slowed steps) and closes its connection
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.4))
-            deadline, m = time.time() + 20, {}
-            while time.time() < deadline:
-                m = parse_metrics(httpx.get(url + "/metrics").text)
-                if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
-                    break
-                time.sleep(0.02)
+            m = metrics_once_cancelled(url)
             assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
             assert m['chibichat_requests_finished_total{reason="done"}'] == 0
             assert m["chibichat_batch_rows"] == 0 and pool.rows == 0
