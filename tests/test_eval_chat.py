@@ -89,6 +89,12 @@ def test_categorical_always_first_and_oracle():
     assert [r["pred"] for r in out["items"]["arc-easy"]] == ANSWERS
 
 
+def test_summary_keys_name_files_without_paths():
+    assert E.summary_key("arc-easy") == "arc_easy"
+    assert E.summary_key("file:/data/My QA-test.v2.jsonl") == "file_my_qa_test"
+    assert E.summary_key("file:examples/support-heldout.jsonl") == "file_support_heldout"
+
+
 def test_tasks_outside_chatcore_get_no_chatcore_score():
     out = E.evaluate_chat([ListTask("file:qa.jsonl", "categorical", mc_items())], scorer=FirstScorer(), gen=None,
                           tok=CharTok(), max_len=200, cfg=E.GenSettings())

@@ -29,6 +29,7 @@ whose items fits the context is reported with accuracy None and left out of the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -162,7 +163,14 @@ def eval_generative(gen: Generator, tok, task, indices: Sequence[int], max_len: 
 
 
 def summary_key(task_name: str) -> str:
-    """summary.json keys are lower-case with underscores ("arc-easy" -> "arc_easy"; docs/architecture.md)."""
+    """summary.json keys are lower-case with underscores ("arc-easy" -> "arc_easy"; docs/architecture.md).
+    A local file task is keyed by its file name ("file:/data/qa-test.jsonl" -> "file_qa_test"): the key also
+    names the per-item files, so it may hold no path separator."""
+    from chibichat.tasks.local import PREFIX
+
+    if task_name.startswith(PREFIX):
+        stem = task_name[len(PREFIX):].replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0]
+        return "file_" + re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_")
     return task_name.lower().replace("-", "_")
 
 
