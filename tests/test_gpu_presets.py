@@ -45,19 +45,24 @@ def test_dry_run_prints_the_plan_and_the_estimate(tmp_path, capsys):
         assert hw in out
     assert "--task gsm8k-train --eval-task gsm8k" in out
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
+    assert "Japanese presets" not in out
+    assert main(["speedrun", "--preset", "d12", "--lang", "ja", "--dry-run", "--home", str(tmp_path)]) == 0
+    assert "\n".join(speedrun.JA_MISSING) in capsys.readouterr().out
 
 
 def test_gpu_recipe_names_the_data_of_every_stage(tmp_path):
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda", world_size=8)}
     assert steps["download"][:4] == ["data", "download", "fineweb-edu", "-n"]
-    assert steps["download-tasks"][:3] == ["data", "tasks", "smoltalk,mmlu-aux,gsm8k-train,arc-easy-train,arc-challenge-train"]
+    assert steps["download-tasks"][:3] == ["data", "tasks", "arc-easy,arc-challenge,mmlu,gsm8k,humaneval,"
+                                                            "smoltalk,mmlu-aux,gsm8k-train,arc-easy-train,arc-challenge-train"]
     assert _flag(steps["midtrain"], "--mix").startswith("smoltalk=1,mmlu-aux=1,gsm8k-train=1,identity=2")
     sft_mix = _flag(steps["sft"], "--mix")
     assert sft_mix.startswith("arc-easy-train=1,arc-challenge-train=1,gsm8k-train=1,smoltalk=0.022")
     assert _flag(steps["rl"], "--task") == "gsm8k-train" and _flag(steps["rl"], "--eval-task") == "gsm8k"
     assert _flag(steps["eval-base"], "--core") == "full" and _flag(steps["eval-base"], "--core-items") == "0"
-    for ev in ("eval-mid", "eval-sft", "eval-rl"):  # every item of every ChatCORE task
+    for ev in ("eval-mid", "eval-sft", "eval-rl"):  # every item of the full test set of every ChatCORE task
         assert "--max-items" not in steps[ev] and "--tasks" not in steps[ev]
+        assert _flag(steps[ev], "--test-sets") == "online"
     assert _flag(steps["pretrain"], "--device-batch") == "auto"
     assert _flag(steps["pretrain"], "--total-batch") == str(2 ** 20)
     ja = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d12"], "ja", "iberis", "cuda")}
@@ -191,9 +196,20 @@ def test_data_tasks_downloads_and_verifies(server, home, capsys):
     assert "does not match the sha256" in capsys.readouterr().err
 
 
+def test_data_tasks_downloads_the_full_test_sets(server, home, capsys):
+    assert main(["data", "tasks", "mmlu,gsm8k", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "mmlu: 2 items (categorical; the full test set of eval chat --test-sets online)" in out
+    assert "gsm8k: 2 items (generative; the full test set of eval chat --test-sets online)" in out
+    assert "verified 2 cached file(s)" in out
+    assert (home / "data" / "tasks" / "cais--mmlu" / "all" / "test" / "manifest.json").is_file()
+
+
 def test_data_tasks_refuses_what_does_not_download(home, capsys):
     assert main(["data", "tasks", "identity", "--home", str(home)]) == 2
-    assert "nothing to download" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'identity' ships with the package or is generated; nothing to download" in err
+    assert "full test sets: arc-easy, arc-challenge, mmlu, gsm8k, humaneval" in err
     assert main(["data", "tasks", "nope", "--home", str(home)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
 
@@ -241,7 +257,8 @@ def _corpus_parquet(lang: str, split: str, chars: int) -> bytes:
 @pytest.fixture
 def stand_in_hub(monkeypatch):
     """127.0.0.1 serving corpus shards (resolve/main layout), the hub's parquet listing API + task files
-    (tests/fixtures/tasks/hub; ARC-Challenge train reuses the ARC-Easy rows) and the DCLM bundle zip."""
+    (tests/fixtures/tasks/hub: the training splits and the full test splits the chat evaluations score) and
+    the DCLM bundle zip."""
     import json as _json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -266,8 +283,7 @@ def stand_in_hub(monkeypatch):
                 self._send(200, _json.dumps([f"{base}/files/{repo}/{subset}/{split}.parquet"]).encode())
                 return
             if parts[0] == "files":
-                subset = "ARC-Easy" if parts[3] == "ARC-Challenge" else parts[3]
-                f = FIXTURES / "hub" / f"{parts[1]}--{parts[2]}" / subset / parts[4]
+                f = FIXTURES / "hub" / f"{parts[1]}--{parts[2]}" / parts[3] / parts[4]
                 self._send(200, f.read_bytes()) if f.exists() else self._send(404, b"")
                 return
             self._send(200, files[path]) if path in files else self._send(404, b"")
@@ -316,6 +332,11 @@ def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset,
     assert rl["pass_at_k_before"]["n"] == rl["pass_at_k_after"]["n"] == 2
     mid = __import__("json").loads((home / "checkpoints" / "mid" / tag / "summary.json").read_text())
     assert set(mid["mixture"]) >= {"smoltalk", "mmlu-aux", "gsm8k-train"}
+    for stage in ("mid", "sft", "rl"):  # the full test sets (the stand-in hub's), 2 items each at toy scale
+        ev = __import__("json").loads((home / "eval" / stage / tag / "summary.json").read_text())
+        assert ev["chat_eval"]["test_sets"] == "online" and ("chatcore" in ev) == (lang == "en")
+        assert [ev[f"{k}_n"] for k in ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling")] == \
+            [2, 2, 2, 2, 1, 2]
 
 
 # ---- scripts/gpu_check.sh

@@ -73,8 +73,11 @@ GPU_RECIPES = {
 # ----------------------------------------------------------------------------------------------
 # The GPU recipe: every stage's data and length, and what it costs
 
-# Online chat data: what the recipe downloads before training (tasks/online.py, tasks/evalsets.py).
-ONLINE_TASKS = ("smoltalk", "mmlu-aux", "gsm8k-train", "arc-easy-train", "arc-challenge-train")
+# Online task data, downloaded before training (tasks/online.py, tasks/evalsets.py): first the full test sets
+# the chat evaluations score (`eval chat --test-sets online`; present before training, so every training stage
+# checks its data disjoint from them), then the training sets.
+ONLINE_TEST_SETS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")  # = evalsets.ONLINE_TEST_SETS
+ONLINE_TASKS = (*ONLINE_TEST_SETS, "smoltalk", "mmlu-aux", "gsm8k-train", "arc-easy-train", "arc-challenge-train")
 # Midtraining, one pass over nanochat's mixture: SmolTalk ~460K chats, MMLU auxiliary-train ~100K, GSM8K train
 # with its calculator annotations as tool calls, identity; spelling and letter counting are our generated sets
 # of 2,000 items (nanochat's 200K + 80K spelling rows would repeat them 40-100 times, so 5 passes each).
@@ -99,6 +102,17 @@ RL_PROMPTS = 2  # GSM8K questions per GPU per micro-batch in RL (x 8 = 16 per st
 CHARS_PER_TOKEN = {"en": 4.8, "ja": 1.6}  # assumed for a 32-65K BPE vocabulary on that corpus
 CHARS_PER_SHARD = {"en": 250e6, "ja": 250e6}  # FineWeb-EDU reshard: ~250M; ABEJA-CC-JA-edu assumed alike
 SCALES = ("full", "toy")
+# What the Japanese GPU presets lack next to the English recipe (printed with the plan).
+JA_MISSING = (
+    "  Japanese presets: what is missing next to the English recipe:",
+    "  - chat data: no Japanese instruction corpus has a loader (llm-jp/magpie-sft-v1.0, Ego/jpflan exist online);"
+    " midtraining and SFT use the English online sets plus the shipped and generated Japanese ones",
+    "  - RL: no Japanese verifiable-reward set; RL trains on GSM8K train (English)",
+    "  - chat evaluation: no Japanese full test set; eval chat scores the English full test sets and the generated"
+    " Japanese test splits (spelling-ja, arithmetic-ja, letter-count-ja)",
+    "  - base evaluation: CORE is the English DCLM bundle; JGLUE (JCommonsenseQA, JNLI, JSTS, JSQuAD dev sets) is"
+    " not in the plan: after it, run `chibichat eval jglue --from rl --jglue-dir DIR` on JGLUE's dev files",
+)
 
 
 @dataclass(frozen=True)
@@ -392,8 +406,8 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
                "--grad-accum", accum, "--num-samples", "16", "--max-new-tokens", "256", "--temperature", "1.0",
                "--top-k", "50", "--lr-frac", "0.05", "--warmdown-frac", "1.0", "--num-steps", str(fig.rl_steps),
                "--passk-items", "400", "--passk-k", "8", "--save-every", "60"],
-        # every item of every ChatCORE task, greedy, up to 512 new tokens
-        "eval_chat": ["--max-new-tokens", "512"],
+        # every item of the full test sets of every ChatCORE task, greedy, up to 512 new tokens
+        "eval_chat": ["--test-sets", "online", "--max-new-tokens", "512"],
     }
 
 
@@ -440,7 +454,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
             home.data_dir / corpus / f".speedrun-{n}-shards.done", [], weight=0.05,
             speedrun_marks_done=True))
         steps.append(Step(
-            "download-tasks", "download and verify the online chat task sets",
+            "download-tasks", "download and verify the full test sets and the online training sets",
             ["data", "tasks", ",".join(ONLINE_TASKS), *common],
             home.data_dir / "tasks" / ".speedrun-tasks.done", [], weight=0.01, speedrun_marks_done=True))
     steps += [
@@ -561,9 +575,7 @@ def run(args) -> int:
               f"{', run at toy scale' if args.scale != 'full' else ''}):")
         print("\n".join(estimate_lines(fig)))
         if args.lang == "ja":
-            print("  Japanese chat data: no Japanese instruction corpus has a loader (llm-jp/magpie-sft-v1.0, "
-                  "Ego/jpflan exist online); midtraining/SFT use the English online sets plus the shipped and "
-                  "generated Japanese ones, RL uses GSM8K (English). JGLUE: `chibichat eval jglue`.")
+            print("\n".join(JA_MISSING))
     timing_path = home.report_dir / "timing.json"
     timing = read_json(timing_path, "speedrun timing") if timing_path.exists() else {"stages": {}}
     total_weight = sum(s.weight for s in steps)
