@@ -50,6 +50,21 @@ def test_dry_run_prints_the_plan_and_the_estimate(tmp_path, capsys):
     assert "\n".join(speedrun.JA_MISSING) in capsys.readouterr().out
 
 
+def test_readme_shows_the_dry_run_as_it_prints(tmp_path, capsys):
+    """The README's GPU section quotes `speedrun --preset d20 --dry-run` on 8 GPUs: every quoted line is a line
+    of the real output ("..." stands for lines left out), in order."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("`--dry-run` on 8 GPUs begins:\n\n```\n", 1)[1].split("```", 1)[0]
+    quoted = [ln for ln in block.splitlines() if ln != "..."]
+    home = tmp_path / "big-disk"
+    assert main(["speedrun", "--preset", "d20", "--dry-run", "--nproc-per-node", "8", "--home", str(home)]) == 0
+    out = capsys.readouterr().out.replace(str(home), "/big/disk").splitlines()
+    at = [out.index(ln) for ln in quoted]  # ValueError names a quoted line the output lacks
+    assert at == sorted(at) and len(quoted) > 10
+
+
 def test_gpu_recipe_names_the_data_of_every_stage(tmp_path):
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda", world_size=8)}
     assert steps["download"][:4] == ["data", "download", "fineweb-edu", "-n"]
@@ -305,35 +320,63 @@ def stand_in_hub(monkeypatch):
     srv.server_close()
 
 
+# The plans the end-to-end test runs: English dense, and Japanese with SLC2 layers (d12, d20 and d26 differ
+# only in the sizes --scale toy replaces).
+E2E_PLANS = (("d12", "en", "dense"), ("d20", "ja", "iberis"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,lang,layers", [("d12", "en", "dense"), ("d20", "ja", "iberis")])
-def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset, lang, layers):
+def test_gpu_plans_run_end_to_end_under_torchrun(tmp_path, stand_in_hub):
+    """Both plans at once: each step of one run waits on process start-up (torchrun's launcher, then its
+    workers, each importing torch) with a core idle, which the other run's steps fill."""
     import os
     import subprocess
     import sys
 
-    home = tmp_path / "home"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **stand_in_hub)
-    cmd = [sys.executable, "-m", "chibichat", "speedrun", "--preset", preset, "--lang", lang, "--layers", layers,
-           "--scale", "toy", "--nproc-per-node", "2", "--device", "cpu", "--home", str(home)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-6000:]
+    runs = []
+    for preset, lang, layers in E2E_PLANS:
+        home = tmp_path / f"home-{preset}-{lang}-{layers}"
+        cmd = [sys.executable, "-m", "chibichat", "speedrun", "--preset", preset, "--lang", lang, "--layers", layers,
+               "--scale", "toy", "--nproc-per-node", "2", "--device", "cpu", "--home", str(home)]
+        log = open(tmp_path / f"{home.name}.log", "w+")
+        runs.append((preset, lang, layers, home, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    try:
+        for *_, p in runs:
+            p.wait(timeout=900)
+    finally:
+        for *_, p in runs:
+            if p.poll() is None:
+                p.kill()
+    for preset, lang, layers, home, log, p in runs:
+        log.seek(0)
+        out = log.read()
+        log.close()
+        assert p.returncode == 0, f"{preset} {lang} {layers}:\n" + out[-6000:]
+        check_gpu_plan_run(home, preset, lang, layers)
+
+
+def check_gpu_plan_run(home, preset, lang, layers):
+    """Every stage in the report card with its figures, and each stage ran on the recipe's data."""
+    import json
+
     tag = "toy-" + preset + ("" if layers == "dense" else f"-{layers}")
     report = (home / "report" / "report.md").read_text()
     for section in ["## Summary", "## Tokenizer training", "## Base training", "## Base evaluation", "## Midtraining",
                     "## Chat evaluation (MID)", "## SFT", "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)"]:
         assert section in report, section
     assert "not run" not in report
-    rl = __import__("json").loads((home / "checkpoints" / "rl" / tag / "summary.json").read_text())
+    base = json.loads((home / "eval" / "base" / tag / "summary.json").read_text())
+    assert base["core_label"] == "CORE" and base["core_unscored_tasks"] == [] and base["val_bpb"] > 0  # full CORE
+    rl = json.loads((home / "checkpoints" / "rl" / tag / "summary.json").read_text())
     # (a toy model never solves GSM8K, so its RL step has no reward to follow: the micro speedrun's
     # end-to-end test is the one that asserts RL moves the weights)
     assert rl["task"] == "gsm8k-train" and rl["eval_task"] == "gsm8k" and rl["steps"] == 2
     assert rl["pass_at_k_before"]["n"] == rl["pass_at_k_after"]["n"] == 2
-    mid = __import__("json").loads((home / "checkpoints" / "mid" / tag / "summary.json").read_text())
+    mid = json.loads((home / "checkpoints" / "mid" / tag / "summary.json").read_text())
     assert set(mid["mixture"]) >= {"smoltalk", "mmlu-aux", "gsm8k-train"}
     for stage in ("mid", "sft", "rl"):  # the full test sets (the stand-in hub's), 2 items each at toy scale
-        ev = __import__("json").loads((home / "eval" / stage / tag / "summary.json").read_text())
+        ev = json.loads((home / "eval" / stage / tag / "summary.json").read_text())
         assert ev["chat_eval"]["test_sets"] == "online" and ("chatcore" in ev) == (lang == "en")
         assert [ev[f"{k}_n"] for k in ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling")] == \
             [2, 2, 2, 2, 1, 2]

@@ -603,7 +603,8 @@ def run(args) -> int:
         eta = ""
         if done_weight > 0 and elapsed > 5:
             eta = f", ETA ~{(elapsed / done_weight) * (total_weight - done_weight) / 60:.1f} min"
-        print(f"{prefix}: {step.title}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
+        how = f" (torchrun over {nproc} processes)" if step.distributed and nproc > 1 else ""
+        print(f"{prefix}: {step.title}{how}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
         if args.dry_run:
             continue
         t0 = time.time()
