@@ -146,6 +146,21 @@ def test_recipe_figures_are_the_models_flop_count():
     assert iberis.flops_per_token < fig.flops_per_token  # SLC2 layers charged without attention
 
 
+def test_distributed_steps_run_torchrun_in_a_fork_with_its_exit_status(tmp_path, capfd):
+    """speedrun's launcher for a distributed step is torchrun's own main in a forked child (no second
+    import of torch): its workers run the step's argv, and a failed worker is the step's failure."""
+    import os
+
+    step = speedrun.Step("x", "x", [], tmp_path / "marker", [], distributed=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    assert speedrun.run_step(step, ["data", "--help"], 2, env) == 0
+    out = capfd.readouterr().out
+    assert out.count("usage: chibichat data") == 2  # one per worker
+    assert speedrun.run_step(step, ["no-such-stage"], 2, env) == 1
+    err = capfd.readouterr().err
+    assert "invalid choice: 'no-such-stage'" in err and "torchrun: ChildFailedError" in err
+
+
 # ---- --device-batch auto
 
 

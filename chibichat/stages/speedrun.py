@@ -5,7 +5,7 @@ chat + skills evals -> report, then it tells the user how to talk to the model. 
 wall-clock budget over the four training stages (budget_flags).
 
 Each step runs as its own `python -m chibichat <stage> ...` process (under torchrun when several GPUs are
-visible), so a crash or Ctrl-C in one stage cannot corrupt the orchestrator's view, and every step is exactly
+visible; torchrun's launcher is forked from this process, run_step), so a crash or Ctrl-C in one stage cannot corrupt the orchestrator's view, and every step is exactly
 what a user could type by hand (they are printed before they run).
 
 Resumability comes from the artifacts, not from a separate state file: a step is done when its completion
@@ -548,9 +548,53 @@ def process_count(nproc: int | None) -> int:
 def _launcher(step: Step, nproc: int) -> list[str]:
     """`python -m chibichat` or, for a distributed step on several processes, torchrun over them."""
     if step.distributed and nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-                "chibichat"]
+        return [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(nproc), "-m", "chibichat"]
     return [sys.executable, "-m", "chibichat"]
+
+
+def _torchrun_args(nproc: int) -> list[str]:
+    return ["--standalone", f"--nproc_per_node={nproc}"]
+
+
+def run_step(step: Step, argv: list[str], nproc: int, env: dict) -> int:
+    """Run one step; its exit status. A distributed step on several processes runs torchrun's launcher
+    (torch.distributed.run.main, the `torchrun` command) in a forked child of this process, which has
+    imported torch already: the launcher does no tensor work (no CUDA, no threads) and starts its
+    workers as fresh interpreters with this environment, exactly as the command line would, so the fork
+    only saves the launcher's own import of torch, seconds of CPU per step. Elsewhere, and where there is
+    no fork, the command runs as a subprocess."""
+    if not (step.distributed and nproc > 1 and hasattr(os, "fork")):
+        return subprocess.run(_launcher(step, nproc) + argv, env=env).returncode
+    import signal
+
+    import torch  # noqa: F401  (imported before the fork, so the child does not import it again)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the launcher; it never returns into the orchestrator's code
+        code = 1
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            from torch.distributed.run import main
+
+            main([*_torchrun_args(nproc), "-m", "chibichat", *argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException as e:  # a failed worker (ChildFailedError, already reported by torchrun)
+            print(f"torchrun: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except BaseException:  # Ctrl-C reaches the launcher too; let it stop its workers before we go
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
 
 
 def run(args) -> int:
@@ -598,7 +642,6 @@ def run(args) -> int:
         if _has_checkpoint(step.resumable_dir):
             argv.append("--resume")
             print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
-        cmd = _launcher(step, nproc) + argv
         elapsed = time.time() - t_start
         eta = ""
         if done_weight > 0 and elapsed > 5:
@@ -609,7 +652,7 @@ def run(args) -> int:
             continue
         t0 = time.time()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = run_step(step, argv, nproc, env)
         if rc != 0:
             raise ChibiError(
                 f"stage {step.name} failed (exit {rc}); fix the error above and re-run the same speedrun "
