@@ -146,7 +146,7 @@ def test_recipe_figures_are_the_models_flop_count():
     assert iberis.flops_per_token < fig.flops_per_token  # SLC2 layers charged without attention
 
 
-def test_distributed_steps_run_torchrun_in_a_fork_with_its_exit_status(tmp_path, capfd):
+def test_steps_run_in_a_fork_with_their_exit_status(tmp_path, capfd):
     """speedrun's launcher for a distributed step is torchrun's own main in a forked child (no second
     import of torch): its workers run the step's argv, and a failed worker is the step's failure."""
     import os
@@ -159,6 +159,11 @@ def test_distributed_steps_run_torchrun_in_a_fork_with_its_exit_status(tmp_path,
     assert speedrun.run_step(step, ["no-such-stage"], 2, env) == 1
     err = capfd.readouterr().err
     assert "invalid choice: 'no-such-stage'" in err and "torchrun: ChildFailedError" in err
+    # a step on one process (no CUDA here): `chibichat <argv>` in a fork, with its exit status and environment
+    one = speedrun.Step("y", "y", [], tmp_path / "marker", [])
+    assert speedrun.run_step(one, ["data", "tasks", "identity", "--home", str(tmp_path)], 1,
+                             dict(env, CHIBICHAT_HOME=str(tmp_path))) == 2
+    assert "'identity' ships with the package or is generated; nothing to download" in capfd.readouterr().err
 
 
 # ---- --device-batch auto

@@ -5,8 +5,9 @@ chat + skills evals -> report, then it tells the user how to talk to the model. 
 wall-clock budget over the four training stages (budget_flags).
 
 Each step runs as its own `python -m chibichat <stage> ...` process (under torchrun when several GPUs are
-visible; torchrun's launcher is forked from this process, run_step), so a crash or Ctrl-C in one stage cannot corrupt the orchestrator's view, and every step is exactly
-what a user could type by hand (they are printed before they run).
+visible; forked from this process where that is safe, run_step), so a crash or Ctrl-C in one stage cannot
+corrupt the orchestrator's view, and every step is exactly what a user could type by hand (they are printed
+before they run).
 
 Resumability comes from the artifacts, not from a separate state file: a step is done when its completion
 marker exists (each stage writes its summary.json atomically and last). A training step that was interrupted
@@ -557,41 +558,76 @@ def _torchrun_args(nproc: int) -> list[str]:
 
 
 def run_step(step: Step, argv: list[str], nproc: int, env: dict) -> int:
-    """Run one step; its exit status. A distributed step on several processes runs torchrun's launcher
-    (torch.distributed.run.main, the `torchrun` command) in a forked child of this process, which has
-    imported torch already: the launcher does no tensor work (no CUDA, no threads) and starts its
-    workers as fresh interpreters with this environment, exactly as the command line would, so the fork
-    only saves the launcher's own import of torch, seconds of CPU per step. Elsewhere, and where there is
-    no fork, the command runs as a subprocess."""
-    if not (step.distributed and nproc > 1 and hasattr(os, "fork")):
-        return subprocess.run(_launcher(step, nproc) + argv, env=env).returncode
-    import signal
+    """Run one step in a process of its own; its exit status.
 
-    import torch  # noqa: F401  (imported before the fork, so the child does not import it again)
+    Each step's process would otherwise spend seconds of CPU importing torch before it does anything, as
+    much as a toy-sized step's whole work. So on Linux the process is a fork of this one with torch
+    imported already (fork_start), where that is safe:
+    - a distributed step on several processes: torchrun's launcher (torch.distributed.run.main, what the
+      `torchrun` command runs) does no tensor work and starts its workers as fresh interpreters with this
+      environment, exactly as the command line would; always safe;
+    - any other step: `chibichat <argv>` itself, only on a machine without CUDA (a CUDA driver that this
+      process has touched cannot be used in a fork).
+    Elsewhere the command runs as a subprocess."""
+    if sys.platform == "linux":
+        import torch
+
+        if step.distributed and nproc > 1:
+            return fork_start(env, lambda: _torchrun_main([*_torchrun_args(nproc), "-m", "chibichat", *argv]))
+        if not torch.cuda.is_available():
+            return fork_start(env, lambda: _chibichat_main(argv))
+    return subprocess.run(_launcher(step, nproc) + argv, env=env).returncode
+
+
+def _chibichat_main(argv: list[str]) -> int:
+    """`python -m chibichat argv`, in this process (a fork): the package's __main__ raises SystemExit with
+    the exit status."""
+    import runpy
+
+    sys.argv = ["chibichat", *argv]
+    runpy.run_module("chibichat", run_name="__main__", alter_sys=True)
+    return 0
+
+
+def _torchrun_main(args: list[str]) -> int:
+    from torch.distributed.run import main
+
+    try:
+        main(args)
+    except Exception as e:  # a failed worker (ChildFailedError), already reported by torchrun
+        print(f"torchrun: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def fork_start(env: dict, entry) -> int:
+    """entry() in a forked child with `env` as its environment and line-buffered output (what
+    PYTHONUNBUFFERED gives a fresh interpreter); the child's exit status."""
+    import signal
 
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:  # the launcher; it never returns into the orchestrator's code
+    if pid == 0:  # never returns into the orchestrator's code
         code = 1
         try:
             os.environ.clear()
             os.environ.update(env)
-            from torch.distributed.run import main
-
-            main([*_torchrun_args(nproc), "-m", "chibichat", *argv])
-            code = 0
+            sys.stdout.reconfigure(line_buffering=True)
+            code = entry()
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException as e:  # a failed worker (ChildFailedError, already reported by torchrun)
-            print(f"torchrun: {type(e).__name__}: {e}", file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(code)
+            os._exit(code if isinstance(code, int) else 1)
     try:
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    except BaseException:  # Ctrl-C reaches the launcher too; let it stop its workers before we go
+    except BaseException:  # Ctrl-C reaches the child too; let it stop (and stop its workers) before we go
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         raise
