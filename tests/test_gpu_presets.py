@@ -148,7 +148,8 @@ def test_recipe_figures_are_the_models_flop_count():
 
 def test_steps_run_in_a_fork_with_their_exit_status(tmp_path, capfd):
     """speedrun's launcher for a distributed step is torchrun's own main in a forked child (no second
-    import of torch): its workers run the step's argv, and a failed worker is the step's failure."""
+    import of torch; without CUDA its workers are forks too): the workers run the step's argv, and a failed
+    worker is the step's failure."""
     import os
 
     step = speedrun.Step("x", "x", [], tmp_path / "marker", [], distributed=True)
@@ -347,8 +348,10 @@ E2E_PLANS = (("d12", "en", "dense"), ("d20", "ja", "iberis"))
 
 @pytest.mark.slow
 def test_gpu_plans_run_end_to_end_under_torchrun(tmp_path, stand_in_hub):
-    """Both plans at once: each step of one run waits on process start-up (torchrun's launcher, then its
-    workers, each importing torch) with a core idle, which the other run's steps fill."""
+    """Both plans at once, so that one run's single-process steps overlap the other's two ranks. On this
+    CUDA-less machine speedrun forks every step's processes (torchrun's launcher and workers included,
+    speedrun.run_step) instead of starting interpreters that import torch again; torchrun with fresh
+    worker interpreters is what tests/test_distributed_stages.py runs."""
     import os
     import subprocess
     import sys

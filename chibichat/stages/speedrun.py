@@ -564,17 +564,19 @@ def run_step(step: Step, argv: list[str], nproc: int, env: dict) -> int:
     much as a toy-sized step's whole work. So on Linux the process is a fork of this one with torch
     imported already (fork_start), where that is safe:
     - a distributed step on several processes: torchrun's launcher (torch.distributed.run.main, what the
-      `torchrun` command runs) does no tensor work and starts its workers as fresh interpreters with this
-      environment, exactly as the command line would; always safe;
-    - any other step: `chibichat <argv>` itself, only on a machine without CUDA (a CUDA driver that this
-      process has touched cannot be used in a fork).
+      `torchrun` command runs), which does no tensor work; with CUDA present it starts its workers as
+      fresh interpreters (`python -m chibichat argv`) exactly as the printed command line would; without
+      CUDA it forks them too (_torchrun_main);
+    - any other step: `python -m chibichat argv` in the fork, only on a machine without CUDA (a CUDA driver
+      that this process has touched cannot be used in a fork).
     Elsewhere the command runs as a subprocess."""
     if sys.platform == "linux":
         import torch
 
+        no_cuda = not torch.cuda.is_available()
         if step.distributed and nproc > 1:
-            return fork_start(env, lambda: _torchrun_main([*_torchrun_args(nproc), "-m", "chibichat", *argv]))
-        if not torch.cuda.is_available():
+            return fork_start(env, lambda: _torchrun_main([*_torchrun_args(nproc), "-m", "chibichat", *argv], no_cuda))
+        if no_cuda:
             return fork_start(env, lambda: _chibichat_main(argv))
     return subprocess.run(_launcher(step, nproc) + argv, env=env).returncode
 
@@ -589,15 +591,41 @@ def _chibichat_main(argv: list[str]) -> int:
     return 0
 
 
-def _torchrun_main(args: list[str]) -> int:
+def _torchrun_main(args: list[str], fork_workers: bool) -> int:
+    """`torchrun args` (its main). `fork_workers` (no CUDA here): the same launch with the workers forked from
+    this process (torchrun's --start-method fork, which applies to a function entrypoint) running
+    `python -m chibichat` in-process, instead of starting fresh interpreters that import torch again."""
     from torch.distributed.run import main
 
     try:
-        main(args)
+        if not fork_workers:
+            main(args)
+            return 0
+        import uuid
+
+        from torch.distributed.launcher.api import elastic_launch
+        from torch.distributed.run import config_from_args, parse_args
+
+        targs = parse_args(["--start-method", "fork", *args])
+        module = targs.training_script_args
+        if targs.standalone:  # what torchrun's run() does for --standalone
+            targs.rdzv_backend, targs.rdzv_endpoint, targs.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        config, _, _ = config_from_args(targs)
+        elastic_launch(config=config, entrypoint=_forked_worker)(module)
     except Exception as e:  # a failed worker (ChildFailedError), already reported by torchrun
         print(f"torchrun: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _forked_worker(argv: list[str]) -> None:
+    """One torchrun worker, forked: `python -m chibichat argv`; a non-zero exit status ends the process with
+    it (torchrun's failure), a zero one returns (torchrun waits for every worker's return value)."""
+    try:
+        _chibichat_main(argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
 
 
 def fork_start(env: dict, entry) -> int:
