@@ -641,7 +641,8 @@ def fork_start(env: dict, entry) -> int:
         try:
             os.environ.clear()
             os.environ.update(env)
-            sys.stdout.reconfigure(line_buffering=True)
+            if hasattr(sys.stdout, "reconfigure"):
+                sys.stdout.reconfigure(line_buffering=True)
             code = entry()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
