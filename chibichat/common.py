@@ -271,6 +271,23 @@ class Runtime:
         return self.device.type
 
 
+def gather_objects(rt: Runtime, obj) -> list:
+    """Every rank's `obj`, in rank order (torch.distributed.all_gather_object); [obj] on one process."""
+    if not rt.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list = [None] * rt.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def rank_gather(rt: Runtime):
+    """The `gather` argument of the rank-strided evaluations (`evaluate_core/chat/jglue`): gather_objects
+    over `rt` under torchrun, None on one process."""
+    return (lambda obj: gather_objects(rt, obj)) if rt.distributed else None
+
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -278,10 +295,18 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINT_STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 
-def add_model_args(p) -> None:
-    """--from/--tag/--step: which checkpoint to load (chat, serve, bench serve)."""
-    p.add_argument("--from", dest="source", default="sft", choices=CHECKPOINT_STAGES,
-                   help="checkpoint stage (default: sft)")
+def check_at_least(args, minimum: int, *names: str) -> None:
+    """ChibiError naming the first flag among `names` (argparse dests) below `minimum`; None (not given) passes."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ChibiError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def add_model_args(p, default: str = "sft") -> None:
+    """--from/--tag/--step: which checkpoint to load (chat, serve, eval, bench serve)."""
+    p.add_argument("--from", dest="source", default=default, choices=CHECKPOINT_STAGES,
+                   help=f"checkpoint stage (default: {default})")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written one)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 
@@ -301,10 +326,8 @@ def add_fp8_arg(parser) -> None:
     parser.add_argument(
         "--fp8",
         action="store_true",
-        help="run the block matmuls (attention, MLP, SLC2 projections; not embedding or lm head) of training "
-        "in fp8 with dynamic per-tensor scales, master weights fp32. For H100-class GPUs (SM 8.9+); needs the "
-        "bfloat16 compute dtype. Allowed on CPU for testing, where it is slower than bf16 (no fp8 units). "
-        "Evaluation and sampling stay in the compute dtype",
+        help="train the block matmuls in fp8 (dynamic per-tensor scales, fp32 master weights; not embedding or "
+        "head). Needs --dtype bfloat16 and an SM 8.9+ GPU (CPU only for testing); eval and sampling stay bf16",
     )
 
 
@@ -313,14 +336,13 @@ def add_memory_args(parser) -> None:
     for more compute, the same numbers (GPT.recompute, train.loop.release_free_heap)."""
     parser.add_argument(
         "--recompute", choices=("none", "mlp", "block"), default="none",
-        help="activation recomputation: keep every activation (none), drop each MLP's hidden (mlp) or "
-        "everything inside a block (block) and rebuild it in backward; same gradients, less memory, more "
-        "compute (bench train d4 bf16 CPU: block 618 -> 506 MB peak RSS for 10-17%% more CPU time)",
+        help="activation recomputation in backward: none, each MLP's hidden (mlp) or everything inside a "
+        "block (block); same gradients, less memory, more compute",
     )
     parser.add_argument(
         "--trim-heap", action="store_true",
-        help="return freed heap memory to the OS after every optimizer step (glibc malloc_trim; bench train d4 "
-        "bf16 CPU: 15-40 MB less peak RSS for 0-20%% more CPU time; a no-op without glibc)",
+        help="return freed heap memory to the OS after every optimizer step (glibc malloc_trim; less peak "
+        "memory for some CPU time; a no-op without glibc)",
     )
 
 
@@ -329,8 +351,8 @@ def default_compute_dtype(device) -> Any:
 
     CUDA SM >= 80: bf16. CPU: bf16 where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX: there bf16
     matrices multiply several times faster than fp32 and the loss curve matches fp32 within noise), else
-    fp32: without them bf16 matmuls take a scalar fallback that is ~50x slower than fp32 (an AVX2-only
-    AMD EPYC measured 0.8 GFLOP/s bf16 against 40 fp32). Others: fp32.
+    fp32: without them bf16 matmuls take a scalar fallback that is far slower than fp32 (figures of an
+    AVX2-only CPU in docs/benchmarks.md). Others: fp32.
     """
     import torch
 

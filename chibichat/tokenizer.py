@@ -7,7 +7,7 @@ that string and can never smuggle a special token into a training row.
 
 Three pre-split patterns are available (`split`):
   gpt4       GPT-4's cl100k pattern with nanochat's digit rule (runs of 1-2 digits, which nanochat
-             measured as the best of 1/2/3). Under it a Japanese clause is one `\\p{L}+` chunk
+             found the best of 1/2/3). Under it a Japanese clause is one `\\p{L}+` chunk
              (mean ~17 bytes, max ~300 on embedded-ja); long, mostly unique chunks are what make BPE
              training slow and memory-hungry on Japanese.
   ja         (default for ja/mixed corpora) bunsetsu-like chunks: a Han or Katakana(+ー) run (up to
@@ -19,24 +19,10 @@ Three pre-split patterns are available (`split`):
   ja-script  break at every script change (Han | Hiragana | Katakana), runs capped at
              JA_SCRIPT_CAP: the fastest and lightest to train, but it forbids word+particle tokens,
              so it compresses in-domain Japanese noticeably worse. For corpora too big for `ja`.
-English text is split identically by all three. Figures behind the choice (`chibichat bench
-tokenizer` and sweeps of ~50 variants; 2M chars of embedded-ja, vocab 8192, held-out = embedded-ja
-val + the shipped sample; CPU-time ratios, medians of 3-7 interleaved runs on a shared 2-core machine):
-  gpt4 2.2-3.0 s, 6.38 B/tok | ja (caps 10/3/6, one grouped branch) 3.0-3.5x less CPU (quiet machine:
-  3.0x CPU, 3.2x wall), 6.44 B/tok (+0.9%)
-  | the previous ja (caps 8/4/8, three branches) 2.7-3.1x, 6.49 B/tok | ja-script 4.3-4.8x faster,
-  5.13 B/tok (-20%) | the first `ja` (lead only, caps 12, possessive) 2.2-2.4x, 6.42 B/tok. The gap
-  widens with more text (at 4M chars the previous ja was 3.3x faster, ja-script 5.2x). On a 1M en +
-  1M ja mix, English held-out B/tok 3.64 vs gpt4 3.62.
-Shorter caps (content 6-8, tail 2-3, kana tail 1-2) reached 3.2-3.6x but fell to 6.26-6.40 B/tok;
-longer ones (content 12, tail 4) gave 6.45-6.54 B/tok at 2.7-3.1x; dropping the lead cost 0.26 B/tok;
-attaching closing punctuation and line breaks bought +0.15 B/tok for ~2% more distinct chunks. The
-floor under all of them is the split itself: rustbpe with a no-merge vocabulary (split and count only)
-already takes ~0.47 s of ja's ~0.85 s, of which ~0.2 s is fancy-regex's backtracking VM (which GPT-4's
-`\\s+(?!\\S)` lookahead requires; removing the lookahead sends the whole pattern to the regex crate,
-whose lazy DFA thrashes on these Unicode classes and runs 4x slower).
-Trainer: rustbpe over Hugging Face `tokenizers` because, for an equal number of merges on the same
-text and pre-split, it used 2.3-3x less CPU time and gave the same bytes/token.
+English text is split identically by all three. The figures behind the choice of `ja` (training CPU
+time and held-out bytes/token of ~50 variants) are in docs/benchmarks.md. Trainer: rustbpe over Hugging
+Face `tokenizers`: for an equal number of merges on the same text and pre-split it used less CPU time and
+gave the same bytes/token.
 """
 
 from __future__ import annotations
@@ -92,7 +78,7 @@ _LEAD = r"[^\r\n\p{L}\p{N}]?+"  # one optional leading non-letter, as in GPT-4's
 JA_SCRIPT_CAP = 6
 
 # The `ja` split's caps (characters). Chosen by a sweep on 2M chars of embedded-ja, vocab 8192
-# (numbers in the module docstring): shorter caps train faster but cost compression, longer ones the
+# (figures in docs/benchmarks.md): shorter caps train faster but cost compression, longer ones the
 # reverse; these are the knee of that curve.
 JA_CONTENT_CAP = 10  # a Han or Katakana run (most words are 1-6; longer runs are compounds)
 JA_TAIL_CAP = 3  # hiragana kept after a content run: particles and okurigana (東京で / 食べる)
@@ -118,11 +104,11 @@ def ja_pattern(content: int = JA_CONTENT_CAP, tail: int = JA_TAIL_CAP, hira: int
         so the regex engine stops trying alternatives sooner;
       - the three Japanese runs share one lead and one ending inside a single group, so the
         backtracking VM (fancy-regex, needed for GPT-4's one lookahead) hands them to the fast
-        regex engine as one sub-match instead of trying three branches (-10% training CPU; the
+        regex engine as one sub-match instead of trying three branches (less training CPU; the
         chunks are identical: leftmost-first alternation order is kept, tested);
       - leads and runs are greedy, not possessive (`?` rather than GPT-4's `?+`): the classes that
         follow are disjoint from the lead, so the matches are the same, but without possessive
-        quantifiers fancy-regex delegates these branches to the fast engine (~25% less split time);
+        quantifiers fancy-regex delegates these branches to the fast engine (less split time);
       - every part is capped, which bounds chunk length and the number of distinct chunks.
     """
     lead = r"[^\r\n\p{L}\p{N}]?"
@@ -200,9 +186,6 @@ class Tokenizer:
     @property
     def special_ids(self) -> set[int]:
         return set(self._specials.values())
-
-    def is_special(self, i: int) -> bool:
-        return i >= len(self._ranks)
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text to ids. Special-token strings in `text` are encoded as plain bytes."""

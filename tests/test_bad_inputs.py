@@ -768,3 +768,14 @@ def test_64_clients_beyond_max_queue_get_503_and_the_server_keeps_serving(world)
     assert all(e["code"] == "server_busy" for e in busy), busy[:2]
     assert after.status_code == 200 and after.json()["choices"][0]["message"]["role"] == "assistant"
     assert health.json()["available_rows"] == 8
+
+
+@pytest.mark.parametrize("stage,flag", [("rl", "--eval-every"), ("rl", "--no-samples"), ("dpo", "--no-samples")])
+def test_a_flag_a_stage_would_ignore_is_not_accepted(stage, flag, capsys):
+    """rl logs its reward every step and neither rl nor dpo writes sample replies: the flags do not exist there."""
+    from chibichat.cli import main
+
+    extra = [flag] + (["3"] if flag == "--eval-every" else [])
+    with pytest.raises(SystemExit) as e:
+        main([stage, *(["--data", "prefs-language"] if stage == "dpo" else []), *extra])
+    assert e.value.code == 2 and f"unrecognized arguments: {' '.join(extra)}" in capsys.readouterr().err

@@ -95,8 +95,8 @@ def test_sampled_frequencies_match_distribution():
     ],
 )
 def test_sampler_follows_sampling_probs(probs, params):
-    """sample_next takes shortcuts (top-k subsets, a nucleus probe, an exponential race instead of
-    multinomial): its draws must still follow sampling_probs' distribution."""
+    """sample_next takes shortcuts (top-k subsets, a nucleus probe, one uniform per row located in the
+    cumulative sums instead of multinomial): its draws must still follow sampling_probs' distribution."""
     g = torch.Generator().manual_seed(1)
     logits = logits_of(probs)
     want = sampling_probs(logits, params.temperature, params.top_k, params.top_p)[0]
@@ -104,6 +104,27 @@ def test_sampler_follows_sampling_probs(probs, params):
     freq = torch.bincount(got, minlength=len(probs)).float() / got.numel()
     assert torch.allclose(freq, want, atol=0.015), (freq, want)
     assert (freq[want == 0] == 0).all()
+
+
+def test_draw_locates_each_uniform_in_the_cumulative_weights():
+    from chibichat.engine import _draw
+
+    # cumulative weights 0.2, 0.2, 0.7, 1.0: the zero-weight token 1 is never drawn, ties go right
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(6, -1)
+    u = torch.tensor([[0.0], [0.1999], [0.2], [0.6999], [0.7], [0.999999]], dtype=torch.float64)
+    assert _draw(probs, u).tolist() == [0, 0, 2, 2, 3, 3]
+    # weights need not sum to 1; a uniform of 1 (rounding of u * total) stops at the last weighted token
+    assert _draw(torch.tensor([[1.0, 3.0, 0.0, 0.0]]), torch.tensor([[0.25]], dtype=torch.float64)).tolist() == [1]
+    assert _draw(torch.tensor([[1.0, 3.0, 0.0, 0.0]]), torch.tensor([[1.0]], dtype=torch.float64)).tolist() == [1]
+    # several blocks, whole blocks of zeros: the two-level search equals one search of the full cumulative sum
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 300, generator=g) * (torch.rand(64, 300, generator=g) < 0.3)
+    probs[:, 64:192] = 0
+    u = torch.rand(64, 1, generator=g, dtype=torch.float64)
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    got = _draw(probs, u)
+    assert torch.equal(got, want) and bool((probs.gather(1, got[:, None]) > 0).all())
 
 
 def test_nucleus_probe_falls_back_to_full_sort():

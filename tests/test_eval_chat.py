@@ -89,6 +89,22 @@ def test_categorical_always_first_and_oracle():
     assert [r["pred"] for r in out["items"]["arc-easy"]] == ANSWERS
 
 
+def test_summary_keys_name_files_without_paths():
+    assert E.summary_key("arc-easy") == "arc_easy"
+    assert E.summary_key("file:/data/My QA-test.v2.jsonl") == "file_my_qa_test"
+    assert E.summary_key("file:examples/support-heldout.jsonl") == "file_support_heldout"
+
+
+def test_tasks_outside_chatcore_get_no_chatcore_score():
+    out = E.evaluate_chat([ListTask("file:qa.jsonl", "categorical", mc_items())], scorer=FirstScorer(), gen=None,
+                          tok=CharTok(), max_len=200, cfg=E.GenSettings())
+    assert out["summary"][E.summary_key("file:qa.jsonl")] == 3 / 8
+    assert not {"chatcore", "chatcore_partial", "chatcore_tasks"} & set(out["summary"])
+    both = [ListTask("file:qa.jsonl", "categorical", mc_items()), ListTask("mmlu", "categorical", mc_items())]
+    out = E.evaluate_chat(both, scorer=FirstScorer(), gen=None, tok=CharTok(), max_len=200, cfg=E.GenSettings())
+    assert out["summary"]["chatcore_tasks"] == ["mmlu"]
+
+
 def test_over_length_prompts_are_skipped_and_counted():
     items = mc_items()
     items[3]["messages"][0]["content"] += "y" * 200

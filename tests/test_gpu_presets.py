@@ -251,10 +251,10 @@ def test_data_tasks_refuses_what_does_not_download(home, capsys):
 
 
 def test_rl_eval_task_gsm8k_is_the_shipped_test_subset(home):
-    from chibichat.stages.sft import task_options
+    from chibichat.tasks.registry import home_option
 
-    assert task_options("gsm8k", Home(home)) == {}
-    assert task_options("gsm8k-train", Home(home)) == {"home": Home(home)}
+    assert home_option("gsm8k", Home(home)) == {}
+    assert home_option("gsm8k-train", Home(home)) == {"home": Home(home)}
 
 
 from tests.test_task_loaders import server  # noqa: E402,F401  (the stand-in hub fixture)
@@ -385,8 +385,9 @@ def check_gpu_plan_run(home, preset, lang, layers):
 
     tag = "toy-" + preset + ("" if layers == "dense" else f"-{layers}")
     report = (home / "report" / "report.md").read_text()
-    for section in ["## Summary", "## Tokenizer training", "## Base training", "## Base evaluation", "## Midtraining",
-                    "## Chat evaluation (MID)", "## SFT", "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)"]:
+    for section in ["## Summary", "## Tokenizer", f"## BASE: pretraining ({tag})", "### BASE evaluation",
+                    f"## MID: midtraining ({tag})", "### MID evaluation", f"## SFT: supervised fine-tuning ({tag})",
+                    "### SFT evaluation", f"## RL: reinforcement learning ({tag})", "### RL evaluation"]:
         assert section in report, section
     assert "not run" not in report
     base = json.loads((home / "eval" / "base" / tag / "summary.json").read_text())

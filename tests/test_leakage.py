@@ -51,9 +51,7 @@ def home(tmp_path):
 
 def test_every_spec_declares_the_eval_only_flag_its_task_has(home):
     """The registry's flag (checked before loading) equals the built task's own flag, for every task."""
-    from chibichat.stages.sft import task_options
-    from chibichat.tasks.registry import get_task
-    from chibichat.tasks.registry import specs
+    from chibichat.tasks.registry import get_task, home_option, specs
 
     _fake_hub(home, "openai/gsm8k", "main", "train", GSM_ROWS)
     for subset in ("ARC-Easy", "ARC-Challenge"):
@@ -68,7 +66,7 @@ def test_every_spec_declares_the_eval_only_flag_its_task_has(home):
     table = specs()
     assert {n for n, s in table.items() if s.eval_only} == EVAL_ONLY | {n for n in table if n.startswith("core-")}
     for name, spec in table.items():
-        task = get_task(name, **task_options(name, home))
+        task = get_task(name, **home_option(name, home))
         assert task.eval_only == spec.eval_only, name
 
 
@@ -201,13 +199,3 @@ def test_shipped_training_data_of_the_default_mixtures_is_disjoint_from_the_eval
 
     train, _ = build_mixtures(parse_mix("mmlu-dev=1,chitchat=1,chatterbot=1,chatterbot-ja=1"), 50, 0)
     assert set(train.summary()) == {"mmlu-dev", "chitchat", "chatterbot", "chatterbot-ja"}
-
-
-def test_a_missing_task_family_module_is_reported():
-    from chibichat.tasks.registry import _optional_specs
-
-    with pytest.raises(ChibiError) as e:
-        _optional_specs(("chibichat.tasks.evalsets", "chibichat.tasks.no_such_family"))
-    assert str(e.value) == ("task family module chibichat.tasks.no_such_family is missing from this chibichat "
-                            "installation, so its tasks cannot be listed; reinstall chibichat (pip install -e . in "
-                            "a checkout)")

@@ -226,7 +226,7 @@ def test_rl_with_lora_on_a_verifiable_file_task(tmp_path):
 def test_lora_flags_without_lora_are_refused():
     from test_stages_chat import _parse
 
-    from chibichat.stages.sft import lora_config
+    from chibichat.train.finetune import lora_config
 
     assert lora_config(_parse(["sft", "--lora", "4"])) == LoRAConfig(4, 4.0, 0.0, ("attn", "mlp", "slc2"))
     assert lora_config(_parse(["sft"])) is None

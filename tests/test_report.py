@@ -1,4 +1,7 @@
+import difflib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,46 +15,94 @@ def _write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def _fake_home(root):
-    h = Home(root)
-    _write(h.tokenizer_dir / "tokenizer.json", {"vocab_size": 8192, "train_chars": 2000000, "chars_per_s": 1.5e6, "pattern": "x"})
-    for stage, bpb in [("base", 1.9), ("mid", 1.7), ("sft", 1.6), ("rl", 1.6)]:
-        d = h.checkpoints_dir(stage, "d4")
-        d.mkdir(parents=True)
-        rows = [{"step": i, "loss": 5.0 - i * 0.1, "lr": 1.0, "tok_per_s": 1000.0, "elapsed_s": i} for i in range(10)]
-        if stage == "rl":
-            for r in rows:
-                r["reward"] = 0.1 * r["step"]
-        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{partial")
-        summary = {"steps": 10, "final_val_bpb": bpb}
-        if stage == "sft":
-            summary["render_counts"] = {"identity": {"ok": 90, "shortened": 7, "dropped": 3}}
-        _write(d / "summary.json", summary)
-        ev = {"val_bpb": bpb} if stage == "base" else {"arc_easy": 0.3, "gsm8k": 0.05, "chatcore": 0.1}
-        if stage == "base":
-            ev.update(core=0.12, core_label="CORE-lite")
-        _write(h.eval_dir(stage, "d4") / "summary.json", ev)
-    return h
+FIXTURE = Path(__file__).parent / "fixtures" / "report-home"
+GOLDEN = Path(__file__).parent / "fixtures" / "report-home.md"
 
 
-def test_report_has_every_section_table_and_plots(tmp_path):
-    h = _fake_home(tmp_path / "home")
-    path = build_report(h, wall_s=754.0)
-    text = path.read_text()
-    for title in ["Tokenizer training", "Base training", "Base evaluation", "Midtraining", "SFT", "RL",
-                  "Chat evaluation (SFT)", "Data counts", "Summary", "estimated cost", "12m34s"]:
-        assert title in text, title
-    # summary table: CORE-lite label and the base bpb in the BASE column
-    row = next(l for l in text.splitlines() if l.startswith("| CORE-lite"))
-    assert row.split("|")[2].strip() == "0.1200"
-    bpb = next(l for l in text.splitlines() if l.startswith("| val bpb"))
-    assert bpb.split("|")[2].strip() == "1.9000"
-    assert "| identity | 90 | 7 | 3 |" in text
-    # DPO is not a pipeline stage: without a DPO run it has no column and no section (never "not run")
-    assert "| Metric | BASE | MID | SFT | RL |" in text and "DPO" not in text
-    for png in ["loss.png", "lr.png", "reward.png"]:
-        assert (h.report_dir / png).read_bytes()[:4] == b"\x89PNG"
-        assert f"]({png})" in text
+def _fixture_report(tmp_path) -> tuple[Home, str]:
+    """The report of the fixture run (a small speedrun's artifacts, shaped as the stages write them),
+    built in a copy so the fixture stays untouched; the text after the environment header."""
+    home = Home(tmp_path / "home")
+    shutil.copytree(FIXTURE, home.root)
+    text = build_report(home).read_text(encoding="utf-8")
+    return home, text[text.index("## Summary"):]
+
+
+@pytest.fixture(scope="module")
+def fixture_report(tmp_path_factory):
+    return _fixture_report(tmp_path_factory.mktemp("report"))
+
+
+def test_report_card_of_the_fixture_run_is_the_golden_file(fixture_report):
+    """The exact rendered card. After an intended change of the layout, regenerate the golden file with
+    PYTHONPATH=. python -c "import tests.test_report as t, pathlib, tempfile;
+    t.GOLDEN.write_text(t._fixture_report(pathlib.Path(tempfile.mkdtemp()))[1])" and review its diff."""
+    _, text = fixture_report
+    expected = GOLDEN.read_text(encoding="utf-8")
+    if text != expected:
+        diff = "\n".join(difflib.unified_diff(expected.splitlines(), text.splitlines(), "golden", "rendered", lineterm=""))
+        pytest.fail("the report differs from tests/fixtures/report-home.md:\n" + diff[:6000])
+
+
+def test_report_card_structure(fixture_report):
+    home, text = fixture_report
+    lines = text.splitlines()
+    assert [l for l in lines if l.startswith("## ") or l.startswith("### ")] == [
+        "## Summary", "## Evaluations by stage", "## Held-out skills", "## Tokenizer",
+        "## BASE: pretraining (d4)", "### BASE evaluation", "## MID: midtraining (d4)", "### MID evaluation",
+        "## SFT: supervised fine-tuning (d4)", "### SFT evaluation", "## RL: reinforcement learning (d4)",
+        "### RL evaluation", "## Timings", "## Appendix: every recorded value"]
+    # the summary: one row per stage with its headline and its time from the speedrun's timing
+    assert "| BASE (d4) | val bpb 1.5668 · CORE-lite 0.0213 | 3m43s |" in lines
+    assert "| RL (d4) | pass@1 0.0500 → 0.1000 · ChatCORE (partial) 0.1056 · skills EN 0.4000 | 1m26s |" in lines
+    assert "| **total** |  | **7m56s** |" in lines
+    # the base table holds the figures that matter, the plots that show them right below it
+    base = text[text.index("## BASE: pretraining"):text.index("### BASE evaluation")]
+    assert "| MFU (median over steps) | 25.0% |" in base and "| throughput | 10,326 tok/s |" in base
+    assert "![base_loss.png](base_loss.png) ![val_bpb.png](val_bpb.png)" in base
+    rl = text[text.index("## RL: reinforcement"):text.index("### RL evaluation")]
+    assert "| mean reward by fifths of the run | 0.150 → 0.200 → 0.250 → 0.300 → 0.350 |" in rl
+    assert "| pass@8 | 0.2500 | 0.3500 |" in rl and "![reward.png](reward.png)" in rl
+    assert "| chitchat | 396 | 380 | 12 | 4 |" in text  # mixture rows with the over-length counts
+    for png in ["loss.png", "lr.png", "val_bpb.png", "base_loss.png", "mid_loss.png", "sft_loss.png", "reward.png"]:
+        assert (home.report_dir / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in text, png
+    # DPO did not run: no column, no section (never "not run")
+    assert "DPO" not in text
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_appendix_keeps_every_recorded_value_reachable(fixture_report):
+    from chibichat.stages.report import APPENDIX_SHOWN_ELSEWHERE
+
+    _, text = fixture_report
+    appendix = text[text.index("## Appendix"):]
+    files = [p for p in FIXTURE.rglob("*.json")]
+    assert len(files) == 11
+    for path in files:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        block = appendix[appendix.index(f"<summary>{path.relative_to(FIXTURE).as_posix()}</summary>"):]
+        block = block[:block.index("</details>")]
+        for key, _ in _leaves(data):
+            hidden = [part for part in key.split(".") if part in APPENDIX_SHOWN_ELSEWHERE]
+            if hidden:  # named as shown elsewhere, with where
+                assert f"{hidden[0]}: {APPENDIX_SHOWN_ELSEWHERE[hidden[0]]}" in block, (path, key)
+            else:
+                assert f"- {key}: " in block, (path, key)
+
+
+def test_base_evaluation_lists_jglue_scores(tmp_path):
+    from chibichat.stages.report import StageArtifacts, base_eval_section
+
+    st = StageArtifacts("base", "d2", {"steps": 3}, [], {"val_bpb": 1.25, "jnli": 0.5, "jsquad_f1": 0.125})
+    assert base_eval_section(st).splitlines()[5:] == ["| val bpb | 1.2500 |", "| JNLI (few-shot) | 0.5000 |",
+                                                      "| JSQuAD F1 (few-shot) | 0.1250 |"]
 
 
 def test_report_marks_missing_stages_not_run(tmp_path):
@@ -99,15 +150,29 @@ def test_cost_line_never_invents_a_price():
 
 
 def test_report_shows_dpo_reward_accuracy_and_margin(tmp_path):
-    h = _fake_home(tmp_path / "home")
-    d = h.checkpoints_dir("dpo", "d4")
+    home = Home(tmp_path / "home")
+    shutil.copytree(FIXTURE, home.root)
+    d = home.checkpoints_dir("dpo", "d4")
     rows = [{"step": s, "reward_accuracy": a, "reward_margin": m, "dpo_loss": 0.6}
             for s, a, m in [(0, 0.0, 0.0), (10, 0.7, 0.4), (20, 0.9, 1.1)]]
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    _write(d / "summary.json", {"steps": 20, "reward_accuracy_before": 0.0, "reward_accuracy_after": 0.9})
-    text = build_report(h).read_text()
-    assert "| Metric | BASE | MID | SFT | RL | DPO |" in text and "## DPO (d4)" in text
-    assert "reward_accuracy_after" in text and "0.9000" in text
+    _write(d / "summary.json", {"stage": "dpo", "data": "file:prefs.jsonl", "beta": 0.1, "steps": 20,
+                                "train_time_s": 12.0, "wall_time_s": 15.0, "train_pairs": 90, "val_pairs": 10,
+                                "pairs_left_out_too_long": {"train": 2, "val": 0},
+                                "reward_accuracy_before": 0.0, "reward_accuracy_after": 0.9,
+                                "reward_margin_before": 0.0, "reward_margin_after": 1.1,
+                                "val_dpo_loss_before": 0.6931, "val_dpo_loss_after": 0.41, "evals": rows})
+    text = build_report(home).read_text()
+    assert "| Metric | BASE | MID | SFT | RL | DPO |" in text
+    assert "| DPO (d4) | reward accuracy 0.0000 → 0.9000 | 0m15s |" in text
+    section = text[text.index("## DPO: preference tuning (d4)"):text.index("### DPO evaluation")]
+    assert section.splitlines()[2:] == [
+        "| | |", "|---|---|", "| data | file:prefs.jsonl |", "| beta | 0.1000 |",
+        "| pairs | 90 train, 10 held out (2 + 0 left out as too long) |", "| steps | 20 |",
+        "| training time | 0m12s (stage wall time 0m15s) |", "| held-out reward accuracy | 0.0000 → 0.9000 |",
+        "| held-out reward margin | 0.0000 → 1.1000 |", "| held-out DPO loss | 0.6931 → 0.4100 |", "",
+        "![reward_accuracy.png](reward_accuracy.png) ![reward_margin.png](reward_margin.png)", ""]
+    assert "- (not repeated here: evals: plotted in reward_accuracy.png and reward_margin.png)" in text
     for png in ["reward_accuracy.png", "reward_margin.png"]:
-        assert (h.report_dir / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in text
+        assert (home.report_dir / png).read_bytes()[:4] == b"\x89PNG"

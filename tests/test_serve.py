@@ -93,6 +93,22 @@ def served(tmp_path_factory):
     torch.set_num_threads(before)
 
 
+def test_stream_ready_takes_only_the_pieces_that_have_arrived():
+    from chibichat.serve.pool import Stream
+
+    async def main():
+        queue = asyncio.Queue()
+        stream = Stream(SimpleNamespace(cancelled=False), queue, {})
+        assert stream.ready() == []
+        queue.put_nowait([("piece", (0, "a", [])), ("piece", (1, "b", []))])
+        queue.put_nowait([("piece", (0, "c", [])), ("done", {"completion_tokens": 3})])
+        assert stream.ready() == [(0, "a", []), (1, "b", []), (0, "c", [])]
+        assert stream.ready() == [] and not stream.finished  # the end stays for the iteration
+        assert [p async for p in stream] == [] and stream.result == {"completion_tokens": 3}
+
+    asyncio.run(main())
+
+
 def test_cpu_workers_share_one_decoder(served):
     engines = served.pool.engines
     assert len(engines) == 2 and engines[0] is not engines[1]
@@ -268,6 +284,7 @@ def test_truncate_history_drops_oldest_and_says_so(served):
 def test_health_models_page_and_404(served):
     h = httpx.get(served.url + "/health").json()
     assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96 and h["max_batch_rows"] == 32
+    assert h["max_queue"] == 64
     page = httpx.get(served.url + "/")
     assert page.status_code == 200 and "chat.js" in page.text
     js = httpx.get(served.url + "/static/chat.js")
@@ -457,6 +474,12 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
             browser.open(url + "/")
             # the server wants a key: the page asks for it, then connects with it
             browser.wait_for("document.readyState === 'complete' && !document.getElementById('auth').hidden")
+            assert browser.js("chat.model") is None
+            assert browser.js("document.getElementById('model').textContent") == "API key required"
+            browser.js("document.getElementById('api-key').value = 'not-the-key'")  # a wrong key: asked again
+            browser.js("document.getElementById('use-key').click()")
+            browser.wait_for("document.getElementById('model').textContent === 'wrong API key' && "
+                             "!document.getElementById('auth').hidden")  # fmt: skip
             assert browser.js("chat.model") is None
             browser.js("document.getElementById('api-key').value = 'page-key'")
             browser.js("document.getElementById('use-key').click()")
@@ -771,6 +794,17 @@ def test_serve_flags_are_checked_before_loading(flag, value, message):
         check_args(SimpleNamespace(**{**ok, flag: value}))
 
 
+def metrics_once_cancelled(url, timeout=20.0):
+    """The server's metrics as soon as one request has ended as cancelled (or when `timeout` runs out)."""
+    deadline, m = time.time() + timeout, {}
+    while time.time() < deadline:
+        m = parse_metrics(httpx.get(url + "/metrics").text)
+        if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
+            break
+        time.sleep(0.02)
+    return m
+
+
 def test_disconnect_cancels_generation_and_frees_its_rows(served):
     from chibichat.serve.app import create_app
 
@@ -788,12 +822,7 @@ def test_disconnect_cancels_generation_and_frees_its_rows(served):
                         break
                 assert pool.rows == 1
             # the connection is closed: the request ends as cancelled and its row leaves the batch
-            deadline, m = time.time() + 20, {}
-            while time.time() < deadline:
-                m = parse_metrics(httpx.get(url + "/metrics").text)
-                if m['chibichat_requests_finished_total{reason="cancelled"}'] == 1:
-                    break
-                time.sleep(0.02)
+            m = metrics_once_cancelled(url)
             assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
             assert m["chibichat_batch_rows"] == 0 and m["chibichat_queue_depth"] == 0 and pool.rows == 0
             assert m["chibichat_completion_tokens_total"] < 40  # far from the 80 asked for: generation stopped
@@ -801,6 +830,27 @@ def test_disconnect_cancels_generation_and_frees_its_rows(served):
             assert m["chibichat_inter_token_latency_seconds_count"] >= 2
             assert m["chibichat_decode_rows_total"] == m["chibichat_decode_steps_total"]  # one row per step
             assert m["chibichat_ready"] == 1 and m["chibichat_batch_max_rows"] == 32
+    finally:
+        pool.shutdown()
+
+
+def test_disconnect_cancels_a_non_streaming_generation(served):
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.05, endless=True)
+    app = create_app(pool, served.model, Limits(default_max_tokens=80))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "temperature": 0}
+    try:
+        with Server(app) as url:
+            # the client gives up after 0.4 s (8 of the 80 slowed steps) and closes its connection
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.4))
+            m = metrics_once_cancelled(url)
+            assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
+            assert m['chibichat_requests_finished_total{reason="done"}'] == 0
+            assert m["chibichat_batch_rows"] == 0 and pool.rows == 0
+            assert m["chibichat_completion_tokens_total"] < 40  # far from the 80 asked for: generation stopped
+            assert m['chibichat_requests_total{route="/v1/chat/completions",status="499"}'] == 1
     finally:
         pool.shutdown()
 
@@ -887,15 +937,29 @@ def test_percentile():
     assert percentile([float(i) for i in range(101)], 95) == 95.0
 
 
+def test_bench_serve_summary():
+    from chibichat.bench.serve import summary
+
+    level = lambda n, tok_s, ttft95, failed=0, busy=0: {"clients": n, "requests": 2 * n, "tok_s": tok_s,  # noqa: E731
+                                                        "ttft_ms_p95": ttft95, "failed": failed, "busy_503": busy}
+    results = [level(1, 50.0, 80.0), level(8, 200.0, 300.0, failed=1), level(32, 325.0, 812.5),
+               level(64, 330.0, 9000.0, busy=21)]  # fmt: skip
+    assert summary(results) == [
+        "32 clients: 6.5x the 1-client tok/s (target >= 6), p95 TTFT 812.5 ms (target < 1000)",
+        "failed requests: 1 of 210 (target 0); 64 clients: 21 answered 503",
+    ]
+    assert summary([level(8, 200.0, 300.0)]) == ["failed requests: 0 of 16 (target 0)"]
+
+
 def test_bench_serve_against_a_running_server(served, tmp_path, capsys):
     from chibichat.bench.serve import run
 
     out = tmp_path / "bench.json"
-    args = SimpleNamespace(clients="1,3", rounds=1, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
+    args = SimpleNamespace(clients="1,3", rounds=1, min_requests=2, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
                            url=served.url, api_key=None, json=str(out))  # fmt: skip
     assert run(args) == 0
     levels = json.loads(out.read_text())["levels"]
-    assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [1, 3]
+    assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [2, 3]  # >= min_requests
     assert all(lv["ok"] == lv["requests"] and lv["failed"] == 0 and lv["busy_503"] == 0 for lv in levels)
     assert all(0 < lv["completion_tokens"] <= 5 * lv["requests"] and lv["ttft_ms_p50"] > 0 for lv in levels)
     assert "| clients |" in capsys.readouterr().out

@@ -38,18 +38,15 @@ def jaccard(a: frozenset, b: frozenset) -> float:
 
 
 def training_prompts(lang: str) -> set[str]:
-    """Every user turn of the chat data's generators (a sample of SAMPLE train items per generated task,
-    every phrasing of the identity topics and greetings) and of the shipped conversations."""
-    from chibichat.tasks import identity
+    """Every user turn of the chat data's generators (a sample of SAMPLE train items per generated task)
+    and of the shipped conversations. Every phrasing itself is compared in the phrasing-level test below."""
     from chibichat.tasks.registry import get_task
 
     sfx = "" if lang == "en" else "-ja"
-    topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
-    greetings = identity.EN_GREETINGS if lang == "en" else identity.JA_GREETINGS
-    out = {q for qs, _ in topics.values() for q in qs} | set(greetings)
-    for name in ("arithmetic", "arithmetic-multi", "spelling", "letter-count"):
+    out = set()
+    for name in ("identity", "arithmetic", "arithmetic-multi", "spelling", "letter-count"):
         task = get_task(name + sfx, split="train", size=SAMPLE)
-        out |= {task[i]["messages"][0]["content"] for i in range(SAMPLE)}
+        out |= {m["content"] for i in range(SAMPLE) for m in task[i]["messages"] if m["role"] == "user"}
     for name in (("chitchat", "chatterbot") if lang == "en" else ("chatterbot-ja",)):
         task = get_task(name)
         out |= {m["content"] for i in range(len(task)) for m in task[i]["messages"]
@@ -57,9 +54,9 @@ def training_prompts(lang: str) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("lang", ["en", "ja"])
-def test_heldout_prompts_are_disjoint_from_training_prompts(lang):
-    train = {normalise(t) for t in training_prompts(lang)}
+def _near_duplicates(heldout: dict, train: set[str], lang: str) -> tuple[float, str | None, str | None]:
+    """The most similar (held-out, training) pair by Jaccard of n-grams, after asserting no held-out
+    text equals a training text. `heldout` maps normalised texts to the item ids they come from."""
     by_gram: dict = {}  # n-gram -> training texts holding it (only those can have Jaccard > 0)
     train_grams = {}
     for t in train:
@@ -67,20 +64,79 @@ def test_heldout_prompts_are_disjoint_from_training_prompts(lang):
         for g in train_grams[t]:
             by_gram.setdefault(g, []).append(t)
     worst = (0.0, None, None)
-    for item in S.load_items(lang):
-        p = normalise(item["prompt"])
-        assert p not in train, f"{item['id']} {item['prompt']!r} equals a training prompt after normalisation"
+    for p, ident in heldout.items():
+        assert p not in train, f"{ident} {p!r} equals a training prompt after normalisation"
         g = grams(p, lang)
         for t in {t for x in g for t in by_gram.get(x, ())}:
             j = jaccard(g, train_grams[t])
             if j > worst[0]:
-                worst = (j, item["prompt"], t)
+                worst = (j, p, t)
+    return worst
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_heldout_prompts_are_disjoint_from_training_prompts(lang):
+    train = {normalise(t) for t in training_prompts(lang)}
+    worst = _near_duplicates({normalise(it["prompt"]): it["id"] for it in S.load_items(lang)}, train, lang)
     assert worst[0] < NEAR_DUP, f"near-duplicate (Jaccard {worst[0]:.2f}): {worst[1]!r} ~ {worst[2]!r}"
+
+
+SLOT = "#"  # what every slot becomes on both sides of the phrasing-level comparison
+
+
+def heldout_phrasing(item: dict, lang: str) -> str:
+    """A held-out prompt with its slot values (the spelled or counted word, the letter; numbers are
+    replaced by normalise) replaced by SLOT: the wording a training phrasing must not share."""
+    text = item["prompt"]
+    word = item.get("word") or (item["answer"] if item["skill"] == "spelling" else None)
+    if word:
+        text = text.replace(word, SLOT)
+    if item.get("letter"):
+        letter = item["letter"]
+        text = re.sub(rf"(?<![a-z]){re.escape(letter)}(?![a-z])", SLOT, text) if lang == "en" else \
+            text.replace(letter, SLOT)
+    return normalise(text)
+
+
+def training_phrasings(lang: str) -> set[str]:
+    """Every phrasing of every paraphrase generator, slots filled with SLOT (a bare calculation's {x}
+    with every wording of every operator), the word problems' reworded closing questions and openers,
+    plus the identity task's other questions."""
+    from chibichat.tasks import identity, paraphrase
+
+    out = set()
+    for skill in paraphrase.SKILLS:
+        for p in paraphrase.phrasings(lang, skill):
+            if skill == "arithmetic":
+                out |= {p.format(x=e.format(a=SLOT, b=SLOT)) for op in "+-*/" for e in paraphrase.expressions(lang, op)}
+            else:
+                out.add(p.format(word=SLOT, letter=SLOT))
+    out |= {q.format(SLOT, SLOT, SLOT) for q in paraphrase.question_rewrites(lang)}  # word problems' closing questions
+    topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
+    out |= {q for qs, _ in topics.values() for q in qs}
+    return {normalise(t) for t in out}
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_heldout_phrasing_differs_from_every_training_phrasing(lang):
+    """Phrasing-level disjointness: with the slot values on both sides replaced by one marker, no
+    held-out prompt is worded like any phrasing the paraphrase generators can produce (equal or
+    near-equal), so the skills score measures the skill on new wordings, not recall of a template."""
+    from chibichat.tasks import paraphrase
+
+    train = training_phrasings(lang)
+    assert len(train) >= 250  # many phrasings per skill, not one template each
+    assert all(len(paraphrase.phrasings(lang, s)) >= 16 for s in paraphrase.SKILLS)
+    heldout = {heldout_phrasing(it, lang): it["id"] for it in S.load_items(lang)}
+    assert heldout_phrasing({"prompt": 'Count every o in "cocoa".', "skill": "letter-count", "word": "cocoa",
+                             "letter": "o"}, "en") == "count every # in #"
+    worst = _near_duplicates(heldout, train, lang)
+    assert worst[0] < NEAR_DUP, f"near-duplicate phrasing (Jaccard {worst[0]:.2f}): {worst[1]!r} ~ {worst[2]!r}"
 
 
 @pytest.mark.parametrize("lang", ["en", "ja"])
 def test_prompt_set_covers_every_skill_with_heldout_words(lang):
-    from chibichat.tasks.generated import key_split
+    from chibichat.tasks.base import key_split
 
     items = S.load_items(lang)
     scored = [it for it in items if it["skill"] != S.OPEN]

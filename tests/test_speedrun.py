@@ -124,10 +124,10 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
     steps = [json.loads(l)["step"] for l in (base / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == sorted(set(steps))
     report = (home / "report" / "report.md").read_text()
-    for section in ["## Summary", "## Tokenizer training", "## Tokenizer evaluation", "## Base training",
-                    "## Base evaluation", "## Midtraining", "## Chat evaluation (MID)", "## SFT",
-                    "## Chat evaluation (SFT)", "## RL", "## Chat evaluation (RL)", "## Data counts", "## Plots",
-                    "## Held-out skills"]:
+    for section in ["## Summary", "## Evaluations by stage", "## Held-out skills", "## Tokenizer",
+                    "## BASE: pretraining (d2)", "### BASE evaluation", "## MID: midtraining (d2)", "### MID evaluation",
+                    "## SFT: supervised fine-tuning (d2)", "### SFT evaluation", "## RL: reinforcement learning (d2)",
+                    "### RL evaluation", "## Timings", "## Appendix: every recorded value"]:
         assert section in report, section
     assert "not run" not in report
     assert (home / "report" / "loss.png").exists()
@@ -166,6 +166,22 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
     assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2200", "1000", "600", "120"]
     assert "--minutes" not in steps["eval-base"] and "--minutes" not in steps["skills-sft"]
-    assert "--minutes" not in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")[2].argv
+    assert "--minutes" not in plan(Home(tmp_path), PRESETS["micro"], "en", "dense", "cpu")[2].argv
     with pytest.raises(ChibiError, match="--minutes must be a positive number, got 0"):
         plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=0)
+
+
+def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_step_counts(tmp_path):
+    """The default quickstart fits a slow CPU: each training loop gets its share of max_minutes as a cap,
+    and the step counts stay the preset's (a fast CPU runs exactly the preset); --no-budget drops the cap."""
+    def flags(argv):
+        return {f: argv[argv.index(f) + 1] for f in ("--minutes", "--num-steps") if f in argv}
+
+    steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")}
+    assert PRESETS["cpu"].max_minutes == 12
+    # weights pretrain 0.5, midtrain/sft/rl 0.1 each: 12 min -> 7.5 + 3 x 1.5
+    assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
+        {"--minutes": "7.5", "--num-steps": "550"}, {"--minutes": "1.5", "--num-steps": "250"},
+        {"--minutes": "1.5", "--num-steps": "150"}, {"--minutes": "1.5", "--num-steps": "30"}]
+    free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
+    assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "550"}, {"--num-steps": "30"}]

@@ -442,6 +442,17 @@ def test_eval_chat_cli_writes_items_and_summary(base):
     rows = [json.loads(l) for l in (out / "chat_spelling.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["n_samples"] == 1 for r in rows)
     assert (out / "chat_arc_easy.csv").read_text().startswith("task,index,status")
+    # a later eval of the same checkpoint on your own file adds to the record; ChatCORE is left as it was
+    qa = home.root / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "What is 2 plus 2?", "answer": "4", "match": "numeric"}) + "\n")
+    run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
+            "float32", "--tasks", f"file:{qa}", "--max-new-tokens", 8)
+    s2 = json.loads((out / "summary.json").read_text())
+    assert [t["task"] for t in s2["chat_eval"]["tasks"]] == ["arc-easy", "spelling", f"file:{qa}"]
+    assert (s2["chatcore_partial"], s2["chatcore_tasks"]) == (s["chatcore_partial"], s["chatcore_tasks"])
+    from chibichat.eval.chat import summary_key
+
+    assert s2[f"{summary_key(f'file:{qa}')}_n"] == 1
 
 
 def test_core_on_shipped_tasks_with_a_real_model(base, tmp_path):

@@ -110,7 +110,8 @@ def test_humaneval_online_runs_in_sandbox(server, home):
 def test_eval_task_picks_the_full_online_test_sets(server, home):
     """`eval chat --test-sets online`: every task of ONLINE_TEST_SETS is its full test split (the fixtures'
     test.parquet files), downloaded into the home; generated tasks score their test split either way."""
-    from chibichat.tasks.evalsets import ONLINE_TEST_SETS, cached_online_test_sets, eval_task
+    from chibichat.tasks.evalsets import ONLINE_TEST_SETS, cached_online_test_sets
+    from chibichat.tasks.registry import eval_task
 
     h = Home(home)
     sizes = {n: len(eval_task(n, h, "online")) for n in ONLINE_TEST_SETS}

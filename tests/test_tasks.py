@@ -7,9 +7,9 @@ import pytest
 
 from chibichat.common import ChibiError
 from chibichat.tasks import ListTask, Mixture, get_task, list_tasks
-from chibichat.tasks.answers import extract_final_number, numbers_equal
+from chibichat.eval.metrics import extract_final_number, numbers_equal
 from chibichat.tasks.arithmetic import int_value
-from chibichat.tasks.generated import key_split
+from chibichat.tasks.base import key_split
 
 GENERATED = ["identity", "identity-ja", "spelling", "spelling-ja", "letter-count", "letter-count-ja",
              "arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja"]
@@ -119,6 +119,23 @@ def test_get_task_errors():
     assert rows["gsm8k"]["kind"] == "generative" and rows["jnli"]["lang"] == "ja" and rows["jnli"]["online_only"]
     assert not rows["chitchat"]["online_only"] and set(rows) == set(list_tasks())
 
+
+
+def test_every_spec_declares_the_options_its_builder_takes():
+    """The registry states each task's options instead of reading signatures at run time; they must be
+    exactly the builder's keyword parameters (less the fixed ones), and the required ones exactly those
+    without a default."""
+    import inspect
+
+    from chibichat.tasks.registry import specs
+
+    for name, spec in specs().items():
+        params = inspect.signature(spec.build).parameters
+        assert set(spec.fixed) <= set(params), name
+        free = {k: p for k, p in params.items() if k not in spec.fixed}
+        assert set(spec.options) == set(free), name
+        assert set(spec.required) == {k for k, p in free.items() if p.default is inspect.Parameter.empty}, name
+        assert callable(spec.build) and not isinstance(spec.build, str), name
 
 # ---------------------------------------------------------------------------------------- answers
 
@@ -284,7 +301,7 @@ def test_shipped_categorical_sets(name, count):
 
 
 def test_categorical_item_rejects_bad_input():
-    from chibichat.tasks.multiple_choice import categorical_item
+    from chibichat.tasks.items import categorical_item
 
     with pytest.raises(ChibiError):
         categorical_item("q", ["only one"], 0)
@@ -293,7 +310,7 @@ def test_categorical_item_rejects_bad_input():
 
 
 def test_gsm8k_annotations_become_tool_calls():
-    from chibichat.tasks.gsm8k import gsm8k_item, solution_to_parts
+    from chibichat.tasks.items import gsm8k_item, solution_to_parts
 
     sol = "She has 16 - 3 = <<16-3=13>>13 eggs.\nShe makes 13 * 2 = $<<13*2=26>>26.\n#### 26"
     parts = solution_to_parts(sol)
@@ -337,7 +354,7 @@ def test_humaneval_shipped_all_164_and_canonical_solutions_pass():
 
 
 def test_humaneval_program_assembly():
-    from chibichat.tasks.humaneval import build_program
+    from chibichat.tasks.items import build_program
 
     item = {"prompt": "from typing import List\n\ndef f(x: List[int]) -> int:\n", "entry_point": "f",
             "test": "def check(c):\n    assert c([1]) == 1\n"}

@@ -3,7 +3,8 @@
 Starts `chibichat serve` on a checkpoint of the home as a subprocess on 127.0.0.1 (or drives a server
 already running, --url), then for each client count N (--clients, default 1,8,32,64): N clients each
 send --rounds streaming chat requests one after another (different seeds, --max-tokens each), all N
-at once. Per level it reports:
+at once; a level of few clients sends more rounds so that it makes at least --min-requests requests
+(a 1-client level of 2 requests is over in seconds and moves with anything else the machine runs). Per level it reports:
   - aggregate tok/s: completion tokens of every successful request / the level's wall time;
   - TTFT p50/p95/p99: request sent -> first content chunk received (client side, HTTP included);
   - ITL p50/p95/p99: gaps between one request's consecutive content chunks (client side);
@@ -33,6 +34,8 @@ def add_args(p) -> None:
     add_runtime_args(p)
     p.add_argument("--clients", default="1,8,32,64", help="concurrent client counts, one level each (default: 1,8,32,64)")
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends one after another (default: 2)")
+    p.add_argument("--min-requests", type=int, default=8,
+                   help="requests per level at least: few clients send more rounds (default: 8)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default: 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request (default: 1.0)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default: 32)")
@@ -155,6 +158,21 @@ def run_level(url: str, model: str, clients: int, rounds: int, max_tokens: int, 
     }  # fmt: skip
 
 
+def summary(results: list[dict]) -> list[str]:
+    """The load test's headline figures: the 32-client level against the 1-client one (aggregate
+    tok/s ratio, p95 TTFT; targets: >= 6x, < 1 s), failed requests of every level (target: none) and
+    the 503s of the levels that had any."""
+    by = {r["clients"]: r for r in results}
+    lines = []
+    if 1 in by and 32 in by and by[1]["tok_s"] and by[32]["tok_s"] is not None:
+        lines.append(f"32 clients: {by[32]['tok_s'] / by[1]['tok_s']:.1f}x the 1-client tok/s (target >= 6), "
+                     f"p95 TTFT {by[32]['ttft_ms_p95']} ms (target < 1000)")  # fmt: skip
+    failed = sum(r["failed"] for r in results)
+    lines.append(f"failed requests: {failed} of {sum(r['requests'] for r in results)} (target 0)"
+                 + "".join(f"; {r['clients']} clients: {r['busy_503']} answered 503" for r in results if r["busy_503"]))
+    return lines
+
+
 def _scrape(url: str, headers: dict) -> dict:
     import httpx
 
@@ -209,7 +227,7 @@ def run(args) -> int:
     from chibichat.common import atomic_write_json
 
     levels = _levels(args.clients)
-    for name in ("rounds", "max_tokens", "max_batch"):
+    for name in ("rounds", "min_requests", "max_tokens", "max_batch"):
         if getattr(args, name) < 1:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     proc = None
@@ -223,13 +241,17 @@ def run(args) -> int:
             raise ChibiError(f"{url}/v1/models answered {r.status_code}: {r.text[:200]} (--api-key?)")
         model = r.json()["data"][0]["id"]
         health = httpx.get(url + "/health", timeout=30).json()
+        rows = (health.get("workers") or 0) * (health.get("max_batch_rows") or 0)
         print(f"bench serve: {model} at {url}, context {health.get('context')}, {health.get('workers')} replica(s) x "
-              f"{health.get('max_batch_rows')} rows; {args.rounds} request(s) per client, max_tokens {args.max_tokens}, "
-              f"temperature {args.temperature}", flush=True)  # fmt: skip
+              f"{health.get('max_batch_rows')} rows, max queue {health.get('max_queue')}: {rows} requests decode at "
+              f"once, {health.get('max_queue')} more wait, the rest get 503; {args.rounds} request(s) per client "
+              f"(at least {args.min_requests} per level), "
+              f"max_tokens {args.max_tokens}, temperature {args.temperature}", flush=True)  # fmt: skip
         run_level(url, model, 1, 1, 8, args.temperature, args.api_key)  # warm-up (first-call costs)
         results = []
         for n in levels:
-            res = run_level(url, model, n, args.rounds, args.max_tokens, args.temperature, args.api_key)
+            rounds = max(args.rounds, -(-args.min_requests // n))
+            res = run_level(url, model, n, rounds, args.max_tokens, args.temperature, args.api_key)
             results.append(res)
             print(json.dumps(res), flush=True)
     finally:
@@ -248,7 +270,10 @@ def run(args) -> int:
     for res in results:
         speedup = f"{res['tok_s'] / base:.1f}" if base and res["tok_s"] else "-"
         print("| " + " | ".join("-" if res[c] is None else str(res[c]) for c in cols) + f" | {speedup} |")
+    for line in summary(results):
+        print(line)
     if args.json:
-        atomic_write_json(args.json, {"model": model, "url": url, "rounds": args.rounds, "max_tokens": args.max_tokens,
-                                      "max_batch": args.max_batch, "max_queue": args.max_queue, "levels": results})  # fmt: skip
+        atomic_write_json(args.json, {"model": model, "url": url, "rounds": args.rounds, "min_requests": args.min_requests,
+                                      "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+                                      "max_queue": args.max_queue, "levels": results})  # fmt: skip
     return 0

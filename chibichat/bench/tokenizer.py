@@ -10,7 +10,7 @@ text (the corpus val split plus the shipped sample of that language), for each s
     range. Also the peak memory training adds (a fresh process per cell);
   - bytes/token of the resulting tokenizer on held-out text (higher = better compression), and its
     change vs gpt4;
-  - the verdict on the target (issue #2): the `ja` split trains >= 3x faster than gpt4 on Japanese
+  - the verdict on the target: the `ja` split trains >= 3x faster than gpt4 on Japanese
     (stretch 5x) with equal or better held-out bytes/token.
 Trainers: rustbpe (what `tokenizer train` uses) and, for the comparison that chose it, Hugging Face
 `tokenizers` with the same pattern and the same number of merges.
@@ -271,7 +271,7 @@ def _mb(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-# Issue #2's target for the Japanese-aware split on Japanese text.
+# The target for the Japanese-aware split on Japanese text.
 TARGET_SPEEDUP = 3.0
 STRETCH_SPEEDUP = 5.0
 

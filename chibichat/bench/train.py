@@ -21,19 +21,8 @@ row's zero-initialised head is first filled with N(0, 1/width) (a zero head pass
 adapters; a real base has a trained one), so its loss column starts from another model.
 
 --recompute (GPT.recompute) trades compute for activation memory; --trim-heap returns freed heap to
-the OS after every step (glibc malloc_trim). Peak MB at the default shape (bf16, eager, 2 threads,
-2-core Zen 4 shared with another job):
-  dense   none 618   mlp 592   block 506   block+trim 479
-  iberis  none 602   mlp 594   block 500   block+trim 484
-block costs 10-17% more CPU time than none and trim another 0-20% (interleaved pairs; the figures of
-one shared-machine run are too noisy to quote). Losses are identical in every setting. Before
-MuonAdamW and recompute_in_backward stopped importing torch._dynamo (torch.optim.Optimizer's
-decorated methods and non-reentrant checkpointing load it even when nothing is compiled) every
-figure was 60-75 MB higher (dense none 677-703, block 583-589). What is left is mostly not tensors:
-importing torch is ~220 MB RSS; at the step's peak glibc malloc has ~225 MB in use (87 MB of it
-there before the model), and 70-100 MB of freed heap is still resident. Fixing glibc's mmap
-threshold (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576) returns that at once, but every
-large tensor then costs fresh page faults: 1.6-1.9x the CPU time.
+the OS after every step (glibc malloc_trim). Losses are identical in every setting; the figures are in
+docs/benchmarks.md.
 
 Each configuration runs in its own spawned process so that peak memory, compile caches and thread
 pools of one configuration cannot leak into the next. The training data is a fixed random Markov

@@ -17,22 +17,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-from chibichat.common import ChibiError, Runtime
+from chibichat.common import ChibiError, Runtime, gather_objects
 
 
 def strided_sums(rt: Runtime, mine: list[list[float]], width: int) -> list[float]:
     """Column sums of per-batch rows over every rank, where rank r of W holds the rows of batches r, r+W,
     r+2W, ... of one sequence: the rows are gathered and added in sequence order in float64 (Python
     floats), so the sums are bitwise those of one process holding every row, for any W."""
-    ordered = mine
-    if rt.distributed:
-        parts: list = [None] * rt.world_size
-        dist.all_gather_object(parts, mine)
-        # Sequence position i lives on rank i % W at local position i // W.
-        total = sum(len(p) for p in parts)
-        ordered = [parts[i % rt.world_size][i // rt.world_size] for i in range(total)]
+    parts = gather_objects(rt, mine)
+    # Sequence position i lives on rank i % W at local position i // W.
+    ordered = [parts[i % rt.world_size][i // rt.world_size] for i in range(sum(len(p) for p in parts))]
     sums = [0.0] * width
     for row in ordered:
         sums = [a + b for a, b in zip(sums, row)]

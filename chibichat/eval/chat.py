@@ -29,13 +29,15 @@ whose items fits the context is reported with accuracy None and left out of the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
-from chibichat.tasks.evalsets import CHATCORE_TASKS, ONLINE_TEST_SETS, TEST_SETS, eval_task
+from chibichat.tasks.evalsets import CHATCORE_TASKS, ONLINE_TEST_SETS, TEST_SETS
+from chibichat.tasks.registry import eval_task
 from chibichat.render import reply_budget
 
 UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length before the fit check
@@ -161,7 +163,14 @@ def eval_generative(gen: Generator, tok, task, indices: Sequence[int], max_len: 
 
 
 def summary_key(task_name: str) -> str:
-    """summary.json keys are lower-case with underscores ("arc-easy" -> "arc_easy"; docs/architecture.md)."""
+    """summary.json keys are lower-case with underscores ("arc-easy" -> "arc_easy"; docs/architecture.md).
+    A local file task is keyed by its file name ("file:/data/qa-test.jsonl" -> "file_qa_test"): the key also
+    names the per-item files, so it may hold no path separator."""
+    from chibichat.tasks.local import PREFIX
+
+    if task_name.startswith(PREFIX):
+        stem = task_name[len(PREFIX):].replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0]
+        return "file_" + re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_")
     return task_name.lower().replace("-", "_")
 
 
@@ -222,11 +231,12 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
     scored = [s for s in per_task if s["n_scored"] > 0]
     if not scored:
         raise ChibiError("no item of any task fits the model's context; nothing was evaluated")
-    score = sum(s["centered"] for s in scored) / len(scored)
-    names = [s["task"] for s in scored]
-    complete = sorted(names) == sorted(CHATCORE_TASKS)
-    flat["chatcore" if complete else "chatcore_partial"] = score
-    flat["chatcore_tasks"] = names
+    core = [s for s in scored if s["task"] in CHATCORE_TASKS]  # other tasks (your files) are not part of it
+    if core:
+        names = [s["task"] for s in core]
+        complete = sorted(names) == sorted(CHATCORE_TASKS)
+        flat["chatcore" if complete else "chatcore_partial"] = sum(s["centered"] for s in core) / len(core)
+        flat["chatcore_tasks"] = names
     return {"summary": flat, "tasks": per_task, "items": items}
 
 
@@ -254,25 +264,10 @@ def add_chat_args(p) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
 
 
-def rank_gather(rt):
-    """A gather for evaluate_chat/evaluate_jglue under torchrun (every rank's list, in rank order);
-    None on one process."""
-    if not rt.distributed:
-        return None
-    import torch.distributed as dist
-
-    def gather(obj):
-        parts: list = [None] * rt.world_size
-        dist.all_gather_object(parts, obj)
-        return parts
-
-    return gather
-
-
 def run_chat(args) -> int:
     import time
 
-    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, init_runtime, print0, rank_gather, read_json, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
     from chibichat.eval.core import ModelScorer
     from chibichat.eval.metrics import merge_summary, write_eval_outputs
@@ -305,9 +300,17 @@ def run_chat(args) -> int:
                             world_size=rt.world_size, gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
+        # Another eval of the same checkpoint (your own file after the speedrun's ChatCORE) adds its tasks
+        # to the record instead of replacing it; a task evaluated again replaces its own entry.
+        earlier = read_json(out_dir / "summary.json", "eval summary").get("chat_eval", {}) \
+            if (out_dir / "summary.json").exists() else {}
+        now = {t["task"] for t in out["tasks"]}
+        kept = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and t.get("task") not in now] \
+            if earlier.get("step") == meta["step"] else []
         summary = {**out["summary"], "chat_eval": {
             "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
-            "tasks": out["tasks"], "test_sets": args.test_sets, "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
+            "tasks": kept + out["tasks"], "test_sets": args.test_sets, "num_samples": cfg.num_samples,
+            "max_new_tokens": cfg.max_tokens,
             "temperature": cfg.temperature, "world_size": rt.world_size, "seconds": time.time() - t0}}
         if rt.is_master:
             for name, rows in out["items"].items():
@@ -319,8 +322,9 @@ def run_chat(args) -> int:
                 continue
             print0(rt, f"{s['task']:>14}: {s['accuracy']:.4f} (centered {s['centered']:+.4f}, n={s['n_scored']}, "
                        f"skipped too long {s['n_skipped_too_long']})")
-        key = "chatcore" if "chatcore" in out["summary"] else "chatcore_partial"
-        print0(rt, f"{key}: {out['summary'][key]:.4f} ({args.test_sets} test sets) | wrote {out_dir / 'summary.json'}")
+        key = next((k for k in ("chatcore", "chatcore_partial") if k in out["summary"]), None)
+        print0(rt, (f"{key}: {out['summary'][key]:.4f} | " if key else "") + f"{args.test_sets} test sets | "
+                   f"wrote {out_dir / 'summary.json'}")
         return 0
     finally:
         shutdown_runtime(rt)

@@ -373,18 +373,11 @@ def run_core(model, tok, rt, out_dir, args, home=None) -> dict:
     core, core_label, core_<task> (centered) and the per-task details under core_tasks."""
     from chibichat.eval.metrics import write_eval_outputs
 
+    from chibichat.common import rank_gather
+
     tasks, complete, items = core_tasks(args, home)
-    gather = None
-    if rt.distributed:
-        import torch.distributed as dist
-
-        def gather(obj):
-            parts = [None] * rt.world_size
-            dist.all_gather_object(parts, obj)
-            return parts
-
     out = evaluate_core(ModelScorer(model, rt, args.eval_batch_size), tok, tasks, full_bundle=complete,
-                        rank=rt.rank, world_size=rt.world_size, gather=gather)
+                        rank=rt.rank, world_size=rt.world_size, gather=rank_gather(rt))
     if rt.is_master:
         write_eval_outputs(out_dir, "core", out["items"], None)
     flat = {"core": out["score"], "core_label": out["label"]}

@@ -250,7 +250,8 @@ def run_jglue(args) -> int:
 
     from chibichat.common import Home, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
-    from chibichat.eval.chat import EngineGenerator, rank_gather
+    from chibichat.common import rank_gather
+    from chibichat.eval.chat import EngineGenerator
     from chibichat.eval.core import ModelScorer
     from chibichat.eval.metrics import merge_summary, write_eval_outputs
     from chibichat.tokenizer import Tokenizer

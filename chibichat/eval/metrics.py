@@ -7,7 +7,9 @@ makes them trivially checkable and importable anywhere (the report reads summari
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
+from decimal import Decimal, InvalidOperation
 from typing import Sequence
 
 from chibichat.common import ChibiError
@@ -128,15 +130,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
-def mean_finite(values: Sequence[float]) -> float:
-    """Mean that refuses NaN rather than propagating it silently into an aggregate."""
-    if not values:
-        raise ChibiError("mean of zero values is undefined")
-    if any(math.isnan(v) for v in values):
-        raise ChibiError("cannot average: one of the values is NaN (undefined metric)")
-    return sum(values) / len(values)
-
-
 # ----------------------------------------------------------------------------------------------
 # Result files: every eval writes its per-item rows and a summary the report reads.
 
@@ -182,3 +175,44 @@ def merge_summary(out_dir, summary: dict):
     merged.update(summary)
     atomic_write_json(path, merged)
     return path
+
+
+# Final answers: the number written after the last "####" (GSM8K's convention, kept for arithmetic,
+# letter counting and RL rewards); thousands commas and a trailing period are ignored.
+# A signed integer or decimal, optionally with thousands commas: -1,234.50
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_final_number(text: str) -> str | None:
+    """The number after the last '####' in text (commas removed), or None if there is none."""
+    idx = text.rfind("####")
+    if idx < 0:
+        return None
+    m = _NUMBER.search(text, idx + 4)
+    if m is None or text[idx + 4 : m.start()].strip():
+        return None  # "#### maybe 3" is not an answer
+    return m.group(0).replace(",", "")
+
+
+def last_number(text: str) -> str | None:
+    """The last number anywhere in text (commas removed), or None: the fallback of replies without "####"."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def numbers_equal(a: str | None, b: str | None) -> bool:
+    """True if both parse as the same decimal number ("72" == "72.0"); False if either is missing."""
+    if a is None or b is None:
+        return False
+    try:
+        return Decimal(a.replace(",", "")) == Decimal(b.replace(",", ""))
+    except InvalidOperation:
+        return False
+
+
+def final_line(text: str) -> str:
+    """The last non-empty line, stripped, without a trailing full stop (ASCII or Japanese)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return lines[-1].rstrip(".。")

@@ -10,6 +10,7 @@ otherwise); the page and /health stay open (the page asks for the key and sends 
 
 # No `from __future__ import annotations` here: FastAPI resolves the route parameter annotations
 # (Request) at runtime, and they are imported inside create_app.
+import asyncio
 import hmac
 import json
 import os
@@ -141,7 +142,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         seq_len = p.engines[0].seq_len
         return {"status": "ok", "model": model_id, "context": seq_len, "workers": len(p.engines),
                 "max_batch_rows": p.max_rows, "batch_rows": p.rows, "available_rows": p.available,
-                "waiting": p.waiting, "auth": api_key is not None}  # fmt: skip
+                "waiting": p.waiting, "max_queue": p.max_queue, "auth": api_key is not None}  # fmt: skip
 
     @app.get("/metrics")
     async def metrics():
@@ -213,6 +214,14 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
+    def merge_pieces(pieces):
+        """(choice, text, logprob entries) pieces in order -> one piece per choice, in order of first appearance."""
+        merged: dict = {}
+        for i, text, entries in pieces:
+            t, e = merged.get(i, ("", []))
+            merged[i] = (t + text, e + list(entries))
+        return [(i, t, e) for i, (t, e) in merged.items()]
+
     def tool_calls(engine, tokens):
         """The built-in tool's calls in one choice: [{"expression", "output"}] (output None: it failed)."""
         calls = []
@@ -223,7 +232,18 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                 calls[-1]["output"] = part["text"]
         return calls
 
-    async def respond(chat: bool, req, prompt, max_tokens, use_tools, extra):
+    async def cancel_on_disconnect(request, stream):
+        """Wait for the client of a non-streaming request to go away, then end its generation. Servers
+        do not cancel a plain response's handler when its client disconnects (a streaming response
+        notices when a write fails), so the handler watches the connection itself: once the body has
+        been read, the next ASGI message is http.disconnect, sent when the client closes."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                stream.cancel()
+                return
+
+    async def respond(request, chat: bool, req, prompt, max_tokens, use_tools, extra):
         pool = ready_pool()
         engine0, tok = pool.engines[0], pool.engines[0].tokenizer
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -254,6 +274,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
         if not req.stream:
             texts, lps = [""] * req.n, [[] for _ in range(req.n)]
+            watch = asyncio.ensure_future(cancel_on_disconnect(request, stream))
             try:
                 async for i, piece, entries in stream:
                     texts[i] += piece
@@ -261,7 +282,10 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             except Exception as e:
                 return error(failure(e))
             finally:
+                watch.cancel()
                 stream.cancel()  # a no-op once finished; ends the generation if this handler was cancelled
+            if stream.job.cancelled:  # the client went away: nobody reads this answer
+                return Response(status_code=499)
             choices = []
             for i in range(req.n):
                 if chat:
@@ -308,26 +332,35 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             return {"index": i, "text": text, "finish_reason": finish_reason, "logprobs": lp}
 
         async def events():
+            # Pieces that are already waiting when the client's connection gets its turn (the event loop
+            # fell behind the decode loop) go out merged, one chunk per choice in one write: the HTTP
+            # work then grows with the steps, not the tokens, when the server is loaded.
             try:
+                out = b""
                 if chat:
                     head = {"role": "assistant", "content": ""}
                     for i in range(req.n):
                         c = {"index": i, "delta": head, "finish_reason": None, "logprobs": None}
-                        yield sse({**chunk([c]), **({"chibichat": extra} if extra and i == 0 else {})})
+                        out += sse({**chunk([c]), **({"chibichat": extra} if extra and i == 0 else {})})
+                pending = [] if first is None else [first]
                 try:
-                    if first is not None:
-                        yield sse(chunk([piece_choice(*first)]))
-                    async for i, text, entries in stream:
-                        yield sse(chunk([piece_choice(i, text, entries)]))
+                    while True:
+                        pending += stream.ready()
+                        if pending:
+                            yield out + b"".join(sse(chunk([piece_choice(*p)])) for p in merge_pieces(pending))
+                            out, pending = b"", []
+                        piece = await anext(stream, None)
+                        if piece is None:
+                            break
+                        pending.append(piece)
                 except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
-                    err = failure(e)
-                    yield sse({"error": err.body()["error"]})
+                    yield out + sse({"error": failure(e).body()["error"]})
                     return
                 for i in range(req.n):
-                    yield sse(chunk([piece_choice(i, "", (), finish(i))]))
+                    out += sse(chunk([piece_choice(i, "", (), finish(i))]))
                 if req.include_usage:
-                    yield sse(chunk([], usage()))
-                yield sse("[DONE]")
+                    out += sse(chunk([], usage()))
+                yield out + sse("[DONE]")
             finally:  # also when the client went away (the response task is cancelled): free the rows
                 stream.cancel()
 
@@ -341,7 +374,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             engine0 = pool.engines[0]
             req = parse_chat_request(await request.body(), limits, [model_id])
             prompt, max_tokens, dropped = prepare_chat(req, engine0.tokenizer, engine0.seq_len)
-            return await respond(True, req, prompt, max_tokens, tools, {"dropped_messages": dropped} if dropped else None)
+            return await respond(request, True, req, prompt, max_tokens, tools, {"dropped_messages": dropped} if dropped else None)
         except ApiError as e:
             return error(e)
 
@@ -354,7 +387,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             req = parse_completion_request(await request.body(), limits, [model_id])
             tok, seq_len = engine0.tokenizer, engine0.seq_len
             prompt = [tok.bos_id, *tok.encode(req.prompt)]
-            return await respond(False, req, prompt, budget(req, len(prompt), seq_len), None, None)
+            return await respond(request, False, req, prompt, budget(req, len(prompt), seq_len), None, None)
         except ApiError as e:
             return error(e)
 

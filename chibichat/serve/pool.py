@@ -67,6 +67,20 @@ class Stream:
                 raise value
             self.result.update(value)
 
+    def ready(self) -> list:
+        """The pieces that have already arrived, without waiting (an end or error event after them
+        stays for the iteration to raise or finish on)."""
+        out = []
+        while True:
+            if not self._events:
+                try:
+                    self._events.extend(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    return out
+            if self._events[0][0] != "piece":
+                return out
+            out.append(self._events.popleft()[1])
+
     def cancel(self) -> None:
         if not self.finished:
             self.job.cancelled = True

@@ -50,8 +50,8 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt (kept when old turns are dropped)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode steps (CPU bf16, d4: ~2x tokens/s at batch 1, ~1.3x at batch 8; the first reply of "
-                        "each new length bucket waits seconds for the compile; needs a C++ compiler)")  # fmt: skip
+                   help="torch.compile the decode steps (faster decoding, see `bench infer --compile`; the first reply "
+                        "of each new length bucket waits seconds for the compile; needs a C++ compiler)")
     p.set_defaults(func=run)
 
 

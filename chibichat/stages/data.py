@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, add_home_arg, check_home
+from chibichat.common import CHECKPOINT_STAGES, ChibiError, Home, add_home_arg, check_at_least, check_home
 
 
 def register(sub) -> None:
@@ -98,7 +98,7 @@ def register(sub) -> None:
     )
     add_home_arg(ck)
     ck.add_argument("file", help="the .jsonl or .parquet file")
-    ck.add_argument("--from", dest="from_stage", default="sft", choices=("base", "mid", "sft", "rl", "dpo"),
+    ck.add_argument("--from", dest="from_stage", default="sft", choices=CHECKPOINT_STAGES,
                     help="checkpoint whose context and throughput to measure against (default: sft)")
     ck.add_argument("--from-tag", default=None, help="tag of that checkpoint (default: the newest)")
     ck.add_argument("--from-step", type=int, default=None, help="step of that checkpoint (default: the last)")
@@ -230,13 +230,13 @@ def verify_task_cache(home: Home) -> int:
     """Re-hash every file of every complete task split under home/data/tasks/ against its manifest;
     returns how many files were checked. A mismatch is an error naming the folder to delete."""
     from chibichat.common import read_json
-    from chibichat.tasks.hub import _sha256
+    from chibichat.common import sha256_file
 
     n = 0
     for manifest in sorted((home.data_dir / "tasks").rglob("manifest.json")):
         for entry in read_json(manifest, "task cache manifest")["files"]:
             path = manifest.parent / entry["file"]
-            if not path.is_file() or _sha256(path) != entry["sha256"]:
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
                 raise ChibiError(f"task cache file {path} is missing or does not match the sha256 its manifest "
                                  f"recorded; delete {manifest.parent} and re-run `chibichat data tasks`")
             n += 1
@@ -244,9 +244,8 @@ def verify_task_cache(home: Home) -> int:
 
 
 def run_tasks(args) -> int:
-    from chibichat.stages.sft import task_options
-    from chibichat.tasks.evalsets import ONLINE_TEST_SETS, online_test_set
-    from chibichat.tasks.registry import get_task
+    from chibichat.tasks.evalsets import ONLINE_TEST_SETS
+    from chibichat.tasks.registry import get_task, home_option, online_test_set
 
     home = Home.resolve(args.home)
     names = online_task_names(args.names)
@@ -256,7 +255,7 @@ def run_tasks(args) -> int:
             task = online_test_set(name, home)
             print(f"{name}: {len(task):,} items ({task.kind}; the full test set of eval chat --test-sets online)")
             continue
-        task = get_task(name, **task_options(name, home))
+        task = get_task(name, **home_option(name, home))
         print(f"{name}: {len(task):,} items ({task.kind})")
     print(f"verified {verify_task_cache(home)} cached file(s) against their manifests in {home.data_dir / 'tasks'}")
     return 0
@@ -309,9 +308,7 @@ def check_report(args) -> dict:
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import check_tokenizer, read_meta, resolve_checkpoint
 
-    for name in ("num_steps", "device_batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "num_steps", "device_batch_size", "grad_accum")
     home = Home.resolve(args.home)
     tok = Tokenizer.load(home.tokenizer_dir)
     sdir = resolve_checkpoint(home, args.from_stage, args.from_tag, args.from_step)

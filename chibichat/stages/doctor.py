@@ -23,7 +23,6 @@ from pathlib import Path
 
 from chibichat.common import ChibiError, atomic_write_json
 
-MFU_DEPTHS = (12, 20)
 MFU_SEQ = 2048
 MFU_VOCAB = 65536
 

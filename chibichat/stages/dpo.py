@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -137,7 +137,7 @@ class PairBatches:
 
 
 def register(sub):
-    from chibichat.stages.sft import add_loop_args, add_optim_args, add_source_args
+    from chibichat.train.finetune import add_loop_args, add_optim_args, add_source_args
 
     p = sub.add_parser("dpo", help="preference tuning (DPO) on chosen/rejected pairs",
                        description=__doc__.split("\n\n")[0] + " Reference = the starting checkpoint (no second "
@@ -155,7 +155,7 @@ def register(sub):
     p.add_argument("--val-items", type=int, default=100,
                    help="held-out pairs: a generated task's test split, else the last <=10%% of the file (default: 100)")
     add_optim_args(p, lr_frac=0.05)
-    add_loop_args(p, steps=30, batch=4)
+    add_loop_args(p, steps=30, batch=4, samples=False)
     p.set_defaults(func=run)
 
 
@@ -187,21 +187,21 @@ def _data(args, home):
 def run(args) -> int:
     import torch
 
-    from chibichat.common import Home, init_runtime, print0, shutdown_runtime
-    from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
+    from chibichat.common import Home, check_home, init_runtime, print0, shutdown_runtime
     from chibichat.tokenizer import Tokenizer
-    from chibichat.train.loop import LoopConfig, train
+    from chibichat.train.finetune import (check_room, load_source, loop_config, make_optimizer, source_lrs,
+                                          stage_meta, summary_head, write_summary)
+    from chibichat.train.loop import train
 
     if not args.beta > 0:
         raise ChibiError(f"--beta must be > 0, got {args.beta}")
-    for name in ("device_batch_size", "train_items", "val_items"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "device_batch_size", "train_items", "val_items")
     rt = init_runtime(args.device, args.dtype)
     try:
         if rt.world_size > 1:
             raise ChibiError("dpo runs in one process (its pairs are not sharded over ranks); run it without torchrun")
         home = Home.resolve(args.home)
+        check_home(home)
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt)
@@ -243,11 +243,8 @@ def run(args) -> int:
         lrs = source_lrs(src_meta, args, model)
         optimizer = make_optimizer(model, lrs)
         tag_dir = home.checkpoints_dir("dpo", tag)
-        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
-                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0,
-                         eval_every=args.eval_every or max(1, args.num_steps // 5), save_every=args.save_every,
-                         resume=args.resume, overwrite=args.overwrite, flops_per_token=model.flops_per_token(),
-                         trim_heap=args.trim_heap)
+        cfg = loop_config(args, model, tag_dir, eval_every=args.eval_every or max(1, args.num_steps // 5))
+        check_room(home, model, args, cfg, "dpo")
         meta = stage_meta(model, tok, args, src_meta, "dpo", {"data": args.data, "beta": args.beta, "lrs": lrs})
         print0(rt, f"dpo: from {src_meta['checkpoint_dir']} -> {tag_dir} | {len(train_r)} train / {len(val_r)} "
                    f"held-out pairs | beta {args.beta} | lrs {lrs}")
@@ -263,9 +260,7 @@ def run(args) -> int:
                     eval_fn=logged_eval)
         first, last = history[0], history[-1]
         summary = {
-            "stage": "dpo", "tag": tag, "source": src_meta["checkpoint_dir"], "data": args.data, "beta": args.beta,
-            "steps": res.steps, "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0,
-            "checkpoint": res.checkpoint, "train_pairs": len(train_r), "val_pairs": len(val_r),
+            **summary_head("dpo", tag, src_meta, res, t0), "data": args.data, "beta": args.beta, "train_pairs": len(train_r), "val_pairs": len(val_r),
             "pairs_left_out_too_long": {"train": train_dropped, "val": val_dropped},
             "reward_accuracy_before": first["reward_accuracy"], "reward_accuracy_after": last["reward_accuracy"],
             "reward_margin_before": first["reward_margin"], "reward_margin_after": last["reward_margin"],

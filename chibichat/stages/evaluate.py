@@ -7,15 +7,13 @@ One parser, one sub-subcommand per evaluation; each dispatches to a module in ch
     jglue  JCommonsenseQA, JNLI, JSTS, JSQuAD on the official dev files    (chibichat/eval/jglue.py)
     skills held-out skills prompts (EN/JA), greedy, per-skill accuracy  (chibichat/eval/skills.py)
 Results go to home/eval/<stage>/<tag>/summary.json (flat metric keys, see docs/architecture.md)
-with per-item files beside it. To add an evaluation: write `_add_<name>(actions)` + `run_<name>(args)`
-here and list it in `register`.
+with per-item files beside it. To add an evaluation: a module chibichat/eval/<name>.py with
+`add_<name>_args(parser)` and `run_<name>(args)`, listed in `DELEGATED` and `register`.
 """
 
 from __future__ import annotations
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
-
-STAGES = ("base", "mid", "sft", "rl", "dpo")
+from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args, check_at_least
 
 
 def register(sub) -> None:
@@ -23,18 +21,20 @@ def register(sub) -> None:
                        description="Evaluate a saved checkpoint. Pick an evaluation: " + ", ".join(["base", "chat", "jglue", "skills"]))
     actions = p.add_subparsers(dest="evaluation", metavar="<evaluation>")
     _add_base(actions)
-    _add_chat(actions)
-    _add_jglue(actions)
-    _add_skills(actions)
+    from chibichat.eval.chat import add_chat_args, run_chat
+    from chibichat.eval.jglue import add_jglue_args, run_jglue
+    from chibichat.eval.skills import add_skills_args, run_skills
+
+    _add_delegated(actions, "chat", add_chat_args, run_chat)
+    _add_delegated(actions, "jglue", add_jglue_args, run_jglue)
+    _add_delegated(actions, "skills", add_skills_args, run_skills)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _add_checkpoint_args(p) -> None:
+def _add_checkpoint_args(p, source: str) -> None:
     add_home_arg(p)
     add_runtime_args(p)
-    p.add_argument("--from", dest="source", choices=STAGES, default="base", help="which stage's checkpoint")
-    p.add_argument("--tag", default=None, help="run tag (default: the most recently written)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_model_args(p, source)
 
 
 def _add_base(actions) -> None:
@@ -43,7 +43,7 @@ def _add_base(actions) -> None:
         description="Val bits-per-byte (tokenizer-independent) on a fixed number of val tokens of a corpus, "
                     "and greedy samples from fixed prompts. Writes home/eval/<stage>/<tag>/summary.json and "
                     "samples.json.")
-    _add_checkpoint_args(p)
+    _add_checkpoint_args(p, "base")
     p.add_argument("--corpus", default=None, help="corpus whose val split is scored (default: the one it was trained on)")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help="val tokens (default: what pretraining used, 4 x its total batch)")
@@ -57,81 +57,47 @@ def _add_base(actions) -> None:
     p.set_defaults(func=run_base)
 
 
-def _add_chat(actions) -> None:
-    from chibichat.eval.chat import add_chat_args
-
-    p = actions.add_parser(
-        "chat", help="ChatCORE: ARC-E/C and MMLU by letter logits, GSM8K/HumanEval/spelling by generation",
-        description="Chat-model evaluation: categorical tasks by the argmax of the choice-letter logits, generative "
-                    "tasks by sampling with the engine and checking (GSM8K with the calculator, HumanEval in the "
-                    "sandbox), ChatCORE = mean centered accuracy. Per-item chat_<task>.jsonl/.csv and "
-                    "summary.json under home/eval/<stage>/<tag>/.")
-    _add_checkpoint_args(p)
-    p.set_defaults(source="sft")
-    add_chat_args(p)
-    p.set_defaults(func=run_chat)
-
-
-def run_chat(args) -> int:
-    from chibichat.eval.chat import run_chat as run
-
-    return run(args)
-
-
-def _add_jglue(actions) -> None:
-    from chibichat.eval.jglue import add_jglue_args
-
-    p = actions.add_parser(
-        "jglue", help="JGLUE few-shot: JCommonsenseQA, JNLI, JSTS, JSQuAD (dev files given by --jglue-dir)",
-        description="JGLUE on the official dev files: JCQA and JNLI by lowest continuation loss (accuracy), JSTS by "
-                    "the expected digit 0-5 (Pearson, Spearman), JSQuAD by greedy generation (EM, character F1 "
-                    "with JGLUE's own normalisation). Prompts are base-model few-shot text; `eval chat --tasks "
-                    "jsquad` scores the same records in the chat format. Per-item files and summary.json under home/eval/<stage>/<tag>/.")
-    _add_checkpoint_args(p)
-    add_jglue_args(p)
-    p.set_defaults(func=run_jglue)
+# name -> (help, description, default --from) of the evaluations that live wholly in chibichat/eval/<name>.py
+# (its add_<name>_args(parser) and run_<name>(args), passed in by register).
+DELEGATED = {
+    "chat": ("ChatCORE: ARC-E/C and MMLU by letter logits, GSM8K/HumanEval/spelling by generation",
+             "Chat-model evaluation: categorical tasks by the argmax of the choice-letter logits, generative "
+             "tasks by sampling with the engine and checking (GSM8K with the calculator, HumanEval in the "
+             "sandbox), ChatCORE = mean centered accuracy. Per-item chat_<task>.jsonl/.csv and "
+             "summary.json under home/eval/<stage>/<tag>/.", "sft"),
+    "jglue": ("JGLUE few-shot: JCommonsenseQA, JNLI, JSTS, JSQuAD (dev files given by --jglue-dir)",
+              "JGLUE on the official dev files: JCQA and JNLI by lowest continuation loss (accuracy), JSTS by "
+              "the expected digit 0-5 (Pearson, Spearman), JSQuAD by greedy generation (EM, character F1 "
+              "with JGLUE's own normalisation). Prompts are base-model few-shot text; `eval chat --tasks "
+              "jsquad` scores the same records in the chat format. Per-item files and summary.json under "
+              "home/eval/<stage>/<tag>/.", "base"),
+    "skills": ("held-out prompts for every taught skill (identity, arithmetic, spelling, ...), greedy",
+               "The held-out skills prompt set (identity, one- and two-step arithmetic, spelling, letter "
+               "counting, greeting, refusal to invent facts; EN or JA), answered greedily and checked per "
+               "item; prints per-skill accuracy and the open-prompt reply-quality proxy. Per-item "
+               "skills.jsonl/.csv and summary.json under home/eval/<stage>/<tag>/.", "sft"),
+}
 
 
-def run_jglue(args) -> int:
-    from chibichat.eval.jglue import run_jglue as run
-
-    return run(args)
-
-
-def _add_skills(actions) -> None:
-    from chibichat.eval.skills import add_skills_args
-
-    p = actions.add_parser(
-        "skills", help="held-out prompts for every taught skill (identity, arithmetic, spelling, ...), greedy",
-        description="The held-out skills prompt set (identity, one- and two-step arithmetic, spelling, letter "
-                    "counting, greeting, refusal to invent facts; EN or JA), answered greedily and checked per "
-                    "item; prints per-skill accuracy and the open-prompt reply-quality proxy. Per-item "
-                    "skills.jsonl/.csv and summary.json under home/eval/<stage>/<tag>/.")
-    _add_checkpoint_args(p)
-    p.set_defaults(source="sft")
-    add_skills_args(p)
-    p.set_defaults(func=run_skills)
-
-
-def run_skills(args) -> int:
-    from chibichat.eval.skills import run_skills as run
-
-    return run(args)
+def _add_delegated(actions, name: str, add_args, run) -> None:
+    help_text, description, source = DELEGATED[name]
+    p = actions.add_parser(name, help=help_text, description=description)
+    _add_checkpoint_args(p, source)
+    add_args(p)
+    p.set_defaults(func=run)
 
 
 def run_base(args) -> int:
     import time
 
-    from chibichat.common import Home, atomic_write_json, init_runtime, print0, read_json, shutdown_runtime
+    from chibichat.common import Home, atomic_write_json, init_runtime, print0, shutdown_runtime
     from chibichat.data.corpora import get_corpus
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
+    from chibichat.eval.metrics import merge_summary
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
-    for name in ("eval_tokens", "device_batch", "sample_tokens"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    check_at_least(args, 1, "eval_tokens", "device_batch", "sample_tokens")
     home = Home.resolve(args.home)
     tok = Tokenizer.load(home.tokenizer_dir)
     rt = init_runtime(args.device, args.dtype)
@@ -177,14 +143,7 @@ def run_base(args) -> int:
             print0(rt, f"  {t!r}")
         if rt.is_master:
             atomic_write_json(out_dir / "samples.json", [{"text": t} for t in texts])
-            # One summary.json per (stage, tag) is shared by every evaluation: keep the others' keys.
-            path = out_dir / "summary.json"
-            merged = read_json(path, "eval summary") if path.exists() else {}
-            if not isinstance(merged, dict):
-                raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
-            merged.update(summary)
-            atomic_write_json(path, merged)
-            print0(rt, f"wrote {out_dir / 'summary.json'}")
+            print0(rt, f"wrote {merge_summary(out_dir, summary)}")  # shared by every eval of the checkpoint
     finally:
         shutdown_runtime(rt)
     return 0

@@ -7,9 +7,8 @@ convention table and docs/architecture.md "Export / import".
 
 from __future__ import annotations
 
-from chibichat.common import ChibiError, add_home_arg
+from chibichat.common import CHECKPOINT_STAGES, ChibiError, add_home_arg
 
-STAGES = ("base", "mid", "sft", "rl", "dpo")
 
 
 def register(sub) -> None:
@@ -27,7 +26,7 @@ def register(sub) -> None:
         ),
     )
     add_home_arg(hf)
-    hf.add_argument("--from", dest="source", required=True, choices=STAGES, help="checkpoint stage")
+    hf.add_argument("--from", dest="source", required=True, choices=CHECKPOINT_STAGES, help="checkpoint stage")
     hf.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written one)")
     hf.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     hf.add_argument("--out", required=True, help="output folder (created; see --overwrite)")

@@ -24,7 +24,8 @@ def register(sub):
         "midtrain", help="midtraining: chat format, tool calls and MC answers, streamed like pretraining",
         description=__doc__.split("\n\n")[0] + " Conversations are streamed like pretraining text (--mode "
                     "stream) and the loss covers every token.")
-    add_conversation_args(p, default_from="base", steps=80, batch=8, lr_frac=1.0, mode="stream")
+    add_conversation_args(p, default_from="base", steps=80, batch=8, lr_frac=1.0, mode="stream", mix_en=MID_MIX_EN,
+                          mix_ja=MID_MIX_JA)
     p.set_defaults(func=run)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_args, add_runtime_args
+from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_args, add_runtime_args, check_at_least
 
 DEFAULT_DEPTH = 4  # CPU-sized; GPU runs pass --depth 20 and up
 
@@ -143,16 +143,11 @@ def run(args) -> int:
     from chibichat.train.optim import build_optimizer
     from chibichat.train.scaling import derive_plan, derive_shape, overrides_from_args, window_schedule
 
-    for name in ("save_every", "keep_last", "eval_every", "sample_every", "warmup_steps", "momentum_warmup_steps"):
-        if getattr(args, name) < 0:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("sample_tokens", "log_every"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 0, "save_every", "keep_last", "eval_every", "sample_every", "warmup_steps", "momentum_warmup_steps")
+    check_at_least(args, 1, "sample_tokens", "log_every")
     if args.weight_decay < 0 or args.grad_clip < 0:
         raise ChibiError("--weight-decay and --grad-clip must be >= 0")
-    if args.eval_tokens is not None and args.eval_tokens < 1:
-        raise ChibiError(f"--eval-tokens must be positive, got {args.eval_tokens}")
+    check_at_least(args, 1, "eval_tokens")
 
     t_start = time.time()
     home = Home.resolve(args.home)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 
-from chibichat.common import ChibiError, add_home_arg, add_runtime_args
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least, gather_objects
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
@@ -154,7 +154,7 @@ class RolloutBatches:
         keep = informative_groups(adv)
         xs, ys, ws = [], [], []
         for g in keep:
-            (item, ids), group, a_group = picked[g], outs[g], adv[g]
+            (_, ids), group, a_group = picked[g], outs[g], adv[g]
             for s, a in zip(group, a_group):
                 x, y, w = sample_rows(ids, s.tokens, s.forced, a, self.tok.bos_id, self.width)
                 xs.append(x), ys.append(y), ws.append(w)
@@ -245,13 +245,7 @@ def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int
                                temperature=temperature, top_k=top_k, seed=seed + s, tools=True)
         for (i, _), group in zip(chunk, outs):
             counts.append((i, sum(bool(task.evaluate(task[i], smp.text)) for smp in group)))
-    if rt.distributed:
-        import torch.distributed as dist
-
-        parts = [None] * rt.world_size
-        dist.all_gather_object(parts, counts)
-        counts = sorted(x for p in parts for x in p)
-    counts = [c for _, c in counts]
+    counts = [c for _, c in sorted(x for p in gather_objects(rt, counts) for x in p)]
     if not counts:
         raise ChibiError(f"pass@k: no prompt of {task.name!r} fits the context with --max-new-tokens {max_tokens}")
     out = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in counts) / len(counts) for j in range(1, k + 1)}
@@ -264,7 +258,7 @@ def pass_at_k_eval(engine, tok, task, rt, *, items: int, k: int, max_tokens: int
 
 
 def register(sub):
-    from chibichat.stages.sft import add_loop_args, add_optim_args, add_source_args
+    from chibichat.train.finetune import add_loop_args, add_optim_args, add_source_args
 
     p = sub.add_parser(
         "rl", help="RL with group-relative advantages on verifiable rewards (pass@k before/after)",
@@ -287,13 +281,10 @@ def register(sub):
     p.add_argument("--passk-items", type=int, default=48, help="held-out prompts for pass@k (default: 48)")
     add_allow_weak_arg(p)
     p.add_argument("--passk-k", type=int, default=4, help="largest k of pass@k, = samples per prompt (default: 4)")
-    # Measured on a 0.4M-parameter model (arithmetic, from mid): lr-frac 0.15 with a short warmdown raised
-    # pass@1 0.52 -> 0.61 in 60 steps; 0.4 drifted down and 1.0 collapsed the reward (Muon takes a
-    # full-size step even when the advantage-weighted gradient is mostly noise). Again on the cpu
-    # speedrun's d4 SFT model (arithmetic-multi, 30 steps): 0.15 raised held-out pass@1 0.58 -> 0.67,
-    # 0.3 ended lower (0.56) after its reward fell in the last fifth of the run.
+    # A small --lr-frac: Muon takes a full-size step even when the advantage-weighted gradient is mostly
+    # noise, and larger fractions drifted down or collapsed the reward (docs/benchmarks.md).
     add_optim_args(p, lr_frac=0.15)
-    add_loop_args(p, steps=60, batch=None)
+    add_loop_args(p, steps=60, batch=None, evals=False, samples=False)  # the reward is logged every step
     p.set_defaults(func=run, warmdown_frac=0.2)
 
 
@@ -312,12 +303,11 @@ def check_task_names(args) -> None:
 def _tasks(args, home):
     """(training task, held-out task), checked disjoint by content from each other and from the
     evaluation sets the chat evaluations report against."""
-    from chibichat.stages.sft import task_options
-    from chibichat.tasks.registry import get_task
-    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.registry import get_task, home_option
+    from chibichat.tasks.base import GeneratedTask
     from chibichat.tasks.leakage import check_disjoint, refuse_eval_only_task, reported_eval_sets
 
-    task = get_task(args.task, **task_options(args.task, home))
+    task = get_task(args.task, **home_option(args.task, home))
     refuse_eval_only_task(task, "--task")
     if task.kind != "generative":
         raise ChibiError(f"--task {args.task} is of kind {task.kind!r}; RL needs a generative task with a checker")
@@ -327,7 +317,7 @@ def _tasks(args, home):
     elif args.eval_task is None:
         raise ChibiError(f"--task {args.task} has no generated test split; name the held-out task with --eval-task")
     else:
-        eval_task = get_task(args.eval_task, **task_options(args.eval_task, home))
+        eval_task = get_task(args.eval_task, **home_option(args.eval_task, home))
     generated = [args.task] if isinstance(task, GeneratedTask) else []
     check_disjoint([task], [eval_task, *reported_eval_sets(home, generated)],
                    fix="Train and evaluate on disjoint sets: a training split as --task and its held-out split as "
@@ -338,15 +328,14 @@ def _tasks(args, home):
 def run(args) -> int:
     import torch
 
-    from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_home, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine
-    from chibichat.stages.sft import load_source, make_optimizer, source_lrs, stage_meta, write_summary
     from chibichat.tokenizer import Tokenizer
-    from chibichat.train.loop import LoopConfig, train
+    from chibichat.train.finetune import (check_room, load_source, loop_config, make_optimizer, source_lrs,
+                                          stage_meta, summary_head, write_summary)
+    from chibichat.train.loop import train
 
-    for name in ("prompts_per_step", "num_samples", "max_new_tokens", "passk_items", "passk_k", "train_items"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "prompts_per_step", "num_samples", "max_new_tokens", "passk_items", "passk_k", "train_items")
     if args.num_samples < 2:
         raise ChibiError("--num-samples must be >= 2: the advantage compares samples of the same prompt")
     check_task_names(args)
@@ -365,13 +354,8 @@ def run(args) -> int:
         model, src_meta, tag = load_source(args, home, tok, rt)
         # The loop's flags (and the home's free space) are checked before the pass@k evaluation, not after it.
         tag_dir = home.checkpoints_dir("rl", tag)
-        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
-                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=1,
-                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap, skip_empty_steps=True,
-                         minutes=args.minutes, fit_after=args.fit_steps)
-        saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
-        check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), "this rl run")
+        cfg = loop_config(args, model, tag_dir, eval_every=1, skip_empty_steps=True)  # the reward is logged every step
+        check_room(home, model, args, cfg, "rl")
         lrs = source_lrs(src_meta, args, model)
         engine = Engine(model, tok, rt)
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
@@ -411,10 +395,7 @@ def run(args) -> int:
         skipped = rank_sum_int(rt, batches.skipped_too_long)
         windows = reward_windows(curve)
         summary = {
-            "stage": "rl", "tag": tag, "source": src_meta["checkpoint_dir"], "task": task.name,
-            "eval_task": eval_task.name, "steps": res.steps, "tokens": res.tokens,
-            "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0, "checkpoint": res.checkpoint,
-            "minutes_fit": res.fit or None,
+            **summary_head("rl", tag, src_meta, res, t0), "task": task.name, "eval_task": eval_task.name,
             "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             # The compact curve: mean reward over 5 consecutive slices of the run (first -> last).
             "reward_first": windows[0], "reward_last": windows[-1], "reward_windows": windows,

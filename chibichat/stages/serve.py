@@ -11,9 +11,12 @@ no new connections; in-flight streams get --shutdown-grace seconds to finish, th
 from __future__ import annotations
 
 import argparse
+import sys
 
 from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
+
+GIL_SWITCH_INTERVAL_S = 0.0005  # see run()
 
 
 def register(sub) -> None:
@@ -144,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(None, model_id, limits, tools=None if args.tools == "none" else args.tools, api_key=key, load=load)
     print(f"chibichat serve: loading {model_id}; listening at http://{args.host}:{args.port}/"
           f"{' (API key required)' if key else ''}", flush=True)  # fmt: skip
+    # The decode loops release the GIL inside every tensor op and want it back right after; under
+    # Python's default 5 ms switch interval a busy event loop (a burst of requests to parse) holds it
+    # that long each time. A shorter interval hands it back sooner: measured on a loaded 2-core machine,
+    # a 23-prompt prefill next to a busy Python thread took ~20% less wall time at 0.5 ms than at 5 ms.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_grace)  # fmt: skip
     try:

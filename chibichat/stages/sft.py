@@ -10,25 +10,20 @@ The loss is the mean over the supervised tokens of the whole optimizer step, acr
 gradient-accumulation micro-batches and ranks (the shared loop divides each micro-batch's loss SUM
 by the step's token total), never a mean of micro-batch means.
 
-This module also holds what the three chat stages (midtrain, sft, rl) share: loading the source
-checkpoint, inheriting its learning rates, building the mixture with its held-out split, the
-validation loss and the summary file.
+midtrain runs the same conversation stage (`run_conversation_stage`) with streamed rows and the loss on
+every token; what every fine-tuning stage shares (flags, source checkpoint, learning rates, summary)
+is chibichat/train/finetune.py.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
-from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_args, add_runtime_args
-
-SOURCE_STAGES = ("base", "mid", "sft", "rl", "dpo")
-LR_GROUPS = ("matrix", "embedding", "head", "other")
+from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
+from chibichat.train.finetune import (add_loop_args, add_optim_args, add_source_args, check_room, load_source,
+                                      loop_config, make_optimizer, source_lrs, stage_meta, summary_head, write_summary)
 
 SAMPLE_PROMPTS = ["Hello!", "What is 12+7?"]
-LORA_LR = 2e-3
-LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
 SFT_MIX_EN = ("chitchat=0.1,chatterbot=0.5,identity=0.5,arithmetic=1,arithmetic-multi=0.5,spelling=0.5,"
               "letter-count=0.5,mmlu-dev=0.5")
 SFT_MIX_JA = ("chatterbot-ja=0.5,identity-ja=0.5,arithmetic-ja=1,arithmetic-multi-ja=0.5,spelling-ja=0.5,"
@@ -36,76 +31,7 @@ SFT_MIX_JA = ("chatterbot-ja=0.5,identity-ja=0.5,arithmetic-ja=1,arithmetic-mult
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags shared by the chat stages
-
-
-def add_source_args(p, default_from: str) -> None:
-    p.add_argument("--from", dest="from_stage", default=default_from, choices=SOURCE_STAGES,
-                   help=f"stage whose checkpoint to start from (default: {default_from})")
-    p.add_argument("--from-tag", default=None, help="tag of the source checkpoint (default: the newest)")
-    p.add_argument("--from-step", type=int, default=None, help="step of the source checkpoint (default: the last)")
-    p.add_argument("--tag", default=None, help="tag of this stage's checkpoints (default: the source's tag)")
-
-
-def add_optim_args(p, lr_frac: float) -> None:
-    p.add_argument("--lr-frac", type=float, default=lr_frac,
-                   help=f"multiplier on the source run's learning rates (default: {lr_frac})")
-    for g in LR_GROUPS:
-        p.add_argument(f"--{g}-lr", type=float, default=None,
-                       help=f"{g} group learning rate before --lr-frac (default: the source checkpoint's)")
-    p.add_argument("--warmdown-frac", type=float, default=0.5, help="fraction of steps of linear LR decay to 0")
-
-
-def add_loop_args(p, steps: int, batch: int | None) -> None:
-    p.add_argument("--num-steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
-    if batch is not None:  # RL sizes its micro-batches in prompts x samples instead
-        p.add_argument("--device-batch-size", type=int, default=batch, help=f"rows per micro-batch (default: {batch})")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validation runs (0: start and end)")
-    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: end only)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved under --tag")
-    p.add_argument("--overwrite", action="store_true", help="replace existing checkpoints under --tag")
-    p.add_argument("--seed", type=int, default=0, help="seed of the mixture order and initialisation")
-    p.add_argument("--no-samples", action="store_true", help="skip the greedy sample replies at the end")
-    from chibichat.train.schedule import add_budget_args
-
-    add_budget_args(p)
-    add_fp8_arg(p)
-    add_memory_args(p)
-    add_lora_args(p)
-
-
-def add_lora_args(p) -> None:
-    """LoRA flags (chibichat/model/lora.py), shared by every fine-tuning stage."""
-    p.add_argument("--lora", type=int, default=0, metavar="RANK",
-                   help="train rank-RANK LoRA adapters on a frozen base instead of every weight; checkpoints "
-                        "then hold the adapters alone (default: 0 = full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=None,
-                   help="adapter scale numerator: updates are (alpha/rank) B@A (default: alpha = rank)")
-    p.add_argument("--lora-dropout", type=float, default=None,
-                   help="probability of dropping a whole rank component per forward in training (default: 0)")
-    p.add_argument("--lora-targets", default=None,
-                   help="weights that get adapters: attn (q/k/v/o), mlp (fc/proj), slc2 (x/b/alpha/A/o); "
-                        "default: attn,mlp,slc2")
-    p.add_argument("--lora-lr", type=float, default=None,
-                   help=f"AdamW learning rate of the adapters (default: {LORA_LR})")
-
-
-def lora_config(args):
-    """The LoRAConfig of --lora*, or None without --lora."""
-    from chibichat.model.lora import LoRAConfig, parse_targets
-
-    if not getattr(args, "lora", 0):
-        given = [f"--{f.replace('_', '-')}" for f in LORA_FLAGS if getattr(args, f, None) is not None]
-        if given:
-            raise ChibiError(f"{', '.join(given)} only apply with --lora RANK; add --lora or drop them")
-        return None
-    if args.lora < 0:
-        raise ChibiError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {args.lora}")
-    if args.fp8:
-        raise ChibiError("--lora with --fp8 is not supported (the adapted weight is rebuilt each forward); drop one")
-    return LoRAConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else float(args.lora),
-                      dropout=args.lora_dropout or 0.0, targets=parse_targets(args.lora_targets or "attn,mlp,slc2"))
+# Mixture with a held-out split
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
@@ -136,104 +62,6 @@ def default_mix(tok, en: str, ja: str) -> str:
     return en + "," + ja if str(getattr(tok, "split", "gpt4")).startswith("ja") else en
 
 
-# ----------------------------------------------------------------------------------------------
-# Source checkpoint and learning rates
-
-
-def load_source(args, home, tok, rt):
-    """(model, meta, tag) from `--from`, refusing a checkpoint trained with another tokenizer; with --fp8
-    the block matmuls of training switch to fp8, and --recompute sets activation recomputation (each stage
-    chooses both, like --dtype; neither is read from the source). With --lora the model gets frozen base
-    weights and trainable adapters (a source that is itself an adapter checkpoint arrives merged)."""
-    from chibichat.model.fp8 import enable_fp8
-    from chibichat.train.checkpoint import load_model
-
-    model, meta = load_model(home, args.from_stage, args.from_tag, args.from_step, rt=rt, tokenizer=tok)
-    if args.fp8:
-        enable_fp8(model, rt.device, rt.compute_dtype)
-    model.recompute = args.recompute
-    lcfg = lora_config(args)
-    if lcfg is not None:  # the base is frozen; only the adapters train (and are saved)
-        from chibichat.model.lora import apply_lora
-
-        apply_lora(model, lcfg)
-    tag = args.tag or Path(meta["checkpoint_dir"]).parent.name
-    return model, meta, tag
-
-
-def source_lrs(meta: dict, args, model) -> dict[str, float]:
-    """Learning rate per group: the flag if given, else the source run's initial LR (read from its
-    saved optimizer groups, which is what it really trained with), times --lr-frac. A group with no
-    parameters in this model (e.g. "other" in a dense model) needs none and gets 0."""
-    if not args.lr_frac > 0:
-        raise ChibiError(f"--lr-frac must be > 0, got {args.lr_frac}")
-    saved = {}
-    path = Path(meta["checkpoint_dir"]) / "optim_rank0.json"
-    if path.exists():
-        try:
-            for g in json.loads(path.read_text(encoding="utf-8"))["param_groups"]:
-                saved[g.get("name")] = float(g["initial_lr"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ChibiError(f"{path} is corrupt ({e}); pass every --<group>-lr explicitly") from None
-    if lora_config(args) is not None:  # only the adapters train
-        return {"lora": LORA_LR if args.lora_lr is None else args.lora_lr}
-    lrs = {}
-    present = model.param_groups()
-    for g in LR_GROUPS:
-        if not present.get(g):
-            lrs[g] = 0.0
-            continue
-        flag = getattr(args, f"{g}_lr")
-        base = flag if flag is not None else saved.get(g)
-        if base is None:
-            raise ChibiError(f"the source checkpoint has no saved learning rate for group {g!r}; pass --{g}-lr")
-        lrs[g] = base * args.lr_frac
-    return lrs
-
-
-def make_optimizer(model, lrs: dict):
-    import torch
-
-    from chibichat.train.optim import build_optimizer
-
-    if "lora" in lrs:
-        from chibichat.model.lora import lora_parameters
-        from chibichat.train.optim import build_lora_optimizer
-
-        return build_lora_optimizer(lora_parameters(model), lrs["lora"])
-
-    return build_optimizer(model.param_groups(), matrix_lr=lrs["matrix"], embedding_lr=lrs["embedding"],
-                           unembedding_lr=lrs["head"], other_lr=lrs["other"],
-                           ns_dtype=torch.bfloat16 if model.compute_dtype == torch.bfloat16 else torch.float32)
-
-
-def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | None = None) -> dict:
-    flags = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
-    lcfg = lora_config(args)
-    if lcfg is not None:  # the checkpoint holds adapters on top of the source (train/checkpoint.py)
-        from chibichat.train.checkpoint import relative_to_checkpoints
-
-        base = relative_to_checkpoints(source_meta["checkpoint_dir"])
-        extra = {**(extra or {}), "lora": {**lcfg.to_dict(), "base": base}}
-    return {"stage": stage, "model_config": model.config.to_dict(),
-            "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size}, "flags": flags,
-            "source": {"checkpoint": source_meta["checkpoint_dir"], "step": source_meta.get("step")},
-            **(extra or {})}
-
-
-# ----------------------------------------------------------------------------------------------
-# Mixture with a held-out split
-
-
-def task_options(name: str, home) -> dict:
-    """Online tasks (smoltalk, mmlu-aux, gsm8k-train, ...) read their download cache from the home."""
-    from chibichat.tasks.registry import needs_home, specs
-
-    if name not in specs():
-        return {}  # get_task reports the unknown name with the valid ones
-    return {"home": home} if needs_home(name) else {}
-
-
 IDENTITY_TASKS = ("identity", "identity-ja")
 
 
@@ -241,12 +69,12 @@ def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | 
     """(train view, val view) of a task. Generated tasks have disjoint train/test splits by
     construction; a shipped or downloaded task gives its last items (up to 5%) to validation.
     `persona` (--identity) goes to the identity tasks."""
-    from chibichat.tasks.registry import get_task
-    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.base import GeneratedTask
+    from chibichat.tasks.registry import get_task, home_option
     from chibichat.tasks.leakage import refuse_eval_only_task
 
     extra = {"persona": persona} if persona and name in IDENTITY_TASKS else {}
-    task = get_task(name, **task_options(name, home), **extra)
+    task = get_task(name, **home_option(name, home), **extra)
     refuse_eval_only_task(task, "--mix")
     if task.kind == "core":
         raise ChibiError(f"--mix names {name!r}, a base-model evaluation task; it has no conversations")
@@ -263,7 +91,7 @@ def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home
     evaluation set the chat evaluations report against (chibichat/tasks/leakage.py). With `persona`
     (--identity), the mix must name an identity task."""
     from chibichat.tasks.base import Mixture
-    from chibichat.tasks.generated import GeneratedTask
+    from chibichat.tasks.base import GeneratedTask
     from chibichat.tasks.leakage import check_disjoint, reported_eval_sets
 
     if persona and not any(name in IDENTITY_TASKS for name, _ in mix):
@@ -352,42 +180,30 @@ def sample_fn(tok, rt, prompts: list[str], seq_len: int):
 
 def gather_render_counts(loader, rt) -> dict:
     """Per-task ok/shortened/dropped counts summed over ranks."""
-    counts = loader.render_stats.as_dict()
-    if rt.distributed:
-        import torch.distributed as dist
+    from chibichat.common import gather_objects
 
-        parts = [None] * rt.world_size
-        dist.all_gather_object(parts, counts)
-        counts = {}
-        for part in parts:
-            for task, c in part.items():
-                acc = counts.setdefault(task, {"ok": 0, "shortened": 0, "dropped": 0})
-                for k, v in c.items():
-                    acc[k] += v
+    counts: dict = {}
+    for part in gather_objects(rt, loader.render_stats.as_dict()):
+        for task, c in part.items():
+            acc = counts.setdefault(task, {"ok": 0, "shortened": 0, "dropped": 0})
+            for k, v in c.items():
+                acc[k] += v
     return counts
-
-
-def write_summary(tag_dir: Path, rt, summary: dict) -> None:
-    """summary.json last and atomically: its presence marks the stage complete (docs/architecture.md)."""
-    from chibichat.common import atomic_write_json
-
-    if rt.is_master:
-        atomic_write_json(Path(tag_dir) / "summary.json", summary)
 
 
 # ----------------------------------------------------------------------------------------------
 # The conversation stages (midtrain and sft share this)
 
 
-def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_frac: float, mode: str) -> None:
+def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_frac: float, mode: str,
+                          mix_en: str, mix_ja: str) -> None:
     add_home_arg(p)
     add_runtime_args(p)
     add_source_args(p, default_from)
     p.add_argument("--mix", default=None,
-                   help=f"task mixture as name=epochs,... (default EN: {SFT_MIX_EN}; a Japanese tokenizer adds "
-                        f"{SFT_MIX_JA}). Your own data: file:/path.jsonl=epochs (OpenAI chat, ShareGPT, Alpaca "
-                        "JSONL or parquet; check it first with `chibichat data check`). Online tasks (smoltalk, "
-                        "mmlu-aux, arc-easy-train, arc-challenge-train, gsm8k-train) can be named once downloaded into the home")
+                   help=f"task mixture name=epochs,... (default: {mix_en}; a Japanese tokenizer adds {mix_ja}); "
+                        "your own data as file:PATH=epochs (check it with `chibichat data check`); online tasks "
+                        "once `chibichat data tasks` has downloaded them")
     p.add_argument("--identity", default=None, metavar="name=...,creator=...|FILE.json",
                    help="your assistant's persona: the identity tasks (EN and JA) answer with this name and "
                         "creator instead of the shipped chibichat persona")
@@ -404,14 +220,12 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
 def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
     import torch
 
-    from chibichat.common import Home, check_home, checkpoint_bytes, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_home, init_runtime, print0, shutdown_runtime
     from chibichat.data.loader import ConversationLoader
     from chibichat.tokenizer import Tokenizer
-    from chibichat.train.loop import LoopConfig, train
+    from chibichat.train.loop import train
 
-    for name in ("device_batch_size", "val_items", "val_batches"):
-        if getattr(args, name) < 1:
-            raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least(args, 1, "device_batch_size", "val_items", "val_batches")
     if args.mix:  # the default mixture depends on the tokenizer; a given one is checked before anything loads
         parse_mix(args.mix)
     home = Home.resolve(args.home)
@@ -434,28 +248,22 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         lrs = source_lrs(src_meta, args, model)
         optimizer = make_optimizer(model, lrs)
         tag_dir = home.checkpoints_dir(stage, tag)
-        cfg = LoopConfig(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum,
-                         warmdown_frac=args.warmdown_frac, momentum_warmup_steps=0, eval_every=args.eval_every,
-                         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                         flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap,
-                         minutes=args.minutes, fit_after=args.fit_steps)
+        cfg = loop_config(args, model, tag_dir)
         meta = stage_meta(model, tok, args, src_meta, stage, {"mixture": train_mix.summary(), "lrs": lrs})
         print0(rt, f"{stage}: from {src_meta['checkpoint_dir']} -> {tag_dir} | seq_len {seq_len} | "
                    f"mixture {train_mix.summary()} | mode {args.mode} | lrs {lrs}")
 
         t0 = time.time()
         samples = None if args.no_samples else sample_fn(tok, rt, SAMPLE_PROMPTS, seq_len)
-        saves = (args.num_steps // args.save_every if args.save_every else 0) + 1
-        check_home(home, checkpoint_bytes(model.num_params(), saves, cfg.keep_last), f"this {stage} run")
+        check_room(home, model, args, cfg, stage)
         res = train(model, optimizer, loader, token_loss_sum, rt, cfg, meta=meta,
                     eval_fn=val_loss_fn(val_mix, tok, args, rt, train_all_tokens, args.mode),
                     sample_fn=samples)
         counts = gather_render_counts(loader, rt)
         summary = {
-            "stage": stage, "tag": tag, "source": src_meta["checkpoint_dir"], "steps": res.steps,
-            "tokens": res.tokens, "train_time_s": res.train_time_s, "wall_time_s": time.time() - t0,
+            **summary_head(stage, tag, src_meta, res, t0),
             "final_loss": res.final_loss, "val_loss": res.final_eval.get("val_loss"),
-            "checkpoint": res.checkpoint, "mode": args.mode, "overflow": args.overflow, "minutes_fit": res.fit or None,
+            "mode": args.mode, "overflow": args.overflow,
             "loss_on": "all tokens" if train_all_tokens else "assistant tokens (mask 1)",
             "mixture": train_mix.summary(),
             "render_counts": counts,  # ok/shortened/dropped per task, over the conversations this run rendered
@@ -476,7 +284,8 @@ def register(sub):
         "sft", help="supervised fine-tuning on conversations (assistant-token loss)",
         description=__doc__.split("\n\n")[0] + " Loss on assistant tokens only, conversations packed or padded, "
                     "over-length policy counted per task in summary.json.")
-    add_conversation_args(p, default_from="mid", steps=60, batch=8, lr_frac=0.5, mode="pack")
+    add_conversation_args(p, default_from="mid", steps=60, batch=8, lr_frac=0.5, mode="pack", mix_en=SFT_MIX_EN,
+                          mix_ja=SFT_MIX_JA)
     p.set_defaults(func=run)
 
 

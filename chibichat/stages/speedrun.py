@@ -51,6 +51,9 @@ class Preset:
     eval_skills: tuple = ()  # flags of `eval skills`, run after every chat stage's eval
     online: bool = False
     rl_task: tuple[str, str] = ("arithmetic-multi", "arithmetic-multi-ja")  # CPU presets' RL task (en, ja)
+    # The training loops together never run longer than this, whatever the CPU: the step counts above are
+    # what a fast CPU finishes in it, and a slower one stops each stage earlier (budget_flags, headroom 1).
+    max_minutes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,7 @@ PRESETS: dict[str, Preset] = {
         # small count: measured reward 0.03 per step), so groups differ and RL moves the weights; on the
         # two-step arithmetic it never scored, every advantage was 0 and RL left SFT's weights unchanged.
         rl=["--num-steps", "2", "--prompts-per-step", "4", "--num-samples", "8", "--max-new-tokens", "24",
-            "--train-items", "64", "--passk-items", "4", "--no-samples"],
+            "--train-items", "64", "--passk-items", "4"],
         eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
         rl_task=("letter-count", "letter-count-ja"),
         eval_skills=("--max-new-tokens", "24", "--max-per-skill", "2"),
@@ -296,6 +299,9 @@ PRESETS: dict[str, Preset] = {
         rl=["--num-steps", "30"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
+        # pretraining's 550 steps take ~6.5 min on a 2-core CPU with native bf16 (AMX) and ~80 min on an
+        # AVX2-only one in fp32; the cap keeps the quickstart a quickstart there, with fewer steps.
+        max_minutes=12,
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
@@ -345,6 +351,9 @@ def register(sub) -> None:
                    help="wall-clock budget of the four training loops together, split in proportion to their "
                         "share of the run; each fits its step count to its minutes (tokenizer, evals and "
                         "start-up come on top)")
+    p.add_argument("--no-budget", action="store_true",
+                   help="run the preset's step counts however long they take (a preset with a time cap, like "
+                        "cpu, otherwise stops each training stage early on a slow machine)")
     # precision and memory flags of the training stages, passed to pretrain, midtrain, sft and rl
     add_fp8_arg(p)
     add_memory_args(p)
@@ -414,11 +423,13 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
 
 def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
          train: list[str] = (), pretrain: list[str] = (), world_size: int = 1, scale: str = "full",
-         minutes: float | None = None) -> list[Step]:
+         minutes: float | None = None, budget: bool = True) -> list[Step]:
     """The steps of a speedrun. `train`: extra flags for every training stage (training_flags);
     `pretrain`: extra flags for pretraining only (--compile); `world_size`: processes the distributed
     steps run on (GPU presets keep their batch on any count by gradient accumulation); `scale`: "toy"
-    shrinks a GPU preset's sizes and nothing else (TOY_SIZES); `minutes`: budget_flags."""
+    shrinks a GPU preset's sizes and nothing else (TOY_SIZES); `minutes`: spend that many minutes learning
+    (budget_flags with BUDGET_HEADROOM); otherwise, unless `budget` is False, the preset's max_minutes caps
+    the training loops (budget_flags with headroom 1: the step counts stay as they are where they fit)."""
     if scale != "full" and not preset.gpu:
         raise ChibiError(f"--scale {scale} shrinks a GPU preset; preset {preset.name} is already CPU-sized")
     tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
@@ -498,7 +509,9 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
         if step.name.startswith("skills-"):
             step.argv = sc(step.argv)
     if minutes is not None:
-        budget_flags(steps, minutes)
+        budget_flags(steps, minutes, BUDGET_HEADROOM)
+    elif budget and preset.max_minutes:
+        budget_flags(steps, preset.max_minutes, 1)
     return steps
 
 
@@ -506,10 +519,11 @@ TRAINING_STEPS = ("pretrain", "midtrain", "sft", "rl")
 BUDGET_HEADROOM = 4  # with --minutes, a stage may take up to this many times its preset's --num-steps
 
 
-def budget_flags(steps: list[Step], minutes: float) -> None:
+def budget_flags(steps: list[Step], minutes: float, headroom: int) -> None:
     """Give each training step its share of `minutes` (by step weight) as --minutes, and raise its
-    --num-steps cap BUDGET_HEADROOM-fold so a machine faster than the one the preset was sized on
-    spends its minutes learning instead of stopping at the preset's count."""
+    --num-steps cap `headroom`-fold: with BUDGET_HEADROOM a machine faster than the one the preset was
+    sized on spends its minutes learning instead of stopping at the preset's count; with 1 the minutes
+    only cut a slow machine's run short."""
     if not (minutes > 0 and minutes < float("inf")):
         raise ChibiError(f"--minutes must be a positive number, got {minutes}")
     training = [s for s in steps if s.name in TRAINING_STEPS]
@@ -518,7 +532,7 @@ def budget_flags(steps: list[Step], minutes: float) -> None:
         s.argv += ["--minutes", f"{minutes * s.weight / total:.4g}"]
         if "--num-steps" in s.argv:
             i = len(s.argv) - s.argv[::-1].index("--num-steps")  # the value after the last --num-steps
-            s.argv[i] = str(BUDGET_HEADROOM * int(s.argv[i]))
+            s.argv[i] = str(headroom * int(s.argv[i]))
 
 
 def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], preset: Preset) -> Step:
@@ -668,7 +682,8 @@ def run(args) -> int:
     preset = pick_preset(args.preset)
     nproc = process_count(args.nproc_per_node)
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
-                 ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale, minutes=args.minutes)
+                 ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale, minutes=args.minutes,
+                 budget=not args.no_budget)
     names = {s.name for s in steps}
     for f in args.force:
         if f not in names:

@@ -13,6 +13,11 @@ Every template uses +, -, * and exact / on small non-negative integers and never
 or fractional result, so the problems stay short and regular enough for a tiny model to learn the pattern
 "read numbers -> write expression -> copy tool output -> #### answer".
 
+About BARE_SHARE of the one-step items are bare calculations ("Calculate 12 x 7.", "12かける7の答えを
+教えてください。") in the phrasings of tasks/paraphrase.py, keyed by their expression. Word problems keep
+one canonical question per kind (their key); `paraphrase.vary_question` rewords its closing question and
+sometimes adds an opener.
+
 arithmetic-multi(-ja) uses the same item format with two-step templates (three or four numbers, some of
 three digits, one calculator call such as "4*12+3*15"): the RL stage's default task, because SFT on the
 one-step problems nearly saturates those but leaves the longer expressions only partly right.
@@ -23,8 +28,9 @@ from __future__ import annotations
 import random
 import re
 
-from chibichat.tasks.answers import extract_final_number, numbers_equal
-from chibichat.tasks.generated import GeneratedTask
+from chibichat.eval.metrics import extract_final_number, numbers_equal
+from chibichat.tasks.base import GeneratedTask
+from chibichat.tasks.paraphrase import vary_question
 
 EN_NAMES = ["Tom", "Sara", "Ben", "Mia", "Leo", "Ana", "Sam", "Emma", "Noah", "Lily", "Omar", "Yuki"]
 # (thing, container, containers): each thing with a container it plausibly comes in
@@ -125,7 +131,7 @@ def _ja(rng: random.Random) -> tuple[str, str, str, str]:
     price, n = rng.randint(20, 150) * 10, rng.randint(2, 6)
     paid = rng.choice([p for p in (1000, 5000, 10000) if p >= price * n] or [10000])
     return (f"{thing}1つは{price}円です。{name}さんは{n}つ買って{paid}円はらいました。おつりはいくらですか？",
-            "はらったお金から代金を引きます。", f"{paid}-{price}*{n}", f"おつりは{{r}}円です。")
+            "はらったお金から代金を引きます。", f"{paid}-{price}*{n}", "おつりは{r}円です。")
 
 
 def _en_multi(rng: random.Random) -> tuple[str, str, str, str]:
@@ -196,6 +202,33 @@ def _ja_multi(rng: random.Random) -> tuple[str, str, str, str]:
             f"残りは{{r}}{unit}です。")
 
 
+BARE_SHARE = 0.3  # of the one-step items: a bare calculation ("Calculate 12 x 7.") instead of a story
+_OP_WORDS = {"en": {"+": "plus", "-": "minus", "*": "times", "/": "divided by"},
+             "ja": {"+": "たす", "-": "ひく", "*": "かける", "/": "わる"}}
+
+
+def _bare(rng: random.Random, lang: str) -> tuple[str, str, str, str]:
+    """A bare calculation in one of many phrasings (tasks/paraphrase.py); same 4-tuple as `_en`."""
+    from chibichat.tasks.paraphrase import expression, phrase
+
+    op = rng.choice("+-*/")
+    if op == "+":
+        a, b = rng.randint(2, 500), rng.randint(2, 500)
+    elif op == "-":
+        a = rng.randint(10, 500)
+        b = rng.randint(1, a)
+    elif op == "*":
+        a, b = rng.randint(2, 30), rng.randint(2, 20)
+    else:
+        b = rng.randint(2, 12)
+        a = b * rng.randint(2, 40)
+    question = phrase(rng, lang, "arithmetic", x=expression(rng, lang, op, a, b))
+    said = f"{a} {_OP_WORDS['en'][op]} {b}" if lang == "en" else f"{a}{_OP_WORDS['ja'][op]}{b}"
+    if lang == "en":
+        return question, "I will compute it with the calculator.", f"{a}{op}{b}", f"{said} is {{r}}."
+    return question, "電卓で計算します。", f"{a}{op}{b}", f"{said}は{{r}}です。"
+
+
 def int_value(expr: str) -> int:
     """Value of a template expression: non-negative integers joined by +, -, * and exact /, with the
     usual precedence.
@@ -234,7 +267,11 @@ class Arithmetic(GeneratedTask):
 
     def sample(self, rng: random.Random) -> tuple[str, dict]:
         gen = {(False, "en"): _en, (False, "ja"): _ja, (True, "en"): _en_multi, (True, "ja"): _ja_multi}
-        question, reasoning, expr, final = gen[self.multi, self.lang](rng)
+        bare = not self.multi and rng.random() < BARE_SHARE
+        question, reasoning, expr, final = _bare(rng, self.lang) if bare else gen[self.multi, self.lang](rng)
+        key = expr if bare else question  # the canonical question: its rewordings below share its split
+        if not bare:
+            question = vary_question(rng, self.lang, question)
         result = str(int_value(expr))
         parts = [
             {"type": "text", "text": reasoning},
@@ -244,7 +281,8 @@ class Arithmetic(GeneratedTask):
         ]
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "answer": result, "expr": expr}
-        return question, item
+        # A bare calculation's key is its expression: however it is phrased, a test problem never trains.
+        return key, item
 
     def evaluate(self, item: dict, completion_text: str) -> bool:
         return numbers_equal(extract_final_number(completion_text), item["answer"])

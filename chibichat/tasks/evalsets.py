@@ -13,8 +13,8 @@ source="online": the full set from the Hugging Face hub (tasks/online.py), cache
 Training splits also have their own names (online only, home= required): gsm8k-train,
 arc-easy-train, arc-challenge-train.
 
-Test sets (`eval_task(name, home, test_sets)`, what `eval chat --test-sets` picks): "shipped" scores the
-subsets above; "online" scores the full test split of every task in ONLINE_TEST_SETS (ARC-Easy 2,376,
+Test sets (registry.eval_task(name, home, test_sets), what `eval chat --test-sets` picks): "shipped" scores
+the subsets above; "online" scores the full test split of every task in ONLINE_TEST_SETS (ARC-Easy 2,376,
 ARC-Challenge 1,172, MMLU 14,042, GSM8K 1,319, HumanEval 164), read from (or downloaded into) the home's
 task cache. Generated tasks (spelling, ...) have no online source: both choices score their generated test
 split, which is complete by construction.
@@ -27,16 +27,14 @@ from __future__ import annotations
 
 from chibichat.common import ChibiError
 from chibichat.tasks.base import ListTask
-from chibichat.tasks.gsm8k import evaluate_gsm8k, gsm8k_item
-from chibichat.tasks.humaneval import evaluate_humaneval, humaneval_item
-from chibichat.tasks.multiple_choice import mc_items
+from chibichat.tasks.items import evaluate_gsm8k, evaluate_humaneval, gsm8k_item, humaneval_item, mc_items
 from chibichat.tasks.online import ARC_REPO, GSM8K, HUMANEVAL, MMLU_REPO
-from chibichat.tasks.registry import TaskSpec
 from chibichat.tasks.shipped import read_shipped
 
 SOURCES = ("shipped", "online")
 TEST_SETS = ("shipped", "online")  # the choices of `eval chat --test-sets`
-# The evaluation sets with a full online test split, and where the hub keeps it (the places tasks/online.py reads). Downloaded by `chibichat data tasks NAME`; checked against training data once present.
+# The evaluation sets with a full online test split, and where the hub keeps it (the places tasks/online.py reads).
+# Downloaded by `chibichat data tasks NAME`; checked against training data once present.
 TEST_SPLIT = "test"
 ONLINE_TEST_SETS = {"arc-easy": (ARC_REPO, "ARC-Easy"), "arc-challenge": (ARC_REPO, "ARC-Challenge"),
                     "mmlu": (MMLU_REPO, "all"), "gsm8k": GSM8K, "humaneval": HUMANEVAL}
@@ -140,36 +138,8 @@ def arc_train(subset: str, home) -> ListTask:
     return task
 
 
-def task_specs() -> list[TaskSpec]:
-    m = "chibichat.tasks.evalsets"
-    return [
-        TaskSpec("gsm8k-train", "generative", "en", f"{m}:gsm8k_train", (), "GSM8K train split (online)"),
-        TaskSpec("arc-easy-train", "categorical", "en", f"{m}:arc_train", (("subset", "ARC-Easy"),),
-                 "ARC-Easy train split (online)"),
-        TaskSpec("arc-challenge-train", "categorical", "en", f"{m}:arc_train", (("subset", "ARC-Challenge"),),
-                 "ARC-Challenge train split (online)"),
-        TaskSpec("arc-easy", "categorical", "en", f"{m}:arc", (("subset", "ARC-Easy"),), "ARC-Easy (4-way MC)", eval_only=True),
-        TaskSpec("arc-challenge", "categorical", "en", f"{m}:arc", (("subset", "ARC-Challenge"),),
-                 "ARC-Challenge (4-way MC)", eval_only=True),
-        TaskSpec("mmlu", "categorical", "en", f"{m}:mmlu", (), "MMLU (57 subjects, 4-way MC)", eval_only=True),
-        TaskSpec("mmlu-dev", "categorical", "en", f"{m}:mmlu_dev", (),
-                 "MMLU dev+validation splits, shipped training data (4-way MC)"),
-        TaskSpec("gsm8k", "generative", "en", f"{m}:gsm8k", (), "GSM8K math word problems, '#### n'", eval_only=True),
-        TaskSpec("humaneval", "generative", "en", f"{m}:humaneval", (), "HumanEval Python functions", eval_only=True),
-    ]
-
-
 # The ChatCORE set of `eval chat` (registry names); also what training data is checked disjoint from.
 CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")
-
-
-def online_test_set(name: str, home):
-    """The full online test split of an evaluation set of ONLINE_TEST_SETS (downloaded once into `home`)."""
-    from chibichat.tasks.registry import get_task
-
-    if name not in ONLINE_TEST_SETS:
-        raise ChibiError(f"task {name!r} has no online test set; those that have one: {', '.join(ONLINE_TEST_SETS)}")
-    return get_task(name, source="online", home=home, split=TEST_SPLIT)
 
 
 def cached_online_test_sets(home) -> list[str]:
@@ -181,26 +151,3 @@ def cached_online_test_sets(home) -> list[str]:
     home = home if isinstance(home, Home) else Home.resolve(home)
     return [n for n, (repo, subset) in ONLINE_TEST_SETS.items()
             if (cache_dir(home, repo, subset, TEST_SPLIT) / "manifest.json").is_file()]
-
-
-def eval_task(name: str, home=None, test_sets: str = "shipped"):
-    """A task for evaluation: with test_sets="online", a task of ONLINE_TEST_SETS is its full online test
-    split (in `home`); otherwise shipped tasks are their subsets, generated tasks their held-out test split,
-    and tasks read from downloads (JGLUE, online sets) read them from `home`."""
-    from chibichat.tasks.registry import get_task
-    from chibichat.tasks.generated import GeneratedTask
-    from chibichat.tasks.registry import needs_home
-
-    if test_sets not in TEST_SETS:
-        raise ChibiError(f"--test-sets {test_sets!r}: choose one of {', '.join(TEST_SETS)}")
-    if test_sets == "online" and name in ONLINE_TEST_SETS:
-        if home is None:
-            raise ChibiError(f"the online test set of {name!r} is read from a home's task cache; pass home=")
-        return online_test_set(name, home)
-    task = get_task(name, **({"home": home} if home is not None and needs_home(name) else {}))
-    if isinstance(task, GeneratedTask):
-        task = get_task(name, split="test")
-    if task.kind not in ("categorical", "generative"):
-        raise ChibiError(f"--tasks names {name!r}, a task of kind {task.kind!r}; chat eval takes categorical "
-                         "or generative tasks")
-    return task

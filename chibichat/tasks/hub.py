@@ -11,11 +11,10 @@ manifest is always complete; later calls read the cache without touching the net
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_write_json, read_json
+from chibichat.common import ChibiError, Home, atomic_write_json, read_json, sha256_file
 
 TIMEOUT_S = 60
 RETRIES = 5
@@ -76,17 +75,9 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
     for k, url in enumerate(urls):
         dest = final / f"{k:04d}.parquet"
         download_file(url, dest, validate=validate_parquet, retries=RETRIES, backoff=BACKOFF_S, timeout=TIMEOUT_S)
-        entries.append({"file": dest.name, "url": url, "sha256": _sha256(dest)})
+        entries.append({"file": dest.name, "url": url, "sha256": sha256_file(dest)})
     atomic_write_json(manifest, {"repo": repo, "subset": subset, "split": split, "files": entries})
     return [final / e["file"] for e in entries]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_rows(files: list[Path], what: str) -> list[dict]:

@@ -1,8 +1,9 @@
 """Generated identity conversations (EN and JA): who the assistant is.
 
 Each conversation has 1-3 user/assistant exchanges drawn from topics (name, maker, abilities, size and
-mistakes, languages, limits, tools), each topic with several question and answer phrasings, sometimes
-after a greeting. Kind "conversation" (training only). The facts stated are the true ones for a model
+mistakes, languages, limits, tools, and questions it cannot answer), each topic with several question
+and answer phrasings, sometimes after a greeting; the name questions, the greetings and the unanswerable
+questions come from the paraphrase generators of tasks/paraphrase.py. Kind "conversation" (training only). The facts stated are the true ones for a model
 trained with this package, so the model learns to describe itself honestly.
 
 Your own persona: `name` and/or `creator` (the stages' `--identity "name=Kiku,creator=Acme"`, see
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import random
 
-from chibichat.tasks.generated import GeneratedTask
+import chibichat.tasks.paraphrase as paraphrase
+from chibichat.tasks.base import GeneratedTask
 
 # topic -> (question phrasings, answer phrasings)
 EN_TOPICS: dict[str, tuple[list[str], list[str]]] = {
@@ -56,8 +58,6 @@ EN_TOPICS: dict[str, tuple[list[str], list[str]]] = {
                "I call a small Python tool to compute sums and count letters, because doing it in my head "
                "is error-prone."]),
 }
-EN_GREETINGS = ["Hi!", "Hello.", "Hey there.", "Good morning!", "Hi, nice to meet you."]
-EN_GREETING_REPLIES = ["Hello!", "Hi! How can I help?", "Hello, nice to meet you!"]
 
 JA_TOPICS: dict[str, tuple[list[str], list[str]]] = {
     "name": (["あなたの名前は何ですか？", "あなたは誰ですか？", "何と呼べばいいですか？", "自己紹介してください。",
@@ -144,8 +144,6 @@ def parse_persona(spec: str) -> dict:
     return {k: v.strip() for k, v in data.items()}
 
 
-JA_GREETINGS = ["こんにちは！", "はじめまして。", "おはよう！", "やあ。"]
-JA_GREETING_REPLIES = ["こんにちは！", "こんにちは。何かお手伝いしましょうか？", "はじめまして！"]
 
 
 class Identity(GeneratedTask):
@@ -159,6 +157,12 @@ class Identity(GeneratedTask):
         self.name = "identity" if lang == "en" else "identity-ja"
         super().__init__(split, size, seed)
         self.topics = dict(EN_TOPICS if lang == "en" else JA_TOPICS)
+        # The name question (a superset of the topic's own questions, which prefs-language uses) and the
+        # greetings in many phrasings, and questions it cannot answer (the user's private life, the
+        # future) with an honest "I don't know" (tasks/paraphrase.py).
+        self.topics["name"] = (paraphrase.phrasings(lang, "identity"), self.topics["name"][1])
+        self.topics["unknowable"] = (paraphrase.phrasings(lang, "refusal"), paraphrase.REFUSAL_ANSWERS[lang])
+        self.greetings = (paraphrase.phrasings(lang, "greeting"), paraphrase.GREETING_REPLIES[lang])
         if persona:
             templates = EN_PERSONA if lang == "en" else JA_PERSONA
             for topic, key in (("name", "name"), ("maker", "creator")):
@@ -168,10 +172,7 @@ class Identity(GeneratedTask):
 
     def sample(self, rng: random.Random) -> tuple[str, dict]:
         topics = self.topics
-        if self.lang == "en":
-            greetings, replies = EN_GREETINGS, EN_GREETING_REPLIES
-        else:
-            greetings, replies = JA_GREETINGS, JA_GREETING_REPLIES
+        greetings, replies = self.greetings
         chosen = rng.sample(sorted(topics), rng.choice([1, 1, 2, 2, 3]))
         messages = []
         if rng.random() < 0.25:

@@ -43,8 +43,7 @@ from pathlib import Path
 
 from chibichat.common import ChibiError, Home
 from chibichat.tasks.base import ListTask
-from chibichat.tasks.multiple_choice import categorical_item
-from chibichat.tasks.registry import TaskSpec
+from chibichat.tasks.items import categorical_item
 
 JGLUE_COMMIT = "6f071c09316baae89c3d083a90985b4b1cb9968c"  # release v1.3.0
 JGLUE_BASE = f"https://raw.githubusercontent.com/yahoojapan/JGLUE/{JGLUE_COMMIT}/datasets"
@@ -67,7 +66,7 @@ def fetch_jglue(home: Home, task: str, split: str = "valid", base: str | None = 
     """The local official file of (task, split), downloaded once (resumable, retried, and parsed by
     read_records before it gets its final name, so a truncated or HTML error page never lands)."""
     from chibichat.data.download import download_file
-    from chibichat.tasks import hub
+    from chibichat.tasks.hub import BACKOFF_S, RETRIES, TIMEOUT_S
 
     if task not in TASKS:
         raise ChibiError(f"unknown JGLUE task {task!r}; use one of {TASKS}")
@@ -78,8 +77,8 @@ def fetch_jglue(home: Home, task: str, split: str = "valid", base: str | None = 
         return dest
     base = (base or os.environ.get(JGLUE_BASE_ENV) or JGLUE_BASE).rstrip("/")
     url = f"{base}/{relative_path(task, split)}"
-    return download_file(url, dest, validate=lambda p: read_records(task, p), retries=hub.RETRIES,
-                         backoff=hub.BACKOFF_S, timeout=hub.TIMEOUT_S)
+    return download_file(url, dest, validate=lambda p: read_records(task, p), retries=RETRIES,
+                         backoff=BACKOFF_S, timeout=TIMEOUT_S)
 
 
 def _need(rec: dict, key: str, where: str):
@@ -240,10 +239,3 @@ def jglue_task(task: str, home, split: str = "valid") -> ListTask:
     if task == "jsts":
         return JSTS(task, "generative", [jsts_item(r) for r in records], **kw)
     return JSQuAD(task, "generative", [jsquad_item(r) for r in records], **kw)
-
-
-def task_specs() -> list[TaskSpec]:
-    kinds = {"jcommonsenseqa": "categorical", "jnli": "categorical", "jsts": "generative", "jsquad": "generative"}
-    return [TaskSpec(t, kinds[t], "ja", "chibichat.tasks.jglue:jglue_task", (("task", t),),
-                     f"JGLUE {t} (online; dev set by default)", eval_only=True)
-            for t in TASKS]

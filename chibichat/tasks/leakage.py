@@ -114,8 +114,8 @@ def reported_eval_sets(home=None, generated: Iterable[str] = ()) -> list:
     them by default, the test splits of the named generated tasks that it can score (not conversation-only
     ones such as identity, whose few questions recur in both splits by design), and the full online test sets
     and JGLUE dev sets present in `home` (never downloaded here)."""
-    from chibichat.tasks.evalsets import CHATCORE_TASKS, cached_online_test_sets, eval_task
-    from chibichat.tasks.registry import get_task
+    from chibichat.tasks.evalsets import CHATCORE_TASKS, cached_online_test_sets
+    from chibichat.tasks.registry import eval_task, get_task
 
     out = [eval_task(n) for n in CHATCORE_TASKS]
     if home is not None:
@@ -128,9 +128,9 @@ def reported_eval_sets(home=None, generated: Iterable[str] = ()) -> list:
                 out.append(test)
             have.add(name)
     if home is not None:
-        from chibichat.tasks import jglue
+        from chibichat.tasks.jglue import TASKS, jglue_dir, jglue_task, relative_path
 
-        for t in jglue.TASKS:
-            if (jglue.jglue_dir(home) / jglue.relative_path(t, "valid")).exists():
-                out.append(jglue.jglue_task(t, home, "valid"))
+        for t in TASKS:
+            if (jglue_dir(home) / relative_path(t, "valid")).exists():
+                out.append(jglue_task(t, home, "valid"))
     return out

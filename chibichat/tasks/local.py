@@ -52,7 +52,6 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 # Last number in a text (sign, thousands commas and decimals allowed), for numeric matching without "####".
-_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 class RowError(ValueError):
@@ -362,7 +361,7 @@ def match_answer(mode: str, answer: str, completion: str) -> bool:
     """exact: the stripped completion equals the stripped answer. numeric: the number after the last
     "####" (or, without one, the last number in the completion) equals the answer as a number. regex: the
     answer pattern matches the whole stripped completion."""
-    from chibichat.tasks.answers import extract_final_number
+    from chibichat.eval.metrics import extract_final_number, last_number
 
     text = completion.strip()
     if mode == "exact":
@@ -370,8 +369,7 @@ def match_answer(mode: str, answer: str, completion: str) -> bool:
     if mode == "numeric":
         got = extract_final_number(text) if "####" in text else None
         if got is None:
-            found = _LAST_NUMBER.findall(text)
-            got = found[-1] if found else None
+            got = last_number(text)
         return got is not None and _to_number(got) == _to_number(answer)
     if mode == "regex":
         return re.fullmatch(answer, text, flags=re.DOTALL) is not None

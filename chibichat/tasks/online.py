@@ -13,7 +13,6 @@ from __future__ import annotations
 from chibichat.common import ChibiError, Home
 from chibichat.tasks.base import ListTask
 from chibichat.tasks.hub import hub_rows
-from chibichat.tasks.registry import TaskSpec
 
 ROLES = ("system", "user", "assistant")
 
@@ -84,13 +83,7 @@ def smoltalk(home, split: str = "train") -> ListTask:
 
 
 def mmlu_aux(home, split: str = "train") -> ListTask:
-    from chibichat.tasks.multiple_choice import mc_items
+    from chibichat.tasks.items import mc_items
 
     return ListTask("mmlu-aux", "categorical", mc_items(mmlu_rows(home, "auxiliary_train", split)),
                     description="MMLU auxiliary_train (ARC, OBQA, RACE, MCTest as 4-way MC)")
-
-
-def task_specs() -> list[TaskSpec]:
-    m = "chibichat.tasks.online"
-    return [TaskSpec("smoltalk", "conversation", "en", f"{m}:smoltalk", (), "SmolTalk chats (online)"),
-            TaskSpec("mmlu-aux", "categorical", "en", f"{m}:mmlu_aux", (), "MMLU auxiliary_train (online)")]

@@ -140,7 +140,7 @@ def _spelling_pair(item: dict, rng: random.Random) -> dict:
 
 
 def _language_pairs(split: str, size: int, seed: int) -> list[dict]:
-    from chibichat.tasks.generated import key_split
+    from chibichat.tasks.base import key_split
     from chibichat.tasks.identity import EN_TOPICS, JA_TOPICS
 
     out = []

@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 
 from chibichat.common import ChibiError
-from chibichat.tasks.answers import extract_final_number, final_line, numbers_equal
+from chibichat.eval.metrics import extract_final_number, final_line, last_number, numbers_equal
 
 LANGS = ("en", "ja")
 SKILLS = ("identity", "arithmetic", "arithmetic-two-step", "spelling", "letter-count", "greeting", "refusal")
@@ -45,7 +45,6 @@ CHECKS = {"identity": "identity", "arithmetic": "number", "arithmetic-two-step":
 
 _TOOL_SEGMENT = re.compile(r"<\|python_start\|>.*?<\|python_end\|>|<\|output_start\|>.*?<\|output_end\|>", re.S)
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _SPELL_SEPARATORS = re.compile(r"[-,、・\s]+")
 
 GREETING_WORDS = {
@@ -114,8 +113,7 @@ def reply_number(reply: str) -> str | None:
         return n
     if _SPECIAL.search(_TOOL_SEGMENT.sub(" ", reply)):
         return None
-    found = _NUMBER.findall(visible_text(reply))
-    return found[-1].replace(",", "") if found else None
+    return last_number(visible_text(reply))
 
 
 def spelled_letters(reply: str, word: str) -> list[str] | None:

@@ -6,7 +6,7 @@ word is a train word or a test word by its hash (generated.key_split), so test w
 training items.
 
 spelling / spelling-ja (kind "generative"):
-    user "Spell the word "apple"."  ->  assistant "a-p-p-l-e"
+    user "Spell the word "apple"." (or another phrasing of tasks/paraphrase.py) -> assistant "a-p-p-l-e"
     item["answer"] = "a-p-p-l-e"; evaluate: the completion's last line equals the answer (an optional
     "apple:" prefix and a trailing full stop are tolerated).
 letter-count / letter-count-ja (kind "generative"):
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import random
 
-from chibichat.tasks.answers import extract_final_number, final_line, numbers_equal
-from chibichat.tasks.generated import GeneratedTask
+from chibichat.eval.metrics import extract_final_number, final_line, numbers_equal
+from chibichat.tasks.base import GeneratedTask
+from chibichat.tasks.paraphrase import phrase
 
 EN_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
@@ -51,12 +52,7 @@ class Spelling(_WordTask):
     def sample(self, rng: random.Random) -> tuple[str, dict]:
         word = rng.choice(self.words)
         spelled = "-".join(word)
-        if self.lang == "en":
-            question = rng.choice([f'Spell the word "{word}".', f"How do you spell {word}?",
-                                   f'Spell "{word}" letter by letter.', f"spell {word}"])
-        else:
-            question = rng.choice([f"「{word}」を一文字ずつ区切って書いてください。", f"「{word}」を一文字ずつ書いて。",
-                                   f"{word}を一文字ずつ区切ってください。"])
+        question = phrase(rng, self.lang, "spelling", word=word)
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": spelled}],
                 "word": word, "answer": spelled}
         return word, item
@@ -89,17 +85,12 @@ class LetterCount(_WordTask):
             letter = rng.choice(word)
         n = word.count(letter)
         call = f'"{word}".count("{letter}")'
+        question = phrase(rng, self.lang, "letter-count", word=word, letter=letter)
         if self.lang == "en":
-            question = rng.choice([f'How many times does the letter "{letter}" appear in "{word}"?',
-                                   f"How many {letter}'s are in the word {word}?",
-                                   f'Count the letter "{letter}" in "{word}".'])
             lead = f'I will count "{letter}" in "{word}" with Python.'
             times = "time" if n == 1 else "times"
             final = f'The letter "{letter}" appears {n} {times} in "{word}".\n#### {n}'
         else:
-            question = rng.choice([f"「{word}」に「{letter}」は何回出てきますか？",
-                                   f"「{word}」の中に「{letter}」はいくつありますか？",
-                                   f"{word}に含まれる「{letter}」の数を数えてください。"])
             lead = f"Pythonで「{word}」の中の「{letter}」を数えます。"
             final = f"「{letter}」は「{word}」に{n}回出てきます。\n#### {n}"
         parts = [{"type": "text", "text": lead}, {"type": "python", "text": call},

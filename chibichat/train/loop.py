@@ -42,7 +42,9 @@ fixed once (fit_num_steps): as many steps as fit in what is left of the budget a
 per step (evaluations every eval_every steps and the final one costed at what the step-0 evaluation
 took), at most num_steps. Until then the LR schedule is that of num_steps steps, which equals the
 fitted schedule on every step taken so far as long as those steps come before its warmdown (warmup
-is in steps, warmdown a fraction of the fitted count); a budget too short for that is refused. The
+is in steps, warmdown a fraction of the fitted count). A budget too short even for that runs the
+fewest steps that keep it (the steps taken stay before the warmdown) and says by how much it overruns:
+the work done is kept rather than thrown away by an error late in a run. The
 fitted count, the measured seconds per step and tok/s go into the loop state (so a resume keeps the
 count) and LoopResult.fit. The budget covers the loop (from the call to train() to the final
 checkpoint), not the stage's start-up; checkpoint writes and sampling are not costed.
@@ -74,7 +76,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from chibichat.common import ChibiError, Runtime, atomic_write_text, print0, write_error
+from chibichat.common import ChibiError, Runtime, atomic_write_text, gather_objects, print0, write_error
 from chibichat.train.checkpoint import (
     list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
 )
@@ -176,14 +178,19 @@ def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times:
     left = minutes * 60.0 - elapsed_s - eval_s  # the final evaluation is still to come
     fitted = steps_done + max(0, math.floor(left / per_step))
     num_steps = min(fitted, cap)
-    if num_steps < cap and num_steps - round(warmdown_frac * num_steps) < max(steps_done, warmup_steps):
-        raise ChibiError(
-            f"--minutes {minutes:g} is too short: after {steps_done} steps ({elapsed_s:.0f} s, {sec_per_step:.3f} s "
-            f"per step) it leaves room for {num_steps} steps in all, too few to keep the steps taken and the "
-            f"{warmup_steps} warmup steps before the final {warmdown_frac:g} warmdown; give more minutes")
-    return {"minutes": minutes, "num_steps": num_steps, "capped": fitted > cap, "cap": cap,
-            "sec_per_step": sec_per_step, "tok_per_s": tokens_timed / sum(step_times),
-            "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s}
+    fit = {"minutes": minutes, "num_steps": num_steps, "capped": fitted > cap, "cap": cap,
+           "sec_per_step": sec_per_step, "tok_per_s": tokens_timed / sum(step_times),
+           "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s}
+    need = max(steps_done, warmup_steps)
+    if num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need:
+        fewest = next(n for n in range(num_steps, cap + 1) if n - round(warmdown_frac * n) >= need or n == cap)
+        over_s = (fewest - fitted) * per_step
+        fit.update(num_steps=fewest, over_budget_s=over_s,
+                   note=f"--minutes {minutes:g} is too short: after {steps_done} steps ({elapsed_s:.0f} s, "
+                        f"{sec_per_step:.3f} s per step) it leaves room for {fitted} steps in all, too few to keep "
+                        f"the steps taken and the {warmup_steps} warmup steps before the final {warmdown_frac:g} "
+                        f"warmdown; running {fewest} steps, ~{over_s:.0f} s over the budget")
+    return fit
 
 
 def count_targets(batch) -> int:
@@ -214,14 +221,6 @@ def _broadcast0(rt: Runtime, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=rt.device)
     dist.broadcast(t, 0)
     return t.tolist()
-
-
-def _gather(rt: Runtime, obj) -> list:
-    if not rt.distributed:
-        return [obj]
-    out = [None] * rt.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _rng_state(rt: Runtime) -> dict:
@@ -522,6 +521,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     print0(rt, f"--minutes {cfg.minutes:g}: {state.fit['sec_per_step']:.3f} s/step "
                                f"({state.fit['tok_per_s']:,.0f} tok/s) over {len(times)} timed steps -> {num_steps} "
                                f"steps{' (the --num-steps cap)' if state.fit['capped'] else ''}")
+                    if "over_budget_s" in state.fit:
+                        print0(rt, f"warning: {state.fit['note']}")
             if state.step % cfg.log_every == 0 or state.step == num_steps:
                 eta = sum(recent) / len(recent) * (num_steps - state.step)
                 print0(rt, f"step {state.step:06d}/{num_steps:06d} ({100 * state.step / num_steps:5.1f}%) | "
@@ -545,10 +546,10 @@ def release_free_heap() -> bool:
     nothing, where the C library has no malloc_trim (macOS, musl).
 
     Why: glibc keeps freed chunks of its heap resident for reuse. In a CPU training step the freed
-    activations leave 70-100 MB of such pages, which the next step's differently-sized tensors only
+    activations leave tens of MB of such pages, which the next step's differently-sized tensors only
     partly reuse, so peak RSS sits well above the live tensors. Trimming between steps releases them;
-    the pages that are reused are faulted back in (measured at bench train's d4 bf16 shape: 20-50 MB
-    less peak RSS for 5-20% more CPU time per step, hence opt-in)."""
+    the pages that are reused are faulted back in, so it costs CPU time (figures in docs/benchmarks.md),
+    hence opt-in."""
     import ctypes
 
     try:
@@ -612,8 +613,8 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
 
 def _save(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict, state: LoopState) -> Path:
     # Collectives first (every rank), then rank 0 writes the whole directory.
-    loaders = _gather(rt, batches.state_dict())
-    rngs = _gather(rt, _rng_state(rt))
+    loaders = gather_objects(rt, batches.state_dict())
+    rngs = gather_objects(rt, _rng_state(rt))
     full = {**meta, "loader": loaders, "loop": asdict(state), "rng": rngs}
     path = save_checkpoint(cfg.tag_dir, state.step, model, optimizer, full, rt=rt, keep_last=cfg.keep_last)
     if rt.distributed:

@@ -141,7 +141,7 @@ class MuonAdamW(torch.optim.Optimizer):
             self._build_buckets()
 
     # torch.optim.Optimizer wraps these four in torch._disable_dynamo, which imports torch._dynamo on
-    # their first call, compiled or not: ~60-70 MB of resident memory (measured at d4) for nothing when
+    # their first call, compiled or not: tens of MB of resident memory (docs/benchmarks.md) for nothing when
     # no optimizer code is compiled (it never is here). Calling the wrapped functions directly keeps
     # the behaviour and leaves dynamo unloaded unless torch.compile is really used.
     def add_param_group(self, param_group) -> None:
@@ -313,7 +313,7 @@ class MuonAdamW(torch.optim.Optimizer):
         group["step"] = t = group.get("step", 0) + 1
         # torch's fused AdamW kernel (decoupled weight decay, bias corrections from the step, the same
         # formula as torch.optim.AdamW) does in one pass over each tensor what a chain of _foreach ops
-        # does in seven: measured 4.8 vs 17.3 ms per step for the d4 embedding + head on one CPU core.
+        # does in seven (a few times faster on CPU: docs/benchmarks.md).
         steps = [torch.tensor(float(t), device=params[0].device)] * len(params)
         torch._fused_adamw_(params, grads, m1, m2, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
                             eps=eps, amsgrad=False, maximize=False)

@@ -1,0 +1,259 @@
+"""Paraphrase generators for the synthetic chat data: every skill's user prompt is drawn from many
+phrasings (EN and JA) instead of one template, so a small model learns the skill, not one sentence.
+
+A phrasing is a `str.format` template with named slots ({word}, {letter}, {x}, ...). Each skill's
+phrasings are the products of small part lists (an opener, a request, a closing), expanded in a fixed
+order by `phrasings(lang, skill)`; `phrase(rng, lang, skill, **slots)` draws one and fills it in.
+
+Skills and their slots:
+    spelling        {word}              spell a word
+    letter-count    {word}, {letter}    count a letter in a word
+    identity        -                   ask the assistant's name / who it is
+    greeting        -                   greet the assistant
+    refusal         -                   ask for a fact the assistant cannot know (the user's private
+                                        life, the future); answered with REFUSAL_ANSWERS
+    arithmetic      {x}                 a bare calculation; {x} is an expression in words from
+                                        `expression(rng, lang, op, a, b)`
+
+The held-out skills prompts (assets/skills-<lang>.jsonl) are worded differently on purpose:
+tests/test_skills.py compares every phrasing here with the phrasing of every held-out prompt (slot
+values replaced by a marker) and fails on equal or near-equal pairs. A phrasing added here must keep
+that test passing; when it fails, reword the new phrasing, never the held-out prompt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from chibichat.common import ChibiError
+
+# (lang, skill) -> groups; a group is a tuple of part lists whose product (parts joined as they are)
+# gives phrasings. EN phrasings get an upper-case first letter.
+_EN_OPENERS = ["", "hey, ", "quick question: ", "so, ", "excuse me, "]
+_JA_OPENERS = ["", "ねえ、", "ちょっと聞きたいんだけど、", "すみません、"]
+
+_PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
+    ("en", "spelling"): [
+        (["", "please ", "now ", "ok, "],
+         ["spell {word}", "spell the word {word}", 'spell "{word}"', "write {word} letter by letter",
+          'spell "{word}" letter by letter', "spell {word} with dashes between the letters",
+          "show me how {word} is spelled"],
+         [".", "!"]),
+        (["can you ", "could you please ", "would you "],
+         ["spell {word}", "spell the word {word}", 'spell "{word}"', "write {word} letter by letter"],
+         ["?"]),
+        (["", "hey, ", "sorry, "],
+         ["how do you spell {word}?", "how is {word} spelled?", "how do I spell {word}?",
+          "what is the spelling of {word}?", 'what is the correct spelling of "{word}"?'],),
+    ],
+    ("ja", "spelling"): [
+        (["", "ねえ、"],
+         ["「{word}」", "{word}"],
+         ["を一文字ずつ区切って書いてください。", "を一文字ずつ書いて。", "を一文字ずつ区切ってください。",
+          "のつづりを一文字ずつ書いてください。", "を一文字ずつハイフンでつないで書いて。", "のつづりを教えてください。",
+          "を一文字ずつに分解して。", "を文字に区切って書いてくれる？"]),
+    ],
+    ("en", "letter-count"): [
+        (_EN_OPENERS,
+         ['how many times does the letter "{letter}" appear in "{word}"?',
+          "how many times does the letter {letter} appear in {word}?", "how many {letter}'s are in the word {word}?",
+          "how many {letter}'s are there in {word}?", 'how many "{letter}" are in "{word}"?',
+          "how many times is {letter} used in {word}?", "what is the count of {letter} in the word {word}?",
+          'how many copies of "{letter}" does "{word}" have?']),
+        (["", "please "],
+         ['count the letter "{letter}" in "{word}"', "count the letter {letter} in the word {word}",
+          "count how many {letter}'s {word} has", "find how many times {letter} shows up in {word}"],
+         [".", " for me.", " with Python."]),
+    ],
+    ("ja", "letter-count"): [
+        (["", "ねえ、"],
+         ["「{word}」に「{letter}」は何回出てきますか？", "「{word}」の中に「{letter}」はいくつありますか？",
+          "{word}に含まれる「{letter}」の数を数えてください。", "「{word}」に「{letter}」は何個ありますか？",
+          "「{word}」の「{letter}」の個数を教えてください。", "{word}という単語に{letter}は何回使われていますか？",
+          "「{letter}」は「{word}」に何回登場しますか？", "「{word}」で「{letter}」を数えるといくつ？"]),
+    ],
+    ("en", "identity"): [
+        (_EN_OPENERS,
+         ["what is your name?", "who are you?", "what should I call you?", "what are you?", "introduce yourself.",
+          "tell me about yourself.", "do you have a name?", "what are you called?", "tell me your name.",
+          "how should I address you?", "who exactly are you?", "what name were you given?"]),
+    ],
+    ("ja", "identity"): [
+        (_JA_OPENERS,
+         ["あなたの名前は何ですか？", "あなたは誰ですか？", "何と呼べばいいですか？", "自己紹介してください。",
+          "あなたについて教えて。", "名前はあるの？", "あなたはどなたですか？", "あなたのことを何て呼んだらいい？",
+          "お名前は何といいますか？"]),
+    ],
+    ("en", "greeting"): [
+        (["hi", "hello", "hey", "hi there", "hello there", "good morning", "good evening", "hey hey"],
+         ["!", ".", ", how are you?", ", nice to meet you.", "! How's it going?", ", are you around?"]),
+    ],
+    ("ja", "greeting"): [
+        (["こんにちは", "はじめまして", "おはよう", "やあ", "こんにちは、はじめまして"],
+         ["！", "。", "、お元気ですか？", "、調子はどう？", "、話しかけてもいい？", "、いい天気ですね。"]),
+    ],
+    ("en", "refusal"): [
+        (["", "quick question: ", "be honest, ", "you must know this: "],
+         ["where did I leave my keys?", "what is my favourite colour?", "what did I dream about last night?",
+          "how old is my grandmother?", "what does my neighbour do for a living?", "what did I do last weekend?",
+          "what is in my pocket right now?", "which city does my best friend live in?",
+          "who will win the next election?", "what will I have for dinner tomorrow?",
+          "will it rain in my city tomorrow?", "which song will be the most popular next year?"]),
+        (["do you know ", "can you tell me ", "please guess "],
+         ["where I left my keys", "my favourite colour", "what I dreamt about last night", "how old my grandmother is",
+          "what my neighbour does for a living", "who will win the next election", "what I will have for dinner tomorrow",
+          "whether it will rain in my city tomorrow"],
+         ["?"]),
+    ],
+    ("ja", "refusal"): [
+        (["", "ねえ、", "当ててみて。", "教えてください。"],
+         ["私の好きな色は何ですか？", "昨日の夜、私はどんな夢を見ましたか？", "私のおばあちゃんは何歳ですか？",
+          "いま私のポケットには何が入っていますか？", "私の親友はどこに住んでいますか？", "私はかぎをどこに置きましたか？",
+          "先週末、私は何をしていましたか？", "次の選挙で勝つのは誰ですか？", "明日の私の夕ごはんは何ですか？",
+          "明日、私の町で雨はふりますか？", "来年いちばんはやる歌は何ですか？"]),
+    ],
+    ("en", "arithmetic"): [
+        (["", "please "],
+         ["calculate {x}", "work out {x}", "find {x}", "tell me the result of {x}", "give me the answer to {x}",
+          "solve {x}", "do the math: {x}"],
+         [".", "!"]),
+        (["can you ", "could you "], ["work out {x}", "calculate {x}", "find {x} for me"], ["?"]),
+        (["", "quick sum: "], ["{x} equals what?", "{x} is how much?", "{x} makes how many?"]),
+    ],
+    ("ja", "arithmetic"): [
+        (["", "ねえ、"],
+         ["{x}の答えを教えてください。", "{x}を求めてください。", "{x}は何になりますか？", "{x}の計算をお願いします。",
+          "{x}の値を出して。", "{x}の結果を教えて。", "{x}を電卓で求めて。", "{x}の答えは何ですか？"]),
+    ],
+}
+
+# The words for a bare calculation's {x} slot, by operator ("+", "-", "*", "/").
+_EXPRESSIONS = {
+    "en": {"+": ["{a} plus {b}", "{a} + {b}", "the sum of {a} and {b}", "{a} and {b} added together"],
+           "-": ["{a} minus {b}", "{a} - {b}", "{a} take away {b}", "the difference between {a} and {b}"],
+           "*": ["{a} times {b}", "{a} x {b}", "{a} * {b}", "{a} multiplied by {b}", "the product of {a} and {b}"],
+           "/": ["{a} divided by {b}", "{a} / {b}", "{a} shared equally by {b}"]},
+    "ja": {"+": ["{a}たす{b}", "{a}+{b}", "{a}と{b}の和"],
+           "-": ["{a}ひく{b}", "{a}-{b}", "{a}と{b}の差"],
+           "*": ["{a}かける{b}", "{a}×{b}", "{a}と{b}の積"],
+           "/": ["{a}わる{b}", "{a}÷{b}"]},
+}
+
+# Honest replies to a question about what the assistant cannot know: say so, invent nothing (no number).
+REFUSAL_ANSWERS = {
+    "en": ["I don't know. I cannot see your life, so I have no way to know that.",
+           "I'm sorry, I can't know that: I only see this conversation.",
+           "I don't know, and I won't make something up. I have no access to that information.",
+           "I cannot predict the future or see your private life, so I don't know."],
+    "ja": ["わかりません。あなたの生活は私には見えないので、知ることができません。",
+           "ごめんなさい、それは私にはわかりません。この会話しか見えないからです。",
+           "わかりません。作り話はしたくありません。その情報は私には見られません。",
+           "未来のことやあなたの私生活は、私には予測できません。わかりません。"],
+}
+GREETING_REPLIES = {
+    "en": ["Hello!", "Hi! How can I help?", "Hello, nice to meet you!", "Hi there! What can I do for you?",
+           "Hello! What would you like to talk about?", "Hey! How can I help you today?"],
+    "ja": ["こんにちは！", "こんにちは。何かお手伝いしましょうか？", "はじめまして！", "こんにちは！今日は何を話しましょうか？",
+           "やあ、こんにちは！何でも聞いてください。"],
+}
+
+SKILLS = ("spelling", "letter-count", "identity", "greeting", "refusal", "arithmetic")
+
+
+def _check(lang: str, skill: str) -> None:
+    if (lang, skill) not in _PARTS:
+        raise ChibiError(f"no paraphrases for skill {skill!r} in language {lang!r}; skills: {SKILLS}, "
+                         "languages: en, ja")
+
+
+def phrasings(lang: str, skill: str) -> list[str]:
+    """Every phrasing of `skill` in `lang`, unfilled, in a fixed order (no duplicates)."""
+    _check(lang, skill)
+    out: list[str] = []
+    for group in _PARTS[lang, skill]:
+        for parts in itertools.product(*group):
+            text = "".join(parts)
+            if lang == "en":
+                text = text[:1].upper() + text[1:]
+            if text not in out:
+                out.append(text)
+    return out
+
+
+def phrase(rng: random.Random, lang: str, skill: str, **slots) -> str:
+    """One phrasing of `skill` drawn with rng, its slots filled from `slots` (an English prompt that
+    opens with a slot, e.g. "{x} equals what?", still starts with a capital letter)."""
+    text = rng.choice(phrasings(lang, skill)).format(**slots)
+    return text[:1].upper() + text[1:] if lang == "en" else text
+
+
+def expressions(lang: str, op: str) -> list[str]:
+    """Every wording of `{a} op {b}` in `lang` (slots {a}, {b})."""
+    if lang not in _EXPRESSIONS or op not in _EXPRESSIONS[lang]:
+        raise ChibiError(f"no wording for operator {op!r} in language {lang!r}; operators: + - * /")
+    return list(_EXPRESSIONS[lang][op])
+
+
+def expression(rng: random.Random, lang: str, op: str, a: int, b: int) -> str:
+    return rng.choice(expressions(lang, op)).format(a=a, b=b)
+
+
+# Word problems: the generators write one canonical question per kind of problem; `vary_question`
+# rewrites its closing question (and sometimes adds an opener) into one of several equivalent ones.
+# (lang, pattern of the closing question, alternatives with {0}, {1} for the pattern's groups).
+# The canonical wording stays one of the choices; the task keys its items by the canonical question,
+# so a test problem never trains under another wording.
+_QUESTION_REWRITES: dict[str, list[tuple[str, list[str]]]] = {
+    "en": [
+        (r"How many (\w+) are left\?", ["How many {0} are left?", "How many {0} remain?",
+                                        "How many {0} are still there?", "What number of {0} is left over?"]),
+        (r"How many (\w+) does (\w+) have now\?", ["How many {0} does {1} have now?",
+                                                   "How many {0} does {1} have at the end?",
+                                                   "What is the number of {0} {1} has now?"]),
+        (r"How many (\w+) (?:are there in all|is that in all)\?", ["How many {0} are there in all?",
+                                                                   "What is the total number of {0}?",
+                                                                   "How many {0} is that in total?"]),
+        (r"How many (\w+) does each friend get\?", ["How many {0} does each friend get?",
+                                                    "How many {0} will each friend receive?",
+                                                    "What is each friend's share of the {0}?"]),
+        (r"How many (\w+) are needed\?", ["How many {0} are needed?", "How many {0} does it take?",
+                                          "What number of {0} is needed?"]),
+        (r"How many (\w+) are in (\d+) (\w+)\?", ["How many {0} are in {1} {2}?", "How many {0} do {1} {2} hold?",
+                                                 "What is the number of {0} in {1} {2}?"]),
+        (r"How many (\w+) are there\?", ["How many {0} are there?", "How many {0} are there altogether?",
+                                         "What is the total count of {0}?"]),
+        (r"How much change does (\w+) get\?", ["How much change does {0} get?", "What change does {0} get back?",
+                                               "How much money does {0} get back?"]),
+    ],
+    "ja": [
+        (r"残りは何(\w)ですか？", ["残りは何{0}ですか？", "何{0}残っていますか？", "残っているのは何{0}ですか？"]),
+        (r"全部で何(\w)ですか？", ["全部で何{0}ですか？", "合わせて何{0}になりますか？", "全部でいくつありますか？"]),
+        (r"1人何(\w)になりますか？", ["1人何{0}になりますか？", "1人分は何{0}ですか？", "1人あたり何{0}もらえますか？"]),
+        (r"(\d+)つの(\w+)には何(\w)入っていますか？", ["{0}つの{1}には何{2}入っていますか？",
+                                                   "{0}つの{1}に入っているのは全部で何{2}ですか？"]),
+        (r"おつりはいくらですか？", ["おつりはいくらですか？", "おつりは何円ですか？", "いくらおつりをもらえますか？"]),
+        (r"(\w+)はいくつ必要ですか？", ["{0}はいくつ必要ですか？", "{0}は何個いりますか？", "必要な{0}の数はいくつですか？"]),
+    ],
+}
+_PROBLEM_OPENERS = {"en": ["", "", "", "Here is a word problem. ", "Please solve this: ", "Math question: "],
+                    "ja": ["", "", "", "問題です。", "次の問題を解いてください。", "算数の問題です。"]}
+
+
+def vary_question(rng: random.Random, lang: str, question: str) -> str:
+    """`question` (a generated word problem) with its closing question reworded and, sometimes, an opener."""
+    import re
+
+    if lang not in _QUESTION_REWRITES:
+        raise ChibiError(f"no word-problem rewrites for language {lang!r}; languages: en, ja")
+    for pattern, choices in _QUESTION_REWRITES[lang]:
+        m = re.search(pattern + "$", question)
+        if m:
+            question = question[:m.start()] + rng.choice(choices).format(*m.groups())
+            break
+    return rng.choice(_PROBLEM_OPENERS[lang]) + question
+
+
+def question_rewrites(lang: str) -> list[str]:
+    """Every alternative closing question and opener (slots {0}, {1}), for the disjointness test."""
+    return [c for _, choices in _QUESTION_REWRITES[lang] for c in choices] + [o for o in _PROBLEM_OPENERS[lang] if o]

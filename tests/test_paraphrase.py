@@ -1,0 +1,110 @@
+import random
+import re
+
+import pytest
+
+from chibichat.common import ChibiError
+from chibichat.tasks import paraphrase as P
+from chibichat.tasks import skills as S
+from chibichat.tasks.registry import get_task
+
+SLOTS = {"spelling": {"word": "apple"}, "letter-count": {"word": "apple", "letter": "p"}, "arithmetic": {"x": "2 plus 3"}}
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_every_phrasing_fills_its_slots(lang):
+    for skill in P.SKILLS:
+        texts = P.phrasings(lang, skill)
+        assert len(texts) == len(set(texts)) >= 16, skill
+        for t in texts:
+            filled = t.format(**SLOTS.get(skill, {}))
+            assert "{" not in filled and "}" not in filled, t
+            if skill in SLOTS:
+                assert all(v in filled for v in SLOTS[skill].values()), t
+            if lang == "en":
+                assert filled[0].isupper() or filled[0] in "\"'0123456789", t
+    # a phrasing that opens with its slot is capitalised once filled
+    rng = random.Random(0)
+    drawn = {P.phrase(rng, "en", "arithmetic", x="the sum of 2 and 3") for _ in range(200)}
+    assert "The sum of 2 and 3 equals what?" in drawn and not any(d[0].islower() for d in drawn)
+
+
+def test_unknown_skill_or_operator_is_a_clear_error():
+    with pytest.raises(ChibiError, match=r"no paraphrases for skill 'poetry' in language 'en'; skills: \("):
+        P.phrasings("en", "poetry")
+    with pytest.raises(ChibiError, match="no wording for operator '%' in language 'ja'"):
+        P.expressions("ja", "%")
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_trained_replies_pass_the_heldout_checkers(lang):
+    """What the generators teach for greetings and unknowable questions is what `eval skills` accepts."""
+    assert all(S.is_refusal(a, lang) for a in P.REFUSAL_ANSWERS[lang])
+    assert all(S.is_greeting(r, lang) for r in P.GREETING_REPLIES[lang])
+
+
+@pytest.mark.parametrize("name,slot", [("spelling", "word"), ("spelling-ja", "word"), ("letter-count", "word"),
+                                       ("letter-count-ja", "word")])
+def test_generated_tasks_use_many_phrasings(name, slot):
+    t = get_task(name, size=400, seed=3)
+    wordings = set()
+    for i in range(len(t)):
+        it = t[i]
+        text = it["messages"][0]["content"].replace(it[slot], "#")
+        if "letter" in it:
+            text = re.sub(rf"(?<![a-z]){re.escape(it['letter'])}(?![a-z])", "@", text)
+        wordings.add(text)
+    assert len(wordings) >= 15, sorted(wordings)
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_bare_calculations_share_key_and_format(lang):
+    from chibichat.tasks.arithmetic import BARE_SHARE
+
+    name = "arithmetic" if lang == "en" else "arithmetic-ja"
+    t = get_task(name, size=600, seed=4)
+    bare = [t[i] for i in range(len(t)) if t[i]["key"] == t[i]["expr"]]
+    assert abs(len(bare) / len(t) - BARE_SHARE) < 0.06
+    assert {b["expr"].strip("0123456789")[0] for b in bare} == set("+-*/")
+    for b in bare[:50]:
+        final = b["messages"][1]["content"][3]["text"]
+        assert final.endswith(f"#### {b['answer']}") and b["answer"] in final.split("\n")[0]
+    # keyed by the expression: a test calculation never trains, however it is worded
+    test = get_task(name, split="test", size=200, seed=4)
+    test_bare = {test[i]["expr"] for i in range(len(test)) if test[i]["key"] == test[i]["expr"]}
+    assert test_bare and not test_bare & {b["expr"] for b in bare}
+    assert not any(get_task(n, size=100)[i]["key"] == get_task(n, size=100)[i]["expr"]
+                   for n in (("arithmetic-multi", "arithmetic-multi-ja")) for i in range(3))
+
+
+def test_vary_question_rewords_the_closing_question_only():
+    rng = random.Random(1)
+    q = "Tom had 45 coins and gave away 10. How many coins are left?"
+    seen = {P.vary_question(rng, "en", q) for _ in range(300)}
+    tails = {"How many coins are left?", "How many coins remain?", "How many coins are still there?",
+             "What number of coins is left over?"}
+    openers = {"", "Here is a word problem. ", "Please solve this: ", "Math question: "}
+    assert seen == {o + "Tom had 45 coins and gave away 10. " + t for o in openers for t in tails}
+    ja = {P.vary_question(rng, "ja", "りんご12個を3人で同じ数ずつ分けます。1人何個になりますか？") for _ in range(200)}
+    assert "りんご12個を3人で同じ数ずつ分けます。1人分は何個ですか？" in ja and len(ja) == 12
+    assert P.vary_question(random.Random(0), "en", "No rule matches this.").endswith("No rule matches this.")
+    with pytest.raises(ChibiError, match="no word-problem rewrites for language 'fr'"):
+        P.vary_question(rng, "fr", q)
+
+
+@pytest.mark.parametrize("name,lang", [("arithmetic", "en"), ("arithmetic-ja", "ja"), ("arithmetic-multi", "en"),
+                                       ("arithmetic-multi-ja", "ja")])
+def test_every_word_problem_kind_has_rewordings_and_keeps_its_canonical_key(name, lang):
+    t = get_task(name, size=300, seed=3)
+    word = [t[i] for i in range(len(t)) if t[i]["key"] != t[i]["expr"]]
+    for it in word:  # every closing question of every kind of problem has rewordings
+        assert any(re.search(p + "$", it["key"]) for p, _ in P._QUESTION_REWRITES[lang]), it["key"]
+    assert sum(it["messages"][0]["content"] != it["key"] for it in word) > len(word) / 2
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_name_phrasings_include_the_identity_topic_questions(lang):
+    from chibichat.tasks import identity
+
+    topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
+    assert set(topics["name"][0]) <= set(P.phrasings(lang, "identity"))
