@@ -194,9 +194,11 @@ def loop_config(args, model, tag_dir, **overrides):
     from chibichat.train.loop import LoopConfig
 
     kw = dict(tag_dir=tag_dir, num_steps=args.num_steps, grad_accum=args.grad_accum, warmdown_frac=args.warmdown_frac,
-              momentum_warmup_steps=0, eval_every=args.eval_every, save_every=args.save_every, resume=args.resume,
+              momentum_warmup_steps=0, save_every=args.save_every, resume=args.resume,
               overwrite=args.overwrite, flops_per_token=model.flops_per_token(), trim_heap=args.trim_heap,
               minutes=args.minutes, fit_after=args.fit_steps)
+    if "eval_every" not in overrides:  # a stage that sets it itself (rl) has no --eval-every flag
+        kw["eval_every"] = args.eval_every
     return LoopConfig(**{**kw, **overrides})
 
 
