@@ -45,19 +45,39 @@ def test_dry_run_prints_the_plan_and_the_estimate(tmp_path, capsys):
         assert hw in out
     assert "--task gsm8k-train --eval-task gsm8k" in out
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
+    assert "Japanese presets" not in out
+    assert main(["speedrun", "--preset", "d12", "--lang", "ja", "--dry-run", "--home", str(tmp_path)]) == 0
+    assert "\n".join(speedrun.JA_MISSING) in capsys.readouterr().out
+
+
+def test_readme_shows_the_dry_run_as_it_prints(tmp_path, capsys):
+    """The README's GPU section quotes `speedrun --preset d20 --dry-run` on 8 GPUs: every quoted line is a line
+    of the real output ("..." stands for lines left out), in order."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("`--dry-run` on 8 GPUs begins:\n\n```\n", 1)[1].split("```", 1)[0]
+    quoted = [ln for ln in block.splitlines() if ln != "..."]
+    home = tmp_path / "big-disk"
+    assert main(["speedrun", "--preset", "d20", "--dry-run", "--nproc-per-node", "8", "--home", str(home)]) == 0
+    out = capsys.readouterr().out.replace(str(home), "/big/disk").splitlines()
+    at = [out.index(ln) for ln in quoted]  # ValueError names a quoted line the output lacks
+    assert at == sorted(at) and len(quoted) > 10
 
 
 def test_gpu_recipe_names_the_data_of_every_stage(tmp_path):
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda", world_size=8)}
     assert steps["download"][:4] == ["data", "download", "fineweb-edu", "-n"]
-    assert steps["download-tasks"][:3] == ["data", "tasks", "smoltalk,mmlu-aux,gsm8k-train,arc-easy-train,arc-challenge-train"]
+    assert steps["download-tasks"][:3] == ["data", "tasks", "arc-easy,arc-challenge,mmlu,gsm8k,humaneval,"
+                                                            "smoltalk,mmlu-aux,gsm8k-train,arc-easy-train,arc-challenge-train"]
     assert _flag(steps["midtrain"], "--mix").startswith("smoltalk=1,mmlu-aux=1,gsm8k-train=1,identity=2")
     sft_mix = _flag(steps["sft"], "--mix")
     assert sft_mix.startswith("arc-easy-train=1,arc-challenge-train=1,gsm8k-train=1,smoltalk=0.022")
     assert _flag(steps["rl"], "--task") == "gsm8k-train" and _flag(steps["rl"], "--eval-task") == "gsm8k"
     assert _flag(steps["eval-base"], "--core") == "full" and _flag(steps["eval-base"], "--core-items") == "0"
-    for ev in ("eval-mid", "eval-sft", "eval-rl"):  # every item of every ChatCORE task
+    for ev in ("eval-mid", "eval-sft", "eval-rl"):  # every item of the full test set of every ChatCORE task
         assert "--max-items" not in steps[ev] and "--tasks" not in steps[ev]
+        assert _flag(steps[ev], "--test-sets") == "online"
     assert _flag(steps["pretrain"], "--device-batch") == "auto"
     assert _flag(steps["pretrain"], "--total-batch") == str(2 ** 20)
     ja = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d12"], "ja", "iberis", "cuda")}
@@ -126,6 +146,27 @@ def test_recipe_figures_are_the_models_flop_count():
     assert iberis.flops_per_token < fig.flops_per_token  # SLC2 layers charged without attention
 
 
+def test_steps_run_in_a_fork_with_their_exit_status(tmp_path, capfd):
+    """speedrun's launcher for a distributed step is torchrun's own main in a forked child (no second
+    import of torch; without CUDA its workers are forks too): the workers run the step's argv, and a failed
+    worker is the step's failure."""
+    import os
+
+    step = speedrun.Step("x", "x", [], tmp_path / "marker", [], distributed=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    assert speedrun.run_step(step, ["data", "--help"], 2, env) == 0
+    out = capfd.readouterr().out
+    assert out.count("usage: chibichat data") == 2  # one per worker
+    assert speedrun.run_step(step, ["no-such-stage"], 2, env) == 1
+    err = capfd.readouterr().err
+    assert "invalid choice: 'no-such-stage'" in err and "torchrun: ChildFailedError" in err
+    # a step on one process (no CUDA here): `chibichat <argv>` in a fork, with its exit status and environment
+    one = speedrun.Step("y", "y", [], tmp_path / "marker", [])
+    assert speedrun.run_step(one, ["data", "tasks", "identity", "--home", str(tmp_path)], 1,
+                             dict(env, CHIBICHAT_HOME=str(tmp_path))) == 2
+    assert "'identity' ships with the package or is generated; nothing to download" in capfd.readouterr().err
+
+
 # ---- --device-batch auto
 
 
@@ -191,9 +232,20 @@ def test_data_tasks_downloads_and_verifies(server, home, capsys):
     assert "does not match the sha256" in capsys.readouterr().err
 
 
+def test_data_tasks_downloads_the_full_test_sets(server, home, capsys):
+    assert main(["data", "tasks", "mmlu,gsm8k", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "mmlu: 2 items (categorical; the full test set of eval chat --test-sets online)" in out
+    assert "gsm8k: 2 items (generative; the full test set of eval chat --test-sets online)" in out
+    assert "verified 2 cached file(s)" in out
+    assert (home / "data" / "tasks" / "cais--mmlu" / "all" / "test" / "manifest.json").is_file()
+
+
 def test_data_tasks_refuses_what_does_not_download(home, capsys):
     assert main(["data", "tasks", "identity", "--home", str(home)]) == 2
-    assert "nothing to download" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'identity' ships with the package or is generated; nothing to download" in err
+    assert "full test sets: arc-easy, arc-challenge, mmlu, gsm8k, humaneval" in err
     assert main(["data", "tasks", "nope", "--home", str(home)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
 
@@ -241,7 +293,8 @@ def _corpus_parquet(lang: str, split: str, chars: int) -> bytes:
 @pytest.fixture
 def stand_in_hub(monkeypatch):
     """127.0.0.1 serving corpus shards (resolve/main layout), the hub's parquet listing API + task files
-    (tests/fixtures/tasks/hub; ARC-Challenge train reuses the ARC-Easy rows) and the DCLM bundle zip."""
+    (tests/fixtures/tasks/hub: the training splits and the full test splits the chat evaluations score) and
+    the DCLM bundle zip."""
     import json as _json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -266,8 +319,7 @@ def stand_in_hub(monkeypatch):
                 self._send(200, _json.dumps([f"{base}/files/{repo}/{subset}/{split}.parquet"]).encode())
                 return
             if parts[0] == "files":
-                subset = "ARC-Easy" if parts[3] == "ARC-Challenge" else parts[3]
-                f = FIXTURES / "hub" / f"{parts[1]}--{parts[2]}" / subset / parts[4]
+                f = FIXTURES / "hub" / f"{parts[1]}--{parts[2]}" / parts[3] / parts[4]
                 self._send(200, f.read_bytes()) if f.exists() else self._send(404, b"")
                 return
             self._send(200, files[path]) if path in files else self._send(404, b"")
@@ -289,20 +341,48 @@ def stand_in_hub(monkeypatch):
     srv.server_close()
 
 
+# The plans the end-to-end test runs: English dense, and Japanese with SLC2 layers (d12, d20 and d26 differ
+# only in the sizes --scale toy replaces).
+E2E_PLANS = (("d12", "en", "dense"), ("d20", "ja", "iberis"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,lang,layers", [("d12", "en", "dense"), ("d20", "ja", "iberis")])
-def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset, lang, layers):
+def test_gpu_plans_run_end_to_end_under_torchrun(tmp_path, stand_in_hub):
+    """Both plans at once, so that one run's single-process steps overlap the other's two ranks. On this
+    CUDA-less machine speedrun forks every step's processes (torchrun's launcher and workers included,
+    speedrun.run_step) instead of starting interpreters that import torch again; torchrun with fresh
+    worker interpreters is what tests/test_distributed_stages.py runs."""
     import os
     import subprocess
     import sys
 
-    home = tmp_path / "home"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **stand_in_hub)
-    cmd = [sys.executable, "-m", "chibichat", "speedrun", "--preset", preset, "--lang", lang, "--layers", layers,
-           "--scale", "toy", "--nproc-per-node", "2", "--device", "cpu", "--home", str(home)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-6000:]
+    runs = []
+    for preset, lang, layers in E2E_PLANS:
+        home = tmp_path / f"home-{preset}-{lang}-{layers}"
+        cmd = [sys.executable, "-m", "chibichat", "speedrun", "--preset", preset, "--lang", lang, "--layers", layers,
+               "--scale", "toy", "--nproc-per-node", "2", "--device", "cpu", "--home", str(home)]
+        log = open(tmp_path / f"{home.name}.log", "w+")
+        runs.append((preset, lang, layers, home, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    try:
+        for *_, p in runs:
+            p.wait(timeout=900)
+    finally:
+        for *_, p in runs:
+            if p.poll() is None:
+                p.kill()
+    for preset, lang, layers, home, log, p in runs:
+        log.seek(0)
+        out = log.read()
+        log.close()
+        assert p.returncode == 0, f"{preset} {lang} {layers}:\n" + out[-6000:]
+        check_gpu_plan_run(home, preset, lang, layers)
+
+
+def check_gpu_plan_run(home, preset, lang, layers):
+    """Every stage in the report card with its figures, and each stage ran on the recipe's data."""
+    import json
+
     tag = "toy-" + preset + ("" if layers == "dense" else f"-{layers}")
     report = (home / "report" / "report.md").read_text()
     for section in ["## Summary", "## Tokenizer", f"## BASE: pretraining ({tag})", "### BASE evaluation",
@@ -310,13 +390,21 @@ def test_gpu_plan_runs_end_to_end_under_torchrun(tmp_path, stand_in_hub, preset,
                     "### SFT evaluation", f"## RL: reinforcement learning ({tag})", "### RL evaluation"]:
         assert section in report, section
     assert "not run" not in report
-    rl = __import__("json").loads((home / "checkpoints" / "rl" / tag / "summary.json").read_text())
+    base = json.loads((home / "eval" / "base" / tag / "summary.json").read_text())
+    assert base["core_label"] == "CORE" and base["core_unscored_tasks"] == [] and base["val_bpb"] > 0  # full CORE
+    rl = json.loads((home / "checkpoints" / "rl" / tag / "summary.json").read_text())
     # (a toy model never solves GSM8K, so its RL step has no reward to follow: the micro speedrun's
     # end-to-end test is the one that asserts RL moves the weights)
     assert rl["task"] == "gsm8k-train" and rl["eval_task"] == "gsm8k" and rl["steps"] == 2
     assert rl["pass_at_k_before"]["n"] == rl["pass_at_k_after"]["n"] == 2
-    mid = __import__("json").loads((home / "checkpoints" / "mid" / tag / "summary.json").read_text())
+    mid = json.loads((home / "checkpoints" / "mid" / tag / "summary.json").read_text())
     assert set(mid["mixture"]) >= {"smoltalk", "mmlu-aux", "gsm8k-train"}
+    for stage in ("mid", "sft", "rl"):  # the full test sets (the stand-in hub's), 2 items each at toy scale
+        ev = json.loads((home / "eval" / stage / tag / "summary.json").read_text())
+        assert ev["chat_eval"]["test_sets"] == "online" and "chatcore" in ev  # ja scores its own tasks besides
+        assert ev["chatcore_tasks"] == ["arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling"]
+        assert [ev[f"{k}_n"] for k in ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling")] == \
+            [2, 2, 2, 2, 1, 2]
 
 
 # ---- scripts/gpu_check.sh

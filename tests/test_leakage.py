@@ -165,6 +165,33 @@ def test_jglue_dev_sets_in_the_home_are_checked_against_training(home):
         check_disjoint([copy], evals, fix="x")
 
 
+def test_full_online_test_sets_in_the_home_are_checked_against_training(home):
+    """Once `data tasks gsm8k` has put GSM8K's full test split into the home (as the GPU presets do before
+    training), a training split holding one of its questions is refused, in SFT's mixture and in RL."""
+    from chibichat.stages.rl import _tasks
+    from chibichat.stages.sft import build_mixtures
+    from chibichat.tasks.evalsets import cached_online_test_sets
+    from chibichat.tasks.leakage import reported_eval_sets
+
+    test_q = "A farmer has 17 cows and buys 5 more. How many cows does the farmer have?"
+    _fake_hub(home, "openai/gsm8k", "main", "train", [{"question": test_q, "answer": "#### 22"}] + GSM_ROWS)
+    build_mixtures([("gsm8k-train", 1.0)], 1, 0, home)  # no test split in the home yet: nothing to compare
+    assert cached_online_test_sets(home) == []
+    _fake_hub(home, "openai/gsm8k", "main", "test", [{"question": test_q, "answer": "#### 22"}])
+    assert cached_online_test_sets(home) == ["gsm8k"]
+    online = [t for t in reported_eval_sets(home) if t.description == "GSM8K (online)"]
+    assert [len(t) for t in online] == [1]
+    want = ("training task 'gsm8k-train' shares 1 item(s) with evaluation set 'gsm8k' (same prompt after NFKC, case "
+            "folding and whitespace collapsing; e.g. its item 0: 'a farmer has 17 cows and buys 5 more. how many cows "
+            "does the farmer have?'); training on them would inflate gsm8k's score. Remove that task from --mix.")
+    with pytest.raises(ChibiError) as e:
+        build_mixtures([("gsm8k-train", 1.0)], 1, 0, home)
+    assert str(e.value) == want
+    with pytest.raises(ChibiError, match="^training task 'gsm8k-train' shares 1 item"):
+        _tasks(argparse.Namespace(task="gsm8k-train", eval_task="arithmetic", train_items=10, passk_items=4, seed=0),
+               home)
+
+
 def test_shipped_training_data_of_the_default_mixtures_is_disjoint_from_the_evaluation_sets():
     """mmlu-dev (MMLU's dev+validation) next to the MMLU evaluation subset, and the shipped chats, pass
     (the generated tasks' splits are disjoint by construction and are checked in every stage test)."""

@@ -107,6 +107,29 @@ def test_humaneval_online_runs_in_sandbox(server, home):
     assert t.evaluate(t[0], "    return a + b\n") and not t.evaluate(t[0], "    return a - b\n")
 
 
+def test_eval_task_picks_the_full_online_test_sets(server, home):
+    """`eval chat --test-sets online`: every task of ONLINE_TEST_SETS is its full test split (the fixtures'
+    test.parquet files), downloaded into the home; generated tasks score their test split either way."""
+    from chibichat.tasks.evalsets import ONLINE_TEST_SETS, cached_online_test_sets
+    from chibichat.tasks.registry import eval_task
+
+    h = Home(home)
+    sizes = {n: len(eval_task(n, h, "online")) for n in ONLINE_TEST_SETS}
+    assert sizes == {"arc-easy": 2, "arc-challenge": 2, "mmlu": 2, "gsm8k": 2, "humaneval": 1}
+    assert cached_online_test_sets(h) == list(ONLINE_TEST_SETS)
+    assert "Which force pulls objects toward Earth?" in eval_task("arc-challenge", h, "online")[0]["messages"][0]["content"]
+    assert [hit for hit in server.hits if hit.startswith("/api/")] == [
+        "/api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test", "/api/datasets/allenai/ai2_arc/parquet/ARC-Challenge/test",
+        "/api/datasets/cais/mmlu/parquet/all/test", "/api/datasets/openai/gsm8k/parquet/main/test",
+        "/api/datasets/openai/openai_humaneval/parquet/openai_humaneval/test"]  # once each: then the cache
+    assert len(eval_task("mmlu", h)) == 600  # shipped is the default
+    assert eval_task("spelling", h, "online").split == eval_task("spelling", h).split == "test"
+    with pytest.raises(ChibiError, match="^--test-sets 'full': choose one of shipped, online$"):
+        eval_task("mmlu", h, "full")
+    with pytest.raises(ChibiError, match="online test set of 'mmlu' is read from a home's task cache"):
+        eval_task("mmlu", None, "online")
+
+
 def test_smoltalk(server, home):
     t = get_task("smoltalk", home=Home(home), split="train")
     assert t.kind == "conversation" and len(t) == 2

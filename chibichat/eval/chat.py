@@ -36,7 +36,7 @@ from typing import Protocol, Sequence
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import accuracy, centered, pass_at_k
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
-from chibichat.tasks.evalsets import CHATCORE_TASKS
+from chibichat.tasks.evalsets import CHATCORE_TASKS, ONLINE_TEST_SETS, TEST_SETS
 from chibichat.tasks.registry import eval_task
 from chibichat.render import reply_budget
 
@@ -247,6 +247,13 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
 def add_chat_args(p) -> None:
     p.add_argument("--tasks", default=",".join(CHATCORE_TASKS),
                    help=f"comma-separated tasks (default: the ChatCORE set {','.join(CHATCORE_TASKS)})")
+    p.add_argument("--test-sets", default="shipped", choices=TEST_SETS,
+                   help="shipped (default): the subsets that ship with chibichat (ARC-E/C 500 each, MMLU 600, GSM8K "
+                        "500, HumanEval 164); online: the full test splits of "
+                        f"{', '.join(ONLINE_TEST_SETS)} (ARC-E 2,376, ARC-C 1,172, MMLU 14,042, GSM8K 1,319, "
+                        "HumanEval 164), downloaded once into the home (or beforehand with `chibichat data tasks "
+                        f"{','.join(ONLINE_TEST_SETS)}`). Generated tasks (spelling, ...) score their generated "
+                        "test split either way")
     p.add_argument("--max-items", type=int, default=None, help="first N items per task (default: all)")
     add_allow_weak_arg(p)
     p.add_argument("--num-samples", type=int, default=1, help="samples per generative prompt (default: 1)")
@@ -273,7 +280,7 @@ def run_chat(args) -> int:
         raise ChibiError("eval chat needs a chat model (--from mid, sft or rl); a base model has no chat format. "
                          "Use `chibichat eval base` for base models")
     home = Home.resolve(args.home)  # a path only: nothing is created
-    tasks = [eval_task(n.strip(), home) for n in args.tasks.split(",") if n.strip()]
+    tasks = [eval_task(n.strip(), home, args.test_sets) for n in args.tasks.split(",") if n.strip()]
     for task in tasks:
         if task.runs_code:
             check_sandbox(args.allow_weak_sandbox, f"eval chat --tasks {task.name}")
@@ -302,7 +309,8 @@ def run_chat(args) -> int:
             if earlier.get("step") == meta["step"] else []
         summary = {**out["summary"], "chat_eval": {
             "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
-            "tasks": kept + out["tasks"], "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
+            "tasks": kept + out["tasks"], "test_sets": args.test_sets, "num_samples": cfg.num_samples,
+            "max_new_tokens": cfg.max_tokens,
             "temperature": cfg.temperature, "world_size": rt.world_size, "seconds": time.time() - t0}}
         if rt.is_master:
             for name, rows in out["items"].items():
@@ -315,7 +323,8 @@ def run_chat(args) -> int:
             print0(rt, f"{s['task']:>14}: {s['accuracy']:.4f} (centered {s['centered']:+.4f}, n={s['n_scored']}, "
                        f"skipped too long {s['n_skipped_too_long']})")
         key = next((k for k in ("chatcore", "chatcore_partial") if k in out["summary"]), None)
-        print0(rt, (f"{key}: {out['summary'][key]:.4f} | " if key else "") + f"wrote {out_dir / 'summary.json'}")
+        print0(rt, (f"{key}: {out['summary'][key]:.4f} | " if key else "") + f"{args.test_sets} test sets | "
+                   f"wrote {out_dir / 'summary.json'}")
         return 0
     finally:
         shutdown_runtime(rt)

@@ -52,16 +52,19 @@ def register(sub) -> None:
 
     tk = actions.add_parser(
         "tasks",
-        help="download and verify the online task sets (SmolTalk, MMLU auxiliary-train, GSM8K/ARC train)",
+        help="download and verify the online task sets (training sets, and the full test sets of eval chat)",
         description=(
             "Download the online task sets named (comma-separated) into <home>/data/tasks/, check that each "
             "parses into items, and verify every cached file against the sha256 its manifest recorded. "
-            "Resumable: re-run the same command; finished splits are read from the cache. The endpoint is "
-            "$CHIBICHAT_HF_ENDPOINT or https://huggingface.co."
+            "Training sets: smoltalk, mmlu-aux, gsm8k-train, arc-easy-train, arc-challenge-train (what --mix and "
+            "rl --task read). Evaluation sets arc-easy, arc-challenge, mmlu, gsm8k, humaneval: their full test "
+            "splits (what `eval chat --test-sets online` scores; once present, every training stage checks its "
+            "data disjoint from them). Resumable: re-run the same command; finished splits are read from the "
+            "cache. The endpoint is $CHIBICHAT_HF_ENDPOINT or https://huggingface.co."
         ),
     )
     add_home_arg(tk)
-    tk.add_argument("names", help="tasks, e.g. smoltalk,mmlu-aux,gsm8k-train,arc-easy-train,arc-challenge-train")
+    tk.add_argument("names", help="tasks, e.g. mmlu,gsm8k,smoltalk,mmlu-aux,gsm8k-train")
     tk.set_defaults(func=run_tasks)
 
     b = actions.add_parser(
@@ -204,7 +207,9 @@ def _checkout_builder():
 
 
 def online_task_names(names: str) -> list[str]:
-    """The comma-separated task names, each one that downloads (takes home= with no default)."""
+    """The comma-separated task names, each one that downloads: an online-only task (takes home= with no
+    default) or an evaluation set with a full online test split."""
+    from chibichat.tasks.evalsets import ONLINE_TEST_SETS
     from chibichat.tasks.registry import describe_tasks
 
     rows = {r["name"]: r for r in describe_tasks()}
@@ -214,9 +219,10 @@ def online_task_names(names: str) -> list[str]:
     for n in out:
         if n not in rows:
             raise ChibiError(f"data tasks: unknown task {n!r}; valid tasks: {', '.join(sorted(rows))}")
-        if not rows[n]["online_only"]:
+        if not rows[n]["online_only"] and n not in ONLINE_TEST_SETS:
+            online = sorted(k for k, r in rows.items() if r["online_only"])
             raise ChibiError(f"data tasks: {n!r} ships with the package or is generated; nothing to download. "
-                             f"Online tasks: {', '.join(sorted(k for k, r in rows.items() if r['online_only']))}")
+                             f"Online tasks: {', '.join(online)}; full test sets: {', '.join(ONLINE_TEST_SETS)}")
     return out
 
 
@@ -238,12 +244,17 @@ def verify_task_cache(home: Home) -> int:
 
 
 def run_tasks(args) -> int:
-    from chibichat.tasks.registry import get_task, home_option
+    from chibichat.tasks.evalsets import ONLINE_TEST_SETS
+    from chibichat.tasks.registry import get_task, home_option, online_test_set
 
     home = Home.resolve(args.home)
     names = online_task_names(args.names)
     verify_task_cache(home)  # what an earlier run cached, before anything reads it
     for name in names:
+        if name in ONLINE_TEST_SETS:
+            task = online_test_set(name, home)
+            print(f"{name}: {len(task):,} items ({task.kind}; the full test set of eval chat --test-sets online)")
+            continue
         task = get_task(name, **home_option(name, home))
         print(f"{name}: {len(task):,} items ({task.kind})")
     print(f"verified {verify_task_cache(home)} cached file(s) against their manifests in {home.data_dir / 'tasks'}")

@@ -5,8 +5,9 @@ chat + skills evals -> report, then it tells the user how to talk to the model. 
 wall-clock budget over the four training stages (budget_flags).
 
 Each step runs as its own `python -m chibichat <stage> ...` process (under torchrun when several GPUs are
-visible), so a crash or Ctrl-C in one stage cannot corrupt the orchestrator's view, and every step is exactly
-what a user could type by hand (they are printed before they run).
+visible; forked from this process where that is safe, run_step), so a crash or Ctrl-C in one stage cannot
+corrupt the orchestrator's view, and every step is exactly what a user could type by hand (they are printed
+before they run).
 
 Resumability comes from the artifacts, not from a separate state file: a step is done when its completion
 marker exists (each stage writes its summary.json atomically and last). A training step that was interrupted
@@ -76,8 +77,11 @@ GPU_RECIPES = {
 # ----------------------------------------------------------------------------------------------
 # The GPU recipe: every stage's data and length, and what it costs
 
-# Online chat data: what the recipe downloads before training (tasks/online.py, tasks/evalsets.py).
-ONLINE_TASKS = ("smoltalk", "mmlu-aux", "gsm8k-train", "arc-easy-train", "arc-challenge-train")
+# Online task data, downloaded before training (tasks/online.py, tasks/evalsets.py): first the full test sets
+# the chat evaluations score (`eval chat --test-sets online`; present before training, so every training stage
+# checks its data disjoint from them), then the training sets.
+ONLINE_TEST_SETS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")  # = evalsets.ONLINE_TEST_SETS
+ONLINE_TASKS = (*ONLINE_TEST_SETS, "smoltalk", "mmlu-aux", "gsm8k-train", "arc-easy-train", "arc-challenge-train")
 # Midtraining, one pass over nanochat's mixture: SmolTalk ~460K chats, MMLU auxiliary-train ~100K, GSM8K train
 # with its calculator annotations as tool calls, identity; spelling and letter counting are our generated sets
 # of 2,000 items (nanochat's 200K + 80K spelling rows would repeat them 40-100 times, so 5 passes each).
@@ -102,6 +106,17 @@ RL_PROMPTS = 2  # GSM8K questions per GPU per micro-batch in RL (x 8 = 16 per st
 CHARS_PER_TOKEN = {"en": 4.8, "ja": 1.6}  # assumed for a 32-65K BPE vocabulary on that corpus
 CHARS_PER_SHARD = {"en": 250e6, "ja": 250e6}  # FineWeb-EDU reshard: ~250M; ABEJA-CC-JA-edu assumed alike
 SCALES = ("full", "toy")
+# What the Japanese GPU presets lack next to the English recipe (printed with the plan).
+JA_MISSING = (
+    "  Japanese presets: what is missing next to the English recipe:",
+    "  - chat data: no Japanese instruction corpus has a loader (llm-jp/magpie-sft-v1.0, Ego/jpflan exist online);"
+    " midtraining and SFT use the English online sets plus the shipped and generated Japanese ones",
+    "  - RL: no Japanese verifiable-reward set; RL trains on GSM8K train (English)",
+    "  - chat evaluation: no Japanese full test set; eval chat scores the English full test sets and the generated"
+    " Japanese test splits (spelling-ja, arithmetic-ja, letter-count-ja)",
+    "  - base evaluation: CORE is the English DCLM bundle; JGLUE (JCommonsenseQA, JNLI, JSTS, JSQuAD dev sets) is"
+    " not in the plan: after it, run `chibichat eval jglue --from rl --jglue-dir DIR` on JGLUE's dev files",
+)
 
 
 @dataclass(frozen=True)
@@ -401,8 +416,8 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
                "--grad-accum", accum, "--num-samples", "16", "--max-new-tokens", "256", "--temperature", "1.0",
                "--top-k", "50", "--lr-frac", "0.05", "--warmdown-frac", "1.0", "--num-steps", str(fig.rl_steps),
                "--passk-items", "400", "--passk-k", "8", "--save-every", "60"],
-        # every item of every ChatCORE task, greedy, up to 512 new tokens
-        "eval_chat": ["--max-new-tokens", "512"],
+        # every item of the full test sets of every ChatCORE task, greedy, up to 512 new tokens
+        "eval_chat": ["--test-sets", "online", "--max-new-tokens", "512"],
     }
 
 
@@ -451,7 +466,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
             home.data_dir / corpus / f".speedrun-{n}-shards.done", [], weight=0.05,
             speedrun_marks_done=True))
         steps.append(Step(
-            "download-tasks", "download and verify the online chat task sets",
+            "download-tasks", "download and verify the full test sets and the online training sets",
             ["data", "tasks", ",".join(ONLINE_TASKS), *common],
             home.data_dir / "tasks" / ".speedrun-tasks.done", [], weight=0.01, speedrun_marks_done=True))
     steps += [
@@ -548,9 +563,117 @@ def process_count(nproc: int | None) -> int:
 def _launcher(step: Step, nproc: int) -> list[str]:
     """`python -m chibichat` or, for a distributed step on several processes, torchrun over them."""
     if step.distributed and nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-                "chibichat"]
+        return [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(nproc), "-m", "chibichat"]
     return [sys.executable, "-m", "chibichat"]
+
+
+def _torchrun_args(nproc: int) -> list[str]:
+    return ["--standalone", f"--nproc_per_node={nproc}"]
+
+
+def run_step(step: Step, argv: list[str], nproc: int, env: dict) -> int:
+    """Run one step in a process of its own; its exit status.
+
+    Each step's process would otherwise spend seconds of CPU importing torch before it does anything, as
+    much as a toy-sized step's whole work. So on Linux the process is a fork of this one with torch
+    imported already (fork_start), where that is safe:
+    - a distributed step on several processes: torchrun's launcher (torch.distributed.run.main, what the
+      `torchrun` command runs), which does no tensor work; with CUDA present it starts its workers as
+      fresh interpreters (`python -m chibichat argv`) exactly as the printed command line would; without
+      CUDA it forks them too (_torchrun_main);
+    - any other step: `python -m chibichat argv` in the fork, only on a machine without CUDA (a CUDA driver
+      that this process has touched cannot be used in a fork).
+    Elsewhere the command runs as a subprocess."""
+    if sys.platform == "linux":
+        import torch
+
+        no_cuda = not torch.cuda.is_available()
+        if step.distributed and nproc > 1:
+            return fork_start(env, lambda: _torchrun_main([*_torchrun_args(nproc), "-m", "chibichat", *argv], no_cuda))
+        if no_cuda:
+            return fork_start(env, lambda: _chibichat_main(argv))
+    return subprocess.run(_launcher(step, nproc) + argv, env=env).returncode
+
+
+def _chibichat_main(argv: list[str]) -> int:
+    """`python -m chibichat argv`, in this process (a fork): the package's __main__ raises SystemExit with
+    the exit status."""
+    import runpy
+
+    sys.argv = ["chibichat", *argv]
+    runpy.run_module("chibichat", run_name="__main__", alter_sys=True)
+    return 0
+
+
+def _torchrun_main(args: list[str], fork_workers: bool) -> int:
+    """`torchrun args` (its main). `fork_workers` (no CUDA here): the same launch with the workers forked from
+    this process (torchrun's --start-method fork, which applies to a function entrypoint) running
+    `python -m chibichat` in-process, instead of starting fresh interpreters that import torch again."""
+    from torch.distributed.run import main
+
+    try:
+        if not fork_workers:
+            main(args)
+            return 0
+        import uuid
+
+        from torch.distributed.launcher.api import elastic_launch
+        from torch.distributed.run import config_from_args, parse_args
+
+        targs = parse_args(["--start-method", "fork", *args])
+        module = targs.training_script_args
+        if targs.standalone:  # what torchrun's run() does for --standalone
+            targs.rdzv_backend, targs.rdzv_endpoint, targs.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        config, _, _ = config_from_args(targs)
+        elastic_launch(config=config, entrypoint=_forked_worker)(module)
+    except Exception as e:  # a failed worker (ChildFailedError), already reported by torchrun
+        print(f"torchrun: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _forked_worker(argv: list[str]) -> None:
+    """One torchrun worker, forked: `python -m chibichat argv`; a non-zero exit status ends the process with
+    it (torchrun's failure), a zero one returns (torchrun waits for every worker's return value)."""
+    try:
+        _chibichat_main(argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+
+
+def fork_start(env: dict, entry) -> int:
+    """entry() in a forked child with `env` as its environment and line-buffered output (what
+    PYTHONUNBUFFERED gives a fresh interpreter); the child's exit status."""
+    import signal
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # never returns into the orchestrator's code
+        code = 1
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            if hasattr(sys.stdout, "reconfigure"):
+                sys.stdout.reconfigure(line_buffering=True)
+            code = entry()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except BaseException:  # Ctrl-C reaches the child too; let it stop (and stop its workers) before we go
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
 
 
 def run(args) -> int:
@@ -576,9 +699,7 @@ def run(args) -> int:
               f"{', run at toy scale' if args.scale != 'full' else ''}):")
         print("\n".join(estimate_lines(fig)))
         if args.lang == "ja":
-            print("  Japanese chat data: no Japanese instruction corpus has a loader (llm-jp/magpie-sft-v1.0, "
-                  "Ego/jpflan exist online); midtraining/SFT use the English online sets plus the shipped and "
-                  "generated Japanese ones, RL uses GSM8K (English). JGLUE: `chibichat eval jglue`.")
+            print("\n".join(JA_MISSING))
     timing_path = home.report_dir / "timing.json"
     timing = read_json(timing_path, "speedrun timing") if timing_path.exists() else {"stages": {}}
     total_weight = sum(s.weight for s in steps)
@@ -601,17 +722,17 @@ def run(args) -> int:
         if _has_checkpoint(step.resumable_dir):
             argv.append("--resume")
             print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
-        cmd = _launcher(step, nproc) + argv
         elapsed = time.time() - t_start
         eta = ""
         if done_weight > 0 and elapsed > 5:
             eta = f", ETA ~{(elapsed / done_weight) * (total_weight - done_weight) / 60:.1f} min"
-        print(f"{prefix}: {step.title}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
+        how = f" (torchrun over {nproc} processes)" if step.distributed and nproc > 1 else ""
+        print(f"{prefix}: {step.title}{how}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
         if args.dry_run:
             continue
         t0 = time.time()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = run_step(step, argv, nproc, env)
         if rc != 0:
             raise ChibiError(
                 f"stage {step.name} failed (exit {rc}); fix the error above and re-run the same speedrun "

@@ -13,6 +13,12 @@ source="online": the full set from the Hugging Face hub (tasks/online.py), cache
 Training splits also have their own names (online only, home= required): gsm8k-train,
 arc-easy-train, arc-challenge-train.
 
+Test sets (registry.eval_task(name, home, test_sets), what `eval chat --test-sets` picks): "shipped" scores
+the subsets above; "online" scores the full test split of every task in ONLINE_TEST_SETS (ARC-Easy 2,376,
+ARC-Challenge 1,172, MMLU 14,042, GSM8K 1,319, HumanEval 164), read from (or downloaded into) the home's
+task cache. Generated tasks (spelling, ...) have no online source: both choices score their generated test
+split, which is complete by construction.
+
 Shipped files store the source fields ({"question","choices","gold"} / {"question","solution"} / the
 HumanEval row); items are built from them at load time by the same code the online loaders use.
 """
@@ -22,9 +28,16 @@ from __future__ import annotations
 from chibichat.common import ChibiError
 from chibichat.tasks.base import ListTask
 from chibichat.tasks.items import evaluate_gsm8k, evaluate_humaneval, gsm8k_item, humaneval_item, mc_items
+from chibichat.tasks.online import ARC_REPO, GSM8K, HUMANEVAL, MMLU_REPO
 from chibichat.tasks.shipped import read_shipped
 
 SOURCES = ("shipped", "online")
+TEST_SETS = ("shipped", "online")  # the choices of `eval chat --test-sets`
+# The evaluation sets with a full online test split, and where the hub keeps it (the places tasks/online.py reads).
+# Downloaded by `chibichat data tasks NAME`; checked against training data once present.
+TEST_SPLIT = "test"
+ONLINE_TEST_SETS = {"arc-easy": (ARC_REPO, "ARC-Easy"), "arc-challenge": (ARC_REPO, "ARC-Challenge"),
+                    "mmlu": (MMLU_REPO, "all"), "gsm8k": GSM8K, "humaneval": HUMANEVAL}
 
 
 class GSM8K(ListTask):
@@ -127,3 +140,14 @@ def arc_train(subset: str, home) -> ListTask:
 
 # The ChatCORE set of `eval chat` (registry names); also what training data is checked disjoint from.
 CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling")
+
+
+def cached_online_test_sets(home) -> list[str]:
+    """The names of ONLINE_TEST_SETS whose full test split is completely in `home`'s task cache (a split
+    folder with its manifest; hub.fetch_split writes that last)."""
+    from chibichat.common import Home
+    from chibichat.tasks.hub import cache_dir
+
+    home = home if isinstance(home, Home) else Home.resolve(home)
+    return [n for n, (repo, subset) in ONLINE_TEST_SETS.items()
+            if (cache_dir(home, repo, subset, TEST_SPLIT) / "manifest.json").is_file()]

@@ -12,8 +12,11 @@ Two checks, both run by every training stage that takes task names (midtrain/SFT
    case-folded, whitespace runs collapsed to one space), never by task name, so a differently named
    copy of an evaluation set, or `rl --task X --eval-task X`, is caught as well.
    `reported_eval_sets(home)` lists what the chat evaluations report against: the ChatCORE tasks as
-   `eval chat` builds them, the held-out splits of the generated tasks it can score, and the JGLUE dev sets already
-   downloaded into the home.
+   `eval chat` builds them by default (the shipped subsets), the full online test sets (`eval chat --test-sets
+   online`) and the JGLUE dev sets already downloaded into the home, and the held-out splits of the generated
+   tasks it can score. Downloads are never started here: a recipe that scores the online test sets downloads
+   them before training (`chibichat data tasks`, the GPU presets' first steps), so training is checked
+   against them.
 """
 
 from __future__ import annotations
@@ -108,13 +111,15 @@ def check_disjoint(train_tasks: Sequence, eval_tasks: Sequence, fix: str) -> Non
 
 def reported_eval_sets(home=None, generated: Iterable[str] = ()) -> list:
     """The evaluation sets the chat evaluations report against: the ChatCORE tasks as `eval chat` builds
-    them, the test splits of the named generated tasks that it can score (not conversation-only ones such
-    as identity, whose few questions recur in both splits by design), and the JGLUE dev sets present in `home`
-    (never downloaded here)."""
-    from chibichat.tasks.evalsets import CHATCORE_TASKS
+    them by default, the test splits of the named generated tasks that it can score (not conversation-only
+    ones such as identity, whose few questions recur in both splits by design), and the full online test sets
+    and JGLUE dev sets present in `home` (never downloaded here)."""
+    from chibichat.tasks.evalsets import CHATCORE_TASKS, cached_online_test_sets
     from chibichat.tasks.registry import eval_task, get_task
 
     out = [eval_task(n) for n in CHATCORE_TASKS]
+    if home is not None:
+        out += [eval_task(n, home, "online") for n in cached_online_test_sets(home)]
     have = {t.name for t in out}
     for name in generated:
         if name not in have:

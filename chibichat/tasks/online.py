@@ -16,13 +16,19 @@ from chibichat.tasks.hub import hub_rows
 
 ROLES = ("system", "user", "assistant")
 
+# Where the hub keeps each source (repo, subset); evalsets.ONLINE_TEST_SETS points at the same places.
+ARC_REPO = "allenai/ai2_arc"  # subsets ARC-Easy, ARC-Challenge
+MMLU_REPO = "cais/mmlu"  # subsets all, auxiliary_train
+GSM8K = ("openai/gsm8k", "main")
+HUMANEVAL = ("openai/openai_humaneval", "openai_humaneval")
+
 
 def _home(home) -> Home:
     return home if isinstance(home, Home) else Home.resolve(home)
 
 
 def arc_rows(home, subset: str, split: str) -> list[dict]:
-    rows = hub_rows(_home(home), "allenai/ai2_arc", subset, split, ("id", "question", "choices", "answerKey"))
+    rows = hub_rows(_home(home), ARC_REPO, subset, split, ("id", "question", "choices", "answerKey"))
     out = []
     for r in rows:
         labels, texts = list(r["choices"]["label"]), list(r["choices"]["text"])
@@ -33,7 +39,7 @@ def arc_rows(home, subset: str, split: str) -> list[dict]:
 
 
 def mmlu_rows(home, subset: str, split: str) -> list[dict]:
-    rows = hub_rows(_home(home), "cais/mmlu", subset, split,
+    rows = hub_rows(_home(home), MMLU_REPO, subset, split,
                     ("train",) if subset == "auxiliary_train" else ("question", "choices", "answer"))
     out = []
     for k, r in enumerate(rows):
@@ -45,12 +51,12 @@ def mmlu_rows(home, subset: str, split: str) -> list[dict]:
 
 
 def gsm8k_rows(home, split: str) -> list[dict]:
-    rows = hub_rows(_home(home), "openai/gsm8k", "main", split, ("question", "answer"))
+    rows = hub_rows(_home(home), *GSM8K, split, ("question", "answer"))
     return [{"question": r["question"], "solution": r["answer"]} for r in rows]
 
 
 def humaneval_rows(home, split: str) -> list[dict]:
-    return hub_rows(_home(home), "openai/openai_humaneval", "openai_humaneval", split,
+    return hub_rows(_home(home), *HUMANEVAL, split,
                     ("task_id", "prompt", "canonical_solution", "test", "entry_point"))
 
 

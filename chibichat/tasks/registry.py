@@ -159,9 +159,27 @@ def get_task(name: str, **options) -> Task:
     return spec.build(**spec.fixed, **options)
 
 
-def eval_task(name: str, home=None) -> Task:
-    """A task for evaluation: generated tasks use their held-out test split; tasks read from downloads
-    (JGLUE, online sets) read them from `home`."""
+def online_test_set(name: str, home) -> Task:
+    """The full online test split of an evaluation set of ONLINE_TEST_SETS (downloaded once into `home`)."""
+    from chibichat.tasks.evalsets import ONLINE_TEST_SETS, TEST_SPLIT
+
+    if name not in ONLINE_TEST_SETS:
+        raise ChibiError(f"task {name!r} has no online test set; those that have one: {', '.join(ONLINE_TEST_SETS)}")
+    return get_task(name, source="online", home=home, split=TEST_SPLIT)
+
+
+def eval_task(name: str, home=None, test_sets: str = "shipped") -> Task:
+    """A task for evaluation: with test_sets="online", a task of ONLINE_TEST_SETS is its full online test
+    split (in `home`); otherwise shipped tasks are their subsets, generated tasks their held-out test split,
+    and tasks read from downloads (JGLUE, online sets) read them from `home`."""
+    from chibichat.tasks.evalsets import ONLINE_TEST_SETS, TEST_SETS
+
+    if test_sets not in TEST_SETS:
+        raise ChibiError(f"--test-sets {test_sets!r}: choose one of {', '.join(TEST_SETS)}")
+    if test_sets == "online" and name in ONLINE_TEST_SETS:
+        if home is None:
+            raise ChibiError(f"the online test set of {name!r} is read from a home's task cache; pass home=")
+        return online_test_set(name, home)
     task = get_task(name, **(home_option(name, home) if home is not None else {}))
     if isinstance(task, GeneratedTask):
         task = get_task(name, split="test")
