@@ -235,9 +235,9 @@ class Scripted(torch.nn.Module):
     def new_state(self, batch_size, max_len):
         return self.inner.new_state(batch_size, max_len)
 
-    def forward_step(self, idx, state):
+    def forward(self, idx, state=None, **options):
         pos = state.pos.clone()
-        self.inner.forward_step(idx, state)
+        self.inner(idx, state=state)
         B, t = idx.shape
         logits = torch.zeros(B, t, self.config.vocab_size)
         for b in range(B):
