@@ -208,18 +208,19 @@ def apply_softcap(logits, c: float):
 
 
 def rope_table(length: int, head_dim: int, base: float, device=None):
-    """cos, sin of shape (length, head_dim / 2), fp32."""
+    """(cos, signed sin) of shape (length, head_dim), fp32, for apply_rope: [cos, cos] and [sin, -sin]
+    of the half-split frequencies."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     t = torch.arange(length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Half-split rotation. x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    """Half-split rotation [x1, x2] -> [x1 c + x2 s, x2 c - x1 s], written x * [c, c] + roll(x) * [s, -s]
+    (three operations, no split/cat). x: (B, T, H, D); cos/sin (rope_table) broadcastable to (B, T, 1, D)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 def linear_init_(w):
@@ -318,10 +319,9 @@ class Attention(nn.Module):
         new keys/values go into `cache` (k, v) at the rows' positions and the queries attend to it."""
         B, T, E = u.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = lin("qkv", u).split([H * D, Hk * D, Hk * D], dim=-1)
-        q = norm(apply_rope(q.view(B, T, H, D), cos, sin)).transpose(1, 2)
-        k = norm(apply_rope(k.view(B, T, Hk, D), cos, sin)).transpose(1, 2)
-        v = v.view(B, T, Hk, D).transpose(1, 2)
+        qk, v = lin("qkv", u).view(B, T, H + 2 * Hk, D).split([H + Hk, Hk], dim=2)
+        q, k = norm(apply_rope(qk, cos, sin)).split([H, Hk], dim=2)  # RoPE and QK-norm: per head, both at once
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if step is None:
             mask, causal = attention_mask(0, T, T, self.window, None, u.device)
         else:
