@@ -203,7 +203,10 @@ def norm(x):
 
 def apply_softcap(logits, c: float):
     """c * tanh(logits / c), written as c * (2 * sigmoid(2 logits / c) - 1): a CPU's tanh costs 3-6x a
-    sigmoid, and the two agree to a few fp32 ulps (the training loss uses the same form, _head_chunk)."""
+    sigmoid, and the two agree to a few fp32 ulps (the training loss uses the same form, _head_chunk).
+    In place when decoding (inference mode: nothing is kept for a backward)."""
+    if torch.is_inference_mode_enabled():
+        return logits.mul_(2.0 / c).sigmoid_().mul_(2.0 * c).sub_(c)
     return torch.sigmoid(logits * (2.0 / c)) * (2.0 * c) - c
 
 
@@ -344,7 +347,8 @@ class MLP(nn.Module):
         return [self.w_fc, self.w_proj]
 
     def forward(self, u, lin):
-        return lin("proj", F.relu(lin("fc", u)).square())
+        h = lin("fc", u)  # decoding (inference mode) works in place: nothing is kept for a backward
+        return lin("proj", torch.relu_(h).square_() if torch.is_inference_mode_enabled() else F.relu(h).square())
 
 
 def recompute_in_backward(fn, x, *args):
