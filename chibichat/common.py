@@ -322,7 +322,7 @@ def add_runtime_args(parser) -> None:
 
 
 def add_fp8_arg(parser) -> None:
-    """--fp8 for the training stages (pretrain, midtrain, sft, rl); checked by model.fp8.enable_fp8."""
+    """--fp8 for the training stages (pretrain, midtrain, sft, rl); checked by model.fp8.check_fp8_runtime and the model (RunConfig.fp8)."""
     parser.add_argument(
         "--fp8",
         action="store_true",
@@ -333,7 +333,7 @@ def add_fp8_arg(parser) -> None:
 
 def add_memory_args(parser) -> None:
     """--recompute and --trim-heap for the training stages (pretrain, midtrain, sft, rl): less peak memory
-    for more compute, the same numbers (GPT.recompute, train.loop.release_free_heap)."""
+    for more compute, the same numbers (RunConfig.recompute, train.loop.release_free_heap)."""
     parser.add_argument(
         "--recompute", choices=("none", "mlp", "block"), default="none",
         help="activation recomputation in backward: none, each MLP's hidden (mlp) or everything inside a "

@@ -1,11 +1,11 @@
 """Generation: prefill once, decode incrementally, sample, use tools, stream text.
 
 Flow of one `generate` call:
-1. Prefill: prompts of equal length are prefilled together (forward_step with t > 1 needs equal
+1. Prefill: prompts of equal length are prefilled together (a forward of t > 1 tokens needs equal
    positions); each prompt's last-position logits are kept. The per-prompt states are then laid out
    as rows [prompt0 x num_samples, prompt1 x num_samples, ...] with `select` (a row copy, like
    `expand`) and merged with `InferenceState.stack`. Rows of different lengths decode together
-   because forward_step takes per-row positions for one-token steps.
+   because the model's forward takes per-row positions for one-token steps.
 2. Decode: every step samples one token per row from that row's own logits (the first token too:
    upstream once broadcast the first sample to every row), runs the per-row tool
    state machine, and feeds all live rows one token. Finished rows are dropped from the batch.
@@ -405,7 +405,7 @@ class _ChoiceText:
 class Engine:
     """Generation for one model + tokenizer on one device (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, rt, compile: bool = False):
+    def __init__(self, model, tokenizer, rt):
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ChibiError(
                 f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.vocab_size}: "
@@ -423,16 +423,15 @@ class Engine:
         # follows ("<<expr=result>>") or the call failed and nothing was injected ("<<expr>>").
         self._shown = {self.python_start: b"<<", self.python_end: b"", self.output_start: b"=", self.output_end: b">>"}
         self._decoder = None  # chibichat.model.decode.Decoder, rebuilt when the model's weights change
-        self.compile = compile  # torch.compile the decoder's one-token steps (opt-in, see model/compiled.py)
 
     def decoder(self):
         """The lean decode path for the model's current weights (built once, rebuilt after the
         weights change, e.g. between RL steps: a cheap fingerprint check per generate call)."""
-        from chibichat.model.decode import decoder_for
+        from chibichat.model.decode import Decoder
 
         if self._decoder is None or not self._decoder.matches(self.model):
             self._decoder = None  # free the old copy before making the new one
-            self._decoder = decoder_for(self.model, compile=self.compile)
+            self._decoder = Decoder(self.model)
         return self._decoder
 
     def sibling(self) -> "Engine":
@@ -440,7 +439,7 @@ class Engine:
         CPU model: the Decoder holds a compute-dtype copy of the weights, ~10 MB bf16 / ~35 MB fp32 at d4,
         and only reads it while generating, so one copy serves every thread). Each engine still
         rebuilds its own decoder if the model's weights change."""
-        twin = Engine(self.model, self.tokenizer, self.rt, compile=self.compile)
+        twin = Engine(self.model, self.tokenizer, self.rt)
         twin._decoder = self.decoder()
         return twin
 
@@ -746,14 +745,12 @@ class StopMatcher:
         return out
 
 
-def prepare_for_inference(model, dtype):
-    """Make a model that will only run inference fast in `dtype`: store its weights in that dtype,
-    so forward's per-step `weight.to(compute_dtype)` is a no-op instead of a full weight copy (which
-    made bf16 decoding slower than fp32). Only for models that are not trained afterwards (chat,
-    serve, bench); RL keeps fp32 masters. Returns the model (modified in place), in eval mode."""
-    model.to(dtype=dtype)
-    model.compute_dtype = dtype
-    return model.eval()
+def prepare_for_inference(model):
+    """Make a model that will only run inference fast: store its weights in its compute dtype
+    (RunConfig.compute_dtype), so no forward casts a weight (and no layout for decoding copies one).
+    Only for models that are not trained afterwards (chat, serve, bench); RL keeps fp32 masters.
+    Returns the model (modified in place), in eval mode."""
+    return model.to(dtype=model.compute_dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------------

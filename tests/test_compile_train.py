@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.model.gpt import GPT, GPTConfig, RunConfig
 from chibichat.train.optim import build_optimizer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # inductor compiles fwd+bwd: ~10-30 s each
@@ -14,9 +14,8 @@ V, T, B, STEPS, ACCUM = 64, 16, 2, 3, 2
 def train(layers, compile, recompute, dtype=torch.float32):
     """STEPS optimizer steps of ACCUM micro-batches; returns the per-step losses and the final parameters."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, layers=layers))
-    model.recompute = recompute
-    model.compute_dtype = dtype
+    model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, layers=layers),
+                RunConfig(compute_dtype=dtype, recompute=recompute))
     # Newton-Schulz in fp32 (the CPU default is bf16): a last-bit difference in a gradient must not flip a
     # bf16 rounding inside the orthogonalisation, which would show as a 2^-8 * lr step difference.
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, other_lr=0.02,

@@ -1,16 +1,15 @@
-"""The lean decode path (chibichat/model/decode.py): same logits as the full forward and as
-GPT.forward_step for every layout, state interplay (expand/select/stack), errors, weight changes."""
-
-import logging
+"""Decoding over laid-out weights (chibichat/model/decode.py): same logits as the full forward and as
+the model's forward with a state over its master weights, for every layout; state interplay
+(expand/select/stack), errors, weight changes."""
 
 import pytest
 import torch
 
 from chibichat.common import ChibiError, init_runtime
 from chibichat.engine import Engine, prepare_for_inference
-from chibichat.model import decode as decode_mod
-from chibichat.model.decode import Decoder, StepDecoder, decoder_for
-from chibichat.model.gpt import GPT, GPTConfig, InferenceState
+from chibichat.model import gpt as gpt_mod
+from chibichat.model.decode import Decoder
+from chibichat.model.gpt import GPT, GPTConfig, InferenceState, RunConfig
 from chibichat.tokenizer import Tokenizer
 from test_model import LAYOUTS as MODEL_LAYOUTS
 
@@ -23,11 +22,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LAYOUTS = {**MODEL_LAYOUTS, "gqa-window": dict(layers="AAAA", n_kv_head=1, windows=[4, 0, 2, 0])}
 
 
-def tiny(layers="dense", n_head=4, n_kv_head=4, windows=None, n_layer=4, seq_len=24, n_embd=32, k=3, vocab=V):
+def tiny(layers="dense", n_head=4, n_kv_head=4, windows=None, n_layer=4, seq_len=24, n_embd=32, k=3, vocab=V,
+         dtype=torch.float32):
     cfg = GPTConfig(vocab_size=vocab, seq_len=seq_len, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                     n_kv_head=n_kv_head, layers=layers, windows=windows, conv_kernel=k)  # fmt: skip
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = GPT(cfg, RunConfig(compute_dtype=dtype))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # zero-initialised projections would make every layer an identity
         for p in model.parameters():
@@ -81,7 +81,7 @@ def test_decoder_rows_at_different_positions(name):
 
 
 @pytest.mark.parametrize("name", ["dense", "iberis"])
-def test_decoder_expand_clone_and_forward_step_share_state(name):
+def test_decoder_expand_clone_and_model_forward_share_state(name):
     m = tiny(**LAYOUTS[name])
     d = Decoder(m)
     prompt = torch.randint(0, V, (1, 9))
@@ -92,8 +92,8 @@ def test_decoder_expand_clone_and_forward_step_share_state(name):
     assert st3.lengths == [9, 9, 9]
     twin = st3.clone()
     got = torch.cat([d.forward(cont[:, i : i + 1], st3) for i in range(6)], dim=1)
-    # the same state layout: GPT.forward_step continues a Decoder's state (and vice versa)
-    ref = torch.cat([m.forward_step(cont[:, i : i + 1], twin) for i in range(6)], dim=1)
+    # the same state: the model's forward over its master weights continues a Decoder's state
+    ref = torch.cat([m(cont[:, i : i + 1], state=twin) for i in range(6)], dim=1)
     full = m(torch.cat([prompt.expand(3, -1), cont], dim=1))[:, 9:]
     assert torch.allclose(got, full, atol=1e-5) and torch.allclose(ref, full, atol=1e-5)
     assert twin.lengths == st3.lengths == [15, 15, 15]
@@ -103,7 +103,7 @@ def test_decoder_sdpa_branch_agrees(monkeypatch):
     m = tiny("AASA", windows=[0, 5, 0, 0], n_kv_head=2)
     idx = torch.randint(0, V, (2, 20))
     full = m(idx)
-    monkeypatch.setattr(decode_mod, "EXPLICIT_ATTENTION_MAX_SCORES", 0)  # force SDPA everywhere
+    monkeypatch.setattr(gpt_mod, "EXPLICIT_ATTENTION_MAX_SCORES", 0)  # force SDPA everywhere
     d = Decoder(m)
     st = d.new_state(2, 24)
     chunks = [d.forward(idx[:, a:b], st) for a, b in ((0, 9), (9, 10), (10, 20))]
@@ -118,16 +118,16 @@ def test_decoder_sdpa_branch_agrees(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["dense", "iberis", "gqa"])
-def test_decoder_bf16_matches_forward_step(name):
-    """In bf16 (weights stored in bf16, as chat/serve/bench prepare them) the decoder computes the same
-    function as forward_step: both round at the same places, so they agree to bf16 precision."""
-    m = prepare_for_inference(tiny(**LAYOUTS[name]), torch.bfloat16)
+def test_decoder_bf16_matches_the_model_forward(name):
+    """In bf16 (weights stored in bf16, as chat/serve/bench prepare them) the decoder's laid-out weights
+    (oneDNN-packed on CPU) give the model's own forward with a state, to bf16 precision."""
+    m = prepare_for_inference(tiny(**LAYOUTS[name], dtype=torch.bfloat16))
     d = Decoder(m)
     idx = torch.randint(0, V, (2, 16))
     a, b = d.new_state(2, 24), m.new_state(2, 24)
     assert a.layers[0][0].dtype == torch.bfloat16
     got = torch.cat([d.forward(idx[:, :10], a)] + [d.forward(idx[:, i : i + 1], a) for i in range(10, 16)], dim=1)
-    ref = torch.cat([m.forward_step(idx[:, :10], b)] + [m.forward_step(idx[:, i : i + 1], b) for i in range(10, 16)], dim=1)
+    ref = torch.cat([m(idx[:, :10], state=b)] + [m(idx[:, i : i + 1], state=b) for i in range(10, 16)], dim=1)
     assert got.dtype == torch.float32
     assert torch.allclose(got, ref, atol=0.1), (got - ref).abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
@@ -141,7 +141,7 @@ def test_decoder_bf16_matches_forward_step(name):
     step = d.forward(torch.tensor([[4], [9]]), st)
     for r, n in enumerate((3, 7)):
         s = m.new_state(1, 24)
-        alone = m.forward_step(torch.cat([idx[:1, :n], torch.tensor([[(4, 9)[r]]])], dim=1), s)[0, -1]
+        alone = m(torch.cat([idx[:1, :n], torch.tensor([[(4, 9)[r]]])], dim=1), state=s)[0, -1]
         assert torch.allclose(step[r, 0], alone, atol=0.1), (step[r, 0] - alone).abs().max()
 
 
@@ -174,7 +174,7 @@ def test_decoder_past_seq_len_grows_rope():
     ids = torch.randint(0, V, (1, 20))
     got = torch.cat([d.forward(ids[:, i : i + 1], st) for i in range(20)], dim=1)
     ref_state = m.new_state(1, 20)
-    ref = torch.cat([m.forward_step(ids[:, i : i + 1], ref_state) for i in range(20)], dim=1)
+    ref = torch.cat([m(ids[:, i : i + 1], state=ref_state) for i in range(20)], dim=1)
     assert torch.allclose(got, ref, atol=1e-5)
 
 
@@ -213,134 +213,23 @@ def test_optimizer_step_invalidates_the_decoder():
     assert Decoder(m).matches(m)
 
 
-def test_decoder_for_picks_the_fast_path_for_gpts_only():
+def test_decoder_lays_out_gpts_and_calls_anything_else_as_it_is():
     m = tiny("dense")
-    assert isinstance(decoder_for(m), Decoder)
+    assert Decoder(m).weights is not None and Decoder(m).extra_bytes(m) > 0
 
-    class Wrapped:  # anything with new_state/forward_step
+    class Wrapped:  # anything with new_state / forward(idx, state=...)
         def __init__(self, inner):
             self.inner = inner
 
         def new_state(self, b, n):
             return self.inner.new_state(b, n)
 
-        def forward_step(self, idx, state):
-            return self.inner.forward_step(idx, state)
+        def __call__(self, idx, state=None, **options):
+            return self.inner(idx, state=state, **options)
 
-    patched = tiny("dense")
-    patched.forward_step = lambda idx, state: torch.zeros(idx.shape[0], idx.shape[1], V)  # a scripted double
-    assert isinstance(decoder_for(patched), StepDecoder)
     w = Wrapped(m)
-    sd = decoder_for(w)
-    assert isinstance(sd, StepDecoder) and sd.matches(w)
+    sd = Decoder(w)
+    assert sd.weights is None and sd.matches(w) and not sd.matches(m) and sd.extra_bytes(m) == 0
     st = sd.new_state(1, 24)
     out = sd.forward(torch.randint(0, V, (1, 5)), st, last_only=True)
-    assert out.shape == (1, 1, V)
-
-
-# -- opt-in compiled one-token steps (chibichat/model/compiled.py) ---------------------------------
-
-
-@pytest.fixture
-def fp32_rows_compiled(monkeypatch):
-    # fp32 compiles one-row steps only (speed); tests compile several rows too, where fp32's tight
-    # tolerance checks the per-row masks and cache writes.
-    from chibichat.model import compiled as compiled_mod
-
-    monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 64)
-
-
-@pytest.mark.parametrize("name", ["iberis", "gqa-window", "slc2-only"])
-def test_compiled_step_equals_eager_decoder(name, fp32_rows_compiled):
-    """The compiled step (whole-cache attention under a per-row mask) computes the eager Decoder's
-    logits, for rows at different positions, and compiles once for all the steps of one shape."""
-    from torch._dynamo.utils import counters
-
-    m = tiny(**LAYOUTS[name])
-    eager, comp = Decoder(m), Decoder(m, compile=True)
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(0, V, (1, n), generator=g) for n in (3, 11, 6)]
-    cont = torch.randint(0, V, (3, 6), generator=g)
-    states = {}
-    for key, d in (("eager", eager), ("comp", comp)):
-        parts = []
-        for p in prompts:
-            s = d.new_state(1, 24)
-            d.forward(p, s, last_only=True)
-            parts.append(s)
-        states[key] = InferenceState.stack(parts)
-    assert states["comp"].max_len == 64  # rounded up so different requests share a graph
-    graphs_before = counters["stats"]["unique_graphs"]
-    for i in range(cont.shape[1]):
-        a = eager.forward(cont[:, i : i + 1], states["eager"])
-        b = comp.forward(cont[:, i : i + 1], states["comp"])
-        assert torch.allclose(a, b, atol=1e-5), (i, (a - b).abs().max())
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # no recompiles between steps
-    assert list(comp.compiled.graphs) == [(3, 64)]
-    assert states["comp"].lengths == states["eager"].lengths == [9, 17, 12]
-    # the compiled decoder's state is an ordinary InferenceState: the model's own step continues it
-    nxt = torch.tensor([[1], [2], [3]])
-    assert torch.allclose(m.forward_step(nxt, states["comp"]), eager.forward(nxt, states["eager"]), atol=1e-5)
-
-
-def test_compiled_engine_generates_the_same_tokens(monkeypatch, caplog, fp32_rows_compiled):
-    """Greedy generation through the Engine is identical with compile on (fp32 dense), and a shape
-    past the compile cap runs eager with the same result."""
-    from chibichat.model import compiled as compiled_mod
-
-    tok = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
-    m = tiny("dense", vocab=tok.vocab_size, seq_len=48)
-    rt = init_runtime("cpu", "float32")
-    prompts = [[tok.bos_id, 65, 66, 67], [tok.bos_id, 70]]
-    gen = lambda e, ps: [s[0].tokens for s in e.generate(ps, max_tokens=12, temperature=0, tools=False)]  # noqa: E731
-    plain, comp = Engine(m, tok, rt), Engine(m, tok, rt, compile=True)
-    assert gen(comp, prompts) == gen(plain, prompts)
-    assert len(comp.decoder().compiled.graphs) == 1
-    monkeypatch.setattr(compiled_mod, "MAX_COMPILED_SHAPES", 1)
-    with caplog.at_level(logging.INFO, logger="chibichat.model.compiled"):
-        assert gen(comp, prompts[:1]) == gen(plain, prompts[:1])  # batch 1: a new shape, eager
-    assert len(comp.decoder().compiled.graphs) == 1
-    assert "batch 1, max_len 64 run eager" in caplog.text  # said once, not silently
-    monkeypatch.setattr(compiled_mod, "FP32_MAX_ROWS", 1)  # the default: fp32 batches run eager
-    d = Decoder(m, compile=True)
-    st = d.new_state(2, 8)
-    assert d.compiled.step(torch.zeros(2, 1, dtype=torch.long), st, d.cos[:, 0], d.sin[:, 0], d.key_pos) is None
-
-
-def test_compiled_bf16_agrees_and_rejects_fp16():
-    m = prepare_for_inference(tiny("iberis"), torch.bfloat16)
-    eager, comp = Decoder(m), Decoder(m, compile=True)
-    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
-    a, b = eager.new_state(2, 24), comp.new_state(2, 24)
-    eager.forward(idx[:, :8], a)
-    comp.forward(idx[:, :8], b)
-    for i in range(8, 12):
-        x, y = eager.forward(idx[:, i : i + 1], a), comp.forward(idx[:, i : i + 1], b)
-        assert torch.allclose(x, y, atol=0.1), (x - y).abs().max()
-    with pytest.raises(ChibiError, match="float32 and bfloat16"):
-        Decoder(prepare_for_inference(tiny("dense"), torch.float16), compile=True)
-
-
-@pytest.mark.slow  # two compiles: ~10-20 s on 2 cores
-def test_compiled_graphs_have_their_own_recompile_limit(monkeypatch):
-    """Dynamo's recompile limit counts compiled graphs per code object: each (batch, max_len) graph of
-    each Decoder has its own, so compiling more shapes (or more Decoders: RL builds one per update)
-    never reaches the limit and fails (fullgraph=True) or falls back to eager."""
-    import torch._dynamo
-
-    from chibichat.model import compiled as compiled_mod
-
-    monkeypatch.setattr(compiled_mod, "CPP_WRAPPER", False)  # irrelevant here; saves a C++ build per graph
-    m = tiny("dense")
-    eager = Decoder(m)
-    idx = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(6))
-    with torch._dynamo.config.patch(recompile_limit=1):
-        for d in (Decoder(m, compile=True),):
-            for max_len in (24, 100):  # rounded to 64 and 128: two graphs per Decoder
-                a, b = eager.new_state(1, max_len), d.new_state(1, max_len)
-                eager.forward(idx[:, :4], a)
-                d.forward(idx[:, :4], b)
-                for i in (4, 5):
-                    x, y = eager.forward(idx[:, i : i + 1], a), d.forward(idx[:, i : i + 1], b)
-                    assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()
-            assert list(d.compiled.graphs) == [(1, 64), (1, 128)]
+    assert out.shape == (1, 1, V) and st.lengths == [5]

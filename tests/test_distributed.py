@@ -35,6 +35,7 @@ def worker(tag_dir: str, steps: int, accum: int, save_every: int, resume: bool, 
     import torch
 
     from chibichat.common import init_runtime, shutdown_runtime
+    from chibichat.model.gpt import RunConfig
     from chibichat.train.loop import LoopConfig, train
     from test_loop import ToySource, loss_fn, make, meta_for
 
@@ -43,10 +44,9 @@ def worker(tag_dir: str, steps: int, accum: int, save_every: int, resume: bool, 
     # Tiny buckets, so the toy model's gradients travel in many buckets launched during backward.
     optim.BUCKET_BYTES = 4096
     rt = init_runtime("cpu", "float32")
-    model, opt = make()
     # Activation recomputation must not disturb the overlapped gradient all-reduce (its parameter
     # gradients accumulate inside a nested backward): the 2-rank run below recomputes, the 1-rank not.
-    model.recompute = os.environ.get("CHIBI_TEST_RECOMPUTE", "none")
+    model, opt = make(run=RunConfig(recompute=os.environ.get("CHIBI_TEST_RECOMPUTE", "none")))
     if rt.distributed:
         assert len(opt._buckets) > 3, len(opt._buckets)
 

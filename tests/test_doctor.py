@@ -66,13 +66,12 @@ def test_doctor_gpu_checks_pass(tmp_path):
 @pytest.mark.gpu
 @cuda
 def test_device_batch_probe_on_cuda():
-    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.model.gpt import GPT, GPTConfig, RunConfig
     from chibichat.train.batchprobe import auto_device_batch
 
     with torch.device("cuda"):
         m = GPT(GPTConfig(vocab_size=4096, seq_len=512, n_layer=2, n_embd=128, n_head=2, n_kv_head=2,
-                          layers="dense", windows=[0, 0]))
-    m.compute_dtype = torch.bfloat16
+                          layers="dense", windows=[0, 0]), RunConfig(compute_dtype=torch.bfloat16))
     rows, how = auto_device_batch(m, 2 ** 16, 512, 1, torch.device("cuda"))
     assert rows == 128 and "fit" in how  # a 0.5M-param model fits all 128 rows on any CUDA card
     assert all(p.grad is None for p in m.parameters())  # the probe leaves no gradients behind

@@ -256,9 +256,9 @@ class Scripted(torch.nn.Module):
     def new_state(self, batch_size, max_len):
         return self.inner.new_state(batch_size, max_len)
 
-    def forward_step(self, idx, state):
+    def forward(self, idx, state=None, **options):
         pos = state.pos.clone()
-        self.inner.forward_step(idx, state)
+        self.inner(idx, state=state)
         B, t = idx.shape
         logits = torch.zeros(B, t, self.config.vocab_size)
         for b in range(B):
@@ -414,9 +414,9 @@ def test_bench_infer_measures_a_tiny_model():
     # exact bytes: fp32 weights; state for batch 2 of 13 tokens. iberis at depth 3 = "SAA":
     # 2 attention layers x (k, v) x 2 rows x 1 head x 13 x 64, plus 1 conv history of 2 rows x (k-1=2) x 64
     assert r["weights_mib"] * 2**20 == r["params"] * 4
-    # decode copies: fused QKV (2 layers x 3 x 64 x 64), SLC2 input (64 + 64 + 1 + 64 rows x 64) and
-    # conv taps (3 x 64), fp32; transposed wide weights (fp32 CPU): MLP up (3 x 256 x 64), head (300 x 64)
-    fused = 2 * 3 * 64 * 64 + (64 + 64 + 1 + 64) * 64 + 3 * 64
+    # decode copies: fused QKV (2 layers x 3 x 64 x 64) and SLC2 input (64 + 64 + 1 + 64 rows x 64), fp32;
+    # transposed wide weights (fp32 CPU): MLP up (3 x 256 x 64), head (300 x 64)
+    fused = 2 * 3 * 64 * 64 + (64 + 64 + 1 + 64) * 64
     # and, for batched rows, a oneDNN-packed copy of every projection (params minus embedding and taps)
     packed = r["params"] - 300 * 64 - 3 * 64
     assert r["decoder_copies_mib"] * 2**20 == 4 * (fused + 3 * 256 * 64 + 300 * 64 + packed)

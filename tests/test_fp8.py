@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from chibichat.common import ChibiError
 from chibichat.model import fp8
-from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.model.gpt import GPT, GPTConfig, RunConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,11 +141,10 @@ def test_input_features_must_be_a_multiple_of_16():
 
 # -- the model -----------------------------------------------------------------------------------
 
-def tiny(layers="dense", width=64, seed=0):
+def tiny(layers="dense", width=64, seed=0, use_fp8=False):
     torch.manual_seed(seed)
-    m = GPT(GPTConfig(vocab_size=64, seq_len=32, n_layer=2, n_embd=width, n_head=2, n_kv_head=2, layers=layers))
-    m.compute_dtype = torch.bfloat16
-    return m
+    return GPT(GPTConfig(vocab_size=64, seq_len=32, n_layer=2, n_embd=width, n_head=2, n_kv_head=2, layers=layers),
+               RunConfig(compute_dtype=torch.bfloat16, fp8=use_fp8))
 
 
 @torch.no_grad()
@@ -159,8 +158,8 @@ def nonzero_outputs(m):
 
 @pytest.mark.parametrize("layers", ["dense", "SA"])
 def test_gradients_reach_the_fp32_masters_and_no_grad_forwards_stay_bf16(layers):
-    a, b = tiny(layers), tiny(layers)
-    assert fp8.enable_fp8(b, CPU, torch.bfloat16) == 4  # mixer + MLP of 2 blocks
+    a, b = tiny(layers), tiny(layers, use_fp8=True)
+    assert fp8.check_fp8_layers(b) == 4  # mixer + MLP of 2 blocks
     nonzero_outputs(a)
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -181,16 +180,14 @@ def test_gradients_reach_the_fp32_masters_and_no_grad_forwards_stay_bf16(layers)
     with torch.no_grad():
         assert torch.equal(a(x, y), b(x, y))
         sa, sb = a.new_state(1, 8), b.new_state(1, 8)
-        assert torch.equal(a.forward_step(x[:1, :5], sa), b.forward_step(x[:1, :5], sb))
+        assert torch.equal(a(x[:1, :5], state=sa), b(x[:1, :5], state=sb))
 
 
 def _train(layers, use_fp8, steps=30):
     from chibichat.bench.train import markov_batches
     from chibichat.train.optim import build_optimizer
 
-    m = tiny(layers)
-    if use_fp8:
-        fp8.enable_fp8(m, CPU, torch.bfloat16)
+    m = tiny(layers, use_fp8=use_fp8)
     s = (64 / 768) ** -0.5
     opt = build_optimizer(m.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
                           other_lr=0.02 * s)
@@ -245,9 +242,8 @@ def test_compiled_fp8_matches_eager():
     nonzero_outputs(ref)
     ref_loss = ref(ids, targets)
     ref_loss.backward()
-    m = tiny("SA")
+    m = tiny("SA", use_fp8=True)
     nonzero_outputs(m)
-    fp8.enable_fp8(m, CPU, torch.bfloat16)
     loss = torch.compile(m, dynamic=False)(ids, targets)
     loss.backward()
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3)
@@ -257,31 +253,31 @@ def test_compiled_fp8_matches_eager():
 
 # -- validation ---------------------------------------------------------------------------------
 
-def test_enable_fp8_refuses_other_dtypes_and_devices():
-    m = tiny()
+def test_fp8_refuses_other_dtypes_and_devices():
     with pytest.raises(ChibiError, match="needs the bfloat16 compute dtype.*float32.*--dtype bfloat16"):
-        fp8.enable_fp8(m, CPU, torch.float32)
+        fp8.check_fp8_runtime(CPU, torch.float32)
+    with pytest.raises(ChibiError, match="needs the bfloat16 compute dtype.*float32.*--dtype bfloat16"):
+        RunConfig(compute_dtype=torch.float32, fp8=True)  # a model cannot even be configured so
     with pytest.raises(ChibiError, match="not on mps"):
-        fp8.enable_fp8(m, torch.device("mps"), torch.bfloat16)
-    assert not any(mod.fp8 for _, mod, _ in fp8.fp8_layers(m))  # nothing switched on by a refused call
+        fp8.check_fp8_runtime(torch.device("mps"), torch.bfloat16)
+    assert not any(block.fp8 for block in tiny().blocks)  # off unless the run asks for it
 
 
 @pytest.mark.parametrize("capability, ok", [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])
-def test_enable_fp8_on_cuda_needs_sm_89(monkeypatch, capability, ok):
+def test_fp8_on_cuda_needs_sm_89(monkeypatch, capability, ok):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    m = tiny()
     if ok:
-        assert fp8.enable_fp8(m, torch.device("cuda"), torch.bfloat16) == 4
+        fp8.check_fp8_runtime(torch.device("cuda"), torch.bfloat16)
     else:
         msg = f"fp8 needs an H100-class GPU \\(SM 8.9\\+\\); this is SM {capability[0]}.{capability[1]}; drop --fp8"
         with pytest.raises(ChibiError, match=msg):
-            fp8.enable_fp8(m, torch.device("cuda"), torch.bfloat16)
+            fp8.check_fp8_runtime(torch.device("cuda"), torch.bfloat16)
 
 
-def test_enable_fp8_names_a_layer_with_bad_features():
-    m = tiny(width=40)  # 2 heads of 20: a valid model, but 40 input features
+def test_fp8_model_names_a_layer_with_bad_features():
+    tiny(width=40)  # 2 heads of 20: a valid model, but 40 input features
     with pytest.raises(ChibiError, match=r"blocks\.0\.mixer\.w_q has 40 input features.*--width"):
-        fp8.enable_fp8(m, CPU, torch.bfloat16)
+        tiny(width=40, use_fp8=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),

@@ -67,9 +67,9 @@ def loss_fn(model, batch):
     return model(x, y, reduction="sum"), int((y >= 0).sum())
 
 
-def make(seed=0, layers="dense"):
+def make(seed=0, layers="dense", run=None):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, layers=layers))
+    model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, layers=layers), run)
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02,
                           other_lr=0.02, ns_dtype=torch.float32)
     return model, opt

@@ -66,7 +66,7 @@ def test_merge_gives_the_adapted_logits(layers):
         on = model(IDS)
         assert not torch.allclose(on, tiny(layers)(IDS), atol=1e-3)  # the adapters do change the model
         state = model.new_state(1, 16)
-        stepped = torch.cat([model.forward_step(IDS[:, i:i + 1], state) for i in range(IDS.shape[1])], dim=1)
+        stepped = torch.cat([model(IDS[:, i:i + 1], state=state) for i in range(IDS.shape[1])], dim=1)
     assert torch.allclose(stepped, on, atol=1e-5)  # token-by-token decoding sees the adapted weights too
     assert merge_lora(model) == 4 + 5 + 2 * 2  # weights merged: attention q/k/v/o, SLC2 x/b/alpha/A/o, 2 MLPs
     assert not has_lora(model) and all(p.requires_grad for p in model.parameters())

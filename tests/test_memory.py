@@ -1,10 +1,10 @@
-"""Training memory: activation recomputation (GPT.recompute) changes what is stored, never the numbers."""
+"""Training memory: activation recomputation (RunConfig.recompute) changes what is stored, never the numbers."""
 
 import pytest
 import torch
 
 from chibichat.common import ChibiError
-from chibichat.model.gpt import GPT, RECOMPUTE, GPTConfig
+from chibichat.model.gpt import GPT, RECOMPUTE, GPTConfig, RunConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,11 +16,12 @@ LAYOUTS = {
 }
 
 
-def tiny(layers="dense", n_kv_head=4, windows=None):
+def tiny(layers="dense", n_kv_head=4, windows=None, run=None):
+    """The same weights whatever `run` says (seeded init and perturbation)."""
     cfg = GPTConfig(vocab_size=V, seq_len=24, n_layer=4, n_embd=32, n_head=4, n_kv_head=n_kv_head,
                     layers=layers, windows=windows)
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = GPT(cfg, run)
     # Zero-initialised out-projections and head would leave most block gradients at 0: perturb all.
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -37,8 +38,7 @@ def batch(B=3, T=24, seed=2):
     return x, y
 
 
-def loss_and_grads(model, recompute, reduction, x, y):
-    model.recompute = recompute
+def loss_and_grads(model, reduction, x, y):
     model.zero_grad(set_to_none=True)
     out = model(x, y, reduction=reduction)
     loss = out if reduction != "none" else (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum()
@@ -50,22 +50,20 @@ def loss_and_grads(model, recompute, reduction, x, y):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_recompute_gives_identical_loss_and_gradients(layout, dtype, reduction):
-    model = tiny(**LAYOUTS[layout])
-    model.compute_dtype = dtype
     x, y = batch()
-    ref_loss, ref = loss_and_grads(model, "none", reduction, x, y)
+    ref_loss, ref = loss_and_grads(tiny(**LAYOUTS[layout], run=RunConfig(compute_dtype=dtype)), reduction, x, y)
     assert all(g.abs().sum() > 0 for g in ref.values())  # every parameter really gets a gradient
     for recompute in ("mlp", "block"):
-        loss, grads = loss_and_grads(model, recompute, reduction, x, y)
+        model = tiny(**LAYOUTS[layout], run=RunConfig(compute_dtype=dtype, recompute=recompute))
+        loss, grads = loss_and_grads(model, reduction, x, y)
         # The recomputed forward runs the same kernels on the same inputs: bitwise equal.
         assert torch.equal(loss, ref_loss), recompute
         for name, g in grads.items():
             assert torch.equal(g, ref[name]), f"{recompute}: gradient of {name} differs"
 
 
-def saved_bytes(model, recompute, x, y):
+def saved_bytes(model, x, y):
     """Bytes autograd keeps for backward after the forward (what recomputation is meant to cut)."""
-    model.recompute = recompute
     total = 0
 
     def pack(t):
@@ -80,30 +78,24 @@ def saved_bytes(model, recompute, x, y):
 
 
 def test_recompute_stores_less():
-    model = tiny()
-    model.compute_dtype = torch.bfloat16
     x, y = batch(B=4)
-    none, mlp, block = (saved_bytes(model, r, x, y) for r in ("none", "mlp", "block"))
+    none, mlp, block = (saved_bytes(tiny(run=RunConfig(compute_dtype=torch.bfloat16, recompute=r)), x, y)
+                        for r in ("none", "mlp", "block"))
     assert none > mlp > block > 0
     # "block" keeps each block's fp32 input (B, T, E) plus the head's inputs: a small fraction of "none".
     assert block < none / 4
 
 
 def test_recompute_is_off_without_grad_and_matches_logits():
-    model = tiny(layers="iberis")
     x, _ = batch()
     with torch.no_grad():
-        ref = model(x)
-        model.recompute = "block"
-        assert torch.equal(model(x), ref)
+        ref = tiny(layers="iberis")(x)
+        assert torch.equal(tiny(layers="iberis", run=RunConfig(recompute="block"))(x), ref)
 
 
 def test_bad_recompute_value_raises():
-    model = tiny()
-    model.recompute = "all"
-    x, y = batch()
     with pytest.raises(ChibiError, match="recompute must be one of none, mlp, block"):
-        model(x, y)
+        RunConfig(recompute="all")
 
 
 def test_every_training_stage_offers_every_setting():
@@ -128,15 +120,13 @@ def test_eager_training_never_imports_dynamo(tmp_path):
 
     script = """
 import sys, torch
-from chibichat.model.gpt import GPT, GPTConfig
+from chibichat.model.gpt import GPT, GPTConfig, RunConfig
 from chibichat.train.optim import build_optimizer
 cfg = GPTConfig(vocab_size=61, seq_len=16, n_layer=3, n_embd=32, n_head=2, n_kv_head=2, layers="iberis")
-model = GPT(cfg)
-model.init_weights()
-opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02, other_lr=0.02)
 x = torch.randint(0, 61, (2, 16))
 for recompute in ("none", "mlp", "block"):
-    model.recompute = recompute
+    model = GPT(cfg, RunConfig(recompute=recompute))
+    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02, other_lr=0.02)
     model(x, x).backward()
     model(x, x, reduction="none").sum().backward()
     opt.step()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from chibichat.common import ChibiError
 from chibichat.model import gpt as gpt_mod
-from chibichat.model.gpt import GPT, GPTConfig, InferenceState, layer_pattern
+from chibichat.model.gpt import GPT, GPTConfig, InferenceState, RunConfig, layer_pattern
 from chibichat.model.slc2 import causal_depthwise_conv
 
 V = 61
@@ -220,11 +220,12 @@ def test_bf16_compute_close_to_fp32():
     idx = torch.randint(0, V, (2, 16))
     tgt = torch.roll(idx, -1, 1)
     l32 = m(idx, tgt)
-    m.compute_dtype = torch.bfloat16
-    l16 = m(idx, tgt)
+    m16 = GPT(m.config, RunConfig(compute_dtype=torch.bfloat16))
+    m16.load_state_dict(m.state_dict())
+    l16 = m16(idx, tgt)
     l16.backward()
     assert l16.dtype == torch.float32 and abs(l16.item() - l32.item()) < 0.05
-    assert all(p.grad.dtype == torch.float32 for p in m.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in m16.parameters())
 
 
 def test_conv_matches_conv1d():
@@ -246,11 +247,11 @@ def test_incremental_equals_full(name):
     idx = torch.randint(0, V, (2, 20))
     full = m(idx)
     st = m.new_state(2, 24)
-    one_by_one = torch.cat([m.forward_step(idx[:, i : i + 1], st) for i in range(20)], dim=1)
+    one_by_one = torch.cat([m(idx[:, i : i + 1], state=st) for i in range(20)], dim=1)
     assert torch.allclose(one_by_one, full, atol=1e-5), (one_by_one - full).abs().max()
     assert st.pos.tolist() == [20, 20]
     st = m.new_state(2, 24)
-    chunks = [m.forward_step(idx[:, a:b], st) for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
+    chunks = [m(idx[:, a:b], state=st) for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
 
 
@@ -260,9 +261,9 @@ def test_expand_after_batch1_prefill(name):
     prompt = torch.randint(0, V, (1, 9))
     cont = torch.randint(0, V, (3, 6))  # three samples continue differently
     st = m.new_state(1, 24)
-    m.forward_step(prompt, st)
+    m(prompt, state=st)
     st = st.expand(3)
-    got = torch.cat([m.forward_step(cont[:, i : i + 1], st) for i in range(6)], dim=1)
+    got = torch.cat([m(cont[:, i : i + 1], state=st) for i in range(6)], dim=1)
     full = m(torch.cat([prompt.expand(3, -1), cont], dim=1))[:, 9:]
     assert torch.allclose(got, full, atol=1e-5)
 
@@ -275,11 +276,11 @@ def test_stack_prompts_of_different_lengths(name):
     states = []
     for p in prompts:
         s = m.new_state(1, 24)
-        m.forward_step(p, s)
+        m(p, state=s)
         states.append(s)
     st = InferenceState.stack(states)
     assert st.pos.tolist() == [3, 11, 6]
-    got = torch.cat([m.forward_step(cont[:, i : i + 1], st) for i in range(5)], dim=1)
+    got = torch.cat([m(cont[:, i : i + 1], state=st) for i in range(5)], dim=1)
     for r, p in enumerate(prompts):
         alone = m(torch.cat([p, cont[r : r + 1]], dim=1))[:, p.shape[1] :]
         assert torch.allclose(got[r : r + 1], alone, atol=1e-5), (name, r)
@@ -291,10 +292,10 @@ def test_stack_prompts_of_different_lengths(name):
 def test_state_clone_is_independent():
     m = tiny("iberis")
     st = m.new_state(1, 24)
-    m.forward_step(torch.randint(0, V, (1, 5)), st)
+    m(torch.randint(0, V, (1, 5)), state=st)
     c = st.clone()
-    a = m.forward_step(torch.tensor([[1]]), st)
-    b = m.forward_step(torch.tensor([[1]]), c)
+    a = m(torch.tensor([[1]]), state=st)
+    b = m(torch.tensor([[1]]), state=c)
     assert torch.equal(a, b) and st.pos.item() == c.pos.item() == 6
 
 
@@ -302,19 +303,20 @@ def test_state_errors():
     m = tiny("iberis")
     st = m.new_state(2, 8)
     with pytest.raises(ChibiError, match="max_len"):
-        m.forward_step(torch.zeros(2, 9, dtype=torch.long), st)
+        m(torch.zeros(2, 9, dtype=torch.long), state=st)
     stacked = InferenceState.stack([m.new_state(1, 8), m.new_state(1, 8)])
-    m.forward_step(torch.zeros(1, 2, dtype=torch.long), stacked.select([0])) # fine on its own
-    uneven = InferenceState.stack([m.new_state(1, 8), m.new_state(1, 8)])
-    uneven.pos[0] = 1
+    m(torch.zeros(1, 2, dtype=torch.long), state=stacked.select([0])) # fine on its own
+    a, b = m.new_state(1, 8), m.new_state(1, 8)
+    m(torch.zeros(1, 1, dtype=torch.long), state=a)
+    uneven = InferenceState.stack([a, b])  # rows at positions 1 and 0
     with pytest.raises(ChibiError, match="same position"):
-        m.forward_step(torch.zeros(2, 2, dtype=torch.long), uneven)
+        m(torch.zeros(2, 2, dtype=torch.long), state=uneven)
     with pytest.raises(ChibiError, match="batch-1"):
         st.expand(3)
     with pytest.raises(ChibiError, match="max_len"):
         InferenceState.stack([m.new_state(1, 8), m.new_state(1, 9)])
     with pytest.raises(ChibiError, match="rows"):
-        m.forward_step(torch.zeros(3, 1, dtype=torch.long), st)
+        m(torch.zeros(3, 1, dtype=torch.long), state=st)
     with pytest.raises(ChibiError, match="out of range"):
         st.select([2])
 
@@ -322,7 +324,7 @@ def test_state_errors():
 def test_decoding_past_seq_len_grows_rope():
     m = tiny("iberis", seq_len=8)
     st = m.new_state(1, 20)
-    out = torch.cat([m.forward_step(torch.tensor([[i % V]]), st) for i in range(20)], dim=1)
+    out = torch.cat([m(torch.tensor([[i % V]]), state=st) for i in range(20)], dim=1)
     assert out.shape == (1, 20, V) and torch.isfinite(out).all()
     # the first seq_len positions still equal the full forward
     assert torch.allclose(out[:, :8], m(torch.arange(8)[None]), atol=1e-5)
@@ -335,7 +337,7 @@ def test_explicit_and_sdpa_attention_agree(monkeypatch):
     monkeypatch.setattr(gpt_mod, "EXPLICIT_ATTENTION_MAX_SCORES", 0)  # force SDPA
     assert torch.allclose(m(idx), explicit, atol=1e-5)
     st = m.new_state(2, 24)  # and the incremental path through SDPA with a mask
-    steps = torch.cat([m.forward_step(idx[:, i : i + 1], st) for i in range(20)], dim=1)
+    steps = torch.cat([m(idx[:, i : i + 1], state=st) for i in range(20)], dim=1)
     assert torch.allclose(steps, explicit, atol=1e-5)
 
 
@@ -375,8 +377,7 @@ def test_bf16_training_tracks_fp32(layers):
     def curve(dtype):
         torch.manual_seed(0)
         cfg = GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, layers=layers)
-        model = GPT(cfg)
-        model.compute_dtype = dtype
+        model = GPT(cfg, RunConfig(compute_dtype=dtype))
         s = (64 / 768) ** -0.5
         opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s,
                               unembedding_lr=0.004 * s, other_lr=0.02 * s)

@@ -178,7 +178,7 @@ def test_window_is_honoured_by_attention():
     """A windowed layer's output at position t depends on inputs t-w+1 .. t only."""
     import torch
 
-    from chibichat.model.gpt import GPTConfig, rope_table
+    from chibichat.model.gpt import GPTConfig, Projector, rope_table
     from chibichat.model.gpt import Attention
 
     cfg = GPTConfig(vocab_size=16, seq_len=32, n_layer=1, n_embd=32, n_head=2, n_kv_head=2)
@@ -191,7 +191,8 @@ def test_window_is_honoured_by_attention():
     u = torch.randn(1, 32, 32)
     u2 = u.clone()
     u2[0, 10] += 1.0  # change one input position
-    y, y2 = att(u, cos, sin, torch.float32), att(u2, cos, sin, torch.float32)
+    lin = Projector(att.fused_weights(), torch.float32, False)
+    y, y2 = att(u, cos, sin, lin), att(u2, cos, sin, lin)
     changed = (y - y2).abs().amax(dim=-1)[0] > 1e-6
     assert changed.nonzero().flatten().tolist() == [10, 11, 12, 13, 14]
 

@@ -233,10 +233,10 @@ def test_engine_stops_on_the_token_the_renderer_ends_turns_with(base):
     assert end in eng.stop_ids
 
     hello = tok.encode("hello")
-    real_step = model.forward_step
+    real_forward = model.forward
 
-    def scripted(idx, state):  # a model that says "hello" then ends its turn
-        logits = real_step(idx, state)
+    def scripted(idx, state=None, **options):  # a model that says "hello" then ends its turn
+        logits = real_forward(idx, state=state, **options)
         k = int(state.pos[0]) - len(prompt)
         want = (hello + [end])[min(k, len(hello))]
         out = torch.full_like(logits, -1e4)
@@ -244,7 +244,7 @@ def test_engine_stops_on_the_token_the_renderer_ends_turns_with(base):
         return out
 
     prompt = render_for_completion(tok, conv, SEQ)
-    model.forward_step = scripted
+    model.forward = scripted
     s = eng.generate([prompt], max_tokens=20, temperature=0.0)[0][0]
     assert s.finish_reason == "stop" and s.tokens == hello + [end] and s.text == "hello"
 

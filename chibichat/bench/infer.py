@@ -44,9 +44,6 @@ def add_args(p) -> None:
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="wall: elapsed time (default); cpu: this process's CPU time, a steadier estimate of a quiet "
                         "machine's figures when the machine is shared (CPU device with --threads 1 only)")  # fmt: skip
-    p.add_argument("--compile", default="off", choices=("off", "on"),
-                   help="on: torch.compile the one-token decode steps (Decoder(compile=True)); the first decode "
-                        "call of each batch size includes the compile (shown in the compile column)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_runtime_args(p)  # --device (auto/cpu/cuda); --dtype is unused here (see --dtypes)
 
@@ -67,7 +64,7 @@ def measure(cfg: dict) -> dict:
 
     from chibichat.common import init_runtime
     from chibichat.engine import Engine, prepare_for_inference
-    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.model.gpt import GPT, GPTConfig, RunConfig
     from chibichat.tokenizer import SPECIAL_TOKENS
 
     if cfg["threads"]:
@@ -77,8 +74,7 @@ def measure(cfg: dict) -> dict:
     gcfg = GPTConfig(vocab_size=cfg["vocab"], seq_len=cfg["prompt"] + cfg["decode"] + 1, n_layer=depth,
                      n_embd=width, n_head=max(1, width // 64), n_kv_head=max(1, width // 64), layers=cfg["layout"])  # fmt: skip
     torch.manual_seed(0)
-    model = GPT(gcfg).to(rt.device)
-    prepare_for_inference(model, rt.compute_dtype)
+    model = prepare_for_inference(GPT(gcfg, RunConfig(compute_dtype=rt.compute_dtype)).to(rt.device))
 
     class _Tok:  # the engine only needs special ids and decoding; stop ids the model cannot emit
         vocab_size = cfg["vocab"]
@@ -89,8 +85,7 @@ def measure(cfg: dict) -> dict:
         def decode(self, ids):
             return ""
 
-    compiled = cfg.get("compile") == "on"
-    engine = Engine(model, _Tok(), rt, compile=compiled)
+    engine = Engine(model, _Tok(), rt)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     clock = time.process_time if cfg.get("clock") == "cpu" else time.perf_counter
     if cfg.get("clock") == "cpu" and (rt.device.type != "cpu" or cfg["threads"] != 1):
@@ -113,11 +108,8 @@ def measure(cfg: dict) -> dict:
         assert all(len(s[0].tokens) == n for s in out), "a row stopped early; the timing would be wrong"
 
     one = [prompt_of()]
-    res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device),
-           "compile": cfg.get("compile", "off")}  # fmt: skip
-    t0 = time.perf_counter()
-    gen(one, 2)  # warm-up (allocator, kernels; the batch-1 compile with --compile on)
-    res["first_call_s_b1"] = time.perf_counter() - t0
+    res = {"layout": cfg["layout"], "dtype": cfg["dtype"], "device": str(rt.device)}
+    gen(one, 2)  # warm-up (allocator, kernels)
     ids = torch.tensor(one, device=rt.device)
 
     decoder = engine.decoder()
@@ -131,20 +123,17 @@ def measure(cfg: dict) -> dict:
     n = cfg["decode"]
     for B in cfg["batches"]:
         prompts = [prompt_of() for _ in range(B)]
-        t0 = time.perf_counter()
         gen(prompts, 2)
-        res[f"first_call_s_b{B}"] = res.get(f"first_call_s_b{B}", time.perf_counter() - t0)
         for name, temperature in (("decode", 0.0), ("sampled", 0.8)):
             t1 = best(lambda: gen(prompts, 1, temperature))
             tn = best(lambda: gen(prompts, 1 + n, temperature))
             res[f"{name}_tok_s_b{B}"] = B * n / max(tn - t1, 1e-9)
-    # A compiled step is a few fused kernels, not aten ops a dispatch mode can count.
-    res["ops_per_step"] = None if compiled else _count_ops(decoder, engine, cfg["prompt"])
+    res["ops_per_step"] = _count_ops(decoder, engine, cfg["prompt"])
     state = model.new_state(max(cfg["batches"]), gcfg.seq_len)
     state_bytes = sum(t.numel() * t.element_size() for layer in state.layers for t in layer)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     res["weights_mib"] = weight_bytes / 2**20
-    res["decoder_copies_mib"] = decoder.extra_bytes(model) / 2**20 if hasattr(decoder, "extra_bytes") else 0.0
+    res["decoder_copies_mib"] = decoder.extra_bytes(model) / 2**20
     res["state_mib"] = state_bytes / 2**20
     if rt.device.type == "cuda":
         res["peak_mib"] = torch.cuda.max_memory_allocated(rt.device) / 2**20
@@ -218,7 +207,7 @@ def run(args) -> int:
         for dtype in dtypes:
             cfg = dict(layout=layout, dtype=dtype, device=args.device, depth=args.depth, width=args.width,
                        vocab=args.vocab, prompt=args.prompt, decode=args.decode, batches=batches,
-                       repeats=args.repeats, threads=args.threads, clock=args.clock, compile=args.compile)  # fmt: skip
+                       repeats=args.repeats, threads=args.threads, clock=args.clock)
             code = "from chibichat.bench.infer import _worker; _worker()"
             proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -236,17 +225,15 @@ def run(args) -> int:
 
 
 def format_table(results: list[dict], batches: list[int]) -> str:
-    head = ["layout", "dtype", "compile", "TTFT ms", "prefill tok/s"] + [f"greedy tok/s b{b}" for b in batches]
+    head = ["layout", "dtype", "TTFT ms", "prefill tok/s"] + [f"greedy tok/s b{b}" for b in batches]
     head += [f"sampled tok/s b{b}" for b in batches]
     head += ["aten ops/step", "weights+state MiB", "decode copies MiB", "peak MiB"]
     rows = []
     for r in results:
-        first = max(r.get(f"first_call_s_b{b}", 0.0) for b in batches)
-        compile_cell = f"on ({first:.0f} s first call)" if r.get("compile") == "on" else "off"
-        rows.append([r["layout"], r["dtype"], compile_cell, f"{r['ttft_ms']:.1f}", f"{r['prefill_tok_s']:,.0f}"]
+        rows.append([r["layout"], r["dtype"], f"{r['ttft_ms']:.1f}", f"{r['prefill_tok_s']:,.0f}"]
                     + [f"{r[f'decode_tok_s_b{b}']:,.0f}" for b in batches]
                     + [f"{r[f'sampled_tok_s_b{b}']:,.0f}" for b in batches]
-                    + ["-" if r["ops_per_step"] is None else str(r["ops_per_step"]), f"{r['weights_mib'] + r['state_mib']:.1f}", f"{r['decoder_copies_mib']:.1f}",
+                    + [str(r["ops_per_step"]), f"{r['weights_mib'] + r['state_mib']:.1f}", f"{r['decoder_copies_mib']:.1f}",
                        f"{r['peak_mib']:.0f} ({r['peak_kind']})"])  # fmt: skip
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

@@ -20,7 +20,7 @@ momenta + Adam moments, or the adapters' Adam moments) and "trainable" the param
 row's zero-initialised head is first filled with N(0, 1/width) (a zero head passes no gradient to the
 adapters; a real base has a trained one), so its loss column starts from another model.
 
---recompute (GPT.recompute) trades compute for activation memory; --trim-heap returns freed heap to
+--recompute (RunConfig.recompute) trades compute for activation memory; --trim-heap returns freed heap to
 the OS after every step (glibc malloc_trim). Losses are identical in every setting; the figures are in
 docs/benchmarks.md.
 
@@ -97,7 +97,7 @@ def add_args(p) -> None:
                    help="comma list of off, on: block matmuls in fp8 (bfloat16 dtype only; meant for H100-class "
                         "GPUs, slower than bf16 on CPU, which has no fp8 units)")
     p.add_argument("--recompute", default="none",
-                   help="comma list of activation recomputation settings: none, mlp, block (GPT.recompute)")
+                   help="comma list of activation recomputation settings: none, mlp, block (RunConfig.recompute)")
     p.add_argument("--trim-heap", default="off",
                    help="comma list of off, on: return freed heap to the OS after every optimizer step "
                         "(malloc_trim, glibc; as `pretrain --trim-heap`)")
@@ -208,8 +208,8 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
 
     import torch
 
-    from chibichat.model.fp8 import enable_fp8
-    from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
+    from chibichat.model.fp8 import check_fp8_runtime
+    from chibichat.model.gpt import GPT, GPTConfig, RunConfig, layer_pattern
     from chibichat.train.loop import measure_matmul_peak, release_free_heap
     from chibichat.train.optim import build_optimizer
     from chibichat.train.scaling import window_schedule
@@ -220,14 +220,13 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     dtype = getattr(torch, cfg.dtype)
     baseline_rss = _rss_mb()
     torch.manual_seed(cfg.seed)
+    if cfg.fp8:
+        check_fp8_runtime(dev, dtype)
     with dev:
         model = GPT(GPTConfig(vocab_size=cfg.vocab, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.width,
                               n_head=cfg.heads, n_kv_head=cfg.kv_heads, layers=cfg.layers,
-                              windows=window_schedule(cfg.window, layer_pattern(cfg.layers, cfg.depth), cfg.seq_len)))
-    model.compute_dtype = dtype
-    if cfg.fp8:
-        enable_fp8(model, dev, dtype)
-    model.recompute = cfg.recompute
+                              windows=window_schedule(cfg.window, layer_pattern(cfg.layers, cfg.depth), cfg.seq_len)),
+                    RunConfig(compute_dtype=dtype, recompute=cfg.recompute, fp8=cfg.fp8))
     # nanochat OLD learning rates, AdamW ones scaled by (E/768)^-0.5.
     s = (cfg.width / 768) ** -0.5
     if cfg.lora:

@@ -75,14 +75,14 @@ def greedy(model, tokenizer, prompt: str, max_tokens: int) -> str:
     budget = min(max_tokens, cfg.seq_len - len(ids))
     device = next(model.parameters()).device
     state = model.new_state(1, len(ids) + budget)
-    logits = model.forward_step(torch.tensor([ids], device=device), state)[:, -1]
+    logits = model(torch.tensor([ids], device=device), state=state)[:, -1]
     out: list[int] = []
     for _ in range(budget):
         nxt = int(logits.argmax(-1))
         if nxt == tokenizer.bos_id:
             break
         out.append(nxt)
-        logits = model.forward_step(torch.tensor([[nxt]], device=device), state)[:, -1]
+        logits = model(torch.tensor([[nxt]], device=device), state=state)[:, -1]
     return prompt + tokenizer.decode(out)
 
 

@@ -289,7 +289,7 @@ def run_chat(args) -> int:
         t0 = time.time()
         tok = Tokenizer.load(home.tokenizer_dir)
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
-        prepare_for_inference(model, rt.compute_dtype)
+        prepare_for_inference(model)
         seq_len = model.config.seq_len
         cfg = GenSettings(num_samples=args.num_samples,
                           max_tokens=reply_budget(seq_len, args.max_new_tokens, what="--max-new-tokens"),

@@ -277,7 +277,7 @@ def run_jglue(args) -> int:
         home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
-        prepare_for_inference(model, rt.compute_dtype)
+        prepare_for_inference(model)
         shots = {t: args.shots for t in JGLUE_TASKS} | {"jsquad": args.jsquad_shots}
         out = evaluate_jglue({t: found[t] for t in wanted}, scorer=ModelScorer(model, rt, args.eval_batch_size),
                              gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size, tools=False), tok=tok,

@@ -192,7 +192,7 @@ def run_skills(args) -> int:
         home = Home.resolve(args.home)
         tok = Tokenizer.load(home.tokenizer_dir)
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
-        prepare_for_inference(model, rt.compute_dtype)
+        prepare_for_inference(model)
         lang = args.lang or checkpoint_lang(meta, tok)
         items = first_per_skill(load_items(lang), args.max_per_skill)
         seq_len = model.config.seq_len

@@ -1,10 +1,10 @@
-"""Opt-in fp8 training matmuls for the block projections (`--fp8`; issue #3).
+"""Opt-in fp8 training matmuls for the block projections (`--fp8`).
 
 What runs in fp8: the attention q/k/v/o, MLP up/down and SLC2 input/output projections, in forwards
 that record autograd (training). Not the embedding lookup, not the lm head (its logits feed a softcap
 and the loss, where fp8's 3-bit mantissa costs the most), and not no-grad forwards: val bpb, samples and
 decoding run in the compute dtype, so `eval base` on a checkpoint reproduces the val bpb logged while
-training, and the Decoder / Engine never see fp8.
+training, and decoding never sees fp8.
 
 One projection y = x W^T (x (..., K), W (N, K) an fp32 master):
   forward   x and W are cast to float8_e4m3fn, each with a dynamic per-tensor scale
@@ -18,7 +18,7 @@ Only the fp8 copies of x and W are saved for backward (1 byte per value instead 
 
 torch._scaled_mm's rules on CUDA (checked here on every device, so CPU tests cover the GPU's layouts):
 the first operand row-major, the second column-major, its two dims multiples of 16, fp32 scalar scales,
-and not e5m2 x e5m2. The model's feature counts are checked once by `enable_fp8` (ChibiError naming the
+and not e5m2 x e5m2. The model's feature counts are checked once by `check_fp8_layers` (GPT's constructor) (ChibiError naming the
 layer); out-features that are not a multiple of 16 (SLC2's fused input projection has 2E + H + Dh rows)
 are zero-padded, which is exact; a token count that is not a multiple of 16 makes grad_W fall back to a
 bf16 matmul (see `_Fp8Linear.backward`).
@@ -121,7 +121,7 @@ class _Fp8Linear(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, out_dtype=torch.bfloat16) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T in fp8, output in `out_dtype`; differentiable in x and w.
-    K must be a multiple of 16 (enable_fp8 checks the model's layers by name)."""
+    K must be a multiple of 16 (check_fp8_layers checks the model's layers by name)."""
     if x.shape[-1] % ALIGN:
         raise ChibiError(f"fp8 matmul needs the input features ({x.shape[-1]}) to be a multiple of {ALIGN}")
     return _Fp8Linear.apply(x, w, out_dtype)
@@ -136,14 +136,20 @@ def project(x: torch.Tensor, w: torch.Tensor, dtype, fp8: bool) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Turning it on for a model (the stages' --fp8)
+# Checks for a model built with RunConfig(fp8=True) (the stages' --fp8)
 
 
-def check_fp8_runtime(device, compute_dtype) -> None:
-    """ChibiError unless fp8 training can run on this device with this compute dtype."""
+def check_fp8_dtype(compute_dtype) -> None:
+    """ChibiError unless the compute dtype is bf16 (fp8 matmuls return bf16 activations)."""
     if compute_dtype != torch.bfloat16:
         raise ChibiError(f"--fp8 needs the bfloat16 compute dtype (fp8 matmuls return bf16 activations), but "
                          f"the compute dtype is {str(compute_dtype).replace('torch.', '')}; pass --dtype bfloat16 or drop --fp8")
+
+
+def check_fp8_runtime(device, compute_dtype) -> None:
+    """ChibiError unless fp8 training can run on this device with this compute dtype (the stages call it
+    before building a model with RunConfig(fp8=True))."""
+    check_fp8_dtype(compute_dtype)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < MIN_CAPABILITY:
@@ -164,18 +170,14 @@ def fp8_layers(model) -> list:
     return out
 
 
-def enable_fp8(model, device, compute_dtype) -> int:
-    """Validate, then switch the block projections of `model` (a GPT) to fp8; returns how many modules.
-
-    Raises ChibiError for an unsupported device or dtype, or a layer whose input features are not a
-    multiple of 16 (naming it). Embedding and lm head are untouched."""
-    check_fp8_runtime(device, compute_dtype)
+def check_fp8_layers(model) -> int:
+    """ChibiError naming the first layer of `model` (a GPT built with RunConfig(fp8=True)) whose input
+    features are not a multiple of 16; else how many modules multiply in fp8. Embedding and lm head
+    stay in the compute dtype."""
     layers = fp8_layers(model)
     for name, _, weights in layers:
         for wname, k in weights:
             if k % ALIGN:
                 raise ChibiError(f"--fp8: layer {name}.{wname} has {k} input features, not a multiple of {ALIGN} "
                                  f"(fp8 matmuls need it); pick a --width that is a multiple of {ALIGN}, or drop --fp8")
-    for _, mod, _ in layers:
-        mod.fp8 = True
     return len(layers)

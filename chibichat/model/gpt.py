@@ -8,19 +8,19 @@ matmuls on CPU for short contexts) or SLC2
 (chibichat/model/slc2.py), and MLP = W_2 relu(W_1 u)^2 with hidden width 4E. No biases anywhere,
 no learned norm gains, so the parameter count is exactly the published one.
 
-Precision: parameters are fp32 masters. `GPT.compute_dtype` (a plain attribute; the stage sets it from
-Runtime.compute_dtype) is the dtype of every matmul: weights are cast to it inside forward, so
-gradients still land on the fp32 masters. The residual stream stays fp32; logits and the loss are
-fp32 per chunk only (see `_HeadLossSum`), so no fp32 (B, T, V) tensor is ever materialised in training.
-With `--fp8` (chibichat/model/fp8.py) the block projections of training forwards multiply in fp8 instead;
-every projection goes through `project()` for that.
+Precision and run settings: parameters are fp32 masters; `RunConfig` (given to the constructor) says
+how the model computes: the compute dtype of every matmul (weights are cast to it inside forward, so
+gradients still land on the masters), activation recomputation, fp8 training projections
+(chibichat/model/fp8.py; every projection goes through `project()` for that). The residual stream stays
+fp32; logits and the loss are fp32 per chunk only (see `_HeadLossSum`), so no fp32 (B, T, V) tensor is
+ever materialised in training.
 
-Compile: the stage calls `torch.compile(model, dynamic=False)` itself for training. Only `forward`
-is compiled that way; `forward_step` (inference, variable shapes) always runs eagerly, also when
-called through the compiled wrapper, which forwards attribute access to the original module.
-
-Inference: `new_state` allocates per-layer state (KV cache for attention, last k-1 conv inputs for
-SLC2) and `forward_step` advances it; logits equal those of the full forward (tested).
+One forward: `forward(idx, targets)` trains and scores; `forward(idx, state=new_state(...))` prefills and
+decodes (per-layer state: KV cache for attention, last k-1 conv inputs for SLC2; per-row positions
+for one-token steps). Both run the same blocks; decoding adds only where keys are stored and which
+ones each query sees (`_Step`). Generation takes weights laid out once for inference
+(model/decode.py) through the same projection calls. Training may wrap the model in
+`torch.compile(model, dynamic=False)` (the stage does); decoding runs eagerly.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from chibichat.common import ChibiError
-from chibichat.model.fp8 import project
+from chibichat.model.fp8 import check_fp8_dtype, check_fp8_layers, project
 from chibichat.model.slc2 import SLC2
 
 LAYOUT_NAMES = ("dense", "iberis")  # named layouts accepted by layer_pattern (for CLI help/choices)
@@ -48,11 +48,36 @@ LOSS_CHUNK_ELEMENTS = 1 << 21
 EXPLICIT_ATTENTION_MAX_SCORES = 1 << 23
 
 
-# Activation recomputation in training (GPT.recompute): which activations are dropped after the
+# Activation recomputation in training (RunConfig.recompute): which activations are dropped after the
 # forward and rebuilt during backward, trading compute for memory. "none" keeps everything; "mlp"
 # keeps only the MLP input of each block (drops its norm, 4E-wide hidden and square); "block" keeps
 # only each block's input (a second forward of every block in backward). Gradients are unchanged.
 RECOMPUTE = ("none", "mlp", "block")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a model computes, chosen by each invocation (--dtype, --recompute, --fp8) and given to its
+    constructor: GPT(config, RunConfig(...)). Not part of GPTConfig and never saved with a checkpoint:
+    the same weights run in fp32 on a laptop and bf16 + fp8 on an H100, and a --resume may change them
+    (the stage records its flags in meta["flags"]). The defaults are a plain fp32 model.
+
+    compute_dtype: the dtype of every matmul; the fp32 master weights are cast to it inside forward, so
+        gradients still land on the masters (chat/serve store the weights in it: engine.prepare_for_inference).
+    recompute: activation recomputation in training, one of RECOMPUTE.
+    fp8: the block projections of training forwards multiply in fp8 (model/fp8.py); needs bf16, and the
+        device check `fp8.check_fp8_runtime` is the stage's (the model is built before it is moved).
+    """
+
+    compute_dtype: torch.dtype = torch.float32
+    recompute: str = "none"
+    fp8: bool = False
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise ChibiError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.fp8:
+            check_fp8_dtype(self.compute_dtype)
 
 
 def layer_pattern(spec: str, n_layer: int) -> str:
@@ -168,23 +193,37 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def norm(x):
-    """Parameter-free RMSNorm over the last dim (fp32 statistics, output in x's dtype)."""
+    """Parameter-free RMSNorm over the last dim (fp32 statistics, output in x's dtype). Decoding (run in
+    inference mode) uses torch's one fused kernel for the same function; everything else this one, so a
+    recomputed (activation-checkpointed) forward runs the very kernels of the first one."""
+    if torch.is_inference_mode_enabled():
+        return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
     return _RMSNorm.apply(x)
 
 
+def apply_softcap(logits, c: float):
+    """c * tanh(logits / c), written as c * (2 * sigmoid(2 logits / c) - 1): a CPU's tanh costs 3-6x a
+    sigmoid, and the two agree to a few fp32 ulps (the training loss uses the same form, _head_chunk).
+    In place when decoding (inference mode: nothing is kept for a backward)."""
+    if torch.is_inference_mode_enabled():
+        return logits.mul_(2.0 / c).sigmoid_().mul_(2.0 * c).sub_(c)
+    return torch.sigmoid(logits * (2.0 / c)) * (2.0 * c) - c
+
+
 def rope_table(length: int, head_dim: int, base: float, device=None):
-    """cos, sin of shape (length, head_dim / 2), fp32."""
+    """(cos, signed sin) of shape (length, head_dim), fp32, for apply_rope: [cos, cos] and [sin, -sin]
+    of the half-split frequencies."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     t = torch.arange(length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Half-split rotation. x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    """Half-split rotation [x1, x2] -> [x1 c + x2 s, x2 c - x1 s], written x * [c, c] + roll(x) * [s, -s]
+    (three operations, no split/cat). x: (B, T, H, D); cos/sin (rope_table) broadcastable to (B, T, 1, D)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 def linear_init_(w):
@@ -192,6 +231,38 @@ def linear_init_(w):
     fan_out, fan_in = w.shape
     std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
     torch.nn.init.normal_(w, mean=0.0, std=std)
+
+
+class Projector:
+    """`lin(name, x)` = x @ W^T for one block's weights by name (`Block.fused_weights`), straight from
+    the fp32 masters: cast (and fused) on every forward, so gradients reach them, and in fp8 when the
+    run asks for it (fp8.project). Inference may pass weights laid out once instead (model/decode.py
+    `DecodeWeights`): the math calls both the same way."""
+
+    def __init__(self, weights: dict, dtype, fp8: bool):
+        self.weights, self.dtype, self.fp8 = weights, dtype, fp8
+
+    def __call__(self, name: str, x):
+        return project(x, self.weights[name], self.dtype, self.fp8)
+
+
+def attention_mask(first: int, t: int, L: int, window: int, pos, device):
+    """Which of the keys 0..L-1 each query sees: (mask, causal). Queries are positions first..first+t-1,
+    or with `pos` (B,) and t == 1 each row's own position. mask: bool (B|1, 1, t, L), True = visible, or
+    None with causal=True (plain causal: SDPA's is_causal) or causal=False (every key visible)."""
+    cut = bool(window) and window < L
+    if pos is None:
+        if not cut and t == 1:
+            return None, False
+        if not cut and first == 0 and t == L:
+            return None, True
+        d = (first + torch.arange(t, device=device))[:, None] - torch.arange(L, device=device)  # (t, L)
+    else:
+        d = (pos[:, None] - torch.arange(L, device=device))[:, None]  # (B, 1, L)
+    ok = d >= 0
+    if window:
+        ok = ok & (d < window)
+    return ok.view(-1, 1, t, L), False
 
 
 class Attention(nn.Module):
@@ -203,7 +274,6 @@ class Attention(nn.Module):
         self.w_k = nn.Parameter(torch.empty(kv, E))
         self.w_v = nn.Parameter(torch.empty(kv, E))
         self.w_o = nn.Parameter(torch.empty(E, E))
-        self.fp8 = False  # training projections in fp8 (model/fp8.py enable_fp8); inference never
 
     @torch.no_grad()
     def reset_parameters(self) -> list:
@@ -215,23 +285,15 @@ class Attention(nn.Module):
     def matrix_params(self) -> list:
         return [self.w_q, self.w_k, self.w_v, self.w_o]
 
-    def _qkv(self, u, cos, sin, dtype):
-        B, T, _ = u.shape
-        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+    def fused_weights(self) -> dict:
         # Fused QKV: one matmul over the concatenated (separately stored, separately Muon'd) weights.
-        w = torch.cat([self.w_q, self.w_k, self.w_v], dim=0)
-        q, k, v = project(u, w, dtype, self.fp8).split([H * D, Hk * D, Hk * D], dim=-1)
-        q = norm(apply_rope(q.view(B, T, H, D), cos, sin))
-        k = norm(apply_rope(k.view(B, T, Hk, D), cos, sin))
-        return q, k, v.view(B, T, Hk, D)
+        return {"qkv": torch.cat([self.w_q, self.w_k, self.w_v], dim=0), "o": self.w_o}
 
-    def _attend(self, q, k, v, mask=None, causal=False):
-        """q: (B, H, t, D); k, v: (B, Hk, L, D); mask: bool, True = may attend (broadcast to B, H, t, L)."""
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        B, H, t, _ = q.shape
-        L = k.shape[2]
+    def _attend(self, q, k, v, mask, causal):
+        """q: (B, H, t, D); k, v: (B, Hk, L, D); mask/causal as attention_mask returns them."""
+        B, H, t, D = q.shape
+        Hk, L = k.shape[1], k.shape[2]
+        rep = H // Hk
         if q.device.type == "cpu" and B * H * t * L <= EXPLICIT_ATTENTION_MAX_SCORES:
             # Short contexts on CPU: two batched matmuls in the compute dtype with an fp32 softmax
             # between them beat the CPU SDPA kernels (measured ~1.5x on fwd+bwd at T=256, Dh=64,
@@ -240,45 +302,36 @@ class Attention(nn.Module):
             # kernel's P: one (B, H, t, L) tensor is kept for backward, not an fp32 copy as well.
             if causal:
                 i = torch.arange(t, device=q.device)
-                mask = i[:, None] >= i[None, :]
-            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            return torch.softmax(scores, dim=-1) @ v
+                mask = (i[:, None] >= i[None, :]).view(1, 1, t, L)
+            out = q.dtype
+            if k.dtype != torch.float32 and torch.is_inference_mode_enabled():
+                # Decoding in reduced precision: the CPU's bf16 batched matmuls are 3-4x slower than
+                # fp32 ones at these shapes, so the products run on an exact fp32 upcast.
+                q, k, v = q.float(), k.float(), v.float()
+            # Query head h = g * rep + r reads K/V head g: queries grouped (B, Hk, rep * t, D), no K/V copy.
+            scores = (q.reshape(B, Hk, rep * t, D) * D**-0.5) @ k.transpose(-1, -2)
+            if mask is not None:
+                scores = scores.view(B, Hk, rep, t, L).masked_fill(~mask[:, :, None], float("-inf")).view(B, Hk, rep * t, L)
+            return (torch.softmax(scores, dim=-1) @ v).view(B, H, t, D).to(out)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
-    def forward(self, u, cos, sin, dtype):
+    def forward(self, u, cos, sin, lin, step=None, cache=None):
+        """u (B, T, E) normed input; `lin` the block's projections. With `step` (a decoding _Step) the
+        new keys/values go into `cache` (k, v) at the rows' positions and the queries attend to it."""
         B, T, E = u.shape
-        q, k, v = self._qkv(u, cos, sin, dtype)
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        qk, v = lin("qkv", u).view(B, T, H + 2 * Hk, D).split([H + Hk, Hk], dim=2)
+        q, k = norm(apply_rope(qk, cos, sin)).split([H, Hk], dim=2)  # RoPE and QK-norm: per head, both at once
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.window and self.window < T:
-            i = torch.arange(T, device=u.device)
-            d = i[:, None] - i[None, :]
-            y = self._attend(q, k, v, mask=(d >= 0) & (d < self.window))
+        if step is None:
+            mask, causal = attention_mask(0, T, T, self.window, None, u.device)
         else:
-            y = self._attend(q, k, v, causal=True)
-        return project(y.transpose(1, 2).reshape(B, T, E), self.w_o, dtype, self.fp8)
-
-    def step(self, u, cos, sin, dtype, cache, pos):
-        """Append t tokens per row to the (k, v) cache at row positions `pos` (B,), attend, return y."""
-        B, t, E = u.shape
-        ck, cv = cache
-        q, k, v = self._qkv(u, cos, sin, dtype)
-        if t == 1:
-            rows = torch.arange(B, device=u.device)
-            ck[rows, :, pos] = k[:, 0]
-            cv[rows, :, pos] = v[:, 0]
-        else:  # the caller guarantees equal pos across rows
-            p = int(pos[0])
-            ck[:, :, p : p + t] = k.transpose(1, 2)
-            cv[:, :, p : p + t] = v.transpose(1, 2)
-        L = int(pos.max()) + t
-        qpos = pos[:, None] + torch.arange(t, device=u.device)  # (B, t)
-        d = qpos[:, :, None] - torch.arange(L, device=u.device)  # (B, t, L): query pos - key pos
-        mask = d >= 0
-        if self.window:
-            mask = mask & (d < self.window)
-        y = self._attend(q.transpose(1, 2), ck[:, :, :L], cv[:, :, :L], mask=mask[:, None])
-        return F.linear(y.transpose(1, 2).reshape(B, t, E), self.w_o.to(dtype))
+            k, v = step.write(cache, k, v)
+            mask, causal = step.mask(self.window)
+        y = self._attend(q, k, v, mask, causal)
+        return lin("o", y.transpose(1, 2).reshape(B, T, E))
 
 
 class MLP(nn.Module):
@@ -286,7 +339,6 @@ class MLP(nn.Module):
         super().__init__()
         self.w_fc = nn.Parameter(torch.empty(4 * n_embd, n_embd))
         self.w_proj = nn.Parameter(torch.empty(n_embd, 4 * n_embd))
-        self.fp8 = False  # training projections in fp8 (model/fp8.py enable_fp8); inference never
 
     @torch.no_grad()
     def reset_parameters(self) -> list:
@@ -294,8 +346,9 @@ class MLP(nn.Module):
         self.w_proj.zero_()
         return [self.w_fc, self.w_proj]
 
-    def forward(self, u, dtype):
-        return project(F.relu(project(u, self.w_fc, dtype, self.fp8)).square(), self.w_proj, dtype, self.fp8)
+    def forward(self, u, lin):
+        h = lin("fc", u)  # decoding (inference mode) works in place: nothing is kept for a backward
+        return lin("proj", torch.relu_(h).square_() if torch.is_inference_mode_enabled() else F.relu(h).square())
 
 
 def recompute_in_backward(fn, x, *args):
@@ -316,38 +369,37 @@ def recompute_in_backward(fn, x, *args):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, i: int):
+    def __init__(self, cfg: GPTConfig, i: int, fp8: bool = False):
         super().__init__()
-        self.kind = cfg.layers[i]
+        self.index, self.kind, self.fp8 = i, cfg.layers[i], fp8  # fp8: training projections (RunConfig.fp8)
         if self.kind == "A":
             self.mixer = Attention(cfg, cfg.windows[i])
         else:
             self.mixer = SLC2(cfg.n_embd, cfg.n_head, cfg.conv_kernel)
         self.mlp = MLP(cfg.n_embd)
 
-    def forward(self, x, cos, sin, dtype, recompute: str = "none"):
+    def fused_weights(self) -> dict:
+        """The block's projection weights by the names its math multiplies them under."""
+        return {**self.mixer.fused_weights(), "fc": self.mlp.w_fc, "proj": self.mlp.w_proj}
+
+    def forward(self, x, cos, sin, dtype, recompute: str = "none", step=None, lin=None):
+        """x (B, T, E) residual stream. step: a decoding _Step (this layer's state is read and replaced
+        in step.state); lin: laid-out inference weights, else the masters (Projector)."""
+        if lin is None:
+            lin = Projector(self.fused_weights(), dtype, self.fp8)
+        layer = None if step is None else step.state.layers[self.index]
         u = norm(x)
         if self.kind == "A":
-            x = x + self.mixer(u, cos, sin, dtype)
+            x = x + self.mixer(u, cos, sin, lin, step, layer)
         else:
-            x = x + self.mixer(u, dtype)[0]
+            y, history = self.mixer(u, dtype, lin, None if layer is None else layer[0])
+            if step is not None:
+                step.state.layers[self.index] = (history,)
+            x = x + y
         if recompute == "mlp":
             # Only x is kept; norm(x), the 4E-wide hidden and its square are rebuilt in backward.
-            return x + recompute_in_backward(self._mlp_branch, x, dtype)
-        return x + self._mlp_branch(x, dtype)
-
-    def _mlp_branch(self, x, dtype):
-        return self.mlp(norm(x), dtype)
-
-    def step(self, x, cos, sin, dtype, layer_state, pos):
-        u = norm(x)
-        if self.kind == "A":
-            x = x + self.mixer.step(u, cos, sin, dtype, layer_state, pos)
-        else:
-            y, history = self.mixer(u, dtype, layer_state[0])
-            layer_state = (history,)
-            x = x + y
-        return x + self.mlp(norm(x), dtype), layer_state
+            return x + recompute_in_backward(lambda x: self.mlp(norm(x), lin), x)
+        return x + self.mlp(norm(x), lin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +513,7 @@ class InferenceState:
     (history,) of shape (B, k-1, E) (the last k-1 conv inputs) for SLC2. All in the compute dtype.
     `lengths` mirrors `pos` as a host list, so decoders know every row's length without a device sync.
 
-    `forward_step` mutates a state in place; `clone`, `expand`, `select` and `stack` return new ones.
+    `GPT.forward(..., state=)` mutates a state in place; `clone`, `expand`, `select` and `stack` return new ones.
     """
 
     def __init__(self, pos, max_len: int, layers: list, lengths: list[int] | None = None):
@@ -520,7 +572,7 @@ class InferenceState:
 
 def empty_state(cfg: GPTConfig, batch_size: int, max_len: int, dtype, device) -> InferenceState:
     """Zeroed per-layer decoding state: preallocated (K, V) caches of `max_len` positions for attention
-    layers, the last k-1 inputs for SLC2 layers. Shared by GPT.new_state and the lean Decoder."""
+    layers, the last k-1 inputs for SLC2 layers."""
     if batch_size < 1 or max_len < 1:
         raise ChibiError(f"new_state needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
     layers = []
@@ -533,27 +585,90 @@ def empty_state(cfg: GPTConfig, batch_size: int, max_len: int, dtype, device) ->
     return InferenceState(torch.zeros(batch_size, dtype=torch.long, device=device), max_len, layers, [0] * batch_size)
 
 
+class _Step:
+    """One forward over a decoding state: where the new tokens go and what they see.
+
+    Every row's length is known on the host (`state.lengths`), so nothing here syncs the device. When
+    all rows are at one position (batch 1, a fresh batch of equal prompts) positions are slices and a
+    one-token step needs no mask at all; otherwise (t == 1, per-row positions) one mask per distinct
+    window is built per step and shared by every layer."""
+
+    def __init__(self, model, idx, state: InferenceState):
+        B, t = idx.shape
+        if B != len(state.lengths):
+            raise ChibiError(f"forward with a state got {B} rows for a state of {len(state.lengths)} rows")
+        if len(state.layers) != model.config.n_layer:
+            raise ChibiError("inference state was made by a different model (layer count differs)")
+        lengths = state.lengths
+        first, longest = lengths[0], max(lengths)
+        uniform = min(lengths) == longest
+        if t > 1 and not uniform:
+            raise ChibiError(
+                "decoding several tokens per row needs all rows at the same position; "
+                "prefill rows one by one (batch 1) and merge with InferenceState.stack, then decode 1 token at a time"
+            )
+        if longest + t > state.max_len:
+            raise ChibiError(
+                f"decoding would reach {longest + t} tokens, past the state's max_len={state.max_len}; "
+                "allocate a larger state or stop generating earlier"
+            )
+        model._ensure_rope(state.max_len)
+        self.state, self.first, self.t, self.L = state, first, t, longest + t
+        self.pos = None if uniform else state.pos
+        if uniform:
+            self.cos, self.sin = model.rope_cos[None, first : first + t, None], model.rope_sin[None, first : first + t, None]
+        else:
+            self.cos, self.sin = model.rope_cos[state.pos][:, None, None], model.rope_sin[state.pos][:, None, None]
+        self.masks: dict[int, tuple] = {}
+
+    def mask(self, window: int):
+        if window not in self.masks:
+            self.masks[window] = attention_mask(self.first, self.t, self.L, window, self.pos, self.cos.device)
+        return self.masks[window]
+
+    def write(self, cache, k, v):
+        """Store the new k, v (B, Hk, t, D) at the rows' positions; the keys/values to attend (B, Hk, L, D)."""
+        ck, cv = cache
+        if self.pos is None:
+            ck[:, :, self.first : self.first + self.t] = k  # copies, rounding to the cache's dtype
+            cv[:, :, self.first : self.first + self.t] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            ck[rows, :, self.pos] = k[:, :, 0].to(ck.dtype)  # index_put does not cast, copy_ does
+            cv[rows, :, self.pos] = v[:, :, 0].to(cv.dtype)
+        return ck[:, :, : self.L], cv[:, :, : self.L]
+
+    def advance(self) -> None:
+        self.state.pos = self.state.pos + self.t
+        self.state.lengths = [n + self.t for n in self.state.lengths]
+
+
 class GPT(nn.Module):
     """See the module docstring. Public API (docs/architecture.md "Model"):
 
-    forward(idx, targets=None, reduction="mean"), new_state(batch_size, max_len),
-    forward_step(idx, state), num_params(), flops_per_token(), param_groups(); attributes compute_dtype
-    and recompute (activation recomputation in training, see RECOMPUTE).
+    GPT(config, run=RunConfig()); forward(idx, targets=None, reduction="mean", state=None, *, weights=None,
+    last_only=False, check_ids=True), new_state(batch_size, max_len), num_params(), flops_per_token(),
+    param_groups(); `run` (how it computes) and `compute_dtype` (= run.compute_dtype).
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, run: RunConfig | None = None):
         super().__init__()
         self.config = config
-        self.compute_dtype = torch.float32
-        self.recompute = "none"  # see RECOMPUTE; a runtime setting like compute_dtype, not part of the config
+        self.run = run = run or RunConfig()
         E, V = config.n_embd, config.vocab_size
         self.wte = nn.Parameter(torch.empty(V, E))
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, i, run.fp8) for i in range(config.n_layer)])
         self.lm_head = nn.Parameter(torch.empty(V, E))
         cos, sin = rope_table(config.seq_len, config.head_dim, config.rope_base, device=self.wte.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if run.fp8:
+            check_fp8_layers(self)
         self.init_weights()
+
+    @property
+    def compute_dtype(self):
+        return self.run.compute_dtype
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -608,9 +723,11 @@ class GPT(nn.Module):
         return groups
 
     def _ensure_rope(self, length: int) -> None:
-        """Grow the RoPE table to cover positions < length (inference past seq_len)."""
+        """Grow the RoPE table to cover positions < length (inference past seq_len). Made outside any
+        inference mode: an inference tensor in the table could not be saved for a later backward."""
         if self.rope_cos.shape[0] < length:
-            cos, sin = rope_table(length, self.config.head_dim, self.config.rope_base, device=self.rope_cos.device)
+            with torch.inference_mode(False):
+                cos, sin = rope_table(length, self.config.head_dim, self.config.rope_base, device=self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos, sin
 
     def _check_ids(self, idx, what: str, sync: bool = True) -> None:
@@ -639,41 +756,64 @@ class GPT(nn.Module):
             if reduction == "mean" and vals[4] == 0:
                 raise ChibiError("every target is -1 (ignored): a mean loss over zero tokens is undefined")
 
-    # -- training / scoring -----------------------------------------------------------------------
+    # -- the forward --------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, reduction: str = "mean"):
-        """idx (B, T) token ids, T <= seq_len.
+    def forward(self, idx, targets=None, reduction: str = "mean", state: InferenceState | None = None, *,
+                weights=None, last_only: bool = False, check_ids: bool = True):
+        """idx (B, T) token ids. The one forward of training, scoring, prefill and decoding.
 
-        targets None -> logits (B, T, V) fp32, softcapped.
-        targets (B, T) with -1 = ignore -> loss: "mean" over valid targets (scalar), "sum" (scalar),
-        or "none" -> (B, T) per-token losses with 0 where the target is -1.
+        Without `state` (T <= seq_len): targets None -> logits (B, T, V) fp32, softcapped; targets (B, T)
+        with -1 = ignore -> loss: "mean" over valid targets (scalar), "sum" (scalar), or "none" -> (B, T)
+        per-token losses with 0 where the target is -1.
+        With `state` (from new_state): the T new tokens of each row continue it; returns their logits and
+        advances the state in place, in inference mode (no autograd). T > 1 (prefill) needs every row at the same
+        position; T == 1 works with per-row positions. ChibiError if a row would pass state.max_len.
+        weights: inference layouts of the weights (model/decode.py DecodeWeights) instead of the masters;
+        last_only: logits of the last position only (B, 1, V); check_ids=False skips the token-range
+        check (a host sync) for ids the caller made itself.
         """
+        if state is not None:
+            self._check_ids(idx, "input", sync=check_ids)
+        if state is not None and not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self.forward(idx, targets, reduction, state, weights=weights, last_only=last_only,
+                                    check_ids=False)  # fmt: skip
         B, T = idx.shape
-        cfg = self.config
-        dtype = self.compute_dtype
-        if reduction not in ("mean", "sum", "none"):
-            raise ChibiError(f"reduction must be mean, sum or none, got {reduction!r}")
-        if self.recompute not in RECOMPUTE:
-            raise ChibiError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
-        if T > cfg.seq_len:
-            raise ChibiError(f"input of {T} tokens exceeds the model context seq_len={cfg.seq_len}; crop or split it")
-        if targets is not None and targets.shape != idx.shape:
-            raise ChibiError(f"targets shape {tuple(targets.shape)} != input shape {tuple(idx.shape)}")
-        if not torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph
-            self._check_batch(idx, targets, reduction)
-        cos = self.rope_cos[None, :T, None, :].to(dtype)
-        sin = self.rope_sin[None, :T, None, :].to(dtype)
-        x = norm(F.embedding(idx, self.wte))
-        recompute = self.recompute if torch.is_grad_enabled() else "none"
-        for block in self.blocks:
+        cfg, dtype = self.config, self.compute_dtype
+        step = None
+        if state is None:
+            if reduction not in ("mean", "sum", "none"):
+                raise ChibiError(f"reduction must be mean, sum or none, got {reduction!r}")
+            if T > cfg.seq_len:
+                raise ChibiError(f"input of {T} tokens exceeds the model context seq_len={cfg.seq_len}; crop or split it")
+            if targets is not None and targets.shape != idx.shape:
+                raise ChibiError(f"targets shape {tuple(targets.shape)} != input shape {tuple(idx.shape)}")
+            if check_ids and not torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph
+                self._check_batch(idx, targets, reduction)
+            cos, sin = self.rope_cos[None, :T, None, :], self.rope_sin[None, :T, None, :]
+        else:
+            if targets is not None:
+                raise ChibiError("a forward with a state returns logits; compute a loss with a plain forward")
+            step = _Step(self, idx, state)
+            cos, sin = step.cos, step.sin
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        # The residual stream is fp32 whatever the compute dtype (and however the weights are stored).
+        x = norm(F.embedding(idx, self.wte).float())
+        recompute = self.run.recompute if torch.is_grad_enabled() else "none"
+        for i, block in enumerate(self.blocks):
             if recompute == "block":
                 # Only each block's input is kept; everything inside is rebuilt during backward.
                 x = recompute_in_backward(block, x, cos, sin, dtype)
             else:
-                x = block(x, cos, sin, dtype, recompute)
+                x = block(x, cos, sin, dtype, recompute, step, None if weights is None else weights.blocks[i])
+        if step is not None:
+            step.advance()
+        if last_only:
+            x = x[:, -1:]
         h = norm(x).to(dtype)
         if targets is None:
-            return cfg.softcap * torch.tanh(F.linear(h, self.lm_head.to(dtype)).float() / cfg.softcap)
+            logits = weights.head(h) if weights is not None else F.linear(h, self.lm_head.to(dtype))
+            return apply_softcap(logits.float(), cfg.softcap)
 
         flat_t = targets.reshape(-1)
         chunk = max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)
@@ -685,48 +825,9 @@ class GPT(nn.Module):
             return total
         return total / (flat_t >= 0).sum()
 
-    # -- inference --------------------------------------------------------------------------------
-
     def new_state(self, batch_size: int, max_len: int) -> InferenceState:
-        """Fresh state for `batch_size` rows of up to `max_len` tokens each (KV caches preallocated)."""
+        """Fresh state for `batch_size` rows of up to `max_len` tokens each (KV caches preallocated,
+        in the compute dtype); max_len may exceed seq_len (the RoPE table grows)."""
         state = empty_state(self.config, batch_size, max_len, self.compute_dtype, self.wte.device)  # validates first
         self._ensure_rope(max_len)
         return state
-
-    @torch.no_grad()
-    def forward_step(self, idx, state: InferenceState):
-        """Feed t new tokens per row (idx (B, t)); returns logits (B, t, V) fp32 and advances `state`.
-
-        t > 1 (prefill) needs every row at the same position; t == 1 works with per-row positions.
-        Raises ChibiError if a row would pass state.max_len. Runs without autograd.
-        """
-        self._check_ids(idx, "forward_step input")
-        B, t = idx.shape
-        cfg, dtype = self.config, self.compute_dtype
-        if B != state.batch_size:
-            raise ChibiError(f"forward_step got {B} rows for a state of {state.batch_size} rows")
-        if len(state.layers) != cfg.n_layer:
-            raise ChibiError("inference state was made by a different model (layer count differs)")
-        pos = state.pos
-        if t > 1 and B > 1 and bool((pos != pos[0]).any()):
-            raise ChibiError(
-                "forward_step with several tokens per row needs all rows at the same position; "
-                "prefill rows one by one (batch 1) and merge with InferenceState.stack, then decode 1 token at a time"
-            )
-        if int(pos.max()) + t > state.max_len:
-            raise ChibiError(
-                f"decoding would reach {int(pos.max()) + t} tokens, past the state's max_len={state.max_len}; "
-                "allocate a larger state or stop generating earlier"
-            )
-        self._ensure_rope(state.max_len)
-        positions = pos[:, None] + torch.arange(t, device=idx.device)  # (B, t)
-        cos = self.rope_cos[positions][:, :, None, :].to(dtype)
-        sin = self.rope_sin[positions][:, :, None, :].to(dtype)
-        x = norm(F.embedding(idx, self.wte))
-        for i, block in enumerate(self.blocks):
-            x, state.layers[i] = block.step(x, cos, sin, dtype, state.layers[i], pos)
-        h = norm(x).to(dtype)
-        logits = cfg.softcap * torch.tanh(F.linear(h, self.lm_head.to(dtype)).float() / cfg.softcap)
-        state.pos = pos + t
-        state.lengths = [n + t for n in state.lengths]
-        return logits

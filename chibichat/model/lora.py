@@ -7,7 +7,7 @@ replaced, everywhere the model reads it, by
 
 through torch's parametrizations: `module.w_q` returns W' while the frozen W lives on as
 `parametrizations.w_q.original`. Nothing in the model's code changes, so training forward, the
-token-by-token `forward_step`, the Decoder's weight copy and recompute all see the adapted weight
+forward with a decoding state, the decoding weight layouts and recompute all see the adapted weight
 (the stages refuse --lora with --fp8) and the model's math stays in gpt.py / slc2.py. A starts like
 PEFT's (Kaiming-uniform, a=sqrt(5)) and B at zero, so a fresh adapter leaves the model's outputs unchanged.
 

@@ -26,8 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chibichat.model.fp8 import project
-
 
 def causal_depthwise_conv(v, taps, history):
     """Causal depthwise convolution over time.
@@ -67,7 +65,6 @@ class SLC2(nn.Module):
         # keyed on "2-D means Muon" can route it to Muon by accident.
         self.conv = nn.Parameter(torch.empty(E, 1, conv_kernel))
         self.w_o = nn.Parameter(torch.empty(E, E))
-        self.fp8 = False  # training projections in fp8 (model/fp8.py enable_fp8); inference never
 
     @torch.no_grad()
     def reset_parameters(self, linear_init) -> list:
@@ -87,22 +84,24 @@ class SLC2(nn.Module):
     def matrix_params(self) -> list:
         return [self.w_x, self.w_b, self.w_alpha, self.w_a, self.w_o]
 
-    def forward(self, u, dtype, history=None):
-        """u: (B, T, E) pre-normed input. history: (B, k-1, E) in `dtype`, or None for a fresh sequence.
+    def fused_weights(self) -> dict:
+        # One matmul for the four input projections (separate parameters, so Muon still sees each
+        # matrix on its own; the concatenation is cheap next to the matmul it saves).
+        return {"in": torch.cat([self.w_x, self.w_b, self.w_alpha, self.w_a], dim=0), "o": self.w_o}
+
+    def forward(self, u, dtype, lin, history=None):
+        """u: (B, T, E) pre-normed input; lin(name, x): the block's projections (gpt.Projector).
+        history: (B, k-1, E) in `dtype`, or None for a fresh sequence.
 
         Returns (y (B, T, E) in `dtype`, new_history (B, k-1, E)).
         """
         B, T, E = u.shape
         H, Dh = self.n_head, self.head_dim
-        # One matmul for the four input projections (separate parameters, so Muon still sees each
-        # matrix on its own; the concatenation is cheap next to the matmul it saves).
-        w_in = torch.cat([self.w_x, self.w_b, self.w_alpha, self.w_a], dim=0)
-        proj = project(u, w_in, dtype, self.fp8)
-        x, b, alpha, a = proj.split([E, E, H, Dh], dim=-1)
+        x, b, alpha, a = lin("in", u).split([E, E, H, Dh], dim=-1)
         gate = F.silu(F.silu(alpha).unsqueeze(-1) * a.unsqueeze(-2))  # (B, T, H, Dh), head-major
         v = gate.reshape(B, T, E) * x
         if history is None:
             history = v.new_zeros(B, self.kernel - 1, E)
         c, new_history = causal_depthwise_conv(v, self.conv.to(dtype).squeeze(1), history)
-        y = project(b * F.silu(c), self.w_o, dtype, self.fp8)
+        y = lin("o", b * F.silu(c))
         return y, new_history

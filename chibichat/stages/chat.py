@@ -49,9 +49,6 @@ def register(sub) -> None:
     add_allow_weak_arg(p)
     p.add_argument("--system", default=None, help="system prompt (kept when old turns are dropped)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode steps (faster decoding, see `bench infer --compile`; the first reply "
-                        "of each new length bucket waits seconds for the compile; needs a C++ compiler)")
     p.set_defaults(func=run)
 
 
@@ -66,8 +63,8 @@ def load_engine(args):
     rt = init_runtime(args.device, args.dtype)
     tok = Tokenizer.load(home.tokenizer_dir)
     model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
-    prepare_for_inference(model, rt.compute_dtype)
-    return Engine(model, tok, rt, compile=getattr(args, "compile", False)), meta
+    prepare_for_inference(model)
+    return Engine(model, tok, rt), meta
 
 
 @dataclass

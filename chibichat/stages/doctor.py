@@ -165,14 +165,14 @@ def run(args) -> int:
     def fp8():
         if sm < (8, 9):
             return {"skipped": f"SM {sm[0]}.{sm[1]} < 8.9 has no fp8 tensor cores"}
-        from chibichat.model.fp8 import enable_fp8
-        from chibichat.model.gpt import GPT, GPTConfig
+        from chibichat.model.fp8 import check_fp8_runtime, fp8_layers
+        from chibichat.model.gpt import GPT, GPTConfig, RunConfig
 
+        check_fp8_runtime(dev, torch.bfloat16)
         with dev:
             m = GPT(GPTConfig(vocab_size=1024, seq_len=256, n_layer=2, n_embd=256, n_head=4, n_kv_head=4,
-                              layers="dense", windows=[0, 0]))
-        m.compute_dtype = torch.bfloat16
-        n = enable_fp8(m, dev, torch.bfloat16)
+                              layers="dense", windows=[0, 0]), RunConfig(compute_dtype=torch.bfloat16, fp8=True))
+        n = len(fp8_layers(m))
         x = torch.randint(0, 1024, (4, 256), device=dev)
         loss = m(x, x)
         loss.backward()

@@ -136,8 +136,8 @@ def run(args) -> int:
     from chibichat.data.corpora import get_corpus
     from chibichat.data.loader import PretrainLoader
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
-    from chibichat.model.fp8 import enable_fp8
-    from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
+    from chibichat.model.fp8 import check_fp8_runtime
+    from chibichat.model.gpt import GPT, GPTConfig, RunConfig, layer_pattern
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import LoopConfig, train
     from chibichat.train.optim import build_optimizer
@@ -167,8 +167,11 @@ def run(args) -> int:
         cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=plan.seq_len, n_layer=args.depth, n_embd=plan.width,
                         n_head=plan.heads, n_kv_head=plan.kv_heads, layers=layers,
                         windows=window_schedule(args.window, layers, plan.seq_len))
+        if args.fp8:
+            check_fp8_runtime(rt.device, rt.compute_dtype)
         torch.manual_seed(args.seed)
-        model = GPT(cfg)  # built on CPU so the init is the same on every device, then moved
+        # built on CPU so the init is the same on every device, then moved
+        model = GPT(cfg, RunConfig(compute_dtype=rt.compute_dtype, recompute=args.recompute, fp8=args.fp8))
         groups = model.param_groups()
         scaling_params = sum(p.numel() for name in ("matrix", "head", "other") for p in groups[name])
         derive_plan(plan, overrides, vocab_size=tok.vocab_size, scaling_params=scaling_params,
@@ -178,10 +181,6 @@ def run(args) -> int:
         saves = (plan.num_steps // args.save_every if args.save_every else 0) + 1
         check_home(home, checkpoint_bytes(model.num_params(), saves, args.keep_last), "this pretraining run")
         model.to(rt.device)
-        model.compute_dtype = rt.compute_dtype
-        if args.fp8:
-            enable_fp8(model, rt.device, rt.compute_dtype)
-        model.recompute = args.recompute
         if args.device_batch == "auto":
             plan = _probe_device_batch(model, plan, overrides, args, rt, tok.vocab_size, scaling_params)
         tag = args.tag or f"d{args.depth}"

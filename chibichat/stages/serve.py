@@ -73,13 +73,13 @@ def build_pool(args):
         for i in range(n):
             rti = init_runtime(f"cuda:{i}", args.dtype)
             model, meta = load_model(home, args.source, args.tag, args.step, rti, tokenizer=tok)
-            engines.append(Engine(prepare_for_inference(model, rti.compute_dtype), tok, rti))
+            engines.append(Engine(prepare_for_inference(model), tok, rti))
     else:
         n = args.workers or 1
         if n < 1:
             raise ChibiError(f"--workers must be >= 1, got {n}")
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
-        prepare_for_inference(model, rt.compute_dtype)
+        prepare_for_inference(model)
         first = Engine(model, tok, rt)
         # threads share the read-only weights and one decoder (its weight copies built once, not per worker)
         engines = [first] + [first.sibling() for _ in range(n - 1)]

@@ -340,35 +340,36 @@ def resolve_checkpoint(home: Home, stage: str, tag: str | None = None, step: int
     return step_dir(tag_dir, step)
 
 
-def build_model(meta: dict, where):
+def build_model(meta: dict, where, run=None):
     from chibichat.model.gpt import GPT, GPTConfig
 
     cfg = meta.get("model_config")
     if not isinstance(cfg, dict):
         raise ChibiError(f"checkpoint {where} has no model_config in meta.json; it is corrupt")
-    return GPT(GPTConfig.from_dict(cfg))
+    return GPT(GPTConfig.from_dict(cfg), run)
 
 
 def load_model(home: Home, stage: str, tag: str | None = None, step: int | None = None,
-               rt: Runtime | None = None, tokenizer=None):
-    """(model, meta) for a saved checkpoint, on rt.device with rt.compute_dtype, in eval mode.
+               rt: Runtime | None = None, tokenizer=None, run=None):
+    """(model, meta) for a saved checkpoint, on rt.device, in eval mode.
 
-    Every later stage uses this (`--from base|mid|sft|rl`). With `tokenizer` given, a checkpoint
-    trained with another tokenizer is refused before any weights are read.
+    Every later stage uses this (`--from base|mid|sft|rl`). `run` (gpt.RunConfig) says how the model
+    computes; by default in rt.compute_dtype (fp32 without rt). It is never read from the checkpoint:
+    meta.json's model_config is the architecture only. With `tokenizer` given, a checkpoint trained
+    with another tokenizer is refused before any weights are read.
     """
-    import torch
+    from chibichat.model.gpt import RunConfig
 
     sdir = resolve_checkpoint(home, stage, tag, step)
     meta = read_meta(sdir)
     if tokenizer is not None:
         check_tokenizer(meta, tokenizer, sdir)
-    model = build_model(meta, sdir)
+    if run is None:
+        run = RunConfig() if rt is None else RunConfig(compute_dtype=rt.compute_dtype)
+    model = build_model(meta, sdir, run)
     load_weights(sdir, model)
     if rt is not None:
         model.to(rt.device)
-        model.compute_dtype = rt.compute_dtype
-    else:
-        model.compute_dtype = torch.float32
     model.eval()
     meta["checkpoint_dir"] = str(sdir)
     return model, meta

@@ -101,13 +101,14 @@ def load_source(args, home, tok, rt):
     the block matmuls of training switch to fp8, and --recompute sets activation recomputation (each stage
     chooses both, like --dtype; neither is read from the source). With --lora the model gets frozen base
     weights and trainable adapters (a source that is itself an adapter checkpoint arrives merged)."""
-    from chibichat.model.fp8 import enable_fp8
+    from chibichat.model.fp8 import check_fp8_runtime
+    from chibichat.model.gpt import RunConfig
     from chibichat.train.checkpoint import load_model
 
-    model, meta = load_model(home, args.from_stage, args.from_tag, args.from_step, rt=rt, tokenizer=tok)
     if args.fp8:
-        enable_fp8(model, rt.device, rt.compute_dtype)
-    model.recompute = args.recompute
+        check_fp8_runtime(rt.device, rt.compute_dtype)
+    run = RunConfig(compute_dtype=rt.compute_dtype, recompute=args.recompute, fp8=args.fp8)
+    model, meta = load_model(home, args.from_stage, args.from_tag, args.from_step, rt=rt, tokenizer=tok, run=run)
     lcfg = lora_config(args)
     if lcfg is not None:  # the base is frozen; only the adapters train (and are saved)
         from chibichat.model.lora import apply_lora
