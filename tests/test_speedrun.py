@@ -118,6 +118,8 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
         d = home / "checkpoints" / stage / "d2"
         return load_file(step_dir(d, list_steps(d)[-1]) / "model.safetensors")
 
+    rl_summary = json.loads((home / "checkpoints" / "rl" / "d2" / "summary.json").read_text())
+    assert rl_summary["skipped_steps"] < rl_summary["steps"] == 4, rl_summary  # some step had a reward signal
     sft_w, rl_w = weights("sft"), weights("rl")
     assert any(not (sft_w[k] == rl_w[k]).all() for k in sft_w), "RL left the SFT weights unchanged"
     # resumed pretraining logged each step once
