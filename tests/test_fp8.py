@@ -95,6 +95,26 @@ def test_fp8_linear_matches_the_exact_product_of_its_fp8_operands(M, K, N):
         assert rel(w.grad, g.bfloat16().double().T @ xd) < 1e-2
 
 
+@pytest.mark.parametrize("a_dtype", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_product_equals_torch_scaled_mm_up_to_summation_order(a_dtype, out_dtype):
+    """On CPU `scaled_mm` multiplies the upcast operands instead of calling torch._scaled_mm (slow there for
+    e4m3 x e4m3): the same numbers up to fp32 summation order, then one rounding to the output dtype."""
+    torch.manual_seed(0)
+    a8, ai = fp8.to_fp8(torch.randn(64, 128), a_dtype)
+    b8, bi = fp8.to_fp8(torch.randn(48, 128), fp8.E4M3)
+    ours = fp8.scaled_mm(a8, b8.t(), ai, bi, out_dtype)
+    ref = torch._scaled_mm(a8, b8.t(), ai, bi, out_dtype=out_dtype)
+    assert ours.dtype == ref.dtype == out_dtype
+    # fp32 sums in another order differ by a few ulps of the sum of |terms|; a bf16 output then rounds once
+    # (8 significant bits: a neighbour is 2^-7 relative away at most)
+    terms = (a8.float().abs() @ b8.float().abs().t()) * ai * bi
+    bound = 1e-5 * terms + (2.0**-7 * ref.float().abs() if out_dtype == torch.bfloat16 else 0.0)
+    assert ((ours.float() - ref.float()).abs() <= bound).all()
+    with pytest.raises(AssertionError, match="layout"):  # the GPU's layout rules still hold on CPU
+        fp8.scaled_mm(a8, b8, ai, bi, out_dtype)
+
+
 def test_fp8_linear_is_close_to_the_bf16_linear():
     """Stated error budget against an fp64 reference, for N(0, 1) inputs and 1/sqrt(K)-scaled weights:
     forward <= 6% (e4m3: 3 mantissa bits, ~2.5% rms rounding per operand; measured 3.7%), gradients <= 10%
@@ -229,11 +249,17 @@ def test_compiled_fp8_matches_eager():
     w = torch.randn(48, 64, requires_grad=True)
     g = torch.randn(128, 48).bfloat16()
     outs = []
-    for fn in (fp8.fp8_linear, torch.compile(fp8.fp8_linear)):
-        x.grad = w.grad = None
-        y = fn(x, w)
-        y.backward(g)
-        outs.append((y.detach(), x.grad.clone(), w.grad.clone()))
+    # On CPU the fp8 product is a plain matmul (fp8.scaled_mm), whose bf16 output inductor would keep in
+    # fp32 when it is cast on to fp32 (grad_x); emulate_precision_casts keeps the rounding, as the GPU's
+    # opaque _scaled_mm does.
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        for fn in (fp8.fp8_linear, torch.compile(fp8.fp8_linear)):
+            x.grad = w.grad = None
+            y = fn(x, w)
+            y.backward(g)
+            outs.append((y.detach(), x.grad.clone(), w.grad.clone()))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
     ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
