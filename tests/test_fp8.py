@@ -252,9 +252,9 @@ def test_compiled_fp8_matches_eager():
     # On CPU the fp8 product is a plain matmul (fp8.scaled_mm), whose bf16 output inductor would keep in
     # fp32 when it is cast on to fp32 (grad_x); emulate_precision_casts keeps the rounding, as the GPU's
     # opaque _scaled_mm does.
-    import torch._inductor.config
+    from torch._inductor import config as inductor_config
 
-    with torch._inductor.config.patch(emulate_precision_casts=True):
+    with inductor_config.patch(emulate_precision_casts=True):
         for fn in (fp8.fp8_linear, torch.compile(fp8.fp8_linear)):
             x.grad = w.grad = None
             y = fn(x, w)
