@@ -456,6 +456,25 @@ def test_eval_chat_cli_writes_items_and_summary(base):
     from chibichat.eval.chat import summary_key
 
     assert s2[f"{summary_key(f'file:{qa}')}_n"] == 1
+    # one task again: it replaces its own entry, and ChatCORE is recomputed over the record (same items,
+    # same greedy replies: the same value)
+    run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
+            "float32", "--tasks", "spelling", "--max-items", 3, "--max-new-tokens", 8)
+    s3 = json.loads((out / "summary.json").read_text())
+    assert [t["task"] for t in s3["chat_eval"]["tasks"]] == ["arc-easy", f"file:{qa}", "spelling"]
+    assert s3["chatcore_partial"] == pytest.approx(s["chatcore_partial"])
+    assert sorted(s3["chatcore_tasks"]) == sorted(s["chatcore_tasks"])
+    # scores of another step of the stage (trained again since) are dropped, never left beside new ones
+    s3["chat_eval"]["step"] = -1
+    s3["chatcore"] = 0.9  # as if the earlier step had had the full ChatCORE set
+    (out / "summary.json").write_text(json.dumps(s3))
+    run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
+            "float32", "--tasks", "arc-easy", "--max-items", 3)
+    s4 = json.loads((out / "summary.json").read_text())
+    assert [t["task"] for t in s4["chat_eval"]["tasks"]] == ["arc-easy"]
+    assert "chatcore" not in s4 and s4["chatcore_tasks"] == ["arc-easy"]
+    assert not any(k.startswith(("spelling", summary_key(f"file:{qa}"))) for k in s4)
+    assert s4["arc_easy_n"] + s4["arc_easy_skipped_too_long"] == 3
 
 
 def test_core_on_shipped_tasks_with_a_real_model(base, tmp_path):

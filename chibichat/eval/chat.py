@@ -221,23 +221,33 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
             rows = sorted((r for part in gather(rows) for r in part), key=lambda r: r["index"])
         per_task.append(summarize(task.kind, rows))
         items[task.name] = rows
+    if not any(s["n_scored"] > 0 for s in per_task):
+        raise ChibiError("no item of any task fits the model's context; nothing was evaluated")
+    return {"summary": flat_summary(per_task), "tasks": per_task, "items": items}
+
+
+CHATCORE_KEYS = ("chatcore", "chatcore_partial", "chatcore_tasks")
+
+
+def task_keys(name: str) -> tuple[str, ...]:
+    """The flat summary.json keys one task's scores are written under."""
+    key = summary_key(name)
+    return key, f"{key}_centered", f"{key}_n", f"{key}_skipped_too_long"
+
+
+def flat_summary(per_task: list[dict]) -> dict:
+    """summary.json's flat keys for these task scores: each task's accuracy, centered accuracy and counts,
+    and ChatCORE over the scored ChatCORE tasks among them ("chatcore" only when all were scored)."""
     flat: dict = {}
     for s in per_task:
-        key = summary_key(s["task"])
-        flat[key] = s["accuracy"]
-        flat[f"{key}_centered"] = s["centered"]
-        flat[f"{key}_n"] = s["n_scored"]
-        flat[f"{key}_skipped_too_long"] = s["n_skipped_too_long"]
-    scored = [s for s in per_task if s["n_scored"] > 0]
-    if not scored:
-        raise ChibiError("no item of any task fits the model's context; nothing was evaluated")
-    core = [s for s in scored if s["task"] in CHATCORE_TASKS]  # other tasks (your files) are not part of it
+        flat.update(zip(task_keys(s["task"]), (s["accuracy"], s["centered"], s["n_scored"], s["n_skipped_too_long"])))
+    core = [s for s in per_task if s["n_scored"] > 0 and s["task"] in CHATCORE_TASKS]  # not your own files
     if core:
         names = [s["task"] for s in core]
         complete = sorted(names) == sorted(CHATCORE_TASKS)
         flat["chatcore" if complete else "chatcore_partial"] = sum(s["centered"] for s in core) / len(core)
         flat["chatcore_tasks"] = names
-    return {"summary": flat, "tasks": per_task, "items": items}
+    return flat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,13 +311,16 @@ def run_chat(args) -> int:
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
         # Another eval of the same checkpoint (your own file after the speedrun's ChatCORE) adds its tasks
-        # to the record instead of replacing it; a task evaluated again replaces its own entry.
+        # to the record instead of replacing it; a task evaluated again replaces its own entry, and the flat
+        # keys (ChatCORE included) are recomputed over the whole record. The scores of another step of the
+        # stage (trained again since) are dropped, never left beside the new ones.
         earlier = read_json(out_dir / "summary.json", "eval summary").get("chat_eval", {}) \
             if (out_dir / "summary.json").exists() else {}
+        earlier_tasks = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and "task" in t]
         now = {t["task"] for t in out["tasks"]}
-        kept = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and t.get("task") not in now] \
-            if earlier.get("step") == meta["step"] else []
-        summary = {**out["summary"], "chat_eval": {
+        kept = [t for t in earlier_tasks if t["task"] not in now] if earlier.get("step") == meta["step"] else []
+        stale = {k for t in earlier_tasks for k in task_keys(t["task"])} | set(CHATCORE_KEYS)
+        summary = {**flat_summary(kept + out["tasks"]), "chat_eval": {
             "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
             "tasks": kept + out["tasks"], "test_sets": args.test_sets, "num_samples": cfg.num_samples,
             "max_new_tokens": cfg.max_tokens,
@@ -315,7 +328,7 @@ def run_chat(args) -> int:
         if rt.is_master:
             for name, rows in out["items"].items():
                 write_eval_outputs(out_dir, f"chat_{summary_key(name)}", rows, None)
-            merge_summary(out_dir, summary)
+            merge_summary(out_dir, summary, drop=stale)
         for s in out["tasks"]:
             if s["n_scored"] == 0:
                 print0(rt, f"{s['task']:>14}: not scored: {s['note']} ({s['n_skipped_too_long']} items)")
@@ -323,7 +336,10 @@ def run_chat(args) -> int:
             print0(rt, f"{s['task']:>14}: {s['accuracy']:.4f} (centered {s['centered']:+.4f}, n={s['n_scored']}, "
                        f"skipped too long {s['n_skipped_too_long']})")
         key = next((k for k in ("chatcore", "chatcore_partial") if k in out["summary"]), None)
-        print0(rt, (f"{key}: {out['summary'][key]:.4f} | " if key else "") + f"{args.test_sets} test sets | "
+        whole = next((k for k in ("chatcore", "chatcore_partial") if k in summary), None)
+        record = f" ({whole} {summary[whole]:.4f} over the record's {len(kept) + len(out['tasks'])} tasks)" \
+            if kept and whole else ""
+        print0(rt, (f"{key}: {out['summary'][key]:.4f}{record} | " if key else "") + f"{args.test_sets} test sets | "
                    f"wrote {out_dir / 'summary.json'}")
         return 0
     finally:

@@ -162,8 +162,9 @@ def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict | Non
     return paths
 
 
-def merge_summary(out_dir, summary: dict):
-    """Merge flat keys into `<out_dir>/summary.json` (shared by every eval of one checkpoint)."""
+def merge_summary(out_dir, summary: dict, drop=()):
+    """Merge flat keys into `<out_dir>/summary.json` (shared by every eval of one checkpoint), after
+    removing the keys in `drop` (an evaluation's earlier figures that the new ones supersede)."""
     from pathlib import Path
 
     from chibichat.common import atomic_write_json, read_json
@@ -172,6 +173,8 @@ def merge_summary(out_dir, summary: dict):
     merged = read_json(path, "eval summary") if path.exists() else {}
     if not isinstance(merged, dict):
         raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
+    for key in drop:
+        merged.pop(key, None)
     merged.update(summary)
     atomic_write_json(path, merged)
     return path
