@@ -305,6 +305,20 @@ def stand_in_hub(monkeypatch):
     from tests.test_task_loaders import FIXTURES
 
     files = {"/eval_bundle.zip": bundle_zip()}
+    # SmolTalk as a web-scale set can be: its first chat asks a question of GSM8K's test split, which the
+    # GPU recipes' midtraining and SFT leave out (--drop-eval-overlap) and count
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    smoltalk = FIXTURES / "hub" / "HuggingFaceTB--smol-smoltalk" / "default" / "train.parquet"
+    test_q = pq.read_table(FIXTURES / "hub" / "openai--gsm8k" / "main" / "test.parquet").column("question")[0].as_py()
+    rows = [{"messages": [{"content": test_q, "role": "user"}, {"content": "30 pages.", "role": "assistant"}],
+             "source": "leaked"}] + pq.read_table(smoltalk).to_pylist()
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    smoltalk_bytes = buf.getvalue()
     for name, lang in (("fineweb-edu", "en"), ("abeja-ja", "ja")):
         src = get_corpus(name).online
         files[f"/datasets/{src.repo}/resolve/main/{src.path.format(i=0)}"] = _corpus_parquet(lang, "train", 400_000)
@@ -320,6 +334,9 @@ def stand_in_hub(monkeypatch):
                 return
             if parts[0] == "files":
                 f = FIXTURES / "hub" / f"{parts[1]}--{parts[2]}" / parts[3] / parts[4]
+                if f == smoltalk:
+                    self._send(200, smoltalk_bytes)
+                    return
                 self._send(200, f.read_bytes()) if f.exists() else self._send(404, b"")
                 return
             self._send(200, files[path]) if path in files else self._send(404, b"")
@@ -399,6 +416,9 @@ def check_gpu_plan_run(home, preset, lang, layers):
     assert rl["pass_at_k_before"]["n"] == rl["pass_at_k_after"]["n"] == 2
     mid = json.loads((home / "checkpoints" / "mid" / tag / "summary.json").read_text())
     assert set(mid["mixture"]) >= {"smoltalk", "mmlu-aux", "gsm8k-train"}
+    for stage in ("mid", "sft"):  # the stand-in SmolTalk's chat that asks a GSM8K test question
+        s = json.loads((home / "checkpoints" / stage / tag / "summary.json").read_text())
+        assert s["dropped_eval_overlap"] == {"smoltalk": {"gsm8k": 1}}, stage
     for stage in ("mid", "sft", "rl"):  # the full test sets (the stand-in hub's), 2 items each at toy scale
         ev = json.loads((home / "eval" / stage / tag / "summary.json").read_text())
         assert ev["chat_eval"]["test_sets"] == "online" and "chatcore" in ev  # ja scores its own tasks besides

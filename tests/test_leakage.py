@@ -142,7 +142,8 @@ def test_a_copy_of_an_evaluation_item_under_another_name_is_found_by_content(hom
     leaked = {"question": "  " + q.upper().replace(" ", "   ") + " ", "answer": "#### 1"}
     _fake_hub(home, "openai/gsm8k", "main", "train", [leaked] + GSM_ROWS)
     want = "training task 'gsm8k-train' shares 1 item(s) with evaluation set 'gsm8k' (same prompt after NFKC"
-    with pytest.raises(ChibiError, match="Remove that task from --mix.$") as e:
+    with pytest.raises(ChibiError, match="Remove that task from --mix, or pass --drop-eval-overlap to train on the "
+                                         "rest of it.$") as e:
         build_mixtures([("gsm8k-train", 1.0)], 1, 0, home)
     assert str(e.value).startswith(want)
     with pytest.raises(ChibiError) as e:
@@ -183,10 +184,16 @@ def test_full_online_test_sets_in_the_home_are_checked_against_training(home):
     assert [len(t) for t in online] == [1]
     want = ("training task 'gsm8k-train' shares 1 item(s) with evaluation set 'gsm8k' (same prompt after NFKC, case "
             "folding and whitespace collapsing; e.g. its item 0: 'a farmer has 17 cows and buys 5 more. how many cows "
-            "does the farmer have?'); training on them would inflate gsm8k's score. Remove that task from --mix.")
+            "does the farmer have?'); training on them would inflate gsm8k's score. Remove that task from --mix, or pass "
+            "--drop-eval-overlap to train on the rest of it.")
     with pytest.raises(ChibiError) as e:
         build_mixtures([("gsm8k-train", 1.0)], 1, 0, home)
     assert str(e.value) == want
+    # --drop-eval-overlap: the shared question is left out and counted, the rest trains
+    train, _, dropped = build_mixtures([("gsm8k-train", 1.0)], 1, 0, home, drop_overlap=True)
+    assert dropped == {"gsm8k-train": {"gsm8k": 1}}
+    questions = [item["messages"][0]["content"] for _, item in train]
+    assert test_q not in questions and len(questions) == len(GSM_ROWS) - 1  # one more row held out for validation
     with pytest.raises(ChibiError, match="^training task 'gsm8k-train' shares 1 item"):
         _tasks(argparse.Namespace(task="gsm8k-train", eval_task="arithmetic", train_items=10, passk_items=4, seed=0),
                home)
@@ -197,5 +204,6 @@ def test_shipped_training_data_of_the_default_mixtures_is_disjoint_from_the_eval
     (the generated tasks' splits are disjoint by construction and are checked in every stage test)."""
     from chibichat.stages.sft import build_mixtures, parse_mix
 
-    train, _ = build_mixtures(parse_mix("mmlu-dev=1,chitchat=1,chatterbot=1,chatterbot-ja=1"), 50, 0)
+    train, _, dropped = build_mixtures(parse_mix("mmlu-dev=1,chitchat=1,chatterbot=1,chatterbot-ja=1"), 50, 0)
+    assert dropped == {}
     assert set(train.summary()) == {"mmlu-dev", "chitchat", "chatterbot", "chatterbot-ja"}

@@ -109,7 +109,7 @@ def test_file_in_mix_with_epochs_after_the_last_equals(tmp_path):
     path = write_jsonl(d / "s.jsonl", [OPENAI] * 40)
     mix = parse_mix(f"chitchat=0.1,file:{path}=3")
     assert mix == [("chitchat", 0.1), (f"file:{path}", 3.0)]
-    train, val = build_mixtures(mix, val_items=5, seed=0)
+    train, val, _ = build_mixtures(mix, val_items=5, seed=0)
     assert train.summary()[f"file:{path}"] == 3 * 38 and val.summary()[f"file:{path}"] == 2  # last 5% held out
 
 
@@ -195,7 +195,7 @@ def test_identity_persona_replaces_name_and_creator_in_en_and_ja(tmp_path):
                        ("name=", "must be one line"), (str(tmp_path / "none.json"), "does not exist")]:
         with pytest.raises(ChibiError, match=match):
             parse_persona(bad)
-    train, val = build_mixtures([("identity", 1.0), ("identity-ja", 1.0)], val_items=20, seed=0, persona=persona)
+    train, val, _ = build_mixtures([("identity", 1.0), ("identity-ja", 1.0)], val_items=20, seed=0, persona=persona)
     replies = {task: " ".join(m["content"] for t, it in train if t == task for m in it["messages"]
                               if m["role"] == "assistant") for task in ("identity", "identity-ja")}
     assert "Kiku" in replies["identity"] and "Acme Inc." in replies["identity"]

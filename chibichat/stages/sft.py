@@ -86,13 +86,19 @@ def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | 
     return task.slice(0, len(task) - n_val), task.slice(len(task) - n_val, None)
 
 
-def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None, persona: dict | None = None):
-    """(train Mixture, val Mixture). The training items are checked disjoint, by content, from every
-    evaluation set the chat evaluations report against (chibichat/tasks/leakage.py). With `persona`
-    (--identity), the mix must name an identity task."""
+OVERLAP_FIX = "Remove that task from --mix, or pass --drop-eval-overlap to train on the rest of it."
+
+
+def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None, persona: dict | None = None,
+                   drop_overlap: bool = False):
+    """(train Mixture, val Mixture, {task: {evaluation set: items dropped}}). The training items are checked
+    disjoint, by content, from every evaluation set the chat evaluations report against
+    (chibichat/tasks/leakage.py): an overlap is an error, or with `drop_overlap` (--drop-eval-overlap: a
+    large web-scraped set such as SmolTalk may hold a few test questions) the shared items are left out
+    and counted. With `persona` (--identity), the mix must name an identity task."""
     from chibichat.tasks.base import Mixture
     from chibichat.tasks.base import GeneratedTask
-    from chibichat.tasks.leakage import check_disjoint, reported_eval_sets
+    from chibichat.tasks.leakage import check_disjoint, drop_overlaps, reported_eval_sets
 
     if persona and not any(name in IDENTITY_TASKS for name, _ in mix):
         raise ChibiError("--identity replaces the persona of the identity tasks, but --mix names none; add "
@@ -103,12 +109,16 @@ def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home
         trains.append(tr)
         vals.append(va)
         epochs.append(e)
+    generated = [t.name for t in trains if isinstance(t, GeneratedTask)]
+    evals = reported_eval_sets(home, generated)
+    dropped: dict[str, dict[str, int]] = {}
+    if drop_overlap:  # the whole task is checked: which of its items the mixture uses depends on its length
+        trains, dropped = drop_overlaps(trains, evals)
     train_mix = Mixture(trains, epochs=epochs, seed=seed)
     # The items the mixture uses: occurrence j of a task is its item j mod len.
     used = [t.slice(0, min(c, len(t))) for t, c in zip(trains, train_mix.counts)]
-    generated = [t.name for t in trains if isinstance(t, GeneratedTask)]
-    check_disjoint(used, reported_eval_sets(home, generated), fix="Remove that task from --mix.")
-    return train_mix, Mixture(vals, epochs=[1.0] * len(vals), seed=seed + 1)
+    check_disjoint(used, evals, fix=OVERLAP_FIX)
+    return train_mix, Mixture(vals, epochs=[1.0] * len(vals), seed=seed + 1), dropped
 
 
 def token_loss_sum(model, batch):
@@ -211,6 +221,9 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
                    help=f"how conversations fill rows (default: {mode})")
     p.add_argument("--overflow", default="shorten", choices=("shorten", "drop"),
                    help="an over-length conversation loses whole early turns (shorten) or is left out (drop)")
+    p.add_argument("--drop-eval-overlap", action="store_true",
+                   help="leave out (and count) training items whose prompt is an evaluation item's, instead of "
+                        "refusing the mixture")
     p.add_argument("--val-items", type=int, default=50, help="held-out items per task (default: 50)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (default: 8)")
     add_optim_args(p, lr_frac)
@@ -242,7 +255,11 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
             from chibichat.tasks.identity import parse_persona
 
             persona = parse_persona(args.identity)
-        train_mix, val_mix = build_mixtures(mix, args.val_items, args.seed, home, persona)
+        train_mix, val_mix, dropped = build_mixtures(mix, args.val_items, args.seed, home, persona,
+                                                     drop_overlap=args.drop_eval_overlap)
+        for name, per in dropped.items():
+            print0(rt, f"{stage}: left out {sum(per.values())} item(s) of {name!r} that share a prompt with "
+                       + ", ".join(f"{ev} ({n})" for ev, n in per.items()))
         loader = ConversationLoader(train_mix, tok, args.device_batch_size, seq_len, rt, mode=args.mode,
                                     overflow=args.overflow, epochs=None, train_all_tokens=train_all_tokens)
         lrs = source_lrs(src_meta, args, model)
@@ -266,6 +283,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
             "mode": args.mode, "overflow": args.overflow,
             "loss_on": "all tokens" if train_all_tokens else "assistant tokens (mask 1)",
             "mixture": train_mix.summary(),
+            "dropped_eval_overlap": dropped,  # {task: {evaluation set: items left out}} (--drop-eval-overlap)
             "render_counts": counts,  # ok/shortened/dropped per task, over the conversations this run rendered
             "over_length": {"shortened": sum(c["shortened"] for c in counts.values()),
                             "dropped": sum(c["dropped"] for c in counts.values())},

@@ -403,14 +403,17 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
                      "--eval-tokens", str(20 * 2 ** 19), "--save-every", "1000", "--sample-every", "2000"],
         # full CORE (the DCLM bundle, every item) and bpb on nanochat's 20 x 2^19 val tokens
         "eval_base": ["--eval-tokens", str(20 * 2 ** 19), "--core", "full", "--core-items", "0"],
-        # nanochat: LR x 1.0, constant to 80% then linear to 0; eval every 150 steps
+        # nanochat: LR x 1.0, constant to 80% then linear to 0; eval every 150 steps. SmolTalk and MMLU's
+        # auxiliary train are large collections of other datasets: an item among them that asks a test
+        # question is left out and counted (summary.json) rather than stopping a run hours after pretraining.
         "midtrain": ["--mix", MID_MIX[lang], "--num-steps", str(fig.mid_steps), "--device-batch-size", str(CHAT_ROWS),
                      "--grad-accum", accum, "--lr-frac", "1.0", "--warmdown-frac", "0.2", "--eval-every", "150",
-                     "--val-batches", "16", "--val-items", "500", "--save-every", "200"],
+                     "--val-batches", "16", "--val-items", "500", "--save-every", "200", "--drop-eval-overlap"],
         # nanochat's older SFT: padded single conversations, 32 per step, LR x 0.02 decayed linearly to 0
         "sft": ["--mix", SFT_MIX[lang], "--mode", "pad", "--num-steps", str(fig.sft_steps), "--device-batch-size",
                 str(SFT_CONVS), "--grad-accum", accum, "--lr-frac", "0.02", "--warmdown-frac", "1.0",
-                "--eval-every", "100", "--val-batches", "16", "--val-items", "100", "--save-every", "200"],
+                "--eval-every", "100", "--val-batches", "16", "--val-items", "100", "--save-every", "200",
+                "--drop-eval-overlap"],
         # nanochat's RL: 16 GSM8K train questions x 16 samples at T 1.0, top-k 50, <= 256 new tokens, LR x 0.05
         # decayed to 0 over one pass; pass@1..8 on 400 held-out GSM8K test questions (the shipped test subset)
         "rl": ["--task", "gsm8k-train", "--eval-task", "gsm8k", "--prompts-per-step", str(RL_PROMPTS),

@@ -82,22 +82,55 @@ def prompt_key(item: dict) -> str:
     return hashlib.sha256(normalise(prompt_text(item)).encode("utf-8")).hexdigest()
 
 
-def check_disjoint(train_tasks: Sequence, eval_tasks: Sequence, fix: str) -> None:
-    """ChibiError if any training item's prompt key equals an evaluation item's; the message names the
-    pair of tasks, how many items they share, one example, and `fix` (what the user should change)."""
-    seen: dict[str, tuple[str, int]] = {}
+def find_overlaps(train_tasks: Sequence, eval_tasks: Sequence) -> dict[tuple[int, str], list[tuple[int, str]]]:
+    """{(position of the training task in `train_tasks`, evaluation set name): [(item index, prompt text)]}
+    for every training item whose prompt key equals an evaluation item's (empty when disjoint)."""
+    seen: dict[str, str] = {}
     for ev in eval_tasks:
         for i in range(len(ev)):
-            seen.setdefault(prompt_key(ev[i]), (ev.name, i))
+            seen.setdefault(prompt_key(ev[i]), ev.name)
+    shared: dict[tuple[int, str], list[tuple[int, str]]] = {}
     if not seen:
-        return
-    shared: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for tr in train_tasks:
+        return shared
+    for k, tr in enumerate(train_tasks):
         for i in range(len(tr)):
             item = tr[i]
             hit = seen.get(prompt_key(item))
             if hit is not None:
-                shared.setdefault((tr.name, hit[0]), []).append((i, prompt_text(item)))
+                shared.setdefault((k, hit), []).append((i, prompt_text(item)))
+    return shared
+
+
+def drop_overlaps(train_tasks: Sequence, eval_tasks: Sequence) -> tuple[list, dict[str, dict[str, int]]]:
+    """(the training tasks without their items that share a prompt with an evaluation item, {training task:
+    {evaluation set: items dropped}}). A task with no such item is returned as it was; one left with no
+    item at all is an error naming it (nothing of it would train)."""
+    from chibichat.tasks.base import TaskView
+
+    shared = find_overlaps(train_tasks, eval_tasks)
+    bad: dict[int, set[int]] = {}
+    report: dict[str, dict[str, int]] = {}
+    for (k, ev_name), rows in shared.items():
+        bad.setdefault(k, set()).update(i for i, _ in rows)
+        per = report.setdefault(train_tasks[k].name, {})
+        per[ev_name] = per.get(ev_name, 0) + len(rows)
+    out = []
+    for k, tr in enumerate(train_tasks):
+        if k not in bad:
+            out.append(tr)
+            continue
+        keep = [i for i in range(len(tr)) if i not in bad[k]]
+        if not keep:
+            raise ChibiError(f"every item of training task {tr.name!r} shares its prompt with an evaluation set "
+                             f"({', '.join(sorted(report[tr.name]))}); remove it from --mix")
+        out.append(TaskView(tr, keep))
+    return out, report
+
+
+def check_disjoint(train_tasks: Sequence, eval_tasks: Sequence, fix: str) -> None:
+    """ChibiError if any training item's prompt key equals an evaluation item's; the message names the
+    pair of tasks, how many items they share, one example, and `fix` (what the user should change)."""
+    shared = {(train_tasks[k].name, ev): rows for (k, ev), rows in find_overlaps(train_tasks, eval_tasks).items()}
     if shared:
         (tr_name, ev_name), rows = next(iter(shared.items()))
         i, text = rows[0]
