@@ -54,6 +54,9 @@ class Preset:
     # The training loops together never run longer than this, whatever the CPU: the step counts above are
     # what a fast CPU finishes in it, and a slower one stops each stage earlier (budget_flags, headroom 1).
     max_minutes: float | None = None
+    # How a time budget (max_minutes or --minutes) splits over the training stages, by stage name; None:
+    # by the steps' default weights (their share of the expected time).
+    minute_shares: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -282,8 +285,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="the offline default: embedded data, ~11 minutes on 2 CPU cores",
-        expected_minutes=11,
+        description="the offline default: embedded data, ~13 minutes on 2 CPU cores",
+        expected_minutes=13,
         depth=4,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
         # ~0.65-0.72 s per 4,096-token step on 2 cores in bf16: 550 steps ~ 6.5 minutes, the bulk of the
@@ -292,17 +295,19 @@ PRESETS: dict[str, Preset] = {
                   "--num-steps", "550", "--eval-every", "275", "--eval-tokens", "32768", "--save-every", "275"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
+        # SFT's steps are where the held-out skills are learnt: from the same midtrained model, 150 / 300 /
+        # 450 SFT steps scored 0.15 / 0.26 / 0.34 on `eval skills` (docs/benchmarks.md, 2026-12-03).
         midtrain=["--num-steps", "250", "--eval-every", "125"],
-        sft=["--num-steps", "150", "--eval-every", "75"],
-        # RL is the most expensive step per update on CPU (sampling). On arithmetic-multi, which SFT leaves
-        # ~58% solved, 30 steps raised the training reward by fifths 0.53 -> 0.55 -> 0.60 -> 0.67 -> 0.58 and
-        # held-out pass@1 0.58 -> 0.67 (one run, measured on a loaded machine).
-        rl=["--num-steps", "30"],
+        sft=["--num-steps", "300", "--eval-every", "150"],
+        # RL is the most expensive step per update on CPU (sampling, ~3 s a step) and moved the held-out
+        # skills least, so it gets a short run: the stage shows its reward curve and pass@k before/after.
+        rl=["--num-steps", "15"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
         # pretraining's 550 steps take ~6.5 min on a 2-core CPU with native bf16 (AMX) and ~80 min on an
         # AVX2-only one in fp32; the cap keeps the quickstart a quickstart there, with fewer steps.
-        max_minutes=12,
+        max_minutes=12.5,
+        minute_shares={"pretrain": 0.55, "midtrain": 0.125, "sft": 0.225, "rl": 0.1},
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
@@ -513,9 +518,9 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
         if step.name.startswith("skills-"):
             step.argv = sc(step.argv)
     if minutes is not None:
-        budget_flags(steps, minutes, BUDGET_HEADROOM)
+        budget_flags(steps, minutes, BUDGET_HEADROOM, preset.minute_shares)
     elif budget and preset.max_minutes:
-        budget_flags(steps, preset.max_minutes, 1)
+        budget_flags(steps, preset.max_minutes, 1, preset.minute_shares)
     return steps
 
 
@@ -523,17 +528,18 @@ TRAINING_STEPS = ("pretrain", "midtrain", "sft", "rl")
 BUDGET_HEADROOM = 4  # with --minutes, a stage may take up to this many times its preset's --num-steps
 
 
-def budget_flags(steps: list[Step], minutes: float, headroom: int) -> None:
-    """Give each training step its share of `minutes` (by step weight) as --minutes, and raise its
-    --num-steps cap `headroom`-fold: with BUDGET_HEADROOM a machine faster than the one the preset was
-    sized on spends its minutes learning instead of stopping at the preset's count; with 1 the minutes
-    only cut a slow machine's run short."""
+def budget_flags(steps: list[Step], minutes: float, headroom: int, shares: dict | None = None) -> None:
+    """Give each training step its share of `minutes` (by `shares[step name]`, else by step weight) as
+    --minutes, and raise its --num-steps cap `headroom`-fold: with BUDGET_HEADROOM a machine faster than
+    the one the preset was sized on spends its minutes learning instead of stopping at the preset's count;
+    with 1 the minutes only cut a slow machine's run short."""
     if not (minutes > 0 and minutes < float("inf")):
         raise ChibiError(f"--minutes must be a positive number, got {minutes}")
     training = [s for s in steps if s.name in TRAINING_STEPS]
-    total = sum(s.weight for s in training)
+    weight = {s.name: (shares[s.name] if shares else s.weight) for s in training}
+    total = sum(weight.values())
     for s in training:
-        s.argv += ["--minutes", f"{minutes * s.weight / total:.4g}"]
+        s.argv += ["--minutes", f"{minutes * weight[s.name] / total:.4g}"]
         if "--num-steps" in s.argv:
             i = len(s.argv) - s.argv[::-1].index("--num-steps")  # the value after the last --num-steps
             s.argv[i] = str(headroom * int(s.argv[i]))
