@@ -163,8 +163,8 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
         assert argv.count(name) == 1, argv
         return argv[argv.index(name) + 1]
 
-    # the cpu preset's shares pretrain 0.55, midtrain 0.125, sft 0.225, rl 0.1
-    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["6.6", "1.5", "2.7", "1.2"]
+    # the cpu preset's shares pretrain 0.58, midtrain 0.12, sft 0.21, rl 0.09
+    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["6.96", "1.44", "2.52", "1.08"]
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
     assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2200", "1000", "1200", "60"]
     # a preset without shares splits by the steps' weights: pretrain 0.5, midtrain/sft/rl 0.1 each
@@ -183,17 +183,17 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
         return {f: argv[argv.index(f) + 1] for f in ("--minutes", "--num-steps") if f in argv}
 
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")}
-    assert PRESETS["cpu"].max_minutes == 12.5
-    # the preset's shares pretrain 0.55, midtrain 0.125, sft 0.225, rl 0.1 of 12.5 min
+    assert PRESETS["cpu"].max_minutes == 13
+    # the preset's shares pretrain 0.58, midtrain 0.12, sft 0.21, rl 0.09 of 13 min
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "6.875", "--num-steps": "550"}, {"--minutes": "1.562", "--num-steps": "250"},
-        {"--minutes": "2.812", "--num-steps": "300"}, {"--minutes": "1.25", "--num-steps": "15"}]
+        {"--minutes": "7.54", "--num-steps": "550"}, {"--minutes": "1.56", "--num-steps": "250"},
+        {"--minutes": "2.73", "--num-steps": "300"}, {"--minutes": "1.17", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
     assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "550"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
     fast = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=25)}
-    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "13.75", "--num-steps": "2200"},
-                                                            {"--minutes": "5.625", "--num-steps": "1200"}]
+    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "14.5", "--num-steps": "2200"},
+                                                            {"--minutes": "5.25", "--num-steps": "1200"}]
     # a preset's shares name exactly the training stages
     from chibichat.stages.speedrun import TRAINING_STEPS
 

@@ -306,8 +306,10 @@ PRESETS: dict[str, Preset] = {
         eval_skills=("--max-new-tokens", "64"),
         # pretraining's 550 steps take ~6.5 min on a 2-core CPU with native bf16 (AMX) and ~80 min on an
         # AVX2-only one in fp32; the cap keeps the quickstart a quickstart there, with fewer steps.
-        max_minutes=12.5,
-        minute_shares={"pretrain": 0.55, "midtrain": 0.125, "sft": 0.225, "rl": 0.1},
+        # Shares of the 13 minutes: pretraining ~7.5 (its 550 steps fit with room for the first steps' timing),
+        # midtraining ~1.6, SFT ~2.7 (300 steps), RL ~1.2 (15 steps).
+        max_minutes=13,
+        minute_shares={"pretrain": 0.58, "midtrain": 0.12, "sft": 0.21, "rl": 0.09},
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
