@@ -285,8 +285,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="the offline default: embedded data, ~13 minutes on 2 CPU cores",
-        expected_minutes=13,
+        description="the offline default: embedded data, ~14 minutes on 2 CPU cores",
+        expected_minutes=14,
         depth=4,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
         # ~0.65-0.72 s per 4,096-token step on 2 cores in bf16: 550 steps ~ 6.5 minutes, the bulk of the
