@@ -351,16 +351,55 @@ def test_minutes_fits_the_step_count_and_schedule_to_the_measured_throughput(tmp
     clock = FakeClock()
     _, res = budget_run(tmp_path / "b", clock)
     # 2 s step-0 eval + 3 s untimed first step + 4 timed steps of 0.5 s: fitted after 5 steps at 7 s.
-    # 15 s budget - 7 s - 2 s for the final eval = 6 s = 12 more steps of 0.5 s -> 17 steps.
+    # 15 s budget - 7 s - 2 s for the final eval = 6 s = 12 more steps of 0.5 s -> 17 steps. Fitted again
+    # after 4 more steps (step 9, 9 s): 15 - 9 - 2 = 4 s = 8 more steps -> 17 again.
     assert res.fit == {"minutes": 0.25, "num_steps": 17, "capped": False, "cap": 100, "sec_per_step": 0.5,
-                       "tok_per_s": 64.0, "timed_steps": 4, "eval_s": 2.0, "fitted_after_s": 7.0}
+                       "tok_per_s": 64.0, "timed_steps": 4, "eval_s": 2.0, "fitted_after_s": 9.0,
+                       "first_fit": {"num_steps": 17, "sec_per_step": 0.5, "timed_steps": 4}}
     assert res.steps == 17
     assert res.wall_time_s == 15.0  # the run ends exactly on budget
     rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs == [lr_multiplier(s, 17, 0, 0.2, 0.0) for s in range(17)]  # the 17-step schedule throughout
-    assert "--minutes 0.25: 0.500 s/step (64 tok/s) over 4 timed steps -> 17 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--minutes 0.25: 0.500 s/step (64 tok/s) over 4 timed steps -> 17 steps\n" in out
+    assert "--minutes 0.25: 0.500 s/step (64 tok/s) over 4 timed steps -> 17 steps (refitted at step 9; first fit " \
+           "17)" in out
     assert read_meta(tmp_path / "b" / "step_000017")["loop"]["fit"]["num_steps"] == 17
+
+
+class SlowStartClock(FakeClock):
+    """The first `slow` training forwards after the first one take `slow_s`, the rest `step_s`."""
+
+    def __init__(self, slow=4, slow_s=1.0, **kw):
+        super().__init__(**kw)
+        self.slow, self.slow_s = slow, slow_s
+
+    def loss(self, stop_after=None):
+        inner = super().loss(stop_after)
+
+        def fn(m, b):
+            out = inner(m, b)
+            if 1 < self.calls <= 1 + self.slow:
+                self.t += self.slow_s - self.step_s
+            return out
+        return fn
+
+
+def test_minutes_refits_once_the_first_steps_ran_slower_than_the_rest(tmp_path, capsys):
+    """Steps 2-5 at 1 s, the rest at 0.5 s, 30 s budget: the first fit (step 5, 9 s spent) gives
+    5 + (30 - 9 - 2) / 1 = 24 steps, which would end at 20.5 s; the second (step 9, 11 s spent, from
+    steps 6-9) gives 9 + (30 - 11 - 2) / 0.5 = 43, which ends on the budget."""
+    from chibichat.train.schedule import lr_multiplier
+
+    _, res = budget_run(tmp_path / "s", SlowStartClock(), minutes=0.5)
+    assert res.fit["first_fit"] == {"num_steps": 24, "sec_per_step": 1.0, "timed_steps": 4}
+    assert (res.fit["num_steps"], res.fit["sec_per_step"], res.fit["fitted_after_s"]) == (43, 0.5, 11.0)
+    assert res.steps == 43 and res.wall_time_s == 30.0
+    rows = [json.loads(l) for l in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    # both counts' schedules are 1.0 until step 9; from then on the 43-step schedule
+    assert [r["lr"] for r in rows if "lr" in r] == [lr_multiplier(s, 43, 0, 0.2, 0.0) for s in range(43)]
+    assert "-> 43 steps (refitted at step 9; first fit 24)" in capsys.readouterr().out
 
 
 def test_minutes_resume_keeps_the_fitted_count(tmp_path):

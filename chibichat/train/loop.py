@@ -38,14 +38,15 @@ every save_every steps and at the end (rank 0 writes; loader and RNG states of a
 
 Wall-clock budget (`minutes`): num_steps is then the most steps the run may take. The first step
 (compile, warm-up) is not timed; the next `fit_after` steps are, and after them the run's step count is
-fixed once (fit_num_steps): as many steps as fit in what is left of the budget at the measured seconds
+fitted (fit_num_steps): as many steps as fit in what is left of the budget at the measured seconds
 per step (evaluations every eval_every steps and the final one costed at what the step-0 evaluation
-took), at most num_steps. Until then the LR schedule is that of num_steps steps, which equals the
-fitted schedule on every step taken so far as long as those steps come before its warmdown (warmup
-is in steps, warmdown a fraction of the fitted count). A budget too short even for that runs the
-fewest steps that keep it (the steps taken stay before the warmdown) and says by how much it overruns:
-the work done is kept rather than thrown away by an error late in a run. The
-fitted count, the measured seconds per step and tok/s go into the loop state (so a resume keeps the
+took), at most num_steps. It is fitted once more, from the steps since, REFIT_FRAC of the way into the
+run if that comes before the warmdown (the first steps can run slower than the rest). Until a fit the
+LR schedule is that of the previous count, which equals the fitted schedule on every step taken so far
+as long as those steps come before its warmdown (warmup is in steps, warmdown a fraction of the count).
+A budget too short even for that runs the fewest steps that keep it (the steps taken stay before the
+warmdown) and says by how much it overruns: the work done is kept rather than thrown away by an error
+late in a run. The fitted count, the measured seconds per step and tok/s go into the loop state (so a resume keeps the
 count) and LoopResult.fit. The budget covers the loop (from the call to train() to the final
 checkpoint), not the stage's start-up; checkpoint writes and sampling are not costed.
 
@@ -163,6 +164,9 @@ class LoopResult:
     checkpoint: str | None
     skipped_steps: int = 0
     fit: dict = field(default_factory=dict)
+
+
+REFIT_FRAC = 0.1  # --minutes: the step count is fitted again this far into the run (see train())
 
 
 def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times: list[float], tokens_timed: int,
@@ -515,14 +519,26 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     # Every rank fits from rank 0's timings, so all take the same number of steps.
                     (elapsed,) = _broadcast0(rt, [clock() - wall0])
                     times = _broadcast0(rt, timed)
+                    first = state.fit
                     state.fit = fit_num_steps(cfg.minutes, elapsed, state.step, times, timed_tokens, eval_s,
                                               cfg.eval_every, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
-                    num_steps, fit_at = state.fit["num_steps"], None
+                    if first:  # the second fit: say what the first one chose
+                        state.fit["first_fit"] = {k: first[k] for k in ("num_steps", "sec_per_step", "timed_steps")}
+                    num_steps = state.fit["num_steps"]
                     print0(rt, f"--minutes {cfg.minutes:g}: {state.fit['sec_per_step']:.3f} s/step "
                                f"({state.fit['tok_per_s']:,.0f} tok/s) over {len(times)} timed steps -> {num_steps} "
-                               f"steps{' (the --num-steps cap)' if state.fit['capped'] else ''}")
+                               f"steps{' (the --num-steps cap)' if state.fit['capped'] else ''}"
+                               + (f" (refitted at step {state.step}; first fit {first['num_steps']})" if first else ""))
                     if "over_budget_s" in state.fit:
                         print0(rt, f"warning: {state.fit['note']}")
+                    # One more fit ~REFIT_FRAC into the run, from the steps since: the first timed steps
+                    # can run slower than the rest (measured: 0.95 s/step in steps 2-6 of a pretraining run
+                    # whose later steps took ~0.75 s), and a count fitted to them wastes the budget. It
+                    # must come before the warmdown, where the schedule starts to depend on the count.
+                    fit_at = state.step + max(cfg.fit_after, round(REFIT_FRAC * num_steps)) if not first else None
+                    if fit_at is not None and fit_at >= num_steps - round(cfg.warmdown_frac * num_steps):
+                        fit_at = None
+                    timed, timed_tokens = [], 0
             if state.step % cfg.log_every == 0 or state.step == num_steps:
                 eta = sum(recent) / len(recent) * (num_steps - state.step)
                 print0(rt, f"step {state.step:06d}/{num_steps:06d} ({100 * state.step / num_steps:5.1f}%) | "
