@@ -273,10 +273,10 @@ PRESETS: dict[str, Preset] = {
         eval_base=["--eval-tokens", "4096", "--core-items", "12", "--sample-tokens", "8"],
         midtrain=["--num-steps", "6", "--device-batch-size", "8", "--eval-every", "3", "--val-batches", "1", "--no-samples"],
         sft=["--num-steps", "6", "--device-batch-size", "8", "--eval-every", "3", "--val-batches", "1", "--no-samples"],
-        # Letter counting: the micro model answers ~1% of samples right (its python call or a guess of a small
-        # count), and RL learns only from groups where some sample scored. With 2 steps of 4 prompts x 8
-        # samples every group came out flat in about one run of seven and RL changed nothing; 4 steps of
-        # 16 x 16 (64 groups, ~10 s) leave that to about one run in 3,000. Two-step arithmetic never scored.
+        # Letter counting: the micro model gets a sample right only now and then (its python call or a guess
+        # of a small count), and RL learns only from groups where some sample scored, so the step draws many
+        # groups (64 in all) to make a run where every group is flat and RL changes nothing very unlikely
+        # (figures in docs/benchmarks.md). Two-step arithmetic never scored at this size.
         rl=["--num-steps", "4", "--prompts-per-step", "16", "--num-samples", "16", "--max-new-tokens", "24",
             "--train-items", "64", "--passk-items", "4"],
         eval_chat=["--max-items", "4", "--max-new-tokens", "24"],
@@ -295,19 +295,19 @@ PRESETS: dict[str, Preset] = {
                   "--num-steps", "550", "--eval-every", "275", "--eval-tokens", "32768", "--save-every", "275"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
-        # SFT's steps are where the held-out skills are learnt: from the same midtrained model, 150 / 300 /
-        # 450 SFT steps scored 0.15 / 0.26 / 0.34 on `eval skills` (docs/benchmarks.md, 2026-12-03).
+        # SFT's steps are where the held-out skills are learnt: more of them raised `eval skills` the most
+        # per minute (docs/benchmarks.md, "SFT steps against the held-out skills").
         midtrain=["--num-steps", "250", "--eval-every", "125"],
         sft=["--num-steps", "300", "--eval-every", "150"],
-        # RL is the most expensive step per update on CPU (sampling, ~3 s a step) and moved the held-out
-        # skills least, so it gets a short run: the stage shows its reward curve and pass@k before/after.
+        # RL is the most expensive step per update on CPU (sampling) and moved the held-out skills least,
+        # so it gets a short run: the stage still shows its reward curve and pass@k before/after.
         rl=["--num-steps", "15"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
         # pretraining's 550 steps take ~6.5 min on a 2-core CPU with native bf16 (AMX) and ~80 min on an
         # AVX2-only one in fp32; the cap keeps the quickstart a quickstart there, with fewer steps.
-        # Shares of the 13 minutes: pretraining ~7.5 (its 550 steps fit with room for the first steps' timing),
-        # midtraining ~1.6, SFT ~2.7 (300 steps), RL ~1.2 (15 steps).
+        # Shares of the 13 minutes: pretraining ~7.5 (room for its 550 steps), midtraining ~1.6, SFT ~2.7
+        # (300 steps), RL ~1.2 (15 steps).
         max_minutes=13,
         minute_shares={"pretrain": 0.58, "midtrain": 0.12, "sft": 0.21, "rl": 0.09},
     ),

@@ -46,8 +46,8 @@ LR schedule is that of the previous count, which equals the fitted schedule on e
 as long as those steps come before its warmdown (warmup is in steps, warmdown a fraction of the count).
 A budget too short even for that runs the fewest steps that keep it (the steps taken stay before the
 warmdown) and says by how much it overruns: the work done is kept rather than thrown away by an error
-late in a run. The fitted count, the measured seconds per step and tok/s go into the loop state (so a resume keeps the
-count) and LoopResult.fit. The budget covers the loop (from the call to train() to the final
+late in a run. The fitted count, the measured seconds per step and tok/s go into the loop state (so a
+resume keeps the count) and LoopResult.fit. The budget covers the loop (from the call to train() to the final
 checkpoint), not the stage's start-up; checkpoint writes and sampling are not costed.
 
 Exact resume (`resume=True`): weights, optimizer, every rank's loader state, loop counters and RNG
@@ -532,9 +532,9 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     if "over_budget_s" in state.fit:
                         print0(rt, f"warning: {state.fit['note']}")
                     # One more fit ~REFIT_FRAC into the run, from the steps since: the first timed steps
-                    # can run slower than the rest (measured: 0.95 s/step in steps 2-6 of a pretraining run
-                    # whose later steps took ~0.75 s), and a count fitted to them wastes the budget. It
-                    # must come before the warmdown, where the schedule starts to depend on the count.
+                    # can run slower than the rest (docs/benchmarks.md, 2026-12-03), and a count fitted to
+                    # them wastes the budget. It must come before the warmdown, where the schedule starts
+                    # to depend on the count.
                     fit_at = state.step + max(cfg.fit_after, round(REFIT_FRAC * num_steps)) if not first else None
                     if fit_at is not None and fit_at >= num_steps - round(cfg.warmdown_frac * num_steps):
                         fit_at = None
