@@ -170,6 +170,10 @@ def test_load_items_refuses_bad_language_and_malformed_lines(tmp_path, monkeypat
     bad.write_text(row + "\n" + row + "\n")
     with pytest.raises(ChibiError, match=r"skills-en.jsonl:2: duplicate id 'a'"):
         S.load_items("en")
+    for topic in (None, [], [""]):
+        bad.write_text(json.dumps({"id": "o", "skill": "open", "prompt": "p", "check": "open", "topic": topic}) + "\n")
+        with pytest.raises(ChibiError, match=r"skills-en.jsonl:1: an open item needs 'topic', a non-empty list"):
+            S.load_items("en")
 
 
 TOOL = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
@@ -243,26 +247,43 @@ def test_open_items_have_no_checker():
 
 
 def test_reply_quality_on_hand_built_replies():
+    sea = ["sea", "wave"]
     replies = [
-        ("The sea is big and blue.", "stop"),                       # passes everything
-        ("The sea is blue and the sea is blue and the sea", "length"),  # runs out of budget, loops
-        ("Hello!", "stop"),                                         # ends, no repetition: passes
-        (f"We add. {TOOL}\n#### 84", "stop"),                       # a calculator answer to an open prompt
+        ("The sea is big and blue.", "stop", sea),                       # passes everything
+        ("The sea is blue and the sea is blue and the sea", "length", sea),  # runs out of budget, loops
+        ("Waves roll in.", "stop", sea),                                 # "waves": the topic word + s: passes
+        (f"We add the waves. {TOOL}\n#### 84", "stop", sea),              # a calculator answer to an open prompt
+        ("I am a small program that predicts text.", "stop", sea),       # a canned reply: off topic
     ]
     q = S.reply_quality(replies, "en")
-    assert q["n"] == 4
-    assert q["ended_share"] == 0.75
-    assert q["repeat_free"] == 0.75
-    assert q["tool_free"] == 0.75
-    assert q["score"] == 0.5
-    # distinct-2 per reply: 5 of 5; 5 of 11 (the loop); "hello" has no 2-gram (left out); tool segments
-    # are dropped, leaving "we add 84": 2 of 2
-    assert q["distinct_2"] == pytest.approx((1.0 + 5 / 11 + 1.0) / 3)
-    assert S.reply_quality([("", "stop")], "en")["ended_share"] == 0.0  # an empty reply did not answer
-    ja = S.reply_quality([("海は広くて青い。", "stop"), ("ああああああ", "stop")], "ja")
-    assert ja["repeat_free"] == 0.5 and ja["score"] == 0.5
+    assert q["n"] == 5
+    assert q["ended_share"] == 0.8
+    assert q["repeat_free"] == 0.8
+    assert q["tool_free"] == 0.8
+    assert q["on_topic"] == 0.8
+    assert q["score"] == 0.4
+    # distinct-2 per reply: 5 of 5; 5 of 11 (the loop); 2 of 2; tool segments are dropped, leaving
+    # "we add the waves 84": 4 of 4; 6 of 6
+    assert q["distinct_2"] == pytest.approx((1.0 + 5 / 11 + 1.0 + 1.0 + 1.0) / 5)
+    assert S.reply_quality([("", "stop", sea)], "en")["ended_share"] == 0.0  # an empty reply did not answer
+    ja = S.reply_quality([("海は広くて青い。", "stop", ["海"]), ("ああああああ", "stop", ["海"]),
+                          ("私は小さなプログラムです。", "stop", ["海"])], "ja")
+    assert ja["repeat_free"] == pytest.approx(2 / 3) and ja["on_topic"] == pytest.approx(1 / 3)
+    assert ja["score"] == pytest.approx(1 / 3)
     with pytest.raises(ChibiError, match="at least one reply"):
         S.reply_quality([], "en")
+
+
+@pytest.mark.parametrize("reply, ok", [("It is raining.", True), ("Rainy days.", True), ("The cats sleep.", True),
+                                       ("Catch it!", False), ("Hello!", False), ("The seas are wide.", True)])
+def test_on_topic_takes_short_endings_not_other_words(reply, ok):
+    assert S.on_topic(reply, ["rain", "cat", "sea"], "en") is ok
+
+
+def test_every_open_prompt_has_topic_words():
+    for lang in S.LANGS:
+        items = [i for i in S.load_items(lang) if i["skill"] == "open"]
+        assert len(items) == 8 and all(i["topic"] for i in items)
 
 
 class CharTok:
@@ -300,7 +321,7 @@ def test_evaluate_skills_scores_per_skill_and_skips_long_prompts():
         {"id": "3", "skill": "arithmetic", "prompt": "6 times 7", "check": "number", "answer": "42"},
         {"id": "4", "skill": "greeting", "prompt": "Howdy", "check": "greeting"},
         {"id": "5", "skill": "refusal", "prompt": "x" * 200, "check": "refusal"},   # too long for the context
-        {"id": "6", "skill": "open", "prompt": "Sea sentence", "check": "open"},
+        {"id": "6", "skill": "open", "prompt": "Sea sentence", "check": "open", "topic": ["sea"]},
     ]
     gen = ScriptedGen({"Your name?": ("I am chibichat.", "stop"), "Who speaks?": ("A model.", "stop"),
                        "6 times 7": ("#### 42", "stop"), "Howdy": ("Hello!", "stop"),
@@ -313,7 +334,7 @@ def test_evaluate_skills_scores_per_skill_and_skips_long_prompts():
     assert s["skills"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
     assert s["skills_identity"] == 0.5 and s["skills_n"] == 4 and s["skills_skipped_too_long"] == 1
     assert "skills_refusal" not in s  # nothing scored: absent, not 0
-    assert s["skills_open_score"] == 1.0 and s["skills_open_ended_share"] == 1.0
+    assert s["skills_open_score"] == 1.0 and s["skills_open_ended_share"] == 1.0 and s["skills_open_on_topic"] == 1.0
     assert [r["status"] for r in out["rows"]][4] == "skipped_too_long"
     ja = ES.evaluate_skills(items[:1], "ja", ScriptedGen({"Your name?": ("chibichatです。", "stop")}), CharTok(), 100, 20)
     assert ja["summary"] == {"skills_ja": 1.0, "skills_ja_n": 1, "skills_ja_skipped_too_long": 0,

@@ -198,3 +198,22 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
     from chibichat.stages.speedrun import TRAINING_STEPS
 
     assert all(sorted(p.minute_shares) == sorted(TRAINING_STEPS) for p in PRESETS.values() if p.minute_shares)
+
+
+def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path):
+    """`cpu-hour` after `cpu` in one home: the tokenizer step is the same (done already, reused), every
+    checkpoint and evaluation folder is its own, and its 54 training minutes split by its shares."""
+    home = Home(tmp_path)
+    quick = plan(home, PRESETS["cpu"], "en", "dense", "cpu")
+    hour = plan(home, PRESETS["cpu-hour"], "en", "dense", "cpu")
+    assert quick[0].argv == hour[0].argv and quick[0].marker == hour[0].marker  # the tokenizer
+    quick_dirs = {m for s in quick[2:] for m in [s.marker.parent]}
+    hour_dirs = {m for s in hour[2:] for m in [s.marker.parent]}
+    assert not quick_dirs & hour_dirs
+    assert {d.name for d in hour_dirs} == {"hour-d6"} and {d.name for d in quick_dirs} == {"d4"}
+    pre = next(s.argv for s in hour if s.name == "pretrain")
+    assert pre[pre.index("--depth") + 1] == "6" and pre[pre.index("--tag") + 1] == "hour-d6"
+    minutes = {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in hour if "--minutes" in s.argv}
+    assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(32.4)
+    iberis = plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")
+    assert iberis[2].marker.parent.name == "hour-d6-iberis"

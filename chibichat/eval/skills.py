@@ -9,7 +9,8 @@ leave `max_tokens` free in the context is counted as skipped, never cut.
 
 summary.json keys (prefix "skills" for en, "skills_ja" for ja): <prefix> (mean per-skill accuracy),
 <prefix>_<skill> (underscored skill names), <prefix>_n, <prefix>_skipped_too_long, and
-<prefix>_open_score / _open_ended_share / _open_distinct_2 / _open_repeat_free / _open_tool_free, and
+<prefix>_open_score / _open_ended_share / _open_distinct_2 / _open_repeat_free / _open_tool_free /
+_open_on_topic, and
 <prefix>_simple_bpb: the model's bits per byte on assets/simple-<lang>.txt, 30 hand-written simple
 sentences (one document each, after <|bos|>): how well it still predicts plain grammatical text, the
 third part of the open-prompt proxy (lower is better; comparable across tokenizers, being per byte).
@@ -70,10 +71,13 @@ def evaluate_skills(items: list[dict], lang: str, gen: ReplyGenerator, tok, max_
     outs = gen.replies(prompts, max_tokens) if prompts else []
     if len(outs) != len(prompts):
         raise ChibiError(f"the generator returned {len(outs)} replies for {len(prompts)} prompts")
+    open_rows = []
     for (row, item), (text, finish) in zip(owners, outs):
         row["reply"], row["finish_reason"] = text, finish
         if item["skill"] != OPEN:
             row["correct"] = bool(check_reply(item, text, lang))
+        else:
+            open_rows.append((text, finish, item["topic"]))
     prefix = summary_prefix(lang)
     per_skill: dict[str, dict] = {}
     for skill in SKILLS:
@@ -82,7 +86,6 @@ def evaluate_skills(items: list[dict], lang: str, gen: ReplyGenerator, tok, max_
             per_skill[skill] = {"accuracy": sum(r["correct"] for r in scored) / len(scored), "n": len(scored)}
     if not per_skill:
         raise ChibiError("no skills prompt fits the model's context with --max-new-tokens free; lower it")
-    open_rows = [(r["reply"], r["finish_reason"]) for r in rows if r["skill"] == OPEN and r["status"] == "ok"]
     quality = reply_quality(open_rows, lang) if open_rows else None
     flat = {prefix: sum(s["accuracy"] for s in per_skill.values()) / len(per_skill),
             f"{prefix}_n": sum(s["n"] for s in per_skill.values()),
@@ -90,7 +93,7 @@ def evaluate_skills(items: list[dict], lang: str, gen: ReplyGenerator, tok, max_
     for skill, s in per_skill.items():
         flat[f"{prefix}_{skill.replace('-', '_')}"] = s["accuracy"]
     if quality is not None:
-        for k in ("score", "ended_share", "distinct_2", "repeat_free", "tool_free"):
+        for k in ("score", "ended_share", "distinct_2", "repeat_free", "tool_free", "on_topic"):
             flat[f"{prefix}_open_{k}"] = quality[k]
     return {"summary": flat, "skills": per_skill, "open": quality, "rows": rows}
 
@@ -218,7 +221,7 @@ def run_skills(args) -> int:
             q = out["open"]
             d2 = "-" if q["distinct_2"] is None else f"{q['distinct_2']:.3f}"
             print0(rt, f"{'open prompts':>20}: score {q['score']:.3f} | ended {q['ended_share']:.3f} | "
-                       f"distinct-2 {d2} | repeat-free {q['repeat_free']:.3f} (n={q['n']})")
+                       f"distinct-2 {d2} | repeat-free {q['repeat_free']:.3f} | on topic {q['on_topic']:.3f} (n={q['n']})")
         if simple["bpb"] is not None:
             print0(rt, f"{'simple-text bpb':>20}: {simple['bpb']:.4f} ({simple['n']} sentences, {simple['bytes']} bytes)")
         print0(rt, f"{prefix}: {out['summary'][prefix]:.4f} (mean over {len(out['skills'])} skills, "

@@ -16,6 +16,7 @@ BENCHES = [
     ("train", "chibichat.bench.train"),
     ("infer", "chibichat.bench.infer"),
     ("serve", "chibichat.bench.serve"),
+    ("sweep", "chibichat.bench.sweep"),
 ]
 
 

@@ -373,6 +373,7 @@ def skills_table(stages: list[StageArtifacts]) -> str | None:
         rows = [("all skills (mean)", prefix)] + [(s, f"{prefix}_{s.replace('-', '_')}") for s in SKILLS]
         rows += [("open prompts: proxy score", f"{prefix}_open_score"),
                  ("open prompts: ended in budget", f"{prefix}_open_ended_share"),
+                 ("open prompts: on topic", f"{prefix}_open_on_topic"),
                  ("open prompts: distinct-2", f"{prefix}_open_distinct_2"),
                  ("simple-text bpb", f"{prefix}_simple_bpb")]
         lang = "EN" if prefix == "skills" else "JA"

@@ -57,6 +57,9 @@ class Preset:
     # How a time budget (max_minutes or --minutes) splits over the training stages, by stage name; None:
     # by the steps' default weights (their share of the expected time).
     minute_shares: dict | None = None
+    # Prefix of the checkpoint tag (d<depth>[-layers]), so two CPU presets of the same depth never share
+    # checkpoints in one home (the tokenizer, sized the same, is shared).
+    tag_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,27 @@ PRESETS: dict[str, Preset] = {
         max_minutes=13,
         minute_shares={"pretrain": 0.58, "midtrain": 0.12, "sft": 0.21, "rl": 0.09},
     ),
+    "cpu-hour": Preset(
+        name="cpu-hour",
+        description="the longer offline run: embedded data, a wider model, ~60 minutes on 2 CPU cores",
+        expected_minutes=60,
+        depth=6,
+        tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],  # the cpu preset's: one home shares it
+        # The size comes from `bench sweep` (docs/benchmarks.md): at ~4.6x the quickstart's pretraining
+        # minutes the compute-optimal model is about twice as large. The step counts are what the 2-core AMX
+        # machine fits in the budget below; a slower CPU stops earlier.
+        pretrain=["--depth", "6", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
+                  "--num-steps", "2400", "--eval-every", "600", "--eval-tokens", "65536", "--save-every", "600"],
+        eval_base=["--eval-tokens", "65536", "--core-items", "100"],
+        midtrain=["--num-steps", "900", "--eval-every", "300"],
+        sft=["--num-steps", "1200", "--eval-every", "400"],
+        rl=["--num-steps", "40"],
+        eval_chat=["--max-items", "100", "--max-new-tokens", "64"],
+        eval_skills=("--max-new-tokens", "64"),
+        max_minutes=54,
+        minute_shares={"pretrain": 0.6, "midtrain": 0.11, "sft": 0.22, "rl": 0.07},
+        tag_prefix="hour-",
+    ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
                     pretrain=[], eval_base=[], midtrain=[], sft=[], rl=[], eval_chat=[], gpu=True, online=True)
@@ -443,7 +467,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     the training loops (budget_flags with headroom 1: the step counts stay as they are where they fit)."""
     if scale != "full" and not preset.gpu:
         raise ChibiError(f"--scale {scale} shrinks a GPU preset; preset {preset.name} is already CPU-sized")
-    tag = f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
+    tag = preset.tag_prefix + f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
     # Offline RL trains on the two-step problems: SFT nearly saturates the one-step ones (no room to learn).

@@ -25,7 +25,8 @@ appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output
                           future), the reply says so (a marker of not knowing or not being able to)
                           and states no number: an honest reply, not an invented fact.
 Items of skill "open" (simple open prompts: one sentence about the sea) have no right answer; they
-are scored by the reply-quality proxy (`reply_quality`), not by a checker.
+are scored by the reply-quality proxy (`reply_quality`), not by a checker. Each carries "topic": words
+(EN: word stems; JA: substrings) of which an on-topic reply uses at least one, e.g. sea, ocean, wave.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def load_items(lang: str) -> list[dict]:
                              f"checks are {CHECKS}")
         if item["check"] in ("identity", "number", "spelling") and not isinstance(item.get("answer"), str):
             raise ChibiError(f"{where}: a {item['check']!r} item needs a string 'answer'")
+        if item["check"] == "open" and not (isinstance(item.get("topic"), list) and item["topic"]
+                                            and all(isinstance(w, str) and w for w in item["topic"])):
+            raise ChibiError(f"{where}: an open item needs 'topic', a non-empty list of the words an on-topic "
+                             "reply uses")
         if item["id"] in seen:
             raise ChibiError(f"{where}: duplicate id {item['id']!r}")
         seen.add(item["id"])
@@ -181,8 +186,22 @@ def distinct_n(units: list[str], n: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def reply_quality(replies: list[tuple[str, str]], lang: str) -> dict:
-    """Proxy for "writes grammatical, on-topic sentences" over (text, finish_reason) pairs of open prompts.
+def on_topic(text: str, topic: list[str], lang: str) -> bool:
+    """Whether the reply uses one of its prompt's topic words: EN, a reply word that is the topic word or
+    it with a short ending (rain: rainy, raining; cat: cats, but not catch); JA, the word as a substring."""
+    if lang == "ja":
+        prose = visible_text(text)
+        return any(w in prose for w in topic)
+    words = reply_units(text, lang)
+    return any(u == w or (u.startswith(w) and u[len(w):] in _EN_ENDINGS) for u in words for w in topic)
+
+
+_EN_ENDINGS = ("s", "es", "y", "ing", "ed", "d", "er", "ers", "ies", "ly", "ny", "ry", "ning", "ping")
+
+
+def reply_quality(replies: list[tuple[str, str, list[str]]], lang: str) -> dict:
+    """Proxy for "writes grammatical, on-topic sentences" over (text, finish_reason, topic words) triples
+    of open prompts.
 
     ended_share   replies that end with <|assistant_end|> inside the token budget (finish_reason "stop")
                   and are not empty: the model finishes what it starts instead of rambling on.
@@ -190,14 +209,17 @@ def reply_quality(replies: list[tuple[str, str]], lang: str) -> dict:
                   as "s-e-r-e-r-e-r" or a repeated clause score low.
     repeat_free   replies none of whose 3-grams occurs twice (a degenerate loop fails it).
     tool_free     replies with no tool call or "####": an open prompt is not a calculator task.
-    score         mean over replies of (ended and non-empty and repeat-free and tool-free): the share of
-                  open replies that pass every check.
+    on_topic      replies that use one of their prompt's topic words (`on_topic`): a canned reply learnt
+                  for another skill ("I am a small program that predicts text") ends, repeats nothing and
+                  calls no tool, and this is the check it fails.
+    score         mean over replies of (ended and non-empty and repeat-free and tool-free and on-topic):
+                  the share of open replies that pass every check.
     The third part of the proxy, how well the base model predicts simple English, is its val bpb
     (`chibichat eval base`), reported beside these on the report card."""
     if not replies:
         raise ChibiError("reply_quality needs at least one reply")
-    ended, d2, rep_free, tool_free, good = 0, [], 0, 0, 0
-    for text, finish in replies:
+    ended, d2, rep_free, tool_free, topical, good = 0, [], 0, 0, 0, 0
+    for text, finish, topic in replies:
         units = reply_units(text, lang)
         is_ended = finish == "stop" and bool(units)
         d = distinct_n(units, 2)
@@ -206,10 +228,13 @@ def reply_quality(replies: list[tuple[str, str]], lang: str) -> dict:
         tri = distinct_n(units, 3)
         no_repeat = tri is None or tri == 1.0
         no_tool = "####" not in text and "<|python_start|>" not in text
+        about = on_topic(text, topic, lang)
         ended += is_ended
         rep_free += no_repeat
         tool_free += no_tool
-        good += is_ended and no_repeat and no_tool
+        topical += about
+        good += is_ended and no_repeat and no_tool and about
     n = len(replies)
     return {"ended_share": ended / n, "distinct_2": sum(d2) / len(d2) if d2 else None,
-            "repeat_free": rep_free / n, "tool_free": tool_free / n, "score": good / n, "n": n}
+            "repeat_free": rep_free / n, "tool_free": tool_free / n, "on_topic": topical / n, "score": good / n,
+            "n": n}

@@ -1,0 +1,68 @@
+"""`chibichat bench sweep`: each depth pretrained for the same minutes, tabulated and plotted."""
+
+import json
+
+import pytest
+
+from chibichat.bench import sweep
+from chibichat.cli import main
+from chibichat.common import ChibiError
+
+SMALL = ["--minutes", "0.08", "--seq-len", "32", "--device-batch", "4", "--total-batch", "128",
+         "--eval-tokens", "512", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.mark.parametrize("text, why", [("2,x", "comma list of integers"), ("0,2", "distinct depths >= 1"),
+                                       ("2,2", "distinct depths >= 1"), ("", "distinct depths >= 1")])
+def test_bad_depths_are_refused_with_the_fix(text, why):
+    with pytest.raises(ChibiError, match=why):
+        sweep.parse_depths(text)
+
+
+def test_sweep_runs_each_depth_for_the_budget_then_resumes_without_training(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    assert main(["tokenizer", "train", "--home", str(home), "--vocab-size", "512", "--max-chars", "200000"]) == 0
+    assert main(["bench", "sweep", "--home", str(home), "--depths", "2,1", *SMALL]) == 0
+    out = capsys.readouterr().out
+    report = home / "report"
+    data = json.loads((report / "sweep-0.08m.json").read_text())
+    assert data["minutes"] == 0.08 and [r["depth"] for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        summary = json.loads((home / "checkpoints" / "base" / f"sweep-0.08m-d{row['depth']}" / "summary.json").read_text())
+        # every row is the run's own summary, and the budget (not the 10^6-step cap) chose its length
+        assert row["steps"] == summary["steps"] == summary["minutes_fit"]["num_steps"] < 1000000
+        assert row["tokens"] == 128 * row["steps"] and row["val_bpb"] == summary["final_val_bpb"]
+        assert summary["minutes_fit"]["minutes"] == 0.08 and summary["depth"] == row["depth"]
+        assert row["tokens_per_param"] == pytest.approx(row["tokens"] / summary["scaling_params"])
+    assert data["rows"][0]["scaling_params"] < data["rows"][1]["scaling_params"]
+    md = (report / "sweep-0.08m.md").read_text()
+    assert md.count("(best)") == 1 and "| 1 |" in md and "| 2 |" in md
+    assert (report / "sweep-0.08m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.count("$ chibichat pretrain") == 2
+
+    # Re-running reads both summaries and trains nothing.
+    def no_training(*a, **k):
+        raise AssertionError("a finished depth was trained again")
+
+    monkeypatch.setattr(sweep.subprocess, "run", no_training)
+    assert main(["bench", "sweep", "--home", str(home), "--depths", "1,2", *SMALL, "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.count("done already") == 2
+    assert json.loads((tmp_path / "o" / "sweep-0.08m.json").read_text())["rows"] == data["rows"]
+
+
+def test_a_failed_depth_names_itself_and_how_to_resume(tmp_path, monkeypatch):
+    class Failed:
+        returncode = 3
+
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(ChibiError, match=r"pretraining depth 1 failed \(exit code 3\).*Re-run the sweep to resume"):
+        sweep.run(_args(tmp_path, depths="1"))
+
+
+def _args(tmp_path, depths):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--home")
+    sweep.add_args(p)
+    return p.parse_args(["--home", str(tmp_path), "--depths", depths, *SMALL])
