@@ -44,8 +44,9 @@ def training_prompts(lang: str) -> set[str]:
 
     sfx = "" if lang == "en" else "-ja"
     out = set()
-    for name in ("identity", "arithmetic", "arithmetic-multi", "spelling", "letter-count"):
-        task = get_task(name + sfx, split="train", size=SAMPLE)
+    generated = [n + sfx for n in ("identity", "arithmetic", "arithmetic-multi", "spelling", "letter-count")]
+    for name in generated + (["topic-sentence"] if lang == "en" else []):
+        task = get_task(name, split="train", size=SAMPLE)
         out |= {m["content"] for i in range(SAMPLE) for m in task[i]["messages"] if m["role"] == "user"}
     for name in (("chitchat", "chatterbot") if lang == "en" else ("chatterbot-ja",)):
         task = get_task(name)
@@ -114,6 +115,10 @@ def training_phrasings(lang: str) -> set[str]:
     out |= {q.format(SLOT, SLOT, SLOT) for q in paraphrase.question_rewrites(lang)}  # word problems' closing questions
     topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
     out |= {q for qs, _ in topics.values() for q in qs}
+    if lang == "en":
+        from chibichat.tasks.sentences import PHRASINGS
+
+        out |= {p.format(topic=SLOT) for p in PHRASINGS}
     return {normalise(t) for t in out}
 
 

@@ -1,7 +1,7 @@
 """The task registry: every task name, what it is, the function that builds it and the options it takes.
 
 `get_task(name, **options)` builds a task. Options by family:
-    generated (identity, spelling, letter-count, arithmetic(-multi); "-ja" variants):
+    generated (identity, spelling, letter-count, arithmetic(-multi); "-ja" variants; topic-sentence, EN):
         split="train"|"test", size=<items>, seed=<int> (identity also persona=)
     shipped conversations (chitchat, chatterbot, chatterbot-ja), CORE-lite (core-*), mmlu-dev: none
     shipped evaluation subsets (arc-easy, arc-challenge, mmlu, gsm8k, humaneval):
@@ -26,6 +26,7 @@ from chibichat.tasks.jglue import TASKS as JGLUE_TASKS, jglue_task
 from chibichat.tasks.local import file_task, is_file_task
 from chibichat.tasks.online import mmlu_aux, smoltalk
 from chibichat.tasks.shipped import CORE_TASKS, SHIPPED_CONVERSATIONS, core_task, shipped_conversations
+from chibichat.tasks.sentences import TopicSentence
 from chibichat.tasks.spelling import LetterCount, Spelling
 
 GENERATED_OPTIONS = ("split", "size", "seed")
@@ -65,6 +66,9 @@ def _generated() -> list[TaskSpec]:
             TaskSpec(f"arithmetic-multi{sfx}", build=Arithmetic, fixed={"lang": lang, "multi": True}, **g,
                      description=f"two-step word problems (3-4 numbers) answered with one calculator call{ja}"),
         ]
+    # English only: the Japanese corpus is technical prose, not sentences about everyday topics.
+    out.append(TaskSpec("topic-sentence", "conversation", "en", TopicSentence, TopicSentence.description,
+                        options=GENERATED_OPTIONS))
     return out
 
 

@@ -1,0 +1,102 @@
+"""Generated open-writing task (EN): a sentence of the shipped corpus on the topic the user names.
+
+topic-sentence (kind "conversation", training only):
+    user "Make up a sentence that mentions horses." (one of PHRASINGS, with openers)
+    -> assistant "The horses stood still in the cold rain."
+The reply is a sentence of the embedded-en corpus's *train* documents (so no validation text leaks into
+chat data) that uses the topic word, one of TOPICS (everyday concrete nouns, singular or plural as the
+sentence has it). Sentences are 6-20 words of plain prose: a capital first letter, letters, spaces and
+, ; ' - only, and a final . ! or ?; a sentence cut at an abbreviation ("Mr.") is never taken.
+
+Why: every other shipped chat task has a fixed kind of answer (a name, a number, letters, a canned
+refusal), so a small model answered "Write one sentence about the sea." with one of those (`eval skills`
+open prompts: 0 of 8 replies on topic). This task is the only one whose answer is free prose about the
+asked topic. The held-out open prompts are worded unlike PHRASINGS (tests/test_skills.py checks it).
+Each item is keyed by its sentence, so train and test items never share a sentence.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from chibichat.common import ChibiError
+from chibichat.tasks.base import GeneratedTask
+
+TOPICS = (
+    "animal apple baby ball bed bird boat book bread bridge brother car cat child children city cloud coat "
+    "coffee cow dinner dog door eyes farm father field fire fish flower flowers food forest friend friends "
+    "fruit garden girl glass grass hair hand hat hill home horse horses house ice island king lake lamp leaves "
+    "letter light lunch meat milk money moon morning mother mountain music night ocean paper park people "
+    "rain river road rock room rose school sea ship shoes shop sister sky snow soldier song star stars "
+    "stone storm street summer sun table tea teacher town tree trees village wall water wave waves weather "
+    "wind window wine winter wood woods"
+).split()
+
+# Openers x requests x closings; {topic} is the slot. Worded unlike the held-out open prompts ("Write one
+# sentence about the sea."): they ask for the word to be used, not for a description or a story.
+PHRASINGS = [o + r + c for o, r, c in (
+    (o, r, c)
+    for o in ("", "please ", "ok, ", "hey, ")
+    for r in ("use the word {topic} in a sentence", "give me a sentence with the word {topic}",
+              "make up a sentence that mentions {topic}", "say a sentence in which {topic} appears",
+              "put {topic} into a sentence", "show me {topic} used in a sentence",
+              "compose one line on the subject of {topic}", "write an example sentence for {topic}")
+    for c in (".", "!"))]
+
+_ABBREVIATIONS = ("Mr.", "Mrs.", "Ms.", "Dr.", "St.", "Jr.", "Sr.", "Gen.", "Col.", "Lt.", "Capt.", "Sen.", "Rep.",
+                  "Gov.", "Prof.", "No.", "Co.", "Inc.", "Mt.", "vs.", "etc.")
+_SENTENCE = re.compile(r"[A-Z][^.!?]*[.!?]")
+_PLAIN = re.compile(r"[A-Z][A-Za-z ,;'\-]*[a-z][.!?]")
+_WORD = re.compile(r"[a-z]+")
+_INITIAL = re.compile(r"\b([A-Z])\. ")
+
+
+def corpus_sentences(documents) -> list[str]:
+    """Plain sentences of 6-20 words from `documents` (see the module docstring), in document order."""
+    out = []
+    for doc in documents:
+        text = " ".join(doc.split())
+        for abbr in _ABBREVIATIONS:  # a sentence may not end at an abbreviation: mark them so none matches
+            text = text.replace(abbr + " ", abbr[:-1] + "\x00 ")
+        text = _INITIAL.sub("\\1\x00 ", text)  # nor at an initial ("J. Ford")
+        for s in _SENTENCE.findall(text):
+            if 6 <= len(s.split()) <= 20 and _PLAIN.fullmatch(s):
+                out.append(s)
+    return out
+
+
+_TOPIC_SET = frozenset(TOPICS)
+
+
+class TopicSentence(GeneratedTask):
+    name = "topic-sentence"
+    kind = "conversation"
+    default_size = {"train": 2000, "test": 200}
+    description = "a corpus sentence using the word the user names (open writing on a topic)"
+
+    def __init__(self, split: str = "train", size: int | None = None, seed: int = 0):
+        super().__init__(split, size, seed)
+        from chibichat.common import Home
+        from chibichat.data.corpora import get_corpus
+
+        # The corpus's train documents whatever this task's split: the item split (by sentence) keeps
+        # train and test items apart, and the corpus's validation text stays out of every task.
+        sentences = corpus_sentences(get_corpus("embedded-en").iter_documents("train", Home.resolve(None)))
+        # topic -> its sentences: items draw the topic first, so "people" (in 1 sentence of 8) does not
+        # crowd out "moon" or "cat"; a topic the corpus never uses in a plain sentence is left out.
+        self.by_topic: dict[str, list[str]] = {}
+        for s in sentences:
+            for w in sorted(_TOPIC_SET & set(_WORD.findall(s.lower()))):
+                self.by_topic.setdefault(w, []).append(s)
+        self.topics = sorted(self.by_topic)
+        if not self.topics:
+            raise ChibiError("topic-sentence: the embedded-en corpus gave no usable sentence; reinstall chibichat")
+
+    def sample(self, rng: random.Random) -> tuple[str, dict]:
+        topic = rng.choice(self.topics)
+        sentence = rng.choice(self.by_topic[topic])
+        question = rng.choice(PHRASINGS).format(topic=topic)
+        item = {"messages": [{"role": "user", "content": question[:1].upper() + question[1:]},
+                             {"role": "assistant", "content": sentence}], "topic": topic}
+        return sentence, item
