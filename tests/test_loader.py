@@ -212,6 +212,47 @@ def test_pretrain_state_is_small_json_and_resume_is_exact_across_epochs(split_lo
     assert ref.stats["epoch"] >= 1
 
 
+def test_pretrain_copy_rows_repeat_their_first_half_by_hand():
+    """repeat_every=2, T=9 (rows of 10, h=5): rows 2, 4, ... pack 5 tokens and repeat them; the others are
+    the usual best-fit rows. Docs (incl. BOS): a 6, b 4, c 9, d 3, e 12."""
+    tok = ByteTokenizer()
+    docs = ["aaaaa", "bbb", "cccccccc", "dd", "eeeeeeeeeee"]
+    corpus = FakeCorpus("hand", [FakeShard("s", [docs])])
+    loader = PretrainLoader(corpus, "train", None, tok, 1, 9, rt(), buffer_docs=1, repeat_every=2)
+    a, b, c, d, e = ([tok.bos_id] + tok.encode(t) for t in docs)
+    assert rows_of(next(loader))[0].tolist() == c + d[:1]           # an ordinary row
+    half = b + a[:1]                                                 # 5 tokens: b (4), then a cropped to 1
+    assert rows_of(next(loader))[0].tolist() == half + half          # the copy row
+    assert rows_of(next(loader))[0].tolist() == e[:10]
+    half = b + d[:1]                                                 # next epoch: b, then d cropped to 1
+    assert rows_of(next(loader))[0].tolist() == half + half
+    assert loader.stats["rows_served"] == 4
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_pretrain_copy_rows_resume_exactly_and_are_part_of_the_fingerprint(k):
+    tok = ByteTokenizer()
+    corpus = make_corpus()
+    make = lambda every: PretrainLoader(corpus, "train", None, tok, batch_size=3, seq_len=31, rt=rt(),
+                                        buffer_docs=10, repeat_every=every)
+    ref = make(3)
+    take(ref, k)
+    state = json.loads(json.dumps(ref.state_dict()))
+    expected = take(ref, 4)
+    resumed = make(3)
+    resumed.load_state_dict(state)
+    assert_same_batches(take(resumed, 4), expected)
+    # every 3rd row (by the rank's row count) is a copy row, and only those
+    rows = [r for batch in expected for r in rows_of(batch)]
+    for i, row in enumerate(rows):
+        is_copy = (3 * k + i) % 3 == 2
+        assert torch.equal(row[16:], row[:16]) is is_copy, i
+    with pytest.raises(ChibiError, match="repeat_every"):
+        make(0).load_state_dict(state)
+    with pytest.raises(ChibiError, match="repeat_every must be an integer >= 0"):
+        make(-1)
+
+
 def test_pretrain_two_ranks_disjoint_and_cover_every_group():
     tok = ByteTokenizer()
     corpus = make_corpus(n_shards=3, groups=3)  # 9 units: rank 0 gets 5, rank 1 gets 4

@@ -128,7 +128,8 @@ class PretrainLoader:
     """
 
     def __init__(self, corpus, split, home, tokenizer, batch_size: int, seq_len: int, rt,
-                 buffer_docs: int = 1000, tokenizer_threads: int = 4, split_long_docs: bool = False):
+                 buffer_docs: int = 1000, tokenizer_threads: int = 4, split_long_docs: bool = False,
+                 repeat_every: int = 0):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seq_len = _check_int("seq_len", seq_len, 1)
         self.buffer_docs = _check_int("buffer_docs", buffer_docs, 1)
@@ -137,6 +138,7 @@ class PretrainLoader:
         self.tokenizer = tokenizer
         self.row_len = seq_len + 1
         self.split_long_docs = bool(split_long_docs)
+        self.repeat_every = _check_int("repeat_every", repeat_every, 0)
         self._shards = corpus.shards(split, home)
         everything = [(s, g) for s, shard in enumerate(self._shards) for g in range(shard.num_groups())]
         where = f"corpus {corpus.name!r} split {split!r}"
@@ -158,6 +160,7 @@ class PretrainLoader:
             "seq_len": seq_len,
             "buffer_docs": buffer_docs,
             "split_long_docs": self.split_long_docs,
+            "repeat_every": self.repeat_every,
             "rank": self.rank,
             "world_size": self.world_size,
         }
@@ -213,7 +216,9 @@ class PretrainLoader:
                 )
 
     def _fill_row(self, out: list[int]) -> None:
-        space = self.row_len
+        copy = self.repeat_every and self._rows % self.repeat_every == self.repeat_every - 1
+        start = len(out)
+        space = self.row_len // 2 if copy else self.row_len
         while space:
             if len(self._buffer) < self.buffer_docs:
                 self._refill()
@@ -228,6 +233,8 @@ class PretrainLoader:
                 out += doc
                 self._tokens_packed += len(doc)
                 space -= len(doc)
+        if copy:
+            out += out[start:start + self.row_len - (len(out) - start)]
         self._rows += 1
 
     # -- iteration -------------------------------------------------------------------------------

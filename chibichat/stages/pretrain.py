@@ -54,6 +54,9 @@ def register(sub) -> None:
     d.add_argument("--long-docs", choices=("split", "crop"), default="split",
                    help="documents longer than a row: split into BOS-led pieces (no text lost on small looped "
                         "corpora) or crop to the row (nanochat)")
+    d.add_argument("--repeat-rows", type=int, default=0, metavar="N",
+                   help="every Nth row repeats its first half in its second half, which teaches copying from "
+                        "the context early (0 = off)")
     r = p.add_argument_group("run, evaluation and checkpoints")
     r.add_argument("--tag", default=None, help="run name under checkpoints/base/ (default d<depth>)")
     r.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint of --tag")
@@ -143,7 +146,7 @@ def run(args) -> int:
     from chibichat.train.optim import build_optimizer
     from chibichat.train.scaling import derive_plan, derive_shape, overrides_from_args, window_schedule
 
-    check_at_least(args, 0, "save_every", "keep_last", "eval_every", "sample_every", "warmup_steps", "momentum_warmup_steps")
+    check_at_least(args, 0, "save_every", "keep_last", "eval_every", "sample_every", "warmup_steps", "momentum_warmup_steps", "repeat_rows")
     check_at_least(args, 1, "sample_tokens", "log_every")
     if args.weight_decay < 0 or args.grad_clip < 0:
         raise ChibiError("--weight-decay and --grad-clip must be >= 0")
@@ -199,7 +202,7 @@ def run(args) -> int:
                                     weight_decay=args.weight_decay, grad_clip=args.grad_clip)
         split_long = args.long_docs == "split"
         loader = PretrainLoader(corpus, "train", home, tok, plan.device_batch, plan.seq_len, rt,
-                                split_long_docs=split_long)
+                                split_long_docs=split_long, repeat_every=args.repeat_rows)
         eval_tokens = args.eval_tokens or 4 * plan.total_batch
         n_eval = eval_steps(eval_tokens, plan.device_batch, plan.seq_len)
         val = val_batches(corpus, home, tok, rt, plan.device_batch, plan.seq_len, n_eval, split_long)
@@ -250,7 +253,7 @@ def run(args) -> int:
             "final_val_bpb": result.final_eval.get("val_bpb"), "final_val_loss": result.final_eval.get("val_loss"),
             "min_val_bpb": result.min_val_bpb, "val_tokens": int(result.final_eval.get("val_tokens", 0)),
             "crop_fraction": loader.stats.get("crop_fraction"), "epoch": loader.stats.get("epoch"),
-            "checkpoint": result.checkpoint,
+            "repeat_rows": args.repeat_rows, "checkpoint": result.checkpoint,
         }
         if rt.is_master:
             atomic_write_json(tag_dir / "summary.json", summary)
