@@ -166,7 +166,7 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
     # the cpu preset's shares pretrain 0.58, midtrain 0.12, sft 0.21, rl 0.09
     assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["6.96", "1.44", "2.52", "1.08"]
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
-    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2200", "1000", "1200", "60"]
+    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2800", "1000", "1200", "60"]
     # a preset without shares splits by the steps' weights: pretrain 0.5, midtrain/sft/rl 0.1 each
     micro = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["micro"], "en", "dense", "cpu", minutes=12)}
     assert [flag(micro[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["7.5", "1.5", "1.5", "1.5"]
@@ -186,13 +186,13 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
     assert PRESETS["cpu"].max_minutes == 13
     # the preset's shares pretrain 0.58, midtrain 0.12, sft 0.21, rl 0.09 of 13 min
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "7.54", "--num-steps": "550"}, {"--minutes": "1.56", "--num-steps": "250"},
+        {"--minutes": "7.54", "--num-steps": "700"}, {"--minutes": "1.56", "--num-steps": "250"},
         {"--minutes": "2.73", "--num-steps": "300"}, {"--minutes": "1.17", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
-    assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "550"}, {"--num-steps": "15"}]
+    assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "700"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
     fast = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=25)}
-    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "14.5", "--num-steps": "2200"},
+    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "14.5", "--num-steps": "2800"},
                                                             {"--minutes": "5.25", "--num-steps": "1200"}]
     # a preset's shares name exactly the training stages
     from chibichat.stages.speedrun import TRAINING_STEPS
@@ -210,10 +210,10 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
     quick_dirs = {m for s in quick[2:] for m in [s.marker.parent]}
     hour_dirs = {m for s in hour[2:] for m in [s.marker.parent]}
     assert not quick_dirs & hour_dirs
-    assert {d.name for d in hour_dirs} == {"hour-d6"} and {d.name for d in quick_dirs} == {"d4"}
+    assert {d.name for d in hour_dirs} == {"hour-d4"} and {d.name for d in quick_dirs} == {"d4"}
     pre = next(s.argv for s in hour if s.name == "pretrain")
-    assert pre[pre.index("--depth") + 1] == "6" and pre[pre.index("--tag") + 1] == "hour-d6"
+    assert pre[pre.index("--depth") + 1] == "4" and pre[pre.index("--tag") + 1] == "hour-d4"
     minutes = {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in hour if "--minutes" in s.argv}
     assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(32.4)
     iberis = plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")
-    assert iberis[2].marker.parent.name == "hour-d6-iberis"
+    assert iberis[2].marker.parent.name == "hour-d4-iberis"

@@ -292,10 +292,10 @@ PRESETS: dict[str, Preset] = {
         expected_minutes=14,
         depth=4,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
-        # ~0.65-0.72 s per 4,096-token step on 2 cores in bf16: 550 steps ~ 6.5 minutes, the bulk of the
-        # budget (measured: 700 pretraining + 300 mid + 200 SFT steps ran over 15 minutes in total).
+        # The cap is about what the 2-core AMX machine fits in pretraining's share of the budget (7.5 min at
+        # ~0.62 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "550", "--eval-every", "275", "--eval-tokens", "32768", "--save-every", "275"],
+                  "--num-steps", "700", "--eval-every", "350", "--eval-tokens", "32768", "--save-every", "350"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
         # SFT's steps are where the held-out skills are learnt: more of them raised `eval skills` the most
@@ -307,27 +307,26 @@ PRESETS: dict[str, Preset] = {
         rl=["--num-steps", "15"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
-        # pretraining's 550 steps take ~6.5 min on a 2-core CPU with native bf16 (AMX) and ~80 min on an
-        # AVX2-only one in fp32; the cap keeps the quickstart a quickstart there, with fewer steps.
-        # Shares of the 13 minutes: pretraining ~7.5 (room for its 550 steps), midtraining ~1.6, SFT ~2.7
-        # (300 steps), RL ~1.2 (15 steps).
+        # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
+        # a quickstart there, with fewer steps. Shares of the 13 minutes: pretraining ~7.5, midtraining ~1.6,
+        # SFT ~2.7 (300 steps), RL ~1.2 (15 steps).
         max_minutes=13,
         minute_shares={"pretrain": 0.58, "midtrain": 0.12, "sft": 0.21, "rl": 0.09},
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
-        description="the longer offline run: embedded data, a wider model, ~60 minutes on 2 CPU cores",
+        description="the longer offline run: embedded data, d4 for 4x the tokens, ~60 minutes on 2 CPU cores",
         expected_minutes=60,
-        depth=6,
+        depth=4,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],  # the cpu preset's: one home shares it
-        # The size comes from `bench sweep` (docs/benchmarks.md): at ~4.6x the quickstart's pretraining
-        # minutes the compute-optimal model is about twice as large. The step counts are what the 2-core AMX
-        # machine fits in the budget below; a slower CPU stops earlier.
-        pretrain=["--depth", "6", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "2400", "--eval-every", "600", "--eval-tokens", "65536", "--save-every", "600"],
+        # `bench sweep` at the quickstart's 7.5 minutes put the best size between d2 and d4 (docs/benchmarks.md);
+        # with 4.3x the minutes the compute-optimal model is about twice as large, so d4, now at ~3 tokens per
+        # parameter instead of 0.7. The caps are what the 2-core AMX machine fits in each stage's share.
+        pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
+                  "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800"],
         eval_base=["--eval-tokens", "65536", "--core-items", "100"],
         midtrain=["--num-steps", "900", "--eval-every", "300"],
-        sft=["--num-steps", "1200", "--eval-every", "400"],
+        sft=["--num-steps", "1400", "--eval-every", "350"],
         rl=["--num-steps", "40"],
         eval_chat=["--max-items", "100", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
