@@ -213,7 +213,7 @@ def test_pretrain_state_is_small_json_and_resume_is_exact_across_epochs(split_lo
 
 
 def test_pretrain_copy_rows_repeat_their_first_half_by_hand():
-    """repeat_every=2, T=9 (rows of 10, h=5): rows 2, 4, ... pack 5 tokens and repeat them; the others are
+    """repeat_every=2, T=9 (rows of 10, h=ceil(10/2)=5): rows 2, 4, ... pack 5 tokens and repeat them; the others are
     the usual best-fit rows. Docs (incl. BOS): a 6, b 4, c 9, d 3, e 12."""
     tok = ByteTokenizer()
     docs = ["aaaaa", "bbb", "cccccccc", "dd", "eeeeeeeeeee"]
@@ -227,6 +227,17 @@ def test_pretrain_copy_rows_repeat_their_first_half_by_hand():
     half = b + d[:1]                                                 # next epoch: b, then d cropped to 1
     assert rows_of(next(loader))[0].tolist() == half + half
     assert loader.stats["rows_served"] == 4
+
+
+@pytest.mark.parametrize("seq_len", [31, 32])  # rows of 32 and 33 tokens: halves of 16+16 and 17+16
+def test_pretrain_copy_rows_have_the_row_length_for_odd_and_even_rows(seq_len):
+    tok = ByteTokenizer()
+    loader = PretrainLoader(make_corpus(), "train", None, tok, 4, seq_len, rt(), buffer_docs=10, repeat_every=2)
+    h = (seq_len + 2) // 2
+    for batch in take(loader, 5):
+        for i, row in enumerate(rows_of(batch)):
+            assert row.numel() == seq_len + 1
+            assert torch.equal(row[h:], row[:seq_len + 1 - h]) is (i % 2 == 1)
 
 
 @pytest.mark.parametrize("k", [0, 5])

@@ -218,7 +218,7 @@ class PretrainLoader:
     def _fill_row(self, out: list[int]) -> None:
         copy = self.repeat_every and self._rows % self.repeat_every == self.repeat_every - 1
         start = len(out)
-        space = self.row_len // 2 if copy else self.row_len
+        space = (self.row_len + 1) // 2 if copy else self.row_len  # the first half is the longer one
         while space:
             if len(self._buffer) < self.buffer_docs:
                 self._refill()
