@@ -294,8 +294,11 @@ PRESETS: dict[str, Preset] = {
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
         # The cap is about what the 2-core AMX machine fits in pretraining's share of the budget (7.5 min at
         # ~0.62 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
+        # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
+        # the prompt into a tool call or an answer (docs/benchmarks.md, "copy rows").
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "700", "--eval-every", "350", "--eval-tokens", "32768", "--save-every", "350"],
+                  "--num-steps", "700", "--eval-every", "350", "--eval-tokens", "32768", "--save-every", "350",
+                  "--repeat-rows", "4"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
         # SFT's steps are where the held-out skills are learnt: more of them raised `eval skills` the most
@@ -323,7 +326,8 @@ PRESETS: dict[str, Preset] = {
         # with 4.3x the minutes the compute-optimal model is about twice as large, so d4, now at ~3 tokens per
         # parameter instead of 0.7. The caps are what the 2-core AMX machine fits in each stage's share.
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800"],
+                  "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
+                  "--repeat-rows", "4"],
         eval_base=["--eval-tokens", "65536", "--core-items", "100"],
         midtrain=["--num-steps", "900", "--eval-every", "300"],
         sft=["--num-steps", "1400", "--eval-every", "350"],
