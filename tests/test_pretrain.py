@@ -211,6 +211,24 @@ def test_pretrain_with_window_trains_and_saves_it(tok_home):
                  "--tag", tag, "--resume"]) == 2
 
 
+def test_pretrain_copy_rows_reach_the_loader_summary_and_resume(tok_home, capsys):
+    tag = "t-copy"
+    args = ["pretrain", "--home", str(tok_home), *TINY, "--num-steps", "6", "--save-every", "3", "--eval-every", "0",
+            "--sample-every", "0", "--tag", tag, "--overwrite", "--repeat-rows", "2"]
+    assert main(args) == 0
+    run_dir = tok_home / "checkpoints" / "base" / tag
+    assert json.loads((run_dir / "summary.json").read_text())["repeat_rows"] == 2
+    meta = json.loads((run_dir / "step_000006" / "meta.json").read_text())
+    assert [st["fingerprint"]["repeat_every"] for st in meta["loader"]] == [2]
+    capsys.readouterr()
+    # a resume with other copy rows would not continue the same data stream: refused, naming the setting
+    resume = [a for a in args if a != "--overwrite"]
+    resume[resume.index("--repeat-rows") + 1] = "3"
+    resume[resume.index("--num-steps") + 1] = "8"
+    assert main(resume + ["--resume"]) == 2
+    assert "repeat_every" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_pretrain_sigkill_and_resume_is_exact(tok_home, tmp_path):
     from safetensors.torch import load_file

@@ -215,5 +215,9 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
     assert pre[pre.index("--depth") + 1] == "4" and pre[pre.index("--tag") + 1] == "hour-d4"
     minutes = {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in hour if "--minutes" in s.argv}
     assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(32.4)
+    # both CPU presets pretrain with copy rows (the micro smoke run does not need them)
+    for p in (quick, hour):
+        pre = next(s.argv for s in p if s.name == "pretrain")
+        assert pre[pre.index("--repeat-rows") + 1] == "4"
     iberis = plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")
     assert iberis[2].marker.parent.name == "hour-d4-iberis"
