@@ -10,6 +10,7 @@ from chibichat.tasks import ListTask, Mixture, get_task, list_tasks
 from chibichat.eval.metrics import extract_final_number, numbers_equal
 from chibichat.tasks.arithmetic import int_value
 from chibichat.tasks.base import key_split
+from chibichat import tools
 
 GENERATED = ["identity", "identity-ja", "spelling", "spelling-ja", "letter-count", "letter-count-ja",
              "arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja"]
@@ -216,15 +217,24 @@ def test_tool_outputs_equal_the_real_calculator():
 @pytest.mark.parametrize("name", ["letter-count", "letter-count-ja"])
 def test_letter_count_items(name):
     t = get_task(name, size=200)
-    zeros = 0
+    zeros = quoted = 0
     for i in range(len(t)):
         it = t[i]
         parts = it["messages"][1]["content"]
-        assert parts[1]["text"] == f'"{it["word"]}".count("{it["letter"]}")'
-        assert parts[2]["text"] == it["answer"] == str(it["word"].count(it["letter"]))
+        question, word = it["messages"][0]["content"], it["word"]
+        # EN: the reply writes the word as the question does, quoted or with its leading space (so its
+        # tokens can be copied); the count is the same either way
+        unquoted = name == "letter-count" and f'"{word}"' not in question
+        shown = f" {word}" if unquoted else word
+        assert parts[1]["text"] == f'"{shown}".count("{it["letter"]}")'
+        if name == "letter-count":
+            assert (f" in {word} with Python." if unquoted else f' in "{word}" with Python.') in parts[0]["text"]
+            quoted += not unquoted
+        assert parts[2]["text"] == it["answer"] == str(word.count(it["letter"])) == tools.calculate(parts[1]["text"])
         zeros += it["answer"] == "0"
         assert t.evaluate(it, parts[3]["text"]) and not t.evaluate(it, "#### 99")
     assert 10 < zeros < 80  # about one in five asks for an absent letter
+    assert name != "letter-count" or 20 < quoted < 180  # both forms are taught
 
 
 @pytest.mark.parametrize("name", ["spelling", "spelling-ja"])

@@ -14,6 +14,11 @@ letter-count / letter-count-ja (kind "generative"):
         text, python '"strawberry".count("r")', python_output "3", text '... 3 times ...\n#### 3'
     item["answer"] = "3"; evaluate: the number after "####" equals it. About one question in five asks
     for a letter the word does not contain (answer 0), so "always some" is not a shortcut.
+    EN replies write the word as the question does: quoted ("strawberry" -> '"strawberry".count("r")') or
+    not (strawberry -> '" strawberry".count("r")', the space kept inside the quotes). A BPE token carries
+    the space before a word, so " strawberry" and "strawberry" are different tokens; a small model can copy
+    tokens from the prompt (pretraining's copy rows) but not map one token to the other for a word it never
+    saw counted.
 """
 
 from __future__ import annotations
@@ -84,12 +89,18 @@ class LetterCount(_WordTask):
         else:
             letter = rng.choice(word)
         n = word.count(letter)
-        call = f'"{word}".count("{letter}")'
         question = phrase(rng, self.lang, "letter-count", word=word, letter=letter)
+        call = f'"{word}".count("{letter}")'
         if self.lang == "en":
-            lead = f'I will count "{letter}" in "{word}" with Python.'
+            # The reply writes the word as the question does, so that copying it is copying its tokens:
+            # unquoted, " bliss" is the tokens " bl|iss" and quoted it is "bl|iss"; in the call it keeps
+            # its space inside the quotes (" bliss".count("s") counts the same), see module docstring.
+            shown = f'"{word}"' if f'"{word}"' in question else word
+            if shown == word:
+                call = f'" {word}".count("{letter}")'
+            lead = f'I will count "{letter}" in {shown} with Python.'
             times = "time" if n == 1 else "times"
-            final = f'The letter "{letter}" appears {n} {times} in "{word}".\n#### {n}'
+            final = f'The letter "{letter}" appears {n} {times} in {shown}.\n#### {n}'
         else:
             lead = f"Pythonで「{word}」の中の「{letter}」を数えます。"
             final = f"「{letter}」は「{word}」に{n}回出てきます。\n#### {n}"
