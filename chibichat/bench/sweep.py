@@ -104,6 +104,7 @@ def plot_png(rows: list[dict], minutes: float) -> bytes:
         ax.annotate(f"d{r['depth']}\n{r['tokens'] / 1e6:.1f}M tok", (r["scaling_params"], r["val_bpb"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
     ax.set_xlabel("scaling parameters (log)")
     ax.set_ylabel("final val bpb")
     ax.set_title(f"Model size against tokens: {minutes:g} min of pretraining each")
