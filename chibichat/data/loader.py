@@ -234,7 +234,8 @@ class PretrainLoader:
                 self._tokens_packed += len(doc)
                 space -= len(doc)
         if copy:
-            out += out[start:start + self.row_len - (len(out) - start)]
+            half = out[start:]
+            out += half[: self.row_len - len(half)]
         self._rows += 1
 
     # -- iteration -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Generated open-writing task (EN): a sentence of the shipped corpus on the topic the user names.
 
 topic-sentence (kind "conversation", training only):
-    user "Make up a sentence that mentions horses." (one of PHRASINGS, with openers)
-    -> assistant "The horses stood still in the cold rain."
+    user "Make up a sentence that mentions house." (one of PHRASINGS)
+    -> assistant "I will walk within my house with a perfect heart." (a sentence of the corpus)
 The reply is a sentence of the embedded-en corpus's *train* documents (so no validation text leaks into
 chat data) that uses the topic word, one of TOPICS (everyday concrete nouns, singular or plural as the
 sentence has it). Sentences are 6-20 words of plain prose: a capital first letter, letters, spaces and
@@ -12,6 +12,8 @@ Why: every other shipped chat task has a fixed kind of answer (a name, a number,
 refusal), so a small model answered "Write one sentence about the sea." with one of those (`eval skills`
 open prompts: 0 of 8 replies on topic). This task is the only one whose answer is free prose about the
 asked topic. The held-out open prompts are worded unlike PHRASINGS (tests/test_skills.py checks it).
+Measured on the quickstart's d4 (docs/benchmarks.md, 2026-12-03) it made those replies prose but not yet
+on topic, so it is not in the default mixtures: name it with `--mix ...,topic-sentence=1`.
 Each item is keyed by its sentence, so train and test items never share a sentence.
 """
 
@@ -35,14 +37,13 @@ TOPICS = (
 
 # Openers x requests x closings; {topic} is the slot. Worded unlike the held-out open prompts ("Write one
 # sentence about the sea."): they ask for the word to be used, not for a description or a story.
-PHRASINGS = [o + r + c for o, r, c in (
-    (o, r, c)
-    for o in ("", "please ", "ok, ", "hey, ")
-    for r in ("use the word {topic} in a sentence", "give me a sentence with the word {topic}",
-              "make up a sentence that mentions {topic}", "say a sentence in which {topic} appears",
-              "put {topic} into a sentence", "show me {topic} used in a sentence",
-              "compose one line on the subject of {topic}", "write an example sentence for {topic}")
-    for c in (".", "!"))]
+PHRASINGS = [opener + request + end
+             for opener in ("", "please ", "ok, ", "hey, ")
+             for request in ("use the word {topic} in a sentence", "give me a sentence with the word {topic}",
+                             "make up a sentence that mentions {topic}", "say a sentence in which {topic} appears",
+                             "put {topic} into a sentence", "show me {topic} used in a sentence",
+                             "compose one line on the subject of {topic}", "write an example sentence for {topic}")
+             for end in (".", "!")]
 
 _ABBREVIATIONS = ("Mr.", "Mrs.", "Ms.", "Dr.", "St.", "Jr.", "Sr.", "Gen.", "Col.", "Lt.", "Capt.", "Sen.", "Rep.",
                   "Gov.", "Prof.", "No.", "Co.", "Inc.", "Mt.", "vs.", "etc.")
