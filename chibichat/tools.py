@@ -3,9 +3,12 @@
 Upstream evaluated the model's text with `eval` behind a character whitelist and a substring
 blacklist, which was escaped more than once. Here the expression is parsed
 with `ast.parse(mode="eval")` and walked by a tiny interpreter that knows only a whitelist of node
-types: numbers, + - * / // % ** (bounded), unary +/-, parentheses, and the one string method form
-the letter-counting task uses, `"strawberry".count("r")`. Anything else -- names, calls, attributes,
-subscripts, lambdas, comprehensions -- raises ToolError before anything is evaluated.
+types: numbers, + - * / // % ** (bounded), unary +/-, parentheses, and three string methods on string
+literals: `.count(s)` (letter counting: `"strawberry".count("r")`), `.join(s)` and `.strip()` (spelling:
+`"-".join("river")` -> "r-i-v-e-r", `"-".join(" river".strip())` for a word written with its leading
+space). Anything else -- names, other calls or attributes, subscripts, lambdas, comprehensions -- raises
+ToolError before anything is evaluated. A result is a number, or a string when the outermost node is one
+of those string methods (a bare string literal is not a calculation).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import operator
 MAX_EXPR_CHARS = 1000
 MAX_ABS_EXPONENT = 64  # x ** y with |y| > 64 is refused (2 ** 10**9 would hang the process)
 MAX_INT_DIGITS = 100  # results and intermediates with more digits are refused
-MAX_STR_CHARS = 1000  # string literals (the haystack of .count)
+MAX_STR_CHARS = 1000  # string literals and string results (.join, .strip)
+STRING_METHODS = {"count": 1, "join": 1, "strip": 0}  # method -> number of (string) arguments
 
 
 class ToolError(ValueError):
@@ -82,23 +86,25 @@ def _eval(node):
         except OverflowError:
             raise ToolError("numeric overflow") from None
     if isinstance(node, ast.Call):
-        # Only the literal form "<string>".count("<string>") -- no names, no other methods.
+        # Only "<string>".<method>(<string>...) for the methods of STRING_METHODS, the receiver a string
+        # literal or another such call; no names, no keywords, no other methods.
         f = node.func
-        if (
-            isinstance(f, ast.Attribute)
-            and f.attr == "count"
-            and isinstance(f.value, ast.Constant)
-            and isinstance(f.value.value, str)
-            and len(node.args) == 1
-            and not node.keywords
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            hay, needle = _eval(f.value), _eval(node.args[0])
-            if needle == "":
+        if not (isinstance(f, ast.Attribute) and f.attr in STRING_METHODS and not node.keywords
+                and len(node.args) == STRING_METHODS[f.attr]):
+            raise ToolError('only the forms "text".count("x"), "-".join("text") and "text".strip() may be called')
+        receiver, args = _eval(f.value), [_eval(a) for a in node.args]
+        if not isinstance(receiver, str) or not all(isinstance(a, str) for a in args):
+            raise ToolError(f".{f.attr}() is called on strings with string arguments only")
+        if f.attr == "count":
+            if args[0] == "":
                 raise ToolError('.count("") is not meaningful')
-            return hay.count(needle)
-        raise ToolError("only the form \"text\".count(\"x\") may be called")
+            return receiver.count(args[0])
+        if f.attr == "strip":
+            return receiver.strip()
+        text = args[0]  # join: the receiver goes between the characters of the argument
+        if len(text) + len(receiver) * max(len(text) - 1, 0) > MAX_STR_CHARS:
+            raise ToolError(f"joined string would be longer than {MAX_STR_CHARS} characters")
+        return receiver.join(text)
     raise ToolError(f"{type(node).__name__} is not allowed in a calculator expression")
 
 
@@ -135,6 +141,6 @@ def calculate(expr: str) -> str:
         value = _eval(tree)
     except RecursionError:
         raise ToolError("expression is nested too deeply") from None
-    if isinstance(value, str):
+    if isinstance(value, str) and not isinstance(tree.body, ast.Call):
         raise ToolError("result is a string, not a number")
     return _format(value)

@@ -29,7 +29,12 @@ def test_generated_pairs_differ_only_where_they_should():
         assert chosen[1] == rejected[1]  # the same calculator call
         assert chosen[2]["text"] != rejected[2]["text"]  # a wrong tool result and final answer
     s = generated_pairs("prefs-spelling", "train", 20)
-    assert all(p["chosen"] != p["rejected"] and len(p["chosen"]) == len(p["rejected"]) for p in s)
+    for p in s:  # the same call and tool output; only the copied last line is misspelled
+        chosen, rejected = p["chosen"], p["rejected"]
+        assert chosen[:3] == rejected[:3] and chosen[3] != rejected[3]
+        word = chosen[2]["text"].replace("-", "")
+        wrong = rejected[3]["text"].strip().replace("-", "")
+        assert len(wrong) == len(word) and wrong != word
     lang = generated_pairs("prefs-language", "test", 20)
     for p in lang:
         q_ja = any(ord(ch) > 0x3000 for ch in p["messages"][0]["content"])

@@ -205,7 +205,7 @@ def test_int_value_precedence():
 def test_tool_outputs_equal_the_real_calculator():
     tools = pytest.importorskip("chibichat.tools", reason="chibichat/tools.py not written yet")
     for name in ["arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja", "letter-count",
-                 "letter-count-ja"]:
+                 "letter-count-ja", "spelling", "spelling-ja"]:
         t = get_task(name, size=100, seed=2)
         for i in range(len(t)):
             parts = t[i]["messages"][1]["content"]
@@ -239,12 +239,30 @@ def test_letter_count_items(name):
 
 @pytest.mark.parametrize("name", ["spelling", "spelling-ja"])
 def test_spelling_items_and_evaluate(name):
+    tools = pytest.importorskip("chibichat.tools")
     t = get_task(name, size=100)
+    quoted = 0
     for i in range(len(t)):
         it = t[i]
-        assert it["answer"] == "-".join(it["word"]) == it["messages"][1]["content"]
+        question, word = it["messages"][0]["content"], it["word"]
+        parts = it["messages"][1]["content"]
+        assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+        # the letters come from the tool; the word is written as the question writes it (EN: quoted, or
+        # with its leading space inside the literal, stripped before joining)
+        if name == "spelling" and f'"{word}"' not in question:
+            assert parts[1]["text"] == f'"-".join(" {word}".strip())' and f" {word} with Python." in parts[0]["text"]
+        else:
+            assert parts[1]["text"] == f'"-".join("{word}")'
+            quoted += 1
+        assert it["answer"] == "-".join(word) == parts[2]["text"] == tools.calculate(parts[1]["text"])
+        assert parts[3]["text"] == "\n" + it["answer"]
         assert t.evaluate(it, it["answer"]) and t.evaluate(it, f"{it['word']}: {it['answer']}.")
         assert not t.evaluate(it, it["answer"] + "-x")
+        # the reply as the engine decodes it (markers by name): the final line is the answer
+        text = (f"{parts[0]['text']}<|python_start|>{parts[1]['text']}<|python_end|><|output_start|>"
+                f"{parts[2]['text']}<|output_end|>{parts[3]['text']}")
+        assert t.evaluate(it, text)
+    assert name != "spelling" or 10 < quoted < 90  # both forms are taught
 
 
 def test_identity_mentions_the_name():

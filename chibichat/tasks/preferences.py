@@ -13,7 +13,8 @@ naming the file and line.
 
 Generated from the verifiable tasks (`generated_pairs`), so that DPO has something measurable offline:
     prefs-arithmetic   a calculator answer vs the same answer with a wrong result (result + d, d != 0)
-    prefs-spelling     a right spelling vs one with two letters swapped or one replaced
+    prefs-spelling     the spelling reply vs the same reply whose last line, copied from the tool's output,
+                       has two letters swapped or one replaced (the tool's output is the same)
     prefs-language     an identity question answered in the asked language vs the other language (EN/JA)
 Train/test splits are disjoint by construction (the underlying generated tasks' key split).
 
@@ -134,9 +135,10 @@ def _misspell(word: str, rng: random.Random) -> str:
 
 
 def _spelling_pair(item: dict, rng: random.Random) -> dict:
-    wrong = _misspell(item["word"], rng)
-    return {"messages": item["messages"][:-1], "chosen": item["messages"][-1]["content"],
-            "rejected": "-".join(wrong)}
+    chosen = item["messages"][-1]["content"]
+    rejected = copy.deepcopy(chosen)
+    rejected[-1]["text"] = "\n" + "-".join(_misspell(item["word"], rng))
+    return {"messages": item["messages"][:-1], "chosen": chosen, "rejected": rejected}
 
 
 def _language_pairs(split: str, size: int, seed: int) -> list[dict]:

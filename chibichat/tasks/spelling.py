@@ -6,9 +6,15 @@ word is a train word or a test word by its hash (generated.key_split), so test w
 training items.
 
 spelling / spelling-ja (kind "generative"):
-    user "Spell the word "apple"." (or another phrasing of tasks/paraphrase.py) -> assistant "a-p-p-l-e"
+    user 'Spell the word "apple".' (or another phrasing of tasks/paraphrase.py) -> assistant parts
+        text 'I will spell "apple" with Python.', python '"-".join("apple")', python_output "a-p-p-l-e",
+        text "\na-p-p-l-e"
     item["answer"] = "a-p-p-l-e"; evaluate: the completion's last line equals the answer (an optional
-    "apple:" prefix and a trailing full stop are tolerated).
+    "apple:" prefix and a trailing full stop are tolerated). The letters come from the tool because a
+    token does not show its letters: " apple" is one or two tokens, and a small model cannot learn every
+    token's spelling from a few thousand examples, but it can copy the word into the call and the tool's
+    output onto the last line. Unquoted words are written as in letter-count, with their leading space:
+    '"-".join(" apple".strip())'.
 letter-count / letter-count-ja (kind "generative"):
     user 'How many times does "r" appear in "strawberry"?' -> assistant parts
         text, python '"strawberry".count("r")', python_output "3", text '... 3 times ...\n#### 3'
@@ -38,6 +44,15 @@ def load_words(lang: str) -> list[str]:
     return read_lines_gz(f"words-{lang}.txt.gz")
 
 
+def _as_written(word: str, question: str) -> tuple[str, str]:
+    """How an EN reply writes `word`: (in its text, as the call's string literal). Quoted in the question:
+    '"word"' both times; unquoted: 'word' and '" word"', the leading space kept inside the quotes so that
+    the literal holds the same tokens as the question (see the module docstring)."""
+    if f'"{word}"' in question:
+        return f'"{word}"', f'"{word}"'
+    return word, f'" {word}"'
+
+
 class _WordTask(GeneratedTask):
     def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
         self.lang = lang
@@ -48,7 +63,7 @@ class _WordTask(GeneratedTask):
 class Spelling(_WordTask):
     kind = "generative"
     default_size = {"train": 2000, "test": 200}
-    description = "spell a word letter by letter"
+    description = "spell a word letter by letter with a python \"-\".join call"
 
     def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
         self.name = "spelling" if lang == "en" else "spelling-ja"
@@ -58,7 +73,16 @@ class Spelling(_WordTask):
         word = rng.choice(self.words)
         spelled = "-".join(word)
         question = phrase(rng, self.lang, "spelling", word=word)
-        item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": spelled}],
+        if self.lang == "en":
+            shown, quoted = _as_written(word, question)
+            call = f'"-".join({quoted})' if quoted == f'"{word}"' else f'"-".join({quoted}.strip())'
+            lead = f"I will spell {shown} with Python."
+        else:
+            call, lead = f'"-".join("{word}")', f"Pythonで「{word}」を一文字ずつ区切ります。"
+        # The last line is the tool's output again: the answer is read from the reply's final line.
+        parts = [{"type": "text", "text": lead}, {"type": "python", "text": call},
+                 {"type": "python_output", "text": spelled}, {"type": "text", "text": "\n" + spelled}]
+        item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "word": word, "answer": spelled}
         return word, item
 
@@ -95,9 +119,8 @@ class LetterCount(_WordTask):
             # The reply writes the word as the question does, so that copying it is copying its tokens:
             # unquoted, " bliss" is the tokens " bl|iss" and quoted it is "bl|iss"; in the call it keeps
             # its space inside the quotes (" bliss".count("s") counts the same), see module docstring.
-            shown = f'"{word}"' if f'"{word}"' in question else word
-            if shown == word:
-                call = f'" {word}".count("{letter}")'
+            shown, quoted = _as_written(word, question)
+            call = f'{quoted}.count("{letter}")'
             lead = f'I will count "{letter}" in {shown} with Python.'
             times = "time" if n == 1 else "times"
             final = f'The letter "{letter}" appears {n} {times} in {shown}.\n#### {n}'
