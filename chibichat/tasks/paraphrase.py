@@ -46,6 +46,15 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
         (["", "hey, ", "sorry, "],
          ["how do you spell {word}?", "how is {word} spelled?", "how do I spell {word}?",
           "what is the spelling of {word}?", 'what is the correct spelling of "{word}"?'],),
+        # Asked with "letters" but not "how many": the spelling, not a count (the letter-count phrasings
+        # ask how many or say count).
+        (["", "please "],
+         ["list the letters of {word}", "write out each letter of {word}", "split {word} into single letters",
+          "name the letters in {word} in order", 'split "{word}" into letters', 'list each letter of "{word}"'],
+         [".", " with dashes."]),
+        (["", "so, "],
+         ["which letters are in {word}, in order?", "what are the letters of {word}?",
+          'what letters does "{word}" have, one by one?', "how is the word {word} written, letter by letter?"],),
     ],
     ("ja", "spelling"): [
         (["", "ねえ、"],
