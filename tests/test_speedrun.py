@@ -214,7 +214,9 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
     pre = next(s.argv for s in hour if s.name == "pretrain")
     assert pre[pre.index("--depth") + 1] == "4" and pre[pre.index("--tag") + 1] == "hour-d4"
     minutes = {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in hour if "--minutes" in s.argv}
-    assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(32.4)
+    assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(36.72)
+    sft = next(s.argv for s in hour if s.name == "sft")  # two passes over the SFT mixture, not four
+    assert sft[sft.index("--num-steps") + 1] == "600" and minutes["sft"] == pytest.approx(5.94)
     # both CPU presets pretrain with copy rows (the micro smoke run does not need them)
     for p in (quick, hour):
         pre = next(s.argv for s in p if s.name == "pretrain")

@@ -329,13 +329,16 @@ PRESETS: dict[str, Preset] = {
                   "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
                   "--repeat-rows", "4"],
         eval_base=["--eval-tokens", "65536", "--core-items", "100"],
-        midtrain=["--num-steps", "900", "--eval-every", "300"],
-        sft=["--num-steps", "1400", "--eval-every", "350"],
+        midtrain=["--num-steps", "1100", "--eval-every", "275"],
+        # SFT stops at two passes over the shipped SFT mixture (~300 steps a pass): from the same midtrained
+        # model, 4 passes overfit it (val loss 1.98, held-out skills 0.26), 2 passes scored best (1.64, 0.345;
+        # docs/benchmarks.md, "cpu-hour: SFT passes"). Its minutes went to pretraining and midtraining.
+        sft=["--num-steps", "600", "--eval-every", "300"],
         rl=["--num-steps", "40"],
         eval_chat=["--max-items", "100", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
         max_minutes=54,
-        minute_shares={"pretrain": 0.6, "midtrain": 0.11, "sft": 0.22, "rl": 0.07},
+        minute_shares={"pretrain": 0.68, "midtrain": 0.14, "sft": 0.11, "rl": 0.07},
         tag_prefix="hour-",
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
