@@ -590,7 +590,9 @@ def test_conversation_loader_with_real_tokenizer_and_task_mixture():
 
     mix = Mixture([Identity(size=16), Spelling(size=16, lang="ja")], seed=3)
     items = [mix[i] for i in range(len(mix))]
-    tok = train_tokenizer([m["content"] for _, c in items for m in c["messages"]], vocab_size=300)
+    texts = [m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
+             for _, c in items for m in c["messages"]]  # spelling replies are parts (a tool call)
+    tok = train_tokenizer(texts, vocab_size=300)
     renders = expected_renders(tok, items, 96)
     make = lambda: ConversationLoader(mix, tok, 4, 95, rt(), mode="pack", epochs=2, buffer_size=6)
     loader = make()

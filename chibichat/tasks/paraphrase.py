@@ -106,6 +106,10 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
     ("en", "greeting"): [
         (["hi", "hello", "hey", "hi there", "hello there", "good morning", "good evening", "hey hey"],
          ["!", ".", ", how are you?", ", nice to meet you.", "! How's it going?", ", are you around?"]),
+        # Greetings with a body: a wish or news after the hello is still a greeting, not a question.
+        (["hi", "hello", "hey", "hi there", "hello there", "good morning", "good evening"],
+         [", how is your day going?", "! Long time no see.", ", I'm back.", ", hope you are doing well.",
+          ", what's new?", "! Nice to talk to you again.", ", good to be here."]),
     ],
     ("ja", "greeting"): [
         (["こんにちは", "はじめまして", "おはよう", "やあ", "こんにちは、はじめまして"],
@@ -123,6 +127,16 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
           "what my neighbour does for a living", "who will win the next election", "what I will have for dinner tomorrow",
           "whether it will rain in my city tomorrow"],
          ["?"]),
+        # The user's own private facts: a question about "my ..." that only the user can answer.
+        (["", "tell me, ", "guess: "],
+         ["what is my "],
+         ["brother's name", "home address", "cat's name", "shoe size", "teacher's favourite food", "middle name",
+          "boss's birthday", "PIN code", "mother's job"],
+         ["?"]),
+        (["", "quick question: "],
+         ["how many books do I own?", "how tall is my father?", "what time did I wake up today?",
+          "where did my brother go on holiday?", "what did my friend say to me yesterday?",
+          "what is the name of my street?", "which school did my cousin go to?"]),
     ],
     ("ja", "refusal"): [
         (["", "ねえ、", "当ててみて。", "教えてください。"],
