@@ -215,12 +215,20 @@ def test_spelling_checker_japanese():
     assert S.check_reply(item, "キ-ク", "ja") is False
 
 
-@pytest.mark.parametrize("reply,ok", [
-    ("I am chibichat, a small language model.", True), ("My name is ChibiChat.", True),
-    ("I am a small AI assistant.", False), ("chibi", False),
+@pytest.mark.parametrize("reply,lang,ok", [
+    ("I am chibichat, a small language model.", "en", True), ("My name is ChibiChat.", "en", True),
+    ("I'm chibichat, a tiny chat model.", "en", True), ("Hi! Call me chibichat.", "en", True),
+    ("chibichat is my name.", "en", True),
+    ("I am a small AI assistant.", "en", False), ("chibi", "en", False),
+    # the package it was made with is not its name (replies seen from quickstart models)
+    ("I was made with the chibichat package. Whoever ran its training pipeline built me.", "en", False),
+    ("I was trained on chibichat, an open-source package that builds a small language model", "en", False),
+    ("私はchibichatです。", "ja", True), ("chibichatといいます。", "ja", True), ("chibichatです。", "ja", True),
+    ("chibichatというオープンソースのパッケージで学習されました。", "ja", False),
+    ("chibichatパッケージで作られました。", "ja", False),
 ])
-def test_identity_checker(reply, ok):
-    assert S.check_reply({"check": "identity", "answer": "chibichat"}, reply, "en") is ok
+def test_identity_checker(reply, lang, ok):
+    assert S.check_reply({"check": "identity", "answer": "chibichat"}, reply, lang) is ok
 
 
 @pytest.mark.parametrize("reply,lang,ok", [
@@ -408,3 +416,20 @@ def test_simple_text_bpb_counts_bytes_and_skips_long_lines():
     assert r == {"bpb": 1.0, "bytes": 10, "n": 2, "skipped_too_long": 1}
     assert ES.simple_text_bpb(model, ByteTok(), rt, ["x" * 40], max_len=20)["bpb"] is None
     assert len(ES.load_simple_text("en")) == 30 and len(ES.load_simple_text("ja")) == 30
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_every_taught_name_answer_passes_the_identity_checker(lang):
+    """The hand-off from the identity task to the checker: every answer it teaches to "what is your name?"
+    (shipped, and a persona's templates) gives the name as the assistant's own; no other topic's answer does."""
+    from chibichat.tasks import identity
+
+    topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
+    persona = identity.EN_PERSONA if lang == "en" else identity.JA_PERSONA
+    for answer in topics["name"][1]:
+        assert S.names_itself(answer, "chibichat", lang), answer
+    for template in persona["name"]:
+        assert S.names_itself(template.format(name="Kiku"), "Kiku", lang), template
+    for topic, (_, answers) in topics.items():
+        if topic != "name":
+            assert not any(S.names_itself(a, "chibichat", lang) for a in answers), topic

@@ -9,7 +9,10 @@ the generated tasks, so they never occur in training items either.
 
 Skills (SKILLS) and their checkers (`check_reply`, each on the reply text the user sees; tool calls
 appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output_end|>):
-    identity             "identity": the reply names the assistant ("chibichat", any case).
+    identity             "identity": the reply gives the assistant's name as its own ("I am chibichat",
+                          "my name is ...", "call me ..."; JA "chibichatです", "私はchibichat", ...; any
+                          case). Naming the package it was made with ("I was made with the chibichat
+                          package") does not answer "what is your name?".
     arithmetic,          "number": the reply's final answer equals the expected number. The final
     arithmetic-two-step,  answer is the number after the last "####" (the trained format); a reply
     letter-count          without "####" is read by its last number outside tool segments, which is
@@ -144,6 +147,17 @@ def is_greeting(reply: str, lang: str) -> bool:
     return any(re.search(rf"\b{re.escape(w)}\b", head) for w in GREETING_WORDS["en"])
 
 
+# What may stand right before / right after the name when a reply gives it as its own name.
+_SELF_BEFORE = {"en": r"\b(?:i am|i'm|im|my name is|my name's|call me|i am called|i'm called|i go by|this is|it's|it is)\s+",
+                "ja": r"(?:名前は|私は|わたしは|僕は|ぼくは)"}
+_SELF_AFTER = {"en": r",? (?:is my name|here|at your service)\b", "ja": r"(?:です|といいます|と申します|と呼んで|って呼んで|だよ)"}
+
+
+def names_itself(reply: str, name: str, lang: str) -> bool:
+    text, n = visible_text(reply).lower().replace("’", "'"), re.escape(name.lower())
+    return bool(re.search(_SELF_BEFORE[lang] + n, text) or re.search(n + _SELF_AFTER[lang], text))
+
+
 def is_refusal(reply: str, lang: str) -> bool:
     text = visible_text(reply).lower().replace("’", "'")
     if "####" in reply or re.search(r"\d", text):
@@ -155,7 +169,7 @@ def check_reply(item: dict, reply: str, lang: str) -> bool:
     """Whether `reply` does what `item` asks (see the module docstring for each check)."""
     check = item["check"]
     if check == "identity":
-        return item["answer"].lower() in visible_text(reply).lower()
+        return names_itself(reply, item["answer"], lang)
     if check == "number":
         return numbers_equal(reply_number(reply), item["answer"])
     if check == "spelling":
