@@ -63,43 +63,39 @@ def test_bare_calculations_share_key_and_format(lang):
 
     name = "arithmetic" if lang == "en" else "arithmetic-ja"
     t = get_task(name, size=600, seed=4)
-    bare = [t[i] for i in range(len(t)) if t[i]["key"] == t[i]["expr"]]
+    items = [t[i] for i in range(len(t))]
+    assert all(it["key"] == it["expr"] for it in items)
+    bare = [it for it in items if it["form"] == "bare"]
     assert abs(len(bare) / len(t) - BARE_SHARE) < 0.06
     assert {b["expr"].strip("0123456789")[0] for b in bare} == set("+-*/")
     for b in bare[:50]:
         final = b["messages"][1]["content"][3]["text"]
         assert final.endswith(f"#### {b['answer']}") and b["answer"] in final.split("\n")[0]
-    # keyed by the expression: a test calculation never trains, however it is worded
+    # keyed by the expression: a test calculation never trains, however it is worded (bare or a story)
     test = get_task(name, split="test", size=200, seed=4)
-    test_bare = {test[i]["expr"] for i in range(len(test)) if test[i]["key"] == test[i]["expr"]}
-    assert test_bare and not test_bare & {b["expr"] for b in bare}
-    assert not any(get_task(n, size=100)[i]["key"] == get_task(n, size=100)[i]["expr"]
-                   for n in (("arithmetic-multi", "arithmetic-multi-ja")) for i in range(3))
+    test_exprs = {test[i]["expr"] for i in range(len(test))}
+    assert test_exprs and not test_exprs & {it["expr"] for it in items}
+    assert all(get_task(n, size=100)[i]["form"] == "story"
+               for n in (("arithmetic-multi", "arithmetic-multi-ja")) for i in range(3))
 
 
 def test_vary_question_rewords_the_closing_question_only():
     rng = random.Random(1)
-    q = "Tom had 45 coins and gave away 10. How many coins are left?"
-    seen = {P.vary_question(rng, "en", q) for _ in range(300)}
-    tails = {"How many coins are left?", "How many coins remain?", "How many coins are still there?",
-             "What number of coins is left over?"}
-    openers = {"", "Here is a word problem. ", "Please solve this: ", "Math question: "}
-    assert seen == {o + "Tom had 45 coins and gave away 10. " + t for o in openers for t in tails}
     ja = {P.vary_question(rng, "ja", "りんご12個を3人で同じ数ずつ分けます。1人何個になりますか？") for _ in range(200)}
     assert "りんご12個を3人で同じ数ずつ分けます。1人分は何個ですか？" in ja and len(ja) == 12
-    assert P.vary_question(random.Random(0), "en", "No rule matches this.").endswith("No rule matches this.")
-    with pytest.raises(ChibiError, match="no word-problem rewrites for language 'fr'"):
-        P.vary_question(rng, "fr", q)
+    assert P.vary_question(random.Random(0), "ja", "ルールに合わない文。").endswith("ルールに合わない文。")
+    with pytest.raises(ChibiError, match="no word-problem rewrites for language 'en'.*word_problems"):
+        P.vary_question(rng, "en", "Tom had 45 coins and gave away 10. How many coins are left?")
 
 
-@pytest.mark.parametrize("name,lang", [("arithmetic", "en"), ("arithmetic-ja", "ja"), ("arithmetic-multi", "en"),
-                                       ("arithmetic-multi-ja", "ja")])
-def test_every_word_problem_kind_has_rewordings_and_keeps_its_canonical_key(name, lang):
+@pytest.mark.parametrize("name", ["arithmetic-ja", "arithmetic-multi-ja"])
+def test_every_japanese_word_problem_kind_has_rewordings(name):
     t = get_task(name, size=300, seed=3)
-    word = [t[i] for i in range(len(t)) if t[i]["key"] != t[i]["expr"]]
+    word = [t[i] for i in range(len(t)) if t[i]["form"] == "story"]
     for it in word:  # every closing question of every kind of problem has rewordings
-        assert any(re.search(p + "$", it["key"]) for p, _ in P._QUESTION_REWRITES[lang]), it["key"]
-    assert sum(it["messages"][0]["content"] != it["key"] for it in word) > len(word) / 2
+        q = it["messages"][0]["content"]
+        assert any(re.search(re.sub(r"\\\{\d\\\}", ".+", re.escape(c)) + "$", q)
+                   for _, cs in P._QUESTION_REWRITES["ja"] for c in cs), q
 
 
 @pytest.mark.parametrize("lang", ["en", "ja"])

@@ -2,23 +2,26 @@
 
 Item (kind "generative"):
     messages: user question; assistant parts
-        text   one sentence saying what to compute
+        text   one sentence saying what to compute (EN: the plan, operations only: "First we multiply,
+               then we add.")
         python the expression, e.g. "12*7+3"          (the calculator call)
         python_output what chibichat.tools.calculate returns for it, e.g. "87"
         text   the answer in a sentence, then "\n#### 87"
     answer: "87"   (the number evaluate() compares with the one after "####" in a completion)
     expr:   "12*7+3"
+    form:   "bare" (a calculation asked in words) or "story" (a word problem)
 
-Every template uses +, -, * and exact / on small non-negative integers and never produces a negative
+Every problem uses +, -, * and exact / on small non-negative integers and never produces a negative
 or fractional result, so the problems stay short and regular enough for a tiny model to learn the pattern
 "read numbers -> write expression -> copy tool output -> #### answer".
 
 About BARE_SHARE of the one-step items are bare calculations ("Calculate 12 x 7.", "12かける7の答えを
-教えてください。") in the phrasings of tasks/paraphrase.py, keyed by their expression. Word problems keep
-one canonical question per kind (their key); `paraphrase.vary_question` rewords its closing question and
-sometimes adds an opener.
+教えてください。") in the phrasings of tasks/paraphrase.py. English stories are composed from parts by
+tasks/word_problems.py, so each operation comes in many wordings; Japanese stories keep one canonical
+question per kind, and `paraphrase.vary_question` rewords its closing question and sometimes adds an
+opener. Every item is keyed by its expression: however it is worded, a test problem never trains.
 
-arithmetic-multi(-ja) uses the same item format with two-step templates (three or four numbers, some of
+arithmetic-multi(-ja) uses the same item format with two-step problems (three or four numbers, some of
 three digits, one calculator call such as "4*12+3*15"): the RL stage's default task, because SFT on the
 one-step problems nearly saturates those but leaves the longer expressions only partly right.
 """
@@ -30,14 +33,9 @@ import re
 
 from chibichat.eval.metrics import extract_final_number, numbers_equal
 from chibichat.tasks.base import GeneratedTask
+from chibichat.tasks import word_problems
 from chibichat.tasks.paraphrase import vary_question
 
-EN_NAMES = ["Tom", "Sara", "Ben", "Mia", "Leo", "Ana", "Sam", "Emma", "Noah", "Lily", "Omar", "Yuki"]
-# (thing, container, containers): each thing with a container it plausibly comes in
-EN_THINGS = [("apples", "basket", "baskets"), ("pencils", "box", "boxes"), ("stickers", "sheet", "sheets"),
-             ("marbles", "bag", "bags"), ("books", "shelf", "shelves"), ("cookies", "jar", "jars"),
-             ("stamps", "album", "albums"), ("cards", "pack", "packs"), ("shells", "bucket", "buckets"),
-             ("coins", "purse", "purses"), ("eggs", "carton", "cartons"), ("crayons", "box", "boxes")]
 JA_NAMES = ["たろう", "はなこ", "けんた", "さくら", "ゆうき", "あおい", "そうた", "みお", "れん", "ひなた"]
 # (thing, counter, container)
 JA_THINGS = [("りんご", "個", "かご"), ("えんぴつ", "本", "箱"), ("シール", "枚", "シート"), ("ビー玉", "個", "袋"),
@@ -45,55 +43,8 @@ JA_THINGS = [("りんご", "個", "かご"), ("えんぴつ", "本", "箱"), ("�
              ("貝がら", "個", "バケツ"), ("たまご", "個", "パック"), ("クレヨン", "本", "箱")]
 
 
-def _en(rng: random.Random) -> tuple[str, str, str, str]:
-    """(question, reasoning sentence, expression, answer sentence template with {r})."""
-    name = rng.choice(EN_NAMES)
-    thing, g1, gs = rng.choice(EN_THINGS)
-    kind = rng.randrange(8)
-    if kind == 0:
-        a, b = rng.randint(2, 60), rng.randint(2, 40)
-        return (f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
-                "We add the new ones to the old ones.", f"{a}+{b}", f"{name} has {{r}} {thing} now.")
-    if kind == 1:
-        a = rng.randint(10, 90)
-        b = rng.randint(1, a)
-        return (f"{name} had {a} {thing} and gave away {b}. How many {thing} are left?",
-                "We subtract the ones given away.", f"{a}-{b}", f"{name} has {{r}} {thing} left.")
-    if kind == 2:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        return (f"A {g1} holds {a} {thing}. How many {thing} are in {b} {gs}?",
-                f"We multiply the {thing} per {g1} by the number of {gs}.", f"{a}*{b}",
-                f"There are {{r}} {thing} in {b} {gs}.")
-    if kind == 3:
-        a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 20)
-        return (f"There are {a} {gs} with {b} {thing} each and {c} loose {thing}. How many {thing} are there in all?",
-                f"We multiply to count the {thing} in the {gs}, then add the loose ones.", f"{a}*{b}+{c}",
-                f"There are {{r}} {thing} in all.")
-    if kind == 4:
-        a, b = rng.randint(2, 9), rng.randint(2, 12)
-        c = rng.randint(1, a * b)
-        return (f"{name} has {a} {gs} of {b} {thing} and uses {c} of them. How many {thing} are left?",
-                f"We count all the {thing}, then subtract the ones used.", f"{a}*{b}-{c}",
-                f"{name} has {{r}} {thing} left.")
-    if kind == 6:
-        each, k = rng.randint(2, 12), rng.randint(2, 9)
-        return (f"{name} shares {each * k} {thing} equally among {k} friends. How many {thing} does each friend get?",
-                "We divide the total by the number of friends.", f"{each * k}/{k}",
-                f"Each friend gets {{r}} {thing}.")
-    if kind == 7:
-        per, k = rng.randint(2, 12), rng.randint(2, 9)
-        return (f"{name} packs {per * k} {thing} into {gs} of {per}. How many {gs} are needed?",
-                f"We divide the {thing} by the number that fit in one {g1}.", f"{per * k}/{per}",
-                f"{name} needs {{r}} {gs}.")
-    price, n = rng.randint(2, 15), rng.randint(2, 6)
-    paid = rng.choice([p for p in (20, 50, 100) if p >= price * n] or [100])
-    return (f"A pack of {thing} costs {price} dollars. {name} buys {n} packs and pays with {paid} dollars. "
-            "How much change does " + name + " get?",
-            "We subtract the total cost from the money paid.", f"{paid}-{price}*{n}",
-            f"{name} gets {{r}} dollars in change.")
-
-
 def _ja(rng: random.Random) -> tuple[str, str, str, str]:
+    """(question, reasoning sentence, expression, answer sentence template with {r})."""
     name = rng.choice(JA_NAMES)
     thing, unit, group = rng.choice(JA_THINGS)
     kind = rng.randrange(8)
@@ -132,45 +83,6 @@ def _ja(rng: random.Random) -> tuple[str, str, str, str]:
     paid = rng.choice([p for p in (1000, 5000, 10000) if p >= price * n] or [10000])
     return (f"{thing}1つは{price}円です。{name}さんは{n}つ買って{paid}円はらいました。おつりはいくらですか？",
             "はらったお金から代金を引きます。", f"{paid}-{price}*{n}", "おつりは{r}円です。")
-
-
-def _en_multi(rng: random.Random) -> tuple[str, str, str, str]:
-    """Two-step problems (three or four numbers, some with three digits): harder than `_en`, so SFT does
-    not saturate them and RL has room to improve the expression the model writes."""
-    name, other = rng.sample(EN_NAMES, 2)
-    thing, g1, gs = rng.choice(EN_THINGS)
-    kind = rng.randrange(6)
-    if kind == 0:
-        a, b, c = rng.randint(100, 900), rng.randint(10, 99), rng.randint(10, 99)
-        return (f"{name} has {a} {thing}. {other} gives {name} {b} more, and then {name} finds {c} more. "
-                f"How many {thing} does {name} have now?",
-                "We add both new amounts to the first one.", f"{a}+{b}+{c}", f"{name} has {{r}} {thing} now.")
-    if kind == 1:
-        a, b, c, d = rng.randint(2, 9), rng.randint(10, 30), rng.randint(2, 9), rng.randint(10, 30)
-        return (f"{name} has {a} {gs} of {b} {thing} and {c} {gs} of {d} {thing}. How many {thing} is that in all?",
-                f"We multiply for each kind of {g1}, then add.", f"{a}*{b}+{c}*{d}", f"That is {{r}} {thing} in all.")
-    if kind == 2:
-        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 12)
-        return (f"There are {a} rooms. Each room has {b} {gs}, and each {g1} holds {c} {thing}. "
-                f"How many {thing} are there?", "We multiply the three numbers.", f"{a}*{b}*{c}",
-                f"There are {{r}} {thing}.")
-    if kind == 3:
-        a = rng.randint(200, 999)
-        b, c = rng.randint(10, a // 3), rng.randint(10, a // 3)
-        return (f"{name} had {a} {thing}, gave {b} to {other} and sold {c}. How many {thing} are left?",
-                "We subtract both amounts from the start.", f"{a}-{b}-{c}", f"{name} has {{r}} {thing} left.")
-    if kind == 4:
-        a, b = rng.randint(2, 9), rng.randint(10, 40)
-        c, d = rng.randint(1, 50), rng.randint(1, a * b)
-        return (f"{name} has {a} {gs} of {b} {thing}, gets {c} more and then uses {d}. How many {thing} are left?",
-                "We count the full ones, add the new ones and subtract the used ones.", f"{a}*{b}+{c}-{d}",
-                f"{name} has {{r}} {thing} left.")
-    p1, n1, p2, n2 = rng.randint(2, 15), rng.randint(2, 6), rng.randint(2, 15), rng.randint(2, 6)
-    paid = next(p for p in (50, 100, 200, 500) if p >= p1 * n1 + p2 * n2)
-    return (f"A pack of {thing} costs {p1} dollars and a {g1} costs {p2} dollars. {name} buys {n1} packs and "
-            f"{n2} {gs} and pays with {paid} dollars. How much change does {name} get?",
-            "We subtract both costs from the money paid.", f"{paid}-{p1}*{n1}-{p2}*{n2}",
-            f"{name} gets {{r}} dollars in change.")
 
 
 def _ja_multi(rng: random.Random) -> tuple[str, str, str, str]:
@@ -266,11 +178,14 @@ class Arithmetic(GeneratedTask):
         super().__init__(split, size, seed)
 
     def sample(self, rng: random.Random) -> tuple[str, dict]:
-        gen = {(False, "en"): _en, (False, "ja"): _ja, (True, "en"): _en_multi, (True, "ja"): _ja_multi}
         bare = not self.multi and rng.random() < BARE_SHARE
-        question, reasoning, expr, final = _bare(rng, self.lang) if bare else gen[self.multi, self.lang](rng)
-        key = expr if bare else question  # the canonical question: its rewordings below share its split
-        if not bare:
+        if bare:
+            question, reasoning, expr, final = _bare(rng, self.lang)
+        elif self.lang == "en":
+            problem = (word_problems.two_step if self.multi else word_problems.one_step)(rng)
+            question, reasoning, expr, final = problem.question, problem.plan, problem.expr, "The answer is {r}."
+        else:
+            question, reasoning, expr, final = (_ja_multi if self.multi else _ja)(rng)
             question = vary_question(rng, self.lang, question)
         result = str(int_value(expr))
         parts = [
@@ -280,9 +195,9 @@ class Arithmetic(GeneratedTask):
             {"type": "text", "text": final.format(r=result) + f"\n#### {result}"},
         ]
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
-                "answer": result, "expr": expr}
-        # A bare calculation's key is its expression: however it is phrased, a test problem never trains.
-        return key, item
+                "answer": result, "expr": expr, "form": "bare" if bare else "story"}
+        # Keyed by the expression: however a problem is phrased, a test problem never trains.
+        return expr, item
 
     def evaluate(self, item: dict, completion_text: str) -> bool:
         return numbers_equal(extract_final_number(completion_text), item["answer"])

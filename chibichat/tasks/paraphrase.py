@@ -243,33 +243,13 @@ def expression(rng: random.Random, lang: str, op: str, a: int, b: int) -> str:
     return rng.choice(expressions(lang, op)).format(a=a, b=b)
 
 
-# Word problems: the generators write one canonical question per kind of problem; `vary_question`
+# Japanese word problems: the generators write one canonical question per kind of problem; `vary_question`
 # rewrites its closing question (and sometimes adds an opener) into one of several equivalent ones.
+# (English word problems are composed from parts by tasks/word_problems.py and need no rewriting.)
 # (lang, pattern of the closing question, alternatives with {0}, {1} for the pattern's groups).
-# The canonical wording stays one of the choices; the task keys its items by the canonical question,
-# so a test problem never trains under another wording.
+# The canonical wording stays one of the choices; the task keys its items by their expression, so a test
+# problem never trains under another wording.
 _QUESTION_REWRITES: dict[str, list[tuple[str, list[str]]]] = {
-    "en": [
-        (r"How many (\w+) are left\?", ["How many {0} are left?", "How many {0} remain?",
-                                        "How many {0} are still there?", "What number of {0} is left over?"]),
-        (r"How many (\w+) does (\w+) have now\?", ["How many {0} does {1} have now?",
-                                                   "How many {0} does {1} have at the end?",
-                                                   "What is the number of {0} {1} has now?"]),
-        (r"How many (\w+) (?:are there in all|is that in all)\?", ["How many {0} are there in all?",
-                                                                   "What is the total number of {0}?",
-                                                                   "How many {0} is that in total?"]),
-        (r"How many (\w+) does each friend get\?", ["How many {0} does each friend get?",
-                                                    "How many {0} will each friend receive?",
-                                                    "What is each friend's share of the {0}?"]),
-        (r"How many (\w+) are needed\?", ["How many {0} are needed?", "How many {0} does it take?",
-                                          "What number of {0} is needed?"]),
-        (r"How many (\w+) are in (\d+) (\w+)\?", ["How many {0} are in {1} {2}?", "How many {0} do {1} {2} hold?",
-                                                 "What is the number of {0} in {1} {2}?"]),
-        (r"How many (\w+) are there\?", ["How many {0} are there?", "How many {0} are there altogether?",
-                                         "What is the total count of {0}?"]),
-        (r"How much change does (\w+) get\?", ["How much change does {0} get?", "What change does {0} get back?",
-                                               "How much money does {0} get back?"]),
-    ],
     "ja": [
         (r"残りは何(\w)ですか？", ["残りは何{0}ですか？", "何{0}残っていますか？", "残っているのは何{0}ですか？"]),
         (r"全部で何(\w)ですか？", ["全部で何{0}ですか？", "合わせて何{0}になりますか？", "全部でいくつありますか？"]),
@@ -280,8 +260,7 @@ _QUESTION_REWRITES: dict[str, list[tuple[str, list[str]]]] = {
         (r"(\w+)はいくつ必要ですか？", ["{0}はいくつ必要ですか？", "{0}は何個いりますか？", "必要な{0}の数はいくつですか？"]),
     ],
 }
-_PROBLEM_OPENERS = {"en": ["", "", "", "Here is a word problem. ", "Please solve this: ", "Math question: "],
-                    "ja": ["", "", "", "問題です。", "次の問題を解いてください。", "算数の問題です。"]}
+_PROBLEM_OPENERS = {"ja": ["", "", "", "問題です。", "次の問題を解いてください。", "算数の問題です。"]}
 
 
 def vary_question(rng: random.Random, lang: str, question: str) -> str:
@@ -289,7 +268,8 @@ def vary_question(rng: random.Random, lang: str, question: str) -> str:
     import re
 
     if lang not in _QUESTION_REWRITES:
-        raise ChibiError(f"no word-problem rewrites for language {lang!r}; languages: en, ja")
+        raise ChibiError(f"no word-problem rewrites for language {lang!r}; languages: ja (English problems are "
+                         "composed by tasks/word_problems.py)")
     for pattern, choices in _QUESTION_REWRITES[lang]:
         m = re.search(pattern + "$", question)
         if m:
@@ -300,4 +280,6 @@ def vary_question(rng: random.Random, lang: str, question: str) -> str:
 
 def question_rewrites(lang: str) -> list[str]:
     """Every alternative closing question and opener (slots {0}, {1}), for the disjointness test."""
+    if lang not in _QUESTION_REWRITES:
+        return []
     return [c for _, choices in _QUESTION_REWRITES[lang] for c in choices] + [o for o in _PROBLEM_OPENERS[lang] if o]

@@ -1,0 +1,413 @@
+"""English word problems built from parts, for the arithmetic tasks (tasks/arithmetic.py).
+
+A problem is composed: who (a name, a role, "I" or "we", each with its own verb forms), what (one of
+many countable things, containers, movers, prices, rates), what happens (verbs of getting, losing,
+leaving, arriving, sharing, cutting, packing, earning; past or present tense), and one of several
+closing questions. The same operation therefore comes in many wordings, and a tiny model has to read
+the cue words ("more", "flew away", "in each", "equally among") instead of recalling one sentence per
+kind of problem, which is what it did with one template per kind (it then answered held-out stories
+with the reasoning and numbers of the nearest template).
+
+`one_step(rng)` and `two_step(rng)` return a Problem: the question, a plan sentence that names only the
+operations ("First we multiply, then we subtract."), never the story, and the calculator expression,
+whose numbers appear in it in the order the story gives them (a subtraction or division starts from
+the total). Every expression evaluates to a non-negative integer (exact division).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    plan: str
+    expr: str
+
+
+@dataclass(frozen=True)
+class Who:
+    """The subject of a story and the verb forms that agree with it."""
+    name: str      # as it appears mid-sentence: "Tom", "the baker", "I"
+    pro: str       # subject pronoun: "he", "she", "I", "we"
+    third: bool    # third person singular: "has", "does", "gets"
+
+    @property
+    def has(self) -> str:
+        return "has" if self.third else "have"
+
+    @property
+    def does(self) -> str:
+        return "does" if self.third else "do"
+
+    def verb(self, base: str, s_form: str) -> str:
+        return s_form if self.third else base
+
+
+_PEOPLE = [("Tom", "he"), ("Sara", "she"), ("Ben", "he"), ("Mia", "she"), ("Leo", "he"), ("Ana", "she"),
+           ("Sam", "he"), ("Emma", "she"), ("Noah", "he"), ("Lily", "she"), ("Omar", "he"), ("Yuki", "she"),
+           ("Max", "he"), ("Zoe", "she"), ("Ravi", "he"), ("Nina", "she"), ("Hugo", "he"), ("Ella", "she"),
+           ("Jack", "he"), ("Maya", "she"), ("Ivan", "he"), ("Aiko", "she"), ("Luis", "he"), ("Rosa", "she"),
+           ("the baker", "she"), ("a farmer", "he"), ("the teacher", "she"), ("a gardener", "he"),
+           ("the coach", "he"), ("a shopkeeper", "she"), ("my aunt", "she"), ("my uncle", "he"),
+           ("Grandpa", "he"), ("my cousin", "she")]
+
+# (things, container, containers)
+_THINGS = [("apples", "basket", "baskets"), ("pencils", "box", "boxes"), ("stickers", "sheet", "sheets"),
+           ("marbles", "bag", "bags"), ("books", "shelf", "shelves"), ("cookies", "jar", "jars"),
+           ("stamps", "album", "albums"), ("cards", "pack", "packs"), ("shells", "bucket", "buckets"),
+           ("coins", "purse", "purses"), ("eggs", "carton", "cartons"), ("crayons", "case", "cases"),
+           ("balloons", "bunch", "bunches"), ("flowers", "vase", "vases"), ("candles", "box", "boxes"),
+           ("buttons", "tin", "tins"), ("toys", "chest", "chests"), ("cupcakes", "tray", "trays"),
+           ("oranges", "crate", "crates"), ("bottles", "crate", "crates"), ("socks", "drawer", "drawers"),
+           ("rocks", "pail", "pails"), ("plums", "bowl", "bowls"), ("nuts", "sack", "sacks"),
+           ("pens", "cup", "cups"), ("bricks", "pile", "piles"), ("potatoes", "sack", "sacks")]
+
+# (base, third person singular, past) of verbs that add to what the subject has
+_GAIN = [("get", "gets", "got"), ("buy", "buys", "bought"), ("find", "finds", "found"),
+         ("receive", "receives", "received"), ("collect", "collects", "collected"), ("win", "wins", "won"),
+         ("bring home", "brings home", "brought home"), ("pick up", "picks up", "picked up")]
+# ... and that take away from it
+_LOSE = [("give away", "gives away", "gave away"), ("lose", "loses", "lost"), ("sell", "sells", "sold"),
+         ("use", "uses", "used"), ("donate", "donates", "donated"), ("throw away", "throws away", "threw away"),
+         ("trade away", "trades away", "traded away"), ("hand out", "hands out", "handed out")]
+
+# (movers, where, (leave present, leave past), (arrive present, arrive past))
+_MOVERS = [("birds", "in a tree", ("fly away", "flew away"), ("land there", "landed there")),
+           ("ducks", "on the pond", ("swim off", "swam off"), ("join them", "joined them")),
+           ("people", "on a bus", ("get off", "got off"), ("get on", "got on")),
+           ("children", "in the park", ("go home", "went home"), ("come to play", "came to play")),
+           ("cars", "in the car park", ("drive away", "drove away"), ("pull in", "pulled in")),
+           ("sheep", "in the field", ("wander off", "wandered off"), ("come back", "came back")),
+           ("frogs", "by the stream", ("hop away", "hopped away"), ("hop over", "hopped over")),
+           ("guests", "at the party", ("leave", "left"), ("arrive", "arrived")),
+           ("boats", "in the harbor", ("sail out", "sailed out"), ("sail in", "sailed in")),
+           ("students", "in the hall", ("walk out", "walked out"), ("walk in", "walked in"))]
+
+# (base, past, things) of things done in periods, and the periods
+_DOINGS = [("read", "read", "pages"), ("bake", "baked", "cookies"), ("pick", "picked", "flowers"),
+           ("sell", "sold", "tickets"), ("write", "wrote", "letters"), ("paint", "painted", "pictures"),
+           ("catch", "caught", "fish"), ("plant", "planted", "trees"), ("fold", "folded", "paper cranes"),
+           ("collect", "collected", "shells"), ("score", "scored", "points"), ("walk", "walked", "kilometers"),
+           ("save", "saved", "dollars"), ("knit", "knitted", "hats")]
+_PERIODS = [("on Monday", "on Tuesday", "on Wednesday"), ("in the morning", "in the afternoon", "in the evening"),
+            ("in May", "in June", "in July"), ("on Friday", "on Saturday", "on Sunday"),
+            ("in the first hour", "in the second hour", "in the third hour"),
+            ("last week", "this week", "the week after"), ("before lunch", "after lunch", "at night")]
+
+# (item, items) bought at a price
+_ITEMS = [("book", "books"), ("toy car", "toy cars"), ("pen", "pens"), ("kite", "kites"), ("ball", "balls"),
+          ("mug", "mugs"), ("shirt", "shirts"), ("lamp", "lamps"), ("board game", "board games"),
+          ("cake", "cakes"), ("plant pot", "plant pots"), ("hat", "hats"), ("puzzle", "puzzles"),
+          ("sandwich", "sandwiches"), ("bag of rice", "bags of rice")]
+
+# (base, third person, things, per): a steady rate
+_RATES = [("read", "reads", "pages", "day"), ("save", "saves", "dollars", "week"),
+          ("walk", "walks", "kilometers", "day"), ("bake", "bakes", "loaves", "day"),
+          ("earn", "earns", "dollars", "day"), ("practice", "practices", "minutes", "day"),
+          ("swim", "swims", "laps", "day")]
+
+# (what, unit): a length that is cut
+_LENGTHS = [("ribbon", "centimeters"), ("rope", "meters"), ("board", "centimeters"), ("pipe", "meters"),
+            ("string", "centimeters"), ("log", "meters"), ("roll of paper", "meters")]
+
+# (what is measured, unit, rise, fall, question) for a level that changes by an amount
+_LEVELS = [("The temperature", "degrees", "rose by", "fell by", "What is the temperature now?"),
+           ("The price of a lamp", "dollars", "went up by", "went down by", "What does the lamp cost now?"),
+           ("The water in the tank", "liters", "went up by", "went down by", "How much water is in the tank now?"),
+           ("A sunflower", "centimeters tall", "grew by", "was cut back by", "How tall is it now?"),
+           ("The score", "points", "went up by", "went down by", "What is the score now?")]
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                 "twelve"]
+WORD_SHARE = 0.12  # of the small numbers (2..12): written as a word, the expression still has the digits
+
+
+def _who(rng: random.Random) -> Who:
+    r = rng.random()
+    if r < 0.08:
+        return Who("I", "I", False)
+    if r < 0.12:
+        return Who("we", "we", False)
+    name, pro = rng.choice(_PEOPLE)
+    return Who(name, pro, True)
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def _n(rng: random.Random, n: int) -> str:
+    """n as written in a question: digits, or for 2..12 sometimes the word."""
+    return _NUMBER_WORDS[n] if 2 <= n <= 12 and rng.random() < WORD_SHARE else str(n)
+
+
+def _left(rng: random.Random, who: Who, things: str) -> str:
+    return rng.choice([f"How many {things} {who.does} {who.pro} have now?", f"How many {things} are left?",
+                       f"How many {things} remain?", f"How many {things} {who.does} {who.pro} still have?",
+                       f"How many {things} {who.does} {who.pro} have at the end?"])
+
+
+def _total(rng: random.Random, things: str) -> str:
+    return rng.choice([f"How many {things} are there in all?", f"How many {things} is that in total?",
+                       f"What is the total number of {things}?", f"How many {things} altogether?"])
+
+
+
+ONE_STEP_PLANS = {"+": "We add the numbers together.", "-": "We subtract the part that is taken away.",
+                  "*": "We multiply the number of groups by the size of each group.",
+                  "/": "We divide the total into equal parts."}
+_OP_VERB = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
+
+
+def plan(expr: str) -> str:
+    """The plan sentence of an expression: its operators in the order the calculator applies them
+    (products first), never the story. "12*3-5" -> "First we multiply, then we subtract." """
+    ops = [c for c in expr if c in "+-*/"]
+    if len(ops) == 1:
+        return ONE_STEP_PLANS[ops[0]]
+    order = "".join(o for o in ops if o in "*/") + "".join(o for o in ops if o in "+-")
+    if order in ("++", "**"):
+        return f"We {_OP_VERB[order[0]]} all three numbers."
+    if order == "--":
+        return "We subtract both parts from the start."
+    if order == "**+":
+        return "We multiply for each group, then add."
+    return "First we " + ", then we ".join(_OP_VERB[o] for o in order) + "."
+
+
+# --- one-step problems: each returns (question, expression) -------------------------------------------
+
+def _gain(rng):
+    who, (things, _, _) = _who(rng), rng.choice(_THINGS)
+    a, b = rng.randint(2, 80), rng.randint(2, 40)
+    base, s, past = rng.choice(_GAIN)
+    story = rng.choice([
+        f"{_cap(who.name)} {who.has} {_n(rng, a)} {things}. {_cap(who.pro)} {who.verb(base, s)} {_n(rng, b)} more.",
+        f"{_cap(who.name)} had {_n(rng, a)} {things} and {past} {_n(rng, b)} more.",
+        f"{_cap(who.name)} had {_n(rng, a)} {things}, then {past} another {_n(rng, b)}."])
+    return f"{story} {_left(rng, who, things)}", f"{a}+{b}"
+
+
+def _loss(rng):
+    who, (things, _, _) = _who(rng), rng.choice(_THINGS)
+    a = rng.randint(10, 90)
+    b = rng.randint(2, a - 1)
+    base, s, past = rng.choice(_LOSE)
+    story = rng.choice([
+        f"{_cap(who.name)} {who.has} {a} {things}. {_cap(who.pro)} {who.verb(base, s)} {_n(rng, b)} of them.",
+        f"{_cap(who.name)} had {a} {things} and {past} {_n(rng, b)}.",
+        f"{_cap(who.name)} started with {a} {things} and {past} {_n(rng, b)}."])
+    return f"{story} {_left(rng, who, things)}", f"{a}-{b}"
+
+
+def _movers(rng, op: str):
+    movers, where, leave, arrive = rng.choice(_MOVERS)
+    a = rng.randint(10, 90)
+    b = rng.randint(2, a - 1) if op == "-" else rng.randint(2, 40)
+    now, past = leave if op == "-" else arrive
+    more = "more " if op == "+" else ""
+    story = rng.choice([f"There are {a} {movers} {where}. {_cap(_n(rng, b))} {more}{now}.",
+                        f"{a} {movers} were {where}, and {_n(rng, b)} {more}{past}.",
+                        f"At first there were {a} {movers} {where}. Then {_n(rng, b)} {more}{past}."])
+    question = rng.choice([f"How many {movers} are {where} now?", f"How many {movers} are there now?",
+                           f"How many {movers} are {where} at the end?"])
+    return f"{story} {question}", f"{a}{op}{b}"
+
+
+def _periods(rng, count: int = 2):
+    who, (base, past, things), periods = _who(rng), rng.choice(_DOINGS), rng.choice(_PERIODS)
+    nums = [rng.randint(2, 60) for _ in range(count)]
+    first = f"{_cap(periods[0])}, {who.name} {past} {_n(rng, nums[0])} {things}."
+    rest = [f"{_n(rng, x)} more {periods[i + 1]}" for i, x in enumerate(nums[1:])]
+    story = rng.choice([f"{first} {_cap(who.pro)} {past} {' and '.join(rest)}.",
+                        f"{first} Then {who.pro} {past} {' and '.join(rest)}."])
+    question = rng.choice([f"How many {things} did {who.pro} {base} in all?",
+                           f"What is the total number of {things}?", f"How many {things} is that in total?"])
+    return f"{story} {question}", "+".join(map(str, nums))
+
+
+def _level(rng, op: str):
+    what, unit, rise, fall, question = rng.choice(_LEVELS)
+    a = rng.randint(20, 90)
+    b = rng.randint(2, a - 5) if op == "-" else rng.randint(2, 40)
+    return f"{what} was {a} {unit} and then {rise if op == '+' else fall} {b}. {question}", f"{a}{op}{b}"
+
+
+def _groups(rng):
+    who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
+    a, b = rng.randint(2, 12), rng.randint(2, 15)
+    story, expr = rng.choice([
+        (f"{_cap(who.name)} {who.has} {_n(rng, a)} {cs} of {b} {things}.", f"{a}*{b}"),
+        (f"There are {_n(rng, a)} {cs} with {b} {things} in each.", f"{a}*{b}"),
+        (f"Each {c1} holds {b} {things}, and there are {_n(rng, a)} {cs}.", f"{b}*{a}"),
+        (f"{_cap(who.name)} filled {_n(rng, a)} {cs}, putting {b} {things} in every {c1}.", f"{a}*{b}")])
+    return f"{story} {_total(rng, things)}", expr
+
+
+def _price(rng):
+    who, (item, items) = _who(rng), rng.choice(_ITEMS)
+    p, n = rng.randint(2, 25), rng.randint(2, 9)
+    return rng.choice([
+        (f"One {item} costs {p} dollars. How much do {_n(rng, n)} {items} cost?", f"{p}*{n}"),
+        (f"{_cap(items)} are {p} dollars each. What is the price of {_n(rng, n)} {items}?", f"{p}*{n}"),
+        (f"{_cap(who.name)} {who.verb('buy', 'buys')} {_n(rng, n)} {items} at {p} dollars each. "
+         f"How much {who.does} {who.pro} pay?", f"{n}*{p}"),
+        (f"{_cap(who.name)} bought {_n(rng, n)} {items}, and each one cost {p} dollars. "
+         f"How much did {who.pro} spend?", f"{n}*{p}")])
+
+
+def _rate(rng):
+    who, (base, s, things, per) = _who(rng), rng.choice(_RATES)
+    p, n = rng.randint(2, 30), rng.randint(2, 9)
+    every = rng.choice([f"every {per}", f"each {per}", f"a {per}"])
+    return (f"{_cap(who.name)} {who.verb(base, s)} {p} {things} {every}. "
+            f"How many {things} {who.does} {who.pro} {base} in {_n(rng, n)} {per}s?", f"{p}*{n}")
+
+
+def _share(rng):
+    who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
+    each, k = rng.randint(2, 12), rng.randint(2, 9)
+    t = each * k
+    return rng.choice([
+        f"{_cap(who.name)} {who.verb('share', 'shares')} {t} {things} equally among {_n(rng, k)} friends. "
+        f"How many {things} does each friend get?",
+        f"{t} {things} are split evenly between {_n(rng, k)} children. How many {things} does each child get?",
+        f"{_cap(who.name)} put {t} {things} into {_n(rng, k)} {cs}, the same number in each. "
+        f"How many {things} are in one {c1}?"]), f"{t}/{k}"
+
+
+def _pack(rng):
+    who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
+    per, k = rng.randint(2, 12), rng.randint(2, 9)
+    t = per * k
+    return rng.choice([
+        f"{_cap(who.name)} {who.verb('pack', 'packs')} {t} {things} into {cs} of {_n(rng, per)}. "
+        f"How many {cs} {who.does} {who.pro} need?",
+        f"{t} {things} go {_n(rng, per)} to {_a(c1)}. How many {cs} are filled?",
+        f"{_cap(who.name)} had {t} {things} and put {_n(rng, per)} in every {c1}. How many {cs} did {who.pro} use?"]), \
+        f"{t}/{per}"
+
+
+def _cut(rng):
+    what, unit = rng.choice(_LENGTHS)
+    each, k = rng.randint(2, 15), rng.randint(2, 9)
+    t = each * k
+    return rng.choice([
+        f"{_cap(_a(what))} {t} {unit} long is cut into {_n(rng, k)} equal parts. What is the length of one part?",
+        f"We cut {_a(what)} of {t} {unit} into {_n(rng, k)} pieces of the same length. How long is one piece?"]), \
+        f"{t}/{k}"
+
+
+def _unit_price(rng):
+    who, (item, items) = _who(rng), rng.choice(_ITEMS)
+    p, n = rng.randint(2, 20), rng.randint(2, 9)
+    return rng.choice([
+        f"{_cap(_n(rng, n))} {items} cost {p * n} dollars in all. What does one {item} cost?",
+        f"{_cap(who.name)} paid {p * n} dollars for {_n(rng, n)} {items}. How much was each {item}?"]), \
+        f"{p * n}/{n}"
+
+
+_ONE_STEP = [_gain, _loss, lambda rng: _movers(rng, "-"), lambda rng: _movers(rng, "+"), _periods,
+             lambda rng: _level(rng, "+"), lambda rng: _level(rng, "-"), _groups, _price, _rate, _share, _pack,
+             _cut, _unit_price]
+
+
+def one_step(rng: random.Random) -> Problem:
+    question, expr = rng.choice(_ONE_STEP)(rng)
+    return Problem(question, plan(expr), expr)
+
+
+# --- two-step problems -------------------------------------------------------------------------------
+
+def _two_events(rng):
+    who, (things, _, _) = _who(rng), rng.choice(_THINGS)
+    ops = rng.choice(["+-", "-+", "--", "++"])
+    a = rng.randint(100, 600)
+    nums = [rng.randint(10, min(90, a // 3)) for _ in ops]  # never below zero
+    said = [rng.choice(_GAIN if op == "+" else _LOSE)[2] + f" {x}" + (" more" if op == "+" else "")
+            for op, x in zip(ops, nums)]
+    story = rng.choice([f"{_cap(who.name)} had {a} {things}. {_cap(who.pro)} {said[0]} and then {said[1]}.",
+                        f"{_cap(who.name)} started with {a} {things}, {said[0]}, then {said[1]}."])
+    return f"{story} {_left(rng, who, things)}", f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
+
+
+def _movers_two(rng):
+    movers, where, leave, arrive = rng.choice(_MOVERS)
+    ops = rng.choice(["-+", "+-", "--"])
+    a = rng.randint(100, 300)
+    nums = [rng.randint(5, min(60, a // 3)) for _ in ops]  # never below zero
+    said = [f"{x} {(leave if op == '-' else arrive)[1]}" for op, x in zip(ops, nums)]
+    return (f"There were {a} {movers} {where}. {_cap(said[0])}, and later {said[1]}. "
+            f"How many {movers} are {where} now?", f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}")
+
+
+def _groups_then(rng):
+    who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
+    a, b = rng.randint(2, 12), rng.randint(10, 30)
+    op = rng.choice("+-")
+    c = rng.randint(2, 40) if op == "+" else rng.randint(2, a * b - 1)
+    if op == "+" and rng.random() < 0.5:
+        return (f"There are {_n(rng, a)} {cs} with {b} {things} in each, and {c} loose {things}. "
+                f"{_total(rng, things)}", f"{a}*{b}+{c}")
+    base, s, _ = rng.choice(_GAIN if op == "+" else _LOSE)
+    return (f"{_cap(who.name)} {who.has} {_n(rng, a)} {cs} of {b} {things} and {who.verb(base, s)} {c}"
+            f"{' more' if op == '+' else ''}. {_left(rng, who, things)}", f"{a}*{b}{op}{c}")
+
+
+def _two_groups(rng):
+    who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
+    a, b, c, d = rng.randint(2, 9), rng.randint(10, 30), rng.randint(2, 9), rng.randint(10, 30)
+    return (f"{_cap(who.name)} {who.has} {_n(rng, a)} {cs} of {b} {things} and {_n(rng, c)} {cs} of {d} {things}. "
+            f"{_total(rng, things)}", f"{a}*{b}+{c}*{d}")
+
+
+def _change(rng):
+    who, (item, items) = _who(rng), rng.choice(_ITEMS)
+    p, n = rng.randint(2, 20), rng.randint(2, 6)
+    paid = next(x for x in (20, 50, 100, 200) if x >= p * n)
+    return (f"{_cap(who.name)} bought {_n(rng, n)} {items} at {p} dollars each and paid with {paid} dollars. "
+            f"How much change did {who.pro} get?", f"{paid}-{n}*{p}")
+
+
+def _two_prices(rng):
+    who = _who(rng)
+    (i1, is1), (i2, is2) = rng.sample(_ITEMS, 2)
+    p, n, q, m = rng.randint(2, 20), rng.randint(2, 6), rng.randint(2, 20), rng.randint(2, 6)
+    return (f"{_cap(who.name)} bought {_n(rng, n)} {is1} for {p} dollars each and {_n(rng, m)} {is2} for {q} "
+            f"dollars each. How much did {who.pro} spend in total?", f"{n}*{p}+{m}*{q}")
+
+
+def _rate_then(rng):
+    who, (base, s, things, per) = _who(rng), rng.choice(_RATES)
+    p, n = rng.randint(5, 30), rng.randint(2, 9)
+    if rng.random() < 0.5:
+        c = rng.randint(2, p * n - 1)
+        return (f"{_cap(who.name)} {who.verb('put', 'puts')} {p} dollars into a piggy bank each week. After "
+                f"{_n(rng, n)} weeks, {who.pro} {who.verb('take', 'takes')} out {c} dollars. How many dollars are "
+                f"in the piggy bank now?", f"{p}*{n}-{c}")
+    c = rng.randint(2, 40)
+    return (f"{_cap(who.name)} {who.verb(base, s)} {p} {things} every {per} for {_n(rng, n)} {per}s, and then "
+            f"{c} more. How many {things} is that in all?", f"{p}*{n}+{c}")
+
+
+def _three_factors(rng):
+    things, c1, cs = rng.choice(_THINGS)
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 12)
+    return (f"A store has {_n(rng, a)} rooms. Every room has {_n(rng, b)} {cs}, and every {c1} holds {c} {things}. "
+            f"{_total(rng, things)}", f"{a}*{b}*{c}")
+
+
+_TWO_STEP = [_two_events, _movers_two, _groups_then, _two_groups, _change, _two_prices, _rate_then,
+             lambda rng: _periods(rng, 3), _three_factors]
+
+
+def two_step(rng: random.Random) -> Problem:
+    question, expr = rng.choice(_TWO_STEP)(rng)
+    return Problem(question, plan(expr), expr)
