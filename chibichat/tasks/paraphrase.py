@@ -52,6 +52,12 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
          ["list the letters of {word}", "write out each letter of {word}", "split {word} into single letters",
           "name the letters in {word} in order", 'split "{word}" into letters', 'list each letter of "{word}"'],
          [".", " with dashes."]),
+        # The word in the middle of the request, after a verb other than "spell" or a phrasal verb: the reply
+        # must copy the word, not the words around it ("spell out clear" is "clear", not "out clear").
+        (["", "now ", "can you "],
+         ["spell out {word}", "type {word} one letter at a time", "take {word} apart into letters",
+          "show {word} letter by letter", "write out {word} in single letters", "spell out the word {word}"],
+         [".", "!"]),
         (["", "so, "],
          ["which letters are in {word}, in order?", "what are the letters of {word}?",
           'what letters does "{word}" have, one by one?', "how is the word {word} written, letter by letter?"],),
@@ -107,12 +113,18 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
           "お名前は何といいますか？"]),
     ],
     ("en", "greeting"): [
-        (["hi", "hello", "hey", "hi there", "hello there", "good morning", "good evening", "hey hey"],
+        (["hi", "hello", "hey", "hi there", "hello there", "good morning", "good evening", "hey hey", "howdy", "hiya",
+          "heya", "greetings", "good afternoon", "good day", "yo"],
          ["!", ".", ", how are you?", ", nice to meet you.", "! How's it going?", ", are you around?"]),
         # Greetings with a body: a wish or news after the hello is still a greeting, not a question.
-        (["hi", "hello", "hey", "hi there", "hello there", "good morning", "good evening"],
+        (["hi", "hello", "hey", "hi there", "hello there", "good morning", "good evening", "morning", "afternoon",
+          "howdy", "hiya"],
          [", how is your day going?", "! Long time no see.", ", I'm back.", ", hope you are doing well.",
           ", what's new?", "! Nice to talk to you again.", ", good to be here."]),
+        # ... or a name for the assistant after it.
+        (["hi", "hello", "hey", "howdy", "greetings", "good day", "hiya"],
+         [" buddy", ", my friend", " there, assistant", ", little bot", " to you", ", chat model"],
+         ["!", "."]),
     ],
     ("ja", "greeting"): [
         (["こんにちは", "はじめまして", "おはよう", "やあ", "こんにちは、はじめまして"],
