@@ -273,6 +273,26 @@ def test_identity_mentions_the_name():
         assert len(set(texts)) >= 15
 
 
+@pytest.mark.parametrize("name", ["identity", "identity-ja"])
+def test_identity_weights_its_topics_and_greets(name):
+    from chibichat.tasks import identity
+
+    t = get_task(name, size=3000, seed=7)
+    answer_topic = {a: topic for topic, (_, answers) in t.topics.items() for a in answers}
+    counts, greeted = {}, 0
+    for i in range(len(t)):
+        msgs = t[i]["messages"]
+        greeted += msgs[1]["content"] in identity.paraphrase.GREETING_REPLIES[t.lang]
+        topics = [answer_topic[m["content"]] for m in msgs if m["role"] == "assistant" and m["content"] in answer_topic]
+        assert len(topics) == len(set(topics))  # distinct topics within one conversation
+        for topic in topics:
+            counts[topic] = counts.get(topic, 0) + 1
+    others = [c for topic, c in counts.items() if topic not in identity.TOPIC_WEIGHTS]
+    for topic in identity.TOPIC_WEIGHTS:  # weight 3 against 1: well over twice as often as any other topic
+        assert counts[topic] > 2 * max(others), counts
+    assert abs(greeted / len(t) - identity.GREETING_SHARE) < 0.04
+
+
 # ---------------------------------------------------------------------------------------- shipped
 
 @pytest.mark.parametrize("name,lang,minimum", [("chitchat", "en", 4000), ("chatterbot", "en", 2000),

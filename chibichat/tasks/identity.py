@@ -146,6 +146,14 @@ def parse_persona(spec: str) -> dict:
 
 
 
+# The name and the questions it cannot answer are what a user asks most and what a wrong answer costs
+# most (a made-up fact), so they come up three times as often as each other topic. GREETING_SHARE of the
+# conversations open with a greeting: greetings come in many wordings (tasks/paraphrase.py) and need
+# more examples than a topic with a few canned questions.
+TOPIC_WEIGHTS = {"name": 3, "unknowable": 3}
+GREETING_SHARE = 0.4
+
+
 class Identity(GeneratedTask):
     kind = "conversation"
     default_size = {"train": 500, "test": 50}
@@ -173,9 +181,14 @@ class Identity(GeneratedTask):
     def sample(self, rng: random.Random) -> tuple[str, dict]:
         topics = self.topics
         greetings, replies = self.greetings
-        chosen = rng.sample(sorted(topics), rng.choice([1, 1, 2, 2, 3]))
+        pool = sorted(topics)
+        chosen = []
+        for _ in range(rng.choice([1, 1, 2, 2, 3])):  # distinct topics, drawn by TOPIC_WEIGHTS
+            topic = rng.choices(pool, weights=[TOPIC_WEIGHTS.get(t, 1) for t in pool])[0]
+            pool.remove(topic)
+            chosen.append(topic)
         messages = []
-        if rng.random() < 0.25:
+        if rng.random() < GREETING_SHARE:
             messages += [{"role": "user", "content": rng.choice(greetings)},
                          {"role": "assistant", "content": rng.choice(replies)}]
         for topic in chosen:
