@@ -1,6 +1,8 @@
 import random
 import re
 
+import pytest
+
 from chibichat.tasks import word_problems as W
 from chibichat.tasks.arithmetic import int_value
 
@@ -18,18 +20,28 @@ def _draw(make, n=3000, seed=0):
     return [make(rng) for _ in range(n)]
 
 
-def test_expression_uses_exactly_the_story_numbers():
-    # Every number of the expression is stated in the question (digits, or a word for 2..12), and the
-    # question states no other number ("one" as in "one piece" is not a number of the problem): a
-    # distractor the model never learned to skip would teach it to copy numbers at random.
-    for p in _draw(W.one_step) + _draw(W.two_step):
-        stated = _numbers_in(p.question)
-        assert sorted(int(x) for x in re.findall(r"\d+", p.expr)) == sorted(stated), p
+def _stated(question: str, lang: str) -> list[int]:
+    if lang == "en":
+        return _numbers_in(question)
+    return [int(x) for x in re.findall(r"\d+", question) if x != "1"]  # 1つ, 1人: "each", not a number of the problem
+
+
+MAKERS = {"en": (W.one_step, W.two_step), "ja": (W.one_step_ja, W.two_step_ja)}
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_expression_uses_exactly_the_story_numbers(lang):
+    # Every number of the expression is stated in the question (EN: digits, or a word for 2..12), and the
+    # question states no other number ("one" as in "one piece", 1つ as in 1つ分, are not numbers of the
+    # problem): a distractor the model never learned to skip would teach it to copy numbers at random.
+    one, two = MAKERS[lang]
+    for p in _draw(one) + _draw(two):
+        assert sorted(int(x) for x in re.findall(r"\d+", p.expr)) == sorted(_stated(p.question, lang)), p
         assert int_value(p.expr) >= 0
-    # sums and products keep the story's order (the model copies left to right)
-    for p in _draw(W.one_step, 1000):
+    # sums keep the story's order (the model copies left to right)
+    for p in _draw(one, 1000):
         if "+" in p.expr:
-            assert [int(x) for x in p.expr.split("+")] == _numbers_in(p.question), p
+            assert [int(x) for x in p.expr.split("+")] == _stated(p.question, lang), p
 
 
 def test_plans_name_the_operations_in_the_order_the_calculator_applies_them():
@@ -44,6 +56,11 @@ def test_plans_name_the_operations_in_the_order_the_calculator_applies_them():
     for p in _draw(W.one_step, 500) + _draw(W.two_step, 500):
         assert p.plan == W.plan(p.expr)
         assert not re.search(r"\d", p.plan)  # the plan never restates the story
+    assert W.plan_ja("45+23") == "2つの数を足します。" and W.plan_ja("90/9") == "全部の数を同じ数ずつに分けます。"
+    assert W.plan_ja("1000-290*2") == "まずかけ算をして、次にひき算をします。"
+    assert W.plan_ja("19*6+12*3") == "それぞれかけ算をしてから足します。" and W.plan_ja("3*6*8") == "3つの数をかけます。"
+    for p in _draw(W.one_step_ja, 500) + _draw(W.two_step_ja, 500):
+        assert p.plan == W.plan_ja(p.expr)
 
 
 def test_each_operation_comes_in_many_wordings():
@@ -73,3 +90,16 @@ def test_grammar_agrees_with_the_subject():
         assert not re.search(r"\b(does|do|did) (I|we) have\b", q) or re.search(r"\bdo (I|we) have\b", q), q
         assert not re.search(r"\ba [aeiou]", q), q
         assert (q[0].isupper() or q[0].isdigit()) and q.endswith("?") and "  " not in q
+
+
+def test_japanese_problems_come_in_many_wordings_and_read_well():
+    by_op: dict[str, set] = {}
+    for p in _draw(W.one_step_ja, 4000):
+        skeleton = re.sub(r"\d+", "#", p.question)
+        for w in sorted({w for t in W._JA_THINGS for w in t} | set(W._JA_PEOPLE), key=len, reverse=True):
+            skeleton = skeleton.replace(w, "_")
+        by_op.setdefault(next(c for c in p.expr if c in "+-*/"), set()).add(skeleton.split("。")[0])
+    assert all(len(by_op[op]) >= 12 for op in "+-*/"), {op: len(v) for op, v in by_op.items()}
+    for p in _draw(W.one_step_ja, 3000, seed=2) + _draw(W.two_step_ja, 3000, seed=2):
+        assert p.question.endswith("？") and "ま、" not in p.question, p.question  # no broken verb stem
+        assert not re.search(r"(1\d)つ", p.question), p.question  # the counter つ stops at 9

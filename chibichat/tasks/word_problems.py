@@ -1,4 +1,4 @@
-"""English word problems built from parts, for the arithmetic tasks (tasks/arithmetic.py).
+"""Word problems built from parts (EN and JA), for the arithmetic tasks (tasks/arithmetic.py).
 
 A problem is composed: who (a name, a role, "I" or "we", each with its own verb forms), what (one of
 many countable things, containers, movers, prices, rates), what happens (verbs of getting, losing,
@@ -8,7 +8,7 @@ the cue words ("more", "flew away", "in each", "equally among") instead of recal
 kind of problem, which is what it did with one template per kind (it then answered held-out stories
 with the reasoning and numbers of the nearest template).
 
-`one_step(rng)` and `two_step(rng)` return a Problem: the question, a plan sentence that names only the
+`one_step(rng)` and `two_step(rng)` (Japanese: `one_step_ja`, `two_step_ja`) return a Problem: the question, a plan sentence that names only the
 operations ("First we multiply, then we subtract."), never the story, and the calculator expression,
 whose numbers appear in it in the order the story gives them (a subtraction or division starts from
 the total). Every expression evaluates to a non-negative integer (exact division).
@@ -411,3 +411,259 @@ _TWO_STEP = [_two_events, _movers_two, _groups_then, _two_groups, _change, _two_
 def two_step(rng: random.Random) -> Problem:
     question, expr = rng.choice(_TWO_STEP)(rng)
     return Problem(question, plan(expr), expr)
+
+
+# --- Japanese ----------------------------------------------------------------------------------------
+# The same parts in Japanese, where the verb does not agree with the subject: who (a name with さん, a
+# role, 私), what (a thing with its counter and container), what happens, and the closing question.
+# Numbers are digits; a story states no other digit than the problem's, except 1 as in 1つ, 1人 ("each").
+
+_JA_PEOPLE = ["たろうさん", "はなこさん", "けんたさん", "さくらさん", "ゆうきさん", "あおいさん", "そうたさん", "みおさん",
+              "れんさん", "ひなたさん", "パン屋さん", "農家の人", "先生", "おじいさん", "おばさん", "私", "兄", "妹"]
+# (thing, counter, container)
+_JA_THINGS = [("りんご", "個", "かご"), ("えんぴつ", "本", "箱"), ("シール", "枚", "シート"), ("ビー玉", "個", "袋"),
+              ("本", "冊", "たな"), ("クッキー", "枚", "びん"), ("切手", "枚", "アルバム"), ("カード", "枚", "パック"),
+              ("貝がら", "個", "バケツ"), ("たまご", "個", "パック"), ("クレヨン", "本", "箱"), ("風船", "個", "たば"),
+              ("花", "本", "花びん"), ("ボタン", "個", "かん"), ("おにぎり", "個", "皿"), ("ノート", "冊", "箱"),
+              ("ミニカー", "台", "箱"), ("みかん", "個", "箱"), ("ペン", "本", "ペン立て"), ("石", "個", "バケツ")]
+_JA_GAIN = ["もらいました", "買いました", "見つけました", "拾いました", "集めました", "作りました"]
+_JA_LOSE = ["あげました", "なくしました", "売りました", "使いました", "配りました", "すてました"]
+# (movers, counter, where, left, arrived)
+_JA_MOVERS = [("鳥", "羽", "木に", "飛んでいきました", "飛んできました"),
+              ("カモ", "羽", "池に", "泳いでいきました", "やってきました"),
+              ("人", "人", "バスに", "おりました", "乗ってきました"),
+              ("子ども", "人", "公園に", "帰りました", "遊びに来ました"),
+              ("車", "台", "駐車場に", "出ていきました", "入ってきました"),
+              ("ひつじ", "頭", "牧場に", "にげていきました", "もどってきました"),
+              ("お客さん", "人", "お店に", "帰りました", "来ました"),
+              ("ねこ", "匹", "広場に", "どこかへ行きました", "集まってきました")]
+# (thing, counter, done) and the periods they are done in
+_JA_DOINGS = [("本", "ページ", "読みました"), ("クッキー", "枚", "焼きました"), ("花", "本", "つみました"),
+              ("チケット", "枚", "売りました"), ("手紙", "通", "書きました"), ("絵", "枚", "かきました"),
+              ("魚", "匹", "つりました"), ("木", "本", "植えました"), ("つる", "羽", "折りました"),
+              ("ぼうし", "個", "あみました")]
+_JA_PERIODS = [("月曜日に", "火曜日に", "水曜日に"), ("朝", "昼", "夜"), ("春に", "夏に", "秋に"),
+               ("午前中に", "午後に", "夜に"), ("先週", "今週", "その次の週"), ("金曜日に", "土曜日に", "日曜日に")]
+# (item, counter) bought at a price in yen
+_JA_ITEMS = [("ノート", "冊"), ("ボールペン", "本"), ("おかし", "個"), ("ケーキ", "個"), ("ジュース", "本"),
+             ("ハンカチ", "枚"), ("マグカップ", "個"), ("絵本", "冊"), ("パン", "個"), ("シャツ", "枚"), ("花の種", "ふくろ")]
+# (what, per, unit, question word): a steady rate
+_JA_RATES = [("ページ読みます", "日", "ページ", "読みますか"), ("キロ走ります", "日", "キロ", "走りますか"),
+             ("枚の絵をかきます", "週", "枚", "かきますか"), ("周泳ぎます", "日", "周", "泳ぎますか"),
+             ("分練習します", "日", "分", "練習しますか")]
+# (what, unit, up, down, question)
+_JA_LEVELS = [("気温", "度", "上がりました", "下がりました", "いま何度ですか？"),
+              ("水そうの水", "リットル", "増えました", "減りました", "いま何リットルですか？"),
+              ("ゲームの得点", "点", "増えました", "減りました", "いま何点ですか？"),
+              ("ひまわりの高さ", "センチ", "のびました", "短くなりました", "いま何センチですか？")]
+_JA_COUNT_TOTAL = ["全部で何{c}ですか？", "合わせて何{c}になりますか？", "全部でいくつありますか？"]
+
+
+def _ja_left(c: str, rng) -> str:
+    return rng.choice([f"残りは何{c}ですか？", f"手元には何{c}ありますか？", f"何{c}残っていますか？"])
+
+
+def _ja_gain(rng):
+    who, (thing, c, _) = rng.choice(_JA_PEOPLE), rng.choice(_JA_THINGS)
+    a, b = rng.randint(2, 80), rng.randint(2, 40)
+    v = rng.choice(_JA_GAIN)
+    story = rng.choice([f"{who}は{thing}を{a}{c}持っています。{b}{c}{v}。",
+                        f"{who}は{thing}を{a}{c}持っていて、さらに{b}{c}{v}。"])
+    return story + rng.choice([f"{thing}は全部で何{c}ですか？", f"{thing}は何{c}になりましたか？"]), f"{a}+{b}"
+
+
+def _ja_loss(rng):
+    who, (thing, c, _) = rng.choice(_JA_PEOPLE), rng.choice(_JA_THINGS)
+    a = rng.randint(10, 90)
+    b = rng.randint(2, a - 1)
+    v = rng.choice(_JA_LOSE)
+    story = rng.choice([f"{who}は{thing}を{a}{c}持っていました。そのうち{b}{c}を{v}。",
+                        f"{who}の{thing}は{a}{c}ありましたが、{b}{c}{v}。"])
+    return story + _ja_left(c, rng), f"{a}-{b}"
+
+
+def _ja_movers(rng, op: str):
+    movers, c, where, left, arrived = rng.choice(_JA_MOVERS)
+    a = rng.randint(10, 90)
+    b = rng.randint(2, a - 1) if op == "-" else rng.randint(2, 40)
+    v = left if op == "-" else arrived
+    story = rng.choice([f"{where}{movers}が{a}{c}いました。{b}{c}{v}。", f"はじめ{where}{movers}が{a}{c}いましたが、{b}{c}{v}。"])
+    return story + rng.choice([f"いま{where}{movers}は何{c}いますか？", f"{movers}は何{c}になりましたか？"]), f"{a}{op}{b}"
+
+
+def _ja_periods(rng, count: int = 2):
+    who, (thing, c, done), periods = rng.choice(_JA_PEOPLE), rng.choice(_JA_DOINGS), rng.choice(_JA_PERIODS)
+    nums = [rng.randint(2, 60) for _ in range(count)]
+    said = "、".join(f"{periods[i]}{x}{c}" for i, x in enumerate(nums))
+    story = f"{who}は{thing}を{said}{done}。"
+    return story + rng.choice([f"全部で何{c}{done[:-3]}ましたか？" if done.endswith("ました") else f"全部で何{c}ですか？",
+                               f"合わせて何{c}ですか？"]), "+".join(map(str, nums))
+
+
+def _ja_level(rng, op: str):
+    what, unit, up, down, question = rng.choice(_JA_LEVELS)
+    a = rng.randint(20, 90)
+    b = rng.randint(2, a - 5) if op == "-" else rng.randint(2, 40)
+    return f"{what}は{a}{unit}でしたが、{b}{unit}{up if op == '+' else down}。{question}", f"{a}{op}{b}"
+
+
+def _ja_groups(rng):
+    who, (thing, c, box) = rng.choice(_JA_PEOPLE), rng.choice(_JA_THINGS)
+    a, b = rng.randint(2, 9), rng.randint(2, 15)  # the counter つ goes to 9
+    story, expr = rng.choice([(f"{thing}が{b}{c}ずつ入った{box}が{a}つあります。", f"{b}*{a}"),
+                              (f"{who}は{b}{c}入りの{box}を{a}つ持っています。", f"{b}*{a}"),
+                              (f"{box}が{a}つあり、どの{box}にも{thing}が{b}{c}入っています。", f"{a}*{b}")])
+    return story + rng.choice(_JA_COUNT_TOTAL).format(c=c), expr
+
+
+def _ja_price(rng):
+    who, (item, c) = rng.choice(_JA_PEOPLE), rng.choice(_JA_ITEMS)
+    p, n = rng.randint(2, 30) * 10, rng.randint(2, 9)
+    return rng.choice([(f"{item}は{p}円です。{n}{c}買うといくらですか？", f"{p}*{n}"),
+                       (f"{who}は{p}円の{item}を{n}{c}買いました。代金はいくらですか？", f"{p}*{n}"),
+                       (f"{who}は{item}を{n}{c}買いました。どれも{p}円です。全部でいくらはらいましたか？", f"{n}*{p}")])
+
+
+def _ja_rate(rng):
+    who, (what, per, unit, ask) = rng.choice(_JA_PEOPLE), rng.choice(_JA_RATES)
+    p, n = rng.randint(2, 30), rng.randint(2, 9)
+    span = f"{n}日間" if per == "日" else f"{n}週間"
+    return f"{who}は毎{per}{p}{what}。{span}では何{unit}{ask}？", f"{p}*{n}"
+
+
+def _ja_share(rng):
+    (thing, c, box) = rng.choice(_JA_THINGS)
+    each, k = rng.randint(2, 12), rng.randint(2, 9)
+    t = each * k
+    return rng.choice([f"{thing}{t}{c}を{k}人で同じ数ずつ分けます。1人分は何{c}ですか？",
+                       f"{t}{c}の{thing}を{k}人の子どもに同じ数ずつ配ります。1人何{c}もらえますか？",
+                       f"{thing}{t}{c}を{k}つの{box}に同じ数ずつ入れます。1つの{box}には何{c}入りますか？"]), f"{t}/{k}"
+
+
+def _ja_pack(rng):
+    (thing, c, box) = rng.choice(_JA_THINGS)
+    per, k = rng.randint(2, 12), rng.randint(2, 9)
+    t = per * k
+    return rng.choice([f"{thing}{t}{c}を{per}{c}ずつ{box}に入れます。{box}はいくつ必要ですか？",
+                       f"{t}{c}の{thing}を{per}{c}ずつまとめると、何組できますか？"]), f"{t}/{per}"
+
+
+def _ja_cut(rng):
+    what, unit = rng.choice([("リボン", "センチ"), ("ひも", "メートル"), ("板", "センチ"), ("パイプ", "メートル")])
+    each, k = rng.randint(2, 15), rng.randint(2, 9)
+    return f"長さ{each * k}{unit}の{what}を{k}等分します。1つ分は何{unit}ですか？", f"{each * k}/{k}"
+
+
+def _ja_unit_price(rng):
+    (item, c) = rng.choice(_JA_ITEMS)
+    p, n = rng.randint(2, 30) * 10, rng.randint(2, 9)
+    return f"{item}{n}{c}で{p * n}円でした。1{c}あたりいくらですか？", f"{p * n}/{n}"
+
+
+_JA_ONE_STEP = [_ja_gain, _ja_loss, lambda rng: _ja_movers(rng, "-"), lambda rng: _ja_movers(rng, "+"), _ja_periods,
+                lambda rng: _ja_level(rng, "+"), lambda rng: _ja_level(rng, "-"), _ja_groups, _ja_price, _ja_rate,
+                _ja_share, _ja_pack, _ja_cut, _ja_unit_price]
+
+
+def _ja_two_events(rng):
+    who, (thing, c, _) = rng.choice(_JA_PEOPLE), rng.choice(_JA_THINGS)
+    ops = rng.choice(["+-", "-+", "--", "++"])
+    a = rng.randint(100, 600)
+    nums = [rng.randint(10, min(90, a // 3)) for _ in ops]  # never below zero
+    said = [f"{x}{c}{rng.choice(_JA_GAIN if op == '+' else _JA_LOSE)}" for op, x in zip(ops, nums)]
+    story = f"{who}は{thing}を{a}{c}持っていました。{said[0]}。そのあと{said[1]}。"
+    return story + _ja_left(c, rng), f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
+
+
+def _ja_movers_two(rng):
+    movers, c, where, left, arrived = rng.choice(_JA_MOVERS)
+    ops = rng.choice(["-+", "+-", "--"])
+    a = rng.randint(100, 300)
+    nums = [rng.randint(5, min(60, a // 3)) for _ in ops]  # never below zero
+    said = [f"{x}{c}{left if op == '-' else arrived}" for op, x in zip(ops, nums)]
+    return (f"{where}{movers}が{a}{c}いました。{said[0]}。そのあと{said[1]}。いま{movers}は何{c}いますか？",
+            f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}")
+
+
+def _ja_groups_then(rng):
+    who, (thing, c, box) = rng.choice(_JA_PEOPLE), rng.choice(_JA_THINGS)
+    a, b = rng.randint(2, 9), rng.randint(10, 30)
+    if rng.random() < 0.5:
+        d = rng.randint(2, 40)
+        return (f"{thing}が{b}{c}ずつ入った{box}が{a}つと、ばらの{thing}が{d}{c}あります。"
+                + rng.choice(_JA_COUNT_TOTAL).format(c=c), f"{b}*{a}+{d}")
+    d = rng.randint(2, a * b - 1)
+    return (f"{who}は{b}{c}入りの{box}を{a}つ持っていて、{d}{c}{rng.choice(_JA_LOSE)}。" + _ja_left(c, rng),
+            f"{b}*{a}-{d}")
+
+
+def _ja_two_groups(rng):
+    (thing, c, box) = rng.choice(_JA_THINGS)
+    a, b, d, e = rng.randint(2, 9), rng.randint(10, 30), rng.randint(2, 9), rng.randint(10, 30)
+    return (f"{b}{c}入りの{box}が{a}つと、{e}{c}入りの{box}が{d}つあります。{thing}は"
+            + rng.choice(_JA_COUNT_TOTAL).format(c=c), f"{b}*{a}+{e}*{d}")
+
+
+def _ja_change(rng):
+    who, (item, c) = rng.choice(_JA_PEOPLE), rng.choice(_JA_ITEMS)
+    p, n = rng.randint(2, 30) * 10, rng.randint(2, 6)
+    paid = next(x for x in (500, 1000, 2000, 5000) if x >= p * n)
+    return (f"{who}は{p}円の{item}を{n}{c}買い、{paid}円出しました。おつりは何円ですか？", f"{paid}-{p}*{n}")
+
+
+def _ja_two_prices(rng):
+    who = rng.choice(_JA_PEOPLE)
+    (i1, c1), (i2, c2) = rng.sample(_JA_ITEMS, 2)
+    p, n, q, m = rng.randint(2, 30) * 10, rng.randint(2, 6), rng.randint(2, 30) * 10, rng.randint(2, 6)
+    return (f"{who}は{i1}を{n}{c1}と{i2}を{m}{c2}買いました。{i1}は{p}円、{i2}は{q}円です。代金は合わせていくらですか？",
+            f"{n}*{p}+{m}*{q}")
+
+
+def _ja_rate_then(rng):
+    who = rng.choice(_JA_PEOPLE)
+    p, n = rng.randint(2, 30) * 10, rng.randint(2, 9)
+    c = rng.randint(1, p * n // 10 - 1) * 10
+    return (f"{who}は貯金箱に毎週{p}円ずつ入れました。{n}週間たってから{c}円取り出しました。貯金箱にはいくらありますか？",
+            f"{p}*{n}-{c}")
+
+
+def _ja_three_factors(rng):
+    (thing, c, box) = rng.choice(_JA_THINGS)
+    a, b, d = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 12)
+    return (f"倉庫に部屋が{a}つあり、どの部屋にも{box}が{b}つ、どの{box}にも{thing}が{d}{c}あります。"
+            + rng.choice(_JA_COUNT_TOTAL).format(c=c), f"{a}*{b}*{d}")
+
+
+_JA_TWO_STEP = [_ja_two_events, _ja_movers_two, _ja_groups_then, _ja_two_groups, _ja_change, _ja_two_prices,
+                _ja_rate_then, lambda rng: _ja_periods(rng, 3), _ja_three_factors]
+
+JA_ONE_STEP_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数にいくつ分をかけます。",
+                     "/": "全部の数を同じ数ずつに分けます。"}
+_JA_OP = {"+": "たし算", "-": "ひき算", "*": "かけ算", "/": "わり算"}
+
+
+def plan_ja(expr: str) -> str:
+    """Japanese `plan`: "12*3-5" -> "まずかけ算をして、次にひき算をします。" """
+    ops = [c for c in expr if c in "+-*/"]
+    if len(ops) == 1:
+        return JA_ONE_STEP_PLANS[ops[0]]
+    order = "".join(o for o in ops if o in "*/") + "".join(o for o in ops if o in "+-")
+    if order == "++":
+        return "3つの数を足します。"
+    if order == "**":
+        return "3つの数をかけます。"
+    if order == "--":
+        return "はじめの数から2つの数を引きます。"
+    if order == "**+":
+        return "それぞれかけ算をしてから足します。"
+    return f"まず{_JA_OP[order[0]]}をして、次に{_JA_OP[order[1]]}をします。"
+
+
+def one_step_ja(rng: random.Random) -> Problem:
+    question, expr = rng.choice(_JA_ONE_STEP)(rng)
+    return Problem(question, plan_ja(expr), expr)
+
+
+def two_step_ja(rng: random.Random) -> Problem:
+    question, expr = rng.choice(_JA_TWO_STEP)(rng)
+    return Problem(question, plan_ja(expr), expr)
