@@ -32,7 +32,7 @@ import re
 
 from chibichat.eval.metrics import extract_final_number, numbers_equal
 from chibichat.tasks.base import GeneratedTask
-from chibichat.tasks import word_problems
+import chibichat.tasks.word_problems as word_problems
 
 BARE_SHARE = 0.3  # of the one-step items: a bare calculation ("Calculate 12 x 7.") instead of a story
 _OP_WORDS = {"en": {"+": "plus", "-": "minus", "*": "times", "/": "divided by"},
