@@ -233,10 +233,15 @@ def _periods(rng, count: int = 2):
     return f"{story} {question}", "+".join(map(str, nums))
 
 
+def _level_change(rng, op: str) -> tuple[int, int]:
+    """A level and the amount it rises or falls by, never below zero (EN and JA)."""
+    a = rng.randint(20, 90)
+    return a, rng.randint(2, a - 5) if op == "-" else rng.randint(2, 40)
+
+
 def _level(rng, op: str):
     what, unit, rise, fall, question = rng.choice(_LEVELS)
-    a = rng.randint(20, 90)
-    b = rng.randint(2, a - 5) if op == "-" else rng.randint(2, 40)
+    a, b = _level_change(rng, op)
     return f"{what} was {a} {unit} and then {rise if op == '+' else fall} {b}. {question}", f"{a}{op}{b}"
 
 
@@ -502,8 +507,7 @@ def _ja_periods(rng, count: int = 2):
 
 def _ja_level(rng, op: str):
     what, unit, up, down, question = rng.choice(_JA_LEVELS)
-    a = rng.randint(20, 90)
-    b = rng.randint(2, a - 5) if op == "-" else rng.randint(2, 40)
+    a, b = _level_change(rng, op)
     return f"{what}は{a}{unit}でしたが、{b}{unit}{up if op == '+' else down}。{question}", f"{a}{op}{b}"
 
 
