@@ -200,6 +200,33 @@ def test_number_checker(reply, ok):
 
 
 @pytest.mark.parametrize("reply,ok", [
+    ('I will count "o" in "cocoa" with Python.<|python_start|>"cocoa".count("o")<|python_end|><|output_start|>2'
+     '<|output_end|>The letter "o" appears 2 times in "cocoa".\n#### 2', True),
+    ('<|python_start|>" cocoa".strip().count("o")<|python_end|><|output_start|>2<|output_end|>#### 2', True),
+    ('<|python_start|>" cocoa".count("o")<|python_end|><|output_start|>2<|output_end|>#### 2', True),
+    ('<|python_start|>"cocoa".count("c")<|python_end|><|output_start|>2<|output_end|>#### 2', False),  # other letter
+    ('<|python_start|>" cocoa tea".count("o")<|python_end|><|output_start|>2<|output_end|>#### 2', False),  # other word
+    ('<|python_start|>"cocoa".count("o")<|python_end|><|output_start|>2<|output_end|>#### 3', False),
+    ("There are 2.", True),                                                   # no tool: the number is the answer
+])
+def test_letter_count_checker_wants_the_asked_word_and_letter(reply, ok):
+    item = {"check": "number", "answer": "2", "word": "cocoa", "letter": "o"}
+    assert S.check_reply(item, reply, "en") is ok
+
+
+def test_number_checker_wants_the_answer_the_tool_gave():
+    item = {"check": "number", "answer": "71"}
+    wrong_work = ("We subtract.<|python_start|>29-100<|python_end|><|output_start|>-71<|output_end|>"
+                  "The answer is 71.\n#### 71")
+    assert S.check_reply(item, wrong_work, "en") is False
+    assert S.check_reply(item, wrong_work.replace("29-100", "100-29").replace(">-71<", ">71<"), "en") is True
+    ja = {"check": "number", "answer": "1", "word": "スキル", "letter": "ス"}
+    call = '<|python_start|>"{}".count("ス")<|python_end|><|output_start|>1<|output_end|>#### 1'
+    assert S.check_reply(ja, call.format("スキル"), "ja") is True
+    assert S.check_reply(ja, call.format("オフスル"), "ja") is False
+
+
+@pytest.mark.parametrize("reply,ok", [
     ("b-a-c-o-n", True), ("bacon: b-a-c-o-n.", True), ("b a c o n", True), ("B-A-C-O-N", False),
     ("bacon", False), ("b-a-c-n", False), ("Here it is:\nb, a, c, o, n", True), ("ba-con", False),
 ])

@@ -17,7 +17,10 @@ appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output
     arithmetic-two-step,  answer is the number after the last "####" (the trained format); a reply
     letter-count          without "####" is read by its last number outside tool segments, which is
                           what a reader takes as the answer, but only when it is clean prose (a
-                          stray special token, i.e. a broken tool call, gives no answer).
+                          stray special token, i.e. a broken tool call, gives no answer). When the
+                          reply calls the calculator, the answer must be the last call's result, and
+                          a letter count must count the asked letter in the asked word
+                          (`shown_work_agrees`): a right number from wrong work does not pass.
     spelling             "spelling": the final line, after an optional "word:" prefix, is the word's
                           letters in order, each letter separated by "-", ",", "・", "、" or spaces
                           (the word written whole is not spelled).
@@ -124,6 +127,27 @@ def reply_number(reply: str) -> str | None:
     return last_number(visible_text(reply))
 
 
+_CALL = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>(?:<\|output_start\|>(.*?)<\|output_end\|>)?", re.S)
+_COUNT_CALL = re.compile(r'\s*"(.*?)"(?:\.strip\(\))?\.count\("(.*?)"\)\s*$', re.S)
+
+
+def shown_work_agrees(item: dict, reply: str, answer: str | None) -> bool:
+    """A right number reached by wrong work is not a right answer: when the reply calls the calculator,
+    its answer must be the last call's result (not "29-100" = -71 answered as 71), and a letter count
+    (an item with "word" and "letter") must count the asked letter in the asked word (not "s" in
+    " bliss contain", which happens to give the same number)."""
+    calls = _CALL.findall(reply)
+    if not calls:
+        return True  # answered without the tool: the number alone is the answer
+    expr, output = calls[-1]
+    if output and not numbers_equal(output.strip(), answer):
+        return False
+    if item.get("word") and item.get("letter"):
+        m = _COUNT_CALL.match(expr)
+        return bool(m) and m.group(1).strip() == item["word"] and m.group(2) == item["letter"]
+    return True
+
+
 def spelled_letters(reply: str, word: str) -> list[str] | None:
     """The letters spelled on the reply's final line (an optional "word:" prefix dropped), or None when
     the line is not written letter by letter."""
@@ -171,7 +195,8 @@ def check_reply(item: dict, reply: str, lang: str) -> bool:
     if check == "identity":
         return names_itself(reply, item["answer"], lang)
     if check == "number":
-        return numbers_equal(reply_number(reply), item["answer"])
+        answer = reply_number(reply)
+        return numbers_equal(answer, item["answer"]) and shown_work_agrees(item, reply, answer)
     if check == "spelling":
         return spelled_letters(reply, item["answer"]) == list(item["answer"])
     if check == "greeting":
