@@ -40,7 +40,8 @@ _OP_WORDS = {"en": {"+": "plus", "-": "minus", "*": "times", "/": "divided by"},
 
 
 def _bare(rng: random.Random, lang: str) -> tuple[str, str, str, str]:
-    """A bare calculation in one of many phrasings (tasks/paraphrase.py); same 4-tuple as `_en`."""
+    """A bare calculation in one of many phrasings (tasks/paraphrase.py): (question, reasoning sentence,
+    expression, answer sentence template with {r})."""
     from chibichat.tasks.paraphrase import expression, phrase
 
     op = rng.choice("+-*/")
