@@ -276,10 +276,15 @@ def _rate(rng):
             f"How many {things} {who.does} {who.pro} {base} in {_n(rng, n)} {per}s?", f"{p}*{n}")
 
 
-def _share(rng):
+def _equal_groups(rng):
+    """Who, the things (with container), a group size, a group count and the total: the draws of a division."""
     who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
-    each, k = rng.randint(2, 12), rng.randint(2, 9)
-    t = each * k
+    size, k = rng.randint(2, 12), rng.randint(2, 9)
+    return who, things, c1, cs, size, k, size * k
+
+
+def _share(rng):
+    who, things, c1, cs, _, k, t = _equal_groups(rng)
     return rng.choice([
         f"{_cap(who.name)} {who.verb('share', 'shares')} {t} {things} equally among {_n(rng, k)} friends. "
         f"How many {things} does each friend get?",
@@ -289,9 +294,7 @@ def _share(rng):
 
 
 def _pack(rng):
-    who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
-    per, k = rng.randint(2, 12), rng.randint(2, 9)
-    t = per * k
+    who, things, c1, cs, per, _, t = _equal_groups(rng)
     return rng.choice([
         f"{_cap(who.name)} {who.verb('pack', 'packs')} {t} {things} into {cs} of {_n(rng, per)}. "
         f"How many {cs} {who.does} {who.pro} need?",
