@@ -160,26 +160,26 @@ def _total(rng: random.Random, things: str) -> str:
 
 
 
-ONE_STEP_PLANS = {"+": "We add the numbers together.", "-": "We subtract the part that is taken away.",
-                  "*": "We multiply the number of groups by the size of each group.",
-                  "/": "We divide the total into equal parts."}
+# Plan sentences by the expression's operators in the order the calculator applies them (products
+# first): a whole sentence for one operator and a few fixed patterns, else one joined from verbs.
+_PLANS = {"+": "We add the numbers together.", "-": "We subtract the part that is taken away.",
+          "*": "We multiply the number of groups by the size of each group.",
+          "/": "We divide the total into equal parts.", "++": "We add all three numbers.",
+          "**": "We multiply all three numbers.", "--": "We subtract both parts from the start.",
+          "**+": "We multiply for each group, then add."}
 _OP_VERB = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
+
+
+def _plan(expr: str, plans: dict[str, str], verbs: dict[str, str], first: str, then: str, end: str) -> str:
+    ops = [c for c in expr if c in "+-*/"]
+    order = "".join(o for o in ops if o in "*/") + "".join(o for o in ops if o in "+-")
+    return plans.get(order) or first + then.join(verbs[o] for o in order) + end
 
 
 def plan(expr: str) -> str:
     """The plan sentence of an expression: its operators in the order the calculator applies them
     (products first), never the story. "12*3-5" -> "First we multiply, then we subtract." """
-    ops = [c for c in expr if c in "+-*/"]
-    if len(ops) == 1:
-        return ONE_STEP_PLANS[ops[0]]
-    order = "".join(o for o in ops if o in "*/") + "".join(o for o in ops if o in "+-")
-    if order in ("++", "**"):
-        return f"We {_OP_VERB[order[0]]} all three numbers."
-    if order == "--":
-        return "We subtract both parts from the start."
-    if order == "**+":
-        return "We multiply for each group, then add."
-    return "First we " + ", then we ".join(_OP_VERB[o] for o in order) + "."
+    return _plan(expr, _PLANS, _OP_VERB, "First we ", ", then we ", ".")
 
 
 # --- one-step problems: each returns (question, expression) -------------------------------------------
@@ -644,26 +644,15 @@ def _ja_three_factors(rng):
 _JA_TWO_STEP = [_ja_two_events, _ja_movers_two, _ja_groups_then, _ja_two_groups, _ja_change, _ja_two_prices,
                 _ja_rate_then, lambda rng: _ja_periods(rng, 3), _ja_three_factors]
 
-JA_ONE_STEP_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数にいくつ分をかけます。",
-                     "/": "全部の数を同じ数ずつに分けます。"}
+_JA_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数にいくつ分をかけます。",
+             "/": "全部の数を同じ数ずつに分けます。", "++": "3つの数を足します。", "**": "3つの数をかけます。",
+             "--": "はじめの数から2つの数を引きます。", "**+": "それぞれかけ算をしてから足します。"}
 _JA_OP = {"+": "たし算", "-": "ひき算", "*": "かけ算", "/": "わり算"}
 
 
 def plan_ja(expr: str) -> str:
     """Japanese `plan`: "12*3-5" -> "まずかけ算をして、次にひき算をします。" """
-    ops = [c for c in expr if c in "+-*/"]
-    if len(ops) == 1:
-        return JA_ONE_STEP_PLANS[ops[0]]
-    order = "".join(o for o in ops if o in "*/") + "".join(o for o in ops if o in "+-")
-    if order == "++":
-        return "3つの数を足します。"
-    if order == "**":
-        return "3つの数をかけます。"
-    if order == "--":
-        return "はじめの数から2つの数を引きます。"
-    if order == "**+":
-        return "それぞれかけ算をしてから足します。"
-    return f"まず{_JA_OP[order[0]]}をして、次に{_JA_OP[order[1]]}をします。"
+    return _plan(expr, _JA_PLANS, _JA_OP, "まず", "をして、次に", "をします。")
 
 
 def one_step_ja(rng: random.Random) -> Problem:
