@@ -44,7 +44,7 @@ def training_prompts(lang: str) -> set[str]:
 
     sfx = "" if lang == "en" else "-ja"
     out = set()
-    generated = [n + sfx for n in ("identity", "arithmetic", "arithmetic-multi", "spelling", "letter-count")]
+    generated = [n + sfx for n in ("identity", "arithmetic", "arithmetic-multi", "spelling", "letter-count", "describe")]
     for name in generated + (["topic-sentence"] if lang == "en" else []):
         task = get_task(name, split="train", size=SAMPLE)
         out |= {m["content"] for i in range(SAMPLE) for m in task[i]["messages"] if m["role"] == "user"}
@@ -118,6 +118,10 @@ def training_phrasings(lang: str) -> set[str]:
         from chibichat.tasks.sentences import PHRASINGS
 
         out |= {p.format(topic=SLOT) for p in PHRASINGS}
+    from chibichat.tasks import describe
+
+    asks = describe.ASKS[lang]
+    out |= {p.format(t=SLOT) for p in asks["sentence"] + asks["story"]}
     return {normalise(t) for t in out}
 
 

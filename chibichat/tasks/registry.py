@@ -1,7 +1,7 @@
 """The task registry: every task name, what it is, the function that builds it and the options it takes.
 
 `get_task(name, **options)` builds a task. Options by family:
-    generated (identity, spelling, letter-count, arithmetic(-multi); "-ja" variants; topic-sentence, EN):
+    generated (identity, spelling, letter-count, arithmetic(-multi), describe; "-ja" variants; topic-sentence, EN):
         split="train"|"test", size=<items>, seed=<int> (identity also persona=)
     shipped conversations (chitchat, chatterbot, chatterbot-ja), CORE-lite (core-*), mmlu-dev: none
     shipped evaluation subsets (arc-easy, arc-challenge, mmlu, gsm8k, humaneval):
@@ -20,6 +20,7 @@ from typing import Callable
 from chibichat.common import ChibiError
 from chibichat.tasks.arithmetic import Arithmetic
 from chibichat.tasks.base import GeneratedTask, Task
+from chibichat.tasks.describe import Describe
 from chibichat.tasks.evalsets import arc, arc_train, gsm8k, gsm8k_train, humaneval, mmlu, mmlu_dev
 from chibichat.tasks.identity import Identity
 from chibichat.tasks.jglue import TASKS as JGLUE_TASKS, jglue_task
@@ -65,6 +66,8 @@ def _generated() -> list[TaskSpec]:
                      description=f"word problems answered with a calculator call{ja}"),
             TaskSpec(f"arithmetic-multi{sfx}", build=Arithmetic, fixed={"lang": lang, "multi": True}, **g,
                      description=f"two-step word problems (3-4 numbers) answered with one calculator call{ja}"),
+            TaskSpec(f"describe{sfx}", "conversation", lang, Describe, f"{Describe.description}{ja}", {"lang": lang},
+                     GENERATED_OPTIONS),
         ]
     # English only: the Japanese corpus is technical prose, not sentences about everyday topics.
     out.append(TaskSpec("topic-sentence", "conversation", "en", TopicSentence, TopicSentence.description,

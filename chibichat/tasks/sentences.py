@@ -13,7 +13,7 @@ refusal), so a small model answered "Write one sentence about the sea." with one
 open prompts: 0 of 8 replies on topic). This task is the only one whose answer is free prose about the
 asked topic. The held-out open prompts are worded unlike PHRASINGS (tests/test_skills.py checks it).
 Measured on the quickstart's d4 (docs/benchmarks.md, 2026-12-03) it made those replies prose but not yet
-on topic, so it is not in the default mixtures: name it with `--mix ...,topic-sentence=1`.
+on topic, so it is not in the default mixtures (tasks/describe.py is): name it with `--mix ...,topic-sentence=1`.
 Each item is keyed by its sentence, so train and test items never share a sentence.
 """
 

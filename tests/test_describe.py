@@ -1,0 +1,74 @@
+"""The describe task: simple on-topic sentences and two-line stories, kept apart from the held-out open prompts."""
+
+import pytest
+
+from chibichat.tasks import describe as D
+from chibichat.tasks import skills as S
+from chibichat.tasks.base import key_split
+from chibichat.tasks.registry import get_task
+
+
+def heldout_topic_words(lang: str) -> list[list[str]]:
+    return [it["topic"] for it in S.load_items(lang) if it["skill"] == S.OPEN]
+
+
+def all_frames(lang: str) -> list[str]:
+    if lang == "en":
+        return [f for table in (D.EN_SENTENCES, D.EN_STORIES) for frames in table.values() for pair in frames
+                for f in pair]
+    return [f for table in (D.JA_SENTENCES, D.JA_STORIES) for frames in table.values() for f in frames]
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_no_topic_and_no_frame_word_is_a_heldout_topic_word(lang):
+    """A reply to a held-out open prompt can be on topic only by carrying the prompt's own topic: the task
+    never writes about a held-out subject, and its fixed wording uses none of their topic words."""
+    nouns = ([t.noun for t in D.en_topics()] + [t.plural for t in D.en_topics() if t.plural]) if lang == "en" \
+        else list(D.JA_TOPICS)
+    adjectives = [a for t in D.en_topics() for a in t.adjectives] if lang == "en" else \
+        [a for adjs in D.JA_ADJECTIVES.values() for a in adjs]
+    for topic in heldout_topic_words(lang):
+        for word in nouns + adjectives:
+            assert not S.on_topic(word, topic, lang), (word, topic)
+        for frame in all_frames(lang):
+            assert not S.on_topic(frame.format(T="", t=""), topic, lang), (frame, topic)
+
+
+@pytest.mark.parametrize("name,lang", [("describe", "en"), ("describe-ja", "ja")])
+def test_items_carry_their_topic_into_the_reply(name, lang):
+    task = get_task(name, split="train", size=300)
+    stories = 0
+    for i in range(len(task)):
+        item = task[i]
+        question, reply = item["messages"][0]["content"], item["messages"][1]["content"]
+        topic = item["topic"]
+        assert topic in question
+        assert topic in reply or (topic[:1].upper() + topic[1:]) in reply
+        assert reply.count("\n") == (1 if item["story"] else 0)
+        stories += item["story"]
+        assert "{" not in reply and "{" not in question
+        assert key_split(item["key"]) == "train"
+    assert 60 < stories < 180  # both forms are taught
+
+
+def test_english_agreement_and_articles():
+    rng_items = get_task("describe", split="train", size=400)
+    for i in range(len(rng_items)):
+        item = rng_items[i]
+        reply = item["messages"][1]["content"]
+        topic = item["topic"]
+        assert not topic.startswith("a ") or topic[2] not in "aeiou", topic  # "an owl", never "a owl"
+        first = reply.split("\n")[0]
+        if first.startswith(topic[:1].upper() + topic[1:] + " "):
+            verb = first[len(topic) + 1:].split()[0]
+            plural = item["topic"].split()[-1] in {t.plural for t in D.en_topics() if t.plural and t.plural != t.noun}
+            if verb in ("is", "are"):
+                assert verb == ("are" if plural else "is"), (topic, reply)
+
+
+@pytest.mark.parametrize("name", ["describe", "describe-ja"])
+def test_train_and_test_topics_are_disjoint_and_items_deterministic(name):
+    train = get_task(name, split="train", size=200)
+    test = get_task(name, split="test", size=50)
+    assert {train[i]["key"] for i in range(200)}.isdisjoint({test[i]["key"] for i in range(50)})
+    assert get_task(name, split="train", size=5, seed=3)[4] == get_task(name, split="train", size=5, seed=3)[4]
