@@ -192,12 +192,16 @@ _EN_SENTENCE_ASKS = [o + r + e for o in ("", "please ", "hey, ", "ok, ")
                      for r in ("give me a sentence on {t}", "say a few words about {t}",
                                "could you put something short together about {t}", "I'd like one line on {t}",
                                "make a short statement about {t}", "talk about {t} in a single line",
-                               "what can you say about {t} in a few words", "say one thing about {t}")
+                               "what can you say about {t} in a few words", "say one thing about {t}",
+                               "jot down a sentence about {t}", "describe {t} briefly", "write something simple about {t}",
+                               "share a thought about {t}", "compose a line about {t}")
                      for e in ("?" if r.startswith(("could", "what")) else ".",)]
 _EN_STORY_ASKS = [o + r + e for o in ("", "please ", "hey, ")
                   for r in ("make up a short story about {t}", "tell a little tale about {t}",
                             "invent a tale about {t}, just two sentences", "could you tell a story with {t} in it",
-                            "I'd like a very short story about {t}", "spin a quick tale about {t}")
+                            "I'd like a very short story about {t}", "spin a quick tale about {t}",
+                            "write a little story about {t}", "give me two lines of story about {t}",
+                            "narrate a brief story starring {t}")
                   for e in ("?" if r.startswith("could") else ".",)]
 _JA_SENTENCE_ASKS = [o + r for o in ("", "ねえ、", "すみません、")
                      for r in ("{t}について、ひとこと言ってみて。", "{t}のことを少し話して。", "{t}について短く話してください。",
