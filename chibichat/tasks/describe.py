@@ -228,7 +228,7 @@ def en_phrase(topic: Topic, rng: random.Random) -> tuple[str, bool]:
     if plural or topic.plural is None:  # plural and mass nouns: bare or "the"
         det = rng.choice(["", "", "the "])
     else:
-        det = rng.choice(["a ", "a ", "the ", "my "])
+        det = rng.choice(["a ", "a ", "the "] + ([] if topic.kind in ("sky", "weather", "time") else ["my "]))
         if det == "a " and noun[0] in "aeiou":
             det = "an "
     return det + noun, plural
@@ -240,7 +240,10 @@ def _cap(text: str) -> str:
 
 def en_reply(topic: Topic, phrase: str, plural: bool, story: bool, rng: random.Random) -> str:
     table = EN_STORIES if story else EN_SENTENCES
-    frames = table["any"] + table[topic.kind] * 2  # the topic's own frames twice as often as the generic ones
+    # The topic's own frames twice as often as the generic ones; a time of year or day is not "seen" in a
+    # story ("One day I saw a quiet birthday"), so it gets only its own story frames.
+    generic = [] if story and topic.kind == "time" else table["any"]
+    frames = generic + table[topic.kind] * 2
     frame = rng.choice(frames)[1 if plural else 0]
     return frame.format(T=_cap(phrase), t=phrase)
 
@@ -269,7 +272,7 @@ class Describe(GeneratedTask):
             topic = rng.choice(self.topics)
             phrase, plural = en_phrase(topic, rng)
             question = _cap(rng.choice(ASKS["en"]["story" if story else "sentence"]).format(t=phrase))
-            answer, key = en_reply(topic, phrase, plural, story, rng), topic.noun
+            answer, key, kind = en_reply(topic, phrase, plural, story, rng), topic.noun, topic.kind
         else:
             noun = rng.choice(self.topics)
             kind = JA_TOPICS[noun]
@@ -277,6 +280,6 @@ class Describe(GeneratedTask):
             question = rng.choice(ASKS["ja"]["story" if story else "sentence"]).format(t=phrase)
             answer, key = ja_reply(noun, phrase, story, rng), noun
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                "topic": phrase, "story": story}
+                "topic": phrase, "kind": kind, "story": story}
         # The key is the topic noun: a test topic is never written about in training.
         return key, item
