@@ -8,7 +8,8 @@ from chibichat.tasks import paraphrase as P
 from chibichat.tasks import skills as S
 from chibichat.tasks.registry import get_task
 
-SLOTS = {"spelling": {"word": "apple"}, "letter-count": {"word": "apple", "letter": "p"}, "arithmetic": {"x": "2 plus 3"}}
+SLOTS = {"spelling": {"word": "apple"}, "letter-count": {"word": "apple", "letter": "p"}, "arithmetic": {"x": "2 plus 3"},
+         "arithmetic-command": {"c": "add 3 to 2"}}
 
 
 @pytest.mark.parametrize("lang", ["en", "ja"])
@@ -22,11 +23,13 @@ def test_every_phrasing_fills_its_slots(lang):
             if skill in SLOTS:
                 assert all(v in filled for v in SLOTS[skill].values()), t
             if lang == "en":
-                assert filled[0].isupper() or filled[0] in "\"'0123456789", t
+                assert filled[0].isupper() or filled[0] in "\"'0123456789" or t.startswith("{"), t
     # a phrasing that opens with its slot is capitalised once filled
     rng = random.Random(0)
     drawn = {P.phrase(rng, "en", "arithmetic", x="the sum of 2 and 3") for _ in range(200)}
     assert "The sum of 2 and 3 equals what?" in drawn and not any(d[0].islower() for d in drawn)
+    drawn = {P.phrase(rng, "en", "arithmetic-command", c="subtract 17 from 60") for _ in range(200)}
+    assert "Subtract 17 from 60 and tell me the result." in drawn and not any(d[0].islower() for d in drawn)
 
 
 def test_unknown_skill_or_operator_is_a_clear_error():

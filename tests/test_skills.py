@@ -110,6 +110,8 @@ def training_phrasings(lang: str) -> set[str]:
         for p in paraphrase.phrasings(lang, skill):
             if skill == "arithmetic":
                 out |= {p.format(x=e.format(a=SLOT, b=SLOT)) for op in "+-*/" for e in paraphrase.expressions(lang, op)}
+            elif skill == "arithmetic-command":
+                out |= {p.format(c=e.format(a=SLOT, b=SLOT)) for op in "+-*/" for e in paraphrase.commands(lang, op)}
             else:
                 out.add(p.format(word=SLOT, letter=SLOT))
     topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS

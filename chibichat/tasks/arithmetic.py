@@ -35,6 +35,7 @@ from chibichat.tasks.base import GeneratedTask
 import chibichat.tasks.word_problems as word_problems
 
 BARE_SHARE = 0.3  # of the one-step items: a bare calculation ("Calculate 12 x 7.") instead of a story
+COMMAND_SHARE = 0.35  # of the bare calculations: asked with an operation verb ("Subtract 17 from 60 and ...")
 _OP_WORDS = {"en": {"+": "plus", "-": "minus", "*": "times", "/": "divided by"},
              "ja": {"+": "たす", "-": "ひく", "*": "かける", "/": "わる"}}
 
@@ -42,7 +43,7 @@ _OP_WORDS = {"en": {"+": "plus", "-": "minus", "*": "times", "/": "divided by"},
 def _bare(rng: random.Random, lang: str) -> tuple[str, str, str, str]:
     """A bare calculation in one of many phrasings (tasks/paraphrase.py): (question, reasoning sentence,
     expression, answer sentence template with {r})."""
-    from chibichat.tasks.paraphrase import expression, phrase
+    from chibichat.tasks.paraphrase import command, expression, phrase
 
     op = rng.choice("+-*/")
     if op == "+":
@@ -55,7 +56,10 @@ def _bare(rng: random.Random, lang: str) -> tuple[str, str, str, str]:
     else:
         b = rng.randint(2, 12)
         a = b * rng.randint(2, 40)
-    question = phrase(rng, lang, "arithmetic", x=expression(rng, lang, op, a, b))
+    if rng.random() < COMMAND_SHARE:
+        question = phrase(rng, lang, "arithmetic-command", c=command(rng, lang, op, a, b))
+    else:
+        question = phrase(rng, lang, "arithmetic", x=expression(rng, lang, op, a, b))
     said = f"{a} {_OP_WORDS['en'][op]} {b}" if lang == "en" else f"{a}{_OP_WORDS['ja'][op]}{b}"
     if lang == "en":
         return question, "I will compute it with the calculator.", f"{a}{op}{b}", f"{said} is {{r}}."

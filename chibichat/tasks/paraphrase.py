@@ -14,6 +14,8 @@ Skills and their slots:
                                         life, the future); answered with REFUSAL_ANSWERS
     arithmetic      {x}                 a bare calculation; {x} is an expression in words from
                                         `expression(rng, lang, op, a, b)`
+    arithmetic-command {c}              a bare calculation asked with an operation verb; {c} from
+                                        `command(rng, lang, op, a, b)` ("subtract 17 from 60")
 
 The held-out skills prompts (assets/skills-<lang>.jsonl) are worded differently on purpose:
 tests/test_skills.py compares every phrasing here with the phrasing of every held-out prompt (slot
@@ -188,6 +190,20 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
         (["can you ", "could you "], ["work out {x}", "calculate {x}", "find {x} for me"], ["?"]),
         (["", "quick sum: "], ["{x} equals what?", "{x} is how much?", "{x} makes how many?"]),
     ],
+    # A bare calculation asked with an operation verb; {c} is a command from `command(rng, lang, op, a, b)`
+    # ("subtract 17 from 60"). The phrasings are longer than a bare command so that none equals a held-out
+    # prompt ("Multiply 9 by 8." is one).
+    ("en", "arithmetic-command"): [
+        (["", "hey, ", "now "],
+         ["{c} and tell me the result.", "{c} and give me the answer.", "I need you to {c}.", "help me {c} on the calculator.",
+          "use the calculator to {c}.", "{c}, then say what comes out."]),
+        (["can you ", "would you "], ["{c} and tell me the result?", "{c} with the calculator?"]),
+    ],
+    ("ja", "arithmetic-command"): [
+        (["", "ねえ、", "電卓で"],
+         ["{c}みて。", "{c}、答えを教えて。", "{c}、いくつになるか教えて。", "{c}もらえますか？", "{c}、結果をお願い。",
+          "{c}答えを出して。"]),
+    ],
     ("ja", "arithmetic"): [
         (["", "ねえ、"],
          ["{x}の答えを教えてください。", "{x}を求めてください。", "{x}は何になりますか？", "{x}の計算をお願いします。",
@@ -205,6 +221,19 @@ _EXPRESSIONS = {
            "-": ["{a}ひく{b}", "{a}-{b}", "{a}と{b}の差"],
            "*": ["{a}かける{b}", "{a}×{b}", "{a}と{b}の積"],
            "/": ["{a}わる{b}", "{a}÷{b}"]},
+}
+
+# The operation verbs of an "arithmetic-command" phrasing's {c}, by operator: "{a} op {b}" is the calculation
+# whatever order the words name them in ("subtract {b} from {a}" is a-b). JA: te-forms ("{a}から{b}を引いて").
+_COMMANDS = {
+    "en": {"+": ["add {b} to {a}", "add {a} and {b}", "add up {a} and {b}"],
+           "-": ["subtract {b} from {a}", "take {b} away from {a}", "deduct {b} from {a}"],
+           "*": ["multiply {a} by {b}", "multiply {a} and {b}"],
+           "/": ["divide {a} by {b}", "split {a} into {b} equal parts"]},
+    "ja": {"+": ["{a}に{b}を足して", "{a}と{b}を合わせて"],
+           "-": ["{a}から{b}を引いて", "{a}から{b}を取って"],
+           "*": ["{a}に{b}をかけて", "{a}と{b}をかけ合わせて"],
+           "/": ["{a}を{b}で割って", "{a}を{b}等分して"]},
 }
 
 # Honest replies to a question about what the assistant cannot know: say so, invent nothing (no number).
@@ -225,7 +254,7 @@ GREETING_REPLIES = {
            "やあ、こんにちは！何でも聞いてください。"],
 }
 
-SKILLS = ("spelling", "letter-count", "identity", "greeting", "refusal", "arithmetic")
+SKILLS = ("spelling", "letter-count", "identity", "greeting", "refusal", "arithmetic", "arithmetic-command")
 
 
 def _check(lang: str, skill: str) -> None:
@@ -264,3 +293,14 @@ def expressions(lang: str, op: str) -> list[str]:
 
 def expression(rng: random.Random, lang: str, op: str, a: int, b: int) -> str:
     return rng.choice(expressions(lang, op)).format(a=a, b=b)
+
+
+def commands(lang: str, op: str) -> list[str]:
+    """Every operation-verb wording of `{a} op {b}` in `lang` (slots {a}, {b})."""
+    if lang not in _COMMANDS or op not in _COMMANDS[lang]:
+        raise ChibiError(f"no command wording for operator {op!r} in language {lang!r}; operators: + - * /")
+    return list(_COMMANDS[lang][op])
+
+
+def command(rng: random.Random, lang: str, op: str, a: int, b: int) -> str:
+    return rng.choice(commands(lang, op)).format(a=a, b=b)
