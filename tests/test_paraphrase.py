@@ -37,6 +37,8 @@ def test_unknown_skill_or_operator_is_a_clear_error():
         P.phrasings("en", "poetry")
     with pytest.raises(ChibiError, match="no wording for operator '%' in language 'ja'"):
         P.expressions("ja", "%")
+    with pytest.raises(ChibiError, match=r"no command wording for operator '\^' in language 'de'; operators: \+ - \* /"):
+        P.commands("de", "^")
 
 
 @pytest.mark.parametrize("lang", ["en", "ja"])

@@ -284,11 +284,15 @@ def phrase(rng: random.Random, lang: str, skill: str, **slots) -> str:
     return text[:1].upper() + text[1:] if lang == "en" else text
 
 
+def _wordings(table: dict, what: str, lang: str, op: str) -> list[str]:
+    if lang not in table or op not in table[lang]:
+        raise ChibiError(f"no {what} for operator {op!r} in language {lang!r}; operators: + - * /")
+    return list(table[lang][op])
+
+
 def expressions(lang: str, op: str) -> list[str]:
     """Every wording of `{a} op {b}` in `lang` (slots {a}, {b})."""
-    if lang not in _EXPRESSIONS or op not in _EXPRESSIONS[lang]:
-        raise ChibiError(f"no wording for operator {op!r} in language {lang!r}; operators: + - * /")
-    return list(_EXPRESSIONS[lang][op])
+    return _wordings(_EXPRESSIONS, "wording", lang, op)
 
 
 def expression(rng: random.Random, lang: str, op: str, a: int, b: int) -> str:
@@ -297,9 +301,7 @@ def expression(rng: random.Random, lang: str, op: str, a: int, b: int) -> str:
 
 def commands(lang: str, op: str) -> list[str]:
     """Every operation-verb wording of `{a} op {b}` in `lang` (slots {a}, {b})."""
-    if lang not in _COMMANDS or op not in _COMMANDS[lang]:
-        raise ChibiError(f"no command wording for operator {op!r} in language {lang!r}; operators: + - * /")
-    return list(_COMMANDS[lang][op])
+    return _wordings(_COMMANDS, "command wording", lang, op)
 
 
 def command(rng: random.Random, lang: str, op: str, a: int, b: int) -> str:
