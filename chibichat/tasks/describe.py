@@ -257,14 +257,13 @@ def ja_reply(noun: str, phrase: str, story: bool, rng: random.Random) -> str:
 class Describe(GeneratedTask):
     kind = "conversation"
     default_size = {"train": 2000, "test": 200}
+    description = "a short sentence or two-line story about the topic the user names"
 
     def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
         self.lang = lang
         self.name = "describe" if lang == "en" else "describe-ja"
         super().__init__(split, size, seed)
         self.topics = en_topics() if lang == "en" else sorted(JA_TOPICS)
-
-    description = "a short sentence or two-line story about the topic the user names"
 
     def sample(self, rng: random.Random) -> tuple[str, dict]:
         story = rng.random() < 0.4
