@@ -960,16 +960,13 @@ class Batcher:
             return
         n = len(self._slots)
         state = self._state
-        view = type(state)(state.pos[:n], state.max_len, [tuple(t[:n] for t in layer) for layer in state.layers],
-                           self._lengths[:n])  # fmt: skip
+        view = state.head(n, self._lengths[:n])
         feed = [live.group.rows[r].tokens[-1] for live, r in self._slots]
         with torch.inference_mode():
             ids = torch.tensor(feed, dtype=torch.long, device=self.engine.rt.device)[:, None]
             logits = self.engine.decoder().forward(ids, view, check_ids=False)[:, -1]
             state.pos[:n] += 1
-            for i, layer in enumerate(view.layers):  # SLC2 histories are new tensors: store them
-                if len(layer) == 1:
-                    state.layers[i][0][:n].copy_(layer[0])
+            state.keep_histories(view)
         self._lengths = [x + 1 for x in self._lengths]
         self.steps += 1
         if self.metrics is not None:
@@ -1007,13 +1004,7 @@ class Batcher:
                 live = _Live(job, group, texts, logits[j : j + 1].expand(job.n, -1))
                 for r in range(job.n):
                     slot = len(self._slots)
-                    for dst, src in zip(self._state.layers, pre.layers):
-                        for d, s_ in zip(dst, src):
-                            if d.dim() == 4:  # attention cache (rows, kv heads, positions, head dim)
-                                d[slot, :, :P].copy_(s_[j, :, :P])
-                            else:  # SLC2 history
-                                d[slot].copy_(s_[j])
-                    self._state.pos[slot] = P
+                    self._state.copy_row(slot, pre, j, P)
                     self._slots.append((live, r))
                     self._admitting -= 1
                     self._lengths.append(P)
@@ -1032,10 +1023,8 @@ class Batcher:
         n = len(self._slots)
         if state is not None and n:
             with torch.inference_mode():
-                for dst, src in zip(new.layers, state.layers):
-                    for d, s_ in zip(dst, src):
-                        d[:n].copy_(s_[:n])
-                new.pos[:n] = state.pos[:n]
+                for slot in range(n):
+                    new.copy_row(slot, state, slot, self._lengths[slot])
         self._state = new
 
     def _sample(self, live: _Live, stamp: float, drawn: list[int] | None = None) -> None:
@@ -1079,13 +1068,7 @@ class Batcher:
             other, orow = self._slots[last]
             n = self._lengths[last]
             with torch.inference_mode():
-                for layer in self._state.layers:
-                    for t in layer:
-                        if t.dim() == 4:
-                            t[slot, :, :n].copy_(t[last, :, :n])
-                        else:
-                            t[slot].copy_(t[last])
-                self._state.pos[slot] = self._state.pos[last]
+                self._state.copy_row(slot, self._state, last, n)
             self._slots[slot] = (other, orow)
             self._lengths[slot] = n
             other.slot[orow] = slot

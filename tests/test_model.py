@@ -299,6 +299,29 @@ def test_state_clone_is_independent():
     assert torch.equal(a, b) and st.pos.item() == c.pos.item() == 6
 
 
+@pytest.mark.parametrize("name", ["dense", "iberis", "gqa"])
+def test_state_rows_move_and_views_write_through(name):
+    """The server's slot moves: copy_row puts a row (its filled positions) into another state's row and it
+    continues as it would have; a forward over head(n) advances rows 0..n-1 of the full state once
+    keep_histories has stored the SLC2 histories it made."""
+    m = tiny(**LAYOUTS[name])
+    idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    full = m(idx)
+    pre = m.new_state(2, 24)
+    m(idx[:, :6], state=pre)
+    slots = m.new_state(3, 24)
+    slots.copy_row(2, pre, 1, 6)  # row 1 of the prefill into slot 2, then slot 2 into slot 0
+    slots.copy_row(0, slots, 2, 6)
+    assert slots.pos.tolist() == [6, 0, 6]
+    view = slots.head(2, [6, 6])
+    out = m(torch.stack([idx[1, 6:7], idx[1, 6:7]]), state=view)
+    slots.keep_histories(view)
+    slots.pos[:2] += 1  # as the server does: the view advanced its own counter, not the full state's
+    assert torch.allclose(out[0, 0], full[1, 6], atol=1e-5)
+    again = slots.head(1, [7])
+    assert torch.allclose(m(idx[1:, 7:8], state=again)[0, 0], full[1, 7], atol=1e-5)
+
+
 def test_state_errors():
     m = tiny("iberis")
     st = m.new_state(2, 8)

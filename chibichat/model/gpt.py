@@ -549,6 +549,30 @@ class InferenceState:
         idx = torch.tensor(keep, dtype=torch.long, device=self.pos.device)
         return self._map(lambda t: t.index_select(0, idx), [self.lengths[r] for r in keep])
 
+    def head(self, n: int, lengths: list[int]) -> "InferenceState":
+        """A view of rows 0..n-1 sharing storage: a forward over it writes those rows' KV caches in place;
+        SLC2 histories it replaces with new tensors, which `keep_histories` copies back."""
+        return InferenceState(self.pos[:n], self.max_len, [tuple(t[:n] for t in layer) for layer in self.layers],
+                              lengths)
+
+    def keep_histories(self, view: "InferenceState") -> None:
+        """Copy the SLC2 histories a forward over `view` (= self.head(n, ...)) produced into rows 0..n-1."""
+        n = view.batch_size
+        for mine, theirs in zip(self.layers, view.layers):
+            if len(mine) == 1:
+                mine[0][:n].copy_(theirs[0])
+
+    def copy_row(self, dst: int, src: "InferenceState", row: int, length: int) -> None:
+        """Row `row` of `src` (its first `length` positions) into row `dst` of this state, in place, with
+        its position counter. The host `lengths` are the caller's to keep."""
+        for mine, theirs in zip(self.layers, src.layers):
+            for d, s_ in zip(mine, theirs):
+                if d.dim() == 4:  # attention cache (rows, kv heads, positions, head dim)
+                    d[dst, :, :length].copy_(s_[row, :, :length])
+                else:  # SLC2 history
+                    d[dst].copy_(s_[row])
+        self.pos[dst] = src.pos[row]
+
     @staticmethod
     def stack(states: list["InferenceState"]) -> "InferenceState":
         """Merge states (e.g. batch-1 prefills of different lengths) into one batch, rows in order."""
