@@ -17,6 +17,7 @@ BENCHES = [
     ("infer", "chibichat.bench.infer"),
     ("serve", "chibichat.bench.serve"),
     ("sweep", "chibichat.bench.sweep"),
+    ("skills", "chibichat.bench.skills"),
 ]
 
 

@@ -1,0 +1,246 @@
+"""`chibichat bench skills`: chat-data A/B tests, several seeds per arm, judged on the held-out skills.
+
+A change to the midtraining or SFT mixture moves `eval skills` by a few points, and so does the seed: any
+change to the chat data reshuffles items and batches the way a new seed does. On the quickstart's d4
+the default mixture scored 0.57-0.66 over four seeds (docs/benchmarks.md, "the seed spread"), so one
+run per arm, or two, cannot tell a +0.03 change from luck. This runs, for every arm and every seed,
+
+    chibichat midtrain --from base --from-tag BASE --tag NAME-ARM-sSEED --num-steps M --seed SEED [--mix MID]
+    chibichat sft      --from mid  --from-tag NAME-ARM-sSEED --num-steps S --seed SEED [--mix SFT]
+    chibichat eval skills --from sft --tag NAME-ARM-sSEED --lang LANG --max-new-tokens T
+
+each in its own process (the same commands a user runs), from one base checkpoint of the home, and
+tabulates per arm the mean skills score over seeds with its standard error (sample s.d. / sqrt(n)), the
+range, the per-skill means, and each arm's difference from the first arm with the standard error of the
+difference (sqrt(se_a^2 + se_b^2); the seeds of two arms are not paired: their data orders differ).
+
+An arm is `NAME` (the stages' default mixtures) or `NAME;MID_MIX;SFT_MIX`, where an empty mixture
+means that stage's default: `--arm "more-words;;identity=1,spelling=2"`. A code change is compared by running the bench
+from each version of the code, each installed in its own environment (a clone set up with
+scripts/setup.sh: the stages run as `python -m chibichat` of the running interpreter), with its own
+--name on the same home and base.
+
+Writes DIR/bench-skills-NAME.json (one row per run, and the per-arm table) and .md, DIR = --out or
+home/report. A run whose eval summary exists is read, not run again (a stage whose summary exists is
+not re-trained): an interrupted bench resumes, and a finished one is re-tabulated for free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from chibichat.common import ChibiError, Home, atomic_write_json, atomic_write_text
+
+HELP = "A/B test chat-data mixtures over several seeds: midtrain + SFT + held-out skills per arm and seed"
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    mid_mix: str | None  # None: midtrain's default mixture
+    sft_mix: str | None
+
+
+def add_args(p) -> None:
+    p.add_argument("--from-tag", required=True, help="tag of the base checkpoint every run starts from")
+    p.add_argument("--arm", action="append", default=None, metavar="NAME[;MID_MIX;SFT_MIX]",
+                   help="an arm: a name, then optionally the midtraining and SFT --mix (empty: the stage's "
+                        "default); repeat for each arm; the first is the baseline (default: one arm 'default')")
+    p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds, each run for every arm "
+                   "(default: 0,1,2,3)")
+    p.add_argument("--mid-steps", type=int, default=250, help="midtraining steps (default: 250, the cpu preset's)")
+    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps (default: 300, the cpu preset's)")
+    p.add_argument("--lang", choices=("en", "ja"), default="en", help="held-out prompt set (default: en)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per reply in eval skills (default: 64)")
+    p.add_argument("--max-per-skill", type=int, default=None,
+                   help="first N prompts per skill (smoke runs; default: all)")
+    p.add_argument("--name", default="ab", help="names the runs' tags (NAME-ARM-sSEED) and the report (default: ab)")
+    p.add_argument("--device", default="auto", help="passed to the stages")
+    p.add_argument("--dtype", default="auto", help="passed to the stages")
+    p.add_argument("--out", default=None, help="folder for bench-skills-NAME.{json,md} (default: home/report)")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ChibiError(f"--seeds must be a comma list of integers, e.g. 0,1,2,3; got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ChibiError(f"--seeds must list distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
+def parse_arm(spec: str) -> Arm:
+    parts = spec.split(";")
+    if len(parts) not in (1, 3):
+        raise ChibiError(f"--arm {spec!r}: write NAME or NAME;MID_MIX;SFT_MIX (an empty mixture is the stage's "
+                         "default), e.g. 'words;;spelling=2,letter-count=2'")
+    name = parts[0].strip()
+    if not _NAME.match(name):
+        raise ChibiError(f"--arm {spec!r}: the name {name!r} must be lower-case letters, digits and '-' "
+                         "(it becomes part of a checkpoint tag)")
+    mid, sft = (p.strip() or None for p in parts[1:]) if len(parts) == 3 else (None, None)
+    return Arm(name, mid, sft)
+
+
+def parse_arms(specs: list[str] | None) -> list[Arm]:
+    arms = [parse_arm(s) for s in specs] if specs else [Arm("default", None, None)]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ChibiError(f"--arm names must differ, got {names}")
+    return arms
+
+
+def run_tag(name: str, arm: Arm, seed: int) -> str:
+    return f"{name}-{arm.name}-s{seed}"
+
+
+def stage_argvs(args, home: Home, arm: Arm, seed: int) -> list[tuple[str, list[str]]]:
+    """[(stage, argv)] of one run: midtrain, sft, eval skills. Each stage evaluates once, at its end."""
+    tag, h = run_tag(args.name, arm, seed), ["--home", str(home.root)]
+    rt = ["--device", args.device, "--dtype", args.dtype]
+    mid = ["midtrain", *h, "--from", "base", "--from-tag", args.from_tag, "--tag", tag,
+           "--num-steps", str(args.mid_steps), "--eval-every", str(args.mid_steps), "--seed", str(seed), *rt]
+    sft = ["sft", *h, "--from", "mid", "--from-tag", tag, "--tag", tag,
+           "--num-steps", str(args.sft_steps), "--eval-every", str(args.sft_steps), "--seed", str(seed), *rt]
+    if arm.mid_mix:
+        mid += ["--mix", arm.mid_mix]
+    if arm.sft_mix:
+        sft += ["--mix", arm.sft_mix]
+    ev = ["eval", "skills", *h, "--from", "sft", "--tag", tag, "--lang", args.lang,
+          "--max-new-tokens", str(args.max_new_tokens), *rt]
+    if args.max_per_skill is not None:
+        ev += ["--max-per-skill", str(args.max_per_skill)]
+    return [("mid", mid), ("sft", sft), ("eval", ev)]
+
+
+def skill_keys(lang: str) -> tuple[str, list[tuple[str, str]]]:
+    """(summary key of the mean, [(skill, summary key)]) of eval skills for `lang`."""
+    from chibichat.eval.skills import summary_prefix
+    from chibichat.tasks.skills import SKILLS
+
+    prefix = summary_prefix(lang)
+    return prefix, [(s, f"{prefix}_{s.replace('-', '_')}") for s in SKILLS]
+
+
+def row_of(arm: Arm, seed: int, tag: str, summary: dict, lang: str) -> dict:
+    key, per_skill = skill_keys(lang)
+    if key not in summary:
+        raise ChibiError(f"the eval summary of {tag} has no {key!r}: it was not evaluated with --lang {lang}")
+    return {"arm": arm.name, "seed": seed, "tag": tag, "skills": summary[key],
+            "per_skill": {s: summary[k] for s, k in per_skill if k in summary},
+            "simple_bpb": summary.get(f"{key}_simple_bpb")}
+
+
+def mean_se(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (sample s.d. / sqrt(n)); None for one value."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def arm_table(arms: list[Arm], rows: list[dict]) -> list[dict]:
+    """Per arm: n, mean, se, min, max, per-skill means; and the difference from the first arm with its se."""
+    out = []
+    for arm in arms:
+        rs = [r for r in rows if r["arm"] == arm.name]
+        scores = [r["skills"] for r in rs]
+        m, se = mean_se(scores)
+        skills = sorted({s for r in rs for s in r["per_skill"]})
+        out.append({"arm": arm.name, "mid_mix": arm.mid_mix, "sft_mix": arm.sft_mix, "n": len(rs), "mean": m,
+                    "se": se, "min": min(scores), "max": max(scores),
+                    "per_skill": {s: sum(r["per_skill"][s] for r in rs if s in r["per_skill"]) /
+                                  sum(s in r["per_skill"] for r in rs) for s in skills}})
+    base = out[0]
+    for a in out:
+        a["diff"] = a["mean"] - base["mean"]
+        a["diff_se"] = (math.sqrt(a["se"] ** 2 + base["se"] ** 2)
+                        if a is not base and a["se"] is not None and base["se"] is not None else None)
+    return out
+
+
+def verdict(a: dict) -> str:
+    """Of an arm against the first: is the difference beyond two standard errors of the difference?"""
+    if a["diff_se"] is None:
+        return "no s.e. (one seed)"
+    if a["diff_se"] == 0:
+        return "no spread (identical seeds?)" if a["diff"] == 0 else "beyond 2 s.e."
+    return "beyond 2 s.e." if abs(a["diff"]) >= 2 * a["diff_se"] else "within 2 s.e. (noise)"
+
+
+def table_md(table: list[dict], name: str, lang: str, base_tag: str) -> str:
+    skills = sorted({s for a in table for s in a["per_skill"]})
+    lines = [f"`chibichat bench skills --name {name}`: held-out skills ({lang}) after SFT, from base `{base_tag}`; "
+             "mean over seeds +- its standard error.", "",
+             "| arm | seeds | skills | range | diff vs first | verdict | " + " | ".join(skills) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(skills)]
+    for i, a in enumerate(table):
+        se = f" +- {a['se']:.3f}" if a["se"] is not None else ""
+        diff = "-" if i == 0 else f"{a['diff']:+.3f}" + (f" +- {a['diff_se']:.3f}" if a["diff_se"] is not None else "")
+        lines.append(f"| {a['arm']} | {a['n']} | {a['mean']:.3f}{se} | {a['min']:.3f}-{a['max']:.3f} | {diff} | "
+                     f"{'baseline' if i == 0 else verdict(a)} | " +
+                     " | ".join(f"{a['per_skill'].get(s, float('nan')):.2f}" for s in skills) + " |")
+    lines.append("")
+    for a in table:
+        lines.append(f"- {a['arm']}: midtrain --mix {a['mid_mix'] or '(default)'}; sft --mix {a['sft_mix'] or '(default)'}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    for flag, v in (("--mid-steps", args.mid_steps), ("--sft-steps", args.sft_steps),
+                    ("--max-new-tokens", args.max_new_tokens)):
+        if v < 1:
+            raise ChibiError(f"{flag} must be >= 1, got {v}")
+    if not _NAME.match(args.name):
+        raise ChibiError(f"--name {args.name!r} must be lower-case letters, digits and '-' (it becomes part of "
+                         "checkpoint tags)")
+    arms, seeds = parse_arms(args.arm), parse_seeds(args.seeds)
+    home = Home.resolve(args.home)
+    from chibichat.train.checkpoint import list_steps
+
+    if not list_steps(home.checkpoints_dir("base", args.from_tag)):
+        raise ChibiError(f"no base checkpoint {args.from_tag!r} in {home.root}: pretrain one first "
+                         f"(chibichat pretrain --tag {args.from_tag} ...) or name an existing tag with --from-tag")
+    rows = []
+    for arm in arms:
+        for seed in seeds:
+            tag = run_tag(args.name, arm, seed)
+            summary_path = home.eval_dir("sft", tag) / "summary.json"
+            key, _ = skill_keys(args.lang)
+            done = summary_path.exists() and key in json.loads(summary_path.read_text())
+            if done:
+                print(f"{tag}: done already ({summary_path}), reading it", flush=True)
+            for stage, argv in ([] if done else stage_argvs(args, home, arm, seed)):
+                if stage != "eval" and (home.checkpoints_dir(stage, tag) / "summary.json").exists():
+                    print(f"{tag}: {stage} done already, not re-trained", flush=True)
+                    continue
+                print(f"{tag}: $ chibichat {' '.join(argv)}", flush=True)
+                rc = subprocess.run([sys.executable, "-m", "chibichat", *argv]).returncode
+                if rc != 0:
+                    raise ChibiError(f"{stage} of {tag} failed (exit code {rc}); its output is above. Re-run the "
+                                     "bench to resume: finished runs and stages are read, not run again (a stage "
+                                     f"stopped after saving a checkpoint: delete checkpoints/{stage}/{tag} first)")
+            row = row_of(arm, seed, tag, json.loads(summary_path.read_text()), args.lang)
+            print(f"{tag}: skills {row['skills']:.3f}", flush=True)
+            rows.append(row)
+    table = arm_table(arms, rows)
+    out = Path(args.out) if args.out else home.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-skills-{args.name}"
+    atomic_write_json(out / f"{stem}.json", {"name": args.name, "base_tag": args.from_tag, "lang": args.lang,
+                                             "seeds": seeds, "mid_steps": args.mid_steps, "sft_steps": args.sft_steps,
+                                             "max_new_tokens": args.max_new_tokens, "rows": rows, "arms": table})
+    md = table_md(table, args.name, args.lang, args.from_tag)
+    atomic_write_text(out / f"{stem}.md", md)
+    print(md + f"wrote {out / stem}.json and .md", flush=True)
+    return 0

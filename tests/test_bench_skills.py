@@ -1,0 +1,155 @@
+"""`chibichat bench skills`: arms x seeds of midtrain + SFT + eval skills, tabulated with standard errors."""
+
+import argparse
+import json
+import math
+
+import pytest
+
+from chibichat.bench import skills as B
+from chibichat.cli import main
+from chibichat.common import ChibiError
+
+from test_stages_chat import make_base
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("Words", "must be lower-case letters, digits and '-'"),
+    ("a;b", "write NAME or NAME;MID_MIX;SFT_MIX"),
+    ("a;b;c;d", "write NAME or NAME;MID_MIX;SFT_MIX"),
+    (";x;y", "the name '' must be"),
+])
+def test_bad_arms_are_refused_with_the_fix(spec, why):
+    with pytest.raises(ChibiError, match=rf"--arm {spec!r}.*{why}" .replace("(", r"\(").replace(")", r"\)")
+                       .replace(";", ";")):
+        B.parse_arm(spec)
+
+
+def test_arms_parse_with_defaults_and_distinct_names():
+    assert B.parse_arm("words") == B.Arm("words", None, None)
+    assert B.parse_arm("w2;; spelling=2 ") == B.Arm("w2", None, "spelling=2")
+    assert B.parse_arm("w3;identity=1,arithmetic=2;") == B.Arm("w3", "identity=1,arithmetic=2", None)
+    assert B.parse_arms(None) == [B.Arm("default", None, None)]
+    with pytest.raises(ChibiError, match=r"--arm names must differ, got \['a', 'a'\]"):
+        B.parse_arms(["a", "a;x=1;"])
+
+
+@pytest.mark.parametrize("text, why", [("0,x", "comma list of integers"), ("1,1", "distinct seeds >= 0"),
+                                       ("-1", "distinct seeds >= 0"), ("", "distinct seeds >= 0")])
+def test_bad_seeds_are_refused(text, why):
+    with pytest.raises(ChibiError, match=why):
+        B.parse_seeds(text)
+
+
+def test_table_means_standard_errors_and_verdicts_by_hand():
+    arms = [B.Arm("base", None, None), B.Arm("new", "x=1", None), B.Arm("same", None, "y=1")]
+    rows = [{"arm": "base", "skills": s, "per_skill": {"spelling": s / 2}} for s in (0.5, 0.7)] + \
+           [{"arm": "new", "skills": s, "per_skill": {"spelling": 1.0}} for s in (0.9, 0.95)] + \
+           [{"arm": "same", "skills": s, "per_skill": {}} for s in (0.55, 0.65)]
+    t = B.arm_table(arms, rows)
+    base, new, same = t
+    # base: mean 0.6, sample s.d. 0.1414, se 0.1; new: mean 0.925, s.d. 0.03536, se 0.025
+    assert base["mean"] == pytest.approx(0.6) and base["se"] == pytest.approx(0.1)
+    assert (base["min"], base["max"], base["n"]) == (0.5, 0.7, 2)
+    assert base["per_skill"] == {"spelling": pytest.approx(0.3)} and base["diff"] == 0 and base["diff_se"] is None
+    assert new["diff"] == pytest.approx(0.325) and new["diff_se"] == pytest.approx(math.sqrt(0.1 ** 2 + 0.025 ** 2))
+    assert B.verdict(new) == "beyond 2 s.e."  # 0.325 / 0.103 = 3.2
+    assert same["diff"] == pytest.approx(0.0) and B.verdict(same) == "within 2 s.e. (noise)"
+    assert B.verdict({"diff": 0.1, "diff_se": None}) == "no s.e. (one seed)"
+    md = B.table_md(t, "t", "en", "d4")
+    assert "| base | 2 | 0.600 +- 0.100 | 0.500-0.700 | - | baseline | 0.30 |" in md
+    assert "| new | 2 | 0.925 +- 0.025 | 0.900-0.950 | +0.325 +- 0.103 | beyond 2 s.e. | 1.00 |" in md
+    assert "- new: midtrain --mix x=1; sft --mix (default)" in md
+
+
+def _args(home, *extra):
+    p = argparse.ArgumentParser()
+    p.add_argument("--home")
+    B.add_args(p)
+    return p.parse_args(["--home", str(home), *extra])
+
+
+def test_refuses_a_missing_base_checkpoint_and_bad_steps(tmp_path):
+    with pytest.raises(ChibiError, match=r"no base checkpoint 'd9' in .*pretrain one first"):
+        B.run(_args(tmp_path, "--from-tag", "d9"))
+    with pytest.raises(ChibiError, match="--sft-steps must be >= 1, got 0"):
+        B.run(_args(tmp_path, "--from-tag", "d9", "--sft-steps", "0"))
+    with pytest.raises(ChibiError, match="--name 'A B' must be lower-case"):
+        B.run(_args(tmp_path, "--from-tag", "d9", "--name", "A B"))
+
+
+def test_stage_commands_carry_the_arm_mixtures_and_the_seed(tmp_path):
+    from chibichat.common import Home
+
+    args = _args(tmp_path, "--from-tag", "d4", "--name", "ab", "--mid-steps", "7", "--sft-steps", "9",
+                 "--max-per-skill", "2", "--device", "cpu")
+    (mid, m), (sft, s), (ev, e) = B.stage_argvs(args, Home.resolve(tmp_path), B.Arm("w", "a=1", None), 3)
+    assert (mid, sft, ev) == ("mid", "sft", "eval")
+    assert m[:1] == ["midtrain"] and m[m.index("--from-tag") + 1] == "d4" and m[m.index("--tag") + 1] == "ab-w-s3"
+    assert m[m.index("--num-steps") + 1] == "7" == m[m.index("--eval-every") + 1] and m[m.index("--seed") + 1] == "3"
+    assert m[m.index("--mix") + 1] == "a=1" and "--mix" not in s  # an empty mixture: the stage's default
+    assert s[s.index("--from") + 1] == "mid" and s[s.index("--from-tag") + 1] == "ab-w-s3"
+    assert s[s.index("--num-steps") + 1] == "9" and s[s.index("--seed") + 1] == "3"
+    assert e[:2] == ["eval", "skills"] and e[e.index("--from") + 1] == "sft" and e[e.index("--tag") + 1] == "ab-w-s3"
+    assert e[e.index("--max-per-skill") + 1] == "2" and e[e.index("--lang") + 1] == "en"
+    for argv in (m, s, e):  # every stage's own parser accepts its command
+        from chibichat.cli import build_parser
+
+        build_parser().parse_args(argv)
+
+
+@pytest.mark.slow
+def test_bench_runs_every_arm_and_seed_then_resumes_without_training(tmp_path, monkeypatch, capsys):
+    home, _ = make_base(tmp_path / "home")
+    argv = ["bench", "skills", "--home", str(home.root), "--from-tag", "d2", "--seeds", "0",
+            "--arm", "default", "--arm", "small;chitchat=0.05,arithmetic=0.1;arithmetic=0.1",
+            "--mid-steps", "2", "--sft-steps", "2", "--max-new-tokens", "8", "--max-per-skill", "1",
+            "--name", "t", "--device", "cpu", "--dtype", "float32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("$ chibichat midtrain") == out.count("$ chibichat sft") == out.count("$ chibichat eval") == 2
+    data = json.loads((home.report_dir / "bench-skills-t.json").read_text())
+    assert [(r["arm"], r["seed"], r["tag"]) for r in data["rows"]] == [("default", 0, "t-default-s0"),
+                                                                        ("small", 0, "t-small-s0")]
+    for row in data["rows"]:
+        ev = json.loads((home.eval_dir("sft", row["tag"]) / "summary.json").read_text())
+        assert row["skills"] == ev["skills"] and row["per_skill"]["spelling"] == ev["skills_spelling"]
+        assert ev["skills_n"] == 7  # one prompt per skill
+        mid = json.loads((home.checkpoints_dir("mid", row["tag"]) / "summary.json").read_text())
+        sft = json.loads((home.checkpoints_dir("sft", row["tag"]) / "summary.json").read_text())
+        assert mid["steps"] == sft["steps"] == 2 and sft["source"].endswith(f"mid/{row['tag']}/step_000002")
+    # the arm's mixtures reached its stages; the default arm trained on the defaults
+    assert set(json.loads((home.checkpoints_dir("mid", "t-small-s0") / "summary.json").read_text())["mixture"]) \
+        == {"chitchat", "arithmetic"}
+    assert set(json.loads((home.checkpoints_dir("sft", "t-small-s0") / "summary.json").read_text())["mixture"]) \
+        == {"arithmetic"}
+    assert len(json.loads((home.checkpoints_dir("sft", "t-default-s0") / "summary.json").read_text())["mixture"]) > 3
+    md = (home.report_dir / "bench-skills-t.md").read_text()
+    assert "| default | 1 |" in md and "| small | 1 |" in md and "no s.e. (one seed)" in md
+
+    # Resume: a run whose eval exists is read; a run with trained stages but no eval only evaluates.
+    (home.eval_dir("sft", "t-small-s0") / "summary.json").unlink()
+    calls = []
+    real = B.subprocess.run
+
+    def record(cmd, *a, **k):
+        calls.append(cmd[3:5])
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(B.subprocess, "run", record)
+    assert main(argv) == 0
+    assert calls == [["eval", "skills"]]
+    out = capsys.readouterr().out
+    assert "t-default-s0: done already" in out and "t-small-s0: mid done already, not re-trained" in out
+    assert json.loads((home.report_dir / "bench-skills-t.json").read_text())["rows"] == data["rows"]
+
+
+def test_a_failed_stage_names_itself_and_how_to_resume(tmp_path, monkeypatch):
+    home, _ = make_base(tmp_path / "home")
+
+    class Failed:
+        returncode = 3
+
+    monkeypatch.setattr(B.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(ChibiError, match=r"mid of ab-default-s0 failed \(exit code 3\).*Re-run the bench to resume"):
+        B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0"))
