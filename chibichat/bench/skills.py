@@ -14,8 +14,10 @@ tabulates per arm the mean skills score over seeds with its standard error (samp
 range, the per-skill means, and each arm's difference from the first arm with the standard error of the
 difference (sqrt(se_a^2 + se_b^2); the seeds of two arms are not paired: their data orders differ).
 
-An arm is `NAME` (the stages' default mixtures) or `NAME;MID_MIX;SFT_MIX`, where an empty mixture
-means that stage's default: `--arm "more-words;;identity=1,spelling=2"`. A code change is compared by running the bench
+An arm is `NAME` (the stages' defaults) or `NAME;MID_FLAGS;SFT_FLAGS`: more flags of midtrain and of sft,
+as on their command lines (an empty part: that stage's defaults), e.g. `--arm "words;;--mix spelling=2,identity=1"`
+or `--arm "sft-lr;;--lr-frac 0.25"`. The flags the bench sets itself (source, tag, steps, seed, evaluation
+cadence, device) are refused in an arm. A code change is compared by running the bench
 from each version of the code, each installed in its own environment (a clone set up with
 scripts/setup.sh: the stages run as `python -m chibichat` of the running interpreter), with its own
 --name on the same home and base.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,15 +48,20 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 @dataclass(frozen=True)
 class Arm:
     name: str
-    mid_mix: str | None  # None: midtrain's default mixture
-    sft_mix: str | None
+    mid_flags: tuple[str, ...] = ()  # added to midtrain's command line; () = its defaults
+    sft_flags: tuple[str, ...] = ()
+
+
+# Set by the bench for every run; an arm that set them would not be the same experiment on another seed.
+OWNED_FLAGS = ("--home", "--from", "--from-tag", "--from-step", "--tag", "--num-steps", "--eval-every", "--seed",
+               "--device", "--dtype", "--resume", "--overwrite")
 
 
 def add_args(p) -> None:
     p.add_argument("--from-tag", required=True, help="tag of the base checkpoint every run starts from")
-    p.add_argument("--arm", action="append", default=None, metavar="NAME[;MID_MIX;SFT_MIX]",
-                   help="an arm: a name, then optionally the midtraining and SFT --mix (empty: the stage's "
-                        "default); repeat for each arm; the first is the baseline (default: one arm 'default')")
+    p.add_argument("--arm", action="append", default=None, metavar="NAME[;MID_FLAGS;SFT_FLAGS]",
+                   help="an arm: a name, then optionally more midtrain and sft flags (e.g. 'w;;--mix spelling=2'); "
+                        "repeat for each arm; the first is the baseline (default: one arm 'default')")
     p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds, each run for every arm "
                    "(default: 0,1,2,3)")
     p.add_argument("--mid-steps", type=int, default=250, help="midtraining steps (default: 250, the cpu preset's)")
@@ -81,18 +89,31 @@ def parse_seeds(text: str) -> list[int]:
 def parse_arm(spec: str) -> Arm:
     parts = spec.split(";")
     if len(parts) not in (1, 3):
-        raise ChibiError(f"--arm {spec!r}: write NAME or NAME;MID_MIX;SFT_MIX (an empty mixture is the stage's "
-                         "default), e.g. 'words;;spelling=2,letter-count=2'")
+        raise ChibiError(f"--arm {spec!r}: write NAME or NAME;MID_FLAGS;SFT_FLAGS (an empty part keeps the "
+                         "stage's defaults), e.g. 'words;;--mix spelling=2,letter-count=2'")
     name = parts[0].strip()
     if not _NAME.match(name):
         raise ChibiError(f"--arm {spec!r}: the name {name!r} must be lower-case letters, digits and '-' "
                          "(it becomes part of a checkpoint tag)")
-    mid, sft = (p.strip() or None for p in parts[1:]) if len(parts) == 3 else (None, None)
-    return Arm(name, mid, sft)
+    flags = []
+    for stage, part in zip(("midtrain", "sft"), parts[1:]):
+        try:
+            argv = tuple(shlex.split(part))
+        except ValueError as e:
+            raise ChibiError(f"--arm {spec!r}: the {stage} flags {part!r} do not parse ({e}); quote as in a shell") from None
+        if argv and not argv[0].startswith("--"):
+            raise ChibiError(f"--arm {spec!r}: the {stage} part must be flags such as '--mix spelling=2', got "
+                             f"{argv[0]!r}")
+        owned = [a for a in argv if a.split("=", 1)[0] in OWNED_FLAGS]
+        if owned:
+            raise ChibiError(f"--arm {spec!r}: {owned[0].split('=', 1)[0]} is set by the bench for every run "
+                             "(use --from-tag, --mid-steps, --sft-steps, --seeds, --device, --dtype)")
+        flags.append(argv)
+    return Arm(name, *flags)
 
 
 def parse_arms(specs: list[str] | None) -> list[Arm]:
-    arms = [parse_arm(s) for s in specs] if specs else [Arm("default", None, None)]
+    arms = [parse_arm(s) for s in specs] if specs else [Arm("default")]
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ChibiError(f"--arm names must differ, got {names}")
@@ -111,10 +132,8 @@ def stage_argvs(args, home: Home, arm: Arm, seed: int) -> list[tuple[str, list[s
            "--num-steps", str(args.mid_steps), "--eval-every", str(args.mid_steps), "--seed", str(seed), *rt]
     sft = ["sft", *h, "--from", "mid", "--from-tag", tag, "--tag", tag,
            "--num-steps", str(args.sft_steps), "--eval-every", str(args.sft_steps), "--seed", str(seed), *rt]
-    if arm.mid_mix:
-        mid += ["--mix", arm.mid_mix]
-    if arm.sft_mix:
-        sft += ["--mix", arm.sft_mix]
+    mid += arm.mid_flags
+    sft += arm.sft_flags
     ev = ["eval", "skills", *h, "--from", "sft", "--tag", tag, "--lang", args.lang,
           "--max-new-tokens", str(args.max_new_tokens), *rt]
     if args.max_per_skill is not None:
@@ -157,7 +176,8 @@ def arm_table(arms: list[Arm], rows: list[dict]) -> list[dict]:
         scores = [r["skills"] for r in rs]
         m, se = mean_se(scores)
         skills = sorted({s for r in rs for s in r["per_skill"]})
-        out.append({"arm": arm.name, "mid_mix": arm.mid_mix, "sft_mix": arm.sft_mix, "n": len(rs), "mean": m,
+        out.append({"arm": arm.name, "mid_flags": shlex.join(arm.mid_flags), "sft_flags": shlex.join(arm.sft_flags),
+                    "n": len(rs), "mean": m,
                     "se": se, "min": min(scores), "max": max(scores),
                     "per_skill": {s: sum(r["per_skill"][s] for r in rs if s in r["per_skill"]) /
                                   sum(s in r["per_skill"] for r in rs) for s in skills}})
@@ -192,7 +212,7 @@ def table_md(table: list[dict], name: str, lang: str, base_tag: str) -> str:
                      " | ".join(f"{a['per_skill'].get(s, float('nan')):.2f}" for s in skills) + " |")
     lines.append("")
     for a in table:
-        lines.append(f"- {a['arm']}: midtrain --mix {a['mid_mix'] or '(default)'}; sft --mix {a['sft_mix'] or '(default)'}")
+        lines.append(f"- {a['arm']}: midtrain {a['mid_flags'] or '(defaults)'}; sft {a['sft_flags'] or '(defaults)'}")
     return "\n".join(lines) + "\n"
 
 
