@@ -303,6 +303,18 @@ def check_at_least(args, minimum: int, *names: str) -> None:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def parse_int_list(text: str, flag: str, what: str, minimum: int, example: str) -> list[int]:
+    """A comma list of distinct integers >= minimum ("2,4,6" -> [2, 4, 6], in the given order); a ChibiError
+    naming `flag` and the fix otherwise."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ChibiError(f"{flag} must be a comma list of integers, e.g. {example}; got {text!r}") from None
+    if not values or min(values) < minimum or len(set(values)) != len(values):
+        raise ChibiError(f"{flag} must list distinct {what} >= {minimum}, got {text!r}")
+    return values
+
+
 def add_model_args(p, default: str = "sft") -> None:
     """--from/--tag/--step: which checkpoint to load (chat, serve, eval, bench serve)."""
     p.add_argument("--from", dest="source", default=default, choices=CHECKPOINT_STAGES,

@@ -39,11 +39,15 @@ def test_arms_parse_with_defaults_and_distinct_names():
         B.parse_arms(["a", "a;--mix x=1;"])
 
 
-@pytest.mark.parametrize("text, why", [("0,x", "comma list of integers"), ("1,1", "distinct seeds >= 0"),
-                                       ("-1", "distinct seeds >= 0"), ("", "distinct seeds >= 0")])
+@pytest.mark.parametrize("text, why", [("0,x", "--seeds must be a comma list of integers, e.g. 0,1,2,3; got '0,x'"),
+                                       ("1,1", "--seeds must list distinct seeds >= 0, got '1,1'"),
+                                       ("-1", "--seeds must list distinct seeds >= 0, got '-1'"),
+                                       ("", "--seeds must list distinct seeds >= 0, got ''")])
 def test_bad_seeds_are_refused(text, why):
-    with pytest.raises(ChibiError, match=why):
+    with pytest.raises(ChibiError) as e:
         B.parse_seeds(text)
+    assert str(e.value) == why
+    assert B.parse_seeds(" 3, 0,1 ") == [3, 0, 1]  # the given order: arms run seed by seed as listed
 
 
 def test_table_means_standard_errors_and_verdicts_by_hand():
@@ -163,3 +167,13 @@ def test_a_failed_stage_names_itself_and_how_to_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(B.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(ChibiError, match=r"mid of ab-default-s0 failed \(exit code 3\).*Re-run the bench to resume"):
         B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0"))
+
+
+def test_every_bench_list_flag_shares_one_parser_and_its_messages():
+    from chibichat.bench import serve, sweep
+
+    assert sweep.parse_depths("4,2") == [2, 4] and serve._levels("1,8") == [1, 8]
+    with pytest.raises(ChibiError, match=r"^--clients must list distinct client counts >= 1, got '0,8'$"):
+        serve._levels("0,8")
+    with pytest.raises(ChibiError, match=r"^--clients must be a comma list of integers, e.g. 1,8,32; got '1;8'$"):
+        serve._levels("1;8")

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from chibichat.common import ChibiError, add_runtime_args
+from chibichat.common import ChibiError, add_runtime_args, parse_int_list
 
 HELP = "serve under load: N concurrent streaming clients -> aggregate tok/s, TTFT and inter-token latency, 503s"
 
@@ -48,13 +48,7 @@ def add_args(p) -> None:
 
 
 def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ChibiError(f"--clients must be a comma-separated list of integers, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise ChibiError(f"--clients needs positive client counts, got {text!r}")
-    return levels
+    return parse_int_list(text, "--clients", "client counts", 1, "1,8,32")
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_write_json, atomic_write_text
+from chibichat.common import ChibiError, Home, atomic_write_json, atomic_write_text, check_at_least, parse_int_list
 
 HELP = "A/B test chat-data mixtures over several seeds: midtrain + SFT + held-out skills per arm and seed"
 
@@ -77,13 +77,7 @@ def add_args(p) -> None:
 
 
 def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ChibiError(f"--seeds must be a comma list of integers, e.g. 0,1,2,3; got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ChibiError(f"--seeds must list distinct seeds >= 0, got {text!r}")
-    return seeds
+    return parse_int_list(text, "--seeds", "seeds", 0, "0,1,2,3")
 
 
 def parse_arm(spec: str) -> Arm:
@@ -217,10 +211,7 @@ def table_md(table: list[dict], name: str, lang: str, base_tag: str) -> str:
 
 
 def run(args) -> int:
-    for flag, v in (("--mid-steps", args.mid_steps), ("--sft-steps", args.sft_steps),
-                    ("--max-new-tokens", args.max_new_tokens)):
-        if v < 1:
-            raise ChibiError(f"{flag} must be >= 1, got {v}")
+    check_at_least(args, 1, "mid_steps", "sft_steps", "max_new_tokens", "max_per_skill")
     if not _NAME.match(args.name):
         raise ChibiError(f"--name {args.name!r} must be lower-case letters, digits and '-' (it becomes part of "
                          "checkpoint tags)")

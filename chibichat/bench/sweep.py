@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_write_bytes, atomic_write_json, atomic_write_text
+from chibichat.common import ChibiError, Home, atomic_write_bytes, atomic_write_json, atomic_write_text, parse_int_list
 
 HELP = "pretrain several depths for the same minutes and compare val bpb (model size against tokens)"
 
@@ -43,13 +43,7 @@ def add_args(p) -> None:
 
 
 def parse_depths(text: str) -> list[int]:
-    try:
-        depths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ChibiError(f"--depths must be a comma list of integers, e.g. 2,3,4,6; got {text!r}") from None
-    if not depths or any(d < 1 for d in depths) or len(set(depths)) != len(depths):
-        raise ChibiError(f"--depths must list distinct depths >= 1, got {text!r}")
-    return sorted(depths)
+    return sorted(parse_int_list(text, "--depths", "depths", 1, "2,3,4,6"))
 
 
 def sweep_name(minutes: float) -> str:
