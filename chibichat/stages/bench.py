@@ -18,6 +18,7 @@ BENCHES = [
     ("serve", "chibichat.bench.serve"),
     ("sweep", "chibichat.bench.sweep"),
     ("skills", "chibichat.bench.skills"),
+    ("copy", "chibichat.bench.copy"),
 ]
 
 

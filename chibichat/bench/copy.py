@@ -1,0 +1,151 @@
+"""`chibichat bench copy`: how well saved models copy from their context (an induction probe).
+
+Spelling, letter counting, the calculator's numbers and on-topic sentences all need the model to write a
+token it has just read. This benchmark measures that ability directly, for several checkpoints side by side.
+
+A probe row is BOS, H tokens, then the same H tokens again (2H + 1 ids, H = half the model's context by
+default). The loss is read on both halves, leaving out the two targets no model can get from copying (the
+first token after BOS and the first token of the repeat, where nothing says that a repeat begins). Two kinds
+of rows:
+  - text: consecutive H-token pieces of a corpus's validation split (default: the corpus the checkpoint was
+    trained on); a language model predicts part of the first half already, so the gain is a lower bound;
+  - random: H ordinary tokens drawn uniformly (special tokens excluded); the first half costs about ln(V),
+    and only copying makes the repeat cheaper.
+Per checkpoint and kind: mean loss in nats per token on the first half and on the repeat, and the gain
+(first - repeat). A model that copies well has a gain of several nats on random rows; the quickstart's base
+model has a fraction of one (docs/benchmarks.md, "copy rows in pretraining").
+"""
+
+from __future__ import annotations
+
+import random
+
+from chibichat.common import CHECKPOINT_STAGES, ChibiError, add_runtime_args
+
+HELP = "in-context copying of saved checkpoints: loss on a repeated half against the first (text and random tokens)"
+
+
+def add_args(p) -> None:
+    p.add_argument("--model", action="append", default=None, metavar="STAGE/TAG", required=True,
+                   help="checkpoint to probe, e.g. base/d4 (repeat to compare several; the newest step of each)")
+    p.add_argument("--rows", type=int, default=32, help="probe rows of each kind (default: 32)")
+    p.add_argument("--half", type=int, default=None,
+                   help="tokens in each half of a row (default: half of the smallest context among the models)")
+    p.add_argument("--corpus", default=None,
+                   help="corpus whose validation split gives the text rows (default: each checkpoint's own corpus)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random rows (default: 0)")
+    p.add_argument("--name", default="copy", help="report name: report/bench-<name>.{json,md} (default: copy)")
+    add_runtime_args(p)
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    """'base/d4' -> ('base', 'd4'); the stage must be one that saves checkpoints."""
+    stage, sep, tag = text.partition("/")
+    if not sep or not stage or not tag or "/" in tag:
+        raise ChibiError(f"--model {text!r}: write STAGE/TAG, e.g. --model base/d4 (stages: {', '.join(CHECKPOINT_STAGES)})")
+    if stage not in CHECKPOINT_STAGES:
+        raise ChibiError(f"--model {text!r}: unknown stage {stage!r}; stages: {', '.join(CHECKPOINT_STAGES)}")
+    return stage, tag
+
+
+def probe_rows(pieces: list[list[int]], bos: int) -> list[list[int]]:
+    """BOS + piece + piece for every piece (all of one length H)."""
+    return [[bos, *p, *p] for p in pieces]
+
+
+def random_pieces(rows: int, half: int, vocab_regular: int, seed: int) -> list[list[int]]:
+    rng = random.Random(f"bench-copy:{seed}")
+    return [[rng.randrange(vocab_regular) for _ in range(half)] for _ in range(rows)]
+
+
+def text_pieces(corpus, home, tok, rows: int, half: int) -> list[list[int]]:
+    """The first rows x half tokens of the corpus's validation split, cut into consecutive pieces."""
+    need = rows * half
+    ids: list[int] = []
+    for shard in corpus.shards("val", home):
+        for g in range(shard.num_groups()):
+            for doc in shard.read_group(g):
+                ids += tok.encode(doc)
+                if len(ids) >= need:
+                    return [ids[k * half:(k + 1) * half] for k in range(rows)]
+    raise ChibiError(f"corpus {corpus.name!r}: its validation split holds {len(ids):,} tokens, fewer than --rows {rows} "
+                     f"x --half {half} = {need:,}; lower --rows or --half")
+
+
+def half_losses(model, rows: list[list[int]], device, batch: int = 8) -> tuple[float, float]:
+    """(mean loss on the first half, mean loss on the repeat) in nats per token, over all rows."""
+    import torch
+
+    half = (len(rows[0]) - 1) // 2
+    first = repeat = 0.0
+    with torch.no_grad():
+        for s in range(0, len(rows), batch):
+            x = torch.tensor(rows[s:s + batch], device=device)
+            loss = model(x[:, :-1], x[:, 1:], reduction="none").float()
+            # target j predicts row[j + 1]: 1..H-1 are the first half after its first token, H+1..2H-1 the repeat
+            # after its first token
+            first += loss[:, 1:half].sum().item()
+            repeat += loss[:, half + 1:].sum().item()
+    n = len(rows) * (half - 1)
+    return first / n, repeat / n
+
+
+def run(args) -> int:
+    from chibichat.common import Home, atomic_write_json, atomic_write_text, check_at_least, init_runtime
+    from chibichat.data.corpora import get_corpus
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import load_model, read_meta, resolve_checkpoint
+
+    check_at_least(args, 1, "rows")
+    if args.half is not None and args.half < 2:
+        raise ChibiError(f"--half must be >= 2 (a first token and one to copy), got {args.half}")
+    models = [parse_model(m) for m in args.model]
+    home = Home.resolve(args.home)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    metas = [read_meta(resolve_checkpoint(home, stage, tag)) for stage, tag in models]
+    context = min(m["model_config"]["seq_len"] for m in metas)
+    half = args.half if args.half is not None else context // 2
+    if 2 * half > context:
+        raise ChibiError(f"--half {half}: a row needs 2 x {half} = {2 * half} positions but the smallest context among "
+                         f"the models is {context}; use --half {context // 2} or less")
+    rt = init_runtime(args.device, args.dtype)
+    regular = min(tok.special_ids)  # specials are the last ids (tokenizer.py)
+    random_rows = probe_rows(random_pieces(args.rows, half, regular, args.seed), tok.bos_id)
+    text_rows: dict[str, list[list[int]]] = {}
+    results = []
+    for (stage, tag), meta in zip(models, metas):
+        corpus_name = args.corpus or meta.get("corpus")
+        if not corpus_name:
+            raise ChibiError(f"--model {stage + '/' + tag!r}: its checkpoint does not say which corpus it was trained on; "
+                             "name one with --corpus")
+        if corpus_name not in text_rows:
+            text_rows[corpus_name] = probe_rows(text_pieces(get_corpus(corpus_name), home, tok, args.rows, half),
+                                                tok.bos_id)
+        model, _ = load_model(home, stage, tag, rt=rt, tokenizer=tok)
+        row = {"model": f"{stage}/{tag}", "step": meta.get("step"), "corpus": corpus_name}
+        for kind, rows in (("text", text_rows[corpus_name]), ("random", random_rows)):
+            first, repeat = half_losses(model, rows, rt.device)
+            row[kind] = {"first": first, "repeat": repeat, "gain": first - repeat}
+        results.append(row)
+        del model
+    table = format_table(results, args.rows, half)
+    print(table)
+    out = home.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"bench-{args.name}.json",
+                      {"rows": args.rows, "half": half, "seed": args.seed, "results": results})
+    atomic_write_text(out / f"bench-{args.name}.md", table + "\n")
+    print(f"wrote {out / f'bench-{args.name}.json'} and .md")
+    return 0
+
+
+def format_table(results: list[dict], rows: int, half: int) -> str:
+    lines = [f"`chibichat bench copy`: {rows} rows of each kind, BOS + {half} tokens + the same {half} again; mean loss "
+             "(nats per token) on the first half and on the repeat, gain = first - repeat.", "",
+             "| model | step | text corpus | text first | text repeat | text gain | random first | random repeat | random gain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t, n = r["text"], r["random"]
+        lines.append(f"| {r['model']} | {r['step']} | {r['corpus']} | {t['first']:.3f} | {t['repeat']:.3f} | "
+                     f"**{t['gain']:.3f}** | {n['first']:.3f} | {n['repeat']:.3f} | **{n['gain']:.3f}** |")
+    return "\n".join(lines)

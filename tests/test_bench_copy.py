@@ -1,0 +1,99 @@
+"""`chibichat bench copy`: the induction probe's rows, its losses and its refusals."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from chibichat.bench import copy as C
+from chibichat.cli import main
+from chibichat.common import ChibiError
+from chibichat.train.checkpoint import load_model
+
+from test_stages_chat import SEQ, make_base
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("copy") / "home")
+
+
+@pytest.mark.parametrize("text, why", [
+    ("d4", "write STAGE/TAG, e.g. --model base/d4"),
+    ("base/", "write STAGE/TAG"),
+    ("base/a/b", "write STAGE/TAG"),
+    ("pre/d4", "unknown stage 'pre'; stages: base, mid, sft, rl, dpo"),
+])
+def test_bad_model_names_are_refused(text, why):
+    with pytest.raises(ChibiError) as e:
+        C.parse_model(text)
+    assert str(e.value).startswith(f"--model {text!r}: ") and why in str(e.value)
+    assert C.parse_model("sft/d4-s0") == ("sft", "d4-s0")
+
+
+def test_rows_repeat_their_first_half_and_random_rows_avoid_specials():
+    pieces = C.random_pieces(5, 7, 100, seed=3)
+    assert pieces == C.random_pieces(5, 7, 100, seed=3) != C.random_pieces(5, 7, 100, seed=4)
+    assert all(len(p) == 7 and all(0 <= t < 100 for t in p) for p in pieces)
+    rows = C.probe_rows(pieces, bos=511)
+    assert all(r == [511, *p, *p] for r, p in zip(rows, pieces))
+
+
+def test_half_losses_score_exactly_the_copyable_targets(base):
+    """Against cross-entropy computed from the logits: targets 1..H-1 and H+1..2H-1 of x[:, 1:]."""
+    home, tok = base
+    model, _ = load_model(home, "base", "d2")
+    rows = C.probe_rows(C.random_pieces(3, 6, min(tok.special_ids), seed=0), tok.bos_id)
+    first, repeat = C.half_losses(model, rows, "cpu", batch=2)
+    x = torch.tensor(rows)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+    assert first == pytest.approx(ce[:, 1:6].mean().item(), rel=1e-5)
+    assert repeat == pytest.approx(ce[:, 7:12].mean().item(), rel=1e-5)
+
+
+def test_cli_compares_checkpoints_and_writes_the_report(base, capsys):
+    home, tok = base
+    shutil.copytree(home.checkpoints_dir("base", "d2"), home.checkpoints_dir("base", "twin"), dirs_exist_ok=True)
+    assert main(["bench", "copy", "--home", str(home.root), "--model", "base/d2", "--model", "base/twin", "--rows", "4",
+                 "--half", "8", "--device", "cpu", "--dtype", "float32", "--name", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "| base/d2 | 5 | embedded-en |" in out and "| base/twin | 5 | embedded-en |" in out
+    rep = json.loads((home.report_dir / "bench-t.json").read_text())
+    assert (rep["rows"], rep["half"]) == (4, 8)
+    a, b = rep["results"]
+    assert a["text"] == b["text"] and a["random"] == b["random"]  # the same weights score the same rows alike
+    model, _ = load_model(home, "base", "d2")
+    rows = C.probe_rows(C.random_pieces(4, 8, min(tok.special_ids), seed=0), tok.bos_id)
+    first, repeat = C.half_losses(model, rows, "cpu")
+    assert a["random"]["first"] == pytest.approx(first, rel=1e-5)
+    assert a["random"]["gain"] == pytest.approx(first - repeat, rel=1e-4, abs=1e-6)
+    assert (home.report_dir / "bench-t.md").read_text().startswith("`chibichat bench copy`: 4 rows of each kind")
+
+
+def _refused(capsys, argv) -> str:
+    assert main(["bench", "copy", *argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_cli_refuses_a_half_beyond_the_context_and_a_checkpoint_without_corpus(base, capsys):
+    home, _ = base
+    h = ["--home", str(home.root), "--device", "cpu", "--dtype", "float32"]
+    assert (f"chibichat bench: error: --half {SEQ}: a row needs 2 x {SEQ} = {2 * SEQ} positions but the smallest context "
+            f"among the models is {SEQ}; use --half {SEQ // 2} or less") in _refused(capsys, [*h, "--model", "base/d2",
+                                                                                          "--half", str(SEQ)])
+    assert "--half must be >= 2 (a first token and one to copy), got 1" in _refused(
+        capsys, [*h, "--model", "base/d2", "--half", "1"])
+    assert "--model 'd2': write STAGE/TAG" in _refused(capsys, [*h, "--model", "d2"])
+    sdir = home.checkpoints_dir("sft", "x")
+    shutil.copytree(home.checkpoints_dir("base", "d2"), sdir, dirs_exist_ok=True)
+    for meta_path in sdir.glob("step_*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["corpus"]
+        meta_path.write_text(json.dumps(meta))
+    assert ("--model 'sft/x': its checkpoint does not say which corpus it was trained on; name one with --corpus"
+            in _refused(capsys, [*h, "--model", "sft/x", "--rows", "2", "--half", "4"]))
+    assert main(["bench", "copy", *h, "--model", "sft/x", "--rows", "2", "--half", "4", "--corpus", "embedded-en",
+                 "--name", "x"]) == 0
+    assert json.loads((home.report_dir / "bench-x.json").read_text())["results"][0]["corpus"] == "embedded-en"
