@@ -68,7 +68,7 @@ def test_table_means_standard_errors_and_verdicts_by_hand():
     md = B.table_md(t, "t", "en", "d4")
     assert "| base | 2 | 0.600 +- 0.100 | 0.500-0.700 | - | baseline | 0.30 |" in md
     assert "| new | 2 | 0.925 +- 0.025 | 0.900-0.950 | +0.325 +- 0.103 | beyond 2 s.e. | 1.00 |" in md
-    assert "- new: midtrain --mix x=1; sft (defaults)" in md and "- same: midtrain (defaults); sft --lr-frac 0.5" in md
+    assert "- new: midtrain --mix x=1; sft (defaults)" in md and "- same: midtrain (defaults), the runs of arm base; sft --lr-frac 0.5" in md
 
 
 def _args(home, *extra):
@@ -92,8 +92,8 @@ def test_stage_commands_carry_the_arm_mixtures_and_the_seed(tmp_path):
 
     args = _args(tmp_path, "--from-tag", "d4", "--name", "ab", "--mid-steps", "7", "--sft-steps", "9",
                  "--max-per-skill", "2", "--device", "cpu")
-    (mid, m), (sft, s), (ev, e) = B.stage_argvs(args, Home.resolve(tmp_path), B.Arm("w", ("--mix", "a=1"), ()), 3)
-    assert (mid, sft, ev) == ("mid", "sft", "eval")
+    (tm, mid, m), (ts, sft, s), (te, ev, e) = B.stage_argvs(args, Home.resolve(tmp_path), B.Arm("w", ("--mix", "a=1"), ()), 3)
+    assert (mid, sft, ev) == ("mid", "sft", "eval") and tm == ts == te == "ab-w-s3"
     assert m[:1] == ["midtrain"] and m[m.index("--from-tag") + 1] == "d4" and m[m.index("--tag") + 1] == "ab-w-s3"
     assert m[m.index("--num-steps") + 1] == "7" == m[m.index("--eval-every") + 1] and m[m.index("--seed") + 1] == "3"
     assert m[m.index("--mix") + 1] == "a=1" and "--mix" not in s  # an empty mixture: the stage's default
@@ -107,26 +107,49 @@ def test_stage_commands_carry_the_arm_mixtures_and_the_seed(tmp_path):
         build_parser().parse_args(argv)
 
 
+def test_arms_with_the_same_midtraining_flags_share_their_midtraining(tmp_path):
+    from chibichat.common import Home
+
+    arms = B.parse_arms(["default", "lr;;--lr-frac 0.25", "mix;--mix a=1;", "mix-lr;--mix a=1;--lr-frac 2"])
+    owners = B.mid_owners(arms)
+    assert {k: v.name for k, v in owners.items()} == {"default": "default", "lr": "default", "mix": "mix",
+                                                      "mix-lr": "mix"}
+    args = _args(tmp_path, "--from-tag", "d4", "--name", "ab")
+    (tm, _, m), (ts, _, s), (te, _, e) = B.stage_argvs(args, Home.resolve(tmp_path), arms[3], 2, owners["mix-lr"])
+    assert (tm, ts, te) == ("ab-mix-s2", "ab-mix-lr-s2", "ab-mix-lr-s2")
+    assert m[m.index("--tag") + 1] == "ab-mix-s2" and m[m.index("--mix") + 1] == "a=1"
+    assert s[s.index("--from-tag") + 1] == "ab-mix-s2" and s[s.index("--tag") + 1] == "ab-mix-lr-s2"
+    assert e[e.index("--tag") + 1] == "ab-mix-lr-s2"
+    rows = [{"arm": a.name, "skills": 0.5, "per_skill": {}} for a in arms]
+    md = B.table_md(B.arm_table(arms, rows), "ab", "en", "d4")
+    assert "- lr: midtrain (defaults), the runs of arm default; sft --lr-frac 0.25" in md
+    assert "- mix-lr: midtrain --mix a=1, the runs of arm mix; sft --lr-frac 2" in md
+    assert "- mix: midtrain --mix a=1; sft (defaults)" in md
+
+
 @pytest.mark.slow
 def test_bench_runs_every_arm_and_seed_then_resumes_without_training(tmp_path, monkeypatch, capsys):
     home, _ = make_base(tmp_path / "home")
     argv = ["bench", "skills", "--home", str(home.root), "--from-tag", "d2", "--seeds", "0",
             "--arm", "default", "--arm", "small;--mix chitchat=0.05,arithmetic=0.1;--mix arithmetic=0.1 --lr-frac 0.25",
-            "--mid-steps", "2", "--sft-steps", "2", "--max-new-tokens", "8", "--max-per-skill", "1",
+            "--arm", "lr;;--lr-frac 0.25", "--mid-steps", "2", "--sft-steps", "2", "--max-new-tokens", "8", "--max-per-skill", "1",
             "--name", "t", "--device", "cpu", "--dtype", "float32"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("$ chibichat midtrain") == out.count("$ chibichat sft") == out.count("$ chibichat eval") == 2
+    # arm lr changes only SFT: it shares the default arm's midtraining, trained once
+    assert out.count("$ chibichat midtrain") == 2 and out.count("$ chibichat sft") == out.count("$ chibichat eval") == 3
+    assert "t-lr-s0: mid done already (shared with arm default), not re-trained" in out
     data = json.loads((home.report_dir / "bench-skills-t.json").read_text())
-    assert [(r["arm"], r["seed"], r["tag"]) for r in data["rows"]] == [("default", 0, "t-default-s0"),
-                                                                        ("small", 0, "t-small-s0")]
+    assert [(r["arm"], r["seed"], r["tag"], r["mid_tag"]) for r in data["rows"]] == [
+        ("default", 0, "t-default-s0", "t-default-s0"), ("small", 0, "t-small-s0", "t-small-s0"),
+        ("lr", 0, "t-lr-s0", "t-default-s0")]
     for row in data["rows"]:
         ev = json.loads((home.eval_dir("sft", row["tag"]) / "summary.json").read_text())
         assert row["skills"] == ev["skills"] and row["per_skill"]["spelling"] == ev["skills_spelling"]
         assert ev["skills_n"] == 7  # one prompt per skill
-        mid = json.loads((home.checkpoints_dir("mid", row["tag"]) / "summary.json").read_text())
+        mid = json.loads((home.checkpoints_dir("mid", row["mid_tag"]) / "summary.json").read_text())
         sft = json.loads((home.checkpoints_dir("sft", row["tag"]) / "summary.json").read_text())
-        assert mid["steps"] == sft["steps"] == 2 and sft["source"].endswith(f"mid/{row['tag']}/step_000002")
+        assert mid["steps"] == sft["steps"] == 2 and sft["source"].endswith(f"mid/{row['mid_tag']}/step_000002")
     # the arm's mixtures reached its stages; the default arm trained on the defaults
     assert set(json.loads((home.checkpoints_dir("mid", "t-small-s0") / "summary.json").read_text())["mixture"]) \
         == {"chitchat", "arithmetic"}
@@ -137,6 +160,7 @@ def test_bench_runs_every_arm_and_seed_then_resumes_without_training(tmp_path, m
     from chibichat.train.checkpoint import read_meta, resolve_checkpoint
 
     assert read_meta(resolve_checkpoint(home, "sft", "t-small-s0"))["flags"]["lr_frac"] == 0.25
+    assert read_meta(resolve_checkpoint(home, "sft", "t-lr-s0"))["flags"]["lr_frac"] == 0.25
     assert read_meta(resolve_checkpoint(home, "sft", "t-default-s0"))["flags"]["lr_frac"] == 0.5
     md = (home.report_dir / "bench-skills-t.md").read_text()
     assert "| default | 1 |" in md and "| small | 1 |" in md and "no s.e. (one seed)" in md

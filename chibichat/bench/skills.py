@@ -12,7 +12,8 @@ run per arm, or two, cannot tell a +0.03 change from luck. This runs, for every 
 each in its own process (the same commands a user runs), from one base checkpoint of the home, and
 tabulates per arm the mean skills score over seeds with its standard error (sample s.d. / sqrt(n)), the
 range, the per-skill means, and each arm's difference from the first arm with the standard error of the
-difference (sqrt(se_a^2 + se_b^2); the seeds of two arms are not paired: their data orders differ).
+difference (sqrt(se_a^2 + se_b^2); the seeds of two arms are not treated as paired: their data orders differ,
+and even arms that share their midtraining (below) differ in SFT, so this is the conservative figure).
 
 An arm is `NAME` (the stages' defaults) or `NAME;MID_FLAGS;SFT_FLAGS`: more flags of midtrain and of sft,
 as on their command lines (an empty part: that stage's defaults), e.g. `--arm "words;;--mix spelling=2,identity=1"`
@@ -21,6 +22,9 @@ cadence, device) are refused in an arm. A code change is compared by running the
 from each version of the code, each installed in its own environment (a clone set up with
 scripts/setup.sh: the stages run as `python -m chibichat` of the running interpreter), with its own
 --name on the same home and base.
+
+Arms with the same midtraining flags share their midtraining: per seed it runs once, under the tag of the first
+such arm, and the other arms' SFT starts from it (an arm that changes only SFT costs only SFT and evaluation).
 
 Writes DIR/bench-skills-NAME.json (one row per run, and the per-arm table) and .md, DIR = --out or
 home/report. A run whose eval summary exists is read, not run again (a stage whose summary exists is
@@ -118,13 +122,21 @@ def run_tag(name: str, arm: Arm, seed: int) -> str:
     return f"{name}-{arm.name}-s{seed}"
 
 
-def stage_argvs(args, home: Home, arm: Arm, seed: int) -> list[tuple[str, list[str]]]:
-    """[(stage, argv)] of one run: midtrain, sft, eval skills. Each stage evaluates once, at its end."""
+def mid_owners(arms: list[Arm]) -> dict[str, Arm]:
+    """arm name -> the first arm with the same midtraining flags, whose midtraining it shares."""
+    first: dict[tuple[str, ...], Arm] = {}
+    return {arm.name: first.setdefault(arm.mid_flags, arm) for arm in arms}
+
+
+def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = None) -> list[tuple[str, list[str]]]:
+    """[(tag, stage, argv)] of one run: midtrain (under the tag of `mid_arm`, the arm whose midtraining this one
+    shares; default itself), sft, eval skills. Each stage evaluates once, at its end."""
     tag, h = run_tag(args.name, arm, seed), ["--home", str(home.root)]
+    mid_tag = run_tag(args.name, mid_arm or arm, seed)
     rt = ["--device", args.device, "--dtype", args.dtype]
-    mid = ["midtrain", *h, "--from", "base", "--from-tag", args.from_tag, "--tag", tag,
+    mid = ["midtrain", *h, "--from", "base", "--from-tag", args.from_tag, "--tag", mid_tag,
            "--num-steps", str(args.mid_steps), "--eval-every", str(args.mid_steps), "--seed", str(seed), *rt]
-    sft = ["sft", *h, "--from", "mid", "--from-tag", tag, "--tag", tag,
+    sft = ["sft", *h, "--from", "mid", "--from-tag", mid_tag, "--tag", tag,
            "--num-steps", str(args.sft_steps), "--eval-every", str(args.sft_steps), "--seed", str(seed), *rt]
     mid += arm.mid_flags
     sft += arm.sft_flags
@@ -132,7 +144,7 @@ def stage_argvs(args, home: Home, arm: Arm, seed: int) -> list[tuple[str, list[s
           "--max-new-tokens", str(args.max_new_tokens), *rt]
     if args.max_per_skill is not None:
         ev += ["--max-per-skill", str(args.max_per_skill)]
-    return [("mid", mid), ("sft", sft), ("eval", ev)]
+    return [(mid_tag, "mid", mid), (tag, "sft", sft), (tag, "eval", ev)]
 
 
 def skill_keys(lang: str) -> tuple[str, list[tuple[str, str]]]:
@@ -171,7 +183,7 @@ def arm_table(arms: list[Arm], rows: list[dict]) -> list[dict]:
         m, se = mean_se(scores)
         skills = sorted({s for r in rs for s in r["per_skill"]})
         out.append({"arm": arm.name, "mid_flags": shlex.join(arm.mid_flags), "sft_flags": shlex.join(arm.sft_flags),
-                    "n": len(rs), "mean": m,
+                    "mid_of_arm": mid_owners(arms)[arm.name].name, "n": len(rs), "mean": m,
                     "se": se, "min": min(scores), "max": max(scores),
                     "per_skill": {s: sum(r["per_skill"][s] for r in rs if s in r["per_skill"]) /
                                   sum(s in r["per_skill"] for r in rs) for s in skills}})
@@ -206,7 +218,8 @@ def table_md(table: list[dict], name: str, lang: str, base_tag: str) -> str:
                      " | ".join(f"{a['per_skill'].get(s, float('nan')):.2f}" for s in skills) + " |")
     lines.append("")
     for a in table:
-        lines.append(f"- {a['arm']}: midtrain {a['mid_flags'] or '(defaults)'}; sft {a['sft_flags'] or '(defaults)'}")
+        shared = f", the runs of arm {a['mid_of_arm']}" if a.get("mid_of_arm", a["arm"]) != a["arm"] else ""
+        lines.append(f"- {a['arm']}: midtrain {a['mid_flags'] or '(defaults)'}{shared}; sft {a['sft_flags'] or '(defaults)'}")
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +235,7 @@ def run(args) -> int:
     if not list_steps(home.checkpoints_dir("base", args.from_tag)):
         raise ChibiError(f"no base checkpoint {args.from_tag!r} in {home.root}: pretrain one first "
                          f"(chibichat pretrain --tag {args.from_tag} ...) or name an existing tag with --from-tag")
-    rows = []
+    rows, owners = [], mid_owners(arms)
     for arm in arms:
         for seed in seeds:
             tag = run_tag(args.name, arm, seed)
@@ -231,17 +244,19 @@ def run(args) -> int:
             done = summary_path.exists() and key in json.loads(summary_path.read_text())
             if done:
                 print(f"{tag}: done already ({summary_path}), reading it", flush=True)
-            for stage, argv in ([] if done else stage_argvs(args, home, arm, seed)):
-                if stage != "eval" and (home.checkpoints_dir(stage, tag) / "summary.json").exists():
-                    print(f"{tag}: {stage} done already, not re-trained", flush=True)
+            for stage_tag, stage, argv in ([] if done else stage_argvs(args, home, arm, seed, owners[arm.name])):
+                if stage != "eval" and (home.checkpoints_dir(stage, stage_tag) / "summary.json").exists():
+                    shared = f" (shared with arm {owners[arm.name].name})" if stage_tag != tag else ""
+                    print(f"{tag}: {stage} done already{shared}, not re-trained", flush=True)
                     continue
                 print(f"{tag}: $ chibichat {' '.join(argv)}", flush=True)
                 rc = subprocess.run([sys.executable, "-m", "chibichat", *argv]).returncode
                 if rc != 0:
-                    raise ChibiError(f"{stage} of {tag} failed (exit code {rc}); its output is above. Re-run the "
+                    raise ChibiError(f"{stage} of {stage_tag} failed (exit code {rc}); its output is above. Re-run the "
                                      "bench to resume: finished runs and stages are read, not run again (a stage "
-                                     f"stopped after saving a checkpoint: delete checkpoints/{stage}/{tag} first)")
+                                     f"stopped after saving a checkpoint: delete checkpoints/{stage}/{stage_tag} first)")
             row = row_of(arm, seed, tag, json.loads(summary_path.read_text()), args.lang)
+            row["mid_tag"] = run_tag(args.name, owners[arm.name], seed)
             print(f"{tag}: skills {row['skills']:.3f}", flush=True)
             rows.append(row)
     table = arm_table(arms, rows)
