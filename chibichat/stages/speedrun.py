@@ -293,7 +293,7 @@ PRESETS: dict[str, Preset] = {
         depth=4,
         # 4,096 tokens: of 2,048 / 4,096 / 8,192, the held-out skills after SFT peak here (0.56 / 0.61 / 0.52 over
         # four seeds; 8,192 has the best bpb but its rarer word tokens are no longer copied into tool calls;
-        # docs/benchmarks.md, "vocabulary size").
+        # Japanese: 0.51 at 4,096 against 0.40 at 8,192; docs/benchmarks.md, "vocabulary size").
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
         # The cap is about what the 2-core AMX machine fits in pretraining's share of the budget (7.5 min at
         # ~0.62 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
