@@ -86,6 +86,8 @@ def test_cli_refuses_a_half_beyond_the_context_and_a_checkpoint_without_corpus(b
     assert "--half must be >= 2 (a first token and one to copy), got 1" in _refused(
         capsys, [*h, "--model", "base/d2", "--half", "1"])
     assert "--model 'd2': write STAGE/TAG" in _refused(capsys, [*h, "--model", "d2"])
+    assert "--name '../x' must be lower-case letters, digits and '-' (it names the report files)" in _refused(
+        capsys, [*h, "--model", "base/d2", "--name", "../x"])
     sdir = home.checkpoints_dir("sft", "x")
     shutil.copytree(home.checkpoints_dir("base", "d2"), sdir, dirs_exist_ok=True)
     for meta_path in sdir.glob("step_*/meta.json"):

@@ -96,7 +96,11 @@ def run(args) -> int:
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model, read_meta, resolve_checkpoint
 
+    from chibichat.bench.skills import NAME_RE
+
     check_at_least(args, 1, "rows")
+    if not NAME_RE.match(args.name):
+        raise ChibiError(f"--name {args.name!r} must be lower-case letters, digits and '-' (it names the report files)")
     if args.half is not None and args.half < 2:
         raise ChibiError(f"--half must be >= 2 (a first token and one to copy), got {args.half}")
     models = [parse_model(m) for m in args.model]

@@ -46,7 +46,7 @@ from chibichat.common import ChibiError, Home, atomic_write_json, atomic_write_t
 
 HELP = "A/B test chat-data mixtures over several seeds: midtrain + SFT + held-out skills per arm and seed"
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def parse_arm(spec: str) -> Arm:
         raise ChibiError(f"--arm {spec!r}: write NAME or NAME;MID_FLAGS;SFT_FLAGS (an empty part keeps the "
                          "stage's defaults), e.g. 'words;;--mix spelling=2,letter-count=2'")
     name = parts[0].strip()
-    if not _NAME.match(name):
+    if not NAME_RE.match(name):
         raise ChibiError(f"--arm {spec!r}: the name {name!r} must be lower-case letters, digits and '-' "
                          "(it becomes part of a checkpoint tag)")
     flags = []
@@ -225,7 +225,7 @@ def table_md(table: list[dict], name: str, lang: str, base_tag: str) -> str:
 
 def run(args) -> int:
     check_at_least(args, 1, "mid_steps", "sft_steps", "max_new_tokens", "max_per_skill")
-    if not _NAME.match(args.name):
+    if not NAME_RE.match(args.name):
         raise ChibiError(f"--name {args.name!r} must be lower-case letters, digits and '-' (it becomes part of "
                          "checkpoint tags)")
     arms, seeds = parse_arms(args.arm), parse_seeds(args.seeds)
