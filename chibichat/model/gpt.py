@@ -67,13 +67,20 @@ class RunConfig:
     recompute: activation recomputation in training, one of RECOMPUTE.
     fp8: the block projections of training forwards multiply in fp8 (model/fp8.py); needs bf16, and the
         device check `fp8.check_fp8_runtime` is the stage's (the model is built before it is moved).
+    embed_noise: in forwards with autograd on (training), uniform noise of this RMS is added to every normed
+        token embedding (RMS 1), drawn from torch's global generator: the idea of NEFTune (Jain et al. 2023,
+        arXiv:2310.05914), scaled to the normed embedding instead of by sequence length and width. 0 = off;
+        scoring, sampling and decoding never see it.
     """
 
     compute_dtype: torch.dtype = torch.float32
     recompute: str = "none"
     fp8: bool = False
+    embed_noise: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.embed_noise < float("inf"):
+            raise ChibiError(f"embed_noise must be a finite number >= 0, got {self.embed_noise!r}")
         if self.recompute not in RECOMPUTE:
             raise ChibiError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         if self.fp8:
@@ -823,6 +830,9 @@ class GPT(nn.Module):
         cos, sin = cos.to(dtype), sin.to(dtype)
         # The residual stream is fp32 whatever the compute dtype (and however the weights are stored).
         x = norm(F.embedding(idx, self.wte).float())
+        if self.run.embed_noise and state is None and torch.is_grad_enabled():
+            # uniform on [-a, a] has RMS a / sqrt(3)
+            x = x + (torch.rand_like(x) * 2 - 1) * (self.run.embed_noise * math.sqrt(3))
         recompute = self.run.recompute if torch.is_grad_enabled() else "none"
         for i, block in enumerate(self.blocks):
             if recompute == "block":

@@ -224,6 +224,9 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
     p.add_argument("--drop-eval-overlap", action="store_true",
                    help="leave out (and count) training items whose prompt is an evaluation item's, instead of "
                         "refusing the mixture")
+    p.add_argument("--embed-noise", type=float, default=0.0, metavar="RMS",
+                   help="uniform noise of this RMS on the normed token embeddings while training (NEFTune's idea; "
+                        "default: 0, off)")
     p.add_argument("--val-items", type=int, default=50, help="held-out items per task (default: 50)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (default: 8)")
     add_optim_args(p, lr_frac)
@@ -239,6 +242,8 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
     from chibichat.train.loop import train
 
     check_at_least(args, 1, "device_batch_size", "val_items", "val_batches")
+    if not 0.0 <= args.embed_noise < float("inf"):
+        raise ChibiError(f"--embed-noise {args.embed_noise}: give a noise RMS >= 0 (0 = off)")
     if args.mix:  # the default mixture depends on the tokenizer; a given one is checked before anything loads
         parse_mix(args.mix)
     home = Home.resolve(args.home)
@@ -247,7 +252,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
     try:
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
-        model, src_meta, tag = load_source(args, home, tok, rt)
+        model, src_meta, tag = load_source(args, home, tok, rt, embed_noise=args.embed_noise)
         seq_len = model.config.seq_len
         mix = parse_mix(args.mix or default_mix(tok, mix_en, mix_ja))
         persona = None

@@ -96,7 +96,7 @@ def lora_config(args):
 # Source checkpoint and learning rates
 
 
-def load_source(args, home, tok, rt):
+def load_source(args, home, tok, rt, embed_noise: float = 0.0):
     """(model, meta, tag) from `--from`, refusing a checkpoint trained with another tokenizer; with --fp8
     the block matmuls of training switch to fp8, and --recompute sets activation recomputation (each stage
     chooses both, like --dtype; neither is read from the source). With --lora the model gets frozen base
@@ -107,7 +107,7 @@ def load_source(args, home, tok, rt):
 
     if args.fp8:
         check_fp8_runtime(rt.device, rt.compute_dtype)
-    run = RunConfig(compute_dtype=rt.compute_dtype, recompute=args.recompute, fp8=args.fp8)
+    run = RunConfig(compute_dtype=rt.compute_dtype, recompute=args.recompute, fp8=args.fp8, embed_noise=embed_noise)
     model, meta = load_model(home, args.from_stage, args.from_tag, args.from_step, rt=rt, tokenizer=tok, run=run)
     lcfg = lora_config(args)
     if lcfg is not None:  # the base is frozen; only the adapters train (and are saved)
