@@ -381,6 +381,12 @@ def h_sft_bad_mix(world, tmp):
         "--mix entry 'chitchat=lots': epochs 'lots' is not a number (write name=epochs)"]
 
 
+def h_sft_negative_embed_noise(world, tmp):
+    home, _ = world
+    return ["sft", "--home", str(home), "--from", "base", "--embed-noise", "-0.1", "--device", "cpu"], [
+        "--embed-noise -0.1: give a noise RMS >= 0 (0 = off)"]
+
+
 def h_sft_warmdown_too_long(world, tmp):
     home, _ = world
     return ["sft", "--home", str(home), "--from", "base", "--mix", "chitchat=0.01", "--warmdown-frac", "1.5",
@@ -447,7 +453,7 @@ HOME_CASES = [h_home_is_a_file, h_home_under_a_file, h_home_under_proc, h_home_u
               h_step_without_meta, h_corrupt_meta, h_half_written_weights, h_no_checkpoint,
               h_seq_len_too_short_for_samples, h_seq_len_3, h_resume_and_overwrite, h_existing_run,
               h_eval_tokens_too_few, h_bad_layers, h_negative_save_every, h_sft_stream, h_sft_bad_mix,
-              h_sft_warmdown_too_long, h_sft_samples_do_not_fit, h_rl_one_sample, h_tokenizer_eval_contradiction, h_unknown_corpus,
+              h_sft_negative_embed_noise, h_sft_warmdown_too_long, h_sft_samples_do_not_fit, h_rl_one_sample, h_tokenizer_eval_contradiction, h_unknown_corpus,
               h_pretrain_on_non_utf8, h_float16_on_cpu]
 
 

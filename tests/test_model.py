@@ -424,3 +424,39 @@ def test_bf16_training_tracks_fp32(layers):
     gap = (bf16 - f32).abs()
     assert gap.max() < 0.02, gap  # measured: 0.003 (dense), 0.002 (SA)
     assert (bf16[-5:].mean() - f32[-5:].mean()).abs() < 0.01, (bf16[-5:], f32[-5:])
+
+
+def _first_block_input(model, idx):
+    """The residual stream entering block 0 in a training forward (autograd on)."""
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        model(idx, idx).backward()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_embed_noise_is_uniform_of_the_given_rms_in_training_only():
+    """RunConfig(embed_noise=r): a training forward adds noise of RMS r (bounded by r*sqrt(3)) to the normed
+    embeddings; a forward without autograd (scoring, sampling) is the noise-free model's, bit for bit."""
+    clean = tiny()
+    noisy = GPT(clean.config, RunConfig(embed_noise=0.3))
+    noisy.load_state_dict(clean.state_dict())
+    idx = torch.randint(0, V, (8, 24), generator=torch.Generator().manual_seed(3))
+    diff = _first_block_input(noisy, idx) - _first_block_input(clean, idx)
+    assert diff.pow(2).mean().sqrt().item() == pytest.approx(0.3, rel=0.05)
+    assert diff.abs().max().item() <= 0.3 * math.sqrt(3) + 1e-6
+    with torch.no_grad():
+        assert torch.equal(noisy(idx, idx), clean(idx, idx))
+        assert torch.equal(noisy(idx), clean(idx))
+    torch.manual_seed(5)
+    a = noisy(idx, idx)
+    torch.manual_seed(5)
+    assert torch.equal(noisy(idx, idx), a)  # drawn from torch's seeded generator: a seeded run repeats
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_embed_noise_refuses_a_negative_or_non_finite_rms(bad):
+    with pytest.raises(ChibiError, match="embed_noise must be a finite number >= 0"):
+        RunConfig(embed_noise=bad)

@@ -36,6 +36,12 @@ def test_plan_covers_every_stage_in_order(tmp_path):
     assert "embedded-ja" in ja[0].argv and ["--split", "ja"] == ja[0].argv[4:6]
     assert "--layers" in ja[2].argv and "iberis" in ja[2].argv
     assert ja[2].marker.parent.name == "d4-iberis"
+    # SFT averages four runs (sft --soup 4): their folders are the step's outputs too (--force sft removes them),
+    # and the step runs on one process
+    sft = next(s for s in steps if s.name == "sft")
+    assert sft.argv[sft.argv.index("--soup") + 1] == "4" and not sft.distributed
+    assert [d.name for d in sft.outputs] == ["d4", "d4-soup0", "d4-soup1", "d4-soup2", "d4-soup3"]
+    assert all(d.parent == Home(tmp_path).checkpoints_dir("sft", "d4").parent for d in sft.outputs)
     # offline RL trains on the two-step problems (SFT nearly saturates the one-step ones)
     for p, want in ((steps, "arithmetic-multi"), (ja, "arithmetic-multi-ja")):
         rl = next(s.argv for s in p if s.name == "rl")
@@ -163,8 +169,8 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
         assert argv.count(name) == 1, argv
         return argv[argv.index(name) + 1]
 
-    # the cpu preset's shares pretrain 0.58, midtrain 0.12, sft 0.21, rl 0.09
-    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["6.96", "1.44", "2.52", "1.08"]
+    # the cpu preset's shares pretrain 0.50, midtrain 0.10, sft 0.33, rl 0.07
+    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["6", "1.2", "3.96", "0.84"]
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
     assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2800", "1000", "1200", "60"]
     # a preset without shares splits by the steps' weights: pretrain 0.5, midtrain/sft/rl 0.1 each
@@ -184,16 +190,17 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
 
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")}
     assert PRESETS["cpu"].max_minutes == 13
-    # the preset's shares pretrain 0.58, midtrain 0.12, sft 0.21, rl 0.09 of 13 min
+    # the preset's shares pretrain 0.50, midtrain 0.10, sft 0.33, rl 0.07 of 13 min (sft --soup 4 divides its
+    # share over its four runs)
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "7.54", "--num-steps": "700"}, {"--minutes": "1.56", "--num-steps": "250"},
-        {"--minutes": "2.73", "--num-steps": "300"}, {"--minutes": "1.17", "--num-steps": "15"}]
+        {"--minutes": "6.5", "--num-steps": "700"}, {"--minutes": "1.3", "--num-steps": "250"},
+        {"--minutes": "4.29", "--num-steps": "300"}, {"--minutes": "0.91", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
     assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "700"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
     fast = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=25)}
-    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "14.5", "--num-steps": "2800"},
-                                                            {"--minutes": "5.25", "--num-steps": "1200"}]
+    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "12.5", "--num-steps": "2800"},
+                                                            {"--minutes": "8.25", "--num-steps": "1200"}]
     # a preset's shares name exactly the training stages
     from chibichat.stages.speedrun import TRAINING_STEPS
 

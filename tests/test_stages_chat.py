@@ -636,3 +636,108 @@ def test_rl_resume_refuses_another_prompt_stream(base):
         mk(_VowelTask(8), prompts=4).load_state_dict(state)
     with pytest.raises(ChibiError, match="has no fingerprint of its prompt stream"):
         mk(_VowelTask(8)).load_state_dict({"cursor": 2, "batches": 1, "history": []})
+
+
+# ----------------------------------------------------------------------------------------------
+# sft --soup: K runs from one source, their weights averaged
+
+
+def test_sft_soup_averages_its_members_and_reuses_finished_ones(base, capsys):
+    from safetensors.torch import load_file
+
+    from chibichat.stages.report import chat_stage_section, collect
+    from chibichat.train.checkpoint import load_model
+
+    home, _ = base
+    common = ["sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "sp", *FAST,
+              "--mix", "arithmetic=0.1", "--num-steps", 2, "--seed", 5]
+    run_cli(*common, "--soup", 3)
+    members = [home.checkpoints_dir("sft", f"sp-soup{i}") for i in range(3)]
+    sums = [json.loads((d / "summary.json").read_text()) for d in members]
+    assert [s["tag"] for s in sums] == ["sp-soup0", "sp-soup1", "sp-soup2"]
+    seeds = [json.loads((d / "step_000002" / "meta.json").read_text())["flags"]["seed"] for d in members]
+    assert seeds == [5, 6, 7]
+    weights = [load_file(str(d / "step_000002" / "model.safetensors")) for d in members]
+    assert not torch.equal(weights[0]["wte"], weights[1]["wte"])  # the seeds made different runs
+    soup = load_file(str(home.checkpoints_dir("sft", "sp") / "step_000002" / "model.safetensors"))
+    for k in soup:
+        expect = (weights[0][k].double() + weights[1][k].double() + weights[2][k].double()) / 3
+        torch.testing.assert_close(soup[k], expect.float(), rtol=0, atol=1e-7)
+    s = json.loads((home.checkpoints_dir("sft", "sp") / "summary.json").read_text())
+    assert s["soup"]["members"] == ["sp-soup0", "sp-soup1", "sp-soup2"] and s["soup"]["seeds"] == [5, 6, 7]
+    assert s["soup"]["member_val_loss"] == [m["val_loss"] for m in sums]
+    assert s["steps"] == 6 and s["tokens"] == sum(m["tokens"] for m in sums)
+    # the recorded val loss is the average's own, on the first member's validation items
+    from chibichat.stages.sft import build_mixtures, parse_mix, val_loss_fn
+
+    model, meta = load_model(home, "sft", "sp", rt=cpu_rt())
+    assert meta["soup"]["members"] == s["soup"]["members"]
+    args = _parse(common)
+    _, val_mix, _ = build_mixtures(parse_mix("arithmetic=0.1"), 4, 5, home)
+    assert val_loss_fn(val_mix, base[1], args, cpu_rt(), False, "pack")(model, 2)["val_loss"] == pytest.approx(
+        s["val_loss"], rel=1e-6)
+    # the next stage trains from the average, with the learning rates its runs trained with
+    run_cli("sft", "--home", home.root, "--from", "sft", "--from-tag", "sp", "--tag", "sp-next", *FAST,
+            "--mix", "arithmetic=0.1", "--num-steps", 1)
+    nxt = json.loads((home.checkpoints_dir("sft", "sp-next") / "step_000001" / "meta.json").read_text())
+    assert nxt["lrs"] == {g: v * 0.5 for g, v in meta["lrs"].items()}  # sft's --lr-frac 0.5
+    assert nxt["source"]["checkpoint"].endswith("sft/sp/step_000002")
+    # the report card says what the checkpoint is
+    st = next(x for x in collect(home, "sp") if x.stage == "sft")
+    assert "average of 3 runs (seeds 5, 6, 7" in chat_stage_section(st, set())
+
+    # a finished member is reused, an interrupted one resumed: remove the average and one member's summary
+    import shutil
+
+    shutil.rmtree(home.checkpoints_dir("sft", "sp"))
+    (members[2] / "summary.json").unlink()
+    capsys.readouterr()
+    run_cli(*common, "--soup", 3)
+    out = capsys.readouterr().out
+    assert "sp-soup0 (seed 5) is done already, not trained again" in out
+    assert "sp-soup1 (seed 6) is done already, not trained again" in out
+    assert "run sp-soup2 (seed 7) resumed" in out
+    again = load_file(str(home.checkpoints_dir("sft", "sp") / "step_000002" / "model.safetensors"))
+    assert all(torch.equal(again[k], soup[k]) for k in soup)
+
+
+def test_sft_soup_refusals(base):
+    from chibichat.stages import sft
+
+    home, _ = base
+    common = ["sft", "--home", str(home.root), "--from", "base", "--from-tag", "d2", "--tag", "sr", *FAST,
+              "--mix", "arithmetic=0.1", "--num-steps", "1"]
+    cases = [(["--soup", "0"], "--soup 0: give the number of runs to average, 1 or more (1 = no averaging)"),
+             (["--soup", "2", "--lora", "4"], "--soup averages full weights and --lora trains adapters; drop one"),
+             (["--soup", "2", "--save-every", "1"], "--soup keeps each member's final checkpoint only; drop --save-every")]
+    for extra, msg in cases:
+        with pytest.raises(ChibiError) as e:
+            sft.run(_parse(common + extra))
+        assert msg in str(e.value)
+    # a finished member trained with other flags is not silently reused
+    run_cli(*common, "--soup", "2")
+    import shutil
+
+    shutil.rmtree(home.checkpoints_dir("sft", "sr"))
+    with pytest.raises(ChibiError) as e:
+        sft.run(_parse(common[:-1] + ["2", "--soup", "2"]))
+    assert "was trained with num_steps=1, this run asks 2; pass --overwrite to train the members again" in str(e.value)
+    run_cli(*common, "--soup", "2")  # the members' own flags: reused, and averaged again
+    with pytest.raises(ChibiError) as e:  # the finished average is not replaced without --overwrite
+        sft.run(_parse(common + ["--soup", "2"]))
+    assert "already holds a finished run; pass --overwrite" in str(e.value)
+
+
+def test_average_weights_refuses_one_checkpoint_and_mismatched_shapes(tmp_path):
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.train.checkpoint import average_weights, save_checkpoint
+
+    def ck(name, width):
+        model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_embd=width, n_head=2, n_kv_head=2))
+        return save_checkpoint(tmp_path / name, 1, model, None, {"model_config": model.config.to_dict()})
+
+    a, b = ck("a", 32), ck("b", 64)
+    with pytest.raises(ChibiError, match="averaging weights needs at least 2 checkpoints, got 1"):
+        average_weights([a])
+    with pytest.raises(ChibiError, match="hold different tensors or shapes"):
+        average_weights([a, b])

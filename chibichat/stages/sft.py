@@ -17,6 +17,7 @@ is chibichat/train/finetune.py.
 
 from __future__ import annotations
 
+import shutil
 import time
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
@@ -309,10 +310,120 @@ def register(sub):
                     "over-length policy counted per task in summary.json.")
     add_conversation_args(p, default_from="mid", steps=60, batch=8, lr_frac=0.5, mode="pack", mix_en=SFT_MIX_EN,
                           mix_ja=SFT_MIX_JA)
+    p.add_argument("--soup", type=int, default=1, metavar="K",
+                   help="train K runs from the same source with seeds SEED..SEED+K-1 (tags TAG-soup0..) and save "
+                        "the average of their weights as TAG (default: 1, one run)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     if args.mode == "stream":
         raise ChibiError("sft trains conversation by conversation: --mode stream is midtraining's; use pack or pad")
+    if args.soup < 1:
+        raise ChibiError(f"--soup {args.soup}: give the number of runs to average, 1 or more (1 = no averaging)")
+    if args.soup > 1:
+        return run_soup(args)
     return run_conversation_stage(args, stage="sft", train_all_tokens=False, mix_en=SFT_MIX_EN, mix_ja=SFT_MIX_JA)
+
+
+# Flags a finished member run must share with this invocation to be reused instead of trained again.
+SOUP_SAME_FLAGS = ("from_stage", "from_tag", "from_step", "mix", "identity", "mode", "overflow", "lr_frac",
+                   "matrix_lr", "embedding_lr", "head_lr", "other_lr", "warmdown_frac", "num_steps",
+                   "device_batch_size", "grad_accum", "embed_noise", "val_items", "dtype")
+
+
+def soup_members(tag: str, seed: int, k: int) -> list[tuple[str, int]]:
+    """(tag, seed) of the K runs `--soup K` averages."""
+    return [(f"{tag}-soup{i}", seed + i) for i in range(k)]
+
+
+def run_soup(args) -> int:
+    """`sft --soup K`: K SFT runs from one source, differing only in their seed (data order, validation
+    items, sampling), each a complete run under its own tag; then the mean of their weights, saved as the
+    tag's checkpoint with its own validation loss (a uniform "model soup", Wortsman et al. 2022,
+    arXiv:2203.05482). Runs fine-tuned from one checkpoint stay in one basin, so their average is a model
+    and generalises better than a typical member (docs/benchmarks.md, "averaging SFT runs"); runs from
+    different midtrainings do not average well, so the source is shared by construction.
+    A member whose summary.json exists is reused (after checking it was trained with the same flags), an
+    interrupted one is resumed, and --overwrite retrains all of them."""
+    import copy
+    import os
+
+    from chibichat.common import Home, check_home, init_runtime, print0, read_json, shutdown_runtime
+    from chibichat.tokenizer import Tokenizer
+    from chibichat.train.checkpoint import (average_weights, list_steps, load_model, read_meta, resolve_checkpoint,
+                                            save_checkpoint)
+
+    if args.lora:
+        raise ChibiError("--soup averages full weights and --lora trains adapters; drop one of them")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ChibiError("--soup runs its members one after another on one process; run it without torchrun")
+    if args.save_every:
+        raise ChibiError("--soup keeps each member's final checkpoint only; drop --save-every")
+    home = Home.resolve(args.home)
+    check_home(home)
+    tag = args.tag or resolve_checkpoint(home, args.from_stage, args.from_tag, args.from_step).parent.name
+    tag_dir = home.checkpoints_dir("sft", tag)
+    if (tag_dir / "summary.json").exists() and not args.overwrite:
+        raise ChibiError(f"{tag_dir} already holds a finished run; pass --overwrite to replace it (and its members) "
+                         "or choose another --tag")
+    if tag_dir.exists() and list_steps(tag_dir) and not (args.resume or args.overwrite):
+        raise ChibiError(f"{tag_dir} holds an unfinished average; pass --resume to finish it or --overwrite to "
+                         "start again")
+    t0 = time.time()
+    members = soup_members(tag, args.seed, args.soup)
+    for mtag, mseed in members:
+        margs = copy.copy(args)
+        margs.tag, margs.seed, margs.soup, margs.resume = mtag, mseed, 1, False
+        if args.minutes is not None:
+            margs.minutes = args.minutes / args.soup  # the budget is the whole stage's
+        mdir = home.checkpoints_dir("sft", mtag)
+        if not args.overwrite and (mdir / "summary.json").exists():
+            done = read_meta(resolve_checkpoint(home, "sft", mtag)).get("flags", {})
+            for key in SOUP_SAME_FLAGS:
+                if done.get(key) != getattr(args, key):
+                    raise ChibiError(f"{mdir} was trained with {key}={done.get(key)!r}, this run asks "
+                                     f"{getattr(args, key)!r}; pass --overwrite to train the members again")
+            print(f"sft --soup: {mtag} (seed {mseed}) is done already, not trained again", flush=True)
+            continue
+        margs.resume = bool(mdir.exists() and list_steps(mdir) and not args.overwrite)
+        print(f"sft --soup: run {mtag} (seed {mseed}){' resumed' if margs.resume else ''}", flush=True)
+        run_conversation_stage(margs, stage="sft", train_all_tokens=False, mix_en=SFT_MIX_EN, mix_ja=SFT_MIX_JA)
+
+    rt = init_runtime(args.device, args.dtype)
+    try:
+        tok = Tokenizer.load(home.tokenizer_dir)
+        sdirs = [resolve_checkpoint(home, "sft", mtag) for mtag, _ in members]
+        model, meta0 = load_model(home, "sft", members[0][0], rt=rt, tokenizer=tok)
+        model.load_state_dict({k: v.to(rt.device) for k, v in average_weights(sdirs).items()})
+        mix = parse_mix(args.mix or default_mix(tok, SFT_MIX_EN, SFT_MIX_JA))
+        persona = None
+        if args.identity is not None:
+            from chibichat.tasks.identity import parse_persona
+
+            persona = parse_persona(args.identity)
+        _, val_mix, _ = build_mixtures(mix, args.val_items, args.seed, home, persona,
+                                       drop_overlap=args.drop_eval_overlap)
+        step = int(meta0["step"])
+        val_loss = val_loss_fn(val_mix, tok, args, rt, False, args.mode)(model, step)["val_loss"]
+        sums = [read_json(home.checkpoints_dir("sft", mtag) / "summary.json", "summary") for mtag, _ in members]
+        flags = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
+        soup = {"members": [m for m, _ in members], "seeds": [s for _, s in members],
+                "member_val_loss": [m.get("val_loss") for m in sums], "member_final_loss": [m.get("final_loss") for m in sums]}
+        keep = {k: v for k, v in meta0.items() if k not in ("format", "step", "world_size", "checkpoint_dir", "loop",
+                                                             "loader", "rng")}
+        if tag_dir.exists() and (args.resume or args.overwrite):
+            shutil.rmtree(tag_dir)  # an unfinished average (or --overwrite): recomputed from the members
+        sdir = save_checkpoint(tag_dir, step, model, None, {**keep, "flags": flags, "soup": soup}, rt=rt)
+        summary = {**{k: v for k, v in sums[0].items() if k not in ("tag", "wall_time_s", "checkpoint")},
+                   "tag": tag, "steps": sum(m.get("steps") or 0 for m in sums), "tokens": sum(m.get("tokens") or 0 for m in sums),
+                   "train_time_s": sum(m.get("train_time_s") or 0.0 for m in sums), "wall_time_s": time.time() - t0,
+                   "checkpoint": str(sdir), "final_loss": sum(soup["member_final_loss"]) / len(sums),
+                   "val_loss": val_loss, "soup": soup}
+        write_summary(tag_dir, rt, summary)
+        print0(rt, f"sft --soup: averaged {len(members)} runs -> {sdir} | val_loss {val_loss:.4f} (members "
+                   + ", ".join(f"{v:.4f}" for v in soup["member_val_loss"] if v is not None) + " on their own seeds' "
+                   "validation items)")
+        return 0
+    finally:
+        shutdown_runtime(rt)

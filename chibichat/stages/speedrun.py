@@ -307,17 +307,21 @@ PRESETS: dict[str, Preset] = {
         # SFT's steps are where the held-out skills are learnt: more of them raised `eval skills` the most
         # per minute (docs/benchmarks.md, "SFT steps against the held-out skills").
         midtrain=["--num-steps", "250", "--eval-every", "125"],
-        sft=["--num-steps", "300", "--eval-every", "150"],
+        # Four SFT runs from the midtrained model (seeds 0-3) and their weights averaged: the average scored
+        # 0.034 above its members' mean on the held-out skills in all four of four midtrainings (0.640 against
+        # 0.606), where one run's seed alone moves the score by up to 0.1 (docs/benchmarks.md, "averaging SFT
+        # runs").
+        sft=["--num-steps", "300", "--eval-every", "150", "--soup", "4"],
         # RL is the most expensive step per update on CPU (sampling) and moved the held-out skills least,
         # so it gets a short run: the stage still shows its reward curve and pass@k before/after.
         rl=["--num-steps", "15"],
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
         # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
-        # a quickstart there, with fewer steps. Shares of the 13 minutes: pretraining ~7.5, midtraining ~1.6,
-        # SFT ~2.7 (300 steps), RL ~1.2 (15 steps).
+        # a quickstart there, with fewer steps. Shares of the 13 minutes: pretraining ~6.5, midtraining ~1.3,
+        # SFT ~4.3 (4 x 300 steps), RL ~0.9 (15 steps).
         max_minutes=13,
-        minute_shares={"pretrain": 0.58, "midtrain": 0.12, "sft": 0.21, "rl": 0.09},
+        minute_shares={"pretrain": 0.50, "midtrain": 0.10, "sft": 0.33, "rl": 0.07},
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
@@ -465,6 +469,17 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
     }
 
 
+def soup_dirs(home: Home, tag: str, sft_flags: list[str]) -> list[Path]:
+    """The member runs' checkpoint folders of an `sft --soup K` step (none without --soup): outputs of the
+    step, so `--force sft` removes them too."""
+    from chibichat.stages.sft import soup_members
+
+    if "--soup" not in sft_flags:
+        return []
+    k = int(sft_flags[sft_flags.index("--soup") + 1])
+    return [home.checkpoints_dir("sft", mtag) for mtag, _ in soup_members(tag, 0, k)] if k > 1 else []
+
+
 def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
          train: list[str] = (), pretrain: list[str] = (), world_size: int = 1, scale: str = "full",
          minutes: float | None = None, budget: bool = True) -> list[Step]:
@@ -536,7 +551,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
         skills_step(home, "mid", tag, lang, common + dev, preset),
         Step("sft", "supervised fine-tuning",
              sc(["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["sft"]]),
-             ck("sft", tag) / "summary.json", [ck("sft", tag)], resumable_dir=ck("sft", tag), distributed=True, weight=0.1),
+             ck("sft", tag) / "summary.json", [ck("sft", tag), *soup_dirs(home, tag, flags["sft"])],
+             resumable_dir=ck("sft", tag), distributed=not soup_dirs(home, tag, flags["sft"]), weight=0.1),
         Step("eval-sft", "evaluate the SFT model",
              sc(["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),

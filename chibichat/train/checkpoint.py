@@ -272,6 +272,32 @@ def load_optimizer(sdir: str | os.PathLike, optimizer) -> None:
         raise ChibiError(f"optimizer state in {sdir} does not fit this optimizer: {e}") from None
 
 
+def average_weights(sdirs: list[Path]) -> dict:
+    """The element-wise mean of the full weights of several checkpoints (a uniform "model soup", Wortsman et
+    al. 2022, arXiv:2203.05482), summed in float64 and returned in float32. Every checkpoint must hold full
+    weights (not LoRA adapters) of the same tensors with the same shapes; ChibiError naming the first that
+    does not."""
+    import torch
+
+    if len(sdirs) < 2:
+        raise ChibiError(f"averaging weights needs at least 2 checkpoints, got {len(sdirs)}")
+    total, first = None, None
+    for sdir in sdirs:
+        if (Path(sdir) / ADAPTER_FILE).exists():
+            raise ChibiError(f"{sdir} holds LoRA adapters, not full weights; averaging needs full weights")
+        state = strip_prefixes(_read_tensors(Path(sdir) / "model.safetensors", "checkpoint weights"))
+        if total is None:
+            total, first = {k: v.double() for k, v in state.items()}, sdir
+            continue
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in total.items()}:
+            raise ChibiError(f"{sdir} and {first} hold different tensors or shapes: only checkpoints of one "
+                             "architecture can be averaged")
+        for k, v in state.items():
+            total[k] += v.double()
+    return {k: (v / len(sdirs)).float() for k, v in total.items()}
+
+
 def check_tokenizer(meta: dict, tokenizer, where) -> None:
     """Refuse a tokenizer other than the one the checkpoint was trained with."""
     saved = meta.get("tokenizer") or {}

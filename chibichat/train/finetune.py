@@ -132,6 +132,8 @@ def source_lrs(meta: dict, args, model) -> dict[str, float]:
                 saved[g.get("name")] = float(g["initial_lr"])
         except (ValueError, KeyError, TypeError) as e:
             raise ChibiError(f"{path} is corrupt ({e}); pass every --<group>-lr explicitly") from None
+    elif isinstance(meta.get("lrs"), dict):  # an average of runs (sft --soup) has no optimizer: its runs' LRs
+        saved = {g: float(v) for g, v in meta["lrs"].items()}
     if lora_config(args) is not None:  # only the adapters train
         return {"lora": LORA_LR if args.lora_lr is None else args.lora_lr}
     lrs = {}
