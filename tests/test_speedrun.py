@@ -169,8 +169,8 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
         assert argv.count(name) == 1, argv
         return argv[argv.index(name) + 1]
 
-    # the cpu preset's shares pretrain 0.50, midtrain 0.10, sft 0.33, rl 0.07
-    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["6", "1.2", "3.96", "0.84"]
+    # the cpu preset's shares pretrain 0.48, midtrain 0.10, sft 0.36, rl 0.06
+    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["5.76", "1.2", "4.32", "0.72"]
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
     assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2800", "1000", "1200", "60"]
     # a preset without shares splits by the steps' weights: pretrain 0.5, midtrain/sft/rl 0.1 each
@@ -190,17 +190,17 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
 
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")}
     assert PRESETS["cpu"].max_minutes == 13
-    # the preset's shares pretrain 0.50, midtrain 0.10, sft 0.33, rl 0.07 of 13 min (sft --soup 4 divides its
+    # the preset's shares pretrain 0.48, midtrain 0.10, sft 0.36, rl 0.06 of 13 min (sft --soup 4 divides its
     # share over its four runs)
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "6.5", "--num-steps": "700"}, {"--minutes": "1.3", "--num-steps": "250"},
-        {"--minutes": "4.29", "--num-steps": "300"}, {"--minutes": "0.91", "--num-steps": "15"}]
+        {"--minutes": "6.24", "--num-steps": "700"}, {"--minutes": "1.3", "--num-steps": "250"},
+        {"--minutes": "4.68", "--num-steps": "300"}, {"--minutes": "0.78", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
     assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "700"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
     fast = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=25)}
-    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "12.5", "--num-steps": "2800"},
-                                                            {"--minutes": "8.25", "--num-steps": "1200"}]
+    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "12", "--num-steps": "2800"},
+                                                            {"--minutes": "9", "--num-steps": "1200"}]
     # a preset's shares name exactly the training stages
     from chibichat.stages.speedrun import TRAINING_STEPS
 

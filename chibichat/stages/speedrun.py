@@ -318,10 +318,10 @@ PRESETS: dict[str, Preset] = {
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
         # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
-        # a quickstart there, with fewer steps. Shares of the 13 minutes: pretraining ~6.5, midtraining ~1.3,
-        # SFT ~4.3 (4 x 300 steps), RL ~0.9 (15 steps).
+        # a quickstart there, with fewer steps. Shares of the 13 minutes: pretraining ~6.2, midtraining ~1.3,
+        # SFT ~4.7 (4 x 300 steps and their validation), RL ~0.8 (15 steps).
         max_minutes=13,
-        minute_shares={"pretrain": 0.50, "midtrain": 0.10, "sft": 0.33, "rl": 0.07},
+        minute_shares={"pretrain": 0.48, "midtrain": 0.10, "sft": 0.36, "rl": 0.06},
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
