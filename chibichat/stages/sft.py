@@ -122,6 +122,18 @@ def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home
     return train_mix, Mixture(vals, epochs=[1.0] * len(vals), seed=seed + 1), dropped
 
 
+def stage_mixtures(args, tok, home, mix_en: str, mix_ja: str):
+    """build_mixtures for a conversation stage's flags: --mix (or the default for the tokenizer's languages),
+    --val-items, --seed, --identity, --drop-eval-overlap."""
+    mix = parse_mix(args.mix or default_mix(tok, mix_en, mix_ja))
+    persona = None
+    if args.identity is not None:
+        from chibichat.tasks.identity import parse_persona
+
+        persona = parse_persona(args.identity)
+    return build_mixtures(mix, args.val_items, args.seed, home, persona, drop_overlap=args.drop_eval_overlap)
+
+
 def token_loss_sum(model, batch):
     """The loop's loss_fn: SUM of per-token losses over the targets (-1 = not trained on) and their
     count; the loop divides by the step's total, so the loss is a mean per supervised token."""
@@ -255,14 +267,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt, embed_noise=args.embed_noise)
         seq_len = model.config.seq_len
-        mix = parse_mix(args.mix or default_mix(tok, mix_en, mix_ja))
-        persona = None
-        if args.identity is not None:
-            from chibichat.tasks.identity import parse_persona
-
-            persona = parse_persona(args.identity)
-        train_mix, val_mix, dropped = build_mixtures(mix, args.val_items, args.seed, home, persona,
-                                                     drop_overlap=args.drop_eval_overlap)
+        train_mix, val_mix, dropped = stage_mixtures(args, tok, home, mix_en, mix_ja)
         for name, per in dropped.items():
             print0(rt, f"{stage}: left out {sum(per.values())} item(s) of {name!r} that share a prompt with "
                        + ", ".join(f"{ev} ({n})" for ev, n in per.items()))
@@ -396,14 +401,7 @@ def run_soup(args) -> int:
         sdirs = [resolve_checkpoint(home, "sft", mtag) for mtag, _ in members]
         model, meta0 = load_model(home, "sft", members[0][0], rt=rt, tokenizer=tok)
         model.load_state_dict({k: v.to(rt.device) for k, v in average_weights(sdirs).items()})
-        mix = parse_mix(args.mix or default_mix(tok, SFT_MIX_EN, SFT_MIX_JA))
-        persona = None
-        if args.identity is not None:
-            from chibichat.tasks.identity import parse_persona
-
-            persona = parse_persona(args.identity)
-        _, val_mix, _ = build_mixtures(mix, args.val_items, args.seed, home, persona,
-                                       drop_overlap=args.drop_eval_overlap)
+        _, val_mix, _ = stage_mixtures(args, tok, home, SFT_MIX_EN, SFT_MIX_JA)
         step = int(meta0["step"])
         val_loss = val_loss_fn(val_mix, tok, args, rt, False, args.mode)(model, step)["val_loss"]
         sums = [read_json(home.checkpoints_dir("sft", mtag) / "summary.json", "summary") for mtag, _ in members]
