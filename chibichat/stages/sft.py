@@ -10,6 +10,9 @@ The loss is the mean over the supervised tokens of the whole optimizer step, acr
 gradient-accumulation micro-batches and ranks (the shared loop divides each micro-batch's loss SUM
 by the step's token total), never a mean of micro-batch means.
 
+`--soup K` trains K such runs from the same source with consecutive seeds and saves the average of their
+weights under the tag (`run_soup`): the quickstart's SFT.
+
 midtrain runs the same conversation stage (`run_conversation_stage`) with streamed rows and the loss on
 every token; what every fine-tuning stage shares (flags, source checkpoint, learning rates, summary)
 is chibichat/train/finetune.py.
@@ -317,7 +320,7 @@ def register(sub):
                           mix_ja=SFT_MIX_JA)
     p.add_argument("--soup", type=int, default=1, metavar="K",
                    help="train K runs from the same source with seeds SEED..SEED+K-1 (tags TAG-soup0..) and save "
-                        "the average of their weights as TAG (default: 1, one run)")
+                        "the average of their weights as TAG; --minutes is the K runs' together (default: 1, one run)")
     p.set_defaults(func=run)
 
 
