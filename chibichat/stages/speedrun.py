@@ -528,6 +528,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
             "download-tasks", "download and verify the full test sets and the online training sets",
             ["data", "tasks", ",".join(ONLINE_TASKS), *common],
             home.data_dir / "tasks" / ".speedrun-tasks.done", [], weight=0.01, speedrun_marks_done=True))
+    members = soup_dirs(home, tag, flags["sft"])  # sft --soup: its runs' folders; it runs on one process
     steps += [
         Step("tokenizer", "train the tokenizer",
              sc(["tokenizer", "train", "--corpus", corpus, *split, *common, *flags["tokenizer"]]),
@@ -551,8 +552,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
         skills_step(home, "mid", tag, lang, common + dev, preset),
         Step("sft", "supervised fine-tuning",
              sc(["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["sft"]]),
-             ck("sft", tag) / "summary.json", [ck("sft", tag), *soup_dirs(home, tag, flags["sft"])],
-             resumable_dir=ck("sft", tag), distributed=not soup_dirs(home, tag, flags["sft"]), weight=0.1),
+             ck("sft", tag) / "summary.json", [ck("sft", tag), *members],
+             resumable_dir=ck("sft", tag), distributed=not members, weight=0.1),
         Step("eval-sft", "evaluate the SFT model",
              sc(["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),
