@@ -36,12 +36,13 @@ def test_plan_covers_every_stage_in_order(tmp_path):
     assert "embedded-ja" in ja[0].argv and ["--split", "ja"] == ja[0].argv[4:6]
     assert "--layers" in ja[2].argv and "iberis" in ja[2].argv
     assert ja[2].marker.parent.name == "d4-iberis"
-    # SFT averages four runs (sft --soup 4): their folders are the step's outputs too (--force sft removes them),
-    # and the step runs on one process
-    sft = next(s for s in steps if s.name == "sft")
-    assert sft.argv[sft.argv.index("--soup") + 1] == "4" and not sft.distributed
-    assert [d.name for d in sft.outputs] == ["d4", "d4-soup0", "d4-soup1", "d4-soup2", "d4-soup3"]
-    assert all(d.parent == Home(tmp_path).checkpoints_dir("sft", "d4").parent for d in sft.outputs)
+    # midtraining and SFT each average four runs (--soup 4): their folders are the step's outputs too (--force
+    # midtrain / sft removes them), and the step runs on one process
+    for name, stage in (("midtrain", "mid"), ("sft", "sft")):
+        st = next(s for s in steps if s.name == name)
+        assert st.argv[st.argv.index("--soup") + 1] == "4" and not st.distributed
+        assert [d.name for d in st.outputs] == ["d4", "d4-soup0", "d4-soup1", "d4-soup2", "d4-soup3"]
+        assert all(d.parent == Home(tmp_path).checkpoints_dir(stage, "d4").parent for d in st.outputs)
     # offline RL trains on the two-step problems (SFT nearly saturates the one-step ones)
     for p, want in ((steps, "arithmetic-multi"), (ja, "arithmetic-multi-ja")):
         rl = next(s.argv for s in p if s.name == "rl")
@@ -169,8 +170,8 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
         assert argv.count(name) == 1, argv
         return argv[argv.index(name) + 1]
 
-    # the cpu preset's shares pretrain 0.48, midtrain 0.10, sft 0.36, rl 0.06
-    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["5.76", "1.2", "4.32", "0.72"]
+    # the cpu preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04
+    assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["4.08", "3.24", "4.2", "0.48"]
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
     assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2800", "1000", "1200", "60"]
     # a preset without shares splits by the steps' weights: pretrain 0.5, midtrain/sft/rl 0.1 each
@@ -189,18 +190,18 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
         return {f: argv[argv.index(f) + 1] for f in ("--minutes", "--num-steps") if f in argv}
 
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")}
-    assert PRESETS["cpu"].max_minutes == 13
-    # the preset's shares pretrain 0.48, midtrain 0.10, sft 0.36, rl 0.06 of 13 min (sft --soup 4 divides its
+    assert PRESETS["cpu"].max_minutes == 14
+    # the preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04 of 14 min (--soup 4 divides a stage's
     # share over its four runs)
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "6.24", "--num-steps": "700"}, {"--minutes": "1.3", "--num-steps": "250"},
-        {"--minutes": "4.68", "--num-steps": "300"}, {"--minutes": "0.78", "--num-steps": "15"}]
+        {"--minutes": "4.76", "--num-steps": "700"}, {"--minutes": "3.78", "--num-steps": "250"},
+        {"--minutes": "4.9", "--num-steps": "300"}, {"--minutes": "0.56", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
     assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "700"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
     fast = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=25)}
-    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "12", "--num-steps": "2800"},
-                                                            {"--minutes": "9", "--num-steps": "1200"}]
+    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "8.5", "--num-steps": "2800"},
+                                                            {"--minutes": "8.75", "--num-steps": "1200"}]
     # a preset's shares name exactly the training stages
     from chibichat.stages.speedrun import TRAINING_STEPS
 

@@ -728,6 +728,49 @@ def test_sft_soup_refusals(base):
     assert "already holds a finished run; pass --overwrite" in str(e.value)
 
 
+def test_midtrain_soup_averages_runs_from_the_base_and_sft_trains_from_the_average(base, capsys):
+    from safetensors.torch import load_file
+
+    from chibichat.stages import midtrain
+    from chibichat.stages.report import chat_stage_section, collect
+    from chibichat.stages.sft import build_mixtures, parse_mix, val_loss_fn
+    from chibichat.train.checkpoint import load_model
+
+    home, tok = base
+    common = ["midtrain", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "ms", *FAST,
+              "--mix", "arithmetic=0.1", "--num-steps", 2, "--seed", 3]
+    capsys.readouterr()
+    run_cli(*common, "--soup", 2)
+    out = capsys.readouterr().out
+    assert "midtrain --soup: run ms-soup0 (seed 3)" in out and "midtrain --soup: run ms-soup1 (seed 4)" in out
+    assert "midtrain --soup: averaged 2 runs -> " in out
+    members = [home.checkpoints_dir("mid", f"ms-soup{i}") for i in range(2)]
+    weights = [load_file(str(d / "step_000002" / "model.safetensors")) for d in members]
+    soup = load_file(str(home.checkpoints_dir("mid", "ms") / "step_000002" / "model.safetensors"))
+    for k in soup:
+        torch.testing.assert_close(soup[k], ((weights[0][k].double() + weights[1][k].double()) / 2).float(),
+                                   rtol=0, atol=1e-7)
+    s = json.loads((home.checkpoints_dir("mid", "ms") / "summary.json").read_text())
+    assert s["stage"] == "mid" and s["soup"]["seeds"] == [3, 4] and s["loss_on"] == "all tokens"
+    # the average's val loss is midtraining's (every token scored), on the first member's validation items
+    model, meta = load_model(home, "mid", "ms", rt=cpu_rt())
+    _, val_mix, _ = build_mixtures(parse_mix("arithmetic=0.1"), 4, 3, home)
+    args = _parse(common)
+    assert val_loss_fn(val_mix, tok, args, cpu_rt(), True, "stream")(model, 2)["val_loss"] == pytest.approx(
+        s["val_loss"], rel=1e-6)
+    st = next(x for x in collect(home, "ms") if x.stage == "mid")
+    assert "average of 2 runs (seeds 3, 4" in chat_stage_section(st, set())
+    # SFT from the averaged midtraining: the members' learning rates x sft's --lr-frac 0.5
+    run_cli("sft", "--home", home.root, "--from", "mid", "--from-tag", "ms", "--tag", "ms-sft", *FAST,
+            "--mix", "arithmetic=0.1", "--num-steps", 1)
+    nxt = json.loads((home.checkpoints_dir("sft", "ms-sft") / "step_000001" / "meta.json").read_text())
+    assert nxt["lrs"] == {g: v * 0.5 for g, v in meta["lrs"].items()}
+    assert nxt["source"]["checkpoint"].endswith("mid/ms/step_000002")
+    # the refusals are sft's
+    with pytest.raises(ChibiError, match="--soup 0: give the number of runs to average"):
+        midtrain.run(_parse(common + ["--soup", "0"]))
+
+
 def test_average_weights_refuses_one_checkpoint_and_mismatched_shapes(tmp_path):
     from chibichat.model.gpt import GPT, GPTConfig
     from chibichat.train.checkpoint import average_weights, save_checkpoint

@@ -5,7 +5,8 @@ streamed like pretraining text (`--mode stream`: concatenated and cut into rows 
 no token is padding), and the loss is on every token, not only the assistant's. The model thereby
 learns what the special tokens mean and where a turn ends, before SFT narrows the loss to the
 assistant's tokens. Runs from `--from base` by default and writes checkpoints under
-home/checkpoints/mid/<tag>/ with metrics.jsonl and summary.json (same machinery as `sft`).
+home/checkpoints/mid/<tag>/ with metrics.jsonl and summary.json (same machinery as `sft`, `--soup K`
+included: K runs from the base, their weights averaged).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    from chibichat.stages.sft import run_conversation_stage
+    from chibichat.stages.sft import run_stage_or_soup
 
-    return run_conversation_stage(args, stage="mid", train_all_tokens=True, mix_en=MID_MIX_EN, mix_ja=MID_MIX_JA)
+    return run_stage_or_soup(args, command="midtrain", stage="mid", train_all_tokens=True, mix_en=MID_MIX_EN,
+                             mix_ja=MID_MIX_JA)

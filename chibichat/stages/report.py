@@ -486,7 +486,7 @@ def chat_stage_section(st: StageArtifacts, written: set[str]) -> str:
             ("val loss", fmt(s.get("val_loss")) if s.get("val_loss") is not None else None),
             ("over-length policy", f"{s['mode']} / {s.get('overflow')}" if s.get("mode") else None)]
     soup = s.get("soup")
-    if isinstance(soup, dict) and soup.get("members"):  # sft --soup: the checkpoint is the members' average
+    if isinstance(soup, dict) and soup.get("members"):  # --soup: the checkpoint is the members' average
         rows.append(("weights", f"average of {len(soup['members'])} runs (seeds "
                      + ", ".join(str(x) for x in soup.get("seeds", [])) + "; val loss "
                      + ", ".join(fmt(v) for v in soup.get("member_val_loss", [])) + "); steps, tokens and time "

@@ -11,7 +11,7 @@ gradient-accumulation micro-batches and ranks (the shared loop divides each micr
 by the step's token total), never a mean of micro-batch means.
 
 `--soup K` trains K such runs from the same source with consecutive seeds and saves the average of their
-weights under the tag (`run_soup`): the quickstart's SFT.
+weights under the tag (`run_soup`; midtraining takes it too): the quickstart's midtraining and SFT.
 
 midtrain runs the same conversation stage (`run_conversation_stage`) with streamed rows and the loss on
 every token; what every fine-tuning stage shares (flags, source checkpoint, learning rates, summary)
@@ -243,6 +243,9 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
     p.add_argument("--embed-noise", type=float, default=0.0, metavar="RMS",
                    help="uniform noise of this RMS on the normed token embeddings while training (NEFTune's idea; "
                         "default: 0, off)")
+    p.add_argument("--soup", type=int, default=1, metavar="K",
+                   help="train K runs from the same source with seeds SEED..SEED+K-1 (tags TAG-soup0..) and save "
+                        "the average of their weights as TAG; --minutes is the K runs' together (default: 1, one run)")
     p.add_argument("--val-items", type=int, default=50, help="held-out items per task (default: 50)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (default: 8)")
     add_optim_args(p, lr_frac)
@@ -318,20 +321,26 @@ def register(sub):
                     "over-length policy counted per task in summary.json.")
     add_conversation_args(p, default_from="mid", steps=60, batch=8, lr_frac=0.5, mode="pack", mix_en=SFT_MIX_EN,
                           mix_ja=SFT_MIX_JA)
-    p.add_argument("--soup", type=int, default=1, metavar="K",
-                   help="train K runs from the same source with seeds SEED..SEED+K-1 (tags TAG-soup0..) and save "
-                        "the average of their weights as TAG; --minutes is the K runs' together (default: 1, one run)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     if args.mode == "stream":
         raise ChibiError("sft trains conversation by conversation: --mode stream is midtraining's; use pack or pad")
+    return run_stage_or_soup(args, command="sft", stage="sft", train_all_tokens=False, mix_en=SFT_MIX_EN,
+                             mix_ja=SFT_MIX_JA)
+
+
+def run_stage_or_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
+    """One run of a conversation stage, or with --soup K > 1 the average of K (run_soup)."""
     if args.soup < 1:
         raise ChibiError(f"--soup {args.soup}: give the number of runs to average, 1 or more (1 = no averaging)")
+    kind = {"command": command, "stage": stage, "train_all_tokens": train_all_tokens, "mix_en": mix_en,
+            "mix_ja": mix_ja}
     if args.soup > 1:
-        return run_soup(args)
-    return run_conversation_stage(args, stage="sft", train_all_tokens=False, mix_en=SFT_MIX_EN, mix_ja=SFT_MIX_JA)
+        return run_soup(args, **kind)
+    kind.pop("command")
+    return run_conversation_stage(args, **kind)
 
 
 # Flags a finished member run must share with this invocation to be reused instead of trained again.
@@ -345,13 +354,14 @@ def soup_members(tag: str, seed: int, k: int) -> list[tuple[str, int]]:
     return [(f"{tag}-soup{i}", seed + i) for i in range(k)]
 
 
-def run_soup(args) -> int:
-    """`sft --soup K`: K SFT runs from one source, differing only in their seed (data order, validation
-    items, sampling), each a complete run under its own tag; then the mean of their weights, saved as the
-    tag's checkpoint with its own validation loss (a uniform "model soup", Wortsman et al. 2022,
-    arXiv:2203.05482). Runs fine-tuned from one checkpoint stay in one basin, so their average is a model
-    and generalises better than a typical member (docs/benchmarks.md, "averaging SFT runs"); runs from
-    different midtrainings do not average well, so the source is shared by construction.
+def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
+    """`sft --soup K` / `midtrain --soup K`: K runs of the stage from one source, differing only in their
+    seed (data order, validation items, sampling), each a complete run under its own tag; then the mean of
+    their weights, saved as the tag's checkpoint with its own validation loss (a uniform "model soup",
+    Wortsman et al. 2022, arXiv:2203.05482). Runs fine-tuned from one checkpoint stay in one basin, so their
+    average is a model and generalises better than a typical member (docs/benchmarks.md, "averaging SFT
+    runs", "averaging midtraining runs"); runs from different sources do not average well (SFT runs of
+    different midtrainings), so the source is shared by construction.
     A member whose summary.json exists is reused (after checking it was trained with the same flags), an
     interrupted one is resumed, and --overwrite retrains all of them."""
     import copy
@@ -371,7 +381,7 @@ def run_soup(args) -> int:
     home = Home.resolve(args.home)
     check_home(home)
     tag = args.tag or resolve_checkpoint(home, args.from_stage, args.from_tag, args.from_step).parent.name
-    tag_dir = home.checkpoints_dir("sft", tag)
+    tag_dir = home.checkpoints_dir(stage, tag)
     if (tag_dir / "summary.json").exists() and not args.overwrite:
         raise ChibiError(f"{tag_dir} already holds a finished run; pass --overwrite to replace it (and its members) "
                          "or choose another --tag")
@@ -385,29 +395,29 @@ def run_soup(args) -> int:
         margs.tag, margs.seed, margs.soup, margs.resume = mtag, mseed, 1, False
         if args.minutes is not None:
             margs.minutes = args.minutes / args.soup  # the budget is the whole stage's
-        mdir = home.checkpoints_dir("sft", mtag)
+        mdir = home.checkpoints_dir(stage, mtag)
         if not args.overwrite and (mdir / "summary.json").exists():
-            done = read_meta(resolve_checkpoint(home, "sft", mtag)).get("flags", {})
+            done = read_meta(resolve_checkpoint(home, stage, mtag)).get("flags", {})
             for key in SOUP_SAME_FLAGS:
                 if done.get(key) != getattr(args, key):
                     raise ChibiError(f"{mdir} was trained with {key}={done.get(key)!r}, this run asks "
                                      f"{getattr(args, key)!r}; pass --overwrite to train the members again")
-            print(f"sft --soup: {mtag} (seed {mseed}) is done already, not trained again", flush=True)
+            print(f"{command} --soup: {mtag} (seed {mseed}) is done already, not trained again", flush=True)
             continue
         margs.resume = bool(mdir.exists() and list_steps(mdir) and not args.overwrite)
-        print(f"sft --soup: run {mtag} (seed {mseed}){' resumed' if margs.resume else ''}", flush=True)
-        run_conversation_stage(margs, stage="sft", train_all_tokens=False, mix_en=SFT_MIX_EN, mix_ja=SFT_MIX_JA)
+        print(f"{command} --soup: run {mtag} (seed {mseed}){' resumed' if margs.resume else ''}", flush=True)
+        run_conversation_stage(margs, stage=stage, train_all_tokens=train_all_tokens, mix_en=mix_en, mix_ja=mix_ja)
 
     rt = init_runtime(args.device, args.dtype)
     try:
         tok = Tokenizer.load(home.tokenizer_dir)
-        sdirs = [resolve_checkpoint(home, "sft", mtag) for mtag, _ in members]
-        model, meta0 = load_model(home, "sft", members[0][0], rt=rt, tokenizer=tok)
+        sdirs = [resolve_checkpoint(home, stage, mtag) for mtag, _ in members]
+        model, meta0 = load_model(home, stage, members[0][0], rt=rt, tokenizer=tok)
         model.load_state_dict({k: v.to(rt.device) for k, v in average_weights(sdirs).items()})
-        _, val_mix, _ = stage_mixtures(args, tok, home, SFT_MIX_EN, SFT_MIX_JA)
+        _, val_mix, _ = stage_mixtures(args, tok, home, mix_en, mix_ja)
         step = int(meta0["step"])
-        val_loss = val_loss_fn(val_mix, tok, args, rt, False, args.mode)(model, step)["val_loss"]
-        sums = [read_json(home.checkpoints_dir("sft", mtag) / "summary.json", "summary") for mtag, _ in members]
+        val_loss = val_loss_fn(val_mix, tok, args, rt, train_all_tokens, args.mode)(model, step)["val_loss"]
+        sums = [read_json(home.checkpoints_dir(stage, mtag) / "summary.json", "summary") for mtag, _ in members]
         flags = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
         soup = {"members": [m for m, _ in members], "seeds": [s for _, s in members],
                 "member_val_loss": [m.get("val_loss") for m in sums], "member_final_loss": [m.get("final_loss") for m in sums]}
@@ -422,7 +432,7 @@ def run_soup(args) -> int:
                    "checkpoint": str(sdir), "final_loss": sum(soup["member_final_loss"]) / len(sums),
                    "val_loss": val_loss, "soup": soup}
         write_summary(tag_dir, rt, summary)
-        print0(rt, f"sft --soup: averaged {len(members)} runs -> {sdir} | val_loss {val_loss:.4f} (members "
+        print0(rt, f"{command} --soup: averaged {len(members)} runs -> {sdir} | val_loss {val_loss:.4f} (members "
                    + ", ".join(f"{v:.4f}" for v in soup["member_val_loss"] if v is not None) + " on their own seeds' "
                    "validation items)")
         return 0

@@ -288,8 +288,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="the offline default: embedded data, ~14 minutes on 2 CPU cores",
-        expected_minutes=14,
+        description="the offline default: embedded data, ~15 minutes on 2 CPU cores",
+        expected_minutes=15,
         depth=4,
         # 4,096 tokens: of 2,048 / 4,096 / 8,192, the held-out skills after SFT peak here (0.56 / 0.61 / 0.52 over
         # four seeds; 8,192 has the best bpb but its rarer word tokens are no longer copied into tool calls;
@@ -306,7 +306,10 @@ PRESETS: dict[str, Preset] = {
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
         # SFT's steps are where the held-out skills are learnt: more of them raised `eval skills` the most
         # per minute (docs/benchmarks.md, "SFT steps against the held-out skills").
-        midtrain=["--num-steps", "250", "--eval-every", "125"],
+        # Four midtraining runs from the base (seeds 0-3) and their weights averaged: SFT (four runs averaged)
+        # from the averaged midtraining scored 0.686 and 0.669 for two sets of four, against 0.640 from single
+        # midtrainings (docs/benchmarks.md, "averaging midtraining runs").
+        midtrain=["--num-steps", "250", "--eval-every", "125", "--soup", "4"],
         # Four SFT runs from the midtrained model (seeds 0-3) and their weights averaged: the average scored
         # 0.034 above its members' mean on the held-out skills in all four of four midtrainings (0.640 against
         # 0.606), where one run's seed alone moves the score by up to 0.1 (docs/benchmarks.md, "averaging SFT
@@ -318,10 +321,11 @@ PRESETS: dict[str, Preset] = {
         eval_chat=["--max-items", "40", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
         # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
-        # a quickstart there, with fewer steps. Shares of the 13 minutes: pretraining ~6.2, midtraining ~1.3,
-        # SFT ~4.7 (4 x 300 steps and their validation), RL ~0.8 (15 steps).
-        max_minutes=13,
-        minute_shares={"pretrain": 0.48, "midtrain": 0.10, "sft": 0.36, "rl": 0.06},
+        # a quickstart there, with fewer steps. Shares of the 14 minutes: pretraining ~4.8, midtraining ~3.8
+        # (4 x 250 steps), SFT ~4.9 (4 x 300 steps), RL ~0.6 (15 steps): on the 2-core AMX machine each is
+        # 10-20% above what the stage takes at its step cap.
+        max_minutes=14,
+        minute_shares={"pretrain": 0.34, "midtrain": 0.27, "sft": 0.35, "rl": 0.04},
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
@@ -469,15 +473,15 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
     }
 
 
-def soup_dirs(home: Home, tag: str, sft_flags: list[str]) -> list[Path]:
-    """The member runs' checkpoint folders of an `sft --soup K` step (none without --soup): outputs of the
-    step, so `--force sft` removes them too."""
+def soup_dirs(home: Home, stage: str, tag: str, flags: list[str]) -> list[Path]:
+    """The member runs' checkpoint folders of a `midtrain/sft --soup K` step (none without --soup): outputs of
+    the step, so `--force` removes them too."""
     from chibichat.stages.sft import soup_members
 
-    if "--soup" not in sft_flags:
+    if "--soup" not in flags:
         return []
-    k = int(sft_flags[sft_flags.index("--soup") + 1])
-    return [home.checkpoints_dir("sft", mtag) for mtag, _ in soup_members(tag, 0, k)] if k > 1 else []
+    k = int(flags[flags.index("--soup") + 1])
+    return [home.checkpoints_dir(stage, mtag) for mtag, _ in soup_members(tag, 0, k)] if k > 1 else []
 
 
 def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
@@ -528,7 +532,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
             "download-tasks", "download and verify the full test sets and the online training sets",
             ["data", "tasks", ",".join(ONLINE_TASKS), *common],
             home.data_dir / "tasks" / ".speedrun-tasks.done", [], weight=0.01, speedrun_marks_done=True))
-    members = soup_dirs(home, tag, flags["sft"])  # sft --soup: its runs' folders; it runs on one process
+    # --soup: the runs' folders are the step's outputs too, and the step runs on one process
+    mid_members, members = soup_dirs(home, "mid", tag, flags["midtrain"]), soup_dirs(home, "sft", tag, flags["sft"])
     steps += [
         Step("tokenizer", "train the tokenizer",
              sc(["tokenizer", "train", "--corpus", corpus, *split, *common, *flags["tokenizer"]]),
@@ -545,7 +550,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
              ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04),
         Step("midtrain", "midtrain: chat format, tools, multiple choice",
              sc(["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["midtrain"]]),
-             ck("mid", tag) / "summary.json", [ck("mid", tag)], resumable_dir=ck("mid", tag), distributed=True, weight=0.1),
+             ck("mid", tag) / "summary.json", [ck("mid", tag), *mid_members], resumable_dir=ck("mid", tag),
+             distributed=not mid_members, weight=0.1),
         Step("eval-mid", "evaluate the midtrained model",
              sc(["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
              ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04),
