@@ -335,11 +335,9 @@ def run_stage_or_soup(args, *, command: str, stage: str, train_all_tokens: bool,
     """One run of a conversation stage, or with --soup K > 1 the average of K (run_soup)."""
     if args.soup < 1:
         raise ChibiError(f"--soup {args.soup}: give the number of runs to average, 1 or more (1 = no averaging)")
-    kind = {"command": command, "stage": stage, "train_all_tokens": train_all_tokens, "mix_en": mix_en,
-            "mix_ja": mix_ja}
+    kind = {"stage": stage, "train_all_tokens": train_all_tokens, "mix_en": mix_en, "mix_ja": mix_ja}
     if args.soup > 1:
-        return run_soup(args, **kind)
-    kind.pop("command")
+        return run_soup(args, command=command, **kind)
     return run_conversation_stage(args, **kind)
 
 
