@@ -231,3 +231,9 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
         assert pre[pre.index("--repeat-rows") + 1] == "4"
     iberis = plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")
     assert iberis[2].marker.parent.name == "hour-d4-iberis"
+    # Japanese: both presets train the same 1,024-token tokenizer (English keeps 4,096)
+    quick_ja = plan(home, PRESETS["cpu"], "ja", "dense", "cpu")
+    hour_ja = plan(home, PRESETS["cpu-hour"], "ja", "dense", "cpu")
+    assert quick_ja[0].argv == hour_ja[0].argv == iberis[0].argv
+    vocab = {lang: p[0].argv[p[0].argv.index("--vocab-size") + 1] for lang, p in (("en", quick), ("ja", quick_ja))}
+    assert vocab == {"en": "4096", "ja": "1024"} and ["--split", "ja"] == quick_ja[0].argv[4:6]

@@ -51,6 +51,7 @@ class Preset:
     eval_skills: tuple = ()  # flags of `eval skills`, run after every chat stage's eval
     online: bool = False
     rl_task: tuple[str, str] = ("arithmetic-multi", "arithmetic-multi-ja")  # CPU presets' RL task (en, ja)
+    tokenizer_ja: list[str] | None = None  # the tokenizer's flags for --lang ja, where they differ from `tokenizer`
     # The training loops together never run longer than this, whatever the CPU: the step counts above are
     # what a fast CPU finishes in it, and a slower one stops each stage earlier (budget_flags, headroom 1).
     max_minutes: float | None = None
@@ -295,6 +296,11 @@ PRESETS: dict[str, Preset] = {
         # four seeds; 8,192 has the best bpb but its rarer word tokens are no longer copied into tool calls;
         # Japanese: 0.51 at 4,096 against 0.40 at 8,192; docs/benchmarks.md, "vocabulary size").
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],
+        # Japanese at 1,024 tokens: held-out skills JA after SFT (four runs averaged) 0.562 / 0.638 / 0.683 / 0.367 at
+        # 4,096 / 2,048 / 1,024 / 512: with fewer multi-character tokens the words' characters are in the context to
+        # copy (character counting 0.27 -> 0.80); at 512 even common kanji are bytes and the model falls apart
+        # (docs/benchmarks.md, "Japanese vocabulary").
+        tokenizer_ja=["--vocab-size", "1024", "--max-chars", "2000000"],
         # The cap is about what the 2-core AMX machine fits in pretraining's share of the budget (7.5 min at
         # ~0.62 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
@@ -333,6 +339,7 @@ PRESETS: dict[str, Preset] = {
         expected_minutes=60,
         depth=4,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],  # the cpu preset's: one home shares it
+        tokenizer_ja=["--vocab-size", "1024", "--max-chars", "2000000"],
         # `bench sweep` at the quickstart's 7.5 minutes put the best size between d2 and d4 (docs/benchmarks.md);
         # with 4.3x the minutes the compute-optimal model is about twice as large, so d4, now at ~3 tokens per
         # parameter instead of 0.7. The caps are what the 2-core AMX machine fits in each stage's share.
@@ -501,6 +508,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     # Offline RL trains on the two-step problems: SFT nearly saturates the one-step ones (no room to learn).
     rl_task = ["--task", preset.rl_task[0] if lang == "en" else preset.rl_task[1]]
     flags = {k: getattr(preset, k) for k in ("tokenizer", "pretrain", "eval_base", "midtrain", "sft", "rl", "eval_chat")}
+    if lang == "ja" and preset.tokenizer_ja is not None:
+        flags["tokenizer"] = preset.tokenizer_ja
     shards = 0
     if preset.gpu:
         recipe = GPU_RECIPES[preset.name]
