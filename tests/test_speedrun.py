@@ -237,3 +237,34 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
     assert quick_ja[0].argv == hour_ja[0].argv == iberis[0].argv
     vocab = {lang: p[0].argv[p[0].argv.index("--vocab-size") + 1] for lang, p in (("en", quick), ("ja", quick_ja))}
     assert vocab == {"en": "4096", "ja": "1024"} and ["--split", "ja"] == quick_ja[0].argv[4:6]
+
+
+def test_a_finished_tokenizer_of_another_size_or_split_is_refused_not_reused(tmp_path):
+    """A home's tokenizer step, once done, is skipped: the speedrun checks that it is the tokenizer its plan
+    trains (a JA cpu run in an EN cpu home would otherwise pretrain on the 4,096-token gpt4-split one)."""
+    from chibichat.stages.speedrun import check_done_tokenizer
+
+    home = Home(tmp_path)
+    ja = plan(home, PRESETS["cpu"], "ja", "dense", "cpu")[0]
+    en = plan(home, PRESETS["cpu"], "en", "dense", "cpu")[0]
+    check_done_tokenizer(home, ja)  # nothing trained yet: nothing to check
+    ja.marker.parent.mkdir(parents=True)
+    ja.marker.write_text(json.dumps({"vocab_size": 4096, "split": "gpt4"}))
+    check_done_tokenizer(home, en)  # the EN plan's own tokenizer: reused
+    with pytest.raises(ChibiError) as e:
+        check_done_tokenizer(home, ja)
+    assert str(e.value) == (f"{home.tokenizer_dir} holds a 4096-token tokenizer (split gpt4), but this plan trains "
+                            "1024 tokens (split ja): use another --home for this preset and language, or pass --force "
+                            "tokenizer to train it anew (the home's checkpoints then no longer load)")
+    ja.marker.write_text(json.dumps({"vocab_size": 1024, "split": "gpt4"}))  # right size, wrong split
+    with pytest.raises(ChibiError, match="split gpt4.*split ja"):
+        check_done_tokenizer(home, ja)
+    ja.marker.write_text(json.dumps({"vocab_size": 1024, "split": "ja"}))
+    check_done_tokenizer(home, ja)
+    with pytest.raises(ChibiError, match="1024-token tokenizer"):
+        check_done_tokenizer(home, en)
+    # the speedrun itself refuses before running anything; --force tokenizer is the way past it
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "chibichat", "speedrun", "--preset", "cpu", "--home", str(tmp_path),
+                        "--dry-run"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "holds a 1024-token tokenizer (split ja), but this plan trains 4096" in r.stderr

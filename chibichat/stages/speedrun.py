@@ -753,6 +753,23 @@ def fork_start(env: dict, entry) -> int:
         raise
 
 
+def check_done_tokenizer(home: Home, step: Step) -> None:
+    """A home's finished tokenizer is reused, so it must be the one this plan trains: another preset or --lang
+    (English 4,096 tokens, Japanese 1,024 in the CPU presets) in the same home would otherwise pretrain on a
+    tokenizer its plan does not name. ChibiError naming both and the fix."""
+    if step.name != "tokenizer" or not step.marker.exists():
+        return
+    meta = read_json(step.marker, "tokenizer")
+    want = {"vocab_size": int(step.argv[step.argv.index("--vocab-size") + 1]),
+            "split": step.argv[step.argv.index("--split") + 1] if "--split" in step.argv else None}
+    have = {"vocab_size": meta.get("vocab_size"), "split": meta.get("split")}
+    if want["vocab_size"] != have["vocab_size"] or (want["split"] is not None and want["split"] != have["split"]):
+        raise ChibiError(f"{home.tokenizer_dir} holds a {have['vocab_size']}-token tokenizer (split {have['split']}), "
+                         f"but this plan trains {want['vocab_size']} tokens" + (f" (split {want['split']})" if
+                         want["split"] else "") + ": use another --home for this preset and language, or pass "
+                         "--force tokenizer to train it anew (the home's checkpoints then no longer load)")
+
+
 def run(args) -> int:
     home = Home.resolve(args.home)
     check_home(home)
@@ -765,6 +782,8 @@ def run(args) -> int:
     for f in args.force:
         if f not in names:
             raise ChibiError(f"--force {f!r} is not a speedrun stage; choose from: {', '.join(s.name for s in steps)}")
+    if "tokenizer" not in args.force:
+        check_done_tokenizer(home, steps[0])
     if not args.dry_run and any(runs_code(s) for s in steps):
         check_sandbox(args.allow_weak_sandbox, "speedrun (eval chat runs HumanEval completions)")
 
