@@ -210,7 +210,8 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
 
 def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path):
     """`cpu-hour` after `cpu` in one home: the tokenizer step is the same (done already, reused), every
-    checkpoint and evaluation folder is its own, and its 54 training minutes split by its shares."""
+    checkpoint and evaluation folder is its own, and its 54 training minutes split by its shares; it trains
+    a wider model (d5) and averages four midtraining and four SFT runs, as the quickstart averages its own."""
     home = Home(tmp_path)
     quick = plan(home, PRESETS["cpu"], "en", "dense", "cpu")
     hour = plan(home, PRESETS["cpu-hour"], "en", "dense", "cpu")
@@ -218,19 +219,23 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
     quick_dirs = {m for s in quick[2:] for m in [s.marker.parent]}
     hour_dirs = {m for s in hour[2:] for m in [s.marker.parent]}
     assert not quick_dirs & hour_dirs
-    assert {d.name for d in hour_dirs} == {"hour-d4"} and {d.name for d in quick_dirs} == {"d4"}
+    assert {d.name for d in hour_dirs} == {"hour-d5"} and {d.name for d in quick_dirs} == {"d4"}
     pre = next(s.argv for s in hour if s.name == "pretrain")
-    assert pre[pre.index("--depth") + 1] == "4" and pre[pre.index("--tag") + 1] == "hour-d4"
+    assert pre[pre.index("--depth") + 1] == "5" and pre[pre.index("--tag") + 1] == "hour-d5"
     minutes = {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in hour if "--minutes" in s.argv}
-    assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(36.72)
+    assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(26.46)
     sft = next(s.argv for s in hour if s.name == "sft")  # two passes over the SFT mixture, not four
-    assert sft[sft.index("--num-steps") + 1] == "600" and minutes["sft"] == pytest.approx(5.94)
+    assert sft[sft.index("--num-steps") + 1] == "600" and minutes["sft"] == pytest.approx(16.2)
+    for name in ("midtrain", "sft"):  # four runs averaged, one process, the members' folders are outputs too
+        st = next(s for s in hour if s.name == name)
+        assert st.argv[st.argv.index("--soup") + 1] == "4" and not st.distributed
+        assert [d.name for d in st.outputs] == ["hour-d5"] + [f"hour-d5-soup{i}" for i in range(4)]
     # both CPU presets pretrain with copy rows (the micro smoke run does not need them)
     for p in (quick, hour):
         pre = next(s.argv for s in p if s.name == "pretrain")
         assert pre[pre.index("--repeat-rows") + 1] == "4"
     iberis = plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")
-    assert iberis[2].marker.parent.name == "hour-d4-iberis"
+    assert iberis[2].marker.parent.name == "hour-d5-iberis"
     # Japanese: both presets train the same 1,024-token tokenizer (English keeps 4,096)
     quick_ja = plan(home, PRESETS["cpu"], "ja", "dense", "cpu")
     hour_ja = plan(home, PRESETS["cpu-hour"], "ja", "dense", "cpu")
