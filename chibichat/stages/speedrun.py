@@ -357,10 +357,11 @@ PRESETS: dict[str, Preset] = {
         rl=["--num-steps", "40"],
         eval_chat=["--max-items", "100", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
-        # On the 2-core EPYC each stage at its step cap takes ~85% of its share: pretraining ~22 min, midtraining
-        # ~7 (4 x 400 steps), SFT ~12 (4 x 600 steps), RL ~1.
+        # On the 2-core EPYC (docs/benchmarks.md, "cpu-hour with d5 and both soups"): pretraining fitted 2,297 of
+        # its 2,400 steps (0.6 s/step), midtraining 362-394 of 400 at a 17% share (hence 19% now: ~0.35 s/step x
+        # 4 x 400), SFT reached its 4 x 600 steps in 13.7 of its 16.2 minutes, RL 40 steps in 0.7.
         max_minutes=54,
-        minute_shares={"pretrain": 0.49, "midtrain": 0.17, "sft": 0.30, "rl": 0.04},
+        minute_shares={"pretrain": 0.49, "midtrain": 0.19, "sft": 0.28, "rl": 0.04},
         tag_prefix="hour-",
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
