@@ -273,3 +273,25 @@ def test_a_finished_tokenizer_of_another_size_or_split_is_refused_not_reused(tmp
     r = subprocess.run([sys.executable, "-m", "chibichat", "speedrun", "--preset", "cpu", "--home", str(tmp_path),
                         "--dry-run"], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "holds a 1024-token tokenizer (split ja), but this plan trains 4096" in r.stderr
+
+
+def test_the_quickstart_ends_by_naming_the_longer_preset_with_the_same_language_layers_and_home(tmp_path):
+    """After `cpu`, the closing lines give the cpu-hour command that continues in the same home (same
+    tokenizer: same --lang), with the same --layers; no other preset suggests it, and the command is one the
+    speedrun's parser accepts and plans with this home's tokenizer step."""
+    import shlex
+
+    from chibichat.cli import build_parser
+    from chibichat.stages.speedrun import closing_lines
+
+    lines = closing_lines(PRESETS["cpu"], "ja", "iberis", " --home /h")
+    assert lines[0] == "Talk to your model:" and lines[1].startswith("  chibichat chat --home /h ")
+    assert lines[-1] == "  chibichat speedrun --preset cpu-hour --lang ja --layers iberis --home /h"
+    assert "~60 minutes" in lines[-2]
+    assert closing_lines(PRESETS["cpu"], "en", "dense", "")[-1] == "  chibichat speedrun --preset cpu-hour"
+    for name in ("cpu-hour", "micro", "d20"):
+        assert not any("cpu-hour" in line for line in closing_lines(PRESETS[name], "en", "dense", ""))
+    args = build_parser().parse_args(shlex.split(lines[-1].strip())[1:])  # without the leading "chibichat"
+    assert (args.preset, args.lang, args.layers, args.home) == ("cpu-hour", "ja", "iberis", "/h")
+    home = Home(tmp_path)
+    assert plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")[0].argv == plan(home, PRESETS["cpu"], "ja", "iberis", "cpu")[0].argv

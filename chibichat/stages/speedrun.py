@@ -857,7 +857,20 @@ def run(args) -> int:
     summary = path.read_text(encoding="utf-8").split("## Summary", 1)[-1].split("\n## ", 1)[0]
     print("## Summary" + summary)
     home_flag = "" if args.home is None else f" --home {shlex.quote(str(home.root))}"
-    print("Talk to your model:")
-    print(f"  chibichat chat{home_flag}                 # streaming REPL (or -p 'question' for one shot)")
-    print(f"  chibichat serve{home_flag}                # web page + OpenAI-compatible API on http://127.0.0.1:8000")
+    print("\n".join(closing_lines(preset, args.lang, args.layers, home_flag)))
     return 0
+
+
+def closing_lines(preset: Preset, lang: str, layers: str, home_flag: str) -> list[str]:
+    """What a finished speedrun tells the user to do next: talk to the model, and after the quickstart, the
+    longer preset that makes a stronger one in the same home (its own checkpoints, the same tokenizer)."""
+    lines = ["Talk to your model:",
+             f"  chibichat chat{home_flag}                 # streaming REPL (or -p 'question' for one shot)",
+             f"  chibichat serve{home_flag}                # web page + OpenAI-compatible API on http://127.0.0.1:8000"]
+    if preset.name == "cpu":
+        same = (" --lang ja" if lang == "ja" else "") + ("" if layers == "dense" else f" --layers {layers}")
+        hour = PRESETS["cpu-hour"]
+        lines += [f"A stronger model in ~{hour.expected_minutes} minutes more on 2 cores (a wider model, more steps; "
+                  "chat and serve then pick it):",
+                  f"  chibichat speedrun --preset cpu-hour{same}{home_flag}"]
+    return lines
