@@ -10,9 +10,10 @@ WORDS = {w: i for i, w in enumerate(W._NUMBER_WORDS)}
 
 
 def _numbers_in(question: str) -> list[int]:
-    """The numbers a question states, digits or words, in order."""
-    return [int(t) if t.isdigit() else WORDS[t.lower()]
-            for t in re.findall(r"\d+|[A-Za-z]+", question) if t.isdigit() or t.lower() in WORDS and t.lower() != "one"]
+    """The numbers a question states, digits or words ("twice" is 2), in order."""
+    words = {**WORDS, "twice": 2}
+    return [int(t) if t.isdigit() else words[t.lower()]
+            for t in re.findall(r"\d+|[A-Za-z]+", question) if t.isdigit() or t.lower() in words and t.lower() != "one"]
 
 
 def _draw(make, n=3000, seed=0):
@@ -34,9 +35,16 @@ def test_expression_uses_exactly_the_story_numbers(lang):
     # Every number of the expression is stated in the question (EN: digits, or a word for 2..12), and the
     # question states no other number ("one" as in "one piece", 1つ as in 1つ分, are not numbers of the
     # problem): a distractor the model never learned to skip would teach it to copy numbers at random.
+    # A number is used twice only where the story means it twice: a rate over two periods (p*h1+p*h2) or
+    # a multiple of the first amount (a+a*k, "twice as many").
     one, two = MAKERS[lang]
     for p in _draw(one) + _draw(two):
-        assert sorted(int(x) for x in re.findall(r"\d+", p.expr)) == sorted(_stated(p.question, lang)), p
+        used, stated = sorted(int(x) for x in re.findall(r"\d+", p.expr)), sorted(_stated(p.question, lang))
+        if used != stated:
+            shape = re.sub(r"\d+", "#", p.expr)
+            assert shape in ("#*#+#*#", "#+#*#") and set(used) == set(stated) and len(used) == len(stated) + 1, p
+            first = re.findall(r"\d+", p.expr)
+            assert first[0] == first[2 if shape == "#*#+#*#" else 1], p
         assert int_value(p.expr) >= 0
     # sums keep the story's order (the model copies left to right)
     for p in _draw(one, 1000):
@@ -53,6 +61,8 @@ def test_plans_name_the_operations_in_the_order_the_calculator_applies_them():
     assert W.plan("2*9*3") == "We multiply all three numbers."
     assert W.plan("57+46+38") == "We add all three numbers."
     assert W.plan("300-20-30") == "We subtract both parts from the start."
+    assert W.plan("4*10-3*5") == "We multiply for each group, then subtract."
+    assert W.plan("60/5*8") == "First we divide, then we multiply."
     for p in _draw(W.one_step, 500) + _draw(W.two_step, 500):
         assert p.plan == W.plan(p.expr)
         assert not re.search(r"\d", p.plan)  # the plan never restates the story
@@ -80,7 +90,11 @@ def test_each_operation_comes_in_many_wordings():
     assert {op: len(s) >= 12 for op, s in by_op.items()} == dict.fromkeys("+-*/", True), \
         {op: len(s) for op, s in by_op.items()}
     two = {re.sub(r"\d+", "#", p.expr) for p in _draw(W.two_step, 2000)}
-    assert {"#*#+#", "#*#-#", "#-#*#", "#+#-#", "#-#+#", "#*#+#*#", "#*#*#", "#+#+#"} <= two
+    assert {"#*#+#", "#*#-#", "#-#*#", "#+#-#", "#-#+#", "#*#+#*#", "#*#*#", "#+#+#", "#+#*#", "#*#-#*#",
+            "#/#*#", "#-#-#"} <= two
+    # no two-step kind dominates: each of the generators' expression shapes is a minority
+    shapes = [re.sub(r"\d+", "#", p.expr) for p in _draw(W.two_step, 2000)]
+    assert max(shapes.count(x) for x in set(shapes)) < 0.3 * len(shapes)
 
 
 def test_grammar_agrees_with_the_subject():

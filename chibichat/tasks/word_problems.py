@@ -166,7 +166,7 @@ _PLANS = {"+": "We add the numbers together.", "-": "We subtract the part that i
           "*": "We multiply the number of groups by the size of each group.",
           "/": "We divide the total into equal parts.", "++": "We add all three numbers.",
           "**": "We multiply all three numbers.", "--": "We subtract both parts from the start.",
-          "**+": "We multiply for each group, then add."}
+          "**+": "We multiply for each group, then add.", "**-": "We multiply for each group, then subtract."}
 _OP_VERB = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 
 
@@ -412,8 +412,129 @@ def _three_factors(rng):
             f"{_total(rng, things)}", f"{a}*{b}*{c}")
 
 
+_TIMES = {2: "twice", 3: "three times", 4: "four times", 5: "five times"}
+
+
+def _times_as_many(rng):
+    """A first amount and a multiple of it ("twice as many"): the total is a+a*k."""
+    who, (base, past, things), periods = _who(rng), rng.choice(_DOINGS), rng.choice(_PERIODS)
+    a, k = rng.randint(3, 40), rng.choice(list(_TIMES))
+    if rng.random() < 0.5:
+        story = (f"{_cap(periods[0])}, {who.name} {past} {a} {things}. {_cap(periods[1])}, {who.pro} {past} "
+                 f"{_TIMES[k]} as many.")
+        question = rng.choice([f"How many {things} did {who.pro} {base} over both times?",
+                               f"How many {things} is that in total?", f"What is the total number of {things}?"])
+    else:
+        (other, _), (things, _, _) = rng.choice(_PEOPLE), rng.choice(_THINGS)
+        story = f"{_cap(who.name)} {who.has} {a} {things}, and {other} has {_TIMES[k]} as many."
+        question = rng.choice([f"How many {things} do they have together?", f"How many {things} is that in all?"])
+    return f"{story} {question}", f"{a}+{a}*{k}"
+
+
+def _each_of(rng):
+    """Some are handed out, the same number to each of several people: a total minus a product."""
+    who, (things, c1, cs) = _who(rng), rng.choice(_THINGS)
+    c, d = rng.randint(2, 9), rng.randint(2, 9)
+    whom = rng.choice(["friends", "classmates", "neighbours", "cousins", "players", "children"])
+    gave = rng.choice([f"handed {c} {things} to each of {d} {whom}", f"gave each of {d} {whom} {c} {things}",
+                       f"shared out {c} {things} apiece to {d} {whom}"])
+    if rng.random() < 0.5:
+        a, b = rng.randint(2, 9), rng.randint(10, 30)
+        while a * b <= c * d:
+            a += 1
+        return (f"{_cap(who.name)} had {a} {cs} of {b} {things} and {gave}. {_left(rng, who, things)}",
+                f"{a}*{b}-{c}*{d}")
+    a = rng.randint(c * d + 1, c * d + 90)
+    return f"{_cap(who.name)} had {a} {things} and {gave}. {_left(rng, who, things)}", f"{a}-{c}*{d}"
+
+
+# (place, rows, places, filled, empty): a capacity of rows times places, part of it in use
+_CAPACITY = [("A theater", "rows", "seats", "are taken", "empty"), ("A car park", "rows", "parking spaces", "have cars in them", "empty"),
+             ("A classroom", "rows", "desks", "are in use", "unused"), ("A stadium block", "rows", "seats", "are sold", "still for sale"),
+             ("A garden", "beds", "planting spots", "already have a plant", "open"), ("A hotel", "floors", "rooms", "are booked", "still open"),
+             ("A shelf unit", "shelves", "slots", "hold a jar", "empty"), ("A ferry", "decks", "places", "are filled", "left")]
+
+
+def _capacity(rng):
+    place, rows, places, filled, empty = rng.choice(_CAPACITY)
+    a, b = rng.randint(3, 12), rng.randint(10, 30)
+    c = rng.randint(5, a * b - 1)
+    story = rng.choice([f"{place} has {_n(rng, a)} {rows} with {b} {places} in each. {c} {places} {filled}.",
+                        f"{place} has {_n(rng, a)} {rows}, and every one holds {b} {places}. Right now {c} of the {places} {filled}."])
+    question = rng.choice([f"How many {places} are {empty}?", f"How many of the {places} are {empty}?"])
+    return f"{story} {question}", f"{a}*{b}-{c}"
+
+
+def _hours(rng):
+    """A rate over two periods: the rate times each period, added (the rate is used twice)."""
+    who = _who(rng)
+    periods = rng.choice([("on Monday", "on Thursday"), ("last week", "this week"), ("in the morning", "in the evening"),
+                          ("in June", "in July"), ("before the holiday", "after it")])
+    p, h1, h2 = rng.randint(5, 20), rng.randint(2, 9), rng.randint(2, 9)
+    job = rng.choice(["washing cars", "walking dogs", "at the cafe", "in the garden", "at the market", "tutoring"])
+    story = rng.choice([f"{_cap(who.name)} {who.verb('make', 'makes')} {p} dollars for each hour {job}. {_cap(who.pro)} "
+                        f"spent {h1} hours there {periods[0]} and {h2} hours {periods[1]}.",
+                        f"{_cap(who.name)} {who.verb('get', 'gets')} {p} dollars per hour {job}, and was busy "
+                        f"{h1} hours {periods[0]} and {h2} hours {periods[1]}."])
+    question = rng.choice([f"How much money did {who.pro} make?", f"How many dollars did {who.pro} earn in all?"])
+    return f"{story} {question}", f"{p}*{h1}+{p}*{h2}"
+
+
+def _pool(rng):
+    """Several people each put in the same amount toward a cost: what is left over."""
+    n, x = rng.randint(2, 9), rng.randint(5, 30)
+    y = rng.randint(5, n * x - 1)
+    people = rng.choice(["friends", "children", "sisters", "team mates", "neighbours"])
+    buy = rng.choice(["a present", "a cake", "a football", "a board game", "tickets to a show", "a picnic lunch"])
+    story = rng.choice([f"{_cap(_n(rng, n))} {people} each put in {x} dollars and bought {buy} for {y} dollars.",
+                        f"{_cap(_n(rng, n))} {people} give {x} dollars apiece to pay for {buy}, which costs {y} dollars."])
+    question = rng.choice(["How much money remains?", "How many dollars do they have after paying?",
+                           "How much of the money is not spent?"])
+    return f"{story} {question}", f"{n}*{x}-{y}"
+
+
+def _proportion(rng):
+    """A price for some items, asked for another number of them: divide for one, then multiply."""
+    (item, items) = rng.choice(_ITEMS)
+    p, k, m = rng.randint(2, 15), rng.randint(2, 9), rng.randint(2, 12)
+    while m == k:
+        m = rng.randint(2, 12)
+    story = rng.choice([f"{_cap(_n(rng, k))} {items} cost {p * k} dollars together.",
+                        f"At the market, {_n(rng, k)} {items} sell for {p * k} dollars."])
+    question = rng.choice([f"At the same price, what would {_n(rng, m)} {items} cost?",
+                           f"How many dollars are {_n(rng, m)} {items} at that price?"])
+    return f"{story} {question}", f"{p * k}/{k}*{m}"
+
+
+def _shop_day(rng):
+    """A shop's stock that changes twice in a day (sold, delivered)."""
+    shop = rng.choice(["A shop", "A market stall", "The bakery", "A corner store", "The school kiosk", "A farm stand"])
+    (things, _, _) = rng.choice(_THINGS)
+    periods = rng.choice(_PERIODS)
+    ops = rng.choice(["--", "-+", "+-"])
+    a = rng.randint(100, 400)
+    nums = [rng.randint(10, min(90, a // 3)) for _ in ops]
+    said = [(f"sold {x} {periods[i]}" if op == "-" else f"got {x} more {periods[i]}") for i, (op, x) in enumerate(zip(ops, nums))]
+    story = rng.choice([f"{shop} had {a} {things}. It {said[0]} and {said[1]}.",
+                        f"{shop} started the day with {a} {things}, {said[0]}, then {said[1]}."])
+    question = rng.choice([f"How many {things} does it have now?", f"How many {things} are in stock at the end?"])
+    return f"{story} {question}", f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
+
+
+def _level_two(rng):
+    """A level that changes twice."""
+    what, unit, rise, fall, question = rng.choice(_LEVELS[1:])  # not a temperature of 100 degrees or more
+    ops = rng.choice(["-+", "+-", "--"])
+    a = rng.randint(100, 300)
+    b, c = rng.randint(5, a // 3), rng.randint(5, a // 3)
+    said = [rise if op == "+" else fall for op in ops]
+    return (f"{what} was {a} {unit}. It {said[0]} {b}, and later {said[1]} {c}. {question}",
+            f"{a}{ops[0]}{b}{ops[1]}{c}")
+
+
 _TWO_STEP = [_two_events, _movers_two, _groups_then, _two_groups, _change, _two_prices, _rate_then,
-             lambda rng: _periods(rng, 3), _three_factors]
+             lambda rng: _periods(rng, 3), _three_factors, _times_as_many, _each_of, _capacity, _hours, _pool,
+             _proportion, _shop_day, _level_two]
 
 
 def two_step(rng: random.Random) -> Problem:
@@ -519,7 +640,10 @@ def _ja_groups(rng):
     a, b = rng.randint(2, 9), rng.randint(2, 15)  # the counter つ goes to 9
     story, expr = rng.choice([(f"{thing}が{b}{c}ずつ入った{box}が{a}つあります。", f"{b}*{a}"),
                               (f"{who}は{b}{c}入りの{box}を{a}つ持っています。", f"{b}*{a}"),
-                              (f"{box}が{a}つあり、どの{box}にも{thing}が{b}{c}入っています。", f"{a}*{b}")])
+                              (f"{box}が{a}つあり、どの{box}にも{thing}が{b}{c}入っています。", f"{a}*{b}"),
+                              # "1" as in 1つ, 1列 names the unit, not a number of the problem
+                              (f"1つの{box}に{thing}が{b}{c}入っています。{box}は{a}つです。", f"{b}*{a}"),
+                              (f"{thing}を1列に{b}{c}ずつ、{a}列ならべました。", f"{b}*{a}")])
     return story + rng.choice(_JA_COUNT_TOTAL).format(c=c), expr
 
 
@@ -528,7 +652,8 @@ def _ja_price(rng):
     p, n = rng.randint(2, 30) * 10, rng.randint(2, 9)
     return rng.choice([(f"{item}は{p}円です。{n}{c}買うといくらですか？", f"{p}*{n}"),
                        (f"{who}は{p}円の{item}を{n}{c}買いました。代金はいくらですか？", f"{p}*{n}"),
-                       (f"{who}は{item}を{n}{c}買いました。どれも{p}円です。全部でいくらはらいましたか？", f"{n}*{p}")])
+                       (f"{who}は{item}を{n}{c}買いました。どれも{p}円です。全部でいくらはらいましたか？", f"{n}*{p}"),
+                       (f"{item}は1{c}{p}円で売られています。{n}{c}分の代金はいくらですか？", f"{p}*{n}")])
 
 
 def _ja_rate(rng):
@@ -544,7 +669,8 @@ def _ja_share(rng):
     t = each * k
     return rng.choice([f"{thing}{t}{c}を{k}人で同じ数ずつ分けます。1人分は何{c}ですか？",
                        f"{t}{c}の{thing}を{k}人の子どもに同じ数ずつ配ります。1人何{c}もらえますか？",
-                       f"{thing}{t}{c}を{k}つの{box}に同じ数ずつ入れます。1つの{box}には何{c}入りますか？"]), f"{t}/{k}"
+                       f"{thing}{t}{c}を{k}つの{box}に同じ数ずつ入れます。1つの{box}には何{c}入りますか？",
+                       f"{thing}が{t}{c}あります。{k}列に同じ数ずつならべると、1列に何{c}になりますか？"]), f"{t}/{k}"
 
 
 def _ja_pack(rng):
@@ -641,12 +767,97 @@ def _ja_three_factors(rng):
             + rng.choice(_JA_COUNT_TOTAL).format(c=c), f"{a}*{b}*{d}")
 
 
+def _ja_times_as_many(rng):
+    who, (thing, c, done), periods = rng.choice(_JA_PEOPLE), rng.choice(_JA_DOINGS), rng.choice(_JA_PERIODS)
+    a, k = rng.randint(3, 40), rng.randint(2, 5)
+    return (f"{who}は{periods[0]}{thing}を{a}{c}{done}。{periods[1]}はその{k}倍の数を{done}。"
+            + rng.choice([f"合わせて何{c}ですか？", f"ぜんぶで何{c}になりますか？"]), f"{a}+{a}*{k}")
+
+
+def _ja_each_of(rng):
+    who, (thing, c, box) = rng.choice(_JA_PEOPLE), rng.choice(_JA_THINGS)
+    d, e = rng.randint(2, 9), rng.randint(2, 9)
+    whom = rng.choice(["友だち", "クラスの子", "近所の子ども", "いとこ", "チームの仲間"])
+    if rng.random() < 0.5:
+        a, b = rng.randint(2, 9), rng.randint(10, 30)
+        while a * b <= d * e:
+            b += 5
+        return (f"{who}は{b}{c}入りの{box}を{a}つ持っていました。{whom}{d}人に{e}{c}ずつわたしました。" + _ja_left(c, rng),
+                f"{b}*{a}-{d}*{e}")
+    a = rng.randint(d * e + 1, d * e + 90)
+    return f"{who}は{thing}を{a}{c}持っていて、{whom}{d}人に{e}{c}ずつ配りました。" + _ja_left(c, rng), f"{a}-{d}*{e}"
+
+
+# (place, what, counter, taken, question)
+_JA_CAPACITY = [("ホール", "いす", "きゃく", "人がすわっています", "だれもすわっていないいすは何きゃくですか？"),
+                ("教室", "つくえ", "こ", "使われています", "使われていないつくえは何こですか？"),
+                ("ホテル", "部屋", "室", "予約が入っています", "予約のない部屋は何室ですか？"),
+                ("花だん", "植える場所", "か所", "もう花が植えてあります", "まだ植えていない場所は何か所ですか？"),
+                ("たな", "置き場所", "か所", "びんが置いてあります", "あいている置き場所は何か所ですか？")]
+
+
+def _ja_capacity(rng):
+    place, what, c, taken, question = rng.choice(_JA_CAPACITY)
+    a, b = rng.randint(2, 12), rng.randint(10, 30)
+    d = rng.randint(5, a * b - 1)
+    return (f"{place}の{what}は、1列に{b}{c}ずつ{a}列あります。そのうち{d}{c}は{taken}。{question}", f"{b}*{a}-{d}")
+
+
+def _ja_hours(rng):
+    who = rng.choice(_JA_PEOPLE)
+    periods = rng.choice([("月曜日に", "木曜日に"), ("先週", "今週"), ("午前中に", "夕方に"), ("春休みに", "夏休みに"),
+                          ("きのう", "きょう")])
+    p, h1, h2 = rng.randint(8, 15) * 100, rng.randint(2, 9), rng.randint(2, 9)
+    job = rng.choice(["お店の手伝い", "犬の散歩", "庭の草取り", "荷物運び"])
+    return (f"{who}は{job}で1時間に{p}円もらえます。{periods[0]}{h1}時間、{periods[1]}{h2}時間やりました。"
+            + rng.choice(["もらえるお金は全部でいくらですか？", "合わせていくらになりますか？"]), f"{p}*{h1}+{p}*{h2}")
+
+
+def _ja_pool(rng):
+    n, x = rng.randint(2, 9), rng.randint(2, 20) * 100
+    y = rng.randint(1, n * x // 100 - 1) * 100
+    buy = rng.choice(["花たば", "ケーキ", "ボール", "ボードゲーム", "プレゼント"])
+    return (f"子ども{n}人から{x}円ずつ集めて、{y}円の{buy}を買いました。"
+            + rng.choice(["集めたお金は何円残っていますか？", "使わなかったお金はいくらですか？"]), f"{n}*{x}-{y}")
+
+
+def _ja_proportion(rng):
+    (item, c) = rng.choice(_JA_ITEMS)
+    p, k, m = rng.randint(2, 30) * 10, rng.randint(2, 9), rng.randint(2, 12)
+    while m == k:
+        m = rng.randint(2, 12)
+    return (f"{item}は{k}{c}で{p * k}円です。同じねだんで{m}{c}買うと、代金はいくらですか？", f"{p * k}/{k}*{m}")
+
+
+def _ja_shop_day(rng):
+    shop = rng.choice(["お店", "八百屋さん", "売店", "パン屋さん", "文房具屋さん"])
+    (thing, c, _), periods = rng.choice(_JA_THINGS), rng.choice(_JA_PERIODS)
+    ops = rng.choice(["--", "-+", "+-"])
+    a = rng.randint(100, 400)
+    nums = [rng.randint(10, min(90, a // 3)) for _ in ops]
+    said = [f"{periods[i]}{x}{c}" + ("売れました" if op == "-" else "入荷しました") for i, (op, x) in enumerate(zip(ops, nums))]
+    return (f"{shop}に{thing}が{a}{c}ありました。{said[0]}。{said[1]}。いま{thing}は何{c}ありますか？",
+            f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}")
+
+
+def _ja_level_two(rng):
+    what, unit, up, down, question = rng.choice(_JA_LEVELS[1:])  # not a temperature of 100 degrees or more
+    ops = rng.choice(["-+", "+-", "--"])
+    a = rng.randint(100, 300)
+    b, d = rng.randint(5, a // 3), rng.randint(5, a // 3)
+    said = [up if op == "+" else down for op in ops]
+    return f"{what}は{a}{unit}でした。まず{b}{unit}{said[0]}。そのあと{d}{unit}{said[1]}。{question}", \
+        f"{a}{ops[0]}{b}{ops[1]}{d}"
+
+
 _JA_TWO_STEP = [_ja_two_events, _ja_movers_two, _ja_groups_then, _ja_two_groups, _ja_change, _ja_two_prices,
-                _ja_rate_then, lambda rng: _ja_periods(rng, 3), _ja_three_factors]
+                _ja_rate_then, lambda rng: _ja_periods(rng, 3), _ja_three_factors, _ja_times_as_many, _ja_each_of,
+                _ja_capacity, _ja_hours, _ja_pool, _ja_proportion, _ja_shop_day, _ja_level_two]
 
 _JA_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数にいくつ分をかけます。",
              "/": "全部の数を同じ数ずつに分けます。", "++": "3つの数を足します。", "**": "3つの数をかけます。",
-             "--": "はじめの数から2つの数を引きます。", "**+": "それぞれかけ算をしてから足します。"}
+             "--": "はじめの数から2つの数を引きます。", "**+": "それぞれかけ算をしてから足します。",
+             "**-": "それぞれかけ算をしてから引きます。"}
 _JA_OP = {"+": "たし算", "-": "ひき算", "*": "かけ算", "/": "わり算"}
 
 
