@@ -88,13 +88,6 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
          ['count the letter "{letter}" in "{word}"', "count the letter {letter} in the word {word}",
           "count how many {letter}'s {word} has", "find how many times {letter} shows up in {word}"],
          [".", " for me.", " with Python."]),
-        # The word before other words ("does {word} have"): the call copies the word and nothing after it.
-        # And "the number of": a letter count, not a multiplication.
-        (["", "so, ", "tell me, "],
-         ["how many {letter}'s does {word} have?", "how many {letter}'s does the word {word} have in it?",
-          "what is the number of {letter}'s in {word}?", "does {word} have any {letter}'s? How many?",
-          "{word} has how many {letter}'s?", 'how many times does "{letter}" show up in {word} altogether?',
-          "give me the number of {letter}'s that {word} has.", "in the word {word}, how many {letter}'s are there?"]),
     ],
     ("ja", "letter-count"): [
         (["", "ねえ、"],

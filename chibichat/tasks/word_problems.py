@@ -8,6 +8,13 @@ the cue words ("more", "flew away", "in each", "equally among") instead of recal
 kind of problem, which is what it did with one template per kind (it then answered held-out stories
 with the reasoning and numbers of the nearest template).
 
+Two-step problems come in the kinds of grade-school word problems: two events in a row (got, then
+lost; a shop's sales and deliveries; a level that rises and falls), groups plus or minus loose ones,
+two kinds of groups, change from a payment, two prices, a rate then a withdrawal, three periods, three
+factors, a multiple of a first amount ("twice as many"), handing the same number to each of several
+people, a capacity minus what is in use, a rate over two periods, money pooled toward a cost, and a
+price for some items asked for another number of them.
+
 `one_step(rng)` and `two_step(rng)` (Japanese: `one_step_ja`, `two_step_ja`) return a Problem: the question, a plan sentence that names only the
 operations ("First we multiply, then we subtract."), never the story, and the calculator expression,
 whose numbers appear in it in the order the story gives them (a subtraction or division starts from
