@@ -92,6 +92,8 @@ def test_each_operation_comes_in_many_wordings():
     two = {re.sub(r"\d+", "#", p.expr) for p in _draw(W.two_step, 2000)}
     assert {"#*#+#", "#*#-#", "#-#*#", "#+#-#", "#-#+#", "#*#+#*#", "#*#*#", "#+#+#", "#+#*#", "#*#-#*#",
             "#/#*#", "#-#-#"} <= two
+    # docs/architecture.md names the number of two-step kinds; EN and JA have the same kinds
+    assert len(W._TWO_STEP) == len(W._JA_TWO_STEP) == 17
     # no two-step kind dominates: each of the generators' expression shapes is a minority
     shapes = [re.sub(r"\d+", "#", p.expr) for p in _draw(W.two_step, 2000)]
     assert max(shapes.count(x) for x in set(shapes)) < 0.3 * len(shapes)
