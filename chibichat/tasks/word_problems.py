@@ -528,12 +528,18 @@ def _shop_day(rng):
     return f"{story} {question}", f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
 
 
-def _level_two(rng):
-    """A level that changes twice."""
-    what, unit, rise, fall, question = rng.choice(_LEVELS[1:])  # not a temperature of 100 degrees or more
+def _two_changes(rng) -> tuple[str, int, int, int]:
+    """The draws of a level that changes twice (EN and JA): the two signs, the start and the two amounts,
+    never below zero. Not a temperature: the start is 100 or more."""
     ops = rng.choice(["-+", "+-", "--"])
     a = rng.randint(100, 300)
-    b, c = rng.randint(5, a // 3), rng.randint(5, a // 3)
+    return ops, a, rng.randint(5, a // 3), rng.randint(5, a // 3)
+
+
+def _level_two(rng):
+    """A level that changes twice."""
+    what, unit, rise, fall, question = rng.choice(_LEVELS[1:])
+    ops, a, b, c = _two_changes(rng)
     said = [rise if op == "+" else fall for op in ops]
     return (f"{what} was {a} {unit}. It {said[0]} {b}, and later {said[1]} {c}. {question}",
             f"{a}{ops[0]}{b}{ops[1]}{c}")
@@ -848,10 +854,8 @@ def _ja_shop_day(rng):
 
 
 def _ja_level_two(rng):
-    what, unit, up, down, question = rng.choice(_JA_LEVELS[1:])  # not a temperature of 100 degrees or more
-    ops = rng.choice(["-+", "+-", "--"])
-    a = rng.randint(100, 300)
-    b, d = rng.randint(5, a // 3), rng.randint(5, a // 3)
+    what, unit, up, down, question = rng.choice(_JA_LEVELS[1:])
+    ops, a, b, d = _two_changes(rng)
     said = [up if op == "+" else down for op in ops]
     return f"{what}は{a}{unit}でした。まず{b}{unit}{said[0]}。そのあと{d}{unit}{said[1]}。{question}", \
         f"{a}{ops[0]}{b}{ops[1]}{d}"
