@@ -456,10 +456,14 @@ def _each_of(rng):
 
 
 # (place, rows, places, filled, empty): a capacity of rows times places, part of it in use
-_CAPACITY = [("A theater", "rows", "seats", "are taken", "empty"), ("A car park", "rows", "parking spaces", "have cars in them", "empty"),
-             ("A classroom", "rows", "desks", "are in use", "unused"), ("A stadium block", "rows", "seats", "are sold", "still for sale"),
-             ("A garden", "beds", "planting spots", "already have a plant", "open"), ("A hotel", "floors", "rooms", "are booked", "still open"),
-             ("A shelf unit", "shelves", "slots", "hold a jar", "empty"), ("A ferry", "decks", "places", "are filled", "left")]
+_CAPACITY = [("A theater", "rows", "seats", "are taken", "empty"),
+             ("A car park", "rows", "parking spaces", "have cars in them", "empty"),
+             ("A classroom", "rows", "desks", "are in use", "unused"),
+             ("A stadium block", "rows", "seats", "are sold", "still for sale"),
+             ("A garden", "beds", "planting spots", "already have a plant", "open"),
+             ("A hotel", "floors", "rooms", "are booked", "still open"),
+             ("A shelf unit", "shelves", "slots", "hold a jar", "empty"),
+             ("A ferry", "decks", "places", "are filled", "left")]
 
 
 def _capacity(rng):
