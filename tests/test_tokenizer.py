@@ -235,7 +235,10 @@ def test_training_reports_chunk_statistics_and_memory():
         assert tr["mean_chunk_bytes"] == round(sum(len(c.encode()) for c in chunks) / len(chunks), 2)
         assert tr["bytes"] == sum(len(d.encode()) for d in docs) and tr["chars"] == sum(map(len, docs))
         assert tr["seconds"] > 0 and tr["stats_seconds"] >= 0
-        assert tr["chars_per_s"] == pytest.approx(tr["chars"] / tr["seconds"], rel=0.05)
+        # "seconds" is rounded to the millisecond and this text trains in a few of them, so the rate
+        # is checked against the interval that rounding leaves, not against a relative tolerance
+        lo, hi = tr["seconds"] - 0.0005, tr["seconds"] + 0.0005
+        assert tr["chars"] / hi - 1 <= tr["chars_per_s"] <= tr["chars"] / max(lo, 1e-9) + 1
         if sys.platform != "win32":  # the process holds at least the interpreter and the text
             assert 10 < tr["peak_rss_mb"] < 100_000
     # the same text, split the Japanese-aware way: shorter chunks, the longest far shorter
