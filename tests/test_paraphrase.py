@@ -24,6 +24,9 @@ def test_every_phrasing_fills_its_slots(lang):
                 assert all(v in filled for v in SLOTS[skill].values()), t
             if lang == "en":
                 assert filled[0].isupper() or filled[0] in "\"'0123456789" or t.startswith("{"), t
+            # An English prompt opening with the word would capitalise it ("Bliss has ...") while the reply
+            # copies the word as it is ("bliss"): a small model cannot map one token to the other.
+            assert not (lang == "en" and skill in ("spelling", "letter-count") and t.startswith("{word}")), t
     # a phrasing that opens with its slot is capitalised once filled
     rng = random.Random(0)
     drawn = {P.phrase(rng, "en", "arithmetic", x="the sum of 2 and 3") for _ in range(200)}

@@ -88,6 +88,17 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
          ['count the letter "{letter}" in "{word}"', "count the letter {letter} in the word {word}",
           "count how many {letter}'s {word} has", "find how many times {letter} shows up in {word}"],
          [".", " for me.", " with Python."]),
+        # The word before a verb or a noun after it ("... does {word} have?", "... does the word {word} include?"), and the
+        # letter named as a "character": the reply must copy the one word asked about, not its neighbours.
+        (["", "so, ", "hey, "],
+         ["how many {letter}'s does {word} have?", "how many times does {letter} occur in {word}?",
+          "how many {letter} characters are in {word}?", "what is the number of {letter}'s in {word}?",
+          "does {word} have any {letter}'s? How many?",
+          "how many {letter}'s does the word {word} include?", "how many times is the letter {letter} found in {word}?"]),
+        (["", "now "],
+         ["give me the count of {letter} in {word}", "work out how many {letter}'s are in {word}",
+          "check how often {letter} shows up in the word {word}"],
+         [".", ", please."]),
     ],
     ("ja", "letter-count"): [
         (["", "ねえ、"],
@@ -110,6 +121,16 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
         (["could you ", "can you ", "would you "],
          ["introduce yourself", "say what your name is", "tell me what I should call you"],
          ["?", ", please?"]),
+        # Requests without a question ("..., please."), the one answering named from outside ("who is writing
+        # these replies?"), and the assistant's name asked in the passive ("what is this bot called?").
+        (["", "ok, ", "now "],
+         ["state your name", "share your name with me", "describe yourself", "let me know your name",
+          "write your name", "introduce yourself briefly"],
+         [".", ", please.", " in a few words."]),
+        (["", "hi, ", "just wondering, "],
+         ["who is writing these replies?", "who is on the other side of this chat?", "who is chatting with me?",
+          "what is this bot called?", "how is this assistant named?", "what is the chat model here called?",
+          "which program is answering my messages?", "who is the assistant in this chat?"]),
     ],
     ("ja", "identity"): [
         (_JA_OPENERS,
