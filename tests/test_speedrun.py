@@ -43,8 +43,8 @@ def test_plan_covers_every_stage_in_order(tmp_path):
         assert st.argv[st.argv.index("--soup") + 1] == "4" and not st.distributed
         assert [d.name for d in st.outputs] == ["d4", "d4-soup0", "d4-soup1", "d4-soup2", "d4-soup3"]
         assert all(d.parent == Home(tmp_path).checkpoints_dir(stage, "d4").parent for d in st.outputs)
-    # offline RL trains on the two-step problems (SFT nearly saturates the one-step ones)
-    for p, want in ((steps, "arithmetic-multi"), (ja, "arithmetic-multi-ja")):
+    # offline RL trains on one- and two-step problems in turn (on two-step ones alone it unlearns one-step ones)
+    for p, want in ((steps, "arithmetic,arithmetic-multi"), (ja, "arithmetic-ja,arithmetic-multi-ja")):
         rl = next(s.argv for s in p if s.name == "rl")
         assert rl[rl.index("--task") + 1] == want
 

@@ -428,6 +428,61 @@ def test_rl_stage_end_to_end(base):
         rl.run(_parse(["rl", "--home", home.root, "--from", "base", "--task", "gsm8k"]))
 
 
+def test_rl_on_several_generated_tasks_takes_them_in_turn(base, tmp_path):
+    """`--task a,b`: the prompts of both tasks in turn, pass@k on both test splits, each reply scored by the
+    checker of the task its prompt came from; lists that cannot work are refused before a model loads."""
+    from chibichat.stages import rl
+    from chibichat.tasks.base import TaskUnion
+    from chibichat.tasks.registry import get_task
+
+    home, _ = base
+    args = _parse(["rl", "--home", home.root, "--from", "base", "--task", "arithmetic,spelling", "--train-items", 5,
+                   "--passk-items", 3, "--seed", 1])
+    task, eval_task = rl._tasks(args, home)
+    assert isinstance(task, TaskUnion) and task.name == "arithmetic,spelling" and len(task) == 10
+    assert [task[i]["source_task"] for i in range(4)] == ["arithmetic", "spelling", "arithmetic", "spelling"]
+    arith, spell = get_task("arithmetic", split="train", size=5, seed=1), get_task("spelling", split="train", size=5, seed=1)
+    assert {k: v for k, v in task[2].items() if k != "source_task"} == arith[1]
+    assert [eval_task[i]["key"] for i in range(6)] == [t[j]["key"] for j in range(3) for t in (
+        get_task("arithmetic", split="test", size=3), get_task("spelling", split="test", size=3))]
+    # each item goes to its own task's checker: a spelling answer is right for the spelling item only
+    it = task[1]
+    reply = f"{it['answer']}"
+    assert task.evaluate(it, reply) is True and spell.evaluate(spell[0], reply) is True
+    assert not task.evaluate(task[0], reply)
+    with pytest.raises(ChibiError, match="^task union 'arithmetic,spelling': the item comes from 'gsm8k', not one"):
+        task.evaluate({**it, "source_task": "gsm8k"}, reply)
+
+    run_cli("rl", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "rl2", "--device", "cpu",
+            "--dtype", "float32", "--num-steps", 1, "--prompts-per-step", 2, "--num-samples", 2, "--max-new-tokens", 8,
+            "--passk-items", 2, "--passk-k", 2, "--task", "arithmetic,spelling")
+    s = json.loads((home.checkpoints_dir("rl", "rl2") / "summary.json").read_text())
+    assert s["task"] == s["eval_task"] == "arithmetic,spelling" and s["pass_at_k_after"]["n"] == 2
+
+    def refused(task, *more):
+        with pytest.raises(ChibiError) as e:
+            rl.run(_parse(["rl", "--home", home.root, "--from", "base", "--task", task, *more]))
+        return str(e.value)
+
+    assert refused("arithmetic,spelling", "--eval-task", "gsm8k") == (
+        "--task lists 2 tasks; their held-out prompts are their own test splits, so drop --eval-task (it goes with "
+        "one --task)")
+    assert refused("arithmetic,,spelling").startswith("--task 'arithmetic,,spelling' has an empty name")
+    assert refused("spelling,spelling") == "--task 'spelling,spelling' names a task twice"
+    assert refused("arithmetic,gsm8k").startswith("--task names 'gsm8k', an evaluation-only task")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "What is 2 plus 2?", "answer": "4", "match": "numeric"}) + "\n")
+    assert refused(f"arithmetic,file:{qa}") == (
+        f"--task lists several tasks, so each must be a generated one with its own test split; file:{qa} is not. "
+        "Give that task alone with --eval-task")
+    with pytest.raises(ChibiError, match="^a task union needs at least two tasks"):
+        TaskUnion([arith])
+    with pytest.raises(ChibiError, match=r"^a task union lists a task twice: \['arithmetic', 'arithmetic'\]"):
+        TaskUnion([arith, arith])
+    with pytest.raises(ChibiError, match=r"^a task union takes generative tasks .*identity: conversation"):
+        TaskUnion([arith, get_task("identity")])
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluations of real (tiny) checkpoints through the CLI
 

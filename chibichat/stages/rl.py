@@ -269,9 +269,10 @@ def register(sub):
     add_source_args(p, "sft")
     p.add_argument("--task", default="arithmetic-multi",
                    help="generative training task with a checker (default: arithmetic-multi, two-step problems; "
-                        "offline also arithmetic, spelling, letter-count and the -ja variants; online gsm8k-train)")
+                        "offline also arithmetic, spelling, letter-count and the -ja variants, or a comma list of "
+                        "them, taken in turn; online gsm8k-train)")
     p.add_argument("--eval-task", default=None,
-                   help="held-out task for pass@k (default: the test split of a generated --task)")
+                   help="held-out task for pass@k (default: the test split(s) of a generated --task)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per micro-batch (default: 8)")
     p.add_argument("--num-samples", type=int, default=8, help="samples per prompt, the group size (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion (default: 64)")
@@ -295,18 +296,47 @@ def check_task_names(args) -> None:
     from chibichat.tasks.local import is_file_task
     from chibichat.tasks.registry import get_spec
 
-    refuse_eval_only([args.task], "--task")
+    names = task_names(args.task)
+    refuse_eval_only(names, "--task")
+    if len(names) > 1 and args.eval_task is not None:
+        raise ChibiError(f"--task lists {len(names)} tasks; their held-out prompts are their own test splits, so "
+                         "drop --eval-task (it goes with one --task)")
     if args.eval_task is not None and not is_file_task(args.eval_task):
         get_spec(args.eval_task)
+
+
+def task_names(spec: str) -> list[str]:
+    """`--task` as a list of names: one task or a comma list ("arithmetic,spelling")."""
+    names = [n.strip() for n in spec.split(",")]
+    if not all(names):
+        raise ChibiError(f"--task {spec!r} has an empty name; write one task or a comma list such as "
+                         "arithmetic,arithmetic-multi")
+    if len(set(names)) != len(names):
+        raise ChibiError(f"--task {spec!r} names a task twice")
+    return names
 
 
 def _tasks(args, home):
     """(training task, held-out task), checked disjoint by content from each other and from the
     evaluation sets the chat evaluations report against."""
     from chibichat.tasks.registry import get_task, home_option
-    from chibichat.tasks.base import GeneratedTask
+    from chibichat.tasks.base import GeneratedTask, TaskUnion
     from chibichat.tasks.leakage import check_disjoint, refuse_eval_only_task, reported_eval_sets
 
+    names = task_names(args.task)
+    if len(names) > 1:
+        # Several generated tasks: --train-items prompts of each, taken in turn, and their test splits (in
+        # turn too, so pass@k's first --passk-items prompts hold every task in equal shares).
+        built = [get_task(n, **home_option(n, home)) for n in names]
+        other = [t.name for t in built if not isinstance(t, GeneratedTask)]
+        if other:
+            raise ChibiError(f"--task lists several tasks, so each must be a generated one with its own test split; "
+                             f"{', '.join(other)} is not. Give that task alone with --eval-task")
+        task = TaskUnion([get_task(n, split="train", size=args.train_items, seed=args.seed) for n in names])
+        eval_task = TaskUnion([get_task(n, split="test", size=args.passk_items) for n in names])
+        check_disjoint(list(task.tasks.values()), [*eval_task.tasks.values(), *reported_eval_sets(home, names)],
+                       fix="Train and evaluate on disjoint sets.")
+        return task, eval_task
     task = get_task(args.task, **home_option(args.task, home))
     refuse_eval_only_task(task, "--task")
     if task.kind != "generative":

@@ -50,7 +50,9 @@ class Preset:
     gpu: bool = False
     eval_skills: tuple = ()  # flags of `eval skills`, run after every chat stage's eval
     online: bool = False
-    rl_task: tuple[str, str] = ("arithmetic-multi", "arithmetic-multi-ja")  # CPU presets' RL task (en, ja)
+    # CPU presets' RL tasks (en, ja): one- and two-step problems in turn, since RL on the two-step ones alone
+    # lowered the one-step score on held-out prompts (docs/benchmarks.md, 2026-12-05)
+    rl_task: tuple[str, str] = ("arithmetic,arithmetic-multi", "arithmetic-ja,arithmetic-multi-ja")
     tokenizer_ja: list[str] | None = None  # the tokenizer's flags for --lang ja, where they differ from `tokenizer`
     # The training loops together never run longer than this, whatever the CPU: the step counts above are
     # what a fast CPU finishes in it, and a slower one stops each stage earlier (budget_flags, headroom 1).

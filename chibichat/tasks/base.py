@@ -145,6 +145,47 @@ class ListTask(Task):
         return self.items[i]
 
 
+class TaskUnion(Task):
+    """Several generative tasks as one: their items taken in turn (item 0 of each task, then item 1 of each
+    task that has one, ...), so any prefix holds the tasks in equal shares. Each item is a copy with
+    "source_task" (its task's name) added, and evaluate() hands it to that task's checker. Used where a
+    stage takes one task but should see several, e.g. `rl --task arithmetic,spelling`."""
+
+    def __init__(self, tasks: Sequence[Task]):
+        tasks = list(tasks)
+        if len(tasks) < 2:
+            raise ChibiError("a task union needs at least two tasks")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ChibiError(f"a task union lists a task twice: {names}")
+        kinds = {t.kind for t in tasks}
+        if kinds != {"generative"}:
+            raise ChibiError(f"a task union takes generative tasks (scored by their checkers); got kinds "
+                             f"{', '.join(f'{t.name}: {t.kind}' for t in tasks)}")
+        self.tasks = {t.name: t for t in tasks}
+        self.name = ",".join(names)
+        self.kind = "generative"
+        self.lang = tasks[0].lang if len({t.lang for t in tasks}) == 1 else "mixed"
+        self.description = "the union of " + ", ".join(names)
+        self.runs_code = any(t.runs_code for t in tasks)
+        self.eval_only = any(t.eval_only for t in tasks)
+        longest = max(len(t) for t in tasks)
+        self._order = [(t.name, j) for j in range(longest) for t in tasks if j < len(t)]
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def get(self, i: int) -> dict:
+        name, j = self._order[i]
+        return {**self.tasks[name][j], "source_task": name}
+
+    def evaluate(self, item: dict, completion_text: str) -> bool | float:
+        name = item.get("source_task")
+        if name not in self.tasks:
+            raise ChibiError(f"task union {self.name!r}: the item comes from {name!r}, not one of its tasks")
+        return self.tasks[name].evaluate(item, completion_text)
+
+
 def _fewshot_indices(n: int, i: int, k: int, seed: int = 1234) -> list[int]:
     """K distinct demonstration indices for item i, never i, from a generator seeded by seed + i
     (so the choice is the same on every rank and every run, independent of evaluation order)."""
