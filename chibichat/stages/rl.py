@@ -278,7 +278,7 @@ def register(sub):
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion (default: 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default: 50; 0 = off)")
-    p.add_argument("--train-items", type=int, default=2000, help="generated training prompts (default: 2000)")
+    p.add_argument("--train-items", type=int, default=2000, help="generated training prompts, per task of a --task list (default: 2000)")
     p.add_argument("--passk-items", type=int, default=48, help="held-out prompts for pass@k (default: 48)")
     add_allow_weak_arg(p)
     p.add_argument("--passk-k", type=int, default=4, help="largest k of pass@k, = samples per prompt (default: 4)")
