@@ -188,6 +188,13 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
          ["how many books do I own?", "how tall is my father?", "what time did I wake up today?",
           "where did my brother go on holiday?", "what did my friend say to me yesterday?",
           "what is the name of my street?", "which school did my cousin go to?"]),
+        # Things only the user's head or accounts hold, facts about "the X of my Y", and other futures.
+        (["", "be honest, ", "tell me, "],
+         ["what is the name of my first pet?", "what is the colour of my front door?", "what word am I picturing?",
+          "which card did I just pick?", "what is the code that unlocks my phone?", "how much did I pay for my bike?",
+          "how many messages are waiting in my inbox?", "what are next week's lottery numbers?",
+          "which team will lift the cup this year?", "what will a loaf of bread cost next month?",
+          "what is the age of my neighbour's dog?", "how much do I have in my wallet?"]),
     ],
     ("ja", "refusal"): [
         (["", "ねえ、", "当ててみて。", "教えてください。"],
