@@ -15,8 +15,11 @@ from test_stages_chat import make_base
 
 @pytest.mark.parametrize("spec, why", [
     ("Words", "the name 'Words' must be lower-case letters, digits and '-'"),
-    ("a;--mix x=1", "write NAME or NAME;MID_FLAGS;SFT_FLAGS"),
-    ("a;b;c;d", "write NAME or NAME;MID_FLAGS;SFT_FLAGS"),
+    ("a;--mix x=1", "write NAME, NAME;MID_FLAGS;SFT_FLAGS or NAME;MID_FLAGS;SFT_FLAGS;RL_FLAGS"),
+    ("a;b;c;d;e", "write NAME, NAME;MID_FLAGS;SFT_FLAGS or NAME;MID_FLAGS;SFT_FLAGS;RL_FLAGS"),
+    ("a;;;arithmetic", "the rl part must be flags such as '--mix spelling=2', got 'arithmetic'"),
+    ("a;;;--num-steps 40", "--num-steps is set by the bench for every run (use --from-tag, --mid-steps, "
+                           "--sft-steps, --rl-steps,"),
     (";--mix x=1;", "the name '' must be"),
     ("a;;spelling=2", "the sft part must be flags such as '--mix spelling=2', got 'spelling=2'"),
     ("a;--mix 'x=1;", "the midtrain flags \"--mix 'x=1\" do not parse"),
@@ -34,6 +37,7 @@ def test_arms_parse_with_defaults_and_distinct_names():
     assert B.parse_arm("w2;; --mix spelling=2 ") == B.Arm("w2", (), ("--mix", "spelling=2"))
     assert B.parse_arm("w3;--mix identity=1,arithmetic=2 --lr-frac 0.5;") == \
         B.Arm("w3", ("--mix", "identity=1,arithmetic=2", "--lr-frac", "0.5"), ())
+    assert B.parse_arm("r;;;--task arithmetic-multi") == B.Arm("r", (), (), ("--task", "arithmetic-multi"))
     assert B.parse_arms(None) == [B.Arm("default")]
     with pytest.raises(ChibiError, match=r"--arm names must differ, got \['a', 'a'\]"):
         B.parse_arms(["a", "a;--mix x=1;"])
@@ -105,6 +109,48 @@ def test_stage_commands_carry_the_arm_mixtures_and_the_seed(tmp_path):
         from chibichat.cli import build_parser
 
         build_parser().parse_args(argv)
+
+
+def test_rl_arms_run_rl_from_the_sft_model_and_are_judged_after_it(tmp_path):
+    from chibichat.cli import build_parser
+    from chibichat.common import Home
+    from chibichat.stages.speedrun import PRESETS
+
+    arms = B.parse_arms(["default", "lr;;--lr-frac 0.25", "rl2;;;--task arithmetic-multi --lr-frac 0.3"])
+    assert {k: v.name for k, v in B.sft_owners(arms).items()} == {"default": "default", "lr": "lr", "rl2": "default"}
+    with pytest.raises(ChibiError, match=r"^--arm 'rl2' has RL flags but --rl-steps is 0: give --rl-steps N"):
+        B.run(_args(tmp_path, "--from-tag", "d4", "--arm", "rl2;;;--task arithmetic-multi"))
+    with pytest.raises(ChibiError, match="--rl-steps must be >= 0, got -1"):
+        B.run(_args(tmp_path, "--from-tag", "d4", "--rl-steps", "-1"))
+    for lang, task in (("en", PRESETS["cpu"].rl_task[0]), ("ja", PRESETS["cpu"].rl_task[1])):
+        args = _args(tmp_path, "--from-tag", "d4", "--name", "ab", "--rl-steps", "6", "--lang", lang)
+        assert B.judged_stage(args) == "rl"
+        runs = B.stage_argvs(args, Home.resolve(tmp_path), arms[2], 1, arms[0], arms[0])
+        assert [(t, st) for t, st, _ in runs] == [("ab-default-s1", "mid"), ("ab-default-s1", "sft"),
+                                                  ("ab-default-s1", "eval"), ("ab-rl2-s1", "rl"), ("ab-rl2-s1", "eval")]
+        (_, _, m), (_, _, s), (_, _, e1), (_, _, r), (_, _, e2) = runs
+        # RL starts from the SFT model it shares with arm default; the arm's --task replaces the preset's
+        assert r[:1] == ["rl"] and r[r.index("--from") + 1] == "sft" and r[r.index("--from-tag") + 1] == "ab-default-s1"
+        assert r[r.index("--tag") + 1] == "ab-rl2-s1" and r[r.index("--num-steps") + 1] == "6"
+        assert r[r.index("--seed") + 1] == "1" and r.count("--task") == 1 and r[r.index("--task") + 1] == "arithmetic-multi"
+        assert r[r.index("--lr-frac") + 1] == "0.3"
+        assert (e1[e1.index("--from") + 1], e1[e1.index("--tag") + 1]) == ("sft", "ab-default-s1")
+        assert (e2[e2.index("--from") + 1], e2[e2.index("--tag") + 1]) == ("rl", "ab-rl2-s1")
+        # an arm without RL flags runs the quickstart's RL task for the language
+        r0 = B.stage_argvs(args, Home.resolve(tmp_path), arms[0], 1)[3][2]
+        assert r0[r0.index("--task") + 1] == task
+        for argv in (m, s, e1, r, e2, r0):
+            build_parser().parse_args(argv)
+    no_rl = B.stage_argvs(_args(tmp_path, "--from-tag", "d4"), Home.resolve(tmp_path), arms[0], 0)
+    assert [st for _, st, _ in no_rl] == ["mid", "sft", "eval"]
+    rows = [{"arm": a.name, "skills": x, "per_skill": {}, "sft_skills": y}
+            for a, x, y in ((arms[0], 0.6, 0.5), (arms[1], 0.7, 0.4), (arms[2], 0.65, 0.5))]
+    md = B.table_md(B.arm_table(arms, rows), "ab", "en", "d4", rl_steps=6)
+    assert "held-out skills (en) after RL (6 steps)" in md and "| verdict | after SFT |" in md
+    assert "| default | 1 | 0.600 | 0.600-0.600 | - | baseline | 0.500 |" in md
+    assert "- rl2: midtrain (defaults), the runs of arm default; sft (defaults), the runs of arm default; " \
+           "rl --task arithmetic-multi --lr-frac 0.3" in md
+    assert "- lr: midtrain (defaults), the runs of arm default; sft --lr-frac 0.25; rl (defaults)" in md
 
 
 def test_arms_with_the_same_midtraining_flags_share_their_midtraining(tmp_path):
@@ -180,6 +226,31 @@ def test_bench_runs_every_arm_and_seed_then_resumes_without_training(tmp_path, m
     out = capsys.readouterr().out
     assert "t-default-s0: done already" in out and "t-small-s0: mid done already, not re-trained" in out
     assert json.loads((home.report_dir / "bench-skills-t.json").read_text())["rows"] == data["rows"]
+
+    # RL added to the finished bench: the same tags, so midtraining, SFT and its evaluation are read and
+    # only RL and its evaluation run; arm rl2 (RL flags only) shares arm default's SFT model.
+    calls.clear()
+    small = "--prompts-per-step 1 --grad-accum 1 --num-samples 2 --max-new-tokens 8 --passk-items 2 --passk-k 2"
+    rl_argv = argv[:argv.index("--arm")] + ["--arm", f"default;;;{small}", "--arm", f"rl2;;;--task spelling {small}",
+                                            "--rl-steps", "1", *argv[argv.index("--mid-steps"):]]
+    assert main(rl_argv) == 0
+    assert calls == [["rl", "--home"], ["eval", "skills"]] * 2
+    out = capsys.readouterr().out
+    assert "t-rl2-s0: sft done already (shared with arm default), not re-trained" in out
+    assert "t-rl2-s0: eval of sft done already (shared with arm default), not re-run" in out
+    rl_data = json.loads((home.report_dir / "bench-skills-t.json").read_text())
+    assert (rl_data["rl_steps"], rl_data["judged_after"]) == (1, "rl")
+    for row in rl_data["rows"]:
+        ev = json.loads((home.eval_dir("rl", row["tag"]) / "summary.json").read_text())
+        assert row["skills"] == ev["skills"] and row["sft_tag"] == "t-default-s0"
+        assert row["sft_skills"] == data["rows"][0]["skills"]  # the SFT model's score, read from its evaluation
+        rl = json.loads((home.checkpoints_dir("rl", row["tag"]) / "summary.json").read_text())
+        assert rl["source"].endswith("sft/t-default-s0/step_000002")
+    from chibichat.stages.speedrun import PRESETS
+
+    assert read_meta(resolve_checkpoint(home, "rl", "t-default-s0"))["flags"]["task"] == PRESETS["cpu"].rl_task[0]
+    assert read_meta(resolve_checkpoint(home, "rl", "t-rl2-s0"))["flags"]["task"] == "spelling"
+    assert "after RL (1 step)" in (home.report_dir / "bench-skills-t.md").read_text()
 
 
 def test_a_failed_stage_names_itself_and_how_to_resume(tmp_path, monkeypatch):

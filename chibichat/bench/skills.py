@@ -9,15 +9,25 @@ run per arm, or two, cannot tell a +0.03 change from luck. This runs, for every 
     chibichat sft      --from mid  --from-tag NAME-ARM-sSEED --num-steps S --seed SEED [--mix SFT]
     chibichat eval skills --from sft --tag NAME-ARM-sSEED --lang LANG --max-new-tokens T
 
+and with --rl-steps R > 0 also, from that SFT model,
+
+    chibichat rl --from sft --from-tag NAME-ARM-sSEED --tag NAME-ARM-sSEED --num-steps R --seed SEED [RL_FLAGS]
+    chibichat eval skills --from rl --tag NAME-ARM-sSEED ...
+
+(RL's --task defaults to the cpu preset's for LANG, so an arm without RL flags is the quickstart's RL), and
+the arms are judged after RL, with the score after SFT beside it: RL on CPU moves the held-out skills by a
+few points either way, so its settings need the same seeds-and-standard-errors treatment as the data's.
+
 each in its own process (the same commands a user runs), from one base checkpoint of the home, and
 tabulates per arm the mean skills score over seeds with its standard error (sample s.d. / sqrt(n)), the
 range, the per-skill means, and each arm's difference from the first arm with the standard error of the
 difference (sqrt(se_a^2 + se_b^2); the seeds of two arms are not treated as paired: their data orders differ,
 and even arms that share their midtraining (below) differ in SFT, so this is the conservative figure).
 
-An arm is `NAME` (the stages' defaults) or `NAME;MID_FLAGS;SFT_FLAGS`: more flags of midtrain and of sft,
-as on their command lines (an empty part: that stage's defaults), e.g. `--arm "words;;--mix spelling=2,identity=1"`
-or `--arm "sft-lr;;--lr-frac 0.25"`. The flags the bench sets itself (source, tag, steps, seed, evaluation
+An arm is `NAME` (the stages' defaults), `NAME;MID_FLAGS;SFT_FLAGS` or `NAME;MID_FLAGS;SFT_FLAGS;RL_FLAGS`:
+more flags of midtrain, of sft and of rl, as on their command lines (an empty part: that stage's defaults), e.g.
+`--arm "words;;--mix spelling=2,identity=1"`, `--arm "sft-lr;;--lr-frac 0.25"` or, with --rl-steps,
+`--arm "rl-two;;;--task arithmetic-multi"`. The flags the bench sets itself (source, tag, steps, seed, evaluation
 cadence, device) are refused in an arm. A code change is compared by running the bench
 from each version of the code, each installed in its own environment (a clone set up with
 scripts/setup.sh: the stages run as `python -m chibichat` of the running interpreter), with its own
@@ -25,6 +35,8 @@ scripts/setup.sh: the stages run as `python -m chibichat` of the running interpr
 
 Arms with the same midtraining flags share their midtraining: per seed it runs once, under the tag of the first
 such arm, and the other arms' SFT starts from it (an arm that changes only SFT costs only SFT and evaluation).
+Likewise arms with the same midtraining and SFT flags share their SFT run (an arm that changes only RL costs
+only RL and evaluation).
 
 Writes DIR/bench-skills-NAME.json (one row per run, and the per-arm table) and .md, DIR = --out or
 home/report. A run whose eval summary exists is read, not run again (a stage whose summary exists is
@@ -54,6 +66,7 @@ class Arm:
     name: str
     mid_flags: tuple[str, ...] = ()  # added to midtrain's command line; () = its defaults
     sft_flags: tuple[str, ...] = ()
+    rl_flags: tuple[str, ...] = ()  # only with --rl-steps > 0
 
 
 # Set by the bench for every run; an arm that set them would not be the same experiment on another seed.
@@ -70,6 +83,8 @@ def add_args(p) -> None:
                    "(default: 0,1,2,3)")
     p.add_argument("--mid-steps", type=int, default=250, help="midtraining steps (default: 250, the cpu preset's)")
     p.add_argument("--sft-steps", type=int, default=300, help="SFT steps (default: 300, the cpu preset's)")
+    p.add_argument("--rl-steps", type=int, default=0,
+                   help="RL steps after SFT, the arms then judged after RL (default: 0, no RL; the cpu preset's: 15)")
     p.add_argument("--lang", choices=("en", "ja"), default="en", help="held-out prompt set (default: en)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per reply in eval skills (default: 64)")
     p.add_argument("--max-per-skill", type=int, default=None,
@@ -86,15 +101,15 @@ def parse_seeds(text: str) -> list[int]:
 
 def parse_arm(spec: str) -> Arm:
     parts = spec.split(";")
-    if len(parts) not in (1, 3):
-        raise ChibiError(f"--arm {spec!r}: write NAME or NAME;MID_FLAGS;SFT_FLAGS (an empty part keeps the "
-                         "stage's defaults), e.g. 'words;;--mix spelling=2,letter-count=2'")
+    if len(parts) not in (1, 3, 4):
+        raise ChibiError(f"--arm {spec!r}: write NAME, NAME;MID_FLAGS;SFT_FLAGS or NAME;MID_FLAGS;SFT_FLAGS;RL_FLAGS "
+                         "(an empty part keeps the stage's defaults), e.g. 'words;;--mix spelling=2,letter-count=2'")
     name = parts[0].strip()
     if not NAME_RE.match(name):
         raise ChibiError(f"--arm {spec!r}: the name {name!r} must be lower-case letters, digits and '-' "
                          "(it becomes part of a checkpoint tag)")
     flags = []
-    for stage, part in zip(("midtrain", "sft"), parts[1:]):
+    for stage, part in zip(("midtrain", "sft", "rl"), parts[1:]):
         try:
             argv = tuple(shlex.split(part))
         except ValueError as e:
@@ -105,7 +120,7 @@ def parse_arm(spec: str) -> Arm:
         owned = [a for a in argv if a.split("=", 1)[0] in OWNED_FLAGS]
         if owned:
             raise ChibiError(f"--arm {spec!r}: {owned[0].split('=', 1)[0]} is set by the bench for every run "
-                             "(use --from-tag, --mid-steps, --sft-steps, --seeds, --device, --dtype)")
+                             "(use --from-tag, --mid-steps, --sft-steps, --rl-steps, --seeds, --device, --dtype)")
         flags.append(argv)
     return Arm(name, *flags)
 
@@ -128,23 +143,51 @@ def mid_owners(arms: list[Arm]) -> dict[str, Arm]:
     return {arm.name: first.setdefault(arm.mid_flags, arm) for arm in arms}
 
 
-def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = None) -> list[tuple[str, list[str]]]:
+def sft_owners(arms: list[Arm]) -> dict[str, Arm]:
+    """arm name -> the first arm with the same midtraining and SFT flags, whose SFT run it shares."""
+    first: dict[tuple, Arm] = {}
+    return {arm.name: first.setdefault((arm.mid_flags, arm.sft_flags), arm) for arm in arms}
+
+
+def judged_stage(args) -> str:
+    """The stage whose checkpoint the arms are judged on: rl with --rl-steps, else sft."""
+    return "rl" if args.rl_steps else "sft"
+
+
+def rl_task_flags(args, arm: Arm) -> list[str]:
+    """--task of the cpu preset for --lang unless the arm's RL flags name one: an arm without RL flags runs
+    the quickstart's RL."""
+    if any(a.split("=", 1)[0] == "--task" for a in arm.rl_flags):
+        return []
+    from chibichat.stages.speedrun import PRESETS
+
+    return ["--task", PRESETS["cpu"].rl_task[0 if args.lang == "en" else 1]]
+
+
+def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = None,
+                sft_arm: Arm | None = None) -> list[tuple[str, str, list[str]]]:
     """[(tag, stage, argv)] of one run: midtrain (under the tag of `mid_arm`, the arm whose midtraining this one
-    shares; default itself), sft, eval skills. Each stage evaluates once, at its end."""
+    shares; default itself), sft (under the tag of `sft_arm`, likewise), eval skills of the SFT model; with
+    --rl-steps then rl from that SFT model and eval skills of the RL model. Each stage evaluates once, at its end."""
     tag, h = run_tag(args.name, arm, seed), ["--home", str(home.root)]
     mid_tag = run_tag(args.name, mid_arm or arm, seed)
+    sft_tag = run_tag(args.name, sft_arm or arm, seed)
     rt = ["--device", args.device, "--dtype", args.dtype]
     mid = ["midtrain", *h, "--from", "base", "--from-tag", args.from_tag, "--tag", mid_tag,
            "--num-steps", str(args.mid_steps), "--eval-every", str(args.mid_steps), "--seed", str(seed), *rt]
-    sft = ["sft", *h, "--from", "mid", "--from-tag", mid_tag, "--tag", tag,
+    sft = ["sft", *h, "--from", "mid", "--from-tag", mid_tag, "--tag", sft_tag,
            "--num-steps", str(args.sft_steps), "--eval-every", str(args.sft_steps), "--seed", str(seed), *rt]
     mid += arm.mid_flags
     sft += arm.sft_flags
-    ev = ["eval", "skills", *h, "--from", "sft", "--tag", tag, "--lang", args.lang,
-          "--max-new-tokens", str(args.max_new_tokens), *rt]
+    ev = ["eval", "skills", *h, "--lang", args.lang, "--max-new-tokens", str(args.max_new_tokens), *rt]
     if args.max_per_skill is not None:
         ev += ["--max-per-skill", str(args.max_per_skill)]
-    return [(mid_tag, "mid", mid), (tag, "sft", sft), (tag, "eval", ev)]
+    out = [(mid_tag, "mid", mid), (sft_tag, "sft", sft), (sft_tag, "eval", [*ev, "--from", "sft", "--tag", sft_tag])]
+    if args.rl_steps:
+        rl = ["rl", *h, "--from", "sft", "--from-tag", sft_tag, "--tag", tag, "--num-steps", str(args.rl_steps),
+              "--seed", str(seed), *rt, *rl_task_flags(args, arm), *arm.rl_flags]
+        out += [(tag, "rl", rl), (tag, "eval", [*ev, "--from", "rl", "--tag", tag])]
+    return out
 
 
 def skill_keys(lang: str) -> tuple[str, list[tuple[str, str]]]:
@@ -183,10 +226,13 @@ def arm_table(arms: list[Arm], rows: list[dict]) -> list[dict]:
         m, se = mean_se(scores)
         skills = sorted({s for r in rs for s in r["per_skill"]})
         out.append({"arm": arm.name, "mid_flags": shlex.join(arm.mid_flags), "sft_flags": shlex.join(arm.sft_flags),
-                    "mid_of_arm": mid_owners(arms)[arm.name].name, "n": len(rs), "mean": m,
+                    "rl_flags": shlex.join(arm.rl_flags), "mid_of_arm": mid_owners(arms)[arm.name].name,
+                    "sft_of_arm": sft_owners(arms)[arm.name].name, "n": len(rs), "mean": m,
                     "se": se, "min": min(scores), "max": max(scores),
                     "per_skill": {s: sum(r["per_skill"][s] for r in rs if s in r["per_skill"]) /
                                   sum(s in r["per_skill"] for r in rs) for s in skills}})
+        if rs and all("sft_skills" in r for r in rs):  # judged after RL: the same runs' score after SFT
+            out[-1]["sft_mean"] = sum(r["sft_skills"] for r in rs) / len(rs)
     base = out[0]
     for a in out:
         a["diff"] = a["mean"] - base["mean"]
@@ -204,50 +250,73 @@ def verdict(a: dict) -> str:
     return "beyond 2 s.e." if abs(a["diff"]) >= 2 * a["diff_se"] else "within 2 s.e. (noise)"
 
 
-def table_md(table: list[dict], name: str, lang: str, base_tag: str) -> str:
+def table_md(table: list[dict], name: str, lang: str, base_tag: str, rl_steps: int = 0) -> str:
     skills = sorted({s for a in table for s in a["per_skill"]})
-    lines = [f"`chibichat bench skills --name {name}`: held-out skills ({lang}) after SFT, from base `{base_tag}`; "
+    after = f"RL ({rl_steps} step{'' if rl_steps == 1 else 's'})" if rl_steps else "SFT"
+    sft_col = rl_steps > 0 and all("sft_mean" in a for a in table)
+    lines = [f"`chibichat bench skills --name {name}`: held-out skills ({lang}) after {after}, from base `{base_tag}`; "
              "mean over seeds +- its standard error.", "",
-             "| arm | seeds | skills | range | diff vs first | verdict | " + " | ".join(skills) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(skills)]
+             "| arm | seeds | skills | range | diff vs first | verdict | " + ("after SFT | " if sft_col else "") +
+             " | ".join(skills) + " |",
+             "|---|---|---|---|---|---|" + "---|" * (len(skills) + sft_col)]
     for i, a in enumerate(table):
         se = f" +- {a['se']:.3f}" if a["se"] is not None else ""
         diff = "-" if i == 0 else f"{a['diff']:+.3f}" + (f" +- {a['diff_se']:.3f}" if a["diff_se"] is not None else "")
         lines.append(f"| {a['arm']} | {a['n']} | {a['mean']:.3f}{se} | {a['min']:.3f}-{a['max']:.3f} | {diff} | "
-                     f"{'baseline' if i == 0 else verdict(a)} | " +
+                     f"{'baseline' if i == 0 else verdict(a)} | " + (f"{a['sft_mean']:.3f} | " if sft_col else "") +
                      " | ".join(f"{a['per_skill'].get(s, float('nan')):.2f}" for s in skills) + " |")
     lines.append("")
     for a in table:
         shared = f", the runs of arm {a['mid_of_arm']}" if a.get("mid_of_arm", a["arm"]) != a["arm"] else ""
-        lines.append(f"- {a['arm']}: midtrain {a['mid_flags'] or '(defaults)'}{shared}; sft {a['sft_flags'] or '(defaults)'}")
+        line = f"- {a['arm']}: midtrain {a['mid_flags'] or '(defaults)'}{shared}; sft {a['sft_flags'] or '(defaults)'}"
+        if rl_steps:
+            shared = f", the runs of arm {a['sft_of_arm']}" if a.get("sft_of_arm", a["arm"]) != a["arm"] else ""
+            line += f"{shared}; rl {a.get('rl_flags') or '(defaults)'}"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def run(args) -> int:
     check_at_least(args, 1, "mid_steps", "sft_steps", "max_new_tokens", "max_per_skill")
+    check_at_least(args, 0, "rl_steps")
     if not NAME_RE.match(args.name):
         raise ChibiError(f"--name {args.name!r} must be lower-case letters, digits and '-' (it becomes part of "
                          "checkpoint tags)")
     arms, seeds = parse_arms(args.arm), parse_seeds(args.seeds)
+    with_rl = [a.name for a in arms if a.rl_flags]
+    if with_rl and not args.rl_steps:
+        raise ChibiError(f"--arm {with_rl[0]!r} has RL flags but --rl-steps is 0: give --rl-steps N (the cpu "
+                         "preset's is 15) or drop the RL part of the arm")
     home = Home.resolve(args.home)
     from chibichat.train.checkpoint import list_steps
 
     if not list_steps(home.checkpoints_dir("base", args.from_tag)):
         raise ChibiError(f"no base checkpoint {args.from_tag!r} in {home.root}: pretrain one first "
                          f"(chibichat pretrain --tag {args.from_tag} ...) or name an existing tag with --from-tag")
-    rows, owners = [], mid_owners(arms)
+    rows, owners, sft_of = [], mid_owners(arms), sft_owners(arms)
+    key, _ = skill_keys(args.lang)
+
+    def evaluated(stage: str, tag: str) -> bool:
+        path = home.eval_dir(stage, tag) / "summary.json"
+        return path.exists() and key in json.loads(path.read_text())
+
     for arm in arms:
         for seed in seeds:
-            tag = run_tag(args.name, arm, seed)
-            summary_path = home.eval_dir("sft", tag) / "summary.json"
-            key, _ = skill_keys(args.lang)
-            done = summary_path.exists() and key in json.loads(summary_path.read_text())
+            tag, sft_tag = run_tag(args.name, arm, seed), run_tag(args.name, sft_of[arm.name], seed)
+            summary_path = home.eval_dir(judged_stage(args), tag) / "summary.json"
+            done = evaluated(judged_stage(args), tag)
             if done:
                 print(f"{tag}: done already ({summary_path}), reading it", flush=True)
-            for stage_tag, stage, argv in ([] if done else stage_argvs(args, home, arm, seed, owners[arm.name])):
+            argvs = [] if done else stage_argvs(args, home, arm, seed, owners[arm.name], sft_of[arm.name])
+            for stage_tag, stage, argv in argvs:
+                owner = owners[arm.name].name if stage == "mid" else sft_of[arm.name].name
+                shared = f" (shared with arm {owner})" if stage_tag != tag else ""
                 if stage != "eval" and (home.checkpoints_dir(stage, stage_tag) / "summary.json").exists():
-                    shared = f" (shared with arm {owners[arm.name].name})" if stage_tag != tag else ""
                     print(f"{tag}: {stage} done already{shared}, not re-trained", flush=True)
+                    continue
+                evaluated_stage = argv[argv.index("--from") + 1] if stage == "eval" else None
+                if evaluated_stage and evaluated(evaluated_stage, stage_tag):
+                    print(f"{tag}: eval of {evaluated_stage} done already{shared}, not re-run", flush=True)
                     continue
                 print(f"{tag}: $ chibichat {' '.join(argv)}", flush=True)
                 rc = subprocess.run([sys.executable, "-m", "chibichat", *argv]).returncode
@@ -257,7 +326,11 @@ def run(args) -> int:
                                      f"stopped after saving a checkpoint: delete checkpoints/{stage}/{stage_tag} first)")
             row = row_of(arm, seed, tag, json.loads(summary_path.read_text()), args.lang)
             row["mid_tag"] = run_tag(args.name, owners[arm.name], seed)
-            print(f"{tag}: skills {row['skills']:.3f}", flush=True)
+            if args.rl_steps:
+                sft_summary = json.loads((home.eval_dir("sft", sft_tag) / "summary.json").read_text())
+                row["sft_tag"], row["sft_skills"] = sft_tag, sft_summary[key]
+            print(f"{tag}: skills {row['skills']:.3f}" +
+                  (f" after RL ({row['sft_skills']:.3f} after SFT)" if args.rl_steps else ""), flush=True)
             rows.append(row)
     table = arm_table(arms, rows)
     out = Path(args.out) if args.out else home.report_dir
@@ -265,8 +338,9 @@ def run(args) -> int:
     stem = f"bench-skills-{args.name}"
     atomic_write_json(out / f"{stem}.json", {"name": args.name, "base_tag": args.from_tag, "lang": args.lang,
                                              "seeds": seeds, "mid_steps": args.mid_steps, "sft_steps": args.sft_steps,
+                                             "rl_steps": args.rl_steps, "judged_after": judged_stage(args),
                                              "max_new_tokens": args.max_new_tokens, "rows": rows, "arms": table})
-    md = table_md(table, args.name, args.lang, args.from_tag)
+    md = table_md(table, args.name, args.lang, args.from_tag, args.rl_steps)
     atomic_write_text(out / f"{stem}.md", md)
     print(md + f"wrote {out / stem}.json and .md", flush=True)
     return 0
