@@ -453,6 +453,22 @@ def test_rl_on_several_generated_tasks_takes_them_in_turn(base, tmp_path):
     with pytest.raises(ChibiError, match="^task union 'arithmetic,spelling': the item comes from 'gsm8k', not one"):
         task.evaluate({**it, "source_task": "gsm8k"}, reply)
 
+    # Under torchrun each rank takes every W-th prompt of the shuffled union: with two tasks in turn and two
+    # ranks, each rank still sees both tasks (the shuffle comes first), and the ranks together see every prompt once.
+    from types import SimpleNamespace
+
+    from chibichat.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(home.tokenizer_dir)
+    big = TaskUnion([get_task("arithmetic", split="train", size=40, seed=1),
+                     get_task("spelling", split="train", size=40, seed=1)])
+    strides = [rl.RolloutBatches(SimpleNamespace(seq_len=1 << 20), tok, big, SimpleNamespace(rank=r, world_size=2),
+                                 prompts=2, samples=2, max_tokens=8, temperature=1.0, top_k=None, seed=1).items
+               for r in (0, 1)]
+    keys = [[(it["source_task"], it["key"]) for it, _ in items] for items in strides]
+    assert all({t for t, _ in k} == {"arithmetic", "spelling"} for k in keys)
+    assert sorted(keys[0] + keys[1]) == sorted((big[i]["source_task"], big[i]["key"]) for i in range(80))
+
     run_cli("rl", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "rl2", "--device", "cpu",
             "--dtype", "float32", "--num-steps", 1, "--prompts-per-step", 2, "--num-samples", 2, "--max-new-tokens", 8,
             "--passk-items", 2, "--passk-k", 2, "--task", "arithmetic,spelling")
