@@ -159,9 +159,9 @@ def rl_task_flags(args, arm: Arm) -> list[str]:
     the quickstart's RL."""
     if any(a.split("=", 1)[0] == "--task" for a in arm.rl_flags):
         return []
-    from chibichat.stages.speedrun import PRESETS
+    from chibichat.tasks.registry import CPU_RL_TASKS
 
-    return ["--task", PRESETS["cpu"].rl_task[0 if args.lang == "en" else 1]]
+    return ["--task", CPU_RL_TASKS[0 if args.lang == "en" else 1]]
 
 
 def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = None,

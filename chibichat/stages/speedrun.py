@@ -30,6 +30,7 @@ from pathlib import Path
 from chibichat.common import (DTYPE_CHOICES, ChibiError, Home, add_fp8_arg, add_home_arg, add_memory_args,
                               atomic_write_json, check_home, read_json)
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
+from chibichat.tasks.registry import CPU_RL_TASKS
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,7 @@ class Preset:
     gpu: bool = False
     eval_skills: tuple = ()  # flags of `eval skills`, run after every chat stage's eval
     online: bool = False
-    # CPU presets' RL tasks (en, ja): one- and two-step problems in turn, since RL on the two-step ones alone
-    # lowered the one-step score on held-out prompts (docs/benchmarks.md, 2026-12-05)
-    rl_task: tuple[str, str] = ("arithmetic,arithmetic-multi", "arithmetic-ja,arithmetic-multi-ja")
+    rl_task: tuple[str, str] = CPU_RL_TASKS  # RL's --task (en, ja) on the CPU presets (tasks/registry.py)
     tokenizer_ja: list[str] | None = None  # the tokenizer's flags for --lang ja, where they differ from `tokenizer`
     # The training loops together never run longer than this, whatever the CPU: the step counts above are
     # what a fast CPU finishes in it, and a slower one stops each stage earlier (budget_flags, headroom 1).
