@@ -76,8 +76,8 @@ OWNED_FLAGS = ("--home", "--from", "--from-tag", "--from-step", "--tag", "--num-
 
 def add_args(p) -> None:
     p.add_argument("--from-tag", required=True, help="tag of the base checkpoint every run starts from")
-    p.add_argument("--arm", action="append", default=None, metavar="NAME[;MID_FLAGS;SFT_FLAGS]",
-                   help="an arm: a name, then optionally more midtrain and sft flags (e.g. 'w;;--mix spelling=2'); "
+    p.add_argument("--arm", action="append", default=None, metavar="NAME[;MID_FLAGS;SFT_FLAGS[;RL_FLAGS]]",
+                   help="an arm: a name, then optionally more midtrain, sft and rl flags (e.g. 'w;;--mix spelling=2'); "
                         "repeat for each arm; the first is the baseline (default: one arm 'default')")
     p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds, each run for every arm "
                    "(default: 0,1,2,3)")
