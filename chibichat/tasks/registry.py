@@ -31,12 +31,12 @@ from chibichat.tasks.sentences import TopicSentence
 from chibichat.tasks.spelling import LetterCount, Spelling
 
 GENERATED_OPTIONS = ("split", "size", "seed")
+SOURCE_OPTIONS = ("source", "home", "split")
 
 # The RL tasks of the CPU presets and of `bench skills --rl-steps` (en, ja): one- and two-step problems in turn,
 # since RL on the two-step ones alone lowered the one-step score on held-out prompts (docs/benchmarks.md,
 # 2026-12-05). Here, below both, so the bench and the speedrun read one value.
 CPU_RL_TASKS = ("arithmetic,arithmetic-multi", "arithmetic-ja,arithmetic-multi-ja")
-SOURCE_OPTIONS = ("source", "home", "split")
 
 
 @dataclass(frozen=True)
