@@ -11,7 +11,11 @@ Flow of one `generate` call:
    state machine, and feeds all live rows one token. Finished rows are dropped from the batch.
 3. Tools: `<|python_start|>` expr `<|python_end|>` -> the expression is evaluated and
    `<|output_start|>` result `<|output_end|>` is queued; queued tokens are fed one per step instead of
-   sampling and flagged forced=1 (RL leaves them out of the loss). A failed tool call injects nothing.
+   sampling and flagged forced=1 (RL leaves them out of the loss). A failed call's result is its error
+   ("Error: division by zero"). Tool output comes only from the tool: the model is never allowed to
+   sample <|output_start|> or <|output_end|> itself (a small model that was taught "a call is followed by
+   its output" would otherwise write an output of its own after a failed call, and the transcript would
+   show a calculator result no calculator produced).
 
 Continuous batching (`Batcher`, used by the server): one decode loop per model replica keeps a batch
 of rows from many requests; requests join and leave between steps, each sampled by its own `_Group`
@@ -210,13 +214,17 @@ def sample_next(logits, params: SamplingParams, generator, seen=None, counts=Non
 # Tools
 
 
-def run_tool(kind: str, source: str) -> str | None:
-    """Result text of one tool call, or None when the call fails (then nothing is injected)."""
+TOOL_ERROR_CHARS = 160  # an error shown to the model is cut here: its first line says what went wrong
+
+
+def run_tool(kind: str, source: str) -> str:
+    """Result text of one tool call; a failed call's result is "Error: <why>" (the model and the reader
+    of the transcript see that the call failed, instead of no output at all)."""
     try:
         return calculate(source)
-    except ToolError:
+    except ToolError as e:
         if kind != "python":
-            return None
+            return tool_error(str(e))
     from chibichat.sandbox import run_python
 
     code = source
@@ -226,7 +234,19 @@ def run_tool(kind: str, source: str) -> str | None:
     except SyntaxError:
         pass
     result = run_python(code, timeout_s=2.0, memory_mb=256)
-    return result.stdout.strip() if result.ok else None
+    if result.ok:
+        return result.stdout.strip()
+    # the exception's own text ("NameError: name 'x' is not defined"): what follows the traceback's
+    # last indented line
+    lines = result.stderr.strip().splitlines()
+    indented = [i for i, line in enumerate(lines) if line[:1].isspace()]
+    exception = " ".join(lines[indented[-1] + 1 :] if indented else lines).strip()
+    return tool_error(exception if exception and not result.timed_out else result.error or "the call failed")
+
+
+def tool_error(why: str) -> str:
+    why = " ".join(why.split())
+    return "Error: " + (why if len(why) <= TOOL_ERROR_CHARS else why[: TOOL_ERROR_CHARS - 3] + "...")
 
 
 @dataclass
@@ -239,7 +259,8 @@ class _Row:
     expr: list[int] | None = None  # collecting a tool call when not None
     finish: str | None = None
     # with logprobs on: per token (logprob, [(id, logprob) of the most likely tokens]) of the model's
-    # own distribution (log-softmax of the logits before temperature, top-k/p and penalties)
+    # own distribution (log-softmax of the logits before temperature, top-k/p and penalties; the tool-output
+    # markers, which only a tool may write, at -inf)
     logprobs: list = field(default_factory=list)
 
 
@@ -418,11 +439,21 @@ class Engine:
         self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
         self.stop_ids = frozenset((self.bos, self.assistant_end))
+        # ids the model may not sample (tool_output_masked); a bench's stand-in tokenizer puts its
+        # specials past the model's vocabulary, where there is nothing to mask
+        self._forced_only = [i for i in (self.output_start, self.output_end) if i < model.config.vocab_size]
         # How streamed text shows tool calls: <|python_start|> -> "<<", <|output_start|> -> "=",
         # <|output_end|> -> ">>"; <|python_end|> shows nothing until the next token tells whether a result
-        # follows ("<<expr=result>>") or the call failed and nothing was injected ("<<expr>>").
+        # follows ("<<expr=result>>") or none does (tools off: "<<expr>>").
         self._shown = {self.python_start: b"<<", self.python_end: b"", self.output_start: b"=", self.output_end: b">>"}
         self._decoder = None  # chibichat.model.decode.Decoder, rebuilt when the model's weights change
+
+    def tool_output_masked(self, logits):
+        """`logits` (rows, V) with the tool-output markers made impossible (in place): only a tool
+        call's result, forced by `_advance_tools`, may open or close a tool output."""
+        for i in self._forced_only:
+            logits[:, i] = float("-inf")
+        return logits
 
     def decoder(self):
         """The lean decode path for the model's current weights (built once, rebuilt after the
@@ -492,7 +523,7 @@ class Engine:
         for length, idxs in by_len.items():
             ids = torch.tensor([prompts[i] for i in idxs], dtype=torch.long, device=dev)
             state = decoder.new_state(len(idxs), max_len)
-            logits = decoder.forward(ids, state, last_only=True, check_ids=False)[:, -1]  # ids checked in _check
+            logits = self.tool_output_masked(decoder.forward(ids, state, last_only=True, check_ids=False)[:, -1])  # ids checked in _check
             for r, i in enumerate(idxs):
                 parts[i] = (state, r, logits[r])
         states, last = [], []
@@ -534,7 +565,7 @@ class Engine:
                 # Sampled ids are < vocab by construction and forced ones come from the tokenizer, whose
                 # vocab equals the model's (checked in __init__): no per-step range check (a host sync).
                 feed_ids = torch.tensor(group.feed(), dtype=torch.long, device=dev)[:, None]
-                logits = decoder.forward(feed_ids, state, check_ids=False)[:, -1]
+                logits = self.tool_output_masked(decoder.forward(feed_ids, state, check_ids=False)[:, -1])
         return group.rows
 
     def _advance_tools(self, row: _Row, tok: int, tools) -> None:
@@ -549,8 +580,7 @@ class Engine:
         elif tok == self.python_end and row.expr is not None:
             result = run_tool(tools, self.tokenizer.decode(row.expr))
             row.expr = None
-            if result is not None:
-                row.queue.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            row.queue.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
         elif row.expr is not None:
             row.expr.append(tok)
 
@@ -964,7 +994,7 @@ class Batcher:
         feed = [live.group.rows[r].tokens[-1] for live, r in self._slots]
         with torch.inference_mode():
             ids = torch.tensor(feed, dtype=torch.long, device=self.engine.rt.device)[:, None]
-            logits = self.engine.decoder().forward(ids, view, check_ids=False)[:, -1]
+            logits = self.engine.tool_output_masked(self.engine.decoder().forward(ids, view, check_ids=False)[:, -1])
             state.pos[:n] += 1
             state.keep_histories(view)
         self._lengths = [x + 1 for x in self._lengths]
@@ -996,7 +1026,7 @@ class Batcher:
         with torch.inference_mode():
             pre = decoder.new_state(len(jobs), P)
             ids = torch.tensor([job.prompt for job, *_ in jobs], dtype=torch.long, device=eng.rt.device)
-            logits = decoder.forward(ids, pre, last_only=True, check_ids=False)[:, -1]
+            logits = eng.tool_output_masked(decoder.forward(ids, pre, last_only=True, check_ids=False)[:, -1])
             self._ensure_capacity(len(self._slots) + sum(job.n for job, *_ in jobs))
             for j, (job, max_tokens, tools, stops) in enumerate(jobs):
                 group = _Group(eng, job.n, max_tokens, job.params, job.seed, tools, job.top_logprobs)

@@ -300,17 +300,55 @@ def test_calculator_tool_forces_output(tok, rt):
     assert s.forced == [0] * len(s.tokens) and os_ not in s.tokens
 
 
-def test_failed_tool_call_injects_nothing(tok, rt):
+def test_failed_tool_call_injects_its_error(tok, rt):
     sid = tok.special_id
-    ps, pe, ae = sid("<|python_start|>"), sid("<|python_end|>"), sid("<|assistant_end|>")
-    script = [ps, *tok.encode("__import__('os')"), pe, ae]
-    engine = Engine(Scripted(random_model(tok, "A"), {}, default=88, script=script), tok, rt)
-    s = engine.generate([[tok.bos_id, 65]], max_tokens=40, temperature=0)[0][0]
-    assert s.tokens[-2:] == [pe, ae] and sum(s.forced) == 0
-    assert "".join(engine.stream([tok.bos_id, 65], max_tokens=40, temperature=0)) == "<<__import__('os')>>"
+    ps, pe, os_, oe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
+                                             "<|output_end|>", "<|assistant_end|>"))  # fmt: skip
+    error = 'Error: only the forms "text".count("x"), "-".join("text") and "text".strip() may be called'
+    # the script's tokens where the result is forced are never sampled: padding
+    script = [ps, *tok.encode("__import__('os')"), pe] + [88] * (len(tok.encode(error)) + 2) + [ae]
+    engine = Engine(Scripted(random_model(tok, "A", seq_len=256), {}, default=88, script=script), tok, rt)
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=200, temperature=0)[0][0]
+    assert s.tokens[-len(tok.encode(error)) - 3 :] == [os_, *tok.encode(error), oe, ae]
+    assert sum(s.forced) == len(tok.encode(error)) + 2
+    assert "".join(engine.stream([tok.bos_id, 65], max_tokens=200, temperature=0)) == f"<<__import__('os')={error}>>"
     # cut right after python_end by max_tokens: the annotation is still closed
     n = len(tok.encode("__import__('os')")) + 2
     assert "".join(engine.stream([tok.bos_id, 65], max_tokens=n, temperature=0)) == "<<__import__('os')>>"
+
+
+def test_model_never_writes_tool_output_itself(tok, rt):
+    """A model that wants to write <|output_start|> (after a failed call, or anywhere) cannot: only
+    the tool's forced result opens an output. Its next choice is sampled instead."""
+    sid = tok.special_id
+    os_, oe, ae = sid("<|output_start|>"), sid("<|output_end|>"), sid("<|assistant_end|>")
+    table = {65: os_, os_: oe, oe: ae}
+    engine = Engine(Scripted(random_model(tok, "A"), table, default=88), tok, rt)
+    for tools in (True, False):
+        s = engine.generate([[tok.bos_id, 65]], max_tokens=6, temperature=0, tools=tools)[0][0]
+        assert os_ not in s.tokens and oe not in s.tokens and len(s.tokens) == 6
+        for seed in range(3):
+            s = engine.generate([[tok.bos_id, 65]], max_tokens=6, temperature=1.0, seed=seed, tools=tools)[0][0]
+            assert os_ not in s.tokens and oe not in s.tokens
+
+
+def test_tool_errors_name_the_failure():
+    from chibichat.engine import run_tool
+
+    assert run_tool("calculator", "7/0") == "Error: division by zero"
+    assert run_tool("calculator", "36+36*ice") == "Error: Name is not allowed in a calculator expression"
+    assert run_tool("calculator", "10**400") == "Error: exponent 400 exceeds the bound 64"
+
+
+def test_python_tool_error_is_the_exception_text():
+    from chibichat.engine import TOOL_ERROR_CHARS, run_tool
+
+    assert run_tool("python", "36+36*ice") == "Error: NameError: name 'ice' is not defined"
+    assert run_tool("python", "print(1)\nraise ValueError('bad\\nline')") == "Error: ValueError: bad line"
+    assert run_tool("python", "x = (") .startswith("Error: SyntaxError:")
+    long = run_tool("python", "raise ValueError('v' * 500)")
+    assert long == "Error: ValueError: " + "v" * (TOOL_ERROR_CHARS - 3 - len("ValueError: ")) + "..."
+    assert run_tool("python", "while True: pass") == "Error: timed out after 2 s (wall clock)"
 
 
 def test_python_tool_runs_in_sandbox(tok, rt):
@@ -322,7 +360,7 @@ def test_python_tool_runs_in_sandbox(tok, rt):
     s = engine.generate([[tok.bos_id, 65]], max_tokens=60, temperature=0, tools="python")[0][0]
     assert s.text.endswith(f"<|python_end|><|output_start|>{result}<|output_end|>") and s.finish_reason == "stop"
     s = engine.generate([[tok.bos_id, 65]], max_tokens=60, temperature=0, tools="calculator")[0][0]
-    assert "output_start" not in s.text
+    assert "<|python_end|><|output_start|>Error: only the forms" in s.text and result not in s.text
 
 
 def test_stop_on_bos_and_length(tok, rt):

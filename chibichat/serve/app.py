@@ -223,7 +223,8 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         return [(i, t, e) for i, (t, e) in merged.items()]
 
     def tool_calls(engine, tokens):
-        """The built-in tool's calls in one choice: [{"expression", "output"}] (output None: it failed)."""
+        """The built-in tool's calls in one choice: [{"expression", "output"}]; a failed call's output is
+        "Error: <why>", and output is None only when the reply ended before the result."""
         calls = []
         for part in engine.to_parts(tokens):
             if part["type"] == "python":
