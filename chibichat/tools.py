@@ -133,7 +133,9 @@ def calculate(expr: str) -> str:
         raise ToolError("empty expression")
     try:
         tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+    except SyntaxError as e:  # its message alone: the "(<unknown>, line 1)" of str(e) says nothing here
+        raise ToolError(f"not a valid expression: {e.msg}") from None
+    except ValueError as e:  # null bytes
         raise ToolError(f"not a valid expression: {e}") from None
     except (RecursionError, MemoryError):
         raise ToolError("expression is nested too deeply") from None

@@ -338,6 +338,7 @@ def test_tool_errors_name_the_failure():
     assert run_tool("calculator", "7/0") == "Error: division by zero"
     assert run_tool("calculator", "36+36*ice") == "Error: Name is not allowed in a calculator expression"
     assert run_tool("calculator", "10**400") == "Error: exponent 400 exceeds the bound 64"
+    assert run_tool("calculator", "45 plus 38") == "Error: not a valid expression: invalid syntax"
 
 
 def test_python_tool_error_is_the_exception_text():
