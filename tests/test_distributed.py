@@ -55,19 +55,31 @@ def worker(tag_dir: str, steps: int, accum: int, save_every: int, resume: bool, 
             time.sleep(sleep)  # gives the test time to kill us between checkpoints; no effect on numerics
         return loss_fn(m, b)
 
+    share_fn = None
+    if os.environ.get("CHIBI_TEST_SHARE"):
+        # Micro-batch k of rank r is ToySource's draw k * world + r: even draws report (1, 2), odd ones
+        # (0, 2). On 2 ranks rank 0 sees only even draws and rank 1 only odd ones, so only the global sum
+        # (1/4 with 2 micro-steps each) matches one rank's 4 micro-steps; a per-rank share would diverge.
+        drawn = [0]
+
+        def share_fn(batch):
+            k, drawn[0] = drawn[0], drawn[0] + 1
+            return (1, 2) if (k * rt.world_size + rt.rank) % 2 == 0 else (0, 2)
+
     cfg = LoopConfig(tag_dir=Path(tag_dir), num_steps=steps, grad_accum=accum, save_every=save_every,
                      keep_last=0, resume=resume, momentum_warmup_steps=4)
     train(model, opt, ToySource(batch_size=2, rank=rt.rank, world=rt.world_size), slow_loss, rt, cfg,
-          meta=meta_for(model))
+          meta=meta_for(model), lr_share_fn=share_fn)
     # Every rank must hold the same replica: rank r dumps its own copy for the test to compare.
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(tag_dir) / f"rank{rt.rank}.pt")
     shutdown_runtime(rt)
 
 
-def _run_single(tag_dir, steps, accum, save_every=0, resume=False, sleep=0.0, **popen):
+def _run_single(tag_dir, steps, accum, save_every=0, resume=False, sleep=0.0, env=None, **popen):
     args = [sys.executable, str(Path(__file__)), str(tag_dir), str(steps), str(accum), str(save_every),
             str(int(resume)), str(sleep)]
-    return subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(args, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
 
 
 @pytest.mark.slow
@@ -76,15 +88,17 @@ def test_two_gloo_ranks_match_one_rank_with_accumulation(tmp_path):
 
     # 2 ranks x 2 micro-steps (the first under no_sync, the second overlapping its all-reduce with
     # backward) against 1 rank x 4 micro-steps over the same 4 micro-batches per step. The 2-rank run
-    # also recomputes activations (--recompute block): same numbers expected.
+    # also recomputes activations (--recompute block): same numbers expected. Both report a learning-rate
+    # share per micro-batch (CHIBI_TEST_SHARE) that only agrees when summed over ranks.
     steps = 4
-    one = _run_single(tmp_path / "one", steps, accum=4)
+    one = _run_single(tmp_path / "one", steps, accum=4, env=dict(_env(), CHIBI_TEST_SHARE="1"))
     out1, _ = one.communicate(timeout=240)
     assert one.returncode == 0, out1
     two = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(Path(__file__)), str(tmp_path / "two"),
          str(steps), "2", "0", "0", "0"],
-        env=dict(_env(), CHIBI_TEST_RECOMPUTE="block"), capture_output=True, text=True, timeout=300)
+        env=dict(_env(), CHIBI_TEST_RECOMPUTE="block", CHIBI_TEST_SHARE="1"), capture_output=True, text=True,
+        timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = _weights(tmp_path / "one", steps), _weights(tmp_path / "two", steps)
     assert a.keys() == b.keys()

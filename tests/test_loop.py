@@ -441,3 +441,43 @@ def test_fit_num_steps_costs_periodic_evaluations():
     # (here 47 - 9 = 38 < 40: the fewest that keep them, 50 = 40 + a 10-step warmdown, 3 steps over)
     fit = fit_num_steps(0.5, 7.0, 5, [0.5] * 4, 128, 2.0, 0, 1000, 40, 0.2)
     assert fit["num_steps"] == 50 and fit["over_budget_s"] == 1.5 and "and the 40 warmup steps" in fit["note"]
+
+
+def test_lr_share_scales_each_steps_learning_rate(tmp_path):
+    """lr_share_fn's share multiplies the step's learning rate: a run whose every micro-batch reports
+    (1, 2) ends bitwise where a run with every learning rate halved ends (halving is exact in floats),
+    and not where the unscaled run ends; shares are summed over a step's micro-batches."""
+    def halved(opt):
+        for g in opt.param_groups:
+            g["initial_lr"] *= 0.5
+        return opt
+
+    cfg = dict(num_steps=3, keep_last=0, momentum_warmup_steps=2, grad_accum=2, warmdown_frac=0.0)
+    m1, o1 = make()
+    train(m1, o1, ToySource(2), loss_fn, cpu_rt(), LoopConfig(tmp_path / "a", **cfg), meta=meta_for(m1),
+          lr_share_fn=lambda b: (1, 2))
+    m2, o2 = make()
+    train(m2, halved(o2), ToySource(2), loss_fn, cpu_rt(), LoopConfig(tmp_path / "b", **cfg), meta=meta_for(m2))
+    m3, o3 = make()
+    train(m3, o3, ToySource(2), loss_fn, cpu_rt(), LoopConfig(tmp_path / "c", **cfg), meta=meta_for(m3))
+    for (n, a), b, c in zip(m1.named_parameters(), m2.parameters(), m3.parameters()):
+        assert torch.equal(a, b), n
+    assert any(not torch.equal(a, c) for a, c in zip(m1.parameters(), m3.parameters()))
+    # the share is summed over the step's micro-batches: (1, 2) and (0, 2) give 1/4
+    m4, o4 = make()
+    flip = iter([(1, 2), (0, 2)] * 3)
+    train(m4, o4, ToySource(2), loss_fn, cpu_rt(), LoopConfig(tmp_path / "d", **cfg), meta=meta_for(m4),
+          lr_share_fn=lambda b: next(flip))
+    m5, o5 = make()
+    train(m5, halved(halved(o5)), ToySource(2), loss_fn, cpu_rt(), LoopConfig(tmp_path / "e", **cfg), meta=meta_for(m5))
+    for (n, a), b in zip(m4.named_parameters(), m5.parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("share", [(3, 2), (-1, 2), (0, 0)])
+def test_lr_share_outside_zero_one_is_refused(tmp_path, share):
+    model, opt = make()
+    cfg = LoopConfig(tmp_path / "t", num_steps=2, keep_last=0)
+    with pytest.raises(ChibiError, match=re.escape(f"step 0: lr_share_fn gave a share of {float(share[0])} out of "
+                                                   f"{float(share[1])}; it must lie in [0, 1]")):
+        train(model, opt, ToySource(2), loss_fn, cpu_rt(), cfg, meta=meta_for(model), lr_share_fn=lambda b: share)

@@ -349,10 +349,12 @@ def test_rollouts_are_seeded_per_batch_and_resume_exactly(base):
     b = mk()
     b.load_state_dict(json.loads(json.dumps(state)))
     again = next(b)
-    for t1, t2 in zip(second, again):
+    for t1, t2 in zip(second[:3], again[:3]):
         assert torch.equal(t1, t2)
+    assert second[3] == again[3]
     assert not torch.equal(first[0][:, :4], second[0][:, :4]) or not torch.equal(first[1], second[1])
-    x, y, w = first
+    x, y, w, share = first
+    assert share == (2, 2) or share[1] == 2  # (groups with a signal, groups drawn)
     assert x.shape[0] == 6 and y.shape == x.shape == w.shape
     # each prompt's 3 advantages sum to zero; weights sit exactly on the target positions
     per_row = [float(w[r][y[r] >= 0][0]) if (y[r] >= 0).any() else 0.0 for r in range(6)]
@@ -370,15 +372,18 @@ class _HalfFlatTask(_VowelTask):
 
 def test_rollouts_leave_out_groups_with_equal_rewards(base):
     from chibichat.engine import Engine
-    from chibichat.stages.rl import RolloutBatches
+    from chibichat.stages.rl import RolloutBatches, signal_share
 
     _, tok = base
     eng = Engine(_tiny(tok.vocab_size), tok, cpu_rt())
     src = RolloutBatches(eng, tok, _HalfFlatTask(2), cpu_rt(), prompts=2, samples=3, max_tokens=6,
                          temperature=1.0, top_k=None, seed=3)
-    x, y, w = next(src)
+    batch = next(src)
+    x, y, w = batch[:3]
     assert x.shape[0] == 3  # only the second prompt's group of 3 samples is trained on
     assert src.history[0]["groups_used"] == 0.5
+    # ... and the step's learning rate is halved: one of the two groups carries a signal
+    assert signal_share(batch) == (1, 2)
     # its own mean reward still counts the flat group: (1 + mean vowel share of the other group) / 2
     assert 0.5 <= src.history[0]["reward"] <= 1.0
 

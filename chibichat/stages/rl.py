@@ -13,7 +13,12 @@ normalises the loss, which would otherwise shrink the step by the share of such 
 whose groups are all flat carries no targets, and an optimizer step none of whose micro-batches (on any
 rank) has a target is skipped whole (LoopConfig.skip_empty_steps): with zero advantages the gradient is
 zero, but Muon's momentum and AdamW's moments would still move the weights. Skipped steps are logged
-and counted in summary.json ("skipped_steps").
+and counted in summary.json ("skipped_steps"). For the same reason a step's learning rate is scaled by
+the share of groups that carry a signal (`signal_share`, the loop's lr_share_fn): Muon and Adam step about
+as far whatever the gradient's norm, so without it a step resting on one group of eight (mostly that
+group's sampling noise) moves the weights as far as a step resting on all eight. Once SFT has nearly
+solved the training prompts, most groups are flat and the unscaled steps were what made RL unlearn
+(docs/benchmarks.md, "RL steps scaled by their signal").
 
 A resumed run continues the rollout cursor only under the settings that produced it: the sampler state
 carries a fingerprint of the prompt stream (task, its prompts, order seed, prompts per micro-batch,
@@ -89,9 +94,14 @@ def sample_rows(prompt: list[int], tokens: list[int], forced: list[int], advanta
     return ids[:-1], targets, weights
 
 
+def signal_share(batch) -> tuple[int, int]:
+    """The loop's lr_share_fn: (groups with a learning signal, groups drawn) of a micro-batch."""
+    return batch[3]
+
+
 def pg_loss_sum(model, batch):
     """The loop's loss_fn: sum over sampled tokens of -log p(token) * A, and how many tokens."""
-    x, y, w = batch
+    x, y, w = batch[:3]
     nll = model(x, y, reduction="none")  # (B, T), 0 where y == -1
     return (nll * w).sum(), int((y >= 0).sum())
 
@@ -169,7 +179,7 @@ class RolloutBatches:
         y = torch.tensor(ys, dtype=torch.long)
         used = int((y >= 0).any(0).nonzero().max()) + 1 if bool((y >= 0).any()) else 1
         return (torch.tensor(xs, dtype=torch.long)[:, :used], y[:, :used],
-                torch.tensor(ws, dtype=torch.float32)[:, :used])
+                torch.tensor(ws, dtype=torch.float32)[:, :used], (informative, len(adv)))
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "batches": self.batches, "history": self.history,
@@ -414,7 +424,8 @@ def run(args) -> int:
             vals = rank_mean(rt, vals)
             return {"reward": float(vals[0]), "completion_tokens": float(vals[1]), "groups_used": float(vals[2])}
 
-        res = train(model, optimizer, batches, pg_loss_sum, rt, cfg, meta=meta, eval_fn=reward_fn)
+        res = train(model, optimizer, batches, pg_loss_sum, rt, cfg, meta=meta, eval_fn=reward_fn,
+                    lr_share_fn=signal_share)
         model.eval()
         after = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
         print0(rt, f"rl: pass@k after {after}")

@@ -355,14 +355,19 @@ PRESETS: dict[str, Preset] = {
         # model, 4 passes overfit it (val loss 1.98, held-out skills 0.26), 2 passes scored best (1.64, 0.345;
         # docs/benchmarks.md, "cpu-hour: SFT passes").
         sft=["--num-steps", "600", "--eval-every", "300", "--soup", "4"],
-        rl=["--num-steps", "40"],
+        # 15 RL steps, as in the quickstart: from this preset's SFT models (four RL seeds each), held-out
+        # skills after 15 / 40 steps were 0.795 / 0.792 (EN, SFT 0.795) and 0.754 / 0.743 (JA, SFT 0.779);
+        # SFT has nearly solved the RL prompts, so longer RL has little to learn and unlearns some
+        # one-step problems (docs/benchmarks.md, "RL steps scaled by their signal").
+        rl=["--num-steps", "15"],
         eval_chat=["--max-items", "100", "--max-new-tokens", "64"],
         eval_skills=("--max-new-tokens", "64"),
         # On the 2-core EPYC (docs/benchmarks.md, "cpu-hour with d5 and both soups"): pretraining fitted 2,297 of
         # its 2,400 steps (0.6 s/step), midtraining 362-394 of 400 at a 17% share (hence 19% now: ~0.35 s/step x
-        # 4 x 400), SFT reached its 4 x 600 steps in 13.7 of its 16.2 minutes, RL 40 steps in 0.7.
+        # 4 x 400), SFT reached its 4 x 600 steps in 13.7 of its 16.2 minutes, RL 40 steps in 0.7 (15 steps in
+        # ~0.3 of its 1.1 now; the two points it gave up went to pretraining, which fell short of its cap).
         max_minutes=54,
-        minute_shares={"pretrain": 0.49, "midtrain": 0.19, "sft": 0.28, "rl": 0.04},
+        minute_shares={"pretrain": 0.51, "midtrain": 0.19, "sft": 0.28, "rl": 0.02},
         tag_prefix="hour-",
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.

@@ -13,6 +13,12 @@ A stage provides only what is specific to it:
               Every stage uses the default: RL's batches hold as targets exactly the sampled tokens it
               normalises by (groups without signal are left out of the batch). The loop checks that
               loss_fn reports the same count.
+    lr_share_fn optional lr_share_fn(batch) -> (weight, out_of): the step's learning rate is multiplied by
+              Σ weight / Σ out_of over its micro-batches and ranks. RL: (informative groups, groups), so a
+              step where few groups carry a signal moves the weights that much less. Muon and Adam take a
+              step of about the same size whatever the gradient's norm, so a step whose gradient rests on
+              one group out of eight (mostly that group's noise) would otherwise move as far as a step
+              that rests on all eight; rescaling the loss cannot change that, the learning rate can.
     eval_fn   optional eval_fn(model, step) -> {"val_bpb": ..., ...}: runs on every rank (it may
               all-reduce), model in eval mode; keys go to metrics.jsonl, "val_bpb" is tracked (min/final).
     sample_fn optional sample_fn(model, step) -> list[str]: rank 0 only (no collectives), printed and
@@ -21,9 +27,10 @@ A stage provides only what is specific to it:
 
 What the loop does, per optimizer step s (s = 0 .. num_steps-1; one "step" = one optimizer step,
 never a micro-batch):
-  1. set each group's lr = initial_lr * lr_multiplier(s) and the Muon momentum for s;
-  2. prefetch the step's `grad_accum` micro-batches, count their target tokens, all-reduce the count
-     (one tiny collective) -> N, the global target-token total of the step. N = 0 is an error, unless
+  1. prefetch the step's `grad_accum` micro-batches, count their target tokens, all-reduce the count
+     (one tiny collective) -> N, the global target-token total of the step;
+  2. set each group's lr = initial_lr * lr_multiplier(s) (* the lr_share_fn share) and the Muon momentum
+     for s. N = 0 is an error, unless
      cfg.skip_empty_steps (RL: every group of the step had equal rewards, so there is no learning
      signal): then the step is skipped whole, on every rank (no forward/backward and no optimizer step,
      so weights, moments and momentum buffers stay bitwise unchanged; the LR schedule still advances),
@@ -396,7 +403,8 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
 
 def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopConfig, *, meta: dict,
           train_model=None, count_fn: Callable | None = None, eval_fn: Callable | None = None,
-          sample_fn: Callable | None = None, clock: Callable[[], float] = time.perf_counter) -> LoopResult:
+          sample_fn: Callable | None = None, lr_share_fn: Callable | None = None,
+          clock: Callable[[], float] = time.perf_counter) -> LoopResult:
     """Run (or resume) the loop described in the module docstring. `model` is the plain module
     (checkpoints, callbacks); `train_model` an optional compiled wrapper used for the training forward;
     `clock` the seconds clock of step times and the --minutes budget (injectable for tests)."""
@@ -481,7 +489,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             if last:
                 break
             dt, loss, n_tokens = _train_step(train_model, optimizer, batches, loss_fn, count_fn, rt, cfg, step,
-                                             num_steps, clock)
+                                             num_steps, clock, lr_share_fn)
             state.step = step + 1
             state.tokens += n_tokens
             state.train_time_s += dt
@@ -584,22 +592,24 @@ def _sync(rt: Runtime) -> None:
 
 
 def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: LoopConfig, step: int,
-                num_steps: int, clock: Callable[[], float]):
+                num_steps: int, clock: Callable[[], float], lr_share_fn: Callable | None = None):
     _sync(rt)
     t0 = clock()
-    lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
-    for g in optimizer.param_groups:
-        g["lr"] = g["initial_lr"] * lrm
-    set_muon_momentum(optimizer, muon_momentum(step, warmup_steps=cfg.momentum_warmup_steps))
-
     try:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
     except StopIteration:
         raise ChibiError(f"the batch source ran out during step {step}; the run needs {num_steps} steps x "
                          f"{cfg.grad_accum} micro-batches per rank: lower --num-steps or loop the data") from None
     counts = [int(count_fn(b)) for b in micro]
-    (total,) = _all_sum(rt, [float(sum(counts))])
+    shares = [lr_share_fn(b) for b in micro] if lr_share_fn is not None else [(1.0, 1.0)]
+    total, weight, out_of = _all_sum(rt, [float(sum(counts)), *map(float, map(sum, zip(*shares)))])
     total = int(total)
+    if not out_of > 0 or not 0 <= weight <= out_of:
+        raise ChibiError(f"step {step}: lr_share_fn gave a share of {weight} out of {out_of}; it must lie in [0, 1]")
+    lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * lrm * (weight / out_of)
+    set_muon_momentum(optimizer, muon_momentum(step, warmup_steps=cfg.momentum_warmup_steps))
     if total <= 0:
         if cfg.skip_empty_steps:  # the same decision on every rank: `total` is global
             _sync(rt)
