@@ -15,10 +15,10 @@ from chibichat.stages.speedrun import PRESETS, plan
 from chibichat.common import ChibiError, Home
 
 
-def _speedrun(home, **kw):
+def _speedrun(home, *extra, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "chibichat", "speedrun", "--preset", "micro", "--home", str(home)],
+        [sys.executable, "-m", "chibichat", "speedrun", "--preset", "micro", "--home", str(home), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, **kw,
     )
 
@@ -74,6 +74,34 @@ def test_precision_and_memory_flags_reach_the_stages_that_take_them(tmp_path):
     assert training_flags(default) == []
     plain = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")
     assert all("--dtype" not in s.argv and "--fp8" not in s.argv for s in plain)
+
+
+def test_force_redoes_the_named_step_and_every_step_that_reads_its_output(tmp_path, capsys):
+    from chibichat.cli import main
+    from chibichat.stages.speedrun import PRESETS, forced_steps, plan
+
+    steps = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")
+    assert forced_steps(steps, ["rl"]) == ["rl", "eval-rl", "skills-rl"]
+    assert forced_steps(steps, ["eval-sft"]) == ["eval-sft", "skills-sft"]  # skills-sft's files are in eval-sft's folder
+    assert forced_steps(steps, ["skills-mid"]) == ["skills-mid"]
+    assert forced_steps(steps, ["midtrain"]) == ["midtrain", "eval-mid", "skills-mid", "sft", "eval-sft", "skills-sft",
+                                                 "rl", "eval-rl", "skills-rl"]
+    assert forced_steps(steps, ["tokenizer"]) == [s.name for s in steps]
+    assert forced_steps(steps, []) == []
+    # every step's needs name earlier steps of the plan (one pass in order closes the set)
+    for preset in ("cpu", "d20"):
+        seen = set()
+        for step in plan(Home(tmp_path), PRESETS[preset], "en", "dense", "cpu"):
+            assert set(step.needs) <= seen, (preset, step.name, step.needs)
+            seen.add(step.name)
+    # a dry run says what --force would redo, and deletes nothing
+    marker = Home(tmp_path).checkpoints_dir("rl", "d2") / "summary.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    assert main(["speedrun", "--preset", "micro", "--home", str(tmp_path), "--force", "rl", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "rl: would be redone (named by --force): its outputs deleted first" in out
+    assert marker.exists()
 
 
 def test_unknown_force_stage_is_a_clear_error(tmp_path, capsys):
@@ -147,6 +175,19 @@ def test_micro_speedrun_killed_resumed_and_skipped(tmp_path):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     assert out.count("done already") == 13, out
+
+    # 4) --force rl redoes RL and the two evaluations of the RL model, nothing else: the evaluations on disk
+    # are of the new RL checkpoint, written after it
+    rl_dir, rl_eval = home / "checkpoints" / "rl" / "d2", home / "eval" / "rl" / "d2"
+    before = (rl_dir / "summary.json").stat().st_mtime_ns
+    p = _speedrun(home, "--force", "rl")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert out.count("done already") == 10, out
+    assert all(f"{name}: done already" not in out for name in ("] rl", "eval-rl", "skills-rl")), out
+    new = (rl_dir / "summary.json").stat().st_mtime_ns
+    assert new > before
+    assert (rl_eval / "summary.json").stat().st_mtime_ns > new and (rl_eval / "skills.jsonl").stat().st_mtime_ns > new
 
 
 def test_online_presets_download_their_corpus_first(tmp_path):

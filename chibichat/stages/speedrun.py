@@ -12,7 +12,8 @@ before they run).
 Resumability comes from the artifacts, not from a separate state file: a step is done when its completion
 marker exists (each stage writes its summary.json atomically and last). A training step that was interrupted
 has checkpoints but no summary, so it is re-run with --resume. `--force STAGE` deletes that step's outputs and
-redoes it.
+redoes it, and with it every step that reads what it wrote (Step.needs, transitively: forcing `rl` redoes RL's
+evaluations too, which would otherwise describe the model it replaced).
 """
 
 from __future__ import annotations
@@ -388,6 +389,17 @@ class Step:
     distributed: bool = False  # run under torchrun when several GPUs are visible
     weight: float = 1.0  # share of the expected time, for the ETA
     speedrun_marks_done: bool = False  # the step writes no marker of its own; speedrun writes `marker`
+    needs: tuple[str, ...] = ()  # steps whose outputs this one reads: forcing one of them redoes this one
+
+
+def forced_steps(steps: list[Step], force: list[str]) -> list[str]:
+    """The steps `--force` redoes, in plan order: those named, and every step that needs one of them
+    (transitively; `needs` only names earlier steps, so one pass in order closes the set)."""
+    redo: list[str] = []
+    for step in steps:
+        if step.name in force or any(n in redo for n in step.needs):
+            redo.append(step.name)
+    return redo
 
 
 def register(sub) -> None:
@@ -560,36 +572,38 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
              home.tokenizer_dir / "tokenizer.json", [home.tokenizer_dir], weight=0.02),
         Step("tokenizer-eval", "evaluate the tokenizer",
              ["tokenizer", "eval", "--corpus", corpus, *common],
-             home.tokenizer_dir / "eval.json", [home.tokenizer_dir / "eval.json"], weight=0.01),
+             home.tokenizer_dir / "eval.json", [home.tokenizer_dir / "eval.json"], weight=0.01, needs=("tokenizer",)),
         Step("pretrain", "pretrain the base model",
              sc(["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *train, *pretrain,
                  *flags["pretrain"]]),
-             ck("base", tag) / "summary.json", [ck("base", tag)], resumable_dir=ck("base", tag), distributed=True, weight=0.5),
+             ck("base", tag) / "summary.json", [ck("base", tag)], resumable_dir=ck("base", tag), distributed=True, weight=0.5,
+             needs=("tokenizer",)),
         Step("eval-base", "evaluate the base model (bpb, CORE)",
              sc(["eval", "base", "--from", "base", "--tag", tag, *common, *dev, *flags["eval_base"]]),
-             ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04),
+             ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04, needs=("pretrain",)),
         Step("midtrain", "midtrain: chat format, tools, multiple choice",
              sc(["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["midtrain"]]),
              ck("mid", tag) / "summary.json", [ck("mid", tag), *mid_members], resumable_dir=ck("mid", tag),
-             distributed=not mid_members, weight=0.1),
+             distributed=not mid_members, weight=0.1, needs=("pretrain",)),
         Step("eval-mid", "evaluate the midtrained model",
              sc(["eval", "chat", "--from", "mid", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
-             ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04),
+             ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04, needs=("midtrain",)),
         skills_step(home, "mid", tag, lang, common + dev, preset),
         Step("sft", "supervised fine-tuning",
              sc(["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["sft"]]),
              ck("sft", tag) / "summary.json", [ck("sft", tag), *members],
-             resumable_dir=ck("sft", tag), distributed=not members, weight=0.1),
+             resumable_dir=ck("sft", tag), distributed=not members, weight=0.1, needs=("midtrain",)),
         Step("eval-sft", "evaluate the SFT model",
              sc(["eval", "chat", "--from", "sft", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
-             ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04),
+             ev("sft", tag) / "summary.json", [ev("sft", tag)], distributed=True, weight=0.04, needs=("sft",)),
         skills_step(home, "sft", tag, lang, common + dev, preset),
         Step("rl", "reinforcement learning on verifiable rewards",
              sc(["rl", "--from", "sft", "--from-tag", tag, "--tag", tag, *rl_task, *common, *dev, *train, *flags["rl"]]),
-             ck("rl", tag) / "summary.json", [ck("rl", tag)], resumable_dir=ck("rl", tag), distributed=True, weight=0.1),
+             ck("rl", tag) / "summary.json", [ck("rl", tag)], resumable_dir=ck("rl", tag), distributed=True, weight=0.1,
+             needs=("sft",)),
         Step("eval-rl", "evaluate the RL model",
              sc(["eval", "chat", "--from", "rl", "--tag", tag, *chat_tasks, *common, *dev, *flags["eval_chat"]]),
-             ev("rl", tag) / "summary.json", [ev("rl", tag)], distributed=True, weight=0.04),
+             ev("rl", tag) / "summary.json", [ev("rl", tag)], distributed=True, weight=0.04, needs=("rl",)),
         skills_step(home, "rl", tag, lang, common + dev, preset),
     ]
     for step in steps:
@@ -603,6 +617,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
 
 
 TRAINING_STEPS = ("pretrain", "midtrain", "sft", "rl")
+TRAINING_STEP_OF = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}  # checkpoint stage -> its step
 BUDGET_HEADROOM = 4  # with --minutes, a stage may take up to this many times its preset's --num-steps
 
 
@@ -630,7 +645,9 @@ def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], p
     out = home.eval_dir(stage, tag) / summary_prefix(lang)
     return Step(f"skills-{stage}", f"held-out skills prompts on the {stage} model",
                 ["eval", "skills", "--from", stage, "--tag", tag, "--lang", lang, *flags, *preset.eval_skills],
-                out.with_suffix(".jsonl"), [out.with_suffix(".jsonl"), out.with_suffix(".csv")], weight=0.02)
+                out.with_suffix(".jsonl"), [out.with_suffix(".jsonl"), out.with_suffix(".csv")], weight=0.02,
+                # eval-<stage> owns the folder these files are written to: forcing it deletes them too
+                needs=(TRAINING_STEP_OF[stage], f"eval-{stage}"))
 
 
 def _has_checkpoint(d: Path | None) -> bool:
@@ -793,8 +810,9 @@ def run(args) -> int:
     for f in args.force:
         if f not in names:
             raise ChibiError(f"--force {f!r} is not a speedrun stage; choose from: {', '.join(s.name for s in steps)}")
-    if "tokenizer" not in args.force:
-        check_done_tokenizer(home, steps[0])
+    redo = forced_steps(steps, args.force)
+    if "tokenizer" not in redo:
+        check_done_tokenizer(home, next(s for s in steps if s.name == "tokenizer"))
     if not args.dry_run and any(runs_code(s) for s in steps):
         check_sandbox(args.allow_weak_sandbox, "speedrun (eval chat runs HumanEval completions)")
 
@@ -814,19 +832,22 @@ def run(args) -> int:
     done_weight = 0.0
     for i, step in enumerate(steps, 1):
         prefix = f"[{i}/{len(steps)}] {step.name}"
-        if step.name in args.force and not args.dry_run:
+        if step.name in redo and args.dry_run and step.marker.exists():
+            why = "named by --force" if step.name in args.force else "reads the output of a forced step"
+            print(f"{prefix}: would be redone ({why}): its outputs deleted first")
+        elif step.name in redo and not args.dry_run:
             for out in step.outputs:
                 if out.is_dir():
                     shutil.rmtree(out)
                 elif out.exists():
                     out.unlink()
             timing["stages"].pop(step.name, None)
-        if step.marker.exists():
+        if step.marker.exists() and step.name not in redo:
             print(f"{prefix}: done already ({step.marker.relative_to(home.root)}), skipping")
             done_weight += step.weight
             continue
         argv = list(step.argv)
-        if _has_checkpoint(step.resumable_dir):
+        if _has_checkpoint(step.resumable_dir) and step.name not in redo:  # (a dry run deletes nothing)
             argv.append("--resume")
             print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
         elapsed = time.time() - t_start
