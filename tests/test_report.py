@@ -110,6 +110,7 @@ def test_report_marks_missing_stages_not_run(tmp_path):
     (h.root / "checkpoints").mkdir(parents=True)
     text = build_report(h).read_text()
     assert text.count("not run") >= 8
+    assert "## Evaluations by stage\n\nNo stage has been evaluated yet.\n" in text  # no table of dashes
 
 
 def test_report_missing_home_is_clear_error(tmp_path, capsys):

@@ -336,14 +336,15 @@ def _extra_task_rows(stages: list[StageArtifacts], known: set[str]) -> list[tupl
 
 
 def summary_table(stages: list[StageArtifacts], with_jglue: bool) -> str:
-    """Every evaluation metric (rows) of every stage (columns)."""
+    """Every evaluation metric (rows) of every stage (columns); a metric no stage measured is named in one
+    line below the table instead of a row of dashes (a Japanese run asks no ARC, MMLU or GSM8K)."""
     rows = METRIC_ROWS + (JGLUE_ROWS if with_jglue else [])
     rows = rows + _extra_task_rows(stages, {k for _, k in rows} | {"skills", "skills_ja"})
     if any((st.evals or {}).get("chatcore") is None and (st.evals or {}).get("chatcore_partial") is not None for st in stages):
         rows.append(("ChatCORE (partial: the tasks above that ran)", "chatcore_partial"))
     header = "| Metric | " + " | ".join(label(st.stage) for st in stages) + " |"
     sep = "|---|" + "---|" * len(stages)
-    lines = [header, sep]
+    lines, unmeasured = [header, sep], []
     for name, key in rows:
         cells = []
         for st in stages:
@@ -355,8 +356,14 @@ def summary_table(stages: list[StageArtifacts], with_jglue: bool) -> str:
             core_labels = {(st.evals or {}).get("core_label") for st in stages} - {None}
             if core_labels == {"CORE-lite"}:
                 name = "CORE-lite"
+        if all(c == "-" for c in cells):
+            unmeasured.append(name)
+            continue
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    if len(lines) == 2:  # nothing measured at all: the table would be empty
+        return "No stage has been evaluated yet.\n"
+    note = f"\nNot measured on any stage: {', '.join(unmeasured)}.\n" if unmeasured else ""
+    return "\n".join(lines) + "\n" + note
 
 
 def skills_table(stages: list[StageArtifacts]) -> str | None:
