@@ -27,14 +27,13 @@ lists for row bookkeeping) because on small models that overhead, not arithmetic
 
 from __future__ import annotations
 
-import ast
 import codecs
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from chibichat.common import ChibiError
-from chibichat.tools import ToolError, calculate
+from chibichat.tools import run_tool
 
 TOOL_CHOICES = ("calculator", "python")
 
@@ -212,41 +211,6 @@ def sample_next(logits, params: SamplingParams, generator, seen=None, counts=Non
 
 # ----------------------------------------------------------------------------------------------
 # Tools
-
-
-TOOL_ERROR_CHARS = 160  # an error shown to the model is cut here: its first line says what went wrong
-
-
-def run_tool(kind: str, source: str) -> str:
-    """Result text of one tool call; a failed call's result is "Error: <why>" (the model and the reader
-    of the transcript see that the call failed, instead of no output at all)."""
-    try:
-        return calculate(source)
-    except ToolError as e:
-        if kind != "python":
-            return tool_error(str(e))
-    from chibichat.sandbox import run_python
-
-    code = source
-    try:
-        ast.parse(source, mode="eval")
-        code = f"print({source})"  # a bare expression: show its value, like a REPL would
-    except SyntaxError:
-        pass
-    result = run_python(code, timeout_s=2.0, memory_mb=256)
-    if result.ok:
-        return result.stdout.strip()
-    # the exception's own text ("NameError: name 'x' is not defined"): what follows the traceback's
-    # last indented line
-    lines = result.stderr.strip().splitlines()
-    indented = [i for i, line in enumerate(lines) if line[:1].isspace()]
-    exception = " ".join(lines[indented[-1] + 1 :] if indented else lines).strip()
-    return tool_error(exception if exception and not result.timed_out else result.error or "the call failed")
-
-
-def tool_error(why: str) -> str:
-    why = " ".join(why.split())
-    return "Error: " + (why if len(why) <= TOOL_ERROR_CHARS else why[: TOOL_ERROR_CHARS - 3] + "...")
 
 
 @dataclass

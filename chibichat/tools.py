@@ -9,6 +9,9 @@ literals: `.count(s)` (letter counting: `"strawberry".count("r")`), `.join(s)` a
 space). Anything else -- names, other calls or attributes, subscripts, lambdas, comprehensions -- raises
 ToolError before anything is evaluated. A result is a number, or a string when the outermost node is one
 of those string methods (a bare string literal is not a calculation).
+
+`run_tool` is what the engine runs for a call: the calculator, else (tools "python") the code in the
+sandbox; a failed call's result is "Error: <why>", which is what the model then reads as the output.
 """
 
 from __future__ import annotations
@@ -146,3 +149,38 @@ def calculate(expr: str) -> str:
     if isinstance(value, str) and not isinstance(tree.body, ast.Call):
         raise ToolError("result is a string, not a number")
     return _format(value)
+
+
+TOOL_ERROR_CHARS = 160  # an error shown to the model is cut here: its first line says what went wrong
+
+
+def run_tool(kind: str, source: str) -> str:
+    """Result text of one tool call; a failed call's result is "Error: <why>" (the model and the reader
+    of the transcript see that the call failed, instead of no output at all)."""
+    try:
+        return calculate(source)
+    except ToolError as e:
+        if kind != "python":
+            return tool_error(str(e))
+    from chibichat.sandbox import run_python  # the sandbox starts a process: loaded only when python runs
+
+    code = source
+    try:
+        ast.parse(source, mode="eval")
+        code = f"print({source})"  # a bare expression: show its value, like a REPL would
+    except SyntaxError:
+        pass
+    result = run_python(code, timeout_s=2.0, memory_mb=256)
+    if result.ok:
+        return result.stdout.strip()
+    # the exception's own text ("NameError: name 'x' is not defined"): what follows the traceback's
+    # last indented line
+    lines = result.stderr.strip().splitlines()
+    indented = [i for i, line in enumerate(lines) if line[:1].isspace()]
+    exception = " ".join(lines[indented[-1] + 1 :] if indented else lines).strip()
+    return tool_error(exception if exception and not result.timed_out else result.error or "the call failed")
+
+
+def tool_error(why: str) -> str:
+    why = " ".join(why.split())
+    return "Error: " + (why if len(why) <= TOOL_ERROR_CHARS else why[: TOOL_ERROR_CHARS - 3] + "...")

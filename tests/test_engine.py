@@ -333,7 +333,7 @@ def test_model_never_writes_tool_output_itself(tok, rt):
 
 
 def test_tool_errors_name_the_failure():
-    from chibichat.engine import run_tool
+    from chibichat.tools import run_tool
 
     assert run_tool("calculator", "7/0") == "Error: division by zero"
     assert run_tool("calculator", "36+36*ice") == "Error: Name is not allowed in a calculator expression"
@@ -342,7 +342,7 @@ def test_tool_errors_name_the_failure():
 
 
 def test_python_tool_error_is_the_exception_text():
-    from chibichat.engine import TOOL_ERROR_CHARS, run_tool
+    from chibichat.tools import TOOL_ERROR_CHARS, run_tool
 
     assert run_tool("python", "36+36*ice") == "Error: NameError: name 'ice' is not defined"
     assert run_tool("python", "print(1)\nraise ValueError('bad\\nline')") == "Error: ValueError: bad line"

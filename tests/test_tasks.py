@@ -612,3 +612,29 @@ def test_rendered_mc_training_item_supervises_only_the_letter_and_the_end_token(
         # the answer letter is the same token as the "=<letter>" in the listing (no space before it)
         listing = it["messages"][0]["content"]
         assert f"{it['choices'][it['letters'].index(it['answer'])]}={it['answer']}" in listing
+
+
+@pytest.mark.parametrize("name", ["zero-division", "zero-division-ja"])
+def test_zero_division_items_carry_the_error_the_engine_injects(name):
+    from chibichat.stages.midtrain import MID_MIX_EN, MID_MIX_JA
+    from chibichat.stages.sft import SFT_MIX_EN, SFT_MIX_JA
+
+    t = get_task(name)
+    for i in range(20):
+        item = t[i]
+        reasoning, call, output, final = item["messages"][1]["content"]
+        assert call == {"type": "python", "text": item["expr"]} and item["expr"].endswith("/0")
+        # exactly what the engine would force after this call: the tool's own error text
+        assert output == {"type": "python_output", "text": tools.run_tool("calculator", item["expr"])}
+        assert output["text"] == "Error: division by zero"
+        assert extract_final_number(final["text"]) is None and item["answer"] is None
+        reply = f"{reasoning['text']}<|python_start|>{item['expr']}<|python_end|><|output_start|>{output['text']}" \
+                f"<|output_end|>{final['text']}"
+        assert t.evaluate(item, reply)
+        assert not t.evaluate(item, reply + "\n#### 0")  # an answer made up after the error
+        assert not t.evaluate(item, final["text"])  # no call: the reply did not ask the calculator
+    # train and test never share a problem; both default mixtures of the language train on it
+    test = get_task(name, split="test")
+    assert not {t[i]["key"] for i in range(len(t))} & {test[i]["key"] for i in range(len(test))}
+    mixes = (MID_MIX_EN, SFT_MIX_EN) if name == "zero-division" else (MID_MIX_JA, SFT_MIX_JA)
+    assert all(f"{name}=" in mix for mix in mixes)

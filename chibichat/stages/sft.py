@@ -29,9 +29,9 @@ from chibichat.train.finetune import (add_loop_args, add_optim_args, add_source_
 
 SAMPLE_PROMPTS = ["Hello!", "What is 12+7?"]
 SFT_MIX_EN = ("chitchat=0.1,chatterbot=0.5,identity=1,arithmetic=1,arithmetic-multi=0.5,spelling=1,"
-              "letter-count=1,mmlu-dev=0.5,describe=0.5")  # word tasks twice the rest: see midtrain.MID_MIX_EN
+              "letter-count=1,mmlu-dev=0.5,describe=0.5,zero-division=0.5")  # word tasks twice the rest: see midtrain.MID_MIX_EN
 SFT_MIX_JA = ("chatterbot-ja=0.5,identity-ja=0.5,arithmetic-ja=1,arithmetic-multi-ja=0.5,spelling-ja=1,"
-              "letter-count-ja=1,describe-ja=0.5")
+              "letter-count-ja=1,describe-ja=0.5,zero-division-ja=0.5")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -126,3 +126,49 @@ class Arithmetic(GeneratedTask):
 
     def evaluate(self, item: dict, completion_text: str) -> bool:
         return numbers_equal(extract_final_number(completion_text), item["answer"])
+
+
+class ZeroDivision(GeneratedTask):
+    """"What is 7 divided by 0?": the calculator call fails, its output is the error the engine injects
+    ("Error: division by zero", what chibichat.tools.run_tool returns), and the reply says there is no
+    answer instead of making one up. The only chat data where a tool output is an error: a model that
+    has never seen one continues an error with noise. Items as Arithmetic's bare calculations, with
+    "answer" None; evaluate: the call was made and the reply ends without a '####' number. Keyed by the
+    expression, like Arithmetic."""
+
+    kind = "generative"
+    default_size = {"train": 200, "test": 50}
+
+    def __init__(self, lang: str = "en", split: str = "train", size: int | None = None, seed: int = 0):
+        self.lang = lang
+        self.name = "zero-division" if lang == "en" else "zero-division-ja"
+        self.description = "division by zero: the calculator's error read, no answer made up"
+        super().__init__(split, size, seed)
+
+    def sample(self, rng: random.Random) -> tuple[str, dict]:
+        from chibichat.tasks.paraphrase import expressions, phrase
+        from chibichat.tools import run_tool
+
+        a = rng.randint(1, 999)
+        # the wordings that still read naturally with 0 ("shared equally by 0" does not)
+        wording = rng.choice([w for w in expressions(self.lang, "/") if "shared" not in w])
+        question = phrase(rng, self.lang, "arithmetic", x=wording.format(a=a, b=0))
+        expr = f"{a}/0"
+        if self.lang == "en":
+            reasoning = "I will compute it with the calculator."
+            final = rng.choice([f"Dividing by zero is not defined, so {a} divided by 0 has no answer.",
+                                f"The calculator cannot do it: no number times 0 gives {a}, so there is no answer.",
+                                "There is no answer: a number cannot be divided by zero."])
+        else:
+            reasoning = "電卓で計算します。"
+            final = rng.choice([f"0でわることはできないので、{a}わる0の答えはありません。",
+                                "0でわる計算はできません。答えはありません。"])
+        parts = [{"type": "text", "text": reasoning}, {"type": "python", "text": expr},
+                 {"type": "python_output", "text": run_tool("calculator", expr)}, {"type": "text", "text": final}]
+        item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
+                "answer": None, "expr": expr, "form": "bare"}
+        return expr, item
+
+    def evaluate(self, item: dict, completion_text: str) -> bool:
+        called = f"<|python_start|>{item['expr']}<|python_end|>" in completion_text
+        return called and extract_final_number(completion_text) is None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chibichat.common import ChibiError
-from chibichat.tasks.arithmetic import Arithmetic
+from chibichat.tasks.arithmetic import Arithmetic, ZeroDivision
 from chibichat.tasks.base import GeneratedTask, Task
 from chibichat.tasks.describe import Describe
 from chibichat.tasks.evalsets import arc, arc_train, gsm8k, gsm8k_train, humaneval, mmlu, mmlu_dev
@@ -71,6 +71,8 @@ def _generated() -> list[TaskSpec]:
                      description=f"word problems answered with a calculator call{ja}"),
             TaskSpec(f"arithmetic-multi{sfx}", build=Arithmetic, fixed={"lang": lang, "multi": True}, **g,
                      description=f"two-step word problems (3-4 numbers) answered with one calculator call{ja}"),
+            TaskSpec(f"zero-division{sfx}", build=ZeroDivision, fixed={"lang": lang}, **g,
+                     description=f"division by zero: the calculator's error read, no answer made up{ja}"),
             TaskSpec(f"describe{sfx}", "conversation", lang, Describe, f"{Describe.description}{ja}", {"lang": lang},
                      GENERATED_OPTIONS),
         ]
