@@ -1,7 +1,8 @@
 """The task registry: every task name, what it is, the function that builds it and the options it takes.
 
 `get_task(name, **options)` builds a task. Options by family:
-    generated (identity, spelling, letter-count, arithmetic(-multi), describe; "-ja" variants; topic-sentence, EN):
+    generated (identity, spelling, letter-count, arithmetic(-multi), zero-division, describe; "-ja" variants;
+    topic-sentence, EN):
         split="train"|"test", size=<items>, seed=<int> (identity also persona=)
     shipped conversations (chitchat, chatterbot, chatterbot-ja), CORE-lite (core-*), mmlu-dev: none
     shipped evaluation subsets (arc-easy, arc-challenge, mmlu, gsm8k, humaneval):
