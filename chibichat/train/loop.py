@@ -28,11 +28,10 @@ A stage provides only what is specific to it:
 What the loop does, per optimizer step s (s = 0 .. num_steps-1; one "step" = one optimizer step,
 never a micro-batch):
   1. prefetch the step's `grad_accum` micro-batches, count their target tokens, all-reduce the count
-     (one tiny collective) -> N, the global target-token total of the step;
+     (one tiny collective, with lr_share_fn's sums) -> N, the global target-token total of the step;
   2. set each group's lr = initial_lr * lr_multiplier(s) (* the lr_share_fn share) and the Muon momentum
-     for s. N = 0 is an error, unless
-     cfg.skip_empty_steps (RL: every group of the step had equal rewards, so there is no learning
-     signal): then the step is skipped whole, on every rank (no forward/backward and no optimizer step,
+     for s. N = 0 is an error, unless cfg.skip_empty_steps (RL: every group of the step had equal
+     rewards, so there is no learning signal): then the step is skipped whole, on every rank (no forward/backward and no optimizer step,
      so weights, moments and momentum buffers stay bitwise unchanged; the LR schedule still advances),
      logged as {"step", "skipped": true} and counted in skipped_steps;
   3. for each micro-batch, backward(loss_sum / N): the gradient is then the per-token mean over the
