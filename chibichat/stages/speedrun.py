@@ -416,7 +416,8 @@ def register(sub) -> None:
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="hardware preset (auto: cpu without a GPU, d20 with GPUs)")
     p.add_argument("--lang", default="en", choices=["en", "ja"], help="language of corpus, tokenizer split, chat data and evals")
     p.add_argument("--layers", default="dense", help="layer layout: dense | iberis | explicit pattern like ASSA")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE even if finished, and every step that reads its output (repeatable)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE even if finished, and every step that reads its output (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped, run nothing")
     p.add_argument("--device", default="auto", help="passed to every stage")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
