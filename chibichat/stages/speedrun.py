@@ -389,7 +389,9 @@ class Step:
     distributed: bool = False  # run under torchrun when several GPUs are visible
     weight: float = 1.0  # share of the expected time, for the ETA
     speedrun_marks_done: bool = False  # the step writes no marker of its own; speedrun writes `marker`
-    needs: tuple[str, ...] = ()  # steps whose outputs this one reads: forcing one of them redoes this one
+    # steps whose outputs this one reads: forcing one of them redoes this one. No step names the download
+    # steps: a forced download fetches the same verified shards, so nothing trained on them goes stale.
+    needs: tuple[str, ...] = ()
 
 
 def forced_steps(steps: list[Step], force: list[str]) -> list[str]:
