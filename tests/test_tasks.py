@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -619,11 +620,20 @@ def test_zero_division_items_carry_the_error_the_engine_injects(name):
     from chibichat.stages.midtrain import MID_MIX_EN, MID_MIX_JA
     from chibichat.stages.sft import SFT_MIX_EN, SFT_MIX_JA
 
+    from chibichat.tasks.arithmetic import ZERO_WORDS
+
     t = get_task(name)
-    for i in range(20):
+    word = ZERO_WORDS["en" if name == "zero-division" else "ja"]
+    in_words = 0
+    for i in range(len(t)):
         item = t[i]
+        question = item["messages"][0]["content"]
         reasoning, call, output, final = item["messages"][1]["content"]
         assert call == {"type": "python", "text": item["expr"]} and item["expr"].endswith("/0")
+        # the divisor is asked as the digit or as the word, never both; the call has the digit either way
+        asked_in_words = word in question
+        in_words += asked_in_words
+        assert asked_in_words != bool(re.search(r"(?<!\d)0(?!\d)", question)), question
         # exactly what the engine would force after this call: the tool's own error text
         assert output == {"type": "python_output", "text": tools.run_tool("calculator", item["expr"])}
         assert output["text"] == "Error: division by zero"
@@ -633,6 +643,7 @@ def test_zero_division_items_carry_the_error_the_engine_injects(name):
         assert t.evaluate(item, reply)
         assert not t.evaluate(item, reply + "\n#### 0")  # an answer made up after the error
         assert not t.evaluate(item, final["text"])  # no call: the reply did not ask the calculator
+    assert len(t) // 8 < in_words < len(t) // 2  # about a quarter ask "divided by zero" in words
     # train and test never share a problem; both default mixtures of the language train on it
     test = get_task(name, split="test")
     assert not {t[i]["key"] for i in range(len(t))} & {test[i]["key"] for i in range(len(test))}

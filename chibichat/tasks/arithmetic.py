@@ -128,6 +128,9 @@ class Arithmetic(GeneratedTask):
         return numbers_equal(extract_final_number(completion_text), item["answer"])
 
 
+ZERO_WORDS = {"en": "zero", "ja": "ゼロ"}
+
+
 class ZeroDivision(GeneratedTask):
     """"What is 7 divided by 0?": the calculator call fails, its output is the error the engine injects
     ("Error: division by zero", what chibichat.tools.run_tool returns), and the reply says there is no
@@ -152,7 +155,13 @@ class ZeroDivision(GeneratedTask):
         a = rng.randint(1, 999)
         # the wordings that still read naturally with 0 ("shared equally by 0" does not)
         wording = rng.choice([w for w in expressions(self.lang, "/") if "shared" not in w])
-        question = phrase(rng, self.lang, "arithmetic", x=wording.format(a=a, b=0))
+        # Half of the worded questions write the divisor as a word ("120 divided by zero"): users do, and a
+        # model that only ever saw the digit reads "zero" as any number and makes an answer up. The
+        # call is "a/0" either way. Symbols ("/", "÷") keep the digit: "7 / zero" is not how anyone asks.
+        zero = "0"
+        if not any(sym in wording for sym in "/÷") and rng.random() < 0.5:
+            zero = ZERO_WORDS[self.lang]
+        question = phrase(rng, self.lang, "arithmetic", x=wording.format(a=a, b=zero))
         expr = f"{a}/0"
         if self.lang == "en":
             reasoning = "I will compute it with the calculator."
