@@ -229,7 +229,10 @@ def test_letter_count_items(name):
         shown = f" {word}" if unquoted else word
         assert parts[1]["text"] == f'"{shown}".count("{it["letter"]}")'
         if name == "letter-count":
-            assert (f" in {word} with Python." if unquoted else f' in "{word}" with Python.') in parts[0]["text"]
+            # the opening names the task and the letter, not the word: the word is copied once, in the call
+            assert parts[0]["text"] == f'I will count the letter "{it["letter"]}" with Python.'
+            assert parts[3]["text"].startswith(f'The letter "{it["letter"]}" appears ')
+            assert (f" in {word}." if unquoted else f' in "{word}".') in parts[3]["text"]
             quoted += not unquoted
         assert parts[2]["text"] == it["answer"] == str(word.count(it["letter"])) == tools.calculate(parts[1]["text"])
         zeros += it["answer"] == "0"
@@ -250,8 +253,10 @@ def test_spelling_items_and_evaluate(name):
         assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
         # the letters come from the tool; the word is written as the question writes it (EN: quoted, or
         # with its leading space inside the literal, stripped before joining)
+        if name == "spelling":
+            assert parts[0]["text"] == "I will spell it with Python."  # the word only in the call, see above
         if name == "spelling" and f'"{word}"' not in question:
-            assert parts[1]["text"] == f'"-".join(" {word}".strip())' and f" {word} with Python." in parts[0]["text"]
+            assert parts[1]["text"] == f'"-".join(" {word}".strip())'
         else:
             assert parts[1]["text"] == f'"-".join("{word}")'
             quoted += 1

@@ -7,7 +7,7 @@ training items.
 
 spelling / spelling-ja (kind "generative"):
     user 'Spell the word "apple".' (or another phrasing of tasks/paraphrase.py) -> assistant parts
-        text 'I will spell "apple" with Python.', python '"-".join("apple")', python_output "a-p-p-l-e",
+        text 'I will spell it with Python.', python '"-".join("apple")', python_output "a-p-p-l-e",
         text "\na-p-p-l-e"
     item["answer"] = "a-p-p-l-e"; evaluate: the completion's last line equals the answer (an optional
     "apple:" prefix and a trailing full stop are tolerated). The letters come from the tool because a
@@ -17,7 +17,7 @@ spelling / spelling-ja (kind "generative"):
     '"-".join(" apple".strip())'.
 letter-count / letter-count-ja (kind "generative"):
     user 'How many times does "r" appear in "strawberry"?' -> assistant parts
-        text, python '"strawberry".count("r")', python_output "3", text '... 3 times ...\n#### 3'
+        text 'I will count the letter "r" with Python.', python '"strawberry".count("r")', python_output "3", text '... 3 times ...\n#### 3'
     item["answer"] = "3"; evaluate: the number after "####" equals it. About one question in five asks
     for a letter the word does not contain (answer 0), so "always some" is not a shortcut.
     EN replies write the word as the question does: quoted ("strawberry" -> '"strawberry".count("r")') or
@@ -25,6 +25,14 @@ letter-count / letter-count-ja (kind "generative"):
     the space before a word, so " strawberry" and "strawberry" are different tokens; a small model can copy
     tokens from the prompt (pretraining's copy rows) but not map one token to the other for a word it never
     saw counted.
+
+The EN replies' opening sentence names the task and not the word, so the word is copied exactly once,
+inside the call (the shape of the arithmetic replies, whose opening names the operation and whose call
+holds the numbers). With the word in the opening ('I will spell "apple" with Python.') the copy came
+right after prose, where a small model often wrote a word it predicted instead of the one it was asked
+about ("spell better" -> "I will spell good"), and naming only the task raised held-out spelling and
+letter counting. The JA replies keep the word in their opening, where the same change cost the other
+skills more than it gained (both measured in docs/benchmarks.md, 2026-12-05, session 23).
 """
 
 from __future__ import annotations
@@ -74,9 +82,9 @@ class Spelling(_WordTask):
         spelled = "-".join(word)
         question = phrase(rng, self.lang, "spelling", word=word)
         if self.lang == "en":
-            shown, quoted = _as_written(word, question)
+            quoted = _as_written(word, question)[1]
             call = f'"-".join({quoted})' if quoted == f'"{word}"' else f'"-".join({quoted}.strip())'
-            lead = f"I will spell {shown} with Python."
+            lead = "I will spell it with Python."
         else:
             call, lead = f'"-".join("{word}")', f"Pythonで「{word}」を一文字ずつ区切ります。"
         # The last line is the tool's output again: the answer is read from the reply's final line.
@@ -121,7 +129,7 @@ class LetterCount(_WordTask):
             # its space inside the quotes (" bliss".count("s") counts the same), see module docstring.
             shown, quoted = _as_written(word, question)
             call = f'{quoted}.count("{letter}")'
-            lead = f'I will count "{letter}" in {shown} with Python.'
+            lead = f'I will count the letter "{letter}" with Python.'
             times = "time" if n == 1 else "times"
             final = f'The letter "{letter}" appears {n} {times} in {shown}.\n#### {n}'
         else:
