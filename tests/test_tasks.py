@@ -624,7 +624,6 @@ def test_rendered_mc_training_item_supervises_only_the_letter_and_the_end_token(
 def test_zero_division_items_carry_the_error_the_engine_injects(name):
     from chibichat.stages.midtrain import MID_MIX_EN, MID_MIX_JA
     from chibichat.stages.sft import SFT_MIX_EN, SFT_MIX_JA
-
     from chibichat.tasks.arithmetic import ZERO_WORDS
 
     t = get_task(name)

@@ -17,7 +17,8 @@ spelling / spelling-ja (kind "generative"):
     '"-".join(" apple".strip())'.
 letter-count / letter-count-ja (kind "generative"):
     user 'How many times does "r" appear in "strawberry"?' -> assistant parts
-        text 'I will count the letter "r" with Python.', python '"strawberry".count("r")', python_output "3", text '... 3 times ...\n#### 3'
+        text 'I will count the letter "r" with Python.', python '"strawberry".count("r")', python_output "3",
+        text '... 3 times ...\n#### 3'
     item["answer"] = "3"; evaluate: the number after "####" equals it. About one question in five asks
     for a letter the word does not contain (answer 0), so "always some" is not a shortcut.
     EN replies write the word as the question does: quoted ("strawberry" -> '"strawberry".count("r")') or
@@ -26,13 +27,14 @@ letter-count / letter-count-ja (kind "generative"):
     tokens from the prompt (pretraining's copy rows) but not map one token to the other for a word it never
     saw counted.
 
-The EN replies' opening sentence names the task and not the word, so the word is copied exactly once,
-inside the call (the shape of the arithmetic replies, whose opening names the operation and whose call
-holds the numbers). With the word in the opening ('I will spell "apple" with Python.') the copy came
-right after prose, where a small model often wrote a word it predicted instead of the one it was asked
-about ("spell better" -> "I will spell good"), and naming only the task raised held-out spelling and
-letter counting. The JA replies keep the word in their opening, where the same change cost the other
-skills more than it gained (both measured in docs/benchmarks.md, 2026-12-05, session 23).
+The EN replies' opening sentence names the task and not the word, so the word is copied from the
+question once, into the call (the shape of the arithmetic replies, whose opening names the operation
+and whose call holds the numbers). With the word in the opening ('I will spell "apple" with Python.')
+the copy came right after prose, where a small model often wrote a word it predicted instead of the
+one it was asked about ("spell better" -> "I will spell good"), and naming only the task raised
+held-out spelling and letter counting. The JA replies keep the word in their opening, where the same
+change cost the other skills more than it gained (both measured in docs/benchmarks.md, 2026-12-05,
+session 23).
 """
 
 from __future__ import annotations
