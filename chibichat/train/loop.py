@@ -31,8 +31,9 @@ never a micro-batch):
      (one tiny collective, with lr_share_fn's sums) -> N, the global target-token total of the step;
   2. set each group's lr = initial_lr * lr_multiplier(s) (* the lr_share_fn share) and the Muon momentum
      for s. N = 0 is an error, unless cfg.skip_empty_steps (RL: every group of the step had equal
-     rewards, so there is no learning signal): then the step is skipped whole, on every rank (no forward/backward and no optimizer step,
-     so weights, moments and momentum buffers stay bitwise unchanged; the LR schedule still advances),
+     rewards, so there is no learning signal): then the step is skipped whole, on every rank (no
+     forward/backward and no optimizer step, so weights, moments and momentum buffers stay bitwise
+     unchanged; the LR schedule still advances),
      logged as {"step", "skipped": true} and counted in skipped_steps;
   3. for each micro-batch, backward(loss_sum / N): the gradient is then the per-token mean over the
      whole step on every rank and micro-batch (not a mean of micro-batch means);
