@@ -47,6 +47,13 @@ def test_plan_covers_every_stage_in_order(tmp_path):
     for p, want in ((steps, "arithmetic,arithmetic-multi"), (ja, "arithmetic-ja,arithmetic-multi-ja")):
         rl = next(s.argv for s in p if s.name == "rl")
         assert rl[rl.index("--task") + 1] == want
+    # the Japanese chat stages train on the Japanese tasks alone (the stages' own default adds the English ones)
+    from chibichat.stages.midtrain import MID_MIX_JA
+    from chibichat.stages.sft import SFT_MIX_JA
+    for name, want in (("midtrain", MID_MIX_JA), ("sft", SFT_MIX_JA)):
+        ja_argv = next(s.argv for s in ja if s.name == name)
+        assert ja_argv[ja_argv.index("--mix") + 1] == want and "-ja=" in want and "mmlu-dev" not in want
+        assert "--mix" not in argv[name]
     # ... and so does `chibichat rl` run by hand without --task
     from chibichat.cli import build_parser
     assert build_parser().parse_args(["rl"]).task == "arithmetic,arithmetic-multi"
