@@ -486,8 +486,11 @@ def test_rl_on_several_generated_tasks_takes_them_in_turn(base, tmp_path):
         return str(e.value)
 
     assert refused("arithmetic,spelling", "--eval-task", "gsm8k") == (
-        "--task lists 2 tasks; their held-out prompts are their own test splits, so drop --eval-task (it goes with "
-        "one --task)")
+        "--task arithmetic,spelling lists 2 tasks; their held-out prompts are their own test splits, so drop "
+        "--eval-task, or name the one task it goes with (e.g. --task gsm8k-train --eval-task gsm8k)")
+    # the default --task is a list too: --eval-task alone is refused with the same fix
+    with pytest.raises(ChibiError, match=r"^--task arithmetic,arithmetic-multi \(the default\) lists 2 tasks"):
+        rl.run(_parse(["rl", "--home", home.root, "--from", "base", "--eval-task", "gsm8k"]))
     assert refused("arithmetic,,spelling").startswith("--task 'arithmetic,,spelling' has an empty name")
     assert refused("spelling,spelling") == "--task 'spelling,spelling' names a task twice"
     assert refused("arithmetic,gsm8k").startswith("--task names 'gsm8k', an evaluation-only task")

@@ -308,13 +308,17 @@ def check_task_names(args) -> None:
     from chibichat.tasks.local import is_file_task
     from chibichat.tasks.registry import get_spec
 
+    from chibichat.tasks.registry import CPU_RL_TASKS
+
     names = task_names(args.task)
     refuse_eval_only(names, "--task")
-    if len(names) > 1 and args.eval_task is not None:
-        raise ChibiError(f"--task lists {len(names)} tasks; their held-out prompts are their own test splits, so "
-                         "drop --eval-task (it goes with one --task)")
     if args.eval_task is not None and not is_file_task(args.eval_task):
         get_spec(args.eval_task)
+    if len(names) > 1 and args.eval_task is not None:
+        which = " (the default)" if args.task == CPU_RL_TASKS[0] else ""
+        raise ChibiError(f"--task {args.task}{which} lists {len(names)} tasks; their held-out prompts are their own "
+                         "test splits, so drop --eval-task, or name the one task it goes with (e.g. --task "
+                         "gsm8k-train --eval-task gsm8k)")
 
 
 def task_names(spec: str) -> list[str]:
