@@ -54,6 +54,8 @@ def test_plan_covers_every_stage_in_order(tmp_path):
         ja_argv = next(s.argv for s in ja if s.name == name)
         assert ja_argv[ja_argv.index("--mix") + 1] == want and "-ja=" in want and "mmlu-dev" not in want
         assert "--mix" not in argv[name]
+    assert [s.title for s in ja if s.name == "midtrain"] == ["midtrain: chat format, tools"]  # no MC data
+    assert [s.title for s in steps if s.name == "midtrain"] == ["midtrain: chat format, tools, multiple choice"]
     # ... and so does `chibichat rl` run by hand without --task
     from chibichat.cli import build_parser
     assert build_parser().parse_args(["rl"]).task == "arithmetic,arithmetic-multi"

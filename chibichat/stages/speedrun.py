@@ -546,7 +546,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     flags = {k: getattr(preset, k) for k in ("tokenizer", "pretrain", "eval_base", "midtrain", "sft", "rl", "eval_chat")}
     if lang == "ja" and preset.tokenizer_ja is not None:
         flags["tokenizer"] = preset.tokenizer_ja
-    if lang == "ja" and preset.chat_mix_ja is not None:
+    ja_alone = lang == "ja" and preset.chat_mix_ja is not None  # no English MC data (mmlu-dev) then
+    if ja_alone:
         flags["midtrain"] = [*flags["midtrain"], "--mix", preset.chat_mix_ja[0]]
         flags["sft"] = [*flags["sft"], "--mix", preset.chat_mix_ja[1]]
     shards = 0
@@ -597,7 +598,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
         Step("eval-base", "evaluate the base model (bpb, CORE)",
              sc(["eval", "base", "--from", "base", "--tag", tag, *common, *dev, *flags["eval_base"]]),
              ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04, needs=("pretrain",)),
-        Step("midtrain", "midtrain: chat format, tools, multiple choice",
+        Step("midtrain", "midtrain: chat format, tools" + ("" if ja_alone else ", multiple choice"),
              sc(["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["midtrain"]]),
              ck("mid", tag) / "summary.json", [ck("mid", tag), *mid_members], resumable_dir=ck("mid", tag),
              distributed=not mid_members, weight=0.1, needs=("pretrain",)),
