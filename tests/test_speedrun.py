@@ -47,6 +47,9 @@ def test_plan_covers_every_stage_in_order(tmp_path):
     for p, want in ((steps, "arithmetic,arithmetic-multi"), (ja, "arithmetic-ja,arithmetic-multi-ja")):
         rl = next(s.argv for s in p if s.name == "rl")
         assert rl[rl.index("--task") + 1] == want
+    # ... and so does `chibichat rl` run by hand without --task
+    from chibichat.cli import build_parser
+    assert build_parser().parse_args(["rl"]).task == "arithmetic,arithmetic-multi"
     # the Japanese chat stages train on the Japanese tasks alone (the stages' own default adds the English ones)
     from chibichat.stages.midtrain import MID_MIX_JA
     from chibichat.stages.sft import SFT_MIX_JA
@@ -56,9 +59,6 @@ def test_plan_covers_every_stage_in_order(tmp_path):
         assert "--mix" not in argv[name]
     assert [s.title for s in ja if s.name == "midtrain"] == ["midtrain: chat format, tools"]  # no MC data
     assert [s.title for s in steps if s.name == "midtrain"] == ["midtrain: chat format, tools, multiple choice"]
-    # ... and so does `chibichat rl` run by hand without --task
-    from chibichat.cli import build_parser
-    assert build_parser().parse_args(["rl"]).task == "arithmetic,arithmetic-multi"
 
 
 def test_precision_and_memory_flags_reach_the_stages_that_take_them(tmp_path):

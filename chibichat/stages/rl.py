@@ -27,9 +27,9 @@ ranks) and a mismatch is refused.
 Offline the tasks are the generated ones (by default one- and two-step arithmetic with the calculator in
 turn: SFT leaves the two-step problems only partly solved, and RL on them alone unlearned one-step
 problems; also spelling and letter counting; their test splits are disjoint from train); online,
-GSM8K's train split (`--task gsm8k-train --eval-task gsm8k`). Before and after training, pass@k (k = 1..K, unbiased estimator)
-is measured on held-out prompts; the per-step training reward is logged in metrics.jsonl ("reward"),
-and summary.json holds the curve and pass@k before/after.
+GSM8K's train split (`--task gsm8k-train --eval-task gsm8k`). Before and after training, pass@k
+(k = 1..K, unbiased estimator) is measured on held-out prompts; the per-step training reward is logged
+in metrics.jsonl ("reward"), and summary.json holds the curve and pass@k before/after.
 
 Under torchrun every rank samples its own prompts (rank r takes prompts r, r+W, ... of the task's
 seeded shuffle, with a sampling seed that includes r) and scores its own groups; advantages never mix
@@ -306,9 +306,7 @@ def check_task_names(args) -> None:
     known task."""
     from chibichat.tasks.leakage import refuse_eval_only
     from chibichat.tasks.local import is_file_task
-    from chibichat.tasks.registry import get_spec
-
-    from chibichat.tasks.registry import CPU_RL_TASKS
+    from chibichat.tasks.registry import CPU_RL_TASKS, get_spec
 
     names = task_names(args.task)
     refuse_eval_only(names, "--task")
