@@ -352,6 +352,9 @@ PRESETS: dict[str, Preset] = {
         depth=5,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],  # the cpu preset's: one home shares it
         tokenizer_ja=["--vocab-size", "1024", "--max-chars", "2000000"],
+        # No chat_mix_ja: at d5 with 400 midtraining and 600 SFT steps the English tasks beside the Japanese ones
+        # help (0.731 against 0.692 for the Japanese tasks alone, three seeds each), where at the quickstart's d4
+        # they cost 0.044 (docs/benchmarks.md, "cpu-hour in Japanese: the English tasks stay").
         # The hour goes where the quickstart's measurements say skills come from, not into pretraining alone:
         # d4 pretrained 4.5x longer reached val bpb 1.41 against 1.55 but not better skills (0.648 against 0.669),
         # while a wider model at the quickstart's steps (d5: 0.657 against 0.588 on one machine) and averaged
