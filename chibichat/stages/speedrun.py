@@ -357,9 +357,10 @@ PRESETS: dict[str, Preset] = {
         # they cost 0.044 (docs/benchmarks.md, "cpu-hour in Japanese: the English tasks stay").
         # The hour goes where the quickstart's measurements say skills come from, not into pretraining alone:
         # d4 pretrained 4.5x longer reached val bpb 1.41 against 1.55 but not better skills (0.648 against 0.669),
-        # while a wider model at the quickstart's steps (d5: 0.657 against 0.588 on one machine) and averaged
-        # midtraining and SFT runs did raise them (docs/benchmarks.md, "cpu-hour" and "averaging"). So: d5
-        # (width 320, ~1.35x d4's time per step on 2 cores) for 3.4x the quickstart's tokens, then both soups.
+        # while averaged midtraining and SFT runs did raise them (docs/benchmarks.md, "cpu-hour" and "averaging").
+        # So: d5 (width 320, ~1.35x d4's time per step on 2 cores) for 3.4x the quickstart's tokens, then both
+        # soups: 0.81 after SFT. (d5 at the quickstart's own steps scored level with d4, 0.649 against 0.652 over
+        # four seeds: the wider model pays with the longer run, not alone; docs/benchmarks.md, session 25.)
         pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "2400", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
                   "--repeat-rows", "4"],
