@@ -224,7 +224,8 @@ class _Row:
     finish: str | None = None
     # with logprobs on: per token (logprob, [(id, logprob) of the most likely tokens]) of the model's
     # own distribution (log-softmax of the logits before temperature, top-k/p and penalties; the tool-output
-    # markers, which only a tool may write, at -inf)
+    # markers, which only a tool may write, at -inf). A token forced by a tool was not drawn from it:
+    # (0.0, [(id, 0.0)]), certain given the call, so a reply's logprobs sum to those of the model's choices
     logprobs: list = field(default_factory=list)
 
 
@@ -276,10 +277,10 @@ class _Group:
                 if self.counts is not None:  # every token the row has produced so far (forced ones too)
                     self.counts[torch.arange(len(emitted), device=dev), toks] += 1
                 if self.top_logprobs is not None:
-                    self._logprobs(logits, toks)
+                    self._logprobs(logits, toks, emitted)
         return emitted
 
-    def _logprobs(self, logits, toks) -> None:
+    def _logprobs(self, logits, toks, emitted) -> None:
         import torch
 
         lp = torch.log_softmax(logits.float(), dim=-1)
@@ -289,7 +290,11 @@ class _Group:
             vals, ids = torch.topk(lp, min(self.top_logprobs, lp.shape[-1]), dim=-1)
             top = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
         for b, r in enumerate(self.live):
-            self.rows[r].logprobs.append((chosen[b], top[b]))
+            _, tok, forced, _ = emitted[b]
+            if forced:  # see _Row.logprobs (under the masked logits a forced marker would read -inf)
+                self.rows[r].logprobs.append((0.0, [(tok, 0.0)] if self.top_logprobs else []))
+            else:
+                self.rows[r].logprobs.append((chosen[b], top[b]))
 
     def end(self, r: int, reason: str = "stop") -> None:
         if self.rows[r].finish is None:

@@ -300,6 +300,29 @@ def test_calculator_tool_forces_output(tok, rt):
     assert s.forced == [0] * len(s.tokens) and os_ not in s.tokens
 
 
+def test_logprobs_of_tool_forced_tokens_are_certain(tok, rt):
+    """A token the tool forced was not drawn: logprob 0.0 with itself the only alternative (never the -inf the
+    tool-output markers have under the model's masked logits), so the logprobs of a reply sum to those of the
+    model's own choices."""
+    import math
+
+    sid = tok.special_id
+    ps, pe, os_, oe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
+                                             "<|output_end|>", "<|assistant_end|>"))  # fmt: skip
+    table = chain([65, ps, *tok.encode("12*3"), pe])
+    table[oe] = ae
+    engine = Engine(Scripted(random_model(tok, "AS"), table, default=88), tok, rt)
+    forced = [os_, *tok.encode("36"), oe]
+    for k, alternatives in ((2, lambda t: [(t, 0.0)]), (0, lambda t: [])):
+        result = {}
+        list(engine.stream_choices([tok.bos_id, 65], 1, 30, 0.0, None, None, 1.0, 0, True, result, top_logprobs=k))
+        c = result["choices"][0]
+        assert c["tokens"] == [ps, *tok.encode("12*3"), pe, *forced, ae]
+        assert c["logprobs"][6:10] == [(0.0, alternatives(t)) for t in forced]
+        assert all(math.isfinite(lp) and all(math.isfinite(v) for _, v in top) for lp, top in c["logprobs"])
+        assert all(len(top) == k for lp, top in c["logprobs"][:6])
+
+
 def test_failed_tool_call_injects_its_error(tok, rt):
     sid = tok.special_id
     ps, pe, os_, oe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",

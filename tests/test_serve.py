@@ -281,6 +281,55 @@ def test_truncate_history_drops_oldest_and_says_so(served):
     assert r.status_code == 200 and r.json()["chibichat"]["dropped_messages"] == 2
 
 
+def test_request_errors_name_what_the_client_sent(served):
+    """max_tokens and max_completion_tokens are both checked and must agree, and errors name the one sent; a
+    trailing assistant message is refused (it was dropped); a reserve too big for truncate_history names
+    max_tokens; a completion prompt that fills the context names the prompt, whatever max_tokens is."""
+    hi = [{"role": "user", "content": "hi"}]  # <|bos|> <|user_start|> h i <|user_end|> <|assistant_start|>: 6 tokens
+
+    def post(route="/v1/chat/completions", **kw):
+        r = httpx.post(served.url + route, json={"model": served.model, **({} if "prompt" in kw else {"messages": hi}),
+                                                 **kw}, timeout=60)  # fmt: skip
+        return (r.status_code, r.json()["error"]["param"], r.json()["error"]["message"]) if r.status_code != 200 else r
+
+    assert post(max_completion_tokens=10, max_tokens=500) == (
+        400, "max_tokens", "'max_completion_tokens' 10 and 'max_tokens' 500 disagree: they are two names of one setting; "
+        "send one of them")  # fmt: skip
+    assert post(max_completion_tokens=10, max_tokens="abc") == (422, "max_tokens", "'max_tokens' must be an integer")
+    assert post(max_completion_tokens=96) == (
+        400, "max_completion_tokens", "max_completion_tokens 96 must be less than the model's context of 96 tokens")
+    assert post(max_completion_tokens=91) == (
+        400, "max_completion_tokens", "this model's context is 96 tokens; the prompt uses 6, so max_completion_tokens "
+        "must be at most 90 (got 91)")  # fmt: skip
+    assert post(max_completion_tokens=3, max_tokens=3).json()["usage"]["completion_tokens"] <= 3
+    assert post(messages=[*hi, {"role": "assistant", "content": "hello"}]) == (
+        400, "messages[1].role", "messages[1] is an assistant message, but the conversation must end with the user "
+        "message to answer (continuing an assistant reply is not supported); leave it out")  # fmt: skip
+    # truncate_history: the last message (<|bos|> <|user_start|> c <|user_end|> <|assistant_start|>) is never dropped
+    long = [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
+            {"role": "user", "content": "c"}]  # fmt: skip
+    assert post(messages=long, truncate_history=True, max_tokens=95) == (
+        400, "max_tokens", "max_tokens 95 leaves 1 of the model's context of 96 tokens for the prompt, but its last "
+        "message needs 5; ask for at most 91")  # fmt: skip
+    assert post(messages=long, truncate_history=True, max_tokens=91).json()["chibichat"]["dropped_messages"] == 2
+    assert post("/v1/completions", prompt="x" * 200, max_tokens=16) == (
+        400, "prompt", "the prompt of 201 tokens fills the model's context of 96 tokens; shorten it")
+
+
+def test_models_route_retrieves_one_model(served):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+    assert client.models.retrieve(served.model).id == served.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    for name in ("gpt-4", "org/model"):
+        r = httpx.get(served.url + "/v1/models/" + name)
+        assert r.status_code == 404 and r.json() == {"error": {
+            "message": f"model {name!r} does not exist; this server serves {[served.model]}",
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}  # fmt: skip
+
+
 def test_health_models_page_and_404(served):
     h = httpx.get(served.url + "/health").json()
     assert h["status"] == "ok" and h["workers"] == 2 and h["context"] == 96 and h["max_batch_rows"] == 32
@@ -693,39 +742,56 @@ def test_presence_and_frequency_penalties_are_applied(served):
     assert r.choices[0].message.content == want
 
 
-def test_builtin_tool_call_visible_in_the_response(served):
-    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls."""
-    from chibichat.serve.app import create_app
+class Steered:
+    """The fixture model's decoder with its logits passed through `steer(logits, state)` (in place)."""
+
+    def __init__(self, inner, steer):
+        self.inner, self.steer = inner, steer
+
+    def new_state(self, *a):
+        return self.inner.new_state(*a)
+
+    def forward(self, ids, state, **kw):
+        logits = self.inner.forward(ids, state, **kw)
+        self.steer(logits, state)
+        return logits
+
+
+def steered_pool(served, steer):
+    """A one-replica pool over the fixture's model, its logits steered by `steer`."""
     from chibichat.serve.pool import WorkerPool
 
     eng = served.pool.engines[0]
-    tok = eng.tokenizer
-    script = [tok.special_id("<|python_start|>"), *tok.encode("6*7"), tok.special_id("<|python_end|>")]
-
-    class Scripted:  # the fixture model's decoder, but the reply opens with a calculator call
-        def __init__(self, inner):
-            self.inner = inner
-
-        def new_state(self, *a):
-            return self.inner.new_state(*a)
-
-        def forward(self, ids, state, **kw):
-            logits = self.inner.forward(ids, state, **kw)
-            for b, n in enumerate(state.lengths):
-                k = n - prompt_len
-                if 0 <= k < len(script):
-                    logits[b, -1, script[k]] = 1e4
-            return logits
-
     twin = eng.sibling()
-    dec = Scripted(eng.decoder())
+    dec = Steered(eng.decoder(), steer)
     twin.decoder = lambda: dec
-    pool = WorkerPool([twin])
-    app = create_app(pool, served.model, Limits(default_max_tokens=16))
-    msgs = [{"role": "user", "content": "6*7?"}]
+    return WorkerPool([twin])
+
+
+def calculator_call(served, msgs, expr):
+    """A steer under which the reply to `msgs` opens with a calculator call of `expr`."""
     from chibichat.render import render_prompt
 
+    tok = served.pool.engines[0].tokenizer
+    script = [tok.special_id("<|python_start|>"), *tok.encode(expr), tok.special_id("<|python_end|>")]
     prompt_len = len(render_prompt(tok, {"messages": msgs}, max_len=95).ids)
+
+    def steer(logits, state):
+        for b, n in enumerate(state.lengths):
+            k = n - prompt_len
+            if 0 <= k < len(script):
+                logits[b, -1, script[k]] = 1e4
+
+    return steer
+
+
+def test_builtin_tool_call_visible_in_the_response(served):
+    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls."""
+    from chibichat.serve.app import create_app
+
+    msgs = [{"role": "user", "content": "6*7?"}]
+    pool = steered_pool(served, calculator_call(served, msgs, "6*7"))
+    app = create_app(pool, served.model, Limits(default_max_tokens=16))
     try:
         with Server(app) as url:
             body = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": msgs,
@@ -736,7 +802,107 @@ def test_builtin_tool_call_visible_in_the_response(served):
     assert body["chibichat"]["tool_calls"] == [[{"expression": "6*7", "output": "42"}]]
 
 
+def test_completion_top_logprobs_keep_partial_utf8_tokens_apart(served):
+    """Tokens that are not whole UTF-8 characters are keyed "bytes:\\xNN" as in the OpenAI API, so two
+    such alternatives no longer collapse into one replacement-character key."""
+    from chibichat.serve.app import create_app
+
+    assert served.pool.engines[0].tokenizer.id_to_bytes(0xE3) == b"\xe3"  # the fixture's byte-level tokens
+
+    def steer(logits, state):  # two lead bytes of 3-byte characters, far ahead of the rest
+        logits[..., 0xE3], logits[..., 0x81] = 1000.0, 999.0
+
+    pool = steered_pool(served, steer)
+    try:
+        with Server(create_app(pool, served.model, Limits())) as url:
+            r = httpx.post(url + "/v1/completions", json={"model": served.model, "prompt": "x", "max_tokens": 2,
+                                                          "temperature": 0, "logprobs": 2}, timeout=60)  # fmt: skip
+    finally:
+        pool.shutdown()
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["bytes:\\xe3", "bytes:\\xe3"]
+    assert [list(t) for t in lp["top_logprobs"]] == [["bytes:\\xe3", "bytes:\\x81"]] * 2
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity (not JSON; Python's json writes them unless told not to)."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logprobs_of_a_reply_with_a_tool_call(served):
+    """logprobs of a reply that calls the calculator: strict JSON, streamed or not. The tokens the tool forced
+    (not drawn by the model) are certain, logprob 0.0 with themselves as the only alternative; every token
+    reads as it shows in the content, so the token texts add up to it."""
+    from chibichat.serve.app import create_app
+
+    msgs = [{"role": "user", "content": "6*7?"}]
+    pool = steered_pool(served, calculator_call(served, msgs, "6*7"))
+    body = {"model": served.model, "messages": msgs, "temperature": 0, "max_tokens": 16, "logprobs": True,
+            "top_logprobs": 2}  # fmt: skip
+    got = {}
+    try:
+        for tools in ("calculator", None):
+            with Server(create_app(pool, served.model, Limits(), tools=tools)) as url:
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+                    lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "[DONE]"
+            chunks = [strict_json(line) for line in lines[:-1]]
+            streamed = [e for c in chunks for x in c["choices"] if x["logprobs"] for e in x["logprobs"]["content"]]
+            full = strict_json(r.text)["choices"][0]
+            entries = full["logprobs"]["content"]
+            assert [(e["token"], round(e["logprob"], 4)) for e in streamed] == [(e["token"], round(e["logprob"], 4)) for e in entries]
+            assert bytes(b for e in entries for b in e["bytes"]).decode("utf-8", errors="replace") == full["message"]["content"]
+            got[tools] = full["message"]["content"], entries
+    finally:
+        pool.shutdown()
+    content, entries = got["calculator"]
+    assert content.startswith("<<6*7=42>>")
+    assert [e["token"] for e in entries[:5]] == ["<<", "6", "*", "7", ""]  # <|python_end|>: the result follows
+    assert entries[5:9] == [{"token": t, "logprob": 0.0, "bytes": list(t.encode()),
+                             "top_logprobs": [{"token": t, "logprob": 0.0, "bytes": list(t.encode())}]}
+                            for t in ("=", "4", "2", ">>")]  # fmt: skip
+    content, entries = got[None]  # no tool: nothing forced, and <|python_end|> closes the call itself
+    assert content.startswith("<<6*7>>") and [e["token"] for e in entries[:5]] == ["<<", "6", "*", "7", ">>"]
+    assert entries[4]["logprob"] == entries[4]["top_logprobs"][0]["logprob"] > -1e-3
+
+
 # -- operations ------------------------------------------------------------------------------------
+
+
+def test_metrics_label_values_are_escaped():
+    from chibichat.serve.metrics import Metrics
+
+    m = Metrics()
+    m.count_request('a"b\\c\nd', 404)
+    assert r'chibichat_requests_total{route="a\"b\\c\nd",status="404"} 1' in m.render({}).splitlines()
+
+
+def test_metrics_count_paths_no_route_serves_as_other(served):
+    """Any /v1/* path a client sends (even one holding a quote and a line feed) is counted under its route's
+    template or "other": the page stays valid exposition text and gains no series per path."""
+    import re
+
+    label = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+    sample = re.compile(rf"[a-zA-Z_:][a-zA-Z0-9_:]*(?:\{{{label}(?:,{label})*\}})? \S+")
+    key = 'chibichat_requests_total{route="other",status="404"}'
+    before = parse_metrics(httpx.get(served.url + "/metrics").text).get(key, 0)
+    for path in ("/v1/a%22b%0Ac", "/v1/nope"):
+        assert httpx.get(served.url + path).status_code == 404
+    assert httpx.get(served.url + "/v1/models/" + served.model).status_code == 200
+    text = httpx.get(served.url + "/metrics").text
+    for line in text.splitlines():
+        assert line.startswith("# TYPE ") or sample.fullmatch(line), line
+    after = parse_metrics(text)
+    assert after[key] == before + 2
+    assert after['chibichat_requests_total{route="/v1/models/{model}",status="200"}'] >= 1
+    routes = {re.search(r'route="((?:[^"\\]|\\.)*)"', k).group(1) for k in after if k.startswith("chibichat_requests_total")}
+    assert routes <= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "other"}, routes
 
 
 def test_api_key_required_on_the_api_and_metrics(served):

@@ -33,10 +33,11 @@ def _static(name: str) -> bytes:
 
 class _Auth:
     """ASGI middleware: the API key check on protected paths, and the request counter by route and
-    status (read from the response start, so streamed responses count too)."""
+    status (read from the response start, so streamed responses count too). `route_of(scope)` names the
+    route a /v1/* request is counted under."""
 
-    def __init__(self, app, api_key, metrics_of):
-        self.app, self.key, self.metrics_of = app, api_key, metrics_of
+    def __init__(self, app, api_key, metrics_of, route_of):
+        self.app, self.key, self.metrics_of, self.route_of = app, api_key, metrics_of, route_of
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -52,22 +53,22 @@ class _Auth:
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})  # fmt: skip
                 await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-                self._count(path, 401)
+                self._count(scope, 401)
                 return None
         if not counted:
             return await self.app(scope, receive, send)
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                self._count(path, message["status"])
+                self._count(scope, message["status"])
             await send(message)
 
         return await self.app(scope, receive, counting_send)
 
-    def _count(self, path, status):
+    def _count(self, scope, status):
         metrics = self.metrics_of()
-        if metrics is not None and path.startswith("/v1/"):
-            metrics.count_request(path, status)
+        if metrics is not None:
+            metrics.count_request(self.route_of(scope), status)
 
 
 def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None" = None,
@@ -79,6 +80,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.routing import Match
 
     if (pool is None) == (load is None):
         raise ValueError("create_app needs exactly one of pool and load")
@@ -99,7 +101,17 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         yield
 
     app = FastAPI(title="chibichat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(_Auth, api_key=api_key, metrics_of=lambda: holder["pool"] and holder["pool"].metrics)
+
+    def route_of(scope) -> str:
+        """The /v1 route's path template ("/v1/models/{model}"), or "other" for a path no route serves:
+        the metric's labels stay a fixed few whatever paths clients send."""
+        for route in app.router.routes:
+            if route.path.startswith("/v1/") and route.matches(scope)[0] != Match.NONE:
+                return route.path_format
+        return "other"
+
+    app.add_middleware(_Auth, api_key=api_key, metrics_of=lambda: holder["pool"] and holder["pool"].metrics,
+                       route_of=route_of)  # fmt: skip
 
     def error(e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
@@ -153,33 +165,57 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             return PlainTextResponse(Metrics().render({"ready": 0}), media_type="text/plain; version=0.0.4")
         return PlainTextResponse(p.metrics.render({**p.gauges(), "ready": 1}), media_type="text/plain; version=0.0.4")
 
+    model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "chibichat"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "chibichat"}]}
+        return {"object": "list", "data": [model_card]}
 
-    def budget(req, used: int, seq_len: int) -> int:
+    @app.get("/v1/models/{model:path}")
+    async def model_info(model: str):
+        if model != model_id:
+            return error(ApiError(404, f"model {model!r} does not exist; this server serves {[model_id]}", "model",
+                                  "model_not_found"))  # fmt: skip
+        return model_card
+
+    def budget(req, used: int, seq_len: int, prompt_param: str) -> int:
         """The reply budget for a prompt of `used` tokens: max_tokens (checked against the room left), or
-        the server's default capped by the room."""
+        the server's default capped by the room. A prompt that leaves no room is the prompt's fault,
+        whatever max_tokens is."""
         room = seq_len - used
-        if req.max_tokens is not None and req.max_tokens > room:
-            raise ApiError(400, f"this model's context is {seq_len} tokens; the prompt uses {used}, so max_tokens "
-                           f"must be at most {room} (got {req.max_tokens})", "max_tokens", "context_length_exceeded")  # fmt: skip
         if room < 1:
             raise ApiError(400, f"the prompt of {used} tokens fills the model's context of {seq_len} tokens; shorten it",
-                           "prompt", "context_length_exceeded")  # fmt: skip
+                           prompt_param, "context_length_exceeded")  # fmt: skip
+        name = req.max_tokens_param
+        if req.max_tokens is not None and req.max_tokens > room:
+            raise ApiError(400, f"this model's context is {seq_len} tokens; the prompt uses {used}, so {name} "
+                           f"must be at most {room} (got {req.max_tokens})", name, "context_length_exceeded")  # fmt: skip
         return min(req.max_tokens or reply_budget(seq_len, cap=limits.default_max_tokens), room)
 
     def prepare_chat(req, tok, seq_len):
         """Render the prompt and pick the reply budget: (prompt ids, max_tokens, dropped messages)."""
         from chibichat.render import render_prompt
 
+        name = req.max_tokens_param
         if req.max_tokens is not None and req.max_tokens >= seq_len:
-            raise ApiError(400, f"max_tokens {req.max_tokens} must be less than the model's context of {seq_len} tokens",
-                           "max_tokens", "context_length_exceeded")  # fmt: skip
+            raise ApiError(400, f"{name} {req.max_tokens} must be less than the model's context of {seq_len} tokens",
+                           name, "context_length_exceeded")  # fmt: skip
         want = req.max_tokens or reply_budget(seq_len, cap=limits.default_max_tokens)
         try:
             if req.truncate_history:
-                prompt = render_prompt(tok, {"messages": req.messages}, max_len=seq_len - want)
+                try:  # 2: render_prompt's least max_len (no prompt fits in it: a smaller room fails the same way)
+                    prompt = render_prompt(tok, {"messages": req.messages}, max_len=max(seq_len - want, 2))
+                except ChibiError:
+                    if req.max_tokens is None:
+                        raise
+                    # A conversation that fits without the reply's reserve has only the reserve to blame: it
+                    # leaves too little room for the last message (with the system text), which is never dropped.
+                    render_prompt(tok, {"messages": req.messages}, max_len=seq_len - 1)
+                    head = req.messages[:1] if req.messages[0]["role"] == "system" else []
+                    need = len(render_prompt(tok, {"messages": head + req.messages[-1:]}, max_len=seq_len - 1).ids)
+                    raise ApiError(400, f"{name} {want} leaves {seq_len - want} of the model's context of {seq_len} "
+                                   f"tokens for the prompt, but its last message needs {need}; ask for at most "
+                                   f"{seq_len - need}", name, "context_length_exceeded") from None  # fmt: skip
             else:
                 prompt = render_prompt(tok, {"messages": req.messages}, max_len=seq_len - 1)
                 if prompt.dropped_turns:
@@ -187,31 +223,51 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                                    "(or set truncate_history: true)", "messages", "context_length_exceeded")  # fmt: skip
         except ChibiError as e:
             raise ApiError(400, str(e), "messages", "invalid_messages") from None
-        return prompt.ids, budget(req, len(prompt.ids), seq_len), prompt.dropped_turns
+        return prompt.ids, budget(req, len(prompt.ids), seq_len, "messages"), prompt.dropped_turns
 
-    def token_text(tok, i: int) -> tuple[str, list[int]]:
-        raw = tok.id_to_bytes(i)
-        return raw.decode("utf-8", errors="replace"), list(raw)
+    def shown(engine, i: int, after) -> bytes:
+        """The bytes token i adds to the reply text, as the text stream shows them (the engine's display
+        table): the tool markers as "<<", "=" and ">>", where <|python_end|> shows ">>" unless the next
+        token `after` opens the call's result; any other token as its own bytes."""
+        if i == engine.python_end:
+            return b"" if after == engine.output_start else b">>"
+        return engine._shown.get(i) or engine.tokenizer.id_to_bytes(i)
 
-    def chat_logprobs(tok, entries):
+    def following(entries) -> list:
+        """Each entry's next token (None for the last). The next token is always in the same list: a
+        <|python_end|> alone shows no text, so its entry waits for the next piece (or is the reply's last)."""
+        return [e[0] for e in entries[1:]] + [None]
+
+    def legacy_key(raw: bytes) -> str:
+        """A token's text, or OpenAI's "bytes:\\xNN..." for bytes that are not whole UTF-8 characters
+        (decoding them would give every such token the same replacement character)."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def chat_logprobs(engine, entries):
         """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+        def entry(i, v, after):
+            raw = shown(engine, i, after)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(raw)}
+
         content = []
-        for t, lp, top in entries:
-            text, raw = token_text(tok, t)
-            alts = [{"token": token_text(tok, i)[0], "logprob": v, "bytes": token_text(tok, i)[1]} for i, v in top]
-            content.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": alts})
+        for (t, lp, top), after in zip(entries, following(entries)):
+            content.append({**entry(t, lp, after), "top_logprobs": [entry(i, v, after) for i, v in top]})
         return {"content": content, "refusal": None}
 
-    def legacy_logprobs(tok, entries, offset: int):
+    def legacy_logprobs(engine, entries, offset: int):
         """OpenAI completions logprobs: parallel lists; top_logprobs as {token: logprob} per position."""
         tokens, lps, tops, offsets = [], [], [], []
-        for t, lp, top in entries:
-            text = token_text(tok, t)[0]
-            tokens.append(text)
+        for (t, lp, top), after in zip(entries, following(entries)):
+            raw = shown(engine, t, after)
+            tokens.append(legacy_key(raw))
             lps.append(lp)
-            tops.append({token_text(tok, i)[0]: v for i, v in top})
+            tops.append({legacy_key(shown(engine, i, after)): v for i, v in top})
             offsets.append(offset)
-            offset += len(text)
+            offset += len(raw.decode("utf-8", errors="replace"))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
     def merge_pieces(pieces):
@@ -246,7 +302,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
     async def respond(request, chat: bool, req, prompt, max_tokens, use_tools, extra):
         pool = ready_pool()
-        engine0, tok = pool.engines[0], pool.engines[0].tokenizer
+        engine0 = pool.engines[0]
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         gen = GenerationRequest(prompt, max_tokens, req.temperature, req.top_k, req.top_p, seed, use_tools, req.n,
                                 req.stop, req.presence_penalty, req.frequency_penalty, req.top_logprobs,
@@ -291,10 +347,10 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             for i in range(req.n):
                 if chat:
                     c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish(i),
-                         "logprobs": chat_logprobs(tok, lps[i]) if want_lp else None}  # fmt: skip
+                         "logprobs": chat_logprobs(engine0, lps[i]) if want_lp else None}  # fmt: skip
                 else:
                     c = {"index": i, "text": texts[i], "finish_reason": finish(i),
-                         "logprobs": legacy_logprobs(tok, lps[i], 0)[0] if want_lp else None}  # fmt: skip
+                         "logprobs": legacy_logprobs(engine0, lps[i], 0)[0] if want_lp else None}  # fmt: skip
                 choices.append(c)
             body = {"id": cid, "object": obj, "created": now, "model": model_id, "choices": choices, "usage": usage()}
             ext = dict(extra or {})
@@ -325,11 +381,11 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         def piece_choice(i, text, entries=(), finish_reason=None):
             if chat:
                 delta = {"content": text} if text or finish_reason is None else {}
-                lp = chat_logprobs(tok, entries) if want_lp and entries else None
+                lp = chat_logprobs(engine0, entries) if want_lp and entries else None
                 return {"index": i, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}
             lp = None
             if want_lp and entries:
-                lp, offsets[i] = legacy_logprobs(tok, entries, offsets[i])
+                lp, offsets[i] = legacy_logprobs(engine0, entries, offsets[i])
             return {"index": i, "text": text, "finish_reason": finish_reason, "logprobs": lp}
 
         async def events():
@@ -388,7 +444,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             req = parse_completion_request(await request.body(), limits, [model_id])
             tok, seq_len = engine0.tokenizer, engine0.seq_len
             prompt = [tok.bos_id, *tok.encode(req.prompt)]
-            return await respond(request, False, req, prompt, budget(req, len(prompt), seq_len), None, None)
+            return await respond(request, False, req, prompt, budget(req, len(prompt), seq_len, "prompt"), None, None)
         except ApiError as e:
             return error(e)
 

@@ -2,7 +2,8 @@
 counters and histograms behind one lock, written by the event loop and the batchers' decode threads.
 
 Names (all prefixed `chibichat_`):
-  requests_total{route,status}          HTTP requests answered on /v1/* (401s, 400s and 503s included)
+  requests_total{route,status}          HTTP requests answered on /v1/* (401s, 400s and 503s included), by
+                                        route path template; paths no route serves count as route "other"
   prompt_tokens_total                   prompt tokens of admitted requests
   completion_tokens_total               tokens generated (all choices; tool-forced tokens included)
   requests_finished_total{reason}       generations ended: done | cancelled (client went away) | timeout
@@ -21,6 +22,11 @@ import threading
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _label(value) -> str:
+    """A label value escaped as the exposition format requires (backslash, double quote, line feed)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class _Histogram:
@@ -95,10 +101,10 @@ class Metrics:
         with self._lock:
             lines = ["# TYPE chibichat_requests_total counter"]
             for (route, status), n in sorted(self.requests.items()):
-                lines.append(f'chibichat_requests_total{{route="{route}",status="{status}"}} {n}')
+                lines.append(f'chibichat_requests_total{{route="{_label(route)}",status="{status}"}} {n}')
             lines.append("# TYPE chibichat_requests_finished_total counter")
             for reason, n in sorted(self.finished.items()):
-                lines.append(f'chibichat_requests_finished_total{{reason="{reason}"}} {n}')
+                lines.append(f'chibichat_requests_finished_total{{reason="{_label(reason)}"}} {n}')
             for name, v in (("prompt_tokens_total", self.prompt_tokens),
                             ("completion_tokens_total", self.completion_tokens),
                             ("requests_rejected_total", self.rejected), ("decode_steps_total", self.steps),

@@ -55,6 +55,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     user: str | None = None  # the caller's end-user id (OpenAI's abuse-monitoring field): checked, not stored
+    max_tokens_param: str = "max_tokens"  # the name the client sent max_tokens under (errors name it)
 
 
 @dataclass
@@ -165,11 +166,16 @@ def _sampling(body: dict, limits: Limits, max_tokens_keys: tuple[str, ...]) -> d
                        "invalid_type")  # fmt: skip
     if opts and not stream:
         raise ApiError(400, "'stream_options' is only allowed with stream: true", "stream_options", "invalid_value")
-    max_tokens = None
-    for key in max_tokens_keys:
-        if body.get(key) is not None:
-            max_tokens = _number(body, key, 1, 10**9, None, integer=True)
-            break
+    max_tokens, max_tokens_param = None, max_tokens_keys[-1]
+    for key in max_tokens_keys:  # chat takes both names of one setting: each is checked, and they must agree
+        value = _number(body, key, 1, 10**9, None, integer=True)
+        if value is None:
+            continue
+        if max_tokens is not None and value != max_tokens:
+            raise ApiError(400, f"'{max_tokens_param}' {max_tokens} and '{key}' {value} disagree: they are two names "
+                           "of one setting; send one of them", key, "invalid_value")  # fmt: skip
+        if max_tokens is None:
+            max_tokens, max_tokens_param = value, key
     top_k = _number(body, "top_k", 0, limits.max_top_k, 0, integer=True)
     top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
     if top_p == 0:
@@ -184,6 +190,7 @@ def _sampling(body: dict, limits: Limits, max_tokens_keys: tuple[str, ...]) -> d
         stream=stream,
         include_usage=include_usage,
         max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
         temperature=float(_number(body, "temperature", 0.0, limits.max_temperature, 1.0)),
         top_k=top_k or None,
         top_p=None if top_p >= 1 else float(top_p),
@@ -227,6 +234,11 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
     if total > limits.max_total_chars:
         raise ApiError(400, f"messages hold {total} characters, more than {limits.max_total_chars}", "messages",
                        "conversation_too_long")  # fmt: skip
+    last = len(messages) - 1
+    if messages[last]["role"] == "assistant":  # the model answers the last user message; it never continues a reply
+        raise ApiError(400, f"messages[{last}] is an assistant message, but the conversation must end with the user "
+                       "message to answer (continuing an assistant reply is not supported); leave it out",
+                       f"messages[{last}].role", "invalid_messages")  # fmt: skip
     sampling = _sampling(body, limits, ("max_completion_tokens", "max_tokens"))
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
