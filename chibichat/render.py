@@ -9,6 +9,9 @@ An assistant turn is a string or a list of parts: "text"; "python" (a tool call,
 Mask (1 = the model is trained to produce it): assistant text, python calls with their delimiters,
 and <|assistant_end|>. Everything the model only reads is 0: BOS, user turns with their
 delimiters, <|assistant_start|>, and tool output (it comes from the tool, not from the model).
+An earlier assistant message may carry "weight": 0 (OpenAI's fine-tuning format): the whole turn is
+then read as context, all of it mask 0; "weight": 1 is the default. The final assistant turn is the
+one learned, so weight 0 there is refused, as is a weight on any other role.
 
 Length: the caller passes `max_len` (derived from the model's context; no hidden default). Nothing
 is ever cut mid-turn: an over-length conversation is either dropped or loses whole earlier
@@ -45,6 +48,7 @@ class Prompt:
 class _Exchange:
     user: str
     assistant: object  # str | list[part] | None (None: the prompt's final user message)
+    trained: bool = True  # False: the assistant turn has weight 0 (read, never a target)
 
 
 def reply_budget(seq_len: int, requested: int | None = None, cap: int = 256, what: str = "--max-tokens") -> int:
@@ -67,6 +71,9 @@ def _parse(conv, *, need_final_assistant: bool) -> tuple[str | None, list[_Excha
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ChibiError(f"message {i} must be a dict with role system|user|assistant, got {m!r:.80}")
+        if m["role"] != "assistant" and m.get("weight") is not None:
+            raise ChibiError(f"message {i} ({m['role']}): only assistant messages take a 'weight' (whether that "
+                             "reply is trained); remove it")
     system = None
     if messages[0]["role"] == "system":
         system = messages[0].get("content")
@@ -91,6 +98,7 @@ def _parse(conv, *, need_final_assistant: bool) -> tuple[str | None, list[_Excha
         else:
             _check_assistant(content, i)
             exchanges[-1].assistant = content
+            exchanges[-1].trained = _weight(m.get("weight"), i) == 1
     if not exchanges:
         raise ChibiError("conversation has only a system message; it needs at least one user message")
     if need_final_assistant and exchanges[-1].assistant is None:
@@ -98,7 +106,22 @@ def _parse(conv, *, need_final_assistant: bool) -> tuple[str | None, list[_Excha
             f"conversation ends with a user message (message {len(conv['messages']) - 1}); a training "
             "conversation must end with the assistant turn that is learned"
         )
+    if need_final_assistant and not exchanges[-1].trained:
+        raise ChibiError(
+            f"message {len(conv['messages']) - 1} (the final assistant turn) has weight 0, but a training "
+            "conversation ends with the turn that is learned; remove its weight or end the conversation at "
+            "the last trained reply"
+        )
     return system, exchanges
+
+
+def _weight(value, i: int) -> int:
+    """An assistant message's "weight": absent = 1; else exactly 0 or 1 (no partial weighting)."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+        raise ChibiError(f"message {i} (assistant): weight must be 0 (not trained) or 1 (trained), got {value!r}")
+    return int(value)
 
 
 def _check_assistant(content, i: int) -> None:
@@ -118,8 +141,8 @@ def _user_block(tok, text: str) -> list[int]:
     return [tok.special_id("<|user_start|>"), *tok.encode(text), tok.special_id("<|user_end|>")]
 
 
-def _assistant_block(tok, content) -> tuple[list[int], list[int]]:
-    """<|assistant_start|> (mask 0), the parts, <|assistant_end|> (mask 1)."""
+def _assistant_block(tok, content, trained: bool = True) -> tuple[list[int], list[int]]:
+    """<|assistant_start|> (mask 0), the parts, <|assistant_end|> (mask 1); all mask 0 when not `trained`."""
     ids, mask = [tok.special_id("<|assistant_start|>")], [0]
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
     for part in parts:
@@ -137,6 +160,8 @@ def _assistant_block(tok, content) -> tuple[list[int], list[int]]:
             mask += [0] * len(span)
     ids.append(tok.special_id("<|assistant_end|>"))
     mask.append(1)
+    if not trained:
+        mask = [0] * len(ids)
     return ids, mask
 
 
@@ -180,7 +205,7 @@ def render_conversation(tok, conv, max_len: int, overflow: str = "shorten") -> R
         raise ChibiError(f"overflow policy {overflow!r} is not one of {OVERFLOW_POLICIES}")
     system, exchanges = _parse(conv, need_final_assistant=True)
 
-    assistant = [_assistant_block(tok, ex.assistant) for ex in exchanges]
+    assistant = [_assistant_block(tok, ex.assistant, ex.trained) for ex in exchanges]
     users = [_user_block(tok, ex.user) for ex in exchanges]
     lengths = [len(u) + len(a[0]) for u, a in zip(users, assistant)]
     first_users = {0: _user_block(tok, _merged_user(system, exchanges[0].user))}

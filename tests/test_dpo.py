@@ -146,3 +146,112 @@ def test_ultrafeedback_pairs_through_the_hub_loader(tmp_path, monkeypatch):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"prompt": "Hi", "chosen": [{"type": "image"}], "rejected": "x"},
+     r"p.jsonl line 1 chosen part 0: expected \{'type': one of \('text', 'python', 'python_output'\), 'text': str\}, "
+     r"got \{'type': 'image'\}"),
+    ({"prompt": "Hi", "chosen": "x", "rejected": [{"type": "text", "text": " "}]},
+     r"p.jsonl line 1 rejected: empty reply \(its parts hold no text and no tool call\)"),
+    ({"prompt": "Hi", "chosen": "a", "rejected": "b", "system": 7}, r"p.jsonl line 1: system: content must be a string, "
+                                                                     r"got int"),
+    ({"prompt": "Hi", "chosen": "a", "rejected": "b", "system": ""}, r"p.jsonl line 1: system: empty content"),
+    ({"prompt": "Hi", "rejected": "b", "chosen": {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'}}]}},
+     r"p.jsonl line 1 chosen: a reply message with tool_calls needs the tool's output after it"),
+    ({"prompt": "Hi", "chosen": {"role": "assistant", "content": "a", "name": "bot"}, "rejected": "b"},
+     r"p.jsonl line 1 chosen: unknown key\(s\) \['name'\] in the reply message; it takes role, content"),
+    ({"messages": [{"role": "user", "content": "Hi", "weight": 1}], "chosen": "a", "rejected": "b"},
+     r"p.jsonl line 1: messages message 0 has a 'weight', which has no meaning in a preference pair"),
+])
+def test_bad_pair_rows_are_refused_with_file_and_line(tmp_path, row, match):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "Hi", "chosen": "a", "rejected": "b"}) + "\n", encoding="utf-8")
+    assert load_pairs(p) == [{"messages": [{"role": "user", "content": "Hi"}], "chosen": "a", "rejected": "b"}]
+    p.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(ChibiError, match=match):
+        load_pairs(p)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from chibichat.tokenizer import train_tokenizer
+
+    return train_tokenizer(["What is the capital of France? Paris is. Be kind. Thanks!"] * 4, vocab_size=300)
+
+
+def test_an_overflowing_pair_loses_the_same_turns_on_both_sides(tok):
+    from chibichat.render import render_conversation, render_prompt
+    from chibichat.stages.dpo import render_pairs
+
+    system = {"role": "system", "content": "Be kind."}
+    first = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    last = {"role": "user", "content": "Thanks!"}
+    pair = {"messages": [system, *first, last], "chosen": "You are welcome, happy to help any time. " * 6,
+            "rejected": "Ok."}
+    big = 1 << 20
+    whole = len(render_conversation(tok, {"messages": [*pair["messages"], {"role": "assistant", "content": pair["chosen"]}]},
+                                    big).ids)
+    out, dropped, shortened = render_pairs(tok, [pair], big)
+    assert (len(out), dropped, shortened) == (1, 0, 0)
+    # only the chosen side overflows: its first exchange goes, and the rejected side loses the same one
+    out, dropped, shortened = render_pairs(tok, [pair], whole - 1)
+    assert (len(out), dropped, shortened) == (1, 0, 1)
+    c_ids, _, r_ids, _ = out[0]
+    start = tok.special_id("<|assistant_start|>")
+    prompt = lambda ids: ids[:len(ids) - ids[::-1].index(start)]  # through the final <|assistant_start|>
+    assert prompt(c_ids) == prompt(r_ids) == render_prompt(tok, {"messages": [system, last]}, big).ids
+    alone = len(render_conversation(tok, {"messages": [system, last, {"role": "assistant", "content": pair["chosen"]}]},
+                                    big).ids)
+    assert render_pairs(tok, [pair], alone - 1) == ([], 1, 0)  # the final exchange alone does not fit: left out
+
+
+def test_resume_on_changed_pairs_is_refused():
+    from chibichat.stages.dpo import PairBatches
+
+    rendered = [([1, 2, k], [0, 1, 1], [1, 2, k + 50], [0, 1, 1]) for k in range(6)]
+    ref = torch.zeros(6)
+    a = PairBatches(rendered, ref, ref, 2, 0, seed=1)
+    next(a)
+    state = a.state_dict()
+    same = PairBatches(list(rendered), ref, ref, 2, 0, seed=1)
+    same.load_state_dict(state)
+    assert (same.epoch, same.cursor) == (0, 2) and torch.equal(next(same)[0], next(a)[0])
+    changed = list(rendered)
+    changed[3] = ([1, 2, 3], [0, 1, 1], [1, 2, 99], [0, 1, 1])  # one middle pair, same count
+    with pytest.raises(ChibiError, match=r"the checkpoint's DPO training data was trained on other pairs \(data "
+                                         r"fingerprint \w+, now \w+\): .* restore the data it was trained on, or start "
+                                         r"without --resume"):
+        PairBatches(changed, ref, ref, 2, 0, seed=1).load_state_dict(state)
+    with pytest.raises(ChibiError, match="has no fingerprint of its pairs"):
+        PairBatches(list(rendered), ref, ref, 2, 0, seed=1).load_state_dict({k: v for k, v in state.items() if k != "data"})
+
+
+def test_train_items_takes_the_first_training_pairs_of_a_file(tmp_path):
+    import argparse
+
+    from chibichat.stages.dpo import _data
+
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}"}) + "\n"
+                         for k in range(20)), encoding="utf-8")
+    args = argparse.Namespace(data=str(p), train_items=None, val_items=100, seed=0)
+    train, val = _data(args, None)
+    assert [len(train), len(val)] == [18, 2] and val[0]["chosen"] == "good 18"
+    args.train_items = 5
+    assert _data(args, None) == (train[:5], val)
+    args.train_items = 19
+    with pytest.raises(ChibiError, match=r"--train-items 19, but --data .*p.jsonl has 18 training pairs \(2 of its 20 "
+                                         r"are held out\); lower --train-items, or leave it out"):
+        _data(args, None)
+
+
+def test_a_pair_file_with_several_problems_names_every_line(tmp_path):
+    good = {"prompt": "Hi", "chosen": "a", "rejected": "b"}
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join([json.dumps(good), json.dumps({**good, "chosen": "b"}), json.dumps(good), "{bad",
+                            json.dumps({**good, "system": 7})]) + "\n", encoding="utf-8")
+    with pytest.raises(ChibiError, match=r"p.jsonl line 2: chosen and rejected are identical; the pair teaches nothing "
+                                         r"\(3 problem\(s\), at lines 2, 4, 5; fix them all before training\)$"):
+        load_pairs(p)

@@ -573,12 +573,28 @@ def test_conversation_bad_inputs_raise_chibierror():
     with pytest.raises(ChibiError, match="conversation loader state"):
         ConversationLoader(items, tok, 2, 127, rt(), mode="pack").load_state_dict({"kind": "pretrain"})
     reordered = items[::-1]
-    with pytest.raises(ChibiError, match="sample"):
+    with pytest.raises(ChibiError, match="data: saved"):
         ConversationLoader(reordered, tok, 2, 127, rt(), mode="pack").load_state_dict(a.state_dict())
     broken = a.state_dict()
     broken["counters"] = None
     with pytest.raises(ChibiError, match="corrupt"):
         ConversationLoader(items, tok, 2, 127, rt(), mode="pack").load_state_dict(broken)
+
+
+def test_conversation_resume_on_data_changed_anywhere_is_refused():
+    tok = ByteTokenizer()
+    items = make_conversations(n=30)
+    a = ConversationLoader(items, tok, 2, 127, rt(), mode="pack", buffer_size=4)
+    next(a)
+    state = a.state_dict()
+    ConversationLoader(list(items), tok, 2, 127, rt(), mode="pack", buffer_size=4).load_state_dict(state)
+    edited = list(items)
+    task, conv = edited[17]  # a middle item, not among the three the fingerprint used to sample (0, 15, 29)
+    edited[17] = (task, {"messages": [*conv["messages"][:-1], {"role": "assistant", "content": "changed"}]})
+    with pytest.raises(ChibiError, match=r"\(data: saved '\w+', now '\w+'\); the training data changed since the "
+                                         r"checkpoint \(a conversation edited, added, removed or moved\); restore the "
+                                         r"data it was trained on, or start without --resume"):
+        ConversationLoader(edited, tok, 2, 127, rt(), mode="pack", buffer_size=4).load_state_dict(state)
 
 
 def test_conversation_loader_with_real_tokenizer_and_task_mixture():

@@ -1,6 +1,7 @@
 """Your own data as tasks (`file:PATH`, chibichat/tasks/local.py) and `chibichat data check`."""
 
 import json
+import re
 
 import pytest
 
@@ -204,3 +205,100 @@ def test_identity_persona_replaces_name_and_creator_in_en_and_ja(tmp_path):
     assert any("Kiku" in m["content"] for _, it in val for m in it["messages"])  # the held-out split too
     with pytest.raises(ChibiError, match="--mix names none; add identity=1"):
         build_mixtures([("chitchat", 0.1)], val_items=5, seed=0, persona=persona)
+
+
+def test_an_assistant_message_without_text_or_tool_call_is_refused(tmp_path):
+    from chibichat.tasks.local import RowError, row_to_item
+
+    with pytest.raises(RowError, match=r"^message 1: empty content \(an assistant message needs text or a tool call\)$"):
+        row_to_item({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]})
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}]}]
+    for path in (write_jsonl(tmp_path / "e.jsonl", rows), write_parquet(tmp_path / "e.parquet", rows)):
+        with pytest.raises(ChibiError, match=rf"e.{path.suffix[1:]} (line|row) 1: message 1: empty content"):
+            get_task(f"file:{path}")
+
+
+def test_openai_weight_zero_is_read_but_not_trained(tok, tmp_path):
+    from chibichat.tasks.local import refuse_weights
+
+    msgs = [{"role": "user", "content": USER1}, {"role": "assistant", "content": BOT1, "weight": 0},
+            {"role": "user", "content": USER2}, {"role": "assistant", "content": BOT2, "weight": 1}]
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
+    for path in (write_jsonl(tmp_path / "w.jsonl", [{"messages": msgs}]),
+                 write_parquet(tmp_path / "w.parquet", [{"messages": msgs}])):  # parquet: weight null on users
+        t = get_task(f"file:{path}")
+        assert t[0]["messages"][1] == {"role": "assistant", "content": BOT1, "weight": 0}
+        assert "weight" not in t[0]["messages"][3]  # 1 is the default
+        r, full = render_conversation(tok, t[0], 1000), render_conversation(tok, {"messages": plain}, 1000)
+        end = r.ids.index(tok.special_id("<|assistant_end|>"))
+        assert r.ids == full.ids and not any(r.mask[:end + 1]) and any(full.mask[:end + 1])
+        assert r.mask[end + 1:] == full.mask[end + 1:]
+        assert t.weight0_lines == [1]
+        with pytest.raises(ChibiError, match=rf"w.{path.suffix[1:]} (line|row) 1: an assistant message has weight 0, "
+                                             r"but midtrain trains on every token, .* train this file with sft"):
+            refuse_weights([t.slice(0, 1)], "midtrain")
+    cases = [
+        ({**msgs[1], "weight": 2}, r"line 1: message 1: weight must be 0 \(not trained\) or 1 \(trained\), got 2"),
+        ({**msgs[1], "weight": "0"}, "weight must be 0"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ChibiError, match=match):
+            get_task(f"file:{write_jsonl(tmp_path / 'x.jsonl', [{'messages': [msgs[0], bad, *msgs[2:]]}])}")
+    last0 = [*msgs[:3], {**msgs[3], "weight": 0}]
+    with pytest.raises(ChibiError, match="line 1: the final assistant message has weight 0"):
+        get_task(f"file:{write_jsonl(tmp_path / 'y.jsonl', [{'messages': last0}])}")
+    user_w = [{**msgs[0], "weight": 1}, *msgs[1:]]
+    with pytest.raises(ChibiError, match=r"line 1: message 0 \(user\): unknown key\(s\) \['weight'\]; it takes role, content"):
+        get_task(f"file:{write_jsonl(tmp_path / 'z.jsonl', [{'messages': user_w}])}")
+
+
+def test_unknown_keys_and_two_shapes_in_a_row_are_refused(tmp_path):
+    from chibichat.tasks.local import RowError, row_to_item
+
+    chat = OPENAI_PLAIN["messages"][1:3]
+    cases = [
+        ({"messages": chat, "id": 7}, r"unknown key\(s\) \['id'\] in a row of the OpenAI chat shape, which takes "
+                                      r"messages, system$"),
+        ({"instruction": USER1, "output": BOT1, "history": [["a", "b"]]},
+         r"unknown key\(s\) \['history'\] in a row of the Alpaca shape, which takes instruction, input, output, "
+         r"system; Alpaca 'history' \(earlier turns\) is not read"),
+        ({**SHAREGPT, "messages": chat}, r"the row has the keys of 2 shapes \(OpenAI chat, ShareGPT\); keep one per row"),
+        ({"messages": [chat[0], {**chat[1], "name": "bot"}]},
+         r"message 1 \(assistant\): unknown key\(s\) \['name'\]; it takes role, content, tool_calls, weight"),
+        ({"conversations": [{"from": "human", "value": "a", "weight": 0}, {"from": "gpt", "value": "b"}]},
+         r"turn 0: unknown key\(s\) \['weight'\]; it takes from, value"),
+        ({"prompt": "p", "answer": "a", "note": "x"}, r"unknown key\(s\) \['note'\] in a row of the verifiable shape"),
+    ]
+    for row, match in cases:
+        with pytest.raises(RowError, match=match):
+            row_to_item(row)
+    p = write_jsonl(tmp_path / "k.jsonl", [OPENAI, {"messages": chat, "id": 7}])
+    with pytest.raises(ChibiError, match=r"k.jsonl line 2: unknown key\(s\) \['id'\]"):
+        get_task(f"file:{p}")
+
+
+def test_nan_and_infinity_answers_are_refused_with_their_line(tmp_path):
+    p = tmp_path / "n.jsonl"
+    p.write_text('{"prompt": "x", "answer": 1, "match": "numeric"}\n{"prompt": "x", "answer": NaN, "match": "numeric"}\n',
+                 encoding="utf-8")
+    with pytest.raises(ChibiError, match=r"n.jsonl line 2: bad JSON \(NaN is not JSON; write a number or a string\)"):
+        get_task(f"file:{p}")
+    p.write_text('{"prompt": "x", "answer": -Infinity}\n', encoding="utf-8")
+    with pytest.raises(ChibiError, match=r"line 1: bad JSON \(-Infinity is not JSON"):
+        get_task(f"file:{p}")
+    q = write_parquet(tmp_path / "n.parquet", [{"prompt": "x", "answer": 1.0}, {"prompt": "y", "answer": float("nan")}])
+    with pytest.raises(ChibiError, match=r"n.parquet row 2: answer must be a finite number, got nan"):
+        get_task(f"file:{q}")
+
+
+def test_mix_epochs_that_give_a_file_no_item_or_are_infinite_are_refused(tmp_path):
+    from chibichat.stages.sft import build_mixtures, parse_mix
+
+    path = write_jsonl(tmp_path / "small.jsonl", [OPENAI] * 4)  # 3 train items after 1 held out
+    with pytest.raises(ChibiError, match=rf"epochs 0.1 of task 'file:{re.escape(str(path))}' \(3 items\) rounds to 0 items; give it "
+                                         r"epochs >= 0.333 \(one item\), or leave it out of the mixture"):
+        build_mixtures(parse_mix(f"file:{path}=0.1"), val_items=5, seed=0)
+    assert build_mixtures(parse_mix(f"file:{path}=0.34"), val_items=5, seed=0)[0].summary() == {f"file:{path}": 1}
+    for bad in ("inf", "nan", "-1"):
+        with pytest.raises(ChibiError, match=rf"--mix entry 'file:{re.escape(str(path))}={bad}': epochs must be a finite number > 0"):
+            parse_mix(f"file:{path}={bad}")

@@ -117,6 +117,39 @@ def test_adapter_checkpoint_saves_alone_and_reloads_to_equal_logits(tmp_path):
         load_model(home, "sft")
 
 
+def test_merge_keeps_the_old_checkpoint_when_saving_fails_and_never_writes_over_the_adapter(tmp_path, monkeypatch):
+    from test_stages_chat import _parse, make_base
+
+    import chibichat.train.checkpoint as ckpt
+    from chibichat.stages.lora import run_merge
+
+    home, tok = make_base(tmp_path / "home")
+    model, meta = ckpt.load_model(home, "base")
+    apply_lora(model, LoRAConfig(rank=4, alpha=4.0, targets=("attn", "mlp")))
+    randomize_adapters(model)
+    lora_meta = {"model_config": meta["model_config"], "tokenizer": meta["tokenizer"],
+                 "lora": {**LoRAConfig(4, 4.0, 0.0, ("attn", "mlp")).to_dict(), "base": "base/d2/step_000005"}}
+    sdir = ckpt.save_checkpoint(home.checkpoints_dir("sft", "lo"), 5, model, None, lora_meta)
+    merge = ["lora", "merge", "--home", home.root, "--from", "sft", "--tag", "lo"]
+    run_merge(_parse(merge))
+    target = home.checkpoints_dir("sft", "lo-merged") / "step_000005"
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise ChibiError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", fail)
+    with pytest.raises(ChibiError, match="disk full"):
+        run_merge(_parse([*merge, "--overwrite"]))
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before  # the old merged checkpoint is intact
+    monkeypatch.undo()
+    adapter = {f.name: f.read_bytes() for f in sdir.iterdir()}
+    with pytest.raises(ChibiError, match=r"--to-tag 'lo' would write the merged model over .*sft/lo/step_000005, "
+                                         r"the adapter itself; choose another --to-tag"):
+        run_merge(_parse([*merge, "--to-tag", "lo", "--overwrite"]))
+    assert {f.name: f.read_bytes() for f in sdir.iterdir()} == adapter
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_sft_lora_end_to_end_resume_and_merge(tmp_path):

@@ -149,6 +149,26 @@ def test_bad_conversations_name_the_turn(tok):
         render_conversation(tok, [], 100)
 
 
+def test_weight_zero_leaves_an_earlier_assistant_turn_out_of_the_mask(tok):
+    plain = conv("Hi", "Hello there.", "2+2?", "4.")
+    weighted = {"messages": [dict(m) for m in plain["messages"]]}
+    weighted["messages"][1]["weight"] = 0
+    weighted["messages"][3]["weight"] = 1
+    a, b = render_conversation(tok, plain, 500), render_conversation(tok, weighted, 500)
+    assert b.ids == a.ids  # the turn is still read
+    first_end = a.ids.index(S(tok, "assistant_end"))
+    assert b.mask[:first_end + 1] == [0] * (first_end + 1)  # ... but none of it is a target
+    assert b.mask[first_end + 1:] == a.mask[first_end + 1:] and sum(a.mask[:first_end + 1]) > 0
+    for i, w, match in [(1, 0.5, r"message 1 \(assistant\): weight must be 0 \(not trained\) or 1 \(trained\), got 0.5"),
+                        (1, True, "weight must be 0"),
+                        (0, 1, r"message 0 \(user\): only assistant messages take a 'weight'"),
+                        (3, 0, r"message 3 \(the final assistant turn\) has weight 0")]:
+        bad = {"messages": [dict(m) for m in plain["messages"]]}
+        bad["messages"][i]["weight"] = w
+        with pytest.raises(ChibiError, match=match):
+            render_conversation(tok, bad, 500)
+
+
 def test_render_for_completion(tok):
     c = conv("Hi", "Hello!", "How are you?", "Fine.")
     ids = render_for_completion(tok, c, max_len=500)

@@ -98,6 +98,15 @@ def test_mixture_bad_arguments(kwargs):
         Mixture([_toy(3, "a"), _toy(3, "b")], **kwargs)
 
 
+def test_mixture_refuses_epochs_that_give_a_task_no_item_or_are_infinite():
+    with pytest.raises(ChibiError, match=r"epochs 0.1 of task 'small' \(4 items\) rounds to 0 items; give it epochs "
+                                         r">= 0.25 \(one item\), or leave it out of the mixture"):
+        Mixture([_toy(10, "big"), _toy(4, "small")], epochs=[1, 0.1])
+    with pytest.raises(ChibiError, match="epochs for task 'small' must be a finite number >= 0, got inf"):
+        Mixture([_toy(4, "small")], epochs=[float("inf")])
+    assert Mixture([_toy(10, "big"), _toy(4, "small")], epochs=[1, 0]).summary() == {"big": 10, "small": 0}
+
+
 def test_mixture_rejects_empty_task():
     with pytest.raises(ChibiError, match="no items"):
         Mixture([_toy(0, "empty")])

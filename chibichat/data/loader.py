@@ -96,10 +96,11 @@ def _check_state(d, kind: str, fingerprint: dict) -> None:
         raise ChibiError(f"{kind} loader state has no fingerprint; the checkpoint is corrupt, start fresh")
     diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
     if diff:
-        raise ChibiError(
-            f"{kind} loader state was saved under other settings ({'; '.join(diff)}); resume with the same "
-            "corpus/data, tokenizer, seq_len, buffer size and number of ranks, or start fresh"
-        )
+        fix = ("resume with the same corpus/data, tokenizer, seq_len, buffer size and number of ranks, or start fresh")
+        if "data" in fingerprint and saved.get("data") != fingerprint["data"]:
+            fix = ("the training data changed since the checkpoint (a conversation edited, added, removed or moved); "
+                   "restore the data it was trained on, or start without --resume")
+        raise ChibiError(f"{kind} loader state was saved under other settings ({'; '.join(diff)}); {fix}")
 
 
 def _corrupt_state(kind: str, e: Exception) -> ChibiError:
@@ -390,9 +391,6 @@ class ConversationLoader:
             )
         self._fingerprint = {
             "items": n,
-            # A few items, so that a reshuffled or edited source of the same length is caught on resume
-            # without reading all of it.
-            "sample": _digest([source[i] for i in sorted({0, n // 2, n - 1})]),
             "mode": mode,
             "seq_len": seq_len,
             "overflow": overflow,
@@ -402,7 +400,20 @@ class ConversationLoader:
             "rank": self.rank,
             "world_size": self.world_size,
         }
+        self._data_digest = None  # see _data_fingerprint
         self._reset()
+
+    def _data_fingerprint(self) -> str:
+        """SHA-256 over every conversation this rank reads (task name and contents, in order), so that a resume
+        on edited, added, removed or reordered data is refused. Computed once, at the first save or load: a run
+        that never checkpoints does not read its data twice."""
+        if self._data_digest is None:
+            h = hashlib.sha256()
+            for i in self._positions:
+                h.update(json.dumps(self.source[i], sort_keys=True, ensure_ascii=False, default=repr).encode("utf-8"))
+                h.update(b"\n")  # JSON text holds no raw newline: items never run together
+            self._data_digest = h.hexdigest()[:16]
+        return self._data_digest
 
     def _reset(self) -> None:
         self._epoch = 0
@@ -563,7 +574,7 @@ class ConversationLoader:
         return {
             "kind": "conversation",
             "version": STATE_VERSION,
-            "fingerprint": dict(self._fingerprint),
+            "fingerprint": {**self._fingerprint, "data": self._data_fingerprint()},
             "epoch": self._epoch,
             "next": self._next,
             # [epoch, item index on this rank, length]; conversations are re-rendered on load
@@ -585,7 +596,7 @@ class ConversationLoader:
         return (e, k), ids, mask
 
     def load_state_dict(self, d: dict) -> None:
-        _check_state(d, "conversation", self._fingerprint)
+        _check_state(d, "conversation", {**self._fingerprint, "data": self._data_fingerprint()})
         try:
             epoch, nxt = int(d["epoch"]), int(d["next"])
             refs = [(int(e), int(k), int(n)) for e, k, n in d["buffer"]]

@@ -14,8 +14,10 @@ adapters sit on, and the adapters start at zero. Logged: `reward_accuracy` (frac
 reward(c) > reward(r)) and `reward_margin` (mean reward(c) - reward(r)) on the held-out pairs at
 every evaluation, and the same over the training pairs since the previous evaluation
 (`train_reward_accuracy`, `train_reward_margin`). Data: `--data FILE` (.jsonl/.parquet, see
-chibichat/tasks/preferences.py), a generated task (prefs-arithmetic, prefs-spelling, prefs-language) or
-the online UltraFeedback binarized set (`ultrafeedback`, first --train-items / --val-items rows).
+chibichat/tasks/preferences.py; the last <=10% held out, --train-items takes the first N of the rest), a
+generated task (prefs-arithmetic, prefs-spelling, prefs-language) or the online UltraFeedback binarized set
+(`ultrafeedback`, first --train-items / --val-items rows). A pair longer than the context loses the same
+earliest turns on both sides (counted as shortened), or is left out when its final exchange alone does not fit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import math
 import time
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
+
+DEFAULT_TRAIN_ITEMS = 500  # pairs of a generated task or ultrafeedback when --train-items is not given
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -39,23 +43,49 @@ def sequence_logps(model, x, y):
     return -model(x, y, reduction="none").float().sum(dim=1)
 
 
-def render_pairs(tok, pairs: list[dict], max_len: int) -> tuple[list[tuple], int]:
-    """[(chosen ids, chosen mask, rejected ids, rejected mask)], and how many pairs did not fit (a side
-    dropped by chibichat.render's shortening)."""
+def render_pairs(tok, pairs: list[dict], max_len: int) -> tuple[list[tuple], int, int]:
+    """([(chosen ids, chosen mask, rejected ids, rejected mask)], pairs that did not fit (a side dropped by
+    chibichat.render's shortening), pairs shortened).
+
+    Both sides of a pair are read under the same prompt ids, else the loss would compare log-probabilities
+    under two prompts: when the longer reply makes chibichat.render leave out more early turns on its side,
+    the other side is rendered from that same turn (the system text still leads its first user message)."""
     from chibichat.render import render_conversation
 
-    out, dropped = [], 0
+    def side(p, key, skip):
+        msgs = p["messages"]
+        head = 1 if msgs[0]["role"] == "system" else 0
+        conv = {"messages": [*msgs[:head], *msgs[head + skip:], {"role": "assistant", "content": p[key]}]}
+        return render_conversation(tok, conv, max_len, overflow="shorten")
+
+    out, dropped, shortened = [], 0, 0
     for p in pairs:
-        sides = []
-        for key in ("chosen", "rejected"):
-            r = render_conversation(tok, {"messages": [*p["messages"], {"role": "assistant", "content": p[key]}]},
-                                    max_len, overflow="shorten")
-            sides.append(r)
+        sides = [side(p, key, 0) for key in ("chosen", "rejected")]
         if any(r.status == "dropped" for r in sides):
             dropped += 1
             continue
+        skip = max(r.dropped_turns for r in sides)
+        sides = [r if r.dropped_turns == skip else side(p, key, skip) for r, key in zip(sides, ("chosen", "rejected"))]
+        if any(r.status == "dropped" for r in sides):  # cannot happen (fewer turns are shorter); keeps the count exact
+            dropped += 1
+            continue
+        shortened += int(skip > 0)
         out.append((sides[0].ids, sides[0].mask, sides[1].ids, sides[1].mask))
-    return out, dropped
+    return out, dropped, shortened
+
+
+def pairs_digest(rendered: list[tuple]) -> str:
+    """SHA-256 over every token id and mask value of the rendered pairs, in order: a resume on other data (one
+    pair edited, added, removed or moved) is caught without storing the data."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256()
+    for seqs in rendered:
+        for seq in seqs:
+            h.update(len(seq).to_bytes(8, "little"))
+            h.update(array("q", seq).tobytes())
+    return h.hexdigest()[:32]
 
 
 def collate(rendered: list[tuple], pad_id: int):
@@ -97,6 +127,7 @@ class PairBatches:
 
     def __init__(self, rendered, ref_c, ref_r, batch: int, pad_id: int, seed: int):
         self.rendered, self.ref_c, self.ref_r = rendered, ref_c, ref_r
+        self.digest = pairs_digest(rendered)
         self.batch, self.pad_id, self.seed = batch, pad_id, seed
         self.epoch, self.cursor = 0, 0
         self._order = self._perm()
@@ -126,12 +157,20 @@ class PairBatches:
         return x, y, self.ref_c[t], self.ref_r[t]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "pairs": len(self.rendered), "seed": self.seed}
+        return {"epoch": self.epoch, "cursor": self.cursor, "pairs": len(self.rendered), "seed": self.seed,
+                "data": self.digest}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("pairs") != len(self.rendered) or d.get("seed") != self.seed:
             raise ChibiError(f"the checkpoint's DPO data ({d.get('pairs')} pairs, seed {d.get('seed')}) differs from "
-                             f"this run's ({len(self.rendered)} pairs, seed {self.seed}); resume with the same --data")
+                             f"this run's ({len(self.rendered)} pairs, seed {self.seed}); resume with the same --data, "
+                             "--seed and --train-items, or start without --resume")
+        if d.get("data") != self.digest:
+            what = "has no fingerprint of its pairs (written by an older version)" if d.get("data") is None else \
+                f"was trained on other pairs (data fingerprint {d['data']}, now {self.digest})"
+            raise ChibiError(f"the checkpoint's DPO training data {what}: the --data pairs (or the tokenizer or "
+                             "context that renders them) changed since it was saved; restore the data it was trained "
+                             "on, or start without --resume")
         self.epoch, self.cursor = int(d["epoch"]), int(d["cursor"])
         self._order = self._perm()
 
@@ -151,7 +190,9 @@ def register(sub):
                         "generated task (prefs-arithmetic, prefs-spelling, prefs-language) or the online "
                         "ultrafeedback (UltraFeedback binarized, downloaded into the home)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (default: 0.1)")
-    p.add_argument("--train-items", type=int, default=500, help="pairs of a generated task to train on (default: 500)")
+    p.add_argument("--train-items", type=int, default=None,
+                   help="training pairs: of a generated task or ultrafeedback (default: 500), or the first N of a "
+                        "file's training pairs (default: all of them)")
     p.add_argument("--val-items", type=int, default=100,
                    help="held-out pairs: a generated task's test split, else the last <=10%% of the file (default: 100)")
     add_optim_args(p, lr_frac=0.05)
@@ -164,11 +205,12 @@ def _data(args, home):
 
     from chibichat.tasks.preferences import GENERATED, ONLINE, generated_pairs, hub_pairs, load_pairs
 
+    n_train = DEFAULT_TRAIN_ITEMS if args.train_items is None else args.train_items
     if args.data in GENERATED:
-        return (generated_pairs(args.data, "train", args.train_items, args.seed),
+        return (generated_pairs(args.data, "train", n_train, args.seed),
                 generated_pairs(args.data, "test", args.val_items, args.seed))
     if args.data in ONLINE:
-        (train, same_t), (val, same_v) = (hub_pairs(home, args.data, "train", args.train_items),
+        (train, same_t), (val, same_v) = (hub_pairs(home, args.data, "train", n_train),
                                           hub_pairs(home, args.data, "test", args.val_items))
         if same_t or same_v:
             print(f"dpo: {same_t} training and {same_v} held-out {args.data} rows have identical chosen and rejected "
@@ -181,7 +223,14 @@ def _data(args, home):
     n_val = min(args.val_items, len(pairs) // 10)
     if n_val < 1:
         raise ChibiError(f"--data {args.data} has {len(pairs)} pairs: too few to hold out validation pairs (>= 10)")
-    return pairs[:-n_val], pairs[-n_val:]
+    train = pairs[:-n_val]
+    if args.train_items is not None:
+        if args.train_items > len(train):
+            raise ChibiError(f"--train-items {args.train_items}, but --data {args.data} has {len(train)} training "
+                             f"pairs ({n_val} of its {len(pairs)} are held out); lower --train-items, or leave it out "
+                             "to train on all of them")
+        train = train[:args.train_items]
+    return train, pairs[-n_val:]
 
 
 def run(args) -> int:
@@ -208,8 +257,8 @@ def run(args) -> int:
         max_len = model.config.seq_len + 1
         pad = tok.bos_id
         train_pairs, val_pairs = _data(args, home)
-        train_r, train_dropped = render_pairs(tok, train_pairs, max_len)
-        val_r, val_dropped = render_pairs(tok, val_pairs, max_len)
+        train_r, train_dropped, train_short = render_pairs(tok, train_pairs, max_len)
+        val_r, val_dropped, val_short = render_pairs(tok, val_pairs, max_len)
         if not train_r or not val_r:
             raise ChibiError(f"no {'training' if not train_r else 'held-out'} preference pair fits the model's "
                              f"{max_len}-token context ({train_dropped} training and {val_dropped} held-out pairs "
@@ -217,6 +266,9 @@ def run(args) -> int:
         if train_dropped or val_dropped:
             print0(rt, f"dpo: {train_dropped} training and {val_dropped} held-out pairs do not fit the "
                        f"{max_len}-token context and are left out (counted in summary.json)")
+        if train_short or val_short:
+            print0(rt, f"dpo: {train_short} training and {val_short} held-out pairs are longer than the {max_len}-token "
+                       "context and lose their earliest turns, the same ones on both sides (counted in summary.json)")
         # The reference: the starting model (with --lora: the base; fresh adapters are zero), once.
         ref_c, ref_r = reference_logps(model, train_r, pad, args.device_batch_size, rt)
         vref_c, vref_r = reference_logps(model, val_r, pad, args.device_batch_size, rt)
@@ -262,6 +314,7 @@ def run(args) -> int:
         summary = {
             **summary_head("dpo", tag, src_meta, res, t0), "data": args.data, "beta": args.beta, "train_pairs": len(train_r), "val_pairs": len(val_r),
             "pairs_left_out_too_long": {"train": train_dropped, "val": val_dropped},
+            "pairs_shortened": {"train": train_short, "val": val_short},
             "reward_accuracy_before": first["reward_accuracy"], "reward_accuracy_after": last["reward_accuracy"],
             "reward_margin_before": first["reward_margin"], "reward_margin_after": last["reward_margin"],
             "val_dpo_loss_before": first["dpo_loss"], "val_dpo_loss_after": last["dpo_loss"],

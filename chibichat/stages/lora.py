@@ -56,23 +56,33 @@ def run_merge(args) -> int:
 
     from chibichat.common import Home
     from chibichat.tokenizer import Tokenizer
-    from chibichat.train.checkpoint import load_model, save_checkpoint, step_dir
+    from chibichat.train.checkpoint import (ADAPTER_FILE, load_model, lora_base_dir, read_meta, save_checkpoint,
+                                            step_dir)
 
     home = Home.resolve(args.home)
     sdir, meta = _adapter_dir(args, home)
-    tok = Tokenizer.load(home.tokenizer_dir)
-    model, _ = load_model(home, args.source, sdir.parent.name, meta["step"], rt=None, tokenizer=tok)
     to_tag = args.to_tag or f"{sdir.parent.name}-merged"
     tag_dir = home.checkpoints_dir(args.source, to_tag)
     target = step_dir(tag_dir, meta["step"])
+    # The adapter and the checkpoints under it must survive the merge: replacing one would break this adapter
+    # (and any other adapter trained on that base).
+    chain, cur, cmeta = [sdir], sdir, meta
+    while (cur / ADAPTER_FILE).is_file():
+        cur = lora_base_dir(cur, cmeta)
+        cmeta = read_meta(cur)
+        chain.append(cur)
+    if any(target.resolve() == c.resolve() for c in chain):
+        what = "the adapter itself" if target.resolve() == sdir.resolve() else "a checkpoint the adapter sits on"
+        raise ChibiError(f"--to-tag {to_tag!r} would write the merged model over {target}, {what}; choose another "
+                         "--to-tag")
     if target.exists() and not args.overwrite:
         raise ChibiError(f"{target} exists; pass --overwrite to replace it or choose --to-tag")
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
+    tok = Tokenizer.load(home.tokenizer_dir)
+    model, _ = load_model(home, args.source, sdir.parent.name, meta["step"], rt=None, tokenizer=tok)
     keep = {k: v for k, v in meta.items() if k not in ("lora", "format", "step", "world_size", "checkpoint_dir")}
     keep["merged_from"] = {"adapter": str(sdir), "lora": meta["lora"]}
+    # No removal first with --overwrite: save_checkpoint's atomic directory swaps the old checkpoint out only
+    # once the new one is complete, so a failed save leaves it as it was.
     with torch.no_grad():
         out = save_checkpoint(tag_dir, meta["step"], model, None, keep)
     print(f"lora merge: {sdir} (rank {meta['lora']['rank']}) + base {meta['lora']['base']} -> {out}")

@@ -52,8 +52,8 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
             epochs = float(val) if sep else 1.0
         except ValueError:
             raise ChibiError(f"--mix entry {part!r}: epochs {val!r} is not a number (write name=epochs)") from None
-        if not epochs > 0:
-            raise ChibiError(f"--mix entry {part!r}: epochs must be > 0")
+        if not 0 < epochs < float("inf"):
+            raise ChibiError(f"--mix entry {part!r}: epochs must be a finite number > 0")
         refuse_eval_only([name.strip()], "--mix")
         out.append((name.strip(), epochs))
     if not out:
@@ -274,6 +274,10 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         model, src_meta, tag = load_source(args, home, tok, rt, embed_noise=args.embed_noise)
         seq_len = model.config.seq_len
         train_mix, val_mix, dropped = stage_mixtures(args, tok, home, mix_en, mix_ja)
+        if train_all_tokens:
+            from chibichat.tasks.local import refuse_weights
+
+            refuse_weights(train_mix.tasks, stage)
         for name, per in dropped.items():
             print0(rt, f"{stage}: left out {sum(per.values())} item(s) of {name!r} that share a prompt with "
                        + ", ".join(f"{ev} ({n})" for ev, n in per.items()))

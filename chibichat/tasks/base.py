@@ -303,9 +303,12 @@ class Mixture:
                 raise ChibiError(f"got {len(epochs)} epochs values for {len(tasks)} tasks; give one per task")
             counts = []
             for t, e in zip(tasks, epochs):
-                if not e >= 0:
-                    raise ChibiError(f"epochs for task {t.name!r} must be >= 0, got {e}")
+                if not 0 <= e < float("inf"):
+                    raise ChibiError(f"epochs for task {t.name!r} must be a finite number >= 0, got {e}")
                 counts.append(int(round(e * len(t))))
+                if e > 0 and counts[-1] == 0:  # asked for, yet nothing of it would train
+                    raise ChibiError(f"epochs {e:g} of task {t.name!r} ({len(t)} items) rounds to 0 items; give it "
+                                     f"epochs >= {1 / len(t):.3g} (one item), or leave it out of the mixture")
         if sum(counts) == 0:
             raise ChibiError("the task mixture is empty (all counts are 0); raise epochs/weights/length")
         self.tasks = tasks

@@ -16,6 +16,8 @@ its keys). Each row is one of these shapes, detected from its keys:
                 output a python_output part (never supervised), and an assistant message right after a
                 tool output continues the same assistant turn, so the model learns to call the tool
                 between <|python_start|> and <|python_end|> and read the result, as in the arithmetic task.
+                An assistant message may carry OpenAI's fine-tuning "weight": 0 (the turn is read as context,
+                not trained; not on the final assistant message) or 1 (the default).
   ShareGPT      {"conversations": [{"from": "system"|"human"|"user"|"gpt"|"assistant", "value": str}, ...]}
   Alpaca        {"instruction": str, "input": str (optional), "output": str}; the user message is the
                 instruction, then a blank line and the input when the input is not empty
@@ -27,15 +29,21 @@ Any chat row may also carry a top-level "system" string (it becomes the first me
 that and a system message is refused). A system message is rendered into the first user message by
 chibichat.render (read by the model, never trained on, kept when early turns are shortened away).
 
-Every problem is a ChibiError naming the file and the line (row for parquet): bad JSON, a non-object,
-non-UTF-8 bytes, a blank line, an unknown role or shape, empty content, two user (or assistant) turns in a
-row, a conversation that does not end with the assistant, a file that mixes chats and verifiable rows.
+Every key is read: a key a row's shape does not take (e.g. Alpaca "history"), a row with the keys of two
+shapes and a message key the role does not take are refused, naming the keys that are accepted. A key whose
+value is null counts as absent (parquet gives every row and message all of its columns' fields).
+
+Every problem is a ChibiError naming the file and the line (row for parquet): bad JSON (NaN and Infinity
+included), a non-object, non-UTF-8 bytes, a blank line, an unknown role, shape or key, empty content, two user
+(or assistant) turns in a row, a conversation that does not end with the assistant, a file that mixes chats and
+verifiable rows.
 `chibichat data check FILE` lists all of them at once (`check_file`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +58,16 @@ TOOL_ARG_KEYS = ("expression", "code", "expr")
 MATCH_MODES = ("exact", "numeric", "regex")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# The keys each row shape and each OpenAI message role takes; anything else is refused, never ignored.
+SHAPE_KEYS = {
+    "OpenAI chat": ("messages", "system"),
+    "ShareGPT": ("conversations", "system"),
+    "Alpaca": ("instruction", "input", "output", "system"),
+    "verifiable": ("prompt", "answer", "match", "system"),
+}
+MESSAGE_KEYS = {"system": ("role", "content"), "user": ("role", "content"),
+                "assistant": ("role", "content", "tool_calls", "weight"), "tool": ("role", "content", "tool_call_id")}
+SHAREGPT_KEYS = ("from", "value")
 
 # Last number in a text (sign, thousands commas and decimals allowed), for numeric matching without "####".
 
@@ -107,9 +125,12 @@ def read_rows(path) -> FileRows:
             out.errors.append((n, "blank line; remove it"))
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:
             out.errors.append((n, f"bad JSON ({e.msg} at column {e.colno})"))
+            continue
+        except ValueError as e:  # NaN / Infinity, from _refuse_constant
+            out.errors.append((n, f"bad JSON ({e})"))
             continue
         if not isinstance(row, dict):
             out.errors.append((n, f"expected a JSON object, got {type(row).__name__}"))
@@ -118,6 +139,11 @@ def read_rows(path) -> FileRows:
     if not lines:
         out.errors.append((0, "the file is empty"))
     return out
+
+
+def _refuse_constant(name: str):
+    """Python's json reads NaN/Infinity, which JSON does not have (an answer NaN could never match)."""
+    raise ValueError(f"{name} is not JSON; write a number or a string")
 
 
 def _read_parquet(p: Path) -> FileRows:
@@ -139,16 +165,38 @@ def _read_parquet(p: Path) -> FileRows:
 # Rows to conversations
 
 
+def row_shape(row: dict) -> str:
+    """The row's shape (a key of SHAPE_KEYS); RowError for no shape, two shapes or a key the shape does not take."""
+    shapes = [name for name, present in (("OpenAI chat", "messages" in row), ("ShareGPT", "conversations" in row),
+                                         ("Alpaca", "instruction" in row and "output" in row),
+                                         ("verifiable", "prompt" in row and "answer" in row)) if present]
+    if len(shapes) > 1:
+        raise RowError(f"the row has the keys of {len(shapes)} shapes ({', '.join(shapes)}); keep one per row")
+    if not shapes:
+        if "chosen" in row or "rejected" in row:
+            raise RowError("a preference pair (chosen/rejected) is not a conversation; give chat rows here "
+                           "(`chibichat dpo --data FILE` reads preference files and lists their problems)")
+        raise RowError(f"unknown row shape with keys {sorted(row)[:8]}; expected 'messages' (OpenAI), "
+                       "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca) or 'prompt'+'answer' "
+                       "(verifiable)")
+    shape = shapes[0]
+    unknown = sorted(set(row) - set(SHAPE_KEYS[shape]))
+    if unknown:
+        hint = ("; Alpaca 'history' (earlier turns) is not read: write the row as OpenAI chat {\"messages\"} "
+                "with every turn") if shape == "Alpaca" and "history" in unknown else ""
+        raise RowError(f"unknown key(s) {unknown} in a row of the {shape} shape, which takes {', '.join(SHAPE_KEYS[shape])}{hint}")
+    return shape
+
+
 def row_kind(row: dict) -> str:
-    """"chat" or "verifiable"; RowError for a shape this module does not read."""
-    if "messages" in row or "conversations" in row or ("instruction" in row and "output" in row):
-        return "chat"
-    if "prompt" in row and "answer" in row:
-        return "verifiable"
-    if "chosen" in row or "rejected" in row:
-        raise RowError("a preference pair (chosen/rejected) is not a conversation; give chat rows here")
-    raise RowError(f"unknown row shape with keys {sorted(row)[:8]}; expected 'messages' (OpenAI), "
-                   "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca) or 'prompt'+'answer' (verifiable)")
+    """"chat" or "verifiable"; RowError for a shape this module does not read (see row_shape)."""
+    return "verifiable" if row_shape(row) == "verifiable" else "chat"
+
+
+def _unknown_keys(m: dict, accepted: tuple, what: str) -> None:
+    unknown = sorted(k for k, v in m.items() if v is not None and k not in accepted)
+    if unknown:
+        raise RowError(f"{what}: unknown key(s) {unknown}; it takes {', '.join(accepted)}")
 
 
 def _text(content, where: str) -> str:
@@ -203,6 +251,7 @@ def _messages_from_openai(msgs, where: str) -> list[dict]:
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise RowError(f"{at}: unknown role {role!r}; expected one of {CHAT_ROLES}")
+        _unknown_keys(m, MESSAGE_KEYS[role], f"{at} ({role})")
         prev = out[-1] if out else None
         if role == "tool":
             if not open_tool:
@@ -225,12 +274,19 @@ def _messages_from_openai(msgs, where: str) -> list[dict]:
             for call in calls:
                 parts.append({"type": "python", "text": _tool_call(call, at)})
                 open_tool = True
+            if not parts:
+                raise RowError(f"{at}: empty content (an assistant message needs text or a tool call)")
+            weight = _weight(m.get("weight"), at)
             continues = prev is not None and prev["role"] == "assistant" and prev["content"] \
                 and prev["content"][-1]["type"] == "python_output"
             if continues:  # the reply after a tool result belongs to the same assistant turn
+                if weight != prev.get("weight", 1):
+                    raise RowError(f"{at}: weight {weight} differs from the weight {prev.get('weight', 1)} of the "
+                                   "tool call whose output it follows (one assistant turn); give both the same weight")
                 prev["content"] += parts
                 continue
-            out.append({"role": "assistant", "content": parts})
+            # Weight 1 is the default and is not stored, so unweighted rows give the same items as before.
+            out.append({"role": "assistant", "content": parts, **({"weight": 0} if weight == 0 else {})})
         else:
             out.append({"role": role, "content": _nonempty(_text(m.get("content"), at), at)})
     if open_tool:
@@ -241,6 +297,15 @@ def _messages_from_openai(msgs, where: str) -> list[dict]:
     return out
 
 
+def _weight(value, where: str) -> int:
+    """OpenAI's per-message fine-tuning weight: absent = 1, else exactly 0 (not trained) or 1 (trained)."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+        raise RowError(f"{where}: weight must be 0 (not trained) or 1 (trained), got {value!r}")
+    return int(value)
+
+
 def _messages_from_sharegpt(turns, where: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise RowError(f"{where}: 'conversations' must be a non-empty list")
@@ -249,6 +314,7 @@ def _messages_from_sharegpt(turns, where: str) -> list[dict]:
         at = f"turn {i}"
         if not isinstance(t, dict):
             raise RowError(f"{at}: expected an object, got {type(t).__name__}")
+        _unknown_keys(t, SHAREGPT_KEYS, at)
         role = SHAREGPT_ROLES.get(t.get("from"))
         if role is None:
             raise RowError(f"{at}: unknown role {t.get('from')!r}; expected one of {sorted(SHAREGPT_ROLES)}")
@@ -288,6 +354,9 @@ def _check_order(msgs: list[dict], *, final_assistant: bool) -> None:
     if final_assistant and body[-1]["role"] != "assistant":
         raise RowError("the conversation ends with a user message; a training conversation ends with the "
                        "assistant reply that is learned")
+    if final_assistant and body[-1].get("weight") == 0:
+        raise RowError("the final assistant message has weight 0, but a training conversation ends with the reply "
+                       "that is learned; remove its weight or end the row at the last trained reply")
 
 
 def row_to_item(row: dict) -> dict:
@@ -298,6 +367,8 @@ def row_to_item(row: dict) -> dict:
         answer = row["answer"]
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise RowError(f"answer must be a string or a number, got {type(answer).__name__}")
+        if isinstance(answer, float) and not math.isfinite(answer):  # parquet holds NaN/inf; no completion matches
+            raise RowError(f"answer must be a finite number, got {answer}")
         answer = _nonempty(str(answer), "answer")
         match = row.get("match", "exact")
         if match not in MATCH_MODES:
@@ -388,6 +459,10 @@ class FileTask(Task):
         self.lang = "en"
         self.description = f"{len(items)} {'conversations' if kind == 'chat' else 'prompt/answer rows'} from {rows.path}"
         self.items = items
+        self.unit = rows.unit
+        # Lines (rows) with a weight-0 assistant message, for the stages that cannot honour it.
+        self.weight0_lines = [n for (n, _), item in zip(rows.rows, items)
+                              if any(m.get("weight") == 0 for m in item["messages"])]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -399,6 +474,18 @@ class FileTask(Task):
         if self.kind != "generative":
             return super().evaluate(item, completion_text)
         return match_answer(item["match"], item["answer"], completion_text)
+
+
+def refuse_weights(tasks, stage: str) -> None:
+    """A stage that trains on every token (midtrain) cannot leave a weight-0 reply out: refuse a file that has one
+    rather than train on it. `tasks` may be views (slices) of file tasks."""
+    for t in tasks:
+        while hasattr(t, "base"):
+            t = t.base
+        if isinstance(t, FileTask) and t.weight0_lines:
+            raise ChibiError(f"{t.path} {t.unit} {t.weight0_lines[0]}: an assistant message has weight 0, but {stage} "
+                             f"trains on every token, so the weight cannot apply ({len(t.weight0_lines)} row(s) have "
+                             "one); train this file with sft, or remove the weights")
 
 
 def file_task(name: str, **options) -> FileTask:

@@ -8,8 +8,11 @@ From a file (`load_pairs`): .jsonl / .parquet rows
     {"messages": [...prompt...], "chosen": ..., "rejected": ...}
     {"chosen": [...conversation...], "rejected": [...conversation...]}    (HF style: two whole chats that
                                                                            share everything but the last reply)
-chosen/rejected may also be a single {"role": "assistant", "content": ...} message. Problems are ChibiErrors
-naming the file and line.
+chosen/rejected may also be a single {"role": "assistant", "content": ...} message (a tool call needs its output,
+so a reply with tool calls comes as a whole HF-style conversation). A reply given as parts takes the parts of
+chibichat.render (text, python, python_output) and needs some text or a tool call. "system" is a non-empty
+string, as in chat files. A per-message "weight" is refused: DPO scores the final replies only. Problems are
+ChibiErrors naming the file and line.
 
 Generated from the verifiable tasks (`generated_pairs`), so that DPO has something measurable offline:
     prefs-arithmetic   a calculator answer vs the same answer with a wrong result (result + d, d != 0)
@@ -41,25 +44,48 @@ ONLINE = {"ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", "default", 
 
 
 def _reply(value, where: str):
+    from chibichat.render import PART_TYPES
+
     if isinstance(value, dict):
         if value.get("role") not in (None, "assistant"):
             raise ChibiError(f"{where}: a chosen/rejected message must have role assistant, got {value.get('role')!r}")
+        if value.get("tool_calls"):
+            raise ChibiError(f"{where}: a reply message with tool_calls needs the tool's output after it; give chosen "
+                             "and rejected as whole conversations (lists of messages, with the tool message)")
+        unknown = sorted(k for k, v in value.items() if v is not None and k not in ("role", "content", "tool_calls"))
+        if unknown:
+            raise ChibiError(f"{where}: unknown key(s) {unknown} in the reply message; it takes role, content")
         value = value.get("content")
     if isinstance(value, str):
         if not value.strip():
             raise ChibiError(f"{where}: empty reply")
         return value
-    if isinstance(value, list) and value and all(isinstance(p, dict) and "type" in p for p in value):
-        return value  # assistant parts
-    raise ChibiError(f"{where}: a reply must be a non-empty string, an assistant message or a list of parts")
+    if not (isinstance(value, list) and value):
+        raise ChibiError(f"{where}: a reply must be a non-empty string, an assistant message or a list of parts")
+    for k, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
+            raise ChibiError(f"{where} part {k}: expected {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}")
+    if not any(p["text"].strip() for p in value if p["type"] != "python_output"):
+        raise ChibiError(f"{where}: empty reply (its parts hold no text and no tool call)")
+    return value
+
+
+def _refuse_weight(messages, where: str) -> None:
+    """OpenAI's per-message "weight" says which chat turns train; DPO scores the final replies only."""
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        if isinstance(m, dict) and m.get("weight") is not None:
+            raise ChibiError(f"{where} message {i} has a 'weight', which has no meaning in a preference pair (DPO "
+                             "scores only the final chosen and rejected replies); remove it")
 
 
 def row_to_pair(row: dict, where: str) -> dict:
-    from chibichat.tasks.local import RowError, _check_order, _messages_from_openai
+    from chibichat.tasks.local import RowError, _check_order, _messages_from_openai, _with_system
 
     if "chosen" not in row or "rejected" not in row:
         raise ChibiError(f"{where}: a preference row needs 'chosen' and 'rejected' (and 'prompt' or 'messages')")
     chosen, rejected = row["chosen"], row["rejected"]
+    for key in ("messages", "chosen", "rejected"):
+        _refuse_weight(row.get(key), f"{where}: {key}")
     try:
         if isinstance(chosen, list) and chosen and isinstance(chosen[0], dict) and "role" in chosen[0]:
             if not (isinstance(rejected, list) and rejected):
@@ -77,10 +103,7 @@ def row_to_pair(row: dict, where: str) -> dict:
             prompt = [{"role": "user", "content": row["prompt"]}]
         else:
             raise ChibiError(f"{where}: a preference row needs 'prompt' or 'messages' (or chosen/rejected chats)")
-        if isinstance(row.get("system"), str):
-            if prompt[0]["role"] == "system":
-                raise ChibiError(f"{where}: both a 'system' key and a system message; keep one")
-            prompt = [{"role": "system", "content": row["system"]}, *prompt]
+        prompt = _with_system(row, prompt)  # the chat files' rule: a non-empty string, and not twice
         _check_order(prompt + [{"role": "assistant", "content": "x"}], final_assistant=True)
     except RowError as e:
         raise ChibiError(f"{where}: {e}") from None
@@ -91,13 +114,25 @@ def row_to_pair(row: dict, where: str) -> dict:
 
 
 def load_pairs(path) -> list[dict]:
+    """Every pair of a file; a ChibiError naming the first problem and the lines of all of them (`chibichat data
+    check` reads chat files only, so this is where a preference file's problems are listed)."""
     from chibichat.tasks.local import read_rows
 
     rows = read_rows(path)
-    if rows.errors:
-        n, msg = rows.errors[0]
-        raise ChibiError(f"{rows.path} {rows.unit} {n}: {msg}")
-    return [row_to_pair(row, f"{rows.path} {rows.unit} {n}") for n, row in rows.rows]
+    problems = [(n, f"{rows.path} {rows.unit} {n}: {msg}") for n, msg in rows.errors]
+    pairs = []
+    for n, row in rows.rows:
+        try:
+            pairs.append(row_to_pair(row, f"{rows.path} {rows.unit} {n}"))
+        except ChibiError as e:
+            problems.append((n, str(e)))
+    if problems:
+        problems.sort(key=lambda p: p[0])
+        lines = [str(n) for n, _ in problems]
+        more = f", ... ({len(lines) - 20} more)" if len(lines) > 20 else ""
+        raise ChibiError(f"{problems[0][1]} ({len(problems)} problem(s), at {rows.unit}s {', '.join(lines[:20])}{more}; "
+                         "fix them all before training)")
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------
