@@ -12,7 +12,9 @@ Flow of one `generate` call:
 3. Tools: `<|python_start|>` expr `<|python_end|>` -> the expression is evaluated and
    `<|output_start|>` result `<|output_end|>` is queued; queued tokens are fed one per step instead of
    sampling and flagged forced=1 (RL leaves them out of the loss). A failed call's result is its error
-   ("Error: division by zero"). Tool output comes only from the tool: the model is never allowed to
+   ("Error: division by zero"), and so is a result that, with its two markers, does not fit in the
+   tokens the row has left ("Error: output of N tokens exceeds the M left"): a forced output is never
+   cut before its <|output_end|>. Tool output comes only from the tool: the model is never allowed to
    sample <|output_start|> or <|output_end|> itself (a small model that was taught "a call is followed by
    its output" would otherwise write an output of its own after a failed call, and the transcript would
    show a calculator result no calculator produced).
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from chibichat.common import ChibiError
-from chibichat.tools import run_tool
+from chibichat.tools import run_tool, tool_error
 
 TOOL_CHOICES = ("calculator", "python")
 
@@ -97,7 +99,7 @@ def sampling_probs(logits, temperature: float, top_k: int | None = None, top_p: 
     temperature must be > 0 here (0 is greedy: see `sample_next`)."""
     import torch
 
-    logits = logits.float() / temperature
+    logits = _scaled(logits, temperature)
     V = logits.shape[-1]
     if top_k is not None and top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -113,6 +115,15 @@ def sampling_probs(logits, temperature: float, top_k: int | None = None, top_p: 
         probs = torch.where(keep, probs, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+def _scaled(logits, temperature: float):
+    """float32 logits / temperature, each row shifted first so that its largest logit is 0: the scaled
+    values are then <= 0 and a tiny temperature (1e-38) cannot overflow them to inf (and softmax to NaN);
+    it leaves the argmax alone at 0 and sends the rest to -inf, i.e. greedy. Softmax subtracts the row's
+    maximum anyway, so the distribution is the same."""
+    logits = logits.float()
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 
 # Nucleus candidates tried before a full sort: if the top NUCLEUS_PROBE tokens of every row already
@@ -187,7 +198,7 @@ def sample_next(logits, params: SamplingParams, generator, seen=None, counts=Non
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return torch.argmax(logits, dim=-1)
-    logits = logits.float() / params.temperature
+    logits = _scaled(logits, params.temperature)
     V = logits.shape[-1]
     top_k = params.top_k if params.top_k is not None and params.top_k < V else None
     top_p = params.top_p if params.top_p is not None and params.top_p < 1.0 else None
@@ -267,7 +278,7 @@ class _Group:
             row.tokens.append(tok)
             row.forced.append(forced)
             if not forced:
-                self.engine._advance_tools(row, tok, self.tools)
+                self.engine._advance_tools(row, tok, self.tools, self.max_tokens - len(row.tokens))
             if row.finish is None and len(row.tokens) >= self.max_tokens:
                 row.finish = "length"
             emitted.append((r, tok, forced, row.finish is not None))
@@ -344,7 +355,7 @@ def draw_together(groups: list) -> list:
             if temperature == 0:
                 ids = torch.argmax(logits, dim=-1)
             else:
-                logits = logits.float() / temperature
+                logits = _scaled(logits, temperature)
                 if k is not None:
                     vals, top = torch.topk(logits, k, dim=-1)
                     probs = torch.softmax(vals, dim=-1)
@@ -537,9 +548,11 @@ class Engine:
                 logits = self.tool_output_masked(decoder.forward(feed_ids, state, check_ids=False)[:, -1])
         return group.rows
 
-    def _advance_tools(self, row: _Row, tok: int, tools) -> None:
+    def _advance_tools(self, row: _Row, tok: int, tools, left: int) -> None:
         """Per-row state machine on a sampled token: stop tokens end the row; python_start ...
-        python_end is a tool call whose result is queued as forced tokens."""
+        python_end is a tool call whose result is queued as forced tokens. `left`: tokens the row may
+        still produce; a result that does not fit there with its markers is replaced by an error saying
+        so, and when not even that fits the row ends ("length") instead of showing a cut output."""
         if tok in self.stop_ids:
             row.finish = "stop"
         elif tools is None:
@@ -547,9 +560,21 @@ class Engine:
         elif tok == self.python_start:
             row.expr = []
         elif tok == self.python_end and row.expr is not None:
-            result = run_tool(tools, self.tokenizer.decode(row.expr))
+            try:
+                result = run_tool(tools, self.tokenizer.decode(row.expr))
+            except ChibiError:
+                raise  # the sandbox cannot run here at all: a setup problem to report, not a call's result
+            except Exception as e:  # any other failure is the call's result: generation goes on
+                result = tool_error(f"the tool failed: {type(e).__name__}: {e}")
             row.expr = None
-            row.queue.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            ids = self.tokenizer.encode(result)
+            if len(ids) + 2 > left:
+                why = f"output of {len(ids)} tokens exceeds the {max(left - 2, 0)} left"
+                ids = self.tokenizer.encode(tool_error(why))
+            if len(ids) + 2 > left:
+                row.finish = "length"
+                return
+            row.queue.extend([self.output_start, *ids, self.output_end])
         elif row.expr is not None:
             row.expr.append(tok)
 

@@ -16,7 +16,8 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   are dropped, with what that costs: ABI 1 (5.13) refuses renaming/linking across directories outright,
   ABI < 3 does not cover truncate(2) (seccomp below then refuses the path form), ABI < 5 does not cover
   device ioctls, ABI >= 4 also refuses TCP bind/connect, ABI >= 6 also refuses signals to processes
-  outside the sandbox and connecting to abstract unix sockets outside it.
+  outside the sandbox (seccomp below refuses them on every ABI) and connecting to abstract unix sockets
+  outside it.
 - processes and network (seccomp, default allow with a deny list; foreign syscall ABIs kill):
   fork/vfork/clone without CLONE_THREAD, execve/execveat, socket() of EVERY family (AF_UNIX included;
   socketpair() stays allowed: it connects nothing outside), io_uring (it would issue socket/open
@@ -25,6 +26,10 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   ABI 3, truncate by path answer EPERM; setting or removing xattrs answers EOPNOTSUPP. Threads work (clone3 answers
   ENOSYS so libc falls back to clone, whose flags the filter can read). So shutil.copy, which copies the
   mode, fails even inside the temp dir; shutil.copyfile works.
+- signals (seccomp, whatever the Landlock ABI): kill/tkill/tgkill only to the process's own pid (for
+  tgkill: any of its own threads); pidfd_open, pidfd_send_signal, rt_sigqueueinfo/rt_tgsigqueueinfo and
+  making another process an fd's SIGIO/SIGURG owner (fcntl F_SETOWN/F_SETOWN_EX, ioctl
+  FIOSETOWN/SIOCSPGRP) answer EPERM. So no other process (the caller above all) can be signalled.
 - capabilities: the bootstrap drops every capability (relevant when run as root: no CAP_SYS_BOOT,
   CAP_MKNOD, CAP_DAC_OVERRIDE, ...); as root, `unshare --net` also puts the child in an empty network
   namespace where the kernel allows it.
@@ -34,7 +39,9 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   a new session with a scrubbed environment (PATH, LANG, LC_ALL, HOME and TMPDIR only).
 
 A second, in-process layer: a `sys.addaudithook` hook refuses writes, removals, renames and links
-outside the temp dir, sockets, ctypes, subprocess/exec/system, signals to other processes and setrlimit.
+outside the temp dir, sockets, ctypes, subprocess/exec/system, os.kill of other processes, fd owners
+(fcntl F_SETOWN, ioctl FIOSETOWN) and setrlimit (os.pidfd_open and signal.pidfd_send_signal raise no
+audit event: only seccomp refuses them).
 Its state lives in its default arguments (immutable tuples), not in globals that user code could rebind
 through `import __main__` (which names the user's own module); replacing its defaults or code object is
 itself refused. It is NOT a security boundary -- it runs in the same interpreter as the code it watches
@@ -256,15 +263,22 @@ def confine(work, use_landlock, use_seccomp, fail):
         return False
     EPERM, ENOSYS, EOPNOTSUPP = 1, 38, 95
     common = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438,
-              "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466, "file_setattr": 469}
+              "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466, "file_setattr": 469,
+              "pidfd_open": 434, "pidfd_send_signal": 424}
+    # Syscalls the filter decides on an argument (below), not on the number alone.
+    by_arg_names = ("clone", "kill", "tkill", "tgkill", "fcntl", "ioctl")
     table = {
-        "x86_64": (0xC000003E, dict(common, clone=56, clone3=435, fork=57, vfork=58, execve=59, execveat=322,
+        "x86_64": (0xC000003E, dict(common, kill=62, tkill=200, tgkill=234, rt_sigqueueinfo=129,
+                   rt_tgsigqueueinfo=297, fcntl=72, ioctl=16,
+                   clone=56, clone3=435, fork=57, vfork=58, execve=59, execveat=322,
                    socket=41, ptrace=101, process_vm_readv=310, process_vm_writev=311, unshare=272, setns=308,
                    bpf=321, perf_event_open=298, open_by_handle_at=304, chmod=90, fchmod=91, fchmodat=268,
                    chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
                    utimensat=280, truncate=76, setxattr=188, lsetxattr=189, fsetxattr=190, removexattr=197,
                    lremovexattr=198, fremovexattr=199)),
-        "aarch64": (0xC00000B7, dict(common, clone=220, clone3=435, execve=221, execveat=281, socket=198,
+        "aarch64": (0xC00000B7, dict(common, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
+                    rt_tgsigqueueinfo=240, fcntl=25, ioctl=29,
+                    clone=220, clone3=435, execve=221, execveat=281, socket=198,
                     ptrace=117, process_vm_readv=270, process_vm_writev=271, unshare=97, setns=268, bpf=280,
                     perf_event_open=241, open_by_handle_at=265, fchmod=52, fchmodat=53, fchown=55,
                     fchownat=54, utimensat=88, truncate=45, setxattr=5, lsetxattr=6, fsetxattr=7,
@@ -274,7 +288,7 @@ def confine(work, use_landlock, use_seccomp, fail):
         return False
     arch, nrs = table[machine]
     deny = [(nr, ENOSYS if name == "clone3" else EOPNOTSUPP if "xattr" in name else EPERM)
-            for name, nr in nrs.items() if name != "clone" and not (name == "truncate" and abi >= 3)]
+            for name, nr in nrs.items() if name not in by_arg_names and not (name == "truncate" and abi >= 3)]
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
     KILL, ALLOW, ERRNO, CLONE_THREAD = 0x80000000, 0x7FFF0000, 0x00050000, 0x00010000
     prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]
@@ -282,6 +296,19 @@ def confine(work, use_landlock, use_seccomp, fail):
         prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, KILL)]
     for nr, errno in deny:
         prog += [(JEQ, 0, 1, nr), (RET, 0, 0, ERRNO | errno)]
+    # Signals reach only this process: kill/tkill/tgkill with its own pid first (tgkill: its thread group;
+    # kill(0)/kill(-1)/another pid are refused), and no fd may name another process as its SIGIO owner
+    # (F_SETOWN 8, F_SETOWN_EX 15, FIOSETOWN 0x8901, SIOCSPGRP 0x8902). The kernel reads these arguments
+    # as 32-bit ints: the low half of each 64-bit slot (little-endian) is what it acts on.
+    me = os.getpid()
+    by_arg = [(nrs[n], 0, (me,), ALLOW, ERRNO | EPERM) for n in ("kill", "tkill", "tgkill")]
+    by_arg += [(nrs["fcntl"], 1, (8, 15), ERRNO | EPERM, ALLOW),
+               (nrs["ioctl"], 1, (0x8901, 0x8902), ERRNO | EPERM, ALLOW)]
+    for nr, arg, values, hit, miss in by_arg:  # hit: the argument is one of values; miss: it is not
+        m = len(values)
+        prog += [(JEQ, 0, m + 3, nr), (LD, 0, 0, 16 + 8 * arg)]  # seccomp_data.args[arg]
+        prog += [(JEQ, m - j, 0, v) for j, v in enumerate(values)]
+        prog += [(RET, 0, 0, miss), (RET, 0, 0, hit)]
     # clone: only with CLONE_THREAD (a thread), read from the low half of the first argument
     prog += [(JEQ, 0, 3, nrs["clone"]), (LD, 0, 0, 16), (JSET, 1, 0, CLONE_THREAD),
              (RET, 0, 0, ERRNO | EPERM), (RET, 0, 0, ALLOW)]
@@ -322,6 +349,7 @@ def make_hook(work, my_pid):
                        "os.chroot", "os.setuid", "os.setgid", "os.setre", "os.setgroups", "sys.settrace",
                        "sys.setprofile", "threading.settrace", "threading.setprofile"),
              _func_slots=("__code__", "__defaults__", "__kwdefaults__"),
+             _owner_cmds=(8, 15, 0x8901, 0x8902),  # F_SETOWN, F_SETOWN_EX, FIOSETOWN, SIOCSPGRP
              _own_code=own_code, _getattr=getattr, _PermissionError=PermissionError, _bool=bool, _any=any,
              _len=len):
         if event == "open":
@@ -340,6 +368,8 @@ def make_hook(work, my_pid):
         if event == "os.kill":
             if args[0] != _pid:
                 raise _PermissionError("sandbox: signalling other processes is not allowed")
+        elif event in ("fcntl.fcntl", "fcntl.ioctl") and _len(args) > 1 and args[1] in _owner_cmds:
+            raise _PermissionError("sandbox: setting an fd's signal owner is not allowed")
         elif event == "import" and (args[0] == "ctypes" or args[0].startswith(("ctypes.", "_ctypes"))):
             raise _PermissionError("sandbox: ctypes is not allowed")
         elif (event == "object.__setattr__" and _len(args) > 1 and args[1] in _func_slots

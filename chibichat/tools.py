@@ -19,11 +19,13 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 
 # Bounds that keep one tool call cheap whatever the model writes. They are about the tool, not the
 # model's context: the result is tokenized and forced into the context afterwards, and the engine
-# checks that fit against the row's remaining budget.
+# checks that fit against the row's remaining budget (a result that does not fit is replaced by an error).
 MAX_EXPR_CHARS = 1000
+MAX_OUTPUT_CHARS = 100_000  # a python call's output past this is an error (more than any context here shows)
 MAX_ABS_EXPONENT = 64  # x ** y with |y| > 64 is refused (2 ** 10**9 would hang the process)
 MAX_INT_DIGITS = 100  # results and intermediates with more digits are refused
 MAX_STR_CHARS = 1000  # string literals and string results (.join, .strip)
@@ -112,25 +114,47 @@ def _eval(node):
 
 
 def _format(value) -> str:
+    # Ten decimals is the format training data carries ("0.3333333333"); below 1e-4, where repr writes an
+    # exponent anyway, ten decimals would drop the digits that matter (2**-40 -> "0.0"): ten significant
+    # digits there.
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e15:
             return str(int(value))
+        if abs(value) < 1e-4:
+            return f"{value:.10g}"
         return repr(round(value, 10))
     return str(value)
 
 
-def calculate(expr: str) -> str:
+_STRING_LITERAL = re.compile(r"""("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')""")
+# a thousands group: 1-3 digits, then groups of exactly three, not inside a longer number or a name
+_THOUSANDS = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?!\d)")
+
+
+def _strip_thousands(expr: str) -> tuple[str, bool]:
+    """`expr` with the commas of thousands groups ("1,234") removed outside string literals, and whether
+    another comma is left outside them."""
+    pieces = _STRING_LITERAL.split(expr)  # odd indices: string literals, kept as written
+    for i in range(0, len(pieces), 2):
+        pieces[i] = _THOUSANDS.sub(lambda m: m.group().replace(",", ""), pieces[i])
+    return "".join(pieces), any("," in p for p in pieces[::2])
+
+
+def calculate(expr: str, thousands: bool = True) -> str:
     """Evaluate a calculator expression and return its result as text.
 
-    Thousands separators ("1,234") are stripped as upstream did, because models write them; a comma
-    inside a string literal is kept. Raises ToolError on anything outside the whitelist.
+    Thousands separators ("1,234") are stripped, because models write them (thousands=False, for python
+    source, keeps every comma: there they build tuples and separate arguments); a comma inside a string
+    literal is kept, and any other comma is refused. Raises ToolError on anything outside the whitelist.
     """
     if not isinstance(expr, str):
         raise ToolError("expression must be a string")
     if len(expr) > MAX_EXPR_CHARS:
         raise ToolError(f"expression longer than {MAX_EXPR_CHARS} characters")
-    if '"' not in expr and "'" not in expr:
-        expr = expr.replace(",", "")
+    if thousands:
+        expr, other_comma = _strip_thousands(expr)
+        if other_comma:
+            raise ToolError("a comma is allowed only in a thousands group such as 1,234")
     expr = expr.strip()
     if not expr:
         raise ToolError("empty expression")
@@ -158,7 +182,7 @@ def run_tool(kind: str, source: str) -> str:
     """Result text of one tool call; a failed call's result is "Error: <why>" (the model and the reader
     of the transcript see that the call failed, instead of no output at all)."""
     try:
-        return calculate(source)
+        return calculate(source, thousands=kind != "python")
     except ToolError as e:
         if kind != "python":
             return tool_error(str(e))
@@ -167,12 +191,17 @@ def run_tool(kind: str, source: str) -> str:
     code = source
     try:
         ast.parse(source, mode="eval")
-        code = f"print({source})"  # a bare expression: show its value, like a REPL would
-    except SyntaxError:
-        pass
+        # a bare expression: show its value, like a REPL would; on lines of its own so that a trailing
+        # comment does not swallow the closing parentheses
+        code = f"print((\n{source}\n))"
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        pass  # not an expression (or one the parser gives up on): run it as a script, which reports why
     result = run_python(code, timeout_s=2.0, memory_mb=256)
     if result.ok:
-        return result.stdout.strip()
+        out = result.stdout.strip()
+        if len(out) > MAX_OUTPUT_CHARS:
+            return tool_error(f"output of {len(out)} characters exceeds the {MAX_OUTPUT_CHARS} a call may return")
+        return out
     # the exception's own text ("NameError: name 'x' is not defined"): what follows the traceback's
     # last indented line
     lines = result.stderr.strip().splitlines()

@@ -95,3 +95,68 @@ def test_errors(chat_home, tmp_path, capsys):
     assert rc == 2 and "--top-k" in err
     rc, _, err = cli(BASE + home + ["-p", "  "], capsys)
     assert rc == 2
+
+
+class FakeEngine:
+    """What the chat uses of an Engine, scripted: each reply streams "part" then "done"; `interrupt` lists
+    the replies (0-based) that Ctrl-C stops after their first piece. Records every prompt and seed."""
+
+    seq_len = 64
+
+    def __init__(self, interrupt=()):
+        from chibichat.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
+        self.interrupt, self.prompts, self.seeds = set(interrupt), [], []
+
+    def stream(self, prompt, result, seed, **kw):
+        n = len(self.prompts)
+        self.prompts.append(self.tokenizer.decode(prompt))
+        self.seeds.append(seed)
+        yield "part"
+        if n in self.interrupt:
+            raise KeyboardInterrupt
+        yield "done"
+        result.update(finish_reason="stop", tokens=self.tokenizer.encode(f"reply{n}"))
+
+    def to_parts(self, tokens):
+        return [{"type": "text", "text": self.tokenizer.decode(tokens)}]
+
+
+def fake_cli(monkeypatch, capsys, engine, args, stdin):
+    import chibichat.stages.chat as chat
+
+    monkeypatch.setattr(chat, "load_engine", lambda a: (engine, {"checkpoint_dir": "fake"}))
+    return cli(BASE + args, capsys, stdin, monkeypatch)
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys):
+    engine = FakeEngine(interrupt=[0])
+    rc, out, err = fake_cli(monkeypatch, capsys, engine, ["--max-tokens", "8"], "first\nsecond\n")
+    assert rc == 0 and out == "part\npartdone\n"
+    assert "[reply stopped; this exchange is not kept in the history]" in err
+    # the stopped exchange is not in the next prompt; a whole one is
+    assert "first" not in engine.prompts[1] and "second" in engine.prompts[1]
+    engine = FakeEngine()
+    fake_cli(monkeypatch, capsys, engine, ["--max-tokens", "8"], "first\nsecond\n")
+    assert "first" in engine.prompts[1] and "reply0" in engine.prompts[1]
+
+
+def test_seed_range_and_wrap(monkeypatch, capsys):
+    engine = FakeEngine()
+    rc, _, err = fake_cli(monkeypatch, capsys, engine, ["--max-tokens", "8", "--seed", str(2**64 - 1)], "a\nb\n")
+    assert rc == 0 and engine.seeds == [2**64 - 1, 0], err  # torch refuses 2**64: the second reply crashed
+    for bad in (2**64, -(2**63) - 1):
+        rc, _, err = fake_cli(monkeypatch, capsys, FakeEngine(), ["--seed", str(bad), "-p", "hi"], None)
+        assert rc == 2 and f"--seed must be in [-2**63, 2**64 - 1] (the seeds torch takes), got {bad}" in err
+
+
+def test_system_prompt_that_leaves_no_room_is_refused_at_start(monkeypatch, capsys):
+    # context 64 - reply 8 = 56 for the prompt; <|bos|> <|user_start|> 60 x "\n\n" <|user_end|> <|assistant_start|>
+    rc, _, err = fake_cli(monkeypatch, capsys, FakeEngine(), ["--max-tokens", "8", "--system", "x" * 60], "hi\n")
+    assert rc == 2 and ("--system takes 66 tokens of the 56 left after --max-tokens 8 (context 64), leaving none "
+                        "for a message; shorten it or lower --max-tokens") in err
+    engine = FakeEngine()
+    rc, out, _ = fake_cli(monkeypatch, capsys, engine, ["--max-tokens", "8", "--system", "x" * 40], "hi\n")
+    assert rc == 0 and out == "partdone\n" and engine.prompts[0].count("x") == 40
+

@@ -142,6 +142,21 @@ def test_greedy_is_argmax():
     assert sample_next(logits, SamplingParams(0.0), None).tolist() == [1, 0]
 
 
+def test_tiny_temperature_is_greedy(tok, rt):
+    # logits / 1e-38 overflowed float32 to inf, softmax gave NaN and the draw an index out of range
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=g) * 5
+    for params in (SamplingParams(1e-38, 50), SamplingParams(1e-38), SamplingParams(1e-38, top_p=0.9)):
+        assert sample_next(logits, params.validate(), g).tolist() == logits.argmax(-1).tolist()
+    assert torch.equal(sampling_probs(logits, 1e-38), torch.nn.functional.one_hot(logits.argmax(-1), 300).float())
+    from chibichat.engine import _Group, draw_together
+
+    engine = Engine(random_model(tok, "A"), tok, rt)
+    x = torch.randn(2, tok.vocab_size, generator=g) * 5
+    groups = [_Group(engine, 2, 10, SamplingParams(1e-38, 50), seed, None) for seed in (0, 1)]
+    assert draw_together([(grp, x) for grp in groups]) == [x.argmax(-1).tolist()] * 2
+
+
 @pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5},
                                 {"repetition_penalty": 0}])  # fmt: skip
 def test_bad_sampling_params(kw):
@@ -375,15 +390,74 @@ def test_python_tool_error_is_the_exception_text():
     assert run_tool("python", "while True: pass") == "Error: timed out after 2 s (wall clock)"
 
 
+def test_python_tool_errors_instead_of_raising():
+    from chibichat.tools import run_tool
+
+    # the parser gives up on these (RecursionError, ValueError): they run as scripts and report why
+    assert run_tool("python", "-" * 3000 + "1").startswith("Error: ")
+    assert run_tool("python", "1\x00").startswith("Error: ")
+    # a bare expression with a trailing comment still prints its value; commas stay python's
+    assert run_tool("python", 'len("abc")  # length') == "3"
+    assert run_tool("python", "(3,4)") == "(3, 4)"
+    assert run_tool("python", "1,5+1") == "(1, 6)"
+    assert run_tool("python", "max(1,234, 5)") == "234"
+    assert run_tool("python", "words = 'word ' * 100000\nprint(words)") == (
+        "Error: output of 499999 characters exceeds the 100000 a call may return")
+
+
+def test_a_failing_tool_is_the_calls_result_not_a_crash(tok, rt, monkeypatch):
+    import chibichat.engine as engine_module
+
+    def broken(kind, source):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(engine_module, "run_tool", broken)
+    sid = tok.special_id
+    ps, pe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|assistant_end|>"))
+    script = [ps, *tok.encode("1+1"), pe] + [88] * 80 + [ae]
+    engine = Engine(Scripted(random_model(tok, "A", seq_len=128), {}, default=88, script=script), tok, rt)
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=100, temperature=0)[0][0]
+    assert ("<|python_end|><|output_start|>Error: the tool failed: RecursionError: maximum recursion depth "
+            "exceeded<|output_end|>") in s.text
+
+
+def test_tool_output_that_does_not_fit_is_an_error(tok, rt):
+    sid = tok.special_id
+    ps, pe, os_, oe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
+                                             "<|output_end|>", "<|assistant_end|>"))
+
+    def run(call, max_tokens, tools="calculator"):
+        script = [ps, *tok.encode(call), pe] + [88] * 300 + [ae]
+        engine = Engine(Scripted(random_model(tok, "A", seq_len=256), {}, default=88, script=script), tok, rt)
+        s = engine.generate([[tok.bos_id, 65]], max_tokens=max_tokens, temperature=0, tools=tools)[0][0]
+        after = len(call) + 2  # the byte-level tokenizer: one token per character of the call
+        return s, s.tokens[after:], s.forced[after:]
+
+    call = '"-".join("' + "a" * 100 + '")'  # a result of 199 tokens
+    s, out, forced = run(call, len(call) + 2 + 60)
+    error = "Error: output of 199 tokens exceeds the 58 left"
+    assert out[: len(error) + 2] == [os_, *tok.encode(error), oe] and forced[: len(error) + 2] == [1] * (len(error) + 2)
+    assert out[len(error) + 2 :] == [88] * (60 - len(error) - 2) and s.finish_reason == "length"
+    # no room even for the error: the row ends at the call, no output opened
+    s, out, _ = run(call, len(call) + 4)
+    assert s.tokens[-1] == pe and out == [] and s.finish_reason == "length"
+    # a python call printing 10**5 words: its output is refused before it is tokenized, and the error fits
+    call = "words = 'word ' * 10**5\nprint(words)"
+    s, out, _ = run(call, 120, tools="python")
+    error = "Error: output of 499999 characters exceeds the 100000 a call may return"
+    assert out[: len(error) + 2] == [os_, *tok.encode(error), oe]
+
+
 def test_python_tool_runs_in_sandbox(tok, rt):
     sid = tok.special_id
     ps, pe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|assistant_end|>"))
     result = "['a', 'b', 'c']"
     script = [ps, *tok.encode("sorted('cab')"), pe] + [88] * (len(result) + 2) + [ae]
-    engine = Engine(Scripted(random_model(tok, "A", seq_len=96), {}, default=88, script=script), tok, rt)
+    engine = Engine(Scripted(random_model(tok, "A", seq_len=160), {}, default=88, script=script), tok, rt)
     s = engine.generate([[tok.bos_id, 65]], max_tokens=60, temperature=0, tools="python")[0][0]
     assert s.text.endswith(f"<|python_end|><|output_start|>{result}<|output_end|>") and s.finish_reason == "stop"
-    s = engine.generate([[tok.bos_id, 65]], max_tokens=60, temperature=0, tools="calculator")[0][0]
+    # the calculator's error (about 90 tokens) needs a larger budget: an output that does not fit is not shown
+    s = engine.generate([[tok.bos_id, 65]], max_tokens=150, temperature=0, tools="calculator")[0][0]
     assert "<|python_end|><|output_start|>Error: only the forms" in s.text and result not in s.text
 
 

@@ -7,6 +7,7 @@ and show the same attempt then succeeds, so these tests can fail.
 """
 
 import os
+import platform
 import socket
 import stat
 import sys
@@ -126,8 +127,30 @@ ESCAPES = [
 if os.path.exists("/etc/shadow"):  # a missing file answers ENOENT before any permission check
     ESCAPES.append(("read-etc-shadow", "report(lambda: open('/etc/shadow').read())", "refused EACCES",
                     "refused EACCES"))
-if SUPPORT.landlock_abi >= 6:  # Landlock's signal scope; below ABI 6 only the hook refuses
-    ESCAPES.append(("kill-parent", "report(lambda: os.kill(os.getppid(), 0))", "refused EPERM", "refused by hook"))
+# Signals to another process (the caller first; signal 0 only checks the permission): seccomp refuses
+# them whatever the Landlock ABI (ABI 6 scopes signals too; test_signals_to_other_processes_... below
+# shows them refused at ABI 5 and getting through without seccomp).
+ESCAPES += [
+    ("kill-parent", "report(lambda: os.kill(os.getppid(), 0))", "refused EPERM", "refused by hook"),
+    ("kill-own-group", "report(lambda: os.kill(0, 0))", "refused EPERM", "refused by hook"),
+    ("pidfd-open-parent", "report(lambda: os.pidfd_open(os.getppid()))", "refused EPERM", "refused EPERM"),
+    ("fcntl-setown-parent", "import fcntl, socket\na, b = socket.socketpair()\n"
+     "report(lambda: fcntl.fcntl(a, fcntl.F_SETOWN, os.getppid()))", "refused EPERM", "refused by hook"),
+    ("ioctl-fiosetown-parent", "import fcntl, socket, struct\na, b = socket.socketpair()\n"
+     "report(lambda: fcntl.ioctl(a, 0x8901, struct.pack('i', os.getppid())))", "refused EPERM", "refused by hook"),
+    ("ctypes-pidfd-send-signal", libc_call("libc.syscall(424, 0, 0, None, 0)"), "refused EPERM", "refused by hook"),
+]
+# The signal syscalls that have no os/signal function, by machine (the filter's own machines).
+SIGNAL_NRS = {"x86_64": {"tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297},
+              "aarch64": {"tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240}}.get(
+                  platform.machine(), {})
+if SIGNAL_NRS:
+    ESCAPES += [
+        ("ctypes-tgkill-parent", libc_call(f"libc.syscall({SIGNAL_NRS['tgkill']}, os.getppid(), os.getppid(), 0)"),
+         "refused EPERM", "refused by hook"),
+        ("ctypes-tkill-parent", libc_call(f"libc.syscall({SIGNAL_NRS['tkill']}, os.getppid(), 0)"), "refused EPERM",
+         "refused by hook"),
+    ]
 
 
 def make_outside(root):
@@ -196,7 +219,9 @@ def test_each_landlock_abi_confines_files_and_keeps_the_temp_dir_usable(monkeypa
         "os.mkdir('sub'); open('sub/a', 'w').write('abc')\n"
         "report(lambda: os.rename('sub/a', 'b'))\n"  # across directories: needs the REFER right (ABI 2)
         "report(lambda: os.truncate('sub/a' if os.path.exists('sub/a') else 'b', 1))\n"  # ABI 3 covers truncate
-        "report(lambda: os.kill(os.getppid(), 0))\n"  # ABI 6 scopes signals
+        "report(lambda: os.kill(os.getppid(), 0))\n"  # seccomp refuses signals out on every ABI
+        "report(lambda: os.pidfd_open(os.getppid()))\n"
+        "report(lambda: os.kill(os.getpid(), 0))\n"  # its own pid stays allowed
     )
     r = run_python(code.format(**outside), layers=KERNEL_ONLY)
     assert r.stdout.splitlines() == [
@@ -204,7 +229,9 @@ def test_each_landlock_abi_confines_files_and_keeps_the_temp_dir_usable(monkeypa
         "refused EACCES",
         "refused EXDEV" if abi == 1 else "returned None",
         "refused EPERM" if abi < 3 else "returned None",
-        "returned None" if abi < 6 else "refused EPERM",
+        "refused EPERM",
+        "refused EPERM",
+        "returned None",
     ], r.stderr
     assert not os.path.exists(outside["T"])
 
@@ -268,6 +295,44 @@ def test_without_seccomp_fork_succeeds():
     assert r.stdout == "returned 7\n", r.stderr
 
 
+# Every way this sandbox knows to signal another process, with signal 0 (a permission check, nothing
+# delivered) to the caller. rt_(tg)sigqueueinfo carry si_code SI_QUEUE (-1), what sigqueue(3) sends: a
+# code >= 0 is refused by the kernel itself.
+SIGNAL_OTHERS = REPORT + """
+import ctypes, fcntl, signal, socket, struct
+pp = os.getppid()
+libc = ctypes.CDLL(None, use_errno=True)
+def syscall(nr, *args):
+    r = libc.syscall(nr, *args)
+    if r < 0:
+        raise OSError(ctypes.get_errno(), "libc")
+    return r
+report(lambda: os.kill(pp, 0))
+report(lambda: signal.pidfd_send_signal(os.pidfd_open(pp), 0))
+a, b = socket.socketpair()
+report(lambda: fcntl.fcntl(a, fcntl.F_SETOWN, pp))
+report(lambda: len(fcntl.ioctl(b, 0x8901, struct.pack("i", pp))))
+info = ctypes.create_string_buffer(struct.pack("iii", 0, 0, -1), 128)
+report(lambda: syscall({tgkill}, pp, pp, 0))
+report(lambda: syscall({tkill}, pp, 0))
+report(lambda: syscall({rt_sigqueueinfo}, pp, 0, info))
+report(lambda: syscall({rt_tgsigqueueinfo}, pp, pp, 0, info))
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("layers,expected", [
+    (KERNEL_ONLY, ["refused EPERM"] * 8),
+    (("landlock", "netns"), ["returned None"] * 2 + ["returned 0", "returned 4"] + ["returned 0"] * 4),
+], ids=["kernel-only", "without-seccomp"])
+def test_signals_to_other_processes_are_refused_below_landlock_abi_6(monkeypatch, layers, expected):
+    # Landlock ABI 5 (Linux 6.10) does not scope signals: seccomp alone must refuse them, and without it
+    # (and without the hook) every one of them reaches the caller.
+    monkeypatch.setenv(SIMULATE_ENV, "landlock-abi=5")
+    r = run_python(SIGNAL_OTHERS.format(**SIGNAL_NRS), layers=layers, allow_weak=True)
+    assert r.stdout.splitlines() == expected, r.stderr
+
+
 # ---- what still works inside
 
 
@@ -293,9 +358,13 @@ def test_stdlib_threads_socketpair_and_asyncio_work():
         "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
         "print(asyncio.run(asyncio.sleep(0, result='async')))\n"
         "print(json.dumps(collections.Counter('aab')), decimal.Decimal('1.1') + 1, fractions.Fraction(1, 3))\n"
+        # signals to itself: os.kill of its own pid, raise() (tgkill of its thread group), pthread_kill
+        "import os, signal\ngot = []\nsignal.signal(signal.SIGUSR1, lambda *a: got.append('handled'))\n"
+        "os.kill(os.getpid(), signal.SIGUSR1); signal.raise_signal(signal.SIGUSR1)\n"
+        "signal.pthread_kill(threading.get_ident(), signal.SIGUSR1); print(got)\n"
     )
     r = run_python(code)
-    assert r.stdout == "b'x'\nthread\nasync\n{\"a\": 2, \"b\": 1} 2.1 1/3\n", r.stderr
+    assert r.stdout == "b'x'\nthread\nasync\n{\"a\": 2, \"b\": 1} 2.1 1/3\n['handled', 'handled', 'handled']\n", r.stderr
 
 
 def test_user_code_is_its_own_main_module():

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from chibichat.tools import ToolError, calculate
+from chibichat.tools import ToolError, calculate, run_tool
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,9 @@ from chibichat.tools import ToolError, calculate
         ("-(3 - 5)", "2"),
         ("2**10", "1024"),
         ("1,234 + 1", "1235"),
+        ("1,234,567 * 2", "2469134"),
+        ("1,234.5 * 2", "2469"),
+        ('"a,b".count(",") + 1,000', "1001"),
         ("0.1 + 0.2", "0.3"),
         ("1/3", "0.3333333333"),
         ('"strawberry".count("r")', "3"),
@@ -30,10 +33,26 @@ from chibichat.tools import ToolError, calculate
         ('" bliss".strip().count("s")', "2"),
         ('"-".join("")', ""),
         ("(" * 50 + "1" + ")" * 50, "1"),
+        # below 1e-4 ten significant digits, not ten decimals (which gave "0.0")
+        ("2**-40", "9.094947018e-13"),
+        ("6.626e-34*3e8", "1.9878e-25"),
+        ("1/30000", "3.333333333e-05"),
+        ("-1/30000", "-3.333333333e-05"),
+        ("1.5e-5", "1.5e-05"),
+        ("1/3000", "0.0003333333"),
+        ("1e20 / 3", "3.333333333333333e+19"),  # above 1e15: repr, as before
     ],
 )
 def test_calculate_values(expr, want):
     assert calculate(expr) == want
+
+
+@pytest.mark.parametrize("expr", ["1,5+1", "(3,4)", "1,2345", "12,345,67", "1.5,000", "2*(1, 000)"])
+def test_calculate_refuses_commas_outside_thousands_groups(expr):
+    # they were all stripped: "1,5+1" gave 16 and "(3,4)" gave 34
+    with pytest.raises(ToolError, match=r"^a comma is allowed only in a thousands group such as 1,234$"):
+        calculate(expr)
+    assert run_tool("calculator", expr) == "Error: a comma is allowed only in a thousands group such as 1,234"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,10 @@ The history is re-rendered for every reply with the model's context minus the re
 limit; when it no longer fits, the oldest exchanges are dropped from the history with a notice
 (upstream crashed there). The system prompt is never dropped. Notices and errors go
 to stderr, so stdout carries only the model's words (one-shot output is script-friendly).
+
+Ctrl-C during a reply stops that reply and returns to the prompt; the stopped exchange (the message
+and the partial reply) is left out of the history, which holds only whole exchanges. Ctrl-C at the
+prompt, or during a one-shot -p reply, ends the command as usual.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass, field
 from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 from chibichat.render import reply_budget
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # the seeds torch's generator takes (a negative one as its two's complement)
 
 HELP_TEXT = """commands:
   /clear        forget the conversation (the system prompt stays)
@@ -96,7 +102,8 @@ class ChatSession:
                 f"{self.engine.seq_len}-token context]\n"
             )
             err.flush()
-        seed = self.seed + self.replies if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        # wrapped into torch's range: --seed near its top still gives every later reply a valid seed
+        seed = (self.seed + self.replies) % 2**64 if self.seed is not None else int.from_bytes(os.urandom(4), "little")
         result: dict = {}
         pieces = []
         for piece in self.engine.stream(prompt.ids, max_tokens=self.max_tokens, temperature=self.temperature,
@@ -151,16 +158,36 @@ def make_session(args, engine) -> ChatSession:
         raise ChibiError(f"--temperature must be in [0, 100], got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ChibiError(f"--top-p must be in (0, 1], got {args.top_p}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ChibiError(f"--seed must be in [-2**63, 2**64 - 1] (the seeds torch takes), got {seed}")
+    max_tokens = reply_budget(engine.seq_len, args.max_tokens)
+    if args.system:
+        _check_system(engine, args.system, max_tokens)
     return ChatSession(
         engine=engine,
-        max_tokens=reply_budget(engine.seq_len, args.max_tokens),
+        max_tokens=max_tokens,
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,
         tools=None if args.tools == "none" else args.tools,
         system=args.system,
-        seed=getattr(args, "seed", None),
+        seed=seed,
     )
+
+
+def _check_system(engine, system: str, max_tokens: int) -> None:
+    """Refuse a --system prompt that leaves no room for a message (else every message would fail)."""
+    from chibichat.render import render_prompt
+
+    limit = engine.seq_len - max_tokens
+    conv = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": ""}]}
+    need = len(render_prompt(engine.tokenizer, conv, max_len=sys.maxsize).ids)  # with the chat template
+    if need >= limit:
+        raise ChibiError(
+            f"--system takes {need} tokens of the {limit} left after --max-tokens {max_tokens} (context "
+            f"{engine.seq_len}), leaving none for a message; shorten it or lower --max-tokens"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,5 +225,10 @@ def run(args: argparse.Namespace) -> int:
             session.reply(line, out, err)
         except ChibiError as e:  # e.g. a message longer than the context: say so, keep the session
             err.write(f"[error: {e}]\n")
+            err.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops this reply only (see the module docstring)
+            out.write("\n")
+            out.flush()
+            err.write("[reply stopped; this exchange is not kept in the history]\n")
             err.flush()
     return 0
