@@ -30,6 +30,8 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   tgkill: any of its own threads); pidfd_open, pidfd_send_signal, rt_sigqueueinfo/rt_tgsigqueueinfo and
   making another process an fd's SIGIO/SIGURG owner (fcntl F_SETOWN/F_SETOWN_EX, ioctl
   FIOSETOWN/SIOCSPGRP) answer EPERM. So no other process (the caller above all) can be signalled.
+- other processes' limits and scheduling (seccomp): prlimit64 and sched_setaffinity/setscheduler/
+  setparam/setattr only for pid 0 or the process's own pid; setpriority and ioprio_set answer EPERM.
 - capabilities: the bootstrap drops every capability (relevant when run as root: no CAP_SYS_BOOT,
   CAP_MKNOD, CAP_DAC_OVERRIDE, ...); as root, `unshare --net` also puts the child in an empty network
   namespace where the kernel allows it.
@@ -266,10 +268,12 @@ def confine(work, use_landlock, use_seccomp, fail):
               "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466, "file_setattr": 469,
               "pidfd_open": 434, "pidfd_send_signal": 424}
     # Syscalls the filter decides on an argument (below), not on the number alone.
-    by_arg_names = ("clone", "kill", "tkill", "tgkill", "fcntl", "ioctl")
+    by_arg_names = ("clone", "kill", "tkill", "tgkill", "fcntl", "ioctl", "prlimit64", "sched_setaffinity",
+                    "sched_setscheduler", "sched_setparam", "sched_setattr")
     table = {
         "x86_64": (0xC000003E, dict(common, kill=62, tkill=200, tgkill=234, rt_sigqueueinfo=129,
-                   rt_tgsigqueueinfo=297, fcntl=72, ioctl=16,
+                   rt_tgsigqueueinfo=297, fcntl=72, ioctl=16, setpriority=141, ioprio_set=251, prlimit64=302,
+                   sched_setaffinity=203, sched_setscheduler=144, sched_setparam=142, sched_setattr=314,
                    clone=56, clone3=435, fork=57, vfork=58, execve=59, execveat=322,
                    socket=41, ptrace=101, process_vm_readv=310, process_vm_writev=311, unshare=272, setns=308,
                    bpf=321, perf_event_open=298, open_by_handle_at=304, chmod=90, fchmod=91, fchmodat=268,
@@ -277,7 +281,8 @@ def confine(work, use_landlock, use_seccomp, fail):
                    utimensat=280, truncate=76, setxattr=188, lsetxattr=189, fsetxattr=190, removexattr=197,
                    lremovexattr=198, fremovexattr=199)),
         "aarch64": (0xC00000B7, dict(common, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
-                    rt_tgsigqueueinfo=240, fcntl=25, ioctl=29,
+                    rt_tgsigqueueinfo=240, fcntl=25, ioctl=29, setpriority=140, ioprio_set=30, prlimit64=261,
+                    sched_setaffinity=122, sched_setscheduler=119, sched_setparam=118, sched_setattr=274,
                     clone=220, clone3=435, execve=221, execveat=281, socket=198,
                     ptrace=117, process_vm_readv=270, process_vm_writev=271, unshare=97, setns=268, bpf=280,
                     perf_event_open=241, open_by_handle_at=265, fchmod=52, fchmodat=53, fchown=55,
@@ -302,6 +307,11 @@ def confine(work, use_landlock, use_seccomp, fail):
     # as 32-bit ints: the low half of each 64-bit slot (little-endian) is what it acts on.
     me = os.getpid()
     by_arg = [(nrs[n], 0, (me,), ALLOW, ERRNO | EPERM) for n in ("kill", "tkill", "tgkill")]
+    # Nor may it change another process's limits or scheduling (pid 0 or its own pid only: a lowered
+    # RLIMIT or priority of the caller is a denial of service); setpriority and ioprio_set, which can also
+    # name a process group or a user, are refused outright (nothing in a calculation needs them).
+    by_arg += [(nrs[n], 0, (0, me), ALLOW, ERRNO | EPERM)
+               for n in ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")]
     by_arg += [(nrs["fcntl"], 1, (8, 15), ERRNO | EPERM, ALLOW),
                (nrs["ioctl"], 1, (0x8901, 0x8902), ERRNO | EPERM, ALLOW)]
     for nr, arg, values, hit, miss in by_arg:  # hit: the argument is one of values; miss: it is not

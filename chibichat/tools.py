@@ -191,9 +191,9 @@ def run_tool(kind: str, source: str) -> str:
     code = source
     try:
         ast.parse(source, mode="eval")
-        # a bare expression: show its value, like a REPL would; on lines of its own so that a trailing
-        # comment does not swallow the closing parentheses
-        code = f"print((\n{source}\n))"
+        # a bare expression: show its value unless it is None (`print(x)` shows x once), like a REPL; on
+        # lines of its own so that a trailing comment does not swallow the closing parenthesis
+        code = f"__value = (\n{source}\n)\nif __value is not None:\n    print(__value)"
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         pass  # not an expression (or one the parser gives up on): run it as a script, which reports why
     result = run_python(code, timeout_s=2.0, memory_mb=256)

@@ -401,6 +401,9 @@ def test_python_tool_errors_instead_of_raising():
     assert run_tool("python", "(3,4)") == "(3, 4)"
     assert run_tool("python", "1,5+1") == "(1, 6)"
     assert run_tool("python", "max(1,234, 5)") == "234"
+    # a call whose value is None shows only what it printed, as a REPL does
+    assert run_tool("python", "print(1)") == "1"
+    assert run_tool("python", "[].sort()") == ""
     assert run_tool("python", "words = 'word ' * 100000\nprint(words)") == (
         "Error: output of 499999 characters exceeds the 100000 a call may return")
 

@@ -140,10 +140,26 @@ ESCAPES += [
      "report(lambda: fcntl.ioctl(a, 0x8901, struct.pack('i', os.getppid())))", "refused EPERM", "refused by hook"),
     ("ctypes-pidfd-send-signal", libc_call("libc.syscall(424, 0, 0, None, 0)"), "refused EPERM", "refused by hook"),
 ]
+# Another process's limits and scheduling (each call would set what is already there: harmless if it
+# got through; the read of the current value is allowed).
+ESCAPES += [
+    ("setpriority-parent", "report(lambda: os.setpriority(os.PRIO_PROCESS, os.getppid(), "
+     "os.getpriority(os.PRIO_PROCESS, os.getppid())))", "refused EPERM", "refused EPERM"),
+    ("sched-setaffinity-parent", "report(lambda: os.sched_setaffinity(os.getppid(), os.sched_getaffinity(os.getppid())))",
+     "refused EPERM", "refused EPERM"),
+    ("sched-setscheduler-parent", "report(lambda: os.sched_setscheduler(os.getppid(), os.sched_getscheduler("
+     "os.getppid()), os.sched_param(0)))", "refused EPERM", "refused EPERM"),
+    ("prlimit-parent", "import resource\nreport(lambda: resource.prlimit(os.getppid(), resource.RLIMIT_CORE))",
+     "refused EPERM", "refused by hook"),
+]
 # The signal syscalls that have no os/signal function, by machine (the filter's own machines).
 SIGNAL_NRS = {"x86_64": {"tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297},
               "aarch64": {"tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240}}.get(
                   platform.machine(), {})
+IOPRIO_NRS = {"x86_64": (251, 252), "aarch64": (30, 31)}.get(platform.machine())  # ioprio_set, ioprio_get
+if IOPRIO_NRS:  # IOPRIO_WHO_PROCESS (1), the caller, its present I/O priority
+    ESCAPES.append(("ctypes-ioprio-set-parent", libc_call(f"libc.syscall({IOPRIO_NRS[0]}, 1, os.getppid(), "
+                    f"libc.syscall({IOPRIO_NRS[1]}, 1, os.getppid()))"), "refused EPERM", "refused by hook"))
 if SIGNAL_NRS:
     ESCAPES += [
         ("ctypes-tgkill-parent", libc_call(f"libc.syscall({SIGNAL_NRS['tgkill']}, os.getppid(), os.getppid(), 0)"),
