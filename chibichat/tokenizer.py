@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import operator
 import time
 from pathlib import Path
 from types import MappingProxyType
@@ -132,6 +133,22 @@ JA_PATTERN = ja_pattern()
 # tokenizer records its own pattern (and hashes it), so one trained under an earlier definition of a
 # name (e.g. the first `ja`, see tests) still loads and encodes exactly as it was trained.
 SPLIT_PATTERNS = MappingProxyType({"gpt4": GPT4_PATTERN, "ja": JA_PATTERN, "ja-script": ja_script_pattern()})
+# The split name of a tokenizer whose pattern is none of SPLIT_PATTERNS (an imported one, e.g. GPT-2's):
+# it runs its own saved pattern; the name only says that no chibichat split describes it.
+CUSTOM_SPLIT = "custom"
+
+
+def check_no_surrogate(text: str, what: str) -> None:
+    """Refuse a str holding a surrogate code point (U+D800..U+DFFF): half of a UTF-16 pair, e.g. from a
+    JSON escape "\\ud800" without its partner. It is no character and has no UTF-8 bytes."""
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # strict UTF-8 fails on surrogates only
+            raise ChibiError(
+                f"{what} has a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} (half of a UTF-16 "
+                "pair, e.g. a JSON \\ud800 escape without its partner): it is no Unicode character and cannot be "
+                "encoded; remove it or fix the text's encoding") from None
 
 
 def _ranks_hash(pattern: str, ranks: list[bytes], specials: dict[str, int]) -> str:
@@ -152,7 +169,9 @@ class Tokenizer:
         """`ranks[i]` is the byte string of token id i (i < number of merges + 256)."""
         import tiktoken
 
-        if split not in SPLIT_PATTERNS:
+        if split == CUSTOM_SPLIT and pattern is None:
+            raise ChibiError(f"a tokenizer with split {CUSTOM_SPLIT!r} needs its pattern")
+        if split not in SPLIT_PATTERNS and split != CUSTOM_SPLIT:
             raise ChibiError(f"unknown tokenizer split {split!r}; choose one of {sorted(SPLIT_PATTERNS)}")
         self.split = split
         self.pattern = SPLIT_PATTERNS[split] if pattern is None else pattern
@@ -188,11 +207,16 @@ class Tokenizer:
         return set(self._specials.values())
 
     def encode(self, text: str) -> list[int]:
-        """Ordinary text to ids. Special-token strings in `text` are encoded as plain bytes."""
+        """Ordinary text to ids. Special-token strings in `text` are encoded as plain bytes. A surrogate
+        code point is refused (ChibiError), not replaced: tiktoken would encode it as U+FFFD."""
+        check_no_surrogate(text, "the text")
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = 4) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        texts = list(texts)
+        for k, text in enumerate(texts):
+            check_no_surrogate(text, f"text {k} of the batch")
+        return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids) -> str:
         """Ids to text; a byte sequence that is not valid UTF-8 becomes U+FFFD."""
@@ -203,12 +227,21 @@ class Tokenizer:
         ids = list(ids)
         try:
             return self._enc.decode_bytes(ids)
-        except KeyError:
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ChibiError(
-                f"token id {bad} is outside this tokenizer's vocabulary of {self.vocab_size}: the model and the "
-                "tokenizer do not belong together (retrain or load the tokenizer the model was trained with)"
-            ) from None
+        except (KeyError, OverflowError, TypeError):  # tiktoken: unknown id, negative or huge id, non-integer
+            ids_are = f"this tokenizer's ids are the integers 0..{self.vocab_size - 1}"
+            for i in ids:
+                try:
+                    j = operator.index(i)
+                except TypeError:
+                    raise ChibiError(f"token id {i!r} is not an integer; {ids_are}") from None
+                if j < 0:
+                    raise ChibiError(f"token id {j} is negative; {ids_are}") from None
+                if j >= self.vocab_size:
+                    raise ChibiError(
+                        f"token id {j} is outside this tokenizer's vocabulary of {self.vocab_size}: the model and the "
+                        "tokenizer do not belong together (retrain or load the tokenizer the model was trained with)"
+                    ) from None
+            raise
 
     def id_to_bytes(self, i: int) -> bytes:
         return self._enc.decode_single_token_bytes(i)

@@ -216,12 +216,16 @@ def test_non_utf8_txt_names_file_and_offset(tmp_path):
 def test_bad_jsonl_lines(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": 5}\n')
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    (tmp_path / "bc.jsonl").write_text('{"text": "ok"}\n{"text": "caf\\u00e9 \\ud800!"}\n')
     (tmp_path / "c.jsonl").write_text('{"text": "v"}\n')
-    a, b = get_corpus(f"local:{tmp_path}").shards("train", None)
+    a, b, bc = get_corpus(f"local:{tmp_path}").shards("train", None)
     with pytest.raises(ChibiError, match=r"a\.jsonl:2 .*\"text\""):
         a.read_group(0)
     with pytest.raises(ChibiError, match=r"b\.jsonl:2 is not valid JSON"):
         b.read_group(0)
+    # valid JSON, but half a UTF-16 pair: refused where it is, not turned into U+FFFD by the tokenizer
+    with pytest.raises(ChibiError, match=r"bc\.jsonl:2 has a lone surrogate U\+D800 at character 5 "):
+        bc.read_group(0)
 
 
 def test_corrupt_and_odd_parquet(tmp_path):

@@ -95,6 +95,19 @@ def test_summary_keys_name_files_without_paths():
     assert E.summary_key("file:examples/support-heldout.jsonl") == "file_support_heldout"
 
 
+def test_a_record_keeps_earlier_tasks_only_under_the_same_settings():
+    now = {"checkpoint": "/h/checkpoints/sft/d4/step_000010", "checkpoint_mtime_ns": 7, "step": 10,
+           "test_sets": "shipped", "max_items": None, "num_samples": 1, "max_new_tokens": 128,
+           "temperature": 0.0, "top_k": 50}
+    assert E.record_mismatch({**now, "tasks": [], "seconds": 3.0, "world_size": 2}, now) == []
+    # the same step trained again (meta.json rewritten), other test sets or items: another test
+    assert E.record_mismatch({**now, "checkpoint_mtime_ns": 8}, now) == ["checkpoint_mtime_ns"]
+    assert E.record_mismatch({**now, "test_sets": "online", "max_items": 3}, now) == ["test_sets", "max_items"]
+    # a record written before these settings were kept matches nothing
+    old = {k: now[k] for k in ("checkpoint", "step", "test_sets", "num_samples", "max_new_tokens", "temperature")}
+    assert E.record_mismatch(old, now) == ["checkpoint_mtime_ns", "top_k"]
+
+
 def test_tasks_outside_chatcore_get_no_chatcore_score():
     out = E.evaluate_chat([ListTask("file:qa.jsonl", "categorical", mc_items())], scorer=FirstScorer(), gen=None,
                           tok=CharTok(), max_len=200, cfg=E.GenSettings())

@@ -157,6 +157,22 @@ def test_over_length_items_are_skipped_and_counted():
     assert out["tasks"][0]["accuracy"] is None and out["tasks"][0]["n_skipped_too_long"] == 4
 
 
+def test_full_bundle_with_a_skipped_item_is_core_lite():
+    # every task scored, but one item of one task did not fit: not "all items", so not "CORE"
+    items = [{"type": "multiple_choice", "context": "Q" * (50 if i == 2 else 3), "continuations": [" a", " b"],
+              "gold": 0} for i in range(4)]
+    long = FakeCoreTask("long", items, random_baseline=0.5)
+    short = FakeCoreTask("short", [{"type": "language_modeling", "context": "c", "continuation": " w"}] * 2)
+    scorer = FakeScorer(lambda c, x: 0.0, lm_ok=lambda c, x: True, max_len=20)
+    out = C.evaluate_core(scorer, CharTok(), [long, short], full_bundle=True)
+    assert [s["n_skipped_too_long"] for s in out["tasks"]] == [1, 0] and out["unscored"] == []
+    assert out["label"] == "CORE-lite"
+    # the same two tasks with every item fitting are the full test
+    out = C.evaluate_core(scorer, CharTok(), [FakeCoreTask("long", [items[0]] * 2, random_baseline=0.5), short],
+                          full_bundle=True)
+    assert out["label"] == "CORE"
+
+
 @pytest.mark.parametrize("item,msg", [
     ({"type": "cloze"}, "type"),
     ({"type": "multiple_choice", "context": "q", "continuations": [" a", " b"], "gold": 2}, "gold"),

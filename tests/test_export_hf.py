@@ -79,7 +79,8 @@ def make_home(root, tok, layers, windows=None, seed=0):
     save_checkpoint(home.checkpoints_dir("sft", "d4"), 3, model, None,
                     {**meta, "stage": "sft", "source": {"checkpoint": str(base), "step": 10}})
     home.eval_dir("sft", "d4").mkdir(parents=True)
-    (home.eval_dir("sft", "d4") / "summary.json").write_text(json.dumps({"chatcore": 0.1234, "arc_easy": 0.31}))
+    (home.eval_dir("sft", "d4") / "summary.json").write_text(json.dumps(
+        {"chatcore": 0.1234, "arc_easy": 0.31, "chat_eval": {"stage": "sft", "tag": "d4", "step": 3}}))
     return home, model
 
 
@@ -216,6 +217,24 @@ def test_model_card_carries_metrics_data_and_licences(exported):
     assert ("trust_remote_code=True" in card) == exported["iberis"]
 
 
+def test_model_card_metrics_are_the_exported_steps_only(tmp_path):
+    from chibichat.export.card import _metric_rows
+
+    home = Home.resolve(tmp_path / "home")
+    home.eval_dir("base", "d4").mkdir(parents=True)
+    (home.eval_dir("base", "d4") / "summary.json").write_text(json.dumps(
+        {"val_bpb": 0.777, "base_eval": {"step": 2}, "jglue_eval": {"step": 2}}))
+    m = {"stage": "base", "checkpoint_dir": str(home.checkpoints_dir("base", "d4") / "step_000001"), "step": 1}
+    assert _metric_rows(home, [m]) == [
+        "| base/d4 | evaluation | not recorded for this step (1); the home's summary holds base_eval of step 2, "
+        "jglue_eval of step 2 |"]
+    assert _metric_rows(home, [{**m, "step": 2}]) == ["| base/d4 | evaluation | val_bpb: 0.777 |"]
+    # one evaluation of another step: the flat keys cannot be told apart, so none is shown
+    (home.eval_dir("base", "d4") / "summary.json").write_text(json.dumps(
+        {"val_bpb": 0.777, "base_eval": {"step": 2}, "jglue_eval": {"step": 1}}))
+    assert "0.777" not in _metric_rows(home, [{**m, "step": 2}])[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Import
 
@@ -241,6 +260,32 @@ def test_round_trip_reproduces_logits_exactly(exported, tok):
     model3, _ = load_model(exported["home"], "rl", "again", tokenizer=tok)
     with torch.no_grad():
         assert torch.equal(model3(ids), exported["model"](ids))
+
+
+def test_a_failed_overwrite_import_keeps_the_old_checkpoints(exported, tmp_path, monkeypatch):
+    from chibichat.export.importer import import_hf
+    from chibichat.train import checkpoint
+
+    home = Home.resolve(tmp_path / "home")
+    first, _ = import_hf(str(exported["out"]), home, "sft", "x")
+    tag_dir = first.parent
+    (tag_dir / "summary.json").write_text("{}")
+    meta_before = (first / "meta.json").read_text()
+
+    def full_disk(*args, **kwargs):
+        raise ChibiError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    with pytest.raises(ChibiError) as e:
+        import_hf(str(exported["out"]), home, "sft", "x", overwrite=True)
+    assert str(e.value) == f"the import into {tag_dir} failed and its old checkpoints were kept as they were: disk full"
+    assert sorted(p.name for p in tag_dir.parent.iterdir()) == ["x"]  # no staging directory left behind
+    assert sorted(p.name for p in tag_dir.iterdir()) == ["step_000000", "summary.json"]
+    assert (first / "meta.json").read_text() == meta_before
+    monkeypatch.undo()
+    # a successful overwrite replaces the whole tag: the old run's files go with it
+    sdir, _ = import_hf(str(exported["out"]), home, "sft", "x", overwrite=True)
+    assert sdir == first and sorted(p.name for p in tag_dir.iterdir()) == ["step_000000"]
 
 
 def published_tokenizer(kind, folder):
@@ -274,6 +319,30 @@ def published_tokenizer(kind, folder):
     t.add_special_tokens(SPECIAL_TOKENS)
     t.save(str(folder / "tokenizer.json"))
     return t
+
+
+def test_a_tokenizer_with_a_pattern_of_its_own_imports_as_custom(tmp_path):
+    """GPT-2's ByteLevel(use_regex=true) pattern is none of chibichat's splits: its split is "custom", not
+    a split name whose pattern it does not use, and it saves and loads under that name."""
+    import tokenizers as tk
+
+    from chibichat.export.hf_tokenizer import GPT2_PATTERN, tokenizer_from_hf
+
+    t = tk.Tokenizer(tk.models.BPE(ignore_merges=True))
+    t.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    t.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=400, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                     show_progress=False, special_tokens=[])
+    t.train_from_iterator(list(shipped_samples().values()), trainer)
+    t.add_special_tokens(SPECIAL_TOKENS)
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = tokenizer_from_hf(tmp_path / "tokenizer.json")
+    assert (tok.split, tok.pattern) == ("custom", GPT2_PATTERN)
+    tok.save(tmp_path / "saved")
+    back = Tokenizer.load(tmp_path / "saved")
+    assert (back.split, back.pattern, back.hash) == ("custom", GPT2_PATTERN, tok.hash)
+    with pytest.raises(ChibiError, match="^a tokenizer with split 'custom' needs its pattern$"):
+        Tokenizer([bytes([b]) for b in range(256)], split="custom")
 
 
 def hf_trained_folder(root, kind="bpe-trainer", dtype=torch.float32, vocab_pad=64):

@@ -511,7 +511,7 @@ def test_rl_on_several_generated_tasks_takes_them_in_turn(base, tmp_path):
 # Evaluations of real (tiny) checkpoints through the CLI
 
 
-def test_eval_chat_cli_writes_items_and_summary(base):
+def test_eval_chat_cli_writes_items_and_summary(base, capsys):
     home, _ = base
     run_cli("sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "ev", "--num-steps", 1,
             *FAST, "--mix", "arithmetic=0.05")
@@ -524,11 +524,13 @@ def test_eval_chat_cli_writes_items_and_summary(base):
     rows = [json.loads(l) for l in (out / "chat_spelling.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["n_samples"] == 1 for r in rows)
     assert (out / "chat_arc_easy.csv").read_text().startswith("task,index,status")
-    # a later eval of the same checkpoint on your own file adds to the record; ChatCORE is left as it was
+    assert s["chat_eval"]["max_items"] == 3 and s["chat_eval"]["top_k"] == 50
+    # a later eval of the same checkpoint with the same settings on your own file adds to the record;
+    # ChatCORE is left as it was
     qa = home.root / "qa.jsonl"
     qa.write_text(json.dumps({"prompt": "What is 2 plus 2?", "answer": "4", "match": "numeric"}) + "\n")
     run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
-            "float32", "--tasks", f"file:{qa}", "--max-new-tokens", 8)
+            "float32", "--tasks", f"file:{qa}", "--max-items", 3, "--max-new-tokens", 8)
     s2 = json.loads((out / "summary.json").read_text())
     assert [t["task"] for t in s2["chat_eval"]["tasks"]] == ["arc-easy", "spelling", f"file:{qa}"]
     assert (s2["chatcore_partial"], s2["chatcore_tasks"]) == (s["chatcore_partial"], s["chatcore_tasks"])
@@ -543,6 +545,18 @@ def test_eval_chat_cli_writes_items_and_summary(base):
     assert [t["task"] for t in s3["chat_eval"]["tasks"]] == ["arc-easy", f"file:{qa}", "spelling"]
     assert s3["chatcore_partial"] == pytest.approx(s["chatcore_partial"])
     assert sorted(s3["chatcore_tasks"]) == sorted(s["chatcore_tasks"])
+    # scores on other test sets (as if arc-easy had been scored --test-sets online) are a different test:
+    # dropped, and the run says so
+    online = {**s3, "chat_eval": {**s3["chat_eval"], "test_sets": "online"}}
+    (out / "summary.json").write_text(json.dumps(online))
+    capsys.readouterr()
+    run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
+            "float32", "--tasks", "spelling", "--max-items", 3, "--max-new-tokens", 8)
+    assert (f"dropped the earlier scores of arc-easy, file:{qa} from the record: they were scored with other "
+            "settings (test_sets 'online', now 'shipped')") in capsys.readouterr().out
+    s5 = json.loads((out / "summary.json").read_text())
+    assert [t["task"] for t in s5["chat_eval"]["tasks"]] == ["spelling"] and s5["chatcore_tasks"] == ["spelling"]
+    assert s5["chat_eval"]["test_sets"] == "shipped" and not any(k.startswith("arc_easy") for k in s5)
     # scores of another step of the stage (trained again since) are dropped, never left beside new ones
     s3["chat_eval"]["step"] = -1
     s3["chatcore"] = 0.9  # as if the earlier step had had the full ChatCORE set
@@ -599,6 +613,16 @@ def test_eval_base_cli_adds_core_lite(base):
     assert {t["name"] for t in s["core_tasks"]} == {"core-copa", "core-winogrande"}
     assert s["core"] == pytest.approx(sum(t["centered"] for t in s["core_tasks"]) / 2)
     assert len((home.eval_dir("base", "d2") / "core.jsonl").read_text().splitlines()) == 10
+    # a later run replaces every earlier CORE key: another task set leaves no stale core_<task>,
+    # --no-core leaves none at all beside the new val bpb
+    again = ["eval", "base", "--home", home.root, "--from", "base", "--tag", "d2", "--device", "cpu", "--dtype",
+             "float32", "--eval-tokens", 320, "--device-batch", 2, "--sample-tokens", 2]
+    run_cli(*again, "--core-tasks", "core-copa", "--core-items", 3)
+    s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
+    assert "core_winogrande" not in s and s["core"] == s["core_copa"] and s["core_items_per_task"] == 3
+    run_cli(*again, "--no-core")
+    s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
+    assert "val_bpb" in s and [k for k in s if k == "core" or k.startswith("core_")] == []
 
 
 def test_eval_base_cli_core_full_uses_the_dclm_bundle(base, tmp_path):

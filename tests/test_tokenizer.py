@@ -68,6 +68,24 @@ def test_decode_rejects_ids_outside_the_vocab(tok):
         tok.decode([1, 700])
     assert tok.decode(list("é".encode())[:1]) == "\ufffd"  # half a UTF-8 character: replaced, not raised
     assert tok.decode([tok.bos_id]) == "<|bos|>"
+    # tiktoken raises OverflowError / TypeError for these; each is a ChibiError naming the id and the range
+    for ids, msg in [([-1], "token id -1 is negative; this tokenizer's ids are the integers 0..699"),
+                     ([5, 2**40], f"token id {2**40} is outside this tokenizer's vocabulary of 700"),
+                     ([2**64], f"token id {2**64} is outside this tokenizer's vocabulary of 700"),
+                     ([1.5], "token id 1.5 is not an integer; this tokenizer's ids are the integers 0..699")]:
+        with pytest.raises(ChibiError) as e:
+            tok.decode(ids)
+        assert str(e.value).startswith(msg), ids
+
+
+def test_a_lone_surrogate_is_refused_not_replaced(tok):
+    # tiktoken would encode "\ud800" as the bytes of U+FFFD
+    with pytest.raises(ChibiError) as e:
+        tok.encode("a\ud800b")
+    assert str(e.value).startswith("the text has a lone surrogate U+D800 at character 1 (half of a UTF-16 pair")
+    with pytest.raises(ChibiError, match=r"^text 1 of the batch has a lone surrogate U\+DC00 at character 3 "):
+        tok.encode_batch(["ok", "日本語\udc00"])
+    assert tok.decode(tok.encode("日本語\U0001F600")) == "日本語😀"  # a real astral character is fine
 
 
 def test_token_bytes_sum_to_utf8_length(tok):

@@ -176,6 +176,8 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _parse_jsonl(text: str, path: Path, field: str = "text") -> list[str]:
+    from chibichat.tokenizer import check_no_surrogate
+
     docs = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -186,6 +188,7 @@ def _parse_jsonl(text: str, path: Path, field: str = "text") -> list[str]:
             raise ChibiError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise ChibiError(f'{path}:{lineno} needs a string field "{field}" (one JSON object per line, {{"{field}": "..."}})')
+        check_no_surrogate(obj[field], f"{path}:{lineno}")  # JSON can escape one; the tokenizer refuses it
         docs.append(obj[field])
     return docs
 

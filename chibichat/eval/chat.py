@@ -228,6 +228,17 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
 
 CHATCORE_KEYS = ("chatcore", "chatcore_partial", "chatcore_tasks")
 
+# What makes two `eval chat` runs one test: the same checkpoint (path, step, and its meta.json's mtime,
+# which a stage trained again rewrites) scored on the same test sets, items and decoding. A record keeps
+# an earlier run's tasks only when all of these match, so ChatCORE is never a mean over different tests.
+RECORD_SETTINGS = ("checkpoint", "checkpoint_mtime_ns", "step", "test_sets", "max_items", "num_samples",
+                   "max_new_tokens", "temperature", "top_k")
+
+
+def record_mismatch(earlier: dict, now: dict) -> list[str]:
+    """The RECORD_SETTINGS in which an earlier chat_eval record differs from this run's (`now`)."""
+    return [k for k in RECORD_SETTINGS if earlier.get(k) != now[k]]
+
 
 def task_keys(name: str) -> tuple[str, ...]:
     """The flat summary.json keys one task's scores are written under."""
@@ -276,6 +287,7 @@ def add_chat_args(p) -> None:
 
 def run_chat(args) -> int:
     import time
+    from pathlib import Path
 
     from chibichat.common import Home, init_runtime, print0, rank_gather, read_json, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
@@ -310,21 +322,31 @@ def run_chat(args) -> int:
                             world_size=rt.world_size, gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
-        # Another eval of the same checkpoint (your own file after the speedrun's ChatCORE) adds its tasks
-        # to the record instead of replacing it; a task evaluated again replaces its own entry, and the flat
-        # keys (ChatCORE included) are recomputed over the whole record. The scores of another step of the
-        # stage (trained again since) are dropped, never left beside the new ones.
+        # Another eval of the same checkpoint with the same settings (your own file after the speedrun's
+        # ChatCORE) adds its tasks to the record instead of replacing it; a task evaluated again replaces its
+        # own entry, and the flat keys (ChatCORE included) are recomputed over the whole record. The scores
+        # of another checkpoint (another step, or the stage trained again since) or of other settings
+        # (RECORD_SETTINGS) are dropped, never left beside the new ones.
         earlier = read_json(out_dir / "summary.json", "eval summary").get("chat_eval", {}) \
             if (out_dir / "summary.json").exists() else {}
         earlier_tasks = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and "task" in t]
         now = {t["task"] for t in out["tasks"]}
-        kept = [t for t in earlier_tasks if t["task"] not in now] if earlier.get("step") == meta["step"] else []
+        settings = {"checkpoint": meta["checkpoint_dir"],
+                    "checkpoint_mtime_ns": (Path(meta["checkpoint_dir"]) / "meta.json").stat().st_mtime_ns,
+                    "step": meta["step"], "test_sets": args.test_sets, "max_items": args.max_items,
+                    "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
+                    "temperature": cfg.temperature, "top_k": cfg.top_k}
+        others = [t for t in earlier_tasks if t["task"] not in now]
+        differ = record_mismatch(earlier, settings)
+        kept = [] if differ else others
+        if others and differ:
+            print0(rt, f"dropped the earlier scores of {', '.join(t['task'] for t in others)} from the record: "
+                       "they were scored with other settings (" + ", ".join(
+                           f"{k} {earlier.get(k)!r}, now {settings[k]!r}" for k in differ) + ")")
         stale = {k for t in earlier_tasks for k in task_keys(t["task"])} | set(CHATCORE_KEYS)
         summary = {**flat_summary(kept + out["tasks"]), "chat_eval": {
-            "stage": args.source, "tag": tag, "step": meta["step"], "checkpoint": meta["checkpoint_dir"],
-            "tasks": kept + out["tasks"], "test_sets": args.test_sets, "num_samples": cfg.num_samples,
-            "max_new_tokens": cfg.max_tokens,
-            "temperature": cfg.temperature, "world_size": rt.world_size, "seconds": time.time() - t0}}
+            "stage": args.source, "tag": tag, **settings, "tasks": kept + out["tasks"],
+            "world_size": rt.world_size, "seconds": time.time() - t0}}
         if rt.is_master:
             for name, rows in out["items"].items():
                 write_eval_outputs(out_dir, f"chat_{summary_key(name)}", rows, None)

@@ -235,8 +235,10 @@ def evaluate_core(scorer: Scorer, tok, tasks: list, *, full_bundle: bool,
         raise ChibiError("no item of any CORE task fits the model's context (items with their few-shot prompts "
                          "are longer); use a longer-context model or fewer shots")
     score = sum(s["centered"] for s in scored) / len(scored)
-    # The full-bundle label needs every task scored; an unscored task makes the mean a different test.
-    label = "CORE" if full_bundle and len(scored) == len(summaries) else "CORE-lite"
+    # The full-bundle label needs every item of every task scored; a skipped item (too long for the
+    # context) or an unscored task makes the mean a different test.
+    complete = len(scored) == len(summaries) and all(s["n_skipped_too_long"] == 0 for s in summaries)
+    label = "CORE" if full_bundle and complete else "CORE-lite"
     return {"label": label, "score": score, "tasks": summaries, "items": all_rows,
             "unscored": [s["name"] for s in summaries if s["n_scored"] == 0]}
 
@@ -366,6 +368,12 @@ def core_tasks(args, home=None) -> tuple[list, bool]:
     # "CORE" is DCLM's number: every task of the bundle, every item. Anything less is CORE-lite.
     complete = mode == "full" and wanted is None and all(len(t) == len(b) for t, b in zip(tasks, base))
     return tasks, complete, items
+
+
+def is_core_key(key) -> bool:
+    """Whether a summary.json key is one run_core writes ("core" and "core_*"); no other evaluation's key
+    starts so (chat and JGLUE tasks are never of kind core), so `eval base` can drop them all as a set."""
+    return isinstance(key, str) and (key == "core" or key.startswith("core_"))
 
 
 def run_core(model, tok, rt, out_dir, args, home=None) -> dict:

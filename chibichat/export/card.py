@@ -87,8 +87,17 @@ def _metric_rows(home: Home, chain: list[dict]) -> list[str]:
             rows.append(f"| {stage}/{tag} | training | {_fmt(train)} |")
         evals = _json(home.eval_dir(stage, tag) / "summary.json")
         if isinstance(evals, dict):
-            flat = {k: v for k, v in evals.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-            rows.append(f"| {stage}/{tag} | evaluation | {_fmt(flat)} |")
+            # The summary is shared by every evaluation of the tag, and its flat keys do not say which
+            # evaluation wrote them: its figures are this checkpoint's only when every evaluation record
+            # (`<name>_eval`) is of this step; one of another step (the tag trained since) hides them all.
+            steps = {k: v.get("step") for k, v in evals.items() if k.endswith("_eval") and isinstance(v, dict)}
+            if steps and all(s == m.get("step") for s in steps.values()):
+                flat = {k: v for k, v in evals.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+                rows.append(f"| {stage}/{tag} | evaluation | {_fmt(flat)} |")
+            else:
+                held = ", ".join(f"{k} of step {_fmt(s)}" for k, s in steps.items()) or "no evaluation record"
+                rows.append(f"| {stage}/{tag} | evaluation | not recorded for this step ({m.get('step')}); "
+                            f"the home's summary holds {held} |")
     return rows
 
 

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from chibichat.common import ChibiError
-from chibichat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer
+from chibichat.tokenizer import CUSTOM_SPLIT, SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer
 
 # GPT-2's own pattern: what a ByteLevel pre-tokenizer with use_regex=true applies (for imports).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -301,7 +301,7 @@ def tokenizer_from_hf(path: str | Path) -> Tokenizer:
             f"{path}: added tokens {added} are not the nine chibichat/nanochat specials at ids {n}..{n + 8} "
             f"({SPECIAL_TOKENS}); a tokenizer with other control tokens cannot be imported"
         )
-    split = next((name for name, p in SPLIT_PATTERNS.items() if p == pattern), "gpt4")
+    split = next((name for name, p in SPLIT_PATTERNS.items() if p == pattern), CUSTOM_SPLIT)
     try:
         tok = Tokenizer(ranks, split=split, pattern=pattern)
     except ChibiError as e:

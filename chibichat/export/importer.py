@@ -134,13 +134,22 @@ def import_hf(source: str, home: Home, stage: str, tag: str | None, overwrite: b
     else:
         tok.training = {"imported_from": provenance}
         tok.save(home.tokenizer_dir)
-    if overwrite and tag_dir.exists():
-        import shutil
-
-        shutil.rmtree(tag_dir)
     meta = {"stage": stage, "model_config": model.config.to_dict(),
             "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size},
             "imported_from": provenance, "import": notes, "flags": {}}
+    if overwrite and tag_dir.exists():
+        from chibichat.common import atomic_directory
+        from chibichat.train.checkpoint import step_dir
+
+        # The new tag directory is written beside the old one and replaces it only once complete: a failed
+        # import leaves the old checkpoints as they were.
+        try:
+            with atomic_directory(tag_dir) as tmp:
+                save_checkpoint(tmp, 0, model, None, meta)
+        except ChibiError as e:
+            raise ChibiError(f"the import into {tag_dir} failed and its old checkpoints were kept as they "
+                             f"were: {e}") from None
+        return step_dir(tag_dir, 0), notes
     sdir = save_checkpoint(tag_dir, 0, model, None, meta)
     return sdir, notes
 

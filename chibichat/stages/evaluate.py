@@ -90,9 +90,10 @@ def _add_delegated(actions, name: str, add_args, run) -> None:
 def run_base(args) -> int:
     import time
 
-    from chibichat.common import Home, atomic_write_json, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, atomic_write_json, init_runtime, print0, read_json, shutdown_runtime
     from chibichat.data.corpora import get_corpus
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
+    from chibichat.eval.core import is_core_key
     from chibichat.eval.metrics import merge_summary
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
@@ -143,7 +144,14 @@ def run_base(args) -> int:
             print0(rt, f"  {t!r}")
         if rt.is_master:
             atomic_write_json(out_dir / "samples.json", [{"text": t} for t in texts])
-            print0(rt, f"wrote {merge_summary(out_dir, summary)}")  # shared by every eval of the checkpoint
+            # The CORE keys of an earlier `eval base` (another step, task set or --core mode) never stay
+            # beside this run's figures: a CORE run replaces them all, --no-core removes them.
+            path = out_dir / "summary.json"
+            earlier = read_json(path, "eval summary") if path.exists() else {}
+            stale = [k for k in earlier if is_core_key(k)] if isinstance(earlier, dict) else []
+            if stale and not args.core:
+                print0(rt, f"CORE not run (--no-core): removed the earlier CORE scores from {path}")
+            print0(rt, f"wrote {merge_summary(out_dir, summary, drop=stale)}")  # shared by every eval of the checkpoint
     finally:
         shutdown_runtime(rt)
     return 0
