@@ -314,6 +314,11 @@ def test_request_errors_name_what_the_client_sent(served):
     assert post(messages=long, truncate_history=True, max_tokens=91).json()["chibichat"]["dropped_messages"] == 2
     assert post("/v1/completions", prompt="x" * 200, max_tokens=16) == (
         400, "prompt", "the prompt of 201 tokens fills the model's context of 96 tokens; shorten it")
+    # a lone surrogate is valid JSON ("\\ud800") but no text: refused by the tokenizer, a 400 on the prompt
+    r = httpx.post(served.url + "/v1/completions", headers={"content-type": "application/json"},
+                   content=('{"model": "%s", "prompt": "a\\ud800b", "max_tokens": 2}' % served.model).encode())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert r.json()["error"]["message"].startswith("prompt: ") and "surrogate" in r.json()["error"]["message"]
 
 
 def test_models_route_retrieves_one_model(served):

@@ -443,7 +443,10 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             engine0 = pool.engines[0]
             req = parse_completion_request(await request.body(), limits, [model_id])
             tok, seq_len = engine0.tokenizer, engine0.seq_len
-            prompt = [tok.bos_id, *tok.encode(req.prompt)]
+            try:
+                prompt = [tok.bos_id, *tok.encode(req.prompt)]
+            except ChibiError as e:  # text the tokenizer refuses (a lone surrogate): the client's prompt
+                raise ApiError(400, f"prompt: {e}", "prompt") from None
             return await respond(request, False, req, prompt, budget(req, len(prompt), seq_len, "prompt"), None, None)
         except ApiError as e:
             return error(e)
