@@ -164,6 +164,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -171,6 +172,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(e, OSError):
             raise write_error(path, e) from None
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of directory `path` durable (a file created, renamed or removed in it): without
+    this, a power loss after a rename can leave the old name or none. Skipped on Windows, where a
+    directory cannot be opened with os.open, and on file systems that refuse fsync on a directory."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory so that no crash leaves part of it under its name: it is first renamed to a
+    hidden `.old-<name>-<pid>` sibling (readers ignore those; the training loop removes leftover
+    `.old-step_*`), then removed. An OS error is a ChibiError naming what is left and where."""
+    path = Path(path)
+    trash = path.parent / f".old-{path.name}-{os.getpid()}"
+    try:
+        os.replace(path, trash)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise ChibiError(f"cannot remove {path}: {e.strerror or e} (errno {e.errno}); it is unchanged. Fix the "
+                         f"permissions of {path.parent} or delete {path} by hand") from None
+    try:
+        shutil.rmtree(trash)
+    except OSError as e:
+        raise ChibiError(f"cannot finish removing {path}: {e.strerror or e} (errno {e.errno}). It is gone under "
+                         f"its name; what is left of it is in {trash}, which no reader takes for it: delete that "
+                         f"by hand") from None
 
 
 def _current_umask() -> int:
@@ -212,13 +249,16 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         raise write_error(final, e) from None
     try:
         yield tmp
+        fsync_dir(tmp)  # its entries are durable before the rename makes it visible
         if final.exists():
             trash = final.parent / f".old-{final.name}-{os.getpid()}"
             os.replace(final, trash)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            fsync_dir(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -405,6 +445,10 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         if not torch.cuda.is_available():
             raise ChibiError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
         if world_size > 1:
+            if dev.index is not None and dev.index != local_rank:
+                raise ChibiError(f"--device {device} names one GPU, but under torchrun every process uses the GPU "
+                                 f"of its LOCAL_RANK (this one: cuda:{local_rank}); pass --device cuda and choose "
+                                 "the GPUs with CUDA_VISIBLE_DEVICES")
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True

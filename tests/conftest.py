@@ -24,6 +24,30 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fsynced(monkeypatch):
+    """fsynced(path) -> whether os.fsync was called on that directory since the test started, by inode:
+    a temp dir fsynced before its rename counts for its final name. fsynced.seen.clear() starts over."""
+    import stat
+
+    seen = set()
+    real = os.fsync
+
+    def recording(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            seen.add((st.st_dev, st.st_ino))
+        return real(fd)
+
+    def check(path) -> bool:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino) in seen
+
+    monkeypatch.setattr(os, "fsync", recording)
+    check.seen = seen
+    return check
+
+
 def pytest_configure(config):
     # Keep tests deterministic and polite on a 2-core machine.
     os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -182,3 +183,46 @@ def test_only_rank_zero_writes(tmp_path):
     rt0 = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=0, local_rank=0, world_size=2)
     save_checkpoint(tmp_path / "t", 3, m, None, _meta(m), rt=rt0)
     assert read_meta(path)["world_size"] == 2
+
+
+def test_save_fsyncs_the_step_dir_before_its_rename_and_the_tag_dir_after(tmp_path, fsynced):
+    m = _model()
+    sdir = save_checkpoint(tmp_path / "t", 1, m, None, _meta(m))
+    assert fsynced(sdir) and fsynced(tmp_path / "t")
+
+
+def test_deleting_old_steps_never_leaves_half_a_step(tmp_path, monkeypatch):
+    """keep_last renames an old step out of sight before deleting it: a crash midway through the delete
+    (here: the weights are gone when it dies) leaves no step_* dir that list_steps takes for complete,
+    and a failed delete is an error naming what is left, not ignored."""
+    import errno
+    import os
+    import shutil
+
+    m = _model()
+    tag = tmp_path / "t"
+    for s in (1, 2):
+        save_checkpoint(tag, s, m, None, _meta(m), keep_last=2)
+
+    def dies_midway(path, *a, **kw):
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tag, 3, m, None, _meta(m), keep_last=2)
+    assert list_steps(tag) == [2, 3]
+    assert (tag / f".old-step_000001-{os.getpid()}" / "meta.json").is_file()  # out of sight: dropped by the next run
+
+    def refused(path, *a, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    with pytest.raises(ChibiError) as e:
+        save_checkpoint(tag, 4, m, None, _meta(m), keep_last=2)
+    assert str(e.value) == (
+        f"step 4 was saved to {tag / 'step_000004'}, but deleting the older step 2 (keep_last 2) failed: cannot "
+        f"finish removing {tag / 'step_000002'}: Permission denied (errno 13). It is gone under its name; what is "
+        f"left of it is in {tag / f'.old-step_000002-{os.getpid()}'}, which no reader takes for it: delete that by "
+        f"hand")
+    assert list_steps(tag) == [3, 4]

@@ -51,6 +51,52 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     assert (final / "a").read_text() == "whole"
 
 
+def test_atomic_writes_fsync_the_directory_of_each_rename(tmp_path, fsynced, monkeypatch):
+    import errno
+    import os
+
+    from chibichat.common import fsync_dir
+
+    atomic_write_json(tmp_path / "a" / "f.json", {"x": 1})
+    assert fsynced(tmp_path / "a")
+    with atomic_directory(tmp_path / "d") as d:
+        (d / "x").write_text("1")
+    assert fsynced(tmp_path / "d") and fsynced(tmp_path)  # the new dir before its rename, its parent after
+    fsynced.seen.clear()
+    with atomic_directory(tmp_path / "d") as d:  # replacing an existing one
+        (d / "x").write_text("2")
+    assert fsynced(tmp_path / "d") and fsynced(tmp_path) and (tmp_path / "d" / "x").read_text() == "2"
+
+    def refuse(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", refuse(errno.EINVAL))  # a file system without directory fsync
+    fsync_dir(tmp_path)
+    monkeypatch.setattr(os, "fsync", refuse(errno.EIO))  # a real I/O error is not hidden
+    with pytest.raises(OSError, match="Input/output error"):
+        fsync_dir(tmp_path)
+
+
+def test_remove_dir_renames_out_of_sight_first(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from chibichat.common import remove_dir
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    remove_dir(tmp_path / "d")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "d").mkdir()
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        remove_dir(tmp_path / "d")
+    assert [p.name for p in tmp_path.iterdir()] == [f".old-d-{os.getpid()}"]
+    with pytest.raises(ChibiError, match=f"cannot remove {tmp_path / 'gone'}: No such file or directory"):
+        remove_dir(tmp_path / "gone")
+
+
 def test_read_json_errors_name_the_file(tmp_path):
     p = tmp_path / "meta.json"
     with pytest.raises(ChibiError, match="not found"):
@@ -70,6 +116,24 @@ def test_atomic_write_gives_normal_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_torchrun_refuses_a_device_index_other_than_its_local_rank(monkeypatch):
+    """Under torchrun each process takes the GPU of its LOCAL_RANK; --device cuda:N naming another one is
+    refused rather than silently replaced."""
+    import torch
+
+    from chibichat import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("must refuse before choosing a GPU"))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ChibiError) as e:
+        common.init_runtime("cuda:0", "float32")
+    assert str(e.value) == ("--device cuda:0 names one GPU, but under torchrun every process uses the GPU of its "
+                            "LOCAL_RANK (this one: cuda:1); pass --device cuda and choose the GPUs with "
+                            "CUDA_VISIBLE_DEVICES")
 
 
 def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16_kernels(monkeypatch):

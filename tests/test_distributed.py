@@ -207,6 +207,58 @@ def test_sharded_muon_step_equals_one_rank(tmp_path):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
+def _budget_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of test_minutes_fit_is_the_same_on_every_rank (torch.multiprocessing target)."""
+    import datetime
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from chibichat.common import Runtime
+    from chibichat.train.loop import LoopConfig, train
+    from test_loop import FakeClock, ToySource, make, meta_for
+
+    torch.set_num_threads(1)
+    # A short timeout: ranks that disagree on the step count fail their mismatched collectives, not hang.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=rank, local_rank=rank,
+                     world_size=world)
+        clock = FakeClock(eval_s=2.0 + 1e-4 * rank)  # rank 1's evaluation takes 0.1 ms longer
+        model, opt = make()
+        cfg = LoopConfig(tag_dir=Path(out_dir) / "run", num_steps=100, keep_last=0, momentum_warmup_steps=5,
+                         minutes=0.25, fit_after=4, warmdown_frac=0.2)
+        res = train(model, opt, ToySource(rank=rank, world=world), clock.loss(), rt, cfg, meta=meta_for(model),
+                    eval_fn=clock.evaluate, clock=clock)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": res.steps, "fit": res.fit}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_minutes_fit_is_the_same_on_every_rank(tmp_path):
+    """--minutes under 2 gloo ranks whose own timings differ by a hair: rank 0's step-0 evaluation takes
+    2 s, rank 1's 2.0001 s. Fitted from its own, rank 1 would choose 16 steps ((15 - 7 - 2.0001) / 0.5 ->
+    11 more) and rank 0 17; every rank fits from rank 0's figures, so both take 17 and finish."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_budget_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 240
+    try:
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "the ranks did not finish"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and r0["steps"] == r0["fit"]["num_steps"] == 17 and r0["fit"]["eval_s"] == 2.0
+
+
 if __name__ == "__main__":
     tag, steps, accum, save_every, resume, sleep = sys.argv[1:7]
     worker(tag, int(steps), int(accum), int(save_every), bool(int(resume)), float(sleep))

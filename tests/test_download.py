@@ -121,6 +121,14 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     assert not (tmp_path / "a.parquet.part").exists()
 
 
+def test_the_rename_into_place_is_fsynced(server, tmp_path, fsynced):
+    data, _ = parquet_bytes(50, 5)
+    server.files["/f.parquet"] = data
+    (tmp_path / "shards").mkdir()
+    download_file(server.base + "/f.parquet", tmp_path / "shards" / "f.parquet", validate=validate_parquet, **FAST)
+    assert (tmp_path / "shards" / "f.parquet").read_bytes() == data and fsynced(tmp_path / "shards")
+
+
 def test_server_ignoring_range_restarts_the_file(server, tmp_path):
     data, _ = parquet_bytes(500, 6)
     server.files["/r.parquet"] = data

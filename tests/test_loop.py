@@ -267,12 +267,16 @@ def test_resuming_a_finished_run_is_a_no_op(tmp_path):
 def test_resume_applies_this_runs_learning_rates(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    run(tmp_path / "t", 2, save_every=2, warmdown_frac=0.0)
+    run(tmp_path / "t", 4, save_every=2, warmdown_frac=0.0)
+    import shutil
+
+    shutil.rmtree(tmp_path / "t" / "step_000004")  # resume from step 2
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
     frozen = build_optimizer(model.param_groups(), matrix_lr=0.0, embedding_lr=0.0, unembedding_lr=0.0,
                              other_lr=0.0, ns_dtype=torch.float32)
-    cfg = LoopConfig(tag_dir=tmp_path / "t", num_steps=4, resume=True, keep_last=0, warmdown_frac=0.0)
+    cfg = LoopConfig(tag_dir=tmp_path / "t", num_steps=4, resume=True, keep_last=0, warmdown_frac=0.0,
+                     momentum_warmup_steps=5)
     train(model, frozen, ToySource(), loss_fn, cpu_rt(), cfg, meta=meta_for(model))
     assert "lr 0.02 -> 0.0" in capsys.readouterr().out
     saved = load_file(tmp_path / "t" / "step_000002" / "model.safetensors")
@@ -336,11 +340,11 @@ class FakeClock:
         return val_loss_fn()(model, step)
 
 
-def budget_run(tag_dir, clock, minutes=0.25, cap=100, stop_after=None, **kw):
+def budget_run(tag_dir, clock, minutes=0.25, cap=100, stop_after=None, src=None, **kw):
     model, opt = make()
     cfg = LoopConfig(tag_dir=tag_dir, num_steps=cap, keep_last=0, momentum_warmup_steps=5, minutes=minutes,
                      fit_after=4, warmdown_frac=0.2, **kw)
-    res = train(model, opt, ToySource(), clock.loss(stop_after), cpu_rt(), cfg, meta=meta_for(model),
+    res = train(model, opt, src or ToySource(), clock.loss(stop_after), cpu_rt(), cfg, meta=meta_for(model),
                 eval_fn=clock.evaluate, clock=clock)
     return model, res
 
@@ -414,6 +418,37 @@ def test_minutes_resume_keeps_the_fitted_count(tmp_path):
         assert torch.equal(a, b)
 
 
+class EmptyAt(ToySource):
+    """ToySource whose micro-batches `empty` hold no targets (RL: every group flat); fetching one takes
+    `fetch_s` on the clock (RL samples it), the time a trained step takes in FakeClock."""
+
+    def __init__(self, clock, empty, fetch_s=0.5):
+        super().__init__()
+        self.clock, self.empty, self.fetch_s = clock, set(empty), fetch_s
+
+    def __next__(self):
+        k = self.k
+        x, y = super().__next__()
+        if k in self.empty:
+            self.clock.t += self.fetch_s
+            y = torch.full_like(y, -1)
+        return x, y
+
+
+def test_minutes_fits_even_when_the_step_reaching_the_fit_is_skipped(tmp_path):
+    """Step 5 (batch 4) is skipped: the fit after it still happens at step 5, with the skipped step's time
+    (0.5 s on the injected clock) among the timed ones: as in the plain run, 17 steps."""
+    clock = FakeClock()
+    _, res = budget_run(tmp_path / "k", clock, src=EmptyAt(clock, {4}), skip_empty_steps=True)
+    assert res.skipped_steps == 1 and res.steps == 17 and res.wall_time_s == 15.0
+    assert res.fit["first_fit"] == {"num_steps": 17, "sec_per_step": 0.5, "timed_steps": 4}
+    assert (res.fit["num_steps"], res.fit["sec_per_step"], res.fit["fitted_after_s"]) == (17, 0.5, 9.0)
+    rows = [json.loads(l) for l in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    # the skipped step's time comes from the loop's clock: 0.5 s, after 4 trained steps (3 s + 3 x 0.5 s)
+    assert [r for r in rows if r.get("skipped")] == [{"step": 5, "skipped": True, "dt_s": 0.5, "elapsed_s": 5.0,
+                                                      "tokens": 4 * 2 * T}]
+
+
 def test_minutes_capped_by_num_steps_and_too_short_budgets(tmp_path):
     _, res = budget_run(tmp_path / "cap", FakeClock(), minutes=10, cap=12)
     assert res.steps == 12 and res.fit["capped"] is True and res.fit["num_steps"] == 12
@@ -481,3 +516,68 @@ def test_lr_share_outside_zero_one_is_refused(tmp_path, share):
     with pytest.raises(ChibiError, match=re.escape(f"step 0: lr_share_fn gave a share of {float(share[0])} out of "
                                                    f"{float(share[1])}; it must lie in [0, 1]")):
         train(model, opt, ToySource(2), loss_fn, cpu_rt(), cfg, meta=meta_for(model), lr_share_fn=lambda b: share)
+
+
+def test_resume_refuses_another_schedule_and_notes_another_step_count(tmp_path, capsys):
+    run(tmp_path / "t", 10)
+    sdir = tmp_path / "t" / "step_000010"
+    tail = ("; a resumed run continues the same schedule and batches, so pass the values it was trained with, "
+            "or start a new --tag")
+    with pytest.raises(ChibiError) as e:
+        run(tmp_path / "t", 10, resume=True, warmdown_frac=0.5)
+    assert str(e.value) == f"--resume: {sdir} was trained with --warmdown-frac 0.2 (this run: 0.5)" + tail
+    with pytest.raises(ChibiError) as e:
+        run(tmp_path / "t", 10, accum=2, resume=True, final_lr_frac=0.1)
+    assert str(e.value) == (f"--resume: {sdir} was trained with --grad-accum (pretrain: --total-batch / "
+                            f"--device-batch) 1 (this run: 2), --final-lr-frac 0.0 (this run: 0.1)" + tail)
+    # A longer run is allowed; the note says that steps taken (step 9, at LR x 0.5) were in the 10-step warmdown.
+    capsys.readouterr()
+    _, res = run(tmp_path / "t", 12, resume=True)
+    assert res.steps == 12
+    assert ("note: --num-steps 10 -> 12: the steps from 10 on follow the LR schedule of 12 steps; the 10 steps "
+            "taken followed that of 10 (their warmdown), so this run differs from an uninterrupted 12-step one\n"
+            in capsys.readouterr().out)
+    # With --minutes, --num-steps is the cap of the fitted count: not changeable on resume.
+    with pytest.raises(KeyboardInterrupt):
+        budget_run(tmp_path / "b", FakeClock(), save_every=10, stop_after=12)
+    with pytest.raises(ChibiError) as e:
+        budget_run(tmp_path / "b", FakeClock(), cap=120, save_every=10, resume=True)
+    assert str(e.value) == (f"--resume: {tmp_path / 'b' / 'step_000010'} was trained with --num-steps 100 (this "
+                            f"run: 120)" + tail + "; with --minutes, --num-steps is the cap of the fitted step count")
+    # A checkpoint of an older chibichat records no schedule: resumed, with a note.
+    meta = json.loads((tmp_path / "t" / "step_000012" / "meta.json").read_text())
+    del meta["schedule"]
+    (tmp_path / "t" / "step_000012" / "meta.json").write_text(json.dumps(meta))
+    run(tmp_path / "t", 12, resume=True)
+    assert (f"note: {tmp_path / 't' / 'step_000012'} records no schedule (an older chibichat saved it), so this "
+            "run's --num-steps, --grad-accum, --warmup-steps, --warmdown-frac, --final-lr-frac, "
+            "--momentum-warmup-steps, --minutes, --fit-steps cannot be checked against it; pass the values it was "
+            "started with" in capsys.readouterr().out)
+
+
+def test_lora_resume_refuses_another_base_or_settings(tmp_path):
+    """The adapters of a LoRA run sit on the base checkpoint they were trained on: a resume whose --from
+    now resolves to another base step (or with other LoRA settings) is refused, naming the saved base."""
+    from chibichat.model.lora import LoRAConfig, apply_lora, lora_parameters
+    from chibichat.train.optim import build_lora_optimizer
+
+    def lora_run(base, alpha=4.0, resume=False):
+        model, _ = make()
+        lcfg = LoRAConfig(rank=4, alpha=alpha)
+        apply_lora(model, lcfg)
+        opt = build_lora_optimizer(lora_parameters(model), 1e-3)
+        meta = {**meta_for(model), "lora": {**lcfg.to_dict(), "base": base}}
+        cfg = LoopConfig(tag_dir=tmp_path / "lo", num_steps=2, keep_last=0, resume=resume)
+        return train(model, opt, ToySource(), loss_fn, cpu_rt(), cfg, meta=meta)
+
+    lora_run("base/d2/step_000010")
+    assert lora_run("base/d2/step_000010", resume=True).steps == 2  # same base and settings: resumed
+    sdir = tmp_path / "lo" / "step_000002"
+    with pytest.raises(ChibiError) as e:
+        lora_run("base/d2/step_000020", resume=True)  # a newer base step appeared since
+    assert str(e.value) == (
+        f"--resume: {sdir} holds LoRA adapters trained with --from/--from-tag/--from-step base/d2/step_000010 "
+        "(this run: base/d2/step_000020); the adapters only continue on the base and settings they were trained "
+        "with: pass --from base --from-tag d2 --from-step 10 and the same --lora flags, or start a new --tag")
+    with pytest.raises(ChibiError, match=re.escape("--lora-alpha 4.0 (this run: 8.0)")):
+        lora_run("base/d2/step_000010", alpha=8.0, resume=True)

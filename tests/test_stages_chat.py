@@ -716,8 +716,10 @@ def test_rl_resume_refuses_another_prompt_stream(base):
 
     _, tok = base
     eng = Engine(_tiny(tok.vocab_size), tok, cpu_rt())
-    mk = lambda task, seed=3, prompts=2: RolloutBatches(eng, tok, task, cpu_rt(), prompts=prompts, samples=2,
-                                                         max_tokens=4, temperature=1.0, top_k=None, seed=seed)
+    def mk(task, seed=3, prompts=2, samples=2, max_tokens=4, temperature=1.0, top_k=None):
+        return RolloutBatches(eng, tok, task, cpu_rt(), prompts=prompts, samples=samples, max_tokens=max_tokens,
+                              temperature=temperature, top_k=top_k, seed=seed)
+
     a = mk(_VowelTask(8))
     next(a)
     state = json.loads(json.dumps(a.state_dict()))
@@ -730,13 +732,17 @@ def test_rl_resume_refuses_another_prompt_stream(base):
         mk(Other(8)).load_state_dict(state)
     assert str(e.value) == (
         "--resume: the saved RL run sampled another prompt stream (task: saved 'vowels', now 'other'); resume with "
-        "the same --task, --train-items, --seed, --prompts-per-step, --max-new-tokens and number of ranks, or start "
-        "a new --tag")
+        "the same --task, --train-items, --seed, --prompts-per-step, --num-samples, --max-new-tokens, --temperature, "
+        "--top-k and number of ranks, or start a new --tag")
     with pytest.raises(ChibiError, match=r"^--resume: the saved RL run sampled another prompt stream \(items: saved 8, "
                                          r"now 6; prompts: saved '[0-9a-f]+', now '[0-9a-f]+'\)"):
         mk(_VowelTask(6)).load_state_dict(state)
     with pytest.raises(ChibiError, match=r"\(prompts_per_step: saved 2, now 4\)"):
         mk(_VowelTask(8), prompts=4).load_state_dict(state)
+    # the sampling too: another number of samples, length, temperature or top-k draws other rollouts
+    with pytest.raises(ChibiError, match=r"\(num_samples: saved 2, now 3; max_new_tokens: saved 4, now 5; "
+                                         r"temperature: saved 1.0, now 0.7; top_k: saved None, now 5\)"):
+        mk(_VowelTask(8), samples=3, max_tokens=5, temperature=0.7, top_k=5).load_state_dict(state)
     with pytest.raises(ChibiError, match="has no fingerprint of its prompt stream"):
         mk(_VowelTask(8)).load_state_dict({"cursor": 2, "batches": 1, "history": []})
 

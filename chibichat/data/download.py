@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterator
 
-from chibichat.common import ChibiError, Home, eprint
+from chibichat.common import ChibiError, Home, eprint, fsync_dir
 
 # Client errors worth retrying: request timeout, rate limit. Any other 4xx is permanent.
 RETRY_STATUS_4XX = {408, 429}
@@ -137,6 +137,7 @@ def download_file(
                     log(f"{dest.name}: attempt {attempt + 1}/{retries} failed ({last})")
                 continue
             os.replace(part, dest)
+            fsync_dir(dest.parent)  # the rename survives a power loss (the part was fsynced)
             return dest
     raise ChibiError(
         f"could not download {url} after {retries} attempts (last error: {last}); check the network or "

@@ -21,8 +21,8 @@ solved the training prompts, most groups are flat and the unscaled steps were wh
 (docs/benchmarks.md, "RL steps scaled by their signal").
 
 A resumed run continues the rollout cursor only under the settings that produced it: the sampler state
-carries a fingerprint of the prompt stream (task, its prompts, order seed, prompts per micro-batch,
-ranks) and a mismatch is refused.
+carries a fingerprint of the prompt stream and its sampling (task, its prompts, order seed, prompts per
+micro-batch, samples per prompt, max new tokens, temperature, top-k, ranks) and a mismatch is refused.
 
 Offline the tasks are the generated ones (by default one- and two-step arithmetic with the calculator in
 turn: SFT leaves the two-step problems only partly solved, and RL on them alone unlearned one-step
@@ -145,7 +145,9 @@ class RolloutBatches:
         n = len(self.items)
         self.fingerprint = {"task": task.name, "items": n, "prompts": _digest([self.items[i][1] for i in
                                                                                sorted({0, n // 2, n - 1})]),
-                            "seed": seed, "prompts_per_step": prompts, "rank": rt.rank, "world_size": rt.world_size}
+                            "seed": seed, "prompts_per_step": prompts, "rank": rt.rank, "world_size": rt.world_size,
+                            "num_samples": samples, "max_new_tokens": max_tokens, "temperature": temperature,
+                            "top_k": top_k}
 
     def __iter__(self):
         return self
@@ -194,8 +196,8 @@ class RolloutBatches:
         diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.fingerprint.items() if saved.get(k) != v]
         if diff:
             raise ChibiError(f"--resume: the saved RL run sampled another prompt stream ({'; '.join(diff)}); resume "
-                             "with the same --task, --train-items, --seed, --prompts-per-step, --max-new-tokens "
-                             "and number of ranks, or start a new --tag")
+                             "with the same --task, --train-items, --seed, --prompts-per-step, --num-samples, "
+                             "--max-new-tokens, --temperature, --top-k and number of ranks, or start a new --tag")
         try:
             self.cursor, self.batches, self.history = int(d["cursor"]), int(d["batches"]), list(d["history"])
         except (KeyError, TypeError, ValueError) as e:

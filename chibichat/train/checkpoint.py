@@ -21,9 +21,11 @@ the update), so only rank 0's optimizer state is written, and every rank loads i
 The `_rank0` suffix keeps room for a sharded optimizer later.
 
 Atomicity: rank 0 builds the directory under a temporary name and renames it into place
-(common.atomic_directory), so a crash leaves either the whole `step_XXXXXX/` or nothing; readers
-ignore `.tmp-*`. Other ranks only contribute through collectives (gather of their loader/RNG state),
-which the caller does before calling `save_checkpoint`.
+(common.atomic_directory, with the directory and the rename fsynced), so a crash leaves either the whole
+`step_XXXXXX/` or nothing; readers ignore `.tmp-*`. An old step is renamed to `.old-step_*` before it is
+deleted (common.remove_dir), so a crash while deleting never leaves a step directory with part of its
+files. Other ranks only contribute through collectives (gather of their loader/RNG state), which the
+caller does before calling `save_checkpoint`.
 
 No pickle anywhere: a checkpoint from an untrusted source cannot run code on load.
 """
@@ -32,10 +34,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, Runtime, atomic_directory, read_json
+from chibichat.common import ChibiError, Home, Runtime, atomic_directory, read_json, remove_dir
 
 FORMAT = "chibichat-checkpoint-1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -159,7 +160,11 @@ def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, met
         raise ChibiError(f"saving step {step} failed, nothing of it was kept: {e}. {kept}") from None
     if keep_last > 0:
         for old in list_steps(tag_dir)[:-keep_last]:
-            shutil.rmtree(step_dir(tag_dir, old), ignore_errors=True)
+            try:
+                remove_dir(step_dir(tag_dir, old))
+            except ChibiError as e:
+                raise ChibiError(f"step {step} was saved to {final}, but deleting the older "
+                                 f"step {old} (keep_last {keep_last}) failed: {e}") from None
     return final
 
 

@@ -44,22 +44,29 @@ Evaluation/samples run at step 0, every eval_every / sample_every steps and at t
 every save_every steps and at the end (rank 0 writes; loader and RNG states of all ranks are gathered).
 
 Wall-clock budget (`minutes`): num_steps is then the most steps the run may take. The first step
-(compile, warm-up) is not timed; the next `fit_after` steps are, and after them the run's step count is
-fitted (fit_num_steps): as many steps as fit in what is left of the budget at the measured seconds
-per step (evaluations every eval_every steps and the final one costed at what the step-0 evaluation
-took), at most num_steps. It is fitted once more, from the steps since, REFIT_FRAC of the way into the
+(compile, warm-up) is not timed; the next `fit_after` steps are (skipped ones too), and after them the
+run's step count is fitted (fit_num_steps): as many steps as fit in what is left of the budget at the
+measured seconds per step (evaluations every eval_every steps and the final one costed at what the
+step-0 evaluation took), at most num_steps. Every rank fits from rank 0's timings, so all take the same
+number of steps. It is fitted once more, from the steps since, REFIT_FRAC of the way into the
 run if that comes before the warmdown (the first steps can run slower than the rest). Until a fit the
 LR schedule is that of the previous count, which equals the fitted schedule on every step taken so far
 as long as those steps come before its warmdown (warmup is in steps, warmdown a fraction of the count).
 A budget too short even for that runs the fewest steps that keep it (the steps taken stay before the
 warmdown) and says by how much it overruns: the work done is kept rather than thrown away by an error
 late in a run. The fitted count, the measured seconds per step and tok/s go into the loop state (so a
-resume keeps the count) and LoopResult.fit. The budget covers the loop (from the call to train() to the final
-checkpoint), not the stage's start-up; checkpoint writes and sampling are not costed.
+resume keeps the count; a refit still to come at the checkpoint is not made, as the resumed process
+cannot know how much of the budget the killed one spent) and LoopResult.fit. The budget covers the loop
+(from the call to train() to the final checkpoint), not the stage's start-up; checkpoint writes and
+sampling are not costed.
 
 Exact resume (`resume=True`): weights, optimizer, every rank's loader state, loop counters and RNG
 states come back from the newest checkpoint in tag_dir, and metrics.jsonl is cut back to that step,
-so a killed-and-resumed run computes exactly what an uninterrupted one does.
+so a killed-and-resumed run computes exactly what an uninterrupted one does. What would make it another
+run is refused: another world size, model_config, tokenizer, LoRA base or settings (meta["lora"]), or
+schedule and batch (SCHEDULE_FLAGS, saved as meta["schedule"]). Two changes are allowed and printed as
+notes: the learning rates and weight decay of this invocation apply, and num_steps may change (a run
+continued for more steps; not with `minutes`, where it is the cap of the fitted count).
 
 Files in tag_dir (rank 0): step_XXXXXX/ checkpoints, metrics.jsonl (one JSON object per step and
 per eval), samples.jsonl. A stage's summary.json (written by the stage when it finishes) is removed
@@ -84,9 +91,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from chibichat.common import ChibiError, Runtime, atomic_write_text, gather_objects, print0, write_error
+from chibichat.common import (
+    ChibiError, Runtime, atomic_write_text, gather_objects, print0, remove_dir, write_error,
+)
 from chibichat.train.checkpoint import (
-    list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
+    STEP_RE, list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
 )
 from chibichat.train.optim import muon_momentum, set_muon_momentum
 from chibichat.train.schedule import lr_multiplier
@@ -174,6 +183,17 @@ class LoopResult:
 
 
 REFIT_FRAC = 0.1  # --minutes: the step count is fitted again this far into the run (see train())
+
+# What decides the LR/momentum schedule and the batches of every step, saved in each checkpoint as
+# meta["schedule"] and compared on resume: with the stage flag that sets each. num_steps may change on
+# resume (a run continued for more steps) unless the count is fitted to --minutes, where it is the cap.
+SCHEDULE_FLAGS = {"num_steps": "--num-steps", "grad_accum": "--grad-accum (pretrain: --total-batch / --device-batch)",
+                  "warmup_steps": "--warmup-steps", "warmdown_frac": "--warmdown-frac",
+                  "final_lr_frac": "--final-lr-frac", "momentum_warmup_steps": "--momentum-warmup-steps",
+                  "minutes": "--minutes", "fit_after": "--fit-steps"}
+# meta["lora"] keys (checkpoint.py) and the flags that set them
+LORA_FLAGS = {"base": "--from/--from-tag/--from-step", "rank": "--lora", "alpha": "--lora-alpha",
+              "dropout": "--lora-dropout", "targets": "--lora-targets"}
 
 
 def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times: list[float], tokens_timed: int,
@@ -379,6 +399,8 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
     if "tokenizer" in meta and saved.get("tokenizer") != meta["tokenizer"]:
         raise ChibiError(f"--resume: {sdir} was trained with another tokenizer ({saved.get('tokenizer')}); "
                          f"restore that tokenizer or start a new --tag")
+    _check_lora(sdir, saved.get("lora"), meta.get("lora"))
+    schedule = _check_schedule(sdir, saved.get("schedule"), cfg)
     try:
         loader_state, loop, rng = saved["loader"][rt.rank], saved["loop"], saved["rng"][rt.rank]
         state = LoopState(**loop)
@@ -398,7 +420,66 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
     batches.load_state_dict(loader_state)
     _set_rng_state(rt, rng)
     print0(rt, f"resumed from {sdir} (step {state.step})")
+    if schedule is None:
+        print0(rt, f"note: {sdir} records no schedule (an older chibichat saved it), so this run's "
+                   f"{', '.join(f.split(' ')[0] for f in SCHEDULE_FLAGS.values())} cannot be checked against it; "
+                   f"pass the values it was started with")
+    elif schedule["num_steps"] != cfg.num_steps:
+        before, now = schedule["num_steps"], cfg.num_steps
+        taken = range(min(state.step, before, now))
+        same = all(lr_multiplier(s, before, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+                   == lr_multiplier(s, now, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac) for s in taken)
+        print0(rt, f"note: --num-steps {before} -> {now}: the steps from {state.step} on follow the LR schedule of "
+                   f"{now} steps" + ("" if same else f"; the {state.step} steps taken followed that of {before} "
+                                                     f"(their warmdown), so this run differs from an uninterrupted "
+                                                     f"{now}-step one"))
     return state
+
+
+def _schedule(cfg: LoopConfig) -> dict:
+    return {k: getattr(cfg, k) for k in SCHEDULE_FLAGS}
+
+
+def _check_schedule(sdir: Path, saved, cfg: LoopConfig) -> dict | None:
+    """Refuse a resume whose schedule or batch differs from the checkpoint's (SCHEDULE_FLAGS): the run
+    would silently stop being the one it continues. Returns the saved schedule (None: not recorded)."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        raise ChibiError(f"--resume: {sdir}/meta.json has a malformed schedule ({saved!r}); it is corrupt")
+    now = _schedule(cfg)
+    free = {"num_steps"} if saved.get("minutes") is None else set()
+    diff = [k for k in now if k not in free and saved.get(k) != now[k]]
+    if diff:
+        raise ChibiError(f"--resume: {sdir} was trained with " + ", ".join(
+            f"{SCHEDULE_FLAGS[k]} {saved.get(k)} (this run: {now[k]})" for k in diff)
+            + "; a resumed run continues the same schedule and batches, so pass the values it was trained with, "
+              "or start a new --tag" + ("; with --minutes, --num-steps is the cap of the fitted step count"
+                                        if "num_steps" in diff else ""))
+    return saved
+
+
+def _check_lora(sdir: Path, saved, now) -> None:
+    """Refuse a resume whose LoRA adapters would sit on another base checkpoint, or whose LoRA settings
+    differ from the saved ones: the saved adapters were trained on that base with those settings."""
+    if saved == now:
+        return
+    if not isinstance(saved, dict):
+        raise ChibiError(f"--resume: {sdir} was trained without LoRA; resume it without --lora, or start a new --tag")
+    if not isinstance(now, dict):
+        raise ChibiError(f"--resume: {sdir} holds LoRA adapters (rank {saved.get('rank')}); resume it with the "
+                         f"--lora flags it was trained with, or start a new --tag")
+    diff = [k for k in LORA_FLAGS if saved.get(k) != now.get(k)]
+    base = Path(str(saved.get("base")))
+    where = f"--from/--from-tag/--from-step naming {base}"
+    if not base.is_absolute() and len(base.parts) == 3:  # stage/tag/step_XXXXXX under home/checkpoints/
+        m = STEP_RE.match(base.parts[2])
+        if m:
+            where = f"--from {base.parts[0]} --from-tag {base.parts[1]} --from-step {int(m.group(1))}"
+    raise ChibiError(f"--resume: {sdir} holds LoRA adapters trained with " + ", ".join(
+        f"{LORA_FLAGS[k]} {saved.get(k)} (this run: {now.get(k)})" for k in diff)
+        + f"; the adapters only continue on the base and settings they were trained with: pass {where} and "
+          "the same --lora flags, or start a new --tag")
 
 
 def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopConfig, *, meta: dict,
@@ -426,7 +507,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                              f"continue that run, --overwrite to replace it, or choose another --tag")
         if existing and rt.is_master:
             for s in existing:
-                shutil.rmtree(step_dir(cfg.tag_dir, s))
+                remove_dir(step_dir(cfg.tag_dir, s))
         state = LoopState()
     # The step count of this run: fixed, fitted earlier (resume), or fitted after the timed steps.
     num_steps = state.fit.get("num_steps", cfg.num_steps)
@@ -453,7 +534,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
     recent: list[float] = []  # recent step times for the ETA
     timed: list[float] = []   # --minutes: times of the timed steps
     timed_tokens = 0
-    eval_s = 0.0               # --minutes: seconds of the first evaluation of this process
+    eval_s = 0.0               # --minutes: seconds of the first evaluation of this process (rank 0's once fitted)
     first_step = state.step
     model.train()
     try:
@@ -493,15 +574,6 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             state.step = step + 1
             state.tokens += n_tokens
             state.train_time_s += dt
-            if loss is None:  # skipped: no target tokens on any rank (cfg.skip_empty_steps)
-                state.skipped_steps += 1
-                metrics.log({"step": state.step, "skipped": True, "dt_s": dt, "elapsed_s": state.train_time_s,
-                             "tokens": state.tokens})
-                print0(rt, f"step {state.step:06d}/{num_steps:06d} | skipped: no target tokens in any "
-                           f"micro-batch (no learning signal), weights and optimizer state unchanged")
-                step += 1
-                continue
-            state.last_loss = loss
             if step == first_step:
                 # Python's cyclic GC pauses for hundreds of ms on big heaps; the objects alive after
                 # the first step live for the whole run, so freeze them and collect by hand.
@@ -510,22 +582,33 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                 gc.disable()
             elif step % GC_EVERY == 0:
                 gc.collect()
-            # Step times for the ETA; the run's first step (compile, warm-up) is dropped once another exists.
-            recent = [dt] if step <= first_step + 1 else (recent + [dt])[-20:]
-            tok_s = n_tokens / dt
-            mfu = cfg.flops_per_token * tok_s / (peak * rt.world_size) if peak and cfg.flops_per_token else None
-            lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
-            rec = {"step": state.step, "loss": loss, "lr": lrm, "tok_per_s": tok_s, "dt_s": dt,
-                   "elapsed_s": state.train_time_s, "tokens": state.tokens}
-            if mfu is not None:
-                rec["mfu"] = mfu
-            metrics.log(rec)
+            if loss is None:  # skipped: no target tokens on any rank (cfg.skip_empty_steps)
+                state.skipped_steps += 1
+                metrics.log({"step": state.step, "skipped": True, "dt_s": dt, "elapsed_s": state.train_time_s,
+                             "tokens": state.tokens})
+                print0(rt, f"step {state.step:06d}/{num_steps:06d} | skipped: no target tokens in any "
+                           f"micro-batch (no learning signal), weights and optimizer state unchanged")
+            else:
+                state.last_loss = loss
+                # Step times for the ETA; the run's first step (compile, warm-up) is dropped once another exists.
+                recent = [dt] if step <= first_step + 1 else (recent + [dt])[-20:]
+                tok_s = n_tokens / dt
+                mfu = cfg.flops_per_token * tok_s / (peak * rt.world_size) if peak and cfg.flops_per_token else None
+                lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+                rec = {"step": state.step, "loss": loss, "lr": lrm, "tok_per_s": tok_s, "dt_s": dt,
+                       "elapsed_s": state.train_time_s, "tokens": state.tokens}
+                if mfu is not None:
+                    rec["mfu"] = mfu
+                metrics.log(rec)
+            # A skipped step is timed too: it still fetched its batch (RL: sampled it), and the steps
+            # still to come will be skipped at about the same rate.
             if fit_at is not None and step > first_step:
                 timed.append(dt)
                 timed_tokens += n_tokens
                 if state.step == fit_at:
-                    # Every rank fits from rank 0's timings, so all take the same number of steps.
-                    (elapsed,) = _broadcast0(rt, [clock() - wall0])
+                    # Every rank fits from rank 0's timings (its evaluation included), so all take the
+                    # same number of steps.
+                    elapsed, eval_s = _broadcast0(rt, [clock() - wall0, eval_s])
                     times = _broadcast0(rt, timed)
                     first = state.fit
                     state.fit = fit_num_steps(cfg.minutes, elapsed, state.step, times, timed_tokens, eval_s,
@@ -547,7 +630,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     if fit_at is not None and fit_at >= num_steps - round(cfg.warmdown_frac * num_steps):
                         fit_at = None
                     timed, timed_tokens = [], 0
-            if state.step % cfg.log_every == 0 or state.step == num_steps:
+            if loss is not None and (state.step % cfg.log_every == 0 or state.step == num_steps):
                 eta = sum(recent) / len(recent) * (num_steps - state.step)
                 print0(rt, f"step {state.step:06d}/{num_steps:06d} ({100 * state.step / num_steps:5.1f}%) | "
                            f"loss {loss:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | "
@@ -613,7 +696,7 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
     if total <= 0:
         if cfg.skip_empty_steps:  # the same decision on every rank: `total` is global
             _sync(rt)
-            return time.perf_counter() - t0, None, 0
+            return clock() - t0, None, 0
         raise ChibiError(f"step {step}: the step's micro-batches hold no target tokens (all -1); the data "
                          f"source yields nothing to train on")
     loss_acc = torch.zeros((), dtype=torch.float32, device=rt.device)
@@ -641,7 +724,7 @@ def _save(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict, s
     # Collectives first (every rank), then rank 0 writes the whole directory.
     loaders = gather_objects(rt, batches.state_dict())
     rngs = gather_objects(rt, _rng_state(rt))
-    full = {**meta, "loader": loaders, "loop": asdict(state), "rng": rngs}
+    full = {**meta, "loader": loaders, "loop": asdict(state), "rng": rngs, "schedule": _schedule(cfg)}
     path = save_checkpoint(cfg.tag_dir, state.step, model, optimizer, full, rt=rt, keep_last=cfg.keep_last)
     if rt.distributed:
         dist.barrier()  # nobody races ahead (and maybe dies) before the checkpoint exists
