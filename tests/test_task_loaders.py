@@ -132,7 +132,7 @@ def test_eval_task_picks_the_full_online_test_sets(server, home):
 
 def test_smoltalk(server, home):
     t = get_task("smoltalk", home=Home(home), split="train")
-    assert t.kind == "conversation" and len(t) == 2
+    assert t.kind == "conversation" and len(t) == 50
     assert [m["role"] for m in t[1]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
 
 
