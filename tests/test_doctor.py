@@ -49,6 +49,45 @@ def test_doctor_refusals(tmp_path, capsys):
     assert not (tmp_path / "d.json").exists()
 
 
+def test_mfu_depths_are_parsed_before_any_check(tmp_path, capsys):
+    """A typo in --mfu-depths is refused at once, naming the flag: it used to crash with a ValueError after every
+    GPU check had run, before doctor.json was written (so this holds on a machine with CUDA too)."""
+    assert doctor.parse_depths("12, 20") == [12, 20] and doctor.parse_depths("") == []
+    for bad, part in (("d12", "d12"), ("12,x", "x"), ("0", "0")):
+        assert main(["doctor", "--gpu", "--mfu-depths", bad, "--json", str(tmp_path / "d.json")]) == 2
+        assert capsys.readouterr().err.strip() == (f"chibichat doctor: error: --mfu-depths {bad!r}: {part!r} is not a "
+                                                   "depth; give comma-separated positive integers like 12,20 (or '' "
+                                                   "for none)")
+    assert main(["doctor", "--gpu", "--mfu-steps", "0", "--json", str(tmp_path / "d.json")]) == 2
+    assert "--mfu-steps must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_a_failed_mfu_run_fails_the_doctor_and_skipped_checks_are_counted_apart(monkeypatch):
+    """The closing line counts every check and MFU row as ok, skipped or failed; an MFU measurement that failed
+    (run_isolated raising ChibiError) makes the exit status 1, and a check that does not apply here (nccl on one
+    GPU) is skipped, not ok."""
+    import argparse
+
+    from chibichat.bench import train as bench_train
+
+    def failing(cfg, device):
+        raise ChibiError("the d12 step ran out of memory")
+
+    monkeypatch.setattr(bench_train, "run_isolated", failing)
+    args = argparse.Namespace(mfu_batch=8, mfu_steps=2, no_compile=True)
+    row = doctor._mfu_row(12, args, False, 989e12)
+    assert row == {"depth": 12, "seq_len": 2048, "batch": 8, "compile": False, "fp8": False, "ok": False,
+                   "error": "the d12 step ran out of memory"}
+    nccl = doctor._check(lambda: doctor.check_nccl(1))
+    assert "ok" not in nccl and nccl["skipped"] == "one visible GPU: nothing to all-reduce across"
+    checks = {"bf16": {"ok": True}, "compile": {"ok": True}, "sdpa": {"ok": True},
+              "fp8": {"skipped": "SM 8.0 < 8.9 has no fp8 tensor cores"}, "nccl": nccl}
+    assert doctor.outcome(checks, [row]) == ("3 ok, 2 skipped (fp8, nccl), 1 failed (mfu d12)", 1)
+    assert doctor.outcome(checks, [{**row, "ok": True}]) == ("4 ok, 2 skipped (fp8, nccl)", 0)
+    assert doctor.outcome({**checks, "sdpa": {"ok": False, "error": "x"}}, [{**row, "fp8": True}])[1] == 1
+
+
 @pytest.mark.gpu
 @cuda
 def test_doctor_gpu_checks_pass(tmp_path):
@@ -56,7 +95,7 @@ def test_doctor_gpu_checks_pass(tmp_path):
     rc = main(["doctor", "--gpu", "--json", str(out), "--mfu-depths", "12", "--mfu-steps", "2"])
     rep = json.loads(out.read_text())
     assert rc == 0, rep["checks"]
-    assert all(c.get("ok") for c in rep["checks"].values())
+    assert all(c.get("ok") or "skipped" in c for c in rep["checks"].values())  # (nccl on one GPU is skipped)
     row = rep["mfu"][0]
     assert row["ok"] and row["depth"] == 12 and row["tokens_per_s"] > 0
     if rep["peak_bf16_tflops"]:

@@ -1,6 +1,8 @@
 """Downloads against a local HTTP server on 127.0.0.1: Range resume after a dropped connection,
-re-fetch of a corrupt shard, permanent failures, and the `data download` command end to end."""
+re-fetch of a corrupt shard, permanent failures, the hub's sha256 and commit headers, an unreachable
+server, and the `data download` command end to end."""
 
+import hashlib
 import http.server
 import io
 import threading
@@ -28,11 +30,23 @@ class Server:
     """Serves `files` (path -> bytes). `faults` (path -> list of modes) applies one mode per request
     in order, then serves normally: "drop" sends the headers and half the body then closes,
     "corrupt" serves garbage of the same length, "500" answers 500, "full" ignores Range and sends
-    the whole file with 200; "broken" in `always` is forever."""
+    the whole file with 200; "broken" in `always` is forever.
+
+    A file under /datasets/<repo>/resolve/<revision>/ is answered as the Hugging Face hub answers for an LFS
+    file: a 302 to /cdn/... (which serves the bytes) carrying X-Repo-Commit, X-Linked-Etag (the file's
+    sha256, quoted) and X-Linked-Size. Files are registered under resolve/main/; a request for
+    resolve/<commit>/ of `commit` or an earlier one in `commits` gets the same file and that commit (main:
+    the current `commit`). `advertise` (path -> sha256) states another sha256 for a file, `state_commit`
+    another commit for every answer. `requests` is keyed by the registered path, `raw` lists the request
+    paths as sent."""
 
     def __init__(self):
         self.files, self.faults, self.always = {}, defaultdict(list), {}
-        self.requests = defaultdict(list)  # path -> [Range header or None]
+        self.requests = defaultdict(list)  # registered path -> [Range header or None]
+        self.raw = []
+        self.commit, self.commits = "c" * 40, set()
+        self.advertise, self.state_commit = {}, None
+        self.hub = True  # False: resolve paths answered as a plain mirror does, the bytes with no hub headers
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -42,10 +56,31 @@ class Server:
                 pass
 
             def do_GET(self):
-                path = self.path
-                server.requests[path].append(self.headers.get("Range"))
-                if path not in server.files:
+                server.raw.append(self.path)
+                cdn = self.path.startswith("/cdn/")
+                path, commit = self.path.removeprefix("/cdn"), None
+                if "/resolve/" in path and not cdn:
+                    head, rest = path.split("/resolve/", 1)
+                    revision, name = rest.split("/", 1)
+                    if revision not in ("main", server.commit, *server.commits):
+                        revision = None  # a commit this repo never had: 404
+                    path = f"{head}/resolve/main/{name}"
+                    commit = revision and (server.commit if revision == "main" else revision)
+                if not cdn:
+                    server.requests[path].append(self.headers.get("Range"))
+                if path not in server.files or (commit is None and "/resolve/" in path and not cdn):
                     self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if commit is not None and server.hub:  # the hub's answer for an LFS file: where the bytes are, and what
+                    data = server.files[path]
+                    sha = server.advertise.get(path, hashlib.sha256(data).hexdigest())
+                    self.send_response(302)
+                    self.send_header("Location", "/cdn" + path)
+                    self.send_header("X-Repo-Commit", server.state_commit or commit)
+                    self.send_header("X-Linked-Etag", f'"{sha}"')
+                    self.send_header("X-Linked-Size", str(len(data)))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -225,7 +260,8 @@ def test_download_corpus_end_to_end(server, tmp_path, monkeypatch):
     assert [d for s in train for g in range(s.num_groups()) for d in s.read_group(g)] == texts[0] + texts[1] + texts[2]
     assert train[0].num_groups() == 3  # 130 docs in row groups of 64
     assert list(corpus.iter_documents("val", home)) == texts[1822]
-    assert sorted(f.name for f in corpus.data_dir(home).iterdir() if not f.name.startswith(".")) == [x.name for x in paths]
+    assert sorted(f.name for f in corpus.data_dir(home).iterdir() if not f.name.startswith(".")) == \
+        ["manifest.json"] + [x.name for x in paths]
 
     # A shard that stays broken: the rest is kept and the error names the shard.
     server.always[p.format(3)] = "broken"
@@ -333,3 +369,117 @@ def test_interrupt_stops_running_downloads_and_keeps_part(server, tmp_path, monk
     d = tmp_path / "data" / "fineweb-edu"
     assert (d / "shard_00000.parquet.part").stat().st_size >= download.CHUNK  # kept for a resume
     assert not (d / "shard_00000.parquet").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_an_unreachable_server_stops_the_whole_batch_after_retries_attempts(tmp_path, monkeypatch, capsys):
+    """Offline (here: a closed port), 8 shards on 4 workers cost `retries` attempts in all, not `retries` per
+    shard, and end in one message instead of one error per shard."""
+    import requests
+
+    from chibichat.cli import main
+
+    attempts = []
+    real_get = requests.get
+
+    def counting_get(url, *a, **kw):
+        attempts.append(url)
+        return real_get(url, *a, **kw)
+
+    monkeypatch.setattr(requests, "get", counting_get)
+    base = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(ChibiError) as e:
+        download_corpus(get_corpus("fineweb-edu"), Home(tmp_path), 7, workers=4, base_url=base, retries=3,
+                        backoff=0.01, timeout=5, progress=False)
+    assert len(attempts) == 3 and time.monotonic() - t0 < 5
+    assert str(e.value).startswith(f"cannot reach {base}: 3 attempts in a row got no answer (last: ConnectionError")
+    assert str(e.value).endswith("offline? Check the network (or --base-url / $CHIBICHAT_HF_ENDPOINT) and re-run the "
+                                 "same command: it resumes partial files")
+    attempts.clear()
+    assert main(["data", "download", "fineweb-edu", "-n", "20", "--base-url", base, "--retries", "2", "--no-progress",
+                 "--home", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(attempts) == 2 and err.startswith(f"chibichat data: error: cannot reach {base}: 2 attempts") \
+        and err.count("\n") == 1  # one message, no line per shard
+
+
+def test_a_shard_whose_bytes_are_not_the_sha256_the_hub_states_is_refused(server, tmp_path, monkeypatch):
+    """The hub states each LFS file's sha256 (X-Linked-Etag on its redirect): a shard served as another valid
+    parquet file than the one stated is deleted and refused, never renamed into place."""
+    corpus = get_corpus("fineweb-edu")
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    stated, _ = parquet_bytes(40, 0)
+    server.files[p.format(0)], _ = parquet_bytes(40, 99)  # readable parquet, but not the file the hub states
+    server.advertise[p.format(0)] = hashlib.sha256(stated).hexdigest()
+    server.files[p.format(1822)], _ = parquet_bytes(40, 1822)
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", server.base)
+    home = Home(tmp_path)
+    with pytest.raises(ChibiError) as e:
+        download_corpus(corpus, home, 1, workers=2, retries=2, backoff=0.01, timeout=10, progress=False)
+    got = hashlib.sha256(server.files[p.format(0)]).hexdigest()
+    assert f"shard 0: could not download {server.base}{p.format(0)} after 2 attempts (last error: the downloaded " \
+           f"bytes have sha256 {got}, not the {hashlib.sha256(stated).hexdigest()} the server states for the file " \
+           "(X-Linked-Etag))" in str(e.value)
+    assert "1 of 2 shards" in str(e.value)
+    assert not corpus.shard_path(home, 0).exists() and not corpus.shard_path(home, 0).with_suffix(".parquet.part").exists()
+    assert corpus.shard_path(home, 1822).exists()  # the val shard's bytes are the stated ones
+    assert all(path.startswith("/cdn/") or "/resolve/main/" in path for path in server.raw)  # the hub's redirects
+
+
+def test_shards_come_from_one_commit_recorded_and_pinned(server, tmp_path, monkeypatch, capsys):
+    """The first download records the dataset commit the hub answers from (X-Repo-Commit) with each shard's
+    verified sha256; later downloads ask for that commit, not main, so a dataset updated in between is never
+    mixed in; a server that answers from another commit anyway is refused."""
+    from chibichat.data.download import read_manifest
+
+    corpus = get_corpus("fineweb-edu")
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    for i in (0, 1, 2, 1822):
+        server.files[p.format(i)], _ = parquet_bytes(30, i)
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", server.base)
+    home = Home(tmp_path)
+    download_corpus(corpus, home, 1, workers=2, retries=2, backoff=0.01, timeout=10, progress=False)
+    first = server.commit
+    m = read_manifest(corpus, home)
+    assert m["commit"] == first and m["repo"] == "karpathy/fineweb-edu-100b-shuffle"
+    assert m["shards"]["shard_00000.parquet"] == {"sha256": hashlib.sha256(server.files[p.format(0)]).hexdigest(),
+                                                  "size": len(server.files[p.format(0)]), "commit": first}
+    server.commits.add(first)
+    server.commit = "d" * 40  # main moved on
+    server.raw.clear()
+    download_corpus(corpus, home, 2, workers=2, retries=2, backoff=0.01, timeout=10, progress=False)
+    assert [r for r in server.raw if not r.startswith("/cdn/")] == [
+        f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/{first}/shard_00001.parquet"]
+    assert read_manifest(corpus, home)["shards"]["shard_00001.parquet"]["commit"] == first
+    server.state_commit = "e" * 40  # a server that ignores the pin
+    with pytest.raises(ChibiError) as e:
+        download_corpus(corpus, home, 3, workers=2, retries=2, backoff=0.01, timeout=10, progress=False)
+    assert f"shard_00002.parquet comes from commit {'e' * 40} of the dataset, but the other shards come from commit " \
+           f"{first}: delete the corpus folder to download every shard from one commit" in str(e.value)
+    assert not corpus.shard_path(home, 2).exists()
+    assert capsys.readouterr().err == ""  # every shard verified: no note
+
+
+def test_a_server_that_states_no_sha256_is_named_and_its_shards_recorded_unverified(server, tmp_path, monkeypatch,
+                                                                                    capsys):
+    corpus = get_corpus("fineweb-edu")
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    for i in (0, 1822):
+        server.files[p.format(i)], _ = parquet_bytes(30, i)
+    server.hub = False  # a plain mirror
+    download_corpus(corpus, Home(tmp_path), 1, workers=2, retries=2, backoff=0.01, timeout=10, base_url=server.base,
+                    progress=False)
+    assert capsys.readouterr().err == (f"note: {server.base} stated no sha256 (X-Linked-Etag) for 2 of the 2 shard(s) "
+                                       "fetched (not the Hugging Face hub?): they were checked as parquet only\n")
+    from chibichat.data.download import read_manifest
+
+    m = read_manifest(corpus, Home(tmp_path))
+    assert m["commit"] is None and m["shards"]["shard_01822.parquet"]["sha256"] is None

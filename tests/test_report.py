@@ -48,7 +48,7 @@ def test_report_card_structure(fixture_report):
     home, text = fixture_report
     lines = text.splitlines()
     assert [l for l in lines if l.startswith("## ") or l.startswith("### ")] == [
-        "## Summary", "## Evaluations by stage", "## Held-out skills", "## Tokenizer",
+        "## Summary", "## Evaluations by stage (d4)", "## Held-out skills (d4)", "## Tokenizer",
         "## BASE: pretraining (d4)", "### BASE evaluation", "## MID: midtraining (d4)", "### MID evaluation",
         "## SFT: supervised fine-tuning (d4)", "### SFT evaluation", "## RL: reinforcement learning (d4)",
         "### RL evaluation", "## Timings", "## Appendix: every recorded value"]
@@ -177,3 +177,45 @@ def test_report_shows_dpo_reward_accuracy_and_margin(tmp_path):
     assert "- (not repeated here: evals: plotted in reward_accuracy.png and reward_margin.png)" in text
     for png in ["reward_accuracy.png", "reward_margin.png"]:
         assert (home.report_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_shows_one_tag_alone_and_refuses_an_unknown_one(tmp_path, capsys):
+    """Two runs in one home: the report of a tag never fills a stage it lacks from the other run (that stage is
+    "not run"), the default is the newest base tag, and a --tag no stage ran under is refused with the known
+    tags listed."""
+    import os
+
+    h = Home(tmp_path / "home")
+    for tag, bpb in (("d4", 1.5), ("hour-d5", 1.25)):
+        _write(h.checkpoints_dir("base", tag) / "summary.json", {"final_val_bpb": bpb, "steps": 10})
+    _write(h.checkpoints_dir("mid", "hour-d5") / "summary.json", {"val_loss": 2.0, "steps": 3})
+    os.utime(h.checkpoints_dir("base", "d4"), (1, 1))  # d4 is the older run
+    text = build_report(h, "d4").read_text()
+    assert "| BASE (d4) | val bpb 1.5000 | - |" in text and "| MID (d4) | not run | - |" in text
+    assert "## MID: midtraining (d4)\n\nnot run\n" in text and "## Evaluations by stage (d4)" in text
+    assert "hour-d5" not in text and "2.0000" not in text
+    assert "## BASE: pretraining (hour-d5)" in build_report(h).read_text()  # the newest base tag
+    with pytest.raises(ChibiError) as e:
+        build_report(h, "d5")
+    assert str(e.value) == f"--tag 'd5': no stage in {h.root} has run under that tag; known tags: d4, hour-d5"
+    assert main(["report", "--home", str(h.root), "--tag", "d5"]) == 2
+    assert "known tags: d4, hour-d5" in capsys.readouterr().err
+
+
+def test_report_times_a_stage_by_its_own_tags_speedrun_timing(tmp_path):
+    """timing.json keeps each tag's steps apart: the report of a tag another speedrun timed (and this one did
+    not) shows the stage's own wall time, not the other run's seconds."""
+    h = Home(tmp_path / "home")
+    _write(h.checkpoints_dir("base", "d4") / "summary.json", {"steps": 10, "wall_time_s": 90.0})
+    _write(h.checkpoints_dir("base", "hour-d5") / "summary.json", {"steps": 10, "wall_time_s": 1500.0})
+    _write(h.report_dir / "timing.json", {"runs": {"hour-d5": {"stages": {"pretrain": 1400.0, "eval-base": 30.0},
+                                                               "wall_s": 1430.0}}})
+    text = build_report(h, "d4").read_text()
+    assert "| BASE (d4) | val bpb - | 1m30s |" in text
+    assert "no speedrun timing recorded for d4 (report/timing.json)" in text and "23m" not in text
+    assert "| BASE (hour-d5) | val bpb - | 23m50s |" in build_report(h, "hour-d5").read_text()
+    # a file from before timings were kept per tag is attributed to no run, and the report says so
+    _write(h.report_dir / "timing.json", {"stages": {"pretrain": 1400.0}, "wall_s": 1400.0})
+    text = build_report(h, "d4").read_text()
+    assert "| BASE (d4) | val bpb - | 1m30s |" in text
+    assert "report/timing.json also holds timings recorded before they were kept per tag" in text

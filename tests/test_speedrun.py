@@ -310,17 +310,28 @@ def test_a_finished_tokenizer_of_another_size_or_split_is_refused_not_reused(tmp
     en = plan(home, PRESETS["cpu"], "en", "dense", "cpu")[0]
     check_done_tokenizer(home, ja)  # nothing trained yet: nothing to check
     ja.marker.parent.mkdir(parents=True)
-    ja.marker.write_text(json.dumps({"vocab_size": 4096, "split": "gpt4"}))
+
+    def trained(vocab, split, corpus):
+        ja.marker.write_text(json.dumps({"vocab_size": vocab, "split": split, "training": {"corpus": corpus}}))
+
+    trained(4096, "gpt4", "embedded-en")
     check_done_tokenizer(home, en)  # the EN plan's own tokenizer: reused
     with pytest.raises(ChibiError) as e:
         check_done_tokenizer(home, ja)
-    assert str(e.value) == (f"{home.tokenizer_dir} holds a 4096-token tokenizer (split gpt4), but this plan trains "
-                            "1024 tokens (split ja): use another --home for this preset and language, or pass --force "
-                            "tokenizer to train it anew (the home's checkpoints then no longer load)")
-    ja.marker.write_text(json.dumps({"vocab_size": 1024, "split": "gpt4"}))  # right size, wrong split
+    assert str(e.value) == (f"{home.tokenizer_dir} holds a 4096-token tokenizer (split gpt4, corpus embedded-en), but "
+                            "this plan trains 1024 tokens (split ja, corpus embedded-ja): use another --home for this "
+                            "preset and language, or pass --force tokenizer to train it anew (the home's checkpoints "
+                            "then no longer load)")
+    trained(1024, "gpt4", "embedded-ja")  # right size, wrong split
     with pytest.raises(ChibiError, match="split gpt4.*split ja"):
         check_done_tokenizer(home, ja)
-    ja.marker.write_text(json.dumps({"vocab_size": 1024, "split": "ja"}))
+    trained(1024, "ja", "embedded-en")  # right size and split, another corpus
+    with pytest.raises(ChibiError, match="corpus embedded-en.*corpus embedded-ja"):
+        check_done_tokenizer(home, ja)
+    ja.marker.write_text(json.dumps({"vocab_size": 1024, "split": "ja"}))  # a tokenizer that records no corpus
+    with pytest.raises(ChibiError, match="corpus not recorded"):
+        check_done_tokenizer(home, ja)
+    trained(1024, "ja", "embedded-ja")
     check_done_tokenizer(home, ja)
     with pytest.raises(ChibiError, match="1024-token tokenizer"):
         check_done_tokenizer(home, en)
@@ -328,7 +339,193 @@ def test_a_finished_tokenizer_of_another_size_or_split_is_refused_not_reused(tmp
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run([sys.executable, "-m", "chibichat", "speedrun", "--preset", "cpu", "--home", str(tmp_path),
                         "--dry-run"], capture_output=True, text=True, env=env)
-    assert r.returncode != 0 and "holds a 1024-token tokenizer (split ja), but this plan trains 4096" in r.stderr
+    assert r.returncode != 0 and "holds a 1024-token tokenizer (split ja, corpus embedded-ja), but this plan trains 4096" \
+        in r.stderr
+
+
+def test_a_japanese_tokenizer_of_the_english_size_is_refused_for_an_english_plan(tmp_path):
+    """micro and the GPU presets train one vocabulary size for both languages and the English plan passes no
+    --split: its tokenizer is `--split auto` on an English corpus (gpt4), so a home's Japanese one is refused."""
+    from chibichat.stages.speedrun import check_done_tokenizer
+
+    home = Home(tmp_path)
+    for preset in ("micro", "d20"):
+        ja = plan(home, PRESETS[preset], "ja", "dense", "cpu")
+        en = plan(home, PRESETS[preset], "en", "dense", "cpu")
+        tok_ja, tok_en = (next(s for s in p if s.name == "tokenizer") for p in (ja, en))
+        vocab = tok_ja.argv[tok_ja.argv.index("--vocab-size") + 1]
+        assert vocab == tok_en.argv[tok_en.argv.index("--vocab-size") + 1] and "--split" not in tok_en.argv
+        corpus = tok_ja.argv[tok_ja.argv.index("--corpus") + 1]
+        tok_ja.marker.parent.mkdir(parents=True, exist_ok=True)
+        tok_ja.marker.write_text(json.dumps({"vocab_size": int(vocab), "split": "ja", "training": {"corpus": corpus}}))
+        check_done_tokenizer(home, tok_ja)
+        with pytest.raises(ChibiError, match=f"split ja, corpus {corpus}\\), but this plan trains {vocab} tokens "
+                                             r"\(split gpt4, corpus (embedded-en|fineweb-edu)\)"):
+            check_done_tokenizer(home, tok_en)
+
+
+def _fake_stages(monkeypatch, fail=()):
+    """speedrun's steps replaced by a stand-in that writes each step's marker (the tokenizer's as the micro EN
+    tokenizer) and returns 1 for the steps named in `fail`; the argv of each call is collected."""
+    from chibichat.stages import speedrun
+
+    calls = []
+
+    def run_step(step, argv, nproc, env):
+        calls.append((step.name, argv))
+        if step.name in fail:
+            return 1
+        step.marker.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"vocab_size": 1024, "split": "gpt4", "training": {"corpus": "embedded-en"}}
+        step.marker.write_text(json.dumps(meta if step.name == "tokenizer" else {"steps": 1}))
+        return 0
+
+    monkeypatch.setattr(speedrun, "run_step", run_step)
+    monkeypatch.setattr(speedrun, "check_sandbox", lambda allow, what: None)  # (the sandbox has its own tests)
+    return calls
+
+
+def test_a_finished_step_run_with_other_flags_is_refused_not_skipped(tmp_path, monkeypatch, capsys):
+    """Each finished step's flags are recorded with its marker: a later speedrun that gives it other flags
+    (--dtype) is refused, naming the steps, the changed flags and the --force that redoes them; flags that give
+    the same result (--device auto against the device it resolves to, --recompute) are not differences."""
+    from chibichat.cli import main
+
+    home = tmp_path / "h"
+    calls = _fake_stages(monkeypatch)
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    assert main(base + ["--dtype", "float32"]) == 0
+    assert len(calls) == 13
+    records = json.loads((home / "report" / "speedrun-steps.json").read_text())["steps"]
+    pre = records["checkpoints/base/d2/summary.json"]["flags"]
+    assert pre[:5] == ["pretrain", "--corpus", "embedded-en", "--layers", "dense"] and "--home" not in pre
+    assert pre[pre.index("--device") + 1] == "cpu" and pre[pre.index("--dtype") + 1] == "float32"
+    capsys.readouterr()
+    assert main(base + ["--dtype", "bfloat16", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "skipping" not in captured.out
+    assert f"finished steps in {home} ran with other flags than this command gives them:\n" \
+           "  pretrain: --dtype float32 -> bfloat16\n  eval-base: --dtype float32 -> bfloat16\n" in captured.err
+    assert "  skills-rl: --dtype float32 -> bfloat16\nre-run with the flags they ran with, or pass --force pretrain " \
+           "to redo them (with every step that reads their output)" in captured.err
+    assert "tokenizer:" not in captured.err  # its flags did not change
+    # a later change: only the steps it reaches, and the fewest --force that redo them
+    assert main(base + ["--dtype", "float32", "--minutes", "3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "  pretrain: --num-steps 24 -> 96, --minutes not given -> 1.875\n" in err
+    assert "  rl: --num-steps 4 -> 16, --minutes not given -> 0.375\n" in err
+    assert "eval-base" not in err and err.rstrip().endswith("--force pretrain to redo them (with every step that "
+                                                            "reads their output)")
+    # the same run again: every step done, its flags checked
+    assert main(base + ["--dtype", "float32", "--device", "cpu", "--recompute", "block", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == 13 and "not checked" not in out
+    # a marker rewritten since (a stage run by hand) is reused with a note, its flags unknown
+    (home / "checkpoints" / "rl" / "d2" / "summary.json").write_text("{}")
+    assert main(base + ["--dtype", "float32", "--dry-run"]) == 0
+    assert "rl: done already (checkpoints/rl/d2/summary.json) (not finished by a speedrun of this home's record: " \
+           "its flags are not checked), skipping" in capsys.readouterr().out
+
+
+def test_flag_changes_names_each_changed_flag():
+    from chibichat.stages.speedrun import flag_changes, step_flags
+
+    assert flag_changes(["sft", "--dtype", "float32", "--fp8", "--minutes", "2"],
+                        ["sft", "--dtype", "bfloat16", "--num-steps", "4", "--minutes", "2"]) == [
+        "--dtype float32 -> bfloat16", "--num-steps not given -> 4", "--fp8 set -> not given"]
+    assert step_flags(["rl", "--home", "/h", "--device", "auto", "--recompute", "mlp", "--trim-heap", "--resume",
+                       "--num-steps", "-1"], "cpu") == ["rl", "--device", "cpu", "--num-steps", "-1"]
+
+
+def test_a_forced_step_that_fails_leaves_no_old_output_after_it(tmp_path, monkeypatch, capsys):
+    """--force midtrain deletes midtraining's outputs and those of every step reading them before anything runs:
+    when midtraining then fails, the next run (without --force) redoes them instead of skipping the old
+    evaluations, SFT and RL as done."""
+    from chibichat.cli import main
+
+    home = tmp_path / "h"
+    _fake_stages(monkeypatch)
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    assert main(base) == 0
+    h = Home(home)
+    calls = _fake_stages(monkeypatch, fail=("midtrain",))
+    assert main(base + ["--force", "midtrain"]) == 2
+    assert "stage midtrain failed (exit 1)" in capsys.readouterr().err
+    assert [name for name, _ in calls] == ["midtrain"]
+    for stage in ("mid", "sft", "rl"):
+        assert not h.checkpoints_dir(stage, "d2").exists() and not h.eval_dir(stage, "d2").exists(), stage
+    assert (h.checkpoints_dir("base", "d2") / "summary.json").exists()
+    records = json.loads((home / "report" / "speedrun-steps.json").read_text())["steps"]
+    assert sorted(records) == ["checkpoints/base/d2/summary.json", "eval/base/d2/summary.json",
+                               "tokenizer/eval.json", "tokenizer/tokenizer.json"]
+    assert sorted(json.loads((home / "report" / "timing.json").read_text())["runs"]["d2"]["stages"]) == [
+        "eval-base", "pretrain", "tokenizer", "tokenizer-eval"]
+    calls = _fake_stages(monkeypatch)
+    assert main(base) == 0
+    assert [name for name, _ in calls] == ["midtrain", "eval-mid", "skills-mid", "sft", "eval-sft", "skills-sft", "rl",
+                                           "eval-rl", "skills-rl"]
+
+
+def test_the_speedrun_reports_its_own_tag_and_times_it_apart(tmp_path, monkeypatch, capsys):
+    """The report a speedrun ends with is its plan's tag, whatever tag of the home is newest, and its timings are
+    kept under that tag."""
+    from chibichat.cli import main
+
+    home = tmp_path / "h"
+    _fake_stages(monkeypatch)
+    other = Home(home).checkpoints_dir("base", "hour-d5")
+    other.mkdir(parents=True)
+    (other / "summary.json").write_text(json.dumps({"final_val_bpb": 1.25}))
+    assert main(["speedrun", "--preset", "micro", "--home", str(home)]) == 0
+    os.utime(other, (time.time() + 60, time.time() + 60))  # the other run is the newest base tag
+    assert main(["speedrun", "--preset", "micro", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    report = (home / "report" / "report.md").read_text()
+    assert "## BASE: pretraining (d2)" in report and "hour-d5" not in report and "1.2500" not in report
+    assert "## Summary\n\n| Stage | Headline | Time |" in out and "| BASE (d2) |" in out
+    timing = json.loads((home / "report" / "timing.json").read_text())
+    assert list(timing["runs"]) == ["d2"] and len(timing["runs"]["d2"]["stages"]) == 13
+
+
+def test_bad_layers_device_and_process_counts_are_refused_before_any_step(tmp_path, monkeypatch, capsys):
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    base = ["speedrun", "--home", str(tmp_path / "h"), "--dry-run"]
+    assert main(base + ["--preset", "cpu", "--layers", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--layers 'bogus' (preset cpu, depth 4): layer layout 'bogus' is not valid for 4 layers" in err
+    assert main(base + ["--preset", "d20", "--scale", "toy", "--layers", "ASSA"]) == 2  # toy pretrains depth 2
+    assert "--layers 'ASSA' (preset d20, depth 20)" in capsys.readouterr().err
+    assert main(base + ["--preset", "micro", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a device torch knows" in capsys.readouterr().err
+    assert main(base + ["--preset", "d12", "--scale", "toy", "--nproc-per-node", "3"]) == 2
+    assert "3 GPUs do not divide 8 (the count is --nproc-per-node 3): use 1, 2, 4 or 8" in capsys.readouterr().err
+    assert main(base + ["--preset", "micro", "--minutes", "5", "--no-budget"]) == 2
+    assert "--minutes 5 sets a time budget and --no-budget asks for none: pass one of them" in capsys.readouterr().err
+    # more processes than GPUs: a run refuses, a dry run (a plan read for a bigger machine) says a run would
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ChibiError, match=r"--nproc-per-node 4 starts one process per GPU, but torch sees 2 GPU\(s\)"):
+        speedrun.check_processes(4, 4, "cuda", dry_run=False)
+    speedrun.check_processes(4, 4, "cuda", dry_run=True)
+    assert "note: a run on this machine would refuse: --nproc-per-node 4" in capsys.readouterr().out
+    speedrun.check_processes(4, 4, "cpu", dry_run=False)  # gloo ranks on CPU: any count
+    speedrun.check_processes(2, 2, "cuda", dry_run=False)
+
+
+def test_a_dry_run_refuses_a_weak_sandbox_as_the_run_would(tmp_path, monkeypatch, capsys):
+    from chibichat.cli import main
+    from chibichat.sandbox import ALLOW_WEAK_ENV, SIMULATE_ENV
+
+    monkeypatch.setenv(SIMULATE_ENV, "no-landlock")
+    monkeypatch.setenv(ALLOW_WEAK_ENV, "0")
+    assert main(["speedrun", "--preset", "micro", "--home", str(tmp_path / "h"), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "speedrun (eval chat runs HumanEval completions) runs model-written code" in captured.err
+    assert "$ chibichat" not in captured.out
 
 
 def test_the_quickstart_ends_by_naming_the_longer_preset_with_the_same_language_layers_and_home(tmp_path):

@@ -396,10 +396,12 @@ class OnlineSource:
     def filename(self, i: int) -> str:
         return Path(self.path.format(i=i)).name
 
-    def url(self, i: int, base_url: str | None = None) -> str:
+    def url(self, i: int, base_url: str | None = None, revision: str = "main") -> str:
+        """Shard i's hub URL at `revision` (a branch or a commit: download_corpus pins the commit its first
+        shards came from, so later ones never mix another version of the dataset in)."""
         from urllib.parse import quote
 
-        return f"{hf_endpoint(base_url)}/datasets/{self.repo}/resolve/main/{quote(self.path.format(i=i))}"
+        return f"{hf_endpoint(base_url)}/datasets/{self.repo}/resolve/{quote(revision)}/{quote(self.path.format(i=i))}"
 
 
 class OnlineCorpus(Corpus):

@@ -73,13 +73,42 @@ def register(sub) -> None:
 
 
 def _check(fn) -> dict:
+    """{"ok": True, ...fn()'s figures}, {"ok": False, "error"} when fn raises, or fn()'s {"skipped": reason}
+    as it is (a check that does not apply here is neither passed nor failed)."""
     t0 = time.time()
     try:
-        out = {"ok": True, **(fn() or {})}
+        res = fn() or {}
+        out = dict(res) if "skipped" in res else {"ok": True, **res}
     except Exception as e:  # a failed check is a result to report, not a crash of the doctor
         out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     out["seconds"] = round(time.time() - t0, 2)
     return out
+
+
+def parse_depths(text: str) -> list[int]:
+    """--mfu-depths as depths, parsed before any check runs (a typo must not cost the GPU checks' minutes and
+    the report): comma-separated positive integers, '' for none."""
+    depths = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if not part.strip().isdigit() or int(part) < 1:
+            raise ChibiError(f"--mfu-depths {text!r}: {part.strip()!r} is not a depth; give comma-separated positive "
+                             "integers like 12,20 (or '' for none)")
+        depths.append(int(part))
+    return depths
+
+
+def outcome(checks: dict, mfu_rows: list[dict]) -> tuple[str, int]:
+    """The closing line's counts and the exit status: every check and every MFU row is ok, skipped or failed
+    (a failed MFU measurement fails the doctor like a failed check); exit 1 when any failed."""
+    rows = {**checks, **{f"mfu d{r['depth']}" + (" fp8" if r.get("fp8") else ""): r for r in mfu_rows}}
+    skipped = [k for k, v in rows.items() if "skipped" in v]
+    failed = [k for k, v in rows.items() if "skipped" not in v and not v.get("ok")]
+    ok = len(rows) - len(skipped) - len(failed)
+    line = (f"{ok} ok" + (f", {len(skipped)} skipped ({', '.join(skipped)})" if skipped else "")
+            + (f", {len(failed)} failed ({', '.join(failed)})" if failed else ""))
+    return line, 1 if failed else 0
 
 
 def _nccl_worker(rank: int, world: int, port: int, q) -> None:
@@ -123,6 +152,10 @@ def run(args) -> int:
 
     if not args.gpu:
         raise ChibiError("doctor checks the GPU stack: pass --gpu (on a machine with an NVIDIA GPU)")
+    depths = parse_depths(args.mfu_depths)
+    for flag, value in (("--mfu-batch", args.mfu_batch), ("--mfu-steps", args.mfu_steps)):
+        if value < 1:
+            raise ChibiError(f"{flag} must be >= 1, got {value}")
     if not torch.cuda.is_available():
         raise ChibiError(f"doctor --gpu: torch {torch.__version__} sees no CUDA device; install a CUDA build of "
                          "torch (https://pytorch.org) on a machine with an NVIDIA GPU and its driver")
@@ -185,7 +218,6 @@ def run(args) -> int:
         checks[name] = _check(fn)
         print(f"{name:<8} {json.dumps(checks[name])}", flush=True)
 
-    depths = [int(d) for d in args.mfu_depths.split(",") if d.strip()]
     report["mfu"] = []
     peak = peak_bf16(props.name)
     for depth in depths:
@@ -193,10 +225,9 @@ def run(args) -> int:
             report["mfu"].append(_mfu_row(depth, args, use_fp8, peak))
             print(f"mfu      {json.dumps(report['mfu'][-1])}", flush=True)
     path = write_report(Path(args.json), report)
-    bad = [k for k, v in checks.items() if not v.get("ok")]
-    print(f"doctor: {len(checks) - len(bad)}/{len(checks)} checks ok{' (failed: ' + ', '.join(bad) + ')' if bad else ''}; "
-          f"report {path}")
-    return 1 if bad else 0
+    line, rc = outcome(checks, report["mfu"])
+    print(f"doctor: {line}; report {path}")
+    return rc
 
 
 def _mfu_row(depth: int, args, use_fp8: bool, peak: float | None) -> dict:

@@ -89,7 +89,9 @@ def register(sub) -> None:
         ),
     )
     add_home_arg(p)
-    p.add_argument("--tag", default=None, help="model tag to report on (default: the newest base tag)")
+    p.add_argument("--tag", default=None,
+                   help="model tag to report on: every stage is shown for this tag alone, a stage that has not "
+                        "run under it as not run (default: the newest base tag)")
     p.add_argument("--wall-time", type=float, default=None, help="total wall-clock seconds to state in the header")
     p.add_argument("--hourly-usd", type=float, default=None,
                    help="price per device-hour for the cost estimate (default: the table's price for a known GPU; "
@@ -109,11 +111,14 @@ class StageArtifacts:
 
 @dataclass
 class RunArtifacts:
-    """Everything the report reads: the tokenizer's files, the stages, the speedrun's timing."""
+    """Everything the report reads: the tokenizer's files, the stages of one tag, the speedrun's timing of
+    that tag ({"stages": {step: seconds}, "wall_s": ...}; None when no speedrun timed it)."""
     tok_meta: dict | None
     tok_eval: dict | None
     stages: list[StageArtifacts]
     timing: dict | None
+    tag: str | None = None
+    untagged_timing: bool = False  # timing.json holds figures from before timings were kept per tag
 
 
 def _read_json(path: Path):
@@ -154,24 +159,51 @@ def _newest_tag(home: Home, stage: str) -> str | None:
     return max(tags, key=lambda d: d.stat().st_mtime).name
 
 
+def known_tags(home: Home) -> list[str]:
+    """Every tag some training stage has a checkpoint or evaluation folder of."""
+    tags = set()
+    for stage, _ in TRAIN_STAGES:
+        for root in (home.root / "checkpoints" / stage, home.root / "eval" / stage):
+            if root.is_dir():
+                tags |= {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    return sorted(tags)
+
+
+def report_tag(home: Home, tag: str | None) -> str | None:
+    """The tag the report shows: `tag`, which must be one some stage ran under (ChibiError listing the known
+    ones), else the newest base tag, else the newest tag of the first stage that has one (a home holding
+    only an imported chat model); None in a home where nothing has run."""
+    if tag is not None:
+        known = known_tags(home)
+        if tag not in known:
+            raise ChibiError(f"--tag {tag!r}: no stage in {home.root} has run under that tag; known tags: "
+                             f"{', '.join(known) or 'none (nothing has run in this home)'}")
+        return tag
+    return next((t for stage, _ in TRAIN_STAGES if (t := _newest_tag(home, stage))), None)
+
+
 def collect(home: Home, tag: str | None) -> list[StageArtifacts]:
-    tag = tag or _newest_tag(home, "base")
+    """The stages of `tag` alone (report_tag): a stage that did not run under it is shown as not run, never
+    filled in from another tag's run."""
     out = []
     for stage, _ in TRAIN_STAGES:
-        t = tag if tag and (home.checkpoints_dir(stage, tag)).exists() else _newest_tag(home, stage)
-        run_dir = home.checkpoints_dir(stage, t) if t else None
+        run_dir = home.checkpoints_dir(stage, tag) if tag else None
         summary = _read_json(run_dir / "summary.json") if run_dir else None
         metrics = _read_jsonl(run_dir / "metrics.jsonl") if run_dir else []
-        evals = _read_json(home.eval_dir(stage, t) / "summary.json") if t else None
+        evals = _read_json(home.eval_dir(stage, tag) / "summary.json") if tag else None
         if stage in OPTIONAL_STAGES and not (summary or metrics or evals):
             continue
-        out.append(StageArtifacts(stage, t, summary, metrics, evals))
+        out.append(StageArtifacts(stage, tag, summary, metrics, evals))
     return out
 
 
 def collect_run(home: Home, tag: str | None) -> RunArtifacts:
+    tag = report_tag(home, tag)
+    timing = _read_json(home.report_dir / "timing.json") or {}
+    runs = timing.get("runs", {})
     return RunArtifacts(_read_json(home.tokenizer_dir / "tokenizer.json"), _read_json(home.tokenizer_dir / "eval.json"),
-                        collect(home, tag), _read_json(home.report_dir / "timing.json"))
+                        collect(home, tag), runs.get(tag) if tag else None, tag,
+                        untagged_timing=bool(timing) and ("runs" not in timing or "untagged" in timing))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +278,11 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def label(stage: str) -> str:
     return dict(TRAIN_STAGES)[stage]
+
+
+def _of(tag: str | None) -> str:
+    """" (tag)" after a heading whose table shows one tag's stages."""
+    return f" ({tag})" if tag else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +403,7 @@ def summary_table(stages: list[StageArtifacts], with_jglue: bool) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def skills_table(stages: list[StageArtifacts]) -> str | None:
+def skills_table(stages: list[StageArtifacts], tag: str | None = None) -> str | None:
     """Per-skill accuracy on the held-out skills prompts (`eval skills`) for each chat stage, with the
     open-prompt reply-quality proxy; None when no stage was evaluated on them."""
     from chibichat.tasks.skills import SKILLS
@@ -389,7 +426,7 @@ def skills_table(stages: list[StageArtifacts]) -> str | None:
         for name, key in rows:
             lines.append(f"| {name} | " + " | ".join(fmt((st.evals or {}).get(key)) for st in chat) + " |")
         out.append("\n".join(lines))
-    return "## Held-out skills\n\nGreedy replies to prompts worded unlike the training templates (`chibichat eval " \
+    return f"## Held-out skills{_of(tag)}\n\nGreedy replies to prompts worded unlike the training templates (`chibichat eval " \
            "skills`).\n\n" + "\n\n".join(out) + "\n"
 
 
@@ -579,14 +616,17 @@ def chat_eval_section(st: StageArtifacts) -> str:
     return title + table(["task", "accuracy", "centered", "items", "too long"], body)
 
 
-def timings_section(timing: dict | None) -> str:
+def timings_section(timing: dict | None, tag: str | None = None, untagged: bool = False) -> str:
     steps = (timing or {}).get("stages") or {}
+    note = ("\nreport/timing.json also holds timings recorded before they were kept per tag: no run can claim "
+            "them, so none is shown\n") if untagged else ""
     if not steps:
-        return "## Timings\n\nno speedrun timing recorded (report/timing.json); stage times above are their own\n"
+        return (f"## Timings\n\nno speedrun timing recorded{' for ' + tag if tag else ''} (report/timing.json); "
+                "stage times above are their own\n" + note)
     total = sum(steps.values()) or 1.0
     body = [[name, fmt_duration(sec), f"{100 * sec / total:.1f}%"] for name, sec in steps.items()]
     body.append(["**total**", f"**{fmt_duration(sum(steps.values()))}**", "100%"])
-    return "## Timings\n\n" + table(["speedrun step", "time", "share"], body)
+    return "## Timings\n\n" + table(["speedrun step", "time", "share"], body) + note
 
 
 def appendix(run: RunArtifacts) -> str:
@@ -595,7 +635,7 @@ def appendix(run: RunArtifacts) -> str:
     for st in run.stages:
         where = f"{st.stage}/{st.tag}" if st.tag else st.stage
         sources += [(f"checkpoints/{where}/summary.json", st.summary), (f"eval/{where}/summary.json", st.evals)]
-    sources.append(("report/timing.json", run.timing))
+    sources.append(("report/timing.json", {"runs": {run.tag: run.timing}} if run.timing else None))
     parts = ["## Appendix: every recorded value\n"]
     for name, data in sources:
         if not data:
@@ -759,15 +799,15 @@ def render(run: RunArtifacts, written: set[str]) -> list[str]:
     with_jglue = any((st.evals or {}).get(k) is not None for st in stages for _, k in JGLUE_ROWS)
     parts = ["## Summary\n\n" + summary_rows(run) + ("\n" + images(["loss.png", "lr.png"], written)
                                                     if {"loss.png", "lr.png"} & written else "")]
-    parts.append("## Evaluations by stage\n\n" + summary_table(stages, with_jglue))
-    skills = skills_table(stages)
+    parts.append(f"## Evaluations by stage{_of(run.tag)}\n\n" + summary_table(stages, with_jglue))
+    skills = skills_table(stages, run.tag)
     if skills:
         parts.append(skills)
     parts.append(tokenizer_section(run.tok_meta, run.tok_eval))
     sections = {"base": base_section, "rl": rl_section, "dpo": dpo_section}
     for st in stages:
         parts.append(sections.get(st.stage, chat_stage_section)(st, written))
-    parts.append(timings_section(run.timing))
+    parts.append(timings_section(run.timing, run.tag, run.untagged_timing))
     parts.append(appendix(run))
     return parts
 

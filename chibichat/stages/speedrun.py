@@ -9,11 +9,18 @@ visible; forked from this process where that is safe, run_step), so a crash or C
 corrupt the orchestrator's view, and every step is exactly what a user could type by hand (they are printed
 before they run).
 
-Resumability comes from the artifacts, not from a separate state file: a step is done when its completion
-marker exists (each stage writes its summary.json atomically and last). A training step that was interrupted
-has checkpoints but no summary, so it is re-run with --resume. `--force STAGE` deletes that step's outputs and
-redoes it, and with it every step that reads what it wrote (Step.needs, transitively: forcing `rl` redoes RL's
-evaluations too, which would otherwise describe the model it replaced).
+Resumability comes from the artifacts: a step is done when its completion marker exists (each stage writes
+its summary.json atomically and last). A training step that was interrupted has checkpoints but no summary, so
+it is re-run with --resume. `--force STAGE` deletes that step's outputs and redoes it, and with it every step
+that reads what it wrote (Step.needs, transitively: forcing `rl` redoes RL's evaluations too, which would
+otherwise describe the model it replaced); all of them are deleted before anything runs, so a forced step that
+fails leaves none of the old outputs after it to be skipped as done by the next run.
+
+A finished step is skipped only when it ran with the flags this command gives it: report/speedrun-steps.json
+records each step's flags (step_flags) with the sha256 of the marker they produced, and a step whose recorded
+flags differ (another --dtype, --fp8, --minutes, --device, --no-budget, ...) is refused up front, naming the
+flags and the --force that redoes it. A marker the record does not describe (the stage was run by hand, or
+by a speedrun before the record existed) is reused with a note that its flags were not checked.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chibichat.common import (DTYPE_CHOICES, ChibiError, Home, add_fp8_arg, add_home_arg, add_memory_args,
-                              atomic_write_json, check_home, read_json)
+                              atomic_write_json, check_home, read_json, sha256_file)
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 from chibichat.stages.midtrain import MID_MIX_JA
 from chibichat.stages.sft import SFT_MIX_JA
@@ -262,11 +269,12 @@ def scale_argv(argv: list[str], scale: str) -> list[str]:
     return out
 
 
-def gpu_world(world_size: int) -> int:
-    """Gradient accumulation that keeps the 8-GPU batch on `world_size` GPUs (which must divide 8)."""
+def gpu_world(world_size: int, source: str = "the visible GPUs, CUDA_VISIBLE_DEVICES") -> int:
+    """Gradient accumulation that keeps the 8-GPU batch on `world_size` GPUs (which must divide 8); `source`
+    names where the count came from, for the error."""
     if world_size < 1 or RECIPE_GPUS % world_size:
         raise ChibiError(f"the GPU presets' batches are sized for 8 GPUs and accumulate gradients on fewer; "
-                         f"{world_size} GPUs do not divide 8: use 1, 2, 4 or 8 (CUDA_VISIBLE_DEVICES)")
+                         f"{world_size} GPUs do not divide 8 (the count is {source}): use 1, 2, 4 or 8")
     return RECIPE_GPUS // world_size
 
 
@@ -542,6 +550,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     the training loops (budget_flags with headroom 1: the step counts stay as they are where they fit)."""
     if scale != "full" and not preset.gpu:
         raise ChibiError(f"--scale {scale} shrinks a GPU preset; preset {preset.name} is already CPU-sized")
+    if minutes is not None and not budget:
+        raise ChibiError(f"--minutes {minutes:g} sets a time budget and --no-budget asks for none: pass one of them")
     tag = preset.tag_prefix + f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
@@ -804,26 +814,237 @@ def fork_start(env: dict, entry) -> int:
 
 def check_done_tokenizer(home: Home, step: Step) -> None:
     """A home's finished tokenizer is reused, so it must be the one this plan trains: another preset or --lang
-    (English 4,096 tokens, Japanese 1,024 in the CPU presets) in the same home would otherwise pretrain on a
-    tokenizer its plan does not name. ChibiError naming both and the fix."""
+    (English 4,096 tokens, Japanese 1,024 in the CPU presets; the same size in micro and the GPU presets, where
+    only the split and the corpus tell them apart) in the same home would otherwise pretrain on a tokenizer its
+    plan does not name. Size, split (a plan without --split gets `tokenizer train`'s --split auto for its
+    corpus) and training corpus are compared; ChibiError naming both and the fix."""
+    from chibichat.data.corpora import get_corpus
+    from chibichat.stages.tokenizer import resolve_split
+
     if step.name != "tokenizer" or not step.marker.exists():
         return
     meta = read_json(step.marker, "tokenizer")
-    want = {"vocab_size": int(step.argv[step.argv.index("--vocab-size") + 1]),
-            "split": step.argv[step.argv.index("--split") + 1] if "--split" in step.argv else None}
-    have = {"vocab_size": meta.get("vocab_size"), "split": meta.get("split")}
-    if want["vocab_size"] != have["vocab_size"] or (want["split"] is not None and want["split"] != have["split"]):
-        raise ChibiError(f"{home.tokenizer_dir} holds a {have['vocab_size']}-token tokenizer (split {have['split']}), "
-                         f"but this plan trains {want['vocab_size']} tokens" + (f" (split {want['split']})" if
-                         want["split"] else "") + ": use another --home for this preset and language, or pass "
-                         "--force tokenizer to train it anew (the home's checkpoints then no longer load)")
+    argv = step.argv
+    corpus = argv[argv.index("--corpus") + 1]
+    split = argv[argv.index("--split") + 1] if "--split" in argv else resolve_split("auto", get_corpus(corpus).lang)
+    want = {"vocab_size": int(argv[argv.index("--vocab-size") + 1]), "split": split, "corpus": corpus}
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    have = {"vocab_size": meta.get("vocab_size"), "split": meta.get("split"), "corpus": training.get("corpus")}
+    if want != have:
+        raise ChibiError(f"{home.tokenizer_dir} holds a {have['vocab_size']}-token tokenizer (split {have['split']}, "
+                         f"corpus {have['corpus'] or 'not recorded'}), but this plan trains {want['vocab_size']} "
+                         f"tokens (split {want['split']}, corpus {want['corpus']}): use another --home for this "
+                         "preset and language, or pass --force tokenizer to train it anew (the home's checkpoints "
+                         "then no longer load)")
+
+
+# Flags left out when a finished step's flags are compared with the plan's, with how many values each takes:
+# where the files are (--home: a moved home is the same run), how the step was started (--resume), and the
+# memory settings that give the same numbers (--recompute recomputes the same activations, --trim-heap only
+# returns freed memory; add_memory_args).
+UNCOMPARED_FLAGS = {"--home": 1, "--resume": 0, "--recompute": 1, "--trim-heap": 0}
+
+
+def step_flags(argv: list[str], device: str) -> list[str]:
+    """The part of a step's argv that decides its result, as recorded and compared: argv without
+    UNCOMPARED_FLAGS, and `--device auto` as the device it resolves to here (`device`), so `--device cpu` on a
+    machine without CUDA is the same run as the default. The default dtype (no --dtype in the argv) is not
+    resolved: what it picks depends on the card, which the orchestrator does not probe, so it differs from
+    any --dtype given."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in UNCOMPARED_FLAGS:
+            i += 1 + UNCOMPARED_FLAGS[argv[i]]
+            continue
+        if argv[i] == "--device" and i + 1 < len(argv) and argv[i + 1] == "auto":
+            out += ["--device", device]
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _is_flag(token: str) -> bool:
+    if not token.startswith("-"):
+        return False
+    try:
+        float(token)
+        return False
+    except ValueError:
+        return True
+
+
+def _parse_flags(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """(positional words, {flag: value, or None for a switch}); a repeated flag keeps its last value, as
+    argparse does."""
+    words, flags, i = [], {}, 0
+    while i < len(argv):
+        if _is_flag(argv[i]):
+            has_value = i + 1 < len(argv) and not _is_flag(argv[i + 1])
+            flags[argv[i]] = argv[i + 1] if has_value else None
+            i += 2 if has_value else 1
+        else:
+            words.append(argv[i])
+            i += 1
+    return words, flags
+
+
+def flag_changes(old: list[str], new: list[str]) -> list[str]:
+    """How `new` differs from `old`, one "--flag old -> new" per flag ("not given" where absent, "set" for a
+    switch)."""
+    (old_words, old_flags), (new_words, new_flags) = _parse_flags(old), _parse_flags(new)
+    out = [f"{' '.join(old_words)} -> {' '.join(new_words)}"] if old_words != new_words else []
+    for flag in [*new_flags, *(f for f in old_flags if f not in new_flags)]:
+        if old_flags.get(flag, "") != new_flags.get(flag, ""):
+            def show(flags):
+                return "not given" if flag not in flags else "set" if flags[flag] is None else flags[flag]
+            out.append(f"{flag} {show(old_flags)} -> {show(new_flags)}")
+    return out
+
+
+def step_record_path(home: Home) -> Path:
+    return home.report_dir / "speedrun-steps.json"
+
+
+def read_step_records(home: Home) -> dict:
+    """{marker path relative to the home: {"flags": step_flags, "marker_sha256": ...}} of the steps this home's
+    speedruns finished."""
+    path = step_record_path(home)
+    records = read_json(path, "speedrun step record") if path.exists() else {"steps": {}}
+    if not isinstance(records.get("steps"), dict):
+        raise ChibiError(f"speedrun step record {path} has no \"steps\" object; delete it (finished steps are "
+                         "then reused without checking their flags)")
+    return records["steps"]
+
+
+def _record_key(home: Home, step: Step) -> str:
+    return step.marker.relative_to(home.root).as_posix()
+
+
+def recorded_flags(home: Home, step: Step, records: dict) -> list[str] | None:
+    """The flags a finished step ran with, when this home's record describes its marker (the same bytes: a
+    marker rewritten by hand since is another run); None otherwise."""
+    rec = records.get(_record_key(home, step))
+    if not isinstance(rec, dict) or rec.get("marker_sha256") != sha256_file(step.marker):
+        return None
+    return rec.get("flags")
+
+
+def check_done_flags(home: Home, steps: list[Step], redo: list[str], records: dict, device: str) -> None:
+    """Refuse a plan whose finished steps ran with other flags than it gives them: skipping them would report
+    a model the command did not ask for. ChibiError listing each step's changed flags and the --force options
+    that redo them (the fewest: forcing a step redoes the steps that read its output)."""
+    stale = []
+    for step in steps:
+        if step.name in redo or not step.marker.exists():
+            continue
+        old = recorded_flags(home, step, records)
+        if old is not None and old != step_flags(step.argv, device):
+            stale.append((step, flag_changes(old, step_flags(step.argv, device))))
+    if not stale:
+        return
+    roots: list[str] = []
+    for step, _ in stale:
+        if step.name not in forced_steps(steps, roots):
+            roots.append(step.name)
+    lines = "\n".join(f"  {step.name}: {', '.join(changes)}" for step, changes in stale)
+    raise ChibiError(f"finished steps in {home.root} ran with other flags than this command gives them:\n{lines}\n"
+                     "re-run with the flags they ran with, or pass " + " ".join(f"--force {r}" for r in roots)
+                     + " to redo them (with every step that reads their output)")
+
+
+def resolved_device(device: str) -> str:
+    """--device as the stages resolve it (common.init_runtime): auto is cuda where torch sees a GPU, else cpu.
+    ChibiError for a device torch does not know or a CUDA device without CUDA, before any step runs."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ChibiError(f"--device {device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChibiError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu (or auto)")
+    return device
+
+
+def check_processes(nproc_arg: int | None, nproc: int, device: str, dry_run: bool) -> None:
+    """--nproc-per-node on CUDA is one process per GPU: more than torch sees would fail in the first
+    distributed step, after the tokenizer had trained, so a run refuses up front. A dry run prints the plan
+    anyway (it is how a plan for a bigger machine is read on a smaller one), saying a run here would refuse.
+    (On CPU the processes are gloo ranks: any count.)"""
+    import torch
+
+    if nproc_arg is None or not device.startswith("cuda"):
+        return
+    visible = torch.cuda.device_count()
+    if nproc > visible:
+        problem = (f"--nproc-per-node {nproc} starts one process per GPU, but torch sees {visible} GPU(s) "
+                   "(CUDA_VISIBLE_DEVICES): pass at most that many")
+        if not dry_run:
+            raise ChibiError(problem)
+        print(f"note: a run on this machine would refuse: {problem}")
+
+
+def check_layers(layers: str, preset: Preset, scale: str) -> None:
+    """--layers must fit the depth the plan pretrains (a toy-scale GPU preset's too), checked before the
+    tokenizer trains rather than when pretraining starts."""
+    from chibichat.model.gpt import layer_pattern
+
+    depths = [preset.depth] + ([int(TOY_SIZES["pretrain"]["--depth"])] if preset.gpu and scale != "full" else [])
+    for depth in depths:
+        try:
+            layer_pattern(layers, depth)
+        except ChibiError as e:
+            raise ChibiError(f"--layers {layers!r} (preset {preset.name}, depth {depth}): {e}") from None
+
+
+def plan_tag(steps: list[Step]) -> str:
+    """The checkpoint tag of a plan (every stage's --tag is pretraining's)."""
+    argv = next(s.argv for s in steps if s.name == "pretrain")
+    return argv[argv.index("--tag") + 1]
+
+
+def read_timing(home: Home) -> dict:
+    """report/timing.json: {"runs": {tag: {"stages": {step: seconds}, "wall_s": total}}}. Timings are kept
+    per checkpoint tag, so the report of one run never shows another's. A file from before the tags keeps its
+    figures under "untagged" (no run can claim them)."""
+    path = home.report_dir / "timing.json"
+    timing = read_json(path, "speedrun timing") if path.exists() else {"runs": {}}
+    if "runs" not in timing:
+        timing = {"runs": {}, "untagged": timing}
+    return timing
+
+
+def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, times: dict) -> None:
+    """Delete the outputs and markers of every step in `redo` before anything runs: a forced step that then
+    fails (or is stopped) must leave no old output after it that the next run would skip as done."""
+    for step in steps:
+        if step.name not in redo:
+            continue
+        for out in step.outputs:
+            if out.is_dir():
+                shutil.rmtree(out)
+            elif out.exists():
+                out.unlink()
+        step.marker.unlink(missing_ok=True)
+        records.pop(_record_key(home, step), None)
+        times.pop(step.name, None)
 
 
 def run(args) -> int:
     home = Home.resolve(args.home)
     check_home(home)
     preset = pick_preset(args.preset)
+    device = resolved_device(args.device)
+    check_layers(args.layers, preset, args.scale)
     nproc = process_count(args.nproc_per_node)
+    check_processes(args.nproc_per_node, nproc, device, args.dry_run)
+    if preset.gpu:
+        gpu_world(nproc, "the visible GPUs, CUDA_VISIBLE_DEVICES" if args.nproc_per_node is None else
+                  f"--nproc-per-node {nproc}")
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
                  ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale, minutes=args.minutes,
                  budget=not args.no_budget)
@@ -834,7 +1055,9 @@ def run(args) -> int:
     redo = forced_steps(steps, args.force)
     if "tokenizer" not in redo:
         check_done_tokenizer(home, next(s for s in steps if s.name == "tokenizer"))
-    if not args.dry_run and any(runs_code(s) for s in steps):
+    records = read_step_records(home)
+    check_done_flags(home, steps, redo, records, device)
+    if any(runs_code(s) for s in steps):  # a dry run refuses as the run would, before the plan is printed
         check_sandbox(args.allow_weak_sandbox, "speedrun (eval chat runs HumanEval completions)")
 
     print(f"chibichat speedrun: preset {preset.name} ({preset.description}); lang {args.lang}; layers {args.layers}")
@@ -846,8 +1069,15 @@ def run(args) -> int:
         print("\n".join(estimate_lines(fig)))
         if args.lang == "ja":
             print("\n".join(JA_MISSING))
+    tag = plan_tag(steps)
     timing_path = home.report_dir / "timing.json"
-    timing = read_json(timing_path, "speedrun timing") if timing_path.exists() else {"stages": {}}
+    timing = read_timing(home)
+    times = timing["runs"].setdefault(tag, {"stages": {}})
+    if redo and not args.dry_run:
+        invalidate(home, steps, redo, records, times["stages"])
+        atomic_write_json(step_record_path(home), {"steps": records})
+        times["wall_s"] = round(sum(times["stages"].values()), 1)
+        atomic_write_json(timing_path, timing)
     total_weight = sum(s.weight for s in steps)
     t_start = time.time()
     done_weight = 0.0
@@ -856,15 +1086,10 @@ def run(args) -> int:
         if step.name in redo and args.dry_run and step.marker.exists():
             why = "named by --force" if step.name in args.force else "reads the output of a forced step"
             print(f"{prefix}: would be redone ({why}): its outputs deleted first")
-        elif step.name in redo and not args.dry_run:
-            for out in step.outputs:
-                if out.is_dir():
-                    shutil.rmtree(out)
-                elif out.exists():
-                    out.unlink()
-            timing["stages"].pop(step.name, None)
         if step.marker.exists() and step.name not in redo:
-            print(f"{prefix}: done already ({step.marker.relative_to(home.root)}), skipping")
+            checked = "" if recorded_flags(home, step, records) is not None else \
+                " (not finished by a speedrun of this home's record: its flags are not checked)"
+            print(f"{prefix}: done already ({step.marker.relative_to(home.root)}){checked}, skipping")
             done_weight += step.weight
             continue
         argv = list(step.argv)
@@ -891,8 +1116,11 @@ def run(args) -> int:
             atomic_write_json(step.marker, {"done": True, "argv": argv})
         if not step.marker.exists():
             raise ChibiError(f"stage {step.name} exited 0 but did not write {step.marker}; this is a bug in that stage")
-        timing["stages"][step.name] = round(time.time() - t0, 1)
-        timing["wall_s"] = round(sum(timing["stages"].values()), 1)
+        records[_record_key(home, step)] = {"flags": step_flags(step.argv, device),
+                                            "marker_sha256": sha256_file(step.marker)}
+        atomic_write_json(step_record_path(home), {"steps": records})
+        times["stages"][step.name] = round(time.time() - t0, 1)
+        times["wall_s"] = round(sum(times["stages"].values()), 1)
         atomic_write_json(timing_path, timing)
         done_weight += step.weight
 
@@ -900,7 +1128,7 @@ def run(args) -> int:
         return 0
     from chibichat.stages.report import build_report
 
-    path = build_report(home, wall_s=timing.get("wall_s"))
+    path = build_report(home, tag, wall_s=times.get("wall_s"))
     print(f"\nreport: {path}")
     summary = path.read_text(encoding="utf-8").split("## Summary", 1)[-1].split("\n## ", 1)[0]
     print("## Summary" + summary)
