@@ -7,6 +7,7 @@ import pytest
 
 from chibichat.common import ChibiError
 from chibichat.render import render_conversation
+from chibichat.tasks.local import match_answer
 from chibichat.tasks.registry import get_task
 from chibichat.tokenizer import train_tokenizer
 
@@ -120,6 +121,9 @@ def test_verifiable_rows_are_an_rl_task(tmp_path):
     t = get_task(f"file:{write_jsonl(tmp_path / 'v.jsonl', rows)}")
     assert t.kind == "generative" and t[0]["messages"] == [{"role": "user", "content": "2+2?"}]
     assert t.evaluate(t[0], "so #### 4") and t.evaluate(t[0], "It is 4.0") and not t.evaluate(t[0], "#### 5")
+    # the last number is read only without "####": a "####" that gives no number is no answer
+    assert not match_answer("numeric", "7", "#### maybe 7") and not match_answer("numeric", "4", "#### 4/5 or 4")
+    assert match_answer("numeric", "7", "It is 7.")
     assert t.evaluate(t[1], " Paris\n") and not t.evaluate(t[1], "Paris!")
     assert t.evaluate(t[2], "blue") and not t.evaluate(t[2], "green")
     with pytest.raises(ChibiError, match=r"line 1: match 'numeric' needs a numeric answer"):

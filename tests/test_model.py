@@ -1,6 +1,7 @@
 """The model contract: shapes, parameter counts, init, loss, gradients, incremental == full decoding."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -72,6 +73,21 @@ def test_config_roundtrip_and_validation():
         with pytest.raises(ChibiError):
             GPTConfig(**{**dict(vocab_size=100, seq_len=32, n_layer=4, n_embd=64, n_head=4, n_kv_head=4,
                                 layers="iberis"), **kw})
+    # fields that would give NaN logits or a silently different model are refused by name
+    base = dict(vocab_size=100, seq_len=32, n_layer=4, n_embd=64, n_head=4, n_kv_head=4)
+    for kw, msg in [(dict(softcap=float("inf")), "GPTConfig.softcap must be a finite number > 0, got inf"),
+                    (dict(softcap=float("nan")), "GPTConfig.softcap must be a finite number > 0, got nan"),
+                    (dict(rope_base=-1.0), "GPTConfig.rope_base must be a finite number > 1, got -1.0"),
+                    (dict(rope_base=1), "GPTConfig.rope_base must be a finite number > 1, got 1"),
+                    (dict(rope_base="10000"), "GPTConfig.rope_base must be a finite number > 1, got '10000'"),
+                    (dict(windows=[0, 2.7, 0, 0]),
+                     "GPTConfig.windows must be 4 non-negative ints (0 = full causal), got [0, 2.7, 0, 0]"),
+                    (dict(windows=[0, True, 0, 0]), "GPTConfig.windows must be 4 non-negative ints")]:
+        with pytest.raises(ChibiError, match=re.escape(msg)):
+            GPTConfig(**base, **kw)
+    # an integer softcap or RoPE base (as JSON may hold) and a tuple of windows are fine
+    ok = GPTConfig(**base, softcap=30, rope_base=500000, windows=(0, 8, 0, 0))
+    assert ok.windows == [0, 8, 0, 0] and GPTConfig.from_dict(ok.to_dict()) == ok
 
 
 def test_d20_parameter_counts_published():
@@ -213,6 +229,14 @@ def test_bad_inputs_raise():
         m(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), -1, dtype=torch.long))
     with pytest.raises(ChibiError, match="reduction"):
         m(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), reduction="avg")
+    # a loss is over every position and through the masters: last_only= and weights= are for logits
+    from chibichat.model.decode import DecodeWeights
+
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for kw in (dict(last_only=True), dict(weights=DecodeWeights(m))):
+        with pytest.raises(ChibiError, match="drop weights= and last_only=, which are for logits"):
+            m(ids, ids, **kw)
+    assert m(ids, last_only=True).shape == (1, 1, V)  # without targets both stay
 
 
 def test_bf16_compute_close_to_fp32():

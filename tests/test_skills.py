@@ -200,6 +200,9 @@ TOOL = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
     ("How many 84<|python_end|><|output_start|>84<|python_end|>", False),  # a broken tool call is no answer
     (f"{TOOL} so 84", True),                     # after a well-formed call, clean prose counts
     ("<|python_start|>12*7", False),             # an unfinished call
+    ("#### maybe 84", False),                    # a '####' without a number is no answer, not the prose's 84
+    ("It is 84.\n#### 84x", False),              # nor one whose number is not whole
+    ("#### 84/2", False),
 ])
 def test_number_checker(reply, ok):
     assert S.check_reply({"check": "number", "answer": "84"}, reply, "en") is ok

@@ -264,6 +264,11 @@ def test_group_advantages_and_rows_by_hand():
     assert w == [0, 0, 0.5, 0, 0.5, 0.5, 0, 0, 0, 0]
     with pytest.raises(ChibiError, match="exceeds the row"):
         sample_rows([1] * 8, [2] * 4, [0] * 4, 1.0, 0, width=10)
+    # a flag per token, never zipped short; and a prompt to predict the first completion token from
+    with pytest.raises(ChibiError, match="has 3 tokens but 2 forced flags"):
+        sample_rows([1], [5, 6, 7], [0, 1], 1.0, 0, 8)
+    with pytest.raises(ChibiError, match="needs a non-empty prompt"):
+        sample_rows([], [5, 6, 7], [0, 0, 0], 1.0, 0, 8)
 
 
 def test_flat_groups_are_dropped_and_reward_windows_by_hand():

@@ -157,7 +157,19 @@ def test_extract_final_number():
     assert extract_final_number("#### 1\n#### 2") == "2"
     assert extract_final_number("the answer is 7") is None
     assert extract_final_number("#### maybe 7") is None
+    assert not numbers_equal(extract_final_number("#### 3/4"), "3")
     assert numbers_equal("72", "72.0") and not numbers_equal("72", None) and not numbers_equal("7", "8")
+
+
+@pytest.mark.parametrize("text,want", [
+    ("#### 3/4", None), ("#### 1e3", None), ("#### 2-3", None), ("#### 7x", None), ("#### 5万", None),
+    ("#### 50%", None), ("#### 3.5.2", None), ("#### 1,2,3", None), ("#### 12,34", None), ("#### 1,2345", None),
+    ("#### 20.", "20"), ("#### 20 apples", "20"), ("#### 20)", "20"), ("#### 1,234!", "1234"),
+    ("#### 1,000,000.", "1000000"), ("12かける7は84です。\n#### 84", "84"), ("#### 84」", "84"),
+])
+def test_extract_final_number_reads_only_a_whole_number(text, want):
+    # the number after "####" is the whole token: "#### 3/4" is not an answer of 3
+    assert extract_final_number(text) == want
 
 
 # ---------------------------------------------------------------------------------------- generated
@@ -655,6 +667,8 @@ def test_zero_division_items_carry_the_error_the_engine_injects(name):
                 f"<|output_end|>{final['text']}"
         assert t.evaluate(item, reply)
         assert not t.evaluate(item, reply + "\n#### 0")  # an answer made up after the error
+        # a "####" line is a made-up answer whether or not its number parses
+        assert not t.evaluate(item, reply + "\n#### 0/0") and not t.evaluate(item, reply + "\n#### infinity")
         assert not t.evaluate(item, final["text"])  # no call: the reply did not ask the calculator
     assert len(t) // 8 < in_words < len(t) // 2  # about a quarter ask "divided by zero" in words
     # train and test never share a problem; both default mixtures of the language train on it

@@ -182,18 +182,24 @@ def merge_summary(out_dir, summary: dict, drop=()):
 
 # Final answers: the number written after the last "####" (GSM8K's convention, kept for arithmetic,
 # letter counting and RL rewards); thousands commas and a trailing period are ignored.
-# A signed integer or decimal, optionally with thousands commas: -1,234.50
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A signed integer or decimal, optionally with thousands commas, each followed by exactly 3 digits:
+# -1,234.50 (in "1,2,3" or "12,34" no comma is a thousands separator).
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# The "####" number must be whole: only closing punctuation may come between it and whitespace or the
+# end ("#### 20.", "#### 20 apples", "#### 1,234!"). "#### 3/4", "#### 1e3", "#### 2-3", "#### 7x", "#### 5万"
+# and "#### 50%" write other values: they give no answer, not the value of their leading digits.
+_FINAL_NUMBER = re.compile(_NUMBER.pattern + r"(?=[.,!?;:)\]}\"'*。、！？）」』”’]*(?:\s|\Z))")
 
 
 def extract_final_number(text: str) -> str | None:
-    """The number after the last '####' in text (commas removed), or None if there is none."""
+    """The number after the last '####' in text (commas removed), or None if there is none or what
+    follows it is not a whole number (see _FINAL_NUMBER)."""
     idx = text.rfind("####")
     if idx < 0:
         return None
-    m = _NUMBER.search(text, idx + 4)
-    if m is None or text[idx + 4 : m.start()].strip():
-        return None  # "#### maybe 3" is not an answer
+    m = _FINAL_NUMBER.match(text[idx + 4 :].lstrip())
+    if m is None:
+        return None  # "#### maybe 3" and "#### 3/4" are not an answer of 3
     return m.group(0).replace(",", "")
 
 

@@ -139,14 +139,21 @@ class GPTConfig:
         self.layers = layer_pattern(self.layers, self.n_layer)
         if self.windows is None:
             self.windows = [0] * self.n_layer
-        self.windows = [int(w) for w in self.windows]
-        if len(self.windows) != self.n_layer or any(w < 0 for w in self.windows):
-            raise ChibiError(f"windows must be {self.n_layer} non-negative ints (0 = full causal), got {self.windows}")
+        # Checked, never converted: int(2.7) would silently run a window of 2.
+        if (not isinstance(self.windows, (list, tuple)) or len(self.windows) != self.n_layer
+                or any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in self.windows)):
+            raise ChibiError(f"GPTConfig.windows must be {self.n_layer} non-negative ints (0 = full causal), "
+                             f"got {self.windows!r}")
+        self.windows = list(self.windows)
         for i, (kind, w) in enumerate(zip(self.layers, self.windows)):
             if kind == "S" and w:
                 raise ChibiError(f"layer {i} is SLC2 but has window {w}: windows apply to attention layers only; set 0")
-        if not self.softcap > 0:
-            raise ChibiError(f"softcap must be > 0, got {self.softcap}")
+        # An infinite softcap makes every logit NaN (apply_softcap computes inf - inf); a RoPE base <= 1
+        # gives no ladder of frequencies (and a negative one NaN angles).
+        for name, low in (("softcap", 0.0), ("rope_base", 1.0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not low < v < math.inf:
+                raise ChibiError(f"GPTConfig.{name} must be a finite number > {low:g}, got {v!r}")
 
     @property
     def head_dim(self) -> int:
@@ -800,8 +807,8 @@ class GPT(nn.Module):
         advances the state in place, in inference mode (no autograd). T > 1 (prefill) needs every row at the same
         position; T == 1 works with per-row positions. ChibiError if a row would pass state.max_len.
         weights: inference layouts of the weights (model/decode.py DecodeWeights) instead of the masters;
-        last_only: logits of the last position only (B, 1, V); check_ids=False skips the token-range
-        check (a host sync) for ids the caller made itself.
+        last_only: logits of the last position only (B, 1, V); both are for logits, refused with targets.
+        check_ids=False skips the token-range check (a host sync) for ids the caller made itself.
         """
         if state is not None:
             self._check_ids(idx, "input", sync=check_ids)
@@ -819,6 +826,10 @@ class GPT(nn.Module):
                 raise ChibiError(f"input of {T} tokens exceeds the model context seq_len={cfg.seq_len}; crop or split it")
             if targets is not None and targets.shape != idx.shape:
                 raise ChibiError(f"targets shape {tuple(targets.shape)} != input shape {tuple(idx.shape)}")
+            # A loss is over every position and through the master weights (its head is self.lm_head).
+            if targets is not None and (weights is not None or last_only):
+                raise ChibiError("a forward with targets computes the loss over every position with the model's own "
+                                 "weights; drop weights= and last_only=, which are for logits")
             if check_ids and not torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph
                 self._check_batch(idx, targets, reduction)
             cos, sin = self.rope_cos[None, :T, None, :], self.rope_sin[None, :T, None, :]

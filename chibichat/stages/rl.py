@@ -4,10 +4,13 @@ nanochat's simplified GRPO, which is REINFORCE with a per-group mean baseline:
 each step takes P training prompts, samples G completions of each with the engine (tools on: the
 calculator runs and its output is forced into the sequence), scores every completion with the
 task's own checker (reward 0/1), and sets the advantage A = r - mean(r over the prompt's group) (no
-std normalisation, no KL, no ratio clipping: one update per batch, so the samples are exactly
-on-policy). The loss is -sum(log p(token) * A) over the *sampled* generated tokens, divided by their
+std normalisation, no KL, no ratio clipping: one update per batch, so the samples come from the weights
+being updated). The loss is -sum(log p(token) * A) over the *sampled* generated tokens, divided by their
 number (token-level mean across the whole step): prompt tokens and tool-forced tokens are not the
-policy's choices and carry no gradient. A group whose samples all got the same reward has A = 0
+policy's choices and carry no gradient. The samples are not drawn from the distribution the loss
+differentiates, though: sampling applies --temperature and --top-k (default 50) and the engine never
+samples <|output_start|>/<|output_end|>, while log p is the model's full softmax; no importance ratio
+corrects for that, so the update is near on-policy, not exactly. A group whose samples all got the same reward has A = 0
 everywhere: it teaches nothing, so it is left out of the batch (and out of the token count that
 normalises the loss, which would otherwise shrink the step by the share of such groups). A micro-batch
 whose groups are all flat carries no targets, and an optimizer step none of whose micro-batches (on any
@@ -84,6 +87,12 @@ def sample_rows(prompt: list[int], tokens: list[int], forced: list[int], advanta
 
     Targets are the completion's sampled tokens; prompt tokens, tool-forced tokens and padding are -1.
     Weights hold the advantage at every target position (0 elsewhere)."""
+    if not prompt:
+        raise ChibiError("an RL sample needs a non-empty prompt: its first completion token is predicted from the "
+                         "prompt's last one")
+    if len(tokens) != len(forced):
+        raise ChibiError(f"an RL sample has {len(tokens)} tokens but {len(forced)} forced flags; they must be "
+                         "one flag per token")
     ids = prompt + tokens
     if len(ids) > width + 1:
         raise ChibiError(f"a prompt+completion of {len(ids)} tokens exceeds the row of {width + 1}")

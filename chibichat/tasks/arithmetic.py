@@ -136,7 +136,7 @@ class ZeroDivision(GeneratedTask):
     ("Error: division by zero", what chibichat.tools.run_tool returns), and the reply says there is no
     answer instead of making one up. The only chat data where a tool output is an error: a model that
     has never seen one continues an error with noise. Items as Arithmetic's bare calculations, with
-    "answer" None; evaluate: the call was made and the reply ends without a '####' number. Keyed by the
+    "answer" None; evaluate: the call was made and the reply has no '####' answer line. Keyed by the
     expression, like Arithmetic."""
 
     kind = "generative"
@@ -180,4 +180,5 @@ class ZeroDivision(GeneratedTask):
 
     def evaluate(self, item: dict, completion_text: str) -> bool:
         called = f"<|python_start|>{item['expr']}<|python_end|>" in completion_text
-        return called and extract_final_number(completion_text) is None
+        # No "####" at all: "#### 0/0" or "#### 7x" is an answer made up after the error, even if it does not parse.
+        return called and "####" not in completion_text

@@ -69,8 +69,6 @@ MESSAGE_KEYS = {"system": ("role", "content"), "user": ("role", "content"),
                 "assistant": ("role", "content", "tool_calls", "weight"), "tool": ("role", "content", "tool_call_id")}
 SHAREGPT_KEYS = ("from", "value")
 
-# Last number in a text (sign, thousands commas and decimals allowed), for numeric matching without "####".
-
 
 class RowError(ValueError):
     """One row's problem, without its location (the reader adds file and line)."""
@@ -430,7 +428,7 @@ def _to_number(text: str):
 
 def match_answer(mode: str, answer: str, completion: str) -> bool:
     """exact: the stripped completion equals the stripped answer. numeric: the number after the last
-    "####" (or, without one, the last number in the completion) equals the answer as a number. regex: the
+    "####" (or, only without one, the last number in the completion) equals the answer as a number. regex: the
     answer pattern matches the whole stripped completion."""
     from chibichat.eval.metrics import extract_final_number, last_number
 
@@ -438,9 +436,8 @@ def match_answer(mode: str, answer: str, completion: str) -> bool:
     if mode == "exact":
         return text == answer.strip()
     if mode == "numeric":
-        got = extract_final_number(text) if "####" in text else None
-        if got is None:
-            got = last_number(text)
+        # A "####" that does not parse is no answer: falling back to the last number would pass "#### maybe 7".
+        got = extract_final_number(text) if "####" in text else last_number(text)
         return got is not None and _to_number(got) == _to_number(answer)
     if mode == "regex":
         return re.fullmatch(answer, text, flags=re.DOTALL) is not None

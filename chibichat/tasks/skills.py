@@ -116,12 +116,11 @@ def visible_text(reply: str) -> str:
 
 
 def reply_number(reply: str) -> str | None:
-    """The reply's final answer: the number after the last '####', else the last number of the prose
-    when the reply is clean prose (no stray special token left once well-formed tool segments are
+    """The reply's final answer: the number after the last '####' (None when it is not a whole number),
+    else, in a reply without '####', the last number of the prose when the reply is clean prose (no stray special token left once well-formed tool segments are
     removed: a broken tool call is not an answer, whatever digits it happens to contain)."""
-    n = extract_final_number(reply)
-    if n is not None:
-        return n
+    if "####" in reply:
+        return extract_final_number(reply)  # "#### maybe 84" or "#### 84x" is no answer, not the prose's 84
     if _SPECIAL.search(_TOOL_SEGMENT.sub(" ", reply)):
         return None
     return last_number(visible_text(reply))
