@@ -750,6 +750,11 @@ def test_rl_resume_refuses_another_prompt_stream(base):
         mk(_VowelTask(8), samples=3, max_tokens=5, temperature=0.7, top_k=5).load_state_dict(state)
     with pytest.raises(ChibiError, match="has no fingerprint of its prompt stream"):
         mk(_VowelTask(8)).load_state_dict({"cursor": 2, "batches": 1, "history": []})
+    # an item edited anywhere (here the third one's answer: its prompt is the same) is another stream
+    edited = _VowelTask(8)
+    edited.items[2] = {**edited.items[2], "answer": "changed"}
+    with pytest.raises(ChibiError, match=r"^--resume: the saved RL run sampled another prompt stream \(prompts: saved "):
+        mk(edited).load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ solved the training prompts, most groups are flat and the unscaled steps were wh
 (docs/benchmarks.md, "RL steps scaled by their signal").
 
 A resumed run continues the rollout cursor only under the settings that produced it: the sampler state
-carries a fingerprint of the prompt stream and its sampling (task, its prompts, order seed, prompts per
+carries a fingerprint of the prompt stream and its sampling (task, every prompt and its item, order seed, prompts per
 micro-batch, samples per prompt, max new tokens, temperature, top-k, ranks) and a mismatch is refused.
 
 Offline the tasks are the generated ones (by default one- and two-step arithmetic with the calculator in
@@ -152,8 +152,9 @@ class RolloutBatches:
         from chibichat.data.loader import _digest
 
         n = len(self.items)
-        self.fingerprint = {"task": task.name, "items": n, "prompts": _digest([self.items[i][1] for i in
-                                                                               sorted({0, n // 2, n - 1})]),
+        # every prompt this rank samples and the item it is scored against (its answer), in order: an edited,
+        # reordered or re-answered task is another stream
+        self.fingerprint = {"task": task.name, "items": n, "prompts": _digest([[ids, item] for item, ids in self.items]),
                             "seed": seed, "prompts_per_step": prompts, "rank": rt.rank, "world_size": rt.world_size,
                             "num_samples": samples, "max_new_tokens": max_tokens, "temperature": temperature,
                             "top_k": top_k}
