@@ -110,6 +110,8 @@ def test_ultrafeedback_pairs_through_the_hub_loader(tmp_path, monkeypatch):
         rows = [{"prompt": f"q{k}", "chosen": chat(f"q{k}", f"good {k}"),
                  "rejected": chat(f"q{k}", "same" if k == 1 else f"bad {k}")} for k in range(n)]
         rows[1]["chosen"] = chat("q1", "same")  # a tie: left out and counted
+        for k, row in enumerate(rows):  # the real layout repeats the chosen chat as 'messages', with scores
+            row.update(messages=row["chosen"], prompt_id=f"id{k}", score_chosen=8.0, score_rejected=3.0)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}.parquet")
         files[split] = (tmp_path / f"{split}.parquet").read_bytes()
 
@@ -164,6 +166,15 @@ def test_ultrafeedback_pairs_through_the_hub_loader(tmp_path, monkeypatch):
      r"p.jsonl line 1 chosen: unknown key\(s\) \['name'\] in the reply message; it takes role, content"),
     ({"messages": [{"role": "user", "content": "Hi", "weight": 1}], "chosen": "a", "rejected": "b"},
      r"p.jsonl line 1: messages message 0 has a 'weight', which has no meaning in a preference pair"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi", "chosen": "a", "rejected": "b"},
+     r"p.jsonl line 1: give the prompt as 'prompt' or as 'messages', not both"),
+    ({"prompt": "Other", "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "b"}]},
+     r"p.jsonl line 1: 'prompt' is not the last user message of the chosen/rejected chats; leave it out"),
+    ({"messages": [{"role": "user", "content": "Other"}],
+      "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "b"}]},
+     r"p.jsonl line 1: 'messages' is neither the chats' shared prompt nor the chosen chat; leave it out"),
 ])
 def test_bad_pair_rows_are_refused_with_file_and_line(tmp_path, row, match):
     p = tmp_path / "p.jsonl"

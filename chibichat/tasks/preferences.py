@@ -95,6 +95,18 @@ def row_to_pair(row: dict, where: str) -> dict:
                 raise ChibiError(f"{where}: chosen and rejected conversations must share every message but a final "
                                  "assistant reply")
             prompt, chosen, rejected = c_msgs[:-1], c_msgs[-1]["content"], r_msgs[-1]["content"]
+            # Hugging Face preference sets repeat the prompt beside the chats (UltraFeedback: 'prompt' is the
+            # user's question, 'messages' the chosen chat): kept only when it says the same, never ignored
+            if row.get("prompt") is not None and not (prompt and prompt[-1]["role"] == "user"
+                                                      and row["prompt"] == prompt[-1]["content"]):
+                raise ChibiError(f"{where}: 'prompt' is not the last user message of the chosen/rejected chats; "
+                                 "leave it out or make it that message")
+            if row.get("messages") is not None and _messages_from_openai(row["messages"], "messages") not in (
+                    prompt, c_msgs):
+                raise ChibiError(f"{where}: 'messages' is neither the chats' shared prompt nor the chosen chat; "
+                                 "leave it out")
+        elif row.get("messages") is not None and row.get("prompt") is not None:
+            raise ChibiError(f"{where}: give the prompt as 'prompt' or as 'messages', not both")
         elif "messages" in row:
             prompt = _messages_from_openai(row["messages"], "messages")
         elif "prompt" in row:
