@@ -105,6 +105,12 @@ def test_mixture_refuses_epochs_that_give_a_task_no_item_or_are_infinite():
     with pytest.raises(ChibiError, match="epochs for task 'small' must be a finite number >= 0, got inf"):
         Mixture([_toy(4, "small")], epochs=[float("inf")])
     assert Mixture([_toy(10, "big"), _toy(4, "small")], epochs=[1, 0]).summary() == {"big": 10, "small": 0}
+    # the same for weights: a positive weight that rounds to no row, or an infinite one
+    with pytest.raises(ChibiError, match=r"^a weighted mixture of 10 rows gives task\(s\) \['small'\] no row; raise "):
+        Mixture([_toy(10, "big"), _toy(4, "small")], weights=[1, 0.01], length=10)
+    with pytest.raises(ChibiError, match="mixture weights must be finite and >= 0 with a positive sum, got \\[1, inf\\]"):
+        Mixture([_toy(10, "big"), _toy(4, "small")], weights=[1, float("inf")], length=10)
+    assert Mixture([_toy(10, "big"), _toy(4, "small")], weights=[1, 0], length=10).summary() == {"big": 10, "small": 0}
 
 
 def test_mixture_rejects_empty_task():

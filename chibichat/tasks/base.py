@@ -350,8 +350,8 @@ def _apportion(weights: Sequence[float], length: int | None, names: list[str]) -
         raise ChibiError("a weighted mixture needs length > 0 (total rows); give length or use epochs")
     if len(weights) != len(names):
         raise ChibiError(f"got {len(weights)} weights for {len(names)} tasks; give one per task")
-    if any(not w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ChibiError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+    if any(not 0 <= w < float("inf") for w in weights) or sum(weights) <= 0:
+        raise ChibiError(f"mixture weights must be finite and >= 0 with a positive sum, got {list(weights)}")
     total = float(sum(weights))
     exact = [w / total * length for w in weights]
     counts = [int(x) for x in exact]
@@ -359,4 +359,8 @@ def _apportion(weights: Sequence[float], length: int | None, names: list[str]) -
     order = sorted(range(len(exact)), key=lambda k: (-(exact[k] - counts[k]), k))
     for k in order[: length - sum(counts)]:
         counts[k] += 1
+    starved = [n for n, w, c in zip(names, weights, counts) if w > 0 and c == 0]
+    if starved:  # asked for, yet nothing of it would train
+        raise ChibiError(f"a weighted mixture of {length} rows gives task(s) {starved} no row; raise their weights "
+                         "or the length, or leave them out")
     return counts
