@@ -421,7 +421,12 @@ def test_import_refusals(tmp_path, tok, capsys):
     config = json.loads((folder / "config.json").read_text())
     for key, value, needle in [("hidden_act", "silu", "hidden_act"), ("attention_bias", True, "biases"),
                                ("model_type", "llama", "model_type"), ("rms_norm_eps", 0.1, "rms_norm_eps"),
-                               ("sliding_window", 128, "sliding_window"), ("tie_word_embeddings", True, "tied")]:
+                               ("sliding_window", 128, "sliding_window"), ("tie_word_embeddings", True, "tied"),
+                               # a value of the wrong type: named, not a raw ValueError
+                               ("num_hidden_layers", "4", "config.json's 'num_hidden_layers' must be an integer, got '4'"),
+                               ("final_logit_softcapping", "15", "'final_logit_softcapping' must be a number, got '15'"),
+                               ("rope_parameters", {"rope_type": "default", "rope_theta": "big"},
+                                "rope_theta must be a number, got 'big'")]:
         (folder / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ChibiError, match=needle):
             import_hf(str(folder), fresh, "sft", None)

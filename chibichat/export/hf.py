@@ -164,10 +164,14 @@ def gpt_config_from_hf(config: dict, vocab_size: int, where):
         raise ChibiError(f"{where}: model_type {mtype!r} is not 'nanochat' (or {IBERIS_TYPE!r}); chibichat imports "
                          "only NanoChat-format checkpoints")
 
-    def get(key, default=None):
-        v = config.get(key, default)
+    def get(key, default=None, kind=int):
+        """config[key] (or default), which must be an int (kind=int) or any real number (kind=float)."""
+        v = default if config.get(key) is None else config[key]
         if v is None:
             raise ChibiError(f"{where}: config.json lacks {key!r}")
+        if isinstance(v, bool) or not isinstance(v, int if kind is int else (int, float)):
+            raise ChibiError(f"{where}: config.json's {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                             f"got {v!r}")
         return v
 
     E, H = get("hidden_size"), get("num_attention_heads")
@@ -185,7 +189,9 @@ def gpt_config_from_hf(config: dict, vocab_size: int, where):
         theta = rope.get("rope_theta", config.get("rope_theta"))
         layers = "dense"
     else:
-        theta, layers = config.get("rope_theta"), get("mixer_pattern")
+        theta, layers = config.get("rope_theta"), config.get("mixer_pattern")
+        if not isinstance(layers, str):
+            raise ChibiError(f"{where}: config.json's 'mixer_pattern' must be a string, got {layers!r}")
     if config.get("head_dim") not in (None, E // H):
         problems.append(f"head_dim {config['head_dim']} != hidden_size / heads ({E // H})")
     for key in ("sliding_window", "layer_types", "rope_scaling", "attn_logit_softcapping"):
@@ -203,10 +209,12 @@ def gpt_config_from_hf(config: dict, vocab_size: int, where):
     if not isinstance(eps, (int, float)) or not 0 <= eps <= MAX_EPS:
         raise ChibiError(f"{where}: rms_norm_eps {eps!r} is not in [0, {MAX_EPS}]; chibichat's norms use float32 "
                          "machine eps and would give different numbers")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise ChibiError(f"{where}: config.json's rope_theta must be a number, got {theta!r}")
     return GPTConfig(
-        vocab_size=vocab_size, seq_len=int(get("max_position_embeddings")), n_layer=int(get("num_hidden_layers")),
-        n_embd=int(E), n_head=int(H), n_kv_head=int(config.get("num_key_value_heads") or H), layers=layers,
-        conv_kernel=int(config.get("conv_kernel", 3)), softcap=float(config["final_logit_softcapping"]),
+        vocab_size=vocab_size, seq_len=get("max_position_embeddings"), n_layer=get("num_hidden_layers"),
+        n_embd=E, n_head=H, n_kv_head=get("num_key_value_heads", H), layers=layers,
+        conv_kernel=get("conv_kernel", 3), softcap=float(get("final_logit_softcapping", kind=float)),
         rope_base=float(theta),
     )
 
