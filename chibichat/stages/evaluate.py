@@ -75,7 +75,7 @@ DELEGATED = {
                "The held-out skills prompt set (identity, one- and two-step arithmetic, spelling, letter "
                "counting, greeting, refusal to invent facts; EN or JA), answered greedily and checked per "
                "item; prints per-skill accuracy and the open-prompt reply-quality proxy. Per-item "
-               "skills.jsonl/.csv and summary.json under home/eval/<stage>/<tag>/.", "sft"),
+               "skills.jsonl/.csv (skills_ja.* for --lang ja) and summary.json under home/eval/<stage>/<tag>/.", "sft"),
 }
 
 

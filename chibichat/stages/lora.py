@@ -18,7 +18,7 @@ def register(sub) -> None:
                        description="Merge a LoRA adapter checkpoint into its base, or describe one.")
     actions = p.add_subparsers(dest="action", metavar="<action>")
     m = actions.add_parser("merge", help="fold adapters into their base, saved as a full checkpoint",
-                           description=__doc__.split("\n\n")[1].split("info")[0].strip())
+                           description="Fold " + __doc__.split("\n\n")[1].split("info")[0].strip().removeprefix("merge  fold "))
     add_home_arg(m)
     m.add_argument("--from", dest="source", required=True, choices=STAGES, help="stage of the adapter checkpoint")
     m.add_argument("--tag", default=None, help="its tag (default: the most recently written one)")
@@ -26,7 +26,9 @@ def register(sub) -> None:
     m.add_argument("--to-tag", default=None, help="tag of the merged checkpoint, same stage (default: <tag>-merged)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing merged checkpoint at that step")
     m.set_defaults(func=run_merge)
-    i = actions.add_parser("info", help="rank, targets, base chain and size of an adapter checkpoint")
+    i = actions.add_parser("info", help="rank, targets, base chain and size of an adapter checkpoint",
+                           description="What an adapter checkpoint holds: " + __doc__.split("info   what an adapter "
+                                                                                             "checkpoint holds: ")[1].split("\n")[0])
     add_home_arg(i)
     i.add_argument("--from", dest="source", required=True, choices=STAGES, help="stage of the adapter checkpoint")
     i.add_argument("--tag", default=None, help="its tag (default: the most recently written one)")

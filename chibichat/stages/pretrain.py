@@ -15,6 +15,17 @@ from chibichat.common import ChibiError, add_fp8_arg, add_home_arg, add_memory_a
 DEFAULT_DEPTH = 4  # CPU-sized; GPU runs pass --depth 20 and up
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already names its default or there is none to
+    show (None, False: a default derived at run time or a switch that is off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def register(sub) -> None:
     from chibichat.train.scaling import add_plan_args, add_shape_args
 
@@ -28,7 +39,7 @@ def register(sub) -> None:
             "Multi-GPU/CPU: torchrun --nproc_per_node=N -m chibichat pretrain ...; multi-node: add "
             "--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT on every node."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     add_home_arg(p)
     add_runtime_args(p)

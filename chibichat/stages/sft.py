@@ -321,8 +321,8 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
 def register(sub):
     p = sub.add_parser(
         "sft", help="supervised fine-tuning on conversations (assistant-token loss)",
-        description=__doc__.split("\n\n")[0] + " Loss on assistant tokens only, conversations packed or padded, "
-                    "over-length policy counted per task in summary.json.")
+        description=__doc__.split("\n\n")[0] + " Conversations packed or padded; over-length conversations "
+                    "counted per task in summary.json.")
     add_conversation_args(p, default_from="mid", steps=60, batch=8, lr_frac=0.5, mode="pack", mix_en=SFT_MIX_EN,
                           mix_ja=SFT_MIX_JA)
     p.set_defaults(func=run)

@@ -282,7 +282,7 @@ def gpu_world(world_size: int, source: str = "the visible GPUs, CUDA_VISIBLE_DEV
 PRESETS: dict[str, Preset] = {
     "micro": Preset(
         name="micro",
-        description="smoke run for tests/CI: every stage at toy size, ~2 minutes on 2 CPU cores",
+        description="smoke run for tests/CI: every stage at toy size, ~1-2 minutes on 2 CPU cores",
         expected_minutes=2,
         depth=2,
         tokenizer=["--vocab-size", "1024", "--max-chars", "300000"],
@@ -555,7 +555,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     tag = preset.tag_prefix + f"d{preset.depth}" + ("" if layers == "dense" else f"-{layers}")
     corpus = {("en", False): "embedded-en", ("ja", False): "embedded-ja",
               ("en", True): "fineweb-edu", ("ja", True): "abeja-ja"}[(lang, preset.online)]
-    # Offline RL trains on the two-step problems: SFT nearly saturates the one-step ones (no room to learn).
+    # Offline RL trains on one- and two-step problems in turn (two-step alone unlearned the one-step ones).
     rl_task = ["--task", preset.rl_task[0] if lang == "en" else preset.rl_task[1]]
     flags = {k: getattr(preset, k) for k in ("tokenizer", "pretrain", "eval_base", "midtrain", "sft", "rl", "eval_chat")}
     if lang == "ja" and preset.tokenizer_ja is not None:
