@@ -2,6 +2,7 @@
 
 import json
 import lzma
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,7 +106,7 @@ def test_paragraph_packing_never_cuts():
 
 def test_local_corpus_mixed_files_last_is_val(tmp_path):
     write_parquet(tmp_path / "a.parquet", [f"p{i}" for i in range(5)], 2)
-    (tmp_path / "b.jsonl").write_text('{"text": "j1"}\n\n{"text": "j2", "id": 3}\n', encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "j1"}\n{"text": "j2", "id": 3}\n', encoding="utf-8")
     para = "word " * 100  # 500 chars
     (tmp_path / "c.txt").write_text("\n\n".join([para.strip()] * 20), encoding="utf-8")
     (tmp_path / "notes.md").write_text("ignored")
@@ -125,7 +126,7 @@ def test_local_corpus_mixed_files_last_is_val(tmp_path):
     # the file of another suffix is listed, never silently dropped
     assert st["skipped_files"] == ["notes.md"]
     assert c.notes() == [f"local corpus {tmp_path}: 1 file(s) not read (only non-hidden .parquet/.jsonl/.txt files "
-                         "are): notes.md"]
+                         "directly in the folder are): notes.md"]
 
 
 def test_local_corpus_train_val_subfolders_and_groups(tmp_path):
@@ -167,8 +168,8 @@ def test_local_corpus_with_no_usable_file_names_the_skipped_ones(tmp_path):
     (tmp_path / "c.txt").write_text("z")
     with pytest.raises(ChibiError) as e:
         get_corpus(f"local:{tmp_path}").shards("train", None)
-    assert str(e.value).endswith("found 1 (2 file(s) not read (only non-hidden .parquet/.jsonl/.txt files are): "
-                                 "a.csv, b.md)")
+    assert str(e.value).endswith("found 1 (2 file(s) not read (only non-hidden .parquet/.jsonl/.txt files directly "
+                                 "in the folder are): a.csv, b.md)")
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
     (tmp_path / "train" / "t.txt").write_text("t")
@@ -226,6 +227,167 @@ def test_bad_jsonl_lines(tmp_path):
     # valid JSON, but half a UTF-16 pair: refused where it is, not turned into U+FFFD by the tokenizer
     with pytest.raises(ChibiError, match=r"bc\.jsonl:2 has a lone surrogate U\+D800 at character 5 "):
         bc.read_group(0)
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (json.dumps(ensure_ascii=False) writes them): they
+    stay inside their document, and the line numbers after them stay right."""
+    docs = ["a\u2028b", "c\u2029d\u0085e", "f"]
+    lines = [json.dumps({"text": d}, ensure_ascii=False) for d in docs]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\r\n" + '{"text": 5}\n', encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text('{"text": "v"}', encoding="utf-8")  # no final newline: one line
+    a, b = get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert b.read_group(0) == docs
+    with pytest.raises(ChibiError) as e:
+        a.read_group(0)
+    assert str(e.value) == f'{tmp_path / "a.jsonl"}:4 needs a string field "text" (one JSON object per line, {{"text": "..."}})'
+    assert all_docs(get_corpus(f"local:{tmp_path}").shards("val", None)) == ["v"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n\n{"text": "more"}\n', "{path}:2 is a blank line; remove it (one JSON object per line)"),
+    ('{"text": "ok"}\n{"text": "ok"}\n   \n', "{path}:3 is a blank line; remove it (one JSON object per line)"),
+    ('{"text": ""}\n', '{path}:1 has a blank "text"; remove that line or put text in it'),
+    ('{"text": "ok"}\n{"text": " \\n\\t "}\n', '{path}:2 has a blank "text"; remove that line or put text in it'),
+], ids=["blank-line", "trailing-blank-line", "empty-text", "whitespace-text"])
+def test_blank_jsonl_lines_and_texts_are_errors(tmp_path, content, message):
+    (tmp_path / "a.jsonl").write_text(content, encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "v"}\n', encoding="utf-8")
+    (s,) = get_corpus(f"local:{tmp_path}").shards("train", None)
+    with pytest.raises(ChibiError) as e:
+        s.num_groups()
+    assert str(e.value) == message.format(path=tmp_path / "a.jsonl")
+
+
+def test_a_byte_order_mark_is_dropped_and_a_nul_byte_refused(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello\n\nworld")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "j"}\n')
+    (tmp_path / "c.txt").write_bytes("héllo".encode("utf-16-le"))  # valid UTF-8, but NUL bytes: not text
+    (tmp_path / "d.txt").write_text("v")
+    a, b, c = get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert a.read_group(0) == ["hello\n\nworld"] and b.read_group(0) == ["j"]
+    with pytest.raises(ChibiError) as e:
+        c.num_groups()
+    assert str(e.value) == (f"{tmp_path / 'c.txt'} holds a NUL byte at byte offset 1, so it is not text (a binary or "
+                            "UTF-16 file?); convert it to UTF-8 text or remove it from the folder")
+
+
+@pytest.mark.parametrize("have, lack", [("train", "val"), ("val", "train")])
+def test_only_one_of_train_and_val_is_an_error(tmp_path, have, lack):
+    (tmp_path / have).mkdir()
+    (tmp_path / have / "a.txt").write_text("x")
+    (tmp_path / "b.txt").write_text("y")
+    (tmp_path / "c.txt").write_text("z")
+    c = get_corpus(f"local:{tmp_path}")
+    msg = (f"local corpus {tmp_path} has {have}/ but no {lack}/; with subfolders, train/ and val/ are the splits: "
+           f"create {lack}/ and put files in it, or move the files of {have}/ up into the folder (then the last file "
+           "by name is val)")
+    with pytest.raises(ChibiError) as e:
+        c.shards("train", None)
+    assert str(e.value) == msg
+    assert c.status(None) == {"on_disk": False, "where": str(tmp_path), "problem": msg}
+
+
+def test_subfolders_without_train_and_val_are_an_error(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "big.txt").write_text("never read")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / ".cache").mkdir()  # hidden: not a reason to refuse
+    with pytest.raises(ChibiError) as e:
+        get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert str(e.value) == (f"local corpus {tmp_path} has subfolder(s) extra/, more/ but no train/ and val/, so the files "
+                            "in them would not be read; move those files up into the folder (the last file by name is "
+                            "val), arrange all files as train/ and val/ subfolders, or move the subfolders out")
+
+
+def test_entries_outside_train_and_val_and_hidden_ones_are_listed(tmp_path):
+    for d in ("train/.ipynb_checkpoints", "val", "test"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "train" / "a.txt").write_text("train text")
+    (tmp_path / "train" / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("an old copy")
+    (tmp_path / "train" / ".b.txt").write_text("hidden")
+    (tmp_path / "val" / "v.txt").write_text("val text")
+    (tmp_path / "test" / "t.txt").write_text("test text")
+    (tmp_path / "README.md").write_text("about")
+    c = get_corpus(f"local:{tmp_path}")
+    assert all_docs(c.shards("train", None)) == ["train text"]
+    assert c.status(None)["skipped_files"] == ["README.md", "test/t.txt", "train/.b.txt", "train/.ipynb_checkpoints/"]
+    assert c.notes() == [f"local corpus {tmp_path}: 3 file(s) and 1 hidden folder(s) not read (only non-hidden "
+                         ".parquet/.jsonl/.txt files in train/ and val/ are): README.md, test/t.txt, train/.b.txt, "
+                         "train/.ipynb_checkpoints/"]
+
+
+def test_symlinks_followed_broken_and_looping_ones_refused(tmp_path):
+    root, ext = tmp_path / "corpus", tmp_path / "ext"
+    for d in (root / "train", root / "val", ext):
+        d.mkdir(parents=True)
+    (ext / "x.txt").write_text("linked text")
+    (root / "train" / "a.txt").write_text("own text")
+    (root / "train" / "linked").symlink_to(ext, target_is_directory=True)
+    (root / "val" / "v.txt").write_text("val text")
+    c = get_corpus(f"local:{root}")
+    assert [s.name for s in c.shards("train", None)] == ["train/a.txt", "train/linked/x.txt"]
+    assert all_docs(c.shards("train", None)) == ["own text", "linked text"]
+
+    (ext / "loop").symlink_to(root / "train", target_is_directory=True)
+    with pytest.raises(ChibiError) as e:
+        c.shards("train", None)
+    assert str(e.value) == f"{root / 'train/linked/loop'} links to {root / 'train'}, a folder it is in (a loop); remove the link"
+    (ext / "loop").unlink()
+
+    (root / "val" / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(ChibiError) as e:
+        c.shards("train", None)
+    assert str(e.value) == (f"{root / 'val/gone.txt'} is a broken symbolic link (to {tmp_path / 'missing.txt'}); fix "
+                            "the link or remove it")
+    assert c.status(None)["on_disk"] is False
+
+
+def test_one_file_reached_twice_is_refused(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "t.txt").write_text("train text")
+    (tmp_path / "val").symlink_to(tmp_path / "train", target_is_directory=True)
+    with pytest.raises(ChibiError) as e:
+        get_corpus(f"local:{tmp_path}").shards("val", None)
+    assert str(e.value) == (f"{tmp_path / 'train/t.txt'} and {tmp_path / 'val/t.txt'} are the same file "
+                            f"({tmp_path / 'train/t.txt'}); each file may be read once and train and val may not share "
+                            "one: remove one of them (or the link)")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.txt").write_text("text")
+    os.link(flat / "a.txt", flat / "b.txt")  # a hard link: the last file (val) is the train file
+    with pytest.raises(ChibiError, match=r"a\.txt and .*b\.txt are the same file"):
+        get_corpus(f"local:{flat}").shards("train", None)
+
+
+def test_local_corpus_name_is_the_absolute_folder(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    c = get_corpus("local:data")
+    assert c.name == f"local:{tmp_path / 'data'}" and c.folder == tmp_path / "data"
+    assert get_corpus("local:./data/../data").name == c.name
+
+
+def test_doc_list_shards_of_a_split_hold_one_file_in_memory(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.jsonl").write_text("".join(json.dumps({"text": f"f{i} d{k}"}) + "\n" for k in range(20)))
+    (tmp_path / "v.txt").write_text("val")
+    shards = get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert [s.loaded for s in shards] == [False] * 3
+    assert [s.num_groups() for s in shards] == [2, 2, 2]
+    assert [s.loaded for s in shards] == [False, False, True]  # counted one by one; the last stays
+    assert shards[0].read_group(1) == [f"f0 d{k}" for k in range(16, 20)]
+    assert [s.loaded for s in shards] == [True, False, False]
+    assert shards[1].read_group(0)[0] == "f1 d0" and [s.loaded for s in shards] == [False, True, False]
+    # a file read again must still hold the documents it was counted with
+    (tmp_path / "0.jsonl").write_text("".join(json.dumps({"text": f"x{k}"}) + "\n" for k in range(5)))
+    with pytest.raises(ChibiError) as e:
+        shards[0].read_group(0)
+    assert str(e.value) == (f"{tmp_path / '0.jsonl'} changed while it was in use (20 documents, now 5); leave the "
+                            "corpus unchanged while a run reads it, and re-run")
 
 
 def test_corrupt_and_odd_parquet(tmp_path):

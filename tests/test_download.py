@@ -301,6 +301,27 @@ def test_cli_data_download(server, tmp_path, capsys):
     assert "--retries" in capsys.readouterr().err
 
 
+def test_cli_data_download_without_progress_logs_refetches_and_retries_to_stderr(server, tmp_path, capsys):
+    """--no-progress hides the bar, not the warnings that would be written above it."""
+    from chibichat.cli import main
+
+    p = "/datasets/kajuma/ABEJA-CC-JA-edu/resolve/main/10%25/train-{:05d}-of-00378.parquet"
+    for i in (0, 377):
+        server.files[p.format(i)] = parquet_bytes(20, i)[0]
+    home = tmp_path / "home"
+    d = home / "data" / "abeja-ja"
+    d.mkdir(parents=True)
+    (d / "train-00000-of-00378.parquet").write_bytes(b"PAR1 not a parquet file")
+    server.faults[p.format(377)] = ["500"]
+    argv = ["data", "download", "abeja-ja", "-n", "1", "--workers", "1", "--base-url", server.base, "--no-progress",
+            "--home", str(home)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("train-00000-of-00378.parquet: existing file is invalid (")
+               and line.endswith("); fetching it again") for line in err), err
+    assert "train-00377-of-00378.parquet: attempt 1/5 failed (HTTP 500)" in err
+
+
 def japanese_parquet_bytes(n_docs, seed):
     """A shard shaped like fineweb-2-edu-japanese's: Japanese `text` plus the metadata columns."""
     texts = [f"文書{seed}-{i}：東京都に住んでいる私は、毎朝コーヒーを飲みます。" * (1 + i % 5) for i in range(n_docs)]
@@ -404,11 +425,13 @@ def test_an_unreachable_server_stops_the_whole_batch_after_retries_attempts(tmp_
     assert str(e.value).endswith("offline? Check the network (or --base-url / $CHIBICHAT_HF_ENDPOINT) and re-run the "
                                  "same command: it resumes partial files")
     attempts.clear()
+    capsys.readouterr()
     assert main(["data", "download", "fineweb-edu", "-n", "20", "--base-url", base, "--retries", "2", "--no-progress",
                  "--home", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert len(attempts) == 2 and err.startswith(f"chibichat data: error: cannot reach {base}: 2 attempts") \
-        and err.count("\n") == 1  # one message, no line per shard
+    *retried, error, last = capsys.readouterr().err.split("\n")
+    assert len(attempts) == 2 and error.startswith(f"chibichat data: error: cannot reach {base}: 2 attempts") \
+        and last == ""  # one message, no line per shard
+    assert len(retried) == 2 and all(" attempt 1/2 failed (ConnectionError: " in line for line in retried)
 
 
 def test_a_shard_whose_bytes_are_not_the_sha256_the_hub_states_is_refused(server, tmp_path, monkeypatch):

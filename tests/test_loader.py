@@ -367,6 +367,31 @@ def test_pretrain_with_real_tokenizer_and_local_corpus_resumes_exactly(tmp_path)
     assert ref.stats["epoch"] >= 1
 
 
+def test_pretrain_loader_holds_one_local_file_in_memory(tmp_path):
+    """Counting a split's groups does not keep its .jsonl files in memory: at most the shard being read is,
+    during reading and a resume alike, and the batches match those of a run that never let a file go."""
+    corpus, texts = _local_corpus(tmp_path, n_files=4, docs_per_file=40)  # 3 train files + 1 val
+    make = lambda: PretrainLoader(corpus, "train", None, ByteTokenizer(), batch_size=2, seq_len=63, rt=rt(),
+                                  buffer_docs=8)
+    loader = make()
+    assert len(loader._shards) == 3 and sum(s.loaded for s in loader._shards) <= 1
+    held_in_turn = []
+    while loader.stats["epoch"] < 1:
+        next(loader)
+        (held,) = [s.name for s in loader._shards if s.loaded]
+        if not held_in_turn or held_in_turn[-1] != held:
+            held_in_turn.append(held)
+    assert held_in_turn == ["part0.jsonl", "part1.jsonl", "part2.jsonl", "part0.jsonl"]  # the 2nd epoch began
+    state = loader.state_dict()
+    expected = take(loader, 4)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert sum(s.loaded for s in resumed._shards) == 1
+    assert_same_batches(take(resumed, 4), expected)
+    docs = [d for s in make()._shards for g in range(s.num_groups()) for d in s.read_group(g)]
+    assert docs == texts[:120]
+
+
 # ----------------------------------------------------------------------------------------------
 # Conversations
 

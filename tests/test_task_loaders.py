@@ -14,11 +14,14 @@ FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves the hub listing API, the parquet files it lists, and JGLUE raw files."""
+    """Serves the hub listing API, the parquet files it lists, and JGLUE raw files; `fail` (path -> HTTP
+    codes) answers a path with those codes first, one per request."""
 
     def do_GET(self):
         srv = self.server
         srv.hits.append(self.path)
+        if srv.fail.get(self.path):
+            return self._send(srv.fail[self.path].pop(0), b'{"error": "failing on purpose"}')
         parts = self.path.strip("/").split("/")
         if parts[:2] == ["api", "datasets"] and len(parts) == 7 and parts[4] == "parquet":
             repo, subset, split = f"{parts[2]}/{parts[3]}", parts[5], parts[6]
@@ -51,7 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server(monkeypatch):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.hits, srv.corrupt = [], {}
+    srv.hits, srv.corrupt, srv.fail = [], {}, {}
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     base = f"http://127.0.0.1:{srv.server_port}"
@@ -161,8 +164,35 @@ def test_corrupt_download_is_reported(server, home):
 
 def test_unreachable_endpoint(home, monkeypatch):
     monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
-    with pytest.raises(ChibiError, match="could not fetch"):
+    monkeypatch.setattr("chibichat.tasks.hub.BACKOFF_S", 0.0)
+    monkeypatch.setattr("chibichat.tasks.hub.RETRIES", 2)
+    with pytest.raises(ChibiError, match=r"^could not fetch the parquet listing of .* after 2 attempts \(ConnectionError: "):
         get_task("smoltalk", home=Home(home))
+
+
+def test_the_listing_is_retried_and_its_errors_worded_by_status(server, home):
+    """A busy hub (429/5xx) is asked again, as file downloads are; the error names what the status means."""
+    listing = "/api/datasets/openai/gsm8k/parquet/main/train"
+    url = f"http://127.0.0.1:{server.server_port}{listing}"
+    what = "the parquet listing of openai/gsm8k [main/train]"
+    server.fail[listing] = [503]
+    assert len(get_task("gsm8k", source="online", home=Home(home), split="train")) == 2
+    assert server.hits.count(listing) == 2
+    listing, what = "/api/datasets/openai/gsm8k/parquet/main/test", "the parquet listing of openai/gsm8k [main/test]"
+    url = f"http://127.0.0.1:{server.server_port}{listing}"
+    for codes, message in [
+        ([429, 500], f"fetching {what} from {url} failed with HTTP 500 after 2 attempts: the server is busy or down; "
+                     "try again later (or set $CHIBICHAT_HF_ENDPOINT to a mirror)"),
+        ([403], f"fetching {what} from {url} failed with HTTP 403: the dataset is private or gated, and chibichat "
+                "does not log in to the hub; use the shipped offline task data or a mirror ($CHIBICHAT_HF_ENDPOINT)"),
+        ([404], f"fetching {what} from {url} failed with HTTP 404; check the dataset, subset and split names (or "
+                "$CHIBICHAT_HF_ENDPOINT)"),
+    ]:
+        server.fail[listing], before = list(codes), server.hits.count(listing)
+        with pytest.raises(ChibiError) as e:
+            get_task("gsm8k", source="online", home=Home(home), split="test")
+        assert str(e.value) == message
+        assert server.hits.count(listing) - before == len(codes)  # 4xx other than 408/429: asked once
 
 
 def test_smoltalk_rejects_malformed_conversation():

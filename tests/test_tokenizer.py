@@ -373,6 +373,14 @@ def test_cli_train_and_eval(local_corpus, home, monkeypatch, capsys, tmp_path):
     assert main(["tokenizer", "eval"]) == 0
     out = capsys.readouterr().out
     assert "Japanese prose" in out and "unavailable" in out
+    # the val split is smaller than --val-chars: all of it is measured, and the output says so
+    from chibichat.data.corpora import get_corpus
+
+    val_chars = sum(len(d) for d in get_corpus(f"local:{local_corpus}").iter_documents("val", None))
+    assert f"note: the val split of local:{local_corpus} has only {val_chars:,} chars (< --val-chars 500,000); " \
+           "measured all of it\n" in out
+    assert main(["tokenizer", "eval", "--val-chars", str(val_chars // 2)]) == 0
+    assert "note: the val split" not in capsys.readouterr().out
     ev = json.loads((home / "tokenizer" / "eval.json").read_text())
     assert ev["tokenizer_hash"] == tok.hash
     assert set(ev["kinds"]) == {"English prose", "Python code", "LaTeX math", "Japanese prose", f"local:{local_corpus} val"}

@@ -99,13 +99,22 @@ def pack_paragraphs(paragraphs: list[str], max_chars: int = DOC_MAX_CHARS) -> li
 
 
 def decode_utf8(data: bytes, path: Path) -> str:
+    """The text of a UTF-8 file, without the byte-order mark some editors write first. ChibiError for
+    bytes that are not UTF-8, and for a NUL byte: valid UTF-8, but the mark of a binary or UTF-16 file."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ChibiError(
+            f"{path} holds a NUL byte at byte offset {nul}, so it is not text (a binary or UTF-16 file?); "
+            "convert it to UTF-8 text or remove it from the folder"
+        )
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ChibiError(
             f"{path} is not valid UTF-8 (bad byte 0x{data[e.start]:02x} at byte offset {e.start}); "
             "convert it to UTF-8 (e.g. iconv -f <encoding> -t utf-8) or remove it from the folder"
         ) from None
+    return text.removeprefix("\ufeff")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,35 +142,62 @@ class Shard:
         return f"{type(self).__name__}({self.name!r})"
 
 
-class DocListShard(Shard):
-    """A shard whose documents are all loaded on first use and then served in fixed-size groups.
+class DocCache:
+    """The documents of one DocListShard at a time, shared by the shards of a split (Corpus.shards).
 
-    Used for xz/jsonl/txt files, which cannot be read group by group: decompressing once per shard
-    object (not once per group) keeps reading fast. The lock makes the lazy load safe when a loader
-    reads from a background thread.
+    A reader walks a split's shards in order, so holding only the shard being read keeps memory at one
+    file's documents, never the whole split (a 20 GB folder of .txt files is not read into memory). The
+    lock makes loading safe when a loader reads from a background thread.
     """
 
-    def __init__(self, path: Path, name: str, group_docs: int = GROUP_DOCS):
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner: DocListShard | None = None
+        self.docs: list[str] = []
+
+
+class DocListShard(Shard):
+    """A shard whose documents are loaded whole and then served in fixed-size groups.
+
+    Used for xz/jsonl/txt files, which cannot be read group by group: loading once per file (not once
+    per group) keeps reading fast. The documents stay in `cache` until another shard sharing it loads
+    its own; only the count is kept for good, so a file is read again when it is next needed.
+    """
+
+    def __init__(self, path: Path, name: str, group_docs: int = GROUP_DOCS, cache: DocCache | None = None):
         self.path = Path(path)
         self.name = name
         self.group_docs = group_docs
-        self._docs: list[str] | None = None
-        self._lock = threading.Lock()
+        self._cache = cache or DocCache()
+        self._count: int | None = None
 
     def _load(self) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def loaded(self) -> bool:
+        """Whether this shard's documents are in memory now."""
+        return self._cache.owner is self
+
     def documents(self) -> list[str]:
-        with self._lock:
-            if self._docs is None:
+        cache = self._cache
+        with cache.lock:
+            if cache.owner is not self:
+                cache.owner, cache.docs = None, []  # the previous shard's documents go before this one's load
                 docs = self._load()
                 if not docs:
                     raise ChibiError(f"{self.path} holds no documents; remove the empty file or put text in it")
-                self._docs = docs
-            return self._docs
+                if self._count is not None and len(docs) != self._count:
+                    raise ChibiError(f"{self.path} changed while it was in use ({self._count:,} documents, now "
+                                     f"{len(docs):,}); leave the corpus unchanged while a run reads it, and re-run")
+                self._count = len(docs)
+                cache.owner, cache.docs = self, docs
+            return cache.docs
 
     def num_groups(self) -> int:
-        return math.ceil(len(self.documents()) / self.group_docs)
+        if self._count is None:
+            self.documents()
+        return math.ceil(self._count / self.group_docs)
 
     def read_group(self, i: int) -> list[str]:
         self._check_index(i)
@@ -176,18 +212,25 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _parse_jsonl(text: str, path: Path, field: str = "text") -> list[str]:
+    """One document per line; a blank line or a blank document is an error naming path:line."""
     from chibichat.tokenizer import check_no_surrogate
 
+    # Lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 raw, where str.splitlines cuts.
+    lines = text.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line opens no new line
+        lines.pop()
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
-            continue
+            raise ChibiError(f"{path}:{lineno} is a blank line; remove it (one JSON object per line)")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ChibiError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise ChibiError(f'{path}:{lineno} needs a string field "{field}" (one JSON object per line, {{"{field}": "..."}})')
+        if not obj[field].strip():
+            raise ChibiError(f'{path}:{lineno} has a blank "{field}"; remove that line or put text in it')
         check_no_surrogate(obj[field], f"{path}:{lineno}")  # JSON can escape one; the tokenizer refuses it
         docs.append(obj[field])
     return docs
@@ -286,14 +329,15 @@ class ParquetShard(Shard):
         return values
 
 
-def shard_for_file(path: Path, name: str) -> Shard:
+def shard_for_file(path: Path, name: str, cache: DocCache | None = None) -> Shard:
+    """The shard of a local file; `cache` is shared by the .jsonl/.txt shards of one split (DocCache)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return ParquetShard(path, name)
     if suffix == ".jsonl":
-        return JsonlShard(path, name)
+        return JsonlShard(path, name, cache=cache)
     if suffix == ".txt":
-        return TextShard(path, name)
+        return TextShard(path, name, cache=cache)
     raise ChibiError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl or .txt")
 
 
@@ -366,7 +410,8 @@ class EmbeddedCorpus(Corpus):
         _check_split(split)
         m = self.manifest()
         files = m["splits"][split]["files"]
-        return [JsonlXzShard(self.root / f["name"], f"{self.name}/{f['name']}", m["group_docs"]) for f in files]
+        cache = DocCache()
+        return [JsonlXzShard(self.root / f["name"], f"{self.name}/{f['name']}", m["group_docs"], cache) for f in files]
 
     def status(self, home: Home | None = None) -> dict:
         try:
@@ -479,19 +524,25 @@ def japanese_letter_share(text: str) -> tuple[int, int]:
 class LocalCorpus(Corpus):
     """A folder of .parquet / .jsonl / .txt files.
 
-    Split rule: if the folder has `train/` and `val/` subfolders, their files (recursively, sorted by
-    path) are the splits. Otherwise the data files directly in the folder, sorted by name, are used
-    and the LAST one is val (so the folder needs at least two). Parquet: column "text" (or
-    "content"), groups = row groups. JSONL: one object per line with a string "text". TXT: UTF-8,
-    paragraphs separated by blank lines, packed into documents of at most DOC_MAX_CHARS characters
-    (a longer paragraph stays whole). Non-parquet files are groups of GROUP_DOCS documents.
+    Split rule: if the folder has `train/` and `val/` subfolders, their files (recursively, following
+    symlinked folders, sorted by path) are the splits; anything beside or outside them is not read.
+    Otherwise the data files directly in the folder, sorted by name, are used and the LAST one is val
+    (so the folder needs at least two); a subfolder there is an error, as are only one of train/ and
+    val/, a broken symlink, a symlink loop, and one file reached twice (a link: val must never hold
+    training text). Hidden files and folders (a name starting with ".") are not read. Parquet: column
+    "text" (or "content"), groups = row groups. JSONL: one object per line with a non-blank string
+    "text", no blank lines. TXT: UTF-8, paragraphs separated by blank lines, packed into documents of
+    at most DOC_MAX_CHARS characters (a longer paragraph stays whole). Text files may start with a
+    UTF-8 byte-order mark (dropped); one holding a NUL byte is refused. Non-parquet files are groups
+    of GROUP_DOCS documents.
     """
 
     licence = "whatever the files' own licences are"
 
     def __init__(self, folder: str):
-        self.folder = Path(folder).expanduser()
-        self.name = f"local:{folder}"
+        # Resolved, so the name recorded in a tokenizer or a checkpoint finds the folder from any directory.
+        self.folder = Path(folder).expanduser().resolve()
+        self.name = f"local:{self.folder}"
         self.description = f"local folder {self.folder}"
         self.source = str(self.folder)
         self._language: tuple[str, str] | None = None
@@ -526,61 +577,124 @@ class LocalCorpus(Corpus):
                                     f"its train split are Japanese script ({share:.1%}; {rule})")
         return self._language
 
-    def _files(self, where: Path, recursive: bool) -> list[Path]:
-        it = where.rglob("*") if recursive else where.iterdir()
-        return sorted(p for p in it if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES and not p.name.startswith("."))
+    def _entries(self, where: Path, ancestors: tuple[Path, ...] = ()) -> list[Path]:
+        """Every entry below `where` that is not a folder, and every hidden folder (not entered). Symlinked
+        folders are followed; a broken link and a link to a folder it is in (a loop) are errors, not skipped."""
+        ancestors = (*ancestors, where.resolve())
+        out = []
+        for p in where.iterdir():
+            if p.is_symlink() and not p.exists():
+                raise ChibiError(f"{p} is a broken symbolic link (to {os.readlink(p)}); fix the link or remove it")
+            if p.is_dir() and not p.name.startswith("."):
+                if p.resolve() in ancestors:
+                    raise ChibiError(f"{p} links to {p.resolve()}, a folder it is in (a loop); remove the link")
+                out += self._entries(p, ancestors)
+            else:
+                out.append(p)
+        return out
+
+    def _scan(self) -> tuple[bool, dict[str, list[Path]], list[Path]]:
+        """(train/ and val/ layout?, the files of each split, the entries no split reads), from one walk.
+
+        ChibiError where the layout leaves what to read unclear: only one of train/ and val/, or
+        subfolders without them (their files would not be read)."""
+        if not self.folder.is_dir():
+            raise ChibiError(f"local corpus folder {self.folder} does not exist or is not a folder")
+        present = [s for s in SPLITS if (self.folder / s).is_dir()]
+        if len(present) == 1:
+            have, lack = present[0], next(s for s in SPLITS if s not in present)
+            raise ChibiError(
+                f"local corpus {self.folder} has {have}/ but no {lack}/; with subfolders, train/ and val/ are the "
+                f"splits: create {lack}/ and put files in it, or move the files of {have}/ up into the folder (then "
+                "the last file by name is val)"
+            )
+        split_dirs = bool(present)
+        if not split_dirs:
+            dirs = sorted(p.name + "/" for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if dirs:
+                raise ChibiError(
+                    f"local corpus {self.folder} has subfolder(s) {', '.join(dirs)} but no train/ and val/, so the "
+                    "files in them would not be read; move those files up into the folder (the last file by name "
+                    "is val), arrange all files as train/ and val/ subfolders, or move the subfolders out"
+                )
+        files: dict[str, list[Path]] = {s: [] for s in SPLITS}
+        skipped = []
+        for p in sorted(self._entries(self.folder)):
+            top = p.relative_to(self.folder).parts[0]
+            if not (p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES and not p.name.startswith(".")):
+                skipped.append(p)
+            elif split_dirs:
+                (files[top] if top in SPLITS else skipped).append(p)
+            else:
+                files["train"].append(p)  # the flat layout: split below (the last file is val)
+        return split_dirs, files, skipped
 
     def skipped_files(self) -> list[Path]:
-        """Files under the folder that no split reads: other suffixes, hidden files, and files beside
-        train/ and val/ when those subfolders are the splits."""
+        """Entries under the folder that no split reads: other suffixes, hidden files and folders, what is not
+        a regular file, and anything outside train/ and val/ when those subfolders are the splits."""
         if not self.folder.is_dir():
             return []
-        subfolders = (self.folder / "train").is_dir() and (self.folder / "val").is_dir()
-        found = [p for p in self.folder.iterdir() if p.is_file()]
-        if subfolders:
-            found += [p for s in SPLITS for p in (self.folder / s).rglob("*") if p.is_file()]
-            used = {p for s in SPLITS for p in self._files(self.folder / s, recursive=True)}
-        else:
-            used = set(self._files(self.folder, recursive=False))
-        return sorted(p for p in found if p not in used)
+        return self._scan()[2]
 
-    def _skipped_note(self) -> str:
-        skipped = self.skipped_files()
+    def _rel(self, p: Path) -> str:
+        return str(p.relative_to(self.folder)) + ("/" if p.is_dir() else "")
+
+    def _skipped_note(self, split_dirs: bool, skipped: list[Path]) -> str:
         if not skipped:
             return ""
-        names = ", ".join(str(p.relative_to(self.folder)) for p in skipped[:10])
+        names = ", ".join(self._rel(p) for p in skipped[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        return (f"{len(skipped)} file(s) not read (only non-hidden {'/'.join(LOCAL_SUFFIXES)} files are): "
+        dirs = sum(p.is_dir() for p in skipped)
+        count = f"{len(skipped) - dirs} file(s)" + (f" and {dirs} hidden folder(s)" if dirs else "")
+        where = "in train/ and val/" if split_dirs else "directly in the folder"
+        return (f"{count} not read (only non-hidden {'/'.join(LOCAL_SUFFIXES)} files {where} are): "
                 f"{names}{more}")
 
     def notes(self) -> list[str]:
-        note = self._skipped_note()
+        split_dirs, _, skipped = self._scan()
+        note = self._skipped_note(split_dirs, skipped)
         return [f"local corpus {self.folder}: {note}"] if note else []
 
-    def split_files(self) -> dict[str, list[Path]]:
-        if not self.folder.is_dir():
-            raise ChibiError(f"local corpus folder {self.folder} does not exist or is not a folder")
-        if (self.folder / "train").is_dir() and (self.folder / "val").is_dir():
-            out = {s: self._files(self.folder / s, recursive=True) for s in SPLITS}
-            for s, files in out.items():
-                if not files:
-                    note = self._skipped_note()
+    def _splits(self) -> tuple[bool, dict[str, list[Path]], list[Path]]:
+        """_scan, with the flat layout split and every rule checked: files in each split, each file once."""
+        split_dirs, files, skipped = self._scan()
+        note = self._skipped_note(split_dirs, skipped)
+        if split_dirs:
+            for s in SPLITS:
+                if not files[s]:
                     raise ChibiError(f"{self.folder / s} has no {'/'.join(LOCAL_SUFFIXES)} files; add some"
                                      + (f" ({note})" if note else ""))
-            return out
-        files = self._files(self.folder, recursive=False)
-        if len(files) < 2:
-            raise ChibiError(
-                f"local corpus {self.folder} needs at least two {'/'.join(LOCAL_SUFFIXES)} files (the last, sorted "
-                f"by name, is val) or train/ and val/ subfolders; found {len(files)}"
-                + (f" ({self._skipped_note()})" if self.skipped_files() else "")
-            )
-        return {"train": files[:-1], "val": files[-1:]}
+        else:
+            found = files["train"]
+            if len(found) < 2:
+                raise ChibiError(
+                    f"local corpus {self.folder} needs at least two {'/'.join(LOCAL_SUFFIXES)} files (the last, "
+                    f"sorted by name, is val) or train/ and val/ subfolders; found {len(found)}"
+                    + (f" ({note})" if note else "")
+                )
+            files = {"train": found[:-1], "val": found[-1:]}
+        # Two paths to one file (a symlink, a hard link, val/ linked to train/) would train twice on it or
+        # score val on training text.
+        seen: dict[tuple[int, int], Path] = {}
+        for s in SPLITS:
+            for p in files[s]:
+                st = p.stat()
+                first = seen.setdefault((st.st_dev, st.st_ino), p)
+                if first != p:
+                    raise ChibiError(
+                        f"{first} and {p} are the same file ({p.resolve()}); each file may be read once and train "
+                        "and val may not share one: remove one of them (or the link)"
+                    )
+        return split_dirs, files, skipped
+
+    def split_files(self) -> dict[str, list[Path]]:
+        return self._splits()[1]
 
     def shards(self, split: str, home: Home | None = None) -> list[Shard]:
         _check_split(split)
         files = self.split_files()[split]
-        shards = [shard_for_file(p, str(p.relative_to(self.folder))) for p in files]
+        cache = DocCache()
+        shards = [shard_for_file(p, str(p.relative_to(self.folder)), cache) for p in files]
         # An empty file anywhere is an error, not a silent skip: opening a shard checks it.
         for s in shards:
             if s.path.stat().st_size == 0:
@@ -589,17 +703,17 @@ class LocalCorpus(Corpus):
 
     def status(self, home: Home | None = None) -> dict:
         try:
-            files = self.split_files()
+            split_dirs, files, skipped = self._splits()
         except ChibiError as e:
             return {"on_disk": False, "where": str(self.folder), "problem": str(e)}
         return {
             "on_disk": True,
             "where": str(self.folder),
-            "split_rule": "train/ and val/ subfolders" if (self.folder / "train").is_dir() else "last file (by name) is val",
+            "split_rule": "train/ and val/ subfolders" if split_dirs else "last file (by name) is val",
             "train_files": len(files["train"]),
             "val_files": len(files["val"]),
             "bytes": sum(p.stat().st_size for s in SPLITS for p in files[s]),
-            "skipped_files": [str(p.relative_to(self.folder)) for p in self.skipped_files()],
+            "skipped_files": [self._rel(p) for p in skipped],
         }
 
 

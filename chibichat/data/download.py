@@ -356,7 +356,8 @@ def download_corpus(
     the manifest records (pinned in the URLs), else the first answer's; each fetched shard is recorded in the
     manifest. `retries` attempts in a row that get no answer from the server, across all shards, stop the
     batch with one ChibiError (offline, or a wrong --base-url). Otherwise raises ChibiError listing every
-    shard that failed (the others are kept).
+    shard that failed (the others are kept). Retries and re-fetches are logged above the progress bar, or to
+    stderr without one.
     """
     from chibichat.data.corpora import HF_ENDPOINT_ENV, OnlineCorpus, hf_endpoint
 
@@ -390,7 +391,7 @@ def download_corpus(
     def one(i: int) -> Path:
         return download_file(
             urls[i], corpus.shard_path(home, i), validate=validate_parquet, retries=retries, backoff=backoff,
-            timeout=timeout, on_bytes=on_bytes, log=(lambda msg: bar.write(msg)) if progress else None,
+            timeout=timeout, on_bytes=on_bytes, log=(lambda msg: bar.write(msg)) if progress else eprint,
             info=infos[i], batch=batch,
         )
 

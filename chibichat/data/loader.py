@@ -301,7 +301,7 @@ class PretrainLoader:
         by_unit: dict[int, list[tuple[int, int, int, int, int]]] = {}
         for ref in refs:
             by_unit.setdefault(ref[1], []).append(ref)
-        for u, unit_refs in by_unit.items():
+        for u, unit_refs in sorted(by_unit.items()):  # in read order: each .jsonl/.txt shard is loaded once (DocCache)
             docs = self._read(u)
             wanted = sorted({r[2] for r in unit_refs})
             if wanted[0] < 0 or wanted[-1] >= len(docs):

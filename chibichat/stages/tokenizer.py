@@ -214,6 +214,9 @@ def run_eval(args) -> int:
         val = "\n".join(corpus_slice(corpus, "val", home, args.val_chars, None, stats))
         if not val:
             raise ChibiError(f"the val split of {corpus.name} is empty; pass another --corpus or --no-corpus")
+        if stats["exhausted"] and stats["chars"] < args.val_chars:
+            print(f"note: the val split of {corpus.name} has only {stats['chars']:,} chars (< --val-chars "
+                  f"{args.val_chars:,}); measured all of it")
         texts[f"{corpus.name} val"] = val
     refs = {name: reference_encoding(enc, files) for name, (enc, files) in REFERENCES.items()}
     rows = measure(tok, texts, refs)

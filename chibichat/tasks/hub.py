@@ -30,18 +30,37 @@ def listing_url(endpoint: str, repo: str, subset: str, split: str) -> str:
 
 
 def _get(url: str, what: str):
-    """A small JSON listing (not a file download: files go through data.download.download_file)."""
+    """A small JSON listing (not a file download: files go through data.download.download_file). Network
+    errors and 5xx/408/429 answers are retried RETRIES times, waiting BACKOFF_S doubling, as downloads are."""
+    import time
+
     import requests
 
-    try:
-        r = requests.get(url, timeout=TIMEOUT_S)
-    except requests.RequestException as e:
-        raise ChibiError(f"could not fetch {what} from {url}: {e}. Check the network or "
-                         "$CHIBICHAT_HF_ENDPOINT, or use the shipped offline task data") from None
-    if r.status_code != 200:
-        raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}; check the dataset, "
-                         "subset and split names (or $CHIBICHAT_HF_ENDPOINT)")
-    return r
+    from chibichat.data.download import RETRY_STATUS_4XX
+
+    for attempt in range(RETRIES):
+        if attempt:
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            r = requests.get(url, timeout=TIMEOUT_S)
+        except requests.RequestException as e:
+            last = f"{type(e).__name__}: {e}"
+            continue
+        if r.status_code == 200:
+            return r
+        last = f"HTTP {r.status_code}"
+        if r.status_code in (401, 403):
+            raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}: the dataset is private "
+                             "or gated, and chibichat does not log in to the hub; use the shipped offline task data "
+                             "or a mirror ($CHIBICHAT_HF_ENDPOINT)")
+        if r.status_code < 500 and r.status_code not in RETRY_STATUS_4XX:
+            raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}; check the dataset, "
+                             "subset and split names (or $CHIBICHAT_HF_ENDPOINT)")
+    if last.startswith("HTTP"):
+        raise ChibiError(f"fetching {what} from {url} failed with {last} after {RETRIES} attempts: the server is busy "
+                         "or down; try again later (or set $CHIBICHAT_HF_ENDPOINT to a mirror)")
+    raise ChibiError(f"could not fetch {what} from {url} after {RETRIES} attempts ({last}). Check the network or "
+                     "$CHIBICHAT_HF_ENDPOINT, or use the shipped offline task data")
 
 
 def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | None = None) -> list[Path]:
