@@ -396,6 +396,35 @@ def test_identity_weights_its_topics_and_greets(name):
     assert abs(greeted / len(t) - identity.GREETING_SHARE) < 0.04
 
 
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_every_identity_answer_answers_its_question(lang):
+    from chibichat.tasks import identity
+
+    t = get_task("identity" if lang == "en" else "identity-ja", size=2000, seed=1)
+    allowed = {}  # question -> the answers that fit it
+    for questions, answers in t.topics.values():
+        for q in questions:
+            allowed[q] = identity.fitting_answers(lang, q, answers)
+    allowed[t.greetings[0][0]] = t.greetings[1]
+    feelings = "Do you have feelings?" if lang == "en" else "気持ちはありますか？"
+    count = "How do you count letters?" if lang == "en" else "文字はどうやって数えるの？"
+    future = "Which song will be the most popular next year?" if lang == "en" else "来年いちばんはやる歌は何ですか？"
+    assert allowed[feelings] == [identity.EN_TOPICS["limits"][1][1] if lang == "en" else identity.JA_TOPICS["limits"][1][1]]
+    assert len(allowed[count]) == 1 and ("count letters" in allowed[count][0] or "文字を数え" in allowed[count][0])
+    private = [a for a in identity.paraphrase.REFUSAL_ANSWERS[lang] if identity.PRIVATE_ONLY[lang] in a]
+    assert len(private) == 1 and private[0] not in allowed[future] and len(allowed[future]) == 3
+    seen = set()
+    for i in range(len(t)):
+        msgs = t[i]["messages"]
+        for u, a in zip(msgs[0::2], msgs[1::2]):
+            if u["content"] in allowed:
+                assert a["content"] in allowed[u["content"]], (u["content"], a["content"])
+                seen.add(u["content"])
+            else:
+                assert u["content"] in t.greetings[0], u
+    assert {feelings, count, future} <= seen
+
+
 # ---------------------------------------------------------------------------------------- shipped
 
 @pytest.mark.parametrize("name,lang,minimum", [("chitchat", "en", 4000), ("chatterbot", "en", 2000),
