@@ -203,7 +203,7 @@ class ZeroDivision(GeneratedTask):
         from chibichat.tools import run_tool
 
         a = rng.randint(1, 999)
-        # the wordings that still read naturally with 0 ("shared equally by 0" does not)
+        # the wordings that still read naturally with 0 ("shared equally among 0" does not)
         wording = rng.choice([w for w in expressions(self.lang, "/") if "shared" not in w])
         # Half of the worded questions write the divisor as a word ("120 divided by zero"): users do, and a
         # model that only ever saw the digit reads "zero" as any number and makes an answer up. The

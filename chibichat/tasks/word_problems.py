@@ -890,7 +890,7 @@ _JA_TWO_STEP = [_ja_two_events, _ja_movers_two, _ja_groups_then, _ja_two_groups,
                 _ja_rate_then, lambda rng: _ja_periods(rng, 3), _ja_three_factors, _ja_times_as_many, _ja_each_of,
                 _ja_capacity, _ja_hours, _ja_pool, _ja_proportion, _ja_shop_day, _ja_level_two]
 
-_JA_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数にいくつ分をかけます。",
+_JA_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数といくつ分をかけます。",
              "/": "全部の数を同じ数ずつに分けます。", "++": "3つの数を足します。", "**": "3つの数をかけます。",
              "--": "はじめの数から2つの数を引きます。", "**+": "それぞれかけ算をしてから足します。",
              "**-": "それぞれかけ算をしてから引きます。"}
