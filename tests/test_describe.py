@@ -1,5 +1,7 @@
 """The describe task: simple on-topic sentences and two-line stories, kept apart from the held-out open prompts."""
 
+import re
+
 import pytest
 
 from chibichat.tasks import describe as D
@@ -31,7 +33,7 @@ def test_no_topic_and_no_frame_word_is_a_heldout_topic_word(lang):
         for word in nouns + adjectives:
             assert not S.on_topic(word, topic, lang), (word, topic)
         for frame in all_frames(lang):
-            assert not S.on_topic(frame.format(T="", t=""), topic, lang), (frame, topic)
+            assert not S.on_topic(frame.format(T="", t="", v="いました ありました"), topic, lang), (frame, topic)
 
 
 @pytest.mark.parametrize("name,lang", [("describe", "en"), ("describe-ja", "ja")])
@@ -76,3 +78,37 @@ def test_train_and_test_topics_are_disjoint_and_items_deterministic(name):
     test = get_task(name, split="test", size=50)
     assert {train[i]["key"] for i in range(200)}.isdisjoint({test[i]["key"] for i in range(50)})
     assert get_task(name, split="train", size=5, seed=3)[4] == get_task(name, split="train", size=5, seed=3)[4]
+
+
+def test_english_replies_fit_their_topic():
+    task = get_task("describe", split="train", size=2000, seed=1)
+    days = 0
+    for i in range(len(task)):
+        item = task[i]
+        reply, topic = item["messages"][1]["content"], item["topic"]
+        noun = topic.split()[-1]
+        assert not ("My mother made" in reply and noun.rstrip("s") in D.EN_NOT_MADE), reply  # "made lemons"
+        if "the best day of the year" in reply:
+            days += 1
+            assert noun in D.EN_DAYS, reply  # "Winter came ... the best day of the year"
+        assert not ("new" in topic.split() and ("It was old" in reply or "They were old" in reply)), reply
+        assert not re.search(r"there (was|were) (my|the) ", reply), reply  # "Once upon a time there was my duck."
+        assert not ("sunshine" in topic and "stay inside" in reply), reply
+    assert days > 0
+
+
+def test_japanese_replies_fit_their_topic():
+    task = get_task("describe-ja", split="train", size=2000, seed=1)
+    generic_time = 0
+    for i in range(len(task)):
+        item = task[i]
+        reply, kind, topic = item["messages"][1]["content"], item["kind"], item["topic"]
+        if kind == "animal":
+            assert "がありました" not in reply, reply  # むかしむかし、りすがいました
+        if item["story"] and kind in ("time", "weather"):
+            assert not reply.startswith(("ある日、", "むかしむかし、")), reply  # "ある日、休みの日を見つけました。"
+            generic_time += reply.startswith(f"{topic}、") or reply.startswith("夕方、")
+        assert not (reply.startswith("母が誕生日に") and any(topic.endswith(n) for n in D.JA_NOT_MADE)), reply
+    assert generic_time > 0
+    assert any(it["kind"] == "animal" and "がいました" in it["messages"][1]["content"]
+               for it in (task[i] for i in range(len(task))))

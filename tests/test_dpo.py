@@ -45,6 +45,18 @@ def test_generated_pairs_differ_only_where_they_should():
         generated_pairs("prefs-x")
 
 
+def test_language_pairs_choose_an_answer_that_answers_the_question():
+    from chibichat.tasks.identity import EN_TOPICS, JA_TOPICS, fitting_answers
+
+    fits = {q: fitting_answers(lang, q, answers) for lang, topics in (("en", EN_TOPICS), ("ja", JA_TOPICS))
+            for questions, answers in topics.values() for q in questions}
+    pairs = generated_pairs("prefs-language", "train", 400)
+    for p in pairs:
+        q = p["messages"][0]["content"]
+        assert p["chosen"] in fits[q], (q, p["chosen"])
+    assert sum(p["messages"][0]["content"] in ("Do you have feelings?", "気持ちはありますか？") for p in pairs) >= 3
+
+
 def test_pair_files_in_three_shapes(tmp_path):
     rows = [
         {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "system": "Be kind."},

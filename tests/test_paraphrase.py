@@ -67,22 +67,23 @@ def test_generated_tasks_use_many_phrasings(name, slot):
 
 @pytest.mark.parametrize("lang", ["en", "ja"])
 def test_bare_calculations_share_key_and_format(lang):
-    from chibichat.tasks.arithmetic import BARE_SHARE
+    from chibichat.tasks.arithmetic import BARE_SHARE, canonical
 
     name = "arithmetic" if lang == "en" else "arithmetic-ja"
     t = get_task(name, size=600, seed=4)
     items = [t[i] for i in range(len(t))]
-    assert all(it["key"] == it["expr"] for it in items)
+    assert all(it["key"] == canonical(it["expr"]) for it in items)
     bare = [it for it in items if it["form"] == "bare"]
     assert abs(len(bare) / len(t) - BARE_SHARE) < 0.06
     assert {b["expr"].strip("0123456789")[0] for b in bare} == set("+-*/")
     for b in bare[:50]:
         final = b["messages"][1]["content"][3]["text"]
         assert final.endswith(f"#### {b['answer']}") and b["answer"] in final.split("\n")[0]
-    # keyed by the expression: a test calculation never trains, however it is worded (bare or a story)
+    # keyed by the canonical expression: a test calculation never trains, however it is worded (bare or a
+    # story) and in whichever order it gives the numbers
     test = get_task(name, split="test", size=200, seed=4)
-    test_exprs = {test[i]["expr"] for i in range(len(test))}
-    assert test_exprs and not test_exprs & {it["expr"] for it in items}
+    test_exprs = {canonical(test[i]["expr"]) for i in range(len(test))}
+    assert test_exprs and not test_exprs & {canonical(it["expr"]) for it in items}
     assert all(get_task(n, size=100)[i]["form"] == "story"
                for n in (("arithmetic-multi", "arithmetic-multi-ja")) for i in range(3))
 
@@ -93,3 +94,13 @@ def test_name_phrasings_include_the_identity_topic_questions(lang):
 
     topics = identity.EN_TOPICS if lang == "en" else identity.JA_TOPICS
     assert set(topics["name"][0]) <= set(P.phrasings(lang, "identity"))
+
+
+def test_division_and_product_wordings_read_right():
+    # "12 shared equally by 3" is not English; JA plan for a product names both factors without an order,
+    # since the expression gives them in the story's order (4*60 as well as 60*4)
+    from chibichat.tasks import word_problems
+
+    assert "{a} shared equally among {b}" in P.expressions("en", "/")
+    assert not any(" by {b}" in w and "shared" in w for w in P.expressions("en", "/"))
+    assert word_problems.plan_ja("4*60") == word_problems.plan_ja("60*4") == "1つ分の数といくつ分をかけます。"

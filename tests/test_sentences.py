@@ -30,7 +30,7 @@ class FakeCorpus:
 def fake(monkeypatch):
     people = [f"The people of town number {w} came out to see it." for w in
               ("one two three four five six seven eight nine ten eleven twelve".split())]
-    corpus = FakeCorpus([" ".join(people) + " We looked up at the bright moon for a long while."])
+    corpus = FakeCorpus([" ".join(people) + " We looked at the old lamp for a long while."])
     monkeypatch.setattr("chibichat.data.corpora.get_corpus", lambda name: corpus)
     return corpus
 
@@ -44,11 +44,26 @@ def test_items_use_the_named_word_balance_topics_and_read_only_the_train_documen
         assert it["topic"] in reply.lower().split() or it["topic"] in reply.lower()
         assert any(user.lower() == p.format(topic=it["topic"]).lower() for p in T.PHRASINGS)
         assert key_split(it["key"]) == "train" and it["key"] == reply
-    # "moon" is in 1 sentence of 13, "people" in 12, "town" in 12: each topic is drawn about equally
+    # "lamp" is in 1 sentence of 13, "people" in 12, "town" in 12: each topic is drawn about equally
     counts = Counter(it["topic"] for it in items)
-    assert set(counts) == {"moon", "people", "town"} and min(counts.values()) > 40
+    assert set(counts) == {"lamp", "people", "town"} and min(counts.values()) > 40
     test = T.TopicSentence(split="test", size=20)
     assert not {test[i]["key"] for i in range(20)} & {it["key"] for it in items}
+
+
+def test_doubled_marks_are_corpus_artifacts_not_prose():
+    doc = "The farmer sold his cow;; then he went home to rest. The farmer sold his cow; then he went home to rest."
+    assert T.corpus_sentences([doc]) == ["The farmer sold his cow; then he went home to rest."]
+
+
+def test_no_topic_is_a_heldout_open_prompt_topic_word():
+    from chibichat.tasks import skills as S
+
+    heldout = [it["topic"] for it in S.load_items("en") if it["skill"] == S.OPEN]
+    assert len(heldout) == 8 and len(T.TOPICS) >= 60
+    for word in T.TOPICS:
+        assert not any(S.on_topic(word, topic, "en") for topic in heldout), word
+    assert not {"sea", "moon", "rain", "dog", "park", "trees", "food", "ball"} & set(T.TOPICS)
 
 
 def test_a_corpus_without_topic_sentences_is_a_clear_error(monkeypatch):

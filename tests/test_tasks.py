@@ -223,6 +223,76 @@ def test_arithmetic_answers_are_correct_and_evaluate(name):
         assert t.evaluate(it, "I don't know") is False
 
 
+def test_canonical_expression_sorts_the_operands_of_plus_and_times():
+    from chibichat.tasks.arithmetic import canonical
+
+    assert canonical("12*7") == canonical("7*12") == "7*12"
+    assert canonical("250+175") == canonical("175+250") == "175+250"
+    assert canonical("36+36*2") == canonical("2*36+36") == "2*36+36"
+    assert canonical("4*10-3*5") == canonical("10*4-5*3") == "4*10-3*5"
+    assert canonical("120-45-38") == canonical("120-38-45") == "120-38-45"
+    assert canonical("60-17") == "60-17" and canonical("96/8") == "96/8"
+    assert canonical("18/6*10") == "18/6*10" != canonical("10/6*18")  # a division keeps its order
+    assert canonical("3+5-2") != canonical("2+5-3")
+
+
+def test_every_heldout_arithmetic_item_has_an_expr_equal_to_its_answer():
+    from chibichat.tasks import skills
+
+    for lang in skills.LANGS:
+        items = [it for it in skills.load_items(lang) if it["skill"].startswith("arithmetic")]
+        assert len(items) == 40
+        for it in items:
+            assert str(int_value(it["expr"])) == it["answer"], it
+
+
+def test_heldout_expr_that_misses_its_answer_is_refused(tmp_path, monkeypatch):
+    from chibichat.tasks import arithmetic, skills
+
+    bad = tmp_path / "skills-en.jsonl"
+    bad.write_text(json.dumps({"id": "x", "skill": "arithmetic", "prompt": "p", "check": "number", "answer": "13",
+                               "expr": "96/8"}) + "\n", encoding="utf-8")
+    monkeypatch.setattr(skills, "asset_file", lambda lang: bad)
+    with pytest.raises(ChibiError, match=r"item 'x' has expr '96/8' = 12, not its answer '13'; fix the expr"):
+        arithmetic.held_out_exprs()
+    bad.write_text(json.dumps({"id": "y", "skill": "arithmetic-two-step", "prompt": "p", "check": "number",
+                               "answer": "13"}) + "\n", encoding="utf-8")
+    with pytest.raises(ChibiError, match=r"item 'y' needs 'expr', the calculation it asks for"):
+        arithmetic.held_out_exprs()
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja"])
+def test_no_arithmetic_item_has_a_heldout_expression(name):
+    from chibichat.tasks.arithmetic import canonical, held_out_exprs
+
+    held = held_out_exprs()
+    assert {"8*9", "96/8", "2*36+36", "4*10-3*5", "5*800+6*800"} <= held
+    for split, size in (("train", 2000), ("test", 200)):
+        for seed in (0, 1):
+            t = get_task(name, split=split, size=size, seed=seed)
+            for i in range(len(t)):
+                it = t[i]
+                assert canonical(it["expr"]) not in held, it
+                assert it["key"] == canonical(it["expr"])
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "arithmetic-ja", "arithmetic-multi", "arithmetic-multi-ja"])
+def test_swapped_operands_fall_on_one_side_of_the_split(name):
+    # a*b trains only if b*a does: the split is keyed on the canonical form, not the written order
+    from chibichat.tasks.arithmetic import canonical
+
+    test = get_task(name, split="test", size=200)
+    train = get_task(name, split="train", size=2000)
+    test_keys = {test[i]["key"] for i in range(len(test))}
+    train_keys = {canonical(train[i]["expr"]) for i in range(len(train))}
+    assert not test_keys & train_keys
+    # the first + or * of a test expression with its two operands swapped is a test problem too
+    swapped = [re.sub(r"^(\d+)([+*])(\d+)(?![*/\d])", r"\3\2\1", e) for e in (test[i]["expr"] for i in range(len(test)))]
+    swapped = [e for e, orig in zip(swapped, (test[i]["expr"] for i in range(len(test)))) if e != orig]
+    assert len(swapped) >= 20
+    assert all(key_split(canonical(e)) == "test" and canonical(e) not in train_keys for e in swapped)
+
+
 def test_int_value_precedence():
     assert int_value("100-7*4") == 72 and int_value("3*4+5") == 17 and int_value("10-3-2") == 5
     assert int_value("84/7") == 12 and int_value("2*12/3+1") == 9
@@ -324,6 +394,35 @@ def test_identity_weights_its_topics_and_greets(name):
     for topic in identity.TOPIC_WEIGHTS:  # weight 3 against 1: well over twice as often as any other topic
         assert counts[topic] > 2 * max(others), counts
     assert abs(greeted / len(t) - identity.GREETING_SHARE) < 0.04
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_every_identity_answer_answers_its_question(lang):
+    from chibichat.tasks import identity
+
+    t = get_task("identity" if lang == "en" else "identity-ja", size=2000, seed=1)
+    allowed = {}  # question -> the answers that fit it
+    for questions, answers in t.topics.values():
+        for q in questions:
+            allowed[q] = identity.fitting_answers(lang, q, answers)
+    allowed[t.greetings[0][0]] = t.greetings[1]
+    feelings = "Do you have feelings?" if lang == "en" else "気持ちはありますか？"
+    count = "How do you count letters?" if lang == "en" else "文字はどうやって数えるの？"
+    future = "Which song will be the most popular next year?" if lang == "en" else "来年いちばんはやる歌は何ですか？"
+    assert allowed[feelings] == [identity.EN_TOPICS["limits"][1][1] if lang == "en" else identity.JA_TOPICS["limits"][1][1]]
+    assert len(allowed[count]) == 1 and ("count letters" in allowed[count][0] or "文字を数え" in allowed[count][0])
+    private = [a for a in identity.paraphrase.REFUSAL_ANSWERS[lang] if identity.PRIVATE_ONLY[lang] in a]
+    assert len(private) == 1 and private[0] not in allowed[future] and len(allowed[future]) == 3
+    seen = set()
+    for i in range(len(t)):
+        msgs = t[i]["messages"]
+        for u, a in zip(msgs[0::2], msgs[1::2]):
+            if u["content"] in allowed:
+                assert a["content"] in allowed[u["content"]], (u["content"], a["content"])
+                seen.add(u["content"])
+            else:
+                assert u["content"] in t.greetings[0], u
+    assert {feelings, count, future} <= seen
 
 
 # ---------------------------------------------------------------------------------------- shipped

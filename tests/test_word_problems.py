@@ -119,3 +119,42 @@ def test_japanese_problems_come_in_many_wordings_and_read_well():
     for p in _draw(W.one_step_ja, 3000, seed=2) + _draw(W.two_step_ja, 3000, seed=2):
         assert p.question.endswith("？") and "ま、" not in p.question, p.question  # no broken verb stem
         assert not re.search(r"(1\d)つ", p.question), p.question  # the counter つ stops at 9
+
+
+@pytest.mark.parametrize("lang", ["en", "ja"])
+def test_left_or_remain_is_asked_only_after_something_is_taken_away(lang):
+    # "How many eggs remain?" after "collected 65 more and then won 29 more" asks about a loss that never
+    # happened: a question of what is left follows a subtraction; after gains alone it asks what there is.
+    left = r"\b(left|remain|still have)\b" if lang == "en" else r"残"
+    one, two = MAKERS[lang]
+    asked_after_gains = 0
+    for p in _draw(one, 3000, seed=3) + _draw(two, 3000, seed=3):
+        if "-" not in p.expr and "/" not in p.expr:
+            assert not re.search(left, p.question), p
+            asked_after_gains += bool(re.search(r"have (now|in all|at the end)\?$|全部で何.になりましたか|いま何.あります", p.question))
+    assert asked_after_gains >= 20
+
+
+def test_japanese_air_temperature_stays_between_0_and_35_degrees():
+    seen = 0
+    for p in _draw(W.one_step_ja, 6000, seed=4):
+        m = re.match(r"気温は(\d+)度でしたが、(\d+)度(上|下)がりました", p.question)
+        if m:
+            seen += 1
+            a, b = int(m[1]), int(m[2])
+            after = a + b if m[3] == "上" else a - b
+            assert 0 <= a <= 35 and 0 <= after <= 35, p.question
+            assert int_value(p.expr) == after
+    assert seen >= 50
+
+
+def test_english_grammar_of_the_subject_place_and_price():
+    for p in _draw(W.one_step, 4000, seed=5) + _draw(W.two_step, 4000, seed=5):
+        q = p.question
+        assert not re.search(r"\b(We|we)\b[^.]*\bwas busy\b", q), q  # "We get 5 dollars ..., and was busy"
+        assert not re.search(r"^(I|We) have .*\bthey have together\?", q), q  # "I have 38 ...": we have together
+        assert not re.search(r"\b(on|in) a \w+ (now|at the end)\?", q), q  # "on a bus now?": the bus of the story
+        assert "tickets to a show, which costs" not in q
+    qs = [p.question for p in _draw(W.two_step, 4000, seed=5)]
+    assert any(re.search(r"^I have .*\bwe have together\?", q) for q in qs)
+    assert any("which cost " in q for q in qs) and any(re.search(r"\bI [^.]*\bwas busy\b", q) for q in qs)

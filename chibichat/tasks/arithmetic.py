@@ -17,8 +17,11 @@ or fractional result, so the problems stay short and regular enough for a tiny m
 
 About BARE_SHARE of the one-step items are bare calculations ("Calculate 12 x 7.", "12かける7の答えを
 教えてください。") in the phrasings of tasks/paraphrase.py. Word problems are composed from parts by
-tasks/word_problems.py, so each operation comes in many wordings. Every item is keyed by its
-expression: however it is worded, a test problem never trains.
+tasks/word_problems.py, so each operation comes in many wordings. Every item is keyed by the canonical
+form of its expression (`canonical`: the operands of + and * sorted), so however it is worded and in
+whichever order its story gives the numbers, a test problem never trains; and no item of any split has
+the expression (canonical form) of an arithmetic item of the held-out skills prompt set
+(assets/skills-<lang>.jsonl, each such item's "expr"), so the skills score measures new problems.
 
 arithmetic-multi(-ja) uses the same item format with two-step problems (three or four numbers, some of
 three digits, one calculator call such as "4*12+3*15"): the RL stage's default task, because SFT on the
@@ -88,6 +91,46 @@ def int_value(expr: str) -> int:
     return total
 
 
+def canonical(expr: str) -> str:
+    """The form of a template expression that is equal for a*b and b*a, a+b and b+a: the factors of a
+    product sorted (a term with a division keeps its order: 18/6*10 is not 10/6*18), the added terms
+    sorted, and the subtracted terms (a-b-c is a-(b+c)) sorted after them. "36+36*2" -> "2*36+36",
+    "50-6*3" -> "50-3*6"."""
+    added, subtracted = [], []
+    for sign, term in re.findall(r"([+-]?)([0-9*/]+)", expr):
+        if "/" not in term:
+            term = "*".join(sorted(term.split("*"), key=int))
+        (subtracted if sign == "-" else added).append(term)
+    return "+".join(sorted(added)) + "".join("-" + t for t in sorted(subtracted))
+
+
+def held_out_exprs() -> frozenset[str]:
+    """The canonical expressions of the arithmetic items of the held-out skills prompt set, both
+    languages: no generated item may have one. Each such item carries "expr", which must evaluate to its
+    answer (a wrong one would exclude the wrong problem)."""
+    from chibichat.common import ChibiError
+    from chibichat.tasks.skills import LANGS, asset_file, load_items
+
+    out = set()
+    for lang in LANGS:
+        for item in load_items(lang):
+            if not item["skill"].startswith("arithmetic"):
+                continue
+            expr = item.get("expr")
+            if not isinstance(expr, str) or not re.fullmatch(r"\d+([+*/-]\d+)*", expr):
+                raise ChibiError(f"{asset_file(lang)}: item {item['id']!r} needs 'expr', the calculation it asks "
+                                 f"for (digits joined by + - * /, e.g. \"96/8\"), got {expr!r}")
+            try:
+                value = int_value(expr)
+            except ValueError:
+                value = None
+            if str(value) != item["answer"]:
+                raise ChibiError(f"{asset_file(lang)}: item {item['id']!r} has expr {expr!r} = {value}, not its "
+                                 f"answer {item['answer']!r}; fix the expr")
+            out.add(canonical(expr))
+    return frozenset(out)
+
+
 class Arithmetic(GeneratedTask):
     kind = "generative"
     default_size = {"train": 2000, "test": 200}
@@ -97,12 +140,13 @@ class Arithmetic(GeneratedTask):
         self.lang, self.multi = lang, multi
         self.name = ("arithmetic" if lang == "en" else "arithmetic-ja") if not multi else \
             ("arithmetic-multi" if lang == "en" else "arithmetic-multi-ja")
+        self.held_out = held_out_exprs()
         self.description = ("generated two-step arithmetic word problems (3-4 numbers) answered with one calculator "
                             "call and '#### n'" if multi else
                             "generated arithmetic word problems answered with a calculator call and '#### n'")
         super().__init__(split, size, seed)
 
-    def sample(self, rng: random.Random) -> tuple[str, dict]:
+    def _draw(self, rng: random.Random) -> tuple[bool, str, str, str, str]:
         bare = not self.multi and rng.random() < BARE_SHARE
         if bare:
             question, reasoning, expr, final = _bare(rng, self.lang)
@@ -112,6 +156,12 @@ class Arithmetic(GeneratedTask):
             problem = make[self.multi, self.lang](rng)
             question, reasoning, expr = problem.question, problem.plan, problem.expr
             final = "The answer is {r}." if self.lang == "en" else "答えは{r}です。"
+        return bare, question, reasoning, expr, final
+
+    def sample(self, rng: random.Random) -> tuple[str, dict]:
+        bare, question, reasoning, expr, final = self._draw(rng)
+        while canonical(expr) in self.held_out:  # a held-out skills problem: drawn again (same rng: deterministic)
+            bare, question, reasoning, expr, final = self._draw(rng)
         result = str(int_value(expr))
         parts = [
             {"type": "text", "text": reasoning},
@@ -121,8 +171,8 @@ class Arithmetic(GeneratedTask):
         ]
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
                 "answer": result, "expr": expr, "form": "bare" if bare else "story"}
-        # Keyed by the expression: however a problem is phrased, a test problem never trains.
-        return expr, item
+        # Keyed by the canonical expression: however a problem is phrased or ordered, a test problem never trains.
+        return canonical(expr), item
 
     def evaluate(self, item: dict, completion_text: str) -> bool:
         return numbers_equal(extract_final_number(completion_text), item["answer"])
@@ -153,7 +203,7 @@ class ZeroDivision(GeneratedTask):
         from chibichat.tools import run_tool
 
         a = rng.randint(1, 999)
-        # the wordings that still read naturally with 0 ("shared equally by 0" does not)
+        # the wordings that still read naturally with 0 ("shared equally among 0" does not)
         wording = rng.choice([w for w in expressions(self.lang, "/") if "shared" not in w])
         # Half of the worded questions write the divisor as a word ("120 divided by zero"): users do, and a
         # model that only ever saw the digit reads "zero" as any number and makes an answer up. The

@@ -7,6 +7,7 @@ describe / describe-ja (kind "conversation", training only):
 The reply is composed from parts: the topic as the user wrote it (copied, first letter upper-case), then
 a predicate or a story frame that fits the topic's kind (animal, place, plant, food, weather, sky,
 object, season or time of day) and its number (EN: singular, plural or mass noun; "is"/"are", "it"/"they").
+A few frames fit only some topics of their kind (`en_frame_fits`, JA_NOT_MADE: nobody "makes" honey).
 A topic is a noun with an optional adjective and determiner ("a big river", "the old bridge", "rivers").
 
 Why: every other generated chat task has a fixed kind of answer (a name, a number, letters, a refusal),
@@ -157,6 +158,8 @@ EN_STORIES: dict[str, list[tuple[str, str]]] = {
     "object": [("I found {t} in my grandmother's attic.\nIt was old, but I loved it at once.",
                 "I found {t} in my grandmother's attic.\nThey were old, but I loved them at once.")],
     "time": [("{T} came, and the whole family was together.\nIt was the best day of the year.",
+              "{T} came, and the whole family was together.\nIt was the best time of the year."),
+             ("{T} came, and the whole family was together.\nIt was the best time of the year.",
               "{T} came, and the whole family was together.\nIt was the best time of the year.")],
 }
 JA_SENTENCES: dict[str, list[str]] = {
@@ -173,13 +176,14 @@ JA_SENTENCES: dict[str, list[str]] = {
 }
 JA_STORIES: dict[str, list[str]] = {
     "any": ["ある日、{t}を見つけました。\nとてもきれいで、一日中うれしい気持ちでした。",
-            "むかしむかし、{t}がありました。\nそれを見た人はみんな幸せな気持ちになりました。"],
+            "むかしむかし、{t}が{v}。\nそれを見た人はみんな幸せな気持ちになりました。"],
     "animal": ["むかし、{t}がいました。\n毎日元気にすごして、夕方にはつかれて家に帰りました。",
                "ある寒い朝、{t}はおなかをすかせていました。\nやさしい女の子がお昼を分けてあげると、{t}はその子をずっとおぼえていました。"],
     "place": ["去年の夏、{t}に行きました。\n今でもあの楽しい日のことを話します。",
               "おじいさんはよく{t}の話をしてくれました。\n今年、ついに自分の目で{t}を見ました。"],
     "plant": ["春、家のそばに{t}を見つけました。\n毎日少しずつ大きくなりました。"],
-    "food": ["母が誕生日に{t}を作ってくれました。\nみんなで分けて、遅くまで笑いました。"],
+    "food": ["母が誕生日に{t}を作ってくれました。\nみんなで分けて、遅くまで笑いました。",
+             "寒い日に、みんなで{t}を分けました。\nあたたかい気持ちになりました。"],
     "weather": ["夕方、{t}がやってきました。\n次の日、町はすっかり新しく見えました。"],
     "sky": ["きのうの夕方、{t}をながめました。\nいつもよりずっときれいでした。"],
     "object": ["おばあさんの家の屋根うらで{t}を見つけました。\n古かったけれど、すぐに気に入りました。"],
@@ -238,20 +242,48 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+# Frames that fit only some topics of their kind. Nobody "makes" an orange or honey; "the best day of the
+# year" is a birthday or a holiday, not a season or a morning (they get "the best time"); a thing found
+# "old" was not "new"; "there was my duck" / "there was the bridge" is not how a tale begins; sunshine
+# is no reason to stay inside.
+EN_NOT_MADE = {"orange", "lemon", "milk", "honey"}
+EN_DAYS = {"birthday", "holiday"}
+JA_NOT_MADE = {"みかん", "牛乳", "はちみつ", "レモン", "たまご"}
+
+
+def en_frame_fits(frame: str, topic: Topic, phrase: str) -> bool:
+    """Whether an EN frame (the form that will be used: singular/mass or plural) fits the topic as the
+    user wrote it (see above)."""
+    if "made {t}" in frame and topic.noun in EN_NOT_MADE:
+        return False
+    if "the best day of the year" in frame and topic.noun not in EN_DAYS:
+        return False
+    if ("It was old" in frame or "They were old" in frame) and "new" in phrase.split():
+        return False
+    if "stay inside" in frame and topic.noun == "sunshine":
+        return False
+    return not (("there was {t}" in frame or "there were {t}" in frame) and phrase.startswith(("my ", "the ")))
+
+
 def en_reply(topic: Topic, phrase: str, plural: bool, story: bool, rng: random.Random) -> str:
     table = EN_STORIES if story else EN_SENTENCES
     # The topic's own frames twice as often as the generic ones; a time of year or day is not "seen" in a
     # story ("One day I saw a quiet birthday"), so it gets only its own story frames.
     generic = [] if story and topic.kind == "time" else table["any"]
-    frames = generic + table[topic.kind] * 2
-    frame = rng.choice(frames)[1 if plural else 0]
-    return frame.format(T=_cap(phrase), t=phrase)
+    form = 1 if plural else 0
+    frames = [f[form] for f in generic + table[topic.kind] * 2 if en_frame_fits(f[form], topic, phrase)]
+    return rng.choice(frames).format(T=_cap(phrase), t=phrase)
 
 
 def ja_reply(noun: str, phrase: str, story: bool, rng: random.Random) -> str:
     table = JA_STORIES if story else JA_SENTENCES
     kind = JA_TOPICS[noun]
-    return rng.choice(table["any"] + table[kind] * 2).format(t=phrase)
+    # As in EN, a time (or the weather) is not "found" nor "was there once" in a story: its own frames only.
+    generic = [] if story and kind in ("time", "weather") else table["any"]
+    frames = [f for f in generic + table[kind] * 2
+              if not ("を作って" in f and noun in JA_NOT_MADE) and not ("家で本を読む" in f and noun == "日ざし")]
+    # an animal "いました", a thing "ありました"
+    return rng.choice(frames).format(t=phrase, v="いました" if kind == "animal" else "ありました")
 
 
 class Describe(GeneratedTask):

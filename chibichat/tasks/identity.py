@@ -2,7 +2,7 @@
 
 Each conversation has 1-3 user/assistant exchanges drawn from topics (name, maker, abilities, size and
 mistakes, languages, limits, tools, and questions it cannot answer), each topic with several question
-and answer phrasings, sometimes after a greeting; the name questions, the greetings and the unanswerable
+and answer phrasings (each question gets only the answers that answer it: `fitting_answers`), sometimes after a greeting; the name questions, the greetings and the unanswerable
 questions come from the paraphrase generators of tasks/paraphrase.py. Kind "conversation" (training only). The facts stated are the true ones for a model
 trained with this package, so the model learns to describe itself honestly.
 
@@ -93,6 +93,33 @@ JA_TOPICS: dict[str, tuple[list[str], list[str]]] = {
                "電卓ツールを使います。式を書くとツールが計算し、私が答えを伝えます。",
                "小さなPythonツールで計算したり文字を数えたりします。頭の中で計算すると間違えやすいからです。"]),
 }
+# The questions that not every answer of their topic answers: question -> the indices (in its topic's
+# answers) of those that do. "Do you have feelings?" is not answered by "I cannot browse the internet",
+# nor "How do you count letters?" by "For arithmetic I write an expression". Unlisted questions take
+# every answer of their topic. Persona answers replace only "name" / "maker", which have no entry here.
+EN_FITS: dict[str, list[int]] = {
+    "Do you make mistakes?": [0, 1], "How big are you?": [0, 1],
+    "Can you browse the internet?": [0, 2], "Are you a person?": [0, 1], "Do you have feelings?": [1],
+    "How do you count letters?": [2]}
+JA_FITS: dict[str, list[int]] = {
+    "間違えることはありますか？": [0, 1], "あなたの答えは信用できますか？": [0, 1],
+    "インターネットを見られますか？": [0, 2], "あなたは人間ですか？": [0, 1], "気持ちはありますか？": [1],
+    "文字はどうやって数えるの？": [2]}
+# A question about the future is not answered by a refusal that gives only the private-life reason
+# ("I cannot see your life"): such answers hold PRIVATE_ONLY, future questions hold a FUTURE_MARKERS word.
+PRIVATE_ONLY = {"en": "cannot see your life", "ja": "あなたの生活は"}
+FUTURE_MARKERS = {"en": (" will ", " next ", "tomorrow"),
+                  "ja": ("次の", "明日", "来年", "来週", "来月")}
+
+
+def fitting_answers(lang: str, question: str, answers: list[str]) -> list[str]:
+    """The answers of a question's topic that answer that question (see EN_FITS, PRIVATE_ONLY)."""
+    if any(m in f" {question.lower()}" for m in FUTURE_MARKERS[lang]):
+        return [a for a in answers if PRIVATE_ONLY[lang] not in a]
+    fits = (EN_FITS if lang == "en" else JA_FITS).get(question)
+    return [answers[k] for k in fits] if fits else answers
+
+
 # Persona templates: they replace the "name" / "maker" answers when a name / creator is given.
 EN_PERSONA = {"name": ["I am {name}, an AI assistant you can chat with.", "My name is {name}.",
                        "I'm {name}. Ask me anything and I will do my best."],
@@ -193,7 +220,8 @@ class Identity(GeneratedTask):
                          {"role": "assistant", "content": rng.choice(replies)}]
         for topic in chosen:
             questions, answers = topics[topic]
-            messages += [{"role": "user", "content": rng.choice(questions)},
-                         {"role": "assistant", "content": rng.choice(answers)}]
+            question = rng.choice(questions)
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": rng.choice(fitting_answers(self.lang, question, answers))}]
         key = "\n".join(m["content"] for m in messages)
         return key, {"messages": messages}

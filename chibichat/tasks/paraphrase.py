@@ -244,7 +244,7 @@ _EXPRESSIONS = {
     "en": {"+": ["{a} plus {b}", "{a} + {b}", "the sum of {a} and {b}", "{a} and {b} added together"],
            "-": ["{a} minus {b}", "{a} - {b}", "{a} take away {b}", "the difference between {a} and {b}"],
            "*": ["{a} times {b}", "{a} x {b}", "{a} * {b}", "{a} multiplied by {b}", "the product of {a} and {b}"],
-           "/": ["{a} divided by {b}", "{a} / {b}", "{a} shared equally by {b}"]},
+           "/": ["{a} divided by {b}", "{a} / {b}", "{a} shared equally among {b}"]},
     "ja": {"+": ["{a}たす{b}", "{a}+{b}", "{a}と{b}の和"],
            "-": ["{a}ひく{b}", "{a}-{b}", "{a}と{b}の差"],
            "*": ["{a}かける{b}", "{a}×{b}", "{a}と{b}の積"],

@@ -190,7 +190,7 @@ def _spelling_pair(item: dict, rng: random.Random) -> dict:
 
 def _language_pairs(split: str, size: int, seed: int) -> list[dict]:
     from chibichat.tasks.base import key_split
-    from chibichat.tasks.identity import EN_TOPICS, JA_TOPICS
+    from chibichat.tasks.identity import EN_TOPICS, JA_TOPICS, fitting_answers
 
     out = []
     for i in range(size):
@@ -201,7 +201,7 @@ def _language_pairs(split: str, size: int, seed: int) -> list[dict]:
             asked, other = (EN_TOPICS, JA_TOPICS) if lang == "en" else (JA_TOPICS, EN_TOPICS)
             q = rng.choice(asked[topic][0])
             if key_split(q) == split:
-                out.append({"messages": [{"role": "user", "content": q}], "chosen": rng.choice(asked[topic][1]),
+                out.append({"messages": [{"role": "user", "content": q}], "chosen": rng.choice(fitting_answers(lang, q, asked[topic][1])),
                             "rejected": rng.choice(other[topic][1])})
                 break
         else:

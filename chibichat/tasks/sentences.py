@@ -6,7 +6,7 @@ topic-sentence (kind "conversation", training only):
 The reply is a sentence of the embedded-en corpus's *train* documents (so no validation text leaks into
 chat data) that uses the topic word, one of TOPICS (everyday concrete nouns, singular or plural as the
 sentence has it). Sentences are 6-20 words of plain prose: a capital first letter, letters, spaces and
-, ; ' - only, and a final . ! or ?; a sentence cut at an abbreviation ("Mr.") is never taken.
+, ; ' - only (none doubled: ";;" is a corpus artifact), and a final . ! or ?; a sentence cut at an abbreviation ("Mr.") is never taken.
 
 Why: every other shipped chat task has a fixed kind of answer (a name, a number, letters, a canned
 refusal), so a small model answered "Write one sentence about the sea." with one of those (`eval skills`
@@ -25,14 +25,15 @@ import re
 from chibichat.common import ChibiError
 from chibichat.tasks.base import GeneratedTask
 
+# No topic is a word of a held-out open prompt's topic (sea, moon, rain, dog, park, trees, food, ...; as in
+# tasks/describe.py, tests/test_sentences.py checks it): a reply to a held-out prompt is on topic only by
+# carrying the prompt's own topic, not by recalling a sentence this task taught for that word.
 TOPICS = (
-    "animal apple baby ball bed bird boat book bread bridge brother car cat child children city cloud coat "
-    "coffee cow dinner dog door eyes farm father field fire fish flower flowers food forest friend friends "
-    "fruit garden girl glass grass hair hand hat hill home horse horses house ice island king lake lamp leaves "
-    "letter light lunch meat milk money moon morning mother mountain music night ocean paper park people "
-    "rain river road rock room rose school sea ship shoes shop sister sky snow soldier song star stars "
-    "stone storm street summer sun table tea teacher town tree trees village wall water wave waves weather "
-    "wind window wine winter wood woods"
+    "animal baby bed book bridge brother car child children city coat coffee cow door eyes farm father field "
+    "fire friend friends garden girl glass hair hand hat hill home horse horses house ice island king lake lamp "
+    "letter meat milk money morning mother mountain music paper people river road rock room rose school shoes "
+    "shop sister snow soldier song stone street summer sun table tea teacher town village wall weather wind "
+    "window wine winter"
 ).split()
 
 # Openers x requests x closings; {topic} is the slot. Worded unlike the held-out open prompts ("Write one
@@ -48,7 +49,8 @@ PHRASINGS = [opener + request + end
 _ABBREVIATIONS = ("Mr.", "Mrs.", "Ms.", "Dr.", "St.", "Jr.", "Sr.", "Gen.", "Col.", "Lt.", "Capt.", "Sen.", "Rep.",
                   "Gov.", "Prof.", "No.", "Co.", "Inc.", "Mt.", "vs.", "etc.")
 _SENTENCE = re.compile(r"[A-Z][^.!?]*[.!?]")
-_PLAIN = re.compile(r"[A-Z][A-Za-z ,;'\-]*[a-z][.!?]")
+# a doubled mark (";;", ",,", "--", "''") is a corpus artifact, not prose
+_PLAIN = re.compile(r"(?!.*([,;'\-])\1)[A-Z][A-Za-z ,;'\-]*[a-z][.!?]")
 _WORD = re.compile(r"[a-z]+")
 _INITIAL = re.compile(r"\b([A-Z])\. ")
 

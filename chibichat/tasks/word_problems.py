@@ -82,9 +82,9 @@ _LOSE = [("give away", "gives away", "gave away"), ("lose", "loses", "lost"), ("
          ("trade away", "trades away", "traded away"), ("hand out", "hands out", "handed out")]
 
 # (movers, where, (leave present, leave past), (arrive present, arrive past))
-_MOVERS = [("birds", "in a tree", ("fly away", "flew away"), ("land there", "landed there")),
+_MOVERS = [("birds", "in the tree", ("fly away", "flew away"), ("land there", "landed there")),
            ("ducks", "on the pond", ("swim off", "swam off"), ("join them", "joined them")),
-           ("people", "on a bus", ("get off", "got off"), ("get on", "got on")),
+           ("people", "on the bus", ("get off", "got off"), ("get on", "got on")),
            ("children", "in the park", ("go home", "went home"), ("come to play", "came to play")),
            ("cars", "in the car park", ("drive away", "drove away"), ("pull in", "pulled in")),
            ("sheep", "in the field", ("wander off", "wandered off"), ("come back", "came back")),
@@ -155,7 +155,13 @@ def _n(rng: random.Random, n: int) -> str:
     return _NUMBER_WORDS[n] if 2 <= n <= 12 and rng.random() < WORD_SHARE else str(n)
 
 
-def _left(rng: random.Random, who: Who, things: str) -> str:
+def _left(rng: random.Random, who: Who, things: str, lost: bool = True) -> str:
+    """The closing question of a story of getting and losing; "left", "remain" and "still" only when
+    something was taken away (`lost`): after gains alone the question asks what there is now, in all."""
+    if not lost:
+        return rng.choice([f"How many {things} {who.does} {who.pro} have now?",
+                           f"How many {things} {who.does} {who.pro} have in all?",
+                           f"How many {things} {who.does} {who.pro} have at the end?"])
     return rng.choice([f"How many {things} {who.does} {who.pro} have now?", f"How many {things} are left?",
                        f"How many {things} remain?", f"How many {things} {who.does} {who.pro} still have?",
                        f"How many {things} {who.does} {who.pro} have at the end?"])
@@ -199,7 +205,7 @@ def _gain(rng):
         f"{_cap(who.name)} {who.has} {_n(rng, a)} {things}. {_cap(who.pro)} {who.verb(base, s)} {_n(rng, b)} more.",
         f"{_cap(who.name)} had {_n(rng, a)} {things} and {past} {_n(rng, b)} more.",
         f"{_cap(who.name)} had {_n(rng, a)} {things}, then {past} another {_n(rng, b)}."])
-    return f"{story} {_left(rng, who, things)}", f"{a}+{b}"
+    return f"{story} {_left(rng, who, things, lost=False)}", f"{a}+{b}"
 
 
 def _loss(rng):
@@ -350,7 +356,7 @@ def _two_events(rng):
             for op, x in zip(ops, nums)]
     story = rng.choice([f"{_cap(who.name)} had {a} {things}. {_cap(who.pro)} {said[0]} and then {said[1]}.",
                         f"{_cap(who.name)} started with {a} {things}, {said[0]}, then {said[1]}."])
-    return f"{story} {_left(rng, who, things)}", f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
+    return f"{story} {_left(rng, who, things, lost='-' in ops)}", f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
 
 
 def _movers_two(rng):
@@ -373,7 +379,7 @@ def _groups_then(rng):
                 f"{_total(rng, things)}", f"{a}*{b}+{c}")
     base, s, _ = rng.choice(_GAIN if op == "+" else _LOSE)
     return (f"{_cap(who.name)} {who.has} {_n(rng, a)} {cs} of {b} {things} and {who.verb(base, s)} {c}"
-            f"{' more' if op == '+' else ''}. {_left(rng, who, things)}", f"{a}*{b}{op}{c}")
+            f"{' more' if op == '+' else ''}. {_left(rng, who, things, lost=op == '-')}", f"{a}*{b}{op}{c}")
 
 
 def _two_groups(rng):
@@ -434,7 +440,8 @@ def _times_as_many(rng):
     else:
         (other, _), (things, _, _) = rng.choice(_PEOPLE), rng.choice(_THINGS)
         story = f"{_cap(who.name)} {who.has} {a} {things}, and {other} has {_TIMES[k]} as many."
-        question = rng.choice([f"How many {things} do they have together?", f"How many {things} is that in all?"])
+        together = "we" if who.pro in ("I", "we") else "they"  # "I have 38, and Jack has ...": we have together
+        question = rng.choice([f"How many {things} do {together} have together?", f"How many {things} is that in all?"])
     return f"{story} {question}", f"{a}+{a}*{k}"
 
 
@@ -485,7 +492,7 @@ def _hours(rng):
     job = rng.choice(["washing cars", "walking dogs", "at the cafe", "in the garden", "at the market", "tutoring"])
     story = rng.choice([f"{_cap(who.name)} {who.verb('make', 'makes')} {p} dollars for each hour {job}. {_cap(who.pro)} "
                         f"spent {h1} hours there {periods[0]} and {h2} hours {periods[1]}.",
-                        f"{_cap(who.name)} {who.verb('get', 'gets')} {p} dollars per hour {job}, and was busy "
+                        f"{_cap(who.name)} {who.verb('get', 'gets')} {p} dollars per hour {job}, and {'were' if who.pro == 'we' else 'was'} busy "
                         f"{h1} hours {periods[0]} and {h2} hours {periods[1]}."])
     question = rng.choice([f"How much money did {who.pro} make?", f"How many dollars did {who.pro} earn in all?"])
     return f"{story} {question}", f"{p}*{h1}+{p}*{h2}"
@@ -496,9 +503,10 @@ def _pool(rng):
     n, x = rng.randint(2, 9), rng.randint(5, 30)
     y = rng.randint(5, n * x - 1)
     people = rng.choice(["friends", "children", "sisters", "team mates", "neighbours"])
-    buy = rng.choice(["a present", "a cake", "a football", "a board game", "tickets to a show", "a picnic lunch"])
+    buy, costs = rng.choice([("a present", "costs"), ("a cake", "costs"), ("a football", "costs"),
+                             ("a board game", "costs"), ("tickets to a show", "cost"), ("a picnic lunch", "costs")])
     story = rng.choice([f"{_cap(_n(rng, n))} {people} each put in {x} dollars and bought {buy} for {y} dollars.",
-                        f"{_cap(_n(rng, n))} {people} give {x} dollars apiece to pay for {buy}, which costs {y} dollars."])
+                        f"{_cap(_n(rng, n))} {people} give {x} dollars apiece to pay for {buy}, which {costs} {y} dollars."])
     question = rng.choice(["How much money remains?", "How many dollars do they have after paying?",
                            "How much of the money is not spent?"])
     return f"{story} {question}", f"{n}*{x}-{y}"
@@ -605,7 +613,10 @@ _JA_LEVELS = [("気温", "度", "上がりました", "下がりました", "い
 _JA_COUNT_TOTAL = ["全部で何{c}ですか？", "合わせて何{c}になりますか？", "全部でいくつありますか？"]
 
 
-def _ja_left(c: str, rng) -> str:
+def _ja_left(c: str, rng, lost: bool = True) -> str:
+    """As `_left`: 残り only when something was taken away."""
+    if not lost:
+        return rng.choice([f"全部で何{c}になりましたか？", f"手元には何{c}ありますか？", f"いま何{c}ありますか？"])
     return rng.choice([f"残りは何{c}ですか？", f"手元には何{c}ありますか？", f"何{c}残っていますか？"])
 
 
@@ -646,9 +657,19 @@ def _ja_periods(rng, count: int = 2):
                                f"合わせて何{c}ですか？"]), "+".join(map(str, nums))
 
 
+# An air temperature in degrees Celsius stays within this range, before and after the change: 気温 77度
+# reads as a mistake (the English story's degrees may be Fahrenheit; _level_change is 20-90).
+JA_AIR_TEMPERATURE = (0, 35)
+
+
 def _ja_level(rng, op: str):
     what, unit, up, down, question = rng.choice(_JA_LEVELS)
-    a, b = _level_change(rng, op)
+    if what == "気温":
+        low, high = JA_AIR_TEMPERATURE
+        a = rng.randint(low + 2, high - 2) if op == "+" else rng.randint(low + 7, high)
+        b = rng.randint(2, high - a) if op == "+" else rng.randint(2, a - 5)
+    else:
+        a, b = _level_change(rng, op)
     return f"{what}は{a}{unit}でしたが、{b}{unit}{up if op == '+' else down}。{question}", f"{a}{op}{b}"
 
 
@@ -722,7 +743,7 @@ def _ja_two_events(rng):
     nums = [rng.randint(10, min(90, a // 3)) for _ in ops]  # never below zero
     said = [f"{x}{c}{rng.choice(_JA_GAIN if op == '+' else _JA_LOSE)}" for op, x in zip(ops, nums)]
     story = f"{who}は{thing}を{a}{c}持っていました。{said[0]}。そのあと{said[1]}。"
-    return story + _ja_left(c, rng), f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
+    return story + _ja_left(c, rng, lost="-" in ops), f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
 
 
 def _ja_movers_two(rng):
@@ -869,7 +890,7 @@ _JA_TWO_STEP = [_ja_two_events, _ja_movers_two, _ja_groups_then, _ja_two_groups,
                 _ja_rate_then, lambda rng: _ja_periods(rng, 3), _ja_three_factors, _ja_times_as_many, _ja_each_of,
                 _ja_capacity, _ja_hours, _ja_pool, _ja_proportion, _ja_shop_day, _ja_level_two]
 
-_JA_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数にいくつ分をかけます。",
+_JA_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数といくつ分をかけます。",
              "/": "全部の数を同じ数ずつに分けます。", "++": "3つの数を足します。", "**": "3つの数をかけます。",
              "--": "はじめの数から2つの数を引きます。", "**+": "それぞれかけ算をしてから足します。",
              "**-": "それぞれかけ算をしてから引きます。"}
