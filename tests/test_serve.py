@@ -594,6 +594,7 @@ def test_busy_pool_answers_503_and_recovers(served):
                 assert first.status_code == 200
                 second = httpx.post(url + "/v1/chat/completions", json={**body, "n": 1}, timeout=60)
                 assert second.status_code == 503 and second.json()["error"]["code"] == "server_busy"
+                assert second.headers["retry-after"] == "1"
                 assert [ln for ln in first.iter_lines() if ln][-1] == "data: [DONE]"
             deadline = time.time() + 30
             while httpx.get(url + "/health").json()["available_rows"] != 8 and time.time() < deadline:
@@ -1026,6 +1027,31 @@ def test_disconnect_cancels_a_non_streaming_generation(served):
         pool.shutdown()
 
 
+def test_a_queued_stream_whose_client_leaves_frees_its_queue_slot(served):
+    """A streaming request waiting for rows is cancelled when its client goes away, before any row frees:
+    it neither keeps its queue slot nor gets prefilled later."""
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.1, endless=True, max_queue=1, max_rows=8)
+    app = create_app(pool, served.model, Limits(default_max_tokens=60))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True,
+            "temperature": 0, "n": 8}  # 8 rows for 60 steps of 0.1 s: the batch stays full for 6 s
+    try:
+        with Server(app) as url:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
+                assert first.status_code == 200
+                # the second waits for a row (not 503: one may wait); its client gives up after 0.4 s
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(url + "/v1/chat/completions", json={**body, "n": 1}, timeout=httpx.Timeout(10, read=0.4))
+                m = metrics_once_cancelled(url, timeout=3.0)
+                assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
+                assert pool.waiting == 0 and pool.rows == 8  # out of the queue while the first holds every row
+                assert m["chibichat_time_to_first_token_seconds_count"] == 1  # only the first was ever prefilled
+                assert m['chibichat_requests_total{route="/v1/chat/completions",status="499"}'] == 1
+    finally:
+        pool.shutdown()
+
+
 def test_request_timeout(served):
     from chibichat.serve.app import create_app
 
@@ -1085,9 +1111,9 @@ def test_health_says_loading_until_the_model_is_ready(served):
     app = create_app(None, served.model, Limits(default_max_tokens=8), load=load)
     with Server(app) as url:
         h = httpx.get(url + "/health")
-        assert h.status_code == 503 and h.json()["status"] == "loading"
+        assert h.status_code == 503 and h.json()["status"] == "loading" and h.headers["retry-after"] == "5"
         r = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": [{"role": "user", "content": "x"}]})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading" and r.headers["retry-after"] == "5"
         assert parse_metrics(httpx.get(url + "/metrics").text)["chibichat_ready"] == 0
         release.set()
         deadline = time.time() + 10
