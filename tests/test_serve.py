@@ -951,9 +951,13 @@ def test_api_key_flags(tmp_path):
 
 @pytest.mark.parametrize(
     "flag, value, message",
-    [("max_batch", 4, "--max-batch must be >= 8"), ("timeout", -1.0, "--timeout must be >= 0"),
-     ("shutdown_grace", -2.0, "--shutdown-grace must be >= 0"), ("workers", 0, "--workers must be >= 1"),
-     ("max_queue", -1, "--max-queue must be >= 0"), ("port", 70000, "--port must be in 1..65535")],
+    [("max_batch", 4, "--max-batch must be >= 8"), ("timeout", -1.0, "--timeout must be a finite number of seconds >= 0"),
+     ("shutdown_grace", -2.0, "--shutdown-grace must be a finite number of seconds >= 0, got -2.0"), ("workers", 0, "--workers must be >= 1"),
+     ("max_queue", -1, "--max-queue must be >= 0"), ("port", 70000, "--port must be in 1..65535"),
+     # nan passes every comparison (no request would ever time out); inf is no number of seconds
+     ("timeout", float("nan"), "--timeout must be a finite number of seconds >= 0 \\(0 = no limit\\), got nan"),
+     ("timeout", float("inf"), "--timeout must be a finite number"),
+     ("shutdown_grace", float("nan"), "--shutdown-grace must be a finite number of seconds >= 0, got nan")],
 )
 def test_serve_flags_are_checked_before_loading(flag, value, message):
     from chibichat.common import ChibiError
@@ -964,6 +968,17 @@ def test_serve_flags_are_checked_before_loading(flag, value, message):
     check_args(SimpleNamespace(**ok))
     with pytest.raises(ChibiError, match=message):
         check_args(SimpleNamespace(**{**ok, flag: value}))
+
+
+def test_an_open_host_without_a_key_gets_a_warning():
+    from chibichat.stages.serve import is_loopback, open_host_warning
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]")] == [True] * 5
+    assert [is_loopback(h) for h in ("0.0.0.0", "192.168.1.5", "::", "example.com", "")] == [False] * 5
+    assert open_host_warning("127.0.0.1", None) is None and open_host_warning("0.0.0.0", "key") is None
+    assert open_host_warning("0.0.0.0", None) == (
+        "chibichat serve: warning: --host 0.0.0.0 is reachable beyond this machine and no API key is set: anyone "
+        "who can reach it can use the model; give --api-key or --api-key-file")
 
 
 def metrics_once_cancelled(url, timeout=20.0):
