@@ -573,6 +573,12 @@ def test_bench_infer_cli_rejects_bad_flags(capsys):
     assert main(["bench", "infer", "--dtypes", "float64"]) == 2
     assert main(["bench", "infer", "--clock", "cpu", "--threads", "2", "--device", "cpu"]) == 2
     assert "--threads 1" in capsys.readouterr().err
+    assert main(["bench", "infer", "--dtype", "bfloat16"]) == 2  # not silently measured at both dtypes
+    assert capsys.readouterr().err.strip() == (
+        "chibichat bench: error: bench infer measures every dtype of --dtypes (default: float32,bfloat16), not "
+        "--dtype: give --dtypes bfloat16 instead of --dtype bfloat16")
+    assert main(["bench", "infer", "--dtype", "auto"]) == 2
+    assert capsys.readouterr().err.strip().endswith("not --dtype: drop it")
 
 
 # -- continuous batching ----------------------------------------------------------------------------

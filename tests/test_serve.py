@@ -1167,14 +1167,60 @@ def test_bench_serve_against_a_running_server(served, tmp_path, capsys):
     from chibichat.bench.serve import run
 
     out = tmp_path / "bench.json"
-    args = SimpleNamespace(clients="1,3", rounds=1, min_requests=2, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
-                           url=served.url, api_key=None, json=str(out))  # fmt: skip
+    args = SimpleNamespace(clients="1,3", rounds=1, min_requests=2, max_tokens=5, temperature=1.0, url=served.url,
+                           api_key=None, json=str(out), home=None, source=None, tag=None, step=None, device=None,
+                           dtype=None, workers=None, max_batch=None, max_queue=None)  # fmt: skip
     assert run(args) == 0
-    levels = json.loads(out.read_text())["levels"]
+    data = json.loads(out.read_text())
+    # the running server's own settings (2 replicas of 32 rows, queue 64), from its /health
+    assert (data["max_batch"], data["max_queue"], data["workers"]) == (32, 64, 2)
+    levels = data["levels"]
     assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [2, 3]  # >= min_requests
     assert all(lv["ok"] == lv["requests"] and lv["failed"] == 0 and lv["busy_503"] == 0 for lv in levels)
     assert all(0 < lv["completion_tokens"] <= 5 * lv["requests"] and lv["ttft_ms_p50"] > 0 for lv in levels)
     assert "| clients |" in capsys.readouterr().out
+
+
+def bench_serve_args(**kw):
+    return SimpleNamespace(**{**dict(clients="1", rounds=1, min_requests=1, max_tokens=5, temperature=1.0, url=None,
+                                     api_key=None, json=None, home=None, source=None, tag=None, step=None, device=None,
+                                     dtype=None, workers=None, max_batch=None, max_queue=None, startup_timeout=60.0),
+                              **kw})  # fmt: skip
+
+
+def test_bench_serve_refuses_server_flags_with_url_and_a_temperature_out_of_range():
+    from chibichat.bench.serve import run
+    from chibichat.common import ChibiError
+
+    with pytest.raises(ChibiError, match=r"^--max-batch set up the server bench serve starts; with --url the server is "
+                                         r"already running with its own settings: drop them"):
+        run(bench_serve_args(url="http://127.0.0.1:9", max_batch=8))
+    with pytest.raises(ChibiError, match=r"^--from, --device, --max-queue set up the server"):
+        run(bench_serve_args(url="http://127.0.0.1:9", source="sft", device="cpu", max_queue=4))
+    for t in (3.0, -0.5, float("nan")):
+        with pytest.raises(ChibiError, match=rf"^--temperature must be between 0 and 2.0 \(the server's range\), got {t}$"):
+            run(bench_serve_args(url="http://127.0.0.1:9", temperature=t))
+
+
+def test_bench_serve_keeps_the_servers_error_message(served):
+    from chibichat.bench.serve import run_level
+
+    level = run_level(served.url, served.model, 1, 1, 5, 3.0, None)
+    assert level["failed"] == 1 and level["errors"] == ["HTTP 400: 'temperature' must be between 0.0 and 2.0, got 3.0"]
+
+
+def test_bench_serve_sends_the_servers_output_to_a_file_and_shows_its_tail(tmp_path, monkeypatch):
+    """A server that writes far more than a pipe holds still runs on (nobody reads a pipe during the
+    bench); when it fails to start, the end of its output is in the error."""
+    from chibichat.bench import serve as bench_serve
+    from chibichat.common import ChibiError
+
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\nhead -c 1000000 /dev/zero | tr '\\0' x\necho\necho the last words of the server\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(bench_serve.sys, "executable", str(fake))
+    with pytest.raises(ChibiError, match=r"`chibichat serve` exited with 3:\n.*x\nthe last words of the server\n$"):
+        bench_serve.run(bench_serve_args(startup_timeout=60.0))
 
 
 @pytest.mark.slow
@@ -1192,6 +1238,8 @@ def test_bench_serve_starts_the_real_server_with_a_key(served, tmp_path):
            "--max-queue", "1", "--api-key", "k3y", "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
-    (level,) = json.loads(out.read_text())["levels"]
+    data = json.loads(out.read_text())
+    assert (data["max_batch"], data["max_queue"]) == (8, 1)  # as the started server's /health reports them
+    (level,) = data["levels"]
     assert level["requests"] == 12 and level["failed"] == 0, level
     assert level["ok"] >= 8 and level["ok"] + level["busy_503"] == 12 and level["completion_tokens"] > 0
