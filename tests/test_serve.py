@@ -1,7 +1,8 @@
 """`chibichat serve`: the OpenAI client (unmodified) against uvicorn on 127.0.0.1 on both routes and
 every parameter, refusals by name, error bodies, malformed input, API keys, /health and /metrics,
 cancellation on disconnect, timeouts, graceful shutdown, 32 concurrent streaming clients, and the page
-(with an API key) driven in headless Chromium."""
+(with an API key) driven in headless Chromium; the page's script alone under node (settings, a cut-off
+stream, a failed load)."""
 
 import asyncio
 import json
@@ -579,6 +580,58 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
     finally:
         browser.close()
         pool.shutdown()
+
+
+def page_run(**config):
+    """chat.js under node with stand-ins for the DOM and fetch (tests/fixtures/chat_page_harness.js)."""
+    import shutil
+    import subprocess
+    from importlib import resources
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed (apt-get install nodejs): the page's script runs under it")
+    script = resources.files("chibichat.serve").joinpath("static", "chat.js")
+    harness = Path(__file__).parent / "fixtures" / "chat_page_harness.js"
+    config = {"health": {"status": 200, "body": {"status": "ok", "context": 96, "workers": 1}}, **config}
+    r = subprocess.run([node, str(harness), str(script), json.dumps(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+OPEN = 'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}\n\n'
+PIECE = 'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]}\n\n'
+
+
+def test_page_shows_a_reply_cut_off_before_done_as_an_error():
+    whole = page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"])
+    assert whole["error"] is None and whole["messages"][-1] == {"role": "assistant", "content": "Hel", "streaming": False}
+    assert whole["sent"][0]["temperature"] == 0.8 and whole["sent"][0]["top_k"] == 50
+    cut = page_run(send="hi", chunks=[OPEN, PIECE])  # the body ends without [DONE]
+    assert cut["error"] == "Error: the reply was cut off: the connection ended before the server finished it"
+    assert cut["messages"][-1]["content"] == "Hel"  # what arrived stays, marked by the error
+
+
+@pytest.mark.parametrize("temperature, topk, error", [
+    ("5", "50", "temperature must be a number from 0 to 2, got 5"),
+    ("", "50", "temperature must be a number from 0 to 2 (fix"),
+    ("-0.1", "50", "temperature must be a number from 0 to 2, got -0.1"),
+    ("0.8", "2.5", "top-k must be a whole number from 0 to 200, got 2.5"),
+    ("0.8", "500", "top-k must be a whole number from 0 to 200, got 500"),
+])
+def test_page_refuses_sampling_settings_out_of_range(temperature, topk, error):
+    r = page_run(send="hi", temperature=temperature, topk=topk, chunks=[OPEN, "data: [DONE]\n\n"])
+    assert r["error"].startswith("Error: " + error) and r["error"].endswith("(fix it in the header, then send again)")
+    assert r["sent"] == [] and r["messages"] == [] and r["input"] == "hi"  # nothing sent, the message kept
+
+
+def test_page_stops_polling_a_model_that_failed_to_load():
+    failed = page_run(health={"status": 500, "body": {"status": "failed", "error": "ChibiError: no sft checkpoint",
+                                                      "model": "m"}})  # fmt: skip
+    assert failed["modelText"] == "the model failed to load: ChibiError: no sft checkpoint" and failed["timeouts"] == 0
+    loading = page_run(health={"status": 503, "body": {"status": "loading", "model": "m"}})
+    assert loading["modelText"] == "model loading…" and loading["timeouts"] == 1 and loading["model"] is None
 
 
 def test_busy_pool_answers_503_and_recovers(served):
