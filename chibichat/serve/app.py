@@ -298,10 +298,11 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         return calls
 
     async def cancel_on_disconnect(request, stream):
-        """Wait for the client of a non-streaming request to go away, then end its generation. Servers
-        do not cancel a plain response's handler when its client disconnects (a streaming response
-        notices when a write fails), so the handler watches the connection itself: once the body has
-        been read, the next ASGI message is http.disconnect, sent when the client closes."""
+        """Wait for the client of a request whose response has not started (a non-streaming request, or
+        a streaming one before its first piece) to go away, then end its generation. Servers do not
+        cancel a handler when its client disconnects (a started streaming response notices when a write
+        fails), so the handler watches the connection itself: once the body has been read, the next
+        ASGI message is http.disconnect, sent when the client closes."""
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
