@@ -787,7 +787,8 @@ class Job:
     thread once per step with that step's events for this job, in order: ("piece", (choice, text,
     [logprob entries of the tokens since the previous piece])), then at the end ("done", result) with
     stream_choices' result dict, or ("error", exception). Set `cancelled` (from any thread) to end it:
-    its rows leave the batch at the start of the next step."""
+    its rows leave the batch at the start of the next step (a job cancelled while waiting ends with a
+    "done" of empty cancelled choices)."""
 
     prompt: list[int]
     n: int
@@ -863,6 +864,8 @@ class Batcher:
         free = self.max_rows - len(self._slots) - self._admitting
         queued = 0
         for job in list(self._waiting):
+            if job.cancelled:  # leaves at the next step without taking rows: its client is gone
+                continue
             if job.n <= free:
                 free -= job.n
             else:
@@ -877,7 +880,7 @@ class Batcher:
     @property
     def reserved(self) -> int:
         """Rows in the batch, rows being prefilled into it, and rows the waiting jobs will take."""
-        return len(self._slots) + self._admitting + sum(j.n for j in list(self._waiting))
+        return len(self._slots) + self._admitting + sum(j.n for j in list(self._waiting) if not j.cancelled)
 
     def submit(self, job: Job) -> None:
         import time
@@ -909,17 +912,19 @@ class Batcher:
                     self._cond.wait()
                 if self._stopping:
                     break
-                admit, dropped, free = [], [], self.max_rows - len(self._slots)
+                admit, dropped, kept, free = [], [], deque(), self.max_rows - len(self._slots)
                 now = time.monotonic()
-                while self._waiting:
-                    job = self._waiting[0]
+                # Jobs join in order (none overtakes a job the free rows cannot take yet); one that is gone
+                # or too late leaves from anywhere in the queue, not only once the jobs ahead of it joined.
+                for job in self._waiting:
                     if job.cancelled or (job.timeout_s is not None and now - job.submitted > job.timeout_s):
-                        dropped.append(self._waiting.popleft())  # gone or too late before it got rows
-                    elif job.n <= free:
+                        dropped.append(job)
+                    elif not kept and job.n <= free:
                         free -= job.n
-                        admit.append(self._waiting.popleft())
+                        admit.append(job)
                     else:
-                        break
+                        kept.append(job)
+                self._waiting = kept
                 self._admitting = sum(job.n for job in admit)
             for job in dropped:
                 reason = "cancelled" if job.cancelled else "timeout"
@@ -927,6 +932,10 @@ class Batcher:
                     self.metrics.observe_ended(reason)
                 if reason == "timeout":
                     self._send(job, [("error", TimeoutError(f"the request waited past its time limit of {job.timeout_s} s"))])
+                else:  # every job ends with an event, also one cancelled before it got rows
+                    none = {"finish_reason": "cancelled", "tokens": [], "completion_tokens": 0,
+                            **({"logprobs": []} if job.top_logprobs is not None else {})}
+                    self._send(job, [("done", {"choices": [dict(none) for _ in range(job.n)], "completion_tokens": 0})])
             try:
                 self._step(admit)
             except BaseException as e:  # a failing step fails its jobs, never the loop

@@ -25,11 +25,28 @@ from test_stages_chat import make_base
     ("a;--mix 'x=1;", "the midtrain flags \"--mix 'x=1\" do not parse"),
     ("a;--seed 3;", "--seed is set by the bench for every run"),
     ("a;;--num-steps=9", "--num-steps is set by the bench for every run"),
+    # argparse takes an unambiguous prefix as the flag: an abbreviation is the flag it abbreviates
+    ("x;--see 1;", "--see (an abbreviation of --seed) is set by the bench for every run"),
+    ("a;;--num-step 5", "--num-step (an abbreviation of --num-steps) is set by the bench for every run"),
+    ("a;;;--dev=cpu", "--dev (an abbreviation of --device) is set by the bench for every run"),
 ])
 def test_bad_arms_are_refused_with_the_fix(spec, why):
     with pytest.raises(ChibiError) as e:
         B.parse_arm(spec)
     assert str(e.value).startswith(f"--arm {spec!r}: ") and why in str(e.value)
+
+
+def test_no_stage_flag_the_arms_may_set_is_taken_for_an_abbreviation():
+    """owned_flag refuses any prefix of an owned flag: no midtrain/sft/rl flag outside OWNED_FLAGS is one."""
+    from chibichat.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for stage in ("midtrain", "sft", "rl"):
+        flags = {o for a in sub.choices[stage]._actions for o in a.option_strings if o.startswith("--")}
+        assert "--mix" in flags or stage == "rl"
+        assert [f for f in flags if B.owned_flag(f) and f not in B.OWNED_FLAGS] == [], stage
+    assert B.owned_flag("--from") == "--from" and B.owned_flag("--from-t") == "--from-tag"
+    assert B.owned_flag("--mix") is None and B.owned_flag("spelling=2") is None and B.owned_flag("--") is None
 
 
 def test_arms_parse_with_defaults_and_distinct_names():
@@ -251,6 +268,43 @@ def test_bench_runs_every_arm_and_seed_then_resumes_without_training(tmp_path, m
     assert read_meta(resolve_checkpoint(home, "rl", "t-default-s0"))["flags"]["task"] == PRESETS["cpu"].rl_task[0]
     assert read_meta(resolve_checkpoint(home, "rl", "t-rl2-s0"))["flags"]["task"] == "spelling"
     assert "after RL (1 step)" in (home.report_dir / "bench-skills-t.md").read_text()
+
+
+def test_finished_stages_are_reused_only_with_the_settings_they_ran_with(tmp_path, monkeypatch):
+    """A rerun under the same --name with other steps or eval settings is refused, naming the flag,
+    instead of tabulating the old runs under the new settings; where a stage ran (--device) may differ."""
+    from chibichat.cli import build_parser
+    from chibichat.train import checkpoint
+
+    home, _ = make_base(tmp_path / "home")
+    flags = {}  # (stage, tag) -> the flags its checkpoint records (as the stage parsed its command)
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda h, stage, tag, step=None: (stage, tag))
+    monkeypatch.setattr(checkpoint, "read_meta", lambda where: {"flags": flags[where]})
+    monkeypatch.setattr(B.subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a[0]}"))
+
+    def finish(*extra):  # the run ab-default-s0 finished with these bench flags, on another device
+        args = _args(home.root, "--from-tag", "d2", "--seeds", "0", "--device", "cuda", *extra)
+        for tag, stage, argv in B.stage_argvs(args, home, B.Arm("default"), 0):
+            if stage == "eval":
+                (home.eval_dir("sft", tag)).mkdir(parents=True, exist_ok=True)
+                (home.eval_dir("sft", tag) / "summary.json").write_text(json.dumps(
+                    {"skills": 0.5, "skills_eval": {"max_new_tokens": args.max_new_tokens, "max_per_skill": None}}))
+            else:
+                home.checkpoints_dir(stage, tag).mkdir(parents=True, exist_ok=True)
+                (home.checkpoints_dir(stage, tag) / "summary.json").write_text("{}")
+                flags[(stage, tag)] = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "func"}
+
+    finish("--mid-steps", "250")
+    assert B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0", "--mid-steps", "250", "--device", "cpu")) == 0
+    with pytest.raises(ChibiError, match=r"^ab-default-s0: its finished mid run was trained with --num-steps 250, this "
+                                         r"bench asks 7 \(set by --mid-steps\): .* another --name, or delete "):
+        B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0", "--mid-steps", "7"))
+    with pytest.raises(ChibiError, match=r"^ab-default-s0: its finished sft run was trained with --num-steps 300, this "
+                                         r"bench asks 5 \(set by --sft-steps\)"):
+        B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0", "--mid-steps", "250", "--sft-steps", "5"))
+    with pytest.raises(ChibiError, match=r"^ab-default-s0: its sft model was evaluated with --max-new-tokens 64, this "
+                                         r"bench asks 32: rerun with --max-new-tokens 64, give the bench another --name"):
+        B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0", "--mid-steps", "250", "--max-new-tokens", "32"))
 
 
 def test_a_failed_stage_names_itself_and_how_to_resume(tmp_path, monkeypatch):

@@ -48,6 +48,13 @@ def test_sweep_runs_each_depth_for_the_budget_then_resumes_without_training(tmp_
     assert main(["bench", "sweep", "--home", str(home), "--depths", "1,2", *SMALL, "--out", str(tmp_path / "o")]) == 0
     assert capsys.readouterr().out.count("done already") == 2
     assert json.loads((tmp_path / "o" / "sweep-0.08m.json").read_text())["rows"] == data["rows"]
+    # Other settings under the same tags (the minutes and the depth) are refused, naming the flag; where a
+    # run ran (--device, --dtype) is no setting of the experiment.
+    for flag, value, had in (("--seq-len", "64", "32"), ("--corpus", "embedded-ja", "embedded-en"),
+                             ("--eval-tokens", "1024", "512"), ("--layers", "AS", "dense")):
+        with pytest.raises(ChibiError, match=rf"^d1: .*sweep-0.08m-d1 was pretrained with {flag} {had}, this sweep asks {value}: "):
+            sweep.run(_args(tmp_path, depths="1,2", home=home, extra=[flag, value]))
+    assert sweep.run(_args(tmp_path, depths="1,2", home=home, extra=["--dtype", "auto"])) == 0
 
 
 def test_a_failed_depth_names_itself_and_how_to_resume(tmp_path, monkeypatch):
@@ -59,10 +66,30 @@ def test_a_failed_depth_names_itself_and_how_to_resume(tmp_path, monkeypatch):
         sweep.run(_args(tmp_path, depths="1"))
 
 
-def _args(tmp_path, depths):
+def _args(tmp_path, depths, home=None, extra=()):
     import argparse
 
     p = argparse.ArgumentParser()
     p.add_argument("--home")
     sweep.add_args(p)
-    return p.parse_args(["--home", str(tmp_path), "--depths", depths, *SMALL])
+    return p.parse_args(["--home", str(home or tmp_path), "--depths", depths, *SMALL, *extra])
+
+
+def test_flag_mismatch_compares_each_pair_as_the_recorded_type(monkeypatch):
+    from chibichat.bench.reuse import flag_mismatch
+    from chibichat.train import checkpoint
+
+    recorded = {"minutes": 0.08, "seq_len": 32, "corpus": "embedded-en", "from_stage": "mid", "eval_tokens": None,
+                "device": "cuda", "no_samples": True}
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda home, stage, tag, step=None: None)
+    monkeypatch.setattr(checkpoint, "read_meta", lambda where: {"flags": recorded})
+    ok = ["pretrain", "--minutes", "0.080", "--seq-len", "32", "--corpus", "embedded-en", "--from", "mid",
+          "--device", "cpu", "--home", "/elsewhere"]
+    assert flag_mismatch(None, "base", "t", ok) is None  # 0.080 == 0.08; where it ran does not matter
+    assert flag_mismatch(None, "base", "t", ok + ["--seq-len", "64"]) == ("--seq-len", 32, "64")
+    assert flag_mismatch(None, "base", "t", ["x", "--seq-len", "3x"]) == ("--seq-len", 32, "3x")
+    assert flag_mismatch(None, "base", "t", ["x", "--eval-tokens", "512"]) == ("--eval-tokens", None, "512")
+    assert flag_mismatch(None, "base", "t", ["x", "--no-samples", "1"]) == ("--no-samples", True, "1")
+    assert flag_mismatch(None, "base", "t", ["x", "--depth", "2"]) == ("--depth", "(not recorded)", "2")
+    with pytest.raises(ValueError, match="--flag value pairs"):
+        flag_mismatch(None, "base", "t", ["x", "--compile"])

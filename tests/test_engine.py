@@ -573,6 +573,12 @@ def test_bench_infer_cli_rejects_bad_flags(capsys):
     assert main(["bench", "infer", "--dtypes", "float64"]) == 2
     assert main(["bench", "infer", "--clock", "cpu", "--threads", "2", "--device", "cpu"]) == 2
     assert "--threads 1" in capsys.readouterr().err
+    assert main(["bench", "infer", "--dtype", "bfloat16"]) == 2  # not silently measured at both dtypes
+    assert capsys.readouterr().err.strip() == (
+        "chibichat bench: error: bench infer measures every dtype of --dtypes (default: float32,bfloat16), not "
+        "--dtype: give --dtypes bfloat16 instead of --dtype bfloat16")
+    assert main(["bench", "infer", "--dtype", "auto"]) == 2
+    assert capsys.readouterr().err.strip().endswith("not --dtype: drop it")
 
 
 # -- continuous batching ----------------------------------------------------------------------------
@@ -691,6 +697,18 @@ def test_batcher_cancel_frees_rows_and_full_batch_waits(tok, rt):
         batcher.submit(b)
         time.sleep(0.2)
         assert batcher.rows == 2 and batcher.waiting == 1 and not events["b"]  # no free row for b yet
+        # a waiting job that is cancelled stops counting at once and ends with an empty "done"
+        c = Job([tok.bos_id, 67], 2, 3, SamplingParams(0.0), 0, None, events.setdefault("c", []).extend)
+        batcher.submit(c)
+        assert batcher.waiting == 2 and batcher.reserved == 5
+        c.cancelled = True
+        assert batcher.waiting == 1 and batcher.reserved == 3
+        deadline = time.time() + 30
+        while not events["c"] and time.time() < deadline:
+            time.sleep(0.01)
+        none = {"finish_reason": "cancelled", "tokens": [], "completion_tokens": 0}
+        assert events["c"] == [("done", {"choices": [none, none], "completion_tokens": 0})]
+        assert batcher.rows == 2  # a still holds both rows: c left without them
         steps = batcher.steps
         a.cancelled = True
         deadline = time.time() + 30

@@ -1,7 +1,8 @@
 """`chibichat serve`: the OpenAI client (unmodified) against uvicorn on 127.0.0.1 on both routes and
 every parameter, refusals by name, error bodies, malformed input, API keys, /health and /metrics,
 cancellation on disconnect, timeouts, graceful shutdown, 32 concurrent streaming clients, and the page
-(with an API key) driven in headless Chromium."""
+(with an API key) driven in headless Chromium; the page's script alone under node (settings, a cut-off
+stream, a failed load)."""
 
 import asyncio
 import json
@@ -581,6 +582,58 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
         pool.shutdown()
 
 
+def page_run(**config):
+    """chat.js under node with stand-ins for the DOM and fetch (tests/fixtures/chat_page_harness.js)."""
+    import shutil
+    import subprocess
+    from importlib import resources
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed (apt-get install nodejs): the page's script runs under it")
+    script = resources.files("chibichat.serve").joinpath("static", "chat.js")
+    harness = Path(__file__).parent / "fixtures" / "chat_page_harness.js"
+    config = {"health": {"status": 200, "body": {"status": "ok", "context": 96, "workers": 1}}, **config}
+    r = subprocess.run([node, str(harness), str(script), json.dumps(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+OPEN = 'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}\n\n'
+PIECE = 'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]}\n\n'
+
+
+def test_page_shows_a_reply_cut_off_before_done_as_an_error():
+    whole = page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"])
+    assert whole["error"] is None and whole["messages"][-1] == {"role": "assistant", "content": "Hel", "streaming": False}
+    assert whole["sent"][0]["temperature"] == 0.8 and whole["sent"][0]["top_k"] == 50
+    cut = page_run(send="hi", chunks=[OPEN, PIECE])  # the body ends without [DONE]
+    assert cut["error"] == "Error: the reply was cut off: the connection ended before the server finished it"
+    assert cut["messages"][-1]["content"] == "Hel"  # what arrived stays, marked by the error
+
+
+@pytest.mark.parametrize("temperature, topk, error", [
+    ("5", "50", "temperature must be a number from 0 to 2, got 5"),
+    ("", "50", "temperature must be a number from 0 to 2 (fix"),
+    ("-0.1", "50", "temperature must be a number from 0 to 2, got -0.1"),
+    ("0.8", "2.5", "top-k must be a whole number from 0 to 200, got 2.5"),
+    ("0.8", "500", "top-k must be a whole number from 0 to 200, got 500"),
+])
+def test_page_refuses_sampling_settings_out_of_range(temperature, topk, error):
+    r = page_run(send="hi", temperature=temperature, topk=topk, chunks=[OPEN, "data: [DONE]\n\n"])
+    assert r["error"].startswith("Error: " + error) and r["error"].endswith("(fix it in the header, then send again)")
+    assert r["sent"] == [] and r["messages"] == [] and r["input"] == "hi"  # nothing sent, the message kept
+
+
+def test_page_stops_polling_a_model_that_failed_to_load():
+    failed = page_run(health={"status": 500, "body": {"status": "failed", "error": "ChibiError: no sft checkpoint",
+                                                      "model": "m"}})  # fmt: skip
+    assert failed["modelText"] == "the model failed to load: ChibiError: no sft checkpoint" and failed["timeouts"] == 0
+    loading = page_run(health={"status": 503, "body": {"status": "loading", "model": "m"}})
+    assert loading["modelText"] == "model loading…" and loading["timeouts"] == 1 and loading["model"] is None
+
+
 def test_busy_pool_answers_503_and_recovers(served):
     from chibichat.serve.app import create_app
 
@@ -594,6 +647,7 @@ def test_busy_pool_answers_503_and_recovers(served):
                 assert first.status_code == 200
                 second = httpx.post(url + "/v1/chat/completions", json={**body, "n": 1}, timeout=60)
                 assert second.status_code == 503 and second.json()["error"]["code"] == "server_busy"
+                assert second.headers["retry-after"] == "1"
                 assert [ln for ln in first.iter_lines() if ln][-1] == "data: [DONE]"
             deadline = time.time() + 30
             while httpx.get(url + "/health").json()["available_rows"] != 8 and time.time() < deadline:
@@ -950,9 +1004,13 @@ def test_api_key_flags(tmp_path):
 
 @pytest.mark.parametrize(
     "flag, value, message",
-    [("max_batch", 4, "--max-batch must be >= 8"), ("timeout", -1.0, "--timeout must be >= 0"),
-     ("shutdown_grace", -2.0, "--shutdown-grace must be >= 0"), ("workers", 0, "--workers must be >= 1"),
-     ("max_queue", -1, "--max-queue must be >= 0"), ("port", 70000, "--port must be in 1..65535")],
+    [("max_batch", 4, "--max-batch must be >= 8"), ("timeout", -1.0, "--timeout must be a finite number of seconds >= 0"),
+     ("shutdown_grace", -2.0, "--shutdown-grace must be a finite number of seconds >= 0, got -2.0"), ("workers", 0, "--workers must be >= 1"),
+     ("max_queue", -1, "--max-queue must be >= 0"), ("port", 70000, "--port must be in 1..65535"),
+     # nan passes every comparison (no request would ever time out); inf is no number of seconds
+     ("timeout", float("nan"), "--timeout must be a finite number of seconds >= 0 \\(0 = no limit\\), got nan"),
+     ("timeout", float("inf"), "--timeout must be a finite number"),
+     ("shutdown_grace", float("nan"), "--shutdown-grace must be a finite number of seconds >= 0, got nan")],
 )
 def test_serve_flags_are_checked_before_loading(flag, value, message):
     from chibichat.common import ChibiError
@@ -963,6 +1021,17 @@ def test_serve_flags_are_checked_before_loading(flag, value, message):
     check_args(SimpleNamespace(**ok))
     with pytest.raises(ChibiError, match=message):
         check_args(SimpleNamespace(**{**ok, flag: value}))
+
+
+def test_an_open_host_without_a_key_gets_a_warning():
+    from chibichat.stages.serve import is_loopback, open_host_warning
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]")] == [True] * 5
+    assert [is_loopback(h) for h in ("0.0.0.0", "192.168.1.5", "::", "example.com", "")] == [False] * 5
+    assert open_host_warning("127.0.0.1", None) is None and open_host_warning("0.0.0.0", "key") is None
+    assert open_host_warning("0.0.0.0", None) == (
+        "chibichat serve: warning: --host 0.0.0.0 is reachable beyond this machine and no API key is set: anyone "
+        "who can reach it can use the model; give --api-key or --api-key-file")
 
 
 def metrics_once_cancelled(url, timeout=20.0):
@@ -1026,6 +1095,31 @@ def test_disconnect_cancels_a_non_streaming_generation(served):
         pool.shutdown()
 
 
+def test_a_queued_stream_whose_client_leaves_frees_its_queue_slot(served):
+    """A streaming request waiting for rows is cancelled when its client goes away, before any row frees:
+    it neither keeps its queue slot nor gets prefilled later."""
+    from chibichat.serve.app import create_app
+
+    pool = slow_pool(served, 0.1, endless=True, max_queue=1, max_rows=8)
+    app = create_app(pool, served.model, Limits(default_max_tokens=60))
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True,
+            "temperature": 0, "n": 8}  # 8 rows for 60 steps of 0.1 s: the batch stays full for 6 s
+    try:
+        with Server(app) as url:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
+                assert first.status_code == 200
+                # the second waits for a row (not 503: one may wait); its client gives up after 0.4 s
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(url + "/v1/chat/completions", json={**body, "n": 1}, timeout=httpx.Timeout(10, read=0.4))
+                m = metrics_once_cancelled(url, timeout=3.0)
+                assert m['chibichat_requests_finished_total{reason="cancelled"}'] == 1
+                assert pool.waiting == 0 and pool.rows == 8  # out of the queue while the first holds every row
+                assert m["chibichat_time_to_first_token_seconds_count"] == 1  # only the first was ever prefilled
+                assert m['chibichat_requests_total{route="/v1/chat/completions",status="499"}'] == 1
+    finally:
+        pool.shutdown()
+
+
 def test_request_timeout(served):
     from chibichat.serve.app import create_app
 
@@ -1085,9 +1179,9 @@ def test_health_says_loading_until_the_model_is_ready(served):
     app = create_app(None, served.model, Limits(default_max_tokens=8), load=load)
     with Server(app) as url:
         h = httpx.get(url + "/health")
-        assert h.status_code == 503 and h.json()["status"] == "loading"
+        assert h.status_code == 503 and h.json()["status"] == "loading" and h.headers["retry-after"] == "5"
         r = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": [{"role": "user", "content": "x"}]})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading" and r.headers["retry-after"] == "5"
         assert parse_metrics(httpx.get(url + "/metrics").text)["chibichat_ready"] == 0
         release.set()
         deadline = time.time() + 10
@@ -1126,14 +1220,60 @@ def test_bench_serve_against_a_running_server(served, tmp_path, capsys):
     from chibichat.bench.serve import run
 
     out = tmp_path / "bench.json"
-    args = SimpleNamespace(clients="1,3", rounds=1, min_requests=2, max_tokens=5, temperature=1.0, max_batch=32, max_queue=64,
-                           url=served.url, api_key=None, json=str(out))  # fmt: skip
+    args = SimpleNamespace(clients="1,3", rounds=1, min_requests=2, max_tokens=5, temperature=1.0, url=served.url,
+                           api_key=None, json=str(out), home=None, source=None, tag=None, step=None, device=None,
+                           dtype=None, workers=None, max_batch=None, max_queue=None)  # fmt: skip
     assert run(args) == 0
-    levels = json.loads(out.read_text())["levels"]
+    data = json.loads(out.read_text())
+    # the running server's own settings (2 replicas of 32 rows, queue 64), from its /health
+    assert (data["max_batch"], data["max_queue"], data["workers"]) == (32, 64, 2)
+    levels = data["levels"]
     assert [lv["clients"] for lv in levels] == [1, 3] and [lv["requests"] for lv in levels] == [2, 3]  # >= min_requests
     assert all(lv["ok"] == lv["requests"] and lv["failed"] == 0 and lv["busy_503"] == 0 for lv in levels)
     assert all(0 < lv["completion_tokens"] <= 5 * lv["requests"] and lv["ttft_ms_p50"] > 0 for lv in levels)
     assert "| clients |" in capsys.readouterr().out
+
+
+def bench_serve_args(**kw):
+    return SimpleNamespace(**{**dict(clients="1", rounds=1, min_requests=1, max_tokens=5, temperature=1.0, url=None,
+                                     api_key=None, json=None, home=None, source=None, tag=None, step=None, device=None,
+                                     dtype=None, workers=None, max_batch=None, max_queue=None, startup_timeout=60.0),
+                              **kw})  # fmt: skip
+
+
+def test_bench_serve_refuses_server_flags_with_url_and_a_temperature_out_of_range():
+    from chibichat.bench.serve import run
+    from chibichat.common import ChibiError
+
+    with pytest.raises(ChibiError, match=r"^--max-batch set up the server bench serve starts; with --url the server is "
+                                         r"already running with its own settings: drop them"):
+        run(bench_serve_args(url="http://127.0.0.1:9", max_batch=8))
+    with pytest.raises(ChibiError, match=r"^--from, --device, --max-queue set up the server"):
+        run(bench_serve_args(url="http://127.0.0.1:9", source="sft", device="cpu", max_queue=4))
+    for t in (3.0, -0.5, float("nan")):
+        with pytest.raises(ChibiError, match=rf"^--temperature must be between 0 and 2.0 \(the server's range\), got {t}$"):
+            run(bench_serve_args(url="http://127.0.0.1:9", temperature=t))
+
+
+def test_bench_serve_keeps_the_servers_error_message(served):
+    from chibichat.bench.serve import run_level
+
+    level = run_level(served.url, served.model, 1, 1, 5, 3.0, None)
+    assert level["failed"] == 1 and level["errors"] == ["HTTP 400: 'temperature' must be between 0.0 and 2.0, got 3.0"]
+
+
+def test_bench_serve_sends_the_servers_output_to_a_file_and_shows_its_tail(tmp_path, monkeypatch):
+    """A server that writes far more than a pipe holds still runs on (nobody reads a pipe during the
+    bench); when it fails to start, the end of its output is in the error."""
+    from chibichat.bench import serve as bench_serve
+    from chibichat.common import ChibiError
+
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\nhead -c 1000000 /dev/zero | tr '\\0' x\necho\necho the last words of the server\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(bench_serve.sys, "executable", str(fake))
+    with pytest.raises(ChibiError, match=r"`chibichat serve` exited with 3:\n.*x\nthe last words of the server\n$"):
+        bench_serve.run(bench_serve_args(startup_timeout=60.0))
 
 
 @pytest.mark.slow
@@ -1151,6 +1291,8 @@ def test_bench_serve_starts_the_real_server_with_a_key(served, tmp_path):
            "--max-queue", "1", "--api-key", "k3y", "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
-    (level,) = json.loads(out.read_text())["levels"]
+    data = json.loads(out.read_text())
+    assert (data["max_batch"], data["max_queue"]) == (8, 1)  # as the started server's /health reports them
+    (level,) = data["levels"]
     assert level["requests"] == 12 and level["failed"] == 0, level
     assert level["ok"] >= 8 and level["ok"] + level["busy_503"] == 12 and level["completion_tokens"] > 0

@@ -238,6 +238,7 @@ def test_number_checker_wants_the_answer_the_tool_gave():
 @pytest.mark.parametrize("reply,ok", [
     ("b-a-c-o-n", True), ("bacon: b-a-c-o-n.", True), ("b a c o n", True), ("B-A-C-O-N", False),
     ("bacon", False), ("b-a-c-n", False), ("Here it is:\nb, a, c, o, n", True), ("ba-con", False),
+    ("Bacon: b-a-c-o-n.", True), ('"BACON": b a c o n', True),  # the "word:" prefix in any case
 ])
 def test_spelling_checker(reply, ok):
     assert S.check_reply({"check": "spelling", "answer": "bacon"}, reply, "en") is ok
@@ -259,6 +260,11 @@ def test_spelling_checker_japanese():
     ("I was made with the chibichat package. Whoever ran its training pipeline built me.", "en", False),
     ("I was trained on chibichat, an open-source package that builds a small language model", "en", False),
     ("私はchibichatです。", "ja", True), ("chibichatといいます。", "ja", True), ("chibichatです。", "ja", True),
+    # "this is" / "it's" + the name: its name, unless the sentence presents it as the package
+    ("It's chibichat.", "en", True), ("This is chibichat.", "en", True), ("It is chibichat, nice to meet you!", "en", True),
+    ("This is chibichat, an open-source package that trains small models.", "en", False),
+    ("It's chibichat that trained me.", "en", False), ("It is chibichat, which builds small language models.", "en", False),
+    ("It's chibichat, the library. I am a small model.", "en", False),
     ("chibichatというオープンソースのパッケージで学習されました。", "ja", False),
     ("chibichatパッケージで作られました。", "ja", False),
 ])
@@ -282,6 +288,17 @@ def test_greeting_checker(reply, lang, ok):
     ("I’m sorry, I have no way to know that.", "en", True),
     ("You ate eggs and toast.", "en", False),
     ("I don't know, maybe 42.", "en", False),    # hedged, but still invents a number
+    ("I don't know, maybe forty-two.", "en", False),  # a number in words is a number
+    ("I don't know. Perhaps one hundred people.", "en", False),
+    ("I don't know, maybe one.", "en", False),
+    ("No one can know that, and I don't know which one you mean.", "en", True),  # "one" as a pronoun
+    # a tool call is an attempt at the fact, even when the prose then says it does not know
+    ("<|python_start|>2+2<|python_end|><|output_start|>4<|output_end|>I don't know.", "en", False),
+    ("<|python_start|>2+2<|python_end|>I don't know.", "en", False),
+    ("I don't know.\n#### 0", "en", False),
+    ("わかりません。たぶん三時です。", "ja", False),
+    ("わかりません。二十歳くらいかもしれません。", "ja", False),
+    ("十分な情報がないので、わかりません。", "ja", True),  # 十分 "enough" states no number
     ("わかりません。私はあなたの生活を見られません。", "ja", True),
     ("あなたの妹の名前はさくらです。", "ja", False),
 ])

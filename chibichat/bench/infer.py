@@ -45,7 +45,8 @@ def add_args(p) -> None:
                    help="wall: elapsed time (default); cpu: this process's CPU time, a steadier estimate of a quiet "
                         "machine's figures when the machine is shared (CPU device with --threads 1 only)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    add_runtime_args(p)  # --device (auto/cpu/cuda); --dtype is unused here (see --dtypes)
+    add_runtime_args(p)  # --device (auto/cpu/cuda)
+    p.set_defaults(dtype=None)  # --dtype given is refused in run(): the dtypes measured are --dtypes
 
 
 def _parse_list(text: str, what: str, conv=str) -> list:
@@ -178,6 +179,9 @@ def _worker() -> None:
 
 
 def run(args) -> int:
+    if args.dtype is not None:
+        fix = "drop it" if args.dtype == "auto" else f"give --dtypes {args.dtype} instead of --dtype {args.dtype}"
+        raise ChibiError(f"bench infer measures every dtype of --dtypes (default: float32,bfloat16), not --dtype: {fix}")
     layouts = _parse_list(args.layouts, "layouts")
     dtypes = _parse_list(args.dtypes, "dtypes")
     batches = _parse_list(args.batches, "batches", int)

@@ -12,6 +12,10 @@ at once; a level of few clients sends more rounds so that it makes at least --mi
   - mean batch occupancy over the level, from the server's /metrics (rows per decode step).
 The clients run in this process (asyncio + httpx), on the same machine as the server: on a small
 machine they take CPU from it, so figures are a lower bound of what remote clients would see.
+The flags that set up the started server (URL_REFUSES) are refused with --url, whose server is already set
+up; the JSON records the server's batch rows, queue and replicas as its /health reports them. The
+started server's output goes to a temporary file (a pipe nobody reads would stall a chatty server once
+full); its tail is shown when the server fails to start.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import time
 
 from chibichat.common import ChibiError, add_runtime_args, parse_int_list
 
+# Flags that only set up the server this bench starts: with --url they would be ignored, so they are refused.
+URL_REFUSES = (("--home", "home"), ("--from", "source"), ("--tag", "tag"), ("--step", "step"), ("--device", "device"),
+               ("--dtype", "dtype"), ("--workers", "workers"), ("--max-batch", "max_batch"), ("--max-queue", "max_queue"))
 HELP = "serve under load: N concurrent streaming clients -> aggregate tok/s, TTFT and inter-token latency, 503s"
 
 
@@ -32,14 +39,15 @@ def add_args(p) -> None:
 
     add_model_args(p)
     add_runtime_args(p)
+    p.set_defaults(source=None, device=None, dtype=None)  # unset: the started server's defaults (sft, auto, auto)
     p.add_argument("--clients", default="1,8,32,64", help="concurrent client counts, one level each (default: 1,8,32,64)")
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends one after another (default: 2)")
     p.add_argument("--min-requests", type=int, default=8,
                    help="requests per level at least: few clients send more rounds (default: 8)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default: 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every request (default: 1.0)")
-    p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default: 32)")
-    p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (default: 64)")
+    p.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own, 32)")
+    p.add_argument("--max-queue", type=int, default=None, help="the server's --max-queue (default: its own, 64)")
     p.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own default)")
     p.add_argument("--url", default=None, help="bench the server already running at this URL instead of starting one")
     p.add_argument("--api-key", default=None, help="bearer key for a server that requires one")
@@ -70,8 +78,12 @@ async def _one(client, url, headers, body) -> dict:
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
             out["status"] = r.status_code
-            if r.status_code != 200:
-                await r.aread()
+            if r.status_code != 200:  # the server's reason, not only the status (a 503 is counted, not listed)
+                body = await r.aread()
+                try:
+                    out["error"] = f"HTTP {r.status_code}: {json.loads(body)['error']['message']}"
+                except (ValueError, KeyError, TypeError):
+                    out["error"] = f"HTTP {r.status_code}: {body[:200].decode('utf-8', 'replace')}"
                 return out
             done = False
             async for line in r.aiter_lines():
@@ -148,7 +160,7 @@ def run_level(url: str, model: str, clients: int, rounds: int, max_tokens: int, 
         "ttft_ms_p99": ms(percentile(ttft, 99)), "itl_ms_p50": ms(percentile(gaps, 50)),
         "itl_ms_p95": ms(percentile(gaps, 95)), "itl_ms_p99": ms(percentile(gaps, 99)),
         "mean_batch_rows": round(rows / steps, 2) if steps else None,
-        "errors": sorted({r["error"] or f"HTTP {r['status']}" for r in results if r not in ok and r["status"] != 503})[:5],
+        "errors": sorted({r["error"] for r in results if r not in ok and r["status"] != 503})[:5],
     }  # fmt: skip
 
 
@@ -187,24 +199,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(args):
-    """`chibichat serve` as a subprocess; returns (process, url) once /health says ok."""
+def _tail(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-2000:]
+
+
+def _start_server(args, log):
+    """`chibichat serve` as a subprocess, its output into the file `log`; returns (process, url) once
+    /health says ok."""
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "chibichat", "serve", "--port", str(port), "--from", args.source,
-           "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--device", args.device,
-           "--dtype", args.dtype, "--max-tokens", str(args.max_tokens)]  # fmt: skip
-    for flag, value in (("--home", args.home), ("--tag", args.tag), ("--step", args.step), ("--workers", args.workers),
-                        ("--api-key", args.api_key)):  # fmt: skip
+    cmd = [sys.executable, "-m", "chibichat", "serve", "--port", str(port), "--max-tokens", str(args.max_tokens)]
+    for flag, dest in (*URL_REFUSES, ("--api-key", "api_key")):
+        value = getattr(args, dest)
         if value is not None:
             cmd += [flag, str(value)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.startup_timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise ChibiError(f"`chibichat serve` exited with {proc.returncode}:\n{proc.stdout.read()[-2000:]}")
+            raise ChibiError(f"`chibichat serve` exited with {proc.returncode}:\n{_tail(log)}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return proc, url
@@ -212,7 +229,9 @@ def _start_server(args):
             pass
         time.sleep(0.2)
     proc.terminate()
-    raise ChibiError(f"`chibichat serve` was not ready within --startup-timeout {args.startup_timeout} s")
+    proc.wait()
+    raise ChibiError(f"`chibichat serve` was not ready within --startup-timeout {args.startup_timeout} s; its output "
+                     f"ends:\n{_tail(log)}")
 
 
 def run(args) -> int:
@@ -220,14 +239,31 @@ def run(args) -> int:
 
     from chibichat.common import atomic_write_json
 
+    import tempfile
+
+    from chibichat.serve.protocol import Limits
+
     levels = _levels(args.clients)
-    for name in ("rounds", "min_requests", "max_tokens", "max_batch"):
+    for name in ("rounds", "min_requests", "max_tokens"):
         if getattr(args, name) < 1:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    proc = None
+    hottest = Limits().max_temperature
+    if not 0 <= args.temperature <= hottest:  # every request would get a 400
+        raise ChibiError(f"--temperature must be between 0 and {hottest} (the server's range), got {args.temperature}")
+    if args.url is not None:
+        given = [flag for flag, dest in URL_REFUSES if getattr(args, dest, None) is not None]
+        if given:
+            raise ChibiError(f"{', '.join(given)} set up the server bench serve starts; with --url the server is "
+                             "already running with its own settings: drop them (its /health shows them)")
+    proc, log = None, None
     url = args.url
     if url is None:
-        proc, url = _start_server(args)
+        log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        try:
+            proc, url = _start_server(args, log)
+        except BaseException:
+            log.close()
+            raise
     try:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         r = httpx.get(url + "/v1/models", headers=headers, timeout=30)
@@ -256,6 +292,8 @@ def run(args) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if log is not None:
+            log.close()
     base = results[0]["tok_s"] if results and results[0]["clients"] == 1 else None
     cols = ["clients", "ok", "busy_503", "failed", "tok_s", "ttft_ms_p50", "ttft_ms_p95", "ttft_ms_p99", "itl_ms_p50",
             "itl_ms_p95", "itl_ms_p99", "mean_batch_rows"]  # fmt: skip
@@ -268,6 +306,8 @@ def run(args) -> int:
         print(line)
     if args.json:
         atomic_write_json(args.json, {"model": model, "url": url, "rounds": args.rounds, "min_requests": args.min_requests,
-                                      "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                                      "max_queue": args.max_queue, "levels": results})  # fmt: skip
+                                      "max_tokens": args.max_tokens, "temperature": args.temperature,
+                                      # the server's own figures (also with --url), None where /health lacks them
+                                      "max_batch": health.get("max_batch_rows"), "max_queue": health.get("max_queue"),
+                                      "workers": health.get("workers"), "levels": results})  # fmt: skip
     return 0

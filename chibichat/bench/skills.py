@@ -40,7 +40,12 @@ only RL and evaluation).
 
 Writes DIR/bench-skills-NAME.json (one row per run, and the per-arm table) and .md, DIR = --out or
 home/report. A run whose eval summary exists is read, not run again (a stage whose summary exists is
-not re-trained): an interrupted bench resumes, and a finished one is re-tabulated for free.
+not re-trained): an interrupted bench resumes, and a finished one is re-tabulated for free. A finished
+stage is reused only when it ran with the flags this bench sets (its checkpoint's recorded flags,
+bench/reuse.py; an evaluation's --max-new-tokens and --max-per-skill): a bench rerun with other
+--mid-steps, --sft-steps, --rl-steps, --seeds or --max-new-tokens under the same --name is refused, naming
+the flag, instead of tabulating the old runs as the new settings. (An arm's own flags are not compared:
+the arm's name stands for them, so give a changed arm a new name.)
 """
 
 from __future__ import annotations
@@ -72,6 +77,24 @@ class Arm:
 # Set by the bench for every run; an arm that set them would not be the same experiment on another seed.
 OWNED_FLAGS = ("--home", "--from", "--from-tag", "--from-step", "--tag", "--num-steps", "--eval-every", "--seed",
                "--device", "--dtype", "--resume", "--overwrite")
+
+
+# The bench flag that sets a stage flag, for the message of a refused reuse.
+BENCH_FLAG_OF = {("mid", "--num-steps"): "--mid-steps", ("mid", "--eval-every"): "--mid-steps",
+                 ("sft", "--num-steps"): "--sft-steps", ("sft", "--eval-every"): "--sft-steps",
+                 ("rl", "--num-steps"): "--rl-steps", ("rl", "--task"): "--lang", ("mid", "--from-tag"): "--from-tag",
+                 ("mid", "--seed"): "--seeds", ("sft", "--seed"): "--seeds", ("rl", "--seed"): "--seeds"}
+
+
+def owned_flag(arg: str) -> str | None:
+    """The bench-owned flag that the arm argument `arg` sets: the flag itself ("--seed", "--seed=3") or an
+    abbreviation of one ("--see"), which the stages' argparse accepts as that flag; else None."""
+    name = arg.split("=", 1)[0]
+    if name in OWNED_FLAGS:
+        return name
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    return next((f for f in OWNED_FLAGS if f.startswith(name)), None)
 
 
 def add_args(p) -> None:
@@ -117,9 +140,11 @@ def parse_arm(spec: str) -> Arm:
         if argv and not argv[0].startswith("--"):
             raise ChibiError(f"--arm {spec!r}: the {stage} part must be flags such as '--mix spelling=2', got "
                              f"{argv[0]!r}")
-        owned = [a for a in argv if a.split("=", 1)[0] in OWNED_FLAGS]
+        owned = [(a.split("=", 1)[0], owned_flag(a)) for a in argv if owned_flag(a)]
         if owned:
-            raise ChibiError(f"--arm {spec!r}: {owned[0].split('=', 1)[0]} is set by the bench for every run "
+            given, flag = owned[0]
+            what = flag if given == flag else f"{given} (an abbreviation of {flag})"
+            raise ChibiError(f"--arm {spec!r}: {what} is set by the bench for every run "
                              "(use --from-tag, --mid-steps, --sft-steps, --rl-steps, --seeds, --device, --dtype)")
         flags.append(argv)
     return Arm(name, *flags)
@@ -188,6 +213,33 @@ def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = Non
               "--seed", str(seed), *rt, *rl_task_flags(args, arm), *arm.rl_flags]
         out += [(tag, "rl", rl), (tag, "eval", [*ev, "--from", "rl", "--tag", tag])]
     return out
+
+
+def check_reusable(home: Home, stage: str, stage_tag: str, argv: list[str], arm_flags: tuple[str, ...]) -> None:
+    """A finished training stage is reused only when its checkpoint recorded the flags the bench sets in
+    `argv` (the command it would run; `arm_flags` end it), bench/reuse.py; else a ChibiError naming the flag."""
+    from chibichat.bench.reuse import flag_mismatch
+
+    differ = flag_mismatch(home, stage, stage_tag, argv[:len(argv) - len(arm_flags)])
+    if differ is not None:
+        flag, had, want = differ
+        via = BENCH_FLAG_OF.get((stage, flag), flag)
+        raise ChibiError(f"{stage_tag}: its finished {stage} run was trained with {flag} {had}, this bench asks "
+                         f"{want} (set by {via}): its runs are not these settings' runs. Give the bench another "
+                         f"--name, or delete {home.checkpoints_dir(stage, stage_tag)} (and its evaluations) to "
+                         "train it again")
+
+
+def check_eval_reusable(args, home: Home, stage: str, stage_tag: str, key: str) -> None:
+    """A finished `eval skills` is reused only when it ran with this bench's --max-new-tokens and --max-per-skill."""
+    path = home.eval_dir(stage, stage_tag) / "summary.json"
+    record = json.loads(path.read_text()).get(f"{key}_eval", {})
+    for flag, want in (("--max-new-tokens", args.max_new_tokens), ("--max-per-skill", args.max_per_skill)):
+        had = record.get(flag[2:].replace("-", "_"))
+        if had != want:
+            raise ChibiError(f"{stage_tag}: its {stage} model was evaluated with {flag} {had}, this bench asks {want}: "
+                             f"rerun with {flag} {had}, give the bench another --name, or delete {path} to evaluate "
+                             "it again")
 
 
 def skill_keys(lang: str) -> tuple[str, list[tuple[str, str]]]:
@@ -307,16 +359,24 @@ def run(args) -> int:
             done = evaluated(judged_stage(args), tag)
             if done:
                 print(f"{tag}: done already ({summary_path}), reading it", flush=True)
-            argvs = [] if done else stage_argvs(args, home, arm, seed, owners[arm.name], sft_of[arm.name])
-            for stage_tag, stage, argv in argvs:
+            # Every stage of the run: a finished one is checked against this bench's settings and reused;
+            # of a done run (read, not run) nothing runs, whatever records are left to check.
+            for stage_tag, stage, argv in stage_argvs(args, home, arm, seed, owners[arm.name], sft_of[arm.name]):
                 owner = owners[arm.name].name if stage == "mid" else sft_of[arm.name].name
                 shared = f" (shared with arm {owner})" if stage_tag != tag else ""
                 if stage != "eval" and (home.checkpoints_dir(stage, stage_tag) / "summary.json").exists():
-                    print(f"{tag}: {stage} done already{shared}, not re-trained", flush=True)
+                    check_reusable(home, stage, stage_tag, argv, {"mid": arm.mid_flags, "sft": arm.sft_flags,
+                                                                   "rl": arm.rl_flags}[stage])
+                    if not done:
+                        print(f"{tag}: {stage} done already{shared}, not re-trained", flush=True)
                     continue
                 evaluated_stage = argv[argv.index("--from") + 1] if stage == "eval" else None
                 if evaluated_stage and evaluated(evaluated_stage, stage_tag):
-                    print(f"{tag}: eval of {evaluated_stage} done already{shared}, not re-run", flush=True)
+                    check_eval_reusable(args, home, evaluated_stage, stage_tag, key)
+                    if not done:
+                        print(f"{tag}: eval of {evaluated_stage} done already{shared}, not re-run", flush=True)
+                    continue
+                if done:
                     continue
                 print(f"{tag}: $ chibichat {' '.join(argv)}", flush=True)
                 rc = subprocess.run([sys.executable, "-m", "chibichat", *argv]).returncode

@@ -11,7 +11,10 @@ validation split, which makes the rows comparable (bpb does not depend on the mo
 Writes DIR/sweep-<M>m.json (one row per depth), .md (the table) and .png (val bpb against scaling
 parameters, each point labelled with its depth and tokens), DIR = --out or home/report. A depth whose run
 already wrote its summary.json is read, not run again: an interrupted sweep resumes, and a finished one
-is re-tabulated for free. Timings are only comparable within one quiet run of the sweep.
+is re-tabulated for free. The tag holds only the minutes and the depth, so a finished run is read only
+when it ran with the flags this sweep gives it (bench/reuse.py: --corpus, --layers, --seq-len, the batch
+flags, --eval-tokens, ...); a rerun with other settings is refused, naming the flag. Timings are only
+comparable within one quiet run of the sweep.
 """
 
 from __future__ import annotations
@@ -119,10 +122,18 @@ def run(args) -> int:
     for depth in depths:
         tag = f"{sweep_name(args.minutes)}-d{depth}"
         summary_path = home.checkpoints_dir("base", tag) / "summary.json"
+        argv = pretrain_argv(args, home, depth)
         if summary_path.exists():
+            from chibichat.bench.reuse import flag_mismatch
+
+            differ = flag_mismatch(home, "base", tag, argv)
+            if differ is not None:
+                flag, had, want = differ
+                raise ChibiError(f"d{depth}: {home.checkpoints_dir('base', tag)} was pretrained with {flag} {had}, "
+                                 f"this sweep asks {want}: rerun the sweep with the settings of its finished runs, "
+                                 "another --minutes, or delete that folder to train the depth again")
             print(f"d{depth}: done already ({summary_path}), reading it", flush=True)
         else:
-            argv = pretrain_argv(args, home, depth)
             print(f"d{depth}: $ chibichat {' '.join(argv)}", flush=True)
             rc = subprocess.run([sys.executable, "-m", "chibichat", *argv]).returncode
             if rc != 0:

@@ -6,6 +6,7 @@
 background thread after the server starts: /health answers 503 {"status": "loading"} and the API 503
 until it is ready. With `api_key`, /v1/* and /metrics need `Authorization: Bearer <key>` (401
 otherwise); the page and /health stay open (the page asks for the key and sends it).
+Every 503 carries Retry-After (RETRY_AFTER_S): seconds a client should wait before trying again.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the route parameter annotations
@@ -23,6 +24,9 @@ from chibichat.serve.pool import GenerationRequest, PoolBusy, WorkerPool
 from chibichat.serve.protocol import ApiError, Limits, new_id, parse_chat_request, parse_completion_request, sse
 from chibichat.render import reply_budget
 
+# Retry-After of a 503, by error code: "server_busy" frees as soon as any reply ends (replies take
+# seconds); "loading" takes as long as reading the checkpoint.
+RETRY_AFTER_S = {"server_busy": 1, "loading": 5}
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
                 "chat.css": "text/css; charset=utf-8"}  # fmt: skip
 
@@ -114,7 +118,8 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                        route_of=route_of)  # fmt: skip
 
     def error(e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S.get(e.code, 1))} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     def ready_pool() -> WorkerPool:
         if holder["pool"] is None:
@@ -150,7 +155,10 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         p = holder["pool"]
         if p is None:
             body = {"status": "failed", "error": holder["error"]} if holder["error"] else {"status": "loading"}
-            return JSONResponse({**body, "model": model_id}, status_code=503 if not holder["error"] else 500)
+            if holder["error"]:
+                return JSONResponse({**body, "model": model_id}, status_code=500)
+            return JSONResponse({**body, "model": model_id}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S["loading"])})  # fmt: skip
         seq_len = p.engines[0].seq_len
         return {"status": "ok", "model": model_id, "context": seq_len, "workers": len(p.engines),
                 "max_batch_rows": p.max_rows, "batch_rows": p.rows, "available_rows": p.available,
@@ -290,10 +298,11 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         return calls
 
     async def cancel_on_disconnect(request, stream):
-        """Wait for the client of a non-streaming request to go away, then end its generation. Servers
-        do not cancel a plain response's handler when its client disconnects (a streaming response
-        notices when a write fails), so the handler watches the connection itself: once the body has
-        been read, the next ASGI message is http.disconnect, sent when the client closes."""
+        """Wait for the client of a request whose response has not started (a non-streaming request, or
+        a streaming one before its first piece) to go away, then end its generation. Servers do not
+        cancel a handler when its client disconnects (a started streaming response notices when a write
+        fails), so the handler watches the connection itself: once the body has been read, the next
+        ASGI message is http.disconnect, sent when the client closes."""
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
@@ -363,11 +372,18 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             return body
 
         # Wait for the first piece before answering 200, so that a failure can still be an error status.
+        # Until the streaming response starts nothing else notices the client leaving, so a client that
+        # gives up while queued would keep its queue slot and still be prefilled: watch from here.
+        watch = asyncio.ensure_future(cancel_on_disconnect(request, stream))
         try:
             first = await anext(stream, None)
         except Exception as e:
             stream.cancel()
             return error(failure(e))
+        finally:
+            watch.cancel()
+        if stream.job.cancelled:  # the client went away before the first piece
+            return Response(status_code=499)
 
         def chunk(choices, usage_=None):
             body = {"id": cid, "object": obj + (".chunk" if chat else ""), "created": now, "model": model_id,

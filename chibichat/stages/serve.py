@@ -1,7 +1,8 @@
 """`chibichat serve`: the chat page and an OpenAI-compatible API over a checkpoint (FastAPI + uvicorn).
 
 Binds 127.0.0.1 by default; --api-key / --api-key-file require a bearer key on /v1/* and /metrics
-(expose the server beyond this machine with --host only with a key). Conversations are not logged.
+(expose the server beyond this machine with --host only with a key: a --host that is not a loopback
+address without a key starts with a warning on stderr). Conversations are not logged.
 Workers = model replicas: one per CUDA GPU, or --workers N decode loops sharing one model on CPU;
 each runs a continuous batch of up to --max-batch rows (engine.Batcher). The server listens at once
 and loads the model in the background (/health says "loading" until it is ready). SIGINT/SIGTERM:
@@ -11,6 +12,7 @@ no new connections; in-flight streams get --shutdown-grace seconds to finish, th
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from chibichat.common import ChibiError, add_home_arg, add_model_args, add_runtime_args
@@ -103,6 +105,26 @@ def api_key(args) -> str | None:
     return key
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine ("localhost" or a loopback address)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def open_host_warning(host: str, key: str | None) -> str | None:
+    """The start-up warning for a server reachable beyond this machine without an API key, else None."""
+    if key is not None or is_loopback(host):
+        return None
+    return (f"chibichat serve: warning: --host {host} is reachable beyond this machine and no API key is set: "
+            "anyone who can reach it can use the model; give --api-key or --api-key-file")
+
+
 def check_args(args) -> None:
     if not 0 < args.port < 65536:
         raise ChibiError(f"--port must be in 1..65535, got {args.port}")
@@ -112,10 +134,10 @@ def check_args(args) -> None:
         raise ChibiError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.max_batch < 8:
         raise ChibiError(f"--max-batch must be >= 8 (a request may ask for n = 8 choices), got {args.max_batch}")
-    if args.timeout < 0:
-        raise ChibiError(f"--timeout must be >= 0 seconds (0 = no limit), got {args.timeout}")
-    if args.shutdown_grace < 0:
-        raise ChibiError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
+    if not (math.isfinite(args.timeout) and args.timeout >= 0):  # nan passes every comparison: no limit at all
+        raise ChibiError(f"--timeout must be a finite number of seconds >= 0 (0 = no limit), got {args.timeout}")
+    if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
+        raise ChibiError(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
     if args.workers is not None and args.workers < 1:
         raise ChibiError(f"--workers must be >= 1, got {args.workers}")
     if args.tools == "python":
@@ -132,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     key = api_key(args)
+    warning = open_host_warning(args.host, key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     step_dir = resolve_checkpoint(Home.resolve(args.home), args.source, args.tag, args.step)  # fails fast, before listening
     model_id = f"chibichat-{args.source}-{step_dir.parent.name}"
     pools = []

@@ -12,7 +12,10 @@ appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output
     identity             "identity": the reply gives the assistant's name as its own ("I am chibichat",
                           "my name is ...", "call me ..."; JA "chibichatです", "私はchibichat", ...; any
                           case). Naming the package it was made with ("I was made with the chibichat
-                          package") does not answer "what is your name?".
+                          package") does not answer "what is your name?": "this is" / "it's" + the name
+                          ("It's chibichat.") answers only when the rest of its sentence does not present
+                          the name as the package (a word such as "package" or "library", "... trained
+                          me", "trains ... models": "It's chibichat that trained me." does not answer).
     arithmetic,          "number": the reply's final answer equals the expected number. The final
     arithmetic-two-step,  answer is the number after the last "####" (the trained format); a reply
     letter-count          without "####" is read by its last number outside tool segments, which is
@@ -21,15 +24,19 @@ appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output
                           reply calls the calculator, the answer must be the last call's result, and
                           a letter count must count the asked letter in the asked word
                           (`shown_work_agrees`): a right number from wrong work does not pass.
-    spelling             "spelling": the final line, after an optional "word:" prefix, is the word's
+    spelling             "spelling": the final line, after an optional "word:" prefix (any case), is the word's
                           letters in order, each letter separated by "-", ",", "・", "、" or spaces
                           (the word written whole is not spelled).
     greeting             "greeting": the reply opens (first 60 characters) with a greeting word and
                           calls no tool and gives no "####" answer: a greeting is answered in kind,
                           not treated as a task.
     refusal              "refusal": asked for a fact it cannot know (the user's private life, the
-                          future), the reply says so (a marker of not knowing or not being able to)
-                          and states no number: an honest reply, not an invented fact.
+                          future), the reply says so (a marker of not knowing or not being able to),
+                          calls no tool, gives no "####" answer and states no number: no digit, no EN
+                          cardinal number word ("forty-two", "a hundred"; "one" except as a pronoun:
+                          "no one", "which one", "one of"), no JA kanji numeral (三時; except in the
+                          words of _JA_NOT_NUMBERS, e.g. 十分 "enough", 一緒 "together"): an honest
+                          reply, not an invented fact.
 Items of skill "open" (simple open prompts: one sentence about the sea) have no right answer; they
 are scored by the reply-quality proxy (`reply_quality`), not by a checker. Each carries "topic": words
 (EN: word stems; JA: substrings) of which an on-topic reply uses at least one, e.g. sea, ocean, wave.
@@ -152,7 +159,7 @@ def spelled_letters(reply: str, word: str) -> list[str] | None:
     the line is not written letter by letter."""
     line = final_line(visible_text(reply))
     for prefix in (f"{word}:", f"{word}：", f'"{word}":', f"「{word}」："):
-        if line.startswith(prefix):
+        if line.lower().startswith(prefix.lower()):  # "Bacon: b-a-c-o-n": the prefix in any case
             line = line[len(prefix):].strip()
     line = line.strip().strip("\"'「」")
     parts = [p for p in _SPELL_SEPARATORS.split(line) if p]
@@ -171,19 +178,51 @@ def is_greeting(reply: str, lang: str) -> bool:
 
 
 # What may stand right before / right after the name when a reply gives it as its own name.
-_SELF_BEFORE = {"en": r"\b(?:i am|i'm|im|my name is|my name's|call me|i am called|i'm called|i go by|this is|it's|it is)\s+",
+_SELF_BEFORE = {"en": r"\b(?:i am|i'm|im|my name is|my name's|call me|i am called|i'm called|i go by)\s+",
                 "ja": r"(?:名前は|私は|わたしは|僕は|ぼくは)"}
 _SELF_AFTER = {"en": r",? (?:is my name|here|at your service)\b", "ja": r"(?:です|といいます|と申します|と呼んで|って呼んで|だよ)"}
+# "This is X" / "It's X" names the speaker or a thing: it is the speaker's name unless the rest of the
+# sentence presents X as the package ("It's chibichat, an open-source package ...", "... that trained me").
+_DEMONSTRATIVE = r"\b(?:this is|it's|it is)\s+"
+_AS_PACKAGE = re.compile(r"[^.!?\n]*?(?:\b(?:package|library|toolkit|framework|pipeline|software|repository|codebase)\b"
+                         r"|\b(?:trained|made|built|created)\s+me\b|\b(?:trains|builds|makes|creates)\s+(?:\w+\s+){0,3}?models?\b)")
 
 
 def names_itself(reply: str, name: str, lang: str) -> bool:
     text, n = visible_text(reply).lower().replace("’", "'"), re.escape(name.lower())
-    return bool(re.search(_SELF_BEFORE[lang] + n, text) or re.search(n + _SELF_AFTER[lang], text))
+    if re.search(_SELF_BEFORE[lang] + n, text) or re.search(n + _SELF_AFTER[lang], text):
+        return True
+    return lang == "en" and any(not _AS_PACKAGE.match(text, m.end())
+                                for m in re.finditer(_DEMONSTRATIVE + n, text))
+
+
+_EN_NUMBER_WORDS = re.compile(
+    r"\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen|"
+    r"seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|hundred|thousand|"
+    r"million|billion|trillion|dozen)\b")
+_EN_ONE_PRONOUN = re.compile(r"\b(?:no|any|every|some|each|which|that|this|the)\s+one\b|\bone\s+(?:of|another)\b")
+_JA_NUMERALS = re.compile(r"[〇零一二三四五六七八九十百千万億兆]")
+# Words written with a kanji numeral that state no number.
+_JA_NOT_NUMBERS = ("十分", "一緒", "一般", "一切", "一応", "一体", "唯一", "統一", "万が一", "万一")
+
+
+def states_number(text: str, lang: str) -> bool:
+    """Whether prose (lower case) states a number: a digit, an EN cardinal number word ("one" not as a
+    pronoun), a JA kanji numeral outside _JA_NOT_NUMBERS."""
+    if re.search(r"\d", text):
+        return True
+    if lang == "ja":
+        for word in _JA_NOT_NUMBERS:
+            text = text.replace(word, " ")
+        return bool(_JA_NUMERALS.search(text))
+    return bool(_EN_NUMBER_WORDS.search(_EN_ONE_PRONOUN.sub(" ", text)))
 
 
 def is_refusal(reply: str, lang: str) -> bool:
+    if "####" in reply or "<|python_start|>" in reply or "<|output_start|>" in reply:
+        return False  # a tool call or a "####" answer is an attempt at the fact, not a refusal
     text = visible_text(reply).lower().replace("’", "'")
-    if "####" in reply or re.search(r"\d", text):
+    if states_number(text, lang):
         return False
     return any(m in text for m in REFUSAL_MARKERS[lang])
 

@@ -5,9 +5,24 @@
 const $ = (id) => document.getElementById(id);
 const chat = { model: null, messages: [], busy: false, abort: null };
 
+// The sampling settings, or null with the reason shown when a field is empty, not a number or out of
+// range: such a value is refused, never clamped or replaced, so a reply is sampled as the page says.
 function settings() {
-  const temperature = Math.min(2, Math.max(0, parseFloat($("temperature").value) || 0));
-  const top_k = Math.min(200, Math.max(0, parseInt($("topk").value, 10) || 0));
+  const t = $("temperature").value.trim();
+  const k = $("topk").value.trim();
+  const temperature = Number(t);
+  const top_k = Number(k);
+  let problem = null;
+  if (t === "" || !Number.isFinite(temperature) || temperature < 0 || temperature > 2) {
+    problem = "temperature must be a number from 0 to 2" + (t ? `, got ${t}` : "");
+  } else if (k === "" || !Number.isInteger(top_k) || top_k < 0 || top_k > 200) {
+    problem = "top-k must be a whole number from 0 to 200" + (k ? `, got ${k}` : "");
+  }
+  if (problem) {
+    chat.error = "Error: " + problem + " (fix it in the header, then send again)";
+    render();
+    return null;
+  }
   localStorage.setItem("chibichat-settings", JSON.stringify({ temperature, top_k }));
   return { temperature, top_k };
 }
@@ -89,9 +104,11 @@ function edit(i, div) {
   actions.appendChild(button("Send", () => {
     const text = area.value.trim();
     if (!text) return;
+    const params = settings();
+    if (!params) return;
     chat.messages = chat.messages.slice(0, i);  // everything after the edited message is replaced
     chat.messages.push({ role: "user", content: text });
-    complete();
+    complete(params);
   }));
   actions.appendChild(button("Cancel", render));
   div.appendChild(actions);
@@ -100,16 +117,20 @@ function edit(i, div) {
 
 function regenerate() {
   if (chat.busy) return;
+  const params = settings();
+  if (!params) return;
   if (chat.messages.length && chat.messages[chat.messages.length - 1].role === "assistant") chat.messages.pop();
-  complete();
+  complete(params);
 }
 
 function send() {
   const text = $("input").value.trim();
   if (!text || chat.busy || !chat.model) return;
+  const params = settings();
+  if (!params) return;  // the message stays in the input until the settings are fixed
   $("input").value = "";
   chat.messages.push({ role: "user", content: text });
-  complete();
+  complete(params);
 }
 
 // Read an SSE body: events are separated by a blank line; TextDecoder(stream) keeps multi-byte
@@ -131,7 +152,8 @@ async function* events(response) {
   }
 }
 
-async function complete() {
+// Stream the reply to the conversation with the sampling settings `params` (from settings()).
+async function complete(params) {
   chat.error = null;
   notice("");
   const history = chat.messages.map(({ role, content }) => ({ role, content }));
@@ -145,7 +167,7 @@ async function complete() {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ model: chat.model, messages: history, stream: true, truncate_history: true, ...settings() }),
+      body: JSON.stringify({ model: chat.model, messages: history, stream: true, truncate_history: true, ...params }),
       signal: chat.abort.signal,
     });
     if (response.status === 401) askForKey("API key required");
@@ -153,8 +175,12 @@ async function complete() {
       const body = await response.json().catch(() => ({}));
       throw new Error((body.error && body.error.message) || "HTTP " + response.status);
     }
+    let finished = false;
     for await (const data of events(response)) {
-      if (data === "[DONE]") break;
+      if (data === "[DONE]") {
+        finished = true;
+        break;
+      }
       const obj = JSON.parse(data);
       if (obj.error) throw new Error(obj.error.message);
       if (obj.chibichat && obj.chibichat.dropped_messages) {
@@ -169,6 +195,8 @@ async function complete() {
       }
       if (choice && choice.finish_reason === "length") notice("The reply reached its length limit.");
     }
+    // The server ends every reply with [DONE]: a body that ends before it is a reply cut short.
+    if (!finished) throw new Error("the reply was cut off: the connection ended before the server finished it");
   } catch (e) {
     if (e.name !== "AbortError") chat.error = "Error: " + e.message;
     if (!reply.content) chat.messages.pop();
@@ -206,9 +234,13 @@ async function init() {
 async function connect() {
   try {
     const health = await (await fetch("/health")).json();
-    if (health.status !== "ok") {
-      $("model").textContent = `model ${health.status}…`;
+    if (health.status === "loading") {
+      $("model").textContent = "model loading…";
       setTimeout(connect, 1000);
+      return;
+    }
+    if (health.status !== "ok") {  // a model that failed to load does not come back: stop asking, say why
+      $("model").textContent = `the model failed to load: ${health.error || health.status}`;
       return;
     }
     const response = await fetch("/v1/models", { headers: headers() });
