@@ -98,7 +98,7 @@ def _parse(conv, *, need_final_assistant: bool) -> tuple[str | None, list[_Excha
         else:
             _check_assistant(content, i)
             exchanges[-1].assistant = content
-            exchanges[-1].trained = _weight(m.get("weight"), i) == 1
+            exchanges[-1].trained = message_weight(m.get("weight"), f"message {i} (assistant)", ChibiError) == 1
     if not exchanges:
         raise ChibiError("conversation has only a system message; it needs at least one user message")
     if need_final_assistant and exchanges[-1].assistant is None:
@@ -115,12 +115,13 @@ def _parse(conv, *, need_final_assistant: bool) -> tuple[str | None, list[_Excha
     return system, exchanges
 
 
-def _weight(value, i: int) -> int:
-    """An assistant message's "weight": absent = 1; else exactly 0 or 1 (no partial weighting)."""
+def message_weight(value, where: str, error=ChibiError) -> int:
+    """An assistant message's OpenAI fine-tuning "weight": absent = 1; else exactly 0 (not trained) or 1 (trained),
+    no partial weighting. A bad value raises `error` naming `where`."""
     if value is None:
         return 1
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
-        raise ChibiError(f"message {i} (assistant): weight must be 0 (not trained) or 1 (trained), got {value!r}")
+        raise error(f"{where}: weight must be 0 (not trained) or 1 (trained), got {value!r}")
     return int(value)
 
 

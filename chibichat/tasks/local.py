@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chibichat.common import ChibiError
+from chibichat.render import message_weight
 from chibichat.tasks.base import Task
 
 PREFIX = "file:"
@@ -274,7 +275,7 @@ def _messages_from_openai(msgs, where: str) -> list[dict]:
                 open_tool = True
             if not parts:
                 raise RowError(f"{at}: empty content (an assistant message needs text or a tool call)")
-            weight = _weight(m.get("weight"), at)
+            weight = message_weight(m.get("weight"), at, RowError)
             continues = prev is not None and prev["role"] == "assistant" and prev["content"] \
                 and prev["content"][-1]["type"] == "python_output"
             if continues:  # the reply after a tool result belongs to the same assistant turn
@@ -293,15 +294,6 @@ def _messages_from_openai(msgs, where: str) -> list[dict]:
         if m["role"] == "assistant" and len(m["content"]) == 1 and m["content"][0]["type"] == "text":
             m["content"] = m["content"][0]["text"]
     return out
-
-
-def _weight(value, where: str) -> int:
-    """OpenAI's per-message fine-tuning weight: absent = 1, else exactly 0 (not trained) or 1 (trained)."""
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
-        raise RowError(f"{where}: weight must be 0 (not trained) or 1 (trained), got {value!r}")
-    return int(value)
 
 
 def _messages_from_sharegpt(turns, where: str) -> list[dict]:
