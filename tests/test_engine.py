@@ -291,13 +291,20 @@ def chain(pairs):
     return {a: b for a, b in zip(pairs, pairs[1:])}
 
 
-def test_calculator_tool_forces_output(tok, rt):
+def calculator_engine(tok, rt):
+    """An engine whose model, after prompt token 65, calls the calculator on "12*3" and ends after its output;
+    returns it and the ids of <|python_start|>, <|python_end|>, <|output_start|>, <|output_end|>,
+    <|assistant_end|>."""
     sid = tok.special_id
     ps, pe, os_, oe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
                                              "<|output_end|>", "<|assistant_end|>"))  # fmt: skip
     table = chain([65, ps, *tok.encode("12*3"), pe])
     table[oe] = ae
-    engine = Engine(Scripted(random_model(tok, "AS"), table, default=88), tok, rt)
+    return Engine(Scripted(random_model(tok, "AS"), table, default=88), tok, rt), (ps, pe, os_, oe, ae)
+
+
+def test_calculator_tool_forces_output(tok, rt):
+    engine, (ps, pe, os_, oe, ae) = calculator_engine(tok, rt)
     plain = dict(chain([66, 67, ae]))  # a second prompt that never calls the tool
     engine.model.table.update(plain)
     out = engine.generate([[tok.bos_id, 65], [tok.bos_id, 66]], max_tokens=30, temperature=0)
@@ -321,12 +328,7 @@ def test_logprobs_of_tool_forced_tokens_are_certain(tok, rt):
     model's own choices."""
     import math
 
-    sid = tok.special_id
-    ps, pe, os_, oe, ae = (sid(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
-                                             "<|output_end|>", "<|assistant_end|>"))  # fmt: skip
-    table = chain([65, ps, *tok.encode("12*3"), pe])
-    table[oe] = ae
-    engine = Engine(Scripted(random_model(tok, "AS"), table, default=88), tok, rt)
+    engine, (ps, pe, os_, oe, ae) = calculator_engine(tok, rt)
     forced = [os_, *tok.encode("36"), oe]
     for k, alternatives in ((2, lambda t: [(t, 0.0)]), (0, lambda t: [])):
         result = {}
