@@ -51,6 +51,12 @@ class _Exchange:
     trained: bool = True  # False: the assistant turn has weight 0 (read, never a target)
 
 
+# The default cap of the budgets whose replies a checker scores (eval skills, RL): room for every reply the chat
+# data teaches (the longest, a Japanese letter count in the 1,024-token vocabulary, takes ~84 tokens), while a
+# reply that runs on past its answer stops within twice that.
+CHECKED_REPLY_CAP = 128
+
+
 def reply_budget(seq_len: int, requested: int | None = None, cap: int = 256, what: str = "--max-tokens") -> int:
     """Tokens a generated reply may take in a context of `seq_len`; the prompt gets the rest. The one rule
     for every generation budget: the requested count, else half the context, at most `cap` (the caller's

@@ -279,11 +279,13 @@ def test_finished_stages_are_reused_only_with_the_settings_they_ran_with(tmp_pat
     home, _ = make_base(tmp_path / "home")
     flags = {}  # (stage, tag) -> the flags its checkpoint records (as the stage parsed its command)
     monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda h, stage, tag, step=None: (stage, tag))
-    monkeypatch.setattr(checkpoint, "read_meta", lambda where: {"flags": flags[where]})
+    monkeypatch.setattr(checkpoint, "read_meta", lambda where: {"model_config": {"seq_len": 256}} if where[0] == "base"
+                        else {"flags": flags[where]})
     monkeypatch.setattr(B.subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a[0]}"))
 
     def finish(*extra):  # the run ab-default-s0 finished with these bench flags, on another device
         args = _args(home.root, "--from-tag", "d2", "--seeds", "0", "--device", "cuda", *extra)
+        B.resolve_reply_budget(args, home)
         for tag, stage, argv in B.stage_argvs(args, home, B.Arm("default"), 0):
             if stage == "eval":
                 (home.eval_dir("sft", tag)).mkdir(parents=True, exist_ok=True)
@@ -302,8 +304,9 @@ def test_finished_stages_are_reused_only_with_the_settings_they_ran_with(tmp_pat
     with pytest.raises(ChibiError, match=r"^ab-default-s0: its finished sft run was trained with --num-steps 300, this "
                                          r"bench asks 5 \(set by --sft-steps\)"):
         B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0", "--mid-steps", "250", "--sft-steps", "5"))
-    with pytest.raises(ChibiError, match=r"^ab-default-s0: its sft model was evaluated with --max-new-tokens 64, this "
-                                         r"bench asks 32: rerun with --max-new-tokens 64, give the bench another --name"):
+    # The default budget is resolved from the base model's context (256 -> 128), as eval skills resolves it.
+    with pytest.raises(ChibiError, match=r"^ab-default-s0: its sft model was evaluated with --max-new-tokens 128, this "
+                                         r"bench asks 32: rerun with --max-new-tokens 128, give the bench another --name"):
         B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0", "--mid-steps", "250", "--max-new-tokens", "32"))
 
 

@@ -109,7 +109,8 @@ def add_args(p) -> None:
     p.add_argument("--rl-steps", type=int, default=0,
                    help="RL steps after SFT, the arms then judged after RL (default: 0, no RL; the cpu preset's: 15)")
     p.add_argument("--lang", choices=("en", "ja"), default="en", help="held-out prompt set (default: en)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per reply in eval skills (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per reply in eval skills (default: eval skills' own, min(128, half the context))")
     p.add_argument("--max-per-skill", type=int, default=None,
                    help="first N prompts per skill (smoke runs; default: all)")
     p.add_argument("--name", default="ab", help="names the runs' tags (NAME-ARM-sSEED) and the report (default: ab)")
@@ -204,7 +205,9 @@ def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = Non
            "--num-steps", str(args.sft_steps), "--eval-every", str(args.sft_steps), "--seed", str(seed), *rt]
     mid += arm.mid_flags
     sft += arm.sft_flags
-    ev = ["eval", "skills", *h, "--lang", args.lang, "--max-new-tokens", str(args.max_new_tokens), *rt]
+    ev = ["eval", "skills", *h, "--lang", args.lang, *rt]
+    if args.max_new_tokens is not None:  # run() has resolved it (resolve_reply_budget); else eval skills' own
+        ev += ["--max-new-tokens", str(args.max_new_tokens)]
     if args.max_per_skill is not None:
         ev += ["--max-per-skill", str(args.max_per_skill)]
     out = [(mid_tag, "mid", mid), (sft_tag, "sft", sft), (sft_tag, "eval", [*ev, "--from", "sft", "--tag", sft_tag])]
@@ -328,6 +331,17 @@ def table_md(table: list[dict], name: str, lang: str, base_tag: str, rl_steps: i
     return "\n".join(lines) + "\n"
 
 
+def resolve_reply_budget(args, home: Home) -> None:
+    """Set args.max_new_tokens to the evaluations' reply budget: eval skills' own rule applied to the base
+    model's context (the chat stages keep it), so a finished evaluation is compared with a number, not with
+    a default."""
+    from chibichat.render import CHECKED_REPLY_CAP, reply_budget
+    from chibichat.train.checkpoint import read_meta, resolve_checkpoint
+
+    seq_len = read_meta(resolve_checkpoint(home, "base", args.from_tag))["model_config"]["seq_len"]
+    args.max_new_tokens = reply_budget(seq_len, args.max_new_tokens, cap=CHECKED_REPLY_CAP, what="--max-new-tokens")
+
+
 def run(args) -> int:
     check_at_least(args, 1, "mid_steps", "sft_steps", "max_new_tokens", "max_per_skill")
     check_at_least(args, 0, "rl_steps")
@@ -345,6 +359,7 @@ def run(args) -> int:
     if not list_steps(home.checkpoints_dir("base", args.from_tag)):
         raise ChibiError(f"no base checkpoint {args.from_tag!r} in {home.root}: pretrain one first "
                          f"(chibichat pretrain --tag {args.from_tag} ...) or name an existing tag with --from-tag")
+    resolve_reply_budget(args, home)
     rows, owners, sft_of = [], mid_owners(arms), sft_owners(arms)
     key, _ = skill_keys(args.lang)
 

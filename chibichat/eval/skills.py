@@ -22,7 +22,7 @@ from typing import Protocol, Sequence
 
 from chibichat.common import ChibiError
 from chibichat.tasks.skills import LANGS, OPEN, SKILLS, check_reply, reply_quality
-from chibichat.render import reply_budget
+from chibichat.render import CHECKED_REPLY_CAP, reply_budget
 
 
 class ReplyGenerator(Protocol):
@@ -199,7 +199,7 @@ def run_skills(args) -> int:
         lang = args.lang or checkpoint_lang(meta, tok)
         items = first_per_skill(load_items(lang), args.max_per_skill)
         seq_len = model.config.seq_len
-        max_tokens = reply_budget(seq_len, args.max_new_tokens, cap=128, what="--max-new-tokens")
+        max_tokens = reply_budget(seq_len, args.max_new_tokens, cap=CHECKED_REPLY_CAP, what="--max-new-tokens")
         out = evaluate_skills(items, lang, EngineReplies(Engine(model, tok, rt), args.eval_batch_size), tok,
                               seq_len, max_tokens)
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]

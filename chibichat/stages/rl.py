@@ -299,7 +299,8 @@ def register(sub):
                    help="held-out task for pass@k (default: the test split(s) of a generated --task)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per micro-batch (default: 8)")
     p.add_argument("--num-samples", type=int, default=8, help="samples per prompt, the group size (default: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per completion (default: min(128, half the model's context))")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default: 50; 0 = off)")
     p.add_argument("--train-items", type=int, default=2000, help="generated training prompts, per task of a --task list (default: 2000)")
@@ -386,6 +387,7 @@ def run(args) -> int:
 
     from chibichat.common import Home, check_home, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine
+    from chibichat.render import CHECKED_REPLY_CAP, reply_budget
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.finetune import (check_room, load_source, loop_config, make_optimizer, source_lrs,
                                           stage_meta, summary_head, write_summary)
@@ -414,7 +416,9 @@ def run(args) -> int:
         check_room(home, model, args, cfg, "rl")
         lrs = source_lrs(src_meta, args, model)
         engine = Engine(model, tok, rt)
-        passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=args.max_new_tokens,
+        # A completion cut before its answer scores 0 whatever it knew: the cap holds every reply the data teaches.
+        max_tokens = reply_budget(engine.seq_len, args.max_new_tokens, cap=CHECKED_REPLY_CAP, what="--max-new-tokens")
+        passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=max_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)
         t0 = time.time()
         model.eval()
@@ -422,7 +426,7 @@ def run(args) -> int:
         print0(rt, f"rl: pass@k before {before}")
 
         batches = RolloutBatches(engine, tok, task, rt, prompts=args.prompts_per_step, samples=args.num_samples,
-                                 max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
+                                 max_tokens=max_tokens, temperature=args.temperature, top_k=top_k,
                                  seed=args.seed)
         optimizer = make_optimizer(model, lrs)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
