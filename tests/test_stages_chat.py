@@ -820,6 +820,38 @@ def test_sft_soup_averages_its_members_and_reuses_finished_ones(base, capsys):
     assert all(torch.equal(again[k], soup[k]) for k in soup)
 
 
+def test_soup_minutes_cover_the_members_start_ups(base, monkeypatch):
+    """--minutes with --soup K is the whole stage's: each member's loop gets an equal part of what is left,
+    less the start-up (data, model, evaluations, saves) members took beyond their loops, so K runs end
+    within the budget instead of K start-ups past it."""
+    import types
+
+    from chibichat.stages import sft
+
+    home, _ = base
+    now = [1000.0]
+    given = []
+
+    class Done(Exception):
+        pass
+
+    def member(margs, **kind):  # a member whose loop keeps its budget and whose start-up takes 7 s
+        given.append(margs.minutes)
+        now[0] += margs.minutes * 60 + 7.0
+        if len(given) == 3:
+            raise Done
+
+    monkeypatch.setattr(sft, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(sft, "run_conversation_stage", member)
+    with pytest.raises(Done):
+        sft.run(_parse(["sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "sb", *FAST,
+                        "--mix", "arithmetic=0.1", "--num-steps", "50", "--soup", "3", "--minutes", "1"]))
+    # 60 s: the first member 60/3 s (no start-up seen yet), then (60 - 27) / 2 - 7 and (60 - 43.5) - 7
+    assert given == pytest.approx([20 / 60, 9.5 / 60, 9.5 / 60])
+    assert now[0] - 1000.0 == pytest.approx(60.0)
+    assert sft.member_minutes(1.0, 59.0, 2, 7.0) == sft.MIN_MEMBER_S / 60  # an overrun budget: the fewest steps
+
+
 def test_sft_soup_refusals(base):
     from chibichat.stages import sft
 

@@ -245,7 +245,8 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
                         "default: 0, off)")
     p.add_argument("--soup", type=int, default=1, metavar="K",
                    help="train K runs from the same source with seeds SEED..SEED+K-1 (tags TAG-soup0..) and save "
-                        "the average of their weights as TAG; --minutes is the K runs' together (default: 1, one run)")
+                        "the average of their weights as TAG; --minutes is the K runs' together, start-ups included "
+                        "(default: 1, one run)")
     p.add_argument("--val-items", type=int, default=50, help="held-out items per task (default: 50)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (default: 8)")
     add_optim_args(p, lr_frac)
@@ -356,6 +357,17 @@ def soup_members(tag: str, seed: int, k: int) -> list[tuple[str, int]]:
     return [(f"{tag}-soup{i}", seed + i) for i in range(k)]
 
 
+MIN_MEMBER_S = 5.0  # a member's budget never goes below this: its loop then runs its fewest steps and says so
+
+
+def member_minutes(stage_minutes: float, spent_s: float, left: int, startup_s: float) -> float:
+    """--minutes for the next of `left` members still to train, so the K runs together keep the stage's
+    budget, start-ups included (a member's --minutes covers its training loop only): what is left of the
+    budget shared equally, less the start-up the members so far took beyond their loops."""
+    share = (stage_minutes * 60 - spent_s) / left - startup_s
+    return max(share, MIN_MEMBER_S) / 60
+
+
 def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
     """`sft --soup K` / `midtrain --soup K`: K runs of the stage from one source, differing only in their
     seed (data order, validation items, sampling), each a complete run under its own tag; then the mean of
@@ -392,11 +404,8 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
                          "start again")
     t0 = time.time()
     members = soup_members(tag, args.seed, args.soup)
+    todo = []
     for mtag, mseed in members:
-        margs = copy.copy(args)
-        margs.tag, margs.seed, margs.soup, margs.resume = mtag, mseed, 1, False
-        if args.minutes is not None:
-            margs.minutes = args.minutes / args.soup  # the budget is the whole stage's
         mdir = home.checkpoints_dir(stage, mtag)
         if not args.overwrite and (mdir / "summary.json").exists():
             done = read_meta(resolve_checkpoint(home, stage, mtag)).get("flags", {})
@@ -405,10 +414,22 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
                     raise ChibiError(f"{mdir} was trained with {key}={done.get(key)!r}, this run asks "
                                      f"{getattr(args, key)!r}; pass --overwrite to train the members again")
             print(f"{command} --soup: {mtag} (seed {mseed}) is done already, not trained again", flush=True)
-            continue
+        else:
+            todo.append((mtag, mseed))
+    startup = 0.0  # seconds a member ran beyond its loop's budget (data, model, evaluations, saves): the most seen
+    for i, (mtag, mseed) in enumerate(todo):
+        margs = copy.copy(args)
+        margs.tag, margs.seed, margs.soup, margs.resume = mtag, mseed, 1, False
+        if args.minutes is not None:
+            margs.minutes = member_minutes(args.minutes, time.time() - t0, len(todo) - i, startup)
+        mdir = home.checkpoints_dir(stage, mtag)
         margs.resume = bool(mdir.exists() and list_steps(mdir) and not args.overwrite)
-        print(f"{command} --soup: run {mtag} (seed {mseed}){' resumed' if margs.resume else ''}", flush=True)
+        print(f"{command} --soup: run {mtag} (seed {mseed}){' resumed' if margs.resume else ''}"
+              + (f", --minutes {margs.minutes:.3g}" if args.minutes is not None else ""), flush=True)
+        m0 = time.time()
         run_conversation_stage(margs, stage=stage, train_all_tokens=train_all_tokens, mix_en=mix_en, mix_ja=mix_ja)
+        if args.minutes is not None:
+            startup = max(startup, time.time() - m0 - margs.minutes * 60)
 
     rt = init_runtime(args.device, args.dtype)
     try:
