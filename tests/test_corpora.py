@@ -273,6 +273,19 @@ def test_a_byte_order_mark_is_dropped_and_a_nul_byte_refused(tmp_path):
                             "UTF-16 file?); convert it to UTF-8 text or remove it from the folder")
 
 
+def test_txt_lines_end_at_newline_only(tmp_path):
+    """Like .jsonl, a .txt line ends at "\n" only: U+2028, U+2029, U+0085, a form feed, a vertical tab, the
+    file/group/record separators and a lone "\r" inside a line are text and stay (str.splitlines would cut
+    there and turn each into a newline); "\r\n" ends a line; a line of whitespace only is blank."""
+    seps = "one\u2028two\u2029three\x85four\x0cfive\x0bsix\x1cseven\x1deight\x1enine"
+    text = seps + "\r\nline two\r\n\r\npara\rtwo\n\x0c\nlast  \n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8", newline="")
+    (tmp_path / "b.txt").write_text("v", encoding="utf-8")
+    (s,) = get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert s.read_group(0) == [seps + "\nline two\n\npara\rtwo\n\nlast"]
+    assert split_paragraphs(text) == [seps + "\nline two", "para\rtwo", "last"]
+
+
 @pytest.mark.parametrize("have, lack", [("train", "val"), ("val", "train")])
 def test_only_one_of_train_and_val_is_an_error(tmp_path, have, lack):
     (tmp_path / have).mkdir()
@@ -415,6 +428,123 @@ def test_content_column_accepted(tmp_path):
     write_parquet(tmp_path / "b.parquet", ["v"], 10)
     (s,) = get_corpus(f"local:{tmp_path}").shards("train", None)
     assert s.read_group(0) == ["日本語の文書"]
+
+
+@pytest.mark.parametrize("bad, what, column", [
+    ("", "a blank", "text"),
+    (" \n\t\u3000", "a blank", "text"),
+    (None, "a null", "text"),
+    ("", "a blank", "content"),
+], ids=["empty", "whitespace", "null", "empty-content"])
+def test_blank_or_null_parquet_texts_are_errors(tmp_path, bad, what, column):
+    """As a blank .txt/.jsonl document is refused, so is a blank or null text in a local parquet file, named
+    by its row in the file (row groups of 2: row 4 is the first row of group 2)."""
+    write_parquet(tmp_path / "a.parquet", ["r0", "r1", "r2", "r3", bad, "r5"], 2, column=column)
+    write_parquet(tmp_path / "b.parquet", ["v"], 2)
+    (s,) = get_corpus(f"local:{tmp_path}").shards("train", None)
+    assert s.read_group(0) == ["r0", "r1"] and s.read_group(1) == ["r2", "r3"]
+    with pytest.raises(ChibiError) as e:
+        s.read_group(2)
+    assert str(e.value) == (f"{tmp_path / 'a.parquet'} row 4 (counting from 0) has {what} {column!r}; remove that row "
+                            "or put text in it, and re-export the file")
+
+
+# ---------------------------------------------------------------------------------------------- unreadable
+
+
+def _deny(monkeypatch, method, denied):
+    """Path.<method> raises PermissionError for the paths in `denied` (as for chmod 000 when not root)."""
+    from pathlib import Path
+
+    real = getattr(Path, method)
+
+    def guarded(self, *a, **k):
+        if self in denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, method, guarded)
+
+
+def _unreadable_msg(path, inside):
+    return (f"{path} cannot be read (permission denied); give this user read access (e.g. `chmod u+rX {path}` as "
+            "its owner)" + (", or move it out of the corpus folder" if inside else ""))
+
+
+def test_an_unreadable_corpus_folder_or_subfolder_is_named(tmp_path, monkeypatch):
+    for d in ("train/sub", "val"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "train" / "a.txt").write_text("a")
+    (tmp_path / "train" / "sub" / "s.txt").write_text("s")
+    (tmp_path / "val" / "v.txt").write_text("v")
+    c = get_corpus(f"local:{tmp_path}")
+    with monkeypatch.context() as m:
+        _deny(m, "iterdir", {tmp_path / "train" / "sub"})
+        with pytest.raises(ChibiError) as e:
+            c.shards("train", None)
+        assert str(e.value) == _unreadable_msg(tmp_path / "train" / "sub", inside=True)
+        assert c.status(None)["problem"] == str(e.value)
+    with monkeypatch.context() as m:
+        _deny(m, "iterdir", {tmp_path})
+        with pytest.raises(ChibiError) as e:
+            c.shards("val", None)
+        assert str(e.value) == _unreadable_msg(tmp_path, inside=False)
+        assert get_corpus(f"local:{tmp_path}").lang == "unknown"
+    # a folder that can be listed but not entered (mode r--): the call fails on a path inside it, which
+    # may not exist; the error names the folder
+    with monkeypatch.context() as m:
+        _deny(m, "is_dir", {tmp_path / "train"})
+        m.setattr(corpora.os, "access", lambda p, mode: p != tmp_path)
+        with pytest.raises(ChibiError) as e:
+            c.skipped_files()
+        assert str(e.value) == _unreadable_msg(tmp_path, inside=False)
+
+
+def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("a")
+    write_parquet(tmp_path / "b.parquet", ["b"], 2)
+    (tmp_path / "c.jsonl").write_text('{"text": "c"}\n')
+    (tmp_path / "d.txt").write_text("v")
+    _deny(monkeypatch, "read_bytes", {tmp_path / "a.txt", tmp_path / "c.jsonl"})
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pq, "ParquetFile", denied)
+    for s in get_corpus(f"local:{tmp_path}").shards("train", None):
+        with pytest.raises(ChibiError) as e:
+            s.num_groups()
+        assert str(e.value) == _unreadable_msg(s.path, inside=True)
+
+
+def test_unreadable_with_real_permissions(tmp_path):
+    """The same errors from the file system itself (skipped where permissions do not bind, as for root)."""
+    for d in ("train/sub", "val"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "train" / "a.txt").write_text("a")
+    (tmp_path / "val" / "v.txt").write_text("v")
+    (tmp_path / "train" / "sub").chmod(0)
+    (tmp_path / "val" / "v.txt").chmod(0)
+    try:
+        if os.access(tmp_path / "train" / "sub", os.R_OK):
+            pytest.skip("this user reads folders of mode 000 (root)")
+        c = get_corpus(f"local:{tmp_path}")
+        with pytest.raises(ChibiError) as e:
+            c.shards("train", None)
+        assert str(e.value) == _unreadable_msg(tmp_path / "train" / "sub", inside=True)
+        (tmp_path / "train" / "sub").chmod(0o755)
+        (v,) = c.shards("val", None)
+        with pytest.raises(ChibiError) as e:
+            v.num_groups()
+        assert str(e.value) == _unreadable_msg(tmp_path / "val" / "v.txt", inside=True)
+        (tmp_path / "train").chmod(0o644)  # listed, not entered: named, not train/a.txt
+        with pytest.raises(ChibiError) as e:
+            c.shards("train", None)
+        assert str(e.value) == _unreadable_msg(tmp_path / "train", inside=True)
+    finally:
+        (tmp_path / "train").chmod(0o755)
+        (tmp_path / "train" / "sub").chmod(0o755)
+        (tmp_path / "val" / "v.txt").chmod(0o644)
 
 
 # ---------------------------------------------------------------------------------------------- embedded format

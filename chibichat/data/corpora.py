@@ -65,9 +65,14 @@ def _check_split(split: str) -> None:
 
 
 def split_paragraphs(text: str) -> list[str]:
-    """Paragraphs = runs of non-blank lines; blank lines separate them. Lines keep their breaks."""
+    r"""Paragraphs = runs of non-blank lines; blank (empty or whitespace-only) lines separate them.
+
+    Lines end at "\n" only (so "\r\n" too; the "\r" goes with the line's trailing whitespace, which is
+    dropped), as in .jsonl files: U+2028, U+2029, U+0085, a form feed or a lone "\r" inside a line is text
+    and stays, where str.splitlines would cut there and turn it into a newline. Lines are joined by "\n".
+    """
     paras, cur = [], []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if line.strip():
             cur.append(line.rstrip())
         elif cur:
@@ -204,11 +209,27 @@ class DocListShard(Shard):
         return self.documents()[i * self.group_docs : (i + 1) * self.group_docs]
 
 
+def unreadable(path: Path | str, folder: Path | None = None) -> ChibiError:
+    """The error for a file or folder this user may not read (mode 000, another user's folder).
+
+    It names the first folder on the way to `path` that cannot be entered (a call on a path inside such a
+    folder fails with that path, which may not even exist), else `path`. Moving it out of the corpus folder
+    is a fix too, unless it is `folder` (the corpus folder) or above it; None: a file of the corpus."""
+    path = Path(path)
+    blocked = next((p for p in reversed(path.parents) if not os.access(p, os.X_OK)), path)
+    inside = folder is None or (blocked != folder and blocked.is_relative_to(folder))
+    alt = ", or move it out of the corpus folder" if inside else ""
+    return ChibiError(f"{blocked} cannot be read (permission denied); give this user read access (e.g. "
+                      f"`chmod u+rX {blocked}` as its owner){alt}")
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
         raise ChibiError(f"{path} does not exist (it was listed a moment ago); re-run the command") from None
+    except PermissionError:
+        raise unreadable(path) from None
 
 
 def _parse_jsonl(text: str, path: Path, field: str = "text") -> list[str]:
@@ -293,6 +314,8 @@ class ParquetShard(Shard):
             return pq.ParquetFile(self.path)
         except FileNotFoundError:
             raise ChibiError(f"{self.path} does not exist (it was listed a moment ago); {self._fix()}") from None
+        except PermissionError:
+            raise unreadable(self.path) from None
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated or garbage files
             raise self._corrupt(e) from None
 
@@ -317,13 +340,19 @@ class ParquetShard(Shard):
     def read_group(self, i: int) -> list[str]:
         _, column = self._meta()
         self._check_index(i)
+        pf = self._open()
         try:
-            values = self._open().read_row_group(i, columns=[column]).column(0).to_pylist()
-        except ChibiError:
-            raise
+            values = pf.read_row_group(i, columns=[column]).column(0).to_pylist()
         except Exception as e:
             raise self._corrupt(e) from None
-        for v in values:
+        for k, v in enumerate(values):
+            # A user's file is held to the .txt/.jsonl rule (no blank document); an online shard is the
+            # hub's data, which no re-download would change.
+            if self._corpus is None and (v is None or isinstance(v, str) and (not v or v.isspace())):
+                row = sum(pf.metadata.row_group(j).num_rows for j in range(i)) + k
+                what = "a null" if v is None else "a blank"
+                raise ChibiError(f"{self.path} row {row:,} (counting from 0) has {what} {column!r}; remove that row "
+                                 "or put text in it, and re-export the file")
             if not isinstance(v, str):
                 raise ChibiError(f"{self.path} row group {i}: column {column!r} holds {type(v).__name__}, not text; fix the file")
         return values
@@ -529,12 +558,13 @@ class LocalCorpus(Corpus):
     Otherwise the data files directly in the folder, sorted by name, are used and the LAST one is val
     (so the folder needs at least two); a subfolder there is an error, as are only one of train/ and
     val/, a broken symlink, a symlink loop, and one file reached twice (a link: val must never hold
-    training text). Hidden files and folders (a name starting with ".") are not read. Parquet: column
-    "text" (or "content"), groups = row groups. JSONL: one object per line with a non-blank string
-    "text", no blank lines. TXT: UTF-8, paragraphs separated by blank lines, packed into documents of
-    at most DOC_MAX_CHARS characters (a longer paragraph stays whole). Text files may start with a
-    UTF-8 byte-order mark (dropped); one holding a NUL byte is refused. Non-parquet files are groups
-    of GROUP_DOCS documents.
+    training text). Hidden files and folders (a name starting with ".") are not read. A file or folder
+    this user may not read is an error naming it. Parquet: column "text" (or "content"), groups = row
+    groups, no null or blank text. JSONL: one object per line with a non-blank string "text", no blank
+    lines. TXT: UTF-8, paragraphs separated by blank lines, packed into documents of at most
+    DOC_MAX_CHARS characters (a longer paragraph stays whole). JSONL and TXT lines end at "\\n" only
+    (split_paragraphs). Text files may start with a UTF-8 byte-order mark (dropped); one holding a NUL
+    byte is refused. Non-parquet files are groups of GROUP_DOCS documents.
     """
 
     licence = "whatever the files' own licences are"
@@ -597,7 +627,13 @@ class LocalCorpus(Corpus):
         """(train/ and val/ layout?, the files of each split, the entries no split reads), from one walk.
 
         ChibiError where the layout leaves what to read unclear: only one of train/ and val/, or
-        subfolders without them (their files would not be read)."""
+        subfolders without them (their files would not be read); and for a folder this user may not read."""
+        try:
+            return self._walk()
+        except PermissionError as e:
+            raise unreadable(e.filename or self.folder, self.folder) from None
+
+    def _walk(self) -> tuple[bool, dict[str, list[Path]], list[Path]]:
         if not self.folder.is_dir():
             raise ChibiError(f"local corpus folder {self.folder} does not exist or is not a folder")
         present = [s for s in SPLITS if (self.folder / s).is_dir()]
@@ -632,8 +668,11 @@ class LocalCorpus(Corpus):
     def skipped_files(self) -> list[Path]:
         """Entries under the folder that no split reads: other suffixes, hidden files and folders, what is not
         a regular file, and anything outside train/ and val/ when those subfolders are the splits."""
-        if not self.folder.is_dir():
-            return []
+        try:
+            if not self.folder.is_dir():
+                return []
+        except PermissionError as e:
+            raise unreadable(e.filename or self.folder, self.folder) from None
         return self._scan()[2]
 
     def _rel(self, p: Path) -> str:
