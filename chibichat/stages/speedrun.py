@@ -344,10 +344,12 @@ PRESETS: dict[str, Preset] = {
         # RL is the most expensive step per update on CPU (sampling) and moved the held-out skills least,
         # so it gets a short run: the stage still shows its reward curve and pass@k before/after.
         rl=["--num-steps", "15"],
-        # No --max-new-tokens for RL and the evaluations: their default (half the 256-token context, 128) holds
-        # every reply the chat data teaches; the 64 set before cut 84% of the Japanese letter-count replies (up
-        # to 84 tokens in the 1,024-token vocabulary) before their answer (docs/benchmarks.md, session 27).
-        eval_chat=["--max-items", "40"],
+        # Reply budgets that hold every reply the chat data teaches (tests/test_reply_budgets.py): the 64 set
+        # before cut 84% of the Japanese letter-count replies (up to 84 tokens in the 1,024-token vocabulary)
+        # before their answer (docs/benchmarks.md, session 27). RL and eval skills take their default (128, half
+        # the context); eval chat 96, as its GSM8K and HumanEval replies run on to the budget: 128 took its
+        # 40 items per task 2.8x as long as 64.
+        eval_chat=["--max-items", "40", "--max-new-tokens", "96"],
         # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
         # a quickstart there, with fewer steps. Shares of the 14 minutes: pretraining ~4.8, midtraining ~3.8
         # (4 x 250 steps), SFT ~4.9 (4 x 300 steps), RL ~0.6 (15 steps): on the 2-core AMX machine each is
@@ -385,7 +387,7 @@ PRESETS: dict[str, Preset] = {
         # SFT has nearly solved the RL prompts, so longer RL has little to learn and unlearns some
         # one-step problems (docs/benchmarks.md, "RL steps scaled by their signal").
         rl=["--num-steps", "15"],
-        eval_chat=["--max-items", "100"],  # the evaluations' own reply budgets, as in `cpu`
+        eval_chat=["--max-items", "100", "--max-new-tokens", "96"],  # reply budgets as in `cpu`
         # On the 2-core EPYC (docs/benchmarks.md, "cpu-hour with d5 and both soups"): pretraining fitted 2,297 of
         # its 2,400 steps (0.6 s/step), midtraining 362-394 of 400 at a 17% share (hence 19% now: ~0.35 s/step x
         # 4 x 400), SFT reached its 4 x 600 steps in 13.7 of its 16.2 minutes, RL 40 steps in 0.7 (15 steps in
