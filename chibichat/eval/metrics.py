@@ -162,6 +162,20 @@ def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict | Non
     return paths
 
 
+def remove_eval_outputs(out_dir, name: str) -> list[str]:
+    """Remove the `<name>.jsonl` and `<name>.csv` that write_eval_outputs wrote, where they exist: an
+    evaluation whose summary keys are dropped takes its per-item files with them, which would otherwise
+    describe another run than summary.json. Returns the paths removed."""
+    from pathlib import Path
+
+    removed = []
+    for path in (Path(out_dir) / f"{name}.jsonl", Path(out_dir) / f"{name}.csv"):
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
 def merge_summary(out_dir, summary: dict, drop=()):
     """Merge flat keys into `<out_dir>/summary.json` (shared by every eval of one checkpoint), after
     removing the keys in `drop` (an evaluation's earlier figures that the new ones supersede)."""
