@@ -93,6 +93,15 @@ def test_summary_keys_name_files_without_paths():
     assert E.summary_key("arc-easy") == "arc_easy"
     assert E.summary_key("file:/data/My QA-test.v2.jsonl") == "file_my_qa_test"
     assert E.summary_key("file:examples/support-heldout.jsonl") == "file_support_heldout"
+    assert E.items_name("arc-easy") == "chat_arc_easy" and E.items_name("file:/d/qa.jsonl") == "chat_file_qa"
+
+
+def test_jglue_tasks_are_keyed_apart_from_eval_jglue():
+    # `eval jglue` writes jsquad_em, jsquad_n, jnli, jnli_n, ... into the same summary.json
+    assert E.task_keys("jsquad") == ("jsquad_chat", "jsquad_chat_centered", "jsquad_chat_n",
+                                     "jsquad_chat_skipped_too_long")
+    assert E.task_keys("jnli")[:3] == ("jnli_chat", "jnli_chat_centered", "jnli_chat_n")
+    assert E.items_name("jsquad") == "chat_jsquad"  # beside eval jglue's jsquad.jsonl
 
 
 def test_a_record_keeps_earlier_tasks_only_under_the_same_settings():

@@ -252,6 +252,12 @@ def test_write_eval_outputs(tmp_path):
     assert len(lines) == len(GOLDS) and json.loads(lines[1])["gold"] == 1
     header = (tmp_path / "core.csv").read_text().splitlines()[0]
     assert "correct" in header and "losses" not in header
+    # the per-item files go when their summary keys do; a missing one is not an error
+    from chibichat.eval.metrics import remove_eval_outputs
+
+    assert remove_eval_outputs(tmp_path, "core") == [str(tmp_path / "core.jsonl"), str(tmp_path / "core.csv")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.csv", "other.jsonl", "summary.json"]
+    assert remove_eval_outputs(tmp_path, "core") == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,4 +455,31 @@ def test_eval_jglue_and_eval_chat_agree_on_jsquad_exact_match(tmp_path):
                            cfg=E.GenSettings(max_tokens=16))
     assert [r["em"] for r in base["items"]["jsquad"]] == [1.0, 0.0, 0.0, 1.0]
     assert [float(r["n_correct"]) for r in chat["items"]["jsquad"]] == [1.0, 0.0, 0.0, 1.0]
-    assert chat["summary"]["jsquad"] == base["summary"]["jsquad_em"] == 0.5
+    assert chat["summary"]["jsquad_chat"] == base["summary"]["jsquad_em"] == 0.5
+
+
+def test_eval_jglue_and_eval_chat_keys_share_one_summary(tmp_path):
+    """`eval jglue` and `eval chat --tasks jcommonsenseqa,jnli,jsts,jsquad` of one checkpoint write one
+    summary.json: in either order, and with eval chat dropping its own earlier keys, both sets survive."""
+    from chibichat.eval import chat as E
+    from chibichat.eval.metrics import merge_summary
+
+    _write_jglue(tmp_path / "j")
+
+    class Gen:
+        def generate_texts(self, prompts, n, max_tokens, temperature, top_k, seed):
+            return [["東京"] for _ in prompts]
+
+    jglue = J.evaluate_jglue(J.find_files(tmp_path / "j"), scorer=JScorer(lambda c, x: 0.0, lambda t: [0.0] * 6),
+                             gen=Gen(), tok=CharTok(), max_len=10_000, jsquad_max_tokens=4,
+                             shots={"jcommonsenseqa": 1, "jnli": 1, "jsts": 1, "jsquad": 0})["summary"]
+    assert (jglue["jcommonsenseqa_n"], jglue["jnli_n"], jglue["jsts_n"], jglue["jsquad_n"]) == (5, 6, 6, 4)
+    chat = E.flat_summary([{"task": t, "accuracy": 0.5, "centered": 0.25, "n_scored": 3, "n_skipped_too_long": 1}
+                           for t in J.JGLUE_TASKS])
+    assert (chat["jcommonsenseqa_chat_n"], chat["jnli_chat_n"], chat["jsts_chat_n"], chat["jsquad_chat_n"]) == (3,) * 4
+    assert set(chat) & set(jglue) == set()
+    stale = {k for t in J.JGLUE_TASKS for k in E.task_keys(t)} | set(E.CHATCORE_KEYS)  # what run_chat drops
+    for i, (first, second, drop) in enumerate([(jglue, chat, stale), (chat, jglue, ())]):
+        merge_summary(tmp_path / str(i), first)
+        path = merge_summary(tmp_path / str(i), second, drop=drop)
+        assert json.loads(path.read_text()) == {**jglue, **chat}

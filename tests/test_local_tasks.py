@@ -124,6 +124,7 @@ def test_verifiable_rows_are_an_rl_task(tmp_path):
     # the last number is read only without "####": a "####" that gives no number is no answer
     assert not match_answer("numeric", "7", "#### maybe 7") and not match_answer("numeric", "4", "#### 4/5 or 4")
     assert match_answer("numeric", "7", "It is 7.")
+    assert not match_answer("numeric", "4", "It is 3/4.")  # a fraction is no answer, not its denominator
     assert t.evaluate(t[1], " Paris\n") and not t.evaluate(t[1], "Paris!")
     assert t.evaluate(t[2], "blue") and not t.evaluate(t[2], "green")
     with pytest.raises(ChibiError, match=r"line 1: match 'numeric' needs a numeric answer"):

@@ -105,6 +105,22 @@ def test_base_evaluation_lists_jglue_scores(tmp_path):
                                                       "| JSQuAD F1 (few-shot) | 0.1250 |"]
 
 
+def test_report_reads_eval_jglue_and_eval_chat_jglue_scores_apart(tmp_path):
+    # one SFT checkpoint scored by `eval jglue` (few-shot: jsquad_em, jsquad_n) and `eval chat --tasks jsquad`
+    h = Home(tmp_path / "home")
+    d = h.checkpoints_dir("sft", "d2")
+    d.mkdir(parents=True)
+    _write(d / "summary.json", {"steps": 3})
+    _write(h.eval_dir("sft", "d2") / "summary.json",
+           {"jsquad_em": 0.125, "jsquad_f1": 0.25, "jsquad_n": 8, "jsquad_chat": 0.5, "jsquad_chat_centered": 0.5,
+            "jsquad_chat_n": 4, "jsquad_chat_skipped_too_long": 0, "chat_eval": {"tasks": [{"task": "jsquad"}]}})
+    lines = build_report(h).read_text().splitlines()
+    sft = {l.split("|")[1].strip(): l.split("|")[4].strip() for l in lines if l.startswith("| JSQuAD") or
+           l.startswith("| jsquad_chat")}  # the SFT column of the evaluations table
+    assert sft == {"JSQuAD EM": "0.1250", "JSQuAD F1": "0.2500", "jsquad_chat": "0.5000"}
+    assert "| jsquad | 0.5000 | 0.5000 | 4 | 0 |" in lines  # the SFT evaluation section: eval chat's own
+
+
 def test_report_marks_missing_stages_not_run(tmp_path):
     h = Home(tmp_path / "home")
     (h.root / "checkpoints").mkdir(parents=True)

@@ -203,6 +203,7 @@ TOOL = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
     ("#### maybe 84", False),                    # a '####' without a number is no answer, not the prose's 84
     ("It is 84.\n#### 84x", False),              # nor one whose number is not whole
     ("#### 84/2", False),
+    ("The answer is 1/84.", False),              # without '####' too: a fraction is not its denominator
 ])
 def test_number_checker(reply, ok):
     assert S.check_reply({"check": "number", "answer": "84"}, reply, "en") is ok

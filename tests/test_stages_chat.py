@@ -557,11 +557,12 @@ def test_eval_chat_cli_writes_items_and_summary(base, capsys):
     capsys.readouterr()
     run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
             "float32", "--tasks", "spelling", "--max-items", 3, "--max-new-tokens", 8)
-    assert (f"dropped the earlier scores of arc-easy, file:{qa} from the record: they were scored with other "
-            "settings (test_sets 'online', now 'shipped')") in capsys.readouterr().out
+    assert (f"dropped the earlier scores of arc-easy, file:{qa} from the record, with their per-item files: they "
+            "were scored with other settings (test_sets 'online', now 'shipped')") in capsys.readouterr().out
     s5 = json.loads((out / "summary.json").read_text())
     assert [t["task"] for t in s5["chat_eval"]["tasks"]] == ["spelling"] and s5["chatcore_tasks"] == ["spelling"]
     assert s5["chat_eval"]["test_sets"] == "shipped" and not any(k.startswith("arc_easy") for k in s5)
+    assert sorted(p.name for p in out.iterdir()) == ["chat_spelling.csv", "chat_spelling.jsonl", "summary.json"]
     # scores of another step of the stage (trained again since) are dropped, never left beside new ones
     s3["chat_eval"]["step"] = -1
     s3["chatcore"] = 0.9  # as if the earlier step had had the full ChatCORE set
@@ -573,6 +574,7 @@ def test_eval_chat_cli_writes_items_and_summary(base, capsys):
     assert "chatcore" not in s4 and s4["chatcore_tasks"] == ["arc-easy"]
     assert not any(k.startswith(("spelling", summary_key(f"file:{qa}"))) for k in s4)
     assert s4["arc_easy_n"] + s4["arc_easy_skipped_too_long"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["chat_arc_easy.csv", "chat_arc_easy.jsonl", "summary.json"]
 
 
 def test_core_on_shipped_tasks_with_a_real_model(base, tmp_path):
@@ -625,9 +627,13 @@ def test_eval_base_cli_adds_core_lite(base):
     run_cli(*again, "--core-tasks", "core-copa", "--core-items", 3)
     s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
     assert "core_winogrande" not in s and s["core"] == s["core_copa"] and s["core_items_per_task"] == 3
+    before = {p.name for p in home.eval_dir("base", "d2").iterdir()}
     run_cli(*again, "--no-core")
     s = json.loads((home.eval_dir("base", "d2") / "summary.json").read_text())
     assert "val_bpb" in s and [k for k in s if k == "core" or k.startswith("core_")] == []
+    # and the per-item files of those scores go with them
+    assert {"core.csv", "core.jsonl"} <= before
+    assert {p.name for p in home.eval_dir("base", "d2").iterdir()} == before - {"core.csv", "core.jsonl"}
 
 
 def test_eval_base_cli_core_full_uses_the_dclm_bundle(base, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from chibichat.common import ChibiError
 from chibichat.tasks import ListTask, Mixture, get_task, list_tasks
-from chibichat.eval.metrics import extract_final_number, numbers_equal
+from chibichat.eval.metrics import extract_final_number, last_number, numbers_equal
 from chibichat.tasks.arithmetic import int_value
 from chibichat.tasks.base import key_split
 from chibichat import tools
@@ -176,6 +176,16 @@ def test_extract_final_number():
 def test_extract_final_number_reads_only_a_whole_number(text, want):
     # the number after "####" is the whole token: "#### 3/4" is not an answer of 3
     assert extract_final_number(text) == want
+
+
+@pytest.mark.parametrize("text,want", [
+    ("3/4", None), ("the answer is 3/4.", None), ("it is 3 / 4", None), ("on 2024/01/15", None),
+    ("12", "12"), ("1,234", "1234"), ("-5", "-5"), ("it is 2.5", "2.5"), ("3/4 of 8 is 6.", "6"),
+    ("no number", None),
+])
+def test_last_number_reads_no_fraction_as_a_whole_number(text, want):
+    # without "####", as with "#### 3/4": a fraction gives no answer, not its denominator
+    assert last_number(text) == want
 
 
 # ---------------------------------------------------------------------------------------- generated

@@ -162,16 +162,31 @@ def eval_generative(gen: Generator, tok, task, indices: Sequence[int], max_len: 
     return rows
 
 
-def summary_key(task_name: str) -> str:
-    """summary.json keys are lower-case with underscores ("arc-easy" -> "arc_easy"; docs/architecture.md).
-    A local file task is keyed by its file name ("file:/data/qa-test.jsonl" -> "file_qa_test"): the key also
-    names the per-item files, so it may hold no path separator."""
+def _task_stem(task_name: str) -> str:
+    """The task name lower-case with underscores ("arc-easy" -> "arc_easy"); a local file task by its file
+    name ("file:/data/qa-test.jsonl" -> "file_qa_test"). It names files, so it holds no path separator."""
     from chibichat.tasks.local import PREFIX
 
     if task_name.startswith(PREFIX):
         stem = task_name[len(PREFIX):].replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0]
         return "file_" + re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_")
     return task_name.lower().replace("-", "_")
+
+
+def summary_key(task_name: str) -> str:
+    """summary.json keys are lower-case with underscores ("arc-easy" -> "arc_easy"; docs/architecture.md).
+    A JGLUE task gets "_chat" ("jsquad" -> "jsquad_chat"): `eval jglue` writes its few-shot scores of the
+    same task under the plain name ("jsquad_n", "jnli", ...) into the same summary.json, and neither may
+    overwrite the other."""
+    from chibichat.tasks.jglue import TASKS as JGLUE_TASKS
+
+    stem = _task_stem(task_name)
+    return f"{stem}_chat" if task_name in JGLUE_TASKS else stem
+
+
+def items_name(task_name: str) -> str:
+    """The stem of a task's per-item files, chat_<task>.jsonl/.csv (beside `eval jglue`'s <task>.jsonl)."""
+    return f"chat_{_task_stem(task_name)}"
 
 
 def summarize(task_kind: str, rows: list[dict]) -> dict:
@@ -292,7 +307,7 @@ def run_chat(args) -> int:
     from chibichat.common import Home, init_runtime, print0, rank_gather, read_json, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
     from chibichat.eval.core import ModelScorer
-    from chibichat.eval.metrics import merge_summary, write_eval_outputs
+    from chibichat.eval.metrics import merge_summary, remove_eval_outputs, write_eval_outputs
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
@@ -340,8 +355,8 @@ def run_chat(args) -> int:
         differ = record_mismatch(earlier, settings)
         kept = [] if differ else others
         if others and differ:
-            print0(rt, f"dropped the earlier scores of {', '.join(t['task'] for t in others)} from the record: "
-                       "they were scored with other settings (" + ", ".join(
+            print0(rt, f"dropped the earlier scores of {', '.join(t['task'] for t in others)} from the record, "
+                       "with their per-item files: they were scored with other settings (" + ", ".join(
                            f"{k} {earlier.get(k)!r}, now {settings[k]!r}" for k in differ) + ")")
         stale = {k for t in earlier_tasks for k in task_keys(t["task"])} | set(CHATCORE_KEYS)
         summary = {**flat_summary(kept + out["tasks"]), "chat_eval": {
@@ -349,8 +364,13 @@ def run_chat(args) -> int:
             "world_size": rt.world_size, "seconds": time.time() - t0}}
         if rt.is_master:
             for name, rows in out["items"].items():
-                write_eval_outputs(out_dir, f"chat_{summary_key(name)}", rows, None)
+                write_eval_outputs(out_dir, items_name(name), rows, None)
             merge_summary(out_dir, summary, drop=stale)
+            # The dropped tasks' per-item files go with their keys, except files this run just wrote (two local
+            # files of the same name share them).
+            dropped = [items_name(t["task"]) for t in others] if differ else []
+            for stem in sorted(set(dropped) - {items_name(n) for n in out["items"]}):
+                remove_eval_outputs(out_dir, stem)
         for s in out["tasks"]:
             if s["n_scored"] == 0:
                 print0(rt, f"{s['task']:>14}: not scored: {s['note']} ({s['n_skipped_too_long']} items)")

@@ -162,6 +162,20 @@ def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict | Non
     return paths
 
 
+def remove_eval_outputs(out_dir, name: str) -> list[str]:
+    """Remove the `<name>.jsonl` and `<name>.csv` that write_eval_outputs wrote, where they exist: an
+    evaluation whose summary keys are dropped takes its per-item files with them, which would otherwise
+    describe another run than summary.json. Returns the paths removed."""
+    from pathlib import Path
+
+    removed = []
+    for path in (Path(out_dir) / f"{name}.jsonl", Path(out_dir) / f"{name}.csv"):
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
 def merge_summary(out_dir, summary: dict, drop=()):
     """Merge flat keys into `<out_dir>/summary.json` (shared by every eval of one checkpoint), after
     removing the keys in `drop` (an evaluation's earlier figures that the new ones supersede)."""
@@ -203,10 +217,19 @@ def extract_final_number(text: str) -> str | None:
     return m.group(0).replace(",", "")
 
 
+# A number with "/" and another number after it (spaces allowed): a fraction, a ratio or a date ("3/4",
+# "3 / 4", "2024/01/15"), read as one token so that its last part is never taken for the number written.
+_NUMBER_OR_SLASHED = re.compile(_NUMBER.pattern + r"(?:[ \t]*[/／][ \t]*" + _NUMBER.pattern + r")*")
+
+
 def last_number(text: str) -> str | None:
-    """The last number anywhere in text (commas removed), or None: the fallback of replies without "####"."""
-    found = _NUMBER.findall(text)
-    return found[-1].replace(",", "") if found else None
+    """The last number anywhere in text (commas removed), or None: the fallback of replies without "####".
+    Decimals are numbers ("it is 2.5" -> "2.5"); a fraction is not a whole number, so when the last number
+    is one ("the answer is 3/4.") there is no answer, as with "#### 3/4", not its denominator."""
+    found = _NUMBER_OR_SLASHED.findall(text)
+    if not found or "/" in found[-1] or "／" in found[-1]:
+        return None
+    return found[-1].replace(",", "")
 
 
 def numbers_equal(a: str | None, b: str | None) -> bool:

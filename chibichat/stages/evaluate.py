@@ -94,7 +94,7 @@ def run_base(args) -> int:
     from chibichat.data.corpora import get_corpus
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
     from chibichat.eval.core import is_core_key
-    from chibichat.eval.metrics import merge_summary
+    from chibichat.eval.metrics import merge_summary, remove_eval_outputs
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
@@ -145,13 +145,18 @@ def run_base(args) -> int:
         if rt.is_master:
             atomic_write_json(out_dir / "samples.json", [{"text": t} for t in texts])
             # The CORE keys of an earlier `eval base` (another step, task set or --core mode) never stay
-            # beside this run's figures: a CORE run replaces them all, --no-core removes them.
+            # beside this run's figures: a CORE run replaces them all, --no-core removes them, and with them
+            # the per-item core.jsonl/.csv (which a CORE run rewrites).
             path = out_dir / "summary.json"
             earlier = read_json(path, "eval summary") if path.exists() else {}
             stale = [k for k in earlier if is_core_key(k)] if isinstance(earlier, dict) else []
-            if stale and not args.core:
-                print0(rt, f"CORE not run (--no-core): removed the earlier CORE scores from {path}")
-            print0(rt, f"wrote {merge_summary(out_dir, summary, drop=stale)}")  # shared by every eval of the checkpoint
+            merge_summary(out_dir, summary, drop=stale)  # shared by every eval of the checkpoint
+            if not args.core:
+                removed = remove_eval_outputs(out_dir, "core")
+                if stale or removed:
+                    print0(rt, f"CORE not run (--no-core): removed the earlier CORE scores from {path}"
+                               + "".join(f" and {p}" for p in removed))
+            print0(rt, f"wrote {path}")
     finally:
         shutdown_runtime(rt)
     return 0

@@ -20,7 +20,8 @@ appear in it as <|python_start|>expr<|python_end|><|output_start|>result<|output
     arithmetic-two-step,  answer is the number after the last "####" (the trained format); a reply
     letter-count          without "####" is read by its last number outside tool segments, which is
                           what a reader takes as the answer, but only when it is clean prose (a
-                          stray special token, i.e. a broken tool call, gives no answer). When the
+                          stray special token, i.e. a broken tool call, gives no answer) and that
+                          number is no fraction ("3/4" is no answer, not 4). When the
                           reply calls the calculator, the answer must be the last call's result, and
                           a letter count must count the asked letter in the asked word
                           (`shown_work_agrees`): a right number from wrong work does not pass.
