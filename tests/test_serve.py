@@ -827,13 +827,8 @@ def steered_pool(served, steer):
     return WorkerPool([twin])
 
 
-def calculator_call(served, msgs, expr):
-    """A steer under which the reply to `msgs` opens with a calculator call of `expr`."""
-    from chibichat.render import render_prompt
-
-    tok = served.pool.engines[0].tokenizer
-    script = [tok.special_id("<|python_start|>"), *tok.encode(expr), tok.special_id("<|python_end|>")]
-    prompt_len = len(render_prompt(tok, {"messages": msgs}, max_len=95).ids)
+def scripted(prompt_len, script):
+    """A steer under which a reply to a prompt of `prompt_len` tokens opens with the tokens `script`."""
 
     def steer(logits, state):
         for b, n in enumerate(state.lengths):
@@ -842,6 +837,15 @@ def calculator_call(served, msgs, expr):
                 logits[b, -1, script[k]] = 1e4
 
     return steer
+
+
+def calculator_call(served, msgs, expr):
+    """A steer under which the reply to `msgs` opens with a calculator call of `expr`."""
+    from chibichat.render import render_prompt
+
+    tok = served.pool.engines[0].tokenizer
+    script = [tok.special_id("<|python_start|>"), *tok.encode(expr), tok.special_id("<|python_end|>")]
+    return scripted(len(render_prompt(tok, {"messages": msgs}, max_len=95).ids), script)
 
 
 def test_builtin_tool_call_visible_in_the_response(served):
@@ -878,9 +882,79 @@ def test_completion_top_logprobs_keep_partial_utf8_tokens_apart(served):
                                                           "temperature": 0, "logprobs": 2}, timeout=60)  # fmt: skip
     finally:
         pool.shutdown()
-    lp = r.json()["choices"][0]["logprobs"]
-    assert lp["tokens"] == ["bytes:\\xe3", "bytes:\\xe3"]
+    c = r.json()["choices"][0]
+    lp = c["logprobs"]
+    # the tokens read as the text they add: the second \xe3 ends the first one's character unfinished,
+    # and the reply's end its own
+    assert c["text"] == "\ufffd\ufffd" and lp["tokens"] == ["", "\ufffd\ufffd"] and lp["text_offset"] == [0, 0]
     assert [list(t) for t in lp["top_logprobs"]] == [["bytes:\\xe3", "bytes:\\x81"]] * 2
+
+
+# A reply with characters split over the byte-level tokens: "あ" (3 bytes) and "😀" (4) whole, a lead byte
+# that the next token ("d") leaves unfinished, and one the reply's end (max_tokens) leaves unfinished.
+SPLIT_REPLY = b"a\xe3\x81\x82b\xf0\x9f\x98\x80c\xe3d\xe3\x81"
+SPLIT_TEXT = "aあb😀c\ufffdd\ufffd"
+SPLIT_TOKENS = ["a", "", "", "あ", "b", "", "", "", "😀", "c", "", "\ufffdd", "", "\ufffd"]
+
+
+def split_reply_server(served, prompt_len):
+    """A server whose replies (to a prompt of `prompt_len` tokens) are SPLIT_REPLY, one byte a token."""
+    from chibichat.serve.app import create_app
+
+    pool = steered_pool(served, scripted(prompt_len, list(SPLIT_REPLY)))
+    return pool, Server(create_app(pool, served.model, Limits(), tools=None))
+
+
+def test_completion_text_offsets_of_characters_split_over_tokens(served):
+    """Each token reads as the text it completes ("" for one that only starts a character), and
+    text_offset[i] is where that text starts in the reply: a character's bytes all point at it. Streamed,
+    the chunks' tokens and offsets are the same (the last token waits for the end's U+FFFD)."""
+    body = {"model": served.model, "prompt": "x", "max_tokens": len(SPLIT_REPLY), "temperature": 0, "logprobs": 1}
+    pool, server = split_reply_server(served, 2)  # <|bos|> x
+    try:
+        with server as url:
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+                lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    finally:
+        pool.shutdown()
+    c = r.json()["choices"][0]
+    text, lp = c["text"], c["logprobs"]
+    assert text == SPLIT_TEXT and lp["tokens"] == SPLIT_TOKENS
+    assert lp["text_offset"] == [0, 1, 1, 1, 2, 3, 3, 3, 3, 4, 5, 5, 7, 7]
+    assert all(text[o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"]))
+    chunks = [json.loads(line)["choices"][0] for line in lines[:-1]]
+    assert "".join(ch["text"] for ch in chunks) == text
+    streamed = [ch["logprobs"] for ch in chunks if ch["logprobs"]]
+    assert [t for x in streamed for t in x["tokens"]] == lp["tokens"]
+    assert [o for x in streamed for o in x["text_offset"]] == lp["text_offset"]
+
+
+def test_chat_logprob_tokens_add_up_to_the_content_with_split_characters(served):
+    """A chat reply's logprob tokens read as the text they complete, so they add up to the content
+    (streamed too); `bytes` keeps each token's own bytes."""
+    from chibichat.render import render_prompt
+
+    msgs = [{"role": "user", "content": "hi"}]
+    prompt_len = len(render_prompt(served.pool.engines[0].tokenizer, {"messages": msgs}, max_len=95).ids)
+    body = {"model": served.model, "messages": msgs, "max_tokens": len(SPLIT_REPLY), "temperature": 0,
+            "logprobs": True}  # fmt: skip
+    pool, server = split_reply_server(served, prompt_len)
+    try:
+        with server as url:
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+                lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    finally:
+        pool.shutdown()
+    c = r.json()["choices"][0]
+    entries = c["logprobs"]["content"]
+    assert c["message"]["content"] == SPLIT_TEXT
+    assert [e["token"] for e in entries] == SPLIT_TOKENS and "".join(e["token"] for e in entries) == SPLIT_TEXT
+    assert [e["bytes"] for e in entries] == [[b] for b in SPLIT_REPLY]
+    chunks = [json.loads(line)["choices"][0] for line in lines[:-1]]
+    assert "".join(ch["delta"].get("content", "") for ch in chunks) == SPLIT_TEXT
+    assert [e["token"] for ch in chunks if ch["logprobs"] for e in ch["logprobs"]["content"]] == SPLIT_TOKENS
 
 
 def strict_json(text):

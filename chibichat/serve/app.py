@@ -12,6 +12,7 @@ Every 503 carries Retry-After (RETRY_AFTER_S): seconds a client should wait befo
 # No `from __future__ import annotations` here: FastAPI resolves the route parameter annotations
 # (Request) at runtime, and they are imported inside create_app.
 import asyncio
+import codecs
 import hmac
 import json
 import os
@@ -247,35 +248,63 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         return [e[0] for e in entries[1:]] + [None]
 
     def legacy_key(raw: bytes) -> str:
-        """A token's text, or OpenAI's "bytes:\\xNN..." for bytes that are not whole UTF-8 characters
-        (decoding them would give every such token the same replacement character)."""
+        """A top_logprobs key: the token's text, or OpenAI's "bytes:\\xNN..." for bytes that are not whole UTF-8
+        characters (decoding them would give every such token the same replacement character)."""
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def chat_logprobs(engine, entries):
-        """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    class TokenTexts:
+        """One choice's chosen tokens -> each one's text: what its bytes add to the reply's text, decoded in
+        sequence as the engine decodes the reply (errors replaced), so the texts add up to the reply's text
+        and each starts where the ones before it end (its text_offset). A token that only starts a character
+        reads "" and the one completing it carries the whole character; bytes that a later token (or the
+        reply's end, for its last token) leaves unfinished give that token's text their U+FFFD. Streamed, a
+        piece's last token that ends inside a character waits for the next piece or the end: only the end
+        tells whether its text gets that U+FFFD."""
 
-        def entry(i, v, after):
+        def __init__(self, engine):
+            self.engine = engine
+            self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self.held: list = []  # (entry, text) of a token that the reply's end may still extend
+
+        def take(self, entries, final: bool):
+            """The next logprob entries (`final`: the reply's last ones) -> (entries, texts) ready to send."""
+            pairs = self.held + [(e, self.utf8.decode(shown(self.engine, e[0], after)))
+                                 for e, after in zip(entries, following(entries))]  # fmt: skip
+            self.held = []
+            if final and pairs:
+                pairs[-1] = (pairs[-1][0], pairs[-1][1] + self.utf8.decode(b"", final=True))
+            elif pairs and self.utf8.getstate()[0]:  # inside a character
+                pairs, self.held = pairs[:-1], pairs[-1:]
+            return [e for e, _ in pairs], [t for _, t in pairs]
+
+    def chat_logprobs(engine, entries, texts):
+        """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}, the chosen tokens
+        reading as `texts` (TokenTexts), each alternative as its own bytes."""
+
+        def entry(i, v, after, text=None):
             raw = shown(engine, i, after)
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(raw)}
+            return {"token": raw.decode("utf-8", errors="replace") if text is None else text, "logprob": v,
+                    "bytes": list(raw)}  # fmt: skip
 
         content = []
-        for (t, lp, top), after in zip(entries, following(entries)):
-            content.append({**entry(t, lp, after), "top_logprobs": [entry(i, v, after) for i, v in top]})
+        for (t, lp, top), text, after in zip(entries, texts, following(entries)):
+            content.append({**entry(t, lp, after, text), "top_logprobs": [entry(i, v, after) for i, v in top]})
         return {"content": content, "refusal": None}
 
-    def legacy_logprobs(engine, entries, offset: int):
-        """OpenAI completions logprobs: parallel lists; top_logprobs as {token: logprob} per position."""
+    def legacy_logprobs(engine, entries, texts, offset: int):
+        """OpenAI completions logprobs: parallel lists, tokens as `texts` (TokenTexts) and text_offset where
+        each starts (from `offset`, where this piece starts in the choice's text); top_logprobs as
+        {legacy_key: logprob} per position."""
         tokens, lps, tops, offsets = [], [], [], []
-        for (t, lp, top), after in zip(entries, following(entries)):
-            raw = shown(engine, t, after)
-            tokens.append(legacy_key(raw))
+        for (t, lp, top), text, after in zip(entries, texts, following(entries)):
+            tokens.append(text)
             lps.append(lp)
             tops.append({legacy_key(shown(engine, i, after)): v for i, v in top})
             offsets.append(offset)
-            offset += len(raw.decode("utf-8", errors="replace"))
+            offset += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
     def merge_pieces(pieces):
@@ -354,12 +383,13 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                 return Response(status_code=499)
             choices = []
             for i in range(req.n):
+                tokens = TokenTexts(engine0).take(lps[i], final=True) if want_lp else None
                 if chat:
                     c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish(i),
-                         "logprobs": chat_logprobs(engine0, lps[i]) if want_lp else None}  # fmt: skip
+                         "logprobs": chat_logprobs(engine0, *tokens) if want_lp else None}  # fmt: skip
                 else:
                     c = {"index": i, "text": texts[i], "finish_reason": finish(i),
-                         "logprobs": legacy_logprobs(engine0, lps[i], 0)[0] if want_lp else None}  # fmt: skip
+                         "logprobs": legacy_logprobs(engine0, *tokens, 0)[0] if want_lp else None}  # fmt: skip
                 choices.append(c)
             body = {"id": cid, "object": obj, "created": now, "model": model_id, "choices": choices, "usage": usage()}
             ext = dict(extra or {})
@@ -392,16 +422,18 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                 body["usage"] = usage_
             return body
 
-        offsets = [0] * req.n
+        offsets, token_texts = [0] * req.n, [TokenTexts(engine0) for _ in range(req.n)]
 
         def piece_choice(i, text, entries=(), finish_reason=None):
+            if want_lp:
+                entries, texts = token_texts[i].take(entries, final=finish_reason is not None)
             if chat:
                 delta = {"content": text} if text or finish_reason is None else {}
-                lp = chat_logprobs(engine0, entries) if want_lp and entries else None
+                lp = chat_logprobs(engine0, entries, texts) if want_lp and entries else None
                 return {"index": i, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}
             lp = None
             if want_lp and entries:
-                lp, offsets[i] = legacy_logprobs(engine0, entries, offsets[i])
+                lp, offsets[i] = legacy_logprobs(engine0, entries, texts, offsets[i])
             return {"index": i, "text": text, "finish_reason": finish_reason, "logprobs": lp}
 
         async def events():
