@@ -246,12 +246,12 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
         return {f: argv[argv.index(f) + 1] for f in ("--minutes", "--num-steps") if f in argv}
 
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")}
-    assert PRESETS["cpu"].max_minutes == 14
-    # the preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04 of 14 min (--soup 4 divides a stage's
-    # share over its four runs)
+    assert PRESETS["cpu"].max_minutes == 13.5
+    # the preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04 of 13.5 min (--soup 4 shares a stage's
+    # minutes over its four runs)
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "4.76", "--num-steps": "700"}, {"--minutes": "3.78", "--num-steps": "250"},
-        {"--minutes": "4.9", "--num-steps": "300"}, {"--minutes": "0.56", "--num-steps": "15"}]
+        {"--minutes": "4.59", "--num-steps": "700"}, {"--minutes": "3.645", "--num-steps": "250"},
+        {"--minutes": "4.725", "--num-steps": "300"}, {"--minutes": "0.54", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
     assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "700"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)

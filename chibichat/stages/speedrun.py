@@ -351,10 +351,11 @@ PRESETS: dict[str, Preset] = {
         # 40 items per task 2.8x as long as 64.
         eval_chat=["--max-items", "40", "--max-new-tokens", "96"],
         # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
-        # a quickstart there, with fewer steps. Shares of the 14 minutes: pretraining ~4.8, midtraining ~3.8
-        # (4 x 250 steps), SFT ~4.9 (4 x 300 steps), RL ~0.6 (15 steps): on the 2-core AMX machine each is
-        # 10-20% above what the stage takes at its step cap.
-        max_minutes=14,
+        # a quickstart there, with fewer steps. Shares of the 13.5 minutes: pretraining ~4.6, midtraining ~3.6
+        # (4 x 250 steps, start-ups included), SFT ~4.7 (4 x 300 steps), RL ~0.5 (15 steps): on the 2-core AMX
+        # machine each is 5-15% above what the stage takes at its step cap. The other ~1.5 minutes of the 15 go
+        # to the evaluations and the stages' start-ups (~1.2 minutes on a slow 2-core machine, session 27).
+        max_minutes=13.5,
         minute_shares={"pretrain": 0.34, "midtrain": 0.27, "sft": 0.35, "rl": 0.04},
     ),
     "cpu-hour": Preset(
