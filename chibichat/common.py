@@ -230,17 +230,71 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+# While atomic_directory swaps a new directory in, the old one is `.aside-<name>-<pid>`. Only a whole old
+# directory ever carries that name (a finished swap renames it to `.old-*` before deleting it), so
+# recover_aside may put it back under its name.
+ASIDE_PREFIX = ".aside-"
+
+
+def _asides(final: Path) -> list[Path]:
+    prefix = f"{ASIDE_PREFIX}{final.name}-"
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+
+
+def recover_aside(final: str | os.PathLike) -> None:
+    """Finish what a crash between atomic_directory's two renames left: `final` missing and the old
+    directory under its aside name, which is renamed back. With `final` present, an aside is the leftover
+    of a finished swap and is deleted. Writers (atomic_directory) and readers of a replaced directory call
+    this first. An OS error while renaming back is a ChibiError naming both paths."""
+    final = Path(final)
+    asides = _asides(final)
+    if not asides:
+        return
+    if final.exists():
+        for aside in asides:
+            with contextlib.suppress(ChibiError):  # junk like `.old-*`: the next call tries again
+                remove_dir(aside)
+        return
+    if len(asides) > 1:
+        raise ChibiError(f"{final} is missing and {len(asides)} earlier versions of it were left by interrupted "
+                         f"replacements: {', '.join(str(a) for a in asides)}; rename the one to keep to {final} "
+                         "and delete the others")
+    try:
+        os.replace(asides[0], final)
+        fsync_dir(final.parent)
+    except OSError as e:
+        raise ChibiError(f"{final} is missing (a replacement of it was interrupted) and its previous version "
+                         f"{asides[0]} could not be renamed back: {e.strerror or e} (errno {e.errno}); rename "
+                         f"{asides[0]} to {final} by hand") from None
+
+
+def recover_asides(directory: str | os.PathLike) -> None:
+    """recover_aside for every directory in `directory` that an interrupted replacement left aside."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    names = {p.name[len(ASIDE_PREFIX):].rsplit("-", 1)[0] for p in directory.iterdir()
+             if p.name.startswith(ASIDE_PREFIX) and p.name.rsplit("-", 1)[-1].isdigit()}
+    for name in sorted(names):
+        recover_aside(directory / name)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to `final` (replacing an old one).
 
     A crash inside the block leaves only a `.tmp-*` directory that readers ignore, never a
-    half-written `final`; an old `final` stays as it was until the rename. The directory gets the
-    mode a plain mkdir would (umask honoured). An OS error while creating, filling or renaming it
-    (full disk, read-only file system) is a ChibiError naming `final`.
+    half-written `final`; an old `final` stays as it was until the rename. Replacing takes two renames
+    (old to `.aside-<name>-<pid>`, new to `final`): a failure of the second puts the old one back, and a
+    crash between them leaves the old one aside, which recover_aside (called first here and by readers)
+    renames back. The directory gets the mode a plain mkdir would (umask honoured). An OS error while
+    creating, filling or renaming it (full disk, read-only file system) is a ChibiError naming `final`.
     """
     final = Path(final)
     try:
+        recover_aside(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         # mkdtemp creates 0700; give the directory the mode a plain mkdir would have (0777 & ~umask).
@@ -251,11 +305,17 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         fsync_dir(tmp)  # its entries are durable before the rename makes it visible
         if final.exists():
-            trash = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
+            aside = final.parent / f"{ASIDE_PREFIX}{final.name}-{os.getpid()}"
+            os.replace(final, aside)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(OSError):  # if this fails too, recover_aside puts it back later
+                    os.replace(aside, final)
+                raise
             fsync_dir(final.parent)
-            shutil.rmtree(trash, ignore_errors=True)
+            with contextlib.suppress(ChibiError):  # the new one is in place; recover_aside drops a leftover
+                remove_dir(aside)
         else:
             os.replace(tmp, final)
             fsync_dir(final.parent)

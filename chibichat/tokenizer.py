@@ -35,7 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Iterable, Iterator
 
-from chibichat.common import ChibiError, atomic_directory, atomic_write_bytes, read_json
+from chibichat.common import ChibiError, atomic_directory, atomic_write_bytes, read_json, recover_aside
 
 SPECIAL_TOKENS = [
     "<|bos|>",
@@ -289,6 +289,7 @@ class Tokenizer:
     def load(cls, directory) -> "Tokenizer":
         directory = Path(directory)
         fix = "Re-create it with `chibichat tokenizer train`."
+        recover_aside(directory)  # a replacement (save) cut off by a crash left the old one aside
         if not directory.is_dir():
             raise ChibiError(f"no tokenizer at {directory}. Train one with `chibichat tokenizer train`.")
         meta = read_json(directory / META_FILE, "tokenizer metadata")

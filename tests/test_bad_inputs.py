@@ -545,7 +545,8 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(world, tmp_path, 
     tag = home / "checkpoints/base/f"
     assert_refused(rc, err, "saving step 2 failed, nothing of it was kept", f"cannot write {tag / 'step_000002'}",
                    "No space left on device (errno 28); free some space on that disk or pass another --home",
-                   f"the previous checkpoint {tag / 'step_000001'} is intact and usable (--resume continues from it)")
+                   f"The checkpoints saved before are intact: {tag / 'step_000001'}; --resume continues from "
+                   f"{tag / 'step_000001'}")
     assert calls
     assert list_steps(tag) == [1] and sorted(p.name for p in tag.iterdir() if p.name.startswith(".")) == []
     assert not (tag / "summary.json").exists()
@@ -607,6 +608,17 @@ def test_sigkill_during_a_save_leaves_the_previous_step_loadable(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Replacing the tokenizer on purpose; file modes.
+
+
+def test_tokenizer_train_after_a_crash_mid_replacement_still_protects_the_old_one(world, tmp_path, capsys):
+    """A crash between the two renames of a tokenizer save leaves home/tokenizer/ missing and the old one
+    aside: `tokenizer train` renames it back first, so it still refuses to replace a tokenizer in use."""
+    home = _copy(world, tmp_path)
+    os.replace(home / "tokenizer", home / ".aside-tokenizer-123")
+    rc, err = run_cli(capsys, ["tokenizer", "train", "--home", str(home), "--vocab-size", "300"])
+    assert_refused(rc, err, f"{home / 'tokenizer'} (tokenizer {byte_tokenizer().hash[:12]}) is the tokenizer 2 "
+                   "checkpoint(s) were trained with", "Pass --overwrite to replace it")
+    assert (home / "tokenizer" / "tokenizer.json").is_file() and not (home / ".aside-tokenizer-123").exists()
 
 
 def test_tokenizer_overwrite_keeps_the_old_one(world, tmp_path, capsys):

@@ -173,6 +173,61 @@ def test_failed_save_leaves_no_step_dir(tmp_path):
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["step_000001"]
 
 
+def test_failed_save_names_every_step_that_survives_and_how_to_resume(tmp_path, monkeypatch):
+    """A full disk while a step is renamed into place: the message lists the steps left on disk (an earlier
+    save of the same step included, which is put back), or says that none is."""
+    import errno
+    import os
+
+    m = _model()
+    real = os.replace
+
+    def full_disk(src, dst):  # the new step's rename fails; moving an old one aside and back works
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+
+    tag = tmp_path / "t"
+    disk = "No space left on device (errno 28); free some space on that disk or pass another --home"
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(ChibiError) as e:
+        save_checkpoint(tag, 1, m, None, _meta(m))
+    assert str(e.value) == (f"saving step 1 failed, nothing of it was kept: cannot write {tag / 'step_000001'}: "
+                            f"{disk}. No checkpoint survives in {tag}: there is nothing to resume from")
+    monkeypatch.setattr(os, "replace", real)
+    save_checkpoint(tag, 1, m, None, _meta(m))
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(ChibiError) as e:
+        save_checkpoint(tag, 2, m, None, _meta(m))
+    assert str(e.value) == (f"saving step 2 failed, nothing of it was kept: cannot write {tag / 'step_000002'}: "
+                            f"{disk}. The checkpoints saved before are intact: {tag / 'step_000001'}; --resume "
+                            f"continues from {tag / 'step_000001'}")
+    with pytest.raises(ChibiError) as e:  # saving step 1 again: its earlier save survives, under its name
+        save_checkpoint(tag, 1, m, None, _meta(m))
+    assert str(e.value) == (f"saving step 1 failed, nothing of it was kept: cannot write {tag / 'step_000001'}: "
+                            f"{disk}. The checkpoints saved before are intact: {tag / 'step_000001'}; --resume "
+                            f"continues from {tag / 'step_000001'}")
+    assert sorted(p.name for p in tag.iterdir()) == ["step_000001"] and read_meta(tag / "step_000001")["step"] == 1
+
+
+def test_resolve_checkpoint_renames_back_a_tag_or_step_left_aside(tmp_path):
+    """What a crash between atomic_directory's two renames leaves (the old directory as `.aside-<name>-<pid>`,
+    nothing under its name) is renamed back by the next reader; hidden directories are never tags."""
+    home = Home(tmp_path)
+    m = _model()
+    tag = home.checkpoints_dir("base", "d3")
+    save_checkpoint(tag, 5, m, None, _meta(m))
+    (tag / "step_000005").rename(tag / ".aside-step_000005-123")
+    assert list_steps(tag) == [] and resolve_checkpoint(home, "base", "d3") == tag / "step_000005"
+    assert sorted(p.name for p in tag.iterdir()) == ["step_000005"]
+    tag.rename(tag.parent / ".aside-d3-123")
+    newer = tag.parent / ".tmp-d4-xyz"  # a newer tag directory still being written
+    save_checkpoint(newer, 6, m, None, _meta(m))
+    model, meta = load_model(home, "base", tokenizer=TOK)
+    assert meta["checkpoint_dir"] == str(tag / "step_000005") and torch.equal(model.wte, m.wte)
+    assert sorted(p.name for p in tag.parent.iterdir()) == [".tmp-d4-xyz", "d3"]
+
+
 def test_only_rank_zero_writes(tmp_path):
     from chibichat.common import Runtime
 

@@ -79,6 +79,81 @@ def test_atomic_writes_fsync_the_directory_of_each_rename(tmp_path, fsynced, mon
         fsync_dir(tmp_path)
 
 
+def _replace_failing_from(call: int, fail):
+    """os.replace that runs `fail()` from its `call`-th call on (1-based) instead of renaming."""
+    import os
+
+    real, n = os.replace, [0]
+
+    def replace(src, dst):
+        n[0] += 1
+        if n[0] >= call:
+            fail()
+        return real(src, dst)
+
+    return replace
+
+
+def test_atomic_directory_failing_second_rename_puts_the_old_one_back(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    final = tmp_path / "d"
+    with atomic_directory(final) as d:
+        (d / "x").write_text("old")
+
+    def once():  # only the second call (the new directory's rename) fails
+        if not once.done:
+            once.done = True
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+    once.done = False
+    monkeypatch.setattr(os, "replace", _replace_failing_from(2, once))
+    with pytest.raises(ChibiError) as e:
+        with atomic_directory(final) as d:
+            (d / "x").write_text("new")
+    assert str(e.value) == f"cannot write {final}: Input/output error (errno 5); check the path (and --home)"
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and (final / "x").read_text() == "old"
+
+
+def test_atomic_directory_crash_between_its_renames_leaves_the_old_one_to_recover(tmp_path):
+    """SIGKILL after the old directory was moved aside, before the new one took its name: `final` is
+    missing, the old one is whole under `.aside-<name>-<pid>`; a reader (recover_aside) and the next
+    atomic_directory of that name rename it back."""
+    import os
+    import signal
+
+    from chibichat.common import recover_aside
+
+    final = tmp_path / "d"
+    with atomic_directory(final) as d:
+        (d / "x").write_text("old")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        try:
+            os.replace = _replace_failing_from(2, lambda: os.kill(os.getpid(), signal.SIGKILL))
+            with atomic_directory(final) as d:
+                (d / "x").write_text("new")
+        finally:
+            os._exit(3)  # reached only if the kill did not happen
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == f".aside-d-{pid}" and names[1].startswith(".tmp-d-")
+    assert (tmp_path / names[0] / "x").read_text() == "old"
+    recover_aside(final)  # what a reader does first
+    assert (final / "x").read_text() == "old" and not (tmp_path / names[0]).exists()
+
+    os.replace(final, tmp_path / names[0])  # the same state again, now recovered by the next write
+    with atomic_directory(final) as d:
+        assert (final / "x").read_text() == "old"  # renamed back before anything else
+        (d / "x").write_text("newer")
+    assert (final / "x").read_text() == "newer" and not (tmp_path / names[0]).exists()
+    # an aside next to a present `final` is a finished swap's leftover: deleted, never restored
+    (tmp_path / names[0]).mkdir()
+    recover_aside(final)
+    assert (final / "x").read_text() == "newer" and not (tmp_path / names[0]).exists()
+
+
 def test_remove_dir_renames_out_of_sight_first(tmp_path, monkeypatch):
     import os
     import shutil

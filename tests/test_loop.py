@@ -168,11 +168,13 @@ def test_resume_in_process_is_exact(tmp_path):
         train(model, opt, src, stopping_loss, cpu_rt(), cfg, meta=meta_for(model), eval_fn=val_loss_fn())
     assert list_steps(tmp_path / "part") == [4]
     (tmp_path / "part" / ".tmp-step_000006-abc").mkdir()  # as if a save had been killed midway
+    # as if a save over step 4 had been killed between its two renames: the step is only aside
+    (tmp_path / "part" / "step_000004").rename(tmp_path / "part" / ".aside-step_000004-123")
     resumed, res = run(tmp_path / "part", 8, save_every=4, resume=True)
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert res.steps == 8
-    assert not list((tmp_path / "part").glob(".tmp-*"))
+    assert not list((tmp_path / "part").glob(".tmp-*")) and not list((tmp_path / "part").glob(".aside-*"))
     # metrics.jsonl reads as one run: no duplicate steps, same losses as the uninterrupted run.
     def losses(d):
         return [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())

@@ -885,6 +885,52 @@ def test_sft_soup_refusals(base):
     assert "already holds a finished run; pass --overwrite" in str(e.value)
 
 
+def test_sft_soup_failed_save_keeps_the_old_average(base, monkeypatch):
+    """A full disk while the new average is written: the tag's earlier average is left file for file, and
+    the message says so and how to average again."""
+    import errno
+    import os
+    import re
+
+    from chibichat.stages import sft
+
+    home, _ = base
+    common = ["sft", "--home", str(home.root), "--from", "base", "--from-tag", "d2", "--tag", "sf", *FAST,
+              "--mix", "arithmetic=0.1", "--num-steps", "1", "--soup", "2"]
+    run_cli(*common)
+    tag = home.checkpoints_dir("sft", "sf")
+    (tag / "summary.json").unlink()  # an unfinished average: --resume averages the finished runs again
+
+    def files():
+        return {str(p.relative_to(tag)): p.read_bytes() for p in sorted(tag.rglob("*")) if p.is_file()}
+
+    before = files()
+    assert list(before) == ["step_000001/meta.json", "step_000001/model.safetensors"]
+    real, tmps = os.fsync, []
+
+    def fsync(fd):  # ENOSPC for the files of the new average's step (written wherever the tag's files go)
+        m = re.search(r"/sft/(?:(\.tmp-sf-[^/]+)|sf)/\.tmp-step_000001-[^/]+/", os.readlink(f"/proc/self/fd/{fd}"))
+        if m:
+            tmps.append(tag.parent / (m.group(1) or "sf"))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(ChibiError) as e:
+        sft.run(_parse(common + ["--resume"]))
+    new = tmps[0]
+    assert str(e.value) == (
+        f"sft --soup: the average of the 2 runs was not saved to {tag}: its earlier, unfinished average "
+        f"{tag / 'step_000001'} is intact; the runs are kept: run the command again with --resume to average them. "
+        f"The cause: saving step 1 failed, nothing of it was kept: cannot write {new / 'step_000001'}: No space left "
+        f"on device (errno 28); free some space on that disk or pass another --home. No checkpoint survives in "
+        f"{new}: there is nothing to resume from")
+    assert files() == before and not new.exists()
+    monkeypatch.setattr(os, "fsync", real)
+    run_cli(*common, "--resume")
+    assert list(files()) == ["step_000001/meta.json", "step_000001/model.safetensors", "summary.json"]
+
+
 def test_midtrain_soup_averages_runs_from_the_base_and_sft_trains_from_the_average(base, capsys):
     from safetensors.torch import load_file
 

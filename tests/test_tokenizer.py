@@ -277,6 +277,16 @@ def test_save_load_identical(tok, tmp_path):
     assert back.token_byte_lengths() == tok.token_byte_lengths()
 
 
+def test_load_renames_back_a_tokenizer_left_aside(tok, tmp_path):
+    """A crash between the two renames of a tokenizer replacement leaves the old one as `.aside-tok-<pid>`
+    and nothing under its name: the next load renames it back."""
+    d = tmp_path / "tok"
+    tok.save(d)
+    d.rename(tmp_path / ".aside-tok-123")
+    assert Tokenizer.load(d).hash == tok.hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
 def test_hash_depends_on_split():
     a = train_tokenizer(corpus(20), 400, split="gpt4")
     b = train_tokenizer(corpus(20), 400, split="ja")

@@ -20,7 +20,6 @@ is chibichat/train/finetune.py.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
@@ -381,10 +380,10 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
     import copy
     import os
 
-    from chibichat.common import Home, check_home, init_runtime, print0, read_json, shutdown_runtime
+    from chibichat.common import Home, atomic_directory, check_home, init_runtime, print0, read_json, shutdown_runtime
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import (average_weights, list_steps, load_model, read_meta, resolve_checkpoint,
-                                            save_checkpoint)
+                                            save_checkpoint, step_dir)
 
     if args.lora:
         raise ChibiError("--soup averages full weights and --lora trains adapters; drop one of them")
@@ -446,15 +445,30 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
                 "member_val_loss": [m.get("val_loss") for m in sums], "member_final_loss": [m.get("final_loss") for m in sums]}
         keep = {k: v for k, v in meta0.items() if k not in ("format", "step", "world_size", "checkpoint_dir", "loop",
                                                              "loader", "rng")}
-        if tag_dir.exists() and (args.resume or args.overwrite):
-            shutil.rmtree(tag_dir)  # an unfinished average (or --overwrite): recomputed from the members
-        sdir = save_checkpoint(tag_dir, step, model, None, {**keep, "flags": flags, "soup": soup}, rt=rt)
+        sdir = step_dir(tag_dir, step)
         summary = {**{k: v for k, v in sums[0].items() if k not in ("tag", "wall_time_s", "checkpoint")},
                    "tag": tag, "steps": sum(m.get("steps") or 0 for m in sums), "tokens": sum(m.get("tokens") or 0 for m in sums),
                    "train_time_s": sum(m.get("train_time_s") or 0.0 for m in sums), "wall_time_s": time.time() - t0,
                    "checkpoint": str(sdir), "final_loss": sum(soup["member_final_loss"]) / len(sums),
                    "val_loss": val_loss, "soup": soup}
-        write_summary(tag_dir, rt, summary)
+        # The average and its summary are written beside the tag's directory and replace it (an unfinished
+        # average, or --overwrite's finished one) only once complete: a failed save leaves the old one as it was.
+        try:
+            with atomic_directory(tag_dir) as tmp:
+                save_checkpoint(tmp, step, model, None, {**keep, "flags": flags, "soup": soup}, rt=rt)
+                write_summary(tmp, rt, summary)
+        except ChibiError as e:
+            left = [str(step_dir(tag_dir, s)) for s in list_steps(tag_dir)]
+            if not left:
+                kept = "it holds no earlier average; the runs are kept: run the command again to average them"
+            elif (tag_dir / "summary.json").exists():
+                kept = (f"its earlier, finished average {', '.join(left)} is intact; only the command again with "
+                        "--overwrite replaces it (and trains the runs again)")
+            else:
+                kept = (f"its earlier, unfinished average {', '.join(left)} is intact; the runs are kept: run the "
+                        "command again with --resume to average them")
+            raise ChibiError(f"{command} --soup: the average of the {len(members)} runs was not saved to {tag_dir}: "
+                             f"{kept}. The cause: {e}") from None
         print0(rt, f"{command} --soup: averaged {len(members)} runs -> {sdir} | val_loss {val_loss:.4f} (members "
                    + ", ".join(f"{v:.4f}" for v in soup["member_val_loss"] if v is not None) + " on their own seeds' "
                    "validation items)")

@@ -151,9 +151,11 @@ def replaceable_tokenizer(home, overwrite: bool) -> str | None:
     """Before training: the hash of home/tokenizer/ when checkpoints were trained with it (it will be
     kept as a backup when replaced), else None. Without --overwrite such a tokenizer is refused, since
     replacing it would make every one of those checkpoints unloadable."""
+    from chibichat.common import recover_aside
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import TOKENIZER_BACKUP_PREFIX, checkpoints_using_tokenizer
 
+    recover_aside(home.tokenizer_dir)  # a tokenizer a crash left aside is still the one checkpoints need
     if not home.tokenizer_dir.is_dir():
         return None
     try:

@@ -22,7 +22,9 @@ The `_rank0` suffix keeps room for a sharded optimizer later.
 
 Atomicity: rank 0 builds the directory under a temporary name and renames it into place
 (common.atomic_directory, with the directory and the rename fsynced), so a crash leaves either the whole
-`step_XXXXXX/` or nothing; readers ignore `.tmp-*`. An old step is renamed to `.old-step_*` before it is
+`step_XXXXXX/` or nothing; readers ignore `.tmp-*`. A save over an existing step of the same number keeps
+the old one until the new one is in place (a crash between the two renames leaves it as `.aside-step_*`,
+which resolve_checkpoint renames back). An old step is renamed to `.old-step_*` before it is
 deleted (common.remove_dir), so a crash while deleting never leaves a step directory with part of its
 files. Other ranks only contribute through collectives (gather of their loader/RNG state), which the
 caller does before calling `save_checkpoint`.
@@ -36,7 +38,8 @@ import os
 import re
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, Runtime, atomic_directory, read_json, remove_dir
+from chibichat.common import (ChibiError, Home, Runtime, atomic_directory, read_json, recover_asides,
+                              remove_dir)
 
 FORMAT = "chibichat-checkpoint-1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -151,12 +154,13 @@ def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, met
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
     except ChibiError as e:  # atomic_directory's write error (full disk, read-only): say what survives
-        earlier = [s for s in list_steps(tag_dir) if s != step]
-        if earlier:
-            kept = (f"the previous checkpoint {step_dir(tag_dir, earlier[-1])} is intact and usable "
-                    f"(--resume continues from it)")
+        # Read back from disk: an earlier save of this same step survives too (atomic_directory puts it back).
+        left = [str(step_dir(tag_dir, s)) for s in list_steps(tag_dir)]
+        if left:
+            kept = (f"The checkpoints saved before are intact: {', '.join(left)}; --resume continues from "
+                    f"{left[-1]}")
         else:
-            kept = "no earlier checkpoint of this run exists"
+            kept = f"No checkpoint survives in {tag_dir}: there is nothing to resume from"
         raise ChibiError(f"saving step {step} failed, nothing of it was kept: {e}. {kept}") from None
     if keep_last > 0:
         for old in list_steps(tag_dir)[:-keep_last]:
@@ -344,16 +348,21 @@ def checkpoints_using_tokenizer(home: Home, tokenizer_hash: str) -> list[Path]:
 
 def resolve_checkpoint(home: Home, stage: str, tag: str | None = None, step: int | None = None) -> Path:
     """The step directory for (stage, tag, step). tag None -> the tag with the most recently
-    written checkpoint; step None -> its newest step."""
+    written checkpoint; step None -> its newest step. A tag or step directory that a crash left aside
+    mid-replacement (common.atomic_directory) is renamed back first; hidden directories (`.tmp-*`, `.old-*`)
+    are never tags."""
     stage_dir = home.root / "checkpoints" / stage
     make = STAGE_COMMANDS.get(stage, f"the {stage} stage")
+    recover_asides(stage_dir)
     if tag is None:
-        tags = [d for d in stage_dir.iterdir() if d.is_dir() and list_steps(d)] if stage_dir.is_dir() else []
+        tags = [d for d in stage_dir.iterdir() if d.is_dir() and not d.name.startswith(".") and list_steps(d)] \
+            if stage_dir.is_dir() else []
         if not tags:
             raise ChibiError(f"no {stage} checkpoint under {stage_dir}; create one with `{make}`")
         newest = max(tags, key=lambda d: (step_dir(d, list_steps(d)[-1]) / "meta.json").stat().st_mtime)
         tag = newest.name
     tag_dir = stage_dir / tag
+    recover_asides(tag_dir)
     steps = list_steps(tag_dir)
     if not steps and tag_dir.is_dir():
         broken = sorted(d.name for d in tag_dir.iterdir() if STEP_RE.match(d.name) and d.is_dir())
@@ -361,7 +370,8 @@ def resolve_checkpoint(home: Home, stage: str, tag: str | None = None, step: int
             raise ChibiError(f"{tag_dir} holds {', '.join(broken)} but no complete checkpoint: a step directory "
                              f"without meta.json is an incomplete save. Delete {tag_dir} and train it again")
     if not steps:
-        others = sorted(d.name for d in stage_dir.iterdir() if d.is_dir() and list_steps(d)) if stage_dir.is_dir() else []
+        others = sorted(d.name for d in stage_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+                        and list_steps(d)) if stage_dir.is_dir() else []
         hint = f" (tags that exist: {', '.join(others)})" if others else f"; create one with `{make}`"
         raise ChibiError(f"no {stage} checkpoint with tag {tag!r} under {stage_dir}{hint}")
     if step is None:

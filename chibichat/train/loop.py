@@ -92,7 +92,7 @@ import torch
 import torch.distributed as dist
 
 from chibichat.common import (
-    ChibiError, Runtime, atomic_write_text, gather_objects, print0, remove_dir, write_error,
+    ChibiError, Runtime, atomic_write_text, gather_objects, print0, recover_asides, remove_dir, write_error,
 )
 from chibichat.train.checkpoint import (
     STEP_RE, list_steps, load_optimizer, load_weights, read_meta, save_checkpoint, step_dir, unwrap,
@@ -494,6 +494,10 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
     raw = unwrap(model)
     wall0 = clock()
 
+    if rt.is_master:
+        recover_asides(cfg.tag_dir)  # a step a crash left aside while a save replaced it (common.atomic_directory)
+    if rt.distributed:
+        dist.barrier()  # every rank lists the steps after that
     existing = list_steps(cfg.tag_dir)
     if rt.is_master and cfg.tag_dir.is_dir():
         # Leftovers of a save that was killed midway (never visible as a step): safe to drop.
