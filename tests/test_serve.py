@@ -897,12 +897,17 @@ SPLIT_TEXT = "aあb😀c\ufffdd\ufffd"
 SPLIT_TOKENS = ["a", "", "", "あ", "b", "", "", "", "😀", "c", "", "\ufffdd", "", "\ufffd"]
 
 
-def split_reply_server(served, prompt_len):
-    """A server whose replies (to a prompt of `prompt_len` tokens) are SPLIT_REPLY, one byte a token."""
+def scripted_server(served, prompt_len, script):
+    """A server without a tool whose replies (to a prompt of `prompt_len` tokens) open with the tokens `script`."""
     from chibichat.serve.app import create_app
 
-    pool = steered_pool(served, scripted(prompt_len, list(SPLIT_REPLY)))
+    pool = steered_pool(served, scripted(prompt_len, script))
     return pool, Server(create_app(pool, served.model, Limits(), tools=None))
+
+
+def split_reply_server(served, prompt_len):
+    """A server whose replies (to a prompt of `prompt_len` tokens) are SPLIT_REPLY, one byte a token."""
+    return scripted_server(served, prompt_len, list(SPLIT_REPLY))
 
 
 def test_completion_text_offsets_of_characters_split_over_tokens(served):
@@ -955,6 +960,88 @@ def test_chat_logprob_tokens_add_up_to_the_content_with_split_characters(served)
     chunks = [json.loads(line)["choices"][0] for line in lines[:-1]]
     assert "".join(ch["delta"].get("content", "") for ch in chunks) == SPLIT_TEXT
     assert [e["token"] for ch in chunks if ch["logprobs"] for e in ch["logprobs"]["content"]] == SPLIT_TOKENS
+
+
+def stop_script(served):
+    """The reply "hello あ \ufffdd<<go": one byte a token, then <|python_start|> (one token showing "<<")."""
+    return [*b"hello \xe3\x81\x82 \xe3d", served.pool.engines[0].tokenizer.special_id("<|python_start|>"), *b"go"]
+
+
+# stop -> (returned text, its logprob tokens, tokens generated). "lo" spans two tokens (both dropped); "あ"
+# starts at a character split over three tokens (all dropped, the "" ones too); "d" starts inside the token
+# "d" (it ends the \xe3 before it: "\ufffdd") and "<g" inside <|python_start|> ("<<"): each straddling token
+# stays, cut to its part before the stop string. The generation ends at the token completing the stop string.
+STOP_CASES = {
+    "lo": ("hel", ["h", "e", "l"], 5),
+    "あ": ("hello ", ["h", "e", "l", "l", "o", " "], 9),
+    "d": ("hello あ \ufffd", ["h", "e", "l", "l", "o", " ", "", "", "あ", " ", "", "\ufffd"], 12),
+    "<g": ("hello あ \ufffdd<", ["h", "e", "l", "l", "o", " ", "", "", "あ", " ", "", "\ufffdd", "<"], 14),
+}
+
+
+def test_completion_logprobs_end_where_a_stop_string_cuts_the_text(served):
+    """With a stop string, the logprob tokens are those of the returned text (the one straddling the cut
+    reads its part before it), so they add up to the text and every text_offset lies within it; streamed,
+    a token goes out only once the text sent covers it (the stop string may be recognised chunks later),
+    and the chunks' tokens and offsets are the non-streamed ones. usage counts every token generated."""
+    body = {"model": served.model, "prompt": "x", "max_tokens": 16, "temperature": 0, "logprobs": 1}
+    pool, server = scripted_server(served, 2, stop_script(served))  # <|bos|> x
+    try:
+        with server as url:
+            for stop, (want, tokens, generated) in STOP_CASES.items():
+                r = httpx.post(url + "/v1/completions", json={**body, "stop": stop}, timeout=60)
+                c = r.json()["choices"][0]
+                lp = c["logprobs"]
+                assert (c["text"], lp["tokens"], c["finish_reason"]) == (want, tokens, "stop"), stop
+                assert lp["text_offset"] == [len("".join(tokens[:k])) for k in range(len(tokens))], stop
+                assert all(o + len(t) <= len(want) for o, t in zip(lp["text_offset"], lp["tokens"])), stop
+                assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(tokens), stop
+                assert r.json()["usage"]["completion_tokens"] == generated, stop
+                streamed = {**body, "stop": stop, "stream": True, "stream_options": {"include_usage": True}}
+                with httpx.stream("POST", url + "/v1/completions", json=streamed, timeout=60) as s:
+                    lines = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+                text, got, offsets = "", [], []
+                for ch in [x["choices"][0] for x in lines if x["choices"]]:
+                    text += ch["text"]
+                    if ch["logprobs"]:
+                        got += ch["logprobs"]["tokens"]
+                        offsets += ch["logprobs"]["text_offset"]
+                        assert offsets[-1] + len(got[-1]) <= len(text), stop  # never ahead of the text sent
+                assert (text, got, offsets) == (want, tokens, lp["text_offset"]), stop
+                assert lines[-1]["usage"]["completion_tokens"] == generated, stop
+    finally:
+        pool.shutdown()
+
+
+def test_chat_logprobs_end_where_a_stop_string_cuts_the_content(served):
+    """A chat reply cut by a stop string: its logprob tokens add up to the content, streamed or not (each
+    chunk's tokens never ahead of the content sent); `bytes` stay each token's own, a cut one's too."""
+    from chibichat.render import render_prompt
+
+    msgs = [{"role": "user", "content": "hi"}]
+    prompt_len = len(render_prompt(served.pool.engines[0].tokenizer, {"messages": msgs}, max_len=95).ids)
+    body = {"model": served.model, "messages": msgs, "max_tokens": 16, "temperature": 0, "logprobs": True}
+    pool, server = scripted_server(served, prompt_len, stop_script(served))
+    try:
+        with server as url:
+            for stop, (want, tokens, generated) in STOP_CASES.items():
+                r = httpx.post(url + "/v1/chat/completions", json={**body, "stop": [stop]}, timeout=60)
+                c = r.json()["choices"][0]
+                entries = c["logprobs"]["content"]
+                assert (c["message"]["content"], [e["token"] for e in entries]) == (want, tokens), stop
+                assert c["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == generated, stop
+                streamed = {**body, "stop": [stop], "stream": True}
+                with httpx.stream("POST", url + "/v1/chat/completions", json=streamed, timeout=60) as s:
+                    lines = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+                text, got = "", []
+                for ch in [x["choices"][0] for x in lines]:
+                    text += ch["delta"].get("content", "")
+                    got += [e["token"] for e in (ch["logprobs"] or {"content": []})["content"]]
+                    assert text.startswith("".join(got)), stop  # never ahead of the content sent
+                assert (text, got) == (want, tokens), stop
+    finally:
+        pool.shutdown()
+    assert entries[-1]["bytes"] == list(b"<<") and entries[-2]["bytes"] == list(b"d")  # the last case: "<g"
 
 
 def strict_json(text):

@@ -260,25 +260,44 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         sequence as the engine decodes the reply (errors replaced), so the texts add up to the reply's text
         and each starts where the ones before it end (its text_offset). A token that only starts a character
         reads "" and the one completing it carries the whole character; bytes that a later token (or the
-        reply's end, for its last token) leaves unfinished give that token's text their U+FFFD. Streamed, a
-        piece's last token that ends inside a character waits for the next piece or the end: only the end
-        tells whether its text gets that U+FFFD."""
+        reply's end, for its last token) leaves unfinished give that token's text their U+FFFD.
+
+        Logprobs cover the returned text only: a stop string cuts the reply before it, so at the end the
+        tokens that add nothing before the cut (the stop string's, and "" ones starting its first character)
+        are dropped, and the one straddling the cut reads only its part before it (it wrote that part, and
+        without it the tokens would not add up to the text). Streamed, a token goes out only once the text
+        sent covers its text ("" tokens: the character they start): until then a later stop string may still
+        cut it, as the engine holds back text that may start one. A token ending inside a character also
+        waits for the next piece or the end: only the end tells whether its text gets that U+FFFD."""
 
         def __init__(self, engine):
             self.engine = engine
             self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            self.held: list = []  # (entry, text) of a token that the reply's end may still extend
+            self.held: list = []  # (entry, text) of tokens decoded but not sent
+            self.at = 0  # where the first held token's text starts in the reply's text
+            self.sent = 0  # length of the reply's text sent so far
 
-        def take(self, entries, final: bool):
-            """The next logprob entries (`final`: the reply's last ones) -> (entries, texts) ready to send."""
-            pairs = self.held + [(e, self.utf8.decode(shown(self.engine, e[0], after)))
-                                 for e, after in zip(entries, following(entries))]  # fmt: skip
-            self.held = []
-            if final and pairs:
-                pairs[-1] = (pairs[-1][0], pairs[-1][1] + self.utf8.decode(b"", final=True))
-            elif pairs and self.utf8.getstate()[0]:  # inside a character
-                pairs, self.held = pairs[:-1], pairs[-1:]
-            return [e for e, _ in pairs], [t for _, t in pairs]
+        def take(self, entries, text: str, final: bool):
+            """The next logprob entries and the reply text that came with them (`final`: the reply's last)
+            -> (entries, texts) ready to send."""
+            self.sent += len(text)
+            self.held += [(e, self.utf8.decode(shown(self.engine, e[0], after)))
+                          for e, after in zip(entries, following(entries))]  # fmt: skip
+            if final and self.held:
+                self.held[-1] = (self.held[-1][0], self.held[-1][1] + self.utf8.decode(b"", final=True))
+            cut = self.at + sum(len(t) for _, t in self.held) > self.sent  # a stop string ended the text
+            ready = []
+            for k, (e, t) in enumerate(self.held):
+                if final:  # every token if nothing was cut, else those starting before the cut, cut there
+                    if cut and self.at >= self.sent:
+                        break
+                    t = t[: self.sent - self.at]
+                elif self.at + max(len(t), 1) > self.sent or k == len(self.held) - 1 and self.utf8.getstate()[0]:
+                    break
+                ready.append((e, t))
+                self.at += len(t)
+            self.held = [] if final else self.held[len(ready) :]
+            return [e for e, _ in ready], [t for _, t in ready]
 
     def chat_logprobs(engine, entries, texts):
         """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}, the chosen tokens
@@ -383,7 +402,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                 return Response(status_code=499)
             choices = []
             for i in range(req.n):
-                tokens = TokenTexts(engine0).take(lps[i], final=True) if want_lp else None
+                tokens = TokenTexts(engine0).take(lps[i], texts[i], final=True) if want_lp else None
                 if chat:
                     c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish(i),
                          "logprobs": chat_logprobs(engine0, *tokens) if want_lp else None}  # fmt: skip
@@ -426,7 +445,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
         def piece_choice(i, text, entries=(), finish_reason=None):
             if want_lp:
-                entries, texts = token_texts[i].take(entries, final=finish_reason is not None)
+                entries, texts = token_texts[i].take(entries, text, final=finish_reason is not None)
             if chat:
                 delta = {"content": text} if text or finish_reason is None else {}
                 lp = chat_logprobs(engine0, entries, texts) if want_lp and entries else None
