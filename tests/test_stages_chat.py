@@ -438,6 +438,31 @@ def test_rl_stage_end_to_end(base):
         rl.run(_parse(["rl", "--home", home.root, "--from", "base", "--task", "gsm8k"]))
 
 
+def test_rl_resume_refusals_come_before_the_pass_at_k_evaluation(base, monkeypatch):
+    """A resume that would be refused (other sampling, another schedule) says so before RL spends minutes on
+    its pass@k evaluation, not after it."""
+    from chibichat.stages import rl
+
+    home, _ = base
+    common = ["rl", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "rlr", "--device", "cpu",
+              "--dtype", "float32", "--prompts-per-step", 2, "--num-samples", 2, "--max-new-tokens", 8,
+              "--passk-items", 2, "--passk-k", 2, "--task", "spelling", "--save-every", 1]
+    run_cli(*common, "--num-steps", 2)
+    (home.checkpoints_dir("rl", "rlr") / "summary.json").unlink()  # as if killed after its last save
+
+    def no_eval(*a, **k):
+        raise AssertionError("pass@k evaluated before the resume was checked")
+
+    monkeypatch.setattr(rl, "pass_at_k_eval", no_eval)
+    with pytest.raises(ChibiError, match=r"^--resume: the saved RL run sampled another prompt stream \(temperature: "
+                                         r"saved 1.0, now 0.7\)"):
+        rl.run(_parse([*common, "--num-steps", 2, "--resume", "--temperature", 0.7]))
+    with pytest.raises(ChibiError, match=r"^--resume: .*warmdown"):
+        rl.run(_parse([*common, "--num-steps", 2, "--resume", "--warmdown-frac", 0.9]))
+    with pytest.raises(AssertionError, match="pass@k evaluated before"):  # the same flags: on to the evaluation
+        rl.run(_parse([*common, "--num-steps", 2, "--resume"]))
+
+
 def test_rl_on_several_generated_tasks_takes_them_in_turn(base, tmp_path):
     """`--task a,b`: the prompts of both tasks in turn, pass@k on both test splits, each reply scored by the
     checker of the task its prompt came from; lists that cannot work are refused before a model loads."""

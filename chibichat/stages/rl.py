@@ -391,7 +391,7 @@ def run(args) -> int:
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.finetune import (check_room, load_source, loop_config, make_optimizer, source_lrs,
                                           stage_meta, summary_head, write_summary)
-    from chibichat.train.loop import train
+    from chibichat.train.loop import check_resumable, train
 
     check_at_least(args, 1, "prompts_per_step", "num_samples", "max_new_tokens", "passk_items", "passk_k", "train_items")
     if args.num_samples < 2:
@@ -421,15 +421,16 @@ def run(args) -> int:
         passk = dict(items=args.passk_items, k=args.passk_k, max_tokens=max_tokens,
                      temperature=args.temperature, top_k=top_k, seed=12345)
         t0 = time.time()
-        model.eval()
-        before = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
-        print0(rt, f"rl: pass@k before {before}")
-
         batches = RolloutBatches(engine, tok, task, rt, prompts=args.prompts_per_step, samples=args.num_samples,
                                  max_tokens=max_tokens, temperature=args.temperature, top_k=top_k,
                                  seed=args.seed)
         optimizer = make_optimizer(model, lrs)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
+        if cfg.resume:  # before the pass@k evaluation's minutes, not after them
+            check_resumable(rt, cfg, meta, batches)
+        model.eval()
+        before = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
+        print0(rt, f"rl: pass@k before {before}")
 
         def reward_fn(m, step):
             """Logged after every step: the mean reward of the samples that step trained on (all ranks)."""

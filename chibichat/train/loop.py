@@ -383,7 +383,23 @@ class _Metrics:
                 self.wandb.finish()
 
 
-def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict) -> LoopState:
+def check_resumable(rt: Runtime, cfg: LoopConfig, meta: dict, batches=None) -> None:
+    """What resume refuses (another world size, model, tokenizer, LoRA base or settings, schedule; with
+    `batches`, another data stream), checked against the newest checkpoint in cfg.tag_dir without loading
+    anything: a stage that spends minutes before train() (RL's pass@k evaluation) calls it first, so a run
+    that cannot resume says so at once. train() checks all of it again."""
+    sdir, saved, _ = _resumable(rt, cfg, meta)
+    if batches is not None:
+        try:
+            loader_state = saved["loader"][rt.rank]
+        except (KeyError, IndexError, TypeError) as e:
+            raise ChibiError(f"--resume: {sdir}/meta.json lacks the loop state ({e}); it was not written by "
+                             f"the training loop, so it cannot be resumed") from None
+        batches.load_state_dict(loader_state)
+
+
+def _resumable(rt: Runtime, cfg: LoopConfig, meta: dict) -> tuple[Path, dict, dict | None]:
+    """(step dir, its meta, its schedule) of the newest checkpoint, once the run may resume from it."""
     steps = list_steps(cfg.tag_dir)
     if not steps:
         raise ChibiError(f"--resume: no checkpoint in {cfg.tag_dir} to resume from; run without --resume")
@@ -400,7 +416,11 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
         raise ChibiError(f"--resume: {sdir} was trained with another tokenizer ({saved.get('tokenizer')}); "
                          f"restore that tokenizer or start a new --tag")
     _check_lora(sdir, saved.get("lora"), meta.get("lora"))
-    schedule = _check_schedule(sdir, saved.get("schedule"), cfg)
+    return sdir, saved, _check_schedule(sdir, saved.get("schedule"), cfg)
+
+
+def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict) -> LoopState:
+    sdir, saved, schedule = _resumable(rt, cfg, meta)
     try:
         loader_state, loop, rng = saved["loader"][rt.rank], saved["loop"], saved["rng"][rt.rank]
         state = LoopState(**loop)
