@@ -181,17 +181,76 @@ def merge_summary(out_dir, summary: dict, drop=()):
     removing the keys in `drop` (an evaluation's earlier figures that the new ones supersede)."""
     from pathlib import Path
 
-    from chibichat.common import atomic_write_json, read_json
+    from chibichat.common import atomic_write_json
 
     path = Path(out_dir) / "summary.json"
-    merged = read_json(path, "eval summary") if path.exists() else {}
-    if not isinstance(merged, dict):
-        raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
+    merged = read_summary(out_dir)
     for key in drop:
         merged.pop(key, None)
     merged.update(summary)
     atomic_write_json(path, merged)
     return path
+
+
+# Task records: `eval chat` (chat_eval) and `eval jglue` (jglue_eval) score a chosen set of tasks and record
+# which, with the settings that make two runs one test. A run of some tasks keeps the earlier record's other
+# tasks only when both runs are that one test; otherwise those tasks' keys and per-item files go, so that
+# summary.json never shows a score its record does not explain (of another checkpoint, or other settings).
+
+
+def read_summary(out_dir) -> dict:
+    """`<out_dir>/summary.json` as a dict ({} when there is none yet)."""
+    from pathlib import Path
+
+    from chibichat.common import read_json
+
+    path = Path(out_dir) / "summary.json"
+    merged = read_json(path, "eval summary") if path.exists() else {}
+    if not isinstance(merged, dict):
+        raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
+    return merged
+
+
+def checkpoint_settings(meta: dict) -> dict:
+    """The record settings naming a checkpoint: its path, step and meta.json's mtime (which a stage trained
+    again rewrites, so a step scored before that is another checkpoint)."""
+    from pathlib import Path
+
+    return {"checkpoint": meta["checkpoint_dir"],
+            "checkpoint_mtime_ns": (Path(meta["checkpoint_dir"]) / "meta.json").stat().st_mtime_ns,
+            "step": meta["step"]}
+
+
+def record_mismatch(earlier: dict, now: dict, names: Sequence[str]) -> list[str]:
+    """The settings `names` in which an earlier record differs from this run's (`now`); a record written
+    before a setting was kept differs in it."""
+    return [k for k in names if earlier.get(k) != now[k]]
+
+
+def carry_over(earlier: dict, now: dict, names: Sequence[str], earlier_tasks: Sequence[str],
+               tasks: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+    """Which of an earlier record's tasks a run of `tasks` keeps: (kept, dropped, note). The ones it does not
+    run again are kept when no setting of `names` differs (record_mismatch), else dropped, and `note` says
+    which and why (None when nothing is dropped)."""
+    others = [t for t in earlier_tasks if t not in set(tasks)]
+    differ = record_mismatch(earlier, now, names)
+    if not differ:
+        return others, [], None
+    note = (f"dropped the earlier scores of {', '.join(others)} from the record, with their per-item files: they "
+            "were scored with other settings (" + ", ".join(f"{k} {earlier.get(k)!r}, now {now[k]!r}" for k in differ)
+            + ")") if others else None
+    return [], others, note
+
+
+def write_record(out_dir, summary: dict, drop_keys, drop_stems, written_stems=()) -> list[str]:
+    """Merge `summary` into summary.json after removing `drop_keys`, then remove the per-item files of the
+    stems in `drop_stems` except those this run wrote (`written_stems`: two tasks may share a stem).
+    Returns the paths removed."""
+    merge_summary(out_dir, summary, drop=drop_keys)
+    removed = []
+    for stem in sorted(set(drop_stems) - set(written_stems)):
+        removed += remove_eval_outputs(out_dir, stem)
+    return removed
 
 
 # Final answers: the number written after the last "####" (GSM8K's convention, kept for arithmetic,
