@@ -257,7 +257,8 @@ def write_record(out_dir, summary: dict, drop_keys, drop_stems, written_stems=()
 # letter counting and RL rewards); thousands commas and a trailing period are ignored.
 # A signed integer or decimal, optionally with thousands commas, each followed by exactly 3 digits:
 # -1,234.50 (in "1,2,3" or "12,34" no comma is a thousands separator).
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+_NUMBER = re.compile("-?" + _UNSIGNED)
 # The "####" number must be whole: only closing punctuation may come between it and whitespace or the
 # end ("#### 20.", "#### 20 apples", "#### 1,234!"). "#### 3/4", "#### 1e3", "#### 2-3", "#### 7x", "#### 5万"
 # and "#### 50%" write other values: they give no answer, not the value of their leading digits.
@@ -276,17 +277,25 @@ def extract_final_number(text: str) -> str | None:
     return m.group(0).replace(",", "")
 
 
-# A number with "/" and another number after it (spaces allowed): a fraction, a ratio or a date ("3/4",
-# "3 / 4", "2024/01/15"), read as one token so that its last part is never taken for the number written.
-_NUMBER_OR_SLASHED = re.compile(_NUMBER.pattern + r"(?:[ \t]*[/／][ \t]*" + _NUMBER.pattern + r")*")
+# In running text a "-" is a minus sign only where no digit or Latin letter comes right before it ("-5",
+# "is -5", "(-5)", "答えは-5"); after a digit it joins two numbers ("2-3", "2024-01-15"), after a letter it is
+# a hyphen ("GPT-4").
+_PROSE_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])-)?" + _UNSIGNED)
+# A number joined to another by "/", "-" or 分の (spaces allowed): a fraction ("3/4", "3 / 4", "4分の3" = 3/4),
+# a range, a difference or a date ("2-3", "5 - 2", "2024/01/15"), read as one token so that its last part is
+# never taken for the number written.
+_NUMBER_OR_JOINED = re.compile(_PROSE_NUMBER.pattern + r"(?:[ \t]*(?:[/／-]|分の)[ \t]*" + _PROSE_NUMBER.pattern
+                               + r")*")
 
 
 def last_number(text: str) -> str | None:
     """The last number anywhere in text (commas removed), or None: the fallback of replies without "####".
-    Decimals are numbers ("it is 2.5" -> "2.5"); a fraction is not a whole number, so when the last number
-    is one ("the answer is 3/4.") there is no answer, as with "#### 3/4", not its denominator."""
-    found = _NUMBER_OR_SLASHED.findall(text)
-    if not found or "/" in found[-1] or "／" in found[-1]:
+    Decimals are numbers ("it is 2.5" -> "2.5"). When the last number is joined to another (_NUMBER_OR_JOINED)
+    there is no answer, as with "#### 3/4" or "#### 2-3": a fraction ("3/4", "4分の3") is not a whole number,
+    and "2-3" or "the answer is 5-2" writes a range or a sum still to be worked out, neither its last part
+    nor a negative number. A worked sum still answers: "5-2=3" -> "3"."""
+    found = _NUMBER_OR_JOINED.findall(text)
+    if not found or not _PROSE_NUMBER.fullmatch(found[-1]):
         return None
     return found[-1].replace(",", "")
 
