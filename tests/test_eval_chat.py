@@ -105,16 +105,29 @@ def test_jglue_tasks_are_keyed_apart_from_eval_jglue():
 
 
 def test_a_record_keeps_earlier_tasks_only_under_the_same_settings():
+    from chibichat.eval.metrics import carry_over
+    from chibichat.eval.metrics import record_mismatch as mismatch
+
+    def record_mismatch(earlier, now):
+        return mismatch(earlier, now, E.RECORD_SETTINGS)
+
     now = {"checkpoint": "/h/checkpoints/sft/d4/step_000010", "checkpoint_mtime_ns": 7, "step": 10,
            "test_sets": "shipped", "max_items": None, "num_samples": 1, "max_new_tokens": 128,
            "temperature": 0.0, "top_k": 50}
-    assert E.record_mismatch({**now, "tasks": [], "seconds": 3.0, "world_size": 2}, now) == []
+    assert record_mismatch({**now, "tasks": [], "seconds": 3.0, "world_size": 2}, now) == []
     # the same step trained again (meta.json rewritten), other test sets or items: another test
-    assert E.record_mismatch({**now, "checkpoint_mtime_ns": 8}, now) == ["checkpoint_mtime_ns"]
-    assert E.record_mismatch({**now, "test_sets": "online", "max_items": 3}, now) == ["test_sets", "max_items"]
+    assert record_mismatch({**now, "checkpoint_mtime_ns": 8}, now) == ["checkpoint_mtime_ns"]
+    assert record_mismatch({**now, "test_sets": "online", "max_items": 3}, now) == ["test_sets", "max_items"]
     # a record written before these settings were kept matches nothing
     old = {k: now[k] for k in ("checkpoint", "step", "test_sets", "num_samples", "max_new_tokens", "temperature")}
-    assert E.record_mismatch(old, now) == ["checkpoint_mtime_ns", "top_k"]
+    assert record_mismatch(old, now) == ["checkpoint_mtime_ns", "top_k"]
+    # the tasks not run again are kept under the same settings, dropped (and said so) under others
+    assert carry_over({**now, "tasks": []}, now, E.RECORD_SETTINGS, ["arc-easy", "mmlu"], ["mmlu"]) == \
+        (["arc-easy"], [], None)
+    assert carry_over({**now, "top_k": 5}, now, E.RECORD_SETTINGS, ["arc-easy", "mmlu"], ["mmlu"]) == \
+        ([], ["arc-easy"], "dropped the earlier scores of arc-easy from the record, with their per-item files: "
+                           "they were scored with other settings (top_k 5, now 50)")
+    assert carry_over({**now, "top_k": 5}, now, E.RECORD_SETTINGS, ["mmlu"], ["mmlu"]) == ([], [], None)
 
 
 def test_tasks_outside_chatcore_get_no_chatcore_score():

@@ -360,6 +360,7 @@ def test_jsts_expected_value_pearson_spearman(tmp_path):
                            max_len=10_000, shots={"jsts": 0})
     assert out["items"]["jsts"][0]["pred"] == pytest.approx(2.5)
     assert out["summary"]["jsts_pearson"] is None and "undefined" in out["summary"]["jsts_note"]
+    assert set(out["summary"]) == set(J.task_keys("jsts"))
 
     # mass 1 on the digit 5 - round(gold): predictions 5,4,2,1,0,1 against gold 0,1.2,2.5,3.8,5,4.4
     def flipped(t):
@@ -398,6 +399,7 @@ def test_jsquad_em_and_char_f1(tmp_path):
     assert s["jsquad_em"] == pytest.approx(1 / 4)
     assert s["jsquad_f1"] == pytest.approx((1 + 0.6 + 4 / 7 + 0) / 4)
     assert out["items"]["jsquad"][0]["pred"] == "東京都00。"
+    assert set(s) == set(J.task_keys("jsquad")) - {"jsquad_note"}
 
 
 def test_jglue_bad_records_and_over_length(tmp_path):
@@ -415,6 +417,8 @@ def test_jglue_bad_records_and_over_length(tmp_path):
                            shots={"jcommonsenseqa": 3})
     assert out["summary"]["jcommonsenseqa"] is None and out["summary"]["jcommonsenseqa_skipped_too_long"] == 5
     assert "fewer --shots" in out["summary"]["jcommonsenseqa_note"]
+    # task_keys names every key a task may write (a rerun removes exactly these)
+    assert set(out["summary"]) == set(J.task_keys("jcommonsenseqa"))
     with pytest.raises(ChibiError, match="needs more than"):
         J.evaluate_jglue(files, scorer=None, gen=None, tok=CharTok(), max_len=60, shots={"jcommonsenseqa": 5})
 

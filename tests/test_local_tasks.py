@@ -125,6 +125,10 @@ def test_verifiable_rows_are_an_rl_task(tmp_path):
     assert not match_answer("numeric", "7", "#### maybe 7") and not match_answer("numeric", "4", "#### 4/5 or 4")
     assert match_answer("numeric", "7", "It is 7.")
     assert not match_answer("numeric", "4", "It is 3/4.")  # a fraction is no answer, not its denominator
+    assert not match_answer("numeric", "3", "4分の3です")  # 3/4 in Japanese, the same
+    # a sum not worked out is no answer: neither its last part nor that part made negative
+    assert not match_answer("numeric", "-2", "the answer is 5-2") and not match_answer("numeric", "2", "It is 5-2")
+    assert match_answer("numeric", "3", "5-2=3") and match_answer("numeric", "-5", "It is -5.")
     assert t.evaluate(t[1], " Paris\n") and not t.evaluate(t[1], "Paris!")
     assert t.evaluate(t[2], "blue") and not t.evaluate(t[2], "green")
     with pytest.raises(ChibiError, match=r"line 1: match 'numeric' needs a numeric answer"):

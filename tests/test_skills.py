@@ -204,6 +204,9 @@ TOOL = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
     ("It is 84.\n#### 84x", False),              # nor one whose number is not whole
     ("#### 84/2", False),
     ("The answer is 1/84.", False),              # without '####' too: a fraction is not its denominator
+    ("答えは168分の84です。", False),             # nor in Japanese (84/168)
+    ("It is 168-84.", False),                    # a sum not worked out is no answer, not its last part
+    ("168-84=84", True),
 ])
 def test_number_checker(reply, ok):
     assert S.check_reply({"check": "number", "answer": "84"}, reply, "en") is ok

@@ -635,6 +635,77 @@ def test_eval_jglue_cli(base, tmp_path):
     assert rc == 2
 
 
+def test_eval_jglue_rerun_keeps_earlier_tasks_only_for_the_same_test(base, tmp_path, capsys):
+    import os
+    import shutil
+
+    from test_eval_core import _write_jglue
+
+    home, _ = base
+    out = home.eval_dir("base", "d2")
+    shutil.rmtree(out, ignore_errors=True)  # the keys and files below are exactly this test's
+    _write_jglue(tmp_path / "jglue")
+    common = ["eval", "jglue", "--home", home.root, "--from", "base", "--tag", "d2", "--device", "cpu", "--dtype",
+              "float32", "--jglue-dir", tmp_path / "jglue", "--jsquad-shots", 0, "--jsquad-max-tokens", 4]
+    keys = {"jcommonsenseqa": {"jcommonsenseqa", "jcommonsenseqa_centered", "jcommonsenseqa_n",
+                               "jcommonsenseqa_skipped_too_long"},
+            "jnli": {"jnli", "jnli_centered", "jnli_n", "jnli_skipped_too_long"},
+            "jsts": {"jsts_pearson", "jsts_spearman", "jsts_n", "jsts_skipped_too_long"},
+            "jsquad": {"jsquad_em", "jsquad_f1", "jsquad_n", "jsquad_skipped_too_long"}}
+
+    def state():
+        """summary.json, its keys, the files of the eval dir, the tasks the record lists."""
+        s = json.loads((out / "summary.json").read_text())
+        return s, set(s) - {"jglue_eval"}, sorted(p.name for p in out.iterdir()), list(s["jglue_eval"]["files"])
+
+    def expect(s, *tasks):
+        """The keys and files of exactly these tasks (a task whose items did not fit, or whose similarities were
+        all one, has its note too)."""
+        notes = {f"{t}_note" for t in tasks} & set(s)
+        return (set().union(*(keys[t] for t in tasks)) | notes,
+                sorted([f"{t}.{e}" for t in tasks for e in ("csv", "jsonl")] + ["summary.json"]))
+
+    run_cli(*common, "--shots", 1)
+    s1, k1, f1, listed = state()
+    assert (k1, f1) == expect(s1, *keys) and listed == list(keys)
+    # (a) fewer tasks, same checkpoint and settings: the others are kept, with their files, and the record
+    # lists them
+    run_cli(*common, "--shots", 1, "--tasks", "jnli")
+    s2, k2, f2, listed = state()
+    assert (k2, f2, listed) == (k1, f1, ["jcommonsenseqa", "jsts", "jsquad", "jnli"])
+    assert {k: s2[k] for k in k1} == {k: s1[k] for k in k1}  # the same model: jnli scores the same
+    assert s2["jglue_eval"]["step"] == 5 and s2["jglue_eval"]["shots"] == 1
+    # (b) other settings (--shots 2): another test; the earlier tasks go, keys and files, and the run says so
+    capsys.readouterr()
+    run_cli(*common, "--shots", 2, "--tasks", "jnli")
+    assert ("dropped the earlier scores of jcommonsenseqa, jsts, jsquad from the record, with their per-item "
+            "files: they were scored with other settings (shots 1, now 2)") in capsys.readouterr().out
+    s3, k3, f3, listed = state()
+    assert (k3, f3, listed) == (*expect(s3, "jnli"), ["jnli"])
+    # (b) another checkpoint: the same step trained again (its meta.json rewritten) is another test too
+    run_cli(*common, "--shots", 2, "--tasks", "jsquad,jsts")
+    assert state()[3] == ["jnli", "jsquad", "jsts"]
+    meta = home.checkpoints_dir("base", "d2") / "step_000005" / "meta.json"
+    st = meta.stat()
+    os.utime(meta, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    capsys.readouterr()
+    run_cli(*common, "--shots", 2, "--tasks", "jsts")
+    said = capsys.readouterr().out
+    assert "dropped the earlier scores of jnli, jsquad from the record" in said and "checkpoint_mtime_ns" in said
+    s4, k4, f4, listed = state()
+    assert (k4, f4, listed) == (*expect(s4, "jsts"), ["jsts"])
+    # JGLUE scores no record lists (an older chibichat's) go too, whatever the settings
+    s = json.loads((out / "summary.json").read_text())
+    s["jglue_eval"]["files"] = {}
+    (out / "summary.json").write_text(json.dumps(s))
+    capsys.readouterr()
+    run_cli(*common, "--shots", 2, "--tasks", "jnli")
+    assert ("dropped the scores of jsts, which no jglue_eval record lists, with their per-item files"
+            in capsys.readouterr().out)
+    s5, k5, f5, listed = state()
+    assert (k5, f5, listed) == (*expect(s5, "jnli"), ["jnli"])
+
+
 def test_eval_base_cli_adds_core_lite(base):
     home, _ = base
     run_cli("eval", "base", "--home", home.root, "--from", "base", "--tag", "d2", "--device", "cpu", "--dtype",

@@ -182,6 +182,12 @@ def test_extract_final_number_reads_only_a_whole_number(text, want):
     ("3/4", None), ("the answer is 3/4.", None), ("it is 3 / 4", None), ("on 2024/01/15", None),
     ("12", "12"), ("1,234", "1234"), ("-5", "-5"), ("it is 2.5", "2.5"), ("3/4 of 8 is 6.", "6"),
     ("no number", None),
+    # "4分の3" is 3/4: a fraction as "3/4" is ("3分の休憩", a 3-minute break, is a 3)
+    ("4分の3", None), ("3分の1です", None), ("3分の休憩", "3"),
+    # a "-" right after a digit joins two numbers (a range, a sum still to work out, a date): no answer, as
+    # with "#### 2-3", neither "-3" nor "3"; elsewhere it is a minus sign
+    ("2-3", None), ("the answer is 5-2", None), ("5 - 2", None), ("on 2024-01-15", None), ("5-2=3", "3"),
+    ("29-100 = -71", "-71"), ("is -5.", "-5"), ("(-5)", "-5"), ("答えは-5です", "-5"), ("GPT-4", "4"),
 ])
 def test_last_number_reads_no_fraction_as_a_whole_number(text, want):
     # without "####", as with "#### 3/4": a fraction gives no answer, not its denominator

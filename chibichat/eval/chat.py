@@ -245,14 +245,10 @@ CHATCORE_KEYS = ("chatcore", "chatcore_partial", "chatcore_tasks")
 
 # What makes two `eval chat` runs one test: the same checkpoint (path, step, and its meta.json's mtime,
 # which a stage trained again rewrites) scored on the same test sets, items and decoding. A record keeps
-# an earlier run's tasks only when all of these match, so ChatCORE is never a mean over different tests.
+# an earlier run's tasks only when all of these match (metrics.carry_over), so ChatCORE is never a mean over
+# different tests.
 RECORD_SETTINGS = ("checkpoint", "checkpoint_mtime_ns", "step", "test_sets", "max_items", "num_samples",
                    "max_new_tokens", "temperature", "top_k")
-
-
-def record_mismatch(earlier: dict, now: dict) -> list[str]:
-    """The RECORD_SETTINGS in which an earlier chat_eval record differs from this run's (`now`)."""
-    return [k for k in RECORD_SETTINGS if earlier.get(k) != now[k]]
 
 
 def task_keys(name: str) -> tuple[str, ...]:
@@ -302,12 +298,11 @@ def add_chat_args(p) -> None:
 
 def run_chat(args) -> int:
     import time
-    from pathlib import Path
 
-    from chibichat.common import Home, init_runtime, print0, rank_gather, read_json, shutdown_runtime
+    from chibichat.common import Home, init_runtime, print0, rank_gather, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
     from chibichat.eval.core import ModelScorer
-    from chibichat.eval.metrics import merge_summary, remove_eval_outputs, write_eval_outputs
+    from chibichat.eval.metrics import carry_over, checkpoint_settings, read_summary, write_eval_outputs, write_record
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
@@ -341,23 +336,18 @@ def run_chat(args) -> int:
         # ChatCORE) adds its tasks to the record instead of replacing it; a task evaluated again replaces its
         # own entry, and the flat keys (ChatCORE included) are recomputed over the whole record. The scores
         # of another checkpoint (another step, or the stage trained again since) or of other settings
-        # (RECORD_SETTINGS) are dropped, never left beside the new ones.
-        earlier = read_json(out_dir / "summary.json", "eval summary").get("chat_eval", {}) \
-            if (out_dir / "summary.json").exists() else {}
+        # (RECORD_SETTINGS) are dropped, with their per-item files, never left beside the new ones.
+        earlier = read_summary(out_dir).get("chat_eval")
+        earlier = earlier if isinstance(earlier, dict) else {}
         earlier_tasks = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and "task" in t]
-        now = {t["task"] for t in out["tasks"]}
-        settings = {"checkpoint": meta["checkpoint_dir"],
-                    "checkpoint_mtime_ns": (Path(meta["checkpoint_dir"]) / "meta.json").stat().st_mtime_ns,
-                    "step": meta["step"], "test_sets": args.test_sets, "max_items": args.max_items,
+        settings = {**checkpoint_settings(meta), "test_sets": args.test_sets, "max_items": args.max_items,
                     "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
                     "temperature": cfg.temperature, "top_k": cfg.top_k}
-        others = [t for t in earlier_tasks if t["task"] not in now]
-        differ = record_mismatch(earlier, settings)
-        kept = [] if differ else others
-        if others and differ:
-            print0(rt, f"dropped the earlier scores of {', '.join(t['task'] for t in others)} from the record, "
-                       "with their per-item files: they were scored with other settings (" + ", ".join(
-                           f"{k} {earlier.get(k)!r}, now {settings[k]!r}" for k in differ) + ")")
+        kept_names, dropped, note = carry_over(earlier, settings, RECORD_SETTINGS,
+                                               [t["task"] for t in earlier_tasks], [t["task"] for t in out["tasks"]])
+        if note:
+            print0(rt, note)
+        kept = [t for t in earlier_tasks if t["task"] in kept_names]
         stale = {k for t in earlier_tasks for k in task_keys(t["task"])} | set(CHATCORE_KEYS)
         summary = {**flat_summary(kept + out["tasks"]), "chat_eval": {
             "stage": args.source, "tag": tag, **settings, "tasks": kept + out["tasks"],
@@ -365,12 +355,9 @@ def run_chat(args) -> int:
         if rt.is_master:
             for name, rows in out["items"].items():
                 write_eval_outputs(out_dir, items_name(name), rows, None)
-            merge_summary(out_dir, summary, drop=stale)
-            # The dropped tasks' per-item files go with their keys, except files this run just wrote (two local
-            # files of the same name share them).
-            dropped = [items_name(t["task"]) for t in others] if differ else []
-            for stem in sorted(set(dropped) - {items_name(n) for n in out["items"]}):
-                remove_eval_outputs(out_dir, stem)
+            # Files this run just wrote stay (two local files of the same name share them).
+            write_record(out_dir, summary, stale, [items_name(n) for n in dropped],
+                         [items_name(n) for n in out["items"]])
         for s in out["tasks"]:
             if s["n_scored"] == 0:
                 print0(rt, f"{s['task']:>14}: not scored: {s['note']} ({s['n_skipped_too_long']} items)")

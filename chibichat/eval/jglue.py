@@ -17,6 +17,10 @@ everyone reports (test sets are not distributed). Demonstrations come from the s
 file, drawn per item with the tasks' seeded rule and never the item itself. Over-length items are
 skipped and counted, as in CORE.
 
+A run of some tasks adds them to the jglue_eval record of the checkpoint's summary.json; the record's
+other tasks stay only when they were scored on the same checkpoint with the same settings
+(RECORD_SETTINGS), as with `eval chat`.
+
 Distributed (torchrun): rank r of W scores items r, r+W, ... of every task; the per-item rows are
 gathered and put back in item order before any metric is computed, and rank 0 alone writes files.
 """
@@ -200,6 +204,13 @@ def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int, indices=None, gat
     return summary, rows
 
 
+def task_keys(name: str) -> tuple[str, ...]:
+    """Every flat summary.json key evaluate_jglue may write for one task (its note included)."""
+    scores = {"jsts": ("jsts_pearson", "jsts_spearman"), "jsquad": ("jsquad_em", "jsquad_f1")}.get(
+        name, (name, f"{name}_centered"))
+    return (*scores, f"{name}_n", f"{name}_skipped_too_long", f"{name}_note")
+
+
 def evaluate_jglue(files: dict, *, scorer, gen, tok, max_len: int, shots: dict, max_items: int | None = None,
                    jsquad_max_tokens: int = 32, rank: int = 0, world_size: int = 1, gather=None) -> dict:
     """Evaluate the tasks whose files were found; returns {"summary": flat keys, "items": {task: rows}}.
@@ -231,6 +242,12 @@ def evaluate_jglue(files: dict, *, scorer, gen, tok, max_len: int, shots: dict, 
 # ----------------------------------------------------------------------------------------------
 # Entry point for `chibichat eval jglue` (registered in stages/evaluate.py)
 
+# What makes two `eval jglue` runs one test: the same checkpoint (metrics.checkpoint_settings) scored on the
+# same dev files, items, demonstrations and answer budget. A run of some tasks keeps the jglue_eval record's
+# other tasks only when all of these match (metrics.carry_over, as `eval chat` does).
+RECORD_SETTINGS = ("checkpoint", "checkpoint_mtime_ns", "step", "jglue_dir", "max_items", "shots", "jsquad_shots",
+                   "jsquad_max_tokens")
+
 
 def add_jglue_args(p) -> None:
     p.add_argument("--jglue-dir", required=True,
@@ -253,7 +270,7 @@ def run_jglue(args) -> int:
     from chibichat.common import rank_gather
     from chibichat.eval.chat import EngineGenerator
     from chibichat.eval.core import ModelScorer
-    from chibichat.eval.metrics import merge_summary, write_eval_outputs
+    from chibichat.eval.metrics import carry_over, checkpoint_settings, read_summary, write_eval_outputs, write_record
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
@@ -286,12 +303,34 @@ def run_jglue(args) -> int:
                              gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
+        # The record lists its tasks by their files. An earlier run's tasks not run again are kept under the
+        # same RECORD_SETTINGS and dropped, with their keys and per-item files, under others; so are JGLUE
+        # scores no record lists (left by an older version of chibichat).
+        before = read_summary(out_dir)
+        earlier = before.get("jglue_eval")
+        earlier = earlier if isinstance(earlier, dict) else {}
+        earlier_files = earlier.get("files")
+        earlier_files = earlier_files if isinstance(earlier_files, dict) else {}
+        listed = [t for t in earlier_files if t in JGLUE_TASKS]
+        settings = {**checkpoint_settings(meta), "jglue_dir": str(Path(args.jglue_dir).resolve()),
+                    "max_items": args.max_items, "shots": args.shots, "jsquad_shots": args.jsquad_shots,
+                    "jsquad_max_tokens": args.jsquad_max_tokens}
+        kept, dropped, note = carry_over(earlier, settings, RECORD_SETTINGS, listed, wanted)
+        if note:
+            print0(rt, note)
+        unlisted = [t for t in JGLUE_TASKS if t not in listed and t not in wanted
+                    and any(k in before for k in task_keys(t))]
+        if unlisted:
+            print0(rt, f"dropped the scores of {', '.join(unlisted)}, which no jglue_eval record lists, with their "
+                       "per-item files")
+        files = {t: earlier_files[t] for t in kept} | {t: str(found[t]) for t in wanted}
         if rt.is_master:
             for name, rows in out["items"].items():
                 write_eval_outputs(out_dir, name, rows, None)
-            merge_summary(out_dir, {**out["summary"], "jglue_eval": {
-                "stage": args.source, "tag": tag, "step": meta["step"], "files": {t: str(found[t]) for t in wanted},
-                "shots": {t: shots[t] for t in wanted}, "world_size": rt.world_size, "seconds": time.time() - t0}})
+            gone = dropped + unlisted
+            write_record(out_dir, {**out["summary"], "jglue_eval": {
+                "stage": args.source, "tag": tag, **settings, "files": files, "world_size": rt.world_size,
+                "seconds": time.time() - t0}}, {k for t in gone + wanted for k in task_keys(t)}, gone)
         for k, v in out["summary"].items():
             print0(rt, f"{k}: {v}")
         return 0

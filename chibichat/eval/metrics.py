@@ -181,12 +181,10 @@ def merge_summary(out_dir, summary: dict, drop=()):
     removing the keys in `drop` (an evaluation's earlier figures that the new ones supersede)."""
     from pathlib import Path
 
-    from chibichat.common import atomic_write_json, read_json
+    from chibichat.common import atomic_write_json
 
     path = Path(out_dir) / "summary.json"
-    merged = read_json(path, "eval summary") if path.exists() else {}
-    if not isinstance(merged, dict):
-        raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
+    merged = read_summary(out_dir)
     for key in drop:
         merged.pop(key, None)
     merged.update(summary)
@@ -194,11 +192,73 @@ def merge_summary(out_dir, summary: dict, drop=()):
     return path
 
 
+# Task records: `eval chat` (chat_eval) and `eval jglue` (jglue_eval) score a chosen set of tasks and record
+# which, with the settings that make two runs one test. A run of some tasks keeps the earlier record's other
+# tasks only when both runs are that one test; otherwise those tasks' keys and per-item files go, so that
+# summary.json never shows a score its record does not explain (of another checkpoint, or other settings).
+
+
+def read_summary(out_dir) -> dict:
+    """`<out_dir>/summary.json` as a dict ({} when there is none yet)."""
+    from pathlib import Path
+
+    from chibichat.common import read_json
+
+    path = Path(out_dir) / "summary.json"
+    merged = read_json(path, "eval summary") if path.exists() else {}
+    if not isinstance(merged, dict):
+        raise ChibiError(f"{path} is not a JSON object; delete it and re-run the evaluations")
+    return merged
+
+
+def checkpoint_settings(meta: dict) -> dict:
+    """The record settings naming a checkpoint: its path, step and meta.json's mtime (which a stage trained
+    again rewrites, so a step scored before that is another checkpoint)."""
+    from pathlib import Path
+
+    return {"checkpoint": meta["checkpoint_dir"],
+            "checkpoint_mtime_ns": (Path(meta["checkpoint_dir"]) / "meta.json").stat().st_mtime_ns,
+            "step": meta["step"]}
+
+
+def record_mismatch(earlier: dict, now: dict, names: Sequence[str]) -> list[str]:
+    """The settings `names` in which an earlier record differs from this run's (`now`); a record written
+    before a setting was kept differs in it."""
+    return [k for k in names if earlier.get(k) != now[k]]
+
+
+def carry_over(earlier: dict, now: dict, names: Sequence[str], earlier_tasks: Sequence[str],
+               tasks: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+    """Which of an earlier record's tasks a run of `tasks` keeps: (kept, dropped, note). The ones it does not
+    run again are kept when no setting of `names` differs (record_mismatch), else dropped, and `note` says
+    which and why (None when nothing is dropped)."""
+    others = [t for t in earlier_tasks if t not in set(tasks)]
+    differ = record_mismatch(earlier, now, names)
+    if not differ:
+        return others, [], None
+    note = (f"dropped the earlier scores of {', '.join(others)} from the record, with their per-item files: they "
+            "were scored with other settings (" + ", ".join(f"{k} {earlier.get(k)!r}, now {now[k]!r}" for k in differ)
+            + ")") if others else None
+    return [], others, note
+
+
+def write_record(out_dir, summary: dict, drop_keys, drop_stems, written_stems=()) -> list[str]:
+    """Merge `summary` into summary.json after removing `drop_keys`, then remove the per-item files of the
+    stems in `drop_stems` except those this run wrote (`written_stems`: two tasks may share a stem).
+    Returns the paths removed."""
+    merge_summary(out_dir, summary, drop=drop_keys)
+    removed = []
+    for stem in sorted(set(drop_stems) - set(written_stems)):
+        removed += remove_eval_outputs(out_dir, stem)
+    return removed
+
+
 # Final answers: the number written after the last "####" (GSM8K's convention, kept for arithmetic,
 # letter counting and RL rewards); thousands commas and a trailing period are ignored.
 # A signed integer or decimal, optionally with thousands commas, each followed by exactly 3 digits:
 # -1,234.50 (in "1,2,3" or "12,34" no comma is a thousands separator).
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+_NUMBER = re.compile("-?" + _UNSIGNED)
 # The "####" number must be whole: only closing punctuation may come between it and whitespace or the
 # end ("#### 20.", "#### 20 apples", "#### 1,234!"). "#### 3/4", "#### 1e3", "#### 2-3", "#### 7x", "#### 5万"
 # and "#### 50%" write other values: they give no answer, not the value of their leading digits.
@@ -217,17 +277,25 @@ def extract_final_number(text: str) -> str | None:
     return m.group(0).replace(",", "")
 
 
-# A number with "/" and another number after it (spaces allowed): a fraction, a ratio or a date ("3/4",
-# "3 / 4", "2024/01/15"), read as one token so that its last part is never taken for the number written.
-_NUMBER_OR_SLASHED = re.compile(_NUMBER.pattern + r"(?:[ \t]*[/／][ \t]*" + _NUMBER.pattern + r")*")
+# In running text a "-" is a minus sign only where no digit or Latin letter comes right before it ("-5",
+# "is -5", "(-5)", "答えは-5"); after a digit it joins two numbers ("2-3", "2024-01-15"), after a letter it is
+# a hyphen ("GPT-4").
+_PROSE_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])-)?" + _UNSIGNED)
+# A number joined to another by "/", "-" or 分の (spaces allowed): a fraction ("3/4", "3 / 4", "4分の3" = 3/4),
+# a range, a difference or a date ("2-3", "5 - 2", "2024/01/15"), read as one token so that its last part is
+# never taken for the number written.
+_NUMBER_OR_JOINED = re.compile(_PROSE_NUMBER.pattern + r"(?:[ \t]*(?:[/／-]|分の)[ \t]*" + _PROSE_NUMBER.pattern
+                               + r")*")
 
 
 def last_number(text: str) -> str | None:
     """The last number anywhere in text (commas removed), or None: the fallback of replies without "####".
-    Decimals are numbers ("it is 2.5" -> "2.5"); a fraction is not a whole number, so when the last number
-    is one ("the answer is 3/4.") there is no answer, as with "#### 3/4", not its denominator."""
-    found = _NUMBER_OR_SLASHED.findall(text)
-    if not found or "/" in found[-1] or "／" in found[-1]:
+    Decimals are numbers ("it is 2.5" -> "2.5"). When the last number is joined to another (_NUMBER_OR_JOINED)
+    there is no answer, as with "#### 3/4" or "#### 2-3": a fraction ("3/4", "4分の3") is not a whole number,
+    and "2-3" or "the answer is 5-2" writes a range or a sum still to be worked out, neither its last part
+    nor a negative number. A worked sum still answers: "5-2=3" -> "3"."""
+    found = _NUMBER_OR_JOINED.findall(text)
+    if not found or not _PROSE_NUMBER.fullmatch(found[-1]):
         return None
     return found[-1].replace(",", "")
 
