@@ -193,21 +193,28 @@ def test_failed_save_names_every_step_that_survives_and_how_to_resume(tmp_path, 
     with pytest.raises(ChibiError) as e:
         save_checkpoint(tag, 1, m, None, _meta(m))
     assert str(e.value) == (f"saving step 1 failed, nothing of it was kept: cannot write {tag / 'step_000001'}: "
-                            f"{disk}. No checkpoint survives in {tag}: there is nothing to resume from")
+                            f"{disk}. No checkpoint survives in {tag}")
     monkeypatch.setattr(os, "replace", real)
     save_checkpoint(tag, 1, m, None, _meta(m))
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(ChibiError) as e:
         save_checkpoint(tag, 2, m, None, _meta(m))
     assert str(e.value) == (f"saving step 2 failed, nothing of it was kept: cannot write {tag / 'step_000002'}: "
-                            f"{disk}. The checkpoints saved before are intact: {tag / 'step_000001'}; --resume "
-                            f"continues from {tag / 'step_000001'}")
+                            f"{disk}. The checkpoints saved before are intact: {tag / 'step_000001'}")
     with pytest.raises(ChibiError) as e:  # saving step 1 again: its earlier save survives, under its name
         save_checkpoint(tag, 1, m, None, _meta(m))
     assert str(e.value) == (f"saving step 1 failed, nothing of it was kept: cannot write {tag / 'step_000001'}: "
-                            f"{disk}. The checkpoints saved before are intact: {tag / 'step_000001'}; --resume "
-                            f"continues from {tag / 'step_000001'}")
+                            f"{disk}. The checkpoints saved before are intact: {tag / 'step_000001'}")
     assert sorted(p.name for p in tag.iterdir()) == ["step_000001"] and read_meta(tag / "step_000001")["step"] == 1
+    # a training loop's checkpoint (with its optimizer) is what --resume continues from; a model saved without
+    # one (lora merge, a soup's average, an import) is made again by its command, so no --resume is offered
+    with pytest.raises(ChibiError) as e:
+        save_checkpoint(tag, 2, m, _opt(m), _meta(m))
+    assert str(e.value).endswith(f"The checkpoints saved before are intact: {tag / 'step_000001'}; --resume "
+                                 f"continues from {tag / 'step_000001'}")
+    with pytest.raises(ChibiError) as e:
+        save_checkpoint(tmp_path / "u", 1, m, _opt(m), _meta(m))
+    assert str(e.value).endswith(f"No checkpoint survives in {tmp_path / 'u'}: there is nothing to resume from")
 
 
 def test_resolve_checkpoint_renames_back_a_tag_or_step_left_aside(tmp_path):

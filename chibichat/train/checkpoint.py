@@ -156,11 +156,14 @@ def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, met
     except ChibiError as e:  # atomic_directory's write error (full disk, read-only): say what survives
         # Read back from disk: an earlier save of this same step survives too (atomic_directory puts it back).
         left = [str(step_dir(tag_dir, s)) for s in list_steps(tag_dir)]
+        # Only a training loop's checkpoint (it holds the optimizer) is one --resume continues from; a merged,
+        # averaged or imported model is made again by running its command again.
         if left:
-            kept = (f"The checkpoints saved before are intact: {', '.join(left)}; --resume continues from "
-                    f"{left[-1]}")
+            kept = f"The checkpoints saved before are intact: {', '.join(left)}" + (
+                f"; --resume continues from {left[-1]}" if optimizer is not None else "")
         else:
-            kept = f"No checkpoint survives in {tag_dir}: there is nothing to resume from"
+            kept = f"No checkpoint survives in {tag_dir}" + (
+                ": there is nothing to resume from" if optimizer is not None else "")
         raise ChibiError(f"saving step {step} failed, nothing of it was kept: {e}. {kept}") from None
     if keep_last > 0:
         for old in list_steps(tag_dir)[:-keep_last]:
