@@ -15,6 +15,14 @@ def _write(path, obj):
     path.write_text(json.dumps(obj))
 
 
+def _sft_home(tmp_path, eval_summary) -> Home:
+    """A home with one finished SFT run (tag d2, 3 steps) whose evaluation summary is `eval_summary`."""
+    h = Home(tmp_path / "home")
+    _write(h.checkpoints_dir("sft", "d2") / "summary.json", {"steps": 3})
+    _write(h.eval_dir("sft", "d2") / "summary.json", eval_summary)
+    return h
+
+
 FIXTURE = Path(__file__).parent / "fixtures" / "report-home"
 GOLDEN = Path(__file__).parent / "fixtures" / "report-home.md"
 
@@ -107,13 +115,9 @@ def test_base_evaluation_lists_jglue_scores(tmp_path):
 
 def test_report_reads_eval_jglue_and_eval_chat_jglue_scores_apart(tmp_path):
     # one SFT checkpoint scored by `eval jglue` (few-shot: jsquad_em, jsquad_n) and `eval chat --tasks jsquad`
-    h = Home(tmp_path / "home")
-    d = h.checkpoints_dir("sft", "d2")
-    d.mkdir(parents=True)
-    _write(d / "summary.json", {"steps": 3})
-    _write(h.eval_dir("sft", "d2") / "summary.json",
-           {"jsquad_em": 0.125, "jsquad_f1": 0.25, "jsquad_n": 8, "jsquad_chat": 0.5, "jsquad_chat_centered": 0.5,
-            "jsquad_chat_n": 4, "jsquad_chat_skipped_too_long": 0, "chat_eval": {"tasks": [{"task": "jsquad"}]}})
+    h = _sft_home(tmp_path,
+                  {"jsquad_em": 0.125, "jsquad_f1": 0.25, "jsquad_n": 8, "jsquad_chat": 0.5, "jsquad_chat_centered": 0.5,
+                   "jsquad_chat_n": 4, "jsquad_chat_skipped_too_long": 0, "chat_eval": {"tasks": [{"task": "jsquad"}]}})
     lines = build_report(h).read_text().splitlines()
     sft = {l.split("|")[1].strip(): l.split("|")[4].strip() for l in lines if l.startswith("| JSQuAD") or
            l.startswith("| jsquad_chat")}  # the SFT column of the evaluations table
@@ -137,12 +141,8 @@ def test_report_missing_home_is_clear_error(tmp_path, capsys):
 
 
 def test_report_table_shows_extra_tasks_and_partial_chatcore(tmp_path):
-    h = Home(tmp_path / "home")
-    d = h.checkpoints_dir("sft", "d2")
-    d.mkdir(parents=True)
-    _write(d / "summary.json", {"steps": 3})
-    _write(h.eval_dir("sft", "d2") / "summary.json",
-           {"spelling_ja": 0.25, "spelling_ja_n": 4, "arithmetic_ja": 0.5, "arithmetic_ja_n": 4, "chatcore_partial": 0.375})
+    h = _sft_home(tmp_path,
+                  {"spelling_ja": 0.25, "spelling_ja_n": 4, "arithmetic_ja": 0.5, "arithmetic_ja_n": 4, "chatcore_partial": 0.375})
     text = build_report(h).read_text()
     row = next(l for l in text.splitlines() if l.startswith("| arithmetic_ja"))
     assert row.split("|")[4].strip() == "0.5000"  # the SFT column

@@ -905,9 +905,27 @@ def scripted_server(served, prompt_len, script):
     return pool, Server(create_app(pool, served.model, Limits(), tools=None))
 
 
+def post_and_stream(url, path, body):
+    """One request body sent twice: the plain response, and the streamed one's `data: ` payloads ([DONE] last)."""
+    r = httpx.post(url + path, json=body, timeout=60)
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as s:
+        lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    return r, lines
+
+
 def split_reply_server(served, prompt_len):
     """A server whose replies (to a prompt of `prompt_len` tokens) are SPLIT_REPLY, one byte a token."""
     return scripted_server(served, prompt_len, list(SPLIT_REPLY))
+
+
+def split_reply(served, prompt_len, path, body):
+    """post_and_stream of `body` to a server answering SPLIT_REPLY (split_reply_server), then shut down."""
+    pool, server = split_reply_server(served, prompt_len)
+    try:
+        with server as url:
+            return post_and_stream(url, path, body)
+    finally:
+        pool.shutdown()
 
 
 def test_completion_text_offsets_of_characters_split_over_tokens(served):
@@ -915,14 +933,7 @@ def test_completion_text_offsets_of_characters_split_over_tokens(served):
     text_offset[i] is where that text starts in the reply: a character's bytes all point at it. Streamed,
     the chunks' tokens and offsets are the same (the last token waits for the end's U+FFFD)."""
     body = {"model": served.model, "prompt": "x", "max_tokens": len(SPLIT_REPLY), "temperature": 0, "logprobs": 1}
-    pool, server = split_reply_server(served, 2)  # <|bos|> x
-    try:
-        with server as url:
-            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
-            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
-                lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
-    finally:
-        pool.shutdown()
+    r, lines = split_reply(served, 2, "/v1/completions", body)  # <|bos|> x
     c = r.json()["choices"][0]
     text, lp = c["text"], c["logprobs"]
     assert text == SPLIT_TEXT and lp["tokens"] == SPLIT_TOKENS
@@ -944,14 +955,7 @@ def test_chat_logprob_tokens_add_up_to_the_content_with_split_characters(served)
     prompt_len = len(render_prompt(served.pool.engines[0].tokenizer, {"messages": msgs}, max_len=95).ids)
     body = {"model": served.model, "messages": msgs, "max_tokens": len(SPLIT_REPLY), "temperature": 0,
             "logprobs": True}  # fmt: skip
-    pool, server = split_reply_server(served, prompt_len)
-    try:
-        with server as url:
-            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-            with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
-                lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
-    finally:
-        pool.shutdown()
+    r, lines = split_reply(served, prompt_len, "/v1/chat/completions", body)
     c = r.json()["choices"][0]
     entries = c["logprobs"]["content"]
     assert c["message"]["content"] == SPLIT_TEXT
@@ -1067,10 +1071,8 @@ def test_logprobs_of_a_reply_with_a_tool_call(served):
     try:
         for tools in ("calculator", None):
             with Server(create_app(pool, served.model, Limits(), tools=tools)) as url:
-                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+                r, lines = post_and_stream(url, "/v1/chat/completions", body)
                 assert r.status_code == 200, r.text
-                with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
-                    lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
             assert lines[-1] == "[DONE]"
             chunks = [strict_json(line) for line in lines[:-1]]
             streamed = [e for c in chunks for x in c["choices"] if x["logprobs"] for e in x["logprobs"]["content"]]
