@@ -922,35 +922,52 @@ def test_sft_soup_averages_its_members_and_reuses_finished_ones(base, capsys):
     assert all(torch.equal(again[k], soup[k]) for k in soup)
 
 
-def test_soup_minutes_cover_the_members_start_ups(base, monkeypatch):
-    """--minutes with --soup K is the whole stage's: each member's loop gets an equal part of what is left,
-    less the start-up (data, model, evaluations, saves) members took beyond their loops, so K runs end
-    within the budget instead of K start-ups past it."""
+@pytest.mark.parametrize("sec_per_step, want_minutes, want_runs", [
+    (0.1, [2.0, 203 / 3 / 60, 83 / 60, 129 / 60], 4),  # a fast machine: 37 s a run, all four fit at full length
+    (0.8, [4.0, 226 / 60], 2),  # 2x slower: a full run takes half the budget, so two full runs, not four halves
+])
+def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, monkeypatch, sec_per_step,
+                                                                          want_minutes, want_runs):
+    """--minutes with --soup K is the whole stage's: the first run may take half of it; the others share
+    what is left, less the start-up (data, model, evaluations, saves) the runs took beyond their loops; and
+    where K runs would not all reach their step count, fewer runs of full length are averaged."""
     import types
 
     from chibichat.stages import sft
+    from chibichat.train import checkpoint
 
     home, _ = base
-    now = [1000.0]
-    given = []
+    now, given, tag = [1000.0], [], f"sb{int(sec_per_step * 10)}"
+    cap, startup = 300, 7.0
 
-    class Done(Exception):
+    def member(margs, **kind):  # loops that keep their budgets at sec_per_step, start-ups of 7 s
+        steps = min(cap, int(margs.minutes * 60 / sec_per_step + 1e-9))
+        given.append(margs.minutes)
+        now[0] += startup + steps * sec_per_step
+        fit = {"num_steps": steps, "cap": cap, "capped": steps == cap}
+        (home.checkpoints_dir("sft", margs.tag)).mkdir(parents=True)
+        (home.checkpoints_dir("sft", margs.tag) / "summary.json").write_text(json.dumps({"minutes_fit": fit}))
+
+    class Averaging(Exception):
         pass
 
-    def member(margs, **kind):  # a member whose loop keeps its budget and whose start-up takes 7 s
-        given.append(margs.minutes)
-        now[0] += margs.minutes * 60 + 7.0
-        if len(given) == 3:
-            raise Done
+    averaged = []
+
+    def averaging(home, stage, mtag, step=None):  # the average looks up its runs: stop there
+        averaged.append(mtag)
+        if len(averaged) == want_runs:
+            raise Averaging
 
     monkeypatch.setattr(sft, "time", types.SimpleNamespace(time=lambda: now[0]))
     monkeypatch.setattr(sft, "run_conversation_stage", member)
-    with pytest.raises(Done):
-        sft.run(_parse(["sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "sb", *FAST,
-                        "--mix", "arithmetic=0.1", "--num-steps", "50", "--soup", "3", "--minutes", "1"]))
-    # 60 s: the first member 60/3 s (no start-up seen yet), then (60 - 27) / 2 - 7 and (60 - 43.5) - 7
-    assert given == pytest.approx([20 / 60, 9.5 / 60, 9.5 / 60])
-    assert now[0] - 1000.0 == pytest.approx(60.0)
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", averaging)
+    minutes = 4 if sec_per_step < 0.5 else 8
+    with pytest.raises(Averaging):
+        sft.run(_parse(["sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", tag, *FAST,
+                        "--mix", "arithmetic=0.1", "--num-steps", cap, "--soup", "4", "--minutes", minutes]))
+    assert given == pytest.approx(want_minutes) and len(given) == want_runs
+    assert averaged == [f"{tag}-soup{i}" for i in range(want_runs)]  # the runs trained, and only those
+    assert now[0] - 1000.0 <= minutes * 60
     assert sft.member_minutes(1.0, 59.0, 2, 7.0) == sft.MIN_MEMBER_S / 60  # an overrun budget: the fewest steps
 
 

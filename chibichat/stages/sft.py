@@ -244,8 +244,8 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
                         "default: 0, off)")
     p.add_argument("--soup", type=int, default=1, metavar="K",
                    help="train K runs from the same source with seeds SEED..SEED+K-1 (tags TAG-soup0..) and save "
-                        "the average of their weights as TAG; --minutes is the K runs' together, start-ups included "
-                        "(default: 1, one run)")
+                        "the average of their weights as TAG; --minutes is the K runs' together, start-ups included, and "
+                        "where K runs would not all reach --num-steps in it fewer are trained (default: 1, one run)")
     p.add_argument("--val-items", type=int, default=50, help="held-out items per task (default: 50)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (default: 8)")
     add_optim_args(p, lr_frac)
@@ -367,6 +367,20 @@ def member_minutes(stage_minutes: float, spent_s: float, left: int, startup_s: f
     return max(share, MIN_MEMBER_S) / 60
 
 
+def fewer_full_runs(stage_minutes: float, spent_s: float, first_s: float, startup_s: float, first_minutes: float,
+                    fit: dict, others: int) -> int:
+    """How many of the `others` runs still to train after the first one: those that fit the rest of the
+    budget at full length (at least one, at most all). A full run costs what the first one took (`first_s`)
+    where it reached its step count, else its start-up plus its seconds per step over the full count
+    (`fit`: its --minutes fit, with `first_minutes` its budget)."""
+    if not fit or fit.get("capped") or fit.get("num_steps", 0) >= fit.get("cap", 0):
+        full_s = first_s
+    else:
+        full_s = startup_s + fit["cap"] * first_minutes * 60 / fit["num_steps"]
+    left_s = stage_minutes * 60 - spent_s
+    return max(1, min(others, int(left_s // max(full_s, 1e-9))))
+
+
 def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
     """`sft --soup K` / `midtrain --soup K`: K runs of the stage from one source, differing only in their
     seed (data order, validation items, sampling), each a complete run under its own tag; then the mean of
@@ -416,11 +430,18 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
         else:
             todo.append((mtag, mseed))
     startup = 0.0  # seconds a member ran beyond its loop's budget (data, model, evaluations, saves): the most seen
-    for i, (mtag, mseed) in enumerate(todo):
+    # With a budget and no member run yet, the first run may take half of it, and where the K runs would not
+    # all fit at full length, fewer runs of full length are trained (fewer_full_runs): two full runs averaged
+    # scored above four of half the steps (docs/benchmarks.md, session 27). A fast machine trains all K.
+    adaptive = args.minutes is not None and len(todo) == len(members) > 2
+    i = 0
+    while i < len(todo):
+        mtag, mseed = todo[i]
         margs = copy.copy(args)
         margs.tag, margs.seed, margs.soup, margs.resume = mtag, mseed, 1, False
         if args.minutes is not None:
-            margs.minutes = member_minutes(args.minutes, time.time() - t0, len(todo) - i, startup)
+            margs.minutes = (args.minutes / 2 if adaptive and i == 0
+                             else member_minutes(args.minutes, time.time() - t0, len(todo) - i, startup))
         mdir = home.checkpoints_dir(stage, mtag)
         margs.resume = bool(mdir.exists() and list_steps(mdir) and not args.overwrite)
         print(f"{command} --soup: run {mtag} (seed {mseed}){' resumed' if margs.resume else ''}"
@@ -429,6 +450,17 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
         run_conversation_stage(margs, stage=stage, train_all_tokens=train_all_tokens, mix_en=mix_en, mix_ja=mix_ja)
         if args.minutes is not None:
             startup = max(startup, time.time() - m0 - margs.minutes * 60)
+        if adaptive and i == 0:
+            fit = read_json(mdir / "summary.json", "summary").get("minutes_fit") or {}
+            more = fewer_full_runs(args.minutes, time.time() - t0, time.time() - m0, startup, margs.minutes, fit,
+                                   len(todo) - 1)
+            if more < len(todo) - 1:
+                print(f"{command} --soup: {mtag} took {time.time() - m0:.0f} s for {fit.get('num_steps')} of "
+                      f"{fit.get('cap')} steps; {more} more run(s) of full length fit the rest of --minutes "
+                      f"{args.minutes:g}, not {len(todo) - 1} shortened ones: averaging {1 + more} runs", flush=True)
+                members = [m for m in members if m not in todo[1 + more:]]
+                todo = todo[:1 + more]
+        i += 1
 
     rt = init_runtime(args.device, args.dtype)
     try:
