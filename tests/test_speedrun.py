@@ -246,12 +246,12 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
         return {f: argv[argv.index(f) + 1] for f in ("--minutes", "--num-steps") if f in argv}
 
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu")}
-    assert PRESETS["cpu"].max_minutes == 13.5
-    # the preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04 of 13.5 min (--soup 4 shares a stage's
+    assert PRESETS["cpu"].max_minutes == 13
+    # the preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04 of 13 min (--soup 4 shares a stage's
     # minutes over its four runs)
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "4.59", "--num-steps": "700"}, {"--minutes": "3.645", "--num-steps": "250"},
-        {"--minutes": "4.725", "--num-steps": "300"}, {"--minutes": "0.54", "--num-steps": "15"}]
+        {"--minutes": "4.42", "--num-steps": "700"}, {"--minutes": "3.51", "--num-steps": "250"},
+        {"--minutes": "4.55", "--num-steps": "300"}, {"--minutes": "0.52", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
     assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "700"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
@@ -266,7 +266,7 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
 
 def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path):
     """`cpu-hour` after `cpu` in one home: the tokenizer step is the same (done already, reused), every
-    checkpoint and evaluation folder is its own, and its 54 training minutes split by its shares; it trains
+    checkpoint and evaluation folder is its own, and its 55 training minutes split by its shares; it trains
     a wider model (d5) and averages four midtraining and four SFT runs, as the quickstart averages its own."""
     home = Home(tmp_path)
     quick = plan(home, PRESETS["cpu"], "en", "dense", "cpu")
@@ -279,9 +279,9 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
     pre = next(s.argv for s in hour if s.name == "pretrain")
     assert pre[pre.index("--depth") + 1] == "5" and pre[pre.index("--tag") + 1] == "hour-d5"
     minutes = {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in hour if "--minutes" in s.argv}
-    assert sum(minutes.values()) == pytest.approx(54, abs=0.01) and minutes["pretrain"] == pytest.approx(27.54)
+    assert sum(minutes.values()) == pytest.approx(55, abs=0.01) and minutes["pretrain"] == pytest.approx(28.05)
     sft = next(s.argv for s in hour if s.name == "sft")  # two passes over the SFT mixture, not four
-    assert sft[sft.index("--num-steps") + 1] == "600" and minutes["sft"] == pytest.approx(15.12)
+    assert sft[sft.index("--num-steps") + 1] == "600" and minutes["sft"] == pytest.approx(15.4)
     for name in ("midtrain", "sft"):  # four runs averaged, one process, the members' folders are outputs too
         st = next(s for s in hour if s.name == name)
         assert st.argv[st.argv.index("--soup") + 1] == "4" and not st.distributed
@@ -383,6 +383,71 @@ def _fake_stages(monkeypatch, fail=()):
     monkeypatch.setattr(speedrun, "run_step", run_step)
     monkeypatch.setattr(speedrun, "check_sandbox", lambda allow, what: None)  # (the sandbox has its own tests)
     return calls
+
+
+def test_each_training_stage_takes_its_share_of_what_the_stages_before_it_left():
+    """carried_minutes: the cpu preset's 13 minutes (780 s) by its shares; pretraining overran its planned
+    265.2 s by 34.8 s and midtraining used 150 of what it was given, so SFT gets 0.35/0.39 of the 330 s left;
+    a step finished by hand (no time) counts as its planned share; a huge overrun leaves each later stage half
+    its planned share."""
+    from chibichat.stages.speedrun import carried_minutes
+
+    w = PRESETS["cpu"].minute_shares
+    assert carried_minutes(w, "pretrain", 13, {}) == pytest.approx(780 * 0.34 / 60)
+    assert carried_minutes(w, "midtrain", 13, {"pretrain": 300}) == pytest.approx(480 * 0.27 / 0.66 / 60)
+    assert carried_minutes(w, "sft", 13, {"pretrain": 300, "midtrain": 150}) == pytest.approx(330 * 0.35 / 0.39 / 60)
+    assert carried_minutes(w, "rl", 13, {"pretrain": 300, "midtrain": 150, "sft": 290}) == pytest.approx(40 / 60)
+    assert carried_minutes(w, "sft", 13, {"midtrain": 100}) == pytest.approx((780 - 265.2 - 100) * 0.35 / 0.39 / 60)
+    assert carried_minutes(w, "midtrain", 13, {"pretrain": 900}) == pytest.approx(0.5 * 780 * 0.27 / 60)
+
+
+def test_a_speedrun_carries_unused_minutes_forward_and_resumes_with_the_minutes_it_started(tmp_path, monkeypatch):
+    """A run with --minutes: each training step runs with its share of what the steps before it left (a fake
+    clock: pretraining 50 s, midtraining 20 s, everything else 1 s), the record keeps the planned flags (so the
+    same command is not refused as changed), and a step that failed is rerun with the minutes it started
+    with (the loop refuses another --minutes on --resume)."""
+    from types import SimpleNamespace
+
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    calls = _fake_stages(monkeypatch)
+    now = [1000.0]
+    monkeypatch.setattr(speedrun, "time", SimpleNamespace(time=lambda: now[0]))
+    run_step = speedrun.run_step
+
+    def timed(step, argv, nproc, env):
+        now[0] += {"pretrain": 50, "midtrain": 20}.get(step.name, 1)
+        if step.name == "sft" and not any(n == "sft" for n, _ in calls):  # the first SFT fails
+            calls.append((step.name, argv))
+            return 1
+        return run_step(step, argv, nproc, env)
+
+    monkeypatch.setattr(speedrun, "run_step", timed)
+    cmd = ["speedrun", "--preset", "micro", "--home", str(home), "--minutes", "3"]
+    assert main(cmd) == 2  # stage sft failed
+
+    def minutes(name):
+        return [float(a[a.index("--minutes") + 1]) for n, a in calls if n == name]
+
+    w = {s.name: s.weight for s in plan(Home(home), PRESETS["micro"], "en", "dense", "cpu")
+                  if s.name in ("pretrain", "midtrain", "sft", "rl")}
+    total = sum(w.values())
+    assert minutes("pretrain") == [pytest.approx(3 * w["pretrain"] / total, rel=1e-3)]
+    assert minutes("midtrain") == [pytest.approx((180 - 50) * w["midtrain"] / (total - w["pretrain"]) / 60, rel=1e-3)]
+    sft = (180 - 70) * w["sft"] / (w["sft"] + w["rl"]) / 60
+    assert minutes("sft") == [pytest.approx(sft, rel=1e-3)]
+    records = json.loads((home / "report" / "speedrun-steps.json").read_text())["steps"]
+    planned = next(s.argv for s in plan(Home(home), PRESETS["micro"], "en", "dense", "cpu", minutes=3)
+                   if s.name == "midtrain")
+    recorded = records["checkpoints/mid/d2/summary.json"]["flags"]
+    assert recorded[recorded.index("--minutes") + 1] == planned[planned.index("--minutes") + 1] != \
+        f"{minutes('midtrain')[0]:.4g}"
+    assert main(cmd) == 0  # the same command: finished steps skipped (their flags match), SFT rerun
+    assert minutes("sft") == [pytest.approx(sft, rel=1e-3)] * 2
+    assert len(minutes("pretrain")) == len(minutes("midtrain")) == 1  # done: not rerun
+    assert minutes("rl") == [pytest.approx((180 - 71) / 60, rel=1e-3)]  # all that is left: the last stage
 
 
 def test_a_finished_step_run_with_other_flags_is_refused_not_skipped(tmp_path, monkeypatch, capsys):

@@ -2,7 +2,8 @@
 
 tokenizer -> pretrain -> base eval -> midtrain -> chat + skills evals -> SFT -> chat + skills evals -> RL ->
 chat + skills evals -> report, then it tells the user how to talk to the model. `--minutes M` splits a
-wall-clock budget over the four training stages (budget_flags).
+wall-clock budget over the four training stages (budget_flags), each taking its share of what the stages
+before it left (carried_minutes).
 
 Each step runs as its own `python -m chibichat <stage> ...` process (under torchrun when several GPUs are
 visible; forked from this process where that is safe, run_step), so a crash or Ctrl-C in one stage cannot
@@ -66,8 +67,9 @@ class Preset:
     # (midtraining, SFT) --mix for --lang ja, where it differs from the stages' default for a Japanese
     # tokenizer (the English tasks and the Japanese ones)
     chat_mix_ja: tuple[str, str] | None = None
-    # The training loops together never run longer than this, whatever the CPU: the step counts above are
-    # what a fast CPU finishes in it, and a slower one stops each stage earlier (budget_flags, headroom 1).
+    # The training stages together (start-ups included) take about this long, whatever the CPU: the step
+    # counts above are what a fast CPU finishes in it, and a slower one stops each stage earlier
+    # (budget_flags, headroom 1; carried_minutes).
     max_minutes: float | None = None
     # How a time budget (max_minutes or --minutes) splits over the training stages, by stage name; None:
     # by the steps' default weights (their share of the expected time).
@@ -351,11 +353,10 @@ PRESETS: dict[str, Preset] = {
         # 40 items per task 2.8x as long as 64.
         eval_chat=["--max-items", "40", "--max-new-tokens", "96"],
         # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
-        # a quickstart there, with fewer steps. Shares of the 13.5 minutes: pretraining ~4.6, midtraining ~3.6
-        # (4 x 250 steps, start-ups included), SFT ~4.7 (4 x 300 steps), RL ~0.5 (15 steps): on the 2-core AMX
-        # machine each is 5-15% above what the stage takes at its step cap. The other ~1.5 minutes of the 15 go
-        # to the evaluations and the stages' start-ups (~1.2 minutes on a slow 2-core machine, session 27).
-        max_minutes=13.5,
+        # a quickstart there, with fewer steps. Shares of the 13 minutes, start-ups included: pretraining ~4.4,
+        # midtraining ~3.5 (4 x 250 steps), SFT ~4.6 (4 x 300 steps), RL ~0.5 (15 steps); time a stage leaves
+        # unused goes to the stages after it. The evaluations take ~0.7 minutes more on a 2-core machine.
+        max_minutes=13,
         minute_shares={"pretrain": 0.34, "midtrain": 0.27, "sft": 0.35, "rl": 0.04},
     ),
     "cpu-hour": Preset(
@@ -393,7 +394,7 @@ PRESETS: dict[str, Preset] = {
         # its 2,400 steps (0.6 s/step), midtraining 362-394 of 400 at a 17% share (hence 19% now: ~0.35 s/step x
         # 4 x 400), SFT reached its 4 x 600 steps in 13.7 of its 16.2 minutes, RL 40 steps in 0.7 (15 steps in
         # ~0.3 of its 1.1 now; the two points it gave up went to pretraining, which fell short of its cap).
-        max_minutes=54,
+        max_minutes=55,  # (54 for the loops before their start-ups counted)
         minute_shares={"pretrain": 0.51, "midtrain": 0.19, "sft": 0.28, "rl": 0.02},
         tag_prefix="hour-",
     ),
@@ -456,9 +457,9 @@ def register(sub) -> None:
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes for the distributed steps, under torchrun (default: every visible GPU; 1 on CPU)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget of the four training loops together, split in proportion to their "
-                        "share of the run; each fits its step count to its minutes (tokenizer, evals and "
-                        "start-up come on top)")
+                   help="wall-clock budget of the four training stages together, start-ups included: each "
+                        "fits its step count to its share of what the stages before it left (tokenizer and "
+                        "evals come on top)")
     p.add_argument("--no-budget", action="store_true",
                    help="run the preset's step counts however long they take (a preset with a time cap, like "
                         "cpu, otherwise stops each training stage early on a slow machine)")
@@ -644,11 +645,17 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     for step in steps:
         if step.name.startswith("skills-"):
             step.argv = sc(step.argv)
-    if minutes is not None:
-        budget_flags(steps, minutes, BUDGET_HEADROOM, preset.minute_shares)
-    elif budget and preset.max_minutes:
-        budget_flags(steps, preset.max_minutes, 1, preset.minute_shares)
+    total = budget_minutes(preset, minutes, budget)
+    if total is not None:
+        budget_flags(steps, total, BUDGET_HEADROOM if minutes is not None else 1, preset.minute_shares)
     return steps
+
+
+def budget_minutes(preset: Preset, minutes: float | None, budget: bool) -> float | None:
+    """The training steps' time budget of a plan: --minutes, else (unless --no-budget) the preset's cap."""
+    if minutes is not None:
+        return minutes
+    return preset.max_minutes if budget and preset.max_minutes else None
 
 
 TRAINING_STEPS = ("pretrain", "midtrain", "sft", "rl")
@@ -657,20 +664,61 @@ BUDGET_HEADROOM = 4  # with --minutes, a stage may take up to this many times it
 
 
 def budget_flags(steps: list[Step], minutes: float, headroom: int, shares: dict | None = None) -> None:
-    """Give each training step its share of `minutes` (by `shares[step name]`, else by step weight) as
-    --minutes, and raise its --num-steps cap `headroom`-fold: with BUDGET_HEADROOM a machine faster than
-    the one the preset was sized on spends its minutes learning instead of stopping at the preset's count;
-    with 1 the minutes only cut a slow machine's run short."""
+    """Give each training step its share of `minutes` (budget_weights) as --minutes, and raise its
+    --num-steps cap `headroom`-fold: with BUDGET_HEADROOM a machine faster than the one the preset was sized
+    on spends its minutes learning instead of stopping at the preset's count; with 1 the minutes only cut a
+    slow machine's run short. These are the planned minutes; a run gives each step its share of what the
+    steps before it left (carried_minutes)."""
     if not (minutes > 0 and minutes < float("inf")):
         raise ChibiError(f"--minutes must be a positive number, got {minutes}")
-    training = [s for s in steps if s.name in TRAINING_STEPS]
-    weight = {s.name: (shares[s.name] if shares else s.weight) for s in training}
+    weight = budget_weights(steps, shares)
     total = sum(weight.values())
-    for s in training:
+    for s in steps:
+        if s.name not in weight:
+            continue
         s.argv += ["--minutes", f"{minutes * weight[s.name] / total:.4g}"]
         if "--num-steps" in s.argv:
-            i = len(s.argv) - s.argv[::-1].index("--num-steps")  # the value after the last --num-steps
-            s.argv[i] = str(headroom * int(s.argv[i]))
+            s.argv = set_flag(s.argv, "--num-steps", str(headroom * int(_last_value(s.argv, "--num-steps"))))
+
+
+def budget_weights(steps: list[Step], shares: dict | None) -> dict[str, float]:
+    """Each training step's weight in the time budget, by step name, in plan order: `shares[name]`, else
+    the step's weight (its share of the expected time)."""
+    return {s.name: (shares[s.name] if shares else s.weight) for s in steps if s.name in TRAINING_STEPS}
+
+
+MIN_CARRIED = 0.5  # a training step gets at least this fraction of its planned minutes, whatever overran before it
+
+
+def carried_minutes(weights: dict[str, float], name: str, minutes: float, spent_s: dict[str, float]) -> float:
+    """The --minutes training step `name` runs with: its weight's share of what the training steps before it
+    left of the budget `minutes`, so that time one stage leaves unused (a stage that reached its step cap,
+    or averaged runs of which only whole ones fit) goes to the stages after it, and time one overran (the
+    machine slowed after the last fit of the step count, a stage's start-up) is taken from them: the
+    training steps together take about `minutes`, start-ups included, on a fast or a slow machine.
+
+    `spent_s`: wall seconds of the finished training steps (report/timing.json); a step before `name`
+    without a time (finished by hand) counts as having spent its planned share. The result depends only on
+    these, so an interrupted step resumed later gets the minutes it started with (the loop refuses another
+    --minutes on --resume). At least MIN_CARRIED of the planned share: a stage is shortened, never
+    starved, by the overruns before it."""
+    names = list(weights)
+    total = sum(weights.values())
+    i = names.index(name)
+    planned = {n: minutes * 60 * weights[n] / total for n in names}
+    left = minutes * 60 - sum(spent_s.get(n, planned[n]) for n in names[:i])
+    share = weights[name] / sum(weights[n] for n in names[i:])
+    return max(left * share, MIN_CARRIED * planned[name]) / 60
+
+
+def _last_value(argv: list[str], flag: str) -> str:
+    return argv[len(argv) - argv[::-1].index(flag)]
+
+
+def set_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with the value after its last `flag` replaced."""
+    i = len(argv) - argv[::-1].index(flag)
+    return argv[:i] + [value] + argv[i + 1:]
 
 
 def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], preset: Preset) -> Step:
@@ -1082,6 +1130,10 @@ def run(args) -> int:
         atomic_write_json(step_record_path(home), {"steps": records})
         times["wall_s"] = round(sum(times["stages"].values()), 1)
         atomic_write_json(timing_path, timing)
+    # The planned --minutes of the training steps (what the record holds) become, as each starts, its share
+    # of what the training steps before it left of the budget (carried_minutes).
+    budget = budget_minutes(preset, args.minutes, not args.no_budget)
+    weights = budget_weights(steps, preset.minute_shares)
     total_weight = sum(s.weight for s in steps)
     t_start = time.time()
     done_weight = 0.0
@@ -1097,6 +1149,8 @@ def run(args) -> int:
             done_weight += step.weight
             continue
         argv = list(step.argv)
+        if budget is not None and step.name in weights:
+            argv = set_flag(argv, "--minutes", f"{carried_minutes(weights, step.name, budget, times['stages']):.4g}")
         if _has_checkpoint(step.resumable_dir) and step.name not in redo:  # (a dry run deletes nothing)
             argv.append("--resume")
             print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
