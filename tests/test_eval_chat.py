@@ -96,6 +96,23 @@ def test_summary_keys_name_files_without_paths():
     assert E.items_name("arc-easy") == "chat_arc_easy" and E.items_name("file:/d/qa.jsonl") == "chat_file_qa"
 
 
+def test_two_files_of_one_file_name_are_refused_and_replace_each_other_in_a_record():
+    # a/qa.jsonl and b/qa.jsonl are both file_qa: one run would overwrite one's scores with the other's
+    both = [ListTask("file:a/qa.jsonl", "categorical", mc_items()), ListTask("file:b/qa.jsonl", "categorical", mc_items())]
+    with pytest.raises(ChibiError) as e:
+        E.evaluate_chat(both, scorer=FirstScorer(), gen=None, tok=CharTok(), max_len=200, cfg=E.GenSettings())
+    assert str(e.value) == ("--tasks 'file:a/qa.jsonl' and 'file:b/qa.jsonl' would both be recorded as 'file_qa' in "
+                            "summary.json (a local file is keyed by its file name), one overwriting the other's scores: "
+                            "rename one of the files")
+    with pytest.raises(ChibiError, match=r"^--tasks lists 'mmlu' twice; list it once$"):
+        E.refuse_shared_keys(["mmlu", "arc-easy", "mmlu"])
+    E.refuse_shared_keys(["file:a/qa.jsonl", "file:b/qa-test.jsonl", "mmlu", "jsquad"])  # distinct keys pass
+    # a later run of b/qa.jsonl replaces a/qa.jsonl's entry in the record (their keys and files are one)
+    assert E.replaced_in_record(["file:a/qa.jsonl", "mmlu", "file:b/other.jsonl"], ["file:b/qa.jsonl"]) == \
+        ["file:a/qa.jsonl"]
+    assert E.replaced_in_record(["file:b/qa.jsonl", "mmlu"], ["file:b/qa.jsonl", "mmlu"]) == []
+
+
 def test_jglue_tasks_are_keyed_apart_from_eval_jglue():
     # `eval jglue` writes jsquad_em, jsquad_n, jnli, jnli_n, ... into the same summary.json
     assert E.task_keys("jsquad") == ("jsquad_chat", "jsquad_chat_centered", "jsquad_chat_n",

@@ -172,6 +172,10 @@ def test_extract_final_number():
     ("#### 50%", None), ("#### 3.5.2", None), ("#### 1,2,3", None), ("#### 12,34", None), ("#### 1,2345", None),
     ("#### 20.", "20"), ("#### 20 apples", "20"), ("#### 20)", "20"), ("#### 1,234!", "1234"),
     ("#### 1,000,000.", "1000000"), ("12かける7は84です。\n#### 84", "84"), ("#### 84」", "84"),
+    # joined across spaces it is no whole number either; a "-" not followed by a number is not a join
+    ("#### 3 / 4", None), ("#### 7 - 5 apples", None), ("#### 3 〜 5", None), ("#### 20 - done", "20"),
+    # other minus signs and full-width digits read as ASCII ones
+    ("#### −7", "-7"), ("#### －７", "-7"), ("#### １，２３４", "1234"), ("#### 84，", "84"),
 ])
 def test_extract_final_number_reads_only_a_whole_number(text, want):
     # the number after "####" is the whole token: "#### 3/4" is not an answer of 3
@@ -188,6 +192,15 @@ def test_extract_final_number_reads_only_a_whole_number(text, want):
     # with "#### 2-3", neither "-3" nor "3"; elsewhere it is a minus sign
     ("2-3", None), ("the answer is 5-2", None), ("5 - 2", None), ("on 2024-01-15", None), ("5-2=3", "3"),
     ("29-100 = -71", "-71"), ("is -5.", "-5"), ("(-5)", "-5"), ("答えは-5です", "-5"), ("GPT-4", "4"),
+    # a subtraction written out is no answer with spaces too; so are a sum, a product and a power
+    ("7 - 5 apples", None), ("3+4", None), ("3 * 4", None), ("3×4", None), ("10^5", None), ("3+4=7", "7"),
+    # ranges with an en dash or a wave dash are no single answer, as "2-3" is
+    ("3–5", None), ("3〜5", None), ("3～5", None), ("3 ~ 5", None),
+    # scientific notation is not a whole number, as "#### 1e3" is not: neither 5 nor 3
+    ("1e-5", None), ("1e5", None), ("2.5E3", None), ("x = 1e-5, so 7", "7"),
+    # the minus signs U+2212 and U+FF0D, full-width digits, comma and full stop read as ASCII ones
+    ("−7", "-7"), ("is －7.", "-7"), ("答えは－５です", "-5"), ("７", "7"), ("１，２３４", "1234"), ("１．５", "1.5"),
+    ("5−2", None), ("３－２", None), ("ＧＰＴ－４", "4"),
 ])
 def test_last_number_reads_no_fraction_as_a_whole_number(text, want):
     # without "####", as with "#### 3/4": a fraction gives no answer, not its denominator

@@ -189,6 +189,30 @@ def items_name(task_name: str) -> str:
     return f"chat_{_task_stem(task_name)}"
 
 
+def refuse_shared_keys(names: Sequence[str]) -> None:
+    """One run records each task under its own summary keys and per-item files: two tasks sharing them (local
+    files of one file name, "a/qa.jsonl" and "b/qa.jsonl" are both "file_qa") would overwrite each other's scores."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = summary_key(name)
+        if key not in seen:
+            seen[key] = name
+        elif seen[key] == name:
+            raise ChibiError(f"--tasks lists {name!r} twice; list it once")
+        else:
+            raise ChibiError(f"--tasks {seen[key]!r} and {name!r} would both be recorded as {key!r} in summary.json "
+                             "(a local file is keyed by its file name), one overwriting the other's scores: rename "
+                             "one of the files")
+
+
+def replaced_in_record(earlier_names: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The tasks of an earlier record that a run of `names` replaces although named otherwise: those under the
+    same summary keys (a local file by another path, or another file of the same file name), which the
+    record cannot hold beside the new scores."""
+    keys = {summary_key(n) for n in names}
+    return [n for n in earlier_names if n not in set(names) and summary_key(n) in keys]
+
+
 def summarize(task_kind: str, rows: list[dict]) -> dict:
     scored = [r for r in rows if r["status"] == "ok"]
     skipped = len(rows) - len(scored)
@@ -220,6 +244,7 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
         raise ChibiError("no chat tasks to evaluate")
     if world_size > 1 and gather is None:
         raise ChibiError("evaluate_chat over several ranks needs a gather function to merge their items")
+    refuse_shared_keys([t.name for t in tasks])
     per_task, items = [], {}
     for task in tasks:
         n = len(task) if max_items is None else min(max_items, len(task))
@@ -312,7 +337,9 @@ def run_chat(args) -> int:
         raise ChibiError("eval chat needs a chat model (--from mid, sft or rl); a base model has no chat format. "
                          "Use `chibichat eval base` for base models")
     home = Home.resolve(args.home)  # a path only: nothing is created
-    tasks = [eval_task(n.strip(), home, args.test_sets) for n in args.tasks.split(",") if n.strip()]
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    refuse_shared_keys(names)  # before any file is read or model loaded
+    tasks = [eval_task(n, home, args.test_sets) for n in names]
     for task in tasks:
         if task.runs_code:
             check_sandbox(args.allow_weak_sandbox, f"eval chat --tasks {task.name}")
@@ -340,6 +367,12 @@ def run_chat(args) -> int:
         earlier = read_summary(out_dir).get("chat_eval")
         earlier = earlier if isinstance(earlier, dict) else {}
         earlier_tasks = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and "task" in t]
+        replaced = replaced_in_record([t["task"] for t in earlier_tasks], [t["task"] for t in out["tasks"]])
+        if replaced:
+            # Their keys and per-item files are the new tasks' own, which this run writes.
+            print0(rt, f"replaced the earlier scores of {', '.join(replaced)} in the record: a task of this run has "
+                       "the same summary keys (a local file is keyed by its file name)")
+            earlier_tasks = [t for t in earlier_tasks if t["task"] not in replaced]
         settings = {**checkpoint_settings(meta), "test_sets": args.test_sets, "max_items": args.max_items,
                     "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
                     "temperature": cfg.temperature, "top_k": cfg.top_k}
