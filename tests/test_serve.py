@@ -5,6 +5,7 @@ cancellation on disconnect, timeouts, graceful shutdown, 32 concurrent streaming
 stream, a failed load)."""
 
 import asyncio
+import codecs
 import json
 import socket
 import threading
@@ -719,7 +720,10 @@ def test_openai_client_completions_route(served):
     c = r.choices[0]
     assert r.object == "text_completion" and c.finish_reason in ("stop", "length") and c.text
     lp = c.logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens - (c.finish_reason == "stop")
+    engine = served.pool.engines[0]
+    prompt = [engine.tokenizer.bos_id, *engine.tokenizer.encode("the cat")]
+    n = tokens_of_text(engine, prompt, c.text, 12, None)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
     assert all(len(t) == 2 for t in lp.top_logprobs)
     # greedy: each chosen token is the most likely one
     assert all(abs(v - max(t.values())) < 1e-5 for v, t in zip(lp.token_logprobs, lp.top_logprobs))
@@ -742,14 +746,43 @@ def test_openai_client_completions_route(served):
     a = client.completions.create(model=served.model, prompt="x", max_tokens=10, seed=11, temperature=1.0)
     b = client.completions.create(model=served.model, prompt="x", max_tokens=10, seed=11, temperature=1.0)
     assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens <= 10
-    text = c.text
-    if len(text) >= 6:
-        cut = client.completions.create(model=served.model, prompt="the cat", max_tokens=12, temperature=0, stop=text[3:5])
-        assert cut.choices[0].text == text[: text.find(text[3:5])] and cut.choices[0].finish_reason == "stop"
+    # a stop string, in the fixture's greedy reply to "the dog" (12 tokens, characters split over them too):
+    # logprobs cover the tokens of the text returned, not the stop string's, though usage counts them
+    prompt = [engine.tokenizer.bos_id, *engine.tokenizer.encode("the dog")]
+    text = client.completions.create(model=served.model, prompt="the dog", max_tokens=12, temperature=0).choices[0].text
+    assert len(text) >= 8
+    cut = client.completions.create(model=served.model, prompt="the dog", max_tokens=12, temperature=0, stop=text[5:7],
+                                    logprobs=2)  # fmt: skip
+    cut_text = text[: text.find(text[5:7])]
+    assert cut.choices[0].text == cut_text and cut.choices[0].finish_reason == "stop"
+    assert "".join(cut.choices[0].logprobs.tokens) == cut_text
+    assert len(cut.choices[0].logprobs.tokens) == tokens_of_text(engine, prompt, cut_text, 12, None, [text[5:7]])
+    assert cut.usage.completion_tokens > len(cut.choices[0].logprobs.tokens)
+
+
+def tokens_of_text(engine, prompt, text, max_tokens, tools, stop=None):
+    """How many tokens of the engine's greedy reply to `prompt` make up `text`, the server's reply to the same
+    request: those that start before its end, each reading as the text it adds (the engine's display), so
+    not the end token, a stop string's tokens, nor the ones that only start its first character."""
+    result = {}
+    shown = engine.stream_choices(prompt, 1, max_tokens, 0.0, None, None, 1.0, 0, tools, result, stop)
+    assert "".join(t for _, t in shown) == text  # the server's reply is the engine's
+    tokens = result["choices"][0]["tokens"]
+    utf8, at = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
+    for k, (t, after) in enumerate(zip(tokens, tokens[1:] + [None])):
+        if at >= len(text) or t in engine.stop_ids:
+            return k
+        if t == engine.python_end:  # ">>" unless the call's result follows
+            at += len(utf8.decode(b"" if after == engine.output_start else b">>"))
+        else:
+            at += len(utf8.decode(engine._shown.get(t, engine.tokenizer.id_to_bytes(t))))
+    return len(tokens)
 
 
 def test_chat_logprobs_and_max_completion_tokens(served):
     import openai
+
+    from chibichat.render import render_prompt
 
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
     msgs = [{"role": "user", "content": "hello"}]
@@ -758,7 +791,9 @@ def test_chat_logprobs_and_max_completion_tokens(served):
     c = r.choices[0]
     assert r.usage.completion_tokens <= 7
     content = c.logprobs.content
-    assert len(content) == r.usage.completion_tokens - (c.finish_reason == "stop")
+    engine = served.pool.engines[0]
+    ids = render_prompt(engine.tokenizer, {"messages": msgs}, max_len=engine.seq_len - 1).ids
+    assert len(content) == tokens_of_text(engine, ids, c.message.content, 7, "calculator")
     for entry in content:
         assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
         assert abs(entry.logprob - entry.top_logprobs[0].logprob) < 1e-5  # greedy = the most likely token
@@ -770,6 +805,16 @@ def test_chat_logprobs_and_max_completion_tokens(served):
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
     plain = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, max_tokens=7)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == c.message.content
+    # a stop string: the entries are the tokens of the content returned
+    text = c.message.content
+    assert len(text) >= 4  # the fixture's greedy reply, long enough to cut
+    cut = client.chat.completions.create(model=served.model, messages=msgs, temperature=0, logprobs=True, top_logprobs=3,
+                                         max_completion_tokens=7, stop=[text[2:4]])  # fmt: skip
+    cut_text = text[: text.find(text[2:4])]
+    assert cut.choices[0].message.content == cut_text and cut.choices[0].finish_reason == "stop"
+    entries = cut.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == cut_text
+    assert len(entries) == tokens_of_text(engine, ids, cut_text, 7, "calculator", [text[2:4]]) < cut.usage.completion_tokens
 
 
 def test_presence_and_frequency_penalties_are_applied(served):
@@ -865,21 +910,26 @@ def test_builtin_tool_call_visible_in_the_response(served):
     assert body["chibichat"]["tool_calls"] == [[{"expression": "6*7", "output": "42"}]]
 
 
-def test_completion_top_logprobs_keep_partial_utf8_tokens_apart(served):
-    """Tokens that are not whole UTF-8 characters are keyed "bytes:\\xNN" as in the OpenAI API, so two
-    such alternatives no longer collapse into one replacement-character key."""
+def test_top_logprobs_hold_the_chosen_token_as_it_reads_and_keep_partial_tokens_apart(served):
+    """The chosen token is in its top_logprobs under the text it reads as in tokens ("" for a lead byte the
+    next token leaves unfinished), so a client finds it there; the alternatives that are not whole UTF-8
+    characters are keyed "bytes:\\xNN" as in the OpenAI API, so they do not collapse into one
+    replacement-character key. In chat, the chosen token's top_logprobs entry reads as its own entry."""
     from chibichat.serve.app import create_app
 
     assert served.pool.engines[0].tokenizer.id_to_bytes(0xE3) == b"\xe3"  # the fixture's byte-level tokens
 
-    def steer(logits, state):  # two lead bytes of 3-byte characters, far ahead of the rest
-        logits[..., 0xE3], logits[..., 0x81] = 1000.0, 999.0
+    def steer(logits, state):  # three bytes that are parts of multi-byte characters, far ahead of the rest
+        logits[..., 0xE3], logits[..., 0x81], logits[..., 0xE4] = 1000.0, 999.0, 998.0
 
     pool = steered_pool(served, steer)
+    msgs = [{"role": "user", "content": "hi"}]
     try:
         with Server(create_app(pool, served.model, Limits())) as url:
             r = httpx.post(url + "/v1/completions", json={"model": served.model, "prompt": "x", "max_tokens": 2,
-                                                          "temperature": 0, "logprobs": 2}, timeout=60)  # fmt: skip
+                                                          "temperature": 0, "logprobs": 3}, timeout=60)  # fmt: skip
+            chat = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": msgs,
+                              "max_tokens": 2, "temperature": 0, "logprobs": True, "top_logprobs": 3}, timeout=60)  # fmt: skip
     finally:
         pool.shutdown()
     c = r.json()["choices"][0]
@@ -887,7 +937,79 @@ def test_completion_top_logprobs_keep_partial_utf8_tokens_apart(served):
     # the tokens read as the text they add: the second \xe3 ends the first one's character unfinished,
     # and the reply's end its own
     assert c["text"] == "\ufffd\ufffd" and lp["tokens"] == ["", "\ufffd\ufffd"] and lp["text_offset"] == [0, 0]
-    assert [list(t) for t in lp["top_logprobs"]] == [["bytes:\\xe3", "bytes:\\x81"]] * 2
+    assert [list(t) for t in lp["top_logprobs"]] == [["", "bytes:\\x81", "bytes:\\xe4"],
+                                                     ["\ufffd\ufffd", "bytes:\\x81", "bytes:\\xe4"]]  # fmt: skip
+    assert [t[token] for t, token in zip(lp["top_logprobs"], lp["tokens"])] == lp["token_logprobs"]
+    entries = chat.json()["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in entries] == ["", "\ufffd\ufffd"] and [e["bytes"] for e in entries] == [[0xE3]] * 2
+    for e in entries:
+        assert e["top_logprobs"][0] == {"token": e["token"], "logprob": e["logprob"], "bytes": [0xE3]}
+        assert [(x["token"], x["bytes"]) for x in e["top_logprobs"][1:]] == [("\ufffd", [0x81]), ("\ufffd", [0xE4])]
+
+
+def test_top_logprobs_name_a_token_a_stop_string_cuts_as_it_reads(served):
+    """<|python_start|> shows "<<" but reads "<" when the stop string "<g" cuts it, the text of the runner-up,
+    the byte "<": the completions key "<" stays the chosen token's (tokens[i] must name its logprob) and the
+    runner-up is keyed by its bytes. At every position the chosen token is under its tokens[i] and, in chat,
+    its top_logprobs entry reads as the entry; streamed, the same."""
+    from chibichat.render import render_prompt
+    from chibichat.serve.app import create_app
+
+    script = stop_script(served)
+    cut_at = script.index(served.pool.engines[0].tokenizer.special_id("<|python_start|>"))
+    want, tokens, _ = STOP_CASES["<g"]
+
+    def runner_up(prompt_len):  # the script, each token with a runner-up: "<" at the cut, else \xe4
+        lead = scripted(prompt_len, script)
+
+        def steer(logits, state):
+            lead(logits, state)
+            for b, n in enumerate(state.lengths):
+                logits[b, -1, ord("<") if n - prompt_len == cut_at else 0xE4] = 1e4 - 1
+
+        return steer
+
+    msgs = [{"role": "user", "content": "hi"}]
+    chat_len = len(render_prompt(served.pool.engines[0].tokenizer, {"messages": msgs}, max_len=95).ids)
+    got = {}
+    for path, prompt_len, body in (
+        ("/v1/completions", 2, {"prompt": "x", "logprobs": 2, "stop": "<g"}),  # <|bos|> x
+        ("/v1/chat/completions", chat_len, {"messages": msgs, "logprobs": True, "top_logprobs": 2, "stop": ["<g"]}),
+    ):
+        pool = steered_pool(served, runner_up(prompt_len))
+        try:
+            with Server(create_app(pool, served.model, Limits(), tools=None)) as url:
+                got[path] = post_and_stream(url, path, {"model": served.model, "max_tokens": 16, "temperature": 0, **body})
+        finally:
+            pool.shutdown()
+    r, lines = got["/v1/completions"]
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.json()["choices"][0]["text"] == want and lp["tokens"] == tokens
+    assert [list(t) for t in lp["top_logprobs"]] == [[t, "bytes:\\xe4"] for t in tokens[:-1]] + [["<", "bytes:\\x3c"]]
+    assert [t[token] for t, token in zip(lp["top_logprobs"], lp["tokens"])] == lp["token_logprobs"]
+    streamed = [x for line in lines[:-1] for x in [json.loads(line)["choices"][0]["logprobs"]] if x]
+    assert [list(t) for x in streamed for t in x["top_logprobs"]] == [list(t) for t in lp["top_logprobs"]]
+    r, lines = got["/v1/chat/completions"]
+    entries = r.json()["choices"][0]["logprobs"]["content"]
+    assert r.json()["choices"][0]["message"]["content"] == want and [e["token"] for e in entries] == tokens
+    for e in entries:
+        assert e["top_logprobs"][0] == {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+    assert [(e["top_logprobs"][1]["token"], e["top_logprobs"][1]["bytes"]) for e in entries] == \
+        [("\ufffd", [0xE4])] * (len(tokens) - 1) + [("<", [ord("<")])]  # fmt: skip
+    streamed = [e for line in lines[:-1] for ch in json.loads(line)["choices"] if ch["logprobs"]
+                for e in ch["logprobs"]["content"]]  # fmt: skip
+    assert [[x["token"] for x in e["top_logprobs"]] for e in streamed] == [[x["token"] for x in e["top_logprobs"]] for e in entries]
+
+
+def test_top_logprob_keys_reserve_the_chosen_text_and_leave_out_what_a_dict_cannot_hold():
+    """top_logprob_keys: the chosen token's text names only it, even when it is not among the alternatives;
+    an alternative whose text and bytes form are both taken by more likely ones is left out (None)."""
+    from chibichat.serve.app import top_logprob_keys
+
+    assert top_logprob_keys("<", [(False, b"<"), (False, b"\xe3")]) == ["bytes:\\x3c", "bytes:\\xe3"]
+    assert top_logprob_keys(">>", [(False, b">>"), (True, b">>"), (False, b">>"), (False, b"a")]) == [
+        "bytes:\\x3e\\x3e", ">>", None, "a"]  # fmt: skip
+    assert top_logprob_keys("", [(True, b"\xe3"), (False, b"\xe3\x81"), (False, b"")]) == ["", "bytes:\\xe3\\x81", "bytes:"]
 
 
 # A reply with characters split over the byte-level tokens: "あ" (3 bytes) and "😀" (4) whole, a lead byte

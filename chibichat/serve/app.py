@@ -36,6 +36,31 @@ def _static(name: str) -> bytes:
     return resources.files("chibichat.serve").joinpath("static", name).read_bytes()
 
 
+def top_logprob_keys(chosen_text: str, alternatives) -> list:
+    """The keys of one position's /v1/completions top_logprobs: [(is the chosen token, the bytes it shows)],
+    most likely first -> [key, or None where left out]. The chosen token is keyed by `chosen_text`, its entry
+    in `tokens`, so that a client finds it under that string; the string is reserved for it even when it is
+    not among them. Every other alternative reads as its own bytes: their text when they are whole UTF-8
+    characters, else (or when that text is taken) OpenAI's "bytes:\\xNN..." form, which keeps apart tokens
+    that are parts of characters (decoded, each would read U+FFFD). One whose two forms are both taken (it
+    shows the same bytes as more likely alternatives) is left out, as a dict holds one value per key: that
+    position then lists fewer alternatives than asked (chat's top_logprobs list keeps every one)."""
+    taken, keys = {chosen_text}, []
+    for chosen, raw in alternatives:
+        if chosen:
+            keys.append(chosen_text)
+            continue
+        forms = ["bytes:" + "".join(f"\\x{b:02x}" for b in raw)]
+        try:
+            forms.insert(0, raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+        key = next((f for f in forms if f not in taken), None)
+        keys.append(key)
+        taken.add(key)
+    return keys
+
+
 class _Auth:
     """ASGI middleware: the API key check on protected paths, and the request counter by route and
     status (read from the response start, so streamed responses count too). `route_of(scope)` names the
@@ -247,14 +272,6 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         <|python_end|> alone shows no text, so its entry waits for the next piece (or is the reply's last)."""
         return [e[0] for e in entries[1:]] + [None]
 
-    def legacy_key(raw: bytes) -> str:
-        """A top_logprobs key: the token's text, or OpenAI's "bytes:\\xNN..." for bytes that are not whole UTF-8
-        characters (decoding them would give every such token the same replacement character)."""
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
     class TokenTexts:
         """One choice's chosen tokens -> each one's text: what its bytes add to the reply's text, decoded in
         sequence as the engine decodes the reply (errors replaced), so the texts add up to the reply's text
@@ -301,7 +318,8 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
     def chat_logprobs(engine, entries, texts):
         """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}, the chosen tokens
-        reading as `texts` (TokenTexts), each alternative as its own bytes."""
+        reading as `texts` (TokenTexts), each alternative as its own bytes; the chosen token among its
+        alternatives reads as in its entry, so that a client finds it there by its token."""
 
         def entry(i, v, after, text=None):
             raw = shown(engine, i, after)
@@ -310,18 +328,20 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
         content = []
         for (t, lp, top), text, after in zip(entries, texts, following(entries)):
-            content.append({**entry(t, lp, after, text), "top_logprobs": [entry(i, v, after) for i, v in top]})
+            alternatives = [entry(i, v, after, text if i == t else None) for i, v in top]
+            content.append({**entry(t, lp, after, text), "top_logprobs": alternatives})
         return {"content": content, "refusal": None}
 
     def legacy_logprobs(engine, entries, texts, offset: int):
         """OpenAI completions logprobs: parallel lists, tokens as `texts` (TokenTexts) and text_offset where
         each starts (from `offset`, where this piece starts in the choice's text); top_logprobs as
-        {legacy_key: logprob} per position."""
+        {key: logprob} per position (top_logprob_keys: the chosen token's key is its text in tokens)."""
         tokens, lps, tops, offsets = [], [], [], []
         for (t, lp, top), text, after in zip(entries, texts, following(entries)):
             tokens.append(text)
             lps.append(lp)
-            tops.append({legacy_key(shown(engine, i, after)): v for i, v in top})
+            keys = top_logprob_keys(text, [(i == t, shown(engine, i, after)) for i, _ in top])
+            tops.append({k: v for k, (_, v) in zip(keys, top) if k is not None})
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
