@@ -164,7 +164,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself survives a power loss
+        fsync_renamed(path)  # the rename itself survives a power loss
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -188,6 +188,17 @@ def fsync_dir(path: str | os.PathLike) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def fsync_renamed(path: Path) -> None:
+    """fsync_dir(path.parent) after `path` was renamed into place. A failure there cannot undo the rename:
+    `path` is in place and complete, and only its surviving a power loss is unconfirmed, so it is a
+    warning on stderr, not an error that would report the write as failed."""
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        eprint(f"warning: {path} was written, but the fsync of its folder failed ({e.strerror or e} (errno "
+               f"{e.errno})), so it may not survive a power loss; check that disk")
 
 
 def remove_dir(path: str | os.PathLike) -> None:
@@ -301,6 +312,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         tmp.chmod(0o777 & ~_current_umask())
     except OSError as e:
         raise write_error(final, e) from None
+    aside = None
     try:
         yield tmp
         fsync_dir(tmp)  # its entries are durable before the rename makes it visible
@@ -313,17 +325,18 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
                 with contextlib.suppress(OSError):  # if this fails too, recover_aside puts it back later
                     os.replace(aside, final)
                 raise
-            fsync_dir(final.parent)
-            with contextlib.suppress(ChibiError):  # the new one is in place; recover_aside drops a leftover
-                remove_dir(aside)
         else:
             os.replace(tmp, final)
-            fsync_dir(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise write_error(final, e) from None
         raise
+    # The new directory is in place and complete: nothing after this reports the write as failed.
+    fsync_renamed(final)
+    if aside is not None:
+        with contextlib.suppress(ChibiError):  # recover_aside drops a leftover
+            remove_dir(aside)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

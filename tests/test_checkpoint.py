@@ -253,6 +253,38 @@ def test_save_fsyncs_the_step_dir_before_its_rename_and_the_tag_dir_after(tmp_pa
     assert fsynced(sdir) and fsynced(tmp_path / "t")
 
 
+def test_a_failed_fsync_of_the_tag_dir_after_the_rename_warns_and_the_save_stands(tmp_path, monkeypatch, capsys):
+    """The step directory is renamed into place whole; an fsync of the tag directory failing after that cannot
+    undo it: the save succeeds (a new step and a step replaced alike) and a warning says that only its surviving
+    a power loss is unconfirmed."""
+    import errno
+    import os
+    import stat
+
+    tag = tmp_path / "t"
+    tag.mkdir()
+    tag_id = (os.stat(tag).st_dev, os.stat(tag).st_ino)
+    real = os.fsync
+
+    def fsync(fd):  # EIO for the tag directory only: the files and the step directory are fsynced as usual
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == tag_id:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for seed in (0, 1):  # step 1 saved, then saved again (replaced)
+        m = _model(seed=seed)
+        assert save_checkpoint(tag, 1, m, None, _meta(m)) == tag / "step_000001"
+        assert capsys.readouterr().err == (
+            f"warning: {tag / 'step_000001'} was written, but the fsync of its folder failed (Input/output error "
+            "(errno 5)), so it may not survive a power loss; check that disk\n")
+        assert list_steps(tag) == [1]
+        loaded = _model(seed=9)
+        load_weights(tag / "step_000001", loaded)
+        assert torch.equal(loaded.wte, m.wte)
+
+
 def test_deleting_old_steps_never_leaves_half_a_step(tmp_path, monkeypatch):
     """keep_last renames an old step out of sight before deleting it: a crash midway through the delete
     (here: the weights are gone when it dies) leaves no step_* dir that list_steps takes for complete,

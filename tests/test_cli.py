@@ -79,6 +79,32 @@ def test_atomic_writes_fsync_the_directory_of_each_rename(tmp_path, fsynced, mon
         fsync_dir(tmp_path)
 
 
+def test_a_failed_fsync_after_the_rename_into_place_is_a_warning(tmp_path, monkeypatch, capsys):
+    """Once the file or folder has its name it is written whole: a failed fsync of its folder after that only
+    leaves its surviving a power loss unconfirmed, which is warned about, not reported as a failed write."""
+    import errno
+    import os
+    import stat
+
+    real = os.fsync
+    parent = (os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino)
+
+    def fsync(fd):  # EIO for tmp_path only (the folder the renames happen in)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == parent:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_json(tmp_path / "f.json", {"x": 1})
+    with atomic_directory(tmp_path / "d") as d:
+        (d / "x").write_text("1")
+    warn = ("warning: {} was written, but the fsync of its folder failed (Input/output error (errno 5)), so it may "
+            "not survive a power loss; check that disk\n")
+    assert capsys.readouterr().err == warn.format(tmp_path / "f.json") + warn.format(tmp_path / "d")
+    assert read_json(tmp_path / "f.json", "f") == {"x": 1} and (tmp_path / "d" / "x").read_text() == "1"
+
+
 def _replace_failing_from(call: int, fail):
     """os.replace that runs `fail()` from its `call`-th call on (1-based) instead of renaming."""
     import os

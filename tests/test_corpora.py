@@ -547,6 +547,65 @@ def test_unreadable_with_real_permissions(tmp_path):
         (tmp_path / "val" / "v.txt").chmod(0o644)
 
 
+def _os_error_msg(path, why, inside):
+    return (f"{path} cannot be read ({why}); fix the cause (a loop of symbolic links, a failing disk) and re-run"
+            + (", or move it out of the corpus folder" if inside else ""))
+
+
+def test_other_os_errors_reading_a_corpus_are_named_with_the_error(tmp_path, monkeypatch):
+    """Not only a permission error: a loop of symbolic links (the folder itself, or a file in it), a folder where
+    a file was listed, a failing disk: each a ChibiError naming the path and the OS error, no traceback."""
+    import errno
+
+    os.symlink("a", tmp_path / "b")
+    os.symlink("b", tmp_path / "a")
+    loop = get_corpus(f"local:{tmp_path / 'a'}")
+    with pytest.raises(ChibiError) as e:
+        loop.shards("train", None)
+    assert str(e.value) == _os_error_msg(tmp_path / "a", "ELOOP: Too many levels of symbolic links", inside=False)
+    assert loop.lang == "unknown"
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("a")
+    (d / "b.jsonl").write_text('{"text": "b"}\n')
+    write_parquet(d / "c.parquet", ["c"], 2)
+    (d / "v.txt").write_text("v")
+    a, b, c = get_corpus(f"local:{d}").shards("train", None)
+    os.symlink("y.txt", d / "x.txt")
+    os.symlink("x.txt", d / "y.txt")
+    with pytest.raises(ChibiError) as e:
+        get_corpus(f"local:{d}").shards("train", None)
+    assert str(e.value) == _os_error_msg(d / "x.txt", "ELOOP: Too many levels of symbolic links", inside=True)
+
+    (d / "a.txt").unlink()
+    (d / "a.txt").mkdir()  # replaced by a folder after it was listed
+    with pytest.raises(ChibiError) as e:
+        a.num_groups()
+    assert str(e.value) == _os_error_msg(d / "a.txt", "EISDIR: Is a directory", inside=True)
+
+    def eio(path, *args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(type(d), "read_bytes", eio)
+    monkeypatch.setattr(pq, "ParquetFile", eio)
+    for s in (b, c):
+        with pytest.raises(ChibiError) as e:
+            s.num_groups()
+        assert str(e.value) == _os_error_msg(s.path, "EIO: Input/output error", inside=True)
+    # an online shard's fix is a fresh copy
+    home = Home(tmp_path / "home")
+    fw = get_corpus("fineweb-edu")
+    fw.data_dir(home).mkdir(parents=True)
+    for i in (0, 1822):
+        fw.shard_path(home, i).write_bytes(b"PAR1")
+    (s,) = fw.shards("train", home)
+    with pytest.raises(ChibiError) as e:
+        s.num_groups()
+    assert str(e.value) == (f"{fw.shard_path(home, 0)} cannot be read (EIO: Input/output error); delete it and run "
+                            "`chibichat data download fineweb-edu` (it re-downloads missing shards)")
+
+
 # ---------------------------------------------------------------------------------------------- embedded format
 
 

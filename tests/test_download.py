@@ -506,3 +506,28 @@ def test_a_server_that_states_no_sha256_is_named_and_its_shards_recorded_unverif
 
     m = read_manifest(corpus, Home(tmp_path))
     assert m["commit"] is None and m["shards"]["shard_01822.parquet"]["sha256"] is None
+
+
+@pytest.mark.parametrize("bad, what", [("", "a blank"), (" \n\t\u3000", "a blank"), (None, "a null")],
+                         ids=["empty", "whitespace", "null"])
+def test_a_downloaded_shard_with_a_blank_or_null_text_is_refused_with_its_row(server, tmp_path, bad, what):
+    """As in a local parquet file, a blank or null text in a downloaded shard is an error naming the shard file
+    and the row (row groups of 2: row 4 is the first row of group 2), with the fix: a fresh copy, or the row
+    removed where the hub's file holds it."""
+    corpus = get_corpus("fineweb-edu")
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["r0", "r1", "r2", "r3", bad, "r5"]}), buf, row_group_size=2)
+    server.files[p.format(0)] = buf.getvalue()
+    server.files[p.format(1822)], _ = parquet_bytes(4, 1822)
+    home = Home(tmp_path)
+    download_corpus(corpus, home, 1, workers=1, retries=2, backoff=0.01, timeout=10, base_url=server.base,
+                    progress=False)
+    (s,) = corpus.shards("train", home)
+    assert s.read_group(0) == ["r0", "r1"] and s.read_group(1) == ["r2", "r3"]
+    with pytest.raises(ChibiError) as e:
+        s.read_group(2)
+    assert str(e.value) == (
+        f"{corpus.shard_path(home, 0)} row 4 (counting from 0) has {what} 'text'; delete it and run `chibichat data "
+        "download fineweb-edu` (it re-downloads missing shards); if the new copy has it too, the hub's file holds "
+        "it: remove that row from it")

@@ -1000,7 +1000,8 @@ def test_sft_soup_refusals(base):
 
 def test_sft_soup_failed_save_keeps_the_old_average(base, monkeypatch):
     """A full disk while the new average is written: the tag's earlier average is left file for file, and
-    the message says so and how to average again."""
+    the message says so and how to average again, naming the files under the tag's folder (the one the user
+    knows), not under the temporary directory they were written in."""
     import errno
     import os
     import re
@@ -1035,10 +1036,9 @@ def test_sft_soup_failed_save_keeps_the_old_average(base, monkeypatch):
     assert str(e.value) == (
         f"sft --soup: the average of the 2 runs was not saved to {tag}: its earlier, unfinished average "
         f"{tag / 'step_000001'} is intact; the runs are kept: run the command again with --resume to average them. "
-        f"The cause: saving step 1 failed, nothing of it was kept: cannot write {new / 'step_000001'}: No space left "
-        f"on device (errno 28); free some space on that disk or pass another --home. No checkpoint survives in "
-        f"{new}")
-    assert files() == before and not new.exists()
+        f"The cause: saving step 1 failed, nothing of it was kept: cannot write {tag / 'step_000001'}: No space left "
+        f"on device (errno 28); free some space on that disk or pass another --home")
+    assert new != tag and files() == before and not new.exists()  # the temporary directory is gone and unnamed
     monkeypatch.setattr(os, "fsync", real)
     run_cli(*common, "--resume")
     assert list(files()) == ["step_000001/meta.json", "step_000001/model.safetensors", "summary.json"]

@@ -17,6 +17,8 @@ Three kinds of corpus:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import lzma
 import math
@@ -223,13 +225,29 @@ def unreadable(path: Path | str, folder: Path | None = None) -> ChibiError:
                       f"`chmod u+rX {blocked}` as its owner){alt}")
 
 
+def read_error(e: OSError, path: Path | str, folder: Path | None = None, fix: str | None = None) -> ChibiError:
+    """The error for any OS error reading a corpus file or folder: `unreadable` for a permission error, else
+    the path (the error's own, else `path`) and the OS's reason, e.g. a loop of symbolic links (ELOOP), a
+    failing disk (EIO), a folder where a file was listed (EISDIR). `folder` as for `unreadable`; `fix`
+    replaces the general advice (an online shard's is its re-download)."""
+    if isinstance(e, PermissionError):
+        return unreadable(e.filename or path, folder)
+    path = Path(e.filename or path)
+    why = f"{errno.errorcode.get(e.errno, f'errno {e.errno}')}: {e.strerror}" if e.errno else f"{type(e).__name__}: {e}"
+    if fix is None:
+        inside = folder is None or (path != folder and path.is_relative_to(folder))
+        fix = "fix the cause (a loop of symbolic links, a failing disk) and re-run" + (
+            ", or move it out of the corpus folder" if inside else "")
+    return ChibiError(f"{path} cannot be read ({why}); {fix}")
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
         raise ChibiError(f"{path} does not exist (it was listed a moment ago); re-run the command") from None
-    except PermissionError:
-        raise unreadable(path) from None
+    except OSError as e:
+        raise read_error(e, path) from None
 
 
 def _parse_jsonl(text: str, path: Path, field: str = "text") -> list[str]:
@@ -305,6 +323,8 @@ class ParquetShard(Shard):
                 "the folder")
 
     def _corrupt(self, e: Exception) -> ChibiError:
+        if isinstance(e, OSError) and e.errno:  # the OS's error (a link loop, a failing disk), not the file's bytes
+            return read_error(e, self.path, fix=self._fix() if self._corpus is not None else None)
         return ChibiError(f"{self.path} is not a readable parquet file ({type(e).__name__}: {e}); {self._fix()}")
 
     def _open(self):
@@ -346,13 +366,14 @@ class ParquetShard(Shard):
         except Exception as e:
             raise self._corrupt(e) from None
         for k, v in enumerate(values):
-            # A user's file is held to the .txt/.jsonl rule (no blank document); an online shard is the
-            # hub's data, which no re-download would change.
-            if self._corpus is None and (v is None or isinstance(v, str) and (not v or v.isspace())):
+            # Every parquet file is held to the .txt/.jsonl rule (no blank document): a downloaded shard too,
+            # whose blank row is a damaged download or the hub's own data, cleaned by the user either way.
+            if v is None or isinstance(v, str) and (not v or v.isspace()):
                 row = sum(pf.metadata.row_group(j).num_rows for j in range(i)) + k
                 what = "a null" if v is None else "a blank"
-                raise ChibiError(f"{self.path} row {row:,} (counting from 0) has {what} {column!r}; remove that row "
-                                 "or put text in it, and re-export the file")
+                fix = ("remove that row or put text in it, and re-export the file" if self._corpus is None else
+                       f"{self._fix()}; if the new copy has it too, the hub's file holds it: remove that row from it")
+                raise ChibiError(f"{self.path} row {row:,} (counting from 0) has {what} {column!r}; {fix}")
             if not isinstance(v, str):
                 raise ChibiError(f"{self.path} row group {i}: column {column!r} holds {type(v).__name__}, not text; fix the file")
         return values
@@ -559,19 +580,21 @@ class LocalCorpus(Corpus):
     (so the folder needs at least two); a subfolder there is an error, as are only one of train/ and
     val/, a broken symlink, a symlink loop, and one file reached twice (a link: val must never hold
     training text). Hidden files and folders (a name starting with ".") are not read. A file or folder
-    this user may not read is an error naming it. Parquet: column "text" (or "content"), groups = row
-    groups, no null or blank text. JSONL: one object per line with a non-blank string "text", no blank
-    lines. TXT: UTF-8, paragraphs separated by blank lines, packed into documents of at most
-    DOC_MAX_CHARS characters (a longer paragraph stays whole). JSONL and TXT lines end at "\\n" only
-    (split_paragraphs). Text files may start with a UTF-8 byte-order mark (dropped); one holding a NUL
-    byte is refused. Non-parquet files are groups of GROUP_DOCS documents.
+    that cannot be read (no permission, or any other OS error) is an error naming it and why. Parquet:
+    column "text" (or "content"), groups = row groups, no null or blank text. JSONL: one object per line
+    with a non-blank string "text", no blank lines. TXT: UTF-8, paragraphs separated by blank lines, packed
+    into documents of at most DOC_MAX_CHARS characters (a longer paragraph stays whole). JSONL and TXT
+    lines end at "\\n" only (split_paragraphs). Text files may start with a UTF-8 byte-order mark
+    (dropped); one holding a NUL byte is refused. Non-parquet files are groups of GROUP_DOCS documents.
     """
 
     licence = "whatever the files' own licences are"
 
     def __init__(self, folder: str):
         # Resolved, so the name recorded in a tokenizer or a checkpoint finds the folder from any directory.
-        self.folder = Path(folder).expanduser().resolve()
+        # realpath, not Path.resolve: before Python 3.13 that raises RuntimeError on a loop of symbolic
+        # links, which reading the folder names as the OS error it is (_walk).
+        self.folder = Path(os.path.realpath(Path(folder).expanduser()))
         self.name = f"local:{self.folder}"
         self.description = f"local folder {self.folder}"
         self.source = str(self.folder)
@@ -614,6 +637,8 @@ class LocalCorpus(Corpus):
         out = []
         for p in where.iterdir():
             if p.is_symlink() and not p.exists():
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    p.stat()  # any other error (ELOOP: a loop of links) is named as it is (_scan)
                 raise ChibiError(f"{p} is a broken symbolic link (to {os.readlink(p)}); fix the link or remove it")
             if p.is_dir() and not p.name.startswith("."):
                 if p.resolve() in ancestors:
@@ -627,14 +652,16 @@ class LocalCorpus(Corpus):
         """(train/ and val/ layout?, the files of each split, the entries no split reads), from one walk.
 
         ChibiError where the layout leaves what to read unclear: only one of train/ and val/, or
-        subfolders without them (their files would not be read); and for a folder this user may not read."""
+        subfolders without them (their files would not be read); and for a folder that cannot be read."""
         try:
             return self._walk()
-        except PermissionError as e:
-            raise unreadable(e.filename or self.folder, self.folder) from None
+        except OSError as e:
+            raise read_error(e, self.folder, self.folder) from None
 
     def _walk(self) -> tuple[bool, dict[str, list[Path]], list[Path]]:
         if not self.folder.is_dir():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                self.folder.stat()  # any other error (ELOOP: a loop of links) is named as it is (_scan)
             raise ChibiError(f"local corpus folder {self.folder} does not exist or is not a folder")
         present = [s for s in SPLITS if (self.folder / s).is_dir()]
         if len(present) == 1:
@@ -671,8 +698,8 @@ class LocalCorpus(Corpus):
         try:
             if not self.folder.is_dir():
                 return []
-        except PermissionError as e:
-            raise unreadable(e.filename or self.folder, self.folder) from None
+        except OSError as e:
+            raise read_error(e, self.folder, self.folder) from None
         return self._scan()[2]
 
     def _rel(self, p: Path) -> str:
@@ -717,7 +744,10 @@ class LocalCorpus(Corpus):
         seen: dict[tuple[int, int], Path] = {}
         for s in SPLITS:
             for p in files[s]:
-                st = p.stat()
+                try:
+                    st = p.stat()
+                except OSError as e:
+                    raise read_error(e, p, self.folder) from None
                 first = seen.setdefault((st.st_dev, st.st_ino), p)
                 if first != p:
                     raise ChibiError(
@@ -736,7 +766,11 @@ class LocalCorpus(Corpus):
         shards = [shard_for_file(p, str(p.relative_to(self.folder)), cache) for p in files]
         # An empty file anywhere is an error, not a silent skip: opening a shard checks it.
         for s in shards:
-            if s.path.stat().st_size == 0:
+            try:
+                size = s.path.stat().st_size
+            except OSError as e:
+                raise read_error(e, s.path, self.folder) from None
+            if size == 0:
                 raise ChibiError(f"{s.path} is empty; remove it or put documents in it")
         return shards
 

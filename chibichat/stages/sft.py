@@ -485,11 +485,16 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
                    "val_loss": val_loss, "soup": soup}
         # The average and its summary are written beside the tag's directory and replace it (an unfinished
         # average, or --overwrite's finished one) only once complete: a failed save leaves the old one as it was.
+        tmp = None
         try:
             with atomic_directory(tag_dir) as tmp:
-                save_checkpoint(tmp, step, model, None, {**keep, "flags": flags, "soup": soup}, rt=rt)
+                save_checkpoint(tmp, step, model, None, {**keep, "flags": flags, "soup": soup}, rt=rt,
+                                report_kept=False)
                 write_summary(tmp, rt, summary)
         except ChibiError as e:
+            # The cause names the files where they were going, in the folder the user knows: the temporary
+            # directory they were written in is gone.
+            cause = str(e) if tmp is None else str(e).replace(str(tmp), str(tag_dir))
             left = [str(step_dir(tag_dir, s)) for s in list_steps(tag_dir)]
             if not left:
                 kept = "it holds no earlier average; the runs are kept: run the command again to average them"
@@ -500,7 +505,7 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
                 kept = (f"its earlier, unfinished average {', '.join(left)} is intact; the runs are kept: run the "
                         "command again with --resume to average them")
             raise ChibiError(f"{command} --soup: the average of the {len(members)} runs was not saved to {tag_dir}: "
-                             f"{kept}. The cause: {e}") from None
+                             f"{kept}. The cause: {cause}") from None
         print0(rt, f"{command} --soup: averaged {len(members)} runs -> {sdir} | val_loss {val_loss:.4f} (members "
                    + ", ".join(f"{v:.4f}" for v in soup["member_val_loss"] if v is not None) + " on their own seeds' "
                    "validation items)")

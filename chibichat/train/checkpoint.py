@@ -117,12 +117,15 @@ def _optimizer_payload(optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, meta: dict,
-                    rt: Runtime | None = None, keep_last: int = 0) -> Path:
+                    rt: Runtime | None = None, keep_last: int = 0, report_kept: bool = True) -> Path:
     """Write step_XXXXXX/ under tag_dir (rank 0 only; other ranks return the path untouched).
 
     `meta` is the caller's JSON-serialisable metadata (model_config, tokenizer, loader, loop, flags);
     `format`, `step` and `world_size` are added here. `keep_last` > 0 deletes all but the newest N
-    steps after a successful save. Returns the step directory.
+    steps after a successful save. A failed save's error says which checkpoints survive in tag_dir;
+    report_kept=False leaves that out, for a tag_dir that is the caller's new temporary directory
+    (common.atomic_directory), where none does: the caller says what survives at its destination.
+    Returns the step directory.
     """
     import json
 
@@ -154,6 +157,8 @@ def save_checkpoint(tag_dir: str | os.PathLike, step: int, model, optimizer, met
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
     except ChibiError as e:  # atomic_directory's write error (full disk, read-only): say what survives
+        if not report_kept:
+            raise ChibiError(f"saving step {step} failed, nothing of it was kept: {e}") from None
         # Read back from disk: an earlier save of this same step survives too (atomic_directory puts it back).
         left = [str(step_dir(tag_dir, s)) for s in list_steps(tag_dir)]
         # Only a training loop's checkpoint (it holds the optimizer) is one --resume continues from; a merged,
