@@ -366,9 +366,11 @@ class ParquetShard(Shard):
         except Exception as e:
             raise self._corrupt(e) from None
         for k, v in enumerate(values):
-            # Every parquet file is held to the .txt/.jsonl rule (no blank document): a downloaded shard too,
-            # whose blank row is a damaged download or the hub's own data, cleaned by the user either way.
-            if v is None or isinstance(v, str) and (not v or v.isspace()):
+            # A user's file is held to the .txt/.jsonl rule (no blank document). A downloaded shard is the hub's
+            # data, which no re-download changes: its blank text is read as the empty document it is (a lone
+            # BOS in training), where refusing it would leave the corpus unusable; a null is no text at all.
+            blank = isinstance(v, str) and (not v or v.isspace())
+            if v is None or blank and self._corpus is None:
                 row = sum(pf.metadata.row_group(j).num_rows for j in range(i)) + k
                 what = "a null" if v is None else "a blank"
                 fix = ("remove that row or put text in it, and re-export the file" if self._corpus is None else
