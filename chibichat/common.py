@@ -204,15 +204,23 @@ def fsync_renamed(path: Path) -> None:
 def remove_dir(path: str | os.PathLike) -> None:
     """Delete a directory so that no crash leaves part of it under its name: it is first renamed to a
     hidden `.old-<name>-<pid>` sibling (readers ignore those; the training loop removes leftover
-    `.old-step_*`), then removed. An OS error is a ChibiError naming what is left and where."""
+    `.old-step_*` and `.old-.aside-step_*`), then removed. An OS error is a ChibiError naming what is left
+    and where."""
     path = Path(path)
     trash = path.parent / f".old-{path.name}-{os.getpid()}"
     try:
         os.replace(path, trash)
-        fsync_dir(path.parent)
     except OSError as e:
         raise ChibiError(f"cannot remove {path}: {e.strerror or e} (errno {e.errno}); it is unchanged. Fix the "
                          f"permissions of {path.parent} or delete {path} by hand") from None
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        # Deleting it now could let a power loss bring it back under its name with part of it gone.
+        raise ChibiError(f"cannot remove {path}: it was renamed to {trash}, but the fsync of {path.parent} then "
+                         f"failed: {e.strerror or e} (errno {e.errno}), so it was not deleted. No reader takes "
+                         f"{trash} for it: rename it back to {path} to keep it, or delete it by hand; check that "
+                         "disk") from None
     try:
         shutil.rmtree(trash)
     except OSError as e:
@@ -337,6 +345,13 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     if aside is not None:
         with contextlib.suppress(ChibiError):  # recover_aside drops a leftover
             remove_dir(aside)
+
+
+def at_destination(e: BaseException, tmp: Path | None, final: Path) -> str:
+    """The message of an error raised while writing into atomic_directory(final)'s temporary directory `tmp`
+    (None: the block was not entered), with `tmp` named as `final`: a failed write has removed `tmp`, so the
+    message names the files where they were going, under the folder the user knows."""
+    return str(e) if tmp is None else str(e).replace(str(tmp), str(final))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -198,6 +198,37 @@ def test_remove_dir_renames_out_of_sight_first(tmp_path, monkeypatch):
         remove_dir(tmp_path / "gone")
 
 
+def test_remove_dir_whose_rename_is_not_fsynced_says_where_the_folder_is(tmp_path, monkeypatch):
+    """The folder was renamed aside but the fsync of its parent failed: it is not deleted (a power loss could
+    bring it back under its name, part gone), and the error says where it now is and how to restore or remove it."""
+    import errno
+    import os
+    import stat
+
+    from chibichat.common import remove_dir
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("1")
+    parent = (os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino)
+    real = os.fsync
+
+    def fsync(fd):  # EIO for tmp_path only (the folder the rename happens in)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == parent:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(ChibiError) as e:
+        remove_dir(tmp_path / "d")
+    trash = tmp_path / f".old-d-{os.getpid()}"
+    assert str(e.value) == (
+        f"cannot remove {tmp_path / 'd'}: it was renamed to {trash}, but the fsync of {tmp_path} then failed: "
+        f"Input/output error (errno 5), so it was not deleted. No reader takes {trash} for it: rename it back to "
+        f"{tmp_path / 'd'} to keep it, or delete it by hand; check that disk")
+    assert [p.name for p in tmp_path.iterdir()] == [trash.name] and (trash / "x").read_text() == "1"
+
+
 def test_read_json_errors_name_the_file(tmp_path):
     p = tmp_path / "meta.json"
     with pytest.raises(ChibiError, match="not found"):

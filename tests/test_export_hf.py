@@ -288,6 +288,38 @@ def test_a_failed_overwrite_import_keeps_the_old_checkpoints(exported, tmp_path,
     assert sdir == first and sorted(p.name for p in tag_dir.iterdir()) == ["step_000000"]
 
 
+def test_a_failed_overwrite_import_names_the_tag_folder_not_the_temporary_one(exported, tmp_path, monkeypatch):
+    """A full disk while the new tag directory is written beside the old one: the cause names the step under the
+    tag's folder (the one the user knows), not under the temporary directory it was written in (gone by then),
+    and says nothing of checkpoints surviving there (the old ones survive, as the message says)."""
+    import errno
+    import os
+    import re
+
+    from chibichat.export.importer import import_hf
+
+    home = Home.resolve(tmp_path / "home")
+    first, _ = import_hf(str(exported["out"]), home, "sft", "x")
+    tag_dir = first.parent
+    real, tmps = os.fsync, []
+
+    def fsync(fd):  # ENOSPC for the files of the new tag directory's step
+        m = re.search(r"/sft/(\.tmp-x-[^/]+)/\.tmp-step_000000-[^/]+/", os.readlink(f"/proc/self/fd/{fd}"))
+        if m:
+            tmps.append(tag_dir.parent / m.group(1))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(ChibiError) as e:
+        import_hf(str(exported["out"]), home, "sft", "x", overwrite=True)
+    assert str(e.value) == (
+        f"the import into {tag_dir} failed and its old checkpoints were kept as they were: saving step 0 failed, "
+        f"nothing of it was kept: cannot write {first}: No space left on device (errno 28); free some space on that "
+        f"disk or pass another --home")
+    assert tmps and not tmps[0].exists() and sorted(p.name for p in tag_dir.parent.iterdir()) == ["x"]
+
+
 def published_tokenizer(kind, folder):
     """tokenizer.json the ways published nanochat checkpoints get one, without chibichat code:
     "tiktoken": transformers' own tiktoken converter (how the hub's karpathy/nanochat-d32 got its file);

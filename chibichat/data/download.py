@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterator
 
-from chibichat.common import ChibiError, Home, atomic_write_json, eprint, fsync_dir, read_json, sha256_file
+from chibichat.common import ChibiError, Home, atomic_write_json, eprint, fsync_renamed, read_json, sha256_file
 
 # Client errors worth retrying: request timeout, rate limit. Any other 4xx is permanent.
 RETRY_STATUS_4XX = {408, 429}
@@ -270,7 +270,7 @@ def download_file(
                     log(f"{dest.name}: attempt {attempt + 1}/{retries} failed ({last})")
                 continue
             os.replace(part, dest)
-            fsync_dir(dest.parent)  # the rename survives a power loss (the part was fsynced)
+            fsync_renamed(dest)  # the rename survives a power loss (the part was fsynced)
             return dest
     if batch and batch.down:
         raise _Unreachable(batch.down)

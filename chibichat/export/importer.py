@@ -138,17 +138,18 @@ def import_hf(source: str, home: Home, stage: str, tag: str | None, overwrite: b
             "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size},
             "imported_from": provenance, "import": notes, "flags": {}}
     if overwrite and tag_dir.exists():
-        from chibichat.common import atomic_directory
+        from chibichat.common import at_destination, atomic_directory
         from chibichat.train.checkpoint import step_dir
 
         # The new tag directory is written beside the old one and replaces it only once complete: a failed
         # import leaves the old checkpoints as they were.
+        tmp = None
         try:
             with atomic_directory(tag_dir) as tmp:
-                save_checkpoint(tmp, 0, model, None, meta)
+                save_checkpoint(tmp, 0, model, None, meta, report_kept=False)
         except ChibiError as e:
             raise ChibiError(f"the import into {tag_dir} failed and its old checkpoints were kept as they "
-                             f"were: {e}") from None
+                             f"were: {at_destination(e, tmp, tag_dir)}") from None
         return step_dir(tag_dir, 0), notes
     sdir = save_checkpoint(tag_dir, 0, model, None, meta)
     return sdir, notes

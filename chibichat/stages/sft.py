@@ -394,7 +394,8 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
     import copy
     import os
 
-    from chibichat.common import Home, atomic_directory, check_home, init_runtime, print0, read_json, shutdown_runtime
+    from chibichat.common import (Home, at_destination, atomic_directory, check_home, init_runtime, print0, read_json,
+                                  shutdown_runtime)
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import (average_weights, list_steps, load_model, read_meta, resolve_checkpoint,
                                             save_checkpoint, step_dir)
@@ -492,9 +493,7 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
                                 report_kept=False)
                 write_summary(tmp, rt, summary)
         except ChibiError as e:
-            # The cause names the files where they were going, in the folder the user knows: the temporary
-            # directory they were written in is gone.
-            cause = str(e) if tmp is None else str(e).replace(str(tmp), str(tag_dir))
+            cause = at_destination(e, tmp, tag_dir)
             left = [str(step_dir(tag_dir, s)) for s in list_steps(tag_dir)]
             if not left:
                 kept = "it holds no earlier average; the runs are kept: run the command again to average them"

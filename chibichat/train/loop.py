@@ -520,8 +520,10 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
         dist.barrier()  # every rank lists the steps after that
     existing = list_steps(cfg.tag_dir)
     if rt.is_master and cfg.tag_dir.is_dir():
-        # Leftovers of a save that was killed midway (never visible as a step): safe to drop.
-        for junk in [*cfg.tag_dir.glob(".tmp-step_*"), *cfg.tag_dir.glob(".old-step_*")]:
+        # Leftovers of a save or delete killed or failed midway (never visible as a step): safe to drop. A step
+        # replaced by a save is renamed aside, then deleted as `.old-.aside-step_*` (common.remove_dir).
+        for junk in [*cfg.tag_dir.glob(".tmp-step_*"), *cfg.tag_dir.glob(".old-step_*"),
+                     *cfg.tag_dir.glob(".old-.aside-step_*")]:
             shutil.rmtree(junk, ignore_errors=True)
     if cfg.resume:
         state = _resume(raw, optimizer, batches, rt, cfg, meta)
