@@ -416,10 +416,11 @@ def test_a_speedrun_carries_unused_minutes_forward_and_resumes_with_the_minutes_
     now = [1000.0]
     monkeypatch.setattr(speedrun, "time", SimpleNamespace(time=lambda: now[0]))
     run_step = speedrun.run_step
+    fail_sft = [True]
 
     def timed(step, argv, nproc, env):
         now[0] += {"pretrain": 50, "midtrain": 20}.get(step.name, 1)
-        if step.name == "sft" and not any(n == "sft" for n, _ in calls):  # the first SFT fails
+        if step.name == "sft" and fail_sft:
             calls.append((step.name, argv))
             return 1
         return run_step(step, argv, nproc, env)
@@ -444,10 +445,23 @@ def test_a_speedrun_carries_unused_minutes_forward_and_resumes_with_the_minutes_
     recorded = records["checkpoints/mid/d2/summary.json"]["flags"]
     assert recorded[recorded.index("--minutes") + 1] == planned[planned.index("--minutes") + 1] != \
         f"{minutes('midtrain')[0]:.4g}"
+    fail_sft.clear()
     assert main(cmd) == 0  # the same command: finished steps skipped (their flags match), SFT rerun
     assert minutes("sft") == [pytest.approx(sft, rel=1e-3)] * 2
     assert len(minutes("pretrain")) == len(minutes("midtrain")) == 1  # done: not rerun
     assert minutes("rl") == [pytest.approx((180 - 71) / 60, rel=1e-3)]  # all that is left: the last stage
+    # the seconds each was given are recorded beside its time, and the report shows both
+    timing = json.loads((home / "report" / "timing.json").read_text())["runs"]["d2"]
+    assert timing["budget_s"] == pytest.approx({"pretrain": 180 * w["pretrain"] / total, "midtrain": 60 * minutes(
+        "midtrain")[0], "sft": 60 * sft, "rl": 109}, abs=0.06)
+    assert timing["stages"]["midtrain"] == 20 and timing["stages"]["sft"] == 1
+    text = (home / "report" / "report.md").read_text()
+    assert "| speedrun step | time | share | budget |" in text and "| midtrain | 0m20s | 24.7% | 0m43s |\n" in text
+    # --force sft forgets the times and budgets of SFT and the steps after it before anything runs
+    fail_sft.append(True)
+    assert main(cmd + ["--force", "sft"]) == 2
+    timing = json.loads((home / "report" / "timing.json").read_text())["runs"]["d2"]
+    assert sorted(timing["budget_s"]) == ["midtrain", "pretrain"] and "rl" not in timing["stages"]
 
 
 def test_a_finished_step_run_with_other_flags_is_refused_not_skipped(tmp_path, monkeypatch, capsys):

@@ -1060,7 +1060,8 @@ def plan_tag(steps: list[Step]) -> str:
 
 
 def read_timing(home: Home) -> dict:
-    """report/timing.json: {"runs": {tag: {"stages": {step: seconds}, "wall_s": total}}}. Timings are kept
+    """report/timing.json: {"runs": {tag: {"stages": {step: seconds}, "wall_s": total, "budget_s": {training step:
+    seconds it was given}}}} ("budget_s" only with a time budget). Timings are kept
     per checkpoint tag, so the report of one run never shows another's. A file from before the tags keeps its
     figures under "untagged" (no run can claim them)."""
     path = home.report_dir / "timing.json"
@@ -1072,7 +1073,8 @@ def read_timing(home: Home) -> dict:
 
 def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, times: dict) -> None:
     """Delete the outputs and markers of every step in `redo` before anything runs: a forced step that then
-    fails (or is stopped) must leave no old output after it that the next run would skip as done."""
+    fails (or is stopped) must leave no old output after it that the next run would skip as done. `times`: this
+    tag's timing ({"stages": {step: s}, "budget_s": {step: s}}), whose entries for those steps go too."""
     for step in steps:
         if step.name not in redo:
             continue
@@ -1083,7 +1085,8 @@ def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, ti
                 out.unlink()
         step.marker.unlink(missing_ok=True)
         records.pop(_record_key(home, step), None)
-        times.pop(step.name, None)
+        times["stages"].pop(step.name, None)
+        times.get("budget_s", {}).pop(step.name, None)
 
 
 def run(args) -> int:
@@ -1126,7 +1129,7 @@ def run(args) -> int:
     timing = read_timing(home)
     times = timing["runs"].setdefault(tag, {"stages": {}})
     if redo and not args.dry_run:
-        invalidate(home, steps, redo, records, times["stages"])
+        invalidate(home, steps, redo, records, times)
         atomic_write_json(step_record_path(home), {"steps": records})
         times["wall_s"] = round(sum(times["stages"].values()), 1)
         atomic_write_json(timing_path, timing)
@@ -1149,8 +1152,10 @@ def run(args) -> int:
             done_weight += step.weight
             continue
         argv = list(step.argv)
+        given_s = None
         if budget is not None and step.name in weights:
-            argv = set_flag(argv, "--minutes", f"{carried_minutes(weights, step.name, budget, times['stages']):.4g}")
+            given_s = 60 * carried_minutes(weights, step.name, budget, times["stages"])
+            argv = set_flag(argv, "--minutes", f"{given_s / 60:.4g}")
         if _has_checkpoint(step.resumable_dir) and step.name not in redo:  # (a dry run deletes nothing)
             argv.append("--resume")
             print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
@@ -1178,6 +1183,8 @@ def run(args) -> int:
                                             "marker_sha256": sha256_file(step.marker)}
         atomic_write_json(step_record_path(home), {"steps": records})
         times["stages"][step.name] = round(time.time() - t0, 1)
+        if given_s is not None:
+            times.setdefault("budget_s", {})[step.name] = round(given_s, 1)
         times["wall_s"] = round(sum(times["stages"].values()), 1)
         atomic_write_json(timing_path, timing)
         done_weight += step.weight
