@@ -48,6 +48,29 @@ def fsynced(monkeypatch):
     return check
 
 
+@pytest.fixture
+def fail_dir_fsync(monkeypatch):
+    """fail_dir_fsync(folder): from then on os.fsync of that folder (by inode) raises EIO; every other fsync (the
+    files, other folders) runs as usual."""
+    import errno
+    import stat
+
+    real = os.fsync
+
+    def arm(folder):
+        target = (os.stat(folder).st_dev, os.stat(folder).st_ino)
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == target:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    return arm
+
+
 def pytest_configure(config):
     # Keep tests deterministic and polite on a 2-core machine.
     os.environ.setdefault("OMP_NUM_THREADS", "2")

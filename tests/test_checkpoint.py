@@ -253,26 +253,13 @@ def test_save_fsyncs_the_step_dir_before_its_rename_and_the_tag_dir_after(tmp_pa
     assert fsynced(sdir) and fsynced(tmp_path / "t")
 
 
-def test_a_failed_fsync_of_the_tag_dir_after_the_rename_warns_and_the_save_stands(tmp_path, monkeypatch, capsys):
+def test_a_failed_fsync_of_the_tag_dir_after_the_rename_warns_and_the_save_stands(tmp_path, fail_dir_fsync, capsys):
     """The step directory is renamed into place whole; an fsync of the tag directory failing after that cannot
     undo it: the save succeeds (a new step and a step replaced alike) and a warning says that only its surviving
     a power loss is unconfirmed."""
-    import errno
-    import os
-    import stat
-
     tag = tmp_path / "t"
     tag.mkdir()
-    tag_id = (os.stat(tag).st_dev, os.stat(tag).st_ino)
-    real = os.fsync
-
-    def fsync(fd):  # EIO for the tag directory only: the files and the step directory are fsynced as usual
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == tag_id:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail_dir_fsync(tag)  # EIO for the tag directory only: the files and the step directory are fsynced as usual
     for seed in (0, 1):  # step 1 saved, then saved again (replaced)
         m = _model(seed=seed)
         assert save_checkpoint(tag, 1, m, None, _meta(m)) == tag / "step_000001"

@@ -79,23 +79,12 @@ def test_atomic_writes_fsync_the_directory_of_each_rename(tmp_path, fsynced, mon
         fsync_dir(tmp_path)
 
 
-def test_a_failed_fsync_after_the_rename_into_place_is_a_warning(tmp_path, monkeypatch, capsys):
+def test_a_failed_fsync_after_the_rename_into_place_is_a_warning(tmp_path, fail_dir_fsync, capsys):
     """Once the file or folder has its name it is written whole: a failed fsync of its folder after that only
     leaves its surviving a power loss unconfirmed, which is warned about, not reported as a failed write."""
-    import errno
     import os
-    import stat
 
-    real = os.fsync
-    parent = (os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino)
-
-    def fsync(fd):  # EIO for tmp_path only (the folder the renames happen in)
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == parent:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail_dir_fsync(tmp_path)  # EIO for tmp_path only (the folder the renames happen in)
     atomic_write_json(tmp_path / "f.json", {"x": 1})
     with atomic_directory(tmp_path / "d") as d:
         (d / "x").write_text("1")
@@ -198,27 +187,16 @@ def test_remove_dir_renames_out_of_sight_first(tmp_path, monkeypatch):
         remove_dir(tmp_path / "gone")
 
 
-def test_remove_dir_whose_rename_is_not_fsynced_says_where_the_folder_is(tmp_path, monkeypatch):
+def test_remove_dir_whose_rename_is_not_fsynced_says_where_the_folder_is(tmp_path, fail_dir_fsync):
     """The folder was renamed aside but the fsync of its parent failed: it is not deleted (a power loss could
     bring it back under its name, part gone), and the error says where it now is and how to restore or remove it."""
-    import errno
     import os
-    import stat
 
     from chibichat.common import remove_dir
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x").write_text("1")
-    parent = (os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino)
-    real = os.fsync
-
-    def fsync(fd):  # EIO for tmp_path only (the folder the rename happens in)
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == parent:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail_dir_fsync(tmp_path)  # EIO for tmp_path only (the folder the rename happens in)
     with pytest.raises(ChibiError) as e:
         remove_dir(tmp_path / "d")
     trash = tmp_path / f".old-d-{os.getpid()}"

@@ -164,27 +164,14 @@ def test_the_rename_into_place_is_fsynced(server, tmp_path, fsynced):
     assert (tmp_path / "shards" / "f.parquet").read_bytes() == data and fsynced(tmp_path / "shards")
 
 
-def test_a_failed_fsync_after_the_download_is_renamed_into_place_is_a_warning(server, tmp_path, monkeypatch, capsys):
+def test_a_failed_fsync_after_the_download_is_renamed_into_place_is_a_warning(server, tmp_path, fail_dir_fsync, capsys):
     """The downloaded file has its name, whole and checked: a failed fsync of its folder after that is a warning
     that its surviving a power loss is unconfirmed, not an error (the file is kept and returned)."""
-    import errno
-    import os
-    import stat
-
     data, _ = parquet_bytes(50, 5)
     server.files["/f.parquet"] = data
     shards = tmp_path / "shards"
     shards.mkdir()
-    folder = (os.stat(shards).st_dev, os.stat(shards).st_ino)
-    real = os.fsync
-
-    def fsync(fd):  # EIO for the shards folder only: the file itself is fsynced as usual
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == folder:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail_dir_fsync(shards)  # EIO for the shards folder only: the file itself is fsynced as usual
     assert download_file(server.base + "/f.parquet", shards / "f.parquet", validate=validate_parquet,
                          **FAST) == shards / "f.parquet"
     assert capsys.readouterr().err == (
