@@ -294,15 +294,14 @@ def _check(lang: str, skill: str) -> None:
 def phrasings(lang: str, skill: str) -> list[str]:
     """Every phrasing of `skill` in `lang`, unfilled, in a fixed order (no duplicates)."""
     _check(lang, skill)
-    out: list[str] = []
+    out: dict[str, None] = {}  # (a dict: ordered, and a membership test that does not scan; called per generated item)
     for group in _PARTS[lang, skill]:
         for parts in itertools.product(*group):
             text = "".join(parts)
             if lang == "en":
                 text = text[:1].upper() + text[1:]
-            if text not in out:
-                out.append(text)
-    return out
+            out.setdefault(text)
+    return list(out)
 
 
 def phrase(rng: random.Random, lang: str, skill: str, **slots) -> str:
