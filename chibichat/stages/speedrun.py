@@ -678,7 +678,8 @@ def budget_flags(steps: list[Step], minutes: float, headroom: int, shares: dict 
             continue
         s.argv += ["--minutes", f"{minutes * weight[s.name] / total:.4g}"]
         if "--num-steps" in s.argv:
-            s.argv = set_flag(s.argv, "--num-steps", str(headroom * int(_last_value(s.argv, "--num-steps"))))
+            i = _value_index(s.argv, "--num-steps")
+            s.argv[i] = str(headroom * int(s.argv[i]))
 
 
 def budget_weights(steps: list[Step], shares: dict | None) -> dict[str, float]:
@@ -711,13 +712,14 @@ def carried_minutes(weights: dict[str, float], name: str, minutes: float, spent_
     return max(left * share, MIN_CARRIED * planned[name]) / 60
 
 
-def _last_value(argv: list[str], flag: str) -> str:
-    return argv[len(argv) - argv[::-1].index(flag)]
+def _value_index(argv: list[str], flag: str) -> int:
+    """The index of the value after the last `flag` in argv."""
+    return len(argv) - argv[::-1].index(flag)
 
 
 def set_flag(argv: list[str], flag: str, value: str) -> list[str]:
-    """argv with the value after its last `flag` replaced."""
-    i = len(argv) - argv[::-1].index(flag)
+    """A copy of argv with the value after its last `flag` replaced."""
+    i = _value_index(argv, flag)
     return argv[:i] + [value] + argv[i + 1:]
 
 
