@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -204,8 +205,8 @@ def fsync_renamed(path: Path) -> None:
 def remove_dir(path: str | os.PathLike) -> None:
     """Delete a directory so that no crash leaves part of it under its name: it is first renamed to a
     hidden `.old-<name>-<pid>` sibling (readers ignore those; the training loop removes leftover
-    `.old-step_*` and `.old-.aside-step_*`), then removed. An OS error is a ChibiError naming what is left
-    and where."""
+    `.old-step_*` and `.old-.aside-step_*`, the next atomic_directory of that name its own: drop_leftovers),
+    then removed. An OS error is a ChibiError naming what is left and where."""
     path = Path(path)
     trash = path.parent / f".old-{path.name}-{os.getpid()}"
     try:
@@ -300,6 +301,36 @@ def recover_asides(directory: str | os.PathLike) -> None:
         recover_aside(directory / name)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether `pid` may be a running process; True where that cannot be told (on Windows, os.kill(pid, 0)
+    would send it a signal)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: it runs as another user
+        return True
+    return True
+
+
+def drop_leftovers(final: str | os.PathLike) -> None:
+    """Delete what failed deletes of earlier versions of `final` left beside it: `.old-<name>-<pid>` (remove_dir)
+    and `.old-.aside-<name>-<pid>-<pid>` (remove_dir of an atomic_directory aside). Readers ignore them, but they
+    may hold gigabytes. Only those exact names, and only where each pid in the name is this process or no
+    running process: another process named there may be deleting that folder right now."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    name = re.escape(final.name)
+    pattern = re.compile(rf"\.old-(?:{name}-(\d+)|{re.escape(ASIDE_PREFIX)}{name}-(\d+)-(\d+))", re.ASCII)
+    for p in final.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and all(int(pid) == os.getpid() or not _pid_alive(int(pid)) for pid in m.groups() if pid):
+            shutil.rmtree(p, ignore_errors=True)  # a failure leaves it for the next call
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to `final` (replacing an old one).
@@ -308,12 +339,14 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     half-written `final`; an old `final` stays as it was until the rename. Replacing takes two renames
     (old to `.aside-<name>-<pid>`, new to `final`): a failure of the second puts the old one back, and a
     crash between them leaves the old one aside, which recover_aside (called first here and by readers)
-    renames back. The directory gets the mode a plain mkdir would (umask honoured). An OS error while
-    creating, filling or renaming it (full disk, read-only file system) is a ChibiError naming `final`.
+    renames back. What failed deletes of earlier versions left is dropped first (drop_leftovers). The
+    directory gets the mode a plain mkdir would (umask honoured). An OS error while creating, filling or
+    renaming it (full disk, read-only file system) is a ChibiError naming `final`.
     """
     final = Path(final)
     try:
         recover_aside(final)
+        drop_leftovers(final)  # first: the disk space they hold may be needed for the new version
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         # mkdtemp creates 0700; give the directory the mode a plain mkdir would have (0777 & ~umask).

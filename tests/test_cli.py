@@ -169,6 +169,49 @@ def test_atomic_directory_crash_between_its_renames_leaves_the_old_one_to_recove
     assert (final / "x").read_text() == "newer" and not (tmp_path / names[0]).exists()
 
 
+def test_atomic_directory_drops_what_failed_deletes_of_its_earlier_versions_left(tmp_path, monkeypatch):
+    """A tag folder replaced (e.g. import-hf --overwrite) whose old version could not be deleted stays as
+    `.old-.aside-<tag>-<pid>-<pid>`; the next replacement of that name drops it, and any `.old-<tag>-<pid>`
+    or `.old-.aside-<tag>-*` whose pids are this process or ended ones, never another name's leftover nor
+    one a running process may still be deleting."""
+    import errno
+    import os
+    import shutil
+    from pathlib import Path
+
+    stage = tmp_path / "sft"
+    tag = stage / "d4"
+    with atomic_directory(tag) as d:
+        (d / "x").write_text("v1")
+    real = shutil.rmtree
+
+    def refused(path, *a, **kw):
+        if Path(path).name.startswith(".old-"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    with atomic_directory(tag) as d:
+        (d / "x").write_text("v2")
+    monkeypatch.undo()
+    pid = os.getpid()
+    left = stage / f".old-.aside-d4-{pid}-{pid}"
+    assert sorted(p.name for p in stage.iterdir()) == sorted(["d4", left.name]) and (left / "x").read_text() == "v1"
+
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    ended, running = child.pid, os.getppid()
+    dropped = [f".old-d4-{ended}", f".old-.aside-d4-{ended}-{pid}", f".old-d4-{pid}"]
+    kept = [f".old-d4-{running}", f".old-.aside-d4-{pid}-{running}", f".old-.aside-d4-{running}-{ended}",
+            f".old-d4-{ended}-{ended}", f".old-d4x-{ended}", f".old-.aside-d4x-{ended}-{ended}", f".tmp-d4-{ended}",
+            "d4x"]
+    for name in dropped + kept:
+        (stage / name / "sub").mkdir(parents=True)
+    with atomic_directory(tag) as d:
+        (d / "x").write_text("v3")
+    assert sorted(p.name for p in stage.iterdir()) == sorted(["d4", *kept]) and (tag / "x").read_text() == "v3"
+
+
 def test_remove_dir_renames_out_of_sight_first(tmp_path, monkeypatch):
     import os
     import shutil

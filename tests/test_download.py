@@ -180,6 +180,35 @@ def test_a_failed_fsync_after_the_download_is_renamed_into_place_is_a_warning(se
     assert (shards / "f.parquet").read_bytes() == data and not (shards / "f.parquet.part").exists()
 
 
+@pytest.mark.parametrize("code", ["EXDEV", "EIO"])
+def test_a_failed_rename_of_the_finished_download_names_both_files_and_keeps_the_part(server, tmp_path, monkeypatch,
+                                                                                      code):
+    """Any OS error of the rename of the checked `.part` into place (not only a full or read-only disk) is a
+    ChibiError naming both files, the OS error and what to do; the complete `.part` is kept."""
+    import errno
+    import os
+
+    data, _ = parquet_bytes(50, 5)
+    server.files["/f.parquet"] = data
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".part"):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    dest, part = tmp_path / "f.parquet", tmp_path / "f.parquet.part"
+    with pytest.raises(ChibiError) as e:
+        download_file(server.base + "/f.parquet", dest, validate=validate_parquet, **FAST)
+    n = getattr(errno, code)
+    assert str(e.value) == (
+        f"cannot rename the finished download {part} to {dest}: {os.strerror(n)} (errno {n}). {part} is complete "
+        f"and checked: rename it to {dest} by hand, or fix the cause (free space, the permissions of {tmp_path}) "
+        "and re-run the same command")
+    assert part.read_bytes() == data and not dest.exists()
+
+
 def test_server_ignoring_range_restarts_the_file(server, tmp_path):
     data, _ = parquet_bytes(500, 6)
     server.files["/r.parquet"] = data

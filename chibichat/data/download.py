@@ -231,7 +231,8 @@ def download_file(
     validate(path) must raise (any exception) when the file is bad; a bad download is deleted and
     fetched again from byte 0, and so is one whose size or sha256 is not what the server states for the
     file (hub_metadata). Waits backoff * 2**k seconds before retry k+1. After `retries` failed attempts
-    raises ChibiError; a partial `.part` is kept so a later call resumes it. `info`, when given, is
+    raises ChibiError; a partial `.part` is kept so a later call resumes it, and so is a complete one whose
+    rename to `dest` failed (a ChibiError naming both). `info`, when given, is
     filled with what the server stated about the file it sent (hub_metadata; left empty when an existing
     dest was kept). `batch`: the download is one of a batch's (download_corpus).
     """
@@ -269,7 +270,14 @@ def download_file(
                 if log:
                     log(f"{dest.name}: attempt {attempt + 1}/{retries} failed ({last})")
                 continue
-            os.replace(part, dest)
+            try:
+                os.replace(part, dest)
+            except OSError as e:
+                raise ChibiError(
+                    f"cannot rename the finished download {part} to {dest}: {e.strerror or e} (errno {e.errno}). "
+                    f"{part} is complete and checked: rename it to {dest} by hand, or fix the cause (free space, "
+                    f"the permissions of {dest.parent}) and re-run the same command"
+                ) from None
             fsync_renamed(dest)  # the rename survives a power loss (the part was fsynced)
             return dest
     if batch and batch.down:
