@@ -71,6 +71,24 @@ def fail_dir_fsync(monkeypatch):
     return arm
 
 
+@pytest.fixture
+def refuse_old_deletes(monkeypatch):
+    """refuse_old_deletes(): from then on shutil.rmtree of a `.old-*` folder (what remove_dir renamed aside) fails
+    with EACCES, as a delete the OS refuses; monkeypatch.undo() ends it."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    real = shutil.rmtree
+
+    def refused(path, *a, **kw):
+        if Path(path).name.startswith(".old-"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **kw)
+
+    return lambda: monkeypatch.setattr(shutil, "rmtree", refused)
+
+
 def pytest_configure(config):
     # Keep tests deterministic and polite on a 2-core machine.
     os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -169,28 +169,18 @@ def test_atomic_directory_crash_between_its_renames_leaves_the_old_one_to_recove
     assert (final / "x").read_text() == "newer" and not (tmp_path / names[0]).exists()
 
 
-def test_atomic_directory_drops_what_failed_deletes_of_its_earlier_versions_left(tmp_path, monkeypatch):
+def test_atomic_directory_drops_what_failed_deletes_of_its_earlier_versions_left(tmp_path, monkeypatch, refuse_old_deletes):
     """A tag folder replaced (e.g. import-hf --overwrite) whose old version could not be deleted stays as
     `.old-.aside-<tag>-<pid>-<pid>`; the next replacement of that name drops it, and any `.old-<tag>-<pid>`
     or `.old-.aside-<tag>-*` whose pids are this process or ended ones, never another name's leftover nor
     one a running process may still be deleting."""
-    import errno
     import os
-    import shutil
-    from pathlib import Path
 
     stage = tmp_path / "sft"
     tag = stage / "d4"
     with atomic_directory(tag) as d:
         (d / "x").write_text("v1")
-    real = shutil.rmtree
-
-    def refused(path, *a, **kw):
-        if Path(path).name.startswith(".old-"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(shutil, "rmtree", refused)
+    refuse_old_deletes()
     with atomic_directory(tag) as d:
         (d / "x").write_text("v2")
     monkeypatch.undo()

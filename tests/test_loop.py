@@ -184,27 +184,17 @@ def test_resume_in_process_is_exact(tmp_path):
     assert meta["loader"] == [{"k": 8}] and meta["loop"]["step"] == 8
 
 
-def test_the_next_run_drops_what_a_failed_delete_of_a_replaced_step_left(tmp_path, monkeypatch):
+def test_the_next_run_drops_what_a_failed_delete_of_a_replaced_step_left(tmp_path, monkeypatch, refuse_old_deletes):
     """A save over an existing step renames the old one aside, then deletes it as `.old-.aside-step_*`
     (common.remove_dir); a delete that fails there (the save stands) leaves that folder, which the next run
     drops like any other leftover of a save."""
-    import errno
     import os
-    import shutil
-    from pathlib import Path
 
     from chibichat.train.checkpoint import save_checkpoint
 
     tag = tmp_path / "t"
     run(tag, 2)
-    real = shutil.rmtree
-
-    def refused(path, *a, **kw):
-        if Path(path).name.startswith(".old-"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(shutil, "rmtree", refused)
+    refuse_old_deletes()
     model, _ = make()
     save_checkpoint(tag, 2, model, None, meta_for(model))  # replaces step 2
     monkeypatch.undo()

@@ -287,24 +287,14 @@ def test_load_renames_back_a_tokenizer_left_aside(tok, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
-def test_save_drops_what_a_failed_delete_of_the_tokenizer_it_replaced_left(tok, tmp_path, monkeypatch):
+def test_save_drops_what_a_failed_delete_of_the_tokenizer_it_replaced_left(tok, tmp_path, monkeypatch, refuse_old_deletes):
     """Saving over a tokenizer whose delete fails leaves it as `.old-.aside-tok-<pid>-<pid>` beside the new one;
     the next save there drops it."""
-    import errno
     import os
-    import shutil
-    from pathlib import Path
 
     d = tmp_path / "tok"
     tok.save(d)
-    real = shutil.rmtree
-
-    def refused(path, *a, **kw):
-        if Path(path).name.startswith(".old-"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(shutil, "rmtree", refused)
+    refuse_old_deletes()
     tok.save(d)
     monkeypatch.undo()
     left = f".old-.aside-tok-{os.getpid()}-{os.getpid()}"
