@@ -625,14 +625,16 @@ def timings_section(timing: dict | None, tag: str | None = None, untagged: bool 
                 "stage times above are their own\n" + note)
     total = sum(steps.values()) or 1.0
     # A speedrun with a time budget records the seconds it gave each training step (its share of what the
-    # steps before it left): shown beside the time each took.
+    # steps before it left): shown beside the time each took. Their total is not shown: the shares overlap.
     given = (timing or {}).get("budget_s") or {}
-    body = [[name, fmt_duration(sec), f"{100 * sec / total:.1f}%"] + ([fmt_duration(given[name]) if name in given
-                                                                        else ""] if given else [])
-            for name, sec in steps.items()]
-    # (no total of the budgets: each is a share of what the steps before it left, so they overlap)
-    body.append(["**total**", f"**{fmt_duration(sum(steps.values()))}**", "100%"] + ([""] if given else []))
-    return "## Timings\n\n" + table(["speedrun step", "time", "share"] + (["budget"] if given else []), body) + note
+    head = ["speedrun step", "time", "share"] + (["budget"] if given else [])
+    body = []
+    for name, sec in steps.items():
+        row = [name, fmt_duration(sec), f"{100 * sec / total:.1f}%"]
+        body.append(row + [fmt_duration(given[name]) if name in given else ""] if given else row)
+    total_row = ["**total**", f"**{fmt_duration(sum(steps.values()))}**", "100%"]
+    body.append(total_row + [""] if given else total_row)
+    return "## Timings\n\n" + table(head, body) + note
 
 
 def appendix(run: RunArtifacts) -> str:
