@@ -30,7 +30,9 @@ class Server:
     """Serves `files` (path -> bytes). `faults` (path -> list of modes) applies one mode per request
     in order, then serves normally: "drop" sends the headers and half the body then closes,
     "corrupt" serves garbage of the same length, "500" answers 500, "full" ignores Range and sends
-    the whole file with 200; "broken" in `always` is forever.
+    the whole file with 200, "416" answers 416 stating no size; "broken" in `always` is forever. A Range
+    from the file's size on is answered as a real server (the hub's CDN) answers it: 416 with Content-Range
+    "bytes */<size>" (RFC 9110). `served` counts the body bytes sent per registered path.
 
     A file under /datasets/<repo>/resolve/<revision>/ is answered as the Hugging Face hub answers for an LFS
     file: a 302 to /cdn/... (which serves the bytes) carrying X-Repo-Commit, X-Linked-Etag (the file's
@@ -43,6 +45,7 @@ class Server:
     def __init__(self):
         self.files, self.faults, self.always = {}, defaultdict(list), {}
         self.requests = defaultdict(list)  # registered path -> [Range header or None]
+        self.served = defaultdict(int)
         self.raw = []
         self.commit, self.commits = "c" * 40, set()
         self.advertise, self.state_commit = {}, None
@@ -86,8 +89,8 @@ class Server:
                     return
                 data = server.files[path]
                 mode = server.always.get(path) or (server.faults[path].pop(0) if server.faults[path] else None)
-                if mode == "500":
-                    self.send_response(500)
+                if mode in ("500", "416"):
+                    self.send_response(int(mode))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -97,6 +100,12 @@ class Server:
                 rng = self.headers.get("Range")
                 if rng and mode is None:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
@@ -107,19 +116,23 @@ class Server:
                 if mode == "slow":  # a quarter quickly, then a trickle
                     q = len(body) // 4
                     self.wfile.write(body[:q])
+                    server.served[path] += q
                     try:
                         for k in range(q, len(body), 16384):
                             time.sleep(0.05)
                             self.wfile.write(body[k : k + 16384])
+                            server.served[path] += len(body[k : k + 16384])
                     except (BrokenPipeError, ConnectionResetError):
                         pass  # the client stopped reading: that is what the test wants
                     return
                 if mode == "drop":
                     self.wfile.write(body[: len(body) // 2])
+                    server.served[path] += len(body) // 2
                     self.wfile.flush()
                     self.close_connection = True
                     return
                 self.wfile.write(body)
+                server.served[path] += len(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -207,6 +220,93 @@ def test_a_failed_rename_of_the_finished_download_names_both_files_and_keeps_the
         f"and checked: rename it to {dest} by hand, or fix the cause (free space, the permissions of {tmp_path}) "
         "and re-run the same command")
     assert part.read_bytes() == data and not dest.exists()
+
+
+HUB_SHARD = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet"
+
+
+@pytest.mark.parametrize("hub", [True, False], ids=["hub", "plain-server"])
+def test_a_complete_part_left_by_a_failed_rename_is_checked_and_renamed_with_no_byte_fetched_again(
+        server, tmp_path, monkeypatch, hub):
+    """The re-run the failed rename's message asks for resumes at the `.part`'s size; the server's 416 states
+    that size (Content-Range "bytes */N"), so the `.part` is whole: it is validated and checked against what the
+    server states (the hub: on its redirect) like a fresh download, then renamed, with no body byte sent again."""
+    import errno
+    import os
+
+    data, _ = parquet_bytes(50, 5)
+    server.files[HUB_SHARD] = data
+    server.hub = hub
+    url, dest, part = server.base + HUB_SHARD, tmp_path / "f.parquet", tmp_path / "f.parquet.part"
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".part"):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(ChibiError, match="is complete and checked"):
+        download_file(url, dest, validate=validate_parquet, **FAST)
+    monkeypatch.setattr(os, "replace", real)  # the cause is fixed: re-run the same command
+    assert part.read_bytes() == data and server.served[HUB_SHARD] == len(data)
+    validated, got, info = [], [], {}
+
+    def validate(path):
+        validated.append((path, path.stat().st_size))
+        validate_parquet(path)
+
+    assert download_file(url, dest, validate=validate, on_bytes=got.append, info=info, **FAST) == dest
+    assert dest.read_bytes() == data and not part.exists()
+    assert server.requests[HUB_SHARD] == [None, f"bytes={len(data)}-"]
+    assert server.served[HUB_SHARD] == len(data) and got == []  # the first run's body only
+    assert validated == [(part, len(data))]
+    assert info == ({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "commit": server.commit} if hub
+                    else {"sha256": None, "size": None, "commit": None})
+
+
+@pytest.mark.parametrize("check", ["sha256", "validate"])
+def test_a_complete_sized_part_with_wrong_bytes_is_refused_and_fetched_again(server, tmp_path, check):
+    """A `.part` the size the 416 states passes no check for that: bytes that are not the sha256 the hub states, or
+    that fail validate, are deleted and the file fetched again from byte 0, as a fresh download's would be."""
+    data, _ = parquet_bytes(50, 5)
+    wrong = bytes((b * 7 + 13) % 256 for b in data)
+    server.files[HUB_SHARD] = data
+    server.hub = check == "sha256"  # a plain server states no sha256: validate is the check
+    dest, part = tmp_path / "f.parquet", tmp_path / "f.parquet.part"
+    part.write_bytes(wrong)
+    logs = []
+    download_file(server.base + HUB_SHARD, dest, validate=None if check == "sha256" else validate_parquet,
+                  **{**FAST, "log": logs.append})
+    assert dest.read_bytes() == data and not part.exists()
+    assert server.requests[HUB_SHARD] == [f"bytes={len(data)}-", None] and server.served[HUB_SHARD] == len(data)
+    if check == "sha256":
+        assert logs == [f"f.parquet: attempt 1/4 failed (the downloaded bytes have sha256 "
+                        f"{hashlib.sha256(wrong).hexdigest()}, not the {hashlib.sha256(data).hexdigest()} the server "
+                        "states for the file (X-Linked-Etag))"]
+    else:
+        assert len(logs) == 1 and logs[0].startswith(f"f.parquet: attempt 1/4 failed (downloaded file is invalid: "
+                                                     f"{part} is not a valid parquet file (")
+
+
+@pytest.mark.parametrize("stated", ["another size", "no size"])
+def test_a_416_that_states_another_size_or_none_starts_the_file_over(server, tmp_path, stated):
+    """A 416 for a resume whose Content-Range states another size than the `.part`'s (here: a longer `.part`), or
+    no size at all (then even a `.part` of the right size cannot be told whole), deletes it and fetches from 0."""
+    data, _ = parquet_bytes(50, 5)
+    server.files["/f.parquet"] = data
+    dest, part = tmp_path / "f.parquet", tmp_path / "f.parquet.part"
+    part.write_bytes(data + b"tail" if stated == "another size" else data)
+    if stated == "no size":
+        server.faults["/f.parquet"] = ["416"]
+    offset = part.stat().st_size
+    logs = []
+    download_file(server.base + "/f.parquet", dest, validate=validate_parquet, **{**FAST, "log": logs.append})
+    assert dest.read_bytes() == data and not part.exists()
+    assert server.requests["/f.parquet"] == [f"bytes={offset}-", None] and server.served["/f.parquet"] == len(data)
+    what = f"{len(data):,} bytes" if stated == "another size" else "no size"
+    assert logs == [f"f.parquet: attempt 1/4 failed (HTTP 416 for a resume at byte {offset:,}: the server states "
+                    f"{what} for the file)"]
 
 
 def test_server_ignoring_range_restarts_the_file(server, tmp_path):

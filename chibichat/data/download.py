@@ -4,8 +4,10 @@ download_file fetches into `<dest>.part`, resumes a partial `.part` with an HTTP
 retries network errors and 5xx/408/429 answers with exponential backoff, checks the length, runs a
 validator on the finished bytes (a corrupt file is deleted and fetched again from scratch), checks
 them against the size and sha256 the Hugging Face hub states for the file (hub_metadata), and only
-then renames `.part` to `dest`, so `dest` is always complete. A per-file lock keeps two processes
-(e.g. torchrun ranks) from writing the same `.part`.
+then renames `.part` to `dest`, so `dest` is always complete. A `.part` that is already whole (a run
+whose rename failed) gets a 416 for its resume stating that size: it is checked the same way and
+renamed, with no byte fetched again. A per-file lock keeps two processes (e.g. torchrun ranks) from
+writing the same `.part`.
 
 download_corpus fetches many shards in parallel as one batch (_Batch): a server that does not answer
 at all ends the whole batch after `retries` such attempts in a row, and every shard must come from
@@ -137,6 +139,16 @@ def _check_source(part: Path, meta: dict) -> None:
                          "for the file (X-Linked-Etag)")
 
 
+# A 416's Content-Range (RFC 9110 section 14.4): the unsatisfied range form, which states the file's full size.
+UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
+
+
+def _stated_length(r) -> int | None:
+    """The full size of the file that a 416 answer states, None where it states none."""
+    m = UNSATISFIED_RANGE.fullmatch(r.headers.get("Content-Range", "").strip())
+    return int(m.group(1)) if m else None
+
+
 class _Stopped(BaseException):
     """Raised inside a running download when the whole batch is being interrupted (not retried)."""
 
@@ -160,7 +172,12 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], None] | None, chunk_size: int,
              batch: _Batch | None = None) -> dict:
     """One request: append to `part` from its current size; raise _Retry on a recoverable failure. Returns
-    what the server states about the file (hub_metadata)."""
+    what the server states about the file (hub_metadata).
+
+    A 416 for the resume whose Content-Range states the size `part` already has: `part` is whole (a run whose
+    rename into place failed) and is left as is, for the caller's checks of a finished download (the hub's
+    size and sha256 are on its redirect, before the 416; a server stating neither: the size in the 416 and
+    validate). A 416 stating another size, or none: `part` is deleted and the file fetched again from byte 0."""
     import requests
 
     offset = part.stat().st_size if part.exists() else 0
@@ -173,16 +190,23 @@ def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], Non
             answered = True
             if batch:
                 batch.answered()
+            whole = False
             if r.status_code == 416 and offset:
-                part.unlink()  # our partial file is longer than the remote one: start over
-                raise _Retry(f"HTTP 416 for a resume at byte {offset}")
-            if r.status_code >= 500 or r.status_code in RETRY_STATUS_4XX:
+                stated = _stated_length(r)
+                if stated != offset:
+                    part.unlink()  # not the remote file's first bytes (longer, or a size we cannot tell): start over
+                    raise _Retry(f"HTTP 416 for a resume at byte {offset:,}: the server states "
+                                 f"{'no size' if stated is None else f'{stated:,} bytes'} for the file")
+                whole = True
+            elif r.status_code >= 500 or r.status_code in RETRY_STATUS_4XX:
                 raise _Retry(f"HTTP {r.status_code}")
-            if r.status_code >= 400:
+            elif r.status_code >= 400:
                 raise ChibiError(f"{url} answered HTTP {r.status_code} {r.reason}; check the URL / --base-url")
             meta = hub_metadata(r)
             if batch:
                 batch.same_commit(meta["commit"], url)
+            if whole:
+                return meta  # nothing left to fetch: download_file checks `part` as any finished download
             if offset and r.status_code == 206:
                 start = r.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
                 if start != str(offset):
@@ -232,7 +256,8 @@ def download_file(
     fetched again from byte 0, and so is one whose size or sha256 is not what the server states for the
     file (hub_metadata). Waits backoff * 2**k seconds before retry k+1. After `retries` failed attempts
     raises ChibiError; a partial `.part` is kept so a later call resumes it, and so is a complete one whose
-    rename to `dest` failed (a ChibiError naming both). `info`, when given, is
+    rename to `dest` failed (a ChibiError naming both): a later call gets a 416 for its resume stating its
+    size, checks it as a fresh download and renames it, fetching no byte again. `info`, when given, is
     filled with what the server stated about the file it sent (hub_metadata; left empty when an existing
     dest was kept). `batch`: the download is one of a batch's (download_corpus).
     """
