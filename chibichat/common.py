@@ -150,14 +150,16 @@ def write_error(path: str | os.PathLike | None, e: OSError) -> ChibiError:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file whole or not at all (temp file + fsync + rename), with the mode a plain open()
-    would give it. An OS error (full disk, read-only, no permission) is a ChibiError naming the path;
-    the previous content of `path`, if any, is left untouched."""
+    """Write a file whole or not at all (temp file `.<name>.<pid>-*.tmp` + fsync + rename), with the mode a
+    plain open() would give it. An OS error (full disk, read-only, no permission) is a ChibiError naming the
+    path; the previous content of `path`, if any, is left untouched. A temp file that a killed write of
+    `path` left is dropped first (drop_leftovers)."""
     path = Path(path)
     tmp = None
     try:
+        drop_leftovers(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
         # mkstemp creates 0600; give the file the mode a plain open() would have (0666 & ~umask).
         os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -316,30 +318,46 @@ def _pid_alive(pid: int) -> bool:
 
 
 def drop_leftovers(final: str | os.PathLike) -> None:
-    """Delete what failed deletes of earlier versions of `final` left beside it: `.old-<name>-<pid>` (remove_dir)
-    and `.old-.aside-<name>-<pid>-<pid>` (remove_dir of an atomic_directory aside). Readers ignore them, but they
-    may hold gigabytes. Only those exact names, and only where each pid in the name is this process or no
-    running process: another process named there may be deleting that folder right now."""
+    """Delete what failed deletes and killed writes of earlier versions of `final` left beside it:
+    `.old-<name>-<pid>` (remove_dir), `.old-.aside-<name>-<pid>-<pid>` (remove_dir of an atomic_directory
+    aside), `.tmp-<name>-<pid>-*` (atomic_directory) and `.<name>.<pid>-*.tmp` (atomic_write_bytes). Readers
+    ignore them, but they may hold gigabytes. Only those exact names, and only where each pid in the name is
+    no running process, or for an `.old-*` this one: another process named there may be deleting that folder
+    or still writing that temp right now, and so may this one its own temp (another thread)."""
     final = Path(final)
     if not final.parent.is_dir():
         return
     name = re.escape(final.name)
-    pattern = re.compile(rf"\.old-(?:{name}-(\d+)|{re.escape(ASIDE_PREFIX)}{name}-(\d+)-(\d+))", re.ASCII)
+    old = re.compile(rf"\.old-(?:{name}-(\d+)|{re.escape(ASIDE_PREFIX)}{name}-(\d+)-(\d+))", re.ASCII)
+    # tempfile's random part is [a-z0-9_]+: with no `-` or `.` in it (nor in the pid), the name these
+    # match is exactly `final`'s, never a longer one that starts with it ("d4-1" for "d4").
+    tmp = re.compile(rf"\.tmp-{name}-(\d+)-[a-z0-9_]+|\.{name}\.(\d+)-[a-z0-9_]+\.tmp", re.ASCII)
     for p in final.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m and all(int(pid) == os.getpid() or not _pid_alive(int(pid)) for pid in m.groups() if pid):
-            shutil.rmtree(p, ignore_errors=True)  # a failure leaves it for the next call
+        if m := old.fullmatch(p.name):
+            drop = all(int(pid) == os.getpid() or not _pid_alive(int(pid)) for pid in m.groups() if pid)
+        elif m := tmp.fullmatch(p.name):
+            pid = int(m.group(1) or m.group(2))
+            drop = not _pid_alive(pid)  # so never this process's own, which may be writing it (a thread)
+        else:
+            continue
+        if drop:  # a failure leaves it for the next call
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to `final` (replacing an old one).
 
-    A crash inside the block leaves only a `.tmp-*` directory that readers ignore, never a
+    A crash inside the block leaves only a `.tmp-<name>-<pid>-*` directory that readers ignore (the next
+    atomic_directory of that name drops it once that pid has ended: drop_leftovers), never a
     half-written `final`; an old `final` stays as it was until the rename. Replacing takes two renames
     (old to `.aside-<name>-<pid>`, new to `final`): a failure of the second puts the old one back, and a
     crash between them leaves the old one aside, which recover_aside (called first here and by readers)
-    renames back. What failed deletes of earlier versions left is dropped first (drop_leftovers). The
+    renames back. What failed deletes and killed writes of earlier versions left is dropped first. The
     directory gets the mode a plain mkdir would (umask honoured). An OS error while creating, filling or
     renaming it (full disk, read-only file system) is a ChibiError naming `final`.
     """
@@ -348,7 +366,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         recover_aside(final)
         drop_leftovers(final)  # first: the disk space they hold may be needed for the new version
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
         # mkdtemp creates 0700; give the directory the mode a plain mkdir would have (0777 & ~umask).
         tmp.chmod(0o777 & ~_current_umask())
     except OSError as e:

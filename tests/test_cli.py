@@ -202,6 +202,50 @@ def test_atomic_directory_drops_what_failed_deletes_of_its_earlier_versions_left
     assert sorted(p.name for p in stage.iterdir()) == sorted(["d4", *kept]) and (tag / "x").read_text() == "v3"
 
 
+def test_the_next_write_of_a_name_drops_the_temps_a_killed_write_of_it_left(tmp_path):
+    """A process killed (SIGKILL) inside atomic_directory and inside atomic_write_bytes leaves
+    `.tmp-<name>-<pid>-*` and `.<name>.<pid>-*.tmp`; the next write of that name drops them once that pid has
+    ended, never those of a running process (nor this one's), of another name that starts with it, nor one
+    without a pid."""
+    import os
+    import textwrap
+
+    stage = tmp_path / "sft"
+    killed = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from chibichat.common import atomic_directory, atomic_write_bytes
+        stage = Path({str(stage)!r})
+        with atomic_directory(stage / "d4") as d:
+            (d / "x").write_text("half")
+            os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+            atomic_write_bytes(stage / "m.json", b"half")
+    """)
+    child = subprocess.Popen([sys.executable, "-c", killed], stderr=subprocess.PIPE, text=True)
+    assert child.wait() == -9, child.stderr.read()
+    child.stderr.close()
+    ended = sorted(p.name for p in stage.iterdir())
+    assert len(ended) == 2 and ended[0].startswith(f".m.json.{child.pid}-") and ended[0].endswith(".tmp")
+    assert ended[1].startswith(f".tmp-d4-{child.pid}-") and (stage / ended[1] / "x").read_text() == "half"
+
+    running = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        live, me, dead = running.pid, os.getpid(), child.pid
+        kept = [f".tmp-d4-{live}-abc_12xy", f".tmp-d4-{me}-abc_12xy", f".tmp-d4-1-{dead}-abc_12xy",
+                f".tmp-d4-x-{dead}-abc_12xy", f".tmp-d4x-{dead}-abc_12xy", ".tmp-d4-abc_12xy", f".tmp-d4-{dead}-a.b",
+                f".m.json.{live}-abc_12xy.tmp", f".m.json.{me}-abc_12xy.tmp", f".m.json.1.{dead}-abc_12xy.tmp",
+                f".m.jsonx.{dead}-abc_12xy.tmp", ".m.json.abc_12xy.tmp"]
+        for name in kept:
+            (stage / name).mkdir() if name.startswith(".tmp-") else (stage / name).write_text("x")
+        with atomic_directory(stage / "d4") as d:
+            (d / "x").write_text("whole")
+        assert sorted(p.name for p in stage.iterdir()) == sorted([ended[0], "d4", *kept])
+        atomic_write_json(stage / "m.json", {"x": 1})
+        assert sorted(p.name for p in stage.iterdir()) == sorted(["d4", "m.json", *kept])
+    finally:
+        running.stdin.close()
+        running.wait()
+
 def test_remove_dir_renames_out_of_sight_first(tmp_path, monkeypatch):
     import os
     import shutil
