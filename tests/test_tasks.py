@@ -176,6 +176,10 @@ def test_extract_final_number():
     ("#### 3 / 4", None), ("#### 7 - 5 apples", None), ("#### 3 〜 5", None), ("#### 20 - done", "20"),
     # other minus signs and full-width digits read as ASCII ones
     ("#### −7", "-7"), ("#### －７", "-7"), ("#### １，２３４", "1234"), ("#### 84，", "84"),
+    # a product or a range across spaces is no whole number; a number with nothing joined after it still is
+    ("#### 3 x 4", None), ("#### 3 — 5", None), ("#### 3 から 5", None), ("#### 12 x", "12"),
+    # the digits of any script read as ASCII ones, with the Arabic separators
+    ("#### ٣", "3"), ("#### ١٬٢٣٤", "1234"), ("#### ‑5", "-5"),
 ])
 def test_extract_final_number_reads_only_a_whole_number(text, want):
     # the number after "####" is the whole token: "#### 3/4" is not an answer of 3
@@ -204,6 +208,26 @@ def test_extract_final_number_reads_only_a_whole_number(text, want):
 ])
 def test_last_number_reads_no_fraction_as_a_whole_number(text, want):
     # without "####", as with "#### 3/4": a fraction gives no answer, not its denominator
+    assert last_number(text) == want
+
+
+@pytest.mark.parametrize("text,want", [
+    # a product written out is no answer, as "3×4" and "3 * 4" are: not its last factor
+    ("3x4", None), ("3 x 4", None), ("3X4", None), ("the answer is 3 x 4 apples", None), ("3·4", None),
+    ("3⋅4", None), ("３＋４", None), ("3 x -4", None),
+    # a range with an em dash, a figure dash, a horizontal bar, a hyphen or から ("from 3 to 5") is no single
+    # answer, as "3–5" and "ages 5-7" are not; nor is a fraction with the fraction or division slash
+    ("3—5", None), ("3 — 5", None), ("3‒5", None), ("3―5", None), ("3‐5", None), ("3‑5", None),
+    ("ages 5-7", None), ("3から5", None), ("3から5です", None), ("10から3を引く", None), ("3⁄4", None), ("3∕4", None),
+    # worked out, or a number with no other one joined to it, it still answers
+    ("3 x 4 = 12", "12"), ("3x4=12", "12"), ("12 x", "12"), ("x4", "4"), ("4 times", "4"), ("x = -5", "-5"),
+    ("#### -5 and -5", "-5"), ("The answer is 12.", "12"), ("1,234", "1234"), ("a 2x4 board, so 8", "8"),
+    ("5から3を引くと2", "2"), ("100から", "100"), ("the answer—5", "5"), ("GPT‑4", "4"), ("is ‑5", "-5"),
+    # the decimal digits of any script read as ASCII ones, never returned as written; the Arabic decimal and
+    # thousands separators as "." and ","
+    ("٣", "3"), ("答えは١٢", "12"), ("३", "3"), ("٣٫٥", "3.5"), ("١٬٢٣٤", "1234"), ("٣x٤", None),
+])
+def test_last_number_reads_no_product_or_range_and_any_script_digits(text, want):
     assert last_number(text) == want
 
 

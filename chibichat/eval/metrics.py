@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 from typing import Sequence
@@ -260,26 +261,35 @@ def write_record(out_dir, summary: dict, drop_keys, drop_stems, written_stems=()
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
 _NUMBER = re.compile("-?" + _UNSIGNED)
 # Number characters a reply may write in another form are read as the ASCII ones (before any pattern here
-# applies): full-width digits, comma and full stop ("１，２３４．５" in Japanese text) and the minus signs
-# U+2212 "−" and U+FF0D "－" ("−7" is -7, and "5−2" joins two numbers as "5-2" does).
-_ASCII_NUMBER_CHARS = str.maketrans("０１２３４５６７８９，．−－", "0123456789,.--")
-# What joins two numbers into a fraction, range, date or expression still to be worked out: "/", "-", the en
-# dash and the wave dashes of ranges ("3–5", "3〜5", "3～5", "3~5"), "+", "*", "×", "÷", "^" ("3+4", "10^5")
-# and 分の ("4分の3" = 3/4).
-_JOIN = r"(?:[/／+*×÷^~〜～–\-]|分の)"
+# applies, by _ascii_number_text): every Unicode decimal digit (category Nd: full-width "７", Arabic-Indic "٣",
+# Devanagari "३" ...), the full-width comma and full stop and the Arabic thousands and decimal separators
+# ("１，２３４．５" in Japanese text, "٣٫٥" = 3.5), the full-width plus, and the minus signs U+2212 "−" and
+# U+FF0D "－" and the hyphens U+2010 "‐" and U+2011 "‑" ("−7" is -7, and "5−2" joins two numbers as "5-2" does).
+_ASCII_NUMBER_CHARS = str.maketrans("，．٬٫＋−－‐‑", ",.,.+----")
+# What joins two numbers into a fraction, range, date or expression still to be worked out: "/", the fraction
+# and division slashes "⁄" and "∕", "-", the en, em and figure dashes, the horizontal bar and the wave dashes of
+# ranges ("3–5", "3—5", "3〜5", "3～5", "3~5"), "+", "*", "x", "X", "×", "·", "⋅", "÷", "^" ("3+4", "3x4",
+# "10^5"), 分の ("4分の3" = 3/4) and から ("3から5", from 3 to 5).
+_JOIN = r"(?:[/／⁄∕+*xX×·⋅÷^~〜～–—‒―\-]|分の|から)"
 # The "####" number must be whole: only closing punctuation may come between it and whitespace or the
 # end ("#### 20.", "#### 20 apples", "#### 1,234!"). "#### 3/4", "#### 1e3", "#### 2-3", "#### 7x", "#### 5万"
 # and "#### 50%" write other values: they give no answer, not the value of their leading digits; nor does a
-# number joined to another across spaces ("#### 3 / 4", "#### 7 - 5").
+# number joined to another across spaces ("#### 3 / 4", "#### 7 - 5", "#### 3 x 4").
 _FINAL_NUMBER = re.compile(_NUMBER.pattern + r"(?![ \t]*" + _JOIN + r"[ \t]*-?\d)"
                            + r"(?=[.,!?;:)\]}\"'*。、！？）」』”’]*(?:\s|\Z))")
 
 
+def _ascii_number_text(text: str) -> str:
+    """text with its number characters in ASCII (_ASCII_NUMBER_CHARS): "٣" and "３" are "3", "١٢" is "12". After
+    it r"\d" (any Nd character) matches only 0-9, so a number is never returned in another script."""
+    return re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group())), text.translate(_ASCII_NUMBER_CHARS))
+
+
 def extract_final_number(text: str) -> str | None:
-    """The number after the last '####' in text (commas removed, full-width digits and other minus signs
-    read as ASCII: _ASCII_NUMBER_CHARS), or None if there is none or what follows it is not a whole number
-    (see _FINAL_NUMBER)."""
-    text = text.translate(_ASCII_NUMBER_CHARS)
+    """The number after the last '####' in text (commas removed; the digits of any script, the full-width and
+    Arabic separators and other minus signs read as ASCII: _ASCII_NUMBER_CHARS), or None if there is none or
+    what follows it is not a whole number (see _FINAL_NUMBER)."""
+    text = _ascii_number_text(text)
     idx = text.rfind("####")
     if idx < 0:
         return None
@@ -296,20 +306,22 @@ _PROSE_NUMBER = re.compile(r"(?:(?<![0-9A-Za-zＡ-Ｚａ-ｚ])-)?" + _UNSIGNED)
 # A number as written in prose, with the exponent of scientific notation ("1e-5", "2.5E3") when it has one.
 _PROSE_TOKEN = _PROSE_NUMBER.pattern + r"(?:[eE][+-]?\d+)?"
 # A number joined to others by _JOIN (spaces allowed): a fraction ("3/4", "3 / 4", "4分の3" = 3/4), a range,
-# a difference, a sum or a date ("2-3", "3〜5", "5 - 2", "3+4", "2024/01/15"), read as one token so that its
-# last part is never taken for the number written.
+# a difference, a sum, a product or a date ("2-3", "3〜5", "3から5", "5 - 2", "3+4", "3x4", "2024/01/15"), read
+# as one token so that its last part is never taken for the number written.
 _NUMBER_OR_JOINED = re.compile(_PROSE_TOKEN + r"(?:[ \t]*" + _JOIN + r"[ \t]*" + _PROSE_TOKEN + r")*")
 
 
 def last_number(text: str) -> str | None:
-    """The last number anywhere in text (commas removed; full-width digits and the minus signs "−" and "－"
-    read as ASCII: _ASCII_NUMBER_CHARS), or None: the fallback of replies without "####". Decimals are numbers
-    ("it is 2.5" -> "2.5"). When the last number is joined to another (_NUMBER_OR_JOINED) or written in
-    scientific notation there is no answer, as with "#### 3/4", "#### 2-3" or "#### 1e3": a fraction ("3/4",
-    "4分の3") or "1e-5" is not a whole number, and "2-3", "3–5", "3〜5", "7 - 5 apples" or "the answer is 5-2"
-    writes a range or a sum still to be worked out, neither its last part nor a negative number. A worked sum
-    still answers: "5-2=3" -> "3"."""
-    found = _NUMBER_OR_JOINED.findall(text.translate(_ASCII_NUMBER_CHARS))
+    """The last number anywhere in text (commas removed; the digits of any script, the full-width and Arabic
+    separators and the minus signs "−" and "－" read as ASCII: _ASCII_NUMBER_CHARS), or None: the fallback of
+    replies without "####". Decimals are numbers ("it is 2.5" -> "2.5"). When the last number is joined to
+    another (_NUMBER_OR_JOINED) or written in scientific notation there is no answer, as with "#### 3/4",
+    "#### 2-3" or "#### 1e3": a fraction ("3/4", "4分の3") or "1e-5" is not a whole number, and "2-3", "ages 5-7",
+    "3–5", "3—5", "3〜5", "3から5", "7 - 5 apples", "3x4", "3 × 4" or "the answer is 5-2" writes a range, a
+    product or a sum still to be worked out, neither its last part nor a negative number. A worked one still
+    answers: "5-2=3" -> "3", "3 x 4 = 12" -> "12"; so does a number with no other number joined to it: "12 x",
+    "x4", "4 times"."""
+    found = _NUMBER_OR_JOINED.findall(_ascii_number_text(text))
     if not found or not _PROSE_NUMBER.fullmatch(found[-1]):
         return None
     return found[-1].replace(",", "")
