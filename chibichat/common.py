@@ -565,6 +565,28 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def cpp_compiler_name() -> tuple[str, str]:
+    """(the C++ compiler torch.compile's CPU backend, inductor, builds its kernels with: $CXX, else the
+    platform's default; that default: g++, clang++ on macOS, cl on Windows)."""
+    default = {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++")
+    return os.environ.get("CXX") or default, default
+
+
+def cpp_compiler() -> str | None:
+    """The path of cpp_compiler_name() on PATH (as inductor looks it up), or None: without one a compiled CPU
+    run fails at its first step, so the stages check first and say so."""
+    return shutil.which(cpp_compiler_name()[0])
+
+
+def check_cpu_compile(device) -> None:
+    """Refuse --compile on a CPU device where no C++ compiler is found (cpp_compiler), naming the fix."""
+    if str(device).startswith("cpu") and cpp_compiler() is None:
+        name, default = cpp_compiler_name()
+        raise ChibiError(f"--compile on the CPU needs a C++ compiler (torch.compile builds its CPU kernels with "
+                         f"$CXX, else {default}), and {name!r} is not on PATH: install one (e.g. `apt install g++`) "
+                         "or set CXX, or drop --compile (the same training, eager)")
+
+
 def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Resolve device/dtype and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
     import torch

@@ -125,3 +125,16 @@ def test_the_checks_are_not_vacuous(monkeypatch):
         test_no_import_cycles()
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("nowhere_module_xyz")
+
+
+def test_every_source_file_compiles_without_warnings():
+    """An invalid escape in a string ("\\d" in a docstring) is a SyntaxWarning today and an error in a later
+    Python; every file of the package and of the tests compiles with warnings as errors."""
+    import warnings
+
+    files = sorted(PKG.rglob("*.py")) + sorted((ROOT / "tests").rglob("*.py"))
+    assert len(files) > 100
+    for path in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")

@@ -315,3 +315,22 @@ def test_device_batch_auto_picks_rows_and_a_resume_keeps_them(tok_home, capsys):
     assert read_meta(step_dir(tdir, list_steps(tdir)[-1]))["plan"]["device_batch"] == 8
     assert main(args + ["--num-steps", "2", "--resume"]) == 0
     assert "--device-batch auto: 8 rows per device (kept from the checkpoint being resumed)" in capsys.readouterr().out
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tok_home, monkeypatch, capsys):
+    """torch.compile builds CPU kernels with a C++ compiler; without one the run would die in its first step
+    with inductor's traceback. pretrain --compile refuses up front, naming the compiler looked for and the fixes."""
+    from chibichat import common
+
+    monkeypatch.setenv("CXX", "no-such-cxx-29")
+    assert common.cpp_compiler() is None
+    assert main(["pretrain", "--home", str(tok_home), "--tag", "nocxx", "--num-steps", "2", "--compile", *TINY]) == 2
+    err = capsys.readouterr().err
+    default = common.cpp_compiler_name()[1]  # g++ (clang++ on macOS)
+    assert ("--compile on the CPU needs a C++ compiler (torch.compile builds its CPU kernels with $CXX, else "
+            f"{default}), and 'no-such-cxx-29' is not on PATH: install one (e.g. `apt install g++`) or set CXX, "
+            "or drop --compile (the same training, eager)") in err
+    assert not (tok_home / "checkpoints" / "base" / "nocxx").exists()
+    monkeypatch.setenv("CXX", sys.executable)  # any executable on the path counts as found
+    assert common.cpp_compiler() == sys.executable
+    common.check_cpu_compile("cuda")  # a GPU compiles with triton: not this check's business

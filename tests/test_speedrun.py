@@ -467,7 +467,7 @@ def test_a_speedrun_carries_unused_minutes_forward_and_resumes_with_the_minutes_
 def test_a_finished_step_run_with_other_flags_is_refused_not_skipped(tmp_path, monkeypatch, capsys):
     """Each finished step's flags are recorded with its marker: a later speedrun that gives it other flags
     (--dtype) is refused, naming the steps, the changed flags and the --force that redoes them; flags that give
-    the same result (--device auto against the device it resolves to, --recompute) are not differences."""
+    the same result (--device auto against the device it resolves to, --recompute, --compile) are not differences."""
     from chibichat.cli import main
 
     home = tmp_path / "h"
@@ -496,7 +496,9 @@ def test_a_finished_step_run_with_other_flags_is_refused_not_skipped(tmp_path, m
     assert "eval-base" not in err and err.rstrip().endswith("--force pretrain to redo them (with every step that "
                                                             "reads their output)")
     # the same run again: every step done, its flags checked
-    assert main(base + ["--dtype", "float32", "--device", "cpu", "--recompute", "block", "--dry-run"]) == 0
+    monkeypatch.setenv("CXX", sys.executable)  # a C++ compiler found, so --compile is planned
+    assert main(base + ["--dtype", "float32", "--device", "cpu", "--recompute", "block", "--compile",
+                        "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("done already") == 13 and "not checked" not in out
     # a marker rewritten since (a stage run by hand) is reused with a note, its flags unknown
@@ -627,3 +629,42 @@ def test_the_quickstart_ends_by_naming_the_longer_preset_with_the_same_language_
     assert (args.preset, args.lang, args.layers, args.home) == ("cpu-hour", "ja", "iberis", "/h")
     home = Home(tmp_path)
     assert plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")[0].argv == plan(home, PRESETS["cpu"], "ja", "iberis", "cpu")[0].argv
+
+
+def test_cpu_hour_compiles_its_pretraining_where_a_cpp_compiler_is_found(tmp_path, monkeypatch, capsys):
+    """cpu-hour's pretraining is compiled unless --no-compile (its 28 minutes repay the compile); the quickstart's
+    is not. Without a C++ compiler the preset's choice falls back to eager with a note, and an asked-for
+    --compile is refused before any step runs."""
+    from chibichat.cli import main
+    from chibichat.common import cpp_compiler_name
+    from chibichat.stages.speedrun import pretrain_compile_flags
+
+    def pretrain_argv(out):
+        return next(line for line in out.splitlines() if line.strip().startswith("$ chibichat pretrain "))
+
+    home = str(tmp_path / "h")
+    monkeypatch.setenv("CXX", sys.executable)
+    assert [pretrain_compile_flags(c, PRESETS[p], "cpu") for p in ("cpu-hour", "cpu") for c in (None, True, False)] \
+        == [["--compile"], ["--compile"], [], [], ["--compile"], []]
+    assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "--compile" in pretrain_argv(out).split() and out.count("--compile") == 1 and "note:" not in err
+    assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--no-compile", "--dry-run"]) == 0
+    assert "--compile" not in capsys.readouterr().out
+    assert main(["speedrun", "--preset", "cpu", "--home", home, "--dry-run"]) == 0
+    assert "--compile" not in capsys.readouterr().out
+
+    monkeypatch.setenv("CXX", "no-such-cxx-29")
+    assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "--compile" not in out
+    default = cpp_compiler_name()[1]  # g++ (clang++ on macOS)
+    assert ("note: preset cpu-hour compiles pretraining (torch.compile, ~1.3x faster steps), but 'no-such-cxx-29', "
+            f"the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on PATH: pretraining would "
+            f"run eager. Install {default} (or set CXX) for the compiled steps, or pass --no-compile to plan eager "
+            "pretraining without this note") in err
+    assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--no-compile", "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "cpu", "--home", home, "--compile", "--dry-run"]) == 2
+    assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
+    assert pretrain_compile_flags(None, PRESETS["cpu-hour"], "cuda") == ["--compile"]  # triton, not this check

@@ -281,7 +281,7 @@ _FINAL_NUMBER = re.compile(_NUMBER.pattern + r"(?![ \t]*" + _JOIN + r"[ \t]*-?\d
 
 def _ascii_number_text(text: str) -> str:
     """text with its number characters in ASCII (_ASCII_NUMBER_CHARS): "٣" and "３" are "3", "١٢" is "12". After
-    it r"\d" (any Nd character) matches only 0-9, so a number is never returned in another script."""
+    it the pattern \\d (any Nd character) matches only 0-9, so a number is never returned in another script."""
     return re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group())), text.translate(_ASCII_NUMBER_CHARS))
 
 

@@ -145,8 +145,8 @@ def run(args) -> int:
 
     import torch
 
-    from chibichat.common import (Home, atomic_write_json, check_home, checkpoint_bytes, init_runtime, print0,
-                                  shutdown_runtime)
+    from chibichat.common import (Home, atomic_write_json, check_cpu_compile, check_home, checkpoint_bytes,
+                                  init_runtime, print0, shutdown_runtime)
     from chibichat.data.corpora import get_corpus
     from chibichat.data.loader import PretrainLoader
     from chibichat.eval.base import eval_steps, evaluate_base, samples, val_batches
@@ -183,6 +183,8 @@ def run(args) -> int:
                         windows=window_schedule(args.window, layers, plan.seq_len))
         if args.fp8:
             check_fp8_runtime(rt.device, rt.compute_dtype)
+        if args.compile:
+            check_cpu_compile(rt.device)
         torch.manual_seed(args.seed)
         # built on CPU so the init is the same on every device, then moved
         model = GPT(cfg, RunConfig(compute_dtype=rt.compute_dtype, recompute=args.recompute, fp8=args.fp8))

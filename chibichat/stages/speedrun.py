@@ -26,6 +26,7 @@ by a speedrun before the record existed) is reused with a note that its flags we
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shlex
@@ -77,6 +78,9 @@ class Preset:
     # Prefix of the checkpoint tag (d<depth>[-layers]), so two CPU presets of the same depth never share
     # checkpoints in one home (the tokenizer, sized the same, is shared).
     tag_prefix: str = ""
+    # torch.compile the pretraining forward unless the speedrun says --no-compile (pretrain_compile_flags):
+    # where the run is long enough for faster steps to repay the compile (~40 s on 2 CPU cores).
+    compile_pretrain: bool = False
 
 
 @dataclass(frozen=True)
@@ -375,8 +379,11 @@ PRESETS: dict[str, Preset] = {
         # So: d5 (width 320, ~1.35x d4's time per step on 2 cores) for 3.4x the quickstart's tokens, then both
         # soups: 0.81 after SFT. (d5 at the quickstart's own steps scored level with d4, 0.649 against 0.652 over
         # four seeds: the wider model pays with the longer run, not alone; docs/benchmarks.md, session 25.)
+        # Compiled (compile_pretrain): d5's steps run 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile, so
+        # the cap is 3,200 steps, which only a fast machine reaches in the stage's ~28 minutes (docs/benchmarks.md,
+        # session 29). The quickstart stays eager: its 4.4 minutes barely repay the compile.
         pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "2400", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
+                  "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
                   "--repeat-rows", "4"],
         eval_base=["--eval-tokens", "65536", "--core-items", "100"],
         midtrain=["--num-steps", "400", "--eval-every", "200", "--soup", "4"],
@@ -390,13 +397,14 @@ PRESETS: dict[str, Preset] = {
         # one-step problems (docs/benchmarks.md, "RL steps scaled by their signal").
         rl=["--num-steps", "15"],
         eval_chat=["--max-items", "100", "--max-new-tokens", "96"],  # reply budgets as in `cpu`
-        # On the 2-core EPYC (docs/benchmarks.md, "cpu-hour with d5 and both soups"): pretraining fitted 2,297 of
-        # its 2,400 steps (0.6 s/step), midtraining 362-394 of 400 at a 17% share (hence 19% now: ~0.35 s/step x
+        # On the 2-core EPYC (docs/benchmarks.md, "cpu-hour with d5 and both soups"): eager pretraining fitted 2,297
+        # of its then 2,400 steps (0.6 s/step), midtraining 362-394 of 400 at a 17% share (hence 19% now: ~0.35 s/step x
         # 4 x 400), SFT reached its 4 x 600 steps in 13.7 of its 16.2 minutes, RL 40 steps in 0.7 (15 steps in
         # ~0.3 of its 1.1 now; the two points it gave up went to pretraining, which fell short of its cap).
         max_minutes=55,  # (54 for the loops before their start-ups counted)
         minute_shares={"pretrain": 0.51, "midtrain": 0.19, "sft": 0.28, "rl": 0.02},
         tag_prefix="hour-",
+        compile_pretrain=True,
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
@@ -450,7 +458,9 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped, run nothing")
     p.add_argument("--device", default="auto", help="passed to every stage")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the pretraining forward (pretrain --compile)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the pretraining forward (pretrain --compile; default: the preset's choice, "
+                        "on for cpu-hour where a C++ compiler is found)")
     p.add_argument("--scale", default="full", choices=SCALES,
                    help="full: the preset as named; toy: a GPU preset's exact plan (stages, tasks, mixtures, flags) "
                         "with only its sizes shrunk to seconds on a CPU (the size flags in TOY_SIZES), for tests")
@@ -480,6 +490,27 @@ def runs_code(step: Step) -> bool:
         return False
     names = step.argv[step.argv.index("--tasks") + 1].split(",") if "--tasks" in step.argv else CHATCORE_TASKS
     return any(get_task(n).runs_code for n in names)
+
+
+def pretrain_compile_flags(choice: bool | None, preset: Preset, device: str, dry_run: bool = False) -> list[str]:
+    """["--compile"] when pretraining is compiled: as `choice` (speedrun --compile / --no-compile) says, else as
+    the preset does (Preset.compile_pretrain). A preset's compile on a CPU with no C++ compiler (cpp_compiler)
+    falls back to eager with a note saying so and how to fix it; an asked-for --compile there is refused."""
+    from chibichat.common import check_cpu_compile, cpp_compiler, cpp_compiler_name, eprint
+
+    if choice is False or (choice is None and not preset.compile_pretrain):
+        return []
+    if device.startswith("cpu"):
+        if choice:
+            check_cpu_compile(device)
+        elif cpp_compiler() is None:
+            name, default = cpp_compiler_name()
+            eprint(f"note: preset {preset.name} compiles pretraining (torch.compile, ~1.3x faster steps), but "
+                   f"{name!r}, the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on "
+                   "PATH: pretraining " + ("would run" if dry_run else "runs") + f" eager. Install {default} (or set "
+                   "CXX) for the compiled steps, or pass --no-compile to plan eager pretraining without this note")
+            return []
+    return ["--compile"]
 
 
 def training_flags(args) -> list[str]:
@@ -895,8 +926,8 @@ def check_done_tokenizer(home: Home, step: Step) -> None:
 # Flags left out when a finished step's flags are compared with the plan's, with how many values each takes:
 # where the files are (--home: a moved home is the same run), how the step was started (--resume), and the
 # memory settings that give the same numbers (--recompute recomputes the same activations, --trim-heap only
-# returns freed memory; add_memory_args).
-UNCOMPARED_FLAGS = {"--home": 1, "--resume": 0, "--recompute": 1, "--trim-heap": 0}
+# returns freed memory; add_memory_args), and --compile (the same forward, compiled: tests/test_compile_train.py).
+UNCOMPARED_FLAGS = {"--home": 1, "--resume": 0, "--recompute": 1, "--trim-heap": 0, "--compile": 0}
 
 
 def step_flags(argv: list[str], device: str) -> list[str]:
@@ -1103,7 +1134,7 @@ def run(args) -> int:
         gpu_world(nproc, "the visible GPUs, CUDA_VISIBLE_DEVICES" if args.nproc_per_node is None else
                   f"--nproc-per-node {nproc}")
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
-                 ["--compile"] if args.compile else [], world_size=nproc, scale=args.scale, minutes=args.minutes,
+                 pretrain_compile_flags(args.compile, preset, device, args.dry_run), world_size=nproc, scale=args.scale, minutes=args.minutes,
                  budget=not args.no_budget)
     names = {s.name for s in steps}
     for f in args.force:
