@@ -365,7 +365,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
-        description="the longer offline run: embedded data, d5 for 3x the quickstart's tokens, ~60 minutes on 2 CPU cores",
+        description="the longer offline run: embedded data, d5 for 3-4x the quickstart's tokens, ~60 minutes on 2 CPU cores",
         expected_minutes=60,
         depth=5,
         tokenizer=["--vocab-size", "4096", "--max-chars", "2000000"],  # the cpu preset's: one home shares it
