@@ -1134,8 +1134,8 @@ def run(args) -> int:
         gpu_world(nproc, "the visible GPUs, CUDA_VISIBLE_DEVICES" if args.nproc_per_node is None else
                   f"--nproc-per-node {nproc}")
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
-                 pretrain_compile_flags(args.compile, preset, device, args.dry_run), world_size=nproc, scale=args.scale, minutes=args.minutes,
-                 budget=not args.no_budget)
+                 pretrain_compile_flags(args.compile, preset, device, args.dry_run), world_size=nproc,
+                 scale=args.scale, minutes=args.minutes, budget=not args.no_budget)
     names = {s.name for s in steps}
     for f in args.force:
         if f not in names:
