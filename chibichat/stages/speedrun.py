@@ -406,9 +406,11 @@ PRESETS: dict[str, Preset] = {
         tag_prefix="hour-",
         compile_pretrain=True,
     ),
-    # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need.
+    # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need. Their
+    # pretraining is compiled, as nanochat's is: hours of steps repay a compile of about a minute.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
-                    pretrain=[], eval_base=[], midtrain=[], sft=[], rl=[], eval_chat=[], gpu=True, online=True)
+                    pretrain=[], eval_base=[], midtrain=[], sft=[], rl=[], eval_chat=[], gpu=True, online=True,
+                    compile_pretrain=True)
        for name, r in GPU_RECIPES.items()},
 }
 
@@ -460,7 +462,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the pretraining forward (pretrain --compile; default: the preset's choice, "
-                        "on for cpu-hour where a C++ compiler is found)")
+                        "on for cpu-hour where a C++ compiler is found, and for the GPU presets)")
     p.add_argument("--scale", default="full", choices=SCALES,
                    help="full: the preset as named; toy: a GPU preset's exact plan (stages, tasks, mixtures, flags) "
                         "with only its sizes shrunk to seconds on a CPU (the size flags in TOY_SIZES), for tests")
