@@ -68,6 +68,11 @@ def _eval(node):
         if isinstance(v, str):
             if len(v) > MAX_STR_CHARS:
                 raise ToolError(f"string literal longer than {MAX_STR_CHARS} characters")
+            # an escape such as "\ud800" makes a lone surrogate, which is no character: a result holding one
+            # could not be tokenized, and that would end the whole generation instead of this call
+            bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:
+                raise ToolError(f"string literal has a lone surrogate U+{ord(bad):04X}, which is no character")
             return v
         return _check_number(v)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:

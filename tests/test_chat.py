@@ -160,3 +160,32 @@ def test_system_prompt_that_leaves_no_room_is_refused_at_start(monkeypatch, caps
     rc, out, _ = fake_cli(monkeypatch, capsys, engine, ["--max-tokens", "8", "--system", "x" * 40], "hi\n")
     assert rc == 0 and out == "partdone\n" and engine.prompts[0].count("x") == 40
 
+
+
+def test_max_tokens_that_leaves_no_room_for_a_message_is_refused_at_start(monkeypatch, capsys):
+    # <|bos|> <|user_start|> <|user_end|> <|assistant_start|>: 4 of the 64 tokens before any message
+    for max_tokens, limit in ((63, 1), (60, 4)):  # each message failed: "max_len must be ...", "shorten the message"
+        rc, _, err = fake_cli(monkeypatch, capsys, FakeEngine(), ["--max-tokens", str(max_tokens), "-p", "h"], None)
+        assert rc == 2 and (f"--max-tokens {max_tokens} leaves the conversation {limit} of the 64-token context, but "
+                            "the chat template alone takes 4; lower --max-tokens to at most 59") in err
+    rc, out, _ = fake_cli(monkeypatch, capsys, FakeEngine(), ["--max-tokens", "59", "-p", "h"], None)
+    assert rc == 0 and out == "partdone\n"
+
+
+def test_undecodable_input_bytes_are_refused_not_a_crash(monkeypatch, capsys):
+    """A byte the input's encoding cannot decode (a terminal in another encoding) crashed the REPL's readline with
+    UnicodeDecodeError; now that message is refused and the session goes on."""
+    msg = ("the message has a byte (0xFF at character 2) that is not text in the terminal's encoding; set the "
+           "terminal and the locale to the same encoding (e.g. UTF-8)")
+    engine = FakeEngine()
+    stdin = io.TextIOWrapper(io.BytesIO(b"ab\xff\nhi\n"), encoding="utf-8")  # errors="strict", like a UTF-8 locale
+    import chibichat.stages.chat as chat
+
+    monkeypatch.setattr(chat, "load_engine", lambda a: (engine, {"checkpoint_dir": "fake"}))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc = main(BASE + ["--max-tokens", "8"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and f"[error: {msg}]" in err and out == "partdone\n"
+    assert engine.prompts == ["<|bos|><|user_start|>hi<|user_end|><|assistant_start|>"]
+    rc, _, err = fake_cli(monkeypatch, capsys, FakeEngine(), ["-p", "ab\udcff"], None)  # argv: decoded the same way
+    assert rc == 2 and msg in err

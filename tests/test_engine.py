@@ -357,6 +357,16 @@ def test_failed_tool_call_injects_its_error(tok, rt):
     assert "".join(engine.stream([tok.bos_id, 65], max_tokens=n, temperature=0)) == "<<__import__('os')>>"
 
 
+def test_tool_call_making_a_lone_surrogate_gets_an_error_result(tok, rt):
+    """A call whose string result could not be tokenized ended the whole generation with a ChibiError."""
+    ps, pe, ae = (tok.special_id(n) for n in ("<|python_start|>", "<|python_end|>", "<|assistant_end|>"))
+    error = "Error: string literal has a lone surrogate U+D800, which is no character"
+    call = '"\\ud800".strip()'
+    script = [ps, *tok.encode(call), pe] + [88] * (len(tok.encode(error)) + 2) + [ae]
+    engine = Engine(Scripted(random_model(tok, "A", seq_len=256), {}, default=88, script=script), tok, rt)
+    assert "".join(engine.stream([tok.bos_id, 65], max_tokens=200, temperature=0)) == f"<<{call}={error}>>"
+
+
 def test_model_never_writes_tool_output_itself(tok, rt):
     """A model that wants to write <|output_start|> (after a failed call, or anywhere) cannot: only
     the tool's forced result opens an output. Its next choice is sampled instead."""

@@ -112,3 +112,12 @@ def test_huge_power_refused_quickly():
     with pytest.raises(ToolError):
         calculate("9 ** 9 ** 9")
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_calculate_refuses_lone_surrogates():
+    # "\ud800".strip() returned a lone surrogate, which the engine could not tokenize: the whole generation
+    # (a chat reply, an RL rollout batch) ended with a ChibiError instead of the call getting an error result
+    with pytest.raises(ToolError, match=r"^string literal has a lone surrogate U\+D800, which is no character$"):
+        calculate('"\\ud800".strip()')
+    want = "Error: string literal has a lone surrogate U+DCFF, which is no character"
+    assert run_tool("calculator", '"-".join("a\\udcff")') == want

@@ -90,6 +90,12 @@ class ChatSession:
         """Stream the reply to `text` into `out`; returns the reply text. Drops old turns if needed."""
         from chibichat.render import render_prompt
 
+        bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:  # Python's stand-in for an input byte it could not decode (run() reads stdin so)
+            raise ChibiError(
+                f"the message has a byte (0x{ord(text[bad]) - 0xDC00:02X} at character {bad}) that is not text in "
+                "the terminal's encoding; set the terminal and the locale to the same encoding (e.g. UTF-8)"
+            )
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": text})
         tok = self.engine.tokenizer
@@ -162,8 +168,7 @@ def make_session(args, engine) -> ChatSession:
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ChibiError(f"--seed must be in [-2**63, 2**64 - 1] (the seeds torch takes), got {seed}")
     max_tokens = reply_budget(engine.seq_len, args.max_tokens)
-    if args.system:
-        _check_system(engine, args.system, max_tokens)
+    _check_room(engine, args.system, max_tokens)
     return ChatSession(
         engine=engine,
         max_tokens=max_tokens,
@@ -176,18 +181,27 @@ def make_session(args, engine) -> ChatSession:
     )
 
 
-def _check_system(engine, system: str, max_tokens: int) -> None:
-    """Refuse a --system prompt that leaves no room for a message (else every message would fail)."""
+def _check_room(engine, system: str | None, max_tokens: int) -> None:
+    """Refuse settings that leave no room for a message (else every message would fail, with an error that
+    could only say "shorten the message"): the chat template (and --system) must leave a token of the
+    prompt's share of the context."""
     from chibichat.render import render_prompt
 
     limit = engine.seq_len - max_tokens
-    conv = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": ""}]}
+    messages = [{"role": "system", "content": system}] if system else []
+    conv = {"messages": messages + [{"role": "user", "content": ""}]}
     need = len(render_prompt(engine.tokenizer, conv, max_len=sys.maxsize).ids)  # with the chat template
-    if need >= limit:
+    if need < limit:
+        return
+    if system:
         raise ChibiError(
             f"--system takes {need} tokens of the {limit} left after --max-tokens {max_tokens} (context "
             f"{engine.seq_len}), leaving none for a message; shorten it or lower --max-tokens"
         )
+    raise ChibiError(
+        f"--max-tokens {max_tokens} leaves the conversation {limit} of the {engine.seq_len}-token context, but "
+        f"the chat template alone takes {need}; lower --max-tokens to at most {engine.seq_len - need - 1}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         session.reply(args.prompt, out, err)
         return 0
     interactive = inp.isatty()
+    if hasattr(inp, "reconfigure"):  # an undecodable byte (a terminal in another encoding) is refused, not a crash
+        inp.reconfigure(errors="surrogateescape")
     err.write(f"chibichat chat: {args.source} checkpoint {meta['checkpoint_dir']} (context {engine.seq_len} tokens). "
               "/help for commands, /quit or Ctrl-D to leave.\n")  # fmt: skip
     while True:
