@@ -189,3 +189,31 @@ def test_undecodable_input_bytes_are_refused_not_a_crash(monkeypatch, capsys):
     assert engine.prompts == ["<|bos|><|user_start|>hi<|user_end|><|assistant_start|>"]
     rc, _, err = fake_cli(monkeypatch, capsys, FakeEngine(), ["-p", "ab\udcff"], None)  # argv: decoded the same way
     assert rc == 2 and msg in err
+
+
+def test_bad_flags_and_a_closed_stdin_are_refused_before_the_model_loads(monkeypatch, capsys):
+    import chibichat.stages.chat as chat
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(chat, "load_engine", no_load)
+    for flags, msg in ((["--top-k", "-1"], "--top-k must be >= 0 (0 = off), got -1"),
+                       (["--temperature", "101"], "--temperature must be in [0, 100], got 101.0"),
+                       (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0")):
+        rc, _, err = cli(BASE + flags + ["-p", "hi"], capsys)
+        assert rc == 2 and msg in err, err
+    rc, _, err = cli(BASE + ["-p", " "], capsys)
+    assert rc == 2 and "-p needs a non-empty message" in err
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed: isatty() on None crashed
+    assert main(BASE) == 2
+    assert ("chat has no standard input to read messages from; pass a message with -p or run it with stdin open"
+            in capsys.readouterr().err)
+
+
+def test_windows_line_ends_are_not_part_of_the_message(monkeypatch, capsys):
+    engine = FakeEngine()
+    rc, out, _ = fake_cli(monkeypatch, capsys, engine, ["--max-tokens", "8"], "hello\r\nthere\r\n")
+    assert rc == 0 and out == "partdone\npartdone\n"
+    assert engine.prompts[0] == "<|bos|><|user_start|>hello<|user_end|><|assistant_start|>"
+    assert "\r" not in engine.prompts[1]

@@ -157,7 +157,8 @@ class ChatSession:
         return True
 
 
-def make_session(args, engine) -> ChatSession:
+def check_flags(args) -> None:
+    """The sampling flags' ranges, checked before the model loads (a typo costs no load time)."""
     if args.top_k < 0:
         raise ChibiError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if not 0 <= args.temperature <= 100:
@@ -167,6 +168,11 @@ def make_session(args, engine) -> ChatSession:
     seed = getattr(args, "seed", None)
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ChibiError(f"--seed must be in [-2**63, 2**64 - 1] (the seeds torch takes), got {seed}")
+
+
+def make_session(args, engine) -> ChatSession:
+    check_flags(args)
+    seed = getattr(args, "seed", None)
     max_tokens = reply_budget(engine.seq_len, args.max_tokens)
     _check_room(engine, args.system, max_tokens)
     return ChatSession(
@@ -207,12 +213,16 @@ def _check_room(engine, system: str | None, max_tokens: int) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.tools == "python":
         check_sandbox(args.allow_weak_sandbox, "chat --tools python")
+    check_flags(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ChibiError("-p needs a non-empty message")
+    out, err, inp = sys.stdout, sys.stderr, sys.stdin
+    if args.prompt is None and inp is None:  # started with stdin closed (e.g. `0<&-`)
+        raise ChibiError("chat has no standard input to read messages from; pass a message with -p or run it "
+                         "with stdin open")
     engine, meta = load_engine(args)
     session = make_session(args, engine)
-    out, err, inp = sys.stdout, sys.stderr, sys.stdin
     if args.prompt is not None:
-        if not args.prompt.strip():
-            raise ChibiError("-p needs a non-empty message")
         session.reply(args.prompt, out, err)
         return 0
     interactive = inp.isatty()
@@ -225,9 +235,11 @@ def run(args: argparse.Namespace) -> int:
             out.write("you> ")
             out.flush()
         line = inp.readline()
-        if not line:  # EOF
+        if not line:  # EOF (Ctrl-D): end the "you> " line, so the shell's prompt starts on its own
+            if interactive:
+                out.write("\n")
             break
-        line = line.rstrip("\n")
+        line = line.rstrip("\r\n")  # a piped file with Windows line ends: "\r" is no part of the message
         if not line.strip():
             continue
         if line.startswith("/"):
