@@ -79,7 +79,9 @@ def test_repl_commands_and_history_trimming(chat_home, capsys, monkeypatch):
 def test_repl_reports_too_long_message_and_continues(chat_home, capsys, monkeypatch):
     rc, out, err = cli(BASE + ["--home", str(chat_home.root), "--max-tokens", "8", "--temperature", "0"], capsys,
                        "x" * 200 + "\nhi\n", monkeypatch)  # fmt: skip
-    assert rc == 0 and "too long for the model's context" in err
+    assert rc == 0 and ("the message is too long for the model's context: it needs 204 tokens but only 56 are "
+                        "available; shorten the message, or lower --max-tokens (8 of the 64-token context are kept "
+                        "for the reply)") in err
     assert out.strip()  # "hi" still got a reply
 
 

@@ -100,7 +100,11 @@ class ChatSession:
         messages.append({"role": "user", "content": text})
         tok = self.engine.tokenizer
         limit = self.engine.seq_len - self.max_tokens
-        prompt = render_prompt(tok, {"messages": messages}, max_len=limit)  # ChibiError if `text` alone is too long
+        try:
+            prompt = render_prompt(tok, {"messages": messages}, max_len=limit)  # ChibiError if `text` alone is too long
+        except ChibiError as e:  # the reply's share of the context is the user's setting: say so
+            raise ChibiError(f"{e}, or lower --max-tokens ({self.max_tokens} of the {self.engine.seq_len}-token "
+                             "context are kept for the reply)") from None
         if prompt.dropped_turns:
             self.history = self.history[prompt.dropped_turns :]
             err.write(
