@@ -187,6 +187,9 @@ def test_ultrafeedback_pairs_through_the_hub_loader(tmp_path, monkeypatch):
       "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "b"}]},
      r"p.jsonl line 1: 'messages' is neither the chats' shared prompt nor the chosen chat; leave it out"),
+    ({"prompt": "Hi", "chosen": "a", "rejected": "b", "sytem": "Be kind."},  # a typo is refused, not ignored
+     r"p.jsonl line 1: unknown key\(s\) \['sytem'\] in a preference row, which takes prompt, messages, chosen, "
+     r"rejected, system \(1 problem"),
 ])
 def test_bad_pair_rows_are_refused_with_file_and_line(tmp_path, row, match):
     p = tmp_path / "p.jsonl"

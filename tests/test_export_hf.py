@@ -438,6 +438,14 @@ def test_export_refusals(tmp_path, tok, capsys):
     assert export(home2, tmp_path / "taken") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert export(home2, tmp_path / "taken", "--overwrite") == 0
+    # replacing --out whole must never take the home (its tokenizer and checkpoints) with it
+    assert export(home2, home2.root, "--overwrite") == 2
+    assert (f"--out {home2.root} is the artifact home {home2.root.resolve()}; the export folder replaces --out whole, "
+            "so it must not overlap the home's tokenizer and checkpoints: choose a folder outside the home"
+            in capsys.readouterr().err)
+    assert (home2.tokenizer_dir / "tokenizer.json").is_file() and (home2.root / "checkpoints").is_dir()
+    assert export(home2, home2.root / "hf") == 2
+    assert f"--out {home2.root / 'hf'} is inside the artifact home" in capsys.readouterr().err
     assert main(["export"]) == 2
 
 
@@ -478,6 +486,13 @@ def test_import_refusals(tmp_path, tok, capsys):
         import_hf(str(folder), fresh, "sft", None)
     with pytest.raises(ChibiError, match="neither a local folder nor a hub repo id"):
         import_hf("no such folder!", fresh, "sft", None)
+    # a relative path that does not exist is named as such, never sent to the hub as a repo id
+    from pathlib import Path
+
+    with pytest.raises(ChibiError) as e:
+        import_hf("./no-such-hf", fresh, "sft", None)
+    assert str(e.value) == ("'./no-such-hf' is neither a local folder nor a hub repo id (owner/name): no folder "
+                            f"{Path('no-such-hf').absolute()} exists; check the path")
 
 
 # ----------------------------------------------------------------------------------------------

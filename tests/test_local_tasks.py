@@ -171,6 +171,39 @@ def test_data_check_lists_every_error_with_its_line(tmp_path, capsys):
     assert report["rows"] == 7 and report["valid"] == 2 and report["duplicates"] == [(7, 1)]
 
 
+def test_a_bom_nulls_a_repeated_key_a_json_array_and_a_folder(tmp_path):
+    """Windows files (BOM, CRLF, no final newline) and nulls load; a key given twice, a .json array saved as
+    .jsonl and a folder are refused with the fix, never read as something else."""
+    from chibichat.tasks.local import load_items
+
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    p = tmp_path / "win.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\r\n" + json.dumps(row).encode())
+    assert load_items(p)[1] == [row, row]
+    p.write_bytes(b'{"messages": [{"role": "user", "content": "hi", "content": "bye"}, '
+                  b'{"role": "assistant", "content": "yo"}]}\n')
+    with pytest.raises(ChibiError) as e:
+        load_items(p)
+    assert str(e.value) == (f"{p} line 1: bad JSON (key 'content' appears twice in one object; keep one) (1 problem(s); "
+                            f"`chibichat data check {p}` lists them all)")
+    p = tmp_path / "array.jsonl"
+    text = json.dumps([row, row], indent=2)
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ChibiError) as e:
+        load_items(p)
+    assert str(e.value) == (f"{p} line 1: the file is one JSON array (of 2 items, on {text.count(chr(10)) + 1} lines), "
+                            "not JSON Lines; write each item as a JSON object on a line of its own (e.g. `jq -c '.[]' "
+                            f"array.jsonl > array-lines.jsonl`) (1 problem(s); `chibichat data check {p}` lists them all)")
+    # a null is an absent key in JSON Lines as in parquet (pandas writes one for every missing field)
+    p = write_jsonl(tmp_path / "nulls.jsonl", [{"instruction": "hi", "input": None, "output": "yo", "system": None}])
+    assert load_items(p)[1] == [row]
+    folder = tmp_path / "data.jsonl"
+    folder.mkdir()
+    with pytest.raises(ChibiError) as e:
+        load_items(folder)
+    assert str(e.value) == f"{folder} is a directory, not a file; give the path of a .jsonl file"
+
+
 def test_data_check_cli_reports_fit_and_plan(tmp_path, capsys):
     from test_stages_chat import make_base
 

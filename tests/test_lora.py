@@ -56,6 +56,17 @@ def test_targets_select_weights_and_refuse_what_is_absent():
         LoRAConfig(rank=2, alpha=2.0, targets=("attn", "ffn"))
 
 
+def test_a_rank_above_the_model_width_is_refused():
+    model = tiny()
+    with pytest.raises(ChibiError) as e:
+        apply_lora(model, LoRAConfig(rank=33, alpha=33.0))
+    assert str(e.value) == ("--lora 33 is larger than the model's width (32): B @ A of a weight 32 wide has rank at most "
+                            "32, so such an adapter holds more parameters than the weight it adapts and learns nothing "
+                            "more; use a rank <= 32 (LoRA ranks are usually 4-64), or fine-tune all weights without --lora")
+    assert not has_lora(model) and all(p.requires_grad for p in model.parameters())  # left as it was
+    apply_lora(model, LoRAConfig(rank=32, alpha=32.0))  # the width itself is allowed
+
+
 @pytest.mark.parametrize("layers", ["AS", "SA"])
 def test_merge_gives_the_adapted_logits(layers):
     model = tiny(layers)
@@ -111,6 +122,18 @@ def test_adapter_checkpoint_saves_alone_and_reloads_to_equal_logits(tmp_path):
     assert not has_lora(model) and m["lora"]["rank"] == 4
     with torch.no_grad():
         assert torch.allclose(model(IDS), on, atol=1e-5)
+    # the adapter sits on the base it was trained on: a base replaced since (other settings or tokenizer, the
+    # same tensor shapes) is refused, not loaded under the adapter's settings
+    base_meta = json.loads((base_dir / "meta.json").read_text())
+    (base_dir / "meta.json").write_text(json.dumps({**base_meta, "tokenizer": {"hash": "other", "vocab_size": 64},
+                                                    "model_config": {**base_meta["model_config"], "rope_base": 500.0}}))
+    with pytest.raises(ChibiError) as e:
+        load_model(home, "sft")
+    assert str(e.value) == (
+        f"the adapter in {sdir} was trained on {home.root / 'checkpoints' / 'base/d2/step_000003'}, which now holds "
+        "another model (rope_base 10000.0 -> 500.0; tokenizer h (vocab 64) -> other (vocab 64)): that base was "
+        "replaced after the adapter was trained. Restore the checkpoint the adapter was trained on, or train the "
+        "adapter again on this one")
     # the adapter sits on its base: a missing base is named
     (base_dir / "meta.json").unlink()
     with pytest.raises(ChibiError, match=r"sits on .*base/d2/step_000003, which is missing"):

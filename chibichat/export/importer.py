@@ -30,16 +30,20 @@ def fetch(source: str, revision: str | None = None) -> tuple[Path, str]:
         return path.resolve(), str(path.resolve())
     if path.exists():
         raise ChibiError(f"{source} is a file; give the folder that holds config.json, or a hub repo id")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        raise ChibiError(f"{source!r} is neither a local folder nor a hub repo id (owner/name)")
+    # A hub id is owner/name, neither part starting with "." or "-": "./out" or "../x/y" is a path.
+    if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", source):
+        raise ChibiError(f"{source!r} is neither a local folder nor a hub repo id (owner/name): no folder "
+                         f"{path.absolute()} exists; check the path")
     from chibichat.export.hf_tokenizer import need
 
     hub = need("huggingface_hub")
     try:
         folder = hub.snapshot_download(repo_id=source, revision=revision, allow_patterns=list(HUB_FILES))
     except Exception as e:  # offline, unknown repo, gated repo: all with the hub's own message
+        # owner/name is also a relative path: say that no such folder exists, for a mistyped local path
         raise ChibiError(f"cannot download {source} from the hub: {e}. Check the repo id and that you are online "
-                         "(or download it yourself and pass the folder)") from None
+                         "(or download it yourself and pass the folder; there is no local folder "
+                         f"{path.absolute()})") from None
     return Path(folder), f"{hub.constants.ENDPOINT}/{source}" + (f" @ {revision}" if revision else "")
 
 

@@ -116,10 +116,16 @@ def has_lora(model) -> bool:
 
 def apply_lora(model, cfg: LoRAConfig) -> list[nn.Parameter]:
     """Freeze every parameter of `model`, attach adapters to the targeted weights, return the adapter
-    parameters (the only trainable ones). ChibiError when the targets select nothing in this model or
-    the model already has adapters."""
+    parameters (the only trainable ones). ChibiError when the targets select nothing in this model, the
+    rank exceeds the model's width or the model already has adapters."""
     if has_lora(model):
         raise ChibiError("this model already has LoRA adapters; merge them first (`chibichat lora merge`)")
+    width = model.config.n_embd
+    if cfg.rank > width:  # every targeted projection reads or writes the residual stream, of this width
+        raise ChibiError(f"--lora {cfg.rank} is larger than the model's width ({width}): B @ A of a weight {width} "
+                         f"wide has rank at most {width}, so such an adapter holds more parameters than the weight it "
+                         f"adapts and learns nothing more; use a rank <= {width} (LoRA ranks are usually 4-64), or "
+                         "fine-tune all weights without --lora")
     picked = target_weights(model, cfg.targets)
     if not picked:
         kinds = "".join(sorted(set(model.config.layers)))

@@ -42,6 +42,16 @@ def _no_format(args) -> int:
     raise ChibiError("choose an export format: `chibichat export hf --from sft --out DIR` (see --help)")
 
 
+def check_out(out, home) -> None:
+    """--out may not be the home, hold it or lie inside it: an export replaces --out whole (--overwrite), which
+    would delete the home's tokenizer and checkpoints, the exported one included, or one of its folders."""
+    o, h = out.resolve(), home.root.resolve()
+    rel = "is" if o == h else "holds" if h.is_relative_to(o) else "is inside" if o.is_relative_to(h) else None
+    if rel:
+        raise ChibiError(f"--out {out} {rel} the artifact home {h}; the export folder replaces --out whole, so it must "
+                         "not overlap the home's tokenizer and checkpoints: choose a folder outside the home")
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -56,6 +66,7 @@ def run(args) -> int:
     if args.push:
         need("huggingface_hub")
     home = Home.resolve(args.home)
+    check_out(Path(args.out).expanduser(), home)
     tok = Tokenizer.load(home.tokenizer_dir)
     model, meta = load_model(home, args.source, args.tag, args.step, rt=None, tokenizer=tok)
     card = model_card(home, meta, tok, model, repo_hint=args.push or str(Path(args.out)))

@@ -31,12 +31,15 @@ chibichat.render (read by the model, never trained on, kept when early turns are
 
 Every key is read: a key a row's shape does not take (e.g. Alpaca "history"), a row with the keys of two
 shapes and a message key the role does not take are refused, naming the keys that are accepted. A key whose
-value is null counts as absent (parquet gives every row and message all of its columns' fields).
+value is null counts as absent, in JSON Lines as in parquet (parquet, and pandas' `to_json(lines=True)`, give
+every row and message all of its columns' fields).
 
 Every problem is a ChibiError naming the file and the line (row for parquet): bad JSON (NaN and Infinity
-included), a non-object, non-UTF-8 bytes, a blank line, an unknown role, shape or key, empty content, two user
-(or assistant) turns in a row, a conversation that does not end with the assistant, a file that mixes chats and
-verifiable rows.
+included), a key given twice in one object (JSON readers keep only one of the two values), a non-object, a
+whole file that is one JSON array or object spread over lines instead of JSON Lines, non-UTF-8 bytes, a blank
+line, an unknown role, shape or key, empty content, two user (or assistant) turns in a row, a conversation that
+does not end with the assistant, a file that mixes chats and verifiable rows. A UTF-8 byte-order mark at the
+start of the file is an encoding mark, not data, and is read past (as the local corpora do).
 `chibichat data check FILE` lists all of them at once (`check_file`).
 """
 
@@ -69,6 +72,7 @@ SHAPE_KEYS = {
 MESSAGE_KEYS = {"system": ("role", "content"), "user": ("role", "content"),
                 "assistant": ("role", "content", "tool_calls", "weight"), "tool": ("role", "content", "tool_call_id")}
 SHAREGPT_KEYS = ("from", "value")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class RowError(ValueError):
@@ -97,8 +101,11 @@ def _resolve(path) -> Path:
     p = Path(path).expanduser()
     if p.suffix not in SUFFIXES:
         raise ChibiError(f"{p}: unsupported file type {p.suffix or '(none)'!r}; give a .jsonl or .parquet file")
+    # read for file: tasks, `data check FILE` and `dpo --data FILE` alike, so the messages name no flag
+    if p.is_dir():
+        raise ChibiError(f"{p} is a directory, not a file; give the path of a {p.suffix} file")
     if not p.is_file():
-        raise ChibiError(f"{p}: no such file; check the path after 'file:'")
+        raise ChibiError(f"{p}: no such file; check the path")
     return p
 
 
@@ -108,7 +115,7 @@ def read_rows(path) -> FileRows:
     if p.suffix == ".parquet":
         return _read_parquet(p)
     out = FileRows(p, "line")
-    data = p.read_bytes()
+    data = p.read_bytes().removeprefix(UTF8_BOM)
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":  # the newline that ends the last line opens no new line
         lines.pop()
@@ -124,25 +131,57 @@ def read_rows(path) -> FileRows:
             out.errors.append((n, "blank line; remove it"))
             continue
         try:
-            row = json.loads(text, parse_constant=_refuse_constant)
+            row = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             out.errors.append((n, f"bad JSON ({e.msg} at column {e.colno})"))
             continue
-        except ValueError as e:  # NaN / Infinity, from _refuse_constant
+        except ValueError as e:  # NaN / Infinity, a repeated key: from _refuse_constant / _unique_keys
             out.errors.append((n, f"bad JSON ({e})"))
             continue
         if not isinstance(row, dict):
             out.errors.append((n, f"expected a JSON object, got {type(row).__name__}"))
             continue
-        out.rows.append((n, row))
+        out.rows.append((n, {k: v for k, v in row.items() if v is not None}))  # null = absent, as in parquet
     if not lines:
         out.errors.append((0, "the file is empty"))
+    elif out.errors:
+        whole = _one_document(data, len(lines), p)
+        if whole:  # one pretty-printed document: one clear problem instead of one per line
+            out.rows, out.errors = [], [(1, whole)]
     return out
 
 
 def _refuse_constant(name: str):
     """Python's json reads NaN/Infinity, which JSON does not have (an answer NaN could never match)."""
     raise ValueError(f"{name} is not JSON; write a number or a string")
+
+
+def _unique_keys(pairs: list) -> dict:
+    """An object's keys, each once: Python's json would keep the last of two values and drop the other."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object; keep one")
+        out[k] = v
+    return out
+
+
+def _one_document(data: bytes, n_lines: int, p: Path) -> str | None:
+    """The problem of a .jsonl file that is a single JSON array or object (a .json file renamed, or a
+    pretty-printed one), or None when the file is not one JSON document. JSON Lines of two or more rows never
+    parse as one document, so this only runs on a file that already has problems and stops at the second row."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except ValueError:  # not UTF-8 or not one JSON document: the per-line problems stand
+        return None
+    where = "one line" if n_lines == 1 else f"{n_lines} lines"
+    if isinstance(doc, list):
+        return (f"the file is one JSON array (of {len(doc)} items, on {where}), not JSON Lines; write each item as "
+                f"a JSON object on a line of its own (e.g. `jq -c '.[]' {p.name} > {p.stem}-lines.jsonl`)")
+    if isinstance(doc, dict) and n_lines > 1:
+        return (f"the file is one JSON object spread over {where}, not JSON Lines; write each row as a JSON "
+                f"object on a single line (e.g. `jq -c . {p.name} > {p.stem}-lines.jsonl`)")
+    return None
 
 
 def _read_parquet(p: Path) -> FileRows:

@@ -11,8 +11,9 @@ From a file (`load_pairs`): .jsonl / .parquet rows
 chosen/rejected may also be a single {"role": "assistant", "content": ...} message (a tool call needs its output,
 so a reply with tool calls comes as a whole HF-style conversation). A reply given as parts takes the parts of
 chibichat.render (text, python, python_output) and needs some text or a tool call. "system" is a non-empty
-string, as in chat files. A per-message "weight" is refused: DPO scores the final replies only. Problems are
-ChibiErrors naming the file and line.
+string, as in chat files. A per-message "weight" is refused: DPO scores the final replies only. Any other key
+(a misspelt "system", a score) is refused, never ignored; a null counts as absent. Problems are ChibiErrors
+naming the file and line.
 
 Generated from the verifiable tasks (`generated_pairs`), so that DPO has something measurable offline:
     prefs-arithmetic   a calculator answer vs the same answer with a wrong result (result + d, d != 0)
@@ -35,6 +36,7 @@ import random
 from chibichat.common import ChibiError
 
 GENERATED = ("prefs-arithmetic", "prefs-spelling", "prefs-language")
+PAIR_KEYS = ("prompt", "messages", "chosen", "rejected", "system")
 # name -> (repo, subset, train split, test split)
 ONLINE = {"ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", "default", "train_prefs", "test_prefs")}
 
@@ -81,6 +83,9 @@ def _refuse_weight(messages, where: str) -> None:
 def row_to_pair(row: dict, where: str) -> dict:
     from chibichat.tasks.local import RowError, _check_order, _messages_from_openai, _with_system
 
+    unknown = sorted(k for k, v in row.items() if v is not None and k not in PAIR_KEYS)
+    if unknown:
+        raise ChibiError(f"{where}: unknown key(s) {unknown} in a preference row, which takes {', '.join(PAIR_KEYS)}")
     if "chosen" not in row or "rejected" not in row:
         raise ChibiError(f"{where}: a preference row needs 'chosen' and 'rejected' (and 'prompt' or 'messages')")
     chosen, rejected = row["chosen"], row["rejected"]
@@ -240,6 +245,9 @@ def hub_pairs(home, name: str, split: str, size: int) -> tuple[list[dict], int]:
     rows = hub_rows(home, repo, subset, hub_split, ("prompt", "chosen", "rejected"))
     pairs, identical = [], 0
     for k, row in enumerate(rows[:size]):
+        # The set's own bookkeeping columns (UltraFeedback: prompt_id, score_chosen, score_rejected) are no part of
+        # a pair; a local file's unknown keys are refused (row_to_pair).
+        row = {key: v for key, v in row.items() if key in PAIR_KEYS}
         try:
             pairs.append(row_to_pair(row, f"{repo} {hub_split} row {k}"))
         except ChibiError as e:

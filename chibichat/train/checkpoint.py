@@ -216,6 +216,30 @@ def lora_base_dir(sdir: Path, meta: dict) -> Path:
     return path
 
 
+def check_lora_base(sdir: Path, meta: dict, base: Path) -> None:
+    """Refuse an adapter whose base step directory now holds another model than the one it was trained on
+    (another architecture or tokenizer, e.g. the base's tag trained again with --overwrite): its weights would
+    load without complaint when only a setting such as rope_base or the tokenizer differs, and the adapter would
+    run on a base it was never fitted to, under the adapter's settings instead of the base's own."""
+    from chibichat.model.gpt import GPTConfig
+
+    base_meta = read_meta(base)
+    for where, m in ((sdir, meta), (base, base_meta)):
+        if not isinstance(m.get("model_config"), dict):
+            raise ChibiError(f"checkpoint {where} has no model_config in meta.json; it is corrupt")
+    problems = []
+    mine, theirs = (GPTConfig.from_dict(m["model_config"]).to_dict() for m in (meta, base_meta))
+    problems += [f"{k} {mine[k]!r} -> {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+    tok_a, tok_b = (m.get("tokenizer") or {} for m in (meta, base_meta))
+    if (tok_a.get("hash"), tok_a.get("vocab_size")) != (tok_b.get("hash"), tok_b.get("vocab_size")):
+        problems.append(f"tokenizer {str(tok_a.get('hash'))[:12]} (vocab {tok_a.get('vocab_size')}) -> "
+                        f"{str(tok_b.get('hash'))[:12]} (vocab {tok_b.get('vocab_size')})")
+    if problems:
+        raise ChibiError(f"the adapter in {sdir} was trained on {base}, which now holds another model "
+                         f"({'; '.join(problems)}): that base was replaced after the adapter was trained. Restore "
+                         "the checkpoint the adapter was trained on, or train the adapter again on this one")
+
+
 def relative_to_checkpoints(step_dir_path) -> str:
     """A step directory as stored in meta["lora"]["base"]: relative to home/checkpoints/ when inside it."""
     p = Path(step_dir_path).resolve()
@@ -235,7 +259,9 @@ def load_weights(sdir: str | os.PathLike, model) -> None:
     if (sdir / ADAPTER_FILE).is_file():
         meta = read_meta(sdir)
         if not has_lora(target):
-            load_weights(lora_base_dir(sdir, meta), target)
+            base = lora_base_dir(sdir, meta)
+            check_lora_base(sdir, meta, base)
+            load_weights(base, target)
             apply_lora(target, LoRAConfig.from_dict(meta["lora"]))
             load_adapter_state(target, _read_tensors(sdir / ADAPTER_FILE, "adapter weights"), sdir)
             merge_lora(target)
