@@ -578,6 +578,15 @@ class Engine:
         elif row.expr is not None:
             row.expr.append(tok)
 
+    def shown_bytes(self, tok: int, after: int | None = None) -> bytes:
+        """The bytes token `tok` adds to a reply's text as the text stream shows it, for readers of single
+        tokens (logprobs): the tool markers as "<<", "=" and ">>", where <|python_end|> shows ">>" unless the
+        next token `after` opens the call's result; any other token (an end token among the alternatives
+        too) as its own bytes."""
+        if tok == self.python_end:
+            return b"" if after == self.output_start else b">>"
+        return self._shown.get(tok) or self.tokenizer.id_to_bytes(tok)
+
     def to_parts(self, tokens: list[int]) -> list[dict]:
         """Generated ids -> assistant content parts (render.py's format): text, python (the call),
         python_output (the forced result). The final stop token, if any, is not part of the content."""

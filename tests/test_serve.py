@@ -238,7 +238,7 @@ def test_stream_equals_non_stream_with_same_seed(served):
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 96}, 400, "context_length_exceeded"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 91}, 400, "context_length_exceeded"),
-        ({"model": "M", "messages": [{"role": "user", "content": "x" * 120}]}, 400, "invalid_messages"),
+        ({"model": "M", "messages": [{"role": "user", "content": "x" * 120}]}, 400, "context_length_exceeded"),
         ({"model": "M", "messages": [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
                                      {"role": "user", "content": "c"}]}, 400, "context_length_exceeded"),
         ({"model": "M", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_messages"),
@@ -281,6 +281,65 @@ def test_truncate_history_drops_oldest_and_says_so(served):
     r = httpx.post(served.url + "/v1/chat/completions", timeout=60,
                    json={"model": served.model, "messages": msgs, "truncate_history": True, "max_tokens": 8})  # fmt: skip
     assert r.status_code == 200 and r.json()["chibichat"]["dropped_messages"] == 2
+
+
+def _chat(served, messages, **kw):
+    """(status, body) of a greedy chat request."""
+    r = httpx.post(served.url + "/v1/chat/completions", timeout=60,
+                   json={"model": served.model, "messages": messages, "temperature": 0, **kw})  # fmt: skip
+    return r.status_code, r.json()
+
+
+def test_a_last_message_longer_than_the_context_is_context_length_exceeded(served):
+    """The message the model must answer alone overflowing the context is coded as OpenAI codes an overflow,
+    with truncate_history too (that message is never dropped); a malformed conversation stays invalid_messages."""
+    too_long = {"message": "the message is too long for the model's context: it needs 124 tokens but only 95 are "
+                "available; shorten the message", "type": "invalid_request_error", "param": "messages",
+                "code": "context_length_exceeded"}  # fmt: skip
+    x120 = [{"role": "user", "content": "x" * 120}]
+    assert _chat(served, x120) == (400, {"error": too_long})
+    assert _chat(served, x120, truncate_history=True) == (400, {"error": too_long})
+    assert _chat(served, x120, truncate_history=True, max_tokens=4) == (400, {"error": too_long})
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    status, body = _chat(served, two_users, truncate_history=True)
+    assert status == 400 and body["error"]["code"] == "invalid_messages" and body["error"]["message"].startswith(
+        "message 1 has role 'user' but 'assistant' was expected")  # fmt: skip
+
+
+def test_truncate_history_without_max_tokens_does_not_fail_where_the_plain_request_succeeds(served):
+    """truncate_history drops old turns to keep the server's default reply reserve (24 tokens here); where the
+    last message (with the system text) alone leaves less, every older turn goes and the reply gets the room
+    it leaves, as without truncate_history, instead of a 400."""
+    system, last = {"role": "system", "content": "be"}, {"role": "user", "content": "x" * 72}
+    status, plain = _chat(served, [system, last])
+    assert status == 200 and 96 - 24 < plain["usage"]["prompt_tokens"] < 95, plain
+    history = [system, {"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}, last]
+    status, cut = _chat(served, history, truncate_history=True)
+    assert status == 200, cut
+    assert cut["chibichat"] == {"dropped_messages": 2} and cut["usage"] == plain["usage"]
+    assert cut["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+def test_message_content_as_a_list_of_text_parts(served):
+    """OpenAI content parts: the texts of text parts, joined; a part kind this text-only model cannot read, or a
+    key a text part does not take, is refused by name (never dropped)."""
+    status, whole = _chat(served, [{"role": "user", "content": "hi there"}], max_tokens=6)
+    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
+    status2, joined = _chat(served, [{"role": "user", "content": parts}], max_tokens=6)
+    assert status == status2 == 200 and joined["usage"] == whole["usage"]
+    assert joined["choices"][0]["message"] == whole["choices"][0]["message"]
+    cached = {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}
+    assert _chat(served, [{"role": "user", "content": [cached]}]) == (400, {"error": {
+        "message": "messages[0].content[0].cache_control is not supported (text parts take type and text only)",
+        "type": "invalid_request_error", "param": "messages[0].content[0].cache_control",
+        "code": "unsupported_parameter"}})  # fmt: skip
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    assert _chat(served, [{"role": "user", "content": [parts[0], image]}]) == (400, {"error": {
+        "message": "messages[0].content[1] has type 'image_url': this is a text-only model; send text parts only",
+        "type": "invalid_request_error", "param": "messages[0].content[1].type", "code": "unsupported_parameter"}})  # fmt: skip
+    assert _chat(served, [{"role": "user", "content": [{"type": "text", "text": 5}]}]) == (422, {"error": {
+        "message": "messages[0].content[0].text must be a string", "type": "invalid_request_error",
+        "param": "messages[0].content[0].text", "code": "invalid_type"}})  # fmt: skip
 
 
 def test_request_errors_name_what_the_client_sent(served):
@@ -772,10 +831,7 @@ def tokens_of_text(engine, prompt, text, max_tokens, tools, stop=None):
     for k, (t, after) in enumerate(zip(tokens, tokens[1:] + [None])):
         if at >= len(text) or t in engine.stop_ids:
             return k
-        if t == engine.python_end:  # ">>" unless the call's result follows
-            at += len(utf8.decode(b"" if after == engine.output_start else b">>"))
-        else:
-            at += len(utf8.decode(engine._shown.get(t, engine.tokenizer.id_to_bytes(t))))
+        at += len(utf8.decode(engine.shown_bytes(t, after)))
     return len(tokens)
 
 

@@ -16,6 +16,7 @@ import codecs
 import hmac
 import json
 import os
+import sys
 import threading
 import time
 from importlib import resources
@@ -228,44 +229,43 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
     def prepare_chat(req, tok, seq_len):
         """Render the prompt and pick the reply budget: (prompt ids, max_tokens, dropped messages)."""
-        from chibichat.render import render_prompt
+        from chibichat.render import Prompt, render_prompt
 
         name = req.max_tokens_param
         if req.max_tokens is not None and req.max_tokens >= seq_len:
             raise ApiError(400, f"{name} {req.max_tokens} must be less than the model's context of {seq_len} tokens",
                            name, "context_length_exceeded")  # fmt: skip
+        conv = {"messages": req.messages}
+        try:  # the conversation's form (roles in order, text the tokenizer takes), whatever its length
+            whole = render_prompt(tok, conv, max_len=sys.maxsize)
+        except ChibiError as e:
+            raise ApiError(400, str(e), "messages", "invalid_messages") from None
+        # From here render_prompt fails only when the last message (with the system text), which is never
+        # dropped, does not fit the context by itself.
         want = req.max_tokens or reply_budget(seq_len, cap=limits.default_max_tokens)
+        head = req.messages[:1] if req.messages[0]["role"] == "system" else []
         try:
             if req.truncate_history:
                 try:  # 2: render_prompt's least max_len (no prompt fits in it: a smaller room fails the same way)
-                    prompt = render_prompt(tok, {"messages": req.messages}, max_len=max(seq_len - want, 2))
+                    prompt = render_prompt(tok, conv, max_len=max(seq_len - want, 2))
                 except ChibiError:
-                    if req.max_tokens is None:
-                        raise
-                    # A conversation that fits without the reply's reserve has only the reserve to blame: it
-                    # leaves too little room for the last message (with the system text), which is never dropped.
-                    render_prompt(tok, {"messages": req.messages}, max_len=seq_len - 1)
-                    head = req.messages[:1] if req.messages[0]["role"] == "system" else []
-                    need = len(render_prompt(tok, {"messages": head + req.messages[-1:]}, max_len=seq_len - 1).ids)
-                    raise ApiError(400, f"{name} {want} leaves {seq_len - want} of the model's context of {seq_len} "
-                                   f"tokens for the prompt, but its last message needs {need}; ask for at most "
-                                   f"{seq_len - need}", name, "context_length_exceeded") from None  # fmt: skip
+                    last = render_prompt(tok, {"messages": head + req.messages[-1:]}, max_len=seq_len - 1)
+                    if req.max_tokens is not None:  # the client's reserve leaves too little room for the last message
+                        need = len(last.ids)
+                        raise ApiError(400, f"{name} {want} leaves {seq_len - want} of the model's context of "
+                                       f"{seq_len} tokens for the prompt, but its last message needs {need}; ask for "
+                                       f"at most {seq_len - need}", name, "context_length_exceeded") from None  # fmt: skip
+                    # Only the server's default reserve is short: every older turn goes and the reply gets the
+                    # room the last message leaves, as it would without truncate_history.
+                    prompt = Prompt(last.ids, dropped_turns=len(req.messages) - len(head) - 1)
             else:
-                prompt = render_prompt(tok, {"messages": req.messages}, max_len=seq_len - 1)
+                prompt = whole if len(whole.ids) < seq_len else render_prompt(tok, conv, max_len=seq_len - 1)
                 if prompt.dropped_turns:
                     raise ApiError(400, f"the messages do not fit the model's context of {seq_len} tokens; send fewer "
                                    "(or set truncate_history: true)", "messages", "context_length_exceeded")  # fmt: skip
         except ChibiError as e:
-            raise ApiError(400, str(e), "messages", "invalid_messages") from None
+            raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         return prompt.ids, budget(req, len(prompt.ids), seq_len, "messages"), prompt.dropped_turns
-
-    def shown(engine, i: int, after) -> bytes:
-        """The bytes token i adds to the reply text, as the text stream shows them (the engine's display
-        table): the tool markers as "<<", "=" and ">>", where <|python_end|> shows ">>" unless the next
-        token `after` opens the call's result; any other token as its own bytes."""
-        if i == engine.python_end:
-            return b"" if after == engine.output_start else b">>"
-        return engine._shown.get(i) or engine.tokenizer.id_to_bytes(i)
 
     def following(entries) -> list:
         """Each entry's next token (None for the last). The next token is always in the same list: a
@@ -298,7 +298,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             """The next logprob entries and the reply text that came with them (`final`: the reply's last)
             -> (entries, texts) ready to send."""
             self.sent += len(text)
-            self.held += [(e, self.utf8.decode(shown(self.engine, e[0], after)))
+            self.held += [(e, self.utf8.decode(self.engine.shown_bytes(e[0], after)))
                           for e, after in zip(entries, following(entries))]  # fmt: skip
             if final and self.held:
                 self.held[-1] = (self.held[-1][0], self.held[-1][1] + self.utf8.decode(b"", final=True))
@@ -322,7 +322,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         alternatives reads as in its entry, so that a client finds it there by its token."""
 
         def entry(i, v, after, text=None):
-            raw = shown(engine, i, after)
+            raw = engine.shown_bytes(i, after)
             return {"token": raw.decode("utf-8", errors="replace") if text is None else text, "logprob": v,
                     "bytes": list(raw)}  # fmt: skip
 
@@ -340,7 +340,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         for (t, lp, top), text, after in zip(entries, texts, following(entries)):
             tokens.append(text)
             lps.append(lp)
-            keys = top_logprob_keys(text, [(i == t, shown(engine, i, after)) for i, _ in top])
+            keys = top_logprob_keys(text, [(i == t, engine.shown_bytes(i, after)) for i, _ in top])
             tops.append({k: v for k, (_, v) in zip(keys, top) if k is not None})
             offsets.append(offset)
             offset += len(text)

@@ -118,10 +118,19 @@ def _content_text(content, i: int) -> str:
         return content
     if isinstance(content, list):
         texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError(422, f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}",
-                               f"messages[{i}].content", "invalid_type")  # fmt: skip
+        for k, part in enumerate(content):
+            where = f"messages[{i}].content[{k}]"
+            if not (isinstance(part, dict) and isinstance(part.get("type"), str)):
+                raise ApiError(422, f"{where} must be a part {{'type': 'text', 'text': str}}", where, "invalid_type")
+            if part["type"] != "text":  # image_url, input_audio, file, ...
+                raise ApiError(400, f"{where} has type {part['type']!r}: this is a text-only model; send text "
+                               "parts only", f"{where}.type", "unsupported_parameter")  # fmt: skip
+            if not isinstance(part.get("text"), str):
+                raise ApiError(422, f"{where}.text must be a string", f"{where}.text", "invalid_type")
+            for key, value in part.items():  # a key dropped here would be a setting silently ignored
+                if key not in ("type", "text") and value is not None:
+                    raise ApiError(400, f"{where}.{key} is not supported (text parts take type and text only)",
+                                   f"{where}.{key}", "unsupported_parameter")  # fmt: skip
             texts.append(part["text"])
         return "".join(texts)
     raise ApiError(422, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
