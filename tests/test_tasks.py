@@ -589,12 +589,25 @@ def test_humaneval_shipped_all_164_and_canonical_solutions_pass():
 def test_humaneval_program_assembly():
     from chibichat.tasks.items import build_program
 
-    item = {"prompt": "from typing import List\n\ndef f(x: List[int]) -> int:\n", "entry_point": "f",
+    item = {"prompt": 'from typing import List\n\ndef f(x: List[int]) -> int:\n    """First."""\n', "entry_point": "f",
             "test": "def check(c):\n    assert c([1]) == 1\n"}
     body = build_program(item, "    return x[0]\n")
     assert body.startswith(item["prompt"]) and body.rstrip().endswith("check(f)")
     full = build_program(item, "```python\ndef f(x):\n    return x[0]\n```")
-    assert full.startswith("from typing import List\n") and "def f(x):" in full
+    assert full == item["prompt"] + "\ndef f(x):\n    return x[0]\n\n\n" + item["test"] + "\n\ncheck(f)\n"
+
+
+def test_humaneval_whole_function_keeps_the_prompts_helpers():
+    # HumanEval/38's test calls encode_cyclic, which only its prompt defines: a fenced decode_cyclic alone is right
+    from chibichat.tasks.items import build_program
+
+    t = get_task("humaneval")
+    it = t[38]
+    assert it["entry_point"] == "decode_cyclic" and "def encode_cyclic" in it["prompt"]
+    fenced = "```python\ndef decode_cyclic(s: str):\n" + it["canonical_solution"] + "```\n"
+    assert build_program(it, fenced).startswith(it["prompt"] + "\ndef decode_cyclic(s: str):\n")
+    assert t.evaluate(it, fenced)
+    assert not t.evaluate(it, "```python\ndef decode_cyclic(s: str):\n    return s\n```\n")
 
 
 CORE = ["core-hellaswag", "core-arc-easy", "core-arc-challenge", "core-piqa", "core-winogrande", "core-copa",
