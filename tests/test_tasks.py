@@ -215,6 +215,9 @@ def test_last_number_reads_no_fraction_as_a_whole_number(text, want):
     # a product written out is no answer, as "3×4" and "3 * 4" are: not its last factor
     ("3x4", None), ("3 x 4", None), ("3X4", None), ("the answer is 3 x 4 apples", None), ("3·4", None),
     ("3⋅4", None), ("３＋４", None), ("3 x -4", None),
+    # nor is one whose first number carries a variable or a unit: not its last term
+    ("3x + 4", None), ("x = 3x+4", None), ("5kg - 2kg", None), ("12am-3pm", None), ("5kg - 2kg = 3kg", "3"),
+    ("3x + 4 = 10, so x = 2", "2"), ("the answer is 5km - far", "5"),
     # a range with an em dash, a figure dash, a horizontal bar, a hyphen or から ("from 3 to 5") is no single
     # answer, as "3–5" and "ages 5-7" are not; nor is a fraction with the fraction or division slash
     ("3—5", None), ("3 — 5", None), ("3‒5", None), ("3―5", None), ("3‐5", None), ("3‑5", None),
