@@ -93,18 +93,39 @@ def test_bundle_downloads_once_and_converts_items(server, tmp_path):
     assert list(tasks) == ["mc_plain", "mc_colon", "schema_plain", "schema_shots", "lm_plain", "lm_qa"]
     assert [tasks[n].num_fewshot for n in tasks] == [2, 0, 0, 1, 0, 1]  # first entry of num_fewshot
     assert [tasks[n].random_baseline for n in tasks] == [0.25, 0.5, 0.5, 0.5, 0.0, 0.0]
-    assert tasks["mc_colon"][0] == {"type": "multiple_choice", "context": "Question: Is fire hot?",
-                                    "continuations": ["\nAnswer: yes", "\nAnswer: no"], "gold": 0}
-    assert tasks["mc_plain"][1]["continuations"][3] == " ten"  # default delimiter: one space
-    assert tasks["schema_shots"][2] == {"type": "schema", "contexts": ["Jo", "The heavy truck"],
-                                        "continuation": " carried the load.", "gold": 0}
-    assert tasks["lm_plain"][0] == {"type": "language_modeling", "context": "One, two, three,", "continuation": " 4"}
-    assert tasks["lm_qa"][1]["continuation"] == "\nA: Paris" and len(tasks["lm_plain"]) == 4  # blank line skipped
+    assert tasks["mc_colon"][0] == {"type": "multiple_choice", "context": "Question: Is fire hot?\nAnswer: ",
+                                    "continuations": ["yes", "no"], "gold": 0}
+    assert tasks["mc_plain"][1]["context"] == "Two plus two is "  # default delimiter: one space
+    assert tasks["schema_shots"][2] == {"type": "schema", "contexts": ["Jo ", "The heavy truck "],
+                                        "continuation": "carried the load.", "gold": 0}
+    assert tasks["lm_plain"][0] == {"type": "language_modeling", "context": "One, two, three, ", "continuation": "4"}
+    assert tasks["lm_qa"][1]["context"] == "Q: What is the capital of France?\nA:" and len(tasks["lm_plain"]) == 4
     # the scored text is exactly DCLM's: query + delimiter + choice, few-shot demos separated by a blank line
     texts = C.item_texts(tasks["mc_plain"], 0)
     shots = [tasks["mc_plain"][j] for j in tasks["mc_plain"].fewshot_indices(0)]
     prefix = "".join(s["context"] + s["continuations"][s["gold"]] + "\n\n" for s in shots)
     assert [c + x for c, x in texts] == [prefix + "The sky is " + c for c in ["blue", "green grass", "a big red", "loud noise"]]
+
+
+def test_bundle_delimiter_is_context_and_only_the_answer_is_scored(server, tmp_path):
+    # DCLM scores the choice (" yes"), not the "\nAnswer:" every choice shares: scoring it too weighs short and
+    # long choices unequally in the mean loss, and asks an LM item to reproduce the delimiter greedily.
+    from test_eval_core import CharTok
+
+    path = dclm.fetch_bundle(Home(tmp_path / "home"), server.url + "/eval_bundle.zip")
+    tasks = {t.name: t for t in dclm.load_bundle(path)}
+    tok = CharTok()
+
+    def scored(name, i):
+        return [tok.decode(ids[start:]) for ids, start in C.item_requests(tok, tasks[name], i)]
+
+    assert C.item_texts(tasks["mc_colon"], 0) == [("Question: Is fire hot?\nAnswer:", " yes"),
+                                                  ("Question: Is fire hot?\nAnswer:", " no")]
+    assert scored("mc_colon", 0) == [" yes", " no"]
+    assert scored("mc_plain", 1) == [" four", " five", " a lot", " ten"]
+    assert scored("schema_shots", 2) == [" carried the load.", " carried the load."]
+    assert scored("lm_plain", 0) == [" 4"]
+    assert scored("lm_qa", 1) == [" Paris"]
 
 
 def test_full_bundle_scores_match_hand_computed_centered_accuracy(server, home):

@@ -215,6 +215,9 @@ def test_last_number_reads_no_fraction_as_a_whole_number(text, want):
     # a product written out is no answer, as "3×4" and "3 * 4" are: not its last factor
     ("3x4", None), ("3 x 4", None), ("3X4", None), ("the answer is 3 x 4 apples", None), ("3·4", None),
     ("3⋅4", None), ("３＋４", None), ("3 x -4", None),
+    # nor is one whose first number carries a variable or a unit: not its last term
+    ("3x + 4", None), ("x = 3x+4", None), ("5kg - 2kg", None), ("12am-3pm", None), ("5kg - 2kg = 3kg", "3"),
+    ("3x + 4 = 10, so x = 2", "2"), ("the answer is 5km - far", "5"),
     # a range with an em dash, a figure dash, a horizontal bar, a hyphen or から ("from 3 to 5") is no single
     # answer, as "3–5" and "ages 5-7" are not; nor is a fraction with the fraction or division slash
     ("3—5", None), ("3 — 5", None), ("3‒5", None), ("3―5", None), ("3‐5", None), ("3‑5", None),
@@ -589,12 +592,25 @@ def test_humaneval_shipped_all_164_and_canonical_solutions_pass():
 def test_humaneval_program_assembly():
     from chibichat.tasks.items import build_program
 
-    item = {"prompt": "from typing import List\n\ndef f(x: List[int]) -> int:\n", "entry_point": "f",
+    item = {"prompt": 'from typing import List\n\ndef f(x: List[int]) -> int:\n    """First."""\n', "entry_point": "f",
             "test": "def check(c):\n    assert c([1]) == 1\n"}
     body = build_program(item, "    return x[0]\n")
     assert body.startswith(item["prompt"]) and body.rstrip().endswith("check(f)")
     full = build_program(item, "```python\ndef f(x):\n    return x[0]\n```")
-    assert full.startswith("from typing import List\n") and "def f(x):" in full
+    assert full == item["prompt"] + "\ndef f(x):\n    return x[0]\n\n\n" + item["test"] + "\n\ncheck(f)\n"
+
+
+def test_humaneval_whole_function_keeps_the_prompts_helpers():
+    # HumanEval/38's test calls encode_cyclic, which only its prompt defines: a fenced decode_cyclic alone is right
+    from chibichat.tasks.items import build_program
+
+    t = get_task("humaneval")
+    it = t[38]
+    assert it["entry_point"] == "decode_cyclic" and "def encode_cyclic" in it["prompt"]
+    fenced = "```python\ndef decode_cyclic(s: str):\n" + it["canonical_solution"] + "```\n"
+    assert build_program(it, fenced).startswith(it["prompt"] + "\ndef decode_cyclic(s: str):\n")
+    assert t.evaluate(it, fenced)
+    assert not t.evaluate(it, "```python\ndef decode_cyclic(s: str):\n    return s\n```\n")
 
 
 CORE = ["core-hellaswag", "core-arc-easy", "core-arc-challenge", "core-piqa", "core-winogrande", "core-copa",

@@ -47,7 +47,8 @@ class Scorer(Protocol):
 #   {"type": "multiple_choice", "context", "continuations", "gold"}
 #   {"type": "schema", "contexts", "continuation", "gold"}
 #   {"type": "language_modeling", "context", "continuation"}
-# The scored text is exactly context + continuation; continuations carry their own separator.
+# The text is exactly context + continuation; the continuation's tokens, with the spaces that end the context
+# (_move_trailing_spaces), are the scored ones: a separator such as "\nAnswer: " ends the context, as in DCLM.
 
 _FIELDS = {"multiple_choice": ("context", "continuations", "gold"), "schema": ("contexts", "continuation", "gold"),
            "language_modeling": ("context", "continuation")}

@@ -307,8 +307,9 @@ _PROSE_NUMBER = re.compile(r"(?:(?<![0-9A-Za-zＡ-Ｚａ-ｚ])-)?" + _UNSIGNED)
 _PROSE_TOKEN = _PROSE_NUMBER.pattern + r"(?:[eE][+-]?\d+)?"
 # A number joined to others by _JOIN (spaces allowed): a fraction ("3/4", "3 / 4", "4分の3" = 3/4), a range,
 # a difference, a sum, a product or a date ("2-3", "3〜5", "3から5", "5 - 2", "3+4", "3x4", "2024/01/15"), read
-# as one token so that its last part is never taken for the number written.
-_NUMBER_OR_JOINED = re.compile(_PROSE_TOKEN + r"(?:[ \t]*" + _JOIN + r"[ \t]*" + _PROSE_TOKEN + r")*")
+# as one token so that its last part is never taken for the number written. A number may carry Latin letters
+# written onto it before the join, a variable or a unit: "3x + 4", "5kg - 2kg", "12am-3pm" are joined too.
+_NUMBER_OR_JOINED = re.compile(_PROSE_TOKEN + r"(?:[A-Za-z]*[ \t]*" + _JOIN + r"[ \t]*" + _PROSE_TOKEN + r")*")
 
 
 def last_number(text: str) -> str | None:
@@ -317,8 +318,8 @@ def last_number(text: str) -> str | None:
     replies without "####". Decimals are numbers ("it is 2.5" -> "2.5"). When the last number is joined to
     another (_NUMBER_OR_JOINED) or written in scientific notation there is no answer, as with "#### 3/4",
     "#### 2-3" or "#### 1e3": a fraction ("3/4", "4分の3") or "1e-5" is not a whole number, and "2-3", "ages 5-7",
-    "3–5", "3—5", "3〜5", "3から5", "7 - 5 apples", "3x4", "3 × 4" or "the answer is 5-2" writes a range, a
-    product or a sum still to be worked out, neither its last part nor a negative number. A worked one still
+    "3–5", "3—5", "3〜5", "3から5", "7 - 5 apples", "3x4", "3 × 4", "3x + 4", "5kg - 2kg" or "the answer is 5-2"
+    writes a range, a product or a sum still to be worked out, neither its last part nor a negative number. A worked one still
     answers: "5-2=3" -> "3", "3 x 4 = 12" -> "12"; so does a number with no other number joined to it: "12 x",
     "x4", "4 times"."""
     found = _NUMBER_OR_JOINED.findall(_ascii_number_text(text))

@@ -16,8 +16,9 @@ kind "core"          in-context items for base-model evaluation (DCLM CORE style
                        {"type": "multiple_choice", "context": str, "continuations": [str], "gold": int}
                        {"type": "schema", "contexts": [str], "continuation": str, "gold": int}
                        {"type": "language_modeling", "context": str, "continuation": str}
-                     The scored text is exactly context + continuation (continuations carry their own
-                     leading separator, usually a space). The task carries `num_fewshot` (K) and
+                     The text is exactly context + continuation; the loss is scored on the continuation
+                     with the spaces that end the context (a separator " " or "\\nAnswer: " ends the
+                     context, or a leading space starts the continuation). The task carries `num_fewshot` (K) and
                      `random_baseline` (a fraction in [0, 1)); `fewshot_indices(i)` picks the K
                      demonstration items for item i (never i itself). A demonstration is rendered as
                      its context + its gold continuation, demonstrations separated by a blank line.

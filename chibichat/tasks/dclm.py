@@ -9,9 +9,12 @@ Layout (the bundle nanochat uses, `eval_bundle.zip`): one top folder holding
         schema             {"context_options": [str], "continuation", "gold": int}
         language_modeling  {"context", "continuation"}
 
-Bundle items become chibichat "core" items (tasks/base.py) with the delimiter moved into the
-continuation, so the scored text is what DCLM scores: query + delim + choice; context option + delim
-+ continuation; trimmed context + delim + continuation. Few-shot K is the first entry of num_fewshot;
+Bundle items become chibichat "core" items (tasks/base.py) with the delimiter ending the context, so
+the text is DCLM's (query + delim + choice; context option + delim + continuation; trimmed context +
+delim + continuation) and so are the scored tokens: only the choice or continuation, as DCLM's ICL
+code scores them (a delimiter such as "\\nAnswer: " is shared by every choice and is no part of the
+answer; eval/core.py moves the delimiter's trailing spaces onto the continuation, " Paris", as DCLM
+gives the continuation its leading space). Few-shot K is the first entry of num_fewshot;
 the random baseline is the CSV's percentage / 100. The zip is cached at home/data/core/eval_bundle.zip
 and never extracted. `chibichat eval base --core full` uses it (eval/core.py); the score is then
 labelled "CORE" (and "CORE-lite" for the shipped subsets).
@@ -144,19 +147,19 @@ def random_baselines(text: str, what: str = "eval_meta_data.csv") -> dict[str, f
 
 
 def convert_item(kind: str, row: dict, delim: str, where: str) -> dict:
-    """A bundle row -> a chibichat "core" item (the delimiter becomes part of the continuation)."""
+    """A bundle row -> a chibichat "core" item (the delimiter ends the context: see the module docstring)."""
     need = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
             "language_modeling": ("context", "continuation")}[kind]
     missing = [k for k in need if k not in row]
     if missing:
         raise ChibiError(f"{where}: a {kind} row lacks {missing}")
     if kind == "multiple_choice":
-        return {"type": kind, "context": row["query"], "continuations": [delim + c for c in row["choices"]],
+        return {"type": kind, "context": row["query"] + delim, "continuations": list(row["choices"]),
                 "gold": row["gold"]}
     if kind == "schema":
-        return {"type": kind, "contexts": list(row["context_options"]), "continuation": delim + row["continuation"],
-                "gold": row["gold"]}
-    return {"type": kind, "context": row["context"].strip(), "continuation": delim + row["continuation"]}
+        return {"type": kind, "contexts": [c + delim for c in row["context_options"]],
+                "continuation": row["continuation"], "gold": row["gold"]}
+    return {"type": kind, "context": row["context"].strip() + delim, "continuation": row["continuation"]}
 
 
 def load_bundle(path: str | Path) -> list[CoreTask]:

@@ -104,8 +104,10 @@ def evaluate_gsm8k(item: dict, completion_text: str) -> bool:
 #
 # evaluate(item, completion): take the code of the completion (the first ``` fenced block if there is
 # one, else the whole text); if it does not define the entry point, treat it as the function body and
-# prepend the prompt; then run program + test + check(entry_point) in chibichat.sandbox (a fresh,
-# confined interpreter). Passing = exit status 0 within the time limit.
+# prepend the prompt; if it does, still prepend the prompt (a valid program: the signature and docstring
+# make a function its own definition replaces), whose imports and helpers (poly, encode_cyclic, ...) the
+# function and the test may use; then run program + test + check(entry_point) in chibichat.sandbox (a
+# fresh, confined interpreter). Passing = exit status 0 within the time limit.
 
 _FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -130,9 +132,9 @@ def build_program(item: dict, completion: str) -> str:
     if not re.search(rf"def\s+{re.escape(item['entry_point'])}\s*\(", code):
         code = item["prompt"] + code  # a bare body continuing the prompt
     else:
-        # keep the prompt's imports (typing etc.) which a rewritten function may rely on
-        imports = "".join(ln + "\n" for ln in item["prompt"].splitlines() if ln.startswith(("import ", "from ")))
-        code = imports + code
+        # A whole function: after the prompt, whose imports and other functions it and the test may call
+        # (HumanEval/38's test calls encode_cyclic); its own definition replaces the prompt's.
+        code = item["prompt"] + "\n" + code
     return f"{code}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
 
 
