@@ -12,7 +12,9 @@ Tasks read as they ship (items `{"messages"}` or CORE items plus provenance fiel
                    of the DCLM CORE tasks that are legally shippable (see assets/NOTICE.md; CoQA and Jeopardy
                    are left out as partly non-commercial; SQuAD, LSAT-AR and Winograd are not in a registry
                    package): 16 of CORE's 22 tasks. Few-shot K and the random baseline follow DCLM's
-                   core.yaml / eval_meta_data.csv; BoolQ's baseline is the majority-class rate DCLM uses.
+                   core.yaml / eval_meta_data.csv (BoolQ's baseline is the majority-class rate DCLM uses),
+                   except language identification's: the subset is 11-way, so its baseline is 1/11, not the
+                   CSV's 25%.
                    A score over these is "CORE-lite", not comparable with CORE.
 """
 
