@@ -223,16 +223,16 @@ def test_stream_equals_non_stream_with_same_seed(served):
         (b"{not json", 400, "invalid_json"),
         (b"[1, 2]", 400, "invalid_json"),
         (b"\xff\xfe", 400, "invalid_json"),
-        ({"messages": [{"role": "user", "content": "hi"}]}, 422, "invalid_type"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_type"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
-        ({"model": "M", "messages": []}, 422, "invalid_type"),
-        ({"model": "M", "messages": [{"role": "tool", "content": "hi"}]}, 422, "invalid_role"),
-        ({"model": "M", "messages": [{"role": "user", "content": 5}]}, 422, "invalid_type"),
+        ({"model": "M", "messages": []}, 400, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "tool", "content": "hi"}]}, 400, "invalid_role"),
+        ({"model": "M", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "x" * 201}]}, 400, "message_too_long"),
         ({"model": "M", "messages": [{"role": "user", "content": "x"}] * 9}, 400, "too_many_messages"),
         ({"model": "M", "messages": [{"role": "user", "content": "x" * 150}] * 5}, 400, "conversation_too_long"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "out_of_range"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "top_k": 500}, 400, "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "out_of_range"),
@@ -244,23 +244,23 @@ def test_stream_equals_non_stream_with_same_seed(served):
         ({"model": "M", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_messages"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "out_of_range"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": "2"}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": "2"}, 400, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
          "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": "x" * 65}, 400, "out_of_range"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 422, "invalid_type"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", 1]}, 422, "invalid_type"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", 1]}, 400, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, 400, "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -3}, 400, "out_of_range"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "invalid_value"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400,
          "out_of_range"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400, "invalid_type"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
          "invalid_value"),
-        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "user": 7}, 422, "invalid_type"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "user": 7}, 400, "invalid_type"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, code):
@@ -321,10 +321,10 @@ def test_truncate_history_without_max_tokens_does_not_fail_where_the_plain_reque
 
 
 def test_message_content_as_a_list_of_text_parts(served):
-    """OpenAI content parts: the texts of text parts, joined; a part kind this text-only model cannot read, or a
-    key a text part does not take, is refused by name (never dropped)."""
-    status, whole = _chat(served, [{"role": "user", "content": "hi there"}], max_tokens=6)
-    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
+    """OpenAI content parts: the texts of text parts, joined by a newline (as vLLM joins them); a part kind this
+    text-only model cannot read, or a key a text part does not take, is refused by name (never dropped)."""
+    status, whole = _chat(served, [{"role": "user", "content": "hi\nthere"}], max_tokens=6)
+    parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
     status2, joined = _chat(served, [{"role": "user", "content": parts}], max_tokens=6)
     assert status == status2 == 200 and joined["usage"] == whole["usage"]
     assert joined["choices"][0]["message"] == whole["choices"][0]["message"]
@@ -337,9 +337,101 @@ def test_message_content_as_a_list_of_text_parts(served):
     assert _chat(served, [{"role": "user", "content": [parts[0], image]}]) == (400, {"error": {
         "message": "messages[0].content[1] has type 'image_url': this is a text-only model; send text parts only",
         "type": "invalid_request_error", "param": "messages[0].content[1].type", "code": "unsupported_parameter"}})  # fmt: skip
-    assert _chat(served, [{"role": "user", "content": [{"type": "text", "text": 5}]}]) == (422, {"error": {
+    assert _chat(served, [{"role": "user", "content": [{"type": "text", "text": 5}]}]) == (400, {"error": {
         "message": "messages[0].content[0].text must be a string", "type": "invalid_request_error",
         "param": "messages[0].content[0].text", "code": "invalid_type"}})  # fmt: skip
+
+
+def test_developer_role_is_the_system_role(served):
+    """OpenAI's "developer" role is the system message under its newer name: the same prompt and reply; like a
+    system message it may only come first."""
+    user = {"role": "user", "content": "hi"}
+    status, system = _chat(served, [{"role": "system", "content": "be brief"}, user], max_tokens=6)
+    status2, developer = _chat(served, [{"role": "developer", "content": "be brief"}, user], max_tokens=6)
+    assert status == status2 == 200 and developer["usage"] == system["usage"]
+    assert developer["choices"][0]["message"] == system["choices"][0]["message"]
+    late = [user, {"role": "assistant", "content": "ok"}, {"role": "developer", "content": "be brief"}, user]
+    assert _chat(served, late) == (400, {"error": {
+        "message": "messages[2] is a developer message, but only the first message may be a system (or developer) "
+        "message; merge its text into messages[0]", "type": "invalid_request_error", "param": "messages[2].role",
+        "code": "invalid_messages"}})  # fmt: skip
+
+
+def test_wrong_types_are_400_naming_the_field_and_null_include_usage_is_unset(served):
+    """A field of the wrong type is a 400 (as in the OpenAI API) whose param is the field's path; a null
+    stream_options.include_usage counts as not sent, like any other null parameter."""
+    hi = [{"role": "user", "content": "hi"}]
+    assert _chat(served, hi, stream=True, stream_options={"include_usage": "yes"}) == (400, {"error": {
+        "message": "'stream_options.include_usage' must be a boolean", "type": "invalid_request_error",
+        "param": "stream_options.include_usage", "code": "invalid_type"}})  # fmt: skip
+    assert _chat(served, [*hi, 5]) == (400, {"error": {
+        "message": "messages[1] must be an object {'role': ..., 'content': ...}", "type": "invalid_request_error",
+        "param": "messages[1]", "code": "invalid_type"}})  # fmt: skip
+    assert _chat(served, hi, max_tokens=2, stream_options={"include_usage": None})[0] == 200
+    deltas = _sse_deltas(served.url, {"model": served.model, "messages": hi, "max_tokens": 2,
+                                      "stream_options": {"include_usage": None}})  # fmt: skip
+    assert deltas and all("usage" not in d for d in deltas)
+
+
+def test_a_route_parameter_of_the_wrong_type_is_400_naming_its_path(served):
+    """FastAPI's own validation (a typed route parameter) answers in the same 400 shape, param as a path."""
+    from fastapi import Body
+    from fastapi.testclient import TestClient
+
+    from chibichat.serve.app import create_app
+
+    app = create_app(served.pool, served.model)
+
+    @app.post("/probe")  # outside /v1/: the shared pool's request counter keeps its fixed routes
+    async def probe(items: list[int] = Body(embed=True)):
+        return {"items": items}
+
+    r = TestClient(app).post("/probe", json={"items": [1, "x"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "items[1]", r.text
+    assert r.json()["error"]["code"] == "invalid_type" and r.json()["error"]["message"].startswith("'items[1]': ")
+
+
+def test_stream_usage_is_null_on_every_chunk_but_the_last_when_asked(served):
+    """With stream_options.include_usage every chunk has "usage": null but the last, which has the counts and no
+    choices (the OpenAI API's stream); without it no chunk has a usage field."""
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    asked = _sse_deltas(served.url, {**body, "stream_options": {"include_usage": True}})
+    assert len(asked) >= 3 and [d["usage"] for d in asked[:-1]] == [None] * (len(asked) - 1)
+    assert asked[-1]["choices"] == [] and asked[-1]["usage"]["completion_tokens"] >= 1
+    assert all("usage" not in d for d in _sse_deltas(served.url, body))
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(served):
+    """A body past Limits.max_body_bytes is refused: by its Content-Length before any of it arrives, or (chunked)
+    once the bytes read pass the limit; the server keeps serving."""
+    import http.client
+
+    too_large = {"error": {"message": "the request body is larger than this server's limit of 1048576 bytes; send a "
+                           "shorter conversation or prompt", "type": "invalid_request_error", "param": None,
+                           "code": "request_too_large"}}  # fmt: skip
+    host, port = served.url.removeprefix("http://").split(":")
+
+    def post(route, headers, send_body):
+        conn = http.client.HTTPConnection(host, int(port), timeout=20)
+        conn.putrequest("POST", route)
+        for k, v in {"Content-Type": "application/json", **headers}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        send_body(conn)
+        r = conn.getresponse()
+        out = r.status, json.loads(r.read())
+        conn.close()
+        return out
+
+    # a declared 1 GB body: answered without sending any of it
+    assert post("/v1/chat/completions", {"Content-Length": str(10**9)}, lambda conn: None) == (413, too_large)
+
+    def chunks(conn):  # 5 x 256 KiB, past the 1 MiB limit, never ended
+        for _ in range(5):
+            conn.send(b"%x\r\n%s\r\n" % (1 << 18, b" " * (1 << 18)))
+
+    assert post("/v1/completions", {"Transfer-Encoding": "chunked"}, chunks) == (413, too_large)
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
 
 
 def test_request_errors_name_what_the_client_sent(served):
@@ -356,7 +448,7 @@ def test_request_errors_name_what_the_client_sent(served):
     assert post(max_completion_tokens=10, max_tokens=500) == (
         400, "max_tokens", "'max_completion_tokens' 10 and 'max_tokens' 500 disagree: they are two names of one setting; "
         "send one of them")  # fmt: skip
-    assert post(max_completion_tokens=10, max_tokens="abc") == (422, "max_tokens", "'max_tokens' must be an integer")
+    assert post(max_completion_tokens=10, max_tokens="abc") == (400, "max_tokens", "'max_tokens' must be an integer")
     assert post(max_completion_tokens=96) == (
         400, "max_completion_tokens", "max_completion_tokens 96 must be less than the model's context of 96 tokens")
     assert post(max_completion_tokens=91) == (
@@ -1322,6 +1414,12 @@ def test_api_key_required_on_the_api_and_metrics(served):
         r = client.completions.create(model=served.model, prompt="x", max_tokens=3)
         assert r.usage.completion_tokens >= 1
         assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        # the auth scheme is case-insensitive (RFC 9110); the key is not
+        for header in ("bearer s3cret-key", "BEARER  s3cret-key"):
+            assert httpx.get(url + "/v1/models", headers={"Authorization": header}).status_code == 200, header
+        for header in ("bearer S3CRET-KEY", "Basic s3cret-key", "s3cret-key"):
+            r = httpx.get(url + "/v1/models", headers={"Authorization": header})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", header
         # the page and /health stay open (the page asks for the key itself)
         assert httpx.get(url + "/").status_code == 200 and httpx.get(url + "/health").json()["auth"] is True
 

@@ -4,8 +4,8 @@
 `create_app` builds everything from its arguments (no module-level app or state), so tests and the
 `serve` stage can create as many independent apps as they like. With `load` the model loads in a
 background thread after the server starts: /health answers 503 {"status": "loading"} and the API 503
-until it is ready. With `api_key`, /v1/* and /metrics need `Authorization: Bearer <key>` (401
-otherwise); the page and /health stay open (the page asks for the key and sends it).
+until it is ready. With `api_key`, /v1/* and /metrics need `Authorization: Bearer <key>` (the scheme in
+any case, RFC 9110; 401 otherwise); the page and /health stay open (the page asks for the key and sends it).
 Every 503 carries Retry-After (RETRY_AFTER_S): seconds a client should wait before trying again.
 """
 
@@ -76,8 +76,8 @@ class _Auth:
         path = scope["path"]
         counted = path.startswith("/v1/")
         if self.key is not None and (counted or path == "/metrics"):
-            sent = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(sent, b"Bearer " + self.key.encode()):
+            scheme, _, sent = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if not (hmac.compare_digest(sent.lstrip(b" "), self.key.encode()) and scheme.lower() == b"bearer"):
                 body = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
                                 "(the key given to `chibichat serve --api-key/--api-key-file`)", None,
                                 "invalid_api_key").body()  # fmt: skip
@@ -160,8 +160,11 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         return error(ApiError(exc.status_code, str(exc.detail), None, None))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return error(ApiError(422, f"invalid request: {exc.errors()}", None, "invalid_type"))
+    async def validation_error(request, exc):  # a route's typed parameter: 400 naming it, as the OpenAI API does
+        first = exc.errors()[0]
+        loc = [x for x in first["loc"] if x not in ("body", "query", "path", "header", "cookie")]
+        param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or None
+        return error(ApiError(400, f"'{param}': {first['msg']}" if param else first["msg"], param, "invalid_type"))
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):  # never a bare traceback page; the server keeps running
@@ -212,6 +215,22 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
             return error(ApiError(404, f"model {model!r} does not exist; this server serves {[model_id]}", "model",
                                   "model_not_found"))  # fmt: skip
         return model_card
+
+    async def read_body(request) -> bytes:
+        """The request body, refused (413) past limits.max_body_bytes: by its Content-Length before reading
+        any of it, or (a chunked body) as soon as the bytes read pass the limit."""
+        cap = limits.max_body_bytes
+        too_large = ApiError(413, f"the request body is larger than this server's limit of {cap} bytes; send a "
+                             "shorter conversation or prompt", None, "request_too_large")  # fmt: skip
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cap:
+                raise too_large
+        return bytes(body)
 
     def budget(req, used: int, seq_len: int, prompt_param: str) -> int:
         """The reply budget for a prompt of `used` tokens: max_tokens (checked against the room left), or
@@ -457,7 +476,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         def chunk(choices, usage_=None):
             body = {"id": cid, "object": obj + (".chunk" if chat else ""), "created": now, "model": model_id,
                     "choices": choices}  # fmt: skip
-            if usage_ is not None:
+            if req.include_usage:  # as the OpenAI API: null on every chunk but the last, which has the counts
                 body["usage"] = usage_
             return body
 
@@ -516,7 +535,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         try:
             pool = ready_pool()
             engine0 = pool.engines[0]
-            req = parse_chat_request(await request.body(), limits, [model_id])
+            req = parse_chat_request(await read_body(request), limits, [model_id])
             prompt, max_tokens, dropped = prepare_chat(req, engine0.tokenizer, engine0.seq_len)
             return await respond(request, True, req, prompt, max_tokens, tools, {"dropped_messages": dropped} if dropped else None)
         except ApiError as e:
@@ -528,7 +547,7 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
         try:
             pool = ready_pool()
             engine0 = pool.engines[0]
-            req = parse_completion_request(await request.body(), limits, [model_id])
+            req = parse_completion_request(await read_body(request), limits, [model_id])
             tok, seq_len = engine0.tokenizer, engine0.seq_len
             try:
                 prompt = [tok.bos_id, *tok.encode(req.prompt)]

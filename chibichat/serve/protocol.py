@@ -1,9 +1,10 @@
 """The OpenAI wire format: request validation for /v1/chat/completions and /v1/completions.
 
 Validation is written out by hand rather than with pydantic models so that every failure maps to
-an OpenAI-style error body {"error": {"message", "type", "param", "code"}} with a status the
-official client understands: 400 for a body that is not JSON or a value out of range, 422 for
-fields of the wrong type or shape, 404 for an unknown model.
+an OpenAI-style error body {"error": {"message", "type", "param", "code"}} with the status the
+OpenAI API gives: 400 for any bad request (not JSON, a field of the wrong type or shape, a value out
+of range; `param` names the field's path, e.g. "messages[2].role"), 404 for an unknown model, 413 for
+a body over Limits.max_body_bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class Limits:
     max_stop_chars: int = 64  # characters per stop string
     max_user_chars: int = 256  # the `user` id
     timeout_s: float | None = 300.0  # per request, from arrival to the last token (None: no limit)
+    # Request body bytes, refused (413) before they are all read. A request within the character limits
+    # above is far smaller: max_total_chars written as JSON escapes (at most 12 bytes per character, a
+    # surrogate pair) is 384 KB, plus the messages' own keys.
+    max_body_bytes: int = 1 << 20
 
 
 class ApiError(Exception):
@@ -106,7 +111,7 @@ def _number(body, name, lo, hi, default, integer=False):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise ApiError(422, f"'{name}' must be {'an integer' if integer else 'a number'}", name, "invalid_type")
+        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}", name, "invalid_type")
     if not lo <= v <= hi:
         raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {v}", name, "out_of_range")
     return v
@@ -121,19 +126,19 @@ def _content_text(content, i: int) -> str:
         for k, part in enumerate(content):
             where = f"messages[{i}].content[{k}]"
             if not (isinstance(part, dict) and isinstance(part.get("type"), str)):
-                raise ApiError(422, f"{where} must be a part {{'type': 'text', 'text': str}}", where, "invalid_type")
+                raise ApiError(400, f"{where} must be a part {{'type': 'text', 'text': str}}", where, "invalid_type")
             if part["type"] != "text":  # image_url, input_audio, file, ...
                 raise ApiError(400, f"{where} has type {part['type']!r}: this is a text-only model; send text "
                                "parts only", f"{where}.type", "unsupported_parameter")  # fmt: skip
             if not isinstance(part.get("text"), str):
-                raise ApiError(422, f"{where}.text must be a string", f"{where}.text", "invalid_type")
+                raise ApiError(400, f"{where}.text must be a string", f"{where}.text", "invalid_type")
             for key, value in part.items():  # a key dropped here would be a setting silently ignored
                 if key not in ("type", "text") and value is not None:
                     raise ApiError(400, f"{where}.{key} is not supported (text parts take type and text only)",
                                    f"{where}.{key}", "unsupported_parameter")  # fmt: skip
             texts.append(part["text"])
-        return "".join(texts)
-    raise ApiError(422, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
+        return "\n".join(texts)  # as vLLM joins them: parts stay apart (words never run together)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
                    "invalid_type")  # fmt: skip
 
 
@@ -146,7 +151,7 @@ def _body(raw: bytes, model_ids: list[str]) -> dict:
         raise ApiError(400, "request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
     if not isinstance(model, str):
-        raise ApiError(422, f"'model' is required; this server serves {model_ids}", "model", "invalid_type")
+        raise ApiError(400, f"'model' is required; this server serves {model_ids}", "model", "invalid_type")
     if model not in model_ids:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {model_ids}", "model",
                        "model_not_found")  # fmt: skip
@@ -161,17 +166,18 @@ def _sampling(body: dict, limits: Limits, max_tokens_keys: tuple[str, ...]) -> d
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise ApiError(422, "'stream' must be a boolean", "stream", "invalid_type")
+        raise ApiError(400, "'stream' must be a boolean", "stream", "invalid_type")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
-        raise ApiError(422, "'stream_options' must be an object", "stream_options", "invalid_type")
+        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    opts = {key: value for key, value in opts.items() if value is not None}  # null: not sent, as at the top level
     for key in opts:
         if key != "include_usage":
             raise ApiError(400, f"'stream_options.{key}' is not supported (only include_usage is)",
                            f"stream_options.{key}", "unsupported_parameter")  # fmt: skip
     include_usage = opts.get("include_usage", False)
     if not isinstance(include_usage, bool):
-        raise ApiError(422, "'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
                        "invalid_type")  # fmt: skip
     if opts and not stream:
         raise ApiError(400, "'stream_options' is only allowed with stream: true", "stream_options", "invalid_value")
@@ -191,7 +197,7 @@ def _sampling(body: dict, limits: Limits, max_tokens_keys: tuple[str, ...]) -> d
         raise ApiError(400, "'top_p' must be greater than 0", "top_p", "out_of_range")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise ApiError(422, "'user' must be a string", "user", "invalid_type")
+        raise ApiError(400, "'user' must be a string", "user", "invalid_type")
     if user is not None and len(user) > limits.max_user_chars:
         raise ApiError(400, f"'user' has {len(user)} characters, more than {limits.max_user_chars}", "user",
                        "out_of_range")  # fmt: skip
@@ -222,14 +228,22 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
                        "unsupported_parameter")  # fmt: skip
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise ApiError(422, "'messages' must be a non-empty list", "messages", "invalid_type")
+        raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
     if len(msgs) > limits.max_messages:
         raise ApiError(400, f"too many messages: {len(msgs)} > {limits.max_messages}", "messages", "too_many_messages")
     messages, total = [], 0
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(422, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role",
-                           "invalid_role")  # fmt: skip
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object {{'role': ..., 'content': ...}}", f"messages[{i}]",
+                           "invalid_type")  # fmt: skip
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role {role!r} is not supported: roles are system (or developer), "
+                           "user and assistant", f"messages[{i}].role", "invalid_role")  # fmt: skip
+        if role in ("system", "developer") and i > 0:  # the template has one system text, merged into the first turn
+            raise ApiError(400, f"messages[{i}] is a {role} message, but only the first message may be a system (or "
+                           "developer) message; merge its text into messages[0]", f"messages[{i}].role",
+                           "invalid_messages")  # fmt: skip
         for key, value in m.items():
             if key not in ("role", "content") and value is not None:
                 raise ApiError(400, f"messages[{i}].{key} is not supported (messages take role and content only)",
@@ -239,7 +253,8 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
             raise ApiError(400, f"messages[{i}] has {len(text)} characters, more than {limits.max_message_chars}",
                            f"messages[{i}].content", "message_too_long")  # fmt: skip
         total += len(text)
-        messages.append({"role": m["role"], "content": text})
+        # "developer" is the OpenAI API's newer name for the system role
+        messages.append({"role": "system" if role == "developer" else role, "content": text})
     if total > limits.max_total_chars:
         raise ApiError(400, f"messages hold {total} characters, more than {limits.max_total_chars}", "messages",
                        "conversation_too_long")  # fmt: skip
@@ -251,13 +266,13 @@ def parse_chat_request(raw: bytes, limits: Limits, model_ids: list[str]) -> Chat
     sampling = _sampling(body, limits, ("max_completion_tokens", "max_tokens"))
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
-        raise ApiError(422, "'logprobs' must be a boolean", "logprobs", "invalid_type")
+        raise ApiError(400, "'logprobs' must be a boolean", "logprobs", "invalid_type")
     top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
     if top is not None and not logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     truncate = body.get("truncate_history", False)
     if not isinstance(truncate, bool):
-        raise ApiError(422, "'truncate_history' must be a boolean", "truncate_history", "invalid_type")
+        raise ApiError(400, "'truncate_history' must be a boolean", "truncate_history", "invalid_type")
     return ChatRequest(**sampling, top_logprobs=(top or 0) if logprobs else None, messages=messages,
                        truncate_history=truncate)  # fmt: skip
 
@@ -272,7 +287,7 @@ def parse_completion_request(raw: bytes, limits: Limits, model_ids: list[str]) -
         raise ApiError(400, "'prompt' must be one string (or a list of one string): batches of prompts and token-id "
                        "prompts are not supported; send one request per prompt", "prompt", "unsupported_parameter")  # fmt: skip
     if not isinstance(prompt, str):
-        raise ApiError(422, "'prompt' must be a string", "prompt", "invalid_type")
+        raise ApiError(400, "'prompt' must be a string", "prompt", "invalid_type")
     if len(prompt) > limits.max_total_chars:
         raise ApiError(400, f"'prompt' has {len(prompt)} characters, more than {limits.max_total_chars}", "prompt",
                        "conversation_too_long")  # fmt: skip
@@ -297,7 +312,7 @@ def _stop(value, limits: Limits) -> tuple[str, ...]:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-        raise ApiError(422, "'stop' must be a string or a list of strings", "stop", "invalid_type")
+        raise ApiError(400, "'stop' must be a string or a list of strings", "stop", "invalid_type")
     if len(items) > limits.max_stop:
         raise ApiError(400, f"'stop' holds {len(items)} strings, at most {limits.max_stop} are allowed", "stop",
                        "out_of_range")  # fmt: skip
