@@ -76,6 +76,20 @@ def test_pair_files_in_three_shapes(tmp_path):
         load_pairs(p)
 
 
+def test_replies_that_render_the_same_are_identical():
+    """A string and the same text as parts (split, or with an empty part) render to the same tokens: refused."""
+    from chibichat.tasks.preferences import row_to_pair
+
+    for rejected in ([{"type": "text", "text": "same"}], [{"type": "text", "text": "sa"}, {"type": "text", "text": "me"}],
+                     {"role": "assistant", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "same"}]}):
+        with pytest.raises(ChibiError) as e:
+            row_to_pair({"prompt": "Hi", "chosen": "same", "rejected": rejected}, "p.jsonl line 3")
+        assert str(e.value) == "p.jsonl line 3: chosen and rejected are identical; the pair teaches nothing"
+    # the same text as a tool call is another reply
+    call = [{"type": "python", "text": "same"}]
+    assert row_to_pair({"prompt": "Hi", "chosen": "same", "rejected": call}, "x")["rejected"] == call
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_thirty_cpu_steps_raise_held_out_reward_accuracy(tmp_path):
@@ -263,14 +277,37 @@ def test_train_items_takes_the_first_training_pairs_of_a_file(tmp_path):
     p.write_text("".join(json.dumps({"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}"}) + "\n"
                          for k in range(20)), encoding="utf-8")
     args = argparse.Namespace(data=str(p), train_items=None, val_items=100, seed=0)
-    train, val = _data(args, None)
-    assert [len(train), len(val)] == [18, 2] and val[0]["chosen"] == "good 18"
+    train, val, copies = _data(args, None)
+    assert [len(train), len(val), copies] == [18, 2, 0] and val[0]["chosen"] == "good 18"
     args.train_items = 5
-    assert _data(args, None) == (train[:5], val)
+    assert _data(args, None) == (train[:5], val, 0)
     args.train_items = 19
     with pytest.raises(ChibiError, match=r"--train-items 19, but --data .*p.jsonl has 18 training pairs \(2 of its 20 "
                                          r"are held out\); lower --train-items, or leave it out"):
         _data(args, None)
+
+
+def test_held_out_pairs_that_repeat_a_training_pair_are_left_out_and_counted(tmp_path):
+    """The last 10% of a file is held out; a held-out row that repeats a training pair (here with its chosen reply
+    as parts) would score the model on training data."""
+    import argparse
+
+    from chibichat.stages.dpo import _data
+
+    rows = [{"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}"} for k in range(20)]
+    rows[18] = {**rows[3], "chosen": [{"type": "text", "text": "good 3"}]}
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    args = argparse.Namespace(data=str(p), train_items=3, val_items=100, seed=0)  # row 3 is not trained on: still out
+    train, val, copies = _data(args, None)
+    assert [len(train), copies] == [3, 1] and val == [{"messages": [{"role": "user", "content": "q19"}],
+                                                        "chosen": "good 19", "rejected": "bad 19"}]
+    rows[19] = rows[0]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(ChibiError) as e:
+        _data(args, None)
+    assert str(e.value) == (f"each of the 2 held-out pairs of --data {p} (its last 2 rows) repeats a training pair, "
+                            "so the held-out scores would be measured on training data; remove the repeated rows")
 
 
 def test_a_pair_file_with_several_problems_names_every_line(tmp_path):

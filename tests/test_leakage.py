@@ -190,7 +190,7 @@ def test_full_online_test_sets_in_the_home_are_checked_against_training(home):
         build_mixtures([("gsm8k-train", 1.0)], 1, 0, home)
     assert str(e.value) == want
     # --drop-eval-overlap: the shared question is left out and counted, the rest trains
-    train, _, dropped = build_mixtures([("gsm8k-train", 1.0)], 1, 0, home, drop_overlap=True)
+    train, _, dropped, _ = build_mixtures([("gsm8k-train", 1.0)], 1, 0, home, drop_overlap=True)
     assert dropped == {"gsm8k-train": {"gsm8k": 1}}
     questions = [item["messages"][0]["content"] for _, item in train]
     assert test_q not in questions and len(questions) == len(GSM_ROWS) - 1  # one more row held out for validation
@@ -204,6 +204,6 @@ def test_shipped_training_data_of_the_default_mixtures_is_disjoint_from_the_eval
     (the generated tasks' splits are disjoint by construction and are checked in every stage test)."""
     from chibichat.stages.sft import build_mixtures, parse_mix
 
-    train, _, dropped = build_mixtures(parse_mix("mmlu-dev=1,chitchat=1,chatterbot=1,chatterbot-ja=1"), 50, 0)
+    train, _, dropped, _ = build_mixtures(parse_mix("mmlu-dev=1,chitchat=1,chatterbot=1,chatterbot-ja=1"), 50, 0)
     assert dropped == {}
     assert set(train.summary()) == {"mmlu-dev", "chitchat", "chatterbot", "chatterbot-ja"}

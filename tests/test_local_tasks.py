@@ -108,11 +108,34 @@ def test_file_in_mix_with_epochs_after_the_last_equals(tmp_path):
 
     d = tmp_path / "x=y"
     d.mkdir()
-    path = write_jsonl(d / "s.jsonl", [OPENAI] * 40)
+    path = write_jsonl(d / "s.jsonl", [support_row(k) for k in range(40)])
     mix = parse_mix(f"chitchat=0.1,file:{path}=3")
     assert mix == [("chitchat", 0.1), (f"file:{path}", 3.0)]
-    train, val, _ = build_mixtures(mix, val_items=5, seed=0)
+    train, val, _, copies = build_mixtures(mix, val_items=5, seed=0)
     assert train.summary()[f"file:{path}"] == 3 * 38 and val.summary()[f"file:{path}"] == 2  # last 5% held out
+    assert copies == {}
+
+
+def support_row(k):
+    return {"messages": [{"role": "user", "content": f"{USER1} ({k})"}, {"role": "assistant", "content": BOT1}]}
+
+
+def test_held_out_rows_that_repeat_a_training_row_are_left_out_and_counted(tmp_path):
+    """A row repeated in a file must not land on both sides: the held-out loss would be training loss."""
+    from chibichat.stages.sft import build_mixtures, parse_mix
+
+    # the last 2 rows are held out; the first repeats row 3 (as ShareGPT: the same conversation once parsed)
+    sharegpt3 = {"conversations": [{"from": "human", "value": f"{USER1} (3)"}, {"from": "gpt", "value": BOT1}]}
+    path = write_jsonl(tmp_path / "s.jsonl", [support_row(k) for k in range(38)] + [sharegpt3, support_row(39)])
+    train, val, _, copies = build_mixtures(parse_mix(f"file:{path}=1"), val_items=5, seed=0)
+    assert copies == {f"file:{path}": 1} and val.summary() == {f"file:{path}": 1}
+    assert val.tasks[0][0]["messages"][0]["content"] == f"{USER1} (39)" and train.summary() == {f"file:{path}": 38}
+    write_jsonl(path, [support_row(k) for k in range(38)] + [sharegpt3, support_row(4)])
+    with pytest.raises(ChibiError) as e:
+        build_mixtures(parse_mix(f"file:{path}=1"), val_items=5, seed=0)
+    assert str(e.value) == (f"each of the 2 held-out items of 'file:{path}' (its last 2 rows) repeats one of its "
+                            "training rows, so the held-out loss would be measured on training data; remove the "
+                            f"repeated rows (`chibichat data check {path}` lists them)")
 
 
 def test_verifiable_rows_are_an_rl_task(tmp_path):
@@ -238,7 +261,7 @@ def test_identity_persona_replaces_name_and_creator_in_en_and_ja(tmp_path):
                        ("name=", "must be one line"), (str(tmp_path / "none.json"), "does not exist")]:
         with pytest.raises(ChibiError, match=match):
             parse_persona(bad)
-    train, val, _ = build_mixtures([("identity", 1.0), ("identity-ja", 1.0)], val_items=20, seed=0, persona=persona)
+    train, val, _, _ = build_mixtures([("identity", 1.0), ("identity-ja", 1.0)], val_items=20, seed=0, persona=persona)
     replies = {task: " ".join(m["content"] for t, it in train if t == task for m in it["messages"]
                               if m["role"] == "assistant") for task in ("identity", "identity-ja")}
     assert "Kiku" in replies["identity"] and "Acme Inc." in replies["identity"]
@@ -336,7 +359,7 @@ def test_nan_and_infinity_answers_are_refused_with_their_line(tmp_path):
 def test_mix_epochs_that_give_a_file_no_item_or_are_infinite_are_refused(tmp_path):
     from chibichat.stages.sft import build_mixtures, parse_mix
 
-    path = write_jsonl(tmp_path / "small.jsonl", [OPENAI] * 4)  # 3 train items after 1 held out
+    path = write_jsonl(tmp_path / "small.jsonl", [support_row(k) for k in range(4)])  # 3 train items, 1 held out
     with pytest.raises(ChibiError, match=rf"epochs 0.1 of task 'file:{re.escape(str(path))}' \(3 items\) rounds to 0 items; give it "
                                          r"epochs >= 0.333 \(one item\), or leave it out of the mixture"):
         build_mixtures(parse_mix(f"file:{path}=0.1"), val_items=5, seed=0)

@@ -604,13 +604,14 @@ def test_lora_resume_refuses_another_base_or_settings(tmp_path):
     from chibichat.model.lora import LoRAConfig, apply_lora, lora_parameters
     from chibichat.train.optim import build_lora_optimizer
 
-    def lora_run(base, alpha=4.0, resume=False):
+    def lora_run(base, alpha=4.0, resume=False, sha=None, tag="lo"):
         model, _ = make()
         lcfg = LoRAConfig(rank=4, alpha=alpha)
         apply_lora(model, lcfg)
         opt = build_lora_optimizer(lora_parameters(model), 1e-3)
-        meta = {**meta_for(model), "lora": {**lcfg.to_dict(), "base": base}}
-        cfg = LoopConfig(tag_dir=tmp_path / "lo", num_steps=2, keep_last=0, resume=resume)
+        fingerprint = {} if sha is None else {"base_sha256": sha}
+        meta = {**meta_for(model), "lora": {**lcfg.to_dict(), "base": base, **fingerprint}}
+        cfg = LoopConfig(tag_dir=tmp_path / tag, num_steps=2, keep_last=0, resume=resume)
         return train(model, opt, ToySource(), loss_fn, cpu_rt(), cfg, meta=meta)
 
     lora_run("base/d2/step_000010")
@@ -624,3 +625,13 @@ def test_lora_resume_refuses_another_base_or_settings(tmp_path):
         "with: pass --from base --from-tag d2 --from-step 10 and the same --lora flags, or start a new --tag")
     with pytest.raises(ChibiError, match=re.escape("--lora-alpha 4.0 (this run: 8.0)")):
         lora_run("base/d2/step_000010", alpha=8.0, resume=True)
+    # saved without a base fingerprint (an older chibichat): resumed without comparing it
+    assert lora_run("base/d2/step_000010", resume=True, sha="a" * 64).steps == 2
+    lora_run("base/d2/step_000010", sha="a" * 64, tag="fp")
+    assert lora_run("base/d2/step_000010", resume=True, sha="a" * 64, tag="fp").steps == 2
+    with pytest.raises(ChibiError) as e:
+        lora_run("base/d2/step_000010", resume=True, sha="b" * 64, tag="fp")  # the same base step, trained again
+    assert str(e.value) == (
+        f"--resume: {tmp_path / 'fp' / 'step_000002'} holds LoRA adapters trained on base/d2/step_000010, whose "
+        "weights have changed since (sha256 aaaaaaaaaaaa then, bbbbbbbbbbbb now: that base was trained again); the "
+        "adapters only continue on the weights they were trained on: restore that checkpoint, or start a new --tag")

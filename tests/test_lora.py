@@ -140,6 +140,48 @@ def test_adapter_checkpoint_saves_alone_and_reloads_to_equal_logits(tmp_path):
         load_model(home, "sft")
 
 
+def test_an_adapter_refuses_a_base_retrained_with_the_same_settings(tmp_path):
+    """The stage meta records the SHA-256 of the base's weights file; a base trained again in the same place (same
+    tag, step, config and tokenizer, other weights) is refused on load. An adapter saved before the fingerprint
+    was recorded still loads."""
+    import argparse
+    import hashlib
+    from types import SimpleNamespace
+
+    from chibichat.common import Home
+    from chibichat.train.checkpoint import load_model, save_checkpoint
+    from chibichat.train.finetune import stage_meta
+
+    home = Home.resolve(tmp_path / "home")
+    base = tiny()
+    meta = {"model_config": base.config.to_dict(), "tokenizer": {"hash": "h", "vocab_size": 64}}
+    base_dir = save_checkpoint(home.checkpoints_dir("base", "d2"), 3, base, None, meta)
+    args = argparse.Namespace(lora=4, lora_alpha=None, lora_dropout=None, lora_targets="attn,mlp", lora_lr=None,
+                              fp8=False)
+    tok = SimpleNamespace(hash="h", vocab_size=64)
+    lora_meta = stage_meta(base, tok, args, {"checkpoint_dir": str(base_dir), "step": 3}, "sft")
+    old_sha = hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert lora_meta["lora"] == {"rank": 4, "alpha": 4.0, "dropout": 0.0, "targets": ["attn", "mlp"],
+                                 "base": "base/d2/step_000003", "base_sha256": old_sha}
+    apply_lora(base, LoRAConfig(rank=4, alpha=4.0, targets=("attn", "mlp")))
+    randomize_adapters(base)
+    sdir = save_checkpoint(home.checkpoints_dir("sft", "d2"), 7, base, None, lora_meta)
+    load_model(home, "sft")  # the base it was trained on
+    save_checkpoint(home.checkpoints_dir("base", "d2"), 3, tiny(seed=5), None, meta)  # trained again, same settings
+    new_sha = hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(ChibiError) as e:
+        load_model(home, "sft")
+    assert str(e.value) == (
+        f"the adapter in {sdir} was trained on {home.root / 'checkpoints' / 'base/d2/step_000003'}, which now holds "
+        f"another model (model.safetensors sha256 {old_sha[:12]} -> {new_sha[:12]}: the same settings, other "
+        "weights): that base was replaced after the adapter was trained. Restore the checkpoint the adapter was "
+        "trained on, or train the adapter again on this one")
+    saved = json.loads((sdir / "meta.json").read_text())
+    del saved["lora"]["base_sha256"]  # as an adapter saved before the fingerprint was recorded
+    (sdir / "meta.json").write_text(json.dumps(saved))
+    assert not has_lora(load_model(home, "sft")[0])
+
+
 def test_merge_keeps_the_old_checkpoint_when_saving_fails_and_never_writes_over_the_adapter(tmp_path, monkeypatch):
     from test_stages_chat import _parse, make_base
 
@@ -178,7 +220,7 @@ def test_merge_keeps_the_old_checkpoint_when_saving_fails_and_never_writes_over_
 def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
     from test_stages_chat import FAST, make_base, run_cli
 
-    from chibichat.train.checkpoint import ADAPTER_FILE, load_model, read_meta, save_checkpoint
+    from chibichat.train.checkpoint import ADAPTER_FILE, load_model, read_meta, save_checkpoint, weights_sha256
 
     home, tok = make_base(tmp_path / "home")
     model, meta = load_model(home, "base")  # its zero head would pass no gradient to the blocks' adapters
@@ -196,7 +238,8 @@ def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
     assert (sdir / ADAPTER_FILE).is_file() and not (sdir / "model.safetensors").exists()
     meta = read_meta(sdir)
     assert meta["lora"] == {"rank": 4, "alpha": 4.0, "dropout": 0.0, "targets": ["attn", "mlp"],
-                            "base": "base/rand/step_000005"}
+                            "base": "base/rand/step_000005",
+                            "base_sha256": weights_sha256(home.checkpoints_dir("base", "rand") / "step_000005")}
     summary = json.loads((tag_dir / "summary.json").read_text())
     first_val = json.loads((tag_dir / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
     assert summary["steps"] == 3 and summary["val_loss"] < first_val - 0.005  # the adapters learn

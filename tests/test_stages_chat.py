@@ -894,7 +894,7 @@ def test_sft_soup_averages_its_members_and_reuses_finished_ones(base, capsys):
     model, meta = load_model(home, "sft", "sp", rt=cpu_rt())
     assert meta["soup"]["members"] == s["soup"]["members"]
     args = _parse(common)
-    _, val_mix, _ = build_mixtures(parse_mix("arithmetic=0.1"), 4, 5, home)
+    _, val_mix, _, _ = build_mixtures(parse_mix("arithmetic=0.1"), 4, 5, home)
     assert val_loss_fn(val_mix, base[1], args, cpu_rt(), False, "pack")(model, 2)["val_loss"] == pytest.approx(
         s["val_loss"], rel=1e-6)
     # the next stage trains from the average, with the learning rates its runs trained with
@@ -1070,7 +1070,7 @@ def test_midtrain_soup_averages_runs_from_the_base_and_sft_trains_from_the_avera
     assert s["stage"] == "mid" and s["soup"]["seeds"] == [3, 4] and s["loss_on"] == "all tokens"
     # the average's val loss is midtraining's (every token scored), on the first member's validation items
     model, meta = load_model(home, "mid", "ms", rt=cpu_rt())
-    _, val_mix, _ = build_mixtures(parse_mix("arithmetic=0.1"), 4, 3, home)
+    _, val_mix, _, _ = build_mixtures(parse_mix("arithmetic=0.1"), 4, 3, home)
     args = _parse(common)
     assert val_loss_fn(val_mix, tok, args, cpu_rt(), True, "stream")(model, 2)["val_loss"] == pytest.approx(
         s["val_loss"], rel=1e-6)

@@ -14,7 +14,8 @@ adapters sit on, and the adapters start at zero. Logged: `reward_accuracy` (frac
 reward(c) > reward(r)) and `reward_margin` (mean reward(c) - reward(r)) on the held-out pairs at
 every evaluation, and the same over the training pairs since the previous evaluation
 (`train_reward_accuracy`, `train_reward_margin`). Data: `--data FILE` (.jsonl/.parquet, see
-chibichat/tasks/preferences.py; the last <=10% held out, --train-items takes the first N of the rest), a
+chibichat/tasks/preferences.py; the last <=10% held out, less those that repeat a pair of the rest (left out and
+counted), --train-items takes the first N of the rest), a
 generated task (prefs-arithmetic, prefs-spelling, prefs-language) or the online UltraFeedback binarized set
 (`ultrafeedback`, first --train-items / --val-items rows). A pair longer than the context loses the same
 earliest turns on both sides (counted as shortened), or is left out when its final exchange alone does not fit.
@@ -201,21 +202,22 @@ def register(sub):
 
 
 def _data(args, home):
+    """(training pairs, held-out pairs, held-out pairs of a file left out as copies of a training pair)."""
     from pathlib import Path
 
-    from chibichat.tasks.preferences import GENERATED, ONLINE, generated_pairs, hub_pairs, load_pairs
+    from chibichat.tasks.preferences import GENERATED, ONLINE, generated_pairs, hub_pairs, load_pairs, pair_key
 
     n_train = DEFAULT_TRAIN_ITEMS if args.train_items is None else args.train_items
     if args.data in GENERATED:
         return (generated_pairs(args.data, "train", n_train, args.seed),
-                generated_pairs(args.data, "test", args.val_items, args.seed))
+                generated_pairs(args.data, "test", args.val_items, args.seed), 0)
     if args.data in ONLINE:
         (train, same_t), (val, same_v) = (hub_pairs(home, args.data, "train", n_train),
                                           hub_pairs(home, args.data, "test", args.val_items))
         if same_t or same_v:
             print(f"dpo: {same_t} training and {same_v} held-out {args.data} rows have identical chosen and rejected "
                   "replies and are left out")
-        return train, val
+        return train, val, 0
     if Path(args.data).suffix not in (".jsonl", ".parquet"):
         raise ChibiError(f"--data {args.data!r} is neither a .jsonl/.parquet file nor one of "
                          f"{', '.join(GENERATED + tuple(ONLINE))}")
@@ -224,13 +226,21 @@ def _data(args, home):
     if n_val < 1:
         raise ChibiError(f"--data {args.data} has {len(pairs)} pairs: too few to hold out validation pairs (>= 10)")
     train = pairs[:-n_val]
+    # A held-out pair that repeats a pair of the training part (any of it, so that the held-out set does not
+    # depend on --train-items) would score the model on what it trained on.
+    seen = {pair_key(p) for p in train}
+    val = [p for p in pairs[-n_val:] if pair_key(p) not in seen]
+    if not val:
+        raise ChibiError(f"each of the {n_val} held-out pairs of --data {args.data} (its last {n_val} rows) repeats a "
+                         "training pair, so the held-out scores would be measured on training data; remove the "
+                         "repeated rows")
     if args.train_items is not None:
         if args.train_items > len(train):
             raise ChibiError(f"--train-items {args.train_items}, but --data {args.data} has {len(train)} training "
                              f"pairs ({n_val} of its {len(pairs)} are held out); lower --train-items, or leave it out "
                              "to train on all of them")
         train = train[:args.train_items]
-    return train, pairs[-n_val:]
+    return train, val, n_val - len(val)
 
 
 def run(args) -> int:
@@ -256,7 +266,10 @@ def run(args) -> int:
         model, src_meta, tag = load_source(args, home, tok, rt)
         max_len = model.config.seq_len + 1
         pad = tok.bos_id
-        train_pairs, val_pairs = _data(args, home)
+        train_pairs, val_pairs, val_copies = _data(args, home)
+        if val_copies:
+            print0(rt, f"dpo: {val_copies} of the last {val_copies + len(val_pairs)} pairs of {args.data} repeat a "
+                       "training pair and are left out of the held-out pairs (counted in summary.json)")
         train_r, train_dropped, train_short = render_pairs(tok, train_pairs, max_len)
         val_r, val_dropped, val_short = render_pairs(tok, val_pairs, max_len)
         if not train_r or not val_r:
@@ -314,6 +327,7 @@ def run(args) -> int:
         summary = {
             **summary_head("dpo", tag, src_meta, res, t0), "data": args.data, "beta": args.beta, "train_pairs": len(train_r), "val_pairs": len(val_r),
             "pairs_left_out_too_long": {"train": train_dropped, "val": val_dropped},
+            "held_out_copies_left_out": val_copies,  # held-out pairs of a file equal to one of its training pairs
             "pairs_shortened": {"train": train_short, "val": val_short},
             "reward_accuracy_before": first["reward_accuracy"], "reward_accuracy_after": last["reward_accuracy"],
             "reward_margin_before": first["reward_margin"], "reward_margin_after": last["reward_margin"],

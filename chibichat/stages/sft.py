@@ -69,12 +69,14 @@ IDENTITY_TASKS = ("identity", "identity-ja")
 
 
 def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | None = None):
-    """(train view, val view) of a task. Generated tasks have disjoint train/test splits by
-    construction; a shipped or downloaded task gives its last items (up to 5%) to validation.
-    `persona` (--identity) goes to the identity tasks."""
-    from chibichat.tasks.base import GeneratedTask
-    from chibichat.tasks.registry import get_task, home_option
+    """(train view, val view, held-out items left out) of a task. Generated tasks have disjoint train/test
+    splits by construction; a shipped or downloaded task or a file gives its last items (up to 5%) to
+    validation, and of a file's, those equal to one of its training items are left out and counted (a repeated
+    row would put training data in the held-out loss). `persona` (--identity) goes to the identity tasks."""
+    from chibichat.tasks.base import GeneratedTask, TaskView
     from chibichat.tasks.leakage import refuse_eval_only_task
+    from chibichat.tasks.local import FileTask, held_out_copies
+    from chibichat.tasks.registry import get_task, home_option
 
     extra = {"persona": persona} if persona and name in IDENTITY_TASKS else {}
     task = get_task(name, **home_option(name, home), **extra)
@@ -82,11 +84,20 @@ def split_task(name: str, val_items: int, seed: int, home=None, persona: dict | 
     if task.kind == "core":
         raise ChibiError(f"--mix names {name!r}, a base-model evaluation task; it has no conversations")
     if isinstance(task, GeneratedTask):
-        return task, get_task(name, split="test", size=val_items, seed=seed, **extra)
+        return task, get_task(name, split="test", size=val_items, seed=seed, **extra), 0
     n_val = max(1, min(val_items, len(task) // 20))
     if len(task) - n_val < 1:
         raise ChibiError(f"task {name!r} has only {len(task)} items: too few to hold out validation data")
-    return task.slice(0, len(task) - n_val), task.slice(len(task) - n_val, None)
+    train, val = task.slice(0, len(task) - n_val), task.slice(len(task) - n_val, None)
+    # Only a user's file is compared: hashing every item of a large downloaded set would cost every run.
+    copies = set(held_out_copies(train, val)) if isinstance(task, FileTask) else set()
+    if len(copies) == n_val:
+        raise ChibiError(f"each of the {n_val} held-out items of {name!r} (its last {n_val} rows) repeats one of "
+                         "its training rows, so the held-out loss would be measured on training data; remove the "
+                         f"repeated rows (`chibichat data check {task.path}` lists them)")
+    if copies:
+        val = TaskView(task, [val.indices[i] for i in range(n_val) if i not in copies])
+    return train, val, len(copies)
 
 
 OVERLAP_FIX = "Remove that task from --mix, or pass --drop-eval-overlap to train on the rest of it."
@@ -94,7 +105,8 @@ OVERLAP_FIX = "Remove that task from --mix, or pass --drop-eval-overlap to train
 
 def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home=None, persona: dict | None = None,
                    drop_overlap: bool = False):
-    """(train Mixture, val Mixture, {task: {evaluation set: items dropped}}). The training items are checked
+    """(train Mixture, val Mixture, {task: {evaluation set: items dropped}}, {file task: held-out items left out
+    as copies of its training items} (split_task)). The training items are checked
     disjoint, by content, from every evaluation set the chat evaluations report against
     (chibichat/tasks/leakage.py): an overlap is an error, or with `drop_overlap` (--drop-eval-overlap: a
     large web-scraped set such as SmolTalk may hold a few test questions) the shared items are left out
@@ -106,12 +118,14 @@ def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home
     if persona and not any(name in IDENTITY_TASKS for name, _ in mix):
         raise ChibiError("--identity replaces the persona of the identity tasks, but --mix names none; add "
                          "identity=1 (and identity-ja=1 for Japanese) to --mix")
-    trains, vals, epochs = [], [], []
+    trains, vals, epochs, copies = [], [], [], {}
     for name, e in mix:
-        tr, va = split_task(name, val_items, seed, home, persona)
+        tr, va, n_copies = split_task(name, val_items, seed, home, persona)
         trains.append(tr)
         vals.append(va)
         epochs.append(e)
+        if n_copies:
+            copies[name] = n_copies
     generated = [t.name for t in trains if isinstance(t, GeneratedTask)]
     evals = reported_eval_sets(home, generated)
     dropped: dict[str, dict[str, int]] = {}
@@ -121,7 +135,7 @@ def build_mixtures(mix: list[tuple[str, float]], val_items: int, seed: int, home
     # The items the mixture uses: occurrence j of a task is its item j mod len.
     used = [t.slice(0, min(c, len(t))) for t, c in zip(trains, train_mix.counts)]
     check_disjoint(used, evals, fix=OVERLAP_FIX)
-    return train_mix, Mixture(vals, epochs=[1.0] * len(vals), seed=seed + 1), dropped
+    return train_mix, Mixture(vals, epochs=[1.0] * len(vals), seed=seed + 1), dropped, copies
 
 
 def stage_mixtures(args, tok, home, mix_en: str, mix_ja: str):
@@ -273,7 +287,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt, embed_noise=args.embed_noise)
         seq_len = model.config.seq_len
-        train_mix, val_mix, dropped = stage_mixtures(args, tok, home, mix_en, mix_ja)
+        train_mix, val_mix, dropped, copies = stage_mixtures(args, tok, home, mix_en, mix_ja)
         if train_all_tokens:
             from chibichat.tasks.local import refuse_weights
 
@@ -281,6 +295,9 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         for name, per in dropped.items():
             print0(rt, f"{stage}: left out {sum(per.values())} item(s) of {name!r} that share a prompt with "
                        + ", ".join(f"{ev} ({n})" for ev, n in per.items()))
+        for name, n in copies.items():
+            print0(rt, f"{stage}: left out {n} held-out item(s) of {name!r} that repeat one of its training items "
+                       "(the held-out loss is measured on the rest; counted in summary.json)")
         loader = ConversationLoader(train_mix, tok, args.device_batch_size, seq_len, rt, mode=args.mode,
                                     overflow=args.overflow, epochs=None, train_all_tokens=train_all_tokens)
         lrs = source_lrs(src_meta, args, model)
@@ -305,6 +322,7 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
             "loss_on": "all tokens" if train_all_tokens else "assistant tokens (mask 1)",
             "mixture": train_mix.summary(),
             "dropped_eval_overlap": dropped,  # {task: {evaluation set: items left out}} (--drop-eval-overlap)
+            "held_out_copies_left_out": copies,  # {file task: held-out items equal to one of its training items}
             "render_counts": counts,  # ok/shortened/dropped per task, over the conversations this run rendered
             "over_length": {"shortened": sum(c["shortened"] for c in counts.values()),
                             "dropped": sum(c["dropped"] for c in counts.values())},
@@ -469,7 +487,7 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
         sdirs = [resolve_checkpoint(home, stage, mtag) for mtag, _ in members]
         model, meta0 = load_model(home, stage, members[0][0], rt=rt, tokenizer=tok)
         model.load_state_dict({k: v.to(rt.device) for k, v in average_weights(sdirs).items()})
-        _, val_mix, _ = stage_mixtures(args, tok, home, mix_en, mix_ja)
+        _, val_mix, _, _ = stage_mixtures(args, tok, home, mix_en, mix_ja)
         step = int(meta0["step"])
         val_loss = val_loss_fn(val_mix, tok, args, rt, train_all_tokens, args.mode)(model, step)["val_loss"]
         sums = [read_json(home.checkpoints_dir(stage, mtag) / "summary.json", "summary") for mtag, _ in members]

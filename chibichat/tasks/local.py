@@ -504,6 +504,19 @@ class FileTask(Task):
         return match_answer(item["match"], item["answer"], completion_text)
 
 
+def item_key(item: dict) -> str:
+    """An item's content as one string: equal for two rows that parse to the same item (`data check`'s
+    duplicates, and the held-out items that repeat a training item, see `held_out_copies`)."""
+    return json.dumps(item, sort_keys=True, ensure_ascii=False)
+
+
+def held_out_copies(train, val) -> list[int]:
+    """Positions in `val` of the items equal (`item_key`) to an item of `train`: a held-out copy of a training
+    row would measure the held-out loss on training data. Views of a FileTask; O(len(train))."""
+    seen = {item_key(train[i]) for i in range(len(train))}
+    return [i for i in range(len(val)) if item_key(val[i]) in seen]
+
+
 def refuse_weights(tasks, stage: str) -> None:
     """A stage that trains on every token (midtrain) cannot leave a weight-0 reply out: refuse a file that has one
     rather than train on it. `tasks` may be views (slices) of file tasks."""
@@ -551,7 +564,7 @@ def check_file(path) -> dict:
         if k != kind:
             errors.append((n, f"a {k} row in a file of {kind} rows; put them in two files"))
             continue
-        key = json.dumps(item, sort_keys=True, ensure_ascii=False)
+        key = item_key(item)
         if key in seen:
             duplicates.append((n, seen[key]))
         else:

@@ -31,6 +31,7 @@ Online (`hub_pairs`, through the same hub loader as the online tasks, chibichat/
 from __future__ import annotations
 
 import copy
+import json
 import random
 
 from chibichat.common import ChibiError
@@ -70,6 +71,27 @@ def _reply(value, where: str):
     if not any(p["text"].strip() for p in value if p["type"] != "python_output"):
         raise ChibiError(f"{where}: empty reply (its parts hold no text and no tool call)")
     return value
+
+
+def rendered_reply(content) -> tuple:
+    """A reply as chibichat.render reads it, for comparing two replies: its (type, text) parts, a string being
+    one text part, consecutive text parts joined (one text to the model) and empty ones dropped (no tokens)."""
+    out: list[tuple[str, str]] = []
+    for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+        kind, text = part["type"], part["text"]
+        if kind == "text" and not text:
+            continue
+        if kind == "text" and out and out[-1][0] == "text":
+            out[-1] = ("text", out[-1][1] + text)
+        else:
+            out.append((kind, text))
+    return tuple(out)
+
+
+def pair_key(pair: dict) -> str:
+    """A pair's content as one string, its replies as rendered: equal for two rows that make the same pair."""
+    return json.dumps([pair["messages"], rendered_reply(pair["chosen"]), rendered_reply(pair["rejected"])],
+                      sort_keys=True, ensure_ascii=False)
 
 
 def _refuse_weight(messages, where: str) -> None:
@@ -125,7 +147,7 @@ def row_to_pair(row: dict, where: str) -> dict:
     except RowError as e:
         raise ChibiError(f"{where}: {e}") from None
     c, r = _reply(chosen, f"{where} chosen"), _reply(rejected, f"{where} rejected")
-    if c == r:
+    if rendered_reply(c) == rendered_reply(r):  # a string and the same text as parts read the same
         raise ChibiError(f"{where}: chosen and rejected are identical; the pair teaches nothing")
     return {"messages": prompt, "chosen": c, "rejected": r}
 

@@ -11,8 +11,10 @@ Layout (Home.checkpoints_dir(stage, tag) = home/checkpoints/<stage>/<tag>/):
 
 A LoRA run (a model with adapters attached, chibichat/model/lora.py) writes `adapter.safetensors` (the
 adapters alone, `<weight path>.lora_A/.lora_B`) instead of model.safetensors, and meta.json's "lora"
-holds {rank, alpha, dropout, targets, base}: `base` is the step directory of the checkpoint the adapters
-sit on, relative to home/checkpoints/ (absolute if outside it). Loading it loads the base (recursively:
+holds {rank, alpha, dropout, targets, base, base_sha256}: `base` is the step directory of the checkpoint the
+adapters sit on, relative to home/checkpoints/ (absolute if outside it), `base_sha256` the SHA-256 of that
+base's weights file (`weights_sha256`), so a base trained again in the same place is caught on load (an
+adapter saved before the fingerprint was recorded loads without that check). Loading it loads the base (recursively:
 a base may itself be an adapter), attaches the adapters, and merges them, so every reader gets a plain
 model; a resuming run whose model already carries the adapters loads only them.
 
@@ -216,11 +218,32 @@ def lora_base_dir(sdir: Path, meta: dict) -> Path:
     return path
 
 
+def weights_file(sdir: str | os.PathLike) -> Path:
+    """The file that holds a checkpoint's weights: adapter.safetensors for an adapter, else model.safetensors."""
+    sdir = Path(sdir)
+    return sdir / ADAPTER_FILE if (sdir / ADAPTER_FILE).is_file() else sdir / "model.safetensors"
+
+
+def weights_sha256(sdir: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint's weights file (`weights_file`), the fingerprint an adapter records of its base.
+    An adapter base's own base is fingerprinted in that adapter's meta, so the chain is covered link by link."""
+    from chibichat.common import sha256_file
+
+    path = weights_file(sdir)
+    try:
+        return sha256_file(path)
+    except FileNotFoundError:
+        raise ChibiError(f"checkpoint weights missing: {path}. The checkpoint is incomplete; delete {path.parent} "
+                         "and use an earlier step") from None
+
+
 def check_lora_base(sdir: Path, meta: dict, base: Path) -> None:
     """Refuse an adapter whose base step directory now holds another model than the one it was trained on
     (another architecture or tokenizer, e.g. the base's tag trained again with --overwrite): its weights would
     load without complaint when only a setting such as rope_base or the tokenizer differs, and the adapter would
-    run on a base it was never fitted to, under the adapter's settings instead of the base's own."""
+    run on a base it was never fitted to, under the adapter's settings instead of the base's own. With the same
+    settings, the base's weights file must still have the SHA-256 recorded when the adapter was saved
+    (meta["lora"]["base_sha256"]; an adapter saved before it was recorded is not checked for this)."""
     from chibichat.model.gpt import GPTConfig
 
     base_meta = read_meta(base)
@@ -234,6 +257,12 @@ def check_lora_base(sdir: Path, meta: dict, base: Path) -> None:
     if (tok_a.get("hash"), tok_a.get("vocab_size")) != (tok_b.get("hash"), tok_b.get("vocab_size")):
         problems.append(f"tokenizer {str(tok_a.get('hash'))[:12]} (vocab {tok_a.get('vocab_size')}) -> "
                         f"{str(tok_b.get('hash'))[:12]} (vocab {tok_b.get('vocab_size')})")
+    saved = (meta.get("lora") or {}).get("base_sha256")
+    if not problems and saved is not None:
+        now = weights_sha256(base)
+        if now != saved:
+            problems.append(f"{weights_file(base).name} sha256 {str(saved)[:12]} -> {now[:12]}: the same settings, "
+                            "other weights")
     if problems:
         raise ChibiError(f"the adapter in {sdir} was trained on {base}, which now holds another model "
                          f"({'; '.join(problems)}): that base was replaced after the adapter was trained. Restore "

@@ -170,10 +170,12 @@ def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | No
     flags = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
     lcfg = lora_config(args)
     if lcfg is not None:  # the checkpoint holds adapters on top of the source (train/checkpoint.py)
-        from chibichat.train.checkpoint import relative_to_checkpoints
+        from chibichat.train.checkpoint import relative_to_checkpoints, weights_sha256
 
         base = relative_to_checkpoints(source_meta["checkpoint_dir"])
-        extra = {**(extra or {}), "lora": {**lcfg.to_dict(), "base": base}}
+        # the base's fingerprint: a base trained again in the same place is refused on load (check_lora_base)
+        extra = {**(extra or {}), "lora": {**lcfg.to_dict(), "base": base,
+                                           "base_sha256": weights_sha256(source_meta["checkpoint_dir"])}}
     return {"stage": stage, "model_config": model.config.to_dict(),
             "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size}, "flags": flags,
             "source": {"checkpoint": source_meta["checkpoint_dir"], "step": source_meta.get("step")},

@@ -486,8 +486,12 @@ def _check_schedule(sdir: Path, saved, cfg: LoopConfig) -> dict | None:
 
 
 def _check_lora(sdir: Path, saved, now) -> None:
-    """Refuse a resume whose LoRA adapters would sit on another base checkpoint, or whose LoRA settings
-    differ from the saved ones: the saved adapters were trained on that base with those settings."""
+    """Refuse a resume whose LoRA adapters would sit on another base checkpoint (another step directory, or the
+    same one holding other weights: `base_sha256`), or whose LoRA settings differ from the saved ones: the saved
+    adapters were trained on that base with those settings. Adapters saved before `base_sha256` was recorded
+    are compared without it."""
+    if isinstance(saved, dict) and isinstance(now, dict) and "base_sha256" not in saved:
+        now = {k: v for k, v in now.items() if k != "base_sha256"}
     if saved == now:
         return
     if not isinstance(saved, dict):
@@ -502,6 +506,11 @@ def _check_lora(sdir: Path, saved, now) -> None:
         m = STEP_RE.match(base.parts[2])
         if m:
             where = f"--from {base.parts[0]} --from-tag {base.parts[1]} --from-step {int(m.group(1))}"
+    if not diff:  # the same base directory and settings: the base's weights were replaced since
+        raise ChibiError(f"--resume: {sdir} holds LoRA adapters trained on {base}, whose weights have changed since "
+                         f"(sha256 {str(saved.get('base_sha256'))[:12]} then, {str(now.get('base_sha256'))[:12]} "
+                         "now: that base was trained again); the adapters only continue on the weights they were "
+                         "trained on: restore that checkpoint, or start a new --tag")
     raise ChibiError(f"--resume: {sdir} holds LoRA adapters trained with " + ", ".join(
         f"{LORA_FLAGS[k]} {saved.get(k)} (this run: {now.get(k)})" for k in diff)
         + f"; the adapters only continue on the base and settings they were trained with: pass {where} and "
