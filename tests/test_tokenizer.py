@@ -359,6 +359,12 @@ def test_training_errors():
         train_tokenizer(corpus(5), 1000, split="zh")
     with pytest.raises(ChibiError, match="not a str"):
         train_tokenizer(["ok", b"bytes"], 1000)
+    with pytest.raises(ChibiError) as e:  # rustbpe would stop on it with a bare UnicodeEncodeError
+        train_tokenizer(["ok", "ab\ud800cd"], 1000)
+    assert str(e.value) == (
+        "tokenizer training text #1 has a lone surrogate U+D800 at character 2 (half of a UTF-16 pair, e.g. a JSON "
+        "\\ud800 escape without its partner): it is no Unicode character and cannot be encoded; remove it or fix the "
+        "text's encoding")
 
 
 # ---------------------------------------------------------------------------------------------
