@@ -151,6 +151,14 @@ def check_no_surrogate(text: str, what: str) -> None:
                 "encoded; remove it or fix the text's encoding") from None
 
 
+class TooLittleText(ChibiError):
+    """The training text yields fewer merges than the vocabulary needs: `chars` of text gave `merges` of `needed`."""
+
+    def __init__(self, message: str, chars: int, merges: int, needed: int):
+        super().__init__(message)
+        self.chars, self.merges, self.needed = chars, merges, needed
+
+
 def _ranks_hash(pattern: str, ranks: list[bytes], specials: dict[str, int]) -> str:
     """sha256 over everything that decides which ids a text gets: pattern, merges, specials."""
     h = hashlib.sha256()
@@ -439,9 +447,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
         )
     want = vocab_size - len(SPECIAL_TOKENS)
     if len(ranks) != want:
-        raise ChibiError(
+        raise TooLittleText(
             f"the training text ({counted.chars:,} chars) only supports {len(ranks) - 256} merges but vocab size "
-            f"{vocab_size} needs {want - 256}; give more text (--max-chars) or a smaller --vocab-size"
+            f"{vocab_size} needs {want - 256}; give more text (--max-chars) or a smaller --vocab-size "
+            f"({len(ranks) + len(SPECIAL_TOKENS)} or less)", counted.chars, len(ranks) - 256, want - 256,
         )
     tok = Tokenizer(ranks, split=split)
     # seconds include pulling the text from `texts` (e.g. decompressing a corpus): the rate a user sees;
