@@ -151,6 +151,14 @@ def check_no_surrogate(text: str, what: str) -> None:
                 "encoded; remove it or fix the text's encoding") from None
 
 
+class TooLittleText(ChibiError):
+    """The training text yields fewer merges than the vocabulary needs: `chars` of text gave `merges` of `needed`."""
+
+    def __init__(self, message: str, chars: int, merges: int, needed: int):
+        super().__init__(message)
+        self.chars, self.merges, self.needed = chars, merges, needed
+
+
 def _ranks_hash(pattern: str, ranks: list[bytes], specials: dict[str, int]) -> str:
     """sha256 over everything that decides which ids a text gets: pattern, merges, specials."""
     h = hashlib.sha256()
@@ -339,7 +347,8 @@ def _read_ranks(path: Path, fix: str) -> list[bytes]:
 
 
 class _Counted:
-    """Iterator wrapper that counts documents, characters and pre-split chunks; rejects non-strings loudly.
+    """Iterator wrapper that counts documents, characters and pre-split chunks; rejects non-strings and lone
+    surrogates loudly.
 
     The chunk statistics (how many chunks, how many distinct, their bytes) are what BPE training
     cost depends on, so `tokenizer train` reports them. rustbpe does not expose its chunk map, so the
@@ -367,10 +376,15 @@ class _Counted:
         if not isinstance(text, str):
             raise ChibiError(f"tokenizer training text #{self.docs} is a {type(text).__name__}, not a str")
         t0 = time.perf_counter()
+        try:
+            nbytes = len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate, on which rustbpe stops with a bare UnicodeEncodeError
+            check_no_surrogate(text, f"tokenizer training text #{self.docs}")
+            raise
         chunks = self._rx.findall(text)
         self.chunks += len(chunks)
         self.unique.update(chunks)
-        self.bytes += len(text.encode("utf-8", "surrogatepass"))
+        self.bytes += nbytes
         self.stats_seconds += time.perf_counter() - t0
         self.docs += 1
         self.chars += len(text)
@@ -382,7 +396,7 @@ class _Counted:
             "unique_chunks": len(self.unique),
             # every character lands in exactly one chunk, so total bytes / chunks is the mean
             "mean_chunk_bytes": round(self.bytes / max(self.chunks, 1), 2),
-            "max_chunk_bytes": max((len(c.encode("utf-8", "surrogatepass")) for c in self.unique), default=0),
+            "max_chunk_bytes": max((len(c.encode("utf-8")) for c in self.unique), default=0),
         }
 
 
@@ -411,8 +425,8 @@ def train_ranks(texts: Iterable[str], vocab_size: int, pattern: str) -> list[byt
 def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") -> Tokenizer:
     """Learn `vocab_size - 256 - 9` merges from `texts` with rustbpe and return the tokenizer.
 
-    Raises ChibiError for a vocabulary too small to hold bytes + specials, an unknown split, an
-    empty corpus, or a corpus too small to yield the requested number of merges (rustbpe would
+    Raises ChibiError for a vocabulary too small to hold bytes + specials, an unknown split, a text
+    that is not a str or holds a lone surrogate, an empty corpus, or a corpus too small to yield the requested number of merges (rustbpe would
     silently stop early, leaving a smaller vocabulary than the model was sized for).
     """
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
@@ -433,9 +447,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "gpt4") 
         )
     want = vocab_size - len(SPECIAL_TOKENS)
     if len(ranks) != want:
-        raise ChibiError(
+        raise TooLittleText(
             f"the training text ({counted.chars:,} chars) only supports {len(ranks) - 256} merges but vocab size "
-            f"{vocab_size} needs {want - 256}; give more text (--max-chars) or a smaller --vocab-size"
+            f"{vocab_size} needs {want - 256}; give more text (--max-chars) or a smaller --vocab-size "
+            f"({len(ranks) + len(SPECIAL_TOKENS)} or less)", counted.chars, len(ranks) - 256, want - 256,
         )
     tok = Tokenizer(ranks, split=split)
     # seconds include pulling the text from `texts` (e.g. decompressing a corpus): the rate a user sees;

@@ -377,6 +377,20 @@ def test_validate_parquet(tmp_path):
         validate_parquet(tmp_path / "html.parquet", full=False)
 
 
+
+def test_validate_parquet_refuses_a_text_column_that_is_not_utf8(tmp_path):
+    """Damage that leaves the pages decodable can still break a string's UTF-8, which decoding the row groups
+    does not check (pyarrow checks it only when asked, or when the text is read for training)."""
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["caf\u00e9 au lait"] * 3}), buf, compression="none", use_dictionary=False)
+    data = buf.getvalue().replace("\u00e9".encode(), b"\xc3\x28")
+    (tmp_path / "u.parquet").write_bytes(data)
+    with pytest.raises(ChibiError) as e:
+        validate_parquet(tmp_path / "u.parquet")
+    assert str(e.value) == (f"{tmp_path / 'u.parquet'} is not a valid parquet file (ArrowInvalid: Column 0: In chunk "
+                            "0: Invalid: Invalid UTF8 sequence at string index 0)")
+
+
 def test_shard_indices_pin_val():
     fw = get_corpus("fineweb-edu")
     assert shard_indices(fw, 3) == [0, 1, 2, 1822]
@@ -679,3 +693,30 @@ def test_a_downloaded_shard_with_a_null_text_is_refused_with_its_row(server, tmp
         f"{corpus.shard_path(home, 0)} row 4 (counting from 0) has {what} 'text'; delete it and run `chibichat data "
         "download fineweb-edu` (it re-downloads missing shards); if the new copy has it too, the hub's file holds "
         "it: remove that row from it")
+
+
+def test_a_cached_shard_that_changed_since_its_download_is_fetched_again(server, tmp_path, monkeypatch, capsys):
+    """A cached shard whose bytes changed (a failing disk, an edit) may still parse as parquet, with other text:
+    a re-run checks it against the size and sha256 the manifest recorded and fetches it again."""
+    corpus = get_corpus("fineweb-edu")
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": [f"lorem ipsum {i}" for i in range(20)]}), buf, compression="none")
+    server.files[p.format(0)] = buf.getvalue()
+    server.files[p.format(1822)], _ = parquet_bytes(10, 1822)
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", server.base)
+    home = Home(tmp_path)
+    kw = dict(workers=1, retries=2, backoff=0.01, timeout=10, progress=False)
+    download_corpus(corpus, home, 1, **kw)
+    shard = corpus.shard_path(home, 0)
+    changed = shard.read_bytes().replace(b"lorem", b"LOREM")
+    shard.write_bytes(changed)
+    validate_parquet(shard)  # still a readable parquet file
+    capsys.readouterr()
+    download_corpus(corpus, home, 1, **kw)
+    assert shard.read_bytes() == server.files[p.format(0)]
+    assert capsys.readouterr().err == (
+        f"shard_00000.parquet: existing file is invalid ({shard} has sha256 {hashlib.sha256(changed).hexdigest()}, "
+        f"not the {hashlib.sha256(server.files[p.format(0)]).hexdigest()} recorded in "
+        f"{corpus.data_dir(home) / 'manifest.json'} when it was downloaded); fetching it again\n")
+    assert len(server.requests[p.format(0)]) == 2 and len(server.requests[p.format(1822)]) == 1

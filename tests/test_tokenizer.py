@@ -359,6 +359,12 @@ def test_training_errors():
         train_tokenizer(corpus(5), 1000, split="zh")
     with pytest.raises(ChibiError, match="not a str"):
         train_tokenizer(["ok", b"bytes"], 1000)
+    with pytest.raises(ChibiError) as e:  # rustbpe would stop on it with a bare UnicodeEncodeError
+        train_tokenizer(["ok", "ab\ud800cd"], 1000)
+    assert str(e.value) == (
+        "tokenizer training text #1 has a lone surrogate U+D800 at character 2 (half of a UTF-16 pair, e.g. a JSON "
+        "\\ud800 escape without its partner): it is no Unicode character and cannot be encoded; remove it or fix the "
+        "text's encoding")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +473,34 @@ def test_cli_train_errors(local_corpus, home, tmp_path, capsys):
     assert main(["tokenizer", "eval", "--no-corpus", "--corpus", "embedded-en"]) == 2
     assert "contradict" in capsys.readouterr().err
     assert not (home / "tokenizer").exists()
+
+
+def test_cli_train_on_too_little_text_names_the_fix_that_works(home, tmp_path, capsys):
+    """More --max-chars cannot help once the whole train split is used: the error says so, names the largest
+    vocabulary the text supports, and --doc-cap where documents were cut."""
+    from chibichat.cli import main
+
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.jsonl").write_text('{"text": "hello world"}\n{"text": "second para"}\n')
+    (small / "b.txt").write_text("val text\n")
+    assert main(["tokenizer", "train", "--corpus", f"local:{small}", "--vocab-size", "300"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"chibichat tokenizer: error: the whole train split of local:{small} (22 chars) only supports 18 merges but "
+        "vocab size 300 needs 35; use a larger corpus, or --vocab-size 283 or less")
+    assert main(["tokenizer", "train", "--corpus", f"local:{small}", "--vocab-size", "300", "--doc-cap", "5"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"chibichat tokenizer: error: the whole train split of local:{small} (10 chars; 2 of 2 documents cut to "
+        "--doc-cap 5) only supports 8 merges but vocab size 300 needs 35; use a larger corpus or --doc-cap, or "
+        "--vocab-size 273 or less")
+    assert main(["tokenizer", "train", "--corpus", f"local:{small}", "--vocab-size", "300", "--max-chars", "5",
+                 "--doc-cap", "5"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "chibichat tokenizer: error: the training text (5 chars) only supports 4 merges but vocab size 300 needs 35; "
+        "give more text (--max-chars) or a smaller --vocab-size (269 or less)")
+    assert not (home / "tokenizer").exists()
+    assert main(["tokenizer", "train", "--corpus", f"local:{small}", "--vocab-size", "283"]) == 0  # the largest named
+    assert Tokenizer.load(home / "tokenizer").vocab_size == 283
 
 
 def test_doc_cap_is_counted(tmp_path):

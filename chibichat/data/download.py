@@ -320,8 +320,9 @@ def download_file(
 def validate_parquet(path: Path, full: bool = True) -> None:
     """Raise ChibiError unless `path` is a readable parquet file with at least one row group.
 
-    Always: the footer and every row group's metadata. full=True also decodes every row group, which
-    catches damage in the middle of a file whose footer is intact.
+    Always: the footer and every row group's metadata. full=True also decodes every row group and checks
+    its strings are UTF-8, which catches damage in the middle of a file whose footer is intact (pyarrow
+    decodes a string's bytes without checking them).
     """
     import pyarrow.parquet as pq
 
@@ -332,7 +333,7 @@ def validate_parquet(path: Path, full: bool = True) -> None:
         for i in range(pf.metadata.num_row_groups):
             pf.metadata.row_group(i)
             if full:
-                pf.read_row_group(i)
+                pf.read_row_group(i).validate(full=True)
     except Exception as e:
         raise ChibiError(f"{path} is not a valid parquet file ({type(e).__name__}: {e})") from None
 
@@ -372,6 +373,21 @@ def read_manifest(corpus, home: Home) -> dict:
     return m
 
 
+def check_recorded(path: Path, record, manifest: Path) -> None:
+    """ChibiError unless `path` has the size and sha256 that `record` (its manifest entry, or None) states
+    for it: a shard changed since its download (a failing disk, an edit) may still parse as parquet."""
+    if not isinstance(record, dict):
+        return
+    size, want = record.get("size"), record.get("sha256")
+    if isinstance(size, int) and path.stat().st_size != size:
+        raise ChibiError(f"{path} has {path.stat().st_size:,} bytes, not the {size:,} recorded in {manifest} when "
+                         "it was downloaded")
+    if isinstance(want, str):
+        got = sha256_file(path)
+        if got != want:
+            raise ChibiError(f"{path} has sha256 {got}, not the {want} recorded in {manifest} when it was downloaded")
+
+
 def download_corpus(
     corpus,
     home: Home,
@@ -385,7 +401,8 @@ def download_corpus(
 ) -> list[Path]:
     """Download train shards 0..num_shards-1 and the pinned val shard of an online corpus, in parallel.
 
-    Already-downloaded valid shards are skipped. Every shard comes from one commit of the dataset: the one
+    Already-downloaded valid shards are skipped; one whose size or sha256 is not what the manifest recorded
+    when it was downloaded is fetched again. Every shard comes from one commit of the dataset: the one
     the manifest records (pinned in the URLs), else the first answer's; each fetched shard is recorded in the
     manifest. `retries` attempts in a row that get no answer from the server, across all shards, stop the
     batch with one ChibiError (offline, or a wrong --base-url). Otherwise raises ChibiError listing every
@@ -421,10 +438,15 @@ def download_corpus(
             got[0] += n
             bar.set_postfix_str(f"{got[0] / 1e6:.1f} MB fetched", refresh=False)
 
+    def validate(i: int, path: Path) -> None:
+        # a cached shard (and a fresh copy: both come from the pinned commit) against its manifest entry
+        check_recorded(path, manifest["shards"].get(corpus.online.filename(i)), manifest_path(corpus, home))
+        validate_parquet(path)
+
     def one(i: int) -> Path:
         return download_file(
-            urls[i], corpus.shard_path(home, i), validate=validate_parquet, retries=retries, backoff=backoff,
-            timeout=timeout, on_bytes=on_bytes, log=(lambda msg: bar.write(msg)) if progress else eprint,
+            urls[i], corpus.shard_path(home, i), validate=lambda path: validate(i, path), retries=retries,
+            backoff=backoff, timeout=timeout, on_bytes=on_bytes, log=(lambda msg: bar.write(msg)) if progress else eprint,
             info=infos[i], batch=batch,
         )
 

@@ -37,7 +37,9 @@ def register(sub) -> None:
         description=(
             "Download train shards 0..N-1 and the pinned val shard of an online corpus into <home>/data/<corpus>/. "
             "Parallel, retried with exponential backoff, resumable (re-run the same command), validated with "
-            "pyarrow (a corrupt or truncated shard is re-fetched). The base URL defaults to https://huggingface.co; "
+            "pyarrow and against the sha256 the hub states (a corrupt or truncated shard is re-fetched, and so is a "
+            "cached one that no longer has the sha256 recorded at its download). The base URL defaults to "
+            "https://huggingface.co; "
             "override it with --base-url or $CHIBICHAT_HF_ENDPOINT (a mirror)."
         ),
     )

@@ -90,7 +90,7 @@ def run_train(args) -> int:
 
     from chibichat.common import Home, check_home
     from chibichat.data.corpora import get_corpus
-    from chibichat.tokenizer import corpus_slice, train_tokenizer
+    from chibichat.tokenizer import MIN_VOCAB_SIZE, TooLittleText, corpus_slice, train_tokenizer
 
     _positive("--max-chars", args.max_chars)
     _positive("--doc-cap", args.doc_cap)
@@ -109,10 +109,23 @@ def run_train(args) -> int:
     print(f"training tokenizer: corpus {corpus.name} ({corpus.lang}), split {split}, vocab {args.vocab_size:,}, "
           f"up to {args.max_chars:,} chars, doc cap {args.doc_cap:,}", flush=True)
     stats: dict = {}
-    with tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="reading text", leave=False) as bar:
-        tok = train_tokenizer(
-            corpus_slice(corpus, "train", home, args.max_chars, args.doc_cap, stats, bar), args.vocab_size, split=split
-        )
+    try:
+        with tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="reading text", leave=False) as bar:
+            tok = train_tokenizer(
+                corpus_slice(corpus, "train", home, args.max_chars, args.doc_cap, stats, bar), args.vocab_size,
+                split=split,
+            )
+    except TooLittleText as e:
+        if not stats["exhausted"]:
+            raise
+        # the whole split was read, so more --max-chars gives no more text
+        capped = f"; {stats['capped']:,} of {stats['docs']:,} documents cut to --doc-cap {args.doc_cap:,}" \
+            if stats["capped"] else ""
+        raise ChibiError(
+            f"the whole train split of {corpus.name} ({e.chars:,} chars{capped}) only supports {e.merges} merges but "
+            f"vocab size {args.vocab_size} needs {e.needed}; use a larger corpus{' or --doc-cap' if capped else ''}, "
+            f"or --vocab-size {e.merges + MIN_VOCAB_SIZE} or less"
+        ) from None
     tok.training.update(
         corpus=corpus.name,
         corpus_lang=corpus.lang,
