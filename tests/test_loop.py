@@ -461,6 +461,18 @@ def test_minutes_resume_keeps_the_fitted_count(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_minutes_resumed_before_the_fit_still_costs_the_evaluations(tmp_path):
+    """A process resumed before the fit skips the evaluation at its first step, so it fits with the step-0
+    evaluation's 2 s from the loop state: resumed at step 2, first step 3 s, steps 3-6 timed at 0.5 s: fitted
+    at step 7 (5 s) to 7 + (15 - 5 - 2) / 0.5 = 23 steps, ending on the budget with the final evaluation (an
+    evaluation costed at 0 s gave 27 steps and 17 s)."""
+    with pytest.raises(KeyboardInterrupt):
+        budget_run(tmp_path / "r", FakeClock(), save_every=2, stop_after=3)  # dies in step 3
+    assert list_steps(tmp_path / "r") == [2] and read_meta(tmp_path / "r" / "step_000002")["loop"]["eval_s"] == 2.0
+    _, res = budget_run(tmp_path / "r", FakeClock(), save_every=2, resume=True)
+    assert (res.steps, res.fit["num_steps"], res.fit["eval_s"], res.wall_time_s) == (23, 23, 2.0, 15.0)
+
+
 class EmptyAt(ToySource):
     """ToySource whose micro-batches `empty` hold no targets (RL: every group flat); fetching one takes
     `fetch_s` on the clock (RL samples it), the time a trained step takes in FakeClock."""

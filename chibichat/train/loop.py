@@ -56,7 +56,8 @@ A budget too short even for that runs the fewest steps that keep it (the steps t
 warmdown) and says by how much it overruns: the work done is kept rather than thrown away by an error
 late in a run. The fitted count, the measured seconds per step and tok/s go into the loop state (so a
 resume keeps the count; a refit still to come at the checkpoint is not made, as the resumed process
-cannot know how much of the budget the killed one spent) and LoopResult.fit. The budget covers the loop
+cannot know how much of the budget the killed one spent) and LoopResult.fit; the step-0 evaluation's
+seconds go into the loop state too (a process resumed before the fit costs evaluations at them). The budget covers the loop
 (from the call to train() to the final checkpoint), not the stage's start-up; checkpoint writes and
 sampling are not costed.
 
@@ -170,6 +171,10 @@ class LoopState:
     last_loss: float | None = None
     skipped_steps: int = 0       # steps without target tokens, skipped under cfg.skip_empty_steps
     fit: dict = field(default_factory=dict)  # --minutes: the fitted step count and what it was fitted to
+    # --minutes: seconds of the run's step-0 evaluation, what the fit costs every evaluation at (rank 0's once
+    # fitted). Kept here because a resumed process skips the evaluation at the step it resumes at, and a fit
+    # without it would leave no time for the evaluations still to come.
+    eval_s: float = 0.0
 
 
 @dataclass
@@ -576,7 +581,6 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
     recent: list[float] = []  # recent step times for the ETA
     timed: list[float] = []   # --minutes: times of the timed steps
     timed_tokens = 0
-    eval_s = 0.0               # --minutes: seconds of the first evaluation of this process (rank 0's once fitted)
     first_step = state.step
     model.train()
     try:
@@ -589,8 +593,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     model.eval()
                     t_eval = clock()
                     vals = {k: float(v) for k, v in eval_fn(raw, step).items()}
-                    if step == first_step:
-                        eval_s = clock() - t_eval
+                    if step == 0:
+                        state.eval_s = clock() - t_eval
                     model.train()
                     if vals:  # an eval_fn may have nothing to report at some steps
                         state.last_eval = vals
@@ -657,10 +661,10 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                 if state.step == fit_at:
                     # Every rank fits from rank 0's timings (its evaluation included), so all take the
                     # same number of steps.
-                    elapsed, eval_s = _broadcast0(rt, [clock() - wall0, eval_s])
+                    elapsed, state.eval_s = _broadcast0(rt, [clock() - wall0, state.eval_s])
                     times = _broadcast0(rt, timed)
                     first = state.fit
-                    state.fit = fit_num_steps(cfg.minutes, elapsed, state.step, times, timed_tokens, eval_s,
+                    state.fit = fit_num_steps(cfg.minutes, elapsed, state.step, times, timed_tokens, state.eval_s,
                                               cfg.eval_every, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
                     if first:  # the second fit: say what the first one chose
                         state.fit["first_fit"] = {k: first[k] for k in ("num_steps", "sec_per_step", "timed_steps")}
