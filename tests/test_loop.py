@@ -586,8 +586,9 @@ def test_resume_refuses_another_schedule_and_notes_another_step_count(tmp_path, 
     assert str(e.value) == (f"--resume: {sdir} was trained with --grad-accum (pretrain: --total-batch / "
                             f"--device-batch) 1 (this run: 2), --final-lr-frac 0.0 (this run: 0.1)" + tail)
     # A longer run is allowed; the note says that steps taken (step 9, at LR x 0.5) were in the 10-step warmdown.
+    # Without --minutes, --fit-steps changes nothing and is not compared.
     capsys.readouterr()
-    _, res = run(tmp_path / "t", 12, resume=True)
+    _, res = run(tmp_path / "t", 12, resume=True, fit_after=7)
     assert res.steps == 12
     assert ("note: --num-steps 10 -> 12: the steps from 10 on follow the LR schedule of 12 steps; the 10 steps "
             "taken followed that of 10 (their warmdown), so this run differs from an uninterrupted 12-step one\n"

@@ -40,7 +40,8 @@ never a micro-batch):
   4. optimizer.step(), which sums gradients over ranks itself (MuonAdamW: bucketed all-reduces launched
      from gradient hooks during the last micro-step's backward; earlier ones run under no_sync()), then zero_grad;
   5. log loss (Σ loss_sum / N, all-reduced), lr multiplier, tok/s, MFU, elapsed, ETA.
-Evaluation/samples run at step 0, every eval_every / sample_every steps and at the end; checkpoints
+Evaluation runs at step 0, every eval_every steps and at the end, samples every sample_every steps and at
+the end (never at step 0: the untrained model's samples say nothing); checkpoints
 every save_every steps and at the end (rank 0 writes; loader and RNG states of all ranks are gathered).
 
 Wall-clock budget (`minutes`): num_steps is then the most steps the run may take. The first step
@@ -479,7 +480,9 @@ def _check_schedule(sdir: Path, saved, cfg: LoopConfig) -> dict | None:
     if not isinstance(saved, dict):
         raise ChibiError(f"--resume: {sdir}/meta.json has a malformed schedule ({saved!r}); it is corrupt")
     now = _schedule(cfg)
-    free = {"num_steps"} if saved.get("minutes") is None else set()
+    # Without --minutes the step count may grow, and --fit-steps (how many steps time the fit) does nothing;
+    # a --minutes now, where the checkpoint had none, differs in "minutes" and is refused for that.
+    free = {"num_steps", "fit_after"} if saved.get("minutes") is None else set()
     diff = [k for k in now if k not in free and saved.get(k) != now[k]]
     if diff:
         raise ChibiError(f"--resume: {sdir} was trained with " + ", ".join(
