@@ -668,3 +668,86 @@ def test_cpu_hour_compiles_its_pretraining_where_a_cpp_compiler_is_found(tmp_pat
     assert main(["speedrun", "--preset", "cpu", "--home", home, "--compile", "--dry-run"]) == 2
     assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
     assert pretrain_compile_flags(None, PRESETS["cpu-hour"], "cuda") == ["--compile"]  # triton, not this check
+
+
+def test_eval_skills_rewriting_the_eval_summary_keeps_that_steps_flags_checked(tmp_path, monkeypatch, capsys):
+    """eval skills merges its figures into eval chat's summary.json, the eval-<stage> step's marker: the record
+    of that step is hashed again after the skills step, so the next run still checks its flags (a marker that
+    no longer matches its record would be reused unchecked)."""
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    _fake_stages(monkeypatch)
+    fake = speedrun.run_step
+
+    def merging(step, argv, nproc, env):
+        rc = fake(step, argv, nproc, env)
+        if step.name.startswith("skills-"):  # as eval skills does (eval/metrics.py merge_summary)
+            summary = step.marker.parent / "summary.json"
+            summary.write_text(json.dumps({**json.loads(summary.read_text()), "skills": 0.5}))
+        return rc
+
+    monkeypatch.setattr(speedrun, "run_step", merging)
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == 13 and "not checked" not in out
+    assert "[6/13] eval-mid: done already (eval/mid/d2/summary.json), skipping" in out
+    # a marker rewritten by hand since is still reused unchecked, not re-hashed by a later skills step
+    (home / "eval" / "sft" / "d2" / "summary.json").write_text("{}")
+    assert main(base + ["--force", "skills-sft"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "eval-sft: done already (eval/sft/d2/summary.json) (not finished by a speedrun of this home's record" in out
+    assert out.count("not checked") == 1
+
+
+def test_a_force_stopped_while_deleting_leaves_no_marker_of_a_forced_step(tmp_path, monkeypatch):
+    """--force removes every forced step's marker before any of their outputs: a deletion stopped part way (here
+    at the first folder) leaves no marker beside outputs it no longer describes, so the next run without --force
+    redoes the forced steps instead of skipping them as done."""
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    _fake_stages(monkeypatch)
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    assert main(base) == 0
+
+    def stopped(path, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(speedrun.shutil, "rmtree", stopped)
+    assert main(base + ["--force", "sft"]) == 130
+    h = Home(home)
+    for stage in ("sft", "rl"):
+        assert not (h.checkpoints_dir(stage, "d2") / "summary.json").exists(), stage
+        assert not (h.eval_dir(stage, "d2") / "summary.json").exists() and not (h.eval_dir(stage, "d2") /
+                                                                                 "skills.jsonl").exists(), stage
+    monkeypatch.undo()
+    calls = _fake_stages(monkeypatch)
+    assert main(base) == 0
+    assert [name for name, _ in calls] == ["sft", "eval-sft", "skills-sft", "rl", "eval-rl", "skills-rl"]
+
+
+def test_a_step_record_or_timing_file_of_the_wrong_shape_is_a_clear_error(tmp_path, capsys):
+    from chibichat.cli import main
+
+    home = tmp_path / "h"
+    (home / "report").mkdir(parents=True)
+    (home / "report" / "speedrun-steps.json").write_text("[]")
+    assert main(["speedrun", "--preset", "micro", "--home", str(home), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"chibichat speedrun: error: speedrun step record {home}/report/speedrun-steps.json has no \"steps\" object; "
+        "delete it (finished steps are then reused without checking their flags)\n")
+    (home / "report" / "speedrun-steps.json").unlink()
+    (home / "report" / "timing.json").write_text('{"runs": []}')
+    assert main(["speedrun", "--preset", "micro", "--home", str(home), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"chibichat speedrun: error: speedrun timing {home}/report/timing.json has no \"runs\" object; delete it (the "
+        "report then shows the stages' own times, and a time budget counts the finished training steps as having "
+        "spent their planned share)\n")

@@ -429,6 +429,9 @@ class Step:
     # steps whose outputs this one reads: forcing one of them redoes this one. No step names the download
     # steps: a forced download fetches the same verified shards, so nothing trained on them goes stale.
     needs: tuple[str, ...] = ()
+    # steps whose marker this one rewrites (eval skills merges its figures into eval chat's summary.json):
+    # their record is hashed again when this one finishes, or their flags would go unchecked from then on
+    rewrites: tuple[str, ...] = ()
 
 
 def forced_steps(steps: list[Step], force: list[str]) -> list[str]:
@@ -765,7 +768,7 @@ def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], p
                 ["eval", "skills", "--from", stage, "--tag", tag, "--lang", lang, *flags, *preset.eval_skills],
                 out.with_suffix(".jsonl"), [out.with_suffix(".jsonl"), out.with_suffix(".csv")], weight=0.02,
                 # eval-<stage> owns the folder these files are written to: forcing it deletes them too
-                needs=(TRAINING_STEP_OF[stage], f"eval-{stage}"))
+                needs=(TRAINING_STEP_OF[stage], f"eval-{stage}"), rewrites=(f"eval-{stage}",))
 
 
 def _has_checkpoint(d: Path | None) -> bool:
@@ -999,7 +1002,7 @@ def read_step_records(home: Home) -> dict:
     speedruns finished."""
     path = step_record_path(home)
     records = read_json(path, "speedrun step record") if path.exists() else {"steps": {}}
-    if not isinstance(records.get("steps"), dict):
+    if not isinstance(records, dict) or not isinstance(records.get("steps"), dict):
         raise ChibiError(f"speedrun step record {path} has no \"steps\" object; delete it (finished steps are "
                          "then reused without checking their flags)")
     return records["steps"]
@@ -1101,27 +1104,33 @@ def read_timing(home: Home) -> dict:
     figures under "untagged" (no run can claim them)."""
     path = home.report_dir / "timing.json"
     timing = read_json(path, "speedrun timing") if path.exists() else {"runs": {}}
-    if "runs" not in timing:
+    if isinstance(timing, dict) and "runs" not in timing:
         timing = {"runs": {}, "untagged": timing}
+    if not isinstance(timing, dict) or not isinstance(timing["runs"], dict):
+        raise ChibiError(f"speedrun timing {path} has no \"runs\" object; delete it (the report then shows the "
+                         "stages' own times, and a time budget counts the finished training steps as having spent "
+                         "their planned share)")
     return timing
 
 
 def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, times: dict) -> None:
     """Delete the outputs and markers of every step in `redo` before anything runs: a forced step that then
-    fails (or is stopped) must leave no old output after it that the next run would skip as done. `times`: this
-    tag's timing ({"stages": {step: s}, "budget_s": {step: s}}), whose entries for those steps go too."""
-    for step in steps:
-        if step.name not in redo:
-            continue
+    fails (or is stopped) must leave no old output after it that the next run would skip as done. Every marker
+    goes first: a deletion stopped part way (Ctrl-C, a kill, an error) must not leave a marker beside outputs
+    it no longer describes. `times`: this tag's timing ({"stages": {step: s}, "budget_s": {step: s}}), whose
+    entries for those steps go too."""
+    forced = [step for step in steps if step.name in redo]
+    for step in forced:
+        step.marker.unlink(missing_ok=True)
+        records.pop(_record_key(home, step), None)
+        times["stages"].pop(step.name, None)
+        times.get("budget_s", {}).pop(step.name, None)
+    for step in forced:
         for out in step.outputs:
             if out.is_dir():
                 shutil.rmtree(out)
             elif out.exists():
                 out.unlink()
-        step.marker.unlink(missing_ok=True)
-        records.pop(_record_key(home, step), None)
-        times["stages"].pop(step.name, None)
-        times.get("budget_s", {}).pop(step.name, None)
 
 
 def run(args) -> int:
@@ -1187,6 +1196,9 @@ def run(args) -> int:
             done_weight += step.weight
             continue
         argv = list(step.argv)
+        # the rewritten markers whose record matches now: hashed again once this step has rewritten them
+        rewritten = [s for s in steps if s.name in step.rewrites and s.marker.exists()
+                     and recorded_flags(home, s, records) is not None]
         given_s = None
         if budget is not None and step.name in weights:
             given_s = 60 * carried_minutes(weights, step.name, budget, times["stages"])
@@ -1216,6 +1228,8 @@ def run(args) -> int:
             raise ChibiError(f"stage {step.name} exited 0 but did not write {step.marker}; this is a bug in that stage")
         records[_record_key(home, step)] = {"flags": step_flags(step.argv, device),
                                             "marker_sha256": sha256_file(step.marker)}
+        for s in rewritten:
+            records[_record_key(home, s)]["marker_sha256"] = sha256_file(s.marker)
         atomic_write_json(step_record_path(home), {"steps": records})
         times["stages"][step.name] = round(time.time() - t0, 1)
         if given_s is not None:
