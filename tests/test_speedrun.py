@@ -1,6 +1,7 @@
 """End to end: `chibichat speedrun --preset micro` into a temp home, killed mid-pretrain, re-run to the end,
 then run a third time (everything skipped)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -751,3 +752,40 @@ def test_a_step_record_or_timing_file_of_the_wrong_shape_is_a_clear_error(tmp_pa
         f"chibichat speedrun: error: speedrun timing {home}/report/timing.json has no \"runs\" object; delete it (the "
         "report then shows the stages' own times, and a time budget counts the finished training steps as having "
         "spent their planned share)\n")
+
+
+@pytest.mark.parametrize("how", ["fork", "subprocess"])
+def test_a_terminated_speedrun_stops_its_running_step_with_it(tmp_path, how):
+    """`kill PID` (SIGTERM) of the speedrun while a step runs stops the step too and exits 143: the step, forked or
+    a subprocess (torchrun on CUDA), must not run on, orphaned, beside the run that the user starts next."""
+    pid_file = tmp_path / "step.pid"
+    script = f"""
+import os, sys, time
+from chibichat.stages import speedrun
+def step():
+    open({str(pid_file)!r} + ".tmp", "w").write(str(os.getpid()))
+    os.replace({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
+    time.sleep(60)
+if {how!r} == "fork":
+    speedrun.fork_start(dict(os.environ), step)
+else:  # the path taken where a step cannot be forked (CUDA, not Linux)
+    sys.platform = "not-linux"
+    code = "import os, time; open(" + repr({str(pid_file)!r} + ".tmp") + ", 'w').write(str(os.getpid())); " \\
+           "os.replace(" + repr({str(pid_file)!r} + ".tmp") + ", " + repr({str(pid_file)!r}) + "); time.sleep(60)"
+    speedrun._launcher = lambda step, nproc: [sys.executable, "-c", code]
+    speedrun.run_step(None, [], 1, dict(os.environ))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while not pid_file.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        step_pid = int(pid_file.read_text())
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(timeout=30) == 143
+        with pytest.raises(ProcessLookupError):  # stopped and reaped before the speedrun exited
+            os.kill(step_pid, 0)
+    finally:  # (what the old code left running)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)

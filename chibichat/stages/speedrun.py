@@ -27,6 +27,7 @@ by a speedrun before the record existed) is reused with a note that its flags we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -818,7 +819,30 @@ def run_step(step: Step, argv: list[str], nproc: int, env: dict) -> int:
             return fork_start(env, lambda: _torchrun_main([*_torchrun_args(nproc), "-m", "chibichat", *argv], no_cuda))
         if no_cuda:
             return fork_start(env, lambda: _chibichat_main(argv))
-    return subprocess.run(_launcher(step, nproc) + argv, env=env).returncode
+    with _terminate_raises(), subprocess.Popen(_launcher(step, nproc) + argv, env=env) as proc:
+        try:
+            return proc.wait()
+        except BaseException:  # as in fork_start: the step stops (torchrun stops its workers) before we go
+            proc.terminate()
+            proc.wait()
+            raise
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """While a step's process runs, SIGTERM to this one (`kill PID`, a scheduler) raises SystemExit(143) here, so
+    that the caller stops the step with it: by default this process would end at once and leave the step running,
+    orphaned, to write into the home beside the next run's."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _chibichat_main(argv: list[str]) -> int:
@@ -894,12 +918,13 @@ def fork_start(env: dict, entry) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code if isinstance(code, int) else 1)
-    try:
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    except BaseException:  # Ctrl-C reaches the child too; let it stop (and stop its workers) before we go
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
-        raise
+    with _terminate_raises():
+        try:
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        except BaseException:  # Ctrl-C reaches the child too; let it stop (and stop its workers) before we go
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+            raise
 
 
 def check_done_tokenizer(home: Home, step: Step) -> None:
