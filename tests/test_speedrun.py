@@ -789,3 +789,30 @@ else:  # the path taken where a step cannot be forked (CUDA, not Linux)
     finally:  # (what the old code left running)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_the_eta_of_a_resumed_speedrun_counts_only_the_steps_it_ran(tmp_path, monkeypatch, capsys):
+    """The ETA is this run's seconds per unit of weight of the steps it ran times the weight still to run: the
+    steps it skipped as done took none of its time (counting them made a resumed run's ETA a fraction of it).
+    micro's weights: eval-base 0.04 took 10 s (a fake clock), and 0.48 of weight is left from midtraining on."""
+    from types import SimpleNamespace
+
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    _fake_stages(monkeypatch, fail=("eval-base",))
+    assert main(base) == 2
+    _fake_stages(monkeypatch)
+    fake, now = speedrun.run_step, [1000.0]
+
+    def timed(step, argv, nproc, env):
+        now[0] += 10
+        return fake(step, argv, nproc, env)
+
+    monkeypatch.setattr(speedrun, "run_step", timed)
+    monkeypatch.setattr(speedrun, "time", SimpleNamespace(time=lambda: now[0]))
+    capsys.readouterr()
+    assert main(base) == 0
+    assert "[5/13] midtrain: midtrain: chat format, tools, multiple choice, ETA ~2.0 min\n" in capsys.readouterr().out

@@ -1206,7 +1206,9 @@ def run(args) -> int:
     # of what the training steps before it left of the budget (carried_minutes).
     budget = budget_minutes(preset, args.minutes, not args.no_budget)
     weights = budget_weights(steps, preset.minute_shares)
-    total_weight = sum(s.weight for s in steps)
+    # The ETA: this run's seconds per unit of weight of the steps it ran, times the weight of those still to run
+    # (the steps it skips took none of its time).
+    left_weight = sum(s.weight for s in steps)
     t_start = time.time()
     done_weight = 0.0
     for i, step in enumerate(steps, 1):
@@ -1218,7 +1220,7 @@ def run(args) -> int:
             checked = "" if recorded_flags(home, step, records) is not None else \
                 " (not finished by a speedrun of this home's record: its flags are not checked)"
             print(f"{prefix}: done already ({step.marker.relative_to(home.root)}){checked}, skipping")
-            done_weight += step.weight
+            left_weight -= step.weight
             continue
         argv = list(step.argv)
         # the rewritten markers whose record matches now: hashed again once this step has rewritten them
@@ -1234,7 +1236,7 @@ def run(args) -> int:
         elapsed = time.time() - t_start
         eta = ""
         if done_weight > 0 and elapsed > 5:
-            eta = f", ETA ~{(elapsed / done_weight) * (total_weight - done_weight) / 60:.1f} min"
+            eta = f", ETA ~{(elapsed / done_weight) * left_weight / 60:.1f} min"
         how = f" (torchrun over {nproc} processes)" if step.distributed and nproc > 1 else ""
         print(f"{prefix}: {step.title}{how}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
         if args.dry_run:
@@ -1262,6 +1264,7 @@ def run(args) -> int:
         times["wall_s"] = round(sum(times["stages"].values()), 1)
         atomic_write_json(timing_path, timing)
         done_weight += step.weight
+        left_weight -= step.weight
 
     if args.dry_run:
         return 0
