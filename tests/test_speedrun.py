@@ -816,3 +816,23 @@ def test_the_eta_of_a_resumed_speedrun_counts_only_the_steps_it_ran(tmp_path, mo
     capsys.readouterr()
     assert main(base) == 0
     assert "[5/13] midtrain: midtrain: chat format, tools, multiple choice, ETA ~2.0 min\n" in capsys.readouterr().out
+
+
+def test_quickstart_runs_the_speedrun_in_the_callers_directory(tmp_path):
+    """scripts/quickstart.sh sets up the repository's .venv but starts the speedrun where it was called, so a
+    relative --home is the caller's (it was the repository root's). The set-up and chibichat are stand-ins."""
+    import shutil
+
+    repo, cwd = tmp_path / "repo", tmp_path / "work"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    cwd.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "scripts" / "quickstart.sh", repo / "scripts")
+    (repo / "scripts" / "setup.sh").write_text("true\n")
+    chibichat = repo / ".venv" / "bin" / "chibichat"
+    chibichat.write_text('#!/bin/sh\necho "chibichat in $(pwd): $*"\n')
+    chibichat.chmod(0o755)
+    r = subprocess.run(["bash", str(repo / "scripts" / "quickstart.sh"), "--home", "h"], cwd=cwd, capture_output=True,
+                       text=True, env={k: v for k, v in os.environ.items() if k != "CHIBICHAT_PRESET"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"chibichat in {os.path.realpath(cwd)}: speedrun --preset cpu --home h\n"
