@@ -235,3 +235,41 @@ def test_report_times_a_stage_by_its_own_tags_speedrun_timing(tmp_path):
     text = build_report(h, "d4").read_text()
     assert "| BASE (d4) | val bpb - | 1m30s |" in text
     assert "report/timing.json also holds timings recorded before they were kept per tag" in text
+
+
+def test_report_refuses_summaries_and_metrics_of_the_wrong_shape_by_name(tmp_path):
+    """A summary.json that is JSON but not an object, undecodable bytes, or a metrics row that is not an object
+    is a ChibiError naming the file, not a traceback; a last metrics line cut mid-character (a killed write) is
+    left out like any partial last line."""
+    h = Home(tmp_path / "home")
+    d = h.checkpoints_dir("base", "d2")
+    _write(d / "summary.json", [1, 2])
+    with pytest.raises(ChibiError) as e:
+        build_report(h)
+    assert str(e.value) == f"{d / 'summary.json'} is corrupt (a JSON list, not an object); re-run the stage that writes it"
+    (d / "summary.json").write_bytes(b'{"steps": "\xff"}')
+    with pytest.raises(ChibiError, match=r"summary.json is corrupt \('utf-8' codec can't decode byte 0xff"):
+        build_report(h)
+    (d / "summary.json").unlink()
+    (d / "metrics.jsonl").write_text('{"step": 0, "loss": 7.0}\n3\n')
+    with pytest.raises(ChibiError) as e:
+        build_report(h)
+    assert str(e.value) == f"{d / 'metrics.jsonl'} line 2 is not a JSON object; delete the file or re-run the stage"
+    (d / "metrics.jsonl").write_bytes('{"step": 0, "loss": 7.0}\n{"step": 1, "sample": "あ'.encode()[:-1])
+    assert "## BASE: pretraining (d2)" in build_report(h).read_text()
+    _write(h.report_dir / "timing.json", {"runs": []})
+    with pytest.raises(ChibiError) as e:
+        build_report(h)
+    assert str(e.value) == (f"{h.report_dir / 'timing.json'} is corrupt (its \"runs\" is not an object); delete it "
+                            "(the report then shows the stages' own times)")
+
+
+def test_an_unfinished_stage_with_metrics_only_heads_its_row_as_unfinished():
+    """Pretraining stopped before its summary: its row says so, like the other stages', not "val bpb -" beside
+    the val bpb its metrics logged."""
+    from chibichat.stages.report import StageArtifacts, headline
+
+    metrics = [{"step": 0, "val_bpb": 3.64}]
+    for stage in ("base", "mid", "rl"):
+        assert headline(StageArtifacts(stage, "d2", None, metrics, None)) == "ran (no summary: unfinished?)", stage
+    assert headline(StageArtifacts("base", "d2", {"steps": 3}, metrics, None)) == "val bpb -"  # finished, no bpb

@@ -1,6 +1,7 @@
 """End to end: `chibichat speedrun --preset micro` into a temp home, killed mid-pretrain, re-run to the end,
 then run a third time (everything skipped)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -668,3 +669,170 @@ def test_cpu_hour_compiles_its_pretraining_where_a_cpp_compiler_is_found(tmp_pat
     assert main(["speedrun", "--preset", "cpu", "--home", home, "--compile", "--dry-run"]) == 2
     assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
     assert pretrain_compile_flags(None, PRESETS["cpu-hour"], "cuda") == ["--compile"]  # triton, not this check
+
+
+def test_eval_skills_rewriting_the_eval_summary_keeps_that_steps_flags_checked(tmp_path, monkeypatch, capsys):
+    """eval skills merges its figures into eval chat's summary.json, the eval-<stage> step's marker: the record
+    of that step is hashed again after the skills step, so the next run still checks its flags (a marker that
+    no longer matches its record would be reused unchecked)."""
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    _fake_stages(monkeypatch)
+    fake = speedrun.run_step
+
+    def merging(step, argv, nproc, env):
+        rc = fake(step, argv, nproc, env)
+        if step.name.startswith("skills-"):  # as eval skills does (eval/metrics.py merge_summary)
+            summary = step.marker.parent / "summary.json"
+            summary.write_text(json.dumps({**json.loads(summary.read_text()), "skills": 0.5}))
+        return rc
+
+    monkeypatch.setattr(speedrun, "run_step", merging)
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == 13 and "not checked" not in out
+    assert "[6/13] eval-mid: done already (eval/mid/d2/summary.json), skipping" in out
+    # a marker rewritten by hand since is still reused unchecked, not re-hashed by a later skills step
+    (home / "eval" / "sft" / "d2" / "summary.json").write_text("{}")
+    assert main(base + ["--force", "skills-sft"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "eval-sft: done already (eval/sft/d2/summary.json) (not finished by a speedrun of this home's record" in out
+    assert out.count("not checked") == 1
+
+
+def test_a_force_stopped_while_deleting_leaves_no_marker_of_a_forced_step(tmp_path, monkeypatch):
+    """--force removes every forced step's marker before any of their outputs: a deletion stopped part way (here
+    at the first folder) leaves no marker beside outputs it no longer describes, so the next run without --force
+    redoes the forced steps instead of skipping them as done."""
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    _fake_stages(monkeypatch)
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    assert main(base) == 0
+
+    def stopped(path, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(speedrun.shutil, "rmtree", stopped)
+    assert main(base + ["--force", "sft"]) == 130
+    h = Home(home)
+    for stage in ("sft", "rl"):
+        assert not (h.checkpoints_dir(stage, "d2") / "summary.json").exists(), stage
+        assert not (h.eval_dir(stage, "d2") / "summary.json").exists() and not (h.eval_dir(stage, "d2") /
+                                                                                 "skills.jsonl").exists(), stage
+    monkeypatch.undo()
+    calls = _fake_stages(monkeypatch)
+    assert main(base) == 0
+    assert [name for name, _ in calls] == ["sft", "eval-sft", "skills-sft", "rl", "eval-rl", "skills-rl"]
+
+
+def test_a_step_record_or_timing_file_of_the_wrong_shape_is_a_clear_error(tmp_path, capsys):
+    from chibichat.cli import main
+
+    home = tmp_path / "h"
+    (home / "report").mkdir(parents=True)
+    (home / "report" / "speedrun-steps.json").write_text("[]")
+    assert main(["speedrun", "--preset", "micro", "--home", str(home), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"chibichat speedrun: error: speedrun step record {home}/report/speedrun-steps.json has no \"steps\" object; "
+        "delete it (finished steps are then reused without checking their flags)\n")
+    (home / "report" / "speedrun-steps.json").unlink()
+    (home / "report" / "timing.json").write_text('{"runs": []}')
+    assert main(["speedrun", "--preset", "micro", "--home", str(home), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"chibichat speedrun: error: speedrun timing {home}/report/timing.json has no \"runs\" object; delete it (the "
+        "report then shows the stages' own times, and a time budget counts the finished training steps as having "
+        "spent their planned share)\n")
+
+
+@pytest.mark.parametrize("how", ["fork", "subprocess"])
+def test_a_terminated_speedrun_stops_its_running_step_with_it(tmp_path, how):
+    """`kill PID` (SIGTERM) of the speedrun while a step runs stops the step too and exits 143: the step, forked or
+    a subprocess (torchrun on CUDA), must not run on, orphaned, beside the run that the user starts next."""
+    pid_file = tmp_path / "step.pid"
+    script = f"""
+import os, sys, time
+from chibichat.stages import speedrun
+def step():
+    open({str(pid_file)!r} + ".tmp", "w").write(str(os.getpid()))
+    os.replace({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
+    time.sleep(60)
+if {how!r} == "fork":
+    speedrun.fork_start(dict(os.environ), step)
+else:  # the path taken where a step cannot be forked (CUDA, not Linux)
+    sys.platform = "not-linux"
+    code = "import os, time; open(" + repr({str(pid_file)!r} + ".tmp") + ", 'w').write(str(os.getpid())); " \\
+           "os.replace(" + repr({str(pid_file)!r} + ".tmp") + ", " + repr({str(pid_file)!r}) + "); time.sleep(60)"
+    speedrun._launcher = lambda step, nproc: [sys.executable, "-c", code]
+    speedrun.run_step(None, [], 1, dict(os.environ))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while not pid_file.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        step_pid = int(pid_file.read_text())
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(timeout=30) == 143
+        with pytest.raises(ProcessLookupError):  # stopped and reaped before the speedrun exited
+            os.kill(step_pid, 0)
+    finally:  # (what the old code left running)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_the_eta_of_a_resumed_speedrun_counts_only_the_steps_it_ran(tmp_path, monkeypatch, capsys):
+    """The ETA is this run's seconds per unit of weight of the steps it ran times the weight still to run: the
+    steps it skipped as done took none of its time (counting them made a resumed run's ETA a fraction of it).
+    micro's weights: eval-base 0.04 took 10 s (a fake clock), and 0.48 of weight is left from midtraining on."""
+    from types import SimpleNamespace
+
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    base = ["speedrun", "--preset", "micro", "--home", str(home)]
+    _fake_stages(monkeypatch, fail=("eval-base",))
+    assert main(base) == 2
+    _fake_stages(monkeypatch)
+    fake, now = speedrun.run_step, [1000.0]
+
+    def timed(step, argv, nproc, env):
+        now[0] += 10
+        return fake(step, argv, nproc, env)
+
+    monkeypatch.setattr(speedrun, "run_step", timed)
+    monkeypatch.setattr(speedrun, "time", SimpleNamespace(time=lambda: now[0]))
+    capsys.readouterr()
+    assert main(base) == 0
+    assert "[5/13] midtrain: midtrain: chat format, tools, multiple choice, ETA ~2.0 min\n" in capsys.readouterr().out
+
+
+def test_quickstart_runs_the_speedrun_in_the_callers_directory(tmp_path):
+    """scripts/quickstart.sh sets up the repository's .venv but starts the speedrun where it was called, so a
+    relative --home is the caller's (it was the repository root's). The set-up and chibichat are stand-ins."""
+    import shutil
+
+    repo, cwd = tmp_path / "repo", tmp_path / "work"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    cwd.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "scripts" / "quickstart.sh", repo / "scripts")
+    (repo / "scripts" / "setup.sh").write_text("true\n")
+    chibichat = repo / ".venv" / "bin" / "chibichat"
+    chibichat.write_text('#!/bin/sh\necho "chibichat in $(pwd): $*"\n')
+    chibichat.chmod(0o755)
+    r = subprocess.run(["bash", str(repo / "scripts" / "quickstart.sh"), "--home", "h"], cwd=cwd, capture_output=True,
+                       text=True, env={k: v for k, v in os.environ.items() if k != "CHIBICHAT_PRESET"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"chibichat in {os.path.realpath(cwd)}: speedrun --preset cpu --home h\n"

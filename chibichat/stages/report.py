@@ -121,31 +121,40 @@ class RunArtifacts:
     untagged_timing: bool = False  # timing.json holds figures from before timings were kept per tag
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file (every file the report reads is one); None when it does not exist."""
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
         raise ChibiError(f"{path} is corrupt ({e}); re-run the stage that writes it") from None
+    if not isinstance(data, dict):
+        raise ChibiError(f"{path} is corrupt (a JSON {type(data).__name__}, not an object); re-run the stage "
+                         "that writes it")
+    return data
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # Split as bytes: a line cut mid-character must not make the whole file undecodable.
+    lines = path.read_bytes().splitlines()
     for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
             # A run killed mid-write can leave one partial last line; anything else is corruption.
             if n == len(lines):
                 continue
             raise ChibiError(f"{path} line {n} is not JSON; delete the file or re-run the stage") from None
+        if not isinstance(row, dict):
+            raise ChibiError(f"{path} line {n} is not a JSON object; delete the file or re-run the stage")
+        rows.append(row)
     return rows
 
 
@@ -201,6 +210,9 @@ def collect_run(home: Home, tag: str | None) -> RunArtifacts:
     tag = report_tag(home, tag)
     timing = _read_json(home.report_dir / "timing.json") or {}
     runs = timing.get("runs", {})
+    if not isinstance(runs, dict):
+        raise ChibiError(f"{home.report_dir / 'timing.json'} is corrupt (its \"runs\" is not an object); delete it "
+                         "(the report then shows the stages' own times)")
     return RunArtifacts(_read_json(home.tokenizer_dir / "tokenizer.json"), _read_json(home.tokenizer_dir / "eval.json"),
                         collect(home, tag), runs.get(tag) if tag else None, tag,
                         untagged_timing=bool(timing) and ("runs" not in timing or "untagged" in timing))
@@ -320,6 +332,8 @@ def headline(st: StageArtifacts) -> str:
     s, ev = st.summary or {}, st.evals or {}
     if not (s or ev or st.metrics):
         return "not run"
+    if not (s or ev):  # metrics only: no figure of the stage's own to head with
+        return "ran (no summary: unfinished?)"
     parts = []
     if st.stage == "base":
         bpb = ev.get("val_bpb", s.get("final_val_bpb"))

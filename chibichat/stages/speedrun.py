@@ -27,6 +27,7 @@ by a speedrun before the record existed) is reused with a note that its flags we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -429,6 +430,9 @@ class Step:
     # steps whose outputs this one reads: forcing one of them redoes this one. No step names the download
     # steps: a forced download fetches the same verified shards, so nothing trained on them goes stale.
     needs: tuple[str, ...] = ()
+    # steps whose marker this one rewrites (eval skills merges its figures into eval chat's summary.json):
+    # their record is hashed again when this one finishes, or their flags would go unchecked from then on
+    rewrites: tuple[str, ...] = ()
 
 
 def forced_steps(steps: list[Step], force: list[str]) -> list[str]:
@@ -765,7 +769,7 @@ def skills_step(home: Home, stage: str, tag: str, lang: str, flags: list[str], p
                 ["eval", "skills", "--from", stage, "--tag", tag, "--lang", lang, *flags, *preset.eval_skills],
                 out.with_suffix(".jsonl"), [out.with_suffix(".jsonl"), out.with_suffix(".csv")], weight=0.02,
                 # eval-<stage> owns the folder these files are written to: forcing it deletes them too
-                needs=(TRAINING_STEP_OF[stage], f"eval-{stage}"))
+                needs=(TRAINING_STEP_OF[stage], f"eval-{stage}"), rewrites=(f"eval-{stage}",))
 
 
 def _has_checkpoint(d: Path | None) -> bool:
@@ -815,7 +819,30 @@ def run_step(step: Step, argv: list[str], nproc: int, env: dict) -> int:
             return fork_start(env, lambda: _torchrun_main([*_torchrun_args(nproc), "-m", "chibichat", *argv], no_cuda))
         if no_cuda:
             return fork_start(env, lambda: _chibichat_main(argv))
-    return subprocess.run(_launcher(step, nproc) + argv, env=env).returncode
+    with _terminate_raises(), subprocess.Popen(_launcher(step, nproc) + argv, env=env) as proc:
+        try:
+            return proc.wait()
+        except BaseException:  # as in fork_start: the step stops (torchrun stops its workers) before we go
+            proc.terminate()
+            proc.wait()
+            raise
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """While a step's process runs, SIGTERM to this one (`kill PID`, a scheduler) raises SystemExit(143) here, so
+    that the caller stops the step with it: by default this process would end at once and leave the step running,
+    orphaned, to write into the home beside the next run's."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _chibichat_main(argv: list[str]) -> int:
@@ -891,12 +918,13 @@ def fork_start(env: dict, entry) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code if isinstance(code, int) else 1)
-    try:
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    except BaseException:  # Ctrl-C reaches the child too; let it stop (and stop its workers) before we go
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
-        raise
+    with _terminate_raises():
+        try:
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        except BaseException:  # Ctrl-C reaches the child too; let it stop (and stop its workers) before we go
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+            raise
 
 
 def check_done_tokenizer(home: Home, step: Step) -> None:
@@ -999,7 +1027,7 @@ def read_step_records(home: Home) -> dict:
     speedruns finished."""
     path = step_record_path(home)
     records = read_json(path, "speedrun step record") if path.exists() else {"steps": {}}
-    if not isinstance(records.get("steps"), dict):
+    if not isinstance(records, dict) or not isinstance(records.get("steps"), dict):
         raise ChibiError(f"speedrun step record {path} has no \"steps\" object; delete it (finished steps are "
                          "then reused without checking their flags)")
     return records["steps"]
@@ -1101,27 +1129,33 @@ def read_timing(home: Home) -> dict:
     figures under "untagged" (no run can claim them)."""
     path = home.report_dir / "timing.json"
     timing = read_json(path, "speedrun timing") if path.exists() else {"runs": {}}
-    if "runs" not in timing:
+    if isinstance(timing, dict) and "runs" not in timing:
         timing = {"runs": {}, "untagged": timing}
+    if not isinstance(timing, dict) or not isinstance(timing["runs"], dict):
+        raise ChibiError(f"speedrun timing {path} has no \"runs\" object; delete it (the report then shows the "
+                         "stages' own times, and a time budget counts the finished training steps as having spent "
+                         "their planned share)")
     return timing
 
 
 def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, times: dict) -> None:
     """Delete the outputs and markers of every step in `redo` before anything runs: a forced step that then
-    fails (or is stopped) must leave no old output after it that the next run would skip as done. `times`: this
-    tag's timing ({"stages": {step: s}, "budget_s": {step: s}}), whose entries for those steps go too."""
-    for step in steps:
-        if step.name not in redo:
-            continue
+    fails (or is stopped) must leave no old output after it that the next run would skip as done. Every marker
+    goes first: a deletion stopped part way (Ctrl-C, a kill, an error) must not leave a marker beside outputs
+    it no longer describes. `times`: this tag's timing ({"stages": {step: s}, "budget_s": {step: s}}), whose
+    entries for those steps go too."""
+    forced = [step for step in steps if step.name in redo]
+    for step in forced:
+        step.marker.unlink(missing_ok=True)
+        records.pop(_record_key(home, step), None)
+        times["stages"].pop(step.name, None)
+        times.get("budget_s", {}).pop(step.name, None)
+    for step in forced:
         for out in step.outputs:
             if out.is_dir():
                 shutil.rmtree(out)
             elif out.exists():
                 out.unlink()
-        step.marker.unlink(missing_ok=True)
-        records.pop(_record_key(home, step), None)
-        times["stages"].pop(step.name, None)
-        times.get("budget_s", {}).pop(step.name, None)
 
 
 def run(args) -> int:
@@ -1172,7 +1206,9 @@ def run(args) -> int:
     # of what the training steps before it left of the budget (carried_minutes).
     budget = budget_minutes(preset, args.minutes, not args.no_budget)
     weights = budget_weights(steps, preset.minute_shares)
-    total_weight = sum(s.weight for s in steps)
+    # The ETA: this run's seconds per unit of weight of the steps it ran, times the weight of those still to run
+    # (the steps it skips took none of its time).
+    left_weight = sum(s.weight for s in steps)
     t_start = time.time()
     done_weight = 0.0
     for i, step in enumerate(steps, 1):
@@ -1184,9 +1220,12 @@ def run(args) -> int:
             checked = "" if recorded_flags(home, step, records) is not None else \
                 " (not finished by a speedrun of this home's record: its flags are not checked)"
             print(f"{prefix}: done already ({step.marker.relative_to(home.root)}){checked}, skipping")
-            done_weight += step.weight
+            left_weight -= step.weight
             continue
         argv = list(step.argv)
+        # the rewritten markers whose record matches now: hashed again once this step has rewritten them
+        rewritten = [s for s in steps if s.name in step.rewrites and s.marker.exists()
+                     and recorded_flags(home, s, records) is not None]
         given_s = None
         if budget is not None and step.name in weights:
             given_s = 60 * carried_minutes(weights, step.name, budget, times["stages"])
@@ -1197,7 +1236,7 @@ def run(args) -> int:
         elapsed = time.time() - t_start
         eta = ""
         if done_weight > 0 and elapsed > 5:
-            eta = f", ETA ~{(elapsed / done_weight) * (total_weight - done_weight) / 60:.1f} min"
+            eta = f", ETA ~{(elapsed / done_weight) * left_weight / 60:.1f} min"
         how = f" (torchrun over {nproc} processes)" if step.distributed and nproc > 1 else ""
         print(f"{prefix}: {step.title}{how}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
         if args.dry_run:
@@ -1216,6 +1255,8 @@ def run(args) -> int:
             raise ChibiError(f"stage {step.name} exited 0 but did not write {step.marker}; this is a bug in that stage")
         records[_record_key(home, step)] = {"flags": step_flags(step.argv, device),
                                             "marker_sha256": sha256_file(step.marker)}
+        for s in rewritten:
+            records[_record_key(home, s)]["marker_sha256"] = sha256_file(s.marker)
         atomic_write_json(step_record_path(home), {"steps": records})
         times["stages"][step.name] = round(time.time() - t0, 1)
         if given_s is not None:
@@ -1223,6 +1264,7 @@ def run(args) -> int:
         times["wall_s"] = round(sum(times["stages"].values()), 1)
         atomic_write_json(timing_path, timing)
         done_weight += step.weight
+        left_weight -= step.weight
 
     if args.dry_run:
         return 0
