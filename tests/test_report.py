@@ -161,7 +161,9 @@ def test_cost_line_never_invents_a_price():
         "unknown (no price on file for NVIDIA L40S; pass --hourly-usd with its price per device-hour, known: H100, "
         "H200, A100, V100, L4, A10)")
     assert _estimated_cost({"gpus": "2 x NVIDIA L40S"}, h, 1.5) == "$3.00 (2 device(s) x $1.50/h x 1.00 h)"
-    assert _estimated_cost({"gpus": "none"}, h, None) == "$0.00 (1 device(s) x $0.00/h x 1.00 h)"
+    assert _estimated_cost({"gpus": "none"}, h, None) == \
+        "$0.00 on your own CPU (pass --hourly-usd with a rented machine's price per hour)"
+    assert _estimated_cost({"gpus": "none"}, h, 0.1) == "$0.10 (1 device(s) x $0.10/h x 1.00 h)"
     with pytest.raises(ChibiError, match="--hourly-usd must be a price >= 0, got -1"):
         _estimated_cost({"gpus": "none"}, h, -1.0)
 

@@ -707,7 +707,7 @@ def _hardware() -> dict:
     info = {"platform": platform.platform(), "cpus": os.cpu_count()}
     try:
         pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        info["ram_gb"] = round(pages * page / 2**30, 1)
+        info["ram"] = f"{pages * page / 2**30:.1f} GiB"
     except (ValueError, OSError, AttributeError):
         pass
     if torch.cuda.is_available():
@@ -736,7 +736,9 @@ def _estimated_cost(hw: dict, wall_s: float | None, hourly: float | None) -> str
     if wall_s is None:
         return "unknown (no wall time recorded)"
     if hw.get("gpus", "none") == "none":
-        rate, count = (hourly or 0.0), 1
+        if hourly is None:  # a CPU run: the user's own machine, unless they price a rented one
+            return "$0.00 on your own CPU (pass --hourly-usd with a rented machine's price per hour)"
+        rate, count = hourly, 1
     else:
         count = int(hw["gpus"].split(" x ")[0])
         name = hw["gpus"].split(" x ")[1]
