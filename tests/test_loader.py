@@ -159,6 +159,28 @@ def test_pretrain_best_fit_order_and_crop_by_hand():
     assert loader.stats["crop_fraction"] == pytest.approx(6 / 46)
 
 
+def test_pretrain_one_epoch_stops_where_the_pass_runs_out_by_hand():
+    """epochs=1 on the docs above (a 6, b 4, c 9, d 3, e 12; rows of 10) with a buffer of 16, more
+    than the split holds: the looping loader pulls four passes into it at its first read and its
+    row 2 repeats row 1 from pass 2; epochs=1 packs row 2 from what is left of pass 1. Batch 2 needs
+    a fourth row, which only pass 2 holds: StopIteration, and its row (e) is not counted as served."""
+    tok = ByteTokenizer()
+    docs = ["aaaaa", "bbb", "cccccccc", "dd", "eeeeeeeeeee"]
+    corpus = FakeCorpus("hand", [FakeShard("s", [docs])])
+    a, b, c, d, e = ([tok.bos_id] + tok.encode(t) for t in docs)
+    looping = PretrainLoader(corpus, "train", None, tok, 2, 9, rt(), buffer_docs=16)
+    assert rows_of(next(looping)).tolist() == [c + d[:1], c + d[:1]] and looping.stats["epoch"] == 3
+    once = PretrainLoader(corpus, "train", None, tok, 2, 9, rt(), buffer_docs=16, epochs=1)
+    assert rows_of(next(once)).tolist() == [c + d[:1], a + b]
+    for _ in range(2):  # spent for good
+        with pytest.raises(StopIteration):
+            next(once)
+    assert once.stats["epoch"] == 0 and once.stats["rows_served"] == 2 and once.stats["tokens_served"] == 18
+    assert once.stats["buffered_docs"] == 0 and once.stats["tokens_cropped"] == 2  # d's tail: e's row was not served
+    with pytest.raises(ChibiError, match="^epochs must be an integer >= 1, got 0$"):
+        PretrainLoader(corpus, "train", None, tok, 2, 9, rt(), epochs=0)
+
+
 def test_pretrain_split_long_docs_by_hand():
     """T=9. "a"*20 becomes pieces [BOS a*9] [BOS a*9] [BOS a*2]; "bb" stays [BOS b b]. Rows of 10:
     the two full pieces fill rows 1 and 2 (ties: oldest first); row 3 packs the short ones, refills

@@ -290,6 +290,37 @@ def test_bpb_counts_only_byte_bearing_targets():
         evaluate_bpb(Fixed(), [], token_bytes, rt)
 
 
+def test_val_slice_of_a_few_long_documents_is_packed_from_one_pass(tmp_path):
+    """--long-docs crop on a val split of 3 documents of ~3,000 tokens, fewer than the val loader's
+    buffer (16): its first read goes past the split's end, yet a slice of 3 rows of 128 holds one
+    document each (cropped) and is served; a 4th row would repeat one, so 4 rows are refused."""
+    import os
+
+    import torch
+
+    from chibichat.common import Runtime
+    from chibichat.data.corpora import get_corpus
+    from chibichat.eval.base import val_batches
+
+    class ByteTok:
+        bos_id = 256
+
+        def encode_batch(self, texts, num_threads=4):
+            return [list(t.encode("utf-8")) for t in texts]
+
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "a.txt").write_text("\n\n".join(f"{split} doc {i} " + "y" * 3000 for i in range(3)) + "\n")
+    corpus = get_corpus(f"local:{tmp_path}")
+    rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32)
+    batches = val_batches(corpus, None, ByteTok(), rt, 1, 128, 3, split_long_docs=False)
+    assert [x[0].tolist() for x, _ in batches] == [[256, *f"val doc {i} ".encode(), *b"y" * 117] for i in range(3)]
+    with pytest.raises(ChibiError) as e:
+        val_batches(corpus, None, ByteTok(), rt, 1, 128, 4, split_long_docs=False)
+    assert str(e.value) == (f"the val split of local:{os.path.realpath(tmp_path)} ran out after about 384 tokens, "
+                            "short of the 512 asked for; lower --eval-tokens (or use a corpus with a larger val split)")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_pretrain_on_cuda_bf16(tok_home):

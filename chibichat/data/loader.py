@@ -126,11 +126,16 @@ class PretrainLoader:
     With split_long_docs=True such a document is cut into pieces of T tokens, each behind its own
     BOS (a piece fills a row exactly), so only short documents are ever cropped. The price: rows
     that start with BOS followed by mid-document text.
+
+    epochs=None loops forever; epochs=N never reads beyond the Nth pass and raises StopIteration at
+    the first batch whose rows need more documents than those N passes hold (that batch is not
+    served; the loader stays spent). So no row holds a document of pass N+1, and every row served
+    before epochs=None would read pass N+1 is the same as that loader's.
     """
 
     def __init__(self, corpus, split, home, tokenizer, batch_size: int, seq_len: int, rt,
                  buffer_docs: int = 1000, tokenizer_threads: int = 4, split_long_docs: bool = False,
-                 repeat_every: int = 0):
+                 repeat_every: int = 0, epochs: int | None = None):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seq_len = _check_int("seq_len", seq_len, 1)
         self.buffer_docs = _check_int("buffer_docs", buffer_docs, 1)
@@ -140,6 +145,7 @@ class PretrainLoader:
         self.row_len = seq_len + 1
         self.split_long_docs = bool(split_long_docs)
         self.repeat_every = _check_int("repeat_every", repeat_every, 0)
+        self.epochs = None if epochs is None else _check_int("epochs", epochs, 1)
         self._shards = corpus.shards(split, home)
         everything = [(s, g) for s, shard in enumerate(self._shards) for g in range(shard.num_groups())]
         where = f"corpus {corpus.name!r} split {split!r}"
@@ -162,6 +168,7 @@ class PretrainLoader:
             "buffer_docs": buffer_docs,
             "split_long_docs": self.split_long_docs,
             "repeat_every": self.repeat_every,
+            "epochs": self.epochs,
             "rank": self.rank,
             "world_size": self.world_size,
         }
@@ -196,10 +203,13 @@ class PretrainLoader:
         return [self._pieces(ids) for ids in self.tokenizer.encode_batch(docs, num_threads=self.tokenizer_threads)]
 
     def _refill(self) -> None:
-        """Read whole groups until the buffer holds at least buffer_docs documents."""
+        """Read whole groups until the buffer holds at least buffer_docs documents, or (epochs=N) until
+        the Nth pass is read to its end."""
         empty_reads = 0
         while len(self._buffer) < self.buffer_docs:
             if self._next_unit == len(self.units):  # wrap lazily: `epoch` is that of the last group read
+                if self.epochs is not None and self._epoch + 1 >= self.epochs:
+                    return
                 self._epoch, self._next_unit = self._epoch + 1, 0
             epoch, pos = self._epoch, self._next_unit
             docs = self._tokenize(self._read(pos))
@@ -223,6 +233,8 @@ class PretrainLoader:
         while space:
             if len(self._buffer) < self.buffer_docs:
                 self._refill()
+            if not self._buffer:  # only with epochs=N: its last pass is used up, the row cannot be filled
+                raise StopIteration
             doc = self._buffer.pop_best_fit(space)
             if doc is None:  # nothing fits: crop the shortest so the row ends exactly full
                 doc = self._buffer.pop_shortest()
@@ -248,8 +260,13 @@ class PretrainLoader:
         import torch
 
         flat: list[int] = []
-        for _ in range(self.batch_size):
-            self._fill_row(flat)
+        counts = self._tokens_packed, self._tokens_cropped, self._rows
+        try:
+            for _ in range(self.batch_size):
+                self._fill_row(flat)
+        except StopIteration:  # epochs=N used up: the rows of a batch not served are not counted
+            self._tokens_packed, self._tokens_cropped, self._rows = counts
+            raise
         rows = torch.tensor(flat, dtype=torch.long).view(self.batch_size, self.row_len)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 

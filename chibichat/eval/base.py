@@ -5,10 +5,12 @@ checkpoint), so both report the same number for the same model and settings.
 
 The val slice is fixed: a fresh PretrainLoader over the val split, read from its start as one
 reader, the first `steps` micro-batches. Its packing settings (seq_len, rows, split_long_docs) come
-from the caller; a val split too small for the requested tokens is an error rather than a silent
-second pass over the same text. The slice does not depend on the number of ranks: under torchrun
-rank r scores micro-batches r, r+W, r+2W, ... of it, and evaluate_bpb puts the per-micro-batch sums
-back in slice order, so W ranks report exactly the number one process does.
+from the caller. The loader reads one pass (epochs=1): a val split whose documents run out before
+the slice is packed is an error rather than rows repeated from a second pass over the same text,
+and a split that holds enough is never refused for what the loader merely read ahead. The slice
+does not depend on the number of ranks: under torchrun rank r scores micro-batches r, r+W, r+2W,
+... of it, and evaluate_bpb puts the per-micro-batch sums back in slice order, so W ranks report
+exactly the number one process does.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ SAMPLE_PROMPTS = {
     "ja": ["日本の首都は", "富士山の高さは", "昨日が金曜日なら、明日は", "暑いの反対は", "太陽系の惑星は", "私の好きな色は",
            "5*x + 3 = 13 ならば x は"],
 }
-# Buffer only one document group when reading val: a large read-ahead buffer would pull documents
-# from a second pass over a small val split into the rows.
+# The val loader's best-fit buffer: part of the slice's definition (another size packs other rows and
+# changes every val bpb), kept at one document group.
 VAL_BUFFER_DOCS = 16
 
 
@@ -52,16 +54,17 @@ def val_batches(corpus, home, tokenizer, rt: Runtime, device_batch: int, seq_len
 
     one_reader = dataclasses.replace(rt, rank=0, local_rank=0, world_size=1)
     loader = PretrainLoader(corpus, "val", home, tokenizer, device_batch, seq_len, one_reader,
-                            buffer_docs=VAL_BUFFER_DOCS, split_long_docs=split_long_docs)
+                            buffer_docs=VAL_BUFFER_DOCS, split_long_docs=split_long_docs, epochs=1)
     out = []
     for i in range(steps):
-        batch = next(loader)
+        try:
+            batch = next(loader)
+        except StopIteration:
+            raise ChibiError(f"the val split of {corpus.name} ran out after about {loader.stats['tokens_served']:,} "
+                             f"tokens, short of the {steps * device_batch * seq_len:,} asked for; lower --eval-tokens "
+                             f"(or use a corpus with a larger val split)") from None
         if i % rt.world_size == rt.rank:
             out.append(batch)
-    if loader.stats["epoch"] > 0:
-        raise ChibiError(f"the val split of {corpus.name} ran out after about {loader.stats['tokens_served']:,} "
-                         f"tokens, short of the {steps * device_batch * seq_len:,} asked for; lower --eval-tokens "
-                         f"(or use a corpus with a larger val split)")
     return out
 
 
