@@ -92,6 +92,21 @@ def test_replies_that_render_the_same_are_identical():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
+def test_dpo_refuses_fp8_before_loading_anything(tmp_path):
+    """Reference log-probabilities come from no-grad forwards (never fp8): an fp8 policy would differ from its own
+    reference by rounding alone."""
+    from chibichat.cli import build_parser
+    from chibichat.stages import dpo
+
+    args = build_parser().parse_args(["dpo", "--home", str(tmp_path / "none"), "--data", "prefs-arithmetic",
+                                      "--device", "cpu", "--dtype", "bfloat16", "--fp8"])
+    with pytest.raises(ChibiError) as e:
+        dpo.run(args)
+    assert str(e.value) == ("dpo does not take --fp8: its reference log-probabilities come from no-grad forwards, "
+                            "which never run in fp8, so the policy's (fp8) would differ from them by rounding "
+                            "alone; drop --fp8")
+
+
 def test_thirty_cpu_steps_raise_held_out_reward_accuracy(tmp_path):
     from test_stages_chat import make_base, run_cli
 

@@ -611,8 +611,13 @@ def test_conversation_bad_inputs_raise_chibierror():
     bad = [("t", {"messages": [{"role": "assistant", "content": "hi"}]})]
     with pytest.raises(ChibiError, match="conversation 0"):
         next(ConversationLoader(bad, tok, 2, 127, rt()))
-    with pytest.raises(ChibiError, match="dropped"):
+    with pytest.raises(ChibiError) as e:
         next(ConversationLoader(items, tok, 2, 8, rt(), overflow="drop"))
+    assert str(e.value).endswith("tokens and were dropped; use a longer seq_len or overflow='shorten'")
+    with pytest.raises(ChibiError) as e:  # already shortening: the advice is not to shorten
+        next(ConversationLoader(items, tok, 2, 8, rt(), overflow="shorten"))
+    assert str(e.value).endswith("were dropped; even their final exchange alone does not fit (overflow='shorten' "
+                                 "keeps it whole); use a longer seq_len or shorter conversations")
     a = ConversationLoader(items, tok, 2, 127, rt(), mode="pack")
     next(a)
     with pytest.raises(ChibiError, match="mode"):

@@ -277,6 +277,9 @@ def test_flat_groups_are_dropped_and_reward_windows_by_hand():
     adv = group_advantages([[1, 1, 1], [0, 1, 0], [0, 0, 0], [0.5, 0.25, 0.25]])
     assert informative_groups(adv) == [1, 3]
     assert informative_groups(group_advantages([[1, 1], [0, 0]])) == [0]  # all flat: one zero-weight group
+    # equal rewards whose float mean is not exactly the reward are flat too (0.1 * 3 / 3 != 0.1)
+    assert group_advantages([[0.1, 0.1, 0.1], [0.7, 0.7, 0.7]]) == [[0.0] * 3, [0.0] * 3]
+    assert informative_groups(group_advantages([[0.1, 0.1, 0.1], [0.7, 0.7, 0.7], [0.1, 0.7, 0.1]])) == [2]
     assert reward_windows([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 0.0]) == pytest.approx([0.1, 0.5, 0.9, 1.0, 0.5])
     assert reward_windows([0.25, 0.75]) == [0.25, 0.75]  # fewer batches than windows: one per batch
     assert reward_windows([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], windows=3) == pytest.approx([0.5, 2 / 3, 1.0])  # slices 2, 3, 2
@@ -992,6 +995,12 @@ def test_sft_soup_refusals(base):
     with pytest.raises(ChibiError) as e:
         sft.run(_parse(common[:-1] + ["2", "--soup", "2"]))
     assert "was trained with num_steps=1, this run asks 2; pass --overwrite to train the members again" in str(e.value)
+    # ... nor one of another seed (the soup would record seeds it did not average) or fp8 setting
+    for extra, msg in [(["--seed", "3"], "sr-soup0 was trained with seed=0, this run asks 3; pass --overwrite"),
+                       (["--fp8"], "sr-soup0 was trained with fp8=False, this run asks True; pass --overwrite")]:
+        with pytest.raises(ChibiError) as e:
+            sft.run(_parse(common + ["--soup", "2", *extra]))
+        assert msg in str(e.value)
     run_cli(*common, "--soup", "2")  # the members' own flags: reused, and averaged again
     with pytest.raises(ChibiError) as e:  # the finished average is not replaced without --overwrite
         sft.run(_parse(common + ["--soup", "2"]))

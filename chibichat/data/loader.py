@@ -481,9 +481,13 @@ class ConversationLoader:
                 return ref, ids, mask
             dropped_in_a_row += 1
             if dropped_in_a_row >= len(self._positions):
+                # under "shorten" a conversation is dropped only when its final exchange alone is too long
+                fix = ("use a longer seq_len or overflow='shorten'" if self.overflow == "drop" else
+                       "even their final exchange alone does not fit (overflow='shorten' keeps it whole); use a "
+                       "longer seq_len or shorter conversations")
                 raise ChibiError(
                     f"all {len(self._positions)} conversations of rank {self.rank} are longer than the rows of "
-                    f"{self.row_len} tokens and were dropped; use a longer seq_len or overflow='shorten'"
+                    f"{self.row_len} tokens and were dropped; {fix}"
                 )
 
     def _pad(self, ids: list[int], mask: list[int]):

@@ -254,6 +254,12 @@ def run(args) -> int:
 
     if not args.beta > 0:
         raise ChibiError(f"--beta must be > 0, got {args.beta}")
+    if args.fp8:
+        # fp8 runs only in forwards that record autograd: the reference log-probabilities would be bf16 and the
+        # policy's fp8, apart by rounding alone, so policy == reference would not give the loss log 2
+        raise ChibiError("dpo does not take --fp8: its reference log-probabilities come from no-grad forwards, "
+                         "which never run in fp8, so the policy's (fp8) would differ from them by rounding "
+                         "alone; drop --fp8")
     check_at_least(args, 1, "device_batch_size", "train_items", "val_items")
     rt = init_runtime(args.device, args.dtype)
     try:

@@ -54,13 +54,15 @@ from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 
 
 def group_advantages(rewards: list[list[float]]) -> list[list[float]]:
-    """A = r - mean(r) within each prompt's group of samples."""
+    """A = r - mean(r) within each prompt's group of samples; exactly 0 where the group's rewards are all
+    equal (the float mean of equal non-dyadic rewards such as 0.1 is not quite the reward, and a flat group
+    must read as flat to informative_groups)."""
     out = []
     for group in rewards:
         if not group:
             raise ChibiError("a prompt got no samples; --num-samples must be >= 1")
         m = sum(group) / len(group)
-        out.append([r - m for r in group])
+        out.append([0.0] * len(group) if min(group) == max(group) else [r - m for r in group])
     return out
 
 

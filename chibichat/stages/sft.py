@@ -364,9 +364,10 @@ def run_stage_or_soup(args, *, command: str, stage: str, train_all_tokens: bool,
 
 
 # Flags a finished member run must share with this invocation to be reused instead of trained again.
+# (Its seed, --seed + i, is compared too: the soup records the seeds it averaged.)
 SOUP_SAME_FLAGS = ("from_stage", "from_tag", "from_step", "mix", "identity", "mode", "overflow", "lr_frac",
                    "matrix_lr", "embedding_lr", "head_lr", "other_lr", "warmdown_frac", "num_steps",
-                   "device_batch_size", "grad_accum", "embed_noise", "val_items", "dtype")
+                   "device_batch_size", "grad_accum", "embed_noise", "val_items", "dtype", "fp8")
 
 
 def soup_members(tag: str, seed: int, k: int) -> list[tuple[str, int]]:
@@ -441,10 +442,10 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
         mdir = home.checkpoints_dir(stage, mtag)
         if not args.overwrite and (mdir / "summary.json").exists():
             done = read_meta(resolve_checkpoint(home, stage, mtag)).get("flags", {})
-            for key in SOUP_SAME_FLAGS:
-                if done.get(key) != getattr(args, key):
+            for key, want in [(k, getattr(args, k)) for k in SOUP_SAME_FLAGS] + [("seed", mseed)]:
+                if done.get(key) != want:
                     raise ChibiError(f"{mdir} was trained with {key}={done.get(key)!r}, this run asks "
-                                     f"{getattr(args, key)!r}; pass --overwrite to train the members again")
+                                     f"{want!r}; pass --overwrite to train the members again")
             print(f"{command} --soup: {mtag} (seed {mseed}) is done already, not trained again", flush=True)
         else:
             todo.append((mtag, mseed))
