@@ -2,8 +2,9 @@
 
 For a pair (prompt x, chosen c, rejected r), with log pi(y|x) the sum of the policy's log-probabilities
 of the reply's supervised tokens (as rendered by chibichat.render: the reply text, tool calls and
-<|assistant_end|>; tool output and the prompt are not counted) and ref the same under the frozen
-starting checkpoint:
+<|assistant_end|>; tool output and the prompt's user and system text are not counted; the prompt's earlier
+assistant turns are, on both sides alike, so they cancel in every difference below) and ref the same under
+the frozen starting checkpoint:
 
     reward(y) = beta * (log pi(y|x) - log ref(y|x))
     loss      = -log sigmoid(reward(c) - reward(r))           (mean over pairs)
