@@ -22,10 +22,13 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   fork/vfork/clone without CLONE_THREAD, execve/execveat, socket() of EVERY family (AF_UNIX included;
   socketpair() stays allowed: it connects nothing outside), io_uring (it would issue socket/open
   operations past this filter), ptrace, process_vm_readv/writev, pidfd_getfd, unshare/setns, bpf,
-  perf_event_open, open_by_handle_at, chmod/chown/utime/file_setattr (every form) and, below Landlock
-  ABI 3, truncate by path answer EPERM; setting or removing xattrs answers EOPNOTSUPP. Threads work (clone3 answers
-  ENOSYS so libc falls back to clone, whose flags the filter can read). So shutil.copy, which copies the
-  mode, fails even inside the temp dir; shutil.copyfile works.
+  perf_event_open, open_by_handle_at, chmod/chown/utime/file_setattr (every form), the keyrings
+  (add_key/request_key/keyctl: the user's keys are secrets no file rule covers, and a key added outlives
+  the run), SysV IPC (shm*/sem*/msg*: its objects outlive the run, and other processes' are reachable by
+  id) and, below Landlock ABI 3, truncate by path answer EPERM; setting or removing xattrs answers
+  EOPNOTSUPP. Threads work (clone3 answers ENOSYS so libc falls back to clone, whose flags the filter
+  can read). So shutil.copy, which copies the mode, fails even inside the temp dir; shutil.copyfile
+  works.
 - signals (seccomp, whatever the Landlock ABI): kill/tkill/tgkill only to the process's own pid (for
   tgkill: any of its own threads); pidfd_open, pidfd_send_signal, rt_sigqueueinfo/rt_tgsigqueueinfo and
   making another process an fd's SIGIO/SIGURG owner (fcntl F_SETOWN/F_SETOWN_EX, ioctl
@@ -39,6 +42,10 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   stdout/stderr: they are files, not pipes), open files, no core dumps; a wall-clock timeout kills the
   whole process group. The child gets a fresh `python -I` (no site-customisation from the user's env) in
   a new session with a scrubbed environment (PATH, LANG, LC_ALL, HOME and TMPDIR only).
+- what the caller reads back: the bootstrap says it handed over to the code on a pipe that it closes
+  first, so the code's own exit status and stderr never pass for a setup failure (a ChibiError, which
+  ends the stage running the code) nor for unshare's failure (which would run the code again, outside
+  the network namespace).
 
 A second, in-process layer: a `sys.addaudithook` hook refuses writes, removals, renames and links
 outside the temp dir, sockets, ctypes, subprocess/exec/system, os.kill of other processes, fd owners
@@ -184,10 +191,12 @@ class SandboxResult:
 
 # The bootstrap runs first inside the sandboxed interpreter: it is trusted code. argv: code_path work_dir
 # memory_bytes cpu_seconds fsize_bytes nofile nproc setup_failed_status use_landlock use_seccomp use_hook
+# ready_fd
 _BOOTSTRAP = r'''
 import os, sys, resource
 code_path, work = sys.argv[1], os.path.realpath(sys.argv[2])
-mem, cpu, fsize, nofile, nproc, setup_failed, use_landlock, use_seccomp, use_hook = (int(a) for a in sys.argv[3:12])
+mem, cpu, fsize, nofile, nproc, setup_failed, use_landlock, use_seccomp, use_hook, ready = (
+    int(a) for a in sys.argv[3:13])
 with open(code_path, encoding="utf-8") as f:
     source = f.read()
 sys.argv = ["main.py"]
@@ -279,7 +288,9 @@ def confine(work, use_landlock, use_seccomp, fail):
                    bpf=321, perf_event_open=298, open_by_handle_at=304, chmod=90, fchmod=91, fchmodat=268,
                    chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
                    utimensat=280, truncate=76, setxattr=188, lsetxattr=189, fsetxattr=190, removexattr=197,
-                   lremovexattr=198, fremovexattr=199)),
+                   lremovexattr=198, fremovexattr=199, add_key=248, request_key=249, keyctl=250, shmget=29,
+                   shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66, semtimedop=220, msgget=68,
+                   msgsnd=69, msgrcv=70, msgctl=71)),
         "aarch64": (0xC00000B7, dict(common, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
                     rt_tgsigqueueinfo=240, fcntl=25, ioctl=29, setpriority=140, ioprio_set=30, prlimit64=261,
                     sched_setaffinity=122, sched_setscheduler=119, sched_setparam=118, sched_setattr=274,
@@ -287,7 +298,9 @@ def confine(work, use_landlock, use_seccomp, fail):
                     ptrace=117, process_vm_readv=270, process_vm_writev=271, unshare=97, setns=268, bpf=280,
                     perf_event_open=241, open_by_handle_at=265, fchmod=52, fchmodat=53, fchown=55,
                     fchownat=54, utimensat=88, truncate=45, setxattr=5, lsetxattr=6, fsetxattr=7,
-                    removexattr=14, lremovexattr=15, fremovexattr=16)),
+                    removexattr=14, lremovexattr=15, fremovexattr=16, add_key=217, request_key=218, keyctl=219,
+                    msgget=186, msgctl=187, msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192,
+                    semop=193, shmget=194, shmctl=195, shmat=196, shmdt=197)),
     }
     if sys.platform != "linux" or machine not in table:
         return False
@@ -399,7 +412,12 @@ main = types.ModuleType("__main__")  # `import __main__` in user code names the 
 main.__dict__["__builtins__"] = __builtins__
 sys.modules["__main__"] = main
 code = compile(source, "main.py", "exec")
-del source, confine, make_hook, fail, resource, types
+# Confined, and the code is next: say so on the pipe, then close it, so that the code never holds it. Its
+# exit status and stderr are the code's to choose from here on; only this byte tells the caller that
+# the setup (and `unshare`) got this far.
+os.write(ready, b"1")
+os.close(ready)
+del source, confine, make_hook, fail, resource, types, ready
 exec(code, main.__dict__)
 '''
 
@@ -420,25 +438,41 @@ def _describe_failure(rc: int, timed_out: bool, timeout_s: float, stderr: str) -
 
 
 def _launch(argv, env, root: Path, work: Path, timeout_s: float):
-    """Run argv with files for stdin/stdout/stderr; returns (returncode, stdout, stderr, timed_out)."""
-    with open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout, open(root / "stderr", "wb") as ferr:
-        proc = subprocess.Popen(argv, cwd=work, env=env, stdin=fin, stdout=fout, stderr=ferr,
-                                start_new_session=True, close_fds=True)  # fmt: skip
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            # Kill the whole group: on timeout, and in case something survived a normal exit.
+    """Run argv (the bootstrap's arguments but its ready_fd, which this appends) with files for
+    stdin/stdout/stderr; returns (returncode, stdout, stderr, timed_out, started). started: the bootstrap
+    confined the process and handed over to the code (the byte it writes on a pipe the code never holds)."""
+    ready_r, ready_w = os.pipe()
+    try:
+        with (open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout,
+              open(root / "stderr", "wb") as ferr):
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+                proc = subprocess.Popen(argv + [str(ready_w)], cwd=work, env=env, stdin=fin, stdout=fout,
+                                        stderr=ferr, start_new_session=True, close_fds=True,
+                                        pass_fds=(ready_w,))  # fmt: skip
+            finally:
+                os.close(ready_w)
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # Kill the whole group: on timeout, and in case something survived a normal exit.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+        os.set_blocking(ready_r, False)  # the process is gone: never wait for a writer that should not exist
+        try:
+            started = os.read(ready_r, 1) == b"1"
+        except BlockingIOError:
+            started = False
+    finally:
+        os.close(ready_r)
     stdout = (root / "stdout").read_bytes().decode("utf-8", errors="replace")
     stderr = (root / "stderr").read_bytes().decode("utf-8", errors="replace")
-    return proc.returncode, stdout, stderr, timed_out
+    return proc.returncode, stdout, stderr, timed_out, started
 
 
 def _weak_refusal(what: str, support: SandboxSupport) -> ChibiError:
@@ -520,14 +554,18 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, stdin: s
         unshare = shutil.which("unshare")
         rc = None
         if "netns" in wanted and os.geteuid() == 0 and sys.platform == "linux" and unshare:
-            rc, stdout, stderr, timed_out = _launch([unshare, "--net", "--"] + argv, env, root, work, timeout_s)
+            rc, stdout, stderr, timed_out, started = _launch([unshare, "--net", "--"] + argv, env, root, work,
+                                                             timeout_s)  # fmt: skip
             # A container without CAP_SYS_ADMIN cannot make namespaces; the code never ran then, and
-            # runs again without one (seccomp and Landlock still refuse sockets).
-            if rc == 1 and stderr.startswith("unshare: unshare failed"):
+            # runs again without one (seccomp and Landlock still refuse sockets). Code that did run may
+            # print the same words: it does not run a second time, outside the namespace.
+            if not started and rc == 1 and stderr.startswith("unshare: unshare failed"):
                 rc = None
         if rc is None:
-            rc, stdout, stderr, timed_out = _launch(argv, env, root, work, timeout_s)
-        if rc == _SETUP_FAILED and stderr.startswith("sandbox setup failed:"):
+            rc, stdout, stderr, timed_out, started = _launch(argv, env, root, work, timeout_s)
+        # Only the bootstrap, before it hands over, fails this way; the same words from the code are its
+        # result (a ChibiError here ends the whole stage that runs it, an eval or a chat).
+        if not started and rc == _SETUP_FAILED and stderr.startswith("sandbox setup failed:"):
             raise ChibiError(stderr.strip())
         error = _describe_failure(rc, timed_out, timeout_s, stderr)
         return SandboxResult(ok=error is None, returncode=rc, stdout=stdout, stderr=stderr, timed_out=timed_out,

@@ -160,6 +160,23 @@ IOPRIO_NRS = {"x86_64": (251, 252), "aarch64": (30, 31)}.get(platform.machine())
 if IOPRIO_NRS:  # IOPRIO_WHO_PROCESS (1), the caller, its present I/O priority
     ESCAPES.append(("ctypes-ioprio-set-parent", libc_call(f"libc.syscall({IOPRIO_NRS[0]}, 1, os.getppid(), "
                     f"libc.syscall({IOPRIO_NRS[1]}, 1, os.getppid()))"), "refused EPERM", "refused by hook"))
+# The keyrings (the user's keys: secrets outside any file) and SysV IPC (objects that outlive the run,
+# other processes' by id): a read-only call of each family (keyctl KEYCTL_GET_KEYRING_ID of the user
+# keyring, request_key of an absent key, IPC_INFO), plus shmget of an existing key, which creates nothing.
+KEY_IPC_NRS = {"x86_64": {"keyctl": 250, "request_key": 249, "shmget": 29, "shmctl": 31, "msgctl": 71, "semctl": 66},
+               "aarch64": {"keyctl": 219, "request_key": 218, "shmget": 194, "shmctl": 195, "msgctl": 187,
+                           "semctl": 191}}.get(platform.machine())
+if KEY_IPC_NRS:
+    ESCAPES += [
+        ("ctypes-keyctl-user-keyring", libc_call(f"libc.syscall({KEY_IPC_NRS['keyctl']}, 0, ctypes.c_long(-4), 0)"),
+         "refused EPERM", "refused by hook"),
+        ("ctypes-request-key", libc_call(f"libc.syscall({KEY_IPC_NRS['request_key']}, b'user', b'chibichat-absent', "
+                                         "None, 0)"), "refused EPERM", "refused by hook"),
+        ("ctypes-shmget-existing", libc_call(f"libc.syscall({KEY_IPC_NRS['shmget']}, 0x43484942, 0, 0)"),
+         "refused EPERM", "refused by hook"),
+    ] + [(f"ctypes-{name}-ipc-info", libc_call(f"libc.syscall({KEY_IPC_NRS[name]}, {args}, "
+                                               "ctypes.create_string_buffer(256))"), "refused EPERM", "refused by hook")
+         for name, args in (("shmctl", "0, 3"), ("msgctl", "0, 3"), ("semctl", "0, 0, 3"))]
 if SIGNAL_NRS:
     ESCAPES += [
         ("ctypes-tgkill-parent", libc_call(f"libc.syscall({SIGNAL_NRS['tgkill']}, os.getppid(), os.getppid(), 0)"),
@@ -399,6 +416,39 @@ def test_exception_reported():
     r = run("assert 1 == 2, 'nope'")
     assert not r.ok and r.returncode == 1
     assert "AssertionError: nope" in r.stderr and "AssertionError" in r.error
+
+
+# ---- what the caller reads back: nothing the code can forge decides for it
+
+
+def test_code_cannot_fake_a_setup_failure():
+    # A setup failure is a ChibiError, which ends the stage running the code (an eval, a chat); the same
+    # words and exit status from the code are only its own failed result.
+    r = run("import os, sys\nsys.stderr.write('sandbox setup failed: forged\\n')\nsys.stderr.flush()\nos._exit(125)")
+    assert not r.ok and r.returncode == 125 and r.error == "exit status 125: sandbox setup failed: forged"
+
+
+# Stand-ins for unshare(1): one that cannot make a namespace (as in a container without CAP_SYS_ADMIN),
+# one that runs the command (as where it can).
+FAKE_UNSHARE = {"fails": "#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n",
+                "runs": '#!/bin/sh\nshift 2\nexec "$@"\n'}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the network namespace is made on Linux only")
+@pytest.mark.parametrize("unshare", ["fails", "runs"])
+def test_only_a_real_unshare_failure_runs_the_code_again_without_the_namespace(monkeypatch, tmp_path, unshare):
+    import shutil
+
+    fake = tmp_path / "unshare"
+    fake.write_text(FAKE_UNSHARE[unshare])
+    fake.chmod(0o755)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # the namespace is tried as root only
+    monkeypatch.setattr(shutil, "which", lambda name: str(fake) if name == "unshare" else None)
+    # Each run leaves a file behind in the shared cwd, then prints unshare's failure as its own.
+    code = ("import os, sys\nn = len(os.listdir('.'))\nopen(f'run{n}', 'w').close()\nprint('run', n)\n"
+            "sys.stderr.write('unshare: unshare failed: forged\\n')\nsys.exit(1)\n")
+    r = run(code)
+    assert r.stdout == "run 0\n" and r.returncode == 1
 
 
 # ---- resources

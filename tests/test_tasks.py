@@ -589,6 +589,19 @@ def test_humaneval_shipped_all_164_and_canonical_solutions_pass():
     assert not t.evaluate(it, "    return None\n")
 
 
+def test_humaneval_a_completion_that_exits_before_the_tests_fails():
+    from chibichat.tasks.items import evaluate_humaneval
+
+    item = {"prompt": 'def add(a, b):\n    """Return a + b."""\n', "entry_point": "add",
+            "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}
+    # Each ends the program with status 0 before check() can fail: at the top level, or from the function
+    # when check() calls it.
+    for wrong in ("    return a - b\nexit()\n", "    return a - b\nraise SystemExit\n",
+                  "    return a - b\nimport os; os._exit(0)\n", "    import os; os._exit(0)\n"):
+        assert not evaluate_humaneval(item, wrong), wrong
+    assert evaluate_humaneval(item, "    return a + b\n")
+
+
 def test_humaneval_program_assembly():
     from chibichat.tasks.items import build_program
 

@@ -8,6 +8,7 @@ and jglue.py build their tasks from these.
 from __future__ import annotations
 
 import re
+import secrets
 
 from chibichat.common import ChibiError
 from chibichat.eval.metrics import extract_final_number, numbers_equal
@@ -107,7 +108,9 @@ def evaluate_gsm8k(item: dict, completion_text: str) -> bool:
 # prepend the prompt; if it does, still prepend the prompt (a valid program: the signature and docstring
 # make a function its own definition replaces), whose imports and helpers (poly, encode_cyclic, ...) the
 # function and the test may use; then run program + test + check(entry_point) in chibichat.sandbox (a
-# fresh, confined interpreter). Passing = exit status 0 within the time limit.
+# fresh, confined interpreter). Passing = exit status 0 within the time limit and a line printed after
+# check() returned: a completion that ends the program before the tests run (exit(), sys.exit(0),
+# os._exit(0), also from inside the function) exits 0 too, so the line carries a token drawn per run.
 
 _FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -141,5 +144,6 @@ def build_program(item: dict, completion: str) -> str:
 def evaluate_humaneval(item: dict, completion: str, timeout_s: float = 5.0) -> bool:
     from chibichat.sandbox import run_python
 
-    result = run_python(build_program(item, completion), timeout_s=timeout_s)
-    return bool(result.ok)
+    token = secrets.token_hex(16)
+    result = run_python(build_program(item, completion) + f"print({token!r})\n", timeout_s=timeout_s)
+    return bool(result.ok) and token in result.stdout.splitlines()
