@@ -25,7 +25,8 @@ Landlock domain nor a seccomp filter can be removed by the process that carries 
   perf_event_open, open_by_handle_at, chmod/chown/utime/file_setattr (every form), the keyrings
   (add_key/request_key/keyctl: the user's keys are secrets no file rule covers, and a key added outlives
   the run), SysV IPC (shm*/sem*/msg*: its objects outlive the run, and other processes' are reachable by
-  id) and, below Landlock ABI 3, truncate by path answer EPERM; setting or removing xattrs answers
+  id), userfaultfd (a page-fault handler in user space: a kernel-exploit primitive, refused by Docker's
+  default profile too) and, below Landlock ABI 3, truncate by path answer EPERM; setting or removing xattrs answers
   EOPNOTSUPP. Threads work (clone3 answers ENOSYS so libc falls back to clone, whose flags the filter
   can read). So shutil.copy, which copies the mode, fails even inside the temp dir; shutil.copyfile
   works.
@@ -290,7 +291,7 @@ def confine(work, use_landlock, use_seccomp, fail):
                    utimensat=280, truncate=76, setxattr=188, lsetxattr=189, fsetxattr=190, removexattr=197,
                    lremovexattr=198, fremovexattr=199, add_key=248, request_key=249, keyctl=250, shmget=29,
                    shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66, semtimedop=220, msgget=68,
-                   msgsnd=69, msgrcv=70, msgctl=71)),
+                   msgsnd=69, msgrcv=70, msgctl=71, userfaultfd=323)),
         "aarch64": (0xC00000B7, dict(common, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
                     rt_tgsigqueueinfo=240, fcntl=25, ioctl=29, setpriority=140, ioprio_set=30, prlimit64=261,
                     sched_setaffinity=122, sched_setscheduler=119, sched_setparam=118, sched_setattr=274,
@@ -300,7 +301,7 @@ def confine(work, use_landlock, use_seccomp, fail):
                     fchownat=54, utimensat=88, truncate=45, setxattr=5, lsetxattr=6, fsetxattr=7,
                     removexattr=14, lremovexattr=15, fremovexattr=16, add_key=217, request_key=218, keyctl=219,
                     msgget=186, msgctl=187, msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192,
-                    semop=193, shmget=194, shmctl=195, shmat=196, shmdt=197)),
+                    semop=193, shmget=194, shmctl=195, shmat=196, shmdt=197, userfaultfd=282)),
     }
     if sys.platform != "linux" or machine not in table:
         return False

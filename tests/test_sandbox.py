@@ -163,9 +163,10 @@ if IOPRIO_NRS:  # IOPRIO_WHO_PROCESS (1), the caller, its present I/O priority
 # The keyrings (the user's keys: secrets outside any file) and SysV IPC (objects that outlive the run,
 # other processes' by id): a read-only call of each family (keyctl KEYCTL_GET_KEYRING_ID of the user
 # keyring, request_key of an absent key, IPC_INFO), plus shmget of an existing key, which creates nothing.
-KEY_IPC_NRS = {"x86_64": {"keyctl": 250, "request_key": 249, "shmget": 29, "shmctl": 31, "msgctl": 71, "semctl": 66},
+KEY_IPC_NRS = {"x86_64": {"keyctl": 250, "request_key": 249, "shmget": 29, "shmctl": 31, "msgctl": 71, "semctl": 66,
+                          "userfaultfd": 323},
                "aarch64": {"keyctl": 219, "request_key": 218, "shmget": 194, "shmctl": 195, "msgctl": 187,
-                           "semctl": 191}}.get(platform.machine())
+                           "semctl": 191, "userfaultfd": 282}}.get(platform.machine())
 if KEY_IPC_NRS:
     ESCAPES += [
         ("ctypes-keyctl-user-keyring", libc_call(f"libc.syscall({KEY_IPC_NRS['keyctl']}, 0, ctypes.c_long(-4), 0)"),
@@ -174,6 +175,8 @@ if KEY_IPC_NRS:
                                          "None, 0)"), "refused EPERM", "refused by hook"),
         ("ctypes-shmget-existing", libc_call(f"libc.syscall({KEY_IPC_NRS['shmget']}, 0x43484942, 0, 0)"),
          "refused EPERM", "refused by hook"),
+        ("ctypes-userfaultfd", libc_call(f"libc.syscall({KEY_IPC_NRS['userfaultfd']}, 1)"), "refused EPERM",  # UFFD_USER_MODE_ONLY: allowed unprivileged
+         "refused by hook"),
     ] + [(f"ctypes-{name}-ipc-info", libc_call(f"libc.syscall({KEY_IPC_NRS[name]}, {args}, "
                                                "ctypes.create_string_buffer(256))"), "refused EPERM", "refused by hook")
          for name, args in (("shmctl", "0, 3"), ("msgctl", "0, 3"), ("semctl", "0, 0, 3"))]
