@@ -175,7 +175,8 @@ if KEY_IPC_NRS:
                                          "None, 0)"), "refused EPERM", "refused by hook"),
         ("ctypes-shmget-existing", libc_call(f"libc.syscall({KEY_IPC_NRS['shmget']}, 0x43484942, 0, 0)"),
          "refused EPERM", "refused by hook"),
-        ("ctypes-userfaultfd", libc_call(f"libc.syscall({KEY_IPC_NRS['userfaultfd']}, 1)"), "refused EPERM",  # UFFD_USER_MODE_ONLY: allowed unprivileged
+        # flags 1 = UFFD_USER_MODE_ONLY: what an unprivileged process may otherwise create
+        ("ctypes-userfaultfd", libc_call(f"libc.syscall({KEY_IPC_NRS['userfaultfd']}, 1)"), "refused EPERM",
          "refused by hook"),
     ] + [(f"ctypes-{name}-ipc-info", libc_call(f"libc.syscall({KEY_IPC_NRS[name]}, {args}, "
                                                "ctypes.create_string_buffer(256))"), "refused EPERM", "refused by hook")
