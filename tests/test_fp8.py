@@ -367,8 +367,14 @@ def test_pretrain_with_fp8_records_it_and_resumes(tok_home, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     meta = json.loads((run_dir / "step_000004" / "meta.json").read_text())
     assert summary["fp8"] is True and summary["compute_dtype"] == "bfloat16" and meta["flags"]["fp8"] is True
-    # Like --dtype, --fp8 belongs to the invocation: a resume may change it (the weights are fp32 either way).
-    assert main(["pretrain", "--home", str(tok_home), *PRETRAIN[:-1], "--num-steps", "6", "--dtype", "bfloat16",
-                 "--resume"]) == 0
+    # A resume continues in the precision the run was trained in: without --fp8 it would be another run.
+    resume = ["pretrain", "--home", str(tok_home), *PRETRAIN[:-1], "--num-steps", "6", "--dtype", "bfloat16",
+              "--resume"]
+    assert main(resume) == 2
+    assert capsys.readouterr().err == (
+        f"chibichat pretrain: error: --resume: {run_dir / 'step_000004'} was trained with --fp8 set (this run: not "
+        "set); a resumed run continues in the precision it was trained in, so pass --fp8, or start a new --tag\n")
+    assert main(resume + ["--fp8"]) == 0
     meta = json.loads((run_dir / "step_000006" / "meta.json").read_text())
-    assert meta["flags"]["fp8"] is False and json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    assert meta["precision"] == {"compute_dtype": "bfloat16", "fp8": True}
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6

@@ -611,6 +611,38 @@ def test_resume_refuses_another_schedule_and_notes_another_step_count(tmp_path, 
             "started with" in capsys.readouterr().out)
 
 
+def test_resume_refuses_another_precision(tmp_path, capsys):
+    """The resolved compute dtype and fp8 are saved with every checkpoint (meta["precision"]): a resume in another
+    one would continue the run in another precision, so it is refused, naming saved and asked values and the fix."""
+    from chibichat.model.gpt import RunConfig
+
+    run(tmp_path / "t", 2)
+    sdir = tmp_path / "t" / "step_000002"
+    assert read_meta(sdir)["precision"] == {"compute_dtype": "float32", "fp8": False}
+    model, opt = make(run=RunConfig(compute_dtype=torch.bfloat16))
+    bf16 = Runtime(device=torch.device("cpu"), compute_dtype=torch.bfloat16)
+    cfg = LoopConfig(tag_dir=tmp_path / "t", num_steps=3, keep_last=0, momentum_warmup_steps=5, resume=True)
+    with pytest.raises(ChibiError) as e:
+        train(model, opt, ToySource(), loss_fn, bf16, cfg, meta=meta_for(model))
+    assert str(e.value) == (f"--resume: {sdir} was trained with --dtype float32 (this run: bfloat16); a resumed run "
+                            "continues in the precision it was trained in, so pass --dtype float32, or start a new "
+                            "--tag")
+    meta = json.loads((sdir / "meta.json").read_text())
+    meta["precision"]["fp8"] = True
+    (sdir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ChibiError) as e:
+        run(tmp_path / "t", 3, resume=True)
+    assert str(e.value) == (f"--resume: {sdir} was trained with --fp8 set (this run: not set); a resumed run "
+                            "continues in the precision it was trained in, so pass --fp8, or start a new --tag")
+    # A checkpoint of an older chibichat records no precision: resumed, with a note.
+    del meta["precision"]
+    (sdir / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert run(tmp_path / "t", 3, resume=True)[1].steps == 3
+    assert (f"note: {sdir} records no precision (an older chibichat saved it), so this run's --dtype and --fp8 "
+            "cannot be checked against it; pass the values it was started with\n") in capsys.readouterr().out
+
+
 def test_lora_resume_refuses_another_base_or_settings(tmp_path):
     """The adapters of a LoRA run sit on the base checkpoint they were trained on: a resume whose --from
     now resolves to another base step (or with other LoRA settings) is refused, naming the saved base."""

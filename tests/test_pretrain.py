@@ -348,6 +348,28 @@ def test_device_batch_auto_picks_rows_and_a_resume_keeps_them(tok_home, capsys):
     assert "--device-batch auto: 8 rows per device (kept from the checkpoint being resumed)" in capsys.readouterr().out
 
 
+def test_resume_compares_the_resolved_dtype(tok_home, capsys):
+    """--dtype auto resolves per machine: resuming with auto on the same machine is the same run; another dtype
+    is refused before any step, naming the one auto resolved to."""
+    import torch
+
+    from chibichat.common import default_compute_dtype
+
+    auto = str(default_compute_dtype(torch.device("cpu"))).replace("torch.", "")
+    other = "float32" if auto == "bfloat16" else "bfloat16"
+    i = TINY.index("--dtype")
+    args = ["pretrain", "--home", str(tok_home), *TINY[:i], *TINY[i + 2:], "--tag", "dt", "--eval-every", "0",
+            "--save-every", "1", "--sample-every", "0", "--eval-tokens", "256"]
+    assert main(args + ["--dtype", "auto", "--num-steps", "1", "--overwrite"]) == 0
+    assert main(args + ["--dtype", "auto", "--num-steps", "2", "--resume"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--dtype", other, "--num-steps", "3", "--resume"]) == 2
+    sdir = tok_home / "checkpoints" / "base" / "dt" / "step_000002"
+    assert capsys.readouterr().err == (
+        f"chibichat pretrain: error: --resume: {sdir} was trained with --dtype {auto} (this run: {other}); a resumed "
+        f"run continues in the precision it was trained in, so pass --dtype {auto}, or start a new --tag\n")
+
+
 def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tok_home, monkeypatch, capsys):
     """torch.compile builds CPU kernels with a C++ compiler; without one the run would die in its first step
     with inductor's traceback. pretrain --compile refuses up front, naming the compiler looked for and the fixes."""

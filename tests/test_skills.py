@@ -412,6 +412,31 @@ def test_evaluate_skills_scores_per_skill_and_skips_long_prompts():
         ES.evaluate_skills(items, "en", gen, CharTok(), max_len=100, max_tokens=99)
 
 
+def test_the_skills_marker_is_written_only_after_its_csv(tmp_path, monkeypatch):
+    """skills.jsonl is the speedrun's completion marker of an `eval skills` step: a kill after the first of the
+    per-item files is written leaves the csv without the marker (the step is redone), never the marker alone."""
+    from chibichat import common
+    from chibichat.eval.metrics import write_eval_outputs
+
+    rows = [{"id": "1", "skill": "greeting", "reply": "Hi", "correct": True}]
+    real, written = common.atomic_write_text, []
+
+    def killed_after_one(path, text):
+        if written:
+            raise KeyboardInterrupt  # the kill, between the two files
+        real(path, text)
+        written.append(path.name)
+
+    monkeypatch.setattr(common, "atomic_write_text", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        write_eval_outputs(tmp_path, "skills", rows, None)
+    assert written == ["skills.csv"] and sorted(p.name for p in tmp_path.iterdir()) == ["skills.csv"]
+    monkeypatch.setattr(common, "atomic_write_text", real)
+    write_eval_outputs(tmp_path, "skills", rows, None)
+    assert (tmp_path / "skills.csv").read_text() == "id,skill,reply,correct\n1,greeting,Hi,True\n"
+    assert json.loads((tmp_path / "skills.jsonl").read_text()) == rows[0]
+
+
 def test_eval_skills_cli_refuses_a_base_model(tmp_path):
     from chibichat.cli import build_parser
 

@@ -509,6 +509,47 @@ def test_a_finished_step_run_with_other_flags_is_refused_not_skipped(tmp_path, m
            "its flags are not checked), skipping" in capsys.readouterr().out
 
 
+def test_a_gpu_speedrun_on_another_process_count_names_the_one_it_ran_with(tmp_path, monkeypatch, capsys):
+    """A GPU preset's chat stages get --grad-accum from the process count, a flag the speedrun does not take: a
+    re-run on another count is refused naming --nproc-per-node with the count the finished steps ran on (and a
+    changed --minutes names the time budget), not just "the flags they ran with"."""
+    from chibichat.cli import main
+
+    home = tmp_path / "h"
+    _fake_stages(monkeypatch)
+    base = ["speedrun", "--preset", "d12", "--home", str(home), "--no-compile"]
+    assert main(base + ["--nproc-per-node", "8"]) == 0
+    tok = home / "tokenizer" / "tokenizer.json"  # as d12's tokenizer (the stand-in writes micro's)
+    tok.write_text(json.dumps({"vocab_size": 32768, "split": "gpt4", "training": {"corpus": "fineweb-edu"}}))
+    capsys.readouterr()
+    assert main(base + ["--nproc-per-node", "2", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"chibichat speedrun: error: finished steps in {home} ran with other flags than this command gives them:\n"
+        "  midtrain: --grad-accum 1 -> 4\n  sft: --grad-accum 1 -> 4\n  rl: --grad-accum 1 -> 4\n"
+        "re-run with the flags they ran with (the speedrun sets --grad-accum from the number of processes: they ran "
+        "on 8, so pass --nproc-per-node 8), or pass --force midtrain to redo them (with every step that reads their "
+        "output)\n")
+    assert main(base + ["--nproc-per-node", "8", "--minutes", "600", "--dry-run"]) == 2
+    assert ("(the speedrun sets the training steps' --minutes and --num-steps from its time budget: pass the "
+            "--minutes (or --no-budget) they ran with), or pass --force pretrain" in capsys.readouterr().err)
+
+
+def test_a_resumed_step_that_fails_names_the_force_that_restarts_it(tmp_path, monkeypatch, capsys):
+    """An interrupted training step is resumed; where the stage refuses to resume (another --dtype, --fp8 or
+    process count: the loop's checks), re-running the same command cannot help, so the error names --force."""
+    from chibichat.cli import main
+
+    home = tmp_path / "h"
+    calls = _fake_stages(monkeypatch, fail=("pretrain",))
+    (home / "checkpoints" / "base" / "d2" / "step_000012").mkdir(parents=True)
+    assert main(["speedrun", "--preset", "micro", "--home", str(home)]) == 2
+    assert calls[-1][0] == "pretrain" and calls[-1][1][-1] == "--resume"
+    assert capsys.readouterr().err == (
+        "chibichat speedrun: error: stage pretrain failed resuming its interrupted run (exit 1); fix the error above "
+        "and re-run the same speedrun command (finished stages are skipped and pretrain resumes where it can), or "
+        "pass --force pretrain to start it anew (with every step that reads its output)\n")
+
+
 def test_flag_changes_names_each_changed_flag():
     from chibichat.stages.speedrun import flag_changes, step_flags
 
@@ -787,6 +828,61 @@ else:  # the path taken where a step cannot be forked (CUDA, not Linux)
         with pytest.raises(ProcessLookupError):  # stopped and reaped before the speedrun exited
             os.kill(step_pid, 0)
     finally:  # (what the old code left running)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how,deaf", [("fork", False), ("subprocess", False), ("fork", True)])
+def test_ctrl_c_during_a_step_says_interrupted_once_on_its_own_line(tmp_path, how, deaf):
+    """Ctrl-C signals the speedrun and its step alike: the step says "interrupted" (cli.main) and the speedrun exits
+    130 without saying it again (both said it, at times on one line). A step that does not stop by itself is
+    terminated after STOP_GRACE_S, and then the speedrun says it."""
+    pid_file, step_py = tmp_path / "step.pid", tmp_path / "step.py"
+    step_py.write_text(f"""
+import os, signal, sys, time
+from chibichat import cli
+from chibichat.stages import report
+def hang(args):  # the step's stage
+    if {deaf!r}:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    open({str(pid_file)!r} + ".tmp", "w").write(str(os.getpid()))
+    os.replace({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
+    time.sleep(60)
+report.run = hang
+if __name__ == "__main__":  # the step as a process of its own (subprocess)
+    sys.exit(cli.main(["report"]))
+""")
+    script = f"""
+import os, sys
+from types import SimpleNamespace
+sys.path.insert(0, {str(tmp_path)!r})
+import step
+from chibichat import cli
+from chibichat.stages import doctor, speedrun
+speedrun.STOP_GRACE_S = 0.5
+def orchestrate(args):  # the speedrun running its step, as run_step does on Linux without CUDA, or elsewhere
+    if {how!r} == "fork":
+        return speedrun.fork_start(dict(os.environ), lambda: speedrun._chibichat_main(["report"]))
+    sys.platform = "not-linux"
+    speedrun._launcher = lambda step, nproc: [sys.executable, {str(step_py)!r}]
+    return speedrun.run_step(SimpleNamespace(distributed=False), ["report"], 1, dict(os.environ))
+doctor.run = orchestrate
+sys.exit(cli.main(["doctor"]))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while not pid_file.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        step_pid = int(pid_file.read_text())
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, _ = p.communicate(timeout=30)
+        assert (p.returncode, out) == (130, "interrupted\n")
+        with pytest.raises(ProcessLookupError):  # stopped and reaped before the speedrun exited
+            os.kill(step_pid, 0)
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
 

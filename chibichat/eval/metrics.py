@@ -136,10 +136,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict | None) -> dict:
-    """Write `<name>.jsonl` (one row per item), `<name>.csv` (the scalar columns) and merge the flat
-    `summary` keys (e.g. "core", "core_label", "arc_easy") into `<out_dir>/summary.json`, which the
-    report reads; other evals' keys already there are kept. summary=None writes only the per-item
-    files (for a caller that writes summary.json itself). Returns the paths written."""
+    """Write `<name>.csv` (the scalar columns), then `<name>.jsonl` (one row per item), each atomically, and
+    merge the flat `summary` keys (e.g. "core", "core_label", "arc_easy") into `<out_dir>/summary.json`, which
+    the report reads; other evals' keys already there are kept. summary=None writes only the per-item
+    files (for a caller that writes summary.json itself). The .jsonl comes after the .csv because the speedrun
+    takes it as an `eval skills` step's completion marker: a kill between the two must not leave the marker
+    without the csv. Returns the paths written."""
     import csv
     import io
     import json
@@ -148,8 +150,6 @@ def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict | Non
     from chibichat.common import atomic_write_text
 
     out_dir = Path(out_dir)
-    jsonl = out_dir / f"{name}.jsonl"
-    atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     cols = [k for k in (rows[0] if rows else {}) if all(not isinstance(r.get(k), (list, dict)) for r in rows)]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -157,6 +157,8 @@ def write_eval_outputs(out_dir, name: str, rows: list[dict], summary: dict | Non
     w.writerows(rows)
     csv_path = out_dir / f"{name}.csv"
     atomic_write_text(csv_path, buf.getvalue())
+    jsonl = out_dir / f"{name}.jsonl"
+    atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     paths = {"jsonl": str(jsonl), "csv": str(csv_path)}
     if summary is not None:
         paths["summary"] = str(merge_summary(out_dir, summary))

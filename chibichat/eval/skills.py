@@ -213,7 +213,8 @@ def run_skills(args) -> int:
             "max_per_skill": args.max_per_skill,
             "decoding": "greedy", "seconds": time.time() - t0}}
         merge_summary(out_dir, summary)
-        # The per-item file comes last: the speedrun takes it as this evaluation's completion marker.
+        # The per-item files come last, the .jsonl after the .csv (write_eval_outputs): the speedrun takes the
+        # .jsonl as this evaluation's completion marker.
         write_eval_outputs(out_dir, prefix, out["rows"], None)
         for skill, s in out["skills"].items():
             print0(rt, f"{skill:>20}: {s['accuracy']:.3f} (n={s['n']})")

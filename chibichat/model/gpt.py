@@ -59,8 +59,9 @@ RECOMPUTE = ("none", "mlp", "block")
 class RunConfig:
     """How a model computes, chosen by each invocation (--dtype, --recompute, --fp8) and given to its
     constructor: GPT(config, RunConfig(...)). Not part of GPTConfig and never saved with a checkpoint:
-    the same weights run in fp32 on a laptop and bf16 + fp8 on an H100, and a --resume may change them
-    (the stage records its flags in meta["flags"]). The defaults are a plain fp32 model.
+    the same weights run in fp32 on a laptop and bf16 + fp8 on an H100 (the stage records its flags in
+    meta["flags"]). A --resume may change recompute (the same numbers), not the dtype or fp8: the training loop
+    refuses those (meta["precision"]). The defaults are a plain fp32 model.
 
     compute_dtype: the dtype of every matmul; the fp32 master weights are cast to it inside forward, so
         gradients still land on the masters (chat/serve store the weights in it: engine.prepare_for_inference).

@@ -429,7 +429,7 @@ def run(args) -> int:
         optimizer = make_optimizer(model, lrs)
         meta = stage_meta(model, tok, args, src_meta, "rl", {"task": task.name, "eval_task": eval_task.name, "lrs": lrs})
         if cfg.resume:  # before the pass@k evaluation's minutes, not after them
-            check_resumable(rt, cfg, meta, batches)
+            check_resumable(rt, cfg, meta, model, batches)
         model.eval()
         before = pass_at_k_eval(engine, tok, eval_task, rt, **passk)
         print0(rt, f"rl: pass@k before {before}")

@@ -12,15 +12,18 @@ before they run).
 
 Resumability comes from the artifacts: a step is done when its completion marker exists (each stage writes
 its summary.json atomically and last). A training step that was interrupted has checkpoints but no summary, so
-it is re-run with --resume. `--force STAGE` deletes that step's outputs and redoes it, and with it every step
-that reads what it wrote (Step.needs, transitively: forcing `rl` redoes RL's evaluations too, which would
-otherwise describe the model it replaced); all of them are deleted before anything runs, so a forced step that
-fails leaves none of the old outputs after it to be skipped as done by the next run.
+it is re-run with --resume; where the stage refuses that resume (another --dtype, --fp8 or process count would
+make it another run: train/loop.py), the error names the --force that restarts it. `--force STAGE` deletes that
+step's outputs and redoes it, and with it every step that reads what it wrote (Step.needs, transitively: forcing
+`rl` redoes RL's evaluations too, which would otherwise describe the model it replaced); all of them are deleted
+before anything runs, so a forced step that fails leaves none of the old outputs after it to be skipped as done
+by the next run.
 
 A finished step is skipped only when it ran with the flags this command gives it: report/speedrun-steps.json
 records each step's flags (step_flags) with the sha256 of the marker they produced, and a step whose recorded
 flags differ (another --dtype, --fp8, --minutes, --device, --no-budget, ...) is refused up front, naming the
-flags and the --force that redoes it. A marker the record does not describe (the stage was run by hand, or
+flags and the --force that redoes it (and, for a stage flag the speedrun derives, the speedrun option that
+sets it: derived_flag_hints). A marker the record does not describe (the stage was run by hand, or
 by a speedrun before the record existed) is reused with a note that its flags were not checked.
 """
 
@@ -820,12 +823,56 @@ def run_step(step: Step, argv: list[str], nproc: int, env: dict) -> int:
         if no_cuda:
             return fork_start(env, lambda: _chibichat_main(argv))
     with _terminate_raises(), subprocess.Popen(_launcher(step, nproc) + argv, env=env) as proc:
+        def status(block: bool) -> int | None:
+            if hasattr(os, "waitid"):
+                return _exit_status(proc.pid, block)  # (reaped by the Popen's exit, or the waits below)
+            return proc.wait() if block else proc.poll()  # (no waitid: macOS, Windows)
+
         try:
-            return proc.wait()
+            return status(block=True)
+        except KeyboardInterrupt:  # as in fork_start
+            _after_interrupt(lambda: status(block=False), proc.terminate)
+            proc.wait()
+            raise
         except BaseException:  # as in fork_start: the step stops (torchrun stops its workers) before we go
             proc.terminate()
             proc.wait()
             raise
+
+
+def _exit_status(pid: int, block: bool) -> int | None:
+    """The exit status of child process `pid` once it has ended (as os.waitstatus_to_exitcode gives it: -N for
+    signal N), else None (block=False). The child is left for the caller to reap: a Ctrl-C whose KeyboardInterrupt
+    is raised only after the wait returned (the signal landed on another thread of this process) then still finds
+    its status."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG))
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+STOP_GRACE_S = 10.0  # after Ctrl-C, how long a step's process gets to stop by itself before it is terminated
+INTERRUPTED_EXIT = 130  # cli.main's exit status once it has said "interrupted" (a KeyboardInterrupt)
+
+
+def _after_interrupt(poll, terminate) -> None:
+    """Ctrl-C while a step runs: it reached the step's process too (the terminal signals the whole foreground
+    process group), which stops and says "interrupted" itself. Wait up to STOP_GRACE_S for that (then, or at a
+    second Ctrl-C or a SIGTERM, `terminate()` it; the caller reaps it), and where the step said it (its exit
+    status is INTERRUPTED_EXIT) end the speedrun with that status without saying it a second time; otherwise
+    return, and the caller re-raises the KeyboardInterrupt for cli.main to say it. `poll()`: the step's exit
+    status, None while it runs."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    try:
+        while (code := poll()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except BaseException:
+        terminate()
+        raise
+    if code is None:
+        terminate()
+    elif code == INTERRUPTED_EXIT:
+        raise SystemExit(INTERRUPTED_EXIT) from None
 
 
 @contextlib.contextmanager
@@ -920,11 +967,16 @@ def fork_start(env: dict, entry) -> int:
             os._exit(code if isinstance(code, int) else 1)
     with _terminate_raises():
         try:
-            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        except BaseException:  # Ctrl-C reaches the child too; let it stop (and stop its workers) before we go
-            os.kill(pid, signal.SIGTERM)
-            os.waitpid(pid, 0)
-            raise
+            try:
+                return _exit_status(pid, block=True)
+            except KeyboardInterrupt:  # Ctrl-C reaches the child too: it stops (and stops its workers) before we go
+                _after_interrupt(lambda: _exit_status(pid, block=False), lambda: os.kill(pid, signal.SIGTERM))
+                raise
+            except BaseException:  # SIGTERM to this process alone: stop the child before we go
+                os.kill(pid, signal.SIGTERM)
+                raise
+        finally:
+            os.waitpid(pid, 0)  # reaped only now (_exit_status)
 
 
 def check_done_tokenizer(home: Home, step: Step) -> None:
@@ -1050,13 +1102,15 @@ def check_done_flags(home: Home, steps: list[Step], redo: list[str], records: di
     """Refuse a plan whose finished steps ran with other flags than it gives them: skipping them would report
     a model the command did not ask for. ChibiError listing each step's changed flags and the --force options
     that redo them (the fewest: forcing a step redoes the steps that read its output)."""
-    stale = []
+    stale, hints = [], []
     for step in steps:
         if step.name in redo or not step.marker.exists():
             continue
         old = recorded_flags(home, step, records)
-        if old is not None and old != step_flags(step.argv, device):
-            stale.append((step, flag_changes(old, step_flags(step.argv, device))))
+        new = step_flags(step.argv, device)
+        if old is not None and old != new:
+            stale.append((step, flag_changes(old, new)))
+            hints += [h for h in derived_flag_hints(old, new) if h not in hints]
     if not stale:
         return
     roots: list[str] = []
@@ -1065,8 +1119,31 @@ def check_done_flags(home: Home, steps: list[Step], redo: list[str], records: di
             roots.append(step.name)
     lines = "\n".join(f"  {step.name}: {', '.join(changes)}" for step, changes in stale)
     raise ChibiError(f"finished steps in {home.root} ran with other flags than this command gives them:\n{lines}\n"
-                     "re-run with the flags they ran with, or pass " + " ".join(f"--force {r}" for r in roots)
+                     "re-run with the flags they ran with" + (f" ({'; '.join(hints)})" if hints else "")
+                     + ", or pass " + " ".join(f"--force {r}" for r in roots)
                      + " to redo them (with every step that reads their output)")
+
+
+def derived_flag_hints(old: list[str], new: list[str]) -> list[str]:
+    """For the stage flags that differ between a finished step's recorded flags `old` and `new` and that the
+    speedrun derives rather than takes (so "re-run with the flags they ran with" names no speedrun option),
+    the speedrun option that gives them their old values."""
+    (_, was), (_, now) = _parse_flags(old), _parse_flags(new)
+    changed = {f for f in {*was, *now} if was.get(f, "") != now.get(f, "")}
+    hints = []
+    if "--grad-accum" in changed:  # gpu_stage_flags: RECIPE_GPUS // processes
+        accum = was.get("--grad-accum")
+        if accum is not None and accum.isdigit() and int(accum) >= 1 and RECIPE_GPUS % int(accum) == 0:
+            n = RECIPE_GPUS // int(accum)
+            hints.append(f"the speedrun sets --grad-accum from the number of processes: they ran on {n}, so pass "
+                         f"--nproc-per-node {n}")
+        else:
+            hints.append("the speedrun sets --grad-accum from the number of processes: pass the --nproc-per-node "
+                         "they ran with")
+    if "--minutes" in changed:  # budget_flags: --minutes, and with it the --num-steps headroom
+        hints.append("the speedrun sets the training steps' --minutes and --num-steps from its time budget: pass "
+                     "the --minutes (or --no-budget) they ran with")
+    return hints
 
 
 def resolved_device(device: str) -> str:
@@ -1230,7 +1307,8 @@ def run(args) -> int:
         if budget is not None and step.name in weights:
             given_s = 60 * carried_minutes(weights, step.name, budget, times["stages"])
             argv = set_flag(argv, "--minutes", f"{given_s / 60:.4g}")
-        if _has_checkpoint(step.resumable_dir) and step.name not in redo:  # (a dry run deletes nothing)
+        resumed = _has_checkpoint(step.resumable_dir) and step.name not in redo  # (a dry run deletes nothing)
+        if resumed:
             argv.append("--resume")
             print(f"{prefix}: interrupted earlier, resuming from its last checkpoint")
         elapsed = time.time() - t_start
@@ -1244,6 +1322,11 @@ def run(args) -> int:
         t0 = time.time()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         rc = run_step(step, argv, nproc, env)
+        if rc != 0 and resumed:  # the stage may refuse to resume (another --dtype, --fp8, process count, ...)
+            raise ChibiError(
+                f"stage {step.name} failed resuming its interrupted run (exit {rc}); fix the error above and re-run "
+                f"the same speedrun command (finished stages are skipped and {step.name} resumes where it can), or "
+                f"pass --force {step.name} to start it anew (with every step that reads its output)")
         if rc != 0:
             raise ChibiError(
                 f"stage {step.name} failed (exit {rc}); fix the error above and re-run the same speedrun "

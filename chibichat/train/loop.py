@@ -65,9 +65,10 @@ sampling are not costed.
 Exact resume (`resume=True`): weights, optimizer, every rank's loader state, loop counters and RNG
 states come back from the newest checkpoint in tag_dir, and metrics.jsonl is cut back to that step,
 so a killed-and-resumed run computes exactly what an uninterrupted one does. What would make it another
-run is refused: another world size, model_config, tokenizer, LoRA base or settings (meta["lora"]), or
-schedule and batch (SCHEDULE_FLAGS, saved as meta["schedule"]). Two changes are allowed and printed as
-notes: the learning rates and weight decay of this invocation apply, and num_steps may change (a run
+run is refused: another world size, model_config, tokenizer, LoRA base or settings (meta["lora"]),
+schedule and batch (SCHEDULE_FLAGS, saved as meta["schedule"]), or precision (the compute dtype as resolved,
+so --dtype auto on the same machine is the same, and fp8 matmuls: meta["precision"]). Two changes are allowed
+and printed as notes: the learning rates and weight decay of this invocation apply, and num_steps may change (a run
 continued for more steps; not with `minutes`, where it is the cap of the fitted count).
 
 Files in tag_dir (rank 0): step_XXXXXX/ checkpoints, metrics.jsonl (one JSON object per step and
@@ -395,12 +396,12 @@ class _Metrics:
                 self.wandb.finish()
 
 
-def check_resumable(rt: Runtime, cfg: LoopConfig, meta: dict, batches=None) -> None:
-    """What resume refuses (another world size, model, tokenizer, LoRA base or settings, schedule; with
-    `batches`, another data stream), checked against the newest checkpoint in cfg.tag_dir without loading
-    anything: a stage that spends minutes before train() (RL's pass@k evaluation) calls it first, so a run
-    that cannot resume says so at once. train() checks all of it again."""
-    sdir, saved, _ = _resumable(rt, cfg, meta)
+def check_resumable(rt: Runtime, cfg: LoopConfig, meta: dict, model, batches=None) -> None:
+    """What resume refuses (another world size, model, tokenizer, LoRA base or settings, schedule, precision of
+    `model`; with `batches`, another data stream), checked against the newest checkpoint in cfg.tag_dir without
+    loading anything: a stage that spends minutes before train() (RL's pass@k evaluation) calls it first, so a
+    run that cannot resume says so at once. train() checks all of it again."""
+    sdir, saved, _ = _resumable(rt, cfg, meta, _precision(rt, model))
     if batches is not None:
         try:
             loader_state = saved["loader"][rt.rank]
@@ -410,8 +411,9 @@ def check_resumable(rt: Runtime, cfg: LoopConfig, meta: dict, batches=None) -> N
         batches.load_state_dict(loader_state)
 
 
-def _resumable(rt: Runtime, cfg: LoopConfig, meta: dict) -> tuple[Path, dict, dict | None]:
-    """(step dir, its meta, its schedule) of the newest checkpoint, once the run may resume from it."""
+def _resumable(rt: Runtime, cfg: LoopConfig, meta: dict, precision: dict) -> tuple[Path, dict, dict | None]:
+    """(step dir, its meta, its schedule) of the newest checkpoint, once the run may resume from it;
+    `precision`: this run's (_precision)."""
     steps = list_steps(cfg.tag_dir)
     if not steps:
         raise ChibiError(f"--resume: no checkpoint in {cfg.tag_dir} to resume from; run without --resume")
@@ -419,7 +421,8 @@ def _resumable(rt: Runtime, cfg: LoopConfig, meta: dict) -> tuple[Path, dict, di
     saved = read_meta(sdir)
     if saved.get("world_size") != rt.world_size:
         raise ChibiError(f"--resume: {sdir} was saved by {saved.get('world_size')} ranks, this run has "
-                         f"{rt.world_size}; the data order is per rank, so resume with the same number of ranks")
+                         f"{rt.world_size}; the data order is per rank, so resume with the same number of ranks "
+                         f"(torchrun --nproc_per_node; a speedrun: --nproc-per-node {saved.get('world_size')})")
     if "model_config" in meta and saved.get("model_config") != meta["model_config"]:
         diff = sorted(k for k in meta["model_config"] if saved.get("model_config", {}).get(k) != meta["model_config"][k])
         raise ChibiError(f"--resume: {sdir} holds a model with different {diff}; use the flags it was trained "
@@ -428,11 +431,12 @@ def _resumable(rt: Runtime, cfg: LoopConfig, meta: dict) -> tuple[Path, dict, di
         raise ChibiError(f"--resume: {sdir} was trained with another tokenizer ({saved.get('tokenizer')}); "
                          f"restore that tokenizer or start a new --tag")
     _check_lora(sdir, saved.get("lora"), meta.get("lora"))
+    _check_precision(sdir, saved.get("precision"), precision)
     return sdir, saved, _check_schedule(sdir, saved.get("schedule"), cfg)
 
 
 def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict) -> LoopState:
-    sdir, saved, schedule = _resumable(rt, cfg, meta)
+    sdir, saved, schedule = _resumable(rt, cfg, meta, _precision(rt, model))
     try:
         loader_state, loop, rng = saved["loader"][rt.rank], saved["loop"], saved["rng"][rt.rank]
         state = LoopState(**loop)
@@ -452,6 +456,9 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
     batches.load_state_dict(loader_state)
     _set_rng_state(rt, rng)
     print0(rt, f"resumed from {sdir} (step {state.step})")
+    if saved.get("precision") is None:
+        print0(rt, f"note: {sdir} records no precision (an older chibichat saved it), so this run's --dtype and "
+                   f"--fp8 cannot be checked against it; pass the values it was started with")
     if schedule is None:
         print0(rt, f"note: {sdir} records no schedule (an older chibichat saved it), so this run's "
                    f"{', '.join(f.split(' ')[0] for f in SCHEDULE_FLAGS.values())} cannot be checked against it; "
@@ -470,6 +477,35 @@ def _resume(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict)
 
 def _schedule(cfg: LoopConfig) -> dict:
     return {k: getattr(cfg, k) for k in SCHEDULE_FLAGS}
+
+
+def _precision(rt: Runtime, model) -> dict:
+    """How the run computes, saved in every checkpoint as meta["precision"] and compared on resume: the compute
+    dtype as resolved (--dtype auto is what it picked on this machine) and whether training's block matmuls run
+    in fp8 (the model's gpt.RunConfig; a model without one has no fp8 matmuls)."""
+    run = getattr(unwrap(model), "run", None)
+    return {"compute_dtype": str(rt.compute_dtype).replace("torch.", ""), "fp8": bool(getattr(run, "fp8", False))}
+
+
+def _check_precision(sdir: Path, saved, now: dict) -> None:
+    """Refuse a resume in another precision than the checkpoint's: the steps still to come would compute in
+    another dtype (or with or without fp8 matmuls) than the steps taken, so the run would silently stop being
+    the one it continues. None (an older chibichat recorded none): not checked, _resume notes it."""
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise ChibiError(f"--resume: {sdir}/meta.json has a malformed precision ({saved!r}); it is corrupt")
+    diff, fix = [], []
+    if saved.get("compute_dtype") != now["compute_dtype"]:
+        diff.append(f"--dtype {saved.get('compute_dtype')} (this run: {now['compute_dtype']})")
+        fix.append(f"--dtype {saved.get('compute_dtype')}")
+    if saved.get("fp8") != now["fp8"]:
+        was, asked = ("set" if v else "not set" for v in (saved.get("fp8"), now["fp8"]))
+        diff.append(f"--fp8 {was} (this run: {asked})")
+        fix.append("--fp8" if saved.get("fp8") else "no --fp8")
+    if diff:
+        raise ChibiError(f"--resume: {sdir} was trained with " + ", ".join(diff) + "; a resumed run continues in "
+                         "the precision it was trained in, so pass " + " and ".join(fix) + ", or start a new --tag")
 
 
 def _check_schedule(sdir: Path, saved, cfg: LoopConfig) -> dict | None:
@@ -780,7 +816,8 @@ def _save(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict, s
     # Collectives first (every rank), then rank 0 writes the whole directory.
     loaders = gather_objects(rt, batches.state_dict())
     rngs = gather_objects(rt, _rng_state(rt))
-    full = {**meta, "loader": loaders, "loop": asdict(state), "rng": rngs, "schedule": _schedule(cfg)}
+    full = {**meta, "loader": loaders, "loop": asdict(state), "rng": rngs, "schedule": _schedule(cfg),
+            "precision": _precision(rt, model)}
     path = save_checkpoint(cfg.tag_dir, state.step, model, optimizer, full, rt=rt, keep_last=cfg.keep_last)
     if rt.distributed:
         dist.barrier()  # nobody races ahead (and maybe dies) before the checkpoint exists
