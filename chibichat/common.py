@@ -51,6 +51,10 @@ class Home:
 
     @staticmethod
     def resolve(arg: str | os.PathLike | None = None) -> "Home":
+        # An empty --home (e.g. `--home "$DIR"` with DIR unset) is refused, not taken for "not given".
+        if arg is not None and not str(arg).strip():
+            raise ChibiError("--home is empty; pass a directory, or leave --home out for $CHIBICHAT_HOME "
+                             "(default ~/.cache/chibichat)")
         raw = arg or os.environ.get("CHIBICHAT_HOME") or DEFAULT_HOME
         return Home(Path(raw).expanduser().resolve())
 
@@ -114,6 +118,28 @@ def check_home(home: Home, need_bytes: int = 0, what: str = "this stage") -> Non
         if free < need_bytes:
             raise ChibiError(f"--home {root} has {free / 1e6:,.1f} MB free, but {what} writes about "
                              f"{need_bytes / 1e6:,.1f} MB; free some space on that disk or pass another --home")
+
+
+def check_output(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work is done, an output path (the value of `flag`) that the end of the run could not
+    write its results to: a directory where a file goes (folder=False) or a file where a folder goes, a path
+    under a file, or a folder that is not writable (probed as check_home does). Nothing is created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ChibiError(f"{flag} {path} is a {'file' if folder else 'directory'}; pass "
+                         f"{'a directory (it is created when missing)' if folder else 'the path of a file'}")
+    probe = path if folder else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ChibiError(f"{flag} {path} cannot be written: {probe} is a file, not a directory; pass another {flag}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".chibichat-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ChibiError(f"{flag} {path} cannot be written: {probe} is not writable: {e.strerror} (errno "
+                         f"{e.errno}); pass another {flag}") from None
 
 
 def checkpoint_bytes(num_params: int, saves: int, keep_last: int) -> int:

@@ -32,6 +32,14 @@ def test_bad_model_names_are_refused(text, why):
     assert C.parse_model("sft/d4-s0") == ("sft", "d4-s0")
 
 
+def test_a_checkpoint_given_twice_is_refused(tmp_path, capsys):
+    """It was loaded and probed twice, for two identical rows of the table."""
+    assert main(["bench", "copy", "--home", str(tmp_path), "--model", "base/d4", "--model", "sft/d4", "--model",
+                 "base/d4"]) == 2
+    assert capsys.readouterr().err.strip() == ("chibichat bench: error: --model base/d4 is given more than once; give "
+                                               "each checkpoint once")
+
+
 def test_rows_repeat_their_first_half_and_random_rows_avoid_specials():
     pieces = C.random_pieces(5, 7, 100, seed=3)
     assert pieces == C.random_pieces(5, 7, 100, seed=3) != C.random_pieces(5, 7, 100, seed=4)

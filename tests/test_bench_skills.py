@@ -108,6 +108,15 @@ def test_refuses_a_missing_base_checkpoint_and_bad_steps(tmp_path):
         B.run(_args(tmp_path, "--from-tag", "d9", "--name", "A B"))
 
 
+def test_an_out_under_a_file_is_refused_before_any_run(tmp_path):
+    """It used to end the bench, after every run, with a traceback from mkdir."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(ChibiError) as e:  # before the missing base checkpoint is even looked for
+        B.run(_args(tmp_path, "--from-tag", "d9", "--out", str(f / "report")))
+    assert str(e.value) == f"--out {f / 'report'} cannot be written: {f} is a file, not a directory; pass another --out"
+
+
 def test_stage_commands_carry_the_arm_mixtures_and_the_seed(tmp_path):
     from chibichat.common import Home
 

@@ -66,6 +66,16 @@ def test_a_failed_depth_names_itself_and_how_to_resume(tmp_path, monkeypatch):
         sweep.run(_args(tmp_path, depths="1"))
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_depth_trains(tmp_path, monkeypatch):
+    """It used to end the sweep, after every depth had trained, with a FileExistsError traceback."""
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("a depth trained"))
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(ChibiError) as e:
+        sweep.run(_args(tmp_path, depths="1", extra=["--out", str(f)]))
+    assert str(e.value) == f"--out {f} is a file; pass a directory (it is created when missing)"
+
+
 def _args(tmp_path, depths, home=None, extra=()):
     import argparse
 

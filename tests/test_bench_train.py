@@ -39,10 +39,24 @@ def test_cartesian_configs_and_grad_accum():
     (["--window", "abc"], "expected 0, N or N:PATTERN"),
     (["--fp8", "on"], "--fp8 on needs --dtype bfloat16"),  # the default --dtype list includes float32
     (["--dtype", "bfloat16", "--fp8", "yes"], "unknown values"),
+    # a repeated value ran and tabulated the same configuration twice; --kv-heads 0 silently meant --heads
+    (["--dtype", "float32,bfloat16,float32"], r"^--dtype lists float32 more than once; list each value once$"),
+    (["--layers", "dense,SA,dense,SA"], r"^--layers lists SA, dense more than once; list each value once$"),
+    (["--lora", "8,08"], r"^--lora lists 8 more than once; list each value once$"),
+    (["--kv-heads", "0"], r"^--kv-heads must be >= 1, got 0 \(leave it out for --heads\)$"),
 ])
 def test_bad_flags_raise(extra, match):
     with pytest.raises(ChibiError, match=match):
         bt.configs_from_args(parse(TINY + extra))
+
+
+def test_an_unwritable_json_is_refused_before_any_configuration_runs(tmp_path, monkeypatch, capsys):
+    from chibichat.cli import main
+
+    monkeypatch.setattr(bt, "run_isolated", lambda cfg, device: pytest.fail("ran before --json was checked"))
+    assert main(["bench", "train", *TINY, "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"chibichat bench: error: --json {tmp_path} is a directory; pass the "
+                                               "path of a file")
 
 
 def test_fp8_axis_runs_fp8_matmuls():

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from chibichat.cli import build_parser, main
-from chibichat.common import ChibiError, Home, atomic_directory, atomic_write_json, read_json
+from chibichat.common import ChibiError, Home, atomic_directory, atomic_write_json, check_output, read_json
 
 
 def test_help_lists_registered_stages(capsys):
@@ -36,6 +36,38 @@ def test_home_resolution(tmp_path, monkeypatch):
     assert h.root == (tmp_path / "h").resolve()
     assert h.checkpoints_dir("base", "d4") == h.root / "checkpoints" / "base" / "d4"
     assert Home.resolve(str(tmp_path / "x")).root == (tmp_path / "x").resolve()
+
+
+def test_an_empty_home_is_refused_not_taken_for_the_default(monkeypatch):
+    """`--home "$DIR"` with DIR unset used to write into ~/.cache/chibichat (or $CHIBICHAT_HOME) silently."""
+    monkeypatch.delenv("CHIBICHAT_HOME", raising=False)
+    for empty in ("", "  "):
+        with pytest.raises(ChibiError) as e:
+            Home.resolve(empty)
+        assert str(e.value) == ("--home is empty; pass a directory, or leave --home out for $CHIBICHAT_HOME (default "
+                                "~/.cache/chibichat)")
+
+
+def test_check_output_refuses_what_the_end_of_a_run_could_not_write(tmp_path):
+    """Bench and doctor outputs are written after minutes of work: a path they cannot write is refused first."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    check_output(tmp_path / "new" / "r.json", "--json")  # missing folders are created when it is written
+    check_output(tmp_path / "out", "--out", folder=True)
+    for path, flag, folder, message in (
+            (tmp_path, "--json", False, f"--json {tmp_path} is a directory; pass the path of a file"),
+            (f, "--out", True, f"--out {f} is a file; pass a directory (it is created when missing)"),
+            (f / "r.json", "--json", False,
+             f"--json {f / 'r.json'} cannot be written: {f} is a file, not a directory; pass another --json"),
+            (f / "a" / "b", "--out", True,
+             f"--out {f / 'a' / 'b'} cannot be written: {f} is a file, not a directory; pass another --out")):
+        with pytest.raises(ChibiError) as e:
+            check_output(path, flag, folder)
+        assert str(e.value) == message
+    with pytest.raises(ChibiError, match=r"^--json /proc/r.json cannot be written: /proc is not writable: .* pass "
+                                         r"another --json$"):
+        check_output("/proc/r.json", "--json")  # /proc refuses new files even to root
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]  # nothing created
 
 
 def test_atomic_directory_leaves_nothing_on_failure(tmp_path):

@@ -63,6 +63,24 @@ def test_mfu_depths_are_parsed_before_any_check(tmp_path, capsys):
     assert not (tmp_path / "d.json").exists()
 
 
+def test_a_repeated_depth_and_an_unwritable_json_are_refused_before_any_check(tmp_path, capsys):
+    """A depth listed twice was measured twice and its rows counted as one ("1 ok"); a --json the report cannot be
+    written to failed only after every check and measurement (so this holds on a machine with CUDA too)."""
+    assert main(["doctor", "--gpu", "--mfu-depths", "12,20,12", "--json", str(tmp_path / "d.json")]) == 2
+    assert capsys.readouterr().err.strip() == ("chibichat doctor: error: --mfu-depths '12,20,12': depth 12 is given "
+                                               "twice; list each depth once")
+    assert main(["doctor", "--gpu", "--mfu-depths", "\u00b2", "--json", str(tmp_path / "d.json")]) == 2  # isdigit, no int
+    assert "'\u00b2' is not a depth" in capsys.readouterr().err
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert main(["doctor", "--gpu", "--json", str(f / "d.json")]) == 2
+    assert capsys.readouterr().err.strip() == (f"chibichat doctor: error: --json {f / 'd.json'} cannot be written: {f} "
+                                               "is a file, not a directory; pass another --json")
+    assert main(["doctor", "--gpu", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"chibichat doctor: error: --json {tmp_path} is a directory; pass the "
+                                               "path of a file")
+
+
 def test_a_failed_mfu_run_fails_the_doctor_and_skipped_checks_are_counted_apart(monkeypatch):
     """The closing line counts every check and MFU row as ok, skipped or failed; an MFU measurement that failed
     (run_isolated raising ChibiError) makes the exit status 1, and a check that does not apply here (nccl on one

@@ -593,6 +593,26 @@ def test_bench_infer_cli_rejects_bad_flags(capsys):
     assert capsys.readouterr().err.strip().endswith("not --dtype: drop it")
 
 
+def test_bench_infer_refuses_repeats_cpu_float16_negative_threads_and_a_bad_json_before_any_run(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """Each of these used to start configuration processes first: a repeated value was measured twice (a repeated
+    batch size's columns overwritten), float16 and --threads -1 failed in their configuration's process after the
+    others had run (the former naming --dtype, a flag bench infer refuses), a bad --json after every run."""
+    from chibichat.bench import infer
+    from chibichat.cli import main
+
+    monkeypatch.setattr(infer.subprocess, "run", lambda *a, **k: pytest.fail("a configuration ran"))
+    for argv, message in (
+            (["--batches", "1,8,1"], "--batches lists 1 more than once; list each value once"),
+            (["--layouts", "dense,dense"], "--layouts lists dense more than once; list each value once"),
+            (["--dtypes", "float32,float16", "--device", "cpu"],
+             "--dtypes float16 is not supported on CPU (--device cpu); use bfloat16 or float32"),
+            (["--threads", "-1"], "--threads must be >= 0 (0: torch's choice), got -1"),
+            (["--json", str(tmp_path)], f"--json {tmp_path} is a directory; pass the path of a file")):
+        assert main(["bench", "infer", *argv]) == 2, argv
+        assert capsys.readouterr().err.strip() == f"chibichat bench: error: {message}"
+
+
 # -- continuous batching ----------------------------------------------------------------------------
 
 

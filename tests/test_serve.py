@@ -1694,6 +1694,16 @@ def test_bench_serve_refuses_server_flags_with_url_and_a_temperature_out_of_rang
             run(bench_serve_args(url="http://127.0.0.1:9", temperature=t))
 
 
+def test_bench_serve_refuses_an_unwritable_json_before_starting_the_server(tmp_path, monkeypatch):
+    from chibichat.bench import serve as bench_serve
+    from chibichat.common import ChibiError
+
+    monkeypatch.setattr(bench_serve, "_start_server", lambda *a: pytest.fail("started before --json was checked"))
+    with pytest.raises(ChibiError) as e:
+        bench_serve.run(bench_serve_args(json=str(tmp_path)))
+    assert str(e.value) == f"--json {tmp_path} is a directory; pass the path of a file"
+
+
 def test_bench_serve_keeps_the_servers_error_message(served):
     from chibichat.bench.serve import run_level
 

@@ -585,8 +585,18 @@ def test_bench_tokenizer_side_by_side(local_corpus, home, tmp_path, capsys):
         assert rows[("ja", "gpt4", "hf-tokenizers")]["chunks"] == r["chunks"]
 
 
-def test_bench_tokenizer_bad_flags(local_corpus, home, capsys):
+def test_bench_tokenizer_bad_flags(local_corpus, home, tmp_path, capsys):
     from chibichat.cli import main
+
+    # a repeated cap was one row, silently; a bad --json failed after every cell had trained
+    src = f"local:{local_corpus}"
+    small = ["--en-corpus", src, "--ja-corpus", src, "--chars", "20000", "--heldout-chars", "5000", "--vocab-size",
+             "500", "--repeats", "1", "--no-rss", "--no-hf"]
+    assert main(["bench", "tokenizer", *small, "--ja-caps", "3,3"]) == 2
+    assert capsys.readouterr().err.strip() == "chibichat bench: error: --ja-caps must list distinct caps >= 1, got '3,3'"
+    assert main(["bench", "tokenizer", *small, "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"chibichat bench: error: --json {tmp_path} is a directory; pass the path "
+                                               "of a file")
 
     assert main(["bench", "tokenizer", "--ja-caps", "3,x"]) == 2
     assert "--ja-caps" in capsys.readouterr().err

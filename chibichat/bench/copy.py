@@ -104,6 +104,9 @@ def run(args) -> int:
     if args.half is not None and args.half < 2:
         raise ChibiError(f"--half must be >= 2 (a first token and one to copy), got {args.half}")
     models = [parse_model(m) for m in args.model]
+    twice = sorted({f"{s}/{t}" for s, t in models if models.count((s, t)) > 1})
+    if twice:  # it would be loaded and probed twice, for the same row
+        raise ChibiError(f"--model {', '.join(twice)} is given more than once; give each checkpoint once")
     home = Home.resolve(args.home)
     tok = Tokenizer.load(home.tokenizer_dir)
     metas = [read_meta(resolve_checkpoint(home, stage, tag)) for stage, tag in models]

@@ -56,6 +56,9 @@ def _parse_list(text: str, what: str, conv=str) -> list:
         raise ChibiError(f"--{what} must be a comma-separated list, got {text!r}") from None
     if not items:
         raise ChibiError(f"--{what} is empty")
+    twice = sorted({str(x) for x in items if items.count(x) > 1})
+    if twice:  # it would be measured twice (and a batch size's columns overwritten)
+        raise ChibiError(f"--{what} lists {', '.join(twice)} more than once; list each value once")
     return items
 
 
@@ -194,6 +197,19 @@ def run(args) -> int:
             raise ChibiError(f"--{name} must be >= {lo}, got {v}")
     if any(b < 1 for b in batches):
         raise ChibiError(f"--batches must be positive, got {batches}")
+    if args.threads < 0:
+        raise ChibiError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
+    if "float16" in dtypes:  # refused by init_runtime on a CPU, but only in its configuration's process
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if device.split(":")[0] == "cpu":
+            raise ChibiError(f"--dtypes float16 is not supported on CPU (--device {args.device}); use bfloat16 or "
+                             "float32")
+    if args.json:
+        from chibichat.common import check_output
+
+        check_output(args.json, "--json")  # written after every configuration has run
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
         raise ChibiError("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
     if args.width % 64:

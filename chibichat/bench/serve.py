@@ -255,6 +255,10 @@ def run(args) -> int:
         if given:
             raise ChibiError(f"{', '.join(given)} set up the server bench serve starts; with --url the server is "
                              "already running with its own settings: drop them (its /health shows them)")
+    if args.json:
+        from chibichat.common import check_output
+
+        check_output(args.json, "--json")  # written after every level has run
     proc, log = None, None
     url = args.url
     if url is None:

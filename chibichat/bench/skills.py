@@ -59,7 +59,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_write_json, atomic_write_text, check_at_least, parse_int_list
+from chibichat.common import (ChibiError, Home, atomic_write_json, atomic_write_text, check_at_least, check_output,
+                              parse_int_list)
 
 HELP = "A/B test chat-data mixtures over several seeds: midtrain + SFT + held-out skills per arm and seed"
 
@@ -353,6 +354,8 @@ def run(args) -> int:
     if with_rl and not args.rl_steps:
         raise ChibiError(f"--arm {with_rl[0]!r} has RL flags but --rl-steps is 0: give --rl-steps N (the cpu "
                          "preset's is 15) or drop the RL part of the arm")
+    if args.out:
+        check_output(args.out, "--out", folder=True)  # written after every run
     home = Home.resolve(args.home)
     from chibichat.train.checkpoint import list_steps
 

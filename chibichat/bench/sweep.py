@@ -24,7 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_write_bytes, atomic_write_json, atomic_write_text, parse_int_list
+from chibichat.common import (ChibiError, Home, atomic_write_bytes, atomic_write_json, atomic_write_text, check_output,
+                              parse_int_list)
 
 HELP = "pretrain several depths for the same minutes and compare val bpb (model size against tokens)"
 
@@ -117,6 +118,8 @@ def run(args) -> int:
     if not args.minutes > 0:
         raise ChibiError(f"--minutes must be positive, got {args.minutes}")
     depths = parse_depths(args.depths)
+    if args.out:
+        check_output(args.out, "--out", folder=True)  # written after every depth has trained
     home = Home.resolve(args.home)
     rows = []
     for depth in depths:

@@ -147,7 +147,7 @@ def _load_texts(args, home) -> dict[str, tuple[list[str], str]]:
 
 
 def run(args) -> int:
-    from chibichat.common import Home, atomic_write_json
+    from chibichat.common import Home, atomic_write_json, check_output, parse_int_list
     from chibichat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer, ja_pattern, train_ranks
 
     if args.vocab_size <= MIN_VOCAB_SIZE:
@@ -156,12 +156,10 @@ def run(args) -> int:
     for flag in ("chars", "heldout_chars", "repeats"):
         if getattr(args, flag) <= 0:
             raise ChibiError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    try:
-        caps = [int(c) for c in args.ja_caps.split(",") if c.strip()]
-    except ValueError:
-        raise ChibiError(f"--ja-caps must be comma-separated integers, got {args.ja_caps!r}") from None
-    if any(c < 1 for c in caps):
-        raise ChibiError("--ja-caps values must be >= 1")
+    # '' (the default) for no cap sweep; a cap listed twice would be one row, silently
+    caps = parse_int_list(args.ja_caps, "--ja-caps", "caps", 1, "4,6,12") if args.ja_caps.strip() else []
+    if args.json:
+        check_output(args.json, "--json")  # written after every cell has trained
     hf_ok = not args.no_hf
     if hf_ok:
         try:

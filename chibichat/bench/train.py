@@ -118,7 +118,15 @@ def _split(value: str, allowed, flag: str) -> list[str]:
         bad = [v for v in items if v not in allowed]
         if bad:
             raise ChibiError(f"{flag} has unknown values {bad}; choose from {', '.join(allowed)}")
+    _no_repeats(items, flag)
     return items
+
+
+def _no_repeats(values: list, flag: str) -> None:
+    """A value listed twice would run (and tabulate) the same configuration twice."""
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise ChibiError(f"{flag} lists {', '.join(twice)} more than once; list each value once")
 
 
 def configs_from_args(args) -> list[TrainBenchConfig]:
@@ -129,6 +137,8 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
     for name in ("depth", "width", "heads", "seq_len", "vocab", "batch", "total_batch", "steps"):
         if getattr(args, name) < 1:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.kv_heads is not None and args.kv_heads < 1:  # 0 is not "the default": leave the flag out for that
+        raise ChibiError(f"--kv-heads must be >= 1, got {args.kv_heads} (leave it out for --heads)")
     if args.warmup < 0 or args.threads < 0:
         raise ChibiError("--warmup and --threads must be >= 0")
     row = args.batch * args.seq_len
@@ -153,6 +163,7 @@ def configs_from_args(args) -> list[TrainBenchConfig]:
         if v != "off" and not (v.isdigit() and int(v) >= 1):
             raise ChibiError(f"--lora {v!r}: give off or a rank >= 1, e.g. --lora off,8")
         loras.append(0 if v == "off" else int(v))
+    _no_repeats(loras, "--lora")  # "8,08"
     if any(loras) and "on" in fp8s:
         raise ChibiError("--lora with --fp8 on is not supported (as in the training stages); drop one")
     return [
@@ -369,7 +380,11 @@ def format_table(results: list[dict]) -> str:
 def run(args) -> int:
     from chibichat.common import atomic_write_json
 
+    from chibichat.common import check_output
+
     configs = configs_from_args(args)
+    if args.json:
+        check_output(args.json, "--json")  # written after every configuration has run
     c0 = configs[0]
     print(
         f"bench train: depth {c0.depth}, width {c0.width}, heads {c0.heads}/{c0.kv_heads} kv, seq {c0.seq_len}, "

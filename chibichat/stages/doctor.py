@@ -21,7 +21,7 @@ import platform
 import time
 from pathlib import Path
 
-from chibichat.common import ChibiError, atomic_write_json
+from chibichat.common import ChibiError, atomic_write_json, check_output
 
 MFU_SEQ = 2048
 MFU_VOCAB = 65536
@@ -87,14 +87,17 @@ def _check(fn) -> dict:
 
 def parse_depths(text: str) -> list[int]:
     """--mfu-depths as depths, parsed before any check runs (a typo must not cost the GPU checks' minutes and
-    the report): comma-separated positive integers, '' for none."""
+    the report): comma-separated distinct positive integers, '' for none (a depth given twice would be measured
+    twice, and its rows counted as one)."""
     depths = []
     for part in text.split(","):
         if not part.strip():
             continue
-        if not part.strip().isdigit() or int(part) < 1:
+        if not (part.strip().isascii() and part.strip().isdigit()) or int(part) < 1:
             raise ChibiError(f"--mfu-depths {text!r}: {part.strip()!r} is not a depth; give comma-separated positive "
                              "integers like 12,20 (or '' for none)")
+        if int(part) in depths:
+            raise ChibiError(f"--mfu-depths {text!r}: depth {int(part)} is given twice; list each depth once")
         depths.append(int(part))
     return depths
 
@@ -156,6 +159,7 @@ def run(args) -> int:
     for flag, value in (("--mfu-batch", args.mfu_batch), ("--mfu-steps", args.mfu_steps)):
         if value < 1:
             raise ChibiError(f"{flag} must be >= 1, got {value}")
+    check_output(args.json, "--json")  # written last: a bad path must not cost the checks' minutes
     if not torch.cuda.is_available():
         raise ChibiError(f"doctor --gpu: torch {torch.__version__} sees no CUDA device; install a CUDA build of "
                          "torch (https://pytorch.org) on a machine with an NVIDIA GPU and its driver")
