@@ -72,6 +72,15 @@ def test_english_agreement_and_articles():
                 assert verb == ("are" if plural else "is"), (topic, reply)
 
 
+def test_english_asks_read_as_english():
+    # "Please I'd like one line on a kite." and "Please what can you say about snow in a few words?" are not
+    for ask in D.ASKS["en"]["sentence"] + D.ASKS["en"]["story"]:
+        words = ask.split()
+        assert not (words[0] == "please" and words[1] in ("I'd", "what")), ask
+        first = next(w for w in words if w not in ("please", "hey,", "ok,"))
+        assert ask.endswith("?") == (first in ("could", "what")), ask
+
+
 @pytest.mark.parametrize("name", ["describe", "describe-ja"])
 def test_train_and_test_topics_are_disjoint_and_items_deterministic(name):
     train = get_task(name, split="train", size=200)
@@ -94,6 +103,7 @@ def test_english_replies_fit_their_topic():
         assert not ("new" in topic.split() and ("It was old" in reply or "They were old" in reply)), reply
         assert not re.search(r"there (was|were) (my|the) ", reply), reply  # "Once upon a time there was my duck."
         assert not ("sunshine" in topic and "stay inside" in reply), reply
+        assert not ("homemade" in topic.split() and noun.rstrip("s") in D.EN_NOT_MADE), topic  # "homemade honey"
     assert days > 0
 
 
@@ -109,6 +119,8 @@ def test_japanese_replies_fit_their_topic():
             assert not reply.startswith(("ある日、", "むかしむかし、")), reply  # "ある日、休みの日を見つけました。"
             generic_time += reply.startswith(f"{topic}、") or reply.startswith("夕方、")
         assert not (reply.startswith("母が誕生日に") and any(topic.endswith(n) for n in D.JA_NOT_MADE)), reply
+        assert not (topic.startswith("新しい") and "古かった" in reply), reply  # a new blanket found old
+        assert not (topic.startswith("手作りの") and topic.removeprefix("手作りの") in D.JA_NOT_MADE), topic
     assert generic_time > 0
     assert any(it["kind"] == "animal" and "がいました" in it["messages"][1]["content"]
                for it in (task[i] for i in range(len(task))))

@@ -104,3 +104,18 @@ def test_division_and_product_wordings_read_right():
     assert "{a} shared equally among {b}" in P.expressions("en", "/")
     assert not any(" by {b}" in w and "shared" in w for w in P.expressions("en", "/"))
     assert word_problems.plan_ja("4*60") == word_problems.plan_ja("60*4") == "1つ分の数といくつ分をかけます。"
+
+
+def test_english_questions_and_requests_end_as_they_should():
+    # "Can you type clear one letter at a time!" is a question and "Please guess my favourite colour?" a request
+    openers = ("hey,", "so,", "ok,", "now", "sorry,", "hi,", "hello,", "tell", "me,", "quick", "question:", "be",
+               "honest,", "guess:", "excuse", "me,", "by", "the", "way,", "just", "wondering,", "you", "must", "know",
+               "this:", "sum:")
+    for skill in P.SKILLS:
+        for p in P.phrasings("en", skill):
+            words = p.lower().split()
+            first = next((w for w in words if w not in openers), "")
+            if first in ("can", "could", "would", "does", "is", "are", "will"):  # not "do": "Do the math: ...".
+                assert p.endswith("?"), p
+            if first == "please":
+                assert not p.endswith("?"), p

@@ -778,6 +778,46 @@ def test_page_refuses_sampling_settings_out_of_range(temperature, topk, error):
     assert r["sent"] == [] and r["messages"] == [] and r["input"] == "hi"  # nothing sent, the message kept
 
 
+TOO_LONG = {"status": 400, "body": {"error": {
+    "message": "the message is too long for the model's context: it needs 120 tokens but only 95 are available; "
+               "shorten the message", "type": "invalid_request_error", "param": "messages",
+    "code": "context_length_exceeded"}}}  # fmt: skip
+
+
+def test_page_never_sends_two_user_messages_in_a_row_after_a_failed_reply():
+    # A turn that failed before any text (here context_length_exceeded) leaves the user's message without
+    # a reply: the page says why and offers Retry and Edit on it; another message is refused until then, as
+    # the server refuses two user messages in a row (the conversation would fail on every later send).
+    failed = page_run(send="hi", replies=[TOO_LONG], steps=["$('input').value = 'next'; send()"])
+    assert failed["error"] == ("Error: your last message has no reply: Retry it or Edit it before sending another "
+                               "(or start a New chat)")
+    assert len(failed["sent"]) == 1 and failed["messages"] == [{"role": "user", "content": "hi"}]
+    assert failed["input"] == "next" and failed["buttons"] == [["Edit", "Retry"]]
+    shown = page_run(send="hi", replies=[TOO_LONG])
+    assert shown["error"] == "Error: " + TOO_LONG["body"]["error"]["message"]
+    retried = page_run(send="hi", replies=[TOO_LONG], chunks=[OPEN, PIECE, "data: [DONE]\n\n"], steps=["click('Retry')"])
+    assert [m["messages"] for m in retried["sent"]] == [[{"role": "user", "content": "hi"}]] * 2
+    assert retried["error"] is None and retried["messages"][-1]["content"] == "Hel"
+    assert retried["buttons"] == [["Edit"], ["Regenerate"]]
+
+
+def test_page_and_its_files_carry_the_security_headers():
+    from fastapi.testclient import TestClient
+
+    from chibichat.serve.app import create_app
+
+    client = TestClient(create_app(None, "m", load=lambda: None))  # not entered: no model loads
+    for path in ("/", "/static/index.html", "/static/chat.js", "/static/chat.css"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert r.headers["content-security-policy"] == "default-src 'self'; base-uri 'none'; frame-ancestors 'none'"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        # what that policy would block: inline script or style, another origin (the product runs offline)
+        assert "<script>" not in r.text and "style=" not in r.text and "<style" not in r.text, path
+        assert "http:" not in r.text and "https:" not in r.text and "@import" not in r.text, path
+    assert "innerHTML" not in client.get("/static/chat.js").text  # untrusted text goes in as textContent
+
+
 def test_page_stops_polling_a_model_that_failed_to_load():
     failed = page_run(health={"status": 500, "body": {"status": "failed", "error": "ChibiError: no sft checkpoint",
                                                       "model": "m"}})  # fmt: skip

@@ -158,3 +158,35 @@ def test_english_grammar_of_the_subject_place_and_price():
     qs = [p.question for p in _draw(W.two_step, 4000, seed=5)]
     assert any(re.search(r"^I have .*\bwe have together\?", q) for q in qs)
     assert any("which cost " in q for q in qs) and any(re.search(r"\bI [^.]*\bwas busy\b", q) for q in qs)
+
+
+def test_a_multiple_of_someone_elses_amount_names_two_people():
+    # "Leo has 13 plums, and Leo has five times as many" contradicts itself: the second person is another one
+    rng, seen = random.Random(6), 0
+    for _ in range(2000):
+        q, _ = W._times_as_many(rng)
+        m = re.match(r"(.+?) (?:has|have) \d+ [a-z ]+, and (.+?) has \w+(?: times)? as many\.", q)
+        if m:
+            seen += 1
+            assert m[1].lower() != m[2].lower(), q
+    assert seen > 500
+
+
+def test_a_shop_starts_the_day_only_in_a_story_of_one_day():
+    # "started the day with 202 eggs, sold 19 last week" (or on Monday, then on Tuesday) is no one day
+    rng, began = random.Random(7), {"started the day with": 0, "started with": 0}
+    for _ in range(2000):
+        q, _ = W._shop_day(rng)
+        if " started the day with " in q:
+            began["started the day with"] += 1
+            assert not re.search(r"\b(Monday|Tuesday|Friday|Saturday|May|June|week)\b", q), q
+        elif " started with " in q:
+            began["started with"] += 1
+    assert min(began.values()) > 100
+
+
+def test_japanese_stories_make_nothing_that_is_not_made():
+    # 作りました was a verb of getting for every thing: "りんごを37個作りました", "石を作りました"
+    for p in _draw(W.one_step_ja, 3000, seed=8) + _draw(W.two_step_ja, 3000, seed=8):
+        assert "作りました" not in p.question, p.question
+    assert any("手に入れました" in p.question for p in _draw(W.one_step_ja, 1000, seed=8))

@@ -31,6 +31,11 @@ from chibichat.render import reply_budget
 RETRY_AFTER_S = {"server_busy": 1, "loading": 5}
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
                 "chat.css": "text/css; charset=utf-8"}  # fmt: skip
+# Headers of the page and its files: it runs its own script and style only (none inline, nothing from another
+# origin: the product runs offline, and model output shown by a script bug could not load or run anything),
+# no other site may frame it (the API key form), and no file is sniffed as another type.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; base-uri 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff"}
 
 
 def _static(name: str) -> bytes:
@@ -172,13 +177,13 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
     @app.get("/")
     async def index():
-        return Response(_static("index.html"), media_type=STATIC_FILES["index.html"])
+        return Response(_static("index.html"), media_type=STATIC_FILES["index.html"], headers=PAGE_HEADERS)
 
     @app.get("/static/{name}")
     async def static(name: str):
         if name not in STATIC_FILES:
             return error(ApiError(404, f"no static file {name!r}"))
-        return Response(_static(name), media_type=STATIC_FILES[name])
+        return Response(_static(name), media_type=STATIC_FILES[name], headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health():

@@ -7,7 +7,8 @@ describe / describe-ja (kind "conversation", training only):
 The reply is composed from parts: the topic as the user wrote it (copied, first letter upper-case), then
 a predicate or a story frame that fits the topic's kind (animal, place, plant, food, weather, sky,
 object, season or time of day) and its number (EN: singular, plural or mass noun; "is"/"are", "it"/"they").
-A few frames fit only some topics of their kind (`en_frame_fits`, JA_NOT_MADE: nobody "makes" honey).
+A few frames fit only some topics of their kind (`en_frame_fits`, JA_NOT_MADE: nobody "makes" honey), and
+an adjective only the topics it fits (no "homemade honey"; a "new" thing is not found old).
 A topic is a noun with an optional adjective and determiner ("a big river", "the old bridge", "rivers").
 
 Why: every other generated chat task has a fixed kind of answer (a name, a number, letters, a refusal),
@@ -194,16 +195,16 @@ JA_STORIES: dict[str, list[str]] = {
 # the sea.", "Tell me a two-line story about a cat."; tests/test_skills.py checks it).
 _EN_SENTENCE_ASKS = [o + r + e for o in ("", "please ", "hey, ", "ok, ")
                      for r in ("give me a sentence on {t}", "say a few words about {t}",
-                               "could you put something short together about {t}", "I'd like one line on {t}",
+                               "could you put something short together about {t}", "let me have one line on {t}",
                                "make a short statement about {t}", "talk about {t} in a single line",
-                               "what can you say about {t} in a few words", "say one thing about {t}",
+                               "sum up {t} in a few words", "say one thing about {t}",
                                "jot down a sentence about {t}", "describe {t} briefly", "write something simple about {t}",
                                "share a thought about {t}", "compose a line about {t}")
                      for e in ("?" if r.startswith(("could", "what")) else ".",)]
 _EN_STORY_ASKS = [o + r + e for o in ("", "please ", "hey, ")
                   for r in ("make up a short story about {t}", "tell a little tale about {t}",
                             "invent a tale about {t}, just two sentences", "could you tell a story with {t} in it",
-                            "I'd like a very short story about {t}", "spin a quick tale about {t}",
+                            "let me hear a very short story about {t}", "spin a quick tale about {t}",
                             "write a little story about {t}", "give me two lines of story about {t}",
                             "narrate a brief story starring {t}")
                   for e in ("?" if r.startswith("could") else ".",)]
@@ -228,7 +229,7 @@ def en_phrase(topic: Topic, rng: random.Random) -> tuple[str, bool]:
     plural = topic.plural is not None and rng.random() < 0.4
     noun = topic.plural if plural else topic.noun
     if topic.adjectives and rng.random() < 0.4:
-        noun = rng.choice(topic.adjectives) + " " + noun
+        noun = rng.choice([a for a in topic.adjectives if not (a == "homemade" and topic.noun in EN_NOT_MADE)]) + " " + noun
     if plural or topic.plural is None:  # plural and mass nouns: bare or "the"
         det = rng.choice(["", "", "the "])
     else:
@@ -281,7 +282,8 @@ def ja_reply(noun: str, phrase: str, story: bool, rng: random.Random) -> str:
     # As in EN, a time (or the weather) is not "found" nor "was there once" in a story: its own frames only.
     generic = [] if story and kind in ("time", "weather") else table["any"]
     frames = [f for f in generic + table[kind] * 2
-              if not ("を作って" in f and noun in JA_NOT_MADE) and not ("家で本を読む" in f and noun == "日ざし")]
+              if not ("を作って" in f and noun in JA_NOT_MADE) and not ("家で本を読む" in f and noun == "日ざし")
+              and not ("古かった" in f and phrase.startswith("新しい"))]  # found new, yet "it was old"
     # an animal "いました", a thing "ありました"
     return rng.choice(frames).format(t=phrase, v="いました" if kind == "animal" else "ありました")
 
@@ -307,7 +309,8 @@ class Describe(GeneratedTask):
         else:
             noun = rng.choice(self.topics)
             kind = JA_TOPICS[noun]
-            phrase = noun if rng.random() < 0.6 else rng.choice(JA_ADJECTIVES[kind]) + noun
+            fits = [a for a in JA_ADJECTIVES[kind] if not (a == "手作りの" and noun in JA_NOT_MADE)]
+            phrase = noun if rng.random() < 0.6 else rng.choice(fits) + noun
             question = rng.choice(ASKS["ja"]["story" if story else "sentence"]).format(t=phrase)
             answer, key = ja_reply(noun, phrase, story, rng), noun
         item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],

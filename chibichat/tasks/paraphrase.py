@@ -56,7 +56,7 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
          [".", " with dashes."]),
         # The word in the middle of the request, after a verb other than "spell" or a phrasal verb: the reply
         # must copy the word, not the words around it ("spell out clear" is "clear", not "out clear").
-        (["", "now ", "can you "],
+        (["", "now ", "ok, "],
          ["spell out {word}", "type {word} one letter at a time", "take {word} apart into letters",
           "show {word} letter by letter", "write out {word} in single letters", "spell out the word {word}"],
          [".", "!"]),
@@ -173,7 +173,7 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
           "what is in my pocket right now?", "which city does my best friend live in?",
           "who will win the next election?", "what will I have for dinner tomorrow?",
           "will it rain in my city tomorrow?", "which song will be the most popular next year?"]),
-        (["do you know ", "can you tell me ", "please guess "],
+        (["do you know ", "can you tell me ", "could you guess "],
          ["where I left my keys", "my favourite colour", "what I dreamt about last night", "how old my grandmother is",
           "what my neighbour does for a living", "who will win the next election", "what I will have for dinner tomorrow",
           "whether it will rain in my city tomorrow"],

@@ -439,6 +439,8 @@ def _times_as_many(rng):
                                f"How many {things} is that in total?", f"What is the total number of {things}?"])
     else:
         (other, _), (things, _, _) = rng.choice(_PEOPLE), rng.choice(_THINGS)
+        while other == who.name:  # "Leo has 13 plums, and Leo has five times as many" contradicts itself
+            other = rng.choice(_PEOPLE)[0]
         story = f"{_cap(who.name)} {who.has} {a} {things}, and {other} has {_TIMES[k]} as many."
         together = "we" if who.pro in ("I", "we") else "they"  # "I have 38, and Jack has ...": we have together
         question = rng.choice([f"How many {things} do {together} have together?", f"How many {things} is that in all?"])
@@ -525,8 +527,14 @@ def _proportion(rng):
     return f"{story} {question}", f"{p * k}/{k}*{m}"
 
 
+# The periods of _PERIODS that fall within one day.
+_DAY_PERIODS = (("in the morning", "in the afternoon", "in the evening"),
+                ("in the first hour", "in the second hour", "in the third hour"),
+                ("before lunch", "after lunch", "at night"))
+
+
 def _shop_day(rng):
-    """A shop's stock that changes twice in a day (sold, delivered)."""
+    """A shop's stock that changes twice (sold, delivered), in one day or over days."""
     shop = rng.choice(["A shop", "A market stall", "The bakery", "A corner store", "The school kiosk", "A farm stand"])
     (things, _, _) = rng.choice(_THINGS)
     periods = rng.choice(_PERIODS)
@@ -534,8 +542,9 @@ def _shop_day(rng):
     a = rng.randint(100, 400)
     nums = [rng.randint(10, min(90, a // 3)) for _ in ops]
     said = [(f"sold {x} {periods[i]}" if op == "-" else f"got {x} more {periods[i]}") for i, (op, x) in enumerate(zip(ops, nums))]
+    began = "started the day with" if periods in _DAY_PERIODS else "started with"  # no Monday or May in one day
     story = rng.choice([f"{shop} had {a} {things}. It {said[0]} and {said[1]}.",
-                        f"{shop} started the day with {a} {things}, {said[0]}, then {said[1]}."])
+                        f"{shop} {began} {a} {things}, {said[0]}, then {said[1]}."])
     question = rng.choice([f"How many {things} does it have now?", f"How many {things} are in stock at the end?"])
     return f"{story} {question}", f"{a}{ops[0]}{nums[0]}{ops[1]}{nums[1]}"
 
@@ -580,7 +589,8 @@ _JA_THINGS = [("りんご", "個", "かご"), ("えんぴつ", "本", "箱"), ("
               ("貝がら", "個", "バケツ"), ("たまご", "個", "パック"), ("クレヨン", "本", "箱"), ("風船", "個", "たば"),
               ("花", "本", "花びん"), ("ボタン", "個", "かん"), ("おにぎり", "個", "皿"), ("ノート", "冊", "箱"),
               ("ミニカー", "台", "箱"), ("みかん", "個", "箱"), ("ペン", "本", "ペン立て"), ("石", "個", "バケツ")]
-_JA_GAIN = ["もらいました", "買いました", "見つけました", "拾いました", "集めました", "作りました"]
+# Verbs that fit every thing of _JA_THINGS (作りました does not: nobody makes りんご or 石).
+_JA_GAIN = ["もらいました", "買いました", "見つけました", "拾いました", "集めました", "手に入れました"]
 _JA_LOSE = ["あげました", "なくしました", "売りました", "使いました", "配りました", "すてました"]
 # (movers, counter, where, left, arrived)
 _JA_MOVERS = [("鳥", "羽", "木に", "飛んでいきました", "飛んできました"),

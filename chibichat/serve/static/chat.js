@@ -74,10 +74,11 @@ function render() {
     div.appendChild(text);
     const actions = document.createElement("div");
     actions.className = "actions";
+    const last = i === chat.messages.length - 1;
     if (m.role === "user") actions.appendChild(button("Edit", () => edit(i, div)));
-    if (m.role === "assistant" && i === chat.messages.length - 1 && !m.streaming) {
-      actions.appendChild(button("Regenerate", regenerate));
-    }
+    // A last user message has no reply: its turn failed or was stopped before any text came.
+    if (m.role === "user" && last && !chat.busy) actions.appendChild(button("Retry", regenerate));
+    if (m.role === "assistant" && last && !m.streaming) actions.appendChild(button("Regenerate", regenerate));
     if (actions.childNodes.length) div.appendChild(actions);
     box.appendChild(div);
   });
@@ -126,6 +127,12 @@ function regenerate() {
 function send() {
   const text = $("input").value.trim();
   if (!text || chat.busy || !chat.model) return;
+  // The server takes user and assistant turns in turn: a second user message in a row would be refused.
+  if (chat.messages.length && chat.messages[chat.messages.length - 1].role === "user") {
+    chat.error = "Error: your last message has no reply: Retry it or Edit it before sending another (or start a New chat)";
+    render();
+    return;  // the new message stays in the input
+  }
   const params = settings();
   if (!params) return;  // the message stays in the input until the settings are fixed
   $("input").value = "";
