@@ -606,7 +606,7 @@ def write_corpus(out: Path, name: str, docs: list[Doc], val_per_10000: int, pack
 
 
 def _notice(name: str, intro: str, packages: list[Package], fetched: dict[str, str]) -> str:
-    lines = [f"{name}: {intro}", "", "Built by chibichat/data/build.py (`chibichat data build`) from these registry packages:", ""]
+    lines = [f"{name}: {intro}", "", "Built by dev/build_corpora.py (`chibichat data build`) from these registry packages:", ""]
     for p in packages:
         lines += [f"- {p.registry} {p.name} {p.version} (sha256 {fetched[p.key]})", f"  licence: {p.licence}"]
     lines += ["", f"Split: {split_rule(VAL_PER_10000[name])}.", "The licence files copied from each package are in LICENSES/.", ""]

@@ -1,5 +1,9 @@
+import itertools
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -368,3 +372,55 @@ def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16_kernels(monkeypatch):
     assert common.default_compute_dtype(cpu) == torch.float32
     assert common.init_runtime("cpu", "auto").compute_dtype == torch.float32
     assert common.init_runtime("cpu", "bfloat16").compute_dtype == torch.bfloat16  # asked for: kept
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands(text: str) -> list[list[str]]:
+    """The argv after `chibichat` of every command line in the README's bash blocks: lines that start with
+    `chibichat` or run `-m chibichat` (torchrun), joined over backslash continuations, comments dropped; a word
+    `a|b|c` stands for each of its alternatives."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if "-m" in argv and argv[argv.index("-m") + 1:][:1] == ["chibichat"]:
+                argv = argv[argv.index("-m") + 1:]
+            if argv[:1] != ["chibichat"]:
+                continue
+            out += [list(words) for words in itertools.product(*(w.split("|") for w in argv[1:]))]
+    return out
+
+
+def test_every_command_line_in_the_readme_parses(capsys):
+    """A flag renamed or a choice dropped in the code breaks the README's copy-paste commands: every one parses,
+    and every task its --mix/--task/--tasks names is registered (or a `file:` that is in the repository)."""
+    from chibichat.tasks.registry import specs
+
+    commands = readme_commands(README.read_text(encoding="utf-8"))
+    assert len(commands) >= 35  # the pipeline, the LoRA walkthrough, the GPU walkthrough, torchrun
+    assert ["pretrain", "--corpus", "fineweb-edu", "--depth", "26", "--compile"] in commands  # continued, -m
+    assert ["bench", "serve"] in commands  # `bench tokenizer|train|infer|serve`
+    known = set(specs())
+    for argv in commands:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: chibichat {shlex.join(argv)}\n{capsys.readouterr().err}")
+        for flag in ("mix", "task", "tasks"):
+            for entry in (getattr(args, flag, None) or "").split(","):
+                name = entry.rsplit("=", 1)[0] if flag == "mix" else entry
+                if name.startswith("file:"):
+                    assert (README.parent / name[5:]).is_file(), (argv, name)
+                elif name:
+                    assert name in known, (argv, name)
+    with pytest.raises(SystemExit):  # the check bites: a flag the parser lacks
+        build_parser().parse_args(readme_commands("```bash\nchibichat sft --from sft --no-such-flag\n```")[0])
+
+
+def test_every_repository_path_the_readme_names_exists():
+    text = README.read_text(encoding="utf-8")
+    named = set(re.findall(r"(?<![\w/.])((?:scripts|examples|docs|dev|tests|\.ci)/[\w./-]*\w)", text))
+    assert {"scripts/setup.sh", "examples/support.jsonl", "docs/benchmarks.md", "tests/test_bad_inputs.py"} <= named
+    assert sorted(p for p in named if not (README.parent / p).exists()) == []

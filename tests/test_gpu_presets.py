@@ -70,6 +70,19 @@ def test_readme_shows_the_dry_run_as_it_prints(tmp_path, capsys):
     assert at == sorted(at) and len(quoted) > 10
 
 
+
+def test_readme_states_the_gpu_presets_hours():
+    """The README's preset table gives each GPU preset's training hours on 8xH100: the plan's own estimate."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8").split())
+    hw = speedrun.HARDWARE[0]
+    assert hw.name == "8xH100"
+    hours = [speedrun.recipe_figures(GPU_RECIPES[n], "en", "dense").total_flops / (hw.gpus * hw.peak_bf16 * hw.mfu)
+             / 3600 for n in ("d12", "d20", "d26")]
+    quoted = " / ".join(f"~{h:.1f} h" if h < 10 else f"~{h:.0f} h" for h in hours)
+    assert f"training {quoted} on 8xH100 (from the FLOP count at an assumed {hw.mfu:.0%} MFU" in readme
+
 def test_gpu_recipe_names_the_data_of_every_stage(tmp_path):
     steps = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["d20"], "en", "dense", "cuda", world_size=8)}
     assert steps["download"][:4] == ["data", "download", "fineweb-edu", "-n"]

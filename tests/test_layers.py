@@ -5,6 +5,8 @@ a cycle. The layer table below is the one the document shows; a test also checks
 from __future__ import annotations
 
 import ast
+import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -111,6 +113,40 @@ def test_layer_table_matches_docs():
     # The document lists the highest layer first.
     assert documented == [name for name, _ in reversed(LAYERS)]
 
+
+
+def architecture_paths(text: str) -> set[str]:
+    """Repository paths docs/architecture.md names: `chibichat/...`, `dev/...`, `scripts/...`, `tests/...` (a path
+    like `tasks/x.py` is under chibichat/), `{a,b}` expanded; in a heading, a bare `x.py` is in the folder of the
+    path before it. Placeholders (`<name>`, `*`, NNN) are not paths."""
+    def expand(p):
+        parts = re.split(r"\{([^}]*)\}", p)
+        options = [[s] if i % 2 == 0 else s.split(",") for i, s in enumerate(parts)]
+        return ["".join(c) for c in itertools.product(*options)]
+
+    out = set()
+    for m in re.finditer(r"(?<![\w/.<-])((?:[\w{},]+/)+[\w{},-]+\.(?:py|md|sh|jsonl))\b", text):
+        for p in expand(m.group(1)):
+            out.add(p if p.split("/")[0] in ("chibichat", "dev", "scripts", "tests", "docs") else "chibichat/" + p)
+    for heading in re.findall(r"^## .*$", text, re.M):
+        folder = None
+        for tok in re.findall(r"`([^`]+)`", heading):
+            if "/" in tok:
+                full = expand(tok if tok.startswith(("chibichat/", "dev/")) else "chibichat/" + tok)[0]
+                folder = full.rsplit("/", 1)[0]
+            elif tok.endswith(".py") and folder:
+                out.add(f"{folder}/{tok}")
+    return out
+
+
+def test_every_file_the_architecture_names_exists():
+    paths = architecture_paths((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    assert {"chibichat/data/download.py", "chibichat/model/slc2.py", "chibichat/eval/jglue.py",
+            "chibichat/tasks/word_problems.py", "dev/build_corpora.py"} <= paths
+    assert sorted(p for p in paths if not (ROOT / p).exists()) == []
+    # a bare name in a heading resolves to the folder before it
+    assert architecture_paths("## Corpora (`chibichat/data/corpora.py`, `build.py`)") == {
+        "chibichat/data/corpora.py", "chibichat/data/build.py"}
 
 def test_the_checks_are_not_vacuous(monkeypatch):
     """An upward import and a cycle planted in a copy of the graph are reported."""

@@ -7,6 +7,7 @@ stream, a failed load)."""
 import asyncio
 import codecs
 import json
+import re
 import socket
 import threading
 import time
@@ -1785,3 +1786,28 @@ def test_bench_serve_starts_the_real_server_with_a_key(served, tmp_path):
     (level,) = data["levels"]
     assert level["requests"] == 12 and level["failed"] == 0, level
     assert level["ok"] >= 8 and level["ok"] + level["busy_503"] == 12 and level["completion_tokens"] > 0
+
+
+def test_readme_states_the_servers_limits_parameters_and_defaults():
+    """The README's "Serving" section quotes these values; a change here must change it (and this test)."""
+    from pathlib import Path
+
+    from chibichat.cli import build_parser
+    from chibichat.serve.app import RETRY_AFTER_S
+    from chibichat.serve.protocol import CHAT_PARAMS, COMPLETION_PARAMS, MAX_TOP_LOGPROBS
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    serving = " ".join(text.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0].split())
+    lim, d = Limits(), build_parser().parse_args(["serve"])
+    for phrase in (f"A request body over {lim.max_body_bytes >> 20} MiB answers 413",
+                   f"`n` (≤ {lim.max_n}, one prefill)", f"`stop` (≤ {lim.max_stop} strings)",
+                   f"(chat, ≤ {MAX_TOP_LOGPROBS};", f"over up to `--max-batch` rows (default {d.max_batch})",
+                   f"`--max-queue` requests wait (default {d.max_queue}), then 503 with `Retry-After: "
+                   f"{RETRY_AFTER_S['server_busy']}` (while loading: `Retry-After: {RETRY_AFTER_S['loading']}`)",
+                   f"`--timeout` (default {d.timeout:g} s)",
+                   f"`--shutdown-grace` seconds (default {d.shutdown_grace:g})",
+                   f"127.0.0.1:{d.port}"):
+        assert phrase in serving, phrase
+    # every parameter a route takes is named (model, messages and prompt are the request itself)
+    named = set(re.findall(r"`(\w+)", serving))
+    assert sorted((CHAT_PARAMS | COMPLETION_PARAMS) - {"model", "messages", "prompt", "suffix"} - named) == []

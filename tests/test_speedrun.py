@@ -932,3 +932,43 @@ def test_quickstart_runs_the_speedrun_in_the_callers_directory(tmp_path):
                        text=True, env={k: v for k, v in os.environ.items() if k != "CHIBICHAT_PRESET"})
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"chibichat in {os.path.realpath(cwd)}: speedrun --preset cpu --home h\n"
+
+
+def test_readme_states_the_cpu_presets_sizes_and_budgets():
+    """The README's preset table quotes these values; a change of a preset must change it (and this test)."""
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    cpu, hour = PRESETS["cpu"], PRESETS["cpu-hour"]
+
+    def flag(flags, name):
+        return flags[flags.index(name) + 1]
+
+    def pct(p, stage):
+        return f"{p.minute_shares[stage]:.0%}"
+
+    def millions(p):  # the preset's model at its English vocabulary, built on the meta device
+        import torch
+
+        from chibichat.model.gpt import GPT, GPTConfig, layer_pattern
+        from chibichat.train.scaling import Overrides, derive_shape
+
+        shape = derive_shape(p.depth, Overrides(seq_len=int(flag(p.pretrain, "--seq-len"))))
+        with torch.device("meta"):
+            model = GPT(GPTConfig(int(flag(p.tokenizer, "--vocab-size")), shape.seq_len, p.depth, shape.width,
+                                  shape.heads, shape.kv_heads, layer_pattern("dense", p.depth), [0] * p.depth))
+        return round(model.num_params() / 1e6)
+
+    for phrase in (
+            f"d{cpu.depth} ({millions(cpu)}M params), vocab {flag(cpu.tokenizer, '--vocab-size')} (`--lang ja`: "
+            f"{flag(cpu.tokenizer_ja, '--vocab-size')})",
+            f"capped at {cpu.max_minutes:g} min together, start-ups included (pretraining {pct(cpu, 'pretrain')}, "
+            f"midtraining {pct(cpu, 'midtrain')} and SFT {pct(cpu, 'sft')} for their four averaged runs each, RL "
+            f"{pct(cpu, 'rl')};",
+            f"of its {flag(cpu.pretrain, '--num-steps')} steps",
+            f"d{hour.depth} ({millions(hour)}M params)", f"up to {int(flag(hour.pretrain, '--num-steps')):,} steps",
+            f"its own checkpoints (`{hour.tag_prefix}d{hour.depth}`)",
+            f"vocab {flag(hour.tokenizer, '--vocab-size')} (`--lang ja`: {flag(hour.tokenizer_ja, '--vocab-size')})",
+            f"training stages capped at {hour.max_minutes:g} min, start-ups included: pretraining "
+            f"{pct(hour, 'pretrain')} (compiled where a C++ compiler is found), midtraining {pct(hour, 'midtrain')}, "
+            f"SFT {pct(hour, 'sft')}, RL {pct(hour, 'rl')})"):
+        assert phrase in readme, phrase
+    assert flag(cpu.midtrain, "--soup") == flag(cpu.sft, "--soup") == flag(hour.sft, "--soup") == "4"

@@ -13,6 +13,7 @@ Names (all prefixed `chibichat_`):
   decode_steps_total / decode_rows_total  forward steps and rows they carried (mean occupancy = rows/steps)
   queue_depth                           gauge, requests waiting for batch rows
   batch_rows / batch_max_rows           gauge, rows in the batches now / their capacity (all replicas)
+  replicas                              gauge, model replicas (serve --workers)
   ready                                 gauge, 1 once the model is loaded
 """
 

@@ -545,7 +545,7 @@ def gpu_stage_flags(recipe: GpuRecipe, fig: RecipeFigures, lang: str, world_size
     accum = str(gpu_world(world_size))
     return {
         "tokenizer": ["--vocab-size", str(recipe.vocab), "--max-chars", "2000000000"],
-        # --device-batch auto: the largest per-GPU batch that fits, probed on the card (train/memory.py)
+        # --device-batch auto: the largest per-GPU batch that fits, probed on the card (train/batchprobe.py)
         "pretrain": ["--depth", str(recipe.depth), "--seq-len", "2048", "--total-batch", str(recipe.total_batch),
                      "--device-batch", "auto", "--num-steps", str(fig.pretrain_steps), "--eval-every", "250",
                      "--eval-tokens", str(20 * 2 ** 19), "--save-every", "1000", "--sample-every", "2000"],
