@@ -30,12 +30,13 @@ lists for row bookkeeping) because on small models that overhead, not arithmetic
 from __future__ import annotations
 
 import codecs
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from chibichat.common import ChibiError
-from chibichat.tools import run_tool, tool_error
+from chibichat.tools import MAX_EXPR_CHARS, known_result, run_tool, tool_error
 
 TOOL_CHOICES = ("calculator", "python")
 
@@ -375,8 +376,9 @@ def draw_together(groups: list) -> list:
 
 class _ChoiceText:
     """One sample's tokens -> the text pieces shown: UTF-8 never split, tool calls in the GSM8K style
-    <<expr=result>> (<<expr>> when the call failed), stop strings cut with what may still become one
-    held back (StopMatcher)."""
+    <<expr=result>> (a failed call's result is its "Error: ..."; <<expr>> when no result followed: tools off, or
+    the reply ended first), stop strings cut with what may still become one held back (StopMatcher).
+    parts_from_text is the inverse for the calls whose result is known without running code."""
 
     def __init__(self, engine: "Engine", stops: list[str]):
         self.engine = engine
@@ -401,6 +403,45 @@ class _ChoiceText:
             text += self.matcher.feed((self.utf8.decode(b">>") if self.unclosed else "") + self.utf8.decode(b"", final=True))
             text += self.matcher.flush()
         return text
+
+
+# A tool call's expression and the "=" after it, as _ChoiceText shows it: the first "=" outside string literals.
+# Outside them the calculator has no operator with "=" or "<" (no comparison, no shift), so a "<" there ends the
+# search (a failed call with one stays text); that also keeps a run of "<<" from being scanned once per position.
+_EXPR_THEN_EQUALS = re.compile(r"""(?:[^<="']|"(?:[^"\\\n]|\\[\s\S])*"|'(?:[^'\\\n]|\\[\s\S])*')*=""")
+
+
+def parts_from_text(text: str, tools) -> "str | list[dict]":
+    """A reply as _ChoiceText showed it -> its content parts (Engine.to_parts), for the replies a client sends back
+    as text in its chat history: each "<<expr=result>>" whose result is exactly what the tool returns for expr,
+    known without running any code (tools.known_result: the calculator's value or error; under "python" only the
+    calculator's value, as the server never runs a client's code), becomes a python and a python_output part;
+    everything else stays text: a call with no result ("<<expr>>"), one whose result was replaced for want of room
+    or needs the sandbox, an expression over MAX_EXPR_CHARS. `text` itself when nothing becomes a call (tools off:
+    never, the server then shows no result)."""
+    if tools in (None, False) or "<<" not in text:
+        return text
+    kind = "calculator" if tools is True else tools
+    parts: list[dict] = []
+    pos, i = 0, text.find("<<")
+    while i != -1:
+        m = _EXPR_THEN_EQUALS.match(text, i + 2, i + 3 + MAX_EXPR_CHARS)
+        if m:
+            expr, at = text[i + 2 : m.end() - 1], m.end()
+            result = known_result(kind, expr)
+            if result is not None and text.startswith(result + ">>", at):
+                if i > pos:
+                    parts.append({"type": "text", "text": text[pos:i]})
+                parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
+                pos = at + len(result) + 2
+                i = text.find("<<", pos)
+                continue
+        i = text.find("<<", i + 1)
+    if not parts:
+        return text
+    if pos < len(text):
+        parts.append({"type": "text", "text": text[pos:]})
+    return parts
 
 
 class Engine:
@@ -659,7 +700,7 @@ class Engine:
     ) -> Iterator[str]:
         """Text pieces of one sample as they are generated, never splitting a UTF-8 character.
 
-        Tool calls are shown in the GSM8K annotation style: <<expr=result>> (<<expr>> if the call failed).
+        Tool calls are shown in the GSM8K annotation style: <<expr=result>> (<<expr>> if no result followed).
         `stop`: see stream_choices. If `result` is a dict, it receives "finish_reason", "tokens" and
         "completion_tokens" when the stream ends.
         """

@@ -12,6 +12,7 @@ of those string methods (a bare string literal is not a calculation).
 
 `run_tool` is what the engine runs for a call: the calculator, else (tools "python") the code in the
 sandbox; a failed call's result is "Error: <why>", which is what the model then reads as the output.
+`known_result` is run_tool's result where it is known without running code (the calculator's part).
 """
 
 from __future__ import annotations
@@ -213,6 +214,20 @@ def run_tool(kind: str, source: str) -> str:
     indented = [i for i, line in enumerate(lines) if line[:1].isspace()]
     exception = " ".join(lines[indented[-1] + 1 :] if indented else lines).strip()
     return tool_error(exception if exception and not result.timed_out else result.error or "the call failed")
+
+
+def known_result(kind: str, source: str) -> str | None:
+    """What `run_tool(kind, source)` returns, where that is known without running any code (the server checks a
+    tool call that a client sends back in its chat history with it): for the calculator its value or its error;
+    for python the calculator's value only, since whatever the calculator refuses runs in the sandbox, which is
+    never started for this. None: not known that way (or the call would fail outside the calculator's own
+    checks, which the engine reports as "the tool failed")."""
+    try:
+        return calculate(source, thousands=kind != "python")
+    except ToolError as e:
+        return tool_error(str(e)) if kind != "python" else None
+    except Exception:
+        return None
 
 
 def tool_error(why: str) -> str:

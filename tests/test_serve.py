@@ -1405,6 +1405,123 @@ def test_logprobs_of_a_reply_with_a_tool_call(served):
     assert entries[4]["logprob"] == entries[4]["top_logprobs"][0]["logprob"] > -1e-3
 
 
+def recording_pool(served, steer=None):
+    """A one-replica pool over the fixture's model (its logits steered by `steer`) that keeps each request's
+    prompt ids and stream in `seen`."""
+    from chibichat.serve.pool import WorkerPool
+
+    class Pool(WorkerPool):
+        def submit(self, req):
+            stream = super().submit(req)
+            self.seen.append((req.prompt, stream))
+            return stream
+
+    eng = served.pool.engines[0]
+    twin = eng.sibling()
+    if steer is not None:
+        dec = Steered(eng.decoder(), steer)
+        twin.decoder = lambda: dec
+    pool = Pool([twin])
+    pool.seen = []
+    return pool
+
+
+def tool_reply(tok, *pieces):
+    """Reply token ids: a str piece is text, an (expr, result) pair a call with the result the tool forces."""
+    ids = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            ids += tok.encode(piece)
+        else:
+            ids += [tok.special_id("<|python_start|>"), *tok.encode(piece[0]), tok.special_id("<|python_end|>"),
+                    tok.special_id("<|output_start|>"), *tok.encode(piece[1]), tok.special_id("<|output_end|>")]  # fmt: skip
+    return ids
+
+
+def test_a_reply_sent_back_as_text_gives_the_prompt_its_tool_parts_give(served):
+    """Turn 2 of a conversation whose first reply called the calculator (at its start, twice in a row, a failed
+    call, at its end) sees that reply as the model wrote it: the prompt is the one of the reply's parts kept
+    server-side, not of its text."""
+    import sys
+
+    from chibichat.render import render_prompt
+    from chibichat.serve.app import create_app
+
+    eng = served.pool.engines[0]
+    tok = eng.tokenizer
+    first = [{"role": "user", "content": "6*7?"}]
+    reply = tool_reply(tok, ("6*7", "42"), ("1/0", "Error: division by zero"), " ok", ("2+3", "5"))
+    script = reply + [tok.special_id("<|assistant_end|>")]
+    pool = recording_pool(served, scripted(len(render_prompt(tok, {"messages": first}, max_len=95).ids), script))
+    body = {"model": served.model, "temperature": 0, "max_tokens": len(script)}
+    try:
+        with Server(create_app(pool, served.model, Limits())) as url:
+            r1 = httpx.post(url + "/v1/chat/completions", json={**body, "messages": first}, timeout=60).json()
+            text = r1["choices"][0]["message"]["content"]
+            history = [*first, {"role": "assistant", "content": text}, {"role": "user", "content": "and?"}]
+            r2 = httpx.post(url + "/v1/chat/completions", json={**body, "messages": history, "max_tokens": 1},
+                            timeout=60)  # fmt: skip
+            assert r2.status_code == 200, r2.text
+    finally:
+        pool.shutdown()
+    assert text == "<<6*7=42>><<1/0=Error: division by zero>> ok<<2+3=5>>"  # nothing but the markers' own text
+    tokens = pool.seen[0][1].result["choices"][0]["tokens"]
+    assert tokens == script
+    kept = [*first, {"role": "assistant", "content": eng.to_parts(tokens)}, history[2]]
+    assert pool.seen[1][0] == render_prompt(tok, {"messages": kept}, max_len=sys.maxsize).ids
+    assert pool.seen[1][0] != render_prompt(tok, {"messages": history}, max_len=sys.maxsize).ids
+
+
+def test_only_a_call_whose_result_the_tool_gives_becomes_tool_parts(served):
+    """parts_from_text inverts the reply text exactly where the result is the tool's, known without running code;
+    anything else, however close, stays text."""
+    from chibichat.engine import _ChoiceText, parts_from_text
+
+    eng = served.pool.engines[0]
+    tok = eng.tokenizer
+    call = [{"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}]
+    for text in ("<<2+2=5>>", "a << b >> c", "<<x=1>>", "<<6*7>>", "<<2+2=4", "<<2+2 = 4>>", "x <= y >> z"):
+        assert parts_from_text(text, "calculator") == text
+    assert parts_from_text("<<2+2=5>> a << b >> c <<x=1>><<2+2=4>>", "calculator") == [
+        {"type": "text", "text": "<<2+2=5>> a << b >> c <<x=1>>"}, *call]  # fmt: skip
+    assert parts_from_text("<<2+2=4>>", None) == "<<2+2=4>>"  # tools off: the server never shows a result
+    # python: the calculator's values only; what it refuses ran in the sandbox, which never runs for this
+    assert parts_from_text("<<2+2=4>>", "python") == call
+    for text in ("<<1/0=Error: division by zero>>", "<<print(3)=3>>", "<<1,234=(1, 234)>>"):
+        assert parts_from_text(text, "python") == text
+    # the text the engine shows for a reply, back to the reply's parts: exactly Engine.to_parts
+    for pieces in [(("6*7", "42"),), ("a ", ("1,234+1", "1235"), ("1/0", "Error: division by zero"), " b"),
+                   ("ま", ('"=".join("ab")', "a=b"), "=", ('">".join(">>")', ">>>"), ">"),
+                   ("<", ('"x<<y".count("<")', "2"), "<<2+2=5>>", ("-1", "-1"))]:  # fmt: skip
+        tokens = tool_reply(tok, *pieces)
+        shown = _ChoiceText(eng, [])
+        text = "".join(shown.feed(t, k == len(tokens) - 1) for k, t in enumerate(tokens))
+        assert parts_from_text(text, "calculator") == eng.to_parts(tokens), text
+
+
+def test_completions_prompt_keeps_tool_call_text_as_text(served):
+    """/v1/completions continues the prompt's text as written; only chat history reads a call as tool parts."""
+    from chibichat.serve.app import create_app
+
+    tok = served.pool.engines[0].tokenizer
+    text = "<<6*7=42>> so"
+    pool = recording_pool(served)
+    try:
+        with Server(create_app(pool, served.model, Limits())) as url:
+            r = httpx.post(url + "/v1/completions", json={"model": served.model, "prompt": text, "max_tokens": 1},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+            msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text},
+                    {"role": "user", "content": "so?"}]  # fmt: skip
+            r = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": msgs,
+                           "max_tokens": 1}, timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+    finally:
+        pool.shutdown()
+    assert pool.seen[0][0] == [tok.bos_id, *tok.encode(text)]
+    assert tok.special_id("<|python_start|>") in pool.seen[1][0]
+
+
 # -- operations ------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from chibichat.tools import ToolError, calculate, run_tool
+from chibichat.tools import ToolError, calculate, known_result, run_tool
 
 
 @pytest.mark.parametrize(
@@ -121,3 +121,14 @@ def test_calculate_refuses_lone_surrogates():
         calculate('"\\ud800".strip()')
     want = "Error: string literal has a lone surrogate U+DCFF, which is no character"
     assert run_tool("calculator", '"-".join("a\\udcff")') == want
+
+
+def test_known_result_is_run_tools_result_without_running_code(monkeypatch):
+    import chibichat.sandbox
+
+    monkeypatch.setattr(chibichat.sandbox, "run_python", lambda *a, **k: pytest.fail("the sandbox was started"))
+    assert known_result("calculator", "1,234 + 1") == run_tool("calculator", "1,234 + 1") == "1235"
+    assert known_result("calculator", "1/0") == run_tool("calculator", "1/0") == "Error: division by zero"
+    assert known_result("python", "6*7") == "42"
+    for source in ("1/0", "1,234", "print(1)"):  # python: what the calculator refuses runs in the sandbox
+        assert known_result("python", source) is None

@@ -253,13 +253,16 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
 
     def prepare_chat(req, tok, seq_len):
         """Render the prompt and pick the reply budget: (prompt ids, max_tokens, dropped messages)."""
+        from chibichat.engine import parts_from_text
         from chibichat.render import Prompt, render_prompt
 
         name = req.max_tokens_param
         if req.max_tokens is not None and req.max_tokens >= seq_len:
             raise ApiError(400, f"{name} {req.max_tokens} must be less than the model's context of {seq_len} tokens",
                            name, "context_length_exceeded")  # fmt: skip
-        conv = {"messages": req.messages}
+        # A reply sent back as text reads as the model wrote it: its tool calls as tool parts (parts_from_text)
+        conv = {"messages": [{**m, "content": parts_from_text(m["content"], tools)} if m["role"] == "assistant" else m
+                             for m in req.messages]}  # fmt: skip
         try:  # the conversation's form (roles in order, text the tokenizer takes), whatever its length
             whole = render_prompt(tok, conv, max_len=sys.maxsize)
         except ChibiError as e:
