@@ -11,6 +11,7 @@ import re
 import socket
 import threading
 import time
+from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import httpx
@@ -606,6 +607,13 @@ class DevTools:
             time.sleep(0.03)
         raise TimeoutError(f"page never satisfied {expr!r}")
 
+    def accessible_name(self, selector):
+        """The name the browser gives the element `selector` to screen readers."""
+        root = self.call("DOM.getDocument", {"depth": 0})["root"]["nodeId"]
+        node = self.call("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        tree = self.call("Accessibility.getPartialAXTree", {"nodeId": node, "fetchRelatives": False})
+        return tree["nodes"][0]["name"]["value"]
+
     def press_enter(self):
         for kind in ("keyDown", "keyUp"):
             self.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
@@ -684,6 +692,7 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
             browser.wait_for("document.readyState === 'complete' && !document.getElementById('auth').hidden")
             assert browser.js("chat.model") is None
             assert browser.js("document.getElementById('model').textContent") == "API key required"
+            assert browser.accessible_name("#input") == "Message"  # not its placeholder
             browser.js("document.getElementById('api-key').value = 'not-the-key'")  # a wrong key: asked again
             browser.js("document.getElementById('use-key').click()")
             browser.wait_for("document.getElementById('model').textContent === 'wrong API key' && "
@@ -702,15 +711,23 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
             seen, deadline = [], time.time() + 60
             while time.time() < deadline:
                 state = browser.js("(() => { const b = document.querySelector('.msg.assistant');"
-                                   " return b ? [b.classList.contains('streaming'), b.querySelector('.text').textContent] : null })()")  # fmt: skip
+                                   " return b ? [b.classList.contains('streaming'), b.querySelector('.text').textContent,"
+                                   " document.activeElement.id, document.getElementById('status').textContent]"
+                                   " : null })()")  # fmt: skip
                 if state and state[0] and state[1] and (not seen or seen[-1] != state[1]):
                     seen.append(state[1])
+                    # Enter sent it: the focus stays in the message box; the status line says a reply is coming
+                    assert state[2:] == ["input", "chibichat is replying…"]
                 if state and not state[0]:
                     break
                 time.sleep(0.02)
             final = browser.js("document.querySelector('.msg.assistant .text').textContent")
             assert len(seen) >= 3, seen  # several partial texts were shown before the reply finished
             assert all(final.startswith(s) for s in seen) and final
+            browser.wait_for("document.getElementById('status').textContent === 'Reply finished'")
+            live = "[...document.querySelectorAll('[aria-live], [role=status], [role=log], [role=alert]')]"
+            # the message list itself is not read out as it changes: only the status line is
+            assert browser.js(live + ".map(e => e.id)") == ["status"]
             png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png"})["data"])
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
             shot = tmp_path / "chat_page.png"
@@ -718,18 +735,32 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
             if os.environ.get("CHIBICHAT_SCREENSHOT"):
                 with open(os.environ["CHIBICHAT_SCREENSHOT"], "wb") as f:
                     f.write(png)
-            # Regenerate replaces the reply; New chat empties the page.
-            browser.js("[...document.querySelectorAll('.msg.assistant button')].find(b => b.textContent === 'Regenerate').click()")
+            # Regenerate replaces the reply; New chat empties the page. The button it focused goes with the
+            # old reply: the focus moves to Stop while the new one streams, then to the message box.
+            assert browser.js("(() => { const b = [...document.querySelectorAll('.msg.assistant button')]"
+                              ".find(b => b.textContent === 'Regenerate'); b.focus(); b.click();"
+                              " return document.activeElement.id })()") == "stop"  # fmt: skip
             browser.wait_for("document.querySelector('.msg.assistant.streaming') === null && "
                              "document.querySelectorAll('.msg').length === 2 && !chat.busy")  # fmt: skip
+            assert browser.js("document.activeElement.id") == "input"
             # Edit and resend: the edited message replaces the old one and gets a fresh reply.
             browser.js("[...document.querySelectorAll('.msg.user button')].find(b => b.textContent === 'Edit').click()")
+            assert browser.accessible_name(".msg.user textarea") == "Edit message"
             browser.js("document.querySelector('.msg.user textarea').value = '日本語で答えて'")
             browser.js("[...document.querySelectorAll('.msg.user button')].find(b => b.textContent === 'Send').click()")
             browser.wait_for("!chat.busy && document.querySelectorAll('.msg').length === 2")
             assert browser.js("document.querySelector('.msg.user .text').textContent") == "日本語で答えて"
             browser.js("document.getElementById('new-chat').click()")
             assert browser.js("document.querySelectorAll('.msg').length") == 0
+            # The Send button hides while the reply comes: the focus moves to Stop, and from Stop (stopped at
+            # once, so the reply cannot finish first) back to the message box.
+            browser.js("document.getElementById('input').value = 'こんにちは、元気ですか？'")
+            assert browser.js("(() => { const b = document.getElementById('send'); b.focus(); b.click();"
+                              " const focused = document.activeElement.id; document.getElementById('stop').click();"
+                              " return focused })()") == "stop"  # fmt: skip
+            browser.wait_for("!chat.busy")
+            assert browser.js("document.activeElement.id") == "input"
+            assert browser.js("document.getElementById('status').textContent") == "Reply stopped"
     finally:
         browser.close()
         pool.shutdown()
@@ -817,6 +848,91 @@ def test_page_and_its_files_carry_the_security_headers():
         assert "<script>" not in r.text and "style=" not in r.text and "<style" not in r.text, path
         assert "http:" not in r.text and "https:" not in r.text and "@import" not in r.text, path
     assert "innerHTML" not in client.get("/static/chat.js").text  # untrusted text goes in as textContent
+
+
+class PageControls(HTMLParser):
+    """The accessible name of each control in a page (aria-label, else an enclosing <label>'s text or a
+    <label for=...>'s, else a button's text: placeholders do not count) and its live regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.label_for, self.live = {}, {}, []
+        self.label = self.button = self.label_target = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "aria-live" in a or a.get("role") in ("status", "log", "alert"):
+            self.live.append((a.get("id"), a.get("role"), a.get("aria-live")))
+        if tag == "label":
+            self.label, self.label_target = "", a.get("for")
+        elif tag in ("input", "textarea", "select"):
+            self.names[a["id"]] = a.get("aria-label")
+            if self.label is not None and self.label_target is None and a.get("aria-label") is None:
+                self.label_target = a["id"]
+        elif tag == "button":
+            self.button = (a["id"], a.get("aria-label"), "")
+
+    def handle_data(self, data):
+        if self.label is not None:
+            self.label += data
+        if self.button is not None:
+            self.button = (*self.button[:2], self.button[2] + data)
+
+    def handle_endtag(self, tag):
+        if tag == "label":
+            if self.label_target is not None:
+                self.label_for[self.label_target] = self.label.strip()
+            self.label = None
+        elif tag == "button":
+            self.names[self.button[0]] = self.button[1] or self.button[2].strip() or None
+            self.button = None
+
+    def close(self):
+        super().close()
+        for control, text in self.label_for.items():
+            self.names[control] = self.names.get(control) or text
+
+
+def test_page_controls_have_accessible_names_and_only_the_status_line_is_live():
+    from fastapi.testclient import TestClient
+
+    from chibichat.serve.app import create_app
+
+    client = TestClient(create_app(None, "m", load=lambda: None))  # not entered: no model loads
+    page = PageControls()
+    page.feed(client.get("/").text)
+    page.close()
+    assert page.names == {"temperature": "temperature", "topk": "top-k", "new-chat": "New chat", "api-key": "API key",
+                          "use-key": "Use key", "input": "Message", "send": "Send", "stop": "Stop"}  # fmt: skip
+    # The message list is rebuilt on render and grows with each streamed piece: were it live, a screen
+    # reader could read the conversation again on every token. Only the status line announces.
+    assert page.live == [("status", "status", None)]
+    assert ".visually-hidden {" in client.get("/static/chat.css").text  # the label and status line are not shown
+
+
+def test_page_announces_each_turn_once_on_its_status_line():
+    done = page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"])
+    assert done["status"] == "Reply finished" and done["messages"][-1]["content"] == "Hel"
+    cut = page_run(send="hi", chunks=[OPEN, PIECE])
+    cut_off = "Error: the reply was cut off: the connection ended before the server finished it"
+    assert cut["status"] == cut["error"] == cut_off
+    refused = page_run(send="hi", temperature="5")
+    assert refused["status"] == refused["error"] and refused["status"].startswith("Error: temperature must be")
+    again = page_run(send="hi", replies=[TOO_LONG], steps=["$('input').value = 'next'; send()"])
+    assert again["status"] == again["error"] and again["status"].startswith("Error: your last message has no reply")
+
+
+def test_page_keeps_keyboard_focus_when_send_and_stop_swap():
+    # Enter in the message box: the focus stays there throughout.
+    typed = page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"])
+    assert typed["focus"] == ["input"]
+    # The Send button hides while the reply streams: the focus moves to Stop, then back to the message box.
+    clicked = page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"], before=["$('send').focus()"])
+    assert clicked["focus"] == ["input", "send", "stop", "input"]
+    # Retry is removed by the render that starts the reply: the same.
+    retried = page_run(send="hi", replies=[TOO_LONG], chunks=[OPEN, PIECE, "data: [DONE]\n\n"],
+                       steps=["click('Retry')"])
+    assert retried["focus"] == ["input", None, "stop", "input"]
 
 
 def test_page_stops_polling_a_model_that_failed_to_load():

@@ -21,6 +21,7 @@ function settings() {
   if (problem) {
     chat.error = "Error: " + problem + " (fix it in the header, then send again)";
     render();
+    announce(chat.error);
     return null;
   }
   localStorage.setItem("chibichat-settings", JSON.stringify({ temperature, top_k }));
@@ -48,6 +49,12 @@ function askForKey(message) {
   $("api-key").focus();
 }
 
+// The message list is not a live region (it is rebuilt on render and grows with every streamed
+// piece): screen readers hear what happened from this status line instead, once per event.
+function announce(text) {
+  $("status").textContent = text;
+}
+
 function notice(text) {
   $("notice").textContent = text;
   $("notice").hidden = !text;
@@ -63,6 +70,7 @@ function button(label, onClick) {
 
 // Rebuild the whole list: conversations are short and this keeps the DOM and the state in step.
 function render() {
+  const focused = document.activeElement;
   const box = $("messages");
   box.textContent = "";
   chat.messages.forEach((m, i) => {
@@ -91,6 +99,9 @@ function render() {
   box.scrollTop = box.scrollHeight;
   $("send").hidden = chat.busy;
   $("stop").hidden = !chat.busy;
+  // Keyboard focus on a button that this render removed or hid (Send, Stop, Retry, ...) would fall to
+  // the page: it goes to Stop while a reply streams, else back to the message box.
+  if (focused && (!focused.isConnected || focused.hidden)) (chat.busy ? $("stop") : $("input")).focus();
 }
 
 function edit(i, div) {
@@ -98,6 +109,7 @@ function edit(i, div) {
   const area = document.createElement("textarea");
   area.value = chat.messages[i].content;
   area.rows = 3;
+  area.setAttribute("aria-label", "Edit message");
   div.textContent = "";
   div.appendChild(area);
   const actions = document.createElement("div");
@@ -131,6 +143,7 @@ function send() {
   if (chat.messages.length && chat.messages[chat.messages.length - 1].role === "user") {
     chat.error = "Error: your last message has no reply: Retry it or Edit it before sending another (or start a New chat)";
     render();
+    announce(chat.error);
     return;  // the new message stays in the input
   }
   const params = settings();
@@ -169,6 +182,7 @@ async function complete(params) {
   chat.busy = true;
   chat.abort = new AbortController();
   render();
+  announce("chibichat is replying…");
   const bubble = () => $("messages").querySelector(".msg.assistant.streaming .text");
   try {
     const response = await fetch("/v1/chat/completions", {
@@ -208,10 +222,12 @@ async function complete(params) {
     if (e.name !== "AbortError") chat.error = "Error: " + e.message;
     if (!reply.content) chat.messages.pop();
   } finally {
+    const stopped = chat.abort.signal.aborted;
     reply.streaming = false;
     chat.busy = false;
     chat.abort = null;
     render();
+    announce(chat.error || (stopped ? "Reply stopped" : "Reply finished"));
   }
 }
 
@@ -231,6 +247,7 @@ async function init() {
     e.preventDefault();
     sessionStorage.setItem("chibichat-api-key", $("api-key").value.trim());
     $("auth").hidden = true;
+    $("input").focus();  // its focused button just hid; askForKey takes the focus back for a wrong key
     connect();
   };
   await connect();
