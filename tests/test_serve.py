@@ -682,7 +682,7 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
 
     from chibichat.serve.app import create_app
 
-    pool = slow_pool(served, 0.05, seed=3)
+    pool = slow_pool(served, 0.1, seed=3)  # ~4 s of streaming: several polls see it even on a loaded machine
     app = create_app(pool, served.model, Limits(default_max_tokens=40), api_key="page-key")
     browser = DevTools(tmp_path / "profile")
     try:
