@@ -852,8 +852,11 @@ report.run = hang
 if __name__ == "__main__":  # the step as a process of its own (subprocess)
     sys.exit(cli.main(["report"]))
 """)
+    # Ctrl-C's default handling, also where the tests run with SIGINT ignored (a shell's background job ignores it,
+    # and exec passes that on): a process started with SIGINT ignored never raises KeyboardInterrupt.
     script = f"""
-import os, sys
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from types import SimpleNamespace
 sys.path.insert(0, {str(tmp_path)!r})
 import step
