@@ -169,6 +169,20 @@ def test_yaml_subset_parser_agrees_with_pyyaml():
         dclm.parse_core_yaml("icl_tasks:\n- label: a\n  num_fewshot: [1, 2\n")
 
 
+def test_yaml_comments_after_values_are_comments():
+    """DCLM's task files end lines with comments (`continuation_delimiter: "\\nAnswer: " # this separates ...`);
+    a '#' inside quotes or within a plain word is text."""
+    text = ("icl_tasks:  # the tasks\n-\n  label: arc_easy # ok\n  dataset_uri: world_knowledge/arc_easy.jsonl # ADD YOUR"
+            " OWN DATASET URI\n  num_fewshot: [10] # K\n  icl_task_type: multiple_choice\n  continuation_delimiter: "
+            "\"\\nAnswer: \" # this separates questions from answers\n- label: c#1\n  dataset_uri: \"a # b.jsonl\"\n"
+            "  num_fewshot: [0]\n  icl_task_type: schema\n  continuation_delimiter: 'it''s # ' # c\n")
+    want = [{"label": "arc_easy", "dataset_uri": "world_knowledge/arc_easy.jsonl", "num_fewshot": [10],
+             "icl_task_type": "multiple_choice", "continuation_delimiter": "\nAnswer: "},
+            {"label": "c#1", "dataset_uri": "a # b.jsonl", "num_fewshot": [0], "icl_task_type": "schema",
+             "continuation_delimiter": "it's # "}]
+    assert dclm.parse_core_yaml(text) == want
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"eval_meta_data.csv": "Eval Task,Random baseline\nmc_plain,25\n"}, "no row for task 'mc_colon'"),
     ({"eval_meta_data.csv": "Task,Baseline\nmc_plain,25\n"}, "'Eval Task' and 'Random baseline'"),
@@ -186,7 +200,11 @@ def test_bad_bundles_fail_by_name(tmp_path, edit, message):
 
 
 def test_missing_bundle_url_and_bad_url(server, tmp_path):
-    with pytest.raises(ChibiError, match="HTTP 404"):
+    with pytest.raises(ChibiError) as e:
         dclm.fetch_bundle(Home(tmp_path / "h"), server.url + "/nope.zip")
-    with pytest.raises(ChibiError, match="http"):
+    assert str(e.value) == (f"{server.url}/nope.zip answered HTTP 404 Not Found; check the URL / --core-bundle-url "
+                            "or $CHIBICHAT_CORE_BUNDLE_URL")
+    with pytest.raises(ChibiError) as e:
         dclm.fetch_bundle(Home(tmp_path / "h"), "ftp://example.invalid/eval_bundle.zip")
+    assert str(e.value) == ("the CORE bundle URL (--core-bundle-url or $CHIBICHAT_CORE_BUNDLE_URL) must be an "
+                            "http(s) URL, got 'ftp://example.invalid/eval_bundle.zip'")

@@ -2,6 +2,7 @@
 re-fetch of a corrupt shard, permanent failures, the hub's sha256 and commit headers, an unreachable
 server, and the `data download` command end to end."""
 
+import gzip
 import hashlib
 import http.server
 import io
@@ -40,7 +41,8 @@ class Server:
     resolve/<commit>/ of `commit` or an earlier one in `commits` gets the same file and that commit (main:
     the current `commit`). `advertise` (path -> sha256) states another sha256 for a file, `state_commit`
     another commit for every answer. `requests` is keyed by the registered path, `raw` lists the request
-    paths as sent."""
+    paths as sent. A path in `gzip` is answered gzip-encoded (Content-Encoding, the compressed length) to a
+    client whose Accept-Encoding allows gzip, as GitHub's raw files are."""
 
     def __init__(self):
         self.files, self.faults, self.always = {}, defaultdict(list), {}
@@ -50,6 +52,7 @@ class Server:
         self.commit, self.commits = "c" * 40, set()
         self.advertise, self.state_commit = {}, None
         self.hub = True  # False: resolve paths answered as a plain mirror does, the bytes with no hub headers
+        self.gzip = set()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -96,6 +99,9 @@ class Server:
                     return
                 if mode in ("corrupt", "broken"):
                     data = bytes((b * 7 + 13) % 256 for b in data)
+                encoded = path in server.gzip and "gzip" in self.headers.get("Accept-Encoding", "")
+                if encoded:
+                    data = gzip.compress(data)
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and mode is None:
@@ -112,6 +118,8 @@ class Server:
                     self.send_response(200)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
+                if encoded:
+                    self.send_header("Content-Encoding", "gzip")
                 self.end_headers()
                 if mode == "slow":  # a quarter quickly, then a trickle
                     q = len(body) // 4
@@ -360,6 +368,16 @@ def test_permanent_failures_raise_clear_errors(server, tmp_path):
     assert len(server.requests["/missing.parquet"]) == 1  # a 404 is not retried
     with pytest.raises(ChibiError, match="could not download"):  # nothing listens on this port
         download_file("http://127.0.0.1:9/x", tmp_path / "x", retries=2, backoff=0.01, timeout=2, log=None)
+
+
+def test_a_server_that_compresses_for_clients_that_accept_gzip_is_asked_for_the_bytes_as_they_are(server, tmp_path):
+    """requests accepts gzip unless told otherwise; the length such a server states would be the compressed one,
+    for the decompressed bytes requests hands over, and every attempt would fail."""
+    data = b'{"question": "Which gas do plants take in?"}\n' * 400
+    server.files["/valid-v1.3.json"] = data
+    server.gzip.add("/valid-v1.3.json")
+    assert download_file(server.base + "/valid-v1.3.json", tmp_path / "v.json", **FAST).read_bytes() == data
+    assert server.requests["/valid-v1.3.json"] == [None]  # one attempt, from byte 0
 
 
 def test_validate_parquet(tmp_path):

@@ -195,6 +195,21 @@ def test_the_listing_is_retried_and_its_errors_worded_by_status(server, home):
         assert server.hits.count(listing) - before == len(codes)  # 4xx other than 408/429: asked once
 
 
+def test_a_listed_file_that_fails_names_the_endpoint_setting(server, home):
+    """`data tasks` has no --base-url: a file's error names $CHIBICHAT_HF_ENDPOINT, the setting that picks the hub."""
+    path = "/files/openai/gsm8k/main/train/0.parquet"
+    url = f"http://127.0.0.1:{server.server_port}{path}"
+    for codes, message in [
+        ([404], f"{url} answered HTTP 404 Not Found; check the URL / $CHIBICHAT_HF_ENDPOINT"),
+        ([500, 500], f"could not download {url} after 2 attempts (last error: HTTP 500); check the network or "
+                     "$CHIBICHAT_HF_ENDPOINT and re-run the same command: it resumes partial files"),
+    ]:
+        server.fail[path] = codes
+        with pytest.raises(ChibiError) as e:
+            get_task("gsm8k", source="online", home=Home(home), split="train")
+        assert str(e.value) == message
+
+
 def test_smoltalk_rejects_malformed_conversation():
     from chibichat.tasks.online import check_messages
 
@@ -270,8 +285,10 @@ def test_jglue_corrupt_download_never_lands(server, home, tmp_path, monkeypatch)
     (bad / "valid-v1.3.json").write_text("<html>rate limited</html>\n", encoding="utf-8")
     monkeypatch.setattr(_Handler, "jglue_root", tmp_path / "jglue", raising=False)
     monkeypatch.setenv("CHIBICHAT_JGLUE_BASE", f"http://127.0.0.1:{server.server_port}/badjglue")
-    with pytest.raises(ChibiError, match="could not download"):
+    with pytest.raises(ChibiError, match="could not download") as e:
         fetch_jglue(Home(home), "jnli")
+    assert str(e.value).endswith("; check the network or $CHIBICHAT_JGLUE_BASE and re-run the same command: it "
+                                 "resumes partial files")
     assert not (jglue_dir(Home(home)) / "jnli-v1.3" / "valid-v1.3.json").exists()
 
 

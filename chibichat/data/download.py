@@ -170,7 +170,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], None] | None, chunk_size: int,
-             batch: _Batch | None = None) -> dict:
+             batch: _Batch | None = None, where: str = "--base-url") -> dict:
     """One request: append to `part` from its current size; raise _Retry on a recoverable failure. Returns
     what the server states about the file (hub_metadata).
 
@@ -181,7 +181,9 @@ def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], Non
     import requests
 
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # identity: the file's own bytes. requests asks for gzip by default, and a server that compresses text for
+    # such clients (GitHub's raw files) states the compressed Content-Length and ranges over compressed bytes.
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
     if batch:
         batch.begin()
     answered, no_answer = False, None
@@ -201,7 +203,7 @@ def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], Non
             elif r.status_code >= 500 or r.status_code in RETRY_STATUS_4XX:
                 raise _Retry(f"HTTP {r.status_code}")
             elif r.status_code >= 400:
-                raise ChibiError(f"{url} answered HTTP {r.status_code} {r.reason}; check the URL / --base-url")
+                raise ChibiError(f"{url} answered HTTP {r.status_code} {r.reason}; check the URL / {where}")
             meta = hub_metadata(r)
             if batch:
                 batch.same_commit(meta["commit"], url)
@@ -249,6 +251,7 @@ def download_file(
     chunk_size: int = CHUNK,
     info: dict | None = None,
     batch: _Batch | None = None,
+    where: str = "--base-url",
 ) -> Path:
     """Fetch `url` into `dest` atomically; returns dest. An existing valid `dest` is kept.
 
@@ -259,7 +262,8 @@ def download_file(
     rename to `dest` failed (a ChibiError naming both): a later call gets a 416 for its resume stating its
     size, checks it as a fresh download and renames it, fetching no byte again. `info`, when given, is
     filled with what the server stated about the file it sent (hub_metadata; left empty when an existing
-    dest was kept). `batch`: the download is one of a batch's (download_corpus).
+    dest was kept). `batch`: the download is one of a batch's (download_corpus). `where`: the setting that
+    chooses the server, named in the errors as what to check.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -280,7 +284,7 @@ def download_file(
             if attempt:
                 (batch.sleep if batch else time.sleep)(backoff * 2 ** (attempt - 1))
             try:
-                meta = _attempt(url, part, timeout, on_bytes, chunk_size, batch)
+                meta = _attempt(url, part, timeout, on_bytes, chunk_size, batch, where)
                 if validate:
                     try:
                         validate(part)
@@ -309,7 +313,7 @@ def download_file(
         raise _Unreachable(batch.down)
     raise ChibiError(
         f"could not download {url} after {retries} attempts (last error: {last}); check the network or "
-        "--base-url and re-run the same command: it resumes partial files"
+        f"{where} and re-run the same command: it resumes partial files"
     )
 
 

@@ -33,13 +33,40 @@ from chibichat.common import ChibiError
 from chibichat.tasks.base import CoreTask
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+URL_SETTINGS = "--core-bundle-url or $CHIBICHAT_CORE_BUNDLE_URL"  # what chooses another URL (eval/core.py)
 KINDS = ("multiple_choice", "schema", "language_modeling")
 
 
 # ----------------------------------------------------------------------------------------------
 # core.yaml: the bundle uses a small, fixed subset of YAML (a list of flat mappings whose values are
-# scalars or one-line [lists]). It is parsed here, so the runtime needs no YAML library; anything
-# outside that subset is refused by line rather than guessed at.
+# scalars or one-line [lists], with # comments, also after a value as DCLM's task files write them:
+# `continuation_delimiter: "\nAnswer: " # this separates ...`). It is parsed here, so the runtime needs
+# no YAML library; anything outside that subset is refused by line rather than guessed at.
+
+
+def _uncomment(line: str) -> str:
+    """`line` without its YAML comment: from a '#' that starts the line or follows whitespace, outside a
+    quoted string (a quote opens a string only where a value starts: first on the line, after '[' or ',', or
+    after ': ' or '- ')."""
+    quote, prev, i = None, "", 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if quote == '"' and c == "\\":
+                i += 1  # an escaped character, \" included
+            elif c == quote:
+                if quote == "'" and line[i + 1 : i + 2] == "'":
+                    i += 1  # '' is a quote inside a single-quoted string
+                else:
+                    quote = None
+        elif c in "\"'" and (prev in ("", "[", ",") or prev in (":", "-") and line[i - 1].isspace()):
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+        if not c.isspace():
+            prev = c
+        i += 1
+    return line
 
 
 def _scalar(text: str, where: str):
@@ -75,7 +102,8 @@ def parse_core_yaml(text: str, what: str = "core.yaml") -> list[dict]:
     tasks: list[dict] | None = None
     top, current = None, None
     for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+        line = _uncomment(line)
+        if not line.strip():
             continue
         where = f"{what} line {n}"
         if not line[0].isspace() and not line.startswith("-"):  # a top-level key
@@ -219,7 +247,7 @@ def fetch_bundle(home, url: str = BUNDLE_URL) -> Path:
     from chibichat.data.download import download_file
 
     if not url.startswith(("http://", "https://")):
-        raise ChibiError(f"--core-bundle-url must be an http(s) URL, got {url!r}")
+        raise ChibiError(f"the CORE bundle URL ({URL_SETTINGS}) must be an http(s) URL, got {url!r}")
     dest = Path(home.data_dir) / "core" / "eval_bundle.zip"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return download_file(url, dest, validate=_valid_bundle)
+    return download_file(url, dest, validate=_valid_bundle, where=URL_SETTINGS)

@@ -70,7 +70,7 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
     parquet, renamed into place only when complete); manifest.json is written last, so its presence
     marks a complete split and later calls read the cache without touching the network.
     """
-    from chibichat.data.corpora import hf_endpoint
+    from chibichat.data.corpora import HF_ENDPOINT_ENV, hf_endpoint
     from chibichat.data.download import download_file, validate_parquet
 
     final = cache_dir(home, repo, subset, split)
@@ -93,7 +93,8 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
     entries = []
     for k, url in enumerate(urls):
         dest = final / f"{k:04d}.parquet"
-        download_file(url, dest, validate=validate_parquet, retries=RETRIES, backoff=BACKOFF_S, timeout=TIMEOUT_S)
+        download_file(url, dest, validate=validate_parquet, retries=RETRIES, backoff=BACKOFF_S, timeout=TIMEOUT_S,
+                      where=f"${HF_ENDPOINT_ENV}")
         entries.append({"file": dest.name, "url": url, "sha256": sha256_file(dest)})
     atomic_write_json(manifest, {"repo": repo, "subset": subset, "split": split, "files": entries})
     return [final / e["file"] for e in entries]

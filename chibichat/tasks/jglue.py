@@ -78,7 +78,7 @@ def fetch_jglue(home: Home, task: str, split: str = "valid", base: str | None = 
     base = (base or os.environ.get(JGLUE_BASE_ENV) or JGLUE_BASE).rstrip("/")
     url = f"{base}/{relative_path(task, split)}"
     return download_file(url, dest, validate=lambda p: read_records(task, p), retries=RETRIES,
-                         backoff=BACKOFF_S, timeout=TIMEOUT_S)
+                         backoff=BACKOFF_S, timeout=TIMEOUT_S, where=f"${JGLUE_BASE_ENV}")
 
 
 def _need(rec: dict, key: str, where: str):
