@@ -100,15 +100,11 @@ def check_home(home: Home, need_bytes: int = 0, what: str = "this stage") -> Non
     root = home.root
     if root.exists() and not root.is_dir():
         raise ChibiError(f"--home {root} is a file, not a directory; pass a directory (it is created when missing)")
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _nearest_existing(root)
     if not probe.is_dir():
         raise ChibiError(f"--home {root} cannot be created: {probe} is a file, not a directory; pass another --home")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".chibichat-write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
+        _probe_write(probe)
     except OSError as e:
         where = "" if probe == root else f" (it does not exist and {probe} cannot be written to)"
         raise ChibiError(f"--home {root} is not writable{where}: {e.strerror} (errno {e.errno}); pass a directory "
@@ -120,6 +116,21 @@ def check_home(home: Home, need_bytes: int = 0, what: str = "this stage") -> Non
                              f"{need_bytes / 1e6:,.1f} MB; free some space on that disk or pass another --home")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest existing parent: where creating `path` would have to write."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_write(directory: Path) -> None:
+    """Create and remove a temp file in `directory`; OSError where it cannot be written. An actual write, so it
+    holds for root too, who passes every permission-bit check."""
+    fd, tmp = tempfile.mkstemp(prefix=".chibichat-write-test-", dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def check_output(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
     """Refuse, before any work is done, an output path (the value of `flag`) that the end of the run could not
     write its results to: a directory where a file goes (folder=False) or a file where a folder goes, a path
@@ -128,15 +139,11 @@ def check_output(path: str | os.PathLike, flag: str, folder: bool = False) -> No
     if path.exists() and path.is_dir() != folder:
         raise ChibiError(f"{flag} {path} is a {'file' if folder else 'directory'}; pass "
                          f"{'a directory (it is created when missing)' if folder else 'the path of a file'}")
-    probe = path if folder else path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _nearest_existing(path if folder else path.parent)
     if not probe.is_dir():
         raise ChibiError(f"{flag} {path} cannot be written: {probe} is a file, not a directory; pass another {flag}")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".chibichat-write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
+        _probe_write(probe)
     except OSError as e:
         raise ChibiError(f"{flag} {path} cannot be written: {probe} is not writable: {e.strerror} (errno "
                          f"{e.errno}); pass another {flag}") from None
