@@ -644,6 +644,14 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
                                  f"of its LOCAL_RANK (this one: cuda:{local_rank}); pass --device cuda and choose "
                                  "the GPUs with CUDA_VISIBLE_DEVICES")
             dev = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if (dev.index or 0) >= count:  # else set_device fails with CUDA's bare "invalid device ordinal"
+            if world_size > 1:
+                raise ChibiError(f"this torchrun process (LOCAL_RANK {local_rank}) uses cuda:{local_rank}, but torch "
+                                 f"sees {count} GPU(s) on this node; start at most {count} processes per node "
+                                 "(--nproc_per_node) or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+            raise ChibiError(f"--device {device} names a GPU torch does not see (it sees {count}, cuda:0 to "
+                             f"cuda:{count - 1}); pick one of those or check CUDA_VISIBLE_DEVICES")
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -259,6 +259,52 @@ def test_minutes_fit_is_the_same_on_every_rank(tmp_path):
     assert r0 == r1 and r0["steps"] == r0["fit"]["num_steps"] == 17 and r0["fit"]["eval_s"] == 2.0
 
 
+def _noise_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of test_training_noise_differs_between_ranks (torch.multiprocessing target)."""
+    import hashlib
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from chibichat.common import Runtime
+    from chibichat.model.gpt import RunConfig
+    from chibichat.train.loop import LoopConfig, train
+    from test_loop import ToySource, loss_fn, make, meta_for
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rt = Runtime(device=torch.device("cpu"), compute_dtype=torch.float32, rank=rank, local_rank=rank,
+                     world_size=world)
+        model, opt = make(run=RunConfig(embed_noise=0.1))  # seeded alike on every rank, as the stages do
+        states = []
+
+        def noted(m, b):  # the generator's state before each training forward: it draws the embedding noise
+            states.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+            return loss_fn(m, b)
+
+        cfg = LoopConfig(tag_dir=Path(out_dir) / "run", num_steps=2, keep_last=0, momentum_warmup_steps=2)
+        train(model, opt, ToySource(rank=rank, world=world), noted, rt, cfg, meta=meta_for(model))
+        Path(out_dir, f"noise{rank}.json").write_text(json.dumps(states))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_training_noise_differs_between_ranks(tmp_path):
+    """The stages seed torch's global generator alike on every rank (the model's init and LoRA adapters must
+    match), but the draws of the training forwards (--embed-noise, LoRA dropout) must not repeat across ranks:
+    rank r's micro-batch gets noise of its own, as a single process's successive micro-batches do."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_noise_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"noise{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == len(r1) == 2 and len(set(r0 + r1)) == 4
+
+
 if __name__ == "__main__":
     tag, steps, accum, save_every, resume, sleep = sys.argv[1:7]
     worker(tag, int(steps), int(accum), int(save_every), bool(int(resume)), float(sleep))

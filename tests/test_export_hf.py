@@ -206,6 +206,35 @@ def test_greedy_generate_equals_chibichat_chat(exported, tok, capsys):
     assert capsys.readouterr().out.rstrip("\n") == tok.decode(body)
 
 
+def test_hidden_states_are_what_nanochat_reports(exported, tok):
+    """output_hidden_states=True: each layer's input, then the final normed output (transformers' NanoChat);
+    the remote code returned None for them. Attention weights it cannot give are refused, not left empty."""
+    hf = exported["hf"]
+    ids = torch.randint(0, tok.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6))
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: seen.append((a[0], out[0] if isinstance(out, tuple) else out)))
+             for layer in hf.model.layers]
+    try:
+        with torch.no_grad():
+            out = hf(ids, output_hidden_states=True, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    hs = out.hidden_states
+    assert len(hs) == len(hf.model.layers) + 1
+    assert torch.equal(hs[0], seen[0][0]) and all(torch.equal(hs[k], seen[k - 1][1]) for k in range(1, len(seen)))
+    cap = hf.config.final_logit_softcapping
+    with torch.no_grad():
+        assert torch.allclose(cap * torch.tanh(hf.lm_head(hs[-1]) / cap), out.logits, atol=1e-5)
+    if exported["iberis"]:
+        with torch.no_grad():
+            assert torch.equal(hf(ids, return_dict=False)[0], out.logits)
+            with pytest.raises(ValueError, match="^ChibiIberisForCausalLM computes attention with "
+                                                 "scaled_dot_product_attention and returns no attention weights; "
+                                                 "drop output_attentions$"):
+                hf(ids, output_attentions=True)
+
+
 def test_model_card_carries_metrics_data_and_licences(exported):
     card = (exported["out"] / "README.md").read_text()
     assert "0.1234" in card and "chatcore" in card  # eval summary

@@ -371,6 +371,23 @@ def test_rollouts_are_seeded_per_batch_and_resume_exactly(base):
     assert len(a.history) == 2 and 0 <= a.history[0]["reward"] <= 1
 
 
+def test_rollouts_refuse_fewer_prompts_than_ranks_on_every_rank(base):
+    """2 ranks and 1 training prompt: every rank stops with the same error naming the cause (before, the rank
+    left without a prompt said "lower --max-new-tokens" while the other waited in the pass@k gather)."""
+    from types import SimpleNamespace
+
+    from chibichat.stages.rl import RolloutBatches
+
+    _, tok = base
+    for rank in (0, 1):
+        with pytest.raises(ChibiError) as e:
+            RolloutBatches(SimpleNamespace(seq_len=1 << 20), tok, _VowelTask(1), SimpleNamespace(rank=rank, world_size=2),
+                           prompts=2, samples=2, max_tokens=8, temperature=1.0, top_k=None, seed=1)
+        assert str(e.value) == ("task 'vowels' has 1 training prompt(s) for 2 ranks, and every rank samples prompts "
+                                "of its own; use more prompts (--train-items for a generated task) or run with at "
+                                "most 1 rank(s)")
+
+
 class _HalfFlatTask(_VowelTask):
     """Item 0 always earns 1 (a flat group: nothing to learn); the others earn the vowel fraction."""
 

@@ -207,8 +207,9 @@ class ChibiIberisModel(ChibiIberisPreTrainedModel):
         freqs = positions.float()[..., None] * inv
         return freqs.cos().to(dtype)[:, :, None, :], freqs.sin().to(dtype)[:, :, None, :]
 
-    def forward(self, input_ids, cache=None, attention_mask=None):
-        """attention_mask: None or (B, past + T), 1 on real tokens, 0 on (left) padding."""
+    def forward(self, input_ids, cache=None, attention_mask=None, hidden_states=None):
+        """attention_mask: None or (B, past + T), 1 on real tokens, 0 on (left) padding. `hidden_states`: a list
+        that gets what transformers' NanoChat reports (each layer's input, then the final normed output)."""
         eps = self.config.rms_norm_eps
         B, T = input_ids.shape
         dev = input_ids.device
@@ -235,13 +236,18 @@ class ChibiIberisModel(ChibiIberisPreTrainedModel):
             mask = mask[:, None]
             keep = real[:, past:, None].to(x.dtype) if padded else None
         for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
             state = cache.layers[i] if cache is not None else None
             x, state = layer(x, cos, sin, state, mask, keep)
             if cache is not None:
                 cache.layers[i] = state
         if cache is not None:
             cache.seen += input_ids.shape[1]
-        return _norm(x, eps)
+        x = _norm(x, eps)
+        if hidden_states is not None:
+            hidden_states.append(x)  # as NanoChat: the last layer's output only normed
+        return x
 
 
 class ChibiIberisForCausalLM(ChibiIberisPreTrainedModel, GenerationMixin):
@@ -269,14 +275,20 @@ class ChibiIberisForCausalLM(ChibiIberisPreTrainedModel, GenerationMixin):
                 "use_cache": use_cache}
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, labels=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
         if input_ids is None:
             raise ValueError("ChibiIberisForCausalLM needs input_ids")
+        if output_attentions:  # asked for, it must not come back silently empty
+            raise ValueError("ChibiIberisForCausalLM computes attention with scaled_dot_product_attention and "
+                             "returns no attention weights; drop output_attentions")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is None and use_cache:
             cache = IberisCache(self.config.num_hidden_layers)
-        h = self.model(input_ids, cache, attention_mask)
+        states = [] if output_hidden_states else None
+        h = self.model(input_ids, cache, attention_mask, states)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         cap = self.config.final_logit_softcapping
@@ -287,4 +299,6 @@ class ChibiIberisForCausalLM(ChibiIberisPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
+                                     hidden_states=None if states is None else tuple(states))
+        return out if return_dict is not False else out.to_tuple()

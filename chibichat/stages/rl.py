@@ -139,6 +139,10 @@ class RolloutBatches:
         # Prompts that leave no room for max_tokens are skipped and counted, never cut.
         self.items, self.skipped_too_long = [], 0
         order = task.shuffled(seed)
+        if len(order) < rt.world_size:  # the same on every rank: all stop here, none waits in a collective
+            raise ChibiError(f"task {task.name!r} has {len(order)} training prompt(s) for {rt.world_size} ranks, and "
+                             "every rank samples prompts of its own; use more prompts (--train-items for a generated "
+                             f"task) or run with at most {len(order)} rank(s)")
         for i in range(rt.rank, len(order), rt.world_size):
             item = order[i]
             ids = render_for_completion(tok, item, 1 << 30)

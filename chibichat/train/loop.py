@@ -43,6 +43,8 @@ never a micro-batch):
 Evaluation runs at step 0, every eval_every steps and at the end, samples every sample_every steps and at
 the end (never at step 0: the untrained model's samples say nothing); checkpoints
 every save_every steps and at the end (rank 0 writes; loader and RNG states of all ranks are gathered).
+Under torchrun a fresh run gives each rank its own torch RNG stream before step 0, so random draws in
+training forwards (embedding noise, LoRA dropout) differ between ranks.
 
 Wall-clock budget (`minutes`): num_steps is then the most steps the run may take. The first step
 (compile, warm-up) is not timed; the next `fit_after` steps are (skipped ones too), and after them the
@@ -594,6 +596,12 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             for s in existing:
                 remove_dir(step_dir(cfg.tag_dir, s))
         state = LoopState()
+        if rt.distributed:
+            # The stages seed torch's generator alike on every rank (the same model init and LoRA adapters), but
+            # the draws of training forwards (--embed-noise, LoRA dropout) must differ between ranks, as they do
+            # between one process's micro-batches: each rank goes on with a stream of its own (a seed drawn from
+            # the shared one, plus the rank). A resume restores these per-rank states.
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, ())) + rt.rank)
     # The step count of this run: fixed, fitted earlier (resume), or fitted after the timed steps.
     num_steps = state.fit.get("num_steps", cfg.num_steps)
     fit_at = None
