@@ -344,42 +344,47 @@ def test_atomic_write_gives_normal_file_mode(tmp_path):
 def test_torchrun_refuses_a_device_index_other_than_its_local_rank(monkeypatch):
     """Under torchrun each process takes the GPU of its LOCAL_RANK; --device cuda:N naming another one is
     refused rather than silently replaced."""
+    fake_gpus(monkeypatch, None)
+    as_torchrun_rank_1(monkeypatch)
+    assert init_refusal("cuda:0") == ("--device cuda:0 names one GPU, but under torchrun every process uses the GPU "
+                                      "of its LOCAL_RANK (this one: cuda:1); pass --device cuda and choose the GPUs "
+                                      "with CUDA_VISIBLE_DEVICES")
+
+
+def fake_gpus(monkeypatch, count: int | None) -> None:
+    """torch sees CUDA (and `count` GPUs, where given); choosing a GPU fails the test: the refusals come first."""
     import torch
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if count is not None:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("must refuse before choosing a GPU"))
+
+
+def init_refusal(device: str) -> str:
+    """The ChibiError message of init_runtime(device, "float32")."""
     from chibichat import common
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("must refuse before choosing a GPU"))
+    with pytest.raises(ChibiError) as e:
+        common.init_runtime(device, "float32")
+    return str(e.value)
+
+
+def as_torchrun_rank_1(monkeypatch) -> None:
     for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(ChibiError) as e:
-        common.init_runtime("cuda:0", "float32")
-    assert str(e.value) == ("--device cuda:0 names one GPU, but under torchrun every process uses the GPU of its "
-                            "LOCAL_RANK (this one: cuda:1); pass --device cuda and choose the GPUs with "
-                            "CUDA_VISIBLE_DEVICES")
 
 
 def test_a_gpu_index_beyond_the_visible_gpus_is_refused_by_name(monkeypatch):
     """A LOCAL_RANK (torchrun with more processes than GPUs) or --device cuda:N past the GPUs torch sees is a
     clear error, not CUDA's bare "invalid device ordinal" from set_device."""
-    import torch
-
-    from chibichat import common
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("must refuse before choosing a GPU"))
-    with pytest.raises(ChibiError) as e:
-        common.init_runtime("cuda:1", "float32")
-    assert str(e.value) == ("--device cuda:1 names a GPU torch does not see (it sees 1, cuda:0 to cuda:0); pick one "
-                            "of those or check CUDA_VISIBLE_DEVICES")
-    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(ChibiError) as e:
-        common.init_runtime("cuda", "float32")
-    assert str(e.value) == ("this torchrun process (LOCAL_RANK 1) uses cuda:1, but torch sees 1 GPU(s) on this node; "
-                            "start at most 1 processes per node (--nproc_per_node) or make more GPUs visible "
-                            "(CUDA_VISIBLE_DEVICES)")
+    fake_gpus(monkeypatch, 1)
+    assert init_refusal("cuda:1") == ("--device cuda:1 names a GPU torch does not see (it sees 1, cuda:0 to cuda:0); "
+                                      "pick one of those or check CUDA_VISIBLE_DEVICES")
+    as_torchrun_rank_1(monkeypatch)
+    assert init_refusal("cuda") == ("this torchrun process (LOCAL_RANK 1) uses cuda:1, but torch sees 1 GPU(s) on "
+                                    "this node; start at most 1 processes per node (--nproc_per_node) or make more "
+                                    "GPUs visible (CUDA_VISIBLE_DEVICES)")
 
 
 def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16_kernels(monkeypatch):
