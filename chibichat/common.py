@@ -518,8 +518,8 @@ def check_at_least(args, minimum: int, *names: str) -> None:
 def parse_int_list(text: str, flag: str, what: str, minimum: int, example: str) -> list[int]:
     """A comma list of distinct integers >= minimum ("2,4,6" -> [2, 4, 6], in the given order); a ChibiError
     naming `flag` and the fix otherwise."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+    try:  # an empty entry ("2,,4", "2,4,") is a typo to point out, not a value to skip
+        values = [int(x) for x in text.split(",")] if text.strip() else []
     except ValueError:
         raise ChibiError(f"{flag} must be a comma list of integers, e.g. {example}; got {text!r}") from None
     if not values or min(values) < minimum or len(set(values)) != len(values):

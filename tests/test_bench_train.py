@@ -151,3 +151,14 @@ def test_recompute_and_trim_learn_exactly_the_same():
                                               "--trim-heap", "off,on"]))
     runs = [bt.run_config(c, calib_n=64) for c in cfgs]
     assert len({(r["first_loss"], r["final_loss"]) for r in runs}) == 1  # recompute and trim change no number
+
+
+def test_the_footnote_says_what_peak_mb_is_on_each_device():
+    """On CUDA the peak MB column is torch's allocated GPU memory, not the process's RSS the CPU rows show."""
+    from chibichat.bench.train import footnote
+
+    cpu = footnote({"device": "cpu", "threads": 2, "baseline_rss_mb": 312.4})
+    assert "peak MB = max RSS of the process incl. the torch runtime (baseline before building the model: 312 MB)." \
+        in cpu and "GPU memory" not in cpu
+    gpu = footnote({"device": "cuda:0", "threads": 1, "baseline_rss_mb": 900.0})
+    assert "peak MB = the most GPU memory torch allocated over the training steps." in gpu and "RSS" not in gpu

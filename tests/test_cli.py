@@ -452,3 +452,17 @@ def test_every_repository_path_the_readme_names_exists():
     named = set(re.findall(r"(?<![\w/.])((?:scripts|examples|docs|dev|tests|\.ci)/[\w./-]*\w)", text))
     assert {"scripts/setup.sh", "examples/support.jsonl", "docs/benchmarks.md", "tests/test_bad_inputs.py"} <= named
     assert sorted(p for p in named if not (README.parent / p).exists()) == []
+
+
+def test_int_lists_refuse_empty_entries_repeats_and_small_values():
+    from chibichat.common import parse_int_list
+
+    assert parse_int_list("4, 2,6", "--depths", "depths", 1, "2,3,4") == [4, 2, 6]
+    for bad, why in (("2,,4", "must be a comma list of integers, e.g. 2,3,4; got '2,,4'"),
+                     ("2,4,", "must be a comma list of integers, e.g. 2,3,4; got '2,4,'"),
+                     ("2,x", "must be a comma list of integers, e.g. 2,3,4; got '2,x'"),
+                     ("2,2", "must list distinct depths >= 1, got '2,2'"),
+                     ("0,2", "must list distinct depths >= 1, got '0,2'")):
+        with pytest.raises(ChibiError) as e:
+            parse_int_list(bad, "--depths", "depths", 1, "2,3,4")
+        assert str(e.value) == f"--depths {why}"

@@ -12,7 +12,7 @@ AdamW on embedding/head/conv taps), and runs full optimizer steps of --total-bat
                 by a square matmul calibration (best of several), not a datasheet number
   peak RSS    = the process's maximum resident memory (ru_maxrss) over the training steps (read before
                 the calibration), torch runtime included; the RSS before the model was built is
-                reported as the baseline
+                reported as the baseline. On CUDA: the most GPU memory torch allocated instead
 
 --lora RANK freezes the model and trains rank-RANK adapters on every block projection (chibichat/model/lora.py,
 AdamW over the adapters alone, as `sft --lora`); "optim MB" is the optimizer state actually held (Muon
@@ -307,6 +307,19 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
     )
 
 
+def footnote(r0: dict) -> str:
+    """What the table's columns are, for a run whose first result is `r0` (its device decides what peak MB is)."""
+    memory = ("peak MB = the most GPU memory torch allocated over the training steps. " if r0["device"].startswith("cuda")
+              else "peak MB = max RSS of the process incl. the torch runtime (baseline before building the model: "
+                   f"{r0['baseline_rss_mb']:.0f} MB). ")
+    return (f"* peak = best-of-5 {2048}^3 matmul measured in each process in its dtype with {r0['threads']} threads "
+            "(MFU is relative to what this machine delivered, not a datasheet; fp8 rows against the bf16 peak). "
+            "FLOPs/token = 6 x matmul params + attention (SLC2 charged as SLC2). " + memory + "Optimizer: MuonAdamW. "
+            "cpu ms/step = process CPU time per step (all threads; with --threads 1 it shows what one core does even "
+            "when the machine is shared, as wall time then includes waiting for a core). Shared machines give noisy "
+            "timings: compare within one run.")
+
+
 def child_main() -> int:
     """Entry point of the per-configuration process: a JSON request on stdin, a JSON reply on stdout."""
     import json
@@ -399,16 +412,7 @@ def run(args) -> int:
         print(f"  done {_name(cfg)}: {r['tokens_per_s']:,.0f} tok/s", flush=True)
     print()
     print(format_table(results))
-    r0 = results[0]
-    print(
-        f"\n* peak = best-of-5 {2048}^3 matmul measured in each process in its dtype with {r0['threads']} threads "
-        f"(MFU is relative to what this machine delivered, not a datasheet; fp8 rows against the bf16 peak). FLOPs/token = 6 x matmul params + "
-        f"attention (SLC2 charged as SLC2). peak MB = max RSS of the process incl. the torch runtime "
-        f"(baseline before building the model: {r0['baseline_rss_mb']:.0f} MB). Optimizer: MuonAdamW. "
-        "cpu ms/step = process CPU time per step (all threads; with --threads 1 it shows what one core "
-        "does even when the machine is shared, as wall time then includes waiting for a core). "
-        "Shared machines give noisy timings: compare within one run."
-    )
+    print("\n" + footnote(results[0]))
     if args.json:
         atomic_write_json(args.json, results)
     return 0
