@@ -48,6 +48,7 @@ def test_registry_names_and_unknown_name():
 def test_online_urls_and_pinned_val(monkeypatch):
     fw = get_corpus("fineweb-edu")
     monkeypatch.delenv(corpora.HF_ENDPOINT_ENV, raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     assert fw.online.url(7) == "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00007.parquet"
     cm = get_corpus("climbmix")
     assert cm.online.val_shard == 6542 and cm.online.num_shards == 6543
@@ -62,7 +63,9 @@ def test_online_urls_and_pinned_val(monkeypatch):
         "http://127.0.0.1:9/datasets/hotchpotch/fineweb-2-edu-japanese/resolve/main/data/train-01238-of-01239.parquet"
     )
     assert fw2.online.filename(0) == "train-00000-of-01239.parquet"
-    monkeypatch.setenv(corpora.HF_ENDPOINT_ENV, "http://127.0.0.1:1234")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:5678/")  # huggingface_hub's mirror setting is used too ...
+    assert fw.online.url(0).startswith("http://127.0.0.1:5678/datasets/")
+    monkeypatch.setenv(corpora.HF_ENDPOINT_ENV, "http://127.0.0.1:1234")  # ... after chibichat's own
     assert fw.online.url(0).startswith("http://127.0.0.1:1234/datasets/")
     with pytest.raises(ChibiError, match="http"):
         fw.online.url(0, "ftp://x")

@@ -50,8 +50,9 @@ def assets_dir() -> Path:
 
 
 def hf_endpoint(override: str | None = None) -> str:
-    """Base URL for online corpora: --base-url, else $CHIBICHAT_HF_ENDPOINT, else huggingface.co."""
-    base = override or os.environ.get(HF_ENDPOINT_ENV) or HF_ENDPOINT
+    """Base URL for online corpora and task data: --base-url, else $CHIBICHAT_HF_ENDPOINT, else $HF_ENDPOINT
+    (huggingface_hub's own setting: a mirror set for it serves these downloads too), else huggingface.co."""
+    base = override or os.environ.get(HF_ENDPOINT_ENV) or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
     if not base.startswith(("http://", "https://")):
         raise ChibiError(f"base URL {base!r} must start with http:// or https:// (check --base-url / ${HF_ENDPOINT_ENV})")
     return base.rstrip("/")

@@ -47,7 +47,7 @@ def register(sub) -> None:
     dl.add_argument("corpus", help="fineweb-edu | climbmix | abeja-ja | fineweb-2-edu-japanese")
     dl.add_argument("-n", "--num-shards", type=int, default=8, help="train shards to fetch (default 8; -1 = all); the val shard always comes too")
     dl.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
-    dl.add_argument("--base-url", default=None, help="hub endpoint (default $CHIBICHAT_HF_ENDPOINT or https://huggingface.co)")
+    dl.add_argument("--base-url", default=None, help="hub endpoint (default $CHIBICHAT_HF_ENDPOINT, $HF_ENDPOINT or https://huggingface.co)")
     dl.add_argument("--retries", type=int, default=5, help="attempts per shard (default 5; waits 1, 2, 4, ... s between)")
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
     dl.set_defaults(func=run_download)
@@ -62,7 +62,7 @@ def register(sub) -> None:
             "rl --task read). Evaluation sets arc-easy, arc-challenge, mmlu, gsm8k, humaneval: their full test "
             "splits (what `eval chat --test-sets online` scores; once present, every training stage checks its "
             "data disjoint from them). Resumable: re-run the same command; finished splits are read from the "
-            "cache. The endpoint is $CHIBICHAT_HF_ENDPOINT or https://huggingface.co."
+            "cache. The endpoint is $CHIBICHAT_HF_ENDPOINT, else $HF_ENDPOINT, else https://huggingface.co."
         ),
     )
     add_home_arg(tk)

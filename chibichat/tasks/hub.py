@@ -2,8 +2,8 @@
 
 The hub lists the parquet files of every (subset, split) of a dataset at
     {endpoint}/api/datasets/{repo}/parquet/{subset}/{split}   ->  JSON list of file URLs
-The endpoint is $CHIBICHAT_HF_ENDPOINT or https://huggingface.co (the same setting the online corpora
-use), so tests and mirrors can point it at another server. Files land in
+The endpoint is $CHIBICHAT_HF_ENDPOINT, else $HF_ENDPOINT, else https://huggingface.co (the same setting the
+online corpora use), so tests and mirrors can point it at another server. Files land in
     home/data/tasks/{owner}--{name}/{subset}/{split}/0000.parquet ...  + manifest.json
 each file complete before it gets its name and the manifest written last, so a folder with a
 manifest is always complete; later calls read the cache without touching the network.
