@@ -465,6 +465,57 @@ def test_a_speedrun_carries_unused_minutes_forward_and_resumes_with_the_minutes_
     assert sorted(timing["budget_s"]) == ["midtrain", "pretrain"] and "rl" not in timing["stages"]
 
 
+def test_a_resumed_step_counts_the_seconds_of_its_interrupted_attempt(tmp_path, monkeypatch):
+    """A step stopped part way (an error or Ctrl-C) records the seconds it ran ("partial_s"); the attempt that
+    resumes it from its checkpoint adds them to its time, so the stages after it get what the whole step left
+    (counting only the resumed part gave them the interrupted minutes on top of their share). A step started
+    anew (no checkpoint to resume) discards them."""
+    from types import SimpleNamespace
+
+    from chibichat.cli import main
+    from chibichat.stages import speedrun
+
+    home = tmp_path / "h"
+    calls = _fake_stages(monkeypatch)
+    now = [1000.0]
+    monkeypatch.setattr(speedrun, "time", SimpleNamespace(time=lambda: now[0]))
+    run_step = speedrun.run_step
+    stop = {"pretrain": KeyboardInterrupt, "midtrain": 1}
+
+    def timed(step, argv, nproc, env):
+        how = stop.pop(step.name, None)
+        if step.name == "pretrain":
+            now[0] += 30 if how else 20
+            (home / "checkpoints" / "base" / "d2" / "step_000012").mkdir(parents=True, exist_ok=True)
+        else:
+            now[0] += 7 if how else 1
+        if how is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        if how:
+            calls.append((step.name, argv))
+            return how
+        return run_step(step, argv, nproc, env)
+
+    monkeypatch.setattr(speedrun, "run_step", timed)
+    cmd = ["speedrun", "--preset", "micro", "--home", str(home), "--minutes", "3"]
+
+    def timing():
+        return json.loads((home / "report" / "timing.json").read_text())["runs"]["d2"]
+
+    assert main(cmd) == 130  # Ctrl-C in pretraining
+    assert timing()["partial_s"] == {"pretrain": 30} and "pretrain" not in timing()["stages"]
+    assert main(cmd) == 2  # pretraining resumed (30 + 20 s); midtraining, started anew, fails after 7 s
+    assert [a[-1] for n, a in calls if n == "pretrain"] == ["--resume"]  # (the stopped attempt is not collected)
+    assert timing()["stages"]["pretrain"] == 50 and timing()["partial_s"] == {"midtrain": 7}
+    assert main(cmd) == 0  # midtraining had no checkpoint: run anew, its failed attempt's 7 s discarded
+    assert timing()["stages"]["midtrain"] == 1 and "partial_s" not in timing()
+    w = {s.name: s.weight for s in plan(Home(home), PRESETS["micro"], "en", "dense", "cpu")
+         if s.name in ("pretrain", "midtrain", "sft", "rl")}
+    minutes = [float(a[a.index("--minutes") + 1]) for n, a in calls if n == "midtrain"]
+    assert minutes[-1] == pytest.approx((180 - 50) * w["midtrain"] / (sum(w.values()) - w["pretrain"]) / 60,
+                                        rel=1e-3)
+
+
 def test_a_finished_step_run_with_other_flags_is_refused_not_skipped(tmp_path, monkeypatch, capsys):
     """Each finished step's flags are recorded with its marker: a later speedrun that gives it other flags
     (--dtype) is refused, naming the steps, the changed flags and the --force that redoes them; flags that give

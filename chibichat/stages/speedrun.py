@@ -1201,7 +1201,8 @@ def plan_tag(steps: list[Step]) -> str:
 
 def read_timing(home: Home) -> dict:
     """report/timing.json: {"runs": {tag: {"stages": {step: seconds}, "wall_s": total, "budget_s": {training step:
-    seconds it was given}}}} ("budget_s" only with a time budget). Timings are kept
+    seconds it was given}, "partial_s": {step: seconds of an attempt that stopped part way}}}} ("budget_s" only with a
+    time budget; "partial_s" only while a step is unfinished: a resume adds them to its time). Timings are kept
     per checkpoint tag, so the report of one run never shows another's. A file from before the tags keeps its
     figures under "untagged" (no run can claim them)."""
     path = home.report_dir / "timing.json"
@@ -1220,13 +1221,14 @@ def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, ti
     fails (or is stopped) must leave no old output after it that the next run would skip as done. Every marker
     goes first: a deletion stopped part way (Ctrl-C, a kill, an error) must not leave a marker beside outputs
     it no longer describes. `times`: this tag's timing ({"stages": {step: s}, "budget_s": {step: s}}), whose
-    entries for those steps go too."""
+    entries for those steps go too (their interrupted attempts' seconds, "partial_s", included)."""
     forced = [step for step in steps if step.name in redo]
     for step in forced:
         step.marker.unlink(missing_ok=True)
         records.pop(_record_key(home, step), None)
         times["stages"].pop(step.name, None)
         times.get("budget_s", {}).pop(step.name, None)
+        times.get("partial_s", {}).pop(step.name, None)
     for step in forced:
         for out in step.outputs:
             if out.is_dir():
@@ -1319,9 +1321,21 @@ def run(args) -> int:
         print(f"{prefix}: {step.title}{how}{eta}\n  $ chibichat {shlex.join(argv)}", flush=True)
         if args.dry_run:
             continue
+        # A resumed step goes on with the work of its interrupted attempt, so its time is that attempt's seconds
+        # (partial_s, recorded when it stopped) plus this one's; a step started anew discards both.
+        carried_s = times.get("partial_s", {}).pop(step.name, 0.0) if resumed else 0.0
+        times.get("partial_s", {}).pop(step.name, None)
+        if times.get("partial_s") == {}:
+            del times["partial_s"]
         t0 = time.time()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        rc = run_step(step, argv, nproc, env)
+        rc = None
+        try:
+            rc = run_step(step, argv, nproc, env)
+        finally:
+            if rc != 0:  # failed, or stopped by Ctrl-C / SIGTERM: recorded for the attempt that resumes it
+                times.setdefault("partial_s", {})[step.name] = round(carried_s + time.time() - t0, 1)
+                atomic_write_json(timing_path, timing)
         if rc != 0 and resumed:  # the stage may refuse to resume (another --dtype, --fp8, process count, ...)
             raise ChibiError(
                 f"stage {step.name} failed resuming its interrupted run (exit {rc}); fix the error above and re-run "
@@ -1341,7 +1355,7 @@ def run(args) -> int:
         for s in rewritten:
             records[_record_key(home, s)]["marker_sha256"] = sha256_file(s.marker)
         atomic_write_json(step_record_path(home), {"steps": records})
-        times["stages"][step.name] = round(time.time() - t0, 1)
+        times["stages"][step.name] = round(carried_s + time.time() - t0, 1)
         if given_s is not None:
             times.setdefault("budget_s", {})[step.name] = round(given_s, 1)
         times["wall_s"] = round(sum(times["stages"].values()), 1)
