@@ -12,6 +12,19 @@ def home(tmp_path, monkeypatch):
     return h
 
 
+@pytest.fixture
+def no_hf_token(tmp_path, monkeypatch):
+    """No Hugging Face token but what the test sets: none in the environment, from OIDC or stored by `hf auth
+    login` on this machine (huggingface_hub reads that file at constants.HF_TOKEN_PATH on each get_token)."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        import huggingface_hub.constants
+    except ImportError:
+        return
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-hf-token"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-model tests (use with pytest.mark.usefixtures): on a loaded

@@ -3,6 +3,8 @@
 import json
 import lzma
 import os
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,6 +71,50 @@ def test_online_urls_and_pinned_val(monkeypatch):
     assert fw.online.url(0).startswith("http://127.0.0.1:1234/datasets/")
     with pytest.raises(ChibiError, match="http"):
         fw.online.url(0, "ftp://x")
+
+
+def test_the_hf_token_goes_only_to_urls_on_the_endpoint():
+    ep = "https://huggingface.co"
+    bearer = {"Authorization": "Bearer hf_abc"}
+    assert corpora.hf_auth_headers(ep + "/api/datasets/a/b/parquet/c/d", ep, "hf_abc") == bearer
+    assert corpora.hf_auth_headers("https://HuggingFace.co:443/x", ep, "hf_abc") == bearer  # same origin, spelt out
+    for url in ("https://cdn-lfs.hf.co/x", "http://huggingface.co/x", "https://huggingface.co:8443/x",
+                "https://huggingface.co.evil.example/x", "https://huggingface.co:port/x"):
+        assert corpora.hf_auth_headers(url, ep, "hf_abc") == {}, url
+    assert corpora.hf_auth_headers("http://127.0.0.1:5001/x", "http://127.0.0.1:5000", "hf_abc") == {}
+    assert corpora.hf_auth_headers(ep + "/x", ep, None) == {}
+
+
+def test_hf_token_from_huggingface_hub_or_the_environment(no_hf_token, monkeypatch):
+    def check():
+        monkeypatch.delenv("HF_TOKEN")
+        assert corpora.hf_token() is None
+        monkeypatch.setenv("HF_TOKEN", " hf_abc\n")
+        assert corpora.hf_token() == "hf_abc"
+        monkeypatch.setenv("HF_TOKEN", "  ")
+        assert corpora.hf_token() is None
+        for bad in ("hf_a bc", "hf_\u00e9t\u00e9", "hf_a\tb"):  # a header cannot carry it: refused, never shown
+            monkeypatch.setenv("HF_TOKEN", bad)
+            with pytest.raises(ChibiError) as e:
+                corpora.hf_token()
+            assert str(e.value) == ("the Hugging Face token (HF_TOKEN, else the one `hf auth login` stored) holds a "
+                                    "character an HTTP header cannot carry (a space, a control character or a "
+                                    "non-ASCII one); set it to the token exactly as the hub shows it")
+
+    monkeypatch.setenv("HF_TOKEN", "x")
+    check()  # through huggingface_hub's get_token() where it is installed
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:
+        hub = None
+    if hub is not None:
+        monkeypatch.delenv("HF_TOKEN")
+        Path(hub.HF_TOKEN_PATH).write_text("hf_stored\n")  # what `hf auth login` stores
+        assert corpora.hf_token() == "hf_stored"
+        monkeypatch.setenv("HF_TOKEN", "hf_env")  # $HF_TOKEN first
+        assert corpora.hf_token() == "hf_env"
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: $HF_TOKEN itself
+    check()
 
 
 def test_online_corpus_reads_downloaded_shards(tmp_path):

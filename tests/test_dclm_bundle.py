@@ -2,7 +2,9 @@
 layout built from tests/fixtures/dclm_bundle, scored with a fake model whose choices are known exactly."""
 
 import argparse
+import hashlib
 import io
+import json
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +36,7 @@ def bundle_zip(edit=None) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.hits.append(self.path)
+        self.server.auth.append((self.path, self.headers.get("Authorization")))
         body = self.server.files.get(self.path)
         self.send_response(200 if body is not None else 404)
         body = body if body is not None else b""
@@ -48,7 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.hits, srv.files = [], {"/eval_bundle.zip": bundle_zip()}
+    srv.hits, srv.auth, srv.files = [], [], {"/eval_bundle.zip": bundle_zip()}
     srv.url = f"http://127.0.0.1:{srv.server_port}"
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
@@ -105,6 +108,77 @@ def test_bundle_downloads_once_and_converts_items(server, tmp_path):
     shots = [tasks["mc_plain"][j] for j in tasks["mc_plain"].fewshot_indices(0)]
     prefix = "".join(s["context"] + s["continuations"][s["gold"]] + "\n\n" for s in shots)
     assert [c + x for c, x in texts] == [prefix + "The sky is " + c for c in ["blue", "green grass", "a big red", "loud noise"]]
+
+
+def _other_bundle() -> bytes:
+    """A valid bundle unlike the fixture's: mc_plain's random baseline is 20% instead of 25%."""
+    meta = (BUNDLE / "eval_meta_data.csv").read_text(encoding="utf-8")
+    assert meta.count(",25,") == 1
+    return bundle_zip({"eval_meta_data.csv": meta.replace(",25,", ",20,")})
+
+
+def test_a_bundle_from_another_url_is_downloaded_used_and_recorded(server, tmp_path, capsys):
+    """--core-bundle-url changed after the first download: the new URL's bundle is fetched (saying so), used and
+    recorded; the cached one is replaced only by a complete, valid one."""
+    home = Home(tmp_path / "home")
+    first, second = server.url + "/eval_bundle.zip", server.url + "/mirror/eval_bundle.zip"
+    server.files["/mirror/eval_bundle.zip"] = other = _other_bundle()
+    path = dclm.fetch_bundle(home, first)
+    record = path.with_name("eval_bundle.source.json")
+    sha = hashlib.sha256(server.files["/eval_bundle.zip"]).hexdigest()
+    assert json.loads(record.read_text(encoding="utf-8")) == {"url": first, "sha256": sha}
+    assert dclm.fetch_bundle(home, first) == path and server.hits == ["/eval_bundle.zip"]  # same URL: cached
+    assert capsys.readouterr().err == ""
+
+    assert dclm.fetch_bundle(home, second) == path
+    assert server.hits == ["/eval_bundle.zip", "/mirror/eval_bundle.zip"]
+    assert capsys.readouterr().err == f"the cached CORE bundle {path} came from {first}: downloading {second}\n"
+    assert path.read_bytes() == other
+    assert {t.name: t.random_baseline for t in dclm.load_bundle(path)}["mc_plain"] == 0.2
+    assert json.loads(record.read_text(encoding="utf-8")) == {"url": second,
+                                                              "sha256": hashlib.sha256(other).hexdigest()}
+    dclm.fetch_bundle(home, second)
+    assert len(server.hits) == 2 and capsys.readouterr().err == ""  # now cached for the new URL
+
+    # A URL that fails: the cached bundle and its record stay as they were.
+    with pytest.raises(ChibiError, match="nope.zip answered HTTP 404"):
+        dclm.fetch_bundle(home, server.url + "/nope.zip")
+    assert path.read_bytes() == other and json.loads(record.read_text(encoding="utf-8"))["url"] == second
+    # A zip the record does not describe (an update stopped before its rename) is not taken for the URL's.
+    record.write_text(json.dumps({"url": second, "sha256": "0" * 64}), encoding="utf-8")
+    capsys.readouterr()
+    dclm.fetch_bundle(home, second)
+    assert server.hits[-1] == "/mirror/eval_bundle.zip" and len(server.hits) == 4
+    assert capsys.readouterr().err == (f"the cached CORE bundle {path} is not the file its record "
+                                       f"eval_bundle.source.json describes: downloading {second}\n")
+    assert sorted(f.name for f in path.parent.iterdir() if not f.name.startswith(".")) == [
+        "eval_bundle.source.json", "eval_bundle.zip"]
+
+
+def test_a_cache_without_a_record_is_kept_for_the_default_url_only(server, tmp_path, monkeypatch, capsys):
+    """A zip cached before records were kept: the default URL uses it with no request, another URL fetches."""
+    monkeypatch.setattr(dclm, "BUNDLE_URL", server.url + "/eval_bundle.zip")  # the default, served here
+    home = Home(tmp_path / "home")
+    path = home.data_dir / "core" / "eval_bundle.zip"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(old := _other_bundle())
+    assert dclm.fetch_bundle(home, dclm.BUNDLE_URL) == path
+    assert server.hits == [] and path.read_bytes() == old and capsys.readouterr().err == ""
+    assert not path.with_name("eval_bundle.source.json").exists()
+    mirror = server.url + "/mirror/eval_bundle.zip"
+    server.files["/mirror/eval_bundle.zip"] = server.files["/eval_bundle.zip"]
+    dclm.fetch_bundle(home, mirror)
+    assert server.hits == ["/mirror/eval_bundle.zip"] and path.read_bytes() == server.files["/eval_bundle.zip"]
+    assert capsys.readouterr().err == (f"the cached CORE bundle {path} has no record of the URL it came from "
+                                       f"(eval_bundle.source.json): downloading {mirror}\n")
+
+
+def test_the_bundle_download_sends_no_hub_token(server, tmp_path, monkeypatch):
+    """HF_TOKEN is for the Hugging Face endpoint: not sent to the bundle's server, even when it is the endpoint."""
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", server.url)
+    dclm.fetch_bundle(Home(tmp_path / "home"), server.url + "/eval_bundle.zip")
+    assert server.auth == [("/eval_bundle.zip", None)]
 
 
 def test_bundle_delimiter_is_context_and_only_the_answer_is_scored(server, tmp_path):

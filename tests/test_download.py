@@ -42,7 +42,8 @@ class Server:
     the current `commit`). `advertise` (path -> sha256) states another sha256 for a file, `state_commit`
     another commit for every answer. `requests` is keyed by the registered path, `raw` lists the request
     paths as sent. A path in `gzip` is answered gzip-encoded (Content-Encoding, the compressed length) to a
-    client whose Accept-Encoding allows gzip, as GitHub's raw files are."""
+    client whose Accept-Encoding allows gzip, as GitHub's raw files are. `auth` lists (request path, Authorization
+    header or None); `cdn_base` (another server's base URL) is where the hub's 302s point, else this server."""
 
     def __init__(self):
         self.files, self.faults, self.always = {}, defaultdict(list), {}
@@ -53,6 +54,7 @@ class Server:
         self.advertise, self.state_commit = {}, None
         self.hub = True  # False: resolve paths answered as a plain mirror does, the bytes with no hub headers
         self.gzip = set()
+        self.auth, self.cdn_base = [], ""
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -63,6 +65,7 @@ class Server:
 
             def do_GET(self):
                 server.raw.append(self.path)
+                server.auth.append((self.path, self.headers.get("Authorization")))
                 cdn = self.path.startswith("/cdn/")
                 path, commit = self.path.removeprefix("/cdn"), None
                 if "/resolve/" in path and not cdn:
@@ -83,7 +86,7 @@ class Server:
                     data = server.files[path]
                     sha = server.advertise.get(path, hashlib.sha256(data).hexdigest())
                     self.send_response(302)
-                    self.send_header("Location", "/cdn" + path)
+                    self.send_header("Location", server.cdn_base + "/cdn" + path)
                     self.send_header("X-Repo-Commit", server.state_commit or commit)
                     self.send_header("X-Linked-Etag", f'"{sha}"')
                     self.send_header("X-Linked-Size", str(len(data)))
@@ -447,6 +450,29 @@ def test_download_corpus_end_to_end(server, tmp_path, monkeypatch):
         download_corpus(corpus, home, 4, workers=2, retries=2, backoff=0.01, timeout=10, progress=False)
     assert "1 of 5 shards" in str(e.value) and "shard 3" in str(e.value)
     assert len(server.requests[p.format(0)]) == 2  # shard 0 was not fetched again
+
+
+def test_the_hub_token_goes_with_the_shard_requests_to_the_endpoint_only(server, tmp_path, monkeypatch, no_hf_token):
+    """HF_TOKEN goes to the endpoint's resolve URLs (and a redirect on the same server), never to a CDN on another
+    server (port) the hub redirects to; without a token no request carries one."""
+    corpus = get_corpus("fineweb-edu")
+    p = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+    for i in (0, 1822):
+        server.files[p.format(i)] = parquet_bytes(20, i)[0]
+    kw = dict(base_url=server.base, retries=2, backoff=0.01, timeout=10, progress=False)
+    download_corpus(corpus, Home(tmp_path / "a"), 1, **kw)
+    assert sorted(server.auth) == sorted((q, None) for i in (0, 1822) for q in (p.format(i), "/cdn" + p.format(i)))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    server.auth.clear()
+    download_corpus(corpus, Home(tmp_path / "b"), 1, **kw)
+    assert sorted(server.auth) == sorted((q, "Bearer hf_secret") for i in (0, 1822)
+                                         for q in (p.format(i), "/cdn" + p.format(i)))
+    with Server() as cdn:
+        cdn.files = server.files
+        server.cdn_base, server.auth = cdn.base, []
+        download_corpus(corpus, Home(tmp_path / "c"), 1, **kw)
+    assert sorted(server.auth) == sorted((p.format(i), "Bearer hf_secret") for i in (0, 1822))
+    assert sorted(cdn.auth) == sorted(("/cdn" + p.format(i), None) for i in (0, 1822))
 
 
 def test_download_rejects_non_online_corpora(tmp_path):

@@ -760,7 +760,7 @@ def test_eval_base_cli_core_full_uses_the_dclm_bundle(base, tmp_path):
     from test_dclm_bundle import _Handler, bundle_zip
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.hits, srv.files = [], {"/b.zip": bundle_zip()}
+    srv.hits, srv.auth, srv.files = [], [], {"/b.zip": bundle_zip()}
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     home, _ = base
     try:

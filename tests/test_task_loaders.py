@@ -15,11 +15,13 @@ FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 
 class _Handler(BaseHTTPRequestHandler):
     """Serves the hub listing API, the parquet files it lists, and JGLUE raw files; `fail` (path -> HTTP
-    codes) answers a path with those codes first, one per request."""
+    codes) answers a path with those codes first, one per request. `auth` records (path, Authorization header
+    or None) per request; a listing names its files on `files_base` (another server) where it is set."""
 
     def do_GET(self):
         srv = self.server
         srv.hits.append(self.path)
+        srv.auth.append((self.path, self.headers.get("Authorization")))
         if srv.fail.get(self.path):
             return self._send(srv.fail[self.path].pop(0), b'{"error": "failing on purpose"}')
         parts = self.path.strip("/").split("/")
@@ -28,7 +30,7 @@ class _Handler(BaseHTTPRequestHandler):
             f = FIXTURES / "hub" / repo.replace("/", "--") / subset / f"{split}.parquet"
             if not f.exists():
                 return self._send(404, b'{"error": "not found"}')
-            url = f"http://127.0.0.1:{srv.server_port}/files/{repo}/{subset}/{split}/0.parquet"
+            url = f"{srv.files_base or f'http://127.0.0.1:{srv.server_port}'}/files/{repo}/{subset}/{split}/0.parquet"
             return self._send(200, json.dumps([url]).encode())
         if parts[0] == "files":
             repo, subset, split = f"{parts[1]}/{parts[2]}", parts[3], parts[4]
@@ -51,12 +53,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+def _start():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.hits, srv.corrupt, srv.fail, srv.auth, srv.files_base = [], {}, {}, [], None
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
 @pytest.fixture
 def server(monkeypatch):
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.hits, srv.corrupt, srv.fail = [], {}, {}
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+    srv = _start()
     base = f"http://127.0.0.1:{srv.server_port}"
     monkeypatch.setenv("CHIBICHAT_HF_ENDPOINT", base)
     monkeypatch.setenv("CHIBICHAT_JGLUE_BASE", base + "/jglue")
@@ -170,7 +176,7 @@ def test_unreachable_endpoint(home, monkeypatch):
         get_task("smoltalk", home=Home(home))
 
 
-def test_the_listing_is_retried_and_its_errors_worded_by_status(server, home):
+def test_the_listing_is_retried_and_its_errors_worded_by_status(server, home, no_hf_token):
     """A busy hub (429/5xx) is asked again, as file downloads are; the error names what the status means."""
     listing = "/api/datasets/openai/gsm8k/parquet/main/train"
     url = f"http://127.0.0.1:{server.server_port}{listing}"
@@ -183,8 +189,9 @@ def test_the_listing_is_retried_and_its_errors_worded_by_status(server, home):
     for codes, message in [
         ([429, 500], f"fetching {what} from {url} failed with HTTP 500 after 2 attempts: the server is busy or down; "
                      "try again later (or set $CHIBICHAT_HF_ENDPOINT to a mirror)"),
-        ([403], f"fetching {what} from {url} failed with HTTP 403: the dataset is private or gated, and chibichat "
-                "does not log in to the hub; use the shipped offline task data or a mirror ($CHIBICHAT_HF_ENDPOINT)"),
+        ([403], f"fetching {what} from {url} failed with HTTP 403: the dataset is private or gated and no Hugging "
+                "Face token was sent; set HF_TOKEN (or run `hf auth login`) to a token with access to the dataset, or "
+                "use the shipped offline task data or a mirror ($CHIBICHAT_HF_ENDPOINT)"),
         ([404], f"fetching {what} from {url} failed with HTTP 404; check the dataset, subset and split names (or "
                 "$CHIBICHAT_HF_ENDPOINT)"),
     ]:
@@ -208,6 +215,65 @@ def test_a_listed_file_that_fails_names_the_endpoint_setting(server, home):
         with pytest.raises(ChibiError) as e:
             get_task("gsm8k", source="online", home=Home(home), split="train")
         assert str(e.value) == message
+
+
+def test_each_failed_listing_attempt_is_printed_with_the_wait(server, home, capsys, monkeypatch):
+    """A dropping network is not silent: one line per failed attempt, as download_file logs them, naming what
+    is fetched and the wait before the next attempt (the one slept)."""
+    import time
+
+    monkeypatch.setattr("chibichat.tasks.hub.RETRIES", 3)
+    listing, what = "/api/datasets/openai/gsm8k/parquet/main/train", "the parquet listing of openai/gsm8k [main/train]"
+    server.fail[listing] = [503, 429]
+    assert len(get_task("gsm8k", source="online", home=Home(home), split="train")) == 2
+    assert capsys.readouterr().err == (f"{what}: attempt 1/3 failed (HTTP 503); trying again in 0 s\n"
+                                       f"{what}: attempt 2/3 failed (HTTP 429); trying again in 0 s\n")
+    slept = []
+    monkeypatch.setattr("chibichat.tasks.hub.BACKOFF_S", 0.5)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    listing, what = "/api/datasets/openai/gsm8k/parquet/main/test", "the parquet listing of openai/gsm8k [main/test]"
+    server.fail[listing] = [500, 500, 500]
+    with pytest.raises(ChibiError, match="failed with HTTP 500 after 3 attempts"):
+        get_task("gsm8k", source="online", home=Home(home), split="test")
+    assert capsys.readouterr().err == (f"{what}: attempt 1/3 failed (HTTP 500); trying again in 0.5 s\n"
+                                       f"{what}: attempt 2/3 failed (HTTP 500); trying again in 1 s\n"
+                                       f"{what}: attempt 3/3 failed (HTTP 500)\n")
+    assert slept == [0.5, 1.0]
+
+
+def test_the_hub_token_goes_to_the_endpoint_only(server, home, no_hf_token, monkeypatch):
+    """HF_TOKEN (gated datasets, private mirrors) goes with the listing and the files on the endpoint; never to a
+    file the listing names on another server, nor to JGLUE's server (here the endpoint's own host and port)."""
+    h = Home(home)
+    get_task("gsm8k", source="online", home=h, split="train")
+    assert server.auth == [("/api/datasets/openai/gsm8k/parquet/main/train", None),
+                           ("/files/openai/gsm8k/main/train/0.parquet", None)]  # no token: no header
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    server.auth.clear()
+    get_task("gsm8k", source="online", home=h, split="test")
+    get_task("jnli", home=h)
+    assert server.auth == [("/api/datasets/openai/gsm8k/parquet/main/test", "Bearer hf_secret"),
+                           ("/files/openai/gsm8k/main/test/0.parquet", "Bearer hf_secret"),
+                           ("/jglue/jnli-v1.3/valid-v1.3.json", None)]
+    other = _start()  # the listing names its files on another port
+    try:
+        server.files_base, server.auth = f"http://127.0.0.1:{other.server_port}", []
+        assert len(get_task("arc-easy", source="online", home=h, split="test")) == 2
+        assert server.auth == [("/api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test", "Bearer hf_secret")]
+        assert other.auth == [("/files/allenai/ai2_arc/ARC-Easy/test/0.parquet", None)]
+    finally:
+        other.shutdown()
+        other.server_close()
+    # a token without access: the error says so, and does not show it
+    listing = "/api/datasets/cais/mmlu/parquet/all/test"
+    server.fail[listing] = [401]
+    with pytest.raises(ChibiError) as e:
+        get_task("mmlu", source="online", home=h, split="test")
+    assert str(e.value) == (
+        f"fetching the parquet listing of cais/mmlu [all/test] from http://127.0.0.1:{server.server_port}{listing} "
+        "failed with HTTP 401: the dataset is private or gated and the Hugging Face token sent (HF_TOKEN, else the "
+        "`hf auth login` one) has no access to it; set HF_TOKEN (or run `hf auth login`) to a token with access to "
+        "the dataset, or use the shipped offline task data or a mirror ($CHIBICHAT_HF_ENDPOINT)")
 
 
 def test_smoltalk_rejects_malformed_conversation():

@@ -23,6 +23,7 @@ import json
 import lzma
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,52 @@ def hf_endpoint(override: str | None = None) -> str:
     if not base.startswith(("http://", "https://")):
         raise ChibiError(f"base URL {base!r} must start with http:// or https:// (check --base-url / ${HF_ENDPOINT_ENV})")
     return base.rstrip("/")
+
+
+# A token goes into an HTTP header: visible ASCII only. Anything else would make requests raise an error that
+# quotes the header value, the token, or http.client fail to encode it.
+HF_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token for requests to the endpoint (gated datasets, private mirrors), None when there is
+    none: huggingface_hub's get_token() where it is installed ($HF_TOKEN first, then the `hf auth login` one),
+    else $HF_TOKEN. Errors never include the token's value."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        token = os.environ.get("HF_TOKEN", "").strip() or None
+    else:
+        try:
+            token = get_token()
+        except Exception as e:  # e.g. $HF_OIDC_RESOURCE set and its token exchange failed
+            raise ChibiError(f"huggingface_hub could not get the Hugging Face token ({type(e).__name__}: {e}); fix "
+                             "its login setting, or set HF_TOKEN") from None
+    if token is not None and not HF_TOKEN_CHARS.fullmatch(token):
+        raise ChibiError("the Hugging Face token (HF_TOKEN, else the one `hf auth login` stored) holds a character an "
+                         "HTTP header cannot carry (a space, a control character or a non-ASCII one); set it to the "
+                         "token exactly as the hub shows it")
+    return token
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        scheme = u.scheme.lower()
+        return scheme, (u.hostname or ""), u.port or {"http": 80, "https": 443}.get(scheme, 0)
+    except ValueError:  # a port that is no number
+        return None
+
+
+def hf_auth_headers(url: str, endpoint: str, token: str | None) -> dict[str, str]:
+    """{"Authorization": "Bearer <token>"} for a URL on the endpoint itself (same scheme, host and port), else {}:
+    the token is for the hub, never for another server a listing names. (requests drops the header itself on a
+    redirect to another host, as the hub's redirects of LFS files to its CDN are.)"""
+    if token is None or _origin(url) is None or _origin(url) != _origin(endpoint):
+        return {}
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _check_split(split: str) -> None:

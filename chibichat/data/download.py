@@ -170,7 +170,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], None] | None, chunk_size: int,
-             batch: _Batch | None = None, where: str = "--base-url") -> dict:
+             batch: _Batch | None = None, where: str = "--base-url", extra: dict[str, str] | None = None) -> dict:
     """One request: append to `part` from its current size; raise _Retry on a recoverable failure. Returns
     what the server states about the file (hub_metadata).
 
@@ -183,7 +183,7 @@ def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], Non
     offset = part.stat().st_size if part.exists() else 0
     # identity: the file's own bytes. requests asks for gzip by default, and a server that compresses text for
     # such clients (GitHub's raw files) states the compressed Content-Length and ranges over compressed bytes.
-    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
+    headers = {**(extra or {}), "Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
     if batch:
         batch.begin()
     answered, no_answer = False, None
@@ -252,6 +252,7 @@ def download_file(
     info: dict | None = None,
     batch: _Batch | None = None,
     where: str = "--base-url",
+    headers: dict[str, str] | None = None,
 ) -> Path:
     """Fetch `url` into `dest` atomically; returns dest. An existing valid `dest` is kept.
 
@@ -263,7 +264,8 @@ def download_file(
     size, checks it as a fresh download and renames it, fetching no byte again. `info`, when given, is
     filled with what the server stated about the file it sent (hub_metadata; left empty when an existing
     dest was kept). `batch`: the download is one of a batch's (download_corpus). `where`: the setting that
-    chooses the server, named in the errors as what to check.
+    chooses the server, named in the errors as what to check. `headers`: sent with every request (the hub
+    token: corpora.hf_auth_headers, which gives it only to the endpoint's own URLs).
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -284,7 +286,7 @@ def download_file(
             if attempt:
                 (batch.sleep if batch else time.sleep)(backoff * 2 ** (attempt - 1))
             try:
-                meta = _attempt(url, part, timeout, on_bytes, chunk_size, batch, where)
+                meta = _attempt(url, part, timeout, on_bytes, chunk_size, batch, where, headers)
                 if validate:
                     try:
                         validate(part)
@@ -411,9 +413,9 @@ def download_corpus(
     manifest. `retries` attempts in a row that get no answer from the server, across all shards, stop the
     batch with one ChibiError (offline, or a wrong --base-url). Otherwise raises ChibiError listing every
     shard that failed (the others are kept). Retries and re-fetches are logged above the progress bar, or to
-    stderr without one.
+    stderr without one. The Hugging Face token (corpora.hf_token), if any, is sent with every request.
     """
-    from chibichat.data.corpora import HF_ENDPOINT_ENV, OnlineCorpus, hf_endpoint
+    from chibichat.data.corpora import HF_ENDPOINT_ENV, OnlineCorpus, hf_auth_headers, hf_endpoint, hf_token
 
     if not isinstance(corpus, OnlineCorpus):
         raise ChibiError(f"{corpus.name} is not an online corpus: nothing to download (embedded corpora ship with the package)")
@@ -423,6 +425,7 @@ def download_corpus(
     manifest = read_manifest(corpus, home)
     pinned = manifest.get("commit")
     urls = {i: corpus.online.url(i, base_url, pinned or "main") for i in indices}  # validates base_url up front
+    token = hf_token()
     out_dir = corpus.data_dir(home)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -451,7 +454,7 @@ def download_corpus(
         return download_file(
             urls[i], corpus.shard_path(home, i), validate=lambda path: validate(i, path), retries=retries,
             backoff=backoff, timeout=timeout, on_bytes=on_bytes, log=(lambda msg: bar.write(msg)) if progress else eprint,
-            info=infos[i], batch=batch,
+            info=infos[i], batch=batch, headers=hf_auth_headers(urls[i], hf_endpoint(base_url), token),
         )
 
     done, failed = [], {}

@@ -321,12 +321,13 @@ CORE_ITEMS_LITE = 100  # default --core-items for the shipped subsets (a CPU-siz
 def add_core_args(p) -> None:
     p.add_argument("--core", dest="core", nargs="?", const="lite", default="lite", choices=["lite", "full"],
                    help="CORE-style in-context tasks: lite = the shipped subsets (offline, labelled CORE-lite; "
-                        "the default), full = the real DCLM eval bundle (downloaded once into the home, "
+                        "the default), full = the real DCLM eval bundle (downloaded into the home once per bundle URL, "
                         "labelled CORE when every task and item is scored)")
     p.add_argument("--no-core", dest="core", action="store_false", help="skip the CORE-style tasks")
     p.add_argument("--core-bundle-url", default=None,
                    help="where --core full downloads eval_bundle.zip (default: $CHIBICHAT_CORE_BUNDLE_URL, else nanochat's copy, "
-                        "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip)")
+                        "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip); the cached zip is "
+                        "reused for the URL it came from and replaced by a download from another")
     p.add_argument("--core-tasks", default=None,
                    help="comma-separated task names (default: every task: the shipped core-* tasks, or with "
                         "--core full every label of the bundle's core.yaml)")

@@ -40,7 +40,8 @@ def register(sub) -> None:
             "pyarrow and against the sha256 the hub states (a corrupt or truncated shard is re-fetched, and so is a "
             "cached one that no longer has the sha256 recorded at its download). The base URL defaults to "
             "https://huggingface.co; "
-            "override it with --base-url or $CHIBICHAT_HF_ENDPOINT (a mirror)."
+            "override it with --base-url or $CHIBICHAT_HF_ENDPOINT (a mirror). A gated dataset or a private mirror: "
+            "set HF_TOKEN (or run `hf auth login`), sent to that endpoint only."
         ),
     )
     add_home_arg(dl)
@@ -62,7 +63,8 @@ def register(sub) -> None:
             "rl --task read). Evaluation sets arc-easy, arc-challenge, mmlu, gsm8k, humaneval: their full test "
             "splits (what `eval chat --test-sets online` scores; once present, every training stage checks its "
             "data disjoint from them). Resumable: re-run the same command; finished splits are read from the "
-            "cache. The endpoint is $CHIBICHAT_HF_ENDPOINT, else $HF_ENDPOINT, else https://huggingface.co."
+            "cache. The endpoint is $CHIBICHAT_HF_ENDPOINT, else $HF_ENDPOINT, else https://huggingface.co; "
+            "HF_TOKEN (or the `hf auth login` token) is sent to it, for gated datasets and private mirrors."
         ),
     )
     add_home_arg(tk)

@@ -16,7 +16,8 @@ code scores them (a delimiter such as "\\nAnswer: " is shared by every choice an
 answer; eval/core.py moves the delimiter's trailing spaces onto the continuation, " Paris", as DCLM
 gives the continuation its leading space). Few-shot K is the first entry of num_fewshot;
 the random baseline is the CSV's percentage / 100. The zip is cached at home/data/core/eval_bundle.zip
-and never extracted. `chibichat eval base --core full` uses it (eval/core.py); the score is then
+and never extracted; eval_bundle.source.json beside it records the URL it came from, and another URL downloads
+the bundle again. `chibichat eval base --core full` uses it (eval/core.py); the score is then
 labelled "CORE" (and "CORE-lite" for the shipped subsets).
 """
 
@@ -242,12 +243,64 @@ def _valid_bundle(path: Path) -> None:
         _root(z)
 
 
+SOURCE_RECORD = "eval_bundle.source.json"  # beside the cached zip: {"url", "sha256"} of the zip
+
+
+def _recorded_source(dest: Path, record: Path) -> tuple[str | None, str]:
+    """(the URL the cached zip `dest` came from, else None and why that is unknown: no record, an unreadable one,
+    or one stating another sha256, as an update stopped between writing the record and renaming the zip leaves)."""
+    if not record.exists():
+        return None, f"has no record of the URL it came from ({record.name})"
+    try:
+        rec = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"has an unreadable record {record.name} ({e})"
+    if not isinstance(rec, dict) or not isinstance(rec.get("url"), str) or not isinstance(rec.get("sha256"), str):
+        return None, f"has a record {record.name} without its \"url\" and \"sha256\" strings"
+    from chibichat.common import sha256_file
+
+    if sha256_file(dest) != rec["sha256"]:
+        return None, f"is not the file its record {record.name} describes"
+    return rec["url"], ""
+
+
 def fetch_bundle(home, url: str = BUNDLE_URL) -> Path:
-    """The bundle zip, downloaded into home/data/core/ on first use (resumable, validated, atomic)."""
-    from chibichat.data.download import download_file
+    """The bundle zip, downloaded into home/data/core/ on first use (resumable, validated, atomic), and again when
+    `url` is not the one the cached zip came from (SOURCE_RECORD, _recorded_source; a zip with no record, cached
+    before records were kept, counts as the default URL's), saying why on stderr. A new zip is downloaded beside
+    the cached one and replaces it only once complete and valid."""
+    import hashlib
+    import os
+
+    from chibichat.common import atomic_write_json, eprint, fsync_renamed, sha256_file, write_error
+    from chibichat.data.download import _file_lock, download_file
 
     if not url.startswith(("http://", "https://")):
         raise ChibiError(f"the CORE bundle URL ({URL_SETTINGS}) must be an http(s) URL, got {url!r}")
     dest = Path(home.data_dir) / "core" / "eval_bundle.zip"
+    # The new zip's name is the URL's: what a stopped run left there (a .part to resume, a finished zip) is this URL's.
+    fresh = dest.with_name(f"eval_bundle.{hashlib.sha256(url.encode()).hexdigest()[:16]}.zip")
+    record = dest.with_name(SOURCE_RECORD)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return download_file(url, dest, validate=_valid_bundle, where=URL_SETTINGS)
+    with _file_lock(dest.with_name(".eval_bundle.lock")):  # torchrun ranks all fetch it at once
+        if dest.exists():
+            source, why = _recorded_source(dest, record)
+            if source == url or not record.exists() and url == BUNDLE_URL:  # a cache from before the records
+                try:
+                    _valid_bundle(dest)
+                    return dest
+                except Exception as e:
+                    why = f"is not a valid bundle ({e})"
+            elif source is not None:
+                why = f"came from {source}"
+            eprint(f"the cached CORE bundle {dest} {why}: downloading {url}")
+        download_file(url, fresh, validate=_valid_bundle, where=URL_SETTINGS)
+        # The record first, with the new zip's sha256: a stop before the rename leaves the old zip, which the
+        # record then does not describe, so it is fetched again rather than taken for the new URL's.
+        atomic_write_json(record, {"url": url, "sha256": sha256_file(fresh)})
+        try:
+            os.replace(fresh, dest)
+        except OSError as e:
+            raise write_error(dest, e) from None
+        fsync_renamed(dest)
+    return dest

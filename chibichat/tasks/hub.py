@@ -3,7 +3,9 @@
 The hub lists the parquet files of every (subset, split) of a dataset at
     {endpoint}/api/datasets/{repo}/parquet/{subset}/{split}   ->  JSON list of file URLs
 The endpoint is $CHIBICHAT_HF_ENDPOINT, else $HF_ENDPOINT, else https://huggingface.co (the same setting the
-online corpora use), so tests and mirrors can point it at another server. Files land in
+online corpora use), so tests and mirrors can point it at another server. The Hugging Face token (HF_TOKEN, else
+the `hf auth login` one: data.corpora.hf_token) goes with the listing and with the files it lists on the endpoint
+itself, never to another host. Files land in
     home/data/tasks/{owner}--{name}/{subset}/{split}/0000.parquet ...  + manifest.json
 each file complete before it gets its name and the manifest written last, so a folder with a
 manifest is always complete; later calls read the cache without touching the network.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chibichat.common import ChibiError, Home, atomic_write_json, read_json, sha256_file
+from chibichat.common import ChibiError, Home, atomic_write_json, eprint, read_json, sha256_file
 
 TIMEOUT_S = 60
 RETRIES = 5
@@ -29,9 +31,10 @@ def listing_url(endpoint: str, repo: str, subset: str, split: str) -> str:
     return f"{endpoint}/api/datasets/{repo}/parquet/{subset}/{split}"
 
 
-def _get(url: str, what: str):
+def _get(url: str, what: str, headers: dict[str, str] | None = None):
     """A small JSON listing (not a file download: files go through data.download.download_file). Network
-    errors and 5xx/408/429 answers are retried RETRIES times, waiting BACKOFF_S doubling, as downloads are."""
+    errors and 5xx/408/429 answers are retried RETRIES times, waiting BACKOFF_S doubling, as downloads are,
+    each failed attempt printed to stderr as download_file logs them. `headers`: the hub token, if any."""
     import time
 
     import requests
@@ -42,20 +45,25 @@ def _get(url: str, what: str):
         if attempt:
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
         try:
-            r = requests.get(url, timeout=TIMEOUT_S)
+            r = requests.get(url, headers=headers, timeout=TIMEOUT_S)
         except requests.RequestException as e:
             last = f"{type(e).__name__}: {e}"
-            continue
-        if r.status_code == 200:
-            return r
-        last = f"HTTP {r.status_code}"
-        if r.status_code in (401, 403):
-            raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}: the dataset is private "
-                             "or gated, and chibichat does not log in to the hub; use the shipped offline task data "
-                             "or a mirror ($CHIBICHAT_HF_ENDPOINT)")
-        if r.status_code < 500 and r.status_code not in RETRY_STATUS_4XX:
-            raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}; check the dataset, "
-                             "subset and split names (or $CHIBICHAT_HF_ENDPOINT)")
+        else:
+            if r.status_code == 200:
+                return r
+            last = f"HTTP {r.status_code}"
+            if r.status_code in (401, 403):
+                sent = ("the Hugging Face token sent (HF_TOKEN, else the `hf auth login` one) has no access to it"
+                        if "Authorization" in (headers or {}) else "no Hugging Face token was sent")
+                raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}: the dataset is "
+                                 f"private or gated and {sent}; set HF_TOKEN (or run `hf auth login`) to a token "
+                                 "with access to the dataset, or use the shipped offline task data or a mirror "
+                                 "($CHIBICHAT_HF_ENDPOINT)")
+            if r.status_code < 500 and r.status_code not in RETRY_STATUS_4XX:
+                raise ChibiError(f"fetching {what} from {url} failed with HTTP {r.status_code}; check the dataset, "
+                                 "subset and split names (or $CHIBICHAT_HF_ENDPOINT)")
+        retry = f"; trying again in {BACKOFF_S * 2 ** attempt:g} s" if attempt + 1 < RETRIES else ""
+        eprint(f"{what}: attempt {attempt + 1}/{RETRIES} failed ({last}){retry}")
     if last.startswith("HTTP"):
         raise ChibiError(f"fetching {what} from {url} failed with {last} after {RETRIES} attempts: the server is busy "
                          "or down; try again later (or set $CHIBICHAT_HF_ENDPOINT to a mirror)")
@@ -70,7 +78,7 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
     parquet, renamed into place only when complete); manifest.json is written last, so its presence
     marks a complete split and later calls read the cache without touching the network.
     """
-    from chibichat.data.corpora import HF_ENDPOINT_ENV, hf_endpoint
+    from chibichat.data.corpora import HF_ENDPOINT_ENV, hf_auth_headers, hf_endpoint, hf_token
     from chibichat.data.download import download_file, validate_parquet
 
     final = cache_dir(home, repo, subset, split)
@@ -83,7 +91,9 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
         return files
     base = hf_endpoint(endpoint)
     what = f"{repo} [{subset}/{split}]"
-    r = _get(listing_url(base, repo, subset, split), f"the parquet listing of {what}")
+    token = hf_token()
+    listing = listing_url(base, repo, subset, split)
+    r = _get(listing, f"the parquet listing of {what}", hf_auth_headers(listing, base, token))
     try:
         urls = r.json()
     except json.JSONDecodeError:
@@ -94,7 +104,7 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
     for k, url in enumerate(urls):
         dest = final / f"{k:04d}.parquet"
         download_file(url, dest, validate=validate_parquet, retries=RETRIES, backoff=BACKOFF_S, timeout=TIMEOUT_S,
-                      where=f"${HF_ENDPOINT_ENV}")
+                      where=f"${HF_ENDPOINT_ENV}", headers=hf_auth_headers(url, base, token))
         entries.append({"file": dest.name, "url": url, "sha256": sha256_file(dest)})
     atomic_write_json(manifest, {"repo": repo, "subset": subset, "split": split, "files": entries})
     return [final / e["file"] for e in entries]
