@@ -515,11 +515,24 @@ def check_at_least(args, minimum: int, *names: str) -> None:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def parse_str_list(text: str, flag: str) -> list[str]:
+    """The entries of a comma list, spaces around each stripped ("a, b" -> ["a", "b"]; blank -> [], for the
+    caller to refuse or accept); an empty entry ("a,,b", "a,") is a typo to point out, not a value to skip:
+    a ChibiError naming `flag`, the value and the fix."""
+    if not text.strip():
+        return []
+    items = [x.strip() for x in text.split(",")]
+    if "" in items:
+        raise ChibiError(f"{flag} has an empty entry in {text!r}: remove the extra comma")
+    return items
+
+
 def parse_int_list(text: str, flag: str, what: str, minimum: int, example: str) -> list[int]:
     """A comma list of distinct integers >= minimum ("2,4,6" -> [2, 4, 6], in the given order); a ChibiError
     naming `flag` and the fix otherwise."""
-    try:  # an empty entry ("2,,4", "2,4,") is a typo to point out, not a value to skip
-        values = [int(x) for x in text.split(",")] if text.strip() else []
+    entries = parse_str_list(text, flag)
+    try:
+        values = [int(x) for x in entries]
     except ValueError:
         raise ChibiError(f"{flag} must be a comma list of integers, e.g. {example}; got {text!r}") from None
     if not values or min(values) < minimum or len(set(values)) != len(values):

@@ -458,11 +458,22 @@ def test_int_lists_refuse_empty_entries_repeats_and_small_values():
     from chibichat.common import parse_int_list
 
     assert parse_int_list("4, 2,6", "--depths", "depths", 1, "2,3,4") == [4, 2, 6]
-    for bad, why in (("2,,4", "must be a comma list of integers, e.g. 2,3,4; got '2,,4'"),
-                     ("2,4,", "must be a comma list of integers, e.g. 2,3,4; got '2,4,'"),
+    for bad, why in (("2,,4", "has an empty entry in '2,,4': remove the extra comma"),
+                     ("2,4,", "has an empty entry in '2,4,': remove the extra comma"),
                      ("2,x", "must be a comma list of integers, e.g. 2,3,4; got '2,x'"),
                      ("2,2", "must list distinct depths >= 1, got '2,2'"),
                      ("0,2", "must list distinct depths >= 1, got '0,2'")):
         with pytest.raises(ChibiError) as e:
             parse_int_list(bad, "--depths", "depths", 1, "2,3,4")
         assert str(e.value) == f"--depths {why}"
+
+
+def test_str_lists_refuse_empty_entries_the_way_int_lists_do():
+    from chibichat.common import parse_str_list
+
+    assert parse_str_list("float32, bfloat16", "--dtypes") == ["float32", "bfloat16"]
+    assert parse_str_list(" ", "--dtypes") == []  # blank: the caller says whether no values is allowed
+    for bad in ("float32,", "a,,b", ",a"):
+        with pytest.raises(ChibiError) as e:
+            parse_str_list(bad, "--dtypes")
+        assert str(e.value) == f"--dtypes has an empty entry in {bad!r}: remove the extra comma"
