@@ -285,6 +285,42 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, remove: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made if missing) for the block: processes locking the same
+    path take turns. `remove`: the holder deletes the file before letting go, so none is left; a process that
+    then gets the lock on the deleted file sees that `path` no longer names it and locks the file now there
+    (else two processes could hold locks on two files of one name). Not POSIX (no fcntl): no cross-process
+    lock, the block runs as is."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            f.close()
+            raise
+        f.close()  # its holder deleted it before letting go: lock the one under that name now
+    try:
+        yield
+    finally:
+        if remove:  # while still held: no other process can have locked this file
+            with contextlib.suppress(OSError):  # one that cannot be deleted is left, and still works
+                path.unlink()
+        f.close()  # lets go of the lock
+
+
 # While atomic_directory swaps a new directory in, the old one is `.aside-<name>-<pid>`. Only a whole old
 # directory ever carries that name (a finished swap renames it to `.old-*` before deleting it), so
 # recover_aside may put it back under its name.
@@ -302,14 +338,29 @@ def recover_aside(final: str | os.PathLike) -> None:
     """Finish what a crash between atomic_directory's two renames left: `final` missing and the old
     directory under its aside name, which is renamed back. With `final` present, an aside is the leftover
     of a finished swap and is deleted. Writers (atomic_directory) and readers of a replaced directory call
-    this first. An OS error while renaming back is a ChibiError naming both paths."""
+    this first. An OS error while renaming back is a ChibiError naming both paths.
+
+    Several processes may call it at once (every rank of a torchrun loads the tokenizer): where there is
+    an aside, they take turns on an exclusive lock (`.<name>.lock` beside `final`, made only then, so a
+    read-only folder without asides is never written to, and deleted after) and each looks again under
+    it, so the second finds the folder the first put back. Where no lock can be had (no fcntl, or no lock file can be made
+    there), a rename that another process has already done counts as done."""
     final = Path(final)
+    if not _asides(final):
+        return
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(OSError):  # no lock file can be made there: on without one
+            held.enter_context(file_lock(final.parent / f".{final.name}.lock", remove=True))
+        _recover_aside(final)
+
+
+def _recover_aside(final: Path) -> None:
     asides = _asides(final)
-    if not asides:
+    if not asides:  # another process recovered it first
         return
     if final.exists():
         for aside in asides:
-            with contextlib.suppress(ChibiError):  # junk like `.old-*`: the next call tries again
+            with contextlib.suppress(ChibiError):  # junk like `.old-*`, or another process's: the next call tries again
                 remove_dir(aside)
         return
     if len(asides) > 1:
@@ -320,6 +371,8 @@ def recover_aside(final: str | os.PathLike) -> None:
         os.replace(asides[0], final)
         fsync_dir(final.parent)
     except OSError as e:
+        if not asides[0].exists() and final.exists():  # renamed back by a process that holds no lock
+            return
         raise ChibiError(f"{final} is missing (a replacement of it was interrupted) and its previous version "
                          f"{asides[0]} could not be renamed back: {e.strerror or e} (errno {e.errno}); rename "
                          f"{asides[0]} to {final} by hand") from None
@@ -515,11 +568,24 @@ def check_at_least(args, minimum: int, *names: str) -> None:
             raise ChibiError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def parse_str_list(text: str, flag: str) -> list[str]:
+    """The entries of a comma list, spaces around each stripped ("a, b" -> ["a", "b"]; blank -> [], for the
+    caller to refuse or accept); an empty entry ("a,,b", "a,") is a typo to point out, not a value to skip:
+    a ChibiError naming `flag`, the value and the fix."""
+    if not text.strip():
+        return []
+    items = [x.strip() for x in text.split(",")]
+    if "" in items:
+        raise ChibiError(f"{flag} has an empty entry in {text!r}: remove the extra comma")
+    return items
+
+
 def parse_int_list(text: str, flag: str, what: str, minimum: int, example: str) -> list[int]:
     """A comma list of distinct integers >= minimum ("2,4,6" -> [2, 4, 6], in the given order); a ChibiError
     naming `flag` and the fix otherwise."""
-    try:  # an empty entry ("2,,4", "2,4,") is a typo to point out, not a value to skip
-        values = [int(x) for x in text.split(",")] if text.strip() else []
+    entries = parse_str_list(text, flag)
+    try:
+        values = [int(x) for x in entries]
     except ValueError:
         raise ChibiError(f"{flag} must be a comma list of integers, e.g. {example}; got {text!r}") from None
     if not values or min(values) < minimum or len(set(values)) != len(values):

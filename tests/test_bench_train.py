@@ -35,6 +35,9 @@ def test_cartesian_configs_and_grad_accum():
     (["--trim-heap", "yes"], "unknown values"),
     (["--layers", "ASA"], "layer layout"),
     (["--layers", ","], "empty"),
+    # an empty entry was skipped: "--dtype float32," silently measured one dtype
+    (["--dtype", "float32,"], r"^--dtype has an empty entry in 'float32,': remove the extra comma$"),
+    (["--layers", "dense,,SA"], r"^--layers has an empty entry in 'dense,,SA': remove the extra comma$"),
     (["--steps", "0"], "--steps"),
     (["--window", "abc"], "expected 0, N or N:PATTERN"),
     (["--fp8", "on"], "--fp8 on needs --dtype bfloat16"),  # the default --dtype list includes float32

@@ -205,6 +205,73 @@ def test_atomic_directory_crash_between_its_renames_leaves_the_old_one_to_recove
     assert (final / "x").read_text() == "newer" and not (tmp_path / names[0]).exists()
 
 
+def _recover_slowly(final, barrier, results):
+    """In a child process: recover_aside(final) with every rename 0.3 s slow, started with the other child."""
+    import os
+    import time
+
+    from chibichat.common import recover_aside
+
+    real = os.replace
+    os.replace = lambda src, dst: (time.sleep(0.3), real(src, dst))[1]
+    barrier.wait()
+    try:
+        recover_aside(final)
+        results.put("ok")
+    except Exception as e:
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_two_processes_recovering_one_aside_at_once_both_succeed(tmp_path):
+    """Every rank of a torchrun loads the tokenizer, so recover_aside runs in several processes at once: each
+    saw the aside and a missing folder, the second's rename then found nothing to rename (a ChibiError). They
+    take turns on a lock, and the second finds the folder back."""
+    import multiprocessing
+
+    final = tmp_path / "tokenizer"
+    aside = tmp_path / ".aside-tokenizer-4321"
+    aside.mkdir()
+    (aside / "x").write_text("whole")
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_recover_slowly, args=(final, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert got == ["ok", "ok"] and [p.exitcode for p in procs] == [0, 0]
+    assert (final / "x").read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]  # the lock file too is gone
+
+
+def test_recover_aside_without_a_lock_takes_a_rename_done_by_another_process_as_done(tmp_path, monkeypatch):
+    import os
+
+    from chibichat import common
+
+    final, aside = tmp_path / "d", tmp_path / ".aside-d-4321"
+    aside.mkdir()
+    (aside / "x").write_text("whole")
+
+    def no_lock(path, remove=False):  # a folder where no lock file can be made
+        raise PermissionError(13, "Permission denied", str(path))
+
+    real = os.replace
+
+    def replace_done_by_another(src, dst):  # the other process renamed it just before this one
+        real(src, dst)
+        raise FileNotFoundError(2, "No such file or directory", str(src))
+
+    monkeypatch.setattr(common, "file_lock", no_lock)
+    monkeypatch.setattr(os, "replace", replace_done_by_another)
+    common.recover_aside(final)
+    assert (final / "x").read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    monkeypatch.undo()
+    common.recover_aside(final)  # nothing to recover: no lock file is made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
 def test_atomic_directory_drops_what_failed_deletes_of_its_earlier_versions_left(tmp_path, monkeypatch, refuse_old_deletes):
     """A tag folder replaced (e.g. import-hf --overwrite) whose old version could not be deleted stays as
     `.old-.aside-<tag>-<pid>-<pid>`; the next replacement of that name drops it, and any `.old-<tag>-<pid>`
@@ -458,11 +525,22 @@ def test_int_lists_refuse_empty_entries_repeats_and_small_values():
     from chibichat.common import parse_int_list
 
     assert parse_int_list("4, 2,6", "--depths", "depths", 1, "2,3,4") == [4, 2, 6]
-    for bad, why in (("2,,4", "must be a comma list of integers, e.g. 2,3,4; got '2,,4'"),
-                     ("2,4,", "must be a comma list of integers, e.g. 2,3,4; got '2,4,'"),
+    for bad, why in (("2,,4", "has an empty entry in '2,,4': remove the extra comma"),
+                     ("2,4,", "has an empty entry in '2,4,': remove the extra comma"),
                      ("2,x", "must be a comma list of integers, e.g. 2,3,4; got '2,x'"),
                      ("2,2", "must list distinct depths >= 1, got '2,2'"),
                      ("0,2", "must list distinct depths >= 1, got '0,2'")):
         with pytest.raises(ChibiError) as e:
             parse_int_list(bad, "--depths", "depths", 1, "2,3,4")
         assert str(e.value) == f"--depths {why}"
+
+
+def test_str_lists_refuse_empty_entries_the_way_int_lists_do():
+    from chibichat.common import parse_str_list
+
+    assert parse_str_list("float32, bfloat16", "--dtypes") == ["float32", "bfloat16"]
+    assert parse_str_list(" ", "--dtypes") == []  # blank: the caller says whether no values is allowed
+    for bad in ("float32,", "a,,b", ",a"):
+        with pytest.raises(ChibiError) as e:
+            parse_str_list(bad, "--dtypes")
+        assert str(e.value) == f"--dtypes has an empty entry in {bad!r}: remove the extra comma"

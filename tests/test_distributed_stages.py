@@ -109,7 +109,7 @@ EVAL_BASE = ["eval", "base", "--from", "base", "--tag", "d1", *CPU, "--eval-toke
              "2", "--sample-tokens", "2", "--core-tasks", "core-copa,core-hellaswag", "--core-items", "7",
              "--eval-batch-size", "3"]
 EVAL_CHAT = ["eval", "chat", "--from", "sft", "--tag", "d1", *CPU, "--tasks", "arc-easy,spelling", "--max-items", "5",
-             "--max-new-tokens", "6", "--eval-batch-size", "2"]
+             "--max-new-tokens", "6", "--eval-batch-size", "2", "--temperature", "1.0"]  # sampled: seeded per item
 EVAL_JGLUE = ["eval", "jglue", "--from", "base", "--tag", "d1", *CPU, "--shots", "1", "--jsquad-shots", "0",
               "--jsquad-max-tokens", "4", "--eval-batch-size", "2"]
 # sft: its val loss at step 0 (before any update) over 3 val batches (rank 0 scores 2, rank 1 scores 1).
@@ -212,7 +212,7 @@ def test_eval_chat_two_ranks_give_one_process_results(runs):
     one_items = {f: _jsonl(one_dir / "sft" / f) for f in files}
     two = json.loads((out_dir / "summary.json").read_text())
     two_items = {f: _jsonl(out_dir / f) for f in files}
-    assert two_items == one_items  # every item: index, prediction, greedy completion, correctness
+    assert two_items == one_items  # every item: index, prediction, sampled completion, correctness
     assert [r["index"] for r in one_items["chat_spelling.jsonl"]] == [0, 1, 2, 3, 4]
     assert one["chat_eval"]["world_size"] == 1 and two["chat_eval"]["world_size"] == 2
     for s in (one, two):

@@ -605,12 +605,18 @@ def test_bench_infer_refuses_repeats_cpu_float16_negative_threads_and_a_bad_json
     for argv, message in (
             (["--batches", "1,8,1"], "--batches lists 1 more than once; list each value once"),
             (["--layouts", "dense,dense"], "--layouts lists dense more than once; list each value once"),
+            # an empty entry was skipped: "--dtypes float32," silently measured one dtype
+            (["--dtypes", "float32,"], "--dtypes has an empty entry in 'float32,': remove the extra comma"),
+            (["--layouts", "dense,,iberis"], "--layouts has an empty entry in 'dense,,iberis': remove the extra comma"),
+            (["--batches", "1,,8"], "--batches has an empty entry in '1,,8': remove the extra comma"),
             (["--dtypes", "float32,float16", "--device", "cpu"],
              "--dtypes float16 is not supported on CPU (--device cpu); use bfloat16 or float32"),
             (["--threads", "-1"], "--threads must be >= 0 (0: torch's choice), got -1"),
             (["--json", str(tmp_path)], f"--json {tmp_path} is a directory; pass the path of a file")):
         assert main(["bench", "infer", *argv]) == 2, argv
         assert capsys.readouterr().err.strip() == f"chibichat bench: error: {message}"
+    assert infer._parse_list("float32, bfloat16", "dtypes") == ["float32", "bfloat16"]
+    assert infer._parse_list("1,8", "batches", int) == [1, 8]
 
 
 # -- continuous batching ----------------------------------------------------------------------------

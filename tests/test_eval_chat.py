@@ -254,20 +254,64 @@ def test_chatcore_over_the_full_task_set():
     assert out["summary"]["chatcore_tasks"] == list(E.CHATCORE_TASKS)
 
 
-def test_engine_generator_batches_and_reads_text():
-    class Smp:
-        def __init__(self, text):
-            self.text = text
+class SeededGen:
+    """Sampled texts that are a function of the prompt and its seed alone; records the seeds it was given."""
 
-    class FakeEngine:
-        def __init__(self):
-            self.calls = []
+    def __init__(self):
+        self.seeds = []
 
-        def generate(self, prompts, num_samples, max_tokens, temperature, top_k, seed, tools):
-            self.calls.append((len(prompts), seed, tools))
-            return [[Smp(f"{len(p)}:{k}") for k in range(num_samples)] for p in prompts]
+    def generate_texts(self, prompts, num_samples, max_tokens, temperature, top_k, seeds):
+        self.seeds += list(seeds)
+        return [[f"{len(p)} seed {s} sample {j}" for j in range(num_samples)] for p, s in zip(prompts, seeds)]
 
-    eng = FakeEngine()
-    texts = E.EngineGenerator(eng, batch_size=2).generate_texts([[1], [1, 2], [1, 2, 3]], 2, 8, 0.0, None, 7)
-    assert texts == [["1:0", "1:1"], ["2:0", "2:1"], ["3:0", "3:1"]]
-    assert eng.calls == [(2, 7, True), (1, 9, True)]
+
+def test_sampled_items_get_the_same_seed_whatever_the_number_of_ranks():
+    # Each rank's first batch used seed + 0: the 2-rank texts differed from one process's at temperature > 0.
+    items = gsm_items(5)
+    task = ListTask("gsm8k", "generative", items, _check)
+    cfg = E.GenSettings(num_samples=2, max_tokens=16, temperature=1.0, seed=100)
+    one_gen = SeededGen()
+    one = E.evaluate_chat([task], scorer=None, gen=one_gen, tok=CharTok(), max_len=100, cfg=cfg)
+    gens, mine = [SeededGen(), SeededGen()], {}
+    for r in range(2):  # each rank's own rows, as its gather would send them
+        E.evaluate_chat([task], scorer=None, gen=gens[r], tok=CharTok(), max_len=100, cfg=cfg, rank=r, world_size=2,
+                        gather=lambda rows, r=r: [mine.setdefault(r, rows)])
+    two = E.evaluate_chat([task], scorer=None, gen=SeededGen(), tok=CharTok(), max_len=100, cfg=cfg, rank=0,
+                          world_size=2, gather=lambda rows: [mine[0], mine[1]])
+    assert one_gen.seeds == [100, 101, 102, 103, 104] and gens[0].seeds == [100, 102, 104] and gens[1].seeds == [101, 103]
+    assert two["items"] == one["items"] and one["items"]["gsm8k"][3]["completion"].endswith(" seed 103 sample 0")
+
+
+def test_engine_generator_texts_do_not_depend_on_the_batching():
+    """A prompt's samples are those Engine.generate draws for it alone with its seed, whatever the batch size
+    and whichever other prompts are decoded with it (the prompts a rank of two gets)."""
+    import torch
+
+    from chibichat.common import init_runtime
+    from chibichat.engine import Engine
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.tokenizer import Tokenizer
+
+    tok = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=48, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                          layers="AA"))  # fmt: skip
+    with torch.no_grad():  # fresh init zeroes the output projections: make the logits depend on the prompt
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    engine = Engine(model.eval(), tok, init_runtime("cpu", "float32"))
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ("hi", "a longer prompt", "xy", "q", "zw")]
+    seeds = [10, 11, 12, 13, 14]
+
+    def texts(batch_size, which):
+        return E.EngineGenerator(engine, batch_size).generate_texts([prompts[i] for i in which], 2, 12, 1.0, 40,
+                                                                     [seeds[i] for i in which])  # fmt: skip
+
+    alone = [[smp.text for smp in engine.generate([p], 2, 12, temperature=1.0, top_k=40, seed=s)[0]]
+             for p, s in zip(prompts, seeds)]
+    assert texts(4, range(5)) == alone
+    assert texts(1, range(5)) == alone
+    ranks = [texts(2, range(r, 5, 2)) for r in range(2)]
+    assert [ranks[i % 2][i // 2] for i in range(5)] == alone
+    assert len({t for row in alone for t in row}) > 5  # sampled: the texts differ
+    assert E.EngineGenerator(engine, 2).generate_texts([], 2, 12, 1.0, 40, []) == []

@@ -726,8 +726,10 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
             assert all(final.startswith(s) for s in seen) and final
             browser.wait_for("document.getElementById('status').textContent === 'Reply finished'")
             live = "[...document.querySelectorAll('[aria-live], [role=status], [role=log], [role=alert]')]"
-            # the message list itself is not read out as it changes: only the status line is
-            assert browser.js(live + ".map(e => e.id)") == ["status"]
+            # the message list itself is not read out as it changes: only the status and notice lines are
+            assert browser.js(live + ".map(e => e.id)") == ["status", "notice"]
+            assert browser.js("document.getElementById('notice').offsetHeight") == 0  # empty: collapsed
+            assert browser.accessible_name(".msg.assistant button") == "Regenerate reply 2"
             png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png"})["data"])
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
             shot = tmp_path / "chat_page.png"
@@ -745,7 +747,7 @@ def test_page_streams_a_reply_in_headless_chromium(served, tmp_path):
             assert browser.js("document.activeElement.id") == "input"
             # Edit and resend: the edited message replaces the old one and gets a fresh reply.
             browser.js("[...document.querySelectorAll('.msg.user button')].find(b => b.textContent === 'Edit').click()")
-            assert browser.accessible_name(".msg.user textarea") == "Edit message"
+            assert browser.accessible_name(".msg.user textarea") == "Edit message 1"
             browser.js("document.querySelector('.msg.user textarea').value = '日本語で答えて'")
             browser.js("[...document.querySelectorAll('.msg.user button')].find(b => b.textContent === 'Send').click()")
             browser.wait_for("!chat.busy && document.querySelectorAll('.msg').length === 2")
@@ -893,21 +895,58 @@ class PageControls(HTMLParser):
             self.names[control] = self.names.get(control) or text
 
 
-def test_page_controls_have_accessible_names_and_only_the_status_line_is_live():
+def test_page_controls_have_accessible_names_and_only_the_status_and_notice_lines_are_live():
+    import re
+
     from fastapi.testclient import TestClient
 
     from chibichat.serve.app import create_app
 
     client = TestClient(create_app(None, "m", load=lambda: None))  # not entered: no model loads
+    html = client.get("/").text
     page = PageControls()
-    page.feed(client.get("/").text)
+    page.feed(html)
     page.close()
     assert page.names == {"temperature": "temperature", "topk": "top-k", "new-chat": "New chat", "api-key": "API key",
                           "use-key": "Use key", "input": "Message", "send": "Send", "stop": "Stop"}  # fmt: skip
     # The message list is rebuilt on render and grows with each streamed piece: were it live, a screen
-    # reader could read the conversation again on every token. Only the status line announces.
-    assert page.live == [("status", "status", None)]
-    assert ".visually-hidden {" in client.get("/static/chat.css").text  # the label and status line are not shown
+    # reader could read the conversation again on every token. The status line announces each turn, the
+    # notice (older messages left out, a reply at its length limit; it was silent to screen readers) its
+    # own text: two polite regions, neither repeating the other.
+    assert page.live == [("status", "status", None), ("notice", "status", None)]
+    # The notice stays in the page (a live region that appears with its text is not reliably announced):
+    # empty, its CSS collapses it instead of `hidden`.
+    assert "hidden" not in re.search(r'<div id="notice"[^>]*>', html).group(0)
+    css = client.get("/static/chat.css").text
+    assert "#notice:empty { padding: 0; border: 0; }" in css
+    assert ".visually-hidden {" in css  # the label and status line are not shown
+
+
+DROPPED = ('data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}], '
+           '"chibichat": {"dropped_messages": 2}}\n\n')
+LENGTH = 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n'
+
+
+def test_page_notice_says_what_was_left_out_or_cut_and_the_status_line_only_the_turn():
+    dropped = page_run(send="hi", chunks=[DROPPED, PIECE, "data: [DONE]\n\n"])
+    assert dropped["notice"] == "The conversation outgrew the model's context: the 2 oldest messages were left out."
+    assert dropped["status"] == "Reply finished"  # not the notice again
+    cut = page_run(send="hi", chunks=[OPEN, PIECE, LENGTH, "data: [DONE]\n\n"])
+    assert cut["notice"] == "The reply reached its length limit." and cut["status"] == "Reply finished"
+    assert page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"])["notice"] == ""
+
+
+def test_page_names_each_message_button_after_its_message():
+    # Every message's buttons have the same short labels: a screen reader's list of buttons read "Edit, Edit,
+    # Edit". Each one's accessible name says which message it acts on; the visible labels stay as they were.
+    two = page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"], steps=["$('input').value = 'again'; send()"])
+    assert two["buttons"] == [["Edit"], [], ["Edit"], ["Regenerate"]]
+    assert two["names"] == [["Edit message 1"], [], ["Edit message 3"], ["Regenerate reply 4"]]
+    editing = page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"], steps=["click('Edit')"])
+    assert editing["buttons"][0] == ["Send", "Cancel"]
+    assert editing["names"][0] == ["Edit message 1", "Send edited message 1", "Cancel editing message 1"]
+    failed = page_run(send="hi", replies=[TOO_LONG])
+    assert failed["buttons"] == [["Edit", "Retry"]] and failed["names"] == [["Edit message 1", "Retry message 1"]]
 
 
 def test_page_announces_each_turn_once_on_its_status_line():

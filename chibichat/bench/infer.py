@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from chibichat.common import ChibiError, add_runtime_args
+from chibichat.common import ChibiError, add_runtime_args, parse_str_list
 
 HELP = "inference TTFT, prefill and decode tokens/s (batch 1 and 8), memory: dense vs iberis, fp32 vs bf16"
 
@@ -51,7 +51,7 @@ def add_args(p) -> None:
 
 def _parse_list(text: str, what: str, conv=str) -> list:
     try:
-        items = [conv(x.strip()) for x in text.split(",") if x.strip()]
+        items = [conv(x) for x in parse_str_list(text, f"--{what}")]
     except ValueError:
         raise ChibiError(f"--{what} must be a comma-separated list, got {text!r}") from None
     if not items:

@@ -40,7 +40,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from chibichat.common import ChibiError
+from chibichat.common import ChibiError, parse_str_list
 
 HELP = ("training throughput (tokens/s, FLOP/s, MFU, peak memory) over layouts x dtypes x compile x fp8 x recompute x "
         "trim x lora")
@@ -111,7 +111,7 @@ def add_args(p) -> None:
 
 
 def _split(value: str, allowed, flag: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    items = parse_str_list(value, flag)
     if not items:
         raise ChibiError(f"{flag} is empty; give a comma-separated list")
     if allowed is not None:

@@ -17,16 +17,16 @@ downloads.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from chibichat.common import ChibiError, Home, atomic_write_json, eprint, fsync_renamed, read_json, sha256_file
+from chibichat.common import (ChibiError, Home, atomic_write_json, eprint, file_lock, fsync_renamed, read_json,
+                              sha256_file)
 
 # Client errors worth retrying: request timeout, rate limit. Any other 4xx is permanent.
 RETRY_STATUS_4XX = {408, 429}
@@ -153,22 +153,6 @@ class _Stopped(BaseException):
     """Raised inside a running download when the whole batch is being interrupted (not retried)."""
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, downloads still atomic
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], None] | None, chunk_size: int,
              batch: _Batch | None = None, where: str = "--base-url", extra: dict[str, str] | None = None) -> dict:
     """One request: append to `part` from its current size; raise _Retry on a recoverable failure. Returns
@@ -271,7 +255,7 @@ def download_file(
     part = dest.with_name(dest.name + ".part")
     if retries < 1:
         raise ChibiError(f"retries must be >= 1, got {retries}")
-    with _file_lock(dest.with_name(f".{dest.name}.lock")):
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
         if dest.exists():
             try:
                 if validate:
@@ -501,7 +485,7 @@ def record_shards(corpus, home: Home, infos: dict[int, dict]) -> None:
     if not fetched:
         return
     path = manifest_path(corpus, home)
-    with _file_lock(path.with_name(".manifest.json.lock")):
+    with file_lock(path.with_name(".manifest.json.lock")):
         m = read_manifest(corpus, home)
         for name, info in fetched.items():
             m["shards"][name] = {"sha256": info["sha256"], "size": corpus.data_dir(home).joinpath(name).stat().st_size,

@@ -16,10 +16,11 @@ never cut.
 
 Distributed (torchrun): rank r of W evaluates items r, r+W, r+2W, ... of every task; the per-item rows
 are gathered to every rank and put back in item order before anything is summarised, and rank 0
-alone writes the files. Categorical scores and greedy generations do not depend on which other
-items share a batch beyond float rounding, so W ranks report what one process does; sampled
-generations (temperature > 0) draw from seeds per batch and so depend on the batching, as they do
-on --eval-batch-size.
+alone writes the files. Categorical scores and generations do not depend on which other items
+share a batch beyond float rounding, so W ranks report what one process does: each prompt's samples
+are drawn from its own generator, seeded with GenSettings.seed + the item's index in its task, so
+sampled generations (temperature > 0) too are the same whatever the number of ranks or
+--eval-batch-size.
 
 ChatCORE = mean over tasks of centered accuracy, baseline 1/#letters for categorical tasks and 0
 for generative ones. It is labelled "chatcore" only when every task of CHATCORE_TASKS was scored;
@@ -45,27 +46,61 @@ UNBOUNDED = 1 << 30  # render limit used only to measure a prompt's full length 
 
 class Generator(Protocol):
     def generate_texts(self, prompts: Sequence[list[int]], num_samples: int, max_tokens: int,
-                       temperature: float, top_k: int | None, seed: int) -> list[list[str]]:
-        """num_samples completion texts per prompt."""
+                       temperature: float, top_k: int | None, seeds: Sequence[int]) -> list[list[str]]:
+        """num_samples completion texts per prompt, prompt i's drawn with seeds[i] whatever the other prompts."""
         ...
 
 
 class EngineGenerator:
-    """The engine behind the Generator interface (tools on: GSM8K uses the calculator)."""
+    """The engine behind the Generator interface (tools on: GSM8K uses the calculator).
+
+    The prompts are decoded together by a continuous `Batcher`, at most `batch_size` of them at a time
+    (a finished prompt's rows go to the next one), each prompt's samples drawn from its own generator
+    seeded with its seed: a prompt's texts are what `Engine.generate([prompt], ..., seed=its seed)`
+    gives, whatever else shares the batch (up to float rounding), so they do not depend on the batch
+    size nor on how the prompts are split over ranks."""
 
     def __init__(self, engine, batch_size: int = 8, tools: bool = True):
         if batch_size < 1:
             raise ChibiError(f"--eval-batch-size must be >= 1, got {batch_size}")
         self.engine, self.batch_size, self.tools = engine, batch_size, tools
 
-    def generate_texts(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
-        out = []
-        for s in range(0, len(prompts), self.batch_size):
-            chunk = list(prompts[s : s + self.batch_size])
-            res = self.engine.generate(chunk, num_samples=num_samples, max_tokens=max_tokens,
-                                       temperature=temperature, top_k=top_k, seed=seed + s, tools=self.tools)
-            out += [[smp.text for smp in row] for row in res]
-        return out
+    def generate_texts(self, prompts, num_samples, max_tokens, temperature, top_k, seeds):
+        import threading
+
+        from chibichat.engine import Batcher, Job, SamplingParams
+
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
+        if not prompts:
+            return []
+        results: list = [None] * len(prompts)  # per prompt: ("done", result) or ("error", exception)
+        finished = threading.Semaphore(0)
+
+        def emitter(i):
+            def emit(events):  # called from the batcher's thread
+                for kind, value in events:
+                    if kind in ("done", "error"):
+                        results[i] = (kind, value)
+                        finished.release()
+            return emit
+
+        params = SamplingParams(temperature, top_k)
+        batcher = Batcher(self.engine, max_rows=self.batch_size * num_samples, name="eval")
+        try:
+            for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+                batcher.submit(Job(list(prompt), num_samples, max_tokens, params, seed, self.tools, emitter(i)))
+            for _ in prompts:
+                finished.acquire()
+        finally:
+            batcher.stop()
+        for kind, value in results:
+            if kind == "error":
+                raise value
+        # The text as Engine.generate gives it: the tokens decoded, an end token left out.
+        decode = self.engine.tokenizer.decode
+        return [[decode(c["tokens"][:-1] if c["finish_reason"] == "stop" else c["tokens"]) for c in value["choices"]]
+                for _, value in results]
 
 
 @dataclass
@@ -150,7 +185,9 @@ def eval_generative(gen: Generator, tok, task, indices: Sequence[int], max_len: 
             continue
         prompts.append(prompt)
         owners.append(row)
-    texts = gen.generate_texts(prompts, cfg.num_samples, cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.seed) \
+    # A seed per item (not per batch of this rank's items): an item's samples are the same whatever the ranks.
+    seeds = [cfg.seed + row["index"] for row in owners]
+    texts = gen.generate_texts(prompts, cfg.num_samples, cfg.max_tokens, cfg.temperature, cfg.top_k, seeds) \
         if prompts else []
     for row, samples in zip(owners, texts):
         item = task[row["index"]]

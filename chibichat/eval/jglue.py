@@ -191,7 +191,7 @@ def eval_jsquad(gen, tok, task, max_len: int, max_tokens: int, indices=None, gat
             row["status"] = "skipped_too_long"
         else:
             prompts.append((row, ids))
-    texts = gen.generate_texts([p for _, p in prompts], 1, max_tokens, 0.0, None, 0) if prompts else []
+    texts = gen.generate_texts([p for _, p in prompts], 1, max_tokens, 0.0, None, [0] * len(prompts)) if prompts else []
     for (row, _), samples in zip(prompts, texts):
         row["pred"], row["em"], row["f1"] = jsquad_scores(samples[0], row["answers"])
     rows = _merge(rows, gather, lambda r: r["index"])

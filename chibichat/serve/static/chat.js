@@ -55,14 +55,19 @@ function announce(text) {
   $("status").textContent = text;
 }
 
+// The notice (older messages dropped, a reply at its length limit) is a polite live region of its own: it
+// stays in the page, collapsed by its CSS while empty, because screen readers announce changes to a live
+// region that is already there, not one that appears.
 function notice(text) {
   $("notice").textContent = text;
-  $("notice").hidden = !text;
 }
 
-function button(label, onClick) {
+// `name`: the accessible name, which says which message the button acts on (a screen reader's list of
+// buttons would otherwise read "Edit, Edit, Edit"); the visible label stays short.
+function button(label, onClick, name) {
   const b = document.createElement("button");
   b.textContent = label;
+  if (name) b.setAttribute("aria-label", name);
   b.onclick = onClick;
   b.disabled = chat.busy;
   return b;
@@ -83,10 +88,13 @@ function render() {
     const actions = document.createElement("div");
     actions.className = "actions";
     const last = i === chat.messages.length - 1;
-    if (m.role === "user") actions.appendChild(button("Edit", () => edit(i, div)));
+    const n = i + 1;  // messages are numbered from 1 in the accessible names
+    if (m.role === "user") actions.appendChild(button("Edit", () => edit(i, div), `Edit message ${n}`));
     // A last user message has no reply: its turn failed or was stopped before any text came.
-    if (m.role === "user" && last && !chat.busy) actions.appendChild(button("Retry", regenerate));
-    if (m.role === "assistant" && last && !m.streaming) actions.appendChild(button("Regenerate", regenerate));
+    if (m.role === "user" && last && !chat.busy) actions.appendChild(button("Retry", regenerate, `Retry message ${n}`));
+    if (m.role === "assistant" && last && !m.streaming) {
+      actions.appendChild(button("Regenerate", regenerate, `Regenerate reply ${n}`));
+    }
     if (actions.childNodes.length) div.appendChild(actions);
     box.appendChild(div);
   });
@@ -109,7 +117,7 @@ function edit(i, div) {
   const area = document.createElement("textarea");
   area.value = chat.messages[i].content;
   area.rows = 3;
-  area.setAttribute("aria-label", "Edit message");
+  area.setAttribute("aria-label", `Edit message ${i + 1}`);
   div.textContent = "";
   div.appendChild(area);
   const actions = document.createElement("div");
@@ -122,8 +130,8 @@ function edit(i, div) {
     chat.messages = chat.messages.slice(0, i);  // everything after the edited message is replaced
     chat.messages.push({ role: "user", content: text });
     complete(params);
-  }));
-  actions.appendChild(button("Cancel", render));
+  }, `Send edited message ${i + 1}`));
+  actions.appendChild(button("Cancel", render, `Cancel editing message ${i + 1}`));
   div.appendChild(actions);
   area.focus();
 }
