@@ -272,8 +272,8 @@ def fetch_bundle(home, url: str = BUNDLE_URL) -> Path:
     import hashlib
     import os
 
-    from chibichat.common import atomic_write_json, eprint, fsync_renamed, sha256_file, write_error
-    from chibichat.data.download import _file_lock, download_file
+    from chibichat.common import atomic_write_json, eprint, file_lock, fsync_renamed, sha256_file, write_error
+    from chibichat.data.download import download_file
 
     if not url.startswith(("http://", "https://")):
         raise ChibiError(f"the CORE bundle URL ({URL_SETTINGS}) must be an http(s) URL, got {url!r}")
@@ -282,7 +282,7 @@ def fetch_bundle(home, url: str = BUNDLE_URL) -> Path:
     fresh = dest.with_name(f"eval_bundle.{hashlib.sha256(url.encode()).hexdigest()[:16]}.zip")
     record = dest.with_name(SOURCE_RECORD)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(dest.with_name(".eval_bundle.lock")):  # torchrun ranks all fetch it at once
+    with file_lock(dest.with_name(".eval_bundle.lock")):  # torchrun ranks all fetch it at once
         if dest.exists():
             source, why = _recorded_source(dest, record)
             if source == url or not record.exists() and url == BUNDLE_URL:  # a cache from before the records
