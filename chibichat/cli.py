@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from chibichat import __version__
-from chibichat.common import WRITE_ERRNOS, ChibiError, eprint, write_error
+from chibichat.common import WRITE_ERRNOS, ChibiError, eprint, passive_thread_waits, write_error
 
 # Order here is the order in `chibichat --help`: the flow of a run.
 STAGES = [
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    if getattr(args, "decodes_only", False):  # set by chat and serve: see passive_thread_waits
+        passive_thread_waits()
     try:
         rc = args.func(args)
     except ChibiError as e:

@@ -1,4 +1,5 @@
 import itertools
+import os
 import re
 import shlex
 import subprocess
@@ -32,6 +33,32 @@ def test_every_registered_subcommand_has_help(capsys):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "chibichat", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "chibichat" in r.stdout
+
+
+PROBE = """
+import os, sys
+import chibichat.stages.{mod} as stage
+stage.run = lambda args: print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+from chibichat.cli import main
+{pre}main({argv!r})
+"""
+
+
+@pytest.mark.parametrize("mod, argv, pre, policy", [
+    ("chat", ["chat", "-p", "hi"], "", "PASSIVE"),
+    ("serve", ["serve"], "", "PASSIVE"),
+    ("chat", ["chat"], "os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'\n", "ACTIVE"),  # the user's setting is kept
+    ("chat", ["chat"], "import torch\n", "None"),  # too late to matter: the environment is left alone
+    ("pretrain", ["pretrain", "--corpus", "embedded-en"], "", "None"),  # training spins (faster alone)
+])
+def test_decoding_commands_let_openmp_threads_sleep(mod, argv, pre, policy):
+    """chat and serve set OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (common.passive_thread_waits):
+    decoding beside other work on the cores no longer crawls while the two processes' threads spin."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, pre=pre, argv=argv)], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [policy, "True" if pre == "import torch\n" else "False"]
 
 
 def test_home_resolution(tmp_path, monkeypatch):

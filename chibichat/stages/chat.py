@@ -55,7 +55,7 @@ def register(sub) -> None:
     add_allow_weak_arg(p)
     p.add_argument("--system", default=None, help="system prompt (kept when old turns are dropped)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, decodes_only=True)  # cli.main: common.passive_thread_waits
 
 
 def load_engine(args):

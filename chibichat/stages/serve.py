@@ -51,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--tools", default="calculator", choices=("none", "calculator", "python"),
                    help="tool the model may call (default: calculator)")  # fmt: skip
     add_allow_weak_arg(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, decodes_only=True)  # cli.main: common.passive_thread_waits
 
 
 def build_pool(args):
