@@ -574,7 +574,7 @@ def test_eval_chat_cli_writes_items_and_summary(base, capsys):
     rows = [json.loads(l) for l in (out / "chat_spelling.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["n_samples"] == 1 for r in rows)
     assert (out / "chat_arc_easy.csv").read_text().startswith("task,index,status")
-    assert s["chat_eval"]["max_items"] == 3 and s["chat_eval"]["top_k"] == 50
+    assert s["chat_eval"]["max_items"] == 3 and s["chat_eval"]["top_k"] == 50 and s["chat_eval"]["seed"] is None
     # a later eval of the same checkpoint with the same settings on your own file adds to the record;
     # ChatCORE is left as it was
     qa = home.root / "qa.jsonl"
@@ -620,6 +620,25 @@ def test_eval_chat_cli_writes_items_and_summary(base, capsys):
     assert not any(k.startswith(("spelling", summary_key(f"file:{qa}"))) for k in s4)
     assert s4["arc_easy_n"] + s4["arc_easy_skipped_too_long"] == 3
     assert sorted(p.name for p in out.iterdir()) == ["chat_arc_easy.csv", "chat_arc_easy.jsonl", "summary.json"]
+
+
+def test_eval_chat_seed_chooses_the_samples(base):
+    """--seed: at --temperature > 0 item i samples with seed + i, so a run repeats with its seed and another
+    seed draws other replies; the seed is a record setting (scores of another seed are another test)."""
+    home, _ = base
+    run_cli("sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "sd", "--num-steps", 1,
+            *FAST, "--mix", "arithmetic=0.05")
+    out = home.eval_dir("sft", "sd")
+
+    def completions(seed):
+        run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "sd", "--device", "cpu", "--dtype",
+                "float32", "--tasks", "spelling", "--max-items", 4, "--max-new-tokens", 12, "--temperature", 1.0,
+                "--seed", seed)
+        assert json.loads((out / "summary.json").read_text())["chat_eval"]["seed"] == seed
+        return [json.loads(l)["completion"] for l in (out / "chat_spelling.jsonl").read_text().splitlines()]
+
+    first = completions(3)
+    assert completions(3) == first and completions(4) != first
 
 
 def test_core_on_shipped_tasks_with_a_real_model(base, tmp_path):

@@ -310,7 +310,7 @@ CHATCORE_KEYS = ("chatcore", "chatcore_partial", "chatcore_tasks")
 # an earlier run's tasks only when all of these match (metrics.carry_over), so ChatCORE is never a mean over
 # different tests.
 RECORD_SETTINGS = ("checkpoint", "checkpoint_mtime_ns", "step", "test_sets", "max_items", "num_samples",
-                   "max_new_tokens", "temperature", "top_k")
+                   "max_new_tokens", "temperature", "top_k", "seed")
 
 
 def task_keys(name: str) -> tuple[str, ...]:
@@ -355,6 +355,8 @@ def add_chat_args(p) -> None:
                    help="tokens per generated answer (default: min(256, half the model's context))")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=50, help="top-k when sampling (default: 50; 0 = off)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --temperature > 0: item i of a task samples with seed + i (default: 0)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
 
 
@@ -389,7 +391,7 @@ def run_chat(args) -> int:
         seq_len = model.config.seq_len
         cfg = GenSettings(num_samples=args.num_samples,
                           max_tokens=reply_budget(seq_len, args.max_new_tokens, what="--max-new-tokens"),
-                          temperature=args.temperature, top_k=args.top_k or None)
+                          temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
         out = evaluate_chat(tasks, scorer=ModelScorer(model, rt, args.eval_batch_size),
                             gen=EngineGenerator(Engine(model, tok, rt), args.eval_batch_size), tok=tok,
                             max_len=seq_len, cfg=cfg, max_items=args.max_items, rank=rt.rank,
@@ -412,7 +414,8 @@ def run_chat(args) -> int:
             earlier_tasks = [t for t in earlier_tasks if t["task"] not in replaced]
         settings = {**checkpoint_settings(meta), "test_sets": args.test_sets, "max_items": args.max_items,
                     "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
-                    "temperature": cfg.temperature, "top_k": cfg.top_k}
+                    "temperature": cfg.temperature, "top_k": cfg.top_k,
+                    "seed": cfg.seed if cfg.temperature > 0 else None}  # (greedy replies draw nothing)
         kept_names, dropped, note = carry_over(earlier, settings, RECORD_SETTINGS,
                                                [t["task"] for t in earlier_tasks], [t["task"] for t in out["tasks"]])
         if note:
