@@ -934,6 +934,10 @@ def test_page_notice_says_what_was_left_out_or_cut_and_the_status_line_only_the_
     cut = page_run(send="hi", chunks=[OPEN, PIECE, LENGTH, "data: [DONE]\n\n"])
     assert cut["notice"] == "The reply reached its length limit." and cut["status"] == "Reply finished"
     assert page_run(send="hi", chunks=[OPEN, PIECE, "data: [DONE]\n\n"])["notice"] == ""
+    # both in one turn: both said (the length notice replaced the dropped one)
+    both = page_run(send="hi", chunks=[DROPPED, PIECE, LENGTH, "data: [DONE]\n\n"])
+    assert both["notice"] == ("The conversation outgrew the model's context: the 2 oldest messages were left out. "
+                              "The reply reached its length limit.")
 
 
 def test_page_names_each_message_button_after_its_message():

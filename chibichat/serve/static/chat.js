@@ -58,8 +58,12 @@ function announce(text) {
 // The notice (older messages dropped, a reply at its length limit) is a polite live region of its own: it
 // stays in the page, collapsed by its CSS while empty, because screen readers announce changes to a live
 // region that is already there, not one that appears.
-function notice(text) {
-  $("notice").textContent = text;
+// `add`: one more thing to say about this turn (its context dropped and its length reached, say), kept beside
+// what is there rather than replacing it; the same text twice is said once.
+function notice(text, add) {
+  const now = $("notice").textContent;
+  if (add && now.includes(text)) return;
+  $("notice").textContent = add && now ? now + " " + text : text;
 }
 
 // `name`: the accessible name, which says which message the button acts on (a screen reader's list of
@@ -213,7 +217,7 @@ async function complete(params) {
       const obj = JSON.parse(data);
       if (obj.error) throw new Error(obj.error.message);
       if (obj.chibichat && obj.chibichat.dropped_messages) {
-        notice(`The conversation outgrew the model's context: the ${obj.chibichat.dropped_messages} oldest messages were left out.`);
+        notice(`The conversation outgrew the model's context: the ${obj.chibichat.dropped_messages} oldest messages were left out.`, true);
       }
       const choice = obj.choices && obj.choices[0];
       if (choice && choice.delta && choice.delta.content) {
@@ -222,7 +226,7 @@ async function complete(params) {
         if (el) el.textContent = reply.content;
         $("messages").scrollTop = $("messages").scrollHeight;
       }
-      if (choice && choice.finish_reason === "length") notice("The reply reached its length limit.");
+      if (choice && choice.finish_reason === "length") notice("The reply reached its length limit.", true);
     }
     // The server ends every reply with [DONE]: a body that ends before it is a reply cut short.
     if (!finished) throw new Error("the reply was cut off: the connection ended before the server finished it");
