@@ -217,6 +217,24 @@ def test_a_listed_file_that_fails_names_the_endpoint_setting(server, home):
         assert str(e.value) == message
 
 
+def test_a_listed_file_that_wants_a_token_says_how_to_give_one(server, home, monkeypatch, no_hf_token):
+    """A 401/403 on a file of a gated dataset names HF_TOKEN, and whether a token was sent (it was once named
+    as a wrong URL)."""
+    from chibichat.data.corpora import HF_AUTH_FIX
+
+    path = "/files/openai/gsm8k/main/train/0.parquet"
+    url = f"http://127.0.0.1:{server.server_port}{path}"
+    for token, code, sent in [(None, 401, "got no token"), ("hf_x", 403, "refused the token sent")]:
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        server.fail[path] = [code]
+        with pytest.raises(ChibiError) as e:
+            get_task("gsm8k", source="online", home=Home(home), split="train")
+        reason = {401: "Unauthorized", 403: "Forbidden"}[code]
+        assert str(e.value) == f"{url} answered HTTP {code} {reason}: it {sent}; {HF_AUTH_FIX}"
+        assert "hf_x" not in str(e.value)
+
+
 def test_each_failed_listing_attempt_is_printed_with_the_wait(server, home, capsys, monkeypatch):
     """A dropping network is not silent: one line per failed attempt, as download_file logs them, naming what
     is fetched and the wait before the next attempt (the one slept)."""

@@ -96,6 +96,11 @@ def _origin(url: str) -> tuple[str, str, int] | None:
         return None
 
 
+# What a 401/403 from the hub asks of the user (a gated or private dataset).
+HF_AUTH_FIX = ("the dataset is gated or private: set HF_TOKEN (or run `hf auth login`) to a token with access to it "
+               "(it is sent to the hub endpoint only), or use a mirror ($CHIBICHAT_HF_ENDPOINT)")
+
+
 def hf_auth_headers(url: str, endpoint: str, token: str | None) -> dict[str, str]:
     """{"Authorization": "Bearer <token>"} for a URL on the endpoint itself (same scheme, host and port), else {}:
     the token is for the hub, never for another server a listing names. (requests drops the header itself on a

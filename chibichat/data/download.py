@@ -154,7 +154,8 @@ class _Stopped(BaseException):
 
 
 def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], None] | None, chunk_size: int,
-             batch: _Batch | None = None, where: str = "--base-url", extra: dict[str, str] | None = None) -> dict:
+             batch: _Batch | None = None, where: str = "--base-url", extra: dict[str, str] | None = None,
+             auth: str | None = None) -> dict:
     """One request: append to `part` from its current size; raise _Retry on a recoverable failure. Returns
     what the server states about the file (hub_metadata).
 
@@ -186,6 +187,9 @@ def _attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int], Non
                 whole = True
             elif r.status_code >= 500 or r.status_code in RETRY_STATUS_4XX:
                 raise _Retry(f"HTTP {r.status_code}")
+            elif r.status_code in (401, 403) and auth:
+                sent = "refused the token sent" if "Authorization" in (extra or {}) else "got no token"
+                raise ChibiError(f"{url} answered HTTP {r.status_code} {r.reason}: it {sent}; {auth}")
             elif r.status_code >= 400:
                 raise ChibiError(f"{url} answered HTTP {r.status_code} {r.reason}; check the URL / {where}")
             meta = hub_metadata(r)
@@ -237,6 +241,7 @@ def download_file(
     batch: _Batch | None = None,
     where: str = "--base-url",
     headers: dict[str, str] | None = None,
+    auth: str | None = None,
 ) -> Path:
     """Fetch `url` into `dest` atomically; returns dest. An existing valid `dest` is kept.
 
@@ -249,7 +254,8 @@ def download_file(
     filled with what the server stated about the file it sent (hub_metadata; left empty when an existing
     dest was kept). `batch`: the download is one of a batch's (download_corpus). `where`: the setting that
     chooses the server, named in the errors as what to check. `headers`: sent with every request (the hub
-    token: corpora.hf_auth_headers, which gives it only to the endpoint's own URLs).
+    token: corpora.hf_auth_headers, which gives it only to the endpoint's own URLs). `auth`: what a 401/403
+    answer should make the user do (the hub's: corpora.HF_AUTH_FIX), else it is treated as any other 4xx.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -270,7 +276,7 @@ def download_file(
             if attempt:
                 (batch.sleep if batch else time.sleep)(backoff * 2 ** (attempt - 1))
             try:
-                meta = _attempt(url, part, timeout, on_bytes, chunk_size, batch, where, headers)
+                meta = _attempt(url, part, timeout, on_bytes, chunk_size, batch, where, headers, auth)
                 if validate:
                     try:
                         validate(part)
@@ -399,7 +405,7 @@ def download_corpus(
     shard that failed (the others are kept). Retries and re-fetches are logged above the progress bar, or to
     stderr without one. The Hugging Face token (corpora.hf_token), if any, is sent with every request.
     """
-    from chibichat.data.corpora import HF_ENDPOINT_ENV, OnlineCorpus, hf_auth_headers, hf_endpoint, hf_token
+    from chibichat.data.corpora import HF_AUTH_FIX, HF_ENDPOINT_ENV, OnlineCorpus, hf_auth_headers, hf_endpoint, hf_token
 
     if not isinstance(corpus, OnlineCorpus):
         raise ChibiError(f"{corpus.name} is not an online corpus: nothing to download (embedded corpora ship with the package)")
@@ -439,6 +445,7 @@ def download_corpus(
             urls[i], corpus.shard_path(home, i), validate=lambda path: validate(i, path), retries=retries,
             backoff=backoff, timeout=timeout, on_bytes=on_bytes, log=(lambda msg: bar.write(msg)) if progress else eprint,
             info=infos[i], batch=batch, headers=hf_auth_headers(urls[i], hf_endpoint(base_url), token),
+            auth=HF_AUTH_FIX,
         )
 
     done, failed = [], {}

@@ -78,7 +78,7 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
     parquet, renamed into place only when complete); manifest.json is written last, so its presence
     marks a complete split and later calls read the cache without touching the network.
     """
-    from chibichat.data.corpora import HF_ENDPOINT_ENV, hf_auth_headers, hf_endpoint, hf_token
+    from chibichat.data.corpora import HF_AUTH_FIX, HF_ENDPOINT_ENV, hf_auth_headers, hf_endpoint, hf_token
     from chibichat.data.download import download_file, validate_parquet
 
     final = cache_dir(home, repo, subset, split)
@@ -104,7 +104,7 @@ def fetch_split(home: Home, repo: str, subset: str, split: str, endpoint: str | 
     for k, url in enumerate(urls):
         dest = final / f"{k:04d}.parquet"
         download_file(url, dest, validate=validate_parquet, retries=RETRIES, backoff=BACKOFF_S, timeout=TIMEOUT_S,
-                      where=f"${HF_ENDPOINT_ENV}", headers=hf_auth_headers(url, base, token))
+                      where=f"${HF_ENDPOINT_ENV}", headers=hf_auth_headers(url, base, token), auth=HF_AUTH_FIX)
         entries.append({"file": dest.name, "url": url, "sha256": sha256_file(dest)})
     atomic_write_json(manifest, {"repo": repo, "subset": subset, "split": split, "files": entries})
     return [final / e["file"] for e in entries]
