@@ -609,6 +609,7 @@ def test_bench_infer_refuses_repeats_cpu_float16_negative_threads_and_a_bad_json
             (["--dtypes", "float32,"], "--dtypes has an empty entry in 'float32,': remove the extra comma"),
             (["--layouts", "dense,,iberis"], "--layouts has an empty entry in 'dense,,iberis': remove the extra comma"),
             (["--batches", "1,,8"], "--batches has an empty entry in '1,,8': remove the extra comma"),
+            (["--batches", "1,eight"], "--batches must be a comma-separated list of integers, e.g. 1,8, got '1,eight'"),
             (["--dtypes", "float32,float16", "--device", "cpu"],
              "--dtypes float16 is not supported on CPU (--device cpu); use bfloat16 or float32"),
             (["--threads", "-1"], "--threads must be >= 0 (0: torch's choice), got -1"),

@@ -53,7 +53,8 @@ def _parse_list(text: str, what: str, conv=str) -> list:
     try:
         items = [conv(x) for x in parse_str_list(text, f"--{what}")]
     except ValueError:
-        raise ChibiError(f"--{what} must be a comma-separated list, got {text!r}") from None
+        kind = " of integers, e.g. 1,8" if conv is int else ""
+        raise ChibiError(f"--{what} must be a comma-separated list{kind}, got {text!r}") from None
     if not items:
         raise ChibiError(f"--{what} is empty")
     twice = sorted({str(x) for x in items if items.count(x) > 1})
