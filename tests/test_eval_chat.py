@@ -130,8 +130,12 @@ def test_a_record_keeps_earlier_tasks_only_under_the_same_settings():
 
     now = {"checkpoint": "/h/checkpoints/sft/d4/step_000010", "checkpoint_mtime_ns": 7, "step": 10,
            "test_sets": "shipped", "max_items": None, "num_samples": 1, "max_new_tokens": 128,
-           "temperature": 0.0, "top_k": 50}
+           "temperature": 0.0, "top_k": 50, "seed": None}
     assert record_mismatch({**now, "tasks": [], "seconds": 3.0, "world_size": 2}, now) == []
+    # the seed counts when sampling (greedy records carry None, and records from before the seed was kept match)
+    sampled = {**now, "temperature": 1.0, "seed": 0}
+    assert record_mismatch({**sampled, "seed": 1}, sampled) == ["seed"]
+    assert record_mismatch({k: v for k, v in now.items() if k != "seed"}, now) == []
     # the same step trained again (meta.json rewritten), other test sets or items: another test
     assert record_mismatch({**now, "checkpoint_mtime_ns": 8}, now) == ["checkpoint_mtime_ns"]
     assert record_mismatch({**now, "test_sets": "online", "max_items": 3}, now) == ["test_sets", "max_items"]

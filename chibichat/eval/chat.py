@@ -66,6 +66,16 @@ class EngineGenerator:
         self.engine, self.batch_size, self.tools = engine, batch_size, tools
 
     def generate_texts(self, prompts, num_samples, max_tokens, temperature, top_k, seeds):
+        # The text as Engine.generate gives it: the tokens decoded, an end token left out.
+        decode = self.engine.tokenizer.decode
+        return [[decode(c["tokens"][:-1] if c["finish_reason"] == "stop" else c["tokens"]) for c in choices]
+                for choices in self.choices(prompts, num_samples, max_tokens, temperature, top_k, seeds)]
+
+    def choices(self, prompts, num_samples, max_tokens, temperature, top_k, seeds) -> list[list[dict]]:
+        """Per prompt, its num_samples choices as `Engine.stream_choices` reports them ("tokens",
+        "finish_reason", ...). Decoding runs on the batcher's thread: OpenMP threads spinning in a process's
+        main thread make each small decoding op wait on cores that other work is using (see
+        common.passive_thread_waits), where a second thread's do not (docs/benchmarks.md, session 31)."""
         import threading
 
         from chibichat.engine import Batcher, Job, SamplingParams
@@ -97,10 +107,7 @@ class EngineGenerator:
         for kind, value in results:
             if kind == "error":
                 raise value
-        # The text as Engine.generate gives it: the tokens decoded, an end token left out.
-        decode = self.engine.tokenizer.decode
-        return [[decode(c["tokens"][:-1] if c["finish_reason"] == "stop" else c["tokens"]) for c in value["choices"]]
-                for _, value in results]
+        return [value["choices"] for _, value in results]
 
 
 @dataclass

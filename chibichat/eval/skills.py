@@ -32,17 +32,20 @@ class ReplyGenerator(Protocol):
 
 
 class EngineReplies:
+    """Greedy replies with the tools on, decoded as `eval chat` decodes (eval.chat.EngineGenerator: a
+    continuous batch of up to `batch_size` prompts); a reply's text as Engine.generate gives it."""
+
     def __init__(self, engine, batch_size: int = 8):
-        if batch_size < 1:
-            raise ChibiError(f"--eval-batch-size must be >= 1, got {batch_size}")
-        self.engine, self.batch_size = engine, batch_size
+        from chibichat.eval.chat import EngineGenerator
+
+        self.gen = EngineGenerator(engine, batch_size)  # (checks batch_size)
+        self.decode = engine.tokenizer.decode
 
     def replies(self, prompts, max_tokens):
         out = []
-        for s in range(0, len(prompts), self.batch_size):
-            res = self.engine.generate(list(prompts[s:s + self.batch_size]), num_samples=1, max_tokens=max_tokens,
-                                       temperature=0.0, seed=0, tools=True)
-            out += [(row[0].text, row[0].finish_reason) for row in res]
+        for (c,) in self.gen.choices(prompts, 1, max_tokens, 0.0, None, [0] * len(prompts)):
+            stop = c["finish_reason"] == "stop"  # (else "length": no stop strings, no cancelling here)
+            out.append((self.decode(c["tokens"][:-1] if stop else c["tokens"]), c["finish_reason"]))
         return out
 
 
