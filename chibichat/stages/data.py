@@ -289,19 +289,24 @@ def run_build(args) -> int:
 HIST_EDGES = (0.25, 0.5, 0.75, 1.0, 2.0)  # token length as a fraction of the context (T + 1 tokens)
 
 
-def _throughput(sdir: Path) -> float | None:
-    """Median training tok/s logged by the run that wrote this checkpoint (same model size), if any."""
-    path = Path(sdir).parent / "metrics.jsonl"
-    if not path.is_file():
-        return None
+def _throughput(sdir: Path, meta: dict) -> float | None:
+    """Median training tok/s logged by the run that wrote this checkpoint (same model size), if any. An
+    average of runs (`--soup K`, as the quickstart's mid and sft) logs no steps of its own: its member runs'
+    steps, beside it in the stage's directory, count instead."""
+    run = Path(sdir).parent
+    soup = meta.get("soup") if isinstance(meta.get("soup"), dict) else {}
+    paths = [run / "metrics.jsonl"] + [run.parent / str(m) / "metrics.jsonl" for m in soup.get("members") or []]
     speeds = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            v = json.loads(line).get("tok_per_s")
-        except (ValueError, AttributeError):
+    for path in paths:
+        if not path.is_file():
             continue
-        if isinstance(v, (int, float)) and v > 0:
-            speeds.append(float(v))
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                v = json.loads(line).get("tok_per_s")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(v, (int, float)) and v > 0:
+                speeds.append(float(v))
     return sorted(speeds)[len(speeds) // 2] if speeds else None
 
 
@@ -345,7 +350,7 @@ def check_report(args) -> dict:
         epochs = args.num_steps / steps_per_epoch
     else:
         steps_per_epoch = epochs = None
-    tps = _throughput(sdir)
+    tps = _throughput(sdir, meta)
     seconds = args.num_steps * rows_per_step * seq_len / tps if tps else None
     rep.update({"checkpoint": str(sdir), "seq_len": seq_len, "max_len": max_len, "lengths": {
         "min": min(lengths) if lengths else None, "median": sorted(lengths)[len(lengths) // 2] if lengths else None,
