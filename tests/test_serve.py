@@ -1242,20 +1242,26 @@ def calculator_call(served, msgs, expr):
 
 
 def test_builtin_tool_call_visible_in_the_response(served):
-    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls."""
+    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls;
+    streamed, on the chunk that ends the choice."""
     from chibichat.serve.app import create_app
 
     msgs = [{"role": "user", "content": "6*7?"}]
     pool = steered_pool(served, calculator_call(served, msgs, "6*7"))
     app = create_app(pool, served.model, Limits(default_max_tokens=16))
+    req = {"model": served.model, "messages": msgs, "temperature": 0, "max_tokens": 16}
     try:
         with Server(app) as url:
-            body = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": msgs,
-                              "temperature": 0, "max_tokens": 16}, timeout=60).json()  # fmt: skip
+            body = httpx.post(url + "/v1/chat/completions", json=req, timeout=60).json()
+            deltas = _sse_deltas(url, req)
     finally:
         pool.shutdown()
     assert body["choices"][0]["message"]["content"].startswith("<<6*7=42>>")
     assert body["chibichat"]["tool_calls"] == [[{"expression": "6*7", "output": "42"}]]
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas).startswith("<<6*7=42>>")
+    assert [d.get("chibichat") for d in deltas if d["choices"][0]["finish_reason"]] == [
+        {"tool_calls": [[{"expression": "6*7", "output": "42"}]]}]
+    assert all("chibichat" not in d for d in deltas if not d["choices"][0]["finish_reason"])
 
 
 def test_top_logprobs_hold_the_chosen_token_as_it_reads_and_keep_partial_tokens_apart(served):
