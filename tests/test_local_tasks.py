@@ -274,6 +274,17 @@ def test_data_check_times_an_averaged_checkpoint_by_its_member_runs(tmp_path, ca
                  "--num-steps", "10", "--device-batch-size", "2"]) == 0
     seq_len = meta["model_config"]["seq_len"]
     assert f"time: ~{10 * 2 * seq_len / 200:.0f} s at 200 tok/s (the source run's median)" in capsys.readouterr().out
+    # RL rows: a step samples before it trains, so the chat rate does not time it; no valid row: nothing to measure
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "1+1?", "answer": "2", "match": "numeric"}])
+    assert main(["data", "check", str(qa), "--home", str(home.root), "--from", "sft", "--from-tag", "d2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("time: not estimated (an RL step samples replies before it "
+                                                        "trains; `rl --minutes M` fits its steps to a budget)")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1?"}])
+    assert main(["data", "check", str(bad), "--home", str(home.root), "--from", "sft", "--from-tag", "d2"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == (f"no valid line to measure against the context of {next(avg.glob('step_*'))}: "
+                                    "fix the problems above")
+    assert "None" not in out and "time:" not in out
 
 
 def test_identity_persona_replaces_name_and_creator_in_en_and_ja(tmp_path):

@@ -351,7 +351,9 @@ def check_report(args) -> dict:
     else:
         steps_per_epoch = epochs = None
     tps = _throughput(sdir, meta)
-    seconds = args.num_steps * rows_per_step * seq_len / tps if tps else None
+    # Only a chat file's steps are rows of seq_len tokens trained at the source run's rate; an RL step samples
+    # replies first, so its time is not estimated.
+    seconds = args.num_steps * rows_per_step * seq_len / tps if tps and epochs is not None else None
     rep.update({"checkpoint": str(sdir), "seq_len": seq_len, "max_len": max_len, "lengths": {
         "min": min(lengths) if lengths else None, "median": sorted(lengths)[len(lengths) // 2] if lengths else None,
         "max": max(lengths) if lengths else None}, "histogram": hist, "render": status,
@@ -375,6 +377,9 @@ def run_check(args) -> int:
     if len(rep["duplicates"]) > 20:
         print(f"  ... {len(rep['duplicates']) - 20} more duplicates")
     lens = rep["lengths"]
+    if not rep["valid"]:
+        print(f"no valid {unit} to measure against the context of {rep['checkpoint']}: fix the problems above")
+        return 1
     print(f"token lengths vs the context of {rep['checkpoint']} ({rep['max_len']} tokens = seq_len + 1): "
           f"min {lens['min']}, median {lens['median']}, max {lens['max']}")
     total = max(1, rep["valid"])
@@ -393,6 +398,9 @@ def run_check(args) -> int:
               f"{rep['epochs']:.2f} epochs of this file ({rep['steps_per_epoch']:.1f} steps per epoch)")
     if rep["estimated_seconds"] is not None:
         print(f"time: ~{rep['estimated_seconds']:.0f} s at {rep['tok_per_s']:.0f} tok/s (the source run's median)")
+    elif rep["kind"] == "verifiable":
+        print("time: not estimated (an RL step samples replies before it trains; `rl --minutes M` fits its steps "
+              "to a budget)")
     else:
         print("time: unknown (the source checkpoint's run logged no tok/s)")
     return 1 if rep["errors"] else 0
