@@ -1796,6 +1796,29 @@ def test_an_open_host_without_a_key_gets_a_warning():
         "who can reach it can use the model; give --api-key or --api-key-file")
 
 
+def test_a_port_in_use_or_a_foreign_address_is_refused_before_listening(served, capsys):
+    """uvicorn would print its own error after ours said "listening at", and exit 3: the stage binds first."""
+    from chibichat.cli import main
+    from chibichat.common import ChibiError
+    from chibichat.stages.serve import listen_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--home", str(served.home.root), "--device", "cpu", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert "listening" not in out
+    assert err.strip().splitlines()[-1] == (f"chibichat serve: error: cannot listen on 127.0.0.1:{port}: Address already "
+                                            "in use; another process listens on that port: choose another --port, or "
+                                            "stop it")
+    with pytest.raises(ChibiError) as e:
+        listen_socket("192.0.2.1", port)  # TEST-NET-1: no machine's own address
+    assert str(e.value) == (f"cannot listen on 192.0.2.1:{port}: Cannot assign requested address; it is not an address "
+                            "of this machine: give --host 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or "
+                            "one of its addresses")
+
+
 def metrics_once_cancelled(url, timeout=20.0):
     """The server's metrics as soon as one request has ended as cancelled (or when `timeout` runs out)."""
     deadline, m = time.time() + timeout, {}
