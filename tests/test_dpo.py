@@ -133,6 +133,32 @@ def test_thirty_cpu_steps_raise_held_out_reward_accuracy(tmp_path):
     assert all("train_reward_margin" in r for r in lines if "reward_accuracy" in r and r["step"] > 0)
 
 
+def test_throughput_counts_the_trained_tokens_of_both_sides_not_pairs(tmp_path):
+    """DPO normalises its loss by pairs, but tok/s, MFU and `tokens` count the target tokens it trains."""
+    from test_stages_chat import make_base, run_cli
+
+    from chibichat.stages.dpo import render_pairs
+    from chibichat.tasks.preferences import load_pairs
+    from chibichat.train.checkpoint import load_model
+
+    home, tok = make_base(tmp_path / "home")
+    model, _ = load_model(home, "base")
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"What is {k} times 3?", "chosen": f"It is {3 * k}.",
+                                     "rejected": f"Maybe {3 * k + 1}, or so."}) + "\n" for k in range(20)),
+                 encoding="utf-8")
+    run_cli("dpo", "--home", home.root, "--from", "base", "--data", p, "--device", "cpu", "--dtype", "float32",
+            "--num-steps", 1, "--device-batch-size", 18)  # one step over all 18 training pairs
+    rendered, _, _ = render_pairs(tok, load_pairs(p)[:18], model.config.seq_len + 1)
+    want = sum(sum(cm[1:]) + sum(rm[1:]) for _, cm, _, rm in rendered)
+    assert want > 18 * 2
+    s = json.loads((home.checkpoints_dir("dpo", "d2") / "summary.json").read_text())
+    assert s["tokens"] == want
+    step = next(json.loads(line) for line in (home.checkpoints_dir("dpo", "d2") / "metrics.jsonl").read_text()
+                .splitlines() if "loss" in json.loads(line))
+    assert step["tokens"] == want and step["tok_per_s"] == pytest.approx(want / step["dt_s"])
+
+
 def test_ultrafeedback_pairs_through_the_hub_loader(tmp_path, monkeypatch):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -319,3 +319,13 @@ def test_engine_generator_texts_do_not_depend_on_the_batching():
     assert [ranks[i % 2][i // 2] for i in range(5)] == alone
     assert len({t for row in alone for t in row}) > 5  # sampled: the texts differ
     assert E.EngineGenerator(engine, 2).generate_texts([], 2, 12, 1.0, 40, []) == []
+
+
+def test_eval_chat_cli_refuses_a_base_model_naming_every_chat_stage(tmp_path):
+    from chibichat.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "chat", "--from", "base", "--home", str(tmp_path)])
+    with pytest.raises(ChibiError) as e:
+        args.func(args)
+    assert str(e.value) == ("eval chat needs a chat model (--from mid, sft, rl or dpo); a base model has no chat "
+                            "format. Use `chibichat eval base` for base models")

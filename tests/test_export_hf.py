@@ -691,3 +691,21 @@ def test_export_refuses_a_config_field_it_does_not_know(tok):
     with pytest.raises(ChibiError, match="value_embeddings"):
         check_exportable(cfg)
     check_exportable(GPTConfig(vocab_size=tok.vocab_size, seq_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))
+
+
+def test_peft_adapter_folder_honours_the_umask(tmp_path):
+    """The PEFT folder of a LoRA export gets the modes a plain mkdir/open would (safetensors writes 0600)."""
+    import os
+
+    from chibichat.export.hf import write_peft_folder
+
+    tensors = {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 4)}
+    for umask, dmode, fmode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        old = os.umask(umask)
+        try:
+            out = write_peft_folder(tensors, {"peft_type": "LORA"}, tmp_path / f"adapter{umask:o}")
+        finally:
+            os.umask(old)
+        assert out.stat().st_mode & 0o777 == dmode
+        assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+            "adapter_model.safetensors": fmode, "adapter_config.json": fmode}

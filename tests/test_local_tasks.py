@@ -249,6 +249,44 @@ def test_data_check_cli_reports_fit_and_plan(tmp_path, capsys):
     assert "epochs of this file" in out and "time: unknown" in out
 
 
+def test_data_check_times_an_averaged_checkpoint_by_its_member_runs(tmp_path, capsys):
+    """A `--soup K` average (the quickstart's sft) logs no steps itself: the estimate uses its runs' tok/s."""
+    import shutil
+
+    from test_stages_chat import make_base
+
+    from chibichat.cli import main
+
+    home, tok = make_base(tmp_path / "home")
+    base = home.root / "checkpoints" / "base" / "d2"
+    avg = home.root / "checkpoints" / "sft" / "d2"
+    shutil.copytree(base, avg)
+    meta_path = next(avg.glob("step_*")) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "soup": {"members": ["d2-soup0", "d2-soup1"], "seeds": [0, 1]}}))
+    for member, speeds in (("d2-soup0", [100.0, 300.0]), ("d2-soup1", [200.0])):
+        (avg.parent / member).mkdir()
+        (avg.parent / member / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i + 1, "tok_per_s": v}) + "\n" for i, v in enumerate(speeds)))
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"}]}])
+    assert main(["data", "check", str(p), "--home", str(home.root), "--from", "sft", "--from-tag", "d2",
+                 "--num-steps", "10", "--device-batch-size", "2"]) == 0
+    seq_len = meta["model_config"]["seq_len"]
+    assert f"time: ~{10 * 2 * seq_len / 200:.0f} s at 200 tok/s (the source run's median)" in capsys.readouterr().out
+    # RL rows: a step samples before it trains, so the chat rate does not time it; no valid row: nothing to measure
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "1+1?", "answer": "2", "match": "numeric"}])
+    assert main(["data", "check", str(qa), "--home", str(home.root), "--from", "sft", "--from-tag", "d2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("time: not estimated (an RL step samples replies before it "
+                                                        "trains; `rl --minutes M` fits its steps to a budget)")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1?"}])
+    assert main(["data", "check", str(bad), "--home", str(home.root), "--from", "sft", "--from-tag", "d2"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == (f"no valid line to measure against the context of {next(avg.glob('step_*'))}: "
+                                    "fix the problems above")
+    assert "None" not in out and "time:" not in out
+
+
 def test_identity_persona_replaces_name_and_creator_in_en_and_ja(tmp_path):
     from chibichat.stages.sft import build_mixtures
     from chibichat.tasks.identity import parse_persona

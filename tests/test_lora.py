@@ -256,11 +256,18 @@ def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
     x = torch.tensor([[tok.bos_id, 5, 9, 3]])
     with torch.no_grad():
         assert torch.allclose(merged(x), tuned(x), atol=1e-5)
-    with pytest.raises(ChibiError, match="holds full weights, not a LoRA adapter"):
-        from chibichat.stages.lora import run_merge
-        from test_stages_chat import _parse
+    from chibichat.stages.lora import run_info, run_merge
+    from test_stages_chat import _parse
 
+    merged_dir = home.checkpoints_dir("sft", "lo-merged") / "step_000003"
+    with pytest.raises(ChibiError) as e:
         run_merge(_parse(["lora", "merge", "--home", home.root, "--from", "sft", "--tag", "lo-merged"]))
+    assert str(e.value) == (f"{merged_dir} holds full weights, not a LoRA adapter; nothing to merge: pass --tag of "
+                            "an adapter checkpoint (sft: lo)")
+    with pytest.raises(ChibiError) as e:  # without --tag: the newest, here the merged one
+        run_info(_parse(["lora", "info", "--home", home.root, "--from", "sft"]))
+    assert str(e.value) == (f"{merged_dir} holds full weights, not a LoRA adapter; nothing to describe: pass --tag "
+                            "of an adapter checkpoint (sft: lo)")
 
 
 @pytest.mark.slow

@@ -1242,20 +1242,26 @@ def calculator_call(served, msgs, expr):
 
 
 def test_builtin_tool_call_visible_in_the_response(served):
-    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls."""
+    """A reply that calls the calculator shows the call and its result in the content and in chibichat.tool_calls;
+    streamed, on the chunk that ends the choice."""
     from chibichat.serve.app import create_app
 
     msgs = [{"role": "user", "content": "6*7?"}]
     pool = steered_pool(served, calculator_call(served, msgs, "6*7"))
     app = create_app(pool, served.model, Limits(default_max_tokens=16))
+    req = {"model": served.model, "messages": msgs, "temperature": 0, "max_tokens": 16}
     try:
         with Server(app) as url:
-            body = httpx.post(url + "/v1/chat/completions", json={"model": served.model, "messages": msgs,
-                              "temperature": 0, "max_tokens": 16}, timeout=60).json()  # fmt: skip
+            body = httpx.post(url + "/v1/chat/completions", json=req, timeout=60).json()
+            deltas = _sse_deltas(url, req)
     finally:
         pool.shutdown()
     assert body["choices"][0]["message"]["content"].startswith("<<6*7=42>>")
     assert body["chibichat"]["tool_calls"] == [[{"expression": "6*7", "output": "42"}]]
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas).startswith("<<6*7=42>>")
+    assert [d.get("chibichat") for d in deltas if d["choices"][0]["finish_reason"]] == [
+        {"tool_calls": [[{"expression": "6*7", "output": "42"}]]}]
+    assert all("chibichat" not in d for d in deltas if not d["choices"][0]["finish_reason"])
 
 
 def test_top_logprobs_hold_the_chosen_token_as_it_reads_and_keep_partial_tokens_apart(served):
@@ -1788,6 +1794,29 @@ def test_an_open_host_without_a_key_gets_a_warning():
     assert open_host_warning("0.0.0.0", None) == (
         "chibichat serve: warning: --host 0.0.0.0 is reachable beyond this machine and no API key is set: anyone "
         "who can reach it can use the model; give --api-key or --api-key-file")
+
+
+def test_a_port_in_use_or_a_foreign_address_is_refused_before_listening(served, capsys):
+    """uvicorn would print its own error after ours said "listening at", and exit 3: the stage binds first."""
+    from chibichat.cli import main
+    from chibichat.common import ChibiError
+    from chibichat.stages.serve import listen_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--home", str(served.home.root), "--device", "cpu", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert "listening" not in out
+    assert err.strip().splitlines()[-1] == (f"chibichat serve: error: cannot listen on 127.0.0.1:{port}: Address already "
+                                            "in use; another process listens on that port: choose another --port, or "
+                                            "stop it")
+    with pytest.raises(ChibiError) as e:
+        listen_socket("192.0.2.1", port)  # TEST-NET-1: no machine's own address
+    assert str(e.value) == (f"cannot listen on 192.0.2.1:{port}: Cannot assign requested address; it is not an address "
+                            "of this machine: give --host 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or "
+                            "one of its addresses")
 
 
 def metrics_once_cancelled(url, timeout=20.0):

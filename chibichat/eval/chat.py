@@ -380,7 +380,7 @@ def run_chat(args) -> int:
     if args.max_items is not None and args.max_items < 1:
         raise ChibiError(f"--max-items must be >= 1, got {args.max_items}")
     if args.source == "base":
-        raise ChibiError("eval chat needs a chat model (--from mid, sft or rl); a base model has no chat format. "
+        raise ChibiError("eval chat needs a chat model (--from mid, sft, rl or dpo); a base model has no chat format. "
                          "Use `chibichat eval base` for base models")
     home = Home.resolve(args.home)  # a path only: nothing is created
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]

@@ -186,7 +186,7 @@ def run_skills(args) -> int:
     from chibichat.train.checkpoint import load_model
 
     if args.source == "base":
-        raise ChibiError("eval skills needs a chat model (--from mid, sft or rl); a base model has no chat format")
+        raise ChibiError("eval skills needs a chat model (--from mid, sft, rl or dpo); a base model has no chat format")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ChibiError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     rt = init_runtime(args.device, args.dtype)

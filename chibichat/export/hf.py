@@ -303,13 +303,14 @@ def write_peft_folder(tensors: dict, config: dict, out: Path) -> Path:
     """adapter_model.safetensors + adapter_config.json in `out`, atomically."""
     from safetensors.torch import save_file
 
-    from chibichat.common import atomic_directory
+    from chibichat.common import atomic_directory, plain_file_mode
 
     with atomic_directory(Path(out)) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
+                os.fchmod(fh.fileno(), plain_file_mode())  # safetensors' save_file creates 0600
                 os.fsync(fh.fileno())
     return Path(out)
 

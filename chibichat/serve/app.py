@@ -527,8 +527,11 @@ def create_app(pool: "WorkerPool | None", model_id: str, limits: "Limits | None"
                 except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
                     yield out + sse({"error": failure(e).body()["error"]})
                     return
+                # The built-in tool's calls, as a non-streamed reply has them, ride on the chunk that ends choice 0.
+                calls = [tool_calls(engine0, c["tokens"]) for c in result.get("choices", [])] if chat and use_tools else []
                 for i in range(req.n):
-                    out += sse(chunk([piece_choice(i, "", (), finish(i))]))
+                    tail = {"chibichat": {"tool_calls": calls}} if i == 0 and any(calls) else {}
+                    out += sse({**chunk([piece_choice(i, "", (), finish(i))]), **tail})
                 if req.include_usage:
                     out += sse(chunk([], usage()))
                 yield out + sse("[DONE]")

@@ -289,19 +289,24 @@ def run_build(args) -> int:
 HIST_EDGES = (0.25, 0.5, 0.75, 1.0, 2.0)  # token length as a fraction of the context (T + 1 tokens)
 
 
-def _throughput(sdir: Path) -> float | None:
-    """Median training tok/s logged by the run that wrote this checkpoint (same model size), if any."""
-    path = Path(sdir).parent / "metrics.jsonl"
-    if not path.is_file():
-        return None
+def _throughput(sdir: Path, meta: dict) -> float | None:
+    """Median training tok/s logged by the run that wrote this checkpoint (same model size), if any. An
+    average of runs (`--soup K`, as the quickstart's mid and sft) logs no steps of its own: its member runs'
+    steps, beside it in the stage's directory, count instead."""
+    run = Path(sdir).parent
+    soup = meta.get("soup") if isinstance(meta.get("soup"), dict) else {}
+    paths = [run / "metrics.jsonl"] + [run.parent / str(m) / "metrics.jsonl" for m in soup.get("members") or []]
     speeds = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            v = json.loads(line).get("tok_per_s")
-        except (ValueError, AttributeError):
+    for path in paths:
+        if not path.is_file():
             continue
-        if isinstance(v, (int, float)) and v > 0:
-            speeds.append(float(v))
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                v = json.loads(line).get("tok_per_s")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(v, (int, float)) and v > 0:
+                speeds.append(float(v))
     return sorted(speeds)[len(speeds) // 2] if speeds else None
 
 
@@ -345,8 +350,10 @@ def check_report(args) -> dict:
         epochs = args.num_steps / steps_per_epoch
     else:
         steps_per_epoch = epochs = None
-    tps = _throughput(sdir)
-    seconds = args.num_steps * rows_per_step * seq_len / tps if tps else None
+    tps = _throughput(sdir, meta)
+    # Only a chat file's steps are rows of seq_len tokens trained at the source run's rate; an RL step samples
+    # replies first, so its time is not estimated.
+    seconds = args.num_steps * rows_per_step * seq_len / tps if tps and epochs is not None else None
     rep.update({"checkpoint": str(sdir), "seq_len": seq_len, "max_len": max_len, "lengths": {
         "min": min(lengths) if lengths else None, "median": sorted(lengths)[len(lengths) // 2] if lengths else None,
         "max": max(lengths) if lengths else None}, "histogram": hist, "render": status,
@@ -370,6 +377,9 @@ def run_check(args) -> int:
     if len(rep["duplicates"]) > 20:
         print(f"  ... {len(rep['duplicates']) - 20} more duplicates")
     lens = rep["lengths"]
+    if not rep["valid"]:
+        print(f"no valid {unit} to measure against the context of {rep['checkpoint']}: fix the problems above")
+        return 1
     print(f"token lengths vs the context of {rep['checkpoint']} ({rep['max_len']} tokens = seq_len + 1): "
           f"min {lens['min']}, median {lens['median']}, max {lens['max']}")
     total = max(1, rep["valid"])
@@ -388,6 +398,9 @@ def run_check(args) -> int:
               f"{rep['epochs']:.2f} epochs of this file ({rep['steps_per_epoch']:.1f} steps per epoch)")
     if rep["estimated_seconds"] is not None:
         print(f"time: ~{rep['estimated_seconds']:.0f} s at {rep['tok_per_s']:.0f} tok/s (the source run's median)")
+    elif rep["kind"] == "verifiable":
+        print("time: not estimated (an RL step samples replies before it trains; `rl --minutes M` fits its steps "
+              "to a budget)")
     else:
         print("time: unknown (the source checkpoint's run logged no tok/s)")
     return 1 if rep["errors"] else 0

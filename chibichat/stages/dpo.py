@@ -251,7 +251,7 @@ def run(args) -> int:
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.finetune import (check_room, load_source, loop_config, make_optimizer, source_lrs,
                                           stage_meta, summary_head, write_summary)
-    from chibichat.train.loop import train
+    from chibichat.train.loop import count_targets, train
 
     if not args.beta > 0:
         raise ChibiError(f"--beta must be > 0, got {args.beta}")
@@ -329,7 +329,7 @@ def run(args) -> int:
             return vals
 
         res = train(model, optimizer, batches, loss_fn, rt, cfg, meta=meta, count_fn=lambda b: int(b[2].shape[0]),
-                    eval_fn=logged_eval)
+                    tokens_fn=count_targets, eval_fn=logged_eval)
         first, last = history[0], history[-1]
         summary = {
             **summary_head("dpo", tag, src_meta, res, t0), "data": args.data, "beta": args.beta, "train_pairs": len(train_r), "val_pairs": len(val_r),

@@ -42,14 +42,19 @@ def register(sub) -> None:
     p.set_defaults(func=no_action)
 
 
-def _adapter_dir(args, home):
-    from chibichat.train.checkpoint import ADAPTER_FILE, read_meta, resolve_checkpoint
+def _adapter_dir(args, home, action: str):
+    from chibichat.train.checkpoint import ADAPTER_FILE, list_steps, read_meta, resolve_checkpoint, step_dir
 
     sdir = resolve_checkpoint(home, args.source, args.tag, args.step)
     meta = read_meta(sdir)
     if not (sdir / ADAPTER_FILE).is_file():
-        raise ChibiError(f"{sdir} holds full weights, not a LoRA adapter (it was trained without --lora); "
-                         "nothing to merge")
+        # Without --tag the newest checkpoint is taken, which after a merge is the merged one: name the adapters.
+        stage_dir = sdir.parent.parent
+        tags = sorted(d.name for d in stage_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+                      and (steps := list_steps(d)) and (step_dir(d, steps[-1]) / ADAPTER_FILE).is_file())
+        hint = (f"pass --tag of an adapter checkpoint ({args.source}: {', '.join(tags)})" if tags
+                else f"no {args.source} checkpoint holds an adapter (train one with --lora RANK)")
+        raise ChibiError(f"{sdir} holds full weights, not a LoRA adapter; nothing to {action}: {hint}")
     return sdir, meta
 
 
@@ -62,7 +67,7 @@ def run_merge(args) -> int:
                                             step_dir)
 
     home = Home.resolve(args.home)
-    sdir, meta = _adapter_dir(args, home)
+    sdir, meta = _adapter_dir(args, home, "merge")
     to_tag = args.to_tag or f"{sdir.parent.name}-merged"
     tag_dir = home.checkpoints_dir(args.source, to_tag)
     target = step_dir(tag_dir, meta["step"])
@@ -96,7 +101,7 @@ def run_info(args) -> int:
     from chibichat.train.checkpoint import ADAPTER_FILE, lora_base_dir, read_meta
 
     home = Home.resolve(args.home)
-    sdir, meta = _adapter_dir(args, home)
+    sdir, meta = _adapter_dir(args, home, "describe")
     lo = meta["lora"]
     size = (sdir / ADAPTER_FILE).stat().st_size
     print(f"{sdir}: rank {lo['rank']}, alpha {lo['alpha']}, dropout {lo['dropout']}, targets {','.join(lo['targets'])}, "

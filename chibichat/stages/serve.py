@@ -125,6 +125,29 @@ def open_host_warning(host: str, key: str | None) -> str | None:
             "anyone who can reach it can use the model; give --api-key or --api-key-file")
 
 
+def listen_socket(host: str, port: int):
+    """A TCP socket bound to (host, port), as uvicorn would bind it, so that a port in use or an address this
+    machine does not have is a ChibiError naming the fix, before the server says it is listening."""
+    import errno
+    import socket
+
+    addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((addr, port))
+    except OSError as e:
+        sock.close()
+        fix = {errno.EADDRINUSE: "another process listens on that port: choose another --port, or stop it",
+               errno.EADDRNOTAVAIL: "it is not an address of this machine: give --host 127.0.0.1 (this machine only), "
+                                    "0.0.0.0 (every interface) or one of its addresses",
+               errno.EACCES: "ports below 1024 need privileges: choose a --port of 1024 or more"}.get(
+            e.errno, "check --host and --port")
+        raise ChibiError(f"cannot listen on {host}:{port}: {e.strerror or e}; {fix}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def check_args(args) -> None:
     if not 0 < args.port < 65536:
         raise ChibiError(f"--port must be in 1..65535, got {args.port}")
@@ -168,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
               f"x {args.max_batch} batch rows", flush=True)  # fmt: skip
         return pool
 
+    sock = listen_socket(args.host, args.port)  # a port in use fails here, not after "listening at"
     limits = Limits(default_max_tokens=args.max_tokens, timeout_s=args.timeout or None)
     app = create_app(None, model_id, limits, tools=None if args.tools == "none" else args.tools, api_key=key, load=load)
     print(f"chibichat serve: loading {model_id}; listening at http://{args.host}:{args.port}/"
@@ -180,8 +204,9 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_grace)  # fmt: skip
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         for pool in pools:
             pool.shutdown()
     return 0

@@ -10,9 +10,12 @@ A stage provides only what is specific to it:
               target tokens it covers. e.g. `lambda m, b: (m(b[0], b[1], reduction="sum"), int((b[1] >= 0).sum()))`
     count_fn  optional count_fn(batch) -> int, the target tokens of a micro-batch *before* the forward
               (default: (batch[1] >= 0).sum()), for a stage whose loss is normalised by another count.
-              Every stage uses the default: RL's batches hold as targets exactly the sampled tokens it
-              normalises by (groups without signal are left out of the batch). The loop checks that
-              loss_fn reports the same count.
+              RL uses the default: its batches hold as targets exactly the sampled tokens it normalises by
+              (groups without signal are left out of the batch); DPO counts pairs (its loss is a mean over
+              pairs). The loop checks that loss_fn reports the same count.
+    tokens_fn optional tokens_fn(batch) -> int, the tokens a micro-batch trains, for tok/s, MFU and the
+              `tokens` total, where count_fn counts something else (DPO: count_targets, the target tokens
+              of its chosen and rejected rows); default: count_fn's count.
     lr_share_fn optional lr_share_fn(batch) -> (weight, out_of): the step's learning rate is multiplied by
               Σ weight / Σ out_of over its micro-batches and ranks. RL: (informative groups, groups), so a
               step where few groups carry a signal moves the weights that much less. Muon and Adam take a
@@ -564,8 +567,8 @@ def _check_lora(sdir: Path, saved, now) -> None:
 
 
 def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopConfig, *, meta: dict,
-          train_model=None, count_fn: Callable | None = None, eval_fn: Callable | None = None,
-          sample_fn: Callable | None = None, lr_share_fn: Callable | None = None,
+          train_model=None, count_fn: Callable | None = None, tokens_fn: Callable | None = None,
+          eval_fn: Callable | None = None, sample_fn: Callable | None = None, lr_share_fn: Callable | None = None,
           clock: Callable[[], float] = time.perf_counter) -> LoopResult:
     """Run (or resume) the loop described in the module docstring. `model` is the plain module
     (checkpoints, callbacks); `train_model` an optional compiled wrapper used for the training forward;
@@ -663,7 +666,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             if last:
                 break
             dt, loss, n_tokens = _train_step(train_model, optimizer, batches, loss_fn, count_fn, rt, cfg, step,
-                                             num_steps, clock, lr_share_fn)
+                                             num_steps, clock, lr_share_fn, tokens_fn)
             state.step = step + 1
             state.tokens += n_tokens
             state.train_time_s += dt
@@ -775,7 +778,9 @@ def _sync(rt: Runtime) -> None:
 
 
 def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: LoopConfig, step: int,
-                num_steps: int, clock: Callable[[], float], lr_share_fn: Callable | None = None):
+                num_steps: int, clock: Callable[[], float], lr_share_fn: Callable | None = None,
+                tokens_fn: Callable | None = None):
+    """(seconds, mean loss or None when skipped, tokens trained) of one optimizer step."""
     _sync(rt)
     t0 = clock()
     try:
@@ -785,8 +790,10 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
                          f"{cfg.grad_accum} micro-batches per rank: lower --num-steps or loop the data") from None
     counts = [int(count_fn(b)) for b in micro]
     shares = [lr_share_fn(b) for b in micro] if lr_share_fn is not None else [(1.0, 1.0)]
-    total, weight, out_of = _all_sum(rt, [float(sum(counts)), *map(float, map(sum, zip(*shares)))])
-    total = int(total)
+    trained = sum(int(tokens_fn(b)) for b in micro) if tokens_fn is not None else sum(counts)
+    total, trained, weight, out_of = _all_sum(rt, [float(sum(counts)), float(trained),
+                                                   *map(float, map(sum, zip(*shares)))])
+    total, trained = int(total), int(trained)
     if not out_of > 0 or not 0 <= weight <= out_of:
         raise ChibiError(f"step {step}: lr_share_fn gave a share of {weight} out of {out_of}; it must lie in [0, 1]")
     lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
@@ -817,7 +824,7 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
         release_free_heap()
     (loss_total,) = _all_sum(rt, [loss_acc.item()])
     _sync(rt)
-    return clock() - t0, loss_total / total, total
+    return clock() - t0, loss_total / total, trained
 
 
 def _save(model, optimizer, batches, rt: Runtime, cfg: LoopConfig, meta: dict, state: LoopState) -> Path:
