@@ -340,3 +340,22 @@ def test_lora_flags_without_lora_are_refused():
         lora_config(_parse(["sft", "--lora-targets", "mlp", "--lora-lr", "0.01"]))
     with pytest.raises(ChibiError, match="--lora with --fp8 is not supported"):
         lora_config(_parse(["dpo", "--data", "prefs-language", "--lora", "4", "--fp8"]))
+    with pytest.raises(ChibiError, match=r"^--lora-targets has an empty entry in 'attn,,mlp': remove the extra comma$"):
+        lora_config(_parse(["sft", "--lora", "4", "--lora-targets", "attn,,mlp"]))
+
+
+def test_lora_targets_fit_the_model():
+    """The default targets are the kinds the model has (a dense model: attn,mlp, as `lora info` then shows); a
+    target given that selects nothing in it is refused (slc2 on a dense model was dropped without a word)."""
+    from test_stages_chat import _parse
+
+    from chibichat.train.finetune import lora_config
+
+    assert lora_config(_parse(["sft", "--lora", "4"]), tiny("AA")).targets == ("attn", "mlp")
+    assert lora_config(_parse(["sft", "--lora", "4"]), tiny("AS")).targets == ("attn", "mlp", "slc2")
+    assert lora_config(_parse(["sft", "--lora", "4", "--lora-targets", "slc2,mlp"]), tiny("AS")).targets == \
+        ("slc2", "mlp")
+    with pytest.raises(ChibiError) as e:
+        lora_config(_parse(["sft", "--lora", "4", "--lora-targets", "attn,slc2"]), tiny("AA"))
+    assert str(e.value) == ("--lora-targets attn,slc2: slc2 selects no weight in this model (layers 'A': attn needs "
+                            "A layers, slc2 needs S layers); drop slc2")

@@ -74,11 +74,6 @@ class LoRAConfig:
             raise ChibiError(f"LoRA settings {d!r} are incomplete ({e}); the checkpoint's meta.json is corrupt") from None
 
 
-def parse_targets(spec: str) -> tuple:
-    """"attn,mlp" -> ("attn", "mlp"); checked by LoRAConfig."""
-    return tuple(t.strip() for t in spec.split(",") if t.strip())
-
-
 class LoRADelta(nn.Module):
     """The parametrization W -> W + scale * B @ A (see the module docstring)."""
 

@@ -4,11 +4,12 @@ learning rates, the optimizer, the checkpoint meta and the summary file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-from chibichat.common import CHECKPOINT_STAGES, ChibiError, add_fp8_arg, add_memory_args
+from chibichat.common import CHECKPOINT_STAGES, ChibiError, add_fp8_arg, add_memory_args, parse_str_list
 
 LR_GROUPS = ("matrix", "embedding", "head", "other")
 LORA_LR = 2e-3
@@ -70,14 +71,16 @@ def add_lora_args(p) -> None:
                    help="probability of dropping a whole rank component per forward in training (default: 0)")
     p.add_argument("--lora-targets", default=None,
                    help="weights that get adapters: attn (q/k/v/o), mlp (fc/proj), slc2 (x/b/alpha/A/o); "
-                        "default: attn,mlp,slc2")
+                        "default: those of attn,mlp,slc2 the model has")
     p.add_argument("--lora-lr", type=float, default=None,
                    help=f"AdamW learning rate of the adapters (default: {LORA_LR})")
 
 
-def lora_config(args):
-    """The LoRAConfig of --lora*, or None without --lora."""
-    from chibichat.model.lora import LoRAConfig, parse_targets
+def lora_config(args, model=None):
+    """The LoRAConfig of --lora*, or None without --lora. With the `model` it adapts: the default targets are
+    the kinds of weight this model has (a dense model's: attn,mlp), and a given target that selects no weight
+    in it (slc2 on a dense model) is refused rather than left without adapters."""
+    from chibichat.model.lora import TARGETS, LoRAConfig, target_weights
 
     if not getattr(args, "lora", 0):
         given = [f"--{f.replace('_', '-')}" for f in LORA_FLAGS if getattr(args, f, None) is not None]
@@ -88,8 +91,20 @@ def lora_config(args):
         raise ChibiError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {args.lora}")
     if args.fp8:
         raise ChibiError("--lora with --fp8 is not supported (the adapted weight is rebuilt each forward); drop one")
-    return LoRAConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else float(args.lora),
-                      dropout=args.lora_dropout or 0.0, targets=parse_targets(args.lora_targets or "attn,mlp,slc2"))
+    given = args.lora_targets is not None
+    cfg = LoRAConfig(rank=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else float(args.lora),
+                     dropout=args.lora_dropout or 0.0,
+                     targets=tuple(parse_str_list(args.lora_targets, "--lora-targets")) if given else TARGETS)
+    if model is None:
+        return cfg
+    empty = [t for t in cfg.targets if not target_weights(model, (t,))]
+    if not empty or len(empty) == len(cfg.targets):  # (none at all: apply_lora says what the model has)
+        return cfg
+    if not given:
+        return dataclasses.replace(cfg, targets=tuple(t for t in cfg.targets if t not in empty))
+    kinds = "".join(sorted(set(model.config.layers)))
+    raise ChibiError(f"--lora-targets {args.lora_targets}: {', '.join(empty)} selects no weight in this model (layers "
+                     f"{kinds!r}: attn needs A layers, slc2 needs S layers); drop {', '.join(empty)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +124,7 @@ def load_source(args, home, tok, rt, embed_noise: float = 0.0):
         check_fp8_runtime(rt.device, rt.compute_dtype)
     run = RunConfig(compute_dtype=rt.compute_dtype, recompute=args.recompute, fp8=args.fp8, embed_noise=embed_noise)
     model, meta = load_model(home, args.from_stage, args.from_tag, args.from_step, rt=rt, tokenizer=tok, run=run)
-    lcfg = lora_config(args)
+    lcfg = lora_config(args, model)
     if lcfg is not None:  # the base is frozen; only the adapters train (and are saved)
         from chibichat.model.lora import apply_lora
 
@@ -168,7 +183,7 @@ def make_optimizer(model, lrs: dict):
 
 def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | None = None) -> dict:
     flags = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
-    lcfg = lora_config(args)
+    lcfg = lora_config(args, model)
     if lcfg is not None:  # the checkpoint holds adapters on top of the source (train/checkpoint.py)
         from chibichat.train.checkpoint import relative_to_checkpoints, weights_sha256
 
