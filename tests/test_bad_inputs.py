@@ -313,7 +313,7 @@ def h_half_written_weights(world, tmp):
     w = home / "checkpoints/base/t/step_000002/model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
     return ["eval", "base", "--home", str(home), "--tag", "t", "--device", "cpu"], [
-        f"checkpoint weights is corrupt ({w})", "and use an earlier step"]
+        f"the checkpoint weights file is corrupt ({w})", "and use an earlier step"]
 
 
 def h_no_checkpoint(world, tmp):
@@ -390,7 +390,7 @@ def h_sft_negative_embed_noise(world, tmp):
 def h_sft_warmdown_too_long(world, tmp):
     home, _ = world
     return ["sft", "--home", str(home), "--from", "base", "--mix", "chitchat=0.01", "--warmdown-frac", "1.5",
-            "--device", "cpu"], ["warmdown_frac must be in [0, 1], got 1.5"]
+            "--device", "cpu"], ["--warmdown-frac must be in [0, 1], got 1.5"]
 
 
 def h_sft_samples_do_not_fit(world, tmp):

@@ -138,7 +138,7 @@ def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
     # Truncated weights.
     data = (sdir / "model.safetensors").read_bytes()
     (sdir / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ChibiError, match="checkpoint weights is corrupt"):
+    with pytest.raises(ChibiError, match="^the checkpoint weights file is corrupt"):
         load_weights(sdir, _model())
     # Weights for a different shape.
     sdir2 = save_checkpoint(tmp_path / "t", 2, m, o, _meta(m))

@@ -230,12 +230,15 @@ def test_loss_fn_count_mismatch_is_caught(tmp_path):
 
 
 def test_bad_loop_config():
-    with pytest.raises(ChibiError, match="num_steps"):
+    # the messages name the flags (they named the dataclass fields: "warmdown_frac must be ...")
+    with pytest.raises(ChibiError, match=r"^--num-steps must be >= 1, got 0$"):
         LoopConfig("x", num_steps=0)
     with pytest.raises(ChibiError, match="exceed"):
         LoopConfig("x", num_steps=10, warmup_steps=5, warmdown_frac=0.6)
-    with pytest.raises(ChibiError, match="warmdown_frac"):
+    with pytest.raises(ChibiError, match=r"^--warmdown-frac must be in \[0, 1\], got 1.5$"):
         LoopConfig("x", num_steps=10, warmdown_frac=1.5)
+    with pytest.raises(ChibiError, match=r"^--momentum-warmup-steps must be >= 0, got -1$"):
+        LoopConfig("x", num_steps=10, momentum_warmup_steps=-1)
     with pytest.raises(ChibiError, match="one of them"):
         LoopConfig("x", num_steps=10, resume=True, overwrite=True)
 

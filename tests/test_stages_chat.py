@@ -282,6 +282,10 @@ def test_flat_groups_are_dropped_and_reward_windows_by_hand():
     assert informative_groups(group_advantages([[0.1, 0.1, 0.1], [0.7, 0.7, 0.7], [0.1, 0.7, 0.1]])) == [2]
     assert reward_windows([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 0.0]) == pytest.approx([0.1, 0.5, 0.9, 1.0, 0.5])
     assert reward_windows([0.25, 0.75]) == [0.25, 0.75]  # fewer batches than windows: one per batch
+    from chibichat.stages.rl import windows_label
+
+    # ... so they are named as steps, not fifths (3 values were printed "by fifths of the run")
+    assert windows_label([0.25, 0.75]) == "step" and windows_label([0.1] * 5) == "fifths of the run"
     assert reward_windows([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], windows=3) == pytest.approx([0.5, 2 / 3, 1.0])  # slices 2, 3, 2
     with pytest.raises(ChibiError, match="no reward"):
         reward_windows([])
@@ -438,7 +442,7 @@ def test_rl_raises_the_reward_of_a_toy_task(base, tmp_path):
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.1, r
 
 
-def test_rl_stage_end_to_end(base):
+def test_rl_stage_end_to_end(base, capsys):
     home, _ = base
     run_cli("rl", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "rl1", "--device", "cpu",
             "--dtype", "float32", "--num-steps", 2, "--prompts-per-step", 2, "--num-samples", 2,
@@ -446,6 +450,10 @@ def test_rl_stage_end_to_end(base):
     d = home.checkpoints_dir("rl", "rl1")
     s = json.loads((d / "summary.json").read_text())
     assert s["steps"] == 2 and len(s["reward_curve"]) == 2 and s["task"] == "spelling"
+    assert "rl: reward by step " in capsys.readouterr().out  # two steps: not "by fifths of the run"
+    from chibichat.stages.report import build_report
+
+    assert "| mean reward by step |" in build_report(home, "rl1").read_text()
     assert s["reward_windows"] == s["reward_curve"] and s["reward_last"] == s["reward_curve"][-1]
     assert 0.0 <= s["groups_used"] <= 1.0
     assert set(s["pass_at_k_before"]) == {"pass@1", "pass@2", "n", "skipped_too_long"}

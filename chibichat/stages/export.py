@@ -79,7 +79,7 @@ def run(args) -> int:
 
         sdir = Path(meta["checkpoint_dir"])
         base = lora_base_dir(sdir, meta)
-        tensors, config = peft_adapter(_read_tensors(sdir / ADAPTER_FILE, "adapter weights"), meta["lora"],
+        tensors, config = peft_adapter(_read_tensors(sdir / ADAPTER_FILE, "the adapter weights file"), meta["lora"],
                                        model.config.layers, base_hint=str(base))
         write_peft_folder(tensors, config, out / "adapter")
         print(f"  + {out / 'adapter'}: PEFT LoRA adapter (rank {meta['lora']['rank']}) for an export of {base} "

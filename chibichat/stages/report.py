@@ -562,6 +562,8 @@ def chat_stage_section(st: StageArtifacts, written: set[str]) -> str:
 
 
 def rl_section(st: StageArtifacts, written: set[str]) -> str:
+    from chibichat.stages.rl import windows_label
+
     s = st.summary or {}
     windows = s.get("reward_windows")
     rows = [("source", s.get("source")),
@@ -569,7 +571,8 @@ def rl_section(st: StageArtifacts, written: set[str]) -> str:
             ("steps", f"{fmt_int(s['steps'])} × {s.get('prompts_per_step', '?')} prompts × {s.get('num_samples', '?')} "
                       "samples" if s.get("steps") is not None else None),
             ("training time", _time_row(s)),
-            ("mean reward by fifths of the run", " → ".join(f"{w:.3f}" for w in windows) if windows else None),
+            (f"mean reward by {windows_label(windows) if windows else 'fifths of the run'}",
+             " → ".join(f"{w:.3f}" for w in windows) if windows else None),
             ("steps without signal", fmt(s.get("skipped_steps")) if "skipped_steps" in s else None),
             ("prompts left out as too long", fmt(s.get("train_prompts_skipped_too_long"))
              if "train_prompts_skipped_too_long" in s else None)]

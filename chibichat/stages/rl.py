@@ -84,6 +84,11 @@ def reward_windows(curve: list[float], windows: int = 5) -> list[float]:
     return [sum(curve[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
 
 
+def windows_label(windows: list[float]) -> str:
+    """What reward_windows' values are: fifths of the run, or (a run of fewer than five steps) its steps."""
+    return "fifths of the run" if len(windows) == 5 else "step"
+
+
 def sample_rows(prompt: list[int], tokens: list[int], forced: list[int], advantage: float, pad_id: int, width: int):
     """(inputs, targets, weights) of one prompt+completion, padded to `width` + 1 tokens.
 
@@ -474,7 +479,7 @@ def run(args) -> int:
             "train_prompts_skipped_too_long": skipped,
         }
         write_summary(tag_dir, rt, summary)
-        print0(rt, f"rl: reward by fifths of the run {' -> '.join(f'{w:.3f}' for w in windows)} | "
+        print0(rt, f"rl: reward by {windows_label(windows)} {' -> '.join(f'{w:.3f}' for w in windows)} | "
                    f"pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}")
         return 0
     finally:

@@ -200,7 +200,7 @@ def _read_tensors(path: Path, what: str) -> dict:
     try:
         return st_load(path.read_bytes())
     except FileNotFoundError:
-        raise ChibiError(f"{what} missing: {path}. The checkpoint is incomplete; delete {path.parent} "
+        raise ChibiError(f"{what} is missing: {path}. The checkpoint is incomplete; delete {path.parent} "
                          f"and use an earlier step") from None
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise ChibiError(f"{what} is corrupt ({path}): {e}. Delete {path.parent} and use an earlier step") from None
@@ -292,15 +292,15 @@ def load_weights(sdir: str | os.PathLike, model) -> None:
             check_lora_base(sdir, meta, base)
             load_weights(base, target)
             apply_lora(target, LoRAConfig.from_dict(meta["lora"]))
-            load_adapter_state(target, _read_tensors(sdir / ADAPTER_FILE, "adapter weights"), sdir)
+            load_adapter_state(target, _read_tensors(sdir / ADAPTER_FILE, "the adapter weights file"), sdir)
             merge_lora(target)
         else:
-            load_adapter_state(target, _read_tensors(sdir / ADAPTER_FILE, "adapter weights"), sdir)
+            load_adapter_state(target, _read_tensors(sdir / ADAPTER_FILE, "the adapter weights file"), sdir)
         return
     if has_lora(target):
         raise ChibiError(f"checkpoint {sdir} holds full weights, not adapters, but this run trains LoRA adapters "
                          "(--lora); resume it without --lora, or start a new --tag")
-    state = strip_prefixes(_read_tensors(sdir / "model.safetensors", "checkpoint weights"))
+    state = strip_prefixes(_read_tensors(sdir / "model.safetensors", "the checkpoint weights file"))
     own = target.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -319,7 +319,7 @@ def load_optimizer(sdir: str | os.PathLike, optimizer) -> None:
     import json
 
     sdir = Path(sdir)
-    tensors = _read_tensors(sdir / "optim_rank0.safetensors", "optimizer state")
+    tensors = _read_tensors(sdir / "optim_rank0.safetensors", "the optimizer state file")
     rest_path = sdir / "optim_rank0.json"
     try:
         rest = json.loads(rest_path.read_text(encoding="utf-8"))
@@ -357,7 +357,7 @@ def average_weights(sdirs: list[Path]) -> dict:
     for sdir in sdirs:
         if (Path(sdir) / ADAPTER_FILE).exists():
             raise ChibiError(f"{sdir} holds LoRA adapters, not full weights; averaging needs full weights")
-        state = strip_prefixes(_read_tensors(Path(sdir) / "model.safetensors", "checkpoint weights"))
+        state = strip_prefixes(_read_tensors(Path(sdir) / "model.safetensors", "the checkpoint weights file"))
         if total is None:
             total, first = {k: v.double() for k, v in state.items()}, sdir
             continue

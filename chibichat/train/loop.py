@@ -146,16 +146,17 @@ class LoopConfig:
 
     def __post_init__(self):
         self.tag_dir = Path(self.tag_dir)
+        # Each field is set by the flag of its name (--num-steps ...): the messages name the flag.
         for name in ("num_steps", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
-                raise ChibiError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ChibiError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "keep_last",
                      "momentum_warmup_steps"):
             if getattr(self, name) < 0:
-                raise ChibiError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ChibiError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("warmdown_frac", "final_lr_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ChibiError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ChibiError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
             raise ChibiError(f"--minutes must be a positive number, got {self.minutes}")
         if self.fit_after < 1:
