@@ -253,6 +253,10 @@ def test_sft_lora_end_to_end_resume_and_merge(tmp_path):
     merged, mmeta = load_model(home, "sft", "lo-merged")
     assert (home.checkpoints_dir("sft", "lo-merged") / "step_000003" / "model.safetensors").is_file()
     assert "lora" not in mmeta and mmeta["merged_from"]["lora"]["rank"] == 4
+    # the merged folder is finished like a stage's: summary.json, the adapter run's figures and their source
+    msum = json.loads((home.checkpoints_dir("sft", "lo-merged") / "summary.json").read_text())
+    assert msum == {**summary, "tag": "lo-merged", "merged_from": mmeta["merged_from"],
+                    "checkpoint": str(home.checkpoints_dir("sft", "lo-merged") / "step_000003")}
     x = torch.tensor([[tok.bos_id, 5, 9, 3]])
     with torch.no_grad():
         assert torch.allclose(merged(x), tuned(x), atol=1e-5)

@@ -61,7 +61,7 @@ def _adapter_dir(args, home, action: str):
 def run_merge(args) -> int:
     import torch
 
-    from chibichat.common import Home
+    from chibichat.common import Home, atomic_write_json, read_json
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import (ADAPTER_FILE, load_model, lora_base_dir, read_meta, save_checkpoint,
                                             step_dir)
@@ -92,6 +92,12 @@ def run_merge(args) -> int:
     # once the new one is complete, so a failed save leaves it as it was.
     with torch.no_grad():
         out = save_checkpoint(tag_dir, meta["step"], model, None, keep)
+    # summary.json last, the completion marker of a checkpoint folder: the adapter run's figures (the merged
+    # model computes what the adapter on its base did), naming where they came from.
+    ran = sdir.parent / "summary.json"
+    summary = read_json(ran, "the adapter run's summary") if ran.is_file() else {"stage": args.source}
+    atomic_write_json(tag_dir / "summary.json", {**summary, "tag": to_tag, "checkpoint": str(out),
+                                                 "merged_from": keep["merged_from"]})
     print(f"lora merge: {sdir} (rank {meta['lora']['rank']}) + base {meta['lora']['base']} -> {out}")
     return 0
 
