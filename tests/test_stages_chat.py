@@ -603,19 +603,47 @@ def test_eval_chat_cli_writes_items_and_summary(base, capsys):
     assert [t["task"] for t in s3["chat_eval"]["tasks"]] == ["arc-easy", f"file:{qa}", "spelling"]
     assert s3["chatcore_partial"] == pytest.approx(s["chatcore_partial"])
     assert sorted(s3["chatcore_tasks"]) == sorted(s["chatcore_tasks"])
-    # scores on other test sets (as if arc-easy had been scored --test-sets online) are a different test:
-    # dropped, and the run says so
-    online = {**s3, "chat_eval": {**s3["chat_eval"], "test_sets": "online"}}
-    (out / "summary.json").write_text(json.dumps(online))
+    # each task keeps the settings it was scored under
+    assert all(t["settings"]["max_items"] == 3 for t in s3["chat_eval"]["tasks"])
+    # your own file scored with other settings (the README's walkthrough: the defaults, not the speedrun's) keeps
+    # the record's ChatCORE tasks, each with its own settings
     capsys.readouterr()
     run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
+            "float32", "--tasks", f"file:{qa}", "--max-items", 5, "--max-new-tokens", 8)
+    assert "dropped" not in capsys.readouterr().out
+    s6 = json.loads((out / "summary.json").read_text())
+    assert [(t["task"], t["settings"]["max_items"]) for t in s6["chat_eval"]["tasks"]] == [
+        ("arc-easy", 3), ("spelling", 3), (f"file:{qa}", 5)]
+    assert s6["chatcore_partial"] == pytest.approx(s["chatcore_partial"])
+    # ChatCORE tasks scored on other test sets (as if arc-easy and spelling had been scored --test-sets online)
+    # are a different test: a ChatCORE task scored now drops them, and the run says so; your file keeps its score
+    online = json.loads((out / "summary.json").read_text())
+    for t in online["chat_eval"]["tasks"]:
+        t["settings"]["test_sets"] = "online"
+    (out / "summary.json").write_text(json.dumps(online))
+    run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
             "float32", "--tasks", "spelling", "--max-items", 3, "--max-new-tokens", 8)
-    assert (f"dropped the earlier scores of arc-easy, file:{qa} from the record, with their per-item files: they "
-            "were scored with other settings (test_sets 'online', now 'shipped')") in capsys.readouterr().out
+    assert ("dropped the earlier scores of arc-easy from the record, with their per-item files: ChatCORE averages its "
+            "tasks under one setting, and they were scored with other settings (test_sets 'online', now "
+            "'shipped')") in capsys.readouterr().out
     s5 = json.loads((out / "summary.json").read_text())
-    assert [t["task"] for t in s5["chat_eval"]["tasks"]] == ["spelling"] and s5["chatcore_tasks"] == ["spelling"]
-    assert s5["chat_eval"]["test_sets"] == "shipped" and not any(k.startswith("arc_easy") for k in s5)
-    assert sorted(p.name for p in out.iterdir()) == ["chat_spelling.csv", "chat_spelling.jsonl", "summary.json"]
+    assert [t["task"] for t in s5["chat_eval"]["tasks"]] == [f"file:{qa}", "spelling"]
+    assert s5["chatcore_tasks"] == ["spelling"] and not any(k.startswith("arc_easy") for k in s5)
+    assert s5["chat_eval"]["tasks"][0]["settings"]["test_sets"] == "online"  # as its entry said
+    assert sorted(p.name for p in out.iterdir()) == ["chat_file_qa.csv", "chat_file_qa.jsonl", "chat_spelling.csv",
+                                                      "chat_spelling.jsonl", "summary.json"]
+    # a record from before the settings were kept per task: its tasks take the record's settings
+    legacy = json.loads((out / "summary.json").read_text())
+    for t in legacy["chat_eval"]["tasks"]:
+        del t["settings"]
+    legacy["chat_eval"]["max_items"] = 7
+    (out / "summary.json").write_text(json.dumps(legacy))
+    run_cli("eval", "chat", "--home", home.root, "--from", "sft", "--tag", "ev", "--device", "cpu", "--dtype",
+            "float32", "--tasks", "arc-easy", "--max-items", 3, "--max-new-tokens", 8)
+    assert "dropped the earlier scores of spelling" in capsys.readouterr().out  # max_items 7, now 3
+    s7 = json.loads((out / "summary.json").read_text())
+    assert [(t["task"], t["settings"]["max_items"]) for t in s7["chat_eval"]["tasks"]] == [
+        (f"file:{qa}", 7), ("arc-easy", 3)]
     # scores of another step of the stage (trained again since) are dropped, never left beside new ones
     s3["chat_eval"]["step"] = -1
     s3["chatcore"] = 0.9  # as if the earlier step had had the full ChatCORE set

@@ -312,12 +312,45 @@ def evaluate_chat(tasks: list, *, scorer, gen: Generator | None, tok, max_len: i
 
 CHATCORE_KEYS = ("chatcore", "chatcore_partial", "chatcore_tasks")
 
-# What makes two `eval chat` runs one test: the same checkpoint (path, step, and its meta.json's mtime,
+# What makes two `eval chat` scores one test: the same checkpoint (path, step, and its meta.json's mtime,
 # which a stage trained again rewrites) scored on the same test sets, items and decoding. A record keeps
-# an earlier run's tasks only when all of these match (metrics.carry_over), so ChatCORE is never a mean over
-# different tests.
+# earlier tasks only of the same checkpoint, each with the decoding settings it was scored under, and its
+# ChatCORE tasks under one setting (carry_over_tasks), so ChatCORE is never a mean over different tests.
 RECORD_SETTINGS = ("checkpoint", "checkpoint_mtime_ns", "step", "test_sets", "max_items", "num_samples",
                    "max_new_tokens", "temperature", "top_k", "seed")
+CHECKPOINT_SETTINGS = RECORD_SETTINGS[:3]
+DECODE_SETTINGS = RECORD_SETTINGS[3:]  # kept with each task too (its entry's "settings")
+
+
+def carry_over_tasks(earlier: dict, earlier_tasks: list[dict], now: dict, tasks: Sequence[str]):
+    """Which earlier tasks a run of `tasks` with settings `now` keeps: (kept entries, dropped names, note or
+    None). Another checkpoint drops them all. Otherwise a task keeps the settings it was scored under (its
+    entry's "settings"; a record from before those were kept: the record's), and only ChatCORE, a mean over
+    its tasks, needs one setting: the earlier ChatCORE tasks go when this run scores one under other settings.
+    So scoring your own file with other settings keeps the speedrun's ChatCORE, and the file's score keeps
+    its own settings when ChatCORE is scored again."""
+    from chibichat.eval.metrics import carry_over
+
+    # An entry from before the settings were kept per task gets the record's, so it keeps them from now on.
+    earlier_tasks = [t if isinstance(t.get("settings"), dict) else
+                     {**t, "settings": {k: earlier.get(k) for k in DECODE_SETTINGS}} for t in earlier_tasks]
+    names = [t["task"] for t in earlier_tasks]
+    kept, dropped, note = carry_over(earlier, now, CHECKPOINT_SETTINGS, names, tasks)
+    if dropped or not any(t in CHATCORE_TASKS for t in tasks):
+        return [t for t in earlier_tasks if t["task"] in kept], dropped, note
+    differ: dict[str, list[str]] = {}
+    for t in earlier_tasks:
+        if t["task"] in kept and t["task"] in CHATCORE_TASKS:
+            for k in DECODE_SETTINGS:
+                if t["settings"].get(k) != now[k]:
+                    differ.setdefault(t["task"], []).append(f"{k} {t['settings'].get(k)!r}, now {now[k]!r}")
+    if not differ:
+        return [t for t in earlier_tasks if t["task"] in kept], [], None
+    gone = list(differ)
+    why = sorted({d for ds in differ.values() for d in ds})
+    note = (f"dropped the earlier scores of {', '.join(gone)} from the record, with their per-item files: ChatCORE "
+            f"averages its tasks under one setting, and they were scored with other settings ({', '.join(why)})")
+    return [t for t in earlier_tasks if t["task"] in kept and t["task"] not in differ], gone, note
 
 
 def task_keys(name: str) -> tuple[str, ...]:
@@ -373,7 +406,7 @@ def run_chat(args) -> int:
     from chibichat.common import Home, init_runtime, print0, rank_gather, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
     from chibichat.eval.core import ModelScorer
-    from chibichat.eval.metrics import carry_over, checkpoint_settings, read_summary, write_eval_outputs, write_record
+    from chibichat.eval.metrics import checkpoint_settings, read_summary, write_eval_outputs, write_record
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
@@ -405,11 +438,11 @@ def run_chat(args) -> int:
                             world_size=rt.world_size, gather=rank_gather(rt))
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
-        # Another eval of the same checkpoint with the same settings (your own file after the speedrun's
-        # ChatCORE) adds its tasks to the record instead of replacing it; a task evaluated again replaces its
-        # own entry, and the flat keys (ChatCORE included) are recomputed over the whole record. The scores
-        # of another checkpoint (another step, or the stage trained again since) or of other settings
-        # (RECORD_SETTINGS) are dropped, with their per-item files, never left beside the new ones.
+        # Another eval of the same checkpoint (your own file after the speedrun's ChatCORE) adds its tasks to
+        # the record instead of replacing it; a task evaluated again replaces its own entry, and the flat keys
+        # (ChatCORE included) are recomputed over the whole record. The scores of another checkpoint (another
+        # step, or the stage trained again since), and ChatCORE tasks of other settings where this run scores
+        # ChatCORE tasks (carry_over_tasks), are dropped with their per-item files, never left beside the new ones.
         earlier = read_summary(out_dir).get("chat_eval")
         earlier = earlier if isinstance(earlier, dict) else {}
         earlier_tasks = [t for t in earlier.get("tasks", []) if isinstance(t, dict) and "task" in t]
@@ -423,11 +456,11 @@ def run_chat(args) -> int:
                     "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_tokens,
                     "temperature": cfg.temperature, "top_k": cfg.top_k,
                     "seed": cfg.seed if cfg.temperature > 0 else None}  # (greedy replies draw nothing)
-        kept_names, dropped, note = carry_over(earlier, settings, RECORD_SETTINGS,
-                                               [t["task"] for t in earlier_tasks], [t["task"] for t in out["tasks"]])
+        kept, dropped, note = carry_over_tasks(earlier, earlier_tasks, settings, [t["task"] for t in out["tasks"]])
         if note:
             print0(rt, note)
-        kept = [t for t in earlier_tasks if t["task"] in kept_names]
+        own = {k: settings[k] for k in DECODE_SETTINGS}
+        out["tasks"] = [{**t, "settings": own} for t in out["tasks"]]
         stale = {k for t in earlier_tasks for k in task_keys(t["task"])} | set(CHATCORE_KEYS)
         summary = {**flat_summary(kept + out["tasks"]), "chat_eval": {
             "stage": args.source, "tag": tag, **settings, "tasks": kept + out["tasks"],
