@@ -25,6 +25,29 @@ def no_hf_token(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-hf-token"))
 
 
+@pytest.fixture
+def byte_engine():
+    """(engine, prompts): an Engine over a tiny random 2-layer model with a byte tokenizer, its weights drawn
+    large enough that the logits depend on the prompt (a fresh init zeroes the output projections), and five
+    prompts of different lengths: for tests of how replies are decoded and batched."""
+    import torch
+
+    from chibichat.common import init_runtime
+    from chibichat.engine import Engine
+    from chibichat.model.gpt import GPT, GPTConfig
+    from chibichat.tokenizer import Tokenizer
+
+    tok = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=48, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                          layers="AA"))  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    engine = Engine(model.eval(), tok, init_runtime("cpu", "float32"))
+    return engine, [[tok.bos_id, *tok.encode(t)] for t in ("hi", "a longer prompt", "xy", "q", "zw")]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-model tests (use with pytest.mark.usefixtures): on a loaded

@@ -286,25 +286,10 @@ def test_sampled_items_get_the_same_seed_whatever_the_number_of_ranks():
     assert two["items"] == one["items"] and one["items"]["gsm8k"][3]["completion"].endswith(" seed 103 sample 0")
 
 
-def test_engine_generator_texts_do_not_depend_on_the_batching():
+def test_engine_generator_texts_do_not_depend_on_the_batching(byte_engine):
     """A prompt's samples are those Engine.generate draws for it alone with its seed, whatever the batch size
     and whichever other prompts are decoded with it (the prompts a rank of two gets)."""
-    import torch
-
-    from chibichat.common import init_runtime
-    from chibichat.engine import Engine
-    from chibichat.model.gpt import GPT, GPTConfig
-    from chibichat.tokenizer import Tokenizer
-
-    tok = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=48, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                          layers="AA"))  # fmt: skip
-    with torch.no_grad():  # fresh init zeroes the output projections: make the logits depend on the prompt
-        for p in model.parameters():
-            p.normal_(0, 0.4)
-    engine = Engine(model.eval(), tok, init_runtime("cpu", "float32"))
-    prompts = [[tok.bos_id, *tok.encode(t)] for t in ("hi", "a longer prompt", "xy", "q", "zw")]
+    engine, prompts = byte_engine
     seeds = [10, 11, 12, 13, 14]
 
     def texts(batch_size, which):

@@ -518,27 +518,13 @@ def test_every_taught_name_answer_passes_the_identity_checker(lang):
             assert not any(S.names_itself(a, "chibichat", lang) for a in answers), topic
 
 
-def test_engine_replies_are_the_engines_greedy_replies():
+def test_engine_replies_are_the_engines_greedy_replies(byte_engine):
     """eval skills decodes through eval chat's continuous batcher (a second thread, so decoding beside other
     work on the cores does not crawl): each reply is Engine.generate's greedy reply to that prompt alone,
     its finish reason included, whatever the batch size."""
-    import torch
-
-    from chibichat.common import init_runtime
-    from chibichat.engine import Engine
     from chibichat.eval.skills import EngineReplies
-    from chibichat.model.gpt import GPT, GPTConfig
-    from chibichat.tokenizer import Tokenizer
 
-    tok = Tokenizer([bytes([i]) for i in range(256)], split="gpt4")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=48, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                          layers="AA"))  # fmt: skip
-    with torch.no_grad():  # fresh init zeroes the output projections: make the logits depend on the prompt
-        for p in model.parameters():
-            p.normal_(0, 0.4)
-    engine = Engine(model.eval(), tok, init_runtime("cpu", "float32"))
-    prompts = [[tok.bos_id, *tok.encode(t)] for t in ("hi", "a longer prompt", "xy", "q", "zw")]
+    engine, prompts = byte_engine
     alone = [engine.generate([p], num_samples=1, max_tokens=10, temperature=0.0, seed=0, tools=True)[0][0]
              for p in prompts]
     want = [(s.text, s.finish_reason) for s in alone]
