@@ -306,11 +306,12 @@ def test_engine_generator_texts_do_not_depend_on_the_batching(byte_engine):
     assert E.EngineGenerator(engine, 2).generate_texts([], 2, 12, 1.0, 40, []) == []
 
 
-def test_eval_chat_cli_refuses_a_base_model_naming_every_chat_stage(tmp_path):
+@pytest.mark.parametrize("what, tail", [("chat", ". Use `chibichat eval base` for base models"), ("skills", "")])
+def test_eval_chat_and_skills_refuse_a_base_model_naming_every_chat_stage(tmp_path, what, tail):
     from chibichat.cli import build_parser
 
-    args = build_parser().parse_args(["eval", "chat", "--from", "base", "--home", str(tmp_path)])
+    args = build_parser().parse_args(["eval", what, "--from", "base", "--home", str(tmp_path)])
     with pytest.raises(ChibiError) as e:
         args.func(args)
-    assert str(e.value) == ("eval chat needs a chat model (--from mid, sft, rl or dpo); a base model has no chat "
-                            "format. Use `chibichat eval base` for base models")
+    assert str(e.value) == (f"eval {what} needs a chat model (--from mid, sft, rl or dpo); a base model has no chat "
+                            f"format{tail}")

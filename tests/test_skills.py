@@ -437,16 +437,6 @@ def test_the_skills_marker_is_written_only_after_its_csv(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "skills.jsonl").read_text()) == rows[0]
 
 
-def test_eval_skills_cli_refuses_a_base_model(tmp_path):
-    from chibichat.cli import build_parser
-
-    args = build_parser().parse_args(["eval", "skills", "--from", "base", "--home", str(tmp_path)])
-    with pytest.raises(ChibiError) as e:
-        args.func(args)
-    assert str(e.value) == ("eval skills needs a chat model (--from mid, sft, rl or dpo); a base model has no chat "
-                            "format")
-
-
 def test_report_shows_skills_per_chat_stage():
     from chibichat.stages.report import StageArtifacts, skills_table
 
