@@ -66,10 +66,14 @@ class EngineGenerator:
         self.engine, self.batch_size, self.tools = engine, batch_size, tools
 
     def generate_texts(self, prompts, num_samples, max_tokens, temperature, top_k, seeds):
-        # The text as Engine.generate gives it: the tokens decoded, an end token left out.
-        decode = self.engine.tokenizer.decode
-        return [[decode(c["tokens"][:-1] if c["finish_reason"] == "stop" else c["tokens"]) for c in choices]
+        return [[self.text(c) for c in choices]
                 for choices in self.choices(prompts, num_samples, max_tokens, temperature, top_k, seeds)]
+
+    def text(self, choice: dict) -> str:
+        """A choice's text as Engine.generate gives it: its tokens decoded, the end token of a "stop" left out
+        (no stop strings here, so a "stop" choice ends with its end token)."""
+        tokens = choice["tokens"]
+        return self.engine.tokenizer.decode(tokens[:-1] if choice["finish_reason"] == "stop" else tokens)
 
     def choices(self, prompts, num_samples, max_tokens, temperature, top_k, seeds) -> list[list[dict]]:
         """Per prompt, its num_samples choices as `Engine.stream_choices` reports them ("tokens",

@@ -39,14 +39,10 @@ class EngineReplies:
         from chibichat.eval.chat import EngineGenerator
 
         self.gen = EngineGenerator(engine, batch_size)  # (checks batch_size)
-        self.decode = engine.tokenizer.decode
 
     def replies(self, prompts, max_tokens):
-        out = []
-        for (c,) in self.gen.choices(prompts, 1, max_tokens, 0.0, None, [0] * len(prompts)):
-            stop = c["finish_reason"] == "stop"  # (else "length": no stop strings, no cancelling here)
-            out.append((self.decode(c["tokens"][:-1] if stop else c["tokens"]), c["finish_reason"]))
-        return out
+        return [(self.gen.text(c), c["finish_reason"])
+                for (c,) in self.gen.choices(prompts, 1, max_tokens, 0.0, None, [0] * len(prompts))]
 
 
 def summary_prefix(lang: str) -> str:
