@@ -1323,8 +1323,8 @@ def run(args) -> int:
             continue
         # A resumed step goes on with the work of its interrupted attempt, so its time is that attempt's seconds
         # (partial_s, recorded when it stopped) plus this one's; a step started anew discards both.
-        carried_s = times.get("partial_s", {}).pop(step.name, 0.0) if resumed else 0.0
-        times.get("partial_s", {}).pop(step.name, None)
+        stopped_s = times.get("partial_s", {}).pop(step.name, 0.0)
+        carried_s = stopped_s if resumed else 0.0
         if times.get("partial_s") == {}:
             del times["partial_s"]
         t0 = time.time()
