@@ -402,10 +402,12 @@ def test_minutes_fits_the_step_count_and_schedule_to_the_measured_throughput(tmp
     _, res = budget_run(tmp_path / "b", clock)
     # 2 s step-0 eval + 3 s untimed first step + 4 timed steps of 0.5 s: fitted after 5 steps at 7 s.
     # 15 s budget - 7 s - 2 s for the final eval = 6 s = 12 more steps of 0.5 s -> 17 steps. Fitted again
-    # after 4 more steps (step 9, 9 s): 15 - 9 - 2 = 4 s = 8 more steps -> 17 again.
+    # every 4 steps (max(fit_after, 10% of 17)) until the warmdown (from step 14): at step 9 (9 s), 15 - 9 - 2
+    # = 4 s = 8 more steps, and at step 13 (11 s), 2 s = 4 more steps -> 17 each time.
+    earlier = [{"num_steps": 17, "sec_per_step": 0.5, "timed_steps": 4, "fitted_at_step": s} for s in (5, 9)]
     assert res.fit == {"minutes": 0.25, "num_steps": 17, "capped": False, "cap": 100, "sec_per_step": 0.5,
-                       "tok_per_s": 64.0, "timed_steps": 4, "eval_s": 2.0, "fitted_after_s": 9.0,
-                       "first_fit": {"num_steps": 17, "sec_per_step": 0.5, "timed_steps": 4}}
+                       "tok_per_s": 64.0, "timed_steps": 4, "eval_s": 2.0, "fitted_after_s": 11.0,
+                       "fitted_at_step": 13, "earlier_fits": earlier}
     assert res.steps == 17
     assert res.wall_time_s == 15.0  # the run ends exactly on budget
     rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -413,8 +415,10 @@ def test_minutes_fits_the_step_count_and_schedule_to_the_measured_throughput(tmp
     assert lrs == [lr_multiplier(s, 17, 0, 0.2, 0.0) for s in range(17)]  # the 17-step schedule throughout
     out = capsys.readouterr().out
     assert "--minutes 0.25: 0.500 s/step (64 tok/s) over 4 timed steps -> 17 steps\n" in out
-    assert "--minutes 0.25: 0.500 s/step (64 tok/s) over 4 timed steps -> 17 steps (refitted at step 9; first fit " \
-           "17)" in out
+    for at in (9, 13):
+        assert (f"--minutes 0.25: 0.500 s/step (64 tok/s) over 4 timed steps -> 17 steps (refitted at step {at}; the "
+                f"fit before: 17)") in out
+    assert out.count("--minutes 0.25:") == 3
     assert read_meta(tmp_path / "b" / "step_000017")["loop"]["fit"]["num_steps"] == 17
 
 
@@ -439,17 +443,57 @@ class SlowStartClock(FakeClock):
 def test_minutes_refits_once_the_first_steps_ran_slower_than_the_rest(tmp_path, capsys):
     """Steps 2-5 at 1 s, the rest at 0.5 s, 30 s budget: the first fit (step 5, 9 s spent) gives
     5 + (30 - 9 - 2) / 1 = 24 steps, which would end at 20.5 s; the second (step 9, 11 s spent, from
-    steps 6-9) gives 9 + (30 - 11 - 2) / 0.5 = 43, which ends on the budget."""
+    steps 6-9) gives 9 + (30 - 11 - 2) / 0.5 = 43, which ends on the budget; the fits every 4 steps after
+    it, up to the last before the warmdown (step 33, 23 s spent), keep 43."""
     from chibichat.train.schedule import lr_multiplier
 
     _, res = budget_run(tmp_path / "s", SlowStartClock(), minutes=0.5)
-    assert res.fit["first_fit"] == {"num_steps": 24, "sec_per_step": 1.0, "timed_steps": 4}
-    assert (res.fit["num_steps"], res.fit["sec_per_step"], res.fit["fitted_after_s"]) == (43, 0.5, 11.0)
+    assert [(f["fitted_at_step"], f["num_steps"], f["sec_per_step"]) for f in res.fit["earlier_fits"]] == \
+        [(5, 24, 1.0)] + [(s, 43, 0.5) for s in range(9, 30, 4)]
+    assert (res.fit["num_steps"], res.fit["sec_per_step"], res.fit["fitted_after_s"]) == (43, 0.5, 23.0)
     assert res.steps == 43 and res.wall_time_s == 30.0
     rows = [json.loads(l) for l in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     # both counts' schedules are 1.0 until step 9; from then on the 43-step schedule
     assert [r["lr"] for r in rows if "lr" in r] == [lr_multiplier(s, 43, 0, 0.2, 0.0) for s in range(43)]
-    assert "-> 43 steps (refitted at step 9; first fit 24)" in capsys.readouterr().out
+    assert "-> 43 steps (refitted at step 9; the fit before: 24)" in capsys.readouterr().out
+
+
+class DriftClock(FakeClock):
+    """Training forwards 2..`until` take `slow_s`, the ones after them `step_s`: a machine that speeds up
+    partway through a run (other work on its cores ended)."""
+
+    def __init__(self, until=12, slow_s=1.0, **kw):
+        super().__init__(**kw)
+        self.until, self.slow_s = until, slow_s
+
+    def loss(self, stop_after=None):
+        inner = super().loss(stop_after)
+
+        def fn(m, b):
+            out = inner(m, b)
+            if 1 < self.calls <= self.until:
+                self.t += self.slow_s - self.step_s
+            return out
+        return fn
+
+
+def test_minutes_refits_until_the_warmdown_when_the_machine_speeds_up_later(tmp_path, capsys):
+    """Steps 2-12 at 1 s, the rest at 0.5 s, 30 s budget. Fits at steps 5 and 9 (1 s/step) give 24 steps; a
+    run that stopped fitting there ended at 24 s, 6 s under its budget. The fit at step 13 (steps 10-13:
+    0.875 s, 16.5 s spent) gives 13 + 11.5 // 0.875 = 26, the one at step 17 (0.5 s, 18.5 s spent) gives
+    17 + 9.5 / 0.5 = 36, and so do those at 21 and 25; the next (29) would be in the 36-step run's warmdown.
+    36 steps end on the budget: 22.5 s at step 25 + 11 x 0.5 s + the final 2 s evaluation."""
+    from chibichat.train.schedule import lr_multiplier
+
+    _, res = budget_run(tmp_path / "d", DriftClock(), minutes=0.5)
+    assert [(f["fitted_at_step"], f["num_steps"]) for f in res.fit["earlier_fits"]] == \
+        [(5, 24), (9, 24), (13, 26), (17, 36), (21, 36)]
+    assert (res.fit["fitted_at_step"], res.fit["num_steps"], res.fit["fitted_after_s"]) == (25, 36, 22.5)
+    assert res.steps == 36 and res.wall_time_s == 30.0
+    rows = [json.loads(l) for l in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    # every count's schedule is 1.0 until step 17, before the earliest warmdown (24 steps: from step 19)
+    assert [r["lr"] for r in rows if "lr" in r] == [lr_multiplier(s, 36, 0, 0.2, 0.0) for s in range(36)]
+    assert "-> 36 steps (refitted at step 17; the fit before: 26)" in capsys.readouterr().out
 
 
 def test_minutes_resume_keeps_the_fitted_count(tmp_path):
@@ -499,8 +543,8 @@ def test_minutes_fits_even_when_the_step_reaching_the_fit_is_skipped(tmp_path):
     clock = FakeClock()
     _, res = budget_run(tmp_path / "k", clock, src=EmptyAt(clock, {4}), skip_empty_steps=True)
     assert res.skipped_steps == 1 and res.steps == 17 and res.wall_time_s == 15.0
-    assert res.fit["first_fit"] == {"num_steps": 17, "sec_per_step": 0.5, "timed_steps": 4}
-    assert (res.fit["num_steps"], res.fit["sec_per_step"], res.fit["fitted_after_s"]) == (17, 0.5, 9.0)
+    assert res.fit["earlier_fits"][0] == {"num_steps": 17, "sec_per_step": 0.5, "timed_steps": 4, "fitted_at_step": 5}
+    assert (res.fit["num_steps"], res.fit["sec_per_step"], res.fit["fitted_after_s"]) == (17, 0.5, 11.0)
     rows = [json.loads(l) for l in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
     # the skipped step's time comes from the loop's clock: 0.5 s, after 4 trained steps (3 s + 3 x 0.5 s)
     assert [r for r in rows if r.get("skipped")] == [{"step": 5, "skipped": True, "dt_s": 0.5, "elapsed_s": 5.0,

@@ -54,8 +54,9 @@ Wall-clock budget (`minutes`): num_steps is then the most steps the run may take
 run's step count is fitted (fit_num_steps): as many steps as fit in what is left of the budget at the
 measured seconds per step (evaluations every eval_every steps and the final one costed at what the
 step-0 evaluation took), at most num_steps. Every rank fits from rank 0's timings, so all take the same
-number of steps. It is fitted once more, from the steps since, REFIT_FRAC of the way into the
-run if that comes before the warmdown (the first steps can run slower than the rest). Until a fit the
+number of steps. It is fitted again, each time from the steps since the fit before, every REFIT_FRAC of
+the way through the run until the warmdown starts (the first steps can run slower than the rest, and a
+machine's speed drifts: the last fit before the warmdown leaves only the warmdown's share to chance). Until a fit the
 LR schedule is that of the previous count, which equals the fitted schedule on every step taken so far
 as long as those steps come before its warmdown (warmup is in steps, warmdown a fraction of the count).
 A budget too short even for that runs the fewest steps that keep it (the steps taken stay before the
@@ -199,7 +200,7 @@ class LoopResult:
     fit: dict = field(default_factory=dict)
 
 
-REFIT_FRAC = 0.1  # --minutes: the step count is fitted again this far into the run (see train())
+REFIT_FRAC = 0.1  # --minutes: the step count is fitted again every this much of the run (see train())
 
 # What decides the LR/momentum schedule and the batches of every step, saved in each checkpoint as
 # meta["schedule"] and compared on resume: with the stage flag that sets each. num_steps may change on
@@ -228,7 +229,7 @@ def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times:
     num_steps = min(fitted, cap)
     fit = {"minutes": minutes, "num_steps": num_steps, "capped": fitted > cap, "cap": cap,
            "sec_per_step": sec_per_step, "tok_per_s": tokens_timed / sum(step_times),
-           "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s}
+           "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s, "fitted_at_step": steps_done}
     need = max(steps_done, warmup_steps)
     if num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need:
         fewest = next(n for n in range(num_steps, cap + 1) if n - round(warmdown_frac * n) >= need or n == cap)
@@ -714,24 +715,27 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     # same number of steps.
                     elapsed, state.eval_s = _broadcast0(rt, [clock() - wall0, state.eval_s])
                     times = _broadcast0(rt, timed)
-                    first = state.fit
+                    before = state.fit
                     state.fit = fit_num_steps(cfg.minutes, elapsed, state.step, times, timed_tokens, state.eval_s,
                                               cfg.eval_every, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
-                    if first:  # the second fit: say what the first one chose
-                        state.fit["first_fit"] = {k: first[k] for k in ("num_steps", "sec_per_step", "timed_steps")}
+                    if before:  # a refit: keep what the fits before it chose
+                        state.fit["earlier_fits"] = before.get("earlier_fits", []) + [
+                            {k: before[k] for k in ("num_steps", "sec_per_step", "timed_steps", "fitted_at_step")}]
                     num_steps = state.fit["num_steps"]
                     print0(rt, f"--minutes {cfg.minutes:g}: {state.fit['sec_per_step']:.3f} s/step "
                                f"({state.fit['tok_per_s']:,.0f} tok/s) over {len(times)} timed steps -> {num_steps} "
                                f"steps{' (the --num-steps cap)' if state.fit['capped'] else ''}"
-                               + (f" (refitted at step {state.step}; first fit {first['num_steps']})" if first else ""))
+                               + (f" (refitted at step {state.step}; the fit before: {before['num_steps']})"
+                                  if before else ""))
                     if "over_budget_s" in state.fit:
                         print0(rt, f"warning: {state.fit['note']}")
-                    # One more fit ~REFIT_FRAC into the run, from the steps since: the first timed steps
-                    # can run slower than the rest (docs/benchmarks.md, 2026-12-03), and a count fitted to
-                    # them wastes the budget. It must come before the warmdown, where the schedule starts
-                    # to depend on the count.
-                    fit_at = state.step + max(cfg.fit_after, round(REFIT_FRAC * num_steps)) if not first else None
-                    if fit_at is not None and fit_at >= num_steps - round(cfg.warmdown_frac * num_steps):
+                    # Fitted again every ~REFIT_FRAC of the run, from the steps since: the first timed steps
+                    # can run slower than the rest (docs/benchmarks.md, 2026-12-03) and a machine's speed
+                    # drifts during a run (session 31's quickstart fitted at a slow moment and ended 61 s
+                    # under its budget). Only before the warmdown, where the schedule starts to depend on
+                    # the count.
+                    fit_at = state.step + max(cfg.fit_after, round(REFIT_FRAC * num_steps))
+                    if fit_at >= num_steps - round(cfg.warmdown_frac * num_steps):
                         fit_at = None
                     timed, timed_tokens = [], 0
             if loss is not None and (state.step % cfg.log_every == 0 or state.step == num_steps):
