@@ -458,34 +458,16 @@ def test_minutes_refits_once_the_first_steps_ran_slower_than_the_rest(tmp_path, 
     assert "-> 43 steps (refitted at step 9; the fit before: 24)" in capsys.readouterr().out
 
 
-class DriftClock(FakeClock):
-    """Training forwards 2..`until` take `slow_s`, the ones after them `step_s`: a machine that speeds up
-    partway through a run (other work on its cores ended)."""
-
-    def __init__(self, until=12, slow_s=1.0, **kw):
-        super().__init__(**kw)
-        self.until, self.slow_s = until, slow_s
-
-    def loss(self, stop_after=None):
-        inner = super().loss(stop_after)
-
-        def fn(m, b):
-            out = inner(m, b)
-            if 1 < self.calls <= self.until:
-                self.t += self.slow_s - self.step_s
-            return out
-        return fn
-
-
 def test_minutes_refits_until_the_warmdown_when_the_machine_speeds_up_later(tmp_path, capsys):
-    """Steps 2-12 at 1 s, the rest at 0.5 s, 30 s budget. Fits at steps 5 and 9 (1 s/step) give 24 steps; a
+    """A machine that speeds up partway through the run (other work on its cores ended): steps 2-12 at 1 s,
+    the rest at 0.5 s, 30 s budget. Fits at steps 5 and 9 (1 s/step) give 24 steps; a
     run that stopped fitting there ended at 24 s, 6 s under its budget. The fit at step 13 (steps 10-13:
     0.875 s, 16.5 s spent) gives 13 + 11.5 // 0.875 = 26, the one at step 17 (0.5 s, 18.5 s spent) gives
     17 + 9.5 / 0.5 = 36, and so do those at 21 and 25; the next (29) would be in the 36-step run's warmdown.
     36 steps end on the budget: 22.5 s at step 25 + 11 x 0.5 s + the final 2 s evaluation."""
     from chibichat.train.schedule import lr_multiplier
 
-    _, res = budget_run(tmp_path / "d", DriftClock(), minutes=0.5)
+    _, res = budget_run(tmp_path / "d", SlowStartClock(slow=11), minutes=0.5)
     assert [(f["fitted_at_step"], f["num_steps"]) for f in res.fit["earlier_fits"]] == \
         [(5, 24), (9, 24), (13, 26), (17, 36), (21, 36)]
     assert (res.fit["fitted_at_step"], res.fit["num_steps"], res.fit["fitted_after_s"]) == (25, 36, 22.5)
