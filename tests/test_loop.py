@@ -389,7 +389,7 @@ class FakeClock:
 def budget_run(tag_dir, clock, minutes=0.25, cap=100, stop_after=None, src=None, **kw):
     model, opt = make()
     cfg = LoopConfig(tag_dir=tag_dir, num_steps=cap, keep_last=0, momentum_warmup_steps=5, minutes=minutes,
-                     fit_after=4, warmdown_frac=0.2, **kw)
+                     fit_after=4, **{"warmdown_frac": 0.2, **kw})
     res = train(model, opt, src or ToySource(), clock.loss(stop_after), cpu_rt(), cfg, meta=meta_for(model),
                 eval_fn=clock.evaluate, clock=clock)
     return model, res
@@ -476,6 +476,43 @@ def test_minutes_refits_until_the_warmdown_when_the_machine_speeds_up_later(tmp_
     # every count's schedule is 1.0 until step 17, before the earliest warmdown (24 steps: from step 19)
     assert [r["lr"] for r in rows if "lr" in r] == [lr_multiplier(s, 36, 0, 0.2, 0.0) for s in range(36)]
     assert "-> 36 steps (refitted at step 17; the fit before: 26)" in capsys.readouterr().out
+
+
+def test_minutes_with_a_warmdown_that_starts_before_the_fit_keeps_the_budget(tmp_path, capsys):
+    """--warmdown-frac 1.0 (nanochat's SFT and RL): the LR falls from the first step, so no count keeps the
+    steps taken on its own schedule. The fit at step 5 (7 s spent) gives 5 + (15 - 7 - 2) / 0.5 = 17 steps as
+    ever; steps 0-4 fell under the 100-step cap's schedule (to 0.96 at step 4), steps 5-16 fall on from there to
+    0 over the 12 left. The old rule ran all 100 steps, 41.5 s over the 15 s budget."""
+    from chibichat.train.schedule import lr_multiplier
+
+    full, res = budget_run(tmp_path / "w", FakeClock(), warmdown_frac=1.0)
+    assert res.steps == 17 and res.wall_time_s == 15.0 and "over_budget_s" not in res.fit
+    assert res.fit["decay_from"] == [5, 0.96]
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs[:5] == [lr_multiplier(s, 100, 0, 1.0, 0.0) for s in range(5)]
+    assert lrs[5:] == pytest.approx([0.96 * (17 - s) / 13 for s in range(5, 17)])
+    assert "note: the LR was already falling (a warmdown of 1 starts before the fit): steps 6-17 fall on from " \
+           "0.960 towards --final-lr-frac 0" in capsys.readouterr().out
+    # a resume after the fit keeps the count and the decay: the same weights as the uninterrupted run
+    with pytest.raises(KeyboardInterrupt):
+        budget_run(tmp_path / "p", FakeClock(), warmdown_frac=1.0, save_every=10, stop_after=12)
+    resumed, res = budget_run(tmp_path / "p", FakeClock(first_s=30.0, step_s=5.0), warmdown_frac=1.0, save_every=10,
+                              resume=True)
+    assert res.steps == 17 and res.fit["decay_from"] == [5, 0.96]
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lr_multiplier_decay_from_continues_the_fall():
+    from chibichat.train.schedule import lr_multiplier
+
+    # from step 5 at 0.96 (the multiplier of step 4) to 0.1 over steps 5-16: the step "after the end" is exactly 0.1
+    got = [lr_multiplier(s, 17, 0, 1.0, 0.1, decay_from=(5, 0.96)) for s in range(5, 17)]
+    assert got == pytest.approx([0.1 + 0.86 * (17 - s) / 13 for s in range(5, 17)])
+    assert got[0] < 0.96 and got == sorted(got, reverse=True)
+    assert lr_multiplier(3, 17, 0, 1.0, 0.1, decay_from=(5, 0.96)) == lr_multiplier(3, 17, 0, 1.0, 0.1)  # before it
+    with pytest.raises(ValueError, match="decay_from's multiplier must lie in"):
+        lr_multiplier(6, 17, 0, 1.0, 0.1, decay_from=(5, 0.05))
 
 
 def test_minutes_resume_keeps_the_fitted_count(tmp_path):

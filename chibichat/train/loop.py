@@ -61,8 +61,11 @@ LR schedule is that of the previous count, which equals the fitted schedule on e
 as long as those steps come before its warmdown (warmup is in steps, warmdown a fraction of the count).
 A budget too short even for that runs the fewest steps that keep it (the steps taken stay before the
 warmdown) and says by how much it overruns: the work done is kept rather than thrown away by an error
-late in a run. The fitted count, the measured seconds per step and tok/s go into the loop state (so a
-resume keeps the count; a refit still to come at the checkpoint is not made, as the resumed process
+late in a run. Where the LR was already falling when the count is fitted (a warmdown that starts before
+the fit: --warmdown-frac 1.0, nanochat's SFT and RL recipe), no count keeps the steps taken on its schedule:
+the fitted count stands and the steps left fall linearly from the last step's LR to the final one
+(fit["decay_from"], schedule.lr_multiplier); without this such a run ignored its budget. The fitted count,
+the measured seconds per step and tok/s go into the loop state (so a resume keeps the count; a refit still to come at the checkpoint is not made, as the resumed process
 cannot know how much of the budget the killed one spent) and LoopResult.fit; the step-0 evaluation's
 seconds go into the loop state too (a process resumed before the fit costs evaluations at them). The budget covers the loop
 (from the call to train() to the final checkpoint), not the stage's start-up; checkpoint writes and
@@ -215,11 +218,13 @@ LORA_FLAGS = {"base": "--from/--from-tag/--from-step", "rank": "--lora", "alpha"
 
 
 def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times: list[float], tokens_timed: int,
-                  eval_s: float, eval_every: int, cap: int, warmup_steps: int, warmdown_frac: float) -> dict:
+                  eval_s: float, eval_every: int, cap: int, warmup_steps: int, warmdown_frac: float,
+                  final_lr_frac: float = 0.0, ran_under: int | None = None) -> dict:
     """The step count that ends a run within `minutes` (module docstring), with what it was fitted to.
 
-    elapsed_s: wall time of the run so far; steps_done: steps taken; step_times: seconds of the timed
-    steps, which trained on tokens_timed target tokens; eval_s: seconds of one evaluation (0: none)."""
+    elapsed_s: wall time of the run so far; steps_done: steps taken, under the LR schedule of `ran_under`
+    steps (default: cap); step_times: seconds of the timed steps, which trained on tokens_timed target
+    tokens; eval_s: seconds of one evaluation (0: none)."""
     if not step_times:
         raise ChibiError("fitting --minutes needs at least one timed step")
     sec_per_step = sum(step_times) / len(step_times)
@@ -231,7 +236,16 @@ def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times:
            "sec_per_step": sec_per_step, "tok_per_s": tokens_timed / sum(step_times),
            "timed_steps": len(step_times), "eval_s": eval_s, "fitted_after_s": elapsed_s, "fitted_at_step": steps_done}
     need = max(steps_done, warmup_steps)
-    if num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need:
+    ran_under = cap if ran_under is None else ran_under
+    last = steps_done - 1
+    if (num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need and last >= warmup_steps
+            and last >= ran_under - round(warmdown_frac * ran_under)):
+        # The LR was already falling when the count was fitted (a warmdown that starts before the fit, as
+        # --warmdown-frac 1.0 does): no count keeps the steps taken on the fitted schedule, so the count keeps
+        # the budget and the steps left fall on from the last step's LR to the final one.
+        mult = lr_multiplier(last, ran_under, warmup_steps, warmdown_frac, final_lr_frac)
+        fit["decay_from"] = [steps_done, mult]
+    elif num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need:
         fewest = next(n for n in range(num_steps, cap + 1) if n - round(warmdown_frac * n) >= need or n == cap)
         over_s = (fewest - fitted) * per_step
         fit.update(num_steps=fewest, over_budget_s=over_s,
@@ -668,7 +682,7 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
             if last:
                 break
             dt, loss, n_tokens = _train_step(train_model, optimizer, batches, loss_fn, count_fn, rt, cfg, step,
-                                             num_steps, clock, lr_share_fn, tokens_fn)
+                                             num_steps, clock, lr_share_fn, tokens_fn, state.fit.get("decay_from"))
             state.step = step + 1
             state.tokens += n_tokens
             state.train_time_s += dt
@@ -692,7 +706,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                 recent = [dt] if step <= first_step + 1 else (recent + [dt])[-20:]
                 tok_s = n_tokens / dt
                 mfu = cfg.flops_per_token * tok_s / (peak * rt.world_size) if peak and cfg.flops_per_token else None
-                lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+                lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac,
+                                    decay_from=state.fit.get("decay_from"))
                 rec = {"step": state.step, "loss": loss, "lr": lrm, "tok_per_s": tok_s, "dt_s": dt,
                        "elapsed_s": state.train_time_s, "tokens": state.tokens}
                 if mfu is not None:
@@ -717,7 +732,8 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                     times = _broadcast0(rt, timed)
                     before = state.fit
                     state.fit = fit_num_steps(cfg.minutes, elapsed, state.step, times, timed_tokens, state.eval_s,
-                                              cfg.eval_every, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac)
+                                              cfg.eval_every, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac,
+                                              cfg.final_lr_frac, ran_under=num_steps)
                     if before:  # a refit: keep what the fits before it chose
                         state.fit["earlier_fits"] = before.get("earlier_fits", []) + [
                             {k: before[k] for k in ("num_steps", "sec_per_step", "timed_steps", "fitted_at_step")}]
@@ -729,6 +745,10 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                                   if before else ""))
                     if "over_budget_s" in state.fit:
                         print0(rt, f"warning: {state.fit['note']}")
+                    if "decay_from" in state.fit:
+                        print0(rt, f"note: the LR was already falling (a warmdown of {cfg.warmdown_frac:g} starts "
+                                   f"before the fit): steps {state.step + 1}-{num_steps} fall on from "
+                                   f"{state.fit['decay_from'][1]:.3f} towards --final-lr-frac {cfg.final_lr_frac:g}")
                     # Fitted again every ~REFIT_FRAC of the run, from the steps since: the first timed steps
                     # can run slower than the rest (docs/benchmarks.md, 2026-12-03) and a machine's speed
                     # drifts during a run (session 31's quickstart fitted at a slow moment and ended 61 s
@@ -784,7 +804,7 @@ def _sync(rt: Runtime) -> None:
 
 def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: LoopConfig, step: int,
                 num_steps: int, clock: Callable[[], float], lr_share_fn: Callable | None = None,
-                tokens_fn: Callable | None = None):
+                tokens_fn: Callable | None = None, decay_from: list | None = None):
     """(seconds, mean loss or None when skipped, tokens trained) of one optimizer step."""
     _sync(rt)
     t0 = clock()
@@ -801,7 +821,8 @@ def _train_step(model, optimizer, batches, loss_fn, count_fn, rt: Runtime, cfg: 
     total, trained = int(total), int(trained)
     if not out_of > 0 or not 0 <= weight <= out_of:
         raise ChibiError(f"step {step}: lr_share_fn gave a share of {weight} out of {out_of}; it must lie in [0, 1]")
-    lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+    lrm = lr_multiplier(step, num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac,
+                        decay_from=decay_from)
     for g in optimizer.param_groups:
         g["lr"] = g["initial_lr"] * lrm * (weight / out_of)
     set_muon_momentum(optimizer, muon_momentum(step, warmup_steps=cfg.momentum_warmup_steps))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmdown_frac: float,
-                  final_frac: float) -> float:
+                  final_frac: float, decay_from: tuple[int, float] | None = None) -> float:
     """Multiplier in [0, 1] applied to every group's initial LR.
 
     warmup:   steps 0..warmup-1 ramp (step+1)/warmup, so the first step already moves;
@@ -19,6 +19,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmdown_frac:
     warmdown: the last round(warmdown_frac*total) steps fall linearly towards final_frac, reaching
               final_frac + (1-final_frac)/W on the last step (the step "after the end" would be
               exactly final_frac).
+    decay_from (a, m): from step a on the multiplier falls linearly from m (the step before a's) towards
+              final_frac over the steps left, by the same rule: a step count fitted to a time budget after
+              the LR had started to fall under another count (see train.loop, --minutes).
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
@@ -30,6 +33,11 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmdown_frac:
         raise ValueError(f"final_frac must be in [0, 1], got {final_frac}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if decay_from is not None and step >= decay_from[0]:
+        a, m = decay_from
+        if not final_frac <= m <= 1.0:
+            raise ValueError(f"decay_from's multiplier must lie in [final_frac, 1], got {m}")
+        return final_frac + (m - final_frac) * (total_steps - step) / (total_steps - a + 1)
     warmdown_steps = round(warmdown_frac * total_steps)
     if step < warmup_steps:
         mult = (step + 1) / warmup_steps
