@@ -738,11 +738,12 @@ def train(model, optimizer, batches, loss_fn: Callable, rt: Runtime, cfg: LoopCo
                         state.fit["earlier_fits"] = before.get("earlier_fits", []) + [
                             {k: before[k] for k in ("num_steps", "sec_per_step", "timed_steps", "fitted_at_step")}]
                     num_steps = state.fit["num_steps"]
-                    print0(rt, f"--minutes {cfg.minutes:g}: {state.fit['sec_per_step']:.3f} s/step "
-                               f"({state.fit['tok_per_s']:,.0f} tok/s) over {len(times)} timed steps -> {num_steps} "
-                               f"steps{' (the --num-steps cap)' if state.fit['capped'] else ''}"
-                               + (f" (refitted at step {state.step}; the fit before: {before['num_steps']})"
-                                  if before else ""))
+                    if not before or before["num_steps"] != num_steps:  # a refit that changes nothing is not news
+                        print0(rt, f"--minutes {cfg.minutes:g}: {state.fit['sec_per_step']:.3f} s/step "
+                                   f"({state.fit['tok_per_s']:,.0f} tok/s) over {len(times)} timed steps -> "
+                                   f"{num_steps} steps{' (the --num-steps cap)' if state.fit['capped'] else ''}"
+                                   + (f" (refitted at step {state.step}; the fit before: {before['num_steps']})"
+                                      if before else ""))
                     if "over_budget_s" in state.fit:
                         print0(rt, f"warning: {state.fit['note']}")
                     if "decay_from" in state.fit:
