@@ -712,9 +712,9 @@ def test_lora_resume_refuses_another_base_or_settings(tmp_path):
     from chibichat.model.lora import LoRAConfig, apply_lora, lora_parameters
     from chibichat.train.optim import build_lora_optimizer
 
-    def lora_run(base, alpha=4.0, resume=False, sha=None, tag="lo"):
+    def lora_run(base, alpha=4.0, resume=False, sha=None, tag="lo", targets=("attn", "mlp", "slc2")):
         model, _ = make()
-        lcfg = LoRAConfig(rank=4, alpha=alpha)
+        lcfg = LoRAConfig(rank=4, alpha=alpha, targets=targets)
         apply_lora(model, lcfg)
         opt = build_lora_optimizer(lora_parameters(model), 1e-3)
         fingerprint = {} if sha is None else {"base_sha256": sha}
@@ -743,3 +743,9 @@ def test_lora_resume_refuses_another_base_or_settings(tmp_path):
         f"--resume: {tmp_path / 'fp' / 'step_000002'} holds LoRA adapters trained on base/d2/step_000010, whose "
         "weights have changed since (sha256 aaaaaaaaaaaa then, bbbbbbbbbbbb now: that base was trained again); the "
         "adapters only continue on the weights they were trained on: restore that checkpoint, or start a new --tag")
+    # Targets are compared by the kinds they select: on this dense model "attn,mlp,slc2" (the default before the
+    # default became the model's own kinds) adapts what "attn,mlp" does, so a run saved with it resumes.
+    assert "A" in meta_for(make()[0])["model_config"]["layers"] and "S" not in meta_for(make()[0])["model_config"]["layers"]
+    assert lora_run("base/d2/step_000010", resume=True, targets=("attn", "mlp")).steps == 2
+    with pytest.raises(ChibiError, match=re.escape("--lora-targets ['attn', 'mlp', 'slc2'] (this run: ['mlp'])")):
+        lora_run("base/d2/step_000010", resume=True, targets=("mlp",))

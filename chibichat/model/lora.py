@@ -105,6 +105,14 @@ def target_weights(model, targets) -> list[tuple[nn.Module, str, str]]:
     return out
 
 
+def selected_kinds(targets, layers: str) -> list[str]:
+    """The targets that select a weight in a model of these layer kinds ("AASA": A attention, S SLC2), in
+    their order: what an adapter set is, whatever names were given for kinds the model lacks (a checkpoint
+    of a dense model saved with "attn,mlp,slc2", the default before it became the kinds the model has)."""
+    has = {"attn": "A" in layers, "slc2": "S" in layers, "mlp": True}
+    return [t for t in targets if has.get(t, True)]
+
+
 def has_lora(model) -> bool:
     return any(isinstance(m, LoRADelta) for m in model.modules())
 

@@ -451,7 +451,7 @@ def _resumable(rt: Runtime, cfg: LoopConfig, meta: dict, precision: dict) -> tup
     if "tokenizer" in meta and saved.get("tokenizer") != meta["tokenizer"]:
         raise ChibiError(f"--resume: {sdir} was trained with another tokenizer ({saved.get('tokenizer')}); "
                          f"restore that tokenizer or start a new --tag")
-    _check_lora(sdir, saved.get("lora"), meta.get("lora"))
+    _check_lora(sdir, saved.get("lora"), meta.get("lora"), (meta.get("model_config") or {}).get("layers"))
     _check_precision(sdir, saved.get("precision"), precision)
     return sdir, saved, _check_schedule(sdir, saved.get("schedule"), cfg)
 
@@ -550,13 +550,19 @@ def _check_schedule(sdir: Path, saved, cfg: LoopConfig) -> dict | None:
     return saved
 
 
-def _check_lora(sdir: Path, saved, now) -> None:
+def _check_lora(sdir: Path, saved, now, layers: str | None = None) -> None:
     """Refuse a resume whose LoRA adapters would sit on another base checkpoint (another step directory, or the
     same one holding other weights: `base_sha256`), or whose LoRA settings differ from the saved ones: the saved
     adapters were trained on that base with those settings. Adapters saved before `base_sha256` was recorded
-    are compared without it."""
+    are compared without it; targets are compared by the kinds they select in a model of `layers` (the model
+    itself is compared before), so names of kinds the model lacks make no difference."""
     if isinstance(saved, dict) and isinstance(now, dict) and "base_sha256" not in saved:
         now = {k: v for k, v in now.items() if k != "base_sha256"}
+    if isinstance(saved, dict) and isinstance(now, dict) and layers and isinstance(saved.get("targets"), list):
+        from chibichat.model.lora import selected_kinds
+
+        if selected_kinds(saved["targets"], layers) == selected_kinds(now.get("targets") or [], layers):
+            now = {**now, "targets": saved["targets"]}
     if saved == now:
         return
     if not isinstance(saved, dict):
