@@ -49,27 +49,27 @@ every save_every steps and at the end (rank 0 writes; loader and RNG states of a
 Under torchrun a fresh run gives each rank its own torch RNG stream before step 0, so random draws in
 training forwards (embedding noise, LoRA dropout) differ between ranks.
 
-Wall-clock budget (`minutes`): num_steps is then the most steps the run may take. The first step
-(compile, warm-up) is not timed; the next `fit_after` steps are (skipped ones too), and after them the
-run's step count is fitted (fit_num_steps): as many steps as fit in what is left of the budget at the
-measured seconds per step (evaluations every eval_every steps and the final one costed at what the
-step-0 evaluation took), at most num_steps. Every rank fits from rank 0's timings, so all take the same
-number of steps. It is fitted again, each time from the steps since the fit before, every REFIT_FRAC of
-the way through the run until the warmdown starts (the first steps can run slower than the rest, and a
-machine's speed drifts: the last fit before the warmdown leaves only the warmdown's share to chance). Until a fit the
-LR schedule is that of the previous count, which equals the fitted schedule on every step taken so far
-as long as those steps come before its warmdown (warmup is in steps, warmdown a fraction of the count).
-A budget too short even for that runs the fewest steps that keep it (the steps taken stay before the
-warmdown) and says by how much it overruns: the work done is kept rather than thrown away by an error
-late in a run. Where the LR was already falling when the count is fitted (a warmdown that starts before
-the fit: --warmdown-frac 1.0, nanochat's SFT and RL recipe), no count keeps the steps taken on its schedule:
-the fitted count stands and the steps left fall linearly from the last step's LR to the final one
-(fit["decay_from"], schedule.lr_multiplier); without this such a run ignored its budget. The fitted count,
-the measured seconds per step and tok/s go into the loop state (so a resume keeps the count; a refit still to come at the checkpoint is not made, as the resumed process
-cannot know how much of the budget the killed one spent) and LoopResult.fit; the step-0 evaluation's
-seconds go into the loop state too (a process resumed before the fit costs evaluations at them). The budget covers the loop
-(from the call to train() to the final checkpoint), not the stage's start-up; checkpoint writes and
-sampling are not costed.
+Wall-clock budget (`minutes`): num_steps is then the most steps the run may take. The first step (compile,
+warm-up) is not timed; the next `fit_after` steps are (skipped ones too), and after them the run's step count
+is fitted (fit_num_steps): as many steps as fit in what is left of the budget at the measured seconds per step
+(evaluations every eval_every steps and the final one costed at what the step-0 evaluation took), at most
+num_steps. Every rank fits from rank 0's timings, so all take the same number of steps. It is fitted again,
+each time from the steps since the fit before, every REFIT_FRAC of the way through the run until the warmdown
+starts (the first steps can run slower than the rest, and a machine's speed drifts: the last fit before the
+warmdown leaves only the warmdown's share to chance). Until a fit the LR schedule is that of the previous
+count, which equals the fitted schedule on every step taken so far as long as those steps come before its
+warmdown (warmup is in steps, warmdown a fraction of the count). A budget too short even for that runs the
+fewest steps that keep it (the steps taken stay before the warmdown) and says by how much it overruns: the
+work done is kept rather than thrown away by an error late in a run. Where the LR was already falling when the
+count is fitted (a warmdown that starts before the fit: --warmdown-frac 1.0, nanochat's SFT and RL recipe), no
+count keeps the steps taken on its schedule: the fitted count stands and the steps left fall linearly from the
+last step's LR to the final one (fit["decay_from"], schedule.lr_multiplier); without this such a run ignored
+its budget. The fitted count, the measured seconds per step and tok/s go into the loop state (so a resume
+keeps the count; a refit still to come at the checkpoint is not made, as the resumed process cannot know how
+much of the budget the killed one spent) and LoopResult.fit; the step-0 evaluation's seconds go into the loop
+state too (a process resumed before the fit costs evaluations at them). The budget covers the loop (from the
+call to train() to the final checkpoint), not the stage's start-up; checkpoint writes and sampling are not
+costed.
 
 Exact resume (`resume=True`): weights, optimizer, every rank's loader state, loop counters and RNG
 states come back from the newest checkpoint in tag_dir, and metrics.jsonl is cut back to that step,
