@@ -437,42 +437,34 @@ class SlowStartClock(FakeClock):
         return fn
 
 
-def test_minutes_refits_once_the_first_steps_ran_slower_than_the_rest(tmp_path, capsys):
-    """Steps 2-5 at 1 s, the rest at 0.5 s, 30 s budget: the first fit (step 5, 9 s spent) gives
-    5 + (30 - 9 - 2) / 1 = 24 steps, which would end at 20.5 s; the second (step 9, 11 s spent, from
-    steps 6-9) gives 9 + (30 - 11 - 2) / 0.5 = 43, which ends on the budget; the fits every 4 steps after
-    it, up to the last before the warmdown (step 33, 23 s spent), keep 43."""
+@pytest.mark.parametrize("slow, earlier, last, refit_line", [
+    # Steps 2-5 at 1 s, the rest at 0.5 s: the first fit (step 5, 9 s spent) gives 5 + (30 - 9 - 2) / 1 = 24 steps,
+    # which would end at 20.5 s; the second (step 9, 11 s spent, from steps 6-9) gives 9 + (30 - 11 - 2) / 0.5 = 43,
+    # which ends on the budget; the fits every 4 steps after it, up to the last before the warmdown (step 33, 23 s
+    # spent), keep 43.
+    (4, [(5, 24)] + [(s, 43) for s in range(9, 30, 4)], (33, 43, 23.0), "-> 43 steps (refitted at step 9; the fit "
+                                                                         "before: 24)"),
+    # A machine that speeds up later (other work on its cores ended): steps 2-12 at 1 s. Fits at steps 5 and 9
+    # give 24 steps; a run that stopped fitting there ended at 24 s, 6 s under its budget. The fit at step 13
+    # (steps 10-13: 0.875 s, 16.5 s spent) gives 13 + 11.5 // 0.875 = 26, the one at step 17 (0.5 s, 18.5 s spent)
+    # 17 + 9.5 / 0.5 = 36, and so do those at 21 and 25; the next (29) would be in the 36-step run's warmdown.
+    # 36 steps end on the budget: 22.5 s at step 25 + 11 x 0.5 s + the final 2 s evaluation.
+    (11, [(5, 24), (9, 24), (13, 26), (17, 36), (21, 36)], (25, 36, 22.5), "-> 36 steps (refitted at step 17; the "
+                                                                          "fit before: 26)"),
+])
+def test_minutes_refits_until_the_warmdown_as_the_speed_changes(tmp_path, capsys, slow, earlier, last, refit_line):
+    """The first `slow` timed steps at 1 s, the rest at 0.5 s, a 30 s budget: the count is fitted again every
+    4 steps (max(fit_after, 10% of the count)) until the warmdown, and ends the run on its budget."""
     from chibichat.train.schedule import lr_multiplier
 
-    _, res = budget_run(tmp_path / "s", SlowStartClock(), minutes=0.5)
-    assert [(f["fitted_at_step"], f["num_steps"], f["sec_per_step"]) for f in res.fit["earlier_fits"]] == \
-        [(5, 24, 1.0)] + [(s, 43, 0.5) for s in range(9, 30, 4)]
-    assert (res.fit["num_steps"], res.fit["sec_per_step"], res.fit["fitted_after_s"]) == (43, 0.5, 23.0)
-    assert res.steps == 43 and res.wall_time_s == 30.0
+    _, res = budget_run(tmp_path / "s", SlowStartClock(slow=slow), minutes=0.5)
+    assert [(f["fitted_at_step"], f["num_steps"]) for f in res.fit["earlier_fits"]] == earlier
+    assert (res.fit["fitted_at_step"], res.fit["num_steps"], res.fit["fitted_after_s"]) == last
+    assert res.steps == last[1] and res.wall_time_s == 30.0
     rows = [json.loads(l) for l in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
-    # both counts' schedules are 1.0 until step 9; from then on the 43-step schedule
-    assert [r["lr"] for r in rows if "lr" in r] == [lr_multiplier(s, 43, 0, 0.2, 0.0) for s in range(43)]
-    assert "-> 43 steps (refitted at step 9; the fit before: 24)" in capsys.readouterr().out
-
-
-def test_minutes_refits_until_the_warmdown_when_the_machine_speeds_up_later(tmp_path, capsys):
-    """A machine that speeds up partway through the run (other work on its cores ended): steps 2-12 at 1 s,
-    the rest at 0.5 s, 30 s budget. Fits at steps 5 and 9 (1 s/step) give 24 steps; a
-    run that stopped fitting there ended at 24 s, 6 s under its budget. The fit at step 13 (steps 10-13:
-    0.875 s, 16.5 s spent) gives 13 + 11.5 // 0.875 = 26, the one at step 17 (0.5 s, 18.5 s spent) gives
-    17 + 9.5 / 0.5 = 36, and so do those at 21 and 25; the next (29) would be in the 36-step run's warmdown.
-    36 steps end on the budget: 22.5 s at step 25 + 11 x 0.5 s + the final 2 s evaluation."""
-    from chibichat.train.schedule import lr_multiplier
-
-    _, res = budget_run(tmp_path / "d", SlowStartClock(slow=11), minutes=0.5)
-    assert [(f["fitted_at_step"], f["num_steps"]) for f in res.fit["earlier_fits"]] == \
-        [(5, 24), (9, 24), (13, 26), (17, 36), (21, 36)]
-    assert (res.fit["fitted_at_step"], res.fit["num_steps"], res.fit["fitted_after_s"]) == (25, 36, 22.5)
-    assert res.steps == 36 and res.wall_time_s == 30.0
-    rows = [json.loads(l) for l in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
-    # every count's schedule is 1.0 until step 17, before the earliest warmdown (24 steps: from step 19)
-    assert [r["lr"] for r in rows if "lr" in r] == [lr_multiplier(s, 36, 0, 0.2, 0.0) for s in range(36)]
-    assert "-> 36 steps (refitted at step 17; the fit before: 26)" in capsys.readouterr().out
+    # every count's schedule is 1.0 before the earliest warmdown, so the steps follow the last count's schedule
+    assert [r["lr"] for r in rows if "lr" in r] == [lr_multiplier(s, last[1], 0, 0.2, 0.0) for s in range(last[1])]
+    assert refit_line in capsys.readouterr().out
 
 
 def test_minutes_with_a_warmdown_that_starts_before_the_fit_keeps_the_budget(tmp_path, capsys):
