@@ -238,15 +238,19 @@ def fit_num_steps(minutes: float, elapsed_s: float, steps_done: int, step_times:
     need = max(steps_done, warmup_steps)
     ran_under = cap if ran_under is None else ran_under
     last = steps_done - 1
-    if (num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need and last >= warmup_steps
-            and last >= ran_under - round(warmdown_frac * ran_under)):
+
+    def warmdown_start(n: int) -> int:
+        return n - round(warmdown_frac * n)
+
+    if not (num_steps < cap and warmdown_start(num_steps) < need):
+        return fit
+    if last >= warmup_steps and last >= warmdown_start(ran_under):
         # The LR was already falling when the count was fitted (a warmdown that starts before the fit, as
         # --warmdown-frac 1.0 does): no count keeps the steps taken on the fitted schedule, so the count keeps
         # the budget and the steps left fall on from the last step's LR to the final one.
-        mult = lr_multiplier(last, ran_under, warmup_steps, warmdown_frac, final_lr_frac)
-        fit["decay_from"] = [steps_done, mult]
-    elif num_steps < cap and num_steps - round(warmdown_frac * num_steps) < need:
-        fewest = next(n for n in range(num_steps, cap + 1) if n - round(warmdown_frac * n) >= need or n == cap)
+        fit["decay_from"] = [steps_done, lr_multiplier(last, ran_under, warmup_steps, warmdown_frac, final_lr_frac)]
+    else:
+        fewest = next(n for n in range(num_steps, cap + 1) if warmdown_start(n) >= need or n == cap)
         over_s = (fewest - fitted) * per_step
         fit.update(num_steps=fewest, over_budget_s=over_s,
                    note=f"--minutes {minutes:g} is too short: after {steps_done} steps ({elapsed_s:.0f} s, "
