@@ -207,7 +207,7 @@ def test_sharded_muon_step_equals_one_rank(tmp_path):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
-def _budget_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _budget_worker(rank: int, world: int, init_file: str, out_dir: str, warmdown_frac: float = 0.2) -> None:
     """One rank of test_minutes_fit_is_the_same_on_every_rank (torch.multiprocessing target)."""
     import datetime
     import json
@@ -229,7 +229,7 @@ def _budget_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         clock = FakeClock(eval_s=2.0 + 1e-4 * rank)  # rank 1's evaluation takes 0.1 ms longer
         model, opt = make()
         cfg = LoopConfig(tag_dir=Path(out_dir) / "run", num_steps=100, keep_last=0, momentum_warmup_steps=5,
-                         minutes=0.25, fit_after=4, warmdown_frac=0.2)
+                         minutes=0.25, fit_after=4, warmdown_frac=warmdown_frac)
         res = train(model, opt, ToySource(rank=rank, world=world), clock.loss(), rt, cfg, meta=meta_for(model),
                     eval_fn=clock.evaluate, clock=clock)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": res.steps, "fit": res.fit}))
@@ -238,15 +238,18 @@ def _budget_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_minutes_fit_is_the_same_on_every_rank(tmp_path):
+@pytest.mark.parametrize("warmdown_frac", [0.2, 1.0])
+def test_minutes_fit_is_the_same_on_every_rank(tmp_path, warmdown_frac):
     """--minutes under 2 gloo ranks whose own timings differ by a hair: rank 0's step-0 evaluation takes
     2 s, rank 1's 2.0001 s. Fitted from its own, rank 1 would choose 16 steps ((15 - 7 - 2.0001) / 0.5 ->
-    11 more) and rank 0 17; every rank fits from rank 0's figures, so both take 17 and finish."""
+    11 more) and rank 0 17; every rank fits from rank 0's figures, so both take 17 and finish. With a
+    warmdown from the first step (1.0) both also fall on from the same LR (fit["decay_from"])."""
     import json
 
     import torch.multiprocessing as mp
 
-    ctx = mp.spawn(_budget_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(_budget_worker, args=(2, str(tmp_path / "store"), str(tmp_path), warmdown_frac), nprocs=2,
+                   join=False)
     deadline = time.time() + 240
     try:
         while not ctx.join(timeout=5):
@@ -257,6 +260,7 @@ def test_minutes_fit_is_the_same_on_every_rank(tmp_path):
                 p.terminate()
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and r0["steps"] == r0["fit"]["num_steps"] == 17 and r0["fit"]["eval_s"] == 2.0
+    assert r0["fit"].get("decay_from") == ([5, 0.96] if warmdown_frac == 1.0 else None)
 
 
 def _noise_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
