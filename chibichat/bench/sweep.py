@@ -1,6 +1,6 @@
 """`chibichat bench sweep`: model size against tokens at one wall-clock budget.
 
-On a CPU the budget, not the data, limits learning: a quickstart pretrains for ~7.5 minutes. For each
+On a CPU the budget, not the data, limits learning: a quickstart pretrains for ~4.4 minutes. For each
 depth in --depths this runs `chibichat pretrain --depth D --minutes M` in its own process, into the home's
 checkpoints/base/sweep-<M>m-dD (the home's tokenizer; shape and learning rates from the depth dial;
 --seq-len, --device-batch, --total-batch as given, the same for every depth). --minutes fits each run's
@@ -32,8 +32,8 @@ HELP = "pretrain several depths for the same minutes and compare val bpb (model 
 
 def add_args(p) -> None:
     p.add_argument("--depths", default="2,3,4,6", help="comma list of depths (default: 2,3,4,6)")
-    p.add_argument("--minutes", type=float, default=7.5, help="training minutes per depth (default: 7.5, the "
-                   "cpu preset's pretraining share)")
+    p.add_argument("--minutes", type=float, default=7.5, help="training minutes per depth (default: 7.5, "
+                   "the cpu preset's pretraining share when the sweep was first run)")
     p.add_argument("--corpus", default="embedded-en", help="pretraining corpus (default: embedded-en)")
     p.add_argument("--layers", default="dense", help="token mixers, as pretrain --layers (default: dense)")
     p.add_argument("--seq-len", type=int, default=256, help="context of a training row (default: 256)")

@@ -331,13 +331,18 @@ PRESETS: dict[str, Preset] = {
         # vocabulary, and is not asked in; alone they scored 0.650 against 0.606 over eight seeds (identity
         # 0.62 -> 0.78, refusal 0.64 -> 0.80; docs/benchmarks.md, "Japanese chat stages without the English tasks").
         chat_mix_ja=(MID_MIX_JA, SFT_MIX_JA),
-        # The cap is about what the 2-core AMX machine fits in pretraining's share of the budget (7.5 min at
-        # ~0.62 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
+        # The cap is about what a fast phase of the 2-core AMX machine fits in pretraining's share of the budget
+        # (4.4 min at ~0.3 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
         # the prompt into a tool call or an answer (docs/benchmarks.md, "copy rows").
+        # The LR falls over the last 60% of the steps (the pretrain default, nanochat's, is 20%) and the Muon
+        # matrices decay by 0.1: at 700 steps val bpb 1.526 against 1.553 with the defaults, the two measured
+        # apart at -0.015 and -0.010; 0.8 and 1.0 of the run were no better than 0.6, a higher or lower matrix
+        # LR, a larger embedding LR, weight decay 0.2 and half the batch for twice the steps were worse
+        # (docs/benchmarks.md, session 33).
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "700", "--eval-every", "350", "--eval-tokens", "32768", "--save-every", "350",
-                  "--repeat-rows", "4"],
+                  "--repeat-rows", "4", "--warmdown-frac", "0.6", "--weight-decay", "0.1"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
         # SFT's steps are where the held-out skills are learnt: more of them raised `eval skills` the most
