@@ -73,8 +73,10 @@ def test_bad_seeds_are_refused(text, why):
 
 def test_table_means_standard_errors_and_verdicts_by_hand():
     arms = [B.Arm("base"), B.Arm("new", ("--mix", "x=1")), B.Arm("same", (), ("--lr-frac", "0.5"))]
-    rows = [{"arm": "base", "skills": s, "per_skill": {"spelling": s / 2}} for s in (0.5, 0.7)] + \
-           [{"arm": "new", "skills": s, "per_skill": {"spelling": 1.0}} for s in (0.9, 0.95)] + \
+    rows = [{"arm": "base", "skills": s, "per_skill": {"spelling": s / 2}, "simple_bpb": b, "on_topic": o}
+            for s, b, o in ((0.5, 2.5, 0.25), (0.7, 2.7, 0.5))] + \
+           [{"arm": "new", "skills": s, "per_skill": {"spelling": 1.0}, "simple_bpb": b, "on_topic": 0.0}
+            for s, b in ((0.9, 2.4), (0.95, None))] + \
            [{"arm": "same", "skills": s, "per_skill": {}} for s in (0.55, 0.65)]
     t = B.arm_table(arms, rows)
     base, new, same = t
@@ -87,8 +89,12 @@ def test_table_means_standard_errors_and_verdicts_by_hand():
     assert same["diff"] == pytest.approx(0.0) and B.verdict(same) == "within 2 s.e. (noise)"
     assert B.verdict({"diff": 0.1, "diff_se": None}) == "no s.e. (one seed)"
     md = B.table_md(t, "t", "en", "d4")
-    assert "| base | 2 | 0.600 +- 0.100 | 0.500-0.700 | - | baseline | 0.30 |" in md
-    assert "| new | 2 | 0.925 +- 0.025 | 0.900-0.950 | +0.325 +- 0.103 | beyond 2 s.e. | 1.00 |" in md
+    # the prose measures: a mean over the arm's runs, or none where a run lacks the figure (an older evaluation)
+    assert (base["simple_bpb"], base["on_topic"]) == (pytest.approx(2.6), pytest.approx(0.375))
+    assert (new["simple_bpb"], new["on_topic"]) == (None, 0.0) and same["simple_bpb"] is None
+    assert "| spelling | simple-text bpb | open on topic |" in md
+    assert "| base | 2 | 0.600 +- 0.100 | 0.500-0.700 | - | baseline | 0.30 | 2.600 | 0.38 |" in md
+    assert "| new | 2 | 0.925 +- 0.025 | 0.900-0.950 | +0.325 +- 0.103 | beyond 2 s.e. | 1.00 | - | 0.00 |" in md
     assert "- new: midtrain --mix x=1; sft (defaults)" in md and "- same: midtrain (defaults), the runs of arm base; sft --lr-frac 0.5" in md
 
 
@@ -218,6 +224,7 @@ def test_bench_runs_every_arm_and_seed_then_resumes_without_training(tmp_path, m
     for row in data["rows"]:
         ev = json.loads((home.eval_dir("sft", row["tag"]) / "summary.json").read_text())
         assert row["skills"] == ev["skills"] and row["per_skill"]["spelling"] == ev["skills_spelling"]
+        assert (row["simple_bpb"], row["on_topic"]) == (ev["skills_simple_bpb"], ev["skills_open_on_topic"])
         assert ev["skills_n"] == 7  # one prompt per skill
         mid = json.loads((home.checkpoints_dir("mid", row["mid_tag"]) / "summary.json").read_text())
         sft = json.loads((home.checkpoints_dir("sft", row["tag"]) / "summary.json").read_text())
@@ -236,6 +243,8 @@ def test_bench_runs_every_arm_and_seed_then_resumes_without_training(tmp_path, m
     assert read_meta(resolve_checkpoint(home, "sft", "t-default-s0"))["flags"]["lr_frac"] == 0.5
     md = (home.report_dir / "bench-skills-t.md").read_text()
     assert "| default | 1 |" in md and "| small | 1 |" in md and "no s.e. (one seed)" in md
+    d0 = data["rows"][0]
+    assert f"| {d0['simple_bpb']:.3f} | {d0['on_topic']:.2f} |\n" in md.split("| default | 1 |")[1]
 
     # Resume: a run whose eval exists is read; a run with trained stages but no eval only evaluates.
     (home.eval_dir("sft", "t-small-s0") / "summary.json").unlink()

@@ -261,7 +261,7 @@ def row_of(arm: Arm, seed: int, tag: str, summary: dict, lang: str) -> dict:
         raise ChibiError(f"the eval summary of {tag} has no {key!r}: it was not evaluated with --lang {lang}")
     return {"arm": arm.name, "seed": seed, "tag": tag, "skills": summary[key],
             "per_skill": {s: summary[k] for s, k in per_skill if k in summary},
-            "simple_bpb": summary.get(f"{key}_simple_bpb")}
+            "simple_bpb": summary.get(f"{key}_simple_bpb"), "on_topic": summary.get(f"{key}_open_on_topic")}
 
 
 def mean_se(xs: list[float]) -> tuple[float, float | None]:
@@ -287,6 +287,10 @@ def arm_table(arms: list[Arm], rows: list[dict]) -> list[dict]:
                     "se": se, "min": min(scores), "max": max(scores),
                     "per_skill": {s: sum(r["per_skill"][s] for r in rs if s in r["per_skill"]) /
                                   sum(s in r["per_skill"] for r in rs) for s in skills}})
+        # The prose measures beside the skills (eval skills: simple-text bpb, open prompts on topic): an arm can
+        # raise the skills and cost prose. A mean only where every run has the figure (older evaluations lack it).
+        for k in ("simple_bpb", "on_topic"):
+            out[-1][k] = (sum(r[k] for r in rs) / len(rs)) if rs and all(r.get(k) is not None for r in rs) else None
         if rs and all("sft_skills" in r for r in rs):  # judged after RL: the same runs' score after SFT
             out[-1]["sft_mean"] = sum(r["sft_skills"] for r in rs) / len(rs)
     base = out[0]
@@ -313,14 +317,16 @@ def table_md(table: list[dict], name: str, lang: str, base_tag: str, rl_steps: i
     lines = [f"`chibichat bench skills --name {name}`: held-out skills ({lang}) after {after}, from base `{base_tag}`; "
              "mean over seeds +- its standard error.", "",
              "| arm | seeds | skills | range | diff vs first | verdict | " + ("after SFT | " if sft_col else "") +
-             " | ".join(skills) + " |",
-             "|---|---|---|---|---|---|" + "---|" * (len(skills) + sft_col)]
+             " | ".join(skills) + " | simple-text bpb | open on topic |",
+             "|---|---|---|---|---|---|" + "---|" * (len(skills) + sft_col + 2)]
     for i, a in enumerate(table):
         se = f" +- {a['se']:.3f}" if a["se"] is not None else ""
         diff = "-" if i == 0 else f"{a['diff']:+.3f}" + (f" +- {a['diff_se']:.3f}" if a["diff_se"] is not None else "")
         lines.append(f"| {a['arm']} | {a['n']} | {a['mean']:.3f}{se} | {a['min']:.3f}-{a['max']:.3f} | {diff} | "
                      f"{'baseline' if i == 0 else verdict(a)} | " + (f"{a['sft_mean']:.3f} | " if sft_col else "") +
-                     " | ".join(f"{a['per_skill'].get(s, float('nan')):.2f}" for s in skills) + " |")
+                     " | ".join(f"{a['per_skill'].get(s, float('nan')):.2f}" for s in skills) + " | " +
+                     ("-" if a.get("simple_bpb") is None else f"{a['simple_bpb']:.3f}") + " | " +
+                     ("-" if a.get("on_topic") is None else f"{a['on_topic']:.2f}") + " |")
     lines.append("")
     for a in table:
         shared = f", the runs of arm {a['mid_of_arm']}" if a.get("mid_of_arm", a["arm"]) != a["arm"] else ""
