@@ -366,9 +366,11 @@ PRESETS: dict[str, Preset] = {
         sft=["--num-steps", "300", "--eval-every", "150", "--soup", "4", "--lr-frac", "0.25"],
         # RL is the most expensive step per update on CPU (sampling) and moved the held-out skills least,
         # so it gets a short run: the stage still shows its reward curve and pass@k before/after.
-        # --lr-frac 0.6 keeps RL's rates where they were before SFT's were lowered (0.125 x 0.6 = 0.5 x 0.15,
-        # RL's default fraction).
-        rl=["--num-steps", "15", "--lr-frac", "0.6"],
+        # RL keeps its default --lr-frac, so its rates fall with SFT's (0.15 x 0.125 of the base's instead of
+        # 0.15 x 0.5): at the old rates (--lr-frac 0.6) RL cost the lower-rate SFT model its canned answers in the
+        # quickstart (skills 0.612 -> 0.524: identity 0.70 -> 0.55, refusal 0.90 -> 0.60; docs/benchmarks.md,
+        # session 34).
+        rl=["--num-steps", "15"],
         # Reply budgets that hold every reply the chat data teaches (tests/test_reply_budgets.py): the 64 set
         # before cut 84% of the Japanese letter-count replies (up to 84 tokens in the 1,024-token vocabulary)
         # before their answer (docs/benchmarks.md, session 27). RL and eval skills take their default (128, half
