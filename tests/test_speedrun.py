@@ -1026,25 +1026,3 @@ def test_readme_states_the_cpu_presets_sizes_and_budgets():
             f"SFT {pct(hour, 'sft')}, RL {pct(hour, 'rl')})"):
         assert phrase in readme, phrase
     assert flag(cpu.midtrain, "--soup") == flag(cpu.sft, "--soup") == flag(hour.sft, "--soup") == "4"
-
-
-def test_cpu_chat_stages_run_at_lower_rates_and_rl_at_its_default_fraction_of_them(tmp_path):
-    """The cpu preset lowers midtraining's and SFT's --lr-frac; each stage multiplies its source's rates, so RL,
-    at its default fraction, runs at that fraction of the lowered SFT rates."""
-    from chibichat.cli import build_parser
-
-    cpu = PRESETS["cpu"]
-
-    def frac(argv):
-        return float(argv[argv.index("--lr-frac") + 1])
-
-    mid, sft = frac(cpu.midtrain), frac(cpu.sft)
-    assert (mid, mid * sft) == (0.5, 0.125) and "--lr-frac" not in cpu.rl
-    p = build_parser()
-    assert [p.parse_args([cmd]).lr_frac for cmd in ("midtrain", "sft", "rl")] == [1.0, 0.5, 0.15]
-    # every plan of the preset (both languages, both layer kinds) passes them to the stages, once each
-    for lang, layers in (("en", "dense"), ("ja", "dense"), ("en", "iberis")):
-        argv = {s.name: s.argv for s in plan(Home(tmp_path), cpu, lang, layers, "cpu")}
-        for name, want in (("midtrain", mid), ("sft", sft)):
-            assert argv[name].count("--lr-frac") == 1 and frac(argv[name]) == want, (lang, layers, name)
-        assert "--lr-frac" not in argv["rl"]

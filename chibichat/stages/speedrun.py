@@ -351,25 +351,18 @@ PRESETS: dict[str, Preset] = {
         # Four midtraining runs from the base (seeds 0-3) and their weights averaged: SFT (four runs averaged)
         # from the averaged midtraining scored 0.686 and 0.669 for two sets of four, against 0.640 from single
         # midtrainings (docs/benchmarks.md, "averaging midtraining runs").
-        # Lower chat-stage learning rates (each stage's --lr-frac multiplies its source's rates, so midtraining
-        # runs at 0.5 of the base's rates instead of 1, SFT at 0.5 x 0.25 = 0.125 instead of 0.5): from the
-        # weight-decayed base above, the default rates left the English SFT models reading simple prose worse
-        # (simple-text bpb 2.73 against 2.59 from an undecayed base); these read it at 2.46 with the held-out
-        # skills within the noise (0.639 against 0.650, four seeds), and in Japanese raised both (skills 0.662
-        # against 0.615, bpb 2.85 against 3.21, open prompts on topic 0.69 against 0.34). 1.5x the default
-        # fractions lost on both counts (docs/benchmarks.md, session 34).
-        midtrain=["--num-steps", "250", "--eval-every", "125", "--soup", "4", "--lr-frac", "0.5"],
+        # The stages' default learning rates: lower ones (midtraining --lr-frac 0.5, SFT 0.25) read simple prose
+        # better after SFT in single runs at equal skills (EN) or better ones (JA), but both quickstarts with them
+        # scored lower (0.612 EN, 0.707 JA after SFT), so they wait for a bench of averaged runs
+        # (docs/benchmarks.md, session 34).
+        midtrain=["--num-steps", "250", "--eval-every", "125", "--soup", "4"],
         # Four SFT runs from the midtrained model (seeds 0-3) and their weights averaged: the average scored
         # 0.034 above its members' mean on the held-out skills in all four of four midtrainings (0.640 against
         # 0.606), where one run's seed alone moves the score by up to 0.1 (docs/benchmarks.md, "averaging SFT
         # runs").
-        sft=["--num-steps", "300", "--eval-every", "150", "--soup", "4", "--lr-frac", "0.25"],
+        sft=["--num-steps", "300", "--eval-every", "150", "--soup", "4"],
         # RL is the most expensive step per update on CPU (sampling) and moved the held-out skills least,
         # so it gets a short run: the stage still shows its reward curve and pass@k before/after.
-        # RL keeps its default --lr-frac, so its rates fall with SFT's (0.15 x 0.125 of the base's instead of
-        # 0.15 x 0.5): at the old rates (--lr-frac 0.6) RL cost the lower-rate SFT model its canned answers in the
-        # quickstart (skills 0.612 -> 0.524: identity 0.70 -> 0.55, refusal 0.90 -> 0.60; docs/benchmarks.md,
-        # session 34).
         rl=["--num-steps", "15"],
         # Reply budgets that hold every reply the chat data teaches (tests/test_reply_budgets.py): the 64 set
         # before cut 84% of the Japanese letter-count replies (up to 84 tokens in the 1,024-token vocabulary)
