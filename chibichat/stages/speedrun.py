@@ -340,7 +340,7 @@ PRESETS: dict[str, Preset] = {
         # apart at -0.015 and -0.010; 0.8 and 1.0 of the run were no better than 0.6, a higher or lower matrix
         # LR, a larger embedding LR, weight decay 0.2 and half the batch for twice the steps were worse. The
         # chat stages kept their skills (0.650 against 0.615 over four seeds), but the English SFT model reads
-        # simple prose a little worse than before (docs/benchmarks.md, session 33).
+        # simple prose a little worse than before, the weight decay's doing (docs/benchmarks.md, sessions 33-34).
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "700", "--eval-every", "350", "--eval-tokens", "32768", "--save-every", "350",
                   "--repeat-rows", "4", "--warmdown-frac", "0.6", "--weight-decay", "0.1"],
