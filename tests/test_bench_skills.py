@@ -347,3 +347,115 @@ def test_every_bench_list_flag_shares_one_parser_and_its_messages():
         serve._levels("0,8")
     with pytest.raises(ChibiError, match=r"^--clients must be a comma list of integers, e.g. 1,8,32; got '1;8'$"):
         serve._levels("1;8")
+
+
+@pytest.mark.parametrize("preset, lang", [("cpu", "en"), ("cpu", "ja"), ("cpu-hour", "ja")])
+def test_a_preset_start_is_the_speedruns_chat_stages(tmp_path, preset, lang):
+    """--preset: every arm's midtrain and sft carry the flags the preset's speedrun passes for the language
+    (its averaged runs; for the cpu preset in Japanese its Japanese mixtures), at its step counts, with the
+    arm's own flags after them; without it the stages' defaults at the cpu preset's step counts."""
+    from chibichat.cli import build_parser
+    from chibichat.common import Home
+    from chibichat.stages.midtrain import MID_MIX_JA
+    from chibichat.stages.sft import SFT_MIX_JA
+    from chibichat.stages.speedrun import PRESETS, plan
+
+    args = _args(tmp_path, "--from-tag", "d4", "--preset", preset, "--lang", lang)
+    arm = B.parse_arm("lr;--lr-frac 0.5;--lr-frac 0.25")
+    (_, _, m), (_, _, s), _ = B.stage_argvs(args, Home.resolve(tmp_path), arm, 0)
+    steps = {"cpu": ("250", "300"), "cpu-hour": ("400", "600")}[preset]
+    for argv, n, mix in ((m, steps[0], MID_MIX_JA), (s, steps[1], SFT_MIX_JA)):
+        assert argv.count("--num-steps") == argv.count("--eval-every") == argv.count("--soup") == 1
+        assert argv[argv.index("--num-steps") + 1] == n == argv[argv.index("--eval-every") + 1]
+        assert argv[argv.index("--soup") + 1] == "4" and argv[-2] == "--lr-frac"
+        ja_alone = (preset, lang) == ("cpu", "ja")
+        assert (argv[argv.index("--mix") + 1] if ja_alone else "--mix" not in argv) == (mix if ja_alone else True)
+        parsed = build_parser().parse_args(argv)
+        assert parsed.soup == 4 and parsed.lr_frac == (0.5 if argv is m else 0.25)
+    # the hand-off: each flag the bench takes from the preset is the speedrun's for that stage
+    steps_by_name = {st.name: st.argv for st in plan(Home.resolve(tmp_path), PRESETS[preset], lang, "dense", "cpu",
+                                                      budget=False)}
+    mid_start, sft_start, _, _ = B.preset_start(args)
+    for start, stage in ((mid_start, "midtrain"), (sft_start, "sft")):
+        run = steps_by_name[stage]
+        assert start and all(run[run.index(f) + 1] == v for f, v in zip(start[::2], start[1::2]))
+    # no preset: the stages' defaults at the cpu preset's steps; --mid-steps / --sft-steps override either
+    plain = _args(tmp_path, "--from-tag", "d4", "--lang", lang, "--sft-steps", "9")
+    assert B.preset_start(plain) == ((), (), 250, 9)
+    (_, _, m), (_, _, s), _ = B.stage_argvs(plain, Home.resolve(tmp_path), B.Arm("default"), 0)
+    assert "--soup" not in m + s and "--mix" not in m + s and s[s.index("--num-steps") + 1] == "9"
+    with pytest.raises(SystemExit):
+        _args(tmp_path, "--from-tag", "d4", "--preset", "d20")  # the GPU presets' chat stages are not CPU-sized
+
+
+def test_a_preset_bench_refuses_runs_of_another_start(tmp_path, monkeypatch):
+    """Reuse: a finished run without the preset's flags is refused naming --preset; a report of the name
+    that started from another preset (or none) is refused before any run; the report names the start."""
+    from chibichat.common import Home
+    from chibichat.train import checkpoint
+
+    home = Home.resolve(tmp_path)
+    monkeypatch.setattr(checkpoint, "read_meta", lambda where: {"flags": {"num_steps": 250, "eval_every": 250,
+                        "from_stage": "base", "from_tag": "d4", "tag": "ab-default-s0", "seed": 0, "soup": 1}})
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda h, stage, tag, step=None: (stage, tag))
+    args = _args(tmp_path, "--from-tag", "d4", "--preset", "cpu")
+    _, _, m = B.stage_argvs(args, home, B.Arm("default"), 0)[0]
+    with pytest.raises(ChibiError, match=r"^ab-default-s0: its finished mid run was trained with --soup 1, this bench "
+                                         r"asks 4 \(set by --preset\)"):
+        B.check_reusable(home, "mid", "ab-default-s0", m, ())
+    report = tmp_path / "bench-skills-ab.json"
+    report.write_text(json.dumps({"preset": None}))
+    with pytest.raises(ChibiError) as e:
+        B.check_same_preset(args, report)
+    assert str(e.value) == (f"bench 'ab': its runs started from no --preset ({report}), this bench asks --preset cpu: "
+                            "give the bench another --name, or pass no --preset")
+    report.write_text(json.dumps({"preset": "cpu"}))
+    B.check_same_preset(args, report)
+    with pytest.raises(ChibiError, match=r"started from --preset cpu .* asks no --preset: .* or pass --preset cpu$"):
+        B.check_same_preset(_args(tmp_path, "--from-tag", "d4"), report)
+    t = B.arm_table([B.Arm("default"), B.Arm("lr", ("--lr-frac", "0.5"))],
+                    [{"arm": a, "skills": 0.5, "per_skill": {}} for a in ("default", "lr")])
+    md = B.table_md(t, "ab", "en", "d4", start=("cpu", "--soup 4", "--soup 4"))
+    assert "Every arm starts from preset cpu's chat stages: midtrain --soup 4, sft --soup 4." in md
+    assert "- lr: midtrain --lr-frac 0.5; sft (the preset's)" in md
+
+
+def test_a_preset_bench_runs_the_presets_stages_and_records_its_start(tmp_path, monkeypatch, capsys):
+    """run() with --preset: the stages get the preset's flags at its steps, the report records the start and
+    says it, and a rerun of the name without the preset is refused before anything runs."""
+    home, _ = make_base(tmp_path / "home")
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    def fake(cmd, *a, **k):  # a stage "runs": it leaves the summary the bench reads
+        argv = cmd[3:]
+        calls.append(argv)
+        tag = argv[argv.index("--tag") + 1]
+        if argv[0] == "eval":
+            d = home.eval_dir(argv[argv.index("--from") + 1], tag)
+            body = {"skills": 0.5, "skills_eval": {"max_new_tokens": 128, "max_per_skill": None}}
+        else:
+            d = home.checkpoints_dir({"midtrain": "mid", "sft": "sft"}[argv[0]], tag)
+            body = {}
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text(json.dumps(body))
+        return Done()
+
+    monkeypatch.setattr(B.subprocess, "run", fake)
+    argv = ["bench", "skills", "--home", str(home.root), "--from-tag", "d2", "--seeds", "0", "--preset", "cpu",
+            "--arm", "default", "--arm", "lr;--lr-frac 0.5;--lr-frac 0.25", "--name", "p"]
+    assert main(argv) == 0
+    mids = [c for c in calls if c[0] == "midtrain"]
+    assert len(mids) == 2 and all(c[c.index("--soup") + 1] == "4" and c[c.index("--num-steps") + 1] == "250"
+                                  for c in mids)
+    data = json.loads((home.report_dir / "bench-skills-p.json").read_text())
+    assert (data["preset"], data["preset_mid_flags"], data["preset_sft_flags"]) == ("cpu", "--soup 4", "--soup 4")
+    assert (data["mid_steps"], data["sft_steps"]) == (250, 300)
+    assert "Every arm starts from preset cpu's chat stages" in (home.report_dir / "bench-skills-p.md").read_text()
+    calls.clear()
+    capsys.readouterr()
+    assert main([a for a in argv if a not in ("--preset", "cpu")]) != 0
+    assert "chibichat bench: error: bench 'p': its runs started from --preset cpu (" in capsys.readouterr().err
+    assert calls == []

@@ -24,7 +24,13 @@ range, the per-skill means, and each arm's difference from the first arm with th
 difference (sqrt(se_a^2 + se_b^2); the seeds of two arms are not treated as paired: their data orders differ,
 and even arms that share their midtraining (below) differ in SFT, so this is the conservative figure).
 
-An arm is `NAME` (the stages' defaults), `NAME;MID_FLAGS;SFT_FLAGS` or `NAME;MID_FLAGS;SFT_FLAGS;RL_FLAGS`:
+With --preset cpu (or cpu-hour) every arm starts from that preset's midtraining and SFT flags as its speedrun
+passes them for --lang (its averaged runs, --soup 4; for Japanese its Japanese mixtures where it has them), and
+its step counts are the defaults of --mid-steps and --sft-steps: the default arm is then the quickstart's chat
+stages, and an arm's flags come after the preset's (the last of a repeated flag counts). Without it the arms
+start from the stages' defaults: single runs and, in Japanese, the English tasks beside the Japanese ones.
+
+An arm is `NAME` (the stages' defaults, or --preset's), `NAME;MID_FLAGS;SFT_FLAGS` or `NAME;MID_FLAGS;SFT_FLAGS;RL_FLAGS`:
 more flags of midtrain, of sft and of rl, as on their command lines (an empty part: that stage's defaults), e.g.
 `--arm "words;;--mix spelling=2,identity=1"`, `--arm "sft-lr;;--lr-frac 0.25"` or, with --rl-steps,
 `--arm "rl-two;;;--task arithmetic-multi"`. The flags the bench sets itself (source, tag, steps, seed, evaluation
@@ -41,10 +47,10 @@ only RL and evaluation).
 Writes DIR/bench-skills-NAME.json (one row per run, and the per-arm table) and .md, DIR = --out or
 home/report. A run whose eval summary exists is read, not run again (a stage whose summary exists is
 not re-trained): an interrupted bench resumes, and a finished one is re-tabulated for free. A finished
-stage is reused only when it ran with the flags this bench sets (its checkpoint's recorded flags,
+stage is reused only when it ran with the flags this bench sets, --preset's included (its checkpoint's recorded flags,
 bench/reuse.py; an evaluation's --max-new-tokens and --max-per-skill): a bench rerun with other
---mid-steps, --sft-steps, --rl-steps, --seeds or --max-new-tokens under the same --name is refused, naming
-the flag, instead of tabulating the old runs as the new settings. (An arm's own flags are not compared:
+--mid-steps, --sft-steps, --rl-steps, --seeds, --preset or --max-new-tokens under the same --name is refused,
+naming the flag, instead of tabulating the old runs as the new settings. (An arm's own flags are not compared:
 the arm's name stands for them, so give a changed arm a new name.)
 """
 
@@ -80,6 +86,10 @@ OWNED_FLAGS = ("--home", "--from", "--from-tag", "--from-step", "--tag", "--num-
                "--device", "--dtype", "--resume", "--overwrite")
 
 
+# The presets whose chat stages --preset starts the arms from: the CPU ones (a GPU preset's chat stages run at
+# sizes and batches a CPU bench does not).
+BENCH_PRESETS = ("cpu", "cpu-hour")
+
 # The bench flag that sets a stage flag, for the message of a refused reuse.
 BENCH_FLAG_OF = {("mid", "--num-steps"): "--mid-steps", ("mid", "--eval-every"): "--mid-steps",
                  ("sft", "--num-steps"): "--sft-steps", ("sft", "--eval-every"): "--sft-steps",
@@ -105,8 +115,13 @@ def add_args(p) -> None:
                         "repeat for each arm; the first is the baseline (default: one arm 'default')")
     p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds, each run for every arm "
                    "(default: 0,1,2,3)")
-    p.add_argument("--mid-steps", type=int, default=250, help="midtraining steps (default: 250, the cpu preset's)")
-    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps (default: 300, the cpu preset's)")
+    p.add_argument("--preset", choices=BENCH_PRESETS, default=None,
+                   help="start every arm from this preset's midtraining and SFT flags for --lang (its averaged runs, "
+                        "its Japanese mixtures) and step counts (default: the stages' defaults)")
+    p.add_argument("--mid-steps", type=int, default=None,
+                   help="midtraining steps (default: the preset's; without --preset the cpu preset's, 250)")
+    p.add_argument("--sft-steps", type=int, default=None,
+                   help="SFT steps (default: the preset's; without --preset the cpu preset's, 300)")
     p.add_argument("--rl-steps", type=int, default=0,
                    help="RL steps after SFT, the arms then judged after RL (default: 0, no RL; the cpu preset's: 15)")
     p.add_argument("--lang", choices=("en", "ja"), default="en", help="held-out prompt set (default: en)")
@@ -176,6 +191,23 @@ def sft_owners(arms: list[Arm]) -> dict[str, Arm]:
     return {arm.name: first.setdefault((arm.mid_flags, arm.sft_flags), arm) for arm in arms}
 
 
+def preset_start(args) -> tuple[tuple[str, ...], tuple[str, ...], int, int]:
+    """(midtrain flags, sft flags, midtraining steps, SFT steps) every arm starts from: --preset's chat-stage
+    flags for --lang less the ones the bench sets (its --num-steps are the default step counts), or none (the
+    stages' defaults) with the cpu preset's step counts; --mid-steps and --sft-steps override the counts."""
+    from chibichat.stages.speedrun import PRESETS, chat_stage_flags
+
+    out = []
+    for flags in chat_stage_flags(PRESETS[args.preset or "cpu"], args.lang):
+        if len(flags) % 2 or not all(f.startswith("--") for f in flags[::2]):
+            raise ValueError(f"preset_start reads --flag value pairs, the preset has {flags}")
+        pairs = list(zip(flags[::2], flags[1::2]))
+        kept = tuple(x for f, v in pairs if not owned_flag(f) for x in (f, v)) if args.preset else ()
+        out.append((kept, int(dict(pairs)["--num-steps"])))
+    (mid, mid_steps), (sft, sft_steps) = out
+    return mid, sft, args.mid_steps or mid_steps, args.sft_steps or sft_steps
+
+
 def judged_stage(args) -> str:
     """The stage whose checkpoint the arms are judged on: rl with --rl-steps, else sft."""
     return "rl" if args.rl_steps else "sft"
@@ -200,10 +232,11 @@ def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = Non
     mid_tag = run_tag(args.name, mid_arm or arm, seed)
     sft_tag = run_tag(args.name, sft_arm or arm, seed)
     rt = ["--device", args.device, "--dtype", args.dtype]
+    mid_start, sft_start, mid_steps, sft_steps = preset_start(args)
     mid = ["midtrain", *h, "--from", "base", "--from-tag", args.from_tag, "--tag", mid_tag,
-           "--num-steps", str(args.mid_steps), "--eval-every", str(args.mid_steps), "--seed", str(seed), *rt]
+           "--num-steps", str(mid_steps), "--eval-every", str(mid_steps), "--seed", str(seed), *rt, *mid_start]
     sft = ["sft", *h, "--from", "mid", "--from-tag", mid_tag, "--tag", sft_tag,
-           "--num-steps", str(args.sft_steps), "--eval-every", str(args.sft_steps), "--seed", str(seed), *rt]
+           "--num-steps", str(sft_steps), "--eval-every", str(sft_steps), "--seed", str(seed), *rt, *sft_start]
     mid += arm.mid_flags
     sft += arm.sft_flags
     ev = ["eval", "skills", *h, "--lang", args.lang, *rt]
@@ -227,7 +260,7 @@ def check_reusable(home: Home, stage: str, stage_tag: str, argv: list[str], arm_
     differ = flag_mismatch(home, stage, stage_tag, argv[:len(argv) - len(arm_flags)])
     if differ is not None:
         flag, had, want = differ
-        via = BENCH_FLAG_OF.get((stage, flag), flag)
+        via = BENCH_FLAG_OF.get((stage, flag), flag if flag in OWNED_FLAGS else "--preset")  # the rest: the preset's
         raise ChibiError(f"{stage_tag}: its finished {stage} run was trained with {flag} {had}, this bench asks "
                          f"{want} (set by {via}): its runs are not these settings' runs. Give the bench another "
                          f"--name, or delete {home.checkpoints_dir(stage, stage_tag)} (and its evaluations) to "
@@ -310,12 +343,16 @@ def verdict(a: dict) -> str:
     return "beyond 2 s.e." if abs(a["diff"]) >= 2 * a["diff_se"] else "within 2 s.e. (noise)"
 
 
-def table_md(table: list[dict], name: str, lang: str, base_tag: str, rl_steps: int = 0) -> str:
+def table_md(table: list[dict], name: str, lang: str, base_tag: str, rl_steps: int = 0,
+             start: tuple[str, str, str] | None = None) -> str:
+    """The report; `start`: (preset, its midtrain flags, its sft flags) every arm starts from, or None."""
     skills = sorted({s for a in table for s in a["per_skill"]})
     after = f"RL ({rl_steps} step{'' if rl_steps == 1 else 's'})" if rl_steps else "SFT"
     sft_col = rl_steps > 0 and all("sft_mean" in a for a in table)
     lines = [f"`chibichat bench skills --name {name}`: held-out skills ({lang}) after {after}, from base `{base_tag}`; "
-             "mean over seeds +- its standard error.", "",
+             "mean over seeds +- its standard error." + (
+                 f" Every arm starts from preset {start[0]}'s chat stages: midtrain {start[1] or '(defaults)'}, "
+                 f"sft {start[2] or '(defaults)'}." if start else ""), "",
              "| arm | seeds | skills | range | diff vs first | verdict | " + ("after SFT | " if sft_col else "") +
              " | ".join(skills) + " | simple-text bpb | open on topic |",
              "|---|---|---|---|---|---|" + "---|" * (len(skills) + sft_col + 2)]
@@ -328,9 +365,10 @@ def table_md(table: list[dict], name: str, lang: str, base_tag: str, rl_steps: i
                      ("-" if a.get("simple_bpb") is None else f"{a['simple_bpb']:.3f}") + " | " +
                      ("-" if a.get("on_topic") is None else f"{a['on_topic']:.2f}") + " |")
     lines.append("")
+    dflt = "(the preset's)" if start else "(defaults)"
     for a in table:
         shared = f", the runs of arm {a['mid_of_arm']}" if a.get("mid_of_arm", a["arm"]) != a["arm"] else ""
-        line = f"- {a['arm']}: midtrain {a['mid_flags'] or '(defaults)'}{shared}; sft {a['sft_flags'] or '(defaults)'}"
+        line = f"- {a['arm']}: midtrain {a['mid_flags'] or dflt}{shared}; sft {a['sft_flags'] or dflt}"
         if rl_steps:
             shared = f", the runs of arm {a['sft_of_arm']}" if a.get("sft_of_arm", a["arm"]) != a["arm"] else ""
             line += f"{shared}; rl {a.get('rl_flags') or '(defaults)'}"
@@ -347,6 +385,19 @@ def resolve_reply_budget(args, home: Home) -> None:
 
     seq_len = read_meta(resolve_checkpoint(home, "base", args.from_tag))["model_config"]["seq_len"]
     args.max_new_tokens = reply_budget(seq_len, args.max_new_tokens, cap=CHECKED_REPLY_CAP, what="--max-new-tokens")
+
+
+def check_same_preset(args, report: Path) -> None:
+    """A bench under a --name whose report says its runs started from another --preset (or none) is refused:
+    the reuse check compares the flags this bench passes, so it sees a preset's flags a run lacks, not the
+    ones it has that this bench no longer passes."""
+    if not report.exists():
+        return
+    had = json.loads(report.read_text()).get("preset")
+    if had != args.preset:
+        said = lambda p: f"--preset {p}" if p else "no --preset"
+        raise ChibiError(f"bench {args.name!r}: its runs started from {said(had)} ({report}), this bench asks "
+                         f"{said(args.preset)}: give the bench another --name, or pass {said(had)}")
 
 
 def run(args) -> int:
@@ -369,6 +420,10 @@ def run(args) -> int:
         raise ChibiError(f"no base checkpoint {args.from_tag!r} in {home.root}: pretrain one first "
                          f"(chibichat pretrain --tag {args.from_tag} ...) or name an existing tag with --from-tag")
     resolve_reply_budget(args, home)
+    out = Path(args.out) if args.out else home.report_dir
+    stem = f"bench-skills-{args.name}"
+    check_same_preset(args, out / f"{stem}.json")
+    mid_start, sft_start, mid_steps, sft_steps = preset_start(args)
     rows, owners, sft_of = [], mid_owners(arms), sft_owners(arms)
     key, _ = skill_keys(args.lang)
 
@@ -417,14 +472,15 @@ def run(args) -> int:
                   (f" after RL ({row['sft_skills']:.3f} after SFT)" if args.rl_steps else ""), flush=True)
             rows.append(row)
     table = arm_table(arms, rows)
-    out = Path(args.out) if args.out else home.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-skills-{args.name}"
     atomic_write_json(out / f"{stem}.json", {"name": args.name, "base_tag": args.from_tag, "lang": args.lang,
-                                             "seeds": seeds, "mid_steps": args.mid_steps, "sft_steps": args.sft_steps,
-                                             "rl_steps": args.rl_steps, "judged_after": judged_stage(args),
-                                             "max_new_tokens": args.max_new_tokens, "rows": rows, "arms": table})
-    md = table_md(table, args.name, args.lang, args.from_tag, args.rl_steps)
+                                             "seeds": seeds, "preset": args.preset, "preset_mid_flags": shlex.join(mid_start),
+                                             "preset_sft_flags": shlex.join(sft_start), "mid_steps": mid_steps,
+                                             "sft_steps": sft_steps, "rl_steps": args.rl_steps,
+                                             "judged_after": judged_stage(args), "max_new_tokens": args.max_new_tokens,
+                                             "rows": rows, "arms": table})
+    md = table_md(table, args.name, args.lang, args.from_tag, args.rl_steps,
+                  start=(args.preset, shlex.join(mid_start), shlex.join(sft_start)) if args.preset else None)
     atomic_write_text(out / f"{stem}.md", md)
     print(md + f"wrote {out / stem}.json and .md", flush=True)
     return 0

@@ -540,6 +540,14 @@ def training_flags(args) -> list[str]:
     return out + (["--trim-heap"] if args.trim_heap else [])
 
 
+def chat_stage_flags(preset: Preset, lang: str) -> tuple[list[str], list[str]]:
+    """(midtrain flags, sft flags) of a preset for `lang`: its own, and with --lang ja its Japanese mixtures
+    where it has them (chat_mix_ja). `bench skills --preset` starts its arms from these."""
+    if lang == "ja" and preset.chat_mix_ja is not None:
+        return [*preset.midtrain, "--mix", preset.chat_mix_ja[0]], [*preset.sft, "--mix", preset.chat_mix_ja[1]]
+    return list(preset.midtrain), list(preset.sft)
+
+
 def pick_preset(name: str) -> Preset:
     if name != "auto":
         return PRESETS[name]
@@ -616,9 +624,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     if lang == "ja" and preset.tokenizer_ja is not None:
         flags["tokenizer"] = preset.tokenizer_ja
     ja_alone = lang == "ja" and preset.chat_mix_ja is not None  # no English MC data (mmlu-dev) then
-    if ja_alone:
-        flags["midtrain"] = [*flags["midtrain"], "--mix", preset.chat_mix_ja[0]]
-        flags["sft"] = [*flags["sft"], "--mix", preset.chat_mix_ja[1]]
+    flags["midtrain"], flags["sft"] = chat_stage_flags(preset, lang)
     shards = 0
     if preset.gpu:
         recipe = GPU_RECIPES[preset.name]
