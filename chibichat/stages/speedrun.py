@@ -339,7 +339,7 @@ PRESETS: dict[str, Preset] = {
         # and read simple Japanese better (simple-text bpb 2.79 against 2.90); single runs 0.662 against 0.615 over
         # four. In English SFT that low cost the canned answers (identity 0.82 -> 0.73, refusal 0.93 -> 0.77;
         # docs/benchmarks.md, sessions 34-35).
-        sft_lr_ja=0.5 * 0.5,
+        sft_lr_ja=0.25,
         # The cap is about what a fast phase of the 2-core AMX machine fits in pretraining's share of the budget
         # (4.4 min at ~0.3 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
@@ -361,10 +361,10 @@ PRESETS: dict[str, Preset] = {
         # from the averaged midtraining scored 0.686 and 0.669 for two sets of four, against 0.640 from single
         # midtrainings (docs/benchmarks.md, "averaging midtraining runs").
         # Midtraining at half the base's learning rates (the stage's default: the base's own), and SFT at its
-        # default fraction of those: four averaged runs per stage scored 0.726 against 0.704 over three
-        # seeds, higher on each, and the SFT models read simple English better (simple-text bpb 2.41 against 2.51); the prose gain is the midtraining's (SFT alone at the
-        # lower rates: no gain), and SFT at half again (sft_lr_ja) cost English its canned answers
-        # (docs/benchmarks.md, session 35).
+        # default fraction of those: four averaged runs per stage scored 0.726 against 0.704 over three seeds,
+        # higher on each, and the SFT models read simple English better (simple-text bpb 2.41 against 2.51). The
+        # prose gain is the midtraining's (SFT alone at the lower rates: none), and SFT at half again (sft_lr_ja)
+        # cost English its canned answers (docs/benchmarks.md, session 35).
         midtrain=["--num-steps", "250", "--eval-every", "125", "--soup", "4", "--lr-frac", "0.5"],
         # Four SFT runs from the midtrained model (seeds 0-3) and their weights averaged: the average scored
         # 0.034 above its members' mean on the held-out skills in all four of four midtrainings (0.640 against
