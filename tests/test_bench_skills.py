@@ -99,9 +99,12 @@ def test_table_means_standard_errors_and_verdicts_by_hand():
 
 
 def _args(home, *extra):
+    from chibichat.stages.bench import preset_chat_flags
+
     p = argparse.ArgumentParser()
     p.add_argument("--home")
     B.add_args(p)
+    p.set_defaults(chat_stage_flags=preset_chat_flags)  # as the CLI hands it down (stages/bench.py)
     return p.parse_args(["--home", str(home), *extra])
 
 

@@ -194,11 +194,11 @@ def sft_owners(arms: list[Arm]) -> dict[str, Arm]:
 def preset_start(args) -> tuple[tuple[str, ...], tuple[str, ...], int, int]:
     """(midtrain flags, sft flags, midtraining steps, SFT steps) every arm starts from: --preset's chat-stage
     flags for --lang less the ones the bench sets (its --num-steps are the default step counts), or none (the
-    stages' defaults) with the cpu preset's step counts; --mid-steps and --sft-steps override the counts."""
-    from chibichat.stages.speedrun import PRESETS, chat_stage_flags
-
+    stages' defaults) with the cpu preset's step counts; --mid-steps and --sft-steps override the counts.
+    The presets live a layer above the benches (stages/speedrun.py): the CLI hands their flags down as
+    args.chat_stage_flags(preset name, lang) -> (midtrain flags, sft flags) (stages/bench.py)."""
     out = []
-    for flags in chat_stage_flags(PRESETS[args.preset or "cpu"], args.lang):
+    for flags in args.chat_stage_flags(args.preset or "cpu", args.lang):
         if len(flags) % 2 or not all(f.startswith("--") for f in flags[::2]):
             raise ValueError(f"preset_start reads --flag value pairs, the preset has {flags}")
         pairs = list(zip(flags[::2], flags[1::2]))

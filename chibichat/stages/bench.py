@@ -42,8 +42,16 @@ def register(sub) -> None:
         bp = benches.add_parser(name, help=mod.HELP, description=mod.HELP)
         add_home_arg(bp)
         mod.add_args(bp)
-        bp.set_defaults(func=mod.run)
+        bp.set_defaults(func=mod.run, chat_stage_flags=preset_chat_flags)
     p.set_defaults(func=lambda args: _no_bench(p))
+
+
+def preset_chat_flags(name: str, lang: str) -> tuple[list[str], list[str]]:
+    """(midtrain flags, sft flags) the speedrun of preset `name` passes for `lang`: handed to the benches
+    (`bench skills --preset`), which sit a layer below the presets."""
+    from chibichat.stages.speedrun import PRESETS, chat_stage_flags
+
+    return chat_stage_flags(PRESETS[name], lang)
 
 
 def _no_bench(parser) -> int:
