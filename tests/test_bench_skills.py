@@ -454,7 +454,7 @@ def test_a_preset_bench_runs_the_presets_stages_and_records_its_start(tmp_path, 
     assert len(mids) == 2 and all(c[c.index("--soup") + 1] == "4" and c[c.index("--num-steps") + 1] == "250"
                                   for c in mids)
     data = json.loads((home.report_dir / "bench-skills-p.json").read_text())
-    assert (data["preset"], data["preset_mid_flags"], data["preset_sft_flags"]) == ("cpu", "--soup 4 --lr-frac 0.5",
+    assert (data["preset"], data["preset_mid_flags"], data["preset_sft_flags"]) == ("cpu", "--soup 4",
                                                                                   "--soup 4")
     assert (data["mid_steps"], data["sft_steps"]) == (250, 300)
     assert "Every arm starts from preset cpu's chat stages" in (home.report_dir / "bench-skills-p.md").read_text()

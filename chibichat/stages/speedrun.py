@@ -72,9 +72,9 @@ class Preset:
     # (midtraining, SFT) --mix for --lang ja, where it differs from the stages' default for a Japanese
     # tokenizer (the English tasks and the Japanese ones)
     chat_mix_ja: tuple[str, str] | None = None
-    # SFT's --lr-frac for --lang ja, where it differs from the preset's sft flags (or the stage's default, 0.5);
-    # it multiplies the midtrained model's rates
-    sft_lr_ja: float | None = None
+    # (midtraining, SFT) --lr-frac for --lang ja, where it differs from the stages' defaults (1.0, 0.5); each
+    # multiplies its source's rates
+    chat_lr_ja: tuple[float, float] | None = None
     # The training stages together (start-ups included) take about this long, whatever the CPU: the step
     # counts above are what a fast CPU finishes in it, and a slower one stops each stage earlier
     # (budget_flags, headroom 1; carried_minutes).
@@ -334,12 +334,12 @@ PRESETS: dict[str, Preset] = {
         # vocabulary, and is not asked in; alone they scored 0.650 against 0.606 over eight seeds (identity
         # 0.62 -> 0.78, refusal 0.64 -> 0.80; docs/benchmarks.md, "Japanese chat stages without the English tasks").
         chat_mix_ja=(MID_MIX_JA, SFT_MIX_JA),
-        # Japanese SFT at half the rates of the English (with midtraining at half the base's, below: a quarter of
-        # SFT's default): four averaged runs per stage scored 0.730 against 0.711 over two seeds, higher on both,
-        # and read simple Japanese better (simple-text bpb 2.79 against 2.90); single runs 0.662 against 0.615 over
-        # four. In English SFT that low cost the canned answers (identity 0.82 -> 0.73, refusal 0.93 -> 0.77;
-        # docs/benchmarks.md, sessions 34-35).
-        sft_lr_ja=0.25,
+        # Japanese chat stages at lower rates (midtraining at half the base's, SFT at a quarter of its default):
+        # four averaged runs per stage scored 0.730 against 0.711 over two seeds, higher on both, and read simple
+        # Japanese better (simple-text bpb 2.79 against 2.90); single runs 0.662 against 0.615 over four. In
+        # English the same rates cost the canned answers (identity 0.82 -> 0.73, refusal 0.93 -> 0.77, skills
+        # 0.699 against 0.704 over three seeds), so English keeps the defaults (docs/benchmarks.md, sessions 34-35).
+        chat_lr_ja=(0.5, 0.25),
         # The cap is about what a fast phase of the 2-core AMX machine fits in pretraining's share of the budget
         # (4.4 min at ~0.3 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
@@ -360,12 +360,8 @@ PRESETS: dict[str, Preset] = {
         # Four midtraining runs from the base (seeds 0-3) and their weights averaged: SFT (four runs averaged)
         # from the averaged midtraining scored 0.686 and 0.669 for two sets of four, against 0.640 from single
         # midtrainings (docs/benchmarks.md, "averaging midtraining runs").
-        # Midtraining at half the base's learning rates (the stage's default: the base's own), and SFT at its
-        # default fraction of those: four averaged runs per stage scored 0.726 against 0.704 over three seeds,
-        # higher on each, and the SFT models read simple English better (simple-text bpb 2.41 against 2.51). The
-        # prose gain is the midtraining's (SFT alone at the lower rates: none), and SFT at half again (sft_lr_ja)
-        # cost English its canned answers (docs/benchmarks.md, session 35).
-        midtrain=["--num-steps", "250", "--eval-every", "125", "--soup", "4", "--lr-frac", "0.5"],
+        # English at the stages' default learning rates; Japanese lower (chat_lr_ja, above).
+        midtrain=["--num-steps", "250", "--eval-every", "125", "--soup", "4"],
         # Four SFT runs from the midtrained model (seeds 0-3) and their weights averaged: the average scored
         # 0.034 above its members' mean on the held-out skills in all four of four midtrainings (0.640 against
         # 0.606), where one run's seed alone moves the score by up to 0.1 (docs/benchmarks.md, "averaging SFT
@@ -552,12 +548,12 @@ def training_flags(args) -> list[str]:
 
 def chat_stage_flags(preset: Preset, lang: str) -> tuple[list[str], list[str]]:
     """(midtrain flags, sft flags) of a preset for `lang`: its own, and with --lang ja its Japanese mixtures and
-    SFT learning rate where it has them (chat_mix_ja, sft_lr_ja). `bench skills --preset` starts its arms from these."""
+    learning rates where it has them (chat_mix_ja, chat_lr_ja). `bench skills --preset` starts its arms from these."""
     mid, sft = list(preset.midtrain), list(preset.sft)
     if lang == "ja" and preset.chat_mix_ja is not None:
         mid, sft = [*mid, "--mix", preset.chat_mix_ja[0]], [*sft, "--mix", preset.chat_mix_ja[1]]
-    if lang == "ja" and preset.sft_lr_ja is not None:
-        sft = [*sft, "--lr-frac", str(preset.sft_lr_ja)]
+    if lang == "ja" and preset.chat_lr_ja is not None:
+        mid, sft = [*mid, "--lr-frac", str(preset.chat_lr_ja[0])], [*sft, "--lr-frac", str(preset.chat_lr_ja[1])]
     return mid, sft
 
 
