@@ -44,8 +44,9 @@ def test_dry_run_prints_the_plan_and_the_estimate(tmp_path, capsys):
     for hw in ("8xH100", "1xH100", "1x24GB (RTX 4090)"):
         assert hw in out
     assert "--task gsm8k-train --eval-task gsm8k" in out
-    pretrain = next(ln for ln in out.splitlines() if " chibichat pretrain " in ln)
-    assert pretrain.split().count("--compile") == 1  # compiled, as nanochat's pretraining is
+    for stage in ("pretrain", "midtrain", "sft"):  # compiled, as nanochat's pretraining and midtraining are
+        assert next(ln for ln in out.splitlines() if f" chibichat {stage} " in ln).split().count("--compile") == 1
+    assert next(ln for ln in out.splitlines() if " chibichat rl " in ln).split().count("--compile") == 0
     assert main(["speedrun", "--preset", "d20", "--dry-run", "--home", str(tmp_path), "--nproc-per-node", "8",
                  "--no-compile"]) == 0
     assert "--compile" not in capsys.readouterr().out
@@ -427,6 +428,9 @@ def check_gpu_plan_run(home, preset, lang, layers):
     assert "not run" not in report
     steps = sorted((home / "checkpoints" / "base" / tag).glob("step_*"))
     assert json.loads((steps[-1] / "meta.json").read_text())["flags"]["compile"] is True  # compiled, on 2 ranks
+    for stage in ("mid", "sft"):
+        last = sorted((home / "checkpoints" / stage / tag).glob("step_*"))[-1]
+        assert json.loads((last / "meta.json").read_text())["flags"]["compile"] is True
     base = json.loads((home / "eval" / "base" / tag / "summary.json").read_text())
     assert base["core_label"] == "CORE" and base["core_unscored_tasks"] == [] and base["val_bpb"] > 0  # full CORE
     rl = json.loads((home / "checkpoints" / "rl" / tag / "summary.json").read_text())

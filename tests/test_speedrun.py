@@ -74,13 +74,14 @@ def test_plan_covers_every_stage_in_order(tmp_path):
 
 def test_precision_and_memory_flags_reach_the_stages_that_take_them(tmp_path):
     from chibichat.cli import build_parser
-    from chibichat.stages.speedrun import training_flags
+    from chibichat.stages.speedrun import compile_stages, training_flags
 
     parser = build_parser()
     args = parser.parse_args(["speedrun", "--dtype", "float32", "--compile", "--fp8", "--recompute", "block",
                               "--trim-heap"])
     assert training_flags(args) == ["--fp8", "--recompute", "block", "--trim-heap"]
-    steps = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", args.dtype, training_flags(args), ["--compile"])
+    steps = plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", args.dtype, training_flags(args),
+                 compile_stages(True, PRESETS["cpu"], "cuda"))
     for step in steps:
         # every step's command line is one its stage's own parser accepts, with the values given
         parsed = parser.parse_args(step.argv)
@@ -91,7 +92,7 @@ def test_precision_and_memory_flags_reach_the_stages_that_take_them(tmp_path):
         assert parsed.dtype == "float32", step.name
         assert getattr(parsed, "fp8", False) is training and getattr(parsed, "trim_heap", False) is training
         assert getattr(parsed, "recompute", "none") == ("block" if training else "none"), step.name
-        assert getattr(parsed, "compile", False) is (step.name == "pretrain"), step.name
+        assert getattr(parsed, "compile", False) is (step.name in ("pretrain", "midtrain", "sft")), step.name
     # defaults add nothing
     default = parser.parse_args(["speedrun"])
     assert training_flags(default) == []
@@ -731,43 +732,47 @@ def test_the_quickstart_ends_by_naming_the_longer_preset_with_the_same_language_
     assert plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")[0].argv == plan(home, PRESETS["cpu"], "ja", "iberis", "cpu")[0].argv
 
 
-def test_cpu_hour_compiles_its_pretraining_where_a_cpp_compiler_is_found(tmp_path, monkeypatch, capsys):
-    """cpu-hour's pretraining is compiled unless --no-compile (its 28 minutes repay the compile); the quickstart's
-    is not. Without a C++ compiler the preset's choice falls back to eager with a note, and an asked-for
-    --compile is refused before any step runs."""
+def test_cpu_hour_compiles_its_training_stages_where_a_cpp_compiler_is_found(tmp_path, monkeypatch, capsys):
+    """cpu-hour's pretraining, midtraining and SFT are compiled unless --no-compile (their minutes repay the
+    compiles); the quickstart's are not. Without a C++ compiler the preset's choice falls back to eager with a
+    note, and an asked-for --compile is refused before any step runs."""
     from chibichat.cli import main
     from chibichat.common import cpp_compiler_name
-    from chibichat.stages.speedrun import pretrain_compile_flags
+    from chibichat.stages.speedrun import compile_stages
 
-    def pretrain_argv(out):
-        return next(line for line in out.splitlines() if line.strip().startswith("$ chibichat pretrain "))
+    def compiled(out):
+        return [line.split()[2] for line in out.splitlines()
+                if line.strip().startswith("$ chibichat ") and "--compile" in line.split()]
 
+    all3 = ("pretrain", "midtrain", "sft")
     home = str(tmp_path / "h")
     monkeypatch.setenv("CXX", sys.executable)
-    assert [pretrain_compile_flags(c, PRESETS[p], "cpu") for p in ("cpu-hour", "cpu") for c in (None, True, False)] \
-        == [["--compile"], ["--compile"], [], [], ["--compile"], []]
+    assert [compile_stages(c, PRESETS[p], "cpu") for p in ("cpu-hour", "cpu") for c in (None, True, False)] \
+        == [all3, all3, (), (), all3, ()]
     assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--dry-run"]) == 0
     out, err = capsys.readouterr()
-    assert "--compile" in pretrain_argv(out).split() and out.count("--compile") == 1 and "note:" not in err
+    assert compiled(out) == ["pretrain", "midtrain", "sft"] and "note:" not in err
     assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--no-compile", "--dry-run"]) == 0
     assert "--compile" not in capsys.readouterr().out
     assert main(["speedrun", "--preset", "cpu", "--home", home, "--dry-run"]) == 0
     assert "--compile" not in capsys.readouterr().out
+    assert main(["speedrun", "--preset", "cpu", "--home", home, "--compile", "--dry-run"]) == 0
+    assert compiled(capsys.readouterr().out) == ["pretrain", "midtrain", "sft"]
 
     monkeypatch.setenv("CXX", "no-such-cxx-29")
     assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert "--compile" not in out
     default = cpp_compiler_name()[1]  # g++ (clang++ on macOS)
-    assert ("note: preset cpu-hour compiles pretraining (torch.compile, ~1.3x faster steps), but 'no-such-cxx-29', "
-            f"the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on PATH: pretraining would "
-            f"run eager. Install {default} (or set CXX) for the compiled steps, or pass --no-compile to plan eager "
-            "pretraining without this note") in err
+    assert ("note: preset cpu-hour compiles pretrain, midtrain, sft (torch.compile, ~1.2-1.3x faster steps), but "
+            f"'no-such-cxx-29', the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on PATH: "
+            f"they would run eager. Install {default} (or set CXX) for the compiled steps, or pass --no-compile to "
+            "plan them eager without this note") in err
     assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--no-compile", "--dry-run"]) == 0
     assert "note:" not in capsys.readouterr().err
     assert main(["speedrun", "--preset", "cpu", "--home", home, "--compile", "--dry-run"]) == 2
     assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
-    assert pretrain_compile_flags(None, PRESETS["cpu-hour"], "cuda") == ["--compile"]  # triton, not this check
+    assert compile_stages(None, PRESETS["cpu-hour"], "cuda") == all3  # triton, not this check
 
 
 def test_eval_skills_rewriting_the_eval_summary_keeps_that_steps_flags_checked(tmp_path, monkeypatch, capsys):
@@ -1029,7 +1034,8 @@ def test_readme_states_the_cpu_presets_sizes_and_budgets():
             f"its own checkpoints (`{hour.tag_prefix}d{hour.depth}`)",
             f"vocab {flag(hour.tokenizer, '--vocab-size')} (`--lang ja`: {flag(hour.tokenizer_ja, '--vocab-size')})",
             f"training stages capped at {hour.max_minutes:g} min, start-ups included: pretraining "
-            f"{pct(hour, 'pretrain')} (compiled where a C++ compiler is found), midtraining {pct(hour, 'midtrain')}, "
-            f"SFT {pct(hour, 'sft')}, RL {pct(hour, 'rl')})"):
+            f"{pct(hour, 'pretrain')}, midtraining {pct(hour, 'midtrain')}, SFT {pct(hour, 'sft')} (these three "
+            f"compiled where a C++ compiler is found), RL {pct(hour, 'rl')})"):
         assert phrase in readme, phrase
+    assert hour.compiled == ("pretrain", "midtrain", "sft") and not cpu.compiled  # as the README says
     assert flag(cpu.midtrain, "--soup") == flag(cpu.sft, "--soup") == flag(hour.sft, "--soup") == "4"

@@ -1181,3 +1181,41 @@ def test_average_weights_refuses_one_checkpoint_and_mismatched_shapes(tmp_path):
         average_weights([a])
     with pytest.raises(ChibiError, match="hold different tensors or shapes"):
         average_weights([a, b])
+
+
+@pytest.mark.slow  # inductor compiles the forward and backward: ~20-40 s a stage
+@pytest.mark.parametrize("stage, source", [("midtrain", "base"), ("sft", "base")])
+def test_compiled_conversation_stage_trains_as_the_eager_one(base, stage, source):
+    """--compile on midtrain / sft compiles the training forward only: the same seed gives the same losses
+    step by step and the same held-out loss (within inductor's reordered-reduction rounding) as eager."""
+    from torch._dynamo.utils import counters
+
+    home, _ = base
+    torch._dynamo.reset()
+    runs, graphs = {}, {}
+    for name, flags in (("eager", []), ("comp", ["--compile"])):
+        counters.clear()
+        tag = f"c36-{stage}-{name}"
+        run_cli(stage, "--home", home.root, "--from", source, "--from-tag", "d2", "--tag", tag, "--num-steps", 3,
+                "--mix", "arithmetic=0.1,spelling=0.1", "--eval-every", 0, *FAST, *flags)
+        rows = [json.loads(l) for l in (home.checkpoints_dir(stage.replace("midtrain", "mid"), tag)
+                                        / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r])
+        graphs[name] = counters["stats"]["unique_graphs"]
+    assert graphs["eager"] == 0 and graphs["comp"] >= 1  # the flag really compiles (and only with it)
+    (el, ev), (cl, cv) = runs["eager"], runs["comp"]
+    assert len(el) == 3 and el[-1] < el[0]  # three real steps that train
+    assert cl == pytest.approx(el, rel=1e-4) and cv == pytest.approx(ev, rel=1e-4)
+    assert len(ev) == 2 and ev[-1] != ev[0]  # validated before and after the steps
+
+
+def test_compiled_conversation_stage_without_a_cpp_compiler_is_refused_before_loading(base, monkeypatch, capsys):
+    home, _ = base
+    monkeypatch.setenv("CXX", "no-such-cxx-36")
+    for stage in ("midtrain", "sft"):
+        assert main([stage, "--home", str(home.root), "--from", "base", "--from-tag", "d2", "--tag", "nocxx",
+                     "--num-steps", "2", "--compile", *FAST]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"chibichat {stage}: error: --compile on the CPU needs a C++ compiler") and \
+            "'no-such-cxx-36' is not on PATH" in err and "or drop --compile (the same training, eager)" in err
+        assert not home.checkpoints_dir(stage.replace("midtrain", "mid"), "nocxx").exists()

@@ -262,6 +262,8 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
                         "where K runs would not all reach --num-steps in it fewer are trained (default: 1, one run)")
     p.add_argument("--val-items", type=int, default=50, help="held-out items per task (default: 50)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (default: 8)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (every mode's rows are seq_len long: one shape)")
     add_optim_args(p, lr_frac)
     add_loop_args(p, steps, batch)
 
@@ -269,7 +271,7 @@ def add_conversation_args(p, *, default_from: str, steps: int, batch: int, lr_fr
 def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
     import torch
 
-    from chibichat.common import Home, check_home, init_runtime, print0, shutdown_runtime
+    from chibichat.common import Home, check_cpu_compile, check_home, init_runtime, print0, shutdown_runtime
     from chibichat.data.loader import ConversationLoader
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.loop import train
@@ -283,6 +285,8 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
     check_home(home)
     rt = init_runtime(args.device, args.dtype)
     try:
+        if args.compile:
+            check_cpu_compile(rt.device)
         tok = Tokenizer.load(home.tokenizer_dir)
         torch.manual_seed(args.seed)
         model, src_meta, tag = load_source(args, home, tok, rt, embed_noise=args.embed_noise)
@@ -311,7 +315,10 @@ def run_conversation_stage(args, *, stage: str, train_all_tokens: bool, mix_en: 
         t0 = time.time()
         samples = None if args.no_samples else sample_fn(tok, rt, SAMPLE_PROMPTS, seq_len)
         check_room(home, model, args, cfg, stage)
+        # Compiled for the training forward only: validation and samples run the plain module. Every batch
+        # is (rows, seq_len) whatever the mode, so one graph serves the run (dynamic=False).
         res = train(model, optimizer, loader, token_loss_sum, rt, cfg, meta=meta,
+                    train_model=torch.compile(model, dynamic=False) if args.compile else None,
                     eval_fn=val_loss_fn(val_mix, tok, args, rt, train_all_tokens, args.mode),
                     sample_fn=samples)
         counts = gather_render_counts(loader, rt)

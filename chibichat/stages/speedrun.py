@@ -49,6 +49,10 @@ from chibichat.stages.sft import SFT_MIX_JA
 from chibichat.tasks.registry import CPU_RL_TASKS
 
 
+# The training stages that take --compile (fixed-shape training batches); RL's sampled batches vary in length.
+COMPILABLE = ("pretrain", "midtrain", "sft")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything that differs between hardware classes. Flags are passed verbatim to the stages."""
@@ -85,9 +89,10 @@ class Preset:
     # Prefix of the checkpoint tag (d<depth>[-layers]), so two CPU presets of the same depth never share
     # checkpoints in one home (the tokenizer, sized the same, is shared).
     tag_prefix: str = ""
-    # torch.compile the pretraining forward unless the speedrun says --no-compile (pretrain_compile_flags):
-    # where the run is long enough for faster steps to repay the compile (~40 s on 2 CPU cores).
-    compile_pretrain: bool = False
+    # The training stages whose forward is torch.compiled unless the speedrun says --no-compile (compile_stages):
+    # those long enough for faster steps to repay the compile (~30-50 s cold on 2 CPU cores, ~4 s once the
+    # inductor cache holds the shape, as for every averaged run after the first).
+    compiled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -399,9 +404,11 @@ PRESETS: dict[str, Preset] = {
         # So: d5 (width 320, ~1.35x d4's time per step on 2 cores) for 3.4x the quickstart's tokens, then both
         # soups: 0.81 after SFT. (d5 at the quickstart's own steps scored level with d4, 0.649 against 0.652 over
         # four seeds: the wider model pays with the longer run, not alone; docs/benchmarks.md, session 25.)
-        # Compiled (compile_pretrain): d5's steps run 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile, so
-        # the cap is 3,200 steps, which only a fast machine reaches in the stage's ~28 minutes (docs/benchmarks.md,
-        # session 29). The quickstart stays eager: its 4.4 minutes barely repay the compile.
+        # Compiled (`compiled`): d5's pretraining steps run 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile,
+        # so the cap is 3,200 steps, which only a fast machine reaches in the stage's ~28 minutes (docs/benchmarks.md,
+        # session 29); its midtraining and SFT steps run ~1.2x faster for ~4 s of compile per averaged run (session
+        # 36). The quickstart stays eager: its 4.4 minutes of pretraining barely repay the compile, and its chat
+        # stages' faster steps save about what their compiles cost.
         pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
                   "--repeat-rows", "4"],
@@ -424,13 +431,13 @@ PRESETS: dict[str, Preset] = {
         max_minutes=55,  # (54 for the loops before their start-ups counted)
         minute_shares={"pretrain": 0.51, "midtrain": 0.19, "sft": 0.28, "rl": 0.02},
         tag_prefix="hour-",
-        compile_pretrain=True,
+        compiled=COMPILABLE,
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need. Their
     # pretraining is compiled, as nanochat's is: hours of steps repay a compile of about a minute.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
                     pretrain=[], eval_base=[], midtrain=[], sft=[], rl=[], eval_chat=[], gpu=True, online=True,
-                    compile_pretrain=True)
+                    compiled=COMPILABLE)
        for name, r in GPU_RECIPES.items()},
 }
 
@@ -484,8 +491,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="passed to every stage")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the pretraining forward (pretrain --compile; default: the preset's choice, "
-                        "on for cpu-hour where a C++ compiler is found, and for the GPU presets)")
+                   help="torch.compile the training forward of pretraining, midtraining and SFT (their --compile; "
+                        "default: the preset's choice, on for cpu-hour where a C++ compiler is found, and for the "
+                        "GPU presets)")
     p.add_argument("--scale", default="full", choices=SCALES,
                    help="full: the preset as named; toy: a GPU preset's exact plan (stages, tasks, mixtures, flags) "
                         "with only its sizes shrunk to seconds on a CPU (the size flags in TOY_SIZES), for tests")
@@ -517,25 +525,25 @@ def runs_code(step: Step) -> bool:
     return any(get_task(n).runs_code for n in names)
 
 
-def pretrain_compile_flags(choice: bool | None, preset: Preset, device: str, dry_run: bool = False) -> list[str]:
-    """["--compile"] when pretraining is compiled: as `choice` (speedrun --compile / --no-compile) says, else as
-    the preset does (Preset.compile_pretrain). A preset's compile on a CPU with no C++ compiler (cpp_compiler)
-    falls back to eager with a note saying so and how to fix it; an asked-for --compile there is refused."""
+def compile_stages(choice: bool | None, preset: Preset, device: str, dry_run: bool = False) -> tuple[str, ...]:
+    """The training stages run with --compile: all that take it (COMPILABLE) with `choice` True (speedrun
+    --compile), none with False (--no-compile), else the preset's (Preset.compiled). A preset's compile on a CPU
+    with no C++ compiler (cpp_compiler) falls back to eager with a note saying so and how to fix it; an
+    asked-for --compile there is refused."""
     from chibichat.common import check_cpu_compile, cpp_compiler, cpp_compiler_name, eprint
 
-    if choice is False or (choice is None and not preset.compile_pretrain):
-        return []
-    if device.startswith("cpu"):
+    stages = {True: COMPILABLE, False: (), None: preset.compiled}[choice]
+    if stages and device.startswith("cpu"):
         if choice:
             check_cpu_compile(device)
         elif cpp_compiler() is None:
             name, default = cpp_compiler_name()
-            eprint(f"note: preset {preset.name} compiles pretraining (torch.compile, ~1.3x faster steps), but "
-                   f"{name!r}, the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on "
-                   "PATH: pretraining " + ("would run" if dry_run else "runs") + f" eager. Install {default} (or set "
-                   "CXX) for the compiled steps, or pass --no-compile to plan eager pretraining without this note")
-            return []
-    return ["--compile"]
+            eprint(f"note: preset {preset.name} compiles {', '.join(stages)} (torch.compile, ~1.2-1.3x faster steps), "
+                   f"but {name!r}, the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on "
+                   "PATH: they " + ("would run" if dry_run else "run") + f" eager. Install {default} (or set CXX) "
+                   "for the compiled steps, or pass --no-compile to plan them eager without this note")
+            return ()
+    return stages
 
 
 def training_flags(args) -> list[str]:
@@ -612,10 +620,10 @@ def soup_dirs(home: Home, stage: str, tag: str, flags: list[str]) -> list[Path]:
 
 
 def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype: str = "auto",
-         train: list[str] = (), pretrain: list[str] = (), world_size: int = 1, scale: str = "full",
+         train: list[str] = (), compiled: tuple[str, ...] = (), world_size: int = 1, scale: str = "full",
          minutes: float | None = None, budget: bool = True) -> list[Step]:
     """The steps of a speedrun. `train`: extra flags for every training stage (training_flags);
-    `pretrain`: extra flags for pretraining only (--compile); `world_size`: processes the distributed
+    `compiled`: the training stages that get --compile (compile_stages); `world_size`: processes the distributed
     steps run on (GPU presets keep their batch on any count by gradient accumulation); `scale`: "toy"
     shrinks a GPU preset's sizes and nothing else (TOY_SIZES); `minutes`: spend that many minutes learning
     (budget_flags with BUDGET_HEADROOM); otherwise, unless `budget` is False, the preset's max_minutes caps
@@ -649,7 +657,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
                                           "arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spelling," + ja_tasks]
     common = ["--home", str(home.root)]
     dev = ["--device", device] + (["--dtype", dtype] if dtype != "auto" else [])
-    train, pretrain = list(train), list(pretrain)
+    train = list(train)
+    comp = {name: ["--compile"] if name in compiled else [] for name in COMPILABLE}
     ck = home.checkpoints_dir
     ev = home.eval_dir
     sc = (lambda argv: scale_argv(argv, scale)) if preset.gpu else list
@@ -675,7 +684,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
              ["tokenizer", "eval", "--corpus", corpus, *common],
              home.tokenizer_dir / "eval.json", [home.tokenizer_dir / "eval.json"], weight=0.01, needs=("tokenizer",)),
         Step("pretrain", "pretrain the base model",
-             sc(["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *train, *pretrain,
+             sc(["pretrain", "--corpus", corpus, "--layers", layers, "--tag", tag, *common, *dev, *train, *comp["pretrain"],
                  *flags["pretrain"]]),
              ck("base", tag) / "summary.json", [ck("base", tag)], resumable_dir=ck("base", tag), distributed=True, weight=0.5,
              needs=("tokenizer",)),
@@ -683,7 +692,8 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
              sc(["eval", "base", "--from", "base", "--tag", tag, *common, *dev, *flags["eval_base"]]),
              ev("base", tag) / "summary.json", [ev("base", tag)], distributed=True, weight=0.04, needs=("pretrain",)),
         Step("midtrain", "midtrain: chat format, tools" + ("" if ja_alone else ", multiple choice"),
-             sc(["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["midtrain"]]),
+             sc(["midtrain", "--from", "base", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *comp["midtrain"],
+                 *flags["midtrain"]]),
              ck("mid", tag) / "summary.json", [ck("mid", tag), *mid_members], resumable_dir=ck("mid", tag),
              distributed=not mid_members, weight=0.1, needs=("pretrain",)),
         Step("eval-mid", "evaluate the midtrained model",
@@ -691,7 +701,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
              ev("mid", tag) / "summary.json", [ev("mid", tag)], distributed=True, weight=0.04, needs=("midtrain",)),
         skills_step(home, "mid", tag, lang, common + dev, preset),
         Step("sft", "supervised fine-tuning",
-             sc(["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *flags["sft"]]),
+             sc(["sft", "--from", "mid", "--from-tag", tag, "--tag", tag, *common, *dev, *train, *comp["sft"], *flags["sft"]]),
              ck("sft", tag) / "summary.json", [ck("sft", tag), *members],
              resumable_dir=ck("sft", tag), distributed=not members, weight=0.1, needs=("midtrain",)),
         Step("eval-sft", "evaluate the SFT model",
@@ -1274,7 +1284,7 @@ def run(args) -> int:
         gpu_world(nproc, "the visible GPUs, CUDA_VISIBLE_DEVICES" if args.nproc_per_node is None else
                   f"--nproc-per-node {nproc}")
     steps = plan(home, preset, args.lang, args.layers, args.device, args.dtype, training_flags(args),
-                 pretrain_compile_flags(args.compile, preset, device, args.dry_run), world_size=nproc,
+                 compile_stages(args.compile, preset, device, args.dry_run), world_size=nproc,
                  scale=args.scale, minutes=args.minutes, budget=not args.no_budget)
     names = {s.name for s in steps}
     for f in args.force:
