@@ -61,3 +61,25 @@ def test_compiled_training_matches_eager_bf16_losses():
     # turns such last-bit gradient differences into visible parameter differences (measured up to 1e-2
     # on a conv tap), so only the losses are compared: measured within 2e-6 relative.
     assert comp_losses == pytest.approx(eager_losses, rel=2e-5)
+
+
+@pytest.mark.parametrize("layers, recompute", [("dense", "none"), ("iberis", "none"), ("iberis", "block")])
+def test_the_compiled_training_forward_is_one_graph(layers, recompute):
+    """No graph breaks: a break splits the compiled forward into pieces inductor fuses separately, with eager
+    Python between them (the inference-mode checks in norm, the MLP and attention broke it 8 times in a
+    2-layer model until they were kept out of traced code: gpt.decoding)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=3, n_embd=32, n_head=2, n_kv_head=2, layers=layers),
+                RunConfig(compute_dtype=torch.bfloat16, recompute=recompute))
+    x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    torch.compile(model, dynamic=False)(x, y).backward()
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    with torch.inference_mode():  # decoding (eager) still takes its inference-mode paths
+        from chibichat.model import gpt
+
+        assert gpt.decoding()
+    assert not gpt.decoding()

@@ -1219,3 +1219,25 @@ def test_compiled_conversation_stage_without_a_cpp_compiler_is_refused_before_lo
         assert err.startswith(f"chibichat {stage}: error: --compile on the CPU needs a C++ compiler") and \
             "'no-such-cxx-36' is not on PATH" in err and "or drop --compile (the same training, eager)" in err
         assert not home.checkpoints_dir(stage.replace("midtrain", "mid"), "nocxx").exists()
+
+
+@pytest.mark.slow  # inductor compiles: ~20-40 s
+def test_compiled_soup_compiles_every_member_and_averages_as_the_eager_one(base, capsys):
+    """sft --soup 3 --compile: each member builds its model again and compiles it in the same process (the
+    cpu-hour preset's chat stages), reusing the first member's graph, and the average matches the eager soup's
+    (inductor's rounding)."""
+    from torch._dynamo.utils import counters
+
+    home, _ = base
+    torch._dynamo.reset()
+    val = {}
+    for name, flags in (("eager", []), ("comp", ["--compile"])):
+        counters.clear()
+        run_cli("sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", f"c36-soup-{name}",
+                "--num-steps", 2, "--mix", "arithmetic=0.1", "--soup", 3, *FAST, *flags)
+        s = json.loads((home.checkpoints_dir("sft", f"c36-soup-{name}") / "summary.json").read_text())
+        val[name] = [*s["soup"]["member_val_loss"], s["val_loss"]]
+        # one graph for all three members (the module's weights are the graph's inputs: a member's new model
+        # is no new graph), none without --compile
+        assert counters["stats"]["unique_graphs"] == (0 if name == "eager" else 1), name
+    assert val["comp"] == pytest.approx(val["eager"], rel=1e-4)

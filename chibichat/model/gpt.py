@@ -207,11 +207,18 @@ class _RMSNorm(torch.autograd.Function):
         return dx.to(x.dtype)
 
 
+def decoding() -> bool:
+    """Whether this forward decodes (runs in inference mode, keeping nothing for a backward). Never inside a
+    compiled graph, which only trains (decoding runs eagerly): dynamo cannot trace
+    torch.is_inference_mode_enabled() and would break the graph at every call (every norm, MLP, attention)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
 def norm(x):
     """Parameter-free RMSNorm over the last dim (fp32 statistics, output in x's dtype). Decoding (run in
     inference mode) uses torch's one fused kernel for the same function; everything else this one, so a
     recomputed (activation-checkpointed) forward runs the very kernels of the first one."""
-    if torch.is_inference_mode_enabled():
+    if decoding():
         return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
     return _RMSNorm.apply(x)
 
@@ -220,7 +227,7 @@ def apply_softcap(logits, c: float):
     """c * tanh(logits / c), written as c * (2 * sigmoid(2 logits / c) - 1): a CPU's tanh costs 3-6x a
     sigmoid, and the two agree to a few fp32 ulps (the training loss uses the same form, _head_chunk).
     In place when decoding (inference mode: nothing is kept for a backward)."""
-    if torch.is_inference_mode_enabled():
+    if decoding():
         return logits.mul_(2.0 / c).sigmoid_().mul_(2.0 * c).sub_(c)
     return torch.sigmoid(logits * (2.0 / c)) * (2.0 * c) - c
 
@@ -319,7 +326,7 @@ class Attention(nn.Module):
                 i = torch.arange(t, device=q.device)
                 mask = (i[:, None] >= i[None, :]).view(1, 1, t, L)
             out = q.dtype
-            if k.dtype != torch.float32 and torch.is_inference_mode_enabled():
+            if k.dtype != torch.float32 and decoding():
                 # Decoding in reduced precision: the CPU's bf16 batched matmuls are 3-4x slower than
                 # fp32 ones at these shapes, so the products run on an exact fp32 upcast.
                 q, k, v = q.float(), k.float(), v.float()
@@ -363,7 +370,7 @@ class MLP(nn.Module):
 
     def forward(self, u, lin):
         h = lin("fc", u)  # decoding (inference mode) works in place: nothing is kept for a backward
-        return lin("proj", torch.relu_(h).square_() if torch.is_inference_mode_enabled() else F.relu(h).square())
+        return lin("proj", torch.relu_(h).square_() if decoding() else F.relu(h).square())
 
 
 def recompute_in_backward(fn, x, *args):
@@ -813,7 +820,7 @@ class GPT(nn.Module):
         """
         if state is not None:
             self._check_ids(idx, "input", sync=check_ids)
-        if state is not None and not torch.is_inference_mode_enabled():
+        if state is not None and not decoding():
             with torch.inference_mode():
                 return self.forward(idx, targets, reduction, state, weights=weights, last_only=last_only,
                                     check_ids=False)  # fmt: skip
