@@ -997,31 +997,39 @@ def test_sft_soup_averages_its_members_and_reuses_finished_ones(base, capsys):
     assert all(torch.equal(again[k], soup[k]) for k in soup)
 
 
-@pytest.mark.parametrize("sec_per_step, want_minutes, want_runs", [
-    (0.1, [2.0, 203 / 3 / 60, 83 / 60, 129 / 60], 4),  # a fast machine: 37 s a run, all four fit at full length
-    (0.8, [4.0, 226 / 60], 2),  # 2x slower: a full run takes half the budget, so two full runs, not four halves
+@pytest.mark.parametrize("sec_per_step, compile_s, want_minutes, want_runs", [
+    (0.1, 0, [2.0, 203 / 3 / 60, 83 / 60, 129 / 60], 4),  # a fast machine: 37 s a run, all four fit at full length
+    (0.8, 0, [4.0, 226 / 60], 2),  # 2x slower: a full run takes half the budget, so two full runs, not four halves
+    # compiled: the first run's first step takes 30 s more (67 s in all), the later runs reuse its graph (37 s):
+    # four fit, where the first run's 67 s alone would have counted three
+    (0.1, 30, [2.0, 173 / 3 / 60, 68 / 60, 99 / 60], 4),
 ])
-def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, monkeypatch, sec_per_step,
+def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, monkeypatch, sec_per_step, compile_s,
                                                                           want_minutes, want_runs):
     """--minutes with --soup K is the whole stage's: the first run may take half of it; the others share
     what is left, less the start-up (data, model, evaluations, saves) the runs took beyond their loops; and
-    where K runs would not all reach their step count, fewer runs of full length are averaged."""
+    where K runs would not all reach their step count, fewer runs of full length are averaged, each costing
+    what the first one took less its compile."""
     import types
 
     from chibichat.stages import sft
     from chibichat.train import checkpoint
 
     home, _ = base
-    now, given, tag = [1000.0], [], f"sb{int(sec_per_step * 10)}"
+    now, given, tag = [1000.0], [], f"sb{int(sec_per_step * 10)}c{compile_s}"
     cap, startup = 300, 7.0
 
     def member(margs, **kind):  # loops that keep their budgets at sec_per_step, start-ups of 7 s
         steps = min(cap, int(margs.minutes * 60 / sec_per_step + 1e-9))
+        first = compile_s if not given else 0  # the compile: the first run's first step
         given.append(margs.minutes)
-        now[0] += startup + steps * sec_per_step
-        fit = {"num_steps": steps, "cap": cap, "capped": steps == cap}
-        (home.checkpoints_dir("sft", margs.tag)).mkdir(parents=True)
-        (home.checkpoints_dir("sft", margs.tag) / "summary.json").write_text(json.dumps({"minutes_fit": fit}))
+        now[0] += startup + steps * sec_per_step + first
+        fit = {"num_steps": steps, "cap": cap, "capped": steps == cap, "sec_per_step": sec_per_step}
+        mdir = home.checkpoints_dir("sft", margs.tag)
+        mdir.mkdir(parents=True)
+        (mdir / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 3.0}) + "\n"
+                                            + json.dumps({"step": 1, "loss": 3.0, "dt_s": sec_per_step + first}) + "\n")
+        (mdir / "summary.json").write_text(json.dumps({"minutes_fit": fit}))
 
     class Averaging(Exception):
         pass
@@ -1039,7 +1047,8 @@ def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, 
     minutes = 4 if sec_per_step < 0.5 else 8
     with pytest.raises(Averaging):
         sft.run(_parse(["sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", tag, *FAST,
-                        "--mix", "arithmetic=0.1", "--num-steps", cap, "--soup", "4", "--minutes", minutes]))
+                        "--mix", "arithmetic=0.1", "--num-steps", cap, "--soup", "4", "--minutes", minutes]
+                       + (["--compile"] if compile_s else [])))
     assert given == pytest.approx(want_minutes) and len(given) == want_runs
     assert averaged == [f"{tag}-soup{i}" for i in range(want_runs)]  # the runs trained, and only those
     assert now[0] - 1000.0 <= minutes * 60

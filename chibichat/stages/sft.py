@@ -20,7 +20,9 @@ is chibichat/train/finetune.py.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from chibichat.common import ChibiError, add_home_arg, add_runtime_args, check_at_least
 from chibichat.train.finetune import (add_loop_args, add_optim_args, add_source_args, check_room, load_source,
@@ -393,16 +395,30 @@ def member_minutes(stage_minutes: float, spent_s: float, left: int, startup_s: f
     return max(share, MIN_MEMBER_S) / 60
 
 
+def first_step_extra_s(run_dir: Path, fit: dict) -> float:
+    """Seconds a finished run's first step took beyond its mean timed step (`fit`: its --minutes fit): with
+    --compile, the compile. The later runs of a soup reuse the process's compiled graph and do not pay it
+    again (tests/test_stages_chat.py). 0 where the run timed no steps."""
+    if "sec_per_step" not in fit:
+        return 0.0
+    for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("step") == 1 and "dt_s" in rec:
+            return max(0.0, rec["dt_s"] - fit["sec_per_step"])
+    return 0.0
+
+
 def fewer_full_runs(stage_minutes: float, spent_s: float, first_s: float, startup_s: float, first_minutes: float,
-                    fit: dict, others: int) -> int:
+                    fit: dict, others: int, once_s: float = 0.0) -> int:
     """How many of the `others` runs still to train after the first one: those that fit the rest of the
     budget at full length (at least one, at most all). A full run costs what the first one took (`first_s`)
     where it reached its step count, else its start-up plus its seconds per step over the full count
-    (`fit`: its --minutes fit, with `first_minutes` its budget)."""
+    (`fit`: its --minutes fit, with `first_minutes` its budget); less, either way, what the first run paid
+    once for all (`once_s`: the compile, first_step_extra_s)."""
     if not fit or fit.get("capped") or fit.get("num_steps", 0) >= fit.get("cap", 0):
-        full_s = first_s
+        full_s = first_s - once_s
     else:
-        full_s = startup_s + fit["cap"] * first_minutes * 60 / fit["num_steps"]
+        full_s = startup_s + fit["cap"] * (first_minutes * 60 - once_s) / fit["num_steps"]
     left_s = stage_minutes * 60 - spent_s
     return max(1, min(others, int(left_s // max(full_s, 1e-9))))
 
@@ -480,7 +496,7 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
         if adaptive and i == 0:
             fit = read_json(mdir / "summary.json", "summary").get("minutes_fit") or {}
             more = fewer_full_runs(args.minutes, time.time() - t0, time.time() - m0, startup, margs.minutes, fit,
-                                   len(todo) - 1)
+                                   len(todo) - 1, first_step_extra_s(mdir, fit) if args.compile else 0.0)
             if more < len(todo) - 1:
                 print(f"{command} --soup: {mtag} took {time.time() - m0:.0f} s for {fit.get('num_steps')} of "
                       f"{fit.get('cap')} steps; {more} more run(s) of full length fit the rest of --minutes "
