@@ -238,7 +238,7 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
     # the cpu preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04
     assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["4.08", "3.24", "4.2", "0.48"]
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
-    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["2800", "1000", "1200", "60"]
+    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["3400", "1000", "1200", "60"]
     # a preset without shares splits by the steps' weights: pretrain 0.5, midtrain/sft/rl 0.1 each
     micro = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["micro"], "en", "dense", "cpu", minutes=12)}
     assert [flag(micro[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["7.5", "1.5", "1.5", "1.5"]
@@ -259,13 +259,13 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
     # the preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04 of 13 min (--soup 4 shares a stage's
     # minutes over its four runs)
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "4.42", "--num-steps": "700"}, {"--minutes": "3.51", "--num-steps": "250"},
+        {"--minutes": "4.42", "--num-steps": "850"}, {"--minutes": "3.51", "--num-steps": "250"},
         {"--minutes": "4.55", "--num-steps": "300"}, {"--minutes": "0.52", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
-    assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "700"}, {"--num-steps": "15"}]
+    assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "850"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
     fast = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=25)}
-    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "8.5", "--num-steps": "2800"},
+    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "8.5", "--num-steps": "3400"},
                                                             {"--minutes": "8.75", "--num-steps": "1200"}]
     # a preset's shares name exactly the training stages
     from chibichat.stages.speedrun import TRAINING_STEPS
@@ -732,10 +732,10 @@ def test_the_quickstart_ends_by_naming_the_longer_preset_with_the_same_language_
     assert plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")[0].argv == plan(home, PRESETS["cpu"], "ja", "iberis", "cpu")[0].argv
 
 
-def test_cpu_hour_compiles_its_training_stages_where_a_cpp_compiler_is_found(tmp_path, monkeypatch, capsys):
-    """cpu-hour's pretraining, midtraining and SFT are compiled unless --no-compile (their minutes repay the
-    compiles); the quickstart's are not. Without a C++ compiler the preset's choice falls back to eager with a
-    note, and an asked-for --compile is refused before any step runs."""
+def test_cpu_presets_compile_their_training_stages_where_a_cpp_compiler_is_found(tmp_path, monkeypatch, capsys):
+    """The CPU presets' pretraining, midtraining and SFT are compiled unless --no-compile (their minutes repay
+    the compiles); micro's (the smoke run) are not. Without a C++ compiler the preset's choice falls back to eager
+    with a note, and an asked-for --compile is refused before any step runs."""
     from chibichat.cli import main
     from chibichat.common import cpp_compiler_name
     from chibichat.stages.speedrun import compile_stages
@@ -747,16 +747,17 @@ def test_cpu_hour_compiles_its_training_stages_where_a_cpp_compiler_is_found(tmp
     all3 = ("pretrain", "midtrain", "sft")
     home = str(tmp_path / "h")
     monkeypatch.setenv("CXX", sys.executable)
-    assert [compile_stages(c, PRESETS[p], "cpu") for p in ("cpu-hour", "cpu") for c in (None, True, False)] \
-        == [all3, all3, (), (), all3, ()]
-    assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--dry-run"]) == 0
-    out, err = capsys.readouterr()
-    assert compiled(out) == ["pretrain", "midtrain", "sft"] and "note:" not in err
-    assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--no-compile", "--dry-run"]) == 0
+    assert [compile_stages(c, PRESETS[p], "cpu") for p in ("cpu-hour", "cpu", "micro") for c in (None, True, False)] \
+        == [all3, all3, (), all3, all3, (), (), all3, ()]
+    for preset in ("cpu-hour", "cpu"):
+        assert main(["speedrun", "--preset", preset, "--home", home + preset, "--dry-run"]) == 0
+        out, err = capsys.readouterr()
+        assert compiled(out) == ["pretrain", "midtrain", "sft"] and "note:" not in err
+        assert main(["speedrun", "--preset", preset, "--home", home + preset, "--no-compile", "--dry-run"]) == 0
+        assert "--compile" not in capsys.readouterr().out
+    assert main(["speedrun", "--preset", "micro", "--home", home, "--dry-run"]) == 0
     assert "--compile" not in capsys.readouterr().out
-    assert main(["speedrun", "--preset", "cpu", "--home", home, "--dry-run"]) == 0
-    assert "--compile" not in capsys.readouterr().out
-    assert main(["speedrun", "--preset", "cpu", "--home", home, "--compile", "--dry-run"]) == 0
+    assert main(["speedrun", "--preset", "micro", "--home", home, "--compile", "--dry-run"]) == 0
     assert compiled(capsys.readouterr().out) == ["pretrain", "midtrain", "sft"]
 
     monkeypatch.setenv("CXX", "no-such-cxx-29")
@@ -770,7 +771,7 @@ def test_cpu_hour_compiles_its_training_stages_where_a_cpp_compiler_is_found(tmp
             "plan them eager without this note") in err
     assert main(["speedrun", "--preset", "cpu-hour", "--home", home, "--no-compile", "--dry-run"]) == 0
     assert "note:" not in capsys.readouterr().err
-    assert main(["speedrun", "--preset", "cpu", "--home", home, "--compile", "--dry-run"]) == 2
+    assert main(["speedrun", "--preset", "micro", "--home", home, "--compile", "--dry-run"]) == 2
     assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
     assert compile_stages(None, PRESETS["cpu-hour"], "cuda") == all3  # triton, not this check
 
@@ -1037,5 +1038,5 @@ def test_readme_states_the_cpu_presets_sizes_and_budgets():
             f"{pct(hour, 'pretrain')}, midtraining {pct(hour, 'midtrain')}, SFT {pct(hour, 'sft')} (these three "
             f"compiled where a C++ compiler is found), RL {pct(hour, 'rl')})"):
         assert phrase in readme, phrase
-    assert hour.compiled == ("pretrain", "midtrain", "sft") and not cpu.compiled  # as the README says
+    assert hour.compiled == cpu.compiled == ("pretrain", "midtrain", "sft")  # as the README says
     assert flag(cpu.midtrain, "--soup") == flag(cpu.sft, "--soup") == flag(hour.sft, "--soup") == "4"

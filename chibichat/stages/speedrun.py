@@ -346,7 +346,8 @@ PRESETS: dict[str, Preset] = {
         # 0.699 against 0.704 over three seeds), so English keeps the defaults (docs/benchmarks.md, sessions 34-35).
         chat_lr_ja=(0.5, 0.25),
         # The cap is about what a fast phase of the 2-core AMX machine fits in pretraining's share of the budget
-        # (4.4 min at ~0.3 s per 4,096-token step in bf16); a slower machine's fit stops earlier.
+        # (4.4 min at ~0.27 s per 4,096-token step, compiled, after a ~35 s compile); a slower machine's fit
+        # stops earlier.
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
         # the prompt into a tool call or an answer (docs/benchmarks.md, "copy rows").
         # The LR falls over the last 60% of the steps (the pretrain default, nanochat's, is 20%) and the Muon
@@ -356,7 +357,7 @@ PRESETS: dict[str, Preset] = {
         # chat stages kept their skills (0.650 against 0.615 over four seeds), but the English SFT model reads
         # simple prose a little worse than before, the weight decay's doing (docs/benchmarks.md, sessions 33-34).
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "700", "--eval-every", "350", "--eval-tokens", "32768", "--save-every", "350",
+                  "--num-steps", "850", "--eval-every", "425", "--eval-tokens", "32768", "--save-every", "425",
                   "--repeat-rows", "4", "--warmdown-frac", "0.6", "--weight-decay", "0.1"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
@@ -387,6 +388,12 @@ PRESETS: dict[str, Preset] = {
         # unused goes to the stages after it. The evaluations take ~0.7 minutes more on a 2-core machine.
         max_minutes=13,
         minute_shares={"pretrain": 0.34, "midtrain": 0.27, "sft": 0.35, "rl": 0.04},
+        # Compiled, once the forward was one graph: d4 pretraining steps 0.70x eager's time, midtraining and SFT
+        # ~0.78x, for a cold compile of ~35 s (pretraining) and ~20 s (the chat stages' one shape; the averaged
+        # runs after the first reuse its graph): ~190 more pretraining steps in its share, and all four
+        # midtraining runs in theirs (eager, the first run's 59 s left room for three; docs/benchmarks.md,
+        # session 36).
+        compiled=COMPILABLE,
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
@@ -407,8 +414,7 @@ PRESETS: dict[str, Preset] = {
         # Compiled (`compiled`): d5's pretraining steps run 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile,
         # so the cap is 3,200 steps, which only a fast machine reaches in the stage's ~28 minutes (docs/benchmarks.md,
         # session 29); its midtraining and SFT steps run ~1.2x faster for ~4 s of compile per averaged run (session
-        # 36). The quickstart stays eager: its 4.4 minutes of pretraining barely repay the compile, and its chat
-        # stages' faster steps save about what their compiles cost.
+        # 36).
         pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
                   "--repeat-rows", "4"],
