@@ -765,7 +765,7 @@ def test_cpu_presets_compile_their_training_stages_where_a_cpp_compiler_is_found
     out, err = capsys.readouterr()
     assert "--compile" not in out
     default = cpp_compiler_name()[1]  # g++ (clang++ on macOS)
-    assert ("note: preset cpu-hour compiles pretrain, midtrain, sft (torch.compile, ~1.2-1.3x faster steps), but "
+    assert ("note: preset cpu-hour compiles pretrain, midtrain, sft (torch.compile, ~1.3-1.5x faster steps), but "
             f"'no-such-cxx-29', the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on PATH: "
             f"they would run eager. Install {default} (or set CXX) for the compiled steps, or pass --no-compile to "
             "plan them eager without this note") in err

@@ -90,8 +90,8 @@ class Preset:
     # checkpoints in one home (the tokenizer, sized the same, is shared).
     tag_prefix: str = ""
     # The training stages whose forward is torch.compiled unless the speedrun says --no-compile (compile_stages):
-    # those long enough for faster steps to repay the compile (~30-50 s cold on 2 CPU cores, ~4 s once the
-    # inductor cache holds the shape, as for every averaged run after the first).
+    # those long enough for faster steps to repay the compile (~20-35 s cold on 2 CPU cores, a few seconds from a
+    # warm inductor cache; an averaged run after the first reuses the first one's graph).
     compiled: tuple[str, ...] = ()
 
 
@@ -411,10 +411,10 @@ PRESETS: dict[str, Preset] = {
         # So: d5 (width 320, ~1.35x d4's time per step on 2 cores) for 3.4x the quickstart's tokens, then both
         # soups: 0.81 after SFT. (d5 at the quickstart's own steps scored level with d4, 0.649 against 0.652 over
         # four seeds: the wider model pays with the longer run, not alone; docs/benchmarks.md, session 25.)
-        # Compiled (`compiled`): d5's pretraining steps run 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile,
-        # so the cap is 3,200 steps, which only a fast machine reaches in the stage's ~28 minutes (docs/benchmarks.md,
-        # session 29); its midtraining and SFT steps run ~1.2x faster for ~4 s of compile per averaged run (session
-        # 36).
+        # Compiled (`compiled`): d5's pretraining steps ran 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile,
+        # so the cap is 3,200 steps, which only a fast machine reached in the stage's ~28 minutes (docs/benchmarks.md,
+        # session 29); since the compiled forward is one graph they take 0.66-0.69x eager's time, and midtraining's
+        # 0.78-0.80x (session 36).
         pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
                   "--repeat-rows", "4"],
@@ -440,7 +440,8 @@ PRESETS: dict[str, Preset] = {
         compiled=COMPILABLE,
     ),
     # GPU presets: the full recipe (gpu_stage_flags); these fields hold only what the CPU presets need. Their
-    # pretraining is compiled, as nanochat's is: hours of steps repay a compile of about a minute.
+    # pretraining, midtraining and SFT are compiled (nanochat compiles the first two): hours of steps repay a
+    # compile of about a minute.
     **{name: Preset(name=name, description="GPU: " + r.description, expected_minutes=0, depth=r.depth, tokenizer=[],
                     pretrain=[], eval_base=[], midtrain=[], sft=[], rl=[], eval_chat=[], gpu=True, online=True,
                     compiled=COMPILABLE)
@@ -498,8 +499,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype, passed to every stage (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training forward of pretraining, midtraining and SFT (their --compile; "
-                        "default: the preset's choice, on for cpu-hour where a C++ compiler is found, and for the "
-                        "GPU presets)")
+                        "default: the preset's choice, on for cpu and cpu-hour where a C++ compiler is found, and "
+                        "for the GPU presets)")
     p.add_argument("--scale", default="full", choices=SCALES,
                    help="full: the preset as named; toy: a GPU preset's exact plan (stages, tasks, mixtures, flags) "
                         "with only its sizes shrunk to seconds on a CPU (the size flags in TOY_SIZES), for tests")
@@ -544,7 +545,7 @@ def compile_stages(choice: bool | None, preset: Preset, device: str, dry_run: bo
             check_cpu_compile(device)
         elif cpp_compiler() is None:
             name, default = cpp_compiler_name()
-            eprint(f"note: preset {preset.name} compiles {', '.join(stages)} (torch.compile, ~1.2-1.3x faster steps), "
+            eprint(f"note: preset {preset.name} compiles {', '.join(stages)} (torch.compile, ~1.3-1.5x faster steps), "
                    f"but {name!r}, the C++ compiler torch.compile needs on the CPU ($CXX, else {default}), is not on "
                    "PATH: they " + ("would run" if dry_run else "run") + f" eager. Install {default} (or set CXX) "
                    "for the compiled steps, or pass --no-compile to plan them eager without this note")
