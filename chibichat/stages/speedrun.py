@@ -411,12 +411,12 @@ PRESETS: dict[str, Preset] = {
         # So: d5 (width 320, ~1.35x d4's time per step on 2 cores) for 3.4x the quickstart's tokens, then both
         # soups: 0.81 after SFT. (d5 at the quickstart's own steps scored level with d4, 0.649 against 0.652 over
         # four seeds: the wider model pays with the longer run, not alone; docs/benchmarks.md, session 25.)
-        # Compiled (`compiled`): d5's pretraining steps ran 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile,
-        # so the cap is 3,200 steps, which only a fast machine reached in the stage's ~28 minutes (docs/benchmarks.md,
-        # session 29); since the compiled forward is one graph they take 0.66-0.69x eager's time, and midtraining's
-        # 0.78-0.80x (session 36).
+        # Compiled (`compiled`): d5's pretraining steps ran 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile
+        # (docs/benchmarks.md, session 29); since the compiled forward is one graph they take 0.66-0.69x eager's
+        # time (~0.39 s per step in a fast phase), and midtraining's 0.78-0.80x (session 36). So the cap is 4,200
+        # steps, what a fast machine fits in the stage's ~28 minutes; a slower one's fit stops earlier.
         pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "3200", "--eval-every", "800", "--eval-tokens", "65536", "--save-every", "800",
+                  "--num-steps", "4200", "--eval-every", "1050", "--eval-tokens", "65536", "--save-every", "1050",
                   "--repeat-rows", "4"],
         eval_base=["--eval-tokens", "65536", "--core-items", "100"],
         midtrain=["--num-steps", "400", "--eval-every", "200", "--soup", "4"],
