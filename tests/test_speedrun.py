@@ -238,7 +238,7 @@ def test_minutes_budget_is_split_over_the_training_stages(tmp_path):
     # the cpu preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04
     assert [flag(steps[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["4.08", "3.24", "4.2", "0.48"]
     # the preset's step counts become caps 4x higher, so a faster machine spends its minutes learning
-    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["3400", "1000", "1200", "60"]
+    assert [flag(steps[n], "--num-steps") for n in ("pretrain", "midtrain", "sft", "rl")] == ["4000", "1000", "1200", "60"]
     # a preset without shares splits by the steps' weights: pretrain 0.5, midtrain/sft/rl 0.1 each
     micro = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["micro"], "en", "dense", "cpu", minutes=12)}
     assert [flag(micro[n], "--minutes") for n in ("pretrain", "midtrain", "sft", "rl")] == ["7.5", "1.5", "1.5", "1.5"]
@@ -259,13 +259,13 @@ def test_cpu_preset_caps_its_training_loops_at_its_minutes_without_raising_the_s
     # the preset's shares pretrain 0.34, midtrain 0.27, sft 0.35, rl 0.04 of 13 min (--soup 4 shares a stage's
     # minutes over its four runs)
     assert [flags(steps[n]) for n in ("pretrain", "midtrain", "sft", "rl")] == [
-        {"--minutes": "4.42", "--num-steps": "850"}, {"--minutes": "3.51", "--num-steps": "250"},
+        {"--minutes": "4.42", "--num-steps": "1000"}, {"--minutes": "3.51", "--num-steps": "250"},
         {"--minutes": "4.55", "--num-steps": "300"}, {"--minutes": "0.52", "--num-steps": "15"}]
     free = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", budget=False)}
-    assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "850"}, {"--num-steps": "15"}]
+    assert [flags(free[n]) for n in ("pretrain", "rl")] == [{"--num-steps": "1000"}, {"--num-steps": "15"}]
     # --minutes splits by the same shares (and lets each stage run up to 4x its steps)
     fast = {s.name: s.argv for s in plan(Home(tmp_path), PRESETS["cpu"], "en", "dense", "cpu", minutes=25)}
-    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "8.5", "--num-steps": "3400"},
+    assert [flags(fast[n]) for n in ("pretrain", "sft")] == [{"--minutes": "8.5", "--num-steps": "4000"},
                                                             {"--minutes": "8.75", "--num-steps": "1200"}]
     # a preset's shares name exactly the training stages
     from chibichat.stages.speedrun import TRAINING_STEPS
@@ -288,9 +288,9 @@ def test_cpu_hour_shares_the_tokenizer_but_never_the_checkpoints_of_cpu(tmp_path
     pre = next(s.argv for s in hour if s.name == "pretrain")
     assert pre[pre.index("--depth") + 1] == "5" and pre[pre.index("--tag") + 1] == "hour-d5"
     minutes = {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in hour if "--minutes" in s.argv}
-    assert sum(minutes.values()) == pytest.approx(55, abs=0.01) and minutes["pretrain"] == pytest.approx(28.05)
+    assert sum(minutes.values()) == pytest.approx(55, abs=0.01) and minutes["pretrain"] == pytest.approx(33.0)
     sft = next(s.argv for s in hour if s.name == "sft")  # two passes over the SFT mixture, not four
-    assert sft[sft.index("--num-steps") + 1] == "600" and minutes["sft"] == pytest.approx(15.4)
+    assert sft[sft.index("--num-steps") + 1] == "600" and minutes["sft"] == pytest.approx(11.55)
     for name in ("midtrain", "sft"):  # four runs averaged, one process, the members' folders are outputs too
         st = next(s for s in hour if s.name == name)
         assert st.argv[st.argv.index("--soup") + 1] == "4" and not st.distributed

@@ -346,8 +346,9 @@ PRESETS: dict[str, Preset] = {
         # 0.699 against 0.704 over three seeds), so English keeps the defaults (docs/benchmarks.md, sessions 34-35).
         chat_lr_ja=(0.5, 0.25),
         # The cap is about what a fast phase of the 2-core AMX machine fits in pretraining's share of the budget
-        # (4.4 min at ~0.27 s per 4,096-token step, compiled, after a ~35 s compile); a slower machine's fit
-        # stops earlier.
+        # in Japanese (4.4 min at ~0.22 s per 4,096-token step in its 1,024-token vocabulary, compiled, after a ~35 s
+        # compile); English (~0.27 s per step) and iberis (~0.25 s) fit ~850 there, and a slower machine's fit
+        # stops earlier. (At a cap of 850 the Japanese and iberis runs left 50-65 s of the share unused.)
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
         # the prompt into a tool call or an answer (docs/benchmarks.md, "copy rows").
         # The LR falls over the last 60% of the steps (the pretrain default, nanochat's, is 20%) and the Muon
@@ -357,7 +358,7 @@ PRESETS: dict[str, Preset] = {
         # chat stages kept their skills (0.650 against 0.615 over four seeds), but the English SFT model reads
         # simple prose a little worse than before, the weight decay's doing (docs/benchmarks.md, sessions 33-34).
         pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "850", "--eval-every", "425", "--eval-tokens", "32768", "--save-every", "425",
+                  "--num-steps", "1000", "--eval-every", "500", "--eval-tokens", "32768", "--save-every", "500",
                   "--repeat-rows", "4", "--warmdown-frac", "0.6", "--weight-decay", "0.1"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
         # Chat format, calculator calls and identity come from midtraining + SFT on the shipped/generated mix.
@@ -413,10 +414,12 @@ PRESETS: dict[str, Preset] = {
         # four seeds: the wider model pays with the longer run, not alone; docs/benchmarks.md, session 25.)
         # Compiled (`compiled`): d5's pretraining steps ran 1.28-1.37x faster on 2 AMX cores for a ~35-50 s compile
         # (docs/benchmarks.md, session 29); since the compiled forward is one graph they take 0.66-0.69x eager's
-        # time (~0.39 s per step in a fast phase), and midtraining's 0.78-0.80x (session 36). So the cap is 4,200
-        # steps, what a fast machine fits in the stage's ~28 minutes; a slower one's fit stops earlier.
+        # time (~0.39 s per step in a fast phase), and midtraining's 0.78-0.80x (session 36). Compiled, the chat stages
+        # reached their caps in 7m58s and 10m52s of their then 10.4 and 18.1 minutes and the run ended 7 minutes
+        # early, so pretraining takes those minutes (share 0.51 -> 0.60): the cap is 5,000 steps, what a fast
+        # machine fits in the stage's ~33 minutes; a slower one's fit stops earlier.
         pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
-                  "--num-steps", "4200", "--eval-every", "1050", "--eval-tokens", "65536", "--save-every", "1050",
+                  "--num-steps", "5000", "--eval-every", "1250", "--eval-tokens", "65536", "--save-every", "1250",
                   "--repeat-rows", "4"],
         eval_base=["--eval-tokens", "65536", "--core-items", "100"],
         midtrain=["--num-steps", "400", "--eval-every", "200", "--soup", "4"],
@@ -430,12 +433,13 @@ PRESETS: dict[str, Preset] = {
         # one-step problems (docs/benchmarks.md, "RL steps scaled by their signal").
         rl=["--num-steps", "15"],
         eval_chat=["--max-items", "100", "--max-new-tokens", "96"],  # reply budgets as in `cpu`
-        # On the 2-core EPYC (docs/benchmarks.md, "cpu-hour with d5 and both soups"): eager pretraining fitted 2,297
-        # of its then 2,400 steps (0.6 s/step), midtraining 362-394 of 400 at a 17% share (hence 19% now: ~0.35 s/step x
-        # 4 x 400), SFT reached its 4 x 600 steps in 13.7 of its 16.2 minutes, RL 40 steps in 0.7 (15 steps in
-        # ~0.3 of its 1.1 now; the two points it gave up went to pretraining, which fell short of its cap).
+        # Midtraining's and SFT's shares (9.35 and 11.55 minutes; midtraining's leftover goes to SFT) leave 6-17%
+        # over what the compiled stages took on the AMX machine; where four runs no longer fit, fewer full-length
+        # runs are averaged. Eager, on the 2-core EPYC (docs/benchmarks.md, "cpu-hour with d5 and both soups"),
+        # midtraining took ~0.35 s/step, 4 x 400 steps in ~10 minutes: without a C++ compiler it averages three runs
+        # there. RL: 15 steps in ~0.3 of its 1.1 minutes.
         max_minutes=55,  # (54 for the loops before their start-ups counted)
-        minute_shares={"pretrain": 0.51, "midtrain": 0.19, "sft": 0.28, "rl": 0.02},
+        minute_shares={"pretrain": 0.60, "midtrain": 0.17, "sft": 0.21, "rl": 0.02},
         tag_prefix="hour-",
         compiled=COMPILABLE,
     ),
