@@ -99,12 +99,13 @@ def test_table_means_standard_errors_and_verdicts_by_hand():
 
 
 def _args(home, *extra):
-    from chibichat.stages.bench import preset_chat_flags
+    from chibichat.stages.bench import preset_chat_flags, preset_compiled_stages
 
     p = argparse.ArgumentParser()
     p.add_argument("--home")
     B.add_args(p)
-    p.set_defaults(chat_stage_flags=preset_chat_flags)  # as the CLI hands it down (stages/bench.py)
+    # as the CLI hands them down (stages/bench.py)
+    p.set_defaults(chat_stage_flags=preset_chat_flags, compiled_stages=preset_compiled_stages)
     return p.parse_args(["--home", str(home), *extra])
 
 
@@ -382,8 +383,18 @@ def test_a_preset_start_is_the_speedruns_chat_stages(tmp_path, preset, lang):
     for start, stage in ((mid_start, "midtrain"), (sft_start, "sft")):
         run = steps_by_name[stage]
         assert start and all(run[run.index(f) + 1] == v for f, v in zip(start[::2], start[1::2]))
-    # no preset: the stages' defaults at the cpu preset's steps; --mid-steps / --sft-steps override either
+    # compiled as the preset's speedrun compiles them on this machine (eager there without a C++ compiler)
+    from chibichat.stages.speedrun import compile_stages
+
+    assert B.compiled_stages(args) == compile_stages(None, PRESETS[preset], "cpu")  # the speedrun's own choice
+    (_, _, m), (_, _, s), _ = B.stage_argvs(args, Home.resolve(tmp_path), arm, 0, compiled=("midtrain", "sft"))
+    assert m.count("--compile") == s.count("--compile") == 1 and m[-2:] == ["--lr-frac", "0.5"]
+    assert build_parser().parse_args(m).compile and build_parser().parse_args(s).compile
+    (_, _, m), (_, _, s), _ = B.stage_argvs(args, Home.resolve(tmp_path), arm, 0, compiled=("sft",))
+    assert "--compile" not in m and "--compile" in s
+    # no preset: the stages' defaults at the cpu preset's steps, eager; --mid-steps / --sft-steps override either
     plain = _args(tmp_path, "--from-tag", "d4", "--lang", lang, "--sft-steps", "9")
+    assert B.compiled_stages(plain) == ()
     assert B.preset_start(plain) == ((), (), 250, 9)
     (_, _, m), (_, _, s), _ = B.stage_argvs(plain, Home.resolve(tmp_path), B.Arm("default"), 0)
     assert "--soup" not in m + s and "--mix" not in m + s and s[s.index("--num-steps") + 1] == "9"
@@ -453,6 +464,11 @@ def test_a_preset_bench_runs_the_presets_stages_and_records_its_start(tmp_path, 
     mids = [c for c in calls if c[0] == "midtrain"]
     assert len(mids) == 2 and all(c[c.index("--soup") + 1] == "4" and c[c.index("--num-steps") + 1] == "250"
                                   for c in mids)
+    # the chat stages compiled as the preset's speedrun compiles them here (eager without a C++ compiler)
+    from chibichat.stages.speedrun import PRESETS, compile_stages
+
+    compiled = compile_stages(None, PRESETS["cpu"], "cpu")
+    assert all(("--compile" in c) == (c[0] in compiled) for c in calls if c[0] in ("midtrain", "sft"))
     data = json.loads((home.report_dir / "bench-skills-p.json").read_text())
     assert (data["preset"], data["preset_mid_flags"], data["preset_sft_flags"]) == ("cpu", "--soup 4",
                                                                                   "--soup 4")

@@ -100,6 +100,9 @@ def test_flag_mismatch_compares_each_pair_as_the_recorded_type(monkeypatch):
     assert flag_mismatch(None, "base", "t", ["x", "--seq-len", "3x"]) == ("--seq-len", 32, "3x")
     assert flag_mismatch(None, "base", "t", ["x", "--eval-tokens", "512"]) == ("--eval-tokens", None, "512")
     assert flag_mismatch(None, "base", "t", ["x", "--no-samples", "1"]) == ("--no-samples", True, "1")
+    # --compile (a switch, no value) says how a stage ran, as --device does: never compared, wherever it stands
+    assert flag_mismatch(None, "base", "t", ok[:3] + ["--compile"] + ok[3:]) is None
+    assert flag_mismatch(None, "base", "t", ["x", "--compile", "--seq-len", "64"]) == ("--seq-len", 32, "64")
     assert flag_mismatch(None, "base", "t", ["x", "--depth", "2"]) == ("--depth", "(not recorded)", "2")
     with pytest.raises(ValueError, match="--flag value pairs"):
-        flag_mismatch(None, "base", "t", ["x", "--compile"])
+        flag_mismatch(None, "base", "t", ["x", "--no-samples"])  # any other switch is not a pair

@@ -13,6 +13,8 @@ from chibichat.common import Home
 
 # Flags that say where and how a stage ran, not what it trained: they may differ on reuse.
 REUSE_IGNORES = ("--home", "--device", "--dtype", "--resume", "--overwrite")
+# Switches (flags without a value) that say how a stage ran: --compile gives eager's numbers within rounding.
+RUN_SWITCHES = ("--compile",)
 # Flags whose recorded name (argparse dest) is not the flag's own.
 DESTS = {"--from": "from_stage"}
 
@@ -20,10 +22,11 @@ DESTS = {"--from": "from_stage"}
 def flag_mismatch(home: Home, stage: str, tag: str, argv: list[str]) -> tuple[str, object, str] | None:
     """(flag, recorded value, value in `argv`) of the first flag of `argv` that checkpoints/<stage>/<tag>
     recorded otherwise (or not at all), REUSE_IGNORES aside; None when all agree. `argv` is a command
-    name then "--flag value" pairs, each value compared as the recorded value's type parses it."""
+    name then "--flag value" pairs, each value compared as the recorded value's type parses it, and
+    RUN_SWITCHES anywhere among them (not compared)."""
     from chibichat.train.checkpoint import read_meta, resolve_checkpoint
 
-    pairs = argv[1:]
+    pairs = [a for a in argv[1:] if a not in RUN_SWITCHES]
     if len(pairs) % 2 or not all(f.startswith("--") for f in pairs[::2]):
         raise ValueError(f"flag_mismatch needs a command and --flag value pairs, got {argv}")
     had = read_meta(resolve_checkpoint(home, stage, tag)).get("flags", {})

@@ -27,8 +27,10 @@ and even arms that share their midtraining (below) differ in SFT, so this is the
 With --preset cpu (or cpu-hour) every arm starts from that preset's midtraining and SFT flags as its speedrun
 passes them for --lang (its averaged runs, --soup 4; for Japanese its Japanese mixtures where it has them), and
 its step counts are the defaults of --mid-steps and --sft-steps: the default arm is then the quickstart's chat
-stages, and an arm's flags come after the preset's (the last of a repeated flag counts). Without it the arms
-start from the stages' defaults: single runs and, in Japanese, the English tasks beside the Japanese ones.
+stages, and an arm's flags come after the preset's (the last of a repeated flag counts). Its chat stages are
+compiled where the preset compiles them (--compile: eager's numbers within rounding, faster steps; eager, with the
+speedrun's note, on a CPU without a C++ compiler). Without it the arms start from the stages' defaults: single,
+eager runs and, in Japanese, the English tasks beside the Japanese ones.
 
 An arm is `NAME` (the stages' defaults, or --preset's), `NAME;MID_FLAGS;SFT_FLAGS` or `NAME;MID_FLAGS;SFT_FLAGS;RL_FLAGS`:
 more flags of midtrain, of sft and of rl, as on their command lines (an empty part: that stage's defaults), e.g.
@@ -223,20 +225,29 @@ def rl_task_flags(args, arm: Arm) -> list[str]:
     return ["--task", CPU_RL_TASKS[0 if args.lang == "en" else 1]]
 
 
+def compiled_stages(args) -> tuple[str, ...]:
+    """The chat stages the arms compile: --preset's (as its speedrun does on --device), none without a preset
+    (the stages' default). The presets live a layer above: the CLI hands args.compiled_stages(preset, device) down."""
+    return args.compiled_stages(args.preset, args.device) if args.preset else ()
+
+
 def stage_argvs(args, home: Home, arm: Arm, seed: int, mid_arm: Arm | None = None,
-                sft_arm: Arm | None = None) -> list[tuple[str, str, list[str]]]:
+                sft_arm: Arm | None = None, compiled: tuple[str, ...] = ()) -> list[tuple[str, str, list[str]]]:
     """[(tag, stage, argv)] of one run: midtrain (under the tag of `mid_arm`, the arm whose midtraining this one
     shares; default itself), sft (under the tag of `sft_arm`, likewise), eval skills of the SFT model; with
-    --rl-steps then rl from that SFT model and eval skills of the RL model. Each stage evaluates once, at its end."""
+    --rl-steps then rl from that SFT model and eval skills of the RL model. Each stage evaluates once, at its end.
+    `compiled` (compiled_stages) names the stages ("midtrain", "sft") run with --compile."""
     tag, h = run_tag(args.name, arm, seed), ["--home", str(home.root)]
     mid_tag = run_tag(args.name, mid_arm or arm, seed)
     sft_tag = run_tag(args.name, sft_arm or arm, seed)
     rt = ["--device", args.device, "--dtype", args.dtype]
     mid_start, sft_start, mid_steps, sft_steps = preset_start(args)
     mid = ["midtrain", *h, "--from", "base", "--from-tag", args.from_tag, "--tag", mid_tag,
-           "--num-steps", str(mid_steps), "--eval-every", str(mid_steps), "--seed", str(seed), *rt, *mid_start]
+           "--num-steps", str(mid_steps), "--eval-every", str(mid_steps), "--seed", str(seed), *rt,
+           *(["--compile"] if "midtrain" in compiled else []), *mid_start]
     sft = ["sft", *h, "--from", "mid", "--from-tag", mid_tag, "--tag", sft_tag,
-           "--num-steps", str(sft_steps), "--eval-every", str(sft_steps), "--seed", str(seed), *rt, *sft_start]
+           "--num-steps", str(sft_steps), "--eval-every", str(sft_steps), "--seed", str(seed), *rt,
+           *(["--compile"] if "sft" in compiled else []), *sft_start]
     mid += arm.mid_flags
     sft += arm.sft_flags
     ev = ["eval", "skills", *h, "--lang", args.lang, *rt]
@@ -424,6 +435,7 @@ def run(args) -> int:
     stem = f"bench-skills-{args.name}"
     check_same_preset(args, out / f"{stem}.json")
     mid_start, sft_start, mid_steps, sft_steps = preset_start(args)
+    compiled = compiled_stages(args)
     rows, owners, sft_of = [], mid_owners(arms), sft_owners(arms)
     key, _ = skill_keys(args.lang)
 
@@ -440,7 +452,8 @@ def run(args) -> int:
                 print(f"{tag}: done already ({summary_path}), reading it", flush=True)
             # Every stage of the run: a finished one is checked against this bench's settings and reused;
             # of a done run (read, not run) nothing runs, whatever records are left to check.
-            for stage_tag, stage, argv in stage_argvs(args, home, arm, seed, owners[arm.name], sft_of[arm.name]):
+            for stage_tag, stage, argv in stage_argvs(args, home, arm, seed, owners[arm.name], sft_of[arm.name],
+                                                     compiled):
                 owner = owners[arm.name].name if stage == "mid" else sft_of[arm.name].name
                 shared = f" (shared with arm {owner})" if stage_tag != tag else ""
                 if stage != "eval" and (home.checkpoints_dir(stage, stage_tag) / "summary.json").exists():

@@ -42,7 +42,7 @@ def register(sub) -> None:
         bp = benches.add_parser(name, help=mod.HELP, description=mod.HELP)
         add_home_arg(bp)
         mod.add_args(bp)
-        bp.set_defaults(func=mod.run, chat_stage_flags=preset_chat_flags)
+        bp.set_defaults(func=mod.run, chat_stage_flags=preset_chat_flags, compiled_stages=preset_compiled_stages)
     p.set_defaults(func=lambda args: _no_bench(p))
 
 
@@ -52,6 +52,14 @@ def preset_chat_flags(name: str, lang: str) -> tuple[list[str], list[str]]:
     from chibichat.stages.speedrun import PRESETS, chat_stage_flags
 
     return chat_stage_flags(PRESETS[name], lang)
+
+
+def preset_compiled_stages(name: str, device: str) -> tuple[str, ...]:
+    """The training stages the speedrun of preset `name` compiles on `device` (eager, with the speedrun's note,
+    on a CPU without a C++ compiler): handed to the benches, so `bench skills --preset` trains as the preset does."""
+    from chibichat.stages.speedrun import PRESETS, compile_stages, resolved_device
+
+    return compile_stages(None, PRESETS[name], resolved_device(device))
 
 
 def _no_bench(parser) -> int:
