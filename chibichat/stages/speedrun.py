@@ -347,8 +347,8 @@ PRESETS: dict[str, Preset] = {
         chat_lr_ja=(0.5, 0.25),
         # The cap is about what a fast phase of the 2-core AMX machine fits in pretraining's share of the budget
         # in Japanese (4.4 min at ~0.22 s per 4,096-token step in its 1,024-token vocabulary, compiled, after a ~35 s
-        # compile); English (~0.27 s per step) and iberis (~0.25 s) fit ~850 there, and a slower machine's fit
-        # stops earlier. (At a cap of 850 the Japanese and iberis runs left 50-65 s of the share unused.)
+        # compile); English (~0.27 s per step) and iberis (0.25-0.28 s) fit ~850-900 there, and a slower machine's
+        # fit stops earlier. (At a cap of 850 the Japanese and iberis runs left 50-65 s of the share unused.)
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
         # the prompt into a tool call or an answer (docs/benchmarks.md, "copy rows").
         # The LR falls over the last 60% of the steps (the pretrain default, nanochat's, is 20%) and the Muon
