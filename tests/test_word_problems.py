@@ -57,18 +57,22 @@ def test_plans_name_the_operations_in_the_order_the_calculator_applies_them():
     assert W.plan("90/9") == "We divide the total into equal parts."
     assert W.plan("50-3*16") == "First we multiply, then we subtract."
     assert W.plan("123-83+78") == "First we subtract, then we add."
-    assert W.plan("3*7+3*3") == "We multiply for each group, then add."
-    assert W.plan("2*9*3") == "We multiply all three numbers."
-    assert W.plan("57+46+38") == "We add all three numbers."
-    assert W.plan("300-20-30") == "We subtract both parts from the start."
-    assert W.plan("4*10-3*5") == "We multiply for each group, then subtract."
+    assert W.plan("3*7+3*3") == "First we multiply for each group, then we add."
+    assert W.plan("2*9*3") == "First we multiply, then we multiply again."
+    assert W.plan("57+46+38") == "First we add, then we add again."
+    assert W.plan("300-20-30") == "First we subtract, then we subtract again."
+    assert W.plan("4*10-3*5") == "First we multiply for each group, then we subtract."
+    assert W.plan("3*7*2+5") == "First we multiply, then we multiply again, then we add."  # a chain, not two groups
     assert W.plan("60/5*8") == "First we divide, then we multiply."
     for p in _draw(W.one_step, 500) + _draw(W.two_step, 500):
         assert p.plan == W.plan(p.expr)
         assert not re.search(r"\d", p.plan)  # the plan never restates the story
+        # one step opens "We ...", two or more "First we ...": the first word says which
+        assert p.plan.startswith("First we ") == (len(re.findall(r"[-+*/]", p.expr)) > 1), p
     assert W.plan_ja("45+23") == "2つの数を足します。" and W.plan_ja("90/9") == "全部の数を同じ数ずつに分けます。"
     assert W.plan_ja("1000-290*2") == "まずかけ算をして、次にひき算をします。"
-    assert W.plan_ja("19*6+12*3") == "それぞれかけ算をしてから足します。" and W.plan_ja("3*6*8") == "3つの数をかけます。"
+    assert W.plan_ja("19*6+12*3") == "まずそれぞれかけ算をして、次にたし算をします。"
+    assert W.plan_ja("3*6*8") == "まずかけ算をして、次にもう一度かけ算をします。"
     for p in _draw(W.one_step_ja, 500) + _draw(W.two_step_ja, 500):
         assert p.plan == W.plan_ja(p.expr)
 

@@ -24,6 +24,7 @@ the total). Every expression evaluates to a non-negative integer (exact division
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 
@@ -174,25 +175,38 @@ def _total(rng: random.Random, things: str) -> str:
 
 
 # Plan sentences by the expression's operators in the order the calculator applies them (products
-# first): a whole sentence for one operator and a few fixed patterns, else one joined from verbs.
+# first): one operator, a whole sentence of its own; two or more, one pattern built from the verbs
+# ("First we subtract, then we subtract again."), so the opening word already says one step or more and
+# every later word names one operation. Whole sentences for the two-step patterns ("We subtract both
+# parts from the start.") shared the one-step opening "We" and a form the model could not build from
+# its parts: it chose a neighbouring pattern ("First we subtract, then we add.") for 4 of 5 such
+# problems (docs/benchmarks.md, session 38).
 _PLANS = {"+": "We add the numbers together.", "-": "We subtract the part that is taken away.",
           "*": "We multiply the number of groups by the size of each group.",
-          "/": "We divide the total into equal parts.", "++": "We add all three numbers.",
-          "**": "We multiply all three numbers.", "--": "We subtract both parts from the start.",
-          "**+": "We multiply for each group, then add.", "**-": "We multiply for each group, then subtract."}
+          "/": "We divide the total into equal parts."}
 _OP_VERB = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 
 
-def _plan(expr: str, plans: dict[str, str], verbs: dict[str, str], first: str, then: str, end: str) -> str:
+def _plan(expr: str, plans: dict[str, str], verbs: dict[str, str], first: str, then: str, end: str,
+          again: str, each: str) -> str:
+    """The plan sentence: `plans` for one operator, else `first` verb (`then` verb)* `end`; a verb that
+    repeats the one before it takes `again`; two products first ("a*b+c*d") are one `each` step."""
     ops = [c for c in expr if c in "+-*/"]
     order = "".join(o for o in ops if o in "*/") + "".join(o for o in ops if o in "+-")
-    return plans.get(order) or first + then.join(verbs[o] for o in order) + end
+    if len(order) == 1:
+        return plans[order]
+    terms = re.split(r"[+-]", expr)
+    if order in ("**+", "**-") and len(terms) == 2 and all(t.count("*") == 1 for t in terms):
+        return first + each.format(verbs["*"]) + then + verbs[order[2]] + end
+    words = [verbs[order[0]]] + [again.format(verbs[o]) if o == order[i] else verbs[o]
+                                 for i, o in enumerate(order[1:])]
+    return first + then.join(words) + end
 
 
 def plan(expr: str) -> str:
     """The plan sentence of an expression: its operators in the order the calculator applies them
     (products first), never the story. "12*3-5" -> "First we multiply, then we subtract." """
-    return _plan(expr, _PLANS, _OP_VERB, "First we ", ", then we ", ".")
+    return _plan(expr, _PLANS, _OP_VERB, "First we ", ", then we ", ".", "{} again", "{} for each group")
 
 
 # --- one-step problems: each returns (question, expression) -------------------------------------------
@@ -901,15 +915,13 @@ _JA_TWO_STEP = [_ja_two_events, _ja_movers_two, _ja_groups_then, _ja_two_groups,
                 _ja_capacity, _ja_hours, _ja_pool, _ja_proportion, _ja_shop_day, _ja_level_two]
 
 _JA_PLANS = {"+": "2つの数を足します。", "-": "減った分を引きます。", "*": "1つ分の数といくつ分をかけます。",
-             "/": "全部の数を同じ数ずつに分けます。", "++": "3つの数を足します。", "**": "3つの数をかけます。",
-             "--": "はじめの数から2つの数を引きます。", "**+": "それぞれかけ算をしてから足します。",
-             "**-": "それぞれかけ算をしてから引きます。"}
+             "/": "全部の数を同じ数ずつに分けます。"}
 _JA_OP = {"+": "たし算", "-": "ひき算", "*": "かけ算", "/": "わり算"}
 
 
 def plan_ja(expr: str) -> str:
     """Japanese `plan`: "12*3-5" -> "まずかけ算をして、次にひき算をします。" """
-    return _plan(expr, _JA_PLANS, _JA_OP, "まず", "をして、次に", "をします。")
+    return _plan(expr, _JA_PLANS, _JA_OP, "まず", "をして、次に", "をします。", "もう一度{}", "それぞれ{}")
 
 
 def one_step_ja(rng: random.Random) -> Problem:
