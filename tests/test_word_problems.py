@@ -194,3 +194,29 @@ def test_japanese_stories_make_nothing_that_is_not_made():
     for p in _draw(W.one_step_ja, 3000, seed=8) + _draw(W.two_step_ja, 3000, seed=8):
         assert "作りました" not in p.question, p.question
     assert any("手に入れました" in p.question for p in _draw(W.one_step_ja, 1000, seed=8))
+
+
+class _Always:
+    """An rng whose every draw joins (random() below 1/2)."""
+    def random(self):
+        return 0.0
+
+
+def test_japanese_stories_are_sometimes_told_in_one_sentence():
+    join = W._ja_run_on
+    # the verb's stem and a comma; the te-form for いる, ～ている and 来る; the question stays its own sentence
+    assert join(_Always(), "お店に風船が177個ありました。月曜日に11個売れました。火曜日に28個入荷しました。いま風船は何個ありますか？") \
+        == "お店に風船が177個あり、月曜日に11個売れ、火曜日に28個入荷しました。いま風船は何個ありますか？"
+    assert join(_Always(), "駐車場に車が168台いました。35台出ていきました。いま車は何台いますか？") \
+        == "駐車場に車が168台いて、35台出ていきました。いま車は何台いますか？"
+    assert join(_Always(), "私は貝がらを198個持っていました。55個配りました。手元には何個ありますか？") \
+        == "私は貝がらを198個持っていて、55個配りました。手元には何個ありますか？"
+    assert join(_Always(), "子どもが9人いました。4人遊びに来ました。何人いますか？") == "子どもが9人いて、4人遊びに来ました。何人いますか？"
+    assert join(_Always(), "9個買いました。3個使いました。何個ありますか？") == "9個買い、3個使いました。何個ありますか？"
+    # only past-tense statements join: a sentence in the present or ending in でした stays whole
+    assert join(_Always(), "1時間に1000円もらえます。8時間やりました。いくらですか？") == "1時間に1000円もらえます。8時間やりました。いくらですか？"
+    assert join(_Always(), "得点は53点でした。21点増えました。いま何点ですか？") == "得点は53点でした。21点増えました。いま何点ですか？"
+    # drawn problems: joined stories never leave the existence verb or 来る as a bare stem ("168台い、", "来、")
+    questions = [p.question for p in _draw(W.two_step_ja, 2000) + _draw(W.one_step_ja, 2000)]
+    assert not [q for q in questions if re.search(r"\d[人匹台羽頭本個枚冊]い、|来、", q)]
+    assert sum("いて、" in q for q in questions) > 100  # and joined ones are drawn

@@ -924,11 +924,37 @@ def plan_ja(expr: str) -> str:
     return _plan(expr, _JA_PLANS, _JA_OP, "まず", "をして、次に", "をします。", "もう一度{}", "それぞれ{}")
 
 
+# Counters of the existence verb いる in the stories ("168台いました"): its stem い needs the te-form to join.
+_JA_BEING = re.compile(r"\d[人匹台羽頭本個枚冊]いました$")
+
+
+def _ja_run_on(rng: random.Random, question: str) -> str:
+    """Join some of a story's past-tense sentences into one, as written Japanese often does: the verb's
+    stem and a comma (連用中止形: "55個配りました。そのあと..." -> "55個配り、そのあと..."), the te-form for
+    いる, ～ている and 来る ("168台いて、", "持っていて、", "来て、"). Each boundary between two statements is joined with
+    probability 1/2; the question stays its own sentence. Without this every generated story was a row of
+    short sentences, and stories told in one sentence were a wording the model had never read."""
+    parts = question.split("。")
+    out = parts[0]
+    for part in parts[1:]:
+        if part and out.endswith("ました") and not part.endswith("？") and rng.random() < 0.5:
+            if _JA_BEING.search(out):
+                out = out[:-4] + "いて、"
+            elif out.endswith(("ていました", "来ました")):
+                out = out[:-3] + "て、"
+            else:
+                out = out[:-3] + "、"
+            out += part
+        else:
+            out += "。" + part
+    return out
+
+
 def one_step_ja(rng: random.Random) -> Problem:
     question, expr = rng.choice(_JA_ONE_STEP)(rng)
-    return Problem(question, plan_ja(expr), expr)
+    return Problem(_ja_run_on(rng, question), plan_ja(expr), expr)
 
 
 def two_step_ja(rng: random.Random) -> Problem:
     question, expr = rng.choice(_JA_TWO_STEP)(rng)
-    return Problem(question, plan_ja(expr), expr)
+    return Problem(_ja_run_on(rng, question), plan_ja(expr), expr)
