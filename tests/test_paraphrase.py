@@ -119,3 +119,11 @@ def test_english_questions_and_requests_end_as_they_should():
                 assert p.endswith("?"), p
             if first == "please":
                 assert not p.endswith("?"), p
+
+
+@pytest.mark.parametrize("skill", ["spelling", "letter-count"])
+def test_the_word_is_followed_by_many_different_words(skill):
+    # The reply's call must hold the asked word alone: with few words ever after it ("have", "include") a model
+    # copied " bliss contain" from "How many s letters does bliss contain?" (docs/benchmarks.md, session 39).
+    after = {m[1] for p in P.phrasings("en", skill) for m in [re.search(r'\{word\}"? ([a-z]+)', p)] if m}
+    assert len(after) >= 10, sorted(after)

@@ -99,6 +99,18 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
          ["give me the count of {letter} in {word}", "work out how many {letter}'s are in {word}",
           "check how often {letter} shows up in the word {word}"],
          [".", ", please."]),
+        # The word with other words after it, in every position a question puts it: the reply's call holds the
+        # word alone (" bliss contain".count("s") was the miss of a model that had seen only "have" and "include"
+        # after the word).
+        (["", "so, "],
+         ["how many {letter}'s does {word} ", "how many copies of {letter} does {word} "],
+         ["hold?", "carry?", "use?", "show?", "have in it?", "have altogether?"]),
+        (["", "please "],
+         ["count the {letter}'s in {word} ", "find the {letter}'s in {word} "],
+         ["and tell me how many.", "and give me the number.", "one by one."]),
+        (["", "hey, "],
+         ["is the letter {letter} in {word}", "does {word} use the letter {letter}"],
+         ["? How many times?", ", and how often?"]),
     ],
     ("ja", "letter-count"): [
         (["", "ねえ、"],
