@@ -63,6 +63,13 @@ _PARTS: dict[tuple[str, str], list[tuple[list[str], ...]]] = {
         (["", "so, "],
          ["which letters are in {word}, in order?", "what are the letters of {word}?",
           'what letters does "{word}" have, one by one?', "how is the word {word} written, letter by letter?"],),
+        # The word with other words after it, after verbs that are not "spell": the reply copies the word alone.
+        (["", "please "],
+         ["spell {word} ", "write {word} ", "show me {word} "],
+         ["for me.", "one letter at a time.", "and put dashes between the letters.", "as single letters."]),
+        (["could you ", "can you "],
+         ["cut {word} into letters", "turn {word} into single letters", "split the word {word} up"],
+         ["?", " for me?"]),
     ],
     ("ja", "spelling"): [
         (["", "ねえ、"],
