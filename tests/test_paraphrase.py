@@ -27,12 +27,41 @@ def test_every_phrasing_fills_its_slots(lang):
             # An English prompt opening with the word would capitalise it ("Bliss has ...") while the reply
             # copies the word as it is ("bliss"): a small model cannot map one token to the other.
             assert not (lang == "en" and skill in ("spelling", "letter-count") and t.startswith("{word}")), t
-    # a phrasing that opens with its slot is capitalised once filled
+    # a phrasing that opens with its slot is capitalised once filled (lower case only as typed casually)
     rng = random.Random(0)
-    drawn = {P.phrase(rng, "en", "arithmetic", x="the sum of 2 and 3") for _ in range(200)}
-    assert "The sum of 2 and 3 equals what?" in drawn and not any(d[0].islower() for d in drawn)
-    drawn = {P.phrase(rng, "en", "arithmetic-command", c="subtract 17 from 60") for _ in range(200)}
-    assert "Subtract 17 from 60 and tell me the result." in drawn and not any(d[0].islower() for d in drawn)
+    for skill, slots, text in [("arithmetic", {"x": "the sum of 2 and 3"}, "The sum of 2 and 3 equals what?"),
+                               ("arithmetic-command", {"c": "subtract 17 from 60"},
+                                "Subtract 17 from 60 and tell me the result.")]:
+        filled = {t.format(**slots)[:1].upper() + t.format(**slots)[1:] for t in P.phrasings("en", skill)}
+        drawn = {P.phrase(rng, "en", skill, **slots) for _ in range(2000)}
+        assert text in filled and text in drawn and all(t[0].isupper() for t in filled)
+        assert drawn - filled and drawn - filled <= {P.casual_form(t) for t in filled}
+
+
+def test_some_english_prompts_are_typed_casually(monkeypatch):
+    """CASUAL_SHARE of the English prompts (every skill's phrasings, the identity questions and greetings,
+    the word problems) come lower-cased without their closing mark, as typed into a chat box: a model
+    trained on proper prompts alone answered "what is 12 times 7" with noise (docs/benchmarks.md,
+    2026-12-07, session 40). Japanese items are left as they were."""
+    assert P.casual_form("What is 12 times 7?") == "what is 12 times 7"
+    assert P.casual_form('Spell "apple".') == 'spell "apple"'
+    assert P.casual_form("I have 3 apples. How many?") == "I have 3 apples. How many"
+    assert P.casual_form("Hello!") == "hello!"
+    def users(name):
+        t = get_task(name, size=600)
+        return [m["content"] for i in range(len(t)) for m in t[i]["messages"] if m["role"] == "user"]
+
+    def typed(texts):
+        return [u for u in texts if u[0].islower() and u[-1] not in "?."]
+
+    for name in ("arithmetic", "arithmetic-multi", "spelling", "letter-count", "identity"):
+        texts = users(name)
+        assert 0.08 < len(typed(texts)) / len(texts) < 0.25, name
+    ja = {name: users(name) for name in ("arithmetic-ja", "spelling-ja", "identity-ja")}
+    monkeypatch.setattr(P, "CASUAL_SHARE", 0.0)
+    assert not typed(users("arithmetic")) and not typed(users("identity"))
+    monkeypatch.setattr(P, "CASUAL_SHARE", 1.0)
+    assert {name: users(name) for name in ja} == ja
 
 
 def test_unknown_skill_or_operator_is_a_clear_error():

@@ -469,15 +469,18 @@ def test_every_identity_answer_answers_its_question(lang):
     assert len(allowed[count]) == 1 and ("count letters" in allowed[count][0] or "文字を数え" in allowed[count][0])
     private = [a for a in identity.paraphrase.REFUSAL_ANSWERS[lang] if identity.PRIVATE_ONLY[lang] in a]
     assert len(private) == 1 and private[0] not in allowed[future] and len(allowed[future]) == 3
+    # a question typed casually ("do you have feelings") is answered as the question it came from
+    typed = {identity.paraphrase.casual_form(q): q for q in [*allowed, *t.greetings[0]]} if lang == "en" else {}
     seen = set()
     for i in range(len(t)):
         msgs = t[i]["messages"]
         for u, a in zip(msgs[0::2], msgs[1::2]):
-            if u["content"] in allowed:
-                assert a["content"] in allowed[u["content"]], (u["content"], a["content"])
-                seen.add(u["content"])
+            question = u["content"] if u["content"] in allowed or u["content"] in t.greetings[0] else typed[u["content"]]
+            if question in allowed:
+                assert a["content"] in allowed[question], (u["content"], a["content"])
+                seen.add(question)
             else:
-                assert u["content"] in t.greetings[0], u
+                assert question in t.greetings[0], u
     assert {feelings, count, future} <= seen
 
 

@@ -36,6 +36,7 @@ import re
 from chibichat.eval.metrics import extract_final_number, numbers_equal
 from chibichat.tasks.base import GeneratedTask
 import chibichat.tasks.word_problems as word_problems
+from chibichat.tasks.paraphrase import casual
 
 BARE_SHARE = 0.3  # of the one-step items: a bare calculation ("Calculate 12 x 7.") instead of a story
 COMMAND_SHARE = 0.35  # of the bare calculations: asked with an operation verb ("Subtract 17 from 60 and ...")
@@ -154,7 +155,7 @@ class Arithmetic(GeneratedTask):
             make = {(False, "en"): word_problems.one_step, (True, "en"): word_problems.two_step,
                     (False, "ja"): word_problems.one_step_ja, (True, "ja"): word_problems.two_step_ja}
             problem = make[self.multi, self.lang](rng)
-            question, reasoning, expr = problem.question, problem.plan, problem.expr
+            question, reasoning, expr = casual(rng, self.lang, problem.question), problem.plan, problem.expr
             final = "The answer is {r}." if self.lang == "en" else "答えは{r}です。"
         return bare, question, reasoning, expr, final
 

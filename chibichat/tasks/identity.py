@@ -216,12 +216,12 @@ class Identity(GeneratedTask):
             chosen.append(topic)
         messages = []
         if rng.random() < GREETING_SHARE:
-            messages += [{"role": "user", "content": rng.choice(greetings)},
+            messages += [{"role": "user", "content": paraphrase.casual(rng, self.lang, rng.choice(greetings))},
                          {"role": "assistant", "content": rng.choice(replies)}]
         for topic in chosen:
             questions, answers = topics[topic]
             question = rng.choice(questions)
-            messages += [{"role": "user", "content": question},
+            messages += [{"role": "user", "content": paraphrase.casual(rng, self.lang, question)},
                          {"role": "assistant", "content": rng.choice(fitting_answers(self.lang, question, answers))}]
         key = "\n".join(m["content"] for m in messages)
         return key, {"messages": messages}
