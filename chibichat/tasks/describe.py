@@ -15,7 +15,9 @@ Why: every other generated chat task has a fixed kind of answer (a name, a numbe
 so the quickstart model answered "Write one sentence about the sea." with one of those (`eval skills`
 open prompts: 0 of 8 on topic). The corpus-sentence task (tasks/sentences.py) gave prose that was not
 about the topic; here the topic is the reply's subject, so a small model learns to carry the user's
-topic into its reply, and every reply is plain, grammatical, simple language.
+topic into its reply, and every reply is plain, grammatical, simple language. Carrying the topic is
+copying its tokens, so the English topics are many (150 nouns): with 77 the model carried fewer of the
+held-out topics (docs/benchmarks.md, 2026-12-07, session 40).
 
 Kept apart from the held-out open prompts (assets/skills-<lang>.jsonl, checked by tests): no topic noun
 is a held-out open prompt's topic word (sea, cat, rain, ...), and no fixed word of a reply frame is
@@ -58,22 +60,35 @@ def _topics(spec: str, kind: str, adjectives: str) -> list[Topic]:
 def en_topics() -> list[Topic]:
     return (
         _topics("horse/horses rabbit/rabbits cow/cows duck/ducks fox/foxes bee/bees frog/frogs sheep/sheep "
-                "owl/owls goat/goats lion/lions bear/bears squirrel/squirrels turtle/turtles", "animal",
+                "owl/owls goat/goats lion/lions bear/bears squirrel/squirrels turtle/turtles tiger/tigers deer/deer "
+                "wolf/wolves hen/hens goose/geese swan/swans parrot/parrots penguin/penguins "
+                "monkey/monkeys elephant/elephants donkey/donkeys pony/ponies hedgehog/hedgehogs otter/otters "
+                "dolphin/dolphins robin/robins butterfly/butterflies", "animal",
                 "little,big,young,old,brown,white,clever")
         + _topics("river/rivers lake/lakes mountain/mountains garden/gardens village/villages city/cities "
                   "farm/farms island/islands bridge/bridges library/libraries school/schools market/markets "
-                  "hill/hills field/fields street/streets harbour/harbours", "place",
+                  "hill/hills field/fields street/streets harbour/harbours valley/valleys "
+                  "meadow/meadows town/towns castle/castles museum/museums station/stations "
+                  "square/squares bakery/bakeries zoo/zoos desert/deserts cave/caves kitchen/kitchens "
+                  "playground/playgrounds", "place",
                   "quiet,old,busy,small,big,beautiful,distant")
         + _topics("rose/roses sunflower/sunflowers tulip/tulips mushroom/mushrooms bush/bushes daisy/daisies "
-                  "cactus/cacti", "plant", "red,yellow,tall,wild,small,pretty")
-        + _topics("orange/oranges pie/pies biscuit/biscuits tea milk egg/eggs honey lemon/lemons", "food",
+                  "cactus/cacti lily/lilies orchid/orchids poppy/poppies violet/violets daffodil/daffodils "
+                  "marigold/marigolds lavender clover fern/ferns pansy/pansies", "plant", "red,yellow,tall,wild,small,pretty")
+        + _topics("orange/oranges pie/pies biscuit/biscuits tea milk egg/eggs honey lemon/lemons "
+                  "banana/bananas cherry/cherries grape/grapes peach/peaches pear/pears "
+                  "strawberry/strawberries pancake/pancakes sandwich/sandwiches jam", "food",
                   "fresh,warm,sweet,homemade")
-        + _topics("snow wind fog thunder sunshine", "weather", "soft,cold,thick,gentle,morning")
-        + _topics("the:sun sunset/sunsets rainbow/rainbows comet/comets", "sky", "golden,red,long,wide")
+        + _topics("snow wind fog thunder sunshine hail frost mist breeze/breezes", "weather", "soft,cold,thick,gentle,morning")
+        + _topics("the:sun sunset/sunsets rainbow/rainbows comet/comets planet/planets "
+                  "sunrise/sunrises", "sky", "golden,red,long,wide")
         + _topics("book/books chair/chairs lamp/lamps clock/clocks bicycle/bicycles train/trains kite/kites "
                   "window/windows hat/hats shoe/shoes cup/cups letter/letters piano/pianos candle/candles "
-                  "key/keys blanket/blankets", "object", "old,new,red,small,wooden,blue")
-        + _topics("winter summer spring autumn morning/mornings birthday/birthdays holiday/holidays",
+                  "key/keys blanket/blankets pencil/pencils bottle/bottles mirror/mirrors basket/baskets "
+                  "guitar/guitars camera/cameras radio/radios table/tables bed/beds door/doors bag/bags box/boxes "
+                  "spoon/spoons watch/watches ladder/ladders", "object", "old,new,red,small,wooden,blue")
+        + _topics("winter summer spring autumn morning/mornings birthday/birthdays holiday/holidays evening/evenings "
+                  "weekend/weekends afternoon/afternoons",
                   "time", "long,early,quiet,happy")
     )
 
@@ -247,7 +262,7 @@ def _cap(text: str) -> str:
 # year" is a birthday or a holiday, not a season or a morning (they get "the best time"); a thing found
 # "old" was not "new"; "there was my duck" / "there was the bridge" is not how a tale begins; sunshine
 # is no reason to stay inside.
-EN_NOT_MADE = {"orange", "lemon", "milk", "honey"}
+EN_NOT_MADE = {"orange", "lemon", "milk", "honey", "banana", "cherry", "grape", "peach", "pear", "strawberry"}
 EN_DAYS = {"birthday", "holiday"}
 JA_NOT_MADE = {"みかん", "牛乳", "はちみつ", "レモン", "たまご"}
 
