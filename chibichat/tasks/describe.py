@@ -74,12 +74,14 @@ def en_topics() -> list[Topic]:
                   "quiet,old,busy,small,big,beautiful,distant")
         + _topics("rose/roses sunflower/sunflowers tulip/tulips mushroom/mushrooms bush/bushes daisy/daisies "
                   "cactus/cacti lily/lilies orchid/orchids poppy/poppies violet/violets daffodil/daffodils "
-                  "marigold/marigolds lavender clover fern/ferns pansy/pansies", "plant", "red,yellow,tall,wild,small,pretty")
+                  "marigold/marigolds lavender clover fern/ferns pansy/pansies", "plant",
+                  "red,yellow,tall,wild,small,pretty")
         + _topics("orange/oranges pie/pies biscuit/biscuits tea milk egg/eggs honey lemon/lemons "
                   "banana/bananas cherry/cherries grape/grapes peach/peaches pear/pears "
                   "strawberry/strawberries pancake/pancakes sandwich/sandwiches jam", "food",
                   "fresh,warm,sweet,homemade")
-        + _topics("snow wind fog thunder sunshine hail frost mist breeze/breezes", "weather", "soft,cold,thick,gentle,morning")
+        + _topics("snow wind fog thunder sunshine hail frost mist breeze/breezes", "weather",
+                  "soft,cold,thick,gentle,morning")
         + _topics("the:sun sunset/sunsets rainbow/rainbows comet/comets planet/planets "
                   "sunrise/sunrises", "sky", "golden,red,long,wide")
         + _topics("book/books chair/chairs lamp/lamps clock/clocks bicycle/bicycles train/trains kite/kites "
