@@ -412,6 +412,29 @@ def test_evaluate_skills_scores_per_skill_and_skips_long_prompts():
         ES.evaluate_skills(items, "en", gen, CharTok(), max_len=100, max_tokens=99)
 
 
+def test_the_casual_prompt_set_is_the_same_items_typed_as_people_type():
+    """`eval skills --casual`: every English prompt without its capital and closing mark, figures and files under
+    skills_casual (the speedrun's marker skills.jsonl untouched); Japanese has no capitals: refused."""
+    items, prefix = ES.prompt_set("en", None, False)
+    typed, casual_prefix = ES.prompt_set("en", None, True)
+    assert (prefix, casual_prefix) == ("skills", "skills_casual")
+    assert [{k: v for k, v in t.items() if k != "prompt"} for t in typed] == \
+           [{k: v for k, v in t.items() if k != "prompt"} for t in items]
+    assert "what is 12 times 7" in [t["prompt"] for t in typed]
+    assert typed[items.index(next(t for t in items if t["prompt"] == "Please say your name."))]["prompt"] == \
+           "please say your name"
+    assert all(t["prompt"][-1] not in "?." and not t["prompt"][0].isupper() or t["prompt"].startswith("I ")
+               for t in typed)
+    assert len(ES.prompt_set("en", 2, True)[0]) == 2 * 8  # seven skills and the open prompts, two each
+    with pytest.raises(ChibiError, match="--casual types English prompts .* leave it off with --lang ja"):
+        ES.prompt_set("ja", None, True)
+    gen = ScriptedGen({"your name": ("I am chibichat.", "stop")})
+    out = ES.evaluate_skills([{"id": "1", "skill": "identity", "prompt": "your name", "check": "identity",
+                               "answer": "chibichat"}], "en", gen, CharTok(), 100, 20, prefix="skills_casual")
+    assert out["summary"] == {"skills_casual": 1.0, "skills_casual_n": 1, "skills_casual_skipped_too_long": 0,
+                              "skills_casual_identity": 1.0}
+
+
 def test_the_skills_marker_is_written_only_after_its_csv(tmp_path, monkeypatch):
     """skills.jsonl is the speedrun's completion marker of an `eval skills` step: a kill after the first of the
     per-item files is written leaves the csv without the marker (the step is redone), never the marker alone."""

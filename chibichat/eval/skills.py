@@ -7,7 +7,8 @@ engine with greedy decoding (tools on: arithmetic and letter counting use the ca
 whatever its item count. Open prompts are scored by the reply-quality proxy. A prompt that does not
 leave `max_tokens` free in the context is counted as skipped, never cut.
 
-summary.json keys (prefix "skills" for en, "skills_ja" for ja): <prefix> (mean per-skill accuracy),
+summary.json keys (prefix "skills" for en, "skills_ja" for ja, "skills_casual" for en with --casual, every
+prompt typed as people type: no capital, no closing mark): <prefix> (mean per-skill accuracy),
 <prefix>_<skill> (underscored skill names), <prefix>_n, <prefix>_skipped_too_long, and
 <prefix>_open_score / _open_ended_share / _open_distinct_2 / _open_repeat_free / _open_tool_free /
 _open_on_topic, and
@@ -49,8 +50,10 @@ def summary_prefix(lang: str) -> str:
     return "skills" if lang == "en" else f"skills_{lang}"
 
 
-def evaluate_skills(items: list[dict], lang: str, gen: ReplyGenerator, tok, max_len: int, max_tokens: int) -> dict:
-    """{"summary": flat keys, "skills": {skill: {accuracy, n}}, "open": proxy, "rows": per item}."""
+def evaluate_skills(items: list[dict], lang: str, gen: ReplyGenerator, tok, max_len: int, max_tokens: int,
+                    prefix: str | None = None) -> dict:
+    """{"summary": flat keys (under `prefix`, default summary_prefix(lang)), "skills": {skill: {accuracy, n}},
+    "open": proxy, "rows": per item}."""
     from chibichat.render import render_for_completion
 
     if max_len - max_tokens < 2:
@@ -77,7 +80,7 @@ def evaluate_skills(items: list[dict], lang: str, gen: ReplyGenerator, tok, max_
             row["correct"] = bool(check_reply(item, text, lang))
         else:
             open_rows.append((text, finish, item["topic"]))
-    prefix = summary_prefix(lang)
+    prefix = prefix or summary_prefix(lang)
     per_skill: dict[str, dict] = {}
     for skill in SKILLS:
         scored = [r for r in rows if r["skill"] == skill and r["status"] == "ok"]
@@ -138,6 +141,25 @@ def add_skills_args(p) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     p.add_argument("--max-per-skill", type=int, default=None,
                    help="first N prompts of each skill and of the open prompts (smoke runs; default: all)")
+    p.add_argument("--casual", action="store_true",
+                   help="type every EN prompt casually (no capital, no closing ? or .), as people type; "
+                        "written to skills_casual.* beside the usual files")
+
+
+def prompt_set(lang: str, max_per_skill: int | None, casual: bool) -> tuple[list[dict], str]:
+    """The held-out items to ask and the summary prefix (file stem) their figures go under. `casual`
+    types each English prompt as people type into a chat box ("what is 12 times 7"): the same skills,
+    measured against the lower case and missing question marks of real use."""
+    from chibichat.tasks.paraphrase import casual_form
+    from chibichat.tasks.skills import load_items
+
+    items = first_per_skill(load_items(lang), max_per_skill)
+    if not casual:
+        return items, summary_prefix(lang)
+    if lang != "en":
+        raise ChibiError("--casual types English prompts in lower case without their closing mark; Japanese has "
+                         "no capitals to drop: leave it off with --lang ja")
+    return [{**it, "prompt": casual_form(it["prompt"])} for it in items], summary_prefix(lang) + "_casual"
 
 
 def first_per_skill(items: list[dict], n: int | None) -> list[dict]:
@@ -177,7 +199,6 @@ def run_skills(args) -> int:
     from chibichat.common import Home, init_runtime, print0, shutdown_runtime
     from chibichat.engine import Engine, prepare_for_inference
     from chibichat.eval.metrics import merge_summary, write_eval_outputs
-    from chibichat.tasks.skills import load_items
     from chibichat.tokenizer import Tokenizer
     from chibichat.train.checkpoint import load_model
 
@@ -196,14 +217,13 @@ def run_skills(args) -> int:
         model, meta = load_model(home, args.source, args.tag, args.step, rt, tokenizer=tok)
         prepare_for_inference(model)
         lang = args.lang or checkpoint_lang(meta, tok)
-        items = first_per_skill(load_items(lang), args.max_per_skill)
+        items, prefix = prompt_set(lang, args.max_per_skill, args.casual)
         seq_len = model.config.seq_len
         max_tokens = reply_budget(seq_len, args.max_new_tokens, cap=CHECKED_REPLY_CAP, what="--max-new-tokens")
         out = evaluate_skills(items, lang, EngineReplies(Engine(model, tok, rt), args.eval_batch_size), tok,
-                              seq_len, max_tokens)
+                              seq_len, max_tokens, prefix)
         tag = meta["checkpoint_dir"].rstrip("/").split("/")[-2]
         out_dir = home.eval_dir(args.source, tag)
-        prefix = summary_prefix(lang)
         simple = simple_text_bpb(model, tok, rt, load_simple_text(lang), seq_len)
         out["summary"][f"{prefix}_simple_bpb"] = simple["bpb"]
         summary = {**out["summary"], f"{prefix}_eval": {"simple_text": simple,
