@@ -47,6 +47,7 @@ def test_some_english_prompts_are_typed_casually(monkeypatch):
     assert P.casual_form('Spell "apple".') == 'spell "apple"'
     assert P.casual_form("I have 3 apples. How many?") == "I have 3 apples. How many"
     assert P.casual_form("Hello!") == "hello!"
+
     def users(name):
         t = get_task(name, size=600)
         return [m["content"] for i in range(len(t)) for m in t[i]["messages"] if m["role"] == "user"]
