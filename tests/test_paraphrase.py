@@ -38,15 +38,18 @@ def test_every_phrasing_fills_its_slots(lang):
         assert drawn - filled and drawn - filled <= {P.casual_form(t) for t in filled}
 
 
-def test_some_english_prompts_are_typed_casually(monkeypatch):
-    """CASUAL_SHARE of the English prompts (every skill's phrasings, the identity questions and greetings,
-    the word problems) come lower-cased without their closing mark, as typed into a chat box: a model
-    trained on proper prompts alone answered "what is 12 times 7" with noise (docs/benchmarks.md,
-    2026-12-07, session 40). Japanese items are left as they were."""
+def test_some_prompts_are_typed_casually(monkeypatch):
+    """CASUAL_SHARE of the prompts (every skill's phrasings, the identity questions and greetings, the word
+    problems) come as typed into a chat box: English lower-cased without its closing mark, Japanese without
+    its closing mark. A model trained on proper prompts alone answered "what is 12 times 7" with noise, and
+    a Japanese one refused nothing once the "？" was gone (docs/benchmarks.md, 2026-12-07, session 40)."""
     assert P.casual_form("What is 12 times 7?") == "what is 12 times 7"
     assert P.casual_form('Spell "apple".') == 'spell "apple"'
     assert P.casual_form("I have 3 apples. How many?") == "I have 3 apples. How many"
     assert P.casual_form("Hello!") == "hello!"
+    assert P.casual_form("いま何時ですか？", "ja") == "いま何時ですか"
+    assert P.casual_form("「りんご」を一文字ずつ書いて。", "ja") == "「りんご」を一文字ずつ書いて"
+    assert P.casual_form("こんにちは！", "ja") == "こんにちは！"
 
     def users(name):
         t = get_task(name, size=600)
@@ -55,14 +58,20 @@ def test_some_english_prompts_are_typed_casually(monkeypatch):
     def typed(texts):
         return [u for u in texts if u[0].islower() and u[-1] not in "?."]
 
+    def unmarked(texts):
+        return [u for u in texts if u[-1] not in "？。?"]
+
     for name in ("arithmetic", "arithmetic-multi", "spelling", "letter-count", "identity"):
         texts = users(name)
         assert 0.08 < len(typed(texts)) / len(texts) < 0.25, name
-    ja = {name: users(name) for name in ("arithmetic-ja", "spelling-ja", "identity-ja")}
+    for name in ("arithmetic-ja", "spelling-ja", "letter-count-ja", "identity-ja"):
+        monkeypatch.setattr(P, "CASUAL_SHARE", 0.0)
+        proper = users(name)  # some phrasings end without a mark already ("...を当てて")
+        monkeypatch.setattr(P, "CASUAL_SHARE", 0.15)
+        texts = users(name)
+        assert 0.06 < len(unmarked(texts)) / len(texts) - len(unmarked(proper)) / len(proper) < 0.25, name
     monkeypatch.setattr(P, "CASUAL_SHARE", 0.0)
     assert not typed(users("arithmetic")) and not typed(users("identity"))
-    monkeypatch.setattr(P, "CASUAL_SHARE", 1.0)
-    assert {name: users(name) for name in ja} == ja
 
 
 def test_unknown_skill_or_operator_is_a_clear_error():

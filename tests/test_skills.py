@@ -413,8 +413,8 @@ def test_evaluate_skills_scores_per_skill_and_skips_long_prompts():
 
 
 def test_the_casual_prompt_set_is_the_same_items_typed_as_people_type():
-    """`eval skills --casual`: every English prompt without its capital and closing mark, figures and files under
-    skills_casual (the speedrun's marker skills.jsonl untouched); Japanese has no capitals: refused."""
+    """`eval skills --casual`: every English prompt without its capital and closing mark (Japanese: without its
+    closing mark), figures and files under skills_casual / skills_ja_casual, not the speedrun's skills.jsonl."""
     items, prefix = ES.prompt_set("en", None, False)
     typed, casual_prefix = ES.prompt_set("en", None, True)
     assert (prefix, casual_prefix) == ("skills", "skills_casual")
@@ -426,8 +426,11 @@ def test_the_casual_prompt_set_is_the_same_items_typed_as_people_type():
     assert all(t["prompt"][-1] not in "?." and not t["prompt"][0].isupper() or t["prompt"].startswith("I ")
                for t in typed)
     assert len(ES.prompt_set("en", 2, True)[0]) == 2 * 8  # seven skills and the open prompts, two each
-    with pytest.raises(ChibiError, match="--casual types English prompts .* leave it off with --lang ja"):
-        ES.prompt_set("ja", None, True)
+    ja, ja_prefix = ES.prompt_set("ja", None, True)
+    assert ja_prefix == "skills_ja_casual" and [t["prompt"] for t in ja] == \
+           [t["prompt"].rstrip("？。") if t["prompt"][-1:] in "？。" else t["prompt"]
+            for t in ES.prompt_set("ja", None, False)[0]]
+    assert sum(t["prompt"][-1] in "？。" for t in ja) == 0
     gen = ScriptedGen({"your name": ("I am chibichat.", "stop")})
     out = ES.evaluate_skills([{"id": "1", "skill": "identity", "prompt": "your name", "check": "identity",
                                "answer": "chibichat"}], "en", gen, CharTok(), 100, 20, prefix="skills_casual")

@@ -470,7 +470,7 @@ def test_every_identity_answer_answers_its_question(lang):
     private = [a for a in identity.paraphrase.REFUSAL_ANSWERS[lang] if identity.PRIVATE_ONLY[lang] in a]
     assert len(private) == 1 and private[0] not in allowed[future] and len(allowed[future]) == 3
     # a question typed casually ("do you have feelings") is answered as the question it came from
-    typed = {identity.paraphrase.casual_form(q): q for q in [*allowed, *t.greetings[0]]} if lang == "en" else {}
+    typed = {identity.paraphrase.casual_form(q, lang): q for q in [*allowed, *t.greetings[0]]}
     seen = set()
     for i in range(len(t)):
         msgs = t[i]["messages"]

@@ -7,8 +7,8 @@ engine with greedy decoding (tools on: arithmetic and letter counting use the ca
 whatever its item count. Open prompts are scored by the reply-quality proxy. A prompt that does not
 leave `max_tokens` free in the context is counted as skipped, never cut.
 
-summary.json keys (prefix "skills" for en, "skills_ja" for ja, "skills_casual" for en with --casual, every
-prompt typed as people type: no capital, no closing mark): <prefix> (mean per-skill accuracy),
+summary.json keys (prefix "skills" for en, "skills_ja" for ja; with --casual, every prompt typed as people
+type, "skills_casual" / "skills_ja_casual"): <prefix> (mean per-skill accuracy),
 <prefix>_<skill> (underscored skill names), <prefix>_n, <prefix>_skipped_too_long, and
 <prefix>_open_score / _open_ended_share / _open_distinct_2 / _open_repeat_free / _open_tool_free /
 _open_on_topic, and
@@ -142,24 +142,21 @@ def add_skills_args(p) -> None:
     p.add_argument("--max-per-skill", type=int, default=None,
                    help="first N prompts of each skill and of the open prompts (smoke runs; default: all)")
     p.add_argument("--casual", action="store_true",
-                   help="type every EN prompt casually (no capital, no closing ? or .), as people type; "
-                        "written to skills_casual.* beside the usual files")
+                   help="type every prompt casually (EN: no capital, no closing ? or .; JA: no closing ？ or 。), "
+                        "as people type; written to skills_casual.* (skills_ja_casual.*) beside the usual files")
 
 
 def prompt_set(lang: str, max_per_skill: int | None, casual: bool) -> tuple[list[dict], str]:
     """The held-out items to ask and the summary prefix (file stem) their figures go under. `casual`
-    types each English prompt as people type into a chat box ("what is 12 times 7"): the same skills,
-    measured against the lower case and missing question marks of real use."""
+    types each prompt as people type into a chat box ("what is 12 times 7", "いま何時ですか"): the same
+    skills, measured against the lower case and missing question marks of real use."""
     from chibichat.tasks.paraphrase import casual_form
     from chibichat.tasks.skills import load_items
 
     items = first_per_skill(load_items(lang), max_per_skill)
     if not casual:
         return items, summary_prefix(lang)
-    if lang != "en":
-        raise ChibiError("--casual types English prompts in lower case without their closing mark; Japanese has "
-                         "no capitals to drop: leave it off with --lang ja")
-    return [{**it, "prompt": casual_form(it["prompt"])} for it in items], summary_prefix(lang) + "_casual"
+    return [{**it, "prompt": casual_form(it["prompt"], lang)} for it in items], summary_prefix(lang) + "_casual"
 
 
 def first_per_skill(items: list[dict], n: int | None) -> list[dict]:

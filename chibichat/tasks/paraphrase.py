@@ -4,8 +4,8 @@ phrasings (EN and JA) instead of one template, so a small model learns the skill
 A phrasing is a `str.format` template with named slots ({word}, {letter}, {x}, ...). Each skill's
 phrasings are the products of small part lists (an opener, a request, a closing), expanded in a fixed
 order by `phrasings(lang, skill)`; `phrase(rng, lang, skill, **slots)` draws one and fills it in, and
-types CASUAL_SHARE of the English ones casually (`casual`: "what is 12 times 7", as people type into a
-chat box; so are the identity questions and the word problems).
+types CASUAL_SHARE of them casually (`casual`: "what is 12 times 7", as people type into a chat box; so
+are the identity questions and the word problems).
 
 Skills and their slots:
     spelling        {word}              spell a word
@@ -325,22 +325,25 @@ def phrasings(lang: str, skill: str) -> list[str]:
     return list(out)
 
 
-# Of the English prompts: typed casually, as people type into a chat box ("what is 12 times 7"): the first
-# letter in lower case and the closing "?" or "." left off. Every phrasing is written properly, so without
-# these a model meets its first casual prompt at chat time.
+# Of the prompts: typed casually, as people type into a chat box ("what is 12 times 7", "いま何時ですか"): in
+# English the first letter in lower case and the closing "?" or "." left off, in Japanese the closing "？"
+# or "。". Every phrasing is written properly, so without these a model meets its first casual prompt at
+# chat time.
 CASUAL_SHARE = 0.15
 
 
-def casual_form(text: str) -> str:
-    """`text` typed casually: "What is 12 times 7?" -> "what is 12 times 7" ("I ..." keeps its capital)."""
+def casual_form(text: str, lang: str = "en") -> str:
+    """`text` typed casually: "What is 12 times 7?" -> "what is 12 times 7" ("I ..." keeps its capital);
+    Japanese has no capitals and loses its closing mark: "いま何時ですか？" -> "いま何時ですか"."""
+    if lang == "ja":
+        return text[:-1] if text[-1:] in ("？", "。", "?") else text
     text = text if text.startswith("I ") else text[:1].lower() + text[1:]
     return text[:-1] if text[-1:] in ("?", ".") else text
 
 
 def casual(rng: random.Random, lang: str, text: str) -> str:
-    """`text`, or with probability CASUAL_SHARE its casual form: English only (a Japanese prompt has no
-    capital letter, and its items draw nothing here, so they are what they were before)."""
-    return casual_form(text) if lang == "en" and rng.random() < CASUAL_SHARE else text
+    """`text`, or with probability CASUAL_SHARE its casual form."""
+    return casual_form(text, lang) if rng.random() < CASUAL_SHARE else text
 
 
 def phrase(rng: random.Random, lang: str, skill: str, **slots) -> str:
