@@ -37,7 +37,7 @@ def _model(layers="dense", seed=0):
 
 def _opt(model):
     return build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.1, unembedding_lr=0.01,
-                           other_lr=0.01, ns_dtype=torch.float32)
+                           other_lr=0.01, compute_dtype=torch.float32)
 
 
 def _meta(model):

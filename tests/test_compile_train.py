@@ -19,7 +19,7 @@ def train(layers, compile, recompute, dtype=torch.float32):
     # Newton-Schulz in fp32 (the CPU default is bf16): a last-bit difference in a gradient must not flip a
     # bf16 rounding inside the orthogonalisation, which would show as a 2^-8 * lr step difference.
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, other_lr=0.02,
-                          ns_dtype=torch.float32)
+                          compute_dtype=torch.float32)
     step_model = torch.compile(model, dynamic=False) if compile else model
     g = torch.Generator().manual_seed(3)
     losses = []

@@ -205,7 +205,7 @@ def test_optimizer_step_invalidates_the_decoder():
     m.train()
     d = Decoder(m)
     opt = build_optimizer(m.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, other_lr=0.02,
-                          ns_dtype=torch.float32)  # fmt: skip
+                          compute_dtype=torch.float32)  # fmt: skip
     m(torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))).backward()
     assert d.matches(m)
     opt.step()

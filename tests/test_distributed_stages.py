@@ -56,7 +56,7 @@ def home(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.normal_(0.0, 0.5)
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
-                          other_lr=0.02, ns_dtype=torch.float32)
+                          other_lr=0.02, compute_dtype=torch.float32)
     meta = {"model_config": model.config.to_dict(), "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size},
             "corpus": "embedded-en"}
     for stage in ("base", "sft"):

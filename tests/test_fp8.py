@@ -210,7 +210,7 @@ def _train(layers, use_fp8, steps=30):
     m = tiny(layers, use_fp8=use_fp8)
     s = (64 / 768) ** -0.5
     opt = build_optimizer(m.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
-                          other_lr=0.02 * s)
+                          other_lr=0.02 * s, compute_dtype=m.compute_dtype)
     losses = []
     for x, y in markov_batches(steps, 8, 32, 64, seed=1):
         loss = m(x, y)

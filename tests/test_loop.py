@@ -71,7 +71,7 @@ def make(seed=0, layers="dense", run=None):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, layers=layers), run)
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02,
-                          other_lr=0.02, ns_dtype=torch.float32)
+                          other_lr=0.02, compute_dtype=torch.float32)
     return model, opt
 
 
@@ -299,7 +299,7 @@ def test_resume_applies_this_runs_learning_rates(tmp_path, capsys):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, seq_len=T, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
     frozen = build_optimizer(model.param_groups(), matrix_lr=0.0, embedding_lr=0.0, unembedding_lr=0.0,
-                             other_lr=0.0, ns_dtype=torch.float32)
+                             other_lr=0.0, compute_dtype=torch.float32)
     cfg = LoopConfig(tag_dir=tmp_path / "t", num_steps=4, resume=True, keep_last=0, warmdown_frac=0.0,
                      momentum_warmup_steps=5)
     train(model, frozen, ToySource(), loss_fn, cpu_rt(), cfg, meta=meta_for(model))

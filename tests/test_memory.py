@@ -126,7 +126,8 @@ cfg = GPTConfig(vocab_size=61, seq_len=16, n_layer=3, n_embd=32, n_head=2, n_kv_
 x = torch.randint(0, 61, (2, 16))
 for recompute in ("none", "mlp", "block"):
     model = GPT(cfg, RunConfig(recompute=recompute))
-    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02, other_lr=0.02)
+    opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02, other_lr=0.02,
+                          compute_dtype=model.compute_dtype)
     model(x, x).backward()
     model(x, x, reduction="none").sum().backward()
     opt.step()

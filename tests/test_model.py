@@ -427,7 +427,8 @@ def test_bf16_training_tracks_fp32(layers):
         model = GPT(cfg, RunConfig(compute_dtype=dtype))
         s = (64 / 768) ** -0.5
         opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s,
-                              unembedding_lr=0.004 * s, other_lr=0.02 * s)
+                              unembedding_lr=0.004 * s, other_lr=0.02 * s,
+                              compute_dtype=model.compute_dtype)
         out = []
         for x, y in data:
             loss = model(x, y)

@@ -37,7 +37,7 @@ def make_base(root, vocab=512, seed=0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=SEQ, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
     opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
-                          other_lr=0.02, ns_dtype=torch.float32)
+                          other_lr=0.02, compute_dtype=torch.float32)
     meta = {"model_config": model.config.to_dict(), "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size},
             "corpus": "embedded-en"}
     save_checkpoint(home.checkpoints_dir("base", "d2"), 5, model, opt, meta)
@@ -431,7 +431,7 @@ def test_rl_raises_the_reward_of_a_toy_task(base, tmp_path):
     src = RolloutBatches(Engine(model, tok, rt), tok, _VowelTask(), rt, prompts=4, samples=8, max_tokens=4,
                          temperature=1.0, top_k=None, seed=0)
     opt = build_optimizer(model.param_groups(), matrix_lr=0.05, embedding_lr=0.05, unembedding_lr=0.05,
-                          other_lr=0.05, ns_dtype=torch.float32)
+                          other_lr=0.05, compute_dtype=torch.float32)
     # as the rl stage does: once every sample of a step earns the same reward (the task solved, as on some
     # machines by step 13) the step has no advantage to learn from and is skipped, not an error
     cfg = LoopConfig(tag_dir=tmp_path / "rl", num_steps=16, momentum_warmup_steps=0, warmdown_frac=0.0,
@@ -852,7 +852,7 @@ def test_an_all_flat_rl_step_leaves_weights_and_optimizer_bitwise_unchanged(base
     rt = cpu_rt()
     model = _tiny(tok.vocab_size, seed=1)
     opt = build_optimizer(model.param_groups(), matrix_lr=0.05, embedding_lr=0.05, unembedding_lr=0.05,
-                          other_lr=0.05, ns_dtype=torch.float32)
+                          other_lr=0.05, compute_dtype=torch.float32)
     rows = [sample_rows([1, 2, 3], [10, 11], [0, 0], 0.5, 0, 8), sample_rows([1, 2, 3], [20, 21], [0, 0], -0.5, 0, 8)]
     signal = tuple(torch.tensor([r[k] for r in rows], dtype=torch.float32 if k == 2 else torch.long) for k in range(3))
     cfg = LoopConfig(tag_dir=tmp_path / "x", num_steps=4, momentum_warmup_steps=0, warmdown_frac=0.0,

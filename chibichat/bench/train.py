@@ -252,7 +252,7 @@ def run_config(cfg: TrainBenchConfig, device: str = "cpu", calib_n: int = 2048) 
         opt = build_lora_optimizer(apply_lora(model, LoRAConfig(rank=cfg.lora, alpha=float(cfg.lora))), lr=2e-3)
     else:
         opt = build_optimizer(model.param_groups(), matrix_lr=0.02, embedding_lr=0.2 * s, unembedding_lr=0.004 * s,
-                              other_lr=0.02 * s)
+                              other_lr=0.02 * s, compute_dtype=dtype)
     train_model = torch.compile(model, dynamic=False) if cfg.compile else model
     batches = markov_batches(cfg.grad_accum * (cfg.warmup + cfg.steps), cfg.batch, cfg.seq_len, cfg.vocab, cfg.seed)
     batches = [(x.to(dev), y.to(dev)) for x, y in batches]

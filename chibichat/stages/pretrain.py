@@ -212,7 +212,8 @@ def run(args) -> int:
 
         optimizer = build_optimizer(groups, matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr,
                                     unembedding_lr=plan.unembedding_lr, other_lr=plan.other_lr,
-                                    weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+                                    compute_dtype=rt.compute_dtype, weight_decay=args.weight_decay,
+                                    grad_clip=args.grad_clip)
         split_long = args.long_docs == "split"
         loader = PretrainLoader(corpus, "train", home, tok, plan.device_batch, plan.seq_len, rt,
                                 split_long_docs=split_long, repeat_every=args.repeat_rows)

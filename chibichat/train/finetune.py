@@ -166,8 +166,6 @@ def source_lrs(meta: dict, args, model) -> dict[str, float]:
 
 
 def make_optimizer(model, lrs: dict):
-    import torch
-
     from chibichat.train.optim import build_optimizer
 
     if "lora" in lrs:
@@ -177,8 +175,7 @@ def make_optimizer(model, lrs: dict):
         return build_lora_optimizer(lora_parameters(model), lrs["lora"])
 
     return build_optimizer(model.param_groups(), matrix_lr=lrs["matrix"], embedding_lr=lrs["embedding"],
-                           unembedding_lr=lrs["head"], other_lr=lrs["other"],
-                           ns_dtype=torch.bfloat16 if model.compute_dtype == torch.bfloat16 else torch.float32)
+                           unembedding_lr=lrs["head"], other_lr=lrs["other"], compute_dtype=model.compute_dtype)
 
 
 def stage_meta(model, tok, args, source_meta: dict, stage: str, extra: dict | None = None) -> dict:

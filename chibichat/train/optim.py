@@ -339,14 +339,28 @@ def set_muon_momentum(optimizer: MuonAdamW, momentum: float) -> None:
             g["momentum"] = momentum
 
 
+def newton_schulz_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype Muon's Newton-Schulz iteration multiplies in, for a model computing in `compute_dtype`.
+
+    bf16 only where the model itself computes in bf16, i.e. where bf16 matmuls are fast (GPUs from
+    Ampere on, CPUs with AVX-512 BF16 / AMX), as nanochat does on GPUs. Anywhere else fp32: an
+    AVX2-only CPU multiplies bf16 matrices through a scalar fallback ~150x slower than fp32 (measured
+    on a 2-core Zen 3: 1 against 165 GFLOP/s), which made each d4 pretraining step ~10 s instead of
+    ~1 s; and a GPU without native bf16 (fp16 compute) emulates it.
+    """
+    return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
+
+
 def build_optimizer(groups: dict, *, matrix_lr: float, embedding_lr: float, unembedding_lr: float,
-                    other_lr: float, weight_decay: float = 0.0, grad_clip: float = 0.0,
-                    ns_dtype: torch.dtype = torch.bfloat16) -> MuonAdamW:
+                    other_lr: float, compute_dtype: torch.dtype, weight_decay: float = 0.0,
+                    grad_clip: float = 0.0) -> MuonAdamW:
     """The optimizer from a model's `param_groups()` dict ("matrix", "embedding", "head", "other").
 
     matrix -> Muon; embedding, head, other -> AdamW with betas (0.8, 0.95), eps 1e-10 (nanochat).
     Weight decay applies to the matrices only (embeddings/head/scalars decay would fight the
     softcapped logits and the gates). Unknown group names are an error, not silently dropped.
+    compute_dtype: the model's (required, so that no caller gets bf16 Newton-Schulz on a CPU that
+    computes in fp32; see newton_schulz_dtype).
     """
     known = {"matrix", "embedding", "head", "other"}
     unknown = set(groups) - known
@@ -359,7 +373,7 @@ def build_optimizer(groups: dict, *, matrix_lr: float, embedding_lr: float, unem
         dict(params=list(groups.get("head", [])), kind="adamw", lr=unembedding_lr, name="head"),
         dict(params=list(groups.get("other", [])), kind="adamw", lr=other_lr, name="other"),
     ]
-    return MuonAdamW(spec, grad_clip=grad_clip, ns_dtype=ns_dtype)
+    return MuonAdamW(spec, grad_clip=grad_clip, ns_dtype=newton_schulz_dtype(compute_dtype))
 
 
 def build_lora_optimizer(params, lr: float):
