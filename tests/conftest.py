@@ -3,6 +3,17 @@ import os
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _plans_of_a_bf16_cpu(monkeypatch):
+    """Speedrun plans as on a CPU with native bf16 kernels, whatever CPU runs the tests: the cpu preset plans a
+    smaller model where it would compute in fp32 (speedrun.for_machine), so its depth and tags would otherwise
+    depend on the test machine. Only the planning is pinned: the stages still pick their dtype from the real
+    CPU. A test of the fp32 plan sets speedrun.cpu_has_fast_bf16 itself."""
+    import chibichat.stages.speedrun as speedrun
+
+    monkeypatch.setattr(speedrun, "cpu_has_fast_bf16", lambda: True)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A fresh artifact home for one test; CHIBICHAT_HOME points at it."""

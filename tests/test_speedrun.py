@@ -72,6 +72,44 @@ def test_plan_covers_every_stage_in_order(tmp_path):
     assert [s.title for s in steps if s.name == "midtrain"] == ["midtrain: chat format, tools, multiple choice"]
 
 
+def test_the_cpu_preset_trains_a_smaller_model_where_its_stages_compute_in_fp32(tmp_path, monkeypatch, capsys):
+    """Where the stages compute in fp32 on the CPU (no native bf16 kernels, or --dtype float32) a step is several
+    times slower, and the cpu preset plans d3 instead of d4: its pretraining depth, its tag and every later
+    stage's. A GPU run, an asked-for bf16 and the other presets keep their depth; the plan's --depth and its tag
+    come from one place."""
+    import chibichat.stages.speedrun as speedrun
+    from chibichat.cli import main
+    from chibichat.stages.speedrun import for_machine
+
+    cpu = PRESETS["cpu"]
+    for fast, dtype, device, depth in ((True, "auto", "cpu", 4), (False, "auto", "cpu", 3), (True, "float32", "cpu", 3),
+                                       (False, "bfloat16", "cpu", 4), (False, "auto", "cuda", 4),
+                                       (False, "float32", "cuda", 4)):
+        monkeypatch.setattr(speedrun, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert for_machine(cpu, device, dtype).depth == depth, (fast, dtype, device)
+        err = capsys.readouterr().err
+        assert ("(--dtype float32)" in err) == (depth == 3 and dtype == "float32") and ("d3 instead" in err) == (depth == 3)
+    for name in ("micro", "cpu-hour", "d20"):
+        assert for_machine(PRESETS[name], "cpu", "float32") is PRESETS[name]
+    for name, preset in PRESETS.items():
+        if not preset.gpu:
+            pre = next(s.argv for s in plan(Home(tmp_path), preset, "en", "dense", "cpu") if s.name == "pretrain")
+            assert pre.count("--depth") == 1 and pre[pre.index("--depth") + 1] == str(preset.depth), name
+            assert pre[pre.index("--tag") + 1] == preset.tag_prefix + f"d{preset.depth}", name
+
+    monkeypatch.setattr(speedrun, "cpu_has_fast_bf16", lambda: False)
+    for dtype, depth in (((), "3"), (("--dtype", "bfloat16"), "4")):
+        assert main(["speedrun", "--preset", "cpu", "--home", str(tmp_path / "h"), *dtype, "--dry-run"]) == 0
+        out, err = capsys.readouterr()
+        lines = [line.split() for line in out.splitlines() if line.strip().startswith("$ chibichat ")]
+        note = ("note: preset cpu trains d3 instead of d4 here: its stages compute in fp32 (this CPU has no native "
+                "bf16 kernels), several times slower per step, and the smaller model learns more in the same minutes")
+        assert (note in err) == (depth == "3")
+        pre = next(a for a in lines if a[2] == "pretrain")
+        assert pre[pre.index("--depth") + 1] == depth and pre[pre.index("--tag") + 1] == "d" + depth
+        assert {a[a.index("--from-tag") + 1] for a in lines if "--from-tag" in a} == {"d" + depth}
+
+
 def test_precision_and_memory_flags_reach_the_stages_that_take_them(tmp_path):
     from chibichat.cli import build_parser
     from chibichat.stages.speedrun import compile_stages, training_flags
@@ -1003,6 +1041,8 @@ def test_quickstart_runs_the_speedrun_in_the_callers_directory(tmp_path):
 
 def test_readme_states_the_cpu_presets_sizes_and_budgets():
     """The README's preset table quotes these values; a change of a preset must change it (and this test)."""
+    from dataclasses import replace
+
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
     cpu, hour = PRESETS["cpu"], PRESETS["cpu-hour"]
 
@@ -1031,6 +1071,7 @@ def test_readme_states_the_cpu_presets_sizes_and_budgets():
             f"midtraining {pct(cpu, 'midtrain')} and SFT {pct(cpu, 'sft')} for their four averaged runs each, RL "
             f"{pct(cpu, 'rl')};",
             f"of its {flag(cpu.pretrain, '--num-steps')} steps",
+            f"the preset trains d{cpu.depth_fp32} ({millions(replace(cpu, depth=cpu.depth_fp32))}M params) instead",
             f"d{hour.depth} ({millions(hour)}M params)", f"up to {int(flag(hour.pretrain, '--num-steps')):,} steps",
             f"its own checkpoints (`{hour.tag_prefix}d{hour.depth}`)",
             f"vocab {flag(hour.tokenizer, '--vocab-size')} (`--lang ja`: {flag(hour.tokenizer_ja, '--vocab-size')})",

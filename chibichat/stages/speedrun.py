@@ -38,11 +38,11 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chibichat.common import (DTYPE_CHOICES, ChibiError, Home, add_fp8_arg, add_home_arg, add_memory_args,
-                              atomic_write_json, check_home, read_json, sha256_file)
+                              atomic_write_json, check_home, cpu_has_fast_bf16, read_json, sha256_file)
 from chibichat.sandbox import add_allow_weak_arg, check_sandbox
 from chibichat.stages.midtrain import MID_MIX_JA
 from chibichat.stages.sft import SFT_MIX_JA
@@ -93,6 +93,10 @@ class Preset:
     # those long enough for faster steps to repay the compile (~20-35 s cold on 2 CPU cores, a few seconds from a
     # warm inductor cache; an averaged run after the first reuses the first one's graph).
     compiled: tuple[str, ...] = ()
+    # The depth a CPU preset trains where its stages compute in fp32 (a CPU without native bf16 kernels, or
+    # --dtype float32): there a step is several times slower and a smaller model learns more in the same
+    # minutes (for_machine). None: `depth` everywhere.
+    depth_fp32: int | None = None
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,7 @@ PRESETS: dict[str, Preset] = {
         expected_minutes=2,
         depth=2,
         tokenizer=["--vocab-size", "1024", "--max-chars", "300000"],
-        pretrain=["--depth", "2", "--seq-len", "128", "--device-batch", "8", "--total-batch", "1024",
+        pretrain=["--seq-len", "128", "--device-batch", "8", "--total-batch", "1024",
                   "--num-steps", "24", "--eval-every", "12", "--eval-tokens", "4096", "--save-every", "12",
                   "--sample-every", "0"],
         eval_base=["--eval-tokens", "4096", "--core-items", "12", "--sample-tokens", "8"],
@@ -357,7 +361,7 @@ PRESETS: dict[str, Preset] = {
         # LR, a larger embedding LR, weight decay 0.2 and half the batch for twice the steps were worse. The
         # chat stages kept their skills (0.650 against 0.615 over four seeds), but the English SFT model reads
         # simple prose a little worse than before, the weight decay's doing (docs/benchmarks.md, sessions 33-34).
-        pretrain=["--depth", "4", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
+        pretrain=["--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "1000", "--eval-every", "500", "--eval-tokens", "32768", "--save-every", "500",
                   "--repeat-rows", "4", "--warmdown-frac", "0.6", "--weight-decay", "0.1"],
         eval_base=["--eval-tokens", "32768", "--core-items", "40"],
@@ -383,8 +387,8 @@ PRESETS: dict[str, Preset] = {
         # the context); eval chat 96, as its GSM8K and HumanEval replies run on to the budget: 128 took its
         # 40 items per task 2.8x as long as 64.
         eval_chat=["--max-items", "40", "--max-new-tokens", "96"],
-        # An AVX2-only CPU computes in fp32 at ~1/10 of the AMX machine's speed; the cap keeps the quickstart
-        # a quickstart there, with fewer steps. Shares of the 13 minutes, start-ups included: pretraining ~4.4,
+        # An AVX2-only CPU computes in fp32 at ~1/4 of the AMX machine's tokens per second; the cap keeps the
+        # quickstart a quickstart there, with fewer steps (and a smaller model: depth_fp32). Shares of the 13 minutes, start-ups included: pretraining ~4.4,
         # midtraining ~3.5 (4 x 250 steps), SFT ~4.6 (4 x 300 steps), RL ~0.5 (15 steps); time a stage leaves
         # unused goes to the stages after it. The evaluations take ~0.7 minutes more on a 2-core machine.
         max_minutes=13,
@@ -395,6 +399,11 @@ PRESETS: dict[str, Preset] = {
         # midtraining runs in theirs (eager, the first run's 59 s left room for three; docs/benchmarks.md,
         # session 36).
         compiled=COMPILABLE,
+        # Where the stages compute in fp32 (an AVX2-only CPU: ~3,900 tok/s for d4 against ~15,800 in bf16 on AMX),
+        # d4 saw 246 pretraining steps and its chat stages stopped short of their step counts; d3 fitted 407 steps
+        # (val bpb 1.655 against 1.716) and reached both chat stages' counts, and its SFT model scored 0.538 on the
+        # held-out skills against 0.436 (docs/benchmarks.md, session 43).
+        depth_fp32=3,
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
@@ -418,7 +427,7 @@ PRESETS: dict[str, Preset] = {
         # reached their caps in 7m58s and 10m52s of their then 10.4 and 18.1 minutes and the run ended 7 minutes
         # early, so pretraining takes those minutes (share 0.51 -> 0.60): the cap is 5,000 steps, what a fast
         # machine fits in the stage's ~33 minutes; a slower one's fit stops earlier.
-        pretrain=["--depth", "5", "--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
+        pretrain=["--seq-len", "256", "--device-batch", "16", "--total-batch", "4096",
                   "--num-steps", "5000", "--eval-every", "1250", "--eval-tokens", "65536", "--save-every", "1250",
                   "--repeat-rows", "4"],
         eval_base=["--eval-tokens", "65536", "--core-items", "100"],
@@ -649,6 +658,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     # Offline RL trains on one- and two-step problems in turn (two-step alone unlearned the one-step ones).
     rl_task = ["--task", preset.rl_task[0] if lang == "en" else preset.rl_task[1]]
     flags = {k: getattr(preset, k) for k in ("tokenizer", "pretrain", "eval_base", "midtrain", "sft", "rl", "eval_chat")}
+    flags["pretrain"] = ["--depth", str(preset.depth), *flags["pretrain"]]  # one source: the tag says the same
     if lang == "ja" and preset.tokenizer_ja is not None:
         flags["tokenizer"] = preset.tokenizer_ja
     ja_alone = lang == "ja" and preset.chat_mix_ja is not None  # no English MC data (mmlu-dev) then
@@ -1283,11 +1293,28 @@ def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, ti
                 out.unlink()
 
 
+def for_machine(preset: Preset, device: str, dtype: str) -> Preset:
+    """The preset as this machine runs it: a CPU preset with `depth_fp32` trains that depth where its stages
+    compute in fp32 on the CPU (`device` as resolved_device gives it; `dtype` the --dtype flag, auto as
+    common.default_compute_dtype resolves it: fp32 on a CPU without native bf16 kernels)."""
+    from chibichat.common import eprint
+
+    if preset.depth_fp32 is None or device != "cpu":
+        return preset
+    if dtype == "float32" or (dtype == "auto" and not cpu_has_fast_bf16()):
+        why = "--dtype float32" if dtype == "float32" else "this CPU has no native bf16 kernels"
+        eprint(f"note: preset {preset.name} trains d{preset.depth_fp32} instead of d{preset.depth} here: its stages "
+               f"compute in fp32 ({why}), several times slower per step, and the smaller model learns more in "
+               "the same minutes")
+        return replace(preset, depth=preset.depth_fp32)
+    return preset
+
+
 def run(args) -> int:
     home = Home.resolve(args.home)
     check_home(home)
-    preset = pick_preset(args.preset)
     device = resolved_device(args.device)
+    preset = for_machine(pick_preset(args.preset), device, args.dtype)
     check_layers(args.layers, preset, args.scale)
     nproc = process_count(args.nproc_per_node)
     check_processes(args.nproc_per_node, nproc, device, args.dry_run)
