@@ -388,9 +388,10 @@ PRESETS: dict[str, Preset] = {
         # 40 items per task 2.8x as long as 64.
         eval_chat=["--max-items", "40", "--max-new-tokens", "96"],
         # An AVX2-only CPU computes in fp32 at ~1/4 of the AMX machine's tokens per second; the cap keeps the
-        # quickstart a quickstart there, with fewer steps (and a smaller model: depth_fp32). Shares of the 13 minutes, start-ups included: pretraining ~4.4,
-        # midtraining ~3.5 (4 x 250 steps), SFT ~4.6 (4 x 300 steps), RL ~0.5 (15 steps); time a stage leaves
-        # unused goes to the stages after it. The evaluations take ~0.7 minutes more on a 2-core machine.
+        # quickstart a quickstart there, with fewer steps (and a smaller model: depth_fp32). Shares of the 13
+        # minutes, start-ups included: pretraining ~4.4, midtraining ~3.5 (4 x 250 steps), SFT ~4.6 (4 x 300
+        # steps), RL ~0.5 (15 steps); time a stage leaves unused goes to the stages after it. The evaluations
+        # take ~0.7 minutes more on a 2-core machine.
         max_minutes=13,
         minute_shares={"pretrain": 0.34, "midtrain": 0.27, "sft": 0.35, "rl": 0.04},
         # Compiled, once the forward was one graph: d4 pretraining steps 0.70x eager's time, midtraining and SFT
@@ -401,8 +402,9 @@ PRESETS: dict[str, Preset] = {
         compiled=COMPILABLE,
         # Where the stages compute in fp32 (an AVX2-only CPU: ~3,900 tok/s for d4 against ~15,800 in bf16 on AMX),
         # d4 saw 246 pretraining steps and its chat stages stopped short of their step counts; d3 fitted 407 steps
-        # (val bpb 1.655 against 1.716) and reached both chat stages' counts, and its SFT model scored 0.538 on the
-        # held-out skills against 0.436 (docs/benchmarks.md, session 43).
+        # (val bpb 1.655 against 1.716) and reached both chat stages' counts, and its SFT model scored 0.538 and
+        # 0.514 (two runs) on the held-out skills against 0.436; Japanese 0.662 against 0.486 (docs/benchmarks.md,
+        # session 43).
         depth_fp32=3,
     ),
     "cpu-hour": Preset(
