@@ -40,7 +40,7 @@ def test_a_checkpoint_given_twice_is_refused(tmp_path, capsys):
                                                "each checkpoint once")
 
 
-def test_rows_repeat_their_first_half_and_random_rows_avoid_specials():
+def test_half_rows_repeat_their_first_half_and_random_rows_avoid_specials():
     pieces = C.random_pieces(5, 7, 100, seed=3)
     assert pieces == C.random_pieces(5, 7, 100, seed=3) != C.random_pieces(5, 7, 100, seed=4)
     assert all(len(p) == 7 and all(0 <= t < 100 for t in p) for p in pieces)
@@ -48,17 +48,38 @@ def test_rows_repeat_their_first_half_and_random_rows_avoid_specials():
     assert all(r == [511, *p, *p] for r, p in zip(rows, pieces))
 
 
-def test_half_losses_score_exactly_the_copyable_targets(base):
-    """Against cross-entropy computed from the logits: targets 1..H-1 and H+1..2H-1 of x[:, 1:]."""
+def test_span_rows_repeat_a_span_at_distances_that_vary():
+    pieces = C.random_pieces(40, 16, 100, seed=1)
+    rows, spans = C.span_rows(pieces, bos=511, seed=0)
+    assert (rows, spans) == C.span_rows(pieces, bos=511, seed=0)
+    for row, (a, b, n), p in zip(rows, spans, pieces):
+        assert len(row) == 17 and row[0] == 511 and 2 <= n <= 8 and b == 17 - n  # pieces of 2H = 16: S from 2 to 8
+        assert row[1:b] == p[:16 - n] and row[b:] == row[a:a + n]
+    assert len({b - a for a, b, _ in spans}) > 8  # the distance back to the original varies
+    assert C.half_spans(C.probe_rows(pieces[:2], 511)) == [(1, 17, 16)] * 2
+
+
+def test_copy_losses_score_exactly_the_copyable_targets(base):
+    """Against cross-entropy computed from the logits: for half rows targets 1..H-1 and H+1..2H-1 of x[:, 1:];
+    for span rows a..a+n-2 and b..b+n-2."""
     home, tok = base
     model, _ = load_model(home, "base", "d2")
     rows = C.probe_rows(C.random_pieces(3, 6, min(tok.special_ids), seed=0), tok.bos_id)
-    first, repeat = C.half_losses(model, rows, "cpu", batch=2)
+    first, repeat = C.copy_losses(model, rows, C.half_spans(rows), "cpu", batch=2)
     x = torch.tensor(rows)
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
     assert first == pytest.approx(ce[:, 1:6].mean().item(), rel=1e-5)
     assert repeat == pytest.approx(ce[:, 7:12].mean().item(), rel=1e-5)
+    rows, spans = C.span_rows(C.random_pieces(3, 12, min(tok.special_ids), seed=0), tok.bos_id, seed=2)
+    first, repeat = C.copy_losses(model, rows, spans, "cpu", batch=2)
+    x = torch.tensor(rows)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+    assert first == pytest.approx(torch.cat([ce[k, a:a + n - 1] for k, (a, _, n) in enumerate(spans)]).mean().item(),
+                                  rel=1e-5)
+    assert repeat == pytest.approx(torch.cat([ce[k, b:b + n - 1] for k, (_, b, n) in enumerate(spans)]).mean().item(),
+                                   rel=1e-5)
 
 
 def test_cli_compares_checkpoints_and_writes_the_report(base, capsys):
@@ -71,13 +92,19 @@ def test_cli_compares_checkpoints_and_writes_the_report(base, capsys):
     rep = json.loads((home.report_dir / "bench-t.json").read_text())
     assert (rep["rows"], rep["half"]) == (4, 8)
     a, b = rep["results"]
-    assert a["text"] == b["text"] and a["random"] == b["random"]  # the same weights score the same rows alike
+    assert all(a[k] == b[k] for k in C.KINDS)  # the same weights score the same rows alike
     model, _ = load_model(home, "base", "d2")
     rows = C.probe_rows(C.random_pieces(4, 8, min(tok.special_ids), seed=0), tok.bos_id)
-    first, repeat = C.half_losses(model, rows, "cpu")
+    first, repeat = C.copy_losses(model, rows, C.half_spans(rows), "cpu")
     assert a["random"]["first"] == pytest.approx(first, rel=1e-5)
     assert a["random"]["gain"] == pytest.approx(first - repeat, rel=1e-4, abs=1e-6)
-    assert (home.report_dir / "bench-t.md").read_text().startswith("`chibichat bench copy`: 4 rows of each kind")
+    rows, spans = C.span_rows(C.random_pieces(4, 16, min(tok.special_ids), seed=1), tok.bos_id, seed=0)
+    first, repeat = C.copy_losses(model, rows, spans, "cpu")
+    assert a["random_span"] == pytest.approx({"first": first, "repeat": repeat, "gain": first - repeat}, rel=1e-4)
+    md = (home.report_dir / "bench-t.md").read_text()
+    assert md.startswith("`chibichat bench copy`: rows of 17 tokens; half: BOS + 8 tokens + the same 8 again; span: "
+                         "BOS + 16 - S tokens + S of them from a random place, S from 2 to 8; 4 rows of each kind.")
+    assert "| model | step | text corpus | text: half gain | text: span gain | random: half gain |" in md
 
 
 def _refused(capsys, argv) -> str:

@@ -999,13 +999,17 @@ def test_sft_soup_averages_its_members_and_reuses_finished_ones(base, capsys):
 
 @pytest.mark.parametrize("sec_per_step, compile_s, want_minutes, want_runs", [
     (0.1, 0, [2.0, 203 / 3 / 60, 83 / 60, 129 / 60], 4),  # a fast machine: 37 s a run, all four fit at full length
-    (0.8, 0, [4.0, 226 / 60], 2),  # 2x slower: a full run takes half the budget, so two full runs, not four halves
+    # 2x slower: a full run takes half the budget, so two runs (the second at 282 of 300 steps), not four halves
+    (0.8, 0, [4.0, 226 / 60], 2),
+    # 4x slower: the first run, at half the budget, reaches 150 of 300 steps and a full run would take 487 s of the
+    # 233 left, so the stage keeps the first run alone rather than average it with a shortened one
+    (1.6, 0, [4.0], 1),
     # compiled: the first run's first step takes 30 s more (67 s in all), the later runs reuse its graph (37 s):
     # four fit, where the first run's 67 s alone would have counted three
     (0.1, 30, [2.0, 173 / 3 / 60, 68 / 60, 99 / 60], 4),
 ])
-def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, monkeypatch, sec_per_step, compile_s,
-                                                                          want_minutes, want_runs):
+def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, monkeypatch, capsys, sec_per_step,
+                                                                          compile_s, want_minutes, want_runs):
     """--minutes with --soup K is the whole stage's: the first run may take half of it; the others share
     what is left, less the start-up (data, model, evaluations, saves) the runs took beyond their loops; and
     where K runs would not all reach their step count, fewer runs of full length are averaged, each costing
@@ -1052,7 +1056,40 @@ def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, 
     assert given == pytest.approx(want_minutes) and len(given) == want_runs
     assert averaged == [f"{tag}-soup{i}" for i in range(want_runs)]  # the runs trained, and only those
     assert now[0] - 1000.0 <= minutes * 60
+    out = capsys.readouterr().out
+    if want_runs == 1:
+        assert (f"sft --soup: {tag}-soup0 took 247 s for 150 of 300 steps; no other run of 90% of full length or "
+                "more fits the rest "
+                "of --minutes 8: the stage keeps this run alone (a run cut short would pull the average down)") in out
+    elif want_runs < 4:
+        assert (f"more run(s) of (nearly) full length fit the rest of --minutes {minutes}, not 3 shortened ones: "
+                f"averaging {want_runs} runs") in out
     assert sft.member_minutes(1.0, 59.0, 2, 7.0) == sft.MIN_MEMBER_S / 60  # an overrun budget: the fewest steps
+
+
+def test_soup_keeps_its_first_run_alone_where_no_other_full_run_fits(base, monkeypatch, capsys):
+    """Where the rest of --minutes fits no run of full length (fewer_full_runs: 0), the stage's checkpoint is the
+    first run's weights, unaveraged, and the stage and its report card say so."""
+    from safetensors.torch import load_file
+
+    from chibichat.stages import sft
+    from chibichat.stages.report import chat_stage_section, collect
+
+    home, _ = base
+    monkeypatch.setattr(sft, "fewer_full_runs", lambda *a, **k: 0)
+    run_cli("sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "one", *FAST,
+            "--mix", "arithmetic=0.1", "--num-steps", 2, "--soup", 3, "--minutes", 1)
+    out = capsys.readouterr().out
+    assert "no other run of 90% of full length or more fits the rest of --minutes 1: the stage keeps this run" in out
+    assert "sft --soup: kept its one run one-soup0 -> " in out
+    assert not home.checkpoints_dir("sft", "one-soup1").exists()
+    kept = load_file(str(home.checkpoints_dir("sft", "one") / "step_000002" / "model.safetensors"))
+    first = load_file(str(home.checkpoints_dir("sft", "one-soup0") / "step_000002" / "model.safetensors"))
+    assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in kept)
+    s = json.loads((home.checkpoints_dir("sft", "one") / "summary.json").read_text())
+    assert s["soup"]["members"] == ["one-soup0"] and s["soup"]["seeds"] == [0]
+    st = next(x for x in collect(home, "one") if x.stage == "sft")
+    assert "one run (seed 0): no other run of full length fitted the stage's minutes" in chat_stage_section(st, set())
 
 
 def test_sft_soup_refusals(base):

@@ -3,17 +3,20 @@
 Spelling, letter counting, the calculator's numbers and on-topic sentences all need the model to write a
 token it has just read. This benchmark measures that ability directly, for several checkpoints side by side.
 
-A probe row is BOS, H tokens, then the same H tokens again (2H + 1 ids, H = half the model's context by
-default). The loss is read on both halves, leaving out the two targets no model can get from copying (the
-first token after BOS and the first token of the repeat, where nothing says that a repeat begins). Two kinds
-of rows:
-  - text: consecutive H-token pieces of a corpus's validation split (default: the corpus the checkpoint was
-    trained on); a language model predicts part of the first half already, so the gain is a lower bound;
-  - random: H ordinary tokens drawn uniformly (special tokens excluded); the first half costs about ln(V),
-    and only copying makes the repeat cheaper.
-Per checkpoint and kind: mean loss in nats per token on the first half and on the repeat, and the gain
-(first - repeat). A model that copies well has a gain of several nats on random rows; the quickstart's base
-model has a fraction of one (docs/benchmarks.md, "copy rows in pretraining").
+A probe row holds 2H + 1 ids (H = half the model's context by default) and repeats some of its tokens: either
+  - half: BOS, H tokens, then the same H tokens again (the repeat is always H back), or
+  - span: BOS, 2H - S tokens, then S of them from a random place (S from H/4 to H, drawn per row), so the
+    repeat is a different distance back in every row. Only a model that finds by content where the text it
+    reads appeared before (an induction head) predicts these; one that learnt to attend a fixed distance
+    back predicts the half rows and not these (docs/benchmarks.md, session 44).
+The loss is read on the original and on the repeat, each without its first target, which no copying predicts
+(nothing says that a repeat begins). The tokens are
+  - text: consecutive pieces of a corpus's validation split (default: the corpus the checkpoint was trained
+    on); a language model predicts part of the original already, so the gain is a lower bound;
+  - random: ordinary tokens drawn uniformly (special tokens excluded); the original costs about ln(V), and
+    only copying makes the repeat cheaper.
+Per checkpoint and kind: mean loss in nats per token on the original and on the repeat, and the gain
+(original - repeat). A model that copies well has a gain of several nats on random rows of both layouts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import random
 
 from chibichat.common import CHECKPOINT_STAGES, ChibiError, add_runtime_args
 
-HELP = "in-context copying of saved checkpoints: loss on a repeated half against the first (text and random tokens)"
+HELP = ("in-context copying of saved checkpoints: loss on repeated tokens against their first reading (text and "
+        "random tokens; a repeated half, and a span repeated at a random distance)")
 
 
 def add_args(p) -> None:
@@ -48,9 +52,32 @@ def parse_model(text: str) -> tuple[str, str]:
     return stage, tag
 
 
+KINDS = ("text", "text_span", "random", "random_span")  # tokens x layout (the module docstring)
+
+
 def probe_rows(pieces: list[list[int]], bos: int) -> list[list[int]]:
     """BOS + piece + piece for every piece (all of one length H)."""
     return [[bos, *p, *p] for p in pieces]
+
+
+def half_spans(rows: list[list[int]]) -> list[tuple[int, int, int]]:
+    """The repeat of probe_rows as (original start, repeat start, length) per row: (1, H + 1, H)."""
+    return [(1, (len(r) + 1) // 2, (len(r) - 1) // 2) for r in rows]
+
+
+def span_rows(pieces: list[list[int]], bos: int, seed: int) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+    """For every piece (all of one length 2H): BOS + its first 2H - S tokens + S of them from a random place,
+    S drawn from max(2, H // 4) .. H; with each row its (original start, repeat start, S)."""
+    rng = random.Random(f"bench-copy-span:{seed}")
+    rows, spans = [], []
+    for p in pieces:
+        n = len(p)
+        s = rng.randint(max(2, n // 8), n // 2)
+        i = rng.randint(0, n - 2 * s)
+        head = p[:n - s]
+        rows.append([bos, *head, *head[i:i + s]])
+        spans.append((1 + i, 1 + n - s, s))
+    return rows, spans
 
 
 def random_pieces(rows: int, half: int, vocab_regular: int, seed: int) -> list[list[int]]:
@@ -72,22 +99,25 @@ def text_pieces(corpus, home, tok, rows: int, half: int) -> list[list[int]]:
                      f"x --half {half} = {need:,}; lower --rows or --half")
 
 
-def half_losses(model, rows: list[list[int]], device, batch: int = 8) -> tuple[float, float]:
-    """(mean loss on the first half, mean loss on the repeat) in nats per token, over all rows."""
+def copy_losses(model, rows: list[list[int]], spans: list[tuple[int, int, int]], device,
+                batch: int = 8) -> tuple[float, float]:
+    """(mean loss on the originals, mean loss on the repeats) in nats per token over all rows, where row k's
+    `spans[k]` = (a, b, n) says its n tokens from position a are repeated from position b; each side without
+    its first token."""
     import torch
 
-    half = (len(rows[0]) - 1) // 2
     first = repeat = 0.0
+    count = 0
     with torch.no_grad():
         for s in range(0, len(rows), batch):
             x = torch.tensor(rows[s:s + batch], device=device)
             loss = model(x[:, :-1], x[:, 1:], reduction="none").float()
-            # target j predicts row[j + 1]: 1..H-1 are the first half after its first token, H+1..2H-1 the repeat
-            # after its first token
-            first += loss[:, 1:half].sum().item()
-            repeat += loss[:, half + 1:].sum().item()
-    n = len(rows) * (half - 1)
-    return first / n, repeat / n
+            for k, (a, b, n) in enumerate(spans[s:s + batch]):
+                # target j predicts row[j + 1]: positions a+1 .. a+n-1 are targets a .. a+n-2
+                first += loss[k, a:a + n - 1].sum().item()
+                repeat += loss[k, b:b + n - 1].sum().item()
+                count += n - 1
+    return first / count, repeat / count
 
 
 def run(args) -> int:
@@ -118,20 +148,27 @@ def run(args) -> int:
     rt = init_runtime(args.device, args.dtype)
     regular = min(tok.special_ids)  # specials are the last ids (tokenizer.py)
     random_rows = probe_rows(random_pieces(args.rows, half, regular, args.seed), tok.bos_id)
-    text_rows: dict[str, list[list[int]]] = {}
+    probes = {"random": (random_rows, half_spans(random_rows)),
+              "random_span": span_rows(random_pieces(args.rows, 2 * half, regular, args.seed + 1), tok.bos_id,
+                                       args.seed)}
+    text_probes: dict[str, dict] = {}
     results = []
     for (stage, tag), meta in zip(models, metas):
         corpus_name = args.corpus or meta.get("corpus")
         if not corpus_name:
             raise ChibiError(f"--model {stage + '/' + tag!r}: its checkpoint does not say which corpus it was trained on; "
                              "name one with --corpus")
-        if corpus_name not in text_rows:
-            text_rows[corpus_name] = probe_rows(text_pieces(get_corpus(corpus_name), home, tok, args.rows, half),
-                                                tok.bos_id)
+        if corpus_name not in text_probes:
+            corpus = get_corpus(corpus_name)
+            rows = probe_rows(text_pieces(corpus, home, tok, args.rows, half), tok.bos_id)
+            text_probes[corpus_name] = {
+                "text": (rows, half_spans(rows)),
+                "text_span": span_rows(text_pieces(corpus, home, tok, args.rows, 2 * half), tok.bos_id, args.seed)}
         model, _ = load_model(home, stage, tag, rt=rt, tokenizer=tok)
         row = {"model": f"{stage}/{tag}", "step": meta.get("step"), "corpus": corpus_name}
-        for kind, rows in (("text", text_rows[corpus_name]), ("random", random_rows)):
-            first, repeat = half_losses(model, rows, rt.device)
+        for kind in KINDS:
+            rows, spans = {**text_probes[corpus_name], **probes}[kind]
+            first, repeat = copy_losses(model, rows, spans, rt.device)
             row[kind] = {"first": first, "repeat": repeat, "gain": first - repeat}
         results.append(row)
         del model
@@ -147,12 +184,16 @@ def run(args) -> int:
 
 
 def format_table(results: list[dict], rows: int, half: int) -> str:
-    lines = [f"`chibichat bench copy`: {rows} rows of each kind, BOS + {half} tokens + the same {half} again; mean loss "
-             "(nats per token) on the first half and on the repeat, gain = first - repeat.", "",
-             "| model | step | text corpus | text first | text repeat | text gain | random first | random repeat | random gain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"`chibichat bench copy`: rows of {2 * half + 1} tokens; half: BOS + {half} tokens + the same {half} again; "
+             f"span: BOS + {2 * half} - S tokens + S of them from a random place, S from {max(2, half // 4)} to "
+             f"{half}; {rows} rows of each kind. Mean loss (nats "
+             "per token) on the original and on the repeat, gain = original - repeat: a gain on the half rows and "
+             "none on the span rows is a head that attends a fixed distance back, not copying.", "",
+             "| model | step | text corpus | text: half gain | text: span gain | random: half gain | random: span gain "
+             "| random: span original / repeat |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        t, n = r["text"], r["random"]
-        lines.append(f"| {r['model']} | {r['step']} | {r['corpus']} | {t['first']:.3f} | {t['repeat']:.3f} | "
-                     f"**{t['gain']:.3f}** | {n['first']:.3f} | {n['repeat']:.3f} | **{n['gain']:.3f}** |")
+        lines.append(f"| {r['model']} | {r['step']} | {r['corpus']} | " + " | ".join(
+            f"**{r[k]['gain']:.3f}**" for k in KINDS)
+            + f" | {r['random_span']['first']:.3f} / {r['random_span']['repeat']:.3f} |")
     return "\n".join(lines)

@@ -545,10 +545,14 @@ def chat_stage_section(st: StageArtifacts, written: set[str]) -> str:
             ("over-length policy", f"{s['mode']} / {s.get('overflow')}" if s.get("mode") else None)]
     soup = s.get("soup")
     if isinstance(soup, dict) and soup.get("members"):  # --soup: the checkpoint is the members' average
-        rows.append(("weights", f"average of {len(soup['members'])} runs (seeds "
-                     + ", ".join(str(x) for x in soup.get("seeds", [])) + "; val loss "
-                     + ", ".join(fmt(v) for v in soup.get("member_val_loss", [])) + "); steps, tokens and time "
-                     "are the runs' together, the val loss the average's"))
+        if len(soup["members"]) == 1:  # the budget fitted one run of full length (sft.fewer_full_runs)
+            rows.append(("weights", f"one run (seed {', '.join(str(x) for x in soup.get('seeds', []))}): no other "
+                         "run of full length fitted the stage's minutes"))
+        else:
+            rows.append(("weights", f"average of {len(soup['members'])} runs (seeds "
+                         + ", ".join(str(x) for x in soup.get("seeds", [])) + "; val loss "
+                         + ", ".join(fmt(v) for v in soup.get("member_val_loss", [])) + "); steps, tokens and time "
+                         "are the runs' together, the val loss the average's"))
     out = _stage_block(st, rows, [f"{st.stage}_loss.png"], written)
     mixture, counts = s.get("mixture") or {}, s.get("render_counts") or {}
     if mixture or counts:

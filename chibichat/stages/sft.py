@@ -384,6 +384,7 @@ def soup_members(tag: str, seed: int, k: int) -> list[tuple[str, int]]:
     return [(f"{tag}-soup{i}", seed + i) for i in range(k)]
 
 
+MIN_RUN_LENGTH = 0.9  # a soup's later run trains at least this fraction of a full run's time (fewer_full_runs)
 MIN_MEMBER_S = 5.0  # a member's budget never goes below this: its loop then runs its fewest steps and says so
 
 
@@ -410,8 +411,10 @@ def first_step_extra_s(run_dir: Path, fit: dict) -> float:
 
 def fewer_full_runs(stage_minutes: float, spent_s: float, first_s: float, startup_s: float, first_minutes: float,
                     fit: dict, others: int, once_s: float = 0.0) -> int:
-    """How many of the `others` runs still to train after the first one: those that fit the rest of the
-    budget at full length (at least one, at most all). A full run costs what the first one took (`first_s`)
+    """How many of the `others` runs still to train after the first one: as many as fit the rest of the budget
+    at MIN_RUN_LENGTH of full length or more (none to all). None where not one fits: a run cut far short averages
+    worse than the first run alone (a midtraining soup of 170 and ~70 steps: val loss 2.37 against its first
+    run's 2.19; docs/benchmarks.md, session 44). A full run costs what the first one took (`first_s`)
     where it reached its step count, else its start-up plus its seconds per step over the full count
     (`fit`: its --minutes fit, with `first_minutes` its budget); less, either way, what the first run paid
     once for all (`once_s`: the compile, first_step_extra_s)."""
@@ -420,7 +423,7 @@ def fewer_full_runs(stage_minutes: float, spent_s: float, first_s: float, startu
     else:
         full_s = startup_s + fit["cap"] * (first_minutes * 60 - once_s) / fit["num_steps"]
     left_s = stage_minutes * 60 - spent_s
-    return max(1, min(others, int(left_s // max(full_s, 1e-9))))
+    return max(0, min(others, int(left_s / max(MIN_RUN_LENGTH * full_s, 1e-9))))
 
 
 def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
@@ -498,9 +501,13 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
             more = fewer_full_runs(args.minutes, time.time() - t0, time.time() - m0, startup, margs.minutes, fit,
                                    len(todo) - 1, first_step_extra_s(mdir, fit) if args.compile else 0.0)
             if more < len(todo) - 1:
-                print(f"{command} --soup: {mtag} took {time.time() - m0:.0f} s for {fit.get('num_steps')} of "
-                      f"{fit.get('cap')} steps; {more} more run(s) of full length fit the rest of --minutes "
-                      f"{args.minutes:g}, not {len(todo) - 1} shortened ones: averaging {1 + more} runs", flush=True)
+                took = (f"{command} --soup: {mtag} took {time.time() - m0:.0f} s for {fit.get('num_steps')} of "
+                        f"{fit.get('cap')} steps; ")
+                print(took + (f"{more} more run(s) of (nearly) full length fit the rest of --minutes {args.minutes:g}, "
+                              f"not {len(todo) - 1} shortened ones: averaging {1 + more} runs" if more else
+                              f"no other run of {MIN_RUN_LENGTH:.0%} of full length or more fits the rest of --minutes "
+                              f"{args.minutes:g}: the stage keeps this run alone (a run cut short would pull the "
+                              "average down)"), flush=True)
                 members = [m for m in members if m not in todo[1 + more:]]
                 todo = todo[:1 + more]
         i += 1
@@ -510,7 +517,8 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
         tok = Tokenizer.load(home.tokenizer_dir)
         sdirs = [resolve_checkpoint(home, stage, mtag) for mtag, _ in members]
         model, meta0 = load_model(home, stage, members[0][0], rt=rt, tokenizer=tok)
-        model.load_state_dict({k: v.to(rt.device) for k, v in average_weights(sdirs).items()})
+        if len(sdirs) > 1:  # one run (fewer_full_runs: none more fitted) is the checkpoint as it is
+            model.load_state_dict({k: v.to(rt.device) for k, v in average_weights(sdirs).items()})
         _, val_mix, _, _ = stage_mixtures(args, tok, home, mix_en, mix_ja)
         step = int(meta0["step"])
         val_loss = val_loss_fn(val_mix, tok, args, rt, train_all_tokens, args.mode)(model, step)["val_loss"]
@@ -547,7 +555,9 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
                         "command again with --resume to average them")
             raise ChibiError(f"{command} --soup: the average of the {len(members)} runs was not saved to {tag_dir}: "
                              f"{kept}. The cause: {cause}") from None
-        print0(rt, f"{command} --soup: averaged {len(members)} runs -> {sdir} | val_loss {val_loss:.4f} (members "
+        print0(rt, f"{command} --soup: " + (f"averaged {len(members)} runs" if len(members) > 1 else
+                                              f"kept its one run {members[0][0]}")
+                   + f" -> {sdir} | val_loss {val_loss:.4f} (members "
                    + ", ".join(f"{v:.4f}" for v in soup["member_val_loss"] if v is not None) + " on their own seeds' "
                    "validation items)")
         return 0
