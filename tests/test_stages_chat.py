@@ -997,19 +997,23 @@ def test_sft_soup_averages_its_members_and_reuses_finished_ones(base, capsys):
     assert all(torch.equal(again[k], soup[k]) for k in soup)
 
 
-@pytest.mark.parametrize("sec_per_step, compile_s, want_minutes, want_runs", [
-    (0.1, 0, [2.0, 203 / 3 / 60, 83 / 60, 129 / 60], 4),  # a fast machine: 37 s a run, all four fit at full length
+@pytest.mark.parametrize("sec_per_step, compile_s, startup, minutes, want_minutes, want_runs", [
+    (0.1, 0, 7.0, 4, [2.0, 203 / 3 / 60, 83 / 60, 129 / 60], 4),  # a fast machine: 37 s a run, all four fit at full length
     # 2x slower: a full run takes half the budget, so two runs (the second at 282 of 300 steps), not four halves
-    (0.8, 0, [4.0, 226 / 60], 2),
-    # 4x slower: the first run, at half the budget, reaches 150 of 300 steps and a full run would take 487 s of the
-    # 233 left, so the stage keeps the first run alone rather than average it with a shortened one
-    (1.6, 0, [4.0], 1),
+    (0.8, 0, 7.0, 8, [4.0, 226 / 60], 2),
     # compiled: the first run's first step takes 30 s more (67 s in all), the later runs reuse its graph (37 s):
     # four fit, where the first run's 67 s alone would have counted three
-    (0.1, 30, [2.0, 173 / 3 / 60, 68 / 60, 99 / 60], 4),
+    (0.1, 30, 7.0, 4, [2.0, 173 / 3 / 60, 68 / 60, 99 / 60], 4),
+    # 4x slower: the first run reaches 150 of 300 steps in its half; no full run fits the rest, but a second run
+    # as long as the first does (141 steps), and two runs cut short alike are averaged
+    (1.6, 0, 7.0, 8, [4.0, 226 / 60], 2),
+    # a budget small beside the start-up: the first run's 37 steps and 30 s of start-up leave 31 s, under 3/4 of
+    # its 89 s, so the stage keeps the first run alone rather than average it with a much shorter one
+    (1.6, 0, 30.0, 2, [1.0], 1),
 ])
 def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, monkeypatch, capsys, sec_per_step,
-                                                                          compile_s, want_minutes, want_runs):
+                                                                          compile_s, startup, minutes, want_minutes,
+                                                                          want_runs):
     """--minutes with --soup K is the whole stage's: the first run may take half of it; the others share
     what is left, less the start-up (data, model, evaluations, saves) the runs took beyond their loops; and
     where K runs would not all reach their step count, fewer runs of full length are averaged, each costing
@@ -1020,8 +1024,8 @@ def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, 
     from chibichat.train import checkpoint
 
     home, _ = base
-    now, given, tag = [1000.0], [], f"sb{int(sec_per_step * 10)}c{compile_s}"
-    cap, startup = 300, 7.0
+    now, given, tag = [1000.0], [], f"sb{int(sec_per_step * 10)}c{compile_s}s{int(startup)}"
+    cap = 300
 
     def member(margs, **kind):  # loops that keep their budgets at sec_per_step, start-ups of 7 s
         steps = min(cap, int(margs.minutes * 60 / sec_per_step + 1e-9))
@@ -1048,7 +1052,6 @@ def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, 
     monkeypatch.setattr(sft, "time", types.SimpleNamespace(time=lambda: now[0]))
     monkeypatch.setattr(sft, "run_conversation_stage", member)
     monkeypatch.setattr(checkpoint, "resolve_checkpoint", averaging)
-    minutes = 4 if sec_per_step < 0.5 else 8
     with pytest.raises(Averaging):
         sft.run(_parse(["sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", tag, *FAST,
                         "--mix", "arithmetic=0.1", "--num-steps", cap, "--soup", "4", "--minutes", minutes]
@@ -1058,12 +1061,12 @@ def test_soup_minutes_cover_start_ups_and_train_fewer_runs_of_full_length(base, 
     assert now[0] - 1000.0 <= minutes * 60
     out = capsys.readouterr().out
     if want_runs == 1:
-        assert (f"sft --soup: {tag}-soup0 took 247 s for 150 of 300 steps; no other run of 90% of full length or "
-                "more fits the rest "
-                "of --minutes 8: the stage keeps this run alone (a run cut short would pull the average down)") in out
+        assert (f"sft --soup: {tag}-soup0 took 89 s for 37 of 300 steps; no other run of full length, nor one 75% as "
+                "long as this one, fits the rest of --minutes 2: the stage keeps this run alone (a much shorter run "
+                "would pull the average down)") in out
     elif want_runs < 4:
-        assert (f"more run(s) of (nearly) full length fit the rest of --minutes {minutes}, not 3 shortened ones: "
-                f"averaging {want_runs} runs") in out
+        assert (f"1 more run(s) about as long as this one or longer fit the rest of --minutes {minutes}, not 3 "
+                "shortened ones: averaging 2 runs") in out
     assert sft.member_minutes(1.0, 59.0, 2, 7.0) == sft.MIN_MEMBER_S / 60  # an overrun budget: the fewest steps
 
 
@@ -1080,7 +1083,7 @@ def test_soup_keeps_its_first_run_alone_where_no_other_full_run_fits(base, monke
     run_cli("sft", "--home", home.root, "--from", "base", "--from-tag", "d2", "--tag", "one", *FAST,
             "--mix", "arithmetic=0.1", "--num-steps", 2, "--soup", 3, "--minutes", 1)
     out = capsys.readouterr().out
-    assert "no other run of 90% of full length or more fits the rest of --minutes 1: the stage keeps this run" in out
+    assert "no other run of full length, nor one 75% as long as this one, fits the rest of --minutes 1" in out
     assert "sft --soup: kept its one run one-soup0 -> " in out
     assert not home.checkpoints_dir("sft", "one-soup1").exists()
     kept = load_file(str(home.checkpoints_dir("sft", "one") / "step_000002" / "model.safetensors"))

@@ -384,7 +384,7 @@ def soup_members(tag: str, seed: int, k: int) -> list[tuple[str, int]]:
     return [(f"{tag}-soup{i}", seed + i) for i in range(k)]
 
 
-MIN_RUN_LENGTH = 0.9  # a soup's later run trains at least this fraction of a full run's time (fewer_full_runs)
+MIN_SECOND_RUN = 0.75  # fewer_full_runs: a second run where none of full length fits needs this much of the first's time
 MIN_MEMBER_S = 5.0  # a member's budget never goes below this: its loop then runs its fewest steps and says so
 
 
@@ -411,19 +411,23 @@ def first_step_extra_s(run_dir: Path, fit: dict) -> float:
 
 def fewer_full_runs(stage_minutes: float, spent_s: float, first_s: float, startup_s: float, first_minutes: float,
                     fit: dict, others: int, once_s: float = 0.0) -> int:
-    """How many of the `others` runs still to train after the first one: as many as fit the rest of the budget
-    at MIN_RUN_LENGTH of full length or more (none to all). None where not one fits: a run cut far short averages
-    worse than the first run alone (a midtraining soup of 170 and ~70 steps: val loss 2.37 against its first
-    run's 2.19; docs/benchmarks.md, session 44). A full run costs what the first one took (`first_s`)
-    where it reached its step count, else its start-up plus its seconds per step over the full count
-    (`fit`: its --minutes fit, with `first_minutes` its budget); less, either way, what the first run paid
-    once for all (`once_s`: the compile, first_step_extra_s)."""
+    """How many of the `others` runs still to train after the first one: those that fit the rest of the
+    budget at full length (at most all). Where not one does, one more only if the rest gives it at least
+    MIN_SECOND_RUN of the time the first run took (so two runs cut short alike are averaged), else none: a
+    run much shorter than the first averages worse than the first alone (a midtraining soup of 170 and ~70
+    steps: val loss 2.37 against its first run's 2.19; docs/benchmarks.md, session 44). A full run costs what
+    the first one took (`first_s`) where it reached its step count, else its start-up plus its seconds per
+    step over the full count (`fit`: its --minutes fit, with `first_minutes` its budget); less, either way,
+    what the first run paid once for all (`once_s`: the compile, first_step_extra_s)."""
     if not fit or fit.get("capped") or fit.get("num_steps", 0) >= fit.get("cap", 0):
         full_s = first_s - once_s
     else:
         full_s = startup_s + fit["cap"] * (first_minutes * 60 - once_s) / fit["num_steps"]
     left_s = stage_minutes * 60 - spent_s
-    return max(0, min(others, int(left_s / max(MIN_RUN_LENGTH * full_s, 1e-9))))
+    full = min(others, int(left_s // max(full_s, 1e-9)))
+    if full == 0 and others:
+        return int(left_s >= MIN_SECOND_RUN * (first_s - once_s))
+    return full
 
 
 def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: str, mix_ja: str) -> int:
@@ -503,11 +507,11 @@ def run_soup(args, *, command: str, stage: str, train_all_tokens: bool, mix_en: 
             if more < len(todo) - 1:
                 took = (f"{command} --soup: {mtag} took {time.time() - m0:.0f} s for {fit.get('num_steps')} of "
                         f"{fit.get('cap')} steps; ")
-                print(took + (f"{more} more run(s) of (nearly) full length fit the rest of --minutes {args.minutes:g}, "
-                              f"not {len(todo) - 1} shortened ones: averaging {1 + more} runs" if more else
-                              f"no other run of {MIN_RUN_LENGTH:.0%} of full length or more fits the rest of --minutes "
-                              f"{args.minutes:g}: the stage keeps this run alone (a run cut short would pull the "
-                              "average down)"), flush=True)
+                print(took + (f"{more} more run(s) about as long as this one or longer fit the rest of --minutes "
+                              f"{args.minutes:g}, not {len(todo) - 1} shortened ones: averaging {1 + more} runs"
+                              if more else f"no other run of full length, nor one {MIN_SECOND_RUN:.0%} as long as "
+                              f"this one, fits the rest of --minutes {args.minutes:g}: the stage keeps this run "
+                              "alone (a much shorter run would pull the average down)"), flush=True)
                 members = [m for m in members if m not in todo[1 + more:]]
                 todo = todo[:1 + more]
         i += 1
