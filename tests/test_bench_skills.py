@@ -343,6 +343,27 @@ def test_a_failed_stage_names_itself_and_how_to_resume(tmp_path, monkeypatch):
         B.run(_args(home.root, "--from-tag", "d2", "--seeds", "0"))
 
 
+def test_an_arm_whose_stage_command_does_not_parse_is_refused_before_any_run(tmp_path, monkeypatch):
+    """A misspelt flag or a bad value in any arm's part is found before the first stage of the first arm runs."""
+    home, _ = make_base(tmp_path / "home")
+    monkeypatch.setattr(B.subprocess, "run", lambda *a, **k: pytest.fail("a stage ran"))
+    cases = [("ok;--mix spelling=2;", "late;;--mixx spelling=2",
+              "--arm 'late': its sft command does not parse, so no run is started: unrecognized arguments: --mixx "
+              "spelling=2 (the command: chibichat sft --home "),
+             ("lr;;--lr-frac half",
+              "--arm 'lr': its sft command does not parse, so no run is started: argument --lr-frac: invalid float "
+              "value: 'half'"),
+             ("rl;;;--prompts-per-step x", "--arm 'rl': its rl command does not parse, so no run is started: "
+              "argument --prompts-per-step: invalid int value: 'x'")]
+    for *specs, why in cases:
+        argv = ["--from-tag", "d2", "--seeds", "0"] + [a for spec in specs for a in ("--arm", spec)]
+        if any(spec.count(";") == 3 for spec in specs):
+            argv += ["--rl-steps", "2"]
+        with pytest.raises(ChibiError) as e:
+            B.run(_args(home.root, *argv))
+        assert str(e.value).startswith(why), str(e.value)
+
+
 def test_every_bench_list_flag_shares_one_parser_and_its_messages():
     from chibichat.bench import serve, sweep
 

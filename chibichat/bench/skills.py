@@ -411,6 +411,29 @@ def check_same_preset(args, report: Path) -> None:
                          f"{said(args.preset)}: give the bench another --name, or pass {said(had)}")
 
 
+def check_arm_commands(args, home: Home, arms: list[Arm], seed: int, compiled: tuple[str, ...]) -> None:
+    """Every stage command of every arm parses as `chibichat` would parse it, before the first run starts: a
+    misspelt flag or a bad value in an arm's part was found only when that stage started, minutes or hours
+    into the bench. (What only a stage itself can check, such as an unknown task in --mix, is still found
+    there.)"""
+    import contextlib
+    import io
+
+    from chibichat.cli import build_parser
+
+    parser, owners, sft_of = build_parser(), mid_owners(arms), sft_owners(arms)
+    for arm in arms:
+        for _, stage, argv in stage_argvs(args, home, arm, seed, owners[arm.name], sft_of[arm.name], compiled):
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    parser.parse_args(argv)
+            except SystemExit:
+                said = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "it does not parse"
+                raise ChibiError(f"--arm {arm.name!r}: its {argv[0]} command does not parse, so no run is started: "
+                                 f"{said.split(': error: ', 1)[-1]} (the command: chibichat {shlex.join(argv)})") from None
+
+
 def run(args) -> int:
     check_at_least(args, 1, "mid_steps", "sft_steps", "max_new_tokens", "max_per_skill")
     check_at_least(args, 0, "rl_steps")
@@ -436,6 +459,7 @@ def run(args) -> int:
     check_same_preset(args, out / f"{stem}.json")
     mid_start, sft_start, mid_steps, sft_steps = preset_start(args)
     compiled = compiled_stages(args)
+    check_arm_commands(args, home, arms, seeds[0], compiled)
     rows, owners, sft_of = [], mid_owners(arms), sft_owners(arms)
     key, _ = skill_keys(args.lang)
 
