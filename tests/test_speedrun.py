@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,11 @@ def test_the_cpu_preset_trains_a_smaller_model_where_its_stages_compute_in_fp32(
         monkeypatch.setattr(speedrun, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert for_machine(cpu, device, dtype).depth == depth, (fast, dtype, device)
         err = capsys.readouterr().err
-        assert ("(--dtype float32)" in err) == (depth == 3 and dtype == "float32") and ("d3 instead" in err) == (depth == 3)
+        assert ("(--dtype float32)" in err) == (depth == 3 and dtype == "float32")
+        assert ("trains d3 with a 2,048-token vocabulary instead of d4" in err) == (depth == 3)
+        assert for_machine(cpu, device, dtype).tokenizer == (cpu.tokenizer_fp32 if depth == 3 else cpu.tokenizer)
+        assert for_machine(cpu, device, dtype, "ja").tokenizer == cpu.tokenizer  # Japanese: tokenizer_ja, as before
+        capsys.readouterr()
     for name in ("micro", "cpu-hour", "d20"):
         assert for_machine(PRESETS[name], "cpu", "float32") is PRESETS[name]
     for name, preset in PRESETS.items():
@@ -98,16 +103,22 @@ def test_the_cpu_preset_trains_a_smaller_model_where_its_stages_compute_in_fp32(
             assert pre[pre.index("--tag") + 1] == preset.tag_prefix + f"d{preset.depth}", name
 
     monkeypatch.setattr(speedrun, "cpu_has_fast_bf16", lambda: False)
-    for dtype, depth in (((), "3"), (("--dtype", "bfloat16"), "4")):
-        assert main(["speedrun", "--preset", "cpu", "--home", str(tmp_path / "h"), *dtype, "--dry-run"]) == 0
+    for lang, dtype, depth, vocab in (("en", (), "3", "2048"), ("en", ("--dtype", "bfloat16"), "4", "4096"),
+                                      ("ja", (), "3", "1024"), ("ja", ("--dtype", "bfloat16"), "4", "1024")):
+        assert main(["speedrun", "--preset", "cpu", "--lang", lang, "--home", str(tmp_path / f"h-{lang}"), *dtype,
+                     "--dry-run"]) == 0
         out, err = capsys.readouterr()
         lines = [line.split() for line in out.splitlines() if line.strip().startswith("$ chibichat ")]
-        note = ("note: preset cpu trains d3 instead of d4 here: its stages compute in fp32 (this CPU has no native "
-                "bf16 kernels), several times slower per step, and the smaller model learns more in the same minutes")
-        assert (note in err) == (depth == "3")
+        what = ("d3 with a 2,048-token vocabulary instead of d4 with a 4,096-token vocabulary" if lang == "en" else
+                "d3 instead of d4")
+        note = (f"note: preset cpu trains {what} here: its stages compute in fp32 (this CPU has no native bf16 "
+                "kernels), several times slower per step, and the smaller model learns more in the same minutes")
+        assert (note in err) == (depth == "3"), err
         pre = next(a for a in lines if a[2] == "pretrain")
         assert pre[pre.index("--depth") + 1] == depth and pre[pre.index("--tag") + 1] == "d" + depth
         assert {a[a.index("--from-tag") + 1] for a in lines if "--from-tag" in a} == {"d" + depth}
+        tok = next(a for a in lines if a[2:4] == ["tokenizer", "train"])
+        assert tok[tok.index("--vocab-size") + 1] == vocab, (lang, dtype)
 
 
 def test_precision_and_memory_flags_reach_the_stages_that_take_them(tmp_path):
@@ -384,8 +395,9 @@ def test_a_finished_tokenizer_of_another_size_or_split_is_refused_not_reused(tmp
         check_done_tokenizer(home, en)
     # the speedrun itself refuses before running anything; --force tokenizer is the way past it
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # (--dtype bfloat16: the plan of any CPU; where the stages compute in fp32 it would train 2,048 tokens)
     r = subprocess.run([sys.executable, "-m", "chibichat", "speedrun", "--preset", "cpu", "--home", str(tmp_path),
-                        "--dry-run"], capture_output=True, text=True, env=env)
+                        "--dtype", "bfloat16", "--dry-run"], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "holds a 1024-token tokenizer (split ja, corpus embedded-ja), but this plan trains 4096" \
         in r.stderr
 
@@ -768,6 +780,16 @@ def test_the_quickstart_ends_by_naming_the_longer_preset_with_the_same_language_
     assert (args.preset, args.lang, args.layers, args.home) == ("cpu-hour", "ja", "iberis", "/h")
     home = Home(tmp_path)
     assert plan(home, PRESETS["cpu-hour"], "ja", "iberis", "cpu")[0].argv == plan(home, PRESETS["cpu"], "ja", "iberis", "cpu")[0].argv
+    # where the quickstart trained another tokenizer (English on a CPU computing in fp32: 2,048 tokens), the same
+    # home would refuse cpu-hour's 4,096 (check_done_tokenizer), so the closing lines name a home of its own
+    fp32 = replace(PRESETS["cpu"], depth=PRESETS["cpu"].depth_fp32, tokenizer=PRESETS["cpu"].tokenizer_fp32)
+    lines = closing_lines(fp32, "en", "dense", " --home /h", "/h")
+    assert lines[-2] == ("A stronger model in ~60 minutes more on 2 cores (a wider model, more steps), in a home of its "
+                         "own: it trains a 4,096-token tokenizer, this run trained 2,048 (chat and serve then take "
+                         "--home /h-hour):")
+    assert lines[-1] == "  chibichat speedrun --preset cpu-hour --home /h-hour"
+    assert closing_lines(fp32, "ja", "dense", " --home /h", "/h")[-1] == "  chibichat speedrun --preset cpu-hour --lang ja --home /h"
+    assert plan(home, fp32, "en", "dense", "cpu")[0].argv != plan(home, PRESETS["cpu-hour"], "en", "dense", "cpu")[0].argv
 
 
 def test_cpu_presets_compile_their_training_stages_where_a_cpp_compiler_is_found(tmp_path, monkeypatch, capsys):
@@ -1041,8 +1063,6 @@ def test_quickstart_runs_the_speedrun_in_the_callers_directory(tmp_path):
 
 def test_readme_states_the_cpu_presets_sizes_and_budgets():
     """The README's preset table quotes these values; a change of a preset must change it (and this test)."""
-    from dataclasses import replace
-
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
     cpu, hour = PRESETS["cpu"], PRESETS["cpu-hour"]
 
@@ -1071,7 +1091,8 @@ def test_readme_states_the_cpu_presets_sizes_and_budgets():
             f"midtraining {pct(cpu, 'midtrain')} and SFT {pct(cpu, 'sft')} for their four averaged runs each, RL "
             f"{pct(cpu, 'rl')};",
             f"of its {flag(cpu.pretrain, '--num-steps')} steps",
-            f"the preset trains d{cpu.depth_fp32} ({millions(replace(cpu, depth=cpu.depth_fp32))}M params) instead",
+            f"the preset trains d{cpu.depth_fp32} ({millions(replace(cpu, depth=cpu.depth_fp32, tokenizer=cpu.tokenizer_fp32))}M "
+            f"params) with a {int(flag(cpu.tokenizer_fp32, '--vocab-size')):,}-token English vocabulary instead",
             f"d{hour.depth} ({millions(hour)}M params)", f"up to {int(flag(hour.pretrain, '--num-steps')):,} steps",
             f"its own checkpoints (`{hour.tag_prefix}d{hour.depth}`)",
             f"vocab {flag(hour.tokenizer, '--vocab-size')} (`--lang ja`: {flag(hour.tokenizer_ja, '--vocab-size')})",

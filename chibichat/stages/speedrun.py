@@ -97,6 +97,8 @@ class Preset:
     # --dtype float32): there a step is several times slower and a smaller model learns more in the same
     # minutes (for_machine). None: `depth` everywhere.
     depth_fp32: int | None = None
+    # The English tokenizer's flags there (for_machine); None: `tokenizer` everywhere.
+    tokenizer_fp32: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,9 @@ PRESETS: dict[str, Preset] = {
         # compile); English (~0.27 s per step) and iberis (0.25-0.28 s) fit ~850-900 there, and a slower machine's
         # fit stops earlier. (At a cap of 850 the Japanese and iberis runs left 50-65 s of the share unused.)
         # Every 4th row a copy row (--repeat-rows): without them the model never learns to copy a word from
-        # the prompt into a tool call or an answer (docs/benchmarks.md, "copy rows").
+        # the prompt into a tool call or an answer (docs/benchmarks.md, "copy rows"). What the base model learns
+        # is a head that looks that fixed distance back; rows repeating a span from a random distance taught no
+        # copying at d3 either and scored lower after SFT (0.450 against 0.514-0.550; session 44).
         # The LR falls over the last 60% of the steps (the pretrain default, nanochat's, is 20%) and the Muon
         # matrices decay by 0.1: at 700 steps val bpb 1.526 against 1.553 with the defaults, the two measured
         # apart at -0.015 and -0.010; 0.8 and 1.0 of the run were no better than 0.6, a higher or lower matrix
@@ -406,6 +410,12 @@ PRESETS: dict[str, Preset] = {
         # 0.514 (two runs) on the held-out skills against 0.436; Japanese 0.662 against 0.486 (docs/benchmarks.md,
         # session 43).
         depth_fp32=3,
+        # And a 2,048-token English vocabulary there: at d3 on the AVX2 CPU, 4,096 tokens left the word tasks
+        # dead (spelling 0.07, letter count 0.13 over three runs: the model wrote another word into the call),
+        # 2,048 brought them to 0.53 and 0.60 and 4 of 8 open prompts on topic (none at 4,096), for lower canned
+        # answers (identity 0.75, refusal 0.40 against 0.80-0.90): 0.583 after SFT against 0.514-0.550 (one run
+        # each for now; docs/benchmarks.md, session 44). Japanese keeps its 1,024.
+        tokenizer_fp32=["--vocab-size", "2048", "--max-chars", "2000000"],
     ),
     "cpu-hour": Preset(
         name="cpu-hour",
@@ -661,8 +671,7 @@ def plan(home: Home, preset: Preset, lang: str, layers: str, device: str, dtype:
     rl_task = ["--task", preset.rl_task[0] if lang == "en" else preset.rl_task[1]]
     flags = {k: getattr(preset, k) for k in ("tokenizer", "pretrain", "eval_base", "midtrain", "sft", "rl", "eval_chat")}
     flags["pretrain"] = ["--depth", str(preset.depth), *flags["pretrain"]]  # one source: the tag says the same
-    if lang == "ja" and preset.tokenizer_ja is not None:
-        flags["tokenizer"] = preset.tokenizer_ja
+    flags["tokenizer"] = tokenizer_flags(preset, lang)
     ja_alone = lang == "ja" and preset.chat_mix_ja is not None  # no English MC data (mmlu-dev) then
     flags["midtrain"], flags["sft"] = chat_stage_flags(preset, lang)
     shards = 0
@@ -1295,20 +1304,23 @@ def invalidate(home: Home, steps: list[Step], redo: list[str], records: dict, ti
                 out.unlink()
 
 
-def for_machine(preset: Preset, device: str, dtype: str) -> Preset:
-    """The preset as this machine runs it: a CPU preset with `depth_fp32` trains that depth where its stages
-    compute in fp32 on the CPU (`device` as resolved_device gives it; `dtype` the --dtype flag, auto as
-    common.default_compute_dtype resolves it: fp32 on a CPU without native bf16 kernels)."""
+def for_machine(preset: Preset, device: str, dtype: str, lang: str = "en") -> Preset:
+    """The preset as this machine runs it: a CPU preset with `depth_fp32` trains that depth, and in English
+    with `tokenizer_fp32` that tokenizer, where its stages compute in fp32 on the CPU (`device` as
+    resolved_device gives it; `dtype` the --dtype flag, auto as common.default_compute_dtype resolves it: fp32
+    on a CPU without native bf16 kernels)."""
     from chibichat.common import eprint
 
     if preset.depth_fp32 is None or device != "cpu":
         return preset
     if dtype == "float32" or (dtype == "auto" and not cpu_has_fast_bf16()):
         why = "--dtype float32" if dtype == "float32" else "this CPU has no native bf16 kernels"
-        eprint(f"note: preset {preset.name} trains d{preset.depth_fp32} instead of d{preset.depth} here: its stages "
-               f"compute in fp32 ({why}), several times slower per step, and the smaller model learns more in "
-               "the same minutes")
-        return replace(preset, depth=preset.depth_fp32)
+        tok = preset.tokenizer_fp32 if lang == "en" and preset.tokenizer_fp32 is not None else None
+        vocab = lambda flags: f" with a {int(flags[flags.index('--vocab-size') + 1]):,}-token vocabulary"
+        eprint(f"note: preset {preset.name} trains d{preset.depth_fp32}{vocab(tok) if tok else ''} instead of "
+               f"d{preset.depth}{vocab(preset.tokenizer) if tok else ''} here: its stages compute in fp32 ({why}), "
+               "several times slower per step, and the smaller model learns more in the same minutes")
+        return replace(preset, depth=preset.depth_fp32, tokenizer=tok or preset.tokenizer)
     return preset
 
 
@@ -1316,7 +1328,7 @@ def run(args) -> int:
     home = Home.resolve(args.home)
     check_home(home)
     device = resolved_device(args.device)
-    preset = for_machine(pick_preset(args.preset), device, args.dtype)
+    preset = for_machine(pick_preset(args.preset), device, args.dtype, args.lang)
     check_layers(args.layers, preset, args.scale)
     nproc = process_count(args.nproc_per_node)
     check_processes(args.nproc_per_node, nproc, device, args.dry_run)
@@ -1447,20 +1459,35 @@ def run(args) -> int:
     summary = path.read_text(encoding="utf-8").split("## Summary", 1)[-1].split("\n## ", 1)[0]
     print("## Summary" + summary)
     home_flag = "" if args.home is None else f" --home {shlex.quote(str(home.root))}"
-    print("\n".join(closing_lines(preset, args.lang, args.layers, home_flag)))
+    print("\n".join(closing_lines(preset, args.lang, args.layers, home_flag, str(home.root))))
     return 0
 
 
-def closing_lines(preset: Preset, lang: str, layers: str, home_flag: str) -> list[str]:
+def tokenizer_flags(preset: Preset, lang: str) -> list[str]:
+    """The `tokenizer train` flags a CPU preset's plan gives for `lang`."""
+    return preset.tokenizer_ja if lang == "ja" and preset.tokenizer_ja is not None else preset.tokenizer
+
+
+def closing_lines(preset: Preset, lang: str, layers: str, home_flag: str, home_root: str = "") -> list[str]:
     """What a finished speedrun tells the user to do next: talk to the model, and after the quickstart, the
-    longer preset that makes a stronger one in the same home (its own checkpoints, the same tokenizer)."""
+    longer preset that makes a stronger one in the same home (its own checkpoints, the same tokenizer), or in a
+    home of its own (`home_root`-hour) where the quickstart trained another tokenizer (for_machine)."""
     lines = ["Talk to your model:",
              f"  chibichat chat{home_flag}                 # streaming REPL (or -p 'question' for one shot)",
              f"  chibichat serve{home_flag}                # web page + OpenAI-compatible API on http://127.0.0.1:8000"]
     if preset.name == "cpu":
         same = (" --lang ja" if lang == "ja" else "") + ("" if layers == "dense" else f" --layers {layers}")
         hour = PRESETS["cpu-hour"]
-        lines += [f"A stronger model in ~{hour.expected_minutes} minutes more on 2 cores (a wider model, more steps; "
-                  "chat and serve then pick it):",
-                  f"  chibichat speedrun --preset cpu-hour{same}{home_flag}"]
+        mine, its = tokenizer_flags(preset, lang), tokenizer_flags(hour, lang)
+        if mine == its:
+            lines += [f"A stronger model in ~{hour.expected_minutes} minutes more on 2 cores (a wider model, more "
+                      "steps; chat and serve then pick it):",
+                      f"  chibichat speedrun --preset cpu-hour{same}{home_flag}"]
+        else:
+            vocab = lambda flags: f"{int(flags[flags.index('--vocab-size') + 1]):,}"
+            other = f" --home {shlex.quote(home_root + '-hour')}"
+            lines += [f"A stronger model in ~{hour.expected_minutes} minutes more on 2 cores (a wider model, more "
+                      f"steps), in a home of its own: it trains a {vocab(its)}-token tokenizer, this run trained "
+                      f"{vocab(mine)} (chat and serve then take{other}):",
+                      f"  chibichat speedrun --preset cpu-hour{same}{other}"]
     return lines
