@@ -7,7 +7,7 @@ import math
 import pytest
 
 from chibichat.bench import skills as B
-from chibichat.cli import main
+from chibichat.cli import build_parser, main
 from chibichat.common import ChibiError
 
 from test_stages_chat import make_base
@@ -105,7 +105,8 @@ def _args(home, *extra):
     p.add_argument("--home")
     B.add_args(p)
     # as the CLI hands them down (stages/bench.py)
-    p.set_defaults(chat_stage_flags=preset_chat_flags, compiled_stages=preset_compiled_stages)
+    p.set_defaults(chat_stage_flags=preset_chat_flags, compiled_stages=preset_compiled_stages,
+                   parse_command=build_parser().parse_args)
     return p.parse_args(["--home", str(home), *extra])
 
 

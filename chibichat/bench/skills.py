@@ -419,15 +419,18 @@ def check_arm_commands(args, home: Home, arms: list[Arm], seed: int, compiled: t
     import contextlib
     import io
 
-    from chibichat.cli import build_parser
-
-    parser, owners, sft_of = build_parser(), mid_owners(arms), sft_owners(arms)
+    # the CLI's own parser, handed down by cli.main (this layer sits below it)
+    parse = getattr(args, "parse_command", None)
+    if parse is None:
+        raise ChibiError("bench skills needs the CLI's parser to check its arms' commands: run it as `chibichat bench "
+                         "skills`")
+    owners, sft_of = mid_owners(arms), sft_owners(arms)
     for arm in arms:
         for _, stage, argv in stage_argvs(args, home, arm, seed, owners[arm.name], sft_of[arm.name], compiled):
             err = io.StringIO()
             try:
                 with contextlib.redirect_stderr(err):
-                    parser.parse_args(argv)
+                    parse(argv)
             except SystemExit:
                 said = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "it does not parse"
                 raise ChibiError(f"--arm {arm.name!r}: its {argv[0]} command does not parse, so no run is started: "

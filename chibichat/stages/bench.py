@@ -42,7 +42,10 @@ def register(sub) -> None:
         bp = benches.add_parser(name, help=mod.HELP, description=mod.HELP)
         add_home_arg(bp)
         mod.add_args(bp)
-        bp.set_defaults(func=mod.run, chat_stage_flags=preset_chat_flags, compiled_stages=preset_compiled_stages)
+        # parse_command: filled by cli.main with the whole CLI's parse_args (bench skills checks its arms' stage
+        # commands with it; the CLI sits a layer above)
+        bp.set_defaults(func=mod.run, chat_stage_flags=preset_chat_flags, compiled_stages=preset_compiled_stages,
+                        parse_command=None)
     p.set_defaults(func=lambda args: _no_bench(p))
 
 

@@ -412,9 +412,9 @@ PRESETS: dict[str, Preset] = {
         depth_fp32=3,
         # And a 2,048-token English vocabulary there: at d3 on the AVX2 CPU, 4,096 tokens left the word tasks
         # dead (spelling 0.07, letter count 0.13 over three runs: the model wrote another word into the call),
-        # 2,048 brought them to 0.53 and 0.60 and 4 of 8 open prompts on topic (none at 4,096), for lower canned
-        # answers (identity 0.75, refusal 0.40 against 0.80-0.90): 0.583 after SFT against 0.514-0.550 (one run
-        # each for now; docs/benchmarks.md, session 44). Japanese keeps its 1,024.
+        # 2,048 brought them to 0.53-0.60 and 0.60-0.80 and 3-6 of 8 open prompts on topic (none at 4,096), with
+        # canned answers that swing more (refusal 0.40-0.70 against 0.80-0.90): 0.583, 0.700 and 0.633 after SFT in three
+        # runs against 0.514-0.550 in three (docs/benchmarks.md, session 44). Japanese keeps its 1,024.
         tokenizer_fp32=["--vocab-size", "2048", "--max-chars", "2000000"],
     ),
     "cpu-hour": Preset(
