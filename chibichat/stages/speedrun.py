@@ -1316,9 +1316,9 @@ def for_machine(preset: Preset, device: str, dtype: str, lang: str = "en") -> Pr
     if dtype == "float32" or (dtype == "auto" and not cpu_has_fast_bf16()):
         why = "--dtype float32" if dtype == "float32" else "this CPU has no native bf16 kernels"
         tok = preset.tokenizer_fp32 if lang == "en" and preset.tokenizer_fp32 is not None else None
-        vocab = lambda flags: f" with a {int(flags[flags.index('--vocab-size') + 1]):,}-token vocabulary"
-        eprint(f"note: preset {preset.name} trains d{preset.depth_fp32}{vocab(tok) if tok else ''} instead of "
-               f"d{preset.depth}{vocab(preset.tokenizer) if tok else ''} here: its stages compute in fp32 ({why}), "
+        vocab = lambda flags: f" with a {vocab_size(flags):,}-token vocabulary" if tok else ""
+        eprint(f"note: preset {preset.name} trains d{preset.depth_fp32}{vocab(tok)} instead of "
+               f"d{preset.depth}{vocab(preset.tokenizer)} here: its stages compute in fp32 ({why}), "
                "several times slower per step, and the smaller model learns more in the same minutes")
         return replace(preset, depth=preset.depth_fp32, tokenizer=tok or preset.tokenizer)
     return preset
@@ -1463,6 +1463,11 @@ def run(args) -> int:
     return 0
 
 
+def vocab_size(flags: list[str]) -> int:
+    """The --vocab-size of a preset's `tokenizer train` flags."""
+    return int(flags[flags.index("--vocab-size") + 1])
+
+
 def tokenizer_flags(preset: Preset, lang: str) -> list[str]:
     """The `tokenizer train` flags a CPU preset's plan gives for `lang`."""
     return preset.tokenizer_ja if lang == "ja" and preset.tokenizer_ja is not None else preset.tokenizer
@@ -1484,10 +1489,9 @@ def closing_lines(preset: Preset, lang: str, layers: str, home_flag: str, home_r
                       "steps; chat and serve then pick it):",
                       f"  chibichat speedrun --preset cpu-hour{same}{home_flag}"]
         else:
-            vocab = lambda flags: f"{int(flags[flags.index('--vocab-size') + 1]):,}"
             other = f" --home {shlex.quote(home_root + '-hour')}"
             lines += [f"A stronger model in ~{hour.expected_minutes} minutes more on 2 cores (a wider model, more "
-                      f"steps), in a home of its own: it trains a {vocab(its)}-token tokenizer, this run trained "
-                      f"{vocab(mine)} (chat and serve then take{other}):",
+                      f"steps), in a home of its own: it trains a {vocab_size(its):,}-token tokenizer, this run trained "
+                      f"{vocab_size(mine):,} (chat and serve then take{other}):",
                       f"  chibichat speedrun --preset cpu-hour{same}{other}"]
     return lines
